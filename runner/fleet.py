@@ -1,0 +1,205 @@
+"""The fleet of workers, and the policy that sizes it as a run's work drains.
+
+A **fleet** is a set of named worker instances: processes on this machine, or VMs in a managed
+instance group. The runner grows it to the work at hand and shrinks it by deleting *idle*
+instances by name, never by blindly lowering a size (which can kill a busy VM).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from worker import defaults
+
+
+@dataclass(frozen=True)
+class Instance:
+    name: str
+    status: str = "running"  # "starting" | "running" | "stopping"
+
+
+class Fleet(ABC):
+    @abstractmethod
+    def instances(self) -> list[Instance]:
+        """Instances that exist now (including ones still starting)."""
+
+    @abstractmethod
+    def grow(self, count: int) -> list[str]:
+        """Add ``count`` instances; their names."""
+
+    @abstractmethod
+    def delete(self, names: Iterable[str]) -> None:
+        """Remove these instances (the caller has checked they are idle)."""
+
+    def wait_empty(self, timeout: float) -> bool:
+        """Wait for deleted instances to be gone; True when none is left."""
+        return not self.instances()
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release clients."""
+
+
+@dataclass(frozen=True)
+class ScaleDecision:
+    add: int = 0
+    delete: list[str] = field(default_factory=list)
+
+
+def decide_scale(
+    *,
+    outstanding: int,
+    max_workers: int,
+    slots: int,
+    instances: list[Instance],
+    idle: set[str],
+    busy: set[str],
+) -> ScaleDecision:
+    """How to resize: enough instances for the outstanding shards, removing only idle ones.
+
+    ``outstanding`` counts queued plus running shards. When nothing is outstanding every
+    instance not known busy goes (so the run ends at zero even for instances that never
+    reported); otherwise only instances that said they are idle may go.
+    """
+    live = [i for i in instances if i.status != "stopping"]
+    target = min(max_workers, math.ceil(max(outstanding, 0) / max(slots, 1)))
+    if len(live) < target:
+        return ScaleDecision(add=target - len(live))
+    surplus = len(live) - target
+    if surplus <= 0:
+        return ScaleDecision()
+    if outstanding <= 0:
+        candidates = [i.name for i in live if i.name not in busy]
+    else:
+        candidates = [i.name for i in live if i.name in idle and i.name not in busy]
+    return ScaleDecision(delete=sorted(candidates)[:surplus])
+
+
+class LocalFleet(Fleet):
+    """Worker processes on this machine, registered under ``<store>/fleet/`` so a later
+    ``runner watch`` finds them. They run in their own session: Ctrl-C in the runner's terminal
+    detaches the runner without stopping them."""
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        slots: int = 1,
+        idle_timeout: float = defaults.IDLE_TIMEOUT,
+        extra_args: list[str] | None = None,
+    ):
+        self.root = root.resolve()
+        self.registry = self.root / "fleet"
+        self.registry.mkdir(parents=True, exist_ok=True)
+        self.slots = slots
+        self.idle_timeout = idle_timeout
+        self.extra_args = extra_args or []
+        self._procs: dict[str, subprocess.Popen[bytes]] = {}
+        self._stopping: set[str] = set()
+
+    def _entries(self) -> dict[str, int]:
+        out = {}
+        for path in self.registry.glob("*.json"):
+            try:
+                out[path.stem] = int(json.loads(path.read_text())["pid"])
+            except (OSError, ValueError, KeyError):
+                continue
+        return out
+
+    def instances(self) -> list[Instance]:
+        live = []
+        for name, pid in sorted(self._entries().items()):
+            proc = self._procs.get(name)
+            alive = proc.poll() is None if proc is not None else _alive(pid)
+            if alive:
+                live.append(Instance(name, "stopping" if name in self._stopping else "running"))
+            else:
+                (self.registry / f"{name}.json").unlink(missing_ok=True)
+                self._procs.pop(name, None)
+                self._stopping.discard(name)
+        return live
+
+    def grow(self, count: int) -> list[str]:
+        names = []
+        taken = set(self._entries())
+        n = 0
+        for _ in range(count):
+            while f"local-{n}" in taken:
+                n += 1
+            name = f"local-{n}"
+            taken.add(name)
+            logs = self.root / "fleet" / "logs"
+            logs.mkdir(parents=True, exist_ok=True)
+            with (logs / f"{name}.log").open("ab") as log:
+                proc = subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "worker",
+                        "--backend",
+                        "local",
+                        "--store",
+                        str(self.root),
+                        "--name",
+                        name,
+                        "--slots",
+                        str(self.slots),
+                        "--idle-timeout",
+                        str(self.idle_timeout),
+                        *self.extra_args,
+                    ],
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            self._procs[name] = proc
+            (self.registry / f"{name}.json").write_text(json.dumps({"pid": proc.pid}))
+            names.append(name)
+        return names
+
+    def delete(self, names: Iterable[str]) -> None:
+        entries = self._entries()
+        for name in names:
+            pid = entries.get(name)
+            if pid is None:
+                continue
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+            self._stopping.add(name)
+
+    def wait_empty(self, timeout: float) -> bool:
+        import time
+
+        deadline = time.monotonic() + timeout
+        while self.instances():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Send a signal to one worker (tests and demos of preemption)."""
+        pid = self._entries().get(name)
+        if pid is not None:
+            os.kill(pid, sig)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            cmdline = fh.read()
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            zombie = fh.read().rsplit(b")", 1)[-1].split()[0] == b"Z"
+    except OSError:
+        return False
+    return b"worker" in cmdline and not zombie

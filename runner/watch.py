@@ -1,0 +1,203 @@
+"""Watching a run: live counts from events, truth from the store, and the fleet sized to the work.
+
+Events (started, succeeded, failed, ...) make progress feel live; every few seconds the watcher
+reconciles against the store's commit and failure markers, so a lost or duplicated event never
+misreports a run. Each poll also applies the scale policy: grow to the outstanding work, delete
+idle instances as the queue drains, and end at zero.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from runner import runs
+from runner.fleet import Fleet, decide_scale
+from worker import defaults
+from worker.clock import SYSTEM_CLOCK, Clock
+from worker.protocol import Event, EventKind, Manifest
+from worker.queue import EventBus, WorkQueue
+from worker.store import Store
+
+log = logging.getLogger("cflow.runner")
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    run_id: str
+    total: int
+    succeeded: int
+    failed: int
+    running: int
+    workers: int
+    rate: float  # shards per second, recent
+    elapsed: float
+    preempted: int
+    retried: int
+
+    @property
+    def queued(self) -> int:
+        return max(self.total - self.succeeded - self.failed - self.running, 0)
+
+    @property
+    def finished(self) -> bool:
+        return self.succeeded + self.failed >= self.total
+
+    @property
+    def eta(self) -> float | None:
+        remaining = self.total - self.succeeded - self.failed
+        return remaining / self.rate if self.rate > 0 else None
+
+
+@dataclass
+class Watcher:
+    manifest: Manifest
+    store: Store
+    queue: WorkQueue
+    events: EventBus
+    fleet: Fleet | None = None
+    max_workers: int = 0
+    slots: int = 1
+    clock: Clock = SYSTEM_CLOCK
+    reconcile_seconds: float = defaults.RECONCILE_SECONDS
+    on_event: Callable[[Event], None] | None = None
+
+    succeeded: set[str] = field(default_factory=set)
+    failed: set[str] = field(default_factory=set)
+    running: dict[str, str] = field(default_factory=dict)  # shard -> worker
+    idle: set[str] = field(default_factory=set)
+    preempted: int = 0
+    retried: int = 0
+
+    def __post_init__(self) -> None:
+        self._started = self.clock.monotonic()
+        self._last_reconcile = float("-inf")
+        self._done_times: deque[tuple[float, int]] = deque(maxlen=64)
+
+    @property
+    def run_id(self) -> str:
+        return self.manifest.run_id
+
+    def poll(self) -> Snapshot:
+        for event in self.events.pull(max_events=10_000):
+            self._apply(event)
+        now = self.clock.monotonic()
+        for message in self.queue.dead_letters():
+            if message.run_id == self.run_id and runs.mark_dead_lettered(self.store, message):
+                self._last_reconcile = float("-inf")
+        if now - self._last_reconcile >= self.reconcile_seconds:
+            self.reconcile()
+        snapshot = self.snapshot()
+        if self.fleet is not None:
+            self.scale(snapshot)
+        return snapshot
+
+    def reconcile(self) -> None:
+        self._last_reconcile = self.clock.monotonic()
+        self.succeeded = runs.committed(self.store, self.run_id)
+        self.failed = runs.failed(self.store, self.run_id) - self.succeeded
+        for shard_id in list(self.running):
+            if shard_id in self.succeeded or shard_id in self.failed:
+                del self.running[shard_id]
+
+    def _apply(self, event: Event) -> None:
+        if self.on_event is not None:
+            self.on_event(event)
+        kind = EventKind(event.kind)
+        if kind is EventKind.IDLE:
+            self.idle.add(event.worker)
+            return
+        if kind is EventKind.STOPPED:
+            self.idle.discard(event.worker)
+            return
+        if event.run_id != self.run_id or event.shard_id is None:
+            return
+        shard = event.shard_id
+        if kind is EventKind.STARTED:
+            self.running[shard] = event.worker
+            self.idle.discard(event.worker)
+            return
+        self.running.pop(shard, None)
+        if kind is EventKind.SUCCEEDED:
+            self.succeeded.add(shard)
+            self.failed.discard(shard)
+        elif kind is EventKind.FAILED:
+            if shard not in self.succeeded:
+                self.failed.add(shard)
+        elif kind is EventKind.PREEMPTED:
+            self.preempted += 1
+        elif kind is EventKind.RETRYING:
+            self.retried += 1
+
+    def snapshot(self) -> Snapshot:
+        now = self.clock.monotonic()
+        done = len(self.succeeded) + len(self.failed)
+        self._done_times.append((now, done))
+        first_t, first_done = self._done_times[0]
+        rate = (done - first_done) / (now - first_t) if now > first_t else 0.0
+        workers = len(self.fleet.instances()) if self.fleet is not None else 0
+        return Snapshot(
+            run_id=self.run_id,
+            total=self.manifest.shard_count,
+            succeeded=len(self.succeeded),
+            failed=len(self.failed),
+            running=len(self.running),
+            workers=workers,
+            rate=rate,
+            elapsed=now - self._started,
+            preempted=self.preempted,
+            retried=self.retried,
+        )
+
+    def busy_workers(self) -> set[str]:
+        return set(self.running.values())
+
+    def scale(self, snapshot: Snapshot) -> None:
+        assert self.fleet is not None
+        outstanding = snapshot.total - snapshot.succeeded - snapshot.failed
+        decision = decide_scale(
+            outstanding=outstanding,
+            max_workers=self.max_workers,
+            slots=self.slots,
+            instances=self.fleet.instances(),
+            idle=self.idle,
+            busy=self.busy_workers(),
+        )
+        if decision.add:
+            self.fleet.grow(decision.add)
+        if decision.delete:
+            log.info("scaling down: deleting idle %s", ", ".join(decision.delete))
+            self.fleet.delete(decision.delete)
+            self.idle.difference_update(decision.delete)
+
+    def watch(
+        self,
+        *,
+        on_update: Callable[[Snapshot], None] | None = None,
+        poll_seconds: float = defaults.WATCH_POLL_SECONDS,
+    ) -> Snapshot:
+        """Poll until every shard is committed or failed (a final reconcile confirms it)."""
+        while True:
+            snapshot = self.poll()
+            if snapshot.finished:
+                self.reconcile()
+                snapshot = self.snapshot()
+                if snapshot.finished:
+                    if on_update is not None:
+                        on_update(snapshot)
+                    return snapshot
+            if on_update is not None:
+                on_update(snapshot)
+            self.clock.sleep(poll_seconds)
+
+    def drain_fleet(self, timeout: float = 30.0) -> bool:
+        """After the run: delete every instance that is not busy and wait for them to go."""
+        if self.fleet is None:
+            return True
+        busy = self.busy_workers()
+        names = [i.name for i in self.fleet.instances() if i.name not in busy]
+        if names:
+            self.fleet.delete(names)
+        return self.fleet.wait_empty(timeout)

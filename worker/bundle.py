@@ -1,0 +1,172 @@
+"""Task bundles: the user's task folder as a content-addressed tarball.
+
+The runner packs ``task/`` reproducibly (sorted entries, zeroed times and owners) so the same code
+always has the same sha256 and is uploaded once. Workers verify the hash before unpacking and keep
+one unpacked copy per hash, with the task's ``requirements.txt`` installed beside it.
+"""
+
+from __future__ import annotations
+
+import ast
+import fcntl
+import gzip
+import hashlib
+import io
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from worker.errors import TaskError
+from worker.protocol import Entry
+
+PYTHON_ENTRY = "task.py"
+SHELL_ENTRY = "task.sh"
+REQUIREMENTS = "requirements.txt"
+_SKIP_DIRS = {"__pycache__", ".git", ".venv", "venv", ".mypy_cache", ".pytest_cache", ".cflow"}
+_SKIP_SUFFIXES = (".pyc", ".pyo")
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    entry: Entry
+    has_combine: bool
+
+
+def inspect_task(folder: Path) -> TaskInfo:
+    """Decide how a task folder runs, without importing it; raises TaskError with the fix."""
+    if not folder.is_dir():
+        raise TaskError(
+            f"task folder {folder} does not exist; pass the folder holding task.py or task.sh"
+        )
+    py, sh = folder / PYTHON_ENTRY, folder / SHELL_ENTRY
+    if py.is_file():
+        try:
+            tree = ast.parse(py.read_text(), filename=str(py))
+        except SyntaxError as err:
+            raise TaskError(f"{py} has a syntax error at line {err.lineno}: {err.msg}") from None
+        names = {
+            node.name
+            for node in tree.body
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+        }
+        if "run" in names:
+            return TaskInfo(Entry.PYTHON, has_combine="combine" in names)
+        if not sh.is_file():
+            raise TaskError(f"{py} defines no top-level run(shard) function; add one")
+    if sh.is_file():
+        return TaskInfo(Entry.SHELL, has_combine=False)
+    raise TaskError(f"task folder {folder} has neither task.py with run(shard) nor task.sh")
+
+
+def _files(folder: Path) -> list[Path]:
+    out: list[Path] = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if d not in _SKIP_DIRS)
+        out.extend(Path(root, f) for f in sorted(files) if not f.endswith(_SKIP_SUFFIXES))
+    return out
+
+
+def pack(folder: Path) -> tuple[bytes, str]:
+    """The bundle's bytes and their sha256; identical folders give identical bytes."""
+    raw = io.BytesIO()
+    with (
+        gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz,
+        tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar,
+    ):
+        for path in _files(folder):
+            rel = path.relative_to(folder).as_posix()
+            info = tarfile.TarInfo(rel)
+            info.size = path.stat().st_size
+            info.mode = 0o755 if os.access(path, os.X_OK) else 0o644
+            info.mtime = 0
+            with path.open("rb") as fh:
+                tar.addfile(info, fh)
+    data = raw.getvalue()
+    return data, hashlib.sha256(data).hexdigest()
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+@dataclass(frozen=True)
+class UnpackedBundle:
+    sha256: str
+    root: Path  # the task folder, unpacked
+    deps: Path | None  # where requirements.txt was installed (on PYTHONPATH)
+
+    def python_path(self) -> str:
+        parts = [str(self.root)] + ([str(self.deps)] if self.deps else [])
+        return os.pathsep.join(parts)
+
+
+def unpack(data: bytes, sha256: str, cache: Path) -> UnpackedBundle:
+    """Verify and unpack a bundle into ``cache/<sha256>`` once, safe across processes."""
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != sha256:
+        raise TaskError(f"task bundle {sha256[:12]} is corrupt (its sha256 is {actual[:12]})")
+    target = cache / sha256
+    with _locked(cache / f"{sha256}.lock"):
+        if not (target / ".complete").exists():
+            tmp = cache / f"{sha256}.partial"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
+                tar.extractall(tmp, filter="data")
+            (tmp / ".complete").touch()
+            shutil.rmtree(target, ignore_errors=True)
+            tmp.rename(target)
+    return UnpackedBundle(sha256, target, install_requirements(target, cache))
+
+
+def install_requirements(task_root: Path, cache: Path) -> Path | None:
+    """pip-install the task's requirements.txt once per distinct file content."""
+    req = task_root / REQUIREMENTS
+    if not req.is_file() or not _has_requirements(req.read_text()):
+        return None
+    digest = hashlib.sha256(req.read_bytes()).hexdigest()[:16]
+    deps = cache / f"deps-{digest}"
+    with _locked(cache / f"deps-{digest}.lock"):
+        if (deps / ".complete").exists():
+            return deps
+        shutil.rmtree(deps, ignore_errors=True)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "--no-input",
+                "--target",
+                str(deps),
+                "-r",
+                str(req),
+            ],
+            cwd=task_root,
+            capture_output=True,
+            text=True,
+        )
+        if proc.returncode != 0:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+            raise TaskError(f"installing the task's requirements.txt failed: {tail[0]}")
+        (deps / ".complete").touch()
+    return deps
+
+
+def _has_requirements(text: str) -> bool:
+    return any(line.strip() and not line.lstrip().startswith("#") for line in text.splitlines())

@@ -1,0 +1,123 @@
+"""``python -m worker``: run the agent with configuration from flags or ``CFLOW_*`` variables."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import sys
+import tempfile
+from pathlib import Path
+from types import FrameType
+
+from worker import defaults
+from worker.agent import Agent, AgentConfig
+from worker.backends import Backends, open_local
+from worker.errors import CFlowError
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(f"CFLOW_{name}", default)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m worker", description=__doc__)
+    p.add_argument("--backend", choices=["local", "gcp"], default=_env("BACKEND", "local"))
+    p.add_argument(
+        "--store",
+        type=Path,
+        default=_env("STORE", defaults.STORE_DIR),
+        help="local backend: the store directory",
+    )
+    p.add_argument("--project", default=_env("PROJECT"))
+    p.add_argument("--bucket", default=_env("BUCKET"))
+    p.add_argument("--subscription", default=_env("SUBSCRIPTION"), help="work subscription")
+    p.add_argument("--events-topic", default=_env("EVENTS_TOPIC"))
+    p.add_argument(
+        "--group", default=_env("GROUP"), help="managed instance group to leave when idle"
+    )
+    p.add_argument("--zone", default=_env("ZONE"))
+    p.add_argument("--region", default=_env("REGION"))
+    p.add_argument("--name", default=_env("WORKER_NAME") or f"{socket.gethostname()}-{os.getpid()}")
+    p.add_argument("--slots", type=int, default=int(_env("SLOTS", str(defaults.SLOTS)) or 1))
+    p.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=float(_env("IDLE_TIMEOUT", "0") or 0) or None,
+        help="seconds with no work before the worker exits (and leaves its group)",
+    )
+    p.add_argument("--burst", action="store_true", help="exit as soon as no work is left")
+    p.add_argument(
+        "--scratch", type=Path, default=Path(_env("SCRATCH") or tempfile.gettempdir()) / "cflow"
+    )
+    p.add_argument("--lease-seconds", type=float, default=defaults.LEASE_SECONDS)
+    p.add_argument("--heartbeat", type=float, default=defaults.HEARTBEAT_SECONDS)
+    args = p.parse_args(argv)
+    if args.slots < 1:
+        p.error("--slots must be at least 1")
+    if args.idle_timeout is not None and args.idle_timeout <= 0:
+        args.idle_timeout = None
+    return args
+
+
+def open_backends(args: argparse.Namespace) -> Backends:
+    if args.backend == "local":
+        return open_local(args.store, lease_seconds=args.lease_seconds)
+    from worker.gcp import open_gcp  # imported late: the local worker needs no cloud client
+
+    return open_gcp(
+        project=args.project,
+        bucket=args.bucket,
+        subscription=args.subscription,
+        events_topic=args.events_topic,
+        slots=args.slots,
+        max_lease_seconds=None,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(
+        level=os.environ.get("CFLOW_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    args = parse_args(argv)
+    try:
+        backends = open_backends(args)
+    except CFlowError as err:
+        print(f"cflow worker: {err}", file=sys.stderr)
+        sys.exit(2)
+    agent = Agent(
+        queue=backends.queue,
+        store=backends.store,
+        events=backends.events,
+        config=AgentConfig(
+            name=args.name,
+            scratch=args.scratch,
+            slots=args.slots,
+            burst=args.burst,
+            idle_timeout=args.idle_timeout,
+            lease_seconds=args.lease_seconds,
+            heartbeat=min(args.heartbeat, args.lease_seconds / 3),
+        ),
+    )
+
+    def on_term(signum: int, frame: FrameType | None) -> None:
+        agent.stop()
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    reason = agent.run()
+    logging.getLogger("cflow.worker").info("worker %s exiting: %s", args.name, reason)
+    backends.close()
+    if args.backend == "gcp" and reason.startswith("idle") and args.group:
+        from worker.gcp import leave_group
+
+        leave_group(
+            project=args.project,
+            group=args.group,
+            zone=args.zone,
+            region=args.region,
+            instance=args.name,
+        )

@@ -1,0 +1,20 @@
+"""Named defaults, with their units, in one place."""
+
+MAX_ATTEMPTS = 3  # task failures allowed per shard before it is marked failed
+ATTEMPT_TIMEOUT = 3600.0  # seconds one attempt may run before its process group is killed
+SLOTS = 1  # shards one worker runs at once
+
+LEASE_SECONDS = 60.0  # local queue visibility timeout; extended while a task runs
+HEARTBEAT_SECONDS = 10.0  # how often a running attempt extends its lease and uploads its log
+LOG_UPLOAD_SECONDS = 15.0  # how often a running attempt's log is uploaded to a remote store
+MAX_DELIVERIES = 10  # deliveries before a message is dead-lettered (messages that kill workers)
+RETRY_DELAY_SECONDS = 1.0  # delay before a failed shard is offered again
+IDLE_TIMEOUT = 300.0  # seconds a worker may sit idle before it removes itself
+POLL_SECONDS = 0.5  # how long an idle worker waits for work per receive call
+MANIFEST_TTL = 30.0  # seconds a worker trusts a cached run manifest (cancellation latency)
+PREEMPT_GRACE = 5.0  # seconds a task gets between SIGTERM and SIGKILL when preempted
+
+STORE_DIR = ".cflow"  # local backend root, relative to the working directory
+WATCH_POLL_SECONDS = 0.25  # runner's event poll interval
+RECONCILE_SECONDS = 5.0  # runner's store reconciliation interval
+PUBLISH_BATCH = 1000  # shards per publish batch

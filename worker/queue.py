@@ -1,0 +1,88 @@
+"""The work queue and the event bus: the interfaces every backend implements.
+
+Vocabulary (see :mod:`worker.protocol`): the queue holds one message per shard; a worker
+**receives** a message, which **leases** it (no other worker gets it while the lease lives), then
+**acks** it after the shard is committed or finally failed, or **nacks** it (preemption) so it is
+delivered again at once. A lease is **extended** while the task runs. A message delivered more than
+the queue's maximum times is **dead-lettered**: the safety net for messages that kill the worker
+itself. Task failures are not counted by the queue but by the message (``WorkMessage.failures``).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from worker.protocol import Event, WorkMessage
+
+
+@dataclass
+class Delivery:
+    """One received message, leased to the receiver until acked, nacked or the lease lapses."""
+
+    message: WorkMessage
+    delivery_attempt: int  # 1 on first delivery
+    handle: Any  # the backend's own token for ack/nack/extend
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    """Counts a backend can give cheaply; ``None`` where it cannot (Pub/Sub)."""
+
+    queued: int | None
+    leased: int | None
+    dead: int | None
+
+
+class WorkQueue(ABC):
+    """At-least-once delivery of shard messages to workers."""
+
+    @abstractmethod
+    def publish(self, messages: Iterable[WorkMessage], *, delay: float = 0.0) -> int:
+        """Enqueue messages (batched by the backend); returns how many. ``delay`` is a hint."""
+
+    @abstractmethod
+    def receive(self, max_messages: int, timeout: float) -> list[Delivery]:
+        """Lease up to ``max_messages``, waiting up to ``timeout`` seconds for the first."""
+
+    @abstractmethod
+    def ack(self, delivery: Delivery) -> None:
+        """The message is done with: never deliver it again."""
+
+    @abstractmethod
+    def nack(self, delivery: Delivery) -> None:
+        """Give the message back for immediate redelivery (preemption, shutdown)."""
+
+    @abstractmethod
+    def extend(self, delivery: Delivery, seconds: float) -> None:
+        """Keep the lease alive for ``seconds`` more (a no-op where the client does it itself)."""
+
+    @abstractmethod
+    def dead_letters(self, max_messages: int = 100) -> list[WorkMessage]:
+        """Take dead-lettered messages off the dead-letter queue (the runner reports them)."""
+
+    def purge(self, run_id: str) -> int:
+        """Drop a run's messages that are not leased, where the backend can; returns how many."""
+        return 0
+
+    def stats(self, run_id: str | None = None) -> QueueStats:
+        return QueueStats(queued=None, leased=None, dead=None)
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections and background threads."""
+
+
+class EventBus(ABC):
+    """Worker-to-runner progress events. Lossy by contract: the store stays the truth."""
+
+    @abstractmethod
+    def publish(self, event: Event) -> None: ...
+
+    @abstractmethod
+    def pull(self, max_events: int = 1000, timeout: float = 0.0) -> list[Event]:
+        """Take events (each is given to one puller), waiting up to ``timeout`` for the first."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections and background threads."""
