@@ -14,7 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from runner import runs
-from runner.fleet import Fleet, decide_scale
+from runner.fleet import Fleet
+from runner.policy import decide_scale
 from worker import defaults
 from worker.clock import SYSTEM_CLOCK, Clock
 from worker.protocol import Event, EventKind, Manifest
