@@ -1,0 +1,92 @@
+"""What every Store must do: atomic puts, create-only commits, listing, streaming files."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from worker.backends import Backends
+from worker.errors import NotFound
+
+
+def test_put_get_roundtrip_and_overwrite(backends: Backends) -> None:
+    store = backends.store
+    store.put("runs/r1/run.json", b'{"a": 1}')
+    assert store.get("runs/r1/run.json") == b'{"a": 1}'
+    store.put("runs/r1/run.json", b'{"a": 2}')
+    assert store.get("runs/r1/run.json") == b'{"a": 2}'
+    assert store.exists("runs/r1/run.json")
+
+
+def test_missing_object_raises_not_found(backends: Backends, tmp_path: Path) -> None:
+    with pytest.raises(NotFound):
+        backends.store.get("runs/nope/run.json")
+    with pytest.raises(NotFound):
+        backends.store.get_file("runs/nope/run.json", tmp_path / "x")
+    assert not backends.store.exists("runs/nope/run.json")
+
+
+def test_create_is_create_only(backends: Backends) -> None:
+    store = backends.store
+    assert store.create("runs/r2/shards/a/result.json", b"first")
+    assert not store.create("runs/r2/shards/a/result.json", b"second")
+    assert store.get("runs/r2/shards/a/result.json") == b"first"
+
+
+def test_racing_creates_have_exactly_one_winner(backends: Backends) -> None:
+    store = backends.store
+    wins: list[int] = []
+    barrier = threading.Barrier(6)
+
+    def attempt(n: int) -> None:
+        barrier.wait()
+        if store.create("runs/r3/shards/a/result.json", f"attempt {n}".encode()):
+            wins.append(n)
+
+    threads = [threading.Thread(target=attempt, args=(n,)) for n in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(wins) == 1
+    assert store.get("runs/r3/shards/a/result.json") == f"attempt {wins[0]}".encode()
+
+
+def test_list_is_recursive_filtered_and_prefix_exact(backends: Backends) -> None:
+    store = backends.store
+    keys = [
+        "runs/r4/shards/a/result.json",
+        "runs/r4/shards/a/attempts/1/status.json",
+        "runs/r4/shards/b/failed.json",
+        "runs/r4x/shards/c/result.json",
+    ]
+    for key in keys:
+        store.put(key, b"{}")
+    assert sorted(store.list("runs/r4/")) == sorted(keys[:3])
+    assert list(store.list("runs/r4/", suffix="/result.json")) == ["runs/r4/shards/a/result.json"]
+    assert sorted(store.list("runs/r4")) == sorted(keys)
+    assert list(store.list("runs/none/")) == []
+
+
+def test_files_stream_in_and_out(backends: Backends, tmp_path: Path) -> None:
+    src = tmp_path / "big.bin"
+    payload = bytes(range(256)) * 40_000  # 10 MB
+    src.write_bytes(payload)
+    backends.store.put_file("runs/r5/shards/a/attempts/1/out/big.bin", src)
+    dst = tmp_path / "back.bin"
+    backends.store.get_file("runs/r5/shards/a/attempts/1/out/big.bin", dst)
+    assert dst.read_bytes() == payload
+
+
+def test_delete_removes_and_tolerates_missing(backends: Backends) -> None:
+    store = backends.store
+    store.put("runs/r6/shards/a/failed.json", b"{}")
+    store.delete("runs/r6/shards/a/failed.json")
+    assert not store.exists("runs/r6/shards/a/failed.json")
+    store.delete("runs/r6/shards/a/failed.json")
+
+
+def test_url_names_the_object(backends: Backends) -> None:
+    assert "runs/r7/run.json" in backends.store.url("runs/r7/run.json")
