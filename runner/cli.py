@@ -212,7 +212,7 @@ def _watch_and_finish(
     except KeyboardInterrupt:
         if cancel_on_interrupt:
             runs.cancel(store, dep.backends.queue, run_id)
-            watcher.drain_fleet()
+            watcher.drain_fleet(force=True)
             err.print(f"\ncflow: run {run_id} cancelled")
             return EXIT_FAILED
         err.print(
@@ -220,12 +220,13 @@ def _watch_and_finish(
             f" stop it: `runner cancel {run_id}`"
         )
         return EXIT_FAILED
+    if snapshot.cancelled:
+        watcher.drain_fleet(force=True)
+        err.print(f"cflow: run {run_id} was cancelled")
+        return EXIT_FAILED
     if not watcher.drain_fleet():
         err.print("cflow: [yellow]warning:[/yellow] some workers are still stopping")
     manifest = runs.load_manifest(store, run_id)
-    if manifest.state == RunState.CANCELLED.value:
-        err.print(f"cflow: run {run_id} was cancelled")
-        return EXIT_FAILED
     combined = combine_run(store, manifest, out=out_dir)
     runs.save_manifest(store, manifest.with_state(RunState.FINISHED))
     _summary(snapshot, combined.files, store, out_dir)

@@ -18,7 +18,7 @@ from runner.fleet import Fleet
 from runner.policy import decide_scale
 from worker import defaults
 from worker.clock import SYSTEM_CLOCK, Clock
-from worker.protocol import Event, EventKind, Manifest
+from worker.protocol import Event, EventKind, Manifest, RunState
 from worker.queue import EventBus, WorkQueue
 from worker.store import Store
 
@@ -37,6 +37,7 @@ class Snapshot:
     elapsed: float
     preempted: int
     retried: int
+    cancelled: bool = False
 
     @property
     def queued(self) -> int:
@@ -97,6 +98,7 @@ class Watcher:
 
     def reconcile(self) -> None:
         self._last_reconcile = self.clock.monotonic()
+        self.manifest = runs.load_manifest(self.store, self.run_id)
         self.succeeded = runs.committed(self.store, self.run_id)
         self.failed = runs.failed(self.store, self.run_id) - self.succeeded
         for shard_id in list(self.running):
@@ -150,6 +152,7 @@ class Watcher:
             elapsed=now - self._started,
             preempted=self.preempted,
             retried=self.retried,
+            cancelled=self.manifest.state == RunState.CANCELLED.value,
         )
 
     def busy_workers(self) -> set[str]:
@@ -179,9 +182,12 @@ class Watcher:
         on_update: Callable[[Snapshot], None] | None = None,
         poll_seconds: float = defaults.WATCH_POLL_SECONDS,
     ) -> Snapshot:
-        """Poll until every shard is committed or failed (a final reconcile confirms it)."""
+        """Poll until every shard is committed or failed (a final reconcile confirms it), or
+        the run is cancelled."""
         while True:
             snapshot = self.poll()
+            if snapshot.cancelled:
+                return snapshot
             if snapshot.finished:
                 self.reconcile()
                 snapshot = self.snapshot()
@@ -193,11 +199,12 @@ class Watcher:
                 on_update(snapshot)
             self.clock.sleep(poll_seconds)
 
-    def drain_fleet(self, timeout: float = 30.0) -> bool:
-        """After the run: delete every instance that is not busy and wait for them to go."""
+    def drain_fleet(self, timeout: float = 30.0, *, force: bool = False) -> bool:
+        """After the run: delete every instance that is not busy (every one, with ``force``:
+        a cancelled run's tasks are stopped) and wait for them to go."""
         if self.fleet is None:
             return True
-        busy = self.busy_workers()
+        busy = set() if force else self.busy_workers()
         names = [i.name for i in self.fleet.instances() if i.name not in busy]
         if names:
             self.fleet.delete(names)

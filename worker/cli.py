@@ -52,8 +52,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--scratch", type=Path, default=Path(_env("SCRATCH") or tempfile.gettempdir()) / "cflow"
     )
-    p.add_argument("--lease-seconds", type=float, default=defaults.LEASE_SECONDS)
-    p.add_argument("--heartbeat", type=float, default=defaults.HEARTBEAT_SECONDS)
+    p.add_argument(
+        "--lease-seconds",
+        type=float,
+        default=float(_env("LEASE_SECONDS") or defaults.LEASE_SECONDS),
+        help="local backend: seconds a received shard stays hidden without a heartbeat",
+    )
+    p.add_argument(
+        "--heartbeat",
+        type=float,
+        default=float(_env("HEARTBEAT_SECONDS") or defaults.HEARTBEAT_SECONDS),
+    )
     args = p.parse_args(argv)
     if args.slots < 1:
         p.error("--slots must be at least 1")

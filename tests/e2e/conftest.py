@@ -1,0 +1,128 @@
+"""End-to-end helpers: the real ``runner`` CLI in a subprocess, with real worker processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class Result:
+    code: int
+    stdout: str
+    stderr: str
+
+    @property
+    def run_id(self) -> str:
+        return self.stdout.strip().splitlines()[0]
+
+
+class Cli:
+    """Runs ``python -m runner`` against one store, as a user would in a shell."""
+
+    def __init__(self, workdir: Path):
+        self.workdir = workdir
+        self.store = workdir / ".cflow"
+        self.env = {
+            **os.environ,
+            "CFLOW_STORE": str(self.store),
+            "CFLOW_LEASE_SECONDS": "3",
+            "CFLOW_HEARTBEAT_SECONDS": "0.5",
+            "PYTHONPATH": str(REPO),
+            "COLUMNS": "200",
+        }
+        self.env.pop("CFLOW_DEPLOYMENT", None)
+        self.env.pop("CFLOW_BACKEND", None)
+
+    def argv(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "runner", *args]
+
+    def __call__(self, *args: str, timeout: float = 120) -> Result:
+        proc = subprocess.run(
+            self.argv(*args),
+            cwd=self.workdir,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        return Result(proc.returncode, proc.stdout, proc.stderr)
+
+    def start(self, *args: str) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            self.argv(*args),
+            cwd=self.workdir,
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    def status(self, run_id: str) -> dict[str, Any]:
+        result = self("status", run_id, "--json")
+        assert result.code == 0, result.stderr
+        data: dict[str, Any] = json.loads(result.stdout)
+        return data
+
+    def workers(self) -> dict[str, int]:
+        """Live worker processes of the local fleet: name -> pid."""
+        out = {}
+        for path in (self.store / "fleet").glob("*.json"):
+            out[path.stem] = json.loads(path.read_text())["pid"]
+        return out
+
+    def running_attempts(self) -> list[dict[str, Any]]:
+        found = []
+        for path in self.store.glob("runs/*/shards/*/attempts/*/status.json"):
+            try:
+                status = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            if status["state"] == "running":
+                found.append(status)
+        return found
+
+
+@pytest.fixture
+def cli(tmp_path: Path) -> Cli:
+    return Cli(tmp_path)
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def make_task(folder: Path, body: str, *, name: str = "task.py") -> Path:
+    """Write a task folder whose task.py (or task.sh) is ``body``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_text(textwrap.dedent(body).lstrip())
+    if name.endswith(".sh"):
+        path.chmod(0o755)
+    return folder
+
+
+def make_inputs(folder: Path, names: list[str], rows: int = 3) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for n, name in enumerate(names):
+        lines = ["id,value"] + [f"{name}-{i},{n * 10 + i}" for i in range(rows)]
+        (folder / name).write_text("\n".join(lines) + "\n")
+    return folder

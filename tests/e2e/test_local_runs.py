@@ -1,0 +1,355 @@
+"""Whole runs through the CLI on the local backend, with real worker processes."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.conftest import REPO, Cli, make_inputs, make_task, wait_for
+
+pytestmark = pytest.mark.e2e
+
+COPY_TASK = """
+import shutil, os
+from pathlib import Path
+
+def run(shard):
+    print("processing", shard.input)
+    shutil.copyfile(shard.input, Path(shard.output_dir) / "rows.csv")
+"""
+
+SLEEPY_TASK = """
+import os, time
+from pathlib import Path
+
+def run(shard):
+    seconds = float(shard.params.get("sleep", 0))
+    print("sleeping", seconds, flush=True)
+    time.sleep(seconds)
+    (Path(shard.output_dir) / "done.txt").write_text(f"{shard.index}\\n")
+"""
+
+
+def _params(path: Path, rows: list[dict[str, object]]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _rows(path: Path) -> list[list[str]]:
+    with path.open(newline="", encoding="utf-8") as fh:
+        return list(csv.reader(fh))
+
+
+def test_example_task_runs_end_to_end(cli: Cli, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "examples/make_data.py"),
+            str(data),
+            "--files",
+            "6",
+            "--rows",
+            "500",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    result = cli(
+        "submit",
+        str(REPO / "task"),
+        "--inputs",
+        str(data / "*.csv"),
+        "--workers",
+        "2",
+        "--out",
+        str(tmp_path / "combined"),
+    )
+    assert result.code == 0, result.stderr
+    assert "local backend" in result.stderr
+    run_id = result.run_id
+    assert result.stdout.strip() == run_id  # stdout carries only the run id
+    predictions = _rows(tmp_path / "combined" / "predictions.csv")
+    assert predictions[0] == ["source", "id", "prediction"]
+    assert len(predictions) == 1 + 6 * 100  # every fifth of 500 rows, header once
+    assert {row[0] for row in predictions[1:]} == {f"region-{n:03d}.csv" for n in range(6)}
+    models = (tmp_path / "combined" / "models.jsonl").read_text().splitlines()
+    assert len(models) == 6 and all(json.loads(m)["train_rmse"] < 0.2 for m in models)
+    status = cli.status(run_id)
+    assert status["counts"]["succeeded"] == 6 and status["state"] == "finished"
+    assert cli.workers() == {} or wait_for(lambda: not _alive(cli.workers()), 10, "workers gone")
+
+
+def _alive(workers: dict[str, int]) -> list[int]:
+    alive = []
+    for pid in workers.values():
+        try:
+            os.kill(pid, 0)
+            alive.append(pid)
+        except ProcessLookupError:
+            pass
+    return alive
+
+
+def test_submit_ends_with_no_worker_running(cli: Cli, tmp_path: Path) -> None:
+    task = make_task(tmp_path / "t", COPY_TASK)
+    inputs = make_inputs(tmp_path / "in", [f"f{i}.csv" for i in range(8)])
+    result = cli("submit", str(task), "--inputs", str(inputs / "*.csv"), "--workers", "3")
+    assert result.code == 0, result.stderr
+    pids = [
+        int(p)
+        for p in subprocess.run(
+            ["pgrep", "-f", f"--store {cli.store}"], capture_output=True, text=True
+        ).stdout.split()
+    ]
+    assert pids == []
+    combined = _rows(cli.store / "runs" / result.run_id / "combined" / "rows.csv")
+    assert combined[0] == ["id", "value"] and len(combined) == 1 + 8 * 3
+
+
+def test_shell_task_and_slots(cli: Cli, tmp_path: Path) -> None:
+    inputs = make_inputs(tmp_path / "in", [f"f{i}.csv" for i in range(5)])
+    shell_task = REPO / "examples" / "shell-task"
+    result = cli(
+        "submit",
+        str(shell_task),
+        "--inputs",
+        str(inputs / "*.csv"),
+        "--workers",
+        "1",
+        "--slots",
+        "3",
+    )
+    assert result.code == 0, result.stderr
+    counts = _rows(cli.store / "runs" / result.run_id / "combined" / "counts.csv")
+    assert counts[0] == ["source", "records", "y_sum"]
+    assert sorted(r[0] for r in counts[1:]) == [f"f{i}.csv" for i in range(5)]
+    assert all(r[1] == "3" for r in counts[1:])
+
+
+def test_odd_input_names_get_safe_stable_ids(cli: Cli, tmp_path: Path) -> None:
+    names = ["a b.csv", "ünï cödé.csv", "x;$(touch pwned)|&.csv", "-rf.csv", "日本.csv"]
+    inputs = make_inputs(tmp_path / "in", names)
+    task = make_task(tmp_path / "t", COPY_TASK)
+    result = cli("submit", str(task), "--inputs", str(inputs / "*.csv"), "--workers", "2")
+    assert result.code == 0, result.stderr
+    assert not (tmp_path / "pwned").exists() and not (REPO / "pwned").exists()
+    shards = cli.status(result.run_id)["shards"]
+    assert len(shards) == 5 and all(s["state"] == "succeeded" for s in shards)
+    for shard in shards:
+        assert all(c.isascii() and (c.isalnum() or c in "-_.") for c in shard["id"]), shard["id"]
+    again = cli("submit", str(task), "--inputs", str(inputs / "*.csv"), "--workers", "1")
+    assert sorted(s["id"] for s in cli.status(again.run_id)["shards"]) == sorted(
+        s["id"] for s in shards
+    )
+    combined = _rows(cli.store / "runs" / result.run_id / "combined" / "rows.csv")
+    assert len(combined) == 1 + 5 * 3
+
+
+def test_fail_once_then_succeed_and_poison_shard(cli: Cli, tmp_path: Path) -> None:
+    task = make_task(
+        tmp_path / "t",
+        """
+        import sys
+        from pathlib import Path
+
+        def run(shard):
+            kind = shard.params["kind"]
+            if kind == "flaky" and shard.attempt == 1:
+                raise RuntimeError("transient trouble on the first try")
+            if kind == "poison":
+                print("this input is broken", flush=True)
+                sys.exit(7)
+            (Path(shard.output_dir) / "out.txt").write_text(kind + "\\n")
+    """,
+    )
+    params = _params(
+        tmp_path / "p.jsonl",
+        [{"kind": "ok"}, {"kind": "flaky"}, {"kind": "poison"}, {"kind": "ok"}],
+    )
+    result = cli(
+        "submit", str(task), "--params", str(params), "--workers", "2", "--max-attempts", "3"
+    )
+    assert result.code == 1, result.stderr
+    assert "3/4 shards succeeded, 1 failed" in result.stderr
+    shards = {s["index"]: s for s in cli.status(result.run_id)["shards"]}
+    assert shards[1]["state"] == "succeeded" and len(shards[1]["attempts"]) == 2
+    assert shards[1]["attempts"][0]["state"] == "failed"
+    poison = shards[2]
+    assert poison["state"] == "failed" and poison["exit_code"] == 7
+    assert [a["state"] for a in poison["attempts"]] == ["failed"] * 3
+    log = cli("logs", result.run_id, "--shard", poison["id"])
+    assert "this input is broken" in log.stdout
+    combined = (cli.store / "runs" / result.run_id / "combined" / "out.txt").read_text()
+    assert sorted(combined.split()) == ["flaky", "ok", "ok"]
+
+
+def test_timeout_kills_the_task_process_group(cli: Cli, tmp_path: Path) -> None:
+    task = make_task(
+        tmp_path / "t",
+        """
+        #!/usr/bin/env bash
+        sleep 300 &
+        echo "child $!" > "$CFLOW_OUTPUT_DIR/../child.pid"
+        wait
+    """,
+        name="task.sh",
+    )
+    result = cli("submit", str(task), "--shards", "1", "--timeout", "1", "--max-attempts", "1")
+    assert result.code == 1
+    (shard,) = cli.status(result.run_id)["shards"]
+    assert shard["state"] == "failed" and "timed out after 1s" in shard["reason"]
+    pid_file = next(cli.store.glob("runs/*/shards/*/attempts/1/child.pid"))
+    child = int(pid_file.read_text().split()[1])
+    wait_for(lambda: not _alive({"c": child}), 10, "the task's child to be killed")
+
+
+def test_sigterm_of_a_busy_worker_preempts_without_burning_attempts(
+    cli: Cli, tmp_path: Path
+) -> None:
+    task = make_task(tmp_path / "t", SLEEPY_TASK)
+    params = _params(tmp_path / "p.jsonl", [{"sleep": 3}, {"sleep": 3}])
+    proc = cli.start(
+        "submit", str(task), "--params", str(params), "--workers", "2", "--max-attempts", "1"
+    )
+    running = wait_for(
+        lambda: len(cli.running_attempts()) == 2 and cli.running_attempts(),
+        30,
+        "two running attempts",
+    )
+    victim = running[0]
+    os.kill(cli.workers()[victim["worker"]], signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    run_id = out.strip()
+    shard = next(s for s in cli.status(run_id)["shards"] if s["id"] == victim["shard_id"])
+    states = [a["state"] for a in shard["attempts"]]
+    assert states[0] == "preempted" and states[-1] == "succeeded", states
+    assert shard["attempts"][0]["reason"] == "worker stopped (preemption)"
+    assert "sleeping" in cli("logs", run_id, "--shard", shard["id"], "--attempt", "1").stdout
+
+
+def test_sigkill_of_a_busy_worker_loses_nothing(cli: Cli, tmp_path: Path) -> None:
+    task = make_task(tmp_path / "t", SLEEPY_TASK)
+    params = _params(tmp_path / "p.jsonl", [{"sleep": 2}, {"sleep": 2}, {"sleep": 0}])
+    proc = cli.start(
+        "submit", str(task), "--params", str(params), "--workers", "2", "--max-attempts", "1"
+    )
+    running = wait_for(cli.running_attempts, 30, "a running attempt")
+    victim = running[0]
+    os.kill(cli.workers()[victim["worker"]], signal.SIGKILL)
+    out, err = proc.communicate(timeout=90)
+    assert proc.returncode == 0, err
+    run_id = out.strip()
+    shards = cli.status(run_id)["shards"]
+    assert all(s["state"] == "succeeded" for s in shards)
+    killed = next(s for s in shards if s["id"] == victim["shard_id"])
+    assert len(killed["attempts"]) >= 2  # the lease lapsed and another worker ran it
+    combined = (cli.store / "runs" / run_id / "combined" / "done.txt").read_text().split()
+    assert sorted(combined) == ["0", "1", "2"]  # exactly once each
+
+
+def test_cancel_stops_a_running_run(cli: Cli, tmp_path: Path) -> None:
+    task = make_task(tmp_path / "t", SLEEPY_TASK)
+    params = _params(tmp_path / "p.jsonl", [{"sleep": 30}] * 6)
+    proc = cli.start("submit", str(task), "--params", str(params), "--workers", "2")
+    wait_for(cli.running_attempts, 30, "a running attempt")
+    run_id = next(cli.store.glob("runs/*/run.json")).parent.name
+    result = cli("cancel", run_id)
+    assert result.code == 0 and "cancelled" in result.stderr
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and "cancelled" in err
+    assert cli.status(run_id)["state"] == "cancelled"
+    wait_for(lambda: not _alive(cli.workers()), 30, "workers to stop")
+    assert cli("watch", run_id).code == 2
+
+
+def test_retry_failed_reruns_only_the_failed_shards(cli: Cli, tmp_path: Path) -> None:
+    flag = tmp_path / "broken"
+    flag.touch()
+    task = make_task(
+        tmp_path / "t",
+        f"""
+        from pathlib import Path
+
+        def run(shard):
+            if shard.index == 1 and Path({str(flag)!r}).exists():
+                raise SystemExit(3)
+            (Path(shard.output_dir) / "out.txt").write_text(f"{{shard.index}}\\n")
+    """,
+    )
+    first = cli("submit", str(task), "--shards", "3", "--max-attempts", "1", "--workers", "2")
+    assert first.code == 1
+    run_id = first.run_id
+    results = sorted(cli.store.glob(f"runs/{run_id}/shards/*/result.json"))
+    before = {p: p.stat().st_mtime_ns for p in results}
+    assert len(before) == 2
+    flag.unlink()
+    again = cli("retry", run_id, "--failed")
+    assert again.code == 0, again.stderr
+    assert "retrying 1 shards" in again.stderr
+    assert {p: p.stat().st_mtime_ns for p in results} == before  # committed shards untouched
+    status = cli.status(run_id)
+    assert status["counts"]["succeeded"] == 3
+    combined = (cli.store / "runs" / run_id / "combined" / "out.txt").read_text().split()
+    assert sorted(combined) == ["0", "1", "2"]
+    nothing = cli("retry", run_id, "--failed")
+    assert nothing.code == 0 and "nothing to retry" in nothing.stderr
+
+
+def test_runs_and_logs_list_what_happened(cli: Cli, tmp_path: Path) -> None:
+    task = make_task(tmp_path / "t", COPY_TASK)
+    inputs = make_inputs(tmp_path / "in", ["one.csv"])
+    run_id = cli("submit", str(task), "--inputs", str(inputs / "*.csv")).run_id
+    listing = cli("runs")
+    assert run_id in listing.stdout and "1/1" in listing.stdout
+    logs = cli("logs", run_id)
+    assert "succeeded" in logs.stdout and "log.txt" in logs.stdout
+    shard_log = cli("logs", run_id, "--shard", "one")
+    assert "processing" in shard_log.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["submit", "{tmp}/missing", "--shards", "1"], "task folder"),
+        (["submit", "{tmp}/empty", "--shards", "1"], "neither task.py"),
+        (["submit", "{task}", "--inputs", "{tmp}/nothing/*.csv"], "matches no files"),
+        (["submit", "{task}", "--params", "{tmp}/bad.jsonl"], "line 2"),
+        (["submit", "{task}", "--shards", "0"], "at least 1"),
+        (["submit", "{task}", "--shards", "2", "--workers", "0"], "--workers"),
+        (["submit", "{task}"], "exactly one of"),
+        (["status", "r20200101-000000-abcdef"], "no run"),
+        (["status", "../../etc"], "not a run id"),
+        (["logs", "r20200101-000000-abcdef"], "no run"),
+        (["retry", "r20200101-000000-abcdef", "--failed"], "no run"),
+    ],
+)
+def test_bad_input_gets_one_clear_line(
+    cli: Cli, tmp_path: Path, args: list[str], message: str
+) -> None:
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "bad.jsonl").write_text('{"a": 1}\n{"a": \n')
+    task = make_task(tmp_path / "t", COPY_TASK)
+    argv = [a.format(tmp=tmp_path, task=task) for a in args]
+    result = cli(*argv)
+    assert result.code == 2, (result.stdout, result.stderr)
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not list(cli.store.glob("runs/*/run.json"))  # nothing half-made
+
+
+def test_retry_of_a_running_run_is_refused(cli: Cli, tmp_path: Path) -> None:
+    task = make_task(tmp_path / "t", SLEEPY_TASK)
+    params = _params(tmp_path / "p.jsonl", [{"sleep": 20}])
+    run_id = cli("submit", str(task), "--params", str(params), "--detach").run_id
+    result = cli("retry", run_id, "--failed")
+    assert result.code == 2 and "still going" in result.stderr
+    assert cli("cancel", run_id).code == 0
