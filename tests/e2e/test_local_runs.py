@@ -264,7 +264,7 @@ def test_cancel_stops_a_running_run(cli: Cli, tmp_path: Path) -> None:
     run_id = next(cli.store.glob("runs/*/run.json")).parent.name
     result = cli("cancel", run_id)
     assert result.code == 0 and "cancelled" in result.stderr
-    out, err = proc.communicate(timeout=60)
+    _, err = proc.communicate(timeout=60)
     assert proc.returncode == 1 and "cancelled" in err
     assert cli.status(run_id)["state"] == "cancelled"
     wait_for(lambda: not _alive(cli.workers()), 30, "workers to stop")

@@ -1,0 +1,120 @@
+"""The agent loop in-process on the local backend, in burst mode."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+from worker.agent import Agent, AgentConfig
+from worker.backends import Backends, open_local
+from worker.bundle import pack
+from worker.protocol import (
+    AttemptStatus,
+    Layout,
+    Manifest,
+    RunOptions,
+    RunState,
+    Shard,
+    ShardFailure,
+    ShardResult,
+    WorkMessage,
+)
+
+TASK = """
+import sys
+from pathlib import Path
+
+def run(shard):
+    if shard.params.get("fail_until", 0) >= shard.attempt:
+        sys.exit(5)
+    (Path(shard.output_dir) / "out.txt").write_text(f"{shard.id}\\n")
+"""
+
+
+def _setup(tmp_path: Path, shards: list[Shard], **options: object) -> tuple[Backends, Manifest]:
+    task = tmp_path / "task"
+    task.mkdir()
+    (task / "task.py").write_text(textwrap.dedent(TASK))
+    b = open_local(tmp_path / "store")
+    data, sha = pack(task)
+    b.store.put(Layout.bundle(sha), data)
+    manifest = Manifest(
+        run_id="r-agent",
+        bundle=sha,
+        entry="python",
+        shard_count=len(shards),
+        options=RunOptions(**options).to_dict(),
+    )  # type: ignore[arg-type]
+    b.store.put(Layout.manifest(manifest.run_id), manifest.to_json())
+    b.queue.publish(WorkMessage(run_id=manifest.run_id, shard=s.to_dict()) for s in shards)
+    return b, manifest
+
+
+def _agent(b: Backends, tmp_path: Path, name: str = "w1", slots: int = 2) -> Agent:
+    return Agent(
+        queue=b.queue,
+        store=b.store,
+        events=b.events,
+        config=AgentConfig(
+            name=name, scratch=tmp_path / "scratch", slots=slots, burst=True, poll_seconds=0.2
+        ),
+    )
+
+
+def test_burst_run_commits_every_shard(tmp_path: Path) -> None:
+    shards = [Shard(id=f"s{i}", index=i) for i in range(6)]
+    b, m = _setup(tmp_path, shards)
+    assert _agent(b, tmp_path).run() == "queue empty"
+    for s in shards:
+        result = ShardResult.from_json(b.store.get(Layout.result(m.run_id, s.id)))
+        assert result.attempt == 1 and result.outputs == ["out.txt"] and result.worker == "w1"
+        status = AttemptStatus.from_json(b.store.get(Layout.status(m.run_id, s.id, 1)))
+        assert status.state == "succeeded" and status.exit_code == 0
+    kinds = [e.kind for e in b.events.pull()]
+    assert kinds.count("started") == 6 and kinds.count("succeeded") == 6 and "idle" in kinds
+
+
+def test_failures_retry_then_mark_failed(tmp_path: Path) -> None:
+    shards = [
+        Shard(id="flaky", index=0, params={"fail_until": 1}),
+        Shard(id="poison", index=1, params={"fail_until": 99}),
+    ]
+    b, m = _setup(tmp_path, shards, max_attempts=3)
+    _agent(b, tmp_path).run()
+    assert ShardResult.from_json(b.store.get(Layout.result(m.run_id, "flaky"))).attempt == 2
+    failure = ShardFailure.from_json(b.store.get(Layout.failure(m.run_id, "poison")))
+    assert failure.failures == 3 and failure.exit_code == 5 and failure.attempt == 3
+    assert not b.store.exists(Layout.result(m.run_id, "poison"))
+    assert b.queue.stats().queued == 0
+
+
+def test_duplicate_delivery_commits_once(tmp_path: Path) -> None:
+    shard = Shard(id="dup", index=0)
+    b, m = _setup(tmp_path, [shard])
+    b.queue.publish([WorkMessage(run_id=m.run_id, shard=shard.to_dict())])  # at-least-once
+    _agent(b, tmp_path, slots=2).run()
+    statuses = sorted(
+        AttemptStatus.from_json(b.store.get(k)).state
+        for k in b.store.list(Layout.shard_prefix(m.run_id, "dup"), suffix="status.json")
+    )
+    assert statuses == ["discarded", "succeeded"]
+    winner = ShardResult.from_json(b.store.get(Layout.result(m.run_id, "dup"))).attempt
+    assert b.store.exists(Layout.outputs(m.run_id, "dup", winner) + "out.txt")
+
+
+def test_messages_of_cancelled_or_unknown_runs_are_dropped(tmp_path: Path) -> None:
+    b, m = _setup(tmp_path, [Shard(id="a", index=0)])
+    b.store.put(Layout.manifest(m.run_id), m.with_state(RunState.CANCELLED).to_json())
+    b.queue.publish([WorkMessage(run_id="r-unknown", shard=Shard(id="b", index=0).to_dict())])
+    _agent(b, tmp_path).run()
+    assert list(b.store.list("runs/r-agent/shards/")) == []
+    assert list(b.store.list("runs/r-unknown/")) == []
+    assert b.queue.stats().queued == 0 and b.queue.stats().leased == 0
+
+
+def test_missing_bundle_fails_the_shard_with_a_reason(tmp_path: Path) -> None:
+    b, m = _setup(tmp_path, [Shard(id="a", index=0)], max_attempts=1)
+    b.store.delete(Layout.bundle(m.bundle))
+    _agent(b, tmp_path).run()
+    failure = ShardFailure.from_json(b.store.get(Layout.failure(m.run_id, "a")))
+    assert "task bundle" in failure.reason and "missing" in failure.reason

@@ -1,0 +1,79 @@
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from worker.bundle import inspect_task, pack, unpack
+from worker.errors import TaskError
+from worker.protocol import Entry
+
+
+def test_pack_is_reproducible_and_skips_caches(tmp_path: Path) -> None:
+    task = tmp_path / "task"
+    (task / "__pycache__").mkdir(parents=True)
+    (task / "task.py").write_text("def run(shard): pass\n")
+    (task / "__pycache__" / "x.pyc").write_bytes(b"junk")
+    data1, sha1 = pack(task)
+    (task / "task.py").touch()  # a new mtime changes nothing
+    data2, sha2 = pack(task)
+    assert data1 == data2 and sha1 == sha2 == hashlib.sha256(data1).hexdigest()
+    (task / "task.py").write_text("def run(shard): return 1\n")
+    assert pack(task)[1] != sha1
+
+
+def test_unpack_verifies_the_hash(tmp_path: Path) -> None:
+    task = tmp_path / "task"
+    task.mkdir()
+    (task / "task.sh").write_text("echo hi\n")
+    data, sha = pack(task)
+    bundle = unpack(data, sha, tmp_path / "cache")
+    assert (bundle.root / "task.sh").read_text() == "echo hi\n"
+    assert unpack(data, sha, tmp_path / "cache").root == bundle.root  # cached
+    with pytest.raises(TaskError, match="corrupt"):
+        unpack(data + b"x", sha, tmp_path / "cache2")
+
+
+def test_inspect_task_errors_say_what_to_fix(tmp_path: Path) -> None:
+    with pytest.raises(TaskError, match="does not exist"):
+        inspect_task(tmp_path / "nope")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "task.py").write_text("def helper(): pass\n")
+    with pytest.raises(TaskError, match="no top-level run"):
+        inspect_task(tmp_path / "a")
+    (tmp_path / "a" / "task.py").write_text("def run(:\n")
+    with pytest.raises(TaskError, match="syntax error at line 1"):
+        inspect_task(tmp_path / "a")
+    (tmp_path / "a" / "task.py").write_text("def run(s): pass\ndef combine(p, o): pass\n")
+    info = inspect_task(tmp_path / "a")
+    assert info.entry is Entry.PYTHON and info.has_combine
+
+
+def test_requirements_are_installed_once_and_importable(tmp_path: Path) -> None:
+    pkg = tmp_path / "localdep"
+    (pkg / "cflow_test_dep").mkdir(parents=True)
+    (pkg / "cflow_test_dep" / "__init__.py").write_text("VALUE = 42\n")
+    (pkg / "pyproject.toml").write_text(
+        '[build-system]\nrequires = ["setuptools"]\nbuild-backend = "setuptools.build_meta"\n'
+        '[project]\nname = "cflow-test-dep"\nversion = "1.0"\n'
+    )
+    task = tmp_path / "task"
+    task.mkdir()
+    (task / "task.py").write_text("def run(shard): pass\n")
+    (task / "requirements.txt").write_text(f"# local package\n{pkg}\n")
+    data, sha = pack(task)
+    bundle = unpack(data, sha, tmp_path / "cache")
+    assert bundle.deps is not None and (bundle.deps / ".complete").exists()
+    out = subprocess.run(
+        [sys.executable, "-c", "import cflow_test_dep; print(cflow_test_dep.VALUE)"],
+        env={"PYTHONPATH": bundle.python_path()},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert out.stdout.strip() == "42"
+    (tmp_path / "cache" / sha).rename(tmp_path / "moved")
+    assert unpack(data, sha, tmp_path / "cache").deps == bundle.deps  # same file: no reinstall

@@ -1,0 +1,88 @@
+"""Leases, extension, redelivery and dead letters of the SQLite queue, on an injected clock."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from worker.clock import FakeClock
+from worker.local_queue import LocalQueue
+from worker.protocol import Shard, WorkMessage
+
+
+def _queue(tmp_path: Path, clock: FakeClock, **kw: float) -> LocalQueue:
+    return LocalQueue(tmp_path / "q.db", clock=clock, **kw)  # type: ignore[arg-type]
+
+
+def _msg(i: int, run: str = "r-q") -> WorkMessage:
+    return WorkMessage(run_id=run, shard=Shard(id=f"s{i}", index=i).to_dict())
+
+
+def test_lease_hides_a_message_until_it_lapses(tmp_path: Path) -> None:
+    clock = FakeClock()
+    q = _queue(tmp_path, clock, lease_seconds=60)
+    q.publish([_msg(0)])
+    (d,) = q.receive(1, 0)
+    assert q.receive(1, 0) == []
+    clock.advance(59)
+    assert q.receive(1, 0) == []
+    clock.advance(2)
+    (again,) = q.receive(1, 0)  # the holder died without acking: redelivered
+    assert again.message == d.message and again.delivery_attempt == 2
+
+
+def test_extend_keeps_a_long_task_from_being_redelivered(tmp_path: Path) -> None:
+    clock = FakeClock()
+    q = _queue(tmp_path, clock, lease_seconds=10)
+    q.publish([_msg(0)])
+    (d,) = q.receive(1, 0)
+    for _ in range(30):  # five minutes of heartbeats every 10 s
+        clock.advance(9)
+        q.extend(d, 10)
+        assert q.receive(1, 0) == []
+    q.ack(d)
+    clock.advance(100)
+    assert q.receive(1, 0) == []
+
+
+def test_a_stale_holder_cannot_extend_or_nack_a_relet_message(tmp_path: Path) -> None:
+    clock = FakeClock()
+    q = _queue(tmp_path, clock, lease_seconds=10)
+    q.publish([_msg(0)])
+    (old,) = q.receive(1, 0)
+    clock.advance(11)
+    (new,) = q.receive(1, 0)
+    q.extend(old, 1000)
+    q.nack(old)
+    assert q.receive(1, 0) == []  # still leased by the new holder
+    assert q.stats().leased == 1
+
+
+def test_dead_letter_after_max_deliveries(tmp_path: Path) -> None:
+    clock = FakeClock()
+    q = _queue(tmp_path, clock, lease_seconds=5, max_deliveries=3)
+    q.publish([_msg(0), _msg(1)])
+    for _ in range(3):
+        for d in q.receive(2, 0):
+            if d.message.shard_id == "s0":
+                continue  # s0's worker dies every time: its lease lapses
+            q.ack(d)
+        clock.advance(6)
+    assert q.receive(2, 0) == []
+    assert [m.shard_id for m in q.dead_letters()] == ["s0"]
+    assert q.stats().dead == 0
+
+
+def test_purge_drops_queued_messages_of_one_run_only(tmp_path: Path) -> None:
+    q = _queue(tmp_path, FakeClock())
+    q.publish([_msg(i, "r-a") for i in range(3)] + [_msg(9, "r-b")])
+    (leased,) = q.receive(1, 0)
+    assert q.purge("r-a") == 2
+    assert q.stats("r-a").queued == 0 and q.stats("r-a").leased == 1
+    assert q.stats("r-b").queued == 1
+
+
+def test_publish_streams_large_batches(tmp_path: Path) -> None:
+    q = _queue(tmp_path, FakeClock())
+    assert q.publish(_msg(i) for i in range(5000)) == 5000
+    assert q.stats().queued == 5000
+    assert len(q.receive(100, 0)) == 100
