@@ -50,7 +50,7 @@ def test_a_stale_holder_cannot_extend_or_nack_a_relet_message(tmp_path: Path) ->
     q.publish([_msg(0)])
     (old,) = q.receive(1, 0)
     clock.advance(11)
-    (new,) = q.receive(1, 0)
+    (_new,) = q.receive(1, 0)
     q.extend(old, 1000)
     q.nack(old)
     assert q.receive(1, 0) == []  # still leased by the new holder
@@ -75,7 +75,7 @@ def test_dead_letter_after_max_deliveries(tmp_path: Path) -> None:
 def test_purge_drops_queued_messages_of_one_run_only(tmp_path: Path) -> None:
     q = _queue(tmp_path, FakeClock())
     q.publish([_msg(i, "r-a") for i in range(3)] + [_msg(9, "r-b")])
-    (leased,) = q.receive(1, 0)
+    (_leased,) = q.receive(1, 0)
     assert q.purge("r-a") == 2
     assert q.stats("r-a").queued == 0 and q.stats("r-a").leased == 1
     assert q.stats("r-b").queued == 1
