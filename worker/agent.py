@@ -74,6 +74,16 @@ class _Outcome:
     reason: str | None = None
 
 
+@dataclass(frozen=True)
+class Claim:
+    """An attempt this worker has claimed and announced, not yet finished."""
+
+    delivery: Delivery
+    manifest: Manifest
+    attempt: int
+    started: float
+
+
 class Agent:
     def __init__(
         self,
@@ -176,26 +186,12 @@ class Agent:
     # -- one attempt -----------------------------------------------------------------------
 
     def _attempt(self, delivery: Delivery) -> None:
-        message = delivery.message
-        run_id, shard = message.run_id, message.shard_record
-        manifest = self._manifest(run_id)
-        if manifest is None or manifest.state != RunState.ACTIVE.value:
-            log.info(
-                "dropping shard %s of %s run %s",
-                shard.id,
-                "unknown" if manifest is None else manifest.state,
-                run_id,
-            )
-            self.queue.ack(delivery)
+        claim = self.claim(delivery)
+        if claim is None:
             return
-        if delivery.delivery_attempt > 1 and self.store.exists(Layout.result(run_id, shard.id)):
-            self.queue.ack(delivery)  # committed by an attempt whose ack was lost
-            return
+        manifest, attempt, started = claim.manifest, claim.attempt, claim.started
+        run_id, shard = manifest.run_id, delivery.message.shard_record
         options = manifest.run_options
-        attempt, started = self._claim(
-            run_id, shard.id, message.failures + delivery.delivery_attempt
-        )
-        self._emit(EventKind.STARTED, run_id=run_id, shard_id=shard.id, attempt=attempt)
 
         prefix = Layout.attempt_prefix(run_id, shard.id, attempt)
         direct = self.store.local_path(prefix)
@@ -212,6 +208,50 @@ class Agent:
             if direct is None:
                 shutil.rmtree(work, ignore_errors=True)
         self._finish(delivery, attempt, started, outcome, options.max_attempts)
+
+    def claim(self, delivery: Delivery) -> Claim | None:
+        """Steps 1-2: drop (ack) a message of an unknown or cancelled run or of a shard already
+        committed, or claim the next attempt number and announce it started."""
+        message = delivery.message
+        run_id, shard_id = message.run_id, message.shard_id
+        manifest = self._manifest(run_id)
+        if manifest is None or manifest.state != RunState.ACTIVE.value:
+            log.info(
+                "dropping shard %s of %s run %s",
+                shard_id,
+                "unknown" if manifest is None else manifest.state,
+                run_id,
+            )
+            self.queue.ack(delivery)
+            return None
+        if delivery.delivery_attempt > 1 and self.store.exists(Layout.result(run_id, shard_id)):
+            self.queue.ack(delivery)  # committed by an attempt whose ack was lost
+            return None
+        attempt, started = self._claim(
+            run_id, shard_id, message.failures + delivery.delivery_attempt
+        )
+        self._emit(EventKind.STARTED, run_id=run_id, shard_id=shard_id, attempt=attempt)
+        return Claim(delivery, manifest, attempt, started)
+
+    def settle(
+        self,
+        claim: Claim,
+        state: AttemptState,
+        *,
+        exit_code: int | None = None,
+        reason: str | None = None,
+        out_dir: Path | None = None,
+    ) -> None:
+        """Step 4 for an attempt executed elsewhere (the fleet simulator): commit a success
+        (first commit wins), then ack, retry or fail it as :meth:`_attempt` does."""
+        run_id, shard_id = claim.manifest.run_id, claim.delivery.message.shard_id
+        if out_dir is None:
+            out_dir = self.config.scratch / run_id / shard_id / str(claim.attempt) / "out"
+        outcome = _Outcome(state, exit_code, reason)
+        if state is AttemptState.SUCCEEDED:
+            outcome = self._commit(run_id, shard_id, claim.attempt, claim.started, out_dir)
+        max_attempts = claim.manifest.run_options.max_attempts
+        self._finish(claim.delivery, claim.attempt, claim.started, outcome, max_attempts)
 
     def _execute(
         self,
