@@ -429,6 +429,8 @@ def logs(
 
 
 def _attempt_over(store: Store, run_id: str, shard_id: str, attempt: int) -> bool:
+    if store.exists(Layout.result(run_id, shard_id)):
+        return True
     try:
         state = json.loads(store.get(Layout.status(run_id, shard_id, attempt)))["state"]
     except CFlowError:

@@ -210,6 +210,9 @@ def shard_reports(store: Store, run_id: str) -> list[ShardReport]:
     reports = []
     for shard in iter_shards(store, run_id):
         tries = sorted(attempts.get(shard.id, []), key=lambda a: a.attempt)
+        won = results.get(shard.id)
+        if won is not None:
+            tries = [_as_winner(a, won) if a.attempt == won.attempt else a for a in tries]
         if shard.id in results:
             state = ShardState.SUCCEEDED
         elif shard.id in failures:
@@ -230,6 +233,12 @@ def shard_reports(store: Store, run_id: str) -> list[ShardReport]:
             )
         )
     return reports
+
+
+def _as_winner(status: AttemptStatus, result: ShardResult) -> AttemptStatus:
+    return dataclasses.replace(
+        status, state="succeeded", finished_at=result.finished_at, exit_code=0
+    )
 
 
 def cancel(store: Store, queue: WorkQueue, run_id: str) -> int:

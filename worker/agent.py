@@ -350,7 +350,8 @@ class Agent:
     ) -> None:
         message = delivery.message
         run_id, shard_id = message.run_id, message.shard_id
-        self._write_status(run_id, shard_id, attempt, started, outcome)
+        if outcome.state is not AttemptState.SUCCEEDED:  # a winner's record is its result.json
+            self._write_status(run_id, shard_id, attempt, started, outcome)
         kind = EventKind.SUCCEEDED
         if outcome.state is AttemptState.PREEMPTED:
             self.queue.nack(delivery)

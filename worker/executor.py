@@ -98,6 +98,10 @@ class _ZygoteTask(RunningTask):
         self._done.wait(timeout)
         return self.code if self._done.is_set() else None
 
+    def signal(self, sig: int) -> None:
+        self._started.wait(10.0)  # the zygote replies with the pid right after forking
+        super().signal(sig)
+
 
 class Executor:
     """Starts attempts of one unpacked bundle."""
@@ -125,8 +129,8 @@ class Executor:
         return env
 
     def start(self, shard: TaskShard, log_path: Path) -> RunningTask:
+        """Start one attempt; ``log_path``'s folder must exist. Creates the output folder."""
         shard.output_dir.mkdir(parents=True, exist_ok=True)
-        log_path.parent.mkdir(parents=True, exist_ok=True)
         if self._zygote is not None and not self._zygote.alive:
             self._zygote.close()  # it crashed (a task killed it?): start a fresh one
             zygote = _Zygote(self.bundle, self._base_env())
@@ -189,7 +193,6 @@ class _Zygote:
                 task._finish(-int(signal.SIGKILL))
                 with log_path.open("a") as log:
                     log.write("cflow: the task host process died\n")
-        task._started.wait()
         return task
 
     def _read(self) -> None:

@@ -17,6 +17,11 @@ from pathlib import Path
 from worker.errors import NotFound
 from worker.store import Store
 
+# Commit markers are flushed to disk before they appear: a committed shard survives a crash of
+# the machine. Other create-only objects (attempt claims) are not: a claim lost to a power cut
+# only means its attempt number is used again.
+DURABLE_SUFFIXES = ("/result.json",)
+
 
 class LocalStore(Store):
     def __init__(self, root: Path):
@@ -35,8 +40,11 @@ class LocalStore(Store):
         return self._path(key)
 
     def _tempfile(self, path: Path) -> tuple[int, str]:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            return tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        except FileNotFoundError:  # first object in its folder; rarer than not, so ask forgiveness
+            path.parent.mkdir(parents=True, exist_ok=True)
+            return tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
 
     def put(self, key: str, data: bytes) -> None:
         path = self._path(key)
@@ -68,8 +76,9 @@ class LocalStore(Store):
         try:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())  # a commit marker must survive a crash of the machine
+                if key.endswith(DURABLE_SUFFIXES):
+                    fh.flush()
+                    os.fsync(fh.fileno())
             os.link(tmp, path)
             return True
         except FileExistsError:

@@ -172,7 +172,9 @@ class WorkMessage(_Record):
 
 @dataclass(frozen=True)
 class AttemptStatus(_Record):
-    """``attempts/<n>/status.json``."""
+    """``attempts/<n>/status.json``: written ``running`` when the attempt claims its number, and
+    rewritten when it ends, except by the winner, whose record is the shard's ``result.json``
+    (one store write less per shard)."""
 
     run_id: str
     shard_id: str

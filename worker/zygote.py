@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import importlib.util
 import json
 import os
@@ -40,11 +41,17 @@ from worker.taskapi import TaskShard
 _PR_SET_PDEATHSIG = 1
 
 
+try:
+    _LIBC: ctypes.CDLL | None = ctypes.CDLL(None, use_errno=True)
+except OSError:
+    _LIBC = None
+
+
 def _die_with_parent() -> None:
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):  # not Linux: the stdin EOF check still ends us
+        if _LIBC is not None:
+            _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except AttributeError:  # not Linux: the stdin EOF check still ends us
         pass
 
 
@@ -63,7 +70,6 @@ def _call(run: Callable[[TaskShard], Any]) -> int:
     """Run one shard in this process; the exit code the task earned."""
     try:
         shard = TaskShard.from_env()
-        shard.output_dir.mkdir(parents=True, exist_ok=True)
         run(shard)
         return 0
     except SystemExit as exc:
@@ -116,6 +122,7 @@ def serve(task_dir: Path) -> None:
         reply({"ready": False, "error": f"{type(exc).__name__}: {exc}"})
         return
     reply({"ready": True})
+    gc.freeze()  # keep the collector from touching (and so copying) the imported objects per fork
 
     sel = selectors.DefaultSelector()
     stdin = sys.stdin.buffer

@@ -1,0 +1,283 @@
+"""The Cloud Storage store: the bucket layout of :class:`worker.protocol.Layout` in one bucket.
+
+Objects are written whole (GCS never shows half an object). :meth:`GcsStore.create` is a simple
+(multipart, not resumable) upload with ``if_generation_match=0``: of racing writers exactly one
+gets the object and the others a 412, which is how attempts are claimed and shards committed.
+Large files stream to and from disk; every call goes through the library's retry policy.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import google_crc32c
+import requests.adapters
+from google.api_core import exceptions as gexc
+from google.cloud import storage
+from google.cloud.storage.retry import DEFAULT_RETRY
+
+from worker.errors import BackendError, NotFound
+from worker.store import Store
+
+LIST_PAGE_SIZE = 1000  # objects per listing page (the API's maximum)
+HTTP_POOL_SIZE = 32  # connections kept per host; one client serves every slot of a worker
+_MAX_SIMPLE_UPLOAD = 8 * 1024 * 1024  # bytes; above this the library switches to resumable
+_GLOB_CHARS = frozenset("*?[]{}\\")
+
+
+def parse_gs_uri(uri: str) -> tuple[str, str]:
+    """Split ``gs://bucket/key`` into ``(bucket, key)``; raises BackendError when it is not one."""
+    if not uri.startswith("gs://"):
+        raise BackendError(f"{uri} is not a gs:// URI")
+    bucket, _, key = uri[len("gs://") :].partition("/")
+    if not bucket:
+        raise BackendError(f"{uri} names no bucket; write gs://BUCKET/PATH")
+    return bucket, key
+
+
+def glob_prefix(pattern: str) -> str:
+    """The literal start of an object glob: the listing prefix that bounds it server-side."""
+    for i, char in enumerate(pattern):
+        if char in _GLOB_CHARS:
+            return pattern[:i]
+    return pattern
+
+
+def glob_regex(pattern: str) -> re.Pattern[str]:
+    """Compile a Cloud Storage ``matchGlob`` into a regex, to filter listings client-side.
+
+    ``*`` and ``?`` stay within one path segment, ``**`` crosses ``/`` (and ``**/`` also matches
+    no folder at all), ``[abc]``/``[!abc]`` are character classes and ``{a,b}`` alternatives.
+    """
+    out: list[str] = []
+    i, n = 0, len(pattern)
+    while i < n:
+        char = pattern[i]
+        if pattern.startswith("**/", i):
+            out.append("(?:.*/)?")
+            i += 3
+        elif pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif char == "*":
+            out.append("[^/]*")
+            i += 1
+        elif char == "?":
+            out.append("[^/]")
+            i += 1
+        elif char == "[" and (end := pattern.find("]", i + 2)) != -1:
+            body = pattern[i + 1 : end]
+            if body.startswith("!"):
+                body = "^" + body[1:]
+            out.append(f"[{body.replace(chr(92), chr(92) * 2)}]")
+            i = end + 1
+        elif char == "{" and (end := pattern.find("}", i)) != -1:
+            options = pattern[i + 1 : end].split(",")
+            out.append("(?:" + "|".join(re.escape(o) for o in options) + ")")
+            i = end + 1
+        elif char == "\\" and i + 1 < n:
+            out.append(re.escape(pattern[i + 1]))
+            i += 2
+        else:
+            out.append(re.escape(char))
+            i += 1
+    return re.compile("".join(out) + r"\Z")
+
+
+def file_crc32c(path: Path) -> str:
+    """The base64 CRC32C of a file, as Cloud Storage reports it in ``crc32c``."""
+    checksum = google_crc32c.Checksum()
+    with path.open("rb") as fh:
+        while chunk := fh.read(1024 * 1024):
+            checksum.update(chunk)
+    return base64.b64encode(checksum.digest()).decode()
+
+
+def make_client(project: str | None, *, pool_size: int = HTTP_POOL_SIZE) -> storage.Client:
+    """A storage client whose connection pool is big enough for every slot of a worker.
+
+    Honours ``STORAGE_EMULATOR_HOST`` (then with anonymous credentials); otherwise uses
+    Application Default Credentials.
+    """
+    client = storage.Client(project=project)
+    # The client's requests session keeps 10 connections per host by default; slots beyond
+    # that would open and drop a connection per call.
+    adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=pool_size)
+    session: requests.Session = client._http
+    session.mount("https://", adapter)
+    session.mount("http://", adapter)
+    return client
+
+
+class GcsStore(Store):
+    """One bucket as a :class:`worker.store.Store`; keys are object names."""
+
+    def __init__(self, bucket: str, *, client: storage.Client | None = None):
+        if not bucket or "/" in bucket:
+            raise BackendError(f"bucket name {bucket!r} is not valid; give the bare name, no gs://")
+        self.client = client if client is not None else make_client(None)
+        self.bucket_name = bucket
+        self.bucket = self.client.bucket(bucket)
+
+    # -- the Store interface -------------------------------------------------------------
+
+    def url(self, key: str) -> str:
+        return f"gs://{self.bucket_name}/{key}"
+
+    def put(self, key: str, data: bytes) -> None:
+        with self._errors("write", key):
+            self.bucket.blob(key).upload_from_string(
+                data, content_type=_content_type(key), retry=DEFAULT_RETRY
+            )
+
+    def put_file(self, key: str, path: Path) -> None:
+        with self._errors("upload", key):
+            self.bucket.blob(key).upload_from_filename(
+                str(path), content_type=_content_type(key), retry=DEFAULT_RETRY
+            )
+
+    def create(self, key: str, data: bytes) -> bool:
+        if len(data) > _MAX_SIMPLE_UPLOAD:  # resumable uploads may not honour the precondition
+            raise BackendError(f"create-only object {key} is too large ({len(data)} bytes)")
+        blob = self.bucket.blob(key)
+        try:
+            with self._errors("create", key):
+                blob.upload_from_string(
+                    data,
+                    content_type=_content_type(key),
+                    if_generation_match=0,
+                    retry=DEFAULT_RETRY,
+                )
+            return True
+        except gexc.PreconditionFailed:
+            # A retried upload whose first try landed also sees a 412: it won all the same.
+            try:
+                return self.get(key) == data
+            except NotFound:
+                return False
+
+    def get(self, key: str) -> bytes:
+        with self._errors("read", key):
+            data: bytes = self.bucket.blob(key).download_as_bytes(retry=DEFAULT_RETRY)
+            return data
+
+    def get_file(self, key: str, path: Path) -> None:
+        self._download(self.bucket, key, path)
+
+    def exists(self, key: str) -> bool:
+        with self._errors("check", key):
+            return bool(self.bucket.blob(key).exists(retry=DEFAULT_RETRY))
+
+    def list(self, prefix: str, *, suffix: str = "") -> Iterator[str]:
+        # matchGlob lets the server skip what does not end in suffix (a run's result markers
+        # among all its logs and statuses); the client-side check keeps emulators honest.
+        match_glob = None
+        if suffix and not (_GLOB_CHARS & set(prefix + suffix)):
+            match_glob = f"{prefix}**{suffix}"
+        yield from (
+            name
+            for name in self._names(self.bucket_name, prefix, match_glob)
+            if name.endswith(suffix)
+        )
+
+    def delete(self, key: str) -> None:
+        with contextlib.suppress(gexc.NotFound), self._errors("delete", key, missing_ok=True):
+            self.bucket.blob(key).delete(retry=DEFAULT_RETRY)
+
+    def fetch(self, uri: str, path: Path) -> None:
+        bucket_name, key = parse_gs_uri(uri)
+        bucket = self.bucket if bucket_name == self.bucket_name else self.client.bucket(bucket_name)
+        self._download(bucket, key, path)
+
+    # -- beyond the interface ------------------------------------------------------------
+
+    def glob(self, pattern: str) -> Iterator[str]:
+        """``gs://`` URIs of the objects matching ``gs://bucket/glob``, in name order, lazily.
+
+        Listed in pages from the glob's literal prefix; ``matchGlob`` narrows the listing
+        server-side and the same glob is checked here.
+        """
+        bucket_name, glob = parse_gs_uri(pattern)
+        regex = glob_regex(glob)
+        prefix = glob_prefix(glob)
+        match_glob = glob if glob != prefix else None
+        for name in self._names(bucket_name, prefix, match_glob):
+            if regex.match(name) and not name.endswith("/"):
+                yield f"gs://{bucket_name}/{name}"
+
+    def checksums(self, prefix: str) -> dict[str, tuple[int, str]]:
+        """``{key: (size, crc32c)}`` of the objects under ``prefix`` (one paged listing)."""
+        out: dict[str, tuple[int, str]] = {}
+        with self._errors("list", prefix):
+            for blob in self.client.list_blobs(
+                self.bucket_name,
+                prefix=prefix,
+                page_size=LIST_PAGE_SIZE,
+                fields="items(name,size,crc32c),nextPageToken",
+                retry=DEFAULT_RETRY,
+            ):
+                out[blob.name] = (int(blob.size or 0), str(blob.crc32c))
+        return out
+
+    def _names(self, bucket: str, prefix: str, match_glob: str | None) -> Iterator[str]:
+        options: dict[str, Any] = {"match_glob": match_glob} if match_glob else {}
+        with self._errors("list", prefix):
+            blobs = self.client.list_blobs(
+                bucket,
+                prefix=prefix or None,
+                page_size=LIST_PAGE_SIZE,
+                fields="items(name),nextPageToken",
+                retry=DEFAULT_RETRY,
+                **options,
+            )
+            for page in blobs.pages:
+                for blob in page:
+                    yield blob.name
+
+    def _download(self, bucket: storage.Bucket, key: str, path: Path) -> None:
+        try:
+            with self._errors("download", key, bucket=bucket.name):
+                bucket.blob(key).download_to_filename(str(path), retry=DEFAULT_RETRY)
+        except BaseException:
+            path.unlink(missing_ok=True)  # never leave half a file behind
+            raise
+
+    @contextlib.contextmanager
+    def _errors(
+        self, action: str, key: str, *, bucket: str | None = None, missing_ok: bool = False
+    ) -> Iterator[None]:
+        """Turn API errors into CFlow's: a missing object, bucket or permission in one line."""
+        where = f"gs://{bucket or self.bucket_name}/{key}"
+        try:
+            yield
+        except gexc.PreconditionFailed:
+            raise
+        except gexc.NotFound as exc:
+            if "bucket does not exist" in str(exc).lower():
+                raise BackendError(
+                    f"bucket gs://{bucket or self.bucket_name} does not exist; check the "
+                    "deployment's bucket (`runner doctor`)"
+                ) from None
+            if missing_ok:
+                raise
+            raise NotFound(f"no object {where}") from None
+        except (gexc.Forbidden, gexc.Unauthorized) as exc:
+            raise BackendError(
+                f"no permission to {action} {where}: {exc.message}; check the credentials' roles"
+            ) from None
+        except gexc.GoogleAPICallError as exc:
+            raise BackendError(f"could not {action} {where}: {exc.message}") from None
+
+
+def _content_type(key: str) -> str | None:
+    """Types for the layout's own objects; None lets the library guess from the name."""
+    if key.endswith(".json"):
+        return "application/json"
+    if key.endswith((".txt", ".jsonl")):
+        return "text/plain; charset=utf-8"
+    return None

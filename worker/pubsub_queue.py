@@ -1,0 +1,465 @@
+"""The Pub/Sub queue and event bus: shards on the work topic, progress on the events topic.
+
+Workers **receive** with a synchronous pull of at most their free slots, so no worker holds work
+another idle VM could take. (Streaming pull's flow control would do the same on the real service,
+but the emulator ignores ``max_outstanding_messages`` and streams the whole backlog to the first
+subscriber; the unary pull behaves the same everywhere.) A lease is the message's ack deadline:
+set when the message arrives and extended in one batched call per period by a background
+**leaser**, for as long as the message is held but at most ``max_lease_seconds`` (beyond that
+only the agent's :meth:`PubSubQueue.extend` calls keep it). **ack** is ``acknowledge`` after
+commit; **nack** is ``modify_ack_deadline 0``, which redelivers at once.
+
+The runner takes events and dead letters through a streaming pull (:class:`Inbox`): it is the
+only consumer, and the stream avoids polling two subscriptions several times a second.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from itertools import islice
+from typing import Any
+
+from google.api_core import exceptions as gexc
+from google.cloud import pubsub_v1
+from google.cloud.pubsub_v1.subscriber.message import Message
+
+from worker import defaults
+from worker.clock import SYSTEM_CLOCK, Clock
+from worker.errors import BackendError
+from worker.protocol import Event, WorkMessage
+from worker.queue import Delivery, EventBus, WorkQueue
+
+log = logging.getLogger("cflow.pubsub")
+
+MIN_ACK_DEADLINE = 10  # seconds: Pub/Sub's bounds for an ack deadline
+MAX_ACK_DEADLINE = 600
+MAX_LEASE_SECONDS = 6 * 3600.0  # longest the leaser keeps a message without agent heartbeats
+PUBLISH_TIMEOUT = 120.0  # seconds to wait for one batch of publishes to be stored
+ACK_IDS_PER_CALL = 1000  # ack ids per acknowledge / modify_ack_deadline request
+INBOX_MAX_MESSAGES = 10_000  # events or dead letters the runner holds before taking them
+_PULL_BACKOFF = (0.02, 0.25)  # seconds: first and longest pause between empty pulls
+_TRANSIENT = (
+    gexc.DeadlineExceeded,
+    gexc.ServiceUnavailable,
+    gexc.InternalServerError,
+    gexc.TooManyRequests,
+    gexc.Aborted,
+    gexc.Unknown,
+    gexc.RetryError,
+)
+
+
+def resource_path(project: str, kind: str, name: str) -> str:
+    """``projects/P/<kind>/NAME`` from a bare name, or the full path unchanged."""
+    if name.startswith("projects/"):
+        return name
+    return f"projects/{project}/{kind}/{name}"
+
+
+def _not_found_or_denied(exc: BaseException, what: str) -> BackendError:
+    if isinstance(exc, gexc.NotFound):
+        return BackendError(f"{what} does not exist; check the deployment (`runner doctor`)")
+    if isinstance(exc, gexc.PermissionDenied | gexc.Forbidden | gexc.Unauthenticated):
+        return BackendError(f"no permission to use {what}; check the credentials' roles")
+    return BackendError(f"{what}: {exc}")
+
+
+@dataclass
+class _Lease:
+    """A received message: its ack id and how long it should be kept."""
+
+    ack_id: str
+    received: float  # clock.monotonic() at receipt
+    wanted_until: float  # the agent's extend() horizon (monotonic)
+
+
+class PubSubQueue(WorkQueue):
+    """Shard messages on a Pub/Sub topic, received from its subscription.
+
+    Args:
+        project: the project of bare topic and subscription names.
+        topic: the work topic (for :meth:`publish`); looked up from ``subscription`` if absent.
+        subscription: the work subscription (for :meth:`receive`).
+        dead_letter_subscription: where messages that kept killing workers end up.
+        lease_seconds: the ack deadline the leaser keeps renewing.
+        max_lease_seconds: how long the leaser renews a held message by itself.
+    """
+
+    def __init__(
+        self,
+        *,
+        project: str,
+        topic: str | None = None,
+        subscription: str | None = None,
+        dead_letter_subscription: str | None = None,
+        lease_seconds: float = defaults.LEASE_SECONDS,
+        max_lease_seconds: float | None = None,
+        subscriber: pubsub_v1.SubscriberClient | None = None,
+        publisher: pubsub_v1.PublisherClient | None = None,
+        clock: Clock = SYSTEM_CLOCK,
+    ):
+        self.project = project
+        self.topic = resource_path(project, "topics", topic) if topic else None
+        self.subscription = (
+            resource_path(project, "subscriptions", subscription) if subscription else None
+        )
+        self.lease_seconds = int(min(max(lease_seconds, MIN_ACK_DEADLINE), MAX_ACK_DEADLINE))
+        self.max_lease_seconds = max_lease_seconds or MAX_LEASE_SECONDS
+        self.clock = clock
+        self.before_publish: Callable[[], None] | None = None  # e.g. wait for staged inputs
+        self._owns_subscriber = subscriber is None
+        self._subscriber = subscriber
+        self._publisher = publisher
+        self._lock = threading.Lock()
+        self._leases: dict[str, _Lease] = {}
+        self._leaser: threading.Thread | None = None
+        self._closed = threading.Event()
+        self._dead = (
+            Inbox(
+                self.subscriber,
+                resource_path(project, "subscriptions", dead_letter_subscription),
+            )
+            if dead_letter_subscription
+            else None
+        )
+
+    @property
+    def subscriber(self) -> pubsub_v1.SubscriberClient:
+        if self._subscriber is None:
+            self._subscriber = pubsub_v1.SubscriberClient()
+        return self._subscriber
+
+    @property
+    def publisher(self) -> pubsub_v1.PublisherClient:
+        with self._lock:
+            if self._publisher is None:
+                self._publisher = pubsub_v1.PublisherClient(
+                    batch_settings=pubsub_v1.types.BatchSettings(
+                        max_messages=defaults.PUBLISH_BATCH,
+                        max_bytes=9 * 1024 * 1024,  # a publish request may carry 10 MB
+                        max_latency=0.05,
+                    )
+                )
+            return self._publisher
+
+    # -- publishing ----------------------------------------------------------------------
+
+    def publish(self, messages: Iterable[WorkMessage], *, delay: float = 0.0) -> int:
+        """Publish in batches, waiting for each batch to be stored. Pub/Sub has no delayed
+        delivery, so ``delay`` is ignored."""
+        topic = self._work_topic()
+        if self.before_publish is not None:
+            self.before_publish()
+        count = 0
+        it = iter(messages)
+        while batch := list(islice(it, defaults.PUBLISH_BATCH)):
+            futures = [self.publisher.publish(topic, m.to_json(), **m.attributes()) for m in batch]
+            for future in futures:
+                try:
+                    future.result(timeout=PUBLISH_TIMEOUT)
+                except Exception as exc:
+                    raise _not_found_or_denied(exc, f"work topic {topic}") from None
+            count += len(batch)
+        return count
+
+    def _work_topic(self) -> str:
+        if self.topic is None:
+            if self.subscription is None:
+                raise BackendError("this queue has no work topic to publish to")
+            try:
+                sub = self.subscriber.get_subscription(subscription=self.subscription)
+            except gexc.GoogleAPICallError as exc:
+                raise BackendError(
+                    f"cannot find the work topic of {self.subscription} ({exc.message}); "
+                    "give the worker --work-topic (CFLOW_WORK_TOPIC)"
+                ) from None
+            self.topic = sub.topic
+        return self.topic
+
+    # -- receiving -----------------------------------------------------------------------
+
+    def receive(self, max_messages: int, timeout: float) -> list[Delivery]:
+        if self.subscription is None:
+            raise BackendError("this queue has no work subscription to receive from")
+        if max_messages < 1:
+            return []
+        deadline = self.clock.monotonic() + timeout
+        pause = _PULL_BACKOFF[0]
+        while True:
+            remaining = deadline - self.clock.monotonic()
+            received = self._pull(max_messages, max(remaining, 0.05))
+            if received:
+                return self._lease_all(received)
+            remaining = deadline - self.clock.monotonic()
+            if remaining <= 0:
+                return []
+            # The emulator (and the service, under some loads) answers an empty pull at once.
+            self.clock.sleep(min(pause, remaining))
+            pause = min(pause * 2, _PULL_BACKOFF[1])
+
+    def _pull(self, max_messages: int, timeout: float) -> list[Any]:
+        assert self.subscription is not None
+        try:
+            response = self.subscriber.pull(
+                request={"subscription": self.subscription, "max_messages": max_messages},
+                timeout=timeout,
+                retry=None,
+            )
+        except _TRANSIENT as exc:
+            if not isinstance(exc, gexc.DeadlineExceeded):
+                log.warning("pull from %s failed, will retry: %s", self.subscription, exc)
+            return []
+        except gexc.GoogleAPICallError as exc:
+            raise _not_found_or_denied(exc, f"work subscription {self.subscription}") from None
+        return list(response.received_messages)
+
+    def _lease_all(self, received: Sequence[Any]) -> list[Delivery]:
+        ack_ids = [r.ack_id for r in received]
+        # Set our own deadline at once: the subscription's may be shorter than a leaser period.
+        self._modify(ack_ids, self.lease_seconds)
+        now = self.clock.monotonic()
+        out = []
+        with self._lock:
+            for r in received:
+                lease = _Lease(r.ack_id, now, now)
+                self._leases[r.ack_id] = lease
+                try:
+                    message = WorkMessage.from_json(r.message.data)
+                except (ValueError, TypeError, KeyError):
+                    log.error("dropping a malformed work message %s", r.message.message_id)
+                    self._leases.pop(r.ack_id)
+                    self._acknowledge([r.ack_id])
+                    continue
+                # delivery_attempt is 0 when the subscription has no dead-letter policy.
+                out.append(Delivery(message, max(r.delivery_attempt, 1), lease))
+            self._start_leaser()
+        return out
+
+    def ack(self, delivery: Delivery) -> None:
+        lease: _Lease = delivery.handle
+        with self._lock:
+            self._leases.pop(lease.ack_id, None)
+        self._acknowledge([lease.ack_id])
+
+    def nack(self, delivery: Delivery) -> None:
+        lease: _Lease = delivery.handle
+        with self._lock:
+            self._leases.pop(lease.ack_id, None)
+        self._modify([lease.ack_id], 0)
+
+    def extend(self, delivery: Delivery, seconds: float) -> None:
+        """The leaser renews the message; past ``max_lease_seconds`` only these calls do."""
+        lease: _Lease = delivery.handle
+        now = self.clock.monotonic()
+        with self._lock:
+            lease.wanted_until = max(lease.wanted_until, now + seconds)
+            beyond_max = now - lease.received >= self.max_lease_seconds
+        if beyond_max:
+            self._modify([lease.ack_id], self.lease_seconds)
+
+    def _start_leaser(self) -> None:
+        if self._leaser is None:
+            self._leaser = threading.Thread(target=self._lease_loop, name="leaser", daemon=True)
+            self._leaser.start()
+
+    def _lease_loop(self) -> None:
+        period = self.lease_seconds / 3
+        while not self._closed.wait(period):
+            now = self.clock.monotonic()
+            with self._lock:
+                ids = [
+                    lease.ack_id
+                    for lease in self._leases.values()
+                    if now - lease.received < self.max_lease_seconds or now < lease.wanted_until
+                ]
+            try:
+                self._modify(ids, self.lease_seconds)
+            except Exception:  # the next period tries again; a lapsed lease only redelivers
+                log.warning("could not extend %d leases", len(ids), exc_info=True)
+
+    def _acknowledge(self, ack_ids: list[str]) -> None:
+        assert self.subscription is not None
+        for start in range(0, len(ack_ids), ACK_IDS_PER_CALL):
+            self.subscriber.acknowledge(
+                subscription=self.subscription, ack_ids=ack_ids[start : start + ACK_IDS_PER_CALL]
+            )
+
+    def _modify(self, ack_ids: list[str], seconds: int) -> None:
+        assert self.subscription is not None
+        for start in range(0, len(ack_ids), ACK_IDS_PER_CALL):
+            self.subscriber.modify_ack_deadline(
+                subscription=self.subscription,
+                ack_ids=ack_ids[start : start + ACK_IDS_PER_CALL],
+                ack_deadline_seconds=seconds,
+            )
+
+    # -- the runner's side ---------------------------------------------------------------
+
+    def dead_letters(self, max_messages: int = 100) -> list[WorkMessage]:
+        if self._dead is None:
+            return []
+        out = []
+        for message in self._dead.take(max_messages, 0.0):
+            try:
+                out.append(WorkMessage.from_json(message.data))
+            except (ValueError, TypeError, KeyError):
+                log.error("dropping a malformed dead letter %s", message.message_id)
+        return out
+
+    def close(self) -> None:
+        self._closed.set()
+        with self._lock:
+            held = list(self._leases)
+            self._leases.clear()
+        if held:  # the agent settles every delivery; anything left goes back at once
+            try:
+                self._modify(held, 0)
+            except Exception:
+                log.warning("could not return %d held messages", len(held), exc_info=True)
+        if self._dead is not None:
+            self._dead.close()
+        if self._publisher is not None:
+            self._publisher.stop()
+        if self._owns_subscriber and self._subscriber is not None:
+            self._subscriber.close()
+
+
+class Inbox:
+    """A streaming pull into a buffer; :meth:`take` hands out (and acks) what has arrived.
+
+    The stream starts on the first :meth:`take`, so commands that never read open none.
+    """
+
+    def __init__(
+        self,
+        subscriber: pubsub_v1.SubscriberClient,
+        subscription: str,
+        *,
+        max_messages: int = INBOX_MAX_MESSAGES,
+    ):
+        self.subscriber = subscriber
+        self.subscription = subscription
+        self.max_messages = max_messages
+        self._buffer: deque[Message] = deque()
+        self._cond = threading.Condition()
+        self._future: Future[Any] | None = None
+        self._closing = False
+
+    def _on_message(self, message: Message) -> None:
+        with self._cond:
+            if self._closing:
+                message.nack()
+                return
+            self._buffer.append(message)
+            self._cond.notify_all()
+
+    def _start(self) -> None:
+        if self._future is None:
+            self._future = self.subscriber.subscribe(
+                self.subscription,
+                self._on_message,
+                flow_control=pubsub_v1.types.FlowControl(max_messages=self.max_messages),
+                await_callbacks_on_shutdown=True,
+            )
+
+    def take(self, max_items: int, timeout: float) -> list[Message]:
+        """Up to ``max_items`` messages, waiting up to ``timeout`` seconds for the first."""
+        with self._cond:
+            self._start()
+            assert self._future is not None
+            if not self._buffer and timeout > 0:
+                self._cond.wait(timeout)
+            if not self._buffer and self._future.done():
+                exc = self._future.exception()
+                self._future = None  # the next take reopens the stream
+                if exc is not None:
+                    raise _not_found_or_denied(exc, f"subscription {self.subscription}")
+            taken = [self._buffer.popleft() for _ in range(min(max_items, len(self._buffer)))]
+        for message in taken:
+            message.ack()
+        return taken
+
+    def close(self) -> None:
+        with self._cond:
+            self._closing = True
+            left = list(self._buffer)
+            self._buffer.clear()
+        for message in left:  # hand them to the next runner instead of waiting out a deadline
+            message.nack()
+        if self._future is not None:
+            self._future.cancel()
+            # Cancelled, or failed earlier: either way the stream is over.
+            with contextlib.suppress(Exception):
+                self._future.result(timeout=30)
+            self._future = None
+
+
+class PubSubEvents(EventBus):
+    """Events published to a topic (workers) and taken from its subscription (the runner)."""
+
+    def __init__(
+        self,
+        *,
+        project: str,
+        topic: str | None = None,
+        subscription: str | None = None,
+        subscriber: pubsub_v1.SubscriberClient | None = None,
+        publisher: pubsub_v1.PublisherClient | None = None,
+    ):
+        self.topic = resource_path(project, "topics", topic) if topic else None
+        self._publisher = publisher
+        self._owns_subscriber = subscriber is None and subscription is not None
+        self._subscriber = subscriber
+        self._inbox: Inbox | None = None
+        if subscription:
+            self._subscriber = subscriber or pubsub_v1.SubscriberClient()
+            self._inbox = Inbox(
+                self._subscriber, resource_path(project, "subscriptions", subscription)
+            )
+        self._lock = threading.Lock()
+
+    def publish(self, event: Event) -> None:
+        """Queue the event for publishing and return; failures are logged (events are lossy)."""
+        if self.topic is None:
+            return
+        with self._lock:
+            if self._publisher is None:
+                self._publisher = pubsub_v1.PublisherClient()
+        attributes = {"kind": event.kind, "worker": event.worker}
+        if event.run_id:
+            attributes["run_id"] = event.run_id
+        if event.shard_id:
+            attributes["shard_id"] = event.shard_id
+        future = self._publisher.publish(self.topic, event.to_json(), **attributes)
+        future.add_done_callback(_log_failure)
+
+    def pull(self, max_events: int = 1000, timeout: float = 0.0) -> list[Event]:
+        if self._inbox is None:
+            return []
+        events = []
+        for message in self._inbox.take(max_events, timeout):
+            try:
+                events.append(Event.from_json(message.data))
+            except (ValueError, TypeError, KeyError):
+                log.warning("dropping a malformed event %s", message.message_id)
+        return events
+
+    def close(self) -> None:
+        if self._inbox is not None:
+            self._inbox.close()
+        if self._publisher is not None:
+            self._publisher.stop()  # sends what is still batched
+        if self._owns_subscriber and self._subscriber is not None:
+            self._subscriber.close()
+
+
+def _log_failure(future: Any) -> None:
+    exc = future.exception()
+    if exc is not None:
+        log.warning("could not publish an event: %s", exc)
