@@ -1,0 +1,172 @@
+"""The workers: a pinned image, a Spot instance template, and the managed instance group."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+from cdktf import Fn, IResolvable, Op, TerraformResourceLifecycle, Token
+from cdktf_cdktf_provider_google.compute_instance_group_manager import (
+    ComputeInstanceGroupManager,
+    ComputeInstanceGroupManagerUpdatePolicy,
+    ComputeInstanceGroupManagerVersion,
+)
+from cdktf_cdktf_provider_google.compute_instance_template import (
+    ComputeInstanceTemplate,
+    ComputeInstanceTemplateDisk,
+    ComputeInstanceTemplateNetworkInterface,
+    ComputeInstanceTemplateScheduling,
+    ComputeInstanceTemplateServiceAccount,
+    ComputeInstanceTemplateShieldedInstanceConfig,
+)
+from cdktf_cdktf_provider_google.compute_region_instance_group_manager import (
+    ComputeRegionInstanceGroupManager,
+    ComputeRegionInstanceGroupManagerUpdatePolicy,
+    ComputeRegionInstanceGroupManagerVersion,
+)
+from cdktf_cdktf_provider_google.compute_subnetwork import ComputeSubnetwork
+from cdktf_cdktf_provider_google.data_google_compute_image import DataGoogleComputeImage
+from constructs import Construct
+
+SCRIPTS = Path(__file__).parent / "scripts"
+DISK_TYPE = "pd-balanced"
+# The runner owns the group's size once it exists: a later deploy must not bring back the VMs it
+# scaled away (nor remove VMs still working).
+RUNNER_OWNED = ["target_size"]
+# A new template (new worker, new image) applies to VMs created from then on; busy VMs are never
+# replaced to roll it out.
+UPDATE_TYPE = "OPPORTUNISTIC"
+UPDATE_ACTION = "REPLACE"
+
+
+class Compute(Construct):
+    """Image, instance template and worker group.
+
+    A non-empty ``zone`` gives a zonal group; an empty one a regional group, which may place
+    Spot VMs in any zone of the region that has capacity.
+
+    Attributes:
+        image: the image data source, resolved from the family once per deploy.
+        template: the instance template.
+        group_scope: ``"zonal"`` or ``"regional"`` (a Terraform expression).
+        groups: both group resources; exactly one of them has ``count = 1``.
+    """
+
+    def __init__(
+        self,
+        scope: Construct,
+        id: str,
+        *,
+        name_prefix: str,
+        region: str,
+        zone: str,
+        zones: list[str],
+        group_name: str,
+        instance_name_prefix: str,
+        machine_type: str,
+        disk_size_gb: float,
+        spot: bool | IResolvable,
+        image_family: str,
+        image_project: str,
+        shard_count: float,
+        subnetwork: ComputeSubnetwork,
+        service_account_email: str,
+        worker_metadata: Mapping[str, str],
+    ) -> None:
+        super().__init__(scope, id)
+        self.image = DataGoogleComputeImage(
+            self, "image", family=image_family, project=image_project
+        )
+
+        metadata = {
+            **worker_metadata,
+            "startup-script": (SCRIPTS / "startup.sh").read_text(),
+            "shutdown-script": (SCRIPTS / "shutdown.sh").read_text(),
+            "enable-oslogin": "TRUE",
+            "block-project-ssh-keys": "true",
+            "serial-port-enable": "false",  # the console is still logged; no interactive access
+        }
+        self.template = ComputeInstanceTemplate(
+            self,
+            "template",
+            name_prefix=f"{name_prefix}-",
+            description="CFlow worker VM",
+            machine_type=machine_type,
+            disk=[
+                ComputeInstanceTemplateDisk(
+                    boot=True,
+                    auto_delete=True,
+                    source_image=self.image.self_link,  # one image, not the family's latest
+                    disk_size_gb=disk_size_gb,
+                    disk_type=DISK_TYPE,
+                )
+            ],
+            # No access_config: no external IP. Egress goes through the network's Cloud NAT.
+            network_interface=[ComputeInstanceTemplateNetworkInterface(subnetwork=subnetwork.id)],
+            service_account=ComputeInstanceTemplateServiceAccount(
+                email=service_account_email,
+                scopes=["cloud-platform"],  # IAM decides, not scopes
+            ),
+            scheduling=ComputeInstanceTemplateScheduling(
+                provisioning_model=Token.as_string(Fn.conditional(spot, "SPOT", "STANDARD")),
+                preemptible=spot,
+                automatic_restart=Op.not_(spot),
+                on_host_maintenance=Token.as_string(Fn.conditional(spot, "TERMINATE", "MIGRATE")),
+                # A preempted VM is deleted; the group recreates it when capacity returns.
+                instance_termination_action=Token.as_string(
+                    Fn.conditional(spot, "DELETE", Token.null_value())
+                ),
+            ),
+            shielded_instance_config=ComputeInstanceTemplateShieldedInstanceConfig(
+                enable_secure_boot=True, enable_vtpm=True, enable_integrity_monitoring=True
+            ),
+            metadata=metadata,
+            # Templates are immutable: make the new one before the group lets go of the old one.
+            lifecycle=TerraformResourceLifecycle(create_before_destroy=True),
+        )
+
+        # Comparisons avoid "" and 0 operands: cdktf 0.21 renders those as `undefined`.
+        is_zonal = Op.gte(Fn.length_of(zone), 1)
+        self.group_scope = Token.as_string(Fn.conditional(is_zonal, "zonal", "regional"))
+        zonal = ComputeInstanceGroupManager(
+            self,
+            "zonal_group",
+            count=Token.as_number(Fn.conditional(is_zonal, 1, 0)),
+            name=group_name,
+            zone=zone,
+            base_instance_name=instance_name_prefix,
+            version=[
+                ComputeInstanceGroupManagerVersion(
+                    name="worker", instance_template=self.template.self_link_unique
+                )
+            ],
+            target_size=shard_count,
+            update_policy=ComputeInstanceGroupManagerUpdatePolicy(
+                type=UPDATE_TYPE, minimal_action=UPDATE_ACTION
+            ),
+            wait_for_instances=False,
+            lifecycle=TerraformResourceLifecycle(ignore_changes=RUNNER_OWNED),
+        )
+        regional = ComputeRegionInstanceGroupManager(
+            self,
+            "regional_group",
+            count=Token.as_number(Fn.conditional(is_zonal, 0, 1)),
+            name=group_name,
+            region=region,
+            distribution_policy_zones=zones,
+            # Batch work goes wherever Spot capacity is; VMs are never moved to rebalance zones.
+            distribution_policy_target_shape="ANY",
+            base_instance_name=instance_name_prefix,
+            version=[
+                ComputeRegionInstanceGroupManagerVersion(
+                    name="worker", instance_template=self.template.self_link_unique
+                )
+            ],
+            target_size=shard_count,
+            update_policy=ComputeRegionInstanceGroupManagerUpdatePolicy(
+                type=UPDATE_TYPE, minimal_action=UPDATE_ACTION, instance_redistribution_type="NONE"
+            ),
+            wait_for_instances=False,
+            lifecycle=TerraformResourceLifecycle(ignore_changes=RUNNER_OWNED),
+        )
+        self.groups = [zonal, regional]

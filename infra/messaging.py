@@ -1,0 +1,96 @@
+"""Pub/Sub: the work queue the workers pull, the events the runner watches, the dead letters."""
+
+from __future__ import annotations
+
+from cdktf_cdktf_provider_google.pubsub_subscription import (
+    PubsubSubscription,
+    PubsubSubscriptionDeadLetterPolicy,
+    PubsubSubscriptionExpirationPolicy,
+    PubsubSubscriptionRetryPolicy,
+)
+from cdktf_cdktf_provider_google.pubsub_subscription_iam_member import PubsubSubscriptionIamMember
+from cdktf_cdktf_provider_google.pubsub_topic import PubsubTopic
+from cdktf_cdktf_provider_google.pubsub_topic_iam_member import PubsubTopicIamMember
+from constructs import Construct
+
+WORK_ACK_DEADLINE = 60  # seconds; the worker's client extends the lease while a task runs
+EVENTS_ACK_DEADLINE = 30  # seconds
+MESSAGE_RETENTION = "604800s"  # 7 days: a run's shards wait that long for capacity
+RETRY_MIN_BACKOFF = "10s"  # a nacked shard (preempted, failed) is offered again after this...
+RETRY_MAX_BACKOFF = "300s"  # ...growing to this on repeated nacks
+NEVER_EXPIRE = PubsubSubscriptionExpirationPolicy(ttl="")  # default: deleted after 31 idle days
+
+
+class Messaging(Construct):
+    """Topics and subscriptions, with the dead-letter rights Pub/Sub's own agent needs.
+
+    Attributes:
+        work_topic, work_subscription: one message per shard, pulled by the workers.
+        events_topic, events_subscription: worker events (started, succeeded, ...) for the runner.
+        dead_letter_topic, dead_letter_subscription: work messages delivered too many times.
+    """
+
+    def __init__(
+        self,
+        scope: Construct,
+        id: str,
+        *,
+        name_prefix: str,
+        project_number: str,
+        max_delivery_attempts: float,
+    ) -> None:
+        super().__init__(scope, id)
+        self.dead_letter_topic = PubsubTopic(self, "dead_letter", name=f"{name_prefix}-dead-letter")
+        self.dead_letter_subscription = PubsubSubscription(
+            self,
+            "dead_letter_sub",
+            name=f"{name_prefix}-dead-letter",
+            topic=self.dead_letter_topic.id,
+            message_retention_duration=MESSAGE_RETENTION,
+            expiration_policy=NEVER_EXPIRE,
+        )
+        self.work_topic = PubsubTopic(self, "work", name=f"{name_prefix}-work")
+        self.work_subscription = PubsubSubscription(
+            self,
+            "work_sub",
+            name=f"{name_prefix}-work",
+            topic=self.work_topic.id,
+            ack_deadline_seconds=WORK_ACK_DEADLINE,
+            message_retention_duration=MESSAGE_RETENTION,
+            expiration_policy=NEVER_EXPIRE,
+            retry_policy=PubsubSubscriptionRetryPolicy(
+                minimum_backoff=RETRY_MIN_BACKOFF, maximum_backoff=RETRY_MAX_BACKOFF
+            ),
+            dead_letter_policy=PubsubSubscriptionDeadLetterPolicy(
+                dead_letter_topic=self.dead_letter_topic.id,
+                max_delivery_attempts=max_delivery_attempts,
+            ),
+        )
+        self.events_topic = PubsubTopic(self, "events", name=f"{name_prefix}-events")
+        self.events_subscription = PubsubSubscription(
+            self,
+            "events_sub",
+            name=f"{name_prefix}-events",
+            topic=self.events_topic.id,
+            ack_deadline_seconds=EVENTS_ACK_DEADLINE,
+            message_retention_duration=MESSAGE_RETENTION,
+            expiration_policy=NEVER_EXPIRE,
+        )
+
+        # Dead lettering is done by Pub/Sub's service agent: it must be able to publish to the
+        # dead-letter topic and to acknowledge the message on the work subscription.
+        agent = f"serviceAccount:service-{project_number}@gcp-sa-pubsub.iam.gserviceaccount.com"
+        PubsubTopicIamMember(
+            self,
+            "agent_publishes_dead_letters",
+            topic=self.dead_letter_topic.name,
+            role="roles/pubsub.publisher",
+            member=agent,
+        )
+        PubsubSubscriptionIamMember(
+            self,
+            "agent_acks_work",
+            subscription=self.work_subscription.name,
+            role="roles/pubsub.subscriber",
+            member=agent,
+        )

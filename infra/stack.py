@@ -1,0 +1,140 @@
+"""The CFlow stack: every construct wired together, and the outputs the runner reads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cdktf import App, TerraformOutput, TerraformStack, Token
+from cdktf_cdktf_provider_google.data_google_project import DataGoogleProject
+from cdktf_cdktf_provider_google.provider import GoogleProvider
+from constructs import Construct
+
+from infra.compute import Compute
+from infra.identity import Identity
+from infra.messaging import Messaging
+from infra.network import Network
+from infra.package import WorkerPackage
+from infra.storage import Storage
+from infra.variables import declare_inputs
+
+STACK_NAME = "cflow"  # the key of the outputs file: {"cflow": {"bucket": ...}}
+REPO = Path(__file__).resolve().parent.parent
+
+
+class CflowStack(TerraformStack):
+    """Bucket, messaging, identity, network and the worker group, from the variables.
+
+    Outputs (``cdktf deploy --outputs-file``), all names rather than paths: project, region, zone
+    (empty for a regional group), bucket, work_topic, work_subscription, events_topic,
+    events_subscription, dead_letter_topic, dead_letter_subscription, group, group_scope
+    (``zonal`` or ``regional``), worker_service_account.
+    """
+
+    def __init__(
+        self,
+        scope: Construct,
+        id: str = STACK_NAME,
+        *,
+        repo: Path = REPO,
+        build_dir: Path | None = None,
+    ) -> None:
+        super().__init__(scope, id)
+        inputs = declare_inputs(self)
+        GoogleProvider(
+            self,
+            "google",
+            project=inputs.project,
+            region=inputs.region,
+            default_labels={"cflow_deployment": inputs.name_prefix},  # on every labelled resource
+        )
+        project = DataGoogleProject(self, "project_data", project_id=inputs.project)
+        group_name = f"{inputs.name_prefix}-workers"
+        instance_name_prefix = f"{inputs.name_prefix}-worker"
+
+        storage = Storage(
+            self,
+            "storage",
+            project=inputs.project,
+            location=inputs.region,
+            name_prefix=inputs.name_prefix,
+            bucket_name=inputs.bucket_name,
+            retention_days=inputs.retention_days,
+        )
+        messaging = Messaging(
+            self,
+            "messaging",
+            name_prefix=inputs.name_prefix,
+            project_number=project.number,
+            max_delivery_attempts=inputs.max_delivery_attempts,
+        )
+        identity = Identity(
+            self,
+            "identity",
+            project=inputs.project,
+            name_prefix=inputs.name_prefix,
+            bucket=storage.bucket,
+            work_subscription=messaging.work_subscription,
+            events_topic=messaging.events_topic,
+            group_name=group_name,
+            instance_name_prefix=instance_name_prefix,
+            input_buckets=inputs.input_buckets,
+        )
+        network = Network(self, "network", name_prefix=inputs.name_prefix, region=inputs.region)
+        package = WorkerPackage(
+            self,
+            "worker_package",
+            bucket=storage.bucket,
+            repo=repo,
+            build_dir=build_dir or Path(App.of(self).outdir) / "worker-package",
+        )
+        compute = Compute(
+            self,
+            "compute",
+            name_prefix=inputs.name_prefix,
+            region=inputs.region,
+            zone=inputs.zone,
+            zones=inputs.zones,
+            group_name=group_name,
+            instance_name_prefix=instance_name_prefix,
+            machine_type=inputs.machine_type,
+            disk_size_gb=inputs.disk_size_gb,
+            spot=inputs.spot,
+            image_family=inputs.image_family,
+            image_project=inputs.image_project,
+            shard_count=inputs.shard_count,
+            subnetwork=network.subnetwork,
+            service_account_email=identity.service_account.email,
+            # Read by infra/scripts/startup.sh, which turns them into the worker's CFLOW_* env.
+            worker_metadata={
+                "cflow-project": inputs.project,
+                "cflow-region": inputs.region,
+                "cflow-zone": inputs.zone,
+                "cflow-group": group_name,
+                "cflow-bucket": storage.bucket.name,
+                "cflow-subscription": messaging.work_subscription.name,
+                "cflow-events-topic": messaging.events_topic.name,
+                "cflow-slots": Token.as_string(inputs.slots),
+                "cflow-idle-timeout": Token.as_string(inputs.idle_timeout),
+                "cflow-worker-package": package.url,
+                "cflow-worker-sha256": package.sha256,
+            },
+        )
+
+        outputs: dict[str, str] = {
+            "project": inputs.project,
+            "region": inputs.region,
+            "zone": inputs.zone,
+            "bucket": storage.bucket.name,
+            "work_topic": messaging.work_topic.name,
+            "work_subscription": messaging.work_subscription.name,
+            "events_topic": messaging.events_topic.name,
+            "events_subscription": messaging.events_subscription.name,
+            "dead_letter_topic": messaging.dead_letter_topic.name,
+            "dead_letter_subscription": messaging.dead_letter_subscription.name,
+            "group": group_name,
+            "group_scope": compute.group_scope,
+            "worker_service_account": identity.service_account.email,
+        }
+        for name, value in outputs.items():
+            depends = compute.groups if name in ("group", "group_scope") else None
+            TerraformOutput(self, name, value=value, depends_on=depends)
