@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from runner import runs
-from runner.fleet import Fleet
+from runner.fleet import Fleet, Instance
 from runner.policy import decide_scale
 from worker import defaults
 from worker.clock import SYSTEM_CLOCK, Clock
@@ -85,19 +85,21 @@ class Watcher:
     def poll(self) -> Snapshot:
         for event in self.events.pull(max_events=10_000):
             self._apply(event)
-        now = self.clock.monotonic()
-        for message in self.queue.dead_letters():
-            if message.run_id == self.run_id and runs.mark_dead_lettered(self.store, message):
-                self._last_reconcile = float("-inf")
-        if now - self._last_reconcile >= self.reconcile_seconds:
+        if self.clock.monotonic() - self._last_reconcile >= self.reconcile_seconds:
             self.reconcile()
-        snapshot = self.snapshot()
+        # One look at the fleet per poll: in the cloud each look is an API call.
+        instances = self.fleet.instances() if self.fleet is not None else []
+        snapshot = self.snapshot(instances)
         if self.fleet is not None:
-            self.scale(snapshot)
+            self.scale(snapshot, instances)
         return snapshot
 
     def reconcile(self) -> None:
+        """Replace the event-built view with the store's truth (and collect dead letters)."""
         self._last_reconcile = self.clock.monotonic()
+        for message in self.queue.dead_letters():
+            if message.run_id == self.run_id:
+                runs.mark_dead_lettered(self.store, message)
         self.manifest = runs.load_manifest(self.store, self.run_id)
         self.succeeded = runs.committed(self.store, self.run_id)
         self.failed = runs.failed(self.store, self.run_id) - self.succeeded
@@ -134,13 +136,15 @@ class Watcher:
         elif kind is EventKind.RETRYING:
             self.retried += 1
 
-    def snapshot(self) -> Snapshot:
+    def snapshot(self, instances: list[Instance] | None = None) -> Snapshot:
         now = self.clock.monotonic()
         done = len(self.succeeded) + len(self.failed)
         self._done_times.append((now, done))
         first_t, first_done = self._done_times[0]
         rate = (done - first_done) / (now - first_t) if now > first_t else 0.0
-        workers = len(self.fleet.instances()) if self.fleet is not None else 0
+        if instances is None:
+            instances = self.fleet.instances() if self.fleet is not None else []
+        workers = len(instances)
         return Snapshot(
             run_id=self.run_id,
             total=self.manifest.shard_count,
@@ -158,14 +162,16 @@ class Watcher:
     def busy_workers(self) -> set[str]:
         return set(self.running.values())
 
-    def scale(self, snapshot: Snapshot) -> None:
+    def scale(self, snapshot: Snapshot, instances: list[Instance] | None = None) -> None:
         assert self.fleet is not None
+        if instances is None:
+            instances = self.fleet.instances()
         outstanding = snapshot.total - snapshot.succeeded - snapshot.failed
         decision = decide_scale(
             outstanding=outstanding,
             max_workers=self.max_workers,
             slots=self.slots,
-            instances=self.fleet.instances(),
+            instances=instances,
             idle=self.idle,
             busy=self.busy_workers(),
         )
