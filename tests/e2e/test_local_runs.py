@@ -353,3 +353,79 @@ def test_retry_of_a_running_run_is_refused(cli: Cli, tmp_path: Path) -> None:
     result = cli("retry", run_id, "--failed")
     assert result.code == 2 and "still going" in result.stderr
     assert cli("cancel", run_id).code == 0
+
+
+def test_detach_then_watch_reattaches_and_finishes(cli: Cli, tmp_path: Path) -> None:
+    task = make_task(tmp_path / "t", SLEEPY_TASK)
+    params = _params(tmp_path / "p.jsonl", [{"sleep": 0.5}] * 4)
+    submitted = cli("submit", str(task), "--params", str(params), "--workers", "2", "--detach")
+    assert submitted.code == 0 and "runner watch" in submitted.stderr
+    watched = cli("watch", submitted.run_id)
+    assert watched.code == 0, watched.stderr
+    assert "4/4 shards succeeded" in watched.stderr
+    assert cli.status(submitted.run_id)["state"] == "finished"
+
+
+def test_ctrl_c_detaches_and_the_run_goes_on(cli: Cli, tmp_path: Path) -> None:
+    task = make_task(tmp_path / "t", SLEEPY_TASK)
+    params = _params(tmp_path / "p.jsonl", [{"sleep": 2}] * 3)
+    proc = cli.start("submit", str(task), "--params", str(params), "--workers", "2")
+    wait_for(cli.running_attempts, 30, "a running attempt")
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 1
+    run_id = out.strip()
+    assert f"runner watch {run_id}" in err
+    watched = cli("watch", run_id)  # the workers kept going without the runner
+    assert watched.code == 0, watched.stderr
+    assert cli.status(run_id)["counts"]["succeeded"] == 3
+
+
+def test_ctrl_c_with_cancel_on_interrupt_cancels(cli: Cli, tmp_path: Path) -> None:
+    task = make_task(tmp_path / "t", SLEEPY_TASK)
+    params = _params(tmp_path / "p.jsonl", [{"sleep": 30}] * 3)
+    proc = cli.start(
+        "submit", str(task), "--params", str(params), "--workers", "2", "--cancel-on-interrupt"
+    )
+    wait_for(cli.running_attempts, 30, "a running attempt")
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and "cancelled" in err
+    assert cli.status(out.strip())["state"] == "cancelled"
+    wait_for(lambda: not _alive(cli.workers()), 30, "workers to stop")
+
+
+def test_logs_follow_streams_a_running_shard(cli: Cli, tmp_path: Path) -> None:
+    task = make_task(
+        tmp_path / "t",
+        """
+        import time
+
+        def run(shard):
+            for i in range(4):
+                print("tick", i, flush=True)
+                time.sleep(0.5)
+    """,
+    )
+    run_id = cli("submit", str(task), "--shards", "1", "--detach").run_id
+    wait_for(cli.running_attempts, 30, "the shard to start")
+    followed = cli("logs", run_id, "--shard", "00000", "--follow", timeout=60)
+    assert followed.code == 0
+    assert [line for line in followed.stdout.splitlines() if line.startswith("tick")] == [
+        f"tick {i}" for i in range(4)
+    ]
+
+
+def test_idle_workers_are_stopped_while_a_slow_shard_runs(cli: Cli, tmp_path: Path) -> None:
+    task = make_task(tmp_path / "t", SLEEPY_TASK)
+    params = _params(tmp_path / "p.jsonl", [{"sleep": 6}, {"sleep": 0}, {"sleep": 0}])
+    proc = cli.start("submit", str(task), "--params", str(params), "--workers", "3")
+    wait_for(lambda: len(cli.workers()) == 3, 30, "three workers")
+
+    def shrunk_while_busy() -> bool:
+        busy = cli.running_attempts()
+        return bool(busy) and len(_alive(cli.workers())) == 1
+
+    wait_for(shrunk_while_busy, 30, "the fleet to shrink to the one busy worker")
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
