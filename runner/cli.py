@@ -17,7 +17,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from runner import config as config_mod
@@ -235,9 +235,7 @@ def _watch_and_finish(
 
 def _watch_live(watcher: Watcher) -> Snapshot:
     columns = (
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        TaskProgressColumn(),
+        BarColumn(bar_width=24),
         TextColumn(
             "{task.completed:.0f}/{task.total:.0f} done · [red]{task.fields[failed]} failed[/red]"
             " · {task.fields[running]} running · {task.fields[queued]} queued"
