@@ -28,7 +28,7 @@ from runner.combine import combine_run
 from runner.watch import Snapshot, Watcher
 from worker import defaults
 from worker.errors import CFlowError
-from worker.protocol import Layout, RunOptions, RunState, ShardState
+from worker.protocol import Layout, Manifest, RunOptions, RunState, ShardState
 from worker.store import Store
 
 app = typer.Typer(
@@ -62,6 +62,31 @@ DeploymentOpt = Annotated[
     ),
 ]
 RunArg = Annotated[str, typer.Argument(help="Run id (see `runner runs`).")]
+WorkersOpt = Annotated[
+    int | None,
+    typer.Option("--workers", min=1, help="Most workers at once [default: as submitted]."),
+]
+SlotsOpt = Annotated[
+    int | None,
+    typer.Option("--slots", min=1, max=256, help="Shards per worker [default: as submitted]."),
+]
+
+
+def _watcher(
+    dep: Deployment, manifest: Manifest, *, workers: int | None, slots: int | None, shards: int
+) -> Watcher:
+    """A watcher sized as the run was submitted, unless told otherwise."""
+    options = manifest.run_options
+    slots = slots or options.slots
+    return Watcher(
+        manifest=manifest,
+        store=dep.backends.store,
+        queue=dep.backends.queue,
+        events=dep.backends.events,
+        fleet=dep.fleet(slots=slots),
+        max_workers=min(workers or options.workers or dep.default_workers, shards),
+        slots=slots,
+    )
 
 
 @contextmanager
@@ -156,7 +181,13 @@ def submit(
         else:
             assert shard_count is not None
             source = shard_sources.from_count(shard_count)
-        options = RunOptions(max_attempts=max_attempts, timeout=timeout, stage=stage)
+        options = RunOptions(
+            max_attempts=max_attempts,
+            timeout=timeout,
+            stage=stage,
+            workers=workers or dep.default_workers,
+            slots=slots,
+        )
         published = 0
 
         def on_published(n: int) -> None:
@@ -177,7 +208,7 @@ def submit(
         )
         run_id = manifest.run_id
         out.print(run_id)
-        max_workers = min(workers or dep.default_workers, manifest.shard_count * 1)
+        max_workers = min(options.workers, manifest.shard_count)
         err.print(
             f"cflow: run {run_id}: {manifest.shard_count} shards, up to {max_workers} workers"
             f" x {slots} slots; store {store_.url(Layout.run_prefix(run_id))}"
@@ -305,23 +336,15 @@ def watch(
     local: LocalOpt = False,
     store: StoreOpt = None,
     deployment: DeploymentOpt = None,
-    workers: Annotated[int | None, typer.Option("--workers", min=1)] = None,
-    slots: Annotated[int, typer.Option("--slots", min=1)] = 1,
+    workers: WorkersOpt = None,
+    slots: SlotsOpt = None,
 ) -> None:
     """Re-attach to a run: live progress, scale-down, and combine when it ends."""
     with _deployment(local, store, deployment) as dep:
         manifest = runs.load_manifest(dep.backends.store, run_id)
         if manifest.state == RunState.CANCELLED.value:
             raise _fail(f"run {run_id} was cancelled; `runner retry {run_id} --failed` restarts it")
-        watcher = Watcher(
-            manifest=manifest,
-            store=dep.backends.store,
-            queue=dep.backends.queue,
-            events=dep.backends.events,
-            fleet=dep.fleet(slots=slots),
-            max_workers=min(workers or dep.default_workers, manifest.shard_count),
-            slots=slots,
-        )
+        watcher = _watcher(dep, manifest, workers=workers, slots=slots, shards=manifest.shard_count)
         code = _watch_and_finish(watcher, dep, cancel_on_interrupt=False, out_dir=None)
     raise typer.Exit(code)
 
@@ -455,8 +478,8 @@ def retry(
     failed_only: Annotated[
         bool, typer.Option("--failed", help="Re-enqueue the failed shards.")
     ] = False,
-    workers: Annotated[int | None, typer.Option("--workers", min=1)] = None,
-    slots: Annotated[int, typer.Option("--slots", min=1)] = 1,
+    workers: WorkersOpt = None,
+    slots: SlotsOpt = None,
     detach: Annotated[bool, typer.Option("--detach")] = False,
     local: LocalOpt = False,
     store: StoreOpt = None,
@@ -473,15 +496,7 @@ def retry(
             return
         err.print(f"cflow: retrying {len(retried)} shards of run {run_id}")
         manifest = runs.load_manifest(st, run_id)
-        watcher = Watcher(
-            manifest=manifest,
-            store=st,
-            queue=dep.backends.queue,
-            events=dep.backends.events,
-            fleet=dep.fleet(slots=slots),
-            max_workers=min(workers or dep.default_workers, len(retried)),
-            slots=slots,
-        )
+        watcher = _watcher(dep, manifest, workers=workers, slots=slots, shards=len(retried))
         if detach:
             watcher.poll()
             return

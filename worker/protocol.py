@@ -112,6 +112,8 @@ class RunOptions(_Record):
     max_attempts: int = defaults.MAX_ATTEMPTS
     timeout: float = defaults.ATTEMPT_TIMEOUT  # seconds per attempt
     stage: bool = True  # copy remote inputs to local scratch before the task runs
+    workers: int = 0  # most workers the runner runs at once (0: the backend's default)
+    slots: int = defaults.SLOTS  # shards per worker, so a re-attached runner sizes alike
 
 
 @dataclass(frozen=True)
