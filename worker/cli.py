@@ -36,10 +36,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--subscription", default=_env("SUBSCRIPTION"), help="work subscription")
     p.add_argument("--events-topic", default=_env("EVENTS_TOPIC"))
     p.add_argument(
+        "--work-topic",
+        default=_env("WORK_TOPIC"),
+        help="gcp: topic a failed shard is re-queued on [default: the subscription's topic]",
+    )
+    p.add_argument(
         "--group", default=_env("GROUP"), help="managed instance group to leave when idle"
     )
     p.add_argument("--zone", default=_env("ZONE"))
     p.add_argument("--region", default=_env("REGION"))
+    p.add_argument(
+        "--instance-zone",
+        default=_env("INSTANCE_ZONE"),
+        help="gcp: this VM's zone, to leave a regional group [default: --zone]",
+    )
     p.add_argument("--name", default=_env("WORKER_NAME") or f"{socket.gethostname()}-{os.getpid()}")
     p.add_argument("--slots", type=int, default=int(_env("SLOTS", str(defaults.SLOTS)) or 1))
     p.add_argument(
@@ -56,7 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--lease-seconds",
         type=float,
         default=float(_env("LEASE_SECONDS") or defaults.LEASE_SECONDS),
-        help="local backend: seconds a received shard stays hidden without a heartbeat",
+        help="seconds a received shard stays leased without a heartbeat (gcp: its ack deadline)",
     )
     p.add_argument(
         "--heartbeat",
@@ -83,6 +93,8 @@ def open_backends(args: argparse.Namespace) -> Backends:
         events_topic=args.events_topic,
         slots=args.slots,
         max_lease_seconds=None,
+        work_topic=args.work_topic,
+        lease_seconds=args.lease_seconds,
     )
 
 
@@ -129,4 +141,5 @@ def main(argv: list[str] | None = None) -> None:
             zone=args.zone,
             region=args.region,
             instance=args.name,
+            instance_zone=args.instance_zone,
         )

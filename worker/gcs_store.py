@@ -15,10 +15,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import google.cloud.storage as storage
 import google_crc32c
 import requests.adapters
 from google.api_core import exceptions as gexc
-from google.cloud import storage
 from google.cloud.storage.retry import DEFAULT_RETRY
 
 from worker.errors import BackendError, NotFound

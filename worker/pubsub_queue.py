@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from itertools import islice
 from typing import Any
 
+import google.cloud.pubsub_v1 as pubsub_v1
 from google.api_core import exceptions as gexc
-from google.cloud import pubsub_v1
 from google.cloud.pubsub_v1.subscriber.message import Message
 
 from worker import defaults

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.emulators import contract_backends
 from worker.backends import Backends, open_local
 
 Factory = Callable[[pytest.FixtureRequest, Path], Backends]
@@ -21,7 +22,7 @@ def _local(request: pytest.FixtureRequest, tmp_path: Path) -> Backends:
     return open_local(tmp_path / "store", lease_seconds=2.0, max_deliveries=3)
 
 
-FACTORIES: dict[str, Factory] = {"local": _local}
+FACTORIES: dict[str, Factory] = {"local": _local, "gcp": contract_backends}
 
 
 @pytest.fixture(params=sorted(FACTORIES))
