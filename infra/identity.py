@@ -43,6 +43,7 @@ class Identity(Construct):
         project: str,
         name_prefix: str,
         bucket: StorageBucket,
+        work_topic: PubsubTopic,
         work_subscription: PubsubSubscription,
         events_topic: PubsubTopic,
         group_name: str,
@@ -80,6 +81,22 @@ class Identity(Construct):
             "pulls_work",
             subscription=work_subscription.name,
             role="roles/pubsub.subscriber",
+            member=member,
+        )
+        # Reading the subscription tells a worker its topic when it was not given the topic.
+        PubsubSubscriptionIamMember(
+            self,
+            "reads_work_subscription",
+            subscription=work_subscription.name,
+            role="roles/pubsub.viewer",
+            member=member,
+        )
+        # A failed shard is re-published with its failure count, then the old message acked.
+        PubsubTopicIamMember(
+            self,
+            "requeues_work",
+            topic=work_topic.name,
+            role="roles/pubsub.publisher",
             member=member,
         )
         PubsubTopicIamMember(

@@ -8,7 +8,7 @@
 #
 # Instance metadata attributes read (set by infra/compute.py):
 #   cflow-project cflow-region cflow-zone (empty for a regional group) cflow-group cflow-bucket
-#   cflow-subscription cflow-events-topic cflow-slots cflow-idle-timeout
+#   cflow-work-topic cflow-subscription cflow-events-topic cflow-slots cflow-idle-timeout
 #   cflow-worker-package (gs:// URL of the worker wheel) cflow-worker-sha256
 #
 # Overrides, for tests only: CFLOW_PREFIX (root of every path written), CFLOW_METADATA_URL.
@@ -110,13 +110,14 @@ install_worker() {
 }
 
 main() {
-  local project region zone group bucket subscription events_topic slots idle_timeout
+  local project region zone group bucket work_topic subscription events_topic slots idle_timeout
   local package sha instance_name instance_zone wheel location env unit changed=0
   project="$(attribute cflow-project)"
   region="$(attribute cflow-region)"
   zone="$(attribute cflow-zone "")"
   group="$(attribute cflow-group)"
   bucket="$(attribute cflow-bucket)"
+  work_topic="$(attribute cflow-work-topic)"
   subscription="$(attribute cflow-subscription)"
   events_topic="$(attribute cflow-events-topic)"
   slots="$(attribute cflow-slots 1)"
@@ -140,6 +141,7 @@ main() {
   env="CFLOW_BACKEND=gcp
 CFLOW_PROJECT=$project
 CFLOW_BUCKET=$bucket
+CFLOW_WORK_TOPIC=$work_topic
 CFLOW_SUBSCRIPTION=$subscription
 CFLOW_EVENTS_TOPIC=$events_topic
 CFLOW_SLOTS=$slots

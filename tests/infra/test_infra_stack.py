@@ -61,6 +61,7 @@ WORKER_METADATA = {
     "cflow-zone",
     "cflow-group",
     "cflow-bucket",
+    "cflow-work-topic",
     "cflow-subscription",
     "cflow-events-topic",
     "cflow-slots",
@@ -165,12 +166,15 @@ def test_worker_rights_are_granted_on_the_resources(synth: Synth) -> None:
     bucket = synth.ref("google_storage_bucket", "name", force_destroy=True)
     work_sub = synth.ref("google_pubsub_subscription", "name", name="${var.name_prefix}-work")
     events = synth.ref("google_pubsub_topic", "name", name="${var.name_prefix}-events")
+    work = synth.ref("google_pubsub_topic", "name", name="${var.name_prefix}-work")
     role = synth.ref("google_project_iam_custom_role", "name", project="${var.project}")
     assert sorted(_worker_grants(synth)) == sorted(
         [
             ("google_storage_bucket_iam_member", bucket, "roles/storage.objectUser"),
             ("google_storage_bucket_iam_member", "${each.value}", "roles/storage.objectViewer"),
             ("google_pubsub_subscription_iam_member", work_sub, "roles/pubsub.subscriber"),
+            ("google_pubsub_subscription_iam_member", work_sub, "roles/pubsub.viewer"),
+            ("google_pubsub_topic_iam_member", work, "roles/pubsub.publisher"),
             ("google_pubsub_topic_iam_member", events, "roles/pubsub.publisher"),
             ("google_project_iam_member", "${var.project}", "roles/logging.logWriter"),
             ("google_project_iam_member", "${var.project}", role),
