@@ -11,7 +11,8 @@
 #   cflow-work-topic cflow-subscription cflow-events-topic cflow-slots cflow-idle-timeout
 #   cflow-worker-package (gs:// URL of the worker wheel) cflow-worker-sha256
 #
-# Overrides, for tests only: CFLOW_PREFIX (root of every path written), CFLOW_METADATA_URL.
+# Overrides, for tests only: CFLOW_PREFIX (root of every path written), CFLOW_METADATA_URL,
+# CFLOW_RETRY_SECONDS (back-off unit of the network steps).
 # Output goes to the serial console and Cloud Logging through the guest agent.
 set -euo pipefail
 
@@ -26,11 +27,23 @@ UNIT=cflow-worker.service
 UNIT_FILE="$PREFIX/etc/systemd/system/$UNIT"
 STATE_DIR=/var/lib/cflow # systemd's StateDirectory=cflow, owned by the worker's dynamic user
 STOP_TIMEOUT_SECONDS=20  # systemd SIGKILLs the worker after this; Spot preemption allows ~30 s
+RETRY_SECONDS="${CFLOW_RETRY_SECONDS:-10}"
 
 log() { echo "cflow-startup: $*" >&2; }
 die() {
   log "error: $*"
   exit 1
+}
+
+# retry COMMAND...: a network step (apt, download, pip) gets three more tries, backing off.
+retry() {
+  local attempt
+  for attempt in 1 2 3; do
+    "$@" && return 0
+    log "try $attempt failed: $*; again in $((attempt * RETRY_SECONDS)) s"
+    sleep "$((attempt * RETRY_SECONDS))"
+  done
+  "$@"
 }
 
 metadata() {
@@ -72,8 +85,9 @@ ensure_venv_support() {
     return
   fi
   log "installing python3-venv"
-  DEBIAN_FRONTEND=noninteractive apt-get -q update
-  DEBIAN_FRONTEND=noninteractive apt-get -q install -y python3-venv
+  export DEBIAN_FRONTEND=noninteractive
+  retry apt-get -q update
+  retry apt-get -q install -y python3-venv
 }
 
 # fetch_package URL SHA256: download the wheel once and verify it; prints its local path.
@@ -86,7 +100,7 @@ fetch_package() {
   fi
   mkdir -p "$(dirname "$dest")"
   log "downloading $url"
-  gcloud storage cp --quiet "$url" "$dest.part" >&2
+  retry gcloud storage cp --quiet "$url" "$dest.part" >&2
   echo "$sha  $dest.part" | sha256sum --check --status ||
     die "worker package $url does not match its SHA-256 $sha"
   mv -f "$dest.part" "$dest"
@@ -105,7 +119,7 @@ install_worker() {
     python3 -m venv "$VENV"
   fi
   log "installing $(basename "$wheel") and its dependencies"
-  "$VENV/bin/python" -m pip install --disable-pip-version-check --no-input --quiet "$wheel"
+  retry "$VENV/bin/python" -m pip install --disable-pip-version-check --no-input --quiet "$wheel"
   touch "$stamp"
 }
 

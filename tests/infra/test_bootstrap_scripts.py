@@ -98,9 +98,11 @@ SHIMS = {
 echo "systemctl $*" >>"$CFLOW_TEST_CALLS"
 if [[ "$1" == stop && -n "${FAKE_STOP_SECONDS:-}" ]]; then sleep "$FAKE_STOP_SECONDS"; fi
 """,
-    # `gcloud storage cp [--quiet] gs://BUCKET/OBJECT DEST` from a local directory of buckets.
+    # `gcloud storage cp [--quiet] gs://BUCKET/OBJECT DEST` from a local directory of buckets;
+    # the first FAKE_GCLOUD_FAILURES calls fail, like a network that is not up yet.
     "gcloud": """#!/bin/bash
 echo "gcloud $*" >>"$CFLOW_TEST_CALLS"
+if (( $(grep -c '^gcloud' "$CFLOW_TEST_CALLS") <= ${FAKE_GCLOUD_FAILURES:-0} )); then exit 1; fi
 args=()
 for a in "$@"; do [[ "$a" == --* ]] || args+=("$a"); done
 [[ "${args[0]} ${args[1]}" == "storage cp" ]] || exit 2
@@ -192,6 +194,7 @@ def _vm(root: Path, metadata: FakeMetadata, wheel: Wheel, *, zone: str = "") -> 
         "FAKE_GCS": str(gcs),
         "PIP_NO_INDEX": "1",
         "PIP_NO_DEPS": "1",
+        "CFLOW_RETRY_SECONDS": "0",
     }
     return Vm(root=root, calls_file=calls, env=env)
 
@@ -277,6 +280,17 @@ def test_startup_refuses_a_package_that_does_not_match_its_hash(
     assert "does not match its SHA-256" in result.stderr
     assert not (vm.root / "opt/cflow/venv").exists()
     assert not [c for c in vm.calls if c.startswith("systemctl")]
+
+
+def test_startup_retries_a_failed_download(
+    tmp_path: Path, metadata: FakeMetadata, wheel: Wheel
+) -> None:
+    vm = _vm(tmp_path / "root", metadata, wheel)
+    metadata.attributes["cflow-worker-sha256"] = "0" * 64  # stop after the download
+    result = vm.run(STARTUP, FAKE_GCLOUD_FAILURES="2")
+    assert [c.split()[:3] for c in vm.calls] == [["gcloud", "storage", "cp"]] * 3
+    assert "try 2 failed" in result.stderr
+    assert "does not match its SHA-256" in result.stderr  # the third try got the file
 
 
 def test_startup_names_a_missing_attribute(
