@@ -1,0 +1,117 @@
+"""Fixtures for the Google Cloud backends: emulators, fresh resources, the fake Compute API."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests import emulators
+from tests.gcp.fake_compute import FakeCompute, Spawn
+from worker.backends import Backends
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def deployment() -> emulators.Deployment:
+    """Fresh topics, subscriptions and bucket on the emulators (started on first use)."""
+    return emulators.new_deployment()
+
+
+@pytest.fixture
+def gcp_backends(deployment: emulators.Deployment) -> Iterator[Backends]:
+    backends = emulators.open_backends(deployment)
+    try:
+        yield backends
+    finally:
+        backends.close()
+
+
+MakeCompute = Callable[..., FakeCompute]
+
+
+@pytest.fixture
+def fake_compute(monkeypatch: pytest.MonkeyPatch) -> Iterator[MakeCompute]:
+    """Start fake Compute APIs (``make(spawn=..., group=...)``); the last one is the endpoint."""
+    started: list[FakeCompute] = []
+
+    def make(*, spawn: Spawn, group: str = "cflow-workers", **kwargs: Any) -> FakeCompute:
+        fake = FakeCompute(project=emulators.PROJECT, group=group, spawn=spawn, **kwargs).start()
+        monkeypatch.setenv("CFLOW_COMPUTE_ENDPOINT", fake.endpoint)
+        started.append(fake)
+        return fake
+
+    yield make
+    for fake in started:
+        fake.stop()
+
+
+def worker_env(endpoint: str, **extra: str) -> dict[str, str]:
+    """The environment of a worker process on the emulators and the fake Compute API."""
+    env = {**os.environ, **emulators.emulators().env, "CFLOW_COMPUTE_ENDPOINT": endpoint}
+    for name in ("CFLOW_STORE", "CFLOW_DEPLOYMENT", "CFLOW_BACKEND"):
+        env.pop(name, None)
+    env.update({"PYTHONPATH": str(REPO), "CFLOW_LOG_LEVEL": "INFO", **extra})
+    return env
+
+
+def worker_spawner(
+    d: emulators.Deployment,
+    *,
+    logs: Path,
+    group: str,
+    zone: str,
+    endpoint: Callable[[], str],
+    idle_timeout: float = 60.0,
+    extra_args: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
+) -> Spawn:
+    """``spawn(name)`` for a fake group: a real ``python -m worker --backend gcp`` process."""
+    logs.mkdir(parents=True, exist_ok=True)
+
+    def spawn(name: str) -> subprocess.Popen[Any]:
+        with (logs / f"{name}.log").open("ab") as log:
+            return subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "worker",
+                    "--backend",
+                    "gcp",
+                    "--project",
+                    d.project,
+                    "--bucket",
+                    d.bucket,
+                    "--subscription",
+                    d.work_subscription,
+                    "--work-topic",
+                    d.work_topic,
+                    "--events-topic",
+                    d.events_topic,
+                    "--group",
+                    group,
+                    "--zone",
+                    zone,
+                    "--name",
+                    name,
+                    "--idle-timeout",
+                    str(idle_timeout),
+                    "--scratch",
+                    str(logs / "scratch" / name),
+                    *extra_args,
+                ],
+                # The task inherits the worker's environment: it can tell who runs it.
+                env=worker_env(endpoint(), CFLOW_WORKER_NAME=name, **(env or {})),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    return spawn

@@ -1,0 +1,187 @@
+"""Whole runs through the ``runner`` CLI on the emulators, with real workers in a fake group.
+
+The fake Compute API "creates" each VM by starting ``python -m worker --backend gcp``, recreates
+a VM whose process dies (a Spot preemption), and "deletes" by SIGTERM.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.e2e.conftest import make_task, wait_for
+from tests.emulators import Deployment
+from tests.gcp.conftest import MakeCompute, worker_env, worker_spawner
+from tests.gcp.fake_compute import FakeCompute
+
+pytestmark = [pytest.mark.e2e, pytest.mark.emulator]
+
+ZONE = "us-central1-a"
+GROUP = "cflow-workers"
+SHARDS = 200
+FLAKY, POISON = 7, 13
+LONG = {25, 50, 75, 100, 125, 150, 175}  # long enough to catch their worker busy
+
+TASK = f"""
+import os, time
+from pathlib import Path
+
+def run(shard):
+    i = shard.index
+    if i == {POISON}:
+        raise RuntimeError("poison shard: always fails")
+    if i == {FLAKY} and shard.attempt == 1:
+        raise RuntimeError("flaky shard: fails its first attempt")
+    if i in {sorted(LONG)!r}:
+        marks = Path(os.environ["MARK_DIR"])
+        (marks / f"{{os.environ['CFLOW_WORKER_NAME']}}.{{i}}.{{shard.attempt}}").touch()
+        time.sleep(4)
+    else:
+        time.sleep(0.02)
+    (Path(shard.output_dir) / "index.txt").write_text(f"{{i}}\\n")
+"""
+
+
+class Cloud:
+    """The runner CLI pointed at one emulated deployment and its fake group."""
+
+    def __init__(self, d: Deployment, fake: FakeCompute, workdir: Path):
+        self.fake = fake
+        self.workdir = workdir
+        outputs = workdir / "cflow-outputs.json"
+        outputs.write_text(json.dumps(d.outputs(zone=ZONE, group=GROUP)))
+        self.env = worker_env(fake.endpoint, CFLOW_BACKEND="gcp", CFLOW_DEPLOYMENT=str(outputs))
+
+    def argv(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "runner", *args]
+
+    def run(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            self.argv(*args),
+            cwd=self.workdir,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    def start(self, *args: str) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            self.argv(*args),
+            cwd=self.workdir,
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    def status(self, run_id: str) -> dict[str, Any]:
+        result = self.run("status", run_id, "--json")
+        assert result.returncode == 0, result.stderr
+        data: dict[str, Any] = json.loads(result.stdout)
+        return data
+
+
+def _cloud(d: Deployment, fake_compute: MakeCompute, tmp_path: Path, **spawn_args: Any) -> Cloud:
+    holder: dict[str, str] = {}
+    spawn = worker_spawner(
+        d,
+        logs=tmp_path / "vms",
+        group=GROUP,
+        zone=ZONE,
+        endpoint=lambda: holder["endpoint"],
+        **spawn_args,
+    )
+    fake = fake_compute(spawn=spawn, group=GROUP, zone=ZONE)
+    holder["endpoint"] = fake.endpoint
+    return Cloud(d, fake, tmp_path)
+
+
+def _busy(marks: Path, exclude: set[str]) -> str:
+    """A worker that has just started a long shard (and is not in ``exclude``)."""
+
+    def find() -> str | None:
+        for mark in sorted(marks.iterdir(), key=lambda p: p.stat().st_mtime, reverse=True):
+            name = mark.name.split(".")[0]
+            if name not in exclude and time.time() - mark.stat().st_mtime < 2:
+                return name
+        return None
+
+    found: str = wait_for(find, 90, "a busy worker")
+    return found
+
+
+def test_run_survives_preemption_a_killed_worker_a_flaky_and_a_poison_shard(
+    deployment: Deployment, fake_compute: MakeCompute, tmp_path: Path
+) -> None:
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    cloud = _cloud(
+        deployment,
+        fake_compute,
+        tmp_path,
+        env={"MARK_DIR": str(marks)},
+        extra_args=("--lease-seconds", "10", "--heartbeat", "2"),
+    )
+    task = make_task(tmp_path / "task", TASK)
+    submit = cloud.start(
+        "submit", str(task), "--shards", str(SHARDS), "--workers", "4", "--max-attempts", "2"
+    )
+    try:
+        preempted = _busy(marks, set())
+        cloud.fake.live()[preempted].send_signal(signal.SIGTERM)  # how Spot preemption begins
+        killed = _busy(marks, {preempted})
+        cloud.fake.live()[killed].send_signal(signal.SIGKILL)  # a VM that vanishes
+        stdout, stderr = submit.communicate(timeout=180)
+    finally:
+        if submit.poll() is None:
+            submit.kill()
+    assert submit.returncode == 1, stderr  # one shard failed
+    run_id = stdout.strip().splitlines()[0]
+
+    status = cloud.status(run_id)
+    assert status["counts"]["succeeded"] == SHARDS - 1, stderr
+    assert status["counts"]["failed"] == 1
+    shards = {s["index"]: s for s in status["shards"]}
+    assert shards[POISON]["state"] == "failed"
+    assert "poison" in (cloud.run("logs", run_id, "--shard", shards[POISON]["id"]).stdout)
+    assert [a["state"] for a in shards[FLAKY]["attempts"]][0] == "failed"
+    assert shards[FLAKY]["state"] == "succeeded"
+    states = [a["state"] for s in shards.values() for a in s["attempts"]]
+    assert "preempted" in states, "the SIGTERMed worker records its attempt preempted"
+    assert set(cloud.fake.preempted) >= {preempted, killed}  # both were recreated
+
+    # Every good shard committed exactly once: the combined output has each index once.
+    combined = cloud.run("combine", run_id, "--out", str(tmp_path / "combined"))
+    assert combined.returncode == 0, combined.stderr
+    lines = (tmp_path / "combined" / "index.txt").read_text().split()
+    assert sorted(map(int, lines)) == [i for i in range(SHARDS) if i != POISON]
+
+    # The group ends at zero, only ever by deleting instances by name.
+    wait_for(cloud.fake.is_empty, 30, "the group at zero")
+    assert cloud.fake.live() == {}
+    assert not cloud.fake.resized_down()
+
+
+def test_idle_workers_leave_the_group_by_themselves(
+    deployment: Deployment, fake_compute: MakeCompute, tmp_path: Path
+) -> None:
+    cloud = _cloud(deployment, fake_compute, tmp_path, idle_timeout=1.0)
+    task = make_task(tmp_path / "task", "def run(shard):\n    pass\n")
+    result = cloud.run("submit", str(task), "--shards", "3", "--workers", "2", "--detach")
+    assert result.returncode == 0, result.stderr
+    wait_for(lambda: cloud.fake.resizes, 10, "the group grown")
+    # Nobody deletes them: the workers finish the run, idle out and delete their own VMs.
+    wait_for(cloud.fake.is_empty, 60, "workers gone")
+    run_id = result.stdout.strip()
+    assert cloud.status(run_id)["counts"]["succeeded"] == 3
+    assert not cloud.fake.resized_down()
+    logs = "".join(p.read_text() for p in (tmp_path / "vms").glob("*.log"))
+    assert logs.count("left group") == 2
