@@ -35,6 +35,7 @@ class Storage(Construct):
     ) -> None:
         super().__init__(scope, id)
         default_name = f"{project}-{name_prefix}"
+        # `length < 1`, not `== ""`: cdktf 0.21 renders a "" or 0 operand as `undefined`.
         self.bucket = StorageBucket(
             self,
             "bucket",
