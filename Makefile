@@ -15,6 +15,9 @@ $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	# checkov pins packaging<24, which pytest cannot live with: it gets a venv of its own.
+	python3 -m venv .venv-checkov
+	.venv-checkov/bin/python -m pip install -q --disable-pip-version-check checkov==3.3.30
 	touch $@
 
 demo: $(STAMP)
