@@ -548,3 +548,33 @@ def list_runs(
         err.print("cflow: no runs yet")
         return
     out.print(table)
+
+
+@app.command()
+def doctor(
+    as_json: Annotated[bool, typer.Option("--json", help="JSON on stdout.")] = False,
+    local: LocalOpt = False,
+    store: StoreOpt = None,
+    deployment: DeploymentOpt = None,
+) -> None:
+    """Check the deployment: credentials, bucket, topics, subscriptions and instance group."""
+    cfg = config_mod.resolve(local=local, store_dir=store, deployment_file=deployment)
+    if cfg.is_local:
+        err.print(f"cflow: {cfg.describe()}; no Google Cloud deployment to check")
+        return
+    from runner.doctor import Check, run_checks  # the cloud clients load only when needed
+
+    err.print(f"cflow: checking {cfg.describe()}")
+
+    def show(check: Check) -> None:
+        mark = "[green]ok[/green]  " if check.ok else "[red]FAIL[/red]"
+        err.print(f"  {mark} {check.name}: {check.detail}")
+
+    checks = run_checks(cfg, on_check=show)
+    if as_json:
+        out.print_json(json.dumps([c.to_dict() for c in checks]))
+    failed = [c for c in checks if not c.ok]
+    if failed:
+        err.print(f"cflow: {len(failed)} of {len(checks)} checks failed; fix them and run again")
+        raise typer.Exit(EXIT_FAILED)
+    err.print("cflow: the deployment is ready")

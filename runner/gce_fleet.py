@@ -129,6 +129,16 @@ class GceFleet(Fleet):
 
     # -- the Fleet interface -------------------------------------------------------------
 
+    def exists(self) -> bool:
+        """Whether the group exists (other errors, such as a missing permission, raise)."""
+        try:
+            self._managers.get(request=self._request())
+        except gexc.NotFound:
+            return False
+        except gexc.GoogleAPICallError as exc:
+            raise BackendError(f"could not read {self.describe}: {exc.message}") from None
+        return True
+
     def target_size(self) -> int:
         """How many instances the group is asked to keep."""
         return int(self._call("read", "get").target_size)

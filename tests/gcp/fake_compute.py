@@ -63,7 +63,8 @@ class Group:
 
     @property
     def self_link(self) -> str:
-        return f"{BASE}/projects/{self.project}/{self.scope}/{self.where}/instanceGroupManagers/{self.name}"
+        where = f"{BASE}/projects/{self.project}/{self.scope}/{self.where}"
+        return f"{where}/instanceGroupManagers/{self.name}"
 
     def instance_zone(self) -> str:
         return self.where if self.scope == "zones" else f"{self.where}-b"
