@@ -28,6 +28,7 @@ LIST_PAGE_SIZE = 1000  # objects per listing page (the API's maximum)
 HTTP_POOL_SIZE = 32  # connections kept per host; one client serves every slot of a worker
 _MAX_SIMPLE_UPLOAD = 8 * 1024 * 1024  # bytes; above this the library switches to resumable
 _GLOB_CHARS = frozenset("*?[]{}\\")
+_WRITES = ("write", "upload", "create")
 
 
 def parse_gs_uri(uri: str) -> tuple[str, str]:
@@ -258,7 +259,8 @@ class GcsStore(Store):
         except gexc.PreconditionFailed:
             raise
         except gexc.NotFound as exc:
-            if "bucket does not exist" in str(exc).lower():
+            # A write can only 404 for want of a bucket; a read says which one is missing.
+            if action in _WRITES or "bucket does not exist" in str(exc).lower():
                 raise BackendError(
                     f"bucket gs://{bucket or self.bucket_name} does not exist; check the "
                     "deployment's bucket (`runner doctor`)"

@@ -349,14 +349,10 @@ class Inbox:
         self._buffer: deque[Message] = deque()
         self._cond = threading.Condition()
         self._future: Future[Any] | None = None
-        self._closing = False
 
     def _on_message(self, message: Message) -> None:
         with self._cond:
-            if self._closing:
-                message.nack()
-                return
-            self._buffer.append(message)
+            self._buffer.append(message)  # while closing too: close() returns them all
             self._cond.notify_all()
 
     def _start(self) -> None:
@@ -386,18 +382,27 @@ class Inbox:
         return taken
 
     def close(self) -> None:
-        with self._cond:
-            self._closing = True
-            left = list(self._buffer)
-            self._buffer.clear()
-        for message in left:  # hand them to the next runner instead of waiting out a deadline
-            message.nack()
+        """End the stream and give back what was not taken, for the next reader at once."""
         if self._future is not None:
             self._future.cancel()
             # Cancelled, or failed earlier: either way the stream is over.
             with contextlib.suppress(Exception):
                 self._future.result(timeout=30)
             self._future = None
+        with self._cond:
+            left = [m.ack_id for m in self._buffer]
+            self._buffer.clear()
+        # Nacked only now, by a plain call: nacked while the stream was still open, they went
+        # straight back to this closing stream and waited out their deadline.
+        for start in range(0, len(left), ACK_IDS_PER_CALL):
+            try:
+                self.subscriber.modify_ack_deadline(
+                    subscription=self.subscription,
+                    ack_ids=left[start : start + ACK_IDS_PER_CALL],
+                    ack_deadline_seconds=0,
+                )
+            except gexc.GoogleAPICallError as exc:
+                log.warning("could not give back %d messages: %s", len(left), exc)
 
 
 class PubSubEvents(EventBus):

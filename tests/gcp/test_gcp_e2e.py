@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.conftest import make_task, wait_for
+from tests.e2e.conftest import make_inputs, make_task, wait_for
 from tests.emulators import Deployment
 from tests.gcp.conftest import MakeCompute, worker_env, worker_spawner
 from tests.gcp.fake_compute import FakeCompute
@@ -46,6 +46,15 @@ def run(shard):
     else:
         time.sleep(0.02)
     (Path(shard.output_dir) / "index.txt").write_text(f"{{i}}\\n")
+"""
+
+
+COPY_TASK = """
+import shutil
+from pathlib import Path
+
+def run(shard):
+    shutil.copyfile(shard.input, Path(shard.output_dir) / "rows.csv")
 """
 
 
@@ -174,8 +183,11 @@ def test_idle_workers_leave_the_group_by_themselves(
     deployment: Deployment, fake_compute: MakeCompute, tmp_path: Path
 ) -> None:
     cloud = _cloud(deployment, fake_compute, tmp_path, idle_timeout=1.0)
-    task = make_task(tmp_path / "task", "def run(shard):\n    pass\n")
-    result = cloud.run("submit", str(task), "--shards", "3", "--workers", "2", "--detach")
+    task = make_task(tmp_path / "task", COPY_TASK)
+    inputs = make_inputs(tmp_path / "data", ["a.csv", "b b.csv", "c.csv"])
+    result = cloud.run(
+        "submit", str(task), "--inputs", str(inputs / "*.csv"), "--workers", "2", "--detach"
+    )
     assert result.returncode == 0, result.stderr
     wait_for(lambda: cloud.fake.resizes, 10, "the group grown")
     # Nobody deletes them: the workers finish the run, idle out and delete their own VMs.
@@ -185,3 +197,12 @@ def test_idle_workers_leave_the_group_by_themselves(
     assert not cloud.fake.resized_down()
     logs = "".join(p.read_text() for p in (tmp_path / "vms").glob("*.log"))
     assert logs.count("left group") == 2
+    # The local inputs were uploaded to the run's prefix and streamed to the workers.
+    combined = cloud.run("combine", run_id, "--out", str(tmp_path / "combined"))
+    assert combined.returncode == 0, combined.stderr
+    rows = (tmp_path / "combined" / "rows.csv").read_text().splitlines()
+    assert rows[0] == "id,value" and len(rows) == 1 + 3 * 3
+    assert (
+        f"gs://{deployment.bucket}/runs/{run_id}/inputs/"
+        in cloud.status(run_id)["shards"][0]["input"]
+    )
