@@ -148,6 +148,14 @@ def start_emulators() -> Emulators:
     return Emulators(f"127.0.0.1:{ps_port}", f"http://127.0.0.1:{gcs_port}", procs, logdir)
 
 
+def adopt(started: Emulators) -> None:
+    """Use emulators started elsewhere (a benchmark) as this process's emulators."""
+    global _started
+    with _lock:
+        _started = started
+        os.environ.update(started.env)
+
+
 def emulators() -> Emulators:
     """The process-wide emulators, started on first use; skips (or fails under CI) if absent."""
     global _started, _failure
