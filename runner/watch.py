@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 
 from runner import runs
 from runner.fleet import Fleet, Instance
-from runner.policy import decide_scale
+from runner.policy import Stragglers, decide_scale
 from worker import defaults
 from worker.clock import SYSTEM_CLOCK, Clock
-from worker.protocol import Event, EventKind, Manifest, RunState
+from worker.protocol import Event, EventKind, Manifest, RunState, WorkMessage
 from worker.queue import EventBus, WorkQueue
 from worker.store import Store
 
@@ -65,6 +65,7 @@ class Watcher:
     clock: Clock = SYSTEM_CLOCK
     reconcile_seconds: float = defaults.RECONCILE_SECONDS
     on_event: Callable[[Event], None] | None = None
+    speculate: bool = False  # back up stragglers once nothing is queued (policy.Stragglers)
 
     succeeded: set[str] = field(default_factory=set)
     failed: set[str] = field(default_factory=set)
@@ -77,6 +78,7 @@ class Watcher:
         self._started = self.clock.monotonic()
         self._last_reconcile = float("-inf")
         self._done_times: deque[tuple[float, int]] = deque(maxlen=64)
+        self.stragglers = Stragglers()
 
     @property
     def run_id(self) -> str:
@@ -120,6 +122,8 @@ class Watcher:
         if event.run_id != self.run_id or event.shard_id is None:
             return
         shard = event.shard_id
+        if self.speculate:
+            self.stragglers.saw(kind, shard, event.worker, self.clock.monotonic())
         if kind is EventKind.STARTED:
             self.running[shard] = event.worker
             self.idle.discard(event.worker)
@@ -167,6 +171,8 @@ class Watcher:
         if instances is None:
             instances = self.fleet.instances()
         outstanding = snapshot.total - snapshot.succeeded - snapshot.failed
+        if self.speculate:
+            outstanding += self._speculate(snapshot)
         decision = decide_scale(
             outstanding=outstanding,
             max_workers=self.max_workers,
@@ -181,6 +187,22 @@ class Watcher:
             log.info("scaling down: deleting idle %s", ", ".join(decision.delete))
             self.fleet.delete(decision.delete)
             self.idle.difference_update(decision.delete)
+
+    def _speculate(self, snapshot: Snapshot) -> int:
+        """Once nothing is queued, publish backup attempts of stragglers (first commit wins)
+        and release workers whose attempt lost; returns how many backups wait for a worker."""
+        busy = self.busy_workers()
+        losers = self.stragglers.take_losers() - busy
+        if losers and self.fleet is not None:
+            log.info("speculation: releasing %s (their attempts lost)", ", ".join(sorted(losers)))
+            self.fleet.delete(sorted(losers))
+        if snapshot.queued == 0:
+            picked = set(self.stragglers.pick(self.clock.monotonic(), self.running))
+            if picked:
+                log.info("speculating: backup attempts of %s", ", ".join(sorted(picked)))
+                backups = [s for s in runs.iter_shards(self.store, self.run_id) if s.id in picked]
+                self.queue.publish(WorkMessage(self.run_id, s.to_dict()) for s in backups)
+        return len(self.stragglers.waiting)
 
     def watch(
         self,
