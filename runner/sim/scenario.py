@@ -1,0 +1,210 @@
+"""One simulated run, end to end: submit, the runner's own watch loop, drain, and the bill.
+
+:func:`simulate` submits a run with :func:`runner.runs.create_run` into an in-memory store and a
+simulated Pub/Sub subscription, then hands control to :meth:`runner.watch.Watcher.watch` with a
+:class:`~runner.sim.clock.SimClock`: every ``clock.sleep`` between the runner's polls runs the
+simulated fleet up to the next poll. When the watcher says the run is done, the runner drains
+the fleet as ``runner submit`` does, and the simulation goes on until the last VM is gone.
+"""
+
+from __future__ import annotations
+
+import random
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from runner import runs
+from runner.shards import from_count
+from runner.sim.clock import RunnerMeter, SimClock
+from runner.sim.fleet import SimFleet
+from runner.sim.ledger import Fate, Ledger, Sample
+from runner.sim.pubsub import SimEvents, SimPubSub
+from runner.sim.store import MemoryStore
+from runner.sim.worker import SCRATCH
+from runner.sim.workload import Shards, Workload
+from runner.sim.world import VmModel, World
+from runner.watch import Watcher
+from worker import defaults
+from worker.agent import AgentConfig
+from worker.protocol import RunOptions
+from worker.queue import WorkQueue
+
+QueueFactory = Callable[[SimClock], WorkQueue]
+TASK_PY = "def run(shard):\n    pass\n"  # bundled for the manifest; the simulator runs nothing
+DRAIN_TIMEOUT = 30.0  # seconds runner submit waits for the fleet to go after the run
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """A run to simulate: the work, the fleet and the runner's settings."""
+
+    name: str
+    workload: Workload
+    max_workers: int
+    vm: VmModel = field(default_factory=VmModel)
+    slots: int = 1
+    max_attempts: int = defaults.MAX_ATTEMPTS
+    timeout: float = defaults.ATTEMPT_TIMEOUT
+    idle_timeout: float | None = defaults.IDLE_TIMEOUT
+    poll_seconds: float = defaults.WATCH_POLL_SECONDS
+    reconcile_seconds: float = defaults.RECONCILE_SECONDS
+    duplicate_rate: float = 0.0  # Pub/Sub redelivers this share of acked messages anyway
+    speculate: bool = False
+    seed: int = 0
+    horizon: float = 48 * 3600.0  # virtual seconds before the simulation gives up
+    trace_every: int = 0  # tracemalloc every n-th poll of the runner (0: never)
+
+
+@dataclass
+class Result:
+    scenario: Scenario
+    makespan: float  # submit until the runner saw every shard committed or failed
+    last_commit: float
+    zero_at: float  # the last VM gone
+    lower_bound: float
+    billed: float  # VM-seconds
+    work: float  # VM-seconds of attempts running, whatever their fate
+    useful: float  # VM-seconds of the attempts that committed
+    drained_at: float
+    idle_after_drain: float  # billed VM-seconds with nothing running, after the drain
+    shards: int
+    committed: int
+    failed: int
+    lost: list[str]  # shards neither committed nor failed: must be empty
+    double_commits: list[str]  # shards with more than one winning attempt: must be empty
+    fates: dict[str, int]
+    fleet: dict[str, int]
+    queue: dict[str, int]
+    samples: list[Sample]
+    ledger: Ledger
+    meter: RunnerMeter | None
+    store_lists: int
+    store_keys_listed: int
+    polls: int
+    wall_seconds: float
+
+    @property
+    def ratio(self) -> float:
+        return self.makespan / self.lower_bound
+
+    @property
+    def efficiency(self) -> float:
+        return self.work / self.billed if self.billed else 0.0
+
+    @property
+    def idle_fraction(self) -> float:
+        return self.idle_after_drain / self.billed if self.billed else 0.0
+
+
+def simulate(scenario: Scenario, *, queue_factory: QueueFactory | None = None) -> Result:
+    """Run one scenario to the end and account for every shard and VM-second."""
+    wall = time.perf_counter()
+    sc = scenario
+    meter = RunnerMeter(trace_every=sc.trace_every)
+    clock = SimClock(horizon=sc.horizon, meter=meter)
+    rng = random.Random(sc.seed)
+    store = MemoryStore()
+    queue = (
+        queue_factory(clock)
+        if queue_factory is not None
+        else SimPubSub(clock, duplicate_rate=sc.duplicate_rate, rng=random.Random(rng.random()))
+    )
+    events = SimEvents(clock)
+    shards = Shards(sc.workload, random.Random(rng.random()))
+    ledger = Ledger()
+    agent = AgentConfig(name="", scratch=SCRATCH, slots=sc.slots, idle_timeout=sc.idle_timeout)
+    world = World(clock, queue, store, events, shards, ledger, rng, sc.vm, agent)
+    fleet = SimFleet(world)
+
+    with tempfile.TemporaryDirectory(prefix="cflow-sim-") as tmp:
+        task = Path(tmp) / "task"
+        task.mkdir()
+        (task / "task.py").write_text(TASK_PY)
+        manifest = runs.create_run(
+            store=store,
+            queue=queue,
+            task_dir=task,
+            shards=from_count(sc.workload.shards),
+            options=RunOptions(max_attempts=sc.max_attempts, timeout=sc.timeout),
+            clock=clock,
+        )
+    parallel = sc.max_workers * sc.slots
+    lower_bound = max(sc.vm.ready_seconds + shards.longest_seconds, shards.total_seconds / parallel)
+    _sample_every(world, fleet, max(1.0, lower_bound / 300))
+
+    watcher = Watcher(
+        manifest=manifest,
+        store=store,
+        queue=queue,
+        events=events,
+        fleet=fleet,
+        max_workers=sc.max_workers,
+        slots=sc.slots,
+        clock=clock,
+        reconcile_seconds=sc.reconcile_seconds,
+        speculate=sc.speculate,
+    )
+    meter.runner_resumes()
+    watcher.watch(poll_seconds=sc.poll_seconds)
+    makespan = clock.now
+    watcher.drain_fleet(timeout=DRAIN_TIMEOUT)
+    meter.runner_pauses(clock.now)
+    clock.meter = None
+    clock.run_while(lambda: fleet.size > 0, step=1.0)
+    end = clock.now
+
+    committed = runs.committed(store, manifest.run_id)
+    failed = runs.failed(store, manifest.run_id) - committed
+    ids = {str(m["id"]) for m in _shard_dicts(sc.workload.shards)}
+    winners: dict[str, int] = {}
+    for a in ledger.attempts:
+        if a.fate is Fate.COMMITTED:
+            winners[a.shard] = winners.get(a.shard, 0) + 1
+    commits = [a.end for a in ledger.attempts if a.fate is Fate.COMMITTED]
+    pubsub = queue if isinstance(queue, SimPubSub) else None
+    drained = pubsub.drained_at if pubsub is not None and pubsub.drained_at is not None else end
+    return Result(
+        scenario=sc,
+        makespan=makespan,
+        last_commit=max(commits, default=0.0),
+        zero_at=end,
+        lower_bound=lower_bound,
+        billed=ledger.billed_seconds(end),
+        work=ledger.busy_seconds(),
+        useful=ledger.work_seconds(Fate.COMMITTED),
+        drained_at=drained,
+        idle_after_drain=ledger.idle_after(drained, end),
+        shards=sc.workload.shards,
+        committed=len(committed),
+        failed=len(failed),
+        lost=sorted(ids - committed - failed),
+        double_commits=sorted(s for s, n in winners.items() if n > 1),
+        fates={f.value: ledger.count(f) for f in Fate},
+        fleet=dict(fleet.counts),
+        queue=dict(pubsub.counts) if pubsub is not None else {},
+        samples=ledger.samples,
+        ledger=ledger,
+        meter=meter,
+        store_lists=store.list_calls,
+        store_keys_listed=store.keys_listed,
+        polls=meter.polls,
+        wall_seconds=time.perf_counter() - wall,
+    )
+
+
+def _shard_dicts(count: int) -> list[dict[str, object]]:
+    return [s.to_dict() for s in from_count(count)]
+
+
+def _sample_every(world: World, fleet: SimFleet, seconds: float) -> None:
+    queue = world.queue
+
+    def sample() -> None:
+        backlog = queue.backlog if isinstance(queue, SimPubSub) else 0
+        world.ledger.samples.append(Sample(world.clock.now, fleet.billed(), fleet.busy(), backlog))
+        world.clock.after(seconds, sample)
+
+    world.clock.at(0.0, sample)
