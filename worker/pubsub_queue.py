@@ -115,6 +115,8 @@ class PubSubQueue(WorkQueue):
         self.before_publish: Callable[[], None] | None = None  # e.g. wait for staged inputs
         self._owns_subscriber = subscriber is None
         self._subscriber = subscriber
+        if subscriber is None and (subscription or dead_letter_subscription):
+            self._subscriber = pubsub_v1.SubscriberClient()  # shared by every slot's thread
         self._publisher = publisher
         self._lock = threading.Lock()
         self._leases: dict[str, _Lease] = {}
@@ -222,7 +224,10 @@ class PubSubQueue(WorkQueue):
     def _lease_all(self, received: Sequence[Any]) -> list[Delivery]:
         ack_ids = [r.ack_id for r in received]
         # Set our own deadline at once: the subscription's may be shorter than a leaser period.
-        self._modify(ack_ids, self.lease_seconds)
+        try:
+            self._modify(ack_ids, self.lease_seconds)
+        except gexc.GoogleAPICallError as exc:  # the leaser tries again within a period
+            log.warning("could not lease %d received messages: %s", len(ack_ids), exc)
         now = self.clock.monotonic()
         out = []
         with self._lock:
@@ -254,14 +259,13 @@ class PubSubQueue(WorkQueue):
         self._modify([lease.ack_id], 0)
 
     def extend(self, delivery: Delivery, seconds: float) -> None:
-        """The leaser renews the message; past ``max_lease_seconds`` only these calls do."""
+        """Ask the leaser to keep the message ``seconds`` more, even past ``max_lease_seconds``.
+
+        No call of its own: the leaser renews every held message in one batched call.
+        """
         lease: _Lease = delivery.handle
-        now = self.clock.monotonic()
         with self._lock:
-            lease.wanted_until = max(lease.wanted_until, now + seconds)
-            beyond_max = now - lease.received >= self.max_lease_seconds
-        if beyond_max:
-            self._modify([lease.ack_id], self.lease_seconds)
+            lease.wanted_until = max(lease.wanted_until, self.clock.monotonic() + seconds)
 
     def _start_leaser(self) -> None:
         if self._leaser is None:
