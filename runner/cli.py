@@ -156,6 +156,13 @@ def submit(
         float | None,
         typer.Option("--idle-timeout", min=1, help="Seconds an idle worker waits before leaving."),
     ] = None,
+    speculate: Annotated[
+        bool,
+        typer.Option(
+            "--speculate",
+            help="Near the end, run a backup attempt of stragglers; the first to commit wins.",
+        ),
+    ] = False,
     local: LocalOpt = False,
     store: StoreOpt = None,
     deployment: DeploymentOpt = None,
@@ -222,6 +229,7 @@ def submit(
             fleet=fleet,
             max_workers=max_workers,
             slots=slots,
+            speculate=speculate,
         )
         if detach:
             watcher.poll()  # starts the workers
