@@ -21,7 +21,7 @@ from runner.shards import from_count
 from runner.sim.clock import RunnerMeter, SimClock
 from runner.sim.fleet import SimFleet
 from runner.sim.ledger import Fate, Ledger, Sample
-from runner.sim.pubsub import SimEvents, SimPubSub
+from runner.sim.pubsub import RETRY_MIN_BACKOFF, SimEvents, SimPubSub
 from runner.sim.store import MemoryStore
 from runner.sim.worker import SCRATCH
 from runner.sim.workload import Shards, Workload
@@ -64,7 +64,8 @@ class Result:
     makespan: float  # submit until the runner saw every shard committed or failed
     last_commit: float
     zero_at: float  # the last VM gone
-    lower_bound: float
+    lower_bound: float  # max(median VM ready time + longest shard, total work / parallelism)
+    redo_bound: float  # also: no shard ends before its last interrupted attempt + a full rerun
     billed: float  # VM-seconds
     work: float  # VM-seconds of attempts running, whatever their fate
     useful: float  # VM-seconds of the attempts that committed
@@ -82,6 +83,7 @@ class Result:
     ledger: Ledger
     meter: RunnerMeter | None
     store_lists: int
+    store_objects: int
     store_keys_listed: int
     polls: int
     wall_seconds: float
@@ -172,6 +174,7 @@ def simulate(scenario: Scenario, *, queue_factory: QueueFactory | None = None) -
         last_commit=max(commits, default=0.0),
         zero_at=end,
         lower_bound=lower_bound,
+        redo_bound=_redo_bound(ledger, shards, sc.workload.shards, lower_bound),
         billed=ledger.billed_seconds(end),
         work=ledger.busy_seconds(),
         useful=ledger.work_seconds(Fate.COMMITTED),
@@ -190,9 +193,23 @@ def simulate(scenario: Scenario, *, queue_factory: QueueFactory | None = None) -
         meter=meter,
         store_lists=store.list_calls,
         store_keys_listed=store.keys_listed,
+        store_objects=len(store),
         polls=meter.polls,
         wall_seconds=time.perf_counter() - wall,
     )
+
+
+def _redo_bound(ledger: Ledger, shards: Shards, count: int, lower_bound: float) -> float:
+    """The lower bound, knowing when preemptions struck: a shard whose attempt was cut off at
+    ``t`` cannot commit before ``t`` plus Pub/Sub's minimum retry backoff plus a full rerun,
+    even with an idle worker waiting for it."""
+    index = {str(s["id"]): int(str(s["index"])) for s in _shard_dicts(count)}
+    won = {a.shard: a.start for a in ledger.attempts if a.fate is Fate.COMMITTED}
+    bound = lower_bound
+    for a in ledger.attempts:
+        if a.fate in (Fate.PREEMPTED, Fate.LOST) and won.get(a.shard, -1.0) >= a.end:
+            bound = max(bound, a.end + RETRY_MIN_BACKOFF + shards.base[index[a.shard]])
+    return bound
 
 
 def _shard_dicts(count: int) -> list[dict[str, object]]:
