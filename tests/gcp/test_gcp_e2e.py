@@ -9,14 +9,13 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.e2e.conftest import make_inputs, make_task, wait_for
+from tests.e2e.conftest import Cli, make_inputs, make_task, wait_for
 from tests.emulators import Deployment
 from tests.gcp.conftest import MakeCompute, worker_env, worker_spawner
 from tests.gcp.fake_compute import FakeCompute
@@ -58,18 +57,15 @@ def run(shard):
 """
 
 
-class Cloud:
+class Cloud(Cli):
     """The runner CLI pointed at one emulated deployment and its fake group."""
 
     def __init__(self, d: Deployment, fake: FakeCompute, workdir: Path):
+        super().__init__(workdir)
         self.fake = fake
-        self.workdir = workdir
         outputs = workdir / "cflow-outputs.json"
         outputs.write_text(json.dumps(d.outputs(zone=ZONE, group=GROUP)))
         self.env = worker_env(fake.endpoint, CFLOW_BACKEND="gcp", CFLOW_DEPLOYMENT=str(outputs))
-
-    def argv(self, *args: str) -> list[str]:
-        return [sys.executable, "-m", "runner", *args]
 
     def run(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -80,22 +76,6 @@ class Cloud:
             text=True,
             timeout=timeout,
         )
-
-    def start(self, *args: str) -> subprocess.Popen[str]:
-        return subprocess.Popen(
-            self.argv(*args),
-            cwd=self.workdir,
-            env=self.env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-
-    def status(self, run_id: str) -> dict[str, Any]:
-        result = self.run("status", run_id, "--json")
-        assert result.returncode == 0, result.stderr
-        data: dict[str, Any] = json.loads(result.stdout)
-        return data
 
 
 def _cloud(d: Deployment, fake_compute: MakeCompute, tmp_path: Path, **spawn_args: Any) -> Cloud:
