@@ -24,6 +24,7 @@ class Deployment:
     lister: RemoteLister | None = None
     stage_input: InputStager | None = None
     default_workers: int = 4
+    poll_seconds: float = defaults.WATCH_POLL_SECONDS  # the watch loop's pace (an API call each)
     closers: list[Callable[[], None]] = field(default_factory=list)
 
     def fleet(self, *, slots: int = defaults.SLOTS, idle_timeout: float | None = None) -> Fleet:

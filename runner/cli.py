@@ -86,6 +86,7 @@ def _watcher(
         fleet=dep.fleet(slots=slots),
         max_workers=min(workers or options.workers or dep.default_workers, shards),
         slots=slots,
+        speculate=options.speculate,
     )
 
 
@@ -194,6 +195,7 @@ def submit(
             stage=stage,
             workers=workers or dep.default_workers,
             slots=slots,
+            speculate=speculate,
         )
         published = 0
 
@@ -247,7 +249,7 @@ def _watch_and_finish(
     run_id = watcher.run_id
     store = dep.backends.store
     try:
-        snapshot = _watch_live(watcher)
+        snapshot = _watch_live(watcher, dep.poll_seconds)
     except KeyboardInterrupt:
         if cancel_on_interrupt:
             runs.cancel(store, dep.backends.queue, run_id)
@@ -272,7 +274,7 @@ def _watch_and_finish(
     return EXIT_FAILED if snapshot.failed else 0
 
 
-def _watch_live(watcher: Watcher) -> Snapshot:
+def _watch_live(watcher: Watcher, poll_seconds: float) -> Snapshot:
     columns = (
         BarColumn(bar_width=24),
         TextColumn(
@@ -306,7 +308,7 @@ def _watch_live(watcher: Watcher) -> Snapshot:
                 eta=_duration(s.eta) if s.eta is not None else "-",
             )
 
-        return watcher.watch(on_update=update)
+        return watcher.watch(on_update=update, poll_seconds=poll_seconds)
 
 
 def _duration(seconds: float) -> str:

@@ -30,6 +30,7 @@ from worker.pubsub_queue import PubSubEvents, PubSubQueue
 log = logging.getLogger("cflow.runner")
 
 DEFAULT_WORKERS = 10  # VMs a run may use when --workers is not given
+POLL_SECONDS = 2.0  # the watch loop lists the group once per poll: an API call each
 UPLOAD_THREADS = 8  # local inputs uploaded at once
 UPLOADS_IN_FLIGHT = 64  # uploads queued or running before staging waits for them
 
@@ -138,5 +139,6 @@ def open_gcp_deployment(config: Config, *, clock: Clock = SYSTEM_CLOCK) -> Deplo
         lister=GcsLister(store),
         stage_input=stager,
         default_workers=DEFAULT_WORKERS,
+        poll_seconds=POLL_SECONDS,
         closers=[stager.close, subscriber.close],
     )

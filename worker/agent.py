@@ -107,6 +107,7 @@ class Agent:
         self._executors: dict[str, Executor] = {}
         self._setup_lock = threading.Lock()
         self.completed = 0  # attempts finished (any outcome), for tests and reports
+        self._last_finished = float("-inf")
 
     # -- the loop --------------------------------------------------------------------------
 
@@ -144,8 +145,8 @@ class Agent:
                     continue
                 with self._lock:
                     busy = self._busy
+                    last_active = max(last_active, self._last_finished)
                 if busy:
-                    last_active = self.clock.monotonic()
                     continue
                 if not announced_idle:
                     self._emit(EventKind.IDLE)
@@ -181,6 +182,7 @@ class Agent:
             with self._lock:
                 self._busy -= 1
                 self.completed += 1
+                self._last_finished = self.clock.monotonic()  # idle time counts from here
                 self._lock.notify_all()
 
     # -- one attempt -----------------------------------------------------------------------
@@ -224,8 +226,9 @@ class Agent:
             )
             self.queue.ack(delivery)
             return None
-        if delivery.delivery_attempt > 1 and self.store.exists(Layout.result(run_id, shard_id)):
-            self.queue.ack(delivery)  # committed by an attempt whose ack was lost
+        maybe_done = delivery.delivery_attempt > 1 or message.backup
+        if maybe_done and self.store.exists(Layout.result(run_id, shard_id)):
+            self.queue.ack(delivery)  # committed by an attempt whose ack was lost, or backed up
             return None
         attempt, started = self._claim(
             run_id, shard_id, message.failures + delivery.delivery_attempt

@@ -114,6 +114,7 @@ class RunOptions(_Record):
     stage: bool = True  # copy remote inputs to local scratch before the task runs
     workers: int = 0  # most workers the runner runs at once (0: the backend's default)
     slots: int = defaults.SLOTS  # shards per worker, so a re-attached runner sizes alike
+    speculate: bool = False  # back up stragglers near the end (a re-attached runner too)
 
 
 @dataclass(frozen=True)
@@ -159,6 +160,7 @@ class WorkMessage(_Record):
     run_id: str
     shard: dict[str, Any]
     failures: int = 0
+    backup: bool = False  # a speculative copy of a straggler: skipped if already committed
 
     @property
     def shard_record(self) -> Shard:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import textwrap
+import time
 from pathlib import Path
 
 from worker.agent import Agent, AgentConfig
@@ -118,3 +119,41 @@ def test_missing_bundle_fails_the_shard_with_a_reason(tmp_path: Path) -> None:
     _agent(b, tmp_path).run()
     failure = ShardFailure.from_json(b.store.get(Layout.failure(m.run_id, "a")))
     assert "task bundle" in failure.reason and "missing" in failure.reason
+
+
+def test_idle_timeout_counts_from_the_last_finished_attempt(tmp_path: Path) -> None:
+    """A worker busy for longer than its idle timeout must not leave the moment it is done."""
+    from worker.clock import FakeClock
+
+    _setup(tmp_path, [Shard(id="a", index=0)])
+    clock = FakeClock(start=time.time())  # the message was published on the real clock
+    b = open_local(tmp_path / "store", clock=clock)  # the queue waits on the same fake clock
+    agent = Agent(
+        queue=b.queue,
+        store=b.store,
+        events=b.events,
+        clock=clock,
+        config=AgentConfig(name="w", scratch=tmp_path / "s", idle_timeout=30, poll_seconds=1.0),
+    )
+    original = agent._attempt
+
+    def slow_attempt(delivery):  # type: ignore[no-untyped-def]
+        clock.advance(100)  # the shard takes 100 s of (fake) time, past the idle timeout
+        original(delivery)
+
+    agent._attempt = slow_attempt  # type: ignore[method-assign]
+    start = clock.monotonic()
+    assert agent.run().startswith("idle")
+    # it waited its full idle timeout after the 100 s shard, not 0 s
+    assert clock.monotonic() - start >= 130
+
+
+def test_a_backup_of_a_committed_shard_is_skipped(tmp_path: Path) -> None:
+    shard = Shard(id="a", index=0)
+    b, m = _setup(tmp_path, [shard])
+    _agent(b, tmp_path).run()
+    b.queue.publish([WorkMessage(run_id=m.run_id, shard=shard.to_dict(), backup=True)])
+    _agent(b, tmp_path).run()
+    claims = list(b.store.list(Layout.shard_prefix(m.run_id, "a"), suffix="status.json"))
+    assert len(claims) == 1  # the backup never claimed an attempt
+    assert b.queue.stats().queued == 0
