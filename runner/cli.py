@@ -479,7 +479,10 @@ def cancel(
     """Stop a run: queued shards are dropped, running ones stopped."""
     with _deployment(local, store, deployment) as dep:
         dropped = runs.cancel(dep.backends.store, dep.backends.queue, run_id)
-    err.print(f"cflow: run {run_id} cancelled ({dropped} queued shards dropped)")
+    dropped_note = (
+        f"{dropped} queued shards dropped" if dropped else "workers drop its queued shards"
+    )
+    err.print(f"cflow: run {run_id} cancelled ({dropped_note}; running ones stop within a minute)")
 
 
 @app.command()

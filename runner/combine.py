@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from runner import runs
-from worker.bundle import UnpackedBundle, inspect_task, unpack
+from worker.bundle import UnpackedBundle, inspect_task, install_requirements, unpack
 from worker.errors import CFlowError, NotFound, TaskError
 from worker.executor import _WORKER_PATH
 from worker.protocol import Entry, Layout, Manifest, ShardResult
@@ -111,10 +111,11 @@ def _task_folder(store: Store, manifest: Manifest, work: Path) -> UnpackedBundle
         raise TaskError(
             f"task bundle {manifest.bundle[:12]} is missing", run_id=manifest.run_id
         ) from None
-    bundle = unpack(data, manifest.bundle, work / "bundle")
+    bundle = unpack(data, manifest.bundle, work / "bundle", install=False)
     if not inspect_task(bundle.root).has_combine:
-        return None
-    return bundle
+        return None  # plain concatenation: the task's requirements are not needed here
+    deps = install_requirements(bundle.root, work / "bundle")
+    return UnpackedBundle(bundle.sha256, bundle.root, deps)
 
 
 def _user_combine(bundle: UnpackedBundle, inputs: list[Path], out: Path) -> None:

@@ -8,6 +8,7 @@ instances by name, never by blindly lowering a size (which can kill a busy VM).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import signal
@@ -83,7 +84,7 @@ class LocalFleet(Fleet):
         live = []
         for name, pid in sorted(self._entries().items()):
             proc = self._procs.get(name)
-            alive = proc.poll() is None if proc is not None else _alive(pid)
+            alive = proc.poll() is None if proc is not None else self._alive(name, pid)
             if alive:
                 live.append(Instance(name, "stopping" if name in self._stopping else "running"))
             else:
@@ -151,19 +152,26 @@ class LocalFleet(Fleet):
             time.sleep(0.05)
         return True
 
+    def _alive(self, name: str, pid: int) -> bool:
+        return _is_worker(pid, self.root, name)
+
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         """Send a signal to one worker (tests and demos of preemption)."""
         pid = self._entries().get(name)
-        if pid is not None:
+        if pid is not None and (name in self._procs or self._alive(name, pid)):
             os.kill(pid, sig)
 
 
-def _alive(pid: int) -> bool:
+def _is_worker(pid: int, store: Path, name: str) -> bool:
+    """Whether ``pid`` is still this store's worker ``name`` (and not a reused pid)."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as fh:
-            cmdline = fh.read()
+            argv = fh.read().split(b"\0")
         with open(f"/proc/{pid}/stat", "rb") as fh:
             zombie = fh.read().rsplit(b")", 1)[-1].split()[0] == b"Z"
     except OSError:
         return False
-    return b"worker" in cmdline and not zombie
+    if zombie:
+        return False
+    flags = dict(itertools.pairwise(argv))  # "--store" -> its value, ...
+    return flags.get(b"--store") == str(store).encode() and flags.get(b"--name") == name.encode()

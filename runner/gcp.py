@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+import google.auth.exceptions
 import google.cloud.pubsub_v1 as pubsub_v1
 
 from runner.backends import Deployment
@@ -110,8 +111,14 @@ def open_gcp_deployment(config: Config, *, clock: Clock = SYSTEM_CLOCK) -> Deplo
     project, bucket = config.project, config.bucket
     if not project or not bucket or not config.group:
         raise ConfigError("the Google Cloud backend needs a project, a bucket and a group")
-    store = GcsStore(bucket, client=make_client(project))
-    subscriber = pubsub_v1.SubscriberClient()
+    try:
+        store = GcsStore(bucket, client=make_client(project))
+        subscriber = pubsub_v1.SubscriberClient()
+    except google.auth.exceptions.DefaultCredentialsError:
+        raise ConfigError(
+            "no Google Cloud credentials; run `gcloud auth application-default login`"
+            " (or use --local)"
+        ) from None
     queue = PubSubQueue(
         project=project,
         topic=config.work_topic,

@@ -17,7 +17,7 @@ from pathlib import Path
 from worker import defaults
 from worker.bundle import inspect_task, pack
 from worker.clock import SYSTEM_CLOCK, Clock
-from worker.errors import NotFound, RunNotFound, RunStateError
+from worker.errors import BackendError, NotFound, RunNotFound, RunStateError
 from worker.protocol import (
     AttemptStatus,
     Layout,
@@ -80,7 +80,19 @@ def create_run(
         )
         store.put(Layout.manifest(run_id), manifest.to_json())
         messages = (WorkMessage(run_id=run_id, shard=s.to_dict()) for s in _read_shards(listing))
-        _publish(queue, messages, on_published)
+        try:
+            _publish(queue, messages, on_published)
+        except BaseException as exc:
+            # Half a run must not look like a run in progress: cancel what went out.
+            save_manifest(store, manifest.with_state(RunState.CANCELLED))
+            queue.purge(run_id)
+            if isinstance(exc, Exception):
+                raise BackendError(
+                    f"publishing the shards of run {run_id} failed ({exc}); the run is cancelled,"
+                    " submit again",
+                    run_id=run_id,
+                ) from exc
+            raise
     return manifest
 
 
@@ -273,6 +285,8 @@ def retry(store: Store, queue: WorkQueue, run_id: str) -> list[str]:
 def mark_dead_lettered(store: Store, message: WorkMessage) -> bool:
     """Record a dead-lettered shard as failed unless it committed; True if newly failed."""
     run_id, shard_id = message.run_id, message.shard_id
+    if not is_valid_run_id(run_id) or not store.exists(Layout.manifest(run_id)):
+        return False  # not a run of this store: nothing to record
     if store.exists(Layout.result(run_id, shard_id)) or store.exists(
         Layout.failure(run_id, shard_id)
     ):

@@ -71,6 +71,7 @@ class Watcher:
     succeeded: set[str] = field(default_factory=set)
     failed: set[str] = field(default_factory=set)
     running: dict[str, str] = field(default_factory=dict)  # shard -> worker
+    elsewhere: dict[tuple[str, str], str] = field(default_factory=dict)  # other runs' shards
     idle: set[str] = field(default_factory=set)
     preempted: int = 0
     retried: int = 0
@@ -106,9 +107,8 @@ class Watcher:
         """
         started = time.perf_counter()
         self._last_reconcile = self.clock.monotonic()
-        for message in self.queue.dead_letters():
-            if message.run_id == self.run_id:
-                runs.mark_dead_lettered(self.store, message)
+        for message in self.queue.dead_letters():  # taken off the queue: record every run's
+            runs.mark_dead_lettered(self.store, message)
         self.manifest = runs.load_manifest(self.store, self.run_id)
         self.succeeded = runs.committed(self.store, self.run_id)
         self.failed = runs.failed(self.store, self.run_id) - self.succeeded
@@ -128,7 +128,17 @@ class Watcher:
         if kind is EventKind.STOPPED:
             self.idle.discard(event.worker)
             return
-        if event.run_id != self.run_id or event.shard_id is None:
+        if event.shard_id is None:
+            return
+        if event.run_id != self.run_id:
+            # Workers are shared by every run of a deployment: one busy with another run's shard
+            # must not be scaled away by this one.
+            key = (event.run_id or "", event.shard_id)
+            if kind is EventKind.STARTED:
+                self.elsewhere[key] = event.worker
+                self.idle.discard(event.worker)
+            else:
+                self.elsewhere.pop(key, None)
             return
         shard = event.shard_id
         if self.speculate:
@@ -173,7 +183,8 @@ class Watcher:
         )
 
     def busy_workers(self) -> set[str]:
-        return set(self.running.values())
+        """Workers running a shard of this run or, as far as this watcher saw, of another."""
+        return set(self.running.values()) | set(self.elsewhere.values())
 
     def scale(self, snapshot: Snapshot, instances: list[Instance] | None = None) -> None:
         assert self.fleet is not None

@@ -21,7 +21,6 @@ import dataclasses
 import logging
 import shutil
 import threading
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -206,6 +205,11 @@ class Agent:
             self._upload_log(run_id, shard.id, attempt, log_path)
             if outcome.state is AttemptState.SUCCEEDED:
                 outcome = self._commit(run_id, shard.id, attempt, started, out_dir)
+        except Exception as exc:
+            # The attempt is claimed: record it and count it, so a shard whose outputs cannot be
+            # stored fails within its budget instead of looping until it is dead-lettered.
+            log.exception("attempt %d of shard %s failed inside the worker", attempt, shard.id)
+            outcome = _Outcome(AttemptState.FAILED, None, f"worker error: {exc}")
         finally:
             if direct is None:
                 shutil.rmtree(work, ignore_errors=True)
@@ -217,6 +221,9 @@ class Agent:
         message = delivery.message
         run_id, shard_id = message.run_id, message.shard_id
         manifest = self._manifest(run_id)
+        if manifest is None or manifest.state != RunState.ACTIVE.value:
+            # A drop cannot be undone: make sure with a fresh read (a retried run is active again).
+            manifest = self._manifest(run_id, fresh=True)
         if manifest is None or manifest.state != RunState.ACTIVE.value:
             log.info(
                 "dropping shard %s of %s run %s",
@@ -435,10 +442,10 @@ class Agent:
         if self.store.local_path(key) is None and log_path.is_file():
             self.store.put_file(key, log_path)
 
-    def _manifest(self, run_id: str) -> Manifest | None:
+    def _manifest(self, run_id: str, *, fresh: bool = False) -> Manifest | None:
         now = self.clock.monotonic()
         cached = self._manifests.get(run_id)
-        if cached is not None and now - cached[1] < self.config.manifest_ttl:
+        if not fresh and cached is not None and now - cached[1] < self.config.manifest_ttl:
             return cached[0]
         try:
             manifest: Manifest | None = Manifest.from_json(self.store.get(Layout.manifest(run_id)))
@@ -489,6 +496,3 @@ def _describe_exit(code: int) -> str:
     if code < 0:
         return f"killed by signal {-code}"
     return f"exited with code {code}"
-
-
-StopHook = Callable[[], None]

@@ -113,8 +113,9 @@ class UnpackedBundle:
         return os.pathsep.join(parts)
 
 
-def unpack(data: bytes, sha256: str, cache: Path) -> UnpackedBundle:
-    """Verify and unpack a bundle into ``cache/<sha256>`` once, safe across processes."""
+def unpack(data: bytes, sha256: str, cache: Path, *, install: bool = True) -> UnpackedBundle:
+    """Verify and unpack a bundle into ``cache/<sha256>`` once, safe across processes, and
+    (with ``install``) install its requirements."""
     actual = hashlib.sha256(data).hexdigest()
     if actual != sha256:
         raise TaskError(f"task bundle {sha256[:12]} is corrupt (its sha256 is {actual[:12]})")
@@ -129,7 +130,8 @@ def unpack(data: bytes, sha256: str, cache: Path) -> UnpackedBundle:
             (tmp / ".complete").touch()
             shutil.rmtree(target, ignore_errors=True)
             tmp.rename(target)
-    return UnpackedBundle(sha256, target, install_requirements(target, cache))
+    deps = install_requirements(target, cache) if install else None
+    return UnpackedBundle(sha256, target, deps)
 
 
 def install_requirements(task_root: Path, cache: Path) -> Path | None:

@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.backend == "gcp" and reason.startswith("idle") and args.group:
         from worker.gcp import leave_group
 
-        leave_group(
+        left = leave_group(
             project=args.project,
             group=args.group,
             zone=args.zone,
@@ -143,3 +143,7 @@ def main(argv: list[str] | None = None) -> None:
             instance=args.name,
             instance_zone=args.instance_zone,
         )
+        if not left:
+            # Exit non-zero so systemd restarts the agent, which tries again after its next
+            # idle period: a VM whose worker simply ended would bill on with nothing to do.
+            sys.exit(1)

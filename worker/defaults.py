@@ -8,7 +8,6 @@ LEASE_SECONDS = 60.0  # local queue visibility timeout; extended while a task ru
 HEARTBEAT_SECONDS = 10.0  # how often a running attempt extends its lease and uploads its log
 LOG_UPLOAD_SECONDS = 15.0  # how often a running attempt's log is uploaded to a remote store
 MAX_DELIVERIES = 10  # deliveries before a message is dead-lettered (messages that kill workers)
-RETRY_DELAY_SECONDS = 1.0  # delay before a failed shard is offered again
 IDLE_TIMEOUT = 300.0  # seconds a worker may sit idle before it removes itself
 POLL_SECONDS = 0.5  # how long an idle worker waits for work per receive call
 MANIFEST_TTL = 30.0  # seconds a worker trusts a cached run manifest (cancellation latency)

@@ -274,6 +274,8 @@ class GcsStore(Store):
             ) from None
         except gexc.GoogleAPICallError as exc:
             raise BackendError(f"could not {action} {where}: {exc.message}") from None
+        except gexc.GoogleAPIError as exc:  # RetryError: the retries ran out (a long outage)
+            raise BackendError(f"could not {action} {where}: {exc}") from None
 
 
 def _content_type(key: str) -> str | None:

@@ -305,7 +305,6 @@ class Layout:
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 RUN_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{2,62}$")
-SHARD_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,80}$")
 
 
 def slug(text: str, limit: int = 40) -> str:

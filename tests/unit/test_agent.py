@@ -157,3 +157,37 @@ def test_a_backup_of_a_committed_shard_is_skipped(tmp_path: Path) -> None:
     claims = list(b.store.list(Layout.shard_prefix(m.run_id, "a"), suffix="status.json"))
     assert len(claims) == 1  # the backup never claimed an attempt
     assert b.queue.stats().queued == 0
+
+
+def test_a_store_failure_after_the_claim_counts_as_a_failed_attempt(tmp_path: Path) -> None:
+    b, m = _setup(tmp_path, [Shard(id="a", index=0)], max_attempts=2)
+    real_create = b.store.create
+
+    def create(key: str, data: bytes) -> bool:
+        if key.endswith("/result.json"):
+            raise OSError("disk full")
+        return real_create(key, data)
+
+    b.store.create = create  # type: ignore[method-assign]
+    _agent(b, tmp_path).run()
+    failure = ShardFailure.from_json(b.store.get(Layout.failure(m.run_id, "a")))
+    assert failure.failures == 2 and "worker error: disk full" in failure.reason
+    statuses = [
+        AttemptStatus.from_json(b.store.get(k)).state
+        for k in b.store.list(Layout.shard_prefix(m.run_id, "a"), suffix="status.json")
+    ]
+    assert statuses == ["failed", "failed"]  # recorded, not left "running"
+
+
+def test_a_cached_cancelled_manifest_is_checked_again_before_dropping(tmp_path: Path) -> None:
+    """cancel, then retry at once: a worker that cached the cancelled state must not drop
+    the retried shards (a drop acks the message: it would be lost)."""
+    shard = Shard(id="a", index=0)
+    b, m = _setup(tmp_path, [shard])
+    b.store.put(Layout.manifest(m.run_id), m.with_state(RunState.CANCELLED).to_json())
+    agent = _agent(b, tmp_path)
+    agent.run()  # drops the queued message and caches the cancelled manifest
+    b.store.put(Layout.manifest(m.run_id), m.to_json())  # `runner retry` made it active again
+    b.queue.publish([WorkMessage(run_id=m.run_id, shard=shard.to_dict())])
+    agent.run()
+    assert b.store.exists(Layout.result(m.run_id, "a"))
