@@ -104,6 +104,7 @@ class Agent:
         self._manifests: dict[str, tuple[Manifest | None, float]] = {}
         self._bundles: dict[str, UnpackedBundle] = {}
         self._executors: dict[str, Executor] = {}
+        self._last_bundle: str | None = None
         self._setup_lock = threading.Lock()
         self.completed = 0  # attempts finished (any outcome), for tests and reports
         self._last_finished = float("-inf")
@@ -150,6 +151,7 @@ class Agent:
                 if not announced_idle:
                     self._emit(EventKind.IDLE)
                     announced_idle = True
+                    self._trim_executors()
                 if cfg.burst:
                     reason = "queue empty"
                     break
@@ -454,8 +456,16 @@ class Agent:
         self._manifests[run_id] = (manifest, now)
         return manifest
 
+    def _trim_executors(self) -> None:
+        """With nothing running, close the task hosts of every bundle but the last one used:
+        a long-lived VM serving many versions of a task keeps one imported copy, not all."""
+        with self._setup_lock:
+            for sha in [sha for sha in self._executors if sha != self._last_bundle]:
+                self._executors.pop(sha).close()
+
     def _executor(self, manifest: Manifest) -> Executor:
         with self._setup_lock:
+            self._last_bundle = manifest.bundle
             executor = self._executors.get(manifest.bundle)
             if executor is None:
                 bundle = self._bundles.get(manifest.bundle)

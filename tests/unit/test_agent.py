@@ -191,3 +191,23 @@ def test_a_cached_cancelled_manifest_is_checked_again_before_dropping(tmp_path: 
     b.queue.publish([WorkMessage(run_id=m.run_id, shard=shard.to_dict())])
     agent.run()
     assert b.store.exists(Layout.result(m.run_id, "a"))
+
+
+def test_an_idle_worker_keeps_only_the_last_task_host(tmp_path: Path) -> None:
+    b, _ = _setup(tmp_path, [Shard(id="a", index=0)])
+    agent = _agent(b, tmp_path)
+    agent.run()
+    task2 = tmp_path / "task2"
+    task2.mkdir()
+    (task2 / "task.py").write_text("def run(shard):\n    pass\n")
+    data, sha = pack(task2)
+    b.store.put(Layout.bundle(sha), data)
+    second = Manifest(run_id="r-agent2", bundle=sha, entry="python", shard_count=1)
+    b.store.put(Layout.manifest(second.run_id), second.to_json())
+    b.queue.publish([WorkMessage(run_id=second.run_id, shard=Shard(id="b", index=0).to_dict())])
+    agent.config = AgentConfig(
+        name="w1", scratch=tmp_path / "scratch", burst=True, idle_timeout=None, poll_seconds=0.2
+    )
+    agent.run()
+    assert b.store.exists(Layout.result(second.run_id, "b"))
+    assert list(agent._executors) == [sha]  # the first run's host was closed when idle
