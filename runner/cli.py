@@ -17,15 +17,13 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from runner import config as config_mod
-from runner import runs
+from runner import report, runs
 from runner import shards as shard_sources
 from runner.backends import Deployment, open_deployment
 from runner.combine import combine_run
-from runner.watch import Snapshot, Watcher
+from runner.watch import Watcher
 from worker import defaults
 from worker.errors import CFlowError
 from worker.protocol import Layout, Manifest, RunOptions, RunState, ShardState
@@ -249,7 +247,7 @@ def _watch_and_finish(
     run_id = watcher.run_id
     store = dep.backends.store
     try:
-        snapshot = _watch_live(watcher, dep.poll_seconds)
+        snapshot = report.watch_live(watcher, dep.poll_seconds, err)
     except KeyboardInterrupt:
         if cancel_on_interrupt:
             runs.cancel(store, dep.backends.queue, run_id)
@@ -270,71 +268,8 @@ def _watch_and_finish(
     manifest = runs.load_manifest(store, run_id)
     combined = combine_run(store, manifest, out=out_dir)
     runs.save_manifest(store, manifest.with_state(RunState.FINISHED))
-    _summary(snapshot, combined.files, store, out_dir)
+    report.summary(snapshot, combined.files, store, out_dir, err)
     return EXIT_FAILED if snapshot.failed else 0
-
-
-def _watch_live(watcher: Watcher, poll_seconds: float) -> Snapshot:
-    columns = (
-        BarColumn(bar_width=24),
-        TextColumn(
-            "{task.completed:.0f}/{task.total:.0f} done · [red]{task.fields[failed]} failed[/red]"
-            " · {task.fields[running]} running · {task.fields[queued]} queued"
-            " · {task.fields[workers]} workers · {task.fields[rate]} · ETA {task.fields[eta]}"
-        ),
-        TimeElapsedColumn(),
-    )
-    with Progress(*columns, console=err, transient=False, refresh_per_second=4) as progress:
-        bar = progress.add_task(
-            watcher.run_id,
-            total=watcher.manifest.shard_count,
-            failed=0,
-            running=0,
-            queued=watcher.manifest.shard_count,
-            workers=0,
-            rate="-",
-            eta="-",
-        )
-
-        def update(s: Snapshot) -> None:
-            progress.update(
-                bar,
-                completed=s.succeeded + s.failed,
-                failed=s.failed,
-                running=s.running,
-                queued=s.queued,
-                workers=s.workers,
-                rate=f"{s.rate:.1f}/s" if s.rate else "-",
-                eta=_duration(s.eta) if s.eta is not None else "-",
-            )
-
-        return watcher.watch(on_update=update, poll_seconds=poll_seconds)
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(seconds)
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    if seconds >= 60:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds}s"
-
-
-def _summary(s: Snapshot, files: list[str], store: Store, out_dir: Path | None) -> None:
-    colour = "red" if s.failed else "green"
-    err.print(
-        f"cflow: [{colour}]{s.succeeded}/{s.total} shards succeeded, {s.failed} failed[/{colour}]"
-        f" in {_duration(s.elapsed)} ({s.preempted} preempted, {s.retried} retried)"
-    )
-    for key in files:
-        err.print(f"  combined: {store.url(key)}")
-    if out_dir is not None:
-        err.print(f"  copied to: {out_dir}")
-    if s.failed:
-        err.print(
-            f"  see `runner status {s.run_id}` and `runner logs {s.run_id} --shard ID`;"
-            f" rerun failures with `runner retry {s.run_id} --failed`"
-        )
 
 
 # -- the other commands ------------------------------------------------------------------------
@@ -387,20 +322,7 @@ def status(
             )
         )
         return
-    table = Table(title=f"run {run_id} ({manifest.state})", title_justify="left")
-    for col in ("shard", "state", "attempts", "duration", "exit", "input / reason"):
-        table.add_column(col)
-    for r in reports:
-        colour = {"succeeded": "green", "failed": "red", "running": "yellow"}.get(r.state.value, "")
-        table.add_row(
-            r.id,
-            f"[{colour}]{r.state.value}[/{colour}]" if colour else r.state.value,
-            str(len(r.attempts)),
-            f"{r.duration:.1f}s" if r.duration is not None else "",
-            "" if r.exit_code is None else str(r.exit_code),
-            (r.failure.reason if r.failure else r.input) or "",
-        )
-    out.print(table)
+    out.print(report.status_table(manifest, reports))
     out.print(" · ".join(f"{v} {k}" for k, v in counts.items()))
 
 
@@ -545,22 +467,11 @@ def list_runs(
     """List runs, oldest first."""
     with _deployment(local, store, deployment) as dep:
         manifests = runs.list_runs(dep.backends.store)
-        table = Table()
-        for col in ("run", "state", "shards", "created", "task"):
-            table.add_column(col)
-        for m in manifests:
-            done = len(runs.committed(dep.backends.store, m.run_id))
-            table.add_row(
-                m.run_id,
-                m.state,
-                f"{done}/{m.shard_count}",
-                time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(m.created_at)),
-                m.task_name,
-            )
+        done = {m.run_id: len(runs.committed(dep.backends.store, m.run_id)) for m in manifests}
     if not manifests:
         err.print("cflow: no runs yet")
         return
-    out.print(table)
+    out.print(report.runs_table(manifests, done))
 
 
 @app.command()
