@@ -9,7 +9,8 @@
    every result committed to the store.
 
 Each figure is the best of ``--repeat`` wall-clock runs of the whole command (start-up included),
-divided by the shard count. Prints a table; nothing is asserted.
+divided by the shard count. The store lives under ``--work`` (default ``bench/out/`` in the
+checkout, where a user's ``./.cflow`` would be). Prints a table; nothing is asserted.
 """
 
 from __future__ import annotations
@@ -80,10 +81,17 @@ def main() -> None:
     )
     parser.add_argument("--shards", type=int, default=2000)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument(
+        "--work",
+        type=Path,
+        default=REPO / "bench" / "out",
+        help="where the store goes (default: inside the checkout, as ./.cflow would be)",
+    )
     args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
     n = args.shards
     rows: list[tuple[str, str, float]] = []
-    with tempfile.TemporaryDirectory(prefix="cflow-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="cflow-bench-", dir=args.work) as tmp:
         work = Path(tmp)
         sh_task = work / "sh-task"
         sh_task.mkdir()
