@@ -10,8 +10,9 @@ from runner.fleet import Fleet, LocalFleet
 from runner.runs import InputStager
 from runner.shards import RemoteLister
 from worker import defaults
-from worker.backends import Backends, open_local
+from worker.backends import Backends, local_run_events, open_local
 from worker.clock import SYSTEM_CLOCK, Clock
+from worker.queue import EventBus
 
 LOCAL_IDLE_TIMEOUT = 30.0  # seconds a detached local worker lingers after its work is done
 
@@ -26,6 +27,14 @@ class Deployment:
     default_workers: int = 4
     poll_seconds: float = defaults.WATCH_POLL_SECONDS  # the watch loop's pace (an API call each)
     closers: list[Callable[[], None]] = field(default_factory=list)
+    # (run id, since: epoch seconds) -> that run's events plus the worker-level ones; the
+    # caller closes it. Two runs watched at once never take each other's events.
+    open_run_events: Callable[[str, float | None], EventBus] | None = None
+
+    def run_events(self, run_id: str, *, since: float | None = None) -> EventBus:
+        if self.open_run_events is None:
+            return self.backends.events
+        return self.open_run_events(run_id, since)
 
     def fleet(self, *, slots: int = defaults.SLOTS, idle_timeout: float | None = None) -> Fleet:
         return self.make_fleet(slots, idle_timeout)
@@ -46,11 +55,15 @@ def open_deployment(config: Config, *, clock: Clock = SYSTEM_CLOCK) -> Deploymen
 
         import os
 
+        def open_run_events(run_id: str, since: float | None) -> EventBus:
+            return local_run_events(root, run_id, since=since, clock=clock)
+
         return Deployment(
             config=config,
             backends=backends,
             make_fleet=make_fleet,
             default_workers=max(os.cpu_count() or 1, 1),
+            open_run_events=open_run_events,
         )
     from runner.gcp import open_gcp_deployment  # the cloud clients load only when needed
 

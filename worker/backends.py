@@ -7,11 +7,11 @@ from pathlib import Path
 
 from worker.clock import SYSTEM_CLOCK, Clock
 from worker.local_queue import LocalEvents, LocalQueue
-from worker.local_store import LocalStore
+from worker.local_store import QUEUE_FILE, LocalStore
 from worker.queue import EventBus, WorkQueue
 from worker.store import Store
 
-QUEUE_FILE = "queue.db"
+__all__ = ["QUEUE_FILE", "Backends", "local_run_events", "open_local"]
 
 
 @dataclass
@@ -31,3 +31,10 @@ def open_local(root: Path, *, clock: Clock = SYSTEM_CLOCK, **queue_options: floa
     queue = LocalQueue(root / QUEUE_FILE, clock=clock, **queue_options)  # type: ignore[arg-type]
     events = LocalEvents(root / QUEUE_FILE, clock=clock)
     return Backends(queue=queue, store=store, events=events)
+
+
+def local_run_events(
+    root: Path, run_id: str, *, since: float | None = None, clock: Clock = SYSTEM_CLOCK
+) -> EventBus:
+    """A runner's view of one run's events in the embedded backend (see :class:`LocalEvents`)."""
+    return LocalEvents(root / QUEUE_FILE, clock=clock, run_id=run_id, since=since)

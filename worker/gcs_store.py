@@ -174,17 +174,28 @@ class GcsStore(Store):
         with self._errors("check", key):
             return bool(self.bucket.blob(key).exists(retry=DEFAULT_RETRY))
 
-    def list(self, prefix: str, *, suffix: str = "") -> Iterator[str]:
+    def list(
+        self,
+        prefix: str,
+        *,
+        suffix: str = "",
+        start_after: str | None = None,
+        limit: int | None = None,
+    ) -> Iterator[str]:
         # matchGlob lets the server skip what does not end in suffix (a run's result markers
         # among all its logs and statuses); the client-side check keeps emulators honest.
         match_glob = None
         if suffix and not (_GLOB_CHARS & set(prefix + suffix)):
             match_glob = f"{prefix}**{suffix}"
-        yield from (
-            name
-            for name in self._names(self.bucket_name, prefix, match_glob)
-            if name.endswith(suffix)
-        )
+        names = self._names(self.bucket_name, prefix, match_glob, start_after)
+        count = 0
+        for name in names:
+            if not name.endswith(suffix) or (start_after is not None and name <= start_after):
+                continue  # startOffset is inclusive; start_after is not
+            if limit is not None and count >= limit:
+                return
+            count += 1
+            yield name
 
     def delete(self, key: str) -> None:
         with contextlib.suppress(gexc.NotFound), self._errors("delete", key, missing_ok=True):
@@ -225,8 +236,12 @@ class GcsStore(Store):
                 out[blob.name] = (int(blob.size or 0), str(blob.crc32c))
         return out
 
-    def _names(self, bucket: str, prefix: str, match_glob: str | None) -> Iterator[str]:
+    def _names(
+        self, bucket: str, prefix: str, match_glob: str | None, start_after: str | None = None
+    ) -> Iterator[str]:
         options: dict[str, Any] = {"match_glob": match_glob} if match_glob else {}
+        if start_after is not None:
+            options["start_offset"] = start_after
         with self._errors("list", prefix):
             blobs = self.client.list_blobs(
                 bucket,

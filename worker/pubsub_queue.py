@@ -186,7 +186,9 @@ class PubSubQueue(WorkQueue):
 
     # -- receiving -----------------------------------------------------------------------
 
-    def receive(self, max_messages: int, timeout: float) -> list[Delivery]:
+    def receive(
+        self, max_messages: int, timeout: float, *, worker: str | None = None
+    ) -> list[Delivery]:
         if self.subscription is None:
             raise BackendError("this queue has no work subscription to receive from")
         if max_messages < 1:

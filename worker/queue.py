@@ -44,8 +44,12 @@ class WorkQueue(ABC):
         """Enqueue messages (batched by the backend); returns how many. ``delay`` is a hint."""
 
     @abstractmethod
-    def receive(self, max_messages: int, timeout: float) -> list[Delivery]:
-        """Lease up to ``max_messages``, waiting up to ``timeout`` seconds for the first."""
+    def receive(
+        self, max_messages: int, timeout: float, *, worker: str | None = None
+    ) -> list[Delivery]:
+        """Lease up to ``max_messages``, waiting up to ``timeout`` seconds for the first.
+
+        ``worker`` names the lease holder where the backend records it (:meth:`leases`)."""
 
     @abstractmethod
     def ack(self, delivery: Delivery) -> None:
@@ -58,6 +62,33 @@ class WorkQueue(ABC):
     @abstractmethod
     def extend(self, delivery: Delivery, seconds: float) -> None:
         """Keep the lease alive for ``seconds`` more (a no-op where the client does it itself)."""
+
+    def requeue(self, delivery: Delivery, message: WorkMessage, *, front: bool = False) -> None:
+        """Replace a leased message with ``message``, whose delivery count starts over.
+
+        How a preemption gives its shard back without the queue counting it as a delivery
+        (the message counts preemptions itself). ``front``: ahead of everything queued, where
+        the backend can. The default publishes before acking, so a crash in between duplicates
+        the shard (harmless: first commit wins) instead of losing it.
+        """
+        self.publish([message])
+        self.ack(delivery)
+
+    def release(self, worker: str) -> int:
+        """Make every lease ``worker`` holds available now (it is known dead); how many.
+
+        Only where the backend records lease holders; elsewhere the leases lapse by themselves.
+        """
+        return 0
+
+    def leases(self, run_id: str) -> dict[str, str] | None:
+        """Live leases of a run's messages: shard id -> worker; None where unknown (Pub/Sub)."""
+        return None
+
+    def pending(self, run_id: str) -> set[str] | None:
+        """Shard ids of a run that have a message (queued, leased or in backoff); None where
+        the backend cannot tell (Pub/Sub). Outstanding shards not in it are lost."""
+        return None
 
     @abstractmethod
     def dead_letters(self, max_messages: int = 100) -> list[WorkMessage]:
@@ -75,14 +106,19 @@ class WorkQueue(ABC):
 
 
 class EventBus(ABC):
-    """Worker-to-runner progress events. Lossy by contract: the store stays the truth."""
+    """Worker-to-runner progress events. Lossy by contract: the store stays the truth.
+
+    Workers publish; a runner watching one run pulls through a bus opened for that run
+    (``Deployment.run_events``), which sees that run's events and the worker-level ones that
+    carry no run (idle, stopped), and never takes another run's events.
+    """
 
     @abstractmethod
     def publish(self, event: Event) -> None: ...
 
     @abstractmethod
     def pull(self, max_events: int = 1000, timeout: float = 0.0) -> list[Event]:
-        """Take events (each is given to one puller), waiting up to ``timeout`` for the first."""
+        """Take events, waiting up to ``timeout`` for the first."""
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections and background threads."""

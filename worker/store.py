@@ -42,8 +42,19 @@ class Store(ABC):
     def exists(self, key: str) -> bool: ...
 
     @abstractmethod
-    def list(self, prefix: str, *, suffix: str = "") -> Iterator[str]:
-        """Keys under ``prefix`` (recursively) ending in ``suffix``, lazily."""
+    def list(
+        self,
+        prefix: str,
+        *,
+        suffix: str = "",
+        start_after: str | None = None,
+        limit: int | None = None,
+    ) -> Iterator[str]:
+        """Keys under ``prefix`` (recursively) ending in ``suffix``, in key order, lazily.
+
+        ``start_after``: only keys after this one; ``limit``: at most this many. Together they
+        page through a large prefix one bounded piece at a time (the runner's reconcile).
+        """
 
     @abstractmethod
     def delete(self, key: str) -> None:

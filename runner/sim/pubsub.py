@@ -117,7 +117,9 @@ class SimPubSub(WorkQueue):
         self.counts["published"] += count
         return count
 
-    def receive(self, max_messages: int, timeout: float) -> list[Delivery]:
+    def receive(
+        self, max_messages: int, timeout: float, *, worker: str | None = None
+    ) -> list[Delivery]:
         now = self.clock.now
         self._expire(now)
         out: list[Delivery] = []

@@ -52,11 +52,23 @@ class MemoryStore(Store):
     def exists(self, key: str) -> bool:
         return key in self._objects
 
-    def list(self, prefix: str, *, suffix: str = "") -> Iterator[str]:
+    def list(
+        self,
+        prefix: str,
+        *,
+        suffix: str = "",
+        start_after: str | None = None,
+        limit: int | None = None,
+    ) -> Iterator[str]:
         self.list_calls += 1
-        under = [k for k in self._objects if k.startswith(prefix)]
-        self.keys_listed += len(under)
-        return iter([k for k in under if k.endswith(suffix)])
+        under = sorted(
+            k
+            for k in self._objects
+            if k.startswith(prefix) and (start_after is None or k > start_after)
+        )
+        matching = [k for k in under if k.endswith(suffix)][:limit]
+        self.keys_listed += len(matching) if limit is not None else len(under)
+        return iter(matching)
 
     def delete(self, key: str) -> None:
         self._objects.pop(key, None)

@@ -1,0 +1,138 @@
+"""The embedded backend's SQLite file (``queue.db``): one connection per thread, WAL mode.
+
+The local queue, event bus and the store's records (commit markers, failure markers, attempt
+records) share this one file, so a worker can settle a shard (commit, ack, event) in a single
+durable transaction.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from worker.errors import BackendError
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS messages (
+    id INTEGER PRIMARY KEY,
+    run_id TEXT NOT NULL,
+    shard_id TEXT NOT NULL DEFAULT '',
+    body TEXT NOT NULL,
+    available_at REAL NOT NULL,
+    deliveries INTEGER NOT NULL DEFAULT 0,
+    lease TEXT,
+    worker TEXT,
+    dead INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS messages_ready ON messages (dead, available_at);
+CREATE INDEX IF NOT EXISTS messages_run ON messages (run_id, shard_id);
+CREATE INDEX IF NOT EXISTS messages_worker ON messages (worker);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY,
+    run_id TEXT,
+    at REAL NOT NULL DEFAULT 0,
+    body TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_run ON events (run_id, id);
+CREATE TABLE IF NOT EXISTS records (key TEXT PRIMARY KEY, data BLOB NOT NULL) WITHOUT ROWID;
+"""
+
+BUSY_TIMEOUT = 30.0  # seconds a writer waits for another's transaction (SQLite's own handler)
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    return isinstance(exc, sqlite3.OperationalError) and "full" in str(exc)
+
+
+class Db:
+    """One connection per thread to the shared SQLite file.
+
+    ``durable``: every commit reaches the disk before it returns (``synchronous=FULL``), for
+    the connection that writes commit markers; the queue alone may lose its last transactions to
+    a power cut (a lost ack only redelivers).
+    """
+
+    def __init__(self, path: Path, *, durable: bool = False):
+        self.path = path
+        self.durable = durable
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        conn = self.conn()
+        try:
+            _migrate(conn)
+            conn.executescript(SCHEMA)
+        except sqlite3.Error as exc:
+            raise _backend_error(path, exc) from None
+
+    def conn(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            try:
+                conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, isolation_level=None)
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute(f"PRAGMA synchronous={'FULL' if self.durable else 'NORMAL'}")
+            except sqlite3.Error as exc:
+                raise _backend_error(self.path, exc) from None
+            self._local.conn = conn
+        return conn
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        conn = self.conn()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise _backend_error(self.path, exc) from None
+        try:
+            yield conn
+        except BaseException as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.Error):
+                raise _backend_error(self.path, exc) from None
+            raise
+        try:
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise _backend_error(self.path, exc) from None
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+
+_ADDED_COLUMNS = {  # columns newer than a store's first version: table -> (column, declaration)
+    "messages": [("shard_id", "TEXT NOT NULL DEFAULT ''"), ("worker", "TEXT")],
+    "events": [("run_id", "TEXT"), ("at", "REAL NOT NULL DEFAULT 0")],
+}
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Bring a store made by an older version up to this schema (columns only ever added)."""
+    for table, columns in _ADDED_COLUMNS.items():
+        have = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        if not have:
+            continue  # a new file: the schema creates it whole
+        for name, declaration in columns:
+            if name not in have:
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN {name} {declaration}")
+
+
+class DiskFull(BackendError):
+    """The local store's disk is full: nothing was written; free space and go on."""
+
+
+def _backend_error(path: Path, exc: sqlite3.Error) -> BackendError:
+    if is_disk_full(exc):
+        return DiskFull(
+            f"the disk holding {path.parent} is full ({exc}); free some space, then"
+            " `runner watch` or `runner retry --failed` goes on where the run stopped"
+        )
+    return BackendError(f"{path}: {exc}")
