@@ -134,7 +134,7 @@ class Watcher:
             # Workers are shared by every run of a deployment: one busy with another run's shard
             # must not be scaled away by this one.
             key = (event.run_id or "", event.shard_id)
-            if kind is EventKind.STARTED:
+            if kind in (EventKind.STARTED, EventKind.HEARTBEAT):
                 self.elsewhere[key] = event.worker
                 self.idle.discard(event.worker)
             else:
@@ -143,7 +143,7 @@ class Watcher:
         shard = event.shard_id
         if self.speculate:
             self.stragglers.saw(kind, shard, event.worker, self.clock.monotonic())
-        if kind is EventKind.STARTED:
+        if kind in (EventKind.STARTED, EventKind.HEARTBEAT):
             self.running[shard] = event.worker
             self.idle.discard(event.worker)
             return

@@ -69,6 +69,7 @@ class EventKind(StrEnum):
     PREEMPTED = "preempted"
     IDLE = "idle"
     STOPPED = "stopped"
+    HEARTBEAT = "heartbeat"  # a worker still holds the shard's lease (long attempts only)
 
 
 class Entry(StrEnum):
@@ -161,6 +162,8 @@ class WorkMessage(_Record):
     shard: dict[str, Any]
     failures: int = 0
     backup: bool = False  # a speculative copy of a straggler: skipped if already committed
+    preemptions: int = 0  # counted apart from deliveries: preemptions never fail a shard
+    bundle: str | None = None  # run this task bundle instead of the manifest's (retry --task)
 
     @property
     def shard_record(self) -> Shard:
@@ -189,6 +192,7 @@ class AttemptStatus(_Record):
     finished_at: float | None = None
     exit_code: int | None = None
     reason: str | None = None
+    bundle: str | None = None  # the task bundle this attempt ran
 
 
 @dataclass(frozen=True)
@@ -202,6 +206,7 @@ class ShardResult(_Record):
     started_at: float
     finished_at: float
     outputs: list[str] = field(default_factory=list)  # paths relative to the attempt's out/
+    bundle: str | None = None  # the task bundle the winning attempt ran
 
     @property
     def duration(self) -> float:
