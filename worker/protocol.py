@@ -116,6 +116,7 @@ class RunOptions(_Record):
     workers: int = 0  # most workers the runner runs at once (0: the backend's default)
     slots: int = defaults.SLOTS  # shards per worker, so a re-attached runner sizes alike
     speculate: bool = False  # back up stragglers near the end (a re-attached runner too)
+    isolate: bool = False  # a fresh process per Python shard instead of a warm one per slot
 
 
 @dataclass(frozen=True)

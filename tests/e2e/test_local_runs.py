@@ -196,7 +196,7 @@ def test_timeout_kills_the_task_process_group(cli: Cli, tmp_path: Path) -> None:
         """
         #!/usr/bin/env bash
         sleep 300 &
-        echo "child $!" > "$CFLOW_OUTPUT_DIR/../child.pid"
+        echo "child $!" > "$CFLOW_OUTPUT_DIR/child.pid"
         wait
     """,
         name="task.sh",
@@ -205,7 +205,7 @@ def test_timeout_kills_the_task_process_group(cli: Cli, tmp_path: Path) -> None:
     assert result.code == 1
     (shard,) = cli.status(result.run_id)["shards"]
     assert shard["state"] == "failed" and "timed out after 1s" in shard["reason"]
-    pid_file = next(cli.store.glob("runs/*/shards/*/attempts/1/child.pid"))
+    pid_file = next(cli.store.glob("runs/*/shards/*/attempts/1/out/child.pid"))
     child = int(pid_file.read_text().split()[1])
     wait_for(lambda: not _alive({"c": child}), 10, "the task's child to be killed")
 

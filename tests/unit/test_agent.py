@@ -9,6 +9,7 @@ from pathlib import Path
 from worker.agent import Agent, AgentConfig
 from worker.backends import Backends, open_local
 from worker.bundle import pack
+from worker.ledger import Ledger
 from worker.protocol import (
     AttemptStatus,
     Layout,
@@ -137,9 +138,9 @@ def test_idle_timeout_counts_from_the_last_finished_attempt(tmp_path: Path) -> N
     )
     original = agent._attempt
 
-    def slow_attempt(delivery):  # type: ignore[no-untyped-def]
+    def slow_attempt(slot, delivery):  # type: ignore[no-untyped-def]
         clock.advance(100)  # the shard takes 100 s of (fake) time, past the idle timeout
-        original(delivery)
+        original(slot, delivery)
 
     agent._attempt = slow_attempt  # type: ignore[method-assign]
     start = clock.monotonic()
@@ -169,7 +170,9 @@ def test_a_store_failure_after_the_claim_counts_as_a_failed_attempt(tmp_path: Pa
         return real_create(key, data)
 
     b.store.create = create  # type: ignore[method-assign]
-    _agent(b, tmp_path).run()
+    agent = _agent(b, tmp_path)
+    agent.ledger = Ledger(queue=b.queue, store=b.store, events=b.events)  # one call at a time
+    agent.run()
     failure = ShardFailure.from_json(b.store.get(Layout.failure(m.run_id, "a")))
     assert failure.failures == 2 and "worker error: disk full" in failure.reason
     statuses = [
@@ -210,4 +213,4 @@ def test_an_idle_worker_keeps_only_the_last_task_host(tmp_path: Path) -> None:
     )
     agent.run()
     assert b.store.exists(Layout.result(second.run_id, "b"))
-    assert list(agent._executors) == [sha]  # the first run's host was closed when idle
+    assert list(agent._executors) == [f"{sha}:0"]  # the first run's host was closed when idle
