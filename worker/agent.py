@@ -55,6 +55,7 @@ from worker.taskapi import TaskShard
 log = logging.getLogger("cflow.worker")
 
 _STEP = 0.2  # seconds between checks while a task runs (stop requests, deadlines)
+_SHOW_LOG = 1.0  # seconds an attempt runs before its log is moved where users read it
 _FIRST_WAIT = 0.01  # seconds before a still-running task lets pending settlements through
 FAST_SHARD = 0.025  # seconds: shards shorter than this are received several at a time
 MAX_PREFETCH = 32  # most messages one slot holds at once
@@ -101,13 +102,59 @@ class ManifestBroken(CFlowError):
     """A run's ``run.json`` cannot be read."""
 
 
+class _Log:
+    """An attempt's log: written in the slot's scratch folder, stored only when it has text.
+
+    Locally the file is moved into the store (a rename, on the same disk) once the attempt has
+    run for a moment, so ``runner logs --follow`` reads it while it grows: the task keeps
+    writing to the same file. A short shard that prints nothing touches no store folder.
+    """
+
+    def __init__(self, path: Path, store: Store, key: str):
+        self.path = path
+        self._store = store
+        self.key = key
+        self.target = store.local_path(key)
+
+    def _size(self) -> int:
+        try:
+            return self.path.stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def show(self) -> None:
+        """While it runs: make the log readable where the store keeps it."""
+        if self.target is None:
+            if self._size():
+                self._store.put_file(self.key, self.path)
+        elif self.path != self.target:
+            self.target.parent.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(self.path, self.target)
+            self.path = self.target
+
+    def store(self) -> None:
+        """When it ended: store a log with text; leave an empty one for the next attempt."""
+        if self.path == self.target:
+            return
+        if not self._size():
+            return
+        if self.target is None:
+            self._store.put_file(self.key, self.path)
+            self.path.unlink(missing_ok=True)
+        else:
+            self.show()
+
+
 class _Slot:
     """One slot's state: the messages it holds and the attempts waiting to be settled."""
 
     def __init__(self, index: int, scratch: Path):
         self.index = index
+        self.ready = False
         self.scratch = scratch / f"slot-{index}"
         self.held: list[Delivery] = []  # received, not yet settled (extended while held)
+        self.unstarted: list[Claim] = []  # claimed with the rest of a batch, not yet run
         self.pending: list[Finished] = []
         self.pending_since = 0.0
         self.prefetch = 1
@@ -204,19 +251,19 @@ class Agent:
                 continue
             self._active(slot)
             slot.held = list(deliveries)
+            slot.unstarted = self._claim_all(slot, deliveries)
             durations: list[float] = []
-            for delivery in deliveries:
-                if self.stopping:
-                    break
+            while slot.unstarted and not self.stopping:
+                claim = slot.unstarted.pop(0)
                 began = time.perf_counter()
-                self._attempt_safely(slot, delivery)
+                self._attempt_safely(slot, claim)
                 durations.append(time.perf_counter() - began)
                 self._maybe_flush(slot)
-            self._flush(slot, force=True)
             self._give_back(slot)
+            self._flush(slot, force=True)
             self._adapt(slot, durations, len(deliveries))
-        self._flush(slot, force=True)
         self._give_back(slot)
+        self._flush(slot, force=True)
 
     def _adapt(self, slot: _Slot, durations: list[float], got: int) -> None:
         """Receive more at once while shards are short and the queue keeps up; one while long."""
@@ -251,7 +298,17 @@ class Agent:
         return self._exit_reason is not None
 
     def _give_back(self, slot: _Slot) -> None:
-        """Return received messages this slot did not get to (stopping): not a delivery."""
+        """Return received messages this slot did not get to (stopping): not a delivery. A
+        claimed attempt that never started is recorded preempted, so no claim stays running."""
+        for claim in slot.unstarted:
+            self._settle(
+                slot,
+                self._finished(
+                    claim,
+                    _Outcome(AttemptState.PREEMPTED, None, "worker stopped before it started"),
+                ),
+            )
+        slot.unstarted = []
         for delivery in slot.held:
             try:
                 self.queue.requeue(delivery, delivery.message, front=True)
@@ -313,81 +370,125 @@ class Agent:
 
     # -- one attempt -----------------------------------------------------------------------
 
-    def _attempt_safely(self, slot: _Slot, delivery: Delivery) -> None:
+    def _claim_all(self, slot: _Slot, deliveries: list[Delivery]) -> list[Claim]:
+        """Vet every received message and claim attempts for those to run, in one go."""
+        wanted: list[tuple[Delivery, Manifest, str, int]] = []
+        for delivery in deliveries:
+            try:
+                vetted = self._vet(delivery)
+            except Exception as exc:
+                self._not_started(slot, delivery, exc)
+                continue
+            if vetted is None:
+                self._release(slot, delivery)
+            else:
+                wanted.append((delivery, *vetted))
+        if not wanted:
+            return []
         try:
-            self._attempt(slot, delivery)
-        except ManifestBroken as exc:
-            self._release(slot, delivery)
+            numbers = self.ledger.claim_many(
+                [
+                    (d.message.run_id, d.message.shard_id, hint, bundle)
+                    for d, _, bundle, hint in wanted
+                ],
+                worker=self.config.name,
+            )
+        except Exception as exc:
+            for delivery, *_ in wanted:
+                self._not_started(slot, delivery, exc)
+            return []
+        return [
+            Claim(d, manifest, attempt, started, bundle)
+            for (d, manifest, bundle, _), (attempt, started) in zip(wanted, numbers, strict=True)
+        ]
+
+    def _not_started(self, slot: _Slot, delivery: Delivery, exc: Exception) -> None:
+        """A message could not even be claimed: give it back, later when waiting helps."""
+        self._release(slot, delivery)
+        if isinstance(exc, ManifestBroken):
             count = self._broken.get(delivery.message.run_id, 0) + 1
             self._broken[delivery.message.run_id] = count
             delay = min(BROKEN_BACKOFF[0] * 2 ** (count - 1), BROKEN_BACKOFF[1])
             log.error("%s; shard %s comes back in %.0fs", exc, delivery.message.shard_id, delay)
-            with contextlib.suppress(Exception):
-                self.queue.nack(delivery, delay=delay)
-        except Exception as exc:  # the store or queue failed us before the claim
-            self._release(slot, delivery)
-            disk_full = isinstance(exc, DiskFull)
-            log.log(
-                logging.ERROR,
-                "shard %s could not start: %s",
-                delivery.message.shard_id,
-                exc,
-                exc_info=not disk_full,
-            )
-            try:
-                self.queue.nack(delivery, delay=DISK_FULL_PAUSE if disk_full else 0.0)
-            except Exception:
-                log.exception("nack failed; the lease will lapse instead")
-            if disk_full:
-                self.clock.sleep(DISK_FULL_PAUSE)
-
-    def _attempt(self, slot: _Slot, delivery: Delivery) -> None:
-        claim = self.claim(delivery)
-        if claim is None:
-            self._release(slot, delivery)
-            return
-        manifest, attempt = claim.manifest, claim.attempt
-        run_id, shard = manifest.run_id, delivery.message.shard_record
-        work = slot.scratch
-        out_dir = work / "out"
-        log_path = self._log_path(run_id, shard.id, attempt, work)
+        elif isinstance(exc, DiskFull):
+            log.error("%s", exc)
+            delay = DISK_FULL_PAUSE
+        else:
+            log.error("shard %s could not start: %s", delivery.message.shard_id, exc, exc_info=exc)
+            delay = 0.0
         try:
-            outcome, reason_hint = self._execute(slot, claim, shard, log_path, out_dir)
-            outputs = self._seal(run_id, shard.id, attempt, out_dir, outcome)
-            self._store_log(run_id, shard.id, attempt, log_path)
+            self.queue.nack(delivery, delay=delay)
+        except Exception:
+            log.exception("nack failed; the lease will lapse instead")
+        if isinstance(exc, DiskFull):
+            self.clock.sleep(DISK_FULL_PAUSE)
+
+    def _attempt_safely(self, slot: _Slot, claim: Claim) -> None:
+        try:
+            self._attempt(slot, claim)
+        except Exception as exc:  # after the claim: the attempt counts as failed
+            log.exception(
+                "attempt of shard %s failed in the worker", claim.delivery.message.shard_id
+            )
+            self._settle(
+                slot,
+                self._finished(claim, _Outcome(AttemptState.FAILED, None, f"worker error: {exc}")),
+            )
+
+    def _finished(
+        self, claim: Claim, outcome: _Outcome, outputs: list[str] | None = None
+    ) -> Finished:
+        return Finished(
+            delivery=claim.delivery,
+            attempt=claim.attempt,
+            started=claim.started,
+            finished=self.clock.time(),
+            state=outcome.state,
+            worker=self.config.name,
+            max_attempts=claim.manifest.run_options.max_attempts,
+            exit_code=outcome.exit_code,
+            reason=outcome.reason,
+            outputs=outputs or [],
+            bundle=claim.bundle,
+        )
+
+    def _attempt(self, slot: _Slot, claim: Claim) -> None:
+        manifest, attempt = claim.manifest, claim.attempt
+        run_id, shard = manifest.run_id, claim.delivery.message.shard_record
+        attempt_log = _Log(
+            slot.scratch / "log.txt", self.store, Layout.log(run_id, shard.id, attempt)
+        )
+        out_dir = slot.scratch / "out"
+        try:
+            outcome, reason_hint = self._execute(slot, claim, shard, attempt_log, out_dir)
+            outputs = self._seal(run_id, shard.id, attempt, out_dir)
+            attempt_log.store()
         except Exception as exc:
             # The attempt is claimed: record it and count it, so a shard whose outputs cannot be
             # stored fails within its budget instead of looping until it is dead-lettered.
-            log.exception("attempt %d of shard %s failed inside the worker", attempt, shard.id)
-            outcome, reason_hint, outputs = (
-                _Outcome(AttemptState.FAILED, None, f"worker error: {exc}"),
-                None,
-                [],
-            )
+            log.exception("attempt %d of shard %s failed in the worker", attempt, shard.id)
+            error = _Outcome(AttemptState.FAILED, None, f"worker error: {exc}")
+            outcome, reason_hint, outputs = error, None, []
             shutil.rmtree(out_dir, ignore_errors=True)
-        reason = outcome.reason
         if outcome.state is AttemptState.FAILED and reason_hint:
-            reason = reason_hint
-        self._settle(
-            slot,
-            Finished(
-                delivery=delivery,
-                attempt=attempt,
-                started=claim.started,
-                finished=self.clock.time(),
-                state=outcome.state,
-                worker=self.config.name,
-                max_attempts=manifest.run_options.max_attempts,
-                exit_code=outcome.exit_code,
-                reason=reason,
-                outputs=outputs,
-                bundle=claim.bundle,
-            ),
-        )
+            outcome.reason = reason_hint
+        self._settle(slot, self._finished(claim, outcome, outputs))
 
     def claim(self, delivery: Delivery) -> Claim | None:
-        """Steps 1-2: drop (ack) a message of an unknown or cancelled run or of a shard already
-        committed, or claim the next attempt number and announce it started."""
+        """Steps 1-2 for one message (the fleet simulator): drop it, or claim an attempt."""
+        vetted = self._vet(delivery)
+        if vetted is None:
+            return None
+        manifest, bundle, hint = vetted
+        message = delivery.message
+        ((attempt, started),) = self.ledger.claim_many(
+            [(message.run_id, message.shard_id, hint, bundle)], worker=self.config.name
+        )
+        return Claim(delivery, manifest, attempt, started, bundle)
+
+    def _vet(self, delivery: Delivery) -> tuple[Manifest, str, int] | None:
+        """Drop (ack) a message of an unknown or cancelled run or of a shard already
+        committed; else the manifest, the bundle to run and the first attempt number to try."""
         message = delivery.message
         run_id, shard_id = message.run_id, message.shard_id
         manifest = self._manifest(run_id)
@@ -409,10 +510,7 @@ class Agent:
             return None
         bundle = message.bundle or manifest.bundle
         hint = message.failures + message.preemptions + delivery.delivery_attempt
-        attempt, started = self.ledger.claim(
-            run_id, shard_id, hint, worker=self.config.name, bundle=bundle
-        )
-        return Claim(delivery, manifest, attempt, started, bundle)
+        return manifest, bundle, hint
 
     def settle(
         self,
@@ -447,17 +545,19 @@ class Agent:
         del run_id, shard_id
 
     def _execute(
-        self, slot: _Slot, claim: Claim, shard: Shard, log_path: Path, out_dir: Path
+        self, slot: _Slot, claim: Claim, shard: Shard, attempt_log: _Log, out_dir: Path
     ) -> tuple[_Outcome, str | None]:
         manifest = claim.manifest
         options = manifest.run_options
-        slot.scratch.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(out_dir, ignore_errors=True)  # a crashed attempt's leftovers
+        if not slot.ready:  # once per slot: a fresh scratch folder, whatever a crash left
+            shutil.rmtree(slot.scratch, ignore_errors=True)
+            slot.scratch.mkdir(parents=True, exist_ok=True)
+            slot.ready = True
         try:
             executor = self._executor(claim.bundle, Entry(manifest.entry), options.isolate)
             staged = self._stage(shard, options.stage, slot.scratch)
         except (CFlowError, OSError) as exc:
-            with log_path.open("a") as fh:
+            with attempt_log.path.open("a") as fh:
                 fh.write(f"cflow: {exc}\n")
             return _Outcome(AttemptState.FAILED, reason=str(exc)), None
         task_shard = TaskShard(
@@ -469,14 +569,16 @@ class Agent:
             output_dir=out_dir,
             params=shard.params or {},
         )
-        task = executor.start(task_shard, log_path, slot=slot.index)
-        outcome = self._supervise(slot, claim, task, log_path)
-        hint = task.reason or (
-            _last_line(log_path) if outcome.state is AttemptState.FAILED else None
-        )
+        task = executor.start(task_shard, attempt_log.path, slot=slot.index)
+        outcome = self._supervise(slot, claim, task, attempt_log)
+        hint = task.reason
+        if hint is None and outcome.state is AttemptState.FAILED:
+            hint = _last_line(attempt_log.path)
         return outcome, hint
 
-    def _supervise(self, slot: _Slot, claim: Claim, task: RunningTask, log_path: Path) -> _Outcome:
+    def _supervise(
+        self, slot: _Slot, claim: Claim, task: RunningTask, attempt_log: _Log
+    ) -> _Outcome:
         cfg, clock = self.config, self.clock
         manifest = claim.manifest
         timeout = manifest.run_options.timeout
@@ -510,49 +612,26 @@ class Agent:
                 if current is not None and current.state == RunState.CANCELLED.value:
                     code = task.stop(cfg.preempt_grace)
                     return _Outcome(AttemptState.FAILED, code, CANCELLED)
-            if now - last_upload >= cfg.log_upload_seconds:
+            if now - last_upload >= min(cfg.log_upload_seconds, _SHOW_LOG):
                 last_upload = now
-                run_id, shard_id = manifest.run_id, claim.delivery.message.shard_id
-                self._store_log(run_id, shard_id, claim.attempt, log_path, keep=True)
+                attempt_log.show()
             code = task.wait(_STEP)
 
     # -- outputs and logs ------------------------------------------------------------------
 
-    def _log_path(self, run_id: str, shard_id: str, attempt: int, work: Path) -> Path:
-        """Locally the log is written in place (readable while it runs); else in scratch."""
-        direct = self.store.local_path(Layout.log(run_id, shard_id, attempt))
-        path = direct if direct is not None else work / "log.txt"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if direct is None:
-            path.write_bytes(b"")
-        return path
-
-    def _store_log(
-        self, run_id: str, shard_id: str, attempt: int, log_path: Path, *, keep: bool = False
-    ) -> None:
-        """Upload a remote store's log; drop an empty local one (created only when used)."""
-        key = Layout.log(run_id, shard_id, attempt)
-        try:
-            size = log_path.stat().st_size
-        except FileNotFoundError:
-            return
-        if self.store.local_path(key) is not None:
-            if size == 0 and not keep:
-                log_path.unlink(missing_ok=True)
-                with contextlib.suppress(OSError):
-                    log_path.parent.rmdir()
-            return
-        if size:  # an empty log is not stored: `runner logs` says so
-            self.store.put_file(key, log_path)
-
-    def _seal(
-        self, run_id: str, shard_id: str, attempt: int, out_dir: Path, outcome: _Outcome
-    ) -> list[str]:
+    def _seal(self, run_id: str, shard_id: str, attempt: int, out_dir: Path) -> list[str]:
         """Move the attempt's outputs out of the task's reach, into its prefix, read-only.
 
         Every process of the attempt is gone by now (the executor saw to it); what a process
-        we could not see might still hold open is the scratch copy, never the stored one.
+        we could not see might still hold open is the scratch copy, never the stored one. An
+        output folder left empty is kept for the next attempt (no folder churn per shard).
         """
+        try:
+            with os.scandir(out_dir) as entries:
+                if next(entries, None) is None:
+                    return []
+        except FileNotFoundError:
+            return []
         outputs = _files(out_dir)
         if not outputs:
             shutil.rmtree(out_dir, ignore_errors=True)

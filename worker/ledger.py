@@ -230,6 +230,15 @@ class Ledger:
         )
         return attempt, started
 
+    def claim_many(
+        self, items: list[tuple[str, str, int, str | None]], *, worker: str
+    ) -> list[tuple[int, float]]:
+        """:meth:`claim` for several (run, shard, hint, bundle) at once."""
+        return [
+            self.claim(run_id, shard_id, hint, worker=worker, bundle=bundle)
+            for run_id, shard_id, hint, bundle in items
+        ]
+
     def settle(self, batch: list[Finished]) -> None:
         for f in batch:
             try:

@@ -52,43 +52,50 @@ class _SqlOps(Ops):
 class LocalLedger(Ledger):
     batches = True
 
-    def claim(
-        self, run_id: str, shard_id: str, hint: int, *, worker: str, bundle: str | None
-    ) -> tuple[int, float]:
+    def claim_many(
+        self, items: list[tuple[str, str, int, str | None]], *, worker: str
+    ) -> list[tuple[int, float]]:
         # Claims need not survive a power cut (a lost one only reuses its number), so they go
-        # through the queue's connection, which does not fsync.
-        store = self.store
-        assert isinstance(store, LocalStore)
+        # through the queue's connection, which does not fsync; a batch is one transaction.
         db = self.queue.db  # type: ignore[attr-defined]
-        attempt = max(hint, 1)
         started = self.clock.time()
+        out: list[tuple[int, float]] = []
         with db.transaction() as conn:
-            while True:
-                record = AttemptStatus(
+            for run_id, shard_id, hint, bundle in items:
+                attempt = max(hint, 1)
+                while True:
+                    record = AttemptStatus(
+                        run_id=run_id,
+                        shard_id=shard_id,
+                        attempt=attempt,
+                        state=AttemptState.RUNNING.value,
+                        worker=worker,
+                        started_at=started,
+                        bundle=bundle,
+                    ).to_json()
+                    cur = conn.execute(
+                        "INSERT OR IGNORE INTO records (key, data) VALUES (?, ?)",
+                        (Layout.status(run_id, shard_id, attempt), record),
+                    )
+                    if cur.rowcount == 1:
+                        break
+                    attempt += 1
+                event = Event(
+                    kind=EventKind.STARTED.value,
+                    worker=worker,
                     run_id=run_id,
                     shard_id=shard_id,
                     attempt=attempt,
-                    state=AttemptState.RUNNING.value,
-                    worker=worker,
-                    started_at=started,
-                    bundle=bundle,
-                ).to_json()
-                cur = conn.execute(
-                    "INSERT OR IGNORE INTO records (key, data) VALUES (?, ?)",
-                    (Layout.status(run_id, shard_id, attempt), record),
+                    at=started,
                 )
-                if cur.rowcount == 1:
-                    break
-                attempt += 1
-            started_event = Event(
-                kind=EventKind.STARTED.value,
-                worker=worker,
-                run_id=run_id,
-                shard_id=shard_id,
-                attempt=attempt,
-                at=started,
-            )
-            conn.execute(INSERT_EVENT, event_row(started_event))
+                conn.execute(INSERT_EVENT, event_row(event))
+                out.append((attempt, started))
+        return out
+
+    def claim(
+        self, run_id: str, shard_id: str, hint: int, *, worker: str, bundle: str | None
+    ) -> tuple[int, float]:
+        ((attempt, started),) = self.claim_many([(run_id, shard_id, hint, bundle)], worker=worker)
         return attempt, started
 
     def settle(self, batch: list[Finished]) -> None:
