@@ -181,7 +181,8 @@ class Agent:
         self._stopping = threading.Event()
         self._lock = threading.Condition()
         self._manifests: dict[str, tuple[Manifest | None, float]] = {}
-        self._broken: dict[str, int] = {}  # run -> times its manifest could not be read
+        # run -> (times its manifest could not be read, the current back-off, until when)
+        self._broken: dict[str, tuple[int, float, float]] = {}
         self._bundles: dict[str, UnpackedBundle] = {}
         self._executors: dict[str, Executor] = {}
         self._last_bundle: str | None = None
@@ -406,9 +407,7 @@ class Agent:
         """A message could not even be claimed: give it back, later when waiting helps."""
         self._release(slot, delivery)
         if isinstance(exc, ManifestBroken):
-            count = self._broken.get(delivery.message.run_id, 0) + 1
-            self._broken[delivery.message.run_id] = count
-            delay = min(BROKEN_BACKOFF[0] * 2 ** (count - 1), BROKEN_BACKOFF[1])
+            _, delay, _ = self._broken[delivery.message.run_id]
             log.error("%s; shard %s comes back in %.0fs", exc, delivery.message.shard_id, delay)
         elif isinstance(exc, DiskFull):
             log.error("%s", exc)
@@ -656,6 +655,9 @@ class Agent:
 
     def _manifest(self, run_id: str, *, fresh: bool = False) -> Manifest | None:
         now = self.clock.monotonic()
+        broken = self._broken.get(run_id)
+        if broken is not None and now < broken[2]:  # read again only once the back-off is over
+            raise ManifestBroken(f"the manifest of run {run_id} cannot be read", run_id=run_id)
         cached = self._manifests.get(run_id)
         if not fresh and cached is not None and now - cached[1] < self.config.manifest_ttl:
             return cached[0]
@@ -669,6 +671,9 @@ class Agent:
                 manifest = Manifest.from_json(raw)
             except (ValueError, TypeError, KeyError) as exc:
                 self._manifests.pop(run_id, None)
+                count = (broken[0] if broken else 0) + 1
+                delay = min(BROKEN_BACKOFF[0] * 2 ** (count - 1), BROKEN_BACKOFF[1])
+                self._broken[run_id] = (count, delay, now + delay)
                 raise ManifestBroken(
                     f"the manifest {self.store.url(key)} of run {run_id} cannot be read ({exc})",
                     run_id=run_id,
