@@ -15,6 +15,7 @@ from worker.clock import SYSTEM_CLOCK, Clock
 from worker.queue import EventBus
 
 LOCAL_IDLE_TIMEOUT = 30.0  # seconds a detached local worker lingers after its work is done
+LOCAL_POLL_SECONDS = 0.1  # the watch loop's pace locally: a poll costs a few SQLite reads
 
 
 @dataclass
@@ -64,6 +65,7 @@ def open_deployment(config: Config, *, clock: Clock = SYSTEM_CLOCK) -> Deploymen
             make_fleet=make_fleet,
             default_workers=max(os.cpu_count() or 1, 1),
             open_run_events=open_run_events,
+            poll_seconds=LOCAL_POLL_SECONDS,
         )
     from runner.gcp import open_gcp_deployment  # the cloud clients load only when needed
 

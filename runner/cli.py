@@ -23,6 +23,7 @@ from runner import report, runs
 from runner import shards as shard_sources
 from runner.backends import Deployment, open_deployment
 from runner.combine import combine_run
+from runner.fleet import Fleet
 from runner.watch import Watcher
 from worker import defaults
 from worker.errors import CFlowError
@@ -213,15 +214,24 @@ def submit(
                 err.print(f"  published {published} shards", end="\r")
 
         store_ = dep.backends.store
-        manifest = runs.create_run(
-            store=store_,
-            queue=dep.backends.queue,
-            task_dir=task_dir,
-            shards=source,
-            options=options,
-            stage_input=dep.stage_input,
-            on_published=on_published,
-        )
+        fleet = dep.fleet(slots=slots, idle_timeout=idle_timeout)
+        # Local workers boot while the run is made (their interpreter start is most of a short
+        # run's fixed cost); VMs are sized once the shard count is known.
+        early = _start_early(fleet, dep, options.workers, shard_count) if not detach else []
+        try:
+            manifest = runs.create_run(
+                store=store_,
+                queue=dep.backends.queue,
+                task_dir=task_dir,
+                shards=source,
+                options=options,
+                stage_input=dep.stage_input,
+                on_published=on_published,
+            )
+        except BaseException:
+            if early:
+                fleet.delete(early)
+            raise
         run_id = manifest.run_id
         out.print(run_id)
         max_workers = min(options.workers, manifest.shard_count)
@@ -229,7 +239,6 @@ def submit(
             f"cflow: run {run_id}: {manifest.shard_count} shards, up to {max_workers} workers"
             f" x {slots} slots; store {store_.url(Layout.run_prefix(run_id))}"
         )
-        fleet = dep.fleet(slots=slots, idle_timeout=idle_timeout)
         watcher = Watcher(
             manifest=manifest,
             store=store_,
@@ -248,6 +257,14 @@ def submit(
             watcher, dep, cancel_on_interrupt=cancel_on_interrupt, out_dir=out_dir
         )
     raise typer.Exit(code)
+
+
+def _start_early(fleet: Fleet, dep: Deployment, workers: int, shards: int | None) -> list[str]:
+    """On the local backend, start the workers a run is sure to need before it is made."""
+    if not dep.config.is_local:
+        return []
+    wanted = min(workers, shards if shards is not None else 1) - len(fleet.instances())
+    return fleet.grow(wanted) if wanted > 0 else []
 
 
 def _watch_and_finish(

@@ -62,6 +62,7 @@ MAX_PREFETCH = 32  # most messages one slot holds at once
 SETTLE_BATCH = 64  # most attempts settled in one transaction
 SETTLE_AGE = 0.02  # seconds a finished attempt may wait for its batch
 BROKEN_BACKOFF = (2.0, 120.0)  # seconds: redelivery delay for a run whose manifest is broken
+LOCAL_POLL = 0.1  # seconds a local receive waits before the loop looks at stop requests
 DISK_FULL_PAUSE = 5.0  # seconds a worker waits before trying a full disk again
 
 
@@ -96,6 +97,19 @@ class Claim:
     attempt: int
     started: float
     bundle: str
+
+
+@dataclass
+class _Prepared:
+    """An attempt made ready to start (or already failed before it could)."""
+
+    claim: Claim
+    log: _Log
+    out_dir: Path
+    executor: Executor | None = None
+    shard: TaskShard | None = None
+    task: RunningTask | None = None
+    early: _Outcome | None = None
 
 
 class ManifestBroken(CFlowError):
@@ -239,9 +253,11 @@ class Agent:
 
     def _slot_loop(self, slot: _Slot) -> None:
         cfg = self.config
+        # A local receive is a cheap query: wait in short pieces, so a stop is seen at once.
+        poll = min(cfg.poll_seconds, LOCAL_POLL) if self.ledger.batches else cfg.poll_seconds
         while not self.stopping:
             try:
-                deliveries = self.queue.receive(slot.prefetch, cfg.poll_seconds, worker=cfg.name)
+                deliveries = self.queue.receive(slot.prefetch, poll, worker=cfg.name)
             except DiskFull as exc:
                 log.error("%s", exc)
                 self.clock.sleep(DISK_FULL_PAUSE)
@@ -254,12 +270,16 @@ class Agent:
             slot.held = list(deliveries)
             slot.unstarted = self._claim_all(slot, deliveries)
             durations: list[float] = []
+            ahead = self._start_ahead(slot) if len(slot.unstarted) > 1 else {}
             while slot.unstarted and not self.stopping:
                 claim = slot.unstarted.pop(0)
                 began = time.perf_counter()
-                self._attempt_safely(slot, claim)
+                self._attempt_safely(slot, claim, ahead.pop(id(claim), None))
                 durations.append(time.perf_counter() - began)
                 self._maybe_flush(slot)
+            for prepared in ahead.values():  # stopping: what is queued in the host goes too
+                if prepared.task is not None:
+                    prepared.task.stop(self.config.preempt_grace)
             self._give_back(slot)
             self._flush(slot, force=True)
             self._adapt(slot, durations, len(deliveries))
@@ -422,17 +442,14 @@ class Agent:
         if isinstance(exc, DiskFull):
             self.clock.sleep(DISK_FULL_PAUSE)
 
-    def _attempt_safely(self, slot: _Slot, claim: Claim) -> None:
+    def _attempt_safely(self, slot: _Slot, claim: Claim, prepared: _Prepared | None = None) -> None:
         try:
-            self._attempt(slot, claim)
+            self._attempt(slot, claim, prepared)
         except Exception as exc:  # after the claim: the attempt counts as failed
-            log.exception(
-                "attempt of shard %s failed in the worker", claim.delivery.message.shard_id
-            )
-            self._settle(
-                slot,
-                self._finished(claim, _Outcome(AttemptState.FAILED, None, f"worker error: {exc}")),
-            )
+            shard_id = claim.delivery.message.shard_id
+            log.exception("attempt of shard %s failed in the worker", shard_id)
+            failed = _Outcome(AttemptState.FAILED, None, f"worker error: {exc}")
+            self._settle(slot, self._finished(claim, failed))
 
     def _finished(
         self, claim: Claim, outcome: _Outcome, outputs: list[str] | None = None
@@ -451,24 +468,39 @@ class Agent:
             bundle=claim.bundle,
         )
 
-    def _attempt(self, slot: _Slot, claim: Claim) -> None:
-        manifest, attempt = claim.manifest, claim.attempt
-        run_id, shard = manifest.run_id, claim.delivery.message.shard_record
-        attempt_log = _Log(
-            slot.scratch / "log.txt", self.store, Layout.log(run_id, shard.id, attempt)
-        )
-        out_dir = slot.scratch / "out"
+    def _start_ahead(self, slot: _Slot) -> dict[int, _Prepared]:
+        """Short shards of one warm host: send them all at once, so the host never waits for
+        the worker's bookkeeping between two of them (each keeps its own log and outputs)."""
+        claims = slot.unstarted
+        first = claims[0]
+        same = all(c.bundle == first.bundle and not c.manifest.run_options.isolate for c in claims)
+        if not same or Entry(first.manifest.entry) is not Entry.PYTHON:
+            return {}
+        ahead: dict[int, _Prepared] = {}
+        for position, claim in enumerate(claims):
+            prepared = self._prepare(slot, claim, position)
+            if prepared.executor is not None and not prepared.executor.queues:
+                return ahead  # the task does not import: one at a time shows why
+            if prepared.early is None:
+                self._launch(slot, prepared)
+            ahead[id(claim)] = prepared
+        return ahead
+
+    def _attempt(self, slot: _Slot, claim: Claim, prepared: _Prepared | None = None) -> None:
+        if prepared is None:
+            prepared = self._prepare(slot, claim, 0)
+        run_id, shard_id = claim.manifest.run_id, claim.delivery.message.shard_id
         try:
-            outcome, reason_hint = self._execute(slot, claim, shard, attempt_log, out_dir)
-            outputs = self._seal(run_id, shard.id, attempt, out_dir)
-            attempt_log.store()
+            outcome, reason_hint = self._run(slot, prepared)
+            outputs = self._seal(run_id, shard_id, claim.attempt, prepared.out_dir)
+            prepared.log.store()
         except Exception as exc:
             # The attempt is claimed: record it and count it, so a shard whose outputs cannot be
             # stored fails within its budget instead of looping until it is dead-lettered.
-            log.exception("attempt %d of shard %s failed in the worker", attempt, shard.id)
+            log.exception("attempt %d of shard %s failed in the worker", claim.attempt, shard_id)
             error = _Outcome(AttemptState.FAILED, None, f"worker error: {exc}")
             outcome, reason_hint, outputs = error, None, []
-            shutil.rmtree(out_dir, ignore_errors=True)
+            shutil.rmtree(prepared.out_dir, ignore_errors=True)
         if outcome.state is AttemptState.FAILED and reason_hint:
             outcome.reason = reason_hint
         self._settle(slot, self._finished(claim, outcome, outputs))
@@ -543,36 +575,59 @@ class Agent:
         )
         del run_id, shard_id
 
-    def _execute(
-        self, slot: _Slot, claim: Claim, shard: Shard, attempt_log: _Log, out_dir: Path
-    ) -> tuple[_Outcome, str | None]:
+    def _prepare(self, slot: _Slot, claim: Claim, position: int) -> _Prepared:
+        """The attempt's executor, staged input, log and output folder (its own per position
+        of a batch started ahead); a failure here fails the attempt before it starts."""
         manifest = claim.manifest
         options = manifest.run_options
+        run_id, shard = manifest.run_id, claim.delivery.message.shard_record
         if not slot.ready:  # once per slot: a fresh scratch folder, whatever a crash left
             shutil.rmtree(slot.scratch, ignore_errors=True)
             slot.scratch.mkdir(parents=True, exist_ok=True)
             slot.ready = True
+        key = Layout.log(run_id, shard.id, claim.attempt)
+        prepared = _Prepared(
+            claim=claim,
+            log=_Log(slot.scratch / f"log-{position}.txt", self.store, key),
+            out_dir=slot.scratch / f"out-{position}",
+        )
         try:
-            executor = self._executor(claim.bundle, Entry(manifest.entry), options.isolate)
-            staged = self._stage(shard, options.stage, slot.scratch)
+            prepared.executor = self._executor(claim.bundle, Entry(manifest.entry), options.isolate)
+            staged = self._stage(shard, options.stage, slot.scratch / f"input-{position}")
         except (CFlowError, OSError) as exc:
-            with attempt_log.path.open("a") as fh:
+            with prepared.log.path.open("a") as fh:
                 fh.write(f"cflow: {exc}\n")
-            return _Outcome(AttemptState.FAILED, reason=str(exc)), None
-        task_shard = TaskShard(
-            run_id=manifest.run_id,
+            prepared.early = _Outcome(AttemptState.FAILED, reason=str(exc))
+            return prepared
+        prepared.shard = TaskShard(
+            run_id=run_id,
             id=shard.id,
             index=shard.index,
             attempt=claim.attempt,
             input=staged,
-            output_dir=out_dir,
+            output_dir=prepared.out_dir,
             params=shard.params or {},
         )
-        task = executor.start(task_shard, attempt_log.path, slot=slot.index)
-        outcome = self._supervise(slot, claim, task, attempt_log)
-        hint = task.reason
+        return prepared
+
+    def _launch(self, slot: _Slot, prepared: _Prepared) -> None:
+        assert prepared.executor is not None and prepared.shard is not None
+        prepared.task = prepared.executor.start(prepared.shard, prepared.log.path, slot=slot.index)
+
+    def _run(self, slot: _Slot, prepared: _Prepared) -> tuple[_Outcome, str | None]:
+        if prepared.early is not None:
+            return prepared.early, None
+        if prepared.task is None:
+            self._launch(slot, prepared)
+        assert prepared.task is not None
+        outcome = self._supervise(slot, prepared.claim, prepared.task, prepared.log)
+        if getattr(prepared.task, "not_started", False) and not self._stopping.is_set():
+            # The host died under an earlier shard of the batch: this one never ran. Run it.
+            self._launch(slot, prepared)
+            outcome = self._supervise(slot, prepared.claim, prepared.task, prepared.log)
+        hint = prepared.task.reason
         if hint is None and outcome.state is AttemptState.FAILED:
-            hint = _last_line(attempt_log.path)
+            hint = _last_line(prepared.log.path)
         return outcome, hint
 
     def _supervise(
@@ -590,6 +645,8 @@ class Agent:
             if code is not None:
                 if code == 0:
                     return _Outcome(AttemptState.SUCCEEDED, 0)
+                if self._stopping.is_set() and (code < 0 or getattr(task, "not_started", False)):
+                    return _Outcome(AttemptState.PREEMPTED, code, "worker stopped (preemption)")
                 return _Outcome(AttemptState.FAILED, code, _describe_exit(code))
             now = clock.monotonic()
             if self._stopping.is_set():
@@ -717,7 +774,7 @@ class Agent:
         if not stage:
             return shard.input
         name = shard.input.rstrip("/").rsplit("/", 1)[-1] or "input"
-        target = work / "input" / name
+        target = work / name
         shutil.rmtree(target.parent, ignore_errors=True)
         target.parent.mkdir(parents=True, exist_ok=True)
         self.store.fetch(shard.input, target)

@@ -138,9 +138,9 @@ def test_idle_timeout_counts_from_the_last_finished_attempt(tmp_path: Path) -> N
     )
     original = agent._attempt
 
-    def slow_attempt(slot, delivery):  # type: ignore[no-untyped-def]
+    def slow_attempt(slot, claim, prepared=None):  # type: ignore[no-untyped-def]
         clock.advance(100)  # the shard takes 100 s of (fake) time, past the idle timeout
-        original(slot, delivery)
+        original(slot, claim, prepared)
 
     agent._attempt = slow_attempt  # type: ignore[method-assign]
     start = clock.monotonic()
