@@ -79,6 +79,7 @@ class AgentConfig:
     manifest_ttl: float = defaults.MANIFEST_TTL
     preempt_grace: float = defaults.PREEMPT_GRACE
     poll_seconds: float = defaults.POLL_SECONDS
+    first_prefetch: int = 1  # messages a slot receives at once before it has timed a shard
 
 
 @dataclass
@@ -230,6 +231,8 @@ class Agent:
         self._lifetime(stopped=False)
         self._last_finished = self.clock.monotonic()
         slots = self._slots = [_Slot(i, self._scratch) for i in range(self.config.slots)]
+        for slot in slots:
+            slot.prefetch = max(self.config.first_prefetch, 1)
         threads = [
             threading.Thread(target=self._slot_loop, args=(s,), name=f"slot-{s.index}")
             for s in slots[1:]

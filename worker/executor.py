@@ -169,6 +169,7 @@ class _Host:
         self.outstanding: list[int] = []  # request ids sent and not yet answered, in order
         self.replies: dict[int, dict[str, Any]] = {}
         self.dead_code: int | None = None  # the host's exit status once it died
+        self.died_under: int | None = None  # the request it was running then
         self._fd = self._stdout.fileno()
         self._buffer = b""  # replies are read unbuffered: select() must see what is pending
         first = self._line(None)
@@ -232,6 +233,7 @@ class _Host:
         reaper.kill_group(self.proc.pid)
         PROCESSES.forget(self.proc.pid)
         self.dead_code = code if code != 0 else 1  # a host never exits 0 with shards queued
+        self.died_under = self.outstanding[0] if self.outstanding else None  # what it ran
         self.recycle = True
 
     def close(self) -> None:
@@ -278,7 +280,7 @@ class _HostTask(RunningTask):
             return self._code
         # The host died: under this shard (os._exit, a crash, our own kill), or before it.
         assert host.dead_code is not None
-        self.not_started = bool(host.outstanding) and host.outstanding[0] != self._id
+        self.not_started = host.died_under != self._id
         with contextlib.suppress(ValueError):
             host.outstanding.remove(self._id)
         PROCESSES.ended(self.token)
