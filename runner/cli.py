@@ -25,6 +25,7 @@ from runner.backends import Deployment, open_deployment
 from runner.combine import combine_run
 from runner.watch import Watcher
 from worker import defaults
+from worker.container_runtime import check_image
 from worker.errors import CFlowError
 from worker.protocol import Layout, Manifest, RunOptions, RunState, ShardState
 from worker.store import Store
@@ -162,6 +163,10 @@ def submit(
             help="Near the end, run a backup attempt of stragglers; the first to commit wins.",
         ),
     ] = False,
+    image: Annotated[
+        str | None,
+        typer.Option("--image", help="Run each attempt in this container image (podman/docker)."),
+    ] = None,
     local: LocalOpt = False,
     store: StoreOpt = None,
     deployment: DeploymentOpt = None,
@@ -194,7 +199,10 @@ def submit(
             workers=workers or dep.default_workers,
             slots=slots,
             speculate=speculate,
+            image=image,
         )
+        if image is not None and cfg.is_local:  # the workers share this machine's images
+            check_image(image)
         published = 0
 
         def on_published(n: int) -> None:

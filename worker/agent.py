@@ -28,6 +28,7 @@ from pathlib import Path
 from worker import defaults
 from worker.bundle import UnpackedBundle, unpack
 from worker.clock import SYSTEM_CLOCK, Clock
+from worker.container import ContainerExecutor
 from worker.errors import CFlowError, NotFound, TaskError
 from worker.executor import Executor, RunningTask
 from worker.protocol import (
@@ -103,7 +104,7 @@ class Agent:
         self._busy = 0
         self._manifests: dict[str, tuple[Manifest | None, float]] = {}
         self._bundles: dict[str, UnpackedBundle] = {}
-        self._executors: dict[str, Executor] = {}
+        self._executors: dict[str, Executor | ContainerExecutor] = {}
         self._last_bundle: str | None = None
         self._setup_lock = threading.Lock()
         self.completed = 0  # attempts finished (any outcome), for tests and reports
@@ -463,10 +464,12 @@ class Agent:
             for sha in [sha for sha in self._executors if sha != self._last_bundle]:
                 self._executors.pop(sha).close()
 
-    def _executor(self, manifest: Manifest) -> Executor:
+    def _executor(self, manifest: Manifest) -> Executor | ContainerExecutor:
+        image = manifest.run_options.image
+        key = manifest.bundle if image is None else f"{manifest.bundle} {image}"
         with self._setup_lock:
-            self._last_bundle = manifest.bundle
-            executor = self._executors.get(manifest.bundle)
+            self._last_bundle = key
+            executor = self._executors.get(key)
             if executor is None:
                 bundle = self._bundles.get(manifest.bundle)
                 if bundle is None:
@@ -476,8 +479,14 @@ class Agent:
                         raise TaskError(f"task bundle {manifest.bundle[:12]} is missing") from None
                     bundle = unpack(data, manifest.bundle, self.config.scratch / "bundles")
                     self._bundles[manifest.bundle] = bundle
-                executor = Executor(bundle, Entry(manifest.entry))
-                self._executors[manifest.bundle] = executor
+                if image is None:
+                    executor = Executor(bundle, Entry(manifest.entry))
+                else:  # raises ContainerRuntimeMissing / ImagePullError for the whole run
+                    timeout = manifest.run_options.timeout
+                    executor = ContainerExecutor(
+                        bundle, Entry(manifest.entry), image, timeout=timeout
+                    )
+                self._executors[key] = executor
             return executor
 
     def _stage(self, shard: Shard, stage: bool, work: Path) -> str | None:

@@ -115,6 +115,7 @@ class RunOptions(_Record):
     workers: int = 0  # most workers the runner runs at once (0: the backend's default)
     slots: int = defaults.SLOTS  # shards per worker, so a re-attached runner sizes alike
     speculate: bool = False  # back up stragglers near the end (a re-attached runner too)
+    image: str | None = None  # run each attempt in this container image (worker.container)
 
 
 @dataclass(frozen=True)
