@@ -178,20 +178,14 @@ def lay_out(
                 )
             )
     lanes = []
-    for worker, bars in per_worker.items():
-        bars = _assign_slots(bars)
-        record = lifetimes.get(worker)
-        if record is not None:
-            stopped = record.get("stopped_at") or record.get("last_seen") or now
-            start, end, billing = float(record["started_at"]) - t0, float(stopped) - t0, LIFETIME
-            start = max(start, 0.0)  # time before the run was paid for by something else
-            kind = record.get("machine_type") or machine_type
-            spot = record.get("provisioning", "spot") != "standard"
-        else:
-            start, end = min(b.start for b in bars), max(b.end for b in bars)
-            billing, kind, spot = ATTEMPTS, machine_type, True
-        cost = prices.cost(kind, end - start, spot=spot) if kind else None
-        lanes.append(Lane(worker, bars, start, end, billing, kind, spot, cost))
+    for worker, all_bars in per_worker.items():
+        runs_of = _incarnations(all_bars)
+        for n, bars in enumerate(runs_of, 1):
+            name = worker if len(runs_of) == 1 else f"{worker} ({n})"
+            record = lifetimes.get(worker)
+            if record is not None and min(b.start for b in bars) + t0 < record["started_at"]:
+                record = None  # an earlier process under the same name: its record is gone
+            lanes.append(_lane(name, _assign_slots(bars), record, prices, machine_type, t0, now))
     lanes.sort(key=lambda lane: (min(b.start for b in lane.bars), lane.worker))
     queue = _queue_depth(reports, t0, now)
     return Timeline(
@@ -203,6 +197,44 @@ def lay_out(
         queue=queue,
         summary=_summary(manifest, reports, lanes, prices),
     )
+
+
+def _incarnations(bars: list[Bar]) -> list[list[Bar]]:
+    """Split one worker name's attempts where the worker stopped: a preempted attempt means its
+    agent was stopping, so a later attempt under the same name is a new process (local workers
+    reuse free names) and gets a lane of its own."""
+    groups: list[list[Bar]] = [[]]
+    stopped_at: float | None = None
+    for bar in sorted(bars, key=lambda b: (b.start, b.end)):
+        if stopped_at is not None and bar.start >= stopped_at:
+            groups.append([])
+            stopped_at = None
+        groups[-1].append(bar)
+        if bar.outcome == AttemptState.PREEMPTED.value:
+            stopped_at = max(stopped_at or bar.end, bar.end)
+    return groups
+
+
+def _lane(
+    name: str,
+    bars: list[Bar],
+    record: dict[str, Any] | None,
+    prices: PriceTable,
+    machine_type: str | None,
+    t0: float,
+    now: float,
+) -> Lane:
+    if record is not None:
+        stopped = record.get("stopped_at") or record.get("last_seen") or now
+        start, end, billing = float(record["started_at"]) - t0, float(stopped) - t0, LIFETIME
+        start = max(start, 0.0)  # time before the run was paid for by something else
+        kind = record.get("machine_type") or machine_type
+        spot = record.get("provisioning", "spot") != "standard"
+    else:
+        start, end = min(b.start for b in bars), max(b.end for b in bars)
+        billing, kind, spot = ATTEMPTS, machine_type, True
+    cost = prices.cost(kind, end - start, spot=spot) if kind else None
+    return Lane(name, bars, start, end, billing, kind, spot, cost)
 
 
 def _assign_slots(bars: list[Bar]) -> list[Bar]:
