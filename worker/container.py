@@ -64,7 +64,8 @@ class ContainerExecutor:
         image: the image reference (pulled here once if it is missing).
         runtime: the engine (default: :func:`detect_runtime`).
         timeout: the run's attempt timeout in seconds; podman kills a container left running
-            :data:`BACKSTOP_SECONDS` past it even if this worker died.
+            ``backstop`` seconds past it (default :data:`BACKSTOP_SECONDS`) even if this
+            worker died.
         network: the container network (default ``host``: the task reaches what the worker
             reaches, such as the metadata server, without a network namespace per attempt).
 
@@ -80,6 +81,7 @@ class ContainerExecutor:
         *,
         runtime: Runtime | None = None,
         timeout: float | None = None,
+        backstop: float = BACKSTOP_SECONDS,
         network: str = "host",
     ):
         self.bundle = bundle
@@ -87,6 +89,7 @@ class ContainerExecutor:
         self.image = image
         self.runtime = runtime or detect_runtime()
         self.timeout = timeout
+        self.backstop = backstop
         self.network = network
         self._live: set[str] = set()
         self._lock = threading.Lock()
@@ -121,7 +124,7 @@ class ContainerExecutor:
         argv += [*rt.init_args, "--read-only", "--tmpfs", "/tmp"]
         argv += ["--network", self.network, "--workdir", TASK_DIR]
         if rt.name == "podman" and self.timeout is not None:
-            argv += ["--timeout", str(int(self.timeout + BACKSTOP_SECONDS))]
+            argv += ["--timeout", str(max(1, round(self.timeout + self.backstop)))]
         if rt.name == "docker" and os.getuid() != 0:
             argv += ["--user", f"{os.getuid()}:{os.getgid()}"]  # a rootful daemon's outputs
         for key, value in {

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import textwrap
 import time
@@ -205,3 +207,26 @@ def test_a_missing_image_is_one_clear_error_pulled_once(
         assert message.startswith(f"image {image} is not on this worker and cannot be pulled: ")
         assert "\n" not in message and caught.value.image == image
     assert runtime.pulls == [image]  # the failure is remembered, not retried per shard
+
+
+def test_a_container_outlives_no_dead_worker_past_its_timeout(
+    container_runtime: Runtime, shell_image: str, tmp_path: Path
+) -> None:
+    if container_runtime.name != "podman":
+        pytest.skip("the backstop is podman's --timeout; docker has none")
+    bundle = _bundle(tmp_path, "task.sh", "sleep 3120\n")
+    shard = _shard(tmp_path)
+    executor = ContainerExecutor(
+        bundle, Entry.SHELL, shell_image, runtime=container_runtime, timeout=1, backstop=1
+    )
+    task = executor.start(shard, tmp_path / "log.txt")
+    assert task.wait(1.0) is None
+    assert task.pid is not None
+    os.killpg(task.pid, signal.SIGKILL)  # the worker's side is gone, as if it was SIGKILLed
+    deadline = time.monotonic() + 20
+    while _host_processes("sleep 3120") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _host_processes("sleep 3120") == []
+    while _containers(container_runtime, shard.run_id) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _containers(container_runtime, shard.run_id) == []
