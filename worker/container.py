@@ -19,6 +19,7 @@ even if its worker died.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import secrets
 import select
@@ -247,6 +248,7 @@ def _safe_name(name: str) -> str:
 
 
 _links_dir: Path | None = None
+_links_lock = threading.Lock()
 
 
 def _mount_source(path: Path) -> str:
@@ -255,8 +257,11 @@ def _mount_source(path: Path) -> str:
     if ":" not in text and "," not in text:
         return text
     global _links_dir
-    if _links_dir is None:
-        _links_dir = Path(tempfile.mkdtemp(prefix="cflow-mounts-"))
-    link = _links_dir / f"{secrets.token_hex(8)}-{_safe_name(path.name)}"
-    link.symlink_to(path)
+    with _links_lock:
+        if _links_dir is None:
+            _links_dir = Path(tempfile.mkdtemp(prefix="cflow-mounts-"))
+    digest = hashlib.sha256(text.encode()).hexdigest()[:16]  # one link per input, reused
+    link = _links_dir / f"{digest}-{_safe_name(path.name)}"
+    with contextlib.suppress(FileExistsError):
+        link.symlink_to(path)
     return str(link)
