@@ -10,7 +10,9 @@ Podman needs settings that depend on the machine; :func:`detect_runtime` works t
   runc then fails with "error setting rlimit type 7: operation not permitted".
 - ``--init`` with catatonit when it is installed, so PID 1 forwards SIGTERM to the task.
 
-Images are pulled once per image per worker process; a pull failure raises
+Images are pulled once per image per worker process. Before pulling from Artifact Registry
+(``REGION-docker.pkg.dev``) or ``gcr.io`` the engine is logged in with this machine's Google
+credentials (on a VM, its service account), so a worker needs no key. A pull failure raises
 :class:`ImagePullError`, remembered for :data:`PULL_RETRY_SECONDS`, so the shards behind it fail at
 once with the same message instead of each pulling again.
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -74,14 +77,15 @@ class Runtime:
         return {**os.environ, **self.env}
 
     def call(
-        self, *args: str, timeout: float = COMMAND_TIMEOUT
+        self, *args: str, timeout: float = COMMAND_TIMEOUT, input: str | None = None
     ) -> subprocess.CompletedProcess[str]:
         """Run one engine command, capturing its output; never raises for a non-zero exit."""
         try:
             return subprocess.run(
                 self.argv(*args),
                 env=self.environ(),
-                stdin=subprocess.DEVNULL,
+                input=input,
+                stdin=None if input is not None else subprocess.DEVNULL,
                 capture_output=True,
                 text=True,
                 timeout=timeout,
@@ -257,12 +261,16 @@ def ensure_image(runtime: Runtime, image: str, *, where: str = "this worker") ->
         if _image_present(runtime, image):
             _pulled[key] = None
             return
+        host = registry_host(image)
+        login_problem = google_login(runtime, host) if is_google_registry(host) else None
         proc = runtime.call("pull", "--quiet", image, timeout=PULL_TIMEOUT)
         if proc.returncode == 0:
             _pulled[key] = None
             return
         lines = (proc.stderr or proc.stdout).strip().splitlines()
         detail = lines[-1].removeprefix("Error: ") if lines else f"exit code {proc.returncode}"
+        if login_problem:
+            detail += f" ({login_problem})"
         failure = ImagePullError(
             f"image {image} is not on {where} and cannot be pulled: {detail}", image=image
         )
@@ -275,3 +283,51 @@ def _image_present(runtime: Runtime, image: str) -> bool:
     if runtime.name == "podman":
         return runtime.call("image", "exists", image).returncode == 0
     return runtime.call("image", "inspect", "--format", "{{.Id}}", image).returncode == 0
+
+
+_GOOGLE_REGISTRY = re.compile(r"^([a-z0-9-]+-docker\.pkg\.dev|([a-z]+\.)?gcr\.io)$")
+CLOUD_PLATFORM_SCOPE = "https://www.googleapis.com/auth/cloud-platform"
+
+
+def registry_host(image: str) -> str | None:
+    """The registry an image reference names (``us-docker.pkg.dev``), or None for a short name
+    such as ``python:3.12``, which the engine resolves itself."""
+    first, sep, _ = image.partition("/")
+    if not sep or ("." not in first and ":" not in first and first != "localhost"):
+        return None
+    return first
+
+
+def is_google_registry(host: str | None) -> bool:
+    """Artifact Registry (``REGION-docker.pkg.dev``) or Container Registry (``gcr.io``)."""
+    return host is not None and bool(_GOOGLE_REGISTRY.match(host))
+
+
+def google_login(runtime: Runtime, host: str | None) -> str | None:
+    """Log the engine in to a Google registry with this machine's credentials (on a VM, its
+    service account's token from the metadata server); None when done, else why not."""
+    if host is None:
+        return None
+    try:
+        import google.auth
+        from google.auth.transport.requests import Request
+    except ImportError:
+        return "google-auth is not installed, so no token for the registry"
+    try:
+        credentials, _ = google.auth.default(scopes=[CLOUD_PLATFORM_SCOPE])
+        credentials.refresh(Request())
+    except Exception as exc:  # no credentials, or the token endpoint refused: say which
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return f"no Google credentials for {host}: {first[:160]}"
+    proc = runtime.call(
+        "login",
+        "--username",
+        "oauth2accesstoken",
+        "--password-stdin",
+        host,
+        input=credentials.token,
+    )
+    if proc.returncode != 0:
+        lines = (proc.stderr or proc.stdout).strip().splitlines()
+        return f"login to {host} failed: {lines[-1] if lines else proc.returncode}"
+    return None

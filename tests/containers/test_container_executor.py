@@ -181,10 +181,12 @@ class _CountingRuntime(Runtime):
 
     pulls: list[str]
 
-    def call(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    def call(
+        self, *args: str, timeout: float = 60.0, input: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
         if args[:1] == ("pull",):
             self.pulls.append(args[-1])
-        return super().call(*args, timeout=timeout)
+        return super().call(*args, timeout=timeout, input=input)
 
 
 def test_a_missing_image_is_one_clear_error_pulled_once(

@@ -10,9 +10,14 @@ import pytest
 
 from worker.container_runtime import (
     ContainerRuntimeMissing,
+    ImagePullError,
+    Runtime,
     cgroup_mode,
     detect_runtime,
+    ensure_image,
+    is_google_registry,
     podman_settings,
+    registry_host,
 )
 
 
@@ -91,3 +96,33 @@ def test_an_unknown_engine_choice_is_refused(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv("CFLOW_CONTAINER_RUNTIME", "lxc")
     with pytest.raises(ContainerRuntimeMissing, match="choose podman or docker"):
         detect_runtime()
+
+
+@pytest.mark.parametrize(
+    ("image", "host", "google"),
+    [
+        ("us-docker.pkg.dev/p/r/ml:1.4", "us-docker.pkg.dev", True),
+        ("europe-west4-docker.pkg.dev/p/r/ml@sha256:00", "europe-west4-docker.pkg.dev", True),
+        ("gcr.io/p/ml", "gcr.io", True),
+        ("eu.gcr.io/p/ml", "eu.gcr.io", True),
+        ("localhost/cflow-test-busybox:1", "localhost", False),
+        ("registry.example.com:5000/ml", "registry.example.com:5000", False),
+        ("python:3.12", None, False),
+        ("library/python", None, False),
+    ],
+)
+def test_registry_of_an_image(image: str, host: str | None, google: bool) -> None:
+    assert registry_host(image) == host
+    assert is_google_registry(registry_host(image)) is google
+
+
+def test_a_google_registry_without_credentials_says_so(
+    container_runtime: Runtime, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "no-key.json"))
+    image = "us-docker.pkg.dev/no-project/no-repo/ml:1.4"
+    with pytest.raises(ImagePullError) as caught:
+        ensure_image(container_runtime, image)
+    message = str(caught.value)
+    assert message.startswith(f"image {image} is not on this worker and cannot be pulled: ")
+    assert "(no Google credentials for us-docker.pkg.dev: " in message and "\n" not in message
