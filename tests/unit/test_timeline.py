@@ -1,4 +1,4 @@
-"""The run report's data, built from records written to a real local store, and the price table."""
+"""The run report's data from records in a real store (local, and GCS on its emulator); prices."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import pytest
 
 from runner.prices import PriceTable, load_prices
 from runner.render import render
-from runner.timeline import ATTEMPTS, LIFETIME, build_timeline, lifetime_key
+from runner.timeline import ATTEMPTS, LIFETIME, Timeline, build_timeline, lifetime_key
+from tests.contract.conftest import backends
+from worker.backends import Backends
 from worker.errors import ConfigError
 from worker.local_store import LocalStore
 from worker.protocol import (
@@ -21,7 +23,9 @@ from worker.protocol import (
     ShardFailure,
     ShardResult,
 )
+from worker.store import Store
 
+__all__ = ["backends"]  # the contract suite's fixture: the local and the emulated GCS store
 RUN = "r20260101-000000-abcdef"
 T0 = 1_000_000.0
 
@@ -39,8 +43,7 @@ def _status(shard: str, n: int, state: str, worker: str, start: float, end: floa
     )
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> LocalStore:
+def _write_run(st: Store) -> None:
     """A run of four shards on three worker names, two slots each:
 
     a: w1 fails (2.5-3), w2 succeeds (4-6)            -> a retry
@@ -48,7 +51,6 @@ def store(tmp_path: Path) -> LocalStore:
     c: w2 succeeds (1-2), a backup on w1 discarded (1.5-2.5)
     d: w1 fails (3-4), a new process named w3 fails (5-6): failed for good
     """
-    st = LocalStore(tmp_path / "store")
     shards = [Shard(id=s, index=i) for i, s in enumerate("abcd")]
     st.put(Layout.shard_list(RUN), "".join(json.dumps(s.to_dict()) + "\n" for s in shards).encode())
     manifest = Manifest(
@@ -81,7 +83,30 @@ def store(tmp_path: Path) -> LocalStore:
         st.put(Layout.result(RUN, shard), result.to_json())
     failure = ShardFailure(RUN, "d", 2, 2, 1, "exited with code 1", at=T0 + 6)
     st.put(Layout.failure(RUN, "d"), failure.to_json())
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> LocalStore:
+    st = LocalStore(tmp_path / "store")
+    _write_run(st)
     return st
+
+
+def _comparable(timeline: Timeline) -> dict[str, object]:
+    data = timeline.to_dict()
+    data.pop("generated_at")
+    return data
+
+
+def test_every_backend_gives_the_same_timeline(store: LocalStore, backends: Backends) -> None:
+    _write_run(backends.store)
+    lifetime = {"worker": "w1", "started_at": T0, "stopped_at": T0 + 8, "machine_type": "e2-small"}
+    for st in (store, backends.store):
+        st.put(lifetime_key("w1"), json.dumps(lifetime).encode())
+    local = build_timeline(store, RUN, now=T0 + 100)
+    other = build_timeline(backends.store, RUN, now=T0 + 100)
+    assert _comparable(other) == _comparable(local)
+    assert local.lanes[2].billing == LIFETIME and local.summary.estimated_cost is not None
 
 
 def test_lanes_bars_and_outcomes(store: LocalStore) -> None:
