@@ -12,8 +12,9 @@ nowhere but its output folder. ``task.py`` runs with the image's ``python3`` thr
 ``python -m worker.zygote --once /task``; ``task.sh`` with the image's bash, else its sh. The
 ``CFLOW_*`` variables carry the paths as the task sees them. A small init is PID 1 (when the
 engine has one), so SIGTERM reaches the task; when the attempt ends every process in the
-container goes with it, and podman kills a container left running past the attempt's timeout
-even if its worker died.
+container goes with it. A worker that dies cannot clean up: podman kills its container
+a minute past the attempt's timeout, and the next worker process on the host removes any
+container whose worker is gone (:func:`reap_orphans`, docker too).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import os
 import secrets
 import select
 import signal
+import socket
 import subprocess
 import tempfile
 import threading
@@ -50,6 +52,7 @@ DEPS_DIR = "/opt/cflow/deps"
 INPUT_DIR = "/cflow/input"
 OUTPUT_DIR = "/cflow/out"
 BACKSTOP_SECONDS = 60.0  # podman kills a container this long after the attempt's timeout
+OWNER_LABEL = "cflow.owner"  # HOST:PID of the worker process that started the container
 
 _WORKER_PACKAGE = Path(worker.__file__).resolve().parent
 
@@ -95,6 +98,7 @@ class ContainerExecutor:
         self._live: set[str] = set()
         self._lock = threading.Lock()
         ensure_image(self.runtime, image)
+        reap_orphans(self.runtime)
 
     def command(self, shard: TaskShard, name: str) -> list[str]:
         """The engine command line that runs one attempt as container ``name``."""
@@ -132,6 +136,7 @@ class ContainerExecutor:
             "cflow.run": shard.run_id,
             "cflow.shard": shard.id,
             "cflow.attempt": str(shard.attempt),
+            OWNER_LABEL: _owner(),
         }.items():
             argv += ["--label", f"{key}={value}"]
         for source, target, mode in mounts:
@@ -265,3 +270,47 @@ def _mount_source(path: Path) -> str:
     with contextlib.suppress(FileExistsError):
         link.symlink_to(path)
     return str(link)
+
+
+def _owner() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+_reaped: set[str] = set()
+_reap_lock = threading.Lock()
+
+
+def reap_orphans(runtime: Runtime) -> list[str]:
+    """Remove containers that a dead worker process on this host left running (a SIGKILLed
+    worker cannot clean up; docker has no ``--timeout`` to end them). Once per process and
+    engine; returns the names removed."""
+    with _reap_lock:
+        if runtime.binary in _reaped:
+            return []
+        _reaped.add(runtime.binary)
+    host = socket.gethostname()
+    listed = runtime.call("ps", "--all", "--quiet", "--filter", f"label={OWNER_LABEL}")
+    ids = listed.stdout.split()
+    if listed.returncode != 0 or not ids:
+        return []
+    template = '{{.Name}} {{index .Config.Labels "' + OWNER_LABEL + '"}}'
+    inspected = runtime.call("inspect", "--format", template, *ids)
+    removed = []
+    for line in inspected.stdout.splitlines():
+        name, _, owner = line.strip().lstrip("/").partition(" ")
+        owner_host, _, pid = owner.rpartition(":")
+        if owner_host != host or not pid.isdigit() or _alive(int(pid)):
+            continue
+        _remove(runtime, name)
+        removed.append(name)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -214,14 +214,16 @@ def detect_runtime(prefer: str | None = None, conf_dir: Path | None = None) -> R
             notes += ("no catatonit: PID 1 is the task itself (SIGTERM may be ignored)",)
         return Runtime("podman", podman, args, extra, init, notes)
     docker = shutil.which("docker") if prefer in (None, "docker") else None
-    why = "podman and docker are not installed"
+    no_podman = "" if prefer == "docker" else "podman is not installed and "
     if docker:
         problem = _docker_reachable(docker)
         if problem is None:
             return Runtime("docker", docker, init_args=("--init",))
-        why = f"podman is not installed and docker's daemon is not reachable ({problem})"
-    elif prefer == "podman":
-        why = "podman is not installed"
+        why = f"{no_podman}docker's daemon is not reachable ({problem})"
+    else:
+        why = {"podman": "podman is not installed", "docker": "docker is not installed"}.get(
+            prefer or "", "podman and docker are not installed"
+        )
     raise ContainerRuntimeMissing(
         f"--image needs a container runtime but {why}; install podman"
         " (`apt-get install podman runc catatonit`) or start docker"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import textwrap
 import time
 from pathlib import Path
@@ -232,3 +233,69 @@ def test_a_container_outlives_no_dead_worker_past_its_timeout(
     while _containers(container_runtime, shard.run_id) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert _containers(container_runtime, shard.run_id) == []
+
+
+WORKER_SCRIPT = """
+import sys, time
+from pathlib import Path
+from worker.bundle import UnpackedBundle
+from worker.container import ContainerExecutor
+from worker.container_runtime import detect_runtime
+from worker.protocol import Entry
+from worker.taskapi import TaskShard
+
+root, image, engine = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+executor = ContainerExecutor(UnpackedBundle("0" * 64, root, None), Entry.SHELL, image,
+                             runtime=detect_runtime(engine))
+shard = TaskShard("r20260101-000000-orphan", "s", 0, 1, None, root.parent / "out")
+executor.start(shard, root.parent / "log.txt")
+print("started", flush=True)
+time.sleep(600)
+"""
+
+REAPER_SCRIPT = """
+import sys
+from worker.container import reap_orphans
+from worker.container_runtime import detect_runtime
+print(" ".join(reap_orphans(detect_runtime(sys.argv[1]))))
+"""
+
+
+def test_the_next_worker_removes_what_a_killed_one_left(
+    container_runtime: Runtime, shell_image: str, tmp_path: Path
+) -> None:
+    bundle = _bundle(tmp_path, "task.sh", "sleep 3121\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    worker = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            WORKER_SCRIPT,
+            str(bundle.root),
+            shell_image,
+            container_runtime.name,
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert worker.stdout is not None and worker.stdout.readline().strip() == "started"
+    run_id = "r20260101-000000-orphan"
+    deadline = time.monotonic() + 30
+    while not _host_processes("sleep 3121") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(_containers(container_runtime, run_id)) == 1
+    worker.kill()  # SIGKILL: no cleanup runs in the worker
+    worker.wait()
+    time.sleep(0.5)
+    assert len(_containers(container_runtime, run_id)) == 1  # left behind, still running
+    reaper = subprocess.run(
+        [sys.executable, "-c", REAPER_SCRIPT, container_runtime.name],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert reaper.stdout.strip().startswith("cflow-r20260101-000000-orphan-s-1-")
+    assert _containers(container_runtime, run_id) == []
+    assert _host_processes("sleep 3121") == []

@@ -28,6 +28,11 @@ def run(shard):
 """
 
 
+@pytest.fixture(autouse=True)
+def _workers_use_the_engine_under_test(cli: Cli, container_runtime: Runtime) -> None:
+    cli.env["CFLOW_CONTAINER_RUNTIME"] = container_runtime.name
+
+
 def _rows(path: Path) -> list[list[str]]:
     with path.open(newline="", encoding="utf-8") as fh:
         return list(csv.reader(fh))
