@@ -465,8 +465,9 @@ class Agent:
                 self._executors.pop(sha).close()
 
     def _executor(self, manifest: Manifest) -> Executor | ContainerExecutor:
-        image = manifest.run_options.image
-        key = manifest.bundle if image is None else f"{manifest.bundle} {image}"
+        image, timeout = manifest.run_options.image, manifest.run_options.timeout
+        # A container executor also carries the run's timeout (its backstop): key by both.
+        key = manifest.bundle if image is None else f"{manifest.bundle} {image} {timeout:g}"
         with self._setup_lock:
             self._last_bundle = key
             executor = self._executors.get(key)
@@ -482,7 +483,6 @@ class Agent:
                 if image is None:
                     executor = Executor(bundle, Entry(manifest.entry))
                 else:  # raises ContainerRuntimeMissing / ImagePullError for the whole run
-                    timeout = manifest.run_options.timeout
                     executor = ContainerExecutor(
                         bundle, Entry(manifest.entry), image, timeout=timeout
                     )
