@@ -20,6 +20,7 @@ COLOURS = {
     "preempted": "#ef6c00",
     "discarded": "#9e9e9e",
     "running": "#1565c0",
+    "lost": "#4a148c",
 }
 BILLED_COLOUR = "#e3e8ef"
 

@@ -1,7 +1,8 @@
 """What happened in a run, read back from the store: the data of ``runner report``.
 
 One **lane** per worker that ran an attempt of the run, each attempt a **bar** from its start to
-its end coloured by outcome (succeeded, failed, preempted, discarded; running while it still is),
+its end coloured by outcome (succeeded, failed, preempted, discarded; running while it still is;
+lost when its worker died without recording an end),
 the **queue depth** (shards waiting for a worker) over time, and a **summary**: billed VM-seconds,
 task seconds, efficiency and the estimated cost.
 
@@ -23,10 +24,12 @@ from typing import Any
 from runner.prices import PriceTable
 from runner.runs import ShardReport, load_manifest, shard_reports
 from worker.errors import NotFound
-from worker.protocol import AttemptState, Manifest, ShardState
+from worker.protocol import AttemptState, Manifest, RunState, ShardState
 from worker.store import Store
 
-OUTCOMES = ("succeeded", "failed", "preempted", "discarded", "running")
+OUTCOMES = ("succeeded", "failed", "preempted", "discarded", "running", "lost")
+# "lost": still "running" in the store although the run is over: its worker died (SIGKILL, a
+# vanished VM) before it could record an end, and the shard ran again elsewhere.
 LIFETIME = "lifetime"  # billing source: the agent's lifetime record
 ATTEMPTS = "attempts"  # billing source: first attempt start to last attempt end
 
@@ -162,11 +165,16 @@ def lay_out(
 ) -> Timeline:
     """The timeline of already-read records (pure: the part unit tests drive)."""
     t0 = manifest.created_at
+    over = manifest.state != RunState.ACTIVE.value
+    if over:  # a finished or cancelled run's picture ends at its last recorded moment
+        now = min(now, _last_moment(reports, t0))
     per_worker: dict[str, list[Bar]] = {}
     for report in reports:
         for status in report.attempts:
             end = status.finished_at if status.finished_at is not None else now
             outcome = status.state if status.state in OUTCOMES else AttemptState.FAILED.value
+            if outcome == AttemptState.RUNNING.value and over:
+                outcome = "lost"
             per_worker.setdefault(status.worker, []).append(
                 Bar(
                     shard_id=report.id,
@@ -197,6 +205,17 @@ def lay_out(
         queue=queue,
         summary=_summary(manifest, reports, lanes, prices),
     )
+
+
+def _last_moment(reports: list[ShardReport], t0: float) -> float:
+    moments = [t0]
+    for report in reports:
+        moments += [a.finished_at or a.started_at for a in report.attempts]
+        if report.result is not None:
+            moments.append(report.result.finished_at)
+        if report.failure is not None:
+            moments.append(report.failure.at)
+    return max(moments)
 
 
 def _incarnations(bars: list[Bar]) -> list[list[Bar]]:

@@ -19,6 +19,7 @@ from worker.protocol import (
     Layout,
     Manifest,
     RunOptions,
+    RunState,
     Shard,
     ShardFailure,
     ShardResult,
@@ -128,7 +129,14 @@ def test_lanes_bars_and_outcomes(store: LocalStore) -> None:
     assert [(b.shard_id, b.outcome) for b in w3b.bars] == [("d", "failed")]
     assert (w2.slots, w3a.slots, w1.slots, w3b.slots) == (2, 1, 1, 1)  # w2 ran a and b at once
     s = timeline.summary
-    assert s.attempts == {"succeeded": 3, "failed": 3, "preempted": 1, "discarded": 1, "running": 0}
+    assert s.attempts == {
+        "succeeded": 3,
+        "failed": 3,
+        "preempted": 1,
+        "discarded": 1,
+        "running": 0,
+        "lost": 0,
+    }
     assert s.shard_states == {"queued": 0, "running": 0, "succeeded": 3, "failed": 1}
     assert s.task_seconds == pytest.approx(0.5 + 2 + 1 + 2 + 1 + 1 + 1 + 1)
     assert s.committed_seconds == pytest.approx(2 + 2 + 1)
@@ -181,6 +189,20 @@ def test_lifetime_records_give_billed_time_and_machine_type(store: LocalStore) -
     assert timeline.summary.estimated_cost == pytest.approx(expected)
     note = timeline.summary.billing_note
     assert "lifetime records for 2 workers, from attempt spans for 2" in note
+
+
+def test_an_attempt_whose_worker_died_is_lost_once_the_run_is_over(store: LocalStore) -> None:
+    stale = _status("c", 3, "running", "w4", 2, None)  # SIGKILLed: it never wrote an end
+    store.put(Layout.status(RUN, "c", 3), stale.to_json())
+    live = build_timeline(store, RUN, now=T0 + 100)
+    (bar,) = [b for lane in live.lanes for b in lane.bars if b.attempt == 3]
+    assert (bar.outcome, bar.end) == ("running", 100)
+    manifest = Manifest.from_json(store.get(Layout.manifest(RUN)))
+    store.put(Layout.manifest(RUN), manifest.with_state(RunState.FINISHED).to_json())
+    over = build_timeline(store, RUN, now=T0 + 100)
+    (bar,) = [b for lane in over.lanes for b in lane.bars if b.attempt == 3]
+    assert (bar.outcome, bar.end) == ("lost", 6)  # the run's last recorded moment
+    assert over.summary.attempts["lost"] == 1 and over.queue[-1] == (5.0, 0)
 
 
 def test_queue_depth_over_time(store: LocalStore) -> None:
