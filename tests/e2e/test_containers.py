@@ -187,3 +187,17 @@ def test_a_missing_image_is_one_clear_line(
     assert lines == [lines[0]] and f"image {image} is not on this machine" in lines[0]
     assert "Traceback" not in result.stderr
     assert not list(cli.store.glob("runs/*/run.json"))  # nothing half-made
+
+
+def test_no_container_engine_is_one_clear_line(cli: Cli, tmp_path: Path) -> None:
+    task = make_task(tmp_path / "t", COPY_TASK)
+    empty = tmp_path / "empty-path"
+    empty.mkdir()
+    cli.env["PATH"] = str(empty)  # neither podman nor docker can be found
+    cli.env.pop("CFLOW_CONTAINER_RUNTIME")
+    result = cli("submit", str(task), "--shards", "1", "--image", "localhost/anything:1")
+    assert result.code == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "podman and docker are not installed" in errors[0]
+    assert "Traceback" not in result.stderr
+    assert not list(cli.store.glob("runs/*/run.json"))
