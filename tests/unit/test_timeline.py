@@ -248,3 +248,16 @@ def test_prices_table_and_overrides(tmp_path: Path) -> None:
         load_prices(tmp_path / "bad.json", env={})
     with pytest.raises(ConfigError, match="cannot be read"):
         load_prices(tmp_path / "missing.toml", env={})
+
+
+def test_a_run_nobody_started_yet_still_renders(tmp_path: Path) -> None:
+    st = LocalStore(tmp_path / "store")
+    shard_list = "".join(json.dumps(Shard(id=f"s{i}", index=i).to_dict()) + "\n" for i in range(3))
+    st.put(Layout.shard_list(RUN), shard_list.encode())
+    manifest = Manifest(run_id=RUN, bundle="0" * 64, entry="python", shard_count=3, created_at=T0)
+    st.put(Layout.manifest(RUN), manifest.to_json())
+    timeline = build_timeline(st, RUN, now=T0 + 10)
+    assert timeline.lanes == [] and timeline.queue == [(0.0, 3), (10.0, 0)]
+    assert timeline.summary.cost_note == "no attempts yet" and timeline.summary.efficiency is None
+    drawn = json.loads(render(timeline, tmp_path / "r.png").sidecar.read_text())["drawn"]
+    assert drawn["lanes"] == [] and drawn["bars"] == [] and drawn["max_queue"] == 3
