@@ -184,7 +184,15 @@ def _draw_lanes(ax: Any, timeline: Timeline, rows: int) -> dict[str, Any]:
     )
     legend = [Patch(color=COLOURS[o], label=o) for o in COLOURS if counts.get(o)]
     legend.append(Patch(color=BILLED_COLOUR, label="billed"))
-    ax.legend(handles=legend, loc="upper right", fontsize=8, ncols=len(legend), framealpha=0.9)
+    ax.legend(  # above the lanes, right of the title, so it hides no bar
+        handles=legend,
+        loc="lower right",
+        bbox_to_anchor=(1.0, 1.0),
+        fontsize=8,
+        ncols=len(legend),
+        frameon=False,
+        borderaxespad=0.2,
+    )
     return {
         "lanes": [lane.worker for lane in timeline.lanes],
         "rows": rows,
