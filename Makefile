@@ -7,9 +7,20 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 export JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION := 20
 
-.PHONY: demo test lint bench install
+.PHONY: demo test lint bench install system-packages
 
-install: $(STAMP)
+install: system-packages $(STAMP)
+
+# Containers (`runner submit --image`) need podman with runc and catatonit; the tests build
+# their images with mmdebstrap. Installed from Debian's archive when missing and we are root on
+# Debian; elsewhere install them yourself (worker/container_runtime.py says what it found).
+CONTAINER_PACKAGES := podman runc catatonit mmdebstrap
+system-packages:
+	@missing=""; for p in $(CONTAINER_PACKAGES); do command -v $$p >/dev/null || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && [ -f /etc/debian_version ]; then \
+		echo "installing$$missing (apt)"; \
+		apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >/dev/null; \
+	fi
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)

@@ -26,6 +26,7 @@ from runner.combine import combine_run
 from runner.fleet import Fleet
 from runner.watch import Watcher
 from worker import defaults
+from worker.container_runtime import check_image
 from worker.errors import CFlowError
 from worker.protocol import Layout, Manifest, RunOptions, RunState, ShardState
 from worker.store import Store
@@ -171,6 +172,10 @@ def submit(
             "shards); by default one warm process per slot runs shard after shard.",
         ),
     ] = False,
+    image: Annotated[
+        str | None,
+        typer.Option("--image", help="Run each attempt in this container image (podman/docker)."),
+    ] = None,
     local: LocalOpt = False,
     store: StoreOpt = None,
     deployment: DeploymentOpt = None,
@@ -204,7 +209,10 @@ def submit(
             slots=slots,
             speculate=speculate,
             isolate=isolate,
+            image=image,
         )
+        if image is not None and cfg.is_local:  # the workers share this machine's images
+            check_image(image)
         published = 0
 
         def on_published(n: int) -> None:
@@ -528,3 +536,41 @@ def doctor(
         err.print(f"cflow: {len(failed)} of {len(checks)} checks failed; fix them and run again")
         raise typer.Exit(EXIT_FAILED)
     err.print("cflow: the deployment is ready")
+
+
+@app.command("report")
+def report_cmd(
+    run_id: RunArg,
+    out_file: Annotated[
+        Path | None,
+        typer.Option("--out", help="Write here: .html (page with the picture) or .png."),
+    ] = None,
+    machine_type: Annotated[
+        str | None,
+        typer.Option("--machine-type", help="Price workers of unknown type as this VM type."),
+    ] = None,
+    prices_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--prices", envvar="CFLOW_PRICES", help="TOML/JSON price overrides (USD per hour)."
+        ),
+    ] = None,
+    local: LocalOpt = False,
+    store: StoreOpt = None,
+    deployment: DeploymentOpt = None,
+) -> None:
+    """A picture of what happened: a lane per worker, attempts by outcome, queue depth, cost."""
+    from runner.prices import load_prices  # matplotlib loads only for this command
+    from runner.render import render, summary_rows
+    from runner.timeline import build_timeline
+
+    table = load_prices(prices_file)
+    with _deployment(local, store, deployment) as dep:
+        timeline = build_timeline(
+            dep.backends.store, run_id, prices=table, machine_type=machine_type
+        )
+    rendered = render(timeline, out_file or Path(f"{run_id}-report.html"))
+    for label, value in summary_rows(timeline):
+        err.print(f"  {label:>15}: {value}")
+    err.print(f"cflow: picture {rendered.png}, data {rendered.sidecar}")
+    out.print(str(rendered.html or rendered.png))

@@ -34,6 +34,7 @@ from pathlib import Path
 from worker import defaults, reaper
 from worker.bundle import UnpackedBundle, unpack
 from worker.clock import SYSTEM_CLOCK, Clock
+from worker.container import ContainerExecutor
 from worker.errors import BackendError, CFlowError, NotFound, TaskError
 from worker.executor import Executor, RunningTask
 from worker.ledger import CANCELLED, Finished, Ledger
@@ -45,6 +46,7 @@ from worker.protocol import (
     EventKind,
     Layout,
     Manifest,
+    RunOptions,
     RunState,
     Shard,
 )
@@ -107,7 +109,7 @@ class _Prepared:
     claim: Claim
     log: _Log
     out_dir: Path
-    executor: Executor | None = None
+    executor: Executor | ContainerExecutor | None = None
     shard: TaskShard | None = None
     task: RunningTask | None = None
     early: _Outcome | None = None
@@ -199,7 +201,7 @@ class Agent:
         # run -> (times its manifest could not be read, the current back-off, until when)
         self._broken: dict[str, tuple[int, float, float]] = {}
         self._bundles: dict[str, UnpackedBundle] = {}
-        self._executors: dict[str, Executor] = {}
+        self._executors: dict[str, Executor | ContainerExecutor] = {}
         self._last_bundle: str | None = None
         self._setup_lock = threading.Lock()
         self.completed = 0  # attempts finished (any outcome), for tests and reports
@@ -476,13 +478,18 @@ class Agent:
         the worker's bookkeeping between two of them (each keeps its own log and outputs)."""
         claims = slot.unstarted
         first = claims[0]
-        same = all(c.bundle == first.bundle and not c.manifest.run_options.isolate for c in claims)
+        same = all(
+            c.bundle == first.bundle
+            and not c.manifest.run_options.isolate
+            and c.manifest.run_options.image is None
+            for c in claims
+        )
         if not same or Entry(first.manifest.entry) is not Entry.PYTHON:
             return {}
         ahead: dict[int, _Prepared] = {}
         for position, claim in enumerate(claims):
             prepared = self._prepare(slot, claim, position)
-            if prepared.executor is not None and not prepared.executor.queues:
+            if prepared.executor is not None and not getattr(prepared.executor, "queues", False):
                 return ahead  # the task does not import: one at a time shows why
             if prepared.early is None:
                 self._launch(slot, prepared)
@@ -595,7 +602,7 @@ class Agent:
             out_dir=slot.scratch / f"out-{position}",
         )
         try:
-            prepared.executor = self._executor(claim.bundle, Entry(manifest.entry), options.isolate)
+            prepared.executor = self._executor(claim.bundle, Entry(manifest.entry), options)
             staged = self._stage(shard, options.stage, slot.scratch / f"input-{position}")
         except (CFlowError, OSError) as exc:
             with prepared.log.path.open("a") as fh:
@@ -749,8 +756,12 @@ class Agent:
             for sha in [sha for sha in self._executors if sha != self._last_bundle]:
                 self._executors.pop(sha).close()
 
-    def _executor(self, sha: str, entry: Entry, isolate: bool) -> Executor:
-        key = f"{sha}:{int(isolate)}"
+    def _executor(
+        self, sha: str, entry: Entry, options: RunOptions
+    ) -> Executor | ContainerExecutor:
+        image, timeout, isolate = options.image, options.timeout, options.isolate
+        # A container executor also carries the run's timeout (its backstop): key by both.
+        key = f"{sha}:{int(isolate)}" if image is None else f"{sha} {image} {timeout:g}"
         with self._setup_lock:
             self._last_bundle = key
             executor = self._executors.get(key)
@@ -763,7 +774,10 @@ class Agent:
                         raise TaskError(f"task bundle {sha[:12]} is missing") from None
                     bundle = unpack(data, sha, self.config.scratch / "bundles")
                     self._bundles[sha] = bundle
-                executor = Executor(bundle, entry, isolate=isolate or None)
+                if image is None:
+                    executor = Executor(bundle, entry, isolate=isolate or None)
+                else:  # raises ContainerRuntimeMissing / ImagePullError for the whole run
+                    executor = ContainerExecutor(bundle, entry, image, timeout=timeout)
                 self._executors[key] = executor
             return executor
 

@@ -132,6 +132,7 @@ class RunOptions(_Record):
     slots: int = defaults.SLOTS  # shards per worker, so a re-attached runner sizes alike
     speculate: bool = False  # back up stragglers near the end (a re-attached runner too)
     isolate: bool = False  # a fresh process per Python shard instead of a warm one per slot
+    image: str | None = None  # run each attempt in this container image (worker.container)
 
 
 @dataclass(frozen=True)
