@@ -136,13 +136,14 @@ def iter_shards(store: Store, run_id: str) -> Iterator[Shard]:
 
 
 def list_runs(store: Store) -> list[Manifest]:
+    """Every run of the store, oldest first (an unreadable manifest is skipped)."""
     manifests = []
     for key in store.list("runs/", suffix="/run.json"):
         if key.count("/") != 2:
             continue
         try:
             manifests.append(Manifest.from_json(store.get(key)))
-        except (NotFound, ValueError):
+        except (NotFound, ValueError, TypeError):
             continue
     return sorted(manifests, key=lambda m: m.created_at)
 
@@ -195,12 +196,31 @@ class ShardReport:
             "winning_attempt": self.result.attempt if self.result else None,
             "duration": self.duration,
             "exit_code": self.exit_code,
-            "reason": self.failure.reason if self.failure else None,
+            "reason": self.reason,
         }
+
+    @property
+    def reason(self) -> str | None:
+        """Why the shard failed, or why its latest attempt ended (None when it succeeded)."""
+        if self.failure is not None:
+            return self.failure.reason
+        if self.state is not ShardState.SUCCEEDED and self.attempts:
+            return self.attempts[-1].reason
+        return None
 
 
 def shard_reports(store: Store, run_id: str) -> list[ShardReport]:
-    """Every shard with its attempts: reads each status file (for `status`, not for watching)."""
+    """Every shard with its attempts (for `status`, not for watching)."""
+    return list(iter_shard_reports(store, load_manifest(store, run_id)))
+
+
+def iter_shard_reports(store: Store, manifest: Manifest) -> Iterator[ShardReport]:
+    """Every shard with its attempts, in shard order: one listing of the run, then the records.
+
+    A shard is succeeded with a ``result.json``, failed with a ``failed.json``, cancelled when
+    the run was cancelled before either, else running (its latest attempt is) or queued.
+    """
+    run_id = manifest.run_id
     attempts: dict[str, list[AttemptStatus]] = {}
     results: dict[str, ShardResult] = {}
     failures: dict[str, ShardFailure] = {}
@@ -209,42 +229,56 @@ def shard_reports(store: Store, run_id: str) -> list[ShardReport]:
         if parts is None:
             continue
         _, shard_id, rest = parts
+        if rest.startswith("attempts/") and "/out/" in rest:
+            continue  # a task's own output, not a record
         try:
             raw = store.get(key)
-        except NotFound:
+            if rest == "result.json":
+                results[shard_id] = ShardResult.from_json(raw)
+            elif rest == "failed.json":
+                failures[shard_id] = ShardFailure.from_json(raw)
+            elif (
+                rest.startswith("attempts/")
+                and rest.count("/") == 2
+                and rest.endswith("/status.json")
+            ):
+                attempts.setdefault(shard_id, []).append(AttemptStatus.from_json(raw))
+        except (NotFound, ValueError, TypeError):
             continue
-        if rest == "result.json":
-            results[shard_id] = ShardResult.from_json(raw)
-        elif rest == "failed.json":
-            failures[shard_id] = ShardFailure.from_json(raw)
-        elif rest.startswith("attempts/") and rest.endswith("/status.json"):
-            attempts.setdefault(shard_id, []).append(AttemptStatus.from_json(raw))
-    reports = []
+    cancelled = manifest.state == RunState.CANCELLED.value
     for shard in iter_shards(store, run_id):
-        tries = sorted(attempts.get(shard.id, []), key=lambda a: a.attempt)
-        won = results.get(shard.id)
+        tries = sorted(attempts.pop(shard.id, []), key=lambda a: a.attempt)
+        won = results.pop(shard.id, None)
+        failure = failures.pop(shard.id, None)
         if won is not None:
             tries = [_as_winner(a, won) if a.attempt == won.attempt else a for a in tries]
-        if shard.id in results:
             state = ShardState.SUCCEEDED
-        elif shard.id in failures:
+            failure = None
+        elif failure is not None:
             state = ShardState.FAILED
+        elif cancelled:
+            state = ShardState.CANCELLED
+            tries = [_as_cancelled(a) for a in tries]
         elif tries and tries[-1].state == "running":
             state = ShardState.RUNNING
         else:
             state = ShardState.QUEUED
-        reports.append(
-            ShardReport(
-                id=shard.id,
-                index=shard.index,
-                input=shard.input,
-                state=state,
-                attempts=tries,
-                result=results.get(shard.id),
-                failure=failures.get(shard.id) if shard.id not in results else None,
-            )
+        yield ShardReport(
+            id=shard.id,
+            index=shard.index,
+            input=shard.input,
+            state=state,
+            attempts=tries,
+            result=won,
+            failure=failure,
         )
-    return reports
+
+
+def _as_cancelled(status: AttemptStatus) -> AttemptStatus:
+    """A cancelled run's attempt still marked running was stopped (or is being stopped)."""
+    if status.state != "running":
+        return status
+    return dataclasses.replace(status, state="cancelled", reason="run cancelled")
 
 
 def _as_winner(status: AttemptStatus, result: ShardResult) -> AttemptStatus:
@@ -253,17 +287,31 @@ def _as_winner(status: AttemptStatus, result: ShardResult) -> AttemptStatus:
     )
 
 
-def cancel(store: Store, queue: WorkQueue, run_id: str) -> int:
-    """Mark the run cancelled (workers drop its messages and stop its tasks); purge its queue."""
+def cancel(store: Store, queue: WorkQueue, run_id: str, *, halted: str | None = None) -> int:
+    """Mark the run cancelled (workers drop its messages and stop its tasks); purge its queue.
+
+    ``halted`` records why the runner stopped the run itself (the ``--halt`` rule).
+    """
     manifest = load_manifest(store, run_id)
-    save_manifest(store, manifest.with_state(RunState.CANCELLED))
+    save_manifest(
+        store, dataclasses.replace(manifest, state=RunState.CANCELLED.value, halted=halted)
+    )
     return queue.purge(run_id)
 
 
-def retry(store: Store, queue: WorkQueue, run_id: str) -> list[str]:
+def retry(
+    store: Store,
+    queue: WorkQueue,
+    run_id: str,
+    *,
+    task_dir: Path | None = None,
+    clock: Clock = SYSTEM_CLOCK,
+) -> list[str]:
     """Re-enqueue every shard of a finished or cancelled run that has not committed.
 
-    Committed shards are left alone; each retried shard gets a fresh failure budget.
+    Committed shards are left alone; each retried shard gets a fresh failure budget. With
+    ``task_dir`` the folder is bundled anew and the retried shards run that bundle: it becomes
+    the manifest's ``bundle`` and is added to its ``bundles`` history, and every message names it.
     """
     manifest = load_manifest(store, run_id)
     done, failures = committed(store, run_id), failed(store, run_id)
@@ -275,10 +323,26 @@ def retry(store: Store, queue: WorkQueue, run_id: str) -> list[str]:
     todo = [s for s in iter_shards(store, run_id) if s.id not in done]
     if not todo:
         return []
-    save_manifest(store, dataclasses.replace(manifest, state=RunState.ACTIVE.value))
+    bundle: str | None = None
+    changes: dict[str, object] = {"state": RunState.ACTIVE.value, "halted": None}
+    if task_dir is not None:
+        info = inspect_task(task_dir)
+        data, bundle = pack(task_dir)
+        if not store.exists(Layout.bundle(bundle)):
+            store.put(Layout.bundle(bundle), data)
+        history = list(manifest.bundles) or [
+            {"sha256": manifest.bundle, "at": manifest.created_at, "shards": manifest.shard_count}
+        ]
+        history.append({"sha256": bundle, "at": clock.time(), "shards": len(todo)})
+        changes.update(bundle=bundle, entry=info.entry.value, bundles=history)
+    save_manifest(store, dataclasses.replace(manifest, **changes))  # type: ignore[arg-type]
     for shard in todo:
         store.delete(Layout.failure(run_id, shard.id))
-    _publish(queue, (WorkMessage(run_id=run_id, shard=s.to_dict()) for s in todo), None)
+    _publish(
+        queue,
+        (WorkMessage(run_id=run_id, shard=s.to_dict(), bundle=bundle) for s in todo),
+        None,
+    )
     return [s.id for s in todo]
 
 

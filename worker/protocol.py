@@ -57,6 +57,7 @@ class ShardState(StrEnum):
     RUNNING = "running"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
+    CANCELLED = "cancelled"  # the run was cancelled (or halted) before the shard finished
 
 
 class EventKind(StrEnum):
@@ -130,6 +131,10 @@ class Manifest(_Record):
     created_at: float = field(default_factory=_now)
     task_name: str = "task"
     schema: int = SCHEMA_VERSION
+    # Bundles the run's shards were retried with (`retry --task`), oldest first:
+    # {"sha256", "at", "shards"}. ``bundle`` is the latest, which messages without one run.
+    bundles: list[dict[str, Any]] = field(default_factory=list)
+    halted: str | None = None  # why the runner stopped the run early (--halt), if it did
 
     @property
     def run_options(self) -> RunOptions:
@@ -161,6 +166,7 @@ class WorkMessage(_Record):
     shard: dict[str, Any]
     failures: int = 0
     backup: bool = False  # a speculative copy of a straggler: skipped if already committed
+    bundle: str | None = None  # run this bundle instead of the manifest's (retry --task)
 
     @property
     def shard_record(self) -> Shard:
@@ -189,6 +195,7 @@ class AttemptStatus(_Record):
     finished_at: float | None = None
     exit_code: int | None = None
     reason: str | None = None
+    bundle: str | None = None  # the bundle this attempt ran
 
 
 @dataclass(frozen=True)
@@ -202,6 +209,7 @@ class ShardResult(_Record):
     started_at: float
     finished_at: float
     outputs: list[str] = field(default_factory=list)  # paths relative to the attempt's out/
+    bundle: str | None = None  # the bundle the winning attempt ran
 
     @property
     def duration(self) -> float:
