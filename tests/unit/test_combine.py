@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 
 from runner.combine import OutTarget, check_out, combine_run
-from worker.errors import ConfigError
 from worker.backends import open_local
 from worker.bundle import pack
+from worker.errors import ConfigError
 from worker.protocol import Layout, Manifest, Shard, ShardResult
 
 
