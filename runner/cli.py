@@ -631,6 +631,8 @@ def combine(
         err.print(
             f"cflow: combined {len(result.files)} files from {result.shards} shards", markup=False
         )
+    if not cfg.is_local:
+        err.print(f"cflow: runner traffic: {json.dumps(result.traffic.to_dict())}", markup=False)
     if result.missing:
         err.print(
             f"cflow: {result.missing} of {manifest.shard_count} shards have no committed output"

@@ -173,7 +173,7 @@ def _copy_out(store: Store, run_id: str, combined: Combined, out: OutTarget) -> 
                 shutil.copyfile(local, dest)
             else:
                 store.get_file(key, dest)
-                combined.traffic.downloaded += dest.stat().st_size
+                combined.traffic.downloaded_for_copy += dest.stat().st_size
         else:
             from runner.compose import copy_to
 

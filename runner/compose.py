@@ -21,16 +21,21 @@ from worker.gcs_store import GcsStore
 
 MAX_COMPOSE_SOURCES = 32  # Cloud Storage's limit per compose request
 NEWLINE_KEY = "newline"  # a one-byte object composed in after a part that lacks a final newline
-HEAD_PROBE = 64 * 1024  # bytes read to find a part's first line
+HEAD_FIRST = 512  # bytes first read to find a part's first line; doubled while it is longer
+HEAD_PROBE = 64 * 1024  # most bytes read to find it
 
 
 @dataclass
 class Traffic:
     """Bytes the runner moved while combining: what the benchmark reports."""
 
-    downloaded: int = 0
-    uploaded: int = 0
+    downloaded: int = 0  # bytes read from the parts (first lines, last bytes, header-less bodies)
+    uploaded: int = 0  # bytes written back (header-less bodies)
     compose_calls: int = 0
+    downloaded_for_copy: int = 0  # bytes of the combined result copied to ``--out DIR``
+
+    def to_dict(self) -> dict[str, int]:
+        return dict(vars(self))
 
 
 def compose_tree(
@@ -87,15 +92,22 @@ def ends_with_newline(store: GcsStore, key: str, size: int, traffic: Traffic) ->
 
 def first_line(store: GcsStore, key: str, size: int, traffic: Traffic) -> bytes:
     """An object's first line with its newline (the whole object if it has none in 64 KiB)."""
-    if size == 0:
-        return b""
-    with store._errors("read", key):
-        head = store.bucket.blob(key).download_as_bytes(
-            start=0, end=min(size, HEAD_PROBE) - 1, retry=DEFAULT_RETRY
-        )
-    traffic.downloaded += len(head)
-    cut = head.find(b"\n")
-    return head if cut < 0 else head[: cut + 1]
+    want = HEAD_FIRST
+    head = b""
+    while len(head) < size:
+        with store._errors("read", key):
+            more = store.bucket.blob(key).download_as_bytes(
+                start=len(head), end=min(size, want) - 1, retry=DEFAULT_RETRY
+            )
+        traffic.downloaded += len(more)
+        head += more
+        cut = head.find(b"\n")
+        if cut >= 0:
+            return head[: cut + 1]
+        if want >= HEAD_PROBE:
+            break
+        want *= 2
+    return head
 
 
 def strip_first_line(store: GcsStore, key: str, skip: int, target: str, traffic: Traffic) -> None:

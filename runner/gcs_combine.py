@@ -19,6 +19,7 @@ from runner.compose import (
     sizes,
     strip_first_line,
 )
+from worker.errors import TaskError
 from worker.gcs_store import GcsStore
 from worker.protocol import Layout, Manifest
 
@@ -54,6 +55,12 @@ def combine_in_bucket(
                     head = first_line(store, part.key, size, traffic)
                     firsts.append(head)
                     if headers and n > 0 and head:
+                        if not head.endswith(b"\n") and len(head) < size:
+                            raise TaskError(
+                                f"{part.key} starts with a line over 64 KiB; a header? set"
+                                " `[combine] headers = false` if the parts have none",
+                                run_id=run_id,
+                            )
                         if len(head) >= size:
                             continue  # the part is its header alone
                         key = f"{scratch}body/{n:06d}/{rel}"
