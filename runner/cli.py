@@ -355,7 +355,9 @@ def _dry_run(
     """Shards on stdout, one a line; what would start on stderr. Nothing is created."""
     if inputs is not None and inputs.startswith("gs://") and not cfg.is_local:
         with _deployment(False, None, cfg.deployment_file) as dep:
-            plan = dry_run(cfg, task_dir, _source(dep, inputs, None, None), workers, slots, out)
+            plan = dry_run(
+                cfg, task_dir, _source(dep, inputs, None, None), workers, slots, sys.stdout
+            )
     else:
         if inputs is not None and inputs.startswith("gs://"):
             raise ConfigError(
@@ -368,7 +370,7 @@ def _dry_run(
             if params is not None
             else shard_sources.from_count(count or 0)
         )
-        plan = dry_run(cfg, task_dir, source, workers, slots, out)
+        plan = dry_run(cfg, task_dir, source, workers, slots, sys.stdout)
     err.print(f"cflow: dry run: {plan}; nothing was started", markup=False)
 
 
@@ -520,7 +522,7 @@ def logs(
         manifest = runs.load_manifest(st, run_id)
         if shard is None:
             for line in where_logs(st, manifest):
-                out.print(line, markup=False)
+                sys.stdout.write(line + "\n")
             return
         code = print_log(st, manifest, shard, attempt=attempt, follow=follow, err=err)
     raise typer.Exit(code)

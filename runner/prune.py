@@ -8,15 +8,21 @@ one; workers drop them when they find no manifest for their run.
 from __future__ import annotations
 
 import re
+import shutil
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from runner import runs
+from worker import defaults
+from worker.clock import SYSTEM_CLOCK, Clock
 from worker.errors import ConfigError, RunStateError
-from worker.protocol import Layout, Manifest, RunState
+from worker.protocol import Layout, Manifest, RunState, ShardState
 from worker.queue import WorkQueue
 from worker.store import Store
 
+# Seconds `rm --force` waits for a cancelled run's attempts to stop: they check for a cancel at
+# each heartbeat, then get the preemption grace to exit.
+STOP_WAIT = 2 * defaults.HEARTBEAT_SECONDS + defaults.PREEMPT_GRACE + 5
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
 
@@ -52,6 +58,7 @@ def remove_runs(
     *,
     force: bool = False,
     on_run: Callable[[str], None] | None = None,
+    clock: Clock = SYSTEM_CLOCK,
 ) -> Removed:
     """Delete each run; then every bundle that no remaining run uses."""
     doomed = list(manifests)
@@ -65,6 +72,8 @@ def remove_runs(
     for m in doomed:
         if m.state == RunState.ACTIVE.value:
             removed.messages += runs.cancel(store, queue, m.run_id)
+            # A running attempt that has not seen the cancel would write into the deleted run.
+            _wait_stopped(store, queue, m.run_id, clock)
         removed.messages += queue.purge(m.run_id)
         # The manifest goes last: a half-deleted run stays listed, and `rm` can finish it.
         keys = [
@@ -73,6 +82,9 @@ def remove_runs(
         for key in keys:
             store.delete(key)
         store.delete(Layout.manifest(m.run_id))
+        folder = store.local_path(Layout.run_prefix(m.run_id).rstrip("/"))
+        if folder is not None and folder.is_dir():
+            shutil.rmtree(folder, ignore_errors=True)  # the local store's empty folders
         removed.objects += len(keys) + 1
         removed.runs.append(m.run_id)
         if on_run is not None:
@@ -87,6 +99,22 @@ def remove_runs(
             removed.objects += 1
             removed.bundles.append(sha)
     return removed
+
+
+def _wait_stopped(store: Store, queue: WorkQueue, run_id: str, clock: Clock) -> None:
+    """Wait (at most STOP_WAIT seconds) until no attempt of a cancelled run is running."""
+    deadline = clock.monotonic() + STOP_WAIT
+    while clock.monotonic() < deadline:
+        leased = queue.stats(run_id).leased
+        if leased == 0:
+            return
+        if leased is None and not any(
+            r.state is ShardState.RUNNING
+            for r in runs.iter_shard_reports(store, runs.load_manifest(store, run_id))
+            if r.attempts and r.attempts[-1].state == "running"
+        ):
+            return
+        clock.sleep(0.2)
 
 
 def _over(store: Store, manifest: Manifest) -> bool:

@@ -5,8 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-
-from rich.console import Console
+from typing import IO
 
 from runner.config import Config
 from worker.bundle import bundle_files, pack
@@ -60,7 +59,7 @@ def dry_run(
     shards: Iterable[Shard],
     workers: int | None,
     slots: int,
-    out: Console,
+    out: IO[str],
 ) -> str:
     """Print each shard (``id<TAB>input or params``) on ``out``; return what would start."""
     import json
@@ -68,7 +67,7 @@ def dry_run(
     count = 0
     for shard in shards:
         what = shard.input if shard.input is not None else json.dumps(shard.params or {})
-        out.print(f"{shard.id}\t{what}", markup=False, highlight=False)
+        out.write(f"{shard.id}\t{what}\n")
         count += 1
     note = describe_bundle(task_dir)
     default = "the CPU count" if cfg.is_local else "the deployment's default"
