@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
+from typing import TypeVar
 
 from worker import defaults
 from worker.bundle import inspect_task, pack
@@ -192,7 +193,8 @@ class ShardReport:
             "index": self.index,
             "input": self.input,
             "state": self.state.value,
-            "attempts": [a.to_dict() for a in self.attempts],
+            # The records hold only scalars: a shallow copy is asdict() at a tenth of the cost.
+            "attempts": [dict(vars(a)) for a in self.attempts],
             "winning_attempt": self.result.attempt if self.result else None,
             "duration": self.duration,
             "exit_code": self.exit_code,
@@ -218,42 +220,49 @@ def iter_shard_reports(store: Store, manifest: Manifest) -> Iterator[ShardReport
     """Every shard with its attempts, in shard order: one listing of the run, then the records.
 
     A shard is succeeded with a ``result.json``, failed with a ``failed.json``, cancelled when
-    the run was cancelled before either, else running (its latest attempt is) or queued.
+    the run was cancelled before either, else running (its latest attempt is) or queued. Records
+    are read shard by shard as the reports are yielded; the winner's own claim is not read (its
+    ``result.json`` says more).
     """
     run_id = manifest.run_id
-    attempts: dict[str, list[AttemptStatus]] = {}
-    results: dict[str, ShardResult] = {}
-    failures: dict[str, ShardFailure] = {}
+    statuses: dict[str, list[int]] = {}
+    results: set[str] = set()
+    failures: set[str] = set()
     for key in store.list(Layout.shards_prefix(run_id), suffix=".json"):
         parts = Layout.parse_shard_key(key)
         if parts is None:
             continue
         _, shard_id, rest = parts
-        if rest.startswith("attempts/") and "/out/" in rest:
-            continue  # a task's own output, not a record
-        try:
-            raw = store.get(key)
-            if rest == "result.json":
-                results[shard_id] = ShardResult.from_json(raw)
-            elif rest == "failed.json":
-                failures[shard_id] = ShardFailure.from_json(raw)
-            elif (
-                rest.startswith("attempts/")
-                and rest.count("/") == 2
-                and rest.endswith("/status.json")
-            ):
-                attempts.setdefault(shard_id, []).append(AttemptStatus.from_json(raw))
-        except (NotFound, ValueError, TypeError):
-            continue
+        if rest == "result.json":
+            results.add(shard_id)
+        elif rest == "failed.json":
+            failures.add(shard_id)
+        elif (
+            rest.startswith("attempts/") and rest.endswith("/status.json") and rest.count("/") == 2
+        ):
+            digits = rest.split("/")[1]
+            if digits.isdigit():
+                statuses.setdefault(shard_id, []).append(int(digits))
     cancelled = manifest.state == RunState.CANCELLED.value
     for shard in iter_shards(store, run_id):
-        tries = sorted(attempts.pop(shard.id, []), key=lambda a: a.attempt)
-        won = results.pop(shard.id, None)
-        failure = failures.pop(shard.id, None)
+        won = (
+            _read(store, Layout.result(run_id, shard.id), ShardResult)
+            if shard.id in results
+            else None
+        )
+        failure = (
+            _read(store, Layout.failure(run_id, shard.id), ShardFailure)
+            if won is None and shard.id in failures
+            else None
+        )
+        tries = []
+        for number in sorted(statuses.pop(shard.id, [])):
+            if won is not None and number == won.attempt:
+                tries.append(_winner(won))
+            elif status := _read(store, Layout.status(run_id, shard.id, number), AttemptStatus):
+                tries.append(status)
         if won is not None:
-            tries = [_as_winner(a, won) if a.attempt == won.attempt else a for a in tries]
             state = ShardState.SUCCEEDED
-            failure = None
         elif failure is not None:
             state = ShardState.FAILED
         elif cancelled:
@@ -274,17 +283,36 @@ def iter_shard_reports(store: Store, manifest: Manifest) -> Iterator[ShardReport
         )
 
 
+_R = TypeVar("_R", AttemptStatus, ShardResult, ShardFailure)
+
+
+def _read(store: Store, key: str, record: type[_R]) -> _R | None:
+    """A record, or None when it vanished or does not parse (a half-written or foreign file)."""
+    try:
+        return record.from_json(store.get(key))
+    except (NotFound, ValueError, TypeError):
+        return None
+
+
+def _winner(result: ShardResult) -> AttemptStatus:
+    return AttemptStatus(
+        run_id=result.run_id,
+        shard_id=result.shard_id,
+        attempt=result.attempt,
+        state="succeeded",
+        worker=result.worker,
+        started_at=result.started_at,
+        finished_at=result.finished_at,
+        exit_code=0,
+        bundle=result.bundle,
+    )
+
+
 def _as_cancelled(status: AttemptStatus) -> AttemptStatus:
     """A cancelled run's attempt still marked running was stopped (or is being stopped)."""
     if status.state != "running":
         return status
     return dataclasses.replace(status, state="cancelled", reason="run cancelled")
-
-
-def _as_winner(status: AttemptStatus, result: ShardResult) -> AttemptStatus:
-    return dataclasses.replace(
-        status, state="succeeded", finished_at=result.finished_at, exit_code=0
-    )
 
 
 def cancel(store: Store, queue: WorkQueue, run_id: str, *, halted: str | None = None) -> int:
