@@ -36,7 +36,9 @@ from worker.protocol import (  # noqa: E402
 def make_run(root: Path, shards: int) -> str:
     store = LocalStore(root)
     run_id = "r20260101-000000-bench0"
-    listing = [Shard(id=shard_id_for_index(i, shards), index=i, params={"index": i}) for i in range(shards)]  # fmt: skip
+    listing = [
+        Shard(id=shard_id_for_index(i, shards), index=i, params={"index": i}) for i in range(shards)
+    ]
     store.put(Layout.shard_list(run_id), b"".join(s.to_json() + b"\n" for s in listing))
     for s in listing:
         attempt = 1
