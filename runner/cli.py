@@ -261,9 +261,8 @@ def submit(
     rule = HaltRule.parse(halt)
     cfg = config_mod.resolve(local=local, store_dir=store, deployment_file=deployment)
     target = check_out(out_dir, cloud=not cfg.is_local)
-    if check:
-        for note in check_task(task_dir).notes:
-            err.print(f"cflow: {note}", markup=False)
+    for note in check_task(task_dir, import_check=check).notes:
+        err.print(f"cflow: {note}", markup=False)
     bundle_note = describe_bundle(task_dir)
     if bundle_note.warning:
         err.print(f"cflow: warning: {bundle_note.warning}", markup=False)
@@ -544,8 +543,9 @@ def cancel(
         f"{dropped} queued shards dropped" if dropped else "workers drop its queued shards"
     )
     err.print(
+        # A worker re-reads a manifest it has cached at its next heartbeat after the cache ages.
         f"cflow: run {run_id} cancelled ({dropped_note}; running ones stop within"
-        f" {defaults.HEARTBEAT_SECONDS:g}s)",
+        f" {defaults.MANIFEST_TTL + defaults.HEARTBEAT_SECONDS:g}s)",
         markup=False,
     )
 
