@@ -421,10 +421,19 @@ def _watch_and_finish(
         return EXIT_FAILED
     if not watcher.drain_fleet():
         err.print("cflow: warning: some workers are still stopping")
-    manifest = runs.load_manifest(store, run_id)
-    combined = combine_run(store, manifest, out=out, warn=_warn)
-    runs.save_manifest(store, manifest.with_state(RunState.FINISHED))
+    manifest = runs.load_manifest(store, run_id).with_state(RunState.FINISHED)
+    runs.save_manifest(store, manifest)  # every shard is settled, whatever the combine does
     failed = [r for r in runs.iter_shard_reports(store, manifest) if r.state is ShardState.FAILED]
+    try:
+        combined = combine_run(store, manifest, out=out, warn=_warn)
+    except CFlowError as exc:
+        report.summary(snapshot, None, [], failed, err)
+        err.print(
+            f"error: combining run {run_id} failed: {exc}; the shards' outputs are kept, fix"
+            f" it and run `runner combine {run_id}`",
+            markup=False,
+        )
+        return EXIT_FAILED
     report.summary(snapshot, (store.url(k) for k in combined.files), combined.written, failed, err)
     return EXIT_FAILED if snapshot.failed else EXIT_OK
 

@@ -99,23 +99,26 @@ def duration(seconds: float) -> str:
 
 def summary(
     s: Snapshot,
-    files: Iterable[str],
+    files: Iterable[str] | None,
     written: Iterable[str],
     failed: list[ShardReport],
     err: Console,
 ) -> None:
-    """The closing lines of a run: counts, where the result is, why shards failed."""
+    """The closing lines of a run: counts, where the result is, why shards failed.
+
+    ``files`` is None when the combine did not happen (it failed; the caller says why).
+    """
     colour = "red" if s.failed else "green"
     err.print(
         f"cflow: [{colour}]{s.succeeded}/{s.total} shards succeeded, {s.failed} failed[/{colour}]"
         f" in {duration(s.elapsed)} ({s.preempted} preempted, {s.retried} retried)"
     )
-    files, written = list(files), list(written)
-    for key in files:
+    combined, written = list(files or []), list(written)
+    for key in combined:
         err.print(f"  combined: {key}", markup=False)
     for where in written:
         err.print(f"  written: {where}", markup=False)
-    if not files and s.succeeded:
+    if files is not None and not combined and s.succeeded:
         err.print("  no outputs: no committed attempt wrote a file, nothing to combine")
     for r in failed[:REASONS_SHOWN]:
         err.print(f"  failed {r.id}: {reason_of(r)}", markup=False)

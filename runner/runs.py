@@ -9,7 +9,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import tempfile
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -35,6 +37,9 @@ from worker.protocol import (
 )
 from worker.queue import WorkQueue
 from worker.store import Store
+
+READ_THREADS = 32  # reads of a remote store's records in flight for `status`
+READ_WINDOW = 512  # shard reports built ahead of the one being written
 
 InputStager = Callable[[str, Shard], Shard]  # (run_id, shard) -> shard with a worker-readable input
 Progress = Callable[[int], None]
@@ -244,12 +249,11 @@ def iter_shard_reports(store: Store, manifest: Manifest) -> Iterator[ShardReport
             if digits.isdigit():
                 statuses.setdefault(shard_id, []).append(int(digits))
     cancelled = manifest.state == RunState.CANCELLED.value
-    for shard in iter_shards(store, run_id):
-        won = (
-            _read(store, Layout.result(run_id, shard.id), ShardResult)
-            if shard.id in results
-            else None
-        )
+
+    def build(shard: Shard) -> ShardReport:
+        won = None
+        if shard.id in results:
+            won = _read(store, Layout.result(run_id, shard.id), ShardResult)
         failure = (
             _read(store, Layout.failure(run_id, shard.id), ShardFailure)
             if won is None and shard.id in failures
@@ -272,7 +276,7 @@ def iter_shard_reports(store: Store, manifest: Manifest) -> Iterator[ShardReport
             state = ShardState.RUNNING
         else:
             state = ShardState.QUEUED
-        yield ShardReport(
+        return ShardReport(
             id=shard.id,
             index=shard.index,
             input=shard.input,
@@ -281,6 +285,20 @@ def iter_shard_reports(store: Store, manifest: Manifest) -> Iterator[ShardReport
             result=won,
             failure=failure,
         )
+
+    shards = iter_shards(store, run_id)
+    if store.local_path(Layout.manifest(run_id)) is not None:
+        yield from map(build, shards)
+        return
+    # A bucket answers each read in tens of milliseconds: keep a window of them in flight.
+    with ThreadPoolExecutor(READ_THREADS, thread_name_prefix="status") as pool:
+        window: deque[Future[ShardReport]] = deque()
+        for shard in shards:
+            window.append(pool.submit(build, shard))
+            if len(window) >= READ_WINDOW:
+                yield window.popleft().result()
+        while window:
+            yield window.popleft().result()
 
 
 _R = TypeVar("_R", AttemptStatus, ShardResult, ShardFailure)

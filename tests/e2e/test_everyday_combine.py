@@ -107,3 +107,26 @@ def test_combine_of_an_unfinished_run_is_not_0(cli: Cli, tmp_path: Path) -> None
     status = cli.status(r.run_id)
     assert status["counts"]["succeeded"] + status["counts"]["cancelled"] == 3
     assert json.loads(cli("runs", "--json").stdout)[0]["state"] == "cancelled"
+
+
+def test_a_failing_combine_leaves_the_run_finished_and_says_how_to_redo_it(
+    cli: Cli, tmp_path: Path
+) -> None:
+    task = make_task(
+        tmp_path / "t",
+        """
+        from pathlib import Path
+
+        def run(shard):
+            (Path(shard.output_dir) / "n.txt").write_text("1\\n")
+
+        def combine(paths, out):
+            raise RuntimeError("combine is broken")
+        """,
+    )
+    r = cli("submit", str(task), "--shards", "2")
+    assert r.code == 1
+    assert "2/2 shards succeeded" in r.stderr
+    assert "combining run" in r.stderr and "RuntimeError: combine is broken" in r.stderr
+    assert f"`runner combine {r.run_id}`" in r.stderr
+    assert cli.status(r.run_id)["state"] == "finished"

@@ -94,3 +94,10 @@ def test_submit_combines_in_the_bucket_and_writes_to_a_bucket_path(
     # header-stripped bodies of the headed file; the downloads are the combined result itself.
     assert traffic["downloaded_for_copy"] == combined_bytes
     assert traffic["compose_calls"] >= 2 * 2  # two files, each more than 32 parts: a tree
+    # status reads the bucket's records with reads in flight, in shard order.
+    status = cloud.run("status", run_id, "--json")
+    assert status.returncode == 0, status.stderr
+    data = json.loads(status.stdout)
+    assert data["counts"]["succeeded"] == SHARDS
+    assert [s["index"] for s in data["shards"]] == list(range(SHARDS))
+    assert all(s["attempts"][-1]["state"] == "succeeded" for s in data["shards"])
