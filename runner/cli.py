@@ -31,7 +31,7 @@ from runner import report, runs
 from runner import shards as shard_sources
 from runner.backends import Deployment, open_deployment
 from runner.checks import check_task
-from runner.combine import OutTarget, check_out, combine_run
+from runner.combine import Combined, OutTarget, check_out, combine_run
 from runner.halt import DEFAULT_HALT, HaltJudge, HaltRule
 from runner.submit_plan import describe_bundle, dry_run
 from runner.watch import Watcher
@@ -40,6 +40,7 @@ from worker.errors import CFlowError, ConfigError
 from worker.protocol import Event, Layout, Manifest, RunOptions, RunState, ShardState
 
 if TYPE_CHECKING:
+    from runner.compose import StripJob
     from runner.prune import Removed
     from worker.queue import EventBus
 
@@ -425,7 +426,7 @@ def _watch_and_finish(
     runs.save_manifest(store, manifest)  # every shard is settled, whatever the combine does
     failed = [r for r in runs.iter_shard_reports(store, manifest) if r.state is ShardState.FAILED]
     try:
-        combined = combine_run(store, manifest, out=out, warn=_warn)
+        combined = _combine(dep, manifest, out=out)
     except CFlowError as exc:
         report.summary(snapshot, None, [], failed, err)
         err.print(
@@ -436,6 +437,41 @@ def _watch_and_finish(
         return EXIT_FAILED
     report.summary(snapshot, (store.url(k) for k in combined.files), combined.written, failed, err)
     return EXIT_FAILED if snapshot.failed else EXIT_OK
+
+
+def _combine(
+    dep: Deployment, manifest: Manifest, *, out: OutTarget | None, headers: bool | None = None
+) -> Combined:
+    """Combine where the data is: on Google Cloud, header-less copies of big parts are made by
+    the workers (a helper run), not through this machine."""
+    store = dep.backends.store
+    if dep.config.is_local or dep.config.bucket is None:
+        return combine_run(store, manifest, out=out, headers=headers, warn=_warn)
+    from runner.worker_combine import strip_on_workers, threshold
+
+    bucket = dep.config.bucket
+
+    def strip(jobs: list[StripJob]) -> None:
+        err.print(f"cflow: copying {len(jobs)} parts without their headers on the workers")
+        strip_on_workers(
+            store,
+            dep.backends.queue,
+            lambda helper, n: _watcher(dep, helper, workers=None, slots=None, shards=n),
+            run_id=manifest.run_id,
+            bucket=bucket,
+            jobs=jobs,
+            poll_seconds=dep.poll_seconds,
+        )
+
+    return combine_run(
+        store,
+        manifest,
+        out=out,
+        headers=headers,
+        warn=_warn,
+        strip=strip,
+        strip_threshold=threshold(),
+    )
 
 
 def _warn(message: str) -> None:
@@ -629,7 +665,7 @@ def combine(
     with _deployment(local, store, deployment) as dep:
         st = dep.backends.store
         manifest = runs.load_manifest(st, run_id)
-        result = combine_run(st, manifest, out=target, headers=headers, warn=_warn)
+        result = _combine(dep, manifest, out=target, headers=headers)
     for where in result.written or [st.url(k) for k in result.files]:
         out.print(where, markup=False)
     if not result.files:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from runner import runs
-from runner.compose import Traffic
+from runner.compose import StripRunner, Traffic
 from worker.bundle import (
     UnpackedBundle,
     inspect_task,
@@ -121,10 +121,14 @@ def combine_run(
     out: OutTarget | None = None,
     headers: bool | None = None,
     warn: Warn | None = None,
+    strip: StripRunner | None = None,
+    strip_threshold: int = 0,
 ) -> Combined:
     """Combine a run's committed outputs into ``runs/<run>/combined/`` (and ``out`` if given).
 
-    ``headers`` overrides the task's ``[combine] headers`` setting.
+    ``headers`` overrides the task's ``[combine] headers`` setting. On Cloud Storage, ``strip``
+    makes header-less copies of parts elsewhere (on the workers) when they add up to more than
+    ``strip_threshold`` bytes.
     """
     warn = warn or (lambda _msg: None)
     groups, shards, missing = committed_parts(store, manifest)
@@ -144,6 +148,8 @@ def combine_run(
                 groups,
                 headers=headers,
                 warn=warn,
+                strip=strip,
+                strip_threshold=strip_threshold,
             )
         else:
             combined = _concatenate_run(store, manifest, groups, work, headers=headers, warn=warn)

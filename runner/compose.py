@@ -10,19 +10,40 @@ travel (see :func:`strip_first_line`).
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-
-from google.cloud.storage.retry import DEFAULT_RETRY
+from typing import TYPE_CHECKING, Any
 
 from worker.errors import BackendError
-from worker.gcs_store import GcsStore
+
+if TYPE_CHECKING:  # the cloud client loads only when a bucket is combined
+    from worker.gcs_store import GcsStore
+
+
+def _retry() -> Any:
+    from google.cloud.storage.retry import DEFAULT_RETRY
+
+    return DEFAULT_RETRY
+
 
 MAX_COMPOSE_SOURCES = 32  # Cloud Storage's limit per compose request
 NEWLINE_KEY = "newline"  # a one-byte object composed in after a part that lacks a final newline
 HEAD_FIRST = 512  # bytes first read to find a part's first line; doubled while it is longer
 HEAD_PROBE = 64 * 1024  # most bytes read to find it
+
+
+@dataclass(frozen=True)
+class StripJob:
+    """Copy ``source`` without its first ``skip`` bytes to ``target`` (a header-less part)."""
+
+    source: str
+    skip: int
+    target: str
+    size: int  # bytes the copy will hold
+
+
+StripRunner = Callable[[list[StripJob]], None]  # makes the copies somewhere other than here
 
 
 @dataclass
@@ -69,7 +90,7 @@ def _compose(store: GcsStore, sources: Sequence[str], target: str, traffic: Traf
         raise BackendError(f"compose of {len(sources)} sources; at most {MAX_COMPOSE_SOURCES}")
     bucket = store.bucket
     with store._errors("compose", target):
-        bucket.blob(target).compose([bucket.blob(s) for s in sources], retry=DEFAULT_RETRY)
+        bucket.blob(target).compose([bucket.blob(s) for s in sources], retry=_retry())
     traffic.compose_calls += 1
 
 
@@ -84,7 +105,7 @@ def ends_with_newline(store: GcsStore, key: str, size: int, traffic: Traffic) ->
         return True
     with store._errors("read", key):
         last = store.bucket.blob(key).download_as_bytes(
-            start=size - 1, end=size - 1, retry=DEFAULT_RETRY
+            start=size - 1, end=size - 1, retry=_retry()
         )
     traffic.downloaded += len(last)
     return last == b"\n"
@@ -97,7 +118,7 @@ def first_line(store: GcsStore, key: str, size: int, traffic: Traffic) -> bytes:
     while len(head) < size:
         with store._errors("read", key):
             more = store.bucket.blob(key).download_as_bytes(
-                start=len(head), end=min(size, want) - 1, retry=DEFAULT_RETRY
+                start=len(head), end=min(size, want) - 1, retry=_retry()
             )
         traffic.downloaded += len(more)
         head += more
@@ -118,7 +139,7 @@ def strip_first_line(store: GcsStore, key: str, skip: int, target: str, traffic:
     with tempfile.TemporaryDirectory(prefix="cflow-strip-") as tmp:
         path = Path(tmp) / "part"
         with store._errors("download", key):
-            store.bucket.blob(key).download_to_filename(str(path), start=skip, retry=DEFAULT_RETRY)
+            store.bucket.blob(key).download_to_filename(str(path), start=skip, retry=_retry())
         size = path.stat().st_size
         traffic.downloaded += size
         store.put_file(target, path)
@@ -131,6 +152,6 @@ def copy_to(store: GcsStore, key: str, uri_bucket: str, uri_key: str) -> None:
     with store._errors("copy", key):
         src = store.bucket.blob(key)
         dest = store.client.bucket(uri_bucket).blob(uri_key)
-        token, _, _ = dest.rewrite(src, retry=DEFAULT_RETRY)
+        token, _, _ = dest.rewrite(src, retry=_retry())
         while token is not None:
-            token, _, _ = dest.rewrite(src, token=token, retry=DEFAULT_RETRY)
+            token, _, _ = dest.rewrite(src, token=token, retry=_retry())

@@ -12,6 +12,8 @@ from __future__ import annotations
 from runner.combine import Combined, Part, Warn, header_warning
 from runner.compose import (
     NEWLINE_KEY,
+    StripJob,
+    StripRunner,
     Traffic,
     compose_tree,
     ends_with_newline,
@@ -33,7 +35,15 @@ def combine_in_bucket(
     *,
     headers: bool | None,
     warn: Warn,
+    strip: StripRunner | None = None,
+    strip_threshold: int = 0,
 ) -> Combined:
+    """Compose each output path's parts into ``runs/<run>/combined/<path>``.
+
+    With declared headers the parts after the first are first copied without their header: by
+    ``strip`` (the workers) when those copies add up to more than ``strip_threshold`` bytes,
+    else by the runner.
+    """
     run_id = manifest.run_id
     target = Layout.combined(run_id)
     scratch = f"runs/{run_id}/combine-scratch/"
@@ -42,41 +52,49 @@ def combine_in_bucket(
     size_of = sizes(store, Layout.shards_prefix(run_id))
     newline = scratch + NEWLINE_KEY
     made: list[str] = []
+    plans: dict[str, list[str]] = {}
+    jobs: list[StripJob] = []
     try:
         for rel in sorted(groups):
-            parts = groups[rel]
             headed = rel.lower().endswith(HEADER_SUFFIXES)
             sources: list[str] = []
             firsts: list[bytes] = []
-            for n, part in enumerate(parts):
-                size = size_of.get(part.key, 0)
-                key = part.key
+            for n, part in enumerate(groups[rel]):
+                full = size_of.get(part.key, 0)
+                key, size = part.key, full
                 if headed and headers is not False:
-                    head = first_line(store, part.key, size, traffic)
+                    head = first_line(store, part.key, full, traffic)
                     firsts.append(head)
                     if headers and n > 0 and head:
-                        if not head.endswith(b"\n") and len(head) < size:
+                        if not head.endswith(b"\n") and len(head) < full:
                             raise TaskError(
                                 f"{part.key} starts with a line over 64 KiB; a header? set"
                                 " `[combine] headers = false` if the parts have none",
                                 run_id=run_id,
                             )
-                        if len(head) >= size:
+                        if len(head) >= full:
                             continue  # the part is its header alone
                         key = f"{scratch}body/{n:06d}/{rel}"
-                        strip_first_line(store, part.key, len(head), key, traffic)
+                        size = full - len(head)
+                        jobs.append(StripJob(part.key, len(head), key, size))
                         made.append(key)
-                        size -= len(head)
                 if size == 0:
                     continue
                 sources.append(key)
-                if not ends_with_newline(store, part.key, size_of.get(part.key, 0), traffic):
+                if not ends_with_newline(store, part.key, full, traffic):
                     if newline not in made:
                         store.put(newline, b"\n")
                         made.append(newline)
                     sources.append(newline)
             if headers is None and headed and (hint := header_warning(firsts, rel)):
                 warn(hint)
+            plans[rel] = sources
+        if jobs and strip is not None and sum(j.size for j in jobs) > strip_threshold:
+            strip(jobs)
+        else:
+            for job in jobs:
+                strip_first_line(store, job.source, job.skip, job.target, traffic)
+        for rel, sources in plans.items():
             if not sources:
                 store.put(target + rel, b"")
             else:

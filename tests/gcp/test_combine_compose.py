@@ -101,3 +101,27 @@ def test_submit_combines_in_the_bucket_and_writes_to_a_bucket_path(
     assert data["counts"]["succeeded"] == SHARDS
     assert [s["index"] for s in data["shards"]] == list(range(SHARDS))
     assert all(s["attempts"][-1]["state"] == "succeeded" for s in data["shards"])
+
+
+def test_big_headed_parts_lose_their_headers_on_the_workers(
+    deployment: Deployment, fake_compute: MakeCompute, tmp_path: Path
+) -> None:
+    task = make_task(tmp_path / "task", TASK)
+    (task / "cflow.toml").write_text("[combine]\nheaders = true\n")
+    cloud = _cloud(deployment, fake_compute, tmp_path)
+    result = cloud.run("submit", str(task), "--shards", "6", "--workers", "2", timeout=240)
+    assert result.returncode == 0, result.stderr
+    run_id = result.stdout.strip()
+    cloud.env["CFLOW_COMBINE_ON_WORKERS_BYTES"] = "0"  # every header-less copy on the workers
+    again = cloud.run("combine", run_id, timeout=240)
+    assert again.returncode == 0, again.stderr
+    assert "copying 5 parts without their headers on the workers" in again.stderr
+    store = GcsStore(deployment.bucket, client=make_client(PROJECT))
+    rows = store.get(f"runs/{run_id}/combined/rows.csv").decode()
+    assert rows == "id,value\n" + "".join(f"{i},{i * i}\n" for i in range(6))
+    traffic = json.loads(again.stderr.rsplit("traffic: ", 1)[1].splitlines()[0])
+    assert traffic["uploaded"] == 0  # no part passed through the runner
+    assert traffic["downloaded"] <= 6 * 2 * 512 + 12  # first lines and last bytes only
+    listed = json.loads(cloud.run("runs", "--json").stdout)
+    assert [r["run_id"] for r in listed] == [run_id]  # the helper run is gone
+    assert list(store.list(f"runs/{run_id}/combine-scratch/")) == []
