@@ -37,7 +37,15 @@ from runner.submit_plan import describe_bundle, dry_run
 from runner.watch import Watcher
 from worker import defaults
 from worker.errors import CFlowError, ConfigError
-from worker.protocol import Event, Layout, Manifest, RunOptions, RunState, ShardState
+from worker.protocol import (
+    Event,
+    Layout,
+    Manifest,
+    RunOptions,
+    RunState,
+    ShardState,
+    is_valid_run_id,
+)
 
 if TYPE_CHECKING:
     from runner.compose import StripJob
@@ -150,6 +158,14 @@ def _existing_store(local: bool, store: Path | None, deployment: Path | None) ->
     """False for a local store folder that does not exist: reading it must not create it."""
     cfg = config_mod.resolve(local=local, store_dir=store, deployment_file=deployment)
     return not cfg.is_local or cfg.store_dir.is_dir()
+
+
+def _need_run(run_id: str, local: bool, store: Path | None, deployment: Path | None) -> None:
+    """Refuse a malformed run id, or any run id where there is no store (creating none)."""
+    if not is_valid_run_id(run_id):
+        raise _fail(f"{run_id!r} is not a run id; `runner runs` lists them")
+    if not _existing_store(local, store, deployment):
+        raise _fail(f"no run {run_id}: there is no store here; `runner runs` lists runs")
 
 
 def _fail(message: str, code: int = EXIT_ERROR) -> typer.Exit:
@@ -498,8 +514,7 @@ def watch(
         if manifest.state == RunState.CANCELLED.value:
             raise _fail(
                 f"run {run_id} was {'halted' if manifest.halted else 'cancelled'};"
-                f" `runner retry {run_id} --failed` restarts it",
-                EXIT_FAILED,
+                f" `runner retry {run_id} --failed` restarts it"
             )
         watcher = _watcher(dep, manifest, workers=workers, slots=slots, shards=manifest.shard_count)
         code = _watch_and_finish(watcher, dep, rule=rule, cancel_on_interrupt=False, out=None)
@@ -519,8 +534,7 @@ def status(
     deployment: DeploymentOpt = None,
 ) -> None:
     """Per-shard state, attempts, durations, exit codes and failure reasons."""
-    if not _existing_store(local, store, deployment):
-        raise _fail(f"no run {run_id}: there is no store here; `runner runs` lists runs")
+    _need_run(run_id, local, store, deployment)
     wanted = set(state or [])
     with _deployment(local, store, deployment) as dep:
         st = dep.backends.store
@@ -557,8 +571,7 @@ def logs(
     deployment: DeploymentOpt = None,
 ) -> None:
     """Print a shard's log (without --shard: where each shard's latest log is)."""
-    if not _existing_store(local, store, deployment):
-        raise _fail(f"no run {run_id}: there is no store here; `runner runs` lists runs")
+    _need_run(run_id, local, store, deployment)
     with _deployment(local, store, deployment) as dep:
         from runner.logs import print_log, where_logs
 
@@ -580,8 +593,7 @@ def cancel(
     deployment: DeploymentOpt = None,
 ) -> None:
     """Stop a run: queued shards are dropped, running ones stopped."""
-    if not _existing_store(local, store, deployment):
-        raise _fail(f"no run {run_id}: there is no store here; `runner runs` lists runs")
+    _need_run(run_id, local, store, deployment)
     with _deployment(local, store, deployment) as dep:
         dropped = runs.cancel(dep.backends.store, dep.backends.queue, run_id)
     dropped_note = (
@@ -658,8 +670,7 @@ def combine(
     deployment: DeploymentOpt = None,
 ) -> None:
     """Combine the committed outputs of a run (again). Prints where each file went."""
-    if not _existing_store(local, store, deployment):
-        raise _fail(f"no run {run_id}: there is no store here; `runner runs` lists runs")
+    _need_run(run_id, local, store, deployment)
     cfg = config_mod.resolve(local=local, store_dir=store, deployment_file=deployment)
     target = check_out(out_dir, cloud=not cfg.is_local)
     with _deployment(local, store, deployment) as dep:
@@ -725,8 +736,8 @@ def rm(
     """Delete runs: their objects, queue entries, and bundles no other run uses."""
     from runner.prune import remove_runs
 
-    if not _existing_store(local, store, deployment):
-        raise _fail(f"no run {run_ids[0]}: there is no store here; `runner runs` lists runs")
+    for run_id in run_ids:
+        _need_run(run_id, local, store, deployment)
     with _deployment(local, store, deployment) as dep:
         st = dep.backends.store
         manifests = [runs.load_manifest(st, r) for r in run_ids]
