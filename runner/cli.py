@@ -692,12 +692,15 @@ def combine(
     if not cfg.is_local:
         err.print(f"cflow: runner traffic: {json.dumps(result.traffic.to_dict())}", markup=False)
     if result.missing:
+        settled = len(runs.failed(st, run_id)) + result.shards
+        unfinished = manifest.shard_count - settled
         err.print(
             f"cflow: {result.missing} of {manifest.shard_count} shards have no committed output"
-            f" (see `runner status {run_id}`); the result is partial",
+            f" ({unfinished} not finished; see `runner status {run_id}`); the result is partial",
             markup=False,
         )
-        raise typer.Exit(EXIT_FAILED)
+        if unfinished > 0:  # the run is still going (or was cancelled): this is not its result
+            raise typer.Exit(EXIT_FAILED)
 
 
 @app.command("runs")
