@@ -26,6 +26,7 @@ from runner.cli_common import (
     err,
     fail,
     make_watcher,
+    need_run,
     open_dep,
     out,
     watch_and_finish,
@@ -234,6 +235,7 @@ def watch(
 ) -> None:
     """Re-attach to a run: live progress, scale-down, and combine when it ends."""
     rule = HaltRule.parse(halt)
+    need_run(run_id, local, store, deployment)
     with open_dep(local, store, deployment) as dep:
         manifest = runs.load_manifest(dep.backends.store, run_id)
         if manifest.state == RunState.CANCELLED.value:
@@ -273,6 +275,7 @@ def retry(
     if not failed_only:
         raise fail("say what to retry: `runner retry RUN --failed [--task DIR]`")
     rule = HaltRule.parse(halt)
+    need_run(run_id, local, store, deployment)
     if task_dir is not None:
         check_task(task_dir)
     with open_dep(local, store, deployment) as dep:

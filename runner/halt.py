@@ -67,7 +67,8 @@ class HaltJudge:
             return None
         if kind not in (EventKind.FAILED, EventKind.RETRYING):
             return None
-        reason = (event.detail or f"exited with code {event.exit_code}").strip()
+        fallback = "failed" if event.exit_code is None else f"exited with code {event.exit_code}"
+        reason = (event.detail or fallback).strip()
         if reason == CANCELLED_REASON:
             return None
         self.failures.append(reason)
