@@ -12,6 +12,7 @@ from collections.abc import Iterable, Iterator
 from typing import IO, Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -146,7 +147,7 @@ def status_table(manifest: Manifest, reports: list[ShardReport]) -> Table:
     id_width = max((len(r.id) for r in reports), default=5)
     title = f"run {manifest.run_id} ({manifest.state})"
     if manifest.halted:
-        title += f" halted: {manifest.halted}"
+        title += f" halted: {escape(manifest.halted)}"
     table = Table(title=title, title_justify="left")
     table.add_column("shard", no_wrap=True, min_width=id_width)
     for col in ("state", "attempts", "duration", "exit"):
@@ -160,7 +161,9 @@ def status_table(manifest: Manifest, reports: list[ShardReport]) -> Table:
             str(len(r.attempts)),
             f"{r.duration:.1f}s" if r.duration is not None else "",
             "" if r.exit_code is None else str(r.exit_code),
-            (reason_of(r) if r.state is not ShardState.SUCCEEDED else r.input) or r.input or "",
+            escape(
+                (reason_of(r) if r.state is not ShardState.SUCCEEDED else r.input) or r.input or ""
+            ),
         )
     return table
 
@@ -179,7 +182,7 @@ def runs_table(manifests: list[Manifest], committed: dict[str, int]) -> Table:
             m.state + (" (halted)" if m.halted else ""),
             f"{committed.get(m.run_id, 0)}/{m.shard_count}",
             time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(m.created_at)),
-            m.task_name,
+            escape(m.task_name),
         )
     return table
 
