@@ -4,7 +4,9 @@ A run's committed parts are written straight into the bucket layout (N shards, o
 about S bytes each), then ``combine_run`` concatenates them with Cloud Storage compose. Printed
 per case: bytes the runner downloaded and uploaded, compose calls, and downloaded bytes per
 combined byte, with and without declared headers, and with ``--out DIR`` (which downloads the
-combined result itself, by request).
+combined result itself, by request). The last case runs ``runner combine`` with the header-less
+copies made by real worker processes in a fake instance group (a helper run), as on Google Cloud
+above 256 MiB of copies.
 
     .venv/bin/python bench/combine_traffic.py [--shards 125] [--part-kb 256]
 """
@@ -12,6 +14,8 @@ combined result itself, by request).
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
 import sys
 import tempfile
 import time
@@ -21,6 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from runner.combine import OutTarget, combine_run
 from tests import emulators
+from tests.gcp.conftest import worker_env, worker_spawner
+from tests.gcp.fake_compute import FakeCompute
 from worker.bundle import pack
 from worker.gcs_store import GcsStore, make_client
 from worker.protocol import Layout, Manifest, Shard, ShardResult
@@ -70,10 +76,55 @@ def main() -> None:
             t = result.traffic
             down = t.downloaded + t.downloaded_for_copy
             case = f"headers={'yes' if headers else 'no '} --out {'DIR' if out else '-  '}"
-            print(
-                f"{case:<28} {size:>12,} {down:>12,} {t.uploaded:>12,} {t.compose_calls:>6}"
-                f" {down / size:>14.4f} {took:>8.2f}"
+            _row(case, size, down, t.uploaded, t.compose_calls, took)
+    m = _run(store, args.shards, args.part_kb * 1024, True, "w")
+    traffic, took = _on_workers(d, m.run_id)
+    size = sum(n for k, (n, _) in store.checksums(f"runs/{m.run_id}/combined/").items())
+    down = traffic["downloaded"] + traffic["downloaded_for_copy"]
+    _row("headers=yes on workers", size, down, traffic["uploaded"], traffic["compose_calls"], took)
+
+
+def _row(case: str, size: int, down: int, up: int, calls: int, took: float) -> None:
+    ratio = down / size
+    print(f"{case:<28} {size:>12,} {down:>12,} {up:>12,} {calls:>6} {ratio:>14.4f} {took:>8.2f}")
+
+
+def _on_workers(d: emulators.Deployment, run_id: str) -> tuple[dict[str, int], float]:
+    """``runner combine`` with every header-less copy made by workers in a fake group."""
+    group, zone = "cflow-bench", "us-central1-a"
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        holder: dict[str, str] = {}
+        spawn = worker_spawner(
+            d, logs=work / "vms", group=group, zone=zone, endpoint=lambda: holder["endpoint"]
+        )
+        fake = FakeCompute(project=d.project, group=group, spawn=spawn, zone=zone).start()
+        holder["endpoint"] = fake.endpoint
+        try:
+            outputs = work / "cflow-outputs.json"
+            outputs.write_text(json.dumps(d.outputs(zone=zone, group=group)))
+            env = worker_env(
+                fake.endpoint,
+                CFLOW_BACKEND="gcp",
+                CFLOW_DEPLOYMENT=str(outputs),
+                CFLOW_COMBINE_ON_WORKERS_BYTES="0",
             )
+            started = time.perf_counter()
+            proc = subprocess.run(
+                [sys.executable, "-m", "runner", "combine", run_id],
+                cwd=work,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=900,
+            )
+            took = time.perf_counter() - started
+        finally:
+            fake.stop()
+    if proc.returncode != 0:
+        sys.exit(f"runner combine failed ({proc.returncode}):\n{proc.stderr}")
+    line = proc.stderr.rsplit("traffic: ", 1)[1].splitlines()[0]
+    return json.loads(line), took
 
 
 if __name__ == "__main__":
