@@ -65,6 +65,7 @@ SETTLE_BATCH = 64  # most attempts settled in one transaction
 SETTLE_AGE = 0.02  # seconds a finished attempt may wait for its batch
 BROKEN_BACKOFF = (2.0, 120.0)  # seconds: redelivery delay for a run whose manifest is broken
 LOCAL_POLL = 0.1  # seconds a local receive waits before the loop looks at stop requests
+FAILING_PACE = (0.05, 2.0)  # seconds: first and longest pause after failures with no success
 DISK_FULL_PAUSE = 5.0  # seconds a worker waits before trying a full disk again
 
 
@@ -175,6 +176,7 @@ class _Slot:
         self.pending: list[Finished] = []
         self.pending_since = 0.0
         self.prefetch = 1
+        self.failed = False  # an attempt of the current batch failed
         self.idle = False
 
 
@@ -200,6 +202,7 @@ class Agent:
         self._manifests: dict[str, tuple[Manifest | None, float]] = {}
         # run -> (times its manifest could not be read, the current back-off, until when)
         self._broken: dict[str, tuple[int, float, float]] = {}
+        self._health: dict[str, tuple[int, int]] = {}  # run -> (successes, failures) here
         self._bundles: dict[str, UnpackedBundle] = {}
         self._executors: dict[str, Executor | ContainerExecutor] = {}
         self._last_bundle: str | None = None
@@ -278,6 +281,7 @@ class Agent:
             ahead = self._start_ahead(slot) if len(slot.unstarted) > 1 else {}
             while slot.unstarted and not self.stopping:
                 claim = slot.unstarted.pop(0)
+                self._pace(claim.manifest.run_id)
                 began = time.perf_counter()
                 self._attempt_safely(slot, claim, ahead.pop(id(claim), None))
                 durations.append(time.perf_counter() - began)
@@ -292,8 +296,11 @@ class Agent:
         self._flush(slot, force=True)
 
     def _adapt(self, slot: _Slot, durations: list[float], got: int) -> None:
-        """Receive more at once while shards are short and the queue keeps up; one while long."""
-        if durations and max(durations) < FAST_SHARD and got >= slot.prefetch:
+        """Receive more at once while shards are short, succeed and the queue keeps up; one
+        while they are long or failing."""
+        if slot.failed:
+            slot.prefetch, slot.failed = 1, False
+        elif durations and max(durations) < FAST_SHARD and got >= slot.prefetch:
             slot.prefetch = min(slot.prefetch * 2, MAX_PREFETCH)
         elif not durations or max(durations) >= 10 * FAST_SHARD:
             slot.prefetch = 1
@@ -393,6 +400,25 @@ class Agent:
         if not slot.pending:
             slot.pending_since = time.monotonic()
         slot.pending.append(finished)
+        run_id = finished.delivery.message.run_id
+        good, bad = self._health.get(run_id, (0, 0))
+        if finished.state is AttemptState.FAILED:
+            slot.failed = True
+            self._health[run_id] = (good, bad + 1)
+            self._flush(slot, force=True)  # the runner's halt rule wants to hear of it now
+        elif finished.state is AttemptState.SUCCEEDED:
+            self._health[run_id] = (good + 1, bad)
+
+    def _pace(self, run_id: str) -> None:
+        """Until a run has had a success here, each failure waits a little longer before the
+        next attempt: a task that cannot work gives the runner time to halt the run (--halt)
+        before it burns every shard's attempts, and costs a working task nothing."""
+        good, bad = self._health.get(run_id, (0, 0))
+        if good == 0 and bad:
+            pause = min(FAILING_PACE[0] * 2 ** (bad - 1), FAILING_PACE[1])
+            deadline = self.clock.monotonic() + pause
+            while not self._stopping.is_set() and self.clock.monotonic() < deadline:
+                self.clock.sleep(min(0.05, deadline - self.clock.monotonic()))
 
     # -- one attempt -----------------------------------------------------------------------
 

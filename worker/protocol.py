@@ -58,6 +58,7 @@ class ShardState(StrEnum):
     RUNNING = "running"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
+    CANCELLED = "cancelled"  # the run was cancelled (or halted) before the shard finished
 
 
 class EventKind(StrEnum):
@@ -148,6 +149,10 @@ class Manifest(_Record):
     created_at: float = field(default_factory=_now)
     task_name: str = "task"
     schema: int = SCHEMA_VERSION
+    # Bundles the run's shards were retried with (`retry --task`), oldest first:
+    # {"sha256", "at", "shards"}. ``bundle`` is the latest, which messages without one run.
+    bundles: list[dict[str, Any]] = field(default_factory=list)
+    halted: str | None = None  # why the runner stopped the run early (--halt), if it did
 
     @property
     def run_options(self) -> RunOptions:

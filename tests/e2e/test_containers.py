@@ -76,6 +76,7 @@ def test_python_task_in_a_container(
     cli: Cli, tmp_path: Path, container_runtime: Runtime, python_image: str
 ) -> None:
     task = make_task(tmp_path / "t", COPY_TASK)
+    (task / "cflow.toml").write_text("[combine]\nheaders = true\n")
     inputs = make_inputs(tmp_path / "in", [f"f{i}.csv" for i in range(3)])
     result = cli("submit", str(task), "--inputs", str(inputs / "*.csv"), "--image", python_image)
     assert result.code == 0, result.stderr

@@ -164,6 +164,7 @@ def test_idle_workers_leave_the_group_by_themselves(
 ) -> None:
     cloud = _cloud(deployment, fake_compute, tmp_path, idle_timeout=1.0)
     task = make_task(tmp_path / "task", COPY_TASK)
+    (task / "cflow.toml").write_text("[combine]\nheaders = true\n")
     inputs = make_inputs(tmp_path / "data", ["a.csv", "b b.csv", "c.csv"])
     result = cloud.run(
         "submit", str(task), "--inputs", str(inputs / "*.csv"), "--workers", "2", "--detach"

@@ -137,7 +137,13 @@ def test_lanes_bars_and_outcomes(store: LocalStore) -> None:
         "running": 0,
         "lost": 0,
     }
-    assert s.shard_states == {"queued": 0, "running": 0, "succeeded": 3, "failed": 1}
+    assert s.shard_states == {
+        "queued": 0,
+        "running": 0,
+        "succeeded": 3,
+        "failed": 1,
+        "cancelled": 0,
+    }
     assert s.task_seconds == pytest.approx(0.5 + 2 + 1 + 2 + 1 + 1 + 1 + 1)
     assert s.committed_seconds == pytest.approx(2 + 2 + 1)
     assert s.wall_seconds == pytest.approx(6)
