@@ -20,6 +20,7 @@ from runner.backends import Deployment
 from runner.config import Config
 from runner.fleet import Fleet
 from runner.gce_fleet import GceFleet
+from runner.run_events import RunSubscriptions
 from runner.shards import RemoteLister
 from worker.backends import Backends
 from worker.clock import SYSTEM_CLOCK, Clock
@@ -132,6 +133,13 @@ def open_gcp_deployment(config: Config, *, clock: Clock = SYSTEM_CLOCK) -> Deplo
     stager = InputStager(store)
     queue.before_publish = stager.wait  # no shard goes out before its input is stored
     group = config.group
+    per_run = RunSubscriptions(
+        project=project,
+        events_topic=config.events_topic,
+        events_subscription=config.events_subscription,
+        store=store,
+        subscriber=subscriber,
+    )
 
     def make_fleet(slots: int, idle_timeout: float | None) -> Fleet:
         # Slots and the idle timeout of VMs are set at deploy time, in the instance template.
@@ -139,7 +147,7 @@ def open_gcp_deployment(config: Config, *, clock: Clock = SYSTEM_CLOCK) -> Deplo
             project=project, group=group, zone=config.zone, region=config.region, clock=clock
         )
 
-    return Deployment(
+    deployment = Deployment(
         config=config,
         backends=Backends(queue=queue, store=store, events=events),
         make_fleet=make_fleet,
@@ -147,5 +155,10 @@ def open_gcp_deployment(config: Config, *, clock: Clock = SYSTEM_CLOCK) -> Deplo
         stage_input=stager,
         default_workers=DEFAULT_WORKERS,
         poll_seconds=POLL_SECONDS,
-        closers=[stager.close, subscriber.close],
+        closers=[stager.close, per_run.close, subscriber.close],
     )
+    # Concurrent runs keep their events apart: each watcher reads its own filtered subscription.
+    # Set only where the Deployment has the field (it is added alongside this backend).
+    if hasattr(deployment, "run_events"):
+        deployment.run_events = per_run.open
+    return deployment
