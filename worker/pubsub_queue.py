@@ -1,13 +1,16 @@
 """The Pub/Sub queue and event bus: shards on the work topic, progress on the events topic.
 
 Workers **receive** with a synchronous pull of at most their free slots, so no worker holds work
-another idle VM could take. Every pull waits for the server's answer (``PULL_DEADLINE``), however
-short the caller's timeout: when a client gives up on a pull first, the messages the server had
-already handed to it stay leased until their ack deadline and count as a delivery
+another idle VM could take. Every pull gives the server at least ``PULL_DEADLINE`` to answer,
+however short the caller's timeout: when a client gives up on a pull first, the messages the
+server had already handed to it stay leased until their ack deadline and count as a delivery
 (python-pubsub #1414 and #440, google-cloud-python #8087), so a short client deadline strands
-work and burns delivery attempts while a worker is merely idle. (Streaming pull's flow control
-would do the same on the real service, but the emulator ignores ``max_outstanding_messages`` and
-streams the whole backlog to the first subscriber; the unary pull behaves the same everywhere.)
+work and burns delivery attempts while a worker is merely idle. The server answers a pull that
+finds messages at once and may hold an empty one up to the deadline, so an idle worker's receive
+can take up to ``PULL_DEADLINE``: the price of never abandoning a pull in flight.
+(Streaming pull's flow control would do the same on the real service, but the emulator ignores
+``max_outstanding_messages`` and streams the whole backlog to the first subscriber; the unary pull
+behaves the same everywhere.)
 A lease is the message's ack deadline: set when the message arrives and extended in one batched
 call per period by a background **leaser**, for as long as the message is held but at most
 ``max_lease_seconds`` (beyond that only the agent's :meth:`PubSubQueue.extend` calls keep it).
@@ -48,7 +51,7 @@ MAX_LEASE_SECONDS = 6 * 3600.0  # longest the leaser keeps a message without age
 PUBLISH_TIMEOUT = 120.0  # seconds to wait for one batch of publishes to be stored
 ACK_IDS_PER_CALL = 1000  # ack ids per acknowledge / modify_ack_deadline request
 INBOX_MAX_MESSAGES = 10_000  # events or dead letters the runner holds before taking them
-PULL_DEADLINE = 60.0  # seconds a pull may take to answer: longer than the server holds one
+PULL_DEADLINE = 5.0  # seconds a pull may take: one that finds messages is answered in milliseconds
 _PULL_BACKOFF = (0.02, 0.25)  # seconds: first and longest pause between empty pulls
 _TRANSIENT = (
     gexc.DeadlineExceeded,
@@ -200,7 +203,7 @@ class PubSubQueue(WorkQueue):
         deadline = self.clock.monotonic() + timeout
         pause = _PULL_BACKOFF[0]
         while True:
-            received = self._pull(max_messages, PULL_DEADLINE)
+            received = self._pull(max_messages, max(timeout, PULL_DEADLINE))
             if received and self._closed.is_set():  # closed while the pull was out: give back
                 self._modify([r.ack_id for r in received], 0)
                 return []
@@ -222,7 +225,8 @@ class PubSubQueue(WorkQueue):
                 retry=None,
             )
         except _TRANSIENT as exc:
-            log.warning("pull from %s failed, will retry: %s", self.subscription, exc)
+            if not isinstance(exc, gexc.DeadlineExceeded):  # an empty pull held to its end
+                log.warning("pull from %s failed, will retry: %s", self.subscription, exc)
             return []
         except gexc.GoogleAPICallError as exc:
             raise _not_found_or_denied(exc, f"work subscription {self.subscription}") from None
