@@ -1,19 +1,24 @@
 """One events subscription per run, so concurrent runs on one deployment keep their events apart.
 
-Workers publish every event to the deployment's events topic with a ``run_id`` attribute when the
-event belongs to a run (started, succeeded, ...) and none when it is about the worker itself
-(idle, stopped). A run's subscription filters on that attribute::
+With one shared events subscription, two watchers split the events between them: each sees
+about half of its own run's events. Here every run has its own subscription on the deployment's
+events topic, so each watcher receives a full copy of the event stream.
 
-    attributes.run_id = "<run>" OR NOT attributes:run_id
+It is deliberately *not* filtered to the run's own events (a Pub/Sub filter such as
+``attributes.run_id = "R" OR NOT attributes:run_id`` would be possible: workers set ``run_id``
+only on events that belong to a run). A watcher must see the other runs' ``started`` and
+finishing events too: workers are shared by every run of a deployment, and that is how a
+watcher knows a worker is busy with another run's shard and must not be scaled away when its
+own run drains (:class:`runner.watch.Watcher` tracks them as ``elsewhere``). Filtering them out
+would bring back the very bug this prevents: one run's scale-down deleting another run's busy
+workers.
 
-so its watcher sees its own shard events and every worker-level event (which the scale policy
-needs: an idle worker is idle for every run), and never another run's shard events. Pub/Sub
-filters are fixed at creation and a subscription only receives what is published after it exists,
-so the subscription is created when the run is submitted (before any shard is published) and
-reused by a later ``runner watch``. It is deleted when its bus is closed after the run ended
-(manifest no longer ``active``); one left behind by a killed runner is deleted by the next
-:meth:`RunSubscriptions.open` once its run is over, and Pub/Sub itself expires any subscription
-unused for ``EXPIRY`` (the service's minimum TTL is one day).
+Pub/Sub delivers to a subscription only what is published after it exists, so the subscription
+is created when the run is submitted, before any worker starts for it, and reused by a later
+``runner watch``. It is deleted when its bus is closed after the run ended (manifest no longer
+``active``); one left behind by a killed runner is deleted by the next :meth:`RunSubscriptions.open`
+once its run is over, and Pub/Sub itself expires any subscription unused for ``EXPIRY`` (the
+service's minimum TTL, one day).
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import google.cloud.pubsub_v1 as pubsub_v1
 from google.api_core import exceptions as gexc
 
 from worker.errors import BackendError, ConfigError
-from worker.protocol import Event, Layout, Manifest, RunState
+from worker.protocol import Layout, Manifest, RunState
 from worker.pubsub_queue import PubSubEvents, resource_path
 from worker.store import Store
 
@@ -42,13 +47,6 @@ CREATED_LABEL = "cflow_created"  # unix time the subscription was made
 # stale only after this long.
 GRACE_SECONDS = 3600.0
 MAX_NAME = 255  # Pub/Sub's limit on a subscription id
-
-
-def run_filter(run_id: str) -> str:
-    """The Pub/Sub filter of one run's subscription (its own events and worker-level ones)."""
-    if '"' in run_id or "\\" in run_id:
-        raise ConfigError(f"run id {run_id!r} cannot be used in a subscription filter")
-    return f'attributes.run_id = "{run_id}" OR NOT attributes:run_id'
 
 
 class RunSubscriptions:
@@ -93,7 +91,6 @@ class RunSubscriptions:
         request = {
             "name": path,
             "topic": self.topic,
-            "filter": run_filter(run_id),
             "ack_deadline_seconds": ACK_DEADLINE,
             "message_retention_duration": RETENTION,
             "expiration_policy": {"ttl": EXPIRY},
@@ -185,15 +182,6 @@ class RunEvents(PubSubEvents):
         self.path = path
         self._ended = False
         self._closed = False
-
-    def pull(self, max_events: int = 1000, timeout: float = 0.0) -> list[Event]:
-        # The server-side filter is the design; this check keeps the bus right where a filter
-        # is not applied (Pub/Sub emulators before early 2026 store filters but ignore them).
-        return [
-            e
-            for e in super().pull(max_events, timeout)
-            if e.run_id is None or e.run_id == self.run_id
-        ]
 
     def end(self) -> None:
         """The run is over: delete its subscription now, whatever the manifest says."""
