@@ -22,9 +22,11 @@ from runner.fleet import Fleet
 from runner.gce_fleet import GceFleet
 from runner.run_events import RunSubscriptions
 from runner.shards import RemoteLister
+from runner.wheels import stage_task
 from worker.backends import Backends
 from worker.clock import SYSTEM_CLOCK, Clock
-from worker.errors import BackendError, ConfigError, InputError
+from worker.errors import BackendError, ConfigError, InputError, NotFound
+from worker.gcp import agent_log_key
 from worker.gcs_store import GcsStore, file_crc32c, make_client
 from worker.protocol import Layout, Shard, slug
 from worker.pubsub_queue import PubSubEvents, PubSubQueue
@@ -144,7 +146,12 @@ def open_gcp_deployment(config: Config, *, clock: Clock = SYSTEM_CLOCK) -> Deplo
     def make_fleet(slots: int, idle_timeout: float | None) -> Fleet:
         # Slots and the idle timeout of VMs are set at deploy time, in the instance template.
         return GceFleet(
-            project=project, group=group, zone=config.zone, region=config.region, clock=clock
+            project=project,
+            group=group,
+            zone=config.zone,
+            region=config.region,
+            clock=clock,
+            store=store,  # VMs report failed boots and failed self-removal there
         )
 
     deployment = Deployment(
@@ -161,4 +168,33 @@ def open_gcp_deployment(config: Config, *, clock: Clock = SYSTEM_CLOCK) -> Deplo
     # Set only where the Deployment has the field (it is added alongside this backend).
     if hasattr(deployment, "run_events"):
         deployment.run_events = per_run.open
+    if hasattr(deployment, "prepare_task"):  # task requirements as wheels, resolved at submit
+        deployment.prepare_task = prepare_task
     return deployment
+
+
+def prepare_task(task_dir: Path, work_dir: Path) -> Path:
+    """The task folder to bundle for the VMs: its requirements resolved into wheels it carries
+    (:func:`runner.wheels.stage_task`), so no VM needs a package index to install them."""
+    return stage_task(task_dir, work_dir)
+
+
+def agent_log(store: GcsStore, worker: str) -> bytes:
+    """A worker VM's own agent log (``fleet/<vm>/agent.log``), kept after the VM is gone.
+
+    Raises:
+        NotFound: that worker never uploaded one.
+    """
+    try:
+        return store.get(agent_log_key(worker))
+    except NotFound:
+        raise NotFound(f"no agent log for worker {worker} in gs://{store.bucket_name}") from None
+
+
+def agent_logs(store: GcsStore) -> list[str]:
+    """Workers that left an agent log, by name."""
+    return sorted(
+        key.split("/")[1]
+        for key in store.list("fleet/", suffix="/agent.log")
+        if key.count("/") == 2
+    )

@@ -144,6 +144,7 @@ class FakeCompute:
             "CPUS": (24.0, 0.0),
             "PREEMPTIBLE_CPUS": (0.0, 0.0),
             "DISKS_TOTAL_GB": (4096.0, 0.0),
+            "SSD_TOTAL_GB": (500.0, 0.0),
             "IN_USE_ADDRESSES": (8.0, 0.0),
         }
         self.denied = denied  # verbs (e.g. "deleteInstances") answered 403 permission denied
@@ -422,6 +423,7 @@ class FakeCompute:
             "kind": "compute#region",
             "name": region,
             "status": "UP",
+            "zones": [f"{BASE}/projects/{self.group.project}/zones/{region}-{z}" for z in "bcf"],
             "quotas": [
                 {"metric": metric, "limit": limit, "usage": usage}
                 for metric, (limit, usage) in quotas.items()
@@ -435,7 +437,12 @@ class FakeCompute:
             "properties": {
                 "machineType": self.machine_type,
                 "scheduling": {"provisioningModel": "SPOT", "preemptible": True},
-                "disks": [{"boot": True, "initializeParams": {"diskSizeGb": "20"}}],
+                "disks": [
+                    {
+                        "boot": True,
+                        "initializeParams": {"diskSizeGb": "20", "diskType": "pd-balanced"},
+                    }
+                ],
             },
         }
 

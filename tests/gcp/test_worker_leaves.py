@@ -74,3 +74,16 @@ def test_self_removal_without_conditions_then_the_backstop_when_refused(
     fleet.delete([second])
     assert fleet.wait_empty(30)
     assert not store.exists(problem_key(second))
+
+
+def test_runner_reads_a_gone_workers_agent_log(deployment: Deployment) -> None:
+    from runner.gcp import agent_log, agent_logs
+    from worker.errors import NotFound
+
+    store = GcsStore(deployment.bucket)
+    store.put(agent_log_key("cflow-worker-ab12"), b"2026-12-01 worker cflow-worker-ab12 exiting\n")
+    store.put("fleet/_problems/cflow-worker-ab12.json", b"{}")
+    assert agent_logs(store) == ["cflow-worker-ab12"]
+    assert b"exiting" in agent_log(store, "cflow-worker-ab12")
+    with pytest.raises(NotFound, match="no agent log for worker nobody"):
+        agent_log(store, "nobody")
