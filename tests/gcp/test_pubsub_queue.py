@@ -182,3 +182,21 @@ def test_idle_pulls_do_not_raise_delivery_counts_or_strand_messages(
     assert [d.delivery_attempt for _, d in got] == [1] * 20
     # Stranded messages would come back only after the 10 s ack deadline.
     assert max(t for t, _ in got) - published < 8.0
+
+
+def test_requeue_replaces_a_leased_message_so_its_delivery_count_starts_over(
+    worker_queues: list[PubSubQueue],
+) -> None:
+    queue, other, _ = worker_queues
+    queue.publish(_messages("r-requeue", 1))
+    (first,) = queue.receive(1, 5.0)
+    queue.nack(first)
+    (second,) = other.receive(1, 15.0)
+    assert second.delivery_attempt == 2
+    bumped = WorkMessage(run_id="r-requeue", shard=second.message.shard, failures=1)
+    other.requeue(second, bumped, front=True)
+    (third,) = queue.receive(1, 15.0)
+    assert third.delivery_attempt == 1  # a new message: the dead-letter count starts over
+    assert third.message.failures == 1 and third.message.shard_id == "s0"
+    queue.ack(third)
+    assert other.receive(1, 1.0) == []  # the replaced one was acked, not left to come back
