@@ -124,6 +124,7 @@ class GceFleet(Fleet):
         self.max_size = size_limit(zonal=bool(zone))
         self._problems: list[str] = []
         self._reported: set[str] = set()
+        self._announced: set[str] = set()
         credentials, options = compute_client_options()
         if zone:
             self._where: dict[str, str] = {"zone": zone}
@@ -239,6 +240,9 @@ class GceFleet(Fleet):
                 error, removable = reported[name], True
             out.append(Instance(name, status, error=error, removable=removable))
         problems = [f"{n} VM{'s' if n > 1 else ''} cannot start: {e}" for e, n in quota.items()]
+        for error in quota.keys() - self._announced:  # said once per distinct error
+            self._announced.add(error)
+            log.warning("%s: VMs cannot start: %s", self.describe, error)
         for i in out:
             if i.removable:
                 problems.append(f"VM {i.name} {i.error}")

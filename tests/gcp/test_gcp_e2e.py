@@ -186,3 +186,26 @@ def test_idle_workers_leave_the_group_by_themselves(
         f"gs://{deployment.bucket}/runs/{run_id}/inputs/"
         in cloud.status(run_id)["shards"][0]["input"]
     )
+
+
+def test_a_quota_limited_group_still_finishes_and_the_runner_says_why(
+    deployment: Deployment, fake_compute: MakeCompute, tmp_path: Path
+) -> None:
+    holder: dict[str, str] = {}
+    spawn = worker_spawner(
+        deployment,
+        logs=tmp_path / "vms",
+        group=GROUP,
+        zone=ZONE,
+        endpoint=lambda: holder["endpoint"],
+    )
+    fake = fake_compute(spawn=spawn, group=GROUP, zone=ZONE, cpu_quota=4, cpus_per_vm=2)
+    holder["endpoint"] = fake.endpoint
+    cloud = Cloud(deployment, fake, tmp_path)
+    task = make_task(tmp_path / "task", "import time\n\ndef run(shard):\n    time.sleep(0.2)\n")
+    result = cloud.run("submit", str(task), "--shards", "12", "--workers", "4", timeout=180)
+    assert result.returncode == 0, result.stderr
+    assert "VMs cannot start: QUOTA_EXCEEDED: Quota 'CPUS' exceeded." in result.stderr
+    run_id = result.stdout.strip().splitlines()[0]
+    assert cloud.status(run_id)["counts"]["succeeded"] == 12
+    wait_for(fake.is_empty, 30, "the group at zero")
