@@ -41,6 +41,8 @@ OPERATION_TIMEOUT = 120.0  # seconds to wait for a resize to be accepted
 POLL_SECONDS = 2.0  # between instance listings while waiting for the group to empty
 _STOPPING_ACTIONS = {"DELETING", "ABANDONING", "STOPPING", "SUSPENDING"}
 DELETE_BATCH = 1000  # instances per deleteInstances request: the API's limit
+LIST_PAGE = 500  # listManagedInstances maxResults: the API's most
+STALE_REPORT_SECONDS = 120.0  # a problem report of a VM no longer in the group is dropped after
 ZONAL_MAX_SIZE = 1000  # VMs a zonal managed instance group can hold
 REGIONAL_MAX_SIZE = 2000  # VMs a regional one can hold
 RATE_LIMIT_TRIES = 6  # calls refused for rate limits are retried this many times in all...
@@ -125,6 +127,7 @@ class GceFleet(Fleet):
         self._problems: list[str] = []
         self._reported: set[str] = set()
         self._announced: set[str] = set()
+        self._report_times: dict[str, float] = {}  # VM -> when its report was written
         credentials, options = compute_client_options()
         if zone:
             self._where: dict[str, str] = {"zone": zone}
@@ -216,21 +219,30 @@ class GceFleet(Fleet):
         return int(self._call("read", "get").target_size)
 
     def managed_instances(self) -> list[Any]:
-        """The group's instances as the API lists them (every page, each page retried)."""
-        pager = self._call("list the instances of", "list_managed_instances")
+        """The group's instances as the API lists them: every page, each request retried on
+        rate limits (a page lost to one must not shorten the list: VMs would seem gone)."""
         out: list[Any] = []
-        pages = iter(pager.pages)
+        token = ""
         while True:
-            page = self._retrying("list the instances of", lambda: next(pages, None))
-            if page is None:
-                return out
+            pager = self._call(
+                "list the instances of",
+                "list_managed_instances",
+                page_token=token,
+                max_results=LIST_PAGE,
+            )
+            page = next(iter(pager.pages))  # the response of this call; no request of its own
             out.extend(page.managed_instances)
+            token = page.next_page_token
+            if not token:
+                return out
 
     def instances(self) -> list[Instance]:
         reported = self._reported_problems()
         out = []
         quota: dict[str, int] = {}
-        for m in self.managed_instances():
+        managed = self.managed_instances()
+        self._drop_stale_reports(reported, {instance_name(m) for m in managed})
+        for m in managed:
             name, status = instance_name(m), instance_status(m)
             error = instance_error(m)
             removable = False
@@ -261,13 +273,27 @@ class GceFleet(Fleet):
         if self.store is None:
             return {}
         found = {}
+        self._report_times = {}
         try:
             for key in self.store.list(PROBLEMS_PREFIX, suffix=".json"):
                 record = json.loads(self.store.get(key))
                 found[str(record["vm"])] = str(record["problem"])
+                self._report_times[str(record["vm"])] = float(record.get("at", 0.0))
         except Exception as exc:  # the fleet still works without these reports
             log.warning("cannot read VM problem reports: %s", exc)
         return found
+
+    def _drop_stale_reports(self, reported: dict[str, str], members: set[str]) -> None:
+        """Reports of VMs that left the group (one that removed itself after a failed boot)."""
+        if self.store is None:
+            return
+        now = self.clock.time()
+        for name in set(reported) - members:
+            if now - self._report_times.get(name, 0.0) > STALE_REPORT_SECONDS:
+                try:
+                    self.store.delete(f"{PROBLEMS_PREFIX}{name}.json")
+                except Exception as exc:
+                    log.warning("cannot delete the problem report of %s: %s", name, exc)
 
     def grow(self, count: int) -> list[str]:
         """Raise the target size by ``count``; the names the group gave the new instances."""

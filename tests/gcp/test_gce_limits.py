@@ -193,3 +193,16 @@ def test_failed_boot_is_shown_and_the_vm_removed(
     assert not store.exists(problem_key(bad))  # a VM recreated under the name starts clean
     fleet.delete(i.name for i in fleet.instances())
     assert fleet.wait_empty(10)
+
+
+def test_a_rate_limited_page_does_not_shorten_the_list(fake_compute: MakeCompute) -> None:
+    fake = fake_compute(spawn=paper, zone=None, region="us-east1")
+    fleet = GceFleet(project=PROJECT, group=GROUP, region="us-east1")
+    fleet.grow(1200)
+    wait_for(lambda: len(fake.live()) == 1200, 20, "1,200 VMs")
+    fake.rate_limit, fake.rate_window = 1, 0.3  # every page after the first is refused once
+    assert len(fleet.instances()) == 1200
+    assert fake.rate_limited > 0
+    fake.rate_limit = None
+    fleet.delete(i.name for i in fleet.instances())
+    assert fleet.wait_empty(20)
