@@ -23,7 +23,7 @@ from runner.gcp import DEFAULT_WORKERS
 from runner.quota import fit, read_region, read_template
 from worker.errors import CFlowError
 from worker.gcp import COMPUTE_ENDPOINT_ENV
-from worker.gcs_store import make_client
+from worker.gcs_store import GcsStore, make_client
 from worker.pubsub_queue import resource_path
 
 CHECK_TIMEOUT = 15.0  # seconds per API call
@@ -185,6 +185,30 @@ def check_quota(config: Config, *, workers: int = DEFAULT_WORKERS) -> Check:
     return Check("quota", True, line)
 
 
+def check_vms(config: Config) -> Check:
+    """VMs of the group that cannot start (quota) or reported a failed boot or self-removal."""
+    assert config.project and config.group and config.bucket
+    try:
+        fleet = GceFleet(
+            project=config.project,
+            group=config.group,
+            zone=config.zone,
+            region=config.region,
+            store=GcsStore(config.bucket, client=make_client(config.project)),
+        )
+        try:
+            instances = fleet.instances()
+            problems = fleet.problems()
+        finally:
+            fleet.close()
+    except Exception as exc:
+        return Check("VMs", False, _api_error(f"the VMs of group {config.group}", exc))
+    if problems:
+        fix = "`runner watch RUN` deletes VMs that reported a problem, or `runner cancel RUN`"
+        return Check("VMs", False, "; ".join(problems) + f"; {fix}")
+    return Check("VMs", True, f"{len(instances)} in the group, none reported a problem")
+
+
 def run_checks(config: Config, *, on_check: Callable[[Check], None] | None = None) -> list[Check]:
     """Every check of the deployment, reported to ``on_check`` as it completes."""
     checks: list[Check] = []
@@ -205,4 +229,5 @@ def run_checks(config: Config, *, on_check: Callable[[Check], None] | None = Non
     add(group)
     if group.ok:
         add(check_quota(config))
+        add(check_vms(config))
     return checks

@@ -126,3 +126,44 @@ def test_two_concurrent_runs_both_finish_once_without_disturbing_each_others_wor
         queue.close()
     assert per_run.existing() == {}, "each run's subscription is gone with its run"
     subscriber.close()
+
+
+def test_stale_run_subscriptions_are_cleaned_up_by_the_next_run(
+    deployment: Deployment, tmp_path: Path
+) -> None:
+    store = GcsStore(deployment.bucket)
+    queue = PubSubQueue(project=deployment.project, topic=deployment.work_topic)
+    subscriber = pubsub_v1.SubscriberClient()
+    per_run = RunSubscriptions(
+        project=deployment.project,
+        events_topic=deployment.events_topic,
+        events_subscription=deployment.events_subscription,
+        store=store,
+        subscriber=subscriber,
+    )
+    try:
+        ended, active = (
+            runs.create_run(
+                store=store,
+                queue=queue,
+                task_dir=make_task(tmp_path / f"task{n}", QUICK),
+                shards=from_count(1),
+                options=RunOptions(),
+            )
+            for n in range(2)
+        )
+        # A runner killed mid-run leaves its subscription behind, open; its run ends later.
+        per_run.open(ended.run_id)
+        per_run.open(active.run_id)
+        runs.save_manifest(store, ended.with_state(RunState.FINISHED))
+        unborn = "r20991231-000000-abcdef"  # made just now, its manifest not written yet
+        per_run.open(unborn)
+        per_run.open("r20991231-000000-fedcba")  # the next submit cleans up...
+        left = set(per_run.existing())
+        assert ended.run_id not in left  # ...a finished run's subscription
+        assert {active.run_id, unborn} <= left  # but not an active run's, nor a new one's
+    finally:
+        for path in per_run.existing().values():
+            per_run.delete(path)
+        queue.close()
+        subscriber.close()
