@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from runner.config import Config
 from runner.fleet import Fleet, LocalFleet
@@ -31,6 +32,9 @@ class Deployment:
     # (run id, since: epoch seconds) -> that run's events plus the worker-level ones; the
     # caller closes it. Two runs watched at once never take each other's events.
     open_run_events: Callable[[str, float | None], EventBus] | None = None
+    # (task folder, scratch folder) -> the folder to bundle (Google Cloud: requirements as
+    # wheels the VMs install with no package index); None: the folder as it is.
+    prepare_task: Callable[[Path, Path], Path] | None = None
 
     def run_events(self, run_id: str, *, since: float | None = None) -> EventBus:
         if self.open_run_events is None:

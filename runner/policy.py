@@ -48,21 +48,30 @@ def decide_scale(
     a booting one would take a minute or two.
     """
     slots = max(slots, 1)
-    live = [i for i in instances if i.status != "stopping"]
+    # An instance with an error (one the group cannot create for lack of quota, a VM that failed
+    # to boot) is no capacity, but still counts against max_workers: adding more would only ask
+    # for more of what the project cannot give. One that will never work is removed.
+    broken = sorted(i.name for i in instances if i.removable and i.status != "stopping")
+    errored = [i for i in instances if i.error and i.status != "stopping" and not i.removable]
+    live = [i for i in instances if i.status != "stopping" and not i.error and not i.removable]
     target = min(max_workers, math.ceil(max(outstanding, 0) / slots))
     if len(live) < target:
-        return ScaleDecision(add=target - len(live))
-    surplus = len(live) - target
+        room = max(max_workers - len(live) - len(errored), 0)
+        return ScaleDecision(add=min(target - len(live), room), delete=broken)
+    surplus = len(live) + len(errored) - target
     if surplus <= 0:
-        return ScaleDecision()
+        return ScaleDecision(delete=broken)
+    doomed = sorted(i.name for i in errored)
     if outstanding <= 0:
-        return ScaleDecision(delete=sorted(i.name for i in live if i.name not in busy)[:surplus])
-    free = [i for i in live if i.name not in busy]
-    starting = sorted(i.name for i in free if i.status == "starting")
-    ready_idle = sorted(i.name for i in free if i.status != "starting" and i.name in idle)
+        free = sorted(i.name for i in live if i.name not in busy)
+        return ScaleDecision(delete=broken + (doomed + free)[:surplus])
+    free_now = [i for i in live if i.name not in busy]
+    starting = sorted(i.name for i in free_now if i.status == "starting")
+    ready_idle = sorted(i.name for i in free_now if i.status != "starting" and i.name in idle)
     queued = max(outstanding - len(busy) * slots, 0)  # at least this many wait for a worker
     keep = math.ceil(queued / slots)
-    return ScaleDecision(delete=(starting + ready_idle[: max(len(ready_idle) - keep, 0)])[:surplus])
+    spare = doomed + starting + ready_idle[: max(len(ready_idle) - keep, 0)]
+    return ScaleDecision(delete=broken + spare[:surplus])
 
 
 @dataclass
