@@ -21,6 +21,7 @@ failure or as a delivery.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -35,6 +36,7 @@ from worker import defaults, reaper
 from worker.bundle import UnpackedBundle, unpack
 from worker.clock import SYSTEM_CLOCK, Clock
 from worker.container import ContainerExecutor
+from worker.container_runtime import ContainerRuntimeMissing, ImagePullError
 from worker.errors import BackendError, CFlowError, NotFound, TaskError
 from worker.executor import Executor, RunningTask
 from worker.ledger import CANCELLED, Finished, Ledger
@@ -630,6 +632,14 @@ class Agent:
         try:
             prepared.executor = self._executor(claim.bundle, Entry(manifest.entry), options)
             staged = self._stage(shard, options.stage, slot.scratch / f"input-{position}")
+        except (ImagePullError, ContainerRuntimeMissing) as exc:
+            # Not this shard's fault: no shard of the run can start here. Stop the whole run
+            # with the reason, instead of failing every shard's every attempt with it.
+            self._halt_run(run_id, str(exc))
+            with prepared.log.path.open("a") as fh:
+                fh.write(f"cflow: {exc}\n")
+            prepared.early = _Outcome(AttemptState.FAILED, reason=str(exc))
+            return prepared
         except (CFlowError, OSError) as exc:
             with prepared.log.path.open("a") as fh:
                 fh.write(f"cflow: {exc}\n")
@@ -774,6 +784,21 @@ class Agent:
         self._broken.pop(run_id, None)
         self._manifests[run_id] = (manifest, now)
         return manifest
+
+    def _halt_run(self, run_id: str, reason: str) -> None:
+        """Cancel a run that cannot run on any worker (its image cannot be pulled), saying why:
+        the runner's watch ends at once and prints the reason, as for ``--halt``."""
+        key = Layout.manifest(run_id)
+        try:
+            current = Manifest.from_json(self.store.get(key))
+        except (NotFound, ValueError, TypeError):
+            return
+        if current.state != RunState.ACTIVE.value:
+            return
+        halted = dataclasses.replace(current, state=RunState.CANCELLED.value, halted=reason)
+        self.store.put(key, halted.to_json())
+        self._manifests[run_id] = (halted, self.clock.monotonic())
+        log.error("run %s stopped: %s", run_id, reason)
 
     def _trim_executors(self) -> None:
         """With nothing running, close the task hosts of every bundle but the last one used:

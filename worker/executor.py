@@ -298,9 +298,7 @@ class Executor:
         self.bundle = bundle
         self.entry = entry
         if isolate is None:
-            isolate = os.environ.get("CFLOW_ISOLATE", "0") == "1" or (
-                os.environ.get("CFLOW_FORK") == "0"
-            )
+            isolate = os.environ.get("CFLOW_ISOLATE", "0") == "1"
         self.isolate = isolate
         self._hosts: dict[int, _Host] = {}
         self._cold = False  # the task does not import: a fresh interpreter per shard shows why
