@@ -220,7 +220,11 @@ def watch_and_finish(
         err.print("cflow: warning: some workers are still stopping")
     manifest = runs.load_manifest(store, run_id).with_state(RunState.FINISHED)
     runs.save_manifest(store, manifest)  # every shard is settled, whatever the combine does
-    failed = [r for r in runs.iter_shard_reports(store, manifest) if r.state is ShardState.FAILED]
+    failed = (  # read every shard's records only when some failed
+        [r for r in runs.iter_shard_reports(store, manifest) if r.state is ShardState.FAILED]
+        if snapshot.failed
+        else []
+    )
     try:
         combined = combine_where_data_is(dep, manifest, out=out)
     except CFlowError as exc:

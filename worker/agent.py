@@ -38,7 +38,7 @@ from worker.clock import SYSTEM_CLOCK, Clock
 from worker.container import ContainerExecutor
 from worker.container_runtime import ContainerRuntimeMissing, ImagePullError
 from worker.errors import BackendError, CFlowError, NotFound, TaskError
-from worker.executor import Executor, RunningTask
+from worker.executor import SPARE_HOSTS, Executor, RunningTask
 from worker.ledger import CANCELLED, Finished, Ledger
 from worker.local_db import DiskFull
 from worker.protocol import (
@@ -237,6 +237,7 @@ class Agent:
         self._announced_idle = False
         self._lifetime(stopped=False)
         self._last_finished = self.clock.monotonic()
+        SPARE_HOSTS.start(self.config.slots)  # interpreters start while we wait for work
         slots = self._slots = [_Slot(i, self._scratch) for i in range(self.config.slots)]
         for slot in slots:
             slot.prefetch = max(self.config.first_prefetch, 1)
@@ -255,6 +256,7 @@ class Agent:
                 thread.join()
             for executor in self._executors.values():
                 executor.close()
+            SPARE_HOSTS.close()
             shutil.rmtree(self._scratch, ignore_errors=True)
         reason = self._exit_reason or "stopped"
         self._emit(EventKind.STOPPED, detail=reason)

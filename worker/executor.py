@@ -148,19 +148,80 @@ class _ShellTask(RunningTask):
         PROCESSES.ended(self.token)  # and what escaped the group
 
 
+class _Spares:
+    """Task hosts started before the worker knows its task: a Python interpreter's start is
+    most of the wait for a run's first shard, and it can happen while the worker waits."""
+
+    def __init__(self) -> None:
+        self._procs: list[subprocess.Popen[bytes]] = []
+        self._lock = threading.Lock()
+
+    def start(self, count: int) -> None:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (_WORKER_PATH, env.get("PYTHONPATH")) if p)
+        env["PYTHONUNBUFFERED"] = "1"
+        with self._lock:
+            while len(self._procs) < count:
+                self._procs.append(_spawn_host(["--spare"], env, None))
+
+    def take(self) -> subprocess.Popen[bytes] | None:
+        with self._lock:
+            while self._procs:
+                proc = self._procs.pop()
+                if proc.poll() is None:
+                    return proc
+            return None
+
+    def close(self) -> None:
+        with self._lock:
+            procs, self._procs = self._procs, []
+        for proc in procs:
+            assert proc.stdin is not None
+            with contextlib.suppress(OSError):
+                proc.stdin.close()  # a spare that was never given a task exits at once
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            PROCESSES.forget(proc.pid)
+
+
+def _spawn_host(args: list[str], env: dict[str, str], cwd: Path | None) -> subprocess.Popen[bytes]:
+    return PROCESSES.spawn(
+        [sys.executable, "-m", "worker.host", *args],
+        None,
+        cwd=cwd,
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        start_new_session=True,
+    )
+
+
+SPARE_HOSTS = _Spares()
+
+
 class _Host:
     """A warm task host process (see :mod:`worker.host`) owned by one slot."""
 
     def __init__(self, bundle: UnpackedBundle, env: dict[str, str]):
-        self.proc = PROCESSES.spawn(
-            [sys.executable, "-m", "worker.host", str(bundle.root)],
-            None,
-            cwd=bundle.root,
-            env=env,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            start_new_session=True,
-        )
+        spare = SPARE_HOSTS.take()
+        if spare is not None:
+            self.proc = spare
+            load = {
+                "task": str(bundle.root),
+                "path": bundle.python_path().split(os.pathsep),
+                "env": env,
+            }
+            assert spare.stdin is not None
+            try:
+                spare.stdin.write(json.dumps(load).encode() + b"\n")
+                spare.stdin.flush()
+            except OSError:
+                spare = None
+        if spare is None:
+            self.proc = _spawn_host([str(bundle.root)], env, bundle.root)
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self._stdin: IO[bytes] = self.proc.stdin
         self._stdout: IO[bytes] = self.proc.stdout
