@@ -44,4 +44,8 @@ test: lint
 	$(VENV)/bin/pytest -q
 
 bench: $(STAMP)
+	# the peers: GNU parallel from Debian when we may install it, huey from PyPI
+	command -v parallel >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+		&& apt-get install -y -q parallel >/dev/null; } || true
+	$(PY) -m pip install -q --disable-pip-version-check 'huey>=2.5'
 	$(PY) bench/local_overhead.py
