@@ -23,7 +23,6 @@ import contextlib
 import hashlib
 import os
 import secrets
-import select
 import signal
 import socket
 import subprocess
@@ -40,7 +39,7 @@ from worker.container_runtime import (
     detect_runtime,
     ensure_image,
 )
-from worker.executor import RunningTask
+from worker.executor import RunningTask, wait_process
 from worker.protocol import Entry, slug
 from worker.taskapi import TaskShard
 
@@ -197,15 +196,8 @@ class _ContainerTask(RunningTask):
         self._stopped = False
 
     def wait(self, timeout: float | None) -> int | None:
-        if timeout is not None and self._proc.returncode is None:
-            fd = os.pidfd_open(self._proc.pid)
-            try:
-                select.select([fd], [], [], timeout)
-            finally:
-                os.close(fd)
-        try:
-            code = self._proc.wait(0 if timeout is not None else None)
-        except subprocess.TimeoutExpired:
+        code = wait_process(self._proc, timeout)
+        if code is None:
             return None
         self._owner._forget(self.name)
         # The engine reports a signal death as 128+N, like a shell; the agent expects -N.

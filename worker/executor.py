@@ -112,6 +112,21 @@ class RunningTask(ABC):
         return code
 
 
+def wait_process(proc: subprocess.Popen[bytes], timeout: float | None) -> int | None:
+    """The process's exit code, or None if it still runs after ``timeout`` seconds. Blocks on
+    a pidfd rather than Popen's sleep-polling, so short tasks end promptly."""
+    if timeout is not None and proc.returncode is None:
+        fd = os.pidfd_open(proc.pid)
+        try:
+            select.select([fd], [], [], timeout)
+        finally:
+            os.close(fd)
+    try:
+        return proc.wait(0 if timeout is not None else None)
+    except subprocess.TimeoutExpired:
+        return None
+
+
 def _pdeathsig() -> None:  # runs in the child between fork and exec
     reaper.die_with_parent()
 
@@ -124,16 +139,8 @@ class _ShellTask(RunningTask):
         self._ended = False
 
     def wait(self, timeout: float | None) -> int | None:
-        # Block on a pidfd rather than Popen's sleep-polling, so short tasks end promptly.
-        if timeout is not None and self._proc.returncode is None:
-            fd = os.pidfd_open(self._proc.pid)
-            try:
-                select.select([fd], [], [], timeout)
-            finally:
-                os.close(fd)
-        try:
-            code = self._proc.wait(0 if timeout is not None else None)
-        except subprocess.TimeoutExpired:
+        code = wait_process(self._proc, timeout)
+        if code is None:
             return None
         self._end()
         return code

@@ -95,6 +95,32 @@ def status_record(
     ).to_json()
 
 
+def running_record(
+    run_id: str, shard_id: str, attempt: int, worker: str, started: float, bundle: str | None
+) -> bytes:
+    """An attempt's claim: its ``status.json`` while it runs."""
+    return AttemptStatus(
+        run_id=run_id,
+        shard_id=shard_id,
+        attempt=attempt,
+        state=AttemptState.RUNNING.value,
+        worker=worker,
+        started_at=started,
+        bundle=bundle,
+    ).to_json()
+
+
+def started_event(run_id: str, shard_id: str, attempt: int, worker: str, at: float) -> Event:
+    return Event(
+        kind=EventKind.STARTED.value,
+        worker=worker,
+        run_id=run_id,
+        shard_id=shard_id,
+        attempt=attempt,
+        at=at,
+    )
+
+
 def settle_one(ops: Ops, f: Finished) -> EventKind:
     """Commit, record, retry or fail, ack and announce one attempt; what the runner is told."""
     message = f.delivery.message
@@ -206,28 +232,11 @@ class Ledger:
         attempt = max(hint, 1)
         while True:
             started = self.clock.time()
-            record = AttemptStatus(
-                run_id=run_id,
-                shard_id=shard_id,
-                attempt=attempt,
-                state=AttemptState.RUNNING.value,
-                worker=worker,
-                started_at=started,
-                bundle=bundle,
-            ).to_json()
+            record = running_record(run_id, shard_id, attempt, worker, started, bundle)
             if self.store.create(Layout.status(run_id, shard_id, attempt), record):
                 break
             attempt += 1
-        self.emit(
-            Event(
-                kind=EventKind.STARTED.value,
-                worker=worker,
-                run_id=run_id,
-                shard_id=shard_id,
-                attempt=attempt,
-                at=started,
-            )
-        )
+        self.emit(started_event(run_id, shard_id, attempt, worker, started))
         return attempt, started
 
     def claim_many(

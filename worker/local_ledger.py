@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import sqlite3
 
-from worker.ledger import Finished, Ledger, Ops, settle_one
+from worker.ledger import Finished, Ledger, Ops, running_record, settle_one, started_event
 from worker.local_queue import INSERT_EVENT, INSERT_MESSAGE, event_row, message_row
 from worker.local_store import LocalStore
-from worker.protocol import AttemptState, AttemptStatus, Event, EventKind, Layout, WorkMessage
+from worker.protocol import Event, Layout, WorkMessage
 from worker.queue import Delivery
 
 
@@ -64,15 +64,7 @@ class LocalLedger(Ledger):
             for run_id, shard_id, hint, bundle in items:
                 attempt = max(hint, 1)
                 while True:
-                    record = AttemptStatus(
-                        run_id=run_id,
-                        shard_id=shard_id,
-                        attempt=attempt,
-                        state=AttemptState.RUNNING.value,
-                        worker=worker,
-                        started_at=started,
-                        bundle=bundle,
-                    ).to_json()
+                    record = running_record(run_id, shard_id, attempt, worker, started, bundle)
                     cur = conn.execute(
                         "INSERT OR IGNORE INTO records (key, data) VALUES (?, ?)",
                         (Layout.status(run_id, shard_id, attempt), record),
@@ -80,14 +72,7 @@ class LocalLedger(Ledger):
                     if cur.rowcount == 1:
                         break
                     attempt += 1
-                event = Event(
-                    kind=EventKind.STARTED.value,
-                    worker=worker,
-                    run_id=run_id,
-                    shard_id=shard_id,
-                    attempt=attempt,
-                    at=started,
-                )
+                event = started_event(run_id, shard_id, attempt, worker, started)
                 conn.execute(INSERT_EVENT, event_row(event))
                 out.append((attempt, started))
         return out

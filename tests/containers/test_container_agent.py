@@ -20,7 +20,7 @@ def test_an_image_that_cannot_be_pulled_stops_the_run_not_every_shard(
     b = open_local(tmp_path / "store")
     data, sha = pack(task)
     b.store.put(Layout.bundle(sha), data)
-    image = "localhost/cflow-test-missing:never"
+    image = "localhost/cflow-test-missing-for-agent:never"
     manifest = Manifest(
         run_id="r-noimage",
         bundle=sha,
