@@ -12,6 +12,7 @@ import typer
 
 from runner import config as config_mod
 from runner import report, runs
+from runner.backends import Deployment
 from runner.cli_common import (
     EXIT_ERROR,
     EXIT_FAILED,
@@ -30,6 +31,7 @@ from runner.cli_common import (
 )
 from runner.combine import check_out
 from worker import defaults
+from worker.errors import CFlowError, NotFound
 from worker.protocol import Manifest, RunState, ShardState
 
 if TYPE_CHECKING:
@@ -61,11 +63,14 @@ def status(
             report.stream_status_json(manifest, reports, sys.stdout)
             return
         rows = list(reports)
+        problems = _fleet_problems(dep)
     counts = {s.value: 0 for s in ShardState}
     for r in rows:
         counts[r.state.value] += 1
     out.print(report.status_table(manifest, rows), crop=False)
     out.print(" · ".join(f"{v} {k}" for k, v in counts.items() if v or not wanted))
+    for line in problems:
+        err.print(f"cflow: warning: {line}", markup=False)
 
 
 @app.command()
@@ -81,6 +86,12 @@ def logs(
         bool,
         typer.Option("--follow", "-f", help="Keep printing while it runs; wait if it is queued."),
     ] = False,
+    worker: Annotated[
+        str | None,
+        typer.Option(
+            "--worker", help="Print this worker's own agent log instead (kept after a VM is gone)."
+        ),
+    ] = None,
     local: LocalOpt = False,
     store: StoreOpt = None,
     deployment: DeploymentOpt = None,
@@ -91,6 +102,10 @@ def logs(
         from runner.logs import print_log, where_logs
 
         st = dep.backends.store
+        if worker is not None:
+            sys.stdout.buffer.write(_agent_log(dep, worker))
+            sys.stdout.flush()
+            return
         manifest = runs.load_manifest(st, run_id)
         if shard is None:
             for line in where_logs(st, manifest):
@@ -339,3 +354,27 @@ def report_cmd(
         err.print(f"  {label:>15}: {value}", markup=False)
     err.print(f"cflow: picture {rendered.png}, data {rendered.sidecar}", markup=False)
     out.print(str(rendered.html or rendered.png))
+
+
+def _fleet_problems(dep: Deployment) -> list[str]:
+    """In the cloud, what the group reports wrong now (VMs that cannot start or boot)."""
+    if dep.config.is_local:
+        return []
+    fleet = dep.fleet()
+    try:
+        fleet.instances()  # one listing, which reads each VM's creation errors
+        return fleet.problems()
+    except CFlowError:
+        return []
+
+
+def _agent_log(dep: Deployment, worker: str) -> bytes:
+    if dep.config.is_local:
+        path = dep.config.store_dir / "fleet" / "logs" / f"{worker}.log"
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            raise NotFound(f"no log of worker {worker} at {path}") from None
+    from runner.gcp import agent_log
+
+    return agent_log(dep.backends.store, worker)  # type: ignore[arg-type]

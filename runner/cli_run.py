@@ -152,6 +152,10 @@ def submit(
         )
         if image is not None and cfg.is_local:  # the workers share this machine's images
             check_image(image)
+        if not cfg.is_local:  # a group holds at most 1,000 (zonal) or 2,000 VMs: say so now
+            from runner.gce_fleet import check_size  # the Compute client loads only for the cloud
+
+            check_size(options.workers, zonal=not cfg.region)
         published = 0
 
         def on_published(n: int) -> None:

@@ -34,6 +34,7 @@ def watch_live(watcher: Watcher, poll_seconds: float, err: Console) -> Snapshot:
             "{task.completed:.0f}/{task.total:.0f} done · [red]{task.fields[failed]} failed[/red]"
             " · {task.fields[running]} running · {task.fields[queued]} queued"
             " · {task.fields[workers]} workers · {task.fields[rate]} · ETA {task.fields[eta]}"
+            "{task.fields[note]}"
         ),
         TimeElapsedColumn(),
     )
@@ -47,9 +48,11 @@ def watch_live(watcher: Watcher, poll_seconds: float, err: Console) -> Snapshot:
             workers=0,
             rate="-",
             eta="-",
+            note="",
         )
 
         def update(s: Snapshot) -> None:
+            problems = fleet_problems(watcher)
             progress.update(
                 bar,
                 completed=s.succeeded + s.failed,
@@ -59,9 +62,20 @@ def watch_live(watcher: Watcher, poll_seconds: float, err: Console) -> Snapshot:
                 workers=s.workers,
                 rate=f"{s.rate:.1f}/s" if s.rate else "-",
                 eta=duration(s.eta) if s.eta is not None else "-",
+                note=f" · [yellow]{escape('; '.join(problems))}[/yellow]" if problems else "",
             )
 
         return watcher.watch(on_update=update, poll_seconds=poll_seconds)
+
+
+def fleet_problems(watcher: Watcher) -> list[str]:
+    """What the fleet found wrong at its last look (VMs that cannot start, failed boots)."""
+    if watcher.fleet is None:
+        return []
+    try:
+        return watcher.fleet.problems()
+    except Exception:  # the progress line never fails a run
+        return []
 
 
 def progress_line(s: Snapshot) -> str:
@@ -77,13 +91,20 @@ def progress_line(s: Snapshot) -> str:
 
 def _watch_plain(watcher: Watcher, poll_seconds: float, err: Console) -> Snapshot:
     last = float("-inf")
+    said: list[str] = []
 
     def update(s: Snapshot) -> None:
-        nonlocal last
+        nonlocal last, said
         now = time.monotonic()
         if now - last >= PLAIN_EVERY or s.finished:
             last = now
             err.print(progress_line(s), markup=False, soft_wrap=True)
+        problems = fleet_problems(watcher)
+        if problems != said:  # each new problem once, as it appears
+            for line in problems:
+                if line not in said:
+                    err.print(f"cflow: warning: {line}", markup=False, soft_wrap=True)
+            said = problems
 
     return watcher.watch(on_update=update, poll_seconds=poll_seconds)
 

@@ -187,3 +187,15 @@ def test_a_task_that_closes_its_streams_and_names_files_like_records(
     outputs = _outputs(cli, result.run_id)
     mine = [json.loads(v) for k, v in outputs.items() if k.endswith("/out/status.json")]
     assert sorted(m["n"] for m in mine) == [0, 1]
+
+
+def test_a_workers_own_log_is_shown_by_name(cli: Cli, tmp_path: Path) -> None:
+    task = make_task(tmp_path / "t", "def run(shard):\n    pass\n")
+    result = cli("submit", str(task), "--shards", "2", "--workers", "1")
+    assert result.code == 0, result.stderr
+    (name,) = [p.stem for p in (cli.store / "fleet" / "logs").glob("*.log")]
+    shown = cli("logs", result.run_id, "--worker", name)
+    assert shown.code == 0, shown.stderr
+    assert f"worker {name} exiting" in shown.stdout
+    missing = cli("logs", result.run_id, "--worker", "no-such-worker")
+    assert missing.code == 2 and "no log of worker no-such-worker" in missing.stderr
