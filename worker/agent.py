@@ -216,7 +216,10 @@ class Agent:
         self._exit_reason: str | None = None
         root = store.local_path("")
         # Outputs are sealed by a rename into the store: keep scratch on the store's disk.
-        self._scratch = (root / "scratch" / _safe(config.name)) if root else config.scratch
+        # (and apart from what else lives in the worker's scratch, such as its own log).
+        self._scratch = (
+            (root / "scratch" / _safe(config.name)) if root else config.scratch / "slots"
+        )
 
     # -- the loop --------------------------------------------------------------------------
 

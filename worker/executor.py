@@ -61,11 +61,17 @@ class _Processes:
         with self.lock:
             self.known.discard(pid)
 
-    def ended(self, token: str) -> None:
-        """The attempt is over: kill the orphans it left (and any other ended attempt's)."""
+    def ended(self, token: str, group: int | None = None) -> None:
+        """The attempt is over: kill the orphans it left (and any other ended attempt's), and
+        reap what died of its process ``group``."""
         with self.lock:
             self.live.discard(token)
-            reaper.sweep_orphans(os.getpid(), live_tokens=self.live, known=self.known)
+            reaper.sweep_orphans(
+                os.getpid(),
+                live_tokens=self.live,
+                known=self.known,
+                groups=() if group is None else (group,),
+            )
 
     def begin(self, token: str) -> None:
         with self.lock:
@@ -152,7 +158,7 @@ class _ShellTask(RunningTask):
         assert self.pid is not None
         reaper.kill_group(self.pid)  # what it left in its group
         PROCESSES.forget(self.pid)
-        PROCESSES.ended(self.token)  # and what escaped the group
+        PROCESSES.ended(self.token, self.pid)  # and what escaped the group
 
 
 class _Spares:
@@ -351,7 +357,7 @@ class _HostTask(RunningTask):
         self.not_started = host.died_under != self._id
         with contextlib.suppress(ValueError):
             host.outstanding.remove(self._id)
-        PROCESSES.ended(self.token)
+        PROCESSES.ended(self.token, host.proc.pid)
         self._code = host.dead_code
         if not self.not_started and self._code >= 0:
             with contextlib.suppress(OSError), self._log_path.open("a") as log:

@@ -8,7 +8,9 @@ a new session that escapes its process group. Two Linux mechanisms catch them al
   init, so it stays in the tree the worker can see;
 - every attempt's environment carries ``CFLOW_ATTEMPT_TOKEN``, which the processes it starts
   inherit, so an orphan reparented to the worker is matched to its attempt through
-  ``/proc/<pid>/environ`` and killed once that attempt has ended, never while it runs.
+  ``/proc/<pid>/environ`` and killed once that attempt has ended, never while it runs (a
+  process that clears its whole environment loses its token, and with it this net; its process
+  group still goes).
 
 Elsewhere (no ``/proc``) only the process group is killed.
 """
@@ -124,13 +126,29 @@ def kill_descendants(pid: int, *, rounds: int = 20) -> int:
     return total
 
 
-def sweep_orphans(owner: int, *, live_tokens: Collection[str], known: Collection[int]) -> int:
+def _zombie_group(pid: int) -> int | None:
+    """A zombie's process group (kept in ``/proc`` until it is reaped); None if not a zombie."""
+    try:
+        fields = (_PROC / str(pid) / "stat").read_text().rsplit(") ", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return int(fields[2]) if fields[0] == "Z" else None
+
+
+def sweep_orphans(
+    owner: int,
+    *,
+    live_tokens: Collection[str],
+    known: Collection[int],
+    groups: Collection[int] = (),
+) -> int:
     """Kill the orphans reparented to ``owner`` (this worker) whose attempt has ended.
 
-    ``known``: the owner's own children (task hosts, running shell tasks), left alone;
-    ``live_tokens``: attempts still running, whose orphans may be doing real work. An orphan
-    without a token is killed too: nothing but an attempt puts processes below the worker.
-    Returns how many processes were killed.
+    Only processes that carry an attempt token are touched: ``known`` (the owner's own task
+    hosts and shell tasks) and any other child of the owner (a container engine's client, a
+    test harness's emulator) are left alone, and so are orphans of attempts still running
+    (``live_tokens``), which may be doing real work. Zombies of the ended attempts' process
+    ``groups`` are reaped. Returns how many processes were killed.
     """
     total = 0
     for _ in range(20):
@@ -140,7 +158,11 @@ def sweep_orphans(owner: int, *, live_tokens: Collection[str], known: Collection
             if child in known:
                 continue
             token = token_of(child)
-            if token is not None and token in live_tokens:
+            if token is None:  # a zombie has no environment left: known by its group
+                if owner == os.getpid() and _zombie_group(child) in groups:
+                    reap([child])
+                continue
+            if token in live_tokens:
                 continue
             direct.append(child)
             victims.append(child)

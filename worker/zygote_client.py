@@ -103,7 +103,7 @@ class Zygote:
         for task in orphans.values():
             if task.pid is not None:
                 reaper.kill_group(task.pid)
-            PROCESSES.ended(task.token)
+            PROCESSES.ended(task.token, task.pid)
             task._finish(-int(signal.SIGKILL))
 
     @property
