@@ -7,6 +7,7 @@ Exit codes: 0 every shard succeeded; 1 a shard failed (or the run was cancelled 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -212,9 +213,9 @@ def submit(
             options=options,
             stage_input=dep.stage_input,
             on_published=on_published,
+            on_created=_print_run_id,  # before publishing: an interrupted submit is resumable
         )
         run_id = manifest.run_id
-        out.print(run_id)
         max_workers = min(options.workers, manifest.shard_count)
         err.print(
             f"cflow: run {run_id}: {manifest.shard_count} shards, up to {max_workers} workers"
@@ -239,6 +240,23 @@ def submit(
             watcher, dep, cancel_on_interrupt=cancel_on_interrupt, out_dir=out_dir
         )
     raise typer.Exit(code)
+
+
+def _print_run_id(manifest: Manifest) -> None:
+    out.print(manifest.run_id)
+    sys.stdout.flush()
+
+
+def _resume_publishing(dep: Deployment, manifest: Manifest) -> Manifest:
+    """Finish publishing a run whose submit was interrupted (re-sending the last unconfirmed
+    batch is harmless: the first commit wins)."""
+    if manifest.state != RunState.ACTIVE.value or not manifest.publishing:
+        return manifest
+    err.print(
+        f"cflow: run {manifest.run_id} was interrupted while publishing"
+        f" ({manifest.published} of {manifest.shard_count} shards); publishing the rest"
+    )
+    return runs.publish_rest(dep.backends.store, dep.backends.queue, manifest)
 
 
 def _watch_and_finish(
@@ -289,6 +307,7 @@ def watch(
         manifest = runs.load_manifest(dep.backends.store, run_id)
         if manifest.state == RunState.CANCELLED.value:
             raise _fail(f"run {run_id} was cancelled; `runner retry {run_id} --failed` restarts it")
+        manifest = _resume_publishing(dep, manifest)
         watcher = _watcher(dep, manifest, workers=workers, slots=slots, shards=manifest.shard_count)
         code = _watch_and_finish(watcher, dep, cancel_on_interrupt=False, out_dir=None)
     raise typer.Exit(code)
@@ -306,6 +325,7 @@ def status(
     with _deployment(local, store, deployment) as dep:
         manifest = runs.load_manifest(dep.backends.store, run_id)
         reports = runs.shard_reports(dep.backends.store, run_id)
+        reports = runs.flag_lost(reports, *_live_workers(dep, run_id, reports))
     counts = {state.value: 0 for state in ShardState}
     for r in reports:
         counts[r.state.value] += 1
@@ -366,7 +386,7 @@ def logs(
             raise _fail(f"shard {report.id} has not started yet")
         number = attempt or report.attempts[-1].attempt
         key = Layout.log(run_id, report.id, number)
-        printed = 0
+        printed = polls = 0
         while True:
             try:
                 data = st.get(key)
@@ -378,7 +398,41 @@ def logs(
                 printed = len(data)
             if not follow or _attempt_over(st, run_id, report.id, number):
                 break
+            polls += 1
+            if polls % 5 == 1 and (gone := _worker_gone(dep, run_id, report.id, number)):
+                err.print(f"cflow: worker {gone} is gone; attempt {number} was lost")
+                break
             time.sleep(1.0)
+
+
+def _live_workers(
+    dep: Deployment, run_id: str, reports: list[runs.ShardReport] | None = None
+) -> tuple[set[str], dict[str, str] | None]:
+    """The fleet's instance names and the run's lease holders (None where unknown), looked up
+    only when some attempt claims to be running."""
+    if reports is not None and not any(r.state is ShardState.RUNNING for r in reports):
+        return set(), None
+    fleet = dep.fleet()
+    try:
+        names = {i.name for i in fleet.instances()}
+    finally:
+        fleet.close()
+    return names, dep.backends.queue.leases(run_id)
+
+
+def _worker_gone(dep: Deployment, run_id: str, shard_id: str, attempt: int) -> str | None:
+    """The worker of a running attempt, if it is gone (no instance, no lease)."""
+    try:
+        status = json.loads(dep.backends.store.get(Layout.status(run_id, shard_id, attempt)))
+    except (CFlowError, ValueError):
+        return None
+    if status.get("state") != "running":
+        return None
+    worker = str(status.get("worker", ""))
+    names, leases = _live_workers(dep, run_id)
+    if worker in names or (leases is not None and leases.get(shard_id) == worker):
+        return None
+    return worker
 
 
 def _attempt_over(store: Store, run_id: str, shard_id: str, attempt: int) -> bool:
@@ -425,6 +479,19 @@ def retry(
         raise _fail("say what to retry: `runner retry RUN --failed`")
     with _deployment(local, store, deployment) as dep:
         st = dep.backends.store
+        interrupted = runs.load_manifest(st, run_id)
+        if interrupted.state == RunState.ACTIVE.value and interrupted.publishing:
+            # Nothing failed yet: the submit was cut off. Finish it, as `runner watch` would.
+            interrupted = _resume_publishing(dep, interrupted)
+            watcher = _watcher(
+                dep, interrupted, workers=workers, slots=slots, shards=interrupted.shard_count
+            )
+            if detach:
+                watcher.poll()
+                return
+            raise typer.Exit(
+                _watch_and_finish(watcher, dep, cancel_on_interrupt=False, out_dir=None)
+            )
         retried = runs.retry(st, dep.backends.queue, run_id)
         if not retried:
             err.print(f"cflow: run {run_id} has no failed shards; nothing to retry")
@@ -466,12 +533,18 @@ def list_runs(
 ) -> None:
     """List runs, oldest first."""
     with _deployment(local, store, deployment) as dep:
-        manifests = runs.list_runs(dep.backends.store)
+        listing = runs.scan_runs(dep.backends.store)
+        manifests = listing.manifests
         done = {m.run_id: len(runs.committed(dep.backends.store, m.run_id)) for m in manifests}
+    for url, problem in listing.broken.items():
+        err.print(f"cflow: [red]broken run:[/red] {url} ({problem})")
     if not manifests:
-        err.print("cflow: no runs yet")
+        if not listing.broken:
+            err.print("cflow: no runs yet")
         return
-    out.print(report.runs_table(manifests, done))
+    now = time.time()
+    shown = [dataclasses.replace(m, state=runs.shown_state(m, now)) for m in manifests]
+    out.print(report.runs_table(shown, done))
 
 
 @app.command()

@@ -36,28 +36,35 @@ def decide_scale(
     instances: list[Instance],
     idle: set[str],
     busy: set[str],
+    stale: set[str] | frozenset[str] = frozenset(),
 ) -> ScaleDecision:
     """How to resize: enough instances for the outstanding shards, removing only idle ones.
 
-    ``outstanding`` counts queued plus running shards. When nothing is outstanding every
-    instance not known busy goes (so the run ends at zero even for instances that never
-    reported). Otherwise the surplus goes in this order: instances still ``starting`` (they
-    cannot be busy, are the furthest from doing work, and deleting a preempted one stops the
-    group recreating a VM nobody needs), then instances that said they are idle, keeping as
-    many of those as there are queued shards: a ready worker takes queued work at once, where
-    a booting one would take a minute or two.
+    ``outstanding`` counts queued plus running shards; a shard whose lease lapsed (its worker
+    froze or hung) is queued work again. ``stale`` names such workers: they hold no live lease
+    and have not been heard from since, so they are neither busy nor capacity. More workers are
+    started beside them, but they are not deleted while work remains (one may thaw and commit,
+    harmlessly: the first commit wins); at the end they go like every other worker.
+
+    When nothing is outstanding every instance not known busy goes (so the run ends at zero even
+    for instances that never reported). Otherwise the surplus goes in this order: instances
+    still ``starting`` (they cannot be busy, are the furthest from doing work, and deleting a
+    preempted one stops the group recreating a VM nobody needs), then instances that said they
+    are idle, keeping as many of those as there are queued shards: a ready worker takes queued
+    work at once, where a booting one would take a minute or two.
     """
     slots = max(slots, 1)
     live = [i for i in instances if i.status != "stopping"]
-    target = min(max_workers, math.ceil(max(outstanding, 0) / slots))
-    if len(live) < target:
-        return ScaleDecision(add=target - len(live))
-    surplus = len(live) - target
+    if outstanding <= 0:
+        return ScaleDecision(delete=sorted(i.name for i in live if i.name not in busy))
+    able = [i for i in live if i.name not in stale or i.name in busy]
+    target = min(max_workers, math.ceil(outstanding / slots))
+    if len(able) < target:
+        return ScaleDecision(add=target - len(able))
+    surplus = len(able) - target
     if surplus <= 0:
         return ScaleDecision()
-    if outstanding <= 0:
-        return ScaleDecision(delete=sorted(i.name for i in live if i.name not in busy)[:surplus])
-    free = [i for i in live if i.name not in busy]
+    free = [i for i in able if i.name not in busy]
     starting = sorted(i.name for i in free if i.status == "starting")
     ready_idle = sorted(i.name for i in free if i.status != "starting" and i.name in idle)
     queued = max(outstanding - len(busy) * slots, 0)  # at least this many wait for a worker

@@ -57,6 +57,7 @@ class ShardState(StrEnum):
     RUNNING = "running"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
+    LOST = "lost"  # its attempt's worker is gone; the runner puts the shard on the queue again
 
 
 class EventKind(StrEnum):
@@ -131,6 +132,16 @@ class Manifest(_Record):
     created_at: float = field(default_factory=_now)
     task_name: str = "task"
     schema: int = SCHEMA_VERSION
+    # Publishing progress, so a runner killed while publishing can be resumed: shards of the
+    # shard list (in order) confirmed on the queue, and when that count last moved. None: a run
+    # from before this field, or one published whole.
+    published: int | None = None
+    published_at: float | None = None
+
+    @property
+    def publishing(self) -> bool:
+        """Whether some shards of the run were never put on the queue."""
+        return self.published is not None and self.published < self.shard_count
 
     @property
     def run_options(self) -> RunOptions:
