@@ -94,7 +94,7 @@ def test_a_failed_publish_leaves_a_run_that_watch_finishes_publishing(tmp_path: 
     queue = _BrokenQueue(b.queue)
     shards = (Shard(id=f"s{i}", index=i) for i in range(2500))  # three publish batches
     created: list[str] = []
-    with pytest.raises(BackendError, match="stopped after 1000 of 2500 shards.*runner watch"):
+    with pytest.raises(BackendError, match=r"stopped after 1000 of 2500 shards.*runner watch"):
         runs.create_run(
             store=b.store,
             queue=queue,  # type: ignore[arg-type]
