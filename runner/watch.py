@@ -176,11 +176,14 @@ class Watcher:
 
     def _running_from_leases(self, leases: dict[str, str], now: float) -> None:
         """The queue's lease records are the truth about what runs (the local backend)."""
+        # A lease without a holder's name (a worker that does not give it) keeps the one the
+        # events gave.
+        named = {s: w or self.running.get(s, "") for s, w in leases.items()}
         for shard_id, worker in list(self.running.items()):
-            if shard_id not in leases and worker not in leases.values():
+            if shard_id not in named and worker not in named.values():
                 self.stale.add(worker)  # its lease lapsed: frozen, or hung
         self.running = {
-            s: w for s, w in leases.items() if s not in self.succeeded and s not in self.failed
+            s: w for s, w in named.items() if s not in self.succeeded and s not in self.failed
         }
         self.stale.difference_update(self.running.values())
         self._beats = dict.fromkeys(self.running, now)
