@@ -163,6 +163,14 @@ def submit(
             help="Near the end, run a backup attempt of stragglers; the first to commit wins.",
         ),
     ] = False,
+    isolate: Annotated[
+        bool,
+        typer.Option(
+            "--isolate",
+            help="Run each Python shard in a fresh process (for tasks that leak state between "
+            "shards); by default one warm process per slot runs shard after shard.",
+        ),
+    ] = False,
     local: LocalOpt = False,
     store: StoreOpt = None,
     deployment: DeploymentOpt = None,
@@ -195,6 +203,7 @@ def submit(
             workers=workers or dep.default_workers,
             slots=slots,
             speculate=speculate,
+            isolate=isolate,
         )
         published = 0
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ from worker.protocol import (
 from worker.queue import WorkQueue
 from worker.store import Store
 
+_ATTEMPT_RECORD = re.compile(r"^attempts/\d+/status\.json$")
 InputStager = Callable[[str, Shard], Shard]  # (run_id, shard) -> shard with a worker-readable input
 Progress = Callable[[int], None]
 
@@ -348,6 +350,8 @@ def shard_reports(store: Store, run_id: str) -> list[ShardReport]:
         if parts is None:
             continue
         _, shard_id, rest = parts
+        if rest not in ("result.json", "failed.json") and not _ATTEMPT_RECORD.match(rest):
+            continue  # a task's own file (out/.../status.json): never read as a record
         try:
             raw = store.get(key)
         except NotFound:
@@ -356,7 +360,7 @@ def shard_reports(store: Store, run_id: str) -> list[ShardReport]:
             results[shard_id] = ShardResult.from_json(raw)
         elif rest == "failed.json":
             failures[shard_id] = ShardFailure.from_json(raw)
-        elif rest.startswith("attempts/") and rest.endswith("/status.json"):
+        else:
             attempts.setdefault(shard_id, []).append(AttemptStatus.from_json(raw))
     reports = []
     for shard in iter_shards(store, run_id):

@@ -1,35 +1,43 @@
-"""The worker agent: receive a shard, run it, store its outputs and log, commit, ack.
+"""The worker agent: receive shards, run them, seal their outputs, commit, ack.
 
-One loop per worker, one thread per slot. For each delivery:
+One loop per slot (the first in the calling thread: one slot, no thread hand-offs). A slot
+receives a few messages at once when shards are short, and for each:
 
-1. look up the run's manifest (cached); drop messages of unknown or cancelled runs;
-2. **claim** an attempt number create-only (its ``status.json`` says ``running``);
-3. unpack the task bundle (once per hash), stage the input, start the task in its own process
-   group, extend the lease and upload the log while it runs;
-4. on success upload outputs and **commit** ``result.json`` create-only: the first attempt wins,
-   a later duplicate is recorded ``discarded``; on failure re-publish the shard with one more
-   failure, or mark it failed when the budget is used; then **ack**.
+1. looks up the run's manifest (cached); drops messages of unknown or cancelled runs, and backs
+   off from a run whose manifest cannot be read;
+2. **claims** an attempt number create-only and announces it started;
+3. runs the task (:mod:`worker.executor`: a warm Python process per slot, or bash), extending
+   the leases it holds, uploading the log and watching for cancellation while it runs;
+4. when the attempt ends, every process it started is gone; its outputs are **sealed** (moved
+   out of the task's reach into the attempt's prefix, read-only) before anything is committed;
+5. **settles** it through the :mod:`worker.ledger`: commit (first attempt wins), retry or fail,
+   ack, event. Locally a batch of settlements is one durable transaction.
 
-On SIGTERM (how a Spot preemption starts) the agent stops receiving, stops its tasks, uploads
-their partial logs, records them ``preempted`` and nacks them so they run elsewhere at once;
-preemptions never count against ``max_attempts``.
+On SIGTERM (how a Spot preemption starts) the agent stops receiving, stops its tasks, records
+them ``preempted`` and gives them back at the front of the queue; a preemption never counts as a
+failure or as a delivery.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
+import json
 import logging
+import os
 import shutil
+import stat
 import threading
-from concurrent.futures import ThreadPoolExecutor
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from worker import defaults
+from worker import defaults, reaper
 from worker.bundle import UnpackedBundle, unpack
 from worker.clock import SYSTEM_CLOCK, Clock
-from worker.errors import CFlowError, NotFound, TaskError
+from worker.errors import BackendError, CFlowError, NotFound, TaskError
 from worker.executor import Executor, RunningTask
+from worker.ledger import CANCELLED, Finished, Ledger
+from worker.local_db import DiskFull
 from worker.protocol import (
     AttemptState,
     Entry,
@@ -39,8 +47,6 @@ from worker.protocol import (
     Manifest,
     RunState,
     Shard,
-    ShardFailure,
-    ShardResult,
 )
 from worker.queue import Delivery, EventBus, WorkQueue
 from worker.store import Store
@@ -49,6 +55,14 @@ from worker.taskapi import TaskShard
 log = logging.getLogger("cflow.worker")
 
 _STEP = 0.2  # seconds between checks while a task runs (stop requests, deadlines)
+_SHOW_LOG = 1.0  # seconds an attempt runs before its log is moved where users read it
+_FIRST_WAIT = 0.01  # seconds before a still-running task lets pending settlements through
+FAST_SHARD = 0.025  # seconds: shards shorter than this are received several at a time
+MAX_PREFETCH = 32  # most messages one slot holds at once
+SETTLE_BATCH = 64  # most attempts settled in one transaction
+SETTLE_AGE = 0.02  # seconds a finished attempt may wait for its batch
+BROKEN_BACKOFF = (2.0, 120.0)  # seconds: redelivery delay for a run whose manifest is broken
+DISK_FULL_PAUSE = 5.0  # seconds a worker waits before trying a full disk again
 
 
 @dataclass(frozen=True)
@@ -81,6 +95,70 @@ class Claim:
     manifest: Manifest
     attempt: int
     started: float
+    bundle: str
+
+
+class ManifestBroken(CFlowError):
+    """A run's ``run.json`` cannot be read."""
+
+
+class _Log:
+    """An attempt's log: written in the slot's scratch folder, stored only when it has text.
+
+    Locally the file is moved into the store (a rename, on the same disk) once the attempt has
+    run for a moment, so ``runner logs --follow`` reads it while it grows: the task keeps
+    writing to the same file. A short shard that prints nothing touches no store folder.
+    """
+
+    def __init__(self, path: Path, store: Store, key: str):
+        self.path = path
+        self._store = store
+        self.key = key
+        self.target = store.local_path(key)
+
+    def _size(self) -> int:
+        try:
+            return self.path.stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def show(self) -> None:
+        """While it runs: make the log readable where the store keeps it."""
+        if self.target is None:
+            if self._size():
+                self._store.put_file(self.key, self.path)
+        elif self.path != self.target:
+            self.target.parent.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(self.path, self.target)
+            self.path = self.target
+
+    def store(self) -> None:
+        """When it ended: store a log with text; leave an empty one for the next attempt."""
+        if self.path == self.target:
+            return
+        if not self._size():
+            return
+        if self.target is None:
+            self._store.put_file(self.key, self.path)
+            self.path.unlink(missing_ok=True)
+        else:
+            self.show()
+
+
+class _Slot:
+    """One slot's state: the messages it holds and the attempts waiting to be settled."""
+
+    def __init__(self, index: int, scratch: Path):
+        self.index = index
+        self.ready = False
+        self.scratch = scratch / f"slot-{index}"
+        self.held: list[Delivery] = []  # received, not yet settled (extended while held)
+        self.unstarted: list[Claim] = []  # claimed with the rest of a batch, not yet run
+        self.pending: list[Finished] = []
+        self.pending_since = 0.0
+        self.prefetch = 1
+        self.idle = False
 
 
 class Agent:
@@ -92,22 +170,31 @@ class Agent:
         events: EventBus,
         config: AgentConfig,
         clock: Clock = SYSTEM_CLOCK,
+        ledger: Ledger | None = None,
     ):
         self.queue = queue
         self.store = store
         self.events = events
         self.config = config
         self.clock = clock
+        self.ledger = ledger if ledger is not None else make_ledger(queue, store, events, clock)
         self._stopping = threading.Event()
         self._lock = threading.Condition()
-        self._busy = 0
         self._manifests: dict[str, tuple[Manifest | None, float]] = {}
+        # run -> (times its manifest could not be read, the current back-off, until when)
+        self._broken: dict[str, tuple[int, float, float]] = {}
         self._bundles: dict[str, UnpackedBundle] = {}
         self._executors: dict[str, Executor] = {}
         self._last_bundle: str | None = None
         self._setup_lock = threading.Lock()
         self.completed = 0  # attempts finished (any outcome), for tests and reports
         self._last_finished = float("-inf")
+        self._slots: list[_Slot] = []
+        self._announced_idle = False
+        self._exit_reason: str | None = None
+        root = store.local_path("")
+        # Outputs are sealed by a rename into the store: keep scratch on the store's disk.
+        self._scratch = (root / "scratch" / _safe(config.name)) if root else config.scratch
 
     # -- the loop --------------------------------------------------------------------------
 
@@ -119,107 +206,288 @@ class Agent:
 
     @property
     def stopping(self) -> bool:
-        return self._stopping.is_set()
+        return self._stopping.is_set() or self._exit_reason is not None
 
     def run(self) -> str:
         """Work until stopped, idle past the timeout, or (burst) out of work; says which."""
-        cfg = self.config
-        last_active = self.clock.monotonic()
-        announced_idle = False
-        reason = "stopped"
-        with ThreadPoolExecutor(cfg.slots, thread_name_prefix="slot") as pool:
-            while not self.stopping:
-                with self._lock:
-                    while self._busy >= cfg.slots and not self.stopping:
-                        self._lock.wait(0.5)
-                    free = cfg.slots - self._busy
-                if self.stopping:
-                    break
-                deliveries = self.queue.receive(free, cfg.poll_seconds)
-                if deliveries:
-                    with self._lock:
-                        self._busy += len(deliveries)
-                    for delivery in deliveries:
-                        pool.submit(self._attempt_safely, delivery)
-                    announced_idle = False
-                    continue
-                with self._lock:
-                    busy = self._busy
-                    last_active = max(last_active, self._last_finished)
-                if busy:
-                    continue
-                if not announced_idle:
-                    self._emit(EventKind.IDLE)
-                    announced_idle = True
-                    self._trim_executors()
-                if cfg.burst:
-                    reason = "queue empty"
-                    break
-                idle_for = self.clock.monotonic() - last_active
-                if cfg.idle_timeout is not None and idle_for >= cfg.idle_timeout:
-                    reason = f"idle for {idle_for:.0f}s"
-                    break
-        for executor in self._executors.values():
-            executor.close()
+        reaper.become_subreaper()  # orphans of a task come back to us, to be killed
+        self._exit_reason = None
+        self._announced_idle = False
+        self._lifetime(stopped=False)
+        self._last_finished = self.clock.monotonic()
+        slots = self._slots = [_Slot(i, self._scratch) for i in range(self.config.slots)]
+        threads = [
+            threading.Thread(target=self._slot_loop, args=(s,), name=f"slot-{s.index}")
+            for s in slots[1:]
+        ]
+        for thread in threads:
+            thread.start()
+        try:
+            self._slot_loop(slots[0])
+        finally:
+            if self._exit_reason is None:
+                self._stopping.set()
+            for thread in threads:
+                thread.join()
+            for executor in self._executors.values():
+                executor.close()
+            shutil.rmtree(self._scratch, ignore_errors=True)
+        reason = self._exit_reason or "stopped"
         self._emit(EventKind.STOPPED, detail=reason)
+        self._lifetime(stopped=True)
         return reason
 
-    def _attempt_safely(self, delivery: Delivery) -> None:
-        try:
-            self._attempt(delivery)
-        except Exception as exc:  # the store or queue failed us: let the shard run again
-            log.exception("attempt of shard %s failed inside the worker", delivery.message.shard_id)
-            self._emit(
-                EventKind.PREEMPTED,
-                run_id=delivery.message.run_id,
-                shard_id=delivery.message.shard_id,
-                detail=f"worker error: {exc}",
-            )
+    def _slot_loop(self, slot: _Slot) -> None:
+        cfg = self.config
+        while not self.stopping:
             try:
-                self.queue.nack(delivery)
+                deliveries = self.queue.receive(slot.prefetch, cfg.poll_seconds, worker=cfg.name)
+            except DiskFull as exc:
+                log.error("%s", exc)
+                self.clock.sleep(DISK_FULL_PAUSE)
+                continue
+            if not deliveries:
+                if self._idle(slot):
+                    return
+                continue
+            self._active(slot)
+            slot.held = list(deliveries)
+            slot.unstarted = self._claim_all(slot, deliveries)
+            durations: list[float] = []
+            while slot.unstarted and not self.stopping:
+                claim = slot.unstarted.pop(0)
+                began = time.perf_counter()
+                self._attempt_safely(slot, claim)
+                durations.append(time.perf_counter() - began)
+                self._maybe_flush(slot)
+            self._give_back(slot)
+            self._flush(slot, force=True)
+            self._adapt(slot, durations, len(deliveries))
+        self._give_back(slot)
+        self._flush(slot, force=True)
+
+    def _adapt(self, slot: _Slot, durations: list[float], got: int) -> None:
+        """Receive more at once while shards are short and the queue keeps up; one while long."""
+        if durations and max(durations) < FAST_SHARD and got >= slot.prefetch:
+            slot.prefetch = min(slot.prefetch * 2, MAX_PREFETCH)
+        elif not durations or max(durations) >= 10 * FAST_SHARD:
+            slot.prefetch = 1
+
+    def _active(self, slot: _Slot) -> None:
+        with self._lock:
+            slot.idle = False
+            self._announced_idle = False
+
+    def _idle(self, slot: _Slot) -> bool:
+        """Nothing received: announce idleness once all slots are idle; True to end this slot."""
+        cfg = self.config
+        with self._lock:
+            slot.idle = True
+            if not all(s.idle for s in self._slots):
+                return self._exit_reason is not None
+            announce = not self._announced_idle
+            self._announced_idle = True
+            idle_for = self.clock.monotonic() - self._last_finished
+            if cfg.burst:
+                self._exit_reason = self._exit_reason or "queue empty"
+            elif cfg.idle_timeout is not None and idle_for >= cfg.idle_timeout:
+                self._exit_reason = self._exit_reason or f"idle for {idle_for:.0f}s"
+        if announce:
+            self._emit(EventKind.IDLE)
+            self._trim_executors()
+            self._lifetime(stopped=False)
+        return self._exit_reason is not None
+
+    def _give_back(self, slot: _Slot) -> None:
+        """Return received messages this slot did not get to (stopping): not a delivery. A
+        claimed attempt that never started is recorded preempted, so no claim stays running."""
+        for claim in slot.unstarted:
+            self._settle(
+                slot,
+                self._finished(
+                    claim,
+                    _Outcome(AttemptState.PREEMPTED, None, "worker stopped before it started"),
+                ),
+            )
+        slot.unstarted = []
+        for delivery in slot.held:
+            try:
+                self.queue.requeue(delivery, delivery.message, front=True)
             except Exception:
-                log.exception("nack failed; the lease will lapse instead")
-        finally:
+                log.warning(
+                    "could not give back shard %s; its lease will lapse",
+                    delivery.message.shard_id,
+                    exc_info=True,
+                )
+        slot.held = []
+
+    def _release(self, slot: _Slot, delivery: Delivery) -> None:
+        with contextlib.suppress(ValueError):
+            slot.held.remove(delivery)
+
+    # -- settling --------------------------------------------------------------------------
+
+    def _maybe_flush(self, slot: _Slot) -> None:
+        if slot.pending and (
+            len(slot.pending) >= SETTLE_BATCH
+            or time.monotonic() - slot.pending_since >= SETTLE_AGE
+            or not self.ledger.batches
+        ):
+            self._flush(slot, force=True)
+
+    def _flush(self, slot: _Slot, *, force: bool) -> None:
+        while slot.pending:
+            try:
+                self.ledger.settle(slot.pending)
+            except DiskFull as exc:
+                if self._stopping.is_set():
+                    log.error("%s; %d attempts stay unsettled", exc, len(slot.pending))
+                    slot.pending = []
+                    return
+                log.error("%s", exc)
+                self.clock.sleep(DISK_FULL_PAUSE)
+                self.ledger.extend([f.delivery for f in slot.pending], self.config.lease_seconds)
+                continue
+            except Exception:
+                # Nothing of the batch was written: its shards run again (first commit wins).
+                log.exception(
+                    "could not settle %d attempts; they will run again", len(slot.pending)
+                )
+                for f in slot.pending:
+                    with contextlib.suppress(Exception):
+                        self.queue.nack(f.delivery)
+                slot.pending = []
+                return
             with self._lock:
-                self._busy -= 1
-                self.completed += 1
-                self._last_finished = self.clock.monotonic()  # idle time counts from here
-                self._lock.notify_all()
+                self.completed += len(slot.pending)
+                self._last_finished = self.clock.monotonic()
+            slot.pending = []
+
+    def _settle(self, slot: _Slot, finished: Finished) -> None:
+        self._release(slot, finished.delivery)
+        if not slot.pending:
+            slot.pending_since = time.monotonic()
+        slot.pending.append(finished)
 
     # -- one attempt -----------------------------------------------------------------------
 
-    def _attempt(self, delivery: Delivery) -> None:
-        claim = self.claim(delivery)
-        if claim is None:
-            return
-        manifest, attempt, started = claim.manifest, claim.attempt, claim.started
-        run_id, shard = manifest.run_id, delivery.message.shard_record
-        options = manifest.run_options
-
-        prefix = Layout.attempt_prefix(run_id, shard.id, attempt)
-        direct = self.store.local_path(prefix)
-        work = (
-            direct if direct is not None else self.config.scratch / run_id / shard.id / str(attempt)
-        )
-        log_path, out_dir = work / "log.txt", work / "out"
+    def _claim_all(self, slot: _Slot, deliveries: list[Delivery]) -> list[Claim]:
+        """Vet every received message and claim attempts for those to run, in one go."""
+        wanted: list[tuple[Delivery, Manifest, str, int]] = []
+        for delivery in deliveries:
+            try:
+                vetted = self._vet(delivery)
+            except Exception as exc:
+                self._not_started(slot, delivery, exc)
+                continue
+            if vetted is None:
+                self._release(slot, delivery)
+            else:
+                wanted.append((delivery, *vetted))
+        if not wanted:
+            return []
         try:
-            outcome = self._execute(delivery, manifest, shard, attempt, work, log_path, out_dir)
-            self._upload_log(run_id, shard.id, attempt, log_path)
-            if outcome.state is AttemptState.SUCCEEDED:
-                outcome = self._commit(run_id, shard.id, attempt, started, out_dir)
+            numbers = self.ledger.claim_many(
+                [
+                    (d.message.run_id, d.message.shard_id, hint, bundle)
+                    for d, _, bundle, hint in wanted
+                ],
+                worker=self.config.name,
+            )
+        except Exception as exc:
+            for delivery, *_ in wanted:
+                self._not_started(slot, delivery, exc)
+            return []
+        return [
+            Claim(d, manifest, attempt, started, bundle)
+            for (d, manifest, bundle, _), (attempt, started) in zip(wanted, numbers, strict=True)
+        ]
+
+    def _not_started(self, slot: _Slot, delivery: Delivery, exc: Exception) -> None:
+        """A message could not even be claimed: give it back, later when waiting helps."""
+        self._release(slot, delivery)
+        if isinstance(exc, ManifestBroken):
+            _, delay, _ = self._broken[delivery.message.run_id]
+            log.error("%s; shard %s comes back in %.0fs", exc, delivery.message.shard_id, delay)
+        elif isinstance(exc, DiskFull):
+            log.error("%s", exc)
+            delay = DISK_FULL_PAUSE
+        else:
+            log.error("shard %s could not start: %s", delivery.message.shard_id, exc, exc_info=exc)
+            delay = 0.0
+        try:
+            self.queue.nack(delivery, delay=delay)
+        except Exception:
+            log.exception("nack failed; the lease will lapse instead")
+        if isinstance(exc, DiskFull):
+            self.clock.sleep(DISK_FULL_PAUSE)
+
+    def _attempt_safely(self, slot: _Slot, claim: Claim) -> None:
+        try:
+            self._attempt(slot, claim)
+        except Exception as exc:  # after the claim: the attempt counts as failed
+            log.exception(
+                "attempt of shard %s failed in the worker", claim.delivery.message.shard_id
+            )
+            self._settle(
+                slot,
+                self._finished(claim, _Outcome(AttemptState.FAILED, None, f"worker error: {exc}")),
+            )
+
+    def _finished(
+        self, claim: Claim, outcome: _Outcome, outputs: list[str] | None = None
+    ) -> Finished:
+        return Finished(
+            delivery=claim.delivery,
+            attempt=claim.attempt,
+            started=claim.started,
+            finished=self.clock.time(),
+            state=outcome.state,
+            worker=self.config.name,
+            max_attempts=claim.manifest.run_options.max_attempts,
+            exit_code=outcome.exit_code,
+            reason=outcome.reason,
+            outputs=outputs or [],
+            bundle=claim.bundle,
+        )
+
+    def _attempt(self, slot: _Slot, claim: Claim) -> None:
+        manifest, attempt = claim.manifest, claim.attempt
+        run_id, shard = manifest.run_id, claim.delivery.message.shard_record
+        attempt_log = _Log(
+            slot.scratch / "log.txt", self.store, Layout.log(run_id, shard.id, attempt)
+        )
+        out_dir = slot.scratch / "out"
+        try:
+            outcome, reason_hint = self._execute(slot, claim, shard, attempt_log, out_dir)
+            outputs = self._seal(run_id, shard.id, attempt, out_dir)
+            attempt_log.store()
         except Exception as exc:
             # The attempt is claimed: record it and count it, so a shard whose outputs cannot be
             # stored fails within its budget instead of looping until it is dead-lettered.
-            log.exception("attempt %d of shard %s failed inside the worker", attempt, shard.id)
-            outcome = _Outcome(AttemptState.FAILED, None, f"worker error: {exc}")
-        finally:
-            if direct is None:
-                shutil.rmtree(work, ignore_errors=True)
-        self._finish(delivery, attempt, started, outcome, options.max_attempts)
+            log.exception("attempt %d of shard %s failed in the worker", attempt, shard.id)
+            error = _Outcome(AttemptState.FAILED, None, f"worker error: {exc}")
+            outcome, reason_hint, outputs = error, None, []
+            shutil.rmtree(out_dir, ignore_errors=True)
+        if outcome.state is AttemptState.FAILED and reason_hint:
+            outcome.reason = reason_hint
+        self._settle(slot, self._finished(claim, outcome, outputs))
 
     def claim(self, delivery: Delivery) -> Claim | None:
-        """Steps 1-2: drop (ack) a message of an unknown or cancelled run or of a shard already
-        committed, or claim the next attempt number and announce it started."""
+        """Steps 1-2 for one message (the fleet simulator): drop it, or claim an attempt."""
+        vetted = self._vet(delivery)
+        if vetted is None:
+            return None
+        manifest, bundle, hint = vetted
+        message = delivery.message
+        ((attempt, started),) = self.ledger.claim_many(
+            [(message.run_id, message.shard_id, hint, bundle)], worker=self.config.name
+        )
+        return Claim(delivery, manifest, attempt, started, bundle)
+
+    def _vet(self, delivery: Delivery) -> tuple[Manifest, str, int] | None:
+        """Drop (ack) a message of an unknown or cancelled run or of a shard already
+        committed; else the manifest, the bundle to run and the first attempt number to try."""
         message = delivery.message
         run_id, shard_id = message.run_id, message.shard_id
         manifest = self._manifest(run_id)
@@ -235,15 +503,13 @@ class Agent:
             )
             self.queue.ack(delivery)
             return None
-        maybe_done = delivery.delivery_attempt > 1 or message.backup
+        maybe_done = delivery.delivery_attempt > 1 or message.backup or message.preemptions
         if maybe_done and self.store.exists(Layout.result(run_id, shard_id)):
             self.queue.ack(delivery)  # committed by an attempt whose ack was lost, or backed up
             return None
-        attempt, started = self._claim(
-            run_id, shard_id, message.failures + delivery.delivery_attempt
-        )
-        self._emit(EventKind.STARTED, run_id=run_id, shard_id=shard_id, attempt=attempt)
-        return Claim(delivery, manifest, attempt, started)
+        bundle = message.bundle or manifest.bundle
+        hint = message.failures + message.preemptions + delivery.delivery_attempt
+        return manifest, bundle, hint
 
     def settle(
         self,
@@ -254,68 +520,79 @@ class Agent:
         reason: str | None = None,
         out_dir: Path | None = None,
     ) -> None:
-        """Step 4 for an attempt executed elsewhere (the fleet simulator): commit a success
-        (first commit wins), then ack, retry or fail it as :meth:`_attempt` does."""
+        """Steps 4-5 for an attempt executed elsewhere (the fleet simulator): commit a success
+        (first commit wins), then ack, retry or fail it."""
         run_id, shard_id = claim.manifest.run_id, claim.delivery.message.shard_id
-        if out_dir is None:
-            out_dir = self.config.scratch / run_id / shard_id / str(claim.attempt) / "out"
-        outcome = _Outcome(state, exit_code, reason)
-        if state is AttemptState.SUCCEEDED:
-            outcome = self._commit(run_id, shard_id, claim.attempt, claim.started, out_dir)
-        max_attempts = claim.manifest.run_options.max_attempts
-        self._finish(claim.delivery, claim.attempt, claim.started, outcome, max_attempts)
+        outputs = _files(out_dir) if out_dir is not None else []
+        self.ledger.settle(
+            [
+                Finished(
+                    delivery=claim.delivery,
+                    attempt=claim.attempt,
+                    started=claim.started,
+                    finished=self.clock.time(),
+                    state=state,
+                    worker=self.config.name,
+                    max_attempts=claim.manifest.run_options.max_attempts,
+                    exit_code=exit_code,
+                    reason=reason,
+                    outputs=outputs,
+                    bundle=claim.bundle,
+                )
+            ]
+        )
+        del run_id, shard_id
 
     def _execute(
-        self,
-        delivery: Delivery,
-        manifest: Manifest,
-        shard: Shard,
-        attempt: int,
-        work: Path,
-        log_path: Path,
-        out_dir: Path,
-    ) -> _Outcome:
+        self, slot: _Slot, claim: Claim, shard: Shard, attempt_log: _Log, out_dir: Path
+    ) -> tuple[_Outcome, str | None]:
+        manifest = claim.manifest
         options = manifest.run_options
-        work.mkdir(parents=True, exist_ok=True)
+        if not slot.ready:  # once per slot: a fresh scratch folder, whatever a crash left
+            shutil.rmtree(slot.scratch, ignore_errors=True)
+            slot.scratch.mkdir(parents=True, exist_ok=True)
+            slot.ready = True
         try:
-            executor = self._executor(manifest)
-            staged = self._stage(shard, options.stage, work)
+            executor = self._executor(claim.bundle, Entry(manifest.entry), options.isolate)
+            staged = self._stage(shard, options.stage, slot.scratch)
         except (CFlowError, OSError) as exc:
-            log_path.write_text(f"cflow: {exc}\n")
-            return _Outcome(AttemptState.FAILED, reason=str(exc))
+            with attempt_log.path.open("a") as fh:
+                fh.write(f"cflow: {exc}\n")
+            return _Outcome(AttemptState.FAILED, reason=str(exc)), None
         task_shard = TaskShard(
             run_id=manifest.run_id,
             id=shard.id,
             index=shard.index,
-            attempt=attempt,
+            attempt=claim.attempt,
             input=staged,
             output_dir=out_dir,
             params=shard.params or {},
         )
-        task = executor.start(task_shard, log_path)
-        return self._supervise(delivery, task, manifest, shard.id, attempt, log_path)
+        task = executor.start(task_shard, attempt_log.path, slot=slot.index)
+        outcome = self._supervise(slot, claim, task, attempt_log)
+        hint = task.reason
+        if hint is None and outcome.state is AttemptState.FAILED:
+            hint = _last_line(attempt_log.path)
+        return outcome, hint
 
     def _supervise(
-        self,
-        delivery: Delivery,
-        task: RunningTask,
-        manifest: Manifest,
-        shard_id: str,
-        attempt: int,
-        log_path: Path,
+        self, slot: _Slot, claim: Claim, task: RunningTask, attempt_log: _Log
     ) -> _Outcome:
         cfg, clock = self.config, self.clock
+        manifest = claim.manifest
         timeout = manifest.run_options.timeout
         start = clock.monotonic()
         last_beat = last_upload = start
+        code = task.wait(_FIRST_WAIT)
+        if code is None and slot.pending:  # a longer shard: settle the finished ones first
+            self._flush(slot, force=True)
         while True:
-            code = task.wait(_STEP)
             if code is not None:
                 if code == 0:
                     return _Outcome(AttemptState.SUCCEEDED, 0)
                 return _Outcome(AttemptState.FAILED, code, _describe_exit(code))
             now = clock.monotonic()
-            if self.stopping:
+            if self._stopping.is_set():
                 code = task.stop(cfg.preempt_grace)
                 return _Outcome(AttemptState.PREEMPTED, code, "worker stopped (preemption)")
             if now - start >= timeout:
@@ -323,136 +600,85 @@ class Agent:
                 return _Outcome(AttemptState.FAILED, code, f"timed out after {timeout:g}s")
             if now - last_beat >= cfg.heartbeat:
                 last_beat = now
-                self.queue.extend(delivery, cfg.lease_seconds)
+                self.ledger.extend(slot.held, cfg.lease_seconds)
+                self._emit(
+                    EventKind.HEARTBEAT,
+                    run_id=manifest.run_id,
+                    shard_id=claim.delivery.message.shard_id,
+                    attempt=claim.attempt,
+                )
                 current = self._manifest(manifest.run_id)
                 if current is not None and current.state == RunState.CANCELLED.value:
                     code = task.stop(cfg.preempt_grace)
-                    return _Outcome(AttemptState.FAILED, code, "run cancelled")
-            if now - last_upload >= cfg.log_upload_seconds:
+                    return _Outcome(AttemptState.FAILED, code, CANCELLED)
+            if now - last_upload >= min(cfg.log_upload_seconds, _SHOW_LOG):
                 last_upload = now
-                self._upload_log(manifest.run_id, shard_id, attempt, log_path)
+                attempt_log.show()
+            code = task.wait(_STEP)
 
-    def _commit(
-        self, run_id: str, shard_id: str, attempt: int, started: float, out_dir: Path
-    ) -> _Outcome:
-        out_prefix = Layout.outputs(run_id, shard_id, attempt)
-        outputs = (
-            sorted(p.relative_to(out_dir).as_posix() for p in out_dir.rglob("*") if p.is_file())
-            if out_dir.is_dir()
-            else []
-        )
-        if self.store.local_path(out_prefix) is None:
-            for rel in outputs:
-                self.store.put_file(out_prefix + rel, out_dir / rel)
-        result = ShardResult(
-            run_id=run_id,
-            shard_id=shard_id,
-            attempt=attempt,
-            worker=self.config.name,
-            started_at=started,
-            finished_at=self.clock.time(),
-            outputs=outputs,
-        )
-        if self.store.create(Layout.result(run_id, shard_id), result.to_json()):
-            return _Outcome(AttemptState.SUCCEEDED, 0)
-        return _Outcome(AttemptState.DISCARDED, 0, "another attempt committed first")
+    # -- outputs and logs ------------------------------------------------------------------
 
-    def _finish(
-        self, delivery: Delivery, attempt: int, started: float, outcome: _Outcome, max_attempts: int
-    ) -> None:
-        message = delivery.message
-        run_id, shard_id = message.run_id, message.shard_id
-        if outcome.state is not AttemptState.SUCCEEDED:  # a winner's record is its result.json
-            self._write_status(run_id, shard_id, attempt, started, outcome)
-        kind = EventKind.SUCCEEDED
-        if outcome.state is AttemptState.PREEMPTED:
-            self.queue.nack(delivery)
-            kind = EventKind.PREEMPTED
-        elif outcome.state is AttemptState.FAILED and outcome.reason == "run cancelled":
-            self.queue.ack(delivery)
-            kind = EventKind.FAILED
-        elif outcome.state is AttemptState.FAILED:
-            failures = message.failures + 1
-            if failures >= max_attempts:
-                failure = ShardFailure(
-                    run_id=run_id,
-                    shard_id=shard_id,
-                    attempt=attempt,
-                    failures=failures,
-                    exit_code=outcome.exit_code,
-                    reason=outcome.reason or "failed",
-                )
-                self.store.put(Layout.failure(run_id, shard_id), failure.to_json())
-                kind = EventKind.FAILED
-            else:
-                # Publish the next try before acking this one: a crash in between duplicates
-                # the shard (harmless, first commit wins) instead of losing it.
-                self.queue.publish([dataclasses.replace(message, failures=failures)])
-                kind = EventKind.RETRYING
-            self.queue.ack(delivery)
-        else:
-            self.queue.ack(delivery)
-        self._emit(
-            kind,
-            run_id=run_id,
-            shard_id=shard_id,
-            attempt=attempt,
-            exit_code=outcome.exit_code,
-            detail=outcome.reason,
-        )
+    def _seal(self, run_id: str, shard_id: str, attempt: int, out_dir: Path) -> list[str]:
+        """Move the attempt's outputs out of the task's reach, into its prefix, read-only.
+
+        Every process of the attempt is gone by now (the executor saw to it); what a process
+        we could not see might still hold open is the scratch copy, never the stored one. An
+        output folder left empty is kept for the next attempt (no folder churn per shard).
+        """
+        try:
+            with os.scandir(out_dir) as entries:
+                if next(entries, None) is None:
+                    return []
+        except FileNotFoundError:
+            return []
+        outputs = _files(out_dir)
+        if not outputs:
+            shutil.rmtree(out_dir, ignore_errors=True)
+            return []
+        prefix = Layout.outputs(run_id, shard_id, attempt)
+        target = self.store.local_path(prefix)
+        if target is not None:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.rename(out_dir, target)
+            except OSError:  # another disk, or a leftover target: copy instead
+                shutil.copytree(out_dir, target, dirs_exist_ok=True)
+                shutil.rmtree(out_dir, ignore_errors=True)
+            _read_only(target)
+            return outputs
+        for rel in outputs:
+            self.store.put_file(prefix + rel, out_dir / rel)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        return outputs
 
     # -- helpers ---------------------------------------------------------------------------
 
-    def _claim(self, run_id: str, shard_id: str, hint: int) -> tuple[int, float]:
-        """Take the first free attempt number at or after ``hint`` (create-only status)."""
-        attempt = max(hint, 1)
-        while True:
-            started = self.clock.time()
-            status = self._status(
-                run_id, shard_id, attempt, started, _Outcome(AttemptState.RUNNING)
-            )
-            if self.store.create(Layout.status(run_id, shard_id, attempt), status):
-                return attempt, started
-            attempt += 1
-
-    def _status(
-        self, run_id: str, shard_id: str, attempt: int, started: float, outcome: _Outcome
-    ) -> bytes:
-        from worker.protocol import AttemptStatus
-
-        finished = None if outcome.state is AttemptState.RUNNING else self.clock.time()
-        return AttemptStatus(
-            run_id=run_id,
-            shard_id=shard_id,
-            attempt=attempt,
-            state=outcome.state.value,
-            worker=self.config.name,
-            started_at=started,
-            finished_at=finished,
-            exit_code=outcome.exit_code,
-            reason=outcome.reason,
-        ).to_json()
-
-    def _write_status(
-        self, run_id: str, shard_id: str, attempt: int, started: float, outcome: _Outcome
-    ) -> None:
-        data = self._status(run_id, shard_id, attempt, started, outcome)
-        self.store.put(Layout.status(run_id, shard_id, attempt), data)
-
-    def _upload_log(self, run_id: str, shard_id: str, attempt: int, log_path: Path) -> None:
-        key = Layout.log(run_id, shard_id, attempt)
-        if self.store.local_path(key) is None and log_path.is_file():
-            self.store.put_file(key, log_path)
-
     def _manifest(self, run_id: str, *, fresh: bool = False) -> Manifest | None:
         now = self.clock.monotonic()
+        broken = self._broken.get(run_id)
+        if broken is not None and now < broken[2]:  # read again only once the back-off is over
+            raise ManifestBroken(f"the manifest of run {run_id} cannot be read", run_id=run_id)
         cached = self._manifests.get(run_id)
         if not fresh and cached is not None and now - cached[1] < self.config.manifest_ttl:
             return cached[0]
+        key = Layout.manifest(run_id)
         try:
-            manifest: Manifest | None = Manifest.from_json(self.store.get(Layout.manifest(run_id)))
+            raw = self.store.get(key)
         except NotFound:
             manifest = None
+        else:
+            try:
+                manifest = Manifest.from_json(raw)
+            except (ValueError, TypeError, KeyError) as exc:
+                self._manifests.pop(run_id, None)
+                count = (broken[0] if broken else 0) + 1
+                delay = min(BROKEN_BACKOFF[0] * 2 ** (count - 1), BROKEN_BACKOFF[1])
+                self._broken[run_id] = (count, delay, now + delay)
+                raise ManifestBroken(
+                    f"the manifest {self.store.url(key)} of run {run_id} cannot be read ({exc})",
+                    run_id=run_id,
+                ) from None
+        self._broken.pop(run_id, None)
         self._manifests[run_id] = (manifest, now)
         return manifest
 
@@ -463,21 +689,22 @@ class Agent:
             for sha in [sha for sha in self._executors if sha != self._last_bundle]:
                 self._executors.pop(sha).close()
 
-    def _executor(self, manifest: Manifest) -> Executor:
+    def _executor(self, sha: str, entry: Entry, isolate: bool) -> Executor:
+        key = f"{sha}:{int(isolate)}"
         with self._setup_lock:
-            self._last_bundle = manifest.bundle
-            executor = self._executors.get(manifest.bundle)
+            self._last_bundle = key
+            executor = self._executors.get(key)
             if executor is None:
-                bundle = self._bundles.get(manifest.bundle)
+                bundle = self._bundles.get(sha)
                 if bundle is None:
                     try:
-                        data = self.store.get(Layout.bundle(manifest.bundle))
+                        data = self.store.get(Layout.bundle(sha))
                     except NotFound:
-                        raise TaskError(f"task bundle {manifest.bundle[:12]} is missing") from None
-                    bundle = unpack(data, manifest.bundle, self.config.scratch / "bundles")
-                    self._bundles[manifest.bundle] = bundle
-                executor = Executor(bundle, Entry(manifest.entry))
-                self._executors[manifest.bundle] = executor
+                        raise TaskError(f"task bundle {sha[:12]} is missing") from None
+                    bundle = unpack(data, sha, self.config.scratch / "bundles")
+                    self._bundles[sha] = bundle
+                executor = Executor(bundle, entry, isolate=isolate or None)
+                self._executors[key] = executor
             return executor
 
     def _stage(self, shard: Shard, stage: bool, work: Path) -> str | None:
@@ -491,15 +718,87 @@ class Agent:
             return shard.input
         name = shard.input.rstrip("/").rsplit("/", 1)[-1] or "input"
         target = work / "input" / name
+        shutil.rmtree(target.parent, ignore_errors=True)
         target.parent.mkdir(parents=True, exist_ok=True)
         self.store.fetch(shard.input, target)
         return str(target)
 
     def _emit(self, kind: EventKind, **fields: object) -> None:
+        self.ledger.emit(Event(kind=kind.value, worker=self.config.name, **fields))  # type: ignore[arg-type]
+
+    def _lifetime(self, *, stopped: bool) -> None:
+        """``fleet/<worker>/lifetime.json``: when this worker started, was last seen and
+        stopped, for the run report's billed time."""
+        now = self.clock.time()
+        if not hasattr(self, "_started_at"):
+            self._started_at = now
+        record = {
+            "worker": self.config.name,
+            "started_at": self._started_at,
+            "last_seen": now,
+            "stopped_at": now if stopped else None,
+            "machine_type": os.environ.get("CFLOW_MACHINE_TYPE") or None,
+        }
         try:
-            self.events.publish(Event(kind=kind.value, worker=self.config.name, **fields))  # type: ignore[arg-type]
-        except Exception:  # events are advisory; the store is the truth
-            log.warning("could not publish %s event", kind.value, exc_info=True)
+            self.store.put(
+                f"fleet/{_safe(self.config.name)}/lifetime.json",
+                json.dumps(record, sort_keys=True).encode(),
+            )
+        except (BackendError, OSError):
+            log.warning("could not record this worker's lifetime", exc_info=True)
+
+
+def make_ledger(queue: WorkQueue, store: Store, events: EventBus, clock: Clock) -> Ledger:
+    """The embedded backend settles in SQLite transactions; every other one call at a time."""
+    from worker.local_queue import LocalEvents, LocalQueue
+    from worker.local_store import LocalStore
+
+    if (
+        isinstance(queue, LocalQueue)
+        and isinstance(store, LocalStore)
+        and isinstance(events, LocalEvents)
+        and Path(queue.db.path).resolve() == (store.root / "queue.db")
+    ):
+        from worker.local_ledger import LocalLedger
+
+        return LocalLedger(queue=queue, store=store, events=events, clock=clock)
+    return Ledger(queue=queue, store=store, events=events, clock=clock)
+
+
+def _files(folder: Path) -> list[str]:
+    if not folder.is_dir():
+        return []
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+
+
+def _read_only(folder: Path) -> None:
+    """Sealed files are 0444. Folders stay writable, so a user can still delete a run with
+    ``rm -r``; what could have rewritten them (the attempt's processes) is gone."""
+    for path in folder.rglob("*"):
+        with contextlib.suppress(OSError):
+            if stat.S_ISREG(path.lstat().st_mode):
+                path.chmod(0o444)
+
+
+def _last_line(path: Path, limit: int = 4096) -> str | None:
+    """The log's last non-empty line that is not the worker's own note: the error a user sees."""
+    try:
+        with path.open("rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            fh.seek(max(size - limit, 0))
+            tail = fh.read().decode("utf-8", "replace")
+    except OSError:
+        return None
+    for line in reversed(tail.splitlines()):
+        line = line.strip()
+        if line and not line.startswith("cflow: the task's process"):
+            return line[:500]
+    return None
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in name) or "worker"
 
 
 def _describe_exit(code: int) -> str:

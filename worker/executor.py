@@ -1,16 +1,24 @@
-"""Starts task attempts in their own process group, with output going to the attempt's log.
+"""Starts task attempts and guarantees that nothing of an attempt outlives it.
 
-``task.sh`` runs under bash; ``task.py`` runs in a child forked from a per-bundle zygote that
-imported the task once (see :mod:`worker.zygote`), or in a fresh interpreter per shard when the
-import fails or ``CFLOW_FORK=0``. Either way the worker only sees a :class:`RunningTask`.
+- ``task.py`` runs in a **warm host** per worker slot (:mod:`worker.host`): imported once, then
+  shard after shard in the same process, as ``multiprocessing.Pool`` does. A crash kills only
+  that host and fails only its attempt; the next shard gets a fresh host.
+- With ``isolate`` (``--isolate``, or ``CFLOW_ISOLATE=1``) each shard runs in a child forked from
+  a per-bundle zygote (:mod:`worker.zygote`) instead: a task that leaks state between shards
+  cannot leak it, at the cost of a fork per shard.
+- ``task.sh`` runs under bash in its own session, and dies with its worker.
+
+Every attempt carries a token in its environment (:mod:`worker.reaper`); when an attempt ends,
+however it ends, its process group is killed and so is every orphan that carries its token.
+The worker only sees a :class:`RunningTask`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
 import os
+import secrets
 import select
 import signal
 import subprocess
@@ -21,6 +29,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import worker
+from worker import reaper
 from worker.bundle import SHELL_ENTRY, UnpackedBundle
 from worker.protocol import Entry
 from worker.taskapi import TaskShard
@@ -28,10 +37,54 @@ from worker.taskapi import TaskShard
 _WORKER_PATH = str(Path(worker.__file__).resolve().parent.parent)
 
 
+class _Processes:
+    """This worker's own children and its running attempts, for the orphan sweep."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.known: set[int] = set()
+        self.live: set[str] = set()
+        self._reaper = False
+
+    def spawn(self, argv: list[str], token: str | None, **kwargs: Any) -> subprocess.Popen[bytes]:
+        with self.lock:  # a child is registered before any sweep can see it
+            if not self._reaper:  # orphans of what we start come back to this process
+                self._reaper = reaper.become_subreaper() or True
+            proc = subprocess.Popen(argv, **kwargs)
+            self.known.add(proc.pid)
+            if token is not None:
+                self.live.add(token)
+            return proc
+
+    def forget(self, pid: int) -> None:
+        with self.lock:
+            self.known.discard(pid)
+
+    def ended(self, token: str) -> None:
+        """The attempt is over: kill the orphans it left (and any other ended attempt's)."""
+        with self.lock:
+            self.live.discard(token)
+            reaper.sweep_orphans(os.getpid(), live_tokens=self.live, known=self.known)
+
+    def begin(self, token: str) -> None:
+        with self.lock:
+            self.live.add(token)
+
+    def discard(self, token: str) -> None:
+        """The attempt ended with nothing left to sweep (its host killed its own leftovers)."""
+        with self.lock:
+            self.live.discard(token)
+
+
+PROCESSES = _Processes()
+
+
 class RunningTask(ABC):
     """One attempt's process (group)."""
 
     pid: int | None = None
+    token: str = ""
+    reason: str | None = None  # the task's own account of a failure (a Python exception's line)
 
     @abstractmethod
     def wait(self, timeout: float | None) -> int | None:
@@ -55,15 +108,19 @@ class RunningTask(ABC):
         if code is None:
             self.signal(signal.SIGKILL)
             code = self.wait(10.0)
-        else:
-            self.signal(signal.SIGKILL)  # leftovers of the group
         return code
 
 
-class _PopenTask(RunningTask):
-    def __init__(self, proc: subprocess.Popen[bytes]):
+def _pdeathsig() -> None:  # runs in the child between fork and exec
+    reaper.die_with_parent()
+
+
+class _ShellTask(RunningTask):
+    def __init__(self, proc: subprocess.Popen[bytes], token: str):
         self._proc = proc
         self.pid = proc.pid
+        self.token = token
+        self._ended = False
 
     def wait(self, timeout: float | None) -> int | None:
         # Block on a pidfd rather than Popen's sleep-polling, so short tasks end promptly.
@@ -74,50 +131,137 @@ class _PopenTask(RunningTask):
             finally:
                 os.close(fd)
         try:
-            return self._proc.wait(0 if timeout is not None else None)
+            code = self._proc.wait(0 if timeout is not None else None)
         except subprocess.TimeoutExpired:
             return None
+        self._end()
+        return code
+
+    def _end(self) -> None:
+        if self._ended:
+            return
+        self._ended = True
+        assert self.pid is not None
+        reaper.kill_group(self.pid)  # what it left in its group
+        PROCESSES.forget(self.pid)
+        PROCESSES.ended(self.token)  # and what escaped the group
 
 
-class _ZygoteTask(RunningTask):
-    def __init__(self) -> None:
-        self._started = threading.Event()
-        self._done = threading.Event()
-        self.code: int | None = None
+class _Host:
+    """A warm task host process (see :mod:`worker.host`) owned by one slot."""
 
-    def _set_pid(self, pid: int) -> None:
-        self.pid = pid
-        self._started.set()
+    def __init__(self, bundle: UnpackedBundle, env: dict[str, str]):
+        self.proc = PROCESSES.spawn(
+            [sys.executable, "-m", "worker.host", str(bundle.root)],
+            None,
+            cwd=bundle.root,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            start_new_session=True,
+        )
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self._stdin: IO[bytes] = self.proc.stdin
+        self._stdout: IO[bytes] = self.proc.stdout
+        self.requests = 0
+        self.recycle = False
+        first = self._stdout.readline()
+        try:
+            hello = json.loads(first) if first else {}
+        except ValueError:
+            hello = {}
+        self.ready = bool(hello.get("ready"))
+        self.error = hello.get("error")
 
-    def _finish(self, code: int) -> None:
-        self.code = code
-        self._started.set()
-        self._done.set()
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None and not self.recycle
+
+    def send(self, request: dict[str, Any]) -> bool:
+        try:
+            self._stdin.write(json.dumps(request).encode() + b"\n")
+            self._stdin.flush()
+            return True
+        except (BrokenPipeError, ValueError, OSError):
+            return False
+
+    def read(self, timeout: float | None) -> dict[str, Any] | None:
+        """The next reply, {} when the host died, None when nothing came within ``timeout``."""
+        if timeout is not None:
+            ready, _, _ = select.select([self._stdout], [], [], max(timeout, 0))
+            if not ready:
+                return None
+        line = self._stdout.readline()
+        if not line:
+            return {}
+        reply: dict[str, Any] = json.loads(line)
+        return reply
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._stdin.close()
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            reaper.kill_group(self.proc.pid)
+            self.proc.wait()
+        reaper.kill_group(self.proc.pid)
+        PROCESSES.forget(self.proc.pid)
+        with contextlib.suppress(OSError):
+            self._stdout.close()
+
+
+class _HostTask(RunningTask):
+    def __init__(self, host: _Host, token: str, log_path: Path):
+        self._host = host
+        self.pid = host.proc.pid
+        self.token = token
+        self._log_path = log_path
+        self._code: int | None = None
 
     def wait(self, timeout: float | None) -> int | None:
-        self._done.wait(timeout)
-        return self.code if self._done.is_set() else None
-
-    def signal(self, sig: int) -> None:
-        self._started.wait(10.0)  # the zygote replies with the pid right after forking
-        super().signal(sig)
+        if self._code is not None:
+            return self._code
+        reply = self._host.read(timeout)
+        if reply is None:
+            return None
+        if reply:
+            self._code = int(reply["exit"])
+            self.reason = reply.get("reason")
+            self._host.recycle = bool(reply.get("recycle"))
+            PROCESSES.discard(self.token)  # the host killed its own leftovers
+            return self._code
+        # The host died under the task (os._exit, a crash, or our own kill).
+        try:
+            code = self._host.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            reaper.kill_group(self._host.proc.pid)
+            code = self._host.proc.wait()
+        reaper.kill_group(self._host.proc.pid)
+        PROCESSES.forget(self._host.proc.pid)
+        PROCESSES.ended(self.token)
+        self._code = code if code != 0 else 1  # a host never exits 0 with a shard running
+        if code >= 0:
+            with contextlib.suppress(OSError), self._log_path.open("a") as log:
+                log.write(f"cflow: the task's process exited with code {code} mid-shard\n")
+        return self._code
 
 
 class Executor:
-    """Starts attempts of one unpacked bundle."""
+    """Starts attempts of one unpacked bundle; ``slot`` picks the warm host to use."""
 
-    def __init__(self, bundle: UnpackedBundle, entry: Entry, *, fork: bool | None = None):
+    def __init__(self, bundle: UnpackedBundle, entry: Entry, *, isolate: bool | None = None):
         self.bundle = bundle
         self.entry = entry
-        if fork is None:
-            fork = os.environ.get("CFLOW_FORK", "1") != "0"
-        self._zygote: _Zygote | None = None
-        if entry is Entry.PYTHON and fork:
-            zygote = _Zygote(bundle, self._base_env())
-            if zygote.ready:
-                self._zygote = zygote
-            else:
-                zygote.close()
+        if isolate is None:
+            isolate = os.environ.get("CFLOW_ISOLATE", "0") == "1" or (
+                os.environ.get("CFLOW_FORK") == "0"
+            )
+        self.isolate = isolate
+        self._hosts: dict[int, _Host] = {}
+        self._cold = False  # the task does not import: a fresh interpreter per shard shows why
+        self._zygote: Any = None
+        self._lock = threading.Lock()
 
     def _base_env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -128,100 +272,97 @@ class Executor:
         env["PYTHONUNBUFFERED"] = "1"
         return env
 
-    def start(self, shard: TaskShard, log_path: Path) -> RunningTask:
+    def start(self, shard: TaskShard, log_path: Path, *, slot: int = 0) -> RunningTask:
         """Start one attempt; ``log_path``'s folder must exist. Creates the output folder."""
         shard.output_dir.mkdir(parents=True, exist_ok=True)
-        if self._zygote is not None and not self._zygote.alive:
-            self._zygote.close()  # it crashed (a task killed it?): start a fresh one
-            zygote = _Zygote(self.bundle, self._base_env())
-            self._zygote = zygote if zygote.ready else None
-        if self._zygote is not None:
-            return self._zygote.start(shard, log_path, self.bundle.root)
+        token = secrets.token_hex(8)
+        env = {**shard.env(), reaper.TOKEN_VAR: token}
         if self.entry is Entry.SHELL:
-            argv = ["bash", str(self.bundle.root / SHELL_ENTRY)]
-        else:
-            argv = [sys.executable, "-m", "worker.zygote", "--once", str(self.bundle.root)]
+            return self._start_shell(env, log_path, token)
+        if self.isolate:
+            return self._start_isolated(env, log_path, token)
+        host = self._host(slot)
+        if host is None:
+            return self._start_cold(env, log_path, token)
+        PROCESSES.begin(token)
+        request = {"id": host.requests, "log": str(log_path), "cwd": str(self.bundle.root)}
+        request["env"] = env
+        host.requests += 1
+        if not host.send(request):
+            host.recycle = True
+        return _HostTask(host, token, log_path)
+
+    def _host(self, slot: int) -> _Host | None:
+        if self._cold:
+            return None
+        host = self._hosts.get(slot)
+        if host is not None and host.alive:
+            return host
+        if host is not None:
+            host.close()
+        host = _Host(self.bundle, self._base_env())
+        if not host.ready:
+            host.close()
+            self._hosts.pop(slot, None)
+            self._cold = True
+            return None
+        self._hosts[slot] = host
+        return host
+
+    def _start_shell(self, env: dict[str, str], log_path: Path, token: str) -> RunningTask:
         with log_path.open("ab") as log:
-            proc = subprocess.Popen(
-                argv,
+            proc = PROCESSES.spawn(
+                ["bash", str(self.bundle.root / SHELL_ENTRY)],
+                token,
                 cwd=self.bundle.root,
-                env={**self._base_env(), **shard.env()},
+                env={**self._base_env(), **env},
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                preexec_fn=_pdeathsig,  # bash dies with its worker
             )
-        return _PopenTask(proc)
+        return _ShellTask(proc, token)
+
+    def _start_cold(self, env: dict[str, str], log_path: Path, token: str) -> RunningTask:
+        argv = [sys.executable, "-m", "worker.zygote", "--once", str(self.bundle.root)]
+        with log_path.open("ab") as log:
+            proc = PROCESSES.spawn(
+                argv,
+                token,
+                cwd=self.bundle.root,
+                env={**self._base_env(), **env},
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=_pdeathsig,
+            )
+        return _ShellTask(proc, token)
+
+    def _start_isolated(self, env: dict[str, str], log_path: Path, token: str) -> RunningTask:
+        from worker.zygote_client import Zygote
+
+        with self._lock:
+            if self._zygote is not None and not self._zygote.alive:
+                self._zygote.close()
+                self._zygote = None
+            if self._zygote is None:
+                zygote = Zygote(self.bundle, self._base_env())
+                if not zygote.ready:
+                    zygote.close()
+                    self._cold = True
+                    return self._start_cold(env, log_path, token)
+                self._zygote = zygote
+            zygote = self._zygote
+        PROCESSES.begin(token)
+        task: RunningTask = zygote.start(env, log_path, self.bundle.root, token)
+        return task
 
     def close(self) -> None:
+        for host in self._hosts.values():
+            host.close()
+        self._hosts.clear()
         if self._zygote is not None:
             self._zygote.close()
             self._zygote = None
-
-
-class _Zygote:
-    def __init__(self, bundle: UnpackedBundle, env: dict[str, str]):
-        self._proc = subprocess.Popen(
-            [sys.executable, "-m", "worker.zygote", str(bundle.root)],
-            cwd=bundle.root,
-            env=env,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-        )
-        assert self._proc.stdin is not None and self._proc.stdout is not None
-        self._stdin: IO[bytes] = self._proc.stdin
-        self._stdout: IO[bytes] = self._proc.stdout
-        self._ids = itertools.count(1)
-        self._tasks: dict[int, _ZygoteTask] = {}
-        self._lock = threading.Lock()
-        first = self._stdout.readline()
-        self.ready = bool(first) and bool(json.loads(first).get("ready"))
-        if self.ready:
-            threading.Thread(target=self._read, name="zygote-reader", daemon=True).start()
-
-    def start(self, shard: TaskShard, log_path: Path, cwd: Path) -> RunningTask:
-        task = _ZygoteTask()
-        with self._lock:
-            request_id = next(self._ids)
-            self._tasks[request_id] = task
-            request = {"id": request_id, "log": str(log_path), "cwd": str(cwd), "env": shard.env()}
-            try:
-                self._stdin.write(json.dumps(request).encode() + b"\n")
-                self._stdin.flush()
-            except (BrokenPipeError, ValueError):
-                self._tasks.pop(request_id, None)
-                task._finish(-int(signal.SIGKILL))
-                with log_path.open("a") as log:
-                    log.write("cflow: the task host process died\n")
-        return task
-
-    def _read(self) -> None:
-        for line in self._stdout:
-            msg: dict[str, Any] = json.loads(line)
-            with self._lock:
-                task = self._tasks.get(msg["id"])
-                if "exit" in msg:
-                    self._tasks.pop(msg["id"], None)
-            if task is None:
-                continue
-            if "pid" in msg:
-                task._set_pid(msg["pid"])
-            else:
-                task._finish(msg["exit"])
-        with self._lock:  # the zygote died: every attempt it held is lost
-            orphans, self._tasks = self._tasks, {}
-        for task in orphans.values():
-            task._finish(-int(signal.SIGKILL))
-
-    @property
-    def alive(self) -> bool:
-        return self._proc.poll() is None
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self._stdin.close()
-        try:
-            self._proc.wait(5)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-            self._proc.wait()

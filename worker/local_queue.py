@@ -125,13 +125,13 @@ class LocalQueue(WorkQueue):
         with self._db.transaction() as conn:
             conn.execute("DELETE FROM messages WHERE id = ?", (row_id,))
 
-    def nack(self, delivery: Delivery) -> None:
+    def nack(self, delivery: Delivery, *, delay: float = 0.0) -> None:
         row_id, lease = delivery.handle
         with self._db.transaction() as conn:
             conn.execute(
                 "UPDATE messages SET available_at = ?, lease = NULL, worker = NULL"
                 " WHERE id = ? AND lease = ?",
-                (self._clock.time(), row_id, lease),
+                (self._clock.time() + delay, row_id, lease),
             )
 
     def requeue(self, delivery: Delivery, message: WorkMessage, *, front: bool = False) -> None:

@@ -17,6 +17,7 @@ Everything here is plain data plus the bucket layout; no I/O.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import re
@@ -84,6 +85,16 @@ def _now() -> float:
     return time.time()
 
 
+@functools.cache
+def _fields(cls: type) -> tuple[dataclasses.Field[Any], ...]:
+    return dataclasses.fields(cls)
+
+
+@functools.cache
+def _names(cls: type) -> frozenset[str]:
+    return frozenset(f.name for f in dataclasses.fields(cls))
+
+
 class _Record:
     """JSON (de)serialisation shared by the contract's dataclasses.
 
@@ -91,15 +102,19 @@ class _Record:
     """
 
     def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)  # type: ignore[call-overload]
-        return {k: (v.value if isinstance(v, Enum) else v) for k, v in data.items()}
+        # Shallow: the records hold only JSON values (dataclasses.asdict deep-copies them all,
+        # which costs more than the rest of a short shard's bookkeeping).
+        return {
+            f.name: (v.value if isinstance(v := getattr(self, f.name), Enum) else v)
+            for f in _fields(type(self))  # type: ignore[arg-type]
+        }
 
     def to_json(self) -> bytes:
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":")).encode()
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Self:
-        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        names = _names(cls)  # type: ignore[arg-type]
         return cls(**{k: v for k, v in data.items() if k in names})
 
     @classmethod
@@ -117,6 +132,7 @@ class RunOptions(_Record):
     workers: int = 0  # most workers the runner runs at once (0: the backend's default)
     slots: int = defaults.SLOTS  # shards per worker, so a re-attached runner sizes alike
     speculate: bool = False  # back up stragglers near the end (a re-attached runner too)
+    isolate: bool = False  # a fresh process per Python shard instead of a warm one per slot
 
 
 @dataclass(frozen=True)

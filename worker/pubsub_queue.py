@@ -254,11 +254,12 @@ class PubSubQueue(WorkQueue):
             self._leases.pop(lease.ack_id, None)
         self._acknowledge([lease.ack_id])
 
-    def nack(self, delivery: Delivery) -> None:
+    def nack(self, delivery: Delivery, *, delay: float = 0.0) -> None:
         lease: _Lease = delivery.handle
         with self._lock:
             self._leases.pop(lease.ack_id, None)
-        self._modify([lease.ack_id], 0)
+        # An ack deadline of N seconds is a redelivery after N (at most 600, Pub/Sub's limit).
+        self._modify([lease.ack_id], int(min(max(delay, 0), 600)))
 
     def extend(self, delivery: Delivery, seconds: float) -> None:
         """Ask the leaser to keep the message ``seconds`` more, even past ``max_lease_seconds``.

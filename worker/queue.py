@@ -56,8 +56,8 @@ class WorkQueue(ABC):
         """The message is done with: never deliver it again."""
 
     @abstractmethod
-    def nack(self, delivery: Delivery) -> None:
-        """Give the message back for immediate redelivery (preemption, shutdown)."""
+    def nack(self, delivery: Delivery, *, delay: float = 0.0) -> None:
+        """Give the message back for redelivery, at once or after ``delay`` seconds."""
 
     @abstractmethod
     def extend(self, delivery: Delivery, seconds: float) -> None:

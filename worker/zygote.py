@@ -1,5 +1,6 @@
-"""Runs a Python task's ``run(shard)`` without an interpreter start per shard.
+"""Runs a Python task's ``run(shard)`` in a process of its own per shard (``--isolate``).
 
+The default is the warm host (:mod:`worker.host`), which reuses one process per slot.
 ``python -m worker.zygote TASK_DIR`` imports ``task.py`` once, then forks one child per request:
 the child starts its own session (so the worker can kill the task's whole process group), sends
 its output to the attempt's log, calls ``run(shard)`` and exits 0, or 1 with the traceback in the
@@ -22,7 +23,6 @@ the fallback when the import failed or forking is turned off (``CFLOW_FORK=0``).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import gc
 import importlib.util
 import json
@@ -36,23 +36,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from worker import reaper
 from worker.taskapi import TaskShard
-
-_PR_SET_PDEATHSIG = 1
-
-
-try:
-    _LIBC: ctypes.CDLL | None = ctypes.CDLL(None, use_errno=True)
-except OSError:
-    _LIBC = None
-
-
-def _die_with_parent() -> None:
-    try:
-        if _LIBC is not None:
-            _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except AttributeError:  # not Linux: the stdin EOF check still ends us
-        pass
 
 
 def load_task(task_dir: Path) -> ModuleType:
@@ -76,16 +61,18 @@ def _call(run: Callable[[TaskShard], Any]) -> int:
         code = exc.code
         return code if isinstance(code, int) else (0 if code is None else 1)
     except BaseException:
-        traceback.print_exc()
+        with contextlib.suppress(Exception):  # to fd 2: the task may have closed sys.stderr
+            os.write(2, traceback.format_exc().encode("utf-8", "backslashreplace"))
         return 1
     finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):  # closed or replaced by the task: its business
+                stream.flush()
 
 
 def _child(request: dict[str, Any], run: Callable[[TaskShard], Any]) -> None:
     os.setsid()
-    _die_with_parent()
+    reaper.die_with_parent()
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     fd = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
@@ -106,7 +93,8 @@ def _exit_code(status: int) -> int:
 
 
 def serve(task_dir: Path) -> None:
-    _die_with_parent()
+    reaper.die_with_parent()
+    reaper.become_subreaper()  # what a shard's child leaves is reparented here, and killed
     out = sys.stdout
     # Keep the task's import-time prints out of the reply channel.
     sys.stdout = sys.stderr
@@ -127,7 +115,7 @@ def serve(task_dir: Path) -> None:
     sel = selectors.DefaultSelector()
     stdin = sys.stdin.buffer
     sel.register(stdin.fileno(), selectors.EVENT_READ, None)
-    children: dict[int, tuple[int, int]] = {}  # pidfd -> (pid, request id)
+    children: dict[int, tuple[int, int, str]] = {}  # pidfd -> (pid, request id, token)
     pending = b""
     open_input = True
     while open_input or children:
@@ -137,7 +125,7 @@ def serve(task_dir: Path) -> None:
                 if not chunk:
                     open_input = False
                     sel.unregister(stdin.fileno())
-                    for pid, _ in children.values():
+                    for pid, _, _ in children.values():
                         _killpg(pid)
                     continue
                 pending += chunk
@@ -149,15 +137,22 @@ def serve(task_dir: Path) -> None:
                     if pid == 0:
                         _child(request, run)
                     pidfd = os.pidfd_open(pid)
-                    children[pidfd] = (pid, request["id"])
+                    token = request["env"].get(reaper.TOKEN_VAR, "")
+                    children[pidfd] = (pid, request["id"], token)
                     sel.register(pidfd, selectors.EVENT_READ, pidfd)
                     reply({"id": request["id"], "pid": pid})
             else:
                 pidfd = key.data
-                pid, request_id = children.pop(pidfd)
+                pid, request_id, _ = children.pop(pidfd)
                 sel.unregister(pidfd)
                 os.close(pidfd)
                 _, status = os.waitpid(pid, 0)
+                _killpg(pid)  # what the shard left in its group, then what escaped it
+                reaper.sweep_orphans(
+                    os.getpid(),
+                    live_tokens={token for _, _, token in children.values()},
+                    known={p for p, _, _ in children.values()},
+                )
                 reply({"id": request_id, "exit": _exit_code(status)})
 
 

@@ -161,13 +161,20 @@ class SimPubSub(WorkQueue):
         del self._messages[mid]
         self._note_drained()
 
-    def nack(self, delivery: Delivery) -> None:
+    def nack(self, delivery: Delivery, *, delay: float = 0.0) -> None:
         mid, token = delivery.handle
         self._expire(self.clock.now)
         msg = self._messages.get(mid)
         if msg is not None and msg.lease == token:
             self.counts["nacked"] += 1
             self._release(msg, mid)
+
+    def requeue(self, delivery: Delivery, message: WorkMessage, *, front: bool = False) -> None:
+        """As on Pub/Sub: publish the replacement, then ack (a preemption gives its shard back
+        with a fresh delivery count). Counted as a nack: the shard goes back at once."""
+        self.counts["nacked"] += 1
+        self.publish([message])
+        self.ack(delivery)
 
     def extend(self, delivery: Delivery, seconds: float) -> None:
         mid, token = delivery.handle

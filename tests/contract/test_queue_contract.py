@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 from worker.backends import Backends
@@ -86,3 +87,32 @@ def test_message_redelivered_after_repeated_nacks_goes_to_dead_letters(backends:
         dead = backends.queue.dead_letters()
     assert [m.shard_id for m in dead] == ["s000"]
     assert backends.queue.dead_letters() == []  # taken once
+
+
+def test_a_shard_preempted_more_often_than_the_delivery_limit_is_never_dead_lettered(
+    backends: Backends,
+) -> None:
+    """Preemption gives the shard back with ``requeue``: its own count goes up, the queue's
+    delivery count starts over, so the dead-letter limit (3 here locally, 5 on the emulator's
+    subscription) only ever counts deliveries that crashed a worker."""
+    (message,) = _messages("r-contract-7", 1)
+    backends.queue.publish([message])
+    for n in range(12):
+        (got,) = _receive_all(backends, 1)
+        assert got.message.preemptions == n
+        assert got.delivery_attempt == 1
+        backends.queue.requeue(got, dataclasses.replace(got.message, preemptions=n + 1), front=True)
+    (last,) = _receive_all(backends, 1)
+    assert last.message.preemptions == 12
+    assert backends.queue.dead_letters() == []
+    backends.queue.ack(last)
+
+
+def test_a_message_nacked_with_a_delay_comes_back_after_it(backends: Backends) -> None:
+    backends.queue.publish(_messages("r-contract-8", 1))
+    (first,) = _receive_all(backends, 1)
+    backends.queue.nack(first, delay=2.0)
+    start = time.monotonic()
+    (again,) = _receive_all(backends, 1, timeout=30.0)
+    assert time.monotonic() - start >= 1.5
+    backends.queue.ack(again)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -83,16 +84,24 @@ class Cli:
             out[path.stem] = json.loads(path.read_text())["pid"]
         return out
 
+    def records(self, pattern: str) -> dict[str, Any]:
+        """The store's records (result.json, failed.json, attempt status.json) whose key
+        matches the glob ``pattern``: they are rows of queue.db, not files."""
+        db = self.store / "queue.db"
+        if not db.exists():
+            return {}
+        conn = sqlite3.connect(db, timeout=30)
+        try:
+            rows = conn.execute("SELECT key, data FROM records WHERE key GLOB ?", (pattern,))
+            return {key: json.loads(data) for key, data in rows.fetchall()}
+        except sqlite3.OperationalError:  # not made yet
+            return {}
+        finally:
+            conn.close()
+
     def running_attempts(self) -> list[dict[str, Any]]:
-        found = []
-        for path in self.store.glob("runs/*/shards/*/attempts/*/status.json"):
-            try:
-                status = json.loads(path.read_text())
-            except (OSError, ValueError):
-                continue
-            if status["state"] == "running":
-                found.append(status)
-        return found
+        statuses = self.records("runs/*/shards/*/attempts/*/status.json").values()
+        return [s for s in statuses if s["state"] == "running"]
 
 
 @pytest.fixture

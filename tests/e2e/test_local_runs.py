@@ -196,7 +196,7 @@ def test_timeout_kills_the_task_process_group(cli: Cli, tmp_path: Path) -> None:
         """
         #!/usr/bin/env bash
         sleep 300 &
-        echo "child $!" > "$CFLOW_OUTPUT_DIR/../child.pid"
+        echo "child $!" > "$CFLOW_OUTPUT_DIR/child.pid"
         wait
     """,
         name="task.sh",
@@ -205,7 +205,7 @@ def test_timeout_kills_the_task_process_group(cli: Cli, tmp_path: Path) -> None:
     assert result.code == 1
     (shard,) = cli.status(result.run_id)["shards"]
     assert shard["state"] == "failed" and "timed out after 1s" in shard["reason"]
-    pid_file = next(cli.store.glob("runs/*/shards/*/attempts/1/child.pid"))
+    pid_file = next(cli.store.glob("runs/*/shards/*/attempts/1/out/child.pid"))
     child = int(pid_file.read_text().split()[1])
     wait_for(lambda: not _alive({"c": child}), 10, "the task's child to be killed")
 
@@ -287,14 +287,14 @@ def test_retry_failed_reruns_only_the_failed_shards(cli: Cli, tmp_path: Path) ->
     first = cli("submit", str(task), "--shards", "3", "--max-attempts", "1", "--workers", "2")
     assert first.code == 1
     run_id = first.run_id
-    results = sorted(cli.store.glob(f"runs/{run_id}/shards/*/result.json"))
-    before = {p: p.stat().st_mtime_ns for p in results}
+    before = cli.records(f"runs/{run_id}/shards/*/result.json")
     assert len(before) == 2
     flag.unlink()
     again = cli("retry", run_id, "--failed")
     assert again.code == 0, again.stderr
     assert "retrying 1 shards" in again.stderr
-    assert {p: p.stat().st_mtime_ns for p in results} == before  # committed shards untouched
+    after = cli.records(f"runs/{run_id}/shards/*/result.json")
+    assert {k: after[k] for k in before} == before  # committed shards untouched
     status = cli.status(run_id)
     assert status["counts"]["succeeded"] == 3
     combined = (cli.store / "runs" / run_id / "combined" / "out.txt").read_text().split()

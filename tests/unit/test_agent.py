@@ -9,6 +9,7 @@ from pathlib import Path
 from worker.agent import Agent, AgentConfig
 from worker.backends import Backends, open_local
 from worker.bundle import pack
+from worker.ledger import Ledger
 from worker.protocol import (
     AttemptStatus,
     Layout,
@@ -137,9 +138,9 @@ def test_idle_timeout_counts_from_the_last_finished_attempt(tmp_path: Path) -> N
     )
     original = agent._attempt
 
-    def slow_attempt(delivery):  # type: ignore[no-untyped-def]
+    def slow_attempt(slot, delivery):  # type: ignore[no-untyped-def]
         clock.advance(100)  # the shard takes 100 s of (fake) time, past the idle timeout
-        original(delivery)
+        original(slot, delivery)
 
     agent._attempt = slow_attempt  # type: ignore[method-assign]
     start = clock.monotonic()
@@ -169,7 +170,9 @@ def test_a_store_failure_after_the_claim_counts_as_a_failed_attempt(tmp_path: Pa
         return real_create(key, data)
 
     b.store.create = create  # type: ignore[method-assign]
-    _agent(b, tmp_path).run()
+    agent = _agent(b, tmp_path)
+    agent.ledger = Ledger(queue=b.queue, store=b.store, events=b.events)  # one call at a time
+    agent.run()
     failure = ShardFailure.from_json(b.store.get(Layout.failure(m.run_id, "a")))
     assert failure.failures == 2 and "worker error: disk full" in failure.reason
     statuses = [
@@ -210,4 +213,48 @@ def test_an_idle_worker_keeps_only_the_last_task_host(tmp_path: Path) -> None:
     )
     agent.run()
     assert b.store.exists(Layout.result(second.run_id, "b"))
-    assert list(agent._executors) == [sha]  # the first run's host was closed when idle
+    assert list(agent._executors) == [f"{sha}:0"]  # the first run's host was closed when idle
+
+
+def test_an_unreadable_manifest_backs_off_instead_of_burning_deliveries(tmp_path: Path) -> None:
+    shards = [Shard(id=f"s{i}", index=i) for i in range(3)]
+    b, m = _setup(tmp_path, shards)
+    good = b.store.get(Layout.manifest(m.run_id))
+    b.store.put(Layout.manifest(m.run_id), good[: len(good) // 2])  # truncated
+    agent = _agent(b, tmp_path, slots=1)
+    agent.run()  # burst: every message was put back with a delay, so the queue looks empty
+    stats = b.queue.stats(m.run_id)
+    assert stats.dead == 0 and (stats.queued or 0) + (stats.leased or 0) == 3
+    assert not list(b.store.list(Layout.shards_prefix(m.run_id)))  # nothing claimed or failed
+    b.store.put(Layout.manifest(m.run_id), good)  # the user repaired it
+    time.sleep(2.1)  # the first back-off
+    agent.run()
+    assert all(b.store.exists(Layout.result(m.run_id, s.id)) for s in shards)
+
+
+def test_a_full_disk_at_settling_loses_nothing(tmp_path: Path) -> None:
+    """The settling transaction fails (the disk is full): nothing half-written, and once there
+    is room again the same attempts settle."""
+    from worker.local_db import DiskFull
+    from worker.local_ledger import LocalLedger
+
+    shards = [Shard(id=f"s{i}", index=i) for i in range(4)]
+    b, m = _setup(tmp_path, shards)
+    agent = _agent(b, tmp_path, slots=1)
+    real = LocalLedger.settle
+    calls = {"n": 0}
+
+    def settle(self: LocalLedger, batch: list) -> None:  # type: ignore[type-arg]
+        calls["n"] += 1
+        if calls["n"] <= 2:
+            raise DiskFull("the disk is full")
+        real(self, batch)
+
+    agent.ledger.settle = settle.__get__(agent.ledger)  # type: ignore[method-assign]
+    agent.clock = type(
+        "C", (), {"time": time.time, "monotonic": time.monotonic, "sleep": lambda self, s: None}
+    )()  # no real pause
+    agent.run()
+    assert calls["n"] >= 3
+    assert all(b.store.exists(Layout.result(m.run_id, s.id)) for s in shards)
+    assert b.queue.stats(m.run_id).dead == 0

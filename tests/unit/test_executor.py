@@ -55,9 +55,9 @@ def run(shard):
 """
 
 
-@pytest.mark.parametrize("fork", [True, False])
-def test_python_task_outcomes(tmp_path: Path, fork: bool) -> None:
-    executor = Executor(_bundle(tmp_path, "task.py", PY_TASK), Entry.PYTHON, fork=fork)
+@pytest.mark.parametrize("isolate", [False, True], ids=["warm", "isolate"])
+def test_python_task_outcomes(tmp_path: Path, isolate: bool) -> None:
+    executor = Executor(_bundle(tmp_path, "task.py", PY_TASK), Entry.PYTHON, isolate=isolate)
     try:
         cases = [("ok", 0), ("raise", 1), ("exit", 4), ("segv", -11)]
         for i, (mode, expected) in enumerate(cases):
@@ -74,13 +74,14 @@ def test_python_task_outcomes(tmp_path: Path, fork: bool) -> None:
         executor.close()
 
 
-def test_fork_mode_imports_the_task_once(tmp_path: Path) -> None:
+@pytest.mark.parametrize("isolate", [False, True], ids=["warm", "isolate"])
+def test_the_task_is_imported_once(tmp_path: Path, isolate: bool) -> None:
     body = PY_TASK.replace(
         'print("imported once"', 'open(os.environ["MARK"], "a").write("x"); print("imported once"'
     )
     os.environ["MARK"] = str(tmp_path / "imports.txt")
     try:
-        executor = Executor(_bundle(tmp_path, "task.py", body), Entry.PYTHON, fork=True)
+        executor = Executor(_bundle(tmp_path, "task.py", body), Entry.PYTHON, isolate=isolate)
         for i in range(5):
             assert executor.start(_shard(tmp_path, i), tmp_path / f"l{i}").wait(30) == 0
         executor.close()
@@ -151,3 +152,129 @@ def test_a_task_that_fails_to_import_fails_each_attempt_with_its_traceback(tmp_p
     task = executor.start(_shard(tmp_path), tmp_path / "log.txt")
     assert task.wait(30) == 1
     assert "No module named 'no_such_module'" in (tmp_path / "log.txt").read_text()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is dead, just not yet reaped by whoever it was reparented to
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
+    except OSError:
+        return False
+
+
+def _gone(pid: int, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while _alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+LEAVES_CHILDREN = """
+import os, subprocess, sys
+from pathlib import Path
+
+def run(shard):
+    out = Path(shard.output_dir)
+    plain = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+    daemon = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(300)"], start_new_session=True
+    )
+    # a double fork whose middle process exits: the grandchild is orphaned at once
+    middle = subprocess.Popen(
+        ["bash", "-c", "setsid sleep 300 >/dev/null 2>&1 & echo $! > " + str(out / "orphan")]
+    )
+    middle.wait()
+    (out / "pids").write_text(f"{plain.pid} {daemon.pid}")
+"""
+
+
+@pytest.mark.parametrize("isolate", [False, True], ids=["warm", "isolate"])
+def test_every_process_a_python_attempt_started_is_gone_when_it_returns(
+    tmp_path: Path, isolate: bool
+) -> None:
+    bundle = _bundle(tmp_path, "task.py", LEAVES_CHILDREN)
+    executor = Executor(bundle, Entry.PYTHON, isolate=isolate)
+    try:
+        shard = _shard(tmp_path)
+        assert executor.start(shard, tmp_path / "log").wait(30) == 0, (tmp_path / "log").read_text()
+        pids = [int(p) for p in (shard.output_dir / "pids").read_text().split()]
+        pids.append(int((shard.output_dir / "orphan").read_text()))
+        for pid in pids:
+            assert _gone(pid), f"process {pid} outlived its attempt"
+        # and the warm host is still there for the next shard
+        assert executor.start(_shard(tmp_path, 1), tmp_path / "log1").wait(30) == 0
+    finally:
+        executor.close()
+
+
+def test_every_process_a_shell_attempt_started_is_gone_when_it_exits(tmp_path: Path) -> None:
+    bundle = _bundle(
+        tmp_path,
+        "task.sh",
+        """
+        sleep 300 &
+        echo $! > "$CFLOW_OUTPUT_DIR/plain"
+        setsid sleep 300 >/dev/null 2>&1 &
+        echo $! > "$CFLOW_OUTPUT_DIR/escaped"
+        exit 0
+    """,
+    )
+    shard = _shard(tmp_path)
+    assert Executor(bundle, Entry.SHELL).start(shard, tmp_path / "log").wait(10) == 0
+    for name in ("plain", "escaped"):
+        pid = int((shard.output_dir / name).read_text())
+        assert _gone(pid), f"the {name} child outlived its attempt"
+
+
+def test_a_task_may_close_its_streams(tmp_path: Path) -> None:
+    body = """
+    import sys
+    def run(shard):
+        print("before")
+        sys.stdout.close()
+        sys.stderr.close()
+    """
+    executor = Executor(_bundle(tmp_path, "task.py", body), Entry.PYTHON)
+    try:
+        for i in range(2):  # and the next shard in the same process still gets its log
+            log = tmp_path / f"log{i}"
+            assert executor.start(_shard(tmp_path, i), log).wait(30) == 0
+            assert log.read_text() == "before\n"
+    finally:
+        executor.close()
+
+
+def test_a_warm_process_keeps_module_state_and_reports_the_error_line(tmp_path: Path) -> None:
+    body = """
+    import os
+    SEEN = []
+    def run(shard):
+        SEEN.append(shard.id)
+        if shard.params.get("mode") == "crash":
+            os._exit(3)
+        if shard.params.get("mode") == "raise":
+            raise KeyError("missing column 'price'")
+        print(len(SEEN), os.getpid())
+    """
+    executor = Executor(_bundle(tmp_path, "task.py", body), Entry.PYTHON)
+    try:
+        assert executor.start(_shard(tmp_path, 0), tmp_path / "l0").wait(30) == 0
+        assert executor.start(_shard(tmp_path, 1), tmp_path / "l1").wait(30) == 0
+        first, second = ((tmp_path / n).read_text().split() for n in ("l0", "l1"))
+        assert (first[0], second[0]) == ("1", "2") and first[1] == second[1]  # one process
+        failed = executor.start(_shard(tmp_path, 2, mode="raise"), tmp_path / "l2")
+        assert failed.wait(30) == 1
+        assert failed.reason == "KeyError: \"missing column 'price'\""
+        crashed = executor.start(_shard(tmp_path, 3, mode="crash"), tmp_path / "l3")
+        assert crashed.wait(30) == 3  # os._exit takes down only its own process
+        after = executor.start(_shard(tmp_path, 4), tmp_path / "l4")
+        assert after.wait(30) == 0
+        count, pid = (tmp_path / "l4").read_text().split()
+        assert count == "1" and pid != first[1]  # a fresh process replaced it
+    finally:
+        executor.close()

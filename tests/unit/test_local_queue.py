@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from worker.clock import FakeClock
@@ -86,3 +87,22 @@ def test_publish_streams_large_batches(tmp_path: Path) -> None:
     assert q.publish(_msg(i) for i in range(5000)) == 5000
     assert q.stats().queued == 5000
     assert len(q.receive(100, 0)) == 100
+
+
+def test_a_requeued_shard_goes_to_the_front_and_a_dead_workers_leases_are_released(
+    tmp_path: Path,
+) -> None:
+    q = LocalQueue(tmp_path / "q.db", lease_seconds=60)
+    q.publish(WorkMessage(run_id="r-front", shard={"id": f"s{i}", "index": i}) for i in range(5))
+    (first,) = q.receive(1, 0.1, worker="w1")
+    q.receive(1, 0.1, worker="w2")
+    assert q.leases("r-front") == {"s0": "w1", "s1": "w2"}
+    q.requeue(first, dataclasses.replace(first.message, preemptions=1), front=True)
+    (again,) = q.receive(1, 0.1, worker="w3")
+    assert again.message.shard_id == "s0" and again.message.preemptions == 1  # ahead of s2..s4
+    assert q.release("w2") == 1  # the fleet saw w2 die: its shard is available at once
+    (back,) = q.receive(1, 0.1, worker="w3")
+    assert back.message.shard_id == "s1"
+    assert q.pending("r-front") == {f"s{i}" for i in range(5)}
+    q.ack(back)
+    assert "s1" not in (q.pending("r-front") or set())

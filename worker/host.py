@@ -1,0 +1,131 @@
+"""The warm task host: one Python process per worker slot that runs shard after shard.
+
+``python -m worker.host TASK_DIR`` imports ``task.py`` once (so a model loaded at module level is
+loaded once per process, not per shard), then serves requests one at a time on stdin/stdout, one
+JSON object per line:
+
+  request  {"id": N, "log": PATH, "cwd": PATH, "env": {...}}
+  replies  {"ready": true} | {"ready": false, "error": "..."} once at start,
+           {"id": N, "exit": CODE, "reason": "...", "recycle": BOOL} when the shard ended.
+
+For each shard the host points file descriptors 1 and 2 at the attempt's log, gives the task
+fresh ``sys.stdout``/``sys.stderr`` objects (a task may close or replace them; the next shard
+gets new ones), sets the ``CFLOW_*`` variables, calls ``run(shard)``, and afterwards kills every
+process the shard started: the host is a child subreaper, so even a daemon in a new session is
+still below it. A crash (``os._exit``, a segfault, SIGKILL on a timeout) takes down only this
+process and fails only its own attempt; the worker starts a fresh host for the next shard.
+
+``recycle`` asks the worker to replace this host before the next shard: the task left threads
+running, which would otherwise outlive its attempt inside this process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import sys
+import threading
+import traceback
+from pathlib import Path
+from typing import Any
+
+from worker import reaper
+from worker.taskapi import TaskShard
+from worker.zygote import load_task
+
+
+def _fresh_streams() -> tuple[io.TextIOWrapper, io.TextIOWrapper]:
+    out = io.TextIOWrapper(
+        io.FileIO(1, "w", closefd=False),
+        encoding="utf-8",
+        errors="backslashreplace",
+        line_buffering=True,
+    )
+    err = io.TextIOWrapper(
+        io.FileIO(2, "w", closefd=False),
+        encoding="utf-8",
+        errors="backslashreplace",
+        line_buffering=True,
+    )
+    return out, err
+
+
+def _flush(stream: Any) -> None:
+    with contextlib.suppress(Exception):  # closed or replaced by the task: its own business
+        stream.flush()
+
+
+def run_one(run: Any, request: dict[str, Any], saved: tuple[int, int]) -> dict[str, Any]:
+    """Run one shard in this process; the reply (exit code, the error's last line)."""
+    fd = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    sys.stdout, sys.stderr = _fresh_streams()
+    os.environ.update(request["env"])
+    if os.getcwd() != request["cwd"]:
+        os.chdir(request["cwd"])
+    threads_before = threading.active_count()
+    code, reason = 0, None
+    try:
+        run(TaskShard.from_env())
+    except SystemExit as exc:
+        value = exc.code
+        code = value if isinstance(value, int) else (0 if value is None else 1)
+        if code:
+            reason = f"SystemExit: {value}"
+    except BaseException as exc:
+        code = 1
+        with contextlib.suppress(Exception):  # to fd 2: the task may have closed sys.stderr
+            traceback.print_exc(file=_StderrFd())
+        reason = "".join(traceback.format_exception_only(exc)).strip().splitlines()[-1]
+    _flush(sys.stdout)
+    _flush(sys.stderr)
+    reaper.kill_descendants(os.getpid())
+    os.dup2(saved[0], 1)
+    os.dup2(saved[1], 2)
+    sys.stdout, sys.stderr = _fresh_streams()
+    recycle = threading.active_count() > threads_before
+    return {"id": request["id"], "exit": code, "reason": reason, "recycle": recycle}
+
+
+class _StderrFd(io.TextIOBase):
+    """Writes straight to fd 2 (the attempt's log), whatever the task did to ``sys.stderr``."""
+
+    def write(self, text: str) -> int:
+        data = text.encode("utf-8", "backslashreplace")
+        os.write(2, data)
+        return len(text)
+
+
+def serve(task_dir: Path) -> None:
+    reaper.die_with_parent()
+    reaper.become_subreaper()
+    replies = os.fdopen(os.dup(1), "w", encoding="utf-8")
+    requests = os.fdopen(os.dup(0), "r", encoding="utf-8")
+    # Keep the task's own prints (at import and later) out of the reply channel.
+    null = os.open(os.devnull, os.O_RDWR)
+    os.dup2(null, 0)
+    os.dup2(2, 1)
+    os.close(null)
+    sys.stdout, sys.stderr = _fresh_streams()
+
+    def reply(obj: dict[str, Any]) -> None:
+        replies.write(json.dumps(obj) + "\n")
+        replies.flush()
+
+    try:
+        run = load_task(task_dir).run
+    except BaseException as exc:
+        reply({"ready": False, "error": f"{type(exc).__name__}: {exc}"})
+        return
+    reply({"ready": True})
+    saved = (os.dup(1), os.dup(2))
+    for line in requests:
+        reply(run_one(run, json.loads(line), saved))
+
+
+if __name__ == "__main__":
+    serve(Path(sys.argv[1]))
