@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from runner import runs
-from worker import defaults
 from worker.protocol import Layout, RunState, WorkMessage
 
 if TYPE_CHECKING:
@@ -64,8 +63,11 @@ class LostShards:
         m = w.manifest
         if m.state != RunState.ACTIVE.value or m.publishing:
             return None  # publishing resumes first (runs.publish_rest); cancelled: nothing
-        if len(w.succeeded) + len(w.failed) >= m.shard_count:
+        waiting = m.shard_count - len(w.succeeded) - len(w.failed) - len(w.running)
+        if waiting <= 0 and not w.running:
             return None
+        if waiting > LOST_CHECK_MAX and (w.running or not w.idle):
+            return None  # by the events, plenty waits in the queue: no need to ask it yet
         stats = w.queue.stats(w.run_id)
         if stats.queued is None:
             return Probe(pending=None, leases=leases)
@@ -102,7 +104,7 @@ class LostShards:
             return []
         if self._quiet_since is None:
             self._quiet_since = now
-        quiet = w.lease_seconds + defaults.HEARTBEAT_SECONDS + PUBSUB_MAX_BACKOFF
+        quiet = w.lease_seconds + w.heartbeat_seconds + PUBSUB_MAX_BACKOFF
         if now - self._quiet_since < quiet:
             return []
         self._quiet_since = now  # the next batch only after another quiet period

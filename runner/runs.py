@@ -293,8 +293,10 @@ def marker_page(
     """
     prefix = Layout.shards_prefix(run_id)
     if isinstance(store, LocalStore):
-        keys = store.list_records(prefix, suffix=suffix, start_after=start_after, limit=limit)
-    else:
+        # A page is ``limit`` records of any kind, filtered here: a bounded range scan even
+        # when no record has this suffix (a run with no failures).
+        keys = store.list_records(prefix, start_after=start_after, limit=limit)
+    else:  # Cloud Storage filters by suffix itself (matchGlob): a page is ``limit`` markers
         keys = store.list(prefix, suffix=suffix, start_after=start_after, limit=limit)
     ids, last, seen = [], None, 0
     for key in keys:

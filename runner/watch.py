@@ -19,6 +19,7 @@ the queue drains, and end at zero.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import deque
 from collections.abc import Callable
@@ -37,6 +38,15 @@ from worker.store import Store
 log = logging.getLogger("cflow.runner")
 
 RECONCILE_PAGE = 1000  # markers of each kind read per reconcile (one list call on GCS)
+
+
+def _env_seconds(name: str) -> float:
+    """``CFLOW_<name>`` (the same setting the workers read), else the default."""
+    raw = os.environ.get(f"CFLOW_{name}")
+    try:
+        return float(raw) if raw else float(getattr(defaults, name))
+    except ValueError:
+        return float(getattr(defaults, name))
 
 
 @dataclass(frozen=True)
@@ -80,7 +90,9 @@ class Watcher:
     reconcile_seconds: float = defaults.RECONCILE_SECONDS
     on_event: Callable[[Event], None] | None = None
     speculate: bool = False  # back up stragglers once nothing is queued (policy.Stragglers)
-    lease_seconds: float = defaults.LEASE_SECONDS  # a worker silent this long lost its lease
+    # A worker silent this long lost its lease; the workers' own settings where given.
+    lease_seconds: float = field(default_factory=lambda: _env_seconds("LEASE_SECONDS"))
+    heartbeat_seconds: float = field(default_factory=lambda: _env_seconds("HEARTBEAT_SECONDS"))
     page: int = RECONCILE_PAGE
 
     succeeded: set[str] = field(default_factory=set)
@@ -193,7 +205,7 @@ class Watcher:
         heartbeat within the lease period has lost its lease; its worker is stale."""
         if not self._heartbeats:
             return  # workers that never send heartbeats: a long attempt is not a lapse
-        limit = self.lease_seconds + defaults.HEARTBEAT_SECONDS
+        limit = self.lease_seconds + self.heartbeat_seconds
         for shard_id, worker in list(self.running.items()):
             if now - self._beats.get(shard_id, now) > limit:
                 log.info("the lease of shard %s on %s lapsed", shard_id, worker)
