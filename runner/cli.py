@@ -86,6 +86,7 @@ def _watcher(
         max_workers=min(workers or options.workers or dep.default_workers, shards),
         slots=slots,
         speculate=options.speculate,
+        expect_heartbeats=True,
     )
 
 
@@ -240,6 +241,7 @@ def submit(
             max_workers=max_workers,
             slots=slots,
             speculate=speculate,
+            expect_heartbeats=True,
         )
         if detach:
             watcher.poll()  # starts the workers

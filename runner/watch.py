@@ -93,6 +93,10 @@ class Watcher:
     # A worker silent this long lost its lease; the workers' own settings where given.
     lease_seconds: float = field(default_factory=lambda: _env_seconds("LEASE_SECONDS"))
     heartbeat_seconds: float = field(default_factory=lambda: _env_seconds("HEARTBEAT_SECONDS"))
+    # Whether every worker sends heartbeats during long attempts (this version's agent does).
+    # False: trust a silence only once some heartbeat was seen (workers that never send them
+    # would otherwise look frozen in every long attempt).
+    expect_heartbeats: bool = False
     page: int = RECONCILE_PAGE
 
     succeeded: set[str] = field(default_factory=set)
@@ -203,8 +207,8 @@ class Watcher:
     def _lapse(self, now: float) -> None:
         """Where the queue keeps no lease records (Pub/Sub): an attempt with no start or
         heartbeat within the lease period has lost its lease; its worker is stale."""
-        if not self._heartbeats:
-            return  # workers that never send heartbeats: a long attempt is not a lapse
+        if not (self.expect_heartbeats or self._heartbeats):
+            return
         limit = self.lease_seconds + self.heartbeat_seconds
         for shard_id, worker in list(self.running.items()):
             if now - self._beats.get(shard_id, now) > limit:

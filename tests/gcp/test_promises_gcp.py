@@ -15,6 +15,8 @@ from tests.e2e.conftest import make_task, wait_for
 from tests.emulators import Deployment
 from tests.gcp.conftest import MakeCompute
 from tests.gcp.test_gcp_e2e import _busy, _cloud
+from worker.gcs_store import GcsStore
+from worker.protocol import Layout, Manifest
 
 pytestmark = [pytest.mark.e2e, pytest.mark.emulator]
 
@@ -76,13 +78,18 @@ def test_a_runner_killed_while_publishing_is_finished_by_watch_on_pubsub(
     assert submit.stdout is not None
     run_id = submit.stdout.readline().strip()
 
+    bucket = GcsStore(deployment.bucket)
+
     def published() -> int:
-        shown = cloud.run("runs").stdout
-        return 1000 if "publishing (1000/1200)" in shown else 0
+        manifest = Manifest.from_json(bucket.get(Layout.manifest(run_id)))
+        return manifest.published or 0
 
     wait_for(published, 60, "the first batch published")
     submit.kill()
     submit.communicate(timeout=30)
+    assert published() == 1000
+    cloud.env["COLUMNS"] = "200"
+    assert "publishing (1000/1200)" in cloud.run("runs").stdout
     cloud.env.pop("CFLOW_PUBLISH_PAUSE")
     watched = cloud.run("watch", run_id, timeout=300)
     assert watched.returncode == 0, watched.stderr
