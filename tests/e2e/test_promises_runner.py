@@ -280,3 +280,17 @@ def test_a_broken_run_json_is_named(cli: Cli, tmp_path: Path) -> None:
         assert "Traceback" not in result.stderr
     listed = cli("runs")
     assert "no runs yet" not in listed.stderr and f"broken run: {manifest}" in listed.stderr
+
+
+def test_a_sigkilled_workers_shard_runs_again_without_waiting_out_its_lease(
+    cli: Cli, tmp_path: Path
+) -> None:
+    task = _sleepy(tmp_path, 2)
+    cli.env["CFLOW_LEASE_SECONDS"] = "600"  # only the fleet's release can bring it back in time
+    proc = cli.start("submit", str(task), "--shards", "2", "--workers", "2")
+    run_id = _first_line(proc)
+    running = wait_for(lambda: len(_running(cli, run_id)) == 2 and _running(cli, run_id))
+    os.kill(cli.workers()[running[0]["worker"]], signal.SIGKILL)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    assert _counts(cli, run_id)["succeeded"] == 2
