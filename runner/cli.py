@@ -508,7 +508,7 @@ def retry(
             err.print(f"cflow: run {run_id} has no failed shards; nothing to retry")
             return
         err.print(f"cflow: retrying {len(retried)} shards of run {run_id}")
-        manifest = runs.load_manifest(st, run_id)
+        manifest = runs.mark_published(st, runs.load_manifest(st, run_id))
         watcher = _watcher(dep, manifest, workers=workers, slots=slots, shards=len(retried))
         if detach:
             watcher.poll()

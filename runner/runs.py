@@ -156,6 +156,15 @@ def publish_rest(
     return manifest
 
 
+def mark_published(store: Store, manifest: Manifest, *, clock: Clock = SYSTEM_CLOCK) -> Manifest:
+    """Record every shard as published (a retry re-enqueued the rest itself)."""
+    if not manifest.publishing:
+        return manifest
+    done = dataclasses.replace(manifest, published=manifest.shard_count, published_at=clock.time())
+    save_manifest(store, done)
+    return done
+
+
 def shown_state(manifest: Manifest, now: float) -> str:
     """A run's state as `runner runs` shows it: ``publishing`` while shards still go out,
     ``publishing (interrupted)`` once its publisher has been silent too long."""
