@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -26,6 +27,8 @@ from worker.local_queue import LocalQueue
 from worker.local_store import QUEUE_FILE
 
 log = logging.getLogger("cflow.runner")
+
+CLAIM_SECONDS = 60.0  # a worker name claimed this long without a pid is free again
 
 
 @dataclass(frozen=True)
@@ -91,7 +94,12 @@ class LocalFleet(Fleet):
             try:
                 out[path.stem] = int(json.loads(path.read_text())["pid"])
             except (OSError, ValueError, KeyError, TypeError):
-                continue  # a name claimed by a runner still starting its process
+                # A name claimed by a runner still starting its process; a claim that never
+                # got a pid (its runner died in between) is given back after a while.
+                with contextlib.suppress(OSError):
+                    if time.time() - path.stat().st_mtime > CLAIM_SECONDS:
+                        path.unlink()
+                continue
         return out
 
     def instances(self) -> list[Instance]:
@@ -182,8 +190,6 @@ class LocalFleet(Fleet):
             self._stopping.add(name)
 
     def wait_empty(self, timeout: float) -> bool:
-        import time
-
         deadline = time.monotonic() + timeout
         while self.instances():
             if time.monotonic() >= deadline:

@@ -227,3 +227,17 @@ def test_broken_manifest_is_named(tmp_path: Path) -> None:
         runs.load_manifest(b.store, m.run_id)
     listing = runs.scan_runs(b.store)
     assert listing.manifests == [] and list(listing.broken) == [str(path)]
+
+
+def test_a_reattached_watch_shows_the_true_running_count_from_its_first_frame(
+    tmp_path: Path,
+) -> None:
+    b = open_local(tmp_path / "store")
+    m = _run(b, tmp_path, 5)
+    b.queue.receive(1, 0, worker="w1")
+    b.queue.receive(1, 0, worker="w2")
+    _commit(b, m.run_id, "s004")
+    w = Watcher(manifest=m, store=b.store, queue=b.queue, events=b.events)  # no events seen
+    first = w.poll()
+    assert (first.running, first.succeeded, first.queued) == (2, 1, 2)
+    assert w.busy_workers() == {"w1", "w2"}
