@@ -8,11 +8,13 @@ import pytest
 
 from runner import runs
 from runner.fleet import Instance
+from runner.lost import PUBSUB_MAX_BACKOFF
 from runner.policy import decide_scale
 from runner.watch import Watcher
 from worker.backends import Backends, open_local
 from worker.clock import FakeClock
 from worker.errors import BackendError
+from worker.local_queue import LocalQueue
 from worker.protocol import (
     Event,
     Layout,
@@ -23,7 +25,7 @@ from worker.protocol import (
     ShardResult,
     WorkMessage,
 )
-from worker.queue import WorkQueue
+from worker.queue import QueueStats, WorkQueue
 
 
 def _task(tmp_path: Path) -> Path:
@@ -241,3 +243,41 @@ def test_a_reattached_watch_shows_the_true_running_count_from_its_first_frame(
     first = w.poll()
     assert (first.running, first.succeeded, first.queued) == (2, 1, 2)
     assert w.busy_workers() == {"w1", "w2"}
+
+
+class _PubSubLike(LocalQueue):
+    """The local queue, answering like Pub/Sub: no lease records, no message list, no counts."""
+
+    def leases(self, run_id: str) -> dict[str, str] | None:
+        return None
+
+    def pending(self, run_id: str) -> set[str] | None:
+        return None
+
+    def stats(self, run_id: str | None = None) -> QueueStats:
+        return QueueStats(queued=None, leased=None, dead=None)
+
+
+def test_without_a_message_list_shards_are_lost_only_after_a_long_idle_quiet(
+    tmp_path: Path,
+) -> None:
+    clock = FakeClock()
+    b = open_local(tmp_path / "store", clock=clock)
+    queue = _PubSubLike(tmp_path / "store" / "queue.db", clock=clock)
+    m = _run(b, tmp_path, 2)
+    for d in queue.receive(2, 0):
+        queue.ack(d)  # both messages lost; nothing committed
+    w = Watcher(
+        manifest=m, store=b.store, queue=queue, events=b.events, clock=clock, lease_seconds=60
+    )
+    w.reconcile()
+    w._apply(Event(kind="idle", worker="w1"))
+    quiet = 60 + w.heartbeat_seconds + PUBSUB_MAX_BACKOFF
+    for _ in range(int(quiet // 5)):
+        clock.advance(5)
+        w.reconcile()
+    assert w.lost.requeued == 0  # workers idle for less than lease + the longest backoff
+    clock.advance(10)
+    w.reconcile()
+    assert w.lost.requeued == 2
+    assert {d.message.shard_id for d in queue.receive(10, 0)} == {"s000", "s001"}
