@@ -7,9 +7,20 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 export JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION := 20
 
-.PHONY: demo test lint bench install
+.PHONY: demo test lint bench install system-packages
 
-install: $(STAMP)
+install: system-packages $(STAMP)
+
+# Containers (`runner submit --image`) need podman with runc and catatonit; the tests build
+# their images with mmdebstrap. Installed from Debian's archive when missing and we are root on
+# Debian; elsewhere install them yourself (worker/container_runtime.py says what it found).
+CONTAINER_PACKAGES := podman runc catatonit mmdebstrap
+system-packages:
+	@missing=""; for p in $(CONTAINER_PACKAGES); do command -v $$p >/dev/null || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && [ -f /etc/debian_version ]; then \
+		echo "installing$$missing (apt)"; \
+		apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >/dev/null; \
+	fi
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -33,4 +44,8 @@ test: lint
 	$(VENV)/bin/pytest -q
 
 bench: $(STAMP)
+	# the peers: GNU parallel from Debian when we may install it, huey from PyPI
+	command -v parallel >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+		&& apt-get install -y -q parallel >/dev/null; } || true
+	$(PY) -m pip install -q --disable-pip-version-check 'huey>=2.5'
 	$(PY) bench/local_overhead.py

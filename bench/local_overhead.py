@@ -1,16 +1,23 @@
 """The local backend's overhead per shard against peers doing the same work at parallelism 2.
 
-    python bench/local_overhead.py [--shards 2000] [--repeat 3]
+    python bench/local_overhead.py [--shards 2000] [--small 200] [--runs 5]
 
-1. A no-op ``task.sh`` over N shards: ``runner submit`` (2 workers) against GNU parallel -j2 and
-   ``xargs -P2`` running the same script. Target: no slower than GNU parallel.
-2. A no-op Python ``run(shard)`` over N shards: ``runner submit`` (2 workers) against
-   ``multiprocessing.Pool(2)``, which keeps nothing durable. Target: within 5x of the pool, with
-   every result committed to the store.
+Every figure is the wall-clock time of a whole command or program, start-up included, with
+peers measured side by side in the same run (round-robin, ``--runs`` rounds), because this
+machine is noisy; medians are printed with every run's figure.
 
-Each figure is the best of ``--repeat`` wall-clock runs of the whole command (start-up included),
-divided by the shard count. The store lives under ``--work`` (default ``bench/out/`` in the
-checkout, where a user's ``./.cflow`` would be). Prints a table; nothing is asserted.
+1. A no-op Python ``run(shard)``: ``runner submit`` (2 workers; every result committed durably,
+   with an fsync, before its message is acked) against ``multiprocessing.Pool(2)`` (nothing
+   durable) and huey with its SQLite storage and a 2-process consumer (durable, like CFlow).
+   Targets: 2,000 shards in at most 1.0 s and ahead of huey; at most 0.5 ms per extra shard
+   (the slope between ``--small`` and ``--shards``); a fixed cost of at most 0.5 s (start of
+   the command to the first shard, plus the last shard to the command's exit, read from the
+   run's own events).
+2. A no-op ``task.sh``: ``runner submit`` against GNU parallel -j2 and ``xargs -P2`` running
+   the same script. Target: at most 1.0x GNU parallel in every run.
+
+The store lives under ``--work`` (default ``bench/out/`` in the checkout, where a user's
+``./.cflow`` would be). Prints tables and one JSON line; nothing is asserted.
 """
 
 from __future__ import annotations
@@ -20,59 +27,111 @@ import json
 import multiprocessing
 import os
 import shutil
+import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
+HUEY_TASKS = """
+from huey import SqliteHuey
 
-def _best(fn: Callable[[], object], repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+huey = SqliteHuey(filename={db!r})
+
+@huey.task()
+def noop(i):
+    return i
+"""
 
 
-def _runner(task: Path, shards: int, work: Path) -> Callable[[], None]:
-    def go() -> None:
-        store = work / "store"
-        shutil.rmtree(store, ignore_errors=True)
-        env = {**os.environ, "CFLOW_STORE": str(store), "PYTHONPATH": str(REPO)}
-        proc = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "runner",
-                "submit",
-                str(task),
-                "--shards",
-                str(shards),
-                "--workers",
-                "2",
-            ],
-            cwd=work,
-            env=env,
-            capture_output=True,
-            text=True,
-        )
-        if proc.returncode != 0:
-            raise SystemExit(f"runner submit failed:\n{proc.stderr[-2000:]}")
-        run_id = proc.stdout.strip()
-        committed = len(list((store / "runs" / run_id / "shards").glob("*/result.json")))
-        if committed != shards:
-            raise SystemExit(f"only {committed} of {shards} shards committed")
-
-    return go
+def _cflow(task: Path, shards: int, work: Path) -> dict[str, float]:
+    """One ``runner submit``: its wall time and, from the run's events, its fixed cost."""
+    store = work / "store"
+    shutil.rmtree(store, ignore_errors=True)
+    env = {**os.environ, "CFLOW_STORE": str(store), "PYTHONPATH": str(REPO)}
+    argv = [sys.executable, "-m", "runner", "submit", str(task), "--shards", str(shards)]
+    start_epoch = time.time()
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [*argv, "--workers", "2"], cwd=work, env=env, capture_output=True, text=True
+    )
+    wall = time.perf_counter() - start
+    end_epoch = start_epoch + wall
+    if proc.returncode != 0:
+        raise SystemExit(f"runner submit failed:\n{proc.stderr[-2000:]}")
+    run_id = proc.stdout.strip().splitlines()[0]
+    conn = sqlite3.connect(store / "queue.db")
+    try:
+        committed = conn.execute(
+            "SELECT COUNT(*) FROM records WHERE key GLOB ?",
+            (f"runs/{run_id}/shards/*/result.json",),
+        ).fetchone()[0]
+        first, last = conn.execute(
+            'SELECT MIN(at), MAX(at) FROM events WHERE run_id = ? AND body LIKE \'%"kind":"s%\'',
+            (run_id,),
+        ).fetchone()
+    finally:
+        conn.close()
+    if committed != shards:
+        raise SystemExit(f"only {committed} of {shards} shards committed")
+    return {"wall": wall, "fixed": (first - start_epoch) + (end_epoch - last)}
 
 
 def _noop(i: int) -> int:
     return i
+
+
+def _pool(shards: int) -> None:
+    with multiprocessing.Pool(2) as pool:
+        pool.map(_noop, range(shards), chunksize=1)
+
+
+def _huey(shards: int, work: Path) -> None:
+    """Enqueue every task, start a 2-process consumer, wait for every result, stop it."""
+    folder = Path(tempfile.mkdtemp(prefix="huey-", dir=work))
+    db = folder / "huey.db"
+    (folder / "hueytasks.py").write_text(textwrap.dedent(HUEY_TASKS.format(db=str(db))))
+    code = textwrap.dedent(
+        f"""
+        import subprocess, sys, time
+        sys.path.insert(0, {str(folder)!r})
+        from hueytasks import huey, noop
+        results = [noop(i) for i in range({shards})]
+        consumer = subprocess.Popen(
+            [sys.executable, "-m", "huey.bin.huey_consumer", "hueytasks.huey",
+             "-w", "2", "-k", "process", "-q"],
+            cwd={str(folder)!r},
+        )
+        try:
+            for r in results:
+                r.get(blocking=True, timeout=120)
+        finally:
+            consumer.terminate()
+            consumer.wait()
+        """
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=folder)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def _fmt(values: list[float]) -> str:
+    return " ".join(f"{v:.2f}" for v in values)
 
 
 def main() -> None:
@@ -80,7 +139,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--shards", type=int, default=2000)
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--small", type=int, default=200, help="the short run for the slope")
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--skip-shell", action="store_true")
     parser.add_argument(
         "--work",
         type=Path,
@@ -89,93 +150,99 @@ def main() -> None:
     )
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    n = args.shards
-    rows: list[tuple[str, str, float]] = []
+    n, small = args.shards, args.small
+    have_huey = True
+    try:
+        import huey  # noqa: F401
+    except ImportError:
+        have_huey = False
+        print("huey not installed (pip install huey): skipped", file=sys.stderr)
+    have_parallel = shutil.which("parallel") is not None
+    if not have_parallel:
+        print("GNU parallel not found (apt-get install parallel): skipped", file=sys.stderr)
+
+    times: dict[str, list[float]] = {}
+
+    def add(name: str, value: float) -> None:
+        times.setdefault(name, []).append(value)
+
     with tempfile.TemporaryDirectory(prefix="cflow-bench-", dir=args.work) as tmp:
         work = Path(tmp)
+        py_task = work / "py-task"
+        py_task.mkdir()
+        (py_task / "task.py").write_text("def run(shard):\n    pass\n")
         sh_task = work / "sh-task"
         sh_task.mkdir()
         (sh_task / "task.sh").write_text("#!/usr/bin/env bash\ntrue\n")
         (sh_task / "task.sh").chmod(0o755)
-        py_task = work / "py-task"
-        py_task.mkdir()
-        (py_task / "task.py").write_text("def run(shard):\n    pass\n")
         script = str(sh_task / "task.sh")
         seq = "".join(f"{i}\n" for i in range(n))
-
-        rows.append(
-            ("shell", "cflow local, 2 workers", _best(_runner(sh_task, n, work), args.repeat))
-        )
-        if shutil.which("parallel"):
-            rows.append(
-                (
-                    "shell",
-                    "GNU parallel -j2",
-                    _best(
+        for _ in range(args.runs):
+            big = _cflow(py_task, n, work)
+            add("py/cflow", big["wall"])
+            add("py/cflow fixed", big["fixed"])
+            add("py/cflow small", _cflow(py_task, small, work)["wall"])
+            add("py/Pool", _timed(lambda: _pool(n)))
+            if have_huey:
+                add("py/huey", _timed(lambda: _huey(n, work)))
+            if args.skip_shell:
+                continue
+            add("sh/cflow", _cflow(sh_task, n, work)["wall"])
+            if have_parallel:
+                add(
+                    "sh/parallel",
+                    _timed(
                         lambda: subprocess.run(
                             ["parallel", "-j2", script, ":::", *map(str, range(n))],
                             check=True,
                             capture_output=True,
-                        ),
-                        args.repeat,
+                        )
                     ),
                 )
-            )
-        else:
-            print("GNU parallel not found (apt-get install parallel): skipped", file=sys.stderr)
-        rows.append(
-            (
-                "shell",
-                "xargs -P2",
-                _best(
+            add(
+                "sh/xargs",
+                _timed(
                     lambda: subprocess.run(
                         ["xargs", "-P2", "-n1", script],
                         input=seq,
                         text=True,
                         check=True,
                         capture_output=True,
-                    ),
-                    args.repeat,
+                    )
                 ),
             )
-        )
 
-        rows.append(
-            ("python", "cflow local, 2 workers", _best(_runner(py_task, n, work), args.repeat))
+    print(f"{n} no-op shards, parallelism 2, {args.runs} rounds (seconds, whole process)\n")
+    print(f"{'what':22} {'median':>7}   runs")
+    for name, values in times.items():
+        print(f"{name:22} {_median(values):7.2f}   {_fmt(values)}")
+    cflow = times["py/cflow"]
+    slope = [
+        (b - s) / (n - small) * 1000 for b, s in zip(cflow, times["py/cflow small"], strict=True)
+    ]
+    figures: dict[str, object] = {
+        "python: 2,000 shards, s (target <= 1.0)": round(_median(cflow), 3),
+        "python: ms per extra shard (target <= 0.5)": round(_median(slope), 3),
+        "python: fixed cost, s (target <= 0.5)": round(_median(times["py/cflow fixed"]), 3),
+        "python: cflow / Pool": round(_median(cflow) / _median(times["py/Pool"]), 2),
+    }
+    if "py/huey" in times:
+        figures["python: cflow / huey (target < 1)"] = round(
+            _median(cflow) / _median(times["py/huey"]), 2
         )
-
-        def pool() -> None:
-            with multiprocessing.Pool(2) as p:
-                p.map(_noop, range(n), chunksize=1)
-
-        rows.append(("python", "multiprocessing.Pool(2)", _best(pool, args.repeat)))
-
-    per = {(kind, name): total / n * 1000 for kind, name, total in rows}
-    print(f"{'task':8} {'runner':28} {'total s':>8} {'ms/shard':>9}")
-    for kind, name, total in rows:
-        print(f"{kind:8} {name:28} {total:8.2f} {per[(kind, name)]:9.3f}")
-    cflow_sh = per[("shell", "cflow local, 2 workers")]
-    cflow_py = per[("python", "cflow local, 2 workers")]
-    ratios = {}
-    if ("shell", "GNU parallel -j2") in per:
-        ratios["shell: cflow / GNU parallel (target <= 1)"] = (
-            cflow_sh / per[("shell", "GNU parallel -j2")]
+    if "sh/parallel" in times:
+        ratios = [c / p for c, p in zip(times["sh/cflow"], times["sh/parallel"], strict=True)]
+        figures["shell: cflow / GNU parallel, every run (target <= 1.0)"] = [
+            round(r, 2) for r in ratios
+        ]
+    if "sh/xargs" in times:
+        figures["shell: cflow / xargs, median"] = round(
+            _median(times["sh/cflow"]) / _median(times["sh/xargs"]), 2
         )
-    ratios["shell: cflow / xargs -P2"] = cflow_sh / per[("shell", "xargs -P2")]
-    ratios["python: cflow / Pool (target <= 5)"] = (
-        cflow_py / per[("python", "multiprocessing.Pool(2)")]
-    )
-    for name, value in ratios.items():
-        print(f"{name:45} {value:6.2f}x")
-    print(
-        json.dumps(
-            {
-                "shards": n,
-                "ms_per_shard": {f"{k[0]}/{k[1]}": round(v, 3) for k, v in per.items()},
-                "ratios": {k: round(v, 2) for k, v in ratios.items()},
-            }
-        )
-    )
+    print()
+    for name, value in figures.items():
+        print(f"{name:58} {value}")
+    print(json.dumps({"shards": n, "runs": times, "figures": figures}))
 
 
 if __name__ == "__main__":

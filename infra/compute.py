@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
-from cdktf import Fn, IResolvable, Op, TerraformResourceLifecycle, Token
+from cdktf import Fn, IResolvable, Op, Precondition, TerraformResourceLifecycle, Token
 from cdktf_cdktf_provider_google.compute_instance_group_manager import (
     ComputeInstanceGroupManager,
     ComputeInstanceGroupManagerUpdatePolicy,
@@ -37,6 +37,20 @@ RUNNER_OWNED = ["target_size"]
 # replaced to roll it out.
 UPDATE_TYPE = "OPPORTUNISTIC"
 UPDATE_ACTION = "REPLACE"
+# The most VMs a managed instance group holds (Compute Engine's limits): refused at deploy.
+ZONAL_MAX_SIZE = 1000
+REGIONAL_MAX_SIZE = 2000
+
+
+def _size_limit(shard_count: float, limit: int, kind: str) -> list[Precondition]:
+    hint = "; leave zone empty for a regional group (up to 2000)" if kind == "zonal" else ""
+    return [
+        Precondition(
+            condition=Op.lte(shard_count, limit),
+            error_message=f"shard_count is more VMs than a {kind} instance group holds "
+            f"({limit}){hint}.",
+        )
+    ]
 
 
 class Compute(Construct):
@@ -145,7 +159,10 @@ class Compute(Construct):
                 type=UPDATE_TYPE, minimal_action=UPDATE_ACTION
             ),
             wait_for_instances=False,
-            lifecycle=TerraformResourceLifecycle(ignore_changes=RUNNER_OWNED),
+            lifecycle=TerraformResourceLifecycle(
+                ignore_changes=RUNNER_OWNED,
+                precondition=_size_limit(shard_count, ZONAL_MAX_SIZE, "zonal"),
+            ),
         )
         regional = ComputeRegionInstanceGroupManager(
             self,
@@ -167,6 +184,9 @@ class Compute(Construct):
                 type=UPDATE_TYPE, minimal_action=UPDATE_ACTION, instance_redistribution_type="NONE"
             ),
             wait_for_instances=False,
-            lifecycle=TerraformResourceLifecycle(ignore_changes=RUNNER_OWNED),
+            lifecycle=TerraformResourceLifecycle(
+                ignore_changes=RUNNER_OWNED,
+                precondition=_size_limit(shard_count, REGIONAL_MAX_SIZE, "regional"),
+            ),
         )
         self.groups = [zonal, regional]

@@ -20,12 +20,13 @@ from cdktf_cdktf_provider_google.storage_bucket import StorageBucket
 from cdktf_cdktf_provider_google.storage_bucket_iam_member import StorageBucketIamMember
 from constructs import Construct
 
-# What a worker needs to remove its own VM from the group when it has been idle too long.
-SELF_DELETE_PERMISSIONS = [
+# What a worker needs to remove its own VM from the group when it has been idle too long
+# (``instanceGroupManagers.deleteInstances``, which also lowers the target size).
+LEAVE_GROUP_PERMISSIONS = [
     "compute.instanceGroupManagers.get",
     "compute.instanceGroupManagers.update",
-    "compute.instances.delete",
 ]
+DELETE_INSTANCE_PERMISSIONS = ["compute.instances.delete"]
 
 
 class Identity(Construct):
@@ -46,7 +47,6 @@ class Identity(Construct):
         work_topic: PubsubTopic,
         work_subscription: PubsubSubscription,
         events_topic: PubsubTopic,
-        group_name: str,
         instance_name_prefix: str,
         input_buckets: list[str],
     ) -> None:
@@ -115,32 +115,70 @@ class Identity(Construct):
             member=member,
         )
 
-        role_id = Fn.replace(f"{name_prefix}_worker_self_delete", "-", "_")
-        self.self_delete_role = ProjectIamCustomRole(
+        # How an idle worker removes its own VM, and why the grant has the scope it has.
+        #
+        # IAM Conditions' resource attributes (resource.type, resource.name) are recognized only
+        # for the resource types on Google's "conditions resource attributes" page; for Compute
+        # Engine that list has Instance, Image, InstanceTemplate, ... but not
+        # InstanceGroupManager, and Compute Engine has no IAM policy of its own on instance group
+        # managers. A condition on the group therefore never matches and deleteInstances is
+        # denied (403). So the group rights are granted at the project with no condition: that
+        # works whatever the service does with conditions.
+        #
+        # What a worker (any code running on a worker VM: the deployer's own task) can do with
+        # it: read every managed instance group in this project, resize them, and delete,
+        # abandon or recreate their instances. It cannot create or delete groups, instance
+        # templates, images, service accounts or IAM bindings, so it cannot run anything but
+        # the group templates already there, nor widen its own rights. Why that is acceptable:
+        # the VMs run only the deployer's code on the deployer's data; the README tells to deploy
+        # CFlow in a project of its own, where its group is the only one; and the alternatives
+        # either add a component to deploy and secure (a proxy function holding the right) or
+        # break the promise that no VM outlives its work once the runner is detached.
+        #
+        # The instance right (which some deleteInstances paths check on the caller) keeps a
+        # condition: Instance is a recognized resource type, so it is honoured and limits it to
+        # this deployment's VMs. Either way the backstop holds: a worker whose removal is refused
+        # reports it in the bucket and powers its VM off (worker/cli.py, startup.sh).
+        group_role_id = Fn.replace(f"{name_prefix}_worker_leave_group", "-", "_")
+        self.leave_group_role = ProjectIamCustomRole(
             self,
-            "self_delete_role",
+            "leave_group_role",
             project=project,
-            role_id=role_id,
+            role_id=group_role_id,
             title="CFlow worker: remove own VM from its group",
-            permissions=SELF_DELETE_PERMISSIONS,
+            description="deleteInstances on the worker group (no IAM condition can name a group)",
+            permissions=LEAVE_GROUP_PERMISSIONS,
         )
-        # Compute Engine has no IAM on instance group managers, so the grant is project-level
-        # with a condition naming the one group and its instances.
+        ProjectIamMember(
+            self,
+            "leaves_group",
+            project=project,
+            role=self.leave_group_role.name,
+            member=member,
+        )
+        instance_role_id = Fn.replace(f"{name_prefix}_worker_delete_instance", "-", "_")
+        self.delete_instance_role = ProjectIamCustomRole(
+            self,
+            "delete_instance_role",
+            project=project,
+            role_id=instance_role_id,
+            title="CFlow worker: delete own VM",
+            description="Conditioned on this deployment's instance names.",
+            permissions=DELETE_INSTANCE_PERMISSIONS,
+        )
         ProjectIamMember(
             self,
             "deletes_own_vm",
             project=project,
-            role=self.self_delete_role.name,
+            role=self.delete_instance_role.name,
             member=member,
             condition=ProjectIamMemberCondition(
-                title="only the CFlow worker group",
-                description="The worker group and the VMs it creates; nothing else.",
+                title="only this deployment's worker VMs",
+                description="Instances the worker group creates; nothing else.",
                 expression=(
-                    '(resource.type == "compute.googleapis.com/InstanceGroupManager"'
-                    f' && resource.name.endsWith("/instanceGroupManagers/{group_name}"))'
-                    ' || (resource.type == "compute.googleapis.com/Instance"'
+                    'resource.type == "compute.googleapis.com/Instance"'
                     ' && resource.name.extract("/instances/{name}")'
-                    f'.startsWith("{instance_name_prefix}-"))'
+                    f'.startsWith("{instance_name_prefix}-")'
                 ),
             ),
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from cdktf import TerraformProvider, TerraformProviderGeneratorMetadata, TerraformResource
 from cdktf_cdktf_provider_google.pubsub_subscription import (
     PubsubSubscription,
     PubsubSubscriptionDeadLetterPolicy,
@@ -19,6 +20,7 @@ MESSAGE_RETENTION = "604800s"  # 7 days: a run's shards wait that long for capac
 RETRY_MIN_BACKOFF = "10s"  # a nacked shard (preempted, failed) is offered again after this...
 RETRY_MAX_BACKOFF = "300s"  # ...growing to this on repeated nacks
 NEVER_EXPIRE = PubsubSubscriptionExpirationPolicy(ttl="")  # default: deleted after 31 idle days
+BETA = TerraformProviderGeneratorMetadata(provider_name="google-beta")
 
 
 class Messaging(Construct):
@@ -36,8 +38,9 @@ class Messaging(Construct):
         id: str,
         *,
         name_prefix: str,
-        project_number: str,
+        project: str,
         max_delivery_attempts: float,
+        beta: TerraformProvider,
     ) -> None:
         super().__init__(scope, id)
         self.dead_letter_topic = PubsubTopic(self, "dead_letter", name=f"{name_prefix}-dead-letter")
@@ -78,8 +81,21 @@ class Messaging(Construct):
         )
 
         # Dead lettering is done by Pub/Sub's service agent: it must be able to publish to the
-        # dead-letter topic and to acknowledge the message on the work subscription.
-        agent = f"serviceAccount:service-{project_number}@gcp-sa-pubsub.iam.gserviceaccount.com"
+        # dead-letter topic and to acknowledge the message on the work subscription. On a fresh
+        # project that agent may not exist yet, and a binding to a missing account fails the
+        # deploy: declaring it (google_project_service_identity, a google-beta resource, made
+        # here with the plain resource class since only the GA provider is prebuilt) creates it
+        # if needed, and the bindings use the email it returns.
+        self.pubsub_agent = TerraformResource(
+            self,
+            "pubsub_agent",
+            terraform_resource_type="google_project_service_identity",
+            terraform_generator_metadata=BETA,
+            provider=beta,
+        )
+        self.pubsub_agent.add_override("project", project)
+        self.pubsub_agent.add_override("service", "pubsub.googleapis.com")
+        agent = f"serviceAccount:{self.pubsub_agent.get_string_attribute('email')}"
         PubsubTopicIamMember(
             self,
             "agent_publishes_dead_letters",

@@ -1,12 +1,17 @@
-"""Ship the worker to the VMs: the wheel built from ``worker/``, uploaded to the bucket.
+"""Ship the worker to the VMs: the wheel built from ``worker/`` and a wheelhouse of its
+dependencies, both uploaded to the bucket.
 
-No hand-built image: every VM downloads this object at boot, checks its SHA-256 and installs it.
-The object name holds the SHA-256, so a new worker is a new object, which changes the instance
-template's metadata and so rolls a new template; an unchanged worker changes nothing.
+No hand-built image: every VM downloads these objects at boot, checks their SHA-256 and installs
+with ``pip install --no-index`` (no package index at boot, no versions of the day: the
+dependencies are resolved here, pinned to this machine's versions, for the VMs' Python and
+platform; see :mod:`runner.wheels`). Object names hold the SHA-256, so a new worker or new
+dependencies are new objects, which change the instance template's metadata and so roll a new
+template; an unchanged worker changes nothing.
 """
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 
 from cdktf import AssetType, TerraformAsset
@@ -14,7 +19,8 @@ from cdktf_cdktf_provider_google.storage_bucket import StorageBucket
 from cdktf_cdktf_provider_google.storage_bucket_object import StorageBucketObject
 from constructs import Construct
 
-from infra.wheel import build_worker_wheel
+from infra.wheel import DISTRIBUTION, build_worker_wheel
+from runner.wheels import installed_pins, resolve
 
 OBJECT_PREFIX = "worker/"
 
@@ -26,6 +32,7 @@ class WorkerPackage(Construct):
         object: the bucket object.
         url: its ``gs://`` URL, for the startup script.
         sha256: the wheel's SHA-256, which the startup script verifies.
+        wheelhouse_url, wheelhouse_sha256: the same for the tar of its dependencies' wheels.
     """
 
     def __init__(
@@ -50,3 +57,20 @@ class WorkerPackage(Construct):
             content_type="application/zip",
         )
         self.url = f"gs://{bucket.name}/{self.object.name}"
+
+        project = tomllib.loads((repo / "pyproject.toml").read_text())["project"]
+        house = resolve(
+            list(project.get("dependencies", [])),
+            constraints=installed_pins(skip={"cflow", DISTRIBUTION}),
+        )
+        house_asset = TerraformAsset(self, "wheelhouse", path=str(house.path), type=AssetType.FILE)
+        self.wheelhouse_sha256 = house.sha256
+        self.wheelhouse = StorageBucketObject(
+            self,
+            "wheelhouse_object",
+            bucket=bucket.name,
+            name=f"{OBJECT_PREFIX}{house.sha256}/{house.filename}",
+            source=house_asset.path,
+            content_type="application/x-tar",
+        )
+        self.wheelhouse_url = f"gs://{bucket.name}/{self.wheelhouse.name}"

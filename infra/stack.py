@@ -4,8 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cdktf import App, TerraformOutput, TerraformStack, Token
-from cdktf_cdktf_provider_google.data_google_project import DataGoogleProject
+from cdktf import (
+    App,
+    TerraformOutput,
+    TerraformProvider,
+    TerraformProviderGeneratorMetadata,
+    TerraformStack,
+    Token,
+)
 from cdktf_cdktf_provider_google.provider import GoogleProvider
 from constructs import Construct
 
@@ -18,6 +24,7 @@ from infra.storage import Storage
 from infra.variables import declare_inputs
 
 STACK_NAME = "cflow"  # the key of the outputs file: {"cflow": {"bucket": ...}}
+GOOGLE_BETA_VERSION = "6.50.0"  # the same release as the prebuilt GA provider's
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -47,7 +54,19 @@ class CflowStack(TerraformStack):
             region=inputs.region,
             default_labels={"cflow_deployment": inputs.name_prefix},  # on every labelled resource
         )
-        project = DataGoogleProject(self, "project_data", project_id=inputs.project)
+        # google-beta, for the one resource only it has (the Pub/Sub service agent). No prebuilt
+        # bindings are needed: it is declared as a plain provider block.
+        beta = TerraformProvider(
+            self,
+            "google_beta",
+            terraform_resource_type="google-beta",
+            terraform_provider_source="hashicorp/google-beta",
+            terraform_generator_metadata=TerraformProviderGeneratorMetadata(
+                provider_name="google-beta", provider_version=GOOGLE_BETA_VERSION
+            ),
+        )
+        beta.add_override("project", inputs.project)
+        beta.add_override("region", inputs.region)
         group_name = f"{inputs.name_prefix}-workers"
         instance_name_prefix = f"{inputs.name_prefix}-worker"
 
@@ -64,8 +83,9 @@ class CflowStack(TerraformStack):
             self,
             "messaging",
             name_prefix=inputs.name_prefix,
-            project_number=project.number,
+            project=inputs.project,
             max_delivery_attempts=inputs.max_delivery_attempts,
+            beta=beta,
         )
         identity = Identity(
             self,
@@ -76,7 +96,6 @@ class CflowStack(TerraformStack):
             work_topic=messaging.work_topic,
             work_subscription=messaging.work_subscription,
             events_topic=messaging.events_topic,
-            group_name=group_name,
             instance_name_prefix=instance_name_prefix,
             input_buckets=inputs.input_buckets,
         )
@@ -119,6 +138,8 @@ class CflowStack(TerraformStack):
                 "cflow-idle-timeout": Token.as_string(inputs.idle_timeout),
                 "cflow-worker-package": package.url,
                 "cflow-worker-sha256": package.sha256,
+                "cflow-wheelhouse": package.wheelhouse_url,
+                "cflow-wheelhouse-sha256": package.wheelhouse_sha256,
             },
         )
 

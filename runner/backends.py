@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from runner.config import Config
 from runner.fleet import Fleet, LocalFleet
@@ -15,6 +16,7 @@ from worker.clock import SYSTEM_CLOCK, Clock
 from worker.queue import EventBus
 
 LOCAL_IDLE_TIMEOUT = 30.0  # seconds a detached local worker lingers after its work is done
+LOCAL_POLL_SECONDS = 0.1  # the watch loop's pace locally: a poll costs a few SQLite reads
 
 
 @dataclass
@@ -30,6 +32,9 @@ class Deployment:
     # (run id, since: epoch seconds) -> that run's events plus the worker-level ones; the
     # caller closes it. Two runs watched at once never take each other's events.
     open_run_events: Callable[[str, float | None], EventBus] | None = None
+    # (task folder, scratch folder) -> the folder to bundle (Google Cloud: requirements as
+    # wheels the VMs install with no package index); None: the folder as it is.
+    prepare_task: Callable[[Path, Path], Path] | None = None
 
     def run_events(self, run_id: str, *, since: float | None = None) -> EventBus:
         if self.open_run_events is None:
@@ -64,6 +69,7 @@ def open_deployment(config: Config, *, clock: Clock = SYSTEM_CLOCK) -> Deploymen
             make_fleet=make_fleet,
             default_workers=max(os.cpu_count() or 1, 1),
             open_run_events=open_run_events,
+            poll_seconds=LOCAL_POLL_SECONDS,
         )
     from runner.gcp import open_gcp_deployment  # the cloud clients load only when needed
 

@@ -1,8 +1,9 @@
 """``runner doctor``: is the deployment a user points at complete and reachable?
 
 Checks, in order: credentials, the bucket, the work and events topics, the work, events and
-dead-letter subscriptions (and that each is attached where it should be), and the instance
-group. Every check says what it found or exactly what is missing and how to fix it.
+dead-letter subscriptions (and that each is attached where it should be), the instance group,
+and the region's quotas against it (how many VMs fit, what to ask for 125 and 2,000). Every
+check says what it found or exactly what is missing and how to fix it.
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ from google.api_core import exceptions as gexc
 
 from runner.config import Config
 from runner.gce_fleet import GceFleet
+from runner.gcp import DEFAULT_WORKERS
+from runner.quota import fit, read_region, read_template
 from worker.errors import CFlowError
 from worker.gcp import COMPUTE_ENDPOINT_ENV
-from worker.gcs_store import make_client
+from worker.gcs_store import GcsStore, make_client
 from worker.pubsub_queue import resource_path
 
 CHECK_TIMEOUT = 15.0  # seconds per API call
@@ -157,6 +160,55 @@ def check_group(config: Config) -> Check:
     return Check("instance group", True, f"{fleet.describe}, target size {size}")
 
 
+def check_quota(config: Config, *, workers: int = DEFAULT_WORKERS) -> Check:
+    """Whether the region's quotas fit the group's size (at least ``workers`` VMs)."""
+    assert config.project and config.group
+    region = config.region or (config.zone or "").rsplit("-", 1)[0]
+    try:
+        fleet = GceFleet(
+            project=config.project, group=config.group, zone=config.zone, region=config.region
+        )
+        try:
+            manager = fleet._call("read", "get")
+        finally:
+            fleet.close()
+        quotas, zones = read_region(config.project, region)
+        zone = config.zone or (zones[0] if zones else f"{region}-a")
+        template = read_template(config.project, manager.instance_template, zone)
+    except Exception as exc:
+        return Check("quota", False, _api_error(f"the quotas of region {region}", exc))
+    found = fit(quotas, template)
+    wanted = max(int(manager.target_size), workers)
+    line = found.line(region, template)
+    if found.vms < wanted:
+        return Check("quota", False, f"only {line}; raise it in IAM & Admin > Quotas")
+    return Check("quota", True, line)
+
+
+def check_vms(config: Config) -> Check:
+    """VMs of the group that cannot start (quota) or reported a failed boot or self-removal."""
+    assert config.project and config.group and config.bucket
+    try:
+        fleet = GceFleet(
+            project=config.project,
+            group=config.group,
+            zone=config.zone,
+            region=config.region,
+            store=GcsStore(config.bucket, client=make_client(config.project)),
+        )
+        try:
+            instances = fleet.instances()
+            problems = fleet.problems()
+        finally:
+            fleet.close()
+    except Exception as exc:
+        return Check("VMs", False, _api_error(f"the VMs of group {config.group}", exc))
+    if problems:
+        fix = "`runner watch RUN` deletes VMs that reported a problem, or `runner cancel RUN`"
+        return Check("VMs", False, "; ".join(problems) + f"; {fix}")
+    return Check("VMs", True, f"{len(instances)} in the group, none reported a problem")
+
+
 def run_checks(config: Config, *, on_check: Callable[[Check], None] | None = None) -> list[Check]:
     """Every check of the deployment, reported to ``on_check`` as it completes."""
     checks: list[Check] = []
@@ -173,5 +225,9 @@ def run_checks(config: Config, *, on_check: Callable[[Check], None] | None = Non
     add(check_bucket(config))
     for check in check_messaging(config):
         add(check)
-    add(check_group(config))
+    group = check_group(config)
+    add(group)
+    if group.ok:
+        add(check_quota(config))
+        add(check_vms(config))
     return checks

@@ -35,6 +35,11 @@ CLAIM_SECONDS = 60.0  # a worker name claimed this long without a pid is free ag
 class Instance:
     name: str
     status: str = "running"  # "starting" | "running" | "stopping"
+    # Why the instance is not (or will never be) doing work, e.g. "QUOTA_EXCEEDED: ..." for
+    # one the group cannot create, "failed to boot: ..." for a VM whose worker never started.
+    # Such an instance is not capacity (runner.policy).
+    error: str | None = None
+    removable: bool = False  # exists but will never work: the runner deletes it
 
 
 class Fleet(ABC):
@@ -53,6 +58,12 @@ class Fleet(ABC):
     def wait_empty(self, timeout: float) -> bool:
         """Wait for deleted instances to be gone; True when none is left."""
         return not self.instances()
+
+    def problems(self) -> list[str]:
+        """One line per thing the user should know about the fleet (quota, failed boots)."""
+        return []
+
+    max_size: int | None = None  # the most instances the fleet can hold, where it has a limit
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release clients."""

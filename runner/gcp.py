@@ -20,10 +20,13 @@ from runner.backends import Deployment
 from runner.config import Config
 from runner.fleet import Fleet
 from runner.gce_fleet import GceFleet
+from runner.run_events import RunSubscriptions
 from runner.shards import RemoteLister
+from runner.wheels import stage_task
 from worker.backends import Backends
 from worker.clock import SYSTEM_CLOCK, Clock
-from worker.errors import BackendError, ConfigError, InputError
+from worker.errors import BackendError, ConfigError, InputError, NotFound
+from worker.gcp import agent_log_key
 from worker.gcs_store import GcsStore, file_crc32c, make_client
 from worker.protocol import Layout, Shard, slug
 from worker.pubsub_queue import PubSubEvents, PubSubQueue
@@ -132,14 +135,26 @@ def open_gcp_deployment(config: Config, *, clock: Clock = SYSTEM_CLOCK) -> Deplo
     stager = InputStager(store)
     queue.before_publish = stager.wait  # no shard goes out before its input is stored
     group = config.group
+    per_run = RunSubscriptions(
+        project=project,
+        events_topic=config.events_topic,
+        events_subscription=config.events_subscription,
+        store=store,
+        subscriber=subscriber,
+    )
 
     def make_fleet(slots: int, idle_timeout: float | None) -> Fleet:
         # Slots and the idle timeout of VMs are set at deploy time, in the instance template.
         return GceFleet(
-            project=project, group=group, zone=config.zone, region=config.region, clock=clock
+            project=project,
+            group=group,
+            zone=config.zone,
+            region=config.region,
+            clock=clock,
+            store=store,  # VMs report failed boots and failed self-removal there
         )
 
-    return Deployment(
+    deployment = Deployment(
         config=config,
         backends=Backends(queue=queue, store=store, events=events),
         make_fleet=make_fleet,
@@ -147,5 +162,36 @@ def open_gcp_deployment(config: Config, *, clock: Clock = SYSTEM_CLOCK) -> Deplo
         stage_input=stager,
         default_workers=DEFAULT_WORKERS,
         poll_seconds=POLL_SECONDS,
-        closers=[stager.close, subscriber.close],
+        closers=[stager.close, per_run.close, subscriber.close],
+        # Concurrent runs keep their events apart: each watcher reads its own subscription.
+        open_run_events=lambda run_id, since: per_run.open(run_id),
+        prepare_task=prepare_task,  # task requirements as wheels, resolved at submit
+    )
+    return deployment
+
+
+def prepare_task(task_dir: Path, work_dir: Path) -> Path:
+    """The task folder to bundle for the VMs: its requirements resolved into wheels it carries
+    (:func:`runner.wheels.stage_task`), so no VM needs a package index to install them."""
+    return stage_task(task_dir, work_dir)
+
+
+def agent_log(store: GcsStore, worker: str) -> bytes:
+    """A worker VM's own agent log (``fleet/<vm>/agent.log``), kept after the VM is gone.
+
+    Raises:
+        NotFound: that worker never uploaded one.
+    """
+    try:
+        return store.get(agent_log_key(worker))
+    except NotFound:
+        raise NotFound(f"no agent log for worker {worker} in gs://{store.bucket_name}") from None
+
+
+def agent_logs(store: GcsStore) -> list[str]:
+    """Workers that left an agent log, by name."""
+    return sorted(
+        key.split("/")[1]
+        for key in store.list("fleet/", suffix="/agent.log")
+        if key.count("/") == 2
     )

@@ -54,22 +54,32 @@ def decide_scale(
     work at once, where a booting one would take a minute or two.
     """
     slots = max(slots, 1)
-    live = [i for i in instances if i.status != "stopping"]
+    # An instance with an error (one the group cannot create for lack of quota, a VM that failed
+    # to boot) is no capacity, but still counts against max_workers: adding more would only ask
+    # for more of what the project cannot give. One that will never work is removed.
+    broken = sorted(i.name for i in instances if i.removable and i.status != "stopping")
+    errored = [i for i in instances if i.error and i.status != "stopping" and not i.removable]
+    live = [i for i in instances if i.status != "stopping" and not i.error and not i.removable]
+    doomed = sorted(i.name for i in errored)
     if outstanding <= 0:
-        return ScaleDecision(delete=sorted(i.name for i in live if i.name not in busy))
+        free = sorted(i.name for i in live if i.name not in busy)
+        return ScaleDecision(delete=broken + doomed + free)
+    # A stale worker is no capacity and no count against max_workers: it gets a replacement.
     able = [i for i in live if i.name not in stale or i.name in busy]
     target = min(max_workers, math.ceil(outstanding / slots))
     if len(able) < target:
-        return ScaleDecision(add=target - len(able))
-    surplus = len(able) - target
+        room = max(max_workers - len(able) - len(errored), 0)
+        return ScaleDecision(add=min(target - len(able), room), delete=broken)
+    surplus = len(able) + len(errored) - target
     if surplus <= 0:
-        return ScaleDecision()
-    free = [i for i in able if i.name not in busy]
-    starting = sorted(i.name for i in free if i.status == "starting")
-    ready_idle = sorted(i.name for i in free if i.status != "starting" and i.name in idle)
+        return ScaleDecision(delete=broken)
+    free_now = [i for i in able if i.name not in busy]
+    starting = sorted(i.name for i in free_now if i.status == "starting")
+    ready_idle = sorted(i.name for i in free_now if i.status != "starting" and i.name in idle)
     queued = max(outstanding - len(busy) * slots, 0)  # at least this many wait for a worker
     keep = math.ceil(queued / slots)
-    return ScaleDecision(delete=(starting + ready_idle[: max(len(ready_idle) - keep, 0)])[:surplus])
+    spare = doomed + starting + ready_idle[: max(len(ready_idle) - keep, 0)]
+    return ScaleDecision(delete=broken + spare[:surplus])
 
 
 @dataclass

@@ -1,22 +1,33 @@
-"""How the runner shows a run: the live progress line, the summary and the status table."""
+"""How the runner shows a run: the progress line, the summary, the tables and the JSON.
+
+On a terminal the progress is a live bar; without one (CI, ``nohup``, ``2>log``) it is one plain
+line every :data:`PLAIN_EVERY` seconds, never wrapped. Tables never cut an id.
+"""
 
 from __future__ import annotations
 
+import json
 import time
-from pathlib import Path
+from collections.abc import Iterable, Iterator
+from typing import IO, Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from runner.runs import ShardReport
 from runner.watch import Snapshot, Watcher
-from worker.protocol import Manifest
-from worker.store import Store
+from worker.protocol import Manifest, ShardState
+
+PLAIN_EVERY = 5.0  # seconds between progress lines when stderr is not a terminal
+REASONS_SHOWN = 5  # failed shards named in the summary
 
 
 def watch_live(watcher: Watcher, poll_seconds: float, err: Console) -> Snapshot:
-    """Watch a run to its end with a live progress line on ``err``."""
+    """Watch a run to its end, with progress on ``err``."""
+    if not err.is_terminal:
+        return _watch_plain(watcher, poll_seconds, err)
     columns = (
         BarColumn(bar_width=24),
         TextColumn(
@@ -53,6 +64,30 @@ def watch_live(watcher: Watcher, poll_seconds: float, err: Console) -> Snapshot:
         return watcher.watch(on_update=update, poll_seconds=poll_seconds)
 
 
+def progress_line(s: Snapshot) -> str:
+    """One self-contained line of progress, for logs."""
+    rate = f"{s.rate:.1f}/s" if s.rate else "-"
+    eta = duration(s.eta) if s.eta is not None else "-"
+    return (
+        f"cflow: run {s.run_id}: {s.succeeded + s.failed}/{s.total} done, {s.failed} failed,"
+        f" {s.running} running, {s.queued} queued, {s.workers} workers, {rate}, ETA {eta},"
+        f" {duration(s.elapsed)} elapsed"
+    )
+
+
+def _watch_plain(watcher: Watcher, poll_seconds: float, err: Console) -> Snapshot:
+    last = float("-inf")
+
+    def update(s: Snapshot) -> None:
+        nonlocal last
+        now = time.monotonic()
+        if now - last >= PLAIN_EVERY or s.finished:
+            last = now
+            err.print(progress_line(s), markup=False, soft_wrap=True)
+
+    return watcher.watch(on_update=update, poll_seconds=poll_seconds)
+
+
 def duration(seconds: float) -> str:
     """``75`` -> ``1m15s``."""
     seconds = int(seconds)
@@ -64,31 +99,60 @@ def duration(seconds: float) -> str:
 
 
 def summary(
-    s: Snapshot, files: list[str], store: Store, out_dir: Path | None, err: Console
+    s: Snapshot,
+    files: Iterable[str] | None,
+    written: Iterable[str],
+    failed: list[ShardReport],
+    err: Console,
 ) -> None:
-    """The closing lines of a run: counts, where the result is, what to do about failures."""
+    """The closing lines of a run: counts, where the result is, why shards failed.
+
+    ``files`` is None when the combine did not happen (it failed; the caller says why).
+    """
     colour = "red" if s.failed else "green"
     err.print(
         f"cflow: [{colour}]{s.succeeded}/{s.total} shards succeeded, {s.failed} failed[/{colour}]"
         f" in {duration(s.elapsed)} ({s.preempted} preempted, {s.retried} retried)"
     )
-    for key in files:
-        err.print(f"  combined: {store.url(key)}")
-    if out_dir is not None:
-        err.print(f"  copied to: {out_dir}")
+    combined, written = list(files or []), list(written)
+    for key in combined:
+        err.print(f"  combined: {key}", markup=False)
+    for where in written:
+        err.print(f"  written: {where}", markup=False)
+    if files is not None and not combined and s.succeeded:
+        err.print("  no outputs: no committed attempt wrote a file, nothing to combine")
+    for r in failed[:REASONS_SHOWN]:
+        err.print(f"  failed {r.id}: {reason_of(r)}", markup=False)
+    if len(failed) > REASONS_SHOWN:
+        err.print(f"  ... and {len(failed) - REASONS_SHOWN} more failed shards")
     if s.failed:
         err.print(
-            f"  see `runner status {s.run_id}` and `runner logs {s.run_id} --shard ID`;"
-            f" rerun failures with `runner retry {s.run_id} --failed`"
+            f"  see `runner status {s.run_id} --state failed` and `runner logs {s.run_id} --shard"
+            f" ID`; after a fix: `runner retry {s.run_id} --failed --task DIR`",
+            markup=False,
         )
+
+
+def reason_of(r: ShardReport) -> str:
+    """Why a shard is where it is: its failure, else its latest attempt's reason."""
+    if r.failure is not None:
+        return r.failure.reason
+    if r.attempts and r.attempts[-1].reason:
+        return str(r.attempts[-1].reason)
+    return ""
 
 
 def status_table(manifest: Manifest, reports: list[ShardReport]) -> Table:
     """One row per shard: state, attempts, duration, exit code, input or failure reason."""
-    run_id = manifest.run_id
-    table = Table(title=f"run {run_id} ({manifest.state})", title_justify="left")
-    for col in ("shard", "state", "attempts", "duration", "exit", "input / reason"):
-        table.add_column(col)
+    id_width = max((len(r.id) for r in reports), default=5)
+    title = f"run {manifest.run_id} ({manifest.state})"
+    if manifest.halted:
+        title += f" halted: {escape(manifest.halted)}"
+    table = Table(title=title, title_justify="left")
+    table.add_column("shard", no_wrap=True, min_width=id_width)
+    for col in ("state", "attempts", "duration", "exit"):
+        table.add_column(col, no_wrap=True)
+    table.add_column("input / reason", overflow="fold")
     for r in reports:
         colour = {"succeeded": "green", "failed": "red", "running": "yellow"}.get(r.state.value, "")
         table.add_row(
@@ -97,7 +161,9 @@ def status_table(manifest: Manifest, reports: list[ShardReport]) -> Table:
             str(len(r.attempts)),
             f"{r.duration:.1f}s" if r.duration is not None else "",
             "" if r.exit_code is None else str(r.exit_code),
-            (r.failure.reason if r.failure else r.input) or "",
+            escape(
+                (reason_of(r) if r.state is not ShardState.SUCCEEDED else r.input) or r.input or ""
+            ),
         )
     return table
 
@@ -105,14 +171,55 @@ def status_table(manifest: Manifest, reports: list[ShardReport]) -> Table:
 def runs_table(manifests: list[Manifest], committed: dict[str, int]) -> Table:
     """One row per run: state, committed shards of all, when, which task."""
     table = Table()
-    for col in ("run", "state", "shards", "created", "task"):
-        table.add_column(col)
+    table.add_column(
+        "run", no_wrap=True, min_width=max((len(m.run_id) for m in manifests), default=3)
+    )
+    for col in ("state", "shards", "created", "task"):
+        table.add_column(col, no_wrap=True)
     for m in manifests:
         table.add_row(
             m.run_id,
-            m.state,
+            m.state + (" (halted)" if m.halted else ""),
             f"{committed.get(m.run_id, 0)}/{m.shard_count}",
             time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(m.created_at)),
-            m.task_name,
+            escape(m.task_name),
         )
     return table
+
+
+def run_dict(m: Manifest, committed: int) -> dict[str, Any]:
+    """A run as ``runner runs --json`` shows it."""
+    return {
+        "run_id": m.run_id,
+        "state": m.state,
+        "halted": m.halted,
+        "shards": m.shard_count,
+        "committed": committed,
+        "created_at": m.created_at,
+        "task": m.task_name,
+        "bundle": m.bundle,
+    }
+
+
+def stream_status_json(
+    manifest: Manifest, reports: Iterator[ShardReport], out: IO[str]
+) -> dict[str, int]:
+    """Write ``status --json`` one shard at a time (a 100,000-shard run never sits in memory).
+
+    The object's keys: run_id, state, halted, created_at, shards (the list), counts.
+    """
+    counts = {state.value: 0 for state in ShardState}
+    head = {
+        "run_id": manifest.run_id,
+        "state": manifest.state,
+        "halted": manifest.halted,
+        "created_at": manifest.created_at,
+    }
+    out.write(json.dumps(head)[:-1] + ', "shards": [')
+    first = True
+    for r in reports:
+        counts[r.state.value] += 1
+        out.write(("\n" if first else ",\n") + json.dumps(r.to_dict()))
+        first = False
+    out.write(f'\n], "counts": {json.dumps(counts)}}}\n')
+    return counts

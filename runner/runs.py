@@ -9,12 +9,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 import tempfile
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
+from typing import TypeVar
 
 from worker import defaults
 from worker.bundle import inspect_task, pack
@@ -38,7 +40,9 @@ from worker.protocol import (
 from worker.queue import WorkQueue
 from worker.store import Store
 
-_ATTEMPT_RECORD = re.compile(r"^attempts/\d+/status\.json$")
+READ_THREADS = 32  # reads of a remote store's records in flight for `status`
+READ_WINDOW = 512  # shard reports built ahead of the one being written
+
 InputStager = Callable[[str, Shard], Shard]  # (run_id, shard) -> shard with a worker-readable input
 Progress = Callable[[int], None]
 
@@ -343,81 +347,166 @@ class ShardReport:
             "index": self.index,
             "input": self.input,
             "state": self.state.value,
-            "attempts": [a.to_dict() for a in self.attempts],
+            # The records hold only scalars: a shallow copy is asdict() at a tenth of the cost.
+            "attempts": [dict(vars(a)) for a in self.attempts],
             "winning_attempt": self.result.attempt if self.result else None,
             "duration": self.duration,
             "exit_code": self.exit_code,
-            "reason": self.failure.reason if self.failure else None,
+            "reason": self.reason,
         }
+
+    @property
+    def reason(self) -> str | None:
+        """Why the shard failed, or why its latest attempt ended (None when it succeeded)."""
+        if self.failure is not None:
+            return self.failure.reason
+        if self.state is not ShardState.SUCCEEDED and self.attempts:
+            return self.attempts[-1].reason
+        return None
 
 
 def shard_reports(store: Store, run_id: str) -> list[ShardReport]:
-    """Every shard with its attempts: reads each status file (for `status`, not for watching)."""
-    attempts: dict[str, list[AttemptStatus]] = {}
-    results: dict[str, ShardResult] = {}
-    failures: dict[str, ShardFailure] = {}
+    """Every shard with its attempts (for `status`, not for watching)."""
+    return list(iter_shard_reports(store, load_manifest(store, run_id)))
+
+
+def iter_shard_reports(store: Store, manifest: Manifest) -> Iterator[ShardReport]:
+    """Every shard with its attempts, in shard order: one listing of the run, then the records.
+
+    A shard is succeeded with a ``result.json``, failed with a ``failed.json``, cancelled when
+    the run was cancelled before either, else running (its latest attempt is) or queued. Records
+    are read shard by shard as the reports are yielded; the winner's own claim is not read (its
+    ``result.json`` says more).
+    """
+    run_id = manifest.run_id
+    statuses: dict[str, list[int]] = {}
+    results: set[str] = set()
+    failures: set[str] = set()
     for key in store.list(Layout.shards_prefix(run_id), suffix=".json"):
         parts = Layout.parse_shard_key(key)
         if parts is None:
             continue
         _, shard_id, rest = parts
-        if rest not in ("result.json", "failed.json") and not _ATTEMPT_RECORD.match(rest):
-            continue  # a task's own file (out/.../status.json): never read as a record
-        try:
-            raw = store.get(key)
-        except NotFound:
-            continue
         if rest == "result.json":
-            results[shard_id] = ShardResult.from_json(raw)
+            results.add(shard_id)
         elif rest == "failed.json":
-            failures[shard_id] = ShardFailure.from_json(raw)
-        else:
-            attempts.setdefault(shard_id, []).append(AttemptStatus.from_json(raw))
-    reports = []
-    for shard in iter_shards(store, run_id):
-        tries = sorted(attempts.get(shard.id, []), key=lambda a: a.attempt)
-        won = results.get(shard.id)
-        if won is not None:
-            tries = [_as_winner(a, won) if a.attempt == won.attempt else a for a in tries]
+            failures.add(shard_id)
+        elif (
+            rest.startswith("attempts/") and rest.endswith("/status.json") and rest.count("/") == 2
+        ):
+            digits = rest.split("/")[1]
+            if digits.isdigit():
+                statuses.setdefault(shard_id, []).append(int(digits))
+    cancelled = manifest.state == RunState.CANCELLED.value
+
+    def build(shard: Shard) -> ShardReport:
+        won = None
         if shard.id in results:
+            won = _read(store, Layout.result(run_id, shard.id), ShardResult)
+        failure = (
+            _read(store, Layout.failure(run_id, shard.id), ShardFailure)
+            if won is None and shard.id in failures
+            else None
+        )
+        tries = []
+        for number in sorted(statuses.pop(shard.id, [])):
+            if won is not None and number == won.attempt:
+                tries.append(_winner(won))
+            elif status := _read(store, Layout.status(run_id, shard.id, number), AttemptStatus):
+                tries.append(status)
+        if won is not None:
             state = ShardState.SUCCEEDED
-        elif shard.id in failures:
+        elif failure is not None:
             state = ShardState.FAILED
+        elif cancelled:
+            state = ShardState.CANCELLED
+            tries = [_as_cancelled(a) for a in tries]
         elif tries and tries[-1].state == "running":
             state = ShardState.RUNNING
         else:
             state = ShardState.QUEUED
-        reports.append(
-            ShardReport(
-                id=shard.id,
-                index=shard.index,
-                input=shard.input,
-                state=state,
-                attempts=tries,
-                result=results.get(shard.id),
-                failure=failures.get(shard.id) if shard.id not in results else None,
-            )
+        return ShardReport(
+            id=shard.id,
+            index=shard.index,
+            input=shard.input,
+            state=state,
+            attempts=tries,
+            result=won,
+            failure=failure,
         )
-    return reports
+
+    shards = iter_shards(store, run_id)
+    if store.local_path(Layout.manifest(run_id)) is not None:
+        yield from map(build, shards)
+        return
+    # A bucket answers each read in tens of milliseconds: keep a window of them in flight.
+    with ThreadPoolExecutor(READ_THREADS, thread_name_prefix="status") as pool:
+        window: deque[Future[ShardReport]] = deque()
+        for shard in shards:
+            window.append(pool.submit(build, shard))
+            if len(window) >= READ_WINDOW:
+                yield window.popleft().result()
+        while window:
+            yield window.popleft().result()
 
 
-def _as_winner(status: AttemptStatus, result: ShardResult) -> AttemptStatus:
-    return dataclasses.replace(
-        status, state="succeeded", finished_at=result.finished_at, exit_code=0
+_R = TypeVar("_R", AttemptStatus, ShardResult, ShardFailure)
+
+
+def _read(store: Store, key: str, record: type[_R]) -> _R | None:
+    """A record, or None when it vanished or does not parse (a half-written or foreign file)."""
+    try:
+        return record.from_json(store.get(key))
+    except (NotFound, ValueError, TypeError):
+        return None
+
+
+def _winner(result: ShardResult) -> AttemptStatus:
+    return AttemptStatus(
+        run_id=result.run_id,
+        shard_id=result.shard_id,
+        attempt=result.attempt,
+        state="succeeded",
+        worker=result.worker,
+        started_at=result.started_at,
+        finished_at=result.finished_at,
+        exit_code=0,
+        bundle=result.bundle,
     )
 
 
-def cancel(store: Store, queue: WorkQueue, run_id: str) -> int:
-    """Mark the run cancelled (workers drop its messages and stop its tasks); purge its queue."""
+def _as_cancelled(status: AttemptStatus) -> AttemptStatus:
+    """A cancelled run's attempt still marked running was stopped (or is being stopped)."""
+    if status.state != "running":
+        return status
+    return dataclasses.replace(status, state="cancelled", reason="run cancelled")
+
+
+def cancel(store: Store, queue: WorkQueue, run_id: str, *, halted: str | None = None) -> int:
+    """Mark the run cancelled (workers drop its messages and stop its tasks); purge its queue.
+
+    ``halted`` records why the runner stopped the run itself (the ``--halt`` rule).
+    """
     manifest = load_manifest(store, run_id)
-    save_manifest(store, manifest.with_state(RunState.CANCELLED))
+    save_manifest(
+        store, dataclasses.replace(manifest, state=RunState.CANCELLED.value, halted=halted)
+    )
     return queue.purge(run_id)
 
 
-def retry(store: Store, queue: WorkQueue, run_id: str) -> list[str]:
+def retry(
+    store: Store,
+    queue: WorkQueue,
+    run_id: str,
+    *,
+    task_dir: Path | None = None,
+    clock: Clock = SYSTEM_CLOCK,
+) -> list[str]:
     """Re-enqueue every shard of a finished or cancelled run that has not committed.
 
-    Committed shards are left alone; each retried shard gets a fresh failure budget.
+    Committed shards are left alone; each retried shard gets a fresh failure budget. With
+    ``task_dir`` the folder is bundled anew and the retried shards run that bundle: it becomes
+    the manifest's ``bundle`` and is added to its ``bundles`` history, and every message names it.
     """
     manifest = load_manifest(store, run_id)
     done, failures = committed(store, run_id), failed(store, run_id)
@@ -429,10 +518,26 @@ def retry(store: Store, queue: WorkQueue, run_id: str) -> list[str]:
     todo = [s for s in iter_shards(store, run_id) if s.id not in done]
     if not todo:
         return []
-    save_manifest(store, dataclasses.replace(manifest, state=RunState.ACTIVE.value))
+    bundle: str | None = None
+    changes: dict[str, object] = {"state": RunState.ACTIVE.value, "halted": None}
+    if task_dir is not None:
+        info = inspect_task(task_dir)
+        data, bundle = pack(task_dir)
+        if not store.exists(Layout.bundle(bundle)):
+            store.put(Layout.bundle(bundle), data)
+        history = list(manifest.bundles) or [
+            {"sha256": manifest.bundle, "at": manifest.created_at, "shards": manifest.shard_count}
+        ]
+        history.append({"sha256": bundle, "at": clock.time(), "shards": len(todo)})
+        changes.update(bundle=bundle, entry=info.entry.value, bundles=history)
+    save_manifest(store, dataclasses.replace(manifest, **changes))  # type: ignore[arg-type]
     for shard in todo:
         store.delete(Layout.failure(run_id, shard.id))
-    _publish(queue, (WorkMessage(run_id=run_id, shard=s.to_dict()) for s in todo), None)
+    _publish(
+        queue,
+        (WorkMessage(run_id=run_id, shard=s.to_dict(), bundle=bundle) for s in todo),
+        None,
+    )
     return [s.id for s in todo]
 
 
@@ -458,16 +563,21 @@ def mark_dead_lettered(store: Store, message: WorkMessage) -> bool:
 
 
 def flag_lost(
-    reports: list[ShardReport], live: set[str], leases: dict[str, str] | None
-) -> list[ShardReport]:
+    reports: Iterable[ShardReport],
+    lookup: Callable[[], tuple[set[str], dict[str, str] | None]],
+) -> Iterator[ShardReport]:
     """Show a running shard whose attempt's worker is gone (no instance of the fleet, no live
-    lease) as ``lost``: the watcher puts it on the queue again."""
-    out = []
+    lease) as ``lost``: the watcher puts it on the queue again. ``lookup`` gives the fleet's
+    instance names and the run's lease holders; it is called once, at the first running shard.
+    """
+    found: tuple[set[str], dict[str, str] | None] | None = None
     for r in reports:
         if r.state is ShardState.RUNNING and r.attempts:
+            if found is None:
+                found = lookup()
+            live, leases = found
             worker = r.attempts[-1].worker
             held = leases is not None and leases.get(r.id) == worker
             if worker not in live and not held:
                 r = dataclasses.replace(r, state=ShardState.LOST)
-        out.append(r)
-    return out
+        yield r

@@ -21,6 +21,7 @@ failure or as a delivery.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -34,8 +35,10 @@ from pathlib import Path
 from worker import defaults, reaper
 from worker.bundle import UnpackedBundle, unpack
 from worker.clock import SYSTEM_CLOCK, Clock
+from worker.container import ContainerExecutor
+from worker.container_runtime import ContainerRuntimeMissing, ImagePullError
 from worker.errors import BackendError, CFlowError, NotFound, TaskError
-from worker.executor import Executor, RunningTask
+from worker.executor import SPARE_HOSTS, Executor, RunningTask
 from worker.ledger import CANCELLED, Finished, Ledger
 from worker.local_db import DiskFull
 from worker.protocol import (
@@ -45,6 +48,7 @@ from worker.protocol import (
     EventKind,
     Layout,
     Manifest,
+    RunOptions,
     RunState,
     Shard,
 )
@@ -62,6 +66,8 @@ MAX_PREFETCH = 32  # most messages one slot holds at once
 SETTLE_BATCH = 64  # most attempts settled in one transaction
 SETTLE_AGE = 0.02  # seconds a finished attempt may wait for its batch
 BROKEN_BACKOFF = (2.0, 120.0)  # seconds: redelivery delay for a run whose manifest is broken
+LOCAL_POLL = 0.1  # seconds a local receive waits before the loop looks at stop requests
+FAILING_PACE = (0.05, 2.0)  # seconds: first and longest pause after failures with no success
 DISK_FULL_PAUSE = 5.0  # seconds a worker waits before trying a full disk again
 
 
@@ -78,6 +84,7 @@ class AgentConfig:
     manifest_ttl: float = defaults.MANIFEST_TTL
     preempt_grace: float = defaults.PREEMPT_GRACE
     poll_seconds: float = defaults.POLL_SECONDS
+    first_prefetch: int = 1  # messages a slot receives at once before it has timed a shard
 
 
 @dataclass
@@ -96,6 +103,19 @@ class Claim:
     attempt: int
     started: float
     bundle: str
+
+
+@dataclass
+class _Prepared:
+    """An attempt made ready to start (or already failed before it could)."""
+
+    claim: Claim
+    log: _Log
+    out_dir: Path
+    executor: Executor | ContainerExecutor | None = None
+    shard: TaskShard | None = None
+    task: RunningTask | None = None
+    early: _Outcome | None = None
 
 
 class ManifestBroken(CFlowError):
@@ -158,6 +178,7 @@ class _Slot:
         self.pending: list[Finished] = []
         self.pending_since = 0.0
         self.prefetch = 1
+        self.failed = False  # an attempt of the current batch failed
         self.idle = False
 
 
@@ -183,8 +204,9 @@ class Agent:
         self._manifests: dict[str, tuple[Manifest | None, float]] = {}
         # run -> (times its manifest could not be read, the current back-off, until when)
         self._broken: dict[str, tuple[int, float, float]] = {}
+        self._health: dict[str, tuple[int, int]] = {}  # run -> (successes, failures) here
         self._bundles: dict[str, UnpackedBundle] = {}
-        self._executors: dict[str, Executor] = {}
+        self._executors: dict[str, Executor | ContainerExecutor] = {}
         self._last_bundle: str | None = None
         self._setup_lock = threading.Lock()
         self.completed = 0  # attempts finished (any outcome), for tests and reports
@@ -215,7 +237,10 @@ class Agent:
         self._announced_idle = False
         self._lifetime(stopped=False)
         self._last_finished = self.clock.monotonic()
+        SPARE_HOSTS.start(self.config.slots)  # interpreters start while we wait for work
         slots = self._slots = [_Slot(i, self._scratch) for i in range(self.config.slots)]
+        for slot in slots:
+            slot.prefetch = max(self.config.first_prefetch, 1)
         threads = [
             threading.Thread(target=self._slot_loop, args=(s,), name=f"slot-{s.index}")
             for s in slots[1:]
@@ -231,6 +256,7 @@ class Agent:
                 thread.join()
             for executor in self._executors.values():
                 executor.close()
+            SPARE_HOSTS.close()
             shutil.rmtree(self._scratch, ignore_errors=True)
         reason = self._exit_reason or "stopped"
         self._emit(EventKind.STOPPED, detail=reason)
@@ -239,9 +265,11 @@ class Agent:
 
     def _slot_loop(self, slot: _Slot) -> None:
         cfg = self.config
+        # A local receive is a cheap query: wait in short pieces, so a stop is seen at once.
+        poll = min(cfg.poll_seconds, LOCAL_POLL) if self.ledger.batches else cfg.poll_seconds
         while not self.stopping:
             try:
-                deliveries = self.queue.receive(slot.prefetch, cfg.poll_seconds, worker=cfg.name)
+                deliveries = self.queue.receive(slot.prefetch, poll, worker=cfg.name)
             except DiskFull as exc:
                 log.error("%s", exc)
                 self.clock.sleep(DISK_FULL_PAUSE)
@@ -254,12 +282,17 @@ class Agent:
             slot.held = list(deliveries)
             slot.unstarted = self._claim_all(slot, deliveries)
             durations: list[float] = []
+            ahead = self._start_ahead(slot) if len(slot.unstarted) > 1 else {}
             while slot.unstarted and not self.stopping:
                 claim = slot.unstarted.pop(0)
+                self._pace(claim.manifest.run_id)
                 began = time.perf_counter()
-                self._attempt_safely(slot, claim)
+                self._attempt_safely(slot, claim, ahead.pop(id(claim), None))
                 durations.append(time.perf_counter() - began)
                 self._maybe_flush(slot)
+            for prepared in ahead.values():  # stopping: what is queued in the host goes too
+                if prepared.task is not None:
+                    prepared.task.stop(self.config.preempt_grace)
             self._give_back(slot)
             self._flush(slot, force=True)
             self._adapt(slot, durations, len(deliveries))
@@ -267,8 +300,11 @@ class Agent:
         self._flush(slot, force=True)
 
     def _adapt(self, slot: _Slot, durations: list[float], got: int) -> None:
-        """Receive more at once while shards are short and the queue keeps up; one while long."""
-        if durations and max(durations) < FAST_SHARD and got >= slot.prefetch:
+        """Receive more at once while shards are short, succeed and the queue keeps up; one
+        while they are long or failing."""
+        if slot.failed:
+            slot.prefetch, slot.failed = 1, False
+        elif durations and max(durations) < FAST_SHARD and got >= slot.prefetch:
             slot.prefetch = min(slot.prefetch * 2, MAX_PREFETCH)
         elif not durations or max(durations) >= 10 * FAST_SHARD:
             slot.prefetch = 1
@@ -368,6 +404,25 @@ class Agent:
         if not slot.pending:
             slot.pending_since = time.monotonic()
         slot.pending.append(finished)
+        run_id = finished.delivery.message.run_id
+        good, bad = self._health.get(run_id, (0, 0))
+        if finished.state is AttemptState.FAILED:
+            slot.failed = True
+            self._health[run_id] = (good, bad + 1)
+            self._flush(slot, force=True)  # the runner's halt rule wants to hear of it now
+        elif finished.state is AttemptState.SUCCEEDED:
+            self._health[run_id] = (good + 1, bad)
+
+    def _pace(self, run_id: str) -> None:
+        """Until a run has had a success here, each failure waits a little longer before the
+        next attempt: a task that cannot work gives the runner time to halt the run (--halt)
+        before it burns every shard's attempts, and costs a working task nothing."""
+        good, bad = self._health.get(run_id, (0, 0))
+        if good == 0 and bad:
+            pause = min(FAILING_PACE[0] * 2 ** (bad - 1), FAILING_PACE[1])
+            deadline = self.clock.monotonic() + pause
+            while not self._stopping.is_set() and self.clock.monotonic() < deadline:
+                self.clock.sleep(min(0.05, deadline - self.clock.monotonic()))
 
     # -- one attempt -----------------------------------------------------------------------
 
@@ -422,17 +477,14 @@ class Agent:
         if isinstance(exc, DiskFull):
             self.clock.sleep(DISK_FULL_PAUSE)
 
-    def _attempt_safely(self, slot: _Slot, claim: Claim) -> None:
+    def _attempt_safely(self, slot: _Slot, claim: Claim, prepared: _Prepared | None = None) -> None:
         try:
-            self._attempt(slot, claim)
+            self._attempt(slot, claim, prepared)
         except Exception as exc:  # after the claim: the attempt counts as failed
-            log.exception(
-                "attempt of shard %s failed in the worker", claim.delivery.message.shard_id
-            )
-            self._settle(
-                slot,
-                self._finished(claim, _Outcome(AttemptState.FAILED, None, f"worker error: {exc}")),
-            )
+            shard_id = claim.delivery.message.shard_id
+            log.exception("attempt of shard %s failed in the worker", shard_id)
+            failed = _Outcome(AttemptState.FAILED, None, f"worker error: {exc}")
+            self._settle(slot, self._finished(claim, failed))
 
     def _finished(
         self, claim: Claim, outcome: _Outcome, outputs: list[str] | None = None
@@ -451,24 +503,44 @@ class Agent:
             bundle=claim.bundle,
         )
 
-    def _attempt(self, slot: _Slot, claim: Claim) -> None:
-        manifest, attempt = claim.manifest, claim.attempt
-        run_id, shard = manifest.run_id, claim.delivery.message.shard_record
-        attempt_log = _Log(
-            slot.scratch / "log.txt", self.store, Layout.log(run_id, shard.id, attempt)
+    def _start_ahead(self, slot: _Slot) -> dict[int, _Prepared]:
+        """Short shards of one warm host: send them all at once, so the host never waits for
+        the worker's bookkeeping between two of them (each keeps its own log and outputs)."""
+        claims = slot.unstarted
+        first = claims[0]
+        same = all(
+            c.bundle == first.bundle
+            and not c.manifest.run_options.isolate
+            and c.manifest.run_options.image is None
+            for c in claims
         )
-        out_dir = slot.scratch / "out"
+        if not same or Entry(first.manifest.entry) is not Entry.PYTHON:
+            return {}
+        ahead: dict[int, _Prepared] = {}
+        for position, claim in enumerate(claims):
+            prepared = self._prepare(slot, claim, position)
+            if prepared.executor is not None and not getattr(prepared.executor, "queues", False):
+                return ahead  # the task does not import: one at a time shows why
+            if prepared.early is None:
+                self._launch(slot, prepared)
+            ahead[id(claim)] = prepared
+        return ahead
+
+    def _attempt(self, slot: _Slot, claim: Claim, prepared: _Prepared | None = None) -> None:
+        if prepared is None:
+            prepared = self._prepare(slot, claim, 0)
+        run_id, shard_id = claim.manifest.run_id, claim.delivery.message.shard_id
         try:
-            outcome, reason_hint = self._execute(slot, claim, shard, attempt_log, out_dir)
-            outputs = self._seal(run_id, shard.id, attempt, out_dir)
-            attempt_log.store()
+            outcome, reason_hint = self._run(slot, prepared)
+            outputs = self._seal(run_id, shard_id, claim.attempt, prepared.out_dir)
+            prepared.log.store()
         except Exception as exc:
             # The attempt is claimed: record it and count it, so a shard whose outputs cannot be
             # stored fails within its budget instead of looping until it is dead-lettered.
-            log.exception("attempt %d of shard %s failed in the worker", attempt, shard.id)
+            log.exception("attempt %d of shard %s failed in the worker", claim.attempt, shard_id)
             error = _Outcome(AttemptState.FAILED, None, f"worker error: {exc}")
             outcome, reason_hint, outputs = error, None, []
-            shutil.rmtree(out_dir, ignore_errors=True)
+            shutil.rmtree(prepared.out_dir, ignore_errors=True)
         if outcome.state is AttemptState.FAILED and reason_hint:
             outcome.reason = reason_hint
         self._settle(slot, self._finished(claim, outcome, outputs))
@@ -543,36 +615,67 @@ class Agent:
         )
         del run_id, shard_id
 
-    def _execute(
-        self, slot: _Slot, claim: Claim, shard: Shard, attempt_log: _Log, out_dir: Path
-    ) -> tuple[_Outcome, str | None]:
+    def _prepare(self, slot: _Slot, claim: Claim, position: int) -> _Prepared:
+        """The attempt's executor, staged input, log and output folder (its own per position
+        of a batch started ahead); a failure here fails the attempt before it starts."""
         manifest = claim.manifest
         options = manifest.run_options
+        run_id, shard = manifest.run_id, claim.delivery.message.shard_record
         if not slot.ready:  # once per slot: a fresh scratch folder, whatever a crash left
             shutil.rmtree(slot.scratch, ignore_errors=True)
             slot.scratch.mkdir(parents=True, exist_ok=True)
             slot.ready = True
+        key = Layout.log(run_id, shard.id, claim.attempt)
+        prepared = _Prepared(
+            claim=claim,
+            log=_Log(slot.scratch / f"log-{position}.txt", self.store, key),
+            out_dir=slot.scratch / f"out-{position}",
+        )
         try:
-            executor = self._executor(claim.bundle, Entry(manifest.entry), options.isolate)
-            staged = self._stage(shard, options.stage, slot.scratch)
-        except (CFlowError, OSError) as exc:
-            with attempt_log.path.open("a") as fh:
+            prepared.executor = self._executor(claim.bundle, Entry(manifest.entry), options)
+            staged = self._stage(shard, options.stage, slot.scratch / f"input-{position}")
+        except (ImagePullError, ContainerRuntimeMissing) as exc:
+            # Not this shard's fault: no shard of the run can start here. Stop the whole run
+            # with the reason, instead of failing every shard's every attempt with it.
+            self._halt_run(run_id, str(exc))
+            with prepared.log.path.open("a") as fh:
                 fh.write(f"cflow: {exc}\n")
-            return _Outcome(AttemptState.FAILED, reason=str(exc)), None
-        task_shard = TaskShard(
-            run_id=manifest.run_id,
+            prepared.early = _Outcome(AttemptState.FAILED, reason=str(exc))
+            return prepared
+        except (CFlowError, OSError) as exc:
+            with prepared.log.path.open("a") as fh:
+                fh.write(f"cflow: {exc}\n")
+            prepared.early = _Outcome(AttemptState.FAILED, reason=str(exc))
+            return prepared
+        prepared.shard = TaskShard(
+            run_id=run_id,
             id=shard.id,
             index=shard.index,
             attempt=claim.attempt,
             input=staged,
-            output_dir=out_dir,
+            output_dir=prepared.out_dir,
             params=shard.params or {},
         )
-        task = executor.start(task_shard, attempt_log.path, slot=slot.index)
-        outcome = self._supervise(slot, claim, task, attempt_log)
-        hint = task.reason
+        return prepared
+
+    def _launch(self, slot: _Slot, prepared: _Prepared) -> None:
+        assert prepared.executor is not None and prepared.shard is not None
+        prepared.task = prepared.executor.start(prepared.shard, prepared.log.path, slot=slot.index)
+
+    def _run(self, slot: _Slot, prepared: _Prepared) -> tuple[_Outcome, str | None]:
+        if prepared.early is not None:
+            return prepared.early, None
+        if prepared.task is None:
+            self._launch(slot, prepared)
+        assert prepared.task is not None
+        outcome = self._supervise(slot, prepared.claim, prepared.task, prepared.log)
+        if getattr(prepared.task, "not_started", False) and not self._stopping.is_set():
+            # The host died under an earlier shard of the batch: this one never ran. Run it.
+            self._launch(slot, prepared)
+            outcome = self._supervise(slot, prepared.claim, prepared.task, prepared.log)
+        hint = prepared.task.reason
         if hint is None and outcome.state is AttemptState.FAILED:
-            hint = _last_line(attempt_log.path)
+            hint = _last_line(prepared.log.path)
         return outcome, hint
 
     def _supervise(
@@ -590,6 +693,8 @@ class Agent:
             if code is not None:
                 if code == 0:
                     return _Outcome(AttemptState.SUCCEEDED, 0)
+                if self._stopping.is_set() and (code < 0 or getattr(task, "not_started", False)):
+                    return _Outcome(AttemptState.PREEMPTED, code, "worker stopped (preemption)")
                 return _Outcome(AttemptState.FAILED, code, _describe_exit(code))
             now = clock.monotonic()
             if self._stopping.is_set():
@@ -682,6 +787,21 @@ class Agent:
         self._manifests[run_id] = (manifest, now)
         return manifest
 
+    def _halt_run(self, run_id: str, reason: str) -> None:
+        """Cancel a run that cannot run on any worker (its image cannot be pulled), saying why:
+        the runner's watch ends at once and prints the reason, as for ``--halt``."""
+        key = Layout.manifest(run_id)
+        try:
+            current = Manifest.from_json(self.store.get(key))
+        except (NotFound, ValueError, TypeError):
+            return
+        if current.state != RunState.ACTIVE.value:
+            return
+        halted = dataclasses.replace(current, state=RunState.CANCELLED.value, halted=reason)
+        self.store.put(key, halted.to_json())
+        self._manifests[run_id] = (halted, self.clock.monotonic())
+        log.error("run %s stopped: %s", run_id, reason)
+
     def _trim_executors(self) -> None:
         """With nothing running, close the task hosts of every bundle but the last one used:
         a long-lived VM serving many versions of a task keeps one imported copy, not all."""
@@ -689,8 +809,12 @@ class Agent:
             for sha in [sha for sha in self._executors if sha != self._last_bundle]:
                 self._executors.pop(sha).close()
 
-    def _executor(self, sha: str, entry: Entry, isolate: bool) -> Executor:
-        key = f"{sha}:{int(isolate)}"
+    def _executor(
+        self, sha: str, entry: Entry, options: RunOptions
+    ) -> Executor | ContainerExecutor:
+        image, timeout, isolate = options.image, options.timeout, options.isolate
+        # A container executor also carries the run's timeout (its backstop): key by both.
+        key = f"{sha}:{int(isolate)}" if image is None else f"{sha} {image} {timeout:g}"
         with self._setup_lock:
             self._last_bundle = key
             executor = self._executors.get(key)
@@ -703,7 +827,10 @@ class Agent:
                         raise TaskError(f"task bundle {sha[:12]} is missing") from None
                     bundle = unpack(data, sha, self.config.scratch / "bundles")
                     self._bundles[sha] = bundle
-                executor = Executor(bundle, entry, isolate=isolate or None)
+                if image is None:
+                    executor = Executor(bundle, entry, isolate=isolate or None)
+                else:  # raises ContainerRuntimeMissing / ImagePullError for the whole run
+                    executor = ContainerExecutor(bundle, entry, image, timeout=timeout)
                 self._executors[key] = executor
             return executor
 
@@ -717,7 +844,7 @@ class Agent:
         if not stage:
             return shard.input
         name = shard.input.rstrip("/").rsplit("/", 1)[-1] or "input"
-        target = work / "input" / name
+        target = work / name
         shutil.rmtree(target.parent, ignore_errors=True)
         target.parent.mkdir(parents=True, exist_ok=True)
         self.store.fetch(shard.input, target)

@@ -17,7 +17,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +28,8 @@ from worker.protocol import Entry
 PYTHON_ENTRY = "task.py"
 SHELL_ENTRY = "task.sh"
 REQUIREMENTS = "requirements.txt"
+SETTINGS = "cflow.toml"  # optional task settings (see TaskSettings)
+IGNORE = ".cflowignore"  # gitignore-syntax patterns of files kept out of the bundle
 _SKIP_DIRS = {"__pycache__", ".git", ".venv", "venv", ".mypy_cache", ".pytest_cache", ".cflow"}
 _SKIP_SUFFIXES = (".pyc", ".pyo")
 
@@ -36,6 +38,43 @@ _SKIP_SUFFIXES = (".pyc", ".pyo")
 class TaskInfo:
     entry: Entry
     has_combine: bool
+
+
+@dataclass(frozen=True)
+class TaskSettings:
+    """``cflow.toml`` in the task folder. Every setting is optional::
+
+        [combine]
+        headers = true   # each .csv/.tsv output starts with a header line: keep it once
+
+    ``headers`` is None when the task does not say: combine then keeps every line.
+    """
+
+    headers: bool | None = None
+
+
+def read_settings(folder: Path) -> TaskSettings:
+    """The task's ``cflow.toml`` (defaults when absent); raises TaskError on a bad file."""
+    import tomllib
+
+    path = folder / SETTINGS
+    if not path.is_file():
+        return TaskSettings()
+    try:
+        data = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise TaskError(f"{path} is not valid TOML: {err}") from None
+    unknown = set(data) - {"combine"}
+    combine = data.get("combine", {})
+    if unknown or not isinstance(combine, dict) or set(combine) - {"headers"}:
+        extra = sorted(
+            unknown | (set(combine) - {"headers"} if isinstance(combine, dict) else set())
+        )
+        raise TaskError(f"{path}: unknown setting {', '.join(extra) or 'combine'}; see the README")
+    headers = combine.get("headers")
+    if headers is not None and not isinstance(headers, bool):
+        raise TaskError(f"{path}: [combine] headers must be true or false, not {headers!r}")
+    return TaskSettings(headers=headers)
 
 
 def inspect_task(folder: Path) -> TaskInfo:
@@ -64,11 +103,35 @@ def inspect_task(folder: Path) -> TaskInfo:
     raise TaskError(f"task folder {folder} has neither task.py with run(shard) nor task.sh")
 
 
-def _files(folder: Path) -> list[Path]:
+def _ignore_spec(folder: Path) -> Callable[[str], bool]:
+    """A matcher of the ``.cflowignore`` patterns (gitignore syntax); matches nothing if absent."""
+    path = folder / IGNORE
+    if not path.is_file():
+        return lambda _rel: False
+    import pathspec  # the runner's dependency: workers only unpack
+
+    spec = pathspec.GitIgnoreSpec.from_lines(path.read_text().splitlines())
+    return spec.match_file
+
+
+def bundle_files(folder: Path) -> list[Path]:
+    """The files that go into the bundle, in a stable order.
+
+    Caches and virtual environments are always left out, and so is whatever ``.cflowignore``
+    matches (a directory pattern such as ``data/`` leaves out everything below it).
+    """
+    ignored = _ignore_spec(folder)
     out: list[Path] = []
     for root, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if d not in _SKIP_DIRS)
-        out.extend(Path(root, f) for f in sorted(files) if not f.endswith(_SKIP_SUFFIXES))
+        base = Path(root).relative_to(folder)
+        dirs[:] = sorted(
+            d for d in dirs if d not in _SKIP_DIRS and not ignored((base / d).as_posix() + "/")
+        )
+        out.extend(
+            Path(root, f)
+            for f in sorted(files)
+            if not f.endswith(_SKIP_SUFFIXES) and not ignored((base / f).as_posix())
+        )
     return out
 
 
@@ -79,7 +142,7 @@ def pack(folder: Path) -> tuple[bytes, str]:
         gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz,
         tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar,
     ):
-        for path in _files(folder):
+        for path in bundle_files(folder):
             rel = path.relative_to(folder).as_posix()
             info = tarfile.TarInfo(rel)
             info.size = path.stat().st_size

@@ -98,17 +98,32 @@ def open_backends(args: argparse.Namespace) -> Backends:
     )
 
 
+LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
+
+
+def _log_to_file(path: Path) -> None:
+    """Also write the agent's log to ``path`` (uploaded to the bucket on Google Cloud)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    logging.getLogger().addHandler(handler)
+
+
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(
-        level=os.environ.get("CFLOW_LOG_LEVEL", "INFO"),
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-    )
+    logging.basicConfig(level=os.environ.get("CFLOW_LOG_LEVEL", "INFO"), format=LOG_FORMAT)
     args = parse_args(argv)
+    uploader = None
+    if args.backend == "gcp":
+        _log_to_file(args.scratch / "agent.log")
     try:
         backends = open_backends(args)
     except CFlowError as err:
         print(f"cflow worker: {err}", file=sys.stderr)
         sys.exit(2)
+    if args.backend == "gcp":
+        from worker.gcp import AgentLogUploader
+
+        uploader = AgentLogUploader(backends.store, args.name, args.scratch / "agent.log").start()
     agent = Agent(
         queue=backends.queue,
         store=backends.store,
@@ -129,11 +144,13 @@ def main(argv: list[str] | None = None) -> None:
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
+    log = logging.getLogger("cflow.worker")
     reason = agent.run()
-    logging.getLogger("cflow.worker").info("worker %s exiting: %s", args.name, reason)
-    backends.close()
+    log.info("worker %s exiting: %s", args.name, reason)
+    if uploader is not None:
+        uploader.upload()  # before the VM goes: a preempted or removed VM takes its disk along
     if args.backend == "gcp" and reason.startswith("idle") and args.group:
-        from worker.gcp import leave_group
+        from worker.gcp import EXIT_CANNOT_LEAVE, leave_group, report_problem
 
         left = leave_group(
             project=args.project,
@@ -144,6 +161,15 @@ def main(argv: list[str] | None = None) -> None:
             instance_zone=args.instance_zone,
         )
         if not left:
-            # Exit non-zero so systemd restarts the agent, which tries again after its next
-            # idle period: a VM whose worker simply ended would bill on with nothing to do.
-            sys.exit(1)
+            # A VM whose worker simply ended would bill on with nothing to do. Say so in the
+            # bucket (the runner deletes the VM by name and shows why) and exit with the status
+            # on which the systemd unit powers the VM off instead of restarting the worker.
+            log.error("could not remove VM %s from group %s; powering off", args.name, args.group)
+            report_problem(backends.store, args.name, "could not remove itself from its group")
+            if uploader is not None:
+                uploader.close()
+            backends.close()
+            sys.exit(EXIT_CANNOT_LEAVE)
+    if uploader is not None:
+        uploader.close()
+    backends.close()

@@ -24,6 +24,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import IO, Any
@@ -147,25 +148,92 @@ class _ShellTask(RunningTask):
         PROCESSES.ended(self.token)  # and what escaped the group
 
 
+class _Spares:
+    """Task hosts started before the worker knows its task: a Python interpreter's start is
+    most of the wait for a run's first shard, and it can happen while the worker waits."""
+
+    def __init__(self) -> None:
+        self._procs: list[subprocess.Popen[bytes]] = []
+        self._lock = threading.Lock()
+
+    def start(self, count: int) -> None:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (_WORKER_PATH, env.get("PYTHONPATH")) if p)
+        env["PYTHONUNBUFFERED"] = "1"
+        with self._lock:
+            while len(self._procs) < count:
+                self._procs.append(_spawn_host(["--spare"], env, None))
+
+    def take(self) -> subprocess.Popen[bytes] | None:
+        with self._lock:
+            while self._procs:
+                proc = self._procs.pop()
+                if proc.poll() is None:
+                    return proc
+            return None
+
+    def close(self) -> None:
+        with self._lock:
+            procs, self._procs = self._procs, []
+        for proc in procs:
+            assert proc.stdin is not None
+            with contextlib.suppress(OSError):
+                proc.stdin.close()  # a spare that was never given a task exits at once
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            PROCESSES.forget(proc.pid)
+
+
+def _spawn_host(args: list[str], env: dict[str, str], cwd: Path | None) -> subprocess.Popen[bytes]:
+    return PROCESSES.spawn(
+        [sys.executable, "-m", "worker.host", *args],
+        None,
+        cwd=cwd,
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        start_new_session=True,
+    )
+
+
+SPARE_HOSTS = _Spares()
+
+
 class _Host:
     """A warm task host process (see :mod:`worker.host`) owned by one slot."""
 
     def __init__(self, bundle: UnpackedBundle, env: dict[str, str]):
-        self.proc = PROCESSES.spawn(
-            [sys.executable, "-m", "worker.host", str(bundle.root)],
-            None,
-            cwd=bundle.root,
-            env=env,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            start_new_session=True,
-        )
+        spare = SPARE_HOSTS.take()
+        if spare is not None:
+            self.proc = spare
+            load = {
+                "task": str(bundle.root),
+                "path": bundle.python_path().split(os.pathsep),
+                "env": env,
+            }
+            assert spare.stdin is not None
+            try:
+                spare.stdin.write(json.dumps(load).encode() + b"\n")
+                spare.stdin.flush()
+            except OSError:
+                spare = None
+        if spare is None:
+            self.proc = _spawn_host([str(bundle.root)], env, bundle.root)
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self._stdin: IO[bytes] = self.proc.stdin
         self._stdout: IO[bytes] = self.proc.stdout
         self.requests = 0
         self.recycle = False
-        first = self._stdout.readline()
+        self.outstanding: list[int] = []  # request ids sent and not yet answered, in order
+        self.replies: dict[int, dict[str, Any]] = {}
+        self.dead_code: int | None = None  # the host's exit status once it died
+        self.died_under: int | None = None  # the request it was running then
+        self._fd = self._stdout.fileno()
+        self._buffer = b""  # replies are read unbuffered: select() must see what is pending
+        first = self._line(None)
         try:
             hello = json.loads(first) if first else {}
         except ValueError:
@@ -178,6 +246,7 @@ class _Host:
         return self.proc.poll() is None and not self.recycle
 
     def send(self, request: dict[str, Any]) -> bool:
+        self.outstanding.append(request["id"])
         try:
             self._stdin.write(json.dumps(request).encode() + b"\n")
             self._stdin.flush()
@@ -185,17 +254,48 @@ class _Host:
         except (BrokenPipeError, ValueError, OSError):
             return False
 
-    def read(self, timeout: float | None) -> dict[str, Any] | None:
-        """The next reply, {} when the host died, None when nothing came within ``timeout``."""
-        if timeout is not None:
-            ready, _, _ = select.select([self._stdout], [], [], max(timeout, 0))
-            if not ready:
-                return None
-        line = self._stdout.readline()
+    def _line(self, timeout: float | None) -> bytes | None:
+        """One reply line; b"" once the host closed its end, None when ``timeout`` passed."""
+        while b"\n" not in self._buffer:
+            if timeout is not None:
+                ready, _, _ = select.select([self._fd], [], [], max(timeout, 0))
+                if not ready:
+                    return None
+            chunk = os.read(self._fd, 65536)
+            if not chunk:
+                return b""
+            self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        return line
+
+    def read(self, timeout: float | None) -> bool:
+        """Take the next reply into :attr:`replies`; False when nothing came in ``timeout``.
+        When the host died, :attr:`dead_code` is set."""
+        if self.dead_code is not None:
+            return True
+        line = self._line(timeout)
+        if line is None:
+            return False
         if not line:
-            return {}
+            self._died()
+            return True
         reply: dict[str, Any] = json.loads(line)
-        return reply
+        self.replies[reply["id"]] = reply
+        with contextlib.suppress(ValueError):
+            self.outstanding.remove(reply["id"])
+        return True
+
+    def _died(self) -> None:
+        try:
+            code = self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            reaper.kill_group(self.proc.pid)
+            code = self.proc.wait()
+        reaper.kill_group(self.proc.pid)
+        PROCESSES.forget(self.proc.pid)
+        self.dead_code = code if code != 0 else 1  # a host never exits 0 with shards queued
+        self.died_under = self.outstanding[0] if self.outstanding else None  # what it ran
+        self.recycle = True
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -212,38 +312,43 @@ class _Host:
 
 
 class _HostTask(RunningTask):
-    def __init__(self, host: _Host, token: str, log_path: Path):
+    """One shard sent to a warm host; several may be queued on one host (short shards)."""
+
+    def __init__(self, host: _Host, request_id: int, token: str, log_path: Path):
         self._host = host
+        self._id = request_id
         self.pid = host.proc.pid
         self.token = token
         self._log_path = log_path
         self._code: int | None = None
+        self.not_started = False  # the host died before it reached this shard
 
     def wait(self, timeout: float | None) -> int | None:
         if self._code is not None:
             return self._code
-        reply = self._host.read(timeout)
-        if reply is None:
-            return None
-        if reply:
+        host = self._host
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._id not in host.replies and host.dead_code is None:
+            left = None if deadline is None else max(deadline - time.monotonic(), 0)
+            if not host.read(left) and (deadline is None or time.monotonic() >= deadline):
+                return None
+        reply = host.replies.pop(self._id, None)
+        if reply is not None:
             self._code = int(reply["exit"])
             self.reason = reply.get("reason")
-            self._host.recycle = bool(reply.get("recycle"))
+            host.recycle = host.recycle or bool(reply.get("recycle"))
             PROCESSES.discard(self.token)  # the host killed its own leftovers
             return self._code
-        # The host died under the task (os._exit, a crash, or our own kill).
-        try:
-            code = self._host.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            reaper.kill_group(self._host.proc.pid)
-            code = self._host.proc.wait()
-        reaper.kill_group(self._host.proc.pid)
-        PROCESSES.forget(self._host.proc.pid)
+        # The host died: under this shard (os._exit, a crash, our own kill), or before it.
+        assert host.dead_code is not None
+        self.not_started = host.died_under != self._id
+        with contextlib.suppress(ValueError):
+            host.outstanding.remove(self._id)
         PROCESSES.ended(self.token)
-        self._code = code if code != 0 else 1  # a host never exits 0 with a shard running
-        if code >= 0:
+        self._code = host.dead_code
+        if not self.not_started and self._code >= 0:
             with contextlib.suppress(OSError), self._log_path.open("a") as log:
-                log.write(f"cflow: the task's process exited with code {code} mid-shard\n")
+                log.write(f"cflow: the task's process exited with code {self._code} mid-shard\n")
         return self._code
 
 
@@ -254,9 +359,7 @@ class Executor:
         self.bundle = bundle
         self.entry = entry
         if isolate is None:
-            isolate = os.environ.get("CFLOW_ISOLATE", "0") == "1" or (
-                os.environ.get("CFLOW_FORK") == "0"
-            )
+            isolate = os.environ.get("CFLOW_ISOLATE", "0") == "1"
         self.isolate = isolate
         self._hosts: dict[int, _Host] = {}
         self._cold = False  # the task does not import: a fresh interpreter per shard shows why
@@ -285,12 +388,18 @@ class Executor:
         if host is None:
             return self._start_cold(env, log_path, token)
         PROCESSES.begin(token)
-        request = {"id": host.requests, "log": str(log_path), "cwd": str(self.bundle.root)}
+        request_id = host.requests
+        request = {"id": request_id, "log": str(log_path), "cwd": str(self.bundle.root)}
         request["env"] = env
         host.requests += 1
         if not host.send(request):
             host.recycle = True
-        return _HostTask(host, token, log_path)
+        return _HostTask(host, request_id, token, log_path)
+
+    @property
+    def queues(self) -> bool:
+        """Several shards may be started at once on one slot: they queue in its warm host."""
+        return self.entry is Entry.PYTHON and not self.isolate and not self._cold
 
     def _host(self, slot: int) -> _Host | None:
         if self._cold:

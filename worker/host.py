@@ -15,6 +15,9 @@ process the shard started: the host is a child subreaper, so even a daemon in a 
 still below it. A crash (``os._exit``, a segfault, SIGKILL on a timeout) takes down only this
 process and fails only its own attempt; the worker starts a fresh host for the next shard.
 
+``python -m worker.host --spare`` starts a host before the worker knows its task (while the
+worker waits for its first shard); its first line then names the task to import.
+
 ``recycle`` asks the worker to replace this host before the next shard: the task left threads
 running, which would otherwise outlive its attempt inside this process.
 """
@@ -100,11 +103,22 @@ class _StderrFd(io.TextIOBase):
         return len(text)
 
 
-def serve(task_dir: Path) -> None:
+def serve(task_dir: Path | None) -> None:
+    """Serve shards of ``task_dir``; with None (a spare host, started before any shard was
+    received) the first line names the task: {"task": DIR, "path": [...], "env": {...}}."""
     reaper.die_with_parent()
     reaper.become_subreaper()
     replies = os.fdopen(os.dup(1), "w", encoding="utf-8")
     requests = os.fdopen(os.dup(0), "r", encoding="utf-8")
+    if task_dir is None:
+        first = requests.readline()
+        if not first:
+            return
+        load = json.loads(first)
+        os.environ.update(load["env"])
+        sys.path[0:0] = load["path"]
+        os.chdir(load["task"])
+        task_dir = Path(load["task"])
     # Keep the task's own prints (at import and later) out of the reply channel.
     null = os.open(os.devnull, os.O_RDWR)
     os.dup2(null, 0)
@@ -128,4 +142,4 @@ def serve(task_dir: Path) -> None:
 
 
 if __name__ == "__main__":
-    serve(Path(sys.argv[1]))
+    serve(None if sys.argv[1] == "--spare" else Path(sys.argv[1]))

@@ -58,6 +58,7 @@ class ShardState(StrEnum):
     RUNNING = "running"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
+    CANCELLED = "cancelled"  # the run was cancelled (or halted) before the shard finished
     LOST = "lost"  # its attempt's worker is gone; the runner puts the shard on the queue again
 
 
@@ -133,6 +134,7 @@ class RunOptions(_Record):
     slots: int = defaults.SLOTS  # shards per worker, so a re-attached runner sizes alike
     speculate: bool = False  # back up stragglers near the end (a re-attached runner too)
     isolate: bool = False  # a fresh process per Python shard instead of a warm one per slot
+    image: str | None = None  # run each attempt in this container image (worker.container)
 
 
 @dataclass(frozen=True)
@@ -148,6 +150,10 @@ class Manifest(_Record):
     created_at: float = field(default_factory=_now)
     task_name: str = "task"
     schema: int = SCHEMA_VERSION
+    # Bundles the run's shards were retried with (`retry --task`), oldest first:
+    # {"sha256", "at", "shards"}. ``bundle`` is the latest, which messages without one run.
+    bundles: list[dict[str, Any]] = field(default_factory=list)
+    halted: str | None = None  # why the runner stopped the run early (--halt), if it did
     # Publishing progress, so a runner killed while publishing can be resumed: shards of the
     # shard list (in order) confirmed on the queue, and when that count last moved. None: a run
     # from before this field, or one published whole.

@@ -1,13 +1,21 @@
 """The Pub/Sub queue and event bus: shards on the work topic, progress on the events topic.
 
 Workers **receive** with a synchronous pull of at most their free slots, so no worker holds work
-another idle VM could take. (Streaming pull's flow control would do the same on the real service,
-but the emulator ignores ``max_outstanding_messages`` and streams the whole backlog to the first
-subscriber; the unary pull behaves the same everywhere.) A lease is the message's ack deadline:
-set when the message arrives and extended in one batched call per period by a background
-**leaser**, for as long as the message is held but at most ``max_lease_seconds`` (beyond that
-only the agent's :meth:`PubSubQueue.extend` calls keep it). **ack** is ``acknowledge`` after
-commit; **nack** is ``modify_ack_deadline 0``, which redelivers at once.
+another idle VM could take. Every pull gives the server at least ``PULL_DEADLINE`` to answer,
+however short the caller's timeout: when a client gives up on a pull first, the messages the
+server had already handed to it stay leased until their ack deadline and count as a delivery
+(python-pubsub #1414 and #440, google-cloud-python #8087), so a short client deadline strands
+work and burns delivery attempts while a worker is merely idle. The server answers a pull that
+finds messages at once and may hold an empty one up to the deadline, so an idle worker's receive
+can take up to ``PULL_DEADLINE``: the price of never abandoning a pull in flight.
+(Streaming pull's flow control would do the same on the real service, but the emulator ignores
+``max_outstanding_messages`` and streams the whole backlog to the first subscriber; the unary pull
+behaves the same everywhere.)
+A lease is the message's ack deadline: set when the message arrives and extended in one batched
+call per period by a background **leaser**, for as long as the message is held but at most
+``max_lease_seconds`` (beyond that only the agent's :meth:`PubSubQueue.extend` calls keep it).
+**ack** is ``acknowledge`` after commit; **nack** is ``modify_ack_deadline 0``, which redelivers
+at once.
 
 The runner takes events and dead letters through a streaming pull (:class:`Inbox`): it is the
 only consumer, and the stream avoids polling two subscriptions several times a second.
@@ -43,6 +51,7 @@ MAX_LEASE_SECONDS = 6 * 3600.0  # longest the leaser keeps a message without age
 PUBLISH_TIMEOUT = 120.0  # seconds to wait for one batch of publishes to be stored
 ACK_IDS_PER_CALL = 1000  # ack ids per acknowledge / modify_ack_deadline request
 INBOX_MAX_MESSAGES = 10_000  # events or dead letters the runner holds before taking them
+PULL_DEADLINE = 5.0  # seconds a pull may take: one that finds messages is answered in milliseconds
 _PULL_BACKOFF = (0.02, 0.25)  # seconds: first and longest pause between empty pulls
 _TRANSIENT = (
     gexc.DeadlineExceeded,
@@ -196,8 +205,10 @@ class PubSubQueue(WorkQueue):
         deadline = self.clock.monotonic() + timeout
         pause = _PULL_BACKOFF[0]
         while True:
-            remaining = deadline - self.clock.monotonic()
-            received = self._pull(max_messages, max(remaining, 0.05))
+            received = self._pull(max_messages, max(timeout, PULL_DEADLINE))
+            if received and self._closed.is_set():  # closed while the pull was out: give back
+                self._modify([r.ack_id for r in received], 0)
+                return []
             if received:
                 return self._lease_all(received)
             remaining = deadline - self.clock.monotonic()
@@ -216,7 +227,7 @@ class PubSubQueue(WorkQueue):
                 retry=None,
             )
         except _TRANSIENT as exc:
-            if not isinstance(exc, gexc.DeadlineExceeded):
+            if not isinstance(exc, gexc.DeadlineExceeded):  # an empty pull held to its end
                 log.warning("pull from %s failed, will retry: %s", self.subscription, exc)
             return []
         except gexc.GoogleAPICallError as exc:
@@ -260,6 +271,15 @@ class PubSubQueue(WorkQueue):
             self._leases.pop(lease.ack_id, None)
         # An ack deadline of N seconds is a redelivery after N (at most 600, Pub/Sub's limit).
         self._modify([lease.ack_id], int(min(max(delay, 0), 600)))
+
+    def requeue(self, delivery: Delivery, message: WorkMessage, *, front: bool = False) -> None:
+        """Replace the leased message with ``message``, so its delivery count starts over.
+
+        Published first and acked after: a crash in between duplicates the shard (the first
+        commit wins) instead of losing it. Pub/Sub has no front of the queue; ``front`` is a hint.
+        """
+        self.publish([message])
+        self.ack(delivery)
 
     def extend(self, delivery: Delivery, seconds: float) -> None:
         """Ask the leaser to keep the message ``seconds`` more, even past ``max_lease_seconds``.

@@ -17,7 +17,7 @@ Wire format on stdin/stdout, one JSON object per line:
 ``combine(paths, out)`` with the paths listed one per line in LISTING.
 
 ``python -m worker.zygote --once TASK_DIR`` runs one shard from the environment in this process:
-the fallback when the import failed or forking is turned off (``CFLOW_FORK=0``).
+the fallback when the task does not import (each attempt's log then shows why).
 """
 
 from __future__ import annotations

@@ -2,17 +2,27 @@
 # CFlow VM startup script (the instance template's `startup-script` metadata).
 #
 # Runs as root on every boot. It reads the worker's configuration from instance metadata,
-# installs the worker package into a venv, writes the worker's EnvironmentFile and systemd unit,
-# and (re)starts the unit. Every step is idempotent: a reboot or a re-run changes nothing that
-# is already right, and restarts the worker only when its unit or configuration changed.
+# installs the worker package and its dependencies into a venv from wheels in the bucket (no
+# package index: pip runs with --no-index), writes the worker's EnvironmentFile and systemd
+# unit, and (re)starts the unit. Every step is idempotent: a reboot or a re-run changes nothing
+# that is already right, and restarts the worker only when its unit or configuration changed.
+#
+# A boot that fails (any step, under set -e) must not leave a VM that bills with no worker: the
+# EXIT trap reports it in the bucket (fleet/_problems/<vm>.json, with the last line of this
+# script's log, which the runner shows as "VM x failed to boot: <line>"; the log itself goes to
+# fleet/<vm>/startup.log), then removes this VM from its group, or powers it off if that fails.
 #
 # Instance metadata attributes read (set by infra/compute.py):
 #   cflow-project cflow-region cflow-zone (empty for a regional group) cflow-group cflow-bucket
 #   cflow-work-topic cflow-subscription cflow-events-topic cflow-slots cflow-idle-timeout
 #   cflow-worker-package (gs:// URL of the worker wheel) cflow-worker-sha256
+#   cflow-wheelhouse (gs:// URL of a tar of its dependencies' wheels) cflow-wheelhouse-sha256
 #
 # Overrides, for tests only: CFLOW_PREFIX (root of every path written), CFLOW_METADATA_URL,
 # CFLOW_RETRY_SECONDS (back-off unit of the network steps).
+#
+# The worker exits with status 75 when it cannot remove its own VM from the group; the unit then
+# does not restart it, and its ExecStopPost hook (run as root) powers the VM off.
 # Output goes to the serial console and Cloud Logging through the guest agent.
 set -euo pipefail
 
@@ -28,6 +38,12 @@ UNIT_FILE="$PREFIX/etc/systemd/system/$UNIT"
 STATE_DIR=/var/lib/cflow # systemd's StateDirectory=cflow, owned by the worker's dynamic user
 STOP_TIMEOUT_SECONDS=20  # systemd SIGKILLs the worker after this; Spot preemption allows ~30 s
 RETRY_SECONDS="${CFLOW_RETRY_SECONDS:-10}"
+EXIT_CANNOT_LEAVE=75 # worker/gcp.py EXIT_CANNOT_LEAVE
+BOOT_LOG="$PREFIX/var/log/cflow-startup.log"
+AFTER_STOP="$CFLOW_HOME/bin/after-stop"
+
+# What the failure report needs, filled in as main learns it.
+BUCKET="" GROUP="" ZONE="" REGION="" INSTANCE=""
 
 log() { echo "cflow-startup: $*" >&2; }
 die() {
@@ -107,8 +123,21 @@ fetch_package() {
   printf '%s' "$dest"
 }
 
+# unpack_wheelhouse TAR: the directory of its wheels (unpacked once).
+unpack_wheelhouse() {
+  local tar="$1" dir
+  dir="$(dirname "$tar")/unpacked"
+  if [[ ! -d "$dir/wheels" ]]; then
+    rm -rf "$dir.part"
+    mkdir -p "$dir.part"
+    tar -xf "$tar" -C "$dir.part"
+    mv -f "$dir.part" "$dir"
+  fi
+  printf '%s' "$dir/wheels"
+}
+
 install_worker() {
-  local wheel="$1" sha="$2" stamp="$CFLOW_HOME/installed-$2"
+  local wheel="$1" sha="$2" wheels="$3" stamp="$CFLOW_HOME/installed-$2"
   if [[ -f "$stamp" ]]; then
     log "worker package $sha already installed"
     return
@@ -118,19 +147,54 @@ install_worker() {
     log "creating $VENV"
     python3 -m venv "$VENV"
   fi
-  log "installing $(basename "$wheel") and its dependencies"
-  retry "$VENV/bin/python" -m pip install --disable-pip-version-check --no-input --quiet "$wheel"
+  log "installing $(basename "$wheel") and its dependencies from $wheels"
+  # Only the shipped wheels: no index, so no outage or new release can break a boot.
+  "$VENV/bin/python" -m pip install --disable-pip-version-check --no-input --quiet \
+    --no-index --find-links "$wheels" "$wheel"
   touch "$stamp"
+}
+
+# After a failed boot: report it, then take this VM out of the group (or at least power it off).
+on_exit() {
+  local status=$? last problem location
+  trap - EXIT
+  ((status == 0)) && return 0
+  sleep 0.2 # let tee write the failed step's last words to the log
+  last="$(grep -v '^ *$' "$BOOT_LOG" 2>/dev/null | tail -n 1 | tr -d '\000-\037' | cut -c1-300 || true)"
+  last="${last#cflow-startup: }"
+  last="${last#error: }"
+  problem="failed to boot: ${last:-startup script exited with status $status}"
+  log "boot failed (status $status); reporting and removing this VM"
+  if [[ -n "$BUCKET" && -n "$INSTANCE" ]]; then
+    printf '{"vm": "%s", "problem": "%s", "at": %s}\n' "$INSTANCE" \
+      "$(printf '%s' "$problem" | sed 's/\\/\\\\/g; s/"/\\"/g')" "$(date +%s)" |
+      gcloud storage cp --quiet - "gs://$BUCKET/fleet/_problems/$INSTANCE.json" || true
+    gcloud storage cp --quiet "$BOOT_LOG" "gs://$BUCKET/fleet/$INSTANCE/startup.log" || true
+  fi
+  if [[ -n "$ZONE" ]]; then location="--zone=$ZONE"; else location="--region=$REGION"; fi
+  if [[ -n "$GROUP" && -n "$INSTANCE" ]] &&
+    gcloud compute instance-groups managed delete-instances "$GROUP" --quiet \
+      --instances="$INSTANCE" "$location"; then
+    log "removed $INSTANCE from group $GROUP"
+  else
+    log "could not remove this VM from its group; powering off"
+    systemctl poweroff || true
+  fi
+  return "$status"
 }
 
 main() {
   local project region zone group bucket work_topic subscription events_topic slots idle_timeout
-  local package sha instance_name instance_zone wheel location env unit changed=0
+  local package sha house house_sha instance_name instance_zone wheel wheels location env unit
+  local changed=0
+  INSTANCE="$(metadata instance/name 2>/dev/null || true)"
   project="$(attribute cflow-project)"
   region="$(attribute cflow-region)"
   zone="$(attribute cflow-zone "")"
   group="$(attribute cflow-group)"
+  GROUP="$group" ZONE="$zone" REGION="$region" # known now, for the failure report
   bucket="$(attribute cflow-bucket)"
+  BUCKET="$bucket"
   work_topic="$(attribute cflow-work-topic)"
   subscription="$(attribute cflow-subscription)"
   events_topic="$(attribute cflow-events-topic)"
@@ -138,13 +202,28 @@ main() {
   idle_timeout="$(attribute cflow-idle-timeout 300)"
   package="$(attribute cflow-worker-package)"
   sha="$(attribute cflow-worker-sha256)"
+  house="$(attribute cflow-wheelhouse)"
+  house_sha="$(attribute cflow-wheelhouse-sha256)"
   instance_name="$(metadata instance/name)"
   instance_zone="$(metadata instance/zone)"
   instance_zone="${instance_zone##*/}" # projects/NUMBER/zones/ZONE -> ZONE
+  INSTANCE="$instance_name"
 
   mkdir -p "$CFLOW_HOME"
   wheel="$(fetch_package "$package" "$sha")"
-  install_worker "$wheel" "$sha"
+  wheels="$(unpack_wheelhouse "$(fetch_package "$house" "$house_sha")")"
+  install_worker "$wheel" "$sha" "$wheels"
+
+  # The worker's exit status 75: it could not remove its VM from the group. Power off instead
+  # of restarting it (the runner, or a later `runner watch`, deletes the VM by name).
+  if write_if_changed "$AFTER_STOP" "#!/bin/sh
+# ExecStopPost of $UNIT (run as root).
+if [ \"\$EXIT_STATUS\" = $EXIT_CANNOT_LEAVE ]; then
+  echo 'cflow: the worker could not remove this VM from its group; powering off' >&2
+  systemctl poweroff
+fi"; then
+    chmod 0755 "$AFTER_STOP"
+  fi
 
   # A zonal group is addressed by its zone, a regional one by its region.
   if [[ -n "$zone" ]]; then
@@ -178,6 +257,8 @@ Environment=HOME=$STATE_DIR PYTHONUNBUFFERED=1
 ExecStart=$VENV/bin/python -m worker
 Restart=on-failure
 RestartSec=5s
+RestartPreventExitStatus=$EXIT_CANNOT_LEAVE
+ExecStopPost=+$AFTER_STOP
 # SIGTERM goes to the agent alone: it stops its tasks, records them preempted and nacks.
 KillMode=mixed
 TimeoutStopSec=${STOP_TIMEOUT_SECONDS}s
@@ -206,4 +287,7 @@ WantedBy=multi-user.target"
   log "worker $instance_name is up (group $group, subscription $subscription)"
 }
 
+mkdir -p "$(dirname "$BOOT_LOG")"
+exec > >(tee -a "$BOOT_LOG") 2> >(tee -a "$BOOT_LOG" >&2)
+trap on_exit EXIT
 main "$@"

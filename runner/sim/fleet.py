@@ -11,6 +11,12 @@ Statuses are what :func:`runner.gce_fleet.instance_status` makes of the group's 
 is ``running`` from the moment it runs (so while it boots and installs, too), ``stopping`` only
 while the group deletes it, and ``starting`` while the group creates or recreates it and while a
 preempted VM shuts down (no group action yet, the instance not RUNNING).
+
+Two ways a VM never works, as :class:`runner.gce_fleet.GceFleet` reports them: past the
+region's quota (``VmModel.quota_vms``) the group cannot create it, so it stays ``starting``,
+unbilled, with a ``QUOTA_EXCEEDED`` error until quota frees up; and a VM whose boot fails
+(``VmModel.boot_fail_rate``) runs, billed, with no worker: it reports itself (``removable``, so
+the runner deletes it) and removes itself from the group after ``boot_fail_seconds``.
 """
 
 from __future__ import annotations
@@ -29,7 +35,11 @@ _STATUS = {
     "preempting": "starting",  # instance STOPPING, no group action yet
     "deleting": "stopping",  # the group's DELETING action
     "recreating": "starting",  # the group's RECREATING action
+    "blocked": "starting",  # the group cannot create it: no quota (lastAttempt.errors)
+    "failed": "running",  # booted, but the startup script failed: no worker
 }
+QUOTA_ERROR = "QUOTA_EXCEEDED: Quota 'CPUS' exceeded."
+BOOT_ERROR = "failed to boot: E: Unable to fetch some archives"
 
 
 @dataclass
@@ -50,12 +60,19 @@ class SimFleet(Fleet):
         self._serial = 0
         self.counts = {k: 0 for k in ("created", "preempted", "deleted", "self_deleted")}
         self.counts |= {"recreated": 0, "crashed": 0, "api_lists": 0}
+        self.counts |= {"boot_failed": 0, "quota_blocked": 0}
 
     # -- Fleet -------------------------------------------------------------------------------
 
     def instances(self) -> list[Instance]:
         self.counts["api_lists"] += 1
-        return [Instance(vm.name, _STATUS[vm.state]) for vm in self._vms.values()]
+        out = []
+        for vm in self._vms.values():
+            error = {"blocked": QUOTA_ERROR, "failed": BOOT_ERROR}.get(vm.state)
+            out.append(
+                Instance(vm.name, _STATUS[vm.state], error=error, removable=vm.state == "failed")
+            )
+        return out
 
     def grow(self, count: int) -> list[str]:
         names = []
@@ -88,7 +105,7 @@ class SimFleet(Fleet):
         return len(self._vms)
 
     def billed(self) -> int:
-        return sum(1 for vm in self._vms.values() if vm.state != "recreating")
+        return sum(1 for vm in self._vms.values() if vm.state not in ("recreating", "blocked"))
 
     def busy(self) -> int:
         return sum(1 for vm in self._vms.values() if vm.worker is not None and vm.worker.busy)
@@ -98,8 +115,21 @@ class SimFleet(Fleet):
     def _incarnate(self, vm: SimVm) -> None:
         world = self.world
         vm.incarnation += 1
-        vm.state = "creating"
         vm.worker = None
+        quota = world.vm.quota_vms
+        created = sum(
+            1
+            for v in self._vms.values()
+            if v is not vm and v.state not in ("blocked", "recreating")
+        )
+        if quota is not None and created >= quota:
+            if vm.state != "blocked":
+                self.counts["quota_blocked"] += 1
+            vm.state = "blocked"  # not created, not billed: the group retries
+            inc = vm.incarnation
+            world.clock.after(world.vm.quota_retry_seconds, lambda: self._retry(vm, inc))
+            return
+        vm.state = "creating"
         vm.span = world.ledger.open_vm(vm.name, world.clock.now)
         self.counts["created"] += 1
         inc, model, rng = vm.incarnation, world.vm, world.rng
@@ -115,10 +145,25 @@ class SimFleet(Fleet):
             ready = model.draw(self.world.rng, model.boot_seconds + model.install_seconds)
             self.world.clock.after(ready, lambda: self._boot(vm, inc))
 
+    def _retry(self, vm: SimVm, inc: int) -> None:
+        if vm.incarnation == inc and vm.state == "blocked" and not vm.deleting:
+            self._incarnate(vm)
+
     def _boot(self, vm: SimVm, inc: int) -> None:
         if vm.incarnation == inc and vm.state == "booting":
+            if self.world.rng.random() < self.world.vm.boot_fail_rate:
+                self.counts["boot_failed"] += 1
+                vm.state = "failed"  # reports itself; its startup script removes it
+                self.world.clock.after(
+                    self.world.vm.boot_fail_seconds, lambda: self._boot_failed(vm, inc)
+                )
+                return
             vm.state = "running"
             self._start_worker(vm, inc)
+
+    def _boot_failed(self, vm: SimVm, inc: int) -> None:
+        if vm.incarnation == inc and vm.state == "failed" and not vm.deleting:
+            self._self_delete(vm)
 
     def _start_worker(self, vm: SimVm, inc: int) -> None:
         if vm.incarnation != inc or vm.state != "running":
@@ -153,7 +198,7 @@ class SimFleet(Fleet):
 
     def _remove(self, vm: SimVm) -> None:
         vm.deleting = True
-        if vm.state == "recreating":
+        if vm.state in ("recreating", "blocked"):  # never created: nothing to bill or stop
             del self._vms[vm.name]
             return
         if vm.state == "preempting":

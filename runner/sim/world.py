@@ -30,6 +30,10 @@ class VmModel:
     delete_seconds: float = 10.0  # delete call until an idle VM is gone and no longer billed
     recreate_seconds: float = 30.0  # the group notices a preempted VM and asks for a new one
     restart_seconds: float = 5.0  # systemd restarts a worker process that died
+    boot_fail_rate: float = 0.0  # share of VMs whose startup script fails (apt, download, pip)
+    boot_fail_seconds: float = 30.0  # a failed boot's report and self-removal until it is gone
+    quota_vms: int | None = None  # VMs the region's CPU quota allows at once (None: no limit)
+    quota_retry_seconds: float = 30.0  # the group retries creating a VM blocked by quota
 
     @property
     def ready_seconds(self) -> float:

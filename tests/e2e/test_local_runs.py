@@ -100,6 +100,7 @@ def _alive(workers: dict[str, int]) -> list[int]:
 
 def test_submit_ends_with_no_worker_running(cli: Cli, tmp_path: Path) -> None:
     task = make_task(tmp_path / "t", COPY_TASK)
+    (task / "cflow.toml").write_text("[combine]\nheaders = true\n")
     inputs = make_inputs(tmp_path / "in", [f"f{i}.csv" for i in range(8)])
     result = cli("submit", str(task), "--inputs", str(inputs / "*.csv"), "--workers", "3")
     assert result.code == 0, result.stderr
@@ -137,6 +138,7 @@ def test_odd_input_names_get_safe_stable_ids(cli: Cli, tmp_path: Path) -> None:
     names = ["a b.csv", "ünï cödé.csv", "x;$(touch pwned)|&.csv", "-rf.csv", "日本.csv"]
     inputs = make_inputs(tmp_path / "in", names)
     task = make_task(tmp_path / "t", COPY_TASK)
+    (task / "cflow.toml").write_text("[combine]\nheaders = true\n")
     result = cli("submit", str(task), "--inputs", str(inputs / "*.csv"), "--workers", "2")
     assert result.code == 0, result.stderr
     assert not (tmp_path / "pwned").exists() and not (REPO / "pwned").exists()
@@ -372,7 +374,7 @@ def test_ctrl_c_detaches_and_the_run_goes_on(cli: Cli, tmp_path: Path) -> None:
     wait_for(cli.running_attempts, 30, "a running attempt")
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=30)
-    assert proc.returncode == 1
+    assert proc.returncode == 0  # a detach on purpose is not a failure
     run_id = out.strip()
     assert f"runner watch {run_id}" in err
     watched = cli("watch", run_id)  # the workers kept going without the runner

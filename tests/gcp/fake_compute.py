@@ -5,13 +5,26 @@ format, and the real ``google-cloud-compute`` client (and the worker's plain RES
 it through ``CFLOW_COMPUTE_ENDPOINT``:
 
 - ``instanceGroupManagers`` (zonal) and ``regionInstanceGroupManagers``: ``get``, ``resize``,
-  ``listManagedInstances``, ``deleteInstances``;
-- ``zoneOperations`` / ``regionOperations``: ``get`` and ``wait`` (operations finish at once).
+  ``listManagedInstances`` (paged), ``deleteInstances``, ``abandonInstances``;
+- ``zoneOperations`` / ``regionOperations``: ``get`` and ``wait`` (operations finish at once);
+- ``regions.get`` (quotas), ``instanceTemplates.get`` and ``machineTypes.get``, for ``doctor``.
 
 Each "VM" is a process made by ``spawn(name)``; like a MIG, the fake keeps ``targetSize``
 instances, recreates one whose process died without being deleted (a Spot preemption), and
 "deletes" by SIGTERM. Every request is logged, so tests can assert the group was never resized
 down.
+
+It refuses the way the documentation says the service does:
+
+- at most 1,000 instances in one ``deleteInstances`` / ``abandonInstances`` request (400);
+- a zonal group holds at most 1,000 VMs, a regional one 2,000 (a larger ``resize`` is a 400);
+- ``listManagedInstances`` returns at most 500 a page (``maxResults``), with ``nextPageToken``;
+- with ``cpu_quota`` set, VMs past the region's CPUS quota are never created: they stay
+  ``CREATING`` with ``lastAttempt.errors`` ``QUOTA_EXCEEDED``, and start once quota frees up;
+- with ``rate_limit`` set, requests past that many a ``rate_window`` get 403
+  ``rateLimitExceeded`` (Compute Engine's rate-limit answer, not 429);
+- ``boot_fails(name)`` VMs run (instance ``RUNNING``) but their ``spawn`` is ``failed_spawn``:
+  the VM is up, its worker never is.
 """
 
 from __future__ import annotations
@@ -32,6 +45,16 @@ from urllib.parse import parse_qs, urlparse
 
 Spawn = Callable[[str], subprocess.Popen[Any]]
 BASE = "https://www.googleapis.com/compute/v1"
+DELETE_LIMIT = 1000  # instances per deleteInstances / abandonInstances request
+ZONAL_LIMIT, REGIONAL_LIMIT = 1000, 2000  # VMs a group can hold
+PAGE_LIMIT = 500  # listManagedInstances maxResults: default and most
+_REGION_PATH = re.compile(r"^/compute/v1/projects/(?P<project>[^/]+)/regions/(?P<region>[^/]+)$")
+_TEMPLATE_PATH = re.compile(
+    r"^/compute/v1/projects/(?P<project>[^/]+)/global/instanceTemplates/(?P<name>[^/]+)$"
+)
+_MACHINE_TYPE_PATH = re.compile(
+    r"^/compute/v1/projects/(?P<project>[^/]+)/zones/(?P<zone>[^/]+)/machineTypes/(?P<name>[^/]+)$"
+)
 _GROUP_PATH = re.compile(
     r"^/compute/v1/projects/(?P<project>[^/]+)/(?P<scope>zones|regions)/(?P<where>[^/]+)/"
     r"instanceGroupManagers/(?P<group>[^/]+)(?:/(?P<verb>[A-Za-z]+))?$"
@@ -50,6 +73,7 @@ class Vm:
     action: str = "CREATING"
     deleting: bool = False
     recreated: int = 0
+    error: dict[str, str] | None = None  # lastAttempt's error while it cannot be created
 
 
 @dataclass
@@ -69,6 +93,14 @@ class Group:
     def instance_zone(self) -> str:
         return self.where if self.scope == "zones" else f"{self.where}-b"
 
+    @property
+    def region(self) -> str:
+        return self.where.rsplit("-", 1)[0] if self.scope == "zones" else self.where
+
+    @property
+    def size_limit(self) -> int:
+        return ZONAL_LIMIT if self.scope == "zones" else REGIONAL_LIMIT
+
     def instance_url(self, vm: Vm) -> str:
         return f"{BASE}/projects/{self.project}/zones/{vm.zone}/instances/{vm.name}"
 
@@ -85,16 +117,45 @@ class FakeCompute:
         zone: str | None = "us-central1-a",
         region: str | None = None,
         recreate: bool = True,
+        cpu_quota: int | None = None,
+        cpus_per_vm: int = 2,
+        rate_limit: int | None = None,
+        rate_window: float = 1.0,
+        boot_fails: Callable[[str], bool] | None = None,
+        failed_spawn: Spawn | None = None,
+        machine_type: str = "e2-standard-2",
+        quotas: dict[str, tuple[float, float]] | None = None,
+        denied: frozenset[str] = frozenset(),
     ):
         scope, where = ("zones", zone) if zone else ("regions", region)
         assert where, "a zone or a region"
         self.group = Group(project, scope, where, group)
         self.spawn = spawn
         self.recreate = recreate
+        self.cpu_quota = cpu_quota
+        self.cpus_per_vm = cpus_per_vm
+        self.rate_limit = rate_limit
+        self.rate_window = rate_window
+        self.boot_fails = boot_fails or (lambda name: False)
+        self.failed_spawn = failed_spawn or sleeper
+        self.machine_type = machine_type
+        # regions.get quotas: metric -> (limit, usage); CPUS follows cpu_quota when set.
+        self.quotas = quotas or {
+            "CPUS": (24.0, 0.0),
+            "PREEMPTIBLE_CPUS": (0.0, 0.0),
+            "DISKS_TOTAL_GB": (4096.0, 0.0),
+            "SSD_TOTAL_GB": (500.0, 0.0),
+            "IN_USE_ADDRESSES": (8.0, 0.0),
+        }
+        self.denied = denied  # verbs (e.g. "deleteInstances") answered 403 permission denied
+        self.rate_limited = 0  # requests refused for the rate limit
+        self.boot_failed: list[str] = []
+        self._recent: list[float] = []
         self.requests: list[tuple[str, str]] = []  # (method, path?query)
         self.resizes: list[int] = []
         self.deleted: list[str] = []
         self.preempted: list[str] = []
+        self.abandoned: list[Vm] = []
         self._lock = threading.RLock()
         self._ops: dict[str, dict[str, Any]] = {}
         self._ids = itertools.count(1_000_000)
@@ -120,7 +181,8 @@ class FakeCompute:
         self._server.shutdown()
         self._server.server_close()
         with self._lock:
-            procs = [vm.proc for vm in self.group.vms.values() if vm.proc is not None]
+            vms = [*self.group.vms.values(), *self.abandoned]
+            procs = [vm.proc for vm in vms if vm.proc is not None]
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()
@@ -162,11 +224,15 @@ class FakeCompute:
                 elif exited and self.recreate:  # preempted or crashed: a MIG recreates it
                     self.preempted.append(vm.name)
                     vm.action, vm.recreated = "RECREATING", vm.recreated + 1
-                    vm.proc = self.spawn(vm.name)
+                    vm.proc = self._start(vm)
                 elif exited:
                     del g.vms[vm.name]
                 elif vm.proc is None:
-                    vm.proc = self.spawn(vm.name)
+                    if self._quota_left() >= self.cpus_per_vm:
+                        vm.error = None
+                        vm.proc = self._start(vm)
+                    else:  # the group retries creating it until quota frees up
+                        vm.error = self._quota_error()
                 else:
                     vm.action = "NONE"
             alive = [vm for vm in g.vms.values() if not vm.deleting]
@@ -175,6 +241,25 @@ class FakeCompute:
                 g.vms[name] = Vm(name, g.instance_zone())
             for vm in alive[g.target_size :]:  # a resize down: the MIG picks victims itself
                 self._delete(vm)
+
+    def _start(self, vm: Vm) -> subprocess.Popen[Any]:
+        if self.boot_fails(vm.name):
+            self.boot_failed.append(vm.name)
+            return self.failed_spawn(vm.name)
+        return self.spawn(vm.name)
+
+    def _quota_left(self) -> float:
+        if self.cpu_quota is None:
+            return float("inf")
+        running = sum(1 for vm in self.group.vms.values() if vm.proc is not None)
+        return self.cpu_quota - running * self.cpus_per_vm
+
+    def _quota_error(self) -> dict[str, str]:
+        return {
+            "code": "QUOTA_EXCEEDED",
+            "message": f"Quota 'CPUS' exceeded.  Limit: {float(self.cpu_quota or 0)} "
+            f"in region {self.group.region}.",
+        }
 
     def _delete(self, vm: Vm) -> None:
         vm.deleting, vm.action = True, "DELETING"
@@ -207,13 +292,28 @@ class FakeCompute:
     def _managed(self, vm: Vm) -> dict[str, Any]:
         alive = vm.proc is not None and vm.proc.poll() is None
         status = "STOPPING" if vm.deleting else ("RUNNING" if alive else "STAGING")
-        return {
+        managed: dict[str, Any] = {
             "instance": self.group.instance_url(vm),
             "name": vm.name,
             "id": str(abs(hash(vm.name)) % 10**18),
-            "instanceStatus": status,
             "currentAction": vm.action,
         }
+        if vm.proc is not None or vm.deleting:  # an instance never created has no status
+            managed["instanceStatus"] = status
+        if vm.error is not None:
+            managed["lastAttempt"] = {"errors": {"errors": [vm.error]}}
+        return managed
+
+    def _rate_limited(self) -> bool:
+        if self.rate_limit is None:
+            return False
+        now = time.monotonic()
+        self._recent = [t for t in self._recent if now - t < self.rate_window]
+        if len(self._recent) >= self.rate_limit:
+            self.rate_limited += 1
+            return True
+        self._recent.append(now)
+        return False
 
     def handle(self, method: str, raw_path: str, body: dict[str, Any]) -> tuple[int, Any]:
         url = urlparse(raw_path)
@@ -221,6 +321,14 @@ class FakeCompute:
         self.requests.append((method, raw_path))
         with self._lock:
             g = self.group
+            if self._rate_limited():
+                return _error(403, "Rate Limit Exceeded", reason="rateLimitExceeded")
+            if m := _REGION_PATH.match(url.path):
+                return 200, self._region(m["region"])
+            if m := _TEMPLATE_PATH.match(url.path):
+                return 200, self._template(m["name"])
+            if m := _MACHINE_TYPE_PATH.match(url.path):
+                return self._machine_type(m["zone"], m["name"])
             if m := _OPERATION_PATH.match(url.path):
                 op = self._ops.get(m["name"])
                 if op is None or (m["scope"], m["where"]) != (g.scope, g.where):
@@ -241,6 +349,12 @@ class FakeCompute:
                     f"The resource '{resource}/instanceGroupManagers/{m['group']}' was not found",
                 )
             verb = m["verb"]
+            if verb in self.denied:
+                return _error(
+                    403,
+                    "Required 'compute.instanceGroupManagers.update' permission for "
+                    f"'projects/{g.project}/{g.scope}/{g.where}/instanceGroupManagers/{g.name}'",
+                )
             if method == "GET" and verb is None:
                 return 200, {
                     "kind": "compute#instanceGroupManager",
@@ -249,6 +363,8 @@ class FakeCompute:
                     "baseInstanceName": g.name,
                     "targetSize": g.target_size,
                     "selfLink": g.self_link,
+                    "instanceTemplate": f"{BASE}/projects/{g.project}/global/"
+                    f"instanceTemplates/{g.name}-template",
                     "status": {"isStable": all(vm.action == "NONE" for vm in g.vms.values())},
                     ("zone" if g.scope == "zones" else "region"): (
                         f"{BASE}/projects/{g.project}/{g.scope}/{g.where}"
@@ -256,27 +372,85 @@ class FakeCompute:
                 }
             if method == "POST" and verb == "resize":
                 size = int(query["size"])
+                if size > g.size_limit:
+                    return _error(
+                        400,
+                        f"Invalid value for field 'size': '{size}'. "
+                        f"Must be less than or equal to {g.size_limit}.",
+                    )
                 self.resizes.append(size)
                 g.target_size = size
                 self.reconcile()
                 return 200, self._operation("compute.instanceGroupManagers.resize", g.self_link)
             if method == "POST" and verb == "listManagedInstances":
                 vms = sorted(g.vms.values(), key=lambda vm: vm.name)
-                return 200, {"managedInstances": [self._managed(vm) for vm in vms]}
-            if method == "POST" and verb == "deleteInstances":
+                page = min(int(query.get("maxResults", PAGE_LIMIT)), PAGE_LIMIT)
+                start = int(query.get("pageToken") or 0)
+                out: dict[str, Any] = {
+                    "managedInstances": [self._managed(vm) for vm in vms[start : start + page]]
+                }
+                if start + page < len(vms):
+                    out["nextPageToken"] = str(start + page)
+                return 200, out
+            if method == "POST" and verb in ("deleteInstances", "abandonInstances"):
+                urls = body.get("instances", [])
+                if len(urls) > DELETE_LIMIT:
+                    return _error(
+                        400,
+                        f"Invalid value for field 'resource.instances': {len(urls)} instances. "
+                        f"At most {DELETE_LIMIT} instances can be specified in one request.",
+                    )
                 skip = bool(body.get("skipInstancesOnValidationError"))
-                names = [u.rsplit("/", 1)[-1] for u in body.get("instances", [])]
+                names = [u.rsplit("/", 1)[-1] for u in urls]
                 unknown = [n for n in names if n not in g.vms or g.vms[n].deleting]
                 if unknown and not skip:
                     return _error(400, f"Instances {unknown} are not members of the group")
                 for name in names:
                     if name not in unknown:
-                        self._delete(g.vms[name])
+                        if verb == "deleteInstances":
+                            self._delete(g.vms[name])
+                        else:
+                            self.abandoned.append(g.vms.pop(name))
                         g.target_size -= 1
-                return 200, self._operation(
-                    "compute.instanceGroupManagers.deleteInstances", g.self_link
-                )
+                return 200, self._operation(f"compute.instanceGroupManagers.{verb}", g.self_link)
             return _error(400, f"unsupported {method} {verb}")
+
+    def _region(self, region: str) -> dict[str, Any]:
+        quotas = dict(self.quotas)
+        if self.cpu_quota is not None:
+            quotas["CPUS"] = (float(self.cpu_quota), quotas.get("CPUS", (0.0, 0.0))[1])
+        return {
+            "kind": "compute#region",
+            "name": region,
+            "status": "UP",
+            "zones": [f"{BASE}/projects/{self.group.project}/zones/{region}-{z}" for z in "bcf"],
+            "quotas": [
+                {"metric": metric, "limit": limit, "usage": usage}
+                for metric, (limit, usage) in quotas.items()
+            ],
+        }
+
+    def _template(self, name: str) -> dict[str, Any]:
+        return {
+            "kind": "compute#instanceTemplate",
+            "name": name,
+            "properties": {
+                "machineType": self.machine_type,
+                "scheduling": {"provisioningModel": "SPOT", "preemptible": True},
+                "disks": [
+                    {
+                        "boot": True,
+                        "initializeParams": {"diskSizeGb": "20", "diskType": "pd-balanced"},
+                    }
+                ],
+            },
+        }
+
+    def _machine_type(self, zone: str, name: str) -> tuple[int, Any]:
+        m = re.fullmatch(r"[a-z0-9]+-(?:standard|highmem|highcpu)-(\d+)", name)
+        if m is None:
+            return _error(404, f"The resource 'machineTypes/{name}' was not found")
+        return 200, {"kind": "compute#machineType", "name": name, "guestCpus": int(m[1])}
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         fake = self
@@ -311,15 +485,41 @@ class FakeCompute:
         return Handler
 
 
-def _error(code: int, message: str) -> tuple[int, Any]:
-    reason = {404: "notFound", 400: "invalid"}.get(code, "backendError")
+def _error(code: int, message: str, *, reason: str | None = None) -> tuple[int, Any]:
+    reason = reason or {404: "notFound", 400: "invalid", 403: "forbidden"}.get(code, "backendError")
+    domain = "usageLimits" if reason == "rateLimitExceeded" else "global"
     return code, {
         "error": {
             "code": code,
             "message": message,
-            "errors": [{"message": message, "domain": "global", "reason": reason}],
+            "errors": [{"message": message, "domain": domain, "reason": reason}],
         }
     }
+
+
+class PaperVm:
+    """A VM without a process, for groups of thousands: alive until signalled."""
+
+    def __init__(self) -> None:
+        self.returncode: int | None = None
+        self.pid = 0
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        self.returncode = -sig
+
+    def kill(self) -> None:
+        self.returncode = -signal.SIGKILL
+
+    def wait(self, timeout: float | None = None) -> int:
+        return self.returncode if self.returncode is not None else 0
+
+
+def paper(name: str) -> subprocess.Popen[Any]:
+    """``spawn`` for groups too large for a process per VM."""
+    return PaperVm()  # type: ignore[return-value]
 
 
 def sleeper(name: str) -> subprocess.Popen[Any]:

@@ -12,9 +12,13 @@ import pytest
 
 from runner.config import Backend, Config
 from runner.doctor import run_checks
+from runner.gce_fleet import GceFleet
+from tests.e2e.conftest import wait_for
 from tests.emulators import Deployment
 from tests.gcp.conftest import MakeCompute, worker_env
 from tests.gcp.fake_compute import sleeper
+from worker.gcp import report_problem
+from worker.gcs_store import GcsStore
 
 pytestmark = pytest.mark.emulator
 
@@ -51,8 +55,15 @@ def test_complete_deployment_passes_through_the_cli(
         "events subscription",
         "dead-letter subscription",
         "instance group",
+        "quota",
+        "VMs",
     }
     assert "dead letters to" in checks["work subscription"]["detail"]
+    # 24 CPUs and 500 GB of SSD quota, e2-standard-2 with 20 GB disks: 12 VMs.
+    assert checks["quota"]["detail"].startswith(
+        "12 Spot e2-standard-2 VMs fit in us-central1 (CPUS binds); for 125 VMs ask for CPUS 250, "
+        "SSD_TOTAL_GB 2500; for 2000 VMs ask for CPUS 4000, SSD_TOTAL_GB 40000"
+    )
     assert "the deployment is ready" in result.stderr
 
 
@@ -96,3 +107,51 @@ def test_subscription_on_the_wrong_topic_is_reported(
         f"attached to projects/cflow-test/topics/{deployment.work_topic}"
         in failed["events subscription"]
     )
+
+
+def test_quota_short_of_the_group_says_what_to_ask_for(
+    deployment: Deployment, fake_compute: MakeCompute
+) -> None:
+    fake_compute(spawn=sleeper, cpu_quota=8)  # a fresh project's Spot allowance, say
+    checks = {c.name: c for c in run_checks(_config(deployment))}
+    quota = checks["quota"]
+    assert not quota.ok
+    assert quota.detail.startswith("only 4 Spot e2-standard-2 VMs fit in us-central1 (CPUS binds)")
+    assert "for 125 VMs ask for CPUS 250, SSD_TOTAL_GB 2500" in quota.detail
+
+
+def test_spot_vms_count_against_preemptible_cpus_when_the_project_has_them(
+    deployment: Deployment, fake_compute: MakeCompute
+) -> None:
+    fake_compute(
+        spawn=sleeper,
+        quotas={
+            "CPUS": (8.0, 0.0),
+            "PREEMPTIBLE_CPUS": (400.0, 100.0),
+            "SSD_TOTAL_GB": (10000.0, 0.0),
+            "IN_USE_ADDRESSES": (8.0, 0.0),
+        },
+    )
+    quota = {c.name: c for c in run_checks(_config(deployment))}["quota"]
+    assert quota.ok, quota.detail
+    assert quota.detail.startswith(
+        "150 Spot e2-standard-2 VMs fit in us-central1 (PREEMPTIBLE_CPUS binds); "
+        "for 2000 VMs ask for PREEMPTIBLE_CPUS 4100"
+    )
+
+
+def test_vms_that_reported_a_problem_are_named(
+    deployment: Deployment, fake_compute: MakeCompute
+) -> None:
+    fake = fake_compute(spawn=sleeper)
+    fleet = GceFleet(project=deployment.project, group="cflow-workers", zone=ZONE)
+    (name,) = fleet.grow(1)
+    wait_for(lambda: len(fake.live()) == 1, 10, "the VM")
+    store = GcsStore(deployment.bucket)
+    report_problem(store, name, "could not remove itself from its group")
+    vms = {c.name: c for c in run_checks(_config(deployment))}["VMs"]
+    assert not vms.ok
+    assert vms.detail.startswith(f"VM {name} could not remove itself from its group; ")
+    assert "runner watch" in vms.detail
+    fleet.delete([name])
+    assert fleet.wait_empty(10)

@@ -18,7 +18,9 @@ import pytest
 from tests.e2e.conftest import Cli, make_inputs, make_task, wait_for
 from tests.emulators import Deployment
 from tests.gcp.conftest import MakeCompute, worker_env, worker_spawner
-from tests.gcp.fake_compute import FakeCompute
+from tests.gcp.fake_compute import FakeCompute, sleeper
+from worker.gcp import report_problem
+from worker.gcs_store import GcsStore
 
 pytestmark = [pytest.mark.e2e, pytest.mark.emulator]
 
@@ -164,6 +166,7 @@ def test_idle_workers_leave_the_group_by_themselves(
 ) -> None:
     cloud = _cloud(deployment, fake_compute, tmp_path, idle_timeout=1.0)
     task = make_task(tmp_path / "task", COPY_TASK)
+    (task / "cflow.toml").write_text("[combine]\nheaders = true\n")
     inputs = make_inputs(tmp_path / "data", ["a.csv", "b b.csv", "c.csv"])
     result = cloud.run(
         "submit", str(task), "--inputs", str(inputs / "*.csv"), "--workers", "2", "--detach"
@@ -186,3 +189,69 @@ def test_idle_workers_leave_the_group_by_themselves(
         f"gs://{deployment.bucket}/runs/{run_id}/inputs/"
         in cloud.status(run_id)["shards"][0]["input"]
     )
+
+
+def test_a_quota_limited_group_still_finishes_and_the_runner_says_why(
+    deployment: Deployment, fake_compute: MakeCompute, tmp_path: Path
+) -> None:
+    holder: dict[str, str] = {}
+    spawn = worker_spawner(
+        deployment,
+        logs=tmp_path / "vms",
+        group=GROUP,
+        zone=ZONE,
+        endpoint=lambda: holder["endpoint"],
+    )
+    fake = fake_compute(spawn=spawn, group=GROUP, zone=ZONE, cpu_quota=4, cpus_per_vm=2)
+    holder["endpoint"] = fake.endpoint
+    cloud = Cloud(deployment, fake, tmp_path)
+    task = make_task(tmp_path / "task", "import time\n\ndef run(shard):\n    time.sleep(0.2)\n")
+    result = cloud.run("submit", str(task), "--shards", "12", "--workers", "4", timeout=180)
+    assert result.returncode == 0, result.stderr
+    assert "VMs cannot start: QUOTA_EXCEEDED: Quota 'CPUS' exceeded." in result.stderr
+    run_id = result.stdout.strip().splitlines()[0]
+    assert cloud.status(run_id)["counts"]["succeeded"] == 12
+    wait_for(fake.is_empty, 30, "the group at zero")
+
+
+def test_a_vm_that_fails_to_boot_is_named_removed_and_replaced(
+    deployment: Deployment, fake_compute: MakeCompute, tmp_path: Path
+) -> None:
+    holder: dict[str, str] = {}
+    spawn = worker_spawner(
+        deployment,
+        logs=tmp_path / "vms",
+        group=GROUP,
+        zone=ZONE,
+        endpoint=lambda: holder["endpoint"],
+    )
+    store = GcsStore(deployment.bucket)
+    failed: list[str] = []
+
+    def failed_boot(name: str) -> subprocess.Popen[Any]:
+        # What infra/scripts/startup.sh leaves when a step fails (tested in tests/infra).
+        report_problem(store, name, "failed to boot: E: Unable to fetch some archives")
+        return sleeper(name)  # the VM runs on, with no worker
+
+    def fails(name: str) -> bool:
+        if not failed:
+            failed.append(name)
+        return name == failed[0]
+
+    fake = fake_compute(
+        spawn=spawn, group=GROUP, zone=ZONE, boot_fails=fails, failed_spawn=failed_boot
+    )
+    holder["endpoint"] = fake.endpoint
+    cloud = Cloud(deployment, fake, tmp_path)
+    task = make_task(tmp_path / "task", "import time\n\ndef run(shard):\n    time.sleep(0.2)\n")
+    result = cloud.run("submit", str(task), "--shards", "10", "--workers", "2", timeout=180)
+    assert result.returncode == 0, result.stderr
+    (bad,) = failed
+    assert f"VM {bad} failed to boot: E: Unable to fetch some archives" in result.stderr
+    run_id = result.stdout.strip().splitlines()[0]
+    status = cloud.status(run_id)
+    assert status["counts"]["succeeded"] == 10
+    workers = {a["worker"] for s in status["shards"] for a in s["attempts"]}
+    assert bad not in workers  # it was sent no work
+    assert bad in fake.deleted
+    wait_for(fake.is_empty, 30, "the group at zero")

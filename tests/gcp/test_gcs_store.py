@@ -137,3 +137,34 @@ def test_local_inputs_are_staged_once_by_checksum(gcp_backends: Backends, tmp_pa
     remote = again("r-stage", Shard(id="g", index=0, input="gs://b/k.csv"))
     assert remote.input == "gs://b/k.csv"
     again.close()
+
+
+def test_task_files_named_like_records_are_never_read_as_records(gcp_backends: Backends) -> None:
+    """A task may name its outputs status.json or result.json: on Cloud Storage they sit in
+    the same bucket as the store's records, and `status` must tell them apart."""
+    import json
+
+    from runner.runs import iter_shard_reports
+    from worker.protocol import AttemptStatus, Layout, Manifest, ShardResult
+
+    store = gcp_backends.store
+    run = "r-lookalike"
+    manifest = Manifest(run_id=run, bundle="0" * 64, entry="python", shard_count=1)
+    store.put(Layout.manifest(run), manifest.to_json())
+    store.put(
+        Layout.shard_list(run), (json.dumps(Shard(id="a", index=0).to_dict()) + "\n").encode()
+    )
+    status = AttemptStatus(
+        run_id=run, shard_id="a", attempt=1, state="running", worker="w", started_at=1.0
+    )
+    store.put(Layout.status(run, "a", 1), status.to_json())
+    out = Layout.outputs(run, "a", 1)
+    for name in ("status.json", "result.json", "attempts/2/status.json"):
+        store.put(out + name, b"[1, 2, 3]")  # not a record: a list, not an object
+    result = ShardResult(
+        run_id=run, shard_id="a", attempt=1, worker="w", started_at=1.0, finished_at=2.0
+    )
+    store.put(Layout.result(run, "a"), result.to_json())
+    (report,) = iter_shard_reports(store, manifest)
+    assert report.state.value == "succeeded"
+    assert [a.attempt for a in report.attempts] == [1]

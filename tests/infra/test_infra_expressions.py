@@ -31,7 +31,9 @@ def _expressions(synth: Synth) -> dict[str, str]:
     (zonal,) = synth.resources("google_compute_instance_group_manager")
     (regional,) = synth.resources("google_compute_region_instance_group_manager")
     (bucket,) = synth.resources("google_storage_bucket")
-    (role,) = synth.resources("google_project_iam_custom_role")
+    delete, leave = sorted(
+        synth.resources("google_project_iam_custom_role"), key=lambda r: len(r["permissions"])
+    )
     (account,) = synth.resources("google_service_account")
     var_only = {n: o["value"] for n, o in synth.tf["output"].items() if "var." in o["value"]}
     return {
@@ -39,8 +41,11 @@ def _expressions(synth: Synth) -> dict[str, str]:
         "zonal_count": zonal["count"],
         "regional_count": regional["count"],
         "bucket_name": bucket["name"],
-        "role_id": role["role_id"],
+        "role_id": delete["role_id"],
+        "leave_role_id": leave["role_id"],
         "account_id": account["account_id"],
+        "zonal_size_ok": zonal["lifecycle"]["precondition"][0]["condition"],
+        "regional_size_ok": regional["lifecycle"]["precondition"][0]["condition"],
     }
 
 
@@ -87,7 +92,16 @@ def test_default_deployment_is_one_regional_group(synth: Synth, tmp_path: Path) 
     assert values["group"] == "cflow-workers"
     assert values["bucket_name"] == "acme-batch-cflow"
     assert values["account_id"] == "cflow-worker"
-    assert values["role_id"] == "cflow_worker_self_delete"
+    assert values["role_id"] == "cflow_worker_delete_instance"
+    assert values["leave_role_id"] == "cflow_worker_leave_group"
+    assert (values["zonal_size_ok"], values["regional_size_ok"]) == (True, True)
+
+
+def test_group_sizes_past_the_limits_fail_their_precondition(synth: Synth, tmp_path: Path) -> None:
+    values = _evaluate(synth, tmp_path, project="acme-batch", shard_count="1500")
+    assert (values["zonal_size_ok"], values["regional_size_ok"]) == (False, True)
+    values = _evaluate(synth, tmp_path, project="acme-batch", shard_count="2001")
+    assert values["regional_size_ok"] is False
 
 
 def test_a_zone_gives_one_zonal_group(synth: Synth, tmp_path: Path) -> None:
@@ -103,7 +117,7 @@ def test_a_zone_gives_one_zonal_group(synth: Synth, tmp_path: Path) -> None:
     assert (values["zonal_count"], values["regional_count"]) == (1, 0)
     assert values["group"] == "team-a-workers"
     assert values["bucket_name"] == "acme-data-x"
-    assert values["role_id"] == "team_a_worker_self_delete"  # custom role ids allow no hyphens
+    assert values["role_id"] == "team_a_worker_delete_instance"  # custom role ids: no hyphens
 
 
 @pytest.mark.parametrize("prefix", ["Team", "a", "cflow-", "much-too-long-a-prefix"])

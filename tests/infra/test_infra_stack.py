@@ -8,12 +8,13 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import tarfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from infra.identity import SELF_DELETE_PERMISSIONS
+from infra.identity import DELETE_INSTANCE_PERMISSIONS, LEAVE_GROUP_PERMISSIONS
 
 if TYPE_CHECKING:
     from conftest import Synth
@@ -68,6 +69,8 @@ WORKER_METADATA = {
     "cflow-idle-timeout",
     "cflow-worker-package",
     "cflow-worker-sha256",
+    "cflow-wheelhouse",
+    "cflow-wheelhouse-sha256",
 }
 
 
@@ -125,11 +128,22 @@ def test_subscriptions_never_expire(synth: Synth) -> None:
     assert all(s["expiration_policy"] == {"ttl": ""} for s in subscriptions)
 
 
-def test_pubsub_service_agent_can_dead_letter(synth: Synth) -> None:
-    agent = (
-        "serviceAccount:service-${data.google_project.project_data.number}"
-        "@gcp-sa-pubsub.iam.gserviceaccount.com"
+def test_pubsub_service_agent_is_declared_and_can_dead_letter(synth: Synth) -> None:
+    # The agent may not exist yet on a fresh project: declared, so the bindings never name a
+    # missing account.
+    (identity,) = synth.resources("google_project_service_identity")
+    assert identity == {
+        "project": "${var.project}",
+        "service": "pubsub.googleapis.com",
+        "provider": "google-beta",
+    }
+    assert synth.tf["terraform"]["required_providers"]["google-beta"]["source"] == (
+        "hashicorp/google-beta"
     )
+    versions = {p["version"] for p in synth.tf["terraform"]["required_providers"].values()}
+    assert len(versions) == 1, "google and google-beta from the same release"
+    email = synth.ref("google_project_service_identity", "email", service="pubsub.googleapis.com")
+    agent = f"serviceAccount:{email}"
     dead_letter = synth.ref("google_pubsub_topic", "name", name="${var.name_prefix}-dead-letter")
     work_sub = synth.ref("google_pubsub_subscription", "name", name="${var.name_prefix}-work")
     topic_grants = [
@@ -144,7 +158,6 @@ def test_pubsub_service_agent_can_dead_letter(synth: Synth) -> None:
     assert sub_grants == [
         {"subscription": work_sub, "role": "roles/pubsub.subscriber", "member": agent}
     ]
-    assert synth.tf["data"]["google_project"]["project_data"]["project_id"] == "${var.project}"
 
 
 def _worker_grants(synth: Synth) -> list[tuple[str, str, str]]:
@@ -167,7 +180,8 @@ def test_worker_rights_are_granted_on_the_resources(synth: Synth) -> None:
     work_sub = synth.ref("google_pubsub_subscription", "name", name="${var.name_prefix}-work")
     events = synth.ref("google_pubsub_topic", "name", name="${var.name_prefix}-events")
     work = synth.ref("google_pubsub_topic", "name", name="${var.name_prefix}-work")
-    role = synth.ref("google_project_iam_custom_role", "name", project="${var.project}")
+    leave = _role(synth, LEAVE_GROUP_PERMISSIONS)
+    delete = _role(synth, DELETE_INSTANCE_PERMISSIONS)
     assert sorted(_worker_grants(synth)) == sorted(
         [
             ("google_storage_bucket_iam_member", bucket, "roles/storage.objectUser"),
@@ -177,7 +191,8 @@ def test_worker_rights_are_granted_on_the_resources(synth: Synth) -> None:
             ("google_pubsub_topic_iam_member", work, "roles/pubsub.publisher"),
             ("google_pubsub_topic_iam_member", events, "roles/pubsub.publisher"),
             ("google_project_iam_member", "${var.project}", "roles/logging.logWriter"),
-            ("google_project_iam_member", "${var.project}", role),
+            ("google_project_iam_member", "${var.project}", leave),
+            ("google_project_iam_member", "${var.project}", delete),
         ]
     )
     input_grant = synth.resource(
@@ -186,18 +201,30 @@ def test_worker_rights_are_granted_on_the_resources(synth: Synth) -> None:
     assert input_grant["for_each"] == "${toset(var.input_buckets)}"
 
 
-def test_self_delete_right_is_narrow(synth: Synth) -> None:
-    (role,) = synth.resources("google_project_iam_custom_role")
-    assert sorted(role["permissions"]) == sorted(SELF_DELETE_PERMISSIONS)
-    assert all(
-        p.startswith(("compute.instanceGroupManagers.", "compute.instances."))
-        for p in role["permissions"]
+def _role(synth: Synth, permissions: list[str]) -> str:
+    for logical_id, body in synth.tf["resource"]["google_project_iam_custom_role"].items():
+        if sorted(body["permissions"]) == sorted(permissions):
+            return f"${{google_project_iam_custom_role.{logical_id}.name}}"
+    raise AssertionError(f"no custom role with {permissions}")
+
+
+def test_self_removal_without_conditions_the_service_does_not_honour(synth: Synth) -> None:
+    # IAM Conditions do not recognize InstanceGroupManager resources: a condition on the group
+    # would never match. The group rights carry none; the instance right keeps its condition
+    # (Instance is a recognized resource type).
+    assert sorted(LEAVE_GROUP_PERMISSIONS) == [
+        "compute.instanceGroupManagers.get",
+        "compute.instanceGroupManagers.update",
+    ]
+    leave = synth.resource("google_project_iam_member", role=_role(synth, LEAVE_GROUP_PERMISSIONS))
+    assert "condition" not in leave
+    delete = synth.resource(
+        "google_project_iam_member", role=_role(synth, DELETE_INSTANCE_PERMISSIONS)
     )
-    role_ref = synth.ref("google_project_iam_custom_role", "name", project="${var.project}")
-    grant = synth.resource("google_project_iam_member", role=role_ref)
-    expression = grant["condition"]["expression"]
-    assert '/instanceGroupManagers/${var.name_prefix}-workers")' in expression
+    expression = delete["condition"]["expression"]
+    assert expression.startswith('resource.type == "compute.googleapis.com/Instance"')
     assert '.startsWith("${var.name_prefix}-worker-")' in expression
+    assert "InstanceGroupManager" not in json.dumps(synth.resources("google_project_iam_member"))
 
 
 def test_no_keys_no_primitive_roles_no_authoritative_policies(synth: Synth) -> None:
@@ -212,9 +239,10 @@ def test_no_keys_no_primitive_roles_no_authoritative_policies(synth: Synth) -> N
     }
     text = json.dumps(synth.tf["resource"])
     assert not re.search(r"roles/(owner|editor)\b", text)
-    # Project-level grants: only log writing and the conditional self-delete role.
+    # Project-level grants: log writing, leaving the group, and the conditional instance right.
+    leave = _role(synth, LEAVE_GROUP_PERMISSIONS)
     for grant in synth.resources("google_project_iam_member"):
-        assert grant["role"] == "roles/logging.logWriter" or "condition" in grant
+        assert grant["role"] in ("roles/logging.logWriter", leave) or "condition" in grant
 
 
 def test_image_is_pinned_through_a_data_source(synth: Synth) -> None:
@@ -273,7 +301,9 @@ def test_template_metadata_carries_config_and_scripts(synth: Synth) -> None:
 
 
 def test_worker_package_is_content_addressed(synth: Synth) -> None:
-    (obj,) = synth.resources("google_storage_bucket_object")
+    (obj,) = [
+        o for o in synth.resources("google_storage_bucket_object") if o["name"].endswith(".whl")
+    ]
     wheel = synth.stack_dir / obj["source"]
     sha256 = hashlib.sha256(wheel.read_bytes()).hexdigest()
     assert obj["name"] == f"worker/{sha256}/{wheel.name}"
@@ -283,6 +313,21 @@ def test_worker_package_is_content_addressed(synth: Synth) -> None:
     bucket = synth.ref("google_storage_bucket", "name", force_destroy=True)
     object_name = synth.ref("google_storage_bucket_object", "name", source=obj["source"])
     assert template["metadata"]["cflow-worker-package"] == f"gs://{bucket}/{object_name}"
+
+
+def test_worker_dependencies_ship_as_a_content_addressed_wheelhouse(synth: Synth) -> None:
+    (obj,) = [
+        o for o in synth.resources("google_storage_bucket_object") if o["name"].endswith(".tar")
+    ]
+    house = synth.stack_dir / obj["source"]
+    sha256 = hashlib.sha256(house.read_bytes()).hexdigest()
+    assert obj["name"] == f"worker/{sha256}/{house.name}"
+    (template,) = synth.resources("google_compute_instance_template")
+    assert template["metadata"]["cflow-wheelhouse-sha256"] == sha256
+    with tarfile.open(house) as tar:
+        names = [m.name.removeprefix("wheels/") for m in tar.getmembers()]
+    assert any(n.startswith("google_cloud_pubsub-") for n in names)
+    assert all(n.endswith(".whl") for n in names)
 
 
 def _groups(synth: Synth) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -302,7 +347,7 @@ def test_one_group_zonal_or_regional_sized_by_shards_then_owned_by_the_runner(sy
         assert group["name"] == "${var.name_prefix}-workers"
         assert group["base_instance_name"] == "${var.name_prefix}-worker"
         assert group["target_size"] == "${var.shard_count}"
-        assert group["lifecycle"] == {"ignore_changes": ["target_size"]}
+        assert group["lifecycle"]["ignore_changes"] == ["target_size"]
         assert [v["instance_template"] for v in group["version"]] == [template]
         assert group["update_policy"]["type"] == "OPPORTUNISTIC"  # never replaces busy VMs
         assert group["wait_for_instances"] is False
@@ -310,6 +355,15 @@ def test_one_group_zonal_or_regional_sized_by_shards_then_owned_by_the_runner(sy
     assert regional["region"] == "${var.region}"
     assert regional["distribution_policy_zones"] == "${var.zones}"
     assert regional["update_policy"]["instance_redistribution_type"] == "NONE"
+
+
+def test_group_size_limits_are_refused_at_deploy(synth: Synth) -> None:
+    zonal, regional = _groups(synth)
+    (zonal_limit,) = zonal["lifecycle"]["precondition"]
+    (regional_limit,) = regional["lifecycle"]["precondition"]
+    assert zonal_limit["condition"] == "${(var.shard_count <= 1000)}"
+    assert regional_limit["condition"] == "${(var.shard_count <= 2000)}"
+    assert "zonal instance group holds (1000)" in zonal_limit["error_message"]
 
 
 def test_network_has_no_inbound_access_and_egress_through_nat(synth: Synth) -> None:

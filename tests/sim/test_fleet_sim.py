@@ -98,3 +98,16 @@ def test_speculation_cuts_a_straggler_tail_without_losing_or_double_committing()
     _assert_conserved(spec)
     assert spec.makespan < 0.8 * plain.makespan
     assert spec.fates[Fate.PREEMPTED.value] > 0  # losing attempts were released
+
+
+def test_failed_boots_and_a_quota_limited_group_finish_slower_losing_nothing() -> None:
+    work = Workload(60, 120.0, sigma=0.2)
+    base = simulate(Scenario("clean", work, max_workers=20))
+    _assert_conserved(base)
+    rough = VmModel(boot_fail_rate=0.3, quota_vms=8)
+    r = simulate(Scenario("boot+quota", work, max_workers=20, vm=rough, seed=1))
+    _assert_conserved(r)
+    assert r.fleet["boot_failed"] > 0 and r.fleet["quota_blocked"] > 0
+    assert r.makespan > base.makespan  # slower: at most 8 VMs, some of them never working
+    assert max(s.vms for s in r.ledger.samples) <= 8  # VMs past the quota were never billed
+    assert r.zero_at - r.makespan < 120  # and none is left behind

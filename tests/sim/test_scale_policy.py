@@ -56,3 +56,34 @@ def test_a_natural_heavy_tail_is_not_taken_for_stragglers() -> None:
         s.saw(EventKind.SUCCEEDED, f"f{i}", "w", 100.0 if i % 10 == 0 else 10.0)
     threshold = s.threshold()
     assert threshold is not None and threshold >= 100.0
+
+
+def test_instances_the_group_cannot_create_are_no_capacity_and_ask_for_no_more() -> None:
+    quota = "QUOTA_EXCEEDED: Quota 'CPUS' exceeded."
+    fleet = [
+        Instance("a"),
+        Instance("b", "starting", error=quota),
+        Instance("c", "starting", error=quota),
+    ]
+    # 10 outstanding, 3 allowed: one works, two cannot start. Adding would only queue more VMs
+    # the project cannot give.
+    d = decide_scale(
+        outstanding=10, max_workers=3, slots=1, instances=fleet, idle=set(), busy={"a"}
+    )
+    assert (d.add, d.delete) == (0, [])
+    # More allowed than exist: grow past them (quota may be there in another zone, or free up).
+    d = decide_scale(
+        outstanding=10, max_workers=5, slots=1, instances=fleet, idle=set(), busy={"a"}
+    )
+    assert (d.add, d.delete) == (2, [])
+    # Work down to what runs: those that cannot start go first.
+    d = decide_scale(outstanding=1, max_workers=3, slots=1, instances=fleet, idle=set(), busy={"a"})
+    assert d.delete == ["b", "c"]
+
+
+def test_a_vm_that_failed_to_boot_is_deleted_and_replaced() -> None:
+    fleet = [Instance("a"), Instance("b", error="failed to boot: E: apt", removable=True)]
+    d = decide_scale(outstanding=5, max_workers=2, slots=1, instances=fleet, idle=set(), busy={"a"})
+    assert d.delete == ["b"] and d.add == 1
+    d = decide_scale(outstanding=0, max_workers=2, slots=1, instances=fleet, idle=set(), busy=set())
+    assert sorted(d.delete) == ["a", "b"]

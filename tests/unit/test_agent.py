@@ -138,9 +138,9 @@ def test_idle_timeout_counts_from_the_last_finished_attempt(tmp_path: Path) -> N
     )
     original = agent._attempt
 
-    def slow_attempt(slot, delivery):  # type: ignore[no-untyped-def]
+    def slow_attempt(slot, claim, prepared=None):  # type: ignore[no-untyped-def]
         clock.advance(100)  # the shard takes 100 s of (fake) time, past the idle timeout
-        original(slot, delivery)
+        original(slot, claim, prepared)
 
     agent._attempt = slow_attempt  # type: ignore[method-assign]
     start = clock.monotonic()
@@ -258,3 +258,57 @@ def test_a_full_disk_at_settling_loses_nothing(tmp_path: Path) -> None:
     assert calls["n"] >= 3
     assert all(b.store.exists(Layout.result(m.run_id, s.id)) for s in shards)
     assert b.queue.stats(m.run_id).dead == 0
+
+
+def test_a_crash_in_a_batch_sent_ahead_fails_only_its_own_shard(tmp_path: Path) -> None:
+    """Short shards queue in one warm host; when one kills it, the shards queued behind it
+    never ran: they run again on a fresh host instead of failing."""
+    task = tmp_path / "task"
+    task.mkdir()
+    (task / "task.py").write_text(
+        textwrap.dedent(
+            """
+            import os
+            from pathlib import Path
+
+            def run(shard):
+                if shard.index == 2:
+                    os._exit(3)
+                (Path(shard.output_dir) / "pid.txt").write_text(str(os.getpid()))
+            """
+        )
+    )
+    b = open_local(tmp_path / "store")
+    data, sha = pack(task)
+    b.store.put(Layout.bundle(sha), data)
+    shards = [Shard(id=f"s{i}", index=i) for i in range(8)]
+    m = Manifest(
+        run_id="r-ahead",
+        bundle=sha,
+        entry="python",
+        shard_count=len(shards),
+        options=RunOptions(max_attempts=1).to_dict(),
+    )
+    b.store.put(Layout.manifest(m.run_id), m.to_json())
+    b.queue.publish(WorkMessage(run_id=m.run_id, shard=s.to_dict()) for s in shards)
+    agent = Agent(
+        queue=b.queue,
+        store=b.store,
+        events=b.events,
+        config=AgentConfig(
+            name="w", scratch=tmp_path / "s", burst=True, poll_seconds=0.2, first_prefetch=8
+        ),
+    )
+    agent.run()
+    failure = ShardFailure.from_json(b.store.get(Layout.failure(m.run_id, "s2")))
+    assert failure.exit_code == 3
+    pids = set()
+    for s in shards:
+        if s.index == 2:
+            continue
+        result = ShardResult.from_json(b.store.get(Layout.result(m.run_id, s.id)))
+        assert result.attempt == 1  # never counted as a failure
+        out = b.store.local_path(Layout.outputs(m.run_id, s.id, 1) + "pid.txt")
+        assert out is not None
+        pids.add(out.read_text())
+    assert len(pids) == 2  # the first host before the crash, a fresh one after it

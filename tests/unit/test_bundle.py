@@ -77,3 +77,45 @@ def test_requirements_are_installed_once_and_importable(tmp_path: Path) -> None:
     assert out.stdout.strip() == "42"
     (tmp_path / "cache" / sha).rename(tmp_path / "moved")
     assert unpack(data, sha, tmp_path / "cache").deps == bundle.deps  # same file: no reinstall
+
+
+def test_cflowignore_keeps_files_out_of_the_bundle(tmp_path: Path) -> None:
+    import io
+    import tarfile
+
+    from worker.bundle import bundle_files
+
+    task = tmp_path / "task"
+    (task / "data" / "deep").mkdir(parents=True)
+    (task / "lib").mkdir()
+    (task / "task.py").write_text("def run(shard): pass\n")
+    (task / "lib" / "helper.py").write_text("X = 1\n")
+    (task / "lib" / "big.bin").write_bytes(b"0" * 100)
+    (task / "data" / "deep" / "rows.csv").write_text("1\n")
+    (task / "notes.log").write_text("x\n")
+    (task / ".cflowignore").write_text("# data stays home\ndata/\n*.log\n/lib/*.bin\n!keep.log\n")
+    (task / "keep.log").write_text("kept\n")
+    names = sorted(p.relative_to(task).as_posix() for p in bundle_files(task))
+    assert names == [".cflowignore", "keep.log", "lib/helper.py", "task.py"]
+    data, _ = pack(task)
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
+        assert sorted(tar.getnames()) == names
+
+
+def test_settings_are_read_and_checked(tmp_path: Path) -> None:
+    from worker.bundle import TaskSettings, read_settings
+
+    task = tmp_path / "task"
+    task.mkdir()
+    assert read_settings(task) == TaskSettings(headers=None)
+    (task / "cflow.toml").write_text("[combine]\nheaders = true\n")
+    assert read_settings(task).headers is True
+    (task / "cflow.toml").write_text("[combine]\nheaders = 'yes'\n")
+    with pytest.raises(TaskError, match="headers must be true or false"):
+        read_settings(task)
+    (task / "cflow.toml").write_text("[combine\n")
+    with pytest.raises(TaskError, match="not valid TOML"):
+        read_settings(task)
+    (task / "cflow.toml").write_text("[speed]\nfast = true\n")
+    with pytest.raises(TaskError, match="unknown setting speed"):
+        read_settings(task)

@@ -1,0 +1,134 @@
+"""Regional quotas against the worker group: how many VMs fit, and what to ask for.
+
+A fresh project has far fewer vCPUs than a 125-VM run needs (250 for e2-standard-2), and a group
+short of quota keeps its VMs "starting" for ever. ``runner doctor`` reads the region's quotas
+(``regions.get``) and the group's instance template, and says how many VMs fit and which quota
+to raise. The metrics, from Compute Engine's quota documentation:
+
+- ``PREEMPTIBLE_CPUS``: Spot and preemptible VMs use it when the project has any (limit > 0);
+  otherwise they use ``CPUS``, like standard VMs.
+- ``SSD_TOTAL_GB``: pd-balanced and pd-ssd boot disks (the template's ``pd-balanced``);
+  ``DISKS_TOTAL_GB`` is for pd-standard.
+- ``IN_USE_ADDRESSES``: external IPv4 addresses. The workers have none (egress through Cloud
+  NAT), so it does not limit the group; it is reported for completeness.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from google.cloud import compute_v1
+
+from runner.gce_fleet import compute_client_options
+
+SIZES = (125, 2000)  # the README's run sizes: the doctor says what each needs
+SSD_DISKS = {"pd-balanced", "pd-ssd", "hyperdisk-balanced"}
+
+
+@dataclass(frozen=True)
+class Quota:
+    metric: str
+    limit: float
+    usage: float
+
+    @property
+    def free(self) -> float:
+        return max(self.limit - self.usage, 0.0)
+
+
+@dataclass(frozen=True)
+class Template:
+    machine_type: str
+    vcpus: int
+    disk_gb: float
+    disk_type: str
+    spot: bool
+
+
+@dataclass(frozen=True)
+class Fit:
+    """How many VMs the quotas allow, which quota binds, and what ``vms`` VMs would need."""
+
+    vms: int  # VMs that fit now
+    cpu_metric: str
+    limits: dict[str, float]  # metric -> VMs it allows
+    needs: dict[int, dict[str, int]]  # run size -> metric -> limit to ask for
+
+    def line(self, region: str, template: Template) -> str:
+        kind = "Spot " if template.spot else ""
+        binding = min(self.limits, key=lambda m: self.limits[m])
+        text = f"{self.vms} {kind}{template.machine_type} VMs fit in {region} ({binding} binds)"
+        asks = []
+        for size, need in self.needs.items():
+            if size > self.vms:
+                parts = ", ".join(f"{m} {n}" for m, n in need.items())
+                asks.append(f"for {size} VMs ask for {parts}")
+        return text + ("; " + "; ".join(asks) if asks else "")
+
+
+def fit(quotas: dict[str, Quota], template: Template, sizes: tuple[int, ...] = SIZES) -> Fit:
+    """The VMs the region's quotas allow for this template, and the limits each size needs."""
+    preemptible = quotas.get("PREEMPTIBLE_CPUS")
+    cpu_metric = (
+        "PREEMPTIBLE_CPUS" if template.spot and preemptible and preemptible.limit > 0 else "CPUS"
+    )
+    disk_metric = "SSD_TOTAL_GB" if template.disk_type in SSD_DISKS else "DISKS_TOTAL_GB"
+    per_vm = {cpu_metric: float(template.vcpus), disk_metric: template.disk_gb}
+    limits = {}
+    for metric, amount in per_vm.items():
+        quota = quotas.get(metric)
+        if quota is not None and amount > 0:
+            limits[metric] = quota.free / amount
+    vms = int(min(limits.values())) if limits else 0
+    needs = {
+        size: {
+            metric: math.ceil(amount * size + (quotas[metric].usage if metric in quotas else 0))
+            for metric, amount in per_vm.items()
+        }
+        for size in sizes
+    }
+    return Fit(vms=vms, cpu_metric=cpu_metric, limits=limits, needs=needs)
+
+
+def read_region(project: str, region: str) -> tuple[dict[str, Quota], list[str]]:
+    """The region's quotas by metric, and its zones (``regions.get``)."""
+    credentials, options = compute_client_options()
+    client: Any = compute_v1.RegionsClient(credentials=credentials, client_options=options)
+    try:
+        found = client.get(request={"project": project, "region": region})
+    finally:
+        client.transport.close()
+    quotas = {q.metric: Quota(q.metric, q.limit, q.usage) for q in found.quotas}
+    return quotas, sorted(z.rsplit("/", 1)[-1] for z in found.zones)
+
+
+def read_template(project: str, template_url: str, zone: str) -> Template:
+    """The machine type, vCPUs and boot disk of the group's instance template."""
+    credentials, options = compute_client_options()
+    templates: Any = compute_v1.InstanceTemplatesClient(
+        credentials=credentials, client_options=options
+    )
+    types: Any = compute_v1.MachineTypesClient(credentials=credentials, client_options=options)
+    try:
+        name = template_url.rstrip("/").rsplit("/", 1)[-1]
+        props = templates.get(request={"project": project, "instance_template": name}).properties
+        machine_type = props.machine_type.rsplit("/", 1)[-1]
+        described = types.get(
+            request={"project": project, "zone": zone, "machine_type": machine_type}
+        )
+        boot = next((d for d in props.disks if d.boot), None)
+        disk_gb = float(boot.initialize_params.disk_size_gb) if boot else 10.0
+        disk_type = (boot.initialize_params.disk_type if boot else "") or "pd-balanced"
+        spot = props.scheduling.provisioning_model == "SPOT" or bool(props.scheduling.preemptible)
+    finally:
+        templates.transport.close()
+        types.transport.close()
+    return Template(
+        machine_type=machine_type,
+        vcpus=int(described.guest_cpus),
+        disk_gb=disk_gb,
+        disk_type=disk_type.rsplit("/", 1)[-1],
+        spot=spot,
+    )

@@ -1,0 +1,301 @@
+"""ContainerExecutor on a real engine with locally built images: the attempt promises hold."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from worker.bundle import UnpackedBundle
+from worker.container import ContainerExecutor
+from worker.container_runtime import ImagePullError, Runtime
+from worker.protocol import Entry
+from worker.taskapi import TaskShard
+
+
+def _bundle(tmp_path: Path, name: str, body: str) -> UnpackedBundle:
+    root = tmp_path / "bundle"
+    root.mkdir()
+    (root / name).write_text(textwrap.dedent(body).lstrip())
+    return UnpackedBundle("0" * 64, root, None)
+
+
+def _shard(tmp_path: Path, input_path: Path | None = None, attempt: int = 1) -> TaskShard:
+    return TaskShard(
+        run_id="r20260101-000000-abcdef",
+        id="shard-1",
+        index=4,
+        attempt=attempt,
+        input=str(input_path) if input_path else None,
+        output_dir=tmp_path / "attempt" / "out",
+        params={"k": "v"},
+    )
+
+
+def _containers(runtime: Runtime, run_id: str) -> list[str]:
+    proc = runtime.call("ps", "--all", "--quiet", "--filter", f"label=cflow.run={run_id}")
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.split()
+
+
+def _host_processes(pattern: str) -> list[str]:
+    found = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True)
+    return found.stdout.split()
+
+
+def test_shell_task_sees_its_shard_and_writes_only_its_outputs(
+    container_runtime: Runtime, shell_image: str, tmp_path: Path
+) -> None:
+    data = tmp_path / "data: odd, name.csv"  # ':' and ',' split engine mount options
+    data.write_text("a,b\n1,2\n")
+    bundle = _bundle(
+        tmp_path,
+        "task.sh",
+        """
+        echo "run=$CFLOW_RUN_ID shard=$CFLOW_SHARD_ID index=$CFLOW_SHARD_INDEX try=$CFLOW_ATTEMPT"
+        echo "params=$CFLOW_PARAMS input=$CFLOW_INPUT out=$CFLOW_OUTPUT_DIR"
+        wc -l < "$CFLOW_INPUT" > "$CFLOW_OUTPUT_DIR/lines.txt"
+        for target in /task/evil "$CFLOW_INPUT" /cflow/evil /evil /opt/cflow/worker/evil.py; do
+            if echo x > "$target" 2>/dev/null; then echo "WROTE $target"; fi
+        done
+        echo scratch > /tmp/scratch && echo "tmp ok"
+        exit 3
+        """,
+    )
+    shard = _shard(tmp_path, data)
+    executor = ContainerExecutor(bundle, Entry.SHELL, shell_image, runtime=container_runtime)
+    log = tmp_path / "log.txt"
+    task = executor.start(shard, log)
+    assert task.wait(60) == 3
+    text = log.read_text()
+    assert f"run={shard.run_id} shard=shard-1 index=4 try=1" in text
+    assert 'params={"k": "v"} input=/cflow/input/data-odd-name.csv out=/cflow/out' in text
+    assert "WROTE" not in text and "tmp ok" in text
+    assert (shard.output_dir / "lines.txt").read_text().strip() == "2"
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == sorted(
+        ["data: odd, name.csv", "task.sh", "log.txt", "lines.txt"]
+    )
+    assert data.read_text() == "a,b\n1,2\n"
+    assert _containers(container_runtime, shard.run_id) == []
+
+
+def test_python_task_runs_with_the_images_interpreter(
+    container_runtime: Runtime, python_image: str, tmp_path: Path
+) -> None:
+    bundle = _bundle(
+        tmp_path,
+        "task.py",
+        """
+        import json, sys
+        from pathlib import Path
+
+        def run(shard):
+            info = {"exe": sys.executable, "version": sys.version, "params": shard.params,
+                    "out": str(shard.output_dir), "attempt": shard.attempt}
+            (Path(shard.output_dir) / "info.json").write_text(json.dumps(info))
+        """,
+    )
+    shard = _shard(tmp_path, attempt=2)
+    executor = ContainerExecutor(bundle, Entry.PYTHON, python_image, runtime=container_runtime)
+    task = executor.start(shard, tmp_path / "log.txt")
+    assert task.wait(60) == 0, (tmp_path / "log.txt").read_text()
+    info = (shard.output_dir / "info.json").read_text()
+    assert '"exe": "/usr/bin/python3"' in info  # Debian's, not this machine's pyenv
+    assert '"out": "/cflow/out"' in info and '"attempt": 2' in info
+    assert '"params": {"k": "v"}' in info
+
+
+def test_a_failing_python_task_logs_its_traceback(
+    container_runtime: Runtime, python_image: str, tmp_path: Path
+) -> None:
+    bundle = _bundle(tmp_path, "task.py", "def run(shard):\n    raise ValueError('bad row 7')\n")
+    executor = ContainerExecutor(bundle, Entry.PYTHON, python_image, runtime=container_runtime)
+    task = executor.start(_shard(tmp_path), tmp_path / "log.txt")
+    assert task.wait(60) == 1
+    assert "ValueError: bad row 7" in (tmp_path / "log.txt").read_text()
+
+
+def test_background_processes_end_with_the_attempt(
+    container_runtime: Runtime, shell_image: str, tmp_path: Path
+) -> None:
+    bundle = _bundle(tmp_path, "task.sh", "sleep 3117 &\necho started\n")
+    shard = _shard(tmp_path)
+    executor = ContainerExecutor(bundle, Entry.SHELL, shell_image, runtime=container_runtime)
+    task = executor.start(shard, tmp_path / "log.txt")
+    assert task.wait(60) == 0
+    assert "started" in (tmp_path / "log.txt").read_text()
+    assert _host_processes("sleep 3117") == []
+    assert _containers(container_runtime, shard.run_id) == []
+
+
+@pytest.mark.parametrize(
+    ("script", "expected", "at_most"),
+    [
+        ("trap 'echo got TERM; exit 5' TERM\nwhile :; do sleep 0.1; done\n", 5, 4.0),
+        ("trap '' TERM\nsleep 3118 & wait; sleep 3118\n", -9, 10.0),  # ignores TERM: killed
+    ],
+    ids=["term-honoured", "term-ignored"],
+)
+def test_stop_terms_then_kills_and_removes_the_container(
+    container_runtime: Runtime,
+    shell_image: str,
+    tmp_path: Path,
+    script: str,
+    expected: int,
+    at_most: float,
+) -> None:
+    bundle = _bundle(tmp_path, "task.sh", script)
+    shard = _shard(tmp_path)
+    executor = ContainerExecutor(bundle, Entry.SHELL, shell_image, runtime=container_runtime)
+    task = executor.start(shard, tmp_path / "log.txt")
+    assert task.wait(1.0) is None  # running
+    began = time.monotonic()
+    code = task.stop(grace=2.0)
+    took = time.monotonic() - began
+    assert code == expected, (tmp_path / "log.txt").read_text()
+    assert took < at_most
+    assert _containers(container_runtime, shard.run_id) == []
+    assert _host_processes("sleep 3118") == []
+
+
+def test_stop_right_after_start_leaves_no_container(
+    container_runtime: Runtime, shell_image: str, tmp_path: Path
+) -> None:
+    bundle = _bundle(tmp_path, "task.sh", "sleep 3119\n")
+    shard = _shard(tmp_path)
+    executor = ContainerExecutor(bundle, Entry.SHELL, shell_image, runtime=container_runtime)
+    task = executor.start(shard, tmp_path / "log.txt")
+    task.stop(grace=0.5)  # the engine may not have created the container yet
+    time.sleep(1.0)
+    assert _containers(container_runtime, shard.run_id) == []
+    assert _host_processes("sleep 3119") == []
+
+
+class _CountingRuntime(Runtime):
+    """The real engine, counting the pulls it is asked for."""
+
+    pulls: list[str]
+
+    def call(
+        self, *args: str, timeout: float = 60.0, input: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        if args[:1] == ("pull",):
+            self.pulls.append(args[-1])
+        return super().call(*args, timeout=timeout, input=input)
+
+
+def test_a_missing_image_is_one_clear_error_pulled_once(
+    container_runtime: Runtime, tmp_path: Path
+) -> None:
+    runtime = _CountingRuntime(
+        container_runtime.name,
+        container_runtime.binary,
+        container_runtime.global_args,
+        container_runtime.env,
+        container_runtime.init_args,
+    )
+    object.__setattr__(runtime, "pulls", [])
+    bundle = _bundle(tmp_path, "task.sh", "true\n")
+    image = "localhost/cflow-test-missing:never"
+    for _ in range(3):
+        with pytest.raises(ImagePullError) as caught:
+            ContainerExecutor(bundle, Entry.SHELL, image, runtime=runtime)
+        message = str(caught.value)
+        assert message.startswith(f"image {image} is not on this worker and cannot be pulled: ")
+        assert "\n" not in message and caught.value.image == image
+    assert runtime.pulls == [image]  # the failure is remembered, not retried per shard
+
+
+def test_a_container_outlives_no_dead_worker_past_its_timeout(
+    container_runtime: Runtime, shell_image: str, tmp_path: Path
+) -> None:
+    if container_runtime.name != "podman":
+        pytest.skip("the backstop is podman's --timeout; docker has none")
+    bundle = _bundle(tmp_path, "task.sh", "sleep 3120\n")
+    shard = _shard(tmp_path)
+    executor = ContainerExecutor(
+        bundle, Entry.SHELL, shell_image, runtime=container_runtime, timeout=1, backstop=1
+    )
+    task = executor.start(shard, tmp_path / "log.txt")
+    assert task.wait(1.0) is None
+    assert task.pid is not None
+    os.killpg(task.pid, signal.SIGKILL)  # the worker's side is gone, as if it was SIGKILLed
+    deadline = time.monotonic() + 20
+    while _host_processes("sleep 3120") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _host_processes("sleep 3120") == []
+    while _containers(container_runtime, shard.run_id) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _containers(container_runtime, shard.run_id) == []
+
+
+WORKER_SCRIPT = """
+import sys, time
+from pathlib import Path
+from worker.bundle import UnpackedBundle
+from worker.container import ContainerExecutor
+from worker.container_runtime import detect_runtime
+from worker.protocol import Entry
+from worker.taskapi import TaskShard
+
+root, image, engine = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+executor = ContainerExecutor(UnpackedBundle("0" * 64, root, None), Entry.SHELL, image,
+                             runtime=detect_runtime(engine))
+shard = TaskShard("r20260101-000000-orphan", "s", 0, 1, None, root.parent / "out")
+executor.start(shard, root.parent / "log.txt")
+print("started", flush=True)
+time.sleep(600)
+"""
+
+REAPER_SCRIPT = """
+import sys
+from worker.container import reap_orphans
+from worker.container_runtime import detect_runtime
+print(" ".join(reap_orphans(detect_runtime(sys.argv[1]))))
+"""
+
+
+def test_the_next_worker_removes_what_a_killed_one_left(
+    container_runtime: Runtime, shell_image: str, tmp_path: Path
+) -> None:
+    bundle = _bundle(tmp_path, "task.sh", "sleep 3121\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    worker = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            WORKER_SCRIPT,
+            str(bundle.root),
+            shell_image,
+            container_runtime.name,
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert worker.stdout is not None and worker.stdout.readline().strip() == "started"
+    run_id = "r20260101-000000-orphan"
+    deadline = time.monotonic() + 30
+    while not _host_processes("sleep 3121") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(_containers(container_runtime, run_id)) == 1
+    worker.kill()  # SIGKILL: no cleanup runs in the worker
+    worker.wait()
+    time.sleep(0.5)
+    assert len(_containers(container_runtime, run_id)) == 1  # left behind, still running
+    reaper = subprocess.run(
+        [sys.executable, "-c", REAPER_SCRIPT, container_runtime.name],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert reaper.stdout.strip().startswith("cflow-r20260101-000000-orphan-s-1-")
+    assert _containers(container_runtime, run_id) == []
+    assert _host_processes("sleep 3121") == []

@@ -1,0 +1,204 @@
+"""Whole runs in container images through the CLI, with real workers and a real engine."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.containers.conftest import container_runtime, python_image, shell_image
+from tests.e2e.conftest import REPO, Cli, make_inputs, make_task, wait_for
+from worker.container_runtime import Runtime
+
+pytestmark = pytest.mark.e2e
+__all__ = ["container_runtime", "python_image", "shell_image"]  # the session fixtures
+
+COPY_TASK = """
+import shutil, sys
+from pathlib import Path
+
+def run(shard):
+    print("python", sys.executable, "input", shard.input)
+    shutil.copyfile(shard.input, Path(shard.output_dir) / "rows.csv")
+"""
+
+
+@pytest.fixture(autouse=True)
+def _workers_use_the_engine_under_test(cli: Cli, container_runtime: Runtime) -> None:
+    cli.env["CFLOW_CONTAINER_RUNTIME"] = container_runtime.name
+
+
+def _rows(path: Path) -> list[list[str]]:
+    with path.open(newline="", encoding="utf-8") as fh:
+        return list(csv.reader(fh))
+
+
+def _containers(runtime: Runtime, run_id: str) -> list[str]:
+    proc = runtime.call("ps", "--all", "--quiet", "--filter", f"label=cflow.run={run_id}")
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.split()
+
+
+def _host_processes(pattern: str) -> list[str]:
+    return subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()
+
+
+def test_shell_task_in_a_container(
+    cli: Cli, tmp_path: Path, container_runtime: Runtime, shell_image: str
+) -> None:
+    inputs = make_inputs(tmp_path / "in", [f"f{i}.csv" for i in range(4)])
+    result = cli(
+        "submit",
+        str(REPO / "examples" / "shell-task"),
+        "--inputs",
+        str(inputs / "*.csv"),
+        "--workers",
+        "2",
+        "--image",
+        shell_image,
+    )
+    assert result.code == 0, result.stderr
+    counts = _rows(cli.store / "runs" / result.run_id / "combined" / "counts.csv")
+    assert counts[0] == ["source", "records", "y_sum"]
+    assert sorted(r[0] for r in counts[1:]) == [f"f{i}.csv" for i in range(4)]
+    assert all(r[1] == "3" for r in counts[1:])
+    manifest = json.loads((cli.store / "runs" / result.run_id / "run.json").read_text())
+    assert manifest["options"]["image"] == shell_image
+    assert _containers(container_runtime, result.run_id) == []
+
+
+def test_python_task_in_a_container(
+    cli: Cli, tmp_path: Path, container_runtime: Runtime, python_image: str
+) -> None:
+    task = make_task(tmp_path / "t", COPY_TASK)
+    (task / "cflow.toml").write_text("[combine]\nheaders = true\n")
+    inputs = make_inputs(tmp_path / "in", [f"f{i}.csv" for i in range(3)])
+    result = cli("submit", str(task), "--inputs", str(inputs / "*.csv"), "--image", python_image)
+    assert result.code == 0, result.stderr
+    combined = _rows(cli.store / "runs" / result.run_id / "combined" / "rows.csv")
+    assert combined[0] == ["id", "value"] and len(combined) == 1 + 3 * 3
+    log = cli("logs", result.run_id, "--shard", "f0").stdout
+    assert "python /usr/bin/python3 input /cflow/input/f0.csv" in log
+    assert _containers(container_runtime, result.run_id) == []
+
+
+def test_a_timed_out_container_is_killed_and_fails(
+    cli: Cli, tmp_path: Path, container_runtime: Runtime, shell_image: str
+) -> None:
+    task = make_task(tmp_path / "t", "sleep 3131 &\nsleep 3132\n", name="task.sh")
+    result = cli(
+        "submit",
+        str(task),
+        "--shards",
+        "1",
+        "--timeout",
+        "1",
+        "--max-attempts",
+        "1",
+        "--image",
+        shell_image,
+    )
+    assert result.code == 1, result.stderr
+    (shard,) = cli.status(result.run_id)["shards"]
+    assert shard["state"] == "failed" and "timed out after 1s" in shard["reason"]
+    assert _containers(container_runtime, result.run_id) == []
+    assert _host_processes("sleep 313[12]") == []
+
+
+def test_a_background_process_is_gone_after_the_attempt(
+    cli: Cli, tmp_path: Path, container_runtime: Runtime, python_image: str
+) -> None:
+    task = make_task(
+        tmp_path / "t",
+        """
+        import subprocess
+        from pathlib import Path
+
+        def run(shard):
+            child = subprocess.Popen(["sleep", "3141"], start_new_session=True)
+            (Path(shard.output_dir) / "child.txt").write_text(f"{child.pid}\\n")
+        """,
+    )
+    result = cli("submit", str(task), "--shards", "2", "--image", python_image)
+    assert result.code == 0, result.stderr
+    assert (
+        len((cli.store / "runs" / result.run_id / "combined" / "child.txt").read_text().split())
+        == 2
+    )
+    assert _host_processes("sleep 3141") == []
+    assert _containers(container_runtime, result.run_id) == []
+
+
+def test_sigterm_of_a_busy_worker_preempts_its_container(
+    cli: Cli, tmp_path: Path, container_runtime: Runtime, python_image: str
+) -> None:
+    task = make_task(
+        tmp_path / "t",
+        """
+        import time
+        from pathlib import Path
+
+        def run(shard):
+            print("working", flush=True)
+            time.sleep(3)
+            (Path(shard.output_dir) / "done.txt").write_text(f"{shard.index}\\n")
+        """,
+    )
+    proc = cli.start(
+        "submit",
+        str(task),
+        "--shards",
+        "2",
+        "--workers",
+        "2",
+        "--max-attempts",
+        "1",
+        "--image",
+        python_image,
+    )
+    running = wait_for(
+        lambda: len(cli.running_attempts()) == 2 and cli.running_attempts(), 60, "two attempts"
+    )
+    victim = running[0]
+    os.kill(cli.workers()[victim["worker"]], signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    run_id = out.strip()
+    shard = next(s for s in cli.status(run_id)["shards"] if s["id"] == victim["shard_id"])
+    states = [a["state"] for a in shard["attempts"]]
+    assert states[0] == "preempted" and states[-1] == "succeeded", states
+    done = (cli.store / "runs" / run_id / "combined" / "done.txt").read_text().split()
+    assert sorted(done) == ["0", "1"]
+    assert _containers(container_runtime, run_id) == []
+
+
+def test_a_missing_image_is_one_clear_line(
+    cli: Cli, tmp_path: Path, container_runtime: Runtime
+) -> None:
+    task = make_task(tmp_path / "t", COPY_TASK)
+    image = "localhost/cflow-test-missing:never"
+    result = cli("submit", str(task), "--shards", "2", "--image", image)
+    assert result.code == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert lines == [lines[0]] and f"image {image} is not on this machine" in lines[0]
+    assert "Traceback" not in result.stderr
+    assert not list(cli.store.glob("runs/*/run.json"))  # nothing half-made
+
+
+def test_no_container_engine_is_one_clear_line(cli: Cli, tmp_path: Path) -> None:
+    task = make_task(tmp_path / "t", COPY_TASK)
+    empty = tmp_path / "empty-path"
+    empty.mkdir()
+    cli.env["PATH"] = str(empty)  # neither podman nor docker can be found
+    cli.env.pop("CFLOW_CONTAINER_RUNTIME")
+    result = cli("submit", str(task), "--shards", "1", "--image", "localhost/anything:1")
+    assert result.code == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "podman and docker are not installed" in errors[0]
+    assert "Traceback" not in result.stderr
+    assert not list(cli.store.glob("runs/*/run.json"))

@@ -1,0 +1,132 @@
+"""Combine through the CLI: every data row kept, folders kept, ``--out`` checked first."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.conftest import Cli, make_task
+
+pytestmark = pytest.mark.e2e
+
+HEADERLESS = """
+from pathlib import Path
+
+def run(shard):
+    out = Path(shard.output_dir)
+    # Header-less rows, and every part's first row is the same data row.
+    (out / "a.csv").write_text(f"0,0\\n{shard.index},x\\n")
+    (out / "sub").mkdir()
+    (out / "sub" / "a.csv").write_text(f"sub,{shard.index}")  # no final newline
+"""
+
+
+def test_headerless_rows_are_never_dropped_and_folders_are_kept(cli: Cli, tmp_path: Path) -> None:
+    task = make_task(tmp_path / "t", HEADERLESS)
+    out = tmp_path / "result"
+    r = cli("submit", str(task), "--shards", "4", "--workers", "2", "--out", str(out))
+    assert r.code == 0, r.stderr
+    assert (out / "a.csv").read_text() == "".join(f"0,0\n{i},x\n" for i in range(4))
+    assert (out / "sub" / "a.csv").read_text() == "".join(f"sub,{i}\n" for i in range(4))
+    assert "every part of a.csv starts with '0,0'" in r.stderr  # a hint, and nothing dropped
+    assert (
+        f"written: {out / 'a.csv'}" in r.stderr and f"written: {out / 'sub' / 'a.csv'}" in r.stderr
+    )
+
+
+def test_declared_headers_are_kept_once_and_combine_prints_where_it_wrote(
+    cli: Cli, tmp_path: Path
+) -> None:
+    task = make_task(
+        tmp_path / "t",
+        """
+        from pathlib import Path
+
+        def run(shard):
+            (Path(shard.output_dir) / "p.csv").write_text(f"id,v\\n{shard.index},1\\n")
+        """,
+    )
+    (task / "cflow.toml").write_text("[combine]\nheaders = true\n")
+    r = cli("submit", str(task), "--shards", "3", "--workers", "2")
+    assert r.code == 0, r.stderr
+    out = tmp_path / "again"
+    again = cli("combine", r.run_id, "--out", str(out))
+    assert again.code == 0, again.stderr
+    assert again.stdout.splitlines() == [str(out / "p.csv")]
+    assert (out / "p.csv").read_text() == "id,v\n0,1\n1,1\n2,1\n"
+    raw = cli("combine", r.run_id, "--no-headers")
+    assert raw.code == 0 and raw.stdout.strip().endswith("combined/p.csv")
+    combined = Path(raw.stdout.strip()).read_text()
+    assert combined == "id,v\n0,1\nid,v\n1,1\nid,v\n2,1\n"
+
+
+def test_out_is_checked_before_the_run_starts(cli: Cli, tmp_path: Path) -> None:
+    task = make_task(tmp_path / "t", HEADERLESS)
+    taken = tmp_path / "taken.csv"
+    taken.write_text("mine\n")
+    r = cli("submit", str(task), "--shards", "2", "--out", str(taken))
+    assert r.code == 2
+    assert r.stderr.strip().splitlines() == [
+        f"error: --out {taken} exists and is not a folder; give a folder to write into"
+    ]
+    assert r.stdout == "" and not cli.store.exists()  # nothing was created, nothing ran
+    assert taken.read_text() == "mine\n"
+
+
+def test_a_run_without_outputs_says_so(cli: Cli, tmp_path: Path) -> None:
+    task = make_task(tmp_path / "t", "def run(shard):\n    pass\n")
+    out = tmp_path / "nothing"
+    r = cli("submit", str(task), "--shards", "2", "--out", str(out))
+    assert r.code == 0, r.stderr
+    assert "no outputs" in r.stderr and "written" not in r.stderr and not out.exists()
+    again = cli("combine", r.run_id, "--out", str(out))
+    assert again.code == 0 and again.stdout == ""
+    assert f"run {r.run_id} has no outputs to combine" in again.stderr
+
+
+def test_combine_of_an_unfinished_run_is_not_0(cli: Cli, tmp_path: Path) -> None:
+    task = make_task(
+        tmp_path / "t",
+        """
+        import time
+        from pathlib import Path
+
+        def run(shard):
+            time.sleep(30 if shard.index else 0)
+            (Path(shard.output_dir) / "x.txt").write_text(f"{shard.index}\\n")
+        """,
+    )
+    r = cli("submit", str(task), "--shards", "3", "--workers", "1", "--detach")
+    assert r.code == 0, r.stderr
+    early = cli("combine", r.run_id)
+    assert early.code == 1
+    assert "have no committed output" in early.stderr and "partial" in early.stderr
+    cli("cancel", r.run_id)
+    status = cli.status(r.run_id)
+    assert status["counts"]["succeeded"] + status["counts"]["cancelled"] == 3
+    assert json.loads(cli("runs", "--json").stdout)[0]["state"] == "cancelled"
+
+
+def test_a_failing_combine_leaves_the_run_finished_and_says_how_to_redo_it(
+    cli: Cli, tmp_path: Path
+) -> None:
+    task = make_task(
+        tmp_path / "t",
+        """
+        from pathlib import Path
+
+        def run(shard):
+            (Path(shard.output_dir) / "n.txt").write_text("1\\n")
+
+        def combine(paths, out):
+            raise RuntimeError("combine is broken")
+        """,
+    )
+    r = cli("submit", str(task), "--shards", "2")
+    assert r.code == 1
+    assert "2/2 shards succeeded" in r.stderr
+    assert "combining run" in r.stderr and "RuntimeError: combine is broken" in r.stderr
+    assert f"`runner combine {r.run_id}`" in r.stderr
+    assert cli.status(r.run_id)["state"] == "finished"

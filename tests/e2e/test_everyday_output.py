@@ -1,0 +1,188 @@
+"""Output a script can read, through the CLI: plain progress, whole ids, JSON, exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.conftest import Cli, make_inputs, make_task, wait_for
+
+pytestmark = pytest.mark.e2e
+
+OK_TASK = """
+from pathlib import Path
+
+def run(shard):
+    (Path(shard.output_dir) / "o.txt").write_text(f"{shard.index}\\n")
+"""
+
+SLOW_TASK = """
+import time
+from pathlib import Path
+
+def run(shard):
+    time.sleep(float(shard.params.get("sleep", 2)))
+    (Path(shard.output_dir) / "o.txt").write_text(f"{shard.index}\\n")
+"""
+
+
+def test_without_a_terminal_progress_is_plain_lines_and_ids_are_whole(
+    cli: Cli, tmp_path: Path
+) -> None:
+    cli.env["COLUMNS"] = "80"  # what a pipe or CI log gets
+    long_names = [f"{'very-long-input-name-' * 3}{i}.csv" for i in range(3)]
+    inputs = make_inputs(tmp_path / "in", long_names)
+    task = make_task(tmp_path / "t", SLOW_TASK.replace('get("sleep", 2)', 'get("sleep", 0)'))
+    r = cli("submit", str(task), "--inputs", str(inputs / "*.csv"), "--workers", "2")
+    assert r.code == 0, r.stderr
+    assert "\r" not in r.stderr and "\x1b" not in r.stderr
+    progress = [line for line in r.stderr.splitlines() if " done, " in line]
+    assert progress and all(line.startswith(f"cflow: run {r.run_id}: ") for line in progress)
+    assert any(len(line) > 80 for line in r.stderr.splitlines())  # not hard-wrapped
+    status = cli("status", r.run_id)
+    ids = [s["id"] for s in cli.status(r.run_id)["shards"]]
+    assert all(len(i) > 40 for i in ids)
+    for shard_id in ids:
+        assert shard_id in status.stdout
+    assert r.run_id in cli("runs").stdout
+
+
+def test_version_json_runs_state_filter_and_doctor(cli: Cli, tmp_path: Path) -> None:
+    version = cli("--version")
+    assert version.code == 0 and version.stdout.startswith("cflow ")
+    assert cli("runs", "--json").stdout.strip() == "[]" and not cli.store.exists()
+    empty = cli("runs")
+    assert empty.code == 0 and "no runs yet" in empty.stderr and not cli.store.exists()
+    task = make_task(
+        tmp_path / "t",
+        "def run(shard):\n    if shard.index == 1:\n        raise ValueError('one bad')\n",
+    )
+    r = cli("submit", str(task), "--shards", "3", "--halt", "never", "--max-attempts", "1")
+    assert r.code == 1
+    (run,) = json.loads(cli("runs", "--json").stdout)
+    assert run["run_id"] == r.run_id and run["shards"] == 3 and run["committed"] == 2
+    failed = json.loads(cli("status", r.run_id, "--json", "--state", "failed").stdout)
+    assert [s["index"] for s in failed["shards"]] == [1] and failed["counts"]["failed"] == 1
+    table = cli("status", r.run_id, "--state", "succeeded")
+    assert "00000" in table.stdout and "00001" not in table.stdout
+    doctor = cli("doctor", "--json")
+    assert doctor.code == 0, doctor.stderr
+    checks = {c["check"]: c for c in json.loads(doctor.stdout)}
+    assert checks["store"]["ok"] and checks["bash"]["ok"]
+
+
+def test_option_errors_are_one_line_with_code_2(cli: Cli, tmp_path: Path) -> None:
+    for args in (
+        ("submit", "--no-such-option"),
+        ("status",),
+        ("submit", str(tmp_path), "--shards", "x"),
+        ("status", "r1", "--state", "sleeping"),
+    ):
+        r = cli(*args)
+        assert r.code == 2, (args, r.stderr)
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), (args, r.stderr)
+        assert "╭" not in r.stderr and r.stdout == ""
+
+
+def test_ctrl_c_detaches_with_code_0_and_watch_finishes(cli: Cli, tmp_path: Path) -> None:
+    task = make_task(tmp_path / "t", SLOW_TASK)
+    proc = cli.start("submit", str(task), "--shards", "2", "--workers", "2")
+    wait_for(lambda: cli.running_attempts(), 30, "a shard to start")
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert "detached" in err
+    run_id = out.strip()
+    watched = cli("watch", run_id)
+    assert watched.code == 0, watched.stderr
+    assert "2/2 shards succeeded" in watched.stderr
+
+
+def test_dry_run_lists_shards_and_starts_nothing(cli: Cli, tmp_path: Path) -> None:
+    task = make_task(tmp_path / "t", OK_TASK)
+    r = cli("submit", str(task), "--shards", "3", "--workers", "2", "--dry-run")
+    assert r.code == 0, r.stderr
+    assert r.stdout.splitlines() == [
+        '00000\t{"index": 0}',
+        '00001\t{"index": 1}',
+        '00002\t{"index": 2}',
+    ]
+    assert "dry run: 3 shards; bundle" in r.stderr and "up to 2 workers x 1 slots" in r.stderr
+    assert not cli.store.exists()
+
+
+def test_a_big_bundle_is_named_and_cflowignore_keeps_files_out(cli: Cli, tmp_path: Path) -> None:
+    task = make_task(tmp_path / "t", OK_TASK)
+    (task / "data").mkdir()
+    (task / "data" / "huge.bin").write_bytes(os.urandom(21 * 1024 * 1024))
+    r = cli("submit", str(task), "--shards", "1", "--dry-run")
+    assert r.code == 0, r.stderr
+    assert "warning: the task bundle is" in r.stderr and "data/huge.bin (21.0 MB)" in r.stderr
+    (task / ".cflowignore").write_text("data/\n")
+    r = cli("submit", str(task), "--shards", "1", "--dry-run")
+    assert "warning" not in r.stderr and "(2 files)" in r.stderr
+
+
+def _queued(cli: Cli, run_id: str) -> int:
+    with sqlite3.connect(cli.store / "queue.db") as db:
+        (n,) = db.execute("SELECT COUNT(*) FROM messages WHERE run_id = ?", (run_id,)).fetchone()
+    return int(n)
+
+
+def test_rm_and_prune_delete_runs_queue_entries_and_unused_bundles(
+    cli: Cli, tmp_path: Path
+) -> None:
+    ok = make_task(tmp_path / "ok", OK_TASK)
+    other = make_task(tmp_path / "other", OK_TASK + "\n# another bundle\n")
+    a = cli("submit", str(ok), "--shards", "2").run_id
+    b = cli("submit", str(ok), "--shards", "2").run_id  # same bundle as a
+    c = cli("submit", str(other), "--shards", "2").run_id
+    bundles = {p.name for p in (cli.store / "tasks").iterdir()}
+    assert len(bundles) == 2
+    slow = make_task(tmp_path / "slow", SLOW_TASK)
+    d = cli("submit", str(slow), "--shards", "50", "--workers", "1", "--detach").run_id
+    assert _queued(cli, d) > 0
+    going = cli("rm", d)
+    assert going.code == 2 and "still going" in going.stderr
+    forced = cli("rm", d, "--force")
+    assert forced.code == 0, forced.stderr
+    assert forced.stdout.split() == [d] and _queued(cli, d) == 0
+    assert not (cli.store / "runs" / d).exists()
+    assert "1 unused bundles" in forced.stderr  # only d used the slow task's bundle
+    assert {p.name for p in (cli.store / "tasks").iterdir()} == bundles
+    rm = cli("rm", a)
+    assert rm.code == 0 and not (cli.store / "runs" / a).exists()
+    assert {p.name for p in (cli.store / "tasks").iterdir()} == bundles  # b still uses it
+    # Age c's run by a week and prune.
+    manifest = cli.store / "runs" / c / "run.json"
+    data = json.loads(manifest.read_text())
+    data["created_at"] -= 8 * 86400
+    manifest.write_text(json.dumps(data))
+    dry = cli("prune", "--older-than", "7d", "--dry-run")
+    assert dry.stdout.split() == [c] and (cli.store / "runs" / c).exists()
+    pruned = cli("prune", "--older-than", "7d")
+    assert pruned.code == 0 and pruned.stdout.split() == [c]
+    assert "1 unused bundles" in pruned.stderr
+    assert [r["run_id"] for r in json.loads(cli("runs", "--json").stdout)] == [b]
+    assert len(list((cli.store / "tasks").iterdir())) == 1
+    bad = cli("prune", "--older-than", "soon")
+    assert bad.code == 2 and "is not an age" in bad.stderr
+
+
+def test_after_cancel_shards_show_cancelled(cli: Cli, tmp_path: Path) -> None:
+    task = make_task(tmp_path / "t", SLOW_TASK.replace('get("sleep", 2)', 'get("sleep", 20)'))
+    r = cli("submit", str(task), "--shards", "6", "--workers", "2", "--detach")
+    assert r.code == 0, r.stderr
+    wait_for(lambda: cli.running_attempts(), 30, "a shard to start")
+    assert cli("cancel", r.run_id).code == 0
+    status = cli.status(r.run_id)
+    assert {s["state"] for s in status["shards"]} == {"cancelled"}
+    assert status["counts"]["queued"] == 0 and status["counts"]["running"] == 0
+    watch = cli("watch", r.run_id)
+    assert watch.code == 2 and "was cancelled" in watch.stderr  # nothing to watch

@@ -1,0 +1,89 @@
+"""A worker VM's way out: self-removal, and the backstop when the group refuses it.
+
+Real ``python -m worker --backend gcp`` processes on the emulators, in a fake group.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from runner.gce_fleet import GceFleet
+from tests.e2e.conftest import wait_for
+from tests.emulators import Deployment
+from tests.gcp.conftest import MakeCompute, worker_spawner
+from worker.gcp import EXIT_CANNOT_LEAVE, agent_log_key, problem_key
+from worker.gcs_store import GcsStore
+
+pytestmark = pytest.mark.emulator
+
+ZONE = "us-central1-a"
+GROUP = "cflow-workers"
+
+
+def test_self_removal_without_conditions_then_the_backstop_when_refused(
+    deployment: Deployment, fake_compute: MakeCompute, tmp_path: Path
+) -> None:
+    exits: list[int] = []
+    holder: dict[str, str] = {}
+    inner = worker_spawner(
+        deployment,
+        logs=tmp_path / "vms",
+        group=GROUP,
+        zone=ZONE,
+        endpoint=lambda: holder["endpoint"],
+        idle_timeout=0.5,
+    )
+    procs: list[subprocess.Popen[Any]] = []
+
+    def spawn(name: str) -> subprocess.Popen[Any]:
+        proc = inner(name)
+        procs.append(proc)
+        return proc
+
+    # First the group lets the worker remove itself (the grant carries no IAM condition the
+    # service would not honour), then it refuses: the worker must still stop the bill.
+    fake = fake_compute(spawn=spawn, group=GROUP, zone=ZONE)
+    holder["endpoint"] = fake.endpoint
+    store = GcsStore(deployment.bucket)
+    fleet = GceFleet(project=deployment.project, group=GROUP, zone=ZONE, store=store)
+    (first,) = fleet.grow(1)
+    wait_for(fake.is_empty, 60, "the idle worker gone by itself")
+    assert procs[0].wait(10) == 0
+    log = store.get(agent_log_key(first)).decode()
+    assert "left group" in log and "exiting: idle" in log  # the agent's log outlived its VM
+
+    fake.denied = frozenset({"deleteInstances"})
+    (second,) = fleet.grow(1)
+    wait_for(lambda: len(procs) >= 2 and procs[1].poll() is not None, 60, "a refused worker")
+    exits.append(procs[1].returncode)
+    assert exits == [EXIT_CANNOT_LEAVE]  # the unit powers the VM off on this status
+    report = json.loads(store.get(problem_key(second)))
+    assert report["vm"] == second and "could not remove itself" in report["problem"]
+    assert "could not remove VM" in store.get(agent_log_key(second)).decode()
+
+    # The runner (or a later `runner watch`) shows it and deletes the VM by name.
+    broken = wait_for(lambda: [i for i in fleet.instances() if i.removable], 30, "reported")
+    assert [i.name for i in broken] == [second]
+    assert fleet.problems() == [f"VM {second} could not remove itself from its group"]
+    fake.denied = frozenset()
+    fleet.delete([second])
+    assert fleet.wait_empty(30)
+    assert not store.exists(problem_key(second))
+
+
+def test_runner_reads_a_gone_workers_agent_log(deployment: Deployment) -> None:
+    from runner.gcp import agent_log, agent_logs
+    from worker.errors import NotFound
+
+    store = GcsStore(deployment.bucket)
+    store.put(agent_log_key("cflow-worker-ab12"), b"2026-12-01 worker cflow-worker-ab12 exiting\n")
+    store.put("fleet/_problems/cflow-worker-ab12.json", b"{}")
+    assert agent_logs(store) == ["cflow-worker-ab12"]
+    assert b"exiting" in agent_log(store, "cflow-worker-ab12")
+    with pytest.raises(NotFound, match="no agent log for worker nobody"):
+        agent_log(store, "nobody")
