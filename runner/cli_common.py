@@ -29,7 +29,10 @@ from runner.halt import HaltJudge, HaltRule
 from runner.watch import Watcher
 from worker.errors import CFlowError
 from worker.protocol import (
+    AttemptState,
+    AttemptStatus,
     Event,
+    Layout,
     Manifest,
     RunState,
     ShardState,
@@ -167,7 +170,47 @@ def make_watcher(
         max_workers=min(workers or options.workers or dep.default_workers, shards),
         slots=slots,
         speculate=options.speculate,
+        expect_heartbeats=True,  # this version's workers send them during long attempts
     )
+
+
+def live_workers(dep: Deployment, run_id: str) -> tuple[set[str], dict[str, str] | None]:
+    """The fleet's instance names and the run's lease holders (None where unknown)."""
+    fleet = dep.fleet()
+    try:
+        names = {i.name for i in fleet.instances()}
+    finally:
+        fleet.close()
+    return names, dep.backends.queue.leases(run_id)
+
+
+def worker_gone(dep: Deployment, run_id: str, shard_id: str, attempt: int) -> str | None:
+    """The worker of a running attempt, if it is gone (no instance of the fleet, no lease)."""
+    try:
+        status = AttemptStatus.from_json(
+            dep.backends.store.get(Layout.status(run_id, shard_id, attempt))
+        )
+    except (CFlowError, ValueError, TypeError):
+        return None
+    if status.state != AttemptState.RUNNING.value:
+        return None
+    names, leases = live_workers(dep, run_id)
+    if status.worker in names or (leases is not None and leases.get(shard_id) == status.worker):
+        return None
+    return status.worker
+
+
+def resume_publishing(dep: Deployment, manifest: Manifest) -> Manifest:
+    """Finish publishing a run whose submit was interrupted (re-sending the last unconfirmed
+    batch is harmless: the first commit wins)."""
+    if manifest.state != RunState.ACTIVE.value or not manifest.publishing:
+        return manifest
+    err.print(
+        f"cflow: run {manifest.run_id} was interrupted while publishing"
+        f" ({manifest.published} of {manifest.shard_count} shards); publishing the rest",
+        markup=False,
+    )
+    return runs.publish_rest(dep.backends.store, dep.backends.queue, manifest)
 
 
 def watch_and_finish(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -24,10 +25,12 @@ from runner.cli_common import (
     app,
     combine_where_data_is,
     err,
+    live_workers,
     need_run,
     open_dep,
     out,
     store_exists,
+    worker_gone,
 )
 from runner.combine import check_out
 from worker import defaults
@@ -56,7 +59,9 @@ def status(
     with open_dep(local, store, deployment) as dep:
         st = dep.backends.store
         manifest = runs.load_manifest(st, run_id)
-        reports = runs.iter_shard_reports(st, manifest)
+        reports = runs.flag_lost(
+            runs.iter_shard_reports(st, manifest), lambda: live_workers(dep, run_id)
+        )
         if wanted:
             reports = (r for r in reports if r.state in wanted)
         if as_json:
@@ -111,7 +116,15 @@ def logs(
             for line in where_logs(st, manifest):
                 sys.stdout.write(line + "\n")
             return
-        code = print_log(st, manifest, shard, attempt=attempt, follow=follow, err=err)
+        code = print_log(
+            st,
+            manifest,
+            shard,
+            attempt=attempt,
+            follow=follow,
+            err=err,
+            gone=lambda shard_id, number: worker_gone(dep, run_id, shard_id, number),
+        )
     raise typer.Exit(code)
 
 
@@ -199,17 +212,25 @@ def list_runs(
     """List runs, oldest first."""
     manifests: list[Manifest] = []
     done: dict[str, int] = {}
+    broken: dict[str, str] = {}
     if store_exists(local, store, deployment):
         with open_dep(local, store, deployment) as dep:
-            manifests = runs.list_runs(dep.backends.store)
+            listing = runs.scan_runs(dep.backends.store)
+            manifests, broken = listing.manifests, listing.broken
             done = {m.run_id: len(runs.committed(dep.backends.store, m.run_id)) for m in manifests}
+    for url, problem in broken.items():
+        err.print(f"cflow: broken run: {url} ({problem})", markup=False)
     if as_json:
         sys.stdout.write(json.dumps([report.run_dict(m, done[m.run_id]) for m in manifests]) + "\n")
         return
     if not manifests:
-        err.print("cflow: no runs yet")
+        if not broken:
+            err.print("cflow: no runs yet")
         return
-    out.print(report.runs_table(manifests, done), crop=False)
+    # A run cut off while publishing shows as such (`runner watch` finishes it).
+    now = time.time()
+    shown = [dataclasses.replace(m, state=runs.shown_state(m, now)) for m in manifests]
+    out.print(report.runs_table(shown, done), crop=False)
 
 
 @app.command()

@@ -29,6 +29,7 @@ from runner.cli_common import (
     need_run,
     open_dep,
     out,
+    resume_publishing,
     watch_and_finish,
 )
 from runner.combine import check_out
@@ -38,7 +39,7 @@ from runner.submit_plan import describe_bundle, dry_run
 from worker import defaults
 from worker.container_runtime import check_image
 from worker.errors import ConfigError
-from worker.protocol import Layout, RunOptions, RunState
+from worker.protocol import Layout, Manifest, RunOptions, RunState
 
 
 @app.command()
@@ -178,13 +179,13 @@ def submit(
                 options=options,
                 stage_input=dep.stage_input,
                 on_published=on_published,
+                on_created=_print_run_id,  # before publishing: an interrupted submit resumes
             )
         except BaseException:
             if early:
                 fleet.delete(early)
             raise
         run_id = manifest.run_id
-        out.print(run_id)
         max_workers = min(options.workers, manifest.shard_count)
         err.print(
             f"cflow: run {run_id}: {manifest.shard_count} shards, up to {max_workers} workers"
@@ -262,6 +263,11 @@ def _dry_run(
     err.print(f"cflow: dry run: {plan}; nothing was started", markup=False)
 
 
+def _print_run_id(manifest: Manifest) -> None:
+    out.print(manifest.run_id)
+    sys.stdout.flush()
+
+
 @app.command()
 def watch(
     run_id: RunArg,
@@ -282,6 +288,7 @@ def watch(
                 f"run {run_id} was {'halted' if manifest.halted else 'cancelled'};"
                 f" `runner retry {run_id} --failed` restarts it"
             )
+        manifest = resume_publishing(dep, manifest)
         watcher = make_watcher(
             dep, manifest, workers=workers, slots=slots, shards=manifest.shard_count
         )
@@ -319,11 +326,24 @@ def retry(
         check_task(task_dir)
     with open_dep(local, store, deployment) as dep:
         st = dep.backends.store
+        interrupted = runs.load_manifest(st, run_id)
+        if interrupted.state == RunState.ACTIVE.value and interrupted.publishing:
+            # Nothing failed yet: the submit was cut off. Finish it, as `runner watch` would.
+            interrupted = resume_publishing(dep, interrupted)
+            watcher = make_watcher(
+                dep, interrupted, workers=workers, slots=slots, shards=interrupted.shard_count
+            )
+            if detach:
+                watcher.poll()
+                return
+            raise typer.Exit(
+                watch_and_finish(watcher, dep, rule=rule, cancel_on_interrupt=False, out=None)
+            )
         retried = runs.retry(st, dep.backends.queue, run_id, task_dir=task_dir)
         if not retried:
             err.print(f"cflow: run {run_id} has no failed shards; nothing to retry", markup=False)
             return
-        manifest = runs.load_manifest(st, run_id)
+        manifest = runs.mark_published(st, runs.load_manifest(st, run_id))
         with_what = f" with bundle {manifest.bundle[:12]}" if task_dir is not None else ""
         err.print(f"cflow: retrying {len(retried)} shards of run {run_id}{with_what}", markup=False)
         watcher = make_watcher(dep, manifest, workers=workers, slots=slots, shards=len(retried))

@@ -10,16 +10,25 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import logging
 import os
 import signal
 import subprocess
 import sys
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from worker import defaults
+from worker.errors import CFlowError
+from worker.local_queue import LocalQueue
+from worker.local_store import QUEUE_FILE
+
+log = logging.getLogger("cflow.runner")
+
+CLAIM_SECONDS = 60.0  # a worker name claimed this long without a pid is free again
 
 
 @dataclass(frozen=True)
@@ -63,7 +72,13 @@ class Fleet(ABC):
 class LocalFleet(Fleet):
     """Worker processes on this machine, registered under ``<store>/fleet/`` so a later
     ``runner watch`` finds them. They run in their own session: Ctrl-C in the runner's terminal
-    detaches the runner without stopping them."""
+    detaches the runner without stopping them.
+
+    A name is claimed by creating its registry file create-only, so two runners starting
+    workers in one store at once never give two workers one name. When a worker process is
+    seen gone, the leases it held are released at once (:meth:`WorkQueue.release`), so its
+    shards run again without waiting for the leases to lapse.
+    """
 
     def __init__(
         self,
@@ -81,13 +96,20 @@ class LocalFleet(Fleet):
         self.extra_args = extra_args or []
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
         self._stopping: set[str] = set()
+        self._queue: LocalQueue | None = None
+        self.released = 0  # leases released for workers seen gone (bench/recovery.py)
 
     def _entries(self) -> dict[str, int]:
         out = {}
         for path in self.registry.glob("*.json"):
             try:
                 out[path.stem] = int(json.loads(path.read_text())["pid"])
-            except (OSError, ValueError, KeyError):
+            except (OSError, ValueError, KeyError, TypeError):
+                # A name claimed by a runner still starting its process; a claim that never
+                # got a pid (its runner died in between) is given back after a while.
+                with contextlib.suppress(OSError):
+                    if time.time() - path.stat().st_mtime > CLAIM_SECONDS:
+                        path.unlink()
                 continue
         return out
 
@@ -99,20 +121,39 @@ class LocalFleet(Fleet):
             if alive:
                 live.append(Instance(name, "stopping" if name in self._stopping else "running"))
             else:
-                (self.registry / f"{name}.json").unlink(missing_ok=True)
-                self._procs.pop(name, None)
-                self._stopping.discard(name)
+                self._gone(name)
         return live
+
+    def _gone(self, name: str) -> None:
+        """A worker process ended: free its leases first, then its name."""
+        try:
+            if self._queue is None:
+                self._queue = LocalQueue(self.root / QUEUE_FILE)
+            self.released += self._queue.release(name)
+        except CFlowError as exc:  # the leases lapse by themselves; say why they were kept
+            log.warning("could not release the leases of worker %s: %s", name, exc)
+        (self.registry / f"{name}.json").unlink(missing_ok=True)
+        self._procs.pop(name, None)
+        self._stopping.discard(name)
+
+    def _claim(self, start: int) -> tuple[str, int]:
+        """The first free ``local-<n>`` from ``start``, claimed create-only."""
+        n = start
+        while True:
+            name = f"local-{n}"
+            try:
+                fd = os.open(self.registry / f"{name}.json", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                n += 1
+                continue
+            os.close(fd)
+            return name, n
 
     def grow(self, count: int) -> list[str]:
         names = []
-        taken = set(self._entries())
         n = 0
         for _ in range(count):
-            while f"local-{n}" in taken:
-                n += 1
-            name = f"local-{n}"
-            taken.add(name)
+            name, n = self._claim(n)
             logs = self.root / "fleet" / "logs"
             logs.mkdir(parents=True, exist_ok=True)
             with (logs / f"{name}.log").open("ab") as log:
@@ -139,7 +180,10 @@ class LocalFleet(Fleet):
                     start_new_session=True,
                 )
             self._procs[name] = proc
-            (self.registry / f"{name}.json").write_text(json.dumps({"pid": proc.pid}))
+            entry = self.registry / f"{name}.json"
+            tmp = entry.with_name(f".{name}.json.tmp")
+            tmp.write_text(json.dumps({"pid": proc.pid}))
+            os.replace(tmp, entry)  # readers see the claim or the pid, never half a file
             names.append(name)
         return names
 
@@ -149,19 +193,25 @@ class LocalFleet(Fleet):
             pid = entries.get(name)
             if pid is None:
                 continue
+            if name not in self._procs and not self._alive(name, pid):
+                continue  # a reused pid: not ours to signal
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
+                os.kill(pid, signal.SIGCONT)  # a stopped (frozen) worker handles it too
             self._stopping.add(name)
 
     def wait_empty(self, timeout: float) -> bool:
-        import time
-
         deadline = time.monotonic() + timeout
         while self.instances():
             if time.monotonic() >= deadline:
                 return False
             time.sleep(0.05)
         return True
+
+    def close(self) -> None:
+        if self._queue is not None:
+            self._queue.close()
+            self._queue = None
 
     def _alive(self, name: str, pid: int) -> bool:
         return _is_worker(pid, self.root, name)

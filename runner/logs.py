@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from rich.console import Console
 
@@ -16,6 +16,7 @@ from worker.protocol import Layout, Manifest, RunState
 from worker.store import Store
 
 FOLLOW_POLL = 1.0  # seconds between reads of a followed log
+GONE_EVERY = 5  # polls between looks at whether a followed attempt's worker is gone
 
 
 def where_logs(store: Store, manifest: Manifest) -> Iterator[str]:
@@ -48,8 +49,12 @@ def print_log(
     attempt: int | None,
     follow: bool,
     err: Console,
+    gone: Callable[[str, int], str | None] | None = None,
 ) -> int:
-    """Write the log to stdout; returns the exit code (0, or 1 when a followed shard never ran)."""
+    """Write the log to stdout; returns the exit code (0, or 1 when a followed shard never ran).
+
+    ``gone(shard, attempt)`` names the worker of a running attempt when that worker is gone
+    (asked every few polls): following such an attempt stops instead of waiting forever."""
     run_id = manifest.run_id
     report = find_shard(store, manifest, shard)
     numbers = [a.attempt for a in report.attempts]
@@ -77,9 +82,13 @@ def print_log(
     else:
         number = attempt or numbers[-1]
     key = Layout.log(run_id, report.id, number)
-    printed = 0
+    printed = polls = 0
     while True:
         over = not follow or _attempt_over(store, run_id, report.id, number)
+        lost = None
+        if not over and gone is not None and polls % GONE_EVERY == 0:
+            lost = gone(report.id, number)
+        polls += 1
         try:
             data = store.get(key)
         except CFlowError:
@@ -89,6 +98,9 @@ def print_log(
             sys.stdout.flush()
             printed = len(data)
         if over:  # read once more after the end was seen, so the log's tail is never lost
+            return 0
+        if lost is not None:
+            err.print(f"cflow: worker {lost} is gone; attempt {number} was lost", markup=False)
             return 0
         time.sleep(FOLLOW_POLL)
 

@@ -36,16 +36,22 @@ def decide_scale(
     instances: list[Instance],
     idle: set[str],
     busy: set[str],
+    stale: set[str] | frozenset[str] = frozenset(),
 ) -> ScaleDecision:
     """How to resize: enough instances for the outstanding shards, removing only idle ones.
 
-    ``outstanding`` counts queued plus running shards. When nothing is outstanding every
-    instance not known busy goes (so the run ends at zero even for instances that never
-    reported). Otherwise the surplus goes in this order: instances still ``starting`` (they
-    cannot be busy, are the furthest from doing work, and deleting a preempted one stops the
-    group recreating a VM nobody needs), then instances that said they are idle, keeping as
-    many of those as there are queued shards: a ready worker takes queued work at once, where
-    a booting one would take a minute or two.
+    ``outstanding`` counts queued plus running shards; a shard whose lease lapsed (its worker
+    froze or hung) is queued work again. ``stale`` names such workers: they hold no live lease
+    and have not been heard from since, so they are neither busy nor capacity. More workers are
+    started beside them, but they are not deleted while work remains (one may thaw and commit,
+    harmlessly: the first commit wins); at the end they go like every other worker.
+
+    When nothing is outstanding every instance not known busy goes (so the run ends at zero even
+    for instances that never reported). Otherwise the surplus goes in this order: instances
+    still ``starting`` (they cannot be busy, are the furthest from doing work, and deleting a
+    preempted one stops the group recreating a VM nobody needs), then instances that said they
+    are idle, keeping as many of those as there are queued shards: a ready worker takes queued
+    work at once, where a booting one would take a minute or two.
     """
     slots = max(slots, 1)
     # An instance with an error (one the group cannot create for lack of quota, a VM that failed
@@ -54,18 +60,20 @@ def decide_scale(
     broken = sorted(i.name for i in instances if i.removable and i.status != "stopping")
     errored = [i for i in instances if i.error and i.status != "stopping" and not i.removable]
     live = [i for i in instances if i.status != "stopping" and not i.error and not i.removable]
-    target = min(max_workers, math.ceil(max(outstanding, 0) / slots))
-    if len(live) < target:
-        room = max(max_workers - len(live) - len(errored), 0)
-        return ScaleDecision(add=min(target - len(live), room), delete=broken)
-    surplus = len(live) + len(errored) - target
-    if surplus <= 0:
-        return ScaleDecision(delete=broken)
     doomed = sorted(i.name for i in errored)
     if outstanding <= 0:
         free = sorted(i.name for i in live if i.name not in busy)
-        return ScaleDecision(delete=broken + (doomed + free)[:surplus])
-    free_now = [i for i in live if i.name not in busy]
+        return ScaleDecision(delete=broken + doomed + free)
+    # A stale worker is no capacity and no count against max_workers: it gets a replacement.
+    able = [i for i in live if i.name not in stale or i.name in busy]
+    target = min(max_workers, math.ceil(outstanding / slots))
+    if len(able) < target:
+        room = max(max_workers - len(able) - len(errored), 0)
+        return ScaleDecision(add=min(target - len(able), room), delete=broken)
+    surplus = len(able) + len(errored) - target
+    if surplus <= 0:
+        return ScaleDecision(delete=broken)
+    free_now = [i for i in able if i.name not in busy]
     starting = sorted(i.name for i in free_now if i.status == "starting")
     ready_idle = sorted(i.name for i in free_now if i.status != "starting" and i.name in idle)
     queued = max(outstanding - len(busy) * slots, 0)  # at least this many wait for a worker

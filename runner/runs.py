@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import tempfile
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -20,7 +21,8 @@ from typing import TypeVar
 from worker import defaults
 from worker.bundle import inspect_task, pack
 from worker.clock import SYSTEM_CLOCK, Clock
-from worker.errors import BackendError, NotFound, RunNotFound, RunStateError
+from worker.errors import BackendError, CFlowError, NotFound, RunNotFound, RunStateError
+from worker.local_store import LocalStore
 from worker.protocol import (
     AttemptStatus,
     Layout,
@@ -45,6 +47,10 @@ InputStager = Callable[[str, Shard], Shard]  # (run_id, shard) -> shard with a w
 Progress = Callable[[int], None]
 
 
+PUBLISH_PAUSE_ENV = "CFLOW_PUBLISH_PAUSE"  # test hook: seconds to pause after each batch
+PUBLISH_STALE_SECONDS = 60.0  # a publisher silent this long is taken for dead (`runner runs`)
+
+
 def create_run(
     *,
     store: Store,
@@ -55,10 +61,17 @@ def create_run(
     clock: Clock = SYSTEM_CLOCK,
     stage_input: InputStager | None = None,
     on_published: Progress | None = None,
+    on_created: Callable[[Manifest], None] | None = None,
 ) -> Manifest:
     """Bundle the task, write the manifest and shard list, and enqueue every shard.
 
     Shards stream through a temporary file, so a 100,000-shard run never sits in memory.
+    ``on_created`` is called once the run exists, before publishing starts (the CLI prints the
+    run id there). Publishing records its progress in the manifest, so a runner killed or cut
+    off half way leaves a run that :func:`publish_rest` (``runner watch``) finishes.
+
+    Raises:
+        BackendError: publishing failed part way; the run stays active and resumable.
     """
     info = inspect_task(task_dir)
     data, sha = pack(task_dir)
@@ -83,23 +96,88 @@ def create_run(
             options=options.to_dict(),
             created_at=clock.time(),
             task_name=task_dir.resolve().name,
+            published=0,
+            published_at=clock.time(),
         )
         store.put(Layout.manifest(run_id), manifest.to_json())
-        messages = (WorkMessage(run_id=run_id, shard=s.to_dict()) for s in _read_shards(listing))
-        try:
-            _publish(queue, messages, on_published)
-        except BaseException as exc:
-            # Half a run must not look like a run in progress: cancel what went out.
-            save_manifest(store, manifest.with_state(RunState.CANCELLED))
-            queue.purge(run_id)
-            if isinstance(exc, Exception):
-                raise BackendError(
-                    f"publishing the shards of run {run_id} failed ({exc}); the run is cancelled,"
-                    " submit again",
-                    run_id=run_id,
-                ) from exc
-            raise
+        if on_created is not None:
+            on_created(manifest)
+        return publish_rest(
+            store, queue, manifest, on_published, clock=clock, shards=_read_shards(listing)
+        )
+
+
+def publish_rest(
+    store: Store,
+    queue: WorkQueue,
+    manifest: Manifest,
+    progress: Progress | None = None,
+    *,
+    clock: Clock = SYSTEM_CLOCK,
+    shards: Iterator[Shard] | None = None,
+) -> Manifest:
+    """Publish the shards of a run not yet recorded as published, in batches, recording each.
+
+    A batch that went out but was not recorded is published again on resume: a duplicate
+    message is harmless (the first commit wins). Returns the manifest as it now stands.
+
+    Raises:
+        BackendError: a batch could not be published; what was recorded stays resumable.
+    """
+    if not manifest.publishing:
+        return manifest
+    run_id = manifest.run_id
+    done = manifest.published or 0
+    pause = float(os.environ.get(PUBLISH_PAUSE_ENV) or 0)
+    source = shards if shards is not None else iter_shards(store, run_id)
+    it = islice(source, done, None)
+    try:
+        while batch := list(islice(it, defaults.PUBLISH_BATCH)):
+            queue.publish([WorkMessage(run_id=run_id, shard=s.to_dict()) for s in batch])
+            done += len(batch)
+            # Re-read before writing: a `runner cancel` meanwhile must not be overwritten.
+            current = load_manifest(store, run_id)
+            manifest = dataclasses.replace(current, published=done, published_at=clock.time())
+            save_manifest(store, manifest)
+            if progress is not None:
+                progress(len(batch))
+            if current.state != RunState.ACTIVE.value:
+                return manifest
+            if pause:
+                clock.sleep(pause)
+    except CFlowError as exc:
+        raise BackendError(
+            f"publishing run {run_id} stopped after {done} of {manifest.shard_count} shards"
+            f" ({exc}); `runner watch {run_id}` publishes the rest",
+            run_id=run_id,
+        ) from exc
+    except Exception as exc:
+        raise BackendError(
+            f"publishing run {run_id} stopped after {done} of {manifest.shard_count} shards"
+            f" ({type(exc).__name__}: {exc}); `runner watch {run_id}` publishes the rest",
+            run_id=run_id,
+        ) from exc
     return manifest
+
+
+def mark_published(store: Store, manifest: Manifest, *, clock: Clock = SYSTEM_CLOCK) -> Manifest:
+    """Record every shard as published (a retry re-enqueued the rest itself)."""
+    if not manifest.publishing:
+        return manifest
+    done = dataclasses.replace(manifest, published=manifest.shard_count, published_at=clock.time())
+    save_manifest(store, done)
+    return done
+
+
+def shown_state(manifest: Manifest, now: float) -> str:
+    """A run's state as `runner runs` shows it: ``publishing`` while shards still go out,
+    ``publishing (interrupted)`` once its publisher has been silent too long."""
+    if manifest.state == RunState.ACTIVE.value and manifest.publishing:
+        last = manifest.published_at or manifest.created_at
+        if now - last > PUBLISH_STALE_SECONDS:
+            return f"publishing (interrupted at {manifest.published}/{manifest.shard_count})"
+        return f"publishing ({manifest.published}/{manifest.shard_count})"
+    return manifest.state
 
 
 def _publish(queue: WorkQueue, messages: Iterable[WorkMessage], progress: Progress | None) -> int:
@@ -120,14 +198,45 @@ def _read_shards(path: Path) -> Iterator[Shard]:
 
 
 def load_manifest(store: Store, run_id: str) -> Manifest:
+    """Read a run's manifest.
+
+    Raises:
+        RunNotFound: no such run.
+        BackendError: its ``run.json`` is there but unreadable (names the file).
+    """
     if not is_valid_run_id(run_id):
         raise RunNotFound(f"{run_id!r} is not a run id; `runner runs` lists them", run_id=run_id)
+    key = Layout.manifest(run_id)
     try:
-        return Manifest.from_json(store.get(Layout.manifest(run_id)))
+        raw = store.get(key)
     except NotFound:
         raise RunNotFound(
             f"no run {run_id} in {store.url('')}; `runner runs` lists them", run_id=run_id
         ) from None
+    try:
+        return parse_manifest(raw)
+    except ValueError as exc:
+        raise BackendError(
+            f"{store.url(key)} is broken ({exc}); restore it, or remove the run's folder",
+            run_id=run_id,
+        ) from None
+
+
+def parse_manifest(raw: bytes) -> Manifest:
+    """A manifest from its JSON; ValueError (saying what is wrong) for a broken one."""
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError("not a JSON object")
+    try:
+        manifest = Manifest.from_dict(data)
+    except TypeError as exc:
+        raise ValueError(f"fields missing: {exc}") from None
+    if not isinstance(manifest.shard_count, int) or not isinstance(manifest.run_id, str):
+        raise ValueError("run_id or shard_count of the wrong type")
+    return manifest
 
 
 def save_manifest(store: Store, manifest: Manifest) -> None:
@@ -141,17 +250,32 @@ def iter_shards(store: Store, run_id: str) -> Iterator[Shard]:
         yield from _read_shards(path)
 
 
-def list_runs(store: Store) -> list[Manifest]:
-    """Every run of the store, oldest first (an unreadable manifest is skipped)."""
-    manifests = []
+@dataclass
+class RunListing:
+    """Every run of a store: the readable manifests (oldest first) and the broken ones."""
+
+    manifests: list[Manifest] = field(default_factory=list)
+    broken: dict[str, str] = field(default_factory=dict)  # manifest URL -> what is wrong
+
+
+def scan_runs(store: Store) -> RunListing:
+    """Read every run's manifest; a broken one is reported, not skipped silently."""
+    listing = RunListing()
     for key in store.list("runs/", suffix="/run.json"):
         if key.count("/") != 2:
             continue
         try:
-            manifests.append(Manifest.from_json(store.get(key)))
-        except (NotFound, ValueError, TypeError):
+            listing.manifests.append(parse_manifest(store.get(key)))
+        except NotFound:
             continue
-    return sorted(manifests, key=lambda m: m.created_at)
+        except ValueError as exc:
+            listing.broken[store.url(key)] = str(exc)
+    listing.manifests.sort(key=lambda m: m.created_at)
+    return listing
+
+
+def list_runs(store: Store) -> list[Manifest]:
+    return scan_runs(store).manifests
 
 
 def committed(store: Store, run_id: str) -> set[str]:
@@ -164,12 +288,37 @@ def failed(store: Store, run_id: str) -> set[str]:
 
 
 def _shards_with(store: Store, run_id: str, suffix: str) -> set[str]:
-    out = set()
-    for key in store.list(Layout.shards_prefix(run_id), suffix=suffix):
+    return set(marker_page(store, run_id, suffix)[0])
+
+
+def marker_page(
+    store: Store,
+    run_id: str,
+    suffix: str,
+    *,
+    start_after: str | None = None,
+    limit: int | None = None,
+) -> tuple[list[str], str | None]:
+    """Shard ids with a ``result.json`` or ``failed.json`` marker (``suffix``), in key order.
+
+    One bounded page with ``limit``; returns the ids and the key to continue after (None at the
+    end). The local store lists its marker rows without walking the run's logs and outputs.
+    """
+    prefix = Layout.shards_prefix(run_id)
+    if isinstance(store, LocalStore):
+        # A page is ``limit`` records of any kind, filtered here: a bounded range scan even
+        # when no record has this suffix (a run with no failures).
+        keys = store.list_records(prefix, start_after=start_after, limit=limit)
+    else:  # Cloud Storage filters by suffix itself (matchGlob): a page is ``limit`` markers
+        keys = store.list(prefix, suffix=suffix, start_after=start_after, limit=limit)
+    ids, last, seen = [], None, 0
+    for key in keys:
+        seen += 1
+        last = key
         parts = Layout.parse_shard_key(key)
         if parts and parts[2] == suffix[1:]:
-            out.add(parts[1])
-    return out
+            ids.append(parts[1])
+    return ids, (last if limit is not None and seen >= limit else None)
 
 
 @dataclass
@@ -411,3 +560,24 @@ def mark_dead_lettered(store: Store, message: WorkMessage) -> bool:
     )
     store.put(Layout.failure(run_id, shard_id), failure.to_json())
     return True
+
+
+def flag_lost(
+    reports: Iterable[ShardReport],
+    lookup: Callable[[], tuple[set[str], dict[str, str] | None]],
+) -> Iterator[ShardReport]:
+    """Show a running shard whose attempt's worker is gone (no instance of the fleet, no live
+    lease) as ``lost``: the watcher puts it on the queue again. ``lookup`` gives the fleet's
+    instance names and the run's lease holders; it is called once, at the first running shard.
+    """
+    found: tuple[set[str], dict[str, str] | None] | None = None
+    for r in reports:
+        if r.state is ShardState.RUNNING and r.attempts:
+            if found is None:
+                found = lookup()
+            live, leases = found
+            worker = r.attempts[-1].worker
+            held = leases is not None and leases.get(r.id) == worker
+            if worker not in live and not held:
+                r = dataclasses.replace(r, state=ShardState.LOST)
+        yield r

@@ -2,13 +2,24 @@
 
 Events (started, succeeded, failed, ...) make progress feel live; every few seconds the watcher
 reconciles against the store's commit and failure markers, so a lost or duplicated event never
-misreports a run. Each poll also applies the scale policy: grow to the outstanding work, delete
-idle instances as the queue drains, and end at zero.
+misreports a run. A reconcile reads one bounded page of markers, continuing where the last one
+stopped and wrapping around, so its cost stays flat as a run grows; a full pass is made only
+when the watcher starts and to confirm the end.
+
+Running shards are the ones whose lease lives: the queue's own lease records where it keeps
+them (local), otherwise a start or heartbeat event within the lease period. A worker whose
+leases lapsed (frozen, hung) is neither busy nor capacity, and its shard is queued work again.
+A shard with no result, no failure, no queue message and no lease is lost (:mod:`runner.lost`)
+and is put on the queue again; the first commit still wins.
+
+Each poll also applies the scale policy: grow to the outstanding work, delete idle instances as
+the queue drains, and end at zero.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import deque
 from collections.abc import Callable
@@ -16,6 +27,7 @@ from dataclasses import dataclass, field
 
 from runner import runs
 from runner.fleet import Fleet, Instance
+from runner.lost import LostShards
 from runner.policy import Stragglers, decide_scale
 from worker import defaults
 from worker.clock import SYSTEM_CLOCK, Clock
@@ -24,6 +36,17 @@ from worker.queue import EventBus, WorkQueue
 from worker.store import Store
 
 log = logging.getLogger("cflow.runner")
+
+RECONCILE_PAGE = 1000  # markers of each kind read per reconcile (one list call on GCS)
+
+
+def _env_seconds(name: str) -> float:
+    """``CFLOW_<name>`` (the same setting the workers read), else the default."""
+    raw = os.environ.get(f"CFLOW_{name}")
+    try:
+        return float(raw) if raw else float(getattr(defaults, name))
+    except ValueError:
+        return float(getattr(defaults, name))
 
 
 @dataclass(frozen=True)
@@ -67,12 +90,21 @@ class Watcher:
     reconcile_seconds: float = defaults.RECONCILE_SECONDS
     on_event: Callable[[Event], None] | None = None
     speculate: bool = False  # back up stragglers once nothing is queued (policy.Stragglers)
+    # A worker silent this long lost its lease; the workers' own settings where given.
+    lease_seconds: float = field(default_factory=lambda: _env_seconds("LEASE_SECONDS"))
+    heartbeat_seconds: float = field(default_factory=lambda: _env_seconds("HEARTBEAT_SECONDS"))
+    # Whether every worker sends heartbeats during long attempts (this version's agent does).
+    # False: trust a silence only once some heartbeat was seen (workers that never send them
+    # would otherwise look frozen in every long attempt).
+    expect_heartbeats: bool = False
+    page: int = RECONCILE_PAGE
 
     succeeded: set[str] = field(default_factory=set)
     failed: set[str] = field(default_factory=set)
     running: dict[str, str] = field(default_factory=dict)  # shard -> worker
     elsewhere: dict[tuple[str, str], str] = field(default_factory=dict)  # other runs' shards
     idle: set[str] = field(default_factory=set)
+    stale: set[str] = field(default_factory=set)  # workers whose leases lapsed, not heard since
     preempted: int = 0
     retried: int = 0
 
@@ -82,6 +114,14 @@ class Watcher:
         self._reconcile_every = self.reconcile_seconds
         self._done_times: deque[tuple[float, int]] = deque(maxlen=64)
         self.stragglers = Stragglers()
+        self.lost = LostShards(self)
+        self._beats: dict[str, float] = {}  # shard -> its latest start or heartbeat
+        self._elsewhere_beats: dict[tuple[str, str], float] = {}
+        self._heartbeats = False  # workers of this deployment send heartbeats
+        self._cursors: dict[str, str | None] = {"/result.json": None, "/failed.json": None}
+        self._reconciled = False  # the first reconcile is a full pass (a true first frame)
+        self.reconciles = 0  # how many, and what the last one cost (bench/reconcile.py)
+        self.last_reconcile_seconds = 0.0
 
     @property
     def run_id(self) -> str:
@@ -92,6 +132,7 @@ class Watcher:
             self._apply(event)
         if self.clock.monotonic() - self._last_reconcile >= self._reconcile_every:
             self.reconcile()
+        self._lapse(self.clock.monotonic())
         # One look at the fleet per poll: in the cloud each look is an API call.
         instances = self.fleet.instances() if self.fleet is not None else []
         snapshot = self.snapshot(instances)
@@ -99,29 +140,96 @@ class Watcher:
             self.scale(snapshot, instances)
         return snapshot
 
-    def reconcile(self) -> None:
-        """Replace the event-built view with the store's truth (and collect dead letters).
+    def reconcile(self, *, full: bool = False) -> None:
+        """Bring the event-built view up to the store's truth (and collect dead letters).
 
-        Listing a large run is slow, so the next reconcile waits at least ten times as long as
-        this one took: reconciling never takes more than a tenth of the watcher's time.
+        The first reconcile and ``full`` ones list every marker of the run; the others read
+        one page of each kind of marker past where the last stopped, wrapping around. Listing
+        can be slow, so the next reconcile waits at least ten times as long as this one took:
+        reconciling never takes more than a tenth of the watcher's time.
         """
         started = time.perf_counter()
-        self._last_reconcile = self.clock.monotonic()
+        now = self.clock.monotonic()
+        self._last_reconcile = now
+        # Leases before markers: a shard settled after this look has its marker by then.
+        leases = self.queue.leases(self.run_id)
+        probe = self.lost.probe(leases)
         for message in self.queue.dead_letters():  # taken off the queue: record every run's
             runs.mark_dead_lettered(self.store, message)
         self.manifest = runs.load_manifest(self.store, self.run_id)
-        self.succeeded = runs.committed(self.store, self.run_id)
-        self.failed = runs.failed(self.store, self.run_id) - self.succeeded
+        full = full or not self._reconciled
+        if full:
+            self.succeeded = runs.committed(self.store, self.run_id)
+            self.failed = runs.failed(self.store, self.run_id) - self.succeeded
+            self._cursors = dict.fromkeys(self._cursors)
+            self._reconciled = True
+        else:
+            for suffix in self._cursors:
+                ids, self._cursors[suffix] = runs.marker_page(
+                    self.store,
+                    self.run_id,
+                    suffix,
+                    start_after=self._cursors[suffix],
+                    limit=self.page,
+                )
+                if suffix == "/result.json":
+                    self.succeeded.update(ids)
+                    self.failed.difference_update(ids)
+                else:
+                    self.failed.update(i for i in ids if i not in self.succeeded)
+        if leases is not None:
+            self._running_from_leases(leases, now)
         for shard_id in list(self.running):
             if shard_id in self.succeeded or shard_id in self.failed:
                 del self.running[shard_id]
+                self._beats.pop(shard_id, None)
+        self.lost.check(probe)
         took = time.perf_counter() - started
-        self._reconcile_every = max(self.reconcile_seconds, 10 * took)
+        self.reconciles += 1
+        self.last_reconcile_seconds = took
+        if not full:
+            self._reconcile_every = max(self.reconcile_seconds, 10 * took)
+
+    def _running_from_leases(self, leases: dict[str, str], now: float) -> None:
+        """The queue's lease records are the truth about what runs (the local backend)."""
+        # A lease without a holder's name (a worker that does not give it) keeps the one the
+        # events gave.
+        named = {s: w or self.running.get(s, "") for s, w in leases.items()}
+        for shard_id, worker in list(self.running.items()):
+            if shard_id not in named and worker not in named.values():
+                self.stale.add(worker)  # its lease lapsed: frozen, or hung
+        self.running = {
+            s: w for s, w in named.items() if s not in self.succeeded and s not in self.failed
+        }
+        self.stale.difference_update(self.running.values())
+        self._beats = dict.fromkeys(self.running, now)
+
+    def _lapse(self, now: float) -> None:
+        """Where the queue keeps no lease records (Pub/Sub): an attempt with no start or
+        heartbeat within the lease period has lost its lease; its worker is stale."""
+        if not (self.expect_heartbeats or self._heartbeats):
+            return
+        limit = self.lease_seconds + self.heartbeat_seconds
+        for shard_id, worker in list(self.running.items()):
+            if now - self._beats.get(shard_id, now) > limit:
+                log.info("the lease of shard %s on %s lapsed", shard_id, worker)
+                del self.running[shard_id]
+                self._beats.pop(shard_id, None)
+                if worker not in self.running.values():
+                    self.stale.add(worker)
+        for key, beat in list(self._elsewhere_beats.items()):
+            if now - beat > limit:
+                self.elsewhere.pop(key, None)
+                del self._elsewhere_beats[key]
 
     def _apply(self, event: Event) -> None:
         if self.on_event is not None:
             self.on_event(event)
         kind = EventKind(event.kind)
+        now = self.clock.monotonic()
+        self.stale.discard(event.worker)  # heard from: not frozen
+        if kind is EventKind.HEARTBEAT:
+            self._heartbeats = True
         if kind is EventKind.IDLE:
             self.idle.add(event.worker)
             return
@@ -136,18 +244,23 @@ class Watcher:
             key = (event.run_id or "", event.shard_id)
             if kind in (EventKind.STARTED, EventKind.HEARTBEAT):
                 self.elsewhere[key] = event.worker
+                self._elsewhere_beats[key] = now
                 self.idle.discard(event.worker)
             else:
                 self.elsewhere.pop(key, None)
+                self._elsewhere_beats.pop(key, None)
             return
         shard = event.shard_id
         if self.speculate:
             self.stragglers.saw(kind, shard, event.worker, self.clock.monotonic())
         if kind in (EventKind.STARTED, EventKind.HEARTBEAT):
-            self.running[shard] = event.worker
+            if shard not in self.succeeded and shard not in self.failed:
+                self.running[shard] = event.worker
+                self._beats[shard] = now
             self.idle.discard(event.worker)
             return
         self.running.pop(shard, None)
+        self._beats.pop(shard, None)
         if kind is EventKind.SUCCEEDED:
             self.succeeded.add(shard)
             self.failed.discard(shard)
@@ -200,6 +313,7 @@ class Watcher:
             instances=instances,
             idle=self.idle,
             busy=self.busy_workers(),
+            stale=self.stale,
         )
         if decision.add:
             self.fleet.grow(decision.add)
@@ -239,7 +353,7 @@ class Watcher:
             if snapshot.cancelled:
                 return snapshot
             if snapshot.finished:
-                self.reconcile()
+                self.reconcile(full=True)
                 snapshot = self.snapshot()
                 if snapshot.finished:
                     if on_update is not None:

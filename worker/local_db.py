@@ -7,6 +7,7 @@ durable transaction.
 
 from __future__ import annotations
 
+import shutil
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -40,11 +41,24 @@ CREATE INDEX IF NOT EXISTS events_run ON events (run_id, id);
 CREATE TABLE IF NOT EXISTS records (key TEXT PRIMARY KEY, data BLOB NOT NULL) WITHOUT ROWID;
 """
 
+DISK_FULL_BYTES = 1 << 20  # free space below which an I/O error is taken for a full disk
 BUSY_TIMEOUT = 30.0  # seconds a writer waits for another's transaction (SQLite's own handler)
 
 
-def is_disk_full(exc: BaseException) -> bool:
-    return isinstance(exc, sqlite3.OperationalError) and "full" in str(exc)
+def is_disk_full(exc: BaseException, path: Path | None = None) -> bool:
+    if not isinstance(exc, sqlite3.OperationalError):
+        return False
+    if "full" in str(exc):
+        return True
+    # A WAL that cannot grow on a full disk (tmpfs, for one) comes back as a plain I/O error.
+    return path is not None and "disk I/O error" in str(exc) and _nearly_full(path)
+
+
+def _nearly_full(path: Path) -> bool:
+    try:
+        return shutil.disk_usage(path.parent).free < DISK_FULL_BYTES
+    except OSError:
+        return False
 
 
 class Db:
@@ -130,7 +144,7 @@ class DiskFull(BackendError):
 
 
 def _backend_error(path: Path, exc: sqlite3.Error) -> BackendError:
-    if is_disk_full(exc):
+    if is_disk_full(exc, path):
         return DiskFull(
             f"the disk holding {path.parent} is full ({exc}); free some space, then"
             " `runner watch` or `runner retry --failed` goes on where the run stopped"

@@ -21,6 +21,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Iterator
+from itertools import islice
 from pathlib import Path
 
 from worker.errors import NotFound
@@ -182,6 +183,19 @@ class LocalStore(Store):
             if limit is not None and count >= limit:
                 return
             yield key
+
+    def list_records(
+        self,
+        prefix: str,
+        *,
+        suffix: str = "",
+        start_after: str | None = None,
+        limit: int | None = None,
+    ) -> Iterator[str]:
+        """Like :meth:`list`, but only the store's own records (markers, attempt records):
+        a range scan of their rows that never walks the run's logs and outputs."""
+        keys = self._list_records(prefix, suffix, start_after)
+        return keys if limit is None else islice(keys, limit)
 
     def _list_records(self, prefix: str, suffix: str, start_after: str | None) -> Iterator[str]:
         if not self._has_db() or not _may_hold_records(prefix):

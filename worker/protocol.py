@@ -59,6 +59,7 @@ class ShardState(StrEnum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"  # the run was cancelled (or halted) before the shard finished
+    LOST = "lost"  # its attempt's worker is gone; the runner puts the shard on the queue again
 
 
 class EventKind(StrEnum):
@@ -153,6 +154,16 @@ class Manifest(_Record):
     # {"sha256", "at", "shards"}. ``bundle`` is the latest, which messages without one run.
     bundles: list[dict[str, Any]] = field(default_factory=list)
     halted: str | None = None  # why the runner stopped the run early (--halt), if it did
+    # Publishing progress, so a runner killed while publishing can be resumed: shards of the
+    # shard list (in order) confirmed on the queue, and when that count last moved. None: a run
+    # from before this field, or one published whole.
+    published: int | None = None
+    published_at: float | None = None
+
+    @property
+    def publishing(self) -> bool:
+        """Whether some shards of the run were never put on the queue."""
+        return self.published is not None and self.published < self.shard_count
 
     @property
     def run_options(self) -> RunOptions:

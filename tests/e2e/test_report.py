@@ -90,6 +90,7 @@ def test_report_of_a_run_with_a_failure_a_retry_and_a_preemption(cli: Cli, tmp_p
         "succeeded": 3,
         "failed": 1,
         "cancelled": 0,
+        "lost": 0,
     }
     assert set(drawn["legend"]) == {"succeeded", "failed", "preempted", "billed"}
     assert drawn["max_queue"] == 4

@@ -44,3 +44,37 @@ def test_stopping_instances_are_not_counted() -> None:
     fleet = [Instance("w0", "stopping"), Instance("w1")]
     d = decide_scale(outstanding=2, max_workers=2, slots=1, instances=fleet, idle=set(), busy=set())
     assert d.add == 1
+
+
+def test_a_stale_worker_is_not_capacity_and_not_deleted_while_work_remains() -> None:
+    fleet = _fleet(2)
+    d = decide_scale(
+        outstanding=2,
+        max_workers=2,
+        slots=1,
+        instances=fleet,
+        idle=set(),
+        busy={"w1"},
+        stale={"w0"},
+    )
+    assert d.add == 1 and d.delete == []
+    d = decide_scale(
+        outstanding=1,
+        max_workers=2,
+        slots=1,
+        instances=_fleet(3),
+        idle={"w2"},
+        busy={"w1"},
+        stale={"w0"},
+    )
+    assert d.delete == ["w2"]  # the idle spare goes; the stale one stays (it may thaw)
+    d = decide_scale(
+        outstanding=0,
+        max_workers=2,
+        slots=1,
+        instances=fleet,
+        idle=set(),
+        busy=set(),
+        stale={"w0"},
+    )
+    assert d.delete == ["w0", "w1"]  # at the end every worker goes

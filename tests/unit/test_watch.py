@@ -7,11 +7,25 @@ from pathlib import Path
 import pytest
 
 from runner import runs
+from runner.fleet import Instance
+from runner.lost import PUBSUB_MAX_BACKOFF
+from runner.policy import decide_scale
 from runner.watch import Watcher
-from worker.backends import open_local
+from worker.backends import Backends, open_local
+from worker.clock import FakeClock
 from worker.errors import BackendError
-from worker.protocol import Event, RunOptions, RunState, Shard, WorkMessage
-from worker.queue import WorkQueue
+from worker.local_queue import LocalQueue
+from worker.protocol import (
+    Event,
+    Layout,
+    Manifest,
+    RunOptions,
+    RunState,
+    Shard,
+    ShardResult,
+    WorkMessage,
+)
+from worker.queue import QueueStats, WorkQueue
 
 
 def _task(tmp_path: Path) -> Path:
@@ -77,18 +91,193 @@ class _BrokenQueue:
         return self.inner.purge(run_id)
 
 
-def test_a_failed_publish_cancels_the_half_made_run(tmp_path: Path) -> None:
+def test_a_failed_publish_leaves_a_run_that_watch_finishes_publishing(tmp_path: Path) -> None:
     b = open_local(tmp_path / "store")
     queue = _BrokenQueue(b.queue)
     shards = (Shard(id=f"s{i}", index=i) for i in range(2500))  # three publish batches
-    with pytest.raises(BackendError, match="the run is cancelled"):
+    created: list[str] = []
+    with pytest.raises(BackendError, match=r"stopped after 1000 of 2500 shards.*runner watch"):
         runs.create_run(
             store=b.store,
-            queue=queue,
-            task_dir=_task(tmp_path),  # type: ignore[arg-type]
+            queue=queue,  # type: ignore[arg-type]
+            task_dir=_task(tmp_path),
             shards=shards,
             options=RunOptions(),
+            on_created=lambda m: created.append(m.run_id),
         )
     (manifest,) = runs.list_runs(b.store)
-    assert manifest.state == RunState.CANCELLED.value
-    assert b.queue.stats().queued == 0  # what went out was purged
+    assert created == [manifest.run_id]  # the id was known before publishing started
+    assert manifest.state == RunState.ACTIVE.value and manifest.published == 1000
+    assert runs.shown_state(manifest, manifest.created_at + 1).startswith("publishing (1000")
+    assert "interrupted" in runs.shown_state(manifest, manifest.created_at + 3600)
+    done = runs.publish_rest(b.store, b.queue, manifest)
+    assert done.published == 2500 and not done.publishing
+    assert b.queue.stats(manifest.run_id).queued == 2500  # each shard exactly once
+    assert runs.shown_state(done, done.created_at + 3600) == "active"
+
+
+def _run(b: Backends, tmp_path: Path, n: int) -> Manifest:
+    return runs.create_run(
+        store=b.store,
+        queue=b.queue,
+        task_dir=_task(tmp_path),
+        shards=(Shard(id=f"s{i:03d}", index=i) for i in range(n)),
+        options=RunOptions(),
+    )
+
+
+def _commit(b: Backends, run_id: str, shard_id: str) -> None:
+    result = ShardResult(
+        run_id=run_id,
+        shard_id=shard_id,
+        attempt=1,
+        worker="w",
+        started_at=0.0,
+        finished_at=1.0,
+    )
+    assert b.store.create(Layout.result(run_id, shard_id), result.to_json())
+
+
+def test_reconcile_pages_through_markers_and_confirms_the_end_in_full(tmp_path: Path) -> None:
+    b = open_local(tmp_path / "store")
+    m = _run(b, tmp_path, 35)
+    for i in range(35):
+        _commit(b, m.run_id, f"s{i:03d}")
+    w = Watcher(manifest=m, store=b.store, queue=b.queue, events=b.events, page=10)
+    w.reconcile()  # the first is a full pass: a re-attached watch is right from its first frame
+    assert len(w.succeeded) == 35
+    w.succeeded.clear()  # as if every event had been lost
+    for expected in (10, 20, 30, 35, 35):
+        w.reconcile()
+        assert len(w.succeeded) == expected  # one bounded page each, wrapping around
+    w.succeeded.clear()
+    w.reconcile(full=True)
+    assert len(w.succeeded) == 35
+
+
+def test_a_shard_missing_from_the_queue_is_requeued_once(tmp_path: Path) -> None:
+    b = open_local(tmp_path / "store")
+    m = _run(b, tmp_path, 3)
+    w = Watcher(manifest=m, store=b.store, queue=b.queue, events=b.events)
+    deliveries = b.queue.receive(3, 0, worker="w1")
+    for d in deliveries:
+        if d.message.shard_id == "s000":
+            _commit(b, m.run_id, "s000")
+            b.queue.ack(d)
+        elif d.message.shard_id == "s001":
+            b.queue.ack(d)  # its message is gone, nothing committed: lost
+    w.reconcile()
+    assert w.lost.requeued == 0  # missing once may be a passing state
+    w.reconcile()
+    assert w.lost.requeued == 1
+    assert b.queue.pending(m.run_id) == {"s001", "s002"}
+    w.reconcile()
+    assert w.lost.requeued == 1  # it has a message now
+
+
+def test_a_worker_whose_lease_lapsed_is_neither_busy_nor_capacity(tmp_path: Path) -> None:
+    clock = FakeClock()
+    b = open_local(tmp_path / "store", clock=clock, lease_seconds=3)
+    m = _run(b, tmp_path, 1)
+    w = Watcher(manifest=m, store=b.store, queue=b.queue, events=b.events, clock=clock)
+    b.queue.receive(1, 0, worker="w1")
+    w._apply(Event(kind="started", worker="w1", run_id=m.run_id, shard_id="s000"))
+    w.reconcile()
+    assert w.running == {"s000": "w1"} and w.busy_workers() == {"w1"}
+    clock.advance(5)  # w1 froze: no heartbeat extended the lease
+    w.reconcile()
+    assert w.running == {} and w.stale == {"w1"} and w.busy_workers() == set()
+    snap = w.snapshot([Instance("w1")])
+    assert snap.queued == 1
+    d = decide_scale(
+        outstanding=1,
+        max_workers=1,
+        slots=1,
+        instances=[Instance("w1")],
+        idle=set(),
+        busy=w.busy_workers(),
+        stale=w.stale,
+    )
+    assert d.add == 1 and d.delete == []  # a worker for the shard; the frozen one is left be
+    w._apply(Event(kind="heartbeat", worker="w1", run_id=m.run_id, shard_id="s000"))
+    assert w.stale == set()  # it thawed
+
+
+def test_without_lease_records_a_silent_attempt_lapses_after_the_lease(tmp_path: Path) -> None:
+    clock = FakeClock()
+    b = open_local(tmp_path / "store", clock=clock)
+    m = _run(b, tmp_path, 2)
+    w = Watcher(
+        manifest=m, store=b.store, queue=b.queue, events=b.events, clock=clock, lease_seconds=60
+    )
+    w._apply(Event(kind="started", worker="w1", run_id=m.run_id, shard_id="s000"))
+    w._apply(Event(kind="heartbeat", worker="w2", run_id=m.run_id, shard_id="s001"))
+    for _ in range(8):
+        clock.advance(10)
+        w._apply(Event(kind="heartbeat", worker="w2", run_id=m.run_id, shard_id="s001"))
+        w._lapse(clock.monotonic())
+    assert w.running == {"s001": "w2"}  # w1 went silent for 80 s > lease + heartbeat
+    assert w.stale == {"w1"}
+
+
+def test_broken_manifest_is_named(tmp_path: Path) -> None:
+    b = open_local(tmp_path / "store")
+    m = _run(b, tmp_path, 1)
+    path = tmp_path / "store" / Layout.manifest(m.run_id)
+    path.write_bytes(path.read_bytes()[:20])  # truncated
+    with pytest.raises(BackendError, match=r"run\.json is broken \(not JSON"):
+        runs.load_manifest(b.store, m.run_id)
+    listing = runs.scan_runs(b.store)
+    assert listing.manifests == [] and list(listing.broken) == [str(path)]
+
+
+def test_a_reattached_watch_shows_the_true_running_count_from_its_first_frame(
+    tmp_path: Path,
+) -> None:
+    b = open_local(tmp_path / "store")
+    m = _run(b, tmp_path, 5)
+    b.queue.receive(1, 0, worker="w1")
+    b.queue.receive(1, 0, worker="w2")
+    _commit(b, m.run_id, "s004")
+    w = Watcher(manifest=m, store=b.store, queue=b.queue, events=b.events)  # no events seen
+    first = w.poll()
+    assert (first.running, first.succeeded, first.queued) == (2, 1, 2)
+    assert w.busy_workers() == {"w1", "w2"}
+
+
+class _PubSubLike(LocalQueue):
+    """The local queue, answering like Pub/Sub: no lease records, no message list, no counts."""
+
+    def leases(self, run_id: str) -> dict[str, str] | None:
+        return None
+
+    def pending(self, run_id: str) -> set[str] | None:
+        return None
+
+    def stats(self, run_id: str | None = None) -> QueueStats:
+        return QueueStats(queued=None, leased=None, dead=None)
+
+
+def test_without_a_message_list_shards_are_lost_only_after_a_long_idle_quiet(
+    tmp_path: Path,
+) -> None:
+    clock = FakeClock()
+    b = open_local(tmp_path / "store", clock=clock)
+    queue = _PubSubLike(tmp_path / "store" / "queue.db", clock=clock)
+    m = _run(b, tmp_path, 2)
+    for d in queue.receive(2, 0):
+        queue.ack(d)  # both messages lost; nothing committed
+    w = Watcher(
+        manifest=m, store=b.store, queue=queue, events=b.events, clock=clock, lease_seconds=60
+    )
+    w.reconcile()
+    w._apply(Event(kind="idle", worker="w1"))
+    quiet = 60 + w.heartbeat_seconds + PUBSUB_MAX_BACKOFF
+    for _ in range(int(quiet // 5)):
+        clock.advance(5)
+        w.reconcile()
+    assert w.lost.requeued == 0  # workers idle for less than lease + the longest backoff
+    clock.advance(10)
+    w.reconcile()
+    assert w.lost.requeued == 2
+    assert {d.message.shard_id for d in queue.receive(10, 0)} == {"s000", "s001"}
