@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
@@ -170,11 +171,15 @@ def submit(
         # Local workers boot while the run is made (their interpreter start is most of a short
         # run's fixed cost); VMs are sized once the shard count is known.
         early = [] if detach else _start_early(fleet, dep, options.workers, shard_count)
+        staging = tempfile.TemporaryDirectory(prefix="cflow-task-")
         try:
+            bundled = task_dir
+            if dep.prepare_task is not None:  # Google Cloud: requirements as wheels the VMs take
+                bundled = dep.prepare_task(task_dir, Path(staging.name))
             manifest = runs.create_run(
                 store=st,
                 queue=dep.backends.queue,
-                task_dir=task_dir,
+                task_dir=bundled,
                 shards=source,
                 options=options,
                 stage_input=dep.stage_input,
@@ -185,6 +190,8 @@ def submit(
             if early:
                 fleet.delete(early)
             raise
+        finally:
+            staging.cleanup()
         run_id = manifest.run_id
         max_workers = min(options.workers, manifest.shard_count)
         err.print(
