@@ -42,9 +42,9 @@ CAPACITY_CODES = ("QUOTA_EXCEEDED", "ZONE_RESOURCE_POOL_EXHAUSTED", "RESOURCE_PO
 class PreemptionTap(EventBus):
     """The run's event bus, passed through, counting ``preempted`` events per shard."""
 
-    def __init__(self, inner: EventBus):
+    def __init__(self, inner: EventBus, preemptions: dict[str, int] | None = None):
         self.inner = inner
-        self.preemptions: dict[str, int] = {}
+        self.preemptions: dict[str, int] = {} if preemptions is None else preemptions
 
     def publish(self, event: Event) -> None:
         self.inner.publish(event)
@@ -128,7 +128,8 @@ class FallbackFleet(Fleet):
     Args:
         spot: the Spot group of the run's shape.
         standard: the standard group of the same shape.
-        tap: the run's events as the watcher pulls them (for preemption counts).
+        preemptions: shard -> preemptions so far, as a :class:`PreemptionTap` on the run's
+            events counts them (the same dict).
         policy: when to fall back.
     """
 
@@ -137,11 +138,11 @@ class FallbackFleet(Fleet):
         *,
         spot: Fleet,
         standard: Fleet,
-        tap: PreemptionTap,
+        preemptions: dict[str, int],
         policy: FallbackPolicy | None = None,
         clock: Clock = SYSTEM_CLOCK,
     ):
-        self.spot, self.standard, self.tap = spot, standard, tap
+        self.spot, self.standard, self.preemptions = spot, standard, preemptions
         self.policy = policy or FallbackPolicy()
         self.clock = clock
         self.standard_names: set[str] = set()  # every standard VM this run had
@@ -154,7 +155,7 @@ class FallbackFleet(Fleet):
     def instances(self) -> list[Instance]:
         spot = self.spot.instances()
         now = self.clock.monotonic() - self._start
-        if self.policy.update(now, self.tap.preemptions, spot):
+        if self.policy.update(now, self.preemptions, spot):
             idle = [i for i in spot if i.status == "starting" or is_capacity_error(i.error)]
             if idle:  # never a running one: it may be busy
                 self.spot.delete([i.name for i in idle])

@@ -24,6 +24,7 @@ any, ``PREEMPTIBLE_NVIDIA_<MODEL>_GPUS``: the rule Compute Engine's quota docume
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import re
@@ -280,6 +281,10 @@ class Shapes:
         """Check ``shape``, then the template and group for it, made unless they exist."""
         base_group, base_name, base_template = self.base()
         props = base_template.get("properties", {})
+        # The same VMs whether "spot" was said or came from the deployment: one hash for both.
+        shape = dataclasses.replace(
+            shape, provisioning="spot" if self._is_spot(shape, props) else "standard"
+        )
         self.check(shape, props)
         digest = shape.digest(str(base_template.get("selfLink") or base_name))
         name = f"{self.group}-{digest}"

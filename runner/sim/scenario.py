@@ -148,7 +148,9 @@ def simulate(scenario: Scenario, *, queue_factory: QueueFactory | None = None) -
         policy = FallbackPolicy(
             after_preemptions=sc.fallback_after, capacity_grace=sc.capacity_grace
         )
-        fleet = FallbackFleet(spot=spot, standard=standard, tap=tap, policy=policy, clock=clock)
+        fleet = FallbackFleet(
+            spot=spot, standard=standard, preemptions=tap.preemptions, policy=policy, clock=clock
+        )
         run_events = tap
     fleets = [f for f in (spot, standard) if f is not None]
 

@@ -3,13 +3,20 @@ derived from the deployment's and a group of its own, reused by content."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 
 from runner.shapes import Shape, ShapeError, Shapes, derive_properties, gpu_quota_metric
-from tests.gcp.conftest import MakeCompute
+from tests.emulators import Deployment
+from tests.gcp.conftest import MakeCompute, worker_env
 from tests.gcp.fake_compute import FakeCompute, sleeper
+from worker.gcs_store import GcsStore, make_client
 
 ZONE = "us-central1-a"
 GROUP = "cflow-workers"
@@ -75,6 +82,20 @@ def test_the_same_shape_is_reused_and_another_is_new(fake: FakeCompute, shapes: 
     assert scheduling["onHostMaintenance"] == "MIGRATE" and scheduling["automaticRestart"] is True
     assert "instanceTerminationAction" not in scheduling
     assert len(fake.made_groups) == 2
+
+
+def test_fallback_is_refused_without_standard_gpu_quota(fake: FakeCompute) -> None:
+    from types import SimpleNamespace
+
+    from runner.run_shape import apply_run_shape
+    from worker.protocol import RunOptions
+
+    cfg = SimpleNamespace(project=fake.group.project, group=GROUP, zone=ZONE)
+    dep = SimpleNamespace(config=cfg, backends=SimpleNamespace(store=None), make_fleet=None)
+    options = RunOptions(machine_type="n1-standard-4", gpu="nvidia-l4:1", fallback="standard")
+    with pytest.raises(ShapeError, match=r"standard n1-standard-4 VM.*NVIDIA_L4_GPUS"):
+        apply_run_shape(dep, options)
+    assert dep.make_fleet is None  # the deployment's fleet is left as it was
 
 
 @pytest.mark.parametrize(
@@ -162,3 +183,100 @@ def test_gpu_quota_metrics_follow_compute_engine_names() -> None:
     assert gpu_quota_metric("nvidia-tesla-t4", spot=True) == "PREEMPTIBLE_NVIDIA_T4_GPUS"
     assert gpu_quota_metric("nvidia-a100-80gb", spot=False) == "NVIDIA_A100_80GB_GPUS"
     assert gpu_quota_metric("nvidia-h100-80gb", spot=True) == "PREEMPTIBLE_NVIDIA_H100_GPUS"
+
+
+def _submit(deployment: Deployment, fake: FakeCompute, tmp: Path, *args: str) -> Any:
+    task = tmp / "task"
+    task.mkdir(exist_ok=True)
+    (task / "task.py").write_text("def run(shard):\n    return None\n")
+    outputs = tmp / "cflow-outputs.json"
+    outputs.write_text(json.dumps(deployment.outputs(zone=ZONE, group=GROUP)))
+    return subprocess.run(
+        [
+            *(sys.executable, "-m", "runner", "submit", str(task), "--shards", "3"),
+            *("--no-check", "--detach", "--deployment", str(outputs), *args),
+        ],
+        env=worker_env(fake.endpoint),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.mark.emulator
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (("--machine-type", "n2-gigantic-7"), "machine type n2-gigantic-7 does not exist"),
+        (("--gpu", "nvidia-l4:1", "--machine-type", "n2-highmem-8"), "GPUs attach only to n1"),
+        (("--gpu", "nvidia-l4:3"), "COUNT 1, 2, 4 or 8"),
+        (("--fallback", "cheaper"), "--fallback must be standard"),
+        (("--fallback", "standard", "--provisioning", "standard"), "needs Spot VMs first"),
+    ],
+)
+def test_submit_refuses_a_bad_shape_in_one_line_and_publishes_nothing(
+    deployment: Deployment,
+    fake: FakeCompute,
+    tmp_path: Path,
+    args: tuple[str, ...],
+    says: str,
+) -> None:
+    result = _submit(deployment, fake, tmp_path, *args)
+    assert result.returncode == 2, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert says in last, result.stderr
+    assert result.stdout == ""  # no run id: no run was made
+    store = GcsStore(deployment.bucket, client=make_client(deployment.project))
+    assert list(store.list("runs/")) == []
+    assert fake.templates == {} and fake.made_groups == {} and fake.resizes == []
+
+
+def test_a_run_with_a_shape_and_fallback_scales_its_own_groups(fake_compute: MakeCompute) -> None:
+    # Fallback needs both: Spot (preemptible) and standard T4 quota.
+    quotas = {**PROJECT_QUOTAS, "NVIDIA_T4_GPUS": (4.0, 0.0)}
+    fake = fake_compute(spawn=sleeper, quotas=quotas)
+    from types import SimpleNamespace
+
+    from runner.fallback import FallbackFleet, PreemptionTap
+    from runner.gce_fleet import GceFleet
+    from runner.run_shape import apply_run_shape
+    from worker.protocol import Event, RunOptions
+
+    class Bus:
+        events = [Event("preempted", "vm-1", run_id="r", shard_id="s1")]
+
+        def pull(self, max_events: int = 1000, timeout: float = 0.0) -> list[Event]:
+            out, self.events = self.events, []
+            return out
+
+    cfg = SimpleNamespace(project=fake.group.project, group=GROUP, zone=ZONE)
+    dep = SimpleNamespace(
+        config=cfg,
+        backends=SimpleNamespace(store=None, events=None),
+        open_run_events=lambda run_id, since: Bus(),
+        make_fleet=None,
+    )
+    options = RunOptions(machine_type="n1-standard-4", gpu="nvidia-tesla-t4:1", fallback="standard")
+    spot, standard = apply_run_shape(dep, options)
+    assert (
+        spot.group != standard.group and GROUP not in (spot.group,) and len(fake.made_groups) == 2
+    )
+    assert fake.templates[spot.template]["properties"]["scheduling"]["provisioningModel"] == "SPOT"
+    scheduling = fake.templates[standard.template]["properties"]["scheduling"]
+    assert scheduling["provisioningModel"] == "STANDARD"
+    fleet = dep.make_fleet(1, None)
+    assert isinstance(fleet, FallbackFleet)
+    assert isinstance(fleet.spot, GceFleet) and fleet.spot.group == spot.group
+    assert isinstance(fleet.standard, GceFleet) and fleet.standard.group == standard.group
+    events = dep.open_run_events("r", None)
+    assert isinstance(events, PreemptionTap)
+    events.pull()
+    assert fleet.preemptions == {"s1": 1}  # the watcher's events feed the fallback's count
+    # Shape alone, no fallback: one group, a plain GceFleet on it.
+    alone = SimpleNamespace(**{**vars(dep), "make_fleet": None})
+    (only,) = apply_run_shape(
+        alone, RunOptions(machine_type="n1-standard-4", gpu="nvidia-tesla-t4:1")
+    )
+    assert only.group == spot.group and not only.created  # reused by content
+    plain = alone.make_fleet(1, None)
+    assert isinstance(plain, GceFleet) and plain.group == spot.group
