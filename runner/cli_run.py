@@ -34,7 +34,7 @@ from runner.cli_common import (
 from runner.combine import check_out
 from runner.fleet import Fleet
 from runner.halt import DEFAULT_HALT, HaltRule
-from runner.run_shape import apply_run_shape, check_shape_options, needs_groups
+from runner.run_shape import apply_run_shape, check_shape_options, fallback_line, needs_groups
 from runner.submit_plan import describe_bundle, dry_run
 from worker import defaults
 from worker.container_runtime import check_image
@@ -180,9 +180,11 @@ def submit(
         check_shape_options(options)  # bad shape options: one line, before anything
         if needs_groups(options) and cfg.is_local:
             err.print("cflow: machine shape and --fallback apply to Google Cloud VMs; ignored here")
-        elif needs_groups(options):  # shape checked in the zone, its groups made, before publish
-            for shaped in apply_run_shape(dep, options):
-                err.print(f"cflow: VMs from group {shaped.group} ({shaped.shape})", markup=False)
+        shaped_groups = []
+        if needs_groups(options) and not cfg.is_local:  # checked in the zone, made, then publish
+            shaped_groups = apply_run_shape(dep, options)
+            for shaped in shaped_groups:
+                err.print(f"cflow: VMs from group {shaped.group} ({shaped.describe})", markup=False)
         if image is not None and cfg.is_local:  # the workers share this machine's images
             check_image(image)
         published = 0
@@ -237,6 +239,10 @@ def submit(
         code = watch_and_finish(
             watcher, dep, rule=rule, cancel_on_interrupt=cancel_on_interrupt, out=target
         )
+        if shaped_groups and watcher.fleet is not None:
+            line = fallback_line(watcher.fleet, st, run_id, shaped_groups[0].machine_type)
+            if line:
+                err.print(f"cflow: {line}", markup=False)
     raise typer.Exit(code)
 
 

@@ -147,6 +147,9 @@ class FallbackFleet(Fleet):
         self.clock = clock
         self.standard_names: set[str] = set()  # every standard VM this run had
         self._start = clock.monotonic()
+        # VM -> (first, last) time the group listed it: VM-seconds as the runner saw them (an
+        # estimate to within a poll; the bill is the truth).
+        self.seen: dict[str, tuple[float, float]] = {}
 
     @property
     def active(self) -> bool:
@@ -163,13 +166,31 @@ class FallbackFleet(Fleet):
                 spot = [i for i in spot if i.name not in gone]
         standard = self.standard.instances()
         self.standard_names.update(i.name for i in standard)
+        for i in [*spot, *standard]:
+            if not is_capacity_error(i.error):  # a VM never created is never billed
+                first = self.seen.get(i.name, (now, now))[0]
+                self.seen[i.name] = (first, now)
         return sorted([*spot, *standard], key=lambda i: i.name)
+
+    def vm_seconds(self) -> tuple[float, float]:
+        """(Spot, standard) VM-seconds the runner saw listed."""
+        spot = standard = 0.0
+        for name, (first, last) in self.seen.items():
+            if name in self.standard_names:
+                standard += last - first
+            else:
+                spot += last - first
+        return spot, standard
 
     def grow(self, count: int) -> list[str]:
         if not self.active:
-            return self.spot.grow(count)
-        names = self.standard.grow(count)
-        self.standard_names.update(names)
+            names = self.spot.grow(count)
+        else:
+            names = self.standard.grow(count)
+            self.standard_names.update(names)
+        now = self.clock.monotonic() - self._start
+        for name in names:  # billed from the moment it was asked for
+            self.seen.setdefault(name, (now, now))
         return names
 
     def delete(self, names: Iterable[str]) -> None:

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from runner import runs
 from runner.fallback import FallbackFleet, FallbackPolicy, PreemptionTap
 from runner.fleet import Fleet
 from runner.gce_fleet import GceFleet
 from runner.shapes import Shape, ShapedGroup, ShapeError, Shapes
 from worker.clock import SYSTEM_CLOCK
-from worker.protocol import RunOptions
+from worker.protocol import Layout, RunOptions, ShardResult
 from worker.queue import EventBus
 
 FALLBACKS = ("standard",)
@@ -90,6 +91,25 @@ def apply_run_shape(dep: Any, options: RunOptions) -> list[ShapedGroup]:
     dep.open_run_events = open_run_events
     dep.make_fleet = make_fleet
     return made
+
+
+def fallback_line(fleet: Fleet, store: Any, run_id: str, machine_type: str) -> str | None:
+    """The summary line of a run's fallback: shards on standard VMs and what they cost."""
+    if not isinstance(fleet, FallbackFleet):
+        return None
+    winners: dict[str, str] = {}
+    if fleet.active:  # who committed each shard: only worth reading when standard VMs ran
+        for shard in runs.committed(store, run_id):
+            result = ShardResult.from_json(store.get(Layout.result(run_id, shard)))
+            winners[shard] = result.worker
+    spot_seconds, standard_seconds = fleet.vm_seconds()
+    summary = fleet.summary(
+        winners=winners,
+        spot_seconds=spot_seconds,
+        standard_seconds=standard_seconds,
+        machine_type=machine_type,
+    )
+    return summary.line()
 
 
 def _spot(shape: Shape) -> Shape:

@@ -160,6 +160,17 @@ class ShapedGroup:
     template: str
     shape: Shape
     created: bool  # made now, not reused
+    machine_type: str = ""  # what its VMs are (the shape's, or the deployment's)
+
+    @property
+    def describe(self) -> str:
+        """``n1-standard-8, Spot, nvidia-l4:1, 200 GB``."""
+        parts = [self.machine_type, "Spot" if self.shape.provisioning == "spot" else "standard"]
+        if self.shape.gpu_type:
+            parts.append(f"{self.shape.gpu_type}:{self.shape.gpu_count}")
+        if self.shape.disk_gb:
+            parts.append(f"{self.shape.disk_gb} GB disk")
+        return ", ".join(parts)
 
 
 class Shapes:
@@ -292,7 +303,8 @@ class Shapes:
         _set_metadata(derived, "cflow-group", name)  # a worker removes itself from its own group
         template_url, made_template = self._ensure_template(name, base_name, derived)
         made_group = self._ensure_group(name, base_group, template_url, digest)
-        return ShapedGroup(name, name, shape, made_template or made_group)
+        machine_type = str(derived.get("machineType", ""))
+        return ShapedGroup(name, name, shape, made_template or made_group, machine_type)
 
     def _ensure_template(self, name: str, base: str, props: dict[str, Any]) -> tuple[str, bool]:
         try:

@@ -86,3 +86,61 @@ def test_the_tap_counts_preemptions_per_shard() -> None:
     tap.publish(Event("failed", "vm", run_id="r", shard_id="b"))
     assert len(tap.pull()) == 4
     assert tap.preemptions == {"a": 2, "b": 1}
+
+
+def test_the_fallback_fleet_routes_growth_and_prices_the_summary() -> None:
+    from runner.fallback import FallbackFleet
+    from runner.fleet import Fleet
+    from runner.prices import load_prices
+    from runner.sim.clock import SimClock
+
+    class Group(Fleet):
+        def __init__(self, prefix: str) -> None:
+            self.prefix, self.vms, self.deleted = prefix, {}, []  # type: ignore[var-annotated]
+
+        def instances(self) -> list[Instance]:
+            return [Instance(n, s, error=e) for n, (s, e) in sorted(self.vms.items())]
+
+        def grow(self, count: int) -> list[str]:
+            names = [f"{self.prefix}-{len(self.vms) + i}" for i in range(count)]
+            self.vms.update({n: ("running", None) for n in names})
+            return names
+
+        def delete(self, names: object) -> None:
+            for n in list(names):  # type: ignore[call-overload]
+                self.deleted.append(n)
+                self.vms.pop(n, None)
+
+        def wait_empty(self, timeout: float) -> bool:
+            return not self.vms
+
+    clock = SimClock(horizon=10_000)
+    spot, standard = Group("spot"), Group("std")
+    counts: dict[str, int] = {}
+    fleet = FallbackFleet(spot=spot, standard=standard, preemptions=counts, clock=clock)
+    assert fleet.grow(2) == ["spot-0", "spot-1"]
+    spot.vms["spot-1"] = ("starting", None)  # being recreated after a preemption
+    fleet.instances()
+    counts["s7"] = 3
+    clock.sleep(600)
+    listed = {i.name for i in fleet.instances()}
+    assert fleet.active and "shard s7 was preempted 3 times" in str(fleet.policy.reason)
+    assert spot.deleted == ["spot-1"] and "spot-0" in listed  # the working one stays
+    assert fleet.grow(1) == ["std-0"]
+    clock.sleep(3600)
+    fleet.instances()
+    fleet.delete(["std-0", "spot-0"])
+    assert standard.deleted == ["std-0"] and "spot-0" in spot.deleted
+    spot_s, standard_s = fleet.vm_seconds()
+    assert (spot_s, standard_s) == (4200.0, 3600.0)
+    summary = fleet.summary(
+        winners={"s1": "std-0", "s2": "spot-0", "s7": "std-0"},
+        spot_seconds=spot_s,
+        standard_seconds=standard_s,
+        machine_type="e2-standard-2",
+    )
+    price = load_prices().lookup("e2-standard-2")
+    assert price is not None
+    assert summary.standard_shards == 2 and summary.standard_vms == 1
+    assert summary.standard_cost == price.standard  # one standard VM-hour
+    assert "2 shards on 1 standard VMs, 1.00 VM-hours" in summary.line()
