@@ -35,6 +35,7 @@ from google.api_core import exceptions as gexc
 from google.cloud import compute_v1
 
 from runner.gce_fleet import compute_client_options
+from runner.quota import SSD_DISKS
 from worker.errors import ConfigError
 
 PROVISIONING = ("spot", "standard")
@@ -257,9 +258,21 @@ class Shapes:
                         f"GPU {shape.gpu_type} is not offered in zone {self.zone}"
                     ) from None
                 gpus = {shape.gpu_type: shape.gpu_count}
-        self._check_quota(machine_type, int(described.get("guestCpus", 0)), gpus, spot)
+        boot: dict[str, Any] = next((d for d in base_props.get("disks", []) if d.get("boot")), {})
+        params = boot.get("initializeParams", {})
+        disk_gb = shape.disk_gb or int(params.get("diskSizeGb") or 10)
+        disk_type = str(params.get("diskType") or "pd-balanced").rsplit("/", 1)[-1]
+        disk = ("SSD_TOTAL_GB" if disk_type in SSD_DISKS else "DISKS_TOTAL_GB", disk_gb)
+        self._check_quota(machine_type, int(described.get("guestCpus", 0)), gpus, spot, disk)
 
-    def _check_quota(self, machine_type: str, vcpus: int, gpus: dict[str, int], spot: bool) -> None:
+    def _check_quota(
+        self,
+        machine_type: str,
+        vcpus: int,
+        gpus: dict[str, int],
+        spot: bool,
+        disk: tuple[str, int],
+    ) -> None:
         region = self._regions.get(request={"project": self.project, "region": self.region})
         quotas = {q.metric: (q.limit, q.usage) for q in region.quotas}
         kind = "Spot" if spot else "standard"
@@ -268,11 +281,13 @@ class Shapes:
             # Spot VMs use the preemptible quota when the project has any, else the standard one.
             return preemptible if spot and quotas.get(preemptible, (0.0, 0.0))[0] > 0 else standard
 
-        needs = {metric_for("CPUS", "PREEMPTIBLE_CPUS"): vcpus}
+        needs = {metric_for("CPUS", "PREEMPTIBLE_CPUS"): vcpus, disk[0]: disk[1]}
         for gpu_type, count in gpus.items():
             standard = gpu_quota_metric(gpu_type, spot=False)
             needs[metric_for(standard, gpu_quota_metric(gpu_type, spot=True))] = count
         for metric, amount in needs.items():
+            if metric == disk[0] and metric not in quotas:
+                continue  # a region that lists no disk quota does not limit disks
             limit, usage = quotas.get(metric, (0.0, 0.0))
             if limit - usage < amount:
                 raise ShapeError(

@@ -111,6 +111,7 @@ def test_fallback_is_refused_without_standard_gpu_quota(fake: FakeCompute) -> No
             "needs 1 NVIDIA_L4_GPUS, the project has 0 free",
         ),
         (Shape.parse(machine_type="n1-standard-96"), "needs 96 CPUS"),
+        (Shape.parse(disk_gb=4000), "needs 4000 SSD_TOTAL_GB, the project has 2048 free"),
     ],
 )
 def test_shapes_that_cannot_run_are_refused_before_anything_is_made(
