@@ -204,7 +204,13 @@ class Shapes:
         """The deployment's group (REST JSON), its template's name, and that template."""
         where = {"project": self.project, "zone": self.zone}
         group = self._managers.get(request={**where, "instance_group_manager": self.group})
-        name = group.instance_template.rstrip("/").rsplit("/", 1)[-1]
+        # A group made with versions (as the stack's is) names its template there as well.
+        url = group.instance_template or next(
+            (v.instance_template for v in group.versions if v.instance_template), ""
+        )
+        if not url:
+            raise ShapeError(f"instance group {self.group} names no instance template to copy")
+        name = url.rstrip("/").rsplit("/", 1)[-1]
         template = self._templates.get(request={"project": self.project, "instance_template": name})
         return _json(group), name, _json(template)
 

@@ -405,6 +405,13 @@ class FakeCompute:
                     "selfLink": g.self_link,
                     "instanceTemplate": f"{BASE}/projects/{g.project}/global/"
                     f"instanceTemplates/{g.name}-template",
+                    "versions": [
+                        {
+                            "name": "worker",
+                            "instanceTemplate": f"{BASE}/projects/{g.project}/global/"
+                            f"instanceTemplates/{g.name}-template",
+                        }
+                    ],
                     "status": {"isStable": all(vm.action == "NONE" for vm in g.vms.values())},
                     ("zone" if g.scope == "zones" else "region"): (
                         f"{BASE}/projects/{g.project}/{g.scope}/{g.where}"
