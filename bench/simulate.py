@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import math
 import os
 import resource
@@ -30,6 +31,7 @@ from typing import Any
 import runner.watch
 from runner.fleet import Instance
 from runner.policy import ScaleDecision, decide_scale
+from runner.prices import load_prices
 from runner.sim import Result, Scenario, VmModel, Workload, simulate
 from runner.sim.ledger import Fate
 from runner.sim.store import GCS_LIST_PAGE
@@ -119,6 +121,12 @@ def summarize(job: Job, r: Result) -> Summary:
         "quota_blocked": r.fleet.get("quota_blocked", 0),
         "peak_vms": max((x.vms for x in r.samples), default=0),
         "left_behind": sum(1 for v in r.ledger.vms if v.gone is None),
+        "fallback": job.scenario.fallback,
+        "fell_back": r.fallback_reason is not None,
+        "spot_vm_h": r.spot_billed / 3600,
+        "standard_vm_h": r.standard_billed / 3600,
+        "standard_shards": r.standard_shards,
+        "cost": _cost(r),
         "wall": r.wall_seconds,
     }
     if job.shape:
@@ -138,7 +146,18 @@ def summarize(job: Job, r: Result) -> Summary:
     return s
 
 
+PRICED_TYPE = "e2-standard-2"  # the deployment's default machine type, at list prices
+
+
+def _cost(r: Result) -> float:
+    """USD at list prices: Spot VM-seconds at the Spot rate, the fallback's at the standard one."""
+    price = load_prices().lookup(PRICED_TYPE)
+    assert price is not None
+    return (r.spot_billed * price.spot + r.standard_billed * price.standard) / 3600
+
+
 def run_job(job: Job) -> Summary:
+    logging.getLogger("cflow.runner").setLevel(logging.ERROR)  # the fallback's notice, per run
     with policy(job.policy):
         return summarize(job, simulate(job.scenario))
 
@@ -175,6 +194,19 @@ def jobs(quick: bool) -> list[Job]:
     for group, vm in trouble.items():
         for seed in range(seeds // 3):
             out.append(Job(group, Scenario("6", founding, 125, vm=vm, seed=seed)))
+    # Issue 12: --fallback standard, with and without, where Spot goes wrong: heavy preemption,
+    # and Spot capacity (or its quota) for a third of the VMs.
+    spot_trouble = {
+        "7 preempt 2/h": VmModel(preempt_per_hour=2.0),
+        "7 preempt 4/h": VmModel(preempt_per_hour=4.0),
+        "7 Spot for 40 of 125 VMs": VmModel(quota_vms=40, preempt_per_hour=0.05),
+        "7 preempt 5%/h (Spot fine)": VmModel(preempt_per_hour=0.05),
+    }
+    for group, vm in spot_trouble.items():
+        for seed in range(seeds // 3):
+            for fb in (False, True):
+                sc = Scenario("7", founding, 125, vm=vm, seed=seed, fallback=fb)
+                out.append(Job(group, sc))
     for kind, per_attempt in (("stragglers", True), ("data skew", False)):
         work = Workload(2000, tail_per_attempt=per_attempt, **tail)
         for spec in (False, True):
@@ -265,6 +297,30 @@ def trouble_table(results: list[Summary]) -> list[str]:
                 f" | {sum(r['quota_blocked'] for r in rows)}"
                 f" | {sum(r['committed'] for r in rows):,} of {sum(r['shards'] for r in rows):,}"
                 f" | {sum(r['lost'] for r in rows)} | {sum(r['left_behind'] for r in rows)} |"
+            )
+    return lines
+
+
+def fallback_table(results: list[Summary]) -> list[str]:
+    """--fallback standard: makespan and list-price cost, without and with, per scenario."""
+    lines = [
+        "| scenario | runs | fallback | makespan s (mean) | p90 | fell back | shards on standard"
+        " (mean) | Spot VM-h | standard VM-h | cost USD (mean) | lost |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for group, rows in _groups(results).items():
+        if not group.startswith("7"):
+            continue
+        for fb in (False, True):
+            sel = [r for r in rows if r["fallback"] is fb]
+            spans = sorted(r["makespan"] for r in sel)
+            p90 = spans[min(len(spans) - 1, int(0.9 * len(spans)))]
+            lines.append(
+                f"| {group} | {len(sel)} | {'standard' if fb else 'none'}"
+                f" | {_mean(sel, 'makespan'):.0f} | {p90:.0f}"
+                f" | {sum(r['fell_back'] for r in sel)} | {_mean(sel, 'standard_shards'):.1f}"
+                f" | {_mean(sel, 'spot_vm_h'):.1f} | {_mean(sel, 'standard_vm_h'):.1f}"
+                f" | {_mean(sel, 'cost'):.2f} | {sum(r['lost'] for r in sel)} |"
             )
     return lines
 
@@ -412,6 +468,10 @@ def main(argv: list[str] | None = None) -> int:
         "## Failed boots and a quota-limited group",
         "",
         *trouble_table(results),
+        "",
+        f"## Standard-VM fallback ({PRICED_TYPE}, list prices)",
+        "",
+        *fallback_table(results),
         "",
         f"{len(todo)} simulated runs in {wall:.0f} s of wall time ({args.jobs} processes).",
     ]

@@ -20,6 +20,7 @@ from infra.identity import Identity
 from infra.messaging import Messaging
 from infra.network import Network
 from infra.package import WorkerPackage
+from infra.registry import Registry
 from infra.storage import Storage
 from infra.variables import declare_inputs
 
@@ -34,7 +35,8 @@ class CflowStack(TerraformStack):
     Outputs (``cdktf deploy --outputs-file``), all names rather than paths: project, region, zone
     (empty for a regional group), bucket, work_topic, work_subscription, events_topic,
     events_subscription, dead_letter_topic, dead_letter_subscription, group, group_scope
-    (``zonal`` or ``regional``), worker_service_account.
+    (``zonal`` or ``regional``), worker_service_account, image_repository (where run images
+    go: ``<region>-docker.pkg.dev/<project>/<repository>``; the workers may only read it).
     """
 
     def __init__(
@@ -99,6 +101,14 @@ class CflowStack(TerraformStack):
             instance_name_prefix=instance_name_prefix,
             input_buckets=inputs.input_buckets,
         )
+        registry = Registry(
+            self,
+            "registry",
+            project=inputs.project,
+            region=inputs.region,
+            name_prefix=inputs.name_prefix,
+            reader_member=identity.service_account.member,
+        )
         network = Network(self, "network", name_prefix=inputs.name_prefix, region=inputs.region)
         package = WorkerPackage(
             self,
@@ -157,6 +167,7 @@ class CflowStack(TerraformStack):
             "group": group_name,
             "group_scope": compute.group_scope,
             "worker_service_account": identity.service_account.email,
+            "image_repository": registry.url,
         }
         for name, value in outputs.items():
             depends = compute.groups if name in ("group", "group_scope") else None

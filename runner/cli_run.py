@@ -36,6 +36,7 @@ from runner.cli_common import (
 from runner.combine import check_out
 from runner.fleet import Fleet
 from runner.halt import DEFAULT_HALT, HaltRule
+from runner.run_shape import apply_run_shape, check_shape_options, fallback_line, needs_groups
 from runner.submit_plan import describe_bundle, dry_run
 from worker import defaults
 from worker.container_runtime import check_image
@@ -104,6 +105,26 @@ def submit(
         typer.Option("--image", help="Run each attempt in this container image (podman/docker)."),
     ] = None,
     halt: HaltOpt = DEFAULT_HALT,
+    machine_type: Annotated[
+        str | None,
+        typer.Option("--machine-type", help="VM machine type for this run (Google Cloud)."),
+    ] = None,
+    gpu: Annotated[
+        str | None, typer.Option("--gpu", help="GPUs per VM, TYPE[:COUNT] (nvidia-l4:1).")
+    ] = None,
+    disk_gb: Annotated[
+        int | None, typer.Option("--disk-gb", help="Boot disk size of this run's VMs, GB.")
+    ] = None,
+    provisioning: Annotated[
+        str | None, typer.Option("--provisioning", help="spot or standard VMs for this run.")
+    ] = None,
+    fallback: Annotated[
+        str | None,
+        typer.Option("--fallback", help="standard: Spot first, standard VMs for the tail."),
+    ] = None,
+    fallback_after: Annotated[
+        int, typer.Option("--fallback-after", min=1, help="Preemptions of a shard that fall back.")
+    ] = 3,
     check: Annotated[
         bool,
         typer.Option("--check/--no-check", help="Check the task can start before publishing."),
@@ -151,7 +172,21 @@ def submit(
             speculate=speculate,
             isolate=isolate,
             image=image,
+            machine_type=machine_type,
+            provisioning=provisioning,
+            gpu=gpu,
+            disk_gb=disk_gb,
+            fallback=fallback,
+            fallback_after=fallback_after,
         )
+        check_shape_options(options)  # bad shape options: one line, before anything
+        if needs_groups(options) and cfg.is_local:
+            err.print("cflow: machine shape and --fallback apply to Google Cloud VMs; ignored here")
+        shaped_groups = []
+        if needs_groups(options) and not cfg.is_local:  # checked in the zone, made, then publish
+            shaped_groups = apply_run_shape(dep, options)
+            for shaped in shaped_groups:
+                err.print(f"cflow: VMs from group {shaped.group} ({shaped.describe})", markup=False)
         if image is not None and cfg.is_local:  # the workers share this machine's images
             check_image(image)
         if not cfg.is_local:  # a group holds at most 1,000 (zonal) or 2,000 VMs: say so now
@@ -216,6 +251,10 @@ def submit(
         code = watch_and_finish(
             watcher, dep, rule=rule, cancel_on_interrupt=cancel_on_interrupt, out=target
         )
+        if shaped_groups and watcher.fleet is not None:
+            line = fallback_line(watcher.fleet, st, run_id, shaped_groups[0].machine_type)
+            if line:
+                err.print(f"cflow: {line}", markup=False)
     raise typer.Exit(code)
 
 

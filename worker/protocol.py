@@ -135,6 +135,15 @@ class RunOptions(_Record):
     speculate: bool = False  # back up stragglers near the end (a re-attached runner too)
     isolate: bool = False  # a fresh process per Python shard instead of a warm one per slot
     image: str | None = None  # run each attempt in this container image (worker.container)
+    # Machine shape (runner.shapes; Google Cloud only): None keeps the deployment's value.
+    machine_type: str | None = None
+    provisioning: str | None = None  # "spot" | "standard"
+    gpu: str | None = None  # TYPE[:COUNT], e.g. "nvidia-l4:1"
+    disk_gb: int | None = None
+    fallback: str | None = (
+        None  # "standard": Spot first, standard VMs for the tail (runner.fallback)
+    )
+    fallback_after: int = 3  # preemptions of one shard that start the fallback
 
 
 @dataclass(frozen=True)

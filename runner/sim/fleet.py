@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from runner.fleet import Fleet, Instance
 from runner.sim.worker import SimWorker
-from runner.sim.world import World
+from runner.sim.world import VmModel, World
 
 _STATUS = {
     "creating": "starting",  # the group's CREATING action
@@ -53,8 +53,9 @@ class SimVm:
 
 
 class SimFleet(Fleet):
-    def __init__(self, world: World, *, name_prefix: str = "cflow"):
+    def __init__(self, world: World, *, name_prefix: str = "cflow", model: VmModel | None = None):
         self.world = world
+        self.model = model or world.vm  # a second group (standard VMs) has its own
         self.name_prefix = name_prefix
         self._vms: dict[str, SimVm] = {}
         self._serial = 0
@@ -116,7 +117,7 @@ class SimFleet(Fleet):
         world = self.world
         vm.incarnation += 1
         vm.worker = None
-        quota = world.vm.quota_vms
+        quota = self.model.quota_vms
         created = sum(
             1
             for v in self._vms.values()
@@ -127,12 +128,12 @@ class SimFleet(Fleet):
                 self.counts["quota_blocked"] += 1
             vm.state = "blocked"  # not created, not billed: the group retries
             inc = vm.incarnation
-            world.clock.after(world.vm.quota_retry_seconds, lambda: self._retry(vm, inc))
+            world.clock.after(self.model.quota_retry_seconds, lambda: self._retry(vm, inc))
             return
         vm.state = "creating"
         vm.span = world.ledger.open_vm(vm.name, world.clock.now)
         self.counts["created"] += 1
-        inc, model, rng = vm.incarnation, world.vm, world.rng
+        inc, model, rng = vm.incarnation, self.model, world.rng
         world.clock.after(model.draw(rng, model.create_seconds), lambda: self._run(vm, inc))
         if model.preempt_per_hour > 0:
             hazard = rng.expovariate(model.preempt_per_hour / 3600.0)
@@ -141,7 +142,7 @@ class SimFleet(Fleet):
     def _run(self, vm: SimVm, inc: int) -> None:
         if vm.incarnation == inc and vm.state == "creating":
             vm.state = "booting"
-            model = self.world.vm
+            model = self.model
             ready = model.draw(self.world.rng, model.boot_seconds + model.install_seconds)
             self.world.clock.after(ready, lambda: self._boot(vm, inc))
 
@@ -151,11 +152,11 @@ class SimFleet(Fleet):
 
     def _boot(self, vm: SimVm, inc: int) -> None:
         if vm.incarnation == inc and vm.state == "booting":
-            if self.world.rng.random() < self.world.vm.boot_fail_rate:
+            if self.world.rng.random() < self.model.boot_fail_rate:
                 self.counts["boot_failed"] += 1
                 vm.state = "failed"  # reports itself; its startup script removes it
                 self.world.clock.after(
-                    self.world.vm.boot_fail_seconds, lambda: self._boot_failed(vm, inc)
+                    self.model.boot_fail_seconds, lambda: self._boot_failed(vm, inc)
                 )
                 return
             vm.state = "running"
@@ -179,7 +180,7 @@ class SimFleet(Fleet):
 
     def _restart(self, vm: SimVm, inc: int) -> None:
         self.counts["crashed"] += 1
-        self.world.clock.after(self.world.vm.restart_seconds, lambda: self._start_worker(vm, inc))
+        self.world.clock.after(self.model.restart_seconds, lambda: self._start_worker(vm, inc))
 
     def _preempt(self, vm: SimVm, inc: int) -> None:
         if vm.incarnation != inc or vm.state not in ("creating", "booting", "running"):
@@ -188,8 +189,8 @@ class SimFleet(Fleet):
         self.counts["preempted"] += 1
         vm.state = "preempting"
         if vm.worker is not None:
-            vm.worker.terminate(clean=world.rng.random() >= world.vm.lost_stop_rate)
-        world.clock.after(world.vm.shutdown_window, lambda: self._gone(vm, inc))
+            vm.worker.terminate(clean=world.rng.random() >= self.model.lost_stop_rate)
+        world.clock.after(self.model.shutdown_window, lambda: self._gone(vm, inc))
 
     def _self_delete(self, vm: SimVm) -> None:
         if not vm.deleting:
@@ -207,7 +208,7 @@ class SimFleet(Fleet):
         if vm.worker is not None:
             vm.worker.terminate(clean=True)
         inc, world = vm.incarnation, self.world
-        world.clock.after(world.vm.delete_seconds, lambda: self._gone(vm, inc))
+        world.clock.after(self.model.delete_seconds, lambda: self._gone(vm, inc))
 
     def _gone(self, vm: SimVm, inc: int) -> None:
         if vm.incarnation != inc or vm.state not in ("preempting", "deleting"):
@@ -218,7 +219,7 @@ class SimFleet(Fleet):
         vm.worker = None
         if preempted and not vm.deleting:
             vm.state = "recreating"
-            world.clock.after(world.vm.recreate_seconds, lambda: self._recreate(vm, inc))
+            world.clock.after(self.model.recreate_seconds, lambda: self._recreate(vm, inc))
         else:
             del self._vms[vm.name]
 

@@ -9,6 +9,7 @@ the fleet as ``runner submit`` does, and the simulation goes on until the last V
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import tempfile
 import time
@@ -17,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from runner import runs
+from runner.fallback import FallbackFleet, FallbackPolicy, PreemptionTap
+from runner.fleet import Fleet
 from runner.shards import from_count
 from runner.sim.clock import RunnerMeter, SimClock
 from runner.sim.fleet import SimFleet
@@ -30,10 +33,11 @@ from runner.watch import Watcher
 from worker import defaults
 from worker.agent import AgentConfig
 from worker.protocol import RunOptions
-from worker.queue import WorkQueue
+from worker.queue import EventBus, WorkQueue
 
 QueueFactory = Callable[[SimClock], WorkQueue]
 TASK_PY = "def run(shard):\n    pass\n"  # bundled for the manifest; the simulator runs nothing
+STANDARD_PREFIX = "cflow-std"  # the standard group's VMs (the fallback's)
 DRAIN_TIMEOUT = 30.0  # seconds runner submit waits for the fleet to go after the run
 
 
@@ -56,6 +60,12 @@ class Scenario:
     seed: int = 0
     horizon: float = 48 * 3600.0  # virtual seconds before the simulation gives up
     trace_every: int = 0  # tracemalloc every n-th poll of the runner (0: never)
+    # --fallback standard: a second group of standard VMs (no preemption, their own quota)
+    # takes over once a shard was preempted ``fallback_after`` times or Spot VMs are refused.
+    fallback: bool = False
+    fallback_after: int = 3
+    capacity_grace: float = 120.0
+    standard_quota_vms: int | None = None
 
 
 @dataclass
@@ -87,6 +97,14 @@ class Result:
     store_keys_listed: int
     polls: int
     wall_seconds: float
+    standard_billed: float = 0.0  # VM-seconds of standard VMs (the fallback's group)
+    standard_shards: int = 0  # shards whose committed attempt ran on a standard VM
+    fallback_reason: str | None = None
+    fallback_at: float | None = None
+
+    @property
+    def spot_billed(self) -> float:
+        return self.billed - self.standard_billed
 
     @property
     def ratio(self) -> float:
@@ -119,7 +137,22 @@ def simulate(scenario: Scenario, *, queue_factory: QueueFactory | None = None) -
     ledger = Ledger()
     agent = AgentConfig(name="", scratch=SCRATCH, slots=sc.slots, idle_timeout=sc.idle_timeout)
     world = World(clock, queue, store, events, shards, ledger, rng, sc.vm, agent)
-    fleet = SimFleet(world)
+    spot = SimFleet(world)
+    fleet: Fleet = spot
+    standard: SimFleet | None = None
+    run_events: EventBus = events
+    if sc.fallback:
+        model = dataclasses.replace(sc.vm, preempt_per_hour=0.0, quota_vms=sc.standard_quota_vms)
+        standard = SimFleet(world, name_prefix=STANDARD_PREFIX, model=model)
+        tap = PreemptionTap(events)
+        policy = FallbackPolicy(
+            after_preemptions=sc.fallback_after, capacity_grace=sc.capacity_grace
+        )
+        fleet = FallbackFleet(
+            spot=spot, standard=standard, preemptions=tap.preemptions, policy=policy, clock=clock
+        )
+        run_events = tap
+    fleets = [f for f in (spot, standard) if f is not None]
 
     with tempfile.TemporaryDirectory(prefix="cflow-sim-") as tmp:
         task = Path(tmp) / "task"
@@ -135,13 +168,13 @@ def simulate(scenario: Scenario, *, queue_factory: QueueFactory | None = None) -
         )
     parallel = sc.max_workers * sc.slots
     lower_bound = max(sc.vm.ready_seconds + shards.longest_seconds, shards.total_seconds / parallel)
-    _sample_every(world, fleet, max(1.0, lower_bound / 300))
+    _sample_every(world, fleets, max(1.0, lower_bound / 300))
 
     watcher = Watcher(
         manifest=manifest,
         store=store,
         queue=queue,
-        events=events,
+        events=run_events,
         fleet=fleet,
         max_workers=sc.max_workers,
         slots=sc.slots,
@@ -155,16 +188,25 @@ def simulate(scenario: Scenario, *, queue_factory: QueueFactory | None = None) -
     watcher.drain_fleet(timeout=DRAIN_TIMEOUT)
     meter.runner_pauses(clock.now)
     clock.meter = None
-    clock.run_while(lambda: fleet.size > 0, step=1.0)
+    clock.run_while(lambda: any(f.size > 0 for f in fleets), step=1.0)
     end = clock.now
 
     committed = runs.committed(store, manifest.run_id)
     failed = runs.failed(store, manifest.run_id) - committed
     ids = {str(m["id"]) for m in _shard_dicts(sc.workload.shards)}
     winners: dict[str, int] = {}
+    on_standard = set()
     for a in ledger.attempts:
         if a.fate is Fate.COMMITTED:
             winners[a.shard] = winners.get(a.shard, 0) + 1
+            if ledger.vms[a.vm].name.startswith(STANDARD_PREFIX):
+                on_standard.add(a.shard)
+    standard_billed = sum(
+        (v.gone if v.gone is not None else end) - v.created
+        for v in ledger.vms
+        if v.name.startswith(STANDARD_PREFIX)
+    )
+    policy_seen = fleet.policy if isinstance(fleet, FallbackFleet) else None
     commits = [a.end for a in ledger.attempts if a.fate is Fate.COMMITTED]
     pubsub = queue if isinstance(queue, SimPubSub) else None
     drained = pubsub.drained_at if pubsub is not None and pubsub.drained_at is not None else end
@@ -186,7 +228,7 @@ def simulate(scenario: Scenario, *, queue_factory: QueueFactory | None = None) -
         lost=sorted(ids - committed - failed),
         double_commits=sorted(s for s, n in winners.items() if n > 1),
         fates={f.value: ledger.count(f) for f in Fate},
-        fleet=dict(fleet.counts),
+        fleet=_counts(fleets),
         queue=dict(pubsub.counts) if pubsub is not None else {},
         samples=ledger.samples,
         ledger=ledger,
@@ -196,7 +238,19 @@ def simulate(scenario: Scenario, *, queue_factory: QueueFactory | None = None) -
         store_objects=len(store),
         polls=meter.polls,
         wall_seconds=time.perf_counter() - wall,
+        standard_billed=standard_billed,
+        standard_shards=len(on_standard),
+        fallback_reason=policy_seen.reason if policy_seen else None,
+        fallback_at=policy_seen.at if policy_seen else None,
     )
+
+
+def _counts(fleets: list[SimFleet]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for f in fleets:
+        for k, n in f.counts.items():
+            out[k] = out.get(k, 0) + n
+    return out
 
 
 def _redo_bound(ledger: Ledger, shards: Shards, count: int, lower_bound: float) -> float:
@@ -216,12 +270,14 @@ def _shard_dicts(count: int) -> list[dict[str, object]]:
     return [s.to_dict() for s in from_count(count)]
 
 
-def _sample_every(world: World, fleet: SimFleet, seconds: float) -> None:
+def _sample_every(world: World, fleets: list[SimFleet], seconds: float) -> None:
     queue = world.queue
 
     def sample() -> None:
         backlog = queue.backlog if isinstance(queue, SimPubSub) else 0
-        world.ledger.samples.append(Sample(world.clock.now, fleet.billed(), fleet.busy(), backlog))
+        billed = sum(f.billed() for f in fleets)
+        busy = sum(f.busy() for f in fleets)
+        world.ledger.samples.append(Sample(world.clock.now, billed, busy, backlog))
         world.clock.after(seconds, sample)
 
     world.clock.at(0.0, sample)

@@ -7,7 +7,10 @@ it through ``CFLOW_COMPUTE_ENDPOINT``:
 - ``instanceGroupManagers`` (zonal) and ``regionInstanceGroupManagers``: ``get``, ``resize``,
   ``listManagedInstances`` (paged), ``deleteInstances``, ``abandonInstances``;
 - ``zoneOperations`` / ``regionOperations``: ``get`` and ``wait`` (operations finish at once);
-- ``regions.get`` (quotas), ``instanceTemplates.get`` and ``machineTypes.get``, for ``doctor``.
+- ``regions.get`` (quotas), ``instanceTemplates.get`` and ``machineTypes.get``, for ``doctor``;
+- for machine shapes: ``instanceTemplates.insert``, ``acceleratorTypes.get``,
+  ``instanceGroupManagers.insert`` (a shaped group is recorded, with no VMs of its own) and
+  ``globalOperations.get`` / ``wait``.
 
 Each "VM" is a process made by ``spawn(name)``; like a MIG, the fake keeps ``targetSize``
 instances, recreates one whose process died without being deleted (a Spot preemption), and
@@ -23,6 +26,12 @@ It refuses the way the documentation says the service does:
   ``CREATING`` with ``lastAttempt.errors`` ``QUOTA_EXCEEDED``, and start once quota frees up;
 - with ``rate_limit`` set, requests past that many a ``rate_window`` get 403
   ``rateLimitExceeded`` (Compute Engine's rate-limit answer, not 429);
+- an instance template is refused as the API refuses it: a name that is not RFC 1035 (400
+  ``invalid``), a name already taken (409 ``alreadyExists``), GPUs (attached, or bundled with an
+  accelerator-optimized machine type such as ``g2``) with ``onHostMaintenance`` other than
+  ``TERMINATE`` (400 "Instances with guest accelerators do not support live migration."), and
+  GPUs attached to a machine series other than ``n1``; templates and groups that do not exist
+  are 404 ``notFound``; a GPU not in ``accelerators`` for the zone is 404;
 - ``boot_fails(name)`` VMs run (instance ``RUNNING``) but their ``spawn`` is ``failed_spawn``:
   the VM is up, its worker never is.
 """
@@ -52,6 +61,19 @@ _REGION_PATH = re.compile(r"^/compute/v1/projects/(?P<project>[^/]+)/regions/(?P
 _TEMPLATE_PATH = re.compile(
     r"^/compute/v1/projects/(?P<project>[^/]+)/global/instanceTemplates/(?P<name>[^/]+)$"
 )
+_TEMPLATES_PATH = re.compile(r"^/compute/v1/projects/(?P<project>[^/]+)/global/instanceTemplates$")
+_GROUPS_PATH = re.compile(
+    r"^/compute/v1/projects/(?P<project>[^/]+)/zones/(?P<zone>[^/]+)/instanceGroupManagers$"
+)
+_ACCELERATOR_PATH = re.compile(
+    r"^/compute/v1/projects/(?P<project>[^/]+)/zones/(?P<zone>[^/]+)/acceleratorTypes/(?P<name>[^/]+)$"
+)
+_GLOBAL_OPERATION_PATH = re.compile(
+    r"^/compute/v1/projects/(?P<project>[^/]+)/global/operations/(?P<name>[^/]+?)(?:/wait)?$"
+)
+_NAME = re.compile(r"[a-z](?:[-a-z0-9]{0,61}[a-z0-9])?")
+# Accelerator-optimized machine types come with their GPUs: type -> (accelerator, count).
+G2_GPUS = {4: 1, 8: 1, 12: 1, 16: 1, 24: 2, 32: 1, 48: 4, 96: 8}
 _MACHINE_TYPE_PATH = re.compile(
     r"^/compute/v1/projects/(?P<project>[^/]+)/zones/(?P<zone>[^/]+)/machineTypes/(?P<name>[^/]+)$"
 )
@@ -126,6 +148,7 @@ class FakeCompute:
         machine_type: str = "e2-standard-2",
         quotas: dict[str, tuple[float, float]] | None = None,
         denied: frozenset[str] = frozenset(),
+        accelerators: frozenset[str] = frozenset({"nvidia-tesla-t4", "nvidia-l4"}),
     ):
         scope, where = ("zones", zone) if zone else ("regions", region)
         assert where, "a zone or a region"
@@ -147,6 +170,9 @@ class FakeCompute:
             "SSD_TOTAL_GB": (500.0, 0.0),
             "IN_USE_ADDRESSES": (8.0, 0.0),
         }
+        self.accelerators = accelerators  # GPU types every zone offers (acceleratorTypes.get)
+        self.templates: dict[str, dict[str, Any]] = {}  # name -> the template as inserted
+        self.made_groups: dict[str, dict[str, Any]] = {}  # shaped groups: name -> as inserted
         self.denied = denied  # verbs (e.g. "deleteInstances") answered 403 permission denied
         self.rate_limited = 0  # requests refused for the rate limit
         self.boot_failed: list[str] = []
@@ -326,7 +352,21 @@ class FakeCompute:
             if m := _REGION_PATH.match(url.path):
                 return 200, self._region(m["region"])
             if m := _TEMPLATE_PATH.match(url.path):
-                return 200, self._template(m["name"])
+                return self._template(m["name"])
+            if (m := _TEMPLATES_PATH.match(url.path)) and method == "POST":
+                return self._insert_template(body)
+            if m := _ACCELERATOR_PATH.match(url.path):
+                return self._accelerator(m["zone"], m["name"])
+            if m := _GLOBAL_OPERATION_PATH.match(url.path):
+                if (op := self._ops.get(m["name"])) is None:
+                    return _error(404, f"The resource operation '{m['name']}' was not found")
+                return 200, op
+            if (m := _GROUPS_PATH.match(url.path)) and method == "POST":
+                return self._insert_group(m["zone"], body)
+            if (m := _GROUP_PATH.match(url.path)) and m["group"] in self.made_groups:
+                if method == "GET" and m["verb"] is None:
+                    return 200, self.made_groups[m["group"]]
+                return _error(400, f"unsupported {method} {m['verb']} on a shaped group")
             if m := _MACHINE_TYPE_PATH.match(url.path):
                 return self._machine_type(m["zone"], m["name"])
             if m := _OPERATION_PATH.match(url.path):
@@ -365,6 +405,13 @@ class FakeCompute:
                     "selfLink": g.self_link,
                     "instanceTemplate": f"{BASE}/projects/{g.project}/global/"
                     f"instanceTemplates/{g.name}-template",
+                    "versions": [
+                        {
+                            "name": "worker",
+                            "instanceTemplate": f"{BASE}/projects/{g.project}/global/"
+                            f"instanceTemplates/{g.name}-template",
+                        }
+                    ],
                     "status": {"isStable": all(vm.action == "NONE" for vm in g.vms.values())},
                     ("zone" if g.scope == "zones" else "region"): (
                         f"{BASE}/projects/{g.project}/{g.scope}/{g.where}"
@@ -430,13 +477,25 @@ class FakeCompute:
             ],
         }
 
-    def _template(self, name: str) -> dict[str, Any]:
-        return {
+    def _template(self, name: str) -> tuple[int, Any]:
+        if name in self.templates:
+            return 200, self.templates[name]
+        if name != f"{self.group.name}-template":
+            resource = f"projects/{self.group.project}/global/instanceTemplates/{name}"
+            return _error(404, f"The resource '{resource}' was not found")
+        return 200, {
             "kind": "compute#instanceTemplate",
             "name": name,
             "properties": {
                 "machineType": self.machine_type,
-                "scheduling": {"provisioningModel": "SPOT", "preemptible": True},
+                "scheduling": {
+                    "provisioningModel": "SPOT",
+                    "preemptible": True,
+                    "automaticRestart": False,
+                    "onHostMaintenance": "TERMINATE",
+                    "instanceTerminationAction": "DELETE",
+                },
+                "metadata": {"items": [{"key": "cflow-group", "value": self.group.name}]},
                 "disks": [
                     {
                         "boot": True,
@@ -447,10 +506,88 @@ class FakeCompute:
         }
 
     def _machine_type(self, zone: str, name: str) -> tuple[int, Any]:
-        m = re.fullmatch(r"[a-z0-9]+-(?:standard|highmem|highcpu)-(\d+)", name)
-        if m is None:
-            return _error(404, f"The resource 'machineTypes/{name}' was not found")
-        return 200, {"kind": "compute#machineType", "name": name, "guestCpus": int(m[1])}
+        m = re.fullmatch(r"([a-z0-9]+)-(?:standard|highmem|highcpu)-(\d+)", name)
+        if m is None or (m[1] == "g2" and int(m[2]) not in G2_GPUS):
+            resource = f"projects/{self.group.project}/zones/{zone}/machineTypes/{name}"
+            return _error(404, f"The resource '{resource}' was not found")
+        found: dict[str, Any] = {
+            "kind": "compute#machineType",
+            "name": name,
+            "guestCpus": int(m[2]),
+        }
+        if m[1] == "g2":
+            found["accelerators"] = [
+                {"guestAcceleratorType": "nvidia-l4", "guestAcceleratorCount": G2_GPUS[int(m[2])]}
+            ]
+        return 200, found
+
+    def _accelerator(self, zone: str, name: str) -> tuple[int, Any]:
+        if name not in self.accelerators:
+            resource = f"projects/{self.group.project}/zones/{zone}/acceleratorTypes/{name}"
+            return _error(404, f"The resource '{resource}' was not found")
+        return 200, {"kind": "compute#acceleratorType", "name": name, "maximumCardsPerInstance": 8}
+
+    def _global_operation(self, kind: str, target: str) -> dict[str, Any]:
+        op = self._operation(kind, target)
+        op.pop("zone", None)
+        op.pop("region", None)
+        op["selfLink"] = f"{BASE}/projects/{self.group.project}/global/operations/{op['name']}"
+        return op
+
+    def _insert_template(self, body: dict[str, Any]) -> tuple[int, Any]:
+        name = str(body.get("name", ""))
+        project = self.group.project
+        if not _NAME.fullmatch(name):
+            return _error(
+                400,
+                f"Invalid value for field 'resource.name': '{name}'. Must be a match of regex "
+                "'(?:[a-z](?:[-a-z0-9]{0,61}[a-z0-9])?)'",
+            )
+        link = f"{BASE}/projects/{project}/global/instanceTemplates/{name}"
+        if name in self.templates or name == f"{self.group.name}-template":
+            resource = f"projects/{project}/global/instanceTemplates/{name}"
+            return _error(409, f"The resource '{resource}' already exists", reason="alreadyExists")
+        props = body.get("properties", {})
+        machine_type = str(props.get("machineType", ""))
+        gpus = props.get("guestAccelerators") or []
+        bundled = machine_type.startswith("g2-")
+        maintenance = props.get("scheduling", {}).get("onHostMaintenance", "MIGRATE")
+        if (gpus or bundled) and maintenance != "TERMINATE":
+            return _error(
+                400,
+                "Instances with guest accelerators do not support live migration.",
+                reason="badRequest",
+            )
+        if gpus and not machine_type.startswith("n1-"):
+            return _error(
+                400,
+                f"Invalid resource usage: 'Machine type {machine_type} does not support "
+                "accelerators.'",
+            )
+        self.templates[name] = {"kind": "compute#instanceTemplate", **body, "selfLink": link}
+        return 200, self._global_operation("compute.instanceTemplates.insert", link)
+
+    def _insert_group(self, zone: str, body: dict[str, Any]) -> tuple[int, Any]:
+        name = str(body.get("name", ""))
+        project = self.group.project
+        resource = f"projects/{project}/zones/{zone}/instanceGroupManagers/{name}"
+        if not _NAME.fullmatch(name):
+            return _error(400, f"Invalid value for field 'resource.name': '{name}'.")
+        if name in self.made_groups or name == self.group.name:
+            return _error(409, f"The resource '{resource}' already exists", reason="alreadyExists")
+        template = str(body.get("instanceTemplate", "")).rsplit("/", 1)[-1]
+        if template not in self.templates:
+            missing = f"projects/{project}/global/instanceTemplates/{template}"
+            return _error(404, f"The resource '{missing}' was not found")
+        link = f"{BASE}/{resource}"
+        self.made_groups[name] = {
+            "kind": "compute#instanceGroupManager",
+            **body,
+            "targetSize": int(body.get("targetSize", 0)),
+            "zone": f"{BASE}/projects/{project}/zones/{zone}",
+            "selfLink": link,
+        }
+        return 200, self._operation("compute.instanceGroupManagers.insert", link)
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         fake = self
@@ -486,7 +623,12 @@ class FakeCompute:
 
 
 def _error(code: int, message: str, *, reason: str | None = None) -> tuple[int, Any]:
-    reason = reason or {404: "notFound", 400: "invalid", 403: "forbidden"}.get(code, "backendError")
+    reason = reason or {
+        404: "notFound",
+        400: "invalid",
+        403: "forbidden",
+        409: "alreadyExists",
+    }.get(code, "backendError")
     domain = "usageLimits" if reason == "rateLimitExceeded" else "global"
     return code, {
         "error": {

@@ -37,6 +37,7 @@ OUTPUTS = {
     "group",
     "group_scope",
     "worker_service_account",
+    "image_repository",
 }
 VARIABLE_DEFAULTS = {
     "region": "us-central1",

@@ -1,0 +1,402 @@
+"""Machine shape per run: machine type, Spot or standard, GPUs, boot disk size.
+
+A run that asks for a shape gets a managed instance group of its own, ``<group>-<hash>``, made
+from an instance template derived from the deployment's (``instanceTemplates.get``, then an
+``insert`` of a copy with the shape). Both are named by a content hash of the deployment's
+template and the shape, so a second run with the same shape reuses them, and a redeploy (a new
+worker, a new image) gives new ones.
+
+Why a group per shape and not the deployment's group pointed at a new template: a group has one
+template for the VMs it creates, so re-pointing it while another run's VMs work would give that
+run's recreated (preempted) VMs the wrong machine, and an update policy could even replace its
+busy VMs. A group per shape never touches another run's VMs. Its instances are named
+``<base instance name>-<hash>-xxxx``, so the worker's conditioned right to delete its own VM
+(names starting ``<prefix>-worker-``) still holds, and no new right is needed.
+
+Everything is checked before anything is made or published, each refusal one line
+(:class:`ShapeError`): the machine type exists in the zone (``machineTypes.get``), the GPU exists
+there (``acceleratorTypes.get``) and fits the machine series (accelerator-optimized types such as
+``g2`` come with their GPUs; other GPUs attach to ``n1`` only), and the region's quotas hold at
+least one VM of the shape (CPUs, and ``NVIDIA_<MODEL>_GPUS`` or, for Spot when the project has
+any, ``PREEMPTIBLE_NVIDIA_<MODEL>_GPUS``: the rule Compute Engine's quota documentation gives).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import re
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from google.api_core import exceptions as gexc
+from google.cloud import compute_v1
+
+from runner.gce_fleet import compute_client_options
+from runner.quota import SSD_DISKS
+from worker.errors import ConfigError
+
+PROVISIONING = ("spot", "standard")
+GPU_SERIES = "n1"  # the only general-purpose series GPUs attach to
+MIN_DISK_GB, MAX_DISK_GB = 10, 65_536  # a boot disk's size range (pd-balanced)
+HASH_CHARS = 8
+# Accelerator type -> its quota metric's model part, where it is not the type upper-cased
+# without "tesla" (nvidia-tesla-t4 -> NVIDIA_T4_GPUS, nvidia-l4 -> NVIDIA_L4_GPUS).
+QUOTA_MODEL = {"nvidia-h100-80gb": "NVIDIA_H100", "nvidia-a100-80gb": "NVIDIA_A100_80GB"}
+
+
+class ShapeError(ConfigError):
+    """A machine shape that cannot run: unknown, unsupported in the zone, or short of quota."""
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What a run's VMs look like; ``None`` fields keep the deployment's value."""
+
+    machine_type: str | None = None
+    provisioning: str | None = None  # "spot" | "standard"
+    gpu_type: str | None = None
+    gpu_count: int = 0
+    disk_gb: int | None = None
+
+    @classmethod
+    def parse(
+        cls,
+        *,
+        machine_type: str | None = None,
+        provisioning: str | None = None,
+        gpu: str | None = None,
+        disk_gb: int | None = None,
+    ) -> Shape:
+        """From the ``submit`` options; ``gpu`` is ``TYPE[:COUNT]`` (``nvidia-l4:1``)."""
+        if provisioning is not None and provisioning not in PROVISIONING:
+            raise ShapeError(f"--provisioning must be spot or standard, not {provisioning!r}")
+        if machine_type is not None and not re.fullmatch(r"[a-z][a-z0-9-]{1,62}", machine_type):
+            raise ShapeError(f"--machine-type {machine_type!r} is not a machine type name")
+        gpu_type, gpu_count = None, 0
+        if gpu:
+            m = re.fullmatch(r"([a-z][a-z0-9-]+)(?::(\d+))?", gpu)
+            if m is None or int(m[2] or 1) not in (1, 2, 4, 8):
+                raise ShapeError(f"--gpu {gpu!r}: give TYPE[:COUNT], COUNT 1, 2, 4 or 8")
+            gpu_type, gpu_count = m[1], int(m[2] or 1)
+        if disk_gb is not None and not MIN_DISK_GB <= disk_gb <= MAX_DISK_GB:
+            raise ShapeError(f"--disk-gb {disk_gb}: give {MIN_DISK_GB} to {MAX_DISK_GB}")
+        return cls(machine_type, provisioning, gpu_type, gpu_count, disk_gb)
+
+    @classmethod
+    def from_options(cls, options: Any) -> Shape:
+        """The shape recorded in a run's options (:class:`worker.protocol.RunOptions`)."""
+        return cls.parse(
+            machine_type=getattr(options, "machine_type", None),
+            provisioning=getattr(options, "provisioning", None),
+            gpu=getattr(options, "gpu", None),
+            disk_gb=getattr(options, "disk_gb", None),
+        )
+
+    @property
+    def is_default(self) -> bool:
+        """Nothing asked for: the run uses the deployment's group as it is."""
+        return self == Shape()
+
+    def standard(self) -> Shape:
+        """The same shape on standard VMs (the fallback's group)."""
+        return Shape(self.machine_type, "standard", self.gpu_type, self.gpu_count, self.disk_gb)
+
+    def digest(self, base_template: str) -> str:
+        """A content hash of the deployment's template (by its unique link) and this shape."""
+        text = json.dumps({"base": base_template, **asdict(self)}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:HASH_CHARS]
+
+
+def gpu_quota_metric(gpu_type: str, *, spot: bool) -> str:
+    """``NVIDIA_L4_GPUS`` or ``PREEMPTIBLE_NVIDIA_L4_GPUS`` for ``nvidia-l4``."""
+    model = QUOTA_MODEL.get(gpu_type) or gpu_type.replace("-tesla", "").replace("-", "_").upper()
+    return f"{'PREEMPTIBLE_' if spot else ''}{model}_GPUS"
+
+
+def derive_properties(base: dict[str, Any], shape: Shape, *, spot: bool) -> dict[str, Any]:
+    """The instance template ``properties`` (REST JSON) of ``shape``, from the deployment's."""
+    props = copy.deepcopy(base)
+    if shape.machine_type:
+        props["machineType"] = shape.machine_type
+    scheduling = props.setdefault("scheduling", {})
+    if spot:
+        scheduling.update(
+            provisioningModel="SPOT",
+            preemptible=True,
+            automaticRestart=False,
+            instanceTerminationAction="DELETE",
+        )
+    else:
+        scheduling.update(provisioningModel="STANDARD", preemptible=False, automaticRestart=True)
+        scheduling.pop("instanceTerminationAction", None)
+    gpus = shape.gpu_type is not None or _bundles_gpus(props.get("machineType", ""))
+    # VMs with GPUs cannot live-migrate: the API refuses MIGRATE for them.
+    scheduling["onHostMaintenance"] = "TERMINATE" if spot or gpus else "MIGRATE"
+    if shape.gpu_type and not _bundles_gpus(props.get("machineType", "")):
+        props["guestAccelerators"] = [
+            {"acceleratorType": shape.gpu_type, "acceleratorCount": shape.gpu_count}
+        ]
+    else:
+        props.pop("guestAccelerators", None)
+    if shape.disk_gb is not None:
+        for disk in props.get("disks", []):
+            if disk.get("boot"):
+                disk.setdefault("initializeParams", {})["diskSizeGb"] = str(shape.disk_gb)
+    return props
+
+
+def _bundles_gpus(machine_type: str) -> bool:
+    """Accelerator-optimized series (a2, a3, g2, ...) come with their GPUs attached."""
+    return machine_type.split("-", 1)[0] in {"a2", "a3", "a4", "g2", "g4"}
+
+
+@dataclass(frozen=True)
+class ShapedGroup:
+    """The group (and template) a shaped run's VMs come from."""
+
+    group: str
+    template: str
+    shape: Shape
+    created: bool  # made now, not reused
+    machine_type: str = ""  # what its VMs are (the shape's, or the deployment's)
+
+    @property
+    def describe(self) -> str:
+        """``n1-standard-8, Spot, nvidia-l4:1, 200 GB``."""
+        parts = [self.machine_type, "Spot" if self.shape.provisioning == "spot" else "standard"]
+        if self.shape.gpu_type:
+            parts.append(f"{self.shape.gpu_type}:{self.shape.gpu_count}")
+        if self.shape.disk_gb:
+            parts.append(f"{self.shape.disk_gb} GB disk")
+        return ", ".join(parts)
+
+
+class Shapes:
+    """Check shapes against a zone and make (or reuse) their template and group.
+
+    Args:
+        project: the deployment's project.
+        group: the deployment's zonal group (its template is the base of every shape).
+        zone: the group's zone.
+    """
+
+    def __init__(self, *, project: str, group: str, zone: str) -> None:
+        self.project, self.group, self.zone = project, group, zone
+        self.region = zone.rsplit("-", 1)[0]
+        credentials, options = compute_client_options()
+        kw: dict[str, Any] = {"credentials": credentials, "client_options": options}
+        self._managers: Any = compute_v1.InstanceGroupManagersClient(**kw)
+        self._templates: Any = compute_v1.InstanceTemplatesClient(**kw)
+        self._types: Any = compute_v1.MachineTypesClient(**kw)
+        self._gpus: Any = compute_v1.AcceleratorTypesClient(**kw)
+        self._regions: Any = compute_v1.RegionsClient(**kw)
+
+    def close(self) -> None:
+        for client in (self._managers, self._templates, self._types, self._gpus, self._regions):
+            client.transport.close()
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def base(self) -> tuple[dict[str, Any], str, dict[str, Any]]:
+        """The deployment's group (REST JSON), its template's name, and that template."""
+        where = {"project": self.project, "zone": self.zone}
+        group = self._managers.get(request={**where, "instance_group_manager": self.group})
+        # A group made with versions (as the stack's is) names its template there as well.
+        url = group.instance_template or next(
+            (v.instance_template for v in group.versions if v.instance_template), ""
+        )
+        if not url:
+            raise ShapeError(f"instance group {self.group} names no instance template to copy")
+        name = url.rstrip("/").rsplit("/", 1)[-1]
+        template = self._templates.get(request={"project": self.project, "instance_template": name})
+        return _json(group), name, _json(template)
+
+    def check(self, shape: Shape, base_props: dict[str, Any]) -> None:
+        """Refuse (one line) a shape the zone lacks or the region's quotas cannot hold."""
+        machine_type = shape.machine_type or str(base_props.get("machineType", ""))
+        spot = self._is_spot(shape, base_props)
+        try:
+            described = _json(
+                self._types.get(
+                    request={
+                        "project": self.project,
+                        "zone": self.zone,
+                        "machine_type": machine_type,
+                    }
+                )
+            )
+        except gexc.NotFound:
+            raise ShapeError(
+                f"machine type {machine_type} does not exist in zone {self.zone}"
+            ) from None
+        bundled = {
+            a["guestAcceleratorType"]: a["guestAcceleratorCount"]
+            for a in described.get("accelerators", [])
+        }
+        gpus: dict[str, int] = dict(bundled)
+        if shape.gpu_type:
+            if bundled:
+                if bundled != {shape.gpu_type: shape.gpu_count}:
+                    have = ", ".join(f"{t}:{n}" for t, n in bundled.items())
+                    raise ShapeError(
+                        f"machine type {machine_type} comes with {have}; --gpu "
+                        f"{shape.gpu_type}:{shape.gpu_count} does not match it (leave --gpu out)"
+                    )
+            elif not machine_type.startswith(f"{GPU_SERIES}-"):
+                raise ShapeError(
+                    f"GPUs attach only to {GPU_SERIES} machine types or come with "
+                    f"accelerator-optimized ones (g2 for nvidia-l4); not to {machine_type}"
+                )
+            else:
+                try:
+                    self._gpus.get(
+                        request={
+                            "project": self.project,
+                            "zone": self.zone,
+                            "accelerator_type": shape.gpu_type,
+                        }
+                    )
+                except gexc.NotFound:
+                    raise ShapeError(
+                        f"GPU {shape.gpu_type} is not offered in zone {self.zone}"
+                    ) from None
+                gpus = {shape.gpu_type: shape.gpu_count}
+        boot: dict[str, Any] = next((d for d in base_props.get("disks", []) if d.get("boot")), {})
+        params = boot.get("initializeParams", {})
+        disk_gb = shape.disk_gb or int(params.get("diskSizeGb") or 10)
+        disk_type = str(params.get("diskType") or "pd-balanced").rsplit("/", 1)[-1]
+        disk = ("SSD_TOTAL_GB" if disk_type in SSD_DISKS else "DISKS_TOTAL_GB", disk_gb)
+        self._check_quota(machine_type, int(described.get("guestCpus", 0)), gpus, spot, disk)
+
+    def _check_quota(
+        self,
+        machine_type: str,
+        vcpus: int,
+        gpus: dict[str, int],
+        spot: bool,
+        disk: tuple[str, int],
+    ) -> None:
+        region = self._regions.get(request={"project": self.project, "region": self.region})
+        quotas = {q.metric: (q.limit, q.usage) for q in region.quotas}
+        kind = "Spot" if spot else "standard"
+
+        def metric_for(standard: str, preemptible: str) -> str:
+            # Spot VMs use the preemptible quota when the project has any, else the standard one.
+            return preemptible if spot and quotas.get(preemptible, (0.0, 0.0))[0] > 0 else standard
+
+        needs = {metric_for("CPUS", "PREEMPTIBLE_CPUS"): vcpus, disk[0]: disk[1]}
+        for gpu_type, count in gpus.items():
+            standard = gpu_quota_metric(gpu_type, spot=False)
+            needs[metric_for(standard, gpu_quota_metric(gpu_type, spot=True))] = count
+        for metric, amount in needs.items():
+            if metric == disk[0] and metric not in quotas:
+                continue  # a region that lists no disk quota does not limit disks
+            limit, usage = quotas.get(metric, (0.0, 0.0))
+            if limit - usage < amount:
+                raise ShapeError(
+                    f"not one {kind} {machine_type} VM fits in {self.region}: it needs {amount} "
+                    f"{metric}, the project has {limit - usage:g} free (limit {limit:g}); "
+                    "ask for more in the console's Quotas page"
+                )
+
+    def _is_spot(self, shape: Shape, base_props: dict[str, Any]) -> bool:
+        if shape.provisioning is not None:
+            return shape.provisioning == "spot"
+        return base_props.get("scheduling", {}).get("provisioningModel") == "SPOT"
+
+    # -- making ----------------------------------------------------------------------------
+
+    def ensure(self, shape: Shape) -> ShapedGroup:
+        """Check ``shape``, then the template and group for it, made unless they exist."""
+        base_group, base_name, base_template = self.base()
+        props = base_template.get("properties", {})
+        # The same VMs whether "spot" was said or came from the deployment: one hash for both.
+        shape = dataclasses.replace(
+            shape, provisioning="spot" if self._is_spot(shape, props) else "standard"
+        )
+        self.check(shape, props)
+        digest = shape.digest(str(base_template.get("selfLink") or base_name))
+        name = f"{self.group}-{digest}"
+        derived = derive_properties(props, shape, spot=self._is_spot(shape, props))
+        _set_metadata(derived, "cflow-group", name)  # a worker removes itself from its own group
+        template_url, made_template = self._ensure_template(name, base_name, derived)
+        made_group = self._ensure_group(name, base_group, template_url, digest)
+        machine_type = str(derived.get("machineType", ""))
+        return ShapedGroup(name, name, shape, made_template or made_group, machine_type)
+
+    def _ensure_template(self, name: str, base: str, props: dict[str, Any]) -> tuple[str, bool]:
+        try:
+            found = self._templates.get(
+                request={"project": self.project, "instance_template": name}
+            )
+            return str(found.self_link), False
+        except gexc.NotFound:
+            pass
+        body = {
+            "name": name,
+            "description": f"CFlow worker, a run's shape (from {base})",
+            "properties": props,
+        }
+        resource = compute_v1.InstanceTemplate.from_json(
+            json.dumps(body), ignore_unknown_fields=True
+        )
+        try:
+            operation = self._templates.insert(
+                request={"project": self.project, "instance_template_resource": resource}
+            )
+        except gexc.Conflict:  # another runner made it first: the same content by its name
+            operation = None
+        except gexc.BadRequest as exc:
+            raise ShapeError(
+                f"Compute Engine refused the template for this shape: {exc.message}"
+            ) from None
+        if operation is not None:
+            operation.result(timeout=120)
+        found = self._templates.get(request={"project": self.project, "instance_template": name})
+        return str(found.self_link), True
+
+    def _ensure_group(
+        self, name: str, base: dict[str, Any], template_url: str, digest: str
+    ) -> bool:
+        where = {"project": self.project, "zone": self.zone}
+        try:
+            self._managers.get(request={**where, "instance_group_manager": name})
+            return False
+        except gexc.NotFound:
+            pass
+        body = {
+            "name": name,
+            "baseInstanceName": f"{base.get('baseInstanceName') or self.group}-{digest}",
+            "instanceTemplate": template_url,
+            "targetSize": 0,  # the runner grows it, as it does the deployment's group
+            "updatePolicy": base.get("updatePolicy") or {"type": "OPPORTUNISTIC"},
+        }
+        resource = compute_v1.InstanceGroupManager.from_json(
+            json.dumps(body), ignore_unknown_fields=True
+        )
+        try:
+            operation = self._managers.insert(
+                request={**where, "instance_group_manager_resource": resource}
+            )
+            operation.result(timeout=120)
+        except gexc.Conflict:
+            return False
+        return True
+
+
+def _json(message: Any) -> dict[str, Any]:
+    """A proto-plus message as the REST JSON it came from (camelCase keys)."""
+    out: dict[str, Any] = json.loads(type(message).to_json(message))
+    return out
+
+
+def _set_metadata(props: dict[str, Any], key: str, value: str) -> None:
+    items = props.setdefault("metadata", {}).setdefault("items", [])
+    for item in items:
+        if item.get("key") == key:
+            item["value"] = value
+            return
+    items.append({"key": key, "value": value})
