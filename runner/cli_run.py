@@ -335,6 +335,8 @@ def watch(
                 f" `runner retry {run_id} --failed` restarts it"
             )
         manifest = resume_publishing(dep, manifest)
+        if needs_groups(manifest.run_options) and not dep.config.is_local:
+            apply_run_shape(dep, manifest.run_options)  # the run's own groups, made as submitted
         watcher = make_watcher(
             dep, manifest, workers=workers, slots=slots, shards=manifest.shard_count
         )
