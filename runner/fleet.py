@@ -8,6 +8,7 @@ instances by name, never by blindly lowering a size (which can kill a busy VM).
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import json
 import logging
@@ -23,6 +24,7 @@ from pathlib import Path
 
 from worker import defaults
 from worker.errors import CFlowError
+from worker.local_db import DiskFull
 from worker.local_queue import LocalQueue
 from worker.local_store import QUEUE_FILE
 
@@ -150,6 +152,17 @@ class LocalFleet(Fleet):
             return name, n
 
     def grow(self, count: int) -> list[str]:
+        try:
+            return self._grow(count)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskFull(
+                    f"the disk holding {self.root} is full, so no worker can start; free some"
+                    " space, then `runner watch` goes on where the run stopped"
+                ) from None
+            raise
+
+    def _grow(self, count: int) -> list[str]:
         names = []
         n = 0
         for _ in range(count):
@@ -182,8 +195,14 @@ class LocalFleet(Fleet):
             self._procs[name] = proc
             entry = self.registry / f"{name}.json"
             tmp = entry.with_name(f".{name}.json.tmp")
-            tmp.write_text(json.dumps({"pid": proc.pid}))
-            os.replace(tmp, entry)  # readers see the claim or the pid, never half a file
+            try:
+                tmp.write_text(json.dumps({"pid": proc.pid}))
+                os.replace(tmp, entry)  # readers see the claim or the pid, never half a file
+            except OSError:  # an unregistered worker would be invisible: stop it
+                proc.kill()
+                proc.wait()
+                self._procs.pop(name, None)
+                raise
             names.append(name)
         return names
 

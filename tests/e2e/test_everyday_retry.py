@@ -90,7 +90,7 @@ def test_logs_follow_waits_for_a_queued_shard(cli: Cli, tmp_path: Path) -> None:
 
         def run(shard):
             if shard.index == 0:
-                time.sleep(3)
+                time.sleep(6)  # long enough for two CLI calls on a busy machine
             print("shard", shard.index, "ran", flush=True)
         """,
     )
