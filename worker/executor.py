@@ -45,12 +45,10 @@ class _Processes:
         self.lock = threading.Lock()
         self.known: set[int] = set()
         self.live: set[str] = set()
-        self._reaper = False
 
     def spawn(self, argv: list[str], token: str | None, **kwargs: Any) -> subprocess.Popen[bytes]:
+        # The worker agent makes its process a subreaper (Agent.run), so orphans come back to it.
         with self.lock:  # a child is registered before any sweep can see it
-            if not self._reaper:  # orphans of what we start come back to this process
-                self._reaper = reaper.become_subreaper() or True
             proc = subprocess.Popen(argv, **kwargs)
             self.known.add(proc.pid)
             if token is not None:

@@ -42,9 +42,9 @@ def _prctl(option: int, value: int) -> bool:
         return False
 
 
-def become_subreaper() -> bool:
-    """Make orphans below this process its children; False where the OS cannot."""
-    return _prctl(_PR_SET_CHILD_SUBREAPER, 1)
+def become_subreaper(on: bool = True) -> bool:
+    """Make orphans below this process its children (or stop); False where the OS cannot."""
+    return _prctl(_PR_SET_CHILD_SUBREAPER, 1 if on else 0)
 
 
 def die_with_parent(sig: int = signal.SIGKILL) -> None:

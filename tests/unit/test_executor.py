@@ -6,10 +6,12 @@ import os
 import signal
 import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from worker import reaper
 from worker.bundle import UnpackedBundle
 from worker.executor import Executor
 from worker.protocol import Entry
@@ -212,6 +214,17 @@ def test_every_process_a_python_attempt_started_is_gone_when_it_returns(
         executor.close()
 
 
+@pytest.fixture
+def subreaper() -> Iterator[None]:
+    """This test process stands in for the worker, which is a child subreaper (Agent.run)."""
+    reaper.become_subreaper()
+    try:
+        yield
+    finally:
+        reaper.become_subreaper(False)  # the rest of the session's orphans go to init again
+
+
+@pytest.mark.usefixtures("subreaper")
 def test_every_process_a_shell_attempt_started_is_gone_when_it_exits(tmp_path: Path) -> None:
     bundle = _bundle(
         tmp_path,
