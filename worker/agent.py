@@ -235,6 +235,7 @@ class Agent:
 
     def run(self) -> str:
         """Work until stopped, idle past the timeout, or (burst) out of work; says which."""
+        was_reaper = reaper.is_subreaper()
         reaper.become_subreaper()  # orphans of a task come back to us, to be killed
         self._exit_reason = None
         self._announced_idle = False
@@ -264,6 +265,7 @@ class Agent:
         reason = self._exit_reason or "stopped"
         self._emit(EventKind.STOPPED, detail=reason)
         self._lifetime(stopped=True)
+        reaper.become_subreaper(was_reaper)  # an agent run inside another program leaves it be
         return reason
 
     def _slot_loop(self, slot: _Slot) -> None:

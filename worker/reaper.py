@@ -27,6 +27,7 @@ from pathlib import Path
 TOKEN_VAR = "CFLOW_ATTEMPT_TOKEN"
 _PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
+_PR_GET_CHILD_SUBREAPER = 37
 _PROC = Path("/proc")
 
 try:
@@ -40,6 +41,17 @@ def _prctl(option: int, value: int) -> bool:
         return _LIBC is not None and _LIBC.prctl(option, value, 0, 0, 0) == 0
     except AttributeError:  # not Linux
         return False
+
+
+def is_subreaper() -> bool:
+    """Whether orphans below this process come back to it (Linux; False elsewhere)."""
+    flag = ctypes.c_int(0)
+    try:
+        if _LIBC is None or _LIBC.prctl(_PR_GET_CHILD_SUBREAPER, ctypes.byref(flag), 0, 0, 0):
+            return False
+    except AttributeError:
+        return False
+    return bool(flag.value)
 
 
 def become_subreaper(on: bool = True) -> bool:
