@@ -166,6 +166,20 @@ class _Log:
             self.show()
 
 
+class _Flag:
+    """A stop flag a signal handler may set: no lock, unlike threading.Event (whose handler,
+    interrupting itself, would wait forever for its own lock)."""
+
+    def __init__(self) -> None:
+        self._set = False
+
+    def set(self) -> None:
+        self._set = True
+
+    def is_set(self) -> bool:
+        return self._set
+
+
 class _Slot:
     """One slot's state: the messages it holds and the attempts waiting to be settled."""
 
@@ -199,7 +213,7 @@ class Agent:
         self.config = config
         self.clock = clock
         self.ledger = ledger if ledger is not None else make_ledger(queue, store, events, clock)
-        self._stopping = threading.Event()
+        self._stopping = _Flag()
         self._lock = threading.Condition()
         self._manifests: dict[str, tuple[Manifest | None, float]] = {}
         # run -> (times its manifest could not be read, the current back-off, until when)
@@ -224,10 +238,12 @@ class Agent:
     # -- the loop --------------------------------------------------------------------------
 
     def stop(self) -> None:
-        """Begin a graceful stop: no new work; running attempts are preempted."""
+        """Begin a graceful stop: no new work; running attempts are preempted.
+
+        Safe in a signal handler, even one that interrupts itself (two SIGTERMs in a row): it
+        only sets a flag, taking no lock.
+        """
         self._stopping.set()
-        with self._lock:
-            self._lock.notify_all()
 
     @property
     def stopping(self) -> bool:
