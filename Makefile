@@ -35,7 +35,7 @@ demo: $(STAMP)
 	$(PY) examples/make_data.py examples/data
 	$(VENV)/bin/runner submit task/ --inputs 'examples/data/*.csv' --workers 4
 
-lint: $(STAMP)
+lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
