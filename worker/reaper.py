@@ -21,6 +21,7 @@ import contextlib
 import ctypes
 import os
 import signal
+import time
 from collections.abc import Collection, Iterable
 from pathlib import Path
 
@@ -29,6 +30,7 @@ _PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
 _PR_GET_CHILD_SUBREAPER = 37
 _PROC = Path("/proc")
+_UNSURE_PASSES = 25  # how often the sweep looks again at a child it could not read
 
 try:
     _LIBC: ctypes.CDLL | None = ctypes.CDLL(None, use_errno=True)
@@ -91,12 +93,21 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+_UNSURE = ""  # token_of: the environment could not be read just now (a process mid-exec)
+
+
 def token_of(pid: int) -> str | None:
-    """The attempt token in a process's environment, or None (none, or not readable)."""
+    """The attempt token in a process's environment; None when it has none (or is gone), and
+    ``_UNSURE`` (empty) when the environment reads empty or fails, as it does for a process
+    caught inside ``execve`` while its new memory is set up: ask again a moment later."""
     try:
         raw = (_PROC / str(pid) / "environ").read_bytes()
-    except OSError:
+    except FileNotFoundError:
         return None
+    except OSError:
+        return _UNSURE
+    if not raw:
+        return _UNSURE
     prefix = TOKEN_VAR.encode() + b"="
     for item in raw.split(b"\0"):
         if item.startswith(prefix):
@@ -163,26 +174,38 @@ def sweep_orphans(
     ``groups`` are reaped. Returns how many processes were killed.
     """
     total = 0
-    for _ in range(20):
+    unsure_passes = 0
+    for _ in range(20 + _UNSURE_PASSES):
         victims: list[int] = []
         direct: list[int] = []
+        unsure = False
         for child in children(owner):
             if child in known:
                 continue
             token = token_of(child)
-            if token is None:  # a zombie has no environment left: known by its group
-                if owner == os.getpid() and _zombie_group(child) in groups:
-                    reap([child])
+            if not token:
+                group = _zombie_group(child)
+                if group is not None:  # a zombie has no environment left: known by its group
+                    if owner == os.getpid() and group in groups:
+                        reap([child])
+                elif token == _UNSURE:
+                    unsure = True
                 continue
             if token in live_tokens:
                 continue
             direct.append(child)
             victims.append(child)
             victims.extend(descendants(child))
-        if not victims:
+        if victims:
+            kill_all(victims)
+            total += len(victims)
+            if owner == os.getpid():
+                reap(direct)
+        elif unsure and unsure_passes < _UNSURE_PASSES:
+            # An orphan caught mid-exec (``setsid cmd &`` just as its shell exited): its
+            # environment, and with it its token, is readable again in a moment.
+            unsure_passes += 1
+            time.sleep(0.002)
+        else:
             break
-        kill_all(victims)
-        total += len(victims)
-        if owner == os.getpid():
-            reap(direct)
     return total

@@ -81,7 +81,9 @@ class Cli:
         """Live worker processes of the local fleet: name -> pid."""
         out = {}
         for path in (self.store / "fleet").glob("*.json"):
-            out[path.stem] = json.loads(path.read_text())["pid"]
+            text = path.read_text()
+            if text:  # an empty file is a name claimed by a runner that is starting its process
+                out[path.stem] = json.loads(text)["pid"]
         return out
 
     def records(self, pattern: str) -> dict[str, Any]:

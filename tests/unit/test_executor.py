@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import textwrap
 import time
 from collections.abc import Iterator
@@ -242,6 +243,31 @@ def test_every_process_a_shell_attempt_started_is_gone_when_it_exits(tmp_path: P
     for name in ("plain", "escaped"):
         pid = int((shard.output_dir / name).read_text())
         assert _gone(pid), f"the {name} child outlived its attempt"
+
+
+@pytest.mark.usefixtures("subreaper")
+def test_the_sweep_looks_again_at_an_orphan_caught_mid_exec(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process inside ``execve`` reads with an empty environment for a moment (a
+    ``setsid cmd &`` whose shell just exited): the sweep must not take it for token-less."""
+    orphan = subprocess.Popen(
+        ["sleep", "300"], env={**os.environ, reaper.TOKEN_VAR: "ended"}, start_new_session=True
+    )
+    reads = {"n": 0}
+    real = reaper.token_of
+
+    def mid_exec(pid: int) -> str | None:
+        if pid == orphan.pid and reads["n"] < 3:
+            reads["n"] += 1
+            return ""  # what /proc/<pid>/environ gives during execve
+        return real(pid)
+
+    monkeypatch.setattr(reaper, "token_of", mid_exec)
+    killed = reaper.sweep_orphans(os.getpid(), live_tokens=(), known=())
+    assert killed == 1 and reads["n"] == 3
+    assert _gone(orphan.pid)  # killed, and reaped by the sweep
+    orphan.wait(5)
 
 
 def test_a_task_may_close_its_streams(tmp_path: Path) -> None:
