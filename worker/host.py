@@ -18,6 +18,11 @@ process and fails only its own attempt; the worker starts a fresh host for the n
 ``python -m worker.host --spare`` starts a host before the worker knows its task (while the
 worker waits for its first shard); its first line then names the task to import.
 
+``python -m worker.host --hangup TASK_DIR`` (a warm container's host, :mod:`worker.warm_container`)
+also ends, with everything below it, the moment the worker's end of its requests closes, even in
+the middle of a shard: a container engine keeps a container running after its worker died, and
+the parent-death signal that ends a host outside a container cannot reach across the engine.
+
 ``recycle`` asks the worker to replace this host before the next shard: the task left threads
 running, which would otherwise outlive its attempt inside this process.
 """
@@ -28,6 +33,7 @@ import contextlib
 import io
 import json
 import os
+import select
 import sys
 import threading
 import traceback
@@ -83,7 +89,9 @@ def run_one(run: Any, request: dict[str, Any], saved: tuple[int, int]) -> dict[s
         code = 1
         with contextlib.suppress(Exception):  # to fd 2: the task may have closed sys.stderr
             traceback.print_exc(file=_StderrFd())
-        reason = "".join(traceback.format_exception_only(exc)).strip().splitlines()[-1]
+        # The two-argument form: Python 3.9 (an image's interpreter) has no other.
+        lines = traceback.format_exception_only(type(exc), exc)
+        reason = "".join(lines).strip().splitlines()[-1]
     _flush(sys.stdout)
     _flush(sys.stderr)
     reaper.kill_descendants(os.getpid())
@@ -103,13 +111,30 @@ class _StderrFd(io.TextIOBase):
         return len(text)
 
 
-def serve(task_dir: Path | None) -> None:
+def _end_on_hangup(fd: int) -> None:
+    """Wait until every writer of ``fd`` (a pipe) closed it, then end this host and what it
+    started at once: the worker that would have read the replies is gone."""
+    poller = select.poll()
+    poller.register(fd, select.POLLHUP)
+    while not any(event & (select.POLLHUP | select.POLLERR) for _, event in poller.poll()):
+        pass
+    reaper.kill_descendants(os.getpid())
+    os._exit(1)
+
+
+def serve(task_dir: Path | None, *, hangup: bool = False) -> None:
     """Serve shards of ``task_dir``; with None (a spare host, started before any shard was
-    received) the first line names the task: {"task": DIR, "path": [...], "env": {...}}."""
+    received) the first line names the task: {"task": DIR, "path": [...], "env": {...}}.
+    With ``hangup``, end at once when the requests' writer is gone (see the module's notes)."""
     reaper.die_with_parent()
     reaper.become_subreaper()
     replies = os.fdopen(os.dup(1), "w", encoding="utf-8")
     requests = os.fdopen(os.dup(0), "r", encoding="utf-8")
+    if hangup:
+        watch = threading.Thread(
+            target=_end_on_hangup, args=(requests.fileno(),), name="hangup", daemon=True
+        )
+        watch.start()
     if task_dir is None:
         first = requests.readline()
         if not first:
@@ -142,4 +167,7 @@ def serve(task_dir: Path | None) -> None:
 
 
 if __name__ == "__main__":
-    serve(None if sys.argv[1] == "--spare" else Path(sys.argv[1]))
+    args = sys.argv[1:]
+    watch_hangup = args[:1] == ["--hangup"]
+    target = args[-1]
+    serve(None if target == "--spare" else Path(target), hangup=watch_hangup)

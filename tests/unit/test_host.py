@@ -1,0 +1,87 @@
+"""The warm task host on its own: the oldest Python an image may bring, and ``--hangup``."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _python39() -> str | None:
+    """A Python 3.9 interpreter: pyenv's build (not its shim, which needs a version chosen), or
+    one on PATH."""
+    pyenv = sorted((Path.home() / ".pyenv" / "versions").glob("3.9*/bin/python"))
+    if pyenv:
+        return str(pyenv[0])
+    found = shutil.which("python3.9")
+    return None if found is None or "shims" in found else found
+
+
+def _host(python: str, task_dir: Path, *flags: str) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen(
+        [python, "-m", "worker.host", *flags, str(task_dir)],
+        env=env,
+        cwd=task_dir,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+
+
+def _request(tmp_path: Path, n: int) -> bytes:
+    env = {"CFLOW_RUN_ID": "r", "CFLOW_SHARD_ID": f"s{n}", "CFLOW_ATTEMPT": "1"}
+    env["CFLOW_OUTPUT_DIR"] = str(tmp_path)
+    request = {"id": n, "log": str(tmp_path / f"log-{n}.txt"), "cwd": str(tmp_path), "env": env}
+    return json.dumps(request).encode() + b"\n"
+
+
+def test_the_host_runs_on_python_3_9(tmp_path: Path) -> None:
+    python = _python39()
+    if python is None:
+        pytest.skip("no Python 3.9 here (an image's interpreter may be that old)")
+    (tmp_path / "task.py").write_text(
+        "def run(shard):\n    if shard.id == 's0':\n        raise ValueError('row 3')\n"
+    )
+    host = _host(python, tmp_path)
+    assert host.stdin is not None and host.stdout is not None
+    host.stdin.write(_request(tmp_path, 0) + _request(tmp_path, 1))
+    host.stdin.close()
+    replies = [json.loads(line) for line in host.stdout.read().splitlines()]
+    assert host.wait(30) == 0
+    assert replies[0] == {"ready": True}
+    assert replies[1]["exit"] == 1 and replies[1]["reason"] == "ValueError: row 3"
+    assert replies[2]["exit"] == 0
+    assert "ValueError: row 3" in (tmp_path / "log-0.txt").read_text()
+
+
+def test_a_hangup_host_ends_mid_shard_with_what_it_started(tmp_path: Path) -> None:
+    (tmp_path / "task.py").write_text(
+        "import subprocess, time\n"
+        "def run(shard):\n"
+        "    child = subprocess.Popen(['sleep', '3141'])\n"
+        "    open(shard.output_dir / 'child.pid', 'w').write(str(child.pid))\n"
+        "    time.sleep(600)\n"
+    )
+    host = _host(sys.executable, tmp_path, "--hangup")
+    assert host.stdin is not None and host.stdout is not None
+    assert json.loads(host.stdout.readline()) == {"ready": True}
+    host.stdin.write(_request(tmp_path, 0))
+    host.stdin.flush()
+    deadline = time.monotonic() + 20
+    while not (tmp_path / "child.pid").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    child = int((tmp_path / "child.pid").read_text())
+    began = time.monotonic()
+    host.stdin.close()  # the worker is gone, in the middle of the shard
+    assert host.wait(10) == 1
+    assert time.monotonic() - began < 5
+    with pytest.raises(ProcessLookupError):
+        os.kill(child, 0)  # killed (and, as the host's own child, reaped)
