@@ -188,7 +188,7 @@ def submit(
             for shaped in shaped_groups:
                 err.print(f"cflow: VMs from group {shaped.group} ({shaped.describe})", markup=False)
         if image is not None and cfg.is_local:  # the workers share this machine's images
-            check_image(image)
+            check_image(image, gpu=gpu is not None)
         if not cfg.is_local:  # a group holds at most 1,000 (zonal) or 2,000 VMs: say so now
             from runner.gce_fleet import check_size  # the Compute client loads only for the cloud
 

@@ -36,7 +36,7 @@ from worker import defaults, reaper
 from worker.bundle import UnpackedBundle, unpack
 from worker.clock import SYSTEM_CLOCK, Clock
 from worker.container import ContainerExecutor
-from worker.container_runtime import ContainerRuntimeMissing, ImagePullError
+from worker.container_runtime import ContainerRuntimeMissing, GpuSupportMissing, ImagePullError
 from worker.errors import BackendError, CFlowError, NotFound, TaskError
 from worker.executor import SPARE_HOSTS, Executor, RunningTask
 from worker.ledger import CANCELLED, Finished, Ledger
@@ -529,10 +529,12 @@ class Agent:
         the worker's bookkeeping between two of them (each keeps its own log and outputs)."""
         claims = slot.unstarted
         first = claims[0]
+        options = first.manifest.run_options
         same = all(
             c.bundle == first.bundle
             and not c.manifest.run_options.isolate
-            and c.manifest.run_options.image is None
+            and c.manifest.run_options.image == options.image
+            and c.manifest.run_options.gpu == options.gpu
             for c in claims
         )
         if not same or Entry(first.manifest.entry) is not Entry.PYTHON:
@@ -655,7 +657,7 @@ class Agent:
         try:
             prepared.executor = self._executor(claim.bundle, Entry(manifest.entry), options)
             staged = self._stage(shard, options.stage, slot.scratch / f"input-{position}")
-        except (ImagePullError, ContainerRuntimeMissing) as exc:
+        except (ImagePullError, ContainerRuntimeMissing, GpuSupportMissing) as exc:
             # Not this shard's fault: no shard of the run can start here. Stop the whole run
             # with the reason, instead of failing every shard's every attempt with it.
             self._halt_run(run_id, str(exc))
@@ -809,7 +811,8 @@ class Agent:
         return manifest
 
     def _halt_run(self, run_id: str, reason: str) -> None:
-        """Cancel a run that cannot run on any worker (its image cannot be pulled), saying why:
+        """Cancel a run that cannot run on any worker (its image cannot be pulled, its GPUs
+        cannot be passed into a container), saying why:
         the runner's watch ends at once and prints the reason, as for ``--halt``."""
         key = Layout.manifest(run_id)
         try:
@@ -834,8 +837,11 @@ class Agent:
         self, sha: str, entry: Entry, options: RunOptions
     ) -> Executor | ContainerExecutor:
         image, timeout, isolate = options.image, options.timeout, options.isolate
-        # A container executor also carries the run's timeout (its backstop): key by both.
-        key = f"{sha}:{int(isolate)}" if image is None else f"{sha} {image} {timeout:g}"
+        gpu = options.gpu is not None
+        # A container executor also carries the run's timeout (its backstop) and GPUs.
+        key = f"{sha}:{int(isolate)}"
+        if image is not None:
+            key += f" {image} {timeout:g} gpu={int(gpu)}"
         with self._setup_lock:
             self._last_bundle = key
             executor = self._executors.get(key)
@@ -851,7 +857,9 @@ class Agent:
                 if image is None:
                     executor = Executor(bundle, entry, isolate=isolate or None)
                 else:  # raises ContainerRuntimeMissing / ImagePullError for the whole run
-                    executor = ContainerExecutor(bundle, entry, image, timeout=timeout)
+                    executor = ContainerExecutor(
+                        bundle, entry, image, timeout=timeout, isolate=isolate, gpu=gpu
+                    )
                 self._executors[key] = executor
             return executor
 

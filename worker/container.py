@@ -1,6 +1,9 @@
 """Runs task attempts inside a container image (see :mod:`worker.container_runtime`).
 
-Each attempt is one container, removed when it ends::
+A ``task.py`` runs in a warm container per worker slot (:mod:`worker.warm_container`), shard
+after shard. A ``task.sh``, a ``task.py`` with ``--isolate`` (or whose ``task.py`` does not
+import, so each attempt's log shows why) and a shard whose folders a warm container cannot
+mount get one container per attempt, removed when it ends::
 
     /task              the unpacked task bundle              read-only
     /opt/cflow/worker  the worker's task host (stdlib only)  read-only, on PYTHONPATH
@@ -34,16 +37,19 @@ import worker
 from worker.bundle import SHELL_ENTRY, UnpackedBundle
 from worker.container_runtime import (
     ContainerRuntimeMissing,
+    GpuSupportMissing,
     ImagePullError,
     Runtime,
+    check_gpu_support,
     detect_runtime,
     ensure_image,
 )
 from worker.executor import RunningTask, wait_process
 from worker.protocol import Entry, slug
 from worker.taskapi import TaskShard
+from worker.warm_container import WarmContainers
 
-__all__ = ["ContainerExecutor", "ContainerRuntimeMissing", "ImagePullError"]
+__all__ = ["ContainerExecutor", "ContainerRuntimeMissing", "GpuSupportMissing", "ImagePullError"]
 
 TASK_DIR = "/task"
 LIB_DIR = "/opt/cflow"
@@ -57,23 +63,29 @@ _WORKER_PACKAGE = Path(worker.__file__).resolve().parent
 
 
 class ContainerExecutor:
-    """Starts attempts of one unpacked bundle, each in a fresh container of ``image``.
+    """Starts attempts of one unpacked bundle in containers of ``image``.
 
-    The same surface as :class:`worker.executor.Executor`: :meth:`start` and :meth:`close`.
+    The same surface as :class:`worker.executor.Executor`: :meth:`start`, :attr:`queues` and
+    :meth:`close`. A ``task.py`` runs in a warm container per slot
+    (:mod:`worker.warm_container`) unless ``isolate``; a ``task.sh``, an isolated ``task.py``
+    and a shard whose folders a warm container cannot mount get a container per attempt.
 
     Args:
         bundle: the unpacked task.
         entry: how it runs (``task.py`` or ``task.sh``).
         image: the image reference (pulled here once if it is missing).
         runtime: the engine (default: :func:`detect_runtime`).
-        timeout: the run's attempt timeout in seconds; podman kills a container left running
-            ``backstop`` seconds past it (default :data:`BACKSTOP_SECONDS`) even if this
-            worker died.
+        timeout: the run's attempt timeout in seconds; podman kills a per-attempt container
+            left running ``backstop`` seconds past it (default :data:`BACKSTOP_SECONDS`) even
+            if this worker died.
         network: the container network (default ``host``: the task reaches what the worker
             reaches, such as the metadata server, without a network namespace per attempt).
+        isolate: a container per attempt for ``task.py`` too (``--isolate``).
+        gpu: give the containers every NVIDIA GPU of the machine.
 
     Raises:
-        ContainerRuntimeMissing, ImagePullError: from construction, once per worker and image.
+        ContainerRuntimeMissing, ImagePullError, GpuSupportMissing: from construction, once
+            per worker and image.
     """
 
     def __init__(
@@ -86,6 +98,8 @@ class ContainerExecutor:
         timeout: float | None = None,
         backstop: float = BACKSTOP_SECONDS,
         network: str = "host",
+        isolate: bool = False,
+        gpu: bool = False,
     ):
         self.bundle = bundle
         self.entry = entry
@@ -94,55 +108,86 @@ class ContainerExecutor:
         self.timeout = timeout
         self.backstop = backstop
         self.network = network
+        self.gpu = gpu
         self._live: set[str] = set()
         self._lock = threading.Lock()
+        if gpu:
+            check_gpu_support(self.runtime)
         ensure_image(self.runtime, image)
         reap_orphans(self.runtime)
+        warm = entry is Entry.PYTHON and not isolate
+        self._warm = WarmContainers(self) if warm else None
 
-    def command(self, shard: TaskShard, name: str) -> list[str]:
-        """The engine command line that runs one attempt as container ``name``."""
+    @property
+    def queues(self) -> bool:
+        """Several shards may be started at once on one slot: they queue in its container."""
+        return self._warm is not None and not self._warm.cold
+
+    def run_args(
+        self,
+        name: str,
+        labels: dict[str, str],
+        mounts: list[tuple[Path, str, str]],
+        env: dict[str, str],
+        *,
+        interactive: bool = False,
+        lifetime: float | None = None,
+    ) -> list[str]:
+        """``ENGINE run ... IMAGE`` for container ``name``: the bundle, the task host and
+        ``mounts`` (source, target, ``ro``/``rw``) mounted, ``env`` and the labels set, the
+        image read-only; ``lifetime`` seconds is podman's backstop (``--timeout``)."""
         rt = self.runtime
         mounts = [
             (self.bundle.root, TASK_DIR, "ro"),
             (_WORKER_PACKAGE, f"{LIB_DIR}/worker", "ro"),
-            (shard.output_dir, OUTPUT_DIR, "rw"),
+            *mounts,
         ]
         python_path = [TASK_DIR, LIB_DIR]
         if self.bundle.deps is not None:
             mounts.append((self.bundle.deps, DEPS_DIR, "ro"))
             python_path.append(DEPS_DIR)
-        inner_input = shard.input
-        local_input = shard.input_path
-        if local_input is not None:
-            inner_input = f"{INPUT_DIR}/{_safe_name(local_input.name)}"
-            mounts.append((local_input.resolve(), inner_input, "ro"))
         env = {
-            **shard.env(),
-            "CFLOW_INPUT": inner_input or "",
-            "CFLOW_OUTPUT_DIR": OUTPUT_DIR,
+            **env,
             "PYTHONPATH": ":".join(python_path),
             "PYTHONUNBUFFERED": "1",
             "PYTHONDONTWRITEBYTECODE": "1",
         }
         argv = rt.argv("run", "--rm", "--name", name, "--pull", "never")
+        if interactive:
+            argv.append("--interactive")
         argv += [*rt.init_args, "--read-only", "--tmpfs", "/tmp"]
         argv += ["--network", self.network, "--workdir", TASK_DIR]
-        if rt.name == "podman" and self.timeout is not None:
-            argv += ["--timeout", str(max(1, round(self.timeout + self.backstop)))]
+        if self.gpu:
+            argv += rt.gpu_args()
+        if rt.name == "podman" and lifetime is not None:
+            argv += ["--timeout", str(max(1, round(lifetime)))]
         if rt.name == "docker" and os.getuid() != 0:
             argv += ["--user", f"{os.getuid()}:{os.getgid()}"]  # a rootful daemon's outputs
-        for key, value in {
-            "cflow.run": shard.run_id,
-            "cflow.shard": shard.id,
-            "cflow.attempt": str(shard.attempt),
-            OWNER_LABEL: _owner(),
-        }.items():
+        for key, value in {**labels, OWNER_LABEL: _owner()}.items():
             argv += ["--label", f"{key}={value}"]
         for source, target, mode in mounts:
             argv += ["--volume", f"{_mount_source(source)}:{target}:{mode}"]
         for key, value in env.items():
             argv += ["--env", f"{key}={value}"]
         argv.append(self.image)
+        return argv
+
+    def command(self, shard: TaskShard, name: str) -> list[str]:
+        """The engine command line that runs one attempt as container ``name``."""
+        mounts = [(shard.output_dir, OUTPUT_DIR, "rw")]
+        inner_input = shard.input
+        local_input = shard.input_path
+        if local_input is not None:
+            inner_input = f"{INPUT_DIR}/{_safe_name(local_input.name)}"
+            mounts.append((local_input.resolve(), inner_input, "ro"))
+        env = {**shard.env(), "CFLOW_INPUT": inner_input or "", "CFLOW_OUTPUT_DIR": OUTPUT_DIR}
+        labels = {
+            "cflow.run": shard.run_id,
+            "cflow.shard": shard.id,
+            "cflow.attempt": str(shard.attempt),
+        }
+        lifetime = None if self.timeout is None else self.timeout + self.backstop
+        argv = self.run_args(name, labels, mounts, env, lifetime=lifetime)
         if self.entry is Entry.SHELL:
             script = f"{TASK_DIR}/{SHELL_ENTRY}"
             argv += [
@@ -156,8 +201,13 @@ class ContainerExecutor:
 
     def start(self, shard: TaskShard, log_path: Path, *, slot: int = 0) -> RunningTask:
         """Start one attempt; ``log_path``'s folder must exist. Creates the output folder.
-        Every attempt gets a container of its own, whatever its ``slot``."""
+        A ``task.py`` goes to ``slot``'s warm container; otherwise the attempt gets a
+        container of its own."""
         shard.output_dir.mkdir(parents=True, exist_ok=True)
+        if self._warm is not None:
+            task = self._warm.start(shard, log_path, slot)
+            if task is not None:
+                return task
         name = _container_name(shard)
         argv = self.command(shard, name)
         with self._lock:
@@ -178,11 +228,13 @@ class ContainerExecutor:
             self._live.discard(name)
 
     def close(self) -> None:
-        """Remove any container of this executor that is still there."""
+        """End the warm containers and remove any container of this executor still there."""
+        if self._warm is not None:
+            self._warm.close()
         with self._lock:
             names, self._live = sorted(self._live), set()
         for name in names:
-            _remove(self.runtime, name)
+            self.runtime.remove(name)
 
 
 class _ContainerTask(RunningTask):
@@ -221,16 +273,9 @@ class _ContainerTask(RunningTask):
                 os.killpg(self._proc.pid, signal.SIGKILL)
             code = self.wait(10.0)
         # The client is gone, so nothing creates the container after this removal.
-        _remove(self._owner.runtime, self.name)
+        self._owner.runtime.remove(self.name)
         self._owner._forget(self.name)
         return code
-
-
-def _remove(runtime: Runtime, name: str) -> None:
-    if runtime.name == "podman":
-        runtime.call("rm", "--force", "--ignore", "--time", "0", name)
-    else:
-        runtime.call("rm", "--force", name)
 
 
 def _container_name(shard: TaskShard) -> str:
@@ -294,7 +339,7 @@ def reap_orphans(runtime: Runtime) -> list[str]:
         owner_host, _, pid = owner.rpartition(":")
         if owner_host != host or not pid.isdigit() or _alive(int(pid)):
             continue
-        _remove(runtime, name)
+        runtime.remove(name)
         removed.append(name)
     return removed
 

@@ -10,6 +10,11 @@ Podman needs settings that depend on the machine; :func:`detect_runtime` works t
   runc then fails with "error setting rlimit type 7: operation not permitted".
 - ``--init`` with catatonit when it is installed, so PID 1 forwards SIGTERM to the task.
 
+A run with a GPU gets every GPU of the machine in its containers: podman through CDI
+(``--device nvidia.com/gpu=all``, the spec ``nvidia-ctk cdi generate`` writes to ``/etc/cdi``),
+docker through the NVIDIA Container Toolkit (``--gpus all``). :func:`check_gpu_support` says
+what to install when the engine cannot, once for the whole run (:class:`GpuSupportMissing`).
+
 Images are pulled once per image per worker process. Before pulling from Artifact Registry
 (``REGION-docker.pkg.dev``) or ``gcr.io`` the engine is logged in with this machine's Google
 credentials (on a VM, its service account), so a worker needs no key. A pull failure raises
@@ -28,7 +33,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,6 +62,10 @@ class ImagePullError(CFlowError):
     def __init__(self, message: str, *, image: str, run_id: str | None = None):
         super().__init__(message, run_id=run_id)
         self.image = image
+
+
+class GpuSupportMissing(CFlowError):
+    """The run has a GPU but this machine's engine cannot give it to a container."""
 
 
 @dataclass(frozen=True)
@@ -94,6 +103,19 @@ class Runtime:
             return subprocess.CompletedProcess(
                 self.argv(*args), 124, "", f"timed out ({timeout:g}s)"
             )
+
+    def remove(self, name: str) -> None:
+        """Remove container ``name`` now, running or not (nothing if it is gone)."""
+        if self.name == "podman":
+            self.call("rm", "--force", "--ignore", "--time", "0", name)
+        else:
+            self.call("rm", "--force", name)
+
+    def gpu_args(self) -> tuple[str, ...]:
+        """The ``run`` flags that give a container every NVIDIA GPU of the machine."""
+        if self.name == "podman":
+            return ("--device", f"{NVIDIA_CDI_KIND}=all")
+        return ("--gpus", "all")
 
     def describe(self) -> str:
         flags = " ".join(self.global_args) or "no extra flags"
@@ -230,6 +252,72 @@ def detect_runtime(prefer: str | None = None, conf_dir: Path | None = None) -> R
     )
 
 
+# -- GPUs --------------------------------------------------------------------------------------
+
+CDI_SPEC_DIRS = (Path("/etc/cdi"), Path("/var/run/cdi"))  # podman's default cdi_spec_dirs
+NVIDIA_CDI_KIND = "nvidia.com/gpu"
+DOCKER_GPU_HOOK = "nvidia-container-runtime-hook"  # what dockerd runs for `--gpus`
+
+
+def nvidia_cdi_specs(dirs: tuple[Path, ...] | None = None) -> list[Path]:
+    """The CDI spec files in ``dirs`` (default :data:`CDI_SPEC_DIRS`) that declare NVIDIA GPUs
+    (``kind: nvidia.com/gpu``)."""
+    found = []
+    if dirs is None:
+        dirs = CDI_SPEC_DIRS
+    for folder in dirs:
+        try:
+            paths = sorted(folder.iterdir())
+        except OSError:
+            continue
+        for path in paths:
+            if path.suffix not in (".yaml", ".yml", ".json"):
+                continue
+            try:
+                text = path.read_text(errors="replace")
+            except OSError:
+                continue
+            if NVIDIA_CDI_KIND in text:
+                found.append(path)
+    return found
+
+
+def check_gpu_support(
+    runtime: Runtime,
+    *,
+    cdi_dirs: tuple[Path, ...] | None = None,
+    which: Callable[[str], str | None] = shutil.which,
+) -> None:
+    """Before the first GPU container: the engine can pass GPUs in (podman: an NVIDIA CDI
+    spec in ``cdi_dirs``, default :data:`CDI_SPEC_DIRS`; docker: the toolkit's hook).
+
+    Raises:
+        GpuSupportMissing: one line saying what to install.
+    """
+    if cdi_dirs is None:
+        cdi_dirs = CDI_SPEC_DIRS
+    if runtime.name == "podman":
+        if nvidia_cdi_specs(cdi_dirs):
+            return
+        where = " or ".join(str(d) for d in cdi_dirs)
+        step = (
+            "run `nvidia-ctk cdi generate --output=/etc/cdi/nvidia.yaml`"
+            if which("nvidia-ctk")
+            else "install the NVIDIA Container Toolkit (nvidia-container-toolkit-base) and run"
+            " `nvidia-ctk cdi generate --output=/etc/cdi/nvidia.yaml`"
+        )
+        raise GpuSupportMissing(
+            f"the run has a GPU but podman has no NVIDIA CDI spec ({where} has none"
+            f" for {NVIDIA_CDI_KIND}): {step} on the worker"
+        )
+    if which(DOCKER_GPU_HOOK) is None:
+        raise GpuSupportMissing(
+            f"the run has a GPU but docker cannot pass it in ({DOCKER_GPU_HOOK} is not"
+            " installed): install the NVIDIA Container Toolkit (nvidia-container-toolkit),"
+            " run `nvidia-ctk runtime configure --runtime=docker` and restart docker"
+        )
+
+
 # -- images ------------------------------------------------------------------------------------
 
 _pulled: dict[tuple[str, str], ImagePullError | None] = {}
@@ -237,13 +325,17 @@ _pull_failed_at: dict[tuple[str, str], float] = {}
 _pull_lock = threading.Lock()
 
 
-def check_image(image: str) -> None:
-    """Before a local run starts: the engine exists and ``image`` is here or can be pulled.
+def check_image(image: str, *, gpu: bool = False) -> None:
+    """Before a local run starts: the engine exists, ``image`` is here or can be pulled, and
+    with ``gpu`` the engine can pass GPUs into a container.
 
     Raises:
-        ContainerRuntimeMissing, ImagePullError: with the one line to show.
+        ContainerRuntimeMissing, ImagePullError, GpuSupportMissing: with the one line to show.
     """
-    ensure_image(detect_runtime(), image, where="this machine")
+    runtime = detect_runtime()
+    if gpu:
+        check_gpu_support(runtime)
+    ensure_image(runtime, image, where="this machine")
 
 
 def ensure_image(runtime: Runtime, image: str, *, where: str = "this worker") -> None:

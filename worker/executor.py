@@ -213,26 +213,31 @@ def _spawn_host(args: list[str], env: dict[str, str], cwd: Path | None) -> subpr
 SPARE_HOSTS = _Spares()
 
 
-class _Host:
-    """A warm task host process (see :mod:`worker.host`) owned by one slot."""
+def _start_host(bundle: UnpackedBundle, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """A host process for ``bundle``: a spare told its task, else a new one."""
+    spare = SPARE_HOSTS.take()
+    if spare is not None:
+        load = {
+            "task": str(bundle.root),
+            "path": bundle.python_path().split(os.pathsep),
+            "env": env,
+        }
+        assert spare.stdin is not None
+        try:
+            spare.stdin.write(json.dumps(load).encode() + b"\n")
+            spare.stdin.flush()
+            return spare
+        except OSError:
+            pass
+    return _spawn_host([str(bundle.root)], env, bundle.root)
 
-    def __init__(self, bundle: UnpackedBundle, env: dict[str, str]):
-        spare = SPARE_HOSTS.take()
-        if spare is not None:
-            self.proc = spare
-            load = {
-                "task": str(bundle.root),
-                "path": bundle.python_path().split(os.pathsep),
-                "env": env,
-            }
-            assert spare.stdin is not None
-            try:
-                spare.stdin.write(json.dumps(load).encode() + b"\n")
-                spare.stdin.flush()
-            except OSError:
-                spare = None
-        if spare is None:
-            self.proc = _spawn_host([str(bundle.root)], env, bundle.root)
+
+class Host:
+    """A warm task host process (see :mod:`worker.host`) owned by one slot, talking on the
+    pipes of ``proc`` (the host itself, or the engine client of a warm container)."""
+
+    def __init__(self, proc: subprocess.Popen[bytes]):
+        self.proc = proc
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self._stdin: IO[bytes] = self.proc.stdin
         self._stdout: IO[bytes] = self.proc.stdout
@@ -304,9 +309,13 @@ class _Host:
             code = self.proc.wait()
         reaper.kill_group(self.proc.pid)
         PROCESSES.forget(self.proc.pid)
-        self.dead_code = code if code != 0 else 1  # a host never exits 0 with shards queued
+        self.dead_code = self.exit_code(code)
         self.died_under = self.outstanding[0] if self.outstanding else None  # what it ran
         self.recycle = True
+
+    def exit_code(self, code: int) -> int:
+        """What a shard that died with this host reports for the host's exit status."""
+        return code if code != 0 else 1  # a host never exits 0 with shards queued
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -322,10 +331,10 @@ class _Host:
             self._stdout.close()
 
 
-class _HostTask(RunningTask):
+class HostTask(RunningTask):
     """One shard sent to a warm host; several may be queued on one host (short shards)."""
 
-    def __init__(self, host: _Host, request_id: int, token: str, log_path: Path):
+    def __init__(self, host: Host, request_id: int, token: str, log_path: Path):
         self._host = host
         self._id = request_id
         self.pid = host.proc.pid
@@ -372,7 +381,7 @@ class Executor:
         if isolate is None:
             isolate = os.environ.get("CFLOW_ISOLATE", "0") == "1"
         self.isolate = isolate
-        self._hosts: dict[int, _Host] = {}
+        self._hosts: dict[int, Host] = {}
         self._cold = False  # the task does not import: a fresh interpreter per shard shows why
         self._zygote: Any = None
         self._lock = threading.Lock()
@@ -405,14 +414,14 @@ class Executor:
         host.requests += 1
         if not host.send(request):
             host.recycle = True
-        return _HostTask(host, request_id, token, log_path)
+        return HostTask(host, request_id, token, log_path)
 
     @property
     def queues(self) -> bool:
         """Several shards may be started at once on one slot: they queue in its warm host."""
         return self.entry is Entry.PYTHON and not self.isolate and not self._cold
 
-    def _host(self, slot: int) -> _Host | None:
+    def _host(self, slot: int) -> Host | None:
         if self._cold:
             return None
         host = self._hosts.get(slot)
@@ -420,7 +429,7 @@ class Executor:
             return host
         if host is not None:
             host.close()
-        host = _Host(self.bundle, self._base_env())
+        host = Host(_start_host(self.bundle, self._base_env()))
         if not host.ready:
             host.close()
             self._hosts.pop(slot, None)

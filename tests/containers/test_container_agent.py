@@ -1,32 +1,34 @@
-"""The agent with a container image no worker can pull: the run stops, with the reason."""
+"""The agent with a run no worker can start (an image it cannot pull, GPUs the engine cannot
+pass in): the run stops, with the reason."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
+
+import pytest
 
 from worker.agent import Agent, AgentConfig
 from worker.backends import open_local
 from worker.bundle import pack
-from worker.container_runtime import Runtime
+from worker.container_runtime import DOCKER_GPU_HOOK, Runtime, nvidia_cdi_specs
 from worker.protocol import Layout, Manifest, RunOptions, RunState, Shard, WorkMessage
 
 
-def test_an_image_that_cannot_be_pulled_stops_the_run_not_every_shard(
-    tmp_path: Path, container_runtime: Runtime
-) -> None:
+def _halted_run(tmp_path: Path, entry: str, options: RunOptions) -> tuple[Manifest, int, int]:
+    """Run 20 shards of a one-line task with ``options`` to the end; the manifest after, how
+    many attempts were recorded and how many shards are still queued."""
     task = tmp_path / "task"
     task.mkdir()
-    (task / "task.sh").write_text("true\n")
+    if entry == "shell":
+        (task / "task.sh").write_text("true\n")
+    else:
+        (task / "task.py").write_text("def run(shard):\n    pass\n")
     b = open_local(tmp_path / "store")
     data, sha = pack(task)
     b.store.put(Layout.bundle(sha), data)
-    image = "localhost/cflow-test-missing-for-agent:never"
     manifest = Manifest(
-        run_id="r-noimage",
-        bundle=sha,
-        entry="shell",
-        shard_count=20,
-        options=RunOptions(image=image).to_dict(),
+        run_id="r-halted", bundle=sha, entry=entry, shard_count=20, options=options.to_dict()
     )
     b.store.put(Layout.manifest(manifest.run_id), manifest.to_json())
     b.queue.publish(
@@ -41,8 +43,29 @@ def test_an_image_that_cannot_be_pulled_stops_the_run_not_every_shard(
     )
     agent.run()
     after = Manifest.from_json(b.store.get(Layout.manifest(manifest.run_id)))
+    statuses = list(b.store.list(Layout.shards_prefix(manifest.run_id), suffix="status.json"))
+    return after, len(statuses), b.queue.stats(manifest.run_id).queued
+
+
+def test_an_image_that_cannot_be_pulled_stops_the_run_not_every_shard(
+    tmp_path: Path, container_runtime: Runtime
+) -> None:
+    image = "localhost/cflow-test-missing-for-agent:never"
+    after, attempts, queued = _halted_run(tmp_path, "shell", RunOptions(image=image))
     assert after.state == RunState.CANCELLED.value
     assert after.halted is not None and image in after.halted
-    statuses = list(b.store.list(Layout.shards_prefix(manifest.run_id), suffix="status.json"))
-    assert len(statuses) == 1  # one attempt found out; the rest were dropped with the run
-    assert b.queue.stats(manifest.run_id).queued == 0
+    assert attempts == 1  # one attempt found out; the rest were dropped with the run
+    assert queued == 0
+
+
+def test_a_gpu_the_engine_cannot_pass_in_stops_the_run_not_every_shard(
+    tmp_path: Path, container_runtime: Runtime, python_image: str
+) -> None:
+    if nvidia_cdi_specs() or shutil.which(DOCKER_GPU_HOOK):
+        pytest.skip("this machine can pass GPUs into containers")
+    options = RunOptions(image=python_image, gpu="nvidia-l4:1")
+    after, attempts, queued = _halted_run(tmp_path, "python", options)
+    assert after.state == RunState.CANCELLED.value
+    assert after.halted is not None and after.halted.startswith("the run has a GPU but ")
+    assert "nvidia-ctk" in after.halted and "\n" not in after.halted
+    assert attempts == 1 and queued == 0

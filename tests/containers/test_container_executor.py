@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+import worker.container_runtime as container_runtime_module
 from worker.bundle import UnpackedBundle
 from worker.container import ContainerExecutor
 from worker.container_runtime import ImagePullError, Runtime
@@ -85,7 +86,7 @@ def test_shell_task_sees_its_shard_and_writes_only_its_outputs(
     assert _containers(container_runtime, shard.run_id) == []
 
 
-def test_python_task_runs_with_the_images_interpreter(
+def test_an_isolated_python_task_runs_in_a_container_of_its_own(
     container_runtime: Runtime, python_image: str, tmp_path: Path
 ) -> None:
     bundle = _bundle(
@@ -102,9 +103,12 @@ def test_python_task_runs_with_the_images_interpreter(
         """,
     )
     shard = _shard(tmp_path, attempt=2)
-    executor = ContainerExecutor(bundle, Entry.PYTHON, python_image, runtime=container_runtime)
+    executor = ContainerExecutor(
+        bundle, Entry.PYTHON, python_image, runtime=container_runtime, isolate=True
+    )
     task = executor.start(shard, tmp_path / "log.txt")
     assert task.wait(60) == 0, (tmp_path / "log.txt").read_text()
+    assert _containers(container_runtime, shard.run_id) == []  # gone with its attempt
     info = (shard.output_dir / "info.json").read_text()
     assert '"exe": "/usr/bin/python3"' in info  # Debian's, not this machine's pyenv
     assert '"out": "/cflow/out"' in info and '"attempt": 2' in info
@@ -116,9 +120,13 @@ def test_a_failing_python_task_logs_its_traceback(
 ) -> None:
     bundle = _bundle(tmp_path, "task.py", "def run(shard):\n    raise ValueError('bad row 7')\n")
     executor = ContainerExecutor(bundle, Entry.PYTHON, python_image, runtime=container_runtime)
-    task = executor.start(_shard(tmp_path), tmp_path / "log.txt")
-    assert task.wait(60) == 1
-    assert "ValueError: bad row 7" in (tmp_path / "log.txt").read_text()
+    try:
+        task = executor.start(_shard(tmp_path), tmp_path / "log.txt")
+        assert task.wait(60) == 1
+        assert task.reason == "ValueError: bad row 7"  # the warm host's own account
+        assert "ValueError: bad row 7" in (tmp_path / "log.txt").read_text()
+    finally:
+        executor.close()
 
 
 def test_background_processes_end_with_the_attempt(
@@ -299,3 +307,27 @@ def test_the_next_worker_removes_what_a_killed_one_left(
     assert reaper.stdout.strip().startswith("cflow-r20260101-000000-orphan-s-1-")
     assert _containers(container_runtime, run_id) == []
     assert _host_processes("sleep 3121") == []
+
+
+def test_a_gpu_run_gives_every_container_the_machines_gpus(
+    container_runtime: Runtime,
+    python_image: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    spec = tmp_path / "cdi" / "nvidia.yaml"  # what `nvidia-ctk cdi generate` writes
+    spec.parent.mkdir()
+    spec.write_text("cdiVersion: 0.5.0\nkind: nvidia.com/gpu\ndevices:\n- name: all\n")
+    monkeypatch.setattr(container_runtime_module, "CDI_SPEC_DIRS", (spec.parent,))
+    bundle = _bundle(tmp_path, "task.py", "def run(shard):\n    pass\n")
+    wanted = list(container_runtime.gpu_args())
+    for gpu in (True, False):
+        executor = ContainerExecutor(
+            bundle, Entry.PYTHON, python_image, runtime=container_runtime, gpu=gpu
+        )
+        per_attempt = executor.command(_shard(tmp_path), "cflow-gpu-test")
+        warm = executor.run_args("cflow-gpu-warm", {}, [], {}, interactive=True)
+        for argv in (per_attempt, warm):
+            flags = argv[: argv.index(python_image)]
+            found = [flags[i : i + 2] for i in range(len(flags) - 1) if flags[i] == wanted[0]]
+            assert found == ([wanted] if gpu else [])

@@ -10,9 +10,11 @@ import pytest
 
 from worker.container_runtime import (
     ContainerRuntimeMissing,
+    GpuSupportMissing,
     ImagePullError,
     Runtime,
     cgroup_mode,
+    check_gpu_support,
     detect_runtime,
     ensure_image,
     is_google_registry,
@@ -126,3 +128,51 @@ def test_a_google_registry_without_credentials_says_so(
     message = str(caught.value)
     assert message.startswith(f"image {image} is not on this worker and cannot be pulled: ")
     assert "(no Google credentials for us-docker.pkg.dev: " in message and "\n" not in message
+
+
+NVIDIA_SPEC = """cdiVersion: 0.5.0
+kind: nvidia.com/gpu
+devices:
+- name: all
+  containerEdits:
+    deviceNodes:
+    - path: /dev/nvidia0
+"""
+
+
+def test_gpus_reach_a_container_by_cdi_on_podman_and_by_the_toolkit_on_docker() -> None:
+    assert Runtime("podman", "/usr/bin/podman").gpu_args() == ("--device", "nvidia.com/gpu=all")
+    assert Runtime("docker", "/usr/bin/docker").gpu_args() == ("--gpus", "all")
+
+
+def test_podman_with_an_nvidia_cdi_spec_may_run_gpu_containers(tmp_path: Path) -> None:
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc" / "other.yaml").write_text("cdiVersion: 0.5.0\nkind: vendor.com/fpga\n")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "nvidia.yaml").write_text(NVIDIA_SPEC)
+    podman = Runtime("podman", "/usr/bin/podman")
+    check_gpu_support(podman, cdi_dirs=(tmp_path / "etc", tmp_path / "run"))
+
+
+@pytest.mark.parametrize("has_ctk", [False, True], ids=["no-toolkit", "toolkit"])
+def test_podman_without_an_nvidia_cdi_spec_says_what_to_run(tmp_path: Path, has_ctk: bool) -> None:
+    (tmp_path / "cdi").mkdir()
+    (tmp_path / "cdi" / "fpga.yaml").write_text("cdiVersion: 0.5.0\nkind: vendor.com/fpga\n")
+    podman = Runtime("podman", "/usr/bin/podman")
+    with pytest.raises(GpuSupportMissing) as caught:
+        check_gpu_support(
+            podman,
+            cdi_dirs=(tmp_path / "cdi", tmp_path / "missing"),
+            which=lambda tool: "/usr/bin/nvidia-ctk" if has_ctk and tool == "nvidia-ctk" else None,
+        )
+    message = str(caught.value)
+    assert "\n" not in message and "podman has no NVIDIA CDI spec" in message
+    assert "nvidia-ctk cdi generate --output=/etc/cdi/nvidia.yaml" in message
+    assert ("install the NVIDIA Container Toolkit" in message) is not has_ctk
+
+
+def test_docker_without_the_nvidia_toolkit_says_what_to_install() -> None:
+    docker = Runtime("docker", "/usr/bin/docker")
+    with pytest.raises(GpuSupportMissing, match="install the NVIDIA Container Toolkit"):
+        check_gpu_support(docker, which=lambda tool: None)
+    check_gpu_support(docker, which=lambda tool: f"/usr/bin/{tool}")

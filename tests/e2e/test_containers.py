@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 
 from tests.containers.conftest import container_runtime, python_image, shell_image
 from tests.e2e.conftest import REPO, Cli, make_inputs, make_task, wait_for
-from worker.container_runtime import Runtime
+from worker.container_runtime import DOCKER_GPU_HOOK, Runtime, nvidia_cdi_specs
 
 pytestmark = pytest.mark.e2e
 __all__ = ["container_runtime", "python_image", "shell_image"]  # the session fixtures
@@ -72,18 +73,24 @@ def test_shell_task_in_a_container(
     assert _containers(container_runtime, result.run_id) == []
 
 
+@pytest.mark.parametrize("isolate", [False, True], ids=["warm", "isolated"])
 def test_python_task_in_a_container(
-    cli: Cli, tmp_path: Path, container_runtime: Runtime, python_image: str
+    cli: Cli, tmp_path: Path, container_runtime: Runtime, python_image: str, isolate: bool
 ) -> None:
     task = make_task(tmp_path / "t", COPY_TASK)
     (task / "cflow.toml").write_text("[combine]\nheaders = true\n")
     inputs = make_inputs(tmp_path / "in", [f"f{i}.csv" for i in range(3)])
-    result = cli("submit", str(task), "--inputs", str(inputs / "*.csv"), "--image", python_image)
+    flags = ["--isolate"] if isolate else []
+    result = cli(
+        "submit", str(task), "--inputs", str(inputs / "*.csv"), "--image", python_image, *flags
+    )
     assert result.code == 0, result.stderr
     combined = _rows(cli.store / "runs" / result.run_id / "combined" / "rows.csv")
     assert combined[0] == ["id", "value"] and len(combined) == 1 + 3 * 3
     log = cli("logs", result.run_id, "--shard", "f0").stdout
-    assert "python /usr/bin/python3 input /cflow/input/f0.csv" in log
+    # A warm container mounts the input's folder at its own path; one per attempt, the file.
+    seen = "/cflow/input/f0.csv" if isolate else str((inputs / "f0.csv").absolute())
+    assert f"python /usr/bin/python3 input {seen}" in log
     assert _containers(container_runtime, result.run_id) == []
 
 
@@ -201,4 +208,20 @@ def test_no_container_engine_is_one_clear_line(cli: Cli, tmp_path: Path) -> None
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "podman and docker are not installed" in errors[0]
     assert "Traceback" not in result.stderr
+    assert not list(cli.store.glob("runs/*/run.json"))
+
+
+def test_a_gpu_run_without_the_nvidia_toolkit_is_one_clear_line(
+    cli: Cli, tmp_path: Path, container_runtime: Runtime, python_image: str
+) -> None:
+    if nvidia_cdi_specs() or shutil.which(DOCKER_GPU_HOOK):
+        pytest.skip("this machine can pass GPUs into containers")
+    task = make_task(tmp_path / "t", COPY_TASK)
+    result = cli(
+        "submit", str(task), "--shards", "2", "--image", python_image, "--gpu", "nvidia-l4:1"
+    )
+    assert result.code == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "the run has a GPU but" in errors[0], result.stderr
+    assert "nvidia-ctk" in errors[0] and "Traceback" not in result.stderr
     assert not list(cli.store.glob("runs/*/run.json"))
