@@ -1,11 +1,19 @@
-"""What a container costs per attempt: ``runner submit --image`` against the same run without.
+"""What a container costs per shard: a container per attempt against a warm container per slot.
 
-    python bench/container_overhead.py [--shards 40] [--repeat 3]
+    python bench/container_overhead.py [--shards 40] [--repeat 2] [--direct 20]
 
-A no-op ``task.sh`` (busybox image) and a no-op ``task.py`` (Debian python3 image) over N shards,
-1 worker, through the CLI on the local backend, with and without ``--image``. The images are the
-test images (``tests/containers/images.py``), built on first use. Each figure is the best of
-``--repeat`` whole-command runs divided by the shard count. Prints a table; nothing is asserted.
+Two parts, side by side in the same run, on the test images (``tests/containers/images.py``,
+built on first use: busybox for ``task.sh``, Debian's python3 for ``task.py``):
+
+1. Whole runs through the CLI on the local backend, 1 worker, no-op shards: without an image,
+   with ``--image`` (``task.py``: a warm container per slot), and with ``--image --isolate`` (a
+   container per attempt). Each is timed at 1 shard and at N shards (the best of ``--repeat``
+   whole commands each): the fixed cost is t(1), the cost per extra shard (t(N) - t(1)) / (N - 1).
+2. The executor alone (:class:`worker.container.ContainerExecutor`), no queue or store: the
+   median of ``--direct`` no-op Python shards, each started and waited for, in a container per
+   attempt and in a warm one (whose first shard, the container's start, is shown apart).
+
+Prints tables; nothing is asserted.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -23,14 +32,19 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from tests.containers.images import busybox_image, python_image  # noqa: E402
-from worker.container_runtime import detect_runtime  # noqa: E402
+from worker.bundle import UnpackedBundle  # noqa: E402
+from worker.container import ContainerExecutor  # noqa: E402
+from worker.container_runtime import Runtime, detect_runtime  # noqa: E402
+from worker.protocol import Entry  # noqa: E402
+from worker.taskapi import TaskShard  # noqa: E402
 
 
-def _submit(task: Path, shards: int, image: str | None, work: Path) -> float:
+def _submit(task: Path, shards: int, image: str | None, work: Path, *flags: str) -> float:
     store = work / "store"
     shutil.rmtree(store, ignore_errors=True)
     argv = [sys.executable, "-m", "runner", "submit", str(task), "--shards", str(shards)]
-    argv += ["--workers", "1", "--store", str(store)] + (["--image", image] if image else [])
+    argv += ["--workers", "1", "--store", str(store), *flags]
+    argv += ["--image", image] if image else []
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     start = time.perf_counter()
     proc = subprocess.run(argv, env=env, capture_output=True, text=True, cwd=work)
@@ -40,10 +54,34 @@ def _submit(task: Path, shards: int, image: str | None, work: Path) -> float:
     return took
 
 
+def _direct(
+    runtime: Runtime, image: str, task: Path, work: Path, n: int, isolate: bool
+) -> list[float]:
+    """Seconds per shard, started and waited for one at a time on one slot."""
+    executor = ContainerExecutor(
+        UnpackedBundle("0" * 64, task, None), Entry.PYTHON, image, runtime=runtime, isolate=isolate
+    )
+    slot = work / f"slot-{int(isolate)}"
+    slot.mkdir()
+    times = []
+    try:
+        for i in range(n):
+            shard = TaskShard("r-bench", f"s{i}", i, 1, None, slot / f"out-{i}")
+            began = time.perf_counter()
+            code = executor.start(shard, slot / f"log-{i}.txt").wait(120)
+            times.append(time.perf_counter() - began)
+            if code != 0:
+                raise SystemExit(f"shard failed: {(slot / f'log-{i}.txt').read_text()[-300:]}")
+    finally:
+        executor.close()
+    return times
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shards", type=int, default=40)
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--direct", type=int, default=20)
     args = parser.parse_args()
     runtime = detect_runtime()
     print(f"engine: {runtime.describe()}", file=sys.stderr)
@@ -55,12 +93,34 @@ def main() -> None:
         (tasks["shell"] / "task.sh").write_text('echo "$CFLOW_SHARD_ID" > "$CFLOW_OUTPUT_DIR/o"\n')
         tasks["python"].mkdir()
         (tasks["python"] / "task.py").write_text("def run(shard):\n    pass\n")
-        print(f"{'task':8} {'without image':>15} {'with image':>12} {'extra':>9}  (ms per shard)")
-        for kind, task in tasks.items():
-            plain = min(_submit(task, args.shards, None, work) for _ in range(args.repeat))
-            boxed = min(_submit(task, args.shards, images[kind], work) for _ in range(args.repeat))
-            per = 1000 / args.shards
-            print(f"{kind:8} {plain * per:15.1f} {boxed * per:12.1f} {(boxed - plain) * per:9.1f}")
+        n = args.shards
+
+        def cost(kind: str, image: str | None, *flags: str) -> tuple[float, float]:
+            """The fixed cost (s) and the cost per extra shard (ms) of one configuration."""
+            one = min(_submit(tasks[kind], 1, image, work, *flags) for _ in range(args.repeat))
+            many = min(_submit(tasks[kind], n, image, work, *flags) for _ in range(args.repeat))
+            return one, (many - one) * 1000 / (n - 1)
+
+        rows = {
+            "shell, no image": cost("shell", None),
+            "shell, container per attempt": cost("shell", images["shell"]),
+            "python, no image (warm host)": cost("python", None),
+            "python, container per attempt": cost("python", images["python"], "--isolate"),
+            "python, warm container": cost("python", images["python"]),
+        }
+        print(f"whole runs, 1 and {n} shards, 1 worker, best of {args.repeat}")
+        print(f"{'':32} {'fixed s':>8} {'ms per extra shard':>19}")
+        for name, (fixed, extra) in rows.items():
+            print(f"{name:32} {fixed:8.2f} {extra:19.1f}")
+
+        per_attempt = _direct(runtime, images["python"], tasks["python"], work, args.direct, True)
+        warm = _direct(runtime, images["python"], tasks["python"], work, args.direct, False)
+        print(f"\nexecutor alone, {args.direct} no-op python shards, one at a time (ms per shard)")
+        print(f"{'':22} {'median':>8} {'min':>8} {'max':>8}")
+        for name, times in (("container per attempt", per_attempt), ("warm container", warm[1:])):
+            ms = [t * 1000 for t in times]
+            print(f"{name:22} {statistics.median(ms):8.2f} {min(ms):8.2f} {max(ms):8.2f}")
+        print(f"{'(warm: its first shard, the container start)':46} {warm[0] * 1000:8.1f}")
 
 
 if __name__ == "__main__":

@@ -181,7 +181,10 @@ def submit(
         )
         check_shape_options(options)  # bad shape options: one line, before anything
         if needs_groups(options) and cfg.is_local:
-            err.print("cflow: machine shape and --fallback apply to Google Cloud VMs; ignored here")
+            err.print(
+                "cflow: machine shape and --fallback apply to Google Cloud VMs; ignored here"
+                + (" (the containers get this machine's GPUs)" if gpu and image else "")
+            )
         shaped_groups = []
         if needs_groups(options) and not cfg.is_local:  # checked in the zone, made, then publish
             shaped_groups = apply_run_shape(dep, options)
