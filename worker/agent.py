@@ -529,12 +529,10 @@ class Agent:
         the worker's bookkeeping between two of them (each keeps its own log and outputs)."""
         claims = slot.unstarted
         first = claims[0]
-        options = first.manifest.run_options
         same = all(
             c.bundle == first.bundle
             and not c.manifest.run_options.isolate
-            and c.manifest.run_options.image == options.image
-            and c.manifest.run_options.gpu == options.gpu
+            and c.manifest.run_options.image is None
             for c in claims
         )
         if not same or Entry(first.manifest.entry) is not Entry.PYTHON:

@@ -120,8 +120,10 @@ class ContainerExecutor:
 
     @property
     def queues(self) -> bool:
-        """Several shards may be started at once on one slot: they queue in its container."""
-        return self._warm is not None and not self._warm.cold
+        """Never: a slot's next shard starts once this one's outputs are sealed. A warm
+        container sees the whole slot folder, so a shard queued behind another could otherwise
+        rewrite that one's outputs between its end and their sealing."""
+        return False
 
     def run_args(
         self,

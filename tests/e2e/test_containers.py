@@ -225,3 +225,38 @@ def test_a_gpu_run_without_the_nvidia_toolkit_is_one_clear_line(
     assert len(errors) == 1 and "the run has a GPU but" in errors[0], result.stderr
     assert "nvidia-ctk" in errors[0] and "Traceback" not in result.stderr
     assert not list(cli.store.glob("runs/*/run.json"))
+
+
+def test_a_warm_containers_later_shards_cannot_touch_committed_outputs(
+    cli: Cli, tmp_path: Path, container_runtime: Runtime, python_image: str
+) -> None:
+    task = make_task(
+        tmp_path / "t",
+        f"""
+        import os
+        from pathlib import Path
+
+        STORE = {str(cli.store)!r}
+
+        def run(shard):
+            out = Path(shard.output_dir)
+            touched = []
+            for path in out.parent.rglob("*"):  # the slot's scratch folder, as mounted
+                if path.is_file() and path.name == "o.txt":
+                    try:
+                        path.write_text("overwritten")
+                        touched.append(path.name)
+                    except OSError:
+                        pass
+            seen = os.path.exists(os.path.join(STORE, "runs"))  # committed outputs
+            (out / "o.txt").write_text(f"{{shard.id}} touched {{len(touched)}} store {{seen}}")
+        """,
+    )
+    result = cli("submit", str(task), "--shards", "4", "--workers", "1", "--image", python_image)
+    assert result.code == 0, result.stderr
+    committed = sorted(cli.store.glob(f"runs/{result.run_id}/shards/*/attempts/*/out/o.txt"))
+    assert len(committed) == 4
+    for path in committed:
+        assert path.read_text().endswith(" touched 0 store False"), path.read_text()
+        assert path.stat().st_mode & 0o777 == 0o444  # sealed
+    assert _containers(container_runtime, result.run_id) == []
