@@ -1,6 +1,6 @@
 """What a container costs per shard: a container per attempt against a warm container per slot.
 
-    python bench/container_overhead.py [--shards 40] [--repeat 2] [--direct 20]
+    python bench/container_overhead.py [--shards 40] [--many 400] [--repeat 2] [--direct 20]
 
 Two parts, side by side in the same run, on the test images (``tests/containers/images.py``,
 built on first use: busybox for ``task.sh``, Debian's python3 for ``task.py``):
@@ -9,6 +9,8 @@ built on first use: busybox for ``task.sh``, Debian's python3 for ``task.py``):
    with ``--image`` (``task.py``: a warm container per slot), and with ``--image --isolate`` (a
    container per attempt). Each is timed at 1 shard and at N shards (the best of ``--repeat``
    whole commands each): the fixed cost is t(1), the cost per extra shard (t(N) - t(1)) / (N - 1).
+   N is ``--shards`` with a container per attempt and ``--many`` otherwise: a few milliseconds a
+   shard are lost in a run's fixed cost (about 2.5 s here, give or take 0.5) at 40 shards.
 2. The executor alone (:class:`worker.container.ContainerExecutor`), no queue or store: the
    median of ``--direct`` no-op Python shards, each started and waited for, in a container per
    attempt and in a warm one (whose first shard, the container's start, is shown apart).
@@ -80,6 +82,7 @@ def _direct(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shards", type=int, default=40)
+    parser.add_argument("--many", type=int, default=400)
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--direct", type=int, default=20)
     args = parser.parse_args()
@@ -93,25 +96,25 @@ def main() -> None:
         (tasks["shell"] / "task.sh").write_text('echo "$CFLOW_SHARD_ID" > "$CFLOW_OUTPUT_DIR/o"\n')
         tasks["python"].mkdir()
         (tasks["python"] / "task.py").write_text("def run(shard):\n    pass\n")
-        n = args.shards
 
-        def cost(kind: str, image: str | None, *flags: str) -> tuple[float, float]:
-            """The fixed cost (s) and the cost per extra shard (ms) of one configuration."""
+        def cost(n: int, kind: str, image: str | None, *flags: str) -> tuple[int, float, float]:
+            """N, the fixed cost (s) and the cost per extra shard (ms) of one configuration."""
             one = min(_submit(tasks[kind], 1, image, work, *flags) for _ in range(args.repeat))
             many = min(_submit(tasks[kind], n, image, work, *flags) for _ in range(args.repeat))
-            return one, (many - one) * 1000 / (n - 1)
+            return n, one, (many - one) * 1000 / (n - 1)
 
+        few, lots = args.shards, args.many
         rows = {
-            "shell, no image": cost("shell", None),
-            "shell, container per attempt": cost("shell", images["shell"]),
-            "python, no image (warm host)": cost("python", None),
-            "python, container per attempt": cost("python", images["python"], "--isolate"),
-            "python, warm container": cost("python", images["python"]),
+            "shell, no image": cost(lots, "shell", None),
+            "shell, container per attempt": cost(few, "shell", images["shell"]),
+            "python, no image (warm host)": cost(lots, "python", None),
+            "python, container per attempt": cost(few, "python", images["python"], "--isolate"),
+            "python, warm container": cost(lots, "python", images["python"]),
         }
-        print(f"whole runs, 1 and {n} shards, 1 worker, best of {args.repeat}")
-        print(f"{'':32} {'fixed s':>8} {'ms per extra shard':>19}")
-        for name, (fixed, extra) in rows.items():
-            print(f"{name:32} {fixed:8.2f} {extra:19.1f}")
+        print(f"whole runs, 1 and N shards, 1 worker, best of {args.repeat}")
+        print(f"{'':32} {'N':>5} {'fixed s':>8} {'ms per extra shard':>19}")
+        for name, (n, fixed, extra) in rows.items():
+            print(f"{name:32} {n:5d} {fixed:8.2f} {extra:19.1f}")
 
         per_attempt = _direct(runtime, images["python"], tasks["python"], work, args.direct, True)
         warm = _direct(runtime, images["python"], tasks["python"], work, args.direct, False)
