@@ -260,3 +260,43 @@ def test_a_warm_containers_later_shards_cannot_touch_committed_outputs(
         assert path.read_text().endswith(" touched 0 store False"), path.read_text()
         assert path.stat().st_mode & 0o777 == 0o444  # sealed
     assert _containers(container_runtime, result.run_id) == []
+
+
+def test_a_timed_out_warm_container_fails_only_its_shard(
+    cli: Cli, tmp_path: Path, container_runtime: Runtime, python_image: str
+) -> None:
+    task = make_task(
+        tmp_path / "t",
+        """
+        import subprocess, time
+        from pathlib import Path
+
+        def run(shard):
+            if shard.index == 0:
+                subprocess.Popen(["sleep", "3161"])
+                time.sleep(3162)
+            (Path(shard.output_dir) / "done.txt").write_text(f"{shard.index}\\n")
+        """,
+    )
+    result = cli(
+        "submit",
+        str(task),
+        "--shards",
+        "3",
+        "--workers",
+        "1",
+        "--timeout",
+        "2",
+        "--max-attempts",
+        "1",
+        "--image",
+        python_image,
+    )
+    assert result.code == 1, result.stderr
+    shards = {s["index"]: s for s in cli.status(result.run_id)["shards"]}
+    assert shards[0]["state"] == "failed" and "timed out after 2s" in shards[0]["reason"]
+    assert [shards[i]["state"] for i in (1, 2)] == ["succeeded", "succeeded"]
+    done = (cli.store / "runs" / result.run_id / "combined" / "done.txt").read_text().split()
+    assert sorted(done) == ["1", "2"]
+    assert _host_processes("sleep 316[12]") == []
+    assert _containers(container_runtime, result.run_id) == []
