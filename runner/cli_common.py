@@ -13,8 +13,6 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from importlib.metadata import PackageNotFoundError
-from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -98,6 +96,9 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="JSON on stdout.")]
 
 def _version(value: bool) -> None:
     if value:
+        from importlib.metadata import PackageNotFoundError
+        from importlib.metadata import version as package_version
+
         try:
             out.print(f"cflow {package_version('cflow')}")
         except PackageNotFoundError:

@@ -15,7 +15,6 @@ from typing import Any
 from runner import runs
 from runner.fallback import FallbackFleet, FallbackPolicy, PreemptionTap
 from runner.fleet import Fleet
-from runner.gce_fleet import GceFleet
 from runner.shapes import Shape, ShapedGroup, ShapeError, Shapes
 from worker.clock import SYSTEM_CLOCK
 from worker.protocol import Layout, RunOptions, ShardResult
@@ -65,6 +64,8 @@ def apply_run_shape(dep: Any, options: RunOptions) -> list[ShapedGroup]:
     store = dep.backends.store
 
     def group_fleet(group: str) -> Fleet:
+        from runner.gce_fleet import GceFleet  # the Compute client: only for cloud runs
+
         return GceFleet(
             project=cfg.project, group=group, zone=cfg.zone, clock=SYSTEM_CLOCK, store=store
         )

@@ -31,10 +31,6 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from google.api_core import exceptions as gexc
-from google.cloud import compute_v1
-
-from runner.gce_fleet import compute_client_options
 from runner.quota import SSD_DISKS
 from worker.errors import ConfigError
 
@@ -186,6 +182,13 @@ class Shapes:
     def __init__(self, *, project: str, group: str, zone: str) -> None:
         self.project, self.group, self.zone = project, group, zone
         self.region = zone.rsplit("-", 1)[0]
+        from google.api_core import exceptions as gexc
+        from google.cloud import compute_v1  # loads in a second: only for cloud commands
+
+        from runner.gce_fleet import compute_client_options
+
+        self._compute: Any = compute_v1
+        self._gexc: Any = gexc
         credentials, options = compute_client_options()
         kw: dict[str, Any] = {"credentials": credentials, "client_options": options}
         self._managers: Any = compute_v1.InstanceGroupManagersClient(**kw)
@@ -228,7 +231,7 @@ class Shapes:
                     }
                 )
             )
-        except gexc.NotFound:
+        except self._gexc.NotFound:
             raise ShapeError(
                 f"machine type {machine_type} does not exist in zone {self.zone}"
             ) from None
@@ -259,7 +262,7 @@ class Shapes:
                             "accelerator_type": shape.gpu_type,
                         }
                     )
-                except gexc.NotFound:
+                except self._gexc.NotFound:
                     raise ShapeError(
                         f"GPU {shape.gpu_type} is not offered in zone {self.zone}"
                     ) from None
@@ -333,23 +336,23 @@ class Shapes:
                 request={"project": self.project, "instance_template": name}
             )
             return str(found.self_link), False
-        except gexc.NotFound:
+        except self._gexc.NotFound:
             pass
         body = {
             "name": name,
             "description": f"CFlow worker, a run's shape (from {base})",
             "properties": props,
         }
-        resource = compute_v1.InstanceTemplate.from_json(
+        resource = self._compute.InstanceTemplate.from_json(
             json.dumps(body), ignore_unknown_fields=True
         )
         try:
             operation = self._templates.insert(
                 request={"project": self.project, "instance_template_resource": resource}
             )
-        except gexc.Conflict:  # another runner made it first: the same content by its name
+        except self._gexc.Conflict:  # another runner made it first: the same content by its name
             operation = None
-        except gexc.BadRequest as exc:
+        except self._gexc.BadRequest as exc:
             raise ShapeError(
                 f"Compute Engine refused the template for this shape: {exc.message}"
             ) from None
@@ -365,7 +368,7 @@ class Shapes:
         try:
             self._managers.get(request={**where, "instance_group_manager": name})
             return False
-        except gexc.NotFound:
+        except self._gexc.NotFound:
             pass
         body = {
             "name": name,
@@ -374,7 +377,7 @@ class Shapes:
             "targetSize": 0,  # the runner grows it, as it does the deployment's group
             "updatePolicy": base.get("updatePolicy") or {"type": "OPPORTUNISTIC"},
         }
-        resource = compute_v1.InstanceGroupManager.from_json(
+        resource = self._compute.InstanceGroupManager.from_json(
             json.dumps(body), ignore_unknown_fields=True
         )
         try:
@@ -382,7 +385,7 @@ class Shapes:
                 request={**where, "instance_group_manager_resource": resource}
             )
             operation.result(timeout=120)
-        except gexc.Conflict:
+        except self._gexc.Conflict:
             return False
         return True
 
