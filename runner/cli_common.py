@@ -24,7 +24,7 @@ from runner import report, runs
 from runner.backends import Deployment, open_deployment
 from runner.combine import Combined, OutTarget, combine_run
 from runner.halt import HaltJudge, HaltRule
-from runner.watch import Watcher
+from runner.watch import Snapshot, Watcher
 from worker.errors import CFlowError
 from worker.protocol import (
     AttemptState,
@@ -260,8 +260,18 @@ def watch_and_finish(
         else:
             err.print(f"cflow: run {run_id} was cancelled", markup=False)
         return EXIT_FAILED
-    if not watcher.drain_fleet():
-        err.print("cflow: warning: some workers are still stopping")
+    # Every shard is settled: the workers stop while the outputs are combined.
+    watcher.drain_fleet(wait=False)
+    try:
+        return _finish(watcher, dep, snapshot, out)
+    finally:
+        if not watcher.wait_drained():
+            err.print("cflow: warning: some workers are still stopping")
+
+
+def _finish(watcher: Watcher, dep: Deployment, snapshot: Snapshot, out: OutTarget | None) -> int:
+    run_id = watcher.run_id
+    store = dep.backends.store
     manifest = runs.load_manifest(store, run_id).with_state(RunState.FINISHED)
     runs.save_manifest(store, manifest)  # every shard is settled, whatever the combine does
     failed = (  # read every shard's records only when some failed

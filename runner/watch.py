@@ -363,13 +363,17 @@ class Watcher:
                 on_update(snapshot)
             self.clock.sleep(poll_seconds)
 
-    def drain_fleet(self, timeout: float = 30.0, *, force: bool = False) -> bool:
+    def drain_fleet(self, timeout: float = 30.0, *, force: bool = False, wait: bool = True) -> bool:
         """After the run: delete every instance that is not busy (every one, with ``force``:
-        a cancelled run's tasks are stopped) and wait for them to go."""
+        a cancelled run's tasks are stopped) and wait for them to go (``wait=False``: later,
+        with :meth:`wait_drained`)."""
         if self.fleet is None:
             return True
         busy = set() if force else self.busy_workers()
         names = [i.name for i in self.fleet.instances() if i.name not in busy]
         if names:
             self.fleet.delete(names)
-        return self.fleet.wait_empty(timeout)
+        return self.wait_drained(timeout) if wait else True
+
+    def wait_drained(self, timeout: float = 30.0) -> bool:
+        return self.fleet is None or self.fleet.wait_empty(timeout)
