@@ -40,8 +40,10 @@ lint: install
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
+# Most tests wait on processes and emulators, not the CPU: three at a time (tests/conftest.py).
+TEST_PROCESSES ?= 3
 test: lint
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q -n $(TEST_PROCESSES) --dist loadgroup
 
 bench: $(STAMP)
 	# the peers: GNU parallel from Debian when we may install it, huey from PyPI
