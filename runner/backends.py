@@ -16,7 +16,7 @@ from worker.clock import SYSTEM_CLOCK, Clock
 from worker.queue import EventBus
 
 LOCAL_IDLE_TIMEOUT = 30.0  # seconds a detached local worker lingers after its work is done
-LOCAL_POLL_SECONDS = 0.05  # the watch loop's pace locally: a poll costs a few SQLite reads
+LOCAL_POLL_SECONDS = 0.02  # the watch loop's pace locally: a poll costs a few SQLite reads
 
 
 @dataclass
