@@ -172,6 +172,7 @@ def make_watcher(
         slots=slots,
         speculate=options.speculate,
         expect_heartbeats=True,  # this version's workers send them during long attempts
+        quiet_poll_seconds=dep.quiet_poll_seconds,
     )
 
 
