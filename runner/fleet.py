@@ -66,10 +66,17 @@ class Fleet(ABC):
         """One line per thing the user should know about the fleet (quota, failed boots)."""
         return []
 
+    def disk_full(self) -> str | None:
+        """Why the workers cannot write anything (a full local disk), or None."""
+        return None
+
     max_size: int | None = None  # the most instances the fleet can hold, where it has a limit
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release clients."""
+
+
+DISK_FULL_BYTES = 1 << 20  # less free space than this on the store's disk: it is full
 
 
 class LocalFleet(Fleet):
@@ -101,6 +108,23 @@ class LocalFleet(Fleet):
         self._stopping: set[str] = set()
         self._queue: LocalQueue | None = None
         self.released = 0  # leases released for workers seen gone (bench/recovery.py)
+
+    def problems(self) -> list[str]:
+        full = self.disk_full()
+        return [full] if full else []
+
+    def disk_full(self) -> str | None:
+        """Why no worker can write (the store's disk has less than 1 MiB free), or None."""
+        try:
+            st = os.statvfs(self.root)
+        except OSError:
+            return None
+        if st.f_bavail * st.f_frsize >= DISK_FULL_BYTES:
+            return None
+        return (
+            f"the disk holding {self.root} is full: the workers wait; free some space and the"
+            " run goes on where it stopped"
+        )
 
     def _entries(self) -> dict[str, int]:
         out = {}

@@ -31,12 +31,14 @@ from runner.lost import LostShards
 from runner.policy import Stragglers, decide_scale
 from worker import defaults
 from worker.clock import SYSTEM_CLOCK, Clock
+from worker.local_db import DiskFull
 from worker.protocol import Event, EventKind, Manifest, RunState, WorkMessage
 from worker.queue import EventBus, WorkQueue
 from worker.store import Store
 
 log = logging.getLogger("cflow.runner")
 
+DISK_FULL_SECONDS = 10.0  # a store's disk full this long stops the watch (the run waits)
 RECONCILE_PAGE = 1000  # markers of each kind read per reconcile (one list call on GCS)
 
 
@@ -124,6 +126,7 @@ class Watcher:
         self._cursors: dict[str, str | None] = {"/result.json": None, "/failed.json": None}
         self._reconciled = False  # the first reconcile is a full pass (a true first frame)
         self.heard = False  # the last poll brought events
+        self._full_since: float | None = None  # since when the store's disk is full
         self.reconciles = 0  # how many, and what the last one cost (bench/reconcile.py)
         self.last_reconcile_seconds = 0.0
 
@@ -141,10 +144,23 @@ class Watcher:
         self._lapse(self.clock.monotonic())
         # One look at the fleet per poll: in the cloud each look is an API call.
         instances = self.fleet.instances() if self.fleet is not None else []
+        self._check_disk()
         snapshot = self.snapshot(instances)
         if self.fleet is not None:
             self.scale(snapshot, instances)
         return snapshot
+
+    def _check_disk(self) -> None:
+        """A disk that stays full stops the watch with its one line: the workers wait for
+        space and nothing is lost, but watching a run that cannot move helps no one."""
+        full = self.fleet.disk_full() if self.fleet is not None else None
+        now = self.clock.monotonic()
+        if full is None:
+            self._full_since = None
+        elif self._full_since is None:
+            self._full_since = now
+        elif now - self._full_since >= DISK_FULL_SECONDS:
+            raise DiskFull(f"{full}; watch it again with `runner watch {self.run_id}`")
 
     def reconcile(self, *, full: bool = False) -> None:
         """Bring the event-built view up to the store's truth (and collect dead letters).
