@@ -1,8 +1,9 @@
 """Standard-VM fallback (``--fallback standard``): Spot first, standard VMs for the tail.
 
 A run with fallback has two groups of its shape: the Spot one and a standard one (on Google
-Cloud both come from :mod:`runner.shapes`; the standard one is ``shape.standard()``). Both pull
-the run's shards from the same subscription, so the fallback moves *capacity*, not messages:
+Cloud both come from :mod:`runner.shapes`; the standard one is ``shape.standard()``). Each pulls
+its own shape's subscription (:mod:`runner.shape_queues`), so the fallback moves capacity *and*
+messages:
 
 - while Spot works, every VM the runner asks for is a Spot VM;
 - the fallback starts (and stays on) when a shard has been preempted ``after_preemptions``
@@ -13,7 +14,12 @@ the run's shards from the same subscription, so the fallback moves *capacity*, n
 - from then on new VMs are standard, and Spot VMs that are not working (refused, being
   recreated after a preemption, still booting) are deleted, so the runner's ordinary scaling
   replaces them with standard ones. A busy Spot VM is never deleted: it finishes its shard, or
-  is preempted and then replaced.
+  is preempted and then replaced;
+- from then on, too, the run's shards still queued for Spot VMs are moved to the standard VMs'
+  topic at every poll (``move``, a :class:`runner.shape_queues.Mover`);
+- whether or not the fleet has fallen back, a shard preempted K times is itself re-queued by
+  its worker on the standard VMs' topic (``WorkMessage.after_preemption``): it never goes back
+  to a Spot VM.
 
 Exactly-once is untouched: a shard's first commit wins whichever VM ran it. The summary
 (:meth:`FallbackFleet.summary`) counts the shards that committed on standard VMs and the
@@ -23,7 +29,7 @@ VM-seconds each kind was billed, priced by :mod:`runner.prices`.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from runner.fleet import Fleet, Instance
@@ -141,8 +147,10 @@ class FallbackFleet(Fleet):
         preemptions: dict[str, int],
         policy: FallbackPolicy | None = None,
         clock: Clock = SYSTEM_CLOCK,
+        move: Callable[[], int] | None = None,
     ):
         self.spot, self.standard, self.preemptions = spot, standard, preemptions
+        self.move = move  # moves the run's queued shards to the standard VMs' queue
         self.policy = policy or FallbackPolicy()
         self.clock = clock
         self.standard_names: set[str] = set()  # every standard VM this run had
@@ -164,6 +172,11 @@ class FallbackFleet(Fleet):
                 self.spot.delete([i.name for i in idle])
                 gone = {i.name for i in idle}
                 spot = [i for i in spot if i.name not in gone]
+            if self.move is not None:
+                try:
+                    self.move()
+                except Exception as exc:  # the next poll tries again
+                    log.warning("could not move queued shards to standard VMs: %s", exc)
         standard = self.standard.instances()
         self.standard_names.update(i.name for i in standard)
         for i in [*spot, *standard]:

@@ -55,6 +55,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlparse
@@ -211,6 +212,7 @@ class FakeCompute:
         self.preempted: list[str] = []
         self.abandoned: list[Vm] = []
         self._gone: list[Vm] = []  # VMs of deleted groups, still shutting down
+        self.now = lambda: datetime.now(UTC)  # creationTimestamp of what is inserted
         self._lock = threading.RLock()
         self._ops: dict[str, dict[str, Any]] = {}
         self._ids = itertools.count(1_000_000)
@@ -710,6 +712,7 @@ class FakeCompute:
             "targetSize": int(body.get("targetSize", 0)),
             scope_key: f"{BASE}/projects/{project}/{scope}/{where}",
             "selfLink": link,
+            "creationTimestamp": self.now().isoformat(timespec="milliseconds"),
         }
         group = Group(
             project,

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from runner.shapes import Shape, ShapeError, Shapes, derive_properties, gpu_quota_metric
+from tests.e2e.conftest import wait_for
 from tests.emulators import Deployment
 from tests.gcp.conftest import MakeCompute, worker_env
 from tests.gcp.fake_compute import FakeCompute, sleeper
@@ -84,18 +85,33 @@ def test_the_same_shape_is_reused_and_another_is_new(fake: FakeCompute, shapes: 
     assert len(fake.made_groups) == 2
 
 
-def test_fallback_is_refused_without_standard_gpu_quota(fake: FakeCompute) -> None:
-    from types import SimpleNamespace
+def open_dep(deployment: Deployment, **fields: str) -> Any:
+    """The runner's deployment on the emulators, its group in the fake (zonal unless told)."""
+    from runner.config import Backend, Config
+    from runner.gcp import open_gcp_deployment
 
+    where = fields or {"zone": ZONE}
+    return open_gcp_deployment(
+        Config(backend=Backend.GCP, group=GROUP, **deployment.outputs(), **where)
+    )
+
+
+@pytest.mark.emulator
+def test_fallback_is_refused_without_standard_gpu_quota(
+    fake: FakeCompute, deployment: Deployment
+) -> None:
     from runner.run_shape import apply_run_shape
     from worker.protocol import RunOptions
 
-    cfg = SimpleNamespace(project=fake.group.project, group=GROUP, zone=ZONE)
-    dep = SimpleNamespace(config=cfg, backends=SimpleNamespace(store=None), make_fleet=None)
+    dep = open_dep(deployment)
+    before = dep.make_fleet
     options = RunOptions(machine_type="n1-standard-4", gpu="nvidia-l4:1", fallback="standard")
-    with pytest.raises(ShapeError, match=r"standard n1-standard-4 VM.*NVIDIA_L4_GPUS"):
-        apply_run_shape(dep, options)
-    assert dep.make_fleet is None  # the deployment's fleet is left as it was
+    try:
+        with pytest.raises(ShapeError, match=r"standard n1-standard-4 VM.*NVIDIA_L4_GPUS"):
+            apply_run_shape(dep, options)
+        assert dep.make_fleet is before  # the deployment's fleet is left as it was
+    finally:
+        dep.close()
 
 
 @pytest.mark.parametrize(
@@ -232,52 +248,63 @@ def test_submit_refuses_a_bad_shape_in_one_line_and_publishes_nothing(
     assert fake.templates == {} and fake.made_groups == {} and fake.resizes == []
 
 
-def test_a_run_with_a_shape_and_fallback_scales_its_own_groups(fake_compute: MakeCompute) -> None:
+@pytest.mark.emulator
+def test_a_run_with_a_shape_and_fallback_scales_its_own_groups(
+    fake_compute: MakeCompute, deployment: Deployment
+) -> None:
     # Fallback needs both: Spot (preemptible) and standard T4 quota.
     quotas = {**PROJECT_QUOTAS, "NVIDIA_T4_GPUS": (4.0, 0.0)}
     fake = fake_compute(spawn=sleeper, quotas=quotas)
-    from types import SimpleNamespace
-
     from runner.fallback import FallbackFleet, PreemptionTap
     from runner.gce_fleet import GceFleet
     from runner.run_shape import apply_run_shape
+    from runner.shape_queues import ShapeWorkQueue
     from worker.protocol import Event, RunOptions
+    from worker.pubsub_queue import PubSubEvents
 
-    class Bus:
-        events = [Event("preempted", "vm-1", run_id="r", shard_id="s1")]
-
-        def pull(self, max_events: int = 1000, timeout: float = 0.0) -> list[Event]:
-            out, self.events = self.events, []
-            return out
-
-    cfg = SimpleNamespace(project=fake.group.project, group=GROUP, zone=ZONE)
-    dep = SimpleNamespace(
-        config=cfg,
-        backends=SimpleNamespace(store=None, events=None),
-        open_run_events=lambda run_id, since: Bus(),
-        make_fleet=None,
-    )
+    dep = open_dep(deployment)
     options = RunOptions(machine_type="n1-standard-4", gpu="nvidia-tesla-t4:1", fallback="standard")
-    spot, standard = apply_run_shape(dep, options)
-    assert (
-        spot.group != standard.group and GROUP not in (spot.group,) and len(fake.made_groups) == 2
-    )
-    assert fake.templates[spot.template]["properties"]["scheduling"]["provisioningModel"] == "SPOT"
-    scheduling = fake.templates[standard.template]["properties"]["scheduling"]
-    assert scheduling["provisioningModel"] == "STANDARD"
-    fleet = dep.make_fleet(1, None)
-    assert isinstance(fleet, FallbackFleet)
-    assert isinstance(fleet.spot, GceFleet) and fleet.spot.group == spot.group
-    assert isinstance(fleet.standard, GceFleet) and fleet.standard.group == standard.group
-    events = dep.open_run_events("r", None)
-    assert isinstance(events, PreemptionTap)
-    events.pull()
-    assert fleet.preemptions == {"s1": 1}  # the watcher's events feed the fallback's count
+    try:
+        spot, standard = apply_run_shape(dep, options)
+        assert spot.group != standard.group and GROUP not in (spot.group,)
+        assert len(fake.made_groups) == 2
+        spot_props = fake.templates[spot.template]["properties"]
+        assert spot_props["scheduling"]["provisioningModel"] == "SPOT"
+        scheduling = fake.templates[standard.template]["properties"]["scheduling"]
+        assert scheduling["provisioningModel"] == "STANDARD"
+        # Each shape pulls its own subscription; the run's shards go to the Spot shape's topic,
+        # each naming the standard shape's topic for after K preemptions.
+        assert spot.queue is not None and standard.queue is not None
+        items = {i["key"]: i["value"] for i in spot_props["metadata"]["items"]}
+        assert items["cflow-subscription"] == spot.queue.subscription
+        assert items["cflow-work-topic"] == spot.queue.topic
+        queue = dep.backends.queue
+        assert isinstance(queue, ShapeWorkQueue)
+        assert queue.topic == f"projects/{deployment.project}/topics/{spot.queue.topic}"
+        assert (queue.fallback_topic, queue.fallback_after) == (standard.queue.topic, 3)
+        fleet = dep.make_fleet(1, None)
+        assert isinstance(fleet, FallbackFleet)
+        assert isinstance(fleet.spot, GceFleet) and fleet.spot.group == spot.group
+        assert isinstance(fleet.standard, GceFleet) and fleet.standard.group == standard.group
+        events = dep.open_run_events("r", None)
+        assert isinstance(events, PreemptionTap)
+        worker_events = PubSubEvents(project=deployment.project, topic=deployment.events_topic)
+        worker_events.publish(Event("preempted", "vm-1", run_id="r", shard_id="s1"))
+        worker_events.close()
+        wait_for(lambda: events.pull(timeout=0.5) and fleet.preemptions, 20, "the event")
+        assert fleet.preemptions == {"s1": 1}  # the watcher's events feed the fallback's count
+        events.close()
+    finally:
+        dep.close()
     # Shape alone, no fallback: one group, a plain GceFleet on it.
-    alone = SimpleNamespace(**{**vars(dep), "make_fleet": None})
-    (only,) = apply_run_shape(
-        alone, RunOptions(machine_type="n1-standard-4", gpu="nvidia-tesla-t4:1")
-    )
-    assert only.group == spot.group and not only.created  # reused by content
-    plain = alone.make_fleet(1, None)
-    assert isinstance(plain, GceFleet) and plain.group == spot.group
+    alone = open_dep(deployment)
+    try:
+        (only,) = apply_run_shape(
+            alone, RunOptions(machine_type="n1-standard-4", gpu="nvidia-tesla-t4:1")
+        )
+        assert only.group == spot.group and not only.created  # reused by content
+        plain = alone.make_fleet(1, None)
+        assert isinstance(plain, GceFleet) and plain.group == spot.group
+        assert alone.backends.queue.fallback_topic is None
+    finally:
+        alone.close()
