@@ -12,9 +12,9 @@ messages:
   (``QUOTA_EXCEEDED``, ``ZONE_RESOURCE_POOL_EXHAUSTED``: the group's creation errors, see
   :func:`runner.gce_fleet.instance_error`) for ``capacity_grace`` seconds;
 - from then on new VMs are standard, and Spot VMs that are not working (refused, being
-  recreated after a preemption, still booting) are deleted, so the runner's ordinary scaling
-  replaces them with standard ones. A busy Spot VM is never deleted: it finishes its shard, or
-  is preempted and then replaced;
+  recreated after a preemption, still booting, or running and idle by its last event) are
+  deleted, so the runner's ordinary scaling replaces them with standard ones. A busy Spot VM
+  is never deleted: it finishes its shard, or is preempted and then replaced;
 - from then on, too, the run's shards still queued for Spot VMs are moved to the standard VMs'
   topic at every poll (``move``, a :class:`runner.shape_queues.Mover`);
 - whether or not the fleet has fallen back, a shard preempted K times is itself re-queued by
@@ -46,11 +46,18 @@ CAPACITY_CODES = ("QUOTA_EXCEEDED", "ZONE_RESOURCE_POOL_EXHAUSTED", "RESOURCE_PO
 
 
 class PreemptionTap(EventBus):
-    """The run's event bus, passed through, counting ``preempted`` events per shard."""
+    """The run's event bus, passed through, counting ``preempted`` events per shard and noting
+    which workers said they are idle (and have not started anything since)."""
 
-    def __init__(self, inner: EventBus, preemptions: dict[str, int] | None = None):
+    def __init__(
+        self,
+        inner: EventBus,
+        preemptions: dict[str, int] | None = None,
+        idle: set[str] | None = None,
+    ):
         self.inner = inner
         self.preemptions: dict[str, int] = {} if preemptions is None else preemptions
+        self.idle: set[str] = set() if idle is None else idle
 
     def publish(self, event: Event) -> None:
         self.inner.publish(event)
@@ -60,6 +67,14 @@ class PreemptionTap(EventBus):
         for e in events:
             if e.kind == EventKind.PREEMPTED.value and e.shard_id is not None:
                 self.preemptions[e.shard_id] = self.preemptions.get(e.shard_id, 0) + 1
+            if e.kind == EventKind.IDLE.value:
+                self.idle.add(e.worker)
+            elif e.kind in (
+                EventKind.STARTED.value,
+                EventKind.HEARTBEAT.value,
+                EventKind.STOPPED.value,
+            ):
+                self.idle.discard(e.worker)
         return events
 
     def close(self) -> None:
@@ -148,9 +163,13 @@ class FallbackFleet(Fleet):
         policy: FallbackPolicy | None = None,
         clock: Clock = SYSTEM_CLOCK,
         move: Callable[[], int] | None = None,
+        idle: set[str] | None = None,
     ):
         self.spot, self.standard, self.preemptions = spot, standard, preemptions
         self.move = move  # moves the run's queued shards to the standard VMs' queue
+        # Workers that said they are idle (a PreemptionTap's set): once the fallback is on, an
+        # idle Spot VM will get none of the run's shards (they are queued for standard VMs).
+        self.idle: set[str] = set() if idle is None else idle
         self.policy = policy or FallbackPolicy()
         self.clock = clock
         self.standard_names: set[str] = set()  # every standard VM this run had
@@ -167,8 +186,12 @@ class FallbackFleet(Fleet):
         spot = self.spot.instances()
         now = self.clock.monotonic() - self._start
         if self.policy.update(now, self.preemptions, spot):
-            idle = [i for i in spot if i.status == "starting" or is_capacity_error(i.error)]
-            if idle:  # never a running one: it may be busy
+            idle = [
+                i
+                for i in spot
+                if i.status == "starting" or is_capacity_error(i.error) or i.name in self.idle
+            ]
+            if idle:  # never a running one that may be busy
                 self.spot.delete([i.name for i in idle])
                 gone = {i.name for i in idle}
                 spot = [i for i in spot if i.name not in gone]

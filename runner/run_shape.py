@@ -118,6 +118,7 @@ def apply_run_shape(dep: Any, options: RunOptions) -> list[ShapedGroup]:
         dep.make_fleet = lambda slots, idle_timeout: group_fleet(made[0].group)
         return made
     preemptions: dict[str, int] = {}
+    idle: set[str] = set()
     opened = dep.open_run_events
     movers: dict[str, Mover] = {}
 
@@ -132,7 +133,7 @@ def apply_run_shape(dep: Any, options: RunOptions) -> list[ShapedGroup]:
                 subscriber=subscriber,
             )
             dep.closers.append(movers[run].close)
-        return PreemptionTap(inner, preemptions)
+        return PreemptionTap(inner, preemptions, idle)
 
     def make_fleet(slots: int, idle_timeout: float | None) -> Fleet:
         return FallbackFleet(
@@ -142,6 +143,7 @@ def apply_run_shape(dep: Any, options: RunOptions) -> list[ShapedGroup]:
             policy=FallbackPolicy(after_preemptions=options.fallback_after),
             clock=SYSTEM_CLOCK,
             move=lambda: sum(m() for m in movers.values()),
+            idle=idle,
         )
 
     dep.open_run_events = open_run_events
