@@ -129,9 +129,13 @@ class Shape:
         """The same shape on standard VMs (the fallback's group)."""
         return Shape(self.machine_type, "standard", self.gpu_type, self.gpu_count, self.disk_gb)
 
-    def digest(self, base_template: str) -> str:
-        """A content hash of the deployment's template (by its unique link) and this shape."""
-        text = json.dumps({"base": base_template, **asdict(self)}, sort_keys=True)
+    def digest(self, base_template: str, *, image: str | None = None) -> str:
+        """A content hash of the deployment's template (by its unique link) and this shape
+        (and, for a GPU shape, the boot image it gets instead of the deployment's)."""
+        content: dict[str, Any] = {"base": base_template, **asdict(self)}
+        if image is not None:
+            content["image"] = image
+        text = json.dumps(content, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:HASH_CHARS]
 
 
@@ -423,7 +427,10 @@ class Shapes:
         props = base_template.get("properties", {})
         spot = self._is_spot(shape, props)
         shape = dataclasses.replace(shape, provisioning="spot" if spot else "standard")
-        return shape, shape.digest(str(base_template.get("selfLink") or base_name))
+        machine_type = shape.machine_type or str(props.get("machineType", ""))
+        gpus = shape.gpu_type is not None or _bundles_gpus(machine_type)
+        link = str(base_template.get("selfLink") or base_name)
+        return shape, shape.digest(link, image=self.gpu_image if gpus else None)
 
     # -- making ----------------------------------------------------------------------------
 

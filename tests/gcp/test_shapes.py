@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -308,3 +309,167 @@ def test_a_run_with_a_shape_and_fallback_scales_its_own_groups(
         assert alone.backends.queue.fallback_topic is None
     finally:
         alone.close()
+
+
+def test_a_gpu_shape_boots_an_image_with_the_nvidia_driver(fake: FakeCompute) -> None:
+    from runner.shapes import DEFAULT_GPU_IMAGE
+
+    def boot(template: str) -> dict[str, Any]:
+        disks = fake.templates[template]["properties"]["disks"]
+        found: dict[str, Any] = next(d for d in disks if d["boot"])["initializeParams"]
+        return found
+
+    def items(template: str) -> dict[str, str]:
+        listed = fake.templates[template]["properties"]["metadata"]["items"]
+        return {i["key"]: i["value"] for i in listed}
+
+    s = Shapes(project=fake.group.project, group=GROUP, zone=ZONE)
+    try:
+        gpu = s.ensure(Shape.parse(machine_type="n1-standard-4", gpu="nvidia-l4:1"))
+        g2 = s.ensure(Shape.parse(machine_type="g2-standard-8"))  # its GPU comes with it
+        cpu = s.ensure(Shape.parse(machine_type="n2-standard-4"))
+    finally:
+        s.close()
+    for made in (gpu, g2):
+        assert boot(made.template)["sourceImage"] == DEFAULT_GPU_IMAGE
+        assert "deeplearning-platform-release" in DEFAULT_GPU_IMAGE
+        assert items(made.template)["install-nvidia-driver"] == "True"
+    assert boot(cpu.template)["sourceImage"].endswith("/global/images/cflow-1")  # the stack's
+    assert "install-nvidia-driver" not in items(cpu.template)
+    own = "projects/my-project/global/images/family/my-cuda"
+    s = Shapes(project=fake.group.project, group=GROUP, zone=ZONE, gpu_image=own)
+    try:  # the deployment's gpu_image setting: another image, so another template
+        mine = s.ensure(Shape.parse(machine_type="n1-standard-4", gpu="nvidia-l4:1"))
+    finally:
+        s.close()
+    assert boot(mine.template)["sourceImage"] == own
+
+
+def test_a_gpu_shape_needs_the_project_wide_gpu_quota_too(fake_compute: MakeCompute) -> None:
+    fake = fake_compute(
+        spawn=sleeper, quotas=dict(PROJECT_QUOTAS), project_quotas={"GPUS_ALL_REGIONS": (4.0, 4.0)}
+    )
+    s = Shapes(project=fake.group.project, group=GROUP, zone=ZONE)
+    try:
+        with pytest.raises(ShapeError) as refused:
+            s.ensure(Shape.parse(machine_type="n1-standard-4", gpu="nvidia-l4:2"))
+        assert str(refused.value) == (
+            "not one Spot n1-standard-4 VM fits in project cflow-test: it needs 2 "
+            "GPUS_ALL_REGIONS, the project has 0 free (limit 4); ask for GPUS_ALL_REGIONS 6 "
+            "(global) on the console's Quotas page"
+        )
+        assert fake.templates == {} and fake.made_groups == {}
+        s.ensure(Shape.parse(machine_type="n2-standard-4"))  # no GPU: that quota does not apply
+    finally:
+        s.close()
+    assert any(path == f"/compute/v1/projects/{fake.group.project}" for _, path in fake.requests)
+
+
+def test_a_regional_deployment_gets_regional_groups_in_the_zones_that_offer_the_shape(
+    fake_compute: MakeCompute,
+) -> None:
+    region = "us-central1"
+    fake = fake_compute(
+        spawn=sleeper,
+        zone=None,
+        region=region,
+        quotas=dict(PROJECT_QUOTAS, NVIDIA_T4_GPUS=(4.0, 0.0)),
+        zone_accelerators={f"{region}-c": frozenset({"nvidia-tesla-t4"})},
+        accelerators=frozenset(),
+    )
+    s = Shapes(project=fake.group.project, group=GROUP, region=region)
+    try:
+        made = s.ensure(Shape.parse(machine_type="n1-standard-4", gpu="nvidia-tesla-t4:1"))
+        with pytest.raises(ShapeError, match=r"nvidia-l4 is not offered in zone us-central1-b"):
+            s.ensure(Shape.parse(machine_type="n1-standard-4", gpu="nvidia-l4:1"))
+        cpu = s.ensure(Shape.parse(machine_type="n2-standard-8"))
+    finally:
+        s.close()
+    group = fake.made_groups[made.group]
+    assert group["region"].endswith(f"/regions/{region}") and "zone" not in group
+    assert group["distributionPolicy"]["zones"] == [{"zone": f"zones/{region}-c"}]
+    zones = fake.made_groups[cpu.group]["distributionPolicy"]["zones"]
+    assert zones == [{"zone": f"zones/{region}-{z}"} for z in "bcf"]
+    posts = _posts(fake)
+    assert f"/compute/v1/projects/cflow-test/regions/{region}/instanceGroupManagers" in posts
+    # Its VMs are made like the deployment's, in its zones; the runner's fleet scales it.
+    from runner.gce_fleet import GceFleet
+
+    fleet = GceFleet(project=fake.group.project, group=made.group, region=region)
+    try:
+        (name,) = fleet.grow(1)
+        assert name.startswith(f"{GROUP}-{made.digest}-")
+        assert fake.groups[made.group].vms[name].zone == f"{region}-c"
+    finally:
+        fleet.close()
+    # The fake refuses what the API refuses: a zone outside the group's region.
+    code, body = fake._insert_group(
+        "regions",
+        region,
+        {
+            "name": "stray",
+            "instanceTemplate": made.template,
+            "distributionPolicy": {"zones": [{"zone": "zones/europe-west4-a"}]},
+        },
+    )
+    assert code == 400 and "europe-west4-a" in body["error"]["message"]
+
+
+@pytest.mark.emulator
+def test_cleanup_removes_only_unused_empty_shapes_group_first(
+    fake: FakeCompute, deployment: Deployment
+) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from runner.run_shape import open_shapes
+    from runner.shape_cleanup import cleanup_shapes
+    from worker.protocol import Manifest, RunState
+
+    dep = open_dep(deployment)
+    shapes = open_shapes(dep)
+    assert shapes.queues is not None
+    fake.now = lambda: datetime.now(UTC) - timedelta(hours=1)  # made an hour ago
+    try:
+        used = shapes.ensure(Shape.parse(machine_type="n2-standard-4"))
+        unused = shapes.ensure(Shape.parse(machine_type="n2-standard-8"))
+        busy = shapes.ensure(Shape.parse(machine_type="n2-highmem-8"))
+        fake.now = lambda: datetime.now(UTC)
+        young = shapes.ensure(Shape.parse(machine_type="n2-highcpu-8"))
+        from runner.gce_fleet import GceFleet
+
+        fleet = GceFleet(project=deployment.project, group=busy.group, zone=ZONE)
+        fleet.grow(1)  # a VM that may be working
+        fleet.close()
+        active = Manifest("r-active", "b", "python", 1, {"machine_type": "n2-standard-4"})
+        ended = Manifest(
+            "r-ended", "b", "python", 1, {"machine_type": "n2-standard-8"}, RunState.FINISHED.value
+        )
+        # The API refuses to delete a template a group still uses: the group must go first.
+        code, body = fake._delete_template(unused.template)
+        assert (code, body["error"]["errors"][0]["reason"]) == (
+            400,
+            "resourceInUseByAnotherResource",
+        )
+        dry = cleanup_shapes(shapes, [active, ended], dry=True)
+        assert dry.deleted == [unused.group] and unused.group in fake.groups
+        done = cleanup_shapes(shapes, [active, ended])
+        assert done.deleted == [unused.group]
+        assert done.kept == {
+            used.group: "run r-active uses it",
+            busy.group: "1 VMs still in it (idle ones leave by themselves)",
+            young.group: "made less than 10 minutes ago (its run may be starting)",
+        }
+        assert fake.deleted_groups == [unused.group]
+        assert fake.deleted_templates == [unused.template]
+        assert not shapes.queues.exists(unused.digest) and shapes.queues.exists(used.digest)
+        assert GROUP in fake.groups  # the deployment's own group is never touched
+        # A fallback run keeps both its Spot and its standard group.
+        fb = Manifest(
+            "r-fb", "b", "python", 1, {"machine_type": "n2-highcpu-8", "fallback": "standard"}
+        )
+        standard = shapes.ensure(Shape.parse(machine_type="n2-highcpu-8").standard())
+        again = cleanup_shapes(shapes, [fb], now=time.time() + 3600)
+        assert {young.group, standard.group} <= set(again.kept)
+    finally:
+        shapes.close()
+        dep.close()
