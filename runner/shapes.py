@@ -24,8 +24,8 @@ and the GPU; a shape no zone there offers is refused. The templates stay global,
 deployment's is.
 
 A shape with GPUs boots a GPU-ready image: a Deep Learning VM image (``DEFAULT_GPU_IMAGE``, with
-the NVIDIA driver installed, and the ``install-nvidia-driver`` metadata Google documents for
-those images), or the deployment's ``gpu_image`` setting (``CFLOW_GPU_IMAGE``).
+the ``install-nvidia-driver`` metadata Google documents for those images, which installs the
+NVIDIA driver at first boot), or the deployment's ``gpu_image`` setting (``CFLOW_GPU_IMAGE``).
 
 Everything is checked before anything is made or published, each refusal one line
 (:class:`ShapeError`): the machine type exists in the zone (``machineTypes.get``), the GPU exists
@@ -62,13 +62,14 @@ HASH_CHARS = 8
 # without "tesla" (nvidia-tesla-t4 -> NVIDIA_T4_GPUS, nvidia-l4 -> NVIDIA_L4_GPUS).
 QUOTA_MODEL = {"nvidia-h100-80gb": "NVIDIA_H100", "nvidia-a100-80gb": "NVIDIA_A100_80GB"}
 ALL_REGIONS_GPUS = "GPUS_ALL_REGIONS"  # the project-wide GPU quota (projects.get)
-# A Deep Learning VM image family with CUDA and the NVIDIA driver installed (Google's
-# deeplearning-platform-release project); the deployment's gpu_image setting overrides it.
+# A Deep Learning VM image family (Google's deeplearning-platform-release project) with CUDA;
+# the driver comes with the install-nvidia-driver metadata below. Debian 12, like the stack's
+# default image: its python3 is 3.11, the Python the VMs' wheelhouse is resolved for
+# (runner.wheels.VM_PYTHON). The deployment's gpu_image setting overrides it.
 DEFAULT_GPU_IMAGE = (
-    "projects/deeplearning-platform-release/global/images/family/"
-    "common-cu129-ubuntu-2204-nvidia-580"
+    "projects/deeplearning-platform-release/global/images/family/common-cu124-debian-12"
 )
-# Metadata Deep Learning VM images read at first boot: install the driver if it is not there.
+# Metadata Deep Learning VM images read at first boot: install the NVIDIA driver.
 DRIVER_METADATA = ("install-nvidia-driver", "True")
 
 
