@@ -473,3 +473,44 @@ def test_cleanup_removes_only_unused_empty_shapes_group_first(
     finally:
         shapes.close()
         dep.close()
+
+
+@pytest.mark.emulator
+def test_a_shaped_runs_shards_and_its_retried_ones_go_to_its_shapes_queue(
+    deployment: Deployment, fake: FakeCompute, tmp_path: Path
+) -> None:
+    from worker.pubsub_queue import PubSubQueue
+
+    result = _submit(deployment, fake, tmp_path, "--machine-type", "n2-standard-4")
+    assert result.returncode == 0, result.stderr
+    run_id = result.stdout.strip()
+    (group,) = fake.made_groups
+    digest = group.rsplit("-", 1)[-1]
+    env = worker_env(fake.endpoint)
+    outputs = str(tmp_path / "cflow-outputs.json")
+    for args in (("cancel", run_id), ("retry", run_id, "--failed", "--detach")):
+        done = subprocess.run(
+            [sys.executable, "-m", "runner", *args, "--deployment", outputs],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr
+
+    def drain(subscription: str) -> list[str]:
+        queue = PubSubQueue(project=deployment.project, subscription=subscription)
+        got: list[str] = []
+        try:
+            while batch := queue.receive(100, 2.0):
+                got += [d.message.shard_id for d in batch if d.message.run_id == run_id]
+                for d in batch:
+                    queue.ack(d)
+        finally:
+            queue.close()
+        return got
+
+    # The 3 shards as submitted, and the 3 retried: all on the shape's own subscription.
+    shaped = drain(f"{deployment.work_subscription}-{digest}")
+    assert sorted(shaped) == sorted(["00000", "00001", "00002"] * 2)
+    assert drain(deployment.work_subscription) == []  # the deployment's VMs never see them
