@@ -50,7 +50,7 @@ from google.api_core import exceptions as gexc
 from google.cloud import compute_v1
 
 from runner.gce_fleet import compute_client_options
-from runner.quota import SSD_DISKS
+from runner.quota import SSD_DISKS, VmNeeds, gpu_quota_metric
 from runner.shape_queues import ShapeQueue, ShapeQueues
 from worker.errors import ConfigError
 
@@ -58,10 +58,6 @@ PROVISIONING = ("spot", "standard")
 GPU_SERIES = "n1"  # the only general-purpose series GPUs attach to
 MIN_DISK_GB, MAX_DISK_GB = 10, 65_536  # a boot disk's size range (pd-balanced)
 HASH_CHARS = 8
-# Accelerator type -> its quota metric's model part, where it is not the type upper-cased
-# without "tesla" (nvidia-tesla-t4 -> NVIDIA_T4_GPUS, nvidia-l4 -> NVIDIA_L4_GPUS).
-QUOTA_MODEL = {"nvidia-h100-80gb": "NVIDIA_H100", "nvidia-a100-80gb": "NVIDIA_A100_80GB"}
-ALL_REGIONS_GPUS = "GPUS_ALL_REGIONS"  # the project-wide GPU quota (projects.get)
 # A Deep Learning VM image family (Google's deeplearning-platform-release project) with CUDA;
 # the driver comes with the install-nvidia-driver metadata below. Debian 12, like the stack's
 # default image: its python3 is 3.11, the Python the VMs' wheelhouse is resolved for
@@ -71,6 +67,9 @@ DEFAULT_GPU_IMAGE = (
 )
 # Metadata Deep Learning VM images read at first boot: install the NVIDIA driver.
 DRIVER_METADATA = ("install-nvidia-driver", "True")
+
+
+__all__ = ["Shape", "ShapeError", "ShapedGroup", "Shapes", "derive_properties", "gpu_quota_metric"]
 
 
 class ShapeError(ConfigError):
@@ -138,12 +137,6 @@ class Shape:
             content["image"] = image
         text = json.dumps(content, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:HASH_CHARS]
-
-
-def gpu_quota_metric(gpu_type: str, *, spot: bool) -> str:
-    """``NVIDIA_L4_GPUS`` or ``PREEMPTIBLE_NVIDIA_L4_GPUS`` for ``nvidia-l4``."""
-    model = QUOTA_MODEL.get(gpu_type) or gpu_type.replace("-tesla", "").replace("-", "_").upper()
-    return f"{'PREEMPTIBLE_' if spot else ''}{model}_GPUS"
 
 
 def derive_properties(
@@ -379,40 +372,16 @@ class Shapes:
         disk: tuple[str, int],
     ) -> None:
         region = self._regions.get(request={"project": self.project, "region": self.region})
-        quotas = {q.metric: (q.limit, q.usage) for q in region.quotas}
-        kind = "Spot" if spot else "standard"
-
-        def metric_for(standard: str, preemptible: str) -> str:
-            # Spot VMs use the preemptible quota when the project has any, else the standard one.
-            return preemptible if spot and quotas.get(preemptible, (0.0, 0.0))[0] > 0 else standard
-
-        needs = {metric_for("CPUS", "PREEMPTIBLE_CPUS"): vcpus, disk[0]: disk[1]}
-        for gpu_type, count in gpus.items():
-            standard = gpu_quota_metric(gpu_type, spot=False)
-            needs[metric_for(standard, gpu_quota_metric(gpu_type, spot=True))] = count
-        for metric, amount in needs.items():
-            if metric == disk[0] and metric not in quotas:
-                continue  # a region that lists no disk quota does not limit disks
-            limit, usage = quotas.get(metric, (0.0, 0.0))
-            if limit - usage < amount:
-                raise ShapeError(
-                    f"not one {kind} {machine_type} VM fits in {self.region}: it needs {amount} "
-                    f"{metric}, the project has {limit - usage:g} free (limit {limit:g}); "
-                    f"ask for {metric} {usage + amount:g} in {self.region} on the console's "
-                    "Quotas page"
-                )
-        if gpus:  # every GPU, Spot or not, counts against the project-wide quota too
+        need = VmNeeds(machine_type, vcpus, gpus, spot, disk)
+        refusal = need.short_in_region(
+            self.region, {q.metric: (q.limit, q.usage) for q in region.quotas}
+        )
+        if refusal is None and gpus:  # every GPU counts against the project-wide quota too
             project = self._projects.get(request={"project": self.project})
-            found = {q.metric: (q.limit, q.usage) for q in project.quotas}
-            limit, usage = found.get(ALL_REGIONS_GPUS, (0.0, 0.0))
-            amount = sum(gpus.values())
-            if limit - usage < amount:
-                raise ShapeError(
-                    f"not one {kind} {machine_type} VM fits in project {self.project}: it needs "
-                    f"{amount} {ALL_REGIONS_GPUS}, the project has {limit - usage:g} free (limit "
-                    f"{limit:g}); ask for {ALL_REGIONS_GPUS} {usage + amount:g} (global) on the "
-                    "console's Quotas page"
-                )
+            quotas = {q.metric: (q.limit, q.usage) for q in project.quotas}
+            refusal = need.short_in_project(self.project, quotas)
+        if refusal is not None:
+            raise ShapeError(refusal)
 
     def _is_spot(self, shape: Shape, base_props: dict[str, Any]) -> bool:
         if shape.provisioning is not None:
