@@ -32,6 +32,7 @@ from typing import Any
 
 import google.cloud.pubsub_v1 as pubsub_v1
 from google.api_core import exceptions as gexc
+from google.iam.v1 import policy_pb2
 
 from worker.errors import BackendError
 from worker.protocol import WorkMessage
@@ -108,7 +109,6 @@ class ShapeQueues:
         try:
             self.publisher.create_topic(request={"name": topic, "labels": labels})
             log.info("created work topic %s", topic)
-            self._copy_policy(self.publisher, self._work("topics"), topic)
         except gexc.AlreadyExists:
             pass
         except gexc.GoogleAPICallError as exc:
@@ -128,13 +128,16 @@ class ShapeQueues:
         try:
             self.subscriber.create_subscription(request=request)
             log.info("created work subscription %s", sub)
-            self._copy_policy(self.subscriber, self._work("subscriptions"), sub)
         except gexc.AlreadyExists:
             pass
         except gexc.GoogleAPICallError as exc:
             raise BackendError(
                 f"could not create work subscription {names.subscription}: {exc.message}"
             ) from None
+        # Every time, not only when made: a copy that failed once (or grants changed by a
+        # redeploy) is put right by the next run of the shape.
+        self._copy_policy(self.publisher, self._work("topics"), topic)
+        self._copy_policy(self.subscriber, self._work("subscriptions"), sub)
         return names
 
     def delete(self, digest: str) -> bool:
@@ -169,9 +172,9 @@ class ShapeQueues:
             policy = client.get_iam_policy(request={"resource": source})
             if not policy.bindings:
                 return
-            client.set_iam_policy(
-                request={"resource": target, "policy": {"bindings": list(policy.bindings)}}
-            )
+            # The bindings only: the source's etag would not match the target's policy.
+            copied = policy_pb2.Policy(bindings=list(policy.bindings))
+            client.set_iam_policy(request={"resource": target, "policy": copied})
         except gexc.MethodNotImplemented:  # the emulator has no IAM: nothing to copy
             log.info("no IAM policies here (an emulator); %s has none", target)
         except gexc.GoogleAPICallError as exc:

@@ -151,3 +151,39 @@ def test_the_mover_takes_only_its_runs_queued_shards(
         mover.close()
         spot_q.close()
         standard_q.close()
+
+
+def test_a_shape_queue_gets_the_deployments_grants_and_a_refusal_is_one_line() -> None:
+    # The emulator has no IAM (501), so the copy is checked on a stand-in of the two calls.
+    from google.api_core import exceptions as gexc
+    from google.iam.v1 import policy_pb2
+
+    from worker.errors import BackendError
+
+    grant = policy_pb2.Binding(role="roles/pubsub.subscriber", members=["serviceAccount:w@p"])
+
+    class Iam:
+        def __init__(self, refuse: bool = False) -> None:
+            self.refuse = refuse
+            self.set: list[dict[str, object]] = []
+
+        def get_iam_policy(self, request: dict[str, str]) -> policy_pb2.Policy:
+            return policy_pb2.Policy(bindings=[grant], etag=b"source's")
+
+        def set_iam_policy(self, request: dict[str, object]) -> None:
+            if self.refuse:
+                raise gexc.PermissionDenied("User not authorized to perform this action.")
+            self.set.append(request)
+
+    queues = ShapeQueues.__new__(ShapeQueues)
+    iam = Iam()
+    queues._copy_policy(iam, "projects/p/subscriptions/work", "projects/p/subscriptions/work-x")
+    (copied,) = iam.set
+    assert copied["resource"] == "projects/p/subscriptions/work-x"
+    assert copied["policy"] == policy_pb2.Policy(bindings=[grant])
+    with pytest.raises(BackendError) as refused:
+        queues._copy_policy(Iam(refuse=True), "projects/p/topics/work", "projects/p/topics/work-x")
+    assert str(refused.value) == (
+        "could not give work-x the grants of work (User not authorized to perform this "
+        "action.); the runner's account needs roles/pubsub.admin on the project"
+    )
