@@ -402,6 +402,16 @@ def test_a_regional_deployment_gets_regional_groups_in_the_zones_that_offer_the_
         assert fake.groups[made.group].vms[name].zone == f"{region}-c"
     finally:
         fleet.close()
+    # Cleanup works on regional groups too: the empty one goes, the one with a VM stays.
+    from runner.shape_cleanup import cleanup_shapes
+
+    s = Shapes(project=fake.group.project, group=GROUP, region=region)
+    try:
+        done = cleanup_shapes(s, [], now=time.time() + 3600)
+    finally:
+        s.close()
+    assert done.deleted == [cpu.group] and list(done.kept) == [made.group]
+    assert fake.deleted_groups == [cpu.group] and fake.deleted_templates == [cpu.template]
     # The fake refuses what the API refuses: a zone outside the group's region.
     code, body = fake._insert_group(
         "regions",
@@ -514,3 +524,14 @@ def test_a_shaped_runs_shards_and_its_retried_ones_go_to_its_shapes_queue(
     shaped = drain(f"{deployment.work_subscription}-{digest}")
     assert sorted(shaped) == sorted(["00000", "00001", "00002"] * 2)
     assert drain(deployment.work_subscription) == []  # the deployment's VMs never see them
+    # `runner prune` keeps the shape of a run still going (and deletes nothing on --dry-run).
+    prune = subprocess.run(
+        [sys.executable, "-m", "runner", "prune", "--older-than", "30d", "--dry-run"],
+        env={**env, "CFLOW_DEPLOYMENT": outputs},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert prune.returncode == 0, prune.stderr
+    assert f"cflow: keeping shaped group {group}: run {run_id} uses it" in prune.stderr
+    assert fake.deleted_groups == [] and group in fake.groups
