@@ -36,8 +36,8 @@ def _queue(d: Deployment, queues: ShapeQueues, digest: str) -> PubSubQueue:
     return PubSubQueue(project=d.project, topic=names.topic, subscription=names.subscription)
 
 
-def _take(queue: PubSubQueue) -> Delivery | None:
-    got = queue.receive(1, 3.0)
+def _take(queue: PubSubQueue, timeout: float = 3.0) -> Delivery | None:
+    got = queue.receive(1, timeout)
     return got[0] if got else None
 
 
@@ -93,7 +93,7 @@ def test_a_shard_preempted_k_times_moves_to_the_standard_shape_and_stays_there(
         assert again is not None and again.message.preemptions == 1
         assert again.message.topic is None
         settle(spot_q, again, AttemptState.PREEMPTED)  # K reached: the standard queue
-        assert _take(spot_q) is None
+        assert _take(spot_q, 0.5) is None
         moved = _take(standard_q)
         assert moved is not None
         assert (moved.message.preemptions, moved.message.topic) == (2, standard.topic)
@@ -101,7 +101,7 @@ def test_a_shard_preempted_k_times_moves_to_the_standard_shape_and_stays_there(
         settle(standard_q, moved, AttemptState.FAILED)  # a task failure is retried there too
         retried = _take(standard_q)
         assert retried is not None and retried.message.failures == 1
-        assert _take(spot_q) is None
+        assert _take(spot_q, 0.5) is None
         standard_q.ack(retried)
     finally:
         spot_q.close()

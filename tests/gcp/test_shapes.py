@@ -512,7 +512,7 @@ def test_a_shaped_runs_shards_and_its_retried_ones_go_to_its_shapes_queue(
         queue = PubSubQueue(project=deployment.project, subscription=subscription)
         got: list[str] = []
         try:
-            while batch := queue.receive(100, 2.0):
+            while batch := queue.receive(100, 1.0):
                 got += [d.message.shard_id for d in batch if d.message.run_id == run_id]
                 for d in batch:
                     queue.ack(d)
