@@ -177,6 +177,12 @@ def derive_properties(
             disk.pop("source", None)
     if gpus:
         _set_metadata(props, *DRIVER_METADATA)
+        # The driver the image installs at first boot is a kernel module built on the VM, not
+        # signed by a key Secure Boot trusts, so it would not load; vTPM and integrity
+        # monitoring stay as the deployment has them.
+        shielded = props.get("shieldedInstanceConfig")
+        if isinstance(shielded, dict) and shielded.get("enableSecureBoot"):
+            shielded["enableSecureBoot"] = False
     return props
 
 

@@ -584,6 +584,11 @@ class FakeCompute:
                     "instanceTerminationAction": "DELETE",
                 },
                 "metadata": {"items": [{"key": k, "value": v} for k, v in self.metadata.items()]},
+                "shieldedInstanceConfig": {
+                    "enableSecureBoot": True,
+                    "enableVtpm": True,
+                    "enableIntegrityMonitoring": True,
+                },
                 "disks": [
                     {
                         "boot": True,

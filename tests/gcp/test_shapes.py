@@ -330,12 +330,24 @@ def test_a_gpu_shape_boots_an_image_with_the_nvidia_driver(fake: FakeCompute) ->
         cpu = s.ensure(Shape.parse(machine_type="n2-standard-4"))
     finally:
         s.close()
+
+    def shielded(template: str) -> dict[str, bool]:
+        found: dict[str, bool] = fake.templates[template]["properties"]["shieldedInstanceConfig"]
+        return found
+
     for made in (gpu, g2):
         assert boot(made.template)["sourceImage"] == DEFAULT_GPU_IMAGE
         assert "deeplearning-platform-release" in DEFAULT_GPU_IMAGE
         assert items(made.template)["install-nvidia-driver"] == "True"
+        # The driver built at boot is unsigned: Secure Boot would refuse to load it.
+        assert shielded(made.template) == {
+            "enableSecureBoot": False,
+            "enableVtpm": True,
+            "enableIntegrityMonitoring": True,
+        }
     assert boot(cpu.template)["sourceImage"].endswith("/global/images/cflow-1")  # the stack's
     assert "install-nvidia-driver" not in items(cpu.template)
+    assert shielded(cpu.template)["enableSecureBoot"] is True
     own = "projects/my-project/global/images/family/my-cuda"
     s = Shapes(project=fake.group.project, group=GROUP, zone=ZONE, gpu_image=own)
     try:  # the deployment's gpu_image setting: another image, so another template
