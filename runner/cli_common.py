@@ -13,8 +13,6 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from importlib.metadata import PackageNotFoundError
-from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -26,7 +24,7 @@ from runner import report, runs
 from runner.backends import Deployment, open_deployment
 from runner.combine import Combined, OutTarget, combine_run
 from runner.halt import HaltJudge, HaltRule
-from runner.watch import Watcher
+from runner.watch import Snapshot, Watcher
 from worker.errors import CFlowError
 from worker.protocol import (
     AttemptState,
@@ -98,6 +96,9 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="JSON on stdout.")]
 
 def _version(value: bool) -> None:
     if value:
+        from importlib.metadata import PackageNotFoundError
+        from importlib.metadata import version as package_version
+
         try:
             out.print(f"cflow {package_version('cflow')}")
         except PackageNotFoundError:
@@ -171,6 +172,7 @@ def make_watcher(
         slots=slots,
         speculate=options.speculate,
         expect_heartbeats=True,  # this version's workers send them during long attempts
+        quiet_poll_seconds=dep.quiet_poll_seconds,
     )
 
 
@@ -259,8 +261,18 @@ def watch_and_finish(
         else:
             err.print(f"cflow: run {run_id} was cancelled", markup=False)
         return EXIT_FAILED
-    if not watcher.drain_fleet():
-        err.print("cflow: warning: some workers are still stopping")
+    # Every shard is settled: the workers stop while the outputs are combined.
+    watcher.drain_fleet(wait=False)
+    try:
+        return _finish(watcher, dep, snapshot, out)
+    finally:
+        if not watcher.wait_drained():
+            err.print("cflow: warning: some workers are still stopping")
+
+
+def _finish(watcher: Watcher, dep: Deployment, snapshot: Snapshot, out: OutTarget | None) -> int:
+    run_id = watcher.run_id
+    store = dep.backends.store
     manifest = runs.load_manifest(store, run_id).with_state(RunState.FINISHED)
     runs.save_manifest(store, manifest)  # every shard is settled, whatever the combine does
     failed = (  # read every shard's records only when some failed

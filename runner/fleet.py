@@ -13,6 +13,7 @@ import itertools
 import json
 import logging
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -222,10 +223,27 @@ class LocalFleet(Fleet):
     def wait_empty(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         while self.instances():
-            if time.monotonic() >= deadline:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
                 return False
-            time.sleep(0.05)
+            self._wait_any(min(0.05, remaining))
         return True
+
+    def _wait_any(self, timeout: float) -> None:
+        """Until one of the workers this runner started exits (a pidfd each), or ``timeout``;
+        others' workers are looked at again after it."""
+        fds = []
+        try:
+            for proc in self._procs.values():
+                with contextlib.suppress(OSError):  # gone already, or no pidfd on this system
+                    fds.append(os.pidfd_open(proc.pid))
+            if fds:
+                select.select(fds, [], [], timeout)
+            else:
+                time.sleep(timeout)
+        finally:
+            for fd in fds:
+                os.close(fd)
 
     def close(self) -> None:
         if self._queue is not None:

@@ -21,10 +21,6 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from google.cloud import compute_v1
-
-from runner.gce_fleet import compute_client_options
-
 SIZES = (125, 2000)  # the README's run sizes: the doctor says what each needs
 SSD_DISKS = {"pd-balanced", "pd-ssd", "hyperdisk-balanced"}
 # Accelerator type -> its quota metric's model part, where it is not the type upper-cased
@@ -100,6 +96,10 @@ def fit(quotas: dict[str, Quota], template: Template, sizes: tuple[int, ...] = S
 
 def read_region(project: str, region: str) -> tuple[dict[str, Quota], list[str]]:
     """The region's quotas by metric, and its zones (``regions.get``)."""
+    from google.cloud import compute_v1  # loads in a second: only when asked
+
+    from runner.gce_fleet import compute_client_options
+
     credentials, options = compute_client_options()
     client: Any = compute_v1.RegionsClient(credentials=credentials, client_options=options)
     try:
@@ -112,6 +112,10 @@ def read_region(project: str, region: str) -> tuple[dict[str, Quota], list[str]]
 
 def read_template(project: str, template_url: str, zone: str) -> Template:
     """The machine type, vCPUs and boot disk of the group's instance template."""
+    from google.cloud import compute_v1  # loads in a second: only when asked
+
+    from runner.gce_fleet import compute_client_options
+
     credentials, options = compute_client_options()
     templates: Any = compute_v1.InstanceTemplatesClient(
         credentials=credentials, client_options=options

@@ -12,17 +12,18 @@ group, topic and subscription are never changed.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from runner import runs
 from runner.fallback import FallbackFleet, FallbackPolicy, PreemptionTap
 from runner.fleet import Fleet
-from runner.gce_fleet import GceFleet
-from runner.shape_queues import Mover, ShapeQueues, ShapeWorkQueue
 from runner.shapes import Shape, ShapedGroup, ShapeError, Shapes
 from worker.clock import SYSTEM_CLOCK
 from worker.protocol import Layout, RunOptions, ShardResult
 from worker.queue import EventBus
+
+if TYPE_CHECKING:
+    from runner.shape_queues import Mover
 
 FALLBACKS = ("standard",)
 
@@ -47,6 +48,8 @@ def needs_groups(options: RunOptions) -> bool:
 def open_shapes(dep: Any) -> Shapes:
     """The deployment's :class:`Shapes`, with its shapes' work queues (the caller closes it;
     the queues' clients close with ``dep``)."""
+    from runner.shape_queues import ShapeQueues  # the cloud clients: only for cloud runs
+
     cfg = dep.config
     queues = ShapeQueues(
         project=cfg.project,
@@ -89,6 +92,9 @@ def apply_run_shape(dep: Any, options: RunOptions) -> list[ShapedGroup]:
             made.append(shapes.ensure(shape.standard()))
     finally:
         shapes.close()
+    from runner.gce_fleet import GceFleet  # the Compute client: only for cloud runs
+    from runner.shape_queues import Mover, ShapeWorkQueue
+
     store = dep.backends.store
     assert made[0].queue is not None
     fallback_topic = made[1].queue.topic if options.fallback and made[1].queue else None

@@ -44,15 +44,13 @@ import hashlib
 import json
 import re
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from google.api_core import exceptions as gexc
-from google.cloud import compute_v1
-
-from runner.gce_fleet import compute_client_options
 from runner.quota import SSD_DISKS, VmNeeds, gpu_quota_metric
-from runner.shape_queues import ShapeQueue, ShapeQueues
 from worker.errors import ConfigError
+
+if TYPE_CHECKING:
+    from runner.shape_queues import ShapeQueue, ShapeQueues
 
 PROVISIONING = ("spot", "standard")
 GPU_SERIES = "n1"  # the only general-purpose series GPUs attach to
@@ -243,6 +241,13 @@ class Shapes:
         self.region = zone.rsplit("-", 1)[0] if zone else str(region)
         self.queues = queues
         self.gpu_image = gpu_image or DEFAULT_GPU_IMAGE
+        from google.api_core import exceptions as gexc
+        from google.cloud import compute_v1  # loads in a second: only for cloud commands
+
+        from runner.gce_fleet import compute_client_options
+
+        self._compute: Any = compute_v1
+        self._gexc: Any = gexc
         credentials, options = compute_client_options()
         kw: dict[str, Any] = {"credentials": credentials, "client_options": options}
         if zone:
@@ -339,7 +344,7 @@ class Shapes:
                     request={"project": self.project, "zone": zone, "machine_type": machine_type}
                 )
             )
-        except gexc.NotFound:
+        except self._gexc.NotFound:
             raise ShapeError(f"machine type {machine_type} does not exist in zone {zone}") from None
         bundled = {
             a["guestAcceleratorType"]: a["guestAcceleratorCount"]
@@ -365,7 +370,7 @@ class Shapes:
             self._gpus.get(
                 request={"project": self.project, "zone": zone, "accelerator_type": shape.gpu_type}
             )
-        except gexc.NotFound:
+        except self._gexc.NotFound:
             raise ShapeError(f"GPU {shape.gpu_type} is not offered in zone {zone}") from None
         return described, {shape.gpu_type: shape.gpu_count}
 
@@ -436,23 +441,23 @@ class Shapes:
                 request={"project": self.project, "instance_template": name}
             )
             return str(found.self_link), False
-        except gexc.NotFound:
+        except self._gexc.NotFound:
             pass
         body = {
             "name": name,
             "description": f"CFlow worker, a run's shape (from {base})",
             "properties": props,
         }
-        resource = compute_v1.InstanceTemplate.from_json(
+        resource = self._compute.InstanceTemplate.from_json(
             json.dumps(body), ignore_unknown_fields=True
         )
         try:
             operation = self._templates.insert(
                 request={"project": self.project, "instance_template_resource": resource}
             )
-        except gexc.Conflict:  # another runner made it first: the same content by its name
+        except self._gexc.Conflict:  # another runner made it first: the same content by its name
             operation = None
-        except gexc.BadRequest as exc:
+        except self._gexc.BadRequest as exc:
             raise ShapeError(
                 f"Compute Engine refused the template for this shape: {exc.message}"
             ) from None
@@ -467,7 +472,7 @@ class Shapes:
         try:
             self._managers.get(request=self._request(name))
             return False
-        except gexc.NotFound:
+        except self._gexc.NotFound:
             pass
         body: dict[str, Any] = {
             "name": name,
@@ -481,7 +486,7 @@ class Shapes:
                 **base.get("distributionPolicy", {}),
                 "zones": [{"zone": f"zones/{z}"} for z in zones],
             }
-        resource = compute_v1.InstanceGroupManager.from_json(
+        resource = self._compute.InstanceGroupManager.from_json(
             json.dumps(body), ignore_unknown_fields=True
         )
         field = "instance_group_manager_resource"
@@ -489,9 +494,9 @@ class Shapes:
         try:
             operation = self._managers.insert(request=request)
             operation.result(timeout=120)
-        except gexc.Conflict:
+        except self._gexc.Conflict:
             return False
-        except gexc.BadRequest as exc:
+        except self._gexc.BadRequest as exc:
             raise ShapeError(
                 f"Compute Engine refused the group for this shape: {exc.message}"
             ) from None
@@ -503,7 +508,7 @@ class Shapes:
         """Every instance group in the deployment's zone or region."""
         try:
             return list(self._managers.list(request={"project": self.project, **self._where}))
-        except gexc.GoogleAPICallError as exc:
+        except self._gexc.GoogleAPICallError as exc:
             raise ShapeError(
                 f"could not list the instance groups in {self.where}: {exc.message}"
             ) from None
@@ -516,16 +521,16 @@ class Shapes:
         """Delete group ``name`` (gone already is fine), then its template of the same name."""
         try:
             self._managers.delete(request=self._request(name)).result(timeout=timeout)
-        except gexc.NotFound:
+        except self._gexc.NotFound:
             pass
-        except gexc.GoogleAPICallError as exc:
+        except self._gexc.GoogleAPICallError as exc:
             raise ShapeError(f"could not delete instance group {name}: {exc.message}") from None
         request = {"project": self.project, "instance_template": name}
         try:
             self._templates.delete(request=request).result(timeout=timeout)
-        except gexc.NotFound:
+        except self._gexc.NotFound:
             pass
-        except gexc.GoogleAPICallError as exc:
+        except self._gexc.GoogleAPICallError as exc:
             raise ShapeError(f"could not delete instance template {name}: {exc.message}") from None
 
 
