@@ -34,6 +34,7 @@ import google.cloud.pubsub_v1 as pubsub_v1
 from google.api_core import exceptions as gexc
 from google.iam.v1 import policy_pb2
 
+from worker.clock import SYSTEM_CLOCK, Clock
 from worker.errors import BackendError
 from worker.protocol import WorkMessage
 from worker.pubsub_queue import PubSubQueue, resource_path
@@ -43,6 +44,7 @@ log = logging.getLogger("cflow.runner")
 LABEL = "cflow_shape"  # label on a shape's topic and subscription; its value is the shape hash
 CREATED_LABEL = "cflow_created"  # unix time it was made
 MOVE_BATCH = 1000  # queued shards moved to the standard VMs' topic per watch poll, at most
+MOVE_EVERY = 10.0  # seconds between the mover's pulls while it finds nothing to move
 # Settings of the deployment's work subscription that a shape's subscription takes over.
 COPIED = (
     "ack_deadline_seconds",
@@ -228,7 +230,15 @@ class Mover:
     """
 
     def __init__(
-        self, *, project: str, run_id: str, subscription: str, to_topic: str, subscriber: Any
+        self,
+        *,
+        project: str,
+        run_id: str,
+        subscription: str,
+        to_topic: str,
+        subscriber: Any,
+        every: float = MOVE_EVERY,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.run_id = run_id
         self.to_topic = to_topic
@@ -236,9 +246,17 @@ class Mover:
             project=project, topic=to_topic, subscription=subscription, subscriber=subscriber
         )
         self.moved = 0
+        self.every, self.clock = every, clock
+        self._idle_until = 0.0
 
     def __call__(self, max_messages: int = MOVE_BATCH) -> int:
-        """Move what is queued now (one pull); how many shards moved."""
+        """Move what is queued now (one pull); how many shards moved.
+
+        An empty pull may take the service seconds to answer, and the watch loop calls this at
+        every poll: after a pull that found nothing, the next one waits ``every`` seconds.
+        """
+        if self.clock.monotonic() < self._idle_until:
+            return 0
         moved = 0
         for delivery in self.queue.receive(max_messages, 0.0):
             message = delivery.message
@@ -250,6 +268,8 @@ class Mover:
             moved += 1
         if moved:
             log.info("moved %d queued shards of run %s to standard VMs", moved, self.run_id)
+        else:
+            self._idle_until = self.clock.monotonic() + self.every
         self.moved += moved
         return moved
 

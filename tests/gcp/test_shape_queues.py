@@ -124,6 +124,7 @@ def test_the_mover_takes_only_its_runs_queued_shards(
         subscription=spot.subscription,
         to_topic=standard.topic,
         subscriber=queues.subscriber,
+        every=0.0,
     )
     spot_q, standard_q = _queue(deployment, queues, SPOT), _queue(deployment, queues, STANDARD)
     try:
@@ -145,6 +146,15 @@ def test_the_mover_takes_only_its_runs_queued_shards(
                 break
         assert sorted(d.message.shard_id for d in left) == ["s1", "s2"]
         assert {d.message.run_id for d in left} == {"other"}  # the other run's stay on Spot
+        lazy = Mover(
+            project=deployment.project,
+            run_id="mine",
+            subscription=spot.subscription,
+            to_topic=standard.topic,
+            subscriber=queues.subscriber,
+        )
+        assert lazy() == 0 and lazy._idle_until > 0  # found nothing: it waits before the next
+        lazy.close()
         for d in [*on_standard, *left]:
             (standard_q if d in on_standard else spot_q).ack(d)
     finally:
