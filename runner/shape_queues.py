@@ -12,13 +12,14 @@ serve shapes made later. A topic and subscription of the shape's own keeps them 
   ``<work topic>-<hash>`` and ``<work subscription>-<hash>`` by the shape's hash (the group's is
   ``<group>-<hash>``), labelled ``cflow_shape=<hash>``;
 - the subscription has the deployment's work subscription's settings: ack deadline, retention,
-  retry policy, dead-letter policy (to the deployment's dead-letter topic, so the runner's
-  dead-letter watch still sees them) and expiry; and the same IAM policy, so the workers may
-  pull it and Pub/Sub's service agent may dead-letter from it, with no new grant in the stack;
+  retry policy and dead-letter policy (to the deployment's dead-letter topic, so the runner's
+  dead-letter watch still sees them); and the same IAM policy, so the workers may pull it and
+  Pub/Sub's service agent may dead-letter from it, with no new grant in the stack;
 - the topic gets the work topic's IAM policy (workers re-publish failed shards on it);
 - the shaped template's metadata names them (``cflow-subscription``, ``cflow-work-topic``), so
   the VM's worker pulls and re-queues there, and the run's shards are published there;
-- they are deleted with the shape's group (:mod:`runner.shape_cleanup`).
+- they are deleted with the shape's group (:mod:`runner.shape_cleanup`); like the per-run
+  events subscriptions, the subscription also expires after ``EXPIRY`` unused.
 """
 
 from __future__ import annotations
@@ -51,8 +52,8 @@ COPIED = (
     "message_retention_duration",
     "retry_policy",
     "dead_letter_policy",
-    "expiration_policy",
 )
+EXPIRY = "604800s"  # a shape's subscription unused this long is deleted by Pub/Sub (7 days)
 
 
 @dataclass(frozen=True)
@@ -127,6 +128,10 @@ class ShapeQueues:
         for name in COPIED:
             if name in base:  # proto-plus: set fields only
                 request[name] = getattr(base, name)
+        # Unlike the deployment's, it expires when unused (no VM pulls it): a backstop for
+        # prune, as the per-run events subscriptions have. The next run of the shape makes it
+        # again before it publishes anything.
+        request["expiration_policy"] = {"ttl": EXPIRY}
         try:
             self.subscriber.create_subscription(request=request)
             log.info("created work subscription %s", sub)

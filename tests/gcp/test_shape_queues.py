@@ -57,6 +57,7 @@ def test_a_shape_queue_has_the_work_subscriptions_settings(
     assert sub.dead_letter_policy == base.dead_letter_policy  # the deployment's dead letters
     assert sub.dead_letter_policy.dead_letter_topic.endswith(deployment.dead_letter_topic)
     assert sub.labels[LABEL] == SPOT
+    assert sub.expiration_policy.ttl.total_seconds() == 7 * 86400  # unused, it goes by itself
     topic = queues.publisher.get_topic(topic=queues.topic_path(SPOT))
     assert topic.labels[LABEL] == SPOT
     assert queues.delete(SPOT) and not queues.exists(SPOT)
