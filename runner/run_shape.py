@@ -157,6 +157,36 @@ def apply_run_shape(dep: Any, options: RunOptions) -> list[ShapedGroup]:
     return made
 
 
+def run_group_fleets(dep: Any, options: RunOptions) -> list[Fleet]:
+    """The fleets of a shaped run's groups as submitted (nothing is made); [] for a run with
+    no shape, or whose groups are gone."""
+    if not needs_groups(options):
+        return []
+    from runner.gce_fleet import GceFleet  # the Compute client: only for cloud runs
+    from runner.shape_cleanup import run_shapes
+
+    cfg = dep.config
+    shapes = Shapes(
+        project=cfg.project,
+        group=cfg.group,
+        zone=cfg.zone,
+        region=cfg.region,
+        gpu_image=getattr(cfg, "gpu_image", None),  # a GPU shape's hash covers its image
+    )
+    try:
+        names = [f"{cfg.group}-{shapes.normalize(s)[1]}" for s in run_shapes(options)]
+    finally:
+        shapes.close()
+    fleets: list[Fleet] = []
+    for name in names:
+        fleet = GceFleet(project=cfg.project, group=name, zone=cfg.zone, region=cfg.region)
+        if fleet.exists():
+            fleets.append(fleet)
+        else:
+            fleet.close()
+    return fleets
+
+
 def fallback_line(fleet: Fleet, store: Any, run_id: str, machine_type: str) -> str | None:
     """The summary line of a run's fallback: shards on standard VMs and what they cost."""
     if not isinstance(fleet, FallbackFleet):

@@ -547,3 +547,34 @@ def test_a_shaped_runs_shards_and_its_retried_ones_go_to_its_shapes_queue(
     assert prune.returncode == 0, prune.stderr
     assert f"cflow: keeping shaped group {group}: run {run_id} uses it" in prune.stderr
     assert fake.deleted_groups == [] and group in fake.groups
+
+
+@pytest.mark.emulator
+def test_status_finds_a_shaped_runs_workers_in_its_own_group(
+    deployment: Deployment, fake: FakeCompute, tmp_path: Path
+) -> None:
+    from worker.ledger import running_record
+    from worker.protocol import Layout
+
+    result = _submit(deployment, fake, tmp_path, "--machine-type", "n2-standard-4")
+    assert result.returncode == 0, result.stderr
+    run_id = result.stdout.strip()
+    (group,) = fake.made_groups
+    vm = wait_for(lambda: next(iter(fake.live(group)), None), 30, "a VM of the shaped group")
+    store = GcsStore(deployment.bucket, client=make_client(deployment.project))
+    # Shard 0 runs on a VM of the run's group; shard 1's VM is gone from every group.
+    for shard, worker in (("00000", vm), ("00001", f"{GROUP}-gone")):
+        store.put(
+            Layout.status(run_id, shard, 1),
+            running_record(run_id, shard, 1, worker, time.time(), None),
+        )
+    status = subprocess.run(
+        [sys.executable, "-m", "runner", "status", run_id, "--json"],
+        env={**worker_env(fake.endpoint), "CFLOW_DEPLOYMENT": str(tmp_path / "cflow-outputs.json")},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert status.returncode == 0, status.stderr
+    states = {s["id"]: s["state"] for s in json.loads(status.stdout)["shards"]}
+    assert states == {"00000": "running", "00001": "lost", "00002": "queued"}
