@@ -177,12 +177,24 @@ def make_watcher(
 
 
 def live_workers(dep: Deployment, run_id: str) -> tuple[set[str], dict[str, str] | None]:
-    """The fleet's instance names and the run's lease holders (None where unknown)."""
-    fleet = dep.fleet()
+    """The fleet's instance names and the run's lease holders (None where unknown).
+
+    A shaped run's workers are VMs of its own groups (``runner.run_shape``), not of the
+    deployment's: those are the ones listed.
+    """
+    fleets = [dep.fleet()]
+    if not dep.config.is_local:
+        from runner.run_shape import run_group_fleets
+
+        options = runs.load_manifest(dep.backends.store, run_id).run_options
+        fleets = run_group_fleets(dep, options) or fleets
+    names: set[str] = set()
     try:
-        names = {i.name for i in fleet.instances()}
+        for fleet in fleets:
+            names |= {i.name for i in fleet.instances()}
     finally:
-        fleet.close()
+        for fleet in fleets:
+            fleet.close()
     return names, dep.backends.queue.leases(run_id)
 
 

@@ -378,9 +378,10 @@ def watch(
                 f"run {run_id} was {'halted' if manifest.halted else 'cancelled'};"
                 f" `runner retry {run_id} --failed` restarts it"
             )
-        manifest = resume_publishing(dep, manifest)
         if needs_groups(manifest.run_options) and not dep.config.is_local:
-            apply_run_shape(dep, manifest.run_options)  # the run's own groups, made as submitted
+            # The run's own groups and queue, as submitted: what is left to publish goes there.
+            apply_run_shape(dep, manifest.run_options)
+        manifest = resume_publishing(dep, manifest)
         watcher = make_watcher(
             dep, manifest, workers=workers, slots=slots, shards=manifest.shard_count
         )
@@ -419,6 +420,8 @@ def retry(
     with open_dep(local, store, deployment) as dep:
         st = dep.backends.store
         interrupted = runs.load_manifest(st, run_id)
+        if needs_groups(interrupted.run_options) and not dep.config.is_local:
+            apply_run_shape(dep, interrupted.run_options)  # retried shards go to its shape
         if interrupted.state == RunState.ACTIVE.value and interrupted.publishing:
             # Nothing failed yet: the submit was cut off. Finish it, as `runner watch` would.
             interrupted = resume_publishing(dep, interrupted)
