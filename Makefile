@@ -26,6 +26,9 @@ $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	# An editable install leaves the project uncompiled; where PYTHONDONTWRITEBYTECODE is set
+	# every runner, worker and task process would compile it again (tens of ms each).
+	$(PY) -m compileall -q runner worker >/dev/null
 	# checkov pins packaging<24, which pytest cannot live with: it gets a venv of its own.
 	python3 -m venv .venv-checkov
 	.venv-checkov/bin/python -m pip install -q --disable-pip-version-check checkov==3.3.30
@@ -40,8 +43,10 @@ lint: install
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
+# Most tests wait on processes and emulators, not the CPU: three at a time (tests/conftest.py).
+TEST_PROCESSES ?= 3
 test: lint
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q -n $(TEST_PROCESSES) --dist loadgroup
 
 bench: $(STAMP)
 	# the peers: GNU parallel from Debian when we may install it, huey from PyPI

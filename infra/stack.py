@@ -168,6 +168,7 @@ class CflowStack(TerraformStack):
             "group_scope": compute.group_scope,
             "worker_service_account": identity.service_account.email,
             "image_repository": registry.url,
+            "gpu_image": inputs.gpu_image,  # read by the runner for machine shapes with GPUs
         }
         for name, value in outputs.items():
             depends = compute.groups if name in ("group", "group_scope") else None

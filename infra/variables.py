@@ -47,6 +47,7 @@ class Inputs:
     retention_days: float
     max_delivery_attempts: float
     input_buckets: list[str]
+    gpu_image: str  # empty: the runner's default for machine shapes with GPUs
 
 
 def declare_inputs(scope: Construct) -> Inputs:
@@ -142,6 +143,13 @@ def declare_inputs(scope: Construct) -> Inputs:
         "Other buckets holding shard inputs; the workers get read access to their objects.",
         default=[],
     )
+    gpu_image = var(
+        "gpu_image",
+        "string",
+        "Boot image of runs with GPUs (--gpu), with the NVIDIA driver and Python 3.11; empty: "
+        "a Deep Learning VM image (runner.shapes.DEFAULT_GPU_IMAGE).",
+        default="",
+    )
     return Inputs(
         project=project.string_value,
         region=region.string_value,
@@ -160,4 +168,5 @@ def declare_inputs(scope: Construct) -> Inputs:
         retention_days=retention_days.number_value,
         max_delivery_attempts=max_delivery_attempts.number_value,
         input_buckets=input_buckets.list_value,
+        gpu_image=gpu_image.string_value,
     )

@@ -16,7 +16,8 @@ from worker.clock import SYSTEM_CLOCK, Clock
 from worker.queue import EventBus
 
 LOCAL_IDLE_TIMEOUT = 30.0  # seconds a detached local worker lingers after its work is done
-LOCAL_POLL_SECONDS = 0.05  # the watch loop's pace locally: a poll costs a few SQLite reads
+LOCAL_POLL_SECONDS = 0.02  # the watch loop's pace locally: a poll costs a few SQLite reads
+LOCAL_QUIET_POLL_SECONDS = 0.25  # and while no event comes (a run of long shards)
 
 
 @dataclass
@@ -28,6 +29,7 @@ class Deployment:
     stage_input: InputStager | None = None
     default_workers: int = 4
     poll_seconds: float = defaults.WATCH_POLL_SECONDS  # the watch loop's pace (an API call each)
+    quiet_poll_seconds: float | None = None  # its pace while no worker speaks (None: the same)
     closers: list[Callable[[], None]] = field(default_factory=list)
     # (run id, since: epoch seconds) -> that run's events plus the worker-level ones; the
     # caller closes it. Two runs watched at once never take each other's events.
@@ -70,6 +72,7 @@ def open_deployment(config: Config, *, clock: Clock = SYSTEM_CLOCK) -> Deploymen
             default_workers=max(os.cpu_count() or 1, 1),
             open_run_events=open_run_events,
             poll_seconds=LOCAL_POLL_SECONDS,
+            quiet_poll_seconds=LOCAL_QUIET_POLL_SECONDS,
         )
     from runner.gcp import open_gcp_deployment  # the cloud clients load only when needed
 

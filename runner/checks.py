@@ -19,6 +19,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,33 +45,85 @@ except ValueError:
 """
 
 
-@dataclass(frozen=True)
+@dataclass
 class CheckReport:
     entry: Entry
     notes: list[str]  # what was skipped or given up, for the submit narration
+    probe: ImportProbe | None = None  # the import check, when still running (``wait=False``)
+
+    def finish(self) -> None:
+        """Wait for the import check; raise TaskError with the task's last error line."""
+        if self.probe is not None:
+            probe, self.probe = self.probe, None
+            note = probe.result()
+            if note:
+                self.notes.append(note)
 
 
-def check_task(folder: Path, *, import_check: bool = True) -> CheckReport:
-    """Raise TaskError with the task's own last error line when it cannot start."""
+class ImportProbe:
+    """The import check in a fresh interpreter, running while the runner goes on (a short
+    local run's workers boot meanwhile); :meth:`result` waits for it."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([str(folder.resolve()), _WORKER_PATH]),
+            "PYTHONDONTWRITEBYTECODE": "1",
+        }
+        self._deadline = time.monotonic() + IMPORT_TIMEOUT
+        self._proc = subprocess.Popen(
+            [sys.executable, "-c", _PROBE],
+            cwd=folder,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            errors="replace",
+        )
+
+    def result(self) -> str | None:
+        """None when the task imports; a note when the check was given up; raises TaskError."""
+        try:
+            _, stderr = self._proc.communicate(timeout=max(0.0, self._deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            self.cancel()
+            return f"import check given up: importing task.py took over {IMPORT_TIMEOUT:g}s"
+        if self._proc.returncode != 0:
+            code = self._proc.returncode
+            last = ((stderr or "").strip().splitlines() or [f"exit code {code}"])[-1]
+            raise TaskError(f"{self.folder / PYTHON_ENTRY} cannot start: {last}")
+        return None
+
+    def cancel(self) -> None:
+        if self._proc.poll() is None:
+            self._proc.kill()
+        self._proc.communicate()
+
+
+def check_task(folder: Path, *, import_check: bool = True, wait: bool = True) -> CheckReport:
+    """Raise TaskError with the task's own last error line when it cannot start. With
+    ``wait=False`` the import check is left running: :meth:`CheckReport.finish` ends it."""
     info = inspect_task(folder)
     read_settings(folder)
-    notes: list[str] = []
+    report = CheckReport(info.entry, [])
     if info.entry is Entry.SHELL:
         _check_shell(folder / SHELL_ENTRY)
-        return CheckReport(info.entry, notes)
+        return report
     _check_signature(folder / PYTHON_ENTRY)
     if not import_check:
-        return CheckReport(info.entry, notes)
+        return report
     req = folder / REQUIREMENTS
     if req.is_file() and any(
         line.strip() and not line.lstrip().startswith("#") for line in req.read_text().splitlines()
     ):
-        notes.append("import check skipped: the task has requirements.txt")
-        return CheckReport(info.entry, notes)
-    note = _check_import(folder)
-    if note:
-        notes.append(note)
-    return CheckReport(info.entry, notes)
+        report.notes.append("import check skipped: the task has requirements.txt")
+        return report
+    report.probe = ImportProbe(folder)
+    if wait:
+        report.finish()
+    return report
 
 
 def _check_signature(path: Path) -> None:
@@ -94,30 +147,6 @@ def _check_signature(path: Path) -> None:
             f"{path} line {run.lineno}: run({shown}) must take exactly one argument, the shard:"
             " `def run(shard):`"
         )
-
-
-def _check_import(folder: Path) -> str | None:
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(folder.resolve()), _WORKER_PATH]),
-        "PYTHONDONTWRITEBYTECODE": "1",
-    }
-    try:
-        proc = subprocess.run(
-            [sys.executable, "-c", _PROBE],
-            cwd=folder,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=IMPORT_TIMEOUT,
-        )
-    except subprocess.TimeoutExpired:
-        return f"import check given up: importing task.py took over {IMPORT_TIMEOUT:g}s"
-    if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
-        raise TaskError(f"{folder / PYTHON_ENTRY} cannot start: {last}")
-    return None
 
 
 def _check_shell(path: Path) -> None:

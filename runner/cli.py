@@ -6,6 +6,7 @@ helpers in :mod:`runner.cli_common`; this module is the console-script entry.
 
 from __future__ import annotations
 
+import gc
 import sys
 
 import typer
@@ -22,6 +23,15 @@ __all__ = ["app", "main"]
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry: a usage error or a CFlowError is one line on stderr and exit 2."""
+    try:
+        _main(argv)
+    finally:
+        # The process ends here: spare it the garbage collector's passes over every object at
+        # interpreter exit (about 40 ms after a run, a tenth of a short run's fixed cost).
+        gc.freeze()
+
+
+def _main(argv: list[str] | None) -> None:
     try:
         code = app(args=argv, prog_name="runner", standalone_mode=False)
     except click_exc.NoArgsIsHelpError as exc:  # plain `runner`: the help, not an error

@@ -13,8 +13,6 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from importlib.metadata import PackageNotFoundError
-from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -26,7 +24,7 @@ from runner import report, runs
 from runner.backends import Deployment, open_deployment
 from runner.combine import Combined, OutTarget, combine_run
 from runner.halt import HaltJudge, HaltRule
-from runner.watch import Watcher
+from runner.watch import Snapshot, Watcher
 from worker.errors import CFlowError
 from worker.protocol import (
     AttemptState,
@@ -98,6 +96,9 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="JSON on stdout.")]
 
 def _version(value: bool) -> None:
     if value:
+        from importlib.metadata import PackageNotFoundError
+        from importlib.metadata import version as package_version
+
         try:
             out.print(f"cflow {package_version('cflow')}")
         except PackageNotFoundError:
@@ -171,16 +172,29 @@ def make_watcher(
         slots=slots,
         speculate=options.speculate,
         expect_heartbeats=True,  # this version's workers send them during long attempts
+        quiet_poll_seconds=dep.quiet_poll_seconds,
     )
 
 
 def live_workers(dep: Deployment, run_id: str) -> tuple[set[str], dict[str, str] | None]:
-    """The fleet's instance names and the run's lease holders (None where unknown)."""
-    fleet = dep.fleet()
+    """The fleet's instance names and the run's lease holders (None where unknown).
+
+    A shaped run's workers are VMs of its own groups (``runner.run_shape``), not of the
+    deployment's: those are the ones listed.
+    """
+    fleets = [dep.fleet()]
+    if not dep.config.is_local:
+        from runner.run_shape import run_group_fleets
+
+        options = runs.load_manifest(dep.backends.store, run_id).run_options
+        fleets = run_group_fleets(dep, options) or fleets
+    names: set[str] = set()
     try:
-        names = {i.name for i in fleet.instances()}
+        for fleet in fleets:
+            names |= {i.name for i in fleet.instances()}
     finally:
-        fleet.close()
+        for fleet in fleets:
+            fleet.close()
     return names, dep.backends.queue.leases(run_id)
 
 
@@ -259,8 +273,18 @@ def watch_and_finish(
         else:
             err.print(f"cflow: run {run_id} was cancelled", markup=False)
         return EXIT_FAILED
-    if not watcher.drain_fleet():
-        err.print("cflow: warning: some workers are still stopping")
+    # Every shard is settled: the workers stop while the outputs are combined.
+    watcher.drain_fleet(wait=False)
+    try:
+        return _finish(watcher, dep, snapshot, out)
+    finally:
+        if not watcher.wait_drained():
+            err.print("cflow: warning: some workers are still stopping")
+
+
+def _finish(watcher: Watcher, dep: Deployment, snapshot: Snapshot, out: OutTarget | None) -> int:
+    run_id = watcher.run_id
+    store = dep.backends.store
     manifest = runs.load_manifest(store, run_id).with_state(RunState.FINISHED)
     runs.save_manifest(store, manifest)  # every shard is settled, whatever the combine does
     failed = (  # read every shard's records only when some failed

@@ -285,9 +285,28 @@ def prune(
         if dry:
             for m in doomed:
                 out.print(m.run_id, markup=False)
-            return
-        removed = remove_runs(st, dep.backends.queue, doomed)
-    _removed_note(removed)
+        else:
+            removed = remove_runs(st, dep.backends.queue, doomed)
+            _removed_note(removed)
+        if not dep.config.is_local:
+            _prune_shapes(dep, dry=dry)
+
+
+def _prune_shapes(dep: Deployment, *, dry: bool) -> None:
+    """Shaped groups (and templates, work queues) no active run uses, once they are empty."""
+    from runner.run_shape import open_shapes
+    from runner.shape_cleanup import cleanup_shapes
+
+    shapes = open_shapes(dep)
+    try:
+        done = cleanup_shapes(shapes, runs.list_runs(dep.backends.store), dry=dry)
+    finally:
+        shapes.close()
+    verb = "would delete" if dry else "deleted"
+    for name in done.deleted:
+        err.print(f"cflow: {verb} shaped group {name} (its template and work queue)", markup=False)
+    for name, why in done.kept.items():
+        err.print(f"cflow: keeping shaped group {name}: {why}", markup=False)
 
 
 def _removed_note(removed: Removed) -> None:

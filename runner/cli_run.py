@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -14,7 +15,7 @@ from runner import config as config_mod
 from runner import runs
 from runner import shards as shard_sources
 from runner.backends import Deployment
-from runner.checks import check_task
+from runner.checks import CheckReport, check_task
 from runner.cli_common import (
     DeploymentOpt,
     HaltOpt,
@@ -148,117 +149,158 @@ def submit(
     rule = HaltRule.parse(halt)
     cfg = config_mod.resolve(local=local, store_dir=store, deployment_file=deployment)
     target = check_out(out_dir, cloud=not cfg.is_local)
-    for note in check_task(task_dir, import_check=check).notes:
-        err.print(f"cflow: {note}", markup=False)
-    bundle_note = describe_bundle(task_dir)
-    if bundle_note.warning:
-        err.print(f"cflow: warning: {bundle_note.warning}", markup=False)
-    if dry:
-        _dry_run(cfg, task_dir, inputs, params, shard_count, workers, slots, bundle_note.size)
-        return
-    with open_dep(local, store, deployment) as dep:
-        err.print(
-            f"cflow: {cfg.describe()}"
-            + (" (no deployment found)" if cfg.is_local and not local else ""),
-            markup=False,
-        )
-        source = _source(dep, inputs, params, shard_count)
-        options = RunOptions(
-            max_attempts=max_attempts,
-            timeout=timeout,
-            stage=stage,
-            workers=workers or dep.default_workers,
-            slots=slots,
-            speculate=speculate,
-            isolate=isolate,
-            image=image,
-            machine_type=machine_type,
-            provisioning=provisioning,
-            gpu=gpu,
-            disk_gb=disk_gb,
-            fallback=fallback,
-            fallback_after=fallback_after,
-        )
-        check_shape_options(options)  # bad shape options: one line, before anything
-        if needs_groups(options) and cfg.is_local:
-            err.print(
-                "cflow: machine shape and --fallback apply to Google Cloud VMs; ignored here"
-                + (" (the containers get this machine's GPUs)" if gpu and image else "")
-            )
-        shaped_groups = []
-        if needs_groups(options) and not cfg.is_local:  # checked in the zone, made, then publish
-            shaped_groups = apply_run_shape(dep, options)
-            for shaped in shaped_groups:
-                err.print(f"cflow: VMs from group {shaped.group} ({shaped.describe})", markup=False)
-        if image is not None and cfg.is_local:  # the workers share this machine's images
-            check_image(image, gpu=gpu is not None)
-        if not cfg.is_local:  # a group holds at most 1,000 (zonal) or 2,000 VMs: say so now
-            from runner.gce_fleet import check_size  # the Compute client loads only for the cloud
-
-            check_size(options.workers, zonal=not cfg.region)
-        published = 0
-
-        def on_published(n: int) -> None:
-            nonlocal published
-            published += n
-            if published >= 10_000 and err.is_terminal:
-                err.print(f"  published {published} shards", end="\r")
-
-        st = dep.backends.store
-        fleet = dep.fleet(slots=slots, idle_timeout=idle_timeout)
-        # Local workers boot while the run is made (their interpreter start is most of a short
-        # run's fixed cost); VMs are sized once the shard count is known.
-        early = [] if detach else _start_early(fleet, dep, options.workers, shard_count)
-        staging = tempfile.TemporaryDirectory(prefix="cflow-task-")
-        try:
-            bundled = task_dir
-            if dep.prepare_task is not None:  # Google Cloud: requirements as wheels the VMs take
-                bundled = dep.prepare_task(task_dir, Path(staging.name))
-            manifest = runs.create_run(
-                store=st,
-                queue=dep.backends.queue,
-                task_dir=bundled,
-                shards=source,
-                options=options,
-                stage_input=dep.stage_input,
-                on_published=on_published,
-                on_created=_print_run_id,  # before publishing: an interrupted submit resumes
-            )
-        except BaseException:
-            if early:
-                fleet.delete(early)
-            raise
-        finally:
-            staging.cleanup()
-        run_id = manifest.run_id
-        max_workers = min(options.workers, manifest.shard_count)
-        err.print(
-            f"cflow: run {run_id}: {manifest.shard_count} shards, up to {max_workers} workers"
-            f" x {slots} slots, {bundle_note.size_text} bundle; store"
-            f" {st.url(Layout.run_prefix(run_id))}",
-            markup=False,
-        )
-        watcher = make_watcher(
-            dep,
-            manifest,
-            workers=workers,
-            slots=slots,
-            shards=manifest.shard_count,
-            idle_timeout=idle_timeout,
-        )
-        watcher.max_workers = max_workers
-        if detach:
-            watcher.poll()  # starts the workers
-            err.print(f"cflow: detached; follow with `runner watch {run_id}`", markup=False)
+    # The import check runs in its own interpreter while this one goes on (a short local run's
+    # workers boot meanwhile); nothing is published before it has passed.
+    checked = check_task(task_dir, import_check=check, wait=False)
+    try:
+        bundle_note = describe_bundle(task_dir)
+        if bundle_note.warning:
+            err.print(f"cflow: warning: {bundle_note.warning}", markup=False)
+        if dry or not cfg.is_local:  # nothing is made in the cloud for a task that cannot start
+            _narrate(checked)
+        if dry:
+            _dry_run(cfg, task_dir, inputs, params, shard_count, workers, slots, bundle_note.size)
             return
-        code = watch_and_finish(
-            watcher, dep, rule=rule, cancel_on_interrupt=cancel_on_interrupt, out=target
-        )
-        if shaped_groups and watcher.fleet is not None:
-            line = fallback_line(watcher.fleet, st, run_id, shaped_groups[0].machine_type)
-            if line:
-                err.print(f"cflow: {line}", markup=False)
-    raise typer.Exit(code)
+        store_was_there = cfg.is_local and cfg.store_dir.exists()
+        with open_dep(local, store, deployment) as dep:
+            source = _source(dep, inputs, params, shard_count)
+            options = RunOptions(
+                max_attempts=max_attempts,
+                timeout=timeout,
+                stage=stage,
+                workers=workers or dep.default_workers,
+                slots=slots,
+                speculate=speculate,
+                isolate=isolate,
+                image=image,
+                machine_type=machine_type,
+                provisioning=provisioning,
+                gpu=gpu,
+                disk_gb=disk_gb,
+                fallback=fallback,
+                fallback_after=fallback_after,
+            )
+            check_shape_options(options)  # bad shape options: one line, before anything
+            if needs_groups(options) and cfg.is_local:
+                err.print(
+                    "cflow: machine shape and --fallback apply to Google Cloud VMs; ignored here"
+                    + (" (the containers get this machine's GPUs)" if gpu and image else "")
+                )
+            shaped_groups = []
+            if (
+                needs_groups(options) and not cfg.is_local
+            ):  # checked in the zone, made, then publish
+                shaped_groups = apply_run_shape(dep, options)
+                for shaped in shaped_groups:
+                    err.print(
+                        f"cflow: VMs from group {shaped.group} ({shaped.describe})", markup=False
+                    )
+            if image is not None and cfg.is_local:  # the workers share this machine's images
+                check_image(image, gpu=gpu is not None)
+            if not cfg.is_local:  # a group holds at most 1,000 (zonal) or 2,000 VMs: say so now
+                from runner.gce_fleet import (
+                    check_size,
+                )  # the Compute client loads only for the cloud
+
+                check_size(options.workers, zonal=not cfg.region)
+            published = 0
+
+            def on_published(n: int) -> None:
+                nonlocal published
+                published += n
+                if published >= 10_000 and err.is_terminal:
+                    err.print(f"  published {published} shards", end="\r")
+
+            st = dep.backends.store
+            fleet = dep.fleet(slots=slots, idle_timeout=idle_timeout)
+            # Local workers boot while the run is made (their interpreter start is most of a short
+            # run's fixed cost); VMs are sized once the shard count is known.
+            early = [] if detach else _start_early(fleet, dep, options.workers, shard_count)
+            try:
+                _narrate(checked)
+            except BaseException:  # the task cannot start: take back what was started
+                _undo_early(fleet, early, cfg, store_was_there)
+                raise
+            err.print(
+                f"cflow: {cfg.describe()}"
+                + (" (no deployment found)" if cfg.is_local and not local else ""),
+                markup=False,
+            )
+            staging = tempfile.TemporaryDirectory(prefix="cflow-task-")
+            try:
+                bundled = task_dir
+                if (
+                    dep.prepare_task is not None
+                ):  # Google Cloud: requirements as wheels the VMs take
+                    bundled = dep.prepare_task(task_dir, Path(staging.name))
+                manifest = runs.create_run(
+                    store=st,
+                    queue=dep.backends.queue,
+                    task_dir=bundled,
+                    shards=source,
+                    options=options,
+                    stage_input=dep.stage_input,
+                    on_published=on_published,
+                    on_created=_print_run_id,  # before publishing: an interrupted submit resumes
+                )
+            except BaseException:
+                if early:
+                    fleet.delete(early)
+                raise
+            finally:
+                staging.cleanup()
+            run_id = manifest.run_id
+            max_workers = min(options.workers, manifest.shard_count)
+            err.print(
+                f"cflow: run {run_id}: {manifest.shard_count} shards, up to {max_workers} workers"
+                f" x {slots} slots, {bundle_note.size_text} bundle; store"
+                f" {st.url(Layout.run_prefix(run_id))}",
+                markup=False,
+            )
+            watcher = make_watcher(
+                dep,
+                manifest,
+                workers=workers,
+                slots=slots,
+                shards=manifest.shard_count,
+                idle_timeout=idle_timeout,
+            )
+            watcher.max_workers = max_workers
+            if detach:
+                watcher.poll()  # starts the workers
+                err.print(f"cflow: detached; follow with `runner watch {run_id}`", markup=False)
+                return
+            code = watch_and_finish(
+                watcher, dep, rule=rule, cancel_on_interrupt=cancel_on_interrupt, out=target
+            )
+            if shaped_groups and watcher.fleet is not None:
+                line = fallback_line(watcher.fleet, st, run_id, shaped_groups[0].machine_type)
+                if line:
+                    err.print(f"cflow: {line}", markup=False)
+        raise typer.Exit(code)
+    finally:
+        if checked.probe is not None:  # the submit ended before it: stop the check
+            checked.probe.cancel()
+
+
+def _narrate(checked: CheckReport) -> None:
+    checked.finish()  # raises TaskError with the task's own last line
+    for note in checked.notes:
+        err.print(f"cflow: {note}", markup=False)
+    checked.notes.clear()  # said once
+
+
+def _undo_early(
+    fleet: Fleet, early: list[str], cfg: config_mod.Config, store_was_there: bool
+) -> None:
+    """A submit that fails its task check leaves nothing: the workers it started go, and so
+    does the store it created (when no run has reached it)."""
+    if early:
+        fleet.delete(early)
+        fleet.wait_empty(10.0)
+    runs_dir = cfg.store_dir / "runs"
+    if cfg.is_local and not store_was_there and not (runs_dir.exists() and any(runs_dir.iterdir())):
+        shutil.rmtree(cfg.store_dir, ignore_errors=True)
 
 
 def _start_early(fleet: Fleet, dep: Deployment, workers: int, shards: int | None) -> list[str]:
@@ -337,9 +379,10 @@ def watch(
                 f"run {run_id} was {'halted' if manifest.halted else 'cancelled'};"
                 f" `runner retry {run_id} --failed` restarts it"
             )
-        manifest = resume_publishing(dep, manifest)
         if needs_groups(manifest.run_options) and not dep.config.is_local:
-            apply_run_shape(dep, manifest.run_options)  # the run's own groups, made as submitted
+            # The run's own groups and queue, as submitted: what is left to publish goes there.
+            apply_run_shape(dep, manifest.run_options)
+        manifest = resume_publishing(dep, manifest)
         watcher = make_watcher(
             dep, manifest, workers=workers, slots=slots, shards=manifest.shard_count
         )
@@ -378,6 +421,8 @@ def retry(
     with open_dep(local, store, deployment) as dep:
         st = dep.backends.store
         interrupted = runs.load_manifest(st, run_id)
+        if needs_groups(interrupted.run_options) and not dep.config.is_local:
+            apply_run_shape(dep, interrupted.run_options)  # retried shards go to its shape
         if interrupted.state == RunState.ACTIVE.value and interrupted.publishing:
             # Nothing failed yet: the submit was cut off. Finish it, as `runner watch` would.
             interrupted = resume_publishing(dep, interrupted)

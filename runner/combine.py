@@ -103,14 +103,27 @@ def committed_parts(store: Store, manifest: Manifest) -> tuple[dict[str, list[Pa
     done = runs.committed(store, run_id)
     groups: dict[str, list[Part]] = {}
     missing = 0
+    batch: list[str] = []
+
+    def read(keys: list[str]) -> None:  # one query (or a window of reads) per 1000 shards
+        found = store.get_many(keys)
+        for key in keys:
+            if key not in found:  # removed since it was listed (a concurrent `runner rm`)
+                raise NotFound(f"no object {key}")
+            result = ShardResult.from_json(found[key])
+            prefix = Layout.outputs(run_id, result.shard_id, result.attempt)
+            for rel in result.outputs:
+                groups.setdefault(rel, []).append(Part(rel, prefix + rel))
+
     for shard in runs.iter_shards(store, run_id):
         if shard.id not in done:
             missing += 1
             continue
-        result = ShardResult.from_json(store.get(Layout.result(run_id, shard.id)))
-        prefix = Layout.outputs(run_id, shard.id, result.attempt)
-        for rel in result.outputs:
-            groups.setdefault(rel, []).append(Part(rel, prefix + rel))
+        batch.append(Layout.result(run_id, shard.id))
+        if len(batch) == 1000:
+            read(batch)
+            batch = []
+    read(batch)
     return groups, len(done), missing
 
 

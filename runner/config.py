@@ -37,6 +37,7 @@ DEPLOYMENT_FIELDS = (
     "events_subscription",
     "dead_letter_subscription",
     "group",
+    "gpu_image",  # optional: the boot image of machine shapes with GPUs (runner.shapes)
 )
 REQUIRED_FOR_GCP = (
     "project",
@@ -66,6 +67,7 @@ class Config:
     events_subscription: str | None = None
     dead_letter_subscription: str | None = None
     group: str | None = None
+    gpu_image: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property

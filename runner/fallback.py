@@ -1,8 +1,9 @@
 """Standard-VM fallback (``--fallback standard``): Spot first, standard VMs for the tail.
 
 A run with fallback has two groups of its shape: the Spot one and a standard one (on Google
-Cloud both come from :mod:`runner.shapes`; the standard one is ``shape.standard()``). Both pull
-the run's shards from the same subscription, so the fallback moves *capacity*, not messages:
+Cloud both come from :mod:`runner.shapes`; the standard one is ``shape.standard()``). Each pulls
+its own shape's subscription (:mod:`runner.shape_queues`), so the fallback moves capacity *and*
+messages:
 
 - while Spot works, every VM the runner asks for is a Spot VM;
 - the fallback starts (and stays on) when a shard has been preempted ``after_preemptions``
@@ -11,9 +12,14 @@ the run's shards from the same subscription, so the fallback moves *capacity*, n
   (``QUOTA_EXCEEDED``, ``ZONE_RESOURCE_POOL_EXHAUSTED``: the group's creation errors, see
   :func:`runner.gce_fleet.instance_error`) for ``capacity_grace`` seconds;
 - from then on new VMs are standard, and Spot VMs that are not working (refused, being
-  recreated after a preemption, still booting) are deleted, so the runner's ordinary scaling
-  replaces them with standard ones. A busy Spot VM is never deleted: it finishes its shard, or
-  is preempted and then replaced.
+  recreated after a preemption, still booting, or running and idle by its last event) are
+  deleted, so the runner's ordinary scaling replaces them with standard ones. A busy Spot VM
+  is never deleted: it finishes its shard, or is preempted and then replaced;
+- from then on, too, the run's shards still queued for Spot VMs are moved to the standard VMs'
+  topic at every poll (``move``, a :class:`runner.shape_queues.Mover`);
+- whether or not the fleet has fallen back, a shard preempted K times is itself re-queued by
+  its worker on the standard VMs' topic (``WorkMessage.after_preemption``): it never goes back
+  to a Spot VM.
 
 Exactly-once is untouched: a shard's first commit wins whichever VM ran it. The summary
 (:meth:`FallbackFleet.summary`) counts the shards that committed on standard VMs and the
@@ -23,7 +29,7 @@ VM-seconds each kind was billed, priced by :mod:`runner.prices`.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from runner.fleet import Fleet, Instance
@@ -40,11 +46,18 @@ CAPACITY_CODES = ("QUOTA_EXCEEDED", "ZONE_RESOURCE_POOL_EXHAUSTED", "RESOURCE_PO
 
 
 class PreemptionTap(EventBus):
-    """The run's event bus, passed through, counting ``preempted`` events per shard."""
+    """The run's event bus, passed through, counting ``preempted`` events per shard and noting
+    which workers said they are idle (and have not started anything since)."""
 
-    def __init__(self, inner: EventBus, preemptions: dict[str, int] | None = None):
+    def __init__(
+        self,
+        inner: EventBus,
+        preemptions: dict[str, int] | None = None,
+        idle: set[str] | None = None,
+    ):
         self.inner = inner
         self.preemptions: dict[str, int] = {} if preemptions is None else preemptions
+        self.idle: set[str] = set() if idle is None else idle
 
     def publish(self, event: Event) -> None:
         self.inner.publish(event)
@@ -54,6 +67,14 @@ class PreemptionTap(EventBus):
         for e in events:
             if e.kind == EventKind.PREEMPTED.value and e.shard_id is not None:
                 self.preemptions[e.shard_id] = self.preemptions.get(e.shard_id, 0) + 1
+            if e.kind == EventKind.IDLE.value:
+                self.idle.add(e.worker)
+            elif e.kind in (
+                EventKind.STARTED.value,
+                EventKind.HEARTBEAT.value,
+                EventKind.STOPPED.value,
+            ):
+                self.idle.discard(e.worker)
         return events
 
     def close(self) -> None:
@@ -141,8 +162,14 @@ class FallbackFleet(Fleet):
         preemptions: dict[str, int],
         policy: FallbackPolicy | None = None,
         clock: Clock = SYSTEM_CLOCK,
+        move: Callable[[], int] | None = None,
+        idle: set[str] | None = None,
     ):
         self.spot, self.standard, self.preemptions = spot, standard, preemptions
+        self.move = move  # moves the run's queued shards to the standard VMs' queue
+        # Workers that said they are idle (a PreemptionTap's set): once the fallback is on, an
+        # idle Spot VM will get none of the run's shards (they are queued for standard VMs).
+        self.idle: set[str] = set() if idle is None else idle
         self.policy = policy or FallbackPolicy()
         self.clock = clock
         self.standard_names: set[str] = set()  # every standard VM this run had
@@ -159,11 +186,20 @@ class FallbackFleet(Fleet):
         spot = self.spot.instances()
         now = self.clock.monotonic() - self._start
         if self.policy.update(now, self.preemptions, spot):
-            idle = [i for i in spot if i.status == "starting" or is_capacity_error(i.error)]
-            if idle:  # never a running one: it may be busy
+            idle = [
+                i
+                for i in spot
+                if i.status == "starting" or is_capacity_error(i.error) or i.name in self.idle
+            ]
+            if idle:  # never a running one that may be busy
                 self.spot.delete([i.name for i in idle])
                 gone = {i.name for i in idle}
                 spot = [i for i in spot if i.name not in gone]
+            if self.move is not None:
+                try:
+                    self.move()
+                except Exception as exc:  # the next poll tries again
+                    log.warning("could not move queued shards to standard VMs: %s", exc)
         standard = self.standard.instances()
         self.standard_names.update(i.name for i in standard)
         for i in [*spot, *standard]:

@@ -13,6 +13,7 @@ import itertools
 import json
 import logging
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -65,10 +66,17 @@ class Fleet(ABC):
         """One line per thing the user should know about the fleet (quota, failed boots)."""
         return []
 
+    def disk_full(self) -> str | None:
+        """Why the workers cannot write anything (a full local disk), or None."""
+        return None
+
     max_size: int | None = None  # the most instances the fleet can hold, where it has a limit
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release clients."""
+
+
+DISK_FULL_BYTES = 1 << 20  # less free space than this on the store's disk: it is full
 
 
 class LocalFleet(Fleet):
@@ -100,6 +108,23 @@ class LocalFleet(Fleet):
         self._stopping: set[str] = set()
         self._queue: LocalQueue | None = None
         self.released = 0  # leases released for workers seen gone (bench/recovery.py)
+
+    def problems(self) -> list[str]:
+        full = self.disk_full()
+        return [full] if full else []
+
+    def disk_full(self) -> str | None:
+        """Why no worker can write (the store's disk has less than 1 MiB free), or None."""
+        try:
+            st = os.statvfs(self.root)
+        except OSError:
+            return None
+        if st.f_bavail * st.f_frsize >= DISK_FULL_BYTES:
+            return None
+        return (
+            f"the disk holding {self.root} is full: the workers wait; free some space and the"
+            " run goes on where it stopped"
+        )
 
     def _entries(self) -> dict[str, int]:
         out = {}
@@ -222,10 +247,27 @@ class LocalFleet(Fleet):
     def wait_empty(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         while self.instances():
-            if time.monotonic() >= deadline:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
                 return False
-            time.sleep(0.05)
+            self._wait_any(min(0.05, remaining))
         return True
+
+    def _wait_any(self, timeout: float) -> None:
+        """Until one of the workers this runner started exits (a pidfd each), or ``timeout``;
+        others' workers are looked at again after it."""
+        fds = []
+        try:
+            for proc in self._procs.values():
+                with contextlib.suppress(OSError):  # gone already, or no pidfd on this system
+                    fds.append(os.pidfd_open(proc.pid))
+            if fds:
+                select.select(fds, [], [], timeout)
+            else:
+                time.sleep(timeout)
+        finally:
+            for fd in fds:
+                os.close(fd)
 
     def close(self) -> None:
         if self._queue is not None:

@@ -9,6 +9,8 @@ to raise. The metrics, from Compute Engine's quota documentation:
   otherwise they use ``CPUS``, like standard VMs.
 - ``SSD_TOTAL_GB``: pd-balanced and pd-ssd boot disks (the template's ``pd-balanced``);
   ``DISKS_TOTAL_GB`` is for pd-standard.
+- ``GPUS_ALL_REGIONS``: every GPU of the project, in any region, Spot or not (``projects.get``);
+  a machine shape with GPUs (:class:`VmNeeds`) needs it besides the region's GPU quota.
 - ``IN_USE_ADDRESSES``: external IPv4 addresses. The workers have none (egress through Cloud
   NAT), so it does not limit the group; it is reported for completeness.
 """
@@ -19,12 +21,12 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from google.cloud import compute_v1
-
-from runner.gce_fleet import compute_client_options
-
 SIZES = (125, 2000)  # the README's run sizes: the doctor says what each needs
 SSD_DISKS = {"pd-balanced", "pd-ssd", "hyperdisk-balanced"}
+# Accelerator type -> its quota metric's model part, where it is not the type upper-cased
+# without "tesla" (nvidia-tesla-t4 -> NVIDIA_T4_GPUS, nvidia-l4 -> NVIDIA_L4_GPUS).
+QUOTA_MODEL = {"nvidia-h100-80gb": "NVIDIA_H100", "nvidia-a100-80gb": "NVIDIA_A100_80GB"}
+ALL_REGIONS_GPUS = "GPUS_ALL_REGIONS"  # the project-wide GPU quota (projects.get)
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,10 @@ def fit(quotas: dict[str, Quota], template: Template, sizes: tuple[int, ...] = S
 
 def read_region(project: str, region: str) -> tuple[dict[str, Quota], list[str]]:
     """The region's quotas by metric, and its zones (``regions.get``)."""
+    from google.cloud import compute_v1  # loads in a second: only when asked
+
+    from runner.gce_fleet import compute_client_options
+
     credentials, options = compute_client_options()
     client: Any = compute_v1.RegionsClient(credentials=credentials, client_options=options)
     try:
@@ -106,6 +112,10 @@ def read_region(project: str, region: str) -> tuple[dict[str, Quota], list[str]]
 
 def read_template(project: str, template_url: str, zone: str) -> Template:
     """The machine type, vCPUs and boot disk of the group's instance template."""
+    from google.cloud import compute_v1  # loads in a second: only when asked
+
+    from runner.gce_fleet import compute_client_options
+
     credentials, options = compute_client_options()
     templates: Any = compute_v1.InstanceTemplatesClient(
         credentials=credentials, client_options=options
@@ -132,3 +142,64 @@ def read_template(project: str, template_url: str, zone: str) -> Template:
         disk_type=disk_type.rsplit("/", 1)[-1],
         spot=spot,
     )
+
+
+def gpu_quota_metric(gpu_type: str, *, spot: bool) -> str:
+    """``NVIDIA_L4_GPUS`` or ``PREEMPTIBLE_NVIDIA_L4_GPUS`` for ``nvidia-l4``."""
+    model = QUOTA_MODEL.get(gpu_type) or gpu_type.replace("-tesla", "").replace("-", "_").upper()
+    return f"{'PREEMPTIBLE_' if spot else ''}{model}_GPUS"
+
+
+@dataclass(frozen=True)
+class VmNeeds:
+    """What one VM of a machine shape takes from the quotas (runner.shapes)."""
+
+    machine_type: str
+    vcpus: int
+    gpus: dict[str, int]  # accelerator type -> count
+    spot: bool
+    disk: tuple[str, int]  # (SSD_TOTAL_GB or DISKS_TOTAL_GB, GB)
+
+    @property
+    def kind(self) -> str:
+        return "Spot" if self.spot else "standard"
+
+    def short_in_region(self, region: str, quotas: dict[str, tuple[float, float]]) -> str | None:
+        """The refusal line when the region's quotas (metric -> (limit, usage)) cannot hold one
+        VM, or None."""
+
+        def metric_for(standard: str, preemptible: str) -> str:
+            # Spot VMs use the preemptible quota when the project has any, else the standard one.
+            use_preemptible = self.spot and quotas.get(preemptible, (0.0, 0.0))[0] > 0
+            return preemptible if use_preemptible else standard
+
+        needs = {metric_for("CPUS", "PREEMPTIBLE_CPUS"): self.vcpus, self.disk[0]: self.disk[1]}
+        for gpu_type, count in self.gpus.items():
+            standard = gpu_quota_metric(gpu_type, spot=False)
+            needs[metric_for(standard, gpu_quota_metric(gpu_type, spot=True))] = count
+        for metric, amount in needs.items():
+            if metric == self.disk[0] and metric not in quotas:
+                continue  # a region that lists no disk quota does not limit disks
+            limit, usage = quotas.get(metric, (0.0, 0.0))
+            if limit - usage < amount:
+                return (
+                    f"not one {self.kind} {self.machine_type} VM fits in {region}: it needs "
+                    f"{amount} {metric}, the project has {limit - usage:g} free (limit "
+                    f"{limit:g}); ask for {metric} {usage + amount:g} in {region} on the "
+                    "console's Quotas page"
+                )
+        return None
+
+    def short_in_project(self, project: str, quotas: dict[str, tuple[float, float]]) -> str | None:
+        """The refusal line when the project-wide GPU quota (``projects.get``) cannot hold the
+        VM's GPUs, Spot or not, or None."""
+        limit, usage = quotas.get(ALL_REGIONS_GPUS, (0.0, 0.0))
+        amount = sum(self.gpus.values())
+        if amount == 0 or limit - usage >= amount:
+            return None
+        return (
+            f"not one {self.kind} {self.machine_type} VM fits in project {project}: it needs "
+            f"{amount} {ALL_REGIONS_GPUS}, the project has {limit - usage:g} free (limit "
+            f"{limit:g}); ask for {ALL_REGIONS_GPUS} {usage + amount:g} (global) on the "
+            "console's Quotas page"
+        )

@@ -13,12 +13,27 @@ busy VMs. A group per shape never touches another run's VMs. Its instances are n
 ``<base instance name>-<hash>-xxxx``, so the worker's conditioned right to delete its own VM
 (names starting ``<prefix>-worker-``) still holds, and no new right is needed.
 
+Each shape also has a work topic and subscription of its own (:mod:`runner.shape_queues`,
+named by the same hash), which the shaped template's metadata names: a shape's VMs pull only
+its runs' shards, so concurrent runs of different shapes never run each other's shards.
+
+A regional deployment (a regional group, with the stack's global instance template) gets
+regional shaped groups (``regionInstanceGroupManagers``), spread over the zones of the
+deployment group's ``distributionPolicy`` (or the region's zones) that offer the machine type
+and the GPU; a shape no zone there offers is refused. The templates stay global, as the
+deployment's is.
+
+A shape with GPUs boots a GPU-ready image: a Deep Learning VM image (``DEFAULT_GPU_IMAGE``, with
+the ``install-nvidia-driver`` metadata Google documents for those images, which installs the
+NVIDIA driver at first boot), or the deployment's ``gpu_image`` setting (``CFLOW_GPU_IMAGE``).
+
 Everything is checked before anything is made or published, each refusal one line
 (:class:`ShapeError`): the machine type exists in the zone (``machineTypes.get``), the GPU exists
 there (``acceleratorTypes.get``) and fits the machine series (accelerator-optimized types such as
-``g2`` come with their GPUs; other GPUs attach to ``n1`` only), and the region's quotas hold at
+``g2`` come with their GPUs; other GPUs attach to ``n1`` only), the region's quotas hold at
 least one VM of the shape (CPUs, and ``NVIDIA_<MODEL>_GPUS`` or, for Spot when the project has
-any, ``PREEMPTIBLE_NVIDIA_<MODEL>_GPUS``: the rule Compute Engine's quota documentation gives).
+any, ``PREEMPTIBLE_NVIDIA_<MODEL>_GPUS``: the rule Compute Engine's quota documentation gives),
+and the project-wide ``GPUS_ALL_REGIONS`` quota (``projects.get``) holds its GPUs.
 """
 
 from __future__ import annotations
@@ -29,22 +44,30 @@ import hashlib
 import json
 import re
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from google.api_core import exceptions as gexc
-from google.cloud import compute_v1
-
-from runner.gce_fleet import compute_client_options
-from runner.quota import SSD_DISKS
+from runner.quota import SSD_DISKS, VmNeeds, gpu_quota_metric
 from worker.errors import ConfigError
+
+if TYPE_CHECKING:
+    from runner.shape_queues import ShapeQueue, ShapeQueues
 
 PROVISIONING = ("spot", "standard")
 GPU_SERIES = "n1"  # the only general-purpose series GPUs attach to
 MIN_DISK_GB, MAX_DISK_GB = 10, 65_536  # a boot disk's size range (pd-balanced)
 HASH_CHARS = 8
-# Accelerator type -> its quota metric's model part, where it is not the type upper-cased
-# without "tesla" (nvidia-tesla-t4 -> NVIDIA_T4_GPUS, nvidia-l4 -> NVIDIA_L4_GPUS).
-QUOTA_MODEL = {"nvidia-h100-80gb": "NVIDIA_H100", "nvidia-a100-80gb": "NVIDIA_A100_80GB"}
+# A Deep Learning VM image family (Google's deeplearning-platform-release project) with CUDA;
+# the driver comes with the install-nvidia-driver metadata below. Debian 12, like the stack's
+# default image: its python3 is 3.11, the Python the VMs' wheelhouse is resolved for
+# (runner.wheels.VM_PYTHON). The deployment's gpu_image setting overrides it.
+DEFAULT_GPU_IMAGE = (
+    "projects/deeplearning-platform-release/global/images/family/common-cu124-debian-12"
+)
+# Metadata Deep Learning VM images read at first boot: install the NVIDIA driver.
+DRIVER_METADATA = ("install-nvidia-driver", "True")
+
+
+__all__ = ["Shape", "ShapeError", "ShapedGroup", "Shapes", "derive_properties", "gpu_quota_metric"]
 
 
 class ShapeError(ConfigError):
@@ -104,19 +127,19 @@ class Shape:
         """The same shape on standard VMs (the fallback's group)."""
         return Shape(self.machine_type, "standard", self.gpu_type, self.gpu_count, self.disk_gb)
 
-    def digest(self, base_template: str) -> str:
-        """A content hash of the deployment's template (by its unique link) and this shape."""
-        text = json.dumps({"base": base_template, **asdict(self)}, sort_keys=True)
+    def digest(self, base_template: str, *, image: str | None = None) -> str:
+        """A content hash of the deployment's template (by its unique link) and this shape
+        (and, for a GPU shape, the boot image it gets instead of the deployment's)."""
+        content: dict[str, Any] = {"base": base_template, **asdict(self)}
+        if image is not None:
+            content["image"] = image
+        text = json.dumps(content, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:HASH_CHARS]
 
 
-def gpu_quota_metric(gpu_type: str, *, spot: bool) -> str:
-    """``NVIDIA_L4_GPUS`` or ``PREEMPTIBLE_NVIDIA_L4_GPUS`` for ``nvidia-l4``."""
-    model = QUOTA_MODEL.get(gpu_type) or gpu_type.replace("-tesla", "").replace("-", "_").upper()
-    return f"{'PREEMPTIBLE_' if spot else ''}{model}_GPUS"
-
-
-def derive_properties(base: dict[str, Any], shape: Shape, *, spot: bool) -> dict[str, Any]:
+def derive_properties(
+    base: dict[str, Any], shape: Shape, *, spot: bool, gpu_image: str = DEFAULT_GPU_IMAGE
+) -> dict[str, Any]:
     """The instance template ``properties`` (REST JSON) of ``shape``, from the deployment's."""
     props = copy.deepcopy(base)
     if shape.machine_type:
@@ -141,10 +164,23 @@ def derive_properties(base: dict[str, Any], shape: Shape, *, spot: bool) -> dict
         ]
     else:
         props.pop("guestAccelerators", None)
-    if shape.disk_gb is not None:
-        for disk in props.get("disks", []):
-            if disk.get("boot"):
-                disk.setdefault("initializeParams", {})["diskSizeGb"] = str(shape.disk_gb)
+    for disk in props.get("disks", []):
+        if not disk.get("boot"):
+            continue
+        params = disk.setdefault("initializeParams", {})
+        if shape.disk_gb is not None:
+            params["diskSizeGb"] = str(shape.disk_gb)
+        if gpus:  # the deployment's image has no NVIDIA driver
+            params["sourceImage"] = gpu_image
+            disk.pop("source", None)
+    if gpus:
+        _set_metadata(props, *DRIVER_METADATA)
+        # The driver the image installs at first boot is a kernel module built on the VM, not
+        # signed by a key Secure Boot trusts, so it would not load; vTPM and integrity
+        # monitoring stay as the deployment has them.
+        shielded = props.get("shieldedInstanceConfig")
+        if isinstance(shielded, dict) and shielded.get("enableSecureBoot"):
+            shielded["enableSecureBoot"] = False
     return props
 
 
@@ -162,6 +198,8 @@ class ShapedGroup:
     shape: Shape
     created: bool  # made now, not reused
     machine_type: str = ""  # what its VMs are (the shape's, or the deployment's)
+    digest: str = ""  # the shape's hash: the group, template, topic and subscription share it
+    queue: ShapeQueue | None = None  # the shape's work topic and subscription
 
     @property
     def describe(self) -> str:
@@ -175,35 +213,72 @@ class ShapedGroup:
 
 
 class Shapes:
-    """Check shapes against a zone and make (or reuse) their template and group.
+    """Check shapes against a zone (or region) and make (or reuse) their template and group.
 
     Args:
         project: the deployment's project.
-        group: the deployment's zonal group (its template is the base of every shape).
-        zone: the group's zone.
+        group: the deployment's group (its template is the base of every shape).
+        zone: the group's zone (a zonal group).
+        region: the group's region (a regional group; used when ``zone`` is empty).
+        queues: makes each shape's work topic and subscription (None: the shaped VMs pull the
+            deployment's work subscription, as the base template says).
+        gpu_image: the boot image of shapes with GPUs.
     """
 
-    def __init__(self, *, project: str, group: str, zone: str) -> None:
+    def __init__(
+        self,
+        *,
+        project: str,
+        group: str,
+        zone: str | None = None,
+        region: str | None = None,
+        queues: ShapeQueues | None = None,
+        gpu_image: str | None = None,
+    ) -> None:
+        if not zone and not region:
+            raise ShapeError(f"instance group {group} needs a zone or a region")
         self.project, self.group, self.zone = project, group, zone
-        self.region = zone.rsplit("-", 1)[0]
+        self.region = zone.rsplit("-", 1)[0] if zone else str(region)
+        self.queues = queues
+        self.gpu_image = gpu_image or DEFAULT_GPU_IMAGE
+        from google.api_core import exceptions as gexc
+        from google.cloud import compute_v1  # loads in a second: only for cloud commands
+
+        from runner.gce_fleet import compute_client_options
+
+        self._compute: Any = compute_v1
+        self._gexc: Any = gexc
         credentials, options = compute_client_options()
         kw: dict[str, Any] = {"credentials": credentials, "client_options": options}
-        self._managers: Any = compute_v1.InstanceGroupManagersClient(**kw)
+        if zone:
+            self._where: dict[str, str] = {"zone": zone}
+            self._managers: Any = compute_v1.InstanceGroupManagersClient(**kw)
+        else:
+            self._where = {"region": self.region}
+            self._managers = compute_v1.RegionInstanceGroupManagersClient(**kw)
         self._templates: Any = compute_v1.InstanceTemplatesClient(**kw)
         self._types: Any = compute_v1.MachineTypesClient(**kw)
         self._gpus: Any = compute_v1.AcceleratorTypesClient(**kw)
         self._regions: Any = compute_v1.RegionsClient(**kw)
+        self._projects: Any = compute_v1.ProjectsClient(**kw)
+        self._base: tuple[dict[str, Any], str, dict[str, Any]] | None = None
+
+    @property
+    def where(self) -> str:
+        return f"zone {self.zone}" if self.zone else f"region {self.region}"
 
     def close(self) -> None:
-        for client in (self._managers, self._templates, self._types, self._gpus, self._regions):
+        clients = (self._managers, self._templates, self._types, self._gpus, self._regions)
+        for client in (*clients, self._projects):
             client.transport.close()
 
     # -- reading ---------------------------------------------------------------------------
 
     def base(self) -> tuple[dict[str, Any], str, dict[str, Any]]:
         """The deployment's group (REST JSON), its template's name, and that template."""
-        where = {"project": self.project, "zone": self.zone}
-        group = self._managers.get(request={**where, "instance_group_manager": self.group})
+        if self._base is not None:
+            return self._base
+        group = self._managers.get(request={**self._request(self.group)})
         # A group made with versions (as the stack's is) names its template there as well.
         url = group.instance_template or next(
             (v.instance_template for v in group.versions if v.instance_template), ""
@@ -212,64 +287,92 @@ class Shapes:
             raise ShapeError(f"instance group {self.group} names no instance template to copy")
         name = url.rstrip("/").rsplit("/", 1)[-1]
         template = self._templates.get(request={"project": self.project, "instance_template": name})
-        return _json(group), name, _json(template)
+        self._base = _json(group), name, _json(template)
+        return self._base
 
-    def check(self, shape: Shape, base_props: dict[str, Any]) -> None:
-        """Refuse (one line) a shape the zone lacks or the region's quotas cannot hold."""
+    def _request(self, group: str, **fields: Any) -> dict[str, Any]:
+        return {"project": self.project, **self._where, "instance_group_manager": group, **fields}
+
+    def _zones(self, base_group: dict[str, Any]) -> list[str]:
+        """Where the shape's VMs may go: the zone, or the regional group's zones."""
+        if self.zone:
+            return [self.zone]
+        listed = base_group.get("distributionPolicy", {}).get("zones") or []
+        zones = [str(z.get("zone", "")).rsplit("/", 1)[-1] for z in listed]
+        if not zones:
+            region = self._regions.get(request={"project": self.project, "region": self.region})
+            zones = sorted(z.rsplit("/", 1)[-1] for z in region.zones)
+        return [z for z in zones if z]
+
+    def check(
+        self, shape: Shape, base_props: dict[str, Any], zones: list[str] | None = None
+    ) -> list[str]:
+        """Refuse (one line) a shape the zones lack or the quotas cannot hold; the zones (of
+        ``zones``, default the deployment's) that offer it."""
         machine_type = shape.machine_type or str(base_props.get("machineType", ""))
         spot = self._is_spot(shape, base_props)
-        try:
-            described = _json(
-                self._types.get(
-                    request={
-                        "project": self.project,
-                        "zone": self.zone,
-                        "machine_type": machine_type,
-                    }
-                )
-            )
-        except gexc.NotFound:
-            raise ShapeError(
-                f"machine type {machine_type} does not exist in zone {self.zone}"
-            ) from None
-        bundled = {
-            a["guestAcceleratorType"]: a["guestAcceleratorCount"]
-            for a in described.get("accelerators", [])
-        }
-        gpus: dict[str, int] = dict(bundled)
-        if shape.gpu_type:
-            if bundled:
-                if bundled != {shape.gpu_type: shape.gpu_count}:
-                    have = ", ".join(f"{t}:{n}" for t, n in bundled.items())
-                    raise ShapeError(
-                        f"machine type {machine_type} comes with {have}; --gpu "
-                        f"{shape.gpu_type}:{shape.gpu_count} does not match it (leave --gpu out)"
-                    )
-            elif not machine_type.startswith(f"{GPU_SERIES}-"):
-                raise ShapeError(
-                    f"GPUs attach only to {GPU_SERIES} machine types or come with "
-                    f"accelerator-optimized ones (g2 for nvidia-l4); not to {machine_type}"
-                )
-            else:
-                try:
-                    self._gpus.get(
-                        request={
-                            "project": self.project,
-                            "zone": self.zone,
-                            "accelerator_type": shape.gpu_type,
-                        }
-                    )
-                except gexc.NotFound:
-                    raise ShapeError(
-                        f"GPU {shape.gpu_type} is not offered in zone {self.zone}"
-                    ) from None
-                gpus = {shape.gpu_type: shape.gpu_count}
+        candidates = zones or ([self.zone] if self.zone else self._zones(self.base()[0]))
+        offered: list[str] = []
+        refusals: list[str] = []
+        described: dict[str, Any] = {}
+        gpus: dict[str, int] = {}
+        for zone in candidates:
+            try:
+                described, gpus = self._check_zone(shape, machine_type, zone)
+                offered.append(zone)
+            except ShapeError as refused:
+                refusals.append(str(refused))
+        if not offered:
+            if len(candidates) == 1:
+                raise ShapeError(refusals[0])
+            raise ShapeError(f"{refusals[0]} (nor in any other zone of {self.region})")
         boot: dict[str, Any] = next((d for d in base_props.get("disks", []) if d.get("boot")), {})
         params = boot.get("initializeParams", {})
         disk_gb = shape.disk_gb or int(params.get("diskSizeGb") or 10)
         disk_type = str(params.get("diskType") or "pd-balanced").rsplit("/", 1)[-1]
         disk = ("SSD_TOTAL_GB" if disk_type in SSD_DISKS else "DISKS_TOTAL_GB", disk_gb)
         self._check_quota(machine_type, int(described.get("guestCpus", 0)), gpus, spot, disk)
+        return offered
+
+    def _check_zone(
+        self, shape: Shape, machine_type: str, zone: str
+    ) -> tuple[dict[str, Any], dict[str, int]]:
+        """The machine type as the zone describes it, and the GPUs a VM of the shape has."""
+        try:
+            described = _json(
+                self._types.get(
+                    request={"project": self.project, "zone": zone, "machine_type": machine_type}
+                )
+            )
+        except self._gexc.NotFound:
+            raise ShapeError(f"machine type {machine_type} does not exist in zone {zone}") from None
+        bundled = {
+            a["guestAcceleratorType"]: a["guestAcceleratorCount"]
+            for a in described.get("accelerators", [])
+        }
+        gpus: dict[str, int] = dict(bundled)
+        if not shape.gpu_type:
+            return described, gpus
+        if bundled:
+            if bundled != {shape.gpu_type: shape.gpu_count}:
+                have = ", ".join(f"{t}:{n}" for t, n in bundled.items())
+                raise ShapeError(
+                    f"machine type {machine_type} comes with {have}; --gpu "
+                    f"{shape.gpu_type}:{shape.gpu_count} does not match it (leave --gpu out)"
+                )
+            return described, gpus
+        if not machine_type.startswith(f"{GPU_SERIES}-"):
+            raise ShapeError(
+                f"GPUs attach only to {GPU_SERIES} machine types or come with "
+                f"accelerator-optimized ones (g2 for nvidia-l4); not to {machine_type}"
+            )
+        try:
+            self._gpus.get(
+                request={"project": self.project, "zone": zone, "accelerator_type": shape.gpu_type}
+            )
+        except self._gexc.NotFound:
+            raise ShapeError(f"GPU {shape.gpu_type} is not offered in zone {zone}") from None
+        return described, {shape.gpu_type: shape.gpu_count}
 
     def _check_quota(
         self,
@@ -280,32 +383,35 @@ class Shapes:
         disk: tuple[str, int],
     ) -> None:
         region = self._regions.get(request={"project": self.project, "region": self.region})
-        quotas = {q.metric: (q.limit, q.usage) for q in region.quotas}
-        kind = "Spot" if spot else "standard"
-
-        def metric_for(standard: str, preemptible: str) -> str:
-            # Spot VMs use the preemptible quota when the project has any, else the standard one.
-            return preemptible if spot and quotas.get(preemptible, (0.0, 0.0))[0] > 0 else standard
-
-        needs = {metric_for("CPUS", "PREEMPTIBLE_CPUS"): vcpus, disk[0]: disk[1]}
-        for gpu_type, count in gpus.items():
-            standard = gpu_quota_metric(gpu_type, spot=False)
-            needs[metric_for(standard, gpu_quota_metric(gpu_type, spot=True))] = count
-        for metric, amount in needs.items():
-            if metric == disk[0] and metric not in quotas:
-                continue  # a region that lists no disk quota does not limit disks
-            limit, usage = quotas.get(metric, (0.0, 0.0))
-            if limit - usage < amount:
-                raise ShapeError(
-                    f"not one {kind} {machine_type} VM fits in {self.region}: it needs {amount} "
-                    f"{metric}, the project has {limit - usage:g} free (limit {limit:g}); "
-                    "ask for more in the console's Quotas page"
-                )
+        need = VmNeeds(machine_type, vcpus, gpus, spot, disk)
+        refusal = need.short_in_region(
+            self.region, {q.metric: (q.limit, q.usage) for q in region.quotas}
+        )
+        if refusal is None and gpus:  # every GPU counts against the project-wide quota too
+            project = self._projects.get(request={"project": self.project})
+            quotas = {q.metric: (q.limit, q.usage) for q in project.quotas}
+            refusal = need.short_in_project(self.project, quotas)
+        if refusal is not None:
+            raise ShapeError(refusal)
 
     def _is_spot(self, shape: Shape, base_props: dict[str, Any]) -> bool:
         if shape.provisioning is not None:
             return shape.provisioning == "spot"
         return base_props.get("scheduling", {}).get("provisioningModel") == "SPOT"
+
+    def normalize(self, shape: Shape) -> tuple[Shape, str]:
+        """The shape with its provisioning said, and its hash (its group is ``<group>-<hash>``).
+
+        The same VMs whether "spot" was said or came from the deployment: one hash for both.
+        """
+        _, base_name, base_template = self.base()
+        props = base_template.get("properties", {})
+        spot = self._is_spot(shape, props)
+        shape = dataclasses.replace(shape, provisioning="spot" if spot else "standard")
+        machine_type = shape.machine_type or str(props.get("machineType", ""))
+        gpus = shape.gpu_type is not None or _bundles_gpus(machine_type)
+        link = str(base_template.get("selfLink") or base_name)
+        return shape, shape.digest(link, image=self.gpu_image if gpus else None)
 
     # -- making ----------------------------------------------------------------------------
 
@@ -313,19 +419,21 @@ class Shapes:
         """Check ``shape``, then the template and group for it, made unless they exist."""
         base_group, base_name, base_template = self.base()
         props = base_template.get("properties", {})
-        # The same VMs whether "spot" was said or came from the deployment: one hash for both.
-        shape = dataclasses.replace(
-            shape, provisioning="spot" if self._is_spot(shape, props) else "standard"
-        )
-        self.check(shape, props)
-        digest = shape.digest(str(base_template.get("selfLink") or base_name))
+        shape, digest = self.normalize(shape)
+        zones = self.check(shape, props, None if self.zone else self._zones(base_group))
         name = f"{self.group}-{digest}"
-        derived = derive_properties(props, shape, spot=self._is_spot(shape, props))
+        spot = shape.provisioning == "spot"
+        derived = derive_properties(props, shape, spot=spot, gpu_image=self.gpu_image)
         _set_metadata(derived, "cflow-group", name)  # a worker removes itself from its own group
+        queue = self.queues.ensure(digest) if self.queues is not None else None
+        if queue is not None:  # its workers pull (and re-queue on) the shape's own queue
+            _set_metadata(derived, "cflow-work-topic", queue.topic)
+            _set_metadata(derived, "cflow-subscription", queue.subscription)
         template_url, made_template = self._ensure_template(name, base_name, derived)
-        made_group = self._ensure_group(name, base_group, template_url, digest)
+        made_group = self._ensure_group(name, base_group, template_url, digest, zones)
         machine_type = str(derived.get("machineType", ""))
-        return ShapedGroup(name, name, shape, made_template or made_group, machine_type)
+        made = made_template or made_group
+        return ShapedGroup(name, name, shape, made, machine_type, digest, queue)
 
     def _ensure_template(self, name: str, base: str, props: dict[str, Any]) -> tuple[str, bool]:
         try:
@@ -333,23 +441,23 @@ class Shapes:
                 request={"project": self.project, "instance_template": name}
             )
             return str(found.self_link), False
-        except gexc.NotFound:
+        except self._gexc.NotFound:
             pass
         body = {
             "name": name,
             "description": f"CFlow worker, a run's shape (from {base})",
             "properties": props,
         }
-        resource = compute_v1.InstanceTemplate.from_json(
+        resource = self._compute.InstanceTemplate.from_json(
             json.dumps(body), ignore_unknown_fields=True
         )
         try:
             operation = self._templates.insert(
                 request={"project": self.project, "instance_template_resource": resource}
             )
-        except gexc.Conflict:  # another runner made it first: the same content by its name
+        except self._gexc.Conflict:  # another runner made it first: the same content by its name
             operation = None
-        except gexc.BadRequest as exc:
+        except self._gexc.BadRequest as exc:
             raise ShapeError(
                 f"Compute Engine refused the template for this shape: {exc.message}"
             ) from None
@@ -359,32 +467,71 @@ class Shapes:
         return str(found.self_link), True
 
     def _ensure_group(
-        self, name: str, base: dict[str, Any], template_url: str, digest: str
+        self, name: str, base: dict[str, Any], template_url: str, digest: str, zones: list[str]
     ) -> bool:
-        where = {"project": self.project, "zone": self.zone}
         try:
-            self._managers.get(request={**where, "instance_group_manager": name})
+            self._managers.get(request=self._request(name))
             return False
-        except gexc.NotFound:
+        except self._gexc.NotFound:
             pass
-        body = {
+        body: dict[str, Any] = {
             "name": name,
             "baseInstanceName": f"{base.get('baseInstanceName') or self.group}-{digest}",
             "instanceTemplate": template_url,
             "targetSize": 0,  # the runner grows it, as it does the deployment's group
             "updatePolicy": base.get("updatePolicy") or {"type": "OPPORTUNISTIC"},
         }
-        resource = compute_v1.InstanceGroupManager.from_json(
+        if not self.zone:  # spread over the zones that offer the shape
+            body["distributionPolicy"] = {
+                **base.get("distributionPolicy", {}),
+                "zones": [{"zone": f"zones/{z}"} for z in zones],
+            }
+        resource = self._compute.InstanceGroupManager.from_json(
             json.dumps(body), ignore_unknown_fields=True
         )
+        field = "instance_group_manager_resource"
+        request = {"project": self.project, **self._where, field: resource}
         try:
-            operation = self._managers.insert(
-                request={**where, "instance_group_manager_resource": resource}
-            )
+            operation = self._managers.insert(request=request)
             operation.result(timeout=120)
-        except gexc.Conflict:
+        except self._gexc.Conflict:
             return False
+        except self._gexc.BadRequest as exc:
+            raise ShapeError(
+                f"Compute Engine refused the group for this shape: {exc.message}"
+            ) from None
         return True
+
+    # -- removing (runner.shape_cleanup) ---------------------------------------------------
+
+    def list_groups(self) -> list[Any]:
+        """Every instance group in the deployment's zone or region."""
+        try:
+            return list(self._managers.list(request={"project": self.project, **self._where}))
+        except self._gexc.GoogleAPICallError as exc:
+            raise ShapeError(
+                f"could not list the instance groups in {self.where}: {exc.message}"
+            ) from None
+
+    def group_instances(self, name: str) -> list[Any]:
+        """The instances group ``name`` has (creating, running or being deleted)."""
+        return list(self._managers.list_managed_instances(request=self._request(name)))
+
+    def delete_group(self, name: str, *, timeout: float = 120.0) -> None:
+        """Delete group ``name`` (gone already is fine), then its template of the same name."""
+        try:
+            self._managers.delete(request=self._request(name)).result(timeout=timeout)
+        except self._gexc.NotFound:
+            pass
+        except self._gexc.GoogleAPICallError as exc:
+            raise ShapeError(f"could not delete instance group {name}: {exc.message}") from None
+        request = {"project": self.project, "instance_template": name}
+        try:
+            self._templates.delete(request=request).result(timeout=timeout)
+        except self._gexc.NotFound:
+            pass
+        except self._gexc.GoogleAPICallError as exc:
+            raise ShapeError(f"could not delete instance template {name}: {exc.message}") from None
 
 
 def _json(message: Any) -> dict[str, Any]:

@@ -31,12 +31,14 @@ from runner.lost import LostShards
 from runner.policy import Stragglers, decide_scale
 from worker import defaults
 from worker.clock import SYSTEM_CLOCK, Clock
+from worker.local_db import DiskFull
 from worker.protocol import Event, EventKind, Manifest, RunState, WorkMessage
 from worker.queue import EventBus, WorkQueue
 from worker.store import Store
 
 log = logging.getLogger("cflow.runner")
 
+DISK_FULL_SECONDS = 10.0  # a store's disk full this long stops the watch (the run waits)
 RECONCILE_PAGE = 1000  # markers of each kind read per reconcile (one list call on GCS)
 
 
@@ -98,6 +100,9 @@ class Watcher:
     # would otherwise look frozen in every long attempt).
     expect_heartbeats: bool = False
     page: int = RECONCILE_PAGE
+    # Locally a poll is cheap and the watch loop looks often, so a short run's end is seen at
+    # once; while nothing happens it slows down to this pace (None: always ``poll_seconds``).
+    quiet_poll_seconds: float | None = None
 
     succeeded: set[str] = field(default_factory=set)
     failed: set[str] = field(default_factory=set)
@@ -120,6 +125,8 @@ class Watcher:
         self._heartbeats = False  # workers of this deployment send heartbeats
         self._cursors: dict[str, str | None] = {"/result.json": None, "/failed.json": None}
         self._reconciled = False  # the first reconcile is a full pass (a true first frame)
+        self.heard = False  # the last poll brought events
+        self._full_since: float | None = None  # since when the store's disk is full
         self.reconciles = 0  # how many, and what the last one cost (bench/reconcile.py)
         self.last_reconcile_seconds = 0.0
 
@@ -128,17 +135,32 @@ class Watcher:
         return self.manifest.run_id
 
     def poll(self) -> Snapshot:
+        self.heard = False
         for event in self.events.pull(max_events=10_000):
             self._apply(event)
+            self.heard = True
         if self.clock.monotonic() - self._last_reconcile >= self._reconcile_every:
             self.reconcile()
         self._lapse(self.clock.monotonic())
         # One look at the fleet per poll: in the cloud each look is an API call.
         instances = self.fleet.instances() if self.fleet is not None else []
+        self._check_disk()
         snapshot = self.snapshot(instances)
         if self.fleet is not None:
             self.scale(snapshot, instances)
         return snapshot
+
+    def _check_disk(self) -> None:
+        """A disk that stays full stops the watch with its one line: the workers wait for
+        space and nothing is lost, but watching a run that cannot move helps no one."""
+        full = self.fleet.disk_full() if self.fleet is not None else None
+        now = self.clock.monotonic()
+        if full is None:
+            self._full_since = None
+        elif self._full_since is None:
+            self._full_since = now
+        elif now - self._full_since >= DISK_FULL_SECONDS:
+            raise DiskFull(f"{full}; watch it again with `runner watch {self.run_id}`")
 
     def reconcile(self, *, full: bool = False) -> None:
         """Bring the event-built view up to the store's truth (and collect dead letters).
@@ -348,6 +370,7 @@ class Watcher:
     ) -> Snapshot:
         """Poll until every shard is committed or failed (a final reconcile confirms it), or
         the run is cancelled."""
+        pace = poll_seconds
         while True:
             snapshot = self.poll()
             if snapshot.cancelled:
@@ -361,15 +384,21 @@ class Watcher:
                     return snapshot
             if on_update is not None:
                 on_update(snapshot)
-            self.clock.sleep(poll_seconds)
+            if self.quiet_poll_seconds is not None:  # back to the quick pace when a worker speaks
+                pace = poll_seconds if self.heard else min(pace * 1.5, self.quiet_poll_seconds)
+            self.clock.sleep(pace)
 
-    def drain_fleet(self, timeout: float = 30.0, *, force: bool = False) -> bool:
+    def drain_fleet(self, timeout: float = 30.0, *, force: bool = False, wait: bool = True) -> bool:
         """After the run: delete every instance that is not busy (every one, with ``force``:
-        a cancelled run's tasks are stopped) and wait for them to go."""
+        a cancelled run's tasks are stopped) and wait for them to go (``wait=False``: later,
+        with :meth:`wait_drained`)."""
         if self.fleet is None:
             return True
         busy = set() if force else self.busy_workers()
         names = [i.name for i in self.fleet.instances() if i.name not in busy]
         if names:
             self.fleet.delete(names)
-        return self.fleet.wait_empty(timeout)
+        return self.wait_drained(timeout) if wait else True
+
+    def wait_drained(self, timeout: float = 30.0) -> bool:
+        return self.fleet is None or self.fleet.wait_empty(timeout)

@@ -66,7 +66,7 @@ MAX_PREFETCH = 32  # most messages one slot holds at once
 SETTLE_BATCH = 64  # most attempts settled in one transaction
 SETTLE_AGE = 0.02  # seconds a finished attempt may wait for its batch
 BROKEN_BACKOFF = (2.0, 120.0)  # seconds: redelivery delay for a run whose manifest is broken
-LOCAL_POLL = 0.05  # seconds a local receive waits before the loop looks at stop requests
+LOCAL_POLL = 0.02  # seconds a local receive waits before the loop looks at stop requests
 FAILING_PACE = (0.05, 2.0)  # seconds: first and longest pause after failures with no success
 DISK_FULL_PAUSE = 5.0  # seconds a worker waits before trying a full disk again
 
@@ -274,6 +274,9 @@ class Agent:
                 self._stopping.set()
             for thread in threads:
                 thread.join()
+            for executor in self._executors.values():  # every task process winds down at once
+                executor.begin_close()
+            SPARE_HOSTS.begin_close()
             for executor in self._executors.values():
                 executor.close()
             SPARE_HOSTS.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import signal
@@ -110,6 +111,13 @@ def _log_to_file(path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    try:
+        _main(argv)
+    finally:
+        gc.freeze()  # the process ends: no collector passes over every object at exit
+
+
+def _main(argv: list[str] | None) -> None:
     logging.basicConfig(level=os.environ.get("CFLOW_LOG_LEVEL", "INFO"), format=LOG_FORMAT)
     args = parse_args(argv)
     uploader = None

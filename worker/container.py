@@ -229,6 +229,11 @@ class ContainerExecutor:
         with self._lock:
             self._live.discard(name)
 
+    def begin_close(self) -> None:
+        """Tell the warm containers to end; :meth:`close` waits for them."""
+        if self._warm is not None:
+            self._warm.begin_close()
+
     def close(self) -> None:
         """End the warm containers and remove any container of this executor still there."""
         if self._warm is not None:

@@ -183,13 +183,20 @@ class _Spares:
                     return proc
             return None
 
-    def close(self) -> None:
+    def begin_close(self) -> None:
+        """Tell every spare to exit (its input ends); :meth:`close` waits for them."""
         with self._lock:
-            procs, self._procs = self._procs, []
+            procs = list(self._procs)
         for proc in procs:
             assert proc.stdin is not None
             with contextlib.suppress(OSError):
                 proc.stdin.close()  # a spare that was never given a task exits at once
+
+    def close(self) -> None:
+        self.begin_close()  # all told first, so they exit side by side
+        with self._lock:
+            procs, self._procs = self._procs, []
+        for proc in procs:
             try:
                 proc.wait(5)
             except subprocess.TimeoutExpired:
@@ -317,9 +324,13 @@ class Host:
         """What a shard that died with this host reports for the host's exit status."""
         return code if code != 0 else 1  # a host never exits 0 with shards queued
 
-    def close(self) -> None:
+    def begin_close(self) -> None:
+        """Tell the host to exit once its queued shards are done (its input ends)."""
         with contextlib.suppress(OSError):
             self._stdin.close()
+
+    def close(self) -> None:
+        self.begin_close()
         try:
             self.proc.wait(5)
         except subprocess.TimeoutExpired:
@@ -488,7 +499,13 @@ class Executor:
         task: RunningTask = zygote.start(env, log_path, self.bundle.root, token)
         return task
 
+    def begin_close(self) -> None:
+        """Tell every warm host to exit once its shards are done; :meth:`close` waits."""
+        for host in self._hosts.values():
+            host.begin_close()
+
     def close(self) -> None:
+        self.begin_close()  # every host winds down at once, then each is waited for
         for host in self._hosts.values():
             host.close()
         self._hosts.clear()

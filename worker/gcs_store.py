@@ -12,6 +12,7 @@ import base64
 import contextlib
 import re
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -166,6 +167,20 @@ class GcsStore(Store):
         with self._errors("read", key):
             data: bytes = self.bucket.blob(key).download_as_bytes(retry=DEFAULT_RETRY)
             return data
+
+    def get_many(self, keys: list[str]) -> dict[str, bytes]:
+        """A bucket answers each read in tens of milliseconds: 16 in flight at once."""
+        if len(keys) < 2:
+            return super().get_many(keys)
+
+        def one(key: str) -> tuple[str, bytes | None]:
+            try:
+                return key, self.get(key)
+            except NotFound:
+                return key, None
+
+        with ThreadPoolExecutor(16, thread_name_prefix="get") as pool:
+            return {key: data for key, data in pool.map(one, keys) if data is not None}
 
     def get_file(self, key: str, path: Path) -> None:
         self._download(self.bucket, key, path)

@@ -144,7 +144,7 @@ def settle_one(ops: Ops, f: Finished) -> EventKind:
         ops.put(Layout.status(run_id, shard_id, f.attempt), record)
     kind = EventKind.SUCCEEDED
     if state is AttemptState.PREEMPTED:
-        ops.requeue(f.delivery, dataclasses.replace(message, preemptions=message.preemptions + 1))
+        ops.requeue(f.delivery, message.after_preemption())
         kind = EventKind.PREEMPTED
     elif state is AttemptState.FAILED and reason == CANCELLED:
         ops.ack(f.delivery)

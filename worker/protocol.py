@@ -206,6 +206,12 @@ class WorkMessage(_Record):
     backup: bool = False  # a speculative copy of a straggler: skipped if already committed
     preemptions: int = 0  # counted apart from deliveries: preemptions never fail a shard
     bundle: str | None = None  # run this task bundle instead of the manifest's (retry --task)
+    # Google Cloud, machine shapes (runner.shape_queues): the work topic this message is to be
+    # (re-)published on when not the queue's own, and, for a run with --fallback standard, the
+    # standard VMs' topic a shard moves to once preempted ``fallback_after`` times.
+    topic: str | None = None
+    fallback_topic: str | None = None
+    fallback_after: int = 0
 
     @property
     def shard_record(self) -> Shard:
@@ -217,6 +223,14 @@ class WorkMessage(_Record):
 
     def attributes(self) -> dict[str, str]:
         return {"run_id": self.run_id, "shard_id": self.shard_id}
+
+    def after_preemption(self) -> WorkMessage:
+        """This message as it goes back after a preemption: counted, and moved to the fallback
+        topic (pinned to standard VMs) when it has been preempted often enough."""
+        preempted = dataclasses.replace(self, preemptions=self.preemptions + 1)
+        if self.fallback_topic and preempted.preemptions >= self.fallback_after:
+            return dataclasses.replace(preempted, topic=self.fallback_topic, fallback_topic=None)
+        return preempted
 
 
 @dataclass(frozen=True)

@@ -163,21 +163,29 @@ class PubSubQueue(WorkQueue):
 
     def publish(self, messages: Iterable[WorkMessage], *, delay: float = 0.0) -> int:
         """Publish in batches, waiting for each batch to be stored. Pub/Sub has no delayed
-        delivery, so ``delay`` is ignored."""
+        delivery, so ``delay`` is ignored. A message that names its own ``topic`` (a shard
+        moved to another machine shape's queue) goes there; the rest to the queue's topic."""
         topic = self._work_topic()
         if self.before_publish is not None:
             self.before_publish()
         count = 0
         it = iter(messages)
         while batch := list(islice(it, defaults.PUBLISH_BATCH)):
-            futures = [self.publisher.publish(topic, m.to_json(), **m.attributes()) for m in batch]
-            for future in futures:
+            sent = [(self._topic_of(m, topic), m) for m in batch]
+            futures = [
+                (where, self.publisher.publish(where, m.to_json(), **m.attributes()))
+                for where, m in sent
+            ]
+            for where, future in futures:
                 try:
                     future.result(timeout=PUBLISH_TIMEOUT)
                 except Exception as exc:
-                    raise _not_found_or_denied(exc, f"work topic {topic}") from None
+                    raise _not_found_or_denied(exc, f"work topic {where}") from None
             count += len(batch)
         return count
+
+    def _topic_of(self, message: WorkMessage, default: str) -> str:
+        return resource_path(self.project, "topics", message.topic) if message.topic else default
 
     def _work_topic(self) -> str:
         if self.topic is None:

@@ -12,6 +12,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from pathlib import Path
 
+from worker.errors import NotFound
+
 
 class Store(ABC):
     @abstractmethod
@@ -33,6 +35,16 @@ class Store(ABC):
     @abstractmethod
     def get(self, key: str) -> bytes:
         """Read an object; raises :class:`worker.errors.NotFound`."""
+
+    def get_many(self, keys: list[str]) -> dict[str, bytes]:
+        """Read several objects; the ones that do not exist are left out of the answer."""
+        found = {}
+        for key in keys:
+            try:
+                found[key] = self.get(key)
+            except NotFound:
+                continue
+        return found
 
     @abstractmethod
     def get_file(self, key: str, path: Path) -> None:

@@ -247,7 +247,15 @@ class WarmContainers:
         )
         return ContainerHost(proc, executor.runtime, name, mounts)
 
+    def begin_close(self) -> None:
+        """Tell every warm container's host to exit; :meth:`close` waits for them."""
+        with self._lock:
+            hosts = list(self._hosts.values())
+        for host in hosts:
+            host.begin_close()
+
     def close(self) -> None:
+        self.begin_close()  # every container winds down at once, then each is waited for
         with self._lock:
             hosts, self._hosts = list(self._hosts.values()), {}
         for host in hosts:

@@ -28,6 +28,18 @@ def test_missing_object_raises_not_found(backends: Backends, tmp_path: Path) -> 
     assert not backends.store.exists("runs/nope/run.json")
 
 
+def test_get_many_reads_records_and_objects_and_leaves_out_the_missing(backends: Backends) -> None:
+    store = backends.store
+    keys = [f"runs/r9/shards/{i:04d}/result.json" for i in range(503)]  # past a query's chunk
+    for i, key in enumerate(keys):
+        assert store.create(key, f"r{i}".encode())
+    store.put("runs/r9/outputs/a.csv", b"x,y\n")
+    wanted = [*keys, "runs/r9/outputs/a.csv", "runs/r9/shards/nope/result.json", "runs/r9/b"]
+    found = store.get_many(wanted)
+    assert found == {**{k: f"r{i}".encode() for i, k in enumerate(keys)}, wanted[-3]: b"x,y\n"}
+    assert store.get_many([]) == {}
+
+
 def test_create_is_create_only(backends: Backends) -> None:
     store = backends.store
     assert store.create("runs/r2/shards/a/result.json", b"first")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -41,6 +42,21 @@ def test_a_task_that_cannot_start_is_refused_before_publishing(
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], lines
     assert r.stdout == "" and not cli.store.exists()  # no run, no queue, nothing paid for
+    # the workers that booted while the import check ran are gone with it
+    store = str(cli.store)
+    left = [
+        pid
+        for pid in os.listdir("/proc")
+        if pid.isdigit() and store.encode() in _cmdline(pid) and b"worker" in _cmdline(pid)
+    ]
+    assert not left, f"workers left running: {left}"
+
+
+def _cmdline(pid: str) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
 
 
 def test_the_first_attempts_failing_alike_halt_the_run(cli: Cli, tmp_path: Path) -> None:

@@ -73,37 +73,57 @@ def worker_spawner(
     env: dict[str, str] | None = None,
 ) -> Spawn:
     """``spawn(name)`` for a fake group: a real ``python -m worker --backend gcp`` process."""
-    logs.mkdir(parents=True, exist_ok=True)
+    shaped = shaped_worker_spawner(
+        d,
+        logs=logs,
+        zone=zone,
+        endpoint=endpoint,
+        idle_timeout=idle_timeout,
+        extra_args=extra_args,
+        env=env,
+    )
+    metadata = {
+        "cflow-group": group,
+        "cflow-subscription": d.work_subscription,
+        "cflow-work-topic": d.work_topic,
+    }
 
     def spawn(name: str) -> subprocess.Popen[Any]:
+        return shaped(name, metadata)
+
+    return spawn
+
+
+def shaped_worker_spawner(
+    d: emulators.Deployment,
+    *,
+    logs: Path,
+    endpoint: Callable[[], str],
+    zone: str | None = None,
+    region: str | None = None,
+    idle_timeout: float = 60.0,
+    extra_args: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
+) -> Callable[[str, dict[str, str]], subprocess.Popen[Any]]:
+    """``shaped_spawn(name, metadata)`` for a fake's groups: a real worker configured from the
+    instance metadata of its group's template, as infra/scripts/startup.sh configures it (the
+    group to leave, the subscription to pull, the topic to re-queue on)."""
+    logs.mkdir(parents=True, exist_ok=True)
+    vm_zone = f"{region}-b"  # the fake's regional VMs' zone
+    where = ("--zone", zone) if zone else ("--region", str(region), "--instance-zone", vm_zone)
+
+    def spawn(name: str, metadata: dict[str, str]) -> subprocess.Popen[Any]:
         with (logs / f"{name}.log").open("ab") as log:
             return subprocess.Popen(
                 [
-                    sys.executable,
-                    "-m",
-                    "worker",
-                    "--backend",
-                    "gcp",
-                    "--project",
-                    d.project,
-                    "--bucket",
-                    d.bucket,
-                    "--subscription",
-                    d.work_subscription,
-                    "--work-topic",
-                    d.work_topic,
-                    "--events-topic",
-                    d.events_topic,
-                    "--group",
-                    group,
-                    "--zone",
-                    zone,
-                    "--name",
-                    name,
-                    "--idle-timeout",
-                    str(idle_timeout),
-                    "--scratch",
-                    str(logs / "scratch" / name),
+                    *(sys.executable, "-m", "worker", "--backend", "gcp"),
+                    *("--project", d.project, "--bucket", d.bucket),
+                    *("--subscription", metadata["cflow-subscription"]),
+                    *("--work-topic", metadata["cflow-work-topic"]),
+                    *("--events-topic", d.events_topic),
+                    *("--group", metadata["cflow-group"], *where),
+                    *("--name", name, "--idle-timeout", str(idle_timeout)),
+                    *("--scratch", str(logs / "scratch" / name)),
                     *extra_args,
                 ],
                 # The task inherits the worker's environment: it can tell who runs it.

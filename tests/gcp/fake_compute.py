@@ -8,9 +8,13 @@ it through ``CFLOW_COMPUTE_ENDPOINT``:
   ``listManagedInstances`` (paged), ``deleteInstances``, ``abandonInstances``;
 - ``zoneOperations`` / ``regionOperations``: ``get`` and ``wait`` (operations finish at once);
 - ``regions.get`` (quotas), ``instanceTemplates.get`` and ``machineTypes.get``, for ``doctor``;
-- for machine shapes: ``instanceTemplates.insert``, ``acceleratorTypes.get``,
-  ``instanceGroupManagers.insert`` (a shaped group is recorded, with no VMs of its own) and
-  ``globalOperations.get`` / ``wait``.
+- for machine shapes: ``instanceTemplates.insert`` / ``delete``, ``acceleratorTypes.get``,
+  ``projects.get`` (project-wide quotas such as ``GPUS_ALL_REGIONS``),
+  ``instanceGroupManagers`` and ``regionInstanceGroupManagers`` ``insert`` / ``list`` /
+  ``delete``, and ``globalOperations.get`` / ``wait``. A shaped group is a group like the
+  deployment's: it keeps its target size of VMs, each made by ``shaped_spawn(name, metadata)``
+  with the instance metadata of the group's template (so a test's worker pulls the subscription
+  the template names), or by ``spawn(name)`` when no ``shaped_spawn`` is given.
 
 Each "VM" is a process made by ``spawn(name)``; like a MIG, the fake keeps ``targetSize``
 instances, recreates one whose process died without being deleted (a Spot preemption), and
@@ -32,6 +36,9 @@ It refuses the way the documentation says the service does:
   ``TERMINATE`` (400 "Instances with guest accelerators do not support live migration."), and
   GPUs attached to a machine series other than ``n1``; templates and groups that do not exist
   are 404 ``notFound``; a GPU not in ``accelerators`` for the zone is 404;
+- an instance template a group still uses cannot be deleted (400
+  ``resourceInUseByAnotherResource``); a regional group's ``distributionPolicy`` may only name
+  zones of its region (400);
 - ``boot_fails(name)`` VMs run (instance ``RUNNING``) but their ``spawn`` is ``failed_spawn``:
   the VM is up, its worker never is.
 """
@@ -48,6 +55,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlparse
@@ -63,8 +71,10 @@ _TEMPLATE_PATH = re.compile(
 )
 _TEMPLATES_PATH = re.compile(r"^/compute/v1/projects/(?P<project>[^/]+)/global/instanceTemplates$")
 _GROUPS_PATH = re.compile(
-    r"^/compute/v1/projects/(?P<project>[^/]+)/zones/(?P<zone>[^/]+)/instanceGroupManagers$"
+    r"^/compute/v1/projects/(?P<project>[^/]+)/(?P<scope>zones|regions)/(?P<where>[^/]+)/"
+    r"instanceGroupManagers$"
 )
+_PROJECT_PATH = re.compile(r"^/compute/v1/projects/(?P<project>[^/]+)$")
 _ACCELERATOR_PATH = re.compile(
     r"^/compute/v1/projects/(?P<project>[^/]+)/zones/(?P<zone>[^/]+)/acceleratorTypes/(?P<name>[^/]+)$"
 )
@@ -106,6 +116,11 @@ class Group:
     name: str
     target_size: int = 0
     vms: dict[str, Vm] = field(default_factory=dict)
+    template: str = ""  # the instance template's name
+    base_instance_name: str = ""  # VMs are named <base>-xxxx ("": the group's name)
+    zones: list[str] = field(default_factory=list)  # a regional group's distribution zones
+    record: dict[str, Any] = field(default_factory=dict)  # a shaped group, as inserted
+    resizes: list[int] = field(default_factory=list)
 
     @property
     def self_link(self) -> str:
@@ -113,7 +128,9 @@ class Group:
         return f"{where}/instanceGroupManagers/{self.name}"
 
     def instance_zone(self) -> str:
-        return self.where if self.scope == "zones" else f"{self.where}-b"
+        if self.scope == "zones":
+            return self.where
+        return self.zones[0] if self.zones else f"{self.where}-b"
 
     @property
     def region(self) -> str:
@@ -149,11 +166,19 @@ class FakeCompute:
         quotas: dict[str, tuple[float, float]] | None = None,
         denied: frozenset[str] = frozenset(),
         accelerators: frozenset[str] = frozenset({"nvidia-tesla-t4", "nvidia-l4"}),
+        zone_accelerators: dict[str, frozenset[str]] | None = None,
+        project_quotas: dict[str, tuple[float, float]] | None = None,
+        metadata: dict[str, str] | None = None,
+        shaped_spawn: Callable[[str, dict[str, str]], subprocess.Popen[Any]] | None = None,
     ):
         scope, where = ("zones", zone) if zone else ("regions", region)
         assert where, "a zone or a region"
-        self.group = Group(project, scope, where, group)
+        self.group = Group(project, scope, where, group, template=f"{group}-template")
+        self.groups: dict[str, Group] = {group: self.group}  # the deployment's and shaped ones
         self.spawn = spawn
+        self.shaped_spawn = shaped_spawn
+        # The deployment template's metadata (the stack sets cflow-subscription and the rest).
+        self.metadata = {"cflow-group": group, **(metadata or {})}
         self.recreate = recreate
         self.cpu_quota = cpu_quota
         self.cpus_per_vm = cpus_per_vm
@@ -171,8 +196,12 @@ class FakeCompute:
             "IN_USE_ADDRESSES": (8.0, 0.0),
         }
         self.accelerators = accelerators  # GPU types every zone offers (acceleratorTypes.get)
+        self.zone_accelerators = zone_accelerators or {}  # zone -> its GPU types, where it differs
+        # projects.get quotas (project-wide): metric -> (limit, usage)
+        self.project_quotas = project_quotas or {"GPUS_ALL_REGIONS": (8.0, 0.0)}
         self.templates: dict[str, dict[str, Any]] = {}  # name -> the template as inserted
-        self.made_groups: dict[str, dict[str, Any]] = {}  # shaped groups: name -> as inserted
+        self.deleted_groups: list[str] = []
+        self.deleted_templates: list[str] = []
         self.denied = denied  # verbs (e.g. "deleteInstances") answered 403 permission denied
         self.rate_limited = 0  # requests refused for the rate limit
         self.boot_failed: list[str] = []
@@ -182,6 +211,8 @@ class FakeCompute:
         self.deleted: list[str] = []
         self.preempted: list[str] = []
         self.abandoned: list[Vm] = []
+        self._gone: list[Vm] = []  # VMs of deleted groups, still shutting down
+        self.now = lambda: datetime.now(UTC)  # creationTimestamp of what is inserted
         self._lock = threading.RLock()
         self._ops: dict[str, dict[str, Any]] = {}
         self._ids = itertools.count(1_000_000)
@@ -207,7 +238,8 @@ class FakeCompute:
         self._server.shutdown()
         self._server.server_close()
         with self._lock:
-            vms = [*self.group.vms.values(), *self.abandoned]
+            vms = [vm for g in self.groups.values() for vm in g.vms.values()]
+            vms += [*self._gone, *self.abandoned]
             procs = [vm.proc for vm in vms if vm.proc is not None]
         for proc in procs:
             if proc.poll() is None:
@@ -216,18 +248,31 @@ class FakeCompute:
 
     # -- what tests look at --------------------------------------------------------------
 
-    def live(self) -> dict[str, subprocess.Popen[Any]]:
-        """Instances whose process runs now: name -> process."""
+    @property
+    def made_groups(self) -> dict[str, dict[str, Any]]:
+        """Shaped groups: name -> the group as inserted (with its target size now)."""
+        with self._lock:
+            return {
+                name: {**g.record, "targetSize": g.target_size}
+                for name, g in self.groups.items()
+                if g is not self.group
+            }
+
+    def live(self, group: str | None = None) -> dict[str, subprocess.Popen[Any]]:
+        """Instances whose process runs now (of every group, or of ``group``): name -> process."""
         with self._lock:
             return {
                 vm.name: vm.proc
-                for vm in self.group.vms.values()
+                for g in self.groups.values()
+                if group is None or g.name == group
+                for vm in g.vms.values()
                 if vm.proc is not None and vm.proc.poll() is None
             }
 
-    def is_empty(self) -> bool:
+    def is_empty(self, group: str | None = None) -> bool:
         with self._lock:
-            return self.group.target_size == 0 and not self.group.vms
+            g = self.groups.get(group or self.group.name)
+            return g is None or (g.target_size == 0 and not g.vms)
 
     def resized_down(self) -> bool:
         """Whether any resize lowered the target size (CFlow must only delete by name)."""
@@ -241,43 +286,57 @@ class FakeCompute:
 
     def reconcile(self) -> None:
         with self._lock:
-            g = self.group
-            for vm in list(g.vms.values()):
-                exited = vm.proc is not None and vm.proc.poll() is not None
-                if vm.deleting:
-                    if vm.proc is None or exited:
-                        del g.vms[vm.name]
-                elif exited and self.recreate:  # preempted or crashed: a MIG recreates it
-                    self.preempted.append(vm.name)
-                    vm.action, vm.recreated = "RECREATING", vm.recreated + 1
-                    vm.proc = self._start(vm)
-                elif exited:
-                    del g.vms[vm.name]
-                elif vm.proc is None:
-                    if self._quota_left() >= self.cpus_per_vm:
-                        vm.error = None
-                        vm.proc = self._start(vm)
-                    else:  # the group retries creating it until quota frees up
-                        vm.error = self._quota_error()
-                else:
-                    vm.action = "NONE"
-            alive = [vm for vm in g.vms.values() if not vm.deleting]
-            for _ in range(g.target_size - len(alive)):
-                name = f"{g.name}-{secrets.token_hex(2)}"
-                g.vms[name] = Vm(name, g.instance_zone())
-            for vm in alive[g.target_size :]:  # a resize down: the MIG picks victims itself
-                self._delete(vm)
+            self._gone = [vm for vm in self._gone if vm.proc is not None and vm.proc.poll() is None]
+            for g in list(self.groups.values()):
+                self._reconcile(g)
 
-    def _start(self, vm: Vm) -> subprocess.Popen[Any]:
+    def _reconcile(self, g: Group) -> None:
+        for vm in list(g.vms.values()):
+            exited = vm.proc is not None and vm.proc.poll() is not None
+            if vm.deleting:
+                if vm.proc is None or exited:
+                    del g.vms[vm.name]
+            elif exited and self.recreate:  # preempted or crashed: a MIG recreates it
+                self.preempted.append(vm.name)
+                vm.action, vm.recreated = "RECREATING", vm.recreated + 1
+                vm.proc = self._start(g, vm)
+            elif exited:
+                del g.vms[vm.name]
+            elif vm.proc is None:
+                if self._quota_left() >= self.cpus_per_vm:
+                    vm.error = None
+                    vm.proc = self._start(g, vm)
+                else:  # the group retries creating it until quota frees up
+                    vm.error = self._quota_error()
+            else:
+                vm.action = "NONE"
+        alive = [vm for vm in g.vms.values() if not vm.deleting]
+        for _ in range(g.target_size - len(alive)):
+            name = f"{g.base_instance_name or g.name}-{secrets.token_hex(2)}"
+            g.vms[name] = Vm(name, g.instance_zone())
+        for vm in alive[g.target_size :]:  # a resize down: the MIG picks victims itself
+            self._delete(vm)
+
+    def _start(self, g: Group, vm: Vm) -> subprocess.Popen[Any]:
         if self.boot_fails(vm.name):
             self.boot_failed.append(vm.name)
             return self.failed_spawn(vm.name)
+        if g is not self.group and self.shaped_spawn is not None:
+            return self.shaped_spawn(vm.name, self.instance_metadata(g))
         return self.spawn(vm.name)
+
+    def instance_metadata(self, g: Group) -> dict[str, str]:
+        """The metadata a VM of ``g`` gets from its group's instance template."""
+        _, template = self._template(g.template)
+        items = template.get("properties", {}).get("metadata", {}).get("items", [])
+        return {str(i["key"]): str(i["value"]) for i in items}
 
     def _quota_left(self) -> float:
         if self.cpu_quota is None:
             return float("inf")
-        running = sum(1 for vm in self.group.vms.values() if vm.proc is not None)
+        running = sum(
+            1 for g in self.groups.values() for vm in g.vms.values() if vm.proc is not None
+        )
         return self.cpu_quota - running * self.cpus_per_vm
 
     def _quota_error(self) -> dict[str, str]:
@@ -295,8 +354,8 @@ class FakeCompute:
 
     # -- the REST API ---------------------------------------------------------------------
 
-    def _operation(self, kind: str, target: str) -> dict[str, Any]:
-        g = self.group
+    def _operation(self, kind: str, target: str, g: Group | None = None) -> dict[str, Any]:
+        g = g or self.group
         op_id = next(self._ids)
         name = f"operation-{op_id}-{secrets.token_hex(4)}"
         scope_key = "zone" if g.scope == "zones" else "region"
@@ -315,11 +374,11 @@ class FakeCompute:
         self._ops[name] = op
         return op
 
-    def _managed(self, vm: Vm) -> dict[str, Any]:
+    def _managed(self, g: Group, vm: Vm) -> dict[str, Any]:
         alive = vm.proc is not None and vm.proc.poll() is None
         status = "STOPPING" if vm.deleting else ("RUNNING" if alive else "STAGING")
         managed: dict[str, Any] = {
-            "instance": self.group.instance_url(vm),
+            "instance": g.instance_url(vm),
             "name": vm.name,
             "id": str(abs(hash(vm.name)) % 10**18),
             "currentAction": vm.action,
@@ -346,11 +405,14 @@ class FakeCompute:
         query = {k: v[0] for k, v in parse_qs(url.query).items()}
         self.requests.append((method, raw_path))
         with self._lock:
-            g = self.group
             if self._rate_limited():
                 return _error(403, "Rate Limit Exceeded", reason="rateLimitExceeded")
+            if m := _PROJECT_PATH.match(url.path):
+                return 200, self._project(m["project"])
             if m := _REGION_PATH.match(url.path):
                 return 200, self._region(m["region"])
+            if (m := _TEMPLATE_PATH.match(url.path)) and method == "DELETE":
+                return self._delete_template(m["name"])
             if m := _TEMPLATE_PATH.match(url.path):
                 return self._template(m["name"])
             if (m := _TEMPLATES_PATH.match(url.path)) and method == "POST":
@@ -362,105 +424,129 @@ class FakeCompute:
                     return _error(404, f"The resource operation '{m['name']}' was not found")
                 return 200, op
             if (m := _GROUPS_PATH.match(url.path)) and method == "POST":
-                return self._insert_group(m["zone"], body)
-            if (m := _GROUP_PATH.match(url.path)) and m["group"] in self.made_groups:
-                if method == "GET" and m["verb"] is None:
-                    return 200, self.made_groups[m["group"]]
-                return _error(400, f"unsupported {method} {m['verb']} on a shaped group")
+                return self._insert_group(m["scope"], m["where"], body)
+            if m := _GROUPS_PATH.match(url.path):
+                return 200, self._list_groups(m["scope"], m["where"])
             if m := _MACHINE_TYPE_PATH.match(url.path):
                 return self._machine_type(m["zone"], m["name"])
             if m := _OPERATION_PATH.match(url.path):
                 op = self._ops.get(m["name"])
-                if op is None or (m["scope"], m["where"]) != (g.scope, g.where):
+                scope_key = "zone" if m["scope"] == "zones" else "region"
+                where = f"{BASE}/projects/{m['project']}/{m['scope']}/{m['where']}"
+                if op is None or op.get(scope_key) != where:
                     return _error(404, f"The resource operation '{m['name']}' was not found")
                 return 200, op
             m = _GROUP_PATH.match(url.path)
             if m is None:
                 return _error(404, f"no such endpoint {url.path}")
-            if (m["project"], m["scope"], m["where"], m["group"]) != (
-                g.project,
-                g.scope,
-                g.where,
-                g.name,
-            ):
+            g = self.groups.get(m["group"])
+            if g is None or (m["project"], m["scope"], m["where"]) != (g.project, g.scope, g.where):
                 resource = f"projects/{m['project']}/{m['scope']}/{m['where']}"
                 return _error(
                     404,
                     f"The resource '{resource}/instanceGroupManagers/{m['group']}' was not found",
                 )
-            verb = m["verb"]
-            if verb in self.denied:
+            return self._group_call(g, method, m["verb"], query, body)
+
+    def _group_call(
+        self, g: Group, method: str, verb: str | None, query: dict[str, str], body: dict[str, Any]
+    ) -> tuple[int, Any]:
+        if verb in self.denied:
+            return _error(
+                403,
+                "Required 'compute.instanceGroupManagers.update' permission for "
+                f"'projects/{g.project}/{g.scope}/{g.where}/instanceGroupManagers/{g.name}'",
+            )
+        if method == "GET" and verb is None:
+            return 200, self._describe(g)
+        if method == "DELETE" and verb is None:  # the group goes, and every VM with it
+            for vm in g.vms.values():
+                if not vm.deleting:
+                    self._delete(vm)
+            self._gone.extend(g.vms.values())
+            del self.groups[g.name]
+            self.deleted_groups.append(g.name)
+            return 200, self._operation("compute.instanceGroupManagers.delete", g.self_link, g)
+        if method == "POST" and verb == "resize":
+            size = int(query["size"])
+            if size > g.size_limit:
                 return _error(
-                    403,
-                    "Required 'compute.instanceGroupManagers.update' permission for "
-                    f"'projects/{g.project}/{g.scope}/{g.where}/instanceGroupManagers/{g.name}'",
+                    400,
+                    f"Invalid value for field 'size': '{size}'. "
+                    f"Must be less than or equal to {g.size_limit}.",
                 )
-            if method == "GET" and verb is None:
-                return 200, {
-                    "kind": "compute#instanceGroupManager",
-                    "id": "4242",
-                    "name": g.name,
-                    "baseInstanceName": g.name,
-                    "targetSize": g.target_size,
-                    "selfLink": g.self_link,
-                    "instanceTemplate": f"{BASE}/projects/{g.project}/global/"
-                    f"instanceTemplates/{g.name}-template",
-                    "versions": [
-                        {
-                            "name": "worker",
-                            "instanceTemplate": f"{BASE}/projects/{g.project}/global/"
-                            f"instanceTemplates/{g.name}-template",
-                        }
-                    ],
-                    "status": {"isStable": all(vm.action == "NONE" for vm in g.vms.values())},
-                    ("zone" if g.scope == "zones" else "region"): (
-                        f"{BASE}/projects/{g.project}/{g.scope}/{g.where}"
-                    ),
-                }
-            if method == "POST" and verb == "resize":
-                size = int(query["size"])
-                if size > g.size_limit:
-                    return _error(
-                        400,
-                        f"Invalid value for field 'size': '{size}'. "
-                        f"Must be less than or equal to {g.size_limit}.",
-                    )
-                self.resizes.append(size)
-                g.target_size = size
-                self.reconcile()
-                return 200, self._operation("compute.instanceGroupManagers.resize", g.self_link)
-            if method == "POST" and verb == "listManagedInstances":
-                vms = sorted(g.vms.values(), key=lambda vm: vm.name)
-                page = min(int(query.get("maxResults", PAGE_LIMIT)), PAGE_LIMIT)
-                start = int(query.get("pageToken") or 0)
-                out: dict[str, Any] = {
-                    "managedInstances": [self._managed(vm) for vm in vms[start : start + page]]
-                }
-                if start + page < len(vms):
-                    out["nextPageToken"] = str(start + page)
-                return 200, out
-            if method == "POST" and verb in ("deleteInstances", "abandonInstances"):
-                urls = body.get("instances", [])
-                if len(urls) > DELETE_LIMIT:
-                    return _error(
-                        400,
-                        f"Invalid value for field 'resource.instances': {len(urls)} instances. "
-                        f"At most {DELETE_LIMIT} instances can be specified in one request.",
-                    )
-                skip = bool(body.get("skipInstancesOnValidationError"))
-                names = [u.rsplit("/", 1)[-1] for u in urls]
-                unknown = [n for n in names if n not in g.vms or g.vms[n].deleting]
-                if unknown and not skip:
-                    return _error(400, f"Instances {unknown} are not members of the group")
-                for name in names:
-                    if name not in unknown:
-                        if verb == "deleteInstances":
-                            self._delete(g.vms[name])
-                        else:
-                            self.abandoned.append(g.vms.pop(name))
-                        g.target_size -= 1
-                return 200, self._operation(f"compute.instanceGroupManagers.{verb}", g.self_link)
-            return _error(400, f"unsupported {method} {verb}")
+            (self.resizes if g is self.group else g.resizes).append(size)
+            g.target_size = size
+            self._reconcile(g)
+            return 200, self._operation("compute.instanceGroupManagers.resize", g.self_link, g)
+        if method == "POST" and verb == "listManagedInstances":
+            vms = sorted(g.vms.values(), key=lambda vm: vm.name)
+            page = min(int(query.get("maxResults", PAGE_LIMIT)), PAGE_LIMIT)
+            start = int(query.get("pageToken") or 0)
+            out: dict[str, Any] = {
+                "managedInstances": [self._managed(g, vm) for vm in vms[start : start + page]]
+            }
+            if start + page < len(vms):
+                out["nextPageToken"] = str(start + page)
+            return 200, out
+        if method == "POST" and verb in ("deleteInstances", "abandonInstances"):
+            urls = body.get("instances", [])
+            if len(urls) > DELETE_LIMIT:
+                return _error(
+                    400,
+                    f"Invalid value for field 'resource.instances': {len(urls)} instances. "
+                    f"At most {DELETE_LIMIT} instances can be specified in one request.",
+                )
+            skip = bool(body.get("skipInstancesOnValidationError"))
+            names = [u.rsplit("/", 1)[-1] for u in urls]
+            unknown = [n for n in names if n not in g.vms or g.vms[n].deleting]
+            if unknown and not skip:
+                return _error(400, f"Instances {unknown} are not members of the group")
+            for name in names:
+                if name not in unknown:
+                    if verb == "deleteInstances":
+                        self._delete(g.vms[name])
+                    else:
+                        self.abandoned.append(g.vms.pop(name))
+                    g.target_size -= 1
+            return 200, self._operation(f"compute.instanceGroupManagers.{verb}", g.self_link, g)
+        return _error(400, f"unsupported {method} {verb}")
+
+    def _describe(self, g: Group) -> dict[str, Any]:
+        template = f"{BASE}/projects/{g.project}/global/instanceTemplates/{g.template}"
+        scope_key = "zone" if g.scope == "zones" else "region"
+        if g is not self.group:
+            return {**g.record, "targetSize": g.target_size}
+        return {
+            "kind": "compute#instanceGroupManager",
+            "id": "4242",
+            "name": g.name,
+            "baseInstanceName": g.name,
+            "targetSize": g.target_size,
+            "selfLink": g.self_link,
+            "instanceTemplate": template,
+            "versions": [{"name": "worker", "instanceTemplate": template}],
+            "status": {"isStable": all(vm.action == "NONE" for vm in g.vms.values())},
+            scope_key: f"{BASE}/projects/{g.project}/{g.scope}/{g.where}",
+        }
+
+    def _list_groups(self, scope: str, where: str) -> dict[str, Any]:
+        items = [
+            self._describe(g)
+            for g in sorted(self.groups.values(), key=lambda g: g.name)
+            if (g.scope, g.where) == (scope, where)
+        ]
+        return {"kind": "compute#instanceGroupManagerList", "items": items}
+
+    def _project(self, project: str) -> dict[str, Any]:
+        return {
+            "kind": "compute#project",
+            "name": project,
+            "quotas": [
+                {"metric": metric, "limit": limit, "usage": usage}
+                for metric, (limit, usage) in self.project_quotas.items()
+            ],
+        }
 
     def _region(self, region: str) -> dict[str, Any]:
         quotas = dict(self.quotas)
@@ -470,7 +556,7 @@ class FakeCompute:
             "kind": "compute#region",
             "name": region,
             "status": "UP",
-            "zones": [f"{BASE}/projects/{self.group.project}/zones/{region}-{z}" for z in "bcf"],
+            "zones": [f"{BASE}/projects/{self.group.project}/zones/{z}" for z in _zones(region)],
             "quotas": [
                 {"metric": metric, "limit": limit, "usage": usage}
                 for metric, (limit, usage) in quotas.items()
@@ -480,12 +566,14 @@ class FakeCompute:
     def _template(self, name: str) -> tuple[int, Any]:
         if name in self.templates:
             return 200, self.templates[name]
-        if name != f"{self.group.name}-template":
-            resource = f"projects/{self.group.project}/global/instanceTemplates/{name}"
+        project = self.group.project
+        if name != f"{self.group.name}-template" or name in self.deleted_templates:
+            resource = f"projects/{project}/global/instanceTemplates/{name}"
             return _error(404, f"The resource '{resource}' was not found")
         return 200, {
             "kind": "compute#instanceTemplate",
             "name": name,
+            "selfLink": f"{BASE}/projects/{project}/global/instanceTemplates/{name}",
             "properties": {
                 "machineType": self.machine_type,
                 "scheduling": {
@@ -495,15 +583,44 @@ class FakeCompute:
                     "onHostMaintenance": "TERMINATE",
                     "instanceTerminationAction": "DELETE",
                 },
-                "metadata": {"items": [{"key": "cflow-group", "value": self.group.name}]},
+                "metadata": {"items": [{"key": k, "value": v} for k, v in self.metadata.items()]},
+                "shieldedInstanceConfig": {
+                    "enableSecureBoot": True,
+                    "enableVtpm": True,
+                    "enableIntegrityMonitoring": True,
+                },
                 "disks": [
                     {
                         "boot": True,
-                        "initializeParams": {"diskSizeGb": "20", "diskType": "pd-balanced"},
+                        "initializeParams": {
+                            "diskSizeGb": "20",
+                            "diskType": "pd-balanced",
+                            "sourceImage": f"{BASE}/projects/{project}/global/images/cflow-1",
+                        },
                     }
                 ],
             },
         }
+
+    def _delete_template(self, name: str) -> tuple[int, Any]:
+        project = self.group.project
+        resource = f"projects/{project}/global/instanceTemplates/{name}"
+        if name not in self.templates:
+            return _error(404, f"The resource '{resource}' was not found")
+        users = [g for g in self.groups.values() if g.template == name]
+        if users:
+            user = users[0]
+            return _error(
+                400,
+                f"The instance_template resource '{resource}' is already being used by "
+                f"'projects/{project}/{user.scope}/{user.where}/instanceGroupManagers/"
+                f"{user.name}'",
+                reason="resourceInUseByAnotherResource",
+            )
+        del self.templates[name]
+        self.deleted_templates.append(name)
+        link = f"{BASE}/{resource}"
+        return 200, self._global_operation("compute.instanceTemplates.delete", link)
 
     def _machine_type(self, zone: str, name: str) -> tuple[int, Any]:
         m = re.fullmatch(r"([a-z0-9]+)-(?:standard|highmem|highcpu)-(\d+)", name)
@@ -522,7 +639,7 @@ class FakeCompute:
         return 200, found
 
     def _accelerator(self, zone: str, name: str) -> tuple[int, Any]:
-        if name not in self.accelerators:
+        if name not in self.zone_accelerators.get(zone, self.accelerators):
             resource = f"projects/{self.group.project}/zones/{zone}/acceleratorTypes/{name}"
             return _error(404, f"The resource '{resource}' was not found")
         return 200, {"kind": "compute#acceleratorType", "name": name, "maximumCardsPerInstance": 8}
@@ -567,27 +684,54 @@ class FakeCompute:
         self.templates[name] = {"kind": "compute#instanceTemplate", **body, "selfLink": link}
         return 200, self._global_operation("compute.instanceTemplates.insert", link)
 
-    def _insert_group(self, zone: str, body: dict[str, Any]) -> tuple[int, Any]:
+    def _insert_group(self, scope: str, where: str, body: dict[str, Any]) -> tuple[int, Any]:
         name = str(body.get("name", ""))
         project = self.group.project
-        resource = f"projects/{project}/zones/{zone}/instanceGroupManagers/{name}"
+        resource = f"projects/{project}/{scope}/{where}/instanceGroupManagers/{name}"
         if not _NAME.fullmatch(name):
             return _error(400, f"Invalid value for field 'resource.name': '{name}'.")
-        if name in self.made_groups or name == self.group.name:
+        if name in self.groups:
             return _error(409, f"The resource '{resource}' already exists", reason="alreadyExists")
         template = str(body.get("instanceTemplate", "")).rsplit("/", 1)[-1]
         if template not in self.templates:
             missing = f"projects/{project}/global/instanceTemplates/{template}"
             return _error(404, f"The resource '{missing}' was not found")
+        zones: list[str] = []
+        if scope == "regions":
+            wanted = body.get("distributionPolicy", {}).get("zones") or []
+            zones = [str(z.get("zone", "")).rsplit("/", 1)[-1] for z in wanted]
+            stray = [z for z in zones if z not in _zones(where)]
+            if stray:
+                return _error(
+                    400,
+                    f"Invalid value for field 'resource.distributionPolicy.zones': "
+                    f"zone '{stray[0]}' is not in region '{where}'.",
+                )
+        elif "distributionPolicy" in body:
+            return _error(400, "A zonal instance group manager has no distributionPolicy.")
         link = f"{BASE}/{resource}"
-        self.made_groups[name] = {
+        scope_key = "zone" if scope == "zones" else "region"
+        record = {
             "kind": "compute#instanceGroupManager",
             **body,
             "targetSize": int(body.get("targetSize", 0)),
-            "zone": f"{BASE}/projects/{project}/zones/{zone}",
+            scope_key: f"{BASE}/projects/{project}/{scope}/{where}",
             "selfLink": link,
+            "creationTimestamp": self.now().isoformat(timespec="milliseconds"),
         }
-        return 200, self._operation("compute.instanceGroupManagers.insert", link)
+        group = Group(
+            project,
+            scope,
+            where,
+            name,
+            target_size=int(body.get("targetSize", 0)),
+            template=template,
+            base_instance_name=str(body.get("baseInstanceName") or name),
+            zones=zones or (_zones(where) if scope == "regions" else []),
+            record=record,
+        )
+        self.groups[name] = group
+        return 200, self._operation("compute.instanceGroupManagers.insert", link, group)
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         fake = self
@@ -616,10 +760,18 @@ class FakeCompute:
             def do_POST(self) -> None:
                 self._serve("POST")
 
+            def do_DELETE(self) -> None:
+                self._serve("DELETE")
+
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
         return Handler
+
+
+def _zones(region: str) -> list[str]:
+    """The zones ``regions.get`` lists for a region (a fake's: b, c and f)."""
+    return [f"{region}-{z}" for z in "bcf"]
 
 
 def _error(code: int, message: str, *, reason: str | None = None) -> tuple[int, Any]:

@@ -70,6 +70,7 @@ def terraform_output(synth: Synth, *, zone: str) -> dict[str, Any]:
         "group_scope": "zonal" if zone else "regional",
         "worker_service_account": f"cflow-worker@{PROJECT}.iam.gserviceaccount.com",
         "image_repository": f"us-central1-docker.pkg.dev/{PROJECT}/cflow-images",
+        "gpu_image": "",
     }
     assert set(values) == set(synth.tf["output"])
     return {

@@ -38,6 +38,7 @@ OUTPUTS = {
     "group_scope",
     "worker_service_account",
     "image_repository",
+    "gpu_image",
 }
 VARIABLE_DEFAULTS = {
     "region": "us-central1",
@@ -56,6 +57,7 @@ VARIABLE_DEFAULTS = {
     "retention_days": 30,
     "max_delivery_attempts": 20,
     "input_buckets": [],
+    "gpu_image": "",
 }
 WORKER_METADATA = {
     "cflow-project",
@@ -388,6 +390,7 @@ def test_outputs_are_the_runner_contract(synth: Synth) -> None:
     assert outputs["zone"]["value"] == "${var.zone}"
     assert outputs["group_scope"]["value"] == '${(length(var.zone) >= 1) ? "zonal" : "regional"}'
     assert outputs["worker_service_account"]["value"].endswith(".email}")
+    assert outputs["gpu_image"]["value"] == "${var.gpu_image}"  # runner.shapes reads it
 
 
 def test_cdktf_json_runs_the_app_with_the_prebuilt_provider() -> None:

@@ -144,3 +144,59 @@ def test_the_fallback_fleet_routes_growth_and_prices_the_summary() -> None:
     assert summary.standard_shards == 2 and summary.standard_vms == 1
     assert summary.standard_cost == price.standard  # one standard VM-hour
     assert "2 shards on 1 standard VMs, 1.00 VM-hours" in summary.line()
+
+
+def test_once_fallen_back_idle_spot_vms_go_and_queued_shards_move() -> None:
+    from runner.fallback import FallbackFleet
+    from runner.fleet import Fleet
+    from runner.sim.clock import SimClock
+
+    class Group(Fleet):
+        def __init__(self, names: list[str]) -> None:
+            self.vms, self.deleted = list(names), []  # type: ignore[var-annotated]
+
+        def instances(self) -> list[Instance]:
+            return [Instance(n, "running") for n in self.vms]
+
+        def grow(self, count: int) -> list[str]:
+            return []
+
+        def delete(self, names: object) -> None:
+            for n in list(names):  # type: ignore[call-overload]
+                self.deleted.append(n)
+                self.vms.remove(n)
+
+    class Bus:
+        events = [
+            Event("idle", "spot-idle"),
+            Event("idle", "spot-busy"),
+            Event("started", "spot-busy", run_id="r", shard_id="s2"),  # busy again since
+        ]
+
+        def pull(self, max_events: int = 1000, timeout: float = 0.0) -> list[Event]:
+            out, self.events = self.events, []
+            return out
+
+    moves: list[int] = []
+    counts: dict[str, int] = {}
+    tap = PreemptionTap(Bus(), counts)  # type: ignore[arg-type]
+    tap.pull()
+    assert tap.idle == {"spot-idle"}
+    spot = Group(["spot-busy", "spot-idle"])
+    fleet = FallbackFleet(
+        spot=spot,
+        standard=Group([]),
+        preemptions=counts,
+        policy=FallbackPolicy(after_preemptions=1),
+        clock=SimClock(horizon=100),
+        move=lambda: moves.append(1) or 1,
+        idle=tap.idle,
+    )
+    fleet.instances()
+    assert spot.deleted == [] and moves == []  # Spot works: nothing moves, nothing goes
+    counts["s1"] = 1
+    listed = {i.name for i in fleet.instances()}
+    assert fleet.active and spot.deleted == ["spot-idle"] and listed == {"spot-busy"}
+    assert moves == [1]  # the run's queued shards go to the standard VMs' queue, every poll
+    fleet.instances()
+    assert moves == [1, 1] and spot.deleted == ["spot-idle"]

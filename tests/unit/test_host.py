@@ -66,7 +66,7 @@ def test_a_hangup_host_ends_mid_shard_with_what_it_started(tmp_path: Path) -> No
     (tmp_path / "task.py").write_text(
         "import subprocess, time\n"
         "def run(shard):\n"
-        "    child = subprocess.Popen(['sleep', '3141'])\n"
+        "    child = subprocess.Popen(['sleep', '3171'])\n"
         "    open(shard.output_dir / 'child.pid', 'w').write(str(child.pid))\n"
         "    time.sleep(600)\n"
     )

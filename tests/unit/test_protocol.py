@@ -75,3 +75,17 @@ def test_run_ids() -> None:
     run_id = new_run_id(0)
     assert run_id.startswith("r19700101-000000-") and is_valid_run_id(run_id)
     assert not is_valid_run_id("../etc") and not is_valid_run_id("")
+
+
+def test_a_preempted_message_moves_to_its_fallback_topic_after_k_preemptions() -> None:
+    from worker.protocol import WorkMessage
+
+    plain = WorkMessage("r", {"id": "s", "index": 0})
+    assert plain.after_preemption() == WorkMessage("r", {"id": "s", "index": 0}, preemptions=1)
+    routed = WorkMessage("r", {"id": "s"}, fallback_topic="work-std", fallback_after=2)
+    once = routed.after_preemption()
+    assert (once.preemptions, once.topic, once.fallback_topic) == (1, None, "work-std")
+    twice = once.after_preemption()
+    assert (twice.preemptions, twice.topic, twice.fallback_topic) == (2, "work-std", None)
+    assert twice.after_preemption().topic == "work-std"  # it stays on the standard VMs
+    assert WorkMessage.from_json(twice.to_json()) == twice

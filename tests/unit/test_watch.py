@@ -281,3 +281,73 @@ def test_without_a_message_list_shards_are_lost_only_after_a_long_idle_quiet(
     w.reconcile()
     assert w.lost.requeued == 2
     assert {d.message.shard_id for d in queue.receive(10, 0)} == {"s000", "s001"}
+
+
+def test_a_quiet_watch_slows_down_and_is_quick_again_when_a_worker_speaks(tmp_path: Path) -> None:
+    b = open_local(tmp_path / "store")
+    m = _run(b, tmp_path, 1)
+    naps: list[float] = []
+
+    class Recording(FakeClock):
+        def sleep(self, seconds: float) -> None:
+            naps.append(round(seconds, 4))
+            if len(naps) == 8:  # a worker starts the shard
+                b.events.publish(
+                    Event(kind="started", worker="w", run_id=m.run_id, shard_id="s000")
+                )
+            if len(naps) == 12:  # and finishes it
+                _commit(b, m.run_id, "s000")
+                b.events.publish(
+                    Event(kind="succeeded", worker="w", run_id=m.run_id, shard_id="s000")
+                )
+            super().sleep(seconds)
+
+    w = Watcher(
+        manifest=m,
+        store=b.store,
+        queue=b.queue,
+        events=b.events,
+        clock=Recording(),
+        quiet_poll_seconds=0.25,
+    )
+    assert w.watch(poll_seconds=0.02).finished
+    assert naps[:8] == [0.03, 0.045, 0.0675, 0.1013, 0.1519, 0.2278, 0.25, 0.25]
+    assert naps[8] == 0.02  # heard from: the quick pace again
+    assert naps[9:12] == [0.03, 0.045, 0.0675]
+
+
+def test_a_disk_that_stays_full_stops_the_watch_with_one_line(tmp_path: Path) -> None:
+    from runner.fleet import LocalFleet
+    from worker.local_db import DiskFull
+
+    b = open_local(tmp_path / "store")
+    m = _run(b, tmp_path, 1)
+    clock = FakeClock()
+    full = {"now": False}
+
+    class Fleet(LocalFleet):
+        def disk_full(self) -> str | None:
+            return "the disk holding X is full" if full["now"] else None
+
+    w = Watcher(
+        manifest=m,
+        store=b.store,
+        queue=b.queue,
+        events=b.events,
+        fleet=Fleet(tmp_path / "store"),
+        clock=clock,
+    )
+    w.poll()
+    full["now"] = True
+    w.poll()
+    clock.advance(9)
+    w.poll()  # full for a moment: the workers wait and so does the watch
+    full["now"] = False
+    w.poll()  # space came back
+    full["now"] = True
+    w.poll()  # full again: its time starts over
+    clock.advance(9)
+    w.poll()
+    clock.advance(1.5)
+    with pytest.raises(DiskFull, match=f"the disk holding X is full.*runner watch {m.run_id}"):
+        w.poll()
