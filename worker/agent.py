@@ -857,7 +857,7 @@ class Agent:
                     self._bundles[sha] = bundle
                 if image is None:
                     executor = Executor(bundle, entry, isolate=isolate or None)
-                else:  # raises ContainerRuntimeMissing / ImagePullError for the whole run
+                else:  # raises ContainerRuntimeMissing, ImagePullError, GpuSupportMissing
                     executor = ContainerExecutor(
                         bundle, entry, image, timeout=timeout, isolate=isolate, gpu=gpu
                     )
