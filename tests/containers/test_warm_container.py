@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -21,7 +22,9 @@ from worker.executor import RunningTask
 from worker.protocol import Entry
 from worker.taskapi import TaskShard
 
-RUN_ID = "r20260101-000000-warm00"
+# One per test process: containers and processes are told apart by it when test files run
+# side by side.
+RUN_ID = f"r20260101-000000-w{secrets.token_hex(3)}"
 
 # Every host imports this once: HOST names the process (a fresh container gets a new one).
 TASK = """
@@ -48,6 +51,9 @@ def run(shard):
     if mode == "exit":
         os._exit(3)
     if mode == "hang":
+        time.sleep(3600)
+    if mode == "orphaned":
+        subprocess.Popen(["sleep", "3153"])
         time.sleep(3600)
     if mode == "term":
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(5))
@@ -244,7 +250,7 @@ executor = ContainerExecutor(UnpackedBundle("0" * 64, root, None), Entry.PYTHON,
                              runtime=detect_runtime(engine))
 slot = root.parent / "slot"
 slot.mkdir()
-shard = TaskShard(run_id, "s", 0, 1, None, slot / "out", {"mode": "hang"})
+shard = TaskShard(run_id, "s", 0, 1, None, slot / "out", {"mode": "orphaned"})
 executor.start(shard, slot / "log.txt")
 deadline = time.monotonic() + 60
 while not (slot / "out" / "info.json").exists() and time.monotonic() < deadline:
@@ -269,5 +275,6 @@ def test_a_sigkilled_worker_leaves_no_warm_container_running(
         worker.kill()  # SIGKILL: no cleanup runs in the worker
         worker.wait()
     assert _gone(lambda: _containers(container_runtime), 10.0)  # the host saw the hangup
-    # The engine's client (whose command line names the host too) exits once it is removed.
-    assert _gone(lambda: _host_processes("worker.host --hangup"), 10.0)
+    assert _gone(lambda: _host_processes("sleep 3153"), 10.0)  # the shard's child went too
+    # The engine's client (its command line has the run's label) exits once it is removed.
+    assert _gone(lambda: _host_processes(f"cflow.run={RUN_ID}"), 10.0)
