@@ -169,6 +169,7 @@ class CflowStack(TerraformStack):
             "worker_service_account": identity.service_account.email,
             "image_repository": registry.url,
             "gpu_image": inputs.gpu_image,  # read by the runner for machine shapes with GPUs
+            "container_image": inputs.container_image,  # and for runs with --image
         }
         for name, value in outputs.items():
             depends = compute.groups if name in ("group", "group_scope") else None

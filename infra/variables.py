@@ -48,6 +48,7 @@ class Inputs:
     max_delivery_attempts: float
     input_buckets: list[str]
     gpu_image: str  # empty: the runner's default for machine shapes with GPUs
+    container_image: str  # empty: runs with --image are refused (Debian has no container engine)
 
 
 def declare_inputs(scope: Construct) -> Inputs:
@@ -150,6 +151,13 @@ def declare_inputs(scope: Construct) -> Inputs:
         "a Deep Learning VM image (runner.shapes.DEFAULT_GPU_IMAGE).",
         default="",
     )
+    container_image = var(
+        "container_image",
+        "string",
+        "Boot image of runs with --image: one with podman or docker and Python 3.11 (the "
+        "default Debian image has no container engine); empty: such runs are refused.",
+        default="",
+    )
     return Inputs(
         project=project.string_value,
         region=region.string_value,
@@ -169,4 +177,5 @@ def declare_inputs(scope: Construct) -> Inputs:
         max_delivery_attempts=max_delivery_attempts.number_value,
         input_buckets=input_buckets.list_value,
         gpu_image=gpu_image.string_value,
+        container_image=container_image.string_value,
     )

@@ -181,7 +181,7 @@ def submit(
                 fallback_after=fallback_after,
             )
             check_shape_options(options)  # bad shape options: one line, before anything
-            if needs_groups(options) and cfg.is_local:
+            if needs_groups(options, cloud=False) and cfg.is_local:
                 err.print(
                     "cflow: machine shape and --fallback apply to Google Cloud VMs; ignored here"
                     + (" (the containers get this machine's GPUs)" if gpu and image else "")

@@ -38,6 +38,7 @@ DEPLOYMENT_FIELDS = (
     "dead_letter_subscription",
     "group",
     "gpu_image",  # optional: the boot image of machine shapes with GPUs (runner.shapes)
+    "container_image",  # optional: the boot image of runs with --image (podman or docker)
 )
 REQUIRED_FOR_GCP = (
     "project",
@@ -68,6 +69,7 @@ class Config:
     dead_letter_subscription: str | None = None
     group: str | None = None
     gpu_image: str | None = None
+    container_image: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -12,6 +12,7 @@ group, topic and subscription are never changed.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING, Any
 
 from runner import runs
@@ -40,9 +41,11 @@ def check_shape_options(options: RunOptions) -> Shape:
     return shape
 
 
-def needs_groups(options: RunOptions) -> bool:
-    """Whether the run needs groups of its own (a shape, or a fallback)."""
-    return not Shape.from_options(options).is_default or options.fallback is not None
+def needs_groups(options: RunOptions, *, cloud: bool = True) -> bool:
+    """Whether the run needs groups of its own (a shape, a fallback or, on Google Cloud
+    (``cloud``), an image: VMs with a container engine)."""
+    shape = Shape.from_options(options, cloud=cloud)
+    return not shape.is_default or options.fallback is not None
 
 
 def open_shapes(dep: Any) -> Shapes:
@@ -65,6 +68,7 @@ def open_shapes(dep: Any) -> Shapes:
         region=cfg.region,
         queues=queues,
         gpu_image=getattr(cfg, "gpu_image", None),
+        container_image=getattr(cfg, "container_image", None),
     )
 
 
@@ -172,6 +176,7 @@ def run_group_fleets(dep: Any, options: RunOptions) -> list[Fleet]:
         zone=cfg.zone,
         region=cfg.region,
         gpu_image=getattr(cfg, "gpu_image", None),  # a GPU shape's hash covers its image
+        container_image=getattr(cfg, "container_image", None),  # and an --image run's its own
     )
     try:
         names = [f"{cfg.group}-{shapes.normalize(s)[1]}" for s in run_shapes(options)]
@@ -207,4 +212,4 @@ def fallback_line(fleet: Fleet, store: Any, run_id: str, machine_type: str) -> s
 
 
 def _spot(shape: Shape) -> Shape:
-    return Shape(shape.machine_type, "spot", shape.gpu_type, shape.gpu_count, shape.disk_gb)
+    return dataclasses.replace(shape, provisioning="spot")

@@ -16,6 +16,7 @@ group first), then the shape's subscription and topic (:class:`runner.shape_queu
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import time
@@ -25,7 +26,7 @@ from datetime import datetime
 from typing import Any
 
 from runner.run_shape import check_shape_options, needs_groups
-from runner.shapes import HASH_CHARS, Shape, Shapes
+from runner.shapes import HASH_CHARS, Shape, ShapeError, Shapes
 from worker.protocol import Manifest, RunOptions, RunState
 
 log = logging.getLogger("cflow.runner")
@@ -48,7 +49,7 @@ def run_shapes(options: RunOptions) -> list[Shape]:
         return []
     shape = check_shape_options(options)
     if options.fallback:
-        spot = Shape(shape.machine_type, "spot", shape.gpu_type, shape.gpu_count, shape.disk_gb)
+        spot = dataclasses.replace(shape, provisioning="spot")
         return [spot, shape.standard()]
     return [shape]
 
@@ -68,7 +69,10 @@ def cleanup_shapes(
         if m.state != RunState.ACTIVE.value:
             continue
         for shape in run_shapes(m.run_options):
-            _, digest = shapes.normalize(shape)
+            try:
+                _, digest = shapes.normalize(shape)
+            except ShapeError:  # a shape this deployment cannot make: it has no group
+                continue
             in_use.setdefault(f"{shapes.group}-{digest}", m.run_id)
     pattern = re.compile(rf"{re.escape(shapes.group)}-([0-9a-f]{{{HASH_CHARS}}})")
     result = Cleanup()

@@ -83,6 +83,9 @@ class Shape:
     gpu_type: str | None = None
     gpu_count: int = 0
     disk_gb: int | None = None
+    # The run has an --image: its VMs need a container engine, which the deployment's boot
+    # image (Debian) lacks; they boot the deployment's container_image instead.
+    engine: bool = False
 
     @classmethod
     def parse(
@@ -92,6 +95,7 @@ class Shape:
         provisioning: str | None = None,
         gpu: str | None = None,
         disk_gb: int | None = None,
+        engine: bool = False,
     ) -> Shape:
         """From the ``submit`` options; ``gpu`` is ``TYPE[:COUNT]`` (``nvidia-l4:1``)."""
         if provisioning is not None and provisioning not in PROVISIONING:
@@ -106,16 +110,18 @@ class Shape:
             gpu_type, gpu_count = m[1], int(m[2] or 1)
         if disk_gb is not None and not MIN_DISK_GB <= disk_gb <= MAX_DISK_GB:
             raise ShapeError(f"--disk-gb {disk_gb}: give {MIN_DISK_GB} to {MAX_DISK_GB}")
-        return cls(machine_type, provisioning, gpu_type, gpu_count, disk_gb)
+        return cls(machine_type, provisioning, gpu_type, gpu_count, disk_gb, engine)
 
     @classmethod
-    def from_options(cls, options: Any) -> Shape:
-        """The shape recorded in a run's options (:class:`worker.protocol.RunOptions`)."""
+    def from_options(cls, options: Any, *, cloud: bool = True) -> Shape:
+        """The shape recorded in a run's options (:class:`worker.protocol.RunOptions`); on
+        Google Cloud (``cloud``) a run with an image needs VMs with a container engine."""
         return cls.parse(
             machine_type=getattr(options, "machine_type", None),
             provisioning=getattr(options, "provisioning", None),
             gpu=getattr(options, "gpu", None),
             disk_gb=getattr(options, "disk_gb", None),
+            engine=cloud and getattr(options, "image", None) is not None,
         )
 
     @property
@@ -125,7 +131,7 @@ class Shape:
 
     def standard(self) -> Shape:
         """The same shape on standard VMs (the fallback's group)."""
-        return Shape(self.machine_type, "standard", self.gpu_type, self.gpu_count, self.disk_gb)
+        return dataclasses.replace(self, provisioning="standard")
 
     def digest(self, base_template: str, *, image: str | None = None) -> str:
         """A content hash of the deployment's template (by its unique link) and this shape
@@ -138,7 +144,12 @@ class Shape:
 
 
 def derive_properties(
-    base: dict[str, Any], shape: Shape, *, spot: bool, gpu_image: str = DEFAULT_GPU_IMAGE
+    base: dict[str, Any],
+    shape: Shape,
+    *,
+    spot: bool,
+    gpu_image: str = DEFAULT_GPU_IMAGE,
+    container_image: str | None = None,
 ) -> dict[str, Any]:
     """The instance template ``properties`` (REST JSON) of ``shape``, from the deployment's."""
     props = copy.deepcopy(base)
@@ -172,6 +183,9 @@ def derive_properties(
             params["diskSizeGb"] = str(shape.disk_gb)
         if gpus:  # the deployment's image has no NVIDIA driver
             params["sourceImage"] = gpu_image
+            disk.pop("source", None)
+        elif shape.engine and container_image:  # nor a container engine
+            params["sourceImage"] = container_image
             disk.pop("source", None)
     if gpus:
         _set_metadata(props, *DRIVER_METADATA)
@@ -223,6 +237,8 @@ class Shapes:
         queues: makes each shape's work topic and subscription (None: the shaped VMs pull the
             deployment's work subscription, as the base template says).
         gpu_image: the boot image of shapes with GPUs.
+        container_image: the boot image of runs with ``--image`` (podman or docker, Python
+            3.11); None: such runs are refused, as the deployment's Debian has no engine.
     """
 
     def __init__(
@@ -234,6 +250,7 @@ class Shapes:
         region: str | None = None,
         queues: ShapeQueues | None = None,
         gpu_image: str | None = None,
+        container_image: str | None = None,
     ) -> None:
         if not zone and not region:
             raise ShapeError(f"instance group {group} needs a zone or a region")
@@ -241,6 +258,7 @@ class Shapes:
         self.region = zone.rsplit("-", 1)[0] if zone else str(region)
         self.queues = queues
         self.gpu_image = gpu_image or DEFAULT_GPU_IMAGE
+        self.container_image = container_image or None
         from google.api_core import exceptions as gexc
         from google.cloud import compute_v1  # loads in a second: only for cloud commands
 
@@ -411,7 +429,19 @@ class Shapes:
         machine_type = shape.machine_type or str(props.get("machineType", ""))
         gpus = shape.gpu_type is not None or _bundles_gpus(machine_type)
         link = str(base_template.get("selfLink") or base_name)
-        return shape, shape.digest(link, image=self.gpu_image if gpus else None)
+        if gpus:
+            image = self.gpu_image
+        elif shape.engine:
+            if not self.container_image:
+                raise ShapeError(
+                    "--image needs VMs with a container engine, and the deployment's boot image"
+                    " has none: deploy with container_image set to an image with podman or"
+                    " docker and Python 3.11 (see the README, Containers)"
+                )
+            image = self.container_image
+        else:
+            image = None
+        return shape, shape.digest(link, image=image)
 
     # -- making ----------------------------------------------------------------------------
 
@@ -423,7 +453,13 @@ class Shapes:
         zones = self.check(shape, props, None if self.zone else self._zones(base_group))
         name = f"{self.group}-{digest}"
         spot = shape.provisioning == "spot"
-        derived = derive_properties(props, shape, spot=spot, gpu_image=self.gpu_image)
+        derived = derive_properties(
+            props,
+            shape,
+            spot=spot,
+            gpu_image=self.gpu_image,
+            container_image=self.container_image,
+        )
         _set_metadata(derived, "cflow-group", name)  # a worker removes itself from its own group
         queue = self.queues.ensure(digest) if self.queues is not None else None
         if queue is not None:  # its workers pull (and re-queue on) the shape's own queue

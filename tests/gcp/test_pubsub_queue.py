@@ -120,7 +120,11 @@ def test_closing_the_runner_hands_buffered_events_back(deployment: Deployment) -
     worker.close()  # flushes
     runner = PubSubEvents(project=deployment.project, subscription=deployment.events_subscription)
     (first,) = runner.pull(1, timeout=5.0)
-    time.sleep(0.5)  # the rest arrive in the stream's buffer
+    inbox = runner._inbox
+    assert inbox is not None
+    deadline = time.monotonic() + 20  # the rest arrive in the stream's buffer (slowly, on a
+    while len(inbox._buffer) < 2 and time.monotonic() < deadline:  # loaded machine)
+        time.sleep(0.05)
     runner.close()
     # Given back at once, not after a lease: a plain pull sees them. (A new streaming pull on
     # the emulator only sees nacked messages once something else wakes the subscription.)

@@ -230,6 +230,7 @@ def _submit(deployment: Deployment, fake: FakeCompute, tmp: Path, *args: str) ->
         (("--gpu", "nvidia-l4:3"), "COUNT 1, 2, 4 or 8"),
         (("--fallback", "cheaper"), "--fallback must be standard"),
         (("--fallback", "standard", "--provisioning", "standard"), "needs Spot VMs first"),
+        (("--image", "us-docker.pkg.dev/p/r/ml:1"), "deploy with container_image set"),
     ],
 )
 def test_submit_refuses_a_bad_shape_in_one_line_and_publishes_nothing(
@@ -355,6 +356,35 @@ def test_a_gpu_shape_boots_an_image_with_the_nvidia_driver(fake: FakeCompute) ->
     finally:
         s.close()
     assert boot(mine.template)["sourceImage"] == own
+
+
+def test_an_image_run_boots_the_deployments_container_image(fake: FakeCompute) -> None:
+    """The stack's Debian has no container engine: an --image run's VMs boot the deployment's
+    container_image (a GPU one boots the GPU image, which must carry an engine too)."""
+    own = "projects/my-project/global/images/family/debian-12-podman"
+    engine = Shape.parse(engine=True)
+    s = Shapes(project=fake.group.project, group=GROUP, zone=ZONE)
+    try:
+        with pytest.raises(ShapeError, match="deploy with container_image set"):
+            s.ensure(engine)
+    finally:
+        s.close()
+    assert fake.templates == {}  # refused before anything was made
+    s = Shapes(project=fake.group.project, group=GROUP, zone=ZONE, container_image=own)
+    try:
+        made = s.ensure(engine)
+        plain = s.ensure(Shape.parse(machine_type="n2-standard-4"))
+        both = s.ensure(Shape.parse(machine_type="n2-standard-4", engine=True))
+    finally:
+        s.close()
+    disks = {
+        m.template: next(d for d in fake.templates[m.template]["properties"]["disks"] if d["boot"])
+        for m in (made, plain, both)
+    }
+    assert disks[made.template]["initializeParams"]["sourceImage"] == own
+    assert disks[both.template]["initializeParams"]["sourceImage"] == own
+    assert disks[plain.template]["initializeParams"]["sourceImage"].endswith("/images/cflow-1")
+    assert len({made.group, plain.group, both.group}) == 3
 
 
 def test_a_gpu_shape_needs_the_project_wide_gpu_quota_too(fake_compute: MakeCompute) -> None:

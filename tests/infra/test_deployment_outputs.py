@@ -71,6 +71,7 @@ def terraform_output(synth: Synth, *, zone: str) -> dict[str, Any]:
         "worker_service_account": f"cflow-worker@{PROJECT}.iam.gserviceaccount.com",
         "image_repository": f"us-central1-docker.pkg.dev/{PROJECT}/cflow-images",
         "gpu_image": "",
+        "container_image": "",
     }
     assert set(values) == set(synth.tf["output"])
     return {

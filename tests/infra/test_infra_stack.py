@@ -39,6 +39,7 @@ OUTPUTS = {
     "worker_service_account",
     "image_repository",
     "gpu_image",
+    "container_image",
 }
 VARIABLE_DEFAULTS = {
     "region": "us-central1",
@@ -58,6 +59,7 @@ VARIABLE_DEFAULTS = {
     "max_delivery_attempts": 20,
     "input_buckets": [],
     "gpu_image": "",
+    "container_image": "",
 }
 WORKER_METADATA = {
     "cflow-project",
@@ -391,6 +393,7 @@ def test_outputs_are_the_runner_contract(synth: Synth) -> None:
     assert outputs["group_scope"]["value"] == '${(length(var.zone) >= 1) ? "zonal" : "regional"}'
     assert outputs["worker_service_account"]["value"].endswith(".email}")
     assert outputs["gpu_image"]["value"] == "${var.gpu_image}"  # runner.shapes reads it
+    assert outputs["container_image"]["value"] == "${var.container_image}"  # and this one
 
 
 def test_cdktf_json_runs_the_app_with_the_prebuilt_provider() -> None:
