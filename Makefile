@@ -46,7 +46,7 @@ lint: install
 # Most tests wait on processes and emulators, not the CPU: three at a time (tests/conftest.py).
 TEST_PROCESSES ?= 3
 test: lint
-	$(VENV)/bin/pytest -q -n $(TEST_PROCESSES) --dist loadgroup
+	$(VENV)/bin/pytest -q -n $(TEST_PROCESSES)
 
 bench: $(STAMP)
 	# the peers: GNU parallel from Debian when we may install it, huey from PyPI

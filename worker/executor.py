@@ -338,6 +338,16 @@ class Host:
             self.proc.wait()
         reaper.kill_group(self.proc.pid)
         PROCESSES.forget(self.proc.pid)
+        # Read what the host said before it ended, and mark it dead, before its pipe closes:
+        # a shard still waiting on this host (a crash seen first by a poll, then a new host
+        # started) must not wait on a closed descriptor whose number a new pipe reuses.
+        for _ in range(50):
+            if self.dead_code is not None or not self.read(0.1):
+                break
+        if self.dead_code is None:  # something else holds the pipe open: dead all the same
+            self.dead_code = self.exit_code(self.proc.returncode or 0)
+            self.died_under = self.outstanding[0] if self.outstanding else None
+            self.recycle = True
         with contextlib.suppress(OSError):
             self._stdout.close()
 

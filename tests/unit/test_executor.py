@@ -317,3 +317,39 @@ def test_a_warm_process_keeps_module_state_and_reports_the_error_line(tmp_path: 
         assert count == "1" and pid != first[1]  # a fresh process replaced it
     finally:
         executor.close()
+
+
+def test_shards_queued_on_a_host_that_died_unseen_are_settled_when_a_new_host_starts(
+    tmp_path: Path,
+) -> None:
+    """A host that crashed is first noticed by a poll (when the next shard starts), not by its
+    own shards' waits: they must still get their replies, and never wait on the closed pipe,
+    whose descriptor the new host's pipe may reuse."""
+    bundle = _bundle(
+        tmp_path,
+        "task.py",
+        """
+        import os
+
+        def run(shard):
+            if shard.index == 1:
+                os._exit(3)
+        """,
+    )
+    executor = Executor(bundle, Entry.PYTHON)
+    try:
+        queued = [executor.start(_shard(tmp_path, i), tmp_path / f"log{i}") for i in range(3)]
+        pid = queued[0].pid
+        assert pid is not None
+        deadline = time.monotonic() + 10
+        while _alive(pid) and time.monotonic() < deadline:  # it died under shard 1
+            time.sleep(0.01)
+        later = executor.start(_shard(tmp_path, 3), tmp_path / "log3")  # a new host
+        assert later.pid != pid
+        codes = [task.wait(10) for task in queued]
+        assert codes[0] == 0  # its reply was in the pipe when the host was closed
+        assert codes[1] == 3 and not queued[1].not_started  # it died under this one
+        assert queued[2].not_started  # never reached: it runs again, it does not fail
+        assert later.wait(10) == 0
+    finally:
+        executor.close()
