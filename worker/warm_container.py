@@ -126,6 +126,7 @@ class ContainerHost(Host):
         self.name = name
         self.mounts = mounts
         self.stopped = False  # we ended it (a timeout, a preemption, a cancel)
+        self.removed = False  # the container was removed (when its client ended)
         super().__init__(proc)
 
     def exit_code(self, code: int) -> int:
@@ -137,10 +138,13 @@ class ContainerHost(Host):
     def _died(self) -> None:
         super()._died()
         self.runtime.remove(self.name)  # the client is gone: nothing makes it again
+        self.removed = True
 
     def close(self) -> None:
         super().close()  # the host sees its requests hang up and ends the container
-        self.runtime.remove(self.name)
+        if not self.removed:  # closing reads the host to its end, which removes it already
+            self.runtime.remove(self.name)
+            self.removed = True
 
 
 class ContainerHostTask(HostTask):
