@@ -50,8 +50,14 @@ def baseline_decide_scale(
     instances: list[Instance],
     idle: set[str],
     busy: set[str],
+    stale: set[str] | frozenset[str] = frozenset(),
 ) -> ScaleDecision:
-    """The scale policy before the simulation (runner/policy.py at 7339b91), for "before" runs."""
+    """The scale policy before the simulation (runner/policy.py at 7339b91), for "before" runs.
+
+    It predates stale workers (``stale``, taken so the watcher can call either policy): a frozen
+    worker counts as live capacity here, as it did then.
+    """
+    del stale
     live = [i for i in instances if i.status != "stopping"]
     target = min(max_workers, math.ceil(max(outstanding, 0) / max(slots, 1)))
     if len(live) < target:
