@@ -13,7 +13,7 @@ install: system-packages $(STAMP)
 
 # Containers (`runner submit --image`) need podman with runc and catatonit; the tests build
 # their images with mmdebstrap. Installed from Debian's archive when missing and we are root on
-# Debian; elsewhere install them yourself (worker/container_runtime.py says what it found).
+# Debian; elsewhere install them yourself (worker/executors/container/runtime.py says what it found).
 CONTAINER_PACKAGES := podman runc catatonit mmdebstrap
 system-packages:
 	@missing=""; for p in $(CONTAINER_PACKAGES); do command -v $$p >/dev/null || missing="$$missing $$p"; done; \

@@ -23,12 +23,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from runner.combine import OutTarget, combine_run
+from runner.results.combine import OutTarget, combine_run
 from tests import emulators
 from tests.gcp.conftest import worker_env, worker_spawner
 from tests.gcp.fake_compute import FakeCompute
+from worker.backends.gcp.gcs import GcsStore, make_client
 from worker.bundle import pack
-from worker.gcs_store import GcsStore, make_client
 from worker.protocol import Layout, Manifest, Shard, ShardResult
 
 

@@ -11,7 +11,8 @@ built on first use: busybox for ``task.sh``, Debian's python3 for ``task.py``):
    whole commands each): the fixed cost is t(1), the cost per extra shard (t(N) - t(1)) / (N - 1).
    N is ``--shards`` with a container per attempt and ``--many`` otherwise: a few milliseconds a
    shard are lost in a run's fixed cost (about 2.5 s here, give or take 0.5) at 40 shards.
-2. The executor alone (:class:`worker.container.ContainerExecutor`), no queue or store: the
+2. The executor alone (:class:`worker.executors.container.executor.ContainerExecutor`), no queue or
+store: the
    median of ``--direct`` no-op Python shards, each started and waited for, in a container per
    attempt and in a warm one (whose first shard, the container's start, is shown apart).
 
@@ -35,8 +36,8 @@ sys.path.insert(0, str(REPO))
 
 from tests.containers.images import busybox_image, python_image  # noqa: E402
 from worker.bundle import UnpackedBundle  # noqa: E402
-from worker.container import ContainerExecutor  # noqa: E402
-from worker.container_runtime import Runtime, detect_runtime  # noqa: E402
+from worker.executors.container.executor import ContainerExecutor  # noqa: E402
+from worker.executors.container.runtime import Runtime, detect_runtime  # noqa: E402
 from worker.protocol import Entry  # noqa: E402
 from worker.taskapi import TaskShard  # noqa: E402
 

@@ -223,7 +223,7 @@ def main() -> None:
             deadline = time.monotonic() + 60
             while fake.live() and time.monotonic() < deadline:  # workers write counts on exit
                 time.sleep(0.2)
-            from worker.gcs_store import GcsStore, make_client
+            from worker.backends.gcp.gcs import GcsStore, make_client
 
             store = GcsStore(d.bucket, client=make_client(d.project))
             results = [

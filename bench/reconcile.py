@@ -4,7 +4,7 @@
 
 For each size N a run of N shards is laid out as a real run leaves it: the manifest and shard
 list, and per shard an attempt record, a log and (for 90% of them) a commit marker; the rest
-are outstanding. Then a real :class:`runner.watch.Watcher` reconciles: the first reconcile (a
+are outstanding. Then a real :class:`runner.engine.watch.Watcher` reconciles: the first reconcile (a
 full pass, once per watcher), then ``--reconciles`` ordinary ones (one bounded page of markers
 each), then the full pass that confirms the end. Cloud Storage is fake-gcs-server, started
 here with the objects preloaded; its queue is one that, like Pub/Sub, keeps no lease records.
@@ -38,10 +38,10 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from runner.watch import Watcher  # noqa: E402
+from runner.engine.watch import Watcher  # noqa: E402
 from tests import emulators  # noqa: E402 - the emulator helpers live with the tests
-from worker.local_queue import LocalEvents, LocalQueue  # noqa: E402
-from worker.local_store import LocalStore  # noqa: E402
+from worker.backends.local.queue import LocalEvents, LocalQueue  # noqa: E402
+from worker.backends.local.store import LocalStore  # noqa: E402
 from worker.protocol import (  # noqa: E402
     AttemptStatus,
     Event,
@@ -141,7 +141,7 @@ def _gcs(data_dir: Path, run_id: str, n: int) -> tuple[subprocess.Popen[bytes], 
     url = f"http://127.0.0.1:{port}/storage/v1/b/{bucket}/o?maxResults=1"
     urllib.request.urlopen(url, timeout=3600).read()
     os.environ["STORAGE_EMULATOR_HOST"] = f"http://127.0.0.1:{port}"
-    from worker.gcs_store import GcsStore
+    from worker.backends.gcp.gcs import GcsStore
 
     return proc, GcsStore(bucket)
 

@@ -28,10 +28,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import runner.watch
-from runner.fleet import Instance
-from runner.policy import ScaleDecision, decide_scale
-from runner.prices import load_prices
+import runner.engine.watch
+from runner.engine.fleet import Instance
+from runner.engine.policy import ScaleDecision, decide_scale
+from runner.observe.prices import load_prices
 from runner.sim import Result, Scenario, VmModel, Workload, simulate
 from runner.sim.ledger import Fate
 from runner.sim.store import GCS_LIST_PAGE
@@ -52,7 +52,8 @@ def baseline_decide_scale(
     busy: set[str],
     stale: set[str] | frozenset[str] = frozenset(),
 ) -> ScaleDecision:
-    """The scale policy before the simulation (runner/policy.py at 7339b91), for "before" runs.
+    """The scale policy before the simulation (runner/engine/policy.py at 7339b91), for "before"
+    runs.
 
     It predates stale workers (``stale``, taken so the watcher can call either policy): a frozen
     worker counts as live capacity here, as it did then.
@@ -81,12 +82,12 @@ POLICIES: dict[str, Callable[..., ScaleDecision]] = {
 @contextlib.contextmanager
 def policy(name: str) -> Iterator[None]:
     """Run the watcher with the named scale policy."""
-    saved = runner.watch.decide_scale
-    runner.watch.decide_scale = POLICIES[name]
+    saved = runner.engine.watch.decide_scale
+    runner.engine.watch.decide_scale = POLICIES[name]
     try:
         yield
     finally:
-        runner.watch.decide_scale = saved
+        runner.engine.watch.decide_scale = saved
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from worker.local_store import LocalStore  # noqa: E402
+from worker.backends.local.store import LocalStore  # noqa: E402
 from worker.protocol import (  # noqa: E402
     AttemptStatus,
     Layout,

@@ -4,8 +4,8 @@ dependencies, both uploaded to the bucket.
 No hand-built image: every VM downloads these objects at boot, checks their SHA-256 and installs
 with ``pip install --no-index`` (no package index at boot, no versions of the day: the
 dependencies are resolved here, pinned to this machine's versions, for the VMs' Python and
-platform; see :mod:`runner.wheels`). Object names hold the SHA-256, so a new worker or new
-dependencies are new objects, which change the instance template's metadata and so roll a new
+platform; see :mod:`runner.backends.gcp.wheels`). Object names hold the SHA-256, so a new worker or
+new dependencies are new objects, which change the instance template's metadata and so roll a new
 template; an unchanged worker changes nothing.
 """
 
@@ -20,7 +20,7 @@ from cdktf_cdktf_provider_google.storage_bucket_object import StorageBucketObjec
 from constructs import Construct
 
 from infra.wheel import DISTRIBUTION, build_worker_wheel
-from runner.wheels import installed_pins, resolve
+from runner.backends.gcp.wheels import installed_pins, resolve
 
 OBJECT_PREFIX = "worker/"
 

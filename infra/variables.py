@@ -148,7 +148,7 @@ def declare_inputs(scope: Construct) -> Inputs:
         "gpu_image",
         "string",
         "Boot image of runs with GPUs (--gpu), with the NVIDIA driver and Python 3.11; empty: "
-        "a Deep Learning VM image (runner.shapes.DEFAULT_GPU_IMAGE).",
+        "a Deep Learning VM image (runner.backends.gcp.shapes.groups.DEFAULT_GPU_IMAGE).",
         default="",
     )
     container_image = var(

@@ -37,7 +37,7 @@ DEPLOYMENT_FIELDS = (
     "events_subscription",
     "dead_letter_subscription",
     "group",
-    "gpu_image",  # optional: the boot image of machine shapes with GPUs (runner.shapes)
+    "gpu_image",  # optional: the boot image of GPU shapes (runner.backends.gcp.shapes)
     "container_image",  # optional: the boot image of runs with --image (podman or docker)
 )
 REQUIRED_FOR_GCP = (

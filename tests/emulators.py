@@ -251,9 +251,9 @@ def new_deployment(
 
 def open_backends(d: Deployment, *, lease_seconds: float = 10.0) -> Any:
     """Backends playing both sides: the runner's publish and pulls, a worker's receives."""
-    from worker.backends import Backends
-    from worker.gcs_store import GcsStore, make_client
-    from worker.pubsub_queue import PubSubEvents, PubSubQueue
+    from worker.backends.base import Backends
+    from worker.backends.gcp.gcs import GcsStore, make_client
+    from worker.backends.gcp.pubsub import PubSubEvents, PubSubQueue
 
     queue = PubSubQueue(
         project=d.project,

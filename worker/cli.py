@@ -14,8 +14,8 @@ from pathlib import Path
 from types import FrameType
 
 from worker import defaults
-from worker.agent import Agent, AgentConfig
-from worker.backends import Backends, open_local
+from worker.agent.agent import Agent, AgentConfig
+from worker.backends.base import Backends, open_local
 from worker.errors import CFlowError
 
 
@@ -85,7 +85,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def open_backends(args: argparse.Namespace) -> Backends:
     if args.backend == "local":
         return open_local(args.store, lease_seconds=args.lease_seconds)
-    from worker.gcp import open_gcp  # imported late: the local worker needs no cloud client
+    from worker.backends.gcp.vm import (
+        open_gcp,  # imported late: the local worker needs no cloud client
+    )
 
     return open_gcp(
         project=args.project,
@@ -129,7 +131,7 @@ def _main(argv: list[str] | None) -> None:
         print(f"cflow worker: {err}", file=sys.stderr)
         sys.exit(2)
     if args.backend == "gcp":
-        from worker.gcp import AgentLogUploader
+        from worker.backends.gcp.vm import AgentLogUploader
 
         uploader = AgentLogUploader(backends.store, args.name, args.scratch / "agent.log").start()
     agent = Agent(
@@ -158,7 +160,7 @@ def _main(argv: list[str] | None) -> None:
     if uploader is not None:
         uploader.upload()  # before the VM goes: a preempted or removed VM takes its disk along
     if args.backend == "gcp" and reason.startswith("idle") and args.group:
-        from worker.gcp import EXIT_CANNOT_LEAVE, leave_group, report_problem
+        from worker.backends.gcp.vm import EXIT_CANNOT_LEAVE, leave_group, report_problem
 
         left = leave_group(
             project=args.project,

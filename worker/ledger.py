@@ -8,7 +8,8 @@ operations (:class:`Ops`); a backend decides how they are carried out:
 
 - :class:`Ledger` carries them out one call at a time on the store, queue and event bus
   (Google Cloud: a create-only object write, then an ack);
-- :class:`worker.local_ledger.LocalLedger` carries out a whole batch of attempts in one durable
+- :class:`worker.backends.local.ledger.LocalLedger` carries out a whole batch of attempts in one
+durable
   SQLite transaction: every result is on disk before its ack, for one fsync per batch.
 """
 

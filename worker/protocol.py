@@ -134,15 +134,17 @@ class RunOptions(_Record):
     slots: int = defaults.SLOTS  # shards per worker, so a re-attached runner sizes alike
     speculate: bool = False  # back up stragglers near the end (a re-attached runner too)
     isolate: bool = False  # a fresh process per Python shard instead of a warm one per slot
-    image: str | None = None  # run each attempt in this container image (worker.container)
-    # Machine shape (runner.shapes; Google Cloud only): None keeps the deployment's value.
+    image: str | None = (
+        None  # run each attempt in this container image (worker.executors.container.executor)
+    )
+    # Machine shape (runner.backends.gcp.shapes.groups; Google Cloud only): None keeps the
+    # deployment's value.
     machine_type: str | None = None
     provisioning: str | None = None  # "spot" | "standard"
     gpu: str | None = None  # TYPE[:COUNT], e.g. "nvidia-l4:1"
     disk_gb: int | None = None
-    fallback: str | None = (
-        None  # "standard": Spot first, standard VMs for the tail (runner.fallback)
-    )
+    # "standard": Spot first, standard VMs for the tail (runner.backends.gcp.shapes.fallback)
+    fallback: str | None = None
     fallback_after: int = 3  # preemptions of one shard that start the fallback
 
 
@@ -206,9 +208,9 @@ class WorkMessage(_Record):
     backup: bool = False  # a speculative copy of a straggler: skipped if already committed
     preemptions: int = 0  # counted apart from deliveries: preemptions never fail a shard
     bundle: str | None = None  # run this task bundle instead of the manifest's (retry --task)
-    # Google Cloud, machine shapes (runner.shape_queues): the work topic this message is to be
-    # (re-)published on when not the queue's own, and, for a run with --fallback standard, the
-    # standard VMs' topic a shard moves to once preempted ``fallback_after`` times.
+    # Google Cloud, machine shapes (runner.backends.gcp.shapes.queues): the work topic this message
+    # is to be (re-)published on when not the queue's own, and, for a run with --fallback standard,
+    # the standard VMs' topic a shard moves to once preempted ``fallback_after`` times.
     topic: str | None = None
     fallback_topic: str | None = None
     fallback_after: int = 0

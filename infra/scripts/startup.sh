@@ -38,7 +38,7 @@ UNIT_FILE="$PREFIX/etc/systemd/system/$UNIT"
 STATE_DIR=/var/lib/cflow # systemd's StateDirectory=cflow, owned by the worker's dynamic user
 STOP_TIMEOUT_SECONDS=20  # systemd SIGKILLs the worker after this; Spot preemption allows ~30 s
 RETRY_SECONDS="${CFLOW_RETRY_SECONDS:-10}"
-EXIT_CANNOT_LEAVE=75 # worker/gcp.py EXIT_CANNOT_LEAVE
+EXIT_CANNOT_LEAVE=75 # worker/backends/gcp/vm.py EXIT_CANNOT_LEAVE
 BOOT_LOG="$PREFIX/var/log/cflow-startup.log"
 AFTER_STOP="$CFLOW_HOME/bin/after-stop"
 

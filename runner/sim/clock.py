@@ -1,7 +1,7 @@
 """Virtual time: an event heap, and a :class:`worker.clock.Clock` whose ``sleep`` runs it.
 
-The runner's own watch loop drives a simulation: :meth:`runner.watch.Watcher.watch` polls, then
-calls ``clock.sleep(poll_seconds)``, and that sleep runs every simulated event (VMs booting,
+The runner's own watch loop drives a simulation: :meth:`runner.engine.watch.Watcher.watch` polls,
+then calls ``clock.sleep(poll_seconds)``, and that sleep runs every simulated event (VMs booting,
 workers pulling, tasks ending, preemptions) due before the loop wakes again. Whatever CPU is spent
 outside ``sleep`` is therefore the runner's own, which is how the simulator measures it.
 """

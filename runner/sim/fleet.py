@@ -7,12 +7,12 @@ preemption gives the worker the same SIGTERM but only ``shutdown_window`` second
 the worker never gets to nack; the group keeps its size, so it recreates the VM under the same
 name once it notices.
 
-Statuses are what :func:`runner.gce_fleet.instance_status` makes of the group's listing: a VM
-is ``running`` from the moment it runs (so while it boots and installs, too), ``stopping`` only
+Statuses are what :func:`runner.backends.gcp.fleet.instance_status` makes of the group's listing: a
+VM is ``running`` from the moment it runs (so while it boots and installs, too), ``stopping`` only
 while the group deletes it, and ``starting`` while the group creates or recreates it and while a
 preempted VM shuts down (no group action yet, the instance not RUNNING).
 
-Two ways a VM never works, as :class:`runner.gce_fleet.GceFleet` reports them: past the
+Two ways a VM never works, as :class:`runner.backends.gcp.fleet.GceFleet` reports them: past the
 region's quota (``VmModel.quota_vms``) the group cannot create it, so it stays ``starting``,
 unbilled, with a ``QUOTA_EXCEEDED`` error until quota frees up; and a VM whose boot fails
 (``VmModel.boot_fail_rate``) runs, billed, with no worker: it reports itself (``removable``, so
@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from runner.fleet import Fleet, Instance
+from runner.engine.fleet import Fleet, Instance
 from runner.sim.worker import SimWorker
 from runner.sim.world import VmModel, World
 

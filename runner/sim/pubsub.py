@@ -1,8 +1,8 @@
 """The work queue and event bus as Pub/Sub gives them, in memory and on virtual time.
 
-Why not :class:`worker.local_queue.LocalQueue` on the simulated clock? It works (the simulator's
-tests run a small fleet on it too), but the cloud backend is Pub/Sub and its semantics differ
-where a fleet simulation feels them: a nacked or lapsed message comes back only after the
+Why not :class:`worker.backends.local.queue.LocalQueue` on the simulated clock? It works (the
+simulator's tests run a small fleet on it too), but the cloud backend is Pub/Sub and its semantics
+differ where a fleet simulation feels them: a nacked or lapsed message comes back only after the
 subscription's retry backoff (10 s doubling to 300 s, ``infra/messaging.py``), not at once; an
 ack of a lease that lapsed and went to another worker is lost; delivery is at-least-once even
 when every worker acks (a small duplicate rate); and the dead-letter topic is a separate queue.

@@ -1,10 +1,11 @@
 """One simulated run, end to end: submit, the runner's own watch loop, drain, and the bill.
 
-:func:`simulate` submits a run with :func:`runner.runs.create_run` into an in-memory store and a
-simulated Pub/Sub subscription, then hands control to :meth:`runner.watch.Watcher.watch` with a
-:class:`~runner.sim.clock.SimClock`: every ``clock.sleep`` between the runner's polls runs the
-simulated fleet up to the next poll. When the watcher says the run is done, the runner drains
-the fleet as ``runner submit`` does, and the simulation goes on until the last VM is gone.
+:func:`simulate` submits a run with :func:`runner.engine.runs.create_run` into an in-memory store
+and a simulated Pub/Sub subscription, then hands control to
+:meth:`runner.engine.watch.Watcher.watch` with a :class:`~runner.sim.clock.SimClock`: every
+``clock.sleep`` between the runner's polls runs the simulated fleet up to the next poll. When the
+watcher says the run is done, the runner drains the fleet as ``runner submit`` does, and the
+simulation goes on until the last VM is gone.
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from runner import runs
-from runner.fallback import FallbackFleet, FallbackPolicy, PreemptionTap
-from runner.fleet import Fleet
-from runner.shards import from_count
+from runner.backends.gcp.shapes.fallback import FallbackFleet, FallbackPolicy, PreemptionTap
+from runner.engine import runs
+from runner.engine.fleet import Fleet
+from runner.engine.shards import from_count
+from runner.engine.watch import Watcher
 from runner.sim.clock import RunnerMeter, SimClock
 from runner.sim.fleet import SimFleet
 from runner.sim.ledger import Fate, Ledger, Sample
@@ -29,9 +31,8 @@ from runner.sim.store import MemoryStore
 from runner.sim.worker import SCRATCH
 from runner.sim.workload import Shards, Workload
 from runner.sim.world import VmModel, World
-from runner.watch import Watcher
 from worker import defaults
-from worker.agent import AgentConfig
+from worker.agent.agent import AgentConfig
 from worker.protocol import RunOptions
 from worker.queue import EventBus, WorkQueue
 

@@ -1,4 +1,4 @@
-"""One worker process on one simulated VM, stepping the project's :class:`worker.agent.Agent`.
+"""One worker process on one simulated VM, stepping the project's :class:`worker.agent.agent.Agent`.
 
 The pull loop mirrors ``Agent.run`` (a receive per free slot, an ``idle`` event once the queue
 gives nothing, exit after the idle timeout); every attempt goes through the agent's own
@@ -19,7 +19,7 @@ from pathlib import Path
 from runner.sim.ledger import Fate
 from runner.sim.workload import AttemptPlan
 from runner.sim.world import World
-from worker.agent import Agent, Claim
+from worker.agent.agent import Agent, Claim
 from worker.protocol import AttemptState, Event, EventKind, Layout
 
 SCRATCH = Path("/nonexistent/cflow-sim")  # simulated tasks write nothing; commits list no outputs

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from runner.sim.clock import SimClock
 from runner.sim.ledger import Ledger
 from runner.sim.workload import Shards
-from worker.agent import AgentConfig
+from worker.agent.agent import AgentConfig
 from worker.queue import EventBus, WorkQueue
 from worker.store import Store
 

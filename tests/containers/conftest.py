@@ -12,7 +12,7 @@ import warnings
 import pytest
 
 from tests.containers import images
-from worker.container_runtime import ContainerRuntimeMissing, Runtime, detect_runtime
+from worker.executors.container.runtime import ContainerRuntimeMissing, Runtime, detect_runtime
 
 
 def unavailable(reason: str) -> None:

@@ -19,7 +19,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from worker.container_runtime import Runtime
+from worker.executors.container.runtime import Runtime
 
 RECIPE_VERSION = "1"  # bump when a recipe below changes
 REPO_PREFIX = "localhost/cflow-test-"

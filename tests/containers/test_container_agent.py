@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from worker.agent import Agent, AgentConfig
-from worker.backends import open_local
+from worker.agent.agent import Agent, AgentConfig
+from worker.backends.base import open_local
 from worker.bundle import pack
-from worker.container_runtime import DOCKER_GPU_HOOK, Runtime, nvidia_cdi_specs
+from worker.executors.container.runtime import DOCKER_GPU_HOOK, Runtime, nvidia_cdi_specs
 from worker.protocol import Layout, Manifest, RunOptions, RunState, Shard, WorkMessage
 
 

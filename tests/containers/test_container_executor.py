@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-import worker.container_runtime as container_runtime_module
+import worker.executors.container.runtime as container_runtime_module
 from worker.bundle import UnpackedBundle
-from worker.container import ContainerExecutor
-from worker.container_runtime import ImagePullError, Runtime
+from worker.executors.container.executor import ContainerExecutor
+from worker.executors.container.runtime import ImagePullError, Runtime
 from worker.protocol import Entry
 from worker.taskapi import TaskShard
 
@@ -247,8 +247,8 @@ WORKER_SCRIPT = """
 import sys, time
 from pathlib import Path
 from worker.bundle import UnpackedBundle
-from worker.container import ContainerExecutor
-from worker.container_runtime import detect_runtime
+from worker.executors.container.executor import ContainerExecutor
+from worker.executors.container.runtime import detect_runtime
 from worker.protocol import Entry
 from worker.taskapi import TaskShard
 
@@ -263,8 +263,8 @@ time.sleep(600)
 
 REAPER_SCRIPT = """
 import sys
-from worker.container import reap_orphans
-from worker.container_runtime import detect_runtime
+from worker.executors.container.executor import reap_orphans
+from worker.executors.container.runtime import detect_runtime
 print(" ".join(reap_orphans(detect_runtime(sys.argv[1]))))
 """
 

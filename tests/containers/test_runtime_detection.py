@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from worker.container_runtime import (
+from worker.executors.container.runtime import (
     ContainerRuntimeMissing,
     GpuSupportMissing,
     ImagePullError,

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from worker.bundle import UnpackedBundle
-from worker.container import ContainerExecutor
-from worker.container_runtime import Runtime
-from worker.executor import RunningTask
+from worker.executors.container.executor import ContainerExecutor
+from worker.executors.container.runtime import Runtime
+from worker.executors.process import RunningTask
 from worker.protocol import Entry
 from worker.taskapi import TaskShard
 
@@ -240,8 +240,8 @@ WORKER_SCRIPT = """
 import sys, time
 from pathlib import Path
 from worker.bundle import UnpackedBundle
-from worker.container import ContainerExecutor
-from worker.container_runtime import detect_runtime
+from worker.executors.container.executor import ContainerExecutor
+from worker.executors.container.runtime import detect_runtime
 from worker.protocol import Entry
 from worker.taskapi import TaskShard
 

@@ -1,8 +1,8 @@
 """The contract suite's backends: every factory here runs the same queue, store and event tests.
 
 A factory takes the pytest ``request`` and a temporary directory and returns open
-:class:`worker.backends.Backends`; the Google Cloud backends register themselves beside the local
-one, so both pass the same tests.
+:class:`worker.backends.base.Backends`; the Google Cloud backends register themselves beside the
+local one, so both pass the same tests.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.emulators import contract_backends
-from worker.backends import Backends, open_local
+from worker.backends.base import Backends, open_local
 
 Factory = Callable[[pytest.FixtureRequest, Path], Backends]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from worker.backends import Backends
+from worker.backends.base import Backends
 from worker.protocol import Event, EventKind
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import time
 
-from worker.backends import Backends
+from worker.backends.base import Backends
 from worker.protocol import Shard, WorkMessage
 
 

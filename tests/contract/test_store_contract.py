@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from worker.backends import Backends
+from worker.backends.base import Backends
 from worker.errors import NotFound
 
 

@@ -19,9 +19,9 @@ from typing import Any
 
 import pytest
 
-from runner.fleet import LocalFleet
+from runner.engine.fleet import LocalFleet
 from tests.e2e.conftest import Cli, make_task, wait_for
-from worker.backends import local_run_events
+from worker.backends.base import local_run_events
 
 SLEEPY = """
 import time

@@ -13,7 +13,7 @@ import pytest
 
 from tests import emulators
 from tests.gcp.fake_compute import FakeCompute, Spawn
-from worker.backends import Backends
+from worker.backends.base import Backends
 
 REPO = Path(__file__).resolve().parents[2]
 

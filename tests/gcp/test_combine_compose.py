@@ -13,12 +13,12 @@ import google.cloud.storage as storage
 import pytest
 from google.api_core import exceptions as gexc
 
-from runner.compose import MAX_COMPOSE_SOURCES, Traffic, compose_tree
+from runner.backends.gcp.compose import MAX_COMPOSE_SOURCES, Traffic, compose_tree
 from tests.e2e.conftest import make_task
 from tests.emulators import PROJECT, Deployment
 from tests.gcp.conftest import MakeCompute
 from tests.gcp.test_gcp_e2e import _cloud
-from worker.gcs_store import GcsStore, make_client
+from worker.backends.gcp.gcs import GcsStore, make_client
 
 pytestmark = [pytest.mark.emulator]
 

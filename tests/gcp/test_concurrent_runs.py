@@ -12,18 +12,18 @@ from pathlib import Path
 import google.cloud.pubsub_v1 as pubsub_v1
 import pytest
 
-from runner import runs
-from runner.gce_fleet import GceFleet
-from runner.run_events import RunSubscriptions
-from runner.shards import from_count
-from runner.watch import Snapshot, Watcher
+from runner.backends.gcp.events import RunSubscriptions
+from runner.backends.gcp.fleet import GceFleet
+from runner.engine import runs
+from runner.engine.shards import from_count
+from runner.engine.watch import Snapshot, Watcher
 from tests.e2e.conftest import make_task, wait_for
 from tests.emulators import Deployment
 from tests.gcp.conftest import MakeCompute, worker_spawner
 from tests.gcp.fake_compute import FakeCompute
-from worker.gcs_store import GcsStore
+from worker.backends.gcp.gcs import GcsStore
+from worker.backends.gcp.pubsub import PubSubQueue
 from worker.protocol import Event, RunOptions, RunState
-from worker.pubsub_queue import PubSubQueue
 
 pytestmark = [pytest.mark.e2e, pytest.mark.emulator]
 

@@ -10,15 +10,15 @@ from pathlib import Path
 
 import pytest
 
+from runner.backends.gcp.doctor import run_checks
+from runner.backends.gcp.fleet import GceFleet
 from runner.config import Backend, Config
-from runner.doctor import run_checks
-from runner.gce_fleet import GceFleet
 from tests.e2e.conftest import wait_for
 from tests.emulators import Deployment
 from tests.gcp.conftest import MakeCompute, worker_env
 from tests.gcp.fake_compute import sleeper
-from worker.gcp import report_problem
-from worker.gcs_store import GcsStore
+from worker.backends.gcp.gcs import GcsStore
+from worker.backends.gcp.vm import report_problem
 
 pytestmark = pytest.mark.emulator
 

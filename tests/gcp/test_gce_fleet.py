@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from runner.gce_fleet import GceFleet
+from runner.backends.gcp.fleet import GceFleet
 from tests.e2e.conftest import wait_for
 from tests.emulators import PROJECT
 from tests.gcp.conftest import MakeCompute
 from tests.gcp.fake_compute import sleeper
+from worker.backends.gcp.vm import leave_group
 from worker.errors import BackendError
-from worker.gcp import leave_group
 
 
 def test_grow_lists_and_deletes_by_name_never_resizing_down(fake_compute: MakeCompute) -> None:

@@ -13,16 +13,16 @@ from typing import Any
 import pytest
 import requests
 
-from runner.fleet import Instance
-from runner.gce_fleet import GceFleet
-from runner.policy import decide_scale
+from runner.backends.gcp.fleet import GceFleet
+from runner.engine.fleet import Instance
+from runner.engine.policy import decide_scale
 from tests.e2e.conftest import wait_for
 from tests.emulators import PROJECT, Deployment
 from tests.gcp.conftest import MakeCompute
 from tests.gcp.fake_compute import paper, sleeper
+from worker.backends.gcp.gcs import GcsStore
+from worker.backends.gcp.vm import leave_group, problem_key, report_problem
 from worker.errors import BackendError, ConfigError
-from worker.gcp import leave_group, problem_key, report_problem
-from worker.gcs_store import GcsStore
 
 ZONE = "us-central1-a"
 GROUP = "cflow-workers"

@@ -19,8 +19,8 @@ from tests.e2e.conftest import Cli, make_inputs, make_task, wait_for
 from tests.emulators import Deployment
 from tests.gcp.conftest import MakeCompute, worker_env, worker_spawner
 from tests.gcp.fake_compute import FakeCompute, sleeper
-from worker.gcp import report_problem
-from worker.gcs_store import GcsStore
+from worker.backends.gcp.gcs import GcsStore
+from worker.backends.gcp.vm import report_problem
 
 pytestmark = [pytest.mark.e2e, pytest.mark.emulator]
 

@@ -9,18 +9,18 @@ from pathlib import Path
 import google.cloud.pubsub_v1 as pubsub_v1
 import pytest
 
-from runner import runs
-from runner.backends import Deployment
+from runner.backends.factory import Deployment
+from runner.backends.gcp.deployment import open_gcp_deployment
 from runner.config import Backend, Config
-from runner.gcp import open_gcp_deployment
-from runner.shards import from_count, from_glob
-from runner.watch import Watcher
+from runner.engine import runs
+from runner.engine.shards import from_count, from_glob
+from runner.engine.watch import Watcher
 from tests.e2e.conftest import make_inputs, make_task
 from tests.emulators import Deployment as Resources
 from tests.emulators import open_backends
 from tests.gcp.conftest import MakeCompute
 from tests.gcp.fake_compute import sleeper
-from worker.gcs_store import GcsStore
+from worker.backends.gcp.gcs import GcsStore
 from worker.protocol import Layout, RunOptions, WorkMessage
 from worker.queue import Delivery
 

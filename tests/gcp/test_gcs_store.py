@@ -6,13 +6,13 @@ from pathlib import Path
 
 import pytest
 
-import worker.gcs_store as gcs_store
-from runner.gcp import GcsLister, InputStager
-from runner.shards import from_glob
+import worker.backends.gcp.gcs as gcs_store
+from runner.backends.gcp.deployment import GcsLister, InputStager
+from runner.engine.shards import from_glob
 from tests.emulators import Deployment
-from worker.backends import Backends
+from worker.backends.base import Backends
+from worker.backends.gcp.gcs import GcsStore, file_crc32c, glob_prefix, glob_regex
 from worker.errors import BackendError, NotFound
-from worker.gcs_store import GcsStore, file_crc32c, glob_prefix, glob_regex
 from worker.protocol import Shard
 
 pytestmark = pytest.mark.emulator
@@ -144,7 +144,7 @@ def test_task_files_named_like_records_are_never_read_as_records(gcp_backends: B
     the same bucket as the store's records, and `status` must tell them apart."""
     import json
 
-    from runner.runs import iter_shard_reports
+    from runner.engine.runs import iter_shard_reports
     from worker.protocol import AttemptStatus, Layout, Manifest, ShardResult
 
     store = gcp_backends.store

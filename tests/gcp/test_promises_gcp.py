@@ -15,7 +15,7 @@ from tests.e2e.conftest import make_task, wait_for
 from tests.emulators import Deployment
 from tests.gcp.conftest import MakeCompute
 from tests.gcp.test_gcp_e2e import _busy, _cloud
-from worker.gcs_store import GcsStore
+from worker.backends.gcp.gcs import GcsStore
 from worker.protocol import Layout, Manifest
 
 pytestmark = [pytest.mark.e2e, pytest.mark.emulator]

@@ -10,10 +10,10 @@ import google.cloud.pubsub_v1 as pubsub_v1
 import pytest
 
 from tests.emulators import Deployment
+from worker.backends.gcp.pubsub import PubSubEvents, PubSubQueue
+from worker.backends.gcp.vm import open_gcp
 from worker.errors import ConfigError
-from worker.gcp import open_gcp
 from worker.protocol import Event, Shard, WorkMessage
-from worker.pubsub_queue import PubSubEvents, PubSubQueue
 from worker.queue import Delivery
 
 pytestmark = pytest.mark.emulator

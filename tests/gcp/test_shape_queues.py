@@ -7,12 +7,12 @@ from collections.abc import Iterator
 
 import pytest
 
-from runner.shape_queues import LABEL, Mover, ShapeQueues, ShapeWorkQueue
+from runner.backends.gcp.shapes.queues import LABEL, Mover, ShapeQueues, ShapeWorkQueue
 from tests.emulators import Deployment
-from worker.gcs_store import GcsStore, make_client
+from worker.backends.gcp.gcs import GcsStore, make_client
+from worker.backends.gcp.pubsub import PubSubEvents, PubSubQueue
 from worker.ledger import Finished, Ledger, settle_one
 from worker.protocol import AttemptState, Shard, WorkMessage
-from worker.pubsub_queue import PubSubEvents, PubSubQueue
 from worker.queue import Delivery
 
 pytestmark = pytest.mark.emulator

@@ -13,12 +13,18 @@ from typing import Any
 
 import pytest
 
-from runner.shapes import Shape, ShapeError, Shapes, derive_properties, gpu_quota_metric
+from runner.backends.gcp.shapes.groups import (
+    Shape,
+    ShapeError,
+    Shapes,
+    derive_properties,
+    gpu_quota_metric,
+)
 from tests.e2e.conftest import wait_for
 from tests.emulators import Deployment
 from tests.gcp.conftest import MakeCompute, worker_env
 from tests.gcp.fake_compute import FakeCompute, sleeper
-from worker.gcs_store import GcsStore, make_client
+from worker.backends.gcp.gcs import GcsStore, make_client
 
 ZONE = "us-central1-a"
 GROUP = "cflow-workers"
@@ -88,8 +94,8 @@ def test_the_same_shape_is_reused_and_another_is_new(fake: FakeCompute, shapes: 
 
 def open_dep(deployment: Deployment, **fields: str) -> Any:
     """The runner's deployment on the emulators, its group in the fake (zonal unless told)."""
+    from runner.backends.gcp.deployment import open_gcp_deployment
     from runner.config import Backend, Config
-    from runner.gcp import open_gcp_deployment
 
     where = fields or {"zone": ZONE}
     return open_gcp_deployment(
@@ -101,7 +107,7 @@ def open_dep(deployment: Deployment, **fields: str) -> Any:
 def test_fallback_is_refused_without_standard_gpu_quota(
     fake: FakeCompute, deployment: Deployment
 ) -> None:
-    from runner.run_shape import apply_run_shape
+    from runner.backends.gcp.shapes.apply import apply_run_shape
     from worker.protocol import RunOptions
 
     dep = open_dep(deployment)
@@ -257,12 +263,12 @@ def test_a_run_with_a_shape_and_fallback_scales_its_own_groups(
     # Fallback needs both: Spot (preemptible) and standard T4 quota.
     quotas = {**PROJECT_QUOTAS, "NVIDIA_T4_GPUS": (4.0, 0.0)}
     fake = fake_compute(spawn=sleeper, quotas=quotas)
-    from runner.fallback import FallbackFleet, PreemptionTap
-    from runner.gce_fleet import GceFleet
-    from runner.run_shape import apply_run_shape
-    from runner.shape_queues import ShapeWorkQueue
+    from runner.backends.gcp.fleet import GceFleet
+    from runner.backends.gcp.shapes.apply import apply_run_shape
+    from runner.backends.gcp.shapes.fallback import FallbackFleet, PreemptionTap
+    from runner.backends.gcp.shapes.queues import ShapeWorkQueue
+    from worker.backends.gcp.pubsub import PubSubEvents
     from worker.protocol import Event, RunOptions
-    from worker.pubsub_queue import PubSubEvents
 
     dep = open_dep(deployment)
     options = RunOptions(machine_type="n1-standard-4", gpu="nvidia-tesla-t4:1", fallback="standard")
@@ -313,7 +319,7 @@ def test_a_run_with_a_shape_and_fallback_scales_its_own_groups(
 
 
 def test_a_gpu_shape_boots_an_image_with_the_nvidia_driver(fake: FakeCompute) -> None:
-    from runner.shapes import DEFAULT_GPU_IMAGE
+    from runner.backends.gcp.shapes.groups import DEFAULT_GPU_IMAGE
 
     def boot(template: str) -> dict[str, Any]:
         disks = fake.templates[template]["properties"]["disks"]
@@ -435,7 +441,7 @@ def test_a_regional_deployment_gets_regional_groups_in_the_zones_that_offer_the_
     posts = _posts(fake)
     assert f"/compute/v1/projects/cflow-test/regions/{region}/instanceGroupManagers" in posts
     # Its VMs are made like the deployment's, in its zones; the runner's fleet scales it.
-    from runner.gce_fleet import GceFleet
+    from runner.backends.gcp.fleet import GceFleet
 
     fleet = GceFleet(project=fake.group.project, group=made.group, region=region)
     try:
@@ -445,7 +451,7 @@ def test_a_regional_deployment_gets_regional_groups_in_the_zones_that_offer_the_
     finally:
         fleet.close()
     # Cleanup works on regional groups too: the empty one goes, the one with a VM stays.
-    from runner.shape_cleanup import cleanup_shapes
+    from runner.backends.gcp.shapes.cleanup import cleanup_shapes
 
     s = Shapes(project=fake.group.project, group=GROUP, region=region)
     try:
@@ -473,8 +479,8 @@ def test_cleanup_removes_only_unused_empty_shapes_group_first(
 ) -> None:
     from datetime import UTC, datetime, timedelta
 
-    from runner.run_shape import open_shapes
-    from runner.shape_cleanup import cleanup_shapes
+    from runner.backends.gcp.shapes.apply import open_shapes
+    from runner.backends.gcp.shapes.cleanup import cleanup_shapes
     from worker.protocol import Manifest, RunState
 
     dep = open_dep(deployment)
@@ -487,7 +493,7 @@ def test_cleanup_removes_only_unused_empty_shapes_group_first(
         busy = shapes.ensure(Shape.parse(machine_type="n2-highmem-8"))
         fake.now = lambda: datetime.now(UTC)
         young = shapes.ensure(Shape.parse(machine_type="n2-highcpu-8"))
-        from runner.gce_fleet import GceFleet
+        from runner.backends.gcp.fleet import GceFleet
 
         fleet = GceFleet(project=deployment.project, group=busy.group, zone=ZONE)
         fleet.grow(1)  # a VM that may be working
@@ -531,7 +537,7 @@ def test_cleanup_removes_only_unused_empty_shapes_group_first(
 def test_a_shaped_runs_shards_and_its_retried_ones_go_to_its_shapes_queue(
     deployment: Deployment, fake: FakeCompute, tmp_path: Path
 ) -> None:
-    from worker.pubsub_queue import PubSubQueue
+    from worker.backends.gcp.pubsub import PubSubQueue
 
     result = _submit(deployment, fake, tmp_path, "--machine-type", "n2-standard-4")
     assert result.returncode == 0, result.stderr

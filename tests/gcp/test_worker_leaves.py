@@ -12,12 +12,12 @@ from typing import Any
 
 import pytest
 
-from runner.gce_fleet import GceFleet
+from runner.backends.gcp.fleet import GceFleet
 from tests.e2e.conftest import wait_for
 from tests.emulators import Deployment
 from tests.gcp.conftest import MakeCompute, worker_spawner
-from worker.gcp import EXIT_CANNOT_LEAVE, agent_log_key, problem_key
-from worker.gcs_store import GcsStore
+from worker.backends.gcp.gcs import GcsStore
+from worker.backends.gcp.vm import EXIT_CANNOT_LEAVE, agent_log_key, problem_key
 
 pytestmark = pytest.mark.emulator
 
@@ -77,7 +77,7 @@ def test_self_removal_without_conditions_then_the_backstop_when_refused(
 
 
 def test_runner_reads_a_gone_workers_agent_log(deployment: Deployment) -> None:
-    from runner.gcp import agent_log, agent_logs
+    from runner.backends.gcp.deployment import agent_log, agent_logs
     from worker.errors import NotFound
 
     store = GcsStore(deployment.bucket)

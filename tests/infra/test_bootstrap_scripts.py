@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from infra.wheel import Wheel, build_worker_wheel
-from runner.wheels import pack_wheels
+from runner.backends.gcp.wheels import pack_wheels
 
 pytestmark = pytest.mark.infra
 

@@ -392,7 +392,9 @@ def test_outputs_are_the_runner_contract(synth: Synth) -> None:
     assert outputs["zone"]["value"] == "${var.zone}"
     assert outputs["group_scope"]["value"] == '${(length(var.zone) >= 1) ? "zonal" : "regional"}'
     assert outputs["worker_service_account"]["value"].endswith(".email}")
-    assert outputs["gpu_image"]["value"] == "${var.gpu_image}"  # runner.shapes reads it
+    assert (
+        outputs["gpu_image"]["value"] == "${var.gpu_image}"
+    )  # runner.backends.gcp.shapes.groups reads it
     assert outputs["container_image"]["value"] == "${var.container_image}"  # and this one
 
 

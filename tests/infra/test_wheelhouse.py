@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from infra.wheel import DISTRIBUTION, build_worker_wheel
-from runner.wheels import TASK_WHEELS, installed_pins, pack_wheels, resolve, stage_task
+from runner.backends.gcp.wheels import TASK_WHEELS, installed_pins, pack_wheels, resolve, stage_task
 
 pytestmark = pytest.mark.infra
 
@@ -57,7 +57,7 @@ def test_worker_boots_from_the_wheelhouse_without_a_package_index(tmp_path: Path
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
-    probe = "import google.cloud.pubsub_v1, google.cloud.storage, worker.agent; print('ok')"
+    probe = "import google.cloud.pubsub_v1, google.cloud.storage, worker.agent.agent; print('ok')"
     out = subprocess.run(
         [sys.executable, "-I", "-c", f"import sys; sys.path.insert(0, {str(target)!r}); {probe}"],
         capture_output=True,

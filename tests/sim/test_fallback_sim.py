@@ -3,8 +3,8 @@ group and a standard group; every shard still commits exactly once and the fleet
 
 from __future__ import annotations
 
-from runner.fallback import FallbackPolicy, PreemptionTap, is_capacity_error
-from runner.fleet import Instance
+from runner.backends.gcp.shapes.fallback import FallbackPolicy, PreemptionTap, is_capacity_error
+from runner.engine.fleet import Instance
 from runner.sim import Result, Scenario, VmModel, Workload, simulate
 from runner.sim.ledger import Fate
 from runner.sim.scenario import STANDARD_PREFIX
@@ -89,9 +89,9 @@ def test_the_tap_counts_preemptions_per_shard() -> None:
 
 
 def test_the_fallback_fleet_routes_growth_and_prices_the_summary() -> None:
-    from runner.fallback import FallbackFleet
-    from runner.fleet import Fleet
-    from runner.prices import load_prices
+    from runner.backends.gcp.shapes.fallback import FallbackFleet
+    from runner.engine.fleet import Fleet
+    from runner.observe.prices import load_prices
     from runner.sim.clock import SimClock
 
     class Group(Fleet):
@@ -147,8 +147,8 @@ def test_the_fallback_fleet_routes_growth_and_prices_the_summary() -> None:
 
 
 def test_once_fallen_back_idle_spot_vms_go_and_queued_shards_move() -> None:
-    from runner.fallback import FallbackFleet
-    from runner.fleet import Fleet
+    from runner.backends.gcp.shapes.fallback import FallbackFleet
+    from runner.engine.fleet import Fleet
     from runner.sim.clock import SimClock
 
     class Group(Fleet):

@@ -13,7 +13,7 @@ from runner.sim import Result, Scenario, VmModel, Workload, simulate
 from runner.sim.clock import SimClock
 from runner.sim.ledger import Fate
 from runner.sim.pubsub import SimPubSub
-from worker.local_queue import LocalQueue
+from worker.backends.local.queue import LocalQueue
 from worker.queue import WorkQueue
 
 

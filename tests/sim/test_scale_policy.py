@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from runner.fleet import Instance
-from runner.policy import Stragglers, decide_scale
+from runner.engine.fleet import Instance
+from runner.engine.policy import Stragglers, decide_scale
 from worker.protocol import EventKind
 
 

@@ -6,8 +6,8 @@ import textwrap
 import time
 from pathlib import Path
 
-from worker.agent import Agent, AgentConfig
-from worker.backends import Backends, open_local
+from worker.agent.agent import Agent, AgentConfig
+from worker.backends.base import Backends, open_local
 from worker.bundle import pack
 from worker.ledger import Ledger
 from worker.protocol import (
@@ -235,8 +235,8 @@ def test_an_unreadable_manifest_backs_off_instead_of_burning_deliveries(tmp_path
 def test_a_full_disk_at_settling_loses_nothing(tmp_path: Path) -> None:
     """The settling transaction fails (the disk is full): nothing half-written, and once there
     is room again the same attempts settle."""
-    from worker.local_db import DiskFull
-    from worker.local_ledger import LocalLedger
+    from worker.backends.local.db import DiskFull
+    from worker.backends.local.ledger import LocalLedger
 
     shards = [Shard(id=f"s{i}", index=i) for i in range(4)]
     b, m = _setup(tmp_path, shards)

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from runner.combine import OutTarget, check_out, combine_run
-from worker.backends import open_local
+from runner.results.combine import OutTarget, check_out, combine_run
+from worker.backends.base import open_local
 from worker.bundle import pack
 from worker.errors import ConfigError
 from worker.protocol import Layout, Manifest, Shard, ShardResult

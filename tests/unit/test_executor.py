@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from worker import reaper
 from worker.bundle import UnpackedBundle
-from worker.executor import Executor
+from worker.executors import reaper
+from worker.executors.process import Executor
 from worker.protocol import Entry
 from worker.taskapi import TaskShard
 

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from runner.halt import HaltJudge, HaltRule
+from runner.engine.halt import HaltJudge, HaltRule
 from worker.errors import ConfigError
 from worker.protocol import Event, EventKind
 

@@ -28,7 +28,7 @@ def _python39() -> str | None:
 def _host(python: str, task_dir: Path, *flags: str) -> subprocess.Popen[bytes]:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.Popen(
-        [python, "-m", "worker.host", *flags, str(task_dir)],
+        [python, "-m", "worker.executors.host", *flags, str(task_dir)],
         env=env,
         cwd=task_dir,
         stdin=subprocess.PIPE,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from worker.backends.local.queue import LocalQueue
 from worker.clock import FakeClock
-from worker.local_queue import LocalQueue
 from worker.protocol import Shard, WorkMessage
 
 

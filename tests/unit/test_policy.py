@@ -1,7 +1,7 @@
 from __future__ import annotations
 
-from runner.fleet import Instance
-from runner.policy import decide_scale
+from runner.engine.fleet import Instance
+from runner.engine.policy import decide_scale
 
 
 def _fleet(n: int) -> list[Instance]:

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from runner.shards import from_count, from_glob, from_params
+from runner.engine.shards import from_count, from_glob, from_params
 from worker.errors import InputError
 
 

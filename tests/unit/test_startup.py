@@ -11,7 +11,7 @@ import pytest
 HEAVY = ("google.cloud", "google.api_core", "grpc", "matplotlib")
 
 
-@pytest.mark.parametrize("module", ["runner.cli", "worker.cli", "worker.host"])
+@pytest.mark.parametrize("module", ["runner.cli.main", "worker.cli", "worker.executors.host"])
 def test_local_commands_do_not_import_cloud_clients(module: str) -> None:
     code = (
         f"import sys, {module}\n"

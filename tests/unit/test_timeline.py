@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from runner.prices import PriceTable, load_prices
-from runner.render import render
-from runner.timeline import ATTEMPTS, LIFETIME, Timeline, build_timeline, lifetime_key
+from runner.observe.prices import PriceTable, load_prices
+from runner.observe.render import render
+from runner.observe.timeline import ATTEMPTS, LIFETIME, Timeline, build_timeline, lifetime_key
 from tests.contract.conftest import backends
-from worker.backends import Backends
+from worker.backends.base import Backends
+from worker.backends.local.store import LocalStore
 from worker.errors import ConfigError
-from worker.local_store import LocalStore
 from worker.protocol import (
     AttemptStatus,
     Layout,

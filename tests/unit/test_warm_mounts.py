@@ -1,4 +1,5 @@
-"""Which folders a warm container mounts for a shard (worker.warm_container), without an engine."""
+"""Which folders a warm container mounts for a shard (worker.executors.container.warm), without an
+engine."""
 
 from __future__ import annotations
 
@@ -6,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from worker.executors.container.warm import covers, merge, needs
 from worker.taskapi import TaskShard
-from worker.warm_container import covers, merge, needs
 
 
 def _shard(out: str, input_path: str | None = None) -> TaskShard:

@@ -6,15 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from runner import runs
-from runner.fleet import Instance
-from runner.lost import PUBSUB_MAX_BACKOFF
-from runner.policy import decide_scale
-from runner.watch import Watcher
-from worker.backends import Backends, open_local
+from runner.engine import runs
+from runner.engine.fleet import Instance
+from runner.engine.lost import PUBSUB_MAX_BACKOFF
+from runner.engine.policy import decide_scale
+from runner.engine.watch import Watcher
+from worker.backends.base import Backends, open_local
+from worker.backends.local.queue import LocalQueue
 from worker.clock import FakeClock
 from worker.errors import BackendError
-from worker.local_queue import LocalQueue
 from worker.protocol import (
     Event,
     Layout,
@@ -317,8 +317,8 @@ def test_a_quiet_watch_slows_down_and_is_quick_again_when_a_worker_speaks(tmp_pa
 
 
 def test_a_disk_that_stays_full_stops_the_watch_with_one_line(tmp_path: Path) -> None:
-    from runner.fleet import LocalFleet
-    from worker.local_db import DiskFull
+    from runner.engine.fleet import LocalFleet
+    from worker.backends.local.db import DiskFull
 
     b = open_local(tmp_path / "store")
     m = _run(b, tmp_path, 1)

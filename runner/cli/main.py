@@ -1,0 +1,51 @@
+"""``runner``: submit a task over many shards, watch it, and get one combined result.
+
+The commands live in :mod:`runner.cli.run` and :mod:`runner.cli.manage`, the shared options and
+helpers in :mod:`runner.cli.common`; this module is the console-script entry.
+"""
+
+from __future__ import annotations
+
+import gc
+import sys
+
+import typer
+
+# Typer vendors click; its exception types are only reachable here.
+from typer._click import exceptions as click_exc
+
+from runner.cli import manage, run  # noqa: F401 - importing them registers the commands
+from runner.cli.common import EXIT_ERROR, EXIT_OK, app, err
+from worker.errors import CFlowError
+
+__all__ = ["app", "main"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry: a usage error or a CFlowError is one line on stderr and exit 2."""
+    try:
+        _main(argv)
+    finally:
+        # The process ends here: spare it the garbage collector's passes over every object at
+        # interpreter exit (about 40 ms after a run, a tenth of a short run's fixed cost).
+        gc.freeze()
+
+
+def _main(argv: list[str] | None) -> None:
+    try:
+        code = app(args=argv, prog_name="runner", standalone_mode=False)
+    except click_exc.NoArgsIsHelpError as exc:  # plain `runner`: the help, not an error
+        if exc.ctx is not None:
+            typer.echo(exc.ctx.get_help(), err=True)
+        sys.exit(EXIT_OK)
+    except click_exc.ClickException as exc:
+        ctx = getattr(exc, "ctx", None)
+        command = ctx.command_path if ctx is not None else "runner"
+        err.print(f"error: {exc.format_message()} (see `{command} --help`)", markup=False)
+        sys.exit(EXIT_ERROR)
+    except typer.Abort:
+        sys.exit(130)
+    except CFlowError as exc:
+        err.print(f"error: {exc}", markup=False)
+        sys.exit(EXIT_ERROR)
+    sys.exit(code if isinstance(code, int) else EXIT_OK)

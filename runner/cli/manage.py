@@ -1,0 +1,426 @@
+"""``runner status``, ``logs``, ``cancel``, ``combine``, ``runs``, ``rm``, ``prune``, ``doctor``."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from runner import config as config_mod
+from runner.backends.factory import Deployment
+from runner.cli import progress
+from runner.cli.common import (
+    EXIT_ERROR,
+    EXIT_FAILED,
+    DeploymentOpt,
+    JsonOpt,
+    LocalOpt,
+    RunArg,
+    StoreOpt,
+    app,
+    combine_where_data_is,
+    err,
+    live_workers,
+    need_run,
+    open_dep,
+    out,
+    store_exists,
+    worker_gone,
+)
+from runner.engine import runs
+from runner.results.combine import check_out
+from worker import defaults
+from worker.errors import CFlowError, NotFound
+from worker.protocol import Manifest, RunState, ShardState
+
+if TYPE_CHECKING:
+    from runner.engine.prune import Removed
+
+
+@app.command()
+def status(
+    run_id: RunArg,
+    as_json: JsonOpt = False,
+    state: Annotated[
+        list[ShardState] | None,
+        typer.Option("--state", help="Only shards in this state (repeatable)."),
+    ] = None,
+    local: LocalOpt = False,
+    store: StoreOpt = None,
+    deployment: DeploymentOpt = None,
+) -> None:
+    """Per-shard state, attempts, durations, exit codes and failure reasons."""
+    need_run(run_id, local, store, deployment)
+    wanted = set(state or [])
+    with open_dep(local, store, deployment) as dep:
+        st = dep.backends.store
+        manifest = runs.load_manifest(st, run_id)
+        reports = runs.flag_lost(
+            runs.iter_shard_reports(st, manifest), lambda: live_workers(dep, run_id)
+        )
+        if wanted:
+            reports = (r for r in reports if r.state in wanted)
+        if as_json:
+            progress.stream_status_json(manifest, reports, sys.stdout)
+            return
+        rows = list(reports)
+        problems = _fleet_problems(dep)
+    counts = {s.value: 0 for s in ShardState}
+    for r in rows:
+        counts[r.state.value] += 1
+    out.print(progress.status_table(manifest, rows), crop=False)
+    out.print(" · ".join(f"{v} {k}" for k, v in counts.items() if v or not wanted))
+    for line in problems:
+        err.print(f"cflow: warning: {line}", markup=False)
+
+
+@app.command()
+def logs(
+    run_id: RunArg,
+    shard: Annotated[
+        str | None, typer.Option("--shard", help="Shard id (or a unique prefix).")
+    ] = None,
+    attempt: Annotated[
+        int | None, typer.Option("--attempt", min=1, help="Attempt number [default: latest].")
+    ] = None,
+    follow: Annotated[
+        bool,
+        typer.Option("--follow", "-f", help="Keep printing while it runs; wait if it is queued."),
+    ] = False,
+    worker: Annotated[
+        str | None,
+        typer.Option(
+            "--worker", help="Print this worker's own agent log instead (kept after a VM is gone)."
+        ),
+    ] = None,
+    local: LocalOpt = False,
+    store: StoreOpt = None,
+    deployment: DeploymentOpt = None,
+) -> None:
+    """Print a shard's log (without --shard: where each shard's latest log is)."""
+    need_run(run_id, local, store, deployment)
+    with open_dep(local, store, deployment) as dep:
+        from runner.observe.logs import print_log, where_logs
+
+        st = dep.backends.store
+        if worker is not None:
+            sys.stdout.buffer.write(_agent_log(dep, worker))
+            sys.stdout.flush()
+            return
+        manifest = runs.load_manifest(st, run_id)
+        if shard is None:
+            for line in where_logs(st, manifest):
+                sys.stdout.write(line + "\n")
+            return
+        code = print_log(
+            st,
+            manifest,
+            shard,
+            attempt=attempt,
+            follow=follow,
+            err=err,
+            gone=lambda shard_id, number: worker_gone(dep, run_id, shard_id, number),
+        )
+    raise typer.Exit(code)
+
+
+@app.command()
+def cancel(
+    run_id: RunArg,
+    local: LocalOpt = False,
+    store: StoreOpt = None,
+    deployment: DeploymentOpt = None,
+) -> None:
+    """Stop a run: queued shards are dropped, running ones stopped."""
+    need_run(run_id, local, store, deployment)
+    with open_dep(local, store, deployment) as dep:
+        dropped = runs.cancel(dep.backends.store, dep.backends.queue, run_id)
+    dropped_note = (
+        f"{dropped} queued shards dropped" if dropped else "workers drop its queued shards"
+    )
+    err.print(
+        # A worker re-reads a manifest it has cached at its next heartbeat after the cache ages.
+        f"cflow: run {run_id} cancelled ({dropped_note}; running ones stop within"
+        f" {defaults.MANIFEST_TTL + defaults.HEARTBEAT_SECONDS:g}s)",
+        markup=False,
+    )
+
+
+@app.command()
+def combine(
+    run_id: RunArg,
+    out_dir: Annotated[
+        str | None,
+        typer.Option("--out", help="Also write the result here (a folder or gs://BUCKET/PATH)."),
+    ] = None,
+    headers: Annotated[
+        bool | None,
+        typer.Option(
+            "--headers/--no-headers",
+            help="CSV/TSV parts start with a header: keep it once [default: cflow.toml].",
+        ),
+    ] = None,
+    local: LocalOpt = False,
+    store: StoreOpt = None,
+    deployment: DeploymentOpt = None,
+) -> None:
+    """Combine the committed outputs of a run (again). Prints where each file went."""
+    need_run(run_id, local, store, deployment)
+    cfg = config_mod.resolve(local=local, store_dir=store, deployment_file=deployment)
+    target = check_out(out_dir, cloud=not cfg.is_local)
+    with open_dep(local, store, deployment) as dep:
+        st = dep.backends.store
+        manifest = runs.load_manifest(st, run_id)
+        result = combine_where_data_is(dep, manifest, out=target, headers=headers)
+    for where in result.written or [st.url(k) for k in result.files]:
+        out.print(where, markup=False)
+    if not result.files:
+        err.print(
+            f"cflow: run {run_id} has no outputs to combine ({result.shards} committed shards"
+            " wrote no files)",
+            markup=False,
+        )
+    else:
+        err.print(
+            f"cflow: combined {len(result.files)} files from {result.shards} shards", markup=False
+        )
+    if not cfg.is_local:
+        err.print(f"cflow: runner traffic: {json.dumps(result.traffic.to_dict())}", markup=False)
+    if result.missing:
+        settled = len(runs.failed(st, run_id)) + result.shards
+        unfinished = manifest.shard_count - settled
+        err.print(
+            f"cflow: {result.missing} of {manifest.shard_count} shards have no committed output"
+            f" ({unfinished} not finished; see `runner status {run_id}`); the result is partial",
+            markup=False,
+        )
+        if unfinished > 0:  # the run is still going (or was cancelled): this is not its result
+            raise typer.Exit(EXIT_FAILED)
+
+
+@app.command("runs")
+def list_runs(
+    as_json: JsonOpt = False,
+    local: LocalOpt = False,
+    store: StoreOpt = None,
+    deployment: DeploymentOpt = None,
+) -> None:
+    """List runs, oldest first."""
+    manifests: list[Manifest] = []
+    done: dict[str, int] = {}
+    broken: dict[str, str] = {}
+    if store_exists(local, store, deployment):
+        with open_dep(local, store, deployment) as dep:
+            listing = runs.scan_runs(dep.backends.store)
+            manifests, broken = listing.manifests, listing.broken
+            done = {m.run_id: len(runs.committed(dep.backends.store, m.run_id)) for m in manifests}
+    for url, problem in broken.items():
+        err.print(f"cflow: broken run: {url} ({problem})", markup=False)
+    if as_json:
+        sys.stdout.write(
+            json.dumps([progress.run_dict(m, done[m.run_id]) for m in manifests]) + "\n"
+        )
+        return
+    if not manifests:
+        if not broken:
+            err.print("cflow: no runs yet")
+        return
+    # A run cut off while publishing shows as such (`runner watch` finishes it).
+    now = time.time()
+    shown = [dataclasses.replace(m, state=runs.shown_state(m, now)) for m in manifests]
+    out.print(progress.runs_table(shown, done), crop=False)
+
+
+@app.command()
+def rm(
+    run_ids: Annotated[list[str], typer.Argument(help="Run ids to delete.")],
+    force: Annotated[
+        bool, typer.Option("--force", help="Also delete a run still going (cancels it first).")
+    ] = False,
+    local: LocalOpt = False,
+    store: StoreOpt = None,
+    deployment: DeploymentOpt = None,
+) -> None:
+    """Delete runs: their objects, queue entries, and bundles no other run uses."""
+    from runner.engine.prune import remove_runs
+
+    for run_id in run_ids:
+        need_run(run_id, local, store, deployment)
+    with open_dep(local, store, deployment) as dep:
+        st = dep.backends.store
+        manifests = [runs.load_manifest(st, r) for r in run_ids]
+        removed = remove_runs(st, dep.backends.queue, manifests, force=force)
+    _removed_note(removed)
+
+
+@app.command()
+def prune(
+    older_than: Annotated[
+        str, typer.Option("--older-than", help="Delete runs created longer ago, e.g. 7d, 12h.")
+    ],
+    dry: Annotated[
+        bool, typer.Option("--dry-run", help="List what would go; delete nothing.")
+    ] = False,
+    local: LocalOpt = False,
+    store: StoreOpt = None,
+    deployment: DeploymentOpt = None,
+) -> None:
+    """Delete runs older than an age that are not going (finished or cancelled)."""
+    from runner.engine.prune import older_than as pick
+    from runner.engine.prune import parse_age, remove_runs
+
+    age = parse_age(older_than)
+    if not store_exists(local, store, deployment):
+        err.print("cflow: no runs yet")
+        return
+    with open_dep(local, store, deployment) as dep:
+        st = dep.backends.store
+        old = pick(runs.list_runs(st), age, time.time())
+        going = [m for m in old if m.state == RunState.ACTIVE.value]
+        doomed = [m for m in old if m.state != RunState.ACTIVE.value]
+        for m in going:
+            err.print(f"cflow: keeping {m.run_id}: it is still active (`runner rm --force`)")
+        if dry:
+            for m in doomed:
+                out.print(m.run_id, markup=False)
+        else:
+            removed = remove_runs(st, dep.backends.queue, doomed)
+            _removed_note(removed)
+        if not dep.config.is_local:
+            _prune_shapes(dep, dry=dry)
+
+
+def _prune_shapes(dep: Deployment, *, dry: bool) -> None:
+    """Shaped groups (and templates, work queues) no active run uses, once they are empty."""
+    from runner.backends.gcp.shapes.apply import open_shapes
+    from runner.backends.gcp.shapes.cleanup import cleanup_shapes
+
+    shapes = open_shapes(dep)
+    try:
+        done = cleanup_shapes(shapes, runs.list_runs(dep.backends.store), dry=dry)
+    finally:
+        shapes.close()
+    verb = "would delete" if dry else "deleted"
+    for name in done.deleted:
+        err.print(f"cflow: {verb} shaped group {name} (its template and work queue)", markup=False)
+    for name, why in done.kept.items():
+        err.print(f"cflow: keeping shaped group {name}: {why}", markup=False)
+
+
+def _removed_note(removed: Removed) -> None:
+    for run_id in removed.runs:
+        out.print(run_id, markup=False)
+    err.print(
+        f"cflow: deleted {len(removed.runs)} runs ({removed.objects} objects,"
+        f" {removed.messages} queued messages, {len(removed.bundles)} unused bundles)",
+        markup=False,
+    )
+
+
+@app.command()
+def doctor(
+    as_json: JsonOpt = False,
+    local: LocalOpt = False,
+    store: StoreOpt = None,
+    deployment: DeploymentOpt = None,
+) -> None:
+    """Check the backend: locally the store and bash; in the cloud credentials, bucket, topics,
+    subscriptions and instance group."""
+    cfg = config_mod.resolve(local=local, store_dir=store, deployment_file=deployment)
+    checks: list[Any]
+    if cfg.is_local:
+        from runner.backends.local.doctor import local_checks
+
+        checks = local_checks(cfg)
+    else:
+        from runner.backends.gcp.doctor import (  # the cloud clients load only when needed
+            Check,
+            run_checks,
+        )
+
+        err.print(f"cflow: checking {cfg.describe()}", markup=False)
+
+        def show(check: Check) -> None:
+            mark = "[green]ok[/green]  " if check.ok else "[red]FAIL[/red]"
+            err.print(f"  {mark} {check.name}: {check.detail}")
+
+        checks = run_checks(cfg, on_check=show)
+    if cfg.is_local:
+        for c in checks:
+            err.print(f"  {'ok  ' if c.ok else 'FAIL'} {c.name}: {c.detail}", markup=False)
+    if as_json:
+        sys.stdout.write(json.dumps([c.to_dict() for c in checks]) + "\n")
+    failed = [c for c in checks if not c.ok]
+    if failed:
+        err.print(f"cflow: {len(failed)} of {len(checks)} checks failed; fix them and run again")
+        raise typer.Exit(EXIT_ERROR)
+    err.print(
+        "cflow: the local backend is ready" if cfg.is_local else "cflow: the deployment is ready"
+    )
+
+
+@app.command("report")
+def report_cmd(
+    run_id: RunArg,
+    out_file: Annotated[
+        Path | None,
+        typer.Option("--out", help="Write here: .html (page with the picture) or .png."),
+    ] = None,
+    machine_type: Annotated[
+        str | None,
+        typer.Option("--machine-type", help="Price workers of unknown type as this VM type."),
+    ] = None,
+    prices_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--prices", envvar="CFLOW_PRICES", help="TOML/JSON price overrides (USD per hour)."
+        ),
+    ] = None,
+    local: LocalOpt = False,
+    store: StoreOpt = None,
+    deployment: DeploymentOpt = None,
+) -> None:
+    """A picture of what happened: a lane per worker, attempts by outcome, queue depth, cost."""
+    from runner.observe.prices import load_prices  # matplotlib loads only for this command
+    from runner.observe.render import render, summary_rows
+    from runner.observe.timeline import build_timeline
+
+    table = load_prices(prices_file)
+    with open_dep(local, store, deployment) as dep:
+        timeline = build_timeline(
+            dep.backends.store, run_id, prices=table, machine_type=machine_type
+        )
+    rendered = render(timeline, out_file or Path(f"{run_id}-report.html"))
+    for label, value in summary_rows(timeline):
+        err.print(f"  {label:>15}: {value}", markup=False)
+    err.print(f"cflow: picture {rendered.png}, data {rendered.sidecar}", markup=False)
+    out.print(str(rendered.html or rendered.png))
+
+
+def _fleet_problems(dep: Deployment) -> list[str]:
+    """In the cloud, what the group reports wrong now (VMs that cannot start or boot)."""
+    if dep.config.is_local:
+        return []
+    fleet = dep.fleet()
+    try:
+        fleet.instances()  # one listing, which reads each VM's creation errors
+        return fleet.problems()
+    except CFlowError:
+        return []
+
+
+def _agent_log(dep: Deployment, worker: str) -> bytes:
+    if dep.config.is_local:
+        path = dep.config.store_dir / "fleet" / "logs" / f"{worker}.log"
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            raise NotFound(f"no log of worker {worker} at {path}") from None
+    from runner.backends.gcp.deployment import agent_log
+
+    return agent_log(dep.backends.store, worker)  # type: ignore[arg-type]

@@ -1,0 +1,246 @@
+"""How the runner shows a run: the progress line, the summary, the tables and the JSON.
+
+On a terminal the progress is a live bar; without one (CI, ``nohup``, ``2>log``) it is one plain
+line every :data:`PLAIN_EVERY` seconds, never wrapped. Tables never cut an id.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Iterator
+from typing import IO, Any
+
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from runner.engine.runs import ShardReport
+from runner.engine.watch import Snapshot, Watcher
+from worker.protocol import Manifest, ShardState
+
+PLAIN_EVERY = 5.0  # seconds between progress lines when stderr is not a terminal
+REASONS_SHOWN = 5  # failed shards named in the summary
+
+
+def watch_live(watcher: Watcher, poll_seconds: float, err: Console) -> Snapshot:
+    """Watch a run to its end, with progress on ``err``."""
+    if not err.is_terminal:
+        return _watch_plain(watcher, poll_seconds, err)
+    columns = (
+        BarColumn(bar_width=24),
+        TextColumn(
+            "{task.completed:.0f}/{task.total:.0f} done · [red]{task.fields[failed]} failed[/red]"
+            " · {task.fields[running]} running · {task.fields[queued]} queued"
+            " · {task.fields[workers]} workers · {task.fields[rate]} · ETA {task.fields[eta]}"
+            "{task.fields[note]}"
+        ),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=err, transient=False, refresh_per_second=4) as progress:
+        bar = progress.add_task(
+            watcher.run_id,
+            total=watcher.manifest.shard_count,
+            failed=0,
+            running=0,
+            queued=watcher.manifest.shard_count,
+            workers=0,
+            rate="-",
+            eta="-",
+            note="",
+        )
+
+        def update(s: Snapshot) -> None:
+            problems = fleet_problems(watcher)
+            progress.update(
+                bar,
+                completed=s.succeeded + s.failed,
+                failed=s.failed,
+                running=s.running,
+                queued=s.queued,
+                workers=s.workers,
+                rate=f"{s.rate:.1f}/s" if s.rate else "-",
+                eta=duration(s.eta) if s.eta is not None else "-",
+                note=f" · [yellow]{escape('; '.join(problems))}[/yellow]" if problems else "",
+            )
+
+        return watcher.watch(on_update=update, poll_seconds=poll_seconds)
+
+
+def fleet_problems(watcher: Watcher) -> list[str]:
+    """What the fleet found wrong at its last look (VMs that cannot start, failed boots)."""
+    if watcher.fleet is None:
+        return []
+    try:
+        return watcher.fleet.problems()
+    except Exception:  # the progress line never fails a run
+        return []
+
+
+def progress_line(s: Snapshot) -> str:
+    """One self-contained line of progress, for logs."""
+    rate = f"{s.rate:.1f}/s" if s.rate else "-"
+    eta = duration(s.eta) if s.eta is not None else "-"
+    return (
+        f"cflow: run {s.run_id}: {s.succeeded + s.failed}/{s.total} done, {s.failed} failed,"
+        f" {s.running} running, {s.queued} queued, {s.workers} workers, {rate}, ETA {eta},"
+        f" {duration(s.elapsed)} elapsed"
+    )
+
+
+def _watch_plain(watcher: Watcher, poll_seconds: float, err: Console) -> Snapshot:
+    last = float("-inf")
+    said: list[str] = []
+
+    def update(s: Snapshot) -> None:
+        nonlocal last, said
+        now = time.monotonic()
+        if now - last >= PLAIN_EVERY or s.finished:
+            last = now
+            err.print(progress_line(s), markup=False, soft_wrap=True)
+        problems = fleet_problems(watcher)
+        if problems != said:  # each new problem once, as it appears
+            for line in problems:
+                if line not in said:
+                    err.print(f"cflow: warning: {line}", markup=False, soft_wrap=True)
+            said = problems
+
+    return watcher.watch(on_update=update, poll_seconds=poll_seconds)
+
+
+def duration(seconds: float) -> str:
+    """``75`` -> ``1m15s``."""
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds}s"
+
+
+def summary(
+    s: Snapshot,
+    files: Iterable[str] | None,
+    written: Iterable[str],
+    failed: list[ShardReport],
+    err: Console,
+) -> None:
+    """The closing lines of a run: counts, where the result is, why shards failed.
+
+    ``files`` is None when the combine did not happen (it failed; the caller says why).
+    """
+    colour = "red" if s.failed else "green"
+    err.print(
+        f"cflow: [{colour}]{s.succeeded}/{s.total} shards succeeded, {s.failed} failed[/{colour}]"
+        f" in {duration(s.elapsed)} ({s.preempted} preempted, {s.retried} retried)"
+    )
+    combined, written = list(files or []), list(written)
+    for key in combined:
+        err.print(f"  combined: {key}", markup=False)
+    for where in written:
+        err.print(f"  written: {where}", markup=False)
+    if files is not None and not combined and s.succeeded:
+        err.print("  no outputs: no committed attempt wrote a file, nothing to combine")
+    for r in failed[:REASONS_SHOWN]:
+        err.print(f"  failed {r.id}: {reason_of(r)}", markup=False)
+    if len(failed) > REASONS_SHOWN:
+        err.print(f"  ... and {len(failed) - REASONS_SHOWN} more failed shards")
+    if s.failed:
+        err.print(
+            f"  see `runner status {s.run_id} --state failed` and `runner logs {s.run_id} --shard"
+            f" ID`; after a fix: `runner retry {s.run_id} --failed --task DIR`",
+            markup=False,
+        )
+
+
+def reason_of(r: ShardReport) -> str:
+    """Why a shard is where it is: its failure, else its latest attempt's reason."""
+    if r.failure is not None:
+        return r.failure.reason
+    if r.attempts and r.attempts[-1].reason:
+        return str(r.attempts[-1].reason)
+    return ""
+
+
+def status_table(manifest: Manifest, reports: list[ShardReport]) -> Table:
+    """One row per shard: state, attempts, duration, exit code, input or failure reason."""
+    id_width = max((len(r.id) for r in reports), default=5)
+    title = f"run {manifest.run_id} ({manifest.state})"
+    if manifest.halted:
+        title += f" halted: {escape(manifest.halted)}"
+    table = Table(title=title, title_justify="left")
+    table.add_column("shard", no_wrap=True, min_width=id_width)
+    for col in ("state", "attempts", "duration", "exit"):
+        table.add_column(col, no_wrap=True)
+    table.add_column("input / reason", overflow="fold")
+    for r in reports:
+        colour = {"succeeded": "green", "failed": "red", "running": "yellow"}.get(r.state.value, "")
+        table.add_row(
+            r.id,
+            f"[{colour}]{r.state.value}[/{colour}]" if colour else r.state.value,
+            str(len(r.attempts)),
+            f"{r.duration:.1f}s" if r.duration is not None else "",
+            "" if r.exit_code is None else str(r.exit_code),
+            escape(
+                (reason_of(r) if r.state is not ShardState.SUCCEEDED else r.input) or r.input or ""
+            ),
+        )
+    return table
+
+
+def runs_table(manifests: list[Manifest], committed: dict[str, int]) -> Table:
+    """One row per run: state, committed shards of all, when, which task."""
+    table = Table()
+    table.add_column(
+        "run", no_wrap=True, min_width=max((len(m.run_id) for m in manifests), default=3)
+    )
+    for col in ("state", "shards", "created", "task"):
+        table.add_column(col, no_wrap=True)
+    for m in manifests:
+        table.add_row(
+            m.run_id,
+            m.state + (" (halted)" if m.halted else ""),
+            f"{committed.get(m.run_id, 0)}/{m.shard_count}",
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(m.created_at)),
+            escape(m.task_name),
+        )
+    return table
+
+
+def run_dict(m: Manifest, committed: int) -> dict[str, Any]:
+    """A run as ``runner runs --json`` shows it."""
+    return {
+        "run_id": m.run_id,
+        "state": m.state,
+        "halted": m.halted,
+        "shards": m.shard_count,
+        "committed": committed,
+        "created_at": m.created_at,
+        "task": m.task_name,
+        "bundle": m.bundle,
+    }
+
+
+def stream_status_json(
+    manifest: Manifest, reports: Iterator[ShardReport], out: IO[str]
+) -> dict[str, int]:
+    """Write ``status --json`` one shard at a time (a 100,000-shard run never sits in memory).
+
+    The object's keys: run_id, state, halted, created_at, shards (the list), counts.
+    """
+    counts = {state.value: 0 for state in ShardState}
+    head = {
+        "run_id": manifest.run_id,
+        "state": manifest.state,
+        "halted": manifest.halted,
+        "created_at": manifest.created_at,
+    }
+    out.write(json.dumps(head)[:-1] + ', "shards": [')
+    first = True
+    for r in reports:
+        counts[r.state.value] += 1
+        out.write(("\n" if first else ",\n") + json.dumps(r.to_dict()))
+        first = False
+    out.write(f'\n], "counts": {json.dumps(counts)}}}\n')
+    return counts

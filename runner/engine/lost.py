@@ -1,0 +1,138 @@
+"""Lost shards: outstanding, yet nobody will ever run them.
+
+A shard is lost when it has no result, no failure marker, no queue message and no live lease:
+its message went with a crash, or someone deleted the queue's file. The watcher's reconcile
+finds such shards and puts them on the queue again; a duplicate is harmless because the first
+commit wins.
+
+Where the queue can list a run's messages (the local backend, :meth:`WorkQueue.pending`), a
+shard is lost when it is missing from the queue in two reconciles in a row while nothing of the
+run waits in the queue (checked only then, so the check stays cheap; a lost shard matters when
+the workers run out of work). Pub/Sub cannot list messages, so the rule there is conservative:
+every worker sat idle, with nothing running and shards still outstanding, for longer than a
+lease plus the subscription's longest retry backoff; then the outstanding shards are lost.
+Either way each candidate's markers are read once more before it is re-enqueued.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from runner.engine import runs
+from worker.protocol import Layout, RunState, WorkMessage
+
+if TYPE_CHECKING:
+    from runner.engine.watch import Watcher
+
+log = logging.getLogger("cflow.runner")
+
+LOST_CHECK_MAX = 200  # candidates whose markers one reconcile reads (a GET each on GCS)
+PUBSUB_MAX_BACKOFF = 300.0  # seconds: the work subscription's maximum retry backoff (infra)
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What the queue said, read before the store's markers (a shard settled after this
+    look has its marker by the time the markers are read)."""
+
+    pending: set[str] | None  # shards with a message; None where the queue cannot tell
+    leases: dict[str, str] | None
+
+
+class LostShards:
+    """The watcher's lost-shard detector (see the module docstring)."""
+
+    def __init__(self, watcher: Watcher):
+        self.watcher = watcher
+        self.requeued = 0  # shards put on the queue again, over the watcher's life
+        self._suspects: set[str] = set()
+        self._quiet_since: float | None = None
+        self._ids: list[str] | None = None
+
+    def _outstanding(self) -> list[str]:
+        w = self.watcher
+        if self._ids is None:  # read once; only when a check is due
+            self._ids = [s.id for s in runs.iter_shards(w.store, w.run_id)]
+        return [s for s in self._ids if s not in w.succeeded and s not in w.failed]
+
+    def probe(self, leases: dict[str, str] | None) -> Probe | None:
+        """Look at the queue, if a check is due at all."""
+        w = self.watcher
+        m = w.manifest
+        if m.state != RunState.ACTIVE.value or m.publishing:
+            return None  # publishing resumes first (runs.publish_rest); cancelled: nothing
+        waiting = m.shard_count - len(w.succeeded) - len(w.failed) - len(w.running)
+        if waiting <= 0 and not w.running:
+            return None
+        if waiting > LOST_CHECK_MAX and (w.running or not w.idle):
+            return None  # by the events, plenty waits in the queue: no need to ask it yet
+        stats = w.queue.stats(w.run_id)
+        if stats.queued is None:
+            return Probe(pending=None, leases=leases)
+        if stats.queued > 0:
+            return None  # workers have queued work: a lost shard can wait to be found
+        return Probe(pending=w.queue.pending(w.run_id), leases=leases)
+
+    def check(self, probe: Probe | None) -> list[str]:
+        """After the markers were read: re-enqueue the shards found lost; their ids."""
+        if probe is None:
+            self._suspects.clear()
+            self._quiet_since = None
+            return []
+        if probe.pending is not None:
+            held = probe.pending | set(probe.leases or {})
+            candidates = [s for s in self._outstanding() if s not in held]
+        else:
+            candidates = self._quiet_candidates()
+        confirmed = self._confirm(candidates[:LOST_CHECK_MAX])
+        if probe.pending is not None:  # seen missing twice in a row: not a passing state
+            lost = [s for s in confirmed if s in self._suspects]
+            self._suspects = set(confirmed) - set(lost)
+        else:
+            lost = confirmed
+        if lost:
+            self._requeue(lost)
+        return lost
+
+    def _quiet_candidates(self) -> list[str]:
+        w = self.watcher
+        now = w.clock.monotonic()
+        if w.running or not w.idle:
+            self._quiet_since = None
+            return []
+        if self._quiet_since is None:
+            self._quiet_since = now
+        quiet = w.lease_seconds + w.heartbeat_seconds + PUBSUB_MAX_BACKOFF
+        if now - self._quiet_since < quiet:
+            return []
+        self._quiet_since = now  # the next batch only after another quiet period
+        return self._outstanding()
+
+    def _confirm(self, candidates: list[str]) -> list[str]:
+        """Read each candidate's markers: one that settled meanwhile is recorded, not lost."""
+        w = self.watcher
+        out = []
+        for shard_id in candidates:
+            if w.store.exists(Layout.result(w.run_id, shard_id)):
+                w.succeeded.add(shard_id)
+                w.failed.discard(shard_id)
+            elif w.store.exists(Layout.failure(w.run_id, shard_id)):
+                w.failed.add(shard_id)
+            else:
+                out.append(shard_id)
+        return out
+
+    def _requeue(self, lost: list[str]) -> None:
+        w = self.watcher
+        wanted = set(lost)
+        shards = [s for s in runs.iter_shards(w.store, w.run_id) if s.id in wanted]
+        log.warning(
+            "%d shards of run %s had no queue message, lease or marker; queued again: %s",
+            len(shards),
+            w.run_id,
+            ", ".join(sorted(wanted)[:5]) + (" ..." if len(wanted) > 5 else ""),
+        )
+        w.queue.publish(WorkMessage(run_id=w.run_id, shard=s.to_dict()) for s in shards)
+        self.requeued += len(shards)

@@ -1,0 +1,127 @@
+"""Deleting runs: their objects, their queue entries, and task bundles no other run uses.
+
+A run still going is not deleted unless asked to (``force``); then it is cancelled first, so its
+workers stop its attempts. On Pub/Sub, queued messages of a deleted run cannot be removed one by
+one; workers drop them when they find no manifest for their run.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from runner.engine import runs
+from worker import defaults
+from worker.clock import SYSTEM_CLOCK, Clock
+from worker.errors import ConfigError, RunStateError
+from worker.protocol import Layout, Manifest, RunState, ShardState
+from worker.queue import WorkQueue
+from worker.store import Store
+
+# Seconds `rm --force` waits for a cancelled run's attempts to stop: they check for a cancel at
+# each heartbeat, then get the preemption grace to exit.
+STOP_WAIT = 2 * defaults.HEARTBEAT_SECONDS + defaults.PREEMPT_GRACE + 5
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
+
+
+def parse_age(text: str) -> float:
+    """``7d``, ``12h``, ``30m``, ``90s``, ``2w`` -> seconds; raises ConfigError."""
+    match = _DURATION.match(text.strip().lower())
+    if not match:
+        raise ConfigError(f"--older-than {text!r} is not an age; write e.g. 7d, 12h, 30m or 90s")
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+@dataclass
+class Removed:
+    runs: list[str]
+    objects: int  # store objects deleted (the run's and unused bundles)
+    messages: int  # queue entries dropped
+    bundles: list[str]  # bundle hashes deleted
+
+
+def bundles_of(manifest: Manifest) -> set[str]:
+    """Every bundle a run used: the one it was submitted with and any it was retried with."""
+    used = {manifest.bundle}
+    for entry in getattr(manifest, "bundles", None) or []:
+        used.add(str(entry["sha256"]))
+    return used
+
+
+def remove_runs(
+    store: Store,
+    queue: WorkQueue,
+    manifests: Iterable[Manifest],
+    *,
+    force: bool = False,
+    on_run: Callable[[str], None] | None = None,
+    clock: Clock = SYSTEM_CLOCK,
+) -> Removed:
+    """Delete each run; then every bundle that no remaining run uses."""
+    doomed = list(manifests)
+    for m in doomed:
+        if m.state == RunState.ACTIVE.value and not force and not _over(store, m):
+            raise RunStateError(
+                f"run {m.run_id} is still going; `runner cancel {m.run_id}` first, or --force",
+                run_id=m.run_id,
+            )
+    removed = Removed(runs=[], objects=0, messages=0, bundles=[])
+    for m in doomed:
+        if m.state == RunState.ACTIVE.value:
+            removed.messages += runs.cancel(store, queue, m.run_id)
+            # A running attempt that has not seen the cancel would write into the deleted run.
+            _wait_stopped(store, queue, m.run_id, clock)
+        removed.messages += queue.purge(m.run_id)
+        # The manifest goes last: a half-deleted run stays listed, and `rm` can finish it.
+        keys = [
+            k for k in store.list(Layout.run_prefix(m.run_id)) if k != Layout.manifest(m.run_id)
+        ]
+        for key in keys:
+            store.delete(key)
+        store.delete(Layout.manifest(m.run_id))
+        folder = store.local_path(Layout.run_prefix(m.run_id).rstrip("/"))
+        if folder is not None and folder.is_dir():
+            shutil.rmtree(folder, ignore_errors=True)  # the local store's empty folders
+        removed.objects += len(keys) + 1
+        removed.runs.append(m.run_id)
+        if on_run is not None:
+            on_run(m.run_id)
+    in_use: set[str] = set()
+    for m in runs.list_runs(store):
+        in_use |= bundles_of(m)
+    for key in list(store.list("tasks/", suffix=".tar.gz")):
+        sha = key[len("tasks/") : -len(".tar.gz")]
+        if sha not in in_use and sha in set().union(*(bundles_of(m) for m in doomed)):
+            store.delete(key)
+            removed.objects += 1
+            removed.bundles.append(sha)
+    return removed
+
+
+def _wait_stopped(store: Store, queue: WorkQueue, run_id: str, clock: Clock) -> None:
+    """Wait (at most STOP_WAIT seconds) until no attempt of a cancelled run is running."""
+    deadline = clock.monotonic() + STOP_WAIT
+    while clock.monotonic() < deadline:
+        leased = queue.stats(run_id).leased
+        if leased == 0:
+            return
+        if leased is None and not any(
+            r.state is ShardState.RUNNING
+            for r in runs.iter_shard_reports(store, runs.load_manifest(store, run_id))
+            if r.attempts and r.attempts[-1].state == "running"
+        ):
+            return
+        clock.sleep(0.2)
+
+
+def _over(store: Store, manifest: Manifest) -> bool:
+    """An ``active`` run whose every shard committed or failed is over in all but name."""
+    done = runs.committed(store, manifest.run_id) | runs.failed(store, manifest.run_id)
+    return len(done) >= manifest.shard_count
+
+
+def older_than(manifests: Iterable[Manifest], seconds: float, now: float) -> list[Manifest]:
+    return [m for m in manifests if now - m.created_at > seconds]

@@ -1,0 +1,583 @@
+"""Runs as the runner sees them: create, read back, cancel, retry, and per-shard state.
+
+The store is the truth: a shard is succeeded when its ``result.json`` exists, failed when its
+``failed.json`` exists, and otherwise queued or running.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import TypeVar
+
+from worker import defaults
+from worker.backends.local.store import LocalStore
+from worker.bundle import inspect_task, pack
+from worker.clock import SYSTEM_CLOCK, Clock
+from worker.errors import BackendError, CFlowError, NotFound, RunNotFound, RunStateError
+from worker.protocol import (
+    AttemptStatus,
+    Layout,
+    Manifest,
+    RunOptions,
+    RunState,
+    Shard,
+    ShardFailure,
+    ShardResult,
+    ShardState,
+    WorkMessage,
+    is_valid_run_id,
+    new_run_id,
+)
+from worker.queue import WorkQueue
+from worker.store import Store
+
+READ_THREADS = 32  # reads of a remote store's records in flight for `status`
+READ_WINDOW = 512  # shard reports built ahead of the one being written
+
+InputStager = Callable[[str, Shard], Shard]  # (run_id, shard) -> shard with a worker-readable input
+Progress = Callable[[int], None]
+
+
+PUBLISH_PAUSE_ENV = "CFLOW_PUBLISH_PAUSE"  # test hook: seconds to pause after each batch
+PUBLISH_STALE_SECONDS = 60.0  # a publisher silent this long is taken for dead (`runner runs`)
+
+
+def create_run(
+    *,
+    store: Store,
+    queue: WorkQueue,
+    task_dir: Path,
+    shards: Iterable[Shard],
+    options: RunOptions,
+    clock: Clock = SYSTEM_CLOCK,
+    stage_input: InputStager | None = None,
+    on_published: Progress | None = None,
+    on_created: Callable[[Manifest], None] | None = None,
+) -> Manifest:
+    """Bundle the task, write the manifest and shard list, and enqueue every shard.
+
+    Shards stream through a temporary file, so a 100,000-shard run never sits in memory.
+    ``on_created`` is called once the run exists, before publishing starts (the CLI prints the
+    run id there). Publishing records its progress in the manifest, so a runner killed or cut
+    off half way leaves a run that :func:`publish_rest` (``runner watch``) finishes.
+
+    Raises:
+        BackendError: publishing failed part way; the run stays active and resumable.
+    """
+    info = inspect_task(task_dir)
+    data, sha = pack(task_dir)
+    if not store.exists(Layout.bundle(sha)):
+        store.put(Layout.bundle(sha), data)
+    run_id = new_run_id(clock.time())
+    with tempfile.TemporaryDirectory(prefix="cflow-submit-") as tmp:
+        listing = Path(tmp) / "shards.jsonl"
+        count = 0
+        with listing.open("w", encoding="utf-8") as fh:
+            for shard in shards:
+                if stage_input is not None and shard.input:
+                    shard = stage_input(run_id, shard)
+                fh.write(json.dumps(shard.to_dict(), sort_keys=True) + "\n")
+                count += 1
+        store.put_file(Layout.shard_list(run_id), listing)
+        manifest = Manifest(
+            run_id=run_id,
+            bundle=sha,
+            entry=info.entry.value,
+            shard_count=count,
+            options=options.to_dict(),
+            created_at=clock.time(),
+            task_name=task_dir.resolve().name,
+            published=0,
+            published_at=clock.time(),
+        )
+        store.put(Layout.manifest(run_id), manifest.to_json())
+        if on_created is not None:
+            on_created(manifest)
+        return publish_rest(
+            store, queue, manifest, on_published, clock=clock, shards=_read_shards(listing)
+        )
+
+
+def publish_rest(
+    store: Store,
+    queue: WorkQueue,
+    manifest: Manifest,
+    progress: Progress | None = None,
+    *,
+    clock: Clock = SYSTEM_CLOCK,
+    shards: Iterator[Shard] | None = None,
+) -> Manifest:
+    """Publish the shards of a run not yet recorded as published, in batches, recording each.
+
+    A batch that went out but was not recorded is published again on resume: a duplicate
+    message is harmless (the first commit wins). Returns the manifest as it now stands.
+
+    Raises:
+        BackendError: a batch could not be published; what was recorded stays resumable.
+    """
+    if not manifest.publishing:
+        return manifest
+    run_id = manifest.run_id
+    done = manifest.published or 0
+    pause = float(os.environ.get(PUBLISH_PAUSE_ENV) or 0)
+    source = shards if shards is not None else iter_shards(store, run_id)
+    it = islice(source, done, None)
+    try:
+        while batch := list(islice(it, defaults.PUBLISH_BATCH)):
+            queue.publish([WorkMessage(run_id=run_id, shard=s.to_dict()) for s in batch])
+            done += len(batch)
+            # Re-read before writing: a `runner cancel` meanwhile must not be overwritten.
+            current = load_manifest(store, run_id)
+            manifest = dataclasses.replace(current, published=done, published_at=clock.time())
+            save_manifest(store, manifest)
+            if progress is not None:
+                progress(len(batch))
+            if current.state != RunState.ACTIVE.value:
+                return manifest
+            if pause:
+                clock.sleep(pause)
+    except CFlowError as exc:
+        raise BackendError(
+            f"publishing run {run_id} stopped after {done} of {manifest.shard_count} shards"
+            f" ({exc}); `runner watch {run_id}` publishes the rest",
+            run_id=run_id,
+        ) from exc
+    except Exception as exc:
+        raise BackendError(
+            f"publishing run {run_id} stopped after {done} of {manifest.shard_count} shards"
+            f" ({type(exc).__name__}: {exc}); `runner watch {run_id}` publishes the rest",
+            run_id=run_id,
+        ) from exc
+    return manifest
+
+
+def mark_published(store: Store, manifest: Manifest, *, clock: Clock = SYSTEM_CLOCK) -> Manifest:
+    """Record every shard as published (a retry re-enqueued the rest itself)."""
+    if not manifest.publishing:
+        return manifest
+    done = dataclasses.replace(manifest, published=manifest.shard_count, published_at=clock.time())
+    save_manifest(store, done)
+    return done
+
+
+def shown_state(manifest: Manifest, now: float) -> str:
+    """A run's state as `runner runs` shows it: ``publishing`` while shards still go out,
+    ``publishing (interrupted)`` once its publisher has been silent too long."""
+    if manifest.state == RunState.ACTIVE.value and manifest.publishing:
+        last = manifest.published_at or manifest.created_at
+        if now - last > PUBLISH_STALE_SECONDS:
+            return f"publishing (interrupted at {manifest.published}/{manifest.shard_count})"
+        return f"publishing ({manifest.published}/{manifest.shard_count})"
+    return manifest.state
+
+
+def _publish(queue: WorkQueue, messages: Iterable[WorkMessage], progress: Progress | None) -> int:
+    total = 0
+    it = iter(messages)
+    while batch := list(islice(it, defaults.PUBLISH_BATCH)):
+        total += queue.publish(batch)
+        if progress is not None:
+            progress(len(batch))
+    return total
+
+
+def _read_shards(path: Path) -> Iterator[Shard]:
+    with path.open(encoding="utf-8") as fh:
+        for line in fh:
+            if line.strip():
+                yield Shard.from_json(line)
+
+
+def load_manifest(store: Store, run_id: str) -> Manifest:
+    """Read a run's manifest.
+
+    Raises:
+        RunNotFound: no such run.
+        BackendError: its ``run.json`` is there but unreadable (names the file).
+    """
+    if not is_valid_run_id(run_id):
+        raise RunNotFound(f"{run_id!r} is not a run id; `runner runs` lists them", run_id=run_id)
+    key = Layout.manifest(run_id)
+    try:
+        raw = store.get(key)
+    except NotFound:
+        raise RunNotFound(
+            f"no run {run_id} in {store.url('')}; `runner runs` lists them", run_id=run_id
+        ) from None
+    try:
+        return parse_manifest(raw)
+    except ValueError as exc:
+        raise BackendError(
+            f"{store.url(key)} is broken ({exc}); restore it, or remove the run's folder",
+            run_id=run_id,
+        ) from None
+
+
+def parse_manifest(raw: bytes) -> Manifest:
+    """A manifest from its JSON; ValueError (saying what is wrong) for a broken one."""
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError("not a JSON object")
+    try:
+        manifest = Manifest.from_dict(data)
+    except TypeError as exc:
+        raise ValueError(f"fields missing: {exc}") from None
+    if not isinstance(manifest.shard_count, int) or not isinstance(manifest.run_id, str):
+        raise ValueError("run_id or shard_count of the wrong type")
+    return manifest
+
+
+def save_manifest(store: Store, manifest: Manifest) -> None:
+    store.put(Layout.manifest(manifest.run_id), manifest.to_json())
+
+
+def iter_shards(store: Store, run_id: str) -> Iterator[Shard]:
+    with tempfile.TemporaryDirectory(prefix="cflow-shards-") as tmp:
+        path = Path(tmp) / "shards.jsonl"
+        store.get_file(Layout.shard_list(run_id), path)
+        yield from _read_shards(path)
+
+
+@dataclass
+class RunListing:
+    """Every run of a store: the readable manifests (oldest first) and the broken ones."""
+
+    manifests: list[Manifest] = field(default_factory=list)
+    broken: dict[str, str] = field(default_factory=dict)  # manifest URL -> what is wrong
+
+
+def scan_runs(store: Store) -> RunListing:
+    """Read every run's manifest; a broken one is reported, not skipped silently."""
+    listing = RunListing()
+    for key in store.list("runs/", suffix="/run.json"):
+        if key.count("/") != 2:
+            continue
+        try:
+            listing.manifests.append(parse_manifest(store.get(key)))
+        except NotFound:
+            continue
+        except ValueError as exc:
+            listing.broken[store.url(key)] = str(exc)
+    listing.manifests.sort(key=lambda m: m.created_at)
+    return listing
+
+
+def list_runs(store: Store) -> list[Manifest]:
+    return scan_runs(store).manifests
+
+
+def committed(store: Store, run_id: str) -> set[str]:
+    """Ids of committed shards: one listing of the run, never a read per shard."""
+    return _shards_with(store, run_id, "/result.json")
+
+
+def failed(store: Store, run_id: str) -> set[str]:
+    return _shards_with(store, run_id, "/failed.json")
+
+
+def _shards_with(store: Store, run_id: str, suffix: str) -> set[str]:
+    return set(marker_page(store, run_id, suffix)[0])
+
+
+def marker_page(
+    store: Store,
+    run_id: str,
+    suffix: str,
+    *,
+    start_after: str | None = None,
+    limit: int | None = None,
+) -> tuple[list[str], str | None]:
+    """Shard ids with a ``result.json`` or ``failed.json`` marker (``suffix``), in key order.
+
+    One bounded page with ``limit``; returns the ids and the key to continue after (None at the
+    end). The local store lists its marker rows without walking the run's logs and outputs.
+    """
+    prefix = Layout.shards_prefix(run_id)
+    if isinstance(store, LocalStore):
+        # A page is ``limit`` records of any kind, filtered here: a bounded range scan even
+        # when no record has this suffix (a run with no failures).
+        keys = store.list_records(prefix, start_after=start_after, limit=limit)
+    else:  # Cloud Storage filters by suffix itself (matchGlob): a page is ``limit`` markers
+        keys = store.list(prefix, suffix=suffix, start_after=start_after, limit=limit)
+    ids, last, seen = [], None, 0
+    for key in keys:
+        seen += 1
+        last = key
+        parts = Layout.parse_shard_key(key)
+        if parts and parts[2] == suffix[1:]:
+            ids.append(parts[1])
+    return ids, (last if limit is not None and seen >= limit else None)
+
+
+@dataclass
+class ShardReport:
+    id: str
+    index: int
+    input: str | None
+    state: ShardState
+    attempts: list[AttemptStatus] = field(default_factory=list)
+    result: ShardResult | None = None
+    failure: ShardFailure | None = None
+
+    @property
+    def exit_code(self) -> int | None:
+        if self.failure is not None:
+            return self.failure.exit_code
+        return self.attempts[-1].exit_code if self.attempts else None
+
+    @property
+    def duration(self) -> float | None:
+        return self.result.duration if self.result else None
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "id": self.id,
+            "index": self.index,
+            "input": self.input,
+            "state": self.state.value,
+            # The records hold only scalars: a shallow copy is asdict() at a tenth of the cost.
+            "attempts": [dict(vars(a)) for a in self.attempts],
+            "winning_attempt": self.result.attempt if self.result else None,
+            "duration": self.duration,
+            "exit_code": self.exit_code,
+            "reason": self.reason,
+        }
+
+    @property
+    def reason(self) -> str | None:
+        """Why the shard failed, or why its latest attempt ended (None when it succeeded)."""
+        if self.failure is not None:
+            return self.failure.reason
+        if self.state is not ShardState.SUCCEEDED and self.attempts:
+            return self.attempts[-1].reason
+        return None
+
+
+def shard_reports(store: Store, run_id: str) -> list[ShardReport]:
+    """Every shard with its attempts (for `status`, not for watching)."""
+    return list(iter_shard_reports(store, load_manifest(store, run_id)))
+
+
+def iter_shard_reports(store: Store, manifest: Manifest) -> Iterator[ShardReport]:
+    """Every shard with its attempts, in shard order: one listing of the run, then the records.
+
+    A shard is succeeded with a ``result.json``, failed with a ``failed.json``, cancelled when
+    the run was cancelled before either, else running (its latest attempt is) or queued. Records
+    are read shard by shard as the reports are yielded; the winner's own claim is not read (its
+    ``result.json`` says more).
+    """
+    run_id = manifest.run_id
+    statuses: dict[str, list[int]] = {}
+    results: set[str] = set()
+    failures: set[str] = set()
+    for key in store.list(Layout.shards_prefix(run_id), suffix=".json"):
+        parts = Layout.parse_shard_key(key)
+        if parts is None:
+            continue
+        _, shard_id, rest = parts
+        if rest == "result.json":
+            results.add(shard_id)
+        elif rest == "failed.json":
+            failures.add(shard_id)
+        elif (
+            rest.startswith("attempts/") and rest.endswith("/status.json") and rest.count("/") == 2
+        ):
+            digits = rest.split("/")[1]
+            if digits.isdigit():
+                statuses.setdefault(shard_id, []).append(int(digits))
+    cancelled = manifest.state == RunState.CANCELLED.value
+
+    def build(shard: Shard) -> ShardReport:
+        won = None
+        if shard.id in results:
+            won = _read(store, Layout.result(run_id, shard.id), ShardResult)
+        failure = (
+            _read(store, Layout.failure(run_id, shard.id), ShardFailure)
+            if won is None and shard.id in failures
+            else None
+        )
+        tries = []
+        for number in sorted(statuses.pop(shard.id, [])):
+            if won is not None and number == won.attempt:
+                tries.append(_winner(won))
+            elif status := _read(store, Layout.status(run_id, shard.id, number), AttemptStatus):
+                tries.append(status)
+        if won is not None:
+            state = ShardState.SUCCEEDED
+        elif failure is not None:
+            state = ShardState.FAILED
+        elif cancelled:
+            state = ShardState.CANCELLED
+            tries = [_as_cancelled(a) for a in tries]
+        elif tries and tries[-1].state == "running":
+            state = ShardState.RUNNING
+        else:
+            state = ShardState.QUEUED
+        return ShardReport(
+            id=shard.id,
+            index=shard.index,
+            input=shard.input,
+            state=state,
+            attempts=tries,
+            result=won,
+            failure=failure,
+        )
+
+    shards = iter_shards(store, run_id)
+    if store.local_path(Layout.manifest(run_id)) is not None:
+        yield from map(build, shards)
+        return
+    # A bucket answers each read in tens of milliseconds: keep a window of them in flight.
+    with ThreadPoolExecutor(READ_THREADS, thread_name_prefix="status") as pool:
+        window: deque[Future[ShardReport]] = deque()
+        for shard in shards:
+            window.append(pool.submit(build, shard))
+            if len(window) >= READ_WINDOW:
+                yield window.popleft().result()
+        while window:
+            yield window.popleft().result()
+
+
+_R = TypeVar("_R", AttemptStatus, ShardResult, ShardFailure)
+
+
+def _read(store: Store, key: str, record: type[_R]) -> _R | None:
+    """A record, or None when it vanished or does not parse (a half-written or foreign file)."""
+    try:
+        return record.from_json(store.get(key))
+    except (NotFound, ValueError, TypeError):
+        return None
+
+
+def _winner(result: ShardResult) -> AttemptStatus:
+    return AttemptStatus(
+        run_id=result.run_id,
+        shard_id=result.shard_id,
+        attempt=result.attempt,
+        state="succeeded",
+        worker=result.worker,
+        started_at=result.started_at,
+        finished_at=result.finished_at,
+        exit_code=0,
+        bundle=result.bundle,
+    )
+
+
+def _as_cancelled(status: AttemptStatus) -> AttemptStatus:
+    """A cancelled run's attempt still marked running was stopped (or is being stopped)."""
+    if status.state != "running":
+        return status
+    return dataclasses.replace(status, state="cancelled", reason="run cancelled")
+
+
+def cancel(store: Store, queue: WorkQueue, run_id: str, *, halted: str | None = None) -> int:
+    """Mark the run cancelled (workers drop its messages and stop its tasks); purge its queue.
+
+    ``halted`` records why the runner stopped the run itself (the ``--halt`` rule).
+    """
+    manifest = load_manifest(store, run_id)
+    save_manifest(
+        store, dataclasses.replace(manifest, state=RunState.CANCELLED.value, halted=halted)
+    )
+    return queue.purge(run_id)
+
+
+def retry(
+    store: Store,
+    queue: WorkQueue,
+    run_id: str,
+    *,
+    task_dir: Path | None = None,
+    clock: Clock = SYSTEM_CLOCK,
+) -> list[str]:
+    """Re-enqueue every shard of a finished or cancelled run that has not committed.
+
+    Committed shards are left alone; each retried shard gets a fresh failure budget. With
+    ``task_dir`` the folder is bundled anew and the retried shards run that bundle: it becomes
+    the manifest's ``bundle`` and is added to its ``bundles`` history, and every message names it.
+    """
+    manifest = load_manifest(store, run_id)
+    done, failures = committed(store, run_id), failed(store, run_id)
+    if manifest.state == RunState.ACTIVE.value and len(done) + len(failures) < manifest.shard_count:
+        raise RunStateError(
+            f"run {run_id} is still going; wait (`runner watch {run_id}`) or cancel it first",
+            run_id=run_id,
+        )
+    todo = [s for s in iter_shards(store, run_id) if s.id not in done]
+    if not todo:
+        return []
+    bundle: str | None = None
+    changes: dict[str, object] = {"state": RunState.ACTIVE.value, "halted": None}
+    if task_dir is not None:
+        info = inspect_task(task_dir)
+        data, bundle = pack(task_dir)
+        if not store.exists(Layout.bundle(bundle)):
+            store.put(Layout.bundle(bundle), data)
+        history = list(manifest.bundles) or [
+            {"sha256": manifest.bundle, "at": manifest.created_at, "shards": manifest.shard_count}
+        ]
+        history.append({"sha256": bundle, "at": clock.time(), "shards": len(todo)})
+        changes.update(bundle=bundle, entry=info.entry.value, bundles=history)
+    save_manifest(store, dataclasses.replace(manifest, **changes))  # type: ignore[arg-type]
+    for shard in todo:
+        store.delete(Layout.failure(run_id, shard.id))
+    _publish(
+        queue,
+        (WorkMessage(run_id=run_id, shard=s.to_dict(), bundle=bundle) for s in todo),
+        None,
+    )
+    return [s.id for s in todo]
+
+
+def mark_dead_lettered(store: Store, message: WorkMessage) -> bool:
+    """Record a dead-lettered shard as failed unless it committed; True if newly failed."""
+    run_id, shard_id = message.run_id, message.shard_id
+    if not is_valid_run_id(run_id) or not store.exists(Layout.manifest(run_id)):
+        return False  # not a run of this store: nothing to record
+    if store.exists(Layout.result(run_id, shard_id)) or store.exists(
+        Layout.failure(run_id, shard_id)
+    ):
+        return False
+    failure = ShardFailure(
+        run_id=run_id,
+        shard_id=shard_id,
+        attempt=None,
+        failures=message.failures,
+        exit_code=None,
+        reason="dead-lettered: the shard's message kept crashing or losing its worker",
+    )
+    store.put(Layout.failure(run_id, shard_id), failure.to_json())
+    return True
+
+
+def flag_lost(
+    reports: Iterable[ShardReport],
+    lookup: Callable[[], tuple[set[str], dict[str, str] | None]],
+) -> Iterator[ShardReport]:
+    """Show a running shard whose attempt's worker is gone (no instance of the fleet, no live
+    lease) as ``lost``: the watcher puts it on the queue again. ``lookup`` gives the fleet's
+    instance names and the run's lease holders; it is called once, at the first running shard.
+    """
+    found: tuple[set[str], dict[str, str] | None] | None = None
+    for r in reports:
+        if r.state is ShardState.RUNNING and r.attempts:
+            if found is None:
+                found = lookup()
+            live, leases = found
+            worker = r.attempts[-1].worker
+            held = leases is not None and leases.get(r.id) == worker
+            if worker not in live and not held:
+                r = dataclasses.replace(r, state=ShardState.LOST)
+        yield r

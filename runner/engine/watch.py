@@ -1,0 +1,404 @@
+"""Watching a run: live counts from events, truth from the store, and the fleet sized to the work.
+
+Events (started, succeeded, failed, ...) make progress feel live; every few seconds the watcher
+reconciles against the store's commit and failure markers, so a lost or duplicated event never
+misreports a run. A reconcile reads one bounded page of markers, continuing where the last one
+stopped and wrapping around, so its cost stays flat as a run grows; a full pass is made only
+when the watcher starts and to confirm the end.
+
+Running shards are the ones whose lease lives: the queue's own lease records where it keeps
+them (local), otherwise a start or heartbeat event within the lease period. A worker whose
+leases lapsed (frozen, hung) is neither busy nor capacity, and its shard is queued work again.
+A shard with no result, no failure, no queue message and no lease is lost
+(:mod:`runner.engine.lost`) and is put on the queue again; the first commit still wins.
+
+Each poll also applies the scale policy: grow to the outstanding work, delete idle instances as
+the queue drains, and end at zero.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from runner.engine import runs
+from runner.engine.fleet import Fleet, Instance
+from runner.engine.lost import LostShards
+from runner.engine.policy import Stragglers, decide_scale
+from worker import defaults
+from worker.backends.local.db import DiskFull
+from worker.clock import SYSTEM_CLOCK, Clock
+from worker.protocol import Event, EventKind, Manifest, RunState, WorkMessage
+from worker.queue import EventBus, WorkQueue
+from worker.store import Store
+
+log = logging.getLogger("cflow.runner")
+
+DISK_FULL_SECONDS = 10.0  # a store's disk full this long stops the watch (the run waits)
+RECONCILE_PAGE = 1000  # markers of each kind read per reconcile (one list call on GCS)
+
+
+def _env_seconds(name: str) -> float:
+    """``CFLOW_<name>`` (the same setting the workers read), else the default."""
+    raw = os.environ.get(f"CFLOW_{name}")
+    try:
+        return float(raw) if raw else float(getattr(defaults, name))
+    except ValueError:
+        return float(getattr(defaults, name))
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    run_id: str
+    total: int
+    succeeded: int
+    failed: int
+    running: int
+    workers: int
+    rate: float  # shards per second, recent
+    elapsed: float
+    preempted: int
+    retried: int
+    cancelled: bool = False
+
+    @property
+    def queued(self) -> int:
+        return max(self.total - self.succeeded - self.failed - self.running, 0)
+
+    @property
+    def finished(self) -> bool:
+        return self.succeeded + self.failed >= self.total
+
+    @property
+    def eta(self) -> float | None:
+        remaining = self.total - self.succeeded - self.failed
+        return remaining / self.rate if self.rate > 0 else None
+
+
+@dataclass
+class Watcher:
+    manifest: Manifest
+    store: Store
+    queue: WorkQueue
+    events: EventBus
+    fleet: Fleet | None = None
+    max_workers: int = 0
+    slots: int = 1
+    clock: Clock = SYSTEM_CLOCK
+    reconcile_seconds: float = defaults.RECONCILE_SECONDS
+    on_event: Callable[[Event], None] | None = None
+    speculate: bool = False  # back up stragglers once nothing is queued (policy.Stragglers)
+    # A worker silent this long lost its lease; the workers' own settings where given.
+    lease_seconds: float = field(default_factory=lambda: _env_seconds("LEASE_SECONDS"))
+    heartbeat_seconds: float = field(default_factory=lambda: _env_seconds("HEARTBEAT_SECONDS"))
+    # Whether every worker sends heartbeats during long attempts (this version's agent does).
+    # False: trust a silence only once some heartbeat was seen (workers that never send them
+    # would otherwise look frozen in every long attempt).
+    expect_heartbeats: bool = False
+    page: int = RECONCILE_PAGE
+    # Locally a poll is cheap and the watch loop looks often, so a short run's end is seen at
+    # once; while nothing happens it slows down to this pace (None: always ``poll_seconds``).
+    quiet_poll_seconds: float | None = None
+
+    succeeded: set[str] = field(default_factory=set)
+    failed: set[str] = field(default_factory=set)
+    running: dict[str, str] = field(default_factory=dict)  # shard -> worker
+    elsewhere: dict[tuple[str, str], str] = field(default_factory=dict)  # other runs' shards
+    idle: set[str] = field(default_factory=set)
+    stale: set[str] = field(default_factory=set)  # workers whose leases lapsed, not heard since
+    preempted: int = 0
+    retried: int = 0
+
+    def __post_init__(self) -> None:
+        self._started = self.clock.monotonic()
+        self._last_reconcile = float("-inf")
+        self._reconcile_every = self.reconcile_seconds
+        self._done_times: deque[tuple[float, int]] = deque(maxlen=64)
+        self.stragglers = Stragglers()
+        self.lost = LostShards(self)
+        self._beats: dict[str, float] = {}  # shard -> its latest start or heartbeat
+        self._elsewhere_beats: dict[tuple[str, str], float] = {}
+        self._heartbeats = False  # workers of this deployment send heartbeats
+        self._cursors: dict[str, str | None] = {"/result.json": None, "/failed.json": None}
+        self._reconciled = False  # the first reconcile is a full pass (a true first frame)
+        self.heard = False  # the last poll brought events
+        self._full_since: float | None = None  # since when the store's disk is full
+        self.reconciles = 0  # how many, and what the last one cost (bench/reconcile.py)
+        self.last_reconcile_seconds = 0.0
+
+    @property
+    def run_id(self) -> str:
+        return self.manifest.run_id
+
+    def poll(self) -> Snapshot:
+        self.heard = False
+        for event in self.events.pull(max_events=10_000):
+            self._apply(event)
+            self.heard = True
+        if self.clock.monotonic() - self._last_reconcile >= self._reconcile_every:
+            self.reconcile()
+        self._lapse(self.clock.monotonic())
+        # One look at the fleet per poll: in the cloud each look is an API call.
+        instances = self.fleet.instances() if self.fleet is not None else []
+        self._check_disk()
+        snapshot = self.snapshot(instances)
+        if self.fleet is not None:
+            self.scale(snapshot, instances)
+        return snapshot
+
+    def _check_disk(self) -> None:
+        """A disk that stays full stops the watch with its one line: the workers wait for
+        space and nothing is lost, but watching a run that cannot move helps no one."""
+        full = self.fleet.disk_full() if self.fleet is not None else None
+        now = self.clock.monotonic()
+        if full is None:
+            self._full_since = None
+        elif self._full_since is None:
+            self._full_since = now
+        elif now - self._full_since >= DISK_FULL_SECONDS:
+            raise DiskFull(f"{full}; watch it again with `runner watch {self.run_id}`")
+
+    def reconcile(self, *, full: bool = False) -> None:
+        """Bring the event-built view up to the store's truth (and collect dead letters).
+
+        The first reconcile and ``full`` ones list every marker of the run; the others read
+        one page of each kind of marker past where the last stopped, wrapping around. Listing
+        can be slow, so the next reconcile waits at least ten times as long as this one took:
+        reconciling never takes more than a tenth of the watcher's time.
+        """
+        started = time.perf_counter()
+        now = self.clock.monotonic()
+        self._last_reconcile = now
+        # Leases before markers: a shard settled after this look has its marker by then.
+        leases = self.queue.leases(self.run_id)
+        probe = self.lost.probe(leases)
+        for message in self.queue.dead_letters():  # taken off the queue: record every run's
+            runs.mark_dead_lettered(self.store, message)
+        self.manifest = runs.load_manifest(self.store, self.run_id)
+        full = full or not self._reconciled
+        if full:
+            self.succeeded = runs.committed(self.store, self.run_id)
+            self.failed = runs.failed(self.store, self.run_id) - self.succeeded
+            self._cursors = dict.fromkeys(self._cursors)
+            self._reconciled = True
+        else:
+            for suffix in self._cursors:
+                ids, self._cursors[suffix] = runs.marker_page(
+                    self.store,
+                    self.run_id,
+                    suffix,
+                    start_after=self._cursors[suffix],
+                    limit=self.page,
+                )
+                if suffix == "/result.json":
+                    self.succeeded.update(ids)
+                    self.failed.difference_update(ids)
+                else:
+                    self.failed.update(i for i in ids if i not in self.succeeded)
+        if leases is not None:
+            self._running_from_leases(leases, now)
+        for shard_id in list(self.running):
+            if shard_id in self.succeeded or shard_id in self.failed:
+                del self.running[shard_id]
+                self._beats.pop(shard_id, None)
+        self.lost.check(probe)
+        took = time.perf_counter() - started
+        self.reconciles += 1
+        self.last_reconcile_seconds = took
+        if not full:
+            self._reconcile_every = max(self.reconcile_seconds, 10 * took)
+
+    def _running_from_leases(self, leases: dict[str, str], now: float) -> None:
+        """The queue's lease records are the truth about what runs (the local backend)."""
+        # A lease without a holder's name (a worker that does not give it) keeps the one the
+        # events gave.
+        named = {s: w or self.running.get(s, "") for s, w in leases.items()}
+        for shard_id, worker in list(self.running.items()):
+            if shard_id not in named and worker not in named.values():
+                self.stale.add(worker)  # its lease lapsed: frozen, or hung
+        self.running = {
+            s: w for s, w in named.items() if s not in self.succeeded and s not in self.failed
+        }
+        self.stale.difference_update(self.running.values())
+        self._beats = dict.fromkeys(self.running, now)
+
+    def _lapse(self, now: float) -> None:
+        """Where the queue keeps no lease records (Pub/Sub): an attempt with no start or
+        heartbeat within the lease period has lost its lease; its worker is stale."""
+        if not (self.expect_heartbeats or self._heartbeats):
+            return
+        limit = self.lease_seconds + self.heartbeat_seconds
+        for shard_id, worker in list(self.running.items()):
+            if now - self._beats.get(shard_id, now) > limit:
+                log.info("the lease of shard %s on %s lapsed", shard_id, worker)
+                del self.running[shard_id]
+                self._beats.pop(shard_id, None)
+                if worker not in self.running.values():
+                    self.stale.add(worker)
+        for key, beat in list(self._elsewhere_beats.items()):
+            if now - beat > limit:
+                self.elsewhere.pop(key, None)
+                del self._elsewhere_beats[key]
+
+    def _apply(self, event: Event) -> None:
+        if self.on_event is not None:
+            self.on_event(event)
+        kind = EventKind(event.kind)
+        now = self.clock.monotonic()
+        self.stale.discard(event.worker)  # heard from: not frozen
+        if kind is EventKind.HEARTBEAT:
+            self._heartbeats = True
+        if kind is EventKind.IDLE:
+            self.idle.add(event.worker)
+            return
+        if kind is EventKind.STOPPED:
+            self.idle.discard(event.worker)
+            return
+        if event.shard_id is None:
+            return
+        if event.run_id != self.run_id:
+            # Workers are shared by every run of a deployment: one busy with another run's shard
+            # must not be scaled away by this one.
+            key = (event.run_id or "", event.shard_id)
+            if kind in (EventKind.STARTED, EventKind.HEARTBEAT):
+                self.elsewhere[key] = event.worker
+                self._elsewhere_beats[key] = now
+                self.idle.discard(event.worker)
+            else:
+                self.elsewhere.pop(key, None)
+                self._elsewhere_beats.pop(key, None)
+            return
+        shard = event.shard_id
+        if self.speculate:
+            self.stragglers.saw(kind, shard, event.worker, self.clock.monotonic())
+        if kind in (EventKind.STARTED, EventKind.HEARTBEAT):
+            if shard not in self.succeeded and shard not in self.failed:
+                self.running[shard] = event.worker
+                self._beats[shard] = now
+            self.idle.discard(event.worker)
+            return
+        self.running.pop(shard, None)
+        self._beats.pop(shard, None)
+        if kind is EventKind.SUCCEEDED:
+            self.succeeded.add(shard)
+            self.failed.discard(shard)
+        elif kind is EventKind.FAILED:
+            if shard not in self.succeeded:
+                self.failed.add(shard)
+        elif kind is EventKind.PREEMPTED:
+            self.preempted += 1
+        elif kind is EventKind.RETRYING:
+            self.retried += 1
+
+    def snapshot(self, instances: list[Instance] | None = None) -> Snapshot:
+        now = self.clock.monotonic()
+        done = len(self.succeeded) + len(self.failed)
+        self._done_times.append((now, done))
+        first_t, first_done = self._done_times[0]
+        rate = (done - first_done) / (now - first_t) if now > first_t else 0.0
+        if instances is None:
+            instances = self.fleet.instances() if self.fleet is not None else []
+        workers = len(instances)
+        return Snapshot(
+            run_id=self.run_id,
+            total=self.manifest.shard_count,
+            succeeded=len(self.succeeded),
+            failed=len(self.failed),
+            running=len(self.running),
+            workers=workers,
+            rate=rate,
+            elapsed=now - self._started,
+            preempted=self.preempted,
+            retried=self.retried,
+            cancelled=self.manifest.state == RunState.CANCELLED.value,
+        )
+
+    def busy_workers(self) -> set[str]:
+        """Workers running a shard of this run or, as far as this watcher saw, of another."""
+        return set(self.running.values()) | set(self.elsewhere.values())
+
+    def scale(self, snapshot: Snapshot, instances: list[Instance] | None = None) -> None:
+        assert self.fleet is not None
+        if instances is None:
+            instances = self.fleet.instances()
+        outstanding = snapshot.total - snapshot.succeeded - snapshot.failed
+        if self.speculate:
+            outstanding += self._speculate(snapshot)
+        decision = decide_scale(
+            outstanding=outstanding,
+            max_workers=self.max_workers,
+            slots=self.slots,
+            instances=instances,
+            idle=self.idle,
+            busy=self.busy_workers(),
+            stale=self.stale,
+        )
+        if decision.add:
+            self.fleet.grow(decision.add)
+        if decision.delete:
+            log.info("scaling down: deleting idle %s", ", ".join(decision.delete))
+            self.fleet.delete(decision.delete)
+            self.idle.difference_update(decision.delete)
+
+    def _speculate(self, snapshot: Snapshot) -> int:
+        """Once nothing is queued, publish backup attempts of stragglers (first commit wins)
+        and release workers whose attempt lost; returns how many backups wait for a worker."""
+        busy = self.busy_workers()
+        losers = self.stragglers.take_losers() - busy
+        if losers and self.fleet is not None:
+            log.info("speculation: releasing %s (their attempts lost)", ", ".join(sorted(losers)))
+            self.fleet.delete(sorted(losers))
+        if snapshot.queued == 0:
+            picked = set(self.stragglers.pick(self.clock.monotonic(), self.running))
+            if picked:
+                log.info("speculating: backup attempts of %s", ", ".join(sorted(picked)))
+                backups = [s for s in runs.iter_shards(self.store, self.run_id) if s.id in picked]
+                self.queue.publish(
+                    WorkMessage(self.run_id, s.to_dict(), backup=True) for s in backups
+                )
+        return len(self.stragglers.waiting)
+
+    def watch(
+        self,
+        *,
+        on_update: Callable[[Snapshot], None] | None = None,
+        poll_seconds: float = defaults.WATCH_POLL_SECONDS,
+    ) -> Snapshot:
+        """Poll until every shard is committed or failed (a final reconcile confirms it), or
+        the run is cancelled."""
+        pace = poll_seconds
+        while True:
+            snapshot = self.poll()
+            if snapshot.cancelled:
+                return snapshot
+            if snapshot.finished:
+                self.reconcile(full=True)
+                snapshot = self.snapshot()
+                if snapshot.finished:
+                    if on_update is not None:
+                        on_update(snapshot)
+                    return snapshot
+            if on_update is not None:
+                on_update(snapshot)
+            if self.quiet_poll_seconds is not None:  # back to the quick pace when a worker speaks
+                pace = poll_seconds if self.heard else min(pace * 1.5, self.quiet_poll_seconds)
+            self.clock.sleep(pace)
+
+    def drain_fleet(self, timeout: float = 30.0, *, force: bool = False, wait: bool = True) -> bool:
+        """After the run: delete every instance that is not busy (every one, with ``force``:
+        a cancelled run's tasks are stopped) and wait for them to go (``wait=False``: later,
+        with :meth:`wait_drained`)."""
+        if self.fleet is None:
+            return True
+        busy = set() if force else self.busy_workers()
+        names = [i.name for i in self.fleet.instances() if i.name not in busy]
+        if names:
+            self.fleet.delete(names)
+        return self.wait_drained(timeout) if wait else True
+
+    def wait_drained(self, timeout: float = 30.0) -> bool:
+        return self.fleet is None or self.fleet.wait_empty(timeout)

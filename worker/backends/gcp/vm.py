@@ -1,0 +1,264 @@
+"""The worker's Google Cloud backends, and how an idle worker leaves its instance group.
+
+``open_gcp`` wires Pub/Sub and Cloud Storage from plain settings (flags or ``CFLOW_*``
+variables, which the VM bootstrap fills from instance metadata). The clients honour
+``PUBSUB_EMULATOR_HOST`` and ``STORAGE_EMULATOR_HOST``; ``CFLOW_COMPUTE_ENDPOINT`` points the
+Compute Engine calls elsewhere (an ``http://`` endpoint is a test fake and gets no credentials).
+Credentials are Application Default Credentials: the VM's service account, never a key file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import google.auth
+import google.auth.exceptions
+from google.auth.credentials import AnonymousCredentials
+from google.auth.transport.requests import AuthorizedSession
+
+from worker import defaults
+from worker.backends.base import Backends
+from worker.backends.gcp.gcs import GcsStore, make_client
+from worker.backends.gcp.pubsub import PubSubEvents, PubSubQueue
+from worker.errors import BackendError, ConfigError
+from worker.store import Store
+
+log = logging.getLogger("cflow.worker")
+
+COMPUTE_ENDPOINT = "https://compute.googleapis.com"
+COMPUTE_ENDPOINT_ENV = "CFLOW_COMPUTE_ENDPOINT"
+LEAVE_ATTEMPTS = 8  # tries of the self-delete request before giving up...
+LEAVE_BACKOFF = (2.0, 60.0)  # ...pausing from the first to at most the second (seconds)
+LEAVE_TIMEOUT = 30.0  # seconds per self-delete request
+# Exit status of a worker that could not remove its VM: the systemd unit does not restart it
+# but powers the VM off (infra/scripts/startup.sh), and the runner deletes it by name.
+EXIT_CANNOT_LEAVE = 75
+PROBLEMS_PREFIX = "fleet/_problems/"  # <vm>.json: a VM that failed to boot or cannot leave
+AGENT_LOG_SECONDS = 30.0  # the agent's log is uploaded this often, and at exit
+RATE_LIMIT_REASONS = {"rateLimitExceeded", "userRateLimitExceeded"}
+
+
+def agent_log_key(vm: str) -> str:
+    """Where a VM's agent log lives in the bucket."""
+    return f"fleet/{vm}/agent.log"
+
+
+def problem_key(vm: str) -> str:
+    return f"{PROBLEMS_PREFIX}{vm}.json"
+
+
+def is_rate_limited(status: int, reasons: list[str], message: str = "") -> bool:
+    """Compute Engine says "too many requests" as 429 or as 403 ``rateLimitExceeded``."""
+    if status == 429:
+        return True
+    return status == 403 and (
+        bool(RATE_LIMIT_REASONS.intersection(reasons)) or "rate limit" in message.lower()
+    )
+
+
+def report_problem(store: Store, vm: str, problem: str) -> None:
+    """Leave a marker the runner reads (``VM x <problem>``) and acts on (deletes the VM)."""
+    record = {"vm": vm, "problem": problem, "at": time.time()}
+    try:
+        store.put(problem_key(vm), json.dumps(record).encode())
+    except Exception as exc:  # the power-off still stops the bill
+        log.error("could not report %r to the bucket: %s", problem, exc)
+
+
+class AgentLogUploader:
+    """Copies the agent's own log file to ``fleet/<vm>/agent.log`` now and then, and at exit,
+    so it outlives the VM (self-removal and preemption delete the disk with it)."""
+
+    def __init__(self, store: Store, vm: str, path: Path, *, every: float = AGENT_LOG_SECONDS):
+        self.store = store
+        self.key = agent_log_key(vm)
+        self.path = path
+        self.every = every
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="agent-log", daemon=True)
+        self._size = -1
+
+    def start(self) -> AgentLogUploader:
+        self._thread.start()
+        return self
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every):
+            self.upload()
+
+    def upload(self) -> None:
+        try:
+            size = self.path.stat().st_size
+            if size != self._size:
+                self.store.put_file(self.key, self.path)
+                self._size = size
+        except Exception as exc:  # the next period tries again
+            log.warning("could not upload the agent log: %s", exc)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self.upload()
+
+
+def _require(**settings: str | None) -> None:
+    missing = [name for name, value in settings.items() if not value]
+    if missing:
+        flags = ", ".join(
+            f"--{n.replace('_', '-')} (CFLOW_{n.upper()})"
+            for n in missing  # the flag and variable names of worker/cli.py
+        )
+        raise ConfigError(f"the gcp backend needs {flags}")
+
+
+def open_gcp(
+    *,
+    project: str | None,
+    bucket: str | None,
+    subscription: str | None,
+    events_topic: str | None,
+    slots: int = defaults.SLOTS,
+    max_lease_seconds: float | None = None,
+    work_topic: str | None = None,
+    lease_seconds: float = defaults.LEASE_SECONDS,
+) -> Backends:
+    """The worker's queue (the work subscription), store (the bucket) and event publisher.
+
+    Args:
+        project: project of bare topic and subscription names.
+        bucket: the deployment's bucket (bare name).
+        subscription: the work subscription to pull from.
+        events_topic: where progress events go.
+        slots: shards run at once; sizes the HTTP connection pool.
+        max_lease_seconds: how long a held message is renewed without agent heartbeats.
+        work_topic: where a failed shard is re-queued; looked up from the subscription if absent.
+        lease_seconds: the ack deadline kept on held messages (a dead worker's shards come
+            back after at most this long).
+
+    Raises:
+        ConfigError: a required setting is missing.
+    """
+    _require(project=project, bucket=bucket, subscription=subscription, events_topic=events_topic)
+    assert project and bucket and subscription and events_topic
+    store = GcsStore(bucket, client=make_client(project, pool_size=max(slots * 3, 10)))
+    queue = PubSubQueue(
+        project=project,
+        topic=work_topic,
+        subscription=subscription,
+        lease_seconds=lease_seconds,
+        max_lease_seconds=max_lease_seconds,
+    )
+    events = PubSubEvents(project=project, topic=events_topic)
+    return Backends(queue=queue, store=store, events=events)
+
+
+def group_url(
+    project: str, group: str, *, zone: str | None, region: str | None, endpoint: str
+) -> str:
+    """The REST URL of a zonal (``zone``) or regional (``region``) managed instance group."""
+    if zone:
+        scope = f"zones/{zone}"
+    elif region:
+        scope = f"regions/{region}"
+    else:
+        raise ConfigError("leaving the group needs its --zone or --region (CFLOW_ZONE/REGION)")
+    base = f"{endpoint.rstrip('/')}/compute/v1/projects/{project}"
+    return f"{base}/{scope}/instanceGroupManagers/{group}"
+
+
+def leave_group(
+    *,
+    project: str | None,
+    group: str | None,
+    zone: str | None,
+    region: str | None,
+    instance: str,
+    instance_zone: str | None = None,
+    sleep: Any = time.sleep,
+) -> bool:
+    """Delete this worker's own VM from its managed instance group; True when accepted.
+
+    ``deleteInstances`` (not a resize) removes exactly this instance and lowers the group's
+    target size, so the group does not recreate it. The worker's service account holds a
+    custom role allowing it (see infra/identity.py for its scope and why). Rate limits
+    (403 ``rateLimitExceeded``, 429) and server errors are retried with backoff; any other
+    refusal is final. The caller's backstop when this fails: :data:`EXIT_CANNOT_LEAVE`.
+
+    Args:
+        instance: this VM's name (the worker name on a VM).
+        instance_zone: the VM's zone; needed for a regional group, defaults to ``zone``.
+        sleep: how to wait between tries (injected by tests).
+    """
+    if not project or not group:
+        log.warning("not leaving any group: project or group unknown")
+        return False
+    endpoint = os.environ.get(COMPUTE_ENDPOINT_ENV) or COMPUTE_ENDPOINT
+    vm_zone = instance_zone or zone
+    if not vm_zone:
+        log.error("cannot leave group %s: this VM's zone is unknown (CFLOW_INSTANCE_ZONE)", group)
+        return False
+    url = group_url(project, group, zone=zone, region=region, endpoint=endpoint)
+    body: dict[str, Any] = {
+        "instances": [f"zones/{vm_zone}/instances/{instance}"],
+        "skipInstancesOnValidationError": True,
+    }
+    try:
+        session = _session(endpoint)
+    except BackendError as exc:
+        log.error("cannot leave group %s: %s", group, exc)
+        return False
+    pause = LEAVE_BACKOFF[0]
+    for attempt in range(1, LEAVE_ATTEMPTS + 1):
+        try:
+            response = session.post(f"{url}/deleteInstances", json=body, timeout=LEAVE_TIMEOUT)
+        except Exception as exc:  # network trouble: try again
+            log.warning("leaving group %s failed (try %d): %s", group, attempt, exc)
+        else:
+            if response.ok:
+                log.info("left group %s: instance %s is being deleted", group, instance)
+                return True
+            reasons, message = _error_reasons(response)
+            status = response.status_code
+            if is_rate_limited(status, reasons, message):
+                log.warning("leaving group %s: rate limited (try %d); backing off", group, attempt)
+            else:
+                log.warning(
+                    "leaving group %s failed (try %d): HTTP %d %s",
+                    group,
+                    attempt,
+                    status,
+                    message or response.text[:300],
+                )
+                if status < 500:  # a real refusal (permission, bad request): final
+                    return False
+        if attempt < LEAVE_ATTEMPTS:
+            sleep(pause)
+            pause = min(pause * 2, LEAVE_BACKOFF[1])
+    return False
+
+
+def _error_reasons(response: Any) -> tuple[list[str], str]:
+    """The ``reason`` of each error in a Google API error body, and its message."""
+    try:
+        error = response.json().get("error", {})
+    except ValueError:
+        return [], ""
+    reasons = [str(e.get("reason", "")) for e in error.get("errors", []) if isinstance(e, dict)]
+    return reasons, str(error.get("message", ""))
+
+
+def _session(endpoint: str) -> AuthorizedSession:
+    """An authorized HTTP session: ADC on a VM, none for an ``http://`` test endpoint."""
+    if endpoint.startswith("http://"):
+        return AuthorizedSession(AnonymousCredentials())
+    try:
+        credentials, _ = google.auth.default(scopes=["https://www.googleapis.com/auth/compute"])
+    except google.auth.exceptions.DefaultCredentialsError as exc:
+        raise BackendError(f"no Google credentials to leave the group: {exc}") from None
+    return AuthorizedSession(credentials)

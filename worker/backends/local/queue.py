@@ -1,0 +1,301 @@
+"""The embedded queue and event bus: one SQLite file, shared by every process on this machine.
+
+Leases are visibility timeouts: a received message is hidden until ``available_at`` and comes back
+by itself when a worker dies without acking (SIGKILL), or at once when the local fleet sees the
+process die (:meth:`LocalQueue.release`). A message delivered more than ``max_deliveries`` times
+moves to the dead-letter state instead of being delivered again; a preemption is not a delivery
+(:meth:`LocalQueue.requeue` starts the count over and puts the shard at the front).
+
+Events are rows read through a cursor, never deleted by a reader: each runner watching a run sees
+that run's events and the worker-level ones (idle, stopped), so two runs in one store never take
+each other's events. Rows older than :data:`EVENT_RETENTION` are pruned.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterable
+from itertools import islice
+from pathlib import Path
+
+from worker import defaults
+from worker.backends.local.db import Db
+from worker.clock import SYSTEM_CLOCK, Clock
+from worker.protocol import Event, WorkMessage
+from worker.queue import Delivery, EventBus, QueueStats, WorkQueue
+
+EVENT_RETENTION = 3600.0  # seconds events are kept for runners that attach late
+_PRUNE_EVERY = 1000  # event inserts between prunes
+
+
+def _backoff(clock: Clock, deadline: float, waited: int) -> bool:
+    """Sleep a little (growing to 50 ms) unless the deadline passed; False when it has."""
+    remaining = deadline - clock.monotonic()
+    if remaining <= 0:
+        return False
+    clock.sleep(min(0.002 * 2**waited, 0.05, remaining))
+    return True
+
+
+def message_row(message: WorkMessage, at: float) -> tuple[str, str, str, float]:
+    return (message.run_id, message.shard_id, message.to_json().decode(), at)
+
+
+INSERT_MESSAGE = "INSERT INTO messages (run_id, shard_id, body, available_at) VALUES (?, ?, ?, ?)"
+
+
+class LocalQueue(WorkQueue):
+    def __init__(
+        self,
+        path: Path,
+        *,
+        clock: Clock = SYSTEM_CLOCK,
+        lease_seconds: float = defaults.LEASE_SECONDS,
+        max_deliveries: int = defaults.MAX_DELIVERIES,
+        db: Db | None = None,
+    ):
+        self._db = db if db is not None else Db(path)
+        self._clock = clock
+        self.lease_seconds = lease_seconds
+        self.max_deliveries = max_deliveries
+
+    @property
+    def db(self) -> Db:
+        return self._db
+
+    @property
+    def clock(self) -> Clock:
+        return self._clock
+
+    def publish(
+        self, messages: Iterable[WorkMessage], *, delay: float = 0.0, front: bool = False
+    ) -> int:
+        count = 0
+        it = iter(messages)
+        while batch := list(islice(it, defaults.PUBLISH_BATCH)):
+            at = 0.0 if front else self._clock.time() + delay
+            rows = [message_row(m, at) for m in batch]
+            with self._db.transaction() as conn:
+                conn.executemany(INSERT_MESSAGE, rows)
+            count += len(rows)
+        return count
+
+    def receive(
+        self, max_messages: int, timeout: float, *, worker: str | None = None
+    ) -> list[Delivery]:
+        deadline = self._clock.monotonic() + timeout
+        waited = 0
+        while True:
+            got = self._receive_now(max_messages, worker)
+            if got or not _backoff(self._clock, deadline, waited):
+                return got
+            waited += 1
+
+    def _receive_now(self, max_messages: int, worker: str | None) -> list[Delivery]:
+        if max_messages < 1:
+            return []
+        now = self._clock.time()
+        out: list[Delivery] = []
+        with self._db.transaction() as conn:
+            rows = conn.execute(
+                "SELECT id, body, deliveries FROM messages WHERE dead = 0 AND available_at <= ?"
+                " ORDER BY available_at, id LIMIT ?",
+                (now, max_messages),
+            ).fetchall()
+            for row_id, body, deliveries in rows:
+                if deliveries >= self.max_deliveries:
+                    conn.execute(
+                        "UPDATE messages SET dead = 1, lease = NULL, worker = NULL WHERE id = ?",
+                        (row_id,),
+                    )
+                    continue
+                lease = secrets.token_hex(8)
+                conn.execute(
+                    "UPDATE messages SET available_at = ?, deliveries = deliveries + 1, lease = ?,"
+                    " worker = ? WHERE id = ?",
+                    (now + self.lease_seconds, lease, worker, row_id),
+                )
+                message = WorkMessage.from_json(body)
+                out.append(Delivery(message, deliveries + 1, (row_id, lease)))
+        return out
+
+    def ack(self, delivery: Delivery) -> None:
+        # By id alone: once a shard is committed or finally failed, no copy needs running again.
+        row_id, _ = delivery.handle
+        with self._db.transaction() as conn:
+            conn.execute("DELETE FROM messages WHERE id = ?", (row_id,))
+
+    def nack(self, delivery: Delivery, *, delay: float = 0.0) -> None:
+        row_id, lease = delivery.handle
+        with self._db.transaction() as conn:
+            conn.execute(
+                "UPDATE messages SET available_at = ?, lease = NULL, worker = NULL"
+                " WHERE id = ? AND lease = ?",
+                (self._clock.time() + delay, row_id, lease),
+            )
+
+    def requeue(self, delivery: Delivery, message: WorkMessage, *, front: bool = False) -> None:
+        # One update: the new body, a fresh delivery count, and (front) ahead of everything.
+        row_id, lease = delivery.handle
+        at = 0.0 if front else self._clock.time()
+        with self._db.transaction() as conn:
+            conn.execute(
+                "UPDATE messages SET body = ?, deliveries = 0, available_at = ?, lease = NULL,"
+                " worker = NULL WHERE id = ? AND lease = ?",
+                (message.to_json().decode(), at, row_id, lease),
+            )
+
+    def extend(self, delivery: Delivery, seconds: float) -> None:
+        row_id, lease = delivery.handle
+        with self._db.transaction() as conn:
+            conn.execute(
+                "UPDATE messages SET available_at = ? WHERE id = ? AND lease = ?",
+                (self._clock.time() + seconds, row_id, lease),
+            )
+
+    def extend_many(self, deliveries: Iterable[Delivery], seconds: float) -> None:
+        """Extend several leases in one transaction (a worker holding prefetched shards)."""
+        until = self._clock.time() + seconds
+        rows = [(until, *d.handle) for d in deliveries]
+        if rows:
+            with self._db.transaction() as conn:
+                conn.executemany(
+                    "UPDATE messages SET available_at = ? WHERE id = ? AND lease = ?", rows
+                )
+
+    def release(self, worker: str) -> int:
+        with self._db.transaction() as conn:
+            cur = conn.execute(
+                "UPDATE messages SET available_at = 0, lease = NULL, worker = NULL"
+                " WHERE worker = ? AND lease IS NOT NULL AND dead = 0",
+                (worker,),
+            )
+            return cur.rowcount
+
+    def leases(self, run_id: str) -> dict[str, str] | None:
+        rows = (
+            self._db.conn()
+            .execute(
+                "SELECT shard_id, worker FROM messages WHERE run_id = ? AND dead = 0"
+                " AND lease IS NOT NULL AND available_at > ?",
+                (run_id, self._clock.time()),
+            )
+            .fetchall()
+        )
+        return {shard: worker or "" for shard, worker in rows}
+
+    def pending(self, run_id: str) -> set[str] | None:
+        rows = (
+            self._db.conn()
+            .execute(
+                "SELECT DISTINCT shard_id FROM messages WHERE run_id = ? AND dead = 0", (run_id,)
+            )
+            .fetchall()
+        )
+        return {shard for (shard,) in rows}
+
+    def dead_letters(self, max_messages: int = 100) -> list[WorkMessage]:
+        with self._db.transaction() as conn:
+            rows = conn.execute(
+                "SELECT id, body FROM messages WHERE dead = 1 ORDER BY id LIMIT ?",
+                (max_messages,),
+            ).fetchall()
+            conn.executemany("DELETE FROM messages WHERE id = ?", [(r[0],) for r in rows])
+        return [WorkMessage.from_json(body) for _, body in rows]
+
+    def purge(self, run_id: str) -> int:
+        with self._db.transaction() as conn:
+            cur = conn.execute(
+                "DELETE FROM messages WHERE run_id = ? AND (lease IS NULL OR available_at <= ?)",
+                (run_id, self._clock.time()),
+            )
+            return cur.rowcount
+
+    def stats(self, run_id: str | None = None) -> QueueStats:
+        now = self._clock.time()
+        where, args = ("WHERE run_id = ?", (run_id,)) if run_id else ("", ())
+        queued, leased, dead = (
+            self._db.conn()
+            .execute(
+                "SELECT"
+                " COALESCE(SUM(dead = 0 AND (lease IS NULL OR available_at <= ?)), 0),"
+                " COALESCE(SUM(dead = 0 AND lease IS NOT NULL AND available_at > ?), 0),"
+                f" COALESCE(SUM(dead = 1), 0) FROM messages {where}",
+                (now, now, *args),
+            )
+            .fetchone()
+        )
+        return QueueStats(queued=queued, leased=leased, dead=dead)
+
+    def close(self) -> None:
+        self._db.close()
+
+
+def event_row(event: Event) -> tuple[str | None, float, str]:
+    return (event.run_id, event.at, event.to_json().decode())
+
+
+INSERT_EVENT = "INSERT INTO events (run_id, at, body) VALUES (?, ?, ?)"
+
+
+class LocalEvents(EventBus):
+    """Events in the same SQLite file.
+
+    Workers publish through a bus with no ``run_id``; a runner pulls through one opened for its
+    run, reading forward from the first event at or after ``since`` (seconds since the epoch).
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        clock: Clock = SYSTEM_CLOCK,
+        run_id: str | None = None,
+        since: float | None = None,
+        db: Db | None = None,
+    ):
+        self._db = db if db is not None else Db(path)
+        self._clock = clock
+        self.run_id = run_id
+        self._cursor = 0
+        self._inserts = 0
+        if since is not None:
+            row = (
+                self._db.conn()
+                .execute("SELECT COALESCE(MIN(id), 0) FROM events WHERE at >= ?", (since,))
+                .fetchone()
+            )
+            self._cursor = max(int(row[0]) - 1, 0)
+
+    def publish(self, event: Event) -> None:
+        with self._db.transaction() as conn:
+            conn.execute(INSERT_EVENT, event_row(event))
+            self._inserts += 1
+            if self._inserts % _PRUNE_EVERY == 0:
+                prune_events(conn, self._clock.time())
+
+    def pull(self, max_events: int = 1000, timeout: float = 0.0) -> list[Event]:
+        deadline = self._clock.monotonic() + timeout
+        waited = 0
+        conn = self._db.conn()
+        while True:
+            if self.run_id is None:
+                query, args = "SELECT id, body FROM events WHERE id > ?", (self._cursor,)
+            else:
+                query = (
+                    "SELECT id, body FROM events WHERE id > ? AND (run_id = ? OR run_id IS NULL)"
+                )
+                args = (self._cursor, self.run_id)  # type: ignore[assignment]
+            rows = conn.execute(f"{query} ORDER BY id LIMIT ?", (*args, max_events)).fetchall()
+            if rows:
+                self._cursor = rows[-1][0]
+            if rows or not _backoff(self._clock, deadline, waited):
+                return [Event.from_json(body) for _, body in rows]
+            waited += 1
+
+    def close(self) -> None:
+        self._db.close()
+
+
+def prune_events(conn: object, now: float) -> None:
+    conn.execute("DELETE FROM events WHERE at < ?", (now - EVENT_RETENTION,))  # type: ignore[attr-defined]

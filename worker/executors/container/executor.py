@@ -1,0 +1,361 @@
+"""Runs task attempts inside a container image (see :mod:`worker.executors.container.runtime`).
+
+A ``task.py`` runs in a warm container per worker slot (:mod:`worker.executors.container.warm`),
+shard after shard. A ``task.sh``, a ``task.py`` with ``--isolate`` (or whose ``task.py`` does not
+import, so each attempt's log shows why) and a shard whose folders a warm container cannot
+mount get one container per attempt, removed when it ends::
+
+    /task              the unpacked task bundle              read-only
+    /opt/cflow/worker  the worker's task host (stdlib only)  read-only, on PYTHONPATH
+    /cflow/input/NAME  the shard's staged input file         read-only
+    /cflow/out         the attempt's output folder           read-write
+
+Everything else is the image, mounted read-only (with a private ``/tmp``), so a task can write
+nowhere but its output folder. ``task.py`` runs with the image's ``python3`` through
+``python -m worker.executors.zygote --once /task``; ``task.sh`` with the image's bash, else its sh.
+The ``CFLOW_*`` variables carry the paths as the task sees them. A small init is PID 1 (when the
+engine has one), so SIGTERM reaches the task; when the attempt ends every process in the
+container goes with it. A worker that dies cannot clean up: podman kills its container
+a minute past the attempt's timeout, and the next worker process on the host removes any
+container whose worker is gone (:func:`reap_orphans`, docker too).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import worker
+from worker.bundle import SHELL_ENTRY, UnpackedBundle
+from worker.executors.container.runtime import (
+    ContainerRuntimeMissing,
+    GpuSupportMissing,
+    ImagePullError,
+    Runtime,
+    check_gpu_support,
+    detect_runtime,
+    ensure_image,
+)
+from worker.executors.container.warm import WarmContainers
+from worker.executors.process import RunningTask, wait_process
+from worker.protocol import Entry, slug
+from worker.taskapi import TaskShard
+
+__all__ = ["ContainerExecutor", "ContainerRuntimeMissing", "GpuSupportMissing", "ImagePullError"]
+
+TASK_DIR = "/task"
+LIB_DIR = "/opt/cflow"
+DEPS_DIR = "/opt/cflow/deps"
+INPUT_DIR = "/cflow/input"
+OUTPUT_DIR = "/cflow/out"
+BACKSTOP_SECONDS = 60.0  # podman kills a container this long after the attempt's timeout
+OWNER_LABEL = "cflow.owner"  # HOST:PID of the worker process that started the container
+
+_WORKER_PACKAGE = Path(worker.__file__).resolve().parent
+
+
+class ContainerExecutor:
+    """Starts attempts of one unpacked bundle in containers of ``image``.
+
+    The same surface as :class:`worker.executors.process.Executor`: :meth:`start`, :attr:`queues`
+    and :meth:`close`. A ``task.py`` runs in a warm container per slot
+    (:mod:`worker.executors.container.warm`) unless ``isolate``; a ``task.sh``, an isolated
+    ``task.py`` and a shard whose folders a warm container cannot mount get a container per attempt.
+
+    Args:
+        bundle: the unpacked task.
+        entry: how it runs (``task.py`` or ``task.sh``).
+        image: the image reference (pulled here once if it is missing).
+        runtime: the engine (default: :func:`detect_runtime`).
+        timeout: the run's attempt timeout in seconds; podman kills a per-attempt container
+            left running ``backstop`` seconds past it (default :data:`BACKSTOP_SECONDS`) even
+            if this worker died.
+        network: the container network (default ``host``: the task reaches what the worker
+            reaches, such as the metadata server, without a network namespace per attempt).
+        isolate: a container per attempt for ``task.py`` too (``--isolate``).
+        gpu: give the containers every NVIDIA GPU of the machine.
+
+    Raises:
+        ContainerRuntimeMissing, ImagePullError, GpuSupportMissing: from construction, once
+            per worker and image.
+    """
+
+    def __init__(
+        self,
+        bundle: UnpackedBundle,
+        entry: Entry,
+        image: str,
+        *,
+        runtime: Runtime | None = None,
+        timeout: float | None = None,
+        backstop: float = BACKSTOP_SECONDS,
+        network: str = "host",
+        isolate: bool = False,
+        gpu: bool = False,
+    ):
+        self.bundle = bundle
+        self.entry = entry
+        self.image = image
+        self.runtime = runtime or detect_runtime()
+        self.timeout = timeout
+        self.backstop = backstop
+        self.network = network
+        self.gpu = gpu
+        self._live: set[str] = set()
+        self._lock = threading.Lock()
+        if gpu:
+            check_gpu_support(self.runtime)
+        ensure_image(self.runtime, image)
+        reap_orphans(self.runtime)
+        warm = entry is Entry.PYTHON and not isolate
+        self._warm = WarmContainers(self) if warm else None
+
+    @property
+    def queues(self) -> bool:
+        """Never: a slot's next shard starts once this one's outputs are sealed. A warm
+        container sees the whole slot folder, so a shard queued behind another could otherwise
+        rewrite that one's outputs between its end and their sealing."""
+        return False
+
+    def run_args(
+        self,
+        name: str,
+        labels: dict[str, str],
+        mounts: list[tuple[Path, str, str]],
+        env: dict[str, str],
+        *,
+        interactive: bool = False,
+        lifetime: float | None = None,
+    ) -> list[str]:
+        """``ENGINE run ... IMAGE`` for container ``name``: the bundle, the task host and
+        ``mounts`` (source, target, ``ro``/``rw``) mounted, ``env`` and the labels set, the
+        image read-only; ``lifetime`` seconds is podman's backstop (``--timeout``)."""
+        rt = self.runtime
+        mounts = [
+            (self.bundle.root, TASK_DIR, "ro"),
+            (_WORKER_PACKAGE, f"{LIB_DIR}/worker", "ro"),
+            *mounts,
+        ]
+        python_path = [TASK_DIR, LIB_DIR]
+        if self.bundle.deps is not None:
+            mounts.append((self.bundle.deps, DEPS_DIR, "ro"))
+            python_path.append(DEPS_DIR)
+        env = {
+            **env,
+            "PYTHONPATH": ":".join(python_path),
+            "PYTHONUNBUFFERED": "1",
+            "PYTHONDONTWRITEBYTECODE": "1",
+        }
+        argv = rt.argv("run", "--rm", "--name", name, "--pull", "never")
+        if interactive:
+            argv.append("--interactive")
+        argv += [*rt.init_args, "--read-only", "--tmpfs", "/tmp"]
+        argv += ["--network", self.network, "--workdir", TASK_DIR]
+        if self.gpu:
+            argv += rt.gpu_args()
+        if rt.name == "podman" and lifetime is not None:
+            argv += ["--timeout", str(max(1, round(lifetime)))]
+        if rt.name == "docker" and os.getuid() != 0:
+            argv += ["--user", f"{os.getuid()}:{os.getgid()}"]  # a rootful daemon's outputs
+        for key, value in {**labels, OWNER_LABEL: _owner()}.items():
+            argv += ["--label", f"{key}={value}"]
+        for source, target, mode in mounts:
+            argv += ["--volume", f"{_mount_source(source)}:{target}:{mode}"]
+        for key, value in env.items():
+            argv += ["--env", f"{key}={value}"]
+        argv.append(self.image)
+        return argv
+
+    def command(self, shard: TaskShard, name: str) -> list[str]:
+        """The engine command line that runs one attempt as container ``name``."""
+        mounts = [(shard.output_dir, OUTPUT_DIR, "rw")]
+        inner_input = shard.input
+        local_input = shard.input_path
+        if local_input is not None:
+            inner_input = f"{INPUT_DIR}/{_safe_name(local_input.name)}"
+            mounts.append((local_input.resolve(), inner_input, "ro"))
+        env = {**shard.env(), "CFLOW_INPUT": inner_input or "", "CFLOW_OUTPUT_DIR": OUTPUT_DIR}
+        labels = {
+            "cflow.run": shard.run_id,
+            "cflow.shard": shard.id,
+            "cflow.attempt": str(shard.attempt),
+        }
+        lifetime = None if self.timeout is None else self.timeout + self.backstop
+        argv = self.run_args(name, labels, mounts, env, lifetime=lifetime)
+        if self.entry is Entry.SHELL:
+            script = f"{TASK_DIR}/{SHELL_ENTRY}"
+            argv += [
+                "/bin/sh",
+                "-c",
+                f"command -v bash >/dev/null 2>&1 && exec bash {script}; exec sh {script}",
+            ]
+        else:
+            argv += ["python3", "-m", "worker.executors.zygote", "--once", TASK_DIR]
+        return argv
+
+    def start(self, shard: TaskShard, log_path: Path, *, slot: int = 0) -> RunningTask:
+        """Start one attempt; ``log_path``'s folder must exist. Creates the output folder.
+        A ``task.py`` goes to ``slot``'s warm container; otherwise the attempt gets a
+        container of its own."""
+        shard.output_dir.mkdir(parents=True, exist_ok=True)
+        if self._warm is not None:
+            task = self._warm.start(shard, log_path, slot)
+            if task is not None:
+                return task
+        name = _container_name(shard)
+        argv = self.command(shard, name)
+        with self._lock:
+            self._live.add(name)
+        with log_path.open("ab") as log:
+            proc = subprocess.Popen(
+                argv,
+                env=self.runtime.environ(),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        return _ContainerTask(proc, name, self)
+
+    def _forget(self, name: str) -> None:
+        with self._lock:
+            self._live.discard(name)
+
+    def begin_close(self) -> None:
+        """Tell the warm containers to end; :meth:`close` waits for them."""
+        if self._warm is not None:
+            self._warm.begin_close()
+
+    def close(self) -> None:
+        """End the warm containers and remove any container of this executor still there."""
+        if self._warm is not None:
+            self._warm.close()
+        with self._lock:
+            names, self._live = sorted(self._live), set()
+        for name in names:
+            self.runtime.remove(name)
+
+
+class _ContainerTask(RunningTask):
+    """One attempt's container, seen through its attached ``run`` client process."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], name: str, owner: ContainerExecutor):
+        self._proc = proc
+        self.pid = proc.pid
+        self.name = name
+        self._owner = owner
+        self._stopped = False
+
+    def wait(self, timeout: float | None) -> int | None:
+        code = wait_process(self._proc, timeout)
+        if code is None:
+            return None
+        self._owner._forget(self.name)
+        # The engine reports a signal death as 128+N, like a shell; the agent expects -N.
+        if self._stopped and code > 128:
+            return -(code - 128)
+        return code
+
+    def signal(self, sig: int) -> None:
+        self._owner.runtime.call("kill", "--signal", str(int(sig)), self.name)
+
+    def stop(self, grace: float) -> int | None:
+        """SIGTERM the task, SIGKILL it after ``grace`` seconds, and remove the container."""
+        self._stopped = True
+        self.signal(signal.SIGTERM)
+        code = self.wait(grace)
+        if code is None:
+            self.signal(signal.SIGKILL)
+            code = self.wait(10.0)
+        if code is None:  # the client hangs (or the container was never made): end both
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self._proc.pid, signal.SIGKILL)
+            code = self.wait(10.0)
+        # The client is gone, so nothing creates the container after this removal.
+        self._owner.runtime.remove(self.name)
+        self._owner._forget(self.name)
+        return code
+
+
+def _container_name(shard: TaskShard) -> str:
+    shard_part = slug(shard.id, 40) or "shard"
+    return f"cflow-{slug(shard.run_id, 40)}-{shard_part}-{shard.attempt}-{secrets.token_hex(3)}"
+
+
+def _safe_name(name: str) -> str:
+    """A file name usable as a mount target (``:`` and ``,`` split engine mount options)."""
+    if ":" in name or "," in name or not name:
+        return slug(name) or "input"
+    return name
+
+
+_links_dir: Path | None = None
+_links_lock = threading.Lock()
+
+
+def _mount_source(path: Path) -> str:
+    """``path``, or a symlink to it without ``:`` or ``,`` (mounts follow the link)."""
+    text = str(path)
+    if ":" not in text and "," not in text:
+        return text
+    global _links_dir
+    with _links_lock:
+        if _links_dir is None:
+            _links_dir = Path(tempfile.mkdtemp(prefix="cflow-mounts-"))
+    digest = hashlib.sha256(text.encode()).hexdigest()[:16]  # one link per input, reused
+    link = _links_dir / f"{digest}-{_safe_name(path.name)}"
+    with contextlib.suppress(FileExistsError):
+        link.symlink_to(path)
+    return str(link)
+
+
+def _owner() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+_reaped: set[str] = set()
+_reap_lock = threading.Lock()
+
+
+def reap_orphans(runtime: Runtime) -> list[str]:
+    """Remove containers that a dead worker process on this host left running (a SIGKILLed
+    worker cannot clean up; docker has no ``--timeout`` to end them). Once per process and
+    engine; returns the names removed."""
+    with _reap_lock:
+        if runtime.binary in _reaped:
+            return []
+        _reaped.add(runtime.binary)
+    host = socket.gethostname()
+    listed = runtime.call("ps", "--all", "--quiet", "--filter", f"label={OWNER_LABEL}")
+    ids = listed.stdout.split()
+    if listed.returncode != 0 or not ids:
+        return []
+    template = '{{.Name}} {{index .Config.Labels "' + OWNER_LABEL + '"}}'
+    inspected = runtime.call("inspect", "--format", template, *ids)
+    removed = []
+    for line in inspected.stdout.splitlines():
+        name, _, owner = line.strip().lstrip("/").partition(" ")
+        owner_host, _, pid = owner.rpartition(":")
+        if owner_host != host or not pid.isdigit() or _alive(int(pid)):
+            continue
+        runtime.remove(name)
+        removed.append(name)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

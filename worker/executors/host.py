@@ -1,0 +1,175 @@
+"""The warm task host: one Python process per worker slot that runs shard after shard.
+
+``python -m worker.executors.host TASK_DIR`` imports ``task.py`` once (so a model loaded at module
+level is loaded once per process, not per shard), then serves requests one at a time on
+stdin/stdout, one
+JSON object per line:
+
+  request  {"id": N, "log": PATH, "cwd": PATH, "env": {...}}
+  replies  {"ready": true} | {"ready": false, "error": "..."} once at start,
+           {"id": N, "exit": CODE, "reason": "...", "recycle": BOOL} when the shard ended.
+
+For each shard the host points file descriptors 1 and 2 at the attempt's log, gives the task
+fresh ``sys.stdout``/``sys.stderr`` objects (a task may close or replace them; the next shard
+gets new ones), sets the ``CFLOW_*`` variables, calls ``run(shard)``, and afterwards kills every
+process the shard started: the host is a child subreaper, so even a daemon in a new session is
+still below it. A crash (``os._exit``, a segfault, SIGKILL on a timeout) takes down only this
+process and fails only its own attempt; the worker starts a fresh host for the next shard.
+
+``python -m worker.executors.host --spare`` starts a host before the worker knows its task (while
+the worker waits for its first shard); its first line then names the task to import.
+
+``python -m worker.executors.host --hangup TASK_DIR`` (a warm container's host,
+:mod:`worker.executors.container.warm`) also ends, with everything below it, the moment the worker's
+end of its requests closes, even in the middle of a shard: a container engine keeps a container
+running after its worker died, and the parent-death signal that ends a host outside a container
+cannot reach across the engine.
+
+``recycle`` asks the worker to replace this host before the next shard: the task left threads
+running, which would otherwise outlive its attempt inside this process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import select
+import sys
+import threading
+import traceback
+from pathlib import Path
+from typing import Any
+
+from worker.executors import reaper
+from worker.executors.zygote import load_task
+from worker.taskapi import TaskShard
+
+
+def _fresh_streams() -> tuple[io.TextIOWrapper, io.TextIOWrapper]:
+    out = io.TextIOWrapper(
+        io.FileIO(1, "w", closefd=False),
+        encoding="utf-8",
+        errors="backslashreplace",
+        line_buffering=True,
+    )
+    err = io.TextIOWrapper(
+        io.FileIO(2, "w", closefd=False),
+        encoding="utf-8",
+        errors="backslashreplace",
+        line_buffering=True,
+    )
+    return out, err
+
+
+def _flush(stream: Any) -> None:
+    with contextlib.suppress(Exception):  # closed or replaced by the task: its own business
+        stream.flush()
+
+
+def run_one(run: Any, request: dict[str, Any], saved: tuple[int, int]) -> dict[str, Any]:
+    """Run one shard in this process; the reply (exit code, the error's last line)."""
+    fd = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    sys.stdout, sys.stderr = _fresh_streams()
+    os.environ.update(request["env"])
+    if os.getcwd() != request["cwd"]:
+        os.chdir(request["cwd"])
+    threads_before = threading.active_count()
+    code, reason = 0, None
+    try:
+        run(TaskShard.from_env())
+    except SystemExit as exc:
+        value = exc.code
+        code = value if isinstance(value, int) else (0 if value is None else 1)
+        if code:
+            reason = f"SystemExit: {value}"
+    except BaseException as exc:
+        code = 1
+        with contextlib.suppress(Exception):  # to fd 2: the task may have closed sys.stderr
+            traceback.print_exc(file=_StderrFd())
+        # The two-argument form: Python 3.9 (an image's interpreter) has no other.
+        lines = traceback.format_exception_only(type(exc), exc)
+        reason = "".join(lines).strip().splitlines()[-1]
+    _flush(sys.stdout)
+    _flush(sys.stderr)
+    reaper.kill_descendants(os.getpid())
+    os.dup2(saved[0], 1)
+    os.dup2(saved[1], 2)
+    sys.stdout, sys.stderr = _fresh_streams()
+    recycle = threading.active_count() > threads_before
+    return {"id": request["id"], "exit": code, "reason": reason, "recycle": recycle}
+
+
+class _StderrFd(io.TextIOBase):
+    """Writes straight to fd 2 (the attempt's log), whatever the task did to ``sys.stderr``."""
+
+    def write(self, text: str) -> int:
+        data = text.encode("utf-8", "backslashreplace")
+        os.write(2, data)
+        return len(text)
+
+
+def _end_on_hangup(fd: int) -> None:
+    """Wait until every writer of ``fd`` (a pipe) closed it, then end this host and what it
+    started at once: the worker that would have read the replies is gone."""
+    poller = select.poll()
+    poller.register(fd, select.POLLHUP)
+    while not any(event & (select.POLLHUP | select.POLLERR) for _, event in poller.poll()):
+        pass
+    reaper.kill_descendants(os.getpid())
+    os._exit(1)
+
+
+def serve(task_dir: Path | None, *, hangup: bool = False) -> None:
+    """Serve shards of ``task_dir``; with None (a spare host, started before any shard was
+    received) the first line names the task: {"task": DIR, "path": [...], "env": {...}}.
+    With ``hangup``, end at once when the requests' writer is gone (see the module's notes)."""
+    reaper.die_with_parent()
+    reaper.become_subreaper()
+    replies = os.fdopen(os.dup(1), "w", encoding="utf-8")
+    requests = os.fdopen(os.dup(0), "r", encoding="utf-8")
+    if hangup:
+        watch = threading.Thread(
+            target=_end_on_hangup, args=(requests.fileno(),), name="hangup", daemon=True
+        )
+        watch.start()
+    if task_dir is None:
+        first = requests.readline()
+        if not first:
+            return
+        load = json.loads(first)
+        os.environ.update(load["env"])
+        sys.path[0:0] = load["path"]
+        os.chdir(load["task"])
+        task_dir = Path(load["task"])
+    # Keep the task's own prints (at import and later) out of the reply channel.
+    null = os.open(os.devnull, os.O_RDWR)
+    os.dup2(null, 0)
+    os.dup2(2, 1)
+    os.close(null)
+    sys.stdout, sys.stderr = _fresh_streams()
+
+    def reply(obj: dict[str, Any]) -> None:
+        replies.write(json.dumps(obj) + "\n")
+        replies.flush()
+
+    try:
+        run = load_task(task_dir).run
+    except BaseException as exc:
+        reply({"ready": False, "error": f"{type(exc).__name__}: {exc}"})
+        return
+    reply({"ready": True})
+    saved = (os.dup(1), os.dup(2))
+    for line in requests:
+        reply(run_one(run, json.loads(line), saved))
+
+
+if __name__ == "__main__":
+    args = sys.argv[1:]
+    watch_hangup = args[:1] == ["--hangup"]
+    target = args[-1]
+    serve(None if target == "--spare" else Path(target), hangup=watch_hangup)

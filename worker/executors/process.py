@@ -1,0 +1,525 @@
+"""Starts task attempts and guarantees that nothing of an attempt outlives it.
+
+- ``task.py`` runs in a **warm host** per worker slot (:mod:`worker.executors.host`): imported once,
+then
+  shard after shard in the same process, as ``multiprocessing.Pool`` does. A crash kills only
+  that host and fails only its attempt; the next shard gets a fresh host.
+- With ``isolate`` (``--isolate``, or ``CFLOW_ISOLATE=1``) each shard runs in a child forked from
+  a per-bundle zygote (:mod:`worker.executors.zygote`) instead: a task that leaks state between
+  shards cannot leak it, at the cost of a fork per shard.
+- ``task.sh`` runs under bash in its own session, and dies with its worker.
+
+Every attempt carries a token in its environment (:mod:`worker.executors.reaper`); when an attempt
+ends, however it ends, its process group is killed and so is every orphan that carries its token.
+The worker only sees a :class:`RunningTask`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import IO, Any
+
+import worker
+from worker.bundle import SHELL_ENTRY, UnpackedBundle
+from worker.executors import reaper
+from worker.protocol import Entry
+from worker.taskapi import TaskShard
+
+_WORKER_PATH = str(Path(worker.__file__).resolve().parent.parent)
+
+
+class _Processes:
+    """This worker's own children and its running attempts, for the orphan sweep."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.known: set[int] = set()
+        self.live: set[str] = set()
+
+    def spawn(self, argv: list[str], token: str | None, **kwargs: Any) -> subprocess.Popen[bytes]:
+        # The worker agent makes its process a subreaper (Agent.run), so orphans come back to it.
+        with self.lock:  # a child is registered before any sweep can see it
+            proc = subprocess.Popen(argv, **kwargs)
+            self.known.add(proc.pid)
+            if token is not None:
+                self.live.add(token)
+            return proc
+
+    def forget(self, pid: int) -> None:
+        with self.lock:
+            self.known.discard(pid)
+
+    def ended(self, token: str, group: int | None = None) -> None:
+        """The attempt is over: kill the orphans it left (and any other ended attempt's), and
+        reap what died of its process ``group``."""
+        with self.lock:
+            self.live.discard(token)
+            reaper.sweep_orphans(
+                os.getpid(),
+                live_tokens=self.live,
+                known=self.known,
+                groups=() if group is None else (group,),
+            )
+
+    def begin(self, token: str) -> None:
+        with self.lock:
+            self.live.add(token)
+
+    def discard(self, token: str) -> None:
+        """The attempt ended with nothing left to sweep (its host killed its own leftovers)."""
+        with self.lock:
+            self.live.discard(token)
+
+
+PROCESSES = _Processes()
+
+
+class RunningTask(ABC):
+    """One attempt's process (group)."""
+
+    pid: int | None = None
+    token: str = ""
+    reason: str | None = None  # the task's own account of a failure (a Python exception's line)
+
+    @abstractmethod
+    def wait(self, timeout: float | None) -> int | None:
+        """The exit code (negative: killed by that signal), or None if still running."""
+
+    def signal(self, sig: int) -> None:
+        if self.pid is None:
+            return
+        try:
+            os.killpg(self.pid, sig)
+        except ProcessLookupError:
+            pass
+        except PermissionError:  # the group is not ours yet (setsid pending): the leader alone
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, sig)
+
+    def stop(self, grace: float) -> int | None:
+        """SIGTERM the group, SIGKILL it after ``grace`` seconds; the exit code."""
+        self.signal(signal.SIGTERM)
+        code = self.wait(grace)
+        if code is None:
+            self.signal(signal.SIGKILL)
+            code = self.wait(10.0)
+        return code
+
+
+def wait_process(proc: subprocess.Popen[bytes], timeout: float | None) -> int | None:
+    """The process's exit code, or None if it still runs after ``timeout`` seconds. Blocks on
+    a pidfd rather than Popen's sleep-polling, so short tasks end promptly."""
+    if timeout is not None and proc.returncode is None:
+        fd = os.pidfd_open(proc.pid)
+        try:
+            select.select([fd], [], [], timeout)
+        finally:
+            os.close(fd)
+    try:
+        return proc.wait(0 if timeout is not None else None)
+    except subprocess.TimeoutExpired:
+        return None
+
+
+def _pdeathsig() -> None:  # runs in the child between fork and exec
+    reaper.die_with_parent()
+
+
+class _ShellTask(RunningTask):
+    def __init__(self, proc: subprocess.Popen[bytes], token: str):
+        self._proc = proc
+        self.pid = proc.pid
+        self.token = token
+        self._ended = False
+
+    def wait(self, timeout: float | None) -> int | None:
+        code = wait_process(self._proc, timeout)
+        if code is None:
+            return None
+        self._end()
+        return code
+
+    def _end(self) -> None:
+        if self._ended:
+            return
+        self._ended = True
+        assert self.pid is not None
+        reaper.kill_group(self.pid)  # what it left in its group
+        PROCESSES.forget(self.pid)
+        PROCESSES.ended(self.token, self.pid)  # and what escaped the group
+
+
+class _Spares:
+    """Task hosts started before the worker knows its task: a Python interpreter's start is
+    most of the wait for a run's first shard, and it can happen while the worker waits."""
+
+    def __init__(self) -> None:
+        self._procs: list[subprocess.Popen[bytes]] = []
+        self._lock = threading.Lock()
+
+    def start(self, count: int) -> None:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (_WORKER_PATH, env.get("PYTHONPATH")) if p)
+        env["PYTHONUNBUFFERED"] = "1"
+        with self._lock:
+            while len(self._procs) < count:
+                self._procs.append(_spawn_host(["--spare"], env, None))
+
+    def take(self) -> subprocess.Popen[bytes] | None:
+        with self._lock:
+            while self._procs:
+                proc = self._procs.pop()
+                if proc.poll() is None:
+                    return proc
+            return None
+
+    def begin_close(self) -> None:
+        """Tell every spare to exit (its input ends); :meth:`close` waits for them."""
+        with self._lock:
+            procs = list(self._procs)
+        for proc in procs:
+            assert proc.stdin is not None
+            with contextlib.suppress(OSError):
+                proc.stdin.close()  # a spare that was never given a task exits at once
+
+    def close(self) -> None:
+        self.begin_close()  # all told first, so they exit side by side
+        with self._lock:
+            procs, self._procs = self._procs, []
+        for proc in procs:
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            PROCESSES.forget(proc.pid)
+
+
+def _spawn_host(args: list[str], env: dict[str, str], cwd: Path | None) -> subprocess.Popen[bytes]:
+    return PROCESSES.spawn(
+        [sys.executable, "-m", "worker.executors.host", *args],
+        None,
+        cwd=cwd,
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        start_new_session=True,
+    )
+
+
+SPARE_HOSTS = _Spares()
+
+
+def _start_host(bundle: UnpackedBundle, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """A host process for ``bundle``: a spare told its task, else a new one."""
+    spare = SPARE_HOSTS.take()
+    if spare is not None:
+        load = {
+            "task": str(bundle.root),
+            "path": bundle.python_path().split(os.pathsep),
+            "env": env,
+        }
+        assert spare.stdin is not None
+        try:
+            spare.stdin.write(json.dumps(load).encode() + b"\n")
+            spare.stdin.flush()
+            return spare
+        except OSError:
+            pass
+    return _spawn_host([str(bundle.root)], env, bundle.root)
+
+
+class Host:
+    """A warm task host process (see :mod:`worker.executors.host`) owned by one slot, talking on the
+    pipes of ``proc`` (the host itself, or the engine client of a warm container)."""
+
+    def __init__(self, proc: subprocess.Popen[bytes]):
+        self.proc = proc
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self._stdin: IO[bytes] = self.proc.stdin
+        self._stdout: IO[bytes] = self.proc.stdout
+        self.requests = 0
+        self.recycle = False
+        self.outstanding: list[int] = []  # request ids sent and not yet answered, in order
+        self.replies: dict[int, dict[str, Any]] = {}
+        self.dead_code: int | None = None  # the host's exit status once it died
+        self.died_under: int | None = None  # the request it was running then
+        self._fd = self._stdout.fileno()
+        self._buffer = b""  # replies are read unbuffered: select() must see what is pending
+        first = self._line(None)
+        try:
+            hello = json.loads(first) if first else {}
+        except ValueError:
+            hello = {}
+        self.ready = bool(hello.get("ready"))
+        self.error = hello.get("error")
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None and not self.recycle
+
+    def send(self, request: dict[str, Any]) -> bool:
+        self.outstanding.append(request["id"])
+        try:
+            self._stdin.write(json.dumps(request).encode() + b"\n")
+            self._stdin.flush()
+            return True
+        except (BrokenPipeError, ValueError, OSError):
+            return False
+
+    def _line(self, timeout: float | None) -> bytes | None:
+        """One reply line; b"" once the host closed its end, None when ``timeout`` passed."""
+        while b"\n" not in self._buffer:
+            if timeout is not None:
+                ready, _, _ = select.select([self._fd], [], [], max(timeout, 0))
+                if not ready:
+                    return None
+            chunk = os.read(self._fd, 65536)
+            if not chunk:
+                return b""
+            self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        return line
+
+    def read(self, timeout: float | None) -> bool:
+        """Take the next reply into :attr:`replies`; False when nothing came in ``timeout``.
+        When the host died, :attr:`dead_code` is set."""
+        if self.dead_code is not None:
+            return True
+        line = self._line(timeout)
+        if line is None:
+            return False
+        if not line:
+            self._died()
+            return True
+        reply: dict[str, Any] = json.loads(line)
+        self.replies[reply["id"]] = reply
+        with contextlib.suppress(ValueError):
+            self.outstanding.remove(reply["id"])
+        return True
+
+    def _died(self) -> None:
+        try:
+            code = self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            reaper.kill_group(self.proc.pid)
+            code = self.proc.wait()
+        reaper.kill_group(self.proc.pid)
+        PROCESSES.forget(self.proc.pid)
+        self.dead_code = self.exit_code(code)
+        self.died_under = self.outstanding[0] if self.outstanding else None  # what it ran
+        self.recycle = True
+
+    def exit_code(self, code: int) -> int:
+        """What a shard that died with this host reports for the host's exit status."""
+        return code if code != 0 else 1  # a host never exits 0 with shards queued
+
+    def begin_close(self) -> None:
+        """Tell the host to exit once its queued shards are done (its input ends)."""
+        with contextlib.suppress(OSError):
+            self._stdin.close()
+
+    def close(self) -> None:
+        self.begin_close()
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            reaper.kill_group(self.proc.pid)
+            self.proc.wait()
+        reaper.kill_group(self.proc.pid)
+        PROCESSES.forget(self.proc.pid)
+        # Read what the host said before it ended, and mark it dead, before its pipe closes:
+        # a shard still waiting on this host (a crash seen first by a poll, then a new host
+        # started) must not wait on a closed descriptor whose number a new pipe reuses.
+        for _ in range(50):
+            if self.dead_code is not None or not self.read(0.1):
+                break
+        if self.dead_code is None:  # something else holds the pipe open: dead all the same
+            self.dead_code = self.exit_code(self.proc.returncode or 0)
+            self.died_under = self.outstanding[0] if self.outstanding else None
+            self.recycle = True
+        with contextlib.suppress(OSError):
+            self._stdout.close()
+
+
+class HostTask(RunningTask):
+    """One shard sent to a warm host; several may be queued on one host (short shards)."""
+
+    def __init__(self, host: Host, request_id: int, token: str, log_path: Path):
+        self._host = host
+        self._id = request_id
+        self.pid = host.proc.pid
+        self.token = token
+        self._log_path = log_path
+        self._code: int | None = None
+        self.not_started = False  # the host died before it reached this shard
+
+    def wait(self, timeout: float | None) -> int | None:
+        if self._code is not None:
+            return self._code
+        host = self._host
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._id not in host.replies and host.dead_code is None:
+            left = None if deadline is None else max(deadline - time.monotonic(), 0)
+            if not host.read(left) and (deadline is None or time.monotonic() >= deadline):
+                return None
+        reply = host.replies.pop(self._id, None)
+        if reply is not None:
+            self._code = int(reply["exit"])
+            self.reason = reply.get("reason")
+            host.recycle = host.recycle or bool(reply.get("recycle"))
+            PROCESSES.discard(self.token)  # the host killed its own leftovers
+            return self._code
+        # The host died: under this shard (os._exit, a crash, our own kill), or before it.
+        assert host.dead_code is not None
+        self.not_started = host.died_under != self._id
+        with contextlib.suppress(ValueError):
+            host.outstanding.remove(self._id)
+        PROCESSES.ended(self.token, host.proc.pid)
+        self._code = host.dead_code
+        if not self.not_started and self._code >= 0:
+            with contextlib.suppress(OSError), self._log_path.open("a") as log:
+                log.write(f"cflow: the task's process exited with code {self._code} mid-shard\n")
+        return self._code
+
+
+class Executor:
+    """Starts attempts of one unpacked bundle; ``slot`` picks the warm host to use."""
+
+    def __init__(self, bundle: UnpackedBundle, entry: Entry, *, isolate: bool | None = None):
+        self.bundle = bundle
+        self.entry = entry
+        if isolate is None:
+            isolate = os.environ.get("CFLOW_ISOLATE", "0") == "1"
+        self.isolate = isolate
+        self._hosts: dict[int, Host] = {}
+        self._cold = False  # the task does not import: a fresh interpreter per shard shows why
+        self._zygote: Any = None
+        self._lock = threading.Lock()
+
+    def _base_env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        paths = [self.bundle.python_path(), _WORKER_PATH]
+        if env.get("PYTHONPATH"):
+            paths.append(env["PYTHONPATH"])
+        env["PYTHONPATH"] = os.pathsep.join(paths)
+        env["PYTHONUNBUFFERED"] = "1"
+        return env
+
+    def start(self, shard: TaskShard, log_path: Path, *, slot: int = 0) -> RunningTask:
+        """Start one attempt; ``log_path``'s folder must exist. Creates the output folder."""
+        shard.output_dir.mkdir(parents=True, exist_ok=True)
+        token = secrets.token_hex(8)
+        env = {**shard.env(), reaper.TOKEN_VAR: token}
+        if self.entry is Entry.SHELL:
+            return self._start_shell(env, log_path, token)
+        if self.isolate:
+            return self._start_isolated(env, log_path, token)
+        host = self._host(slot)
+        if host is None:
+            return self._start_cold(env, log_path, token)
+        PROCESSES.begin(token)
+        request_id = host.requests
+        request = {"id": request_id, "log": str(log_path), "cwd": str(self.bundle.root)}
+        request["env"] = env
+        host.requests += 1
+        if not host.send(request):
+            host.recycle = True
+        return HostTask(host, request_id, token, log_path)
+
+    @property
+    def queues(self) -> bool:
+        """Several shards may be started at once on one slot: they queue in its warm host."""
+        return self.entry is Entry.PYTHON and not self.isolate and not self._cold
+
+    def _host(self, slot: int) -> Host | None:
+        if self._cold:
+            return None
+        host = self._hosts.get(slot)
+        if host is not None and host.alive:
+            return host
+        if host is not None:
+            host.close()
+        host = Host(_start_host(self.bundle, self._base_env()))
+        if not host.ready:
+            host.close()
+            self._hosts.pop(slot, None)
+            self._cold = True
+            return None
+        self._hosts[slot] = host
+        return host
+
+    def _start_shell(self, env: dict[str, str], log_path: Path, token: str) -> RunningTask:
+        with log_path.open("ab") as log:
+            proc = PROCESSES.spawn(
+                ["bash", str(self.bundle.root / SHELL_ENTRY)],
+                token,
+                cwd=self.bundle.root,
+                env={**self._base_env(), **env},
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=_pdeathsig,  # bash dies with its worker
+            )
+        return _ShellTask(proc, token)
+
+    def _start_cold(self, env: dict[str, str], log_path: Path, token: str) -> RunningTask:
+        argv = [sys.executable, "-m", "worker.executors.zygote", "--once", str(self.bundle.root)]
+        with log_path.open("ab") as log:
+            proc = PROCESSES.spawn(
+                argv,
+                token,
+                cwd=self.bundle.root,
+                env={**self._base_env(), **env},
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=_pdeathsig,
+            )
+        return _ShellTask(proc, token)
+
+    def _start_isolated(self, env: dict[str, str], log_path: Path, token: str) -> RunningTask:
+        from worker.executors.zygote_client import Zygote
+
+        with self._lock:
+            if self._zygote is not None and not self._zygote.alive:
+                self._zygote.close()
+                self._zygote = None
+            if self._zygote is None:
+                zygote = Zygote(self.bundle, self._base_env())
+                if not zygote.ready:
+                    zygote.close()
+                    self._cold = True
+                    return self._start_cold(env, log_path, token)
+                self._zygote = zygote
+            zygote = self._zygote
+        PROCESSES.begin(token)
+        task: RunningTask = zygote.start(env, log_path, self.bundle.root, token)
+        return task
+
+    def begin_close(self) -> None:
+        """Tell every warm host to exit once its shards are done; :meth:`close` waits."""
+        for host in self._hosts.values():
+            host.begin_close()
+
+    def close(self) -> None:
+        self.begin_close()  # every host winds down at once, then each is waited for
+        for host in self._hosts.values():
+            host.close()
+        self._hosts.clear()
+        if self._zygote is not None:
+            self._zygote.close()
+            self._zygote = None

@@ -1,0 +1,177 @@
+"""Runs a Python task's ``run(shard)`` in a process of its own per shard (``--isolate``).
+
+The default is the warm host (:mod:`worker.executors.host`), which reuses one process per slot.
+``python -m worker.executors.zygote TASK_DIR`` imports ``task.py`` once, then forks one child per
+request: the child starts its own session (so the worker can kill the task's whole process group),
+sends its output to the attempt's log, calls ``run(shard)`` and exits 0, or 1 with the traceback in
+the log. A crash in the task kills only that child. The zygote itself is single-threaded so forking
+is safe, and it dies with its worker.
+
+Wire format on stdin/stdout, one JSON object per line:
+  request  {"id": N, "log": PATH, "cwd": PATH, "env": {...}}   (the shard comes from env)
+  replies  {"ready": true} | {"ready": false, "error": "..."} once at start,
+           {"id": N, "pid": PID} when forked, {"id": N, "exit": CODE} when it ended
+           (CODE is negative for a signal, as with subprocess).
+
+``python -m worker.executors.zygote --combine TASK_DIR OUT LISTING`` calls the task's
+``combine(paths, out)`` with the paths listed one per line in LISTING.
+
+``python -m worker.executors.zygote --once TASK_DIR`` runs one shard from the environment in this
+process: the fallback when the task does not import (each attempt's log then shows why).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import importlib.util
+import json
+import os
+import selectors
+import signal
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from worker.executors import reaper
+from worker.taskapi import TaskShard
+
+
+def load_task(task_dir: Path) -> ModuleType:
+    sys.path.insert(0, str(task_dir))
+    spec = importlib.util.spec_from_file_location("task", task_dir / "task.py")
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {task_dir / 'task.py'}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["task"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _call(run: Callable[[TaskShard], Any]) -> int:
+    """Run one shard in this process; the exit code the task earned."""
+    try:
+        shard = TaskShard.from_env()
+        run(shard)
+        return 0
+    except SystemExit as exc:
+        code = exc.code
+        return code if isinstance(code, int) else (0 if code is None else 1)
+    except BaseException:
+        with contextlib.suppress(Exception):  # to fd 2: the task may have closed sys.stderr
+            os.write(2, traceback.format_exc().encode("utf-8", "backslashreplace"))
+        return 1
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):  # closed or replaced by the task: its business
+                stream.flush()
+
+
+def _child(request: dict[str, Any], run: Callable[[TaskShard], Any]) -> None:
+    os.setsid()
+    reaper.die_with_parent()
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    fd = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    os.environ.update(request["env"])
+    os.chdir(request["cwd"])
+    code = _call(run)
+    os._exit(code)
+
+
+def _exit_code(status: int) -> int:
+    return os.waitstatus_to_exitcode(status)
+
+
+def serve(task_dir: Path) -> None:
+    reaper.die_with_parent()
+    reaper.become_subreaper()  # what a shard's child leaves is reparented here, and killed
+    out = sys.stdout
+    # Keep the task's import-time prints out of the reply channel.
+    sys.stdout = sys.stderr
+
+    def reply(obj: dict[str, Any]) -> None:
+        out.write(json.dumps(obj) + "\n")
+        out.flush()
+
+    try:
+        module = load_task(task_dir)
+        run = module.run
+    except BaseException as exc:
+        reply({"ready": False, "error": f"{type(exc).__name__}: {exc}"})
+        return
+    reply({"ready": True})
+    gc.freeze()  # keep the collector from touching (and so copying) the imported objects per fork
+
+    sel = selectors.DefaultSelector()
+    stdin = sys.stdin.buffer
+    sel.register(stdin.fileno(), selectors.EVENT_READ, None)
+    children: dict[int, tuple[int, int, str]] = {}  # pidfd -> (pid, request id, token)
+    pending = b""
+    open_input = True
+    while open_input or children:
+        for key, _ in sel.select():
+            if key.data is None:
+                chunk = os.read(stdin.fileno(), 65536)
+                if not chunk:
+                    open_input = False
+                    sel.unregister(stdin.fileno())
+                    for pid, _, _ in children.values():
+                        _killpg(pid)
+                    continue
+                pending += chunk
+                while b"\n" in pending:
+                    line, pending = pending.split(b"\n", 1)
+                    request = json.loads(line)
+                    sys.stderr.flush()
+                    pid = os.fork()
+                    if pid == 0:
+                        _child(request, run)
+                    pidfd = os.pidfd_open(pid)
+                    token = request["env"].get(reaper.TOKEN_VAR, "")
+                    children[pidfd] = (pid, request["id"], token)
+                    sel.register(pidfd, selectors.EVENT_READ, pidfd)
+                    reply({"id": request["id"], "pid": pid})
+            else:
+                pidfd = key.data
+                pid, request_id, _ = children.pop(pidfd)
+                sel.unregister(pidfd)
+                os.close(pidfd)
+                _, status = os.waitpid(pid, 0)
+                _killpg(pid)  # what the shard left in its group, then what escaped it
+                reaper.sweep_orphans(
+                    os.getpid(),
+                    live_tokens={token for _, _, token in children.values()},
+                    known={p for p, _, _ in children.values()},
+                )
+                reply({"id": request_id, "exit": _exit_code(status)})
+
+
+def _killpg(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+def main(argv: list[str]) -> None:
+    if argv[:1] == ["--combine"]:
+        task_dir, out, listing = (Path(a) for a in argv[1:4])
+        paths = [Path(line) for line in listing.read_text().splitlines() if line]
+        load_task(task_dir).combine(paths, out)
+        return
+    if argv[:1] == ["--once"]:
+        run = load_task(Path(argv[1])).run
+        sys.exit(_call(run))
+    serve(Path(argv[0]))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
