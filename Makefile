@@ -42,6 +42,8 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+	set -o pipefail; $(VENV)/bin/lint-imports --no-cache | sed -n '/^Contracts: /,$$p'
+	$(VENV)/bin/lychee --offline --include-fragments --no-progress README.md docs/*.md bench/README.md
 
 # Most tests wait on processes and emulators, not the CPU: three at a time (tests/conftest.py).
 TEST_PROCESSES ?= 3

@@ -23,7 +23,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from runner.results.combine import OutTarget, combine_run
+from runner.backends.gcp.combine import BucketCombiner
+from runner.results.combine import combine_run
+from runner.results.parts import OutTarget
 from tests import emulators
 from tests.gcp.conftest import worker_env, worker_spawner
 from tests.gcp.fake_compute import FakeCompute
@@ -70,7 +72,7 @@ def main() -> None:
             with tempfile.TemporaryDirectory() as tmp:
                 target = OutTarget(path=Path(tmp)) if out else None
                 started = time.perf_counter()
-                result = combine_run(store, m, out=target)
+                result = combine_run(store, m, out=target, combiner=BucketCombiner())
                 took = time.perf_counter() - started
                 size = sum(int(store.checksums(k)[k][0]) for k in result.files)
             t = result.traffic

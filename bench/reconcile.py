@@ -191,7 +191,7 @@ def measure(store: Store, queue: WorkQueue, events: EventBus, run_id: str, k: in
         "keys_per_reconcile": statistics.median(keys),
         "first_ms": 1000 * first,
         "full_ms": 1000 * full,
-        "succeeded": len(watcher.succeeded),
+        "succeeded": len(watcher.view.succeeded),
     }
 
 

@@ -59,7 +59,32 @@ class Identity(Construct):
             description="Pulls shards, writes their results, removes its own idle VM.",
         )
         member = self.service_account.member
+        self._grant_objects(member, bucket=bucket, input_buckets=input_buckets)
+        self._grant_messaging(
+            member,
+            work_topic=work_topic,
+            work_subscription=work_subscription,
+            events_topic=events_topic,
+        )
+        # Log writing has no narrower scope than the project.
+        ProjectIamMember(
+            self,
+            "writes_logs",
+            project=project,
+            role="roles/logging.logWriter",
+            member=member,
+        )
+        self._grant_leaving(
+            member,
+            project=project,
+            name_prefix=name_prefix,
+            instance_name_prefix=instance_name_prefix,
+        )
 
+    def _grant_objects(
+        self, member: str, *, bucket: StorageBucket, input_buckets: list[str]
+    ) -> None:
+        """Read and write the deployment's bucket; read the declared input buckets."""
         StorageBucketIamMember(
             self,
             "bucket_objects",
@@ -76,6 +101,16 @@ class Identity(Construct):
             role="roles/storage.objectViewer",
             member=member,
         )
+
+    def _grant_messaging(
+        self,
+        member: str,
+        *,
+        work_topic: PubsubTopic,
+        work_subscription: PubsubSubscription,
+        events_topic: PubsubTopic,
+    ) -> None:
+        """Pull and requeue work; publish events."""
         PubsubSubscriptionIamMember(
             self,
             "pulls_work",
@@ -106,15 +141,11 @@ class Identity(Construct):
             role="roles/pubsub.publisher",
             member=member,
         )
-        # Log writing has no narrower scope than the project.
-        ProjectIamMember(
-            self,
-            "writes_logs",
-            project=project,
-            role="roles/logging.logWriter",
-            member=member,
-        )
 
+    def _grant_leaving(
+        self, member: str, *, project: str, name_prefix: str, instance_name_prefix: str
+    ) -> None:
+        """The rights an idle worker needs to remove its own VM from the group."""
         # How an idle worker removes its own VM, and why the grant has the scope it has.
         #
         # IAM Conditions' resource attributes (resource.type, resource.name) are recognized only
@@ -130,10 +161,10 @@ class Identity(Construct):
         # abandon or recreate their instances. It cannot create or delete groups, instance
         # templates, images, service accounts or IAM bindings, so it cannot run anything but
         # the group templates already there, nor widen its own rights. Why that is acceptable:
-        # the VMs run only the deployer's code on the deployer's data; the README tells to deploy
-        # CFlow in a project of its own, where its group is the only one; and the alternatives
-        # either add a component to deploy and secure (a proxy function holding the right) or
-        # break the promise that no VM outlives its work once the runner is detached.
+        # the VMs run only the deployer's code on the deployer's data; docs/google-cloud.md tells to
+        # deploy CFlow in a project of its own, where its group is the only one; and the
+        # alternatives either add a component to deploy and secure (a proxy function holding the
+        # right) or break the promise that no VM outlives its work once the runner is detached.
         #
         # The instance right (which some deleteInstances paths check on the caller) keeps a
         # condition: Instance is a recognized resource type, so it is honoured and limits it to

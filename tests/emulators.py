@@ -253,7 +253,8 @@ def open_backends(d: Deployment, *, lease_seconds: float = 10.0) -> Any:
     """Backends playing both sides: the runner's publish and pulls, a worker's receives."""
     from worker.backends.base import Backends
     from worker.backends.gcp.gcs import GcsStore, make_client
-    from worker.backends.gcp.pubsub import PubSubEvents, PubSubQueue
+    from worker.backends.gcp.pubsub import PubSubQueue
+    from worker.backends.gcp.pubsub_events import PubSubEvents
 
     queue = PubSubQueue(
         project=d.project,

@@ -15,7 +15,8 @@ from types import FrameType
 
 from worker import defaults
 from worker.agent.agent import Agent, AgentConfig
-from worker.backends.base import Backends, open_local
+from worker.backends.base import Backends
+from worker.backends.local.backend import open_local
 from worker.errors import CFlowError
 
 
@@ -85,9 +86,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def open_backends(args: argparse.Namespace) -> Backends:
     if args.backend == "local":
         return open_local(args.store, lease_seconds=args.lease_seconds)
-    from worker.backends.gcp.vm import (
-        open_gcp,  # imported late: the local worker needs no cloud client
-    )
+    # imported late: the local worker needs no cloud client
+    from worker.backends.gcp.backend import open_gcp
 
     return open_gcp(
         project=args.project,
@@ -138,6 +138,7 @@ def _main(argv: list[str] | None) -> None:
         queue=backends.queue,
         store=backends.store,
         events=backends.events,
+        ledger=backends.ledger,
         config=AgentConfig(
             name=args.name,
             scratch=args.scratch,

@@ -38,3 +38,7 @@ class NotFound(CFlowError):
 
 class BackendError(CFlowError):
     """A backend (queue, store, fleet) could not do what was asked."""
+
+
+class DiskFull(BackendError):
+    """The local store's disk is full: nothing was written; free space and go on."""

@@ -14,33 +14,21 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
 from rich.console import Console
 
 from runner import config as config_mod
-from runner.backends.factory import Deployment, open_deployment
+from runner import finish
+from runner.backends.factory import open_deployment
 from runner.cli import progress
-from runner.engine import runs
-from runner.engine.halt import HaltJudge, HaltRule
+from runner.engine.deployment import Deployment
+from runner.engine.halt import HaltRule
 from runner.engine.watch import Snapshot, Watcher
-from runner.results.combine import Combined, OutTarget, combine_run
-from worker.errors import CFlowError
-from worker.protocol import (
-    AttemptState,
-    AttemptStatus,
-    Event,
-    Layout,
-    Manifest,
-    RunState,
-    ShardState,
-    is_valid_run_id,
-)
-
-if TYPE_CHECKING:
-    from runner.backends.gcp.compose import StripJob
-    from worker.queue import EventBus
+from runner.finish import Ending, Outcome
+from runner.results.parts import OutTarget
+from worker.protocol import is_valid_run_id
 
 app = typer.Typer(
     help="CFlow: run one task over many inputs on preemptible VMs, or on this machine.",
@@ -119,6 +107,7 @@ def _root(
 
 @contextmanager
 def open_dep(local: bool, store: Path | None, deployment: Path | None) -> Iterator[Deployment]:
+    """The deployment the shared options name, open for the command and closed after it."""
     cfg = config_mod.resolve(local=local, store_dir=store, deployment_file=deployment)
     dep = open_deployment(cfg)
     try:
@@ -142,93 +131,22 @@ def need_run(run_id: str, local: bool, store: Path | None, deployment: Path | No
 
 
 def fail(message: str, code: int = EXIT_ERROR) -> typer.Exit:
+    """Say what is wrong in one line; the caller raises the exit returned."""
     err.print(f"error: {message}", markup=False)
     return typer.Exit(code)
 
 
-def run_events(dep: Deployment, manifest: Manifest) -> EventBus:
-    """The run's own event stream (from a little before the run was made)."""
-    return dep.run_events(manifest.run_id, since=manifest.created_at - 5)
+def say(message: str) -> None:
+    """Narration: one line on stderr."""
+    err.print(f"cflow: {message}", markup=False)
 
 
-def make_watcher(
-    dep: Deployment,
-    manifest: Manifest,
-    *,
-    workers: int | None,
-    slots: int | None,
-    shards: int,
-    idle_timeout: float | None = None,
-) -> Watcher:
-    """A watcher sized as the run was submitted, unless told otherwise."""
-    options = manifest.run_options
-    slots = slots or options.slots
-    return Watcher(
-        manifest=manifest,
-        store=dep.backends.store,
-        queue=dep.backends.queue,
-        events=run_events(dep, manifest),
-        fleet=dep.fleet(slots=slots, idle_timeout=idle_timeout),
-        max_workers=min(workers or options.workers or dep.default_workers, shards),
-        slots=slots,
-        speculate=options.speculate,
-        expect_heartbeats=True,  # this version's workers send them during long attempts
-        quiet_poll_seconds=dep.quiet_poll_seconds,
-    )
+def live(watcher: Watcher, poll_seconds: float) -> Snapshot:
+    """Watch with the live progress display on stderr."""
+    return progress.watch_live(watcher, poll_seconds, err)
 
 
-def live_workers(dep: Deployment, run_id: str) -> tuple[set[str], dict[str, str] | None]:
-    """The fleet's instance names and the run's lease holders (None where unknown).
-
-    A shaped run's workers are VMs of its own groups (``runner.backends.gcp.shapes.apply``), not of
-    the deployment's: those are the ones listed.
-    """
-    fleets = [dep.fleet()]
-    if not dep.config.is_local:
-        from runner.backends.gcp.shapes.apply import run_group_fleets
-
-        options = runs.load_manifest(dep.backends.store, run_id).run_options
-        fleets = run_group_fleets(dep, options) or fleets
-    names: set[str] = set()
-    try:
-        for fleet in fleets:
-            names |= {i.name for i in fleet.instances()}
-    finally:
-        for fleet in fleets:
-            fleet.close()
-    return names, dep.backends.queue.leases(run_id)
-
-
-def worker_gone(dep: Deployment, run_id: str, shard_id: str, attempt: int) -> str | None:
-    """The worker of a running attempt, if it is gone (no instance of the fleet, no lease)."""
-    try:
-        status = AttemptStatus.from_json(
-            dep.backends.store.get(Layout.status(run_id, shard_id, attempt))
-        )
-    except (CFlowError, ValueError, TypeError):
-        return None
-    if status.state != AttemptState.RUNNING.value:
-        return None
-    names, leases = live_workers(dep, run_id)
-    if status.worker in names or (leases is not None and leases.get(shard_id) == status.worker):
-        return None
-    return status.worker
-
-
-def resume_publishing(dep: Deployment, manifest: Manifest) -> Manifest:
-    """Finish publishing a run whose submit was interrupted (re-sending the last unconfirmed
-    batch is harmless: the first commit wins)."""
-    if manifest.state != RunState.ACTIVE.value or not manifest.publishing:
-        return manifest
-    err.print(
-        f"cflow: run {manifest.run_id} was interrupted while publishing"
-        f" ({manifest.published} of {manifest.shard_count} shards); publishing the rest",
-        markup=False,
-    )
-    return runs.publish_rest(dep.backends.store, dep.backends.queue, manifest)
-
-
-def watch_and_finish(
+def follow_to_end(
     watcher: Watcher,
     dep: Deployment,
     *,
@@ -236,113 +154,50 @@ def watch_and_finish(
     cancel_on_interrupt: bool,
     out: OutTarget | None,
 ) -> int:
-    run_id = watcher.run_id
-    store = dep.backends.store
-    judge = HaltJudge(rule, run_id)
+    """Watch a run to its end with live progress, finish it, and say how it went: the exit code."""
+    outcome = finish.watch_and_finish(
+        watcher,
+        dep,
+        rule=rule,
+        cancel_on_interrupt=cancel_on_interrupt,
+        out=out,
+        display=live,
+        on_outcome=show_outcome,
+        say=say,
+    )
+    return exit_code(outcome)
 
-    def on_event(event: Event) -> None:
-        note = judge.saw(event)
-        if note is not None:
-            runs.cancel(store, dep.backends.queue, run_id, halted=note)
-            watcher.manifest = runs.load_manifest(store, run_id)
 
-    watcher.on_event = on_event
-    try:
-        snapshot = progress.watch_live(watcher, dep.poll_seconds, err)
-    except KeyboardInterrupt:
-        if cancel_on_interrupt:
-            runs.cancel(store, dep.backends.queue, run_id)
-            watcher.drain_fleet(force=True)
-            err.print(f"\ncflow: run {run_id} cancelled", markup=False)
-            return EXIT_FAILED
+def exit_code(outcome: Outcome) -> int:
+    """0 when every shard succeeded and was combined, or the runner detached; else 1."""
+    return EXIT_OK if outcome.ok else EXIT_FAILED
+
+
+def show_outcome(outcome: Outcome) -> None:
+    """The closing lines of a watched run on stderr."""
+    run_id = outcome.run_id
+    if outcome.ending is Ending.DETACHED:
         err.print(
             f"\ncflow: detached; run {run_id} goes on. Re-attach: `runner watch {run_id}`;"
             f" stop it: `runner cancel {run_id}`",
             markup=False,
         )
-        return EXIT_OK
-    if snapshot.cancelled:
-        watcher.drain_fleet(force=True)
-        manifest = runs.load_manifest(store, run_id)
-        if manifest.halted:
-            err.print(f"cflow: run {run_id} halted: {manifest.halted}", markup=False)
-            err.print(
-                f"  fix the task, then `runner retry {run_id} --failed --task DIR`"
-                " (or submit with --halt never)",
-                markup=False,
-            )
-        else:
-            err.print(f"cflow: run {run_id} was cancelled", markup=False)
-        return EXIT_FAILED
-    # Every shard is settled: the workers stop while the outputs are combined.
-    watcher.drain_fleet(wait=False)
-    try:
-        return _finish(watcher, dep, snapshot, out)
-    finally:
-        if not watcher.wait_drained():
-            err.print("cflow: warning: some workers are still stopping")
-
-
-def _finish(watcher: Watcher, dep: Deployment, snapshot: Snapshot, out: OutTarget | None) -> int:
-    run_id = watcher.run_id
-    store = dep.backends.store
-    manifest = runs.load_manifest(store, run_id).with_state(RunState.FINISHED)
-    runs.save_manifest(store, manifest)  # every shard is settled, whatever the combine does
-    failed = (  # read every shard's records only when some failed
-        [r for r in runs.iter_shard_reports(store, manifest) if r.state is ShardState.FAILED]
-        if snapshot.failed
-        else []
-    )
-    try:
-        combined = combine_where_data_is(dep, manifest, out=out)
-    except CFlowError as exc:
-        progress.summary(snapshot, None, [], failed, err)
+    elif outcome.interrupted:
+        err.print(f"\ncflow: run {run_id} cancelled", markup=False)
+    elif outcome.ending is Ending.HALTED:
+        say(f"run {run_id} halted: {outcome.halted}")
         err.print(
-            f"error: combining run {run_id} failed: {exc}; the shards' outputs are kept, fix"
-            f" it and run `runner combine {run_id}`",
+            f"  fix the task, then `runner retry {run_id} --failed --task DIR`"
+            " (or submit with --halt never)",
             markup=False,
         )
-        return EXIT_FAILED
-    progress.summary(
-        snapshot, (store.url(k) for k in combined.files), combined.written, failed, err
-    )
-    return EXIT_FAILED if snapshot.failed else EXIT_OK
-
-
-def combine_where_data_is(
-    dep: Deployment, manifest: Manifest, *, out: OutTarget | None, headers: bool | None = None
-) -> Combined:
-    """Combine where the data is: on Google Cloud, header-less copies of big parts are made by
-    the workers (a helper run), not through this machine."""
-    store = dep.backends.store
-    if dep.config.is_local or dep.config.bucket is None:
-        return combine_run(store, manifest, out=out, headers=headers, warn=warn)
-    from runner.backends.gcp.strip import strip_on_workers, threshold
-
-    bucket = dep.config.bucket
-
-    def strip(jobs: list[StripJob]) -> None:
-        err.print(f"cflow: copying {len(jobs)} parts without their headers on the workers")
-        strip_on_workers(
-            store,
-            dep.backends.queue,
-            lambda helper, n: make_watcher(dep, helper, workers=None, slots=None, shards=n),
-            run_id=manifest.run_id,
-            bucket=bucket,
-            jobs=jobs,
-            poll_seconds=dep.poll_seconds,
-        )
-
-    return combine_run(
-        store,
-        manifest,
-        out=out,
-        headers=headers,
-        warn=warn,
-        strip=strip,
-        strip_threshold=threshold(),
-    )
-
-
-def warn(message: str) -> None:
-    err.print(f"cflow: warning: {message}", markup=False)
+    elif outcome.ending is Ending.CANCELLED:
+        say(f"run {run_id} was cancelled")
+    elif outcome.snapshot is not None:
+        progress.summary(outcome.snapshot, outcome.files, outcome.written, outcome.failed, err)
+        if outcome.combine_error is not None:
+            err.print(
+                f"error: combining run {run_id} failed: {outcome.combine_error}; the shards'"
+                f" outputs are kept, fix it and run `runner combine {run_id}`",
+                markup=False,
+            )

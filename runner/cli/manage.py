@@ -12,28 +12,30 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from runner import config as config_mod
-from runner.backends.factory import Deployment
 from runner.cli import progress
 from runner.cli.common import (
     EXIT_ERROR,
     EXIT_FAILED,
+    EXIT_OK,
     DeploymentOpt,
     JsonOpt,
     LocalOpt,
     RunArg,
     StoreOpt,
     app,
-    combine_where_data_is,
     err,
-    live_workers,
     need_run,
     open_dep,
     out,
+    say,
     store_exists,
-    worker_gone,
 )
 from runner.engine import runs
-from runner.results.combine import check_out
+from runner.engine.deployment import Check, Deployment
+from runner.engine.listing import scan_runs, shown_state
+from runner.engine.reports import flag_lost, iter_shard_reports
+from runner.finish import combine_where_data_is, live_workers, worker_gone
+from runner.results.parts import check_out
 from worker import defaults
 from worker.errors import CFlowError, NotFound
 from worker.protocol import Manifest, RunState, ShardState
@@ -60,9 +62,7 @@ def status(
     with open_dep(local, store, deployment) as dep:
         st = dep.backends.store
         manifest = runs.load_manifest(st, run_id)
-        reports = runs.flag_lost(
-            runs.iter_shard_reports(st, manifest), lambda: live_workers(dep, run_id)
-        )
+        reports = flag_lost(iter_shard_reports(st, manifest), lambda: live_workers(dep, run_id))
         if wanted:
             reports = (r for r in reports if r.state in wanted)
         if as_json:
@@ -105,7 +105,7 @@ def logs(
     """Print a shard's log (without --shard: where each shard's latest log is)."""
     need_run(run_id, local, store, deployment)
     with open_dep(local, store, deployment) as dep:
-        from runner.observe.logs import print_log, where_logs
+        from runner.observe.logs import LogEnd, read_log, where_logs
 
         st = dep.backends.store
         if worker is not None:
@@ -117,16 +117,22 @@ def logs(
             for line in where_logs(st, manifest):
                 sys.stdout.write(line + "\n")
             return
-        code = print_log(
+        end = read_log(
             st,
             manifest,
             shard,
             attempt=attempt,
             follow=follow,
-            err=err,
+            write=_write_out,
+            say=say,
             gone=lambda shard_id, number: worker_gone(dep, run_id, shard_id, number),
         )
-    raise typer.Exit(code)
+    raise typer.Exit(EXIT_FAILED if end is LogEnd.NEVER_RAN else EXIT_OK)
+
+
+def _write_out(data: bytes) -> None:
+    sys.stdout.buffer.write(data)
+    sys.stdout.flush()
 
 
 @app.command()
@@ -176,7 +182,7 @@ def combine(
     with open_dep(local, store, deployment) as dep:
         st = dep.backends.store
         manifest = runs.load_manifest(st, run_id)
-        result = combine_where_data_is(dep, manifest, out=target, headers=headers)
+        result = combine_where_data_is(dep, manifest, out=target, headers=headers, say=say)
     for where in result.written or [st.url(k) for k in result.files]:
         out.print(where, markup=False)
     if not result.files:
@@ -216,7 +222,7 @@ def list_runs(
     broken: dict[str, str] = {}
     if store_exists(local, store, deployment):
         with open_dep(local, store, deployment) as dep:
-            listing = runs.scan_runs(dep.backends.store)
+            listing = scan_runs(dep.backends.store)
             manifests, broken = listing.manifests, listing.broken
             done = {m.run_id: len(runs.committed(dep.backends.store, m.run_id)) for m in manifests}
     for url, problem in broken.items():
@@ -232,7 +238,7 @@ def list_runs(
         return
     # A run cut off while publishing shows as such (`runner watch` finishes it).
     now = time.time()
-    shown = [dataclasses.replace(m, state=runs.shown_state(m, now)) for m in manifests]
+    shown = [dataclasses.replace(m, state=shown_state(m, now)) for m in manifests]
     out.print(progress.runs_table(shown, done), crop=False)
 
 
@@ -280,7 +286,7 @@ def prune(
         return
     with open_dep(local, store, deployment) as dep:
         st = dep.backends.store
-        old = pick(runs.list_runs(st), age, time.time())
+        old = pick(scan_runs(st).manifests, age, time.time())
         going = [m for m in old if m.state == RunState.ACTIVE.value]
         doomed = [m for m in old if m.state != RunState.ACTIVE.value]
         for m in going:
@@ -302,7 +308,7 @@ def _prune_shapes(dep: Deployment, *, dry: bool) -> None:
 
     shapes = open_shapes(dep)
     try:
-        done = cleanup_shapes(shapes, runs.list_runs(dep.backends.store), dry=dry)
+        done = cleanup_shapes(shapes, scan_runs(dep.backends.store).manifests, dry=dry)
     finally:
         shapes.close()
     verb = "would delete" if dry else "deleted"
@@ -339,7 +345,6 @@ def doctor(
         checks = local_checks(cfg)
     else:
         from runner.backends.gcp.doctor import (  # the cloud clients load only when needed
-            Check,
             run_checks,
         )
 
@@ -421,6 +426,6 @@ def _agent_log(dep: Deployment, worker: str) -> bytes:
             return path.read_bytes()
         except FileNotFoundError:
             raise NotFound(f"no log of worker {worker} at {path}") from None
-    from runner.backends.gcp.deployment import agent_log
+    from runner.backends.gcp.fleet import agent_log
 
     return agent_log(dep.backends.store, worker)  # type: ignore[arg-type]

@@ -16,7 +16,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from runner.engine.runs import ShardReport
+from runner.engine.reports import ShardReport
 from runner.engine.watch import Snapshot, Watcher
 from worker.protocol import Manifest, ShardState
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from worker.bundle import PYTHON_ENTRY, REQUIREMENTS, SHELL_ENTRY, inspect_task, read_settings
 from worker.errors import TaskError
-from worker.executors.process import _WORKER_PATH
+from worker.executors.base import WORKER_PATH
 from worker.protocol import Entry
 
 IMPORT_TIMEOUT = 20.0  # seconds the import check may take before it is given up
@@ -68,7 +68,7 @@ class ImportProbe:
         self.folder = folder
         env = {
             **os.environ,
-            "PYTHONPATH": os.pathsep.join([str(folder.resolve()), _WORKER_PATH]),
+            "PYTHONPATH": os.pathsep.join([str(folder.resolve()), WORKER_PATH]),
             "PYTHONDONTWRITEBYTECODE": "1",
         }
         self._deadline = time.monotonic() + IMPORT_TIMEOUT

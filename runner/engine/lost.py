@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from runner.engine import runs
-from worker.protocol import Layout, RunState, WorkMessage
-
-if TYPE_CHECKING:
-    from runner.engine.watch import Watcher
+from runner.engine.run_view import RunView
+from worker.clock import Clock
+from worker.protocol import Layout, Manifest, RunState, WorkMessage
+from worker.queue import WorkQueue
+from worker.store import Store
 
 log = logging.getLogger("cflow.runner")
 
@@ -42,38 +42,50 @@ class Probe:
 
 
 class LostShards:
-    """The watcher's lost-shard detector (see the module docstring)."""
+    """The lost-shard detector of one run's view (see the module docstring).
 
-    def __init__(self, watcher: Watcher):
-        self.watcher = watcher
-        self.requeued = 0  # shards put on the queue again, over the watcher's life
+    ``silence`` is how long an attempt may go unheard before its lease is taken for lapsed
+    (a lease plus a heartbeat period): the quiet rule waits that plus the longest backoff.
+    """
+
+    def __init__(
+        self, view: RunView, queue: WorkQueue, store: Store, clock: Clock, *, silence: float
+    ):
+        self.view = view
+        self.queue = queue
+        self.store = store
+        self.clock = clock
+        self.silence = silence
+        self.requeued = 0  # shards put on the queue again, over the detector's life
         self._suspects: set[str] = set()
         self._quiet_since: float | None = None
         self._ids: list[str] | None = None
 
-    def _outstanding(self) -> list[str]:
-        w = self.watcher
-        if self._ids is None:  # read once; only when a check is due
-            self._ids = [s.id for s in runs.iter_shards(w.store, w.run_id)]
-        return [s for s in self._ids if s not in w.succeeded and s not in w.failed]
+    @property
+    def run_id(self) -> str:
+        return self.view.run_id
 
-    def probe(self, leases: dict[str, str] | None) -> Probe | None:
+    def _outstanding(self) -> list[str]:
+        if self._ids is None:  # read once; only when a check is due
+            self._ids = [s.id for s in runs.iter_shards(self.store, self.run_id)]
+        return self.view.outstanding(self._ids)
+
+    def probe(self, manifest: Manifest, leases: dict[str, str] | None) -> Probe | None:
         """Look at the queue, if a check is due at all."""
-        w = self.watcher
-        m = w.manifest
-        if m.state != RunState.ACTIVE.value or m.publishing:
+        v = self.view
+        if manifest.state != RunState.ACTIVE.value or manifest.publishing:
             return None  # publishing resumes first (runs.publish_rest); cancelled: nothing
-        waiting = m.shard_count - len(w.succeeded) - len(w.failed) - len(w.running)
-        if waiting <= 0 and not w.running:
+        waiting = v.waiting(manifest.shard_count)
+        if waiting <= 0 and not v.running:
             return None
-        if waiting > LOST_CHECK_MAX and (w.running or not w.idle):
+        if waiting > LOST_CHECK_MAX and (v.running or not v.idle):
             return None  # by the events, plenty waits in the queue: no need to ask it yet
-        stats = w.queue.stats(w.run_id)
+        stats = self.queue.stats(self.run_id)
         if stats.queued is None:
             return Probe(pending=None, leases=leases)
         if stats.queued > 0:
             return None  # workers have queued work: a lost shard can wait to be found
-        return Probe(pending=w.queue.pending(w.run_id), leases=leases)
+        return Probe(pending=self.queue.pending(self.run_id), leases=leases)
 
     def check(self, probe: Probe | None) -> list[str]:
         """After the markers were read: re-enqueue the shards found lost; their ids."""
@@ -97,14 +109,13 @@ class LostShards:
         return lost
 
     def _quiet_candidates(self) -> list[str]:
-        w = self.watcher
-        now = w.clock.monotonic()
-        if w.running or not w.idle:
+        now = self.clock.monotonic()
+        if self.view.running or not self.view.idle:
             self._quiet_since = None
             return []
         if self._quiet_since is None:
             self._quiet_since = now
-        quiet = w.lease_seconds + w.heartbeat_seconds + PUBSUB_MAX_BACKOFF
+        quiet = self.silence + PUBSUB_MAX_BACKOFF
         if now - self._quiet_since < quiet:
             return []
         self._quiet_since = now  # the next batch only after another quiet period
@@ -112,27 +123,24 @@ class LostShards:
 
     def _confirm(self, candidates: list[str]) -> list[str]:
         """Read each candidate's markers: one that settled meanwhile is recorded, not lost."""
-        w = self.watcher
         out = []
         for shard_id in candidates:
-            if w.store.exists(Layout.result(w.run_id, shard_id)):
-                w.succeeded.add(shard_id)
-                w.failed.discard(shard_id)
-            elif w.store.exists(Layout.failure(w.run_id, shard_id)):
-                w.failed.add(shard_id)
+            if self.store.exists(Layout.result(self.run_id, shard_id)):
+                self.view.succeed(shard_id)
+            elif self.store.exists(Layout.failure(self.run_id, shard_id)):
+                self.view.fail(shard_id)
             else:
                 out.append(shard_id)
         return out
 
     def _requeue(self, lost: list[str]) -> None:
-        w = self.watcher
         wanted = set(lost)
-        shards = [s for s in runs.iter_shards(w.store, w.run_id) if s.id in wanted]
+        shards = [s for s in runs.iter_shards(self.store, self.run_id) if s.id in wanted]
         log.warning(
             "%d shards of run %s had no queue message, lease or marker; queued again: %s",
             len(shards),
-            w.run_id,
+            self.run_id,
             ", ".join(sorted(wanted)[:5]) + (" ..." if len(wanted) > 5 else ""),
         )
-        w.queue.publish(WorkMessage(run_id=w.run_id, shard=s.to_dict()) for s in shards)
+        self.queue.publish(WorkMessage(run_id=self.run_id, shard=s.to_dict()) for s in shards)
         self.requeued += len(shards)

@@ -12,7 +12,7 @@ import shutil
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from runner.engine import runs
+from runner.engine import listing, reports, runs
 from worker import defaults
 from worker.clock import SYSTEM_CLOCK, Clock
 from worker.errors import ConfigError, RunStateError
@@ -90,7 +90,7 @@ def remove_runs(
         if on_run is not None:
             on_run(m.run_id)
     in_use: set[str] = set()
-    for m in runs.list_runs(store):
+    for m in listing.list_runs(store):
         in_use |= bundles_of(m)
     for key in list(store.list("tasks/", suffix=".tar.gz")):
         sha = key[len("tasks/") : -len(".tar.gz")]
@@ -110,7 +110,7 @@ def _wait_stopped(store: Store, queue: WorkQueue, run_id: str, clock: Clock) -> 
             return
         if leased is None and not any(
             r.state is ShardState.RUNNING
-            for r in runs.iter_shard_reports(store, runs.load_manifest(store, run_id))
+            for r in reports.iter_shard_reports(store, runs.load_manifest(store, run_id))
             if r.attempts and r.attempts[-1].state == "running"
         ):
             return

@@ -1,7 +1,9 @@
-"""Runs as the runner sees them: create, read back, cancel, retry, and per-shard state.
+"""Runs as the runner sees them: create and publish, read back, cancel, retry.
 
-The store is the truth: a shard is succeeded when its ``result.json`` exists, failed when its
-``failed.json`` exists, and otherwise queued or running.
+The store is the truth: a run is its manifest (``run.json``) and shard list, and a shard is
+succeeded when its ``result.json`` exists, failed when its ``failed.json`` exists, and otherwise
+queued or running. Every shard with its attempts is :mod:`runner.engine.reports`; every run of a
+store, :mod:`runner.engine.listing`.
 """
 
 from __future__ import annotations
@@ -10,13 +12,9 @@ import dataclasses
 import json
 import os
 import tempfile
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import TypeVar
 
 from worker import defaults
 from worker.backends.local.store import LocalStore
@@ -24,15 +22,12 @@ from worker.bundle import inspect_task, pack
 from worker.clock import SYSTEM_CLOCK, Clock
 from worker.errors import BackendError, CFlowError, NotFound, RunNotFound, RunStateError
 from worker.protocol import (
-    AttemptStatus,
     Layout,
     Manifest,
     RunOptions,
     RunState,
     Shard,
     ShardFailure,
-    ShardResult,
-    ShardState,
     WorkMessage,
     is_valid_run_id,
     new_run_id,
@@ -40,15 +35,10 @@ from worker.protocol import (
 from worker.queue import WorkQueue
 from worker.store import Store
 
-READ_THREADS = 32  # reads of a remote store's records in flight for `status`
-READ_WINDOW = 512  # shard reports built ahead of the one being written
-
 InputStager = Callable[[str, Shard], Shard]  # (run_id, shard) -> shard with a worker-readable input
 Progress = Callable[[int], None]
 
-
 PUBLISH_PAUSE_ENV = "CFLOW_PUBLISH_PAUSE"  # test hook: seconds to pause after each batch
-PUBLISH_STALE_SECONDS = 60.0  # a publisher silent this long is taken for dead (`runner runs`)
 
 
 def create_run(
@@ -169,17 +159,6 @@ def mark_published(store: Store, manifest: Manifest, *, clock: Clock = SYSTEM_CL
     return done
 
 
-def shown_state(manifest: Manifest, now: float) -> str:
-    """A run's state as `runner runs` shows it: ``publishing`` while shards still go out,
-    ``publishing (interrupted)`` once its publisher has been silent too long."""
-    if manifest.state == RunState.ACTIVE.value and manifest.publishing:
-        last = manifest.published_at or manifest.created_at
-        if now - last > PUBLISH_STALE_SECONDS:
-            return f"publishing (interrupted at {manifest.published}/{manifest.shard_count})"
-        return f"publishing ({manifest.published}/{manifest.shard_count})"
-    return manifest.state
-
-
 def _publish(queue: WorkQueue, messages: Iterable[WorkMessage], progress: Progress | None) -> int:
     total = 0
     it = iter(messages)
@@ -250,34 +229,6 @@ def iter_shards(store: Store, run_id: str) -> Iterator[Shard]:
         yield from _read_shards(path)
 
 
-@dataclass
-class RunListing:
-    """Every run of a store: the readable manifests (oldest first) and the broken ones."""
-
-    manifests: list[Manifest] = field(default_factory=list)
-    broken: dict[str, str] = field(default_factory=dict)  # manifest URL -> what is wrong
-
-
-def scan_runs(store: Store) -> RunListing:
-    """Read every run's manifest; a broken one is reported, not skipped silently."""
-    listing = RunListing()
-    for key in store.list("runs/", suffix="/run.json"):
-        if key.count("/") != 2:
-            continue
-        try:
-            listing.manifests.append(parse_manifest(store.get(key)))
-        except NotFound:
-            continue
-        except ValueError as exc:
-            listing.broken[store.url(key)] = str(exc)
-    listing.manifests.sort(key=lambda m: m.created_at)
-    return listing
-
-
-def list_runs(store: Store) -> list[Manifest]:
-    return scan_runs(store).manifests
-
-
 def committed(store: Store, run_id: str) -> set[str]:
     """Ids of committed shards: one listing of the run, never a read per shard."""
     return _shards_with(store, run_id, "/result.json")
@@ -319,167 +270,6 @@ def marker_page(
         if parts and parts[2] == suffix[1:]:
             ids.append(parts[1])
     return ids, (last if limit is not None and seen >= limit else None)
-
-
-@dataclass
-class ShardReport:
-    id: str
-    index: int
-    input: str | None
-    state: ShardState
-    attempts: list[AttemptStatus] = field(default_factory=list)
-    result: ShardResult | None = None
-    failure: ShardFailure | None = None
-
-    @property
-    def exit_code(self) -> int | None:
-        if self.failure is not None:
-            return self.failure.exit_code
-        return self.attempts[-1].exit_code if self.attempts else None
-
-    @property
-    def duration(self) -> float | None:
-        return self.result.duration if self.result else None
-
-    def to_dict(self) -> dict[str, object]:
-        return {
-            "id": self.id,
-            "index": self.index,
-            "input": self.input,
-            "state": self.state.value,
-            # The records hold only scalars: a shallow copy is asdict() at a tenth of the cost.
-            "attempts": [dict(vars(a)) for a in self.attempts],
-            "winning_attempt": self.result.attempt if self.result else None,
-            "duration": self.duration,
-            "exit_code": self.exit_code,
-            "reason": self.reason,
-        }
-
-    @property
-    def reason(self) -> str | None:
-        """Why the shard failed, or why its latest attempt ended (None when it succeeded)."""
-        if self.failure is not None:
-            return self.failure.reason
-        if self.state is not ShardState.SUCCEEDED and self.attempts:
-            return self.attempts[-1].reason
-        return None
-
-
-def shard_reports(store: Store, run_id: str) -> list[ShardReport]:
-    """Every shard with its attempts (for `status`, not for watching)."""
-    return list(iter_shard_reports(store, load_manifest(store, run_id)))
-
-
-def iter_shard_reports(store: Store, manifest: Manifest) -> Iterator[ShardReport]:
-    """Every shard with its attempts, in shard order: one listing of the run, then the records.
-
-    A shard is succeeded with a ``result.json``, failed with a ``failed.json``, cancelled when
-    the run was cancelled before either, else running (its latest attempt is) or queued. Records
-    are read shard by shard as the reports are yielded; the winner's own claim is not read (its
-    ``result.json`` says more).
-    """
-    run_id = manifest.run_id
-    statuses: dict[str, list[int]] = {}
-    results: set[str] = set()
-    failures: set[str] = set()
-    for key in store.list(Layout.shards_prefix(run_id), suffix=".json"):
-        parts = Layout.parse_shard_key(key)
-        if parts is None:
-            continue
-        _, shard_id, rest = parts
-        if rest == "result.json":
-            results.add(shard_id)
-        elif rest == "failed.json":
-            failures.add(shard_id)
-        elif (
-            rest.startswith("attempts/") and rest.endswith("/status.json") and rest.count("/") == 2
-        ):
-            digits = rest.split("/")[1]
-            if digits.isdigit():
-                statuses.setdefault(shard_id, []).append(int(digits))
-    cancelled = manifest.state == RunState.CANCELLED.value
-
-    def build(shard: Shard) -> ShardReport:
-        won = None
-        if shard.id in results:
-            won = _read(store, Layout.result(run_id, shard.id), ShardResult)
-        failure = (
-            _read(store, Layout.failure(run_id, shard.id), ShardFailure)
-            if won is None and shard.id in failures
-            else None
-        )
-        tries = []
-        for number in sorted(statuses.pop(shard.id, [])):
-            if won is not None and number == won.attempt:
-                tries.append(_winner(won))
-            elif status := _read(store, Layout.status(run_id, shard.id, number), AttemptStatus):
-                tries.append(status)
-        if won is not None:
-            state = ShardState.SUCCEEDED
-        elif failure is not None:
-            state = ShardState.FAILED
-        elif cancelled:
-            state = ShardState.CANCELLED
-            tries = [_as_cancelled(a) for a in tries]
-        elif tries and tries[-1].state == "running":
-            state = ShardState.RUNNING
-        else:
-            state = ShardState.QUEUED
-        return ShardReport(
-            id=shard.id,
-            index=shard.index,
-            input=shard.input,
-            state=state,
-            attempts=tries,
-            result=won,
-            failure=failure,
-        )
-
-    shards = iter_shards(store, run_id)
-    if store.local_path(Layout.manifest(run_id)) is not None:
-        yield from map(build, shards)
-        return
-    # A bucket answers each read in tens of milliseconds: keep a window of them in flight.
-    with ThreadPoolExecutor(READ_THREADS, thread_name_prefix="status") as pool:
-        window: deque[Future[ShardReport]] = deque()
-        for shard in shards:
-            window.append(pool.submit(build, shard))
-            if len(window) >= READ_WINDOW:
-                yield window.popleft().result()
-        while window:
-            yield window.popleft().result()
-
-
-_R = TypeVar("_R", AttemptStatus, ShardResult, ShardFailure)
-
-
-def _read(store: Store, key: str, record: type[_R]) -> _R | None:
-    """A record, or None when it vanished or does not parse (a half-written or foreign file)."""
-    try:
-        return record.from_json(store.get(key))
-    except (NotFound, ValueError, TypeError):
-        return None
-
-
-def _winner(result: ShardResult) -> AttemptStatus:
-    return AttemptStatus(
-        run_id=result.run_id,
-        shard_id=result.shard_id,
-        attempt=result.attempt,
-        state="succeeded",
-        worker=result.worker,
-        started_at=result.started_at,
-        finished_at=result.finished_at,
-        exit_code=0,
-        bundle=result.bundle,
-    )
-
-
-def _as_cancelled(status: AttemptStatus) -> AttemptStatus:
-    """A cancelled run's attempt still marked running was stopped (or is being stopped)."""
-    if status.state != "running":
-        return status
-    return dataclasses.replace(status, state="cancelled", reason="run cancelled")
 
 
 def cancel(store: Store, queue: WorkQueue, run_id: str, *, halted: str | None = None) -> int:
@@ -560,24 +350,3 @@ def mark_dead_lettered(store: Store, message: WorkMessage) -> bool:
     )
     store.put(Layout.failure(run_id, shard_id), failure.to_json())
     return True
-
-
-def flag_lost(
-    reports: Iterable[ShardReport],
-    lookup: Callable[[], tuple[set[str], dict[str, str] | None]],
-) -> Iterator[ShardReport]:
-    """Show a running shard whose attempt's worker is gone (no instance of the fleet, no live
-    lease) as ``lost``: the watcher puts it on the queue again. ``lookup`` gives the fleet's
-    instance names and the run's lease holders; it is called once, at the first running shard.
-    """
-    found: tuple[set[str], dict[str, str] | None] | None = None
-    for r in reports:
-        if r.state is ShardState.RUNNING and r.attempts:
-            if found is None:
-                found = lookup()
-            live, leases = found
-            worker = r.attempts[-1].worker
-            held = leases is not None and leases.get(r.id) == worker
-            if worker not in live and not held:
-                r = dataclasses.replace(r, state=ShardState.LOST)
-        yield r

@@ -29,9 +29,10 @@ from runner.engine import runs
 from runner.engine.fleet import Fleet, Instance
 from runner.engine.lost import LostShards
 from runner.engine.policy import Stragglers, decide_scale
+from runner.engine.run_view import RunView
 from worker import defaults
-from worker.backends.local.db import DiskFull
 from worker.clock import SYSTEM_CLOCK, Clock
+from worker.errors import DiskFull
 from worker.protocol import Event, EventKind, Manifest, RunState, WorkMessage
 from worker.queue import EventBus, WorkQueue
 from worker.store import Store
@@ -81,6 +82,9 @@ class Snapshot:
 
 @dataclass
 class Watcher:
+    """Watches one run to its end: its view kept from events and reconciles, lost shards put
+    back on the queue, and the fleet scaled to the outstanding work at every poll."""
+
     manifest: Manifest
     store: Store
     queue: WorkQueue
@@ -104,25 +108,15 @@ class Watcher:
     # once; while nothing happens it slows down to this pace (None: always ``poll_seconds``).
     quiet_poll_seconds: float | None = None
 
-    succeeded: set[str] = field(default_factory=set)
-    failed: set[str] = field(default_factory=set)
-    running: dict[str, str] = field(default_factory=dict)  # shard -> worker
-    elsewhere: dict[tuple[str, str], str] = field(default_factory=dict)  # other runs' shards
-    idle: set[str] = field(default_factory=set)
-    stale: set[str] = field(default_factory=set)  # workers whose leases lapsed, not heard since
-    preempted: int = 0
-    retried: int = 0
-
     def __post_init__(self) -> None:
         self._started = self.clock.monotonic()
         self._last_reconcile = float("-inf")
         self._reconcile_every = self.reconcile_seconds
         self._done_times: deque[tuple[float, int]] = deque(maxlen=64)
+        self.view = RunView(self.run_id)  # the shard sets and counts, shared with self.lost
         self.stragglers = Stragglers()
-        self.lost = LostShards(self)
-        self._beats: dict[str, float] = {}  # shard -> its latest start or heartbeat
-        self._elsewhere_beats: dict[tuple[str, str], float] = {}
-        self._heartbeats = False  # workers of this deployment send heartbeats
+        silence = self.lease_seconds + self.heartbeat_seconds  # an attempt's lease has lapsed
+        self.lost = LostShards(self.view, self.queue, self.store, self.clock, silence=silence)
         self._cursors: dict[str, str | None] = {"/result.json": None, "/failed.json": None}
         self._reconciled = False  # the first reconcile is a full pass (a true first frame)
         self.heard = False  # the last poll brought events
@@ -175,14 +169,16 @@ class Watcher:
         self._last_reconcile = now
         # Leases before markers: a shard settled after this look has its marker by then.
         leases = self.queue.leases(self.run_id)
-        probe = self.lost.probe(leases)
+        probe = self.lost.probe(self.manifest, leases)
         for message in self.queue.dead_letters():  # taken off the queue: record every run's
             runs.mark_dead_lettered(self.store, message)
         self.manifest = runs.load_manifest(self.store, self.run_id)
         full = full or not self._reconciled
+        view = self.view
         if full:
-            self.succeeded = runs.committed(self.store, self.run_id)
-            self.failed = runs.failed(self.store, self.run_id) - self.succeeded
+            view.settle_all(
+                runs.committed(self.store, self.run_id), runs.failed(self.store, self.run_id)
+            )
             self._cursors = dict.fromkeys(self._cursors)
             self._reconciled = True
         else:
@@ -195,16 +191,12 @@ class Watcher:
                     limit=self.page,
                 )
                 if suffix == "/result.json":
-                    self.succeeded.update(ids)
-                    self.failed.difference_update(ids)
+                    view.succeed_all(ids)
                 else:
-                    self.failed.update(i for i in ids if i not in self.succeeded)
+                    view.fail_all(ids)
         if leases is not None:
-            self._running_from_leases(leases, now)
-        for shard_id in list(self.running):
-            if shard_id in self.succeeded or shard_id in self.failed:
-                del self.running[shard_id]
-                self._beats.pop(shard_id, None)
+            view.running_from_leases(leases, now)
+        view.drop_settled()
         self.lost.check(probe)
         took = time.perf_counter() - started
         self.reconciles += 1
@@ -212,91 +204,24 @@ class Watcher:
         if not full:
             self._reconcile_every = max(self.reconcile_seconds, 10 * took)
 
-    def _running_from_leases(self, leases: dict[str, str], now: float) -> None:
-        """The queue's lease records are the truth about what runs (the local backend)."""
-        # A lease without a holder's name (a worker that does not give it) keeps the one the
-        # events gave.
-        named = {s: w or self.running.get(s, "") for s, w in leases.items()}
-        for shard_id, worker in list(self.running.items()):
-            if shard_id not in named and worker not in named.values():
-                self.stale.add(worker)  # its lease lapsed: frozen, or hung
-        self.running = {
-            s: w for s, w in named.items() if s not in self.succeeded and s not in self.failed
-        }
-        self.stale.difference_update(self.running.values())
-        self._beats = dict.fromkeys(self.running, now)
-
     def _lapse(self, now: float) -> None:
         """Where the queue keeps no lease records (Pub/Sub): an attempt with no start or
         heartbeat within the lease period has lost its lease; its worker is stale."""
-        if not (self.expect_heartbeats or self._heartbeats):
+        if not (self.expect_heartbeats or self.view.heartbeats):
             return
-        limit = self.lease_seconds + self.heartbeat_seconds
-        for shard_id, worker in list(self.running.items()):
-            if now - self._beats.get(shard_id, now) > limit:
-                log.info("the lease of shard %s on %s lapsed", shard_id, worker)
-                del self.running[shard_id]
-                self._beats.pop(shard_id, None)
-                if worker not in self.running.values():
-                    self.stale.add(worker)
-        for key, beat in list(self._elsewhere_beats.items()):
-            if now - beat > limit:
-                self.elsewhere.pop(key, None)
-                del self._elsewhere_beats[key]
+        self.view.lapse(now, self.lease_seconds + self.heartbeat_seconds)
 
     def _apply(self, event: Event) -> None:
         if self.on_event is not None:
             self.on_event(event)
-        kind = EventKind(event.kind)
-        now = self.clock.monotonic()
-        self.stale.discard(event.worker)  # heard from: not frozen
-        if kind is EventKind.HEARTBEAT:
-            self._heartbeats = True
-        if kind is EventKind.IDLE:
-            self.idle.add(event.worker)
-            return
-        if kind is EventKind.STOPPED:
-            self.idle.discard(event.worker)
-            return
-        if event.shard_id is None:
-            return
-        if event.run_id != self.run_id:
-            # Workers are shared by every run of a deployment: one busy with another run's shard
-            # must not be scaled away by this one.
-            key = (event.run_id or "", event.shard_id)
-            if kind in (EventKind.STARTED, EventKind.HEARTBEAT):
-                self.elsewhere[key] = event.worker
-                self._elsewhere_beats[key] = now
-                self.idle.discard(event.worker)
-            else:
-                self.elsewhere.pop(key, None)
-                self._elsewhere_beats.pop(key, None)
-            return
-        shard = event.shard_id
-        if self.speculate:
-            self.stragglers.saw(kind, shard, event.worker, self.clock.monotonic())
-        if kind in (EventKind.STARTED, EventKind.HEARTBEAT):
-            if shard not in self.succeeded and shard not in self.failed:
-                self.running[shard] = event.worker
-                self._beats[shard] = now
-            self.idle.discard(event.worker)
-            return
-        self.running.pop(shard, None)
-        self._beats.pop(shard, None)
-        if kind is EventKind.SUCCEEDED:
-            self.succeeded.add(shard)
-            self.failed.discard(shard)
-        elif kind is EventKind.FAILED:
-            if shard not in self.succeeded:
-                self.failed.add(shard)
-        elif kind is EventKind.PREEMPTED:
-            self.preempted += 1
-        elif kind is EventKind.RETRYING:
-            self.retried += 1
+        shard = self.view.apply(event, self.clock.monotonic())
+        if shard is not None and self.speculate:
+            self.stragglers.saw(EventKind(event.kind), shard, event.worker, self.clock.monotonic())
 
     def snapshot(self, instances: list[Instance] | None = None) -> Snapshot:
         now = self.clock.monotonic()
-        done = len(self.succeeded) + len(self.failed)
+        view = self.view
+        done = view.settled
         self._done_times.append((now, done))
         first_t, first_done = self._done_times[0]
         rate = (done - first_done) / (now - first_t) if now > first_t else 0.0
@@ -306,20 +231,16 @@ class Watcher:
         return Snapshot(
             run_id=self.run_id,
             total=self.manifest.shard_count,
-            succeeded=len(self.succeeded),
-            failed=len(self.failed),
-            running=len(self.running),
+            succeeded=len(view.succeeded),
+            failed=len(view.failed),
+            running=len(view.running),
             workers=workers,
             rate=rate,
             elapsed=now - self._started,
-            preempted=self.preempted,
-            retried=self.retried,
+            preempted=view.preempted,
+            retried=view.retried,
             cancelled=self.manifest.state == RunState.CANCELLED.value,
         )
-
-    def busy_workers(self) -> set[str]:
-        """Workers running a shard of this run or, as far as this watcher saw, of another."""
-        return set(self.running.values()) | set(self.elsewhere.values())
 
     def scale(self, snapshot: Snapshot, instances: list[Instance] | None = None) -> None:
         assert self.fleet is not None
@@ -333,27 +254,27 @@ class Watcher:
             max_workers=self.max_workers,
             slots=self.slots,
             instances=instances,
-            idle=self.idle,
-            busy=self.busy_workers(),
-            stale=self.stale,
+            idle=self.view.idle,
+            busy=self.view.busy_workers(),
+            stale=self.view.stale,
         )
         if decision.add:
             self.fleet.grow(decision.add)
         if decision.delete:
             log.info("scaling down: deleting idle %s", ", ".join(decision.delete))
             self.fleet.delete(decision.delete)
-            self.idle.difference_update(decision.delete)
+            self.view.idle.difference_update(decision.delete)
 
     def _speculate(self, snapshot: Snapshot) -> int:
         """Once nothing is queued, publish backup attempts of stragglers (first commit wins)
         and release workers whose attempt lost; returns how many backups wait for a worker."""
-        busy = self.busy_workers()
+        busy = self.view.busy_workers()
         losers = self.stragglers.take_losers() - busy
         if losers and self.fleet is not None:
             log.info("speculation: releasing %s (their attempts lost)", ", ".join(sorted(losers)))
             self.fleet.delete(sorted(losers))
         if snapshot.queued == 0:
-            picked = set(self.stragglers.pick(self.clock.monotonic(), self.running))
+            picked = set(self.stragglers.pick(self.clock.monotonic(), self.view.running))
             if picked:
                 log.info("speculating: backup attempts of %s", ", ".join(sorted(picked)))
                 backups = [s for s in runs.iter_shards(self.store, self.run_id) if s.id in picked]
@@ -394,7 +315,7 @@ class Watcher:
         with :meth:`wait_drained`)."""
         if self.fleet is None:
             return True
-        busy = set() if force else self.busy_workers()
+        busy = set() if force else self.view.busy_workers()
         names = [i.name for i in self.fleet.instances() if i.name not in busy]
         if names:
             self.fleet.delete(names)

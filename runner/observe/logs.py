@@ -1,16 +1,17 @@
-"""``runner logs``: where each shard's log is, or one attempt's log, followed while it runs."""
+"""``runner logs``: where each shard's log is, or one attempt's log, followed while it runs.
+
+Nothing here prints: the log's bytes go to a ``write`` callback and notes on the wait to ``say``.
+"""
 
 from __future__ import annotations
 
 import json
-import sys
 import time
 from collections.abc import Callable, Iterator
-
-from rich.console import Console
+from enum import StrEnum
 
 from runner.engine import runs
-from runner.engine.runs import ShardReport
+from runner.engine.reports import ShardReport, iter_shard_reports
 from worker.errors import CFlowError, ConfigError
 from worker.protocol import Layout, Manifest, RunState
 from worker.store import Store
@@ -19,16 +20,25 @@ FOLLOW_POLL = 1.0  # seconds between reads of a followed log
 GONE_EVERY = 5  # polls between looks at whether a followed attempt's worker is gone
 
 
+class LogEnd(StrEnum):
+    """How reading a log ended."""
+
+    READ = "read"  # to its end (a followed attempt's end)
+    NEVER_RAN = "never-ran"  # the followed shard ended without running (the run was cancelled)
+    WORKER_GONE = "worker-gone"  # the followed attempt's worker is gone: the attempt was lost
+
+
 def where_logs(store: Store, manifest: Manifest) -> Iterator[str]:
     """``shard<TAB>state<TAB>log URL`` of each shard's latest attempt."""
-    for r in runs.iter_shard_reports(store, manifest):
+    for r in iter_shard_reports(store, manifest):
         if r.attempts:
             key = Layout.log(manifest.run_id, r.id, r.attempts[-1].attempt)
             yield f"{r.id}\t{r.state.value}\t{store.url(key)}"
 
 
 def find_shard(store: Store, manifest: Manifest, shard: str) -> ShardReport:
-    reports = list(runs.iter_shard_reports(store, manifest))
+    """The one shard with this id, or else the one whose id starts with it."""
+    reports = list(iter_shard_reports(store, manifest))
     matches = [r for r in reports if r.id == shard] or [
         r for r in reports if r.id.startswith(shard)
     ]
@@ -41,20 +51,26 @@ def find_shard(store: Store, manifest: Manifest, shard: str) -> ShardReport:
     return matches[0]
 
 
-def print_log(
+def read_log(
     store: Store,
     manifest: Manifest,
     shard: str,
     *,
     attempt: int | None,
     follow: bool,
-    err: Console,
+    write: Callable[[bytes], None],
+    say: Callable[[str], None],
     gone: Callable[[str, int], str | None] | None = None,
-) -> int:
-    """Write the log to stdout; returns the exit code (0, or 1 when a followed shard never ran).
+) -> LogEnd:
+    """Hand one attempt's log (default: the latest) to ``write`` as it grows; ``say`` notes the
+    wait for a queued shard and how a followed attempt ended.
 
     ``gone(shard, attempt)`` names the worker of a running attempt when that worker is gone
-    (asked every few polls): following such an attempt stops instead of waiting forever."""
+    (asked every few polls): following such an attempt stops instead of waiting forever.
+
+    Raises:
+        ConfigError: no such shard or attempt, or the shard has not started (without follow).
+    """
     run_id = manifest.run_id
     report = find_shard(store, manifest, shard)
     numbers = [a.attempt for a in report.attempts]
@@ -74,15 +90,15 @@ def print_log(
                 run_id=run_id,
                 shard_id=report.id,
             )
-        err.print(f"cflow: shard {report.id} is {report.state.value}; waiting for it to start")
+        say(f"shard {report.id} is {report.state.value}; waiting for it to start")
         number = _wait_for_start(store, run_id, report.id, attempt or 1)
         if number is None:
-            err.print(f"cflow: shard {report.id} ended without running (the run was cancelled)")
-            return 1
+            say(f"shard {report.id} ended without running (the run was cancelled)")
+            return LogEnd.NEVER_RAN
     else:
         number = attempt or numbers[-1]
     key = Layout.log(run_id, report.id, number)
-    printed = polls = 0
+    written = polls = 0
     while True:
         over = not follow or _attempt_over(store, run_id, report.id, number)
         lost = None
@@ -93,15 +109,14 @@ def print_log(
             data = store.get(key)
         except CFlowError:
             data = b""
-        if len(data) > printed:
-            sys.stdout.buffer.write(data[printed:])
-            sys.stdout.flush()
-            printed = len(data)
+        if len(data) > written:
+            write(data[written:])
+            written = len(data)
         if over:  # read once more after the end was seen, so the log's tail is never lost
-            return 0
+            return LogEnd.READ
         if lost is not None:
-            err.print(f"cflow: worker {lost} is gone; attempt {number} was lost", markup=False)
-            return 0
+            say(f"worker {lost} is gone; attempt {number} was lost")
+            return LogEnd.WORKER_GONE
         time.sleep(FOLLOW_POLL)
 
 

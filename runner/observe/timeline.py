@@ -21,7 +21,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from runner.engine.runs import ShardReport, load_manifest, shard_reports
+from runner.engine.reports import ShardReport, shard_reports
+from runner.engine.runs import load_manifest
 from runner.observe.prices import PriceTable
 from worker.errors import NotFound
 from worker.protocol import AttemptState, Manifest, RunState, ShardState

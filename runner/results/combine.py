@@ -7,9 +7,9 @@ true`` in ``cflow.toml``, or ``runner combine --headers``): then the first line 
 ``.tsv`` part after the first is dropped. A task whose ``task.py`` defines ``combine(paths, out)``
 gets the committed output paths instead and writes into ``out`` itself.
 
-On Cloud Storage the concatenation happens in the bucket (``compose``, see
-:mod:`runner.backends.gcp.compose`): the runner downloads nothing unless ``--out DIR`` asks for a
-local copy.
+Where the parts are concatenated is the deployment's :class:`~runner.results.parts.Combiner`:
+on Google Cloud they are composed in the bucket, and the runner downloads nothing unless
+``--out DIR`` asks for a local copy; without one, :class:`LocalCombiner` concatenates them here.
 """
 
 from __future__ import annotations
@@ -19,12 +19,21 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 
-from runner.backends.gcp.compose import StripRunner, Traffic
-from runner.engine import runs
+from runner.results.parts import (
+    Combined,
+    Combiner,
+    OnWorkers,
+    OutTarget,
+    Part,
+    Traffic,
+    Warn,
+    committed_parts,
+    headed,
+    header_warning,
+)
 from worker.bundle import (
     UnpackedBundle,
     inspect_task,
@@ -33,99 +42,9 @@ from worker.bundle import (
     unpack,
 )
 from worker.errors import CFlowError, ConfigError, NotFound, TaskError
-from worker.executors.process import _WORKER_PATH
-from worker.protocol import Entry, Layout, Manifest, ShardResult
+from worker.executors.base import WORKER_PATH
+from worker.protocol import Entry, Layout, Manifest
 from worker.store import Store
-
-HEADER_SUFFIXES = (".csv", ".tsv")
-Warn = Callable[[str], None]
-
-
-@dataclass(frozen=True)
-class OutTarget:
-    """Where ``--out`` asks for a copy of the combined result: a local folder or a bucket path."""
-
-    path: Path | None = None
-    bucket: str | None = None
-    prefix: str = ""  # object-name prefix in ``bucket``, ending in "/" unless empty
-
-    def __str__(self) -> str:
-        return str(self.path) if self.path is not None else f"gs://{self.bucket}/{self.prefix}"
-
-    def where(self, rel: str) -> str:
-        if self.path is not None:
-            return str(self.path / rel)
-        return f"gs://{self.bucket}/{self.prefix}{rel}"
-
-
-def check_out(out: str | Path | None, *, cloud: bool) -> OutTarget | None:
-    """Validate ``--out`` before anything runs; raises ConfigError with the fix."""
-    if out is None:
-        return None
-    text = str(out)
-    if text.startswith("gs://"):
-        if not cloud:
-            raise ConfigError(
-                f"--out {text} is a Cloud Storage path; it needs the Google Cloud backend"
-            )
-        bucket, _, prefix = text[len("gs://") :].partition("/")
-        if not bucket:
-            raise ConfigError(f"--out {text} names no bucket; write gs://BUCKET/PATH/")
-        return OutTarget(bucket=bucket, prefix=prefix.rstrip("/") + "/" if prefix else "")
-    if "://" in text:
-        raise ConfigError(f"--out {text}: only a local folder or gs://BUCKET/PATH is supported")
-    path = Path(text).expanduser()
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"--out {path} exists and is not a folder; give a folder to write into")
-    parent = next((p for p in (path, *path.parents) if p.exists()), Path("."))
-    if not os.access(parent, os.W_OK):
-        raise ConfigError(f"--out {path}: {parent} is not writable")
-    return OutTarget(path=path.resolve())
-
-
-@dataclass
-class Combined:
-    files: list[str]  # keys under runs/<run>/combined/
-    shards: int  # committed shards combined
-    missing: int  # shards with no committed result (failed or unfinished)
-    written: list[str] = field(default_factory=list)  # where --out copies went
-    traffic: Traffic = field(default_factory=Traffic)
-
-
-@dataclass(frozen=True)
-class Part:
-    rel: str  # path relative to the attempt's out/
-    key: str  # the committed object
-
-
-def committed_parts(store: Store, manifest: Manifest) -> tuple[dict[str, list[Part]], int, int]:
-    """Committed outputs grouped by relative path, in shard order; plus (committed, missing)."""
-    run_id = manifest.run_id
-    done = runs.committed(store, run_id)
-    groups: dict[str, list[Part]] = {}
-    missing = 0
-    batch: list[str] = []
-
-    def read(keys: list[str]) -> None:  # one query (or a window of reads) per 1000 shards
-        found = store.get_many(keys)
-        for key in keys:
-            if key not in found:  # removed since it was listed (a concurrent `runner rm`)
-                raise NotFound(f"no object {key}")
-            result = ShardResult.from_json(found[key])
-            prefix = Layout.outputs(run_id, result.shard_id, result.attempt)
-            for rel in result.outputs:
-                groups.setdefault(rel, []).append(Part(rel, prefix + rel))
-
-    for shard in runs.iter_shards(store, run_id):
-        if shard.id not in done:
-            missing += 1
-            continue
-        batch.append(Layout.result(run_id, shard.id))
-        if len(batch) == 1000:
-            read(batch)
-            batch = []
-    read(batch)
-    return groups, len(done), missing
 
 
 def combine_run(
@@ -135,16 +54,18 @@ def combine_run(
     out: OutTarget | None = None,
     headers: bool | None = None,
     warn: Warn | None = None,
-    strip: StripRunner | None = None,
-    strip_threshold: int = 0,
+    combiner: Combiner | None = None,
+    workers: OnWorkers | None = None,
 ) -> Combined:
     """Combine a run's committed outputs into ``runs/<run>/combined/`` (and ``out`` if given).
 
-    ``headers`` overrides the task's ``[combine] headers`` setting. On Cloud Storage, ``strip``
-    makes header-less copies of parts elsewhere (on the workers) when they add up to more than
-    ``strip_threshold`` bytes.
+    ``headers`` overrides the task's ``[combine] headers`` setting. ``combiner`` is where the
+    parts are concatenated (the deployment's; None: here, :class:`LocalCombiner`), and
+    ``workers`` the means it may use to do heavy copying on the deployment's workers.
     """
     warn = warn or (lambda _msg: None)
+    if combiner is None:
+        combiner = LocalCombiner()
     groups, shards, missing = committed_parts(store, manifest)
     with tempfile.TemporaryDirectory(prefix="cflow-combine-") as tmp:
         work = Path(tmp)
@@ -153,35 +74,23 @@ def combine_run(
             headers = settings_headers
         if bundle is not None:
             combined = _user_combine_run(store, manifest, bundle, groups, work)
-        elif _is_gcs(store):
-            from runner.backends.gcp.combine import combine_in_bucket
-
-            combined = combine_in_bucket(
-                store,  # type: ignore[arg-type]
-                manifest,
-                groups,
-                headers=headers,
-                warn=warn,
-                strip=strip,
-                strip_threshold=strip_threshold,
-            )
         else:
-            combined = _concatenate_run(store, manifest, groups, work, headers=headers, warn=warn)
+            combined = combiner.concatenate(
+                store, manifest, groups, headers=headers, warn=warn, work=work, workers=workers
+            )
         combined.shards, combined.missing = shards, missing
         fresh = set(combined.files)
         for key in list(store.list(Layout.combined(manifest.run_id))):
             if key not in fresh:  # left by an earlier combine: not part of this result
                 store.delete(key)
         if out is not None:
-            _copy_out(store, manifest.run_id, combined, out)
+            _copy_out(store, manifest.run_id, combined, out, combiner)
     return combined
 
 
-def _is_gcs(store: Store) -> bool:
-    return type(store).__name__ == "GcsStore"  # without importing the cloud client for local runs
-
-
-def _copy_out(store: Store, run_id: str, combined: Combined, out: OutTarget) -> None:
+def _copy_out(
+    store: Store, run_id: str, combined: Combined, out: OutTarget, combiner: Combiner
+) -> None:
     base = len(Layout.combined(run_id))
     for key in combined.files:
         rel = key[base:]
@@ -195,50 +104,46 @@ def _copy_out(store: Store, run_id: str, combined: Combined, out: OutTarget) -> 
                 store.get_file(key, dest)
                 combined.traffic.downloaded_for_copy += dest.stat().st_size
         else:
-            from runner.backends.gcp.compose import copy_to
-
             assert out.bucket is not None
-            copy_to(store, key, out.bucket, out.prefix + rel)  # type: ignore[arg-type]
+            combiner.copy_to_bucket(store, key, out.bucket, out.prefix + rel)
         combined.written.append(out.where(rel))
 
 
-def header_warning(first_lines: list[bytes], rel: str) -> str | None:
-    """A hint when every part of a CSV/TSV starts with the same line and no one said why."""
-    if len(first_lines) > 1 and first_lines[0].strip() and len(set(first_lines)) == 1:
-        line = first_lines[0].decode(errors="replace").strip()
-        return (
-            f"every part of {rel} starts with {line!r}; kept in each part. If it is a header,"
-            " set `[combine] headers = true` in the task's cflow.toml (or `runner combine"
-            " --headers`)"
+class LocalCombiner:
+    """Concatenates on this machine: parts the store keeps as local files are read in place,
+    others are downloaded first."""
+
+    def concatenate(
+        self,
+        store: Store,
+        manifest: Manifest,
+        groups: dict[str, list[Part]],
+        *,
+        headers: bool | None,
+        warn: Warn,
+        work: Path,
+        workers: OnWorkers | None = None,
+    ) -> Combined:
+        """Concatenate each path's parts into ``runs/<run>/combined/<path>`` (``workers``: not
+        needed here)."""
+        target = Layout.combined(manifest.run_id)
+        combined = Combined(files=[], shards=0, missing=0)
+        for rel in sorted(groups):
+            staged = work / "combined" / rel
+            staged.parent.mkdir(parents=True, exist_ok=True)
+            paths = list(_local_parts(store, groups[rel], work / "in", combined.traffic))
+            firsts = concatenate(paths, staged, strip_headers=bool(headers) and headed(rel))
+            if headers is None and headed(rel) and (hint := header_warning(firsts, rel)):
+                warn(hint)
+            store.put_file(target + rel, staged)
+            combined.files.append(target + rel)
+        return combined
+
+    def copy_to_bucket(self, store: Store, key: str, bucket: str, name: str) -> None:
+        """Refused: a Cloud Storage path needs the Google Cloud backend."""
+        raise ConfigError(
+            f"--out gs://{bucket}/{name} is a Cloud Storage path; it needs the Google Cloud backend"
         )
-    return None
-
-
-def _concatenate_run(
-    store: Store,
-    manifest: Manifest,
-    groups: dict[str, list[Part]],
-    work: Path,
-    *,
-    headers: bool | None,
-    warn: Warn,
-) -> Combined:
-    target = Layout.combined(manifest.run_id)
-    combined = Combined(files=[], shards=0, missing=0)
-    for rel in sorted(groups):
-        staged = work / "combined" / rel
-        staged.parent.mkdir(parents=True, exist_ok=True)
-        paths = list(_local_parts(store, groups[rel], work / "in", combined.traffic))
-        firsts = concatenate(paths, staged, strip_headers=bool(headers) and _headed(rel))
-        if headers is None and _headed(rel) and (hint := header_warning(firsts, rel)):
-            warn(hint)
-        store.put_file(target + rel, staged)
-        combined.files.append(target + rel)
-    return combined
-
-
-def _headed(rel: str) -> bool:
-    return rel.lower().endswith(HEADER_SUFFIXES)
 
 
 def _local_parts(store: Store, parts: list[Part], work: Path, traffic: Traffic) -> Iterator[Path]:
@@ -334,7 +239,7 @@ def _user_combine(bundle: UnpackedBundle, inputs: list[Path], out: Path) -> None
             str(listing),
         ],
         cwd=bundle.root,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join([bundle.python_path(), _WORKER_PATH])},
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([bundle.python_path(), WORKER_PATH])},
         capture_output=True,
         text=True,
     )

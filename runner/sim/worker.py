@@ -5,7 +5,7 @@ gives nothing, exit after the idle timeout); every attempt goes through the agen
 ``claim`` (drop or claim an attempt number, ``started`` event) and ``settle`` (commit first-wins,
 ack, re-publish with one more failure or write ``failed.json``, nack on preemption). Only the task
 itself is simulated: it runs for the drawn time, extending its lease every heartbeat as
-``Agent._supervise`` does, and ends with the drawn exit code.
+``AttemptRunner.supervise`` does, and ends with the drawn exit code.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from pathlib import Path
 from runner.sim.ledger import Fate
 from runner.sim.workload import AttemptPlan
 from runner.sim.world import World
-from worker.agent.agent import Agent, Claim
+from worker.agent.agent import Agent
+from worker.agent.slot import Claim
 from worker.protocol import AttemptState, Event, EventKind, Layout
 
 SCRATCH = Path("/nonexistent/cflow-sim")  # simulated tasks write nothing; commits list no outputs
@@ -119,7 +120,7 @@ class SimWorker:
             return
         self._wake(self.cfg.poll_seconds)
 
-    # -- one attempt (Agent._supervise, then Agent.settle) -------------------------------------
+    # -- one attempt (AttemptRunner.supervise, then Agent.settle) ------------------------------
 
     def _start(self, claim: Claim) -> None:
         index = int(claim.delivery.message.shard["index"])

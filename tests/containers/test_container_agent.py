@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from worker.agent.agent import Agent, AgentConfig
-from worker.backends.base import open_local
+from worker.backends.local.backend import open_local
 from worker.bundle import pack
 from worker.executors.container.runtime import DOCKER_GPU_HOOK, Runtime, nvidia_cdi_specs
 from worker.protocol import Layout, Manifest, RunOptions, RunState, Shard, WorkMessage
@@ -39,6 +39,7 @@ def _halted_run(tmp_path: Path, entry: str, options: RunOptions) -> tuple[Manife
         queue=b.queue,
         store=b.store,
         events=b.events,
+        ledger=b.ledger,
         config=AgentConfig(name="w", scratch=tmp_path / "s", burst=True, poll_seconds=0.2),
     )
     agent.run()

@@ -326,7 +326,7 @@ def test_a_gpu_run_gives_every_container_the_machines_gpus(
             bundle, Entry.PYTHON, python_image, runtime=container_runtime, gpu=gpu
         )
         per_attempt = executor.command(_shard(tmp_path), "cflow-gpu-test")
-        warm = executor.run_args("cflow-gpu-warm", {}, [], {}, interactive=True)
+        warm = executor.spec.run_args("cflow-gpu-warm", {}, [], {}, interactive=True)
         for argv in (per_attempt, warm):
             flags = argv[: argv.index(python_image)]
             found = [flags[i : i + 2] for i in range(len(flags) - 1) if flags[i] == wanted[0]]

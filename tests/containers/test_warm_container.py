@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from worker.bundle import UnpackedBundle
+from worker.executors.base import RunningTask
 from worker.executors.container.executor import ContainerExecutor
 from worker.executors.container.runtime import Runtime
-from worker.executors.process import RunningTask
 from worker.protocol import Entry
 from worker.taskapi import TaskShard
 

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from tests.emulators import contract_backends
-from worker.backends.base import Backends, open_local
+from worker.backends.base import Backends
+from worker.backends.local.backend import open_local
 
 Factory = Callable[[pytest.FixtureRequest, Path], Backends]
 

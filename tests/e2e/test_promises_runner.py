@@ -19,9 +19,9 @@ from typing import Any
 
 import pytest
 
-from runner.engine.fleet import LocalFleet
+from runner.backends.local.fleet import LocalFleet
 from tests.e2e.conftest import Cli, make_task, wait_for
-from worker.backends.base import local_run_events
+from worker.backends.local.backend import local_run_events
 
 SLEEPY = """
 import time

@@ -13,7 +13,8 @@ import google.cloud.storage as storage
 import pytest
 from google.api_core import exceptions as gexc
 
-from runner.backends.gcp.compose import MAX_COMPOSE_SOURCES, Traffic, compose_tree
+from runner.backends.gcp.compose import MAX_COMPOSE_SOURCES, compose_tree
+from runner.results.parts import Traffic
 from tests.e2e.conftest import make_task
 from tests.emulators import PROJECT, Deployment
 from tests.gcp.conftest import MakeCompute

@@ -15,6 +15,7 @@ import pytest
 from runner.backends.gcp.events import RunSubscriptions
 from runner.backends.gcp.fleet import GceFleet
 from runner.engine import runs
+from runner.engine.reports import shard_reports
 from runner.engine.shards import from_count
 from runner.engine.watch import Snapshot, Watcher
 from tests.e2e.conftest import make_task, wait_for
@@ -105,7 +106,7 @@ def test_two_concurrent_runs_both_finish_once_without_disturbing_each_others_wor
             assert runs.committed(store, w.run_id) == {
                 s.id for s in runs.iter_shards(store, w.run_id)
             }
-            states = [a.state for r in runs.shard_reports(store, w.run_id) for a in r.attempts]
+            states = [a.state for r in shard_reports(store, w.run_id) for a in r.attempts]
             # Every shard ran once: no attempt was cut short by the other run's scale-down.
             assert states.count("succeeded") == w.manifest.shard_count, states
             assert "preempted" not in states

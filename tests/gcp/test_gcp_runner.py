@@ -9,10 +9,10 @@ from pathlib import Path
 import google.cloud.pubsub_v1 as pubsub_v1
 import pytest
 
-from runner.backends.factory import Deployment
 from runner.backends.gcp.deployment import open_gcp_deployment
 from runner.config import Backend, Config
 from runner.engine import runs
+from runner.engine.deployment import Deployment
 from runner.engine.shards import from_count, from_glob
 from runner.engine.watch import Watcher
 from tests.e2e.conftest import make_inputs, make_task
@@ -101,9 +101,9 @@ def test_dead_lettered_shard_is_reported_failed(
     publisher.publish(topic, dead.to_json(), **dead.attributes()).result()
     publisher.stop()
     deadline = time.monotonic() + 20
-    while "00001" not in watcher.failed and time.monotonic() < deadline:
+    while "00001" not in watcher.view.failed and time.monotonic() < deadline:
         watcher.reconcile()
         time.sleep(0.5)
-    assert watcher.failed == {"00001"}
+    assert watcher.view.failed == {"00001"}
     failure = gcp.backends.store.get(Layout.failure(manifest.run_id, "00001"))
     assert b"dead-lettered" in failure

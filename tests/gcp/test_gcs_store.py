@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 import worker.backends.gcp.gcs as gcs_store
-from runner.backends.gcp.deployment import GcsLister, InputStager
+from runner.backends.gcp.staging import BucketStager, GcsLister
 from runner.engine.shards import from_glob
 from tests.emulators import Deployment
 from worker.backends.base import Backends
@@ -116,7 +116,7 @@ def test_local_inputs_are_staged_once_by_checksum(gcp_backends: Backends, tmp_pa
         files.append(path)
     shards = [Shard(id=f"s{i}", index=i, input=str(p)) for i, p in enumerate(files)]
 
-    stager = InputStager(store, threads=4)
+    stager = BucketStager(store, threads=4)
     staged = [stager("r-stage", s) for s in shards]
     stager.wait()
     assert stager.uploaded == 12 and stager.skipped == 0
@@ -129,7 +129,7 @@ def test_local_inputs_are_staged_once_by_checksum(gcp_backends: Backends, tmp_pa
     stager.close()
 
     files[3].write_text("changed\n")
-    again = InputStager(store)
+    again = BucketStager(store)
     for s in shards:
         again("r-stage", s)
     again.wait()
@@ -144,7 +144,7 @@ def test_task_files_named_like_records_are_never_read_as_records(gcp_backends: B
     the same bucket as the store's records, and `status` must tell them apart."""
     import json
 
-    from runner.engine.runs import iter_shard_reports
+    from runner.engine.reports import iter_shard_reports
     from worker.protocol import AttemptStatus, Layout, Manifest, ShardResult
 
     store = gcp_backends.store

@@ -10,8 +10,9 @@ import google.cloud.pubsub_v1 as pubsub_v1
 import pytest
 
 from tests.emulators import Deployment
-from worker.backends.gcp.pubsub import PubSubEvents, PubSubQueue
-from worker.backends.gcp.vm import open_gcp
+from worker.backends.gcp.backend import open_gcp
+from worker.backends.gcp.pubsub import PubSubQueue
+from worker.backends.gcp.pubsub_events import PubSubEvents
 from worker.errors import ConfigError
 from worker.protocol import Event, Shard, WorkMessage
 from worker.queue import Delivery

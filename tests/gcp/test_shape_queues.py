@@ -10,7 +10,8 @@ import pytest
 from runner.backends.gcp.shapes.queues import LABEL, Mover, ShapeQueues, ShapeWorkQueue
 from tests.emulators import Deployment
 from worker.backends.gcp.gcs import GcsStore, make_client
-from worker.backends.gcp.pubsub import PubSubEvents, PubSubQueue
+from worker.backends.gcp.pubsub import PubSubQueue
+from worker.backends.gcp.pubsub_events import PubSubEvents
 from worker.ledger import Finished, Ledger, settle_one
 from worker.protocol import AttemptState, Shard, WorkMessage
 from worker.queue import Delivery

@@ -13,13 +13,9 @@ from typing import Any
 
 import pytest
 
-from runner.backends.gcp.shapes.groups import (
-    Shape,
-    ShapeError,
-    Shapes,
-    derive_properties,
-    gpu_quota_metric,
-)
+from runner.backends.gcp.quota import gpu_quota_metric
+from runner.backends.gcp.shapes.groups import Shapes, derive_properties
+from runner.backends.gcp.shapes.model import Shape, ShapeError
 from tests.e2e.conftest import wait_for
 from tests.emulators import Deployment
 from tests.gcp.conftest import MakeCompute, worker_env
@@ -267,7 +263,7 @@ def test_a_run_with_a_shape_and_fallback_scales_its_own_groups(
     from runner.backends.gcp.shapes.apply import apply_run_shape
     from runner.backends.gcp.shapes.fallback import FallbackFleet, PreemptionTap
     from runner.backends.gcp.shapes.queues import ShapeWorkQueue
-    from worker.backends.gcp.pubsub import PubSubEvents
+    from worker.backends.gcp.pubsub_events import PubSubEvents
     from worker.protocol import Event, RunOptions
 
     dep = open_dep(deployment)

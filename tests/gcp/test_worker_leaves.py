@@ -77,7 +77,7 @@ def test_self_removal_without_conditions_then_the_backstop_when_refused(
 
 
 def test_runner_reads_a_gone_workers_agent_log(deployment: Deployment) -> None:
-    from runner.backends.gcp.deployment import agent_log, agent_logs
+    from runner.backends.gcp.fleet import agent_log, agent_logs
     from worker.errors import NotFound
 
     store = GcsStore(deployment.bucket)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 from worker.agent.agent import Agent, AgentConfig
-from worker.backends.base import Backends, open_local
+from worker.backends.base import Backends
+from worker.backends.local.backend import open_local
 from worker.bundle import pack
 from worker.ledger import Ledger
 from worker.protocol import (
@@ -52,7 +54,9 @@ def _setup(tmp_path: Path, shards: list[Shard], **options: object) -> tuple[Back
     return b, manifest
 
 
-def _agent(b: Backends, tmp_path: Path, name: str = "w1", slots: int = 2) -> Agent:
+def _agent(b: Backends, tmp_path: Path, name: str = "w1", slots: int = 2, **given: Any) -> Agent:
+    """An agent in burst mode on the backend's ledger, unless ``given`` another (or a clock)."""
+    given.setdefault("ledger", b.ledger)
     return Agent(
         queue=b.queue,
         store=b.store,
@@ -60,6 +64,7 @@ def _agent(b: Backends, tmp_path: Path, name: str = "w1", slots: int = 2) -> Age
         config=AgentConfig(
             name=name, scratch=tmp_path / "scratch", slots=slots, burst=True, poll_seconds=0.2
         ),
+        **given,
     )
 
 
@@ -134,15 +139,16 @@ def test_idle_timeout_counts_from_the_last_finished_attempt(tmp_path: Path) -> N
         store=b.store,
         events=b.events,
         clock=clock,
+        ledger=b.ledger,
         config=AgentConfig(name="w", scratch=tmp_path / "s", idle_timeout=30, poll_seconds=1.0),
     )
-    original = agent._attempt
+    original = agent.attempts.attempt
 
     def slow_attempt(slot, claim, prepared=None):  # type: ignore[no-untyped-def]
         clock.advance(100)  # the shard takes 100 s of (fake) time, past the idle timeout
         original(slot, claim, prepared)
 
-    agent._attempt = slow_attempt  # type: ignore[method-assign]
+    agent.attempts.attempt = slow_attempt  # type: ignore[method-assign]
     start = clock.monotonic()
     assert agent.run().startswith("idle")
     # it waited its full idle timeout after the 100 s shard, not 0 s
@@ -170,8 +176,8 @@ def test_a_store_failure_after_the_claim_counts_as_a_failed_attempt(tmp_path: Pa
         return real_create(key, data)
 
     b.store.create = create  # type: ignore[method-assign]
-    agent = _agent(b, tmp_path)
-    agent.ledger = Ledger(queue=b.queue, store=b.store, events=b.events)  # one call at a time
+    one_at_a_time = Ledger(queue=b.queue, store=b.store, events=b.events)
+    agent = _agent(b, tmp_path, ledger=one_at_a_time)
     agent.run()
     failure = ShardFailure.from_json(b.store.get(Layout.failure(m.run_id, "a")))
     assert failure.failures == 2 and "worker error: disk full" in failure.reason
@@ -213,7 +219,7 @@ def test_an_idle_worker_keeps_only_the_last_task_host(tmp_path: Path) -> None:
     )
     agent.run()
     assert b.store.exists(Layout.result(second.run_id, "b"))
-    assert list(agent._executors) == [f"{sha}:0"]  # the first run's host was closed when idle
+    assert agent.pool.keys() == [f"{sha}:0"]  # the first run's host was closed when idle
 
 
 def test_an_unreadable_manifest_backs_off_instead_of_burning_deliveries(tmp_path: Path) -> None:
@@ -235,12 +241,15 @@ def test_an_unreadable_manifest_backs_off_instead_of_burning_deliveries(tmp_path
 def test_a_full_disk_at_settling_loses_nothing(tmp_path: Path) -> None:
     """The settling transaction fails (the disk is full): nothing half-written, and once there
     is room again the same attempts settle."""
-    from worker.backends.local.db import DiskFull
     from worker.backends.local.ledger import LocalLedger
+    from worker.errors import DiskFull
 
     shards = [Shard(id=f"s{i}", index=i) for i in range(4)]
     b, m = _setup(tmp_path, shards)
-    agent = _agent(b, tmp_path, slots=1)
+    no_pause = type(
+        "C", (), {"time": time.time, "monotonic": time.monotonic, "sleep": lambda self, s: None}
+    )()  # no real pause
+    agent = _agent(b, tmp_path, slots=1, clock=no_pause)
     real = LocalLedger.settle
     calls = {"n": 0}
 
@@ -251,9 +260,6 @@ def test_a_full_disk_at_settling_loses_nothing(tmp_path: Path) -> None:
         real(self, batch)
 
     agent.ledger.settle = settle.__get__(agent.ledger)  # type: ignore[method-assign]
-    agent.clock = type(
-        "C", (), {"time": time.time, "monotonic": time.monotonic, "sleep": lambda self, s: None}
-    )()  # no real pause
     agent.run()
     assert calls["n"] >= 3
     assert all(b.store.exists(Layout.result(m.run_id, s.id)) for s in shards)
@@ -295,6 +301,7 @@ def test_a_crash_in_a_batch_sent_ahead_fails_only_its_own_shard(tmp_path: Path) 
         queue=b.queue,
         store=b.store,
         events=b.events,
+        ledger=b.ledger,
         config=AgentConfig(
             name="w", scratch=tmp_path / "s", burst=True, poll_seconds=0.2, first_prefetch=8
         ),

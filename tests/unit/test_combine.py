@@ -5,8 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from runner.results.combine import OutTarget, check_out, combine_run
-from worker.backends.base import open_local
+from runner.results.combine import combine_run
+from runner.results.parts import OutTarget, check_out
+from worker.backends.local.backend import open_local
 from worker.bundle import pack
 from worker.errors import ConfigError
 from worker.protocol import Layout, Manifest, Shard, ShardResult

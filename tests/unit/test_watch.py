@@ -6,12 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from runner.engine import runs
+from runner.engine import listing, runs
 from runner.engine.fleet import Instance
 from runner.engine.lost import PUBSUB_MAX_BACKOFF
 from runner.engine.policy import decide_scale
 from runner.engine.watch import Watcher
-from worker.backends.base import Backends, open_local
+from worker.backends.base import Backends
+from worker.backends.local.backend import open_local
 from worker.backends.local.queue import LocalQueue
 from worker.clock import FakeClock
 from worker.errors import BackendError
@@ -69,9 +70,9 @@ def test_workers_busy_with_another_run_are_busy() -> None:
     w = Watcher(manifest=manifest, store=None, queue=None, events=None)  # type: ignore[arg-type]
     w._apply(Event(kind="started", worker="w1", run_id="r-b", shard_id="s"))
     w._apply(Event(kind="started", worker="w2", run_id="r-a", shard_id="s"))
-    assert w.busy_workers() == {"w1", "w2"}
+    assert w.view.busy_workers() == {"w1", "w2"}
     w._apply(Event(kind="succeeded", worker="w1", run_id="r-b", shard_id="s"))
-    assert w.busy_workers() == {"w2"}
+    assert w.view.busy_workers() == {"w2"}
 
 
 class _BrokenQueue:
@@ -105,15 +106,15 @@ def test_a_failed_publish_leaves_a_run_that_watch_finishes_publishing(tmp_path: 
             options=RunOptions(),
             on_created=lambda m: created.append(m.run_id),
         )
-    (manifest,) = runs.list_runs(b.store)
+    (manifest,) = listing.list_runs(b.store)
     assert created == [manifest.run_id]  # the id was known before publishing started
     assert manifest.state == RunState.ACTIVE.value and manifest.published == 1000
-    assert runs.shown_state(manifest, manifest.created_at + 1).startswith("publishing (1000")
-    assert "interrupted" in runs.shown_state(manifest, manifest.created_at + 3600)
+    assert listing.shown_state(manifest, manifest.created_at + 1).startswith("publishing (1000")
+    assert "interrupted" in listing.shown_state(manifest, manifest.created_at + 3600)
     done = runs.publish_rest(b.store, b.queue, manifest)
     assert done.published == 2500 and not done.publishing
     assert b.queue.stats(manifest.run_id).queued == 2500  # each shard exactly once
-    assert runs.shown_state(done, done.created_at + 3600) == "active"
+    assert listing.shown_state(done, done.created_at + 3600) == "active"
 
 
 def _run(b: Backends, tmp_path: Path, n: int) -> Manifest:
@@ -145,14 +146,14 @@ def test_reconcile_pages_through_markers_and_confirms_the_end_in_full(tmp_path: 
         _commit(b, m.run_id, f"s{i:03d}")
     w = Watcher(manifest=m, store=b.store, queue=b.queue, events=b.events, page=10)
     w.reconcile()  # the first is a full pass: a re-attached watch is right from its first frame
-    assert len(w.succeeded) == 35
-    w.succeeded.clear()  # as if every event had been lost
+    assert len(w.view.succeeded) == 35
+    w.view.succeeded.clear()  # as if every event had been lost
     for expected in (10, 20, 30, 35, 35):
         w.reconcile()
-        assert len(w.succeeded) == expected  # one bounded page each, wrapping around
-    w.succeeded.clear()
+        assert len(w.view.succeeded) == expected  # one bounded page each, wrapping around
+    w.view.succeeded.clear()
     w.reconcile(full=True)
-    assert len(w.succeeded) == 35
+    assert len(w.view.succeeded) == 35
 
 
 def test_a_shard_missing_from_the_queue_is_requeued_once(tmp_path: Path) -> None:
@@ -183,10 +184,10 @@ def test_a_worker_whose_lease_lapsed_is_neither_busy_nor_capacity(tmp_path: Path
     b.queue.receive(1, 0, worker="w1")
     w._apply(Event(kind="started", worker="w1", run_id=m.run_id, shard_id="s000"))
     w.reconcile()
-    assert w.running == {"s000": "w1"} and w.busy_workers() == {"w1"}
+    assert w.view.running == {"s000": "w1"} and w.view.busy_workers() == {"w1"}
     clock.advance(5)  # w1 froze: no heartbeat extended the lease
     w.reconcile()
-    assert w.running == {} and w.stale == {"w1"} and w.busy_workers() == set()
+    assert w.view.running == {} and w.view.stale == {"w1"} and w.view.busy_workers() == set()
     snap = w.snapshot([Instance("w1")])
     assert snap.queued == 1
     d = decide_scale(
@@ -195,12 +196,12 @@ def test_a_worker_whose_lease_lapsed_is_neither_busy_nor_capacity(tmp_path: Path
         slots=1,
         instances=[Instance("w1")],
         idle=set(),
-        busy=w.busy_workers(),
-        stale=w.stale,
+        busy=w.view.busy_workers(),
+        stale=w.view.stale,
     )
     assert d.add == 1 and d.delete == []  # a worker for the shard; the frozen one is left be
     w._apply(Event(kind="heartbeat", worker="w1", run_id=m.run_id, shard_id="s000"))
-    assert w.stale == set()  # it thawed
+    assert w.view.stale == set()  # it thawed
 
 
 def test_without_lease_records_a_silent_attempt_lapses_after_the_lease(tmp_path: Path) -> None:
@@ -216,8 +217,8 @@ def test_without_lease_records_a_silent_attempt_lapses_after_the_lease(tmp_path:
         clock.advance(10)
         w._apply(Event(kind="heartbeat", worker="w2", run_id=m.run_id, shard_id="s001"))
         w._lapse(clock.monotonic())
-    assert w.running == {"s001": "w2"}  # w1 went silent for 80 s > lease + heartbeat
-    assert w.stale == {"w1"}
+    assert w.view.running == {"s001": "w2"}  # w1 went silent for 80 s > lease + heartbeat
+    assert w.view.stale == {"w1"}
 
 
 def test_broken_manifest_is_named(tmp_path: Path) -> None:
@@ -227,8 +228,8 @@ def test_broken_manifest_is_named(tmp_path: Path) -> None:
     path.write_bytes(path.read_bytes()[:20])  # truncated
     with pytest.raises(BackendError, match=r"run\.json is broken \(not JSON"):
         runs.load_manifest(b.store, m.run_id)
-    listing = runs.scan_runs(b.store)
-    assert listing.manifests == [] and list(listing.broken) == [str(path)]
+    found = listing.scan_runs(b.store)
+    assert found.manifests == [] and list(found.broken) == [str(path)]
 
 
 def test_a_reattached_watch_shows_the_true_running_count_from_its_first_frame(
@@ -242,7 +243,7 @@ def test_a_reattached_watch_shows_the_true_running_count_from_its_first_frame(
     w = Watcher(manifest=m, store=b.store, queue=b.queue, events=b.events)  # no events seen
     first = w.poll()
     assert (first.running, first.succeeded, first.queued) == (2, 1, 2)
-    assert w.busy_workers() == {"w1", "w2"}
+    assert w.view.busy_workers() == {"w1", "w2"}
 
 
 class _PubSubLike(LocalQueue):
@@ -317,8 +318,8 @@ def test_a_quiet_watch_slows_down_and_is_quick_again_when_a_worker_speaks(tmp_pa
 
 
 def test_a_disk_that_stays_full_stops_the_watch_with_one_line(tmp_path: Path) -> None:
-    from runner.engine.fleet import LocalFleet
-    from worker.backends.local.db import DiskFull
+    from runner.backends.local.fleet import LocalFleet
+    from worker.errors import DiskFull
 
     b = open_local(tmp_path / "store")
     m = _run(b, tmp_path, 1)

@@ -1,9 +1,8 @@
 """Starts task attempts and guarantees that nothing of an attempt outlives it.
 
-- ``task.py`` runs in a **warm host** per worker slot (:mod:`worker.executors.host`): imported once,
-then
-  shard after shard in the same process, as ``multiprocessing.Pool`` does. A crash kills only
-  that host and fails only its attempt; the next shard gets a fresh host.
+- ``task.py`` runs in a **warm host** per worker slot (:mod:`worker.executors.host`): imported
+  once, then shard after shard in the same process, as ``multiprocessing.Pool`` does. A crash
+  kills only that host and fails only its attempt; the next shard gets a fresh host.
 - With ``isolate`` (``--isolate``, or ``CFLOW_ISOLATE=1``) each shard runs in a child forked from
   a per-bundle zygote (:mod:`worker.executors.zygote`) instead: a task that leaks state between
   shards cannot leak it, at the cost of a fork per shard.
@@ -11,7 +10,7 @@ then
 
 Every attempt carries a token in its environment (:mod:`worker.executors.reaper`); when an attempt
 ends, however it ends, its process group is killed and so is every orphan that carries its token.
-The worker only sees a :class:`RunningTask`.
+The worker only sees a :class:`~worker.executors.base.RunningTask`.
 """
 
 from __future__ import annotations
@@ -21,119 +20,26 @@ import json
 import os
 import secrets
 import select
-import signal
 import subprocess
 import sys
 import threading
 import time
-from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import IO, Any
 
-import worker
 from worker.bundle import SHELL_ENTRY, UnpackedBundle
 from worker.executors import reaper
+from worker.executors.base import (
+    PROCESSES,
+    WORKER_PATH,
+    RunningTask,
+    TaskExecutor,
+    pdeathsig,
+    wait_process,
+)
+from worker.executors.zygote_client import Zygote
 from worker.protocol import Entry
 from worker.taskapi import TaskShard
-
-_WORKER_PATH = str(Path(worker.__file__).resolve().parent.parent)
-
-
-class _Processes:
-    """This worker's own children and its running attempts, for the orphan sweep."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.known: set[int] = set()
-        self.live: set[str] = set()
-
-    def spawn(self, argv: list[str], token: str | None, **kwargs: Any) -> subprocess.Popen[bytes]:
-        # The worker agent makes its process a subreaper (Agent.run), so orphans come back to it.
-        with self.lock:  # a child is registered before any sweep can see it
-            proc = subprocess.Popen(argv, **kwargs)
-            self.known.add(proc.pid)
-            if token is not None:
-                self.live.add(token)
-            return proc
-
-    def forget(self, pid: int) -> None:
-        with self.lock:
-            self.known.discard(pid)
-
-    def ended(self, token: str, group: int | None = None) -> None:
-        """The attempt is over: kill the orphans it left (and any other ended attempt's), and
-        reap what died of its process ``group``."""
-        with self.lock:
-            self.live.discard(token)
-            reaper.sweep_orphans(
-                os.getpid(),
-                live_tokens=self.live,
-                known=self.known,
-                groups=() if group is None else (group,),
-            )
-
-    def begin(self, token: str) -> None:
-        with self.lock:
-            self.live.add(token)
-
-    def discard(self, token: str) -> None:
-        """The attempt ended with nothing left to sweep (its host killed its own leftovers)."""
-        with self.lock:
-            self.live.discard(token)
-
-
-PROCESSES = _Processes()
-
-
-class RunningTask(ABC):
-    """One attempt's process (group)."""
-
-    pid: int | None = None
-    token: str = ""
-    reason: str | None = None  # the task's own account of a failure (a Python exception's line)
-
-    @abstractmethod
-    def wait(self, timeout: float | None) -> int | None:
-        """The exit code (negative: killed by that signal), or None if still running."""
-
-    def signal(self, sig: int) -> None:
-        if self.pid is None:
-            return
-        try:
-            os.killpg(self.pid, sig)
-        except ProcessLookupError:
-            pass
-        except PermissionError:  # the group is not ours yet (setsid pending): the leader alone
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, sig)
-
-    def stop(self, grace: float) -> int | None:
-        """SIGTERM the group, SIGKILL it after ``grace`` seconds; the exit code."""
-        self.signal(signal.SIGTERM)
-        code = self.wait(grace)
-        if code is None:
-            self.signal(signal.SIGKILL)
-            code = self.wait(10.0)
-        return code
-
-
-def wait_process(proc: subprocess.Popen[bytes], timeout: float | None) -> int | None:
-    """The process's exit code, or None if it still runs after ``timeout`` seconds. Blocks on
-    a pidfd rather than Popen's sleep-polling, so short tasks end promptly."""
-    if timeout is not None and proc.returncode is None:
-        fd = os.pidfd_open(proc.pid)
-        try:
-            select.select([fd], [], [], timeout)
-        finally:
-            os.close(fd)
-    try:
-        return proc.wait(0 if timeout is not None else None)
-    except subprocess.TimeoutExpired:
-        return None
-
-
-def _pdeathsig() -> None:  # runs in the child between fork and exec
-    reaper.die_with_parent()
 
 
 class _ShellTask(RunningTask):
@@ -170,7 +76,7 @@ class _Spares:
 
     def start(self, count: int) -> None:
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (_WORKER_PATH, env.get("PYTHONPATH")) if p)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (WORKER_PATH, env.get("PYTHONPATH")) if p)
         env["PYTHONUNBUFFERED"] = "1"
         with self._lock:
             while len(self._procs) < count:
@@ -394,7 +300,7 @@ class HostTask(RunningTask):
         return self._code
 
 
-class Executor:
+class Executor(TaskExecutor):
     """Starts attempts of one unpacked bundle; ``slot`` picks the warm host to use."""
 
     def __init__(self, bundle: UnpackedBundle, entry: Entry, *, isolate: bool | None = None):
@@ -405,12 +311,12 @@ class Executor:
         self.isolate = isolate
         self._hosts: dict[int, Host] = {}
         self._cold = False  # the task does not import: a fresh interpreter per shard shows why
-        self._zygote: Any = None
+        self._zygote: Zygote | None = None
         self._lock = threading.Lock()
 
     def _base_env(self) -> dict[str, str]:
         env = dict(os.environ)
-        paths = [self.bundle.python_path(), _WORKER_PATH]
+        paths = [self.bundle.python_path(), WORKER_PATH]
         if env.get("PYTHONPATH"):
             paths.append(env["PYTHONPATH"])
         env["PYTHONPATH"] = os.pathsep.join(paths)
@@ -471,7 +377,7 @@ class Executor:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                preexec_fn=_pdeathsig,  # bash dies with its worker
+                preexec_fn=pdeathsig,  # bash dies with its worker
             )
         return _ShellTask(proc, token)
 
@@ -487,13 +393,11 @@ class Executor:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                preexec_fn=_pdeathsig,
+                preexec_fn=pdeathsig,
             )
         return _ShellTask(proc, token)
 
     def _start_isolated(self, env: dict[str, str], log_path: Path, token: str) -> RunningTask:
-        from worker.executors.zygote_client import Zygote
-
         with self._lock:
             if self._zygote is not None and not self._zygote.alive:
                 self._zygote.close()

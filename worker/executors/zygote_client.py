@@ -15,7 +15,7 @@ from typing import IO, Any
 
 from worker.bundle import UnpackedBundle
 from worker.executors import reaper
-from worker.executors.process import PROCESSES, RunningTask
+from worker.executors.base import PROCESSES, RunningTask
 
 
 class ZygoteTask(RunningTask):

@@ -1,31 +1,100 @@
-"""The default combine on Cloud Storage: concatenated in the bucket, not on the runner.
+"""The Google Cloud deployment's combine: concatenated in the bucket, not on the runner.
 
 Per output path, the committed parts are composed in shard order (:func:`compose_tree`). A part
 whose last byte is not a newline is followed by a one-byte newline object, as the local combine
 writes one. The runner reads one byte of each part for that check; with declared headers it also
 reads each part's first line, and re-uploads the parts after the first without it (compose
-cannot cut an object), which is the only case where part bytes pass through the runner.
+cannot cut an object), which is the only case where part bytes pass through the runner; above
+:func:`runner.backends.gcp.strip.threshold` bytes the deployment's workers make those copies
+instead (:mod:`runner.backends.gcp.strip`). :class:`BucketCombiner` is the
+:class:`~runner.results.parts.Combiner` the deployment hands in.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from runner.backends.gcp.compose import (
     NEWLINE_KEY,
-    StripJob,
-    StripRunner,
-    Traffic,
     compose_tree,
+    copy_to,
     ends_with_newline,
     first_line,
     sizes,
     strip_first_line,
 )
-from runner.results.combine import Combined, Part, Warn, header_warning
+from runner.backends.gcp.strip import strip_on_workers, threshold
+from runner.results.parts import (
+    Combined,
+    OnWorkers,
+    Part,
+    StripJob,
+    StripRunner,
+    Traffic,
+    Warn,
+    headed,
+    header_warning,
+)
 from worker.backends.gcp.gcs import GcsStore
 from worker.errors import TaskError
 from worker.protocol import Layout, Manifest
+from worker.store import Store
 
-HEADER_SUFFIXES = (".csv", ".tsv")
+
+class BucketCombiner:
+    """Composes parts in the bucket; big header-less copies are made on the workers."""
+
+    def concatenate(
+        self,
+        store: Store,
+        manifest: Manifest,
+        groups: dict[str, list[Part]],
+        *,
+        headers: bool | None,
+        warn: Warn,
+        work: Path,
+        workers: OnWorkers | None,
+    ) -> Combined:
+        """:func:`combine_in_bucket`, with the header-less copies on ``workers`` when given and
+        they add up to more than :func:`~runner.backends.gcp.strip.threshold` bytes."""
+        strip = None if workers is None else _strip_on(workers, store, manifest.run_id)
+        return combine_in_bucket(
+            _gcs(store),
+            manifest,
+            groups,
+            headers=headers,
+            warn=warn,
+            strip=strip,
+            strip_threshold=threshold(),
+        )
+
+    def copy_to_bucket(self, store: Store, key: str, bucket: str, name: str) -> None:
+        """A server-side copy (``--out gs://...``): no byte passes through the runner."""
+        copy_to(_gcs(store), key, bucket, name)
+
+
+def _strip_on(workers: OnWorkers, store: Store, run_id: str) -> StripRunner:
+    """Header-less copies made by a helper run on the deployment's workers."""
+
+    def strip(jobs: list[StripJob]) -> None:
+        workers.say(f"copying {len(jobs)} parts without their headers on the workers")
+        strip_on_workers(
+            store,
+            workers.queue,
+            workers.make_watcher,
+            run_id=run_id,
+            bucket=_gcs(store).bucket_name,
+            jobs=jobs,
+            poll_seconds=workers.poll_seconds,
+        )
+
+    return strip
+
+
+def _gcs(store: Store) -> GcsStore:
+    if not isinstance(store, GcsStore):  # the deployment hands this combiner its own store
+        raise TypeError(f"combining in a bucket needs a GcsStore, not {type(store).__name__}")
+    return store
 
 
 def combine_in_bucket(
@@ -56,13 +125,13 @@ def combine_in_bucket(
     jobs: list[StripJob] = []
     try:
         for rel in sorted(groups):
-            headed = rel.lower().endswith(HEADER_SUFFIXES)
+            is_headed = headed(rel)
             sources: list[str] = []
             firsts: list[bytes] = []
             for n, part in enumerate(groups[rel]):
                 full = size_of.get(part.key, 0)
                 key, size = part.key, full
-                if headed and headers is not False:
+                if is_headed and headers is not False:
                     head = first_line(store, part.key, full, traffic)
                     firsts.append(head)
                     if headers and n > 0 and head:
@@ -86,7 +155,7 @@ def combine_in_bucket(
                         store.put(newline, b"\n")
                         made.append(newline)
                     sources.append(newline)
-            if headers is None and headed and (hint := header_warning(firsts, rel)):
+            if headers is None and is_headed and (hint := header_warning(firsts, rel)):
                 warn(hint)
             plans[rel] = sources
         if jobs and strip is not None and sum(j.size for j in jobs) > strip_threshold:
@@ -104,6 +173,3 @@ def combine_in_bucket(
         for key in made:
             store.delete(key)
     return combined
-
-
-__all__ = ["Traffic", "combine_in_bucket"]

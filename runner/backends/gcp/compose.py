@@ -10,11 +10,11 @@ travel (see :func:`strip_first_line`).
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from runner.results.parts import Traffic
 from worker.errors import BackendError
 
 if TYPE_CHECKING:  # the cloud client loads only when a bucket is combined
@@ -31,32 +31,6 @@ MAX_COMPOSE_SOURCES = 32  # Cloud Storage's limit per compose request
 NEWLINE_KEY = "newline"  # a one-byte object composed in after a part that lacks a final newline
 HEAD_FIRST = 512  # bytes first read to find a part's first line; doubled while it is longer
 HEAD_PROBE = 64 * 1024  # most bytes read to find it
-
-
-@dataclass(frozen=True)
-class StripJob:
-    """Copy ``source`` without its first ``skip`` bytes to ``target`` (a header-less part)."""
-
-    source: str
-    skip: int
-    target: str
-    size: int  # bytes the copy will hold
-
-
-StripRunner = Callable[[list[StripJob]], None]  # makes the copies somewhere other than here
-
-
-@dataclass
-class Traffic:
-    """Bytes the runner moved while combining: what the benchmark reports."""
-
-    downloaded: int = 0  # bytes read from the parts (first lines, last bytes, header-less bodies)
-    uploaded: int = 0  # bytes written back (header-less bodies)
-    compose_calls: int = 0
-    downloaded_for_copy: int = 0  # bytes of the combined result copied to ``--out DIR``
-
-    def to_dict(self) -> dict[str, int]:
-        return dict(vars(self))
 
 
 def compose_tree(

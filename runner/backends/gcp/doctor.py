@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import google.auth
 import google.auth.exceptions
@@ -21,25 +20,14 @@ from runner.backends.gcp.deployment import DEFAULT_WORKERS
 from runner.backends.gcp.fleet import GceFleet
 from runner.backends.gcp.quota import fit, read_region, read_template
 from runner.config import Config
+from runner.engine.deployment import Check
 from worker.backends.gcp.gcs import GcsStore, make_client
-from worker.backends.gcp.pubsub import resource_path
+from worker.backends.gcp.pubsub_api import resource_path
 from worker.backends.gcp.vm import COMPUTE_ENDPOINT_ENV
 from worker.errors import CFlowError
 
 CHECK_TIMEOUT = 15.0  # seconds per API call
 FIX = "run `cdktf deploy` (infra/) or correct the name in the deployment outputs"
-
-
-@dataclass(frozen=True)
-class Check:
-    """One finding: ``ok`` or not, and a line saying what was found or what to fix."""
-
-    name: str
-    ok: bool
-    detail: str
-
-    def to_dict(self) -> dict[str, object]:
-        return {"check": self.name, "ok": self.ok, "detail": self.detail}
 
 
 def _api_error(what: str, exc: Exception) -> str:

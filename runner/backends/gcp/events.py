@@ -30,7 +30,8 @@ import time
 import google.cloud.pubsub_v1 as pubsub_v1
 from google.api_core import exceptions as gexc
 
-from worker.backends.gcp.pubsub import PubSubEvents, resource_path
+from worker.backends.gcp.pubsub_api import resource_path
+from worker.backends.gcp.pubsub_events import PubSubEvents
 from worker.errors import BackendError, ConfigError
 from worker.protocol import Layout, Manifest, RunState
 from worker.store import Store

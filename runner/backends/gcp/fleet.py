@@ -22,7 +22,7 @@ import json
 import logging
 import os
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from google.api_core import exceptions as gexc
 from google.api_core.client_options import ClientOptions
@@ -30,10 +30,18 @@ from google.auth.credentials import AnonymousCredentials, Credentials
 from google.cloud import compute_v1
 
 from runner.engine.fleet import Fleet, Instance
-from worker.backends.gcp.vm import COMPUTE_ENDPOINT_ENV, PROBLEMS_PREFIX, is_rate_limited
+from worker.backends.gcp.vm import (
+    COMPUTE_ENDPOINT_ENV,
+    PROBLEMS_PREFIX,
+    agent_log_key,
+    is_rate_limited,
+)
 from worker.clock import SYSTEM_CLOCK, Clock
-from worker.errors import BackendError, ConfigError
+from worker.errors import BackendError, ConfigError, NotFound
 from worker.store import Store
+
+if TYPE_CHECKING:  # only agent_log reads the bucket, through the caller's store
+    from worker.backends.gcp.gcs import GcsStore
 
 log = logging.getLogger("cflow.runner")
 
@@ -125,9 +133,8 @@ class GceFleet(Fleet):
         self.store = store  # the bucket, where VMs report failed boots (None: not read)
         self.max_size = size_limit(zonal=bool(zone))
         self._problems: list[str] = []
-        self._reported: set[str] = set()
+        self._reports = ProblemReports(store, clock)
         self._announced: set[str] = set()
-        self._report_times: dict[str, float] = {}  # VM -> when its report was written
         credentials, options = compute_client_options()
         if zone:
             self._where: dict[str, str] = {"zone": zone}
@@ -237,11 +244,11 @@ class GceFleet(Fleet):
                 return out
 
     def instances(self) -> list[Instance]:
-        reported = self._reported_problems()
+        reported = self._reports.read()
         out = []
         quota: dict[str, int] = {}
         managed = self.managed_instances()
-        self._drop_stale_reports(reported, {instance_name(m) for m in managed})
+        self._reports.drop_stale(reported, {instance_name(m) for m in managed})
         for m in managed:
             name, status = instance_name(m), instance_status(m)
             error = instance_error(m)
@@ -258,8 +265,8 @@ class GceFleet(Fleet):
         for i in out:
             if i.removable:
                 problems.append(f"VM {i.name} {i.error}")
-                if i.name not in self._reported:
-                    self._reported.add(i.name)
+                if i.name not in self._reports.said:
+                    self._reports.said.add(i.name)
                     log.warning("VM %s %s; removing it", i.name, i.error)
         self._problems = problems
         return sorted(out, key=lambda i: i.name)
@@ -267,33 +274,6 @@ class GceFleet(Fleet):
     def problems(self) -> list[str]:
         """What the last :meth:`instances` found wrong: creation errors, failed boots."""
         return list(self._problems)
-
-    def _reported_problems(self) -> dict[str, str]:
-        """VM name -> what it reported in the bucket (failed boot, cannot remove itself)."""
-        if self.store is None:
-            return {}
-        found = {}
-        self._report_times = {}
-        try:
-            for key in self.store.list(PROBLEMS_PREFIX, suffix=".json"):
-                record = json.loads(self.store.get(key))
-                found[str(record["vm"])] = str(record["problem"])
-                self._report_times[str(record["vm"])] = float(record.get("at", 0.0))
-        except Exception as exc:  # the fleet still works without these reports
-            log.warning("cannot read VM problem reports: %s", exc)
-        return found
-
-    def _drop_stale_reports(self, reported: dict[str, str], members: set[str]) -> None:
-        """Reports of VMs that left the group (one that removed itself after a failed boot)."""
-        if self.store is None:
-            return
-        now = self.clock.time()
-        for name in set(reported) - members:
-            if now - self._report_times.get(name, 0.0) > STALE_REPORT_SECONDS:
-                try:
-                    self.store.delete(f"{PROBLEMS_PREFIX}{name}.json")
-                except Exception as exc:
-                    log.warning("cannot delete the problem report of %s: %s", name, exc)
 
     def grow(self, count: int) -> list[str]:
         """Raise the target size by ``count``; the names the group gave the new instances."""
@@ -322,18 +302,7 @@ class GceFleet(Fleet):
                 "delete instances of", "delete_instances_unary", **{self._delete_field: body}
             )
             self._pending.append(operation.name)
-        self._forget_reports(wanted)
-
-    def _forget_reports(self, names: set[str]) -> None:
-        """Drop the problem reports of deleted VMs: a VM recreated under the name is new."""
-        if self.store is None:
-            return
-        for name in names & self._reported:
-            try:
-                self.store.delete(f"{PROBLEMS_PREFIX}{name}.json")
-            except Exception as exc:
-                log.warning("cannot delete the problem report of %s: %s", name, exc)
-            self._reported.discard(name)
+        self._reports.forget(wanted)
 
     def wait_empty(self, timeout: float) -> bool:
         deadline = self.clock.monotonic() + timeout
@@ -383,6 +352,61 @@ class GceFleet(Fleet):
         self._pending = still
 
 
+class ProblemReports:
+    """What VMs wrote to the bucket when they could not boot or remove themselves
+    (``fleet/_problems/<vm>.json``), read, said and deleted on behalf of a :class:`GceFleet`.
+
+    Args:
+        store: the bucket (None: no report is read).
+        clock: when a report of a VM gone from the group is old enough to delete.
+    """
+
+    def __init__(self, store: Store | None, clock: Clock) -> None:
+        self.store = store
+        self.clock = clock
+        self.said: set[str] = set()  # VMs whose report was logged (and whose removal began)
+        self._times: dict[str, float] = {}  # VM -> when its report was written
+
+    def read(self) -> dict[str, str]:
+        """VM name -> what it reported (failed boot, cannot remove itself)."""
+        if self.store is None:
+            return {}
+        found = {}
+        self._times = {}
+        try:
+            for key in self.store.list(PROBLEMS_PREFIX, suffix=".json"):
+                record = json.loads(self.store.get(key))
+                found[str(record["vm"])] = str(record["problem"])
+                self._times[str(record["vm"])] = float(record.get("at", 0.0))
+        except Exception as exc:  # the fleet still works without these reports
+            log.warning("cannot read VM problem reports: %s", exc)
+        return found
+
+    def drop_stale(self, reported: dict[str, str], members: set[str]) -> None:
+        """Delete the old reports of VMs that left the group (one that removed itself after a
+        failed boot)."""
+        if self.store is None:
+            return
+        now = self.clock.time()
+        for name in set(reported) - members:
+            if now - self._times.get(name, 0.0) > STALE_REPORT_SECONDS:
+                try:
+                    self.store.delete(f"{PROBLEMS_PREFIX}{name}.json")
+                except Exception as exc:
+                    log.warning("cannot delete the problem report of %s: %s", name, exc)
+
+    def forget(self, names: set[str]) -> None:
+        """Drop the problem reports of deleted VMs: a VM recreated under the name is new."""
+        if self.store is None:
+            return
+        for name in names & self.said:
+            try:
+                self.store.delete(f"{PROBLEMS_PREFIX}{name}.json")
+            except Exception as exc:
+                log.warning("cannot delete the problem report of %s: %s", name, exc)
+            self.said.discard(name)
+
+
 class _RateLimited(Exception):
     """A call refused for a rate limit; retried by :meth:`GceFleet._retrying`."""
 
@@ -400,3 +424,24 @@ def _raise_for(operation: Any, what: str) -> None:
     if errors:
         detail = "; ".join(f"{e.code}: {e.message}" for e in errors)
         raise BackendError(f"{what} failed: {detail}")
+
+
+def agent_log(store: GcsStore, worker: str) -> bytes:
+    """A worker VM's own agent log (``fleet/<vm>/agent.log``), kept after the VM is gone.
+
+    Raises:
+        NotFound: that worker never uploaded one.
+    """
+    try:
+        return store.get(agent_log_key(worker))
+    except NotFound:
+        raise NotFound(f"no agent log for worker {worker} in gs://{store.bucket_name}") from None
+
+
+def agent_logs(store: GcsStore) -> list[str]:
+    """Workers that left an agent log, by name."""
+    return sorted(
+        key.split("/")[1]
+        for key in store.list("fleet/", suffix="/agent.log")
+        if key.count("/") == 2
+    )

@@ -152,7 +152,7 @@ def gpu_quota_metric(gpu_type: str, *, spot: bool) -> str:
 
 @dataclass(frozen=True)
 class VmNeeds:
-    """What one VM of a machine shape takes from the quotas (runner.backends.gcp.shapes.groups)."""
+    """What one VM of a machine shape takes from the quotas (runner.backends.gcp.shapes.checks)."""
 
     machine_type: str
     vcpus: int

@@ -13,14 +13,13 @@ from __future__ import annotations
 import os
 import tempfile
 import textwrap
-from collections.abc import Callable
 from pathlib import Path
 
-from runner.backends.gcp.compose import StripJob
 from runner.engine import runs
-from runner.engine.watch import Watcher
+from runner.engine.reports import iter_shard_reports
+from runner.results.parts import MakeWatcher, StripJob
 from worker.errors import BackendError
-from worker.protocol import Manifest, RunOptions, Shard, ShardState, shard_id_for_index
+from worker.protocol import RunOptions, Shard, ShardState, shard_id_for_index
 from worker.queue import WorkQueue
 from worker.store import Store
 
@@ -49,10 +48,9 @@ STRIP_TASK = textwrap.dedent(
     '''
 ).lstrip()
 
-MakeWatcher = Callable[[Manifest, int], Watcher]  # (helper manifest, shards) -> watcher
-
 
 def threshold() -> int:
+    """Bytes of header-less copies above which the workers make them (:data:`ON_WORKERS_ENV`)."""
     value = os.environ.get(ON_WORKERS_ENV)
     return int(value) if value else ON_WORKERS_BYTES
 
@@ -94,7 +92,7 @@ def strip_on_workers(
     if snapshot.cancelled or snapshot.failed:
         failed = [
             r
-            for r in runs.iter_shard_reports(store, runs.load_manifest(store, helper.run_id))
+            for r in iter_shard_reports(store, runs.load_manifest(store, helper.run_id))
             if r.state is not ShardState.SUCCEEDED
         ]
         why = failed[0].reason if failed and failed[0].reason else "it did not finish"

@@ -6,23 +6,10 @@ import os
 import shutil
 import sqlite3
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 from runner.config import Config
-
-
-@dataclass(frozen=True)
-class Check:
-    """One finding, shaped as the cloud doctor's (``runner.backends.gcp.doctor.Check``) without its
-    imports."""
-
-    name: str
-    ok: bool
-    detail: str
-
-    def to_dict(self) -> dict[str, object]:
-        return {"check": self.name, "ok": self.ok, "detail": self.detail}
+from runner.engine.deployment import Check
 
 
 def local_checks(cfg: Config) -> list[Check]:

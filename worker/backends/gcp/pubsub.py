@@ -1,4 +1,4 @@
-"""The Pub/Sub queue and event bus: shards on the work topic, progress on the events topic.
+"""The Pub/Sub work queue: shards on the work topic, received from its subscription.
 
 Workers **receive** with a synchronous pull of at most their free slots, so no worker holds work
 another idle VM could take. Every pull gives the server at least ``PULL_DEADLINE`` to answer,
@@ -12,36 +12,36 @@ can take up to ``PULL_DEADLINE``: the price of never abandoning a pull in flight
 ``max_outstanding_messages`` and streams the whole backlog to the first subscriber; the unary pull
 behaves the same everywhere.)
 A lease is the message's ack deadline: set when the message arrives and extended in one batched
-call per period by a background **leaser**, for as long as the message is held but at most
-``max_lease_seconds`` (beyond that only the agent's :meth:`PubSubQueue.extend` calls keep it).
+call per period by a background **leaser** (:mod:`worker.backends.gcp.pubsub_leases`), for as
+long as the message is held but at most ``max_lease_seconds`` (beyond that only the agent's
+:meth:`PubSubQueue.extend` calls keep it).
 **ack** is ``acknowledge`` after commit; **nack** is ``modify_ack_deadline 0``, which redelivers
 at once.
 
-The runner takes events and dead letters through a streaming pull (:class:`Inbox`): it is the
-only consumer, and the stream avoids polling two subscriptions several times a second.
+The runner takes dead letters through a streaming pull
+(:class:`~worker.backends.gcp.pubsub_inbox.Inbox`); progress events travel on the event bus
+(:mod:`worker.backends.gcp.pubsub_events`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
-from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import Future
-from dataclasses import dataclass
 from itertools import islice
 from typing import Any
 
 import google.cloud.pubsub_v1 as pubsub_v1
 from google.api_core import exceptions as gexc
-from google.cloud.pubsub_v1.subscriber.message import Message
 
 from worker import defaults
+from worker.backends.gcp.pubsub_api import ACK_IDS_PER_CALL, not_found_or_denied, resource_path
+from worker.backends.gcp.pubsub_inbox import Inbox
+from worker.backends.gcp.pubsub_leases import Lease, Leases
 from worker.clock import SYSTEM_CLOCK, Clock
 from worker.errors import BackendError
-from worker.protocol import Event, WorkMessage
-from worker.queue import Delivery, EventBus, WorkQueue
+from worker.protocol import WorkMessage
+from worker.queue import Delivery, WorkQueue
 
 log = logging.getLogger("cflow.pubsub")
 
@@ -49,8 +49,6 @@ MIN_ACK_DEADLINE = 10  # seconds: Pub/Sub's bounds for an ack deadline
 MAX_ACK_DEADLINE = 600
 MAX_LEASE_SECONDS = 6 * 3600.0  # longest the leaser keeps a message without agent heartbeats
 PUBLISH_TIMEOUT = 120.0  # seconds to wait for one batch of publishes to be stored
-ACK_IDS_PER_CALL = 1000  # ack ids per acknowledge / modify_ack_deadline request
-INBOX_MAX_MESSAGES = 10_000  # events or dead letters the runner holds before taking them
 PULL_DEADLINE = 5.0  # seconds a pull may take: one that finds messages is answered in milliseconds
 _PULL_BACKOFF = (0.02, 0.25)  # seconds: first and longest pause between empty pulls
 _TRANSIENT = (
@@ -62,30 +60,6 @@ _TRANSIENT = (
     gexc.Unknown,
     gexc.RetryError,
 )
-
-
-def resource_path(project: str, kind: str, name: str) -> str:
-    """``projects/P/<kind>/NAME`` from a bare name, or the full path unchanged."""
-    if name.startswith("projects/"):
-        return name
-    return f"projects/{project}/{kind}/{name}"
-
-
-def _not_found_or_denied(exc: BaseException, what: str) -> BackendError:
-    if isinstance(exc, gexc.NotFound):
-        return BackendError(f"{what} does not exist; check the deployment (`runner doctor`)")
-    if isinstance(exc, gexc.PermissionDenied | gexc.Forbidden | gexc.Unauthenticated):
-        return BackendError(f"no permission to use {what}; check the credentials' roles")
-    return BackendError(f"{what}: {exc}")
-
-
-@dataclass
-class _Lease:
-    """A received message: its ack id and how long it should be kept."""
-
-    ack_id: str
-    received: float  # clock.monotonic() at receipt
-    wanted_until: float  # the agent's extend() horizon (monotonic)
 
 
 class PubSubQueue(WorkQueue):
@@ -128,9 +102,12 @@ class PubSubQueue(WorkQueue):
             self._subscriber = pubsub_v1.SubscriberClient()  # shared by every slot's thread
         self._publisher = publisher
         self._lock = threading.Lock()
-        self._leases: dict[str, _Lease] = {}
-        self._leaser: threading.Thread | None = None
-        self._closed = threading.Event()
+        self._leases = Leases(
+            self._modify,
+            lease_seconds=self.lease_seconds,
+            max_lease_seconds=self.max_lease_seconds,
+            clock=clock,
+        )
         self._dead = (
             Inbox(
                 self.subscriber,
@@ -180,7 +157,7 @@ class PubSubQueue(WorkQueue):
                 try:
                     future.result(timeout=PUBLISH_TIMEOUT)
                 except Exception as exc:
-                    raise _not_found_or_denied(exc, f"work topic {where}") from None
+                    raise not_found_or_denied(exc, f"work topic {where}") from None
             count += len(batch)
         return count
 
@@ -214,7 +191,8 @@ class PubSubQueue(WorkQueue):
         pause = _PULL_BACKOFF[0]
         while True:
             received = self._pull(max_messages, max(timeout, PULL_DEADLINE))
-            if received and self._closed.is_set():  # closed while the pull was out: give back
+            if received and self._leases.closed.is_set():
+                # Closed while the pull was out: the messages go back at once.
                 self._modify([r.ack_id for r in received], 0)
                 return []
             if received:
@@ -239,7 +217,7 @@ class PubSubQueue(WorkQueue):
                 log.warning("pull from %s failed, will retry: %s", self.subscription, exc)
             return []
         except gexc.GoogleAPICallError as exc:
-            raise _not_found_or_denied(exc, f"work subscription {self.subscription}") from None
+            raise not_found_or_denied(exc, f"work subscription {self.subscription}") from None
         return list(response.received_messages)
 
     def _lease_all(self, received: Sequence[Any]) -> list[Delivery]:
@@ -249,34 +227,27 @@ class PubSubQueue(WorkQueue):
             self._modify(ack_ids, self.lease_seconds)
         except gexc.GoogleAPICallError as exc:  # the leaser tries again within a period
             log.warning("could not lease %d received messages: %s", len(ack_ids), exc)
-        now = self.clock.monotonic()
         out = []
-        with self._lock:
-            for r in received:
-                lease = _Lease(r.ack_id, now, now)
-                self._leases[r.ack_id] = lease
-                try:
-                    message = WorkMessage.from_json(r.message.data)
-                except (ValueError, TypeError, KeyError):
-                    log.error("dropping a malformed work message %s", r.message.message_id)
-                    self._leases.pop(r.ack_id)
-                    self._acknowledge([r.ack_id])
-                    continue
-                # delivery_attempt is 0 when the subscription has no dead-letter policy.
-                out.append(Delivery(message, max(r.delivery_attempt, 1), lease))
-            self._start_leaser()
+        for r, lease in zip(received, self._leases.hold(ack_ids), strict=True):
+            try:
+                message = WorkMessage.from_json(r.message.data)
+            except (ValueError, TypeError, KeyError):
+                log.error("dropping a malformed work message %s", r.message.message_id)
+                self._leases.drop(lease)
+                self._acknowledge([r.ack_id])
+                continue
+            # delivery_attempt is 0 when the subscription has no dead-letter policy.
+            out.append(Delivery(message, max(r.delivery_attempt, 1), lease))
         return out
 
     def ack(self, delivery: Delivery) -> None:
-        lease: _Lease = delivery.handle
-        with self._lock:
-            self._leases.pop(lease.ack_id, None)
+        lease: Lease = delivery.handle
+        self._leases.drop(lease)
         self._acknowledge([lease.ack_id])
 
     def nack(self, delivery: Delivery, *, delay: float = 0.0) -> None:
-        lease: _Lease = delivery.handle
-        with self._lock:
-            self._leases.pop(lease.ack_id, None)
+        lease: Lease = delivery.handle
+        self._leases.drop(lease)
         # An ack deadline of N seconds is a redelivery after N (at most 600, Pub/Sub's limit).
         self._modify([lease.ack_id], int(min(max(delay, 0), 600)))
 
@@ -294,29 +265,7 @@ class PubSubQueue(WorkQueue):
 
         No call of its own: the leaser renews every held message in one batched call.
         """
-        lease: _Lease = delivery.handle
-        with self._lock:
-            lease.wanted_until = max(lease.wanted_until, self.clock.monotonic() + seconds)
-
-    def _start_leaser(self) -> None:
-        if self._leaser is None:
-            self._leaser = threading.Thread(target=self._lease_loop, name="leaser", daemon=True)
-            self._leaser.start()
-
-    def _lease_loop(self) -> None:
-        period = self.lease_seconds / 3
-        while not self._closed.wait(period):
-            now = self.clock.monotonic()
-            with self._lock:
-                ids = [
-                    lease.ack_id
-                    for lease in self._leases.values()
-                    if now - lease.received < self.max_lease_seconds or now < lease.wanted_until
-                ]
-            try:
-                self._modify(ids, self.lease_seconds)
-            except Exception:  # the next period tries again; a lapsed lease only redelivers
-                log.warning("could not extend %d leases", len(ids), exc_info=True)
+        self._leases.extend(delivery.handle, seconds)
 
     def _acknowledge(self, ack_ids: list[str]) -> None:
         assert self.subscription is not None
@@ -348,10 +297,7 @@ class PubSubQueue(WorkQueue):
         return out
 
     def close(self) -> None:
-        self._closed.set()
-        with self._lock:
-            held = list(self._leases)
-            self._leases.clear()
+        held = self._leases.close()
         if held:  # the agent settles every delivery; anything left goes back at once
             try:
                 self._modify(held, 0)
@@ -363,143 +309,3 @@ class PubSubQueue(WorkQueue):
             self._publisher.stop()
         if self._owns_subscriber and self._subscriber is not None:
             self._subscriber.close()
-
-
-class Inbox:
-    """A streaming pull into a buffer; :meth:`take` hands out (and acks) what has arrived.
-
-    The stream starts on the first :meth:`take`, so commands that never read open none.
-    """
-
-    def __init__(
-        self,
-        subscriber: pubsub_v1.SubscriberClient,
-        subscription: str,
-        *,
-        max_messages: int = INBOX_MAX_MESSAGES,
-    ):
-        self.subscriber = subscriber
-        self.subscription = subscription
-        self.max_messages = max_messages
-        self._buffer: deque[Message] = deque()
-        self._cond = threading.Condition()
-        self._future: Future[Any] | None = None
-
-    def _on_message(self, message: Message) -> None:
-        with self._cond:
-            self._buffer.append(message)  # while closing too: close() returns them all
-            self._cond.notify_all()
-
-    def _start(self) -> None:
-        if self._future is None:
-            self._future = self.subscriber.subscribe(
-                self.subscription,
-                self._on_message,
-                flow_control=pubsub_v1.types.FlowControl(max_messages=self.max_messages),
-                await_callbacks_on_shutdown=True,
-            )
-
-    def take(self, max_items: int, timeout: float) -> list[Message]:
-        """Up to ``max_items`` messages, waiting up to ``timeout`` seconds for the first."""
-        with self._cond:
-            self._start()
-            assert self._future is not None
-            if not self._buffer and timeout > 0:
-                self._cond.wait(timeout)
-            if not self._buffer and self._future.done():
-                exc = self._future.exception()
-                self._future = None  # the next take reopens the stream
-                if exc is not None:
-                    raise _not_found_or_denied(exc, f"subscription {self.subscription}")
-            taken = [self._buffer.popleft() for _ in range(min(max_items, len(self._buffer)))]
-        for message in taken:
-            message.ack()
-        return taken
-
-    def close(self) -> None:
-        """End the stream and give back what was not taken, for the next reader at once."""
-        if self._future is not None:
-            self._future.cancel()
-            # Cancelled, or failed earlier: either way the stream is over.
-            with contextlib.suppress(Exception):
-                self._future.result(timeout=30)
-            self._future = None
-        with self._cond:
-            left = [m.ack_id for m in self._buffer]
-            self._buffer.clear()
-        # Nacked only now, by a plain call: nacked while the stream was still open, they went
-        # straight back to this closing stream and waited out their deadline.
-        for start in range(0, len(left), ACK_IDS_PER_CALL):
-            try:
-                self.subscriber.modify_ack_deadline(
-                    subscription=self.subscription,
-                    ack_ids=left[start : start + ACK_IDS_PER_CALL],
-                    ack_deadline_seconds=0,
-                )
-            except gexc.GoogleAPICallError as exc:
-                log.warning("could not give back %d messages: %s", len(left), exc)
-
-
-class PubSubEvents(EventBus):
-    """Events published to a topic (workers) and taken from its subscription (the runner)."""
-
-    def __init__(
-        self,
-        *,
-        project: str,
-        topic: str | None = None,
-        subscription: str | None = None,
-        subscriber: pubsub_v1.SubscriberClient | None = None,
-        publisher: pubsub_v1.PublisherClient | None = None,
-    ):
-        self.topic = resource_path(project, "topics", topic) if topic else None
-        self._publisher = publisher
-        self._owns_subscriber = subscriber is None and subscription is not None
-        self._subscriber = subscriber
-        self._inbox: Inbox | None = None
-        if subscription:
-            self._subscriber = subscriber or pubsub_v1.SubscriberClient()
-            self._inbox = Inbox(
-                self._subscriber, resource_path(project, "subscriptions", subscription)
-            )
-        self._lock = threading.Lock()
-
-    def publish(self, event: Event) -> None:
-        """Queue the event for publishing and return; failures are logged (events are lossy)."""
-        if self.topic is None:
-            return
-        with self._lock:
-            if self._publisher is None:
-                self._publisher = pubsub_v1.PublisherClient()
-        attributes = {"kind": event.kind, "worker": event.worker}
-        if event.run_id:
-            attributes["run_id"] = event.run_id
-        if event.shard_id:
-            attributes["shard_id"] = event.shard_id
-        future = self._publisher.publish(self.topic, event.to_json(), **attributes)
-        future.add_done_callback(_log_failure)
-
-    def pull(self, max_events: int = 1000, timeout: float = 0.0) -> list[Event]:
-        if self._inbox is None:
-            return []
-        events = []
-        for message in self._inbox.take(max_events, timeout):
-            try:
-                events.append(Event.from_json(message.data))
-            except (ValueError, TypeError, KeyError):
-                log.warning("dropping a malformed event %s", message.message_id)
-        return events
-
-    def close(self) -> None:
-        if self._inbox is not None:
-            self._inbox.close()
-        if self._publisher is not None:
-            self._publisher.stop()  # sends what is still batched
-        if self._owns_subscriber and self._subscriber is not None:
-            self._subscriber.close()
-
-
-def _log_failure(future: Any) -> None:
-    exc = future.exception()
-    if exc is not None:
-        log.warning("could not publish an event: %s", exc)

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from worker.errors import BackendError
+from worker.errors import BackendError, DiskFull
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -137,10 +137,6 @@ def _migrate(conn: sqlite3.Connection) -> None:
         for name, declaration in columns:
             if name not in have:
                 conn.execute(f"ALTER TABLE {table} ADD COLUMN {name} {declaration}")
-
-
-class DiskFull(BackendError):
-    """The local store's disk is full: nothing was written; free space and go on."""
 
 
 def _backend_error(path: Path, exc: sqlite3.Error) -> BackendError:

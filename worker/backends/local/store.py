@@ -24,8 +24,8 @@ from collections.abc import Iterator
 from itertools import islice
 from pathlib import Path
 
-from worker.backends.local.db import Db, DiskFull
-from worker.errors import NotFound
+from worker.backends.local.db import Db
+from worker.errors import DiskFull, NotFound
 from worker.store import Store
 
 QUEUE_FILE = "queue.db"

@@ -23,18 +23,16 @@ container whose worker is gone (:func:`reap_orphans`, docker too).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import secrets
 import signal
 import socket
 import subprocess
-import tempfile
 import threading
 from pathlib import Path
 
-import worker
 from worker.bundle import SHELL_ENTRY, UnpackedBundle
+from worker.executors.base import RunningTask, TaskExecutor, wait_process
 from worker.executors.container.runtime import (
     ContainerRuntimeMissing,
     GpuSupportMissing,
@@ -44,29 +42,24 @@ from worker.executors.container.runtime import (
     detect_runtime,
     ensure_image,
 )
+from worker.executors.container.spec import OWNER_LABEL, TASK_DIR, ContainerSpec, safe_name
 from worker.executors.container.warm import WarmContainers
-from worker.executors.process import RunningTask, wait_process
 from worker.protocol import Entry, slug
 from worker.taskapi import TaskShard
 
 __all__ = ["ContainerExecutor", "ContainerRuntimeMissing", "GpuSupportMissing", "ImagePullError"]
 
-TASK_DIR = "/task"
-LIB_DIR = "/opt/cflow"
-DEPS_DIR = "/opt/cflow/deps"
 INPUT_DIR = "/cflow/input"
 OUTPUT_DIR = "/cflow/out"
 BACKSTOP_SECONDS = 60.0  # podman kills a container this long after the attempt's timeout
-OWNER_LABEL = "cflow.owner"  # HOST:PID of the worker process that started the container
-
-_WORKER_PACKAGE = Path(worker.__file__).resolve().parent
 
 
-class ContainerExecutor:
+class ContainerExecutor(TaskExecutor):
     """Starts attempts of one unpacked bundle in containers of ``image``.
 
-    The same surface as :class:`worker.executors.process.Executor`: :meth:`start`, :attr:`queues`
-    and :meth:`close`. A ``task.py`` runs in a warm container per slot
+    A :class:`~worker.executors.base.TaskExecutor`, as :class:`worker.executors.process.Executor`
+    is; the containers are made as its :attr:`spec` says. A ``task.py`` runs in a warm container
+    per slot
     (:mod:`worker.executors.container.warm`) unless ``isolate``; a ``task.sh``, an isolated
     ``task.py`` and a shard whose folders a warm container cannot mount get a container per attempt.
 
@@ -103,20 +96,17 @@ class ContainerExecutor:
     ):
         self.bundle = bundle
         self.entry = entry
-        self.image = image
-        self.runtime = runtime or detect_runtime()
+        self.spec = ContainerSpec(bundle, image, runtime or detect_runtime(), network, gpu)
         self.timeout = timeout
         self.backstop = backstop
-        self.network = network
-        self.gpu = gpu
         self._live: set[str] = set()
         self._lock = threading.Lock()
         if gpu:
-            check_gpu_support(self.runtime)
-        ensure_image(self.runtime, image)
-        reap_orphans(self.runtime)
+            check_gpu_support(self.spec.runtime)
+        ensure_image(self.spec.runtime, image)
+        reap_orphans(self.spec.runtime)
         warm = entry is Entry.PYTHON and not isolate
-        self._warm = WarmContainers(self) if warm else None
+        self._warm = WarmContainers(self.spec) if warm else None
 
     @property
     def queues(self) -> bool:
@@ -125,62 +115,13 @@ class ContainerExecutor:
         rewrite that one's outputs between its end and their sealing."""
         return False
 
-    def run_args(
-        self,
-        name: str,
-        labels: dict[str, str],
-        mounts: list[tuple[Path, str, str]],
-        env: dict[str, str],
-        *,
-        interactive: bool = False,
-        lifetime: float | None = None,
-    ) -> list[str]:
-        """``ENGINE run ... IMAGE`` for container ``name``: the bundle, the task host and
-        ``mounts`` (source, target, ``ro``/``rw``) mounted, ``env`` and the labels set, the
-        image read-only; ``lifetime`` seconds is podman's backstop (``--timeout``)."""
-        rt = self.runtime
-        mounts = [
-            (self.bundle.root, TASK_DIR, "ro"),
-            (_WORKER_PACKAGE, f"{LIB_DIR}/worker", "ro"),
-            *mounts,
-        ]
-        python_path = [TASK_DIR, LIB_DIR]
-        if self.bundle.deps is not None:
-            mounts.append((self.bundle.deps, DEPS_DIR, "ro"))
-            python_path.append(DEPS_DIR)
-        env = {
-            **env,
-            "PYTHONPATH": ":".join(python_path),
-            "PYTHONUNBUFFERED": "1",
-            "PYTHONDONTWRITEBYTECODE": "1",
-        }
-        argv = rt.argv("run", "--rm", "--name", name, "--pull", "never")
-        if interactive:
-            argv.append("--interactive")
-        argv += [*rt.init_args, "--read-only", "--tmpfs", "/tmp"]
-        argv += ["--network", self.network, "--workdir", TASK_DIR]
-        if self.gpu:
-            argv += rt.gpu_args()
-        if rt.name == "podman" and lifetime is not None:
-            argv += ["--timeout", str(max(1, round(lifetime)))]
-        if rt.name == "docker" and os.getuid() != 0:
-            argv += ["--user", f"{os.getuid()}:{os.getgid()}"]  # a rootful daemon's outputs
-        for key, value in {**labels, OWNER_LABEL: _owner()}.items():
-            argv += ["--label", f"{key}={value}"]
-        for source, target, mode in mounts:
-            argv += ["--volume", f"{_mount_source(source)}:{target}:{mode}"]
-        for key, value in env.items():
-            argv += ["--env", f"{key}={value}"]
-        argv.append(self.image)
-        return argv
-
     def command(self, shard: TaskShard, name: str) -> list[str]:
         """The engine command line that runs one attempt as container ``name``."""
         mounts = [(shard.output_dir, OUTPUT_DIR, "rw")]
         inner_input = shard.input
         local_input = shard.input_path
         if local_input is not None:
-            inner_input = f"{INPUT_DIR}/{_safe_name(local_input.name)}"
+            inner_input = f"{INPUT_DIR}/{safe_name(local_input.name)}"
             mounts.append((local_input.resolve(), inner_input, "ro"))
         env = {**shard.env(), "CFLOW_INPUT": inner_input or "", "CFLOW_OUTPUT_DIR": OUTPUT_DIR}
         labels = {
@@ -189,7 +130,7 @@ class ContainerExecutor:
             "cflow.attempt": str(shard.attempt),
         }
         lifetime = None if self.timeout is None else self.timeout + self.backstop
-        argv = self.run_args(name, labels, mounts, env, lifetime=lifetime)
+        argv = self.spec.run_args(name, labels, mounts, env, lifetime=lifetime)
         if self.entry is Entry.SHELL:
             script = f"{TASK_DIR}/{SHELL_ENTRY}"
             argv += [
@@ -217,7 +158,7 @@ class ContainerExecutor:
         with log_path.open("ab") as log:
             proc = subprocess.Popen(
                 argv,
-                env=self.runtime.environ(),
+                env=self.spec.runtime.environ(),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -241,7 +182,7 @@ class ContainerExecutor:
         with self._lock:
             names, self._live = sorted(self._live), set()
         for name in names:
-            self.runtime.remove(name)
+            self.spec.runtime.remove(name)
 
 
 class _ContainerTask(RunningTask):
@@ -265,7 +206,7 @@ class _ContainerTask(RunningTask):
         return code
 
     def signal(self, sig: int) -> None:
-        self._owner.runtime.call("kill", "--signal", str(int(sig)), self.name)
+        self._owner.spec.runtime.call("kill", "--signal", str(int(sig)), self.name)
 
     def stop(self, grace: float) -> int | None:
         """SIGTERM the task, SIGKILL it after ``grace`` seconds, and remove the container."""
@@ -280,7 +221,7 @@ class _ContainerTask(RunningTask):
                 os.killpg(self._proc.pid, signal.SIGKILL)
             code = self.wait(10.0)
         # The client is gone, so nothing creates the container after this removal.
-        self._owner.runtime.remove(self.name)
+        self._owner.spec.runtime.remove(self.name)
         self._owner._forget(self.name)
         return code
 
@@ -288,37 +229,6 @@ class _ContainerTask(RunningTask):
 def _container_name(shard: TaskShard) -> str:
     shard_part = slug(shard.id, 40) or "shard"
     return f"cflow-{slug(shard.run_id, 40)}-{shard_part}-{shard.attempt}-{secrets.token_hex(3)}"
-
-
-def _safe_name(name: str) -> str:
-    """A file name usable as a mount target (``:`` and ``,`` split engine mount options)."""
-    if ":" in name or "," in name or not name:
-        return slug(name) or "input"
-    return name
-
-
-_links_dir: Path | None = None
-_links_lock = threading.Lock()
-
-
-def _mount_source(path: Path) -> str:
-    """``path``, or a symlink to it without ``:`` or ``,`` (mounts follow the link)."""
-    text = str(path)
-    if ":" not in text and "," not in text:
-        return text
-    global _links_dir
-    with _links_lock:
-        if _links_dir is None:
-            _links_dir = Path(tempfile.mkdtemp(prefix="cflow-mounts-"))
-    digest = hashlib.sha256(text.encode()).hexdigest()[:16]  # one link per input, reused
-    link = _links_dir / f"{digest}-{_safe_name(path.name)}"
-    with contextlib.suppress(FileExistsError):
-        link.symlink_to(path)
-    return str(link)
-
-
-def _owner() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 _reaped: set[str] = set()

@@ -45,21 +45,18 @@ import signal
 import subprocess
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from worker.executors import reaper
-from worker.executors.process import PROCESSES, Host, HostTask
+from worker.executors.base import PROCESSES
+from worker.executors.container.runtime import Runtime
+from worker.executors.container.spec import LIB_DIR, TASK_DIR, ContainerSpec
+from worker.executors.process import Host, HostTask
 from worker.protocol import slug
 from worker.taskapi import TaskShard
-
-if TYPE_CHECKING:
-    from worker.executors.container.executor import ContainerExecutor
-    from worker.executors.container.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
 MAX_MOUNTS = 16  # folders one warm container mounts before a fresh one starts with fewer
-TASK_DIR = "/task"
 Mount = tuple[Path, str]  # a folder, mounted at its own path: "ro" or "rw"
 
 # Folders a shard's folder may not be mounted at (the image's own or the engine's), and those
@@ -70,7 +67,7 @@ _NOT_AT = frozenset(
         *("/media", "/mnt", "/opt", "/root", "/run", "/sbin", "/srv", "/tmp", "/var"),
     }
 )
-_NOT_IN = tuple(Path(p) for p in ("/proc", "/sys", "/dev", "/usr", TASK_DIR, "/opt/cflow"))
+_NOT_IN = tuple(Path(p) for p in ("/proc", "/sys", "/dev", "/usr", TASK_DIR, LIB_DIR))
 
 
 def _mountable(folder: Path) -> bool:
@@ -177,10 +174,10 @@ class ContainerHostTask(HostTask):
 
 class WarmContainers:
     """The warm containers of one :class:`~worker.executors.container.executor.ContainerExecutor`,
-    one per slot."""
+    one per slot, made as ``spec`` says."""
 
-    def __init__(self, executor: ContainerExecutor):
-        self._executor = executor
+    def __init__(self, spec: ContainerSpec):
+        self._spec = spec
         self._hosts: dict[int, ContainerHost] = {}
         self._lock = threading.Lock()
         self.cold = False  # the task does not import (or no host starts): one per attempt
@@ -227,7 +224,7 @@ class WarmContainers:
             if not host.ready:
                 log.warning(
                     "no warm container of %s (%s): a container per attempt shows why",
-                    self._executor.image,
+                    self._spec.image,
                     host.error or "its host did not start",
                 )
                 host.close()
@@ -238,20 +235,20 @@ class WarmContainers:
             return host
 
     def _spawn(self, slot: int, mounts: list[Mount], shard: TaskShard) -> ContainerHost:
-        executor = self._executor
+        spec = self._spec
         name = f"cflow-warm-{slug(shard.run_id, 40)}-{slot}-{secrets.token_hex(3)}"
         labels = {"cflow.run": shard.run_id, "cflow.slot": str(slot), "cflow.warm": "1"}
         volumes = [(folder, str(folder), mode) for folder, mode in mounts]
-        argv = executor.run_args(name, labels, volumes, {}, interactive=True)
+        argv = spec.run_args(name, labels, volumes, {}, interactive=True)
         argv += ["python3", "-m", "worker.executors.host", "--hangup", TASK_DIR]
         proc = subprocess.Popen(
             argv,
-            env=executor.runtime.environ(),
+            env=spec.runtime.environ(),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             start_new_session=True,
         )
-        return ContainerHost(proc, executor.runtime, name, mounts)
+        return ContainerHost(proc, spec.runtime, name, mounts)
 
     def begin_close(self) -> None:
         """Tell every warm container's host to exit; :meth:`close` waits for them."""

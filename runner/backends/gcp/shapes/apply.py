@@ -1,9 +1,9 @@
 """A run's machine shape and fallback, applied to the deployment the runner opened for it.
 
-``submit`` calls :func:`check_shape_options` before anything is published (bad options, shapes
-the zone lacks and quota the project lacks are refused with one line), then
-:func:`apply_run_shape`, which points the deployment's work queue at the shape's topic and its
-fleet at the shape's group (both made or reused by
+``submit`` calls :func:`runner.backends.gcp.shapes.model.check_shape_options` before anything
+is published (bad options, shapes the zone lacks and quota the project lacks are refused with one
+line), then :func:`apply_run_shape`, which points the deployment's work queue at the shape's
+topic and its fleet at the shape's group (both made or reused by
 :class:`runner.backends.gcp.shapes.groups.Shapes`) and, with ``--fallback standard``, at a
 :class:`runner.backends.gcp.shapes.fallback.FallbackFleet` of the shape's Spot and standard groups,
 fed by the run's preemption events. ``watch`` and ``retry`` do the same before they publish, so a
@@ -17,8 +17,16 @@ import dataclasses
 from typing import TYPE_CHECKING, Any
 
 from runner.backends.gcp.shapes.fallback import FallbackFleet, FallbackPolicy, PreemptionTap
-from runner.backends.gcp.shapes.groups import Shape, ShapedGroup, ShapeError, Shapes
+from runner.backends.gcp.shapes.groups import Shapes
+from runner.backends.gcp.shapes.model import (
+    Shape,
+    ShapedGroup,
+    check_shape_options,
+    needs_groups,
+    run_shapes,
+)
 from runner.engine import runs
+from runner.engine.deployment import Deployment
 from runner.engine.fleet import Fleet
 from worker.clock import SYSTEM_CLOCK
 from worker.protocol import Layout, RunOptions, ShardResult
@@ -27,29 +35,8 @@ from worker.queue import EventBus
 if TYPE_CHECKING:
     from runner.backends.gcp.shapes.queues import Mover
 
-FALLBACKS = ("standard",)
 
-
-def check_shape_options(options: RunOptions) -> Shape:
-    """The run's shape, or one line on what is wrong with the options."""
-    if options.fallback is not None and options.fallback not in FALLBACKS:
-        raise ShapeError(f"--fallback must be standard, not {options.fallback!r}")
-    if options.fallback_after < 1:
-        raise ShapeError("--fallback-after must be 1 or more preemptions")
-    shape = Shape.from_options(options)
-    if options.fallback and shape.provisioning == "standard":
-        raise ShapeError("--fallback standard needs Spot VMs first; drop --provisioning standard")
-    return shape
-
-
-def needs_groups(options: RunOptions, *, cloud: bool = True) -> bool:
-    """Whether the run needs groups of its own (a shape, a fallback or, on Google Cloud
-    (``cloud``), an image: VMs with a container engine)."""
-    shape = Shape.from_options(options, cloud=cloud)
-    return not shape.is_default or options.fallback is not None
-
-
-def open_shapes(dep: Any) -> Shapes:
+def open_shapes(dep: Deployment) -> Shapes:
     """The deployment's :class:`Shapes`, with its shapes' work queues (the caller closes it;
     the queues' clients close with ``dep``)."""
     from runner.backends.gcp.shapes.queues import (
@@ -58,15 +45,15 @@ def open_shapes(dep: Any) -> Shapes:
 
     cfg = dep.config
     queues = ShapeQueues(
-        project=cfg.project,
-        work_topic=cfg.work_topic,
-        work_subscription=cfg.work_subscription,
+        project=_required(cfg.project),
+        work_topic=_required(cfg.work_topic),
+        work_subscription=_required(cfg.work_subscription),
         subscriber=getattr(dep.backends.queue, "subscriber", None),
     )
     dep.closers.append(queues.close)
     return Shapes(
-        project=cfg.project,
-        group=cfg.group,
+        project=_required(cfg.project),
+        group=_required(cfg.group),
         zone=cfg.zone,
         region=cfg.region,
         queues=queues,
@@ -75,11 +62,11 @@ def open_shapes(dep: Any) -> Shapes:
     )
 
 
-def apply_run_shape(dep: Any, options: RunOptions) -> list[ShapedGroup]:
+def apply_run_shape(dep: Deployment, options: RunOptions) -> list[ShapedGroup]:
     """Make (or reuse) the run's groups and queues; point ``dep``'s queue, fleet and events at
     them.
 
-    ``dep`` is a :class:`runner.backends.factory.Deployment` on Google Cloud (zonal or regional).
+    ``dep`` is a :class:`runner.engine.deployment.Deployment` on Google Cloud (zonal or regional).
     Its work queue is replaced by one that publishes on the shape's topic (and, with a
     fallback, names the standard shape's topic in every message); with a fallback, the run's
     events (opened once the run exists) come with a mover of its queued shards. Returns the
@@ -88,9 +75,7 @@ def apply_run_shape(dep: Any, options: RunOptions) -> list[ShapedGroup]:
     shape = check_shape_options(options)
     if not needs_groups(options):
         return []
-    cfg = dep.config
-    queue = dep.backends.queue
-    subscriber = getattr(queue, "subscriber", None)
+    subscriber = getattr(dep.backends.queue, "subscriber", None)
     shapes = open_shapes(dep)
     try:
         spot = shape if shape.provisioning or not options.fallback else _spot(shape)
@@ -99,10 +84,24 @@ def apply_run_shape(dep: Any, options: RunOptions) -> list[ShapedGroup]:
             made.append(shapes.ensure(shape.standard()))
     finally:
         shapes.close()
-    from runner.backends.gcp.fleet import GceFleet  # the Compute client: only for cloud runs
-    from runner.backends.gcp.shapes.queues import Mover, ShapeWorkQueue
+    _publish_on_shape(dep, made, options, subscriber)
+    if options.fallback:
+        _fall_back(dep, made, options, subscriber)
+    else:
+        store = dep.backends.store
+        dep.make_fleet = lambda slots, idle_timeout: _group_fleet(dep, store, made[0].group)
+    return made
 
-    store = dep.backends.store
+
+def _publish_on_shape(
+    dep: Deployment, made: list[ShapedGroup], options: RunOptions, subscriber: Any
+) -> None:
+    """Replace ``dep``'s work queue by one on the shape's topic (naming the standard shape's
+    topic in every message, with a fallback)."""
+    from runner.backends.gcp.shapes.queues import ShapeWorkQueue  # the cloud clients
+
+    cfg = dep.config
+    queue = dep.backends.queue
     assert made[0].queue is not None
     fallback_topic = made[1].queue.topic if options.fallback and made[1].queue else None
     shaped_queue = ShapeWorkQueue(
@@ -117,19 +116,29 @@ def apply_run_shape(dep: Any, options: RunOptions) -> list[ShapedGroup]:
     queue.close()
     dep.backends.queue = shaped_queue
 
-    def group_fleet(group: str) -> Fleet:
-        return GceFleet(
-            project=cfg.project,
-            group=group,
-            zone=cfg.zone,
-            region=cfg.region,
-            clock=SYSTEM_CLOCK,
-            store=store,
-        )
 
-    if not options.fallback:
-        dep.make_fleet = lambda slots, idle_timeout: group_fleet(made[0].group)
-        return made
+def _group_fleet(dep: Deployment, store: Any, group: str) -> Fleet:
+    from runner.backends.gcp.fleet import GceFleet  # the Compute client: only for cloud runs
+
+    cfg = dep.config
+    return GceFleet(
+        project=_required(cfg.project),
+        group=group,
+        zone=cfg.zone,
+        region=cfg.region,
+        clock=SYSTEM_CLOCK,
+        store=store,
+    )
+
+
+def _fall_back(
+    dep: Deployment, made: list[ShapedGroup], options: RunOptions, subscriber: Any
+) -> None:
+    """Point ``dep``'s fleet at a :class:`FallbackFleet` of the Spot and standard groups, and
+    its run events at a tap of preemptions, with a mover of each run's queued shards."""
+    from runner.backends.gcp.shapes.queues import Mover  # the cloud clients
+
+    project, store = _required(dep.config.project), dep.backends.store
     preemptions: dict[str, int] = {}
     idle: set[str] = set()
     opened = dep.open_run_events
@@ -139,7 +148,7 @@ def apply_run_shape(dep: Any, options: RunOptions) -> list[ShapedGroup]:
         inner = opened(run, since) if opened is not None else dep.backends.events
         if run not in movers and made[1].queue is not None:
             movers[run] = Mover(
-                project=cfg.project,
+                project=project,
                 run_id=run,
                 subscription=made[0].queue.subscription,  # type: ignore[union-attr]
                 to_topic=made[1].queue.topic,
@@ -150,8 +159,8 @@ def apply_run_shape(dep: Any, options: RunOptions) -> list[ShapedGroup]:
 
     def make_fleet(slots: int, idle_timeout: float | None) -> Fleet:
         return FallbackFleet(
-            spot=group_fleet(made[0].group),
-            standard=group_fleet(made[1].group),
+            spot=_group_fleet(dep, store, made[0].group),
+            standard=_group_fleet(dep, store, made[1].group),
             preemptions=preemptions,
             policy=FallbackPolicy(after_preemptions=options.fallback_after),
             clock=SYSTEM_CLOCK,
@@ -161,21 +170,19 @@ def apply_run_shape(dep: Any, options: RunOptions) -> list[ShapedGroup]:
 
     dep.open_run_events = open_run_events
     dep.make_fleet = make_fleet
-    return made
 
 
-def run_group_fleets(dep: Any, options: RunOptions) -> list[Fleet]:
+def run_group_fleets(dep: Deployment, options: RunOptions) -> list[Fleet]:
     """The fleets of a shaped run's groups as submitted (nothing is made); [] for a run with
     no shape, or whose groups are gone."""
     if not needs_groups(options):
         return []
     from runner.backends.gcp.fleet import GceFleet  # the Compute client: only for cloud runs
-    from runner.backends.gcp.shapes.cleanup import run_shapes
 
     cfg = dep.config
     shapes = Shapes(
-        project=cfg.project,
-        group=cfg.group,
+        project=_required(cfg.project),
+        group=_required(cfg.group),
         zone=cfg.zone,
         region=cfg.region,
         gpu_image=getattr(cfg, "gpu_image", None),  # a GPU shape's hash covers its image
@@ -187,7 +194,9 @@ def run_group_fleets(dep: Any, options: RunOptions) -> list[Fleet]:
         shapes.close()
     fleets: list[Fleet] = []
     for name in names:
-        fleet = GceFleet(project=cfg.project, group=name, zone=cfg.zone, region=cfg.region)
+        fleet = GceFleet(
+            project=_required(cfg.project), group=name, zone=cfg.zone, region=cfg.region
+        )
         if fleet.exists():
             fleets.append(fleet)
         else:
@@ -212,6 +221,13 @@ def fallback_line(fleet: Fleet, store: Any, run_id: str, machine_type: str) -> s
         machine_type=machine_type,
     )
     return summary.line()
+
+
+def _required(value: str | None) -> str:
+    """A deployment field every Google Cloud configuration has (``runner.config.REQUIRED_FOR_GCP``,
+    checked when it is loaded)."""
+    assert value, "a Google Cloud deployment field is missing"
+    return value
 
 
 def _spot(shape: Shape) -> Shape:

@@ -17,7 +17,6 @@ group first), then the shape's subscription and topic
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import re
 import time
@@ -26,9 +25,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from runner.backends.gcp.shapes.apply import check_shape_options, needs_groups
-from runner.backends.gcp.shapes.groups import HASH_CHARS, Shape, ShapeError, Shapes
-from worker.protocol import Manifest, RunOptions, RunState
+from runner.backends.gcp.shapes.groups import Shapes
+from runner.backends.gcp.shapes.model import HASH_CHARS, ShapeError, run_shapes
+from worker.protocol import Manifest, RunState
 
 log = logging.getLogger("cflow.runner")
 
@@ -42,17 +41,6 @@ class Cleanup:
 
     deleted: list[str] = field(default_factory=list)  # group names (and their templates)
     kept: dict[str, str] = field(default_factory=dict)  # group -> why it stays
-
-
-def run_shapes(options: RunOptions) -> list[Shape]:
-    """The shapes a run's groups were made for (the Spot one first, then the standard one)."""
-    if not needs_groups(options):
-        return []
-    shape = check_shape_options(options)
-    if options.fallback:
-        spot = dataclasses.replace(shape, provisioning="spot")
-        return [spot, shape.standard()]
-    return [shape]
 
 
 def cleanup_shapes(

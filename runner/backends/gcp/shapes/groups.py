@@ -1,4 +1,4 @@
-"""Machine shape per run: machine type, Spot or standard, GPUs, boot disk size.
+"""Machine shape per run: a group and an instance template of its own, reused by content.
 
 A run that asks for a shape gets a managed instance group of its own, ``<group>-<hash>``, made
 from an instance template derived from the deployment's (``instanceTemplates.get``, then an
@@ -29,34 +29,23 @@ the ``install-nvidia-driver`` metadata Google documents for those images, which 
 NVIDIA driver at first boot), or the deployment's ``gpu_image`` setting (``CFLOW_GPU_IMAGE``).
 
 Everything is checked before anything is made or published, each refusal one line
-(:class:`ShapeError`): the machine type exists in the zone (``machineTypes.get``), the GPU exists
-there (``acceleratorTypes.get``) and fits the machine series (accelerator-optimized types such as
-``g2`` come with their GPUs; other GPUs attach to ``n1`` only), the region's quotas hold at
-least one VM of the shape (CPUs, and ``NVIDIA_<MODEL>_GPUS`` or, for Spot when the project has
-any, ``PREEMPTIBLE_NVIDIA_<MODEL>_GPUS``: the rule Compute Engine's quota documentation gives),
-and the project-wide ``GPUS_ALL_REGIONS`` quota (``projects.get``) holds its GPUs.
+(:class:`~runner.backends.gcp.shapes.model.ShapeError`): the zones offer the machine type and
+the GPU, and the quotas hold a VM of the shape (:mod:`runner.backends.gcp.shapes.checks`).
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import json
-import re
-from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-from runner.backends.gcp.quota import SSD_DISKS, VmNeeds, gpu_quota_metric
-from worker.errors import ConfigError
+from runner.backends.gcp.shapes.checks import ShapeChecks, rest_json
+from runner.backends.gcp.shapes.model import Shape, ShapedGroup, ShapeError, is_spot
 
 if TYPE_CHECKING:
-    from runner.backends.gcp.shapes.queues import ShapeQueue, ShapeQueues
+    from runner.backends.gcp.shapes.queues import ShapeQueues
 
-PROVISIONING = ("spot", "standard")
-GPU_SERIES = "n1"  # the only general-purpose series GPUs attach to
-MIN_DISK_GB, MAX_DISK_GB = 10, 65_536  # a boot disk's size range (pd-balanced)
-HASH_CHARS = 8
 # A Deep Learning VM image family (Google's deeplearning-platform-release project) with CUDA;
 # the driver comes with the install-nvidia-driver metadata below. Debian 12, like the stack's
 # default image: its python3 is 3.11, the Python the VMs' wheelhouse is resolved for
@@ -66,82 +55,6 @@ DEFAULT_GPU_IMAGE = (
 )
 # Metadata Deep Learning VM images read at first boot: install the NVIDIA driver.
 DRIVER_METADATA = ("install-nvidia-driver", "True")
-
-
-__all__ = ["Shape", "ShapeError", "ShapedGroup", "Shapes", "derive_properties", "gpu_quota_metric"]
-
-
-class ShapeError(ConfigError):
-    """A machine shape that cannot run: unknown, unsupported in the zone, or short of quota."""
-
-
-@dataclass(frozen=True)
-class Shape:
-    """What a run's VMs look like; ``None`` fields keep the deployment's value."""
-
-    machine_type: str | None = None
-    provisioning: str | None = None  # "spot" | "standard"
-    gpu_type: str | None = None
-    gpu_count: int = 0
-    disk_gb: int | None = None
-    # The run has an --image: its VMs need a container engine, which the deployment's boot
-    # image (Debian) lacks; they boot the deployment's container_image instead.
-    engine: bool = False
-
-    @classmethod
-    def parse(
-        cls,
-        *,
-        machine_type: str | None = None,
-        provisioning: str | None = None,
-        gpu: str | None = None,
-        disk_gb: int | None = None,
-        engine: bool = False,
-    ) -> Shape:
-        """From the ``submit`` options; ``gpu`` is ``TYPE[:COUNT]`` (``nvidia-l4:1``)."""
-        if provisioning is not None and provisioning not in PROVISIONING:
-            raise ShapeError(f"--provisioning must be spot or standard, not {provisioning!r}")
-        if machine_type is not None and not re.fullmatch(r"[a-z][a-z0-9-]{1,62}", machine_type):
-            raise ShapeError(f"--machine-type {machine_type!r} is not a machine type name")
-        gpu_type, gpu_count = None, 0
-        if gpu:
-            m = re.fullmatch(r"([a-z][a-z0-9-]+)(?::(\d+))?", gpu)
-            if m is None or int(m[2] or 1) not in (1, 2, 4, 8):
-                raise ShapeError(f"--gpu {gpu!r}: give TYPE[:COUNT], COUNT 1, 2, 4 or 8")
-            gpu_type, gpu_count = m[1], int(m[2] or 1)
-        if disk_gb is not None and not MIN_DISK_GB <= disk_gb <= MAX_DISK_GB:
-            raise ShapeError(f"--disk-gb {disk_gb}: give {MIN_DISK_GB} to {MAX_DISK_GB}")
-        return cls(machine_type, provisioning, gpu_type, gpu_count, disk_gb, engine)
-
-    @classmethod
-    def from_options(cls, options: Any, *, cloud: bool = True) -> Shape:
-        """The shape recorded in a run's options (:class:`worker.protocol.RunOptions`); on
-        Google Cloud (``cloud``) a run with an image needs VMs with a container engine."""
-        return cls.parse(
-            machine_type=getattr(options, "machine_type", None),
-            provisioning=getattr(options, "provisioning", None),
-            gpu=getattr(options, "gpu", None),
-            disk_gb=getattr(options, "disk_gb", None),
-            engine=cloud and getattr(options, "image", None) is not None,
-        )
-
-    @property
-    def is_default(self) -> bool:
-        """Nothing asked for: the run uses the deployment's group as it is."""
-        return self == Shape()
-
-    def standard(self) -> Shape:
-        """The same shape on standard VMs (the fallback's group)."""
-        return dataclasses.replace(self, provisioning="standard")
-
-    def digest(self, base_template: str, *, image: str | None = None) -> str:
-        """A content hash of the deployment's template (by its unique link) and this shape
-        (and, for a GPU shape, the boot image it gets instead of the deployment's)."""
-        content: dict[str, Any] = {"base": base_template, **asdict(self)}
-        if image is not None:
-            content["image"] = image
-        text = json.dumps(content, sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()[:HASH_CHARS]
 
 
 def derive_properties(
@@ -204,29 +117,6 @@ def _bundles_gpus(machine_type: str) -> bool:
     return machine_type.split("-", 1)[0] in {"a2", "a3", "a4", "g2", "g4"}
 
 
-@dataclass(frozen=True)
-class ShapedGroup:
-    """The group (and template) a shaped run's VMs come from."""
-
-    group: str
-    template: str
-    shape: Shape
-    created: bool  # made now, not reused
-    machine_type: str = ""  # what its VMs are (the shape's, or the deployment's)
-    digest: str = ""  # the shape's hash: the group, template, topic and subscription share it
-    queue: ShapeQueue | None = None  # the shape's work topic and subscription
-
-    @property
-    def describe(self) -> str:
-        """``n1-standard-8, Spot, nvidia-l4:1, 200 GB``."""
-        parts = [self.machine_type, "Spot" if self.shape.provisioning == "spot" else "standard"]
-        if self.shape.gpu_type:
-            parts.append(f"{self.shape.gpu_type}:{self.shape.gpu_count}")
-        if self.shape.disk_gb:
-            parts.append(f"{self.shape.disk_gb} GB disk")
-        return ", ".join(parts)
-
-
 class Shapes:
     """Check shapes against a zone (or region) and make (or reuse) their template and group.
 
@@ -276,10 +166,7 @@ class Shapes:
             self._where = {"region": self.region}
             self._managers = compute_v1.RegionInstanceGroupManagersClient(**kw)
         self._templates: Any = compute_v1.InstanceTemplatesClient(**kw)
-        self._types: Any = compute_v1.MachineTypesClient(**kw)
-        self._gpus: Any = compute_v1.AcceleratorTypesClient(**kw)
-        self._regions: Any = compute_v1.RegionsClient(**kw)
-        self._projects: Any = compute_v1.ProjectsClient(**kw)
+        self.checks = ShapeChecks(project=project, region=self.region)
         self._base: tuple[dict[str, Any], str, dict[str, Any]] | None = None
 
     @property
@@ -287,9 +174,9 @@ class Shapes:
         return f"zone {self.zone}" if self.zone else f"region {self.region}"
 
     def close(self) -> None:
-        clients = (self._managers, self._templates, self._types, self._gpus, self._regions)
-        for client in (*clients, self._projects):
+        for client in (self._managers, self._templates):
             client.transport.close()
+        self.checks.close()
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -306,117 +193,11 @@ class Shapes:
             raise ShapeError(f"instance group {self.group} names no instance template to copy")
         name = url.rstrip("/").rsplit("/", 1)[-1]
         template = self._templates.get(request={"project": self.project, "instance_template": name})
-        self._base = _json(group), name, _json(template)
+        self._base = rest_json(group), name, rest_json(template)
         return self._base
 
     def _request(self, group: str, **fields: Any) -> dict[str, Any]:
         return {"project": self.project, **self._where, "instance_group_manager": group, **fields}
-
-    def _zones(self, base_group: dict[str, Any]) -> list[str]:
-        """Where the shape's VMs may go: the zone, or the regional group's zones."""
-        if self.zone:
-            return [self.zone]
-        listed = base_group.get("distributionPolicy", {}).get("zones") or []
-        zones = [str(z.get("zone", "")).rsplit("/", 1)[-1] for z in listed]
-        if not zones:
-            region = self._regions.get(request={"project": self.project, "region": self.region})
-            zones = sorted(z.rsplit("/", 1)[-1] for z in region.zones)
-        return [z for z in zones if z]
-
-    def check(
-        self, shape: Shape, base_props: dict[str, Any], zones: list[str] | None = None
-    ) -> list[str]:
-        """Refuse (one line) a shape the zones lack or the quotas cannot hold; the zones (of
-        ``zones``, default the deployment's) that offer it."""
-        machine_type = shape.machine_type or str(base_props.get("machineType", ""))
-        spot = self._is_spot(shape, base_props)
-        candidates = zones or ([self.zone] if self.zone else self._zones(self.base()[0]))
-        offered: list[str] = []
-        refusals: list[str] = []
-        described: dict[str, Any] = {}
-        gpus: dict[str, int] = {}
-        for zone in candidates:
-            try:
-                described, gpus = self._check_zone(shape, machine_type, zone)
-                offered.append(zone)
-            except ShapeError as refused:
-                refusals.append(str(refused))
-        if not offered:
-            if len(candidates) == 1:
-                raise ShapeError(refusals[0])
-            raise ShapeError(f"{refusals[0]} (nor in any other zone of {self.region})")
-        boot: dict[str, Any] = next((d for d in base_props.get("disks", []) if d.get("boot")), {})
-        params = boot.get("initializeParams", {})
-        disk_gb = shape.disk_gb or int(params.get("diskSizeGb") or 10)
-        disk_type = str(params.get("diskType") or "pd-balanced").rsplit("/", 1)[-1]
-        disk = ("SSD_TOTAL_GB" if disk_type in SSD_DISKS else "DISKS_TOTAL_GB", disk_gb)
-        self._check_quota(machine_type, int(described.get("guestCpus", 0)), gpus, spot, disk)
-        return offered
-
-    def _check_zone(
-        self, shape: Shape, machine_type: str, zone: str
-    ) -> tuple[dict[str, Any], dict[str, int]]:
-        """The machine type as the zone describes it, and the GPUs a VM of the shape has."""
-        try:
-            described = _json(
-                self._types.get(
-                    request={"project": self.project, "zone": zone, "machine_type": machine_type}
-                )
-            )
-        except self._gexc.NotFound:
-            raise ShapeError(f"machine type {machine_type} does not exist in zone {zone}") from None
-        bundled = {
-            a["guestAcceleratorType"]: a["guestAcceleratorCount"]
-            for a in described.get("accelerators", [])
-        }
-        gpus: dict[str, int] = dict(bundled)
-        if not shape.gpu_type:
-            return described, gpus
-        if bundled:
-            if bundled != {shape.gpu_type: shape.gpu_count}:
-                have = ", ".join(f"{t}:{n}" for t, n in bundled.items())
-                raise ShapeError(
-                    f"machine type {machine_type} comes with {have}; --gpu "
-                    f"{shape.gpu_type}:{shape.gpu_count} does not match it (leave --gpu out)"
-                )
-            return described, gpus
-        if not machine_type.startswith(f"{GPU_SERIES}-"):
-            raise ShapeError(
-                f"GPUs attach only to {GPU_SERIES} machine types or come with "
-                f"accelerator-optimized ones (g2 for nvidia-l4); not to {machine_type}"
-            )
-        try:
-            self._gpus.get(
-                request={"project": self.project, "zone": zone, "accelerator_type": shape.gpu_type}
-            )
-        except self._gexc.NotFound:
-            raise ShapeError(f"GPU {shape.gpu_type} is not offered in zone {zone}") from None
-        return described, {shape.gpu_type: shape.gpu_count}
-
-    def _check_quota(
-        self,
-        machine_type: str,
-        vcpus: int,
-        gpus: dict[str, int],
-        spot: bool,
-        disk: tuple[str, int],
-    ) -> None:
-        region = self._regions.get(request={"project": self.project, "region": self.region})
-        need = VmNeeds(machine_type, vcpus, gpus, spot, disk)
-        refusal = need.short_in_region(
-            self.region, {q.metric: (q.limit, q.usage) for q in region.quotas}
-        )
-        if refusal is None and gpus:  # every GPU counts against the project-wide quota too
-            project = self._projects.get(request={"project": self.project})
-            quotas = {q.metric: (q.limit, q.usage) for q in project.quotas}
-            refusal = need.short_in_project(self.project, quotas)
-        if refusal is not None:
-            raise ShapeError(refusal)
-
-    def _is_spot(self, shape: Shape, base_props: dict[str, Any]) -> bool:
-        if shape.provisioning is not None:
-            return shape.provisioning == "spot"
-        return base_props.get("scheduling", {}).get("provisioningModel") == "SPOT"
 
     def normalize(self, shape: Shape) -> tuple[Shape, str]:
         """The shape with its provisioning said, and its hash (its group is ``<group>-<hash>``).
@@ -425,7 +206,7 @@ class Shapes:
         """
         _, base_name, base_template = self.base()
         props = base_template.get("properties", {})
-        spot = self._is_spot(shape, props)
+        spot = is_spot(shape, props)
         shape = dataclasses.replace(shape, provisioning="spot" if spot else "standard")
         machine_type = shape.machine_type or str(props.get("machineType", ""))
         gpus = shape.gpu_type is not None or _bundles_gpus(machine_type)
@@ -451,7 +232,8 @@ class Shapes:
         base_group, base_name, base_template = self.base()
         props = base_template.get("properties", {})
         shape, digest = self.normalize(shape)
-        zones = self.check(shape, props, None if self.zone else self._zones(base_group))
+        candidates = [self.zone] if self.zone else self.checks.region_zones(base_group)
+        zones = self.checks.check(shape, props, candidates)
         name = f"{self.group}-{digest}"
         spot = shape.provisioning == "spot"
         derived = derive_properties(
@@ -570,12 +352,6 @@ class Shapes:
             pass
         except self._gexc.GoogleAPICallError as exc:
             raise ShapeError(f"could not delete instance template {name}: {exc.message}") from None
-
-
-def _json(message: Any) -> dict[str, Any]:
-    """A proto-plus message as the REST JSON it came from (camelCase keys)."""
-    out: dict[str, Any] = json.loads(type(message).to_json(message))
-    return out
 
 
 def _set_metadata(props: dict[str, Any], key: str, value: str) -> None:

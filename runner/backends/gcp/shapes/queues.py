@@ -36,7 +36,8 @@ import google.cloud.pubsub_v1 as pubsub_v1
 from google.api_core import exceptions as gexc
 from google.iam.v1 import policy_pb2
 
-from worker.backends.gcp.pubsub import PubSubQueue, resource_path
+from worker.backends.gcp.pubsub import PubSubQueue
+from worker.backends.gcp.pubsub_api import resource_path
 from worker.clock import SYSTEM_CLOCK, Clock
 from worker.errors import BackendError
 from worker.protocol import WorkMessage

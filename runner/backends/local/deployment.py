@@ -1,0 +1,39 @@
+"""The local deployment: a SQLite queue and a store folder on this machine, worker processes."""
+
+from __future__ import annotations
+
+import os
+
+from runner.backends.local.fleet import LocalFleet
+from runner.config import Config
+from runner.engine.deployment import Deployment
+from runner.engine.fleet import Fleet
+from worker.backends.local.backend import local_run_events, open_local
+from worker.clock import SYSTEM_CLOCK, Clock
+from worker.queue import EventBus
+
+LOCAL_IDLE_TIMEOUT = 30.0  # seconds a detached local worker lingers after its work is done
+LOCAL_POLL_SECONDS = 0.02  # the watch loop's pace locally: a poll costs a few SQLite reads
+LOCAL_QUIET_POLL_SECONDS = 0.25  # and while no event comes (a run of long shards)
+
+
+def open_local_deployment(config: Config, *, clock: Clock = SYSTEM_CLOCK) -> Deployment:
+    """The store folder's queue, store and events, and worker processes as the fleet."""
+    root = config.store_dir
+    backends = open_local(root, clock=clock)
+
+    def make_fleet(slots: int, idle_timeout: float | None) -> Fleet:
+        return LocalFleet(root, slots=slots, idle_timeout=idle_timeout or LOCAL_IDLE_TIMEOUT)
+
+    def open_run_events(run_id: str, since: float | None) -> EventBus:
+        return local_run_events(root, run_id, since=since, clock=clock)
+
+    return Deployment(
+        config=config,
+        backends=backends,
+        make_fleet=make_fleet,
+        default_workers=max(os.cpu_count() or 1, 1),
+        open_run_events=open_run_events,
+        poll_seconds=LOCAL_POLL_SECONDS,
+        quiet_poll_seconds=LOCAL_QUIET_POLL_SECONDS,
+    )

@@ -1,0 +1,248 @@
+"""Worker processes on this machine as a :class:`runner.engine.fleet.Fleet`."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import itertools
+import json
+import logging
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+from runner.engine.fleet import Fleet, Instance
+from worker import defaults
+from worker.backends.local.queue import LocalQueue
+from worker.backends.local.store import QUEUE_FILE
+from worker.errors import CFlowError, DiskFull
+
+log = logging.getLogger("cflow.runner")
+
+CLAIM_SECONDS = 60.0  # a worker name claimed this long without a pid is free again
+DISK_FULL_BYTES = 1 << 20  # less free space than this on the store's disk: it is full
+
+
+class LocalFleet(Fleet):
+    """Worker processes on this machine, registered under ``<store>/fleet/`` so a later
+    ``runner watch`` finds them. They run in their own session: Ctrl-C in the runner's terminal
+    detaches the runner without stopping them.
+
+    A name is claimed by creating its registry file create-only, so two runners starting
+    workers in one store at once never give two workers one name. When a worker process is
+    seen gone, the leases it held are released at once (:meth:`WorkQueue.release`), so its
+    shards run again without waiting for the leases to lapse.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        slots: int = 1,
+        idle_timeout: float = defaults.IDLE_TIMEOUT,
+        extra_args: list[str] | None = None,
+    ):
+        self.root = root.resolve()
+        self.registry = self.root / "fleet"
+        self.registry.mkdir(parents=True, exist_ok=True)
+        self.slots = slots
+        self.idle_timeout = idle_timeout
+        self.extra_args = extra_args or []
+        self._procs: dict[str, subprocess.Popen[bytes]] = {}
+        self._stopping: set[str] = set()
+        self._queue: LocalQueue | None = None
+        self.released = 0  # leases released for workers seen gone (bench/recovery.py)
+
+    def problems(self) -> list[str]:
+        full = self.disk_full()
+        return [full] if full else []
+
+    def disk_full(self) -> str | None:
+        """Why no worker can write (the store's disk has less than 1 MiB free), or None."""
+        try:
+            st = os.statvfs(self.root)
+        except OSError:
+            return None
+        if st.f_bavail * st.f_frsize >= DISK_FULL_BYTES:
+            return None
+        return (
+            f"the disk holding {self.root} is full: the workers wait; free some space and the"
+            " run goes on where it stopped"
+        )
+
+    def _entries(self) -> dict[str, int]:
+        out = {}
+        for path in self.registry.glob("*.json"):
+            try:
+                out[path.stem] = int(json.loads(path.read_text())["pid"])
+            except (OSError, ValueError, KeyError, TypeError):
+                # A name claimed by a runner still starting its process; a claim that never
+                # got a pid (its runner died in between) is given back after a while.
+                with contextlib.suppress(OSError):
+                    if time.time() - path.stat().st_mtime > CLAIM_SECONDS:
+                        path.unlink()
+                continue
+        return out
+
+    def instances(self) -> list[Instance]:
+        live = []
+        for name, pid in sorted(self._entries().items()):
+            proc = self._procs.get(name)
+            alive = proc.poll() is None if proc is not None else self._alive(name, pid)
+            if alive:
+                live.append(Instance(name, "stopping" if name in self._stopping else "running"))
+            else:
+                self._gone(name)
+        return live
+
+    def _gone(self, name: str) -> None:
+        """A worker process ended: free its leases first, then its name."""
+        try:
+            if self._queue is None:
+                self._queue = LocalQueue(self.root / QUEUE_FILE)
+            self.released += self._queue.release(name)
+        except CFlowError as exc:  # the leases lapse by themselves; say why they were kept
+            log.warning("could not release the leases of worker %s: %s", name, exc)
+        (self.registry / f"{name}.json").unlink(missing_ok=True)
+        self._procs.pop(name, None)
+        self._stopping.discard(name)
+
+    def _claim(self, start: int) -> tuple[str, int]:
+        """The first free ``local-<n>`` from ``start``, claimed create-only."""
+        n = start
+        while True:
+            name = f"local-{n}"
+            try:
+                fd = os.open(self.registry / f"{name}.json", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                n += 1
+                continue
+            os.close(fd)
+            return name, n
+
+    def grow(self, count: int) -> list[str]:
+        try:
+            return self._grow(count)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskFull(
+                    f"the disk holding {self.root} is full, so no worker can start; free some"
+                    " space, then `runner watch` goes on where the run stopped"
+                ) from None
+            raise
+
+    def _grow(self, count: int) -> list[str]:
+        names = []
+        n = 0
+        for _ in range(count):
+            name, n = self._claim(n)
+            logs = self.root / "fleet" / "logs"
+            logs.mkdir(parents=True, exist_ok=True)
+            with (logs / f"{name}.log").open("ab") as log:
+                proc = subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "worker",
+                        "--backend",
+                        "local",
+                        "--store",
+                        str(self.root),
+                        "--name",
+                        name,
+                        "--slots",
+                        str(self.slots),
+                        "--idle-timeout",
+                        str(self.idle_timeout),
+                        *self.extra_args,
+                    ],
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            self._procs[name] = proc
+            entry = self.registry / f"{name}.json"
+            tmp = entry.with_name(f".{name}.json.tmp")
+            try:
+                tmp.write_text(json.dumps({"pid": proc.pid}))
+                os.replace(tmp, entry)  # readers see the claim or the pid, never half a file
+            except OSError:  # an unregistered worker would be invisible: stop it
+                proc.kill()
+                proc.wait()
+                self._procs.pop(name, None)
+                raise
+            names.append(name)
+        return names
+
+    def delete(self, names: Iterable[str]) -> None:
+        entries = self._entries()
+        for name in names:
+            pid = entries.get(name)
+            if pid is None:
+                continue
+            if name not in self._procs and not self._alive(name, pid):
+                continue  # a reused pid: not ours to signal
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+                os.kill(pid, signal.SIGCONT)  # a stopped (frozen) worker handles it too
+            self._stopping.add(name)
+
+    def wait_empty(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while self.instances():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            self._wait_any(min(0.05, remaining))
+        return True
+
+    def _wait_any(self, timeout: float) -> None:
+        """Until one of the workers this runner started exits (a pidfd each), or ``timeout``;
+        others' workers are looked at again after it."""
+        fds = []
+        try:
+            for proc in self._procs.values():
+                with contextlib.suppress(OSError):  # gone already, or no pidfd on this system
+                    fds.append(os.pidfd_open(proc.pid))
+            if fds:
+                select.select(fds, [], [], timeout)
+            else:
+                time.sleep(timeout)
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    def close(self) -> None:
+        if self._queue is not None:
+            self._queue.close()
+            self._queue = None
+
+    def _alive(self, name: str, pid: int) -> bool:
+        return _is_worker(pid, self.root, name)
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Send a signal to one worker (tests and demos of preemption)."""
+        pid = self._entries().get(name)
+        if pid is not None and (name in self._procs or self._alive(name, pid)):
+            os.kill(pid, sig)
+
+
+def _is_worker(pid: int, store: Path, name: str) -> bool:
+    """Whether ``pid`` is still this store's worker ``name`` (and not a reused pid)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            argv = fh.read().split(b"\0")
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            zombie = fh.read().rsplit(b")", 1)[-1].split()[0] == b"Z"
+    except OSError:
+        return False
+    if zombie:
+        return False
+    flags = dict(itertools.pairwise(argv))  # "--store" -> its value, ...
+    return flags.get(b"--store") == str(store).encode() and flags.get(b"--name") == name.encode()

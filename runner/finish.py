@@ -1,0 +1,277 @@
+"""Watch a run to its end and finish it: halt on a rule, combine the outputs, let the workers go.
+
+The library half of ``runner submit``, ``watch`` and ``retry``: nothing here prints or picks an
+exit code. Narration goes through a ``say`` callback (one line each, without a prefix), the live
+progress display is the caller's :data:`Display`, and the end of a run comes back as an
+:class:`Outcome`; errors are :class:`~worker.errors.CFlowError`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import TYPE_CHECKING
+
+from runner.engine import runs
+from runner.engine.deployment import Deployment
+from runner.engine.halt import HaltJudge, HaltRule
+from runner.engine.reports import ShardReport, iter_shard_reports
+from runner.engine.watch import Snapshot, Watcher
+from runner.results.combine import combine_run
+from runner.results.parts import Combined, OnWorkers, OutTarget, Say
+from worker.errors import CFlowError
+from worker.protocol import (
+    AttemptState,
+    AttemptStatus,
+    Event,
+    Layout,
+    Manifest,
+    RunState,
+    ShardState,
+)
+
+if TYPE_CHECKING:
+    from worker.queue import EventBus
+
+Display = Callable[[Watcher, float], Snapshot]  # (watcher, poll seconds) -> the last snapshot
+
+
+def quiet(message: str) -> None:
+    """A ``say`` that says nothing."""
+
+
+def plain_watch(watcher: Watcher, poll_seconds: float) -> Snapshot:
+    """A :data:`Display` that shows nothing: watch to the end."""
+    return watcher.watch(poll_seconds=poll_seconds)
+
+
+class Ending(StrEnum):
+    """How the watching of a run ended."""
+
+    SETTLED = "settled"  # every shard succeeded or failed; the outputs were combined (or not)
+    CANCELLED = "cancelled"  # cancelled elsewhere (`runner cancel`), or by Ctrl-C when asked to
+    HALTED = "halted"  # the halt rule stopped it
+    DETACHED = "detached"  # Ctrl-C: the runner let go; the run goes on
+
+
+@dataclass
+class Outcome:
+    """The end of a watched run, as data: what a caller shows and which exit it takes."""
+
+    run_id: str
+    ending: Ending
+    snapshot: Snapshot | None = None  # the last look at the run (None: Ctrl-C came first)
+    interrupted: bool = False  # the ending came from Ctrl-C
+    halted: str | None = None  # why the halt rule stopped the run
+    # SETTLED only: the combined files (URLs; None when the combine failed), copies written
+    # elsewhere (--out), the failed shards' records, and why the combine failed.
+    files: list[str] | None = None
+    written: list[str] = field(default_factory=list)
+    failed: list[ShardReport] = field(default_factory=list)
+    combine_error: CFlowError | None = None
+
+    @property
+    def ok(self) -> bool:
+        """Every shard succeeded and was combined, or the runner detached on purpose."""
+        if self.ending is Ending.DETACHED:
+            return True
+        return (
+            self.ending is Ending.SETTLED
+            and self.combine_error is None
+            and self.snapshot is not None
+            and not self.snapshot.failed
+        )
+
+
+def run_events(dep: Deployment, manifest: Manifest) -> EventBus:
+    """The run's own event stream (from a little before the run was made)."""
+    return dep.run_events(manifest.run_id, since=manifest.created_at - 5)
+
+
+def make_watcher(
+    dep: Deployment,
+    manifest: Manifest,
+    *,
+    workers: int | None,
+    slots: int | None,
+    shards: int,
+    idle_timeout: float | None = None,
+) -> Watcher:
+    """A watcher sized as the run was submitted, unless told otherwise."""
+    options = manifest.run_options
+    slots = slots or options.slots
+    return Watcher(
+        manifest=manifest,
+        store=dep.backends.store,
+        queue=dep.backends.queue,
+        events=run_events(dep, manifest),
+        fleet=dep.fleet(slots=slots, idle_timeout=idle_timeout),
+        max_workers=min(workers or options.workers or dep.default_workers, shards),
+        slots=slots,
+        speculate=options.speculate,
+        expect_heartbeats=True,  # this version's workers send them during long attempts
+        quiet_poll_seconds=dep.quiet_poll_seconds,
+    )
+
+
+def live_workers(dep: Deployment, run_id: str) -> tuple[set[str], dict[str, str] | None]:
+    """The fleet's instance names and the run's lease holders (None where unknown).
+
+    A shaped run's workers are VMs of its own groups (``runner.backends.gcp.shapes.apply``), not of
+    the deployment's: those are the ones listed.
+    """
+    fleets = [dep.fleet()]
+    if not dep.config.is_local:
+        from runner.backends.gcp.shapes.apply import run_group_fleets
+
+        options = runs.load_manifest(dep.backends.store, run_id).run_options
+        fleets = run_group_fleets(dep, options) or fleets
+    names: set[str] = set()
+    try:
+        for fleet in fleets:
+            names |= {i.name for i in fleet.instances()}
+    finally:
+        for fleet in fleets:
+            fleet.close()
+    return names, dep.backends.queue.leases(run_id)
+
+
+def worker_gone(dep: Deployment, run_id: str, shard_id: str, attempt: int) -> str | None:
+    """The worker of a running attempt, if it is gone (no instance of the fleet, no lease)."""
+    try:
+        status = AttemptStatus.from_json(
+            dep.backends.store.get(Layout.status(run_id, shard_id, attempt))
+        )
+    except (CFlowError, ValueError, TypeError):
+        return None
+    if status.state != AttemptState.RUNNING.value:
+        return None
+    names, leases = live_workers(dep, run_id)
+    if status.worker in names or (leases is not None and leases.get(shard_id) == status.worker):
+        return None
+    return status.worker
+
+
+def resume_publishing(dep: Deployment, manifest: Manifest, say: Say = quiet) -> Manifest:
+    """Finish publishing a run whose submit was interrupted (re-sending the last unconfirmed
+    batch is harmless: the first commit wins)."""
+    if manifest.state != RunState.ACTIVE.value or not manifest.publishing:
+        return manifest
+    say(
+        f"run {manifest.run_id} was interrupted while publishing"
+        f" ({manifest.published} of {manifest.shard_count} shards); publishing the rest"
+    )
+    return runs.publish_rest(dep.backends.store, dep.backends.queue, manifest)
+
+
+def watch_and_finish(
+    watcher: Watcher,
+    dep: Deployment,
+    *,
+    rule: HaltRule,
+    cancel_on_interrupt: bool,
+    out: OutTarget | None,
+    display: Display = plain_watch,
+    on_outcome: Callable[[Outcome], None] | None = None,
+    say: Say = quiet,
+) -> Outcome:
+    """Watch a run to its end (halting it on ``rule``), then combine its outputs.
+
+    ``display`` watches and shows progress; ``on_outcome`` sees the outcome as soon as it is
+    known, before the runner waits for the last workers to stop (a slow fleet never holds back
+    the summary). Ctrl-C detaches, or cancels the run with ``cancel_on_interrupt``.
+    """
+    run_id = watcher.run_id
+    store = dep.backends.store
+    judge = HaltJudge(rule, run_id)
+
+    def on_event(event: Event) -> None:
+        note = judge.saw(event)
+        if note is not None:
+            runs.cancel(store, dep.backends.queue, run_id, halted=note)
+            watcher.manifest = runs.load_manifest(store, run_id)
+
+    watcher.on_event = on_event
+    try:
+        snapshot = display(watcher, dep.poll_seconds)
+    except KeyboardInterrupt:
+        if not cancel_on_interrupt:
+            return _tell(Outcome(run_id, Ending.DETACHED, interrupted=True), on_outcome)
+        runs.cancel(store, dep.backends.queue, run_id)
+        watcher.drain_fleet(force=True)
+        return _tell(Outcome(run_id, Ending.CANCELLED, interrupted=True), on_outcome)
+    if snapshot.cancelled:
+        watcher.drain_fleet(force=True)
+        halted = runs.load_manifest(store, run_id).halted
+        ending = Ending.HALTED if halted else Ending.CANCELLED
+        return _tell(Outcome(run_id, ending, snapshot, halted=halted), on_outcome)
+    # Every shard is settled: the workers stop while the outputs are combined.
+    watcher.drain_fleet(wait=False)
+    try:
+        return _tell(_finish(dep, snapshot, out, say), on_outcome)
+    finally:
+        if not watcher.wait_drained():
+            say("warning: some workers are still stopping")
+
+
+def _tell(outcome: Outcome, on_outcome: Callable[[Outcome], None] | None) -> Outcome:
+    if on_outcome is not None:
+        on_outcome(outcome)
+    return outcome
+
+
+def _finish(dep: Deployment, snapshot: Snapshot, out: OutTarget | None, say: Say) -> Outcome:
+    """Mark a settled run finished and combine its outputs."""
+    run_id = snapshot.run_id
+    store = dep.backends.store
+    manifest = runs.load_manifest(store, run_id).with_state(RunState.FINISHED)
+    runs.save_manifest(store, manifest)  # every shard is settled, whatever the combine does
+    failed = (  # read every shard's records only when some failed
+        [r for r in iter_shard_reports(store, manifest) if r.state is ShardState.FAILED]
+        if snapshot.failed
+        else []
+    )
+    outcome = Outcome(run_id, Ending.SETTLED, snapshot, failed=failed)
+    try:
+        combined = combine_where_data_is(dep, manifest, out=out, say=say)
+    except CFlowError as exc:
+        outcome.combine_error = exc
+        return outcome
+    outcome.files = [store.url(k) for k in combined.files]
+    outcome.written = list(combined.written)
+    return outcome
+
+
+def combine_where_data_is(
+    dep: Deployment,
+    manifest: Manifest,
+    *,
+    out: OutTarget | None,
+    headers: bool | None = None,
+    say: Say = quiet,
+) -> Combined:
+    """Combine where the data is: the deployment's combiner joins the parts where its store
+    keeps them, and heavy copies are made by the deployment's workers (a helper run), not
+    through this machine."""
+
+    def warn(message: str) -> None:
+        say(f"warning: {message}")
+
+    workers = OnWorkers(
+        queue=dep.backends.queue,
+        make_watcher=lambda helper, n: make_watcher(
+            dep, helper, workers=None, slots=None, shards=n
+        ),
+        poll_seconds=dep.poll_seconds,
+        say=say,
+    )
+    return combine_run(
+        dep.backends.store,
+        manifest,
+        out=out,
+        headers=headers,
+        warn=warn,
+        combiner=dep.combiner,
+        workers=workers,
+    )

@@ -1,0 +1,368 @@
+"""Submit a task over many shards: check it, bundle it, make the run, publish, start the fleet.
+
+The library behind ``runner submit``; a test, a benchmark or a Python caller submits with
+:func:`submit` and a :class:`SubmitRequest`, no command line needed. Narration goes through
+``say`` (one line each, without a prefix), what a caller shows besides comes through the keyword
+callbacks, errors are :class:`~worker.errors.CFlowError`.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, TYPE_CHECKING
+
+from runner.backends.factory import open_deployment
+from runner.backends.gcp.shapes.apply import apply_run_shape, fallback_line
+from runner.backends.gcp.shapes.model import check_shape_options, needs_groups
+from runner.config import Config
+from runner.engine import runs
+from runner.engine import shards as shard_sources
+from runner.engine.checks import CheckReport, check_task
+from runner.engine.deployment import Deployment
+from runner.engine.fleet import Fleet
+from runner.engine.halt import DEFAULT_HALT, HaltRule
+from runner.engine.plan import BundleNote, describe_bundle, dry_run
+from runner.engine.shards import RemoteLister
+from runner.finish import Display, Outcome, make_watcher, plain_watch, quiet, watch_and_finish
+from runner.results.parts import OutTarget, Say, check_out
+from worker import defaults
+from worker.errors import ConfigError
+from worker.executors.container.runtime import check_image
+from worker.protocol import Layout, Manifest, RunOptions, Shard
+
+if TYPE_CHECKING:
+    from runner.backends.gcp.shapes.model import ShapedGroup
+
+Opener = Callable[[Config], Deployment]  # opens the deployment a Config describes
+
+
+@dataclass
+class SubmitRequest:
+    """What to run, over which shards, and how: ``runner submit``'s options as data.
+
+    Exactly one of ``inputs`` (a glob, one shard per file), ``params`` (a JSON-lines file, one
+    shard per line) or ``shards`` (N shards with params ``{"index": i}``) says the shards.
+
+    Raises:
+        ConfigError: not exactly one shard source, or ``halt`` is not a rule.
+    """
+
+    task_dir: Path  # folder with task.py (run(shard)) or task.sh
+    inputs: str | None = None
+    params: Path | None = None
+    shards: int | None = None
+    workers: int | None = None  # most workers at once [default: the deployment's]
+    slots: int = 1  # shards per worker
+    max_attempts: int = defaults.MAX_ATTEMPTS  # task failures allowed per shard
+    timeout: float = defaults.ATTEMPT_TIMEOUT  # seconds one attempt may run
+    stage: bool = True  # copy remote inputs to the worker first
+    detach: bool = False  # publish and start workers, then return
+    cancel_on_interrupt: bool = False  # Ctrl-C cancels the run (else the runner detaches)
+    out: str | None = None  # also write the combined result here (a folder or gs://...)
+    idle_timeout: float | None = None  # seconds an idle worker waits before leaving
+    speculate: bool = False  # near the end, back up stragglers
+    isolate: bool = False  # a fresh process per Python shard
+    image: str | None = None  # run each attempt in this container image
+    halt: str = DEFAULT_HALT  # when to stop the run early (see HaltRule.parse)
+    machine_type: str | None = None
+    gpu: str | None = None  # TYPE[:COUNT]
+    disk_gb: int | None = None
+    provisioning: str | None = None  # spot or standard
+    fallback: str | None = None  # standard: Spot first, standard VMs for the tail
+    fallback_after: int = 3  # preemptions of a shard that fall back
+    check: bool = True  # check the task can start before publishing
+    dry_run: bool = False  # list the shards and what would start; start nothing
+    local: bool = False  # the local backend was asked for (else a local config found no other)
+    rule: HaltRule = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        chosen = [v for v in (self.inputs, self.params, self.shards) if v is not None]
+        if len(chosen) != 1:
+            raise ConfigError(
+                "give exactly one of --inputs GLOB, --params FILE.jsonl or --shards N"
+            )
+        self.rule = HaltRule.parse(self.halt)
+
+    def shard_source(self, lister: RemoteLister | None = None) -> Iterator[Shard]:
+        """The shards, read lazily (``lister`` lists remote inputs, e.g. gs://)."""
+        if self.inputs is not None:
+            return shard_sources.from_glob(self.inputs, lister=lister)
+        if self.params is not None:
+            return shard_sources.from_params(self.params)
+        assert self.shards is not None  # one source is set: checked when made
+        return shard_sources.from_count(self.shards)
+
+    def run_options(self, default_workers: int) -> RunOptions:
+        """The options every worker of the run reads from its manifest."""
+        return RunOptions(
+            max_attempts=self.max_attempts,
+            timeout=self.timeout,
+            stage=self.stage,
+            workers=self.workers or default_workers,
+            slots=self.slots,
+            speculate=self.speculate,
+            isolate=self.isolate,
+            image=self.image,
+            machine_type=self.machine_type,
+            provisioning=self.provisioning,
+            gpu=self.gpu,
+            disk_gb=self.disk_gb,
+            fallback=self.fallback,
+            fallback_after=self.fallback_after,
+        )
+
+
+@dataclass
+class Submitted:
+    """What a submit did: the run it made (None: a dry run) and how it ended (None: not
+    watched, it was detached or a dry run)."""
+
+    run_id: str | None = None
+    outcome: Outcome | None = None
+
+
+def submit(
+    request: SubmitRequest,
+    config: Config,
+    say: Say = quiet,
+    *,
+    opener: Opener = open_deployment,
+    on_created: Callable[[Manifest], None] | None = None,
+    on_published: Callable[[int], None] | None = None,
+    display: Display = plain_watch,
+    on_outcome: Callable[[Outcome], None] | None = None,
+    listing: IO[str] | None = None,
+) -> Submitted:
+    """Check the task, make the run, publish its shards, start workers; watch and combine
+    unless detached.
+
+    Args:
+        request: what to run and how.
+        config: the backend to run on (``runner.config.resolve``).
+        say: narration, one line at a time.
+        opener: opens the deployment ``config`` describes, once the task has passed its check
+            (a dry run opens one only to list remote inputs).
+        on_created: called once the run exists, before publishing (an interrupted submit can
+            be resumed from then on: show its id).
+        on_published: the number of shards published so far, after each batch.
+        display: watches the run to its end, showing progress (``runner.finish``).
+        on_outcome: sees how the run ended as soon as that is known.
+        listing: where a dry run writes its shards, one a line [default: stdout].
+
+    Raises:
+        CFlowError: the task, the options or the backend are not usable; nothing is published.
+    """
+    target = check_out(request.out, cloud=not config.is_local)
+    # The import check runs in its own interpreter while this one goes on (a short local run's
+    # workers boot meanwhile); nothing is published before it has passed.
+    checked = check_task(request.task_dir, import_check=request.check, wait=False)
+    try:
+        bundle = describe_bundle(request.task_dir)
+        if bundle.warning:
+            say(f"warning: {bundle.warning}")
+        # Nothing is made in the cloud for a task that cannot start.
+        if request.dry_run or not config.is_local:
+            _narrate(checked, say)
+        if request.dry_run:
+            _dry_run(request, config, say, opener, listing or sys.stdout)
+            return Submitted()
+        store_was_there = config.is_local and config.store_dir.exists()
+        dep = opener(config)
+        try:
+            flow = _Submission(request, config, dep, say, checked, bundle)
+            options = request.run_options(dep.default_workers)
+            manifest = flow.create(options, store_was_there, on_created, on_published)
+            return flow.follow(manifest, options, target, display, on_outcome)
+        finally:
+            dep.close()
+    finally:
+        if checked.probe is not None:  # the submit ended before it: stop the check
+            checked.probe.cancel()
+
+
+@dataclass
+class _Submission:
+    """One submit against an open deployment, step by step."""
+
+    request: SubmitRequest
+    config: Config
+    dep: Deployment
+    say: Say
+    checked: CheckReport
+    bundle: BundleNote
+    shaped: list[ShapedGroup] = field(default_factory=list)
+
+    def create(
+        self,
+        options: RunOptions,
+        store_was_there: bool,
+        on_created: Callable[[Manifest], None] | None,
+        on_published: Callable[[int], None] | None,
+    ) -> Manifest:
+        """Check where the run goes, start early workers, bundle and make the run, publish."""
+        request, config, dep = self.request, self.config, self.dep
+        source = request.shard_source(dep.lister)
+        self._check_placement(options)
+        published = 0
+
+        def count(n: int) -> None:
+            nonlocal published
+            published += n
+            if on_published is not None:
+                on_published(published)
+
+        fleet = dep.fleet(slots=request.slots, idle_timeout=request.idle_timeout)
+        # Local workers boot while the run is made (their interpreter start is most of a short
+        # run's fixed cost); VMs are sized once the shard count is known.
+        early = [] if request.detach else _start_early(fleet, dep, options.workers, request.shards)
+        try:
+            _narrate(self.checked, self.say)
+        except BaseException:  # the task cannot start: take back what was started
+            _undo_early(fleet, early, config, store_was_there)
+            raise
+        fell_back = config.is_local and not request.local
+        self.say(config.describe() + (" (no deployment found)" if fell_back else ""))
+        staging = tempfile.TemporaryDirectory(prefix="cflow-task-")
+        try:
+            bundled = request.task_dir
+            if dep.prepare_task is not None:  # Google Cloud: requirements as wheels the VMs take
+                bundled = dep.prepare_task(request.task_dir, Path(staging.name))
+            return runs.create_run(
+                store=dep.backends.store,
+                queue=dep.backends.queue,
+                task_dir=bundled,
+                shards=source,
+                options=options,
+                stage_input=dep.stage_input,
+                on_published=count,
+                on_created=on_created,  # before publishing: an interrupted submit resumes
+            )
+        except BaseException:
+            if early:
+                fleet.delete(early)
+            raise
+        finally:
+            staging.cleanup()
+
+    def _check_placement(self, options: RunOptions) -> None:
+        """Shape, image and fleet size checked (and the run's groups made) before the run."""
+        request, cloud = self.request, not self.config.is_local
+        check_shape_options(options)  # bad shape options: one line, before anything
+        if needs_groups(options, cloud=False) and not cloud:
+            gpus = request.gpu and request.image
+            gpus_note = " (the containers get this machine's GPUs)" if gpus else ""
+            self.say(
+                f"machine shape and --fallback apply to Google Cloud VMs; ignored here{gpus_note}"
+            )
+        if needs_groups(options) and cloud:  # checked in the zone, made, then publish
+            self.shaped = apply_run_shape(self.dep, options)
+            for shaped in self.shaped:
+                self.say(f"VMs from group {shaped.group} ({shaped.describe})")
+        if request.image is not None and not cloud:  # the workers share this machine's images
+            check_image(request.image, gpu=request.gpu is not None)
+        if cloud:  # a group holds at most 1,000 (zonal) or 2,000 VMs: say so now
+            from runner.backends.gcp.fleet import check_size  # the Compute client: cloud only
+
+            check_size(options.workers, zonal=not self.config.region)
+
+    def follow(
+        self,
+        manifest: Manifest,
+        options: RunOptions,
+        target: OutTarget | None,
+        display: Display,
+        on_outcome: Callable[[Outcome], None] | None,
+    ) -> Submitted:
+        """Start the workers; unless detached, watch the run to its end and combine."""
+        request, dep, run_id = self.request, self.dep, manifest.run_id
+        store = dep.backends.store
+        max_workers = min(options.workers, manifest.shard_count)
+        self.say(
+            f"run {run_id}: {manifest.shard_count} shards, up to {max_workers} workers"
+            f" x {request.slots} slots, {self.bundle.size_text} bundle; store"
+            f" {store.url(Layout.run_prefix(run_id))}"
+        )
+        watcher = make_watcher(
+            dep,
+            manifest,
+            workers=request.workers,
+            slots=request.slots,
+            shards=manifest.shard_count,
+            idle_timeout=request.idle_timeout,
+        )
+        watcher.max_workers = max_workers
+        if request.detach:
+            watcher.poll()  # starts the workers
+            self.say(f"detached; follow with `runner watch {run_id}`")
+            return Submitted(run_id)
+        outcome = watch_and_finish(
+            watcher,
+            dep,
+            rule=request.rule,
+            cancel_on_interrupt=request.cancel_on_interrupt,
+            out=target,
+            display=display,
+            on_outcome=on_outcome,
+            say=self.say,
+        )
+        if self.shaped and watcher.fleet is not None:
+            line = fallback_line(watcher.fleet, store, run_id, self.shaped[0].machine_type)
+            if line:
+                self.say(line)
+        return Submitted(run_id, outcome)
+
+
+def _narrate(checked: CheckReport, say: Say) -> None:
+    checked.finish()  # raises TaskError with the task's own last line
+    for note in checked.notes:
+        say(note)
+    checked.notes.clear()  # said once
+
+
+def _undo_early(fleet: Fleet, early: list[str], cfg: Config, store_was_there: bool) -> None:
+    """A submit that fails its task check leaves nothing: the workers it started go, and so
+    does the store it created (when no run has reached it)."""
+    if early:
+        fleet.delete(early)
+        fleet.wait_empty(10.0)
+    runs_dir = cfg.store_dir / "runs"
+    if cfg.is_local and not store_was_there and not (runs_dir.exists() and any(runs_dir.iterdir())):
+        shutil.rmtree(cfg.store_dir, ignore_errors=True)
+
+
+def _start_early(fleet: Fleet, dep: Deployment, workers: int, shards: int | None) -> list[str]:
+    """On the local backend, start the workers a run is sure to need before it is made."""
+    if not dep.config.is_local:
+        return []
+    wanted = min(workers, shards if shards is not None else 1) - len(fleet.instances())
+    return fleet.grow(wanted) if wanted > 0 else []
+
+
+def _dry_run(
+    request: SubmitRequest,
+    cfg: Config,
+    say: Say,
+    opener: Opener,
+    listing: IO[str],
+) -> None:
+    """Shards on ``listing``, one a line; what would start is said. Nothing is created."""
+    remote = request.inputs is not None and request.inputs.startswith("gs://")
+    if remote and cfg.is_local:
+        raise ConfigError(
+            f"{request.inputs} is a Cloud Storage input; it needs the Google Cloud backend"
+        )
+    task_dir, workers, slots = request.task_dir, request.workers, request.slots
+    if remote:  # listing the bucket needs the deployment's client; a local store is not made
+        dep = opener(cfg)
+        try:
+            plan = dry_run(cfg, task_dir, request.shard_source(dep.lister), workers, slots, listing)
+        finally:
+            dep.close()
+    else:
+        plan = dry_run(cfg, task_dir, request.shard_source(), workers, slots, listing)
+    say(f"dry run: {plan}; nothing was started")

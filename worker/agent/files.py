@@ -1,0 +1,155 @@
+"""An attempt's files: its log, its staged input and its sealed outputs."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import stat
+from pathlib import Path
+
+from worker.errors import TaskError
+from worker.protocol import Layout, Shard
+from worker.store import Store
+
+
+class AttemptLog:
+    """An attempt's log: written in the slot's scratch folder, stored only when it has text.
+
+    Locally the file is moved into the store (a rename, on the same disk) once the attempt has
+    run for a moment, so ``runner logs --follow`` reads it while it grows: the task keeps
+    writing to the same file. A short shard that prints nothing touches no store folder.
+    """
+
+    def __init__(self, path: Path, store: Store, key: str):
+        self.path = path
+        self._store = store
+        self.key = key
+        self.target = store.local_path(key)
+
+    def _size(self) -> int:
+        try:
+            return self.path.stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def show(self) -> None:
+        """While it runs: make the log readable where the store keeps it."""
+        if self.target is None:
+            if self._size():
+                self._store.put_file(self.key, self.path)
+        elif self.path != self.target:
+            self.target.parent.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(self.path, self.target)
+            self.path = self.target
+
+    def store(self) -> None:
+        """When it ended: store a log with text; leave an empty one for the next attempt."""
+        if self.path == self.target:
+            return
+        if not self._size():
+            return
+        if self.target is None:
+            self._store.put_file(self.key, self.path)
+            self.path.unlink(missing_ok=True)
+        else:
+            self.show()
+
+    def note(self, text: str) -> None:
+        """Add the worker's own line (``cflow: ...``) for the user to read."""
+        with self.path.open("a") as fh:
+            fh.write(f"cflow: {text}\n")
+
+    def last_line(self, limit: int = 4096) -> str | None:
+        """The log's last non-empty line that is not the worker's own note: the error a user
+        sees."""
+        try:
+            with self.path.open("rb") as fh:
+                fh.seek(0, os.SEEK_END)
+                size = fh.tell()
+                fh.seek(max(size - limit, 0))
+                tail = fh.read().decode("utf-8", "replace")
+        except OSError:
+            return None
+        for line in reversed(tail.splitlines()):
+            line = line.strip()
+            if line and not line.startswith("cflow: the task's process"):
+                return line[:500]
+        return None
+
+
+def stage_input(store: Store, shard: Shard, stage: bool, work: Path, worker: str) -> str | None:
+    """The input path the task reads: a local path as given, a remote one as given or (``stage``)
+    fetched into ``work`` first.
+
+    Raises:
+        TaskError: a local input does not exist on this worker.
+    """
+    if not shard.input:
+        return None
+    if "://" not in shard.input:
+        if not Path(shard.input).exists():
+            raise TaskError(f"input {shard.input} does not exist on worker {worker}")
+        return shard.input
+    if not stage:
+        return shard.input
+    name = shard.input.rstrip("/").rsplit("/", 1)[-1] or "input"
+    target = work / name
+    shutil.rmtree(target.parent, ignore_errors=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    store.fetch(shard.input, target)
+    return str(target)
+
+
+def seal_outputs(
+    store: Store, run_id: str, shard_id: str, attempt: int, out_dir: Path
+) -> list[str]:
+    """Move the attempt's outputs out of the task's reach, into its prefix, read-only; their
+    paths relative to ``out_dir``.
+
+    Every process of the attempt is gone by now (the executor saw to it); what a process
+    we could not see might still hold open is the scratch copy, never the stored one. An
+    output folder left empty is kept for the next attempt (no folder churn per shard).
+    """
+    try:
+        with os.scandir(out_dir) as entries:
+            if next(entries, None) is None:
+                return []
+    except FileNotFoundError:
+        return []
+    outputs = list_files(out_dir)
+    if not outputs:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        return []
+    prefix = Layout.outputs(run_id, shard_id, attempt)
+    target = store.local_path(prefix)
+    if target is not None:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.rename(out_dir, target)
+        except OSError:  # another disk, or a leftover target: copy instead
+            shutil.copytree(out_dir, target, dirs_exist_ok=True)
+            shutil.rmtree(out_dir, ignore_errors=True)
+        _read_only(target)
+        return outputs
+    for rel in outputs:
+        store.put_file(prefix + rel, out_dir / rel)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    return outputs
+
+
+def list_files(folder: Path) -> list[str]:
+    """Every file under ``folder``, as sorted POSIX paths relative to it."""
+    if not folder.is_dir():
+        return []
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+
+
+def _read_only(folder: Path) -> None:
+    """Sealed files are 0444. Folders stay writable, so a user can still delete a run with
+    ``rm -r``; what could have rewritten them (the attempt's processes) is gone."""
+    for path in folder.rglob("*"):
+        with contextlib.suppress(OSError):
+            if stat.S_ISREG(path.lstat().st_mode):
+                path.chmod(0o444)

@@ -1,0 +1,88 @@
+"""The task bundles this worker has unpacked and the executors that run them, kept warm."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from worker.bundle import UnpackedBundle, unpack
+from worker.errors import NotFound, TaskError
+from worker.executors.base import TaskExecutor
+from worker.executors.container.executor import ContainerExecutor
+from worker.executors.process import Executor
+from worker.protocol import Entry, Layout, RunOptions
+from worker.store import Store
+
+
+class ExecutorPool:
+    """One executor per bundle and way of running it (isolated or not, container image, its
+    timeout and GPUs), shared by the slots; bundles are fetched and unpacked once."""
+
+    def __init__(self, store: Store, bundles: Path):
+        self.store = store
+        self.bundles = bundles  # where bundles are unpacked
+        self._bundles: dict[str, UnpackedBundle] = {}
+        self._executors: dict[str, TaskExecutor] = {}
+        self._last: str | None = None  # the executor asked for last
+        self._lock = threading.Lock()
+
+    def get(self, sha: str, entry: Entry, options: RunOptions) -> TaskExecutor:
+        """The executor for bundle ``sha`` run with ``options``, started on first use.
+
+        Raises:
+            TaskError: the bundle is not in the store.
+            ContainerRuntimeMissing, ImagePullError, GpuSupportMissing: the run's image
+                cannot be run here.
+        """
+        image, timeout, isolate = options.image, options.timeout, options.isolate
+        gpu = options.gpu is not None
+        # A container executor also carries the run's timeout (its backstop) and GPUs.
+        key = f"{sha}:{int(isolate)}"
+        if image is not None:
+            key += f" {image} {timeout:g} gpu={int(gpu)}"
+        with self._lock:
+            self._last = key
+            executor = self._executors.get(key)
+            if executor is None:
+                bundle = self._bundle(sha)
+                if image is None:
+                    executor = Executor(bundle, entry, isolate=isolate or None)
+                else:  # raises ContainerRuntimeMissing, ImagePullError, GpuSupportMissing
+                    executor = ContainerExecutor(
+                        bundle, entry, image, timeout=timeout, isolate=isolate, gpu=gpu
+                    )
+                self._executors[key] = executor
+            return executor
+
+    def _bundle(self, sha: str) -> UnpackedBundle:
+        bundle = self._bundles.get(sha)
+        if bundle is None:
+            try:
+                data = self.store.get(Layout.bundle(sha))
+            except NotFound:
+                raise TaskError(f"task bundle {sha[:12]} is missing") from None
+            bundle = unpack(data, sha, self.bundles)
+            self._bundles[sha] = bundle
+        return bundle
+
+    def keys(self) -> list[str]:
+        """The executors held, by bundle and way of running it."""
+        with self._lock:
+            return list(self._executors)
+
+    def trim(self) -> None:
+        """With nothing running, close the task hosts of every bundle but the last one used:
+        a long-lived VM serving many versions of a task keeps one imported copy, not all."""
+        with self._lock:
+            for key in [key for key in self._executors if key != self._last]:
+                self._executors.pop(key).close()
+
+    def begin_close(self) -> None:
+        """Tell every executor to wind down, so their task processes end at once."""
+        for executor in self._executors.values():
+            executor.begin_close()
+
+    def close(self) -> None:
+        """Wait for every executor to end (after :meth:`begin_close`)."""
+        for executor in self._executors.values():
+            executor.close()

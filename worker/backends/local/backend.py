@@ -1,0 +1,32 @@
+"""Open the embedded backend: a store tree plus its SQLite file, ``queue.db``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from worker.backends.base import Backends
+from worker.backends.local.ledger import LocalLedger
+from worker.backends.local.queue import LocalEvents, LocalQueue
+from worker.backends.local.store import QUEUE_FILE, LocalStore
+from worker.clock import SYSTEM_CLOCK, Clock
+from worker.queue import EventBus
+
+
+def open_local(root: Path, *, clock: Clock = SYSTEM_CLOCK, **queue_options: float) -> Backends:
+    """The embedded backend rooted at ``root`` (the store tree plus ``queue.db``).
+
+    Its queue, events and the store's records share one SQLite file, so its ledger settles a
+    batch of attempts in one durable transaction (:class:`LocalLedger`).
+    """
+    store = LocalStore(root)
+    queue = LocalQueue(root / QUEUE_FILE, clock=clock, **queue_options)  # type: ignore[arg-type]
+    events = LocalEvents(root / QUEUE_FILE, clock=clock)
+    ledger = LocalLedger(queue=queue, store=store, events=events, clock=clock)
+    return Backends(queue=queue, store=store, events=events, ledger=ledger)
+
+
+def local_run_events(
+    root: Path, run_id: str, *, since: float | None = None, clock: Clock = SYSTEM_CLOCK
+) -> EventBus:
+    """A runner's view of one run's events in the embedded backend (see :class:`LocalEvents`)."""
+    return LocalEvents(root / QUEUE_FILE, clock=clock, run_id=run_id, since=since)

@@ -1,0 +1,152 @@
+"""What every executor shares: the attempt it hands the agent, the worker's own children, and the
+surface the agent starts attempts through.
+
+- :class:`RunningTask` is one attempt's process (group) as the agent sees it, whichever executor
+  started it (a warm host, a zygote's child, bash, a container).
+- :data:`PROCESSES` records this worker's children and its running attempts' tokens, so that
+  the orphan sweep (:mod:`worker.executors.reaper`) kills what an ended attempt left behind.
+- :class:`TaskExecutor` is what :class:`worker.executors.process.Executor` and
+  :class:`worker.executors.container.executor.ContainerExecutor` both offer the agent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import signal
+import subprocess
+import threading
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, Protocol
+
+import worker
+from worker.executors import reaper
+from worker.taskapi import TaskShard
+
+WORKER_PATH = str(Path(worker.__file__).resolve().parent.parent)
+"""The folder that holds the ``worker`` package: on a task process's PYTHONPATH, so the task host
+(:mod:`worker.executors.host`) and ``worker.taskapi`` import there too."""
+
+
+class _Processes:
+    """This worker's own children and its running attempts, for the orphan sweep."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.known: set[int] = set()
+        self.live: set[str] = set()
+
+    def spawn(self, argv: list[str], token: str | None, **kwargs: Any) -> subprocess.Popen[bytes]:
+        # The worker agent makes its process a subreaper (Agent.run), so orphans come back to it.
+        with self.lock:  # a child is registered before any sweep can see it
+            proc = subprocess.Popen(argv, **kwargs)
+            self.known.add(proc.pid)
+            if token is not None:
+                self.live.add(token)
+            return proc
+
+    def forget(self, pid: int) -> None:
+        with self.lock:
+            self.known.discard(pid)
+
+    def ended(self, token: str, group: int | None = None) -> None:
+        """The attempt is over: kill the orphans it left (and any other ended attempt's), and
+        reap what died of its process ``group``."""
+        with self.lock:
+            self.live.discard(token)
+            reaper.sweep_orphans(
+                os.getpid(),
+                live_tokens=self.live,
+                known=self.known,
+                groups=() if group is None else (group,),
+            )
+
+    def begin(self, token: str) -> None:
+        with self.lock:
+            self.live.add(token)
+
+    def discard(self, token: str) -> None:
+        """The attempt ended with nothing left to sweep (its host killed its own leftovers)."""
+        with self.lock:
+            self.live.discard(token)
+
+
+PROCESSES = _Processes()
+
+
+class RunningTask(ABC):
+    """One attempt's process (group)."""
+
+    pid: int | None = None
+    token: str = ""
+    reason: str | None = None  # the task's own account of a failure (a Python exception's line)
+
+    @abstractmethod
+    def wait(self, timeout: float | None) -> int | None:
+        """The exit code (negative: killed by that signal), or None if still running."""
+
+    def signal(self, sig: int) -> None:
+        """Send ``sig`` to the attempt's process group."""
+        if self.pid is None:
+            return
+        try:
+            os.killpg(self.pid, sig)
+        except ProcessLookupError:
+            pass
+        except PermissionError:  # the group is not ours yet (setsid pending): the leader alone
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, sig)
+
+    def stop(self, grace: float) -> int | None:
+        """SIGTERM the group, SIGKILL it after ``grace`` seconds; the exit code."""
+        self.signal(signal.SIGTERM)
+        code = self.wait(grace)
+        if code is None:
+            self.signal(signal.SIGKILL)
+            code = self.wait(10.0)
+        return code
+
+
+class TaskExecutor(Protocol):
+    """Starts attempts of one unpacked bundle; what the agent holds per bundle and image."""
+
+    @property
+    def queues(self) -> bool:
+        """Whether several shards may be started at once on one slot (they queue there)."""
+        ...
+
+    def start(self, shard: TaskShard, log_path: Path, *, slot: int = 0) -> RunningTask:
+        """Start one attempt on ``slot``; ``log_path``'s folder must exist. Creates the output
+        folder."""
+        ...
+
+    def begin_close(self) -> None:
+        """Tell what runs the attempts to wind down; :meth:`close` waits for it."""
+        ...
+
+    def close(self) -> None:
+        """End everything this executor started."""
+        ...
+
+
+def wait_process(proc: subprocess.Popen[bytes], timeout: float | None) -> int | None:
+    """The process's exit code, or None if it still runs after ``timeout`` seconds. Blocks on
+    a pidfd rather than Popen's sleep-polling, so short tasks end promptly."""
+    if timeout is not None and proc.returncode is None:
+        fd = os.pidfd_open(proc.pid)
+        try:
+            select.select([fd], [], [], timeout)
+        finally:
+            os.close(fd)
+    try:
+        return proc.wait(0 if timeout is not None else None)
+    except subprocess.TimeoutExpired:
+        return None
+
+
+def pdeathsig() -> None:
+    """Make the calling process die with its parent, the worker; a ``preexec_fn``, it runs in
+    the child between fork and exec."""
+    reaper.die_with_parent()
