@@ -53,6 +53,32 @@ def _size_limit(shard_count: float, limit: int, kind: str) -> list[Precondition]
     ]
 
 
+def _metadata(worker_metadata: Mapping[str, str]) -> dict[str, str]:
+    """The template's metadata: the worker's settings, its boot scripts, and no SSH keys."""
+    return {
+        **worker_metadata,
+        "startup-script": (SCRIPTS / "startup.sh").read_text(),
+        "shutdown-script": (SCRIPTS / "shutdown.sh").read_text(),
+        "enable-oslogin": "TRUE",
+        "block-project-ssh-keys": "true",
+        "serial-port-enable": "false",  # the console is still logged; no interactive access
+    }
+
+
+def _scheduling(spot: bool | IResolvable) -> ComputeInstanceTemplateScheduling:
+    """Spot or standard scheduling, chosen at deploy time by the ``spot`` expression."""
+    return ComputeInstanceTemplateScheduling(
+        provisioning_model=Token.as_string(Fn.conditional(spot, "SPOT", "STANDARD")),
+        preemptible=spot,
+        automatic_restart=Op.not_(spot),
+        on_host_maintenance=Token.as_string(Fn.conditional(spot, "TERMINATE", "MIGRATE")),
+        # A preempted VM is deleted; the group recreates it when capacity returns.
+        instance_termination_action=Token.as_string(
+            Fn.conditional(spot, "DELETE", Token.null_value())
+        ),
+    )
+
+
 class Compute(Construct):
     """Image, instance template and worker group.
 
@@ -91,16 +117,48 @@ class Compute(Construct):
         self.image = DataGoogleComputeImage(
             self, "image", family=image_family, project=image_project
         )
+        self.template = self._template(
+            name_prefix=name_prefix,
+            machine_type=machine_type,
+            disk_size_gb=disk_size_gb,
+            spot=spot,
+            subnetwork=subnetwork,
+            service_account_email=service_account_email,
+            metadata=_metadata(worker_metadata),
+        )
+        # Comparisons avoid "" and 0 operands: cdktf 0.21 renders those as `undefined`.
+        is_zonal = Op.gte(Fn.length_of(zone), 1)
+        self.group_scope = Token.as_string(Fn.conditional(is_zonal, "zonal", "regional"))
+        zonal = self._zonal_group(
+            count=Token.as_number(Fn.conditional(is_zonal, 1, 0)),
+            zone=zone,
+            group_name=group_name,
+            instance_name_prefix=instance_name_prefix,
+            shard_count=shard_count,
+        )
+        regional = self._regional_group(
+            count=Token.as_number(Fn.conditional(is_zonal, 0, 1)),
+            region=region,
+            zones=zones,
+            group_name=group_name,
+            instance_name_prefix=instance_name_prefix,
+            shard_count=shard_count,
+        )
+        self.groups = [zonal, regional]
 
-        metadata = {
-            **worker_metadata,
-            "startup-script": (SCRIPTS / "startup.sh").read_text(),
-            "shutdown-script": (SCRIPTS / "shutdown.sh").read_text(),
-            "enable-oslogin": "TRUE",
-            "block-project-ssh-keys": "true",
-            "serial-port-enable": "false",  # the console is still logged; no interactive access
-        }
-        self.template = ComputeInstanceTemplate(
+    def _template(
+        self,
+        *,
+        name_prefix: str,
+        machine_type: str,
+        disk_size_gb: float,
+        spot: bool | IResolvable,
+        subnetwork: ComputeSubnetwork,
+        service_account_email: str,
+        metadata: Mapping[str, str],
+    ) -> ComputeInstanceTemplate:
+        """The worker VM's template: the pinned image, no external IP, shielded boot."""
+        return ComputeInstanceTemplate(
             self,
             "template",
             name_prefix=f"{name_prefix}-",
@@ -121,16 +179,7 @@ class Compute(Construct):
                 email=service_account_email,
                 scopes=["cloud-platform"],  # IAM decides, not scopes
             ),
-            scheduling=ComputeInstanceTemplateScheduling(
-                provisioning_model=Token.as_string(Fn.conditional(spot, "SPOT", "STANDARD")),
-                preemptible=spot,
-                automatic_restart=Op.not_(spot),
-                on_host_maintenance=Token.as_string(Fn.conditional(spot, "TERMINATE", "MIGRATE")),
-                # A preempted VM is deleted; the group recreates it when capacity returns.
-                instance_termination_action=Token.as_string(
-                    Fn.conditional(spot, "DELETE", Token.null_value())
-                ),
-            ),
+            scheduling=_scheduling(spot),
             shielded_instance_config=ComputeInstanceTemplateShieldedInstanceConfig(
                 enable_secure_boot=True, enable_vtpm=True, enable_integrity_monitoring=True
             ),
@@ -139,13 +188,20 @@ class Compute(Construct):
             lifecycle=TerraformResourceLifecycle(create_before_destroy=True),
         )
 
-        # Comparisons avoid "" and 0 operands: cdktf 0.21 renders those as `undefined`.
-        is_zonal = Op.gte(Fn.length_of(zone), 1)
-        self.group_scope = Token.as_string(Fn.conditional(is_zonal, "zonal", "regional"))
-        zonal = ComputeInstanceGroupManager(
+    def _zonal_group(
+        self,
+        *,
+        count: float,
+        zone: str,
+        group_name: str,
+        instance_name_prefix: str,
+        shard_count: float,
+    ) -> ComputeInstanceGroupManager:
+        """The group in one zone (``count`` is 1 when ``zone`` is set)."""
+        return ComputeInstanceGroupManager(
             self,
             "zonal_group",
-            count=Token.as_number(Fn.conditional(is_zonal, 1, 0)),
+            count=count,
             name=group_name,
             zone=zone,
             base_instance_name=instance_name_prefix,
@@ -164,10 +220,22 @@ class Compute(Construct):
                 precondition=_size_limit(shard_count, ZONAL_MAX_SIZE, "zonal"),
             ),
         )
-        regional = ComputeRegionInstanceGroupManager(
+
+    def _regional_group(
+        self,
+        *,
+        count: float,
+        region: str,
+        zones: list[str],
+        group_name: str,
+        instance_name_prefix: str,
+        shard_count: float,
+    ) -> ComputeRegionInstanceGroupManager:
+        """The group spread over the region's ``zones`` (``count`` is 1 when no zone is set)."""
+        return ComputeRegionInstanceGroupManager(
             self,
             "regional_group",
-            count=Token.as_number(Fn.conditional(is_zonal, 0, 1)),
+            count=count,
             name=group_name,
             region=region,
             distribution_policy_zones=zones,
@@ -189,4 +257,3 @@ class Compute(Construct):
                 precondition=_size_limit(shard_count, REGIONAL_MAX_SIZE, "regional"),
             ),
         )
-        self.groups = [zonal, regional]

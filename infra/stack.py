@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 from cdktf import (
@@ -22,7 +23,7 @@ from infra.network import Network
 from infra.package import WorkerPackage
 from infra.registry import Registry
 from infra.storage import Storage
-from infra.variables import declare_inputs
+from infra.variables import Inputs, declare_inputs
 
 STACK_NAME = "cflow"  # the key of the outputs file: {"cflow": {"bucket": ...}}
 GOOGLE_BETA_VERSION = "6.50.0"  # the same release as the prebuilt GA provider's
@@ -49,26 +50,7 @@ class CflowStack(TerraformStack):
     ) -> None:
         super().__init__(scope, id)
         inputs = declare_inputs(self)
-        GoogleProvider(
-            self,
-            "google",
-            project=inputs.project,
-            region=inputs.region,
-            default_labels={"cflow_deployment": inputs.name_prefix},  # on every labelled resource
-        )
-        # google-beta, for the one resource only it has (the Pub/Sub service agent). No prebuilt
-        # bindings are needed: it is declared as a plain provider block.
-        beta = TerraformProvider(
-            self,
-            "google_beta",
-            terraform_resource_type="google-beta",
-            terraform_provider_source="hashicorp/google-beta",
-            terraform_generator_metadata=TerraformProviderGeneratorMetadata(
-                provider_name="google-beta", provider_version=GOOGLE_BETA_VERSION
-            ),
-        )
-        beta.add_override("project", inputs.project)
-        beta.add_override("region", inputs.region)
+        beta = self._providers(inputs)
         group_name = f"{inputs.name_prefix}-workers"
         instance_name_prefix = f"{inputs.name_prefix}-worker"
 
@@ -89,18 +71,7 @@ class CflowStack(TerraformStack):
             max_delivery_attempts=inputs.max_delivery_attempts,
             beta=beta,
         )
-        identity = Identity(
-            self,
-            "identity",
-            project=inputs.project,
-            name_prefix=inputs.name_prefix,
-            bucket=storage.bucket,
-            work_topic=messaging.work_topic,
-            work_subscription=messaging.work_subscription,
-            events_topic=messaging.events_topic,
-            instance_name_prefix=instance_name_prefix,
-            input_buckets=inputs.input_buckets,
-        )
+        identity = self._identity(inputs, storage, messaging, instance_name_prefix)
         registry = Registry(
             self,
             "registry",
@@ -117,7 +88,73 @@ class CflowStack(TerraformStack):
             repo=repo,
             build_dir=build_dir or Path(App.of(self).outdir) / "worker-package",
         )
-        compute = Compute(
+        compute = self._compute(
+            inputs,
+            group_name=group_name,
+            instance_name_prefix=instance_name_prefix,
+            network=network,
+            identity=identity,
+            worker_metadata=_worker_metadata(inputs, group_name, storage, messaging, package),
+        )
+        self._outputs(inputs, group_name, storage, messaging, identity, registry, compute)
+
+    def _providers(self, inputs: Inputs) -> TerraformProvider:
+        """Declare the google and google-beta providers; return google-beta."""
+        GoogleProvider(
+            self,
+            "google",
+            project=inputs.project,
+            region=inputs.region,
+            default_labels={"cflow_deployment": inputs.name_prefix},  # on every labelled resource
+        )
+        # google-beta, for the one resource only it has (the Pub/Sub service agent). No prebuilt
+        # bindings are needed: it is declared as a plain provider block.
+        beta = TerraformProvider(
+            self,
+            "google_beta",
+            terraform_resource_type="google-beta",
+            terraform_provider_source="hashicorp/google-beta",
+            terraform_generator_metadata=TerraformProviderGeneratorMetadata(
+                provider_name="google-beta", provider_version=GOOGLE_BETA_VERSION
+            ),
+        )
+        beta.add_override("project", inputs.project)
+        beta.add_override("region", inputs.region)
+        return beta
+
+    def _identity(
+        self,
+        inputs: Inputs,
+        storage: Storage,
+        messaging: Messaging,
+        instance_name_prefix: str,
+    ) -> Identity:
+        """The workers' service account, with access to the bucket and the topics."""
+        return Identity(
+            self,
+            "identity",
+            project=inputs.project,
+            name_prefix=inputs.name_prefix,
+            bucket=storage.bucket,
+            work_topic=messaging.work_topic,
+            work_subscription=messaging.work_subscription,
+            events_topic=messaging.events_topic,
+            instance_name_prefix=instance_name_prefix,
+            input_buckets=inputs.input_buckets,
+        )
+
+    def _compute(
+        self,
+        inputs: Inputs,
+        *,
+        group_name: str,
+        instance_name_prefix: str,
+        network: Network,
+        identity: Identity,
+        worker_metadata: Mapping[str, str],
+    ) -> Compute:
+        """The worker group, on the network's subnet, running as the workers' service account."""
+        return Compute(
             self,
             "compute",
             name_prefix=inputs.name_prefix,
@@ -134,25 +171,20 @@ class CflowStack(TerraformStack):
             shard_count=inputs.shard_count,
             subnetwork=network.subnetwork,
             service_account_email=identity.service_account.email,
-            # Read by infra/scripts/startup.sh, which turns them into the worker's CFLOW_* env.
-            worker_metadata={
-                "cflow-project": inputs.project,
-                "cflow-region": inputs.region,
-                "cflow-zone": inputs.zone,
-                "cflow-group": group_name,
-                "cflow-bucket": storage.bucket.name,
-                "cflow-work-topic": messaging.work_topic.name,
-                "cflow-subscription": messaging.work_subscription.name,
-                "cflow-events-topic": messaging.events_topic.name,
-                "cflow-slots": Token.as_string(inputs.slots),
-                "cflow-idle-timeout": Token.as_string(inputs.idle_timeout),
-                "cflow-worker-package": package.url,
-                "cflow-worker-sha256": package.sha256,
-                "cflow-wheelhouse": package.wheelhouse_url,
-                "cflow-wheelhouse-sha256": package.wheelhouse_sha256,
-            },
+            worker_metadata=worker_metadata,
         )
 
+    def _outputs(
+        self,
+        inputs: Inputs,
+        group_name: str,
+        storage: Storage,
+        messaging: Messaging,
+        identity: Identity,
+        registry: Registry,
+        compute: Compute,
+    ) -> None:
+        """Declare the outputs the runner reads (see the class docstring)."""
         outputs: dict[str, str] = {
             "project": inputs.project,
             "region": inputs.region,
@@ -174,3 +206,32 @@ class CflowStack(TerraformStack):
         for name, value in outputs.items():
             depends = compute.groups if name in ("group", "group_scope") else None
             TerraformOutput(self, name, value=value, depends_on=depends)
+
+
+def _worker_metadata(
+    inputs: Inputs,
+    group_name: str,
+    storage: Storage,
+    messaging: Messaging,
+    package: WorkerPackage,
+) -> dict[str, str]:
+    """The worker VMs' configuration, as instance metadata.
+
+    Read by infra/scripts/startup.sh, which turns it into the worker's CFLOW_* environment.
+    """
+    return {
+        "cflow-project": inputs.project,
+        "cflow-region": inputs.region,
+        "cflow-zone": inputs.zone,
+        "cflow-group": group_name,
+        "cflow-bucket": storage.bucket.name,
+        "cflow-work-topic": messaging.work_topic.name,
+        "cflow-subscription": messaging.work_subscription.name,
+        "cflow-events-topic": messaging.events_topic.name,
+        "cflow-slots": Token.as_string(inputs.slots),
+        "cflow-idle-timeout": Token.as_string(inputs.idle_timeout),
+        "cflow-worker-package": package.url,
+        "cflow-worker-sha256": package.sha256,
+        "cflow-wheelhouse": package.wheelhouse_url,
+        "cflow-wheelhouse-sha256": package.wheelhouse_sha256,
+    }

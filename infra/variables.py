@@ -8,6 +8,7 @@ They live in an ``inputs`` construct (the stack's outputs take the plain ids ``p
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from cdktf import IResolvable, TerraformVariable, TerraformVariableValidationConfig
 from constructs import Construct
@@ -51,33 +52,44 @@ class Inputs:
     container_image: str  # empty: runs with --image are refused (Debian has no container engine)
 
 
-def declare_inputs(scope: Construct) -> Inputs:
-    """Declare every variable under ``scope`` and return handles on them."""
-    inputs = Construct(scope, "inputs")
+@dataclass(frozen=True)
+class _Variable:
+    """One variable: its name (also an ``Inputs`` field), Terraform type, and default.
 
-    def var(name: str, type_: str, description: str, **kw: object) -> TerraformVariable:
-        variable = TerraformVariable(inputs, name, type=type_, description=description, **kw)  # type: ignore[arg-type]
-        variable.override_logical_id(name)
-        return variable
+    A ``default`` of None declares a required variable.
+    """
 
-    project = var("project", "string", "Google Cloud project id to deploy into (required).")
-    region = var(
+    name: str
+    type: str
+    description: str
+    default: Any = None
+    validation: list[TerraformVariableValidationConfig] | None = None
+
+
+# Where the deployment lives.
+_PLACEMENT = (
+    _Variable("project", "string", "Google Cloud project id to deploy into (required)."),
+    _Variable(
         "region", "string", "Region of the bucket, subnet and group.", default=DEFAULT_REGION
-    )
-    zone = var(
+    ),
+    _Variable(
         "zone",
         "string",
         "Zone for a zonal worker group; empty (the default) for a regional group, which finds "
         "Spot capacity in any zone of the region.",
         default="",
-    )
-    zones = var(
+    ),
+    _Variable(
         "zones",
         "list(string)",
         "Zones a regional group may use; empty (the default) means every zone of the region.",
         default=[],
-    )
-    name_prefix = var(
+    ),
+)
+
+# What its resources are called.
+_NAMING = (
+    _Variable(
         "name_prefix",
         "string",
         "Prefix of every resource name; use another one for a second deployment in one project.",
@@ -89,93 +101,116 @@ def declare_inputs(scope: Construct) -> Inputs:
                 "starting with a letter and not ending with a hyphen.",
             )
         ],
-    )
-    bucket_name = var(
+    ),
+    _Variable(
         "bucket_name",
         "string",
         "Bucket name (globally unique); empty (the default) means <project>-<name_prefix>.",
         default="",
-    )
-    machine_type = var(
+    ),
+)
+
+# The worker VMs and their group.
+_WORKERS = (
+    _Variable(
         "machine_type", "string", "Machine type of the worker VMs.", default=DEFAULT_MACHINE_TYPE
-    )
-    disk_size_gb = var(
+    ),
+    _Variable(
         "disk_size_gb", "number", "Boot disk size of each VM, in GB.", default=DEFAULT_DISK_SIZE_GB
-    )
-    shard_count = var(
+    ),
+    _Variable(
         "shard_count",
         "number",
         "The group's initial size. After creation the runner owns the size; later deploys "
         "do not change it.",
         default=0,
-    )
-    slots = var("slots", "number", "Shards each worker VM runs at once.", default=defaults.SLOTS)
-    spot = var("spot", "bool", "Spot VMs (true) or standard VMs (false).", default=True)
-    image_family = var(
+    ),
+    _Variable("slots", "number", "Shards each worker VM runs at once.", default=defaults.SLOTS),
+    _Variable("spot", "bool", "Spot VMs (true) or standard VMs (false).", default=True),
+    _Variable(
         "image_family",
         "string",
         "Image family; resolved to one image at deploy time, so every VM boots the same image.",
         default=DEFAULT_IMAGE_FAMILY,
-    )
-    image_project = var(
+    ),
+    _Variable(
         "image_project", "string", "Project of the image family.", default=DEFAULT_IMAGE_PROJECT
-    )
-    idle_timeout = var(
+    ),
+)
+
+# How long things live, how often work is retried, and what the workers may read.
+_OPERATIONS = (
+    _Variable(
         "idle_timeout",
         "number",
         "Seconds a worker waits idle before it removes its own VM from the group.",
         default=int(defaults.IDLE_TIMEOUT),
-    )
-    retention_days = var(
+    ),
+    _Variable(
         "retention_days",
         "number",
         "Days after which objects under runs/ in the bucket are deleted.",
         default=DEFAULT_RETENTION_DAYS,
-    )
-    max_delivery_attempts = var(
+    ),
+    _Variable(
         "max_delivery_attempts",
         "number",
         "Deliveries of one work message (5-100) before Pub/Sub moves it to the dead-letter topic.",
         default=DEFAULT_MAX_DELIVERY_ATTEMPTS,
-    )
-    input_buckets = var(
+    ),
+    _Variable(
         "input_buckets",
         "list(string)",
         "Other buckets holding shard inputs; the workers get read access to their objects.",
         default=[],
-    )
-    gpu_image = var(
+    ),
+)
+
+# Boot images the runner picks per run; the deployment only passes them through.
+_RUN_IMAGES = (
+    _Variable(
         "gpu_image",
         "string",
         "Boot image of runs with GPUs (--gpu), with the NVIDIA driver and Python 3.11; empty: "
         "a Deep Learning VM image (runner.backends.gcp.shapes.groups.DEFAULT_GPU_IMAGE).",
         default="",
-    )
-    container_image = var(
+    ),
+    _Variable(
         "container_image",
         "string",
         "Boot image of runs with --image: one with podman or docker and Python 3.11 (the "
         "default Debian image has no container engine); empty: such runs are refused.",
         default="",
+    ),
+)
+
+# In declaration order, which is the order of the synthesized variables.
+_VARIABLES = (*_PLACEMENT, *_NAMING, *_WORKERS, *_OPERATIONS, *_RUN_IMAGES)
+
+
+def _declare(scope: Construct, spec: _Variable) -> Any:
+    """Declare ``spec`` under its own Terraform name and return its token-valued handle."""
+    variable = TerraformVariable(
+        scope,
+        spec.name,
+        type=spec.type,
+        description=spec.description,
+        default=spec.default,
+        validation=spec.validation,
     )
-    return Inputs(
-        project=project.string_value,
-        region=region.string_value,
-        zone=zone.string_value,
-        zones=zones.list_value,
-        name_prefix=name_prefix.string_value,
-        bucket_name=bucket_name.string_value,
-        machine_type=machine_type.string_value,
-        disk_size_gb=disk_size_gb.number_value,
-        shard_count=shard_count.number_value,
-        slots=slots.number_value,
-        spot=spot.boolean_value,
-        image_family=image_family.string_value,
-        image_project=image_project.string_value,
-        idle_timeout=idle_timeout.number_value,
-        retention_days=retention_days.number_value,
-        max_delivery_attempts=max_delivery_attempts.number_value,
-        input_buckets=input_buckets.list_value,
-        gpu_image=gpu_image.string_value,
-        container_image=container_image.string_value,
-    )
+    variable.override_logical_id(spec.name)
+    if spec.type == "string":
+        return variable.string_value
+    if spec.type == "number":
+        return variable.number_value
+    if spec.type == "bool":
+        return variable.boolean_value
+    if spec.type == "list(string)":
+        return variable.list_value
+    raise ValueError(f"variable {spec.name}: no handle for Terraform type {spec.type}")
+
+
+def declare_inputs(scope: Construct) -> Inputs:
+    """Declare every variable under ``scope`` and return handles on them."""
+    inputs = Construct(scope, "inputs")
+    return Inputs(**{spec.name: _declare(inputs, spec) for spec in _VARIABLES})

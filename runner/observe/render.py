@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from runner.observe.timeline import Timeline
+from runner.observe.timeline import Bar, Lane, Timeline
 
 COLOURS = {
     "succeeded": "#2e7d32",
@@ -24,6 +24,7 @@ COLOURS = {
     "lost": "#4a148c",
 }
 BILLED_COLOUR = "#e3e8ef"
+Box = list[tuple[float, float]]  # a rectangle's corners, for a PolyCollection
 
 
 @dataclass(frozen=True)
@@ -103,22 +104,44 @@ def draw_png(timeline: Timeline, path: Path) -> dict[str, Any]:
     return drawn
 
 
-def _box(x: float, width: float, y0: float, y1: float) -> list[tuple[float, float]]:
+def _box(x: float, width: float, y0: float, y1: float) -> Box:
     return [(x, y0), (x + width, y0), (x + width, y1), (x, y1)]
 
 
 def _draw_lanes(ax: Any, timeline: Timeline, rows: int) -> dict[str, Any]:
-    from matplotlib.collections import PolyCollection
-    from matplotlib.patches import Patch
+    row_of = _rows_of(timeline, rows)
+    span = max([timeline.summary.wall_seconds, *(ln.billed_end for ln in timeline.lanes), 1e-9])
+    many = len(timeline.lanes) > 40 or any(len(lane.bars) > 200 for lane in timeline.lanes)
+    billed, boxes, bars_drawn = _lay_out_bars(ax, timeline, row_of, span, many)
+    _fill_boxes(ax, billed, boxes, many)
+    _set_lane_axes(ax, timeline, row_of, rows, span, many)
+    legend = _title_and_legend(ax, timeline)
+    return {
+        "lanes": [lane.worker for lane in timeline.lanes],
+        "rows": rows,
+        "bars": bars_drawn,
+        "legend": [str(p.get_label()) for p in legend],
+        "queue_points": len(timeline.queue),
+        "max_queue": max(d for _, d in timeline.queue),
+    }
 
+
+def _rows_of(timeline: Timeline, rows: int) -> dict[tuple[str, int], int]:
+    """Each (worker, slot)'s row, counted from the top: the first lane's first slot is highest."""
     row_of: dict[tuple[str, int], int] = {}
     for lane in timeline.lanes:
         for slot in range(lane.slots):
             row_of[(lane.worker, slot)] = rows - 1 - len(row_of)
-    span = max([timeline.summary.wall_seconds, *(ln.billed_end for ln in timeline.lanes), 1e-9])
-    many = len(timeline.lanes) > 40 or any(len(lane.bars) > 200 for lane in timeline.lanes)
-    billed: list[list[tuple[float, float]]] = []
-    boxes: dict[str, list[list[tuple[float, float]]]] = {}  # colour -> rectangles
+    return row_of
+
+
+def _lay_out_bars(
+    ax: Any, timeline: Timeline, row_of: dict[tuple[str, int], int], span: float, many: bool
+) -> tuple[list[Box], dict[str, list[Box]], list[dict[str, Any]]]:
+    """Each lane's billed box and each bar's box (by colour), labelling the bars with room for
+    one; returns the billed boxes, the bar boxes and the sidecar's record of every bar."""
+    billed: list[Box] = []
+    boxes: dict[str, list[Box]] = {}  # colour -> rectangles
     bars_drawn = []
     for lane in timeline.lanes:
         top, bottom = row_of[(lane.worker, 0)], row_of[(lane.worker, lane.slots - 1)]
@@ -128,30 +151,42 @@ def _draw_lanes(ax: Any, timeline: Timeline, rows: int) -> dict[str, Any]:
             width = max(bar.seconds, span * 1e-3)
             boxes.setdefault(colour, []).append(_box(bar.start, width, y - 0.35, y + 0.35))
             if not many and bar.seconds > span * 0.06 and len(lane.bars) < 60:  # room for a label
-                ax.text(
-                    bar.start + bar.seconds / 2,
-                    y,
-                    f"{bar.shard_id[:14]}#{bar.attempt}",
-                    ha="center",
-                    va="center",
-                    fontsize=7,
-                    color="white",
-                    zorder=3,
-                    clip_on=True,
-                )
-            bars_drawn.append(
-                {
-                    "lane": lane.worker,
-                    "row": y,
-                    "slot": bar.slot,
-                    "shard": bar.shard_id,
-                    "attempt": bar.attempt,
-                    "start": bar.start,
-                    "width": bar.seconds,
-                    "outcome": bar.outcome,
-                    "colour": colour,
-                }
-            )
+                _label_bar(ax, bar, y)
+            bars_drawn.append(_bar_record(lane, bar, y, colour))
+    return billed, boxes, bars_drawn
+
+
+def _label_bar(ax: Any, bar: Bar, y: int) -> None:
+    ax.text(
+        bar.start + bar.seconds / 2,
+        y,
+        f"{bar.shard_id[:14]}#{bar.attempt}",
+        ha="center",
+        va="center",
+        fontsize=7,
+        color="white",
+        zorder=3,
+        clip_on=True,
+    )
+
+
+def _bar_record(lane: Lane, bar: Bar, y: int, colour: str) -> dict[str, Any]:
+    return {
+        "lane": lane.worker,
+        "row": y,
+        "slot": bar.slot,
+        "shard": bar.shard_id,
+        "attempt": bar.attempt,
+        "start": bar.start,
+        "width": bar.seconds,
+        "outcome": bar.outcome,
+        "colour": colour,
+    }
+
+
+def _fill_boxes(ax: Any, billed: list[Box], boxes: dict[str, list[Box]], many: bool) -> None:
+    from matplotlib.collections import PolyCollection
+
     # One collection per colour, not an artist per bar: 100,000 attempts draw in seconds.
     ax.add_collection(PolyCollection(billed, facecolors=BILLED_COLOUR, zorder=1))
     for colour, rects in boxes.items():
@@ -164,6 +199,16 @@ def _draw_lanes(ax: Any, timeline: Timeline, rows: int) -> dict[str, Any]:
                 zorder=2,
             )
         )
+
+
+def _set_lane_axes(
+    ax: Any,
+    timeline: Timeline,
+    row_of: dict[tuple[str, int], int],
+    rows: int,
+    span: float,
+    many: bool,
+) -> None:
     ax.set_xlim(-span * 0.02, span * 1.02)
     ax.set_yticks(
         [row_of[(lane.worker, 0)] for lane in timeline.lanes],
@@ -175,6 +220,13 @@ def _draw_lanes(ax: Any, timeline: Timeline, rows: int) -> dict[str, Any]:
     )
     ax.set_ylim(-0.7, max(rows, 1) - 0.3)
     ax.grid(axis="x", alpha=0.3)
+
+
+def _title_and_legend(ax: Any, timeline: Timeline) -> list[Any]:
+    """The title (attempts per outcome) and the legend of the outcomes seen; returns the legend's
+    patches."""
+    from matplotlib.patches import Patch
+
     s = timeline.summary
     counts = {k: v for k, v in s.attempts.items() if v}
     ax.set_title(
@@ -194,14 +246,7 @@ def _draw_lanes(ax: Any, timeline: Timeline, rows: int) -> dict[str, Any]:
         frameon=False,
         borderaxespad=0.2,
     )
-    return {
-        "lanes": [lane.worker for lane in timeline.lanes],
-        "rows": rows,
-        "bars": bars_drawn,
-        "legend": [str(p.get_label()) for p in legend],
-        "queue_points": len(timeline.queue),
-        "max_queue": max(d for _, d in timeline.queue),
-    }
+    return legend
 
 
 def _draw_queue(qax: Any, timeline: Timeline) -> None:

@@ -33,7 +33,7 @@ from runner.sim.workload import Shards, Workload
 from runner.sim.world import VmModel, World
 from worker import defaults
 from worker.agent.agent import AgentConfig
-from worker.protocol import RunOptions
+from worker.protocol import Manifest, RunOptions
 from worker.queue import EventBus, WorkQueue
 
 QueueFactory = Callable[[SimClock], WorkQueue]
@@ -120,10 +120,41 @@ class Result:
         return self.idle_after_drain / self.billed if self.billed else 0.0
 
 
+@dataclass
+class _Rig:
+    """The simulated world of one run, and what the runner sees of it."""
+
+    clock: SimClock
+    meter: RunnerMeter
+    store: MemoryStore
+    queue: WorkQueue
+    shards: Shards
+    ledger: Ledger
+    world: World
+    fleet: Fleet  # what the runner scales: the Spot group, or the fallback over both groups
+    fleets: list[SimFleet]  # every group of simulated VMs
+    events: EventBus  # what the runner's watcher reads
+
+
 def simulate(scenario: Scenario, *, queue_factory: QueueFactory | None = None) -> Result:
     """Run one scenario to the end and account for every shard and VM-second."""
     wall = time.perf_counter()
     sc = scenario
+    rig = _rig(sc, queue_factory)
+    manifest = _submit(sc, rig)
+    shards = rig.shards
+    parallel = sc.max_workers * sc.slots
+    lower_bound = max(sc.vm.ready_seconds + shards.longest_seconds, shards.total_seconds / parallel)
+    _sample_every(rig.world, rig.fleets, max(1.0, lower_bound / 300))
+    makespan = _watch(sc, rig, manifest)
+    rig.clock.run_while(lambda: any(f.size > 0 for f in rig.fleets), step=1.0)
+    return _result(sc, rig, manifest.run_id, makespan, lower_bound, wall)
+
+
+def _rig(sc: Scenario, queue_factory: QueueFactory | None) -> _Rig:
+    """The clock, store, queue, workload and fleet(s) of a scenario, before anything runs.
+
+    The order of the draws from the scenario's seed is part of the result: keep it."""
     meter = RunnerMeter(trace_every=sc.trace_every)
     clock = SimClock(horizon=sc.horizon, meter=meter)
     rng = random.Random(sc.seed)
@@ -154,62 +185,62 @@ def simulate(scenario: Scenario, *, queue_factory: QueueFactory | None = None) -
         )
         run_events = tap
     fleets = [f for f in (spot, standard) if f is not None]
+    return _Rig(clock, meter, store, queue, shards, ledger, world, fleet, fleets, run_events)
 
+
+def _submit(sc: Scenario, rig: _Rig) -> Manifest:
+    """Submit the run as ``runner submit`` does, with a task that is bundled but never runs."""
     with tempfile.TemporaryDirectory(prefix="cflow-sim-") as tmp:
         task = Path(tmp) / "task"
         task.mkdir()
         (task / "task.py").write_text(TASK_PY)
-        manifest = runs.create_run(
-            store=store,
-            queue=queue,
+        return runs.create_run(
+            store=rig.store,
+            queue=rig.queue,
             task_dir=task,
             shards=from_count(sc.workload.shards),
             options=RunOptions(max_attempts=sc.max_attempts, timeout=sc.timeout),
-            clock=clock,
+            clock=rig.clock,
         )
-    parallel = sc.max_workers * sc.slots
-    lower_bound = max(sc.vm.ready_seconds + shards.longest_seconds, shards.total_seconds / parallel)
-    _sample_every(world, fleets, max(1.0, lower_bound / 300))
 
+
+def _watch(sc: Scenario, rig: _Rig, manifest: Manifest) -> float:
+    """The runner's watch loop until the run is done, then its drain of the fleet; returns when
+    the watcher saw the run done (the makespan)."""
     watcher = Watcher(
         manifest=manifest,
-        store=store,
-        queue=queue,
-        events=run_events,
-        fleet=fleet,
+        store=rig.store,
+        queue=rig.queue,
+        events=rig.events,
+        fleet=rig.fleet,
         max_workers=sc.max_workers,
         slots=sc.slots,
-        clock=clock,
+        clock=rig.clock,
         reconcile_seconds=sc.reconcile_seconds,
         speculate=sc.speculate,
     )
-    meter.runner_resumes()
+    rig.meter.runner_resumes()
     watcher.watch(poll_seconds=sc.poll_seconds)
-    makespan = clock.now
+    makespan = rig.clock.now
     watcher.drain_fleet(timeout=DRAIN_TIMEOUT)
-    meter.runner_pauses(clock.now)
-    clock.meter = None
-    clock.run_while(lambda: any(f.size > 0 for f in fleets), step=1.0)
-    end = clock.now
+    rig.meter.runner_pauses(rig.clock.now)
+    rig.clock.meter = None  # the runner is done: nothing more of it to meter
+    return makespan
 
-    committed = runs.committed(store, manifest.run_id)
-    failed = runs.failed(store, manifest.run_id) - committed
+
+def _result(
+    sc: Scenario, rig: _Rig, run_id: str, makespan: float, lower_bound: float, wall: float
+) -> Result:
+    """Account for the finished simulation: every shard's end, every VM-second, the runner's
+    cost. ``wall`` is when the simulation started (``time.perf_counter``)."""
+    end, ledger, store, fleet = rig.clock.now, rig.ledger, rig.store, rig.fleet
+    committed = runs.committed(store, run_id)
+    failed = runs.failed(store, run_id) - committed
     ids = {str(m["id"]) for m in _shard_dicts(sc.workload.shards)}
-    winners: dict[str, int] = {}
-    on_standard = set()
-    for a in ledger.attempts:
-        if a.fate is Fate.COMMITTED:
-            winners[a.shard] = winners.get(a.shard, 0) + 1
-            if ledger.vms[a.vm].name.startswith(STANDARD_PREFIX):
-                on_standard.add(a.shard)
-    standard_billed = sum(
-        (v.gone if v.gone is not None else end) - v.created
-        for v in ledger.vms
-        if v.name.startswith(STANDARD_PREFIX)
-    )
+    winners, on_standard = _winners(ledger)
     policy_seen = fleet.policy if isinstance(fleet, FallbackFleet) else None
     commits = [a.end for a in ledger.attempts if a.fate is Fate.COMMITTED]
-    pubsub = queue if isinstance(queue, SimPubSub) else None
+    pubsub = rig.queue if isinstance(rig.queue, SimPubSub) else None
     drained = pubsub.drained_at if pubsub is not None and pubsub.drained_at is not None else end
     return Result(
         scenario=sc,
@@ -217,7 +248,7 @@ def simulate(scenario: Scenario, *, queue_factory: QueueFactory | None = None) -
         last_commit=max(commits, default=0.0),
         zero_at=end,
         lower_bound=lower_bound,
-        redo_bound=_redo_bound(ledger, shards, sc.workload.shards, lower_bound),
+        redo_bound=_redo_bound(ledger, rig.shards, sc.workload.shards, lower_bound),
         billed=ledger.billed_seconds(end),
         work=ledger.busy_seconds(),
         useful=ledger.work_seconds(Fate.COMMITTED),
@@ -229,20 +260,41 @@ def simulate(scenario: Scenario, *, queue_factory: QueueFactory | None = None) -
         lost=sorted(ids - committed - failed),
         double_commits=sorted(s for s, n in winners.items() if n > 1),
         fates={f.value: ledger.count(f) for f in Fate},
-        fleet=_counts(fleets),
+        fleet=_counts(rig.fleets),
         queue=dict(pubsub.counts) if pubsub is not None else {},
         samples=ledger.samples,
         ledger=ledger,
-        meter=meter,
+        meter=rig.meter,
         store_lists=store.list_calls,
         store_keys_listed=store.keys_listed,
         store_objects=len(store),
-        polls=meter.polls,
+        polls=rig.meter.polls,
         wall_seconds=time.perf_counter() - wall,
-        standard_billed=standard_billed,
+        standard_billed=_standard_billed(ledger, end),
         standard_shards=len(on_standard),
         fallback_reason=policy_seen.reason if policy_seen else None,
         fallback_at=policy_seen.at if policy_seen else None,
+    )
+
+
+def _winners(ledger: Ledger) -> tuple[dict[str, int], set[str]]:
+    """Committed attempts per shard, and the shards committed on a standard VM."""
+    winners: dict[str, int] = {}
+    on_standard = set()
+    for a in ledger.attempts:
+        if a.fate is Fate.COMMITTED:
+            winners[a.shard] = winners.get(a.shard, 0) + 1
+            if ledger.vms[a.vm].name.startswith(STANDARD_PREFIX):
+                on_standard.add(a.shard)
+    return winners, on_standard
+
+
+def _standard_billed(ledger: Ledger, end: float) -> float:
+    """VM-seconds of the standard group's VMs, those still up counted until ``end``."""
+    return sum(
+        (v.gone if v.gone is not None else end) - v.created
+        for v in ledger.vms
+        if v.name.startswith(STANDARD_PREFIX)
     )
 
 
