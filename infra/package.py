@@ -19,7 +19,7 @@ from cdktf_cdktf_provider_google.storage_bucket import StorageBucket
 from cdktf_cdktf_provider_google.storage_bucket_object import StorageBucketObject
 from constructs import Construct
 
-from infra.wheel import DISTRIBUTION, build_worker_wheel
+from infra.wheel import DISTRIBUTION, build_worker_wheel, worker_requirements
 from runner.backends.gcp.wheels import installed_pins, resolve
 
 OBJECT_PREFIX = "worker/"
@@ -60,7 +60,7 @@ class WorkerPackage(Construct):
 
         project = tomllib.loads((repo / "pyproject.toml").read_text())["project"]
         house = resolve(
-            list(project.get("dependencies", [])),
+            worker_requirements(project),
             constraints=installed_pins(skip={"cflow", DISTRIBUTION}),
         )
         house_asset = TerraformAsset(self, "wheelhouse", path=str(house.path), type=AssetType.FILE)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 DISTRIBUTION = "cflow-worker"  # the wheel's project name on the VM
+WORKER_EXTRA = "gcp-worker"  # pyproject's extra that names what the worker needs on a VM
 ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # fixed timestamp: the same source gives the same bytes
 SKIPPED_PARTS = {"__pycache__"}
 SKIPPED_SUFFIXES = {".pyc", ".pyo"}
@@ -103,6 +104,13 @@ def _package_files(package: Path) -> list[tuple[str, bytes]]:
     return found
 
 
+def worker_requirements(project: dict[str, Any]) -> list[str]:
+    """What a worker VM installs: the project's own dependencies and its ``gcp-worker`` extra
+    (``project`` is pyproject.toml's ``[project]`` table)."""
+    extras = project.get("optional-dependencies", {})
+    return [*project.get("dependencies", []), *extras.get(WORKER_EXTRA, [])]
+
+
 def _metadata(project: dict[str, Any], version: str) -> str:
     lines = [
         "Metadata-Version: 2.1",
@@ -112,7 +120,7 @@ def _metadata(project: dict[str, Any], version: str) -> str:
     ]
     if project.get("requires-python"):
         lines.append(f"Requires-Python: {project['requires-python']}")
-    lines += [f"Requires-Dist: {dep}" for dep in project.get("dependencies", [])]
+    lines += [f"Requires-Dist: {dep}" for dep in worker_requirements(project)]
     return "\n".join(lines) + "\n"
 
 

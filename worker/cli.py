@@ -17,7 +17,7 @@ from worker import defaults
 from worker.agent.agent import Agent, AgentConfig
 from worker.backends.base import Backends
 from worker.backends.local.backend import open_local
-from worker.errors import CFlowError
+from worker.errors import CFlowError, ConfigError
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -87,7 +87,13 @@ def open_backends(args: argparse.Namespace) -> Backends:
     if args.backend == "local":
         return open_local(args.store, lease_seconds=args.lease_seconds)
     # imported late: the local worker needs no cloud client
-    from worker.backends.gcp.backend import open_gcp
+    try:
+        from worker.backends.gcp.backend import open_gcp
+    except ModuleNotFoundError as exc:
+        raise ConfigError(
+            f"the Google Cloud backend needs its client libraries: "
+            f"pip install 'cflow[gcp-worker]' ({exc})"
+        ) from None
 
     return open_gcp(
         project=args.project,

@@ -48,4 +48,18 @@ def _main(argv: list[str] | None) -> None:
     except CFlowError as exc:
         err.print(f"error: {exc}", markup=False)
         sys.exit(EXIT_ERROR)
+    except ModuleNotFoundError as exc:
+        extra = _EXTRAS.get((exc.name or "").split(".")[0])
+        if extra is None:
+            raise
+        err.print(f"error: {extra[1]}: pip install 'cflow[{extra[0]}]' ({exc})", markup=False)
+        sys.exit(EXIT_ERROR)
     sys.exit(code if isinstance(code, int) else EXIT_OK)
+
+
+# Packages the runner loads only for some commands, and the extra that installs each: a local
+# install (`.[runner]`) has none of them.
+_EXTRAS = {
+    "google": ("gcp", "Google Cloud needs its client libraries"),
+    "matplotlib": ("report", "`runner report` draws with matplotlib"),
+}

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from infra.wheel import DISTRIBUTION, build_worker_wheel
+from infra.wheel import DISTRIBUTION, build_worker_wheel, worker_requirements
 from runner.backends.gcp.wheels import TASK_WHEELS, installed_pins, pack_wheels, resolve, stage_task
 
 pytestmark = pytest.mark.infra
@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_worker_boots_from_the_wheelhouse_without_a_package_index(tmp_path: Path) -> None:
-    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    deps = worker_requirements(tomllib.loads((REPO / "pyproject.toml").read_text())["project"])
     house = resolve(deps, constraints=installed_pins(skip={"cflow", DISTRIBUTION}))
     # Pinned to what this machine runs, for the VMs' platform (CPython 3.11, manylinux x86_64).
     names = {w.split("-")[0].lower(): w for w in house.wheels}
