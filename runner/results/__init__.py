@@ -1,12 +1,23 @@
 """Combining a run's committed outputs into one result per file name.
 
-``parts`` holds the shared types (what was combined, the parts, the ``Combiner`` strategy a
-deployment hands in); ``combine`` is :func:`combine_run` and the local concatenation. A
-backend's own way (composing in the bucket) comes in as a ``Combiner``; this room never
-imports a backend.
+``formats`` is the rule per name (lines concatenated, gzip members joined, or kept per shard
+with a manifest); ``parts`` holds the shared types (what was combined, the parts, the
+``Combiner`` strategy a deployment hands in); ``combine`` is :func:`combine_run` and the local
+combiner. A backend's own way (composing in the bucket) comes in as a ``Combiner``; this room
+never imports a backend.
 """
 
 from runner.results.combine import LocalCombiner, combine_run
+from runner.results.formats import Method, plan_for
 from runner.results.parts import Combined, Combiner, OutTarget, check_out
 
-__all__ = ["Combined", "Combiner", "LocalCombiner", "OutTarget", "check_out", "combine_run"]
+__all__ = [
+    "Combined",
+    "Combiner",
+    "LocalCombiner",
+    "Method",
+    "OutTarget",
+    "check_out",
+    "combine_run",
+    "plan_for",
+]

@@ -1,15 +1,17 @@
-"""Combining a run's outputs into one result per output path.
+"""Combining a run's outputs into one result per output name.
 
-Only committed attempts are read, in shard order. Files at the same path relative to their
-attempt's ``out/`` (``sub/a.csv`` and ``a.csv`` are two paths) are concatenated, each part ending
-in a newline. No line is ever dropped unless the task declares headers (``[combine] headers =
-true`` in ``cflow.toml``, or ``runner combine --headers``): then the first line of each ``.csv`` or
-``.tsv`` part after the first is dropped. A task whose ``task.py`` defines ``combine(paths, out)``
-gets the committed output paths instead and writes into ``out`` itself.
+Only committed attempts are read, in shard order. Outputs at the same path relative to their
+attempt's ``out/`` (``sub/a.csv`` and ``a.csv`` are two names) are combined by the rule of
+:mod:`runner.results.formats`: line formats (csv, tsv, jsonl, txt) concatenated, each part ending
+in a newline, declared headers kept once; the same formats gzip-compressed concatenated as gzip
+members; anything else kept per shard, unchanged, under ``combined/<name>/`` with a
+``manifest.json``. No byte of a part is changed but the newline after a line format's part and a
+declared header that is the header. A task whose ``task.py`` defines ``combine(paths, out)`` gets
+the committed output paths instead and writes into ``out`` itself.
 
-Where the parts are concatenated is the deployment's :class:`~runner.results.parts.Combiner`:
-on Google Cloud they are composed in the bucket, and the runner downloads nothing unless
-``--out DIR`` asks for a local copy; without one, :class:`LocalCombiner` concatenates them here.
+Where the parts are combined is the deployment's :class:`~runner.results.parts.Combiner`: on
+Google Cloud in the bucket, and the runner downloads nothing unless ``--out DIR`` asks for a
+local copy; without one, :class:`LocalCombiner` works here.
 """
 
 from __future__ import annotations
@@ -22,17 +24,35 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from runner.results.formats import (
+    MANIFEST,
+    Method,
+    Plan,
+    differing,
+    file_sha256,
+    gzip_note,
+    header_of,
+    header_warning,
+    is_gzip,
+    kept_name,
+    lines_note,
+    manifest_json,
+    mismatch_warning,
+    not_gzip,
+    per_shard_note,
+    plan_for,
+    same_line,
+)
 from runner.results.parts import (
     Combined,
     Combiner,
     OnWorkers,
     OutTarget,
     Part,
+    Say,
     Traffic,
     Warn,
     committed_parts,
-    headed,
-    header_warning,
 )
 from worker.bundle import (
     UnpackedBundle,
@@ -46,6 +66,12 @@ from worker.executors.base import WORKER_PATH
 from worker.protocol import Entry, Layout, Manifest
 from worker.store import Store
 
+BY_TASK = "written by the task's combine(paths, out)"
+
+
+def _quiet(_message: str) -> None:
+    """Says nothing."""
+
 
 def combine_run(
     store: Store,
@@ -54,16 +80,20 @@ def combine_run(
     out: OutTarget | None = None,
     headers: bool | None = None,
     warn: Warn | None = None,
+    say: Say | None = None,
     combiner: Combiner | None = None,
     workers: OnWorkers | None = None,
 ) -> Combined:
     """Combine a run's committed outputs into ``runs/<run>/combined/`` (and ``out`` if given).
 
     ``headers`` overrides the task's ``[combine] headers`` setting. ``combiner`` is where the
-    parts are concatenated (the deployment's; None: here, :class:`LocalCombiner`), and
-    ``workers`` the means it may use to do heavy copying on the deployment's workers.
+    parts are combined (the deployment's; None: here, :class:`LocalCombiner`), and ``workers``
+    the means it may use to do heavy copying on the deployment's workers. What was done with
+    each output name is in the result's ``how`` and said, one line a name, through ``say``
+    (None: the ``workers``' narration).
     """
-    warn = warn or (lambda _msg: None)
+    warn = warn or _quiet
+    tell = say or (workers.say if workers is not None else _quiet)
     if combiner is None:
         combiner = LocalCombiner()
     groups, shards, missing = committed_parts(store, manifest)
@@ -79,10 +109,14 @@ def combine_run(
                 store, manifest, groups, headers=headers, warn=warn, work=work, workers=workers
             )
         combined.shards, combined.missing = shards, missing
-        fresh = set(combined.files)
+        combined.files.sort()
+        combined.objects.sort()
+        fresh = set(combined.objects)
         for key in list(store.list(Layout.combined(manifest.run_id))):
             if key not in fresh:  # left by an earlier combine: not part of this result
                 store.delete(key)
+        for rel in sorted(combined.how):
+            tell(f"{rel}: {combined.how[rel]}")
         if out is not None:
             _copy_out(store, manifest.run_id, combined, out, combiner)
     return combined
@@ -92,25 +126,34 @@ def _copy_out(
     store: Store, run_id: str, combined: Combined, out: OutTarget, combiner: Combiner
 ) -> None:
     base = len(Layout.combined(run_id))
-    for key in combined.files:
+    for key in combined.objects:
         rel = key[base:]
         if out.path is not None:
-            dest = out.path / rel
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            local = store.local_path(key)
-            if local is not None and local.is_file():
-                shutil.copyfile(local, dest)
-            else:
-                store.get_file(key, dest)
-                combined.traffic.downloaded_for_copy += dest.stat().st_size
+            _copy_to_folder(store, key, out.path / rel, combined.traffic)
         else:
             assert out.bucket is not None
             combiner.copy_to_bucket(store, key, out.bucket, out.prefix + rel)
-        combined.written.append(out.where(rel))
+    combined.written.extend(out.where(key[base:]) for key in combined.files)
+
+
+def _copy_to_folder(store: Store, key: str, dest: Path, traffic: Traffic) -> None:
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        local = store.local_path(key)
+        if local is not None and local.is_file():
+            shutil.copyfile(local, dest)
+        else:
+            store.get_file(key, dest)
+            traffic.downloaded_for_copy += dest.stat().st_size
+    except (FileExistsError, IsADirectoryError, NotADirectoryError) as exc:
+        raise ConfigError(
+            f"--out: cannot write {dest}: {exc.strerror} (an earlier result of another shape"
+            " there?); give an empty folder"
+        ) from None
 
 
 class LocalCombiner:
-    """Concatenates on this machine: parts the store keeps as local files are read in place,
+    """Combines on this machine: parts the store keeps as local files are read in place,
     others are downloaded first."""
 
     def concatenate(
@@ -124,19 +167,32 @@ class LocalCombiner:
         work: Path,
         workers: OnWorkers | None = None,
     ) -> Combined:
-        """Concatenate each path's parts into ``runs/<run>/combined/<path>`` (``workers``: not
-        needed here)."""
+        """Combine each path's parts under ``runs/<run>/combined/`` by the rule of
+        :func:`~runner.results.formats.plan_for` (``workers``: not needed here)."""
         target = Layout.combined(manifest.run_id)
         combined = Combined(files=[], shards=0, missing=0)
         for rel in sorted(groups):
+            parts = groups[rel]
+            paths = list(_local_parts(store, parts, work / "in", combined.traffic))
+            plan = plan_for(rel, headers)
+            if plan.method is Method.GZIP:
+                bad = [p.shard for p, path in zip(parts, paths, strict=True) if not _gzip(path)]
+                plan = not_gzip(bad[0]) if bad else plan
+            if plan.method is Method.PER_SHARD:
+                _keep_per_shard(store, target + rel, list(zip(parts, paths, strict=True)), plan)
+                combined.objects.extend(f"{target}{rel}/{kept_name(p.shard, rel)}" for p in parts)
+                note = per_shard_note(rel, len(parts), plan.why)
+                combined.add(rel, f"{target}{rel}/{MANIFEST}", note)
+                continue
             staged = work / "combined" / rel
             staged.parent.mkdir(parents=True, exist_ok=True)
-            paths = list(_local_parts(store, groups[rel], work / "in", combined.traffic))
-            firsts = concatenate(paths, staged, strip_headers=bool(headers) and headed(rel))
-            if headers is None and headed(rel) and (hint := header_warning(firsts, rel)):
-                warn(hint)
+            if plan.method is Method.GZIP:
+                note = gzip_note(join_bytes(paths, staged))
+            else:
+                note = _lines(rel, parts, paths, staged, plan, headers is None, warn)
+            _make_room(store, target + rel)
             store.put_file(target + rel, staged)
-            combined.files.append(target + rel)
+            combined.add(rel, target + rel, note)
         return combined
 
     def copy_to_bucket(self, store: Store, key: str, bucket: str, name: str) -> None:
@@ -144,6 +200,59 @@ class LocalCombiner:
         raise ConfigError(
             f"--out gs://{bucket}/{name} is a Cloud Storage path; it needs the Google Cloud backend"
         )
+
+
+def _keep_per_shard(store: Store, key: str, parts: list[tuple[Part, Path]], plan: Plan) -> None:
+    """Copy each part unchanged to ``<key>/<shard><suffix>``, then write ``<key>/manifest.json``
+    (``key``: the name's place under ``runs/<run>/combined/``)."""
+    folder = key + "/"
+    if store.exists(key):  # an earlier combine joined this name into one file
+        store.delete(key)
+    listed = []
+    for part, path in parts:
+        name = kept_name(part.shard, part.rel)
+        store.put_file(folder + name, path)
+        size, digest = path.stat().st_size, file_sha256(path)
+        listed.append(
+            {"shard": part.shard, "index": part.index, "file": name, "size": size, "sha256": digest}
+        )
+    store.put(folder + MANIFEST, manifest_json(parts[0][0].rel, plan.why, listed))
+
+
+def _make_room(store: Store, key: str) -> None:
+    """Remove a folder an earlier combine left where this one writes a file."""
+    for old in list(store.list(key + "/")):
+        store.delete(old)
+    local = store.local_path(key)
+    if local is not None and local.is_dir():  # the store's empty folders
+        shutil.rmtree(local, ignore_errors=True)
+
+
+def _gzip(path: Path) -> bool:
+    """Whether a part is gzip data (or empty, which adds no member)."""
+    with path.open("rb") as fh:
+        head = fh.read(2)
+    return not head or is_gzip(head)
+
+
+def _lines(
+    rel: str,
+    parts: list[Part],
+    paths: list[Path],
+    staged: Path,
+    plan: Plan,
+    undeclared: bool,
+    warn: Warn,
+) -> str:
+    """Concatenate a line format's parts into ``staged``; warn of what a reader should know."""
+    firsts, stripped = concatenate(paths, staged, strip_headers=plan.strip_headers)
+    if plan.strip_headers and (odd := differing(firsts)):
+        header = header_of(firsts) or b""
+        shards = [parts[n].shard for n in odd]
+        warn(mismatch_warning(rel, header, shards, firsts[odd[0]]))
+    if undeclared and plan.headed and (hint := header_warning(firsts, rel)):
+        warn(hint)
+    return lines_note(len(parts), stripped > 0)
 
 
 def _local_parts(store: Store, parts: list[Part], work: Path, traffic: Traffic) -> Iterator[Path]:
@@ -161,26 +270,49 @@ def _local_parts(store: Store, parts: list[Part], work: Path, traffic: Traffic) 
 
 def concatenate(
     paths: Iterator[Path] | list[Path], dest: Path, *, strip_headers: bool
-) -> list[bytes]:
-    """Concatenate files into ``dest``, each part ending in a newline; returns each first line.
+) -> tuple[list[bytes], int]:
+    """Concatenate line-format files into ``dest``, each part ending in a newline.
 
-    With ``strip_headers`` the first line of every part but the first is left out.
+    With ``strip_headers`` a later part's first line is left out when it is the header (the
+    first line of the first part that has one); a part whose first line differs keeps it.
+    Returns each part's first line and how many were left out.
     """
     firsts: list[bytes] = []
+    header: bytes | None = None
+    stripped = 0
     with dest.open("wb") as dst:
-        for n, path in enumerate(paths):
+        for path in paths:
             with path.open("rb") as src:
                 first = src.readline()
                 firsts.append(first)
-                if not (strip_headers and n > 0):
+                if header is None and first:
+                    header, keep = first, True
+                else:
+                    keep = not (strip_headers and first and same_line(first, header or b""))
+                stripped += not keep
+                last = b""
+                if keep and first:
                     dst.write(first)
-                last = first[-1:] or b"\n"
+                    last = first[-1:]
                 while chunk := src.read(1 << 20):
                     dst.write(chunk)
                     last = chunk[-1:]
-                if last != b"\n":  # keep the next part's first line on a line of its own
+                if last and last != b"\n":  # keep the next part's first line on a line of its own
                     dst.write(b"\n")
-    return firsts
+    return firsts, stripped
+
+
+def join_bytes(paths: list[Path], dest: Path) -> int:
+    """Concatenate files byte for byte (gzip members); returns how many were not empty."""
+    joined = 0
+    with dest.open("wb") as dst:
+        for path in paths:
+            if path.stat().st_size == 0:
+                continue
+            with path.open("rb") as src:
+                shutil.copyfileobj(src, dst, 1 << 20)
+            joined += 1
+    return joined
 
 
 def _task_folder(
@@ -221,7 +353,7 @@ def _user_combine_run(
     for path in sorted(p for p in staged.rglob("*") if p.is_file()):
         rel = path.relative_to(staged).as_posix()
         store.put_file(target + rel, path)
-        combined.files.append(target + rel)
+        combined.add(rel, target + rel, BY_TASK)
     return combined
 
 

@@ -1,10 +1,11 @@
 """What combining works on and hands back: committed parts, the result, and the combiner port.
 
 A run's committed outputs are :class:`Part` objects grouped by their path relative to the
-attempt's ``out/`` (:func:`committed_parts`). A :class:`Combiner` turns each group into one
-combined file where the store keeps them: a backend hands its own in on the deployment (Google
-Cloud composes in the bucket); :mod:`runner.results.combine` concatenates on this machine when
-none is given. Nothing here knows a backend.
+attempt's ``out/`` (:func:`committed_parts`). A :class:`Combiner` turns each group into its
+combined form where the store keeps them, by the rule :mod:`runner.results.formats` gives for the
+name: a backend hands its own in on the deployment (Google Cloud composes in the bucket);
+:mod:`runner.results.combine` works on this machine when none is given. Nothing here knows a
+backend.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ if TYPE_CHECKING:
     from runner.engine.watch import Watcher
     from worker.queue import WorkQueue
 
-HEADER_SUFFIXES = (".csv", ".tsv")  # parts whose first line may be a header
 Warn = Callable[[str], None]  # a warning, one line
 Say = Callable[[str], None]  # narration, one line
 MakeWatcher = Callable[[Manifest, int], "Watcher"]  # (helper manifest, shards) -> its watcher
@@ -88,13 +88,26 @@ class Traffic:
 
 @dataclass
 class Combined:
-    """A combine's result: the combined files and where their copies went."""
+    """A combine's result: one file per output name, what was done with it, where copies went.
 
-    files: list[str]  # keys under runs/<run>/combined/
+    ``files`` holds one key per name under ``runs/<run>/combined/``: the combined file, or for a
+    name kept per shard its ``manifest.json``; ``objects`` every key the combine wrote (the
+    files and the per-shard copies); ``how`` says per name what was done.
+    """
+
+    files: list[str]  # one key per output name (a combined file or a manifest.json)
     shards: int  # committed shards combined
     missing: int  # shards with no committed result (failed or unfinished)
-    written: list[str] = field(default_factory=list)  # where --out copies went
+    written: list[str] = field(default_factory=list)  # where --out copies of ``files`` went
     traffic: Traffic = field(default_factory=Traffic)
+    objects: list[str] = field(default_factory=list)  # every key written, ``files`` included
+    how: dict[str, str] = field(default_factory=dict)  # output name -> what was done with it
+
+    def add(self, rel: str, key: str, how: str) -> None:
+        """Record the combined form of the output name ``rel``: its key and what was done."""
+        self.files.append(key)
+        self.objects.append(key)
+        self.how[rel] = how
 
 
 @dataclass(frozen=True)
@@ -103,6 +116,8 @@ class Part:
 
     rel: str  # path relative to the attempt's out/
     key: str  # the committed object
+    shard: str = ""  # the shard's id
+    index: int = 0  # the shard's index
 
 
 @dataclass(frozen=True)
@@ -130,7 +145,7 @@ class OnWorkers:
 
 
 class Combiner(Protocol):
-    """Turns each path's committed parts into one combined file, where the store keeps them."""
+    """Turns each path's committed parts into their combined form, where the store keeps them."""
 
     def concatenate(
         self,
@@ -143,11 +158,14 @@ class Combiner(Protocol):
         work: Path,
         workers: OnWorkers | None,
     ) -> Combined:
-        """Write ``runs/<run>/combined/<path>`` for every path in ``groups``, parts in order.
+        """Write ``runs/<run>/combined/<path>`` for every path in ``groups``, parts in shard
+        order, by the rule of :func:`runner.results.formats.plan_for`: lines concatenated, gzip
+        members concatenated, or each part copied unchanged under ``combined/<path>/`` with a
+        manifest.
 
-        ``headers``: drop the first line of each ``.csv``/``.tsv`` part after the first (None:
-        undeclared, keep it and ``warn`` when every part starts alike). ``work`` is a scratch
-        folder for this call; ``workers``, when given, may do the heavy copying.
+        ``headers``: drop each later ``.csv``/``.tsv`` part's first line when it is the header
+        (None: undeclared, keep it and ``warn`` when every part starts alike). ``work`` is a
+        scratch folder for this call; ``workers``, when given, may do the heavy copying.
         """
         ...
 
@@ -162,42 +180,26 @@ def committed_parts(store: Store, manifest: Manifest) -> tuple[dict[str, list[Pa
     done = runs.committed(store, run_id)
     groups: dict[str, list[Part]] = {}
     missing = 0
-    batch: list[str] = []
+    batch: list[tuple[str, int]] = []  # (commit record, shard index)
 
-    def read(keys: list[str]) -> None:  # one query (or a window of reads) per 1000 shards
-        found = store.get_many(keys)
-        for key in keys:
+    def read(keys: list[tuple[str, int]]) -> None:  # one query (or reads) per 1000 shards
+        found = store.get_many([key for key, _ in keys])
+        for key, index in keys:
             if key not in found:  # removed since it was listed (a concurrent `runner rm`)
                 raise NotFound(f"no object {key}")
             result = ShardResult.from_json(found[key])
             prefix = Layout.outputs(run_id, result.shard_id, result.attempt)
             for rel in result.outputs:
-                groups.setdefault(rel, []).append(Part(rel, prefix + rel))
+                part = Part(rel, prefix + rel, result.shard_id, index)
+                groups.setdefault(rel, []).append(part)
 
     for shard in runs.iter_shards(store, run_id):
         if shard.id not in done:
             missing += 1
             continue
-        batch.append(Layout.result(run_id, shard.id))
+        batch.append((Layout.result(run_id, shard.id), shard.index))
         if len(batch) == 1000:
             read(batch)
             batch = []
     read(batch)
     return groups, len(done), missing
-
-
-def headed(rel: str) -> bool:
-    """Whether a path's parts may start with a header line (a CSV or TSV)."""
-    return rel.lower().endswith(HEADER_SUFFIXES)
-
-
-def header_warning(first_lines: list[bytes], rel: str) -> str | None:
-    """A hint when every part of a CSV/TSV starts with the same line and no one said why."""
-    if len(first_lines) > 1 and first_lines[0].strip() and len(set(first_lines)) == 1:
-        line = first_lines[0].decode(errors="replace").strip()
-        return (
-            f"every part of {rel} starts with {line!r}; kept in each part. If it is a header,"
-            " set `[combine] headers = true` in the task's cflow.toml (or `runner combine"
-            " --headers`)"
-        )
-    return None

@@ -1,4 +1,4 @@
-"""Concatenation in a Cloud Storage bucket: ``compose``, 32 sources a call, in a tree.
+"""Joining and copying in a Cloud Storage bucket: ``compose``, 32 sources a call, in a tree.
 
 A compose request takes 1 to 32 source objects of one bucket and creates their concatenation;
 a composite may itself be a source. So N parts become one object in ``ceil(log32 N)`` levels of
@@ -68,9 +68,12 @@ def _compose(store: GcsStore, sources: Sequence[str], target: str, traffic: Traf
     traffic.compose_calls += 1
 
 
-def sizes(store: GcsStore, prefix: str) -> dict[str, int]:
-    """``{key: size}`` under ``prefix`` in one paged listing."""
-    return {k: size for k, (size, _) in store.checksums(prefix).items()}
+def first_bytes(store: GcsStore, key: str, count: int, traffic: Traffic) -> bytes:
+    """An object's first ``count`` bytes (fewer if it is shorter): a ranged read."""
+    with store._errors("read", key):
+        head = store.bucket.blob(key).download_as_bytes(start=0, end=count - 1, retry=_retry())
+    traffic.downloaded += len(head)
+    return bytes(head)
 
 
 def ends_with_newline(store: GcsStore, key: str, size: int, traffic: Traffic) -> bool:

@@ -1,11 +1,12 @@
 """Header-less copies of parts made by the workers, next to the bucket, not on the runner.
 
-Compose cannot cut an object, so a combine with declared headers needs each part after the first
-without its first line. Made on the runner, those bytes cross the runner's network twice (tens of
-GB through a laptop for 125 outputs of a few hundred MB). Above :data:`ON_WORKERS_BYTES` they are
-made by a small helper run instead: its shards each copy a few parts, skipping their header, from
-the bucket to the bucket, on the deployment's own workers. The helper run is deleted when it has
-finished; if it fails, the combine fails with its reason and the parts are untouched.
+Compose cannot cut an object, so a combine with declared headers needs each later part that starts
+with the header without that line. Made on the runner, those bytes cross the runner's network
+twice (tens of GB through a laptop for 125 outputs of a few hundred MB). Above
+:data:`ON_WORKERS_BYTES` they are made by a small helper run instead: its shards each copy a few
+parts, skipping their header, from the bucket to the bucket, on the deployment's own workers. The
+helper run is deleted when it has finished; if it fails, the combine fails with its reason and the
+parts are untouched.
 """
 
 from __future__ import annotations
