@@ -11,15 +11,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from runner.engine import runs
 from runner.engine.deployment import Deployment
-from runner.engine.halt import HaltJudge, HaltRule
+from runner.engine.halt import HaltJudge
 from runner.engine.reports import ShardReport, iter_shard_reports
 from runner.engine.watch import Snapshot, Watcher
 from runner.results.combine import combine_run
 from runner.results.parts import Combined, OnWorkers, OutTarget, Say
+from worker.agent.runbook import HaltRule
 from worker.errors import CFlowError
 from worker.protocol import (
     AttemptState,
@@ -85,8 +87,10 @@ class Outcome:
 
 
 def run_events(dep: Deployment, manifest: Manifest) -> EventBus:
-    """The run's own event stream (from a little before the run was made)."""
-    return dep.run_events(manifest.run_id, since=manifest.created_at - 5)
+    """The run's own event stream, from a little before the run was made, or from its last
+    retry (the rounds before it are over)."""
+    since = float(manifest.bundles[-1]["at"]) if manifest.bundles else manifest.created_at - 5
+    return dep.run_events(manifest.run_id, since=since)
 
 
 def make_watcher(
@@ -184,7 +188,7 @@ def watch_and_finish(
     """
     run_id = watcher.run_id
     store = dep.backends.store
-    judge = HaltJudge(rule, run_id)
+    judge = HaltJudge.for_round(rule, watcher.manifest, store)
 
     def on_event(event: Event) -> None:
         note = judge.saw(event)
@@ -199,10 +203,10 @@ def watch_and_finish(
         if not cancel_on_interrupt:
             return _tell(Outcome(run_id, Ending.DETACHED, interrupted=True), on_outcome)
         runs.cancel(store, dep.backends.queue, run_id)
-        watcher.drain_fleet(force=True)
+        watcher.drain_fleet()
         return _tell(Outcome(run_id, Ending.CANCELLED, interrupted=True), on_outcome)
     if snapshot.cancelled:
-        watcher.drain_fleet(force=True)
+        watcher.drain_fleet()
         halted = runs.load_manifest(store, run_id).halted
         ending = Ending.HALTED if halted else Ending.CANCELLED
         return _tell(Outcome(run_id, ending, snapshot, halted=halted), on_outcome)
@@ -250,10 +254,12 @@ def combine_where_data_is(
     out: OutTarget | None,
     headers: bool | None = None,
     say: Say = quiet,
+    task: Path | None = None,
 ) -> Combined:
     """Combine where the data is: the deployment's combiner joins the parts where its store
     keeps them, and heavy copies are made by the deployment's workers (a helper run), not
-    through this machine."""
+    through this machine. ``task``: a task folder whose combine() and settings to follow
+    instead of the run's own."""
 
     def warn(message: str) -> None:
         say(f"warning: {message}")
@@ -274,4 +280,5 @@ def combine_where_data_is(
         warn=warn,
         combiner=dep.combiner,
         workers=workers,
+        task=task,
     )

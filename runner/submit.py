@@ -8,6 +8,7 @@ callbacks, errors are :class:`~worker.errors.CFlowError`.
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import tempfile
@@ -25,12 +26,12 @@ from runner.engine import shards as shard_sources
 from runner.engine.checks import CheckReport, check_task
 from runner.engine.deployment import Deployment
 from runner.engine.fleet import Fleet
-from runner.engine.halt import DEFAULT_HALT, HaltRule
 from runner.engine.plan import BundleNote, describe_bundle, dry_run
 from runner.engine.shards import RemoteLister
 from runner.finish import Display, Outcome, make_watcher, plain_watch, quiet, watch_and_finish
 from runner.results.parts import OutTarget, Say, check_out
 from worker import defaults
+from worker.agent.runbook import DEFAULT_HALT, HaltRule
 from worker.errors import ConfigError
 from worker.executors.container.runtime import check_image
 from worker.protocol import Layout, Manifest, RunOptions, Shard
@@ -45,7 +46,8 @@ Opener = Callable[[Config], Deployment]  # opens the deployment a Config describ
 class SubmitRequest:
     """What to run, over which shards, and how: ``runner submit``'s options as data.
 
-    Exactly one of ``inputs`` (a glob, one shard per file), ``params`` (a JSON-lines file, one
+    Exactly one of ``inputs`` (globs, ``@FILE`` lists and ``-`` for a list on stdin, one shard
+    per file; see :class:`runner.engine.shards.Inputs`), ``params`` (a JSON-lines file, one
     shard per line) or ``shards`` (N shards with params ``{"index": i}``) says the shards.
 
     Raises:
@@ -53,7 +55,7 @@ class SubmitRequest:
     """
 
     task_dir: Path  # folder with task.py (run(shard)) or task.sh
-    inputs: str | None = None
+    inputs: list[str] | None = None  # each a glob, @FILE or - (a list of paths on stdin)
     params: Path | None = None
     shards: int | None = None
     workers: int | None = None  # most workers at once [default: the deployment's]
@@ -78,20 +80,38 @@ class SubmitRequest:
     check: bool = True  # check the task can start before publishing
     dry_run: bool = False  # list the shards and what would start; start nothing
     local: bool = False  # the local backend was asked for (else a local config found no other)
+    input_list: IO[str] | None = None  # what `--inputs -` reads [default: stdin]
     rule: HaltRule = field(init=False, repr=False)
+    _gathered: shard_sources.Inputs | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        chosen = [v for v in (self.inputs, self.params, self.shards) if v is not None]
+        if isinstance(self.inputs, str):  # one glob, as a Python caller may well write it
+            self.inputs = [self.inputs]
+        chosen = [v for v in (self.inputs or None, self.params, self.shards) if v is not None]
         if len(chosen) != 1:
             raise ConfigError(
                 "give exactly one of --inputs GLOB, --params FILE.jsonl or --shards N"
             )
         self.rule = HaltRule.parse(self.halt)
 
-    def shard_source(self, lister: RemoteLister | None = None) -> Iterator[Shard]:
-        """The shards, read lazily (``lister`` lists remote inputs, e.g. gs://)."""
-        if self.inputs is not None:
-            return shard_sources.from_glob(self.inputs, lister=lister)
+    def gather_inputs(self) -> shard_sources.Inputs | None:
+        """The ``--inputs`` found and checked, once (None: the shards come from elsewhere).
+
+        Raises:
+            InputError: an input is not a readable file, a glob matches nothing, a list is
+                missing or empty.
+        """
+        if self.inputs and self._gathered is None:
+            stream = self.input_list if self.input_list is not None else sys.stdin
+            self._gathered = shard_sources.Inputs.gather(self.inputs, stdin=stream)
+        return self._gathered
+
+    def shard_source(self, lister: RemoteLister | None = None, say: Say = quiet) -> Iterator[Shard]:
+        """The shards, read lazily (``lister`` lists remote inputs, e.g. gs://; ``say`` hears
+        of inputs that repeat a file, which run once)."""
+        inputs = self.gather_inputs()
+        if inputs is not None:
+            return inputs.shards(lister, say)
         if self.params is not None:
             return shard_sources.from_params(self.params)
         assert self.shards is not None  # one source is set: checked when made
@@ -114,6 +134,7 @@ class SubmitRequest:
             disk_gb=self.disk_gb,
             fallback=self.fallback,
             fallback_after=self.fallback_after,
+            halt=str(self.rule),
         )
 
 
@@ -157,10 +178,20 @@ def submit(
     Raises:
         CFlowError: the task, the options or the backend are not usable; nothing is published.
     """
+    inputs = request.gather_inputs()  # every local input checked before anything starts
+    if inputs is not None and inputs.remote and config.is_local:
+        raise ConfigError(
+            f"--inputs {inputs.remote[0]} is a Cloud Storage input; it needs the Google Cloud"
+            " backend"
+        )
     target = check_out(request.out, cloud=not config.is_local)
+    if target is not None and target.path is not None:
+        check_writable(target.path, "--out")
+    if config.is_local:
+        check_writable(config.store_dir, "the store", "; pass --store DIR or set CFLOW_STORE")
     # The import check runs in its own interpreter while this one goes on (a short local run's
     # workers boot meanwhile); nothing is published before it has passed.
-    checked = check_task(request.task_dir, import_check=request.check, wait=False)
+    checked = check_task(request.task_dir, code_checks=request.check, wait=False)
     try:
         bundle = describe_bundle(request.task_dir)
         if bundle.warning:
@@ -206,7 +237,7 @@ class _Submission:
     ) -> Manifest:
         """Check where the run goes, start early workers, bundle and make the run, publish."""
         request, config, dep = self.request, self.config, self.dep
-        source = request.shard_source(dep.lister)
+        source = request.shard_source(dep.lister, self.say)
         self._check_placement(options)
         published = 0
 
@@ -317,6 +348,22 @@ class _Submission:
         return Submitted(run_id, outcome)
 
 
+def check_writable(folder: Path, what: str, fix: str = "") -> None:
+    """Raise ConfigError unless ``folder`` can be made (or is there) and written: a file is
+    made and removed in it, or in its nearest existing parent (a read-only mount, ``/proc``)."""
+    parent = next((p for p in (folder, *folder.parents) if p.exists()), Path("/"))
+    if not parent.is_dir():
+        raise ConfigError(f"{what} {folder}: {parent} is not a folder{fix}")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".cflow-probe-", dir=parent)
+    except OSError as exc:
+        raise ConfigError(
+            f"{what} {folder}: {parent} is not writable ({exc.strerror}){fix}"
+        ) from None
+    os.close(fd)
+    os.unlink(probe)
+
+
 def _narrate(checked: CheckReport, say: Say) -> None:
     checked.finish()  # raises TaskError with the task's own last line
     for note in checked.notes:
@@ -351,18 +398,15 @@ def _dry_run(
     listing: IO[str],
 ) -> None:
     """Shards on ``listing``, one a line; what would start is said. Nothing is created."""
-    remote = request.inputs is not None and request.inputs.startswith("gs://")
-    if remote and cfg.is_local:
-        raise ConfigError(
-            f"{request.inputs} is a Cloud Storage input; it needs the Google Cloud backend"
-        )
+    inputs = request.gather_inputs()
     task_dir, workers, slots = request.task_dir, request.workers, request.slots
-    if remote:  # listing the bucket needs the deployment's client; a local store is not made
+    if inputs is not None and inputs.remote:  # listing the bucket needs the deployment's client
         dep = opener(cfg)
         try:
-            plan = dry_run(cfg, task_dir, request.shard_source(dep.lister), workers, slots, listing)
+            source = request.shard_source(dep.lister, say)
+            plan = dry_run(cfg, task_dir, source, workers, slots, listing)
         finally:
             dep.close()
     else:
-        plan = dry_run(cfg, task_dir, request.shard_source(), workers, slots, listing)
+        plan = dry_run(cfg, task_dir, request.shard_source(say=say), workers, slots, listing)
     say(f"dry run: {plan}; nothing was started")

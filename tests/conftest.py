@@ -5,13 +5,19 @@ tests wait on real processes and emulators, not on the CPU. Tests that share cos
 session-wide set-up stay in one process each: the container tests (their images are built once
 per machine, and two builds of the same image at once would each do all the work) and the CDKTF
 synthesis (several seconds per process). Every process starts emulators of its own.
+
+A test skipped because this machine lacks something it needs (``tests.prerequisites.missing``)
+is listed with the reason at the end of the run, under "missing prerequisites".
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import pytest
+
+from tests.prerequisites import MISSING
 
 _GROUPS = {
     "tests/containers/": "containers",
@@ -29,3 +35,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             if rel.startswith(prefix):
                 item.add_marker(pytest.mark.xdist_group(group))
                 break
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    reasons: Counter[str] = Counter()
+    for report in terminalreporter.stats.get("skipped", []):
+        longrepr = getattr(report, "longrepr", None)
+        if isinstance(longrepr, tuple) and MISSING in str(longrepr[2]):
+            reasons[str(longrepr[2]).removeprefix("Skipped: ")] += 1
+    if reasons:
+        terminalreporter.section("missing prerequisites", sep="=", yellow=True, bold=True)
+        for reason, count in reasons.most_common():
+            terminalreporter.line(f"{count:4d} skipped: {reason}", yellow=True)

@@ -24,9 +24,11 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
+
+from tests.prerequisites import MISSING, under_ci
 
 PUBSUB_EMULATOR = Path(
     "/usr/lib/google-cloud-sdk/platform/pubsub-emulator/bin/cloud-pubsub-emulator"
@@ -35,11 +37,11 @@ PROJECT = "cflow-test"
 STARTUP_TIMEOUT = 60.0  # seconds; the JVM is slow on a busy 2-core machine
 
 
-def unavailable(reason: str) -> None:
+def unavailable(reason: str) -> NoReturn:
     """Skip the test, or fail it under CI, where a missing emulator is a broken machine."""
-    if os.environ.get("CI", "").lower() == "true":
+    if under_ci():
         pytest.fail(f"emulator unavailable under CI: {reason}", pytrace=False)
-    pytest.skip(f"EMULATOR UNAVAILABLE, Google Cloud tests skipped: {reason}")
+    pytest.skip(f"{MISSING}: EMULATOR UNAVAILABLE, Google Cloud tests skipped: {reason}")
 
 
 def free_port() -> int:

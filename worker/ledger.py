@@ -19,6 +19,7 @@ import dataclasses
 import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from typing import Any
 
 from worker.clock import SYSTEM_CLOCK, Clock
 from worker.protocol import (
@@ -52,6 +53,7 @@ class Finished:
     reason: str | None = None
     outputs: list[str] = field(default_factory=list)
     bundle: str | None = None
+    value: Any = None  # what run(shard) returned (JSON), kept in a success's result.json
     settled_as: EventKind | None = None  # set by settling: what the runner was told
 
 
@@ -137,6 +139,7 @@ def settle_one(ops: Ops, f: Finished) -> EventKind:
             finished_at=f.finished,
             outputs=f.outputs,
             bundle=f.bundle,
+            value=f.value,
         )
         if not ops.create(Layout.result(run_id, shard_id), result.to_json()):
             state, reason = AttemptState.DISCARDED, "another attempt committed first"

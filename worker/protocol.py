@@ -146,6 +146,9 @@ class RunOptions(_Record):
     # "standard": Spot first, standard VMs for the tail (runner.backends.gcp.shapes.fallback)
     fallback: str | None = None
     fallback_after: int = 3  # preemptions of one shard that start the fallback
+    # The --halt rule, judged by the watching runner and by each worker on its own attempts
+    # (worker.agent.runbook), so it holds with no runner attached; None: the runner's alone.
+    halt: str | None = None
 
 
 @dataclass(frozen=True)
@@ -161,10 +164,11 @@ class Manifest(_Record):
     created_at: float = field(default_factory=_now)
     task_name: str = "task"
     schema: int = SCHEMA_VERSION
-    # Bundles the run's shards were retried with (`retry --task`), oldest first:
-    # {"sha256", "at", "shards"}. ``bundle`` is the latest, which messages without one run.
+    # The run's rounds once it has been retried, oldest first: {"sha256", "at", "shards"},
+    # the bundle each ran (`retry --task` gives a new one), when, and how many shards.
+    # ``bundle`` is the latest, which messages without one run.
     bundles: list[dict[str, Any]] = field(default_factory=list)
-    halted: str | None = None  # why the runner stopped the run early (--halt), if it did
+    halted: str | None = None  # why the run was stopped early (--halt), if it was
     # Publishing progress, so a runner killed while publishing can be resumed: shards of the
     # shard list (in order) confirmed on the queue, and when that count last moved. None: a run
     # from before this field, or one published whole.
@@ -207,7 +211,9 @@ class WorkMessage(_Record):
     failures: int = 0
     backup: bool = False  # a speculative copy of a straggler: skipped if already committed
     preemptions: int = 0  # counted apart from deliveries: preemptions never fail a shard
-    bundle: str | None = None  # run this task bundle instead of the manifest's (retry --task)
+    # The bundle of the retry that queued it (None: the manifest's); a worker drops a message
+    # whose bundle the run no longer runs (left over from before a later retry).
+    bundle: str | None = None
     # Google Cloud, machine shapes (runner.backends.gcp.shapes.queues): the work topic this message
     # is to be (re-)published on when not the queue's own, and, for a run with --fallback standard,
     # the standard VMs' topic a shard moves to once preempted ``fallback_after`` times.
@@ -265,6 +271,8 @@ class ShardResult(_Record):
     finished_at: float
     outputs: list[str] = field(default_factory=list)  # paths relative to the attempt's out/
     bundle: str | None = None  # the task bundle the winning attempt ran
+    # What run(shard) returned, as JSON (worker.taskapi.keep_return); None when nothing.
+    value: Any = None
 
     @property
     def duration(self) -> float:

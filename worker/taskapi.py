@@ -6,6 +6,12 @@ Environment variables (set for both ``task.py`` and ``task.sh``):
 - ``CFLOW_INPUT``: the staged input file (or its URI with ``--no-stage``); empty for params shards
 - ``CFLOW_OUTPUT_DIR``: write outputs here; they are uploaded and combined
 - ``CFLOW_PARAMS``: the shard's params as JSON (``{}`` when none)
+
+What ``run(shard)`` returns, when not None, is the shard's result value: it must be JSON (a dict,
+list, str, number, bool or null; no NaN) of at most :data:`RETURN_LIMIT` bytes, and is kept in the
+shard's ``result.json`` by the attempt that commits. The task's process leaves it in the output
+folder as :data:`RETURN_FILE` (:func:`keep_return`); the worker takes it from there before the
+outputs are sealed. Runs on the task's interpreter, which in a container image may be Python 3.9.
 """
 
 from __future__ import annotations
@@ -16,6 +22,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+RETURN_FILE = ".cflow-return.json"  # run()'s return value, on its way to result.json
+RETURN_LIMIT = 64 * 1024  # bytes of JSON a return value may take; more belongs in a file
 
 
 @dataclass(frozen=True)
@@ -60,3 +69,30 @@ class TaskShard:
             output_dir=Path(e["CFLOW_OUTPUT_DIR"]),
             params=json.loads(e.get("CFLOW_PARAMS") or "{}"),
         )
+
+
+def keep_return(shard: TaskShard, value: Any) -> None:
+    """Leave what ``run(shard)`` returned for the worker to keep (nothing for None).
+
+    Raises:
+        TypeError: the value is not JSON.
+        ValueError: it is larger than :data:`RETURN_LIMIT`, or holds NaN or infinity.
+    """
+    if value is None:
+        return
+    try:
+        text = json.dumps(value, allow_nan=False, separators=(",", ":"))
+    except TypeError as exc:
+        raise TypeError(
+            f"run(shard) returned a {type(value).__name__}, which is not JSON ({exc}); return"
+            " a dict, list, str, number or bool, or write it to a file in shard.output_dir"
+        ) from None
+    except ValueError as exc:
+        raise ValueError(f"run(shard) returned a value JSON cannot hold: {exc}") from None
+    data = text.encode("utf-8")
+    if len(data) > RETURN_LIMIT:
+        raise ValueError(
+            f"run(shard) returned {len(data)} bytes of JSON, over the {RETURN_LIMIT} kept in"
+            " result.json; write it to a file in shard.output_dir instead"
+        )
+    Path(shard.output_dir, RETURN_FILE).write_bytes(data)

@@ -10,6 +10,7 @@ progress go to stderr. Exit codes, one meaning each:
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,10 +25,12 @@ from runner import finish
 from runner.backends.factory import open_deployment
 from runner.cli import progress
 from runner.engine.deployment import Deployment
-from runner.engine.halt import HaltRule
 from runner.engine.watch import Snapshot, Watcher
 from runner.finish import Ending, Outcome
+from runner.results.custom import CombineFailed
 from runner.results.parts import OutTarget
+from worker.agent.runbook import HaltRule
+from worker.errors import CFlowError
 from worker.protocol import is_valid_run_id
 
 app = typer.Typer(
@@ -81,6 +84,28 @@ HaltOpt = Annotated[
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="JSON on stdout.")]
+_DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?")
+
+
+def duration(value: str | float) -> float:
+    """Seconds from ``90``, ``90s``, ``15m``, ``1h`` or ``1h30m``; typer.BadParameter (one line)
+    for anything else."""
+    if isinstance(value, int | float):  # the option's default
+        return float(value)
+    text = value.strip().lower()
+    try:
+        seconds = float(text)
+    except ValueError:
+        match = _DURATION.fullmatch(text)
+        if not text or match is None:
+            raise typer.BadParameter(
+                f"{value!r} is not a duration; write seconds (90) or 90s, 15m, 1h, 1h30m"
+            ) from None
+        h, m, s = (float(g or 0) for g in match.groups())
+        seconds = h * 3600 + m * 60 + s
+    if not seconds > 0 or seconds == float("inf"):
+        raise typer.BadParameter(f"{value!r} is no time to run; give e.g. 90s, 15m or 1h")
+    return seconds
 
 
 def _version(value: bool) -> None:
@@ -196,8 +221,16 @@ def show_outcome(outcome: Outcome) -> None:
     elif outcome.snapshot is not None:
         progress.summary(outcome.snapshot, outcome.files, outcome.written, outcome.failed, err)
         if outcome.combine_error is not None:
-            err.print(
-                f"error: combining run {run_id} failed: {outcome.combine_error}; the shards'"
-                f" outputs are kept, fix it and run `runner combine {run_id}`",
-                markup=False,
-            )
+            show_combine_error(run_id, outcome.combine_error)
+
+
+def show_combine_error(run_id: str, error: CFlowError) -> None:
+    """Why combining failed: the task's traceback when its combine() raised, then one line
+    with what to do."""
+    if isinstance(error, CombineFailed):
+        if error.traceback:
+            err.print(error.traceback.rstrip("\n"), markup=False)
+        advice = error.advice()
+    else:
+        advice = f"the shards' outputs are kept, fix it and run `runner combine {run_id}`"
+    err.print(f"error: combining run {run_id} failed: {error}; {advice}", markup=False)

@@ -28,6 +28,7 @@ from runner.cli.common import (
     open_dep,
     out,
     say,
+    show_combine_error,
     store_exists,
 )
 from runner.engine import runs
@@ -35,6 +36,7 @@ from runner.engine.deployment import Check, Deployment
 from runner.engine.listing import scan_runs, shown_state
 from runner.engine.reports import flag_lost, iter_shard_reports
 from runner.finish import combine_where_data_is, live_workers, worker_gone
+from runner.results.custom import CombineFailed
 from runner.results.parts import check_out
 from worker import defaults
 from worker.errors import CFlowError, NotFound
@@ -171,6 +173,15 @@ def combine(
             help="CSV/TSV parts start with a header: keep it once [default: cflow.toml].",
         ),
     ] = None,
+    task_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--task", help="Combine as this (fixed) task folder says: its combine(), cflow.toml."
+        ),
+    ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace another run's result in --out DIR.")
+    ] = False,
     local: LocalOpt = False,
     store: StoreOpt = None,
     deployment: DeploymentOpt = None,
@@ -178,32 +189,31 @@ def combine(
     """Combine the committed outputs of a run (again). Prints where each file went."""
     need_run(run_id, local, store, deployment)
     cfg = config_mod.resolve(local=local, store_dir=store, deployment_file=deployment)
-    target = check_out(out_dir, cloud=not cfg.is_local)
+    target = check_out(out_dir, cloud=not cfg.is_local, run_id=run_id, force=force)
     with open_dep(local, store, deployment) as dep:
         st = dep.backends.store
         manifest = runs.load_manifest(st, run_id)
-        result = combine_where_data_is(dep, manifest, out=target, headers=headers, say=say)
+        try:
+            result = combine_where_data_is(
+                dep, manifest, out=target, headers=headers, say=say, task=task_dir
+            )
+        except CombineFailed as exc:
+            show_combine_error(run_id, exc)
+            raise typer.Exit(EXIT_FAILED) from None
     for where in result.written or [st.url(k) for k in result.files]:
         out.print(where, markup=False)
-    if not result.files:
-        err.print(
-            f"cflow: run {run_id} has no outputs to combine ({result.shards} committed shards"
-            " wrote no files)",
-            markup=False,
-        )
+    if result.files:
+        say(f"combined {len(result.files)} files from {result.shards} shards")
     else:
-        err.print(
-            f"cflow: combined {len(result.files)} files from {result.shards} shards", markup=False
-        )
+        say(f"run {run_id} has no outputs to combine ({result.shards} committed shards wrote none)")
     if not cfg.is_local:
-        err.print(f"cflow: runner traffic: {json.dumps(result.traffic.to_dict())}", markup=False)
+        say(f"runner traffic: {json.dumps(result.traffic.to_dict())}")
     if result.missing:
         settled = len(runs.failed(st, run_id)) + result.shards
         unfinished = manifest.shard_count - settled
-        err.print(
-            f"cflow: {result.missing} of {manifest.shard_count} shards have no committed output"
-            f" ({unfinished} not finished; see `runner status {run_id}`); the result is partial",
-            markup=False,
+        say(
+            f"{result.missing} of {manifest.shard_count} shards have no committed output"
+            f" ({unfinished} not finished; see `runner status {run_id}`); the result is partial"
         )
         if unfinished > 0:  # the run is still going (or was cancelled): this is not its result
             raise typer.Exit(EXIT_FAILED)
@@ -374,7 +384,7 @@ def report_cmd(
     run_id: RunArg,
     out_file: Annotated[
         Path | None,
-        typer.Option("--out", help="Write here: .html (page with the picture) or .png."),
+        typer.Option("--out", help="Write here: .html (page with the picture), .png, .pdf, .svg."),
     ] = None,
     machine_type: Annotated[
         str | None,
@@ -392,19 +402,20 @@ def report_cmd(
 ) -> None:
     """A picture of what happened: a lane per worker, attempts by outcome, queue depth, cost."""
     from runner.observe.prices import load_prices  # matplotlib loads only for this command
-    from runner.observe.render import render, summary_rows
+    from runner.observe.render import check_report_out, render, summary_rows
     from runner.observe.timeline import build_timeline
 
+    target = check_report_out(out_file or Path(f"{run_id}-report.html"))
     table = load_prices(prices_file)
     with open_dep(local, store, deployment) as dep:
         timeline = build_timeline(
             dep.backends.store, run_id, prices=table, machine_type=machine_type
         )
-    rendered = render(timeline, out_file or Path(f"{run_id}-report.html"))
+    rendered = render(timeline, target)
     for label, value in summary_rows(timeline):
         err.print(f"  {label:>15}: {value}", markup=False)
-    err.print(f"cflow: picture {rendered.png}, data {rendered.sidecar}", markup=False)
-    out.print(str(rendered.html or rendered.png))
+    err.print(f"cflow: picture {rendered.picture}, data {rendered.sidecar}", markup=False)
+    out.print(str(rendered.html or rendered.picture))
 
 
 def _fleet_problems(dep: Deployment) -> list[str]:

@@ -6,28 +6,79 @@ line every :data:`PLAIN_EVERY` seconds, never wrapped. Tables never cut an id.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import IO, Any
 
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn
 from rich.table import Table
+from rich.text import Text
 
 from runner.engine.reports import ShardReport
 from runner.engine.watch import Snapshot, Watcher
-from worker.protocol import Manifest, ShardState
+from worker.protocol import Event, EventKind, Manifest, ShardState
 
 PLAIN_EVERY = 5.0  # seconds between progress lines when stderr is not a terminal
 REASONS_SHOWN = 5  # failed shards named in the summary
 
 
+class RunClock:
+    """How long the run (its latest round: a retry's) has been going, not this watch: from the
+    round's start to now, or, for a run that had ended before it was watched, to the last
+    settlement the watch heard of. The watcher's events pass through :meth:`heard`."""
+
+    SETTLED = frozenset({EventKind.SUCCEEDED.value, EventKind.FAILED.value})
+
+    def __init__(self, watcher: Watcher):
+        manifest = watcher.manifest
+        self.since = float(manifest.bundles[-1]["at"]) if manifest.bundles else manifest.created_at
+        self.last_settled: float | None = None
+        self.ended_unwatched: bool | None = None  # known at the first snapshot
+        passed_on = watcher.on_event
+
+        def heard(event: Event) -> None:
+            if event.kind in self.SETTLED and event.at >= self.since:
+                self.last_settled = max(self.last_settled or event.at, event.at)
+            if passed_on is not None:
+                passed_on(event)
+
+        watcher.on_event = heard
+
+    def elapsed(self) -> float:
+        """Seconds the run has been going (or went, if it had ended before the watch)."""
+        end = time.time()
+        if self.ended_unwatched and self.last_settled is not None:
+            end = self.last_settled
+        return max(end - self.since, 0.0)
+
+    def timed(self, s: Snapshot) -> Snapshot:
+        """``s`` with the run's elapsed time in place of the watch's."""
+        if self.ended_unwatched is None:
+            self.ended_unwatched = s.finished
+        return dataclasses.replace(s, elapsed=self.elapsed())
+
+
+class _RunElapsed(ProgressColumn):
+    """The live bar's clock: the run's elapsed time, ticking between polls."""
+
+    def __init__(self, clock: RunClock):
+        super().__init__()
+        self.clock = clock
+
+    def render(self, task: Any) -> Text:
+        return Text(duration(self.clock.elapsed()))
+
+
 def watch_live(watcher: Watcher, poll_seconds: float, err: Console) -> Snapshot:
-    """Watch a run to its end, with progress on ``err``."""
+    """Watch a run to its end, with progress on ``err``; the snapshot returned counts the
+    run's time (:class:`RunClock`)."""
+    clock = RunClock(watcher)
     if not err.is_terminal:
-        return _watch_plain(watcher, poll_seconds, err)
+        return clock.timed(_watch_plain(watcher, poll_seconds, err, clock.timed))
     columns = (
         BarColumn(bar_width=24),
         TextColumn(
@@ -36,7 +87,7 @@ def watch_live(watcher: Watcher, poll_seconds: float, err: Console) -> Snapshot:
             " · {task.fields[workers]} workers · {task.fields[rate]} · ETA {task.fields[eta]}"
             "{task.fields[note]}"
         ),
-        TimeElapsedColumn(),
+        _RunElapsed(clock),
     )
     with Progress(*columns, console=err, transient=False, refresh_per_second=4) as progress:
         bar = progress.add_task(
@@ -52,6 +103,7 @@ def watch_live(watcher: Watcher, poll_seconds: float, err: Console) -> Snapshot:
         )
 
         def update(s: Snapshot) -> None:
+            s = clock.timed(s)
             problems = fleet_problems(watcher)
             progress.update(
                 bar,
@@ -65,7 +117,7 @@ def watch_live(watcher: Watcher, poll_seconds: float, err: Console) -> Snapshot:
                 note=f" · [yellow]{escape('; '.join(problems))}[/yellow]" if problems else "",
             )
 
-        return watcher.watch(on_update=update, poll_seconds=poll_seconds)
+        return clock.timed(watcher.watch(on_update=update, poll_seconds=poll_seconds))
 
 
 def fleet_problems(watcher: Watcher) -> list[str]:
@@ -89,12 +141,15 @@ def progress_line(s: Snapshot) -> str:
     )
 
 
-def _watch_plain(watcher: Watcher, poll_seconds: float, err: Console) -> Snapshot:
+def _watch_plain(
+    watcher: Watcher, poll_seconds: float, err: Console, timed: Callable[[Snapshot], Snapshot]
+) -> Snapshot:
     last = float("-inf")
     said: list[str] = []
 
     def update(s: Snapshot) -> None:
         nonlocal last, said
+        s = timed(s)
         now = time.monotonic()
         if now - last >= PLAIN_EVERY or s.finished:
             last = now

@@ -20,6 +20,7 @@ from runner.cli.common import (
     StoreOpt,
     WorkersOpt,
     app,
+    duration,
     err,
     exit_code,
     fail,
@@ -33,16 +34,27 @@ from runner.cli.common import (
 )
 from runner.engine import runs
 from runner.engine.checks import check_task
-from runner.engine.halt import DEFAULT_HALT, HaltRule
-from runner.finish import make_watcher, resume_publishing
+from runner.engine.deployment import Deployment
+from runner.engine.halt import round_rule
+from runner.finish import live_workers, make_watcher, resume_publishing
 from runner.submit import SubmitRequest, submit
 from worker import defaults
+from worker.agent.runbook import DEFAULT_HALT, HaltRule
 from worker.protocol import Manifest, RunState
 
 # submit's own options (the shared ones are in runner.cli.common)
 TaskDirArg = Annotated[Path, typer.Argument(help="Folder with task.py (run(shard)) or task.sh.")]
 InputsOpt = Annotated[
-    str | None, typer.Option("--inputs", help="Glob of input files, one shard each.")
+    list[str] | None,
+    typer.Option(
+        "--inputs",
+        metavar="GLOB|@FILE|-",
+        help="Input files, one shard each: a glob ('data/*.csv', quoted; ** recurses;"
+        " gs://BUCKET/GLOB on Google Cloud), @FILE (a list of paths, one a line, relative to"
+        " FILE's folder; blank lines and # comments skipped) or - (that list on stdin,"
+        " relative to the working folder). Repeat to add more, in order; a file reached twice"
+        " runs once, and a match that is not a readable file is refused.",
+    ),
 ]
 ParamsOpt = Annotated[
     Path | None, typer.Option("--params", help="JSON-lines file, one shard per line.")
@@ -59,7 +71,10 @@ MaxAttemptsOpt = Annotated[
     int, typer.Option("--max-attempts", min=1, max=100, help="Task failures allowed per shard.")
 ]
 TimeoutOpt = Annotated[
-    float, typer.Option("--timeout", min=0.1, help="Seconds one attempt may run.")
+    float,
+    typer.Option(
+        "--timeout", parser=duration, help="How long one attempt may run: 90 (s), 90s, 15m, 1h30m."
+    ),
 ]
 StageOpt = Annotated[
     bool, typer.Option("--stage/--no-stage", help="Copy remote inputs to the worker first.")
@@ -125,6 +140,15 @@ CheckOpt = Annotated[
 DryRunOpt = Annotated[
     bool,
     typer.Option("--dry-run", help="List the shards and what would start; start nothing."),
+]
+STOP_WAIT = 60.0  # seconds a retry waits for a cancelled run's attempts to stop
+# watch's and retry's: the rule the run was submitted with, unless told otherwise
+RunHaltOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--halt",
+        help="Stop the run early: same,fail=N, now,fail=N or never [default: as submitted].",
+    ),
 ]
 
 
@@ -216,7 +240,7 @@ def _show_published(published: int) -> None:
 @app.command()
 def watch(
     run_id: RunArg,
-    halt: HaltOpt = DEFAULT_HALT,
+    halt: RunHaltOpt = None,
     local: LocalOpt = False,
     store: StoreOpt = None,
     deployment: DeploymentOpt = None,
@@ -224,15 +248,15 @@ def watch(
     slots: SlotsOpt = None,
 ) -> None:
     """Re-attach to a run: live progress, scale-down, and combine when it ends."""
-    rule = HaltRule.parse(halt)
+    given = None if halt is None else str(HaltRule.parse(halt))  # a bad rule: one line, first
     need_run(run_id, local, store, deployment)
     with open_dep(local, store, deployment) as dep:
         manifest = runs.load_manifest(dep.backends.store, run_id)
         if manifest.state == RunState.CANCELLED.value:
-            raise fail(
-                f"run {run_id} was {'halted' if manifest.halted else 'cancelled'};"
-                f" `runner retry {run_id} --failed` restarts it"
-            )
+            raise fail(_stopped(manifest))
+        if given is not None:  # the workers judge by it too
+            manifest = runs.record_halt(dep.backends.store, run_id, given)
+        rule = round_rule(manifest, given)
         if needs_groups(manifest.run_options) and not dep.config.is_local:
             # The run's own groups and queue, as submitted: what is left to publish goes there.
             apply_run_shape(dep, manifest.run_options)
@@ -254,7 +278,7 @@ def retry(
         Path | None,
         typer.Option("--task", help="Run the retried shards with this (fixed) task folder."),
     ] = None,
-    halt: HaltOpt = DEFAULT_HALT,
+    halt: RunHaltOpt = None,
     workers: WorkersOpt = None,
     slots: SlotsOpt = None,
     detach: Annotated[bool, typer.Option("--detach", help="Enqueue, then return.")] = False,
@@ -264,21 +288,25 @@ def retry(
 ) -> None:
     """Re-run the failed (or unfinished) shards of a run; committed shards stay as they are.
 
-    Without --task the retried shards run the bundle the run last used.
+    Without --task the retried shards run the bundle the run last used. Either way the retry
+    is judged afresh by the halt rule: only the attempts of the retried shards count.
     """
     if not failed_only:
         raise fail("say what to retry: `runner retry RUN --failed [--task DIR]`")
-    rule = HaltRule.parse(halt)
+    given = None if halt is None else str(HaltRule.parse(halt))
     need_run(run_id, local, store, deployment)
     if task_dir is not None:
         check_task(task_dir)
     with open_dep(local, store, deployment) as dep:
         st = dep.backends.store
         interrupted = runs.load_manifest(st, run_id)
+        rule = round_rule(interrupted, given)
         if needs_groups(interrupted.run_options) and not dep.config.is_local:
             apply_run_shape(dep, interrupted.run_options)  # retried shards go to its shape
         if interrupted.state == RunState.ACTIVE.value and interrupted.publishing:
             # Nothing failed yet: the submit was cut off. Finish it, as `runner watch` would.
+            if given is not None:
+                interrupted = runs.record_halt(st, run_id, given)
             interrupted = resume_publishing(dep, interrupted, say)
             watcher = make_watcher(
                 dep, interrupted, workers=workers, slots=slots, shards=interrupted.shard_count
@@ -289,16 +317,60 @@ def retry(
             raise typer.Exit(
                 follow_to_end(watcher, dep, rule=rule, cancel_on_interrupt=False, out=None)
             )
-        retried = runs.retry(st, dep.backends.queue, run_id, task_dir=task_dir)
-        if not retried:
+        started = _new_round(dep, interrupted, task_dir, given, rule)
+        if started is None:
             say(f"run {run_id} has no failed shards; nothing to retry")
             return
-        manifest = runs.mark_published(st, runs.load_manifest(st, run_id))
-        with_what = f" with bundle {manifest.bundle[:12]}" if task_dir is not None else ""
-        say(f"retrying {len(retried)} shards of run {run_id}{with_what}")
-        watcher = make_watcher(dep, manifest, workers=workers, slots=slots, shards=len(retried))
+        manifest, retried = started
+        watcher = make_watcher(dep, manifest, workers=workers, slots=slots, shards=retried)
         if detach:
             watcher.poll()
             return
         code = follow_to_end(watcher, dep, rule=rule, cancel_on_interrupt=False, out=None)
     raise typer.Exit(code)
+
+
+def _new_round(
+    dep: Deployment, was: Manifest, task_dir: Path | None, given: str | None, rule: HaltRule
+) -> tuple[Manifest, int] | None:
+    """Queue a run's failed and unfinished shards again, as a new round (``runs.retry``): the
+    manifest it leaves and how many shards, or None when there is nothing to retry."""
+    run_id, queue = was.run_id, dep.backends.queue
+    if task_dir is not None and was.state == RunState.CANCELLED.value:
+        # Its attempts still running would finish in the new round with the old code.
+
+        def alive() -> set[str]:
+            return live_workers(dep, run_id)[0]
+
+        if runs.wait_released(queue, run_id, alive, timeout=0.0):
+            say("waiting for the attempts of the cancelled run to stop")
+            if still := runs.wait_released(queue, run_id, alive, timeout=STOP_WAIT):
+                say(
+                    f"warning: {still} attempts of the cancelled run still run; a shard one"
+                    " of them finishes keeps what the old task made"
+                )
+    retried = runs.retry(dep.backends.store, queue, run_id, task_dir=task_dir, halt=given)
+    if not retried:
+        return None
+    manifest = runs.mark_published(
+        dep.backends.store, runs.load_manifest(dep.backends.store, run_id)
+    )
+    with_what = f" with bundle {manifest.bundle[:12]}" if task_dir is not None else ""
+    say(f"retrying {len(retried)} shards of run {run_id}{with_what}")
+    if was.halted and task_dir is None and rule.mode != "never":
+        say(
+            f"it was halted ({was.halted}) and runs the same task again; --halt {rule}"
+            " judges the retried attempts afresh (a fixed task: --task DIR)"
+        )
+    return manifest, len(retried)
+
+
+def _stopped(manifest: Manifest) -> str:
+    """Why a cancelled run cannot be watched, and how to start it again."""
+    run_id = manifest.run_id
+    if manifest.halted:
+        return (
+            f"run {run_id} was halted: {manifest.halted}; fix the task, then"
+            f" `runner retry {run_id} --failed --task DIR`"
+        )
+    return f"run {run_id} was cancelled; `runner retry {run_id} --failed` restarts it"

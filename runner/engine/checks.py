@@ -3,25 +3,37 @@
 What can be known without running a shard is checked here, so a task that cannot start fails
 once, on the runner, instead of on every attempt of every shard:
 
-- ``task.py`` parses, and defines a top-level ``run`` that accepts one positional argument;
-- it imports, in a fresh interpreter with the task folder on ``PYTHONPATH``, and ``run`` is
-  callable with one argument there. This runs the module's top-level code on this machine, so it
-  is skipped when the task has a ``requirements.txt`` (installing it is not cheap) and given up,
-  not failed, when importing takes longer than :data:`IMPORT_TIMEOUT`;
-- ``task.sh`` passes ``bash -n``;
-- ``cflow.toml``, when present, is valid.
+- the folder holds ``task.py`` or ``task.sh``, not both; ``task.py`` parses; ``cflow.toml``,
+  when present, is valid. These always run.
+- ``task.py`` binds a top-level ``run``. Where that is plain to see (one unconditional
+  ``def run`` or ``run = lambda``), its signature must take one positional argument and it may
+  not be async; a ``run`` bound any other way (imported, assigned, under an ``if``) is left to
+  the import check, and so is a module that may bind names in ways the parser cannot see
+  (``from x import *``, ``globals()``, a module ``__getattr__``). The static check refuses only
+  what no import could accept.
+- it imports, in a fresh interpreter with the task folder on ``PYTHONPATH``, and ``run`` is a
+  plain callable with one positional argument there. This runs the module's top-level code on
+  this machine, so it is skipped when the task has a ``requirements.txt`` (installing it is not
+  cheap) and given up, not failed, when importing takes longer than :data:`IMPORT_TIMEOUT`;
+- ``task.sh`` has Unix line endings and passes ``bash -n``.
+
+``code_checks=False`` (``submit --no-check``) skips the last three: the task's code is then
+trusted as it is.
 """
 
 from __future__ import annotations
 
 import ast
 import os
+import shlex
 import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeGuard
 
 from worker.bundle import PYTHON_ENTRY, REQUIREMENTS, SHELL_ENTRY, inspect_task, read_settings
 from worker.errors import TaskError
@@ -34,8 +46,12 @@ _PROBE = """
 import inspect, sys
 import task
 run = getattr(task, "run", None)
+if run is None:
+    sys.exit("task.py has no top-level run after import; define `def run(shard):`")
 if not callable(run):
-    sys.exit("task.py has no callable run(shard) after import")
+    sys.exit(f"task.py's run is a {type(run).__name__}, not a function; define `def run(shard):`")
+if inspect.iscoroutinefunction(run) or inspect.iscoroutinefunction(getattr(run, "__call__", None)):
+    sys.exit("run is async; define it with plain `def run(shard):`")
 try:
     inspect.signature(run).bind(object())
 except TypeError as exc:
@@ -43,6 +59,10 @@ except TypeError as exc:
 except ValueError:
     pass  # a builtin or C function without a signature: trust it
 """
+
+# Calls and names through which a module may bind ``run`` where the parser cannot see it.
+_DYNAMIC_CALLS = frozenset({"globals", "vars", "exec", "eval", "setattr", "__import__"})
+_SCOPES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)
 
 
 @dataclass
@@ -102,18 +122,25 @@ class ImportProbe:
         self._proc.communicate()
 
 
-def check_task(folder: Path, *, import_check: bool = True, wait: bool = True) -> CheckReport:
+def check_task(folder: Path, *, code_checks: bool = True, wait: bool = True) -> CheckReport:
     """Raise TaskError with the task's own last error line when it cannot start. With
+    ``code_checks=False`` only the folder, the parse and ``cflow.toml`` are checked. With
     ``wait=False`` the import check is left running: :meth:`CheckReport.finish` ends it."""
+    if (folder / PYTHON_ENTRY).is_file() and (folder / SHELL_ENTRY).is_file():
+        raise TaskError(
+            f"task folder {folder} has both {PYTHON_ENTRY} and {SHELL_ENTRY}; a task is one of"
+            " them: remove (or rename) the one that should not run"
+        )
     info = inspect_task(folder)
     read_settings(folder)
     report = CheckReport(info.entry, [])
+    if not code_checks:
+        report.notes.append("task checks skipped (--no-check)")
+        return report
     if info.entry is Entry.SHELL:
         _check_shell(folder / SHELL_ENTRY)
         return report
-    _check_signature(folder / PYTHON_ENTRY)
-    if not import_check:
-        return report
+    check_run(folder / PYTHON_ENTRY)
     req = folder / REQUIREMENTS
     if req.is_file() and any(
         line.strip() and not line.lstrip().startswith("#") for line in req.read_text().splitlines()
@@ -126,30 +153,96 @@ def check_task(folder: Path, *, import_check: bool = True, wait: bool = True) ->
     return report
 
 
-def _check_signature(path: Path) -> None:
+def check_run(path: Path) -> None:
+    """Refuse a ``task.py`` whose ``run`` is certainly missing or certainly of the wrong shape;
+    whatever the parser cannot be sure of is left to the import check."""
     tree = ast.parse(path.read_text(), filename=str(path))
-    run = next(
-        node
-        for node in tree.body
-        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.name == "run"
-    )
-    if isinstance(run, ast.AsyncFunctionDef):
+    bindings = [node for node in _module_scope(tree) if _binds(node, "run")]
+    dynamic = _binds_dynamically(tree)
+    if not bindings and not dynamic:
+        raise TaskError(
+            f"{path} defines no top-level run; define `def run(shard):` (or bind `run` to a"
+            " callable that takes the shard)"
+        )
+    if dynamic or len(bindings) != 1:
+        return  # repeated or dynamic: the import check decides
+    (node,) = bindings
+    if node in tree.body and isinstance(node, ast.AsyncFunctionDef) and not node.decorator_list:
         raise TaskError(f"{path}: run is async; define it with plain `def run(shard):`")
-    args = run.args
+    if node in tree.body and isinstance(node, ast.FunctionDef) and not node.decorator_list:
+        _check_arguments(path, node.lineno, node.args)
+    for stmt in tree.body:  # `run = lambda ...`, unconditional
+        if isinstance(stmt, ast.Assign) and stmt.targets == [node] and _is_lambda(stmt.value):
+            _check_arguments(path, stmt.lineno, stmt.value.args)
+
+
+def _is_lambda(node: ast.expr) -> TypeGuard[ast.Lambda]:
+    return isinstance(node, ast.Lambda)
+
+
+def _check_arguments(path: Path, line: int, args: ast.arguments) -> None:
     positional = [*args.posonlyargs, *args.args]
     required = len(positional) - len(args.defaults)
     kw_required = [
         a.arg for a, d in zip(args.kwonlyargs, args.kw_defaults, strict=True) if d is None
     ]
     if required > 1 or kw_required or (not positional and args.vararg is None):
-        shown = ast.unparse(run.args)
         raise TaskError(
-            f"{path} line {run.lineno}: run({shown}) must take exactly one argument, the shard:"
-            " `def run(shard):`"
+            f"{path} line {line}: run({ast.unparse(args)}) must take exactly one argument,"
+            " the shard: `def run(shard):`"
         )
 
 
+def _module_scope(tree: ast.Module) -> Iterator[ast.AST]:
+    """Every node evaluated in the module's own scope (not inside a function or class body)."""
+    stack: list[ast.AST] = list(tree.body)
+    while stack:
+        node = stack.pop()
+        yield node
+        if not isinstance(node, _SCOPES):
+            stack.extend(ast.iter_child_nodes(node))
+
+
+def _binds(node: ast.AST, name: str) -> bool:
+    """Whether ``node`` binds (or unbinds) ``name`` in the scope it is evaluated in."""
+    if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+        return node.name == name
+    if isinstance(node, ast.Name):
+        return node.id == name and not isinstance(node.ctx, ast.Load)
+    if isinstance(node, ast.Import | ast.ImportFrom):
+        return any((a.asname or a.name.split(".")[0]) == name for a in node.names)
+    if isinstance(node, ast.ExceptHandler | ast.MatchAs | ast.MatchStar):
+        return node.name == name
+    if isinstance(node, ast.MatchMapping):
+        return node.rest == name
+    return False
+
+
+def _binds_dynamically(tree: ast.Module) -> bool:
+    """Whether the module may bind ``run`` where the parser cannot see it."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Global | ast.Nonlocal) and "run" in node.names:
+            return True
+        if isinstance(node, ast.ImportFrom) and any(a.name == "*" for a in node.names):
+            return True
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) in _DYNAMIC_CALLS:
+            return True
+        if isinstance(node, ast.Attribute) and node.attr in {"modules", "__dict__"}:
+            return True  # sys.modules[__name__] replaced, or a module's __dict__ written
+    # A module-level __getattr__ answers for any name it lacks.
+    return any(_binds(node, "__getattr__") for node in _module_scope(tree))
+
+
 def _check_shell(path: Path) -> None:
+    data = path.read_bytes()
+    if b"\r\n" in data:
+        line = data[: data.index(b"\r\n")].count(b"\n") + 1
+        quoted = shlex.quote(str(path))
+        raise TaskError(
+            f"{path} has Windows (CRLF) line endings (line {line} ends in \\r, which bash takes"
+            f" as part of the command); convert it with `sed -i 's/\\r$//' {quoted}` or"
+            f" `dos2unix {quoted}`"
+        )
     bash = shutil.which("bash")
     if bash is None:
         raise TaskError("bash is not on PATH; shell tasks need it")

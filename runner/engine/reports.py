@@ -63,6 +63,7 @@ class ShardReport:
             # The records hold only scalars: a shallow copy is asdict() at a tenth of the cost.
             "attempts": [dict(vars(a)) for a in self.attempts],
             "winning_attempt": self.result.attempt if self.result else None,
+            "value": self.result.value if self.result else None,  # what run(shard) returned
             "duration": self.duration,
             "exit_code": self.exit_code,
             "reason": self.reason,

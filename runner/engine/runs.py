@@ -290,13 +290,17 @@ def retry(
     run_id: str,
     *,
     task_dir: Path | None = None,
+    halt: str | None = None,
     clock: Clock = SYSTEM_CLOCK,
 ) -> list[str]:
     """Re-enqueue every shard of a finished or cancelled run that has not committed.
 
-    Committed shards are left alone; each retried shard gets a fresh failure budget. With
-    ``task_dir`` the folder is bundled anew and the retried shards run that bundle: it becomes
-    the manifest's ``bundle`` and is added to its ``bundles`` history, and every message names it.
+    Committed shards are left alone; each retried shard gets a fresh failure budget. The retry
+    starts a new round of the run, recorded in the manifest's ``bundles`` (the bundle it runs,
+    when, how many shards): the halt rule judges only the attempts of the round, and what is
+    left on the queue from an earlier one is dropped where the backend can (workers drop the
+    rest: every message names its round's bundle). With ``task_dir`` the folder is bundled
+    anew and the retried shards run that bundle; ``halt`` records a new halt rule.
     """
     manifest = load_manifest(store, run_id)
     done, failures = committed(store, run_id), failed(store, run_id)
@@ -308,19 +312,30 @@ def retry(
     todo = [s for s in iter_shards(store, run_id) if s.id not in done]
     if not todo:
         return []
-    bundle: str | None = None
-    changes: dict[str, object] = {"state": RunState.ACTIVE.value, "halted": None}
+    bundle, entry = manifest.bundle, manifest.entry
     if task_dir is not None:
-        info = inspect_task(task_dir)
+        entry = inspect_task(task_dir).entry.value
         data, bundle = pack(task_dir)
         if not store.exists(Layout.bundle(bundle)):
             store.put(Layout.bundle(bundle), data)
-        history = list(manifest.bundles) or [
-            {"sha256": manifest.bundle, "at": manifest.created_at, "shards": manifest.shard_count}
-        ]
-        history.append({"sha256": bundle, "at": clock.time(), "shards": len(todo)})
-        changes.update(bundle=bundle, entry=info.entry.value, bundles=history)
-    save_manifest(store, dataclasses.replace(manifest, **changes))  # type: ignore[arg-type]
+    history = list(manifest.bundles) or [
+        {"sha256": manifest.bundle, "at": manifest.created_at, "shards": manifest.shard_count}
+    ]
+    history.append({"sha256": bundle, "at": clock.time(), "shards": len(todo)})
+    options = manifest.options if halt is None else {**manifest.options, "halt": halt}
+    queue.purge(run_id)  # messages of an earlier round, where the backend can drop them
+    save_manifest(
+        store,
+        dataclasses.replace(
+            manifest,
+            state=RunState.ACTIVE.value,
+            halted=None,
+            bundle=bundle,
+            entry=entry,
+            bundles=history,
+            options=options,
+        ),
+    )
     for shard in todo:
         store.delete(Layout.failure(run_id, shard.id))
     _publish(
@@ -329,6 +344,40 @@ def retry(
         None,
     )
     return [s.id for s in todo]
+
+
+def record_halt(store: Store, run_id: str, rule: str) -> Manifest:
+    """Record the halt rule a run is judged by from now on (the workers judge it too)."""
+    manifest = load_manifest(store, run_id)
+    if manifest.options.get("halt") != rule:
+        manifest = dataclasses.replace(manifest, options={**manifest.options, "halt": rule})
+        save_manifest(store, manifest)
+    return manifest
+
+
+def wait_released(
+    queue: WorkQueue,
+    run_id: str,
+    alive: Callable[[], set[str]],
+    *,
+    timeout: float,
+    clock: Clock = SYSTEM_CLOCK,
+) -> int:
+    """Wait until no live worker holds a message of the run (its attempts stopped), where the
+    queue tells who holds what (this machine's; Pub/Sub does not say). ``alive``: the names of
+    the workers still running. Returns how many are still held when ``timeout`` ran out.
+
+    A cancelled run's attempts notice the cancel within a heartbeat; one still running when a
+    retry with a new task starts would otherwise finish in the retried run with the old code.
+    """
+    deadline = clock.monotonic() + timeout
+    while True:
+        leases = queue.leases(run_id) or {}
+        names = alive() if leases else set()
+        held = sum(1 for worker in leases.values() if worker in names)
+        if not held or clock.monotonic() >= deadline:
+            return held
+        clock.sleep(0.1)
 
 
 def mark_dead_lettered(store: Store, message: WorkMessage) -> bool:

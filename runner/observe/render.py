@@ -1,7 +1,7 @@
-"""Draws a :class:`runner.observe.timeline.Timeline`: a PNG (matplotlib, Agg), an HTML page that
-embeds it with the summary table, and a JSON sidecar of exactly what was drawn (lanes in order, each
-bar's row, span and colour), so tests and scripts check the picture's content without reading
-pixels.
+"""Draws a :class:`runner.observe.timeline.Timeline`: a picture (PNG, PDF or SVG; matplotlib), an
+HTML page that embeds the PNG with the summary table, and a JSON sidecar of exactly what was drawn
+(lanes in order, each bar's row, span and colour), so tests and scripts check the picture's
+content without reading pixels.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from runner.observe.timeline import Bar, Lane, Timeline
+from worker.errors import ConfigError
 
 COLOURS = {
     "succeeded": "#2e7d32",
@@ -24,29 +25,45 @@ COLOURS = {
     "lost": "#4a148c",
 }
 BILLED_COLOUR = "#e3e8ef"
+PAGES = (".html", ".htm")  # a page that embeds the PNG
+PICTURES = (".png", ".pdf", ".svg")  # the picture alone, in the format its name says
 Box = list[tuple[float, float]]  # a rectangle's corners, for a PolyCollection
 
 
 @dataclass(frozen=True)
 class Rendered:
-    png: Path
+    picture: Path  # the PNG (an HTML page's too), PDF or SVG
     sidecar: Path
     html: Path | None = None
 
+    @property
+    def png(self) -> Path:
+        """The picture, a PNG unless ``--out`` named a .pdf or .svg."""
+        return self.picture
+
+
+def check_report_out(out: Path) -> Path:
+    """``out`` if its suffix names a format :func:`render` writes; else ConfigError, one line."""
+    if out.suffix.lower() not in PAGES + PICTURES:
+        raise ConfigError(
+            f"report --out {out}: name a .html (a page with the picture), .png, .pdf or .svg file"
+        )
+    return out
+
 
 def render(timeline: Timeline, out: Path) -> Rendered:
-    """Write the report next to ``out``: ``out`` itself (``.png`` or ``.html``), the PNG and the
-    ``.json`` sidecar with the same stem."""
-    suffix = out.suffix.lower()
-    png = out if suffix == ".png" else out.with_suffix(".png")
+    """Write the report next to ``out``: ``out`` itself (``.html``, ``.png``, ``.pdf`` or
+    ``.svg``; a page's picture is a PNG beside it) and the ``.json`` sidecar with the same stem."""
+    suffix = check_report_out(out).suffix.lower()
+    picture = out if suffix in PICTURES else out.with_suffix(".png")
     sidecar = out.with_suffix(".json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    drawn = draw_png(timeline, png)
+    drawn = draw_png(timeline, picture)
     sidecar.write_text(json.dumps({"timeline": timeline.to_dict(), "drawn": drawn}, indent=1))
-    if suffix in (".html", ".htm"):
-        out.write_text(html_page(timeline, png.read_bytes()))
-        return Rendered(png, sidecar, out)
-    return Rendered(png, sidecar)
+    if suffix in PAGES:
+        out.write_text(html_page(timeline, picture.read_bytes()))
+        return Rendered(picture, sidecar, out)
+    return Rendered(picture, sidecar)
 
 
 def _fmt_seconds(seconds: float) -> str:
@@ -81,7 +98,8 @@ def summary_rows(timeline: Timeline) -> list[tuple[str, str]]:
 
 
 def draw_png(timeline: Timeline, path: Path) -> dict[str, Any]:
-    """Draw the timeline to ``path``; returns what was drawn (the sidecar's ``drawn``)."""
+    """Draw the timeline to ``path``, in the format its suffix names (PNG, PDF, SVG); returns
+    what was drawn (the sidecar's ``drawn``)."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -2,9 +2,10 @@
 
 ``formats`` is the rule per name (lines concatenated, gzip members joined, or kept per shard
 with a manifest); ``parts`` holds the shared types (what was combined, the parts, the
-``Combiner`` strategy a deployment hands in); ``combine`` is :func:`combine_run` and the local
-combiner. A backend's own way (composing in the bucket) comes in as a ``Combiner``; this room
-never imports a backend.
+``Combiner`` strategy a deployment hands in, a local ``--out`` folder's record of the run it
+holds); ``custom`` the task folder a combine follows and the task's own ``combine(paths, out)``;
+``combine`` is :func:`combine_run` and the local combiner. A backend's own way (composing in
+the bucket) comes in as a ``Combiner``; this room never imports a backend.
 """
 
 from runner.results.combine import LocalCombiner, combine_run

@@ -7,7 +7,12 @@ in a newline, declared headers kept once; the same formats gzip-compressed conca
 members; anything else kept per shard, unchanged, under ``combined/<name>/`` with a
 ``manifest.json``. No byte of a part is changed but the newline after a line format's part and a
 declared header that is the header. A task whose ``task.py`` defines ``combine(paths, out)`` gets
-the committed output paths instead and writes into ``out`` itself.
+the committed output paths instead and writes into ``out`` itself (:mod:`runner.results.custom`;
+``runner combine RUN --task DIR`` takes a fixed one).
+
+A local ``--out DIR`` holds one run's result: ``DIR/.cflow-result.json`` names the run and the
+files it wrote there. Combining the same run again replaces those files (and only those); another
+run's result there is refused unless ``--force``, which removes it first.
 
 Where the parts are combined is the deployment's :class:`~runner.results.parts.Combiner`: on
 Google Cloud in the bucket, and the runner downloads nothing unless ``--out DIR`` asks for a
@@ -16,14 +21,12 @@ local copy; without one, :class:`LocalCombiner` works here.
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from runner.results.custom import custom_combine, open_task
 from runner.results.formats import (
     MANIFEST,
     Method,
@@ -52,21 +55,15 @@ from runner.results.parts import (
     Say,
     Traffic,
     Warn,
+    clear_result,
     committed_parts,
+    local_parts,
+    mark_result,
+    result_owner,
 )
-from worker.bundle import (
-    UnpackedBundle,
-    inspect_task,
-    install_requirements,
-    read_settings,
-    unpack,
-)
-from worker.errors import CFlowError, ConfigError, NotFound, TaskError
-from worker.executors.base import WORKER_PATH
-from worker.protocol import Entry, Layout, Manifest
+from worker.errors import ConfigError
+from worker.protocol import Layout, Manifest
 from worker.store import Store
-
-BY_TASK = "written by the task's combine(paths, out)"
 
 
 def _quiet(_message: str) -> None:
@@ -83,10 +80,14 @@ def combine_run(
     say: Say | None = None,
     combiner: Combiner | None = None,
     workers: OnWorkers | None = None,
+    task: Path | None = None,
 ) -> Combined:
     """Combine a run's committed outputs into ``runs/<run>/combined/`` (and ``out`` if given).
 
-    ``headers`` overrides the task's ``[combine] headers`` setting. ``combiner`` is where the
+    The run's task folder says how (its ``[combine] headers``, its own ``combine(paths, out)``,
+    which raises :class:`~runner.results.custom.CombineFailed` when it fails); ``task`` names
+    another folder to take that from (a fixed ``combine()``), the outputs being the run's either
+    way. ``headers`` overrides the folder's ``[combine] headers`` setting. ``combiner`` is where the
     parts are combined (the deployment's; None: here, :class:`LocalCombiner`), and ``workers``
     the means it may use to do heavy copying on the deployment's workers. What was done with
     each output name is in the result's ``how`` and said, one line a name, through ``say``
@@ -99,11 +100,11 @@ def combine_run(
     groups, shards, missing = committed_parts(store, manifest)
     with tempfile.TemporaryDirectory(prefix="cflow-combine-") as tmp:
         work = Path(tmp)
-        bundle, settings_headers = _task_folder(store, manifest, work)
+        folder = open_task(store, manifest, work, task)
         if headers is None:
-            headers = settings_headers
-        if bundle is not None:
-            combined = _user_combine_run(store, manifest, bundle, groups, work)
+            headers = folder.headers
+        if folder.custom:
+            combined = custom_combine(store, manifest, folder, groups, work, tell)
         else:
             combined = combiner.concatenate(
                 store, manifest, groups, headers=headers, warn=warn, work=work, workers=workers
@@ -126,6 +127,16 @@ def _copy_out(
     store: Store, run_id: str, combined: Combined, out: OutTarget, combiner: Combiner
 ) -> None:
     base = len(Layout.combined(run_id))
+    if out.path is not None:
+        owner = result_owner(out.path)
+        if owner not in (None, run_id) and not out.force:  # there since --out was checked
+            raise ConfigError(
+                f"--out {out.path} now holds the result of run {owner}; give another folder, or"
+                f" `runner combine {run_id} --out {out.path} --force` to replace it"
+            )
+        clear_result(out.path)  # the earlier result's files, and only those
+        if combined.objects:
+            mark_result(out.path, run_id, [key[base:] for key in combined.objects])
     for key in combined.objects:
         rel = key[base:]
         if out.path is not None:
@@ -173,7 +184,7 @@ class LocalCombiner:
         combined = Combined(files=[], shards=0, missing=0)
         for rel in sorted(groups):
             parts = groups[rel]
-            paths = list(_local_parts(store, parts, work / "in", combined.traffic))
+            paths = list(local_parts(store, parts, work / "in", combined.traffic))
             plan = plan_for(rel, headers)
             if plan.method is Method.GZIP:
                 bad = [p.shard for p, path in zip(parts, paths, strict=True) if not _gzip(path)]
@@ -255,19 +266,6 @@ def _lines(
     return lines_note(len(parts), stripped > 0)
 
 
-def _local_parts(store: Store, parts: list[Part], work: Path, traffic: Traffic) -> Iterator[Path]:
-    for n, part in enumerate(parts):
-        local = store.local_path(part.key)
-        if local is not None and local.is_file():
-            yield local
-            continue
-        dest = work / f"{n:06d}" / part.rel
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        store.get_file(part.key, dest)
-        traffic.downloaded += dest.stat().st_size
-        yield dest
-
-
 def concatenate(
     paths: Iterator[Path] | list[Path], dest: Path, *, strip_headers: bool
 ) -> tuple[list[bytes], int]:
@@ -313,68 +311,3 @@ def join_bytes(paths: list[Path], dest: Path) -> int:
                 shutil.copyfileobj(src, dst, 1 << 20)
             joined += 1
     return joined
-
-
-def _task_folder(
-    store: Store, manifest: Manifest, work: Path
-) -> tuple[UnpackedBundle | None, bool | None]:
-    """(the unpacked task when its task.py defines combine(), the task's headers setting)."""
-    try:
-        data = store.get(Layout.bundle(manifest.bundle))
-    except NotFound:
-        raise TaskError(
-            f"task bundle {manifest.bundle[:12]} is missing", run_id=manifest.run_id
-        ) from None
-    bundle = unpack(data, manifest.bundle, work / "bundle", install=False)
-    headers = read_settings(bundle.root).headers
-    if manifest.entry != Entry.PYTHON.value or not inspect_task(bundle.root).has_combine:
-        return None, headers  # plain concatenation: the task's requirements are not needed here
-    deps = install_requirements(bundle.root, work / "bundle")
-    return UnpackedBundle(bundle.sha256, bundle.root, deps), headers
-
-
-def _user_combine_run(
-    store: Store,
-    manifest: Manifest,
-    bundle: UnpackedBundle,
-    groups: dict[str, list[Part]],
-    work: Path,
-) -> Combined:
-    combined = Combined(files=[], shards=0, missing=0)
-    inputs = [
-        p
-        for rel in sorted(groups)
-        for p in _local_parts(store, groups[rel], work / "in", combined.traffic)
-    ]
-    staged = work / "combined"
-    staged.mkdir(exist_ok=True)
-    _user_combine(bundle, inputs, staged)
-    target = Layout.combined(manifest.run_id)
-    for path in sorted(p for p in staged.rglob("*") if p.is_file()):
-        rel = path.relative_to(staged).as_posix()
-        store.put_file(target + rel, path)
-        combined.add(rel, target + rel, BY_TASK)
-    return combined
-
-
-def _user_combine(bundle: UnpackedBundle, inputs: list[Path], out: Path) -> None:
-    listing = out.parent / "combine-inputs.txt"
-    listing.write_text("".join(f"{p}\n" for p in inputs))
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "worker.executors.zygote",
-            "--combine",
-            str(bundle.root),
-            str(out),
-            str(listing),
-        ],
-        cwd=bundle.root,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join([bundle.python_path(), WORKER_PATH])},
-        capture_output=True,
-        text=True,
-    )
-    if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise CFlowError(f"the task's combine(paths, out) failed: {last}")

@@ -10,8 +10,10 @@ backend.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable
+import contextlib
+import json
+import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -28,6 +30,8 @@ if TYPE_CHECKING:
 Warn = Callable[[str], None]  # a warning, one line
 Say = Callable[[str], None]  # narration, one line
 MakeWatcher = Callable[[Manifest, int], "Watcher"]  # (helper manifest, shards) -> its watcher
+# In a local --out folder: which run's result it holds, and the files that result wrote there.
+RESULT_MARK = ".cflow-result.json"
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,7 @@ class OutTarget:
     path: Path | None = None
     bucket: str | None = None
     prefix: str = ""  # object-name prefix in ``bucket``, ending in "/" unless empty
+    force: bool = False  # replace another run's result in ``path``
 
     def __str__(self) -> str:
         return str(self.path) if self.path is not None else f"gs://{self.bucket}/{self.prefix}"
@@ -48,8 +53,15 @@ class OutTarget:
         return f"gs://{self.bucket}/{self.prefix}{rel}"
 
 
-def check_out(out: str | Path | None, *, cloud: bool) -> OutTarget | None:
-    """Validate ``--out`` before anything runs; raises ConfigError with the fix."""
+def check_out(
+    out: str | Path | None, *, cloud: bool, run_id: str | None = None, force: bool = False
+) -> OutTarget | None:
+    """Validate ``--out`` before anything runs; raises ConfigError with the fix.
+
+    A local folder must be writable (a file is made and removed in it, or in its nearest
+    existing parent) and must not hold another run's result (:func:`result_owner`) unless
+    ``force``; ``run_id`` is the run whose result goes there (None: a run not made yet).
+    """
     if out is None:
         return None
     text = str(out)
@@ -67,10 +79,70 @@ def check_out(out: str | Path | None, *, cloud: bool) -> OutTarget | None:
     path = Path(text).expanduser()
     if path.exists() and not path.is_dir():
         raise ConfigError(f"--out {path} exists and is not a folder; give a folder to write into")
-    parent = next((p for p in (path, *path.parents) if p.exists()), Path("."))
-    if not os.access(parent, os.W_OK):
-        raise ConfigError(f"--out {path}: {parent} is not writable")
-    return OutTarget(path=path.resolve())
+    _probe(path)
+    owner = result_owner(path)
+    if owner is not None and owner != run_id and not force:
+        raise ConfigError(
+            f"--out {path} holds the result of run {owner} ({RESULT_MARK}); give another folder"
+            + (", or --force to replace it" if run_id is not None else " or remove that one")
+        )
+    return OutTarget(path=path.resolve(), force=force)
+
+
+def _probe(path: Path) -> None:
+    """Raise ConfigError unless a file can be made in ``path`` or its nearest existing parent
+    (a read-only mount, ``/proc``, a folder of someone else's say no)."""
+    parent = next((p for p in (path, *path.parents) if p.exists()), Path("/"))
+    if not parent.is_dir():
+        raise ConfigError(f"--out {path}: {parent} is not a folder")
+    try:
+        with tempfile.NamedTemporaryFile(prefix=".cflow-probe-", dir=parent):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"--out {path}: {parent} is not writable ({exc.strerror})") from None
+
+
+def result_owner(folder: Path) -> str | None:
+    """The run whose result a local ``--out`` folder holds (None: none, as far as cflow knows)."""
+    return _read_mark(folder)[0]
+
+
+def result_files(folder: Path) -> list[str]:
+    """The files (relative paths) the result held in a local ``--out`` folder wrote there."""
+    return _read_mark(folder)[1]
+
+
+def _read_mark(folder: Path) -> tuple[str | None, list[str]]:
+    try:
+        data = json.loads((folder / RESULT_MARK).read_text(encoding="utf-8"))
+        return str(data["run_id"]), [str(f) for f in data.get("files", [])]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None, []
+
+
+def mark_result(folder: Path, run_id: str, files: list[str]) -> None:
+    """Record in a local ``--out`` folder that it holds ``run_id``'s result, these files."""
+    folder.mkdir(parents=True, exist_ok=True)
+    text = json.dumps({"run_id": run_id, "files": sorted(files)}, indent=1) + "\n"
+    (folder / RESULT_MARK).write_text(text, encoding="utf-8")
+
+
+def clear_result(folder: Path) -> None:
+    """Remove the files an earlier result wrote in a local ``--out`` folder (only those, and
+    the folders they leave empty): nothing of it mixes with the next one."""
+    base = folder.resolve()
+    for rel in result_files(folder):
+        path = (base / rel).resolve()
+        if base not in path.parents:  # a hand-edited mark naming something outside
+            continue
+        with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+            path.unlink()
+        for parent in path.parents:
+            if parent == base:
+                break
+            with contextlib.suppress(OSError):  # not empty: something else lives there
+                parent.rmdir()
+    (folder / RESULT_MARK).unlink(missing_ok=True)
 
 
 @dataclass
@@ -203,3 +275,17 @@ def committed_parts(store: Store, manifest: Manifest) -> tuple[dict[str, list[Pa
             batch = []
     read(batch)
     return groups, len(done), missing
+
+
+def local_parts(store: Store, parts: list[Part], work: Path, traffic: Traffic) -> Iterator[Path]:
+    """Each part as a local file: where the store keeps it, else downloaded under ``work``."""
+    for n, part in enumerate(parts):
+        local = store.local_path(part.key)
+        if local is not None and local.is_file():
+            yield local
+            continue
+        dest = work / f"{n:06d}" / part.rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        store.get_file(part.key, dest)
+        traffic.downloaded += dest.stat().st_size
+        yield dest

@@ -7,22 +7,30 @@
 
 Each image is tagged with a hash of its recipe and the package versions apt would install, so a
 rerun finds it in the engine's store and builds nothing; a new package version makes a new tag.
+The root file system of each tag is kept in :data:`CACHE` (the latest one per image), so a second
+engine, or an engine whose store was wiped, imports it in seconds instead of building it again.
+Builds and imports hold a lock per image, so processes that need the same image at once (test
+processes, benchmarks, sessions side by side) build it once.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import shutil
 import subprocess
 import tarfile
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from worker.executors.container.runtime import Runtime
 
 RECIPE_VERSION = "1"  # bump when a recipe below changes
 REPO_PREFIX = "localhost/cflow-test-"
+CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cflow-test-images"
 
 
 class ImageBuildError(Exception):
@@ -59,6 +67,40 @@ def _import(runtime: Runtime, tar_path: Path, tag: str) -> None:
         raise ImageBuildError(f"{runtime.name} import {tag} failed: {proc.stderr.strip()}")
 
 
+@contextlib.contextmanager
+def _locked(name: str) -> Iterator[None]:
+    CACHE.mkdir(parents=True, exist_ok=True)
+    fd = os.open(CACHE / f"{name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _provide(runtime: Runtime, name: str, tag: str, build: Callable[[Path], None]) -> str:
+    """``tag`` in ``runtime``'s store: imported from the cached root file system, which
+    ``build(tar_path)`` makes first when the cache lacks it."""
+    if _exists(runtime, tag):
+        return tag
+    with _locked(name):
+        if _exists(runtime, tag):  # another process imported it while we waited
+            return tag
+        cached = CACHE / f"{tag.rsplit('/', 1)[1].replace(':', '-')}.tar"
+        if not cached.is_file():
+            partial = cached.with_name(f".{cached.stem}.{os.getpid()}.tar")
+            try:
+                build(partial)
+                partial.replace(cached)
+            finally:
+                partial.unlink(missing_ok=True)
+            for older in CACHE.glob(f"{cached.name.rsplit('-', 1)[0]}-*.tar"):
+                if older != cached:
+                    older.unlink(missing_ok=True)
+        _import(runtime, cached, tag)
+    return tag
+
+
 def _need(tool: str, package: str) -> str:
     path = shutil.which(tool)
     if path is None:
@@ -69,9 +111,12 @@ def _need(tool: str, package: str) -> str:
 def busybox_image(runtime: Runtime) -> str:
     """A busybox image's tag, built once per busybox-static version."""
     version = _candidate("busybox-static")
-    tag = _tag("busybox", version)
-    if _exists(runtime, tag):
-        return tag
+    return _provide(
+        runtime, "busybox", _tag("busybox", version), lambda tar: _busybox_root(version, tar)
+    )
+
+
+def _busybox_root(version: str, tar_path: Path) -> None:
     _need("apt-get", "apt")
     _need("dpkg-deb", "dpkg")
     with tempfile.TemporaryDirectory(prefix="cflow-busybox-") as tmp:
@@ -101,11 +146,8 @@ def busybox_image(runtime: Runtime) -> str:
             (root / folder).mkdir(exist_ok=True)
         (root / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
         (root / "etc" / "group").write_text("root:x:0:\n")
-        tar_path = work / "rootfs.tar"
         with tarfile.open(tar_path, "w") as tar:
             tar.add(root, arcname=".")
-        _import(runtime, tar_path, tag)
-    return tag
 
 
 def _codename() -> str:
@@ -119,25 +161,24 @@ def python_image(runtime: Runtime) -> str:
     """A Debian image with python3, built once per python3 version; needs mmdebstrap."""
     suite = _codename()
     tag = _tag("python", suite, _candidate("python3"))
-    if _exists(runtime, tag):
-        return tag
+    return _provide(runtime, "python", tag, lambda tar: _python_root(suite, tar))
+
+
+def _python_root(suite: str, tar_path: Path) -> None:
     mmdebstrap = _need("mmdebstrap", "mmdebstrap")
-    with tempfile.TemporaryDirectory(prefix="cflow-python-") as tmp:
-        tar_path = Path(tmp) / "rootfs.tar"
-        argv = [
-            mmdebstrap,
-            "--variant=essential",  # dpkg's essential set: bash, coreutils, ... and no apt
-            "--include=python3",
-            "--dpkgopt=path-exclude=/usr/share/doc/*",
-            "--dpkgopt=path-exclude=/usr/share/man/*",
-            "--dpkgopt=path-exclude=/usr/share/locale/*",
-            "--quiet",
-            suite,
-            str(tar_path),
-        ]
-        proc = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=900)
-        if proc.returncode != 0:
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-            raise ImageBuildError(f"mmdebstrap {suite} failed: {' / '.join(tail)}")
-        _import(runtime, tar_path, tag)
-    return tag
+    argv = [
+        mmdebstrap,
+        "--variant=essential",  # dpkg's essential set: bash, coreutils, ... and no apt
+        "--include=python3",
+        "--dpkgopt=path-exclude=/usr/share/doc/*",
+        "--dpkgopt=path-exclude=/usr/share/man/*",
+        "--dpkgopt=path-exclude=/usr/share/locale/*",
+        "--format=tar",
+        "--quiet",
+        suite,
+        str(tar_path),
+    ]
+    proc = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=900)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        raise ImageBuildError(f"mmdebstrap {suite} failed: {' / '.join(tail)}")

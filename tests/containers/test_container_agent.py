@@ -4,6 +4,7 @@ pass in): the run stops, with the reason."""
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -11,8 +12,25 @@ import pytest
 from worker.agent.agent import Agent, AgentConfig
 from worker.backends.local.backend import open_local
 from worker.bundle import pack
-from worker.executors.container.runtime import DOCKER_GPU_HOOK, Runtime, nvidia_cdi_specs
+from worker.executors.container.runtime import (
+    DOCKER_GPU_HOOK,
+    Runtime,
+    detect_runtime,
+    nvidia_cdi_specs,
+)
 from worker.protocol import Layout, Manifest, RunOptions, RunState, Shard, WorkMessage
+
+
+@pytest.fixture(autouse=True)
+def _the_agent_uses_the_engine_under_test(
+    container_runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[None]:
+    """The agent finds its engine itself, as a worker does: the one ``CFLOW_CONTAINER_RUNTIME``
+    names."""
+    monkeypatch.setenv("CFLOW_CONTAINER_RUNTIME", container_runtime.name)
+    detect_runtime.cache_clear()
+    yield
+    detect_runtime.cache_clear()
 
 
 def _halted_run(tmp_path: Path, entry: str, options: RunOptions) -> tuple[Manifest, int, int]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import pytest
 
 import worker.executors.container.runtime as container_runtime_module
 from worker.bundle import UnpackedBundle
+from worker.executors.base import RunningTask
 from worker.executors.container.executor import ContainerExecutor
 from worker.executors.container.runtime import ImagePullError, Runtime
 from worker.protocol import Entry
@@ -27,9 +29,14 @@ def _bundle(tmp_path: Path, name: str, body: str) -> UnpackedBundle:
     return UnpackedBundle("0" * 64, root, None)
 
 
+def _run_id() -> str:
+    """A run of its own: its containers' label is this test's alone on a shared engine."""
+    return f"r20260101-000000-{secrets.token_hex(3)}"
+
+
 def _shard(tmp_path: Path, input_path: Path | None = None, attempt: int = 1) -> TaskShard:
     return TaskShard(
-        run_id="r20260101-000000-abcdef",
+        run_id=_run_id(),
         id="shard-1",
         index=4,
         attempt=attempt,
@@ -43,6 +50,11 @@ def _containers(runtime: Runtime, run_id: str) -> list[str]:
     proc = runtime.call("ps", "--all", "--quiet", "--filter", f"label=cflow.run={run_id}")
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.split()
+
+
+def _nap(seconds: int) -> str:
+    """A sleep this test process alone runs, to look for on the host by its command line."""
+    return f"sleep {seconds}.{os.getpid()}"
 
 
 def _host_processes(pattern: str) -> list[str]:
@@ -132,21 +144,29 @@ def test_a_failing_python_task_logs_its_traceback(
 def test_background_processes_end_with_the_attempt(
     container_runtime: Runtime, shell_image: str, tmp_path: Path
 ) -> None:
-    bundle = _bundle(tmp_path, "task.sh", "sleep 3117 &\necho started\n")
+    bundle = _bundle(tmp_path, "task.sh", f"{_nap(3117)} &\necho started\n")
     shard = _shard(tmp_path)
     executor = ContainerExecutor(bundle, Entry.SHELL, shell_image, runtime=container_runtime)
     task = executor.start(shard, tmp_path / "log.txt")
     assert task.wait(60) == 0
     assert "started" in (tmp_path / "log.txt").read_text()
-    assert _host_processes("sleep 3117") == []
+    assert _host_processes(_nap(3117)) == []
     assert _containers(container_runtime, shard.run_id) == []
 
 
+def _wait_for_line(log: Path, line: str, task: RunningTask) -> None:
+    """Until the task's log has ``line`` (it is past its set-up); fails if the task ended."""
+    deadline = time.monotonic() + 120
+    while line not in (log.read_text() if log.exists() else "").splitlines():
+        assert task.wait(0.05) is None, log.read_text() if log.exists() else "no log"
+        assert time.monotonic() < deadline, f"the task never printed {line!r}"
+
+
 @pytest.mark.parametrize(
-    ("script", "expected", "at_most"),
+    ("script", "expected"),
     [
-        ("trap 'echo got TERM; exit 5' TERM\nwhile :; do sleep 0.1; done\n", 5, 4.0),
-        ("trap '' TERM\nsleep 3118 & wait; sleep 3118\n", -9, 10.0),  # ignores TERM: killed
+        ("trap 'echo got TERM; exit 5' TERM\necho ready\nwhile :; do sleep 0.1; done\n", 5),
+        (f"trap '' TERM\necho ready\n{_nap(3118)} & wait; {_nap(3118)}\n", -9),  # killed
     ],
     ids=["term-honoured", "term-ignored"],
 )
@@ -156,33 +176,34 @@ def test_stop_terms_then_kills_and_removes_the_container(
     tmp_path: Path,
     script: str,
     expected: int,
-    at_most: float,
 ) -> None:
     bundle = _bundle(tmp_path, "task.sh", script)
     shard = _shard(tmp_path)
     executor = ContainerExecutor(bundle, Entry.SHELL, shell_image, runtime=container_runtime)
-    task = executor.start(shard, tmp_path / "log.txt")
-    assert task.wait(1.0) is None  # running
-    began = time.monotonic()
+    log = tmp_path / "log.txt"
+    task = executor.start(shard, log)
+    _wait_for_line(log, "ready", task)  # its TERM trap is set
     code = task.stop(grace=2.0)
-    took = time.monotonic() - began
-    assert code == expected, (tmp_path / "log.txt").read_text()
-    assert took < at_most
+    assert code == expected, log.read_text()
     assert _containers(container_runtime, shard.run_id) == []
-    assert _host_processes("sleep 3118") == []
+    assert _host_processes(_nap(3118)) == []
 
 
 def test_stop_right_after_start_leaves_no_container(
     container_runtime: Runtime, shell_image: str, tmp_path: Path
 ) -> None:
-    bundle = _bundle(tmp_path, "task.sh", "sleep 3119\n")
+    """Stopped while the engine may still be making the container: once stop() returns, the
+    engine's client and the container's monitor, the only ones that could still make or run
+    it, are gone, and so is the container."""
+    bundle = _bundle(tmp_path, "task.sh", f"{_nap(3119)}\n")
     shard = _shard(tmp_path)
     executor = ContainerExecutor(bundle, Entry.SHELL, shell_image, runtime=container_runtime)
     task = executor.start(shard, tmp_path / "log.txt")
-    task.stop(grace=0.5)  # the engine may not have created the container yet
-    time.sleep(1.0)
+    name = task.name  # type: ignore[attr-defined]  # the container's, on its command lines
+    task.stop(grace=0.5)
+    assert _host_processes(name) == []
     assert _containers(container_runtime, shard.run_id) == []
-    assert _host_processes("sleep 3119") == []
+    assert _host_processes(_nap(3119)) == []
 
 
 class _CountingRuntime(Runtime):
@@ -225,7 +246,7 @@ def test_a_container_outlives_no_dead_worker_past_its_timeout(
 ) -> None:
     if container_runtime.name != "podman":
         pytest.skip("the backstop is podman's --timeout; docker has none")
-    bundle = _bundle(tmp_path, "task.sh", "sleep 3120\n")
+    bundle = _bundle(tmp_path, "task.sh", f"{_nap(3120)}\n")
     shard = _shard(tmp_path)
     executor = ContainerExecutor(
         bundle, Entry.SHELL, shell_image, runtime=container_runtime, timeout=1, backstop=1
@@ -235,9 +256,9 @@ def test_a_container_outlives_no_dead_worker_past_its_timeout(
     assert task.pid is not None
     os.killpg(task.pid, signal.SIGKILL)  # the worker's side is gone, as if it was SIGKILLed
     deadline = time.monotonic() + 20
-    while _host_processes("sleep 3120") and time.monotonic() < deadline:
+    while _host_processes(_nap(3120)) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert _host_processes("sleep 3120") == []
+    assert _host_processes(_nap(3120)) == []
     while _containers(container_runtime, shard.run_id) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert _containers(container_runtime, shard.run_id) == []
@@ -247,6 +268,7 @@ WORKER_SCRIPT = """
 import sys, time
 from pathlib import Path
 from worker.bundle import UnpackedBundle
+from worker.executors.base import RunningTask
 from worker.executors.container.executor import ContainerExecutor
 from worker.executors.container.runtime import detect_runtime
 from worker.protocol import Entry
@@ -255,7 +277,7 @@ from worker.taskapi import TaskShard
 root, image, engine = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 executor = ContainerExecutor(UnpackedBundle("0" * 64, root, None), Entry.SHELL, image,
                              runtime=detect_runtime(engine))
-shard = TaskShard("r20260101-000000-orphan", "s", 0, 1, None, root.parent / "out")
+shard = TaskShard(sys.argv[4], "s", 0, 1, None, root.parent / "out")
 executor.start(shard, root.parent / "log.txt")
 print("started", flush=True)
 time.sleep(600)
@@ -272,8 +294,9 @@ print(" ".join(reap_orphans(detect_runtime(sys.argv[1]))))
 def test_the_next_worker_removes_what_a_killed_one_left(
     container_runtime: Runtime, shell_image: str, tmp_path: Path
 ) -> None:
-    bundle = _bundle(tmp_path, "task.sh", "sleep 3121\n")
+    bundle = _bundle(tmp_path, "task.sh", f"{_nap(3121)}\n")
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    run_id = _run_id()
     worker = subprocess.Popen(
         [
             sys.executable,
@@ -282,21 +305,20 @@ def test_the_next_worker_removes_what_a_killed_one_left(
             str(bundle.root),
             shell_image,
             container_runtime.name,
+            run_id,
         ],
         env=env,
         stdout=subprocess.PIPE,
         text=True,
     )
     assert worker.stdout is not None and worker.stdout.readline().strip() == "started"
-    run_id = "r20260101-000000-orphan"
     deadline = time.monotonic() + 30
-    while not _host_processes("sleep 3121") and time.monotonic() < deadline:
+    while not _host_processes(_nap(3121)) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert len(_containers(container_runtime, run_id)) == 1
     worker.kill()  # SIGKILL: no cleanup runs in the worker
     worker.wait()
-    time.sleep(0.5)
-    assert len(_containers(container_runtime, run_id)) == 1  # left behind, still running
+    assert len(_containers(container_runtime, run_id)) == 1  # left behind
     reaper = subprocess.run(
         [sys.executable, "-c", REAPER_SCRIPT, container_runtime.name],
         env=env,
@@ -304,9 +326,9 @@ def test_the_next_worker_removes_what_a_killed_one_left(
         text=True,
         check=True,
     )
-    assert reaper.stdout.strip().startswith("cflow-r20260101-000000-orphan-s-1-")
+    assert any(name.startswith(f"cflow-{run_id}-s-1-") for name in reaper.stdout.split())
     assert _containers(container_runtime, run_id) == []
-    assert _host_processes("sleep 3121") == []
+    assert _host_processes(_nap(3121)) == []
 
 
 def test_a_gpu_run_gives_every_container_the_machines_gpus(
@@ -319,6 +341,12 @@ def test_a_gpu_run_gives_every_container_the_machines_gpus(
     spec.parent.mkdir()
     spec.write_text("cdiVersion: 0.5.0\nkind: nvidia.com/gpu\ndevices:\n- name: all\n")
     monkeypatch.setattr(container_runtime_module, "CDI_SPEC_DIRS", (spec.parent,))
+    # docker passes GPUs through the NVIDIA hook it runs: a machine with GPUs has it on PATH
+    hook = tmp_path / "bin" / container_runtime_module.DOCKER_GPU_HOOK
+    hook.parent.mkdir()
+    hook.write_text("#!/bin/sh\n")
+    hook.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{hook.parent}{os.pathsep}{os.environ['PATH']}")
     bundle = _bundle(tmp_path, "task.py", "def run(shard):\n    pass\n")
     wanted = list(container_runtime.gpu_args())
     for gpu in (True, False):

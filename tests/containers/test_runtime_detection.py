@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.prerequisites import missing
 from worker.executors.container.runtime import (
     ContainerRuntimeMissing,
     GpuSupportMissing,
@@ -86,7 +87,7 @@ def test_no_engine_at_all_says_what_to_install(
 def test_docker_without_its_daemon_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     docker = shutil.which("docker")
     if docker is None:
-        pytest.skip("no docker client on this machine to try without a daemon")
+        missing("no docker client to try without a daemon (`apt-get install docker.io`)")
     (tmp_path / "docker").symlink_to(docker)
     monkeypatch.setenv("PATH", str(tmp_path))
     monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/no-daemon.sock")

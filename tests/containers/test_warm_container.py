@@ -173,9 +173,7 @@ def test_a_timeout_stops_only_that_attempt_and_a_fresh_container_follows(
     hung = _start(executor, tmp_path, _shard(tmp_path, 1, "hang"))
     queued = _start(executor, tmp_path, _shard(tmp_path, 2))
     assert hung.wait(2.0) is None
-    began = time.monotonic()
     assert hung.stop(grace=1.0) == -signal.SIGTERM  # the host had no handler: TERM ends it
-    assert time.monotonic() - began < 8
     assert queued.wait(10) is not None and getattr(queued, "not_started", False)
     again = _start(executor, tmp_path, _shard(tmp_path, 2))  # the agent sends it again
     assert again.wait(60) == 0

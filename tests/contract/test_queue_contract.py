@@ -36,10 +36,22 @@ def test_published_messages_arrive_with_their_contents(backends: Backends) -> No
 
 
 def test_acked_message_is_not_delivered_again(backends: Backends) -> None:
-    backends.queue.publish(_messages("r-contract-2", 1))
-    (first,) = _receive_all(backends, 1)
-    backends.queue.ack(first)
-    assert backends.queue.receive(1, 2.0) == []
+    """Watched until a lease has lapsed for sure: a second message, received with it and given
+    back for one full lease after the ack, comes back; the acked one never does."""
+    backends.queue.publish(_messages("r-contract-2", 2))
+    acked, witness = sorted(_receive_all(backends, 2), key=lambda d: d.message.shard_id)
+    backends.queue.ack(acked)
+    lease = float(backends.queue.lease_seconds)  # type: ignore[attr-defined]
+    backends.queue.nack(witness, delay=lease)  # back once a lease taken now would have lapsed
+    seen: list[str] = []
+    deadline = time.monotonic() + lease + 60
+    while witness.message.shard_id not in seen:
+        assert time.monotonic() < deadline, f"the nacked message never came back: {seen}"
+        got = backends.queue.receive(2, 1.0)
+        seen += [d.message.shard_id for d in got]
+        for d in got:
+            backends.queue.ack(d)
+    assert seen == [witness.message.shard_id]
 
 
 def test_nacked_message_comes_back_at_once_with_a_higher_delivery_count(backends: Backends) -> None:
@@ -73,7 +85,7 @@ def test_failure_count_travels_with_the_message(backends: Backends) -> None:
 def test_receive_on_an_empty_queue_waits_then_returns_nothing(backends: Backends) -> None:
     start = time.monotonic()
     assert backends.queue.receive(1, 0.5) == []
-    assert 0.4 <= time.monotonic() - start < 10
+    assert time.monotonic() - start >= 0.4  # it waited (how much longer is the backend's own)
 
 
 def test_message_redelivered_after_repeated_nacks_goes_to_dead_letters(backends: Backends) -> None:

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from worker.backends.base import Backends
+from worker.backends.local.store import LocalStore
 from worker.errors import NotFound
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_put_get_roundtrip_and_overwrite(backends: Backends) -> None:
@@ -64,6 +72,64 @@ def test_racing_creates_have_exactly_one_winner(backends: Backends) -> None:
         t.join()
     assert len(wins) == 1
     assert store.get("runs/r3/shards/a/result.json") == f"attempt {wins[0]}".encode()
+
+
+RACER = """
+import json, sys, time
+from pathlib import Path
+
+spec, n = json.loads(sys.argv[1]), int(sys.argv[2])
+if spec["root"]:
+    from worker.backends.local.store import LocalStore
+    store = LocalStore(Path(spec["root"]))
+else:
+    from worker.backends.gcp.gcs import GcsStore, make_client
+    store = GcsStore(spec["bucket"], client=make_client(spec["project"]))
+store.exists(spec["key"])  # connected: opening is not part of the race
+Path(spec["ready"], str(n)).touch()
+while not Path(spec["go"]).exists():
+    time.sleep(0.001)
+print("won" if store.create(spec["key"], f"process {n}".encode()) else "lost", flush=True)
+"""
+
+
+def test_racing_creates_from_separate_processes_have_exactly_one_winner(
+    backends: Backends, tmp_path: Path
+) -> None:
+    """As workers race: each its own process and its own connection to the store."""
+    store = backends.store
+    ready, go = tmp_path / "ready", tmp_path / "go"
+    ready.mkdir()
+    spec = {
+        "root": str(store.root) if isinstance(store, LocalStore) else None,
+        "bucket": getattr(store, "bucket_name", None),
+        "project": getattr(getattr(store, "client", None), "project", None),
+        "key": "runs/r3/shards/b/result.json",
+        "ready": str(ready),
+        "go": str(go),
+    }
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    racers = [
+        subprocess.Popen(
+            [sys.executable, "-c", RACER, json.dumps(spec), str(n)],
+            env=env,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for n in range(4)
+    ]
+    try:
+        while len(list(ready.iterdir())) < len(racers):  # every racer connected
+            assert all(r.poll() is None for r in racers), "a racer ended before the start"
+            time.sleep(0.01)
+        go.touch()
+        said = [r.communicate(timeout=120)[0].strip() for r in racers]
+    finally:
+        for r in racers:
+            r.kill()
+            r.wait()
+    assert sorted(said) == ["lost", "lost", "lost", "won"]
+    assert store.get(spec["key"]) == f"process {said.index('won')}".encode()
 
 
 def test_list_is_recursive_filtered_and_prefix_exact(backends: Backends) -> None:

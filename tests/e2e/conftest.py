@@ -11,7 +11,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,16 +38,21 @@ class Cli:
     def __init__(self, workdir: Path):
         self.workdir = workdir
         self.store = workdir / ".cflow"
+        # The product's own lease and heartbeat: a worker starved of the CPU for a while on a
+        # loaded machine keeps its shards. A test about a lapsing lease sets a short one.
         self.env = {
             **os.environ,
             "CFLOW_STORE": str(self.store),
-            "CFLOW_LEASE_SECONDS": "3",
-            "CFLOW_HEARTBEAT_SECONDS": "0.5",
             "PYTHONPATH": str(REPO),
             "COLUMNS": "200",
         }
-        self.env.pop("CFLOW_DEPLOYMENT", None)
-        self.env.pop("CFLOW_BACKEND", None)
+        for name in (
+            "CFLOW_DEPLOYMENT",
+            "CFLOW_BACKEND",
+            "CFLOW_LEASE_SECONDS",
+            "CFLOW_HEARTBEAT_SECONDS",
+        ):
+            self.env.pop(name, None)
 
     def argv(self, *args: str) -> list[str]:
         return [sys.executable, "-m", "runner", *args]
@@ -83,7 +88,10 @@ class Cli:
         """Live worker processes of the local fleet: name -> pid."""
         out = {}
         for path in (self.store / "fleet").glob("*.json"):
-            text = path.read_text()
+            try:
+                text = path.read_text()
+            except FileNotFoundError:  # the worker went since the folder was listed
+                continue
             if text:  # an empty file is a name claimed by a runner that is starting its process
                 out[path.stem] = json.loads(text)["pid"]
         return out
@@ -106,6 +114,10 @@ class Cli:
     def running_attempts(self) -> list[dict[str, Any]]:
         statuses = self.records("runs/*/shards/*/attempts/*/status.json").values()
         return [s for s in statuses if s["state"] == "running"]
+
+    def attempt_states(self, run_id: str) -> list[str]:
+        """The state of every attempt of every shard of a run, as `runner status` shows them."""
+        return [a["state"] for s in self.status(run_id)["shards"] for a in s["attempts"]]
 
 
 @pytest.fixture
@@ -131,7 +143,7 @@ def _stop_workers(store: Path) -> None:
                 os.kill(pid, sig)
         deadline = time.monotonic() + 10
         while pids and time.monotonic() < deadline:
-            pids = [pid for pid in pids if Path(f"/proc/{pid}").exists() and not _zombie(pid)]
+            pids = living(pids)
             time.sleep(0.05)
         if not pids:
             return
@@ -142,6 +154,15 @@ def _zombie(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].startswith("Z")
     except (OSError, IndexError):
         return False
+
+
+def alive(pid: int) -> bool:
+    """The process runs: it exists and is not a zombie waiting to be reaped."""
+    return Path(f"/proc/{pid}").exists() and not _zombie(pid)
+
+
+def living(pids: Iterable[int]) -> list[int]:
+    return [pid for pid in pids if alive(pid)]
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:

@@ -21,6 +21,16 @@ def run(shard):
     (Path(shard.output_dir) / "o.txt").write_text(f"{shard.index}\\n")
 """
 
+GATED_TASK = """
+import os, time
+from pathlib import Path
+
+def run(shard):
+    while not os.path.exists(GATE):  # held until the test lets go
+        time.sleep(0.02)
+    (Path(shard.output_dir) / "o.txt").write_text(f"{shard.index}\\n")
+"""
+
 SLOW_TASK = """
 import time
 from pathlib import Path
@@ -91,15 +101,17 @@ def test_option_errors_are_one_line_with_code_2(cli: Cli, tmp_path: Path) -> Non
 
 
 def test_ctrl_c_detaches_with_code_0_and_watch_finishes(cli: Cli, tmp_path: Path) -> None:
-    task = make_task(tmp_path / "t", SLOW_TASK)
+    gate = tmp_path / "gate"
+    task = make_task(tmp_path / "t", GATED_TASK.replace("GATE", repr(str(gate))))
     proc = cli.start("submit", str(task), "--shards", "2", "--workers", "2")
     wait_for(lambda: cli.running_attempts(), 30, "a shard to start")
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGINT)  # the shards cannot end before the gate opens
     out, err = proc.communicate(timeout=30)
-    assert proc.returncode == 0, err
-    assert "detached" in err
+    assert proc.returncode == 0, err  # a detach on purpose is not a failure
     run_id = out.strip()
-    watched = cli("watch", run_id)
+    assert "detached" in err and f"runner watch {run_id}" in err
+    gate.touch()
+    watched = cli("watch", run_id)  # the workers kept going without the runner
     assert watched.code == 0, watched.stderr
     assert "2/2 shards succeeded" in watched.stderr
 
@@ -173,16 +185,3 @@ def test_rm_and_prune_delete_runs_queue_entries_and_unused_bundles(
     assert len(list((cli.store / "tasks").iterdir())) == 1
     bad = cli("prune", "--older-than", "soon")
     assert bad.code == 2 and "is not an age" in bad.stderr
-
-
-def test_after_cancel_shards_show_cancelled(cli: Cli, tmp_path: Path) -> None:
-    task = make_task(tmp_path / "t", SLOW_TASK.replace('get("sleep", 2)', 'get("sleep", 20)'))
-    r = cli("submit", str(task), "--shards", "6", "--workers", "2", "--detach")
-    assert r.code == 0, r.stderr
-    wait_for(lambda: cli.running_attempts(), 30, "a shard to start")
-    assert cli("cancel", r.run_id).code == 0
-    status = cli.status(r.run_id)
-    assert {s["state"] for s in status["shards"]} == {"cancelled"}
-    assert status["counts"]["queued"] == 0 and status["counts"]["running"] == 0
-    watch = cli("watch", r.run_id)
-    assert watch.code == 2 and "was cancelled" in watch.stderr  # nothing to watch

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -45,11 +44,15 @@ def test_retry_with_a_fixed_task_reruns_only_the_failed_shards(cli: Cli, tmp_pat
     assert [s["index"] for s in shards] == [2]
     reason = shards[0]["reason"]
     assert reason and f"failed {shards[0]['id']}: {reason}" in r.stderr  # shown in the summary
+    committed = cli.records(f"runs/{run_id}/shards/*/result.json")
+    assert len(committed) == 3
 
     fixed = make_task(tmp_path / "fixed", FIXED)
     again = cli("retry", run_id, "--failed", "--task", str(fixed))
     assert again.code == 0, again.stderr
     assert "retrying 1 shards" in again.stderr and "with bundle" in again.stderr
+    after_retry = cli.records(f"runs/{run_id}/shards/*/result.json")
+    assert {k: after_retry[k] for k in committed} == committed  # committed shards untouched
     after = _manifest(cli, run_id)
     history = after["bundles"]
     assert isinstance(history, list) and len(history) == 2
@@ -66,6 +69,7 @@ def test_retry_with_a_fixed_task_reruns_only_the_failed_shards(cli: Cli, tmp_pat
 def test_the_reason_is_the_exceptions_last_line(cli: Cli, tmp_path: Path) -> None:
     broken = make_task(tmp_path / "broken", BROKEN)
     r = cli("submit", str(broken), "--shards", "4", "--workers", "2", "--max-attempts", "1")
+    assert r.code == 1, r.stderr  # one shard failed for good
     assert "ValueError: bad row 7 in shard 2" in r.stderr
     table = cli("status", r.run_id)
     assert "ValueError: bad row 7 in shard 2" in table.stdout
@@ -83,14 +87,15 @@ def test_logs_of_a_missing_attempt_is_an_error(cli: Cli, tmp_path: Path) -> None
 
 
 def test_logs_follow_waits_for_a_queued_shard(cli: Cli, tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
     task = make_task(
         tmp_path / "t",
-        """
-        import time
+        f"""
+        import os, time
 
         def run(shard):
-            if shard.index == 0:
-                time.sleep(6)  # long enough for two CLI calls on a busy machine
+            while shard.index == 0 and not os.path.exists({str(gate)!r}):
+                time.sleep(0.02)  # the one worker stays on shard 0 until the test lets go
             print("shard", shard.index, "ran", flush=True)
         """,
     )
@@ -98,10 +103,16 @@ def test_logs_follow_waits_for_a_queued_shard(cli: Cli, tmp_path: Path) -> None:
     assert r.code == 0, r.stderr
     not_yet = cli("logs", r.run_id, "--shard", "00001")
     assert not_yet.code == 2 and "has not started yet" in not_yet.stderr
-    started = time.monotonic()
     follower = cli.start("logs", r.run_id, "--shard", "00001", "--follow")
+    assert follower.stderr is not None
+    said = ""
+    while "waiting for it to start" not in said:  # it says it waits before it does
+        line = follower.stderr.readline()
+        assert line, f"logs --follow ended without waiting: {said}"
+        said += line
+    assert not cli.records(f"runs/{r.run_id}/shards/00001/attempts/*/status.json")
+    gate.touch()
     out, err = follower.communicate(timeout=60)
-    assert follower.returncode == 0, err
-    assert "shard 1 ran" in out and "waiting for it to start" in err
-    assert time.monotonic() - started > 1.0  # it waited for shard 0 to free the worker
+    assert follower.returncode == 0, said + err
+    assert "shard 1 ran" in out
     wait_for(lambda: cli.status(r.run_id)["counts"]["succeeded"] == 2, 30, "the run to end")

@@ -16,13 +16,15 @@ from tests.e2e.conftest import Cli, make_task, wait_for
 pytestmark = pytest.mark.e2e
 
 TASK = """
-import sys, time
+import os, sys, time
 from pathlib import Path
 
 def run(shard):
     kind = shard.params["kind"]
     print(kind, "attempt", shard.attempt, flush=True)
-    time.sleep(float(shard.params.get("sleep", 0.2)))
+    time.sleep(0.2)
+    while not os.path.exists(shard.params.get("gate", "/")):  # held until the test lets go
+        time.sleep(0.02)
     if kind == "flaky" and shard.attempt == 1:
         raise RuntimeError("transient trouble on the first try")
     if kind == "poison":
@@ -33,7 +35,9 @@ def run(shard):
 
 def test_report_of_a_run_with_a_failure_a_retry_and_a_preemption(cli: Cli, tmp_path: Path) -> None:
     task = make_task(tmp_path / "t", TASK)
-    kinds = [{"kind": "slow", "sleep": 4}, {"kind": "flaky"}, {"kind": "poison"}, {"kind": "ok"}]
+    gate = tmp_path / "gate"
+    kinds = [{"kind": "slow", "gate": str(gate)}, {"kind": "flaky"}, {"kind": "poison"}]
+    kinds.append({"kind": "ok"})
     params = tmp_path / "p.jsonl"
     params.write_text("".join(json.dumps(k) + "\n" for k in kinds))
     proc = cli.start(
@@ -45,6 +49,9 @@ def test_report_of_a_run_with_a_failure_a_retry_and_a_preemption(cli: Cli, tmp_p
         "the slow shard to start",
     )
     os.kill(cli.workers()[slow["worker"]], signal.SIGTERM)
+    key = f"runs/{slow['run_id']}/shards/00000/attempts/{slow['attempt']}/status.json"
+    wait_for(lambda: cli.records(key).get(key, {}).get("state") == "preempted", 60, "preemption")
+    gate.touch()  # only now can the slow shard end: on its next attempt
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 1, err  # the poison shard failed
     run_id = out.strip()

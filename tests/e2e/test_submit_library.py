@@ -58,7 +58,7 @@ def test_a_python_caller_submits_watches_and_combines_without_typer(
 
 def test_a_bad_request_or_task_is_refused_before_anything_is_made(tmp_path: Path, cli: Cli) -> None:
     with pytest.raises(ConfigError, match="exactly one of"):
-        SubmitRequest(tmp_path, shards=2, inputs="*.csv")
+        SubmitRequest(tmp_path, shards=2, inputs=["*.csv"])
     task = _task(tmp_path, "def run():\n    pass\n")  # run takes no shard
     config = config_mod.resolve(local=True, store_dir=cli.store)
     with pytest.raises(TaskError):

@@ -16,15 +16,21 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from tests.prerequisites import missing
+
 if TYPE_CHECKING:
     from conftest import Synth
 
-pytestmark = [
-    pytest.mark.infra,
-    pytest.mark.skipif(
-        shutil.which("terraform") is None, reason="terraform CLI not installed (cdktf needs it)"
-    ),
-]
+pytestmark = pytest.mark.infra
+
+
+@pytest.fixture(scope="session", autouse=True)  # before the synthesis: nothing to evaluate it
+def _terraform() -> None:
+    if shutil.which("terraform") is None:
+        missing(
+            "the terraform CLI is not installed (cdktf deploys with it): see"
+            " https://developer.hashicorp.com/terraform/install"
+        )
 
 
 def _expressions(synth: Synth) -> dict[str, str]:

@@ -329,21 +329,26 @@ def test_shards_queued_on_a_host_that_died_unseen_are_settled_when_a_new_host_st
         tmp_path,
         "task.py",
         """
-        import os
+        import os, time
 
         def run(shard):
             if shard.index == 1:
+                while not os.path.exists(shard.params["crash"]):
+                    time.sleep(0.01)
                 os._exit(3)
         """,
     )
+    crash = tmp_path / "crash"
     executor = Executor(bundle, Entry.PYTHON)
     try:
-        queued = [executor.start(_shard(tmp_path, i), tmp_path / f"log{i}") for i in range(3)]
+        queued = [
+            executor.start(_shard(tmp_path, i, crash=str(crash)), tmp_path / f"log{i}")
+            for i in range(3)
+        ]
         pid = queued[0].pid
-        assert pid is not None
-        deadline = time.monotonic() + 10
-        while _alive(pid) and time.monotonic() < deadline:  # it died under shard 1
-            time.sleep(0.01)
+        assert pid is not None and {task.pid for task in queued} == {pid}  # all on one host
+        crash.touch()  # only now, with all three queued on it, does the host die under shard 1
+        os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)  # it exited; the executor reaps it
         later = executor.start(_shard(tmp_path, 3), tmp_path / "log3")  # a new host
         assert later.pid != pid
         codes = [task.wait(10) for task in queued]

@@ -79,9 +79,7 @@ def test_a_hangup_host_ends_mid_shard_with_what_it_started(tmp_path: Path) -> No
     while not (tmp_path / "child.pid").exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     child = int((tmp_path / "child.pid").read_text())
-    began = time.monotonic()
-    host.stdin.close()  # the worker is gone, in the middle of the shard
-    assert host.wait(10) == 1
-    assert time.monotonic() - began < 5
+    host.stdin.close()  # the worker is gone, in the middle of the shard (a 600 s one)
+    assert host.wait(60) == 1  # ended by the hangup, not by the shard's end
     with pytest.raises(ProcessLookupError):
         os.kill(child, 0)  # killed (and, as the host's own child, reaped)

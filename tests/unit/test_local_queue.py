@@ -5,9 +5,12 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import pytest
+
 from worker.backends.local.queue import LocalQueue
 from worker.clock import FakeClock
 from worker.protocol import Shard, WorkMessage
+from worker.queue import QueueStats
 
 
 def _queue(tmp_path: Path, clock: FakeClock, **kw: float) -> LocalQueue:
@@ -106,3 +109,39 @@ def test_a_requeued_shard_goes_to_the_front_and_a_dead_workers_leases_are_releas
     assert q.pending("r-front") == {f"s{i}" for i in range(5)}
     q.ack(back)
     assert "s1" not in (q.pending("r-front") or set())
+
+
+def test_a_full_database_refuses_a_whole_settlement_and_takes_it_later(tmp_path: Path) -> None:
+    """SQLite's own "database or disk is full" (a page limit on the settling connection: the
+    file may not grow, as on a full disk) is a DiskFull, and the batch is all or nothing."""
+    from worker.backends.local.backend import open_local
+    from worker.backends.local.store import LocalStore
+    from worker.errors import DiskFull
+    from worker.ledger import Finished
+    from worker.protocol import AttemptState, Layout
+
+    b = open_local(tmp_path / "store")
+    b.queue.publish(_msg(i) for i in range(50))
+    deliveries = b.queue.receive(50, 0, worker="w")
+    claims = b.ledger.claim_many(
+        [(d.message.run_id, d.message.shard_id, 1, None) for d in deliveries], worker="w"
+    )
+    batch = [
+        Finished(d, attempt, started, started + 1, AttemptState.SUCCEEDED, "w", 3, 0)
+        for d, (attempt, started) in zip(deliveries, claims, strict=True)
+    ]
+    store = b.store
+    assert isinstance(store, LocalStore)
+    conn = store.db.conn()  # this thread's: the one the settling below writes through
+    (pages,) = conn.execute("PRAGMA page_count").fetchone()
+    conn.execute(f"PRAGMA max_page_count = {pages}")
+    with pytest.raises(DiskFull, match="is full"):
+        b.ledger.settle(batch)
+    assert not list(store.list("runs/", suffix="result.json"))  # nothing half-written
+    assert b.queue.stats().leased == 50  # still leased: the worker tries again
+    conn.execute(f"PRAGMA max_page_count = {pages * 100}")  # room again
+    b.ledger.settle(batch)
+    committed = set(store.list("runs/", suffix="result.json"))
+    assert committed == {Layout.result("r-q", f"s{i}") for i in range(50)}
+    assert b.queue.stats() == QueueStats(queued=0, leased=0, dead=0)
+    b.close()

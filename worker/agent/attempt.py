@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import logging
 import shutil
+import signal
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from worker.agent.books import Bookkeeper, Outcome
-from worker.agent.files import AttemptLog, seal_outputs, stage_input
+from worker.agent.files import AttemptLog, seal_outputs, stage_input, take_return
 from worker.agent.pool import ExecutorPool
 from worker.agent.runbook import RunBook
 from worker.agent.slot import Claim, Slot, StopFlag
 from worker.clock import Clock
-from worker.errors import CFlowError
+from worker.errors import CFlowError, DiskFull, TaskError
 from worker.executors.base import RunningTask, TaskExecutor
 from worker.executors.container.runtime import (
     ContainerRuntimeMissing,
@@ -27,7 +29,7 @@ from worker.executors.container.runtime import (
     ImagePullError,
 )
 from worker.ledger import CANCELLED
-from worker.protocol import AttemptState, Entry, EventKind, Layout, RunState
+from worker.protocol import AttemptState, Entry, EventKind, Layout
 from worker.store import Store
 from worker.taskapi import TaskShard
 
@@ -96,20 +98,26 @@ class AttemptRunner:
         if prepared is None:
             prepared = self.prepare(slot, claim, 0)
         run_id, shard_id = claim.manifest.run_id, claim.delivery.message.shard_id
+        value = None
         try:
-            outcome, reason_hint = self.run(slot, prepared)
+            outcome = self.run(slot, prepared)
+            try:
+                returned = take_return(prepared.out_dir)
+            except TaskError as exc:  # the attempt's own doing: it fails, with the reason
+                outcome = Outcome(AttemptState.FAILED, outcome.exit_code, str(exc))
+                returned = None
+            if outcome.state is AttemptState.SUCCEEDED:
+                value = returned
             outputs = seal_outputs(self.store, run_id, shard_id, claim.attempt, prepared.out_dir)
             prepared.log.store()
         except Exception as exc:
             # The attempt is claimed: record it and count it, so a shard whose outputs cannot be
             # stored fails within its budget instead of looping until it is dead-lettered.
             log.exception("attempt %d of shard %s failed in the worker", claim.attempt, shard_id)
-            error = Outcome(AttemptState.FAILED, None, f"worker error: {exc}")
-            outcome, reason_hint, outputs = error, None, []
+            outcome = Outcome(AttemptState.FAILED, None, f"worker error: {exc}")
+            outputs, value = [], None
             shutil.rmtree(prepared.out_dir, ignore_errors=True)
-        if outcome.state is AttemptState.FAILED and reason_hint:
-            outcome.reason = reason_hint
-        self.books.settle(slot, self.books.finished(claim, outcome, outputs))
+        self.books.settle(slot, self.books.finished(claim, outcome, outputs, value=value))
 
     def start_ahead(self, slot: Slot) -> dict[int, Prepared]:
         """Short shards of one warm host: send them all at once, so the host never waits for
@@ -188,11 +196,12 @@ class AttemptRunner:
         assert prepared.executor is not None and prepared.shard is not None
         prepared.task = prepared.executor.start(prepared.shard, prepared.log.path, slot=slot.index)
 
-    def run(self, slot: Slot, prepared: Prepared) -> tuple[Outcome, str | None]:
-        """Run a prepared attempt to its end: how it ended, and the task's own account of a
-        failure (its exception, or its log's last line)."""
+    def run(self, slot: Slot, prepared: Prepared) -> Outcome:
+        """Run a prepared attempt to its end: how it ended and, when it failed, why: what the
+        worker did to it (a timeout, a cancel), the signal that killed it, the task's own
+        exception, or the last line it printed before it exited non-zero."""
         if prepared.early is not None:
-            return prepared.early, None
+            return prepared.early
         if prepared.task is None:
             self.launch(slot, prepared)
         assert prepared.task is not None
@@ -201,10 +210,11 @@ class AttemptRunner:
             # The host died under an earlier shard of the batch: this one never ran. Run it.
             self.launch(slot, prepared)
             outcome = self.supervise(slot, prepared.claim, prepared.task, prepared.log)
-        hint = prepared.task.reason
-        if hint is None and outcome.state is AttemptState.FAILED:
-            hint = prepared.log.last_line()
-        return outcome, hint
+        if outcome.state is AttemptState.FAILED and outcome.reason is None:
+            outcome.reason = failure_reason(
+                outcome.exit_code, prepared.task.reason, prepared.log.last_line
+            )
+        return outcome
 
     def supervise(
         self, slot: Slot, claim: Claim, task: RunningTask, attempt_log: AttemptLog
@@ -225,7 +235,7 @@ class AttemptRunner:
                     return Outcome(AttemptState.SUCCEEDED, 0)
                 if self._stop.is_set() and (code < 0 or getattr(task, "not_started", False)):
                     return Outcome(AttemptState.PREEMPTED, code, _PREEMPTED)
-                return Outcome(AttemptState.FAILED, code, _describe_exit(code))
+                return Outcome(AttemptState.FAILED, code)  # ended on its own: run() says why
             now = clock.monotonic()
             if self._stop.is_set():
                 code = task.stop(grace)
@@ -235,15 +245,8 @@ class AttemptRunner:
                 return Outcome(AttemptState.FAILED, code, f"timed out after {timeout:g}s")
             if now - last_beat >= self.heartbeat:
                 last_beat = now
-                self.books.extend(slot.held)
-                self.books.emit(
-                    EventKind.HEARTBEAT,
-                    run_id=manifest.run_id,
-                    shard_id=claim.delivery.message.shard_id,
-                    attempt=claim.attempt,
-                )
-                current = self.runs.manifest(manifest.run_id)
-                if current is not None and current.state == RunState.CANCELLED.value:
+                self._beat(slot, claim, manifest.run_id)
+                if self.runs.superseded(manifest.run_id, claim.bundle):
                     code = task.stop(grace)
                     return Outcome(AttemptState.FAILED, code, CANCELLED)
             if now - last_upload >= min(self.log_upload_seconds, _SHOW_LOG):
@@ -251,8 +254,45 @@ class AttemptRunner:
                 attempt_log.show()
             code = task.wait(_STEP)
 
+    def _beat(self, slot: Slot, claim: Claim, run_id: str) -> None:
+        """Extend the slot's leases and say the attempt lives. A full disk (local store) only
+        delays this: the task keeps running, and the next beat tries again; the attempt must not
+        fail for the worker's own bookkeeping."""
+        try:
+            self.books.extend(slot.held)
+            self.books.emit(
+                EventKind.HEARTBEAT,
+                run_id=run_id,
+                shard_id=claim.delivery.message.shard_id,
+                attempt=claim.attempt,
+            )
+        except DiskFull as exc:
+            log.warning("heartbeat of %s put off: %s", claim.delivery.message.shard_id, exc)
 
-def _describe_exit(code: int) -> str:
-    if code < 0:
-        return f"killed by signal {-code}"
-    return f"exited with code {code}"
+
+def failure_reason(code: int | None, told: str | None, last_line: Callable[[], str | None]) -> str:
+    """Why an attempt that ended on its own failed: a signal's name, the task's own account
+    (a Python exception's line), or else the last line it printed, as a shell task's error
+    usually is."""
+    if code is not None and code < 0:
+        return killed_by(-code)
+    if told:
+        return told
+    if code is not None and 128 < code < 128 + signal.NSIG:
+        # A shell reports a command that a signal ended as 128 + the signal's number.
+        cause = killed_by(code - 128)
+        said = f"exited with code {code}, as a shell does when a command it ran was {cause}"
+        last = last_line()
+        return f"{said}; its last line: {last}" if last else said
+    return last_line() or f"exited with code {code}"
+
+
+def killed_by(number: int) -> str:
+    """``killed by SIGKILL (out of memory?)``, ``killed by SIGSEGV``, ...: a signal by name."""
+    try:
+        name = signal.Signals(number).name
+    except ValueError:
+        return f"killed by signal {number}"
+    if number == signal.SIGKILL:  # the worker's own kills say why; this one came from outside
+        return f"killed by {name} (out of memory?)"
+    return f"killed by {name}"

@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from worker.agent.runbook import ManifestBroken, RunBook, Vetted
 from worker.agent.slot import Claim, Slot, StopFlag
@@ -138,7 +139,7 @@ class Bookkeeper:
     # -- settling --------------------------------------------------------------------------
 
     def finished(
-        self, claim: Claim, outcome: Outcome, outputs: list[str] | None = None
+        self, claim: Claim, outcome: Outcome, outputs: list[str] | None = None, value: Any = None
     ) -> Finished:
         """The settlement record of a claimed attempt that ended now."""
         return Finished(
@@ -153,6 +154,7 @@ class Bookkeeper:
             reason=outcome.reason,
             outputs=outputs or [],
             bundle=claim.bundle,
+            value=value,
         )
 
     def settle(self, slot: Slot, finished: Finished) -> None:
@@ -161,10 +163,16 @@ class Bookkeeper:
         if not slot.pending:
             slot.pending_since = time.monotonic()
         slot.pending.append(finished)
-        self.runs.record(finished.delivery.message.run_id, finished.state)
         if finished.state is AttemptState.FAILED:
             slot.failed = True
             self.flush(slot)  # the runner's halt rule wants to hear of it now
+        self.runs.record(  # after the failure is on record: it may halt the run
+            finished.delivery.message.run_id,
+            finished.state,
+            bundle=finished.bundle,
+            reason=finished.reason,
+            exit_code=finished.exit_code,
+        )
 
     def settle_now(self, finished: Finished) -> None:
         """Settle one attempt at once, outside any slot's batch (an attempt run elsewhere)."""

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import stat
 from pathlib import Path
+from typing import Any
 
 from worker.errors import TaskError
 from worker.protocol import Layout, Shard
 from worker.store import Store
+from worker.taskapi import RETURN_FILE
 
 
 class AttemptLog:
@@ -63,7 +66,9 @@ class AttemptLog:
 
     def last_line(self, limit: int = 4096) -> str | None:
         """The log's last non-empty line that is not the worker's own note: the error a user
-        sees."""
+        sees. Only a newline ends a line: a carriage return inside one (a script with Windows
+        line endings) is shown as a backslash and ``r``, not taken as a line break that hides
+        what came before it."""
         try:
             with self.path.open("rb") as fh:
                 fh.seek(0, os.SEEK_END)
@@ -72,8 +77,8 @@ class AttemptLog:
                 tail = fh.read().decode("utf-8", "replace")
         except OSError:
             return None
-        for line in reversed(tail.splitlines()):
-            line = line.strip()
+        for line in reversed(tail.split("\n")):
+            line = line.strip().replace("\r", "\\r")
             if line and not line.startswith("cflow: the task's process"):
                 return line[:500]
         return None
@@ -137,6 +142,28 @@ def seal_outputs(
         store.put_file(prefix + rel, out_dir / rel)
     shutil.rmtree(out_dir, ignore_errors=True)
     return outputs
+
+
+def take_return(out_dir: Path) -> Any:
+    """What ``run(shard)`` returned (None when nothing): read from the output folder, where the
+    task's process left it as JSON, and taken out of it so it is never sealed as an output.
+
+    Raises:
+        TaskError: the file there is not JSON (the task wrote it itself).
+    """
+    path = out_dir / RETURN_FILE
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        path.unlink(missing_ok=True)
+        raise TaskError(f"run()'s return value in {RETURN_FILE} cannot be read: {exc}") from None
+    path.unlink()
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise TaskError(f"{RETURN_FILE} in the output folder is not JSON: {exc}") from None
 
 
 def list_files(folder: Path) -> list[str]:

@@ -1,19 +1,31 @@
 """What a worker knows of each run: its manifest (cached), whether it can be read, how it fares.
 
 A message is vetted against its run before any attempt is claimed: a run that is unknown or
-cancelled, or a shard already committed, is dropped; a run whose manifest cannot be read is
-backed off from, longer each time, instead of burning the shard's deliveries.
+cancelled, a shard already committed, or a message left over from before the run's last retry,
+is dropped; a run whose manifest cannot be read is backed off from, longer each time, instead of
+burning the shard's deliveries.
+
+How a run fares is counted per *round*: the run as submitted, then each ``runner retry`` (with
+the same task or a new one) starts a round of its own, and the attempts of an earlier round or
+of another bundle never count toward the current one. Until a round has had a success here,
+each failure paces the next attempt; and the run's ``--halt`` rule (:class:`HaltRule`, recorded
+in its options) is judged on this worker's own attempts too, so it holds with no runner
+watching (``--detach``, Ctrl-C).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from dataclasses import dataclass
+import re
+import threading
+from dataclasses import dataclass, field
+from itertools import islice
 
 from worker.agent.slot import StopFlag
 from worker.clock import Clock
-from worker.errors import CFlowError, NotFound
+from worker.errors import CFlowError, ConfigError, NotFound
+from worker.ledger import CANCELLED
 from worker.protocol import AttemptState, Layout, Manifest, RunState
 from worker.queue import Delivery
 from worker.store import Store
@@ -22,6 +34,9 @@ log = logging.getLogger("cflow.worker")
 
 BROKEN_BACKOFF = (2.0, 120.0)  # seconds: redelivery delay for a run whose manifest is broken
 FAILING_PACE = (0.05, 2.0)  # seconds: first and longest pause after failures with no success
+DEFAULT_HALT = "same,fail=3"
+
+Round = tuple[str, int]  # a run's bundle and how many retries it has had
 
 
 class ManifestBroken(CFlowError):
@@ -30,6 +45,163 @@ class ManifestBroken(CFlowError):
     def __init__(self, message: str, *, run_id: str, delay: float):
         super().__init__(message, run_id=run_id)
         self.delay = delay
+
+
+@dataclass(frozen=True)
+class HaltRule:
+    """When to stop a run early (``--halt``), judged on the attempts of one round:
+
+    - ``same,fail=N``: the first N attempts to finish all failed with the same reason, and
+      none succeeded before them. One success disarms it.
+    - ``now,fail=N``: N attempts failed, whatever their reasons.
+    - ``never``.
+    """
+
+    mode: str  # "same", "now" or "never"
+    fail: int = 0
+
+    @classmethod
+    def parse(cls, text: str) -> HaltRule:
+        """``never``, ``same,fail=N`` or ``now,fail=N``; raises ConfigError naming the forms."""
+        spec = text.strip().lower()
+        if spec == "never":
+            return cls("never")
+        mode, _, rest = spec.partition(",")
+        key, _, value = rest.partition("=")
+        if mode in ("same", "now") and key == "fail" and value.isdigit() and int(value) >= 1:
+            return cls(mode, int(value))
+        raise ConfigError(
+            f"--halt {text!r} is not a rule; use never, same,fail=N or now,fail=N (N >= 1)"
+        )
+
+    def __str__(self) -> str:
+        return "never" if self.mode == "never" else f"{self.mode},fail={self.fail}"
+
+
+# What varies from shard to shard in one error, masked so that ``same,fail=N`` sees one error
+# where the task fails alike on every shard. Applied in this order: a quoted string that looks
+# like a path or a file name as a whole, then unquoted paths and URLs, ids, times and numbers.
+# A short quoted name that is no path (``KeyError: 'price'``) stays as it is.
+_QUOTED = re.compile(r"""(?<!\w)(?:'([^'\n]*)'|"([^"\n]*)")""")
+_FILE_NAME = re.compile(r"[^\s/\\]*[^\s/\\.]\.[A-Za-z][A-Za-z0-9]{0,4}")
+_END = r"[^\s'\"<>()\[\]{},;:]*[^\s'\"<>()\[\]{},;:.]"  # a path's last character
+_MASKS = [
+    (re.compile(r"\b[A-Za-z][\w+.-]*://" + _END), "<path>"),  # gs://b/x, https://h/x
+    (re.compile(r"(?<![\w.<>/])(?:~|\.{1,2})?/" + _END), "<path>"),  # /x, ./x, ../x, ~/x
+    (re.compile(r"\b[A-Za-z]:\\" + _END), "<path>"),  # C:\x
+    (re.compile(r"(?<![\w<>])[\w.-]+(?:/[\w.-]+)+/?"), "<path>"),  # data/x.csv
+    (re.compile(r"\b[0-9a-fA-F]{8}(?:-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}\b"), "<uuid>"),
+    (re.compile(r"\br\d{8}-\d{6}-[0-9a-f]{6}\b"), "<run>"),  # a run id
+    (re.compile(r"(?<![\w<>])[\w.-]+-[0-9a-f]{8}\b"), "<shard>"),  # an input's shard id
+    (
+        re.compile(
+            r"\b\d{4}-\d\d-\d\d(?:[T ]\d\d:\d\d(?::\d\d(?:[.,]\d+)?)?"
+            r"(?:Z|[+-]\d\d:?\d\d)?)?\b|\b\d\d?:\d\d:\d\d(?:[.,]\d+)?\b"
+        ),
+        "<time>",
+    ),
+    (re.compile(r"\b0[xX][0-9a-fA-F]+\b"), "<hex>"),  # an address: <Model at 0x7f3a...>
+    (re.compile(r"\b(?=[0-9a-fA-F]*\d)(?=[0-9a-fA-F]*[a-fA-F])[0-9a-fA-F]{6,}\b"), "<id>"),
+    (re.compile(r"(?<!\w)\d+(?:[.,]\d+)*"), "<n>"),  # part-00017, line 4, 512MB, 2.5s
+]
+
+
+def _quoted(match: re.Match[str]) -> str:
+    text = match.group(1) if match.group(1) is not None else match.group(2)
+    path = "/" in text or "\\" in text or text.startswith("~") or _FILE_NAME.fullmatch(text)
+    return "'<path>'" if path else match.group(0)
+
+
+def masked_reason(reason: str) -> str:
+    """``reason`` with what varies between shards failing alike masked: paths (quoted or not)
+    and URLs, quoted file names, UUIDs, run and shard ids, timestamps, hex ids and addresses,
+    and numbers; whitespace runs become one space. Quoted strings that are no path or file
+    name (``KeyError: 'price'``) and words with digits (``col1``) are kept, so two different
+    errors stay two. What ``same,fail=N`` compares, on the runner and on every worker."""
+    text = _QUOTED.sub(_quoted, " ".join(reason.split()))
+    for pattern, mask in _MASKS:
+        text = pattern.sub(mask, text)
+    return text
+
+
+def same_reason(reasons: list[str]) -> bool:
+    """Whether the reasons are one reason but for their paths, numbers and ids."""
+    return len({masked_reason(reason) for reason in reasons}) <= 1
+
+
+@dataclass
+class HaltTally:
+    """The ended attempts of one round, as its :class:`HaltRule` judges them."""
+
+    rule: HaltRule
+    failures: list[str] = field(default_factory=list)  # reasons of failed attempts, in order
+    succeeded: int = 0
+    verdict: str | None = None
+
+    @property
+    def decided(self) -> bool:
+        """Nothing more can change the verdict: it is given, or the rule can no longer be met."""
+        if self.verdict is not None or self.rule.mode == "never":
+            return True
+        return self.rule.mode == "same" and (
+            self.succeeded > 0 or len(self.failures) >= self.rule.fail
+        )
+
+    def wants(self, success: bool) -> bool:
+        """Whether an attempt that ended so could still move the verdict."""
+        return not self.decided and (not success or self.rule.mode == "same")
+
+    def success(self) -> None:
+        if self.wants(True):
+            self.succeeded += 1
+
+    def failure(self, reason: str | None, exit_code: int | None = None) -> str | None:
+        """Count a failed attempt; returns the halt note when this failure meets the rule. An
+        attempt stopped because its run was cancelled is not a failure of the task."""
+        fallback = "failed" if exit_code is None else f"exited with code {exit_code}"
+        reason = (reason or fallback).strip()
+        if reason == CANCELLED or not self.wants(False):
+            return None
+        self.failures.append(reason)
+        n = self.rule.fail
+        if self.rule.mode == "now" and len(self.failures) >= n:
+            self.verdict = (
+                f"{len(self.failures)} attempts failed (--halt {self.rule}); last: {reason}"
+            )
+        elif self.rule.mode == "same" and len(self.failures) == n and same_reason(self.failures):
+            example = self.failures[0]  # as the task gave it, never its masked form
+            alike = any(other != example for other in self.failures)
+            self.verdict = f"the first {n} attempts all failed with: {example}" + (
+                " (the others alike but for their paths, numbers or ids)" if alike else ""
+            )
+        return self.verdict
+
+
+def run_round(manifest: Manifest) -> Round:
+    """The round a run is in: its bundle, and how many retries it has had."""
+    return manifest.bundle, max(len(manifest.bundles) - 1, 0)
+
+
+def run_rule(manifest: Manifest) -> HaltRule:
+    """The halt rule recorded in a run's options (``never`` where none is recorded)."""
+    text = manifest.run_options.halt
+    try:
+        return HaltRule.parse(text) if text else HaltRule("never")
+    except ConfigError:
+        log.warning(
+            "run %s records no usable --halt rule (%r); not judged here", manifest.run_id, text
+        )
+        return HaltRule("never")
+
+
+@dataclass
+class _Health:
+    """One round of a run on this worker: its successes and failures, and the rule's tally."""
+
+    round: Round
+    tally: HaltTally
+    good: int = 0
+    bad: int = 0
 
 
 @dataclass(frozen=True)
@@ -44,7 +216,7 @@ class Vetted:
 
 class RunBook:
     """Each run's manifest as last read, the back-off of unreadable ones, and the successes and
-    failures of its attempts on this worker."""
+    failures of the current round of its attempts on this worker."""
 
     def __init__(self, store: Store, clock: Clock, ttl: float, stop: StopFlag):
         self.store = store
@@ -54,7 +226,8 @@ class RunBook:
         self._manifests: dict[str, tuple[Manifest | None, float]] = {}
         # run -> (times its manifest could not be read, the current back-off, until when)
         self._broken: dict[str, tuple[int, float, float]] = {}
-        self._health: dict[str, tuple[int, int]] = {}  # run -> (successes, failures) here
+        self._health: dict[str, _Health] = {}
+        self._lock = threading.Lock()  # the slots record and judge at once
 
     def manifest(self, run_id: str, *, fresh: bool = False) -> Manifest | None:
         """The run's manifest (None: no such run), read again once ``ttl`` has passed.
@@ -95,12 +268,15 @@ class RunBook:
 
     def vet(self, delivery: Delivery) -> Vetted | None:
         """What to run for a message; None when it is to be dropped (acked): its run is unknown
-        or cancelled, or its shard already committed."""
+        or cancelled, its shard already committed, or it names a bundle the run no longer runs
+        (left on the queue from before the run's last retry, which queued the shard again)."""
         message = delivery.message
         run_id, shard_id = message.run_id, message.shard_id
         manifest = self.manifest(run_id)
-        if manifest is None or manifest.state != RunState.ACTIVE.value:
-            # A drop cannot be undone: make sure with a fresh read (a retried run is active again).
+        stale = manifest is not None and message.bundle not in (None, manifest.bundle)
+        if manifest is None or manifest.state != RunState.ACTIVE.value or stale:
+            # A drop cannot be undone, and a retry's message may be newer than the cached
+            # manifest: make sure with a fresh read (a retried run is active again).
             manifest = self.manifest(run_id, fresh=True)
         if manifest is None or manifest.state != RunState.ACTIVE.value:
             log.info(
@@ -110,44 +286,122 @@ class RunBook:
                 run_id,
             )
             return None
-        maybe_done = delivery.delivery_attempt > 1 or message.backup or message.preemptions
+        if message.bundle not in (None, manifest.bundle):
+            log.info(
+                "dropping shard %s of run %s: queued before its last retry, for bundle %s",
+                shard_id,
+                run_id,
+                message.bundle,
+            )
+            return None
+        # A retried run may hold two messages of a shard where the queue cannot drop a run's
+        # messages (Pub/Sub): one left from before the retry, and the retry's own.
+        maybe_done = (
+            delivery.delivery_attempt > 1
+            or message.backup
+            or message.preemptions
+            or run_round(manifest)[1] > 0
+        )
         if maybe_done and self.store.exists(Layout.result(run_id, shard_id)):
-            return None  # committed by an attempt whose ack was lost, or backed up
-        bundle = message.bundle or manifest.bundle
+            return None  # committed by an attempt whose ack was lost, or backed up, or twice queued
+        self._enter(manifest)
         hint = message.failures + message.preemptions + delivery.delivery_attempt
-        return Vetted(manifest, bundle, hint)
+        return Vetted(manifest, manifest.bundle, hint)
 
-    def halt(self, run_id: str, reason: str) -> None:
-        """Cancel a run that cannot run on any worker (its image cannot be pulled, its GPUs
-        cannot be passed into a container), saying why:
-        the runner's watch ends at once and prints the reason, as for ``--halt``."""
+    def _enter(self, manifest: Manifest) -> None:
+        """Count this worker's attempts of the run toward its current round from now on."""
+        current = run_round(manifest)
+        with self._lock:
+            health = self._health.get(manifest.run_id)
+            if health is None or health.round != current:
+                self._health[manifest.run_id] = _Health(current, HaltTally(run_rule(manifest)))
+
+    def halt(self, run_id: str, reason: str, *, in_round: Round | None = None) -> bool:
+        """Cancel a run that cannot run, saying why (the runner's watch ends at once and prints
+        the reason, as for ``--halt``): its image cannot be pulled, its GPUs cannot be passed
+        into a container, or its halt rule is met here. ``in_round``: only if the run is still
+        in that round (a retry since starts afresh). True if this call stopped the run."""
         key = Layout.manifest(run_id)
         try:
             current = Manifest.from_json(self.store.get(key))
         except (NotFound, ValueError, TypeError):
-            return
+            return False
         if current.state != RunState.ACTIVE.value:
-            return
+            return False
+        if in_round is not None and run_round(current) != in_round:
+            self._manifests[run_id] = (current, self.clock.monotonic())
+            return False
         halted = dataclasses.replace(current, state=RunState.CANCELLED.value, halted=reason)
         self.store.put(key, halted.to_json())
         self._manifests[run_id] = (halted, self.clock.monotonic())
         log.error("run %s stopped: %s", run_id, reason)
+        return True
 
-    def record(self, run_id: str, state: AttemptState) -> None:
-        """Count an ended attempt of the run toward its successes or failures here."""
-        good, bad = self._health.get(run_id, (0, 0))
-        if state is AttemptState.FAILED:
-            self._health[run_id] = (good, bad + 1)
-        elif state is AttemptState.SUCCEEDED:
-            self._health[run_id] = (good + 1, bad)
+    def superseded(self, run_id: str, bundle: str) -> bool:
+        """Whether a running attempt of the run, running ``bundle``, is to stop: the run was
+        cancelled (or halted), or retried since with another task (the retry queued its shard
+        again). Read afresh, at each heartbeat: a cancel followed at once by a retry must not
+        go unseen behind the cache, or the old code would commit in the new round."""
+        try:
+            current = self.manifest(run_id, fresh=True)
+        except Exception as exc:  # unreadable for now: look again at the next heartbeat
+            log.warning("%s", exc)
+            return False
+        return (
+            current is None or current.state == RunState.CANCELLED.value or current.bundle != bundle
+        )
+
+    def record(
+        self,
+        run_id: str,
+        state: AttemptState,
+        *,
+        bundle: str | None = None,
+        reason: str | None = None,
+        exit_code: int | None = None,
+    ) -> None:
+        """Count an ended attempt of the run (that ran ``bundle``) toward its current round
+        here, and halt the run when that meets its rule."""
+        success = state is AttemptState.SUCCEEDED
+        if not success and (state is not AttemptState.FAILED or reason == CANCELLED):
+            return  # preempted, or stopped by a cancel: not the task's doing
+        with self._lock:
+            health = self._health.get(run_id)
+            if health is None or (bundle is not None and bundle != health.round[0]):
+                return  # an attempt of another round's code
+            if success:
+                health.good += 1
+                health.tally.success()
+                return
+            health.bad += 1
+            verdict = health.tally.failure(reason, exit_code)
+        if verdict is not None and self._unanswered(run_id, health):
+            self.halt(run_id, verdict, in_round=health.round)
+
+    def _unanswered(self, run_id: str, health: _Health) -> bool:
+        """Whether no shard of the run has committed in this round, on any worker: the rule
+        judged on this worker's attempts alone must not stop a run that works elsewhere."""
+        if health.tally.rule.mode != "same":
+            return True  # now,fail=N counts failures whatever succeeded
+        manifest = self.manifest(run_id, fresh=True)
+        if manifest is None or run_round(manifest) != health.round:
+            return False
+        # A retry queued again every shard not committed then: more commits than that, and
+        # one of this round's shards committed.
+        before = (
+            manifest.shard_count - int(manifest.bundles[-1]["shards"]) if manifest.bundles else 0
+        )
+        results = self.store.list(Layout.shards_prefix(run_id), suffix="/result.json")
+        return len(list(islice(results, before + 1))) <= before
 
     def pace(self, run_id: str) -> None:
-        """Until a run has had a success here, each failure waits a little longer before the
-        next attempt: a task that cannot work gives the runner time to halt the run (--halt)
-        before it burns every shard's attempts, and costs a working task nothing."""
-        good, bad = self._health.get(run_id, (0, 0))
-        if good == 0 and bad:
-            pause = min(FAILING_PACE[0] * 2 ** (bad - 1), FAILING_PACE[1])
-            deadline = self.clock.monotonic() + pause
-            while not self._stop.is_set() and self.clock.monotonic() < deadline:
-                self.clock.sleep(min(0.05, deadline - self.clock.monotonic()))
+        """Until the run's round has had a success here, each failure waits a little longer
+        before the next attempt: a task that cannot work gives the halt rule time to stop the
+        run before it burns every shard's attempts, and costs a working task nothing."""
+        health = self._health.get(run_id)
+        if health is None or health.good or not health.bad:
+            return
+        pause = min(FAILING_PACE[0] * 2 ** (health.bad - 1), FAILING_PACE[1])
+        deadline = self.clock.monotonic() + pause
+        while not self._stop.is_set() and self.clock.monotonic() < deadline:
+            self.clock.sleep(min(0.05, deadline - self.clock.monotonic()))

@@ -43,8 +43,9 @@ from pathlib import Path
 from typing import Any
 
 from worker.executors import reaper
+from worker.executors.tracebacks import task_traceback
 from worker.executors.zygote import load_task
-from worker.taskapi import TaskShard
+from worker.taskapi import TaskShard, keep_return
 
 
 def _fresh_streams() -> tuple[io.TextIOWrapper, io.TextIOWrapper]:
@@ -81,7 +82,8 @@ def run_one(run: Any, request: dict[str, Any], saved: tuple[int, int]) -> dict[s
     threads_before = threading.active_count()
     code, reason = 0, None
     try:
-        run(TaskShard.from_env())
+        shard = TaskShard.from_env()
+        keep_return(shard, run(shard))
     except SystemExit as exc:
         value = exc.code
         code = value if isinstance(value, int) else (0 if value is None else 1)
@@ -90,7 +92,7 @@ def run_one(run: Any, request: dict[str, Any], saved: tuple[int, int]) -> dict[s
     except BaseException as exc:
         code = 1
         with contextlib.suppress(Exception):  # to fd 2: the task may have closed sys.stderr
-            traceback.print_exc(file=_StderrFd())
+            _StderrFd().write(task_traceback(exc))
         # The two-argument form: Python 3.9 (an image's interpreter) has no other.
         lines = traceback.format_exception_only(type(exc), exc)
         reason = "".join(lines).strip().splitlines()[-1]

@@ -13,8 +13,9 @@ Wire format on stdin/stdout, one JSON object per line:
            {"id": N, "pid": PID} when forked, {"id": N, "exit": CODE} when it ended
            (CODE is negative for a signal, as with subprocess).
 
-``python -m worker.executors.zygote --combine TASK_DIR OUT LISTING`` calls the task's
-``combine(paths, out)`` with the paths listed one per line in LISTING.
+``python -m worker.executors.zygote --combine TASK_DIR OUT LISTING ERROR`` calls the task's
+``combine(paths, out)`` with the paths listed one per line in LISTING; when it raises, its
+traceback goes to the file ERROR and the exit code is 1.
 
 ``python -m worker.executors.zygote --once TASK_DIR`` runs one shard from the environment in this
 process: the fallback when the task does not import (each attempt's log then shows why).
@@ -30,14 +31,14 @@ import os
 import selectors
 import signal
 import sys
-import traceback
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 from worker.executors import reaper
-from worker.taskapi import TaskShard
+from worker.executors.tracebacks import task_traceback
+from worker.taskapi import TaskShard, keep_return
 
 
 def load_task(task_dir: Path) -> ModuleType:
@@ -55,14 +56,14 @@ def _call(run: Callable[[TaskShard], Any]) -> int:
     """Run one shard in this process; the exit code the task earned."""
     try:
         shard = TaskShard.from_env()
-        run(shard)
+        keep_return(shard, run(shard))
         return 0
     except SystemExit as exc:
         code = exc.code
         return code if isinstance(code, int) else (0 if code is None else 1)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(Exception):  # to fd 2: the task may have closed sys.stderr
-            os.write(2, traceback.format_exc().encode("utf-8", "backslashreplace"))
+            os.write(2, task_traceback(exc).encode("utf-8", "backslashreplace"))
         return 1
     finally:
         for stream in (sys.stdout, sys.stderr):
@@ -163,12 +164,20 @@ def _killpg(pid: int) -> None:
 
 def main(argv: list[str]) -> None:
     if argv[:1] == ["--combine"]:
-        task_dir, out, listing = (Path(a) for a in argv[1:4])
+        task_dir, out, listing, error = (Path(a) for a in argv[1:5])
         paths = [Path(line) for line in listing.read_text().splitlines() if line]
-        load_task(task_dir).combine(paths, out)
+        try:
+            load_task(task_dir).combine(paths, out)
+        except Exception as exc:
+            error.write_text(task_traceback(exc, task_dir), encoding="utf-8")
+            sys.exit(1)
         return
     if argv[:1] == ["--once"]:
-        run = load_task(Path(argv[1])).run
+        try:
+            run = load_task(Path(argv[1])).run
+        except Exception as exc:  # the task does not import: the attempt's log says why
+            os.write(2, task_traceback(exc, Path(argv[1])).encode("utf-8", "backslashreplace"))
+            sys.exit(1)
         sys.exit(_call(run))
     serve(Path(argv[0]))
 

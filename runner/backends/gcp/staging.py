@@ -13,10 +13,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from runner.backends.gcp.wheels import stage_task
-from runner.engine.shards import RemoteLister
+from runner.engine.shards import RemoteLister, readable_stem
 from worker.backends.gcp.gcs import GcsStore, file_crc32c
 from worker.errors import BackendError, InputError
-from worker.protocol import Layout, Shard, slug
+from worker.protocol import Layout, Shard
 
 UPLOAD_THREADS = 8  # local inputs uploaded at once
 UPLOADS_IN_FLIGHT = 64  # uploads queued or running before staging waits for them
@@ -56,7 +56,7 @@ class BucketStager:
         path = Path(shard.input)
         if not path.is_file():
             raise InputError(f"input {path} is not a file", run_id=run_id, shard_id=shard.id)
-        key = f"{Layout.uploads(run_id)}{shard.id}/{slug(path.name, 120) or 'input'}"
+        key = f"{Layout.uploads(run_id)}{shard.id}/{readable_stem(path.name, 120) or 'input'}"
         with self._lock:
             if run_id not in self._existing:  # one listing per run, never one per input
                 self._existing[run_id] = self.store.checksums(Layout.uploads(run_id))

@@ -259,13 +259,17 @@ class LocalEvents(EventBus):
         self.run_id = run_id
         self._cursor = 0
         self._inserts = 0
-        if since is not None:
+        if since is not None:  # from the first event at or after it; none yet: from the end
             row = (
                 self._db.conn()
-                .execute("SELECT COALESCE(MIN(id), 0) FROM events WHERE at >= ?", (since,))
+                .execute(
+                    "SELECT COALESCE(MIN(id) - 1, (SELECT MAX(id) FROM events), 0)"
+                    " FROM events WHERE at >= ?",
+                    (since,),
+                )
                 .fetchone()
             )
-            self._cursor = max(int(row[0]) - 1, 0)
+            self._cursor = max(int(row[0]), 0)
 
     def publish(self, event: Event) -> None:
         with self._db.transaction() as conn:

@@ -40,6 +40,25 @@ def is_record(key: str) -> bool:
     return RECORD_KEY.match(key) is not None
 
 
+def _umask() -> int:
+    """This process's umask, read without changing it (Linux), else by setting it back."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# The mode of every file the store writes: what the user's umask gives any file they make
+# (a temporary file is made 0600 and would otherwise keep that).
+FILE_MODE = 0o666 & ~_umask()
+
+
 class LocalStore(Store):
     def __init__(self, root: Path, *, db: Db | None = None):
         self.root = root.resolve()
@@ -73,11 +92,14 @@ class LocalStore(Store):
         return self._path(key)
 
     def _tempfile(self, path: Path) -> tuple[int, str]:
+        """A temporary file beside ``path``, with the mode the user's umask gives a file."""
         try:
-            return tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         except FileNotFoundError:  # first object in its folder; rarer than not, so ask forgiveness
             path.parent.mkdir(parents=True, exist_ok=True)
-            return tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.fchmod(fd, FILE_MODE)
+        return fd, tmp
 
     def put(self, key: str, data: bytes) -> None:
         if is_record(key):

@@ -90,6 +90,7 @@ def needs(shard: TaskShard, log_path: Path) -> list[Mount] | None:
     readable = set()
     if shard.input_path is not None:
         readable.add(Path(os.path.abspath(shard.input_path)).parent)
+        readable.add(Path(os.path.realpath(shard.input_path)).parent)  # a link's target, too
     wanted = [(f, "rw") for f in sorted(writable)] + [(f, "ro") for f in sorted(readable)]
     if not all(_mountable(folder) for folder, _ in wanted):
         return None
