@@ -214,6 +214,9 @@ class WorkMessage(_Record):
     # The bundle of the retry that queued it (None: the manifest's); a worker drops a message
     # whose bundle the run no longer runs (left over from before a later retry).
     bundle: str | None = None
+    # The run's round (how many retries it had) when it was queued: a worker that knows an
+    # earlier round reads the run's manifest afresh (a retry may change its options).
+    round: int = 0
     # Google Cloud, machine shapes (runner.backends.gcp.shapes.queues): the work topic this message
     # is to be (re-)published on when not the queue's own, and, for a run with --fallback standard,
     # the standard VMs' topic a shard moves to once preempted ``fallback_after`` times.

@@ -279,6 +279,18 @@ def retry(
         typer.Option("--task", help="Run the retried shards with this (fixed) task folder."),
     ] = None,
     halt: RunHaltOpt = None,
+    max_attempts: Annotated[
+        int | None,
+        typer.Option(
+            "--max-attempts", min=1, max=100, help="Task failures allowed per retried shard."
+        ),
+    ] = None,
+    timeout: Annotated[
+        float | None,
+        typer.Option(
+            "--timeout", parser=duration, help="How long one retried attempt may run (1h30m)."
+        ),
+    ] = None,
     workers: WorkersOpt = None,
     slots: SlotsOpt = None,
     detach: Annotated[bool, typer.Option("--detach", help="Enqueue, then return.")] = False,
@@ -290,6 +302,7 @@ def retry(
 
     Without --task the retried shards run the bundle the run last used. Either way the retry
     is judged afresh by the halt rule: only the attempts of the retried shards count.
+    --timeout and --max-attempts apply to the retried shards from now on.
     """
     if not failed_only:
         raise fail("say what to retry: `runner retry RUN --failed [--task DIR]`")
@@ -317,7 +330,10 @@ def retry(
             raise typer.Exit(
                 follow_to_end(watcher, dep, rule=rule, cancel_on_interrupt=False, out=None)
             )
-        started = _new_round(dep, interrupted, task_dir, given, rule)
+        changes = {
+            k: v for k, v in (("timeout", timeout), ("max_attempts", max_attempts)) if v is not None
+        }
+        started = _new_round(dep, interrupted, task_dir, given, rule, changes)
         if started is None:
             say(f"run {run_id} has no failed shards; nothing to retry")
             return
@@ -331,7 +347,12 @@ def retry(
 
 
 def _new_round(
-    dep: Deployment, was: Manifest, task_dir: Path | None, given: str | None, rule: HaltRule
+    dep: Deployment,
+    was: Manifest,
+    task_dir: Path | None,
+    given: str | None,
+    rule: HaltRule,
+    changes: dict[str, float | int],
 ) -> tuple[Manifest, int] | None:
     """Queue a run's failed and unfinished shards again, as a new round (``runs.retry``): the
     manifest it leaves and how many shards, or None when there is nothing to retry."""
@@ -349,7 +370,9 @@ def _new_round(
                     f"warning: {still} attempts of the cancelled run still run; a shard one"
                     " of them finishes keeps what the old task made"
                 )
-    retried = runs.retry(dep.backends.store, queue, run_id, task_dir=task_dir, halt=given)
+    retried = runs.retry(
+        dep.backends.store, queue, run_id, task_dir=task_dir, halt=given, changes=changes
+    )
     if not retried:
         return None
     manifest = runs.mark_published(

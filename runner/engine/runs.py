@@ -12,9 +12,10 @@ import dataclasses
 import json
 import os
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from itertools import islice
 from pathlib import Path
+from typing import Any
 
 from worker import defaults
 from worker.backends.local.store import LocalStore
@@ -291,6 +292,7 @@ def retry(
     *,
     task_dir: Path | None = None,
     halt: str | None = None,
+    changes: Mapping[str, Any] | None = None,
     clock: Clock = SYSTEM_CLOCK,
 ) -> list[str]:
     """Re-enqueue every shard of a finished or cancelled run that has not committed.
@@ -300,7 +302,8 @@ def retry(
     when, how many shards): the halt rule judges only the attempts of the round, and what is
     left on the queue from an earlier one is dropped where the backend can (workers drop the
     rest: every message names its round's bundle). With ``task_dir`` the folder is bundled
-    anew and the retried shards run that bundle; ``halt`` records a new halt rule.
+    anew and the retried shards run that bundle; ``halt`` records a new halt rule; ``changes``
+    sets other run options from now on (``timeout``, ``max_attempts``).
     """
     manifest = load_manifest(store, run_id)
     done, failures = committed(store, run_id), failed(store, run_id)
@@ -322,7 +325,9 @@ def retry(
         {"sha256": manifest.bundle, "at": manifest.created_at, "shards": manifest.shard_count}
     ]
     history.append({"sha256": bundle, "at": clock.time(), "shards": len(todo)})
-    options = manifest.options if halt is None else {**manifest.options, "halt": halt}
+    options = {**manifest.options, **(changes or {})}
+    if halt is not None:
+        options["halt"] = halt
     queue.purge(run_id)  # messages of an earlier round, where the backend can drop them
     save_manifest(
         store,
@@ -340,7 +345,10 @@ def retry(
         store.delete(Layout.failure(run_id, shard.id))
     _publish(
         queue,
-        (WorkMessage(run_id=run_id, shard=s.to_dict(), bundle=bundle) for s in todo),
+        (
+            WorkMessage(run_id=run_id, shard=s.to_dict(), bundle=bundle, round=len(history) - 1)
+            for s in todo
+        ),
         None,
     )
     return [s.id for s in todo]

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from worker.bundle import UnpackedBundle
-from worker.executors.base import RunningTask
+from worker.executors.base import RunningTask, task_cwd
 from worker.executors.container.executor import ContainerExecutor
 from worker.executors.container.runtime import Runtime
 from worker.protocol import Entry
@@ -135,7 +135,8 @@ def test_shards_run_one_after_another_in_one_container(
     assert len({i["host"] for i in infos}) == 1  # one process: task.py imported once
     assert len(_containers(container_runtime)) == 1
     first = infos[0]
-    assert first["exe"] == "/usr/bin/python3" and first["cwd"] == "/task"  # the image's
+    assert first["exe"] == "/usr/bin/python3"  # the image's
+    assert first["cwd"] == str(task_cwd(shards[0]))  # the attempt's own working folder
     assert first["input"] == "a,b\n" and "wrote" not in first  # read-only all but out
     env = first["env"]
     assert isinstance(env, dict)

@@ -22,14 +22,14 @@ from worker.agent.runbook import RunBook
 from worker.agent.slot import Claim, Slot, StopFlag
 from worker.clock import Clock
 from worker.errors import CFlowError, DiskFull, TaskError
-from worker.executors.base import RunningTask, TaskExecutor
+from worker.executors.base import RunningTask, TaskExecutor, remove_tree, task_cwd
 from worker.executors.container.runtime import (
     ContainerRuntimeMissing,
     GpuSupportMissing,
     ImagePullError,
 )
 from worker.ledger import CANCELLED
-from worker.protocol import AttemptState, Entry, EventKind, Layout
+from worker.protocol import AttemptState, Entry, EventKind, Layout, RunState
 from worker.store import Store
 from worker.taskapi import TaskShard
 
@@ -37,6 +37,7 @@ log = logging.getLogger("cflow.worker")
 
 _STEP = 0.2  # seconds between checks while a task runs (stop requests, deadlines)
 _SHOW_LOG = 1.0  # seconds an attempt runs before its log is moved where users read it
+_CANCEL_CHECK = 2.0  # seconds between looks at whether a running attempt's run was cancelled
 _FIRST_WAIT = 0.01  # seconds before a still-running task lets pending settlements through
 _PREEMPTED = "worker stopped (preemption)"
 
@@ -117,6 +118,8 @@ class AttemptRunner:
             outcome = Outcome(AttemptState.FAILED, None, f"worker error: {exc}")
             outputs, value = [], None
             shutil.rmtree(prepared.out_dir, ignore_errors=True)
+        if prepared.shard is not None:  # the attempt's working folder goes with it
+            remove_tree(task_cwd(prepared.shard))
         self.books.settle(slot, self.books.finished(claim, outcome, outputs, value=value))
 
     def start_ahead(self, slot: Slot) -> dict[int, Prepared]:
@@ -229,9 +232,15 @@ class AttemptRunner:
         code = task.wait(_FIRST_WAIT)
         if code is None and slot.pending:  # a longer shard: settle the finished ones first
             self.books.flush(slot)
+        last_check = start
         while True:
             if code is not None:
                 if code == 0:
+                    # A run cancelled while this ran takes no more results. An attempt that ran
+                    # a while reads the manifest afresh; a short one trusts the cached copy.
+                    fresh = clock.monotonic() - start >= _CANCEL_CHECK
+                    if self._cancelled(manifest.run_id, claim.bundle, fresh=fresh):
+                        return Outcome(AttemptState.FAILED, 0, CANCELLED)
                     return Outcome(AttemptState.SUCCEEDED, 0)
                 if self._stop.is_set() and (code < 0 or getattr(task, "not_started", False)):
                     return Outcome(AttemptState.PREEMPTED, code, _PREEMPTED)
@@ -246,6 +255,8 @@ class AttemptRunner:
             if now - last_beat >= self.heartbeat:
                 last_beat = now
                 self._beat(slot, claim, manifest.run_id)
+            if now - last_check >= min(self.heartbeat, _CANCEL_CHECK):
+                last_check = now
                 if self.runs.superseded(manifest.run_id, claim.bundle):
                     code = task.stop(grace)
                     return Outcome(AttemptState.FAILED, code, CANCELLED)
@@ -253,6 +264,16 @@ class AttemptRunner:
                 last_upload = now
                 attempt_log.show()
             code = task.wait(_STEP)
+
+    def _cancelled(self, run_id: str, bundle: str, *, fresh: bool) -> bool:
+        """Whether the run was cancelled (or its shard queued again with another task)."""
+        if fresh:
+            return self.runs.superseded(run_id, bundle)
+        try:
+            current = self.runs.manifest(run_id)
+        except Exception:  # unreadable for now: the heartbeat's fresh reads decide
+            return False
+        return current is None or current.state == RunState.CANCELLED.value
 
     def _beat(self, slot: Slot, claim: Claim, run_id: str) -> None:
         """Extend the slot's leases and say the attempt lives. A full disk (local store) only

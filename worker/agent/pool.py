@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 import threading
 from pathlib import Path
 
@@ -12,6 +14,20 @@ from worker.executors.container.executor import ContainerExecutor
 from worker.executors.process import Executor
 from worker.protocol import Entry, Layout, RunOptions
 from worker.store import Store
+
+_WRITE = stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH
+
+
+def read_only(root: Path) -> None:
+    """Take the write bits off every file and folder of an unpacked bundle: the task's code is
+    shared by every run of it, so a task writes in its working folder or its outputs, never
+    there (it is told so by a PermissionError)."""
+    for folder, dirs, files in os.walk(root, topdown=False):
+        for name in [*files, *dirs]:
+            path = os.path.join(folder, name)
+            if not os.path.islink(path):
+                os.chmod(path, stat.S_IMODE(os.lstat(path).st_mode) & ~_WRITE)
+    os.chmod(root, stat.S_IMODE(os.stat(root).st_mode) & ~_WRITE)
 
 
 class ExecutorPool:
@@ -62,6 +78,7 @@ class ExecutorPool:
             except NotFound:
                 raise TaskError(f"task bundle {sha[:12]} is missing") from None
             bundle = unpack(data, sha, self.bundles)
+            read_only(bundle.root)
             self._bundles[sha] = bundle
         return bundle
 

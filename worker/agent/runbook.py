@@ -273,7 +273,9 @@ class RunBook:
         message = delivery.message
         run_id, shard_id = message.run_id, message.shard_id
         manifest = self.manifest(run_id)
-        stale = manifest is not None and message.bundle not in (None, manifest.bundle)
+        stale = manifest is not None and (
+            message.bundle not in (None, manifest.bundle) or message.round > run_round(manifest)[1]
+        )
         if manifest is None or manifest.state != RunState.ACTIVE.value or stale:
             # A drop cannot be undone, and a retry's message may be newer than the cached
             # manifest: make sure with a fresh read (a retried run is active again).

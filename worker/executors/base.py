@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import select
+import shutil
 import signal
 import subprocess
 import threading
@@ -119,7 +120,7 @@ class TaskExecutor(Protocol):
 
     def start(self, shard: TaskShard, log_path: Path, *, slot: int = 0) -> RunningTask:
         """Start one attempt on ``slot``; ``log_path``'s folder must exist. Creates the output
-        folder."""
+        folder and the attempt's empty working folder (:func:`task_cwd`)."""
         ...
 
     def begin_close(self) -> None:
@@ -129,6 +130,33 @@ class TaskExecutor(Protocol):
     def close(self) -> None:
         """End everything this executor started."""
         ...
+
+
+def task_cwd(shard: TaskShard) -> Path:
+    """The attempt's own working folder, a sibling of its output folder: a task's files written
+    to its current directory are private to the attempt, never outputs, and gone after it."""
+    return shard.output_dir.with_name(f"{shard.output_dir.name}.cwd")
+
+
+def fresh_cwd(shard: TaskShard) -> Path:
+    """:func:`task_cwd`, made empty (whatever an earlier attempt in the same place left)."""
+    cwd = task_cwd(shard)
+    remove_tree(cwd)
+    cwd.mkdir(parents=True)
+    return cwd
+
+
+def remove_tree(folder: Path) -> None:
+    """Remove ``folder`` and everything in it, also what a task made read-only."""
+
+    def writable(func: Any, path: str, _exc: Any) -> None:
+        with contextlib.suppress(OSError):
+            os.chmod(os.path.dirname(path), 0o700)
+            os.chmod(path, 0o700)
+            func(path)
+
+    if folder.exists() or folder.is_symlink():
+        shutil.rmtree(folder, onerror=writable)
 
 
 def wait_process(proc: subprocess.Popen[bytes], timeout: float | None) -> int | None:

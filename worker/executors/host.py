@@ -77,8 +77,7 @@ def run_one(run: Any, request: dict[str, Any], saved: tuple[int, int]) -> dict[s
     os.close(fd)
     sys.stdout, sys.stderr = _fresh_streams()
     os.environ.update(request["env"])
-    if os.getcwd() != request["cwd"]:
-        os.chdir(request["cwd"])
+    os.chdir(request["cwd"])  # the attempt's own folder (the last one's is gone)
     threads_before = threading.active_count()
     code, reason = 0, None
     try:

@@ -34,6 +34,7 @@ from worker.executors.base import (
     WORKER_PATH,
     RunningTask,
     TaskExecutor,
+    fresh_cwd,
     pdeathsig,
     wait_process,
 )
@@ -326,18 +327,19 @@ class Executor(TaskExecutor):
     def start(self, shard: TaskShard, log_path: Path, *, slot: int = 0) -> RunningTask:
         """Start one attempt; ``log_path``'s folder must exist. Creates the output folder."""
         shard.output_dir.mkdir(parents=True, exist_ok=True)
+        cwd = fresh_cwd(shard)
         token = secrets.token_hex(8)
         env = {**shard.env(), reaper.TOKEN_VAR: token}
         if self.entry is Entry.SHELL:
-            return self._start_shell(env, log_path, token)
+            return self._start_shell(env, log_path, token, cwd)
         if self.isolate:
-            return self._start_isolated(env, log_path, token)
+            return self._start_isolated(env, log_path, token, cwd)
         host = self._host(slot)
         if host is None:
-            return self._start_cold(env, log_path, token)
+            return self._start_cold(env, log_path, token, cwd)
         PROCESSES.begin(token)
         request_id = host.requests
-        request = {"id": request_id, "log": str(log_path), "cwd": str(self.bundle.root)}
+        request = {"id": request_id, "log": str(log_path), "cwd": str(cwd)}
         request["env"] = env
         host.requests += 1
         if not host.send(request):
@@ -366,12 +368,14 @@ class Executor(TaskExecutor):
         self._hosts[slot] = host
         return host
 
-    def _start_shell(self, env: dict[str, str], log_path: Path, token: str) -> RunningTask:
+    def _start_shell(
+        self, env: dict[str, str], log_path: Path, token: str, cwd: Path
+    ) -> RunningTask:
         with log_path.open("ab") as log:
             proc = PROCESSES.spawn(
                 ["bash", str(self.bundle.root / SHELL_ENTRY)],
                 token,
-                cwd=self.bundle.root,
+                cwd=cwd,
                 env={**self._base_env(), **env},
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -381,13 +385,15 @@ class Executor(TaskExecutor):
             )
         return _ShellTask(proc, token)
 
-    def _start_cold(self, env: dict[str, str], log_path: Path, token: str) -> RunningTask:
+    def _start_cold(
+        self, env: dict[str, str], log_path: Path, token: str, cwd: Path
+    ) -> RunningTask:
         argv = [sys.executable, "-m", "worker.executors.zygote", "--once", str(self.bundle.root)]
         with log_path.open("ab") as log:
             proc = PROCESSES.spawn(
                 argv,
                 token,
-                cwd=self.bundle.root,
+                cwd=cwd,
                 env={**self._base_env(), **env},
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -397,7 +403,9 @@ class Executor(TaskExecutor):
             )
         return _ShellTask(proc, token)
 
-    def _start_isolated(self, env: dict[str, str], log_path: Path, token: str) -> RunningTask:
+    def _start_isolated(
+        self, env: dict[str, str], log_path: Path, token: str, cwd: Path
+    ) -> RunningTask:
         with self._lock:
             if self._zygote is not None and not self._zygote.alive:
                 self._zygote.close()
@@ -407,11 +415,11 @@ class Executor(TaskExecutor):
                 if not zygote.ready:
                     zygote.close()
                     self._cold = True
-                    return self._start_cold(env, log_path, token)
+                    return self._start_cold(env, log_path, token, cwd)
                 self._zygote = zygote
             zygote = self._zygote
         PROCESSES.begin(token)
-        task: RunningTask = zygote.start(env, log_path, self.bundle.root, token)
+        task: RunningTask = zygote.start(env, log_path, cwd, token)
         return task
 
     def begin_close(self) -> None:

@@ -32,7 +32,7 @@ import threading
 from pathlib import Path
 
 from worker.bundle import SHELL_ENTRY, UnpackedBundle
-from worker.executors.base import RunningTask, TaskExecutor, wait_process
+from worker.executors.base import RunningTask, TaskExecutor, fresh_cwd, task_cwd, wait_process
 from worker.executors.container.runtime import (
     ContainerRuntimeMissing,
     GpuSupportMissing,
@@ -42,7 +42,13 @@ from worker.executors.container.runtime import (
     detect_runtime,
     ensure_image,
 )
-from worker.executors.container.spec import OWNER_LABEL, TASK_DIR, ContainerSpec, safe_name
+from worker.executors.container.spec import (
+    OWNER_LABEL,
+    TASK_DIR,
+    WORK_DIR,
+    ContainerSpec,
+    safe_name,
+)
 from worker.executors.container.warm import WarmContainers
 from worker.protocol import Entry, slug
 from worker.taskapi import TaskShard
@@ -117,7 +123,7 @@ class ContainerExecutor(TaskExecutor):
 
     def command(self, shard: TaskShard, name: str) -> list[str]:
         """The engine command line that runs one attempt as container ``name``."""
-        mounts = [(shard.output_dir, OUTPUT_DIR, "rw")]
+        mounts = [(shard.output_dir, OUTPUT_DIR, "rw"), (task_cwd(shard), WORK_DIR, "rw")]
         inner_input = shard.input
         local_input = shard.input_path
         if local_input is not None:
@@ -130,7 +136,7 @@ class ContainerExecutor(TaskExecutor):
             "cflow.attempt": str(shard.attempt),
         }
         lifetime = None if self.timeout is None else self.timeout + self.backstop
-        argv = self.spec.run_args(name, labels, mounts, env, lifetime=lifetime)
+        argv = self.spec.run_args(name, labels, mounts, env, lifetime=lifetime, workdir=WORK_DIR)
         if self.entry is Entry.SHELL:
             script = f"{TASK_DIR}/{SHELL_ENTRY}"
             argv += [
@@ -147,6 +153,7 @@ class ContainerExecutor(TaskExecutor):
         A ``task.py`` goes to ``slot``'s warm container; otherwise the attempt gets a
         container of its own."""
         shard.output_dir.mkdir(parents=True, exist_ok=True)
+        fresh_cwd(shard)
         if self._warm is not None:
             task = self._warm.start(shard, log_path, slot)
             if task is not None:

@@ -27,6 +27,7 @@ from worker.executors.container.runtime import Runtime
 from worker.protocol import slug
 
 TASK_DIR = "/task"
+WORK_DIR = "/cflow/work"  # an attempt's own working folder, mounted read-write
 LIB_DIR = "/opt/cflow"
 DEPS_DIR = "/opt/cflow/deps"
 OWNER_LABEL = "cflow.owner"  # HOST:PID of the worker process that started the container
@@ -64,10 +65,12 @@ class ContainerSpec:
         *,
         interactive: bool = False,
         lifetime: float | None = None,
+        workdir: str = TASK_DIR,
     ) -> list[str]:
         """``ENGINE run ... IMAGE`` for container ``name``: the bundle, the task host and
         ``mounts`` (source, target, ``ro``/``rw``) mounted, ``env`` and the labels set, the
-        image read-only; ``lifetime`` seconds is podman's backstop (``--timeout``)."""
+        image read-only; ``lifetime`` seconds is podman's backstop (``--timeout``); the task runs in
+        ``workdir``."""
         rt = self.runtime
         mounts = [
             (self.bundle.root, TASK_DIR, "ro"),
@@ -88,7 +91,7 @@ class ContainerSpec:
         if interactive:
             argv.append("--interactive")
         argv += [*rt.init_args, "--read-only", "--tmpfs", "/tmp"]
-        argv += ["--network", self.network, "--workdir", TASK_DIR]
+        argv += ["--network", self.network, "--workdir", workdir]
         if self.gpu:
             argv += rt.gpu_args()
         if rt.name == "podman" and lifetime is not None:

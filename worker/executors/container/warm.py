@@ -47,7 +47,7 @@ import threading
 from pathlib import Path
 
 from worker.executors import reaper
-from worker.executors.base import PROCESSES
+from worker.executors.base import PROCESSES, task_cwd
 from worker.executors.container.runtime import Runtime
 from worker.executors.container.spec import LIB_DIR, TASK_DIR, ContainerSpec
 from worker.executors.process import Host, HostTask
@@ -200,7 +200,8 @@ class WarmContainers:
         PROCESSES.begin(token)
         request_id = host.requests
         host.requests += 1
-        request = {"id": request_id, "log": os.path.abspath(log_path), "cwd": TASK_DIR}
+        cwd = os.path.abspath(task_cwd(shard))  # beside the output folder: mounted with it
+        request = {"id": request_id, "log": os.path.abspath(log_path), "cwd": cwd}
         request["env"] = env
         if not host.send(request):
             host.recycle = True
