@@ -1,19 +1,28 @@
 """The scale policy: how many workers a run should have, and which may be removed.
 
-Pure functions of what the runner knows, so the watch loop, the tests and the fleet simulator
-(:mod:`runner.sim`, ``bench/simulate.py``) all run the same decisions.
+:func:`decide_scale` is a pure function of what the runner knows, so the watch loop, the tests
+and the fleet simulator (:mod:`runner.sim`, ``bench/simulate.py``) all run the same decisions.
+:class:`Release` knows which workers a run's runner may delete, and deletes them: workers are
+shared by every run of a deployment, and a runner never deletes one it does not know to work
+for no other run.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import statistics
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
 
-from runner.engine.fleet import Instance
+from runner.engine.fleet import Fleet, Instance
+from runner.engine.run_view import IDLE_SETTLE, RunView
+from worker.clock import Clock
 from worker.protocol import EventKind
+
+log = logging.getLogger("cflow.runner")
 
 SPECULATE_FACTOR = 3.0  # a straggler has run this many times the median duration...
 SPECULATE_QUANTILE = 99  # ...and longer than this percentile of finished ones (natural tails)
@@ -46,12 +55,17 @@ def decide_scale(
     started beside them, but they are not deleted while work remains (one may thaw and commit,
     harmlessly: the first commit wins); at the end they go like every other worker.
 
-    When nothing is outstanding every instance not known busy goes (so the run ends at zero even
-    for instances that never reported). Otherwise the surplus goes in this order: instances
-    still ``starting`` (they cannot be busy, are the furthest from doing work, and deleting a
-    preempted one stops the group recreating a VM nobody needs), then instances that said they
-    are idle, keeping as many of those as there are queued shards: a ready worker takes queued
-    work at once, where a booting one would take a minute or two.
+    When nothing is outstanding every instance known to work for no run goes: still
+    ``starting``, ``idle`` (the caller passes every worker it knows free then,
+    :meth:`runner.engine.run_view.RunView.free`) or ``stale``. The others may be busy with
+    another run of the deployment: they are left to their own runner, or to their idle timeout
+    (a worker with nothing to do removes itself).
+
+    Otherwise the surplus goes in this order: instances still ``starting`` (they cannot be
+    busy, are the furthest from doing work, and deleting a preempted one stops the group
+    recreating a VM nobody needs), then instances that said they are idle, keeping as many of
+    those as there are queued shards: a ready worker takes queued work at once, where a booting
+    one would take a minute or two.
     """
     slots = max(slots, 1)
     # An instance with an error (one the group cannot create for lack of quota, a VM that failed
@@ -62,7 +76,12 @@ def decide_scale(
     live = [i for i in instances if i.status != "stopping" and not i.error and not i.removable]
     doomed = sorted(i.name for i in errored)
     if outstanding <= 0:
-        free = sorted(i.name for i in live if i.name not in busy)
+        known = idle | stale
+        free = sorted(
+            i.name
+            for i in live
+            if i.name not in busy and (i.status == "starting" or i.name in known)
+        )
         return ScaleDecision(delete=broken + doomed + free)
     # A stale worker is no capacity and no count against max_workers: it gets a replacement.
     able = [i for i in live if i.name not in stale or i.name in busy]
@@ -168,3 +187,131 @@ class Stragglers:
         """Workers whose attempt lost to another that committed first, named once."""
         losers, self.losers = self.losers, set()
         return losers
+
+
+@runtime_checkable
+class LeaseRecords(Protocol):
+    """A fleet that knows which runs each worker holds live leases of (the local one: the
+    queue keeps its lease records). What it says is the truth about who works; other fleets'
+    workers are known busy by their events."""
+
+    def lease_runs(self) -> dict[str, set[str]]:
+        """Worker -> the runs whose shards it holds live leases of."""
+        ...
+
+
+@dataclass
+class Release:
+    """Which workers one run's runner may delete, and deleting them.
+
+    While work remains only idle workers go (:func:`decide_scale`); once the run is over, every
+    worker known to work for no other run (:meth:`free`). Where the fleet keeps lease records
+    (:class:`LeaseRecords`) they are the truth, read again right before each delete; elsewhere
+    the workers' own words across runs tell (:meth:`RunView.free`), an idle word standing only
+    once ``settle`` seconds passed with nothing else from its worker.
+    """
+
+    view: RunView
+    run_id: str
+    clock: Clock
+    silence: float  # a worker unheard this long works for no run
+    settle: float = IDLE_SETTLE
+    deleted: set[str] = field(default_factory=set)  # instances deleted here, still listed
+
+    def lease_runs(self, fleet: Fleet) -> dict[str, set[str]] | None:
+        """Who holds leases of which runs, where the fleet knows (None: it does not)."""
+        return fleet.lease_runs() if isinstance(fleet, LeaseRecords) else None
+
+    def known(
+        self, fleet: Fleet, instances: list[Instance], *, over: bool
+    ) -> tuple[dict[str, set[str]] | None, set[str]]:
+        """The lease records (read once the run is ``over``) and the workers the scale policy
+        may take for idle: while work remains, those whose idle word stands (where lease
+        records are kept, deleting checks them: :meth:`delete`); once the run is over, every
+        one :meth:`free`."""
+        if over:
+            held = self.lease_runs(fleet)
+            return held, self.free(instances, held)
+        if isinstance(fleet, LeaseRecords):
+            return None, self.view.idle
+        return None, self.view.idle_for(self.clock.monotonic(), self.settle)
+
+    def free(self, instances: list[Instance], held: dict[str, set[str]] | None) -> set[str]:
+        """Workers this runner may delete now that its run is over: known to work for no other
+        run (by the lease records where the fleet keeps them, else by what they said)."""
+        if held is not None:
+            return {i.name for i in instances if held.get(i.name, set()) <= {self.run_id}}
+        return self.view.free(self.clock.monotonic(), self.silence, self.settle)
+
+    def elsewhere(self, held: dict[str, set[str]] | None) -> set[str]:
+        """Workers known busy with another run."""
+        others = self.view.busy_elsewhere()
+        if held is not None:
+            others |= {w for w, held_runs in held.items() if held_runs - {self.run_id}}
+        return others
+
+    def delete(
+        self,
+        fleet: Fleet,
+        names: list[str],
+        *,
+        mine: bool = False,
+        held: dict[str, set[str]] | None = None,
+    ) -> None:
+        """Delete these workers, except where the lease records say one holds work of another
+        run (or, unless ``mine``, of this one): the records are the truth, events are late."""
+        held = held if held is not None else self.lease_runs(fleet)
+        if held is not None:
+            allowed = {self.run_id} if mine else set()
+            names = [n for n in names if held.get(n, set()) <= allowed]
+        if not names:
+            return
+        log.info("scaling down: deleting idle %s", ", ".join(names))
+        fleet.delete(names)
+        self.view.idle.difference_update(names)
+        self.deleted.update(names)
+
+    def wait(self, fleet: Fleet, listen: Callable[[], None], timeout: float, pace: float) -> bool:
+        """After the run: ``listen`` (take the events) and :meth:`drain`, every ``pace``
+        seconds (or as soon as an idle word stands), until nothing is waited for. False when
+        time ran out first: the workers still unknown are left to their idle timeout."""
+        deadline = self.clock.monotonic() + timeout
+        while True:
+            listen()
+            if not self.drain(fleet):
+                return True
+            now = self.clock.monotonic()
+            if now >= deadline:
+                return False
+            settles = self.view.settles_in(now, self.settle)
+            self.clock.sleep(min(pace, max(settles, 0.0), deadline - now))
+
+    def drain(self, fleet: Fleet) -> list[str]:
+        """One look at the fleet after the run: delete the workers now known free (and any
+        that will never work); the instances still waited for: those deleted, until they are
+        gone, and those that worked for this run and have not said what they do now (not known
+        busy with another run). One never heard from (booting, or busy with another run since
+        before this one) is not waited for: it leaves by itself once idle."""
+        instances = fleet.instances()
+        self.view.listed(instances, self.clock.monotonic())
+        self.deleted &= {i.name for i in instances}  # a name seen again later is a new worker
+        held = self.lease_runs(fleet)
+        free = self.free(instances, held)
+        self.delete(
+            fleet,
+            [
+                i.name
+                for i in instances
+                if i.status != "stopping"
+                and i.name not in self.deleted
+                and (i.name in free or i.status == "starting" or i.error or i.removable)
+            ],
+            mine=True,
+            held=held,
+        )
+        elsewhere = self.elsewhere(held)
+        return [
+            i.name
+            for i in instances
+            if i.name in self.deleted or (self.view.heard(i.name) and i.name not in elsewhere)
+        ]

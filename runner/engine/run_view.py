@@ -5,6 +5,10 @@ The view is built from events (quick, but one may be lost or come twice) and bro
 store's truth by the watcher's reconciles (:mod:`runner.engine.watch`); the lost-shard detector
 (:mod:`runner.engine.lost`) reads it and records what it confirms. It holds no client: whoever
 owns the queue and the store feeds it.
+
+Workers are shared by every run of a deployment, so the view also keeps what each worker last
+said of itself, whatever the run: :meth:`RunView.free` names the workers known to work for no
+other run, the only ones a runner may delete when its run ends or is cancelled.
 """
 
 from __future__ import annotations
@@ -13,9 +17,15 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from runner.engine.fleet import Instance
 from worker.protocol import Event, EventKind
 
 log = logging.getLogger("cflow.runner")
+
+# Seconds an idle word must stand, nothing else heard from its worker, before the worker is
+# taken for idle: a receive may come back empty a moment before work arrives, and the start
+# that follows the idle word is heard by then.
+IDLE_SETTLE = 3.0
 
 
 @dataclass
@@ -32,10 +42,14 @@ class RunView:
     preempted: int = 0
     retried: int = 0
     heartbeats: bool = False  # workers of this deployment send heartbeats
+    others: bool = False  # a worker was heard working for another run
 
     def __post_init__(self) -> None:
         self._beats: dict[str, float] = {}  # shard -> its latest start or heartbeat
         self._elsewhere_beats: dict[tuple[str, str], float] = {}
+        self._working_at: dict[str, float] = {}  # worker -> its latest start (by its clock)
+        self._heard: dict[str, float] = {}  # worker -> when it was last heard from
+        self._listed: dict[str, float] = {}  # instance -> since when the fleet lists it running
 
     @property
     def settled(self) -> int:
@@ -82,14 +96,74 @@ class RunView:
         """Workers running a shard of this run or, as far as the events told, of another."""
         return set(self.running.values()) | set(self.elsewhere.values())
 
+    def busy_elsewhere(self) -> set[str]:
+        """Workers running another run's shard, as far as the events told."""
+        return set(self.elsewhere.values())
+
+    def listed(self, instances: Iterable[Instance], now: float) -> None:
+        """What the fleet lists now: since when each instance has been running."""
+        running = {i.name for i in instances if i.status == "running"}
+        self._listed = {n: self._listed.get(n, now) for n in running}
+
+    def heard(self, worker: str) -> bool:
+        """Whether the worker said anything while this run was watched."""
+        return worker in self._heard
+
+    def idle_for(self, now: float, settle: float = IDLE_SETTLE) -> set[str]:
+        """Workers whose latest word is that they are idle, and nothing else came from them
+        for ``settle`` seconds since."""
+        return {w for w in self.idle if now - self._heard.get(w, now) >= settle}
+
+    def settles_in(self, now: float, settle: float = IDLE_SETTLE) -> float:
+        """Seconds until the next idle word that has not stood ``settle`` seconds does (inf:
+        none waits)."""
+        waits = [
+            self._heard[w] + settle - now
+            for w in self.idle
+            if w in self._heard and now - self._heard[w] < settle
+        ]
+        return min(waits, default=float("inf"))
+
+    def silent(self, now: float, limit: float) -> set[str]:
+        """Running instances not heard from for ``limit`` seconds (nor since they were first
+        listed running): a worker that works says so at least every heartbeat, so these work
+        for no run (their worker never started, or froze)."""
+        return {
+            name
+            for name, since in self._listed.items()
+            if now - max(since, self._heard.get(name, since)) > limit
+        }
+
+    def free(self, now: float, limit: float, settle: float = IDLE_SETTLE) -> set[str]:
+        """Workers this run's runner may delete once its run is over (settled or cancelled):
+        nothing says they work for another run, and something says they work for none or only
+        for this one (they said they are idle; their lease lapsed; they are silent past
+        ``limit``; or the shard they run is this run's). Once another run was heard of, an idle
+        word must have stood ``settle`` seconds (:meth:`idle_for`): that run's work may follow
+        it at once. With none, an idle worker is taken at its word.
+
+        A worker busy with another run is left to that run's runner, or to its own idle
+        timeout; one still unknown (it just finished a shard of this run and has not said it is
+        idle yet) is neither, and is waited for.
+        """
+        idle = self.idle_for(now, settle if self.others else 0.0)
+        mine = set(self.running.values())
+        return (idle | self.stale | self.silent(now, limit) | mine) - self.busy_elsewhere()
+
     def apply(self, event: Event, now: float) -> str | None:
         """Record what one event says; the shard of this run it is about, if any."""
         kind = EventKind(event.kind)
         self.stale.discard(event.worker)  # heard from: not frozen
+        self._heard[event.worker] = now
         if kind is EventKind.HEARTBEAT:
             self.heartbeats = True
+        if kind in (EventKind.STARTED, EventKind.HEARTBEAT):
+            at = self._working_at.get(event.worker, event.at)
+            self._working_at[event.worker] = max(at, event.at)
         if kind is EventKind.IDLE:
-            self.idle.add(event.worker)
+            # Events may come out of order: an idle older than a start says nothing now.
+            if event.at >= self._working_at.get(event.worker, event.at):
+                self.idle.add(event.worker)
             return None
         if kind is EventKind.STOPPED:
             self.idle.discard(event.worker)
@@ -122,6 +196,7 @@ class RunView:
         # Workers are shared by every run of a deployment: one busy with another run's shard
         # must not be scaled away by this one.
         key = (event.run_id or "", event.shard_id or "")
+        self.others = True
         if kind in (EventKind.STARTED, EventKind.HEARTBEAT):
             self.elsewhere[key] = event.worker
             self._elsewhere_beats[key] = now

@@ -14,6 +14,12 @@ A shard with no result, no failure, no queue message and no lease is lost
 
 Each poll also applies the scale policy: grow to the outstanding work, delete idle instances as
 the queue drains, and end at zero.
+
+Workers are shared by every run of a deployment. When its run is over (settled, cancelled or
+halted) a runner deletes only the workers it knows work for no other run
+(:class:`runner.engine.policy.Release`), and keeps listening for a while to the ones it does not
+know about yet. A worker busy with another run is left to that run's runner, or to its own idle
+timeout.
 """
 
 from __future__ import annotations
@@ -28,8 +34,8 @@ from dataclasses import dataclass, field
 from runner.engine import runs
 from runner.engine.fleet import Fleet, Instance
 from runner.engine.lost import LostShards
-from runner.engine.policy import Stragglers, decide_scale
-from runner.engine.run_view import RunView
+from runner.engine.policy import Release, Stragglers, decide_scale
+from runner.engine.run_view import IDLE_SETTLE, RunView
 from worker import defaults
 from worker.clock import SYSTEM_CLOCK, Clock
 from worker.errors import DiskFull
@@ -41,6 +47,10 @@ log = logging.getLogger("cflow.runner")
 
 DISK_FULL_SECONDS = 10.0  # a store's disk full this long stops the watch (the run waits)
 RECONCILE_PAGE = 1000  # markers of each kind read per reconcile (one list call on GCS)
+# Seconds between looks at the fleet while it drains after a run: the watch loop's pace, but
+# at least the first and at most the second (the drain is short, and a quick look at a worker
+# that just said it is idle ends the run sooner).
+DRAIN_PACE = (0.05, 0.5)
 
 
 def _env_seconds(name: str) -> float:
@@ -107,6 +117,7 @@ class Watcher:
     # Locally a poll is cheap and the watch loop looks often, so a short run's end is seen at
     # once; while nothing happens it slows down to this pace (None: always ``poll_seconds``).
     quiet_poll_seconds: float | None = None
+    idle_settle: float = IDLE_SETTLE  # an idle word stands this long before its worker may go
 
     def __post_init__(self) -> None:
         self._started = self.clock.monotonic()
@@ -123,6 +134,8 @@ class Watcher:
         self._full_since: float | None = None  # since when the store's disk is full
         self.reconciles = 0  # how many, and what the last one cost (bench/reconcile.py)
         self.last_reconcile_seconds = 0.0
+        self._pace = defaults.WATCH_POLL_SECONDS  # the watch loop's, for the drain
+        self.release = Release(self.view, self.run_id, self.clock, silence, self.idle_settle)
 
     @property
     def run_id(self) -> str:
@@ -138,6 +151,7 @@ class Watcher:
         self._lapse(self.clock.monotonic())
         # One look at the fleet per poll: in the cloud each look is an API call.
         instances = self.fleet.instances() if self.fleet is not None else []
+        self.view.listed(instances, self.clock.monotonic())
         self._check_disk()
         snapshot = self.snapshot(instances)
         if self.fleet is not None:
@@ -227,14 +241,13 @@ class Watcher:
         rate = (done - first_done) / (now - first_t) if now > first_t else 0.0
         if instances is None:
             instances = self.fleet.instances() if self.fleet is not None else []
-        workers = len(instances)
         return Snapshot(
             run_id=self.run_id,
             total=self.manifest.shard_count,
             succeeded=len(view.succeeded),
             failed=len(view.failed),
             running=len(view.running),
-            workers=workers,
+            workers=len(instances),
             rate=rate,
             elapsed=now - self._started,
             preempted=view.preempted,
@@ -249,30 +262,29 @@ class Watcher:
         outstanding = snapshot.total - snapshot.succeeded - snapshot.failed
         if self.speculate:
             outstanding += self._speculate(snapshot)
+        over = outstanding <= 0  # then every worker known to work for no other run may go
+        held, idle = self.release.known(self.fleet, instances, over=over)
         decision = decide_scale(
             outstanding=outstanding,
             max_workers=self.max_workers,
             slots=self.slots,
             instances=instances,
-            idle=self.view.idle,
+            idle=idle,
             busy=self.view.busy_workers(),
             stale=self.view.stale,
         )
         if decision.add:
             self.fleet.grow(decision.add)
         if decision.delete:
-            log.info("scaling down: deleting idle %s", ", ".join(decision.delete))
-            self.fleet.delete(decision.delete)
-            self.view.idle.difference_update(decision.delete)
+            self.release.delete(self.fleet, decision.delete, mine=over, held=held)
 
     def _speculate(self, snapshot: Snapshot) -> int:
         """Once nothing is queued, publish backup attempts of stragglers (first commit wins)
         and release workers whose attempt lost; returns how many backups wait for a worker."""
-        busy = self.view.busy_workers()
-        losers = self.stragglers.take_losers() - busy
+        losers = self.stragglers.take_losers() - self.view.busy_workers()
         if losers and self.fleet is not None:
             log.info("speculation: releasing %s (their attempts lost)", ", ".join(sorted(losers)))
-            self.fleet.delete(sorted(losers))
+            self.release.delete(self.fleet, sorted(losers), mine=True)
         if snapshot.queued == 0:
             picked = set(self.stragglers.pick(self.clock.monotonic(), self.view.running))
             if picked:
@@ -291,7 +303,7 @@ class Watcher:
     ) -> Snapshot:
         """Poll until every shard is committed or failed (a final reconcile confirms it), or
         the run is cancelled."""
-        pace = poll_seconds
+        pace = self._pace = poll_seconds
         while True:
             snapshot = self.poll()
             if snapshot.cancelled:
@@ -309,17 +321,22 @@ class Watcher:
                 pace = poll_seconds if self.heard else min(pace * 1.5, self.quiet_poll_seconds)
             self.clock.sleep(pace)
 
-    def drain_fleet(self, timeout: float = 30.0, *, force: bool = False, wait: bool = True) -> bool:
-        """After the run: delete every instance that is not busy (every one, with ``force``:
-        a cancelled run's tasks are stopped) and wait for them to go (``wait=False``: later,
-        with :meth:`wait_drained`)."""
-        if self.fleet is None:
-            return True
-        busy = set() if force else self.view.busy_workers()
-        names = [i.name for i in self.fleet.instances() if i.name not in busy]
-        if names:
-            self.fleet.delete(names)
+    def drain_fleet(self, timeout: float = 30.0, *, wait: bool = True) -> bool:
+        """After the run (settled, or cancelled: its tasks are stopped with their workers):
+        delete the workers known to work for no other run, then wait for them to go
+        (``wait=False``: later, with :meth:`wait_drained`)."""
+        if self.fleet is not None:
+            self._listen()
+            self.release.drain(self.fleet)
         return self.wait_drained(timeout) if wait else True
 
     def wait_drained(self, timeout: float = 30.0) -> bool:
-        return self.fleet is None or self.fleet.wait_empty(timeout)
+        """Keep listening and deleting until every instance is gone or known busy with another
+        run (:meth:`Release.wait <runner.engine.policy.Release.wait>`)."""
+        pace = min(max(self._pace, DRAIN_PACE[0]), DRAIN_PACE[1])
+        return self.fleet is None or self.release.wait(self.fleet, self._listen, timeout, pace)
+
+    def _listen(self) -> None:
+        for event in self.events.pull(max_events=10_000):
+            self._apply(event)
+        self._lapse(self.clock.monotonic())

@@ -1,7 +1,10 @@
-"""Two runs at once on one deployment: each has its own events subscription, both finish once.
+"""Runs at once on one deployment: each has its own events subscription, both finish once, and
+neither's runner stops an attempt of the other by deleting its worker (scaling down at its end,
+or letting its workers go when it is cancelled).
 
-Real workers (``python -m worker --backend gcp``) in a fake group on the emulators, and two
-runners' watchers, each with its own fleet client, as two ``runner submit`` would have.
+Real workers (``python -m worker --backend gcp``) in a fake group on the emulators; two runners'
+watchers, each with its own fleet client, as two ``runner submit`` would have, or two
+``runner submit`` commands.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from tests.e2e.conftest import make_task, wait_for
 from tests.emulators import Deployment
 from tests.gcp.conftest import MakeCompute, worker_spawner
 from tests.gcp.fake_compute import FakeCompute
+from tests.gcp.test_gcp_e2e import Cloud, _cloud
 from worker.backends.gcp.gcs import GcsStore
 from worker.backends.gcp.pubsub import PubSubQueue
 from worker.protocol import Event, RunOptions, RunState
@@ -110,11 +114,13 @@ def test_two_concurrent_runs_both_finish_once_without_disturbing_each_others_wor
             # Every shard ran once: no attempt was cut short by the other run's scale-down.
             assert states.count("succeeded") == w.manifest.shard_count, states
             assert "preempted" not in states
-            # Its watcher saw every one of its own shards finish: no events taken by the other.
-            own = {
-                e.shard_id for e in seen[w.run_id] if e.run_id == w.run_id and e.kind == "succeeded"
-            }
-            assert len(own) == w.manifest.shard_count
+            # Every one of its shards' events reaches its watcher, none taken by the other run's
+            # subscription; events may still be on their way when the store says the run is over.
+            wait_for(
+                lambda w=w: _own_successes(w, seen[w.run_id]) == w.manifest.shard_count,
+                30,
+                f"every succeeded event of run {w.run_id}",
+            )
         assert not fake.resized_down()
         wait_for(fake.is_empty, 60, "the group at zero")
     finally:
@@ -127,6 +133,12 @@ def test_two_concurrent_runs_both_finish_once_without_disturbing_each_others_wor
         queue.close()
     assert per_run.existing() == {}, "each run's subscription is gone with its run"
     subscriber.close()
+
+
+def _own_successes(w: Watcher, seen: list[Event]) -> int:
+    """Shards of ``w``'s run its watcher heard succeed, after taking what has arrived since."""
+    seen.extend(w.events.pull(timeout=0.5))
+    return len({e.shard_id for e in seen if e.run_id == w.run_id and e.kind == "succeeded"})
 
 
 def test_stale_run_subscriptions_are_cleaned_up_by_the_next_run(
@@ -168,3 +180,117 @@ def test_stale_run_subscriptions_are_cleaned_up_by_the_next_run(
             per_run.delete(path)
         queue.close()
         subscriber.close()
+
+
+# -- runs that share the group's workers, through the CLI --------------------------------------
+
+HOLD = """
+import os, time
+from pathlib import Path
+
+def run(shard):
+    marks = Path(os.environ["MARK_DIR"])
+    (marks / f"{RUN}.{os.environ['CFLOW_WORKER_NAME']}.{shard.index}.{shard.attempt}").touch()
+    while not (marks / "go").exists():  # until the test lets it go (or the run is cancelled)
+        time.sleep(0.1)
+    (Path(shard.output_dir) / "index.txt").write_text(f"{shard.index}\\n")
+"""
+
+
+def _holding(folder: Path, run: str) -> Path:
+    """A task whose shards mark their start (``<run>.<worker>.<index>.<attempt>``) and hold
+    their worker until the ``go`` flag exists."""
+    return make_task(folder, HOLD.replace("RUN", repr(run)))
+
+
+def _started(marks: Path, run: str) -> list[str]:
+    return [m.name for m in marks.glob(f"{run}.*")]
+
+
+def _only_first_attempts(cloud: Cloud, run_id: str, shards: int) -> None:
+    """Every shard of the run committed by its first attempt, and no attempt of it was stopped
+    (preempted) by another run's runner deleting its worker."""
+    status = cloud.status(run_id)
+    attempts = {
+        s["index"]: [(a["attempt"], a["state"]) for a in s["attempts"]] for s in status["shards"]
+    }
+    assert attempts == {i: [(1, "succeeded")] for i in range(shards)}, attempts
+    assert [s["winning_attempt"] for s in status["shards"]] == [1] * shards
+
+
+def test_cancelling_a_run_leaves_the_workers_busy_with_another_run_alone(
+    deployment: Deployment, fake_compute: MakeCompute, tmp_path: Path
+) -> None:
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    cloud = _cloud(
+        deployment, fake_compute, tmp_path, env={"MARK_DIR": str(marks)}, idle_timeout=120.0
+    )
+    first = cloud.start(
+        "submit", str(_holding(tmp_path / "a", "a")), "--shards", "2", "--workers", "2"
+    )
+    second = None
+    try:
+        assert first.stdout is not None
+        a_id = first.stdout.readline().strip()
+        wait_for(lambda: len(_started(marks, "a")) == 2, 90, "run A's shards on both its VMs")
+        # B asks for two more VMs (A's two are busy), which take two of its four shards.
+        second = cloud.start(
+            "submit", str(_holding(tmp_path / "b", "b")), "--shards", "4", "--workers", "4"
+        )
+        assert second.stdout is not None
+        b_id = second.stdout.readline().strip()
+        wait_for(lambda: len(_started(marks, "b")) == 2, 90, "run B's shards beside A's")
+        cancelled = cloud.run("cancel", a_id)
+        assert cancelled.returncode == 0, cancelled.stderr
+        _, a_err = first.communicate(timeout=120)  # A's runner lets its workers go, then ends
+        assert first.returncode == 1 and "was cancelled" in a_err, a_err
+        (marks / "go").touch()
+        _, b_err = second.communicate(timeout=180)
+    finally:
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+    assert second.returncode == 0, b_err
+    assert cloud.status(a_id)["state"] == "cancelled"
+    _only_first_attempts(cloud, b_id, 4)  # B lost no attempt to A's cancel
+    wait_for(cloud.fake.is_empty, 60, "the group at zero")
+    assert not cloud.fake.resized_down()
+
+
+def test_the_end_of_a_run_leaves_the_workers_busy_with_another_run_alone(
+    deployment: Deployment, fake_compute: MakeCompute, tmp_path: Path
+) -> None:
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    cloud = _cloud(
+        deployment,
+        fake_compute,
+        tmp_path,
+        env={"MARK_DIR": str(marks)},
+        idle_timeout=120.0,
+        # B's workers say nothing while A runs: A never learns that they are busy.
+        extra_args=("--heartbeat", "45"),
+    )
+    held = cloud.start(
+        "submit", str(_holding(tmp_path / "b", "b")), "--shards", "2", "--workers", "2"
+    )
+    try:
+        assert held.stdout is not None
+        b_id = held.stdout.readline().strip()
+        wait_for(lambda: len(_started(marks, "b")) == 2, 90, "run B's shards on both its VMs")
+        # A runs on two VMs of its own and ends while B's workers are still busy.
+        quick = make_task(tmp_path / "a", "def run(shard):\n    pass\n")
+        finished = cloud.run("submit", str(quick), "--shards", "4", "--workers", "4", timeout=120)
+        assert finished.returncode == 0, finished.stderr
+        a_id = finished.stdout.strip().splitlines()[0]
+        (marks / "go").touch()
+        _, b_err = held.communicate(timeout=180)
+    finally:
+        if held.poll() is None:
+            held.kill()
+    assert held.returncode == 0, b_err
+    _only_first_attempts(cloud, a_id, 4)
+    _only_first_attempts(cloud, b_id, 2)  # B lost no attempt when A's runner scaled down
+    wait_for(cloud.fake.is_empty, 60, "the group at zero")
+    assert not cloud.fake.resized_down()

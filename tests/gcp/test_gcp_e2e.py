@@ -95,6 +95,12 @@ def _cloud(d: Deployment, fake_compute: MakeCompute, tmp_path: Path, **spawn_arg
     return Cloud(d, fake, tmp_path)
 
 
+def _states(cloud: Cloud, run_id: str) -> list[str]:
+    """Every attempt's state, shard by shard: "preempted" among them means a worker was stopped
+    while busy (by Spot, or by a runner scaling down)."""
+    return [a["state"] for s in cloud.status(run_id)["shards"] for a in s["attempts"]]
+
+
 def _busy(marks: Path, exclude: set[str]) -> str:
     """A worker that has just started a long shard (and is not in ``exclude``)."""
 
@@ -145,8 +151,10 @@ def test_run_survives_preemption_a_killed_worker_a_flaky_and_a_poison_shard(
     assert "poison" in (cloud.run("logs", run_id, "--shard", shards[POISON]["id"]).stdout)
     assert shards[FLAKY]["attempts"][0]["state"] == "failed"
     assert shards[FLAKY]["state"] == "succeeded"
-    states = [a["state"] for s in shards.values() for a in s["attempts"]]
-    assert "preempted" in states, "the SIGTERMed worker records its attempt preempted"
+    attempts = [a for s in shards.values() for a in s["attempts"]]
+    assert "preempted" in [a["state"] for a in attempts], "the SIGTERMed worker records it"
+    # Only the SIGTERMed worker's attempts were preempted: scaling down never stopped a busy VM.
+    assert {a["worker"] for a in attempts if a["state"] == "preempted"} == {preempted}
     assert set(cloud.fake.preempted) >= {preempted, killed}  # both were recreated
 
     # Every good shard committed exactly once: the combined output has each index once.
@@ -177,6 +185,7 @@ def test_idle_workers_leave_the_group_by_themselves(
     wait_for(cloud.fake.is_empty, 60, "workers gone")
     run_id = result.stdout.strip()
     assert cloud.status(run_id)["counts"]["succeeded"] == 3
+    assert _states(cloud, run_id) == ["succeeded"] * 3
     assert not cloud.fake.resized_down()
     logs = "".join(p.read_text() for p in (tmp_path / "vms").glob("*.log"))
     assert logs.count("left group") == 2
@@ -210,7 +219,7 @@ def test_a_quota_limited_group_still_finishes_and_the_runner_says_why(
     assert result.returncode == 0, result.stderr
     assert "VMs cannot start: QUOTA_EXCEEDED: Quota 'CPUS' exceeded." in result.stderr
     run_id = result.stdout.strip().splitlines()[0]
-    assert cloud.status(run_id)["counts"]["succeeded"] == 12
+    assert _states(cloud, run_id) == ["succeeded"] * 12  # no busy VM was deleted
     wait_for(fake.is_empty, 30, "the group at zero")
 
 
@@ -251,6 +260,7 @@ def test_a_vm_that_fails_to_boot_is_named_removed_and_replaced(
     run_id = result.stdout.strip().splitlines()[0]
     status = cloud.status(run_id)
     assert status["counts"]["succeeded"] == 10
+    assert [a["state"] for s in status["shards"] for a in s["attempts"]] == ["succeeded"] * 10
     workers = {a["worker"] for s in status["shards"] for a in s["attempts"]}
     assert bad not in workers  # it was sent no work
     assert bad in fake.deleted

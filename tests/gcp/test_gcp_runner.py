@@ -1,4 +1,8 @@
-"""The runner's Google Cloud deployment: inputs staged before publishing; dead letters fail."""
+"""The runner's Google Cloud deployment: inputs staged before publishing.
+
+(A shard dead-lettered by Pub/Sub is reported failed: tests/gcp/test_promises_gcp.py runs that
+whole chain, from a shard that keeps killing its worker.)
+"""
 
 from __future__ import annotations
 
@@ -6,22 +10,20 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import google.cloud.pubsub_v1 as pubsub_v1
 import pytest
 
 from runner.backends.gcp.deployment import open_gcp_deployment
 from runner.config import Backend, Config
 from runner.engine import runs
 from runner.engine.deployment import Deployment
-from runner.engine.shards import from_count, from_glob
-from runner.engine.watch import Watcher
+from runner.engine.shards import from_glob
 from tests.e2e.conftest import make_inputs, make_task
 from tests.emulators import Deployment as Resources
 from tests.emulators import open_backends
 from tests.gcp.conftest import MakeCompute
 from tests.gcp.fake_compute import sleeper
 from worker.backends.gcp.gcs import GcsStore
-from worker.protocol import Layout, RunOptions, WorkMessage
+from worker.protocol import RunOptions
 from worker.queue import Delivery
 
 pytestmark = pytest.mark.emulator
@@ -75,35 +77,3 @@ def test_local_inputs_are_stored_before_their_shards_are_published(
     finally:
         worker.close()
     assert len(got) == manifest.shard_count == 30
-
-
-def test_dead_lettered_shard_is_reported_failed(
-    gcp: Deployment, deployment: Resources, tmp_path: Path
-) -> None:
-    task = make_task(tmp_path / "task", "def run(shard):\n    pass\n")
-    manifest = runs.create_run(
-        store=gcp.backends.store,
-        queue=gcp.backends.queue,
-        task_dir=task,
-        shards=from_count(2),
-        options=RunOptions(),
-    )
-    watcher = Watcher(
-        manifest=manifest,
-        store=gcp.backends.store,
-        queue=gcp.backends.queue,
-        events=gcp.backends.events,
-    )
-    # What Pub/Sub does with a message that kept killing its workers:
-    dead = WorkMessage(run_id=manifest.run_id, shard={"id": "00001", "index": 1})
-    publisher = pubsub_v1.PublisherClient()
-    topic = f"projects/{deployment.project}/topics/{deployment.dead_letter_topic}"
-    publisher.publish(topic, dead.to_json(), **dead.attributes()).result()
-    publisher.stop()
-    deadline = time.monotonic() + 20
-    while "00001" not in watcher.view.failed and time.monotonic() < deadline:
-        watcher.reconcile()
-        time.sleep(0.5)
-    assert watcher.view.failed == {"00001"}
-    failure = gcp.backends.store.get(Layout.failure(manifest.run_id, "00001"))
-    assert b"dead-lettered" in failure

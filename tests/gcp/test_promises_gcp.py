@@ -1,5 +1,7 @@
 """The runner's promises on the Google Cloud backends (the emulators, real workers in the fake
-group): a frozen worker does not stall a run, and an interrupted submit is finished by watch.
+group), through the CLI: a frozen worker does not stall a run, an interrupted submit is finished
+by watch, preemption never burns the failure budget, a task that cannot work halts the run, and
+a shard that keeps killing its workers is dead-lettered by Pub/Sub and reported failed.
 """
 
 from __future__ import annotations
@@ -97,3 +99,127 @@ def test_a_runner_killed_while_publishing_is_finished_by_watch_on_pubsub(
     status = cloud.status(run_id)
     assert status["counts"]["succeeded"] == 1200
     assert status["state"] == "finished"
+
+
+HELD = """
+import os, time
+from pathlib import Path
+
+def run(shard):
+    marks = Path(os.environ["MARK_DIR"])
+    (marks / f"{os.environ['CFLOW_WORKER_NAME']}.{shard.index}.{shard.attempt}").touch()
+    while shard.index == 0 and not (marks / "go").exists():
+        time.sleep(0.1)
+    (Path(shard.output_dir) / "index.txt").write_text(f"{shard.index}\\n")
+"""
+
+
+def _marks(marks: Path, index: int) -> list[Path]:
+    return [m for m in marks.iterdir() if m.name.split(".")[1:2] == [str(index)]]
+
+
+def test_preemption_never_burns_the_failure_budget_on_google_cloud(
+    deployment: Deployment, fake_compute: MakeCompute, tmp_path: Path
+) -> None:
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    cloud = _cloud(deployment, fake_compute, tmp_path, env={"MARK_DIR": str(marks)})
+    task = make_task(tmp_path / "task", HELD)
+    submit = cloud.start(
+        "submit", str(task), "--shards", "4", "--workers", "2", "--max-attempts", "1"
+    )
+    preempted: list[str] = []
+    try:
+        for attempt in (1, 2):  # shard 0 holds its worker until the flag: preempt it twice
+            mark = wait_for(
+                lambda a=attempt: [m for m in _marks(marks, 0) if m.name.endswith(f".{a}")],
+                90,
+                f"shard 0's attempt {attempt} running",
+            )[0]
+            worker = mark.name.split(".")[0]
+            cloud.fake.live()[worker].send_signal(signal.SIGTERM)  # how Spot preemption begins
+            preempted.append(worker)
+        wait_for(lambda: [m for m in _marks(marks, 0) if m.name.endswith(".3")], 90, "attempt 3")
+        (marks / "go").touch()
+        stdout, stderr = submit.communicate(timeout=180)
+    finally:
+        if submit.poll() is None:
+            submit.kill()
+    assert submit.returncode == 0, stderr  # one attempt allowed, two preemptions: no failure
+    status = cloud.status(stdout.strip().splitlines()[0])
+    attempts = {
+        s["index"]: [(a["state"], a["worker"]) for a in s["attempts"]] for s in status["shards"]
+    }
+    assert [state for state, _ in attempts[0]] == ["preempted", "preempted", "succeeded"]
+    assert [worker for _, worker in attempts[0][:2]] == preempted
+    # No other attempt was cut short: the runner never deleted a busy VM.
+    assert all(tries == [("succeeded", tries[0][1])] for i, tries in attempts.items() if i), (
+        attempts
+    )
+    assert set(cloud.fake.preempted) >= set(preempted)  # the group recreated them
+    wait_for(cloud.fake.is_empty, 60, "the group at zero")
+
+
+def test_a_task_that_cannot_work_halts_the_run_on_google_cloud(
+    deployment: Deployment, fake_compute: MakeCompute, tmp_path: Path
+) -> None:
+    cloud = _cloud(deployment, fake_compute, tmp_path)
+    task = make_task(
+        tmp_path / "task",
+        "def run(shard):\n    raise RuntimeError('model file missing: /models/m.bin')\n",
+    )
+    result = cloud.run("submit", str(task), "--shards", "40", "--workers", "2", timeout=180)
+    assert result.returncode == 1, result.stderr
+    assert "halted: " in result.stderr
+    assert "RuntimeError: model file missing: /models/m.bin" in result.stderr
+    run_id = result.stdout.strip().splitlines()[0]
+    status = cloud.status(run_id)
+    assert status["state"] == "cancelled" and "model file missing" in status["halted"]
+    tried = [s for s in status["shards"] if s["attempts"]]
+    assert 3 <= len(tried) < 40  # stopped early: most shards never ran
+    assert {s["state"] for s in status["shards"]} <= {"failed", "cancelled"}
+    # The workers stopped: the runner let them go, and the group ends at zero.
+    wait_for(cloud.fake.is_empty, 60, "the group at zero")
+    assert not cloud.fake.resized_down()
+
+
+KILLER = """
+import os, signal
+from pathlib import Path
+
+def _worker() -> int:
+    pid = os.getpid()
+    while pid > 1:  # up to the agent: python -m worker
+        with open(f"/proc/{pid}/stat") as fh:
+            pid = int(fh.read().rsplit(")", 1)[1].split()[1])
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            if fh.read().split(b"\\0")[1:3] == [b"-m", b"worker"]:
+                return pid
+    raise RuntimeError("no worker above this task")
+
+def run(shard):
+    if shard.index == 0:  # kills its worker, every time it runs
+        os.kill(_worker(), signal.SIGKILL)
+    (Path(shard.output_dir) / "index.txt").write_text(f"{shard.index}\\n")
+"""
+
+
+def test_a_shard_that_keeps_killing_its_worker_is_dead_lettered_and_failed(
+    deployment: Deployment, fake_compute: MakeCompute, tmp_path: Path
+) -> None:
+    # The emulator's work subscription has Pub/Sub's dead-letter policy at its least: five
+    # deliveries (tests/emulators.py); a killed worker's lease lapses after 10 s.
+    cloud = _cloud(deployment, fake_compute, tmp_path, extra_args=("--lease-seconds", "10"))
+    task = make_task(tmp_path / "task", KILLER)
+    result = cloud.run("submit", str(task), "--shards", "3", "--workers", "2", timeout=300)
+    assert result.returncode == 1, result.stderr
+    run_id = result.stdout.strip().splitlines()[0]
+    status = cloud.status(run_id)
+    shards = {s["index"]: s for s in status["shards"]}
+    assert shards[0]["state"] == "failed" and "dead-lettered" in shards[0]["reason"], shards[0]
+    # One attempt per delivery (Pub/Sub counts them approximately), each cut off with its VM.
+    tries = shards[0]["attempts"]
+    assert len(tries) >= 5 and "succeeded" not in {a["state"] for a in tries}, tries
+    assert shards[1]["state"] == shards[2]["state"] == "succeeded"
+    assert len(cloud.fake.preempted) >= 5  # every killed VM was recreated by the group
+    wait_for(cloud.fake.is_empty, 60, "the group at zero")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import re
 import signal
-import time
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +130,9 @@ def test_concurrent_runs_of_two_shapes_each_run_only_on_their_own_vms(
         status = cloud.status(run_id)
         assert status["counts"]["succeeded"] == shards, status["counts"]
         vms = {a["worker"] for attempts in _attempts(status).values() for a in attempts}
+        # Every shard ran once: neither run's scale-down stopped a VM busy with the other's.
+        states = [a["state"] for attempts in _attempts(status).values() for a in attempts]
+        assert states == ["succeeded"] * shards, states
         # Each run's every attempt ran on a VM of its own shape's group, never the other's.
         base = cloud.fake.made_groups[group]["baseInstanceName"]
         assert vms and all(vm.startswith(f"{base}-") for vm in vms), (group, vms)
@@ -158,8 +160,7 @@ def test_a_regional_fallback_run_pins_a_preempted_shard_to_standard_vms(
     )  # fmt: skip
     try:
         mark = wait_for(lambda: next(iter(marks.iterdir()), None), 60, "shard 0 started")
-        spot_vm = mark.name.split(".")[0]
-        time.sleep(0.5)  # its attempt is running: the SIGTERM is a preemption of it
+        spot_vm = mark.name.split(".")[0]  # its attempt is running: the SIGTERM preempts it
         cloud.fake.live()[spot_vm].send_signal(signal.SIGTERM)
         stdout, stderr = submit.communicate(timeout=180)
     finally:
@@ -184,5 +185,8 @@ def test_a_regional_fallback_run_pins_a_preempted_shard_to_standard_vms(
     # Preempted once (K = 1): every later attempt ran on a standard VM, and one committed.
     assert rest and all(a["worker"].startswith(f"{standard_base}-") for a in rest), rest
     assert rest[-1]["state"] == "succeeded"
+    # Only that attempt was preempted: scaling down never stopped a busy VM.
+    others = [a["state"] for i, attempts in _attempts(status).items() if i for a in attempts]
+    assert others == ["succeeded"] * 3, others
     assert "fallback to standard VMs (shard" in stderr
     wait_for(lambda: cloud.fake.live() == {}, 60, "every shaped VM gone")

@@ -1,7 +1,24 @@
+"""The scale policy, and which workers a run's runner may delete: never one busy with another
+run of the deployment (known by the workers' own words, or locally by the queue's lease records).
+"""
+
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
+
+from runner.backends.local.fleet import LocalFleet
+from runner.engine import runs
 from runner.engine.fleet import Instance
-from runner.engine.policy import decide_scale
+from runner.engine.policy import LeaseRecords, Release, decide_scale
+from runner.engine.reports import shard_reports
+from runner.engine.run_view import RunView
+from runner.engine.watch import Watcher
+from tests.e2e.conftest import make_task, wait_for
+from worker.backends.local.backend import open_local
+from worker.clock import FakeClock
+from worker.protocol import Event, RunOptions, Shard
 
 
 def _fleet(n: int) -> list[Instance]:
@@ -35,9 +52,24 @@ def test_shrinks_only_idle_instances() -> None:
 
 def test_ends_at_zero_when_nothing_is_outstanding_but_spares_busy() -> None:
     d = decide_scale(
-        outstanding=0, max_workers=4, slots=1, instances=_fleet(3), idle=set(), busy={"w2"}
+        outstanding=0,
+        max_workers=4,
+        slots=1,
+        instances=_fleet(3),
+        idle={"w0", "w1", "w2"},
+        busy={"w2"},
     )
     assert d.delete == ["w0", "w1"]
+
+
+def test_at_the_end_only_workers_known_free_go() -> None:
+    fleet = [*_fleet(3), Instance("w3", "starting"), Instance("w4", "stopping")]
+    d = decide_scale(
+        outstanding=0, max_workers=4, slots=1, instances=fleet, idle={"w0"}, busy={"w1"}
+    )
+    # w2 said nothing: it may have just started another run's shard, so it is left to that
+    # run's runner or to its own idle timeout. A starting VM cannot be busy yet.
+    assert d.delete == ["w0", "w3"]
 
 
 def test_stopping_instances_are_not_counted() -> None:
@@ -77,4 +109,132 @@ def test_a_stale_worker_is_not_capacity_and_not_deleted_while_work_remains() -> 
         busy=set(),
         stale={"w0"},
     )
-    assert d.delete == ["w0", "w1"]  # at the end every worker goes
+    assert d.delete == ["w0"]  # at the end the stale one goes; w1 said nothing of itself
+    d = decide_scale(
+        outstanding=0,
+        max_workers=2,
+        slots=1,
+        instances=fleet,
+        idle={"w1"},
+        busy=set(),
+        stale={"w0"},
+    )
+    assert d.delete == ["w0", "w1"]  # every worker known free goes
+
+
+def test_an_idle_word_stands_only_once_settled_and_never_behind_a_later_start() -> None:
+    view = RunView("r-a")
+    view.apply(Event(kind="idle", worker="w1", at=10.0), now=100.0)
+    assert view.idle_for(101.0, settle=3) == set()  # a start may be right behind it
+    assert view.settles_in(101.0, settle=3) == 2.0
+    assert view.idle_for(103.0, settle=3) == {"w1"}
+    assert view.free(101.0, limit=70, settle=3) == {"w1"}  # no other run: taken at its word
+    # Events come out of order: a start the worker sent after its idle word wins.
+    view.apply(Event(kind="started", worker="w2", run_id="r-b", shard_id="s", at=21.0), 104.0)
+    view.apply(Event(kind="idle", worker="w2", at=20.0), now=104.0)
+    assert view.idle_for(110.0, settle=3) == {"w1"} and view.busy_elsewhere() == {"w2"}
+    view.apply(Event(kind="idle", worker="w3", at=30.0), now=110.0)
+    assert view.free(111.0, limit=70, settle=3) == {"w1"}  # another run is around: it waits
+    assert view.free(113.0, limit=70, settle=3) == {"w1", "w3"}
+
+
+def test_once_a_run_is_over_only_workers_known_to_work_for_no_other_run_are_free() -> None:
+    view = RunView("r-a")
+    view.listed([Instance(n) for n in ("idle", "mine", "theirs", "new", "quiet")], now=0.0)
+    view.apply(Event(kind="idle", worker="idle"), now=1.0)
+    view.apply(Event(kind="started", worker="mine", run_id="r-a", shard_id="s1"), now=1.0)
+    view.apply(Event(kind="started", worker="theirs", run_id="r-b", shard_id="s2"), now=1.0)
+    view.apply(Event(kind="heartbeat", worker="theirs", run_id="r-b", shard_id="s2"), now=69.0)
+    view.listed([Instance(n) for n in ("idle", "mine", "theirs", "new", "quiet")], now=50.0)
+    view.listed([Instance(n) for n in ("idle", "mine", "theirs", "new", "quiet", "newer")], 60.0)
+    # "mine" runs this (cancelled) run's shard; "quiet" was never heard from in 75 s, more than
+    # a lease and a heartbeat; "newer" is listed since 60 s and may just have taken work.
+    assert view.free(now=75.0, limit=70.0, settle=3.0) == {"idle", "mine", "new", "quiet"}
+    assert view.free(now=75.0, limit=80.0, settle=3.0) == {"idle", "mine"}
+
+
+def test_local_lease_records_tell_which_runs_each_worker_works_for(tmp_path: Path) -> None:
+    b = open_local(tmp_path / "store")
+    mine, theirs = (
+        runs.create_run(
+            store=b.store,
+            queue=b.queue,
+            task_dir=make_task(tmp_path / run, "def run(shard):\n    pass\n"),
+            shards=(Shard(id=f"s{i}", index=i) for i in range(2)),
+            options=RunOptions(),
+        )
+        for run in ("a", "b")
+    )
+    expected: dict[str, set[str]] = {}
+    for worker in ("w1", "w3", "w2", "w3"):  # the queue hands out the oldest message first
+        (d,) = b.queue.receive(1, 0, worker=worker)
+        expected.setdefault(worker, set()).add(d.message.run_id)
+    assert expected == {
+        "w1": {mine.run_id},
+        "w3": {mine.run_id, theirs.run_id},
+        "w2": {theirs.run_id},
+    }
+    fleet = LocalFleet(tmp_path / "store")
+    try:
+        assert isinstance(fleet, LeaseRecords)
+        held = fleet.lease_runs()
+        assert held == expected
+        release = Release(RunView(mine.run_id), mine.run_id, FakeClock(), silence=70.0)
+        names = [Instance(n) for n in ("w0", "w1", "w2", "w3")]
+        assert release.free(names, held) == {"w0", "w1"}  # holding nothing, or only this run's
+        assert release.elsewhere(held) == {"w2", "w3"}
+    finally:
+        fleet.close()
+
+
+HOLD = """
+import os, time
+from pathlib import Path
+
+def run(shard):
+    marks = Path(os.environ["MARK_DIR"])
+    (marks / f"{RUN}.{shard.index}.{shard.attempt}").touch()
+    while not (marks / "go").exists():  # until the test lets it go (or its run is cancelled)
+        time.sleep(0.05)
+"""
+
+
+def test_a_cancelled_runs_runner_stops_only_its_own_local_workers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    monkeypatch.setenv("MARK_DIR", str(marks))
+    root = tmp_path / "store"
+    b = open_local(root)
+    made = []
+    for run in ("a", "b"):
+        task = make_task(tmp_path / run, HOLD.replace("RUN", repr(run)))
+        made.append(
+            runs.create_run(
+                store=b.store,
+                queue=b.queue,
+                task_dir=task,
+                shards=(Shard(id=f"s{i}", index=i) for i in range(2)),
+                options=RunOptions(),
+            )
+        )
+    a, other = made
+    fleet = LocalFleet(root, idle_timeout=60)
+    watcher = Watcher(manifest=a, store=b.store, queue=b.queue, events=b.events, fleet=fleet)
+    try:
+        fleet.grow(4)  # the oldest messages first: two workers take A's shards, two take B's
+        wait_for(lambda: len(list(marks.iterdir())) == 4, 60, "every shard running")
+        busy_b = set((b.queue.leases(other.run_id) or {}).values())
+        assert len(busy_b) == 2 and not busy_b & set((b.queue.leases(a.run_id) or {}).values())
+        runs.cancel(b.store, b.queue, a.run_id)
+        assert watcher.drain_fleet(timeout=30)  # A's two workers go; B's two are left be
+        assert {i.name for i in fleet.instances()} == busy_b
+        (marks / "go").touch()
+        wait_for(lambda: runs.committed(b.store, other.run_id) == {"s0", "s1"}, 30, "B's commits")
+        states = [s.state for r in shard_reports(b.store, other.run_id) for s in r.attempts]
+        assert states == ["succeeded", "succeeded"]  # B lost no attempt to A's cancel
+    finally:
+        fleet.delete(i.name for i in fleet.instances())
+        fleet.wait_empty(30)
+        fleet.close()

@@ -100,12 +100,31 @@ class LocalFleet(Fleet):
                 self._gone(name)
         return live
 
+    def lease_runs(self) -> dict[str, set[str]]:
+        """Worker -> the runs whose shards it holds live leases of, from the queue's lease
+        records: the truth about which worker works for which run
+        (:class:`runner.engine.policy.LeaseRecords`)."""
+        held: dict[str, set[str]] = {}
+        try:
+            run_ids = [e.name for e in os.scandir(self.root / "runs") if e.is_dir()]
+        except FileNotFoundError:
+            return held
+        queue = self._open_queue()
+        for run_id in run_ids:
+            for worker in (queue.leases(run_id) or {}).values():
+                if worker:
+                    held.setdefault(worker, set()).add(run_id)
+        return held
+
+    def _open_queue(self) -> LocalQueue:
+        if self._queue is None:
+            self._queue = LocalQueue(self.root / QUEUE_FILE)
+        return self._queue
+
     def _gone(self, name: str) -> None:
         """A worker process ended: free its leases first, then its name."""
         try:
-            if self._queue is None:
-                self._queue = LocalQueue(self.root / QUEUE_FILE)
-            self.released += self._queue.release(name)
+            self.released += self._open_queue().release(name)
         except CFlowError as exc:  # the leases lapse by themselves; say why they were kept
             log.warning("could not release the leases of worker %s: %s", name, exc)
         (self.registry / f"{name}.json").unlink(missing_ok=True)
