@@ -174,6 +174,25 @@ class UnpackedBundle:
         return os.pathsep.join(parts)
 
 
+def extract_safely(tar: tarfile.TarFile, dest: Path) -> None:
+    """Extract ``tar`` into ``dest``, refusing members that would land outside it.
+
+    Python's own ``data`` filter where this Python has it (3.11.4 and later); before that (Debian
+    12's Python is 3.11.2) the same refusals by hand: no absolute or ``..`` paths, no links,
+    devices or fifos - a bundle holds plain files and folders only.
+    """
+    if hasattr(tarfile, "data_filter"):
+        tar.extractall(dest, filter="data")
+        return
+    for member in tar.getmembers():
+        parts = Path(member.name).parts
+        if member.name.startswith(("/", "\\")) or ".." in parts:
+            raise TaskError(f"refusing to unpack {member.name!r}: outside the folder")
+        if not (member.isfile() or member.isdir()):
+            raise TaskError(f"refusing to unpack {member.name!r}: not a file or a folder")
+    tar.extractall(dest)  # every member checked above
+
+
 def unpack(data: bytes, sha256: str, cache: Path, *, install: bool = True) -> UnpackedBundle:
     """Verify and unpack a bundle into ``cache/<sha256>`` once, safe across processes, and
     (with ``install``) install its requirements."""
@@ -187,7 +206,7 @@ def unpack(data: bytes, sha256: str, cache: Path, *, install: bool = True) -> Un
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
             with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
-                tar.extractall(tmp, filter="data")
+                extract_safely(tar, tmp)
             (tmp / ".complete").touch()
             shutil.rmtree(target, ignore_errors=True)
             tmp.rename(target)

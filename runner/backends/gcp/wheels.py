@@ -28,6 +28,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from worker.bundle import extract_safely
 from worker.errors import ConfigError
 
 # The image family's Python (debian-12: python3.11) and the platforms its glibc (2.36) runs.
@@ -180,7 +181,7 @@ def stage_task(task_dir: Path, out_dir: Path, *, cache: Path | None = None) -> P
     wheels = staged / TASK_WHEELS
     wheels.mkdir()
     with tarfile.open(house.path) as tar:
-        tar.extractall(wheels, filter="data")
+        extract_safely(tar, wheels)
     for path in (wheels / "wheels").iterdir():
         path.rename(wheels / path.name)
     (wheels / "wheels").rmdir()
