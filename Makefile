@@ -71,7 +71,7 @@ bench: $(STAMP)
 	command -v parallel >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
 		&& apt-get install -y -q parallel >/dev/null; } || true
 	$(PY) -m pip install -q --disable-pip-version-check 'huey>=2.5'
-	# every benchmark's full form (bench/_*.py are helpers); status 77: it cannot run here
+	# every benchmark's full form (bench/_*.py is shared code); status 77: it cannot run here
 	@for b in bench/[!_]*.py; do echo "== $(PY) $$b" >&2; $(PY) $$b; rc=$$?; \
 		if [ $$rc = 77 ]; then echo "== $$b skipped" >&2; elif [ $$rc != 0 ]; then exit $$rc; fi; \
 	done

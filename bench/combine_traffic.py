@@ -8,7 +8,7 @@ combined result itself, by request). The last case runs ``runner combine`` with 
 copies made by real worker processes in a fake instance group (a helper run), as on Google Cloud
 above 256 MiB of copies.
 
-    .venv/bin/python bench/combine_traffic.py [--shards 125] [--part-kb 256]
+    .venv/bin/python bench/combine_traffic.py [--shards 125] [--part-kb 256] [--quick]
 """
 
 from __future__ import annotations
@@ -21,7 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _common import REPO, cannot_run, parse_args
+
+sys.path.insert(0, str(REPO))  # the emulator helpers and the fake Compute API live with the tests
 
 from runner.backends.gcp.combine import BucketCombiner
 from runner.results.combine import combine_run
@@ -56,12 +58,24 @@ def _run(store: GcsStore, shards: int, part_bytes: int, headers: bool, tag: str)
     return manifest
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shards", type=int, default=125)
     parser.add_argument("--part-kb", type=int, default=256)
-    args = parser.parse_args()
-    d = emulators.new_deployment()
+    args = parse_args(parser, argv, shards=4, part_kb=4)
+    try:
+        emus = emulators.start_emulators()
+    except (RuntimeError, OSError) as exc:
+        cannot_run(f"the emulators: {exc}")
+    try:
+        emulators.adopt(emus)
+        _cases(emulators.new_deployment(), args)
+    finally:
+        emus.stop()
+
+
+def _cases(d: emulators.Deployment, args: argparse.Namespace) -> None:
+    """Every case of the table, on one deployment."""
     store = GcsStore(d.bucket, client=make_client(d.project))
     print(f"{args.shards} parts of ~{args.part_kb} KiB on fake-gcs-server")
     print(f"{'case':<28} {'combined':>12} {'downloaded':>12} {'uploaded':>12} {'calls':>6}"

@@ -1,6 +1,7 @@
 """What a container costs per shard: a container per attempt against a warm container per slot.
 
     python bench/container_overhead.py [--shards 40] [--many 400] [--repeat 2] [--direct 20]
+                                       [--quick]
 
 Two parts, side by side in the same run, on the test images (``tests/containers/images.py``,
 built on first use: busybox for ``task.sh``, Debian's python3 for ``task.py``):
@@ -11,10 +12,10 @@ built on first use: busybox for ``task.sh``, Debian's python3 for ``task.py``):
    whole commands each): the fixed cost is t(1), the cost per extra shard (t(N) - t(1)) / (N - 1).
    N is ``--shards`` with a container per attempt and ``--many`` otherwise: a few milliseconds a
    shard are lost in a run's fixed cost (about 2.5 s here, give or take 0.5) at 40 shards.
-2. The executor alone (:class:`worker.executors.container.executor.ContainerExecutor`), no queue or
-store: the
-   median of ``--direct`` no-op Python shards, each started and waited for, in a container per
-   attempt and in a warm one (whose first shard, the container's start, is shown apart).
+2. The executor alone (:class:`worker.executors.container.executor.ContainerExecutor`), no
+   queue or store: the median of ``--direct`` no-op Python shards, each started and waited for,
+   in a container per attempt and in a warm one (whose first shard, the container's start, is
+   shown apart).
 
 Prints tables; nothing is asserted.
 """
@@ -31,15 +32,20 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from _common import REPO, cannot_run, parse_args
 
-from tests.containers.images import busybox_image, python_image  # noqa: E402
-from worker.bundle import UnpackedBundle  # noqa: E402
-from worker.executors.container.executor import ContainerExecutor  # noqa: E402
-from worker.executors.container.runtime import Runtime, detect_runtime  # noqa: E402
-from worker.protocol import Entry  # noqa: E402
-from worker.taskapi import TaskShard  # noqa: E402
+sys.path.insert(0, str(REPO))  # the test images are built by the tests' own helpers
+
+from tests.containers.images import ImageBuildError, busybox_image, python_image
+from worker.bundle import UnpackedBundle
+from worker.executors.container.executor import ContainerExecutor
+from worker.executors.container.runtime import (
+    ContainerRuntimeMissing,
+    Runtime,
+    detect_runtime,
+)
+from worker.protocol import Entry
+from worker.taskapi import TaskShard
 
 
 def _submit(task: Path, shards: int, image: str | None, work: Path, *flags: str) -> float:
@@ -80,16 +86,24 @@ def _direct(
     return times
 
 
-def main() -> None:
+def _engine() -> tuple[Runtime, dict[str, str]]:
+    """This machine's container engine and the test images on it (built on first use)."""
+    try:
+        runtime = detect_runtime()
+        print(f"engine: {runtime.describe()}", file=sys.stderr)
+        return runtime, {"shell": busybox_image(runtime), "python": python_image(runtime)}
+    except (ContainerRuntimeMissing, ImageBuildError) as exc:
+        cannot_run(str(exc))
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shards", type=int, default=40)
     parser.add_argument("--many", type=int, default=400)
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--direct", type=int, default=20)
-    args = parser.parse_args()
-    runtime = detect_runtime()
-    print(f"engine: {runtime.describe()}", file=sys.stderr)
-    images = {"shell": busybox_image(runtime), "python": python_image(runtime)}
+    args = parse_args(parser, argv, shards=2, many=3, repeat=1, direct=2)
+    runtime, images = _engine()
     with tempfile.TemporaryDirectory(prefix="cflow-bench-") as tmp:
         work = Path(tmp)
         tasks = {"shell": work / "sh", "python": work / "py"}

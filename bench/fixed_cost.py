@@ -1,6 +1,6 @@
 """Where a short local run's fixed cost goes: a timeline of ``runner submit``, from its own records.
 
-    python bench/fixed_cost.py [--shards 2000] [--runs 5]
+    python bench/fixed_cost.py [--shards 2000] [--runs 5] [--quick]
 
 Runs ``runner submit TASK --shards N --workers 2`` of a no-op ``task.py`` ``--runs`` times and
 prints, for each moment, the median seconds from the command's start: when the run's manifest
@@ -14,7 +14,6 @@ Nothing is asserted; this machine is noisy, so read the medians with the rounds 
 from __future__ import annotations
 
 import argparse
-import compileall
 import json
 import os
 import shutil
@@ -26,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from _common import REPO, compile_project, parse_args
 
 
 def _submit(task: Path, shards: int, work: Path) -> dict[str, float]:
@@ -79,18 +78,15 @@ def _timed(argv: list[str], cwd: Path) -> float:
     return time.perf_counter() - start
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--shards", type=int, default=2000)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--work", type=Path, default=REPO / "bench" / "out")
-    args = parser.parse_args()
-    # Measured with the project's bytecode compiled, as an installed package has it (where
-    # PYTHONDONTWRITEBYTECODE is set, every process would otherwise compile it again).
-    compileall.compile_dir(REPO / "runner", quiet=1)
-    compileall.compile_dir(REPO / "worker", quiet=1)
+    args = parse_args(parser, argv, shards=20, runs=1)
+    compile_project()
     args.work.mkdir(parents=True, exist_ok=True)
     figures: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory(prefix="cflow-fixed-", dir=args.work) as tmp:

@@ -1,6 +1,6 @@
 """Google Cloud API calls per shard, and shards/s, on the emulators with 4 workers.
 
-    python bench/gcp_calls.py [--shards 200] [--workers 4]
+    python bench/gcp_calls.py [--shards 200] [--workers 4] [--quick]
 
 One ``runner submit --shards N --workers W`` of a Python task that writes one small output, on
 the Pub/Sub emulator and fake-gcs-server, with the fake Compute API starting real
@@ -17,7 +17,9 @@ commit, and for the whole command (group start-up and scale-down included). Noth
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -27,12 +29,13 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from _common import REPO, cannot_run, parse_args
 
-from tests import emulators  # noqa: E402 - the emulator helpers live with the tests
-from tests.gcp.conftest import worker_env, worker_spawner  # noqa: E402
-from tests.gcp.fake_compute import FakeCompute  # noqa: E402
+sys.path.insert(0, str(REPO))  # the emulator helpers and the fake Compute API live with the tests
+
+from tests import emulators
+from tests.gcp.conftest import worker_env, worker_spawner
+from tests.gcp.fake_compute import FakeCompute
 
 GROUP, ZONE = "cflow-bench", "us-central1-a"
 
@@ -166,79 +169,61 @@ def _span(results: list[dict[str, Any]]) -> float:
     return max(r["finished_at"] for r in results) - min(r["started_at"] for r in results)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shards", type=int, default=200)
-    parser.add_argument("--workers", type=int, default=4)
-    args = parser.parse_args()
-
-    work = Path(tempfile.mkdtemp(prefix="cflow-bench-gcp-"))
-    hooks, counts = work / "hooks", work / "counts"
-    hooks.mkdir()
-    counts.mkdir()
-    (hooks / "sitecustomize.py").write_text(textwrap.dedent(SITECUSTOMIZE))
-    env = {"CFLOW_BENCH_COUNTS": str(counts), "PYTHONPATH": f"{hooks}:{REPO}"}
-
+def _submit(
+    d: emulators.Deployment, work: Path, env: dict[str, str], args: argparse.Namespace
+) -> tuple[float, list[dict[str, Any]]]:
+    """One ``runner submit`` on the emulators and a fake group: its wall time and the commits."""
+    holder: dict[str, str] = {}
+    spawn = worker_spawner(
+        d,
+        logs=work / "vms",
+        group=GROUP,
+        zone=ZONE,
+        endpoint=lambda: holder["endpoint"],
+        idle_timeout=120,
+        env=env,
+    )
+    fake = FakeCompute(project=d.project, group=GROUP, spawn=spawn, zone=ZONE).start()
+    holder["endpoint"] = fake.endpoint
     try:
-        emus = emulators.start_emulators()
-    except RuntimeError as exc:
-        sys.exit(f"cannot start the emulators: {exc}")
-    try:
-        emulators.adopt(emus)
-        d = emulators.new_deployment()
-        holder: dict[str, str] = {}
-        spawn = worker_spawner(
-            d,
-            logs=work / "vms",
-            group=GROUP,
-            zone=ZONE,
-            endpoint=lambda: holder["endpoint"],
-            idle_timeout=120,
-            env=env,
+        (work / "task").mkdir()
+        (work / "task" / "task.py").write_text(TASK)
+        outputs = work / "cflow-outputs.json"
+        outputs.write_text(json.dumps(d.outputs(zone=ZONE, group=GROUP)))
+        runner_env = worker_env(
+            fake.endpoint, CFLOW_BACKEND="gcp", CFLOW_DEPLOYMENT=str(outputs), **env
         )
-        fake = FakeCompute(project=d.project, group=GROUP, spawn=spawn, zone=ZONE).start()
-        holder["endpoint"] = fake.endpoint
-        try:
-            (work / "task").mkdir()
-            (work / "task" / "task.py").write_text(TASK)
-            outputs = work / "cflow-outputs.json"
-            outputs.write_text(json.dumps(d.outputs(zone=ZONE, group=GROUP)))
-            runner_env = worker_env(
-                fake.endpoint, CFLOW_BACKEND="gcp", CFLOW_DEPLOYMENT=str(outputs), **env
-            )
-            start = time.perf_counter()
-            submit = ["submit", str(work / "task"), "--shards", str(args.shards)]
-            proc = subprocess.run(
-                [sys.executable, "-m", "runner", *submit, "--workers", str(args.workers)],
-                cwd=work,
-                env=runner_env,
-                capture_output=True,
-                text=True,
-                timeout=1800,
-            )
-            wall = time.perf_counter() - start
-            if proc.returncode != 0:
-                sys.exit(f"runner submit failed ({proc.returncode}):\n{proc.stderr}")
-            run_id = proc.stdout.strip().splitlines()[0]
-            deadline = time.monotonic() + 60
-            while fake.live() and time.monotonic() < deadline:  # workers write counts on exit
-                time.sleep(0.2)
-            from worker.backends.gcp.gcs import GcsStore, make_client
+        start = time.perf_counter()
+        submit = ["submit", str(work / "task"), "--shards", str(args.shards)]
+        proc = subprocess.run(
+            [sys.executable, "-m", "runner", *submit, "--workers", str(args.workers)],
+            cwd=work,
+            env=runner_env,
+            capture_output=True,
+            text=True,
+            timeout=1800,
+        )
+        wall = time.perf_counter() - start
+        if proc.returncode != 0:
+            sys.exit(f"runner submit failed ({proc.returncode}):\n{proc.stderr}")
+        run_id = proc.stdout.strip().splitlines()[0]
+        for vm in fake.live().values():  # the workers write their counts as they exit
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                vm.wait(60)
+        from worker.backends.gcp.gcs import GcsStore, make_client
 
-            store = GcsStore(d.bucket, client=make_client(d.project))
-            results = [
-                json.loads(store.get(k))
-                for k in store.list(f"runs/{run_id}/shards/", suffix="/result.json")
-            ]
-        finally:
-            fake.stop()
+        store = GcsStore(d.bucket, client=make_client(d.project))
+        results = [
+            json.loads(store.get(k))
+            for k in store.list(f"runs/{run_id}/shards/", suffix="/result.json")
+        ]
     finally:
-        emus.stop()
+        fake.stop()
+    return wall, results
 
-    totals = _collect(counts)
-    n = args.shards
+
+def _report(totals: dict[str, Counter[str]], n: int) -> None:
     worker, runner = totals.get("worker", Counter()), totals.get("runner", Counter())
-    print(f"{n} shards, {args.workers} workers (1 slot each), {len(results)} committed")
     print(f"\n{'calls per shard':<44}{'workers':>10}{'runner':>10}")
     for key in sorted(set(worker) | set(runner)):
         print(f"  {key:<42}{worker[key] / n:>10.2f}{runner[key] / n:>10.2f}")
@@ -260,10 +245,37 @@ def main() -> None:
         f"Pub/Sub calls per shard: workers {pubsub(worker) / n:.2f}, "
         f"runner {pubsub(runner) / n:.2f}"
     )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shards", type=int, default=200)
+    parser.add_argument("--workers", type=int, default=4)
+    args = parse_args(parser, argv, shards=10, workers=2)
+
+    work = Path(tempfile.mkdtemp(prefix="cflow-bench-gcp-"))
+    hooks, counts = work / "hooks", work / "counts"
+    hooks.mkdir()
+    counts.mkdir()
+    (hooks / "sitecustomize.py").write_text(textwrap.dedent(SITECUSTOMIZE))
+    env = {"CFLOW_BENCH_COUNTS": str(counts), "PYTHONPATH": f"{hooks}:{REPO}"}
+    try:
+        emus = emulators.start_emulators()
+    except (RuntimeError, OSError) as exc:
+        cannot_run(f"the emulators: {exc}")
+    try:
+        emulators.adopt(emus)
+        wall, results = _submit(emulators.new_deployment(), work, env, args)
+    finally:
+        emus.stop()
+    n = args.shards
+    print(f"{n} shards, {args.workers} workers (1 slot each), {len(results)} committed")
+    _report(_collect(counts), n)
     print(
         f"\nthroughput: {n / _span(results):.1f} shards/s from first start to last commit; "
         f"{n / wall:.1f} shards/s for the whole command ({wall:.1f} s)"
     )
+    shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

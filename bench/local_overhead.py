@@ -1,6 +1,6 @@
 """The local backend's overhead per shard against peers doing the same work at parallelism 2.
 
-    python bench/local_overhead.py [--shards 2000] [--small 200] [--runs 5]
+    python bench/local_overhead.py [--shards 2000] [--small 200] [--runs 5] [--quick]
 
 Every figure is the wall-clock time of a whole command or program, start-up included, with
 peers measured side by side in the same run (round-robin, ``--runs`` rounds), because this
@@ -23,7 +23,6 @@ The store lives under ``--work`` (default ``bench/out/`` in the checkout, where 
 from __future__ import annotations
 
 import argparse
-import compileall
 import json
 import multiprocessing
 import os
@@ -38,7 +37,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from _common import REPO, compile_project, parse_args
 
 HUEY_TASKS = """
 from huey import SqliteHuey
@@ -135,7 +134,7 @@ def _fmt(values: list[float]) -> str:
     return " ".join(f"{v:.2f}" for v in values)
 
 
-def main() -> None:
+def _args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -149,84 +148,75 @@ def main() -> None:
         default=REPO / "bench" / "out",
         help="where the store goes (default: inside the checkout, as ./.cflow would be)",
     )
-    args = parser.parse_args()
-    # Measured with the project's bytecode compiled, as an installed package has it (where
-    # PYTHONDONTWRITEBYTECODE is set, every process would otherwise compile it again).
-    compileall.compile_dir(REPO / "runner", quiet=1)
-    compileall.compile_dir(REPO / "worker", quiet=1)
-    args.work.mkdir(parents=True, exist_ok=True)
-    n, small = args.shards, args.small
-    have_huey = True
+    return parse_args(parser, argv, shards=20, small=10, runs=1)
+
+
+def _peers() -> tuple[bool, bool]:
+    """Whether huey and GNU parallel are here; each missing one is said and left out."""
     try:
         import huey  # noqa: F401
     except ImportError:
         have_huey = False
         print("huey not installed (pip install huey): skipped", file=sys.stderr)
+    else:
+        have_huey = True
     have_parallel = shutil.which("parallel") is not None
     if not have_parallel:
         print("GNU parallel not found (apt-get install parallel): skipped", file=sys.stderr)
+    return have_huey, have_parallel
 
-    times: dict[str, list[float]] = {}
 
-    def add(name: str, value: float) -> None:
-        times.setdefault(name, []).append(value)
+Contender = Callable[[], dict[str, float]]
 
-    with tempfile.TemporaryDirectory(prefix="cflow-bench-", dir=args.work) as tmp:
-        work = Path(tmp)
-        py_task = work / "py-task"
-        py_task.mkdir()
-        (py_task / "task.py").write_text("def run(shard):\n    pass\n")
-        sh_task = work / "sh-task"
-        sh_task.mkdir()
-        (sh_task / "task.sh").write_text("#!/usr/bin/env bash\ntrue\n")
-        (sh_task / "task.sh").chmod(0o755)
-        script = str(sh_task / "task.sh")
-        seq = "".join(f"{i}\n" for i in range(n))
-        for _ in range(args.runs):
-            big = _cflow(py_task, n, work)
-            add("py/cflow", big["wall"])
-            add("py/cflow fixed", big["fixed"])
-            add("py/cflow small", _cflow(py_task, small, work)["wall"])
-            add("py/Pool", _timed(lambda: _pool(n)))
-            if have_huey:
-                add("py/huey", _timed(lambda: _huey(n, work)))
-            if args.skip_shell:
-                continue
-            add("sh/cflow", _cflow(sh_task, n, work)["wall"])
-            if have_parallel:
-                add(
-                    "sh/parallel",
-                    _timed(
-                        lambda: subprocess.run(
-                            ["parallel", "-j2", script, ":::", *map(str, range(n))],
-                            check=True,
-                            capture_output=True,
-                        )
-                    ),
-                )
-            add(
-                "sh/xargs",
-                _timed(
-                    lambda: subprocess.run(
-                        ["xargs", "-P2", "-n1", script],
-                        input=seq,
-                        text=True,
-                        check=True,
-                        capture_output=True,
-                    )
-                ),
-            )
 
-    print(f"{n} no-op shards, parallelism 2, {args.runs} rounds (seconds, whole process)\n")
-    print(f"{'what':22} {'median':>7}   runs")
-    for name, values in times.items():
-        print(f"{name:22} {_median(values):7.2f}   {_fmt(values)}")
+def _contenders(work: Path, args: argparse.Namespace) -> dict[str, Contender]:
+    """Each contender of a round: what it runs, returning its figures by name."""
+    n, small = args.shards, args.small
+    py_task = work / "py-task"
+    py_task.mkdir()
+    (py_task / "task.py").write_text("def run(shard):\n    pass\n")
+    sh_task = work / "sh-task"
+    sh_task.mkdir()
+    (sh_task / "task.sh").write_text("#!/usr/bin/env bash\ntrue\n")
+    (sh_task / "task.sh").chmod(0o755)
+    script = str(sh_task / "task.sh")
+    have_huey, have_parallel = _peers()
+
+    def cflow() -> dict[str, float]:
+        big = _cflow(py_task, n, work)
+        return {"py/cflow": big["wall"], "py/cflow fixed": big["fixed"]}
+
+    def run(argv: list[str], stdin: str | None = None) -> float:
+        return _timed(
+            lambda: subprocess.run(argv, input=stdin, text=True, check=True, capture_output=True)
+        )
+
+    out: dict[str, Contender] = {
+        "py/cflow": cflow,
+        "py/cflow small": lambda: {"py/cflow small": _cflow(py_task, small, work)["wall"]},
+        "py/Pool": lambda: {"py/Pool": _timed(lambda: _pool(n))},
+    }
+    if have_huey:
+        out["py/huey"] = lambda: {"py/huey": _timed(lambda: _huey(n, work))}
+    if args.skip_shell:
+        return out
+    out["sh/cflow"] = lambda: {"sh/cflow": _cflow(sh_task, n, work)["wall"]}
+    if have_parallel:
+        argv = ["parallel", "-j2", script, ":::", *map(str, range(n))]
+        out["sh/parallel"] = lambda: {"sh/parallel": run(argv)}
+    seq = "".join(f"{i}\n" for i in range(n))
+    out["sh/xargs"] = lambda: {"sh/xargs": run(["xargs", "-P2", "-n1", script], seq)}
+    return out
+
+
+def _figures(times: dict[str, list[float]], n: int, small: int) -> dict[str, object]:
+    """The figures against the targets, from every round's times."""
     cflow = times["py/cflow"]
     slope = [
         (b - s) / (n - small) * 1000 for b, s in zip(cflow, times["py/cflow small"], strict=True)
     ]
     figures: dict[str, object] = {
-        "python: 2,000 shards, s (target <= 1.0)": round(_median(cflow), 3),
+        f"python: {n:,} shards, s (target <= 1.0 at 2,000)": round(_median(cflow), 3),
         "python: ms per extra shard (target <= 0.5)": round(_median(slope), 3),
         "python: fixed cost, s (target <= 0.5)": round(_median(times["py/cflow fixed"]), 3),
         "python: cflow / Pool": round(_median(cflow) / _median(times["py/Pool"]), 2),
@@ -244,9 +234,29 @@ def main() -> None:
         figures["shell: cflow / xargs, median"] = round(
             _median(times["sh/cflow"]) / _median(times["sh/xargs"]), 2
         )
+    return figures
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _args(argv)
+    compile_project()
+    args.work.mkdir(parents=True, exist_ok=True)
+    times: dict[str, list[float]] = {}
+    with tempfile.TemporaryDirectory(prefix="cflow-bench-", dir=args.work) as tmp:
+        contenders = _contenders(Path(tmp), args)
+        for _ in range(args.runs):  # round-robin: each round runs every contender once
+            for contender in contenders.values():
+                for name, value in contender().items():
+                    times.setdefault(name, []).append(value)
+    n = args.shards
+    print(f"{n} no-op shards, parallelism 2, {args.runs} rounds (seconds, whole process)\n")
+    print(f"{'what':22} {'median':>7}   runs")
+    for name, values in times.items():
+        print(f"{name:22} {_median(values):7.2f}   {_fmt(values)}")
+    figures = _figures(times, n, args.small)
     print()
-    for name, value in figures.items():
-        print(f"{name:58} {value}")
+    for name, figure in figures.items():
+        print(f"{name:58} {figure}")
     print(json.dumps({"shards": n, "runs": times, "figures": figures}))
 
 

