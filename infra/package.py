@@ -1,9 +1,9 @@
 """Ship the worker to the VMs: the wheel built from ``worker/`` and a wheelhouse of its
 dependencies, both uploaded to the bucket.
 
-No hand-built image: every VM downloads these objects at boot, checks their SHA-256 and installs
-with ``pip install --no-index`` (no package index at boot, no versions of the day: the
-dependencies are resolved here, pinned to this machine's versions, for the VMs' Python and
+No hand-built image: every VM downloads these objects at boot, checks their SHA-256 and unpacks
+the wheels into its venv (infra/scripts/startup.sh; no package index at boot, no versions of the
+day: the dependencies are resolved here, pinned to this machine's versions, for the VMs' Python and
 platform; see :mod:`runner.backends.gcp.wheels`). Object names hold the SHA-256, so a new worker or
 new dependencies are new objects, which change the instance template's metadata and so roll a new
 template; an unchanged worker changes nothing.

@@ -4,8 +4,9 @@
 they write is under ``CFLOW_PREFIX``, the metadata server is a local one speaking the real
 protocol (``Metadata-Flavor: Google`` or 403), and ``systemctl``, ``gcloud`` and ``apt-get`` are
 stand-ins on ``PATH`` that record their calls (``gcloud storage cp`` copies from a local "bucket").
-``python3 -m venv`` and ``pip install`` are real; pip is kept offline with ``PIP_NO_INDEX`` and
-``PIP_NO_DEPS``, so the worker wheel itself is installed but not its dependencies.
+``python3 -m venv`` and the unpacking of the wheels are real; ``PIP_NO_DEPS`` skips the check that
+every library the worker requires came with the wheelhouse, so the worker wheel itself is
+installed but not its dependencies.
 """
 
 from __future__ import annotations

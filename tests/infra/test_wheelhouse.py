@@ -45,7 +45,7 @@ def test_worker_boots_from_the_wheelhouse_without_a_package_index(tmp_path: Path
             "install",
             "--quiet",
             "--disable-pip-version-check",
-            "--no-index",  # what startup.sh does: nothing but the shipped wheels
+            "--no-index",  # as on a VM: nothing but the shipped wheels
             "--find-links",
             str(wheels / "wheels"),
             "--target",

@@ -3,7 +3,8 @@
 A VM must boot without a package index (PyPI down, rate limited, or a new release that breaks):
 everything it installs is resolved here, at deploy or submit time, with ``pip download
 --only-binary=:all:`` for the VMs' Python and platform, and shipped as content-addressed bytes.
-The VM installs with ``pip install --no-index --find-links``. Resolution is pinned to what this
+The VM unpacks the worker's wheelhouse into its venv at boot, and the worker installs a task's
+with ``pip install --no-index --find-links``. Resolution is pinned to what this
 machine runs (every distribution installed here constrains the resolution), so the VMs get the
 versions the deployer tested, not the versions of the day.
 
