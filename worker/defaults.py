@@ -6,6 +6,7 @@ SLOTS = 1  # shards one worker runs at once
 
 LEASE_SECONDS = 60.0  # local queue visibility timeout; extended while a task runs
 HEARTBEAT_SECONDS = 10.0  # how often a running attempt extends its lease and uploads its log
+CANCEL_CHECK_SECONDS = 2.0  # how often a running attempt looks whether its run was cancelled
 LOG_UPLOAD_SECONDS = 15.0  # how often a running attempt's log is uploaded to a remote store
 MAX_DELIVERIES = 10  # deliveries before a message is dead-lettered (messages that kill workers)
 IDLE_TIMEOUT = 300.0  # seconds a worker may sit idle before it removes itself

@@ -31,6 +31,10 @@ class Deployment:
     config: Config
     backends: Backends
     make_fleet: Callable[[int, float | None], Fleet]  # (slots, idle timeout seconds) -> fleet
+    # (run id, slots, idle timeout seconds) -> the fleet of that run's own workers, where a
+    # backend starts workers per run (locally: processes in the environment of the runner that
+    # starts them, serving no other run); None: one fleet serves every run (Google Cloud VMs).
+    make_run_fleet: Callable[[str, int, float | None], Fleet] | None = None
     lister: RemoteLister | None = None
     stage_input: InputStager | None = None
     default_workers: int = 4
@@ -53,8 +57,20 @@ class Deployment:
             return self.backends.events
         return self.open_run_events(run_id, since)
 
-    def fleet(self, *, slots: int = defaults.SLOTS, idle_timeout: float | None = None) -> Fleet:
-        """A fleet of workers with ``slots`` each (``idle_timeout``: where the runner sets it)."""
+    def fleet(
+        self,
+        *,
+        slots: int = defaults.SLOTS,
+        idle_timeout: float | None = None,
+        run_id: str | None = None,
+    ) -> Fleet:
+        """A fleet of workers with ``slots`` each (``idle_timeout``: where the runner sets it).
+
+        ``run_id``: the fleet that runs that run, which is the run's own where the backend
+        starts workers per run (:attr:`make_run_fleet`); without it, every worker there is.
+        """
+        if run_id is not None and self.make_run_fleet is not None:
+            return self.make_run_fleet(run_id, slots, idle_timeout)
         return self.make_fleet(slots, idle_timeout)
 
     def close(self) -> None:

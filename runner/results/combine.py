@@ -97,7 +97,7 @@ def combine_run(
     tell = say or (workers.say if workers is not None else _quiet)
     if combiner is None:
         combiner = LocalCombiner()
-    groups, shards, missing = committed_parts(store, manifest)
+    groups, shards, missing, late = committed_parts(store, manifest)
     with tempfile.TemporaryDirectory(prefix="cflow-combine-") as tmp:
         work = Path(tmp)
         folder = open_task(store, manifest, work, task)
@@ -109,7 +109,12 @@ def combine_run(
             combined = combiner.concatenate(
                 store, manifest, groups, headers=headers, warn=warn, work=work, workers=workers
             )
-        combined.shards, combined.missing = shards, missing
+        combined.shards, combined.missing, combined.late = shards, missing, late
+        if late:
+            tell(
+                f"{late} shards committed by attempts that ended after the run was cancelled"
+                " are left out of its result"
+            )
         combined.files.sort()
         combined.objects.sort()
         fresh = set(combined.objects)

@@ -170,6 +170,7 @@ class Combined:
     files: list[str]  # one key per output name (a combined file or a manifest.json)
     shards: int  # committed shards combined
     missing: int  # shards with no committed result (failed or unfinished)
+    late: int = 0  # of those, committed by an attempt that ended after the run was cancelled
     written: list[str] = field(default_factory=list)  # where --out copies of ``files`` went
     traffic: Traffic = field(default_factory=Traffic)
     objects: list[str] = field(default_factory=list)  # every key written, ``files`` included
@@ -246,20 +247,29 @@ class Combiner(Protocol):
         ...
 
 
-def committed_parts(store: Store, manifest: Manifest) -> tuple[dict[str, list[Part]], int, int]:
-    """Committed outputs grouped by relative path, in shard order; plus (committed, missing)."""
+def committed_parts(
+    store: Store, manifest: Manifest
+) -> tuple[dict[str, list[Part]], int, int, int]:
+    """Committed outputs grouped by relative path, in shard order; plus (committed, missing,
+    late). A cancelled run's result holds only attempts that ended before the cancel: one that
+    ended after it and still committed (in the moment the cancel was being written) is left out,
+    counted missing and ``late``."""
     run_id = manifest.run_id
     done = runs.committed(store, run_id)
     groups: dict[str, list[Part]] = {}
-    missing = 0
+    missing = late = 0
     batch: list[tuple[str, int]] = []  # (commit record, shard index)
 
     def read(keys: list[tuple[str, int]]) -> None:  # one query (or reads) per 1000 shards
+        nonlocal late
         found = store.get_many([key for key, _ in keys])
         for key, index in keys:
             if key not in found:  # removed since it was listed (a concurrent `runner rm`)
                 raise NotFound(f"no object {key}")
             result = ShardResult.from_json(found[key])
+            if manifest.cancelled_at is not None and result.finished_at > manifest.cancelled_at:
+                late += 1
+                continue
             prefix = Layout.outputs(run_id, result.shard_id, result.attempt)
             for rel in result.outputs:
                 part = Part(rel, prefix + rel, result.shard_id, index)
@@ -274,7 +284,7 @@ def committed_parts(store: Store, manifest: Manifest) -> tuple[dict[str, list[Pa
             read(batch)
             batch = []
     read(batch)
-    return groups, len(done), missing
+    return groups, len(done) - late, missing + late, late
 
 
 def local_parts(store: Store, parts: list[Part], work: Path, traffic: Traffic) -> Iterator[Path]:

@@ -1,7 +1,8 @@
-"""Every run is its own: a task's working folder, its bundle, its workers and its cancel."""
+"""Every run is its own: its workers, a task's working folder, and its bundle."""
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 from pathlib import Path
@@ -10,7 +11,9 @@ import pytest
 
 from tests.containers.conftest import container_runtime, python_image
 from tests.e2e.conftest import Cli, alive, make_task, wait_for
+from worker.backends.local.queue import LocalQueue
 from worker.executors.container.runtime import Runtime
+from worker.protocol import WorkMessage
 
 pytestmark = pytest.mark.e2e
 __all__ = ["container_runtime", "python_image"]  # the session fixtures
@@ -42,32 +45,110 @@ def run(shard):
 """
 
 
-# Records its pid, runs a while, then waits for the test's gate file and writes an output.
-GATED_TASK = """
+# Says which MYSETTING it saw; with a gate, first marks itself started and waits for the gate,
+# so the test sees how many of a run's shards run at once before any ends.
+ENV_TASK = """
 import os, time
 from pathlib import Path
 
 def run(shard):
-    Path(shard.params["pids"], str(shard.index)).write_text(str(os.getpid()))
-    time.sleep(float(shard.params["busy"]))
-    while not os.path.exists(shard.params["gate"]):
-        time.sleep(0.02)
-    (Path(shard.output_dir) / "done.txt").write_text("done\\n")
+    gate = shard.params.get("gate")
+    if gate:
+        Path(shard.params["started"], str(shard.index)).touch()
+        while not os.path.exists(gate):
+            time.sleep(0.02)
+    (Path(shard.output_dir) / "seen.csv").write_text(os.environ.get("MYSETTING", "") + "\\n")
 """
 
 
-def _gated(cli: Cli, tmp_path: Path, shards: int, busy: float) -> tuple[str, Path, Path]:
-    """A detached run of GATED_TASK, once each of its shards' tasks has started."""
-    task = make_task(tmp_path / "gated", GATED_TASK)
-    pids, gate = tmp_path / "pids", tmp_path / "gate"
-    pids.mkdir()
-    params = tmp_path / "params.jsonl"
-    row = f'{{"pids": "{pids}", "gate": "{gate}", "busy": {busy}}}\n'
+def _gated_params(tmp_path: Path, name: str, shards: int, gate: Path) -> tuple[Path, Path]:
+    """A params file of ``shards`` gated shards, and the folder they mark themselves started in."""
+    started = tmp_path / f"started-{name}"
+    started.mkdir()
+    params = tmp_path / f"{name}.jsonl"
+    row = json.dumps({"started": str(started), "gate": str(gate)}) + "\n"
     params.write_text(row * shards)
-    r = cli("submit", str(task), "--params", str(params), "--workers", str(shards), "--detach")
-    assert r.code == 0, r.stderr
-    wait_for(lambda: len(list(pids.iterdir())) == shards, what="every task started")
-    return r.run_id, pids, gate
+    return params, started
+
+
+def _workers_of(cli: Cli, run_id: str) -> set[str]:
+    return {a["worker"] for s in cli.status(run_id)["shards"] for a in s["attempts"]}
+
+
+def test_a_run_after_a_detached_one_runs_in_workers_of_its_own(cli: Cli, tmp_path: Path) -> None:
+    task = make_task(tmp_path / "env", ENV_TASK)
+    cli.env["MYSETTING"] = "gamma"
+    args = ["--shards", "2", "--workers", "2", "--idle-timeout", "300", "--detach"]
+    first = cli("submit", str(task), *args)
+    assert first.code == 0, first.stderr
+    wait_for(
+        lambda: len(cli.records(f"runs/{first.run_id}/shards/*/result.json")) == 2,
+        what="the detached run to finish",
+    )
+    lingering = cli.workers()  # its workers linger, idle, for their idle timeout
+    assert lingering
+    # The next run asks for another environment and two slots in one worker: both its shards
+    # must start side by side, before the gate opens, in a worker started for it.
+    gate = tmp_path / "gate"
+    params, started = _gated_params(tmp_path, "second", 2, gate)
+    cli.env["MYSETTING"] = "delta"
+    second = cli.start(
+        "submit", str(task), "--params", str(params), "--workers", "1", "--slots", "2"
+    )
+    try:
+        wait_for(lambda: len(list(started.iterdir())) == 2, what="both shards in one worker")
+    finally:
+        gate.touch()
+    stdout, stderr = second.communicate(timeout=120)
+    assert second.returncode == 0, stderr
+    run_id = stdout.split()[0]
+    assert cli("combine", first.run_id).code == 0  # detached: nobody combined it
+    assert _combined(cli, first.run_id, "seen.csv") == "gamma\ngamma\n"
+    assert _combined(cli, run_id, "seen.csv") == "delta\ndelta\n"
+    assert len(_workers_of(cli, run_id)) == 1
+    assert not _workers_of(cli, run_id) & _workers_of(cli, first.run_id)
+    # The second run's end let its own worker go, and left the first run's alone.
+    assert all(alive(pid) for pid in lingering.values())
+
+
+def test_two_submits_at_once_each_run_in_their_own_workers(cli: Cli, tmp_path: Path) -> None:
+    task = make_task(tmp_path / "env", ENV_TASK)
+    gate = tmp_path / "gate"
+    runs = {}
+    for name, slots in (("first", "1"), ("second", "2")):
+        params, started = _gated_params(tmp_path, name, 2, gate)
+        cli.env["MYSETTING"] = name
+        args = ["--params", str(params), "--workers", "1", "--slots", slots]
+        runs[name] = (cli.start("submit", str(task), *args), started)
+    try:
+        # One slot: one shard of the first at a time; two: both of the second at once.
+        wait_for(
+            lambda: [len(list(started.iterdir())) for _, started in runs.values()] == [1, 2],
+            what="each run's shards to start in its own workers",
+        )
+    finally:
+        gate.touch()
+    ids = {}
+    for name, (proc, _) in runs.items():
+        stdout, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == 0, stderr
+        ids[name] = stdout.split()[0]
+        assert _combined(cli, ids[name], "seen.csv") == f"{name}\n{name}\n"
+    assert not _workers_of(cli, ids["first"]) & _workers_of(cli, ids["second"])
+
+
+def test_a_queue_opened_for_a_run_receives_that_run_s_messages_only(tmp_path: Path) -> None:
+    path = tmp_path / "queue.db"
+    shared = LocalQueue(path)
+    own = LocalQueue(path, run_id="r-b")
+    try:
+        shared.publish(WorkMessage(run_id=r, shard={"id": r, "index": 0}) for r in ("r-a", "r-b"))
+        assert [d.message.run_id for d in own.receive(10, 0)] == ["r-b"]  # though r-a is older
+        assert own.receive(10, 0) == []
+        assert [d.message.run_id for d in shared.receive(10, 0)] == ["r-a"]
+    finally:
+        own.close()
+        shared.close()
 
 
 def _combined(cli: Cli, run_id: str, name: str) -> str:
@@ -125,31 +206,3 @@ def test_writing_into_the_task_folder_fails_with_a_permission_error(
     (shard,) = cli.status(r.run_id)["shards"]
     assert shard["reason"].startswith("PermissionError: [Errno 13] Permission denied"), shard
     assert stat.S_IMODE(os.stat(task).st_mode) & 0o200  # the user's own folder is untouched
-
-
-def test_a_local_cancel_stops_the_running_tasks_within_seconds(cli: Cli, tmp_path: Path) -> None:
-    run_id, pids, _gate = _gated(cli, tmp_path, shards=2, busy=0)
-    tasks = [int(p.read_text()) for p in pids.iterdir()]
-    assert cli("cancel", run_id).code == 0
-    # The tasks would wait for the gate forever: only the cancel ends them.
-    wait_for(lambda: not any(alive(pid) for pid in tasks), timeout=8, what="the tasks to stop")
-    wait_for(lambda: not cli.running_attempts(), timeout=8, what="the attempts to settle")
-    assert cli.records(f"runs/{run_id}/shards/*/result.json") == {}
-    reasons = {s["reason"] for s in cli.status(run_id)["shards"]}
-    assert reasons == {"run cancelled"}
-
-
-def test_a_task_that_ends_after_the_cancel_never_commits(cli: Cli, tmp_path: Path) -> None:
-    run_id, _pids, gate = _gated(cli, tmp_path, shards=2, busy=2.5)
-    assert cli("cancel", run_id).code == 0
-    gate.touch()  # the tasks finish at once, before the next look at the manifest
-
-    def settled() -> int:  # attempts that committed, and those that ended otherwise
-        ended = cli.records(f"runs/{run_id}/shards/*/attempts/*/status.json").values()
-        done = cli.records(f"runs/{run_id}/shards/*/result.json")
-        return len(done) + sum(a["state"] != "running" for a in ended)
-
-    wait_for(lambda: settled() == 2, what="both attempts to settle")
-    assert cli.records(f"runs/{run_id}/shards/*/result.json") == {}
-    combined = cli("combine", run_id)
-    assert not (cli.store / "runs" / run_id / "combined" / "done.txt").exists(), combined.stderr

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from worker import defaults
 from worker.agent.books import Bookkeeper, Outcome
 from worker.agent.files import AttemptLog, seal_outputs, stage_input, take_return
 from worker.agent.pool import ExecutorPool
@@ -23,13 +24,10 @@ from worker.agent.slot import Claim, Slot, StopFlag
 from worker.clock import Clock
 from worker.errors import CFlowError, DiskFull, TaskError
 from worker.executors.base import RunningTask, TaskExecutor, remove_tree, task_cwd
-from worker.executors.container.runtime import (
-    ContainerRuntimeMissing,
-    GpuSupportMissing,
-    ImagePullError,
-)
+from worker.executors.container.gpus import GpuSupportMissing
+from worker.executors.container.runtime import ContainerRuntimeMissing, ImagePullError
 from worker.ledger import CANCELLED
-from worker.protocol import AttemptState, Entry, EventKind, Layout, RunState
+from worker.protocol import AttemptState, Entry, EventKind, Layout
 from worker.store import Store
 from worker.taskapi import TaskShard
 
@@ -37,7 +35,7 @@ log = logging.getLogger("cflow.worker")
 
 _STEP = 0.2  # seconds between checks while a task runs (stop requests, deadlines)
 _SHOW_LOG = 1.0  # seconds an attempt runs before its log is moved where users read it
-_CANCEL_CHECK = 2.0  # seconds between looks at whether a running attempt's run was cancelled
+_CANCEL_CHECK = defaults.CANCEL_CHECK_SECONDS
 _FIRST_WAIT = 0.01  # seconds before a still-running task lets pending settlements through
 _PREEMPTED = "worker stopped (preemption)"
 
@@ -236,11 +234,8 @@ class AttemptRunner:
         while True:
             if code is not None:
                 if code == 0:
-                    # A run cancelled while this ran takes no more results. An attempt that ran
-                    # a while reads the manifest afresh; a short one trusts the cached copy.
-                    fresh = clock.monotonic() - start >= _CANCEL_CHECK
-                    if self._cancelled(manifest.run_id, claim.bundle, fresh=fresh):
-                        return Outcome(AttemptState.FAILED, 0, CANCELLED)
+                    # Whether its run was cancelled meanwhile is looked at right before the
+                    # commit (Bookkeeper.flush), with the manifest read afresh.
                     return Outcome(AttemptState.SUCCEEDED, 0)
                 if self._stop.is_set() and (code < 0 or getattr(task, "not_started", False)):
                     return Outcome(AttemptState.PREEMPTED, code, _PREEMPTED)
@@ -264,16 +259,6 @@ class AttemptRunner:
                 last_upload = now
                 attempt_log.show()
             code = task.wait(_STEP)
-
-    def _cancelled(self, run_id: str, bundle: str, *, fresh: bool) -> bool:
-        """Whether the run was cancelled (or its shard queued again with another task)."""
-        if fresh:
-            return self.runs.superseded(run_id, bundle)
-        try:
-            current = self.runs.manifest(run_id)
-        except Exception:  # unreadable for now: the heartbeat's fresh reads decide
-            return False
-        return current is None or current.state == RunState.CANCELLED.value
 
     def _beat(self, slot: Slot, claim: Claim, run_id: str) -> None:
         """Extend the slot's leases and say the attempt lives. A full disk (local store) only

@@ -19,7 +19,7 @@ from worker.agent.runbook import ManifestBroken, RunBook, Vetted
 from worker.agent.slot import Claim, Slot, StopFlag
 from worker.clock import Clock
 from worker.errors import DiskFull
-from worker.ledger import Finished, Ledger
+from worker.ledger import CANCELLED, Finished, Ledger
 from worker.protocol import AttemptState, Event, EventKind
 from worker.queue import Delivery, WorkQueue
 
@@ -189,6 +189,7 @@ class Bookkeeper:
 
     def flush(self, slot: Slot) -> None:
         """Settle the slot's batch now; wait out a full disk, give the batch back on failure."""
+        self.withdraw_cancelled(slot.pending)
         while slot.pending:
             try:
                 self.ledger.settle(slot.pending)
@@ -215,6 +216,26 @@ class Bookkeeper:
                 self.completed += len(slot.pending)
                 self.last_finished = self.clock.monotonic()
             slot.pending = []
+
+    def withdraw_cancelled(self, batch: list[Finished]) -> None:
+        """Make the successes of a run cancelled since they ran (or retried with another task)
+        cancelled attempts, which never commit. Each run's manifest is read afresh right before
+        the commit, once per run and bundle in the batch: a cancel never goes unseen behind the
+        copy a worker keeps (``manifest_ttl``), however short the attempt."""
+        verdicts: dict[tuple[str, str], bool] = {}
+        for f in batch:
+            if f.state is not AttemptState.SUCCEEDED or f.bundle is None:
+                continue
+            key = (f.delivery.message.run_id, f.bundle)
+            if key not in verdicts:
+                verdicts[key] = self.runs.superseded(*key)
+            if verdicts[key]:
+                log.info(
+                    "shard %s: run %s was cancelled; not committed",
+                    f.delivery.message.shard_id,
+                    key[0],
+                )
+                f.state, f.reason = AttemptState.FAILED, CANCELLED
 
     def give_back(self, slot: Slot) -> None:
         """Return received messages this slot did not get to (stopping): not a delivery. A

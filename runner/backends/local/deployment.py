@@ -1,4 +1,5 @@
-"""The local deployment: a SQLite queue and a store folder on this machine, worker processes."""
+"""The local deployment: a SQLite queue and a store folder on this machine, worker processes
+started per run."""
 
 from __future__ import annotations
 
@@ -25,6 +26,12 @@ def open_local_deployment(config: Config, *, clock: Clock = SYSTEM_CLOCK) -> Dep
     def make_fleet(slots: int, idle_timeout: float | None) -> Fleet:
         return LocalFleet(root, slots=slots, idle_timeout=idle_timeout or LOCAL_IDLE_TIMEOUT)
 
+    def make_run_fleet(run_id: str, slots: int, idle_timeout: float | None) -> Fleet:
+        # A worker process keeps the environment it was started in: one run's never runs
+        # another's shards (its variables, --slots, --image and options are the run's own).
+        idle = idle_timeout or LOCAL_IDLE_TIMEOUT
+        return LocalFleet(root, run_id=run_id, slots=slots, idle_timeout=idle)
+
     def open_run_events(run_id: str, since: float | None) -> EventBus:
         return local_run_events(root, run_id, since=since, clock=clock)
 
@@ -32,6 +39,7 @@ def open_local_deployment(config: Config, *, clock: Clock = SYSTEM_CLOCK) -> Dep
         config=config,
         backends=backends,
         make_fleet=make_fleet,
+        make_run_fleet=make_run_fleet,
         default_workers=max(os.cpu_count() or 1, 1),
         open_run_events=open_run_events,
         poll_seconds=LOCAL_POLL_SECONDS,

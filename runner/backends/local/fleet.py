@@ -33,6 +33,12 @@ class LocalFleet(Fleet):
     ``runner watch`` finds them. They run in their own session: Ctrl-C in the runner's terminal
     detaches the runner without stopping them.
 
+    A fleet opened for a run (``run_id``) is that run's alone: its workers are started with
+    ``--run`` and receive only that run's shards, in the environment of the runner that started
+    them and with the run's slots and options, and it lists, scales and deletes only them. Two
+    runs in one store, at once or one after another, never run in each other's workers. A fleet
+    opened with no run sees every worker of the store (who holds what, for ``runner status``).
+
     A name is claimed by creating its registry file create-only, so two runners starting
     workers in one store at once never give two workers one name. When a worker process is
     seen gone, the leases it held are released at once (:meth:`WorkQueue.release`), so its
@@ -43,6 +49,7 @@ class LocalFleet(Fleet):
         self,
         root: Path,
         *,
+        run_id: str | None = None,
         slots: int = 1,
         idle_timeout: float = defaults.IDLE_TIMEOUT,
         extra_args: list[str] | None = None,
@@ -50,6 +57,7 @@ class LocalFleet(Fleet):
         self.root = root.resolve()
         self.registry = self.root / "fleet"
         self.registry.mkdir(parents=True, exist_ok=True)
+        self.run_id = run_id
         self.slots = slots
         self.idle_timeout = idle_timeout
         self.extra_args = extra_args or []
@@ -76,11 +84,15 @@ class LocalFleet(Fleet):
         )
 
     def _entries(self) -> dict[str, int]:
+        """This fleet's registered workers (a run's own, or every one): name -> pid."""
         out = {}
         for path in self.registry.glob("*.json"):
             try:
-                out[path.stem] = int(json.loads(path.read_text())["pid"])
-            except (OSError, ValueError, KeyError, TypeError):
+                entry = json.loads(path.read_text())
+                pid = int(entry["pid"])
+                if self.run_id is None or entry.get("run") == self.run_id:
+                    out[path.stem] = pid
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
                 # A name claimed by a runner still starting its process; a claim that never
                 # got a pid (its runner died in between) is given back after a while.
                 with contextlib.suppress(OSError):
@@ -178,6 +190,7 @@ class LocalFleet(Fleet):
                         str(self.slots),
                         "--idle-timeout",
                         str(self.idle_timeout),
+                        *(["--run", self.run_id] if self.run_id else []),
                         *self.extra_args,
                     ],
                     stdin=subprocess.DEVNULL,
@@ -189,7 +202,7 @@ class LocalFleet(Fleet):
             entry = self.registry / f"{name}.json"
             tmp = entry.with_name(f".{name}.json.tmp")
             try:
-                tmp.write_text(json.dumps({"pid": proc.pid}))
+                tmp.write_text(json.dumps({"pid": proc.pid, "run": self.run_id}))
                 os.replace(tmp, entry)  # readers see the claim or the pid, never half a file
             except OSError:  # an unregistered worker would be invisible: stop it
                 proc.kill()

@@ -12,14 +12,22 @@ from worker.clock import SYSTEM_CLOCK, Clock
 from worker.queue import EventBus
 
 
-def open_local(root: Path, *, clock: Clock = SYSTEM_CLOCK, **queue_options: float) -> Backends:
-    """The embedded backend rooted at ``root`` (the store tree plus ``queue.db``).
+def open_local(
+    root: Path, *, clock: Clock = SYSTEM_CLOCK, run_id: str | None = None, **queue_options: float
+) -> Backends:
+    """The embedded backend rooted at ``root`` (the store tree plus ``queue.db``); ``run_id``:
+    its queue receives that run's messages only (a worker started for one run).
 
     Its queue, events and the store's records share one SQLite file, so its ledger settles a
     batch of attempts in one durable transaction (:class:`LocalLedger`).
     """
     store = LocalStore(root)
-    queue = LocalQueue(root / QUEUE_FILE, clock=clock, **queue_options)  # type: ignore[arg-type]
+    queue = LocalQueue(
+        root / QUEUE_FILE,
+        clock=clock,
+        run_id=run_id,
+        **queue_options,  # type: ignore[arg-type]
+    )
     events = LocalEvents(root / QUEUE_FILE, clock=clock)
     ledger = LocalLedger(queue=queue, store=store, events=events, clock=clock)
     return Backends(queue=queue, store=store, events=events, ledger=ledger)

@@ -30,6 +30,7 @@ CREATE TABLE IF NOT EXISTS messages (
 );
 CREATE INDEX IF NOT EXISTS messages_ready ON messages (dead, available_at);
 CREATE INDEX IF NOT EXISTS messages_run ON messages (run_id, shard_id);
+CREATE INDEX IF NOT EXISTS messages_run_ready ON messages (run_id, dead, available_at);
 CREATE INDEX IF NOT EXISTS messages_worker ON messages (worker);
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY,

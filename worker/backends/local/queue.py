@@ -6,6 +6,9 @@ process die (:meth:`LocalQueue.release`). A message delivered more than ``max_de
 moves to the dead-letter state instead of being delivered again; a preemption is not a delivery
 (:meth:`LocalQueue.requeue` starts the count over and puts the shard at the front).
 
+A queue opened for one run (``run_id``) receives only that run's messages: a local worker is
+started for one run, with that run's environment, slots and options, and never serves another.
+
 Events are rows read through a cursor, never deleted by a reader: each runner watching a run sees
 that run's events and the worker-level ones (idle, stopped), so two runs in one store never take
 each other's events. Rows older than :data:`EVENT_RETENTION` are pruned.
@@ -42,9 +45,17 @@ def message_row(message: WorkMessage, at: float) -> tuple[str, str, str, float]:
 
 
 INSERT_MESSAGE = "INSERT INTO messages (run_id, shard_id, body, available_at) VALUES (?, ?, ?, ?)"
+# The messages a receive may lease, oldest first; ``run`` narrows them to one run's (an index
+# on (run_id, dead, available_at) serves it in order, whatever other runs have queued).
+_READY = (
+    "SELECT id, body, deliveries FROM messages WHERE {run}dead = 0 AND available_at <= ?"
+    " ORDER BY available_at, id LIMIT ?"
+)
 
 
 class LocalQueue(WorkQueue):
+    """The work queue in ``queue.db``; ``run_id``: receive that run's messages only."""
+
     def __init__(
         self,
         path: Path,
@@ -53,11 +64,13 @@ class LocalQueue(WorkQueue):
         lease_seconds: float = defaults.LEASE_SECONDS,
         max_deliveries: int = defaults.MAX_DELIVERIES,
         db: Db | None = None,
+        run_id: str | None = None,
     ):
         self._db = db if db is not None else Db(path)
         self._clock = clock
         self.lease_seconds = lease_seconds
         self.max_deliveries = max_deliveries
+        self.run_id = run_id
 
     @property
     def db(self) -> Db:
@@ -96,12 +109,14 @@ class LocalQueue(WorkQueue):
             return []
         now = self._clock.time()
         out: list[Delivery] = []
+        if self.run_id is None:
+            query = _READY.format(run="")
+            args: tuple[object, ...] = (now, max_messages)
+        else:
+            query = _READY.format(run="run_id = ? AND ")
+            args = (self.run_id, now, max_messages)
         with self._db.transaction() as conn:
-            rows = conn.execute(
-                "SELECT id, body, deliveries FROM messages WHERE dead = 0 AND available_at <= ?"
-                " ORDER BY available_at, id LIMIT ?",
-                (now, max_messages),
-            ).fetchall()
+            rows = conn.execute(query, args).fetchall()
             for row_id, body, deliveries in rows:
                 if deliveries >= self.max_deliveries:
                     conn.execute(
