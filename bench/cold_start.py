@@ -149,6 +149,8 @@ def metadata_server(attributes: dict[str, str]) -> Iterator[str]:
         def do_GET(self) -> None:
             key = self.path.removeprefix("/computeMetadata/v1/")
             values = {"instance/name": INSTANCE, "instance/zone": "projects/1/zones/us-central1-a"}
+            token = {"access_token": "emulators-want-none", "expires_in": 3599}
+            values["instance/service-accounts/default/token"] = json.dumps(token)
             values |= {f"instance/attributes/{k}": v for k, v in attributes.items()}
             if self.headers.get("Metadata-Flavor") != "Google":
                 return self.send_error(403)
@@ -197,11 +199,13 @@ def stage(d: emulators.Deployment, work: Path) -> dict[str, str]:
         "cflow-events-topic": d.events_topic,
         "cflow-slots": "1",
         "cflow-idle-timeout": "300",
+        "cflow-max-vm-hours": "24",
         "cflow-worker-package": urls[wheel.sha256],
         "cflow-worker-sha256": wheel.sha256,
         "cflow-wheelhouse": urls[house.sha256],
         "cflow-wheelhouse-sha256": house.sha256,
         "startup-script": (REPO / "infra" / "scripts" / "startup.sh").read_text(),
+        "cflow-leave-script": (REPO / "infra" / "scripts" / "leave.sh").read_text(),
     }
 
 
@@ -210,6 +214,7 @@ def cloud_conf(metadata_url: str, emus: emulators.Emulators) -> str:
     the emulators; gcloud without credentials, as the emulators want none)."""
     env = {
         "CFLOW_METADATA_URL": metadata_url,
+        "CFLOW_STORAGE_ENDPOINT": emus.gcs_url,  # the startup script's downloads
         **emus.env,
         "CLOUDSDK_API_ENDPOINT_OVERRIDES_STORAGE": emus.gcs_url + "/",
         "CLOUDSDK_AUTH_DISABLE_CREDENTIALS": "true",

@@ -8,6 +8,7 @@ from pathlib import Path
 from cdktf import Fn, IResolvable, Op, Precondition, TerraformResourceLifecycle, Token
 from cdktf_cdktf_provider_google.compute_instance_group_manager import (
     ComputeInstanceGroupManager,
+    ComputeInstanceGroupManagerInstanceLifecyclePolicy,
     ComputeInstanceGroupManagerUpdatePolicy,
     ComputeInstanceGroupManagerVersion,
 )
@@ -21,12 +22,16 @@ from cdktf_cdktf_provider_google.compute_instance_template import (
 )
 from cdktf_cdktf_provider_google.compute_region_instance_group_manager import (
     ComputeRegionInstanceGroupManager,
+    ComputeRegionInstanceGroupManagerInstanceLifecyclePolicy,
     ComputeRegionInstanceGroupManagerUpdatePolicy,
     ComputeRegionInstanceGroupManagerVersion,
 )
 from cdktf_cdktf_provider_google.compute_subnetwork import ComputeSubnetwork
 from cdktf_cdktf_provider_google.data_google_compute_image import DataGoogleComputeImage
+from cdktf_cdktf_provider_google.data_google_compute_zones import DataGoogleComputeZones
 from constructs import Construct
+
+from infra.contract import DEFAULT_ACTION_ON_FAILURE
 
 SCRIPTS = Path(__file__).parent / "scripts"
 DISK_TYPE = "pd-balanced"
@@ -59,6 +64,7 @@ def _metadata(worker_metadata: Mapping[str, str]) -> dict[str, str]:
         **worker_metadata,
         "startup-script": (SCRIPTS / "startup.sh").read_text(),
         "shutdown-script": (SCRIPTS / "shutdown.sh").read_text(),
+        "cflow-leave-script": (SCRIPTS / "leave.sh").read_text(),  # run by startup.sh's units
         "enable-oslogin": "TRUE",
         "block-project-ssh-keys": "true",
         "serial-port-enable": "false",  # the console is still logged; no interactive access
@@ -72,7 +78,7 @@ def _scheduling(spot: bool | IResolvable) -> ComputeInstanceTemplateScheduling:
         preemptible=spot,
         automatic_restart=Op.not_(spot),
         on_host_maintenance=Token.as_string(Fn.conditional(spot, "TERMINATE", "MIGRATE")),
-        # A preempted VM is deleted; the group recreates it when capacity returns.
+        # A preempted VM is deleted, never left stopped (a stopped one would keep its disk).
         instance_termination_action=Token.as_string(
             Fn.conditional(spot, "DELETE", Token.null_value())
         ),
@@ -83,7 +89,13 @@ class Compute(Construct):
     """Image, instance template and worker group.
 
     A non-empty ``zone`` gives a zonal group; an empty one a regional group, which may place
-    Spot VMs in any zone of the region that has capacity.
+    Spot VMs in any zone of the region that has capacity: ``zones``, or every zone of the region
+    that is up when ``zones`` is empty. (Left unset, a regional group would use three zones only:
+    "By default, a regional MIG distributes managed instances evenly across three zones",
+    https://cloud.google.com/compute/docs/instance-groups/regional-migs.)
+
+    Neither group repairs a VM that stopped by itself (``DEFAULT_ACTION_ON_FAILURE``, see
+    :mod:`infra.contract`): a worker VM powers itself off only when it cannot leave its group.
 
     Attributes:
         image: the image data source, resolved from the family once per deploy.
@@ -136,10 +148,13 @@ class Compute(Construct):
             instance_name_prefix=instance_name_prefix,
             shard_count=shard_count,
         )
+        region_zones = DataGoogleComputeZones(self, "region_zones", region=region, status="UP")
         regional = self._regional_group(
             count=Token.as_number(Fn.conditional(is_zonal, 0, 1)),
             region=region,
-            zones=zones,
+            zones=Token.as_list(
+                Fn.conditional(Op.gte(Fn.length_of(zones), 1), zones, region_zones.names)
+            ),
             group_name=group_name,
             instance_name_prefix=instance_name_prefix,
             shard_count=shard_count,
@@ -214,6 +229,9 @@ class Compute(Construct):
             update_policy=ComputeInstanceGroupManagerUpdatePolicy(
                 type=UPDATE_TYPE, minimal_action=UPDATE_ACTION
             ),
+            instance_lifecycle_policy=ComputeInstanceGroupManagerInstanceLifecyclePolicy(
+                default_action_on_failure=DEFAULT_ACTION_ON_FAILURE
+            ),
             wait_for_instances=False,
             lifecycle=TerraformResourceLifecycle(
                 ignore_changes=RUNNER_OWNED,
@@ -250,6 +268,9 @@ class Compute(Construct):
             target_size=shard_count,
             update_policy=ComputeRegionInstanceGroupManagerUpdatePolicy(
                 type=UPDATE_TYPE, minimal_action=UPDATE_ACTION, instance_redistribution_type="NONE"
+            ),
+            instance_lifecycle_policy=ComputeRegionInstanceGroupManagerInstanceLifecyclePolicy(
+                default_action_on_failure=DEFAULT_ACTION_ON_FAILURE
             ),
             wait_for_instances=False,
             lifecycle=TerraformResourceLifecycle(

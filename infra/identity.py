@@ -7,10 +7,7 @@ from __future__ import annotations
 
 from cdktf import Fn, TerraformIterator, Token
 from cdktf_cdktf_provider_google.project_iam_custom_role import ProjectIamCustomRole
-from cdktf_cdktf_provider_google.project_iam_member import (
-    ProjectIamMember,
-    ProjectIamMemberCondition,
-)
+from cdktf_cdktf_provider_google.project_iam_member import ProjectIamMember
 from cdktf_cdktf_provider_google.pubsub_subscription import PubsubSubscription
 from cdktf_cdktf_provider_google.pubsub_subscription_iam_member import PubsubSubscriptionIamMember
 from cdktf_cdktf_provider_google.pubsub_topic import PubsubTopic
@@ -21,12 +18,16 @@ from cdktf_cdktf_provider_google.storage_bucket_iam_member import StorageBucketI
 from constructs import Construct
 
 # What a worker needs to remove its own VM from the group when it has been idle too long
-# (``instanceGroupManagers.deleteInstances``, which also lowers the target size).
+# (``instanceGroupManagers.deleteInstances``, which also lowers the target size). The API asks
+# only ``compute.instanceGroupManagers.update`` of the caller ("Authorization requires the
+# following IAM permission on the specified resource instanceGroupManager:
+# compute.instanceGroupManagers.update",
+# https://cloud.google.com/compute/docs/reference/rest/v1/regionInstanceGroupManagers/deleteInstances);
+# the group then deletes the VM with its own service agent, so no instance right is needed.
 LEAVE_GROUP_PERMISSIONS = [
     "compute.instanceGroupManagers.get",
     "compute.instanceGroupManagers.update",
 ]
-DELETE_INSTANCE_PERMISSIONS = ["compute.instances.delete"]
 
 
 class Identity(Construct):
@@ -47,7 +48,6 @@ class Identity(Construct):
         work_topic: PubsubTopic,
         work_subscription: PubsubSubscription,
         events_topic: PubsubTopic,
-        instance_name_prefix: str,
         input_buckets: list[str],
     ) -> None:
         super().__init__(scope, id)
@@ -74,12 +74,7 @@ class Identity(Construct):
             role="roles/logging.logWriter",
             member=member,
         )
-        self._grant_leaving(
-            member,
-            project=project,
-            name_prefix=name_prefix,
-            instance_name_prefix=instance_name_prefix,
-        )
+        self._grant_leaving(member, project=project, name_prefix=name_prefix)
 
     def _grant_objects(
         self, member: str, *, bucket: StorageBucket, input_buckets: list[str]
@@ -142,9 +137,7 @@ class Identity(Construct):
             member=member,
         )
 
-    def _grant_leaving(
-        self, member: str, *, project: str, name_prefix: str, instance_name_prefix: str
-    ) -> None:
+    def _grant_leaving(self, member: str, *, project: str, name_prefix: str) -> None:
         """The rights an idle worker needs to remove its own VM from the group."""
         # How an idle worker removes its own VM, and why the grant has the scope it has.
         #
@@ -166,10 +159,10 @@ class Identity(Construct):
         # alternatives either add a component to deploy and secure (a proxy function holding the
         # right) or break the promise that no VM outlives its work once the runner is detached.
         #
-        # The instance right (which some deleteInstances paths check on the caller) keeps a
-        # condition: Instance is a recognized resource type, so it is honoured and limits it to
-        # this deployment's VMs. Either way the backstop holds: a worker whose removal is refused
-        # reports it in the bucket and powers its VM off (worker/cli.py, startup.sh).
+        # No right on the instances themselves: deleteInstances checks only the group right
+        # on the caller, and the group deletes the VM as itself. Whatever IAM does, the backstop
+        # holds: a worker whose removal is refused reports it in the bucket and powers its VM
+        # off, and the group does not repair it (worker/cli.py, startup.sh, compute.py).
         group_role_id = Fn.replace(f"{name_prefix}_worker_leave_group", "-", "_")
         self.leave_group_role = ProjectIamCustomRole(
             self,
@@ -186,30 +179,4 @@ class Identity(Construct):
             project=project,
             role=self.leave_group_role.name,
             member=member,
-        )
-        instance_role_id = Fn.replace(f"{name_prefix}_worker_delete_instance", "-", "_")
-        self.delete_instance_role = ProjectIamCustomRole(
-            self,
-            "delete_instance_role",
-            project=project,
-            role_id=instance_role_id,
-            title="CFlow worker: delete own VM",
-            description="Conditioned on this deployment's instance names.",
-            permissions=DELETE_INSTANCE_PERMISSIONS,
-        )
-        ProjectIamMember(
-            self,
-            "deletes_own_vm",
-            project=project,
-            role=self.delete_instance_role.name,
-            member=member,
-            condition=ProjectIamMemberCondition(
-                title="only this deployment's worker VMs",
-                description="Instances the worker group creates; nothing else.",
-                expression=(
-                    'resource.type == "compute.googleapis.com/Instance"'
-                    ' && resource.name.extract("/instances/{name}")'
-                    f'.startsWith("{instance_name_prefix}-")'
-                ),
-            ),
         )

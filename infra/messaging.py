@@ -16,7 +16,16 @@ from constructs import Construct
 
 WORK_ACK_DEADLINE = 60  # seconds; the worker's client extends the lease while a task runs
 EVENTS_ACK_DEADLINE = 30  # seconds
-MESSAGE_RETENTION = "604800s"  # 7 days: a run's shards wait that long for capacity
+# 31 days, Pub/Sub's maximum ("Maximum value = 31 days",
+# https://cloud.google.com/pubsub/docs/subscription-properties): a run's queued shards wait that
+# long for capacity or quota before Pub/Sub drops them.
+WORK_RETENTION = "2678400s"
+DEAD_LETTER_RETENTION = "604800s"  # 7 days: the runner reads dead letters while it watches
+# The shared events subscription is read by nobody on Google Cloud (each run's watcher reads a
+# subscription of its own, runner/backends/gcp/events.py): it exists to name those and for
+# `runner doctor`. Pub/Sub's minimum retention keeps its unread backlog to the last 10 minutes of
+# events instead of a week of every worker's heartbeats.
+EVENTS_RETENTION = "600s"
 RETRY_MIN_BACKOFF = "10s"  # a nacked shard (preempted, failed) is offered again after this...
 RETRY_MAX_BACKOFF = "300s"  # ...growing to this on repeated nacks
 NEVER_EXPIRE = PubsubSubscriptionExpirationPolicy(ttl="")  # default: deleted after 31 idle days
@@ -28,7 +37,8 @@ class Messaging(Construct):
 
     Attributes:
         work_topic, work_subscription: one message per shard, pulled by the workers.
-        events_topic, events_subscription: worker events (started, succeeded, ...) for the runner.
+        events_topic, events_subscription: worker events (started, succeeded, ...) for the runner;
+            each run's watcher reads a subscription of its own, named after this one.
         dead_letter_topic, dead_letter_subscription: work messages delivered too many times.
     """
 
@@ -49,7 +59,7 @@ class Messaging(Construct):
             "dead_letter_sub",
             name=f"{name_prefix}-dead-letter",
             topic=self.dead_letter_topic.id,
-            message_retention_duration=MESSAGE_RETENTION,
+            message_retention_duration=DEAD_LETTER_RETENTION,
             expiration_policy=NEVER_EXPIRE,
         )
         self.work_topic = PubsubTopic(self, "work", name=f"{name_prefix}-work")
@@ -59,7 +69,7 @@ class Messaging(Construct):
             name=f"{name_prefix}-work",
             topic=self.work_topic.id,
             ack_deadline_seconds=WORK_ACK_DEADLINE,
-            message_retention_duration=MESSAGE_RETENTION,
+            message_retention_duration=WORK_RETENTION,
             expiration_policy=NEVER_EXPIRE,
             retry_policy=PubsubSubscriptionRetryPolicy(
                 minimum_backoff=RETRY_MIN_BACKOFF, maximum_backoff=RETRY_MAX_BACKOFF
@@ -76,7 +86,7 @@ class Messaging(Construct):
             name=f"{name_prefix}-events",
             topic=self.events_topic.id,
             ack_deadline_seconds=EVENTS_ACK_DEADLINE,
-            message_retention_duration=MESSAGE_RETENTION,
+            message_retention_duration=EVENTS_RETENTION,
             expiration_policy=NEVER_EXPIRE,
         )
 

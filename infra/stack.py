@@ -24,6 +24,7 @@ from infra.package import WorkerPackage
 from infra.registry import Registry
 from infra.storage import Storage
 from infra.variables import Inputs, declare_inputs
+from runner.backends.gcp.wheels import VM_PYTHON
 
 STACK_NAME = "cflow"  # the key of the outputs file: {"cflow": {"bucket": ...}}
 GOOGLE_BETA_VERSION = "6.50.0"  # the same release as the prebuilt GA provider's
@@ -37,7 +38,8 @@ class CflowStack(TerraformStack):
     (empty for a regional group), bucket, work_topic, work_subscription, events_topic,
     events_subscription, dead_letter_topic, dead_letter_subscription, group, group_scope
     (``zonal`` or ``regional``), worker_service_account, image_repository (where run images
-    go: ``<region>-docker.pkg.dev/<project>/<repository>``; the workers may only read it).
+    go: ``<region>-docker.pkg.dev/<project>/<repository>``; the workers may only read it),
+    gpu_image, container_image, worker_python (the VMs' Python minor version, ``3.11``).
     """
 
     def __init__(
@@ -71,7 +73,7 @@ class CflowStack(TerraformStack):
             max_delivery_attempts=inputs.max_delivery_attempts,
             beta=beta,
         )
-        identity = self._identity(inputs, storage, messaging, instance_name_prefix)
+        identity = self._identity(inputs, storage, messaging)
         registry = Registry(
             self,
             "registry",
@@ -127,7 +129,6 @@ class CflowStack(TerraformStack):
         inputs: Inputs,
         storage: Storage,
         messaging: Messaging,
-        instance_name_prefix: str,
     ) -> Identity:
         """The workers' service account, with access to the bucket and the topics."""
         return Identity(
@@ -139,7 +140,6 @@ class CflowStack(TerraformStack):
             work_topic=messaging.work_topic,
             work_subscription=messaging.work_subscription,
             events_topic=messaging.events_topic,
-            instance_name_prefix=instance_name_prefix,
             input_buckets=inputs.input_buckets,
         )
 
@@ -202,6 +202,9 @@ class CflowStack(TerraformStack):
             "image_repository": registry.url,
             "gpu_image": inputs.gpu_image,  # read by the runner for machine shapes with GPUs
             "container_image": inputs.container_image,  # and for runs with --image
+            # The workers' Python (the image's, which the wheelhouse is resolved for): cflow
+            # refuses functions pickled by another minor version before publishing them.
+            "worker_python": VM_PYTHON,
         }
         for name, value in outputs.items():
             depends = compute.groups if name in ("group", "group_scope") else None
@@ -230,6 +233,7 @@ def _worker_metadata(
         "cflow-events-topic": messaging.events_topic.name,
         "cflow-slots": Token.as_string(inputs.slots),
         "cflow-idle-timeout": Token.as_string(inputs.idle_timeout),
+        "cflow-max-vm-hours": Token.as_string(inputs.max_vm_hours),
         "cflow-worker-package": package.url,
         "cflow-worker-sha256": package.sha256,
         "cflow-wheelhouse": package.wheelhouse_url,

@@ -8,6 +8,7 @@ from cdktf_cdktf_provider_google.storage_bucket import (
     StorageBucketLifecycleRule,
     StorageBucketLifecycleRuleAction,
     StorageBucketLifecycleRuleCondition,
+    StorageBucketSoftDeletePolicy,
     StorageBucketVersioning,
 )
 from constructs import Construct
@@ -50,6 +51,13 @@ class Storage(Construct):
             force_destroy=True,
             # Objects are written once per attempt (create-only commits); history is not needed.
             versioning=StorageBucketVersioning(enabled=False),
+            # No soft delete: a bucket keeps deleted objects 7 days by default, billed, and CFlow
+            # deletes a lot (compose intermediates, header-less copies, `runner rm`, the runs/
+            # expiry). "To disable the soft delete policy on a bucket, this field must be set to
+            # 0" (Terraform google provider, storage_bucket soft_delete_policy); Google's advice
+            # for buckets with many composes is the same
+            # (https://cloud.google.com/storage/docs/composing-objects).
+            soft_delete_policy=StorageBucketSoftDeletePolicy(retention_duration_seconds=0),
             lifecycle_rule=[
                 StorageBucketLifecycleRule(
                     action=StorageBucketLifecycleRuleAction(type="Delete"),

@@ -13,6 +13,7 @@ from typing import Any
 from cdktf import IResolvable, TerraformVariable, TerraformVariableValidationConfig
 from constructs import Construct
 
+from infra.contract import DEFAULT_MAX_VM_HOURS
 from worker import defaults
 
 DEFAULT_REGION = "us-central1"
@@ -34,7 +35,7 @@ class Inputs:
     project: str
     region: str
     zone: str  # empty: a regional group
-    zones: list[str]  # a regional group's zones; empty: every zone of the region
+    zones: list[str]  # a regional group's zones; empty: every zone of the region that is up
     name_prefix: str
     bucket_name: str  # empty: "<project>-<name_prefix>"
     machine_type: str
@@ -45,6 +46,7 @@ class Inputs:
     image_family: str
     image_project: str
     idle_timeout: float
+    max_vm_hours: float
     retention_days: float
     max_delivery_attempts: float
     input_buckets: list[str]
@@ -82,7 +84,8 @@ _PLACEMENT = (
     _Variable(
         "zones",
         "list(string)",
-        "Zones a regional group may use; empty (the default) means every zone of the region.",
+        "Zones a regional group may use; empty (the default) means every zone of the region "
+        "that is up.",
         default=[],
     ),
 )
@@ -145,6 +148,20 @@ _OPERATIONS = (
         "number",
         "Seconds a worker waits idle before it removes its own VM from the group.",
         default=int(defaults.IDLE_TIMEOUT),
+    ),
+    _Variable(
+        "max_vm_hours",
+        "number",
+        "Hours after its boot at which a worker VM removes itself from its group (or powers "
+        "off), whatever its worker is doing: the bound on a VM whose worker is stuck. Its shards "
+        "go back to the queue, as on a preemption.",
+        default=DEFAULT_MAX_VM_HOURS,
+        validation=[
+            TerraformVariableValidationConfig(
+                condition="${var.max_vm_hours >= 1 && floor(var.max_vm_hours) == var.max_vm_hours}",
+                error_message="max_vm_hours must be a whole number of hours, at least 1.",
+            )
+        ],
     ),
     _Variable(
         "retention_days",

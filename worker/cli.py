@@ -17,7 +17,7 @@ from worker import defaults
 from worker.agent.agent import Agent, AgentConfig
 from worker.backends.base import Backends
 from worker.backends.local.backend import open_local
-from worker.errors import CFlowError, ConfigError
+from worker.errors import CFlowError, ConfigError, Unusable
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -62,6 +62,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--burst", action="store_true", help="exit as soon as no work is left")
     p.add_argument(
+        "--run",
+        default=_env("RUN"),
+        help="local backend: serve this run's shards only (the runner starts a run's workers so)",
+    )
+    p.add_argument(
         "--scratch", type=Path, default=Path(_env("SCRATCH") or tempfile.gettempdir()) / "cflow"
     )
     p.add_argument(
@@ -78,6 +83,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.slots < 1:
         p.error("--slots must be at least 1")
+    if args.run and args.backend != "local":
+        p.error("--run applies to the local backend (a VM serves every run)")
     if args.idle_timeout is not None and args.idle_timeout <= 0:
         args.idle_timeout = None
     return args
@@ -85,7 +92,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def open_backends(args: argparse.Namespace) -> Backends:
     if args.backend == "local":
-        return open_local(args.store, lease_seconds=args.lease_seconds)
+        return open_local(args.store, lease_seconds=args.lease_seconds, run_id=args.run)
     # imported late: the local worker needs no cloud client
     try:
         from worker.backends.gcp.backend import open_gcp
@@ -162,11 +169,18 @@ def _main(argv: list[str] | None) -> None:
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
     log = logging.getLogger("cflow.worker")
-    reason = agent.run()
+    unusable: Unusable | None = None
+    try:
+        reason = agent.run()
+    except Unusable as exc:
+        # Its queue is gone or forbidden (a deleted deployment or shape, a grant that did not
+        # apply): a restart would meet the same refusal for ever, so it ends as an idle one does.
+        unusable, reason = exc, f"cannot go on: {exc}"
+        agent.lifetime.record(stopped=True, reason=reason)
     log.info("worker %s exiting: %s", args.name, reason)
     if uploader is not None:
         uploader.upload()  # before the VM goes: a preempted or removed VM takes its disk along
-    if args.backend == "gcp" and reason.startswith("idle") and args.group:
+    if args.backend == "gcp" and (reason.startswith("idle") or unusable) and args.group:
         from worker.backends.gcp.vm import EXIT_CANNOT_LEAVE, leave_group, report_problem
 
         left = leave_group(
@@ -190,3 +204,6 @@ def _main(argv: list[str] | None) -> None:
     if uploader is not None:
         uploader.close()
     backends.close()
+    if unusable is not None and not (args.backend == "gcp" and args.group):
+        print(f"cflow worker: {unusable}", file=sys.stderr)  # no group to leave: say why
+        sys.exit(1)

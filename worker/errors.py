@@ -40,5 +40,10 @@ class BackendError(CFlowError):
     """A backend (queue, store, fleet) could not do what was asked."""
 
 
+class Unusable(BackendError):
+    """A queue or topic that does not exist or may not be used: waiting will not mend it (a
+    worker on a VM leaves its group rather than restart into the same refusal)."""
+
+
 class DiskFull(BackendError):
     """The local store's disk is full: nothing was written; free space and go on."""

@@ -12,25 +12,39 @@
 # EXIT trap reports it in the bucket (fleet/_problems/<vm>.json, with the last line of this
 # script's log, which the runner shows as "VM x failed to boot: <line>"; the log itself goes to
 # fleet/<vm>/startup.log), then removes this VM from its group, or powers it off if that fails.
+# That path needs only bash, curl and the metadata server's token (no gcloud, no Python), so it
+# works on any boot image; the removal is infra/scripts/leave.sh (metadata cflow-leave-script). The group does not repair a VM that powered itself off
+# (infra/contract.py), so a VM that cannot leave stays off until the runner deletes it.
+#
+# No VM outlives max_vm_hours (cflow-max-vm-hours), whatever its worker does: a systemd timer,
+# armed before anything else here can hang, runs cflow-leave (the same removal, or power-off)
+# that long after boot. A worker that keeps failing (five starts within ten minutes) ends the
+# same way, through the unit's OnFailure. On a VM with an NVIDIA GPU the worker starts only once
+# nvidia-smi answers (the image may still be installing its driver); past a bounded wait that is
+# a failed boot like any other.
 #
 # Instance metadata attributes read (set by infra/compute.py):
 #   cflow-project cflow-region cflow-zone (empty for a regional group) cflow-group cflow-bucket
 #   cflow-work-topic cflow-subscription cflow-events-topic cflow-slots cflow-idle-timeout
 #   cflow-worker-package (gs:// URL of the worker wheel) cflow-worker-sha256
 #   cflow-wheelhouse (gs:// URL of a tar of its dependencies' wheels) cflow-wheelhouse-sha256
+#   cflow-max-vm-hours cflow-leave-script (infra/scripts/leave.sh)
 #
-# Overrides, for tests only: CFLOW_PREFIX (root of every path written), CFLOW_METADATA_URL,
-# CFLOW_RETRY_SECONDS (back-off unit of the network steps), PIP_NO_DEPS (the worker without the
-# libraries it requires).
+# Overrides, for tests only: CFLOW_PREFIX (root of every path written, and of /sys), the
+# endpoints CFLOW_METADATA_URL, CFLOW_STORAGE_ENDPOINT and CFLOW_COMPUTE_ENDPOINT,
+# CFLOW_RETRY_SECONDS (back-off unit of the network steps), CFLOW_GPU_WAIT_SECONDS and
+# CFLOW_GPU_POLL_SECONDS, PIP_NO_DEPS (the worker without the libraries it requires).
 #
 # The worker exits with status 75 when it cannot remove its own VM from the group; the unit then
-# does not restart it, and its ExecStopPost hook (run as root) powers the VM off.
+# does not restart it but fails, and its OnFailure unit (as root) tries the removal once more and
+# powers the VM off if that fails too.
 # Output goes to the serial console and Cloud Logging through the guest agent.
 set -euo pipefail
 shopt -s inherit_errexit # a failing step inside $(...) fails the boot too
 
 PREFIX="${CFLOW_PREFIX:-}"
 METADATA_URL="${CFLOW_METADATA_URL:-http://metadata.google.internal/computeMetadata/v1}"
+STORAGE_URL="${CFLOW_STORAGE_ENDPOINT:-https://storage.googleapis.com}"
 
 CFLOW_HOME="$PREFIX/opt/cflow"
 VENV="$CFLOW_HOME/venv"
@@ -43,10 +57,16 @@ STOP_TIMEOUT_SECONDS=20  # systemd SIGKILLs the worker after this; Spot preempti
 RETRY_SECONDS="${CFLOW_RETRY_SECONDS:-10}"
 EXIT_CANNOT_LEAVE=75 # worker/backends/gcp/vm.py EXIT_CANNOT_LEAVE
 BOOT_LOG="$PREFIX/var/log/cflow-startup.log"
-AFTER_STOP="$CFLOW_HOME/bin/after-stop"
+LEAVE="$CFLOW_HOME/bin/leave"
+LEAVE_UNIT=cflow-leave.service
+LEAVE_UNIT_FILE="$PREFIX/etc/systemd/system/$LEAVE_UNIT"
+DEADLINE_TIMER=cflow-deadline.timer
+GPU_WAIT_SECONDS="${CFLOW_GPU_WAIT_SECONDS:-900}" # a Deep Learning VM image builds its driver
+GPU_POLL_SECONDS="${CFLOW_GPU_POLL_SECONDS:-10}"
+NVIDIA_VENDOR=0x10de # PCI vendor id of NVIDIA devices
 
 # What the failure report needs, filled in as main learns it.
-BUCKET="" GROUP="" ZONE="" REGION="" INSTANCE=""
+BUCKET="" INSTANCE=""
 
 log() { echo "cflow-startup: $*" >&2; }
 die() {
@@ -63,6 +83,43 @@ retry() {
     sleep "$((attempt * RETRY_SECONDS))"
   done
   "$@"
+}
+
+# leave_script: infra/scripts/leave.sh, which removes this VM from its group or powers it off,
+# from the instance metadata (the template ships it beside this script).
+leave_script() {
+  metadata instance/attributes/cflow-leave-script
+}
+
+
+# token: the VM's service account access token, from the metadata server.
+token() {
+  local answer
+  answer="$(metadata instance/service-accounts/default/token)"
+  answer="$(printf '%s' "$answer" | sed -n 's/.*"access_token" *: *"\([^"]*\)".*/\1/p')"
+  [[ -n "$answer" ]] || return 1
+  printf '%s' "$answer"
+}
+
+# upload FILE OBJECT: FILE into the bucket as OBJECT (Cloud Storage's JSON API, no gcloud).
+upload() {
+  local file="$1" object="$2" bearer
+  bearer="$(token)" || return 1
+  curl --fail --silent --show-error --max-time 30 --retry 3 --retry-connrefused -X POST \
+    -H "Authorization: Bearer $bearer" -H 'Content-Type: application/octet-stream' \
+    --data-binary "@$file" -o /dev/null \
+    "$STORAGE_URL/upload/storage/v1/b/$BUCKET/o?uploadType=media&name=${object//\//%2F}"
+}
+
+# download URL DEST: a gs:// object to DEST (Cloud Storage's JSON API, no gcloud).
+download() {
+  local url="$1" dest="$2" bucket object bearer
+  bucket="${url#gs://}"
+  object="${bucket#*/}"
+  bucket="${bucket%%/*}"
+  bearer="$(token)" || return 1
+  curl --fail --silent --show-error --max-time 600 -H "Authorization: Bearer $bearer" \
+    -o "$dest" "$STORAGE_URL/storage/v1/b/$bucket/o/${object//\//%2F}?alt=media"
 }
 
 metadata() {
@@ -215,7 +272,7 @@ fetch_package() {
   fi
   mkdir -p "$(dirname "$dest")"
   log "downloading $url"
-  retry gcloud storage cp --quiet "$url" "$dest.part" >&2
+  retry download "$url" "$dest.part"
   echo "$sha  $dest.part" | sha256sum --check --status ||
     die "worker package $url does not match its SHA-256 $sha"
   mv -f "$dest.part" "$dest"
@@ -252,9 +309,47 @@ install_worker() {
   touch "$stamp"
 }
 
+# arm_deadline HOURS: the VM's hard bound. cflow-leave runs HOURS after boot, whatever the
+# worker does (a transient timer: no unit file, no daemon reload on the boot's critical path;
+# a reboot arms it again, counting from that boot).
+arm_deadline() {
+  local hours="$1" script
+  script="$(leave_script)" || die "instance metadata attribute cflow-leave-script is missing"
+  if write_if_changed "$LEAVE" "$script"; then
+    chmod 0755 "$LEAVE"
+  fi
+  if ! systemctl is-active --quiet "$DEADLINE_TIMER"; then
+    systemd-run --quiet --unit="${DEADLINE_TIMER%.timer}" --on-boot="${hours}h" \
+      --timer-property=AccuracySec=1min --description="CFlow: this VM's time limit" \
+      "$LEAVE" max-vm-hours
+  fi
+  log "this VM leaves its group ${hours} h after boot at the latest"
+}
+
+# has_gpu: whether this VM has an NVIDIA device on its PCI bus.
+has_gpu() {
+  grep -qsx "$NVIDIA_VENDOR" "$PREFIX"/sys/bus/pci/devices/*/vendor
+}
+
+# wait_for_gpu: the worker starts only once the NVIDIA driver answers. An image may install the
+# driver at first boot (a Deep Learning VM builds it then, taking minutes): a worker started
+# before would fail its first shards alike ("no CUDA device"), which --halt takes for a task that
+# cannot work. Past GPU_WAIT_SECONDS the boot fails (and the VM leaves).
+wait_for_gpu() {
+  local waited=0 out
+  until out="$(nvidia-smi -L 2>&1)"; do
+    if ((waited >= GPU_WAIT_SECONDS)); then
+      die "the NVIDIA driver is not ready after ${waited} s (nvidia-smi: ${out##*$'\n'})"
+    fi
+    sleep "$GPU_POLL_SECONDS"
+    waited=$((waited + GPU_POLL_SECONDS))
+  done
+  log "GPU ready: ${out%%$'\n'*}"
+}
+
 # After a failed boot: report it, then take this VM out of the group (or at least power it off).
 on_exit() {
-  local status=$? last problem location
+  local status=$? last problem report script
   trap - EXIT
   ((status == 0)) && return 0
   sleep 0.2 # let tee write the failed step's last words to the log
@@ -264,18 +359,17 @@ on_exit() {
   problem="failed to boot: ${last:-startup script exited with status $status}"
   log "boot failed (status $status); reporting and removing this VM"
   if [[ -n "$BUCKET" && -n "$INSTANCE" ]]; then
+    report="$(mktemp)"
     printf '{"vm": "%s", "problem": "%s", "at": %s}\n' "$INSTANCE" \
-      "$(printf '%s' "$problem" | sed 's/\\/\\\\/g; s/"/\\"/g')" "$(date +%s)" |
-      gcloud storage cp --quiet - "gs://$BUCKET/fleet/_problems/$INSTANCE.json" || true
-    gcloud storage cp --quiet "$BOOT_LOG" "gs://$BUCKET/fleet/$INSTANCE/startup.log" || true
+      "$(printf '%s' "$problem" | sed 's/\\/\\\\/g; s/"/\\"/g')" "$(date +%s)" >"$report"
+    upload "$report" "fleet/_problems/$INSTANCE.json" || log "could not report the failure"
+    upload "$BOOT_LOG" "fleet/$INSTANCE/startup.log" || log "could not upload $BOOT_LOG"
+    rm -f "$report"
   fi
-  if [[ -n "$ZONE" ]]; then location="--zone=$ZONE"; else location="--region=$REGION"; fi
-  if [[ -n "$GROUP" && -n "$INSTANCE" ]] &&
-    gcloud compute instance-groups managed delete-instances "$GROUP" --quiet \
-      --instances="$INSTANCE" "$location"; then
-    log "removed $INSTANCE from group $GROUP"
+  if script="$(leave_script 2>/dev/null)"; then
+    bash -c "$script" cflow-leave "failed to boot" || true
   else
-    log "could not remove this VM from its group; powering off"
+    log "no cflow-leave-script in the metadata; powering off"
     systemctl poweroff || true
   fi
   return "$status"
@@ -284,13 +378,12 @@ on_exit() {
 main() {
   local project region zone group bucket work_topic subscription events_topic slots idle_timeout
   local package sha house house_sha instance_name instance_zone wheel wheels location env unit
-  local changed=0
+  local max_vm_hours changed=0 reload=0
   INSTANCE="$(metadata instance/name 2>/dev/null || true)"
   project="$(attribute cflow-project)"
   region="$(attribute cflow-region)"
   zone="$(attribute cflow-zone "")"
   group="$(attribute cflow-group)"
-  GROUP="$group" ZONE="$zone" REGION="$region" # known now, for the failure report
   bucket="$(attribute cflow-bucket)"
   BUCKET="$bucket"
   work_topic="$(attribute cflow-work-topic)"
@@ -298,6 +391,9 @@ main() {
   events_topic="$(attribute cflow-events-topic)"
   slots="$(attribute cflow-slots 1)"
   idle_timeout="$(attribute cflow-idle-timeout 300)"
+  max_vm_hours="$(attribute cflow-max-vm-hours 24)"
+  [[ "$max_vm_hours" =~ ^[1-9][0-9]*$ ]] || die "cflow-max-vm-hours must be a whole number of hours"
+  arm_deadline "$max_vm_hours" # before any step that could hang
   package="$(attribute cflow-worker-package)"
   sha="$(attribute cflow-worker-sha256)"
   house="$(attribute cflow-wheelhouse)"
@@ -311,16 +407,8 @@ main() {
   wheel="$(fetch_package "$package" "$sha")"
   wheels="$(unpack_wheelhouse "$(fetch_package "$house" "$house_sha")")"
   install_worker "$wheel" "$sha" "$wheels"
-
-  # The worker's exit status 75: it could not remove its VM from the group. Power off instead
-  # of restarting it (the runner, or a later `runner watch`, deletes the VM by name).
-  if write_if_changed "$AFTER_STOP" "#!/bin/sh
-# ExecStopPost of $UNIT (run as root).
-if [ \"\$EXIT_STATUS\" = $EXIT_CANNOT_LEAVE ]; then
-  echo 'cflow: the worker could not remove this VM from its group; powering off' >&2
-  systemctl poweroff
-fi"; then
-    chmod 0755 "$AFTER_STOP"
+  if has_gpu; then
+    wait_for_gpu
   fi
 
   # A zonal group is addressed by its zone, a regional one by its region.
@@ -347,6 +435,10 @@ CFLOW_SCRATCH=$STATE_DIR/scratch"
 Description=CFlow worker agent
 Wants=network-online.target
 After=network-online.target
+# A worker that keeps failing (here: five starts in ten minutes, or exit status 75) leaves.
+StartLimitIntervalSec=600
+StartLimitBurst=5
+OnFailure=$LEAVE_UNIT
 
 [Service]
 Type=simple
@@ -356,7 +448,6 @@ ExecStart=$VENV/bin/python -m worker
 Restart=on-failure
 RestartSec=5s
 RestartPreventExitStatus=$EXIT_CANNOT_LEAVE
-ExecStopPost=+$AFTER_STOP
 # SIGTERM goes to the agent alone: it stops its tasks, records them preempted and nacks.
 KillMode=mixed
 TimeoutStopSec=${STOP_TIMEOUT_SECONDS}s
@@ -371,8 +462,18 @@ SyslogIdentifier=cflow-worker
 WantedBy=multi-user.target"
 
   if write_if_changed "$ENV_FILE" "$env"; then changed=1; fi
+  if write_if_changed "$LEAVE_UNIT_FILE" "[Unit]
+Description=CFlow: remove this VM from its group, or power it off
+
+[Service]
+Type=oneshot
+ExecStart=$LEAVE worker-failed"; then
+    reload=1
+  fi
   if write_if_changed "$UNIT_FILE" "$unit"; then
-    changed=1
+    changed=1 reload=1
+  fi
+  if ((reload)); then
     systemctl daemon-reload
   fi
   systemctl enable "$UNIT"

@@ -5,14 +5,19 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from infra.contract import DEFAULT_ACTION_ON_FAILURE
 from tests import emulators
 from tests.gcp.fake_compute import FakeCompute, Spawn
+from tests.gcp.fault_proxies import FaultProxies
+from tests.gcp.faults import FaultPlan
 from worker.backends.base import Backends
 
 REPO = Path(__file__).resolve().parents[2]
@@ -34,6 +39,26 @@ def gcp_backends(deployment: emulators.Deployment) -> Iterator[Backends]:
 
 
 MakeCompute = Callable[..., FakeCompute]
+MakeProxies = Callable[[FaultPlan], FaultProxies]
+
+
+@pytest.fixture
+def fault_proxies(monkeypatch: pytest.MonkeyPatch) -> Iterator[MakeProxies]:
+    """Start fault proxies in front of the emulators (``make(plan)``); this process's clients
+    go through them, and ``proxies.env`` sends other processes the same way."""
+    started: list[FaultProxies] = []
+
+    def make(plan: FaultPlan) -> FaultProxies:
+        running = emulators.emulators()
+        proxies = FaultProxies(running.gcs_url, running.pubsub_host, plan)
+        started.append(proxies)
+        for name, value in proxies.env.items():
+            monkeypatch.setenv(name, value)
+        return proxies
+
+    yield make
+    for proxies in started:
+        proxies.stop()
 
 
 @pytest.fixture
@@ -42,6 +67,8 @@ def fake_compute(monkeypatch: pytest.MonkeyPatch) -> Iterator[MakeCompute]:
     started: list[FakeCompute] = []
 
     def make(*, spawn: Spawn, group: str = "cflow-workers", **kwargs: Any) -> FakeCompute:
+        # The deployment's group does what the stack declares with a VM that stopped itself.
+        kwargs.setdefault("default_action_on_failure", DEFAULT_ACTION_ON_FAILURE)
         fake = FakeCompute(project=emulators.PROJECT, group=group, spawn=spawn, **kwargs).start()
         monkeypatch.setenv("CFLOW_COMPUTE_ENDPOINT", fake.endpoint)
         started.append(fake)
@@ -135,3 +162,29 @@ def shaped_worker_spawner(
             )
 
     return spawn
+
+
+class ShortClock:
+    """The real clock for a runner's Compute calls, except that each pause asked for is
+    recorded and waited at most ``most`` seconds for real; the rest counts as time passed on
+    this clock. A rate limit's wait into the next minute then takes a blink, and a test can
+    still read where it would have resumed: ``pauses`` holds ``(when asked, seconds)``."""
+
+    def __init__(self, most: float = 0.2) -> None:
+        self.most = most
+        self.pauses: list[tuple[float, float]] = []
+        self._skipped = 0.0
+        self._lock = threading.Lock()
+
+    def time(self) -> float:
+        return time.time() + self._skipped
+
+    def monotonic(self) -> float:
+        return time.monotonic() + self._skipped
+
+    def sleep(self, seconds: float) -> None:
+        self.pauses.append((self.time(), seconds))
+        real = min(max(seconds, 0.0), self.most)
+        time.sleep(real)
+        with self._lock:
+            self._skipped += max(seconds, 0.0) - real

@@ -19,7 +19,9 @@ it through ``CFLOW_COMPUTE_ENDPOINT``:
 Each "VM" is a process made by ``spawn(name)``; like a MIG, the fake keeps ``targetSize``
 instances, recreates one whose process died without being deleted (a Spot preemption), and
 "deletes" by SIGTERM. Every request is logged, so tests can assert the group was never resized
-down.
+down. The VMs and a group's reconcile are in tests/gcp/fake_vms.py, the group, region and
+project endpoints in tests/gcp/fake_groups.py, ``fail_next``'s scripted answers in
+tests/gcp/fake_scripted.py; this module routes the calls and serves them.
 
 It refuses the way the documentation says the service does:
 
@@ -28,8 +30,19 @@ It refuses the way the documentation says the service does:
 - ``listManagedInstances`` returns at most 500 a page (``maxResults``), with ``nextPageToken``;
 - with ``cpu_quota`` set, VMs past the region's CPUS quota are never created: they stay
   ``CREATING`` with ``lastAttempt.errors`` ``QUOTA_EXCEEDED``, and start once quota frees up;
-- with ``rate_limit`` set, requests past that many a ``rate_window`` get 403
-  ``rateLimitExceeded`` (Compute Engine's rate-limit answer, not 429);
+- with ``rate_limit`` set, each per-minute quota of the project (reads, lists, operation reads
+  and writes, globally and per region) refuses calls past that many in one ``rate_window``
+  (60 s) with 403 ``rateLimitExceeded`` (Compute Engine's rate-limit answer, not 429), until the
+  next synchronized window on ``clock``; tests/gcp/fault_compute.py;
+- with ``faults=FaultPlan(rate, seed)`` (tests/gcp/faults.py), any call may fail as Compute
+  Engine's do (5xx, a rate-limited quota group, a timeout, a reset connection, an operation
+  that pends and may end in error), new VMs may come late or hit a Spot stockout
+  (``faults.stockouts`` names zones out of capacity), and a machine series past its own CPU
+  quota (``N2_CPUS`` ...) is ``QUOTA_EXCEEDED``; ``deleteInstances`` refuses malformed or
+  foreign instance URLs; a VM that powers itself off (exit status 75) is recreated under
+  REPAIR and left TERMINATED under ``instanceLifecyclePolicy.defaultActionOnFailure``
+  DO_NOTHING (``default_action_on_failure=`` for the deployment's group);
+- templates, machine types and accelerator types: tests/gcp/fake_templates.py;
 - an instance template is refused as the API refuses it: a name that is not RFC 1035 (400
   ``invalid``), a name already taken (409 ``alreadyExists``), GPUs (attached, or bundled with an
   accelerator-optimized machine type such as ``g2``) with ``onHostMaintenance`` other than
@@ -39,6 +52,11 @@ It refuses the way the documentation says the service does:
 - an instance template a group still uses cannot be deleted (400
   ``resourceInUseByAnotherResource``); a regional group's ``distributionPolicy`` may only name
   zones of its region (400);
+- a VM whose boot disk is smaller than its image (``images.get`` / ``getFromFamily``, in
+  tests/gcp/fake_images.py) is never created: ``lastAttempt.errors`` has the API's 400;
+- a repeated ``requestId`` gets the first call's answer and nothing is done again (Compute
+  ignores a request it has already completed); ``fail_next`` scripts exact faults (a status
+  and reason, a reset connection, or an answer lost after the call was carried out);
 - ``boot_fails(name)`` VMs run (instance ``RUNNING``) but their ``spawn`` is ``failed_spawn``:
   the VM is up, its worker never is.
 """
@@ -48,23 +66,25 @@ from __future__ import annotations
 import itertools
 import json
 import re
-import secrets
-import signal
 import subprocess
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
-Spawn = Callable[[str], subprocess.Popen[Any]]
-BASE = "https://www.googleapis.com/compute/v1"
-DELETE_LIMIT = 1000  # instances per deleteInstances / abandonInstances request
-ZONAL_LIMIT, REGIONAL_LIMIT = 1000, 2000  # VMs a group can hold
-PAGE_LIMIT = 500  # listManagedInstances maxResults: default and most
+from tests.gcp.fake_groups import GroupApi, region_quotas
+from tests.gcp.fake_images import FakeImages, Image, default_images
+from tests.gcp.fake_scripted import RESET, Scripted
+from tests.gcp.fake_vms import Group, Spawn, Vm, paper, sleeper
+from tests.gcp.fault_compute import BASE, ComputeFaults, break_connection, quota_bucket
+from tests.gcp.fault_compute import api_error as _error
+from tests.gcp.faults import FaultPlan
+
+# What tests import from here; the pieces live in tests/gcp/fake_vms.py and fake_groups.py.
+__all__ = ["RESET", "FakeCompute", "Group", "Spawn", "paper", "sleeper"]
 _REGION_PATH = re.compile(r"^/compute/v1/projects/(?P<project>[^/]+)/regions/(?P<region>[^/]+)$")
 _TEMPLATE_PATH = re.compile(
     r"^/compute/v1/projects/(?P<project>[^/]+)/global/instanceTemplates/(?P<name>[^/]+)$"
@@ -81,9 +101,6 @@ _ACCELERATOR_PATH = re.compile(
 _GLOBAL_OPERATION_PATH = re.compile(
     r"^/compute/v1/projects/(?P<project>[^/]+)/global/operations/(?P<name>[^/]+?)(?:/wait)?$"
 )
-_NAME = re.compile(r"[a-z](?:[-a-z0-9]{0,61}[a-z0-9])?")
-# Accelerator-optimized machine types come with their GPUs: type -> (accelerator, count).
-G2_GPUS = {4: 1, 8: 1, 12: 1, 16: 1, 24: 2, 32: 1, 48: 4, 96: 8}
 _MACHINE_TYPE_PATH = re.compile(
     r"^/compute/v1/projects/(?P<project>[^/]+)/zones/(?P<zone>[^/]+)/machineTypes/(?P<name>[^/]+)$"
 )
@@ -97,54 +114,7 @@ _OPERATION_PATH = re.compile(
 )
 
 
-@dataclass
-class Vm:
-    name: str
-    zone: str
-    proc: subprocess.Popen[Any] | None = None
-    action: str = "CREATING"
-    deleting: bool = False
-    recreated: int = 0
-    error: dict[str, str] | None = None  # lastAttempt's error while it cannot be created
-
-
-@dataclass
-class Group:
-    project: str
-    scope: str  # "zones" | "regions"
-    where: str  # the zone or region
-    name: str
-    target_size: int = 0
-    vms: dict[str, Vm] = field(default_factory=dict)
-    template: str = ""  # the instance template's name
-    base_instance_name: str = ""  # VMs are named <base>-xxxx ("": the group's name)
-    zones: list[str] = field(default_factory=list)  # a regional group's distribution zones
-    record: dict[str, Any] = field(default_factory=dict)  # a shaped group, as inserted
-    resizes: list[int] = field(default_factory=list)
-
-    @property
-    def self_link(self) -> str:
-        where = f"{BASE}/projects/{self.project}/{self.scope}/{self.where}"
-        return f"{where}/instanceGroupManagers/{self.name}"
-
-    def instance_zone(self) -> str:
-        if self.scope == "zones":
-            return self.where
-        return self.zones[0] if self.zones else f"{self.where}-b"
-
-    @property
-    def region(self) -> str:
-        return self.where.rsplit("-", 1)[0] if self.scope == "zones" else self.where
-
-    @property
-    def size_limit(self) -> int:
-        return ZONAL_LIMIT if self.scope == "zones" else REGIONAL_LIMIT
-
-    def instance_url(self, vm: Vm) -> str:
-        return f"{BASE}/projects/{self.project}/zones/{vm.zone}/instances/{vm.name}"
-
-
-class FakeCompute:
+class FakeCompute(GroupApi):
     """The fake API in a thread; ``endpoint`` is what ``CFLOW_COMPUTE_ENDPOINT`` should be."""
 
     def __init__(
@@ -159,7 +129,7 @@ class FakeCompute:
         cpu_quota: int | None = None,
         cpus_per_vm: int = 2,
         rate_limit: int | None = None,
-        rate_window: float = 1.0,
+        rate_window: float = 60.0,
         boot_fails: Callable[[str], bool] | None = None,
         failed_spawn: Spawn | None = None,
         machine_type: str = "e2-standard-2",
@@ -170,6 +140,9 @@ class FakeCompute:
         project_quotas: dict[str, tuple[float, float]] | None = None,
         metadata: dict[str, str] | None = None,
         shaped_spawn: Callable[[str, dict[str, str]], subprocess.Popen[Any]] | None = None,
+        images: list[Image] | None = None,
+        faults: FaultPlan | None = None,
+        default_action_on_failure: str = "REPAIR",
     ):
         scope, where = ("zones", zone) if zone else ("regions", region)
         assert where, "a zone or a region"
@@ -183,30 +156,32 @@ class FakeCompute:
         self.cpu_quota = cpu_quota
         self.cpus_per_vm = cpus_per_vm
         self.rate_limit = rate_limit
-        self.rate_window = rate_window
+        self.rate_window = rate_window  # seconds of a rate quota's synchronized window
+        self.clock = time.time  # rate windows and fault timing; a test may pin it
+        self.faults = ComputeFaults(faults, lambda: self.clock())  # tests/gcp/fault_compute.py
+        # the deployment group's instanceLifecyclePolicy.defaultActionOnFailure
+        self.default_action_on_failure = default_action_on_failure
         self.boot_fails = boot_fails or (lambda name: False)
         self.failed_spawn = failed_spawn or sleeper
         self.machine_type = machine_type
         # regions.get quotas: metric -> (limit, usage); CPUS follows cpu_quota when set.
-        self.quotas = quotas or {
-            "CPUS": (24.0, 0.0),
-            "PREEMPTIBLE_CPUS": (0.0, 0.0),
-            "DISKS_TOTAL_GB": (4096.0, 0.0),
-            "SSD_TOTAL_GB": (500.0, 0.0),
-            "IN_USE_ADDRESSES": (8.0, 0.0),
-        }
+        self.quotas = quotas or region_quotas()
         self.accelerators = accelerators  # GPU types every zone offers (acceleratorTypes.get)
         self.zone_accelerators = zone_accelerators or {}  # zone -> its GPU types, where it differs
         # projects.get quotas (project-wide): metric -> (limit, usage)
         self.project_quotas = project_quotas or {"GPUS_ALL_REGIONS": (8.0, 0.0)}
         self.templates: dict[str, dict[str, Any]] = {}  # name -> the template as inserted
+        # images.get / getFromFamily, and VMs whose boot disk is smaller than the image
+        self.images = FakeImages(default_images(project) if images is None else images)
         self.deleted_groups: list[str] = []
         self.deleted_templates: list[str] = []
         self.denied = denied  # verbs (e.g. "deleteInstances") answered 403 permission denied
         self.rate_limited = 0  # requests refused for the rate limit
         self.boot_failed: list[str] = []
-        self._recent: list[float] = []
         self.requests: list[tuple[str, str]] = []  # (method, path?query)
+        self._scripted: list[Scripted] = []  # faults a test asked for (fail_next)
+        self._answered: dict[str, tuple[int, Any]] = {}  # requestId -> its first answer
+        self.repeated: list[str] = []  # requestIds seen again (answered, not done twice)
         self.resizes: list[int] = []
         self.deleted: list[str] = []
         self.preempted: list[str] = []
@@ -216,12 +191,8 @@ class FakeCompute:
         self._lock = threading.RLock()
         self._ops: dict[str, dict[str, Any]] = {}
         self._ids = itertools.count(1_000_000)
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         self._server.daemon_threads = True
-        self._threads = [
-            threading.Thread(target=self._server.serve_forever, daemon=True),
-            threading.Thread(target=self._reconcile_loop, daemon=True),
-        ]
         self._stop = threading.Event()
 
     @property
@@ -229,8 +200,9 @@ class FakeCompute:
         return f"http://127.0.0.1:{self._server.server_address[1]}"
 
     def start(self) -> FakeCompute:
-        for thread in self._threads:
-            thread.start()
+        """Serve the API and reconcile the groups, each in a thread of its own."""
+        for target in (self._server.serve_forever, self._reconcile_loop):
+            threading.Thread(target=target, daemon=True).start()
         return self
 
     def stop(self) -> None:
@@ -278,135 +250,76 @@ class FakeCompute:
         """Whether any resize lowered the target size (CFlow must only delete by name)."""
         return any(b < a for a, b in itertools.pairwise([0, *self.resizes]))
 
-    # -- the group's behaviour ----------------------------------------------------------
-
-    def _reconcile_loop(self) -> None:
-        while not self._stop.wait(0.05):
-            self.reconcile()
-
-    def reconcile(self) -> None:
-        with self._lock:
-            self._gone = [vm for vm in self._gone if vm.proc is not None and vm.proc.poll() is None]
-            for g in list(self.groups.values()):
-                self._reconcile(g)
-
-    def _reconcile(self, g: Group) -> None:
-        for vm in list(g.vms.values()):
-            exited = vm.proc is not None and vm.proc.poll() is not None
-            if vm.deleting:
-                if vm.proc is None or exited:
-                    del g.vms[vm.name]
-            elif exited and self.recreate:  # preempted or crashed: a MIG recreates it
-                self.preempted.append(vm.name)
-                vm.action, vm.recreated = "RECREATING", vm.recreated + 1
-                vm.proc = self._start(g, vm)
-            elif exited:
-                del g.vms[vm.name]
-            elif vm.proc is None:
-                if self._quota_left() >= self.cpus_per_vm:
-                    vm.error = None
-                    vm.proc = self._start(g, vm)
-                else:  # the group retries creating it until quota frees up
-                    vm.error = self._quota_error()
-            else:
-                vm.action = "NONE"
-        alive = [vm for vm in g.vms.values() if not vm.deleting]
-        for _ in range(g.target_size - len(alive)):
-            name = f"{g.base_instance_name or g.name}-{secrets.token_hex(2)}"
-            g.vms[name] = Vm(name, g.instance_zone())
-        for vm in alive[g.target_size :]:  # a resize down: the MIG picks victims itself
-            self._delete(vm)
-
-    def _start(self, g: Group, vm: Vm) -> subprocess.Popen[Any]:
-        if self.boot_fails(vm.name):
-            self.boot_failed.append(vm.name)
-            return self.failed_spawn(vm.name)
-        if g is not self.group and self.shaped_spawn is not None:
-            return self.shaped_spawn(vm.name, self.instance_metadata(g))
-        return self.spawn(vm.name)
-
-    def instance_metadata(self, g: Group) -> dict[str, str]:
-        """The metadata a VM of ``g`` gets from its group's instance template."""
-        _, template = self._template(g.template)
-        items = template.get("properties", {}).get("metadata", {}).get("items", [])
-        return {str(i["key"]): str(i["value"]) for i in items}
-
-    def _quota_left(self) -> float:
-        if self.cpu_quota is None:
-            return float("inf")
-        running = sum(
-            1 for g in self.groups.values() for vm in g.vms.values() if vm.proc is not None
-        )
-        return self.cpu_quota - running * self.cpus_per_vm
-
-    def _quota_error(self) -> dict[str, str]:
-        return {
-            "code": "QUOTA_EXCEEDED",
-            "message": f"Quota 'CPUS' exceeded.  Limit: {float(self.cpu_quota or 0)} "
-            f"in region {self.group.region}.",
-        }
-
-    def _delete(self, vm: Vm) -> None:
-        vm.deleting, vm.action = True, "DELETING"
-        self.deleted.append(vm.name)
-        if vm.proc is not None and vm.proc.poll() is None:
-            vm.proc.send_signal(signal.SIGTERM)
-
-    # -- the REST API ---------------------------------------------------------------------
-
-    def _operation(self, kind: str, target: str, g: Group | None = None) -> dict[str, Any]:
-        g = g or self.group
-        op_id = next(self._ids)
-        name = f"operation-{op_id}-{secrets.token_hex(4)}"
-        scope_key = "zone" if g.scope == "zones" else "region"
-        op = {
-            "kind": "compute#operation",
-            "id": str(op_id),
-            "name": name,
-            "operationType": kind,
-            "targetLink": target,
-            "status": "DONE",
-            "progress": 100,
-            "insertTime": time.strftime("%Y-%m-%dT%H:%M:%S.000-00:00", time.gmtime()),
-            scope_key: f"{BASE}/projects/{g.project}/{g.scope}/{g.where}",
-            "selfLink": f"{BASE}/projects/{g.project}/{g.scope}/{g.where}/operations/{name}",
-        }
-        self._ops[name] = op
-        return op
-
-    def _managed(self, g: Group, vm: Vm) -> dict[str, Any]:
-        alive = vm.proc is not None and vm.proc.poll() is None
-        status = "STOPPING" if vm.deleting else ("RUNNING" if alive else "STAGING")
-        managed: dict[str, Any] = {
-            "instance": g.instance_url(vm),
-            "name": vm.name,
-            "id": str(abs(hash(vm.name)) % 10**18),
-            "currentAction": vm.action,
-        }
-        if vm.proc is not None or vm.deleting:  # an instance never created has no status
-            managed["instanceStatus"] = status
-        if vm.error is not None:
-            managed["lastAttempt"] = {"errors": {"errors": [vm.error]}}
-        return managed
-
-    def _rate_limited(self) -> bool:
-        if self.rate_limit is None:
+    def _rate_limited(self, method: str, path: str) -> bool:
+        """Past the per-minute quota of the call's group (refilled at the next window)? A
+        group the fault plan rate-limited is refused even with no ``rate_limit`` set."""
+        limit = float("inf") if self.rate_limit is None else self.rate_limit
+        bucket = quota_bucket(method, path)
+        if self.faults.quota.admit(bucket, limit, self.rate_window, self.clock()):
             return False
-        now = time.monotonic()
-        self._recent = [t for t in self._recent if now - t < self.rate_window]
-        if len(self._recent) >= self.rate_limit:
-            self.rate_limited += 1
-            return True
-        self._recent.append(now)
-        return False
+        self.rate_limited += 1
+        return True
+
+    def fail_next(
+        self,
+        method: str,
+        path: str,
+        status: int,
+        reason: str = "",
+        *,
+        times: int = 1,
+        lost: bool = False,
+    ) -> None:
+        """Answer the next ``times`` calls of ``method`` on a path matching the regex ``path``
+        with ``status`` (0: reset the connection, no answer) and ``reason``; with ``lost`` the
+        call is carried out first and only its answer is lost."""
+        with self._lock:
+            self._scripted.append(Scripted(method, re.compile(path), status, reason, times, lost))
 
     def handle(self, method: str, raw_path: str, body: dict[str, Any]) -> tuple[int, Any]:
+        """A call's answer: scripted faults first, then a repeated ``requestId`` answered as
+        Compute answers it (the first answer again, nothing done twice), then the call."""
+        path = urlparse(raw_path).path
+        rid = parse_qs(urlparse(raw_path).query).get("requestId", [""])[0]
+        with self._lock:
+            fault = next((f for f in self._scripted if f.matches(method, path)), None)
+            if fault is not None:
+                fault.times -= 1
+                self._scripted = [f for f in self._scripted if f.times > 0]
+                if not fault.lost:
+                    self.requests.append((method, raw_path))
+                    return fault.answer()
+            if rid and rid in self._answered:
+                self.requests.append((method, raw_path))
+                self.repeated.append(rid)
+                answer = self._answered[rid]
+            else:
+                answer = self._route(method, raw_path, body)
+                if rid and answer[0] == 200:
+                    self._answered[rid] = answer
+            return fault.answer() if fault is not None else answer
+
+    def _route(self, method: str, raw_path: str, body: dict[str, Any]) -> tuple[int, Any]:
         url = urlparse(raw_path)
         query = {k: v[0] for k, v in parse_qs(url.query).items()}
         self.requests.append((method, raw_path))
         with self._lock:
-            if self._rate_limited():
+            fault = self.faults.current()
+            early = self.faults.before(method, url.path, fault, self.rate_window, self._ops)
+            if early is not None:
+                return early
+            if self._rate_limited(method, url.path):
                 return _error(403, "Rate Limit Exceeded", reason="rateLimitExceeded")
+            code, answer = self._call(method, url.path, query, body)
+            return code, self.faults.after(method, url.path, fault, answer)
+
+    def _call(
+        self, method: str, path: str, query: dict[str, str], body: dict[str, Any]
+    ) -> tuple[int, Any]:
+        url = urlparse(path)
+        with self._lock:
+            if method == "GET" and (image := self.images.handle(url.path)) is not None:
+                return image
             if m := _PROJECT_PATH.match(url.path):
                 return 200, self._project(m["project"])
             if m := _REGION_PATH.match(url.path):
@@ -448,374 +361,49 @@ class FakeCompute:
                 )
             return self._group_call(g, method, m["verb"], query, body)
 
-    def _group_call(
-        self, g: Group, method: str, verb: str | None, query: dict[str, str], body: dict[str, Any]
-    ) -> tuple[int, Any]:
-        if verb in self.denied:
-            return _error(
-                403,
-                "Required 'compute.instanceGroupManagers.update' permission for "
-                f"'projects/{g.project}/{g.scope}/{g.where}/instanceGroupManagers/{g.name}'",
-            )
-        if method == "GET" and verb is None:
-            return 200, self._describe(g)
-        if method == "DELETE" and verb is None:  # the group goes, and every VM with it
-            for vm in g.vms.values():
-                if not vm.deleting:
-                    self._delete(vm)
-            self._gone.extend(g.vms.values())
-            del self.groups[g.name]
-            self.deleted_groups.append(g.name)
-            return 200, self._operation("compute.instanceGroupManagers.delete", g.self_link, g)
-        if method == "POST" and verb == "resize":
-            size = int(query["size"])
-            if size > g.size_limit:
-                return _error(
-                    400,
-                    f"Invalid value for field 'size': '{size}'. "
-                    f"Must be less than or equal to {g.size_limit}.",
-                )
-            (self.resizes if g is self.group else g.resizes).append(size)
-            g.target_size = size
-            self._reconcile(g)
-            return 200, self._operation("compute.instanceGroupManagers.resize", g.self_link, g)
-        if method == "POST" and verb == "listManagedInstances":
-            vms = sorted(g.vms.values(), key=lambda vm: vm.name)
-            page = min(int(query.get("maxResults", PAGE_LIMIT)), PAGE_LIMIT)
-            start = int(query.get("pageToken") or 0)
-            out: dict[str, Any] = {
-                "managedInstances": [self._managed(g, vm) for vm in vms[start : start + page]]
-            }
-            if start + page < len(vms):
-                out["nextPageToken"] = str(start + page)
-            return 200, out
-        if method == "POST" and verb in ("deleteInstances", "abandonInstances"):
-            urls = body.get("instances", [])
-            if len(urls) > DELETE_LIMIT:
-                return _error(
-                    400,
-                    f"Invalid value for field 'resource.instances': {len(urls)} instances. "
-                    f"At most {DELETE_LIMIT} instances can be specified in one request.",
-                )
-            skip = bool(body.get("skipInstancesOnValidationError"))
-            names = [u.rsplit("/", 1)[-1] for u in urls]
-            unknown = [n for n in names if n not in g.vms or g.vms[n].deleting]
-            if unknown and not skip:
-                return _error(400, f"Instances {unknown} are not members of the group")
-            for name in names:
-                if name not in unknown:
-                    if verb == "deleteInstances":
-                        self._delete(g.vms[name])
-                    else:
-                        self.abandoned.append(g.vms.pop(name))
-                    g.target_size -= 1
-            return 200, self._operation(f"compute.instanceGroupManagers.{verb}", g.self_link, g)
-        return _error(400, f"unsupported {method} {verb}")
 
-    def _describe(self, g: Group) -> dict[str, Any]:
-        template = f"{BASE}/projects/{g.project}/global/instanceTemplates/{g.template}"
-        scope_key = "zone" if g.scope == "zones" else "region"
-        if g is not self.group:
-            return {**g.record, "targetSize": g.target_size}
-        return {
-            "kind": "compute#instanceGroupManager",
-            "id": "4242",
-            "name": g.name,
-            "baseInstanceName": g.name,
-            "targetSize": g.target_size,
-            "selfLink": g.self_link,
-            "instanceTemplate": template,
-            "versions": [{"name": "worker", "instanceTemplate": template}],
-            "status": {"isStable": all(vm.action == "NONE" for vm in g.vms.values())},
-            scope_key: f"{BASE}/projects/{g.project}/{g.scope}/{g.where}",
-        }
+def _handler(fake: FakeCompute) -> type[BaseHTTPRequestHandler]:
+    """The HTTP handler of ``fake``: a call's fault from the fault plan first, then its answer."""
 
-    def _list_groups(self, scope: str, where: str) -> dict[str, Any]:
-        items = [
-            self._describe(g)
-            for g in sorted(self.groups.values(), key=lambda g: g.name)
-            if (g.scope, g.where) == (scope, where)
-        ]
-        return {"kind": "compute#instanceGroupManagerList", "items": items}
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
 
-    def _project(self, project: str) -> dict[str, Any]:
-        return {
-            "kind": "compute#project",
-            "name": project,
-            "quotas": [
-                {"metric": metric, "limit": limit, "usage": usage}
-                for metric, (limit, usage) in self.project_quotas.items()
-            ],
-        }
+        def _serve(self, method: str) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            raw = self.rfile.read(length) if length else b""
+            try:
+                body = json.loads(raw) if raw.strip() else {}
+            except ValueError:
+                body = {}
+            fault = fake.faults.begin(method, self.path)  # the fault plan's, if any
+            if fault == "reset":
+                break_connection(self, fault, fake.faults.plan, fake._stop)
+                return
+            fake.faults.hold(self.path, fake._stop)
+            code, payload = fake.handle(method, self.path, body)
+            if fault == "timeout":  # carried out, and then the answer never comes
+                break_connection(self, fault, fake.faults.plan, fake._stop)
+                return
+            if code == RESET:  # a reset connection: no answer at all
+                self.close_connection = True
+                return
+            data = json.dumps(payload).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json; charset=UTF-8")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
 
-    def _region(self, region: str) -> dict[str, Any]:
-        quotas = dict(self.quotas)
-        if self.cpu_quota is not None:
-            quotas["CPUS"] = (float(self.cpu_quota), quotas.get("CPUS", (0.0, 0.0))[1])
-        return {
-            "kind": "compute#region",
-            "name": region,
-            "status": "UP",
-            "zones": [f"{BASE}/projects/{self.group.project}/zones/{z}" for z in _zones(region)],
-            "quotas": [
-                {"metric": metric, "limit": limit, "usage": usage}
-                for metric, (limit, usage) in quotas.items()
-            ],
-        }
+        def do_GET(self) -> None:
+            self._serve("GET")
 
-    def _template(self, name: str) -> tuple[int, Any]:
-        if name in self.templates:
-            return 200, self.templates[name]
-        project = self.group.project
-        if name != f"{self.group.name}-template" or name in self.deleted_templates:
-            resource = f"projects/{project}/global/instanceTemplates/{name}"
-            return _error(404, f"The resource '{resource}' was not found")
-        return 200, {
-            "kind": "compute#instanceTemplate",
-            "name": name,
-            "selfLink": f"{BASE}/projects/{project}/global/instanceTemplates/{name}",
-            "properties": {
-                "machineType": self.machine_type,
-                "scheduling": {
-                    "provisioningModel": "SPOT",
-                    "preemptible": True,
-                    "automaticRestart": False,
-                    "onHostMaintenance": "TERMINATE",
-                    "instanceTerminationAction": "DELETE",
-                },
-                "metadata": {"items": [{"key": k, "value": v} for k, v in self.metadata.items()]},
-                "shieldedInstanceConfig": {
-                    "enableSecureBoot": True,
-                    "enableVtpm": True,
-                    "enableIntegrityMonitoring": True,
-                },
-                "disks": [
-                    {
-                        "boot": True,
-                        "initializeParams": {
-                            "diskSizeGb": "20",
-                            "diskType": "pd-balanced",
-                            "sourceImage": f"{BASE}/projects/{project}/global/images/cflow-1",
-                        },
-                    }
-                ],
-            },
-        }
+        def do_POST(self) -> None:
+            self._serve("POST")
 
-    def _delete_template(self, name: str) -> tuple[int, Any]:
-        project = self.group.project
-        resource = f"projects/{project}/global/instanceTemplates/{name}"
-        if name not in self.templates:
-            return _error(404, f"The resource '{resource}' was not found")
-        users = [g for g in self.groups.values() if g.template == name]
-        if users:
-            user = users[0]
-            return _error(
-                400,
-                f"The instance_template resource '{resource}' is already being used by "
-                f"'projects/{project}/{user.scope}/{user.where}/instanceGroupManagers/"
-                f"{user.name}'",
-                reason="resourceInUseByAnotherResource",
-            )
-        del self.templates[name]
-        self.deleted_templates.append(name)
-        link = f"{BASE}/{resource}"
-        return 200, self._global_operation("compute.instanceTemplates.delete", link)
+        def do_DELETE(self) -> None:
+            self._serve("DELETE")
 
-    def _machine_type(self, zone: str, name: str) -> tuple[int, Any]:
-        m = re.fullmatch(r"([a-z0-9]+)-(?:standard|highmem|highcpu)-(\d+)", name)
-        if m is None or (m[1] == "g2" and int(m[2]) not in G2_GPUS):
-            resource = f"projects/{self.group.project}/zones/{zone}/machineTypes/{name}"
-            return _error(404, f"The resource '{resource}' was not found")
-        found: dict[str, Any] = {
-            "kind": "compute#machineType",
-            "name": name,
-            "guestCpus": int(m[2]),
-        }
-        if m[1] == "g2":
-            found["accelerators"] = [
-                {"guestAcceleratorType": "nvidia-l4", "guestAcceleratorCount": G2_GPUS[int(m[2])]}
-            ]
-        return 200, found
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
 
-    def _accelerator(self, zone: str, name: str) -> tuple[int, Any]:
-        if name not in self.zone_accelerators.get(zone, self.accelerators):
-            resource = f"projects/{self.group.project}/zones/{zone}/acceleratorTypes/{name}"
-            return _error(404, f"The resource '{resource}' was not found")
-        return 200, {"kind": "compute#acceleratorType", "name": name, "maximumCardsPerInstance": 8}
-
-    def _global_operation(self, kind: str, target: str) -> dict[str, Any]:
-        op = self._operation(kind, target)
-        op.pop("zone", None)
-        op.pop("region", None)
-        op["selfLink"] = f"{BASE}/projects/{self.group.project}/global/operations/{op['name']}"
-        return op
-
-    def _insert_template(self, body: dict[str, Any]) -> tuple[int, Any]:
-        name = str(body.get("name", ""))
-        project = self.group.project
-        if not _NAME.fullmatch(name):
-            return _error(
-                400,
-                f"Invalid value for field 'resource.name': '{name}'. Must be a match of regex "
-                "'(?:[a-z](?:[-a-z0-9]{0,61}[a-z0-9])?)'",
-            )
-        link = f"{BASE}/projects/{project}/global/instanceTemplates/{name}"
-        if name in self.templates or name == f"{self.group.name}-template":
-            resource = f"projects/{project}/global/instanceTemplates/{name}"
-            return _error(409, f"The resource '{resource}' already exists", reason="alreadyExists")
-        props = body.get("properties", {})
-        machine_type = str(props.get("machineType", ""))
-        gpus = props.get("guestAccelerators") or []
-        bundled = machine_type.startswith("g2-")
-        maintenance = props.get("scheduling", {}).get("onHostMaintenance", "MIGRATE")
-        if (gpus or bundled) and maintenance != "TERMINATE":
-            return _error(
-                400,
-                "Instances with guest accelerators do not support live migration.",
-                reason="badRequest",
-            )
-        if gpus and not machine_type.startswith("n1-"):
-            return _error(
-                400,
-                f"Invalid resource usage: 'Machine type {machine_type} does not support "
-                "accelerators.'",
-            )
-        self.templates[name] = {"kind": "compute#instanceTemplate", **body, "selfLink": link}
-        return 200, self._global_operation("compute.instanceTemplates.insert", link)
-
-    def _insert_group(self, scope: str, where: str, body: dict[str, Any]) -> tuple[int, Any]:
-        name = str(body.get("name", ""))
-        project = self.group.project
-        resource = f"projects/{project}/{scope}/{where}/instanceGroupManagers/{name}"
-        if not _NAME.fullmatch(name):
-            return _error(400, f"Invalid value for field 'resource.name': '{name}'.")
-        if name in self.groups:
-            return _error(409, f"The resource '{resource}' already exists", reason="alreadyExists")
-        template = str(body.get("instanceTemplate", "")).rsplit("/", 1)[-1]
-        if template not in self.templates:
-            missing = f"projects/{project}/global/instanceTemplates/{template}"
-            return _error(404, f"The resource '{missing}' was not found")
-        zones: list[str] = []
-        if scope == "regions":
-            wanted = body.get("distributionPolicy", {}).get("zones") or []
-            zones = [str(z.get("zone", "")).rsplit("/", 1)[-1] for z in wanted]
-            stray = [z for z in zones if z not in _zones(where)]
-            if stray:
-                return _error(
-                    400,
-                    f"Invalid value for field 'resource.distributionPolicy.zones': "
-                    f"zone '{stray[0]}' is not in region '{where}'.",
-                )
-        elif "distributionPolicy" in body:
-            return _error(400, "A zonal instance group manager has no distributionPolicy.")
-        link = f"{BASE}/{resource}"
-        scope_key = "zone" if scope == "zones" else "region"
-        record = {
-            "kind": "compute#instanceGroupManager",
-            **body,
-            "targetSize": int(body.get("targetSize", 0)),
-            scope_key: f"{BASE}/projects/{project}/{scope}/{where}",
-            "selfLink": link,
-            "creationTimestamp": self.now().isoformat(timespec="milliseconds"),
-        }
-        group = Group(
-            project,
-            scope,
-            where,
-            name,
-            target_size=int(body.get("targetSize", 0)),
-            template=template,
-            base_instance_name=str(body.get("baseInstanceName") or name),
-            zones=zones or (_zones(where) if scope == "regions" else []),
-            record=record,
-        )
-        self.groups[name] = group
-        return 200, self._operation("compute.instanceGroupManagers.insert", link, group)
-
-    def _handler(self) -> type[BaseHTTPRequestHandler]:
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def _serve(self, method: str) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                raw = self.rfile.read(length) if length else b""
-                try:
-                    body = json.loads(raw) if raw.strip() else {}
-                except ValueError:
-                    body = {}
-                code, payload = fake.handle(method, self.path, body)
-                data = json.dumps(payload).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json; charset=UTF-8")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def do_GET(self) -> None:
-                self._serve("GET")
-
-            def do_POST(self) -> None:
-                self._serve("POST")
-
-            def do_DELETE(self) -> None:
-                self._serve("DELETE")
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        return Handler
-
-
-def _zones(region: str) -> list[str]:
-    """The zones ``regions.get`` lists for a region (a fake's: b, c and f)."""
-    return [f"{region}-{z}" for z in "bcf"]
-
-
-def _error(code: int, message: str, *, reason: str | None = None) -> tuple[int, Any]:
-    reason = reason or {
-        404: "notFound",
-        400: "invalid",
-        403: "forbidden",
-        409: "alreadyExists",
-    }.get(code, "backendError")
-    domain = "usageLimits" if reason == "rateLimitExceeded" else "global"
-    return code, {
-        "error": {
-            "code": code,
-            "message": message,
-            "errors": [{"message": message, "domain": domain, "reason": reason}],
-        }
-    }
-
-
-class PaperVm:
-    """A VM without a process, for groups of thousands: alive until signalled."""
-
-    def __init__(self) -> None:
-        self.returncode: int | None = None
-        self.pid = 0
-
-    def poll(self) -> int | None:
-        return self.returncode
-
-    def send_signal(self, sig: int) -> None:
-        self.returncode = -sig
-
-    def kill(self) -> None:
-        self.returncode = -signal.SIGKILL
-
-    def wait(self, timeout: float | None = None) -> int:
-        return self.returncode if self.returncode is not None else 0
-
-
-def paper(name: str) -> subprocess.Popen[Any]:
-    """``spawn`` for groups too large for a process per VM."""
-    return PaperVm()  # type: ignore[return-value]
-
-
-def sleeper(name: str) -> subprocess.Popen[Any]:
-    """A stand-in VM that only waits to be deleted."""
-    return subprocess.Popen(["sleep", "600"], stdin=subprocess.DEVNULL)
+    return Handler

@@ -294,3 +294,41 @@ def test_the_end_of_a_run_leaves_the_workers_busy_with_another_run_alone(
     _only_first_attempts(cloud, b_id, 2)  # B lost no attempt when A's runner scaled down
     wait_for(cloud.fake.is_empty, 60, "the group at zero")
     assert not cloud.fake.resized_down()
+
+
+def test_a_finished_run_whose_subscription_another_run_cleaned_up_hears_nothing_more(
+    deployment: Deployment, tmp_path: Path
+) -> None:
+    store = GcsStore(deployment.bucket)
+    queue = PubSubQueue(project=deployment.project, topic=deployment.work_topic)
+    subscriber = pubsub_v1.SubscriberClient()
+    per_run = RunSubscriptions(
+        project=deployment.project,
+        events_topic=deployment.events_topic,
+        events_subscription=deployment.events_subscription,
+        store=store,
+        subscriber=subscriber,
+    )
+    try:
+        run = runs.create_run(
+            store=store,
+            queue=queue,
+            task_dir=make_task(tmp_path / "task", QUICK),
+            shards=from_count(1),
+            options=RunOptions(),
+        )
+        bus = per_run.open(run.run_id)
+        assert bus.pull(timeout=0.5) == []  # its stream is open
+        # The run is finished and its runner still drains the workers when another runner
+        # starts and cleans up the subscriptions of runs that are over.
+        runs.save_manifest(store, run.with_state(RunState.FINISHED))
+        per_run.open("r20991231-000000-fedcba")
+        assert run.run_id not in per_run.existing()
+        # The draining runner hears nothing more, and does not fail for it.
+        wait_for(lambda: bus.pull(timeout=0.5) == [] and bus.gone, 30, "the stream's end seen")
+        bus.close()
+    finally:
+        for path in per_run.existing().values():
+            per_run.delete(path)
+        queue.close()
+        subscriber.close()

@@ -18,8 +18,9 @@ from runner.engine.fleet import Instance
 from runner.engine.policy import decide_scale
 from tests.e2e.conftest import wait_for
 from tests.emulators import PROJECT, Deployment
-from tests.gcp.conftest import MakeCompute
+from tests.gcp.conftest import MakeCompute, ShortClock
 from tests.gcp.fake_compute import paper, sleeper
+from tests.gcp.fault_compute import quota_bucket
 from worker.backends.gcp.gcs import GcsStore
 from worker.backends.gcp.vm import leave_group, problem_key, report_problem
 from worker.errors import BackendError, ConfigError
@@ -45,7 +46,7 @@ def test_deletes_of_more_than_1000_instances_go_in_batches_and_lists_are_paged(
     assert pages, "1,500 instances take more than one page"
 
     fleet.delete(listed)
-    deletes = [p for m, p in fake.requests if p.endswith("/deleteInstances")]
+    deletes = [p for m, p in fake.requests if p.split("?")[0].endswith("/deleteInstances")]
     assert len(deletes) == 2
     assert fleet.wait_empty(20) and fake.is_empty()
 
@@ -112,8 +113,13 @@ def test_rate_limited_calls_are_retried_not_reported_as_permission_errors(
     fake_compute: MakeCompute,
 ) -> None:
     fake = fake_compute(spawn=sleeper, zone=ZONE, rate_limit=2, rate_window=0.5)
-    fleet = GceFleet(project=PROJECT, group=GROUP, zone=ZONE)
-    a, b = fleet.grow(2)  # get, list, resize, operation wait, list: past the limit
+    clock = ShortClock()  # the runner's waits into the next window, on the fake's clock too
+    fake.clock = clock.time
+    fleet = GceFleet(project=PROJECT, group=GROUP, zone=ZONE, clock=clock)
+    group_path = f"/compute/v1/projects/{PROJECT}/zones/{ZONE}/instanceGroupManagers/{GROUP}"
+    # This window's read quota used up: the group's get is refused until the next window.
+    fake.faults.quota.exhaust(quota_bucket("GET", group_path), fake.rate_window, fake.clock())
+    a, b = fleet.grow(2)
     assert fake.rate_limited > 0
     wait_for(lambda: len(fake.live()) == 2, 20, "two VMs")
     before = fake.rate_limited
@@ -123,8 +129,9 @@ def test_rate_limited_calls_are_retried_not_reported_as_permission_errors(
         slept.append(seconds)
         time.sleep(0.6)  # past the fake's window, whatever the backoff asked for
 
-    for _ in range(3):  # use up the window so the worker's first try is refused
-        requests.get(_group_url(fake.endpoint, f"zones/{ZONE}"), timeout=10)
+    # This window's write quota used up, so the worker's first try is refused.
+    write = quota_bucket("POST", f"{group_path}/deleteInstances")
+    fake.faults.quota.exhaust(write, fake.rate_window, fake.clock())
     assert leave_group(project=PROJECT, group=GROUP, zone=ZONE, region=None, instance=a, sleep=nap)
     assert fake.rate_limited > before and slept
     fleet.delete([b])
@@ -197,7 +204,9 @@ def test_failed_boot_is_shown_and_the_vm_removed(
 
 def test_a_rate_limited_page_does_not_shorten_the_list(fake_compute: MakeCompute) -> None:
     fake = fake_compute(spawn=paper, zone=None, region="us-east1")
-    fleet = GceFleet(project=PROJECT, group=GROUP, region="us-east1")
+    clock = ShortClock()  # the runner's waits into the next window, on the fake's clock too
+    fake.clock = clock.time
+    fleet = GceFleet(project=PROJECT, group=GROUP, region="us-east1", clock=clock)
     fleet.grow(1200)
     wait_for(lambda: len(fake.live()) == 1200, 20, "1,200 VMs")
     fake.rate_limit, fake.rate_window = 1, 0.3  # every page after the first is refused once

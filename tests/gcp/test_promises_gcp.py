@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import threading
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ import pytest
 from tests.e2e.conftest import make_task, wait_for
 from tests.emulators import Deployment
 from tests.gcp.conftest import MakeCompute
-from tests.gcp.test_gcp_e2e import _busy, _cloud
+from tests.gcp.test_gcp_e2e import Cloud, _busy, _cloud
 from worker.backends.gcp.gcs import GcsStore
 from worker.protocol import Layout, Manifest
 
@@ -52,12 +53,16 @@ def test_a_frozen_vm_does_not_stall_the_run(
     task = make_task(tmp_path / "task", SLOW)
     submit = cloud.start("submit", str(task), "--shards", "2", "--workers", "1")
     frozen = None
+    ended = threading.Event()
     try:
         name = _busy(marks, set())
         frozen = cloud.fake.live()[name].pid
         os.kill(frozen, signal.SIGSTOP)  # its leases lapse; its heartbeats stop
+        stopper = threading.Thread(target=_stop_when_deleted, args=(cloud, name, frozen, ended))
+        stopper.start()
         stdout, stderr = submit.communicate(timeout=300)
     finally:
+        ended.set()
         if frozen is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(frozen, signal.SIGCONT)
@@ -68,6 +73,18 @@ def test_a_frozen_vm_does_not_stall_the_run(
     assert cloud.status(run_id)["counts"]["succeeded"] == 2
     started_on = {m.name.split(".")[0] for m in marks.iterdir()}
     assert len(started_on) >= 2  # another VM took the frozen one's shard
+    assert name in cloud.fake.deleted  # the runner let the frozen VM go
+    assert "some workers are still stopping" not in stderr
+
+
+def _stop_when_deleted(cloud: Cloud, name: str, pid: int, ended: threading.Event) -> None:
+    """Stop a frozen VM's process once the group deletes it: deleting a VM stops it whatever
+    its guest does (the fake's SIGTERM alone would wait for the frozen process forever)."""
+    while not ended.wait(0.05):
+        if name in cloud.fake.deleted:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            return
 
 
 def test_a_runner_killed_while_publishing_is_finished_by_watch_on_pubsub(
@@ -75,8 +92,10 @@ def test_a_runner_killed_while_publishing_is_finished_by_watch_on_pubsub(
 ) -> None:
     cloud = _cloud(deployment, fake_compute, tmp_path)
     task = make_task(tmp_path / "task", "def run(shard):\n    pass\n")
-    cloud.env["CFLOW_PUBLISH_PAUSE"] = "30"
-    submit = cloud.start("submit", str(task), "--shards", "1200", "--workers", "2")
+    # Batches of 10 (the test hook beside the pause): the same boundary as 1,000 a batch, with
+    # 25 shards to run instead of 1,010.
+    cloud.env.update(CFLOW_PUBLISH_PAUSE="30", CFLOW_PUBLISH_BATCH="10")
+    submit = cloud.start("submit", str(task), "--shards", "25", "--workers", "2")
     assert submit.stdout is not None
     run_id = submit.stdout.readline().strip()
 
@@ -89,15 +108,15 @@ def test_a_runner_killed_while_publishing_is_finished_by_watch_on_pubsub(
     wait_for(published, 60, "the first batch published")
     submit.kill()
     submit.communicate(timeout=30)
-    assert published() == 1000
+    assert published() == 10
     cloud.env["COLUMNS"] = "200"
-    assert "publishing (1000/1200)" in cloud.run("runs").stdout
+    assert "publishing (10/25)" in cloud.run("runs").stdout
     cloud.env.pop("CFLOW_PUBLISH_PAUSE")
     watched = cloud.run("watch", run_id, timeout=300)
     assert watched.returncode == 0, watched.stderr
     assert "interrupted while publishing" in watched.stderr
     status = cloud.status(run_id)
-    assert status["counts"]["succeeded"] == 1200
+    assert status["counts"]["succeeded"] == 25
     assert status["state"] == "finished"
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import google.cloud.pubsub_v1 as pubsub_v1
 import pytest
@@ -156,12 +157,18 @@ def test_closing_the_runner_hands_buffered_events_back(deployment: Deployment) -
     deadline = time.monotonic() + 20  # the rest arrive in the stream's buffer (slowly, on a
     while len(inbox._buffer) < 2 and time.monotonic() < deadline:  # loaded machine)
         time.sleep(0.05)
+    assert len(inbox._buffer) == 2, "the stream never buffered the other two events"
     runner.close()
-    # Given back at once, not after a lease: a plain pull sees them. (A new streaming pull on
-    # the emulator only sees nacked messages once something else wakes the subscription.)
+    # Given back at once, not after a lease: plain pulls see them well within the subscription's
+    # 10 s ack deadline. (A pull may answer with fewer messages than are there, so pull until
+    # both came; a new streaming pull on the emulator only sees nacked messages once something
+    # else wakes the subscription.)
     subscriber = pubsub_v1.SubscriberClient()
     path = f"projects/{deployment.project}/subscriptions/{deployment.events_subscription}"
-    got = subscriber.pull(subscription=path, max_messages=10, timeout=5).received_messages
+    got: list[Any] = []
+    given_back = time.monotonic() + 5
+    while len(got) < 2 and time.monotonic() < given_back:
+        got += subscriber.pull(subscription=path, max_messages=10, timeout=5).received_messages
     subscriber.close()
     left = sorted(Event.from_json(r.message.data).shard_id or "" for r in got)
     assert sorted([first.shard_id or "", *left]) == ["s0", "s1", "s2"]

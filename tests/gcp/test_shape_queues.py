@@ -58,7 +58,8 @@ def test_a_shape_queue_has_the_work_subscriptions_settings(
     assert sub.dead_letter_policy == base.dead_letter_policy  # the deployment's dead letters
     assert sub.dead_letter_policy.dead_letter_topic.endswith(deployment.dead_letter_topic)
     assert sub.labels[LABEL] == SPOT
-    assert sub.expiration_policy.ttl.total_seconds() == 7 * 86400  # unused, it goes by itself
+    assert sub.expiration_policy.ttl.total_seconds() == 32 * 86400  # unused, it goes by itself,
+    assert sub.expiration_policy.ttl > sub.message_retention_duration  # after its messages
     topic = queues.publisher.get_topic(topic=queues.topic_path(SPOT))
     assert topic.labels[LABEL] == SPOT
     assert queues.delete(SPOT) and not queues.exists(SPOT)
@@ -163,6 +164,47 @@ def test_the_mover_takes_only_its_runs_queued_shards(
         mover.close()
         spot_q.close()
         standard_q.close()
+
+
+def test_the_mover_never_dead_letters_a_concurrent_runs_queued_shard(
+    deployment: Deployment, queues: ShapeQueues
+) -> None:
+    """Pub/Sub counts every delivery (a nack, a lapsed lease) towards the dead-letter limit: the
+    mover, which pulls the other run's shard at every poll, must put it back as a new message."""
+    spot, standard = queues.ensure(SPOT), queues.ensure(STANDARD)
+    base = queues.subscriber.get_subscription(subscription=queues.subscription_path(SPOT))
+    limit = base.dead_letter_policy.max_delivery_attempts
+    assert limit >= 5  # Pub/Sub's least (the deployment's work subscription's, copied)
+    publisher = PubSubQueue(project=deployment.project, topic=spot.topic)
+    publisher.publish([WorkMessage("other", Shard("s1", 1).to_dict())])
+    publisher.close()
+    mover = Mover(
+        project=deployment.project,
+        run_id="mine",
+        subscription=spot.subscription,
+        to_topic=standard.topic,
+        from_topic=spot.topic,
+        subscriber=queues.subscriber,
+        every=0.0,
+    )
+    spot_q = _queue(deployment, queues, SPOT)
+    dead = PubSubQueue(project=deployment.project, subscription=deployment.dead_letter_subscription)
+    try:
+        for _ in range(3 * limit):  # each call is one pull, which finds the shard again
+            assert mover() == 0  # nothing of its own run to move
+        assert mover.returned > 2 * limit  # taken more often than the limit allows deliveries
+        back = _take(spot_q)
+        assert back is not None and (back.message.run_id, back.message.shard_id) == (
+            "other",
+            "s1",
+        )
+        assert back.delivery_attempt == 1  # a new message: its count started over
+        spot_q.ack(back)
+        assert dead.receive(10, 1.0) == []  # never dead-lettered
+    finally:
+        mover.close()
+        spot_q.close()
+        dead.close()
 
 
 def test_a_shape_queue_gets_the_deployments_grants_and_a_refusal_is_one_line() -> None:

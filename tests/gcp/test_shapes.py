@@ -20,6 +20,7 @@ from tests.e2e.conftest import wait_for
 from tests.emulators import Deployment
 from tests.gcp.conftest import MakeCompute, worker_env
 from tests.gcp.fake_compute import FakeCompute, sleeper
+from tests.gcp.fake_images import Image
 from worker.backends.gcp.gcs import GcsStore, make_client
 
 ZONE = "us-central1-a"
@@ -47,7 +48,7 @@ def shapes(fake: FakeCompute) -> Iterator[Shapes]:
 
 
 def _posts(fake: FakeCompute) -> list[str]:
-    return [path for method, path in fake.requests if method == "POST"]
+    return [path.split("?")[0] for method, path in fake.requests if method == "POST"]
 
 
 def test_a_gpu_shape_gets_its_own_template_and_group(fake: FakeCompute, shapes: Shapes) -> None:
@@ -67,6 +68,8 @@ def test_a_gpu_shape_gets_its_own_template_and_group(fake: FakeCompute, shapes: 
     assert group["instanceTemplate"].endswith(f"/instanceTemplates/{made.template}")
     assert group["targetSize"] == 0
     assert group["baseInstanceName"].startswith(f"{GROUP}-")
+    # A VM that powered itself off stays off: the deployment group's failure policy.
+    assert group["instanceLifecyclePolicy"]["defaultActionOnFailure"] == "DO_NOTHING"
     # The deployment's group and its VMs are untouched: never resized, never re-pointed.
     assert fake.resizes == [] and fake.group.target_size == 0
     assert not [p for p in _posts(fake) if f"/instanceGroupManagers/{GROUP}/" in p]
@@ -352,6 +355,7 @@ def test_a_gpu_shape_boots_an_image_with_the_nvidia_driver(fake: FakeCompute) ->
     assert "install-nvidia-driver" not in items(cpu.template)
     assert shielded(cpu.template)["enableSecureBoot"] is True
     own = "projects/my-project/global/images/family/my-cuda"
+    fake.images.add(Image("my-project", "my-cuda-2", "my-cuda", 30))
     s = Shapes(project=fake.group.project, group=GROUP, zone=ZONE, gpu_image=own)
     try:  # the deployment's gpu_image setting: another image, so another template
         mine = s.ensure(Shape.parse(machine_type="n1-standard-4", gpu="nvidia-l4:1"))
@@ -364,6 +368,7 @@ def test_an_image_run_boots_the_deployments_container_image(fake: FakeCompute) -
     """The stack's Debian has no container engine: an --image run's VMs boot the deployment's
     container_image (a GPU one boots the GPU image, which must carry an engine too)."""
     own = "projects/my-project/global/images/family/debian-12-podman"
+    fake.images.add(Image("my-project", "debian-12-podman-1", "debian-12-podman", 10))
     engine = Shape.parse(engine=True)
     s = Shapes(project=fake.group.project, group=GROUP, zone=ZONE)
     try:

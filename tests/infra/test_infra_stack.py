@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from infra.identity import DELETE_INSTANCE_PERMISSIONS, LEAVE_GROUP_PERMISSIONS
+from infra.contract import DEFAULT_ACTION_ON_FAILURE, REQUIRED_APIS, STACK_ENABLED_APIS
+from infra.identity import LEAVE_GROUP_PERMISSIONS
 
 if TYPE_CHECKING:
     from conftest import Synth
@@ -40,6 +41,7 @@ OUTPUTS = {
     "image_repository",
     "gpu_image",
     "container_image",
+    "worker_python",
 }
 VARIABLE_DEFAULTS = {
     "region": "us-central1",
@@ -55,6 +57,7 @@ VARIABLE_DEFAULTS = {
     "image_family": "debian-12",
     "image_project": "debian-cloud",
     "idle_timeout": 300,
+    "max_vm_hours": 24,
     "retention_days": 30,
     "max_delivery_attempts": 20,
     "input_buckets": [],
@@ -72,6 +75,7 @@ WORKER_METADATA = {
     "cflow-events-topic",
     "cflow-slots",
     "cflow-idle-timeout",
+    "cflow-max-vm-hours",
     "cflow-worker-package",
     "cflow-worker-sha256",
     "cflow-wheelhouse",
@@ -86,6 +90,34 @@ def test_variables_have_defaults_except_project(synth: Synth) -> None:
         k: v.get("default") for k, v in variables.items() if k != "project"
     } == VARIABLE_DEFAULTS
     assert all(v.get("description") for v in variables.values())
+
+
+def test_bucket_keeps_no_soft_deleted_objects(synth: Synth) -> None:
+    (bucket,) = synth.resources("google_storage_bucket")
+    assert bucket["soft_delete_policy"] == {"retention_duration_seconds": 0}
+
+
+def test_the_stack_enables_artifact_registry_before_its_repository(synth: Synth) -> None:
+    services = synth.resources("google_project_service")
+    assert [s["service"] for s in services] == ["artifactregistry.googleapis.com"]
+    assert set(STACK_ENABLED_APIS) <= set(REQUIRED_APIS)
+    (service,) = services
+    assert (service["disable_on_destroy"], service["project"]) == (False, "${var.project}")
+    (repository,) = synth.resources("google_artifact_registry_repository")
+    api = synth.ref("google_project_service", "id", service="artifactregistry.googleapis.com")
+    assert repository["depends_on"] == [api.removeprefix("${").removesuffix(".id}")]
+
+
+def test_groups_leave_a_vm_that_stopped_itself_stopped(synth: Synth) -> None:
+    # Compute's default, REPAIR, recreates a VM that powered itself off: a VM that cannot leave
+    # would boot, idle and power off for ever. Both groups say DO_NOTHING.
+    assert DEFAULT_ACTION_ON_FAILURE == "DO_NOTHING"
+    for type_ in (
+        "google_compute_instance_group_manager",
+        "google_compute_region_instance_group_manager",
+    ):
+        (group,) = synth.resources(type_)
+        assert group["instance_lifecycle_policy"] == {"default_action_on_failure": "DO_NOTHING"}
 
 
 def test_bucket_is_private_uniform_expiring_and_destroyable(synth: Synth) -> None:
@@ -125,6 +157,14 @@ def test_events_subscription_for_the_runner(synth: Synth) -> None:
     events = synth.resource("google_pubsub_subscription", topic=events_topic)
     assert events["name"] == "${var.name_prefix}-events"
     assert "dead_letter_policy" not in events
+    # Read by nobody on Google Cloud (each run's watcher has its own): Pub/Sub's minimum
+    # retention keeps its unread backlog to ten minutes.
+    assert events["message_retention_duration"] == "600s"
+
+
+def test_queued_shards_wait_pubsubs_longest_retention(synth: Synth) -> None:
+    work = synth.resource("google_pubsub_subscription", name="${var.name_prefix}-work")
+    assert work["message_retention_duration"] == f"{31 * 86400}s"
 
 
 def test_subscriptions_never_expire(synth: Synth) -> None:
@@ -186,7 +226,6 @@ def test_worker_rights_are_granted_on_the_resources(synth: Synth) -> None:
     events = synth.ref("google_pubsub_topic", "name", name="${var.name_prefix}-events")
     work = synth.ref("google_pubsub_topic", "name", name="${var.name_prefix}-work")
     leave = _role(synth, LEAVE_GROUP_PERMISSIONS)
-    delete = _role(synth, DELETE_INSTANCE_PERMISSIONS)
     assert sorted(_worker_grants(synth)) == sorted(
         [
             ("google_storage_bucket_iam_member", bucket, "roles/storage.objectUser"),
@@ -197,7 +236,6 @@ def test_worker_rights_are_granted_on_the_resources(synth: Synth) -> None:
             ("google_pubsub_topic_iam_member", events, "roles/pubsub.publisher"),
             ("google_project_iam_member", "${var.project}", "roles/logging.logWriter"),
             ("google_project_iam_member", "${var.project}", leave),
-            ("google_project_iam_member", "${var.project}", delete),
         ]
     )
     input_grant = synth.resource(
@@ -213,23 +251,19 @@ def _role(synth: Synth, permissions: list[str]) -> str:
     raise AssertionError(f"no custom role with {permissions}")
 
 
-def test_self_removal_without_conditions_the_service_does_not_honour(synth: Synth) -> None:
+def test_self_removal_needs_the_group_right_alone_without_conditions(synth: Synth) -> None:
     # IAM Conditions do not recognize InstanceGroupManager resources: a condition on the group
-    # would never match. The group rights carry none; the instance right keeps its condition
-    # (Instance is a recognized resource type).
+    # would never match. deleteInstances asks the caller for compute.instanceGroupManagers.update
+    # only (the group deletes the VM as itself): no right on instances is granted at all.
     assert sorted(LEAVE_GROUP_PERMISSIONS) == [
         "compute.instanceGroupManagers.get",
         "compute.instanceGroupManagers.update",
     ]
     leave = synth.resource("google_project_iam_member", role=_role(synth, LEAVE_GROUP_PERMISSIONS))
     assert "condition" not in leave
-    delete = synth.resource(
-        "google_project_iam_member", role=_role(synth, DELETE_INSTANCE_PERMISSIONS)
-    )
-    expression = delete["condition"]["expression"]
-    assert expression.startswith('resource.type == "compute.googleapis.com/Instance"')
-    assert '.startsWith("${var.name_prefix}-worker-")' in expression
-    assert "InstanceGroupManager" not in json.dumps(synth.resources("google_project_iam_member"))
+    (role,) = synth.resources("google_project_iam_custom_role")
+    assert sorted(role["permissions"]) == sorted(LEAVE_GROUP_PERMISSIONS)
+    assert "compute.instances.delete" not in json.dumps(synth.tf["resource"])
 
 
 def test_no_keys_no_primitive_roles_no_authoritative_policies(synth: Synth) -> None:
@@ -244,10 +278,10 @@ def test_no_keys_no_primitive_roles_no_authoritative_policies(synth: Synth) -> N
     }
     text = json.dumps(synth.tf["resource"])
     assert not re.search(r"roles/(owner|editor)\b", text)
-    # Project-level grants: log writing, leaving the group, and the conditional instance right.
+    # Project-level grants: log writing and leaving the group, nothing else.
     leave = _role(synth, LEAVE_GROUP_PERMISSIONS)
     for grant in synth.resources("google_project_iam_member"):
-        assert grant["role"] in ("roles/logging.logWriter", leave) or "condition" in grant
+        assert grant["role"] in ("roles/logging.logWriter", leave)
 
 
 def test_image_is_pinned_through_a_data_source(synth: Synth) -> None:
@@ -293,6 +327,7 @@ def test_template_metadata_carries_config_and_scripts(synth: Synth) -> None:
     assert set(metadata) >= WORKER_METADATA
     assert metadata["startup-script"] == (REPO / "infra/scripts/startup.sh").read_text()
     assert metadata["shutdown-script"] == (REPO / "infra/scripts/shutdown.sh").read_text()
+    assert metadata["cflow-leave-script"] == (REPO / "infra/scripts/leave.sh").read_text()
     assert metadata["block-project-ssh-keys"] == "true"
     assert metadata["enable-oslogin"] == "TRUE"
     assert metadata["cflow-subscription"] == synth.ref(
@@ -358,7 +393,13 @@ def test_one_group_zonal_or_regional_sized_by_shards_then_owned_by_the_runner(sy
         assert group["wait_for_instances"] is False
     assert zonal["zone"] == "${var.zone}"
     assert regional["region"] == "${var.region}"
-    assert regional["distribution_policy_zones"] == "${var.zones}"
+    # Empty zones: every zone of the region that is up (a regional group left to itself would
+    # use three).
+    ((zones_id, zones),) = synth.tf["data"]["google_compute_zones"].items()
+    assert (zones["region"], zones["status"]) == ("${var.region}", "UP")
+    assert regional["distribution_policy_zones"] == (
+        f"${{(length(var.zones) >= 1) ? var.zones : data.google_compute_zones.{zones_id}.names}}"
+    )
     assert regional["update_policy"]["instance_redistribution_type"] == "NONE"
 
 

@@ -60,7 +60,11 @@ def test_holds_the_worker_package_its_dependencies_and_a_valid_record(tmp_path: 
             if line.startswith("Requires-Dist")
         ]
         # the worker's VM extra, spelled out: a wheel without its clients cannot start on a VM
-        assert requires == ["google-cloud-pubsub>=2.20", "google-cloud-storage>=2.16"]
+        assert requires == [
+            "google-cloud-pubsub>=2.20",
+            "google-cloud-storage>=2.16",
+            "cloudpickle>=3.0",  # worker.pyfunc: the functions cflow ships by value
+        ]
         assert requires == worker_requirements(project)
         for line in zf.read(f"{dist_info}/RECORD").decode().splitlines():
             name, digest, size = line.split(",")

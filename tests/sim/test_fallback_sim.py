@@ -200,3 +200,37 @@ def test_once_fallen_back_idle_spot_vms_go_and_queued_shards_move() -> None:
     assert moves == [1]  # the run's queued shards go to the standard VMs' queue, every poll
     fleet.instances()
     assert moves == [1, 1] and spot.deleted == ["spot-idle"]
+
+
+def test_a_fallback_is_recorded_once_and_a_resumed_policy_stays_on_it() -> None:
+    recorded: list[str] = []
+    policy = FallbackPolicy(after_preemptions=1, on_start=recorded.append)
+    assert policy.update(0, {"s1": 1}, []) and policy.update(5, {"s1": 1}, [])
+    assert recorded == ["shard s1 was preempted 1 times"]  # once, when it started
+    # A runner resumed after the fallback: no preemption counted here, the record says it.
+    resumed = FallbackPolicy(after_preemptions=1, on_start=recorded.append)
+    assert not resumed.update(0, {}, [])
+    resumed.resume(1, recorded[0])
+    assert resumed.update(2, {}, []) and resumed.reason == recorded[0]
+    assert len(recorded) == 1
+
+
+def test_the_tap_counts_each_preempted_attempt_once_from_events_and_records() -> None:
+    class Bus:
+        def __init__(self, events: list[Event]) -> None:
+            self.events = events
+
+        def publish(self, event: Event) -> None: ...
+
+        def pull(self, max_events: int = 1000, timeout: float = 0.0) -> list[Event]:
+            out, self.events = self.events, []
+            return out
+
+        def close(self) -> None: ...
+
+    told = Event(kind="preempted", worker="vm-1", run_id="r", shard_id="s1", attempt=1)
+    tap = PreemptionTap(Bus([told, told]))  # at-least-once: the same event twice
+    tap.count("s1", 1)  # and the attempt's record, read by a resumed runner
+    tap.count("s1", 2)
+    tap.pull()
+    assert tap.preemptions == {"s1": 2}

@@ -22,8 +22,9 @@ class Lifetime:
         self.worker = worker
         self.started_at: float | None = None  # wall time of the first record
 
-    def record(self, *, stopped: bool) -> None:
-        """Write the record now (``stopped``: this is the last); a failure is only logged."""
+    def record(self, *, stopped: bool, reason: str | None = None) -> None:
+        """Write the record now (``stopped``: this is the last, ``reason`` why, when the agent
+        did not end by itself: its queue refused it); a failure is only logged."""
         now = self.clock.time()
         if self.started_at is None:
             self.started_at = now
@@ -34,6 +35,8 @@ class Lifetime:
             "stopped_at": now if stopped else None,
             "machine_type": os.environ.get("CFLOW_MACHINE_TYPE") or None,
         }
+        if reason is not None:
+            record["stop_reason"] = reason
         try:
             self.store.put(
                 f"fleet/{safe_name(self.worker)}/lifetime.json",

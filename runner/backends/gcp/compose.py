@@ -22,9 +22,9 @@ if TYPE_CHECKING:  # the cloud client loads only when a bucket is combined
 
 
 def _retry() -> Any:
-    from google.cloud.storage.retry import DEFAULT_RETRY
+    from worker.backends.gcp.retry import STORAGE_RETRY
 
-    return DEFAULT_RETRY
+    return STORAGE_RETRY
 
 
 MAX_COMPOSE_SOURCES = 32  # Cloud Storage's limit per compose request

@@ -1,15 +1,18 @@
 """``runner doctor``: is the deployment a user points at complete and reachable?
 
-Checks, in order: credentials, the bucket, the work and events topics, the work, events and
-dead-letter subscriptions (and that each is attached where it should be), the instance group,
-and the region's quotas against it (how many VMs fit, what to ask for 125 and 2,000). Every
-check says what it found or exactly what is missing and how to fix it.
+Checks, in order: credentials, the APIs the stack uses, the bucket, the work and events topics,
+the work, events and dead-letter subscriptions (and that each is attached where it should be),
+Pub/Sub's service agent's grants, the instance group, the region's quotas against it (how many
+VMs fit, what to ask for 125 and 2,000), its VMs, the GPU and container images, and the machine
+shapes asked for (:mod:`runner.backends.gcp.prerequisites`). Every check says what it found or
+exactly what is missing and how to fix it.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from typing import Any
 
 import google.auth
 import google.auth.exceptions
@@ -18,6 +21,12 @@ from google.api_core import exceptions as gexc
 
 from runner.backends.gcp.deployment import DEFAULT_WORKERS
 from runner.backends.gcp.fleet import GceFleet
+from runner.backends.gcp.prerequisites import (
+    check_apis,
+    check_images,
+    check_pubsub_agent,
+    check_shapes,
+)
 from runner.backends.gcp.quota import fit, read_region, read_template
 from runner.config import Config
 from runner.engine.deployment import Check
@@ -197,8 +206,14 @@ def check_vms(config: Config) -> Check:
     return Check("VMs", True, f"{len(instances)} in the group, none reported a problem")
 
 
-def run_checks(config: Config, *, on_check: Callable[[Check], None] | None = None) -> list[Check]:
-    """Every check of the deployment, reported to ``on_check`` as it completes."""
+def run_checks(
+    config: Config,
+    *,
+    on_check: Callable[[Check], None] | None = None,
+    options: Any | None = None,
+) -> list[Check]:
+    """Every check of the deployment, reported to ``on_check`` as it completes; ``options``
+    (:class:`worker.protocol.RunOptions`) adds the machine shapes they ask for."""
     checks: list[Check] = []
 
     def add(check: Check) -> None:
@@ -210,12 +225,31 @@ def run_checks(config: Config, *, on_check: Callable[[Check], None] | None = Non
     add(credentials)
     if not credentials.ok:  # every other check would fail the same way
         return checks
+    add(check_apis(config, emulated=credentials.detail.startswith("emulators only")))
     add(check_bucket(config))
     for check in check_messaging(config):
         add(check)
+    add(check_agent(config))
     group = check_group(config)
     add(group)
     if group.ok:
         add(check_quota(config))
         add(check_vms(config))
+        for check in check_images(config):
+            add(check)
+        if options is not None:
+            for check in check_shapes(config, options):
+                add(check)
     return checks
+
+
+def check_agent(config: Config) -> Check:
+    """Pub/Sub's service agent's grants (:func:`check_pubsub_agent`)."""
+    publisher, subscriber = pubsub_v1.PublisherClient(), pubsub_v1.SubscriberClient()
+    try:
+        return check_pubsub_agent(config, publisher=publisher, subscriber=subscriber)
+    except Exception as exc:
+        return Check("Pub/Sub service agent", False, _api_error("the work subscription", exc))
+    finally:
+        publisher.stop()
+        subscriber.close()

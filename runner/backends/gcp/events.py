@@ -17,8 +17,8 @@ Pub/Sub delivers to a subscription only what is published after it exists, so th
 is created when the run is submitted, before any worker starts for it, and reused by a later
 ``runner watch``. It is deleted when its bus is closed after the run ended (manifest no longer
 ``active``); one left behind by a killed runner is deleted by the next :meth:`RunSubscriptions.open`
-once its run is over, and Pub/Sub itself expires any subscription unused for ``EXPIRY`` (the
-service's minimum TTL, one day).
+once its run is over, and Pub/Sub itself expires any subscription unused for ``EXPIRY`` (two
+days: longer than the events it keeps, ``RETENTION``).
 """
 
 from __future__ import annotations
@@ -32,14 +32,18 @@ from google.api_core import exceptions as gexc
 
 from worker.backends.gcp.pubsub_api import resource_path
 from worker.backends.gcp.pubsub_events import PubSubEvents
-from worker.errors import BackendError, ConfigError
-from worker.protocol import Layout, Manifest, RunState
+from worker.backends.gcp.retry import PUBSUB_RETRY
+from worker.errors import BackendError, ConfigError, Unusable
+from worker.protocol import Event, Layout, Manifest, RunState
 from worker.store import Store
 
 log = logging.getLogger("cflow.runner")
 
-EXPIRY = "86400s"  # Pub/Sub deletes a per-run subscription unused this long (its minimum TTL)
 RETENTION = "86400s"  # events older than this are of no use to a watcher
+# Pub/Sub deletes a per-run subscription unused this long: longer than the retention (an
+# expiration shorter than or equal to the retention is refused or pointless), and at least the
+# service's minimum TTL, one day.
+EXPIRY = "172800s"
 ACK_DEADLINE = 30  # seconds
 NAME_SUFFIX = "-run-"  # <events subscription>-run-<run id>
 LABEL = "cflow_run"  # label on every per-run subscription; its value is the run id (lowercased)
@@ -98,10 +102,10 @@ class RunSubscriptions:
             "labels": {LABEL: _label_value(run_id), CREATED_LABEL: str(int(time.time()))},
         }
         try:
-            self.subscriber.create_subscription(request=request)
+            self.subscriber.create_subscription(request=request, retry=PUBSUB_RETRY)
             log.info("created events subscription %s", path)
         except gexc.AlreadyExists:
-            pass  # a re-attached watch: the run's events waited there
+            pass  # a re-attached watch (or a retried create): the run's events waited there
         except gexc.GoogleAPICallError as exc:
             raise BackendError(
                 f"could not create the events subscription of run {run_id}: {exc.message}"
@@ -159,7 +163,7 @@ class RunSubscriptions:
 
     def delete(self, path: str) -> bool:
         try:
-            self.subscriber.delete_subscription(subscription=path)
+            self.subscriber.delete_subscription(subscription=path, retry=PUBSUB_RETRY)
         except gexc.NotFound:
             return False
         except gexc.GoogleAPICallError as exc:
@@ -183,6 +187,22 @@ class RunEvents(PubSubEvents):
         self.path = path
         self._ended = False
         self._closed = False
+        self.gone = False  # the subscription was deleted after the run ended
+
+    def pull(self, max_events: int = 1000, timeout: float = 0.0) -> list[Event]:
+        """The run's events; none once the run is over and its subscription is gone."""
+        if self.gone:
+            return []
+        try:
+            return super().pull(max_events, timeout)
+        except Unusable:
+            # Another runner's open() deletes the subscriptions of runs that are over, maybe
+            # while this runner still drains the run's workers: nothing more comes for it then.
+            if self.owner.state(self.run_id) in (None, RunState.ACTIVE.value):
+                raise
+            log.info("run %s is over and its events subscription is gone", self.run_id)
+            self.gone = True
+            return []
 
     def end(self) -> None:
         """The run is over: delete its subscription now, whatever the manifest says."""

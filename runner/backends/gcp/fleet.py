@@ -10,15 +10,16 @@ test fake and gets anonymous credentials).
 Limits from Compute Engine's documentation that this module keeps to: ``deleteInstances`` takes
 at most 1,000 instances a request (larger deletes are batched); lists are paged (the client's
 pager follows ``nextPageToken``); a zonal group holds at most 1,000 VMs and a regional one 2,000;
-rate limits come back as 403 ``rateLimitExceeded`` (or 429) and are retried with backoff, while
-a real permission error stays one clear line. Instances the group cannot create (quota) carry
-their ``lastAttempt.errors``; VMs that failed to boot or could not remove themselves are read
-from the markers they leave in the bucket (``fleet/_problems/<vm>.json``).
+every call goes through Compute's retry policy (:mod:`worker.backends.gcp.retry`: 5xx, rate
+limits into the next minute, ``resourceNotReady``, timeouts and reset connections are retried
+and said, never given up on), each mutation with one ``requestId`` across its retries, while a
+permission error or a missing group stays one clear line. Instances the group cannot create
+(quota) carry their ``lastAttempt.errors``; VMs that failed to boot or could not remove
+themselves are read from the markers they leave in the bucket (``fleet/_problems/<vm>.json``).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Callable, Iterable
@@ -29,13 +30,11 @@ from google.api_core.client_options import ClientOptions
 from google.auth.credentials import AnonymousCredentials, Credentials
 from google.cloud import compute_v1
 
+from runner.backends.gcp.instances import classify_instances, instance_name
+from runner.backends.gcp.problems import ProblemReports
 from runner.engine.fleet import Fleet, Instance
-from worker.backends.gcp.vm import (
-    COMPUTE_ENDPOINT_ENV,
-    PROBLEMS_PREFIX,
-    agent_log_key,
-    is_rate_limited,
-)
+from worker.backends.gcp.retry import COMPUTE, request_id, retrying
+from worker.backends.gcp.vm import COMPUTE_ENDPOINT_ENV, agent_log_key
 from worker.clock import SYSTEM_CLOCK, Clock
 from worker.errors import BackendError, ConfigError, NotFound
 from worker.store import Store
@@ -47,14 +46,11 @@ log = logging.getLogger("cflow.runner")
 
 OPERATION_TIMEOUT = 120.0  # seconds to wait for a resize to be accepted
 POLL_SECONDS = 2.0  # between instance listings while waiting for the group to empty
-_STOPPING_ACTIONS = {"DELETING", "ABANDONING", "STOPPING", "SUSPENDING"}
 DELETE_BATCH = 1000  # instances per deleteInstances request: the API's limit
 LIST_PAGE = 500  # listManagedInstances maxResults: the API's most
-STALE_REPORT_SECONDS = 120.0  # a problem report of a VM no longer in the group is dropped after
 ZONAL_MAX_SIZE = 1000  # VMs a zonal managed instance group can hold
 REGIONAL_MAX_SIZE = 2000  # VMs a regional one can hold
-RATE_LIMIT_TRIES = 6  # calls refused for rate limits are retried this many times in all...
-RATE_LIMIT_BACKOFF = (1.0, 16.0)  # ...pausing from the first to at most the second (seconds)
+REQUEST_TIMEOUT = 60.0  # seconds one Compute request may take before it is retried
 
 
 def compute_client_options() -> tuple[Credentials | None, ClientOptions | None]:
@@ -64,21 +60,6 @@ def compute_client_options() -> tuple[Credentials | None, ClientOptions | None]:
         return None, None
     credentials = AnonymousCredentials() if endpoint.startswith("http://") else None
     return credentials, ClientOptions(api_endpoint=endpoint)
-
-
-def instance_name(managed: Any) -> str:
-    """A managed instance's name (the MIG names it before the VM exists)."""
-    return str(managed.name or managed.instance.rsplit("/", 1)[-1])
-
-
-def instance_error(managed: Any) -> str | None:
-    """``CODE: message`` of the group's last failed attempt to create this instance, if any."""
-    attempt = getattr(managed, "last_attempt", None)
-    errors = list(attempt.errors.errors) if attempt and attempt.errors else []
-    if not errors or instance_status(managed) == "running":
-        return None
-    first = errors[0]
-    return f"{first.code}: {first.message}".strip()
 
 
 def size_limit(*, zonal: bool) -> int:
@@ -93,16 +74,6 @@ def check_size(size: int, *, zonal: bool) -> None:
         kind = "zonal" if zonal else "regional"
         hint = " (deploy a regional group for up to 2,000)" if zonal else ""
         raise ConfigError(f"{size} VMs is more than a {kind} instance group holds ({limit}){hint}")
-
-
-def instance_status(managed: Any) -> str:
-    """``starting`` | ``running`` | ``stopping``, from the MIG's current action."""
-    action = managed.current_action or "NONE"
-    if action in _STOPPING_ACTIONS:
-        return "stopping"
-    if action == "NONE" and managed.instance_status == "RUNNING":
-        return "running"
-    return "starting"
 
 
 class GceFleet(Fleet):
@@ -124,6 +95,7 @@ class GceFleet(Fleet):
         region: str | None = None,
         clock: Clock = SYSTEM_CLOCK,
         store: Store | None = None,
+        say: Callable[[str], None] | None = None,
     ):
         if not zone and not region:
             raise ConfigError(f"instance group {group} needs a zone or a region")
@@ -131,32 +103,16 @@ class GceFleet(Fleet):
         self.group = group
         self.clock = clock
         self.store = store  # the bucket, where VMs report failed boots (None: not read)
+        self.say = say or log.warning  # what a retried call waits for
         self.max_size = size_limit(zonal=bool(zone))
         self._problems: list[str] = []
         self._reports = ProblemReports(store, clock)
         self._announced: set[str] = set()
-        credentials, options = compute_client_options()
-        if zone:
-            self._where: dict[str, str] = {"zone": zone}
-            self.describe = f"instance group {group} in zone {zone}"
-            self._managers: Any = compute_v1.InstanceGroupManagersClient(
-                credentials=credentials, client_options=options
-            )
-            self._operations: Any = compute_v1.ZoneOperationsClient(
-                credentials=credentials, client_options=options
-            )
-            self._delete_field = "instance_group_managers_delete_instances_request_resource"
-        else:
-            assert region
-            self._where = {"region": region}
-            self.describe = f"instance group {group} in region {region}"
-            self._managers = compute_v1.RegionInstanceGroupManagersClient(
-                credentials=credentials, client_options=options
-            )
-            self._operations = compute_v1.RegionOperationsClient(
-                credentials=credentials, client_options=options
-            )
-            self._delete_field = "region_instance_group_managers_delete_instances_request_resource"
+        where, place = ("zone", zone) if zone else ("region", region)
+        assert place
+        self._where: dict[str, str] = {where: place}
+        self.describe = f"instance group {group} in {where} {place}"
+        self._managers, self._operations, self._delete_field = _group_clients(zonal=bool(zone))
         self._pending: list[str] = []  # delete operations not yet seen finished
 
     def _request(self, **fields: Any) -> dict[str, Any]:
@@ -168,34 +124,25 @@ class GceFleet(Fleet):
         }
 
     def _call(self, action: str, method: str, **fields: Any) -> Any:
-        return self._retrying(
-            action, lambda: getattr(self._managers, method)(request=self._request(**fields))
-        )
+        """One call of the group's API through Compute's retry policy. A mutation carries a
+        ``request_id`` in ``fields``, the same in every retry: Compute ignores a repeat of a
+        request it already took, so a resize or a delete whose answer was lost is not done
+        twice. Transient answers are retried for as long as they last; a permanent one raises
+        one line."""
 
-    def _retrying(self, action: str, call: Callable[[], Any]) -> Any:
-        """``call()``, retrying rate limits (403 rateLimitExceeded, 429) with backoff."""
-        pause = RATE_LIMIT_BACKOFF[0]
-        for attempt in range(1, RATE_LIMIT_TRIES + 1):
-            try:
-                return self._once(action, call)
-            except _RateLimited as limited:
-                if attempt == RATE_LIMIT_TRIES:
-                    raise BackendError(
-                        f"could not {action} {self.describe}: still rate limited after "
-                        f"{attempt} tries ({limited})"
-                    ) from None
-                log.info("rate limited (%s); again in %.0f s", limited, pause)
-                self.clock.sleep(pause)
-                pause = min(pause * 2, RATE_LIMIT_BACKOFF[1])
-        raise AssertionError("unreachable")
+        def once() -> Any:
+            request = self._request(**fields)
+            return getattr(self._managers, method)(
+                request=request, retry=None, timeout=REQUEST_TIMEOUT
+            )
 
-    def _once(self, action: str, call: Callable[[], Any]) -> Any:
         try:
-            return call()
+            return self._retrying(f"{action} {self.describe}", once)
         except gexc.GoogleAPICallError as exc:
-            if is_rate_limited(exc.code or 0, _reasons(exc), exc.message or ""):
-                raise _RateLimited(exc.message or str(exc)) from None
             self._raise_api_error(action, exc)
+
+    def _retrying(self, what: str, call: Callable[[], Any]) -> Any:
+        return retrying(COMPUTE, call, what=what, say=self.say, clock=self.clock)
 
     def _raise_api_error(self, action: str, exc: gexc.GoogleAPICallError) -> None:
         if isinstance(exc, gexc.NotFound):
@@ -214,7 +161,12 @@ class GceFleet(Fleet):
     def exists(self) -> bool:
         """Whether the group exists (other errors, such as a missing permission, raise)."""
         try:
-            self._managers.get(request=self._request())
+            self._retrying(
+                f"read {self.describe}",
+                lambda: self._managers.get(
+                    request=self._request(), retry=None, timeout=REQUEST_TIMEOUT
+                ),
+            )
         except gexc.NotFound:
             return False
         except gexc.GoogleAPICallError as exc:
@@ -245,19 +197,9 @@ class GceFleet(Fleet):
 
     def instances(self) -> list[Instance]:
         reported = self._reports.read()
-        out = []
-        quota: dict[str, int] = {}
         managed = self.managed_instances()
         self._reports.drop_stale(reported, {instance_name(m) for m in managed})
-        for m in managed:
-            name, status = instance_name(m), instance_status(m)
-            error = instance_error(m)
-            removable = False
-            if error is not None:
-                quota[error] = quota.get(error, 0) + 1
-            elif name in reported and status == "running":
-                error, removable = reported[name], True
-            out.append(Instance(name, status, error=error, removable=removable))
+        out, quota = classify_instances(managed, reported)
         problems = [f"{n} VM{'s' if n > 1 else ''} cannot start: {e}" for e, n in quota.items()]
         for error in quota.keys() - self._announced:  # said once per distinct error
             self._announced.add(error)
@@ -280,10 +222,17 @@ class GceFleet(Fleet):
         if count <= 0:
             return []
         before = {i.name for i in self.instances()}
+        # resize sets an absolute size and has no precondition, so the size is computed from a
+        # read made just before it: a worker that deletes itself in between leaves one VM too
+        # many, which idles and is deleted by name. The alternatives were weighed and refused:
+        # createInstances adds atomically but gives every VM a per-instance config (a stateful
+        # group, which a regional group's proactive redistribution refuses), and patching
+        # targetSize under the group's fingerprint is not documented to fail on a concurrent
+        # deleteInstances. The requestId makes the retries of this one resize a single resize.
         size = self.target_size() + count
         check_size(size, zonal="zone" in self._where)
         log.info("growing %s to %d instances", self.describe, size)
-        operation = self._call("resize", "resize_unary", size=size)
+        operation = self._call("resize", "resize_unary", size=size, request_id=request_id())
         self._wait(operation, "resize")
         return sorted({i.name for i in self.instances()} - before)
 
@@ -299,7 +248,10 @@ class GceFleet(Fleet):
                 "skip_instances_on_validation_error": True,
             }
             operation = self._call(
-                "delete instances of", "delete_instances_unary", **{self._delete_field: body}
+                "delete instances of",
+                "delete_instances_unary",
+                request_id=request_id(),
+                **{self._delete_field: body},
             )
             self._pending.append(operation.name)
         self._reports.forget(wanted)
@@ -324,15 +276,28 @@ class GceFleet(Fleet):
 
     def _operation(self, name: str, method: str = "get") -> Any:
         request = {"project": self.project, "operation": name, **self._where}
-        return getattr(self._operations, method)(request=request)
+        return self._retrying(
+            f"read operation {name}",
+            lambda: getattr(self._operations, method)(
+                request=request, retry=None, timeout=REQUEST_TIMEOUT
+            ),
+        )
 
     def _wait(self, operation: Any, action: str) -> None:
+        """Wait for an operation to end. One that ends in error, or outlasts the timeout, is
+        said, not raised: the group is read afresh at the next look and asked again then."""
         deadline = self.clock.monotonic() + OPERATION_TIMEOUT
-        while not _is_done(operation):
-            if self.clock.monotonic() >= deadline:
-                raise BackendError(f"{action} of {self.describe} did not finish in time")
-            operation = self._operation(operation.name, "wait")
-        _raise_for(operation, f"{action} of {self.describe}")
+        try:
+            while not _is_done(operation):
+                if self.clock.monotonic() >= deadline:
+                    self.say(f"{action} of {self.describe} is still running; going on")
+                    return
+                operation = self._operation(operation.name, "wait")
+            _raise_for(operation, f"{action} of {self.describe}")
+        except gexc.GoogleAPICallError as exc:
+            self._raise_api_error(f"follow the {action} of", exc)
+        except BackendError as exc:
+            self.say(f"{exc}; asking again at the next look")
 
     def _check_pending(self) -> None:
         still = []
@@ -352,67 +317,23 @@ class GceFleet(Fleet):
         self._pending = still
 
 
-class ProblemReports:
-    """What VMs wrote to the bucket when they could not boot or remove themselves
-    (``fleet/_problems/<vm>.json``), read, said and deleted on behalf of a :class:`GceFleet`.
-
-    Args:
-        store: the bucket (None: no report is read).
-        clock: when a report of a VM gone from the group is old enough to delete.
-    """
-
-    def __init__(self, store: Store | None, clock: Clock) -> None:
-        self.store = store
-        self.clock = clock
-        self.said: set[str] = set()  # VMs whose report was logged (and whose removal began)
-        self._times: dict[str, float] = {}  # VM -> when its report was written
-
-    def read(self) -> dict[str, str]:
-        """VM name -> what it reported (failed boot, cannot remove itself)."""
-        if self.store is None:
-            return {}
-        found = {}
-        self._times = {}
-        try:
-            for key in self.store.list(PROBLEMS_PREFIX, suffix=".json"):
-                record = json.loads(self.store.get(key))
-                found[str(record["vm"])] = str(record["problem"])
-                self._times[str(record["vm"])] = float(record.get("at", 0.0))
-        except Exception as exc:  # the fleet still works without these reports
-            log.warning("cannot read VM problem reports: %s", exc)
-        return found
-
-    def drop_stale(self, reported: dict[str, str], members: set[str]) -> None:
-        """Delete the old reports of VMs that left the group (one that removed itself after a
-        failed boot)."""
-        if self.store is None:
-            return
-        now = self.clock.time()
-        for name in set(reported) - members:
-            if now - self._times.get(name, 0.0) > STALE_REPORT_SECONDS:
-                try:
-                    self.store.delete(f"{PROBLEMS_PREFIX}{name}.json")
-                except Exception as exc:
-                    log.warning("cannot delete the problem report of %s: %s", name, exc)
-
-    def forget(self, names: set[str]) -> None:
-        """Drop the problem reports of deleted VMs: a VM recreated under the name is new."""
-        if self.store is None:
-            return
-        for name in names & self.said:
-            try:
-                self.store.delete(f"{PROBLEMS_PREFIX}{name}.json")
-            except Exception as exc:
-                log.warning("cannot delete the problem report of %s: %s", name, exc)
-            self.said.discard(name)
-
-
-class _RateLimited(Exception):
-    """A call refused for a rate limit; retried by :meth:`GceFleet._retrying`."""
-
-
-def _reasons(exc: gexc.GoogleAPICallError) -> list[str]:
-    return [str(e.get("reason", "")) for e in (exc.errors or []) if isinstance(e, dict)]
+def _group_clients(*, zonal: bool) -> tuple[Any, Any, str]:
+    """A zonal or a regional group's managers and operations clients, and the field of a
+    ``deleteInstances`` request that holds its body."""
+    credentials, options = compute_client_options()
+    if zonal:
+        return (
+            compute_v1.InstanceGroupManagersClient(credentials=credentials, client_options=options),
+            compute_v1.ZoneOperationsClient(credentials=credentials, client_options=options),
+            "instance_group_managers_delete_instances_request_resource",
+        )
+    return (
+        compute_v1.RegionInstanceGroupManagersClient(
+            credentials=credentials, client_options=options
+        ),
+        compute_v1.RegionOperationsClient(credentials=credentials, client_options=options),
+        "region_instance_group_managers_delete_instances_request_resource",
+    )
 
 
 def _is_done(operation: Any) -> bool:

@@ -5,8 +5,12 @@ short of quota keeps its VMs "starting" for ever. ``runner doctor`` reads the re
 (``regions.get``) and the group's instance template, and says how many VMs fit and which quota
 to raise. The metrics, from Compute Engine's quota documentation:
 
+- ``CPUS`` and the machine series' own CPU quotas (``N2_CPUS``, ``N2D_CPUS``, ``C2_CPUS``,
+  ``C2D_CPUS``, ``C3_CPUS``, ``A2_CPUS``, ``G2_CPUS``, ...): a VM's vCPUs count against its
+  series' quota where the series has one, and ``n1``, ``e2`` and the shared-core types against
+  ``CPUS`` (:func:`cpu_quota_metric`).
 - ``PREEMPTIBLE_CPUS``: Spot and preemptible VMs use it when the project has any (limit > 0);
-  otherwise they use ``CPUS``, like standard VMs.
+  otherwise they use their series' quota, like standard VMs.
 - ``SSD_TOTAL_GB``: pd-balanced and pd-ssd boot disks (the template's ``pd-balanced``);
   ``DISKS_TOTAL_GB`` is for pd-standard.
 - ``GPUS_ALL_REGIONS``: every GPU of the project, in any region, Spot or not (``projects.get``);
@@ -18,6 +22,7 @@ to raise. The metrics, from Compute Engine's quota documentation:
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +32,29 @@ SSD_DISKS = {"pd-balanced", "pd-ssd", "hyperdisk-balanced"}
 # without "tesla" (nvidia-tesla-t4 -> NVIDIA_T4_GPUS, nvidia-l4 -> NVIDIA_L4_GPUS).
 QUOTA_MODEL = {"nvidia-h100-80gb": "NVIDIA_H100", "nvidia-a100-80gb": "NVIDIA_A100_80GB"}
 ALL_REGIONS_GPUS = "GPUS_ALL_REGIONS"  # the project-wide GPU quota (projects.get)
+# Machine series whose vCPUs count against a regional CPU quota of their own, named
+# <SERIES>_CPUS; the others (n1, e2, f1, g1) count against CPUS. The rule is Compute Engine's
+# allocation quotas page (https://cloud.google.com/compute/resource-usage, "CPU quota"); the
+# names are the API's quota metrics (Quota.Metric in the Compute v1 API,
+# https://cloud.google.com/dotnet/docs/reference/Google.Cloud.Compute.V1/latest/Google.Cloud.Compute.V1.Quota.Types.Metric).
+# A region that does not list a series' metric does not limit it apart from CPUS.
+SERIES_CPUS = {
+    series: f"{series.upper()}_CPUS"
+    for series in ("n2", "n2d", "c2", "c2d", "c3", "a2", "g2", "m1", "m2", "m3", "t2a", "t2d")
+}
+PREEMPTIBLE_CPUS = "PREEMPTIBLE_CPUS"
+
+
+def cpu_quota_metric(
+    machine_type: str, *, spot: bool, quotas: Mapping[str, tuple[float, float]]
+) -> str:
+    """The regional quota a VM's vCPUs count against, given the region's quotas (metric ->
+    (limit, usage)): ``PREEMPTIBLE_CPUS`` for Spot when the project has any, else the machine
+    series' own (``N2_CPUS`` for ``n2-standard-8``) where the region lists it, else ``CPUS``."""
+    if spot and quotas.get(PREEMPTIBLE_CPUS, (0.0, 0.0))[0] > 0:
+        return PREEMPTIBLE_CPUS
+    metric = SERIES_CPUS.get(machine_type.split("-", 1)[0])
+    return metric if metric is not None and metric in quotas else "CPUS"
 
 
 @dataclass(frozen=True)
@@ -72,10 +100,8 @@ class Fit:
 
 def fit(quotas: dict[str, Quota], template: Template, sizes: tuple[int, ...] = SIZES) -> Fit:
     """The VMs the region's quotas allow for this template, and the limits each size needs."""
-    preemptible = quotas.get("PREEMPTIBLE_CPUS")
-    cpu_metric = (
-        "PREEMPTIBLE_CPUS" if template.spot and preemptible and preemptible.limit > 0 else "CPUS"
-    )
+    listed = {m: (q.limit, q.usage) for m, q in quotas.items()}
+    cpu_metric = cpu_quota_metric(template.machine_type, spot=template.spot, quotas=listed)
     disk_metric = "SSD_TOTAL_GB" if template.disk_type in SSD_DISKS else "DISKS_TOTAL_GB"
     per_vm = {cpu_metric: float(template.vcpus), disk_metric: template.disk_gb}
     limits = {}
@@ -99,9 +125,12 @@ def read_region(project: str, region: str) -> tuple[dict[str, Quota], list[str]]
     from google.cloud import compute_v1  # loads in a second: only when asked
 
     from runner.backends.gcp.fleet import compute_client_options
+    from worker.backends.gcp.retry import COMPUTE, Retried
 
     credentials, options = compute_client_options()
-    client: Any = compute_v1.RegionsClient(credentials=credentials, client_options=options)
+    client: Any = Retried(
+        compute_v1.RegionsClient(credentials=credentials, client_options=options), COMPUTE
+    )
     try:
         found = client.get(request={"project": project, "region": region})
     finally:
@@ -115,12 +144,16 @@ def read_template(project: str, template_url: str, zone: str) -> Template:
     from google.cloud import compute_v1  # loads in a second: only when asked
 
     from runner.backends.gcp.fleet import compute_client_options
+    from worker.backends.gcp.retry import COMPUTE, Retried
 
     credentials, options = compute_client_options()
-    templates: Any = compute_v1.InstanceTemplatesClient(
-        credentials=credentials, client_options=options
+    templates: Any = Retried(
+        compute_v1.InstanceTemplatesClient(credentials=credentials, client_options=options),
+        COMPUTE,
     )
-    types: Any = compute_v1.MachineTypesClient(credentials=credentials, client_options=options)
+    types: Any = Retried(
+        compute_v1.MachineTypesClient(credentials=credentials, client_options=options), COMPUTE
+    )
     try:
         name = template_url.rstrip("/").rsplit("/", 1)[-1]
         props = templates.get(request={"project": project, "instance_template": name}).properties
@@ -173,7 +206,8 @@ class VmNeeds:
             use_preemptible = self.spot and quotas.get(preemptible, (0.0, 0.0))[0] > 0
             return preemptible if use_preemptible else standard
 
-        needs = {metric_for("CPUS", "PREEMPTIBLE_CPUS"): self.vcpus, self.disk[0]: self.disk[1]}
+        cpus = cpu_quota_metric(self.machine_type, spot=self.spot, quotas=quotas)
+        needs = {cpus: self.vcpus, self.disk[0]: self.disk[1]}
         for gpu_type, count in self.gpus.items():
             standard = gpu_quota_metric(gpu_type, spot=False)
             needs[metric_for(standard, gpu_quota_metric(gpu_type, spot=True))] = count

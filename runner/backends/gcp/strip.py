@@ -34,8 +34,8 @@ STRIP_TASK = textwrap.dedent(
     import tempfile
     from pathlib import Path
 
-    from google.cloud.storage.retry import DEFAULT_RETRY
     from worker.backends.gcp.gcs import make_client
+    from worker.backends.gcp.retry import STORAGE_RETRY as DEFAULT_RETRY
 
 
     def run(shard):

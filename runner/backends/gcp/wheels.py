@@ -28,6 +28,7 @@ import tarfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from worker.bundle import extract_safely
 from worker.errors import ConfigError
@@ -221,3 +222,34 @@ def _version_of(wheel: str) -> str:
 
 def _norm(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
+
+
+# Where shaped templates' copies of the worker's wheel and wheelhouse live: the stack's own
+# objects (worker/<sha256>/...) are Terraform's, and a deploy of a new worker deletes the old
+# ones, while a shaped template made before it (still booting VMs for a live run) names them.
+# Copies under this prefix are no deploy's to delete; they are content-addressed like the
+# originals, so every shape of one worker shares one copy.
+KEPT_PACKAGES = "shapes/worker/"
+PACKAGE_METADATA = ("cflow-worker-package", "cflow-wheelhouse")
+
+
+def keep_worker_package(props: dict[str, Any], project: str) -> None:
+    """Point a shaped template's ``props`` at copies of the worker's package that no deploy
+    deletes (made once, by a copy inside the bucket); URLs already copied are left alone."""
+    from worker.backends.gcp.gcs import GcsStore, make_client  # a cloud client: only here
+
+    items = props.get("metadata", {}).get("items", [])
+    stores: dict[str, GcsStore] = {}
+    for item in items:
+        url = str(item.get("value", ""))
+        if item.get("key") not in PACKAGE_METADATA or not url.startswith("gs://"):
+            continue
+        bucket, _, key = url.removeprefix("gs://").partition("/")
+        if key.startswith(KEPT_PACKAGES) or not key:
+            continue
+        if bucket not in stores:
+            stores[bucket] = GcsStore(bucket, client=make_client(project))
+        store, kept = stores[bucket], f"{KEPT_PACKAGES}{key.removeprefix('worker/')}"
+        if not store.exists(kept):
+            store.copy(key, kept)
+        item["value"] = store.url(kept)

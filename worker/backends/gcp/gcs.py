@@ -3,7 +3,8 @@
 Objects are written whole (GCS never shows half an object). :meth:`GcsStore.create` is a simple
 (multipart, not resumable) upload with ``if_generation_match=0``: of racing writers exactly one
 gets the object and the others a 412, which is how attempts are claimed and shards committed.
-Large files stream to and from disk; every call goes through the library's retry policy.
+Large files stream to and from disk; every call passes Cloud Storage's retry policy
+(``STORAGE_RETRY``); a create retried after its first try landed gets a 412 and compares.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -20,26 +21,14 @@ import google.cloud.storage as storage
 import google_crc32c
 import requests.adapters
 from google.api_core import exceptions as gexc
-from google.cloud.storage.retry import DEFAULT_RETRY
 
+from worker.backends.gcp.gcs_api import HTTP_POOL_SIZE, LIST_PAGE_SIZE, api_errors, parse_gs_uri
+from worker.backends.gcp.gcs_batch import GcsBatch
+from worker.backends.gcp.retry import STORAGE_RETRY
 from worker.errors import BackendError, NotFound
-from worker.store import Store
 
-LIST_PAGE_SIZE = 1000  # objects per listing page (the API's maximum)
-HTTP_POOL_SIZE = 32  # connections kept per host; one client serves every slot of a worker
 _MAX_SIMPLE_UPLOAD = 8 * 1024 * 1024  # bytes; above this the library switches to resumable
 _GLOB_CHARS = frozenset("*?[]{}\\")
-_WRITES = ("write", "upload", "create")
-
-
-def parse_gs_uri(uri: str) -> tuple[str, str]:
-    """Split ``gs://bucket/key`` into ``(bucket, key)``; raises BackendError when it is not one."""
-    if not uri.startswith("gs://"):
-        raise BackendError(f"{uri} is not a gs:// URI")
-    bucket, _, key = uri[len("gs://") :].partition("/")
-    if not bucket:
-        raise BackendError(f"{uri} names no bucket; write gs://BUCKET/PATH")
-    return bucket, key
 
 
 def glob_prefix(pattern: str) -> str:
@@ -116,8 +105,9 @@ def make_client(project: str | None, *, pool_size: int = HTTP_POOL_SIZE) -> stor
     return client
 
 
-class GcsStore(Store):
-    """One bucket as a :class:`worker.store.Store`; keys are object names."""
+class GcsStore(GcsBatch):
+    """One bucket as a :class:`worker.store.Store`; keys are object names (the calls on many
+    objects at once are :class:`worker.backends.gcp.gcs_batch.GcsBatch`'s)."""
 
     def __init__(self, bucket: str, *, client: storage.Client | None = None):
         if not bucket or "/" in bucket:
@@ -134,13 +124,13 @@ class GcsStore(Store):
     def put(self, key: str, data: bytes) -> None:
         with self._errors("write", key):
             self.bucket.blob(key).upload_from_string(
-                data, content_type=_content_type(key), retry=DEFAULT_RETRY
+                data, content_type=_content_type(key), retry=STORAGE_RETRY
             )
 
     def put_file(self, key: str, path: Path) -> None:
         with self._errors("upload", key):
             self.bucket.blob(key).upload_from_filename(
-                str(path), content_type=_content_type(key), retry=DEFAULT_RETRY
+                str(path), content_type=_content_type(key), retry=STORAGE_RETRY
             )
 
     def create(self, key: str, data: bytes) -> bool:
@@ -153,7 +143,7 @@ class GcsStore(Store):
                     data,
                     content_type=_content_type(key),
                     if_generation_match=0,
-                    retry=DEFAULT_RETRY,
+                    retry=STORAGE_RETRY,
                 )
             return True
         except gexc.PreconditionFailed:
@@ -165,7 +155,7 @@ class GcsStore(Store):
 
     def get(self, key: str) -> bytes:
         with self._errors("read", key):
-            data: bytes = self.bucket.blob(key).download_as_bytes(retry=DEFAULT_RETRY)
+            data: bytes = self.bucket.blob(key).download_as_bytes(retry=STORAGE_RETRY)
             return data
 
     def get_many(self, keys: list[str]) -> dict[str, bytes]:
@@ -187,7 +177,7 @@ class GcsStore(Store):
 
     def exists(self, key: str) -> bool:
         with self._errors("check", key):
-            return bool(self.bucket.blob(key).exists(retry=DEFAULT_RETRY))
+            return bool(self.bucket.blob(key).exists(retry=STORAGE_RETRY))
 
     def list(
         self,
@@ -212,9 +202,41 @@ class GcsStore(Store):
             count += 1
             yield name
 
+    def update(self, key: str, change: Callable[[bytes], bytes | None]) -> bytes | None:
+        """Read-modify-write under the object's generation (``ifGenerationMatch``): a writer
+        that came between makes the write fail with 412, and the object is read again."""
+        while True:
+            with self._errors("read", key):
+                blob = self.bucket.get_blob(key, retry=STORAGE_RETRY)
+            if blob is None:
+                raise NotFound(f"no object {self.url(key)}")
+            try:
+                with self._errors("read", key):
+                    data = blob.download_as_bytes(
+                        if_generation_match=blob.generation, retry=STORAGE_RETRY
+                    )
+            except gexc.PreconditionFailed:  # rewritten since its generation was read
+                continue
+            new = change(data)
+            if new is None:
+                return None
+            try:
+                with self._errors("write", key):
+                    blob.upload_from_string(
+                        new,
+                        content_type=_content_type(key),
+                        if_generation_match=blob.generation,
+                        retry=STORAGE_RETRY,
+                    )
+                return new
+            except gexc.PreconditionFailed:
+                # Another writer came between, or a retried write whose first try landed.
+                if self.get(key) == new:
+                    return new
+
     def delete(self, key: str) -> None:
         with contextlib.suppress(gexc.NotFound), self._errors("delete", key, missing_ok=True):
-            self.bucket.blob(key).delete(retry=DEFAULT_RETRY)
+            self.bucket.blob(key).delete(retry=STORAGE_RETRY)
 
     def fetch(self, uri: str, path: Path) -> None:
         bucket_name, key = parse_gs_uri(uri)
@@ -237,19 +259,15 @@ class GcsStore(Store):
             if regex.match(name) and not name.endswith("/"):
                 yield f"gs://{bucket_name}/{name}"
 
-    def checksums(self, prefix: str) -> dict[str, tuple[int, str]]:
-        """``{key: (size, crc32c)}`` of the objects under ``prefix`` (one paged listing)."""
-        out: dict[str, tuple[int, str]] = {}
-        with self._errors("list", prefix):
-            for blob in self.client.list_blobs(
-                self.bucket_name,
-                prefix=prefix,
-                page_size=LIST_PAGE_SIZE,
-                fields="items(name,size,crc32c),nextPageToken",
-                retry=DEFAULT_RETRY,
-            ):
-                out[blob.name] = (int(blob.size or 0), str(blob.crc32c))
-        return out
+    def copy(self, source: str, dest: str) -> None:
+        """A server-side copy: the bytes never leave the bucket (rewritten in steps when
+        Cloud Storage asks for more calls, as it may for a large object)."""
+        blob, source_blob, token = self.bucket.blob(dest), self.bucket.blob(source), None
+        with self._errors("copy", source):  # writing the same bytes again: safe to retry
+            while True:
+                token = blob.rewrite(source_blob, token=token, retry=STORAGE_RETRY)[0]
+                if token is None:
+                    return
 
     def _names(
         self, bucket: str, prefix: str, match_glob: str | None, start_after: str | None = None
@@ -263,7 +281,7 @@ class GcsStore(Store):
                 prefix=prefix or None,
                 page_size=LIST_PAGE_SIZE,
                 fields="items(name),nextPageToken",
-                retry=DEFAULT_RETRY,
+                retry=STORAGE_RETRY,
                 **options,
             )
             for page in blobs.pages:
@@ -273,39 +291,16 @@ class GcsStore(Store):
     def _download(self, bucket: storage.Bucket, key: str, path: Path) -> None:
         try:
             with self._errors("download", key, bucket=bucket.name):
-                bucket.blob(key).download_to_filename(str(path), retry=DEFAULT_RETRY)
+                bucket.blob(key).download_to_filename(str(path), retry=STORAGE_RETRY)
         except BaseException:
             path.unlink(missing_ok=True)  # never leave half a file behind
             raise
 
-    @contextlib.contextmanager
     def _errors(
         self, action: str, key: str, *, bucket: str | None = None, missing_ok: bool = False
-    ) -> Iterator[None]:
-        """Turn API errors into CFlow's: a missing object, bucket or permission in one line."""
-        where = f"gs://{bucket or self.bucket_name}/{key}"
-        try:
-            yield
-        except gexc.PreconditionFailed:
-            raise
-        except gexc.NotFound as exc:
-            # A write can only 404 for want of a bucket; a read says which one is missing.
-            if action in _WRITES or "bucket does not exist" in str(exc).lower():
-                raise BackendError(
-                    f"bucket gs://{bucket or self.bucket_name} does not exist; check the "
-                    "deployment's bucket (`runner doctor`)"
-                ) from None
-            if missing_ok:
-                raise
-            raise NotFound(f"no object {where}") from None
-        except (gexc.Forbidden, gexc.Unauthorized) as exc:
-            raise BackendError(
-                f"no permission to {action} {where}: {exc.message}; check the credentials' roles"
-            ) from None
-        except gexc.GoogleAPICallError as exc:
-            raise BackendError(f"could not {action} {where}: {exc.message}") from None
-        except gexc.GoogleAPIError as exc:  # RetryError: the retries ran out (a long outage)
-            raise BackendError(f"could not {action} {where}: {exc}") from None
+    ) -> contextlib.AbstractContextManager[None]:
+        """API errors as CFlow's, the object named in the store's bucket unless told another."""
+        return api_errors(bucket or self.bucket_name, action, key, missing_ok=missing_ok)
 
 
 def _content_type(key: str) -> str | None:

@@ -35,9 +35,16 @@ import google.cloud.pubsub_v1 as pubsub_v1
 from google.api_core import exceptions as gexc
 
 from worker import defaults
-from worker.backends.gcp.pubsub_api import ACK_IDS_PER_CALL, not_found_or_denied, resource_path
+from worker.backends.gcp.pubsub_api import (
+    batching_publisher,
+    not_found_or_denied,
+    per_call,
+    resource_path,
+    subscription_topic,
+)
 from worker.backends.gcp.pubsub_inbox import Inbox
 from worker.backends.gcp.pubsub_leases import Lease, Leases
+from worker.backends.gcp.retry import PUBSUB, PUBSUB_RETRY, Kind
 from worker.clock import SYSTEM_CLOCK, Clock
 from worker.errors import BackendError
 from worker.protocol import WorkMessage
@@ -51,15 +58,6 @@ MAX_LEASE_SECONDS = 6 * 3600.0  # longest the leaser keeps a message without age
 PUBLISH_TIMEOUT = 120.0  # seconds to wait for one batch of publishes to be stored
 PULL_DEADLINE = 5.0  # seconds a pull may take: one that finds messages is answered in milliseconds
 _PULL_BACKOFF = (0.02, 0.25)  # seconds: first and longest pause between empty pulls
-_TRANSIENT = (
-    gexc.DeadlineExceeded,
-    gexc.ServiceUnavailable,
-    gexc.InternalServerError,
-    gexc.TooManyRequests,
-    gexc.Aborted,
-    gexc.Unknown,
-    gexc.RetryError,
-)
 
 
 class PubSubQueue(WorkQueue):
@@ -127,13 +125,7 @@ class PubSubQueue(WorkQueue):
     def publisher(self) -> pubsub_v1.PublisherClient:
         with self._lock:
             if self._publisher is None:
-                self._publisher = pubsub_v1.PublisherClient(
-                    batch_settings=pubsub_v1.types.BatchSettings(
-                        max_messages=defaults.PUBLISH_BATCH,
-                        max_bytes=9 * 1024 * 1024,  # a publish request may carry 10 MB
-                        max_latency=0.05,
-                    )
-                )
+                self._publisher = batching_publisher()
             return self._publisher
 
     # -- publishing ----------------------------------------------------------------------
@@ -150,7 +142,12 @@ class PubSubQueue(WorkQueue):
         while batch := list(islice(it, defaults.PUBLISH_BATCH)):
             sent = [(self._topic_of(m, topic), m) for m in batch]
             futures = [
-                (where, self.publisher.publish(where, m.to_json(), **m.attributes()))
+                (
+                    where,
+                    self.publisher.publish(
+                        where, m.to_json(), retry=PUBSUB_RETRY, **m.attributes()
+                    ),
+                )
                 for where, m in sent
             ]
             for where, future in futures:
@@ -168,14 +165,7 @@ class PubSubQueue(WorkQueue):
         if self.topic is None:
             if self.subscription is None:
                 raise BackendError("this queue has no work topic to publish to")
-            try:
-                sub = self.subscriber.get_subscription(subscription=self.subscription)
-            except gexc.GoogleAPICallError as exc:
-                raise BackendError(
-                    f"cannot find the work topic of {self.subscription} ({exc.message}); "
-                    "give the worker --work-topic (CFLOW_WORK_TOPIC)"
-                ) from None
-            self.topic = sub.topic
+            self.topic = subscription_topic(self.subscriber, self.subscription)
         return self.topic
 
     # -- receiving -----------------------------------------------------------------------
@@ -212,12 +202,14 @@ class PubSubQueue(WorkQueue):
                 timeout=timeout,
                 retry=None,
             )
-        except _TRANSIENT as exc:
+        except gexc.GoogleAPIError as exc:
+            # Pub/Sub's policy judges it; a transient answer is an empty pull, and the
+            # receive loop (or the agent's next receive) pulls again after its pause.
+            if PUBSUB.classify(exc).kind is Kind.PERMANENT:
+                raise not_found_or_denied(exc, f"work subscription {self.subscription}") from None
             if not isinstance(exc, gexc.DeadlineExceeded):  # an empty pull held to its end
                 log.warning("pull from %s failed, will retry: %s", self.subscription, exc)
             return []
-        except gexc.GoogleAPICallError as exc:
-            raise not_found_or_denied(exc, f"work subscription {self.subscription}") from None
         return list(response.received_messages)
 
     def _lease_all(self, received: Sequence[Any]) -> list[Delivery]:
@@ -269,18 +261,19 @@ class PubSubQueue(WorkQueue):
 
     def _acknowledge(self, ack_ids: list[str]) -> None:
         assert self.subscription is not None
-        for start in range(0, len(ack_ids), ACK_IDS_PER_CALL):
+        for chunk in per_call(ack_ids):
             self.subscriber.acknowledge(
-                subscription=self.subscription, ack_ids=ack_ids[start : start + ACK_IDS_PER_CALL]
+                subscription=self.subscription, ack_ids=chunk, retry=PUBSUB_RETRY
             )
 
     def _modify(self, ack_ids: list[str], seconds: int) -> None:
         assert self.subscription is not None
-        for start in range(0, len(ack_ids), ACK_IDS_PER_CALL):
+        for chunk in per_call(ack_ids):
             self.subscriber.modify_ack_deadline(
                 subscription=self.subscription,
-                ack_ids=ack_ids[start : start + ACK_IDS_PER_CALL],
+                ack_ids=chunk,
                 ack_deadline_seconds=seconds,
+                retry=PUBSUB_RETRY,
             )
 
     # -- the runner's side ---------------------------------------------------------------

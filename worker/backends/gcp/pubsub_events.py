@@ -11,6 +11,7 @@ import google.cloud.pubsub_v1 as pubsub_v1
 
 from worker.backends.gcp.pubsub_api import resource_path
 from worker.backends.gcp.pubsub_inbox import Inbox
+from worker.backends.gcp.retry import PUBSUB_RETRY
 from worker.protocol import Event
 from worker.queue import EventBus
 
@@ -53,7 +54,9 @@ class PubSubEvents(EventBus):
             attributes["run_id"] = event.run_id
         if event.shard_id:
             attributes["shard_id"] = event.shard_id
-        future = self._publisher.publish(self.topic, event.to_json(), **attributes)
+        future = self._publisher.publish(
+            self.topic, event.to_json(), retry=PUBSUB_RETRY, **attributes
+        )
         future.add_done_callback(_log_failure)
 
     def pull(self, max_events: int = 1000, timeout: float = 0.0) -> list[Event]:

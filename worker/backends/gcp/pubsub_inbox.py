@@ -18,6 +18,7 @@ from google.api_core import exceptions as gexc
 from google.cloud.pubsub_v1.subscriber.message import Message
 
 from worker.backends.gcp.pubsub_api import ACK_IDS_PER_CALL, not_found_or_denied
+from worker.backends.gcp.retry import PUBSUB, PUBSUB_RETRY, Kind
 
 log = logging.getLogger("cflow.pubsub")
 
@@ -68,8 +69,10 @@ class Inbox:
             if not self._buffer and self._future.done():
                 exc = self._future.exception()
                 self._future = None  # the next take reopens the stream
-                if exc is not None:
+                if exc is not None and PUBSUB.classify(exc).kind is Kind.PERMANENT:
                     raise not_found_or_denied(exc, f"subscription {self.subscription}")
+                if exc is not None:  # a transient end of the stream: reopened next time
+                    log.warning("the stream of %s ended (%s); reopening", self.subscription, exc)
             taken = [self._buffer.popleft() for _ in range(min(max_items, len(self._buffer)))]
         for message in taken:
             message.ack()
@@ -94,6 +97,7 @@ class Inbox:
                     subscription=self.subscription,
                     ack_ids=left[start : start + ACK_IDS_PER_CALL],
                     ack_deadline_seconds=0,
+                    retry=PUBSUB_RETRY,
                 )
             except gexc.GoogleAPICallError as exc:
                 log.warning("could not give back %d messages: %s", len(left), exc)

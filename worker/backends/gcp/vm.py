@@ -13,6 +13,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,8 @@ import google.auth.exceptions
 from google.auth.credentials import AnonymousCredentials
 from google.auth.transport.requests import AuthorizedSession
 
+from worker.backends.gcp.retry import COMPUTE, HttpAnswer, request_id, retrying
+from worker.clock import SYSTEM_CLOCK
 from worker.errors import BackendError, ConfigError
 from worker.store import Store
 
@@ -28,15 +31,13 @@ log = logging.getLogger("cflow.worker")
 
 COMPUTE_ENDPOINT = "https://compute.googleapis.com"
 COMPUTE_ENDPOINT_ENV = "CFLOW_COMPUTE_ENDPOINT"
-LEAVE_ATTEMPTS = 8  # tries of the self-delete request before giving up...
-LEAVE_BACKOFF = (2.0, 60.0)  # ...pausing from the first to at most the second (seconds)
+LEAVE_GIVE_UP = 600.0  # seconds of transient refusals of the self-delete before giving up
 LEAVE_TIMEOUT = 30.0  # seconds per self-delete request
 # Exit status of a worker that could not remove its VM: the systemd unit does not restart it
 # but powers the VM off (infra/scripts/startup.sh), and the runner deletes it by name.
 EXIT_CANNOT_LEAVE = 75
 PROBLEMS_PREFIX = "fleet/_problems/"  # <vm>.json: a VM that failed to boot or cannot leave
 AGENT_LOG_SECONDS = 30.0  # the agent's log is uploaded this often, and at exit
-RATE_LIMIT_REASONS = {"rateLimitExceeded", "userRateLimitExceeded"}
 
 
 def agent_log_key(vm: str) -> str:
@@ -46,15 +47,6 @@ def agent_log_key(vm: str) -> str:
 
 def problem_key(vm: str) -> str:
     return f"{PROBLEMS_PREFIX}{vm}.json"
-
-
-def is_rate_limited(status: int, reasons: list[str], message: str = "") -> bool:
-    """Compute Engine says "too many requests" as 429 or as 403 ``rateLimitExceeded``."""
-    if status == 429:
-        return True
-    return status == 403 and (
-        bool(RATE_LIMIT_REASONS.intersection(reasons)) or "rate limit" in message.lower()
-    )
 
 
 def report_problem(store: Store, vm: str, problem: str) -> None:
@@ -124,20 +116,23 @@ def leave_group(
     region: str | None,
     instance: str,
     instance_zone: str | None = None,
-    sleep: Any = time.sleep,
+    sleep: Callable[[float], None] | None = None,
 ) -> bool:
     """Delete this worker's own VM from its managed instance group; True when accepted.
 
     ``deleteInstances`` (not a resize) removes exactly this instance and lowers the group's
     target size, so the group does not recreate it. The worker's service account holds a
-    custom role allowing it (see infra/identity.py for its scope and why). Rate limits
-    (403 ``rateLimitExceeded``, 429) and server errors are retried with backoff; any other
-    refusal is final. The caller's backstop when this fails: :data:`EXIT_CANNOT_LEAVE`.
+    custom role allowing it (see infra/identity.py for its scope and why). Transient answers
+    (5xx, rate limits into the next minute, 400 ``resourceNotReady`` when the group is busy with
+    another operation, timeouts, reset connections) are retried by Compute's policy for up to
+    :data:`LEAVE_GIVE_UP` seconds, every try with the same ``requestId`` so that a delete whose
+    answer was lost is not repeated; any other refusal is final. The caller's backstop when
+    this fails: :data:`EXIT_CANNOT_LEAVE`.
 
     Args:
         instance: this VM's name (the worker name on a VM).
         instance_zone: the VM's zone; needed for a regional group, defaults to ``zone``.
-        sleep: how to wait between tries (injected by tests).
+        sleep: how to wait between tries (injected by tests; its pauses count as time passed).
     """
     if not project or not group:
         log.warning("not leaving any group: project or group unknown")
@@ -157,44 +152,45 @@ def leave_group(
     except BackendError as exc:
         log.error("cannot leave group %s: %s", group, exc)
         return False
-    pause = LEAVE_BACKOFF[0]
-    for attempt in range(1, LEAVE_ATTEMPTS + 1):
-        try:
-            response = session.post(f"{url}/deleteInstances", json=body, timeout=LEAVE_TIMEOUT)
-        except Exception as exc:  # network trouble: try again
-            log.warning("leaving group %s failed (try %d): %s", group, attempt, exc)
-        else:
-            if response.ok:
-                log.info("left group %s: instance %s is being deleted", group, instance)
-                return True
-            reasons, message = _error_reasons(response)
-            status = response.status_code
-            if is_rate_limited(status, reasons, message):
-                log.warning("leaving group %s: rate limited (try %d); backing off", group, attempt)
-            else:
-                log.warning(
-                    "leaving group %s failed (try %d): HTTP %d %s",
-                    group,
-                    attempt,
-                    status,
-                    message or response.text[:300],
-                )
-                if status < 500:  # a real refusal (permission, bad request): final
-                    return False
-        if attempt < LEAVE_ATTEMPTS:
-            sleep(pause)
-            pause = min(pause * 2, LEAVE_BACKOFF[1])
-    return False
+    target = f"{url}/deleteInstances?requestId={request_id()}"  # one id for every try
 
+    def once() -> None:
+        response = session.post(target, json=body, timeout=LEAVE_TIMEOUT)
+        if not response.ok:
+            raise HttpAnswer.of(response)
 
-def _error_reasons(response: Any) -> tuple[list[str], str]:
-    """The ``reason`` of each error in a Google API error body, and its message."""
     try:
-        error = response.json().get("error", {})
-    except ValueError:
-        return [], ""
-    reasons = [str(e.get("reason", "")) for e in error.get("errors", []) if isinstance(e, dict)]
-    return reasons, str(error.get("message", ""))
+        retrying(
+            COMPUTE,
+            once,
+            what=f"deleteInstances of VM {instance} in group {group}",
+            clock=SYSTEM_CLOCK if sleep is None else _SleepClock(sleep),
+            give_up_after=LEAVE_GIVE_UP,
+        )
+    except Exception as exc:
+        log.error("could not leave group %s: %s", group, exc)
+        return False
+    log.info("left group %s: instance %s is being deleted", group, instance)
+    return True
+
+
+class _SleepClock:
+    """The system clock waiting through an injected ``sleep`` whose pauses count as time
+    passed, so the give-up bound holds when a test does not really wait."""
+
+    def __init__(self, sleep: Callable[[float], None]):
+        self._sleep = sleep
+        self._slept = 0.0
+
+    def time(self) -> float:
+        return time.time() + self._slept
+
+    def monotonic(self) -> float:
+        return time.monotonic() + self._slept
+
+    def sleep(self, seconds: float) -> None:
+        self._sleep(seconds)
+        self._slept += seconds
 
 
 def _session(endpoint: str) -> AuthorizedSession:

@@ -7,13 +7,17 @@ topic and its fleet at the shape's group (both made or reused by
 :class:`runner.backends.gcp.shapes.groups.Shapes`) and, with ``--fallback standard``, at a
 :class:`runner.backends.gcp.shapes.fallback.FallbackFleet` of the shape's Spot and standard groups,
 fed by the run's preemption events. ``watch`` and ``retry`` do the same before they publish, so a
-shaped run's shards always go to its shape's queue. The deployment's own group, topic and
-subscription are never changed.
+shaped run's shards always go to its shape's queue. A runner that resumes a run with fallback
+(``runner watch``) counts the preempted attempts of its unsettled shards from their records, and
+finds in ``runs/<run>/fallback.json`` whether and why the run already fell back, so it goes on
+where the first runner was. The deployment's own group, topic and subscription are never changed.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
 from typing import TYPE_CHECKING, Any
 
 from runner.backends.gcp.shapes.fallback import FallbackFleet, FallbackPolicy, PreemptionTap
@@ -29,11 +33,14 @@ from runner.engine import runs
 from runner.engine.deployment import Deployment
 from runner.engine.fleet import Fleet
 from worker.clock import SYSTEM_CLOCK
-from worker.protocol import Layout, RunOptions, ShardResult
+from worker.errors import NotFound
+from worker.protocol import AttemptState, AttemptStatus, Layout, RunOptions, ShardResult
 from worker.queue import EventBus
 
 if TYPE_CHECKING:
     from runner.backends.gcp.shapes.queues import Mover
+
+log = logging.getLogger("cflow.runner")
 
 
 def open_shapes(dep: Deployment) -> Shapes:
@@ -143,26 +150,40 @@ def _fall_back(
     idle: set[str] = set()
     opened = dep.open_run_events
     movers: dict[str, Mover] = {}
+    watched: list[str] = []  # the runs whose events were opened: the one this runner watches
+    attempts: dict[str, set[int]] = {}  # shard -> its preempted attempts
+    policy = FallbackPolicy(
+        after_preemptions=options.fallback_after,
+        on_start=lambda reason: _record_fallback(store, watched, reason),
+    )
 
     def open_run_events(run: str, since: float | None) -> EventBus:
         inner = opened(run, since) if opened is not None else dep.backends.events
+        tap = PreemptionTap(inner, preemptions, idle, attempts)
+        if run not in watched:  # what happened before this runner watched the run
+            watched.append(run)
+            if (reason := _recorded_fallback(store, run)) is not None:
+                policy.resume(SYSTEM_CLOCK.monotonic(), reason)
+            for shard, attempt in _preempted_attempts(store, run):
+                tap.count(shard, attempt)
         if run not in movers and made[1].queue is not None:
             movers[run] = Mover(
                 project=project,
                 run_id=run,
                 subscription=made[0].queue.subscription,  # type: ignore[union-attr]
                 to_topic=made[1].queue.topic,
+                from_topic=made[0].queue.topic,  # type: ignore[union-attr]
                 subscriber=subscriber,
             )
             dep.closers.append(movers[run].close)
-        return PreemptionTap(inner, preemptions, idle)
+        return tap
 
     def make_fleet(slots: int, idle_timeout: float | None) -> Fleet:
         return FallbackFleet(
             spot=_group_fleet(dep, store, made[0].group),
             standard=_group_fleet(dep, store, made[1].group),
             preemptions=preemptions,
-            policy=FallbackPolicy(after_preemptions=options.fallback_after),
+            policy=policy,
             clock=SYSTEM_CLOCK,
             move=lambda: sum(m() for m in movers.values()),
             idle=idle,
@@ -170,6 +191,42 @@ def _fall_back(
 
     dep.open_run_events = open_run_events
     dep.make_fleet = make_fleet
+
+
+def _fallback_key(run_id: str) -> str:
+    return f"{Layout.run_prefix(run_id)}fallback.json"
+
+
+def _record_fallback(store: Any, run_ids: list[str], reason: str) -> None:
+    """Keep why the run fell back in the store, for a runner that resumes it."""
+    for run_id in run_ids:
+        try:
+            store.put(_fallback_key(run_id), json.dumps({"reason": reason}).encode())
+        except Exception as exc:  # the fallback goes on; only a resumed runner would miss it
+            log.warning("could not record the fallback of run %s: %s", run_id, exc)
+
+
+def _recorded_fallback(store: Any, run_id: str) -> str | None:
+    """Why the run fell back before this runner watched it, if it did."""
+    try:
+        reason = json.loads(store.get(_fallback_key(run_id)))["reason"]
+    except NotFound:
+        return None
+    return str(reason)
+
+
+def _preempted_attempts(store: Any, run_id: str) -> list[tuple[str, int]]:
+    """The preempted attempts of the run's shards not settled yet, from their records: a runner
+    that resumes a run counts them as its first runner did from the events."""
+    keys = list(store.list(Layout.shards_prefix(run_id)))
+    settled = {k.split("/")[3] for k in keys if k.endswith(("/result.json", "/failed.json"))}
+    wanted = [k for k in keys if k.endswith("/status.json") and k.split("/")[3] not in settled]
+    found = []
+    for raw in store.get_many(wanted).values():
+        status = AttemptStatus.from_json(raw)
+        if status.state == AttemptState.PREEMPTED.value:
+            found.append((status.shard_id, status.attempt))
+    return found
 
 
 def run_group_fleets(dep: Deployment, options: RunOptions) -> list[Fleet]:

@@ -34,14 +34,15 @@ class ShapeChecks:
         from google.cloud import compute_v1  # loads in a second: only for cloud commands
 
         from runner.backends.gcp.fleet import compute_client_options
+        from worker.backends.gcp.retry import COMPUTE, Retried
 
         self._gexc: Any = gexc
         credentials, options = compute_client_options()
         kw: dict[str, Any] = {"credentials": credentials, "client_options": options}
-        self._types: Any = compute_v1.MachineTypesClient(**kw)
-        self._gpus: Any = compute_v1.AcceleratorTypesClient(**kw)
-        self._regions: Any = compute_v1.RegionsClient(**kw)
-        self._projects: Any = compute_v1.ProjectsClient(**kw)
+        self._types: Any = Retried(compute_v1.MachineTypesClient(**kw), COMPUTE)
+        self._gpus: Any = Retried(compute_v1.AcceleratorTypesClient(**kw), COMPUTE)
+        self._regions: Any = Retried(compute_v1.RegionsClient(**kw), COMPUTE)
+        self._projects: Any = Retried(compute_v1.ProjectsClient(**kw), COMPUTE)
 
     def close(self) -> None:
         for client in (self._types, self._gpus, self._regions, self._projects):

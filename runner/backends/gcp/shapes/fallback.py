@@ -11,7 +11,7 @@ messages:
   times (counted from the workers' ``preempted`` events, the same count
   ``WorkMessage.preemptions`` carries), or when Spot VMs have been refused for capacity
   (``QUOTA_EXCEEDED``, ``ZONE_RESOURCE_POOL_EXHAUSTED``: the group's creation errors, see
-  :func:`runner.backends.gcp.fleet.instance_error`) for ``capacity_grace`` seconds;
+  :func:`runner.backends.gcp.instances.instance_error`) for ``capacity_grace`` seconds;
 - from then on new VMs are standard, and Spot VMs that are not working (refused, being
   recreated after a preemption, still booting, or running and idle by its last event) are
   deleted, so the runner's ordinary scaling replaces them with standard ones. A busy Spot VM
@@ -47,18 +47,28 @@ CAPACITY_CODES = ("QUOTA_EXCEEDED", "ZONE_RESOURCE_POOL_EXHAUSTED", "RESOURCE_PO
 
 
 class PreemptionTap(EventBus):
-    """The run's event bus, passed through, counting ``preempted`` events per shard and noting
-    which workers said they are idle (and have not started anything since)."""
+    """The run's event bus, passed through, counting each shard's preempted attempts (from
+    ``preempted`` events, and from the store's records with :meth:`count`: an attempt counts
+    once, however often it is told) and noting which workers said they are idle (and have not
+    started anything since)."""
 
     def __init__(
         self,
         inner: EventBus,
         preemptions: dict[str, int] | None = None,
         idle: set[str] | None = None,
+        attempts: dict[str, set[int]] | None = None,
     ):
         self.inner = inner
         self.preemptions: dict[str, int] = {} if preemptions is None else preemptions
         self.idle: set[str] = set() if idle is None else idle
+        self.attempts: dict[str, set[int]] = {} if attempts is None else attempts
+
+    def count(self, shard_id: str, attempt: int | None) -> None:
+        """One preempted attempt of the shard (None: one whose number is not known)."""
+        seen = self.attempts.setdefault(shard_id, set())
+        seen.add(attempt if attempt is not None else -len(seen) - 1)
+        self.preemptions[shard_id] = len(seen)
 
     def publish(self, event: Event) -> None:
         self.inner.publish(event)
@@ -67,7 +77,7 @@ class PreemptionTap(EventBus):
         events = self.inner.pull(max_events, timeout)
         for e in events:
             if e.kind == EventKind.PREEMPTED.value and e.shard_id is not None:
-                self.preemptions[e.shard_id] = self.preemptions.get(e.shard_id, 0) + 1
+                self.count(e.shard_id, e.attempt)
             if e.kind == EventKind.IDLE.value:
                 self.idle.add(e.worker)
             elif e.kind in (
@@ -90,6 +100,9 @@ class FallbackPolicy:
     capacity_grace: float = DEFAULT_CAPACITY_GRACE
     reason: str | None = None  # why the fallback started (None: not started)
     at: float | None = None  # when
+    # Called with the reason when the fallback starts, to record it where a runner that
+    # resumes the run (`runner watch`) finds it: the counts that started it are gone by then.
+    on_start: Callable[[str], None] | None = field(default=None, repr=False)
     _refused_since: float | None = field(default=None, repr=False)
 
     def update(self, now: float, preemptions: dict[str, int], spot: list[Instance]) -> bool:
@@ -112,7 +125,16 @@ class FallbackPolicy:
     def _start(self, now: float, reason: str) -> bool:
         self.reason, self.at = reason, now
         log.warning("falling back to standard VMs: %s", reason)
+        if self.on_start is not None:
+            self.on_start(reason)
         return True
+
+    def resume(self, now: float, reason: str) -> None:
+        """The run fell back before this runner watched it (its runner was stopped and
+        resumed): stay on standard VMs."""
+        if self.reason is None:
+            self.reason, self.at = reason, now
+            log.info("the run fell back to standard VMs before: %s", reason)
 
 
 def is_capacity_error(error: str | None) -> bool:

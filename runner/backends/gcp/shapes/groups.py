@@ -27,10 +27,18 @@ deployment's is.
 A shape with GPUs boots a GPU-ready image: a Deep Learning VM image (``DEFAULT_GPU_IMAGE``, with
 the ``install-nvidia-driver`` metadata Google documents for those images, which installs the
 NVIDIA driver at first boot), or the deployment's ``gpu_image`` setting (``CFLOW_GPU_IMAGE``).
+Such an image (and an ``--image`` run's ``container_image``) is read first
+(:mod:`runner.backends.gcp.shapes.images`): one that does not exist is refused in one line, and
+the boot disk is made at least as large as the image.
+
+Every shaped group has the deployment group's failure policy
+(``instanceLifecyclePolicy.defaultActionOnFailure = DO_NOTHING``): a VM that powered itself off
+(its worker could not leave the group) stays off instead of being recreated to boot again.
 
 Everything is checked before anything is made or published, each refusal one line
 (:class:`~runner.backends.gcp.shapes.model.ShapeError`): the zones offer the machine type and
-the GPU, and the quotas hold a VM of the shape (:mod:`runner.backends.gcp.shapes.checks`).
+the GPU, and the quotas hold a VM of the shape, with its disk
+(:mod:`runner.backends.gcp.shapes.checks`).
 """
 
 from __future__ import annotations
@@ -40,18 +48,27 @@ import dataclasses
 import json
 from typing import TYPE_CHECKING, Any
 
+from infra.contract import DEFAULT_ACTION_ON_FAILURE
 from runner.backends.gcp.shapes.checks import ShapeChecks, rest_json
+from runner.backends.gcp.shapes.images import BootImages
 from runner.backends.gcp.shapes.model import Shape, ShapedGroup, ShapeError, is_spot
+from runner.backends.gcp.wheels import keep_worker_package
 
 if TYPE_CHECKING:
     from runner.backends.gcp.shapes.queues import ShapeQueues
 
-# A Deep Learning VM image family (Google's deeplearning-platform-release project) with CUDA;
-# the driver comes with the install-nvidia-driver metadata below. Debian 12, like the stack's
-# default image: its python3 is 3.11, the Python the VMs' wheelhouse is resolved for
-# (runner.backends.gcp.wheels.VM_PYTHON). The deployment's gpu_image setting overrides it.
+# A Deep Learning VM image family with CUDA 12.4 from Google's deeplearning-platform-release
+# project. Google lists the current families at
+# https://cloud.google.com/deep-learning-vm/docs/images (and `gcloud compute images list
+# --project deeplearning-platform-release --no-standard-images` lists them); they are named
+# common-cu<CUDA>-<OS>-<framework Python>, and they move on as CUDA versions age, so the family is
+# read before use (shapes.images) and one that is gone is refused in one line. The driver comes
+# with the install-nvidia-driver metadata below. Debian 12, like the stack's default image: its
+# system python3 is 3.11, the Python the VMs' wheelhouse is resolved for
+# (runner.backends.gcp.wheels.VM_PYTHON; "py310" is the image's own framework environment).
+# The deployment's gpu_image setting overrides it.
 DEFAULT_GPU_IMAGE = (
-    "projects/deeplearning-platform-release/global/images/family/common-cu124-debian-12"
+    "projects/deeplearning-platform-release/global/images/family/common-cu124-debian-12-py310"
 )
 # Metadata Deep Learning VM images read at first boot: install the NVIDIA driver.
 DRIVER_METADATA = ("install-nvidia-driver", "True")
@@ -117,6 +134,26 @@ def _bundles_gpus(machine_type: str) -> bool:
     return machine_type.split("-", 1)[0] in {"a2", "a3", "a4", "g2", "g4"}
 
 
+def boot_image(
+    shape: Shape, props: dict[str, Any], *, gpu_image: str, engine_image: str | None
+) -> tuple[str, str] | None:
+    """The image VMs of ``shape`` boot instead of the deployment's (template ``props``), and
+    why ("gpu" or "engine"); None: the deployment's. ``engine_image``: the deployment's image
+    with a container engine (None: runs with ``--image`` are refused)."""
+    machine_type = shape.machine_type or str(props.get("machineType", ""))
+    if shape.gpu_type is not None or _bundles_gpus(machine_type):
+        return gpu_image, "gpu"
+    if not shape.engine:
+        return None
+    if not engine_image:
+        raise ShapeError(
+            "--image needs VMs with a container engine, and the deployment's boot image"
+            " has none: deploy with container_image set to an image with podman or"
+            " docker and Python 3.11 (see the README, Containers)"
+        )
+    return engine_image, "engine"
+
+
 class Shapes:
     """Check shapes against a zone (or region) and make (or reuse) their template and group.
 
@@ -154,6 +191,7 @@ class Shapes:
         from google.cloud import compute_v1  # loads in a second: only for cloud commands
 
         from runner.backends.gcp.fleet import compute_client_options
+        from worker.backends.gcp.retry import COMPUTE, Retried
 
         self._compute: Any = compute_v1
         self._gexc: Any = gexc
@@ -161,11 +199,13 @@ class Shapes:
         kw: dict[str, Any] = {"credentials": credentials, "client_options": options}
         if zone:
             self._where: dict[str, str] = {"zone": zone}
-            self._managers: Any = compute_v1.InstanceGroupManagersClient(**kw)
+            self._managers: Any = Retried(compute_v1.InstanceGroupManagersClient(**kw), COMPUTE)
         else:
             self._where = {"region": self.region}
-            self._managers = compute_v1.RegionInstanceGroupManagersClient(**kw)
-        self._templates: Any = compute_v1.InstanceTemplatesClient(**kw)
+            self._managers = Retried(compute_v1.RegionInstanceGroupManagersClient(**kw), COMPUTE)
+        self._templates: Any = Retried(compute_v1.InstanceTemplatesClient(**kw), COMPUTE)
+        self._images: Any = Retried(compute_v1.ImagesClient(**kw), COMPUTE)
+        self.images = BootImages(project=project, client=self._images, gexc=gexc)
         self.checks = ShapeChecks(project=project, region=self.region)
         self._base: tuple[dict[str, Any], str, dict[str, Any]] | None = None
 
@@ -174,7 +214,7 @@ class Shapes:
         return f"zone {self.zone}" if self.zone else f"region {self.region}"
 
     def close(self) -> None:
-        for client in (self._managers, self._templates):
+        for client in (self._managers, self._templates, self._images):
             client.transport.close()
         self.checks.close()
 
@@ -208,37 +248,42 @@ class Shapes:
         props = base_template.get("properties", {})
         spot = is_spot(shape, props)
         shape = dataclasses.replace(shape, provisioning="spot" if spot else "standard")
-        machine_type = shape.machine_type or str(props.get("machineType", ""))
-        gpus = shape.gpu_type is not None or _bundles_gpus(machine_type)
         link = str(base_template.get("selfLink") or base_name)
-        if gpus:
-            image = self.gpu_image
-        elif shape.engine:
-            if not self.container_image:
-                raise ShapeError(
-                    "--image needs VMs with a container engine, and the deployment's boot image"
-                    " has none: deploy with container_image set to an image with podman or"
-                    " docker and Python 3.11 (see the README, Containers)"
-                )
-            image = self.container_image
-        else:
-            image = None
-        return shape, shape.digest(link, image=image)
+        boot = self._boot_image(shape, props)
+        return shape, shape.digest(link, image=boot[0] if boot else None)
+
+    def _boot_image(self, shape: Shape, props: dict[str, Any]) -> tuple[str, str] | None:
+        return boot_image(shape, props, gpu_image=self.gpu_image, engine_image=self.container_image)
+
+    def _disk_gb(self, shape: Shape, props: dict[str, Any]) -> int | None:
+        """The boot disk (GB) VMs of ``shape`` get (:meth:`BootImages.disk_for`)."""
+        return self.images.disk_for(shape, props, self._boot_image(shape, props))
 
     # -- making ----------------------------------------------------------------------------
+
+    def check(self, shape: Shape) -> tuple[Shape, str, list[str]]:
+        """Refuse (one line) a shape that cannot run here: its boot image, its disk, the zones
+        and the quotas. The shape as its VMs get it (provisioning said, disk sized), its hash,
+        and the zones that offer it."""
+        base_group, _, base_template = self.base()
+        props = base_template.get("properties", {})
+        shape, digest = self.normalize(shape)
+        disk_gb = self._disk_gb(shape, props)
+        sized = shape if disk_gb is None else dataclasses.replace(shape, disk_gb=disk_gb)
+        candidates = [self.zone] if self.zone else self.checks.region_zones(base_group)
+        return sized, digest, self.checks.check(sized, props, candidates)
 
     def ensure(self, shape: Shape) -> ShapedGroup:
         """Check ``shape``, then the template and group for it, made unless they exist."""
         base_group, base_name, base_template = self.base()
         props = base_template.get("properties", {})
-        shape, digest = self.normalize(shape)
-        candidates = [self.zone] if self.zone else self.checks.region_zones(base_group)
-        zones = self.checks.check(shape, props, candidates)
+        sized, digest, zones = self.check(shape)
+        shape = dataclasses.replace(sized, disk_gb=shape.disk_gb)  # as asked, for its summary
         name = f"{self.group}-{digest}"
         spot = shape.provisioning == "spot"
         derived = derive_properties(
             props,
-            shape,
+            sized,
             spot=spot,
             gpu_image=self.gpu_image,
             container_image=self.container_image,
@@ -248,6 +293,7 @@ class Shapes:
         if queue is not None:  # its workers pull (and re-queue on) the shape's own queue
             _set_metadata(derived, "cflow-work-topic", queue.topic)
             _set_metadata(derived, "cflow-subscription", queue.subscription)
+        keep_worker_package(derived, self.project)  # a later deploy must not delete its wheels
         template_url, made_template = self._ensure_template(name, base_name, derived)
         made_group = self._ensure_group(name, base_group, template_url, digest, zones)
         machine_type = str(derived.get("machineType", ""))
@@ -299,6 +345,10 @@ class Shapes:
             "instanceTemplate": template_url,
             "targetSize": 0,  # the runner grows it, as it does the deployment's group
             "updatePolicy": base.get("updatePolicy") or {"type": "OPPORTUNISTIC"},
+            "instanceLifecyclePolicy": {
+                **base.get("instanceLifecyclePolicy", {}),
+                "defaultActionOnFailure": DEFAULT_ACTION_ON_FAILURE,
+            },
         }
         if not self.zone:  # spread over the zones that offer the shape
             body["distributionPolicy"] = {

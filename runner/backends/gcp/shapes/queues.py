@@ -55,7 +55,9 @@ COPIED = (
     "retry_policy",
     "dead_letter_policy",
 )
-EXPIRY = "604800s"  # a shape's subscription unused this long is deleted by Pub/Sub (7 days)
+# A shape's subscription unused this long is deleted by Pub/Sub: 32 days, longer than any
+# retention it copies (31 days at most, the deployment's), as an expiration must be.
+EXPIRY = "2764800s"
 
 
 @dataclass(frozen=True)
@@ -232,8 +234,18 @@ class Mover:
     topic, once the fallback has started: standard VMs pull only their own subscription.
 
     Shards a Spot VM holds are leased and stay where they are (the VM finishes them or is
-    preempted and gives them back, and then they move). Other runs' shards of the same shape
-    are given back at once.
+    preempted and gives them back, and then they move). Other runs' shards of the same shape,
+    which a pull cannot avoid taking, are put back by re-publishing each unchanged on the Spot
+    topic and acking the one taken. Not by a nack: Pub/Sub counts every delivery towards the
+    dead-letter policy's ``max_delivery_attempts`` ("1 + the number of NACKs and of ack
+    deadlines exceeded", DeadLetterPolicy in the Pub/Sub API), so a nack, or letting the lease
+    run out, at every poll would dead-letter a concurrent run's healthy shards within a few
+    dozen polls. A new message starts its count at zero, as a shard a worker gives back after
+    a preemption does (:meth:`PubSubQueue.requeue`); published before the ack, so a failure in
+    between duplicates the shard (its first commit wins) rather than losing it. Nor a
+    subscription of its own filtered on the run: it would only see messages published after
+    it was made, each a copy of one still queued for the Spot VMs (and the emulator the tests
+    run on ignores filters).
     """
 
     def __init__(
@@ -244,6 +256,7 @@ class Mover:
         subscription: str,
         to_topic: str,
         subscriber: Any,
+        from_topic: str | None = None,
         every: float = MOVE_EVERY,
         clock: Clock = SYSTEM_CLOCK,
     ) -> None:
@@ -252,7 +265,13 @@ class Mover:
         self.queue = PubSubQueue(
             project=project, topic=to_topic, subscription=subscription, subscriber=subscriber
         )
+        # Where other runs' shards go back to: the Spot topic (by default, the one the
+        # subscription is attached to, looked up once).
+        self.back = PubSubQueue(
+            project=project, topic=from_topic, subscription=subscription, subscriber=subscriber
+        )
         self.moved = 0
+        self.returned = 0  # other runs' shards put back (re-published on the Spot topic)
         self.every, self.clock = every, clock
         self._idle_until = 0.0
 
@@ -260,7 +279,8 @@ class Mover:
         """Move what is queued now (one pull); how many shards moved.
 
         An empty pull may take the service seconds to answer, and the watch loop calls this at
-        every poll: after a pull that found nothing, the next one waits ``every`` seconds.
+        every poll: after a pull that found nothing of the run's, the next one waits ``every``
+        seconds (so other runs' shards are put back at most that often).
         """
         if self.clock.monotonic() < self._idle_until:
             return 0
@@ -268,7 +288,9 @@ class Mover:
         for delivery in self.queue.receive(max_messages, 0.0):
             message = delivery.message
             if message.run_id != self.run_id:
-                self.queue.nack(delivery)
+                self.back.publish([message])  # published anew first, then acked
+                self.queue.ack(delivery)
+                self.returned += 1
                 continue
             routed = dataclasses.replace(message, topic=self.to_topic, fallback_topic=None)
             self.queue.requeue(delivery, routed)  # published first, then acked
@@ -282,3 +304,4 @@ class Mover:
 
     def close(self) -> None:
         self.queue.close()
+        self.back.close()
