@@ -9,7 +9,6 @@ callbacks, errors are :class:`~worker.errors.CFlowError`.
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
@@ -23,18 +22,20 @@ from runner.backends.gcp.shapes.model import check_shape_options, needs_groups
 from runner.config import Config
 from runner.engine import runs
 from runner.engine import shards as shard_sources
+from runner.engine.cache import ShardCache, code_digest, task_env
 from runner.engine.checks import CheckReport, check_task
 from runner.engine.deployment import Deployment
-from runner.engine.fleet import Fleet
-from runner.engine.plan import BundleNote, describe_bundle, dry_run
+from runner.engine.plan import BundleNote, describe_bundle
 from runner.engine.shards import RemoteLister
+from runner.engine.stream import Publisher, ShardFeed, start_stream
 from runner.finish import Display, Outcome, make_watcher, plain_watch, quiet, watch_and_finish
+from runner.preflight import check_writable, dry_run_plan, narrate, start_early, undo_early
 from runner.results.parts import OutTarget, Say, check_out
 from worker import defaults
-from worker.agent.runbook import DEFAULT_HALT, HaltRule
+from worker.agent.halt_rule import DEFAULT_HALT, HaltRule
 from worker.errors import ConfigError
 from worker.executors.container.runtime import check_image
-from worker.protocol import Layout, Manifest, RunOptions, Shard
+from worker.protocol import Layout, Manifest, RunOptions, Shard, new_run_id
 
 if TYPE_CHECKING:
     from runner.backends.gcp.shapes.model import ShapedGroup
@@ -81,13 +82,17 @@ class SubmitRequest:
     dry_run: bool = False  # list the shards and what would start; start nothing
     local: bool = False  # the local backend was asked for (else a local config found no other)
     input_list: IO[str] | None = None  # what `--inputs -` reads [default: stdin]
+    cache: bool = False  # reuse earlier runs' commits of unchanged shards (runner.engine.cache)
+    # Shards from a Python caller, published as read (runner.engine.stream; cflow.submit)
+    feed: ShardFeed | None = None
     rule: HaltRule = field(init=False, repr=False)
     _gathered: shard_sources.Inputs | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.inputs, str):  # one glob, as a Python caller may well write it
             self.inputs = [self.inputs]
-        chosen = [v for v in (self.inputs or None, self.params, self.shards) if v is not None]
+        sources = (self.inputs or None, self.params, self.shards, self.feed)
+        chosen = [v for v in sources if v is not None]
         if len(chosen) != 1:
             raise ConfigError(
                 "give exactly one of --inputs GLOB, --params FILE.jsonl or --shards N"
@@ -109,6 +114,8 @@ class SubmitRequest:
     def shard_source(self, lister: RemoteLister | None = None, say: Say = quiet) -> Iterator[Shard]:
         """The shards, read lazily (``lister`` lists remote inputs, e.g. gs://; ``say`` hears
         of inputs that repeat a file, which run once)."""
+        if self.feed is not None:  # read once the run exists (runner.engine.stream)
+            return iter(())
         inputs = self.gather_inputs()
         if inputs is not None:
             return inputs.shards(lister, say)
@@ -198,18 +205,21 @@ def submit(
             say(f"warning: {bundle.warning}")
         # Nothing is made in the cloud for a task that cannot start.
         if request.dry_run or not config.is_local:
-            _narrate(checked, say)
+            narrate(checked, say)
         if request.dry_run:
-            _dry_run(request, config, say, opener, listing or sys.stdout)
+            dry_run_plan(request, config, say, opener, listing or sys.stdout)
             return Submitted()
         store_was_there = config.is_local and config.store_dir.exists()
         dep = opener(config)
+        flow: _Submission | None = None
         try:
             flow = _Submission(request, config, dep, say, checked, bundle)
             options = request.run_options(dep.default_workers)
             manifest = flow.create(options, store_was_there, on_created, on_published)
             return flow.follow(manifest, options, target, display, on_outcome)
         finally:
+            if flow is not None and flow.publisher is not None:
+                flow.publisher.join()  # a stream's publisher stops with its run
             dep.close()
     finally:
         if checked.probe is not None:  # the submit ended before it: stop the check
@@ -227,6 +237,8 @@ class _Submission:
     checked: CheckReport
     bundle: BundleNote
     shaped: list[ShapedGroup] = field(default_factory=list)
+    publisher: Publisher | None = None  # a stream's, publishing while the run is watched
+    cache: ShardCache | None = None  # --cache: the shards it reused
 
     def create(
         self,
@@ -238,23 +250,34 @@ class _Submission:
         """Check where the run goes, start early workers, bundle and make the run, publish."""
         request, config, dep = self.request, self.config, self.dep
         source = request.shard_source(dep.lister, self.say)
+        cache = self.cache = _cache_for(request, config, dep, options) if request.cache else None
+        if cache is not None:
+            source = cache.keyed(source)
         self._check_placement(options)
         published = 0
 
-        def count(n: int) -> None:
+        def count(n: int) -> None:  # after each batch is recorded in the manifest
             nonlocal published
             published += n
+            if cache is not None:
+                cache.recorded()
             if on_published is not None:
                 on_published(published)
 
-        fleet = dep.fleet(slots=request.slots, idle_timeout=request.idle_timeout)
-        # Local workers boot while the run is made (their interpreter start is most of a short
-        # run's fixed cost); VMs are sized once the shard count is known.
-        early = [] if request.detach else _start_early(fleet, dep, options.workers, request.shards)
+        # The run's own workers (locally: started for it alone, in this process's environment)
+        # boot while the run is made (their interpreter start is most of a short run's fixed
+        # cost); VMs are sized once the shard count is known. With the cache, none start
+        # before a shard is known to need running: starting interpreters would compete with
+        # the reuse for this machine's cores, and a rerun that reuses every shard needs none.
+        run_id = new_run_id()
+        fleet = dep.fleet(slots=request.slots, idle_timeout=request.idle_timeout, run_id=run_id)
+        early = []
+        if not (request.detach or request.cache):
+            early = start_early(fleet, dep, options.workers, request.shards)
         try:
-            _narrate(self.checked, self.say)
+            narrate(self.checked, self.say)
         except BaseException:  # the task cannot start: take back what was started
-            _undo_early(fleet, early, config, store_was_there)
+            undo_early(fleet, early, config, store_was_there)
             raise
         fell_back = config.is_local and not request.local
         self.say(config.describe() + (" (no deployment found)" if fell_back else ""))
@@ -263,6 +286,20 @@ class _Submission:
             bundled = request.task_dir
             if dep.prepare_task is not None:  # Google Cloud: requirements as wheels the VMs take
                 bundled = dep.prepare_task(request.task_dir, Path(staging.name))
+            if request.feed is not None:
+                manifest, self.publisher = start_stream(
+                    store=dep.backends.store,
+                    queue=dep.backends.queue,
+                    task_dir=bundled,
+                    feed=request.feed,
+                    options=options,
+                    on_created=on_created,
+                    on_published=count,
+                    run_id=run_id,
+                    keyed=cache.keyed if cache is not None else None,
+                    reuse=cache.reuse if cache is not None else None,
+                )
+                return manifest
             return runs.create_run(
                 store=dep.backends.store,
                 queue=dep.backends.queue,
@@ -272,6 +309,8 @@ class _Submission:
                 stage_input=dep.stage_input,
                 on_published=count,
                 on_created=on_created,  # before publishing: an interrupted submit resumes
+                run_id=run_id,
+                reuse=cache.reuse if cache is not None else None,
             )
         except BaseException:
             if early:
@@ -318,6 +357,8 @@ class _Submission:
             f" x {request.slots} slots, {self.bundle.size_text} bundle; store"
             f" {store.url(Layout.run_prefix(run_id))}"
         )
+        if self.cache is not None:
+            self.say(f"cache: {self.cache.cached} of {manifest.shard_count} shards reused")
         watcher = make_watcher(
             dep,
             manifest,
@@ -327,6 +368,10 @@ class _Submission:
             idle_timeout=request.idle_timeout,
         )
         watcher.max_workers = max_workers
+        if self.cache is not None:
+            cache = self.cache  # a stream's publisher may still be reusing: count as it goes
+            watcher.cached = lambda: cache.cached
+            watcher.reused = cache.take_reused
         if request.detach:
             watcher.poll()  # starts the workers
             self.say(f"detached; follow with `runner watch {run_id}`")
@@ -348,65 +393,16 @@ class _Submission:
         return Submitted(run_id, outcome)
 
 
-def check_writable(folder: Path, what: str, fix: str = "") -> None:
-    """Raise ConfigError unless ``folder`` can be made (or is there) and written: a file is
-    made and removed in it, or in its nearest existing parent (a read-only mount, ``/proc``)."""
-    parent = next((p for p in (folder, *folder.parents) if p.exists()), Path("/"))
-    if not parent.is_dir():
-        raise ConfigError(f"{what} {folder}: {parent} is not a folder{fix}")
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".cflow-probe-", dir=parent)
-    except OSError as exc:
-        raise ConfigError(
-            f"{what} {folder}: {parent} is not writable ({exc.strerror}){fix}"
-        ) from None
-    os.close(fd)
-    os.unlink(probe)
-
-
-def _narrate(checked: CheckReport, say: Say) -> None:
-    checked.finish()  # raises TaskError with the task's own last line
-    for note in checked.notes:
-        say(note)
-    checked.notes.clear()  # said once
-
-
-def _undo_early(fleet: Fleet, early: list[str], cfg: Config, store_was_there: bool) -> None:
-    """A submit that fails its task check leaves nothing: the workers it started go, and so
-    does the store it created (when no run has reached it)."""
-    if early:
-        fleet.delete(early)
-        fleet.wait_empty(10.0)
-    runs_dir = cfg.store_dir / "runs"
-    if cfg.is_local and not store_was_there and not (runs_dir.exists() and any(runs_dir.iterdir())):
-        shutil.rmtree(cfg.store_dir, ignore_errors=True)
-
-
-def _start_early(fleet: Fleet, dep: Deployment, workers: int, shards: int | None) -> list[str]:
-    """On the local backend, start the workers a run is sure to need before it is made."""
-    if not dep.config.is_local:
-        return []
-    wanted = min(workers, shards if shards is not None else 1) - len(fleet.instances())
-    return fleet.grow(wanted) if wanted > 0 else []
-
-
-def _dry_run(
-    request: SubmitRequest,
-    cfg: Config,
-    say: Say,
-    opener: Opener,
-    listing: IO[str],
-) -> None:
-    """Shards on ``listing``, one a line; what would start is said. Nothing is created."""
-    inputs = request.gather_inputs()
-    task_dir, workers, slots = request.task_dir, request.workers, request.slots
-    if inputs is not None and inputs.remote:  # listing the bucket needs the deployment's client
-        dep = opener(cfg)
-        try:
-            source = request.shard_source(dep.lister, say)
-            plan = dry_run(cfg, task_dir, source, workers, slots, listing)
-        finally:
-            dep.close()
-    else:
-        plan = dry_run(cfg, task_dir, request.shard_source(say=say), workers, slots, listing)
-    say(f"dry run: {plan}; nothing was started")
+def _cache_for(
+    request: SubmitRequest, config: Config, dep: Deployment, options: RunOptions
+) -> ShardCache:
+    """The cross-run cache of this submit: what reaches the task, fingerprinted."""
+    return ShardCache(
+        dep.backends.store,
+        code=code_digest(request.task_dir),
+        image=options.image,
+        stage=options.stage,
+        # Local workers inherit this process's environment; a VM's is its own, the same for
+        # every run of the deployment.
+        env=task_env(os.environ, inherited=config.is_local),
+    )

@@ -169,6 +169,9 @@ class Manifest(_Record):
     # ``bundle`` is the latest, which messages without one run.
     bundles: list[dict[str, Any]] = field(default_factory=list)
     halted: str | None = None  # why the run was stopped early (--halt), if it was
+    # When it was cancelled or halted (epoch seconds): an attempt that ended after it is not
+    # part of its result, even one that committed in the moment the cancel was being written.
+    cancelled_at: float | None = None
     # Publishing progress, so a runner killed while publishing can be resumed: shards of the
     # shard list (in order) confirmed on the queue, and when that count last moved. None: a run
     # from before this field, or one published whole.
@@ -276,6 +279,9 @@ class ShardResult(_Record):
     bundle: str | None = None  # the task bundle the winning attempt ran
     # What run(shard) returned, as JSON (worker.taskapi.keep_return); None when nothing.
     value: Any = None
+    # "<run>/<shard>" when the shard was not run but reused from that earlier commit (the
+    # runner's cross-run cache, runner.engine.cache); its outputs are copies under attempt 0.
+    cached_from: str | None = None
 
     @property
     def duration(self) -> float:

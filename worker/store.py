@@ -8,8 +8,9 @@ any number of racing attempts exactly one wins.
 
 from __future__ import annotations
 
+import builtins
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 from worker.errors import NotFound
@@ -79,3 +80,61 @@ class Store(ABC):
     def local_path(self, key: str) -> Path | None:
         """The object's file when the store is a local directory, so callers can skip copies."""
         return None
+
+    def update(self, key: str, change: Callable[[bytes], bytes | None]) -> bytes | None:
+        """Read-modify-write one object: ``change(current)`` is the new content (None: leave
+        it as it is). A store with write preconditions writes only over what it read, and on a
+        concurrent write reads again and asks ``change`` anew. What was written (or None).
+
+        Raises:
+            NotFound: no such object.
+        """
+        new = change(self.get(key))
+        if new is not None:
+            self.put(key, new)
+        return new
+
+    # -- many at once: a store that can batch them overrides these ------------------------
+
+    def create_many(self, objects: Mapping[str, bytes]) -> set[str]:
+        """:meth:`create` each object; the keys this call created."""
+        return {key for key, data in objects.items() if self.create(key, data)}
+
+    def list_many(self, prefixes: Iterable[str]) -> dict[str, builtins.list[str]]:
+        """:meth:`list` each prefix: ``{prefix: keys}``, every prefix answered."""
+        return {prefix: list(self.list(prefix)) for prefix in prefixes}
+
+    def copy(self, source: str, dest: str) -> None:
+        """Copy an object within the store; raises NotFound when ``source`` is missing."""
+        self.put(dest, self.get(source))
+
+    def copy_many(self, pairs: Iterable[tuple[str, str]]) -> set[str]:
+        """:meth:`copy` each ``(source, dest)``; the sources that were missing."""
+        missing = set()
+        for source, dest in pairs:
+            try:
+                self.copy(source, dest)
+            except NotFound:
+                missing.add(source)
+        return missing
+
+    def delete_many(self, keys: Iterable[str]) -> None:
+        """:meth:`delete` each key."""
+        for key in keys:
+            self.delete(key)
+
+    def usage(self, prefix: str) -> tuple[int, int]:
+        """How many objects lie under ``prefix`` and their bytes (one listing)."""
+        count = size = 0
+        for key in self.list(prefix):
+            count += 1
+            try:
+                size += len(self.get(key))
+            except NotFound:
+                continue
+        return count, size
+
+    def fingerprints(self, uris: builtins.list[str]) -> dict[str, str]:
+        """A content fingerprint (a checksum the store keeps) of each input URI it can read
+        without downloading it; the ones it cannot are left out."""
+        return {}

@@ -82,7 +82,8 @@ def watch_live(watcher: Watcher, poll_seconds: float, err: Console) -> Snapshot:
     columns = (
         BarColumn(bar_width=24),
         TextColumn(
-            "{task.completed:.0f}/{task.total:.0f} done · [red]{task.fields[failed]} failed[/red]"
+            "{task.completed:.0f}/{task.total:.0f} done{task.fields[cached]}"
+            " · [red]{task.fields[failed]} failed[/red]"
             " · {task.fields[running]} running · {task.fields[queued]} queued"
             " · {task.fields[workers]} workers · {task.fields[rate]} · ETA {task.fields[eta]}"
             "{task.fields[note]}"
@@ -100,6 +101,7 @@ def watch_live(watcher: Watcher, poll_seconds: float, err: Console) -> Snapshot:
             rate="-",
             eta="-",
             note="",
+            cached="",
         )
 
         def update(s: Snapshot) -> None:
@@ -115,6 +117,7 @@ def watch_live(watcher: Watcher, poll_seconds: float, err: Console) -> Snapshot:
                 rate=f"{s.rate:.1f}/s" if s.rate else "-",
                 eta=duration(s.eta) if s.eta is not None else "-",
                 note=f" · [yellow]{escape('; '.join(problems))}[/yellow]" if problems else "",
+                cached=f" ({s.cached} cached)" if s.cached else "",
             )
 
         return clock.timed(watcher.watch(on_update=update, poll_seconds=poll_seconds))
@@ -135,7 +138,8 @@ def progress_line(s: Snapshot) -> str:
     rate = f"{s.rate:.1f}/s" if s.rate else "-"
     eta = duration(s.eta) if s.eta is not None else "-"
     return (
-        f"cflow: run {s.run_id}: {s.succeeded + s.failed}/{s.total} done, {s.failed} failed,"
+        f"cflow: run {s.run_id}: {s.succeeded + s.failed}/{s.total} done{_cached(s.cached)},"
+        f" {s.failed} failed,"
         f" {s.running} running, {s.queued} queued, {s.workers} workers, {rate}, ETA {eta},"
         f" {duration(s.elapsed)} elapsed"
     )
@@ -187,7 +191,8 @@ def summary(
     """
     colour = "red" if s.failed else "green"
     err.print(
-        f"cflow: [{colour}]{s.succeeded}/{s.total} shards succeeded, {s.failed} failed[/{colour}]"
+        f"cflow: [{colour}]{s.succeeded}/{s.total} shards succeeded{_cached(s.cached)},"
+        f" {s.failed} failed[/{colour}]"
         f" in {duration(s.elapsed)} ({s.preempted} preempted, {s.retried} retried)"
     )
     combined, written = list(files or []), list(written)
@@ -207,6 +212,10 @@ def summary(
             f" ID`; after a fix: `runner retry {s.run_id} --failed --task DIR`",
             markup=False,
         )
+
+
+def _cached(count: int) -> str:
+    return f" ({count} cached)" if count else ""
 
 
 def reason_of(r: ShardReport) -> str:
@@ -231,11 +240,12 @@ def status_table(manifest: Manifest, reports: list[ShardReport]) -> Table:
     table.add_column("input / reason", overflow="fold")
     for r in reports:
         colour = {"succeeded": "green", "failed": "red", "running": "yellow"}.get(r.state.value, "")
+        shown = "cached" if r.cached_from else r.state.value
         table.add_row(
             r.id,
-            f"[{colour}]{r.state.value}[/{colour}]" if colour else r.state.value,
+            f"[{colour}]{shown}[/{colour}]" if colour else shown,
             str(len(r.attempts)),
-            f"{r.duration:.1f}s" if r.duration is not None else "",
+            f"{r.duration:.1f}s" if r.duration is not None and not r.cached_from else "",
             "" if r.exit_code is None else str(r.exit_code),
             escape(
                 (reason_of(r) if r.state is not ShardState.SUCCEEDED else r.input) or r.input or ""
@@ -244,8 +254,11 @@ def status_table(manifest: Manifest, reports: list[ShardReport]) -> Table:
     return table
 
 
-def runs_table(manifests: list[Manifest], committed: dict[str, int]) -> Table:
-    """One row per run: state, committed shards of all, when, which task."""
+def runs_table(
+    manifests: list[Manifest], committed: dict[str, int], cached: dict[str, int] | None = None
+) -> Table:
+    """One row per run: state, committed shards of all (and how many reused from earlier
+    runs), when, which task."""
     table = Table()
     table.add_column(
         "run", no_wrap=True, min_width=max((len(m.run_id) for m in manifests), default=3)
@@ -256,21 +269,24 @@ def runs_table(manifests: list[Manifest], committed: dict[str, int]) -> Table:
         table.add_row(
             m.run_id,
             m.state + (" (halted)" if m.halted else ""),
-            f"{committed.get(m.run_id, 0)}/{m.shard_count}",
+            f"{committed.get(m.run_id, 0)}/{m.shard_count}"
+            + _cached((cached or {}).get(m.run_id, 0)),
             time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(m.created_at)),
             escape(m.task_name),
         )
     return table
 
 
-def run_dict(m: Manifest, committed: int) -> dict[str, Any]:
-    """A run as ``runner runs --json`` shows it."""
+def run_dict(m: Manifest, committed: int, cached: int = 0) -> dict[str, Any]:
+    """A run as ``runner runs --json`` shows it (``cached``: of the committed, how many were
+    reused from earlier runs)."""
     return {
         "run_id": m.run_id,
         "state": m.state,
         "halted": m.halted,
         "shards": m.shard_count,
         "committed": committed,
+        "cached": cached,
         "created_at": m.created_at,
         "task": m.task_name,
         "bundle": m.bundle,
@@ -293,8 +309,10 @@ def stream_status_json(
     }
     out.write(json.dumps(head)[:-1] + ', "shards": [')
     first = True
+    counts["cached"] = 0
     for r in reports:
         counts[r.state.value] += 1
+        counts["cached"] += bool(r.cached_from)
         out.write(("\n" if first else ",\n") + json.dumps(r.to_dict()))
         first = False
     out.write(f'\n], "counts": {json.dumps(counts)}}}\n')

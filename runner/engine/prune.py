@@ -12,7 +12,7 @@ import shutil
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from runner.engine import listing, reports, runs
+from runner.engine import cache, listing, reports, runs
 from worker import defaults
 from worker.clock import SYSTEM_CLOCK, Clock
 from worker.errors import ConfigError, RunStateError
@@ -41,6 +41,8 @@ class Removed:
     objects: int  # store objects deleted (the run's and unused bundles)
     messages: int  # queue entries dropped
     bundles: list[str]  # bundle hashes deleted
+    bytes: int = 0  # what the deleted objects held
+    cache_entries: int = 0  # the runs' entries in the cross-run cache's index (runner.engine.cache)
 
 
 def bundles_of(manifest: Manifest) -> set[str]:
@@ -75,6 +77,10 @@ def remove_runs(
             # A running attempt that has not seen the cancel would write into the deleted run.
             _wait_stopped(store, queue, m.run_id, clock)
         removed.messages += queue.purge(m.run_id)
+        # Later runs can no longer reuse this one's shards: its index entries go with it (the
+        # shards other runs reused are their own copies, and stay).
+        removed.cache_entries += cache.drop_index(store, m.run_id)
+        removed.bytes += store.usage(Layout.run_prefix(m.run_id))[1]
         # The manifest goes last: a half-deleted run stays listed, and `rm` can finish it.
         keys = [
             k for k in store.list(Layout.run_prefix(m.run_id)) if k != Layout.manifest(m.run_id)
@@ -95,6 +101,7 @@ def remove_runs(
     for key in list(store.list("tasks/", suffix=".tar.gz")):
         sha = key[len("tasks/") : -len(".tar.gz")]
         if sha not in in_use and sha in set().union(*(bundles_of(m) for m in doomed)):
+            removed.bytes += store.usage(key)[1]
             store.delete(key)
             removed.objects += 1
             removed.bundles.append(sha)

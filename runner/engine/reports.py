@@ -54,6 +54,11 @@ class ShardReport:
     def duration(self) -> float | None:
         return self.result.duration if self.result else None
 
+    @property
+    def cached_from(self) -> str | None:
+        """``<run>/<shard>`` when the shard was reused from an earlier run, not run."""
+        return self.result.cached_from if self.result else None
+
     def to_dict(self) -> dict[str, object]:
         return {
             "id": self.id,
@@ -65,6 +70,7 @@ class ShardReport:
             "winning_attempt": self.result.attempt if self.result else None,
             "value": self.result.value if self.result else None,  # what run(shard) returned
             "duration": self.duration,
+            "cached_from": self.cached_from,
             "exit_code": self.exit_code,
             "reason": self.reason,
         }

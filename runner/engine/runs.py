@@ -12,16 +12,15 @@ import dataclasses
 import json
 import os
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from itertools import islice
 from pathlib import Path
-from typing import Any
 
 from worker import defaults
 from worker.backends.local.store import LocalStore
 from worker.bundle import inspect_task, pack
 from worker.clock import SYSTEM_CLOCK, Clock
-from worker.errors import BackendError, CFlowError, NotFound, RunNotFound, RunStateError
+from worker.errors import BackendError, CFlowError, NotFound, RunNotFound
 from worker.protocol import (
     Layout,
     Manifest,
@@ -38,8 +37,12 @@ from worker.store import Store
 
 InputStager = Callable[[str, Shard], Shard]  # (run_id, shard) -> shard with a worker-readable input
 Progress = Callable[[int], None]
+# (run_id, a batch about to be published) -> the ids of the batch already committed, not to be
+# published (runner.engine.cache reuses earlier runs' commits)
+Reuse = Callable[[str, list[Shard]], set[str]]
 
 PUBLISH_PAUSE_ENV = "CFLOW_PUBLISH_PAUSE"  # test hook: seconds to pause after each batch
+PUBLISH_BATCH_ENV = "CFLOW_PUBLISH_BATCH"  # test hook: shards per batch, for a quick boundary
 
 
 def create_run(
@@ -53,6 +56,8 @@ def create_run(
     stage_input: InputStager | None = None,
     on_published: Progress | None = None,
     on_created: Callable[[Manifest], None] | None = None,
+    run_id: str | None = None,
+    reuse: Reuse | None = None,
 ) -> Manifest:
     """Bundle the task, write the manifest and shard list, and enqueue every shard.
 
@@ -68,7 +73,7 @@ def create_run(
     data, sha = pack(task_dir)
     if not store.exists(Layout.bundle(sha)):
         store.put(Layout.bundle(sha), data)
-    run_id = new_run_id(clock.time())
+    run_id = run_id or new_run_id(clock.time())  # given: its workers started before it
     with tempfile.TemporaryDirectory(prefix="cflow-submit-") as tmp:
         listing = Path(tmp) / "shards.jsonl"
         count = 0
@@ -94,7 +99,13 @@ def create_run(
         if on_created is not None:
             on_created(manifest)
         return publish_rest(
-            store, queue, manifest, on_published, clock=clock, shards=_read_shards(listing)
+            store,
+            queue,
+            manifest,
+            on_published,
+            clock=clock,
+            shards=_read_shards(listing),
+            reuse=reuse,
         )
 
 
@@ -106,11 +117,13 @@ def publish_rest(
     *,
     clock: Clock = SYSTEM_CLOCK,
     shards: Iterator[Shard] | None = None,
+    reuse: Reuse | None = None,
 ) -> Manifest:
     """Publish the shards of a run not yet recorded as published, in batches, recording each.
 
     A batch that went out but was not recorded is published again on resume: a duplicate
-    message is harmless (the first commit wins). Returns the manifest as it now stands.
+    message is harmless (the first commit wins). ``reuse`` sees each batch first; the shards it
+    committed are not published. Returns the manifest as it now stands.
 
     Raises:
         BackendError: a batch could not be published; what was recorded stays resumable.
@@ -120,19 +133,20 @@ def publish_rest(
     run_id = manifest.run_id
     done = manifest.published or 0
     pause = float(os.environ.get(PUBLISH_PAUSE_ENV) or 0)
+    size = int(os.environ.get(PUBLISH_BATCH_ENV) or defaults.PUBLISH_BATCH)
     source = shards if shards is not None else iter_shards(store, run_id)
     it = islice(source, done, None)
     try:
-        while batch := list(islice(it, defaults.PUBLISH_BATCH)):
-            queue.publish([WorkMessage(run_id=run_id, shard=s.to_dict()) for s in batch])
+        while batch := list(islice(it, size)):
+            reused = reuse(run_id, batch) if reuse is not None else set()
+            if todo := [s for s in batch if s.id not in reused]:
+                queue.publish([WorkMessage(run_id=run_id, shard=s.to_dict()) for s in todo])
             done += len(batch)
-            # Re-read before writing: a `runner cancel` meanwhile must not be overwritten.
-            current = load_manifest(store, run_id)
-            manifest = dataclasses.replace(current, published=done, published_at=clock.time())
-            save_manifest(store, manifest)
+            # Over the manifest as it stands: a `runner cancel` meanwhile is not overwritten.
+            manifest = update_manifest(store, run_id, _published(done, clock.time()))
             if progress is not None:
                 progress(len(batch))
-            if current.state != RunState.ACTIVE.value:
+            if manifest.state != RunState.ACTIVE.value:
                 return manifest
             if pause:
                 clock.sleep(pause)
@@ -151,16 +165,25 @@ def publish_rest(
     return manifest
 
 
+def _published(count: int, at: float) -> Callable[[Manifest], Manifest]:
+    return lambda m: dataclasses.replace(m, published=count, published_at=at)
+
+
 def mark_published(store: Store, manifest: Manifest, *, clock: Clock = SYSTEM_CLOCK) -> Manifest:
     """Record every shard as published (a retry re-enqueued the rest itself)."""
     if not manifest.publishing:
         return manifest
-    done = dataclasses.replace(manifest, published=manifest.shard_count, published_at=clock.time())
-    save_manifest(store, done)
-    return done
+    return update_manifest(
+        store,
+        manifest.run_id,
+        lambda m: dataclasses.replace(m, published=m.shard_count, published_at=clock.time()),
+    )
 
 
-def _publish(queue: WorkQueue, messages: Iterable[WorkMessage], progress: Progress | None) -> int:
+def publish_all(
+    queue: WorkQueue, messages: Iterable[WorkMessage], progress: Progress | None = None
+) -> int:
+    """Put messages on the queue a batch at a time; how many went."""
     total = 0
     it = iter(messages)
     while batch := list(islice(it, defaults.PUBLISH_BATCH)):
@@ -223,6 +246,28 @@ def save_manifest(store: Store, manifest: Manifest) -> None:
     store.put(Layout.manifest(manifest.run_id), manifest.to_json())
 
 
+def update_manifest(
+    store: Store, run_id: str, change: Callable[[Manifest], Manifest | None]
+) -> Manifest:
+    """Change the run's manifest as it stands (``change``: None leaves it), written only over
+    what was read: a concurrent writer (a worker halting the run, a ``runner cancel``) makes the
+    store read it again and ``change`` apply anew, so no update is lost. The manifest now."""
+    seen: list[Manifest] = []
+
+    def apply(raw: bytes) -> bytes | None:
+        seen[:] = [parse_manifest(raw)]
+        new = change(seen[0])
+        if new is not None:
+            seen[:] = [new]
+        return None if new is None else new.to_json()
+
+    try:
+        store.update(Layout.manifest(run_id), apply)
+    except NotFound:
+        raise RunNotFound(f"no run {run_id} in {store.url('')}", run_id=run_id) from None
+    return seen[0]
+
+
 def iter_shards(store: Store, run_id: str) -> Iterator[Shard]:
     with tempfile.TemporaryDirectory(prefix="cflow-shards-") as tmp:
         path = Path(tmp) / "shards.jsonl"
@@ -273,119 +318,26 @@ def marker_page(
     return ids, (last if limit is not None and seen >= limit else None)
 
 
-def cancel(store: Store, queue: WorkQueue, run_id: str, *, halted: str | None = None) -> int:
-    """Mark the run cancelled (workers drop its messages and stop its tasks); purge its queue.
-
-    ``halted`` records why the runner stopped the run itself (the ``--halt`` rule).
-    """
-    manifest = load_manifest(store, run_id)
-    save_manifest(
-        store, dataclasses.replace(manifest, state=RunState.CANCELLED.value, halted=halted)
-    )
-    return queue.purge(run_id)
-
-
-def retry(
+def cancel(
     store: Store,
     queue: WorkQueue,
     run_id: str,
     *,
-    task_dir: Path | None = None,
-    halt: str | None = None,
-    changes: Mapping[str, Any] | None = None,
-    clock: Clock = SYSTEM_CLOCK,
-) -> list[str]:
-    """Re-enqueue every shard of a finished or cancelled run that has not committed.
-
-    Committed shards are left alone; each retried shard gets a fresh failure budget. The retry
-    starts a new round of the run, recorded in the manifest's ``bundles`` (the bundle it runs,
-    when, how many shards): the halt rule judges only the attempts of the round, and what is
-    left on the queue from an earlier one is dropped where the backend can (workers drop the
-    rest: every message names its round's bundle). With ``task_dir`` the folder is bundled
-    anew and the retried shards run that bundle; ``halt`` records a new halt rule; ``changes``
-    sets other run options from now on (``timeout``, ``max_attempts``).
-    """
-    manifest = load_manifest(store, run_id)
-    done, failures = committed(store, run_id), failed(store, run_id)
-    if manifest.state == RunState.ACTIVE.value and len(done) + len(failures) < manifest.shard_count:
-        raise RunStateError(
-            f"run {run_id} is still going; wait (`runner watch {run_id}`) or cancel it first",
-            run_id=run_id,
-        )
-    todo = [s for s in iter_shards(store, run_id) if s.id not in done]
-    if not todo:
-        return []
-    bundle, entry = manifest.bundle, manifest.entry
-    if task_dir is not None:
-        entry = inspect_task(task_dir).entry.value
-        data, bundle = pack(task_dir)
-        if not store.exists(Layout.bundle(bundle)):
-            store.put(Layout.bundle(bundle), data)
-    history = list(manifest.bundles) or [
-        {"sha256": manifest.bundle, "at": manifest.created_at, "shards": manifest.shard_count}
-    ]
-    history.append({"sha256": bundle, "at": clock.time(), "shards": len(todo)})
-    options = {**manifest.options, **(changes or {})}
-    if halt is not None:
-        options["halt"] = halt
-    queue.purge(run_id)  # messages of an earlier round, where the backend can drop them
-    save_manifest(
-        store,
-        dataclasses.replace(
-            manifest,
-            state=RunState.ACTIVE.value,
-            halted=None,
-            bundle=bundle,
-            entry=entry,
-            bundles=history,
-            options=options,
-        ),
-    )
-    for shard in todo:
-        store.delete(Layout.failure(run_id, shard.id))
-    _publish(
-        queue,
-        (
-            WorkMessage(run_id=run_id, shard=s.to_dict(), bundle=bundle, round=len(history) - 1)
-            for s in todo
-        ),
-        None,
-    )
-    return [s.id for s in todo]
-
-
-def record_halt(store: Store, run_id: str, rule: str) -> Manifest:
-    """Record the halt rule a run is judged by from now on (the workers judge it too)."""
-    manifest = load_manifest(store, run_id)
-    if manifest.options.get("halt") != rule:
-        manifest = dataclasses.replace(manifest, options={**manifest.options, "halt": rule})
-        save_manifest(store, manifest)
-    return manifest
-
-
-def wait_released(
-    queue: WorkQueue,
-    run_id: str,
-    alive: Callable[[], set[str]],
-    *,
-    timeout: float,
+    halted: str | None = None,
     clock: Clock = SYSTEM_CLOCK,
 ) -> int:
-    """Wait until no live worker holds a message of the run (its attempts stopped), where the
-    queue tells who holds what (this machine's; Pub/Sub does not say). ``alive``: the names of
-    the workers still running. Returns how many are still held when ``timeout`` ran out.
+    """Mark the run cancelled (workers drop its messages and stop its tasks); purge its queue.
 
-    A cancelled run's attempts notice the cancel within a heartbeat; one still running when a
-    retry with a new task starts would otherwise finish in the retried run with the old code.
+    ``halted`` records why the runner stopped the run itself (the ``--halt`` rule).
     """
-    deadline = clock.monotonic() + timeout
-    while True:
-        leases = queue.leases(run_id) or {}
-        names = alive() if leases else set()
-        held = sum(1 for worker in leases.values() if worker in names)
-        if not held or clock.monotonic() >= deadline:
-            return held
-        clock.sleep(0.1)
+    update_manifest(
+        store,
+        run_id,
+        lambda m: dataclasses.replace(
+            m, state=RunState.CANCELLED.value, halted=halted, cancelled_at=clock.time()
+        ),
+    )
+    return queue.purge(run_id)
 
 
 def mark_dead_lettered(store: Store, message: WorkMessage) -> bool:

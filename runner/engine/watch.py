@@ -75,6 +75,7 @@ class Snapshot:
     preempted: int
     retried: int
     cancelled: bool = False
+    cached: int = 0  # of the succeeded, reused from earlier runs (runner.engine.cache)
 
     @property
     def queued(self) -> int:
@@ -118,6 +119,12 @@ class Watcher:
     # once; while nothing happens it slows down to this pace (None: always ``poll_seconds``).
     quiet_poll_seconds: float | None = None
     idle_settle: float = IDLE_SETTLE  # an idle word stands this long before its worker may go
+    # Shards committed at submit from earlier runs' (never published): a count, or a callable
+    # where it still grows (a stream's publisher reuses batch by batch while the run is watched).
+    cached: int | Callable[[], int] = 0
+    # The ids of shards reused since the last call, once the manifest counts them (a stream
+    # reusing while watched): counted at the next poll, not at a reconcile (they send no event).
+    reused: Callable[[], list[str]] | None = None
 
     def __post_init__(self) -> None:
         self._started = self.clock.monotonic()
@@ -145,6 +152,14 @@ class Watcher:
         self.heard = False
         for event in self.events.pull(max_events=10_000):
             self._apply(event)
+            self.heard = True
+        ids = self.reused() if self.reused is not None else []
+        if ids or self.manifest.publishing:
+            # A stream's count grows batch by batch and its end is a write of its own; read
+            # after the ids, the manifest counts their batches.
+            self.manifest = runs.load_manifest(self.store, self.run_id)
+        if ids:
+            self.view.succeed_all(ids)
             self.heard = True
         if self.clock.monotonic() - self._last_reconcile >= self._reconcile_every:
             self.reconcile()
@@ -253,6 +268,7 @@ class Watcher:
             preempted=view.preempted,
             retried=view.retried,
             cancelled=self.manifest.state == RunState.CANCELLED.value,
+            cached=self.cached() if callable(self.cached) else self.cached,
         )
 
     def scale(self, snapshot: Snapshot, instances: list[Instance] | None = None) -> None:

@@ -316,6 +316,8 @@ def _summary(
     bars = [b for lane in lanes for b in lane.bars]
     attempts = {o: sum(1 for b in bars if b.outcome == o) for o in OUTCOMES}
     states = {s.value: sum(1 for r in reports if r.state is s) for s in ShardState}
+    if cached := sum(1 for r in reports if r.cached_from):  # reused from earlier runs, not run
+        states["cached"] = cached
     billed = sum(lane.billed_seconds for lane in lanes)
     task = sum(b.seconds for b in bars)
     committed = sum(b.seconds for b in bars if b.outcome == AttemptState.SUCCEEDED.value)

@@ -13,50 +13,32 @@ and a record can never be confused with a file a task wrote. They read back thro
 
 from __future__ import annotations
 
-import contextlib
+import builtins
 import errno
+import fcntl
 import heapq
 import os
-import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from itertools import islice
 from pathlib import Path
 
 from worker.backends.local.db import Db
-from worker.errors import DiskFull, NotFound
+from worker.backends.local.files import (
+    FILE_MODE,
+    make_folders,
+    os_error,
+    unlink,
+    walk,
+)
+from worker.backends.local.records import QUEUE_FILE, Records, is_record
+from worker.errors import NotFound
 from worker.store import Store
 
-QUEUE_FILE = "queue.db"
-
-# Keys kept as rows: a shard's commit and failure markers and each attempt's record.
-RECORD_KEY = re.compile(
-    r"^runs/[^/]+/shards/[^/]+/(result\.json|failed\.json|attempts/\d+/status\.json)$"
-)
-
-
-def is_record(key: str) -> bool:
-    return RECORD_KEY.match(key) is not None
-
-
-def _umask() -> int:
-    """This process's umask, read without changing it (Linux), else by setting it back."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-# The mode of every file the store writes: what the user's umask gives any file they make
-# (a temporary file is made 0600 and would otherwise keep that).
-FILE_MODE = 0o666 & ~_umask()
+# Held (flock) around every read-change-write of :meth:`LocalStore.update`, by any process;
+# named after the queue's file, so it is never listed as an object.
+UPDATE_LOCK = QUEUE_FILE + "-update.lock"
 
 
 class LocalStore(Store):
@@ -65,20 +47,14 @@ class LocalStore(Store):
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise _os_error(self.root, exc) from None
-        self._db_arg = db
-        self._db: Db | None = db
+            raise os_error(self.root, exc) from None
+        self.records = Records(self.root, db)
 
     @property
     def db(self) -> Db:
         """The records' database, opened on first use (``runner runs`` in an empty folder
         creates nothing)."""
-        if self._db is None:
-            self._db = Db(self.root / QUEUE_FILE, durable=True)
-        return self._db
-
-    def _has_db(self) -> bool:
-        return self._db is not None or (self.root / QUEUE_FILE).exists()
+        return self.records.db
 
     def _path(self, key: str) -> Path:
         if key.startswith("/") or ".." in key.split("/"):
@@ -103,10 +79,7 @@ class LocalStore(Store):
 
     def put(self, key: str, data: bytes) -> None:
         if is_record(key):
-            with self.db.transaction() as conn:
-                conn.execute(
-                    "INSERT OR REPLACE INTO records (key, data) VALUES (?, ?)", (key, data)
-                )
+            self.records.put(key, data)
             return
         path = self._path(key)
         fd, tmp = self._tempfile(path)
@@ -115,10 +88,10 @@ class LocalStore(Store):
                 fh.write(data)
             os.replace(tmp, path)
         except OSError as exc:
-            _unlink(tmp)
-            raise _os_error(path, exc) from None
+            unlink(tmp)
+            raise os_error(path, exc) from None
         except BaseException:
-            _unlink(tmp)
+            unlink(tmp)
             raise
 
     def put_file(self, key: str, path: Path) -> None:
@@ -131,19 +104,15 @@ class LocalStore(Store):
             shutil.copyfile(path, tmp)
             os.replace(tmp, target)
         except OSError as exc:
-            _unlink(tmp)
-            raise _os_error(target, exc) from None
+            unlink(tmp)
+            raise os_error(target, exc) from None
         except BaseException:
-            _unlink(tmp)
+            unlink(tmp)
             raise
 
     def create(self, key: str, data: bytes) -> bool:
         if is_record(key):
-            with self.db.transaction() as conn:
-                cur = conn.execute(
-                    "INSERT OR IGNORE INTO records (key, data) VALUES (?, ?)", (key, data)
-                )
-                return cur.rowcount == 1
+            return bool(self.records.create_many({key: data}))
         path = self._path(key)
         fd, tmp = self._tempfile(path)
         try:
@@ -154,19 +123,21 @@ class LocalStore(Store):
         except FileExistsError:
             return False
         except OSError as exc:
-            raise _os_error(path, exc) from None
+            raise os_error(path, exc) from None
         finally:
-            _unlink(tmp)
+            unlink(tmp)
 
-    def _record(self, key: str) -> bytes | None:
-        if not self._has_db():
-            return None
-        row = self.db.conn().execute("SELECT data FROM records WHERE key = ?", (key,)).fetchone()
-        return None if row is None else bytes(row[0])
+    def update(self, key: str, change: Callable[[bytes], bytes | None]) -> bytes | None:
+        """Read-change-write under a lock every process's updates of this store take (a
+        ``runner cancel`` landing while a runner records a batch waits, then changes what
+        the runner wrote, and neither is lost). Writers that only ``put`` do not wait."""
+        with open(self.root / UPDATE_LOCK, "ab") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            return super().update(key, change)
 
     def get(self, key: str) -> bytes:
         if is_record(key):
-            data = self._record(key)
+            data = self.records.get(key)
             if data is None:
                 raise NotFound(f"no object {key}")
             return data
@@ -177,16 +148,8 @@ class LocalStore(Store):
 
     def get_many(self, keys: list[str]) -> dict[str, bytes]:
         """Records in one query per 500 keys (a combine reads every shard's commit record)."""
-        records = [k for k in keys if is_record(k)]
         found = super().get_many([k for k in keys if not is_record(k)])
-        if not records or not self._has_db():
-            return found
-        conn = self.db.conn()
-        for i in range(0, len(records), 500):
-            chunk = records[i : i + 500]
-            marks = ",".join("?" * len(chunk))
-            query = f"SELECT key, data FROM records WHERE key IN ({marks})"
-            found.update((key, bytes(data)) for key, data in conn.execute(query, chunk))
+        found.update(self.records.get_many([k for k in keys if is_record(k)]))
         return found
 
     def get_file(self, key: str, path: Path) -> None:
@@ -200,7 +163,7 @@ class LocalStore(Store):
 
     def exists(self, key: str) -> bool:
         if is_record(key):
-            return self._record(key) is not None
+            return self.records.get(key) is not None
         return self._path(key).is_file()
 
     def list(
@@ -213,7 +176,7 @@ class LocalStore(Store):
     ) -> Iterator[str]:
         keys = heapq.merge(
             self._list_files(prefix, suffix, start_after),
-            self._list_records(prefix, suffix, start_after),
+            self.records.scan(prefix, suffix, start_after),
         )
         for count, key in enumerate(keys):
             if limit is not None and count >= limit:
@@ -230,28 +193,8 @@ class LocalStore(Store):
     ) -> Iterator[str]:
         """Like :meth:`list`, but only the store's own records (markers, attempt records):
         a range scan of their rows that never walks the run's logs and outputs."""
-        keys = self._list_records(prefix, suffix, start_after)
+        keys = self.records.scan(prefix, suffix, start_after)
         return keys if limit is None else islice(keys, limit)
-
-    def _list_records(self, prefix: str, suffix: str, start_after: str | None) -> Iterator[str]:
-        if not self._has_db() or not _may_hold_records(prefix):
-            return
-        low = max(prefix, start_after or "")
-        conn = self.db.conn()
-        last = low
-        op = ">" if start_after is not None and low == start_after else ">="
-        while True:  # in pages, so a lazy reader does not hold a read transaction open
-            rows = conn.execute(
-                f"SELECT key FROM records WHERE key {op} ? ORDER BY key LIMIT 1000", (last,)
-            ).fetchall()
-            if not rows:
-                return
-            for (key,) in rows:
-                if not key.startswith(prefix):
-                    return
-                if key.endswith(suffix):
-                    yield key
-            last, op = rows[-1][0], ">"
 
     def _list_files(self, prefix: str, suffix: str, start_after: str | None) -> Iterator[str]:
         # A prefix need not end at a folder boundary ("runs/r1" matches "runs/r1x/..." too).
@@ -259,67 +202,89 @@ class LocalStore(Store):
         base = self._path(head) if head else self.root
         if not base.is_dir():
             return
-        for key in self._walk(base, f"{head}/" if head else "", partial, suffix):
+        for key in walk(base, f"{head}/" if head else "", partial, suffix):
             if start_after is None or key > start_after:
-                yield key
-
-    def _walk(self, folder: Path, key_prefix: str, partial: str, suffix: str) -> Iterator[str]:
-        try:
-            # Sorted as keys sort: a folder's keys continue its name with "/".
-            entries = sorted(
-                os.scandir(folder),
-                key=lambda e: e.name + "/" if e.is_dir(follow_symlinks=False) else e.name,
-            )
-        except FileNotFoundError:
-            return
-        for entry in entries:
-            if not entry.name.startswith(partial) or _is_temp(entry.name):
-                continue
-            if entry.name == QUEUE_FILE or entry.name.startswith(QUEUE_FILE + "-"):
-                continue
-            key = key_prefix + entry.name
-            if entry.is_dir(follow_symlinks=False):
-                yield from self._walk(Path(entry.path), key + "/", "", suffix)
-            elif key.endswith(suffix):
                 yield key
 
     def delete(self, key: str) -> None:
         if is_record(key):
-            if self._has_db():
-                with self.db.transaction() as conn:
-                    conn.execute("DELETE FROM records WHERE key = ?", (key,))
+            self.records.delete_many([key])
             return
-        _unlink(str(self._path(key)))
+        unlink(str(self._path(key)))
+
+    # -- many at once: records in one transaction (one fsync), files hard-linked ---------------
+
+    def create_many(self, objects: Mapping[str, bytes]) -> set[str]:
+        rows = {k: v for k, v in objects.items() if is_record(k)}
+        created = super().create_many({k: v for k, v in objects.items() if not is_record(k)})
+        return created | (self.records.create_many(rows) if rows else set())
+
+    def list_many(self, prefixes: Iterable[str]) -> dict[str, builtins.list[str]]:
+        """The cache's index prefixes as range scans of the records (one connection)."""
+        return {
+            p: self.records.under(p) if p.startswith("cache/") else list(self.list(p))
+            for p in prefixes
+        }
+
+    def copy(self, source: str, dest: str) -> None:
+        """A hard link where the file system allows (outputs are sealed read-only, so the two
+        names never differ), else a copy."""
+        if is_record(source) or is_record(dest):
+            self.put(dest, self.get(source))
+            return
+        make_folders(self.root, [str(self._path(dest).parent)])
+        self._link(source, dest)
+
+    def _link(self, source: str, dest: str) -> None:
+        """:meth:`copy` into a folder that exists."""
+        src, dst = self._path(source), self._path(dest)
+        try:
+            try:
+                os.link(src, dst)
+            except FileExistsError:  # left by a copy that did not finish: replaced
+                dst.unlink()
+                os.link(src, dst)
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            if not src.is_file():
+                raise NotFound(f"no object {source}") from None
+            raise
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
+                raise os_error(dst, exc) from None
+            self.put_file(dest, src)
+
+    def copy_many(self, pairs: Iterable[tuple[str, str]]) -> set[str]:
+        """Each destination folder made once (``files.make_folders``), then a hard link per
+        file, in this thread: the cross-run cache links thousands of shards' outputs at once,
+        and threads took no less time (the folders' parents serialise their ``mkdir``)."""
+        pairs = list(pairs)
+        files = [(s, d) for s, d in pairs if not (is_record(s) or is_record(d))]
+        missing = super().copy_many([(s, d) for s, d in pairs if is_record(s) or is_record(d)])
+        make_folders(self.root, (str(self._path(d).parent) for _, d in files))
+        for source, dest in files:
+            try:
+                self._link(source, dest)
+            except NotFound:
+                missing.add(source)
+        return missing
+
+    def delete_many(self, keys: Iterable[str]) -> None:
+        rows = []
+        for key in keys:
+            if is_record(key):
+                rows.append(key)
+            else:
+                self.delete(key)
+        self.records.delete_many(rows)
+
+    def usage(self, prefix: str) -> tuple[int, int]:
+        sizes = [self._path(key).stat().st_size for key in self._list_files(prefix, "", None)]
+        rows, held = self.records.usage(prefix)
+        return len(sizes) + rows, sum(sizes) + held
 
     def delete_prefix(self, prefix: str) -> None:
         """Remove every object under a folder prefix (``runs/<run>/``), records included."""
         if not prefix.endswith("/"):
             raise ValueError(f"not a folder prefix: {prefix!r}")
         shutil.rmtree(self._path(prefix.rstrip("/")), ignore_errors=True)
-        if self._has_db():
-            with self.db.transaction() as conn:
-                conn.execute(
-                    "DELETE FROM records WHERE key >= ? AND key < ?", (prefix, prefix[:-1] + "0")
-                )
-
-
-def _may_hold_records(prefix: str) -> bool:
-    return "runs/".startswith(prefix) or prefix.startswith("runs/")
-
-
-def _os_error(path: Path, exc: OSError) -> Exception:
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return DiskFull(
-            f"the disk holding {path.parent} is full; free some space, then"
-            " `runner watch` or `runner retry --failed` goes on where the run stopped"
-        )
-    return exc
-
-
-def _is_temp(name: str) -> bool:
-    return name.startswith(".") and name.endswith(".tmp")
-
-
-def _unlink(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
+        self.records.delete_under(prefix)

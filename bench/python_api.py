@@ -1,0 +1,262 @@
+"""``cflow.map`` from a running Python process against the Python peers, side by side.
+
+    python bench/python_api.py [--calls 2000] [--workers 2] [--runs 3] [--quick]
+
+Every contender maps the same no-op function over ``--calls`` integers with ``--workers``
+processes and gets the values back in input order, inside this process:
+
+- ``cflow.map`` on the local backend: a fresh store, the function shipped by value, every
+  result committed durably before its shard is acked, and read back from the store;
+- ``multiprocessing.Pool.map`` and ``concurrent.futures.ProcessPoolExecutor.map`` (nothing
+  durable);
+- Dask on a ``LocalCluster`` of as many single-threaded worker processes, and Ray with as many
+  CPUs (nothing durable); each is skipped, with a line saying so, where it is not installed.
+
+Each is timed as its start-up (a pool's or cluster's; ``cflow.map`` starts its workers inside
+the call) and its map; the total is the two, shutting down is not counted. Rounds run every
+contender once, round-robin (this machine is noisy); medians are printed with every round's.
+
+Then the cached rerun, once per round: the same map with ``cache=True`` into a store where an
+earlier run committed every call, timed from the call to its values (goal: under 0.5 s for
+2,000); the median and every round's.
+
+Goals: ``cflow.map`` under 5x Pool and ahead of Dask and Ray. Prints a table and one JSON line;
+nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import dataclasses
+import importlib.util
+import json
+import multiprocessing
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
+from typing import Any
+
+from _common import REPO, compile_project, parse_args
+
+import cflow
+from cflow.driver import let_go
+from runner.submit import SubmitRequest
+
+MapFn = Callable[[Callable[[int], int], range], list[Any]]
+Starter = Callable[[int, Path], AbstractContextManager[MapFn]]  # (workers, work) -> a map
+
+
+def noop(i: int) -> int:
+    return i
+
+
+@contextmanager
+def _cflow(workers: int, work: Path) -> Iterator[MapFn]:
+    store = Path(tempfile.mkdtemp(prefix="store-", dir=work))
+    yield lambda fn, items: list(cflow.map(fn, items, workers=workers, store=store, progress=False))
+    let_go()  # its workers stop after the values are back: not counted, not in the next one
+
+
+@contextmanager
+def _pool(workers: int, work: Path) -> Iterator[MapFn]:
+    with multiprocessing.Pool(workers) as pool:
+        yield lambda fn, items: pool.map(fn, items)
+
+
+@contextmanager
+def _executor(workers: int, work: Path) -> Iterator[MapFn]:
+    with concurrent.futures.ProcessPoolExecutor(workers) as pool:
+        yield lambda fn, items: list(pool.map(fn, items))
+
+
+@contextmanager
+def _dask(workers: int, work: Path) -> Iterator[MapFn]:
+    from dask.distributed import Client, LocalCluster
+
+    cluster = LocalCluster(
+        n_workers=workers,
+        threads_per_worker=1,
+        processes=True,
+        dashboard_address=None,
+        local_directory=str(work),
+    )
+    client = Client(cluster)
+    try:
+        yield lambda fn, items: client.gather(client.map(fn, items, pure=False))
+    finally:
+        client.close()
+        cluster.close()
+
+
+@contextmanager
+def _ray(workers: int, work: Path) -> Iterator[MapFn]:
+    import ray
+
+    ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+    try:
+        remote = ray.remote(noop)
+        yield lambda fn, items: ray.get([remote.remote(i) for i in items])
+    finally:
+        ray.shutdown()
+
+
+@dataclasses.dataclass
+class Timing:
+    start: list[float] = dataclasses.field(default_factory=list)
+    map: list[float] = dataclasses.field(default_factory=list)
+
+    @property
+    def total(self) -> list[float]:
+        return [s + m for s, m in zip(self.start, self.map, strict=True)]
+
+
+def _contenders() -> dict[str, Starter]:
+    """Every contender installed here; each missing one is said and left out."""
+    found: dict[str, Starter] = {
+        "cflow.map": _cflow,
+        "multiprocessing.Pool": _pool,
+        "ProcessPoolExecutor": _executor,
+    }
+    for name, module, starter, package in (
+        ("Dask LocalCluster", "distributed", _dask, "dask[distributed]"),
+        ("Ray", "ray", _ray, "ray"),
+    ):
+        if importlib.util.find_spec(module) is None:
+            print(f"{name}: not installed (pip install '{package}'): skipped", file=sys.stderr)
+        else:
+            found[name] = starter
+    return found
+
+
+def _round(contenders: dict[str, Starter], times: dict[str, Timing], args: Any) -> None:
+    items = range(args.calls)
+    for name, starter in contenders.items():
+        t0 = time.perf_counter()
+        with starter(args.workers, args.work_dir) as mapped:
+            t1 = time.perf_counter()
+            values = mapped(noop, items)
+            t2 = time.perf_counter()
+        if list(values) != list(items):
+            raise SystemExit(f"{name} returned wrong values")
+        times.setdefault(name, Timing()).start.append(t1 - t0)
+        times[name].map.append(t2 - t1)
+
+
+def _cached_rerun(args: Any) -> dict[str, Any]:
+    """Seconds of a ``cache=True`` rerun whose every call an earlier run committed (None: the
+    cache is not in this version)."""
+    if "cache" not in {f.name for f in dataclasses.fields(SubmitRequest)}:
+        print("cached rerun: cache=True is not in this version: skipped", file=sys.stderr)
+        return {"seconds": None, "cached": 0}
+    store = Path(tempfile.mkdtemp(prefix="cached-", dir=args.work_dir))
+    options: dict[str, Any] = {"workers": args.workers, "store": store, "progress": False}
+    cflow.map(noop, range(args.calls), cache=True, **options)
+    let_go()
+    took, cached = [], 0
+    for _ in range(args.runs):  # each rerun reuses the run before it
+        start = time.perf_counter()
+        run = cflow.submit(noop, range(args.calls), cache=True, **options)
+        values = list(run.results())
+        took.append(time.perf_counter() - start)
+        let_go()
+        if values != list(range(args.calls)):
+            raise SystemExit("the cached rerun returned wrong values")
+        cached = run.progress().cached
+    return {
+        "seconds": statistics.median(took),
+        "rounds": [round(t, 3) for t in took],
+        "cached": cached,
+    }
+
+
+def _table(times: dict[str, Timing], calls: int) -> list[dict[str, Any]]:
+    med = statistics.median
+    pool = med(times["multiprocessing.Pool"].total)
+    pool_map = med(times["multiprocessing.Pool"].map)
+    rows = []
+    for name, t in times.items():
+        total = med(t.total)
+        rows.append(
+            {
+                "what": name,
+                "start": med(t.start),
+                "map": med(t.map),
+                "total": total,
+                "calls_per_s": calls / total,
+                "x_pool": total / pool,
+                "x_pool_map": med(t.map) / pool_map,
+                "rounds": [round(v, 3) for v in t.total],
+            }
+        )
+    return rows
+
+
+def _args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--runs", type=int, default=3, help="rounds of every contender")
+    parser.add_argument(
+        "--work", type=Path, default=REPO / "bench" / "out", help="where the stores go"
+    )
+    return parse_args(parser, argv, calls=20, runs=1)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _args(argv)
+    compile_project()
+    args.work.mkdir(parents=True, exist_ok=True)
+    times: dict[str, Timing] = {}
+    contenders = _contenders()
+    with tempfile.TemporaryDirectory(prefix="cflow-bench-api-", dir=args.work) as tmp:
+        args.work_dir = Path(tmp)
+        for _ in range(args.runs):
+            _round(contenders, times, args)
+        cached = _cached_rerun(args)
+    rows = _table(times, args.calls)
+    print(
+        f"{args.calls} no-op calls, {args.workers} worker processes, {args.runs} rounds"
+        " (medians; seconds)\n"
+    )
+    print(
+        f"{'what':22} {'start':>6} {'map':>6} {'total':>6} {'calls/s':>8} {'x Pool':>7}"
+        f" {'x Pool map':>10}   totals"
+    )
+    for r in rows:
+        print(
+            f"{r['what']:22} {r['start']:6.2f} {r['map']:6.2f} {r['total']:6.2f}"
+            f" {r['calls_per_s']:8.0f} {r['x_pool']:7.1f} {r['x_pool_map']:10.1f}   "
+            + " ".join(f"{v:.2f}" for v in r["rounds"])
+        )
+    if cached["seconds"] is not None:
+        print(
+            f"{'cflow.map, cached':22} {'':6} {cached['seconds']:6.2f} {cached['seconds']:6.2f}"
+            f" {args.calls / cached['seconds']:8.0f}   ({cached['cached']} of {args.calls}"
+            " calls reused; goal: under 0.5 s at 2,000) "
+            + " ".join(f"{v:.2f}" for v in cached["rounds"])
+        )
+    by_name = {r["what"]: r for r in rows}
+    ours = by_name["cflow.map"]
+    print(f"\ncflow.map: {ours['x_pool']:.1f}x Pool in total (goal: under 5x)")
+    for peer in ("Dask LocalCluster", "Ray"):
+        if peer in by_name:
+            ahead = "ahead of" if ours["total"] < by_name[peer]["total"] else "behind"
+            print(
+                f"cflow.map is {ahead} {peer}: {ours['total']:.2f} s against"
+                f" {by_name[peer]['total']:.2f} s in total, {by_name[peer]['map']:.2f} s for"
+                " its map alone on a started cluster"
+            )
+    print(
+        json.dumps({"calls": args.calls, "workers": args.workers, "rows": rows, "cached": cached})
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,230 @@
+"""``cflow.map``, ``cflow.submit`` and ``cflow.attach``: the engine of ``runner submit``, from
+Python, over a function and an iterable of items."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from cflow.driver import Driver
+from cflow.progress import ProgressChoice
+from cflow.progress import check as check_progress
+from cflow.results import Results
+from cflow.run import Run
+from cflow.shipping import ItemFeed, make_task, task_dir
+from runner import config as config_mod
+from runner.backends.gcp.wheels import VM_PYTHON
+from runner.config import Config, load_outputs
+from runner.finish import Outcome, quiet
+from runner.submit import SubmitRequest
+from runner.submit import submit as engine_submit
+from worker import defaults
+from worker.errors import ConfigError
+
+WORKER_PYTHON_OUTPUT = "worker_python"  # the deployment output naming the VMs' Python (3.11)
+DEFAULT_WORKER_PYTHON = VM_PYTHON  # a deployment from before the output: the image's python3
+
+PathLike = str | os.PathLike[str]
+
+
+def _config(deployment: PathLike | None, store: PathLike | None) -> Config:
+    if deployment is None:
+        return config_mod.resolve(local=True, store_dir=Path(store) if store else None)
+    return config_mod.resolve(deployment_file=Path(deployment))
+
+
+def check_python(config: Config, image: str | None) -> None:
+    """Refuse a run whose workers' Python cannot load what this one pickles.
+
+    Local workers run this interpreter. Google Cloud VMs run the deployment's Python (its
+    ``worker_python`` output, else the default image's); a run in an ``image`` runs that
+    image's own, which the caller vouches for.
+
+    Raises:
+        ConfigError: the minor versions differ; says what to do.
+    """
+    if config.is_local or image is not None:
+        return
+    outputs = load_outputs(config.deployment_file) if config.deployment_file else {}
+    theirs = str(outputs.get(WORKER_PYTHON_OUTPUT) or DEFAULT_WORKER_PYTHON)
+    mine = f"{sys.version_info.major}.{sys.version_info.minor}"
+    if theirs != mine:
+        raise ConfigError(
+            f"this is Python {mine} but the deployment's workers run Python {theirs}, which"
+            f" cannot load functions pickled here; run this from a Python {theirs}"
+            f" interpreter, or pass image= an image with Python {mine}"
+        )
+
+
+# SubmitRequest fields submit() sets itself, or that make no sense for a function's run.
+_NOT_OPTIONS = frozenset(
+    {"task_dir", "inputs", "params", "shards", "feed", "input_list", "check", "dry_run"}
+    | {"cancel_on_interrupt", "local", "workers", "machine_type", "image", "max_attempts"}
+    | {"timeout", "detach"}
+)
+
+
+def check_options(options: dict[str, Any]) -> None:
+    """Refuse an option name :class:`runner.submit.SubmitRequest` does not take here.
+
+    Raises:
+        ConfigError: names the unknown options and the valid ones.
+    """
+    valid = {f.name for f in dataclasses.fields(SubmitRequest) if f.init} - _NOT_OPTIONS
+    unknown = sorted(set(options) - valid)
+    if unknown:
+        raise ConfigError(
+            f"cflow.submit takes no option {', '.join(unknown)}; its options: deployment, store,"
+            " workers, machine_type, image, retries, timeout, detach, progress, say, "
+            + ", ".join(sorted(valid))
+        )
+
+
+def submit(
+    fn: Callable[[Any], Any],
+    items: Iterable[Any],
+    *,
+    deployment: PathLike | None = None,
+    store: PathLike | None = None,
+    workers: int | None = None,
+    machine_type: str | None = None,
+    image: str | None = None,
+    retries: int = defaults.MAX_ATTEMPTS - 1,
+    timeout: float = defaults.ATTEMPT_TIMEOUT,
+    detach: bool = False,
+    progress: ProgressChoice = None,
+    say: Callable[[str], None] = quiet,
+    **options: Any,
+) -> Run:
+    """Start ``fn(item)`` for every item as a run, and return it at once.
+
+    A thread of this process reads the items, publishes them and watches the run (scaling its
+    workers, combining at the end). Wait for the run (:meth:`Run.wait`, :meth:`Run.results`)
+    before this process ends: items not yet read then are never published, and the run stays
+    ``publishing`` until cancelled (``runner cancel``).
+
+    Args:
+        fn: any callable of one argument: a function, a lambda, a closure, one defined in
+            ``__main__`` or a notebook. It is pickled by value (cloudpickle) with the modules
+            of your own it uses that are not installed (under the working folder or the
+            script's).
+        items: any iterable of picklable values; read and published as it goes (a generator
+            of 100,000 items never sits in memory), and the run starts before it ends.
+        deployment: a ``cflow-outputs.json`` to run on Google Cloud; None: this machine.
+        store: the local store folder [default: ``CFLOW_STORE`` or ``./.cflow``].
+        workers: most workers at once [default: the backend's].
+        machine_type, image: as ``runner submit --machine-type`` and ``--image`` (an image
+            runs the function with its own Python, which needs cloudpickle and this Python's
+            minor version; it is not checked here).
+        retries: failed attempts an item may have before it fails.
+        timeout: seconds one attempt may run.
+        detach: Ctrl-C while waiting leaves the run going (and says how to attach) instead
+            of cancelling it.
+        progress: how waiting on the run shows its progress: None picks an HTML bar in a
+            notebook, a line on a terminal, plain lines elsewhere (``cflow.progress``);
+            False shows none; ``"notebook"``, ``"terminal"`` or ``"plain"`` force one.
+        say: narration, one line at a time [default: none].
+        options: other :class:`runner.submit.SubmitRequest` fields (``slots``, ``cache``...).
+
+    Raises:
+        ConfigError: an option, the function, or this Python against the workers' (nothing
+            was published).
+    """
+    check_progress(progress)
+    check_options(options)
+    config = _config(deployment, store)
+    check_python(config, image)
+    folder = make_task(fn)
+    feed = ItemFeed(items)
+    request = SubmitRequest(
+        task_dir(folder),
+        feed=feed,
+        workers=workers,
+        machine_type=machine_type,
+        image=image,
+        max_attempts=retries + 1,
+        timeout=timeout,
+        check=False,  # the task is ours; the function was pickled above
+        cancel_on_interrupt=True,  # the run's thread is interrupted only to cancel
+        local=config.is_local,
+        **options,
+    )
+    driver = Driver()
+
+    def body(d: Driver) -> Outcome | None:
+        try:
+            return engine_submit(
+                request,
+                config,
+                say,
+                on_created=d.on_created,
+                display=d.display,
+                on_outcome=d.on_outcome,
+            ).outcome
+        finally:
+            folder.cleanup()
+
+    driver.start(body)
+    try:
+        while not driver.created.wait(0.2):
+            pass
+    except KeyboardInterrupt:  # before the run was made: nothing is left running
+        feed.stop(cancel=True)
+        driver.stop.set()
+        raise
+    if driver.run_id is None:
+        assert driver.error is not None
+        raise driver.error
+    return Run(driver.run_id, config, driver=driver, feed=feed, detach=detach, progress=progress)
+
+
+def map(
+    fn: Callable[[Any], Any],
+    items: Iterable[Any],
+    *,
+    workers: int | None = None,
+    return_exceptions: bool = False,
+    **options: Any,
+) -> Results:
+    """``fn(item)`` for every item, on this machine's workers unless ``deployment=`` says
+    otherwise; blocks, and returns the values in input order (:class:`cflow.Results`).
+
+    Takes :func:`submit`'s options. Ctrl-C cancels the run (``detach=True``: leaves it going).
+
+    Raises:
+        ShardFailed: an item failed (unless ``return_exceptions``).
+    """
+    run = submit(fn, items, workers=workers, **options)
+    return run.results(return_exceptions=return_exceptions)
+
+
+def attach(
+    run_id: str,
+    *,
+    deployment: PathLike | None = None,
+    store: PathLike | None = None,
+    detach: bool = False,
+    progress: ProgressChoice = None,
+) -> Run:
+    """The run ``run_id``, started from Python or ``runner submit`` in any process.
+
+    Its :meth:`~cflow.Run.wait`, :meth:`~cflow.Run.results` and
+    :meth:`~cflow.Run.as_completed` watch it to its end where nothing else does.
+
+    Raises:
+        RunNotFound: no such run in the store.
+    """
+    from runner.backends.factory import open_deployment
+    from runner.engine import runs
+
+    config = _config(deployment, store)
+    dep = open_deployment(config)
+    try:
+        runs.load_manifest(dep.backends.store, run_id)
+    finally:
+        dep.close()
+    return Run(run_id, config, detach=detach, progress=progress)

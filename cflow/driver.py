@@ -1,0 +1,113 @@
+"""The thread that publishes and watches a run for :class:`cflow.Run`, as ``runner submit``
+and ``runner watch`` do in theirs, and what the caller's thread reads from it."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+from runner.backends.factory import open_deployment
+from runner.config import Config
+from runner.engine import runs
+from runner.engine.watch import Snapshot, Watcher
+from runner.finish import Outcome, make_watcher, resume_publishing, watch_and_finish
+from worker.agent.halt_rule import DEFAULT_HALT, HaltRule
+from worker.protocol import Manifest, RunState
+
+_live: set[Driver] = set()  # the threads of this process still watching a run
+_live_lock = threading.Lock()
+
+
+def let_go(timeout: float = 60.0) -> bool:
+    """Wait until every run this process watches has let its workers go (a run's end is known
+    before its last workers have stopped); True when none is left."""
+    with _live_lock:
+        drivers = list(_live)
+    return all(d.done.wait(timeout) for d in drivers)
+
+
+class Driver:
+    """The thread that publishes and watches the run to its end, as ``runner submit`` does."""
+
+    def __init__(self) -> None:
+        self.created = threading.Event()
+        self.done = threading.Event()  # the thread ended (its workers let go)
+        self.over = threading.Event()  # the run's end is known (its last workers may be going)
+        self.run_id: str | None = None
+        self.error: BaseException | None = None
+        self.outcome: Outcome | None = None
+        self.snapshot: Snapshot | None = None
+        self.settled: set[str] = set()  # shard ids committed or failed, as the watcher saw them
+        self.stop = threading.Event()  # cancel: the watch is interrupted, the run cancelled
+        self._thread: threading.Thread | None = None
+
+    def start(self, body: Callable[[Driver], Outcome | None]) -> None:
+        def target() -> None:
+            try:
+                with _live_lock:
+                    _live.add(self)
+                self.outcome = body(self)
+            except BaseException as exc:  # handed to the caller's thread
+                self.error = exc
+            finally:
+                self.created.set()
+                self.over.set()
+                with _live_lock:
+                    _live.discard(self)
+                self.done.set()
+
+        self._thread = threading.Thread(target=target, name="cflow-run", daemon=True)
+        self._thread.start()
+
+    def on_outcome(self, outcome: Outcome) -> None:
+        self.outcome = outcome
+        self.over.set()
+
+    def on_created(self, manifest: Manifest) -> None:
+        self.run_id = manifest.run_id
+        self.created.set()
+
+    def display(self, watcher: Watcher, poll_seconds: float) -> Snapshot:
+        """Watch to the end, keeping what the caller's thread reads; a cancel interrupts it."""
+
+        def update(snapshot: Snapshot) -> None:
+            self.snapshot = snapshot
+            view = watcher.view
+            self.settled = view.succeeded | view.failed
+            if self.stop.is_set():
+                raise KeyboardInterrupt
+
+        return watcher.watch(on_update=update, poll_seconds=poll_seconds)
+
+
+def attach_driver(run_id: str, config: Config) -> Driver:
+    """Watch a run made elsewhere to its end, as ``runner watch`` does; Ctrl-C cancels it
+    (the caller's thread decides)."""
+    driver = Driver()
+    driver.run_id = run_id
+
+    def body(d: Driver) -> Outcome | None:
+        dep = open_deployment(config)
+        try:
+            manifest = runs.load_manifest(dep.backends.store, run_id)
+            if manifest.state != RunState.ACTIVE.value:
+                return None
+            rule = HaltRule.parse(manifest.options.get("halt") or DEFAULT_HALT)
+            manifest = resume_publishing(dep, manifest)
+            watcher = make_watcher(
+                dep, manifest, workers=None, slots=None, shards=manifest.shard_count
+            )
+            return watch_and_finish(
+                watcher,
+                dep,
+                rule=rule,
+                cancel_on_interrupt=True,
+                out=None,
+                display=d.display,
+                on_outcome=d.on_outcome,
+            )
+        finally:
+            dep.close()
+
+    driver.start(body)
+    return driver

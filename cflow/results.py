@@ -1,0 +1,164 @@
+"""Reading a run's results back: each shard's value, or its failure, in input order."""
+
+from __future__ import annotations
+
+import base64
+import pickle
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, overload
+
+from cflow.errors import ShardFailed, read_failure
+from worker.errors import NotFound
+from worker.protocol import Layout, Shard, ShardFailure, ShardResult
+from worker.pyfunc import VALUE_FILE
+from worker.store import Store
+
+LAZY_BYTES = 1024 * 1024  # values larger than this are read from the store when asked for
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Plain counts of a run's shards, for a progress display.
+
+    ``total`` counts the items published so far while ``publishing`` (the iterable is still
+    being read); ``done`` is ``succeeded + failed``."""
+
+    total: int
+    succeeded: int
+    failed: int
+    running: int
+    publishing: bool = False
+    cancelled: bool = False
+    cached: int = 0  # of the succeeded, reused from earlier runs (``cache=True``)
+
+    @property
+    def done(self) -> int:
+        return self.succeeded + self.failed
+
+    @property
+    def queued(self) -> int:
+        return max(self.total - self.done - self.running, 0)
+
+
+@dataclass(frozen=True)
+class Stored:
+    """A value kept in the store, read each time it is asked for."""
+
+    store: Store
+    key: str
+
+    def load(self) -> Any:
+        return pickle.loads(self.store.get(self.key))
+
+
+def read_value(store: Store, run_id: str, shard_id: str) -> Any:
+    """The shard's value: unpickled now when small, a :class:`Stored` when over 1 MB."""
+    return _value(store, run_id, shard_id, store.get(Layout.result(run_id, shard_id)))
+
+
+def _value(store: Store, run_id: str, shard_id: str, record: bytes) -> Any:
+    result = ShardResult.from_json(record)
+    kept = result.value
+    if not isinstance(kept, dict):
+        return None
+    if "pickle" in kept:
+        return pickle.loads(base64.b64decode(kept["pickle"]))
+    key = Layout.outputs(run_id, shard_id, result.attempt) + str(kept.get("file", VALUE_FILE))
+    stored = Stored(store, key)
+    return stored if int(kept.get("size", 0)) > LAZY_BYTES else stored.load()
+
+
+def collect(
+    store: Store, run_id: str, shards: Iterable[Shard], done: set[str], return_exceptions: bool
+) -> Results:
+    """Every shard's value (``done``: the committed ones) or failure, in input order; the
+    commit records read together (one query per 500 on this machine's store).
+
+    Raises:
+        ShardFailed: the first failed shard's, unless ``return_exceptions``.
+    """
+    records = store.get_many([Layout.result(run_id, sid) for sid in sorted(done)])
+    values: list[Any] = []
+    for shard in shards:
+        record = records.get(Layout.result(run_id, shard.id))
+        if record is not None:
+            values.append(_value(store, run_id, shard.id, record))
+            continue
+        failure = read_failed(store, run_id, shard.id, shard.index)
+        if not return_exceptions:
+            raise failure
+        values.append(failure)
+    return Results(values, return_exceptions)
+
+
+def read_failed(store: Store, run_id: str, shard_id: str, index: int) -> ShardFailed:
+    """The shard's failure, with what its last attempt's log says."""
+    failure = ShardFailure.from_json(store.get(Layout.failure(run_id, shard_id)))
+    log = ""
+    if failure.attempt is not None:
+        try:
+            log = store.get(Layout.log(run_id, shard_id, failure.attempt)).decode(
+                "utf-8", "replace"
+            )
+        except NotFound:
+            log = ""
+    described, tail = read_failure(log, failure.reason)
+    return ShardFailed(
+        index=index,
+        run_id=run_id,
+        shard_id=shard_id,
+        type_name=described.type_name,
+        message=described.message,
+        traceback=described.traceback,
+        log_tail=tail,
+        exception=described.exception,
+    )
+
+
+class Results(Sequence[Any]):
+    """A run's return values in input order, as a read-only sequence.
+
+    Values up to 1 MB are in memory; a larger one is read from the store each time its item is
+    asked for (indexing or iterating), and not kept. With ``return_exceptions`` a failed item
+    is its :class:`~cflow.ShardFailed`; without, reading one raises it.
+    """
+
+    def __init__(self, values: list[Any], return_exceptions: bool):
+        self._values = values
+        self._return_exceptions = return_exceptions
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    @overload
+    def __getitem__(self, index: int) -> Any: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[Any]: ...
+
+    def __getitem__(self, index: int | slice) -> Any:
+        if isinstance(index, slice):
+            return [self._load(v) for v in self._values[index]]
+        return self._load(self._values[index])
+
+    def __iter__(self) -> Iterator[Any]:
+        for value in self._values:
+            yield self._load(value)
+
+    def _load(self, value: Any) -> Any:
+        if isinstance(value, Stored):
+            return value.load()
+        if isinstance(value, ShardFailed) and not self._return_exceptions:
+            raise value
+        return value
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Sequence) and not isinstance(other, str):
+            return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Results({len(self)} values)"

@@ -1,0 +1,266 @@
+"""``cflow.Run``: one run of the engine seen from Python, started here or attached to."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from cflow.driver import Driver, attach_driver
+from cflow.progress import ProgressChoice, Ticker, pick
+from cflow.results import Progress, Results, Stored, collect, read_failed, read_value
+from cflow.shipping import ItemFeed, item_of
+from runner.backends.factory import open_deployment
+from runner.config import Config
+from runner.engine import runs
+from runner.engine.cache import cached_count
+from runner.engine.deployment import Deployment
+from worker.errors import RunStateError
+from worker.protocol import Layout, Manifest, RunState, Shard
+
+PACE = 0.2  # seconds between looks while waiting in the caller's thread (Ctrl-C is seen then)
+STOP_SECONDS = 10.0  # how long a cancel waits for the items' publisher to record its count
+
+
+class Run:
+    """A run of a function over items. Made by :func:`cflow.submit` or :func:`cflow.attach`;
+    the same run as ``runner runs``, ``status``, ``watch``, ``cancel`` and ``report`` show.
+
+    Attributes:
+        id: the run id (``runner status ID``).
+    """
+
+    def __init__(
+        self,
+        run_id: str,
+        config: Config,
+        *,
+        driver: Driver | None = None,
+        feed: ItemFeed | None = None,
+        detach: bool = False,
+        progress: ProgressChoice = None,
+    ):
+        self.id = run_id
+        self._show = progress  # how waiting shows progress (cflow.progress.pick)
+        self._end_shown = False  # a wait showed the run's end: later ones show nothing
+        self._config = config
+        self._driver = driver
+        self._feed = feed
+        self._detach = detach
+        self._dep: Deployment | None = None
+        self._shards: dict[str, Shard] | None = None
+
+    def __repr__(self) -> str:
+        return f"Run({self.id!r})"
+
+    @property
+    def _store(self) -> Any:
+        return self._dep_open().backends.store
+
+    def _manifest(self) -> Manifest:
+        return runs.load_manifest(self._store, self.id)
+
+    def progress(self) -> Progress:
+        """How many items are done, failed, running and queued, as plain counts."""
+        manifest = self._manifest()
+        snap = self._driver.snapshot if self._driver is not None else None
+        if snap is not None and not self._driver_done():
+            return Progress(
+                total=manifest.shard_count - (1 if manifest.publishing else 0),
+                succeeded=snap.succeeded,
+                failed=snap.failed,
+                running=snap.running,
+                publishing=manifest.publishing,
+                cancelled=manifest.state == RunState.CANCELLED.value,
+                cached=snap.cached,
+            )
+        done = runs.committed(self._store, self.id)
+        failed = runs.failed(self._store, self.id) - done
+        return Progress(
+            total=manifest.shard_count - (1 if manifest.publishing else 0),
+            succeeded=len(done),
+            failed=len(failed),
+            running=0,
+            publishing=manifest.publishing,
+            cancelled=manifest.state == RunState.CANCELLED.value,
+            cached=cached_count(self._store, self.id),
+        )
+
+    def _ticker(self) -> Ticker:
+        return Ticker(None if self._end_shown else pick(self._show, self.id), self.progress)
+
+    def _driver_done(self) -> bool:
+        return self._driver is None or self._driver.over.is_set()
+
+    def cancel(self) -> None:
+        """Cancel the run: no more items are read, running attempts stop, nothing more
+        commits. Returns once the run is recorded cancelled and its workers let go. A run
+        that is over already is left as it is."""
+        if self._feed is not None:
+            self._feed.stop(cancel=True)
+        driver = self._driver
+        if driver is not None and not driver.done.is_set():
+            # The publisher records its last count (within a batch's time of the stop) before
+            # the run is recorded cancelled: the two never write the manifest at once.
+            deadline = time.monotonic() + STOP_SECONDS
+            while self._manifest().publishing and time.monotonic() < deadline:
+                if driver.over.wait(PACE / 4):
+                    break
+            driver.stop.set()
+            driver.done.wait()
+        if self._manifest().state != RunState.ACTIVE.value:
+            return  # cancelled by its watcher just now, or over already: nothing to stop
+        dep = self._dep_open()
+        runs.cancel(dep.backends.store, dep.backends.queue, self.id)
+
+    def _dep_open(self) -> Deployment:
+        if self._dep is None:
+            self._dep = open_deployment(self._config)
+        return self._dep
+
+    def wait(self) -> Progress:
+        """Wait for the run's end (every item done or failed, or the run cancelled), watching
+        it (scaling its workers, combining at the end) when nothing else here does.
+
+        Ctrl-C cancels the run, or with ``detach=True`` stops reading the items and leaves the
+        run going (it says how to attach). Returns the final counts.
+
+        Raises:
+            Exception: what the items' iterable raised part way (the items read before it
+                ran; the run counts those).
+        """
+        driver = self._watched()
+        ticker = self._ticker()
+        try:
+            while driver is not None and not driver.over.wait(PACE):
+                ticker.tick()
+        except KeyboardInterrupt:
+            self._interrupted()
+            raise
+        finally:
+            ticker.close()
+        self._end_shown = True
+        if driver is not None and driver.error is not None:
+            raise driver.error
+        if self._feed is not None and self._feed.error is not None:
+            raise self._feed.error  # the items read before it were run; results() says so too
+        return self.progress()
+
+    def _watched(self) -> Driver | None:
+        """The thread watching the run here; one is started for a run nothing here watches
+        (None: the run is over)."""
+        driver = self._driver
+        if driver is not None and driver.done.is_set() and driver.error is not None:
+            raise driver.error
+        if (driver is None or driver.over.is_set()) and not self._settled():
+            self._driver = attach_driver(self.id, self._config)
+        return self._driver
+
+    def _settled(self) -> bool:
+        manifest = self._manifest()
+        return manifest.state != RunState.ACTIVE.value
+
+    def _interrupted(self) -> None:
+        if not self._detach:
+            self.cancel()
+            print(f"cflow: run {self.id} cancelled", file=sys.stderr)
+            return
+        if self._feed is not None:
+            self._feed.stop()
+        print(
+            f"cflow: run {self.id} goes on; attach with cflow.attach({self.id!r}) or"
+            f" `runner watch {self.id}`",
+            file=sys.stderr,
+        )
+
+    def _index(self) -> dict[str, Shard]:
+        if self._shards is None:
+            self._shards = {s.id: s for s in runs.iter_shards(self._store, self.id)}
+        return self._shards
+
+    def results(self, return_exceptions: bool = False) -> Results:
+        """Wait for the run, then its return values in input order (:class:`cflow.Results`:
+        values over 1 MB are read from the store when their item is asked for).
+
+        Raises:
+            ShardFailed: an item failed (the first in input order), unless
+                ``return_exceptions``, which puts each failure in its item's place.
+            RunStateError: the run was cancelled before every item was done.
+        """
+        self.wait()
+        manifest = self._manifest()
+        store = self._store
+        done = runs.committed(store, self.id)
+        failed = runs.failed(store, self.id) - done
+        if manifest.state == RunState.CANCELLED.value and len(done) + len(failed) < (
+            manifest.shard_count
+        ):
+            raise RunStateError(
+                f"run {self.id} was cancelled with {len(done)} of {manifest.shard_count} items"
+                f" done; `runner retry {self.id}` runs the rest",
+                run_id=self.id,
+            )
+        return collect(store, self.id, runs.iter_shards(store, self.id), done, return_exceptions)
+
+    def as_completed(self) -> Iterator[tuple[Any, Any]]:
+        """``(item, value)`` as each item's shard commits; a failed item raises its
+        :class:`cflow.ShardFailed`. Ctrl-C while waiting is handled as in :meth:`wait`."""
+        store = self._store
+        seen: set[str] = set()
+        ticker = self._ticker()
+        try:
+            while True:
+                ticker.tick()
+                driver = self._watched()
+                finished = driver is None or driver.over.is_set()
+                settled = (
+                    runs.committed(store, self.id) | runs.failed(store, self.id)
+                    if finished or driver is None
+                    else set(driver.settled)
+                )
+                for sid in sorted(settled - seen):
+                    seen.add(sid)
+                    shard = self._shard(sid)
+                    if store.exists(Layout.result(self.id, sid)):
+                        value = read_value(store, self.id, sid)
+                        yield item_of(shard, store, self.id), _loaded(value)
+                    else:
+                        raise read_failed(store, self.id, sid, shard.index)
+                if finished:
+                    self._end_shown = True
+                    if driver is not None and driver.error is not None:
+                        raise driver.error
+                    return
+                assert driver is not None
+                driver.over.wait(PACE)
+        except KeyboardInterrupt:
+            self._interrupted()
+            raise
+        finally:
+            ticker.close()
+
+    def report(self, path: str | Path | None = None) -> Path | None:
+        """A picture of the run, as ``runner report`` draws it: written to ``path``
+        (``.html``, ``.png``, ``.pdf`` or ``.svg``) when given, and shown inline in a
+        notebook; without a path a notebook only shows it (None), elsewhere it goes to
+        ``<run>-report.html`` here. Returns the file written.
+
+        Raises:
+            ConfigError: ``path`` names no format the report writes, or matplotlib is missing.
+        """
+        from cflow.report import report
+
+        return report(self._store, self.id, path)
+
+    def _shard(self, sid: str) -> Shard:
+        shard = self._index().get(sid)
+        if shard is None:  # listed since: the stream's list grows as it is published
+            self._shards = None
+            shard = self._index()[sid]
+        return shard
+
+
+def _loaded(value: Any) -> Any:
+    return value.load() if isinstance(value, Stored) else value

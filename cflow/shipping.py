@@ -1,0 +1,186 @@
+"""Shipping a function and its items: the generated task folder and the shards of a stream.
+
+The function is pickled by value with cloudpickle, and so are the caller's own modules that the
+workers cannot import: those under the working folder or the folder of ``__main__``'s script
+that are not installed (not under this interpreter's prefix). Each item becomes one shard: its
+pickle rides in the shard's params when small (:data:`ITEM_INLINE_LIMIT`), else it is put in the
+store under the run and is the shard's input file.
+"""
+
+from __future__ import annotations
+
+import base64
+import pickle
+import sys
+import tempfile
+import textwrap
+import threading
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import cloudpickle
+
+from worker.errors import ConfigError
+from worker.protocol import Layout, Shard
+from worker.pyfunc import FUNCTION_FILE, ITEM_PARAM
+from worker.store import Store
+
+ITEM_INLINE_LIMIT = 8 * 1024  # bytes of an item's pickle carried in its shard's params
+INSTALLED = ("cflow", "runner", "worker", "infra")  # on every worker: never shipped by value
+
+TASK_PY = textwrap.dedent(
+    '''\
+    """Calls a Python function shipped by value (cflow.map / cflow.submit)."""
+
+    from pathlib import Path
+
+    from worker.pyfunc import call
+
+
+    def run(shard):
+        return call(shard, Path(__file__).with_name("function.pkl"))
+    '''
+)
+
+
+def shard_id(index: int) -> str:
+    """Item ``index``'s shard id: zero-padded, so the ids sort in input order."""
+    return f"{index:07d}"
+
+
+def _roots() -> list[Path]:
+    roots = [Path.cwd().resolve()]
+    main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+    if main_file:
+        roots.append(Path(main_file).resolve().parent)
+    return roots
+
+
+def _not_installed(module: ModuleType, roots: list[Path]) -> bool:
+    """A module of the caller's own: under ``roots`` and not under this interpreter's prefix."""
+    name = module.__name__
+    if name == "__main__" or name.split(".")[0] in INSTALLED:
+        return False
+    file = getattr(module, "__file__", None)
+    if not file:
+        return False
+    path = Path(file).resolve()
+    prefixes = {Path(p).resolve() for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)}
+    if any(path.is_relative_to(p) for p in prefixes):
+        return False
+    return any(path.is_relative_to(r) for r in roots)
+
+
+_register_lock = threading.Lock()
+
+
+def pickle_function(fn: Any) -> bytes:
+    """``fn`` pickled by value with the caller's modules that are not installed.
+
+    Raises:
+        ConfigError: ``fn`` is not callable or cannot be pickled (says what holds it back).
+    """
+    if not callable(fn):
+        raise ConfigError(f"the function to map is a {type(fn).__name__}, not a callable")
+    roots = _roots()
+    with _register_lock:  # the registry is cloudpickle's global: one pickling at a time
+        own = {
+            name.split(".")[0]
+            for name, module in list(sys.modules.items())
+            if module is not None and _not_installed(module, roots)
+        }
+        registered = []
+        for name in sorted(own):
+            if name in sys.modules:
+                cloudpickle.register_pickle_by_value(sys.modules[name])
+                registered.append(name)
+        try:
+            return cloudpickle.dumps(fn)
+        except Exception as exc:
+            raise ConfigError(
+                f"{getattr(fn, '__qualname__', fn)!s} cannot be shipped to the workers: "
+                f"{type(exc).__name__}: {exc}; keep what it uses picklable (no open files,"
+                " locks or connections), or make those inside the function"
+            ) from None
+        finally:
+            for name in registered:
+                cloudpickle.unregister_pickle_by_value(sys.modules[name])
+
+
+def make_task(fn: Any) -> tempfile.TemporaryDirectory[str]:
+    """A task folder that runs ``fn`` on each shard's item (removed with the object)."""
+    data = pickle_function(fn)
+    folder = tempfile.TemporaryDirectory(prefix="cflow-fn-")
+    name = str(getattr(fn, "__name__", "fn"))  # the run's task name (`runner runs`)
+    readable = "".join(c if c.isalnum() or c == "_" else "-" for c in name).strip("-")
+    task = Path(folder.name) / (readable or "fn")
+    task.mkdir()
+    (task / "task.py").write_text(TASK_PY, encoding="utf-8")
+    (task / FUNCTION_FILE).write_bytes(data)
+    return folder
+
+
+def task_dir(folder: tempfile.TemporaryDirectory[str]) -> Path:
+    return next(Path(folder.name).iterdir())
+
+
+class ItemFeed:
+    """The items as shards, read lazily (``runner.engine.stream.ShardFeed``)."""
+
+    def __init__(self, items: Iterable[Any]):
+        self._items = items
+        self._stop = threading.Event()
+        self._cancel = False
+        self.error: BaseException | None = None  # what the iterable raised, if it did
+
+    def stop(self, *, cancel: bool = False) -> None:
+        """Read no more items: the run counts those published so far (and is recorded
+        cancelled with them, with ``cancel``)."""
+        self._cancel = self._cancel or cancel
+        self._stop.set()
+
+    def stopped(self) -> bool:
+        return self._stop.is_set()
+
+    def cancels(self) -> bool:
+        return self._cancel
+
+    def shards(self, store: Store, run_id: str) -> Iterator[Shard]:
+        try:
+            yield from self._shards(store, run_id)
+        except BaseException as exc:  # kept for the caller: the run ends with what was read
+            self.error = exc
+            raise
+
+    def _shards(self, store: Store, run_id: str) -> Iterator[Shard]:
+        for index, item in enumerate(self._items):
+            if self._stop.is_set():
+                return
+            data = _dumps(item)
+            sid = shard_id(index)
+            if len(data) <= ITEM_INLINE_LIMIT:
+                params = {ITEM_PARAM: base64.b64encode(data).decode("ascii")}
+                yield Shard(id=sid, index=index, params=params)
+                continue
+            key = f"{Layout.uploads(run_id)}{sid}.pkl"
+            store.put(key, data)
+            local = store.local_path(key)
+            yield Shard(id=sid, index=index, input=str(local) if local else store.url(key))
+
+
+def _dumps(item: Any) -> bytes:
+    """An item's pickle: the standard pickler's where it can (faster), else cloudpickle's (a
+    lambda, a class of ``__main__``)."""
+    try:
+        return pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL)
+    except (pickle.PicklingError, TypeError, AttributeError):
+        return cloudpickle.dumps(item)
+
+
+def item_of(shard: Shard, store: Store, run_id: str) -> Any:
+    """A shard's item, read back (from its params, or from the store)."""
+    if shard.params and ITEM_PARAM in shard.params:
+        return pickle.loads(base64.b64decode(shard.params[ITEM_PARAM]))
+    return pickle.loads(store.get(f"{Layout.uploads(run_id)}{shard.id}.pkl"))

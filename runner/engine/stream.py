@@ -1,0 +1,320 @@
+"""A run whose shards come from a stream (a Python caller's iterable): published as read.
+
+:func:`runs.create_run` lists every shard before publishing, so the count is known from the
+start. A stream's length is not: :func:`start_stream` makes the run from the first batch, returns
+its manifest, and goes on reading and publishing in a thread of its own while the run is watched.
+Until the stream ends the manifest counts one shard more than it published (``publishing``
+holds: the run cannot look settled, and ``runner runs`` shows it ``publishing``); at the end it
+records the real count. The shard list (``shards.jsonl``, read by ``runner status`` and retry)
+is rewritten whenever the count has doubled and at the end, so its writes add up to at most
+twice its size. Memory stays flat: a batch at a time, the list in a temporary file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import queue
+import tempfile
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+from runner.engine import runs
+from worker import defaults
+from worker.bundle import inspect_task, pack
+from worker.clock import SYSTEM_CLOCK, Clock
+from worker.errors import CFlowError
+from worker.protocol import Layout, Manifest, RunOptions, RunState, Shard, WorkMessage, new_run_id
+from worker.queue import WorkQueue
+from worker.store import Store
+
+log = logging.getLogger(__name__)
+
+BATCH_SECONDS = 0.25  # a batch goes out once this old, full or not: a slow stream still starts
+
+
+class ShardFeed(Protocol):
+    """Shards a caller makes once the run exists (items large enough go to the store under
+    the run's id first), read as they are published."""
+
+    def shards(self, store: Store, run_id: str) -> Iterable[Shard]: ...
+
+    def stopped(self) -> bool:
+        """Whether the caller wants no more shards read (the run is cancelled or detached)."""
+        ...
+
+    def cancels(self) -> bool:
+        """Whether the stop is a cancel: the run's last count and its cancel are recorded in
+        one write (a run whose published shards all ran never looks finished)."""
+        ...
+
+
+class StreamError(CFlowError):
+    """Reading the stream failed part way; the run holds what was published before."""
+
+
+class Publisher:
+    """Publishes the rest of a stream in a thread; :meth:`join` waits for the end."""
+
+    def __init__(self, store: Store, queue: WorkQueue, manifest: Manifest, clock: Clock):
+        self.store, self.queue, self.clock = store, queue, clock
+        self.manifest = manifest
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self, target: Callable[[], None]) -> None:
+        def body() -> None:
+            try:
+                target()
+            except BaseException as exc:  # kept for the caller: the thread has no one to tell
+                self.error = exc
+                log.warning("publishing run %s stopped: %s", self.manifest.run_id, exc)
+            finally:
+                self.done.set()
+
+        self._thread = threading.Thread(target=body, name="cflow-publish", daemon=True)
+        self._thread.start()
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for the stream's end; True once it has ended."""
+        return self.done.wait(timeout)
+
+
+def start_stream(
+    *,
+    store: Store,
+    queue: WorkQueue,
+    task_dir: Path,
+    feed: ShardFeed,
+    options: RunOptions,
+    clock: Clock = SYSTEM_CLOCK,
+    on_created: Callable[[Manifest], None] | None = None,
+    on_published: runs.Progress | None = None,
+    run_id: str | None = None,
+    keyed: Callable[[Iterable[Shard]], Iterator[Shard]] | None = None,
+    reuse: runs.Reuse | None = None,
+) -> tuple[Manifest, Publisher]:
+    """Bundle the task, make the run, publish the first batch; the rest in a thread.
+
+    ``run_id``: the run's id when chosen already; ``keyed`` and ``reuse``: the cross-run
+    cache's (``runner.engine.cache``), which sees each shard as it is read and each batch
+    before it is published (the shards it reused are not published).
+
+    Raises:
+        Exception: what the stream raised while its first batch was read (no run was made).
+        BackendError: the first batch could not be published.
+    """
+    info = inspect_task(task_dir)
+    data, sha = pack(task_dir)
+    if not store.exists(Layout.bundle(sha)):
+        store.put(Layout.bundle(sha), data)
+    run_id = run_id or new_run_id(clock.time())
+    tmp = tempfile.TemporaryDirectory(prefix="cflow-stream-")
+    listing = Path(tmp.name) / "shards.jsonl"
+    source = iter(feed.shards(store, run_id))
+    if keyed is not None:
+        source = keyed(source)
+    reader = _Reader(source)
+    first = reader.batch(clock, feed.stopped)
+    if reader.failed is not None:  # before the first batch went out: no run is made
+        raise reader.failed
+    ended = len(first) < defaults.PUBLISH_BATCH and first.ended
+    manifest = Manifest(
+        run_id=run_id,
+        bundle=sha,
+        entry=info.entry.value,
+        shard_count=len(first) + (0 if ended else 1),
+        options=options.to_dict(),
+        created_at=clock.time(),
+        task_name=task_dir.resolve().name,
+        published=0,
+        published_at=clock.time(),
+    )
+    stream = _Stream(store, queue, manifest, listing, clock, on_published, reuse)
+    records = stream.append(first)
+    store.put_file(Layout.shard_list(run_id), listing)
+    store.put(Layout.manifest(run_id), manifest.to_json())
+    if on_created is not None:
+        on_created(manifest)
+    publisher = Publisher(store, queue, manifest, clock)
+    try:
+        stream.publish(first, records, final=ended)
+    except BaseException:
+        tmp.cleanup()
+        raise
+    publisher.manifest = stream.manifest
+    if ended:
+        tmp.cleanup()
+        publisher.done.set()
+        return stream.manifest, publisher
+
+    def rest() -> None:
+        try:
+            stream.run(reader, feed)
+        finally:
+            publisher.manifest = stream.manifest
+            tmp.cleanup()
+
+    publisher.start(rest)
+    return stream.manifest, publisher
+
+
+class _Batch(list[Shard]):
+    ended: bool = False  # the stream ended while this batch was read
+
+
+class _Reader:
+    """Reads the stream in a thread of its own into a bounded queue, so a batch goes out when
+    the stream stalls (a slow generator never holds back the items it already gave)."""
+
+    _END = object()
+
+    def __init__(self, source: Iterator[Shard]):
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=2 * defaults.PUBLISH_BATCH)
+        self._ended = False
+        self._failed: BaseException | None = None  # what the stream raised, not yet raised
+        self._thread = threading.Thread(
+            target=self._read, args=(source,), name="cflow-stream-read", daemon=True
+        )
+        self._thread.start()
+
+    @property
+    def failed(self) -> BaseException | None:
+        """What the stream raised, once read up to it."""
+        return self._failed
+
+    def _read(self, source: Iterator[Shard]) -> None:
+        try:
+            for shard in source:
+                self._queue.put(shard)
+        except BaseException as exc:  # raised where the batch is taken
+            self._queue.put(_Failed(exc))
+            return
+        self._queue.put(self._END)
+
+    def batch(self, clock: Clock, stop: Callable[[], bool]) -> _Batch:
+        """Up to a publish batch of shards: what came within :data:`BATCH_SECONDS` of the
+        first, or until the stream ended. The first is waited for until ``stop()`` (asked
+        every :data:`BATCH_SECONDS`) says to give up: an empty batch."""
+        batch = _Batch()
+        if self._failed is not None:
+            self._ended = True
+            raise self._failed
+        if self._ended:
+            batch.ended = True
+            return batch
+        started: float | None = None
+        while len(batch) < defaults.PUBLISH_BATCH:
+            wait = BATCH_SECONDS if started is None else started + BATCH_SECONDS - clock.monotonic()
+            if started is not None and wait <= 0:
+                break
+            try:
+                got = self._queue.get(timeout=wait)
+            except queue.Empty:
+                if started is None and not stop():
+                    continue
+                break
+            if got is self._END:
+                self._ended = batch.ended = True
+                break
+            if isinstance(got, _Failed):  # raised once what came before it went out
+                self._failed = got.error
+                break
+            batch.append(got)
+            if started is None:
+                started = clock.monotonic()
+        return batch
+
+
+@dataclasses.dataclass(frozen=True)
+class _Failed:
+    error: BaseException
+
+
+@dataclasses.dataclass
+class _Stream:
+    """The publishing of one stream: the shard list so far, the manifest's counts."""
+
+    store: Store
+    queue: WorkQueue
+    manifest: Manifest
+    listing: Path
+    clock: Clock
+    on_published: runs.Progress | None
+    reuse: runs.Reuse | None = None
+    listed: int = 0  # shards in the local list
+    uploaded: int = 0  # shards in the list last put in the store
+
+    def append(self, batch: list[Shard]) -> list[dict[str, Any]]:
+        """List a batch; its shards as the messages carry them."""
+        records = [shard.to_dict() for shard in batch]
+        with self.listing.open("a", encoding="utf-8") as fh:
+            fh.writelines(json.dumps(record, sort_keys=True) + "\n" for record in records)
+        self.listed += len(batch)
+        return records
+
+    def publish(
+        self,
+        batch: list[Shard],
+        records: list[dict[str, Any]],
+        *,
+        final: bool,
+        cancel: bool = False,
+    ) -> None:
+        """Publish a batch (already listed, ``records`` its shards as dicts); record the
+        counts (and the run cancelled, with ``cancel``); the list when due."""
+        run_id = self.manifest.run_id
+        reused = self.reuse(run_id, batch) if self.reuse is not None and batch else set()
+        messages = [WorkMessage(run_id=run_id, shard=r) for r in records if r["id"] not in reused]
+        if messages:
+            self.queue.publish(messages)
+        done = (self.manifest.published or 0) + len(batch)
+        if final or self.listed >= 2 * max(self.uploaded, defaults.PUBLISH_BATCH // 2):
+            self.store.put_file(Layout.shard_list(run_id), self.listing)
+            self.uploaded = self.listed
+        at = self.clock.time()
+
+        def counted(current: Manifest) -> Manifest:  # over a `runner cancel` meanwhile
+            if cancel:
+                current = current.with_state(RunState.CANCELLED)
+            count = done if final else done + 1
+            return dataclasses.replace(current, shard_count=count, published=done, published_at=at)
+
+        self.manifest = runs.update_manifest(self.store, run_id, counted)
+        if self.on_published is not None and batch:
+            self.on_published(len(batch))
+
+    def _stopped(self, feed: ShardFeed) -> bool:
+        """The caller wants no more, or the run is no longer active (cancelled, halted)."""
+        if feed.stopped():
+            return True
+        state = runs.load_manifest(self.store, self.manifest.run_id).state
+        return state != RunState.ACTIVE.value
+
+    def run(self, reader: _Reader, feed: ShardFeed) -> None:
+        """Read and publish batches to the stream's end, or until the run stops or the caller
+        wants no more; the run then counts what was published."""
+        try:
+            while True:
+                if self._stopped(feed):
+                    self.publish([], [], final=True, cancel=feed.stopped() and feed.cancels())
+                    return
+                batch = reader.batch(self.clock, lambda: self._stopped(feed))
+                if not batch and not batch.ended:
+                    continue  # stopped while the stream stalled: said above
+                self.publish(batch, self.append(batch), final=batch.ended)
+                if batch.ended:
+                    return
+        except BaseException as exc:
+            self.publish([], [], final=True)  # the run ends with what went out
+            if isinstance(exc, CFlowError):
+                raise
+            raise StreamError(
+                f"reading the items of run {self.manifest.run_id} failed after"
+                f" {self.manifest.published} ({type(exc).__name__}: {exc}); the run holds those",
+                run_id=self.manifest.run_id,
+            ) from exc

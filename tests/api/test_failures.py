@@ -1,0 +1,90 @@
+"""Failed items: ``ShardFailed`` with what happened on the worker, the user's exception back."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+import cflow
+from tests.api import helpers
+from tests.api.helpers import Rejected, check
+from worker.errors import RunStateError
+
+pytestmark = pytest.mark.e2e
+
+
+def test_a_failed_item_raises_shard_failed_with_its_story(backend: dict[str, Any]) -> None:
+    run = cflow.submit(check, [0, 1, 2, 3], retries=0, **backend)
+    with pytest.raises(cflow.ShardFailed) as raised:
+        run.results()
+    failed = raised.value
+    assert failed.index == 2 and failed.run_id == run.id
+    assert failed.type_name == "tests.api.helpers.Rejected"
+    assert "two is not welcome" in failed.message
+    # The worker's traceback from the function's frame on, each frame named by its file here
+    # with its source line (cloudpickle ships the code as "<dynamic-code>").
+    assert failed.traceback.startswith("Traceback (most recent call last):")
+    assert "pyfunc" not in failed.traceback and "<dynamic-code>" not in failed.traceback
+    assert f'File "{helpers.__file__}", line ' in failed.traceback
+    assert 'raise Rejected(x, "two is not welcome")' in failed.traceback
+    assert "about to reject 2" in failed.log_tail
+    # The user's class comes back as itself, with its fields.
+    assert isinstance(failed.exception, Rejected) and failed.exception.why == "two is not welcome"
+    assert failed.__cause__ is failed.exception
+
+    values = run.results(return_exceptions=True)
+    assert values[0] == 0 and values[1] == 1
+    stand_in = values[3]
+    assert isinstance(stand_in, cflow.ShardFailed) and stand_in.index == 3
+    assert isinstance(stand_in.exception, cflow.RemoteError)  # would not unpickle here
+    assert stand_in.exception.type_name == "tests.api.helpers.Unloadable"
+    assert stand_in.exception.message == "3/4" and "Unloadable: 3/4" in stand_in.traceback
+    progress = run.progress()
+    assert (progress.succeeded, progress.failed) == (2, 2)
+
+
+def test_as_completed_raises_the_failed_item(local_backend: dict[str, Any]) -> None:
+    run = cflow.submit(check, [2], retries=0, **local_backend)
+    with pytest.raises(cflow.ShardFailed, match=r"item 0 failed: tests\.api\.helpers\.Rejected"):
+        list(run.as_completed())
+
+
+def test_a_cancelled_runs_results_say_so(local_backend: dict[str, Any], tmp_path: Any) -> None:
+    gate = tmp_path / "go"
+
+    def wait_for_gate(x: int) -> int:
+        import time
+
+        while not gate.exists():
+            time.sleep(0.05)
+        return x
+
+    run = cflow.submit(wait_for_gate, range(4), **local_backend)
+    run.cancel()
+    assert run.progress().cancelled
+    with pytest.raises(RunStateError, match=f"run {run.id} was cancelled"):
+        run.results()
+
+
+def test_an_iterable_that_raises_is_the_callers_error(local_backend: dict[str, Any]) -> None:
+    def first_batch_fails() -> Any:
+        yield 1
+        raise ValueError("no more items")
+
+    with pytest.raises(ValueError, match="no more items"):
+        cflow.submit(str, first_batch_fails(), **local_backend)
+
+    def later_batch_fails() -> Any:
+        import time
+
+        yield 1
+        time.sleep(0.3)  # the first batch goes out once a quarter of a second old
+        yield 2
+        raise ValueError("gone after two")
+
+    run = cflow.submit(str, later_batch_fails(), **local_backend)
+    with pytest.raises(ValueError, match="gone after two"):
+        run.results()
+    assert run.progress().total == 2  # the run holds the items read before it
+    assert run.progress().succeeded == 2

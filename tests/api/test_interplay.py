@@ -1,0 +1,123 @@
+"""An API run is a run like any other: Ctrl-C, detach and attach, and the CLI on both sides."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import cflow
+from cflow.api import DEFAULT_WORKER_PYTHON, check_python
+from runner import config as config_mod
+from tests.e2e.conftest import Cli, wait_for
+from worker.errors import ConfigError
+
+pytestmark = pytest.mark.e2e
+
+SCRIPT = Path(__file__).with_name("interrupt_script.py")
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _gated(marks: Path) -> Any:
+    def gated(x: int) -> int:
+        (marks / f"started-{x}").touch()
+        while not (marks / "go").exists():
+            time.sleep(0.05)
+        return x * 10
+
+    return gated
+
+
+def _interrupt(tmp_path: Path, mode: str) -> tuple[subprocess.CompletedProcess[str], Cli]:
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    cli = Cli(tmp_path)
+    proc = subprocess.Popen(
+        [sys.executable, str(SCRIPT), str(cli.store), str(marks), mode],
+        cwd=tmp_path,
+        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHONPATH": str(REPO)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_for(lambda: any(marks.glob("started-*")), 60, "a first item to start")
+    os.kill(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err), cli
+
+
+def _only_run(cli: Cli) -> str:
+    runs = list((cli.store / "runs").iterdir())
+    assert len(runs) == 1
+    return runs[0].name
+
+
+def test_ctrl_c_cancels_the_run(tmp_path: Path) -> None:
+    done, cli = _interrupt(tmp_path, "cancel")
+    assert done.returncode == 130, done.stderr
+    run_id = _only_run(cli)
+    assert f"run {run_id} cancelled" in done.stderr
+    assert cli.status(run_id)["state"] == "cancelled"
+
+
+def test_ctrl_c_with_detach_leaves_the_run_to_attach_to(tmp_path: Path) -> None:
+    done, cli = _interrupt(tmp_path, "detach")
+    assert done.returncode == 130, done.stderr
+    run_id = _only_run(cli)
+    assert f"cflow.attach({run_id!r})" in done.stderr and f"runner watch {run_id}" in done.stderr
+    assert cli.status(run_id)["state"] == "active"
+    (tmp_path / "marks" / "go").touch()
+    run = cflow.attach(run_id, store=cli.store)
+    assert list(run.results()) == [0, 10, 20]
+    assert cli.status(run_id)["state"] == "finished"
+
+
+def test_the_cli_sees_an_api_run_and_its_cancel_reaches_wait(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("CFLOW_DEPLOYMENT", "CFLOW_BACKEND", "CFLOW_STORE"):
+        monkeypatch.delenv(name, raising=False)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    cli = Cli(tmp_path)
+    run = cflow.submit(_gated(marks), range(3), store=cli.store, workers=1)
+    wait_for(lambda: any(marks.glob("started-*")), 60, "a first item to start")
+    status = cli.status(run.id)
+    assert status["state"] == "active" and len(status["shards"]) == 3
+    assert cli("cancel", run.id).code == 0
+    progress = run.wait()
+    assert progress.cancelled and progress.succeeded == 0
+
+
+def test_a_worker_python_of_another_minor_version_is_refused_before_anything(
+    cloud_outputs: Path,
+) -> None:
+    import json
+
+    mine = f"{sys.version_info.major}.{sys.version_info.minor}"
+    other = "3.10" if mine != "3.10" else "3.12"
+    fields = json.loads(cloud_outputs.read_text())
+    cloud_outputs.write_text(json.dumps({**fields, "worker_python": other}))
+    with pytest.raises(ConfigError) as refused:
+        cflow.submit(len, ["x"], deployment=cloud_outputs)
+    line = str(refused.value)
+    assert "\n" not in line
+    assert f"this is Python {mine} but the deployment's workers run Python {other}" in line
+    assert f"run this from a Python {other} interpreter, or pass image=" in line
+    # The same Python passes the check (nothing is opened here: the resources do not exist).
+    cloud_outputs.write_text(json.dumps({**fields, "worker_python": mine}))
+    check_python(config_mod.resolve(deployment_file=cloud_outputs), image=None)
+    # Without the output, the default image's Python (3.11) is assumed.
+    cloud_outputs.write_text(json.dumps(fields))
+    config = config_mod.resolve(deployment_file=cloud_outputs)
+    if mine == DEFAULT_WORKER_PYTHON:
+        check_python(config, image=None)
+    else:
+        with pytest.raises(ConfigError, match=r"workers run Python 3\.11"):
+            check_python(config, image=None)

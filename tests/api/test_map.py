@@ -1,0 +1,127 @@
+"""``cflow.map`` and ``cflow.submit`` over functions of every kind, on both backends."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import cflow
+
+pytestmark = pytest.mark.e2e
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_a_lambda_and_a_closure_come_back_in_input_order(backend: dict[str, Any]) -> None:
+    offset = 100
+
+    def shifted(x: int) -> dict[str, int]:
+        return {"x": x, "y": x + offset}  # a closure over offset
+
+    assert list(cflow.map(lambda x: x * 3, range(7), **backend)) == [x * 3 for x in range(7)]
+    values = cflow.map(shifted, [5, 1, 4], **backend)
+    assert list(values) == [{"x": 5, "y": 105}, {"x": 1, "y": 101}, {"x": 4, "y": 104}]
+
+
+def test_as_completed_yields_every_item_with_its_value(backend: dict[str, Any]) -> None:
+    run = cflow.submit(lambda s: s.upper(), ["a", "b", "c", "d"], **backend)
+    got = dict(run.as_completed())
+    assert got == {"a": "A", "b": "B", "c": "C", "d": "D"}
+    progress = run.progress()
+    assert (progress.total, progress.succeeded, progress.failed) == (4, 4, 0)
+    assert not progress.publishing
+    assert list(run.results()) == ["A", "B", "C", "D"]
+
+
+def test_a_helper_module_that_is_not_installed_goes_by_value(
+    local_backend: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Under the working folder, on this process's path only: no worker can import it (the
+    # local workers start in the working folder, which is on their path; the module is not).
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "scoring.py").write_text("def score(x):\n    return {'score': x * x + 1}\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(mine))
+    import scoring  # type: ignore[import-not-found]
+
+    assert list(cflow.map(scoring.score, [2, 3], **local_backend)) == [
+        {"score": 5},
+        {"score": 10},
+    ]
+
+
+def test_a_function_of_a_scripts_main_runs(tmp_path: Path) -> None:
+    script = tmp_path / "script.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import json, sys
+            import cflow
+
+            def double(x):
+                return x * 2
+
+            if __name__ == "__main__":
+                print(json.dumps(list(cflow.map(double, range(5), store=sys.argv[1]))))
+            """
+        )
+    )
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / ".cflow")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHONPATH": str(REPO)},
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == [0, 2, 4, 6, 8]
+
+
+def test_a_big_item_goes_by_the_store_and_a_big_value_is_read_when_asked_for(
+    backend: dict[str, Any],
+) -> None:
+    small, big = b"v", b"w" * 20_000  # over the 8 KiB an item's params carry
+    run = cflow.submit(lambda b: b * 150, [small, big], **backend)
+    assert dict(run.as_completed()) == {small: small * 150, big: big * 150}
+    values = run.results()
+    kept = values._values  # what the Results holds: the small value, a handle for the big one
+    assert kept[0] == small * 150
+    assert isinstance(kept[1], cflow.results.Stored)  # 3 MB: in the store until asked for
+    assert values[1] == big * 150
+
+
+def test_cache_reuses_the_items_an_earlier_run_committed(
+    local_backend: dict[str, Any], tmp_path: Path
+) -> None:
+    marks = tmp_path / "calls"
+    marks.mkdir()
+
+    def counted(x: int) -> int:
+        (marks / f"{x}-{len(list(marks.iterdir()))}").touch()
+        return x + 1
+
+    assert list(cflow.map(counted, [1, 2, 3], cache=True, **local_backend)) == [2, 3, 4]
+    assert len(list(marks.iterdir())) == 3
+    assert list(cflow.map(counted, [1, 2, 3, 4], cache=True, **local_backend)) == [2, 3, 4, 5]
+    assert sorted(p.name.split("-")[0] for p in marks.iterdir()) == ["1", "2", "3", "4"]
+
+
+def test_an_unknown_option_is_refused_in_one_line_naming_the_valid_ones(
+    local_backend: dict[str, Any],
+) -> None:
+    from worker.errors import ConfigError
+
+    with pytest.raises(ConfigError) as refused:
+        cflow.submit(str, [1], slotz=2, **local_backend)
+    said = str(refused.value)
+    assert "\n" not in said and "no option slotz" in said
+    assert "slots" in said and "cache" in said and "retries" in said
+    assert not Path(local_backend["store"]).exists()  # nothing was started

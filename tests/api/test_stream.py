@@ -1,0 +1,118 @@
+"""A generator of 100,000 items: published as it is read, in flat memory, the run started
+before it ends (tests/api/stream_script.py, in a process of its own)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from runner.engine.runs import iter_shards, load_manifest
+from runner.engine.stream import start_stream
+from tests.e2e.conftest import Cli, wait_for
+from worker.backends.local.backend import open_local
+from worker.protocol import RunOptions, Shard
+from worker.store import Store
+
+pytestmark = pytest.mark.e2e
+
+SCRIPT = Path(__file__).with_name("stream_script.py")
+REPO = Path(__file__).resolve().parents[2]
+# Generous (about twice what streaming takes): the 100,000 items alone, held as objects, take
+# 28 MiB, with their shards far more. The figures belong to the benchmark.
+PEAK_BOUND_KIB = 20 * 1024
+
+
+def test_a_generator_of_100000_items_streams_in_flat_memory(tmp_path: Path) -> None:
+    store = tmp_path / ".cflow"
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), str(store)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHONPATH": str(REPO)},
+    )
+    assert done.returncode == 0, done.stderr
+    got = json.loads(done.stdout)
+    # Every item was published (the last one only after a first item had committed).
+    assert got["total"] == 100_000, done.stderr
+    assert got["peak_kib"] < PEAK_BOUND_KIB, got
+    cli = Cli(tmp_path)
+    status = cli("runs", "--json")
+    assert status.code == 0 and got["run"] in status.stdout
+
+
+class _GatedFeed:
+    """Items 0..n-1; after ``hold`` of them, the stream waits for ``go``."""
+
+    def __init__(self, n: int, hold: int):
+        self.n, self.hold = n, hold
+        self.go = threading.Event()
+
+    def stopped(self) -> bool:
+        return False
+
+    def shards(self, store: Store, run_id: str) -> Iterator[Shard]:
+        for i in range(self.n):
+            if i == self.hold:
+                assert self.go.wait(30), "the test never let the stream go on"
+            yield Shard(id=f"{i:05d}", index=i, params={"index": i})
+
+
+def test_a_stream_counts_one_more_shard_until_it_ends(tmp_path: Path) -> None:
+    backends = open_local(tmp_path / ".cflow")
+    task = tmp_path / "task"
+    task.mkdir()
+    (task / "task.py").write_text("def run(shard):\n    pass\n")
+    feed = _GatedFeed(2500, hold=1500)
+    manifest, publisher = start_stream(
+        store=backends.store,
+        queue=backends.queue,
+        task_dir=task,
+        feed=feed,
+        options=RunOptions(),
+    )
+    run_id = manifest.run_id
+    assert manifest.published == 1000 and manifest.shard_count == 1001
+    assert manifest.publishing  # so the run cannot look settled while the stream is open
+    # The second batch is cut short by the wait: published, the stream still open.
+    cli = Cli(tmp_path)
+    seen = wait_for(
+        lambda: (m := load_manifest(backends.store, run_id)).published == 1500 and m, 30, "1500"
+    )
+    assert seen.shard_count == 1501 and seen.publishing
+    assert "publishing (1500/1501)" in cli("runs").stdout
+    feed.go.set()
+    assert publisher.join(30) and publisher.error is None
+    done = load_manifest(backends.store, run_id)
+    assert (done.published, done.shard_count, done.publishing) == (2500, 2500, False)
+    listed = [s.id for s in iter_shards(backends.store, run_id)]
+    assert listed == [f"{i:05d}" for i in range(2500)]
+    backends.close()
+
+
+def test_cancel_stops_a_stream_that_stalled(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import cflow
+
+    for name in ("CFLOW_DEPLOYMENT", "CFLOW_BACKEND", "CFLOW_STORE"):
+        monkeypatch.delenv(name, raising=False)
+    never = threading.Event()
+
+    def stalls() -> Iterator[int]:
+        yield 1
+        never.wait(120)  # a generator waiting on something that does not come
+        yield 2
+
+    run = cflow.submit(str, stalls(), store=tmp_path / ".cflow", workers=1)
+    run.cancel()  # returns although the generator still waits: its thread is let be
+    progress = run.progress()
+    assert progress.cancelled and progress.total == 1 and not progress.publishing
+    never.set()
