@@ -67,10 +67,11 @@ test: lint
 	$(VENV)/bin/pytest -q -n $(TEST_PROCESSES)
 
 bench: $(STAMP)
-	# the peers: GNU parallel from Debian when we may install it, huey from PyPI
+	# the peers: GNU parallel from Debian when we may install it (huey comes with the dev extra)
 	command -v parallel >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
 		&& apt-get install -y -q parallel >/dev/null; } || true
-	$(PY) -m pip install -q --disable-pip-version-check 'huey>=2.5'
+	# bench/python_api.py's peers, too big for the dev extra (its quick form skips them there)
+	$(PY) -m pip install -q --disable-pip-version-check 'dask[distributed]>=2024.1' 'ray>=2.9'
 	# every benchmark's full form (bench/_*.py is shared code); status 77: it cannot run here
 	@for b in bench/[!_]*.py; do echo "== $(PY) $$b" >&2; $(PY) $$b; rc=$$?; \
 		if [ $$rc = 77 ]; then echo "== $$b skipped" >&2; elif [ $$rc != 0 ]; then exit $$rc; fi; \

@@ -14,14 +14,16 @@ from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from runner.engine import runs
+from runner.engine import rounds, runs
+from runner.engine.cache import cached_count, resumed
 from runner.engine.deployment import Deployment
 from runner.engine.halt import HaltJudge
 from runner.engine.reports import ShardReport, iter_shard_reports
 from runner.engine.watch import Snapshot, Watcher
 from runner.results.combine import combine_run
 from runner.results.parts import Combined, OnWorkers, OutTarget, Say
-from worker.agent.runbook import HaltRule
+from worker import defaults
+from worker.agent.halt_rule import HaltRule
 from worker.errors import CFlowError
 from worker.protocol import (
     AttemptState,
@@ -110,12 +112,13 @@ def make_watcher(
         store=dep.backends.store,
         queue=dep.backends.queue,
         events=run_events(dep, manifest),
-        fleet=dep.fleet(slots=slots, idle_timeout=idle_timeout),
+        fleet=dep.fleet(slots=slots, idle_timeout=idle_timeout, run_id=manifest.run_id),
         max_workers=min(workers or options.workers or dep.default_workers, shards),
         slots=slots,
         speculate=options.speculate,
         expect_heartbeats=True,  # this version's workers send them during long attempts
         quiet_poll_seconds=dep.quiet_poll_seconds,
+        cached=cached_count(dep.backends.store, manifest.run_id),
     )
 
 
@@ -157,6 +160,60 @@ def worker_gone(dep: Deployment, run_id: str, shard_id: str, attempt: int) -> st
     return status.worker
 
 
+# Seconds `runner cancel` waits for the run's running attempts to stop: a worker looks at the
+# run every few seconds, then its task gets SIGTERM and, after the grace, SIGKILL.
+CANCEL_WAIT = defaults.CANCEL_CHECK_SECONDS + defaults.PREEMPT_GRACE + 3.0
+
+
+@dataclass(frozen=True)
+class Cancelled:
+    """What a cancel did: queued shards dropped, and the attempts that were running (None
+    where the queue does not say who holds what: Pub/Sub), of which ``still`` were running when
+    the wait for them ran out."""
+
+    run_id: str
+    dropped: int
+    running: int | None
+    still: int = 0
+
+    def describe(self) -> str:
+        """One line: what was dropped and what became of the running attempts."""
+        queued = f"{self.dropped} queued shards dropped" if self.dropped else "no shard queued"
+        if self.running is None:
+            queued = queued if self.dropped else "its workers drop its queued shards"
+            running = (
+                "each running attempt stops at its worker's next look at the run, every"
+                f" {defaults.CANCEL_CHECK_SECONDS:g}s: SIGTERM, then SIGKILL after"
+                f" {defaults.PREEMPT_GRACE:g}s"
+            )
+        elif not self.running:
+            running = "no attempt was running"
+        elif not self.still:
+            running = f"its {self.running} running attempts stopped"
+        else:
+            running = (
+                f"{self.still} of its {self.running} running attempts still stopping after"
+                f" {CANCEL_WAIT:g}s; `runner status {self.run_id}` shows when they end"
+            )
+        return f"run {self.run_id} cancelled ({queued}; {running})"
+
+
+def cancel_run(dep: Deployment, run_id: str, *, wait: float = CANCEL_WAIT) -> Cancelled:
+    """Cancel a run, then wait (up to ``wait`` seconds) for its running attempts to stop,
+    where the queue says who holds them (locally); none of them commits after the cancel."""
+    queue = dep.backends.queue
+    dropped = runs.cancel(dep.backends.store, queue, run_id)
+    if queue.leases(run_id) is None:
+        return Cancelled(run_id, dropped, None)
+
+    def alive() -> set[str]:
+        return live_workers(dep, run_id)[0]
+
+    running = rounds.wait_released(queue, run_id, alive, timeout=0.0)
+    still = rounds.wait_released(queue, run_id, alive, timeout=wait) if running else 0
+    return Cancelled(run_id, dropped, running, still)
+
+
 def resume_publishing(dep: Deployment, manifest: Manifest, say: Say = quiet) -> Manifest:
     """Finish publishing a run whose submit was interrupted (re-sending the last unconfirmed
     batch is harmless: the first commit wins)."""
@@ -166,7 +223,10 @@ def resume_publishing(dep: Deployment, manifest: Manifest, say: Say = quiet) -> 
         f"run {manifest.run_id} was interrupted while publishing"
         f" ({manifest.published} of {manifest.shard_count} shards); publishing the rest"
     )
-    return runs.publish_rest(dep.backends.store, dep.backends.queue, manifest)
+    store = dep.backends.store  # a --cache submit's shards are still reused
+    return runs.publish_rest(
+        store, dep.backends.queue, manifest, reuse=resumed(store, manifest.run_id)
+    )
 
 
 def watch_and_finish(
@@ -229,8 +289,8 @@ def _finish(dep: Deployment, snapshot: Snapshot, out: OutTarget | None, say: Say
     """Mark a settled run finished and combine its outputs."""
     run_id = snapshot.run_id
     store = dep.backends.store
-    manifest = runs.load_manifest(store, run_id).with_state(RunState.FINISHED)
-    runs.save_manifest(store, manifest)  # every shard is settled, whatever the combine does
+    # Every shard is settled, whatever the combine does.
+    manifest = runs.update_manifest(store, run_id, lambda m: m.with_state(RunState.FINISHED))
     failed = (  # read every shard's records only when some failed
         [r for r in iter_shard_reports(store, manifest) if r.state is ShardState.FAILED]
         if snapshot.failed

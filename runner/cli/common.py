@@ -29,7 +29,7 @@ from runner.engine.watch import Snapshot, Watcher
 from runner.finish import Ending, Outcome
 from runner.results.custom import CombineFailed
 from runner.results.parts import OutTarget
-from worker.agent.runbook import HaltRule
+from worker.agent.halt_rule import HaltRule
 from worker.errors import CFlowError
 from worker.protocol import is_valid_run_id
 
@@ -84,6 +84,45 @@ HaltOpt = Annotated[
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="JSON on stdout.")]
+# Where a combined result also goes: submit's and combine's --out.
+OutOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--out", help="Also write the combined result here (a folder or gs://BUCKET/PATH)."
+    ),
+]
+# combine's own
+HeadersOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--headers/--no-headers",
+        help="CSV/TSV parts start with a header: keep it once [default: cflow.toml].",
+    ),
+]
+CombineTaskOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--task", help="Combine as this (fixed) task folder says: its combine(), cflow.toml."
+    ),
+]
+ReplaceOpt = Annotated[
+    bool, typer.Option("--force", help="Replace another run's result in --out DIR.")
+]
+# report's own
+ReportOutOpt = Annotated[
+    Path | None,
+    typer.Option("--out", help="Write here: .html (page with the picture), .png, .pdf, .svg."),
+]
+PriceAsOpt = Annotated[
+    str | None,
+    typer.Option("--machine-type", help="Price workers of unknown type as this VM type."),
+]
+PricesOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--prices", envvar="CFLOW_PRICES", help="TOML/JSON price overrides (USD per hour)."
+    ),
+]
 _DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?")
 
 

@@ -1,7 +1,8 @@
 """``runner``: submit a task over many shards, watch it, and get one combined result.
 
-The commands live in :mod:`runner.cli.run` and :mod:`runner.cli.manage`, the shared options and
-helpers in :mod:`runner.cli.common`; this module is the console-script entry.
+The commands live in :mod:`runner.cli.run`, :mod:`runner.cli.manage` and
+:mod:`runner.cli.remove`, the shared options and helpers in :mod:`runner.cli.common`; this module
+is the console-script entry.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import typer
 # Typer vendors click; its exception types are only reachable here.
 from typer._click import exceptions as click_exc
 
-from runner.cli import manage, run  # noqa: F401 - importing them registers the commands
+from runner.cli import manage, remove, run  # noqa: F401 - importing them registers the commands
 from runner.cli.common import EXIT_ERROR, EXIT_OK, app, err
 from worker.errors import CFlowError
 

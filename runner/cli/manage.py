@@ -1,4 +1,4 @@
-"""``runner status``, ``logs``, ``cancel``, ``combine``, ``runs``, ``rm``, ``prune``, ``doctor``."""
+"""``runner status``, ``logs``, ``combine``, ``runs``, ``doctor``, ``report``: looking at runs."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import typer
 
@@ -17,9 +17,16 @@ from runner.cli.common import (
     EXIT_ERROR,
     EXIT_FAILED,
     EXIT_OK,
+    CombineTaskOpt,
     DeploymentOpt,
+    HeadersOpt,
     JsonOpt,
     LocalOpt,
+    OutOpt,
+    PriceAsOpt,
+    PricesOpt,
+    ReplaceOpt,
+    ReportOutOpt,
     RunArg,
     StoreOpt,
     app,
@@ -31,19 +38,17 @@ from runner.cli.common import (
     show_combine_error,
     store_exists,
 )
+from runner.cli.run import DiskGbOpt, FallbackOpt, GpuOpt, MachineTypeOpt, ProvisioningOpt
 from runner.engine import runs
+from runner.engine.cache import cached_count
 from runner.engine.deployment import Check, Deployment
 from runner.engine.listing import scan_runs, shown_state
 from runner.engine.reports import flag_lost, iter_shard_reports
 from runner.finish import combine_where_data_is, live_workers, worker_gone
 from runner.results.custom import CombineFailed
 from runner.results.parts import check_out
-from worker import defaults
 from worker.errors import CFlowError, NotFound
-from worker.protocol import Manifest, RunState, ShardState
-
-if TYPE_CHECKING:
-    from runner.engine.prune import Removed
+from worker.protocol import Manifest, RunOptions, ShardState
 
 
 @app.command()
@@ -76,6 +81,8 @@ def status(
     for r in rows:
         counts[r.state.value] += 1
     out.print(progress.status_table(manifest, rows), crop=False)
+    if cached := sum(1 for r in rows if r.cached_from):
+        counts["cached"] = cached  # of the succeeded, reused from earlier runs
     out.print(" · ".join(f"{v} {k}" for k, v in counts.items() if v or not wanted))
     for line in problems:
         err.print(f"cflow: warning: {line}", markup=False)
@@ -138,50 +145,12 @@ def _write_out(data: bytes) -> None:
 
 
 @app.command()
-def cancel(
-    run_id: RunArg,
-    local: LocalOpt = False,
-    store: StoreOpt = None,
-    deployment: DeploymentOpt = None,
-) -> None:
-    """Stop a run: queued shards are dropped, running ones stopped."""
-    need_run(run_id, local, store, deployment)
-    with open_dep(local, store, deployment) as dep:
-        dropped = runs.cancel(dep.backends.store, dep.backends.queue, run_id)
-    dropped_note = (
-        f"{dropped} queued shards dropped" if dropped else "workers drop its queued shards"
-    )
-    err.print(
-        # A worker re-reads a manifest it has cached at its next heartbeat after the cache ages.
-        f"cflow: run {run_id} cancelled ({dropped_note}; running ones stop within"
-        f" {defaults.MANIFEST_TTL + defaults.HEARTBEAT_SECONDS:g}s)",
-        markup=False,
-    )
-
-
-@app.command()
 def combine(
     run_id: RunArg,
-    out_dir: Annotated[
-        str | None,
-        typer.Option("--out", help="Also write the result here (a folder or gs://BUCKET/PATH)."),
-    ] = None,
-    headers: Annotated[
-        bool | None,
-        typer.Option(
-            "--headers/--no-headers",
-            help="CSV/TSV parts start with a header: keep it once [default: cflow.toml].",
-        ),
-    ] = None,
-    task_dir: Annotated[
-        Path | None,
-        typer.Option(
-            "--task", help="Combine as this (fixed) task folder says: its combine(), cflow.toml."
-        ),
-    ] = None,
-    force: Annotated[
-        bool, typer.Option("--force", help="Replace another run's result in --out DIR.")
-    ] = False,
+    out_dir: OutOpt = None,
+    headers: HeadersOpt = None,
+    task_dir: CombineTaskOpt = None,
+    force: ReplaceOpt = False,
     local: LocalOpt = False,
     store: StoreOpt = None,
     deployment: DeploymentOpt = None,
@@ -229,17 +198,20 @@ def list_runs(
     """List runs, oldest first."""
     manifests: list[Manifest] = []
     done: dict[str, int] = {}
+    cached: dict[str, int] = {}
     broken: dict[str, str] = {}
     if store_exists(local, store, deployment):
         with open_dep(local, store, deployment) as dep:
             listing = scan_runs(dep.backends.store)
             manifests, broken = listing.manifests, listing.broken
             done = {m.run_id: len(runs.committed(dep.backends.store, m.run_id)) for m in manifests}
+            cached = {m.run_id: cached_count(dep.backends.store, m.run_id) for m in manifests}
     for url, problem in broken.items():
         err.print(f"cflow: broken run: {url} ({problem})", markup=False)
     if as_json:
         sys.stdout.write(
-            json.dumps([progress.run_dict(m, done[m.run_id]) for m in manifests]) + "\n"
+            json.dumps([progress.run_dict(m, done[m.run_id], cached[m.run_id]) for m in manifests])
+            + "\n"
         )
         return
     if not manifests:
@@ -249,93 +221,7 @@ def list_runs(
     # A run cut off while publishing shows as such (`runner watch` finishes it).
     now = time.time()
     shown = [dataclasses.replace(m, state=shown_state(m, now)) for m in manifests]
-    out.print(progress.runs_table(shown, done), crop=False)
-
-
-@app.command()
-def rm(
-    run_ids: Annotated[list[str], typer.Argument(help="Run ids to delete.")],
-    force: Annotated[
-        bool, typer.Option("--force", help="Also delete a run still going (cancels it first).")
-    ] = False,
-    local: LocalOpt = False,
-    store: StoreOpt = None,
-    deployment: DeploymentOpt = None,
-) -> None:
-    """Delete runs: their objects, queue entries, and bundles no other run uses."""
-    from runner.engine.prune import remove_runs
-
-    for run_id in run_ids:
-        need_run(run_id, local, store, deployment)
-    with open_dep(local, store, deployment) as dep:
-        st = dep.backends.store
-        manifests = [runs.load_manifest(st, r) for r in run_ids]
-        removed = remove_runs(st, dep.backends.queue, manifests, force=force)
-    _removed_note(removed)
-
-
-@app.command()
-def prune(
-    older_than: Annotated[
-        str, typer.Option("--older-than", help="Delete runs created longer ago, e.g. 7d, 12h.")
-    ],
-    dry: Annotated[
-        bool, typer.Option("--dry-run", help="List what would go; delete nothing.")
-    ] = False,
-    local: LocalOpt = False,
-    store: StoreOpt = None,
-    deployment: DeploymentOpt = None,
-) -> None:
-    """Delete runs older than an age that are not going (finished or cancelled)."""
-    from runner.engine.prune import older_than as pick
-    from runner.engine.prune import parse_age, remove_runs
-
-    age = parse_age(older_than)
-    if not store_exists(local, store, deployment):
-        err.print("cflow: no runs yet")
-        return
-    with open_dep(local, store, deployment) as dep:
-        st = dep.backends.store
-        old = pick(scan_runs(st).manifests, age, time.time())
-        going = [m for m in old if m.state == RunState.ACTIVE.value]
-        doomed = [m for m in old if m.state != RunState.ACTIVE.value]
-        for m in going:
-            err.print(f"cflow: keeping {m.run_id}: it is still active (`runner rm --force`)")
-        if dry:
-            for m in doomed:
-                out.print(m.run_id, markup=False)
-        else:
-            removed = remove_runs(st, dep.backends.queue, doomed)
-            _removed_note(removed)
-        if not dep.config.is_local:
-            _prune_shapes(dep, dry=dry)
-
-
-def _prune_shapes(dep: Deployment, *, dry: bool) -> None:
-    """Shaped groups (and templates, work queues) no active run uses, once they are empty."""
-    from runner.backends.gcp.shapes.apply import open_shapes
-    from runner.backends.gcp.shapes.cleanup import cleanup_shapes
-
-    shapes = open_shapes(dep)
-    try:
-        done = cleanup_shapes(shapes, scan_runs(dep.backends.store).manifests, dry=dry)
-    finally:
-        shapes.close()
-    verb = "would delete" if dry else "deleted"
-    for name in done.deleted:
-        err.print(f"cflow: {verb} shaped group {name} (its template and work queue)", markup=False)
-    for name, why in done.kept.items():
-        err.print(f"cflow: keeping shaped group {name}: {why}", markup=False)
-
-
-def _removed_note(removed: Removed) -> None:
-    for run_id in removed.runs:
-        out.print(run_id, markup=False)
-    err.print(
-        f"cflow: deleted {len(removed.runs)} runs ({removed.objects} objects,"
-        f" {removed.messages} queued messages, {len(removed.bundles)} unused bundles)",
-        markup=False,
-    )
+    out.print(progress.runs_table(shown, done, cached), crop=False)
 
 
 @app.command()
@@ -344,10 +230,24 @@ def doctor(
     local: LocalOpt = False,
     store: StoreOpt = None,
     deployment: DeploymentOpt = None,
+    machine_type: MachineTypeOpt = None,
+    gpu: GpuOpt = None,
+    disk_gb: DiskGbOpt = None,
+    provisioning: ProvisioningOpt = None,
+    fallback: FallbackOpt = None,
 ) -> None:
-    """Check the backend: locally the store and bash; in the cloud credentials, bucket, topics,
-    subscriptions and instance group."""
+    """Check the backend: locally the store and bash; in the cloud credentials, APIs, bucket,
+    topics, subscriptions, grants, instance group, quotas, images and (with submit's shape
+    flags) the machine shape a run would ask for."""
     cfg = config_mod.resolve(local=local, store_dir=store, deployment_file=deployment)
+    shaped = (machine_type, gpu, disk_gb, provisioning, fallback) != (None,) * 5
+    options = RunOptions(
+        machine_type=machine_type,
+        gpu=gpu,
+        disk_gb=disk_gb,
+        provisioning=provisioning,
+        fallback=fallback,
+    )
     checks: list[Any]
     if cfg.is_local:
         from runner.backends.local.doctor import local_checks
@@ -364,7 +264,7 @@ def doctor(
             mark = "[green]ok[/green]  " if check.ok else "[red]FAIL[/red]"
             err.print(f"  {mark} {check.name}: {check.detail}")
 
-        checks = run_checks(cfg, on_check=show)
+        checks = run_checks(cfg, on_check=show, options=options if shaped else None)
     if cfg.is_local:
         for c in checks:
             err.print(f"  {'ok  ' if c.ok else 'FAIL'} {c.name}: {c.detail}", markup=False)
@@ -382,20 +282,9 @@ def doctor(
 @app.command("report")
 def report_cmd(
     run_id: RunArg,
-    out_file: Annotated[
-        Path | None,
-        typer.Option("--out", help="Write here: .html (page with the picture), .png, .pdf, .svg."),
-    ] = None,
-    machine_type: Annotated[
-        str | None,
-        typer.Option("--machine-type", help="Price workers of unknown type as this VM type."),
-    ] = None,
-    prices_file: Annotated[
-        Path | None,
-        typer.Option(
-            "--prices", envvar="CFLOW_PRICES", help="TOML/JSON price overrides (USD per hour)."
-        ),
-    ] = None,
+    out_file: ReportOutOpt = None,
+    machine_type: PriceAsOpt = None,
+    prices_file: PricesOpt = None,
     local: LocalOpt = False,
     store: StoreOpt = None,
     deployment: DeploymentOpt = None,

@@ -15,6 +15,7 @@ from runner.cli.common import (
     DeploymentOpt,
     HaltOpt,
     LocalOpt,
+    OutOpt,
     RunArg,
     SlotsOpt,
     StoreOpt,
@@ -32,14 +33,14 @@ from runner.cli.common import (
     say,
     show_outcome,
 )
-from runner.engine import runs
+from runner.engine import rounds, runs
 from runner.engine.checks import check_task
 from runner.engine.deployment import Deployment
 from runner.engine.halt import round_rule
 from runner.finish import live_workers, make_watcher, resume_publishing
 from runner.submit import SubmitRequest, submit
 from worker import defaults
-from worker.agent.runbook import DEFAULT_HALT, HaltRule
+from worker.agent.halt_rule import DEFAULT_HALT, HaltRule
 from worker.protocol import Manifest, RunState
 
 # submit's own options (the shared ones are in runner.cli.common)
@@ -85,10 +86,6 @@ SubmitDetachOpt = Annotated[
 CancelOnInterruptOpt = Annotated[
     bool,
     typer.Option("--cancel-on-interrupt", help="Ctrl-C cancels the run (default: detach)."),
-]
-OutOpt = Annotated[
-    str | None,
-    typer.Option("--out", help="Also write the combined result here (a folder or gs://...)."),
 ]
 IdleTimeoutOpt = Annotated[
     float | None,
@@ -141,6 +138,14 @@ DryRunOpt = Annotated[
     bool,
     typer.Option("--dry-run", help="List the shards and what would start; start nothing."),
 ]
+CacheOpt = Annotated[
+    bool,
+    typer.Option(
+        "--cache",
+        help="Reuse the committed outputs of shards an earlier --cache run ran with the same"
+        " task code, input, image and environment, instead of running them again.",
+    ),
+]
 STOP_WAIT = 60.0  # seconds a retry waits for a cancelled run's attempts to stop
 # watch's and retry's: the rule the run was submitted with, unless told otherwise
 RunHaltOpt = Annotated[
@@ -179,6 +184,7 @@ def submit_cmd(
     fallback_after: FallbackAfterOpt = 3,
     check: CheckOpt = True,
     dry: DryRunOpt = False,
+    cache: CacheOpt = False,
     local: LocalOpt = False,
     store: StoreOpt = None,
     deployment: DeploymentOpt = None,
@@ -211,6 +217,7 @@ def submit_cmd(
         check=check,
         dry_run=dry,
         local=local,
+        cache=cache,
     )
     cfg = config_mod.resolve(local=local, store_dir=store, deployment_file=deployment)
     submitted = submit(
@@ -255,7 +262,7 @@ def watch(
         if manifest.state == RunState.CANCELLED.value:
             raise fail(_stopped(manifest))
         if given is not None:  # the workers judge by it too
-            manifest = runs.record_halt(dep.backends.store, run_id, given)
+            manifest = rounds.record_halt(dep.backends.store, run_id, given)
         rule = round_rule(manifest, given)
         if needs_groups(manifest.run_options) and not dep.config.is_local:
             # The run's own groups and queue, as submitted: what is left to publish goes there.
@@ -319,7 +326,7 @@ def retry(
         if interrupted.state == RunState.ACTIVE.value and interrupted.publishing:
             # Nothing failed yet: the submit was cut off. Finish it, as `runner watch` would.
             if given is not None:
-                interrupted = runs.record_halt(st, run_id, given)
+                interrupted = rounds.record_halt(st, run_id, given)
             interrupted = resume_publishing(dep, interrupted, say)
             watcher = make_watcher(
                 dep, interrupted, workers=workers, slots=slots, shards=interrupted.shard_count
@@ -354,7 +361,7 @@ def _new_round(
     rule: HaltRule,
     changes: dict[str, float | int],
 ) -> tuple[Manifest, int] | None:
-    """Queue a run's failed and unfinished shards again, as a new round (``runs.retry``): the
+    """Queue a run's failed and unfinished shards again, as a new round (``rounds.retry``): the
     manifest it leaves and how many shards, or None when there is nothing to retry."""
     run_id, queue = was.run_id, dep.backends.queue
     if task_dir is not None and was.state == RunState.CANCELLED.value:
@@ -363,14 +370,14 @@ def _new_round(
         def alive() -> set[str]:
             return live_workers(dep, run_id)[0]
 
-        if runs.wait_released(queue, run_id, alive, timeout=0.0):
+        if rounds.wait_released(queue, run_id, alive, timeout=0.0):
             say("waiting for the attempts of the cancelled run to stop")
-            if still := runs.wait_released(queue, run_id, alive, timeout=STOP_WAIT):
+            if still := rounds.wait_released(queue, run_id, alive, timeout=STOP_WAIT):
                 say(
                     f"warning: {still} attempts of the cancelled run still run; a shard one"
                     " of them finishes keeps what the old task made"
                 )
-    retried = runs.retry(
+    retried = rounds.retry(
         dep.backends.store, queue, run_id, task_dir=task_dir, halt=given, changes=changes
     )
     if not retried:

@@ -1,14 +1,14 @@
 """When to stop a run early: the ``--halt`` rule, judged from the workers' events.
 
 A task that cannot start fails every attempt of every shard the same way; in the cloud each of
-those attempts is paid VM time. The rule (:class:`~worker.agent.runbook.HaltRule`) is recorded in
+those attempts is paid VM time. The rule (:class:`~worker.agent.halt_rule.HaltRule`) is recorded in
 the run's options and judged in two places: here, by the runner watching the run, on the events
 of every worker as they arrive; and by each worker on its own attempts
 (:mod:`worker.agent.runbook`), so it holds with no runner attached (``--detach``, Ctrl-C).
 
 - ``same,fail=N`` (the default, N = 3): halt when the first N attempts to finish all failed
   with the same reason (no attempt succeeded before them). One success disarms it. Reasons are
-  compared as :func:`~worker.agent.runbook.masked_reason` has them, with what varies from shard
+  compared as :func:`~worker.agent.halt_rule.masked_reason` has them, with what varies from shard
   to shard masked (paths, file names, numbers, ids, times), so a wrong path that names each
   shard's own file is one reason; the halt note shows the first of them as the task gave it.
 - ``now,fail=N``: halt as soon as N attempts have failed, whatever their reasons (like GNU
@@ -29,7 +29,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from worker.agent.runbook import DEFAULT_HALT, HaltRule, HaltTally
+from worker.agent.halt_rule import DEFAULT_HALT, HaltRule, HaltTally
 from worker.errors import CFlowError
 from worker.protocol import AttemptStatus, Event, EventKind, Layout, Manifest
 from worker.store import Store

@@ -7,10 +7,11 @@ preemption gives the worker the same SIGTERM but only ``shutdown_window`` second
 the worker never gets to nack; the group keeps its size, so it recreates the VM under the same
 name once it notices.
 
-Statuses are what :func:`runner.backends.gcp.fleet.instance_status` makes of the group's listing: a
-VM is ``running`` from the moment it runs (so while it boots and installs, too), ``stopping`` only
-while the group deletes it, and ``starting`` while the group creates or recreates it and while a
-preempted VM shuts down (no group action yet, the instance not RUNNING).
+Statuses are what :func:`runner.backends.gcp.instances.instance_status` makes of the group's
+listing: a VM is ``running`` from the moment it runs (so while it boots and installs, too),
+``stopping`` only while the group deletes it, and ``starting`` while the group creates or
+recreates it and while a preempted VM shuts down (no group action yet, the instance not
+RUNNING).
 
 Two ways a VM never works, as :class:`runner.backends.gcp.fleet.GceFleet` reports them: past the
 region's quota (``VmModel.quota_vms``) the group cannot create it, so it stays ``starting``,

@@ -12,12 +12,8 @@ import pytest
 from worker.agent.agent import Agent, AgentConfig
 from worker.backends.local.backend import open_local
 from worker.bundle import pack
-from worker.executors.container.runtime import (
-    DOCKER_GPU_HOOK,
-    Runtime,
-    detect_runtime,
-    nvidia_cdi_specs,
-)
+from worker.executors.container.gpus import DOCKER_GPU_HOOK, nvidia_cdi_specs
+from worker.executors.container.runtime import Runtime, detect_runtime
 from worker.protocol import Layout, Manifest, RunOptions, RunState, Shard, WorkMessage
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-import worker.executors.container.runtime as container_runtime_module
+import worker.executors.container.gpus as container_gpus_module
 from worker.bundle import UnpackedBundle
 from worker.executors.base import RunningTask
 from worker.executors.container.executor import ContainerExecutor
@@ -340,9 +340,9 @@ def test_a_gpu_run_gives_every_container_the_machines_gpus(
     spec = tmp_path / "cdi" / "nvidia.yaml"  # what `nvidia-ctk cdi generate` writes
     spec.parent.mkdir()
     spec.write_text("cdiVersion: 0.5.0\nkind: nvidia.com/gpu\ndevices:\n- name: all\n")
-    monkeypatch.setattr(container_runtime_module, "CDI_SPEC_DIRS", (spec.parent,))
+    monkeypatch.setattr(container_gpus_module, "CDI_SPEC_DIRS", (spec.parent,))
     # docker passes GPUs through the NVIDIA hook it runs: a machine with GPUs has it on PATH
-    hook = tmp_path / "bin" / container_runtime_module.DOCKER_GPU_HOOK
+    hook = tmp_path / "bin" / container_gpus_module.DOCKER_GPU_HOOK
     hook.parent.mkdir()
     hook.write_text("#!/bin/sh\n")
     hook.chmod(0o755)

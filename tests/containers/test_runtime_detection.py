@@ -9,13 +9,12 @@ from pathlib import Path
 import pytest
 
 from tests.prerequisites import missing
+from worker.executors.container.gpus import GpuSupportMissing, check_gpu_support
 from worker.executors.container.runtime import (
     ContainerRuntimeMissing,
-    GpuSupportMissing,
     ImagePullError,
     Runtime,
     cgroup_mode,
-    check_gpu_support,
     detect_runtime,
     ensure_image,
     is_google_registry,

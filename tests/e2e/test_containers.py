@@ -14,7 +14,8 @@ import pytest
 
 from tests.containers.conftest import container_runtime, python_image, shell_image
 from tests.e2e.conftest import REPO, Cli, make_inputs, make_task, wait_for
-from worker.executors.container.runtime import DOCKER_GPU_HOOK, Runtime, nvidia_cdi_specs
+from worker.executors.container.gpus import DOCKER_GPU_HOOK, nvidia_cdi_specs
+from worker.executors.container.runtime import Runtime
 
 pytestmark = pytest.mark.e2e
 __all__ = ["container_runtime", "python_image", "shell_image"]  # the session fixtures

@@ -83,24 +83,25 @@ def _counts(cli: Cli, run_id: str) -> dict[str, int]:
     return counts
 
 
-# Past one publish batch (1,000): the runner is killed while it pauses after the first, a pause
-# it never comes back from (the documented test hook, CFLOW_PUBLISH_PAUSE).
-SHARDS = 1100
+# Past one publish batch: the runner is killed while it pauses after the first, a pause it never
+# comes back from (the test hook CFLOW_PUBLISH_PAUSE). Batches of 10 (CFLOW_PUBLISH_BATCH) make
+# the same boundary as 1,000 a batch with 25 shards to run.
+SHARDS, BATCH = 25, 10
 
 
 def test_a_runner_killed_while_publishing_is_finished_by_watch(cli: Cli, tmp_path: Path) -> None:
     task = make_task(tmp_path / "task", NOOP)
-    cli.env["CFLOW_PUBLISH_PAUSE"] = "3600"
+    cli.env.update(CFLOW_PUBLISH_PAUSE="3600", CFLOW_PUBLISH_BATCH=str(BATCH))
     proc = cli.start("submit", str(task), "--shards", str(SHARDS), "--workers", "2")
     run_id = _first_line(proc)  # printed before publishing starts
     assert run_id.startswith("r")
-    wait_for(lambda: _manifest(cli, run_id)["published"] >= 1000, what="a batch published")
+    wait_for(lambda: _manifest(cli, run_id)["published"] >= BATCH, what="a batch published")
     _kill(proc)
     cli.env.pop("CFLOW_PUBLISH_PAUSE")
     published = _manifest(cli, run_id)["published"]
-    assert published == 1000
+    assert published == BATCH
     listed = cli("runs")
-    assert f"publishing (1000/{SHARDS})" in listed.stdout, listed.stdout
+    assert f"publishing ({BATCH}/{SHARDS})" in listed.stdout, listed.stdout
 
     watched = cli("watch", run_id, timeout=240)
     assert watched.code == 0, watched.stderr
@@ -113,10 +114,10 @@ def test_a_runner_killed_while_publishing_is_finished_by_watch(cli: Cli, tmp_pat
 
 def test_retry_of_a_run_killed_while_publishing_finishes_it(cli: Cli, tmp_path: Path) -> None:
     task = make_task(tmp_path / "task", NOOP)
-    cli.env["CFLOW_PUBLISH_PAUSE"] = "3600"
+    cli.env.update(CFLOW_PUBLISH_PAUSE="3600", CFLOW_PUBLISH_BATCH=str(BATCH))
     proc = cli.start("submit", str(task), "--shards", str(SHARDS))
     run_id = _first_line(proc)
-    wait_for(lambda: _manifest(cli, run_id)["published"] == 1000, what="a batch published")
+    wait_for(lambda: _manifest(cli, run_id)["published"] == BATCH, what="a batch published")
     _kill(proc)
     cli.env.pop("CFLOW_PUBLISH_PAUSE")
     retried = cli("retry", run_id, "--failed", timeout=180)

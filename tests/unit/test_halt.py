@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from runner.engine import runs
+from runner.engine import rounds, runs
 from runner.engine.halt import HaltJudge, round_rule
 from worker.agent.agent import Agent, AgentConfig
-from worker.agent.runbook import HaltRule
+from worker.agent.halt_rule import HaltRule
 from worker.backends.base import Backends
 from worker.backends.local.backend import open_local
 from worker.bundle import pack
@@ -216,7 +216,7 @@ def test_a_retry_with_a_fixed_task_starts_a_fresh_round_on_the_same_worker(
     (fixed / "task.py").write_text(FIXED)
     stale = WorkMessage(run_id=m.run_id, shard=Shard(id="s0", index=0).to_dict(), bundle=m.bundle)
     b.queue.publish([stale])  # left on a queue that cannot purge, from the broken round
-    assert sorted(runs.retry(b.store, b.queue, m.run_id, task_dir=fixed)) == [
+    assert sorted(rounds.retry(b.store, b.queue, m.run_id, task_dir=fixed)) == [
         f"s{i}" for i in range(6)
     ]
     b.queue.publish([stale])  # and one published after the purge: still of the old code
@@ -235,7 +235,7 @@ def test_a_retry_of_the_same_task_gets_a_fresh_count_and_halts_again(tmp_path: P
     worker = _agent(b, tmp_path)
     worker.run()
     first = len(_attempts(b, m.run_id))
-    runs.retry(b.store, b.queue, m.run_id)
+    rounds.retry(b.store, b.queue, m.run_id)
     worker.run()
     after = runs.load_manifest(b.store, m.run_id)
     assert after.state == RunState.CANCELLED.value and after.halted
@@ -247,11 +247,11 @@ def test_a_rule_given_later_is_the_one_the_workers_judge_by(tmp_path: Path) -> N
     """`runner watch --halt RULE` and `runner retry --halt RULE` record the rule: the workers
     honour it as they do the one the run was submitted with."""
     b, m = _run(tmp_path, BROKEN, 2, halt="same,fail=3", max_attempts=2)
-    assert runs.record_halt(b.store, m.run_id, "never").run_options.halt == "never"
+    assert rounds.record_halt(b.store, m.run_id, "never").run_options.halt == "never"
     _agent(b, tmp_path).run()
     assert runs.load_manifest(b.store, m.run_id).halted is None
     assert len(_attempts(b, m.run_id)) == 4
-    runs.retry(b.store, b.queue, m.run_id, halt="now,fail=1")
+    rounds.retry(b.store, b.queue, m.run_id, halt="now,fail=1")
     _agent(b, tmp_path).run()
     after = runs.load_manifest(b.store, m.run_id)
     assert after.halted == f"1 attempts failed (--halt now,fail=1); last: {REASON}"

@@ -12,7 +12,7 @@ import pytest
 from runner.engine import runs
 from runner.engine.halt import HaltJudge
 from worker.agent.agent import Agent, AgentConfig
-from worker.agent.runbook import HaltRule, HaltTally, masked_reason, same_reason
+from worker.agent.halt_rule import HaltRule, HaltTally, masked_reason, same_reason
 from worker.backends.base import Backends
 from worker.backends.local.backend import open_local
 from worker.bundle import pack

@@ -41,7 +41,7 @@ from worker.agent.slot import Claim, Slot, StopFlag
 from worker.clock import SYSTEM_CLOCK, Clock
 from worker.errors import DiskFull
 from worker.executors import reaper
-from worker.executors.process import SPARE_HOSTS
+from worker.executors.host_client import SPARE_HOSTS
 from worker.ledger import Ledger
 from worker.protocol import AttemptState, EventKind
 from worker.queue import Delivery, EventBus, WorkQueue

@@ -1,7 +1,8 @@
 """Starts task attempts and guarantees that nothing of an attempt outlives it.
 
-- ``task.py`` runs in a **warm host** per worker slot (:mod:`worker.executors.host`): imported
-  once, then shard after shard in the same process, as ``multiprocessing.Pool`` does. A crash
+- ``task.py`` runs in a **warm host** per worker slot (:mod:`worker.executors.host`, started and
+  spoken to by :mod:`worker.executors.host_client`): imported once, then shard after shard in
+  the same process, as ``multiprocessing.Pool`` does. A crash
   kills only that host and fails only its attempt; the next shard gets a fresh host.
 - With ``isolate`` (``--isolate``, or ``CFLOW_ISOLATE=1``) each shard runs in a child forked from
   a per-bundle zygote (:mod:`worker.executors.zygote`) instead: a task that leaks state between
@@ -15,17 +16,12 @@ The worker only sees a :class:`~worker.executors.base.RunningTask`.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import secrets
-import select
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
-from typing import IO, Any
 
 from worker.bundle import SHELL_ENTRY, UnpackedBundle
 from worker.executors import reaper
@@ -38,6 +34,7 @@ from worker.executors.base import (
     pdeathsig,
     wait_process,
 )
+from worker.executors.host_client import Host, HostTask, start_host
 from worker.executors.zygote_client import Zygote
 from worker.protocol import Entry
 from worker.taskapi import TaskShard
@@ -65,240 +62,6 @@ class _ShellTask(RunningTask):
         reaper.kill_group(self.pid)  # what it left in its group
         PROCESSES.forget(self.pid)
         PROCESSES.ended(self.token, self.pid)  # and what escaped the group
-
-
-class _Spares:
-    """Task hosts started before the worker knows its task: a Python interpreter's start is
-    most of the wait for a run's first shard, and it can happen while the worker waits."""
-
-    def __init__(self) -> None:
-        self._procs: list[subprocess.Popen[bytes]] = []
-        self._lock = threading.Lock()
-
-    def start(self, count: int) -> None:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (WORKER_PATH, env.get("PYTHONPATH")) if p)
-        env["PYTHONUNBUFFERED"] = "1"
-        with self._lock:
-            while len(self._procs) < count:
-                self._procs.append(_spawn_host(["--spare"], env, None))
-
-    def take(self) -> subprocess.Popen[bytes] | None:
-        with self._lock:
-            while self._procs:
-                proc = self._procs.pop()
-                if proc.poll() is None:
-                    return proc
-            return None
-
-    def begin_close(self) -> None:
-        """Tell every spare to exit (its input ends); :meth:`close` waits for them."""
-        with self._lock:
-            procs = list(self._procs)
-        for proc in procs:
-            assert proc.stdin is not None
-            with contextlib.suppress(OSError):
-                proc.stdin.close()  # a spare that was never given a task exits at once
-
-    def close(self) -> None:
-        self.begin_close()  # all told first, so they exit side by side
-        with self._lock:
-            procs, self._procs = self._procs, []
-        for proc in procs:
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            PROCESSES.forget(proc.pid)
-
-
-def _spawn_host(args: list[str], env: dict[str, str], cwd: Path | None) -> subprocess.Popen[bytes]:
-    return PROCESSES.spawn(
-        [sys.executable, "-m", "worker.executors.host", *args],
-        None,
-        cwd=cwd,
-        env=env,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        start_new_session=True,
-    )
-
-
-SPARE_HOSTS = _Spares()
-
-
-def _start_host(bundle: UnpackedBundle, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    """A host process for ``bundle``: a spare told its task, else a new one."""
-    spare = SPARE_HOSTS.take()
-    if spare is not None:
-        load = {
-            "task": str(bundle.root),
-            "path": bundle.python_path().split(os.pathsep),
-            "env": env,
-        }
-        assert spare.stdin is not None
-        try:
-            spare.stdin.write(json.dumps(load).encode() + b"\n")
-            spare.stdin.flush()
-            return spare
-        except OSError:
-            pass
-    return _spawn_host([str(bundle.root)], env, bundle.root)
-
-
-class Host:
-    """A warm task host process (see :mod:`worker.executors.host`) owned by one slot, talking on the
-    pipes of ``proc`` (the host itself, or the engine client of a warm container)."""
-
-    def __init__(self, proc: subprocess.Popen[bytes]):
-        self.proc = proc
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self._stdin: IO[bytes] = self.proc.stdin
-        self._stdout: IO[bytes] = self.proc.stdout
-        self.requests = 0
-        self.recycle = False
-        self.outstanding: list[int] = []  # request ids sent and not yet answered, in order
-        self.replies: dict[int, dict[str, Any]] = {}
-        self.dead_code: int | None = None  # the host's exit status once it died
-        self.died_under: int | None = None  # the request it was running then
-        self._fd = self._stdout.fileno()
-        self._buffer = b""  # replies are read unbuffered: select() must see what is pending
-        first = self._line(None)
-        try:
-            hello = json.loads(first) if first else {}
-        except ValueError:
-            hello = {}
-        self.ready = bool(hello.get("ready"))
-        self.error = hello.get("error")
-
-    @property
-    def alive(self) -> bool:
-        return self.proc.poll() is None and not self.recycle
-
-    def send(self, request: dict[str, Any]) -> bool:
-        self.outstanding.append(request["id"])
-        try:
-            self._stdin.write(json.dumps(request).encode() + b"\n")
-            self._stdin.flush()
-            return True
-        except (BrokenPipeError, ValueError, OSError):
-            return False
-
-    def _line(self, timeout: float | None) -> bytes | None:
-        """One reply line; b"" once the host closed its end, None when ``timeout`` passed."""
-        while b"\n" not in self._buffer:
-            if timeout is not None:
-                ready, _, _ = select.select([self._fd], [], [], max(timeout, 0))
-                if not ready:
-                    return None
-            chunk = os.read(self._fd, 65536)
-            if not chunk:
-                return b""
-            self._buffer += chunk
-        line, self._buffer = self._buffer.split(b"\n", 1)
-        return line
-
-    def read(self, timeout: float | None) -> bool:
-        """Take the next reply into :attr:`replies`; False when nothing came in ``timeout``.
-        When the host died, :attr:`dead_code` is set."""
-        if self.dead_code is not None:
-            return True
-        line = self._line(timeout)
-        if line is None:
-            return False
-        if not line:
-            self._died()
-            return True
-        reply: dict[str, Any] = json.loads(line)
-        self.replies[reply["id"]] = reply
-        with contextlib.suppress(ValueError):
-            self.outstanding.remove(reply["id"])
-        return True
-
-    def _died(self) -> None:
-        try:
-            code = self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            reaper.kill_group(self.proc.pid)
-            code = self.proc.wait()
-        reaper.kill_group(self.proc.pid)
-        PROCESSES.forget(self.proc.pid)
-        self.dead_code = self.exit_code(code)
-        self.died_under = self.outstanding[0] if self.outstanding else None  # what it ran
-        self.recycle = True
-
-    def exit_code(self, code: int) -> int:
-        """What a shard that died with this host reports for the host's exit status."""
-        return code if code != 0 else 1  # a host never exits 0 with shards queued
-
-    def begin_close(self) -> None:
-        """Tell the host to exit once its queued shards are done (its input ends)."""
-        with contextlib.suppress(OSError):
-            self._stdin.close()
-
-    def close(self) -> None:
-        self.begin_close()
-        try:
-            self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            reaper.kill_group(self.proc.pid)
-            self.proc.wait()
-        reaper.kill_group(self.proc.pid)
-        PROCESSES.forget(self.proc.pid)
-        # Read what the host said before it ended, and mark it dead, before its pipe closes:
-        # a shard still waiting on this host (a crash seen first by a poll, then a new host
-        # started) must not wait on a closed descriptor whose number a new pipe reuses.
-        for _ in range(50):
-            if self.dead_code is not None or not self.read(0.1):
-                break
-        if self.dead_code is None:  # something else holds the pipe open: dead all the same
-            self.dead_code = self.exit_code(self.proc.returncode or 0)
-            self.died_under = self.outstanding[0] if self.outstanding else None
-            self.recycle = True
-        with contextlib.suppress(OSError):
-            self._stdout.close()
-
-
-class HostTask(RunningTask):
-    """One shard sent to a warm host; several may be queued on one host (short shards)."""
-
-    def __init__(self, host: Host, request_id: int, token: str, log_path: Path):
-        self._host = host
-        self._id = request_id
-        self.pid = host.proc.pid
-        self.token = token
-        self._log_path = log_path
-        self._code: int | None = None
-        self.not_started = False  # the host died before it reached this shard
-
-    def wait(self, timeout: float | None) -> int | None:
-        if self._code is not None:
-            return self._code
-        host = self._host
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while self._id not in host.replies and host.dead_code is None:
-            left = None if deadline is None else max(deadline - time.monotonic(), 0)
-            if not host.read(left) and (deadline is None or time.monotonic() >= deadline):
-                return None
-        reply = host.replies.pop(self._id, None)
-        if reply is not None:
-            self._code = int(reply["exit"])
-            self.reason = reply.get("reason")
-            host.recycle = host.recycle or bool(reply.get("recycle"))
-            PROCESSES.discard(self.token)  # the host killed its own leftovers
-            return self._code
-        # The host died: under this shard (os._exit, a crash, our own kill), or before it.
-        assert host.dead_code is not None
-        self.not_started = host.died_under != self._id
-        with contextlib.suppress(ValueError):
-            host.outstanding.remove(self._id)
-        PROCESSES.ended(self.token, host.proc.pid)
-        self._code = host.dead_code
-        if not self.not_started and self._code >= 0:
-            with contextlib.suppress(OSError), self._log_path.open("a") as log:
-                log.write(f"cflow: the task's process exited with code {self._code} mid-shard\n")
-        return self._code
 
 
 class Executor(TaskExecutor):
@@ -359,7 +122,7 @@ class Executor(TaskExecutor):
             return host
         if host is not None:
             host.close()
-        host = Host(_start_host(self.bundle, self._base_env()))
+        host = Host(start_host(self.bundle, self._base_env()))
         if not host.ready:
             host.close()
             self._hosts.pop(slot, None)

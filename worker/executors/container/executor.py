@@ -33,12 +33,11 @@ from pathlib import Path
 
 from worker.bundle import SHELL_ENTRY, UnpackedBundle
 from worker.executors.base import RunningTask, TaskExecutor, fresh_cwd, task_cwd, wait_process
+from worker.executors.container.gpus import GpuSupportMissing, check_gpu_support
 from worker.executors.container.runtime import (
     ContainerRuntimeMissing,
-    GpuSupportMissing,
     ImagePullError,
     Runtime,
-    check_gpu_support,
     detect_runtime,
     ensure_image,
 )

@@ -10,10 +10,8 @@ Podman needs settings that depend on the machine; :func:`detect_runtime` works t
   runc then fails with "error setting rlimit type 7: operation not permitted".
 - ``--init`` with catatonit when it is installed, so PID 1 forwards SIGTERM to the task.
 
-A run with a GPU gets every GPU of the machine in its containers: podman through CDI
-(``--device nvidia.com/gpu=all``, the spec ``nvidia-ctk cdi generate`` writes to ``/etc/cdi``),
-docker through the NVIDIA Container Toolkit (``--gpus all``). :func:`check_gpu_support` says
-what to install when the engine cannot, once for the whole run (:class:`GpuSupportMissing`).
+A run with a GPU gets every GPU of the machine in its containers (:meth:`Runtime.gpu_args`);
+:mod:`worker.executors.container.gpus` checks first that the engine can pass them in.
 
 Images are pulled once per image per worker process. Before pulling from Artifact Registry
 (``REGION-docker.pkg.dev``) or ``gcr.io`` the engine is logged in with this machine's Google
@@ -33,11 +31,12 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from worker.errors import CFlowError
+from worker.executors.container.gpus import NVIDIA_CDI_KIND, check_gpu_support
 
 PULL_TIMEOUT = 1800.0  # seconds a pull may take (a multi-GB ML image on a fresh VM)
 PULL_RETRY_SECONDS = 60.0  # how long a failed pull is remembered before trying again
@@ -62,10 +61,6 @@ class ImagePullError(CFlowError):
     def __init__(self, message: str, *, image: str, run_id: str | None = None):
         super().__init__(message, run_id=run_id)
         self.image = image
-
-
-class GpuSupportMissing(CFlowError):
-    """The run has a GPU but this machine's engine cannot give it to a container."""
 
 
 @dataclass(frozen=True)
@@ -252,72 +247,6 @@ def detect_runtime(prefer: str | None = None, conf_dir: Path | None = None) -> R
     )
 
 
-# -- GPUs --------------------------------------------------------------------------------------
-
-CDI_SPEC_DIRS = (Path("/etc/cdi"), Path("/var/run/cdi"))  # podman's default cdi_spec_dirs
-NVIDIA_CDI_KIND = "nvidia.com/gpu"
-DOCKER_GPU_HOOK = "nvidia-container-runtime-hook"  # what dockerd runs for `--gpus`
-
-
-def nvidia_cdi_specs(dirs: tuple[Path, ...] | None = None) -> list[Path]:
-    """The CDI spec files in ``dirs`` (default :data:`CDI_SPEC_DIRS`) that declare NVIDIA GPUs
-    (``kind: nvidia.com/gpu``)."""
-    found = []
-    if dirs is None:
-        dirs = CDI_SPEC_DIRS
-    for folder in dirs:
-        try:
-            paths = sorted(folder.iterdir())
-        except OSError:
-            continue
-        for path in paths:
-            if path.suffix not in (".yaml", ".yml", ".json"):
-                continue
-            try:
-                text = path.read_text(errors="replace")
-            except OSError:
-                continue
-            if NVIDIA_CDI_KIND in text:
-                found.append(path)
-    return found
-
-
-def check_gpu_support(
-    runtime: Runtime,
-    *,
-    cdi_dirs: tuple[Path, ...] | None = None,
-    which: Callable[[str], str | None] = shutil.which,
-) -> None:
-    """Before the first GPU container: the engine can pass GPUs in (podman: an NVIDIA CDI
-    spec in ``cdi_dirs``, default :data:`CDI_SPEC_DIRS`; docker: the toolkit's hook).
-
-    Raises:
-        GpuSupportMissing: one line saying what to install.
-    """
-    if cdi_dirs is None:
-        cdi_dirs = CDI_SPEC_DIRS
-    if runtime.name == "podman":
-        if nvidia_cdi_specs(cdi_dirs):
-            return
-        where = " or ".join(str(d) for d in cdi_dirs)
-        step = (
-            "run `nvidia-ctk cdi generate --output=/etc/cdi/nvidia.yaml`"
-            if which("nvidia-ctk")
-            else "install the NVIDIA Container Toolkit (nvidia-container-toolkit-base) and run"
-            " `nvidia-ctk cdi generate --output=/etc/cdi/nvidia.yaml`"
-        )
-        raise GpuSupportMissing(
-            f"the run has a GPU but podman has no NVIDIA CDI spec ({where} has none"
-            f" for {NVIDIA_CDI_KIND}): {step} on the worker"
-        )
-    if which(DOCKER_GPU_HOOK) is None:
-        raise GpuSupportMissing(
-            f"the run has a GPU but docker cannot pass it in ({DOCKER_GPU_HOOK} is not"
-            " installed): install the NVIDIA Container Toolkit (nvidia-container-toolkit),"
-            " run `nvidia-ctk runtime configure --runtime=docker` and restart docker"
-        )
-
-
 # -- images ------------------------------------------------------------------------------------
 
 _pulled: dict[tuple[str, str], ImagePullError | None] = {}
@@ -330,7 +259,8 @@ def check_image(image: str, *, gpu: bool = False) -> None:
     with ``gpu`` the engine can pass GPUs into a container.
 
     Raises:
-        ContainerRuntimeMissing, ImagePullError, GpuSupportMissing: with the one line to show.
+        ContainerRuntimeMissing, ImagePullError, GpuSupportMissing (:mod:`.gpus`): with the one
+            line to show.
     """
     runtime = detect_runtime()
     if gpu:

@@ -50,7 +50,7 @@ from worker.executors import reaper
 from worker.executors.base import PROCESSES, task_cwd
 from worker.executors.container.runtime import Runtime
 from worker.executors.container.spec import LIB_DIR, TASK_DIR, ContainerSpec
-from worker.executors.process import Host, HostTask
+from worker.executors.host_client import Host, HostTask
 from worker.protocol import slug
 from worker.taskapi import TaskShard
 
