@@ -279,6 +279,15 @@ def watch_and_finish(
             say("warning: some workers are still stopping")
 
 
+def let_go(dep: Deployment, run_id: str, *, cancel: bool) -> Outcome:
+    """Ctrl-C before the run is watched: the run goes on without this runner (its workers keep
+    working and `runner watch` publishes what is left), or is cancelled with ``cancel``."""
+    if not cancel:
+        return Outcome(run_id, Ending.DETACHED, interrupted=True)
+    runs.cancel(dep.backends.store, dep.backends.queue, run_id)
+    return Outcome(run_id, Ending.CANCELLED, interrupted=True)
+
+
 def _tell(outcome: Outcome, on_outcome: Callable[[Outcome], None] | None) -> Outcome:
     if on_outcome is not None:
         on_outcome(outcome)

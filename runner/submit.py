@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
@@ -21,128 +21,31 @@ from runner.backends.gcp.shapes.apply import apply_run_shape, fallback_line
 from runner.backends.gcp.shapes.model import check_shape_options, needs_groups
 from runner.config import Config
 from runner.engine import runs
-from runner.engine import shards as shard_sources
 from runner.engine.cache import ShardCache, code_digest, task_env
 from runner.engine.checks import CheckReport, check_task
 from runner.engine.deployment import Deployment
 from runner.engine.plan import BundleNote, describe_bundle
-from runner.engine.shards import RemoteLister
-from runner.engine.stream import Publisher, ShardFeed, start_stream
-from runner.finish import Display, Outcome, make_watcher, plain_watch, quiet, watch_and_finish
+from runner.engine.stream import Publisher, start_stream
+from runner.finish import (
+    Display,
+    Outcome,
+    let_go,
+    make_watcher,
+    plain_watch,
+    quiet,
+    watch_and_finish,
+)
 from runner.preflight import check_writable, dry_run_plan, narrate, start_early, undo_early
+from runner.request import SubmitRequest
 from runner.results.parts import OutTarget, Say, check_out
-from worker import defaults
-from worker.agent.halt_rule import DEFAULT_HALT, HaltRule
 from worker.errors import ConfigError
 from worker.executors.container.runtime import check_image
-from worker.protocol import Layout, Manifest, RunOptions, Shard, new_run_id
+from worker.protocol import Layout, Manifest, RunOptions, new_run_id
 
 if TYPE_CHECKING:
     from runner.backends.gcp.shapes.model import ShapedGroup
 
 Opener = Callable[[Config], Deployment]  # opens the deployment a Config describes
-
-
-@dataclass
-class SubmitRequest:
-    """What to run, over which shards, and how: ``runner submit``'s options as data.
-
-    Exactly one of ``inputs`` (globs, ``@FILE`` lists and ``-`` for a list on stdin, one shard
-    per file; see :class:`runner.engine.shards.Inputs`), ``params`` (a JSON-lines file, one
-    shard per line) or ``shards`` (N shards with params ``{"index": i}``) says the shards.
-
-    Raises:
-        ConfigError: not exactly one shard source, or ``halt`` is not a rule.
-    """
-
-    task_dir: Path  # folder with task.py (run(shard)) or task.sh
-    inputs: list[str] | None = None  # each a glob, @FILE or - (a list of paths on stdin)
-    params: Path | None = None
-    shards: int | None = None
-    workers: int | None = None  # most workers at once [default: the deployment's]
-    slots: int = 1  # shards per worker
-    max_attempts: int = defaults.MAX_ATTEMPTS  # task failures allowed per shard
-    timeout: float = defaults.ATTEMPT_TIMEOUT  # seconds one attempt may run
-    stage: bool = True  # copy remote inputs to the worker first
-    detach: bool = False  # publish and start workers, then return
-    cancel_on_interrupt: bool = False  # Ctrl-C cancels the run (else the runner detaches)
-    out: str | None = None  # also write the combined result here (a folder or gs://...)
-    idle_timeout: float | None = None  # seconds an idle worker waits before leaving
-    speculate: bool = False  # near the end, back up stragglers
-    isolate: bool = False  # a fresh process per Python shard
-    image: str | None = None  # run each attempt in this container image
-    halt: str = DEFAULT_HALT  # when to stop the run early (see HaltRule.parse)
-    machine_type: str | None = None
-    gpu: str | None = None  # TYPE[:COUNT]
-    disk_gb: int | None = None
-    provisioning: str | None = None  # spot or standard
-    fallback: str | None = None  # standard: Spot first, standard VMs for the tail
-    fallback_after: int = 3  # preemptions of a shard that fall back
-    check: bool = True  # check the task can start before publishing
-    dry_run: bool = False  # list the shards and what would start; start nothing
-    local: bool = False  # the local backend was asked for (else a local config found no other)
-    input_list: IO[str] | None = None  # what `--inputs -` reads [default: stdin]
-    cache: bool = False  # reuse earlier runs' commits of unchanged shards (runner.engine.cache)
-    # Shards from a Python caller, published as read (runner.engine.stream; cflow.submit)
-    feed: ShardFeed | None = None
-    rule: HaltRule = field(init=False, repr=False)
-    _gathered: shard_sources.Inputs | None = field(default=None, init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        if isinstance(self.inputs, str):  # one glob, as a Python caller may well write it
-            self.inputs = [self.inputs]
-        sources = (self.inputs or None, self.params, self.shards, self.feed)
-        chosen = [v for v in sources if v is not None]
-        if len(chosen) != 1:
-            raise ConfigError(
-                "give exactly one of --inputs GLOB, --params FILE.jsonl or --shards N"
-            )
-        self.rule = HaltRule.parse(self.halt)
-
-    def gather_inputs(self) -> shard_sources.Inputs | None:
-        """The ``--inputs`` found and checked, once (None: the shards come from elsewhere).
-
-        Raises:
-            InputError: an input is not a readable file, a glob matches nothing, a list is
-                missing or empty.
-        """
-        if self.inputs and self._gathered is None:
-            stream = self.input_list if self.input_list is not None else sys.stdin
-            self._gathered = shard_sources.Inputs.gather(self.inputs, stdin=stream)
-        return self._gathered
-
-    def shard_source(self, lister: RemoteLister | None = None, say: Say = quiet) -> Iterator[Shard]:
-        """The shards, read lazily (``lister`` lists remote inputs, e.g. gs://; ``say`` hears
-        of inputs that repeat a file, which run once)."""
-        if self.feed is not None:  # read once the run exists (runner.engine.stream)
-            return iter(())
-        inputs = self.gather_inputs()
-        if inputs is not None:
-            return inputs.shards(lister, say)
-        if self.params is not None:
-            return shard_sources.from_params(self.params)
-        assert self.shards is not None  # one source is set: checked when made
-        return shard_sources.from_count(self.shards)
-
-    def run_options(self, default_workers: int) -> RunOptions:
-        """The options every worker of the run reads from its manifest."""
-        return RunOptions(
-            max_attempts=self.max_attempts,
-            timeout=self.timeout,
-            stage=self.stage,
-            workers=self.workers or default_workers,
-            slots=self.slots,
-            speculate=self.speculate,
-            isolate=self.isolate,
-            image=self.image,
-            machine_type=self.machine_type,
-            provisioning=self.provisioning,
-            gpu=self.gpu,
-            disk_gb=self.disk_gb,
-            fallback=self.fallback,
-            fallback_after=self.fallback_after,
-            halt=str(self.rule),
-        )
 
 
 @dataclass
@@ -215,7 +118,12 @@ def submit(
         try:
             flow = _Submission(request, config, dep, say, checked, bundle)
             options = request.run_options(dep.default_workers)
-            manifest = flow.create(options, store_was_there, on_created, on_published)
+            try:
+                manifest = flow.create(options, store_was_there, on_created, on_published)
+            except KeyboardInterrupt:
+                if flow.created is None:  # no run yet: nothing to let go of
+                    raise
+                return flow.interrupted(flow.created, on_outcome)
             return flow.follow(manifest, options, target, display, on_outcome)
         finally:
             if flow is not None and flow.publisher is not None:
@@ -239,6 +147,7 @@ class _Submission:
     shaped: list[ShapedGroup] = field(default_factory=list)
     publisher: Publisher | None = None  # a stream's, publishing while the run is watched
     cache: ShardCache | None = None  # --cache: the shards it reused
+    created: Manifest | None = None  # the run, once it exists (before it is all published)
 
     def create(
         self,
@@ -255,6 +164,11 @@ class _Submission:
             source = cache.keyed(source)
         self._check_placement(options)
         published = 0
+
+        def made(manifest: Manifest) -> None:
+            self.created = manifest
+            if on_created is not None:
+                on_created(manifest)
 
         def count(n: int) -> None:  # after each batch is recorded in the manifest
             nonlocal published
@@ -293,7 +207,7 @@ class _Submission:
                     task_dir=bundled,
                     feed=request.feed,
                     options=options,
-                    on_created=on_created,
+                    on_created=made,
                     on_published=count,
                     run_id=run_id,
                     keyed=cache.keyed if cache is not None else None,
@@ -308,16 +222,28 @@ class _Submission:
                 options=options,
                 stage_input=dep.stage_input,
                 on_published=count,
-                on_created=on_created,  # before publishing: an interrupted submit resumes
+                on_created=made,  # before publishing: an interrupted submit resumes
                 run_id=run_id,
                 reuse=cache.reuse if cache is not None else None,
             )
-        except BaseException:
-            if early:
+        except BaseException as exc:
+            # Ctrl-C once the run exists lets go of it, like Ctrl-C while it is watched: its
+            # workers go on and `runner watch` publishes the rest (submit decides what to say).
+            if early and not (isinstance(exc, KeyboardInterrupt) and self.created is not None):
                 fleet.delete(early)
             raise
         finally:
             staging.cleanup()
+
+    def interrupted(
+        self, manifest: Manifest, on_outcome: Callable[[Outcome], None] | None
+    ) -> Submitted:
+        """Ctrl-C while the run was being made: let go of it (`runner watch` resumes it) or
+        cancel it, as Ctrl-C while it is watched would."""
+        outcome = let_go(self.dep, manifest.run_id, cancel=self.request.cancel_on_interrupt)
+        if on_outcome is not None:
+            on_outcome(outcome)
+        return Submitted(manifest.run_id, outcome)
 
     def _check_placement(self, options: RunOptions) -> None:
         """Shape, image and fleet size checked (and the run's groups made) before the run."""

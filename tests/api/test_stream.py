@@ -79,7 +79,8 @@ def test_a_stream_counts_one_more_shard_until_it_ends(tmp_path: Path) -> None:
         options=RunOptions(),
     )
     run_id = manifest.run_id
-    assert manifest.published == 1000 and manifest.shard_count == 1001
+    # The first batch: full, or cut short by its age on a slow machine; one more counted.
+    assert 0 < manifest.published <= 1000 and manifest.shard_count == manifest.published + 1
     assert manifest.publishing  # so the run cannot look settled while the stream is open
     # The second batch is cut short by the wait: published, the stream still open.
     cli = Cli(tmp_path)
