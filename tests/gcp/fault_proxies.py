@@ -38,6 +38,7 @@ import grpc
 
 from tests.gcp.faults import GCS_KINDS, PUBSUB_KINDS, FaultPlan
 
+NO_DEADLINE = 86400.0 * 365  # seconds: a gRPC call's time left beyond this means none was set
 SAME_OBJECT_INTERVAL = 1.0  # seconds: GCS's one write per second to one object name
 _HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "upgrade", "host"}
 _GCS_ERRORS = {
@@ -249,10 +250,13 @@ class PubSubFaultProxy:
         def call(request: bytes, context: grpc.ServicerContext) -> bytes:
             if (fault := self.fault(method, streaming=False)) is not None:
                 context.abort(getattr(grpc.StatusCode, fault), _PUBSUB_MESSAGES[fault])
+            # A call made without a deadline (the IAM methods' default) gets one from grpc's
+            # time_remaining() of about 9.2e18 s, which a client deadline overflows into one
+            # already past: such a call is forwarded with no deadline, as it came.
+            remaining = context.time_remaining()
+            timeout = remaining if remaining < NO_DEADLINE else None
             try:
-                return forward(
-                    request, timeout=context.time_remaining(), metadata=_metadata(context)
-                )
+                return forward(request, timeout=timeout, metadata=_metadata(context))
             except grpc.RpcError as exc:
                 context.abort(exc.code(), exc.details() or "")
                 raise  # abort raises; this line is for the type checker

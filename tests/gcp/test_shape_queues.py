@@ -221,10 +221,12 @@ def test_a_shape_queue_gets_the_deployments_grants_and_a_refusal_is_one_line() -
             self.refuse = refuse
             self.set: list[dict[str, object]] = []
 
-        def get_iam_policy(self, request: dict[str, str]) -> policy_pb2.Policy:
+        def get_iam_policy(
+            self, request: dict[str, str], retry: object = None
+        ) -> policy_pb2.Policy:
             return policy_pb2.Policy(bindings=[grant], etag=b"source's")
 
-        def set_iam_policy(self, request: dict[str, object]) -> None:
+        def set_iam_policy(self, request: dict[str, object], retry: object = None) -> None:
             if self.refuse:
                 raise gexc.PermissionDenied("User not authorized to perform this action.")
             self.set.append(request)

@@ -19,7 +19,10 @@ What each service documents as worth retrying:
   https://cloud.google.com/pubsub/docs/reference/error-codes), and UNKNOWN, which the client
   library's own publish retry includes.
 - Cloud Storage: HTTP 408, 429 and 5xx, socket timeouts and TCP disconnects
-  (https://cloud.google.com/storage/docs/retry-strategy).
+  (https://cloud.google.com/storage/docs/retry-strategy), whether a JSON API call's error or an
+  upload's or download's (the library's media calls raise ``InvalidResponse``, not an API
+  error); 429 includes the one write per second to one object name, answered with exponential
+  backoff as that page asks.
 - All three: a reset connection or a timeout before any answer.
 
 Anything else is permanent (403 permission, 404 not found, 400 invalid): no retry, the caller
@@ -44,6 +47,7 @@ from enum import StrEnum
 from typing import Any, Protocol, TypeVar
 
 import google.auth.exceptions
+import google.resumable_media.common
 import requests.exceptions
 import urllib3.exceptions
 from google.api_core import exceptions as gexc
@@ -52,6 +56,7 @@ from google.api_core import retry as gretry
 from worker.clock import SYSTEM_CLOCK, Clock
 
 log = logging.getLogger("cflow.retry")
+MediaInvalidResponse = google.resumable_media.common.InvalidResponse
 
 T = TypeVar("T")
 MINUTE = 60.0  # seconds: Compute Engine's rate quotas refill at the start of each minute
@@ -127,6 +132,10 @@ class Policy:
             return self._classify_api(exc)
         if isinstance(exc, HttpAnswer):
             return self.classify_answer(exc.status, exc.reasons, exc.message)
+        if isinstance(exc, MediaInvalidResponse):
+            # Cloud Storage's uploads and downloads answer an error with this, not with an API
+            # error: judged by the response it carries.
+            return self.classify(HttpAnswer.of(exc.response))
         if _is_timeout(exc):
             return Verdict(Kind.TRANSIENT, "a timeout")
         if _is_connection_trouble(exc):
@@ -280,6 +289,65 @@ class Retried:
             )
 
         return call
+
+
+OPERATION_TIMEOUT = 120.0  # seconds a Compute mutation's operation may take before it is said
+
+
+class OperationStillRunning(Exception):
+    """A Compute operation that had not ended when its wait gave up."""
+
+
+def operation_answer(operation: Any) -> HttpAnswer | None:
+    """A finished Compute operation's error as an :class:`HttpAnswer` (None: it succeeded).
+    The operation's ``RESOURCE_NOT_READY`` is the API's ``resourceNotReady``."""
+    errors = list(operation.error.errors) if operation.error else []
+    if not errors:
+        return None
+    codes = [NOT_READY_REASON if e.code == "RESOURCE_NOT_READY" else str(e.code) for e in errors]
+    message = "; ".join(f"{e.code}: {e.message}" for e in errors)
+    return HttpAnswer(int(operation.http_error_status_code or 400), codes, message)
+
+
+def run_operation(
+    start: Callable[[], Any],
+    wait: Callable[[Any], Any],
+    *,
+    what: str,
+    say: Callable[[str], None] | None = None,
+    clock: Clock = SYSTEM_CLOCK,
+    timeout: float = OPERATION_TIMEOUT,
+) -> Any:
+    """Start a Compute mutation and wait for its operation to end, all through Compute's policy.
+
+    The client library's own ``ExtendedOperation.result()`` polls at compute.googleapis.com,
+    whatever endpoint its client was given, and without this policy; so operations are waited
+    on here, by the caller's operations client. ``start()`` makes the mutation (a ``*_unary``
+    call of a :class:`Retried` client: one ``requestId`` across its retries) and returns its
+    operation; ``wait(operation)`` is that operations client's ``wait`` on it, which may answer
+    before the operation is done ("be prepared to retry if the operation is not DONE",
+    https://cloud.google.com/compute/docs/reference/rest/v1/zoneOperations/wait). An operation
+    that ends in an error the policy takes for transient (500, ``RESOURCE_NOT_READY``: the
+    mutation did not happen) is started again after a backoff, with a fresh ``requestId``.
+
+    Raises:
+        HttpAnswer: the operation ended in a permanent error.
+        OperationStillRunning: it had not ended after ``timeout`` seconds.
+    """
+
+    def once() -> Any:
+        operation = start()
+        deadline = clock.monotonic() + timeout
+        while str(getattr(operation.status, "name", operation.status)) != "DONE":
+            if clock.monotonic() >= deadline:
+                raise OperationStillRunning(f"{what} is still running after {timeout:.0f} s")
+            operation = wait(operation)
+        failure = operation_answer(operation)
+        if failure is not None:
+            raise failure
+        return operation
+
+    return retrying(COMPUTE, once, what=what, say=say, clock=clock)
 
 
 def request_id() -> str:

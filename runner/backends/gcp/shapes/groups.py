@@ -43,7 +43,6 @@ the GPU, and the quotas hold a VM of the shape, with its disk
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 from typing import TYPE_CHECKING, Any
@@ -52,106 +51,25 @@ from infra.contract import DEFAULT_ACTION_ON_FAILURE
 from runner.backends.gcp.shapes.checks import ShapeChecks, rest_json
 from runner.backends.gcp.shapes.images import BootImages
 from runner.backends.gcp.shapes.model import Shape, ShapedGroup, ShapeError, is_spot
+from runner.backends.gcp.shapes.template import (
+    DEFAULT_GPU_IMAGE,
+    boot_image,
+    derive_properties,
+    set_metadata,
+)
 from runner.backends.gcp.wheels import keep_worker_package
+from worker.backends.gcp.retry import (
+    COMPUTE,
+    OPERATION_TIMEOUT,
+    HttpAnswer,
+    OperationStillRunning,
+    Retried,
+    run_operation,
+)
+from worker.clock import SYSTEM_CLOCK, Clock
 
 if TYPE_CHECKING:
     from runner.backends.gcp.shapes.queues import ShapeQueues
-
-# A Deep Learning VM image family with CUDA 12.4 from Google's deeplearning-platform-release
-# project. Google lists the current families at
-# https://cloud.google.com/deep-learning-vm/docs/images (and `gcloud compute images list
-# --project deeplearning-platform-release --no-standard-images` lists them); they are named
-# common-cu<CUDA>-<OS>-<framework Python>, and they move on as CUDA versions age, so the family is
-# read before use (shapes.images) and one that is gone is refused in one line. The driver comes
-# with the install-nvidia-driver metadata below. Debian 12, like the stack's default image: its
-# system python3 is 3.11, the Python the VMs' wheelhouse is resolved for
-# (runner.backends.gcp.wheels.VM_PYTHON; "py310" is the image's own framework environment).
-# The deployment's gpu_image setting overrides it.
-DEFAULT_GPU_IMAGE = (
-    "projects/deeplearning-platform-release/global/images/family/common-cu124-debian-12-py310"
-)
-# Metadata Deep Learning VM images read at first boot: install the NVIDIA driver.
-DRIVER_METADATA = ("install-nvidia-driver", "True")
-
-
-def derive_properties(
-    base: dict[str, Any],
-    shape: Shape,
-    *,
-    spot: bool,
-    gpu_image: str = DEFAULT_GPU_IMAGE,
-    container_image: str | None = None,
-) -> dict[str, Any]:
-    """The instance template ``properties`` (REST JSON) of ``shape``, from the deployment's."""
-    props = copy.deepcopy(base)
-    if shape.machine_type:
-        props["machineType"] = shape.machine_type
-    scheduling = props.setdefault("scheduling", {})
-    if spot:
-        scheduling.update(
-            provisioningModel="SPOT",
-            preemptible=True,
-            automaticRestart=False,
-            instanceTerminationAction="DELETE",
-        )
-    else:
-        scheduling.update(provisioningModel="STANDARD", preemptible=False, automaticRestart=True)
-        scheduling.pop("instanceTerminationAction", None)
-    gpus = shape.gpu_type is not None or _bundles_gpus(props.get("machineType", ""))
-    # VMs with GPUs cannot live-migrate: the API refuses MIGRATE for them.
-    scheduling["onHostMaintenance"] = "TERMINATE" if spot or gpus else "MIGRATE"
-    if shape.gpu_type and not _bundles_gpus(props.get("machineType", "")):
-        props["guestAccelerators"] = [
-            {"acceleratorType": shape.gpu_type, "acceleratorCount": shape.gpu_count}
-        ]
-    else:
-        props.pop("guestAccelerators", None)
-    for disk in props.get("disks", []):
-        if not disk.get("boot"):
-            continue
-        params = disk.setdefault("initializeParams", {})
-        if shape.disk_gb is not None:
-            params["diskSizeGb"] = str(shape.disk_gb)
-        if gpus:  # the deployment's image has no NVIDIA driver
-            params["sourceImage"] = gpu_image
-            disk.pop("source", None)
-        elif shape.engine and container_image:  # nor a container engine
-            params["sourceImage"] = container_image
-            disk.pop("source", None)
-    if gpus:
-        _set_metadata(props, *DRIVER_METADATA)
-        # The driver the image installs at first boot is a kernel module built on the VM, not
-        # signed by a key Secure Boot trusts, so it would not load; vTPM and integrity
-        # monitoring stay as the deployment has them.
-        shielded = props.get("shieldedInstanceConfig")
-        if isinstance(shielded, dict) and shielded.get("enableSecureBoot"):
-            shielded["enableSecureBoot"] = False
-    return props
-
-
-def _bundles_gpus(machine_type: str) -> bool:
-    """Accelerator-optimized series (a2, a3, g2, ...) come with their GPUs attached."""
-    return machine_type.split("-", 1)[0] in {"a2", "a3", "a4", "g2", "g4"}
-
-
-def boot_image(
-    shape: Shape, props: dict[str, Any], *, gpu_image: str, engine_image: str | None
-) -> tuple[str, str] | None:
-    """The image VMs of ``shape`` boot instead of the deployment's (template ``props``), and
-    why ("gpu" or "engine"); None: the deployment's. ``engine_image``: the deployment's image
-    with a container engine (None: runs with ``--image`` are refused)."""
-    machine_type = shape.machine_type or str(props.get("machineType", ""))
-    if shape.gpu_type is not None or _bundles_gpus(machine_type):
-        return gpu_image, "gpu"
-    if not shape.engine:
-        return None
-    if not engine_image:
-        raise ShapeError(
-            "--image needs VMs with a container engine, and the deployment's boot image"
-            " has none: deploy with container_image set to an image with podman or"
-            " docker and Python 3.11 (see the README, Containers)"
-        )
-    return engine_image, "engine"
 
 
 class Shapes:
@@ -179,6 +97,7 @@ class Shapes:
         queues: ShapeQueues | None = None,
         gpu_image: str | None = None,
         container_image: str | None = None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         if not zone and not region:
             raise ShapeError(f"instance group {group} needs a zone or a region")
@@ -187,11 +106,11 @@ class Shapes:
         self.queues = queues
         self.gpu_image = gpu_image or DEFAULT_GPU_IMAGE
         self.container_image = container_image or None
+        self.clock = clock
         from google.api_core import exceptions as gexc
         from google.cloud import compute_v1  # loads in a second: only for cloud commands
 
         from runner.backends.gcp.fleet import compute_client_options
-        from worker.backends.gcp.retry import COMPUTE, Retried
 
         self._compute: Any = compute_v1
         self._gexc: Any = gexc
@@ -200,9 +119,12 @@ class Shapes:
         if zone:
             self._where: dict[str, str] = {"zone": zone}
             self._managers: Any = Retried(compute_v1.InstanceGroupManagersClient(**kw), COMPUTE)
+            self._group_ops: Any = Retried(compute_v1.ZoneOperationsClient(**kw), COMPUTE)
         else:
             self._where = {"region": self.region}
             self._managers = Retried(compute_v1.RegionInstanceGroupManagersClient(**kw), COMPUTE)
+            self._group_ops = Retried(compute_v1.RegionOperationsClient(**kw), COMPUTE)
+        self._global_ops: Any = Retried(compute_v1.GlobalOperationsClient(**kw), COMPUTE)
         self._templates: Any = Retried(compute_v1.InstanceTemplatesClient(**kw), COMPUTE)
         self._images: Any = Retried(compute_v1.ImagesClient(**kw), COMPUTE)
         self.images = BootImages(project=project, client=self._images, gexc=gexc)
@@ -214,7 +136,8 @@ class Shapes:
         return f"zone {self.zone}" if self.zone else f"region {self.region}"
 
     def close(self) -> None:
-        for client in (self._managers, self._templates, self._images):
+        clients = (self._managers, self._templates, self._images, self._group_ops, self._global_ops)
+        for client in clients:
             client.transport.close()
         self.checks.close()
 
@@ -288,11 +211,11 @@ class Shapes:
             gpu_image=self.gpu_image,
             container_image=self.container_image,
         )
-        _set_metadata(derived, "cflow-group", name)  # a worker removes itself from its own group
+        set_metadata(derived, "cflow-group", name)  # a worker removes itself from its own group
         queue = self.queues.ensure(digest) if self.queues is not None else None
         if queue is not None:  # its workers pull (and re-queue on) the shape's own queue
-            _set_metadata(derived, "cflow-work-topic", queue.topic)
-            _set_metadata(derived, "cflow-subscription", queue.subscription)
+            set_metadata(derived, "cflow-work-topic", queue.topic)
+            set_metadata(derived, "cflow-subscription", queue.subscription)
         keep_worker_package(derived, self.project)  # a later deploy must not delete its wheels
         template_url, made_template = self._ensure_template(name, base_name, derived)
         made_group = self._ensure_group(name, base_group, template_url, digest, zones)
@@ -316,18 +239,15 @@ class Shapes:
         resource = self._compute.InstanceTemplate.from_json(
             json.dumps(body), ignore_unknown_fields=True
         )
+        request = {"project": self.project, "instance_template_resource": resource}
         try:
-            operation = self._templates.insert(
-                request={"project": self.project, "instance_template_resource": resource}
-            )
+            self._mutate(f"insert instance template {name}", self._templates, request)
         except self._gexc.Conflict:  # another runner made it first: the same content by its name
-            operation = None
-        except self._gexc.BadRequest as exc:
+            pass
+        except (self._gexc.BadRequest, HttpAnswer) as exc:
             raise ShapeError(
                 f"Compute Engine refused the template for this shape: {exc.message}"
             ) from None
-        if operation is not None:
-            operation.result(timeout=120)
         found = self._templates.get(request={"project": self.project, "instance_template": name})
         return str(found.self_link), True
 
@@ -361,11 +281,10 @@ class Shapes:
         field = "instance_group_manager_resource"
         request = {"project": self.project, **self._where, field: resource}
         try:
-            operation = self._managers.insert(request=request)
-            operation.result(timeout=120)
+            self._mutate(f"insert instance group {name}", self._managers, request)
         except self._gexc.Conflict:
             return False
-        except self._gexc.BadRequest as exc:
+        except (self._gexc.BadRequest, HttpAnswer) as exc:
             raise ShapeError(
                 f"Compute Engine refused the group for this shape: {exc.message}"
             ) from None
@@ -387,27 +306,51 @@ class Shapes:
         """The instances group ``name`` has (creating, running or being deleted)."""
         return list(self._managers.list_managed_instances(request=self._request(name)))
 
-    def delete_group(self, name: str, *, timeout: float = 120.0) -> None:
+    def delete_group(self, name: str, *, timeout: float = OPERATION_TIMEOUT) -> None:
         """Delete group ``name`` (gone already is fine), then its template of the same name."""
+        what = f"delete instance group {name}"
         try:
-            self._managers.delete(request=self._request(name)).result(timeout=timeout)
+            self._mutate(what, self._managers, self._request(name), "delete", timeout)
         except self._gexc.NotFound:
             pass
-        except self._gexc.GoogleAPICallError as exc:
-            raise ShapeError(f"could not delete instance group {name}: {exc.message}") from None
+        except (self._gexc.GoogleAPICallError, HttpAnswer, OperationStillRunning) as exc:
+            raise ShapeError(f"could not {what}: {_said(exc)}") from None
         request = {"project": self.project, "instance_template": name}
         try:
-            self._templates.delete(request=request).result(timeout=timeout)
+            self._mutate(f"delete instance template {name}", self._templates, request, "delete")
         except self._gexc.NotFound:
             pass
-        except self._gexc.GoogleAPICallError as exc:
-            raise ShapeError(f"could not delete instance template {name}: {exc.message}") from None
+        except (self._gexc.GoogleAPICallError, HttpAnswer, OperationStillRunning) as exc:
+            raise ShapeError(f"could not delete instance template {name}: {_said(exc)}") from None
+
+    def _mutate(
+        self,
+        what: str,
+        client: Any,
+        request: dict[str, Any],
+        verb: str = "insert",
+        timeout: float = OPERATION_TIMEOUT,
+    ) -> None:
+        """``client``'s ``verb`` on ``request``, waited for at the configured endpoint (not
+        the library's ``.result()``, which polls compute.googleapis.com) through Compute's
+        retry policy (:func:`worker.backends.gcp.retry.run_operation`)."""
+
+        def wait(operation: Any) -> Any:
+            ops, where = self._global_ops, {}
+            if operation.zone:
+                ops, where = self._group_ops, {"zone": operation.zone.rsplit("/", 1)[-1]}
+            elif operation.region:
+                ops, where = self._group_ops, {"region": operation.region.rsplit("/", 1)[-1]}
+            return ops.wait(request={"project": self.project, **where, "operation": operation.name})
+
+        run_operation(
+            lambda: getattr(client, f"{verb}_unary")(request=request),
+            wait,
+            what=what,
+            clock=self.clock,
+            timeout=timeout,
+        )
 
 
-def _set_metadata(props: dict[str, Any], key: str, value: str) -> None:
-    items = props.setdefault("metadata", {}).setdefault("items", [])
-    for item in items:
-        if item.get("key") == key:
-            item["value"] = value
-            return
-    items.append({"key": key, "value": value})
+def _said(exc: BaseException) -> str:
+    return str(getattr(exc, "message", None) or exc)

@@ -38,6 +38,7 @@ from google.iam.v1 import policy_pb2
 
 from worker.backends.gcp.pubsub import PubSubQueue
 from worker.backends.gcp.pubsub_api import resource_path
+from worker.backends.gcp.retry import PUBSUB, PUBSUB_RETRY, Kind
 from worker.clock import SYSTEM_CLOCK, Clock
 from worker.errors import BackendError
 from worker.protocol import WorkMessage
@@ -114,20 +115,20 @@ class ShapeQueues:
         topic, sub = self.topic_path(digest), self.subscription_path(digest)
         labels = {LABEL: digest, CREATED_LABEL: str(int(time.time()))}
         try:
-            self.publisher.create_topic(request={"name": topic, "labels": labels})
+            self.publisher.create_topic(
+                request={"name": topic, "labels": labels}, retry=PUBSUB_RETRY
+            )
             log.info("created work topic %s", topic)
         except gexc.AlreadyExists:
             pass
-        except gexc.GoogleAPICallError as exc:
-            raise BackendError(
-                f"could not create work topic {names.topic}: {exc.message}"
-            ) from None
+        except gexc.GoogleAPIError as exc:
+            raise _failed(f"could not create work topic {names.topic}", exc) from None
         try:
-            base = self.subscriber.get_subscription(subscription=self._work("subscriptions"))
-        except gexc.GoogleAPICallError as exc:
-            raise BackendError(
-                f"cannot read work subscription {self.work_subscription}: {exc.message}"
-            ) from None
+            base = self.subscriber.get_subscription(
+                subscription=self._work("subscriptions"), retry=PUBSUB_RETRY
+            )
+        except gexc.GoogleAPIError as exc:
+            raise _failed(f"cannot read work subscription {self.work_subscription}", exc) from None
         request: dict[str, Any] = {"name": sub, "topic": topic, "labels": labels}
         for name in COPIED:
             if name in base:  # proto-plus: set fields only
@@ -137,14 +138,13 @@ class ShapeQueues:
         # again before it publishes anything.
         request["expiration_policy"] = {"ttl": EXPIRY}
         try:
-            self.subscriber.create_subscription(request=request)
+            self.subscriber.create_subscription(request=request, retry=PUBSUB_RETRY)
             log.info("created work subscription %s", sub)
         except gexc.AlreadyExists:
             pass
-        except gexc.GoogleAPICallError as exc:
-            raise BackendError(
-                f"could not create work subscription {names.subscription}: {exc.message}"
-            ) from None
+        except gexc.GoogleAPIError as exc:
+            what = f"could not create work subscription {names.subscription}"
+            raise _failed(what, exc) from None
         # Every time, not only when made: a copy that failed once (or grants changed by a
         # redeploy) is put right by the next run of the shape.
         self._copy_policy(self.publisher, self._work("topics"), topic)
@@ -155,12 +155,14 @@ class ShapeQueues:
         """Delete the shape's subscription, then its topic; whether either existed."""
         found = False
         try:
-            self.subscriber.delete_subscription(subscription=self.subscription_path(digest))
+            self.subscriber.delete_subscription(
+                subscription=self.subscription_path(digest), retry=PUBSUB_RETRY
+            )
             found = True
         except gexc.NotFound:
             pass
         try:
-            self.publisher.delete_topic(topic=self.topic_path(digest))
+            self.publisher.delete_topic(topic=self.topic_path(digest), retry=PUBSUB_RETRY)
             found = True
         except gexc.NotFound:
             pass
@@ -168,7 +170,9 @@ class ShapeQueues:
 
     def exists(self, digest: str) -> bool:
         try:
-            self.subscriber.get_subscription(subscription=self.subscription_path(digest))
+            self.subscriber.get_subscription(
+                subscription=self.subscription_path(digest), retry=PUBSUB_RETRY
+            )
         except gexc.NotFound:
             return False
         return True
@@ -178,22 +182,37 @@ class ShapeQueues:
         return resource_path(self.project, kind, name)
 
     def _copy_policy(self, client: Any, source: str, target: str) -> None:
-        """Give ``target`` the IAM policy of ``source`` (the workers' and the agent's grants)."""
+        """Give ``target`` the IAM policy of ``source`` (the workers' and the agent's grants).
+        Both calls are safe to repeat (the bindings are set whole, with no etag), so they are
+        retried on what Pub/Sub's policy takes for transient."""
         try:
-            policy = client.get_iam_policy(request={"resource": source})
+            policy = client.get_iam_policy(request={"resource": source}, retry=PUBSUB_RETRY)
             if not policy.bindings:
                 return
             # The bindings only: the source's etag would not match the target's policy.
             copied = policy_pb2.Policy(bindings=list(policy.bindings))
-            client.set_iam_policy(request={"resource": target, "policy": copied})
+            client.set_iam_policy(
+                request={"resource": target, "policy": copied}, retry=PUBSUB_RETRY
+            )
         except gexc.MethodNotImplemented:  # the emulator has no IAM: nothing to copy
             log.info("no IAM policies here (an emulator); %s has none", target)
-        except gexc.GoogleAPICallError as exc:
-            raise BackendError(
-                f"could not give {target.rsplit('/', 1)[-1]} the grants of "
-                f"{source.rsplit('/', 1)[-1]} ({exc.message}); the runner's account needs "
-                "roles/pubsub.admin on the project"
-            ) from None
+        except gexc.GoogleAPIError as exc:
+            named = target.rsplit("/", 1)[-1], source.rsplit("/", 1)[-1]
+            what = f"could not give {named[0]} the grants of {named[1]}"
+            raise _failed(what, exc) from None
+
+
+def _failed(what: str, exc: gexc.GoogleAPIError) -> BackendError:
+    """One line for a call that failed for good: a role named only when the answer was
+    PermissionDenied; a transient answer (the library's retries ran out on it) said as such."""
+    verdict = PUBSUB.classify(exc)
+    if isinstance(exc, gexc.PermissionDenied):
+        return BackendError(
+            f"{what} ({exc.message}); the runner's account needs roles/pubsub.admin on the project"
+        )
+    if verdict.kind is not Kind.PERMANENT:
+        return BackendError(f"{what}: Pub/Sub kept answering {verdict.answer}; try again later")
+    return BackendError(f"{what}: {verdict.answer} ({getattr(exc, 'message', exc)})")
 
 
 class ShapeWorkQueue(PubSubQueue):
