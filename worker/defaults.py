@@ -18,3 +18,6 @@ STORE_DIR = ".cflow"  # local backend root, relative to the working directory
 WATCH_POLL_SECONDS = 0.25  # runner's event poll interval
 RECONCILE_SECONDS = 5.0  # runner's store reconciliation interval
 PUBLISH_BATCH = 1000  # shards per publish batch
+COMPUTE_OPERATION_SECONDS = (
+    120.0  # a Compute mutation's operation may take this long, then it is said
+)

@@ -53,6 +53,7 @@ import urllib3.exceptions
 from google.api_core import exceptions as gexc
 from google.api_core import retry as gretry
 
+from worker import defaults
 from worker.clock import SYSTEM_CLOCK, Clock
 
 log = logging.getLogger("cflow.retry")
@@ -291,7 +292,7 @@ class Retried:
         return call
 
 
-OPERATION_TIMEOUT = 120.0  # seconds a Compute mutation's operation may take before it is said
+OPERATION_TIMEOUT = defaults.COMPUTE_OPERATION_SECONDS
 
 
 class OperationStillRunning(Exception):

@@ -58,15 +58,8 @@ from runner.backends.gcp.shapes.template import (
     set_metadata,
 )
 from runner.backends.gcp.wheels import keep_worker_package
-from worker.backends.gcp.retry import (
-    COMPUTE,
-    OPERATION_TIMEOUT,
-    HttpAnswer,
-    OperationStillRunning,
-    Retried,
-    run_operation,
-)
 from worker.clock import SYSTEM_CLOCK, Clock
+from worker.defaults import COMPUTE_OPERATION_SECONDS as OPERATION_TIMEOUT
 
 if TYPE_CHECKING:
     from runner.backends.gcp.shapes.queues import ShapeQueues
@@ -111,9 +104,16 @@ class Shapes:
         from google.cloud import compute_v1  # loads in a second: only for cloud commands
 
         from runner.backends.gcp.fleet import compute_client_options
+        from worker.backends.gcp import retry  # with the clients: it loads google.api_core
+        from worker.backends.gcp.retry import COMPUTE, Retried
+
+        self._retry: Any = retry
 
         self._compute: Any = compute_v1
         self._gexc: Any = gexc
+        # what a delete may end in besides "not found": an API error, a bad plain answer, or
+        # an operation that outran its time
+        self._failures = (gexc.GoogleAPICallError, retry.HttpAnswer, retry.OperationStillRunning)
         credentials, options = compute_client_options()
         kw: dict[str, Any] = {"credentials": credentials, "client_options": options}
         if zone:
@@ -244,7 +244,7 @@ class Shapes:
             self._mutate(f"insert instance template {name}", self._templates, request)
         except self._gexc.Conflict:  # another runner made it first: the same content by its name
             pass
-        except (self._gexc.BadRequest, HttpAnswer) as exc:
+        except (self._gexc.BadRequest, self._retry.HttpAnswer) as exc:
             raise ShapeError(
                 f"Compute Engine refused the template for this shape: {exc.message}"
             ) from None
@@ -284,7 +284,7 @@ class Shapes:
             self._mutate(f"insert instance group {name}", self._managers, request)
         except self._gexc.Conflict:
             return False
-        except (self._gexc.BadRequest, HttpAnswer) as exc:
+        except (self._gexc.BadRequest, self._retry.HttpAnswer) as exc:
             raise ShapeError(
                 f"Compute Engine refused the group for this shape: {exc.message}"
             ) from None
@@ -313,14 +313,14 @@ class Shapes:
             self._mutate(what, self._managers, self._request(name), "delete", timeout)
         except self._gexc.NotFound:
             pass
-        except (self._gexc.GoogleAPICallError, HttpAnswer, OperationStillRunning) as exc:
+        except self._failures as exc:
             raise ShapeError(f"could not {what}: {_said(exc)}") from None
         request = {"project": self.project, "instance_template": name}
         try:
             self._mutate(f"delete instance template {name}", self._templates, request, "delete")
         except self._gexc.NotFound:
             pass
-        except (self._gexc.GoogleAPICallError, HttpAnswer, OperationStillRunning) as exc:
+        except self._failures as exc:
             raise ShapeError(f"could not delete instance template {name}: {_said(exc)}") from None
 
     def _mutate(
@@ -343,7 +343,7 @@ class Shapes:
                 ops, where = self._group_ops, {"region": operation.region.rsplit("/", 1)[-1]}
             return ops.wait(request={"project": self.project, **where, "operation": operation.name})
 
-        run_operation(
+        self._retry.run_operation(
             lambda: getattr(client, f"{verb}_unary")(request=request),
             wait,
             what=what,
