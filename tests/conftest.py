@@ -13,6 +13,7 @@ is listed with the reason at the end of the run, under "missing prerequisites".
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -47,3 +48,29 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         terminalreporter.section("missing prerequisites", sep="=", yellow=True, bold=True)
         for reason, count in reasons.most_common():
             terminalreporter.line(f"{count:4d} skipped: {reason}", yellow=True)
+
+
+def _sigint_state() -> tuple[object, bool]:
+    """This process's Ctrl-C handling: its handler, and whether the signal is blocked."""
+    import signal
+
+    return signal.getsignal(signal.SIGINT), signal.SIGINT in signal.pthread_sigmask(
+        signal.SIG_BLOCK, set()
+    )
+
+
+@pytest.fixture(autouse=True)
+def _ctrl_c_left_as_found() -> Iterator[None]:
+    """A test that leaves Ctrl-C ignored or blocked in this process passes that on to every
+    process the later tests start (an ignored or blocked signal survives exec): a Ctrl-C test
+    then hangs far from its cause. Fail the test that did it instead."""
+    before = _sigint_state()
+    yield
+    after = _sigint_state()
+    if after != before:
+        import signal
+
+        signal.signal(signal.SIGINT, before[0])  # type: ignore[arg-type]
+        if not before[1]:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        pytest.fail(f"this test left Ctrl-C changed in the test process: {before} -> {after}")
