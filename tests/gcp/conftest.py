@@ -8,17 +8,21 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from infra.contract import DEFAULT_ACTION_ON_FAILURE
+from runner.backends.gcp.events import RunSubscriptions
 from tests import emulators
 from tests.gcp.fake_compute import FakeCompute, Spawn
 from tests.gcp.fault_proxies import FaultProxies
 from tests.gcp.faults import FaultPlan
 from worker.backends.base import Backends
+from worker.backends.gcp.gcs import GcsStore
+from worker.backends.gcp.pubsub import PubSubQueue
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -188,3 +192,30 @@ class ShortClock:
         time.sleep(real)
         with self._lock:
             self._skipped += max(seconds, 0.0) - real
+
+
+@dataclass
+class RunParts:
+    """What an in-process runner watches a run on the emulators with."""
+
+    store: GcsStore
+    queue: PubSubQueue
+    subscriber: Any
+    per_run: RunSubscriptions
+
+
+def run_parts(deployment: emulators.Deployment) -> RunParts:
+    """The store, the work queue and the per-run event subscriptions of ``deployment``."""
+    import google.cloud.pubsub_v1 as pubsub_v1
+
+    store = GcsStore(deployment.bucket)
+    subscriber = pubsub_v1.SubscriberClient()
+    per_run = RunSubscriptions(
+        project=deployment.project,
+        events_topic=deployment.events_topic,
+        events_subscription=deployment.events_subscription,
+        store=store,
+        subscriber=subscriber,
+    )
+    queue = PubSubQueue(project=deployment.project, topic=deployment.work_topic)
+    return RunParts(store, queue, subscriber, per_run)

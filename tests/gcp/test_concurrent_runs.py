@@ -12,10 +12,8 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-import google.cloud.pubsub_v1 as pubsub_v1
 import pytest
 
-from runner.backends.gcp.events import RunSubscriptions
 from runner.backends.gcp.fleet import GceFleet
 from runner.engine import runs
 from runner.engine.reports import shard_reports
@@ -23,11 +21,9 @@ from runner.engine.shards import from_count
 from runner.engine.watch import Snapshot, Watcher
 from tests.e2e.conftest import make_task, wait_for
 from tests.emulators import Deployment
-from tests.gcp.conftest import MakeCompute, worker_spawner
+from tests.gcp.conftest import MakeCompute, run_parts, worker_spawner
 from tests.gcp.fake_compute import FakeCompute
 from tests.gcp.test_gcp_e2e import Cloud, _cloud
-from worker.backends.gcp.gcs import GcsStore
-from worker.backends.gcp.pubsub import PubSubQueue
 from worker.protocol import Event, RunOptions, RunState
 
 pytestmark = [pytest.mark.e2e, pytest.mark.emulator]
@@ -57,16 +53,8 @@ def test_two_concurrent_runs_both_finish_once_without_disturbing_each_others_wor
     deployment: Deployment, fake_compute: MakeCompute, tmp_path: Path
 ) -> None:
     fake = _group(deployment, fake_compute, tmp_path)
-    store = GcsStore(deployment.bucket)
-    queue = PubSubQueue(project=deployment.project, topic=deployment.work_topic)
-    subscriber = pubsub_v1.SubscriberClient()
-    per_run = RunSubscriptions(
-        project=deployment.project,
-        events_topic=deployment.events_topic,
-        events_subscription=deployment.events_subscription,
-        store=store,
-        subscriber=subscriber,
-    )
+    parts = run_parts(deployment)
+    store, queue, subscriber, per_run = parts.store, parts.queue, parts.subscriber, parts.per_run
     watchers: list[Watcher] = []
     seen: dict[str, list[Event]] = {}
     for name, body, shards in (("slow", SLOW, 6), ("quick", QUICK, 6)):
@@ -144,16 +132,8 @@ def _own_successes(w: Watcher, seen: list[Event]) -> int:
 def test_stale_run_subscriptions_are_cleaned_up_by_the_next_run(
     deployment: Deployment, tmp_path: Path
 ) -> None:
-    store = GcsStore(deployment.bucket)
-    queue = PubSubQueue(project=deployment.project, topic=deployment.work_topic)
-    subscriber = pubsub_v1.SubscriberClient()
-    per_run = RunSubscriptions(
-        project=deployment.project,
-        events_topic=deployment.events_topic,
-        events_subscription=deployment.events_subscription,
-        store=store,
-        subscriber=subscriber,
-    )
+    parts = run_parts(deployment)
+    store, queue, subscriber, per_run = parts.store, parts.queue, parts.subscriber, parts.per_run
     try:
         ended, active = (
             runs.create_run(
@@ -299,16 +279,8 @@ def test_the_end_of_a_run_leaves_the_workers_busy_with_another_run_alone(
 def test_a_finished_run_whose_subscription_another_run_cleaned_up_hears_nothing_more(
     deployment: Deployment, tmp_path: Path
 ) -> None:
-    store = GcsStore(deployment.bucket)
-    queue = PubSubQueue(project=deployment.project, topic=deployment.work_topic)
-    subscriber = pubsub_v1.SubscriberClient()
-    per_run = RunSubscriptions(
-        project=deployment.project,
-        events_topic=deployment.events_topic,
-        events_subscription=deployment.events_subscription,
-        store=store,
-        subscriber=subscriber,
-    )
+    parts = run_parts(deployment)
+    store, queue, subscriber, per_run = parts.store, parts.queue, parts.subscriber, parts.per_run
     try:
         run = runs.create_run(
             store=store,

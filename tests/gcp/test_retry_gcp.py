@@ -10,21 +10,18 @@ import threading
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
-import google.cloud.pubsub_v1 as pubsub_v1
 import pytest
 
-from runner.backends.gcp.events import RunSubscriptions
 from runner.backends.gcp.fleet import GceFleet
 from runner.engine import runs
 from runner.engine.shards import from_count
 from runner.engine.watch import Snapshot, Watcher
 from tests.e2e.conftest import make_task, wait_for
 from tests.emulators import PROJECT, Deployment
-from tests.gcp.conftest import MakeCompute, ShortClock, worker_spawner
+from tests.gcp.conftest import MakeCompute, ShortClock, run_parts, worker_spawner
 from tests.gcp.fake_compute import RESET, FakeCompute, sleeper
 from tests.gcp.faults import FaultPlan
 from worker.backends.gcp.gcs import GcsStore
-from worker.backends.gcp.pubsub import PubSubQueue
 from worker.backends.gcp.retry import MINUTE
 from worker.backends.gcp.vm import leave_group
 from worker.errors import BackendError, NotFound
@@ -172,16 +169,8 @@ def test_a_watch_through_503s_a_deadline_a_reset_and_a_rate_limit_burst_finishes
     fake.fail_next("GET", GET_GROUP, 403, "rateLimitExceeded", times=4)
     fake.fail_next("POST", r"/deleteInstances$", RESET, lost=True)
     fake.fail_next("POST", r"/listManagedInstances$", RESET, times=2)
-    store = GcsStore(deployment.bucket)
-    queue = PubSubQueue(project=deployment.project, topic=deployment.work_topic)
-    subscriber = pubsub_v1.SubscriberClient()
-    per_run = RunSubscriptions(
-        project=deployment.project,
-        events_topic=deployment.events_topic,
-        events_subscription=deployment.events_subscription,
-        store=store,
-        subscriber=subscriber,
-    )
+    parts = run_parts(deployment)
+    store, queue, subscriber, per_run = parts.store, parts.queue, parts.subscriber, parts.per_run
     manifest = runs.create_run(
         store=store,
         queue=queue,
