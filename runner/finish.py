@@ -257,6 +257,7 @@ def watch_and_finish(
             watcher.manifest = runs.load_manifest(store, run_id)
 
     watcher.on_event = on_event
+    watcher.release.say = say  # what the drain waits for
     try:
         snapshot = display(watcher, dep.poll_seconds)
     except KeyboardInterrupt:

@@ -217,6 +217,9 @@ class Release:
     silence: float  # a worker unheard this long works for no run
     settle: float = IDLE_SETTLE
     deleted: set[str] = field(default_factory=set)  # instances deleted here, still listed
+    # Instances never heard from, at the last drain: the seconds before each is taken for silent.
+    unheard: dict[str, float] = field(default_factory=dict)
+    say: Callable[[str], None] | None = None  # what the drain waits for (None: the log)
 
     def lease_runs(self, fleet: Fleet) -> dict[str, set[str]] | None:
         """Who holds leases of which runs, where the fleet knows (None: it does not)."""
@@ -274,26 +277,54 @@ class Release:
     def wait(self, fleet: Fleet, listen: Callable[[], None], timeout: float, pace: float) -> bool:
         """After the run: ``listen`` (take the events) and :meth:`drain`, every ``pace``
         seconds (or as soon as an idle word stands), until nothing is waited for. False when
-        time ran out first: the workers still unknown are left to their idle timeout."""
+        time ran out first: the workers still unknown are left to their idle timeout.
+
+        An instance never heard from is not given up on while it may still speak: the wait
+        lasts until it is silent past the bound (then deleted, and given ``timeout`` to go),
+        whatever ``timeout`` says, and says so once."""
         deadline = self.clock.monotonic() + timeout
+        told: set[str] = set()
         while True:
             listen()
             if not self.drain(fleet):
                 return True
             now = self.clock.monotonic()
+            if self.unheard:
+                told |= self._tell_unheard(told, overdue=now >= deadline)
+                deadline = max(deadline, now + max(self.unheard.values()) + timeout)
             if now >= deadline:
                 return False
             settles = self.view.settles_in(now, self.settle)
             self.clock.sleep(min(pace, max(settles, 0.0), deadline - now))
 
+    def _tell_unheard(self, told: set[str], *, overdue: bool) -> set[str]:
+        """Say which never-heard instances the drain waits for, each once: when it has been
+        unheard for half the bound (a working worker has spoken several times by then, even
+        through a slow event stream), or once the drain is past its usual time; those said."""
+        new = sorted(
+            n
+            for n, left in self.unheard.items()
+            if n not in told and (overdue or left <= self.silence / 2)
+        )
+        if new:
+            most = max(self.unheard[n] for n in new)
+            (self.say or log.warning)(
+                f"waiting up to {most:.0f}s for {', '.join(new)}, not heard from since this"
+                " runner started: deleted as frozen then, unless heard from"
+            )
+        return set(new)
+
     def drain(self, fleet: Fleet) -> list[str]:
         """One look at the fleet after the run: delete the workers now known free (and any
         that will never work); the instances still waited for: those deleted, until they are
-        gone, and those that worked for this run and have not said what they do now (not known
-        busy with another run). One never heard from (booting, or busy with another run since
-        before this one) is not waited for: it leaves by itself once idle."""
+        gone; those that worked for this run and have not said what they do now (not known
+        busy with another run); and those running and never heard from, until they speak or
+        are silent past the bound (:meth:`RunView.unheard`: frozen before this runner
+        started, say, when it resumed). One still booting is deleted: it works for no run yet.
+        """
+        now = self.clock.monotonic()
         instances = fleet.instances()
-        self.view.listed(instances, self.clock.monotonic())
+        self.view.listed(instances, now)
         self.deleted &= {i.name for i in instances}  # a name seen again later is a new worker
         held = self.lease_runs(fleet)
         free = self.free(instances, held)
@@ -310,8 +341,13 @@ class Release:
             held=held,
         )
         elsewhere = self.elsewhere(held)
+        # Where lease records say who works, a worker that holds none is known free already.
+        unheard = self.view.unheard(now, self.silence) if held is None else {}
+        self.unheard = {n: left for n, left in unheard.items() if n not in self.deleted | elsewhere}
         return [
             i.name
             for i in instances
-            if i.name in self.deleted or (self.view.heard(i.name) and i.name not in elsewhere)
+            if i.name in self.deleted
+            or i.name in self.unheard
+            or (self.view.heard(i.name) and i.name not in elsewhere)
         ]

@@ -50,6 +50,7 @@ class RunView:
         self._working_at: dict[str, float] = {}  # worker -> its latest start (by its clock)
         self._heard: dict[str, float] = {}  # worker -> when it was last heard from
         self._listed: dict[str, float] = {}  # instance -> since when the fleet lists it running
+        self._found: set[str] | None = None  # running at the first look (None: none made yet)
 
     @property
     def settled(self) -> int:
@@ -104,6 +105,8 @@ class RunView:
         """What the fleet lists now: since when each instance has been running."""
         running = {i.name for i in instances if i.status == "running"}
         self._listed = {n: self._listed.get(n, now) for n in running}
+        if self._found is None:
+            self._found = running
 
     def heard(self, worker: str) -> bool:
         """Whether the worker said anything while this run was watched."""
@@ -127,12 +130,35 @@ class RunView:
     def silent(self, now: float, limit: float) -> set[str]:
         """Running instances not heard from for ``limit`` seconds (nor since they were first
         listed running): a worker that works says so at least every heartbeat, so these work
-        for no run (their worker never started, or froze)."""
+        for no run (their worker never started, or froze). One never heard from counts from
+        when this runner first listed it running, not from its creation: a VM the group still
+        creates or boots is ``starting``, and the clock of one listed running when a runner
+        resumes starts then."""
         return {
             name
             for name, since in self._listed.items()
             if now - max(since, self._heard.get(name, since)) > limit
         }
+
+    def unheard(self, now: float, limit: float) -> dict[str, float]:
+        """Running instances never heard from while this run was watched and not yet
+        :meth:`silent`, each with the seconds left before it is. A worker that works says so
+        within a heartbeat, whatever its run, and one just booted says it is idle; one that
+        froze before this runner started (a runner resumed with ``runner watch``) never will."""
+        return {
+            name: since + limit - now
+            for name, since in self._listed.items()
+            if name not in self._heard and now - since <= limit
+        }
+
+    def quiet(self, now: float, limit: float) -> set[str]:
+        """:meth:`silent` instances whose last word was not that they are idle, or never heard
+        from though running before this runner's first look (frozen while no runner watched):
+        like :attr:`stale` workers, no capacity while work remains. One never heard from that
+        came up under this runner's eyes is not: its worker may still be starting (a GPU VM
+        waits minutes for its driver), and taking it for none would start VM after VM."""
+        found = self._found or set()
+        return {n for n in self.silent(now, limit) - self.idle if n in self._heard or n in found}
 
     def free(self, now: float, limit: float, settle: float = IDLE_SETTLE) -> set[str]:
         """Workers this run's runner may delete once its run is over (settled or cancelled):

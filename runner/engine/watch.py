@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from runner.engine import runs
 from runner.engine.fleet import Fleet, Instance
 from runner.engine.lost import LostShards
-from runner.engine.policy import Release, Stragglers, decide_scale
+from runner.engine.policy import LeaseRecords, Release, Stragglers, decide_scale
 from runner.engine.run_view import IDLE_SETTLE, RunView
 from worker import defaults
 from worker.clock import SYSTEM_CLOCK, Clock
@@ -287,12 +287,23 @@ class Watcher:
             instances=instances,
             idle=idle,
             busy=self.view.busy_workers(),
-            stale=self.view.stale,
+            stale=self.view.stale | self._quiet(),
         )
         if decision.add:
             self.fleet.grow(decision.add)
         if decision.delete:
             self.release.delete(self.fleet, decision.delete, mine=over, held=held)
+
+    def _quiet(self) -> set[str]:
+        """Workers silent past a lease and a heartbeat, their last word not idle, or running
+        before this runner started and never heard from (one frozen while the runner was down):
+        no capacity, like the stale ones (:meth:`RunView.quiet`). Trusted only where workers
+        send heartbeats; where the fleet keeps lease records those tell who is stale."""
+        if isinstance(self.fleet, LeaseRecords) or not (
+            self.expect_heartbeats or self.view.heartbeats
+        ):
+            return set()
+        return self.view.quiet(self.clock.monotonic(), self.release.silence)
 
     def _speculate(self, snapshot: Snapshot) -> int:
         """Once nothing is queued, publish backup attempts of stragglers (first commit wins)

@@ -1,0 +1,233 @@
+"""A VM frozen for good while its run's runner is down is deleted by the resumed ``runner watch``,
+which never heard from it, and no VM busy with another run is touched.
+
+First the rules on a fake clock: a worker never heard from is silent once the runner has listed
+it running for a lease and a heartbeat, is then no capacity while work remains, and the drain
+after the run waits that bound out (saying so) instead of giving up. Then through the CLI on the
+Google Cloud path: the emulators, real ``python -m worker --backend gcp`` processes as the fake
+group's VMs, two runs sharing the group. Run A's runner judges a VM frozen (SIGSTOP: no
+heartbeats, its lease not extended) and is killed (SIGKILL); the runner resumed with
+``runner watch A`` never hears from that VM. Run B holds two other VMs busy the whole time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+from collections.abc import Iterable
+from pathlib import Path
+
+import pytest
+
+from runner.engine import runs
+from runner.engine.fleet import Fleet, Instance
+from runner.engine.policy import Release
+from runner.engine.run_view import RunView
+from runner.engine.watch import Watcher
+from tests.e2e.conftest import make_task, wait_for
+from tests.emulators import Deployment
+from tests.gcp.conftest import MakeCompute
+from tests.gcp.test_concurrent_runs import _holding, _only_first_attempts, _started
+from tests.gcp.test_gcp_e2e import _cloud
+from tests.gcp.test_promises_gcp import _stop_when_deleted
+from worker import defaults
+from worker.backends.local.backend import open_local
+from worker.clock import FakeClock
+from worker.protocol import Event, RunOptions, Shard
+
+SILENCE = defaults.LEASE_SECONDS + defaults.HEARTBEAT_SECONDS  # unheard this long: silent
+
+
+class ListedGroup(Fleet):
+    """The runner's view of a group, as a list: what it lists, grows and deletes. It keeps no
+    lease records, as a managed instance group keeps none."""
+
+    def __init__(self, *names: str) -> None:
+        self.live = {n: Instance(n) for n in names}
+        self.grown = 0
+        self.deleted: list[str] = []
+
+    def instances(self) -> list[Instance]:
+        return list(self.live.values())
+
+    def grow(self, count: int) -> list[str]:
+        made = [f"new{self.grown + i}" for i in range(count)]
+        self.grown += count
+        self.live.update((n, Instance(n)) for n in made)
+        return made
+
+    def delete(self, names: Iterable[str]) -> None:
+        for name in names:
+            self.deleted.append(name)
+            self.live.pop(name, None)
+
+
+def test_the_drain_waits_out_the_bound_for_a_vm_it_never_heard_then_deletes_it() -> None:
+    clock = FakeClock()
+    view = RunView("r1")
+    said: list[str] = []
+    release = Release(view, "r1", clock, silence=SILENCE, say=said.append)
+    group = ListedGroup("frozen", "theirs")
+
+    def listen() -> None:  # "theirs" runs a shard of another run and says so at every look
+        now = clock.monotonic()
+        view.apply(Event("heartbeat", "theirs", "r2", "s9", at=clock.time()), now)
+
+    started = clock.monotonic()
+    assert release.wait(group, listen, timeout=30.0, pace=0.5)
+    waited = clock.monotonic() - started
+    assert group.deleted == ["frozen"]  # judged frozen past the bound; the busy one left be
+    assert SILENCE < waited <= SILENCE + 1.0, waited  # not given up on after 30 s
+    assert len(said) == 1 and "frozen" in said[0] and "theirs" not in said[0], said
+    assert said[0].startswith("waiting up to 35s for frozen, not heard from"), said
+
+
+def test_a_vm_that_speaks_within_the_bound_is_not_deleted() -> None:
+    clock = FakeClock()
+    view = RunView("r1")
+    said: list[str] = []
+    release = Release(view, "r1", clock, silence=SILENCE, say=said.append)
+    group = ListedGroup("slow")
+    looks = iter(range(1000))
+
+    def listen() -> None:  # after 20 s it starts a shard of another run
+        if next(looks) * 0.5 >= 20.0:
+            view.apply(Event("started", "slow", "r2", "s9", at=clock.time()), clock.monotonic())
+
+    assert release.wait(group, listen, timeout=30.0, pace=0.5)
+    assert group.deleted == [] and clock.monotonic() - 1_700_000_000.0 < 21.0
+    assert said == []  # heard before half the bound: nothing to say
+
+
+def test_a_vm_never_heard_is_no_capacity_once_silent(tmp_path: Path) -> None:
+    clock = FakeClock()
+    b = open_local(tmp_path / "store", clock=clock)
+    (tmp_path / "task").mkdir()
+    (tmp_path / "task" / "task.py").write_text("def run(shard):\n    pass\n")
+    m = runs.create_run(
+        store=b.store,
+        queue=b.queue,
+        task_dir=tmp_path / "task",
+        shards=[Shard(id="s0", index=0)],
+        options=RunOptions(),
+    )
+    group = ListedGroup("frozen")  # listed running when this runner starts, and never heard
+    w = Watcher(
+        manifest=m,
+        store=b.store,
+        queue=b.queue,
+        events=b.events,
+        fleet=group,
+        max_workers=1,
+        clock=clock,
+        expect_heartbeats=True,
+    )
+    w.poll()
+    clock.advance(SILENCE)
+    w.poll()
+    assert group.grown == 0  # within the bound it may still speak: it counts as the worker
+    clock.advance(1.0)
+    w.poll()
+    assert group.grown == 1 and group.deleted == []  # a replacement; the frozen one is left be
+    for _ in range(2):  # listed at the first of these looks, silent by the second
+        clock.advance(SILENCE + 1.0)
+        w.poll()
+    # The replacement came up under this runner's eyes: unheard, it may still be booting (a GPU
+    # VM waits minutes for its driver), and is not replaced in turn.
+    assert group.grown == 1
+    b.close()
+
+
+# Seconds, for the workers and the runners alike: a worker unheard for LEASE + HEARTBEAT is
+# silent to the runner (long enough that a loaded machine's event stream keeps up).
+LEASE, HEARTBEAT = "11", "1"
+
+# Shards of run A mark their start (<worker>.<index>.<attempt>) and hold their worker until the
+# `go-a` flag exists.
+HOLD_A = """
+import os, time
+from pathlib import Path
+
+def run(shard):
+    marks = Path(os.environ["MARK_DIR"])
+    (marks / f"a.{os.environ['CFLOW_WORKER_NAME']}.{shard.index}.{shard.attempt}").touch()
+    while not (marks / "go-a").exists():
+        time.sleep(0.1)
+    (Path(shard.output_dir) / "index.txt").write_text(f"{shard.index}\\n")
+"""
+
+
+@pytest.mark.e2e
+@pytest.mark.emulator
+def test_a_vm_frozen_while_its_runner_was_down_is_deleted_by_the_resumed_watch(
+    deployment: Deployment, fake_compute: MakeCompute, tmp_path: Path
+) -> None:
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    cloud = _cloud(
+        deployment,
+        fake_compute,
+        tmp_path,
+        env={"MARK_DIR": str(marks)},
+        idle_timeout=120.0,  # only the runners delete VMs here
+        extra_args=("--lease-seconds", LEASE, "--heartbeat", HEARTBEAT),
+    )
+    cloud.env.update(CFLOW_LEASE_SECONDS=LEASE, CFLOW_HEARTBEAT_SECONDS=HEARTBEAT)
+    # B holds two VMs until the end of the test ("go" is the flag of its task).
+    b = cloud.start("submit", str(_holding(tmp_path / "b", "b")), "--shards", "2", "--workers", "2")
+    a = watch = None
+    frozen_pid = None
+    ended = threading.Event()
+    try:
+        assert b.stdout is not None
+        b_id = b.stdout.readline().strip()
+        wait_for(lambda: len(_started(marks, "b")) == 2, 90, "run B's shards on two VMs")
+        b_vms = {m.split(".")[1] for m in _started(marks, "b")}
+        # A counts B's two busy VMs as capacity: four shards get it two VMs of its own.
+        a = cloud.start(
+            "submit", str(make_task(tmp_path / "a", HOLD_A)), "--shards", "4", "--workers", "4"
+        )
+        assert a.stdout is not None
+        a_id = a.stdout.readline().strip()
+        first = wait_for(lambda: _started(marks, "a"), 90, "a shard of run A running")[0]
+        frozen = first.split(".")[1]
+        frozen_pid = cloud.fake.live()[frozen].pid
+        os.kill(frozen_pid, signal.SIGSTOP)  # for good: no heartbeats, its lease lapses
+        threading.Thread(
+            target=_stop_when_deleted, args=(cloud, frozen, frozen_pid, ended), daemon=True
+        ).start()
+        # A's runner heard the frozen VM (its start) and took it for stale once its lease
+        # lapsed: it started a replacement, which runs a third shard of A.
+        wait_for(
+            lambda: len({m.split(".")[1] for m in _started(marks, "a")}) >= 3,
+            90,
+            "a replacement of the frozen VM running a shard of A",
+        )
+        a.kill()  # the runner of A goes down; the VM it knew frozen stays
+        a.communicate(timeout=30)
+        assert frozen not in cloud.fake.deleted
+        (marks / "go-a").touch()
+        watch = cloud.start("watch", a_id)
+        _, watched = watch.communicate(timeout=120)
+        assert watch.returncode == 0, watched
+        # The resumed runner never heard from the frozen VM: it waited out the bound and
+        # deleted it; B's VMs, busy all along, are left alone.
+        assert frozen in cloud.fake.deleted, watched
+        assert not b_vms & set(cloud.fake.deleted), (b_vms, cloud.fake.deleted)
+        (marks / "go").touch()
+        _, b_err = b.communicate(timeout=120)
+    finally:
+        ended.set()
+        if frozen_pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(frozen_pid, signal.SIGCONT)
+        for proc in (a, b, watch):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+    assert b.returncode == 0, b_err
+    assert cloud.status(a_id)["counts"]["succeeded"] == 4
+    _only_first_attempts(cloud, b_id, 2)  # no attempt of B preempted: no busy VM deleted
+    wait_for(cloud.fake.is_empty, 60, "the group at zero")
+    assert not cloud.fake.resized_down()
