@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 
-import worker.backends.gcp.gcs as gcs_store
 from runner.backends.gcp.staging import BucketStager, GcsLister
 from runner.engine.shards import from_glob
 from tests.emulators import Deployment
@@ -51,7 +50,7 @@ def test_glob_lists_page_by_page_in_name_order(
     for name in reversed(names):
         store.put(name, b"x")
     store.put("other/part-00.csv", b"x")
-    monkeypatch.setattr(gcs_store, "LIST_PAGE_SIZE", 3)
+    monkeypatch.setattr(store, "page_size", 3)
     bucket = f"gs://{deployment.bucket}"
     lister = GcsLister(store)  # type: ignore[arg-type]
     assert list(lister(f"{bucket}/data/*.csv")) == [f"{bucket}/{n}" for n in names[:7]]

@@ -16,6 +16,7 @@ from worker.backends.gcp.retry import (
     PUBSUB,
     HttpAnswer,
     Kind,
+    Outage,
     Policy,
     retrying,
 )
@@ -184,3 +185,31 @@ def test_the_library_retry_follows_the_policy() -> None:
         return "ok"
 
     assert retry(flaky)() == "ok" and len(calls) == 3
+
+
+def test_an_outage_is_said_once_however_many_calls_and_tries_wait_on_it() -> None:
+    clock = FakeClock()
+    said: list[str] = []
+    outage = Outage("Cloud Storage", said.append, clock)
+    down_until = clock.monotonic() + 3600.0  # an hour: six times the libraries' deadline
+
+    def read() -> bytes:
+        if clock.monotonic() < down_until:
+            raise _api(503, "backendError")
+        return b"ok"
+
+    for key in ("a", "b", "c"):  # a watch's reads, one after another, all in the one outage
+        assert retrying(GCS, read, what=f"read {key}", clock=clock, outage=outage) == b"ok"
+    assert clock.monotonic() >= down_until
+    assert said == [
+        "Cloud Storage answered 503 backendError to read a; waiting for it to answer"
+        " (retrying with backoff, no deadline)",
+        said[1],
+    ]
+    assert said[1].startswith("Cloud Storage answers again, after 3")
+    # A permanent answer ends the call at once, and a later outage is said again.
+    with pytest.raises(gexc.NotFound):
+        retrying(GCS, lambda: (_ for _ in ()).throw(_api(404)), what="read d", outage=outage)
+    down_until = clock.monotonic() + 60.0
+    assert retrying(GCS, read, what="read e", clock=clock, outage=outage) == b"ok"
+    assert len(said) == 4 and "to read e" in said[2]

@@ -32,7 +32,8 @@ from google.api_core import exceptions as gexc
 
 from worker.backends.gcp.pubsub_api import resource_path
 from worker.backends.gcp.pubsub_events import PubSubEvents
-from worker.backends.gcp.retry import PUBSUB_RETRY
+from worker.backends.gcp.retry import PUBSUB, PUBSUB_RETRY, Outage, retrying
+from worker.clock import SYSTEM_CLOCK, Clock
 from worker.errors import BackendError, ConfigError, Unusable
 from worker.protocol import Event, Layout, Manifest, RunState
 from worker.store import Store
@@ -63,6 +64,7 @@ class RunSubscriptions:
         events_subscription: the deployment's shared events subscription; per-run ones are
             named after it (``<name>-run-<run id>``).
         store: the bucket, to tell whether a run is over.
+        clock: the pauses between tries of a call Pub/Sub answered with a transient error.
     """
 
     def __init__(
@@ -73,6 +75,7 @@ class RunSubscriptions:
         events_subscription: str | None,
         store: Store,
         subscriber: pubsub_v1.SubscriberClient,
+        clock: Clock = SYSTEM_CLOCK,
     ):
         if not events_topic or not events_subscription:
             raise ConfigError("the deployment outputs name no events topic or subscription")
@@ -81,6 +84,8 @@ class RunSubscriptions:
         self.base = events_subscription.rsplit("/", 1)[-1]
         self.store = store
         self.subscriber = subscriber
+        self.clock = clock  # the retries' pauses
+        self.outage = Outage("Pub/Sub", clock=clock)
         self._buses: list[RunEvents] = []
 
     def name(self, run_id: str) -> str:
@@ -101,8 +106,14 @@ class RunSubscriptions:
             "expiration_policy": {"ttl": EXPIRY},
             "labels": {LABEL: _label_value(run_id), CREATED_LABEL: str(int(time.time()))},
         }
-        try:
-            self.subscriber.create_subscription(request=request, retry=PUBSUB_RETRY)
+        try:  # a watch starting in a Pub/Sub outage waits it out (said once) and goes on
+            retrying(
+                PUBSUB,
+                lambda: self.subscriber.create_subscription(request=request, retry=None),
+                what=f"create the events subscription of run {run_id}",
+                clock=self.clock,
+                outage=self.outage,
+            )
             log.info("created events subscription %s", path)
         except gexc.AlreadyExists:
             pass  # a re-attached watch (or a retried create): the run's events waited there

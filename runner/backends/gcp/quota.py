@@ -125,7 +125,8 @@ def read_region(project: str, region: str) -> tuple[dict[str, Quota], list[str]]
     from google.cloud import compute_v1  # loads in a second: only when asked
 
     from runner.backends.gcp.fleet import compute_client_options
-    from worker.backends.gcp.retry import COMPUTE, Retried
+    from worker.backends.gcp.retry import COMPUTE
+    from worker.backends.gcp.retry_compute import Retried
 
     credentials, options = compute_client_options()
     client: Any = Retried(
@@ -144,7 +145,8 @@ def read_template(project: str, template_url: str, zone: str) -> Template:
     from google.cloud import compute_v1  # loads in a second: only when asked
 
     from runner.backends.gcp.fleet import compute_client_options
-    from worker.backends.gcp.retry import COMPUTE, Retried
+    from worker.backends.gcp.retry import COMPUTE
+    from worker.backends.gcp.retry_compute import Retried
 
     credentials, options = compute_client_options()
     templates: Any = Retried(

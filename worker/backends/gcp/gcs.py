@@ -3,15 +3,18 @@
 Objects are written whole (GCS never shows half an object). :meth:`GcsStore.create` is a simple
 (multipart, not resumable) upload with ``if_generation_match=0``: of racing writers exactly one
 gets the object and the others a 412, which is how attempts are claimed and shards committed.
-Large files stream to and from disk; every call passes Cloud Storage's retry policy
-(``STORAGE_RETRY``); a create retried after its first try landed gets a 412 and compares.
+Large files stream to and from disk; every call goes through Cloud Storage's retry policy with
+no deadline (:meth:`GcsBatch._call`); a create retried after its first try landed gets a 412 and
+compares.
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import copy
 import re
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,9 +25,10 @@ import google_crc32c
 import requests.adapters
 from google.api_core import exceptions as gexc
 
-from worker.backends.gcp.gcs_api import HTTP_POOL_SIZE, LIST_PAGE_SIZE, api_errors, parse_gs_uri
+from worker.backends.gcp.gcs_api import HTTP_POOL_SIZE, api_errors, parse_gs_uri
 from worker.backends.gcp.gcs_batch import GcsBatch
-from worker.backends.gcp.retry import STORAGE_RETRY
+from worker.backends.gcp.retry import Outage
+from worker.clock import SYSTEM_CLOCK, Clock
 from worker.errors import BackendError, NotFound
 
 _MAX_SIMPLE_UPLOAD = 8 * 1024 * 1024  # bytes; above this the library switches to resumable
@@ -109,12 +113,30 @@ class GcsStore(GcsBatch):
     """One bucket as a :class:`worker.store.Store`; keys are object names (the calls on many
     objects at once are :class:`worker.backends.gcp.gcs_batch.GcsBatch`'s)."""
 
-    def __init__(self, bucket: str, *, client: storage.Client | None = None):
+    def __init__(
+        self,
+        bucket: str,
+        *,
+        client: storage.Client | None = None,
+        clock: Clock = SYSTEM_CLOCK,
+        outage: Outage | None = None,
+    ):
         if not bucket or "/" in bucket:
             raise BackendError(f"bucket name {bucket!r} is not valid; give the bare name, no gs://")
         self.client = client if client is not None else make_client(None)
         self.bucket_name = bucket
         self.bucket = self.client.bucket(bucket)
+        self.clock = clock  # the retries' pauses
+        self.outage = outage or Outage("Cloud Storage", clock=clock)
+        self.give_up_after: float | None = None  # None: wait out any outage
+        self._written, self._written_lock = {}, threading.Lock()
+
+    def bounded(self, seconds: float) -> GcsStore:
+        """This store, its calls giving up after ``seconds`` of transient answers: for writes
+        that must not hold up a worker on its way out (its log, a problem report)."""
+        other = copy.copy(self)
+        other.give_up_after = seconds
+        return other
 
     # -- the Store interface -------------------------------------------------------------
 
@@ -123,14 +145,22 @@ class GcsStore(GcsBatch):
 
     def put(self, key: str, data: bytes) -> None:
         with self._errors("write", key):
-            self.bucket.blob(key).upload_from_string(
-                data, content_type=_content_type(key), retry=STORAGE_RETRY
+            blob = self.bucket.blob(key)
+            self._write(
+                key,
+                f"write {self.url(key)}",
+                lambda: blob.upload_from_string(data, content_type=_content_type(key), retry=None),
             )
 
     def put_file(self, key: str, path: Path) -> None:
         with self._errors("upload", key):
-            self.bucket.blob(key).upload_from_filename(
-                str(path), content_type=_content_type(key), retry=STORAGE_RETRY
+            blob = self.bucket.blob(key)
+            self._write(
+                key,
+                f"upload {self.url(key)}",
+                lambda: blob.upload_from_filename(
+                    str(path), content_type=_content_type(key), retry=None
+                ),
             )
 
     def create(self, key: str, data: bytes) -> bool:
@@ -139,11 +169,11 @@ class GcsStore(GcsBatch):
         blob = self.bucket.blob(key)
         try:
             with self._errors("create", key):
-                blob.upload_from_string(
-                    data,
-                    content_type=_content_type(key),
-                    if_generation_match=0,
-                    retry=STORAGE_RETRY,
+                self._call(
+                    f"create {self.url(key)}",
+                    lambda: blob.upload_from_string(
+                        data, content_type=_content_type(key), if_generation_match=0, retry=None
+                    ),
                 )
             return True
         except gexc.PreconditionFailed:
@@ -155,7 +185,10 @@ class GcsStore(GcsBatch):
 
     def get(self, key: str) -> bytes:
         with self._errors("read", key):
-            data: bytes = self.bucket.blob(key).download_as_bytes(retry=STORAGE_RETRY)
+            blob = self.bucket.blob(key)
+            data: bytes = self._call(
+                f"read {self.url(key)}", lambda: blob.download_as_bytes(retry=None)
+            )
             return data
 
     def get_many(self, keys: list[str]) -> dict[str, bytes]:
@@ -177,7 +210,8 @@ class GcsStore(GcsBatch):
 
     def exists(self, key: str) -> bool:
         with self._errors("check", key):
-            return bool(self.bucket.blob(key).exists(retry=STORAGE_RETRY))
+            blob = self.bucket.blob(key)
+            return bool(self._call(f"check {self.url(key)}", lambda: blob.exists(retry=None)))
 
     def list(
         self,
@@ -206,37 +240,53 @@ class GcsStore(GcsBatch):
         """Read-modify-write under the object's generation (``ifGenerationMatch``): a writer
         that came between makes the write fail with 412, and the object is read again."""
         while True:
-            with self._errors("read", key):
-                blob = self.bucket.get_blob(key, retry=STORAGE_RETRY)
-            if blob is None:
-                raise NotFound(f"no object {self.url(key)}")
             try:
-                with self._errors("read", key):
-                    data = blob.download_as_bytes(
-                        if_generation_match=blob.generation, retry=STORAGE_RETRY
-                    )
+                blob, data = self._read_current(key)
             except gexc.PreconditionFailed:  # rewritten since its generation was read
                 continue
             new = change(data)
             if new is None:
                 return None
             try:
-                with self._errors("write", key):
-                    blob.upload_from_string(
-                        new,
-                        content_type=_content_type(key),
-                        if_generation_match=blob.generation,
-                        retry=STORAGE_RETRY,
-                    )
+                self._write_over(key, blob, new)
                 return new
             except gexc.PreconditionFailed:
                 # Another writer came between, or a retried write whose first try landed.
                 if self.get(key) == new:
                     return new
 
+    def _read_current(self, key: str) -> tuple[storage.Blob, bytes]:
+        """The object and its bytes, read at the generation its metadata names."""
+        url = self.url(key)
+        with self._errors("read", key):
+            blob = self._call(f"read {url}", lambda: self.bucket.get_blob(key, retry=None))
+            if blob is None:
+                raise NotFound(f"no object {url}")
+            generation = blob.generation
+            data = self._call(
+                f"read {url}",
+                lambda: blob.download_as_bytes(if_generation_match=generation, retry=None),
+            )
+            return blob, data
+
+    def _write_over(self, key: str, blob: storage.Blob, data: bytes) -> None:
+        """Write ``data`` over ``blob`` unless its generation changed since it was read (412)."""
+        with self._errors("write", key):
+            self._write(
+                key,
+                f"write {self.url(key)}",
+                lambda: blob.upload_from_string(
+                    data,
+                    content_type=_content_type(key),
+                    if_generation_match=blob.generation,
+                    retry=None,
+                ),
+            )
+
     def delete(self, key: str) -> None:
         with contextlib.suppress(gexc.NotFound), self._errors("delete", key, missing_ok=True):
-            self.bucket.blob(key).delete(retry=STORAGE_RETRY)
+            blob = self.bucket.blob(key)
+            self._call(f"delete {self.url(key)}", lambda: blob.delete(retry=None))
 
     def fetch(self, uri: str, path: Path) -> None:
         bucket_name, key = parse_gs_uri(uri)
@@ -262,12 +312,18 @@ class GcsStore(GcsBatch):
     def copy(self, source: str, dest: str) -> None:
         """A server-side copy: the bytes never leave the bucket (rewritten in steps when
         Cloud Storage asks for more calls, as it may for a large object)."""
-        blob, source_blob, token = self.bucket.blob(dest), self.bucket.blob(source), None
+        blob, source_blob = self.bucket.blob(dest), self.bucket.blob(source)
+
+        def step(token: str | None) -> str | None:  # resumes where the last answered one ended
+            return self._call(
+                f"copy {self.url(source)}",
+                lambda: blob.rewrite(source_blob, token=token, retry=None)[0],
+            )
+
         with self._errors("copy", source):  # writing the same bytes again: safe to retry
-            while True:
-                token = blob.rewrite(source_blob, token=token, retry=STORAGE_RETRY)[0]
-                if token is None:
-                    return
+            token = step(None)
+            while token is not None:
+                token = step(token)
 
     def _names(
         self, bucket: str, prefix: str, match_glob: str | None, start_after: str | None = None
@@ -276,22 +332,21 @@ class GcsStore(GcsBatch):
         if start_after is not None:
             options["start_offset"] = start_after
         with self._errors("list", prefix):
-            blobs = self.client.list_blobs(
-                bucket,
-                prefix=prefix or None,
-                page_size=LIST_PAGE_SIZE,
-                fields="items(name),nextPageToken",
-                retry=STORAGE_RETRY,
-                **options,
-            )
-            for page in blobs.pages:
-                for blob in page:
-                    yield blob.name
+            what = f"list gs://{bucket}/{prefix}"
+            fields = "items(name),nextPageToken"
+            for blob in self._listing(
+                bucket, what, prefix=prefix or None, fields=fields, **options
+            ):
+                yield blob.name
 
     def _download(self, bucket: storage.Bucket, key: str, path: Path) -> None:
         try:
             with self._errors("download", key, bucket=bucket.name):
-                bucket.blob(key).download_to_filename(str(path), retry=STORAGE_RETRY)
+                blob = bucket.blob(key)
+                self._call(
+                    f"download gs://{bucket.name}/{key}",
+                    lambda: blob.download_to_filename(str(path), retry=None),
+                )
         except BaseException:
             path.unlink(missing_ok=True)  # never leave half a file behind
             raise

@@ -16,7 +16,9 @@ call per period by a background **leaser** (:mod:`worker.backends.gcp.pubsub_lea
 long as the message is held but at most ``max_lease_seconds`` (beyond that only the agent's
 :meth:`PubSubQueue.extend` calls keep it).
 **ack** is ``acknowledge`` after commit; **nack** is ``modify_ack_deadline 0``, which redelivers
-at once.
+at once. Publishes, acks, nacks and lease renewals go through Pub/Sub's retry policy with no
+deadline (an outage is waited out, and said once); only giving messages back while the queue
+closes gives up, after ``CLOSE_SECONDS``.
 
 The runner takes dead letters through a streaming pull
 (:class:`~worker.backends.gcp.pubsub_inbox.Inbox`); progress events travel on the event bus
@@ -37,14 +39,15 @@ from google.api_core import exceptions as gexc
 from worker import defaults
 from worker.backends.gcp.pubsub_api import (
     batching_publisher,
+    each_request,
     not_found_or_denied,
-    per_call,
+    publish_stored,
     resource_path,
     subscription_topic,
 )
 from worker.backends.gcp.pubsub_inbox import Inbox
 from worker.backends.gcp.pubsub_leases import Lease, Leases
-from worker.backends.gcp.retry import PUBSUB, PUBSUB_RETRY, Kind
+from worker.backends.gcp.retry import PUBSUB, Kind, Outage
 from worker.clock import SYSTEM_CLOCK, Clock
 from worker.errors import BackendError
 from worker.protocol import WorkMessage
@@ -55,7 +58,7 @@ log = logging.getLogger("cflow.pubsub")
 MIN_ACK_DEADLINE = 10  # seconds: Pub/Sub's bounds for an ack deadline
 MAX_ACK_DEADLINE = 600
 MAX_LEASE_SECONDS = 6 * 3600.0  # longest the leaser keeps a message without agent heartbeats
-PUBLISH_TIMEOUT = 120.0  # seconds to wait for one batch of publishes to be stored
+CLOSE_SECONDS = 10.0  # seconds closing tries to give held messages back (a preempted VM has 30)
 PULL_DEADLINE = 5.0  # seconds a pull may take: one that finds messages is answered in milliseconds
 _PULL_BACKOFF = (0.02, 0.25)  # seconds: first and longest pause between empty pulls
 
@@ -93,6 +96,7 @@ class PubSubQueue(WorkQueue):
         self.lease_seconds = int(min(max(lease_seconds, MIN_ACK_DEADLINE), MAX_ACK_DEADLINE))
         self.max_lease_seconds = max_lease_seconds or MAX_LEASE_SECONDS
         self.clock = clock
+        self.outage = Outage("Pub/Sub", clock=clock)  # said once however many calls wait
         self.before_publish: Callable[[], None] | None = None  # e.g. wait for staged inputs
         self._owns_subscriber = subscriber is None
         self._subscriber = subscriber
@@ -140,21 +144,8 @@ class PubSubQueue(WorkQueue):
         count = 0
         it = iter(messages)
         while batch := list(islice(it, defaults.PUBLISH_BATCH)):
-            sent = [(self._topic_of(m, topic), m) for m in batch]
-            futures = [
-                (
-                    where,
-                    self.publisher.publish(
-                        where, m.to_json(), retry=PUBSUB_RETRY, **m.attributes()
-                    ),
-                )
-                for where, m in sent
-            ]
-            for where, future in futures:
-                try:
-                    future.result(timeout=PUBLISH_TIMEOUT)
-                except Exception as exc:
-                    raise not_found_or_denied(exc, f"work topic {where}") from None
+            sent = [(self._topic_of(m, topic), m.to_json(), m.attributes()) for m in batch]
+            publish_stored(self.publisher, sent, clock=self.clock, outage=self.outage)
             count += len(batch)
         return count
 
@@ -183,7 +174,7 @@ class PubSubQueue(WorkQueue):
             received = self._pull(max_messages, max(timeout, PULL_DEADLINE))
             if received and self._leases.closed.is_set():
                 # Closed while the pull was out: the messages go back at once.
-                self._modify([r.ack_id for r in received], 0)
+                self._modify([r.ack_id for r in received], 0, give_up_after=CLOSE_SECONDS)
                 return []
             if received:
                 return self._lease_all(received)
@@ -205,11 +196,13 @@ class PubSubQueue(WorkQueue):
         except gexc.GoogleAPIError as exc:
             # Pub/Sub's policy judges it; a transient answer is an empty pull, and the
             # receive loop (or the agent's next receive) pulls again after its pause.
-            if PUBSUB.classify(exc).kind is Kind.PERMANENT:
+            verdict = PUBSUB.classify(exc)
+            if verdict.kind is Kind.PERMANENT:
                 raise not_found_or_denied(exc, f"work subscription {self.subscription}") from None
             if not isinstance(exc, gexc.DeadlineExceeded):  # an empty pull held to its end
-                log.warning("pull from %s failed, will retry: %s", self.subscription, exc)
+                self.outage.failed(verdict, f"pull from {self.subscription}")
             return []
+        self.outage.answered()
         return list(response.received_messages)
 
     def _lease_all(self, received: Sequence[Any]) -> list[Delivery]:
@@ -260,21 +253,29 @@ class PubSubQueue(WorkQueue):
         self._leases.extend(delivery.handle, seconds)
 
     def _acknowledge(self, ack_ids: list[str]) -> None:
-        assert self.subscription is not None
-        for chunk in per_call(ack_ids):
-            self.subscriber.acknowledge(
-                subscription=self.subscription, ack_ids=chunk, retry=PUBSUB_RETRY
-            )
+        sub = self.subscription
+        each_request(
+            lambda chunk: self.subscriber.acknowledge(subscription=sub, ack_ids=chunk, retry=None),
+            ack_ids,
+            what=f"acknowledge on {sub}",
+            clock=self.clock,
+            outage=self.outage,
+        )
 
-    def _modify(self, ack_ids: list[str], seconds: int) -> None:
-        assert self.subscription is not None
-        for chunk in per_call(ack_ids):
-            self.subscriber.modify_ack_deadline(
-                subscription=self.subscription,
-                ack_ids=chunk,
-                ack_deadline_seconds=seconds,
-                retry=PUBSUB_RETRY,
-            )
+    def _modify(
+        self, ack_ids: list[str], seconds: int, *, give_up_after: float | None = None
+    ) -> None:
+        sub = self.subscription
+        each_request(
+            lambda chunk: self.subscriber.modify_ack_deadline(
+                subscription=sub, ack_ids=chunk, ack_deadline_seconds=seconds, retry=None
+            ),
+            ack_ids,
+            what=f"modify ack deadlines on {sub}",
+            clock=self.clock,
+            outage=self.outage,
+            give_up_after=give_up_after,
+        )
 
     # -- the runner's side ---------------------------------------------------------------
 
@@ -293,7 +294,7 @@ class PubSubQueue(WorkQueue):
         held = self._leases.close()
         if held:  # the agent settles every delivery; anything left goes back at once
             try:
-                self._modify(held, 0)
+                self._modify(held, 0, give_up_after=CLOSE_SECONDS)
             except Exception:
                 log.warning("could not return %d held messages", len(held), exc_info=True)
         if self._dead is not None:

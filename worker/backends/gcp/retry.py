@@ -2,9 +2,17 @@
 
 Every call the runner and the worker make to Compute Engine, Pub/Sub and Cloud Storage goes
 through the policy of its service, either by :func:`retrying` (Compute: the runner's fleet, and
-through :class:`Retried` clients its shapes and quota reads; the worker leaving its group) or
-through the client library's own retry object built by :meth:`Policy.library_retry` (Pub/Sub
-and Cloud Storage, passed on every call).
+through :class:`~worker.backends.gcp.retry_compute.Retried` clients its shapes and quota reads,
+every page of a listing; the worker leaving its group; every call of the Cloud Storage store;
+the work queue's publishes, pulls, acks and nacks; the runner's events subscription) or, for
+calls made once that may give up
+(administering topics and subscriptions, composing, events a worker publishes), through the
+client library's own retry object built by :meth:`Policy.library_retry`.
+
+A call through :func:`retrying` never gives up on a transient answer unless its caller bounds
+it: a watch or a worker outlives a Cloud Storage or Pub/Sub outage of any length and carries on
+where it was. What it waits for is said once per outage (:class:`Outage`), not once per try:
+many calls wait on one outage at once.
 
 What each service documents as worth retrying:
 
@@ -40,6 +48,7 @@ from __future__ import annotations
 import http.client
 import logging
 import random
+import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -53,7 +62,6 @@ import urllib3.exceptions
 from google.api_core import exceptions as gexc
 from google.api_core import retry as gretry
 
-from worker import defaults
 from worker.clock import SYSTEM_CLOCK, Clock
 
 log = logging.getLogger("cflow.retry")
@@ -203,9 +211,57 @@ PUBSUB = Policy(
 )
 GCS = Policy("Cloud Storage", first=1.0, most=32.0, retry_codes=frozenset({408, 429}))
 LIBRARY_TIMEOUT = 600.0  # seconds: how long a library retry keeps one Pub/Sub or GCS call going
-# The retry objects every Cloud Storage and Pub/Sub call of the worker and the runner passes.
+# The retry objects of the Cloud Storage and Pub/Sub calls made once, which may give up (the
+# rest go through retrying(), with no deadline).
 STORAGE_RETRY = GCS.library_retry(LIBRARY_TIMEOUT)
 PUBSUB_RETRY = PUBSUB.library_retry(LIBRARY_TIMEOUT)
+
+
+class Outage:
+    """One service failing for a while, as the calls waiting on it live it: said once when it
+    starts and once when the service answers again, however many calls and tries wait
+    meanwhile (a watch reads many objects a second; a line per try would drown its progress).
+
+    Args:
+        service: the service's name, as the user reads it ("Cloud Storage").
+        say: where the two lines go [default: the ``cflow.retry`` log, at warning].
+        clock: measures how long the outage lasted.
+    """
+
+    def __init__(
+        self, service: str, say: Callable[[str], None] | None = None, clock: Clock = SYSTEM_CLOCK
+    ):
+        self.service = service
+        self.say = say or log.warning
+        self.clock = clock
+        self.since: float | None = None  # clock.monotonic() of its first failed try
+        self.tries = 0  # failed tries since
+        self._lock = threading.Lock()
+
+    def failed(self, verdict: Verdict, what: str) -> None:
+        """A try failed with a transient answer; the first of an outage is said."""
+        with self._lock:
+            self.tries += 1
+            first = self.since is None
+            if first:
+                self.since = self.clock.monotonic()
+        if first:
+            self.say(
+                f"{self.service} answered {verdict.answer} to {what}; waiting for it to answer"
+                " (retrying with backoff, no deadline)"
+            )
+        else:
+            log.debug("%s answered %s to %s; retrying", self.service, verdict.answer, what)
+
+    def answered(self, *, quiet: bool = False) -> None:
+        """The service answered: an outage in progress is over (said unless ``quiet``)."""
+        with self._lock:
+            if self.since is None:
+                return
+            lasted, tries = self.clock.monotonic() - self.since, self.tries
+            self.since, self.tries = None, 0
+        if not quiet:
+            self.say(f"{self.service} answers again, after {lasted:.0f} s and {tries} failed tries")
 
 
 def retrying(
@@ -217,13 +273,15 @@ def retrying(
     clock: Clock = SYSTEM_CLOCK,
     rng: Random = random,
     give_up_after: float | None = None,
+    outage: Outage | None = None,
 ) -> T:
     """``call()``, retried on transient answers until it succeeds or fails for good.
 
     Each wait is said through ``say`` (or logged): "Compute answered 503 to resize; retrying in
-    4 s". A permanent answer is raised at once, as is the last transient one when
-    ``give_up_after`` seconds would pass (None: never give up on a transient answer, as the
-    runner does: a command ends only on a permanent error or when its user stops it).
+    4 s"; with ``outage``, only an outage's first failed try and its end are said, through it.
+    A permanent answer is raised at once, as is the last transient one when ``give_up_after``
+    seconds would pass (None: never give up on a transient answer, as the runner does: a
+    command ends only on a permanent error or when its user stops it).
 
     Args:
         what: the call in words ("resize", "list the instances").
@@ -233,122 +291,30 @@ def retrying(
     attempt = 0
     while True:
         try:
-            return call()
+            result = call()
         except Exception as exc:
             verdict = policy.classify(exc)
-            if verdict.kind is Kind.PERMANENT:
-                raise
             pause = policy.delay(verdict, attempt, clock.time(), rng)
-            if give_up_after is not None and clock.monotonic() - started + pause > give_up_after:
+            late = give_up_after is not None and clock.monotonic() - started + pause > give_up_after
+            if verdict.kind is Kind.PERMANENT or late:
+                if outage is not None and verdict.kind is Kind.PERMANENT:
+                    outage.answered(quiet=True)  # it answered, if not what was hoped for
                 raise
-            waits = "into the next minute's quota; " if verdict.kind is Kind.RATE else ""
-            seconds = f"{pause:.0f}" if pause >= 10 else f"{pause:.1f}"
-            tell(
-                f"{policy.service} answered {verdict.answer} to {what}; "
-                f"{waits}retrying in {seconds} s"
-            )
+            if outage is not None:
+                outage.failed(verdict, what)
+            else:
+                waits = "into the next minute's quota; " if verdict.kind is Kind.RATE else ""
+                seconds = f"{pause:.0f}" if pause >= 10 else f"{pause:.1f}"
+                tell(
+                    f"{policy.service} answered {verdict.answer} to {what}; "
+                    f"{waits}retrying in {seconds} s"
+                )
             clock.sleep(pause)
             attempt += 1
-
-
-class Retried:
-    """A Google client library client whose every method call goes through ``policy``
-    (:func:`retrying`, the library's own retry turned off). A mutation (``insert``,
-    ``delete``, ``resize``, ...) given a ``request`` dict without a ``request_id`` gets one,
-    the same in each of its retries. Anything else (``transport``) is the client's own."""
-
-    MUTATIONS = ("insert", "delete", "resize", "patch", "update", "set_", "abandon")
-
-    def __init__(
-        self,
-        client: Any,
-        policy: Policy,
-        *,
-        say: Callable[[str], None] | None = None,
-        clock: Clock = SYSTEM_CLOCK,
-    ):
-        self._client = client
-        self._policy = policy
-        self._say = say
-        self._clock = clock
-
-    def __getattr__(self, name: str) -> Any:
-        found = getattr(self._client, name)
-        if not callable(found) or name.startswith("_"):
-            return found
-
-        def call(*args: Any, **kwargs: Any) -> Any:
-            request = kwargs.get("request")
-            if name.startswith(self.MUTATIONS) and isinstance(request, dict):
-                kwargs["request"] = {"request_id": request_id(), **request}
-            return retrying(
-                self._policy,
-                lambda: found(*args, retry=None, **kwargs),
-                what=f"{name} ({type(self._client).__name__.removesuffix('Client')})",
-                say=self._say,
-                clock=self._clock,
-            )
-
-        return call
-
-
-OPERATION_TIMEOUT = defaults.COMPUTE_OPERATION_SECONDS
-
-
-class OperationStillRunning(Exception):
-    """A Compute operation that had not ended when its wait gave up."""
-
-
-def operation_answer(operation: Any) -> HttpAnswer | None:
-    """A finished Compute operation's error as an :class:`HttpAnswer` (None: it succeeded).
-    The operation's ``RESOURCE_NOT_READY`` is the API's ``resourceNotReady``."""
-    errors = list(operation.error.errors) if operation.error else []
-    if not errors:
-        return None
-    codes = [NOT_READY_REASON if e.code == "RESOURCE_NOT_READY" else str(e.code) for e in errors]
-    message = "; ".join(f"{e.code}: {e.message}" for e in errors)
-    return HttpAnswer(int(operation.http_error_status_code or 400), codes, message)
-
-
-def run_operation(
-    start: Callable[[], Any],
-    wait: Callable[[Any], Any],
-    *,
-    what: str,
-    say: Callable[[str], None] | None = None,
-    clock: Clock = SYSTEM_CLOCK,
-    timeout: float = OPERATION_TIMEOUT,
-) -> Any:
-    """Start a Compute mutation and wait for its operation to end, all through Compute's policy.
-
-    The client library's own ``ExtendedOperation.result()`` polls at compute.googleapis.com,
-    whatever endpoint its client was given, and without this policy; so operations are waited
-    on here, by the caller's operations client. ``start()`` makes the mutation (a ``*_unary``
-    call of a :class:`Retried` client: one ``requestId`` across its retries) and returns its
-    operation; ``wait(operation)`` is that operations client's ``wait`` on it, which may answer
-    before the operation is done ("be prepared to retry if the operation is not DONE",
-    https://cloud.google.com/compute/docs/reference/rest/v1/zoneOperations/wait). An operation
-    that ends in an error the policy takes for transient (500, ``RESOURCE_NOT_READY``: the
-    mutation did not happen) is started again after a backoff, with a fresh ``requestId``.
-
-    Raises:
-        HttpAnswer: the operation ended in a permanent error.
-        OperationStillRunning: it had not ended after ``timeout`` seconds.
-    """
-
-    def once() -> Any:
-        operation = start()
-        deadline = clock.monotonic() + timeout
-        while str(getattr(operation.status, "name", operation.status)) != "DONE":
-            if clock.monotonic() >= deadline:
-                raise OperationStillRunning(f"{what} is still running after {timeout:.0f} s")
-            operation = wait(operation)
-        failure = operation_answer(operation)
-        if failure is not None:
-            raise failure
-        return operation
-
-    return retrying(COMPUTE, once, what=what, say=say, clock=clock)
+        else:
+            if outage is not None:
+                outage.answered()
+            return result
 
 
 def request_id() -> str:

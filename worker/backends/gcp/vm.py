@@ -22,6 +22,7 @@ import google.auth.exceptions
 from google.auth.credentials import AnonymousCredentials
 from google.auth.transport.requests import AuthorizedSession
 
+from worker.backends.gcp.gcs import GcsStore
 from worker.backends.gcp.retry import COMPUTE, HttpAnswer, request_id, retrying
 from worker.clock import SYSTEM_CLOCK
 from worker.errors import BackendError, ConfigError
@@ -38,6 +39,9 @@ LEAVE_TIMEOUT = 30.0  # seconds per self-delete request
 EXIT_CANNOT_LEAVE = 75
 PROBLEMS_PREFIX = "fleet/_problems/"  # <vm>.json: a VM that failed to boot or cannot leave
 AGENT_LOG_SECONDS = 30.0  # the agent's log is uploaded this often, and at exit
+# seconds a write on the way out (the agent's log, a problem report) waits out a Cloud Storage
+# outage: the store's other calls wait for ever, but these must not keep an idle VM billing
+EXIT_WRITE_SECONDS = 60.0
 
 
 def agent_log_key(vm: str) -> str:
@@ -53,7 +57,7 @@ def report_problem(store: Store, vm: str, problem: str) -> None:
     """Leave a marker the runner reads (``VM x <problem>``) and acts on (deletes the VM)."""
     record = {"vm": vm, "problem": problem, "at": time.time()}
     try:
-        store.put(problem_key(vm), json.dumps(record).encode())
+        _bounded(store).put(problem_key(vm), json.dumps(record).encode())
     except Exception as exc:  # the power-off still stops the bill
         log.error("could not report %r to the bucket: %s", problem, exc)
 
@@ -63,7 +67,7 @@ class AgentLogUploader:
     so it outlives the VM (self-removal and preemption delete the disk with it)."""
 
     def __init__(self, store: Store, vm: str, path: Path, *, every: float = AGENT_LOG_SECONDS):
-        self.store = store
+        self.store = _bounded(store)
         self.key = agent_log_key(vm)
         self.path = path
         self.every = every
@@ -92,6 +96,10 @@ class AgentLogUploader:
         self._stop.set()
         self._thread.join(timeout=5)
         self.upload()
+
+
+def _bounded(store: Store) -> Store:
+    return store.bounded(EXIT_WRITE_SECONDS) if isinstance(store, GcsStore) else store
 
 
 def group_url(

@@ -34,7 +34,8 @@ class ShapeChecks:
         from google.cloud import compute_v1  # loads in a second: only for cloud commands
 
         from runner.backends.gcp.fleet import compute_client_options
-        from worker.backends.gcp.retry import COMPUTE, Retried
+        from worker.backends.gcp.retry import COMPUTE
+        from worker.backends.gcp.retry_compute import Retried
 
         self._gexc: Any = gexc
         credentials, options = compute_client_options()

@@ -44,13 +44,12 @@ the GPU, and the quotas hold a VM of the shape, with its disk
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import TYPE_CHECKING, Any
 
-from infra.contract import DEFAULT_ACTION_ON_FAILURE
-from runner.backends.gcp.shapes.checks import ShapeChecks, rest_json
+from runner.backends.gcp.shapes.checks import ShapeChecks
 from runner.backends.gcp.shapes.images import BootImages
 from runner.backends.gcp.shapes.model import Shape, ShapedGroup, ShapeError, is_spot
+from runner.backends.gcp.shapes.resources import ShapeResources
 from runner.backends.gcp.shapes.template import (
     DEFAULT_GPU_IMAGE,
     boot_image,
@@ -66,7 +65,8 @@ if TYPE_CHECKING:
 
 
 class Shapes:
-    """Check shapes against a zone (or region) and make (or reuse) their template and group.
+    """Check shapes against a zone (or region) and make (or reuse) their template and group
+    (the calls that make, list and delete them are :class:`ShapeResources`').
 
     Args:
         project: the deployment's project.
@@ -100,67 +100,25 @@ class Shapes:
         self.gpu_image = gpu_image or DEFAULT_GPU_IMAGE
         self.container_image = container_image or None
         self.clock = clock
-        from google.api_core import exceptions as gexc
-        from google.cloud import compute_v1  # loads in a second: only for cloud commands
-
-        from runner.backends.gcp.fleet import compute_client_options
-        from worker.backends.gcp import retry  # with the clients: it loads google.api_core
-        from worker.backends.gcp.retry import COMPUTE, Retried
-
-        self._retry: Any = retry
-
-        self._compute: Any = compute_v1
-        self._gexc: Any = gexc
-        # what a delete may end in besides "not found": an API error, a bad plain answer, or
-        # an operation that outran its time
-        self._failures = (gexc.GoogleAPICallError, retry.HttpAnswer, retry.OperationStillRunning)
-        credentials, options = compute_client_options()
-        kw: dict[str, Any] = {"credentials": credentials, "client_options": options}
-        if zone:
-            self._where: dict[str, str] = {"zone": zone}
-            self._managers: Any = Retried(compute_v1.InstanceGroupManagersClient(**kw), COMPUTE)
-            self._group_ops: Any = Retried(compute_v1.ZoneOperationsClient(**kw), COMPUTE)
-        else:
-            self._where = {"region": self.region}
-            self._managers = Retried(compute_v1.RegionInstanceGroupManagersClient(**kw), COMPUTE)
-            self._group_ops = Retried(compute_v1.RegionOperationsClient(**kw), COMPUTE)
-        self._global_ops: Any = Retried(compute_v1.GlobalOperationsClient(**kw), COMPUTE)
-        self._templates: Any = Retried(compute_v1.InstanceTemplatesClient(**kw), COMPUTE)
-        self._images: Any = Retried(compute_v1.ImagesClient(**kw), COMPUTE)
-        self.images = BootImages(project=project, client=self._images, gexc=gexc)
+        self.resources = ShapeResources(
+            project=project, group=group, zone=zone, region=self.region, clock=clock
+        )
+        self.images = BootImages(
+            project=project, client=self.resources.images, gexc=self.resources.gexc
+        )
         self.checks = ShapeChecks(project=project, region=self.region)
-        self._base: tuple[dict[str, Any], str, dict[str, Any]] | None = None
 
     @property
     def where(self) -> str:
-        return f"zone {self.zone}" if self.zone else f"region {self.region}"
+        return self.resources.where
 
     def close(self) -> None:
-        clients = (self._managers, self._templates, self._images, self._group_ops, self._global_ops)
-        for client in clients:
-            client.transport.close()
+        self.resources.close()
         self.checks.close()
-
-    # -- reading ---------------------------------------------------------------------------
 
     def base(self) -> tuple[dict[str, Any], str, dict[str, Any]]:
         """The deployment's group (REST JSON), its template's name, and that template."""
-        if self._base is not None:
-            return self._base
-        group = self._managers.get(request={**self._request(self.group)})
-        # A group made with versions (as the stack's is) names its template there as well.
-        url = group.instance_template or next(
-            (v.instance_template for v in group.versions if v.instance_template), ""
-        )
-        if not url:
-            raise ShapeError(f"instance group {self.group} names no instance template to copy")
-        name = url.rstrip("/").rsplit("/", 1)[-1]
-        template = self._templates.get(request={"project": self.project, "instance_template": name})
-        self._base = rest_json(group), name, rest_json(template)
-        return self._base
-
-    def _request(self, group: str, **fields: Any) -> dict[str, Any]:
-        return {"project": self.project, **self._where, "instance_group_manager": group, **fields}
+        return self.resources.base()
 
     def normalize(self, shape: Shape) -> tuple[Shape, str]:
         """The shape with its provisioning said, and its hash (its group is ``<group>-<hash>``).
@@ -217,140 +175,22 @@ class Shapes:
             set_metadata(derived, "cflow-work-topic", queue.topic)
             set_metadata(derived, "cflow-subscription", queue.subscription)
         keep_worker_package(derived, self.project)  # a later deploy must not delete its wheels
-        template_url, made_template = self._ensure_template(name, base_name, derived)
-        made_group = self._ensure_group(name, base_group, template_url, digest, zones)
+        template_url, made_template = self.resources.ensure_template(name, base_name, derived)
+        made_group = self.resources.ensure_group(name, base_group, template_url, digest, zones)
         machine_type = str(derived.get("machineType", ""))
         made = made_template or made_group
         return ShapedGroup(name, name, shape, made, machine_type, digest, queue)
 
-    def _ensure_template(self, name: str, base: str, props: dict[str, Any]) -> tuple[str, bool]:
-        try:
-            found = self._templates.get(
-                request={"project": self.project, "instance_template": name}
-            )
-            return str(found.self_link), False
-        except self._gexc.NotFound:
-            pass
-        body = {
-            "name": name,
-            "description": f"CFlow worker, a run's shape (from {base})",
-            "properties": props,
-        }
-        resource = self._compute.InstanceTemplate.from_json(
-            json.dumps(body), ignore_unknown_fields=True
-        )
-        request = {"project": self.project, "instance_template_resource": resource}
-        try:
-            self._mutate(f"insert instance template {name}", self._templates, request)
-        except self._gexc.Conflict:  # another runner made it first: the same content by its name
-            pass
-        except (self._gexc.BadRequest, self._retry.HttpAnswer) as exc:
-            raise ShapeError(
-                f"Compute Engine refused the template for this shape: {exc.message}"
-            ) from None
-        found = self._templates.get(request={"project": self.project, "instance_template": name})
-        return str(found.self_link), True
-
-    def _ensure_group(
-        self, name: str, base: dict[str, Any], template_url: str, digest: str, zones: list[str]
-    ) -> bool:
-        try:
-            self._managers.get(request=self._request(name))
-            return False
-        except self._gexc.NotFound:
-            pass
-        body: dict[str, Any] = {
-            "name": name,
-            "baseInstanceName": f"{base.get('baseInstanceName') or self.group}-{digest}",
-            "instanceTemplate": template_url,
-            "targetSize": 0,  # the runner grows it, as it does the deployment's group
-            "updatePolicy": base.get("updatePolicy") or {"type": "OPPORTUNISTIC"},
-            "instanceLifecyclePolicy": {
-                **base.get("instanceLifecyclePolicy", {}),
-                "defaultActionOnFailure": DEFAULT_ACTION_ON_FAILURE,
-            },
-        }
-        if not self.zone:  # spread over the zones that offer the shape
-            body["distributionPolicy"] = {
-                **base.get("distributionPolicy", {}),
-                "zones": [{"zone": f"zones/{z}"} for z in zones],
-            }
-        resource = self._compute.InstanceGroupManager.from_json(
-            json.dumps(body), ignore_unknown_fields=True
-        )
-        field = "instance_group_manager_resource"
-        request = {"project": self.project, **self._where, field: resource}
-        try:
-            self._mutate(f"insert instance group {name}", self._managers, request)
-        except self._gexc.Conflict:
-            return False
-        except (self._gexc.BadRequest, self._retry.HttpAnswer) as exc:
-            raise ShapeError(
-                f"Compute Engine refused the group for this shape: {exc.message}"
-            ) from None
-        return True
-
-    # -- removing (runner.backends.gcp.shapes.cleanup)
-    # ---------------------------------------------------
+    # -- removing (runner.backends.gcp.shapes.cleanup) --------------------------------------
 
     def list_groups(self) -> list[Any]:
         """Every instance group in the deployment's zone or region."""
-        try:
-            return list(self._managers.list(request={"project": self.project, **self._where}))
-        except self._gexc.GoogleAPICallError as exc:
-            raise ShapeError(
-                f"could not list the instance groups in {self.where}: {exc.message}"
-            ) from None
+        return self.resources.list_groups()
 
     def group_instances(self, name: str) -> list[Any]:
         """The instances group ``name`` has (creating, running or being deleted)."""
-        return list(self._managers.list_managed_instances(request=self._request(name)))
+        return self.resources.group_instances(name)
 
     def delete_group(self, name: str, *, timeout: float = OPERATION_TIMEOUT) -> None:
         """Delete group ``name`` (gone already is fine), then its template of the same name."""
-        what = f"delete instance group {name}"
-        try:
-            self._mutate(what, self._managers, self._request(name), "delete", timeout)
-        except self._gexc.NotFound:
-            pass
-        except self._failures as exc:
-            raise ShapeError(f"could not {what}: {_said(exc)}") from None
-        request = {"project": self.project, "instance_template": name}
-        try:
-            self._mutate(f"delete instance template {name}", self._templates, request, "delete")
-        except self._gexc.NotFound:
-            pass
-        except self._failures as exc:
-            raise ShapeError(f"could not delete instance template {name}: {_said(exc)}") from None
-
-    def _mutate(
-        self,
-        what: str,
-        client: Any,
-        request: dict[str, Any],
-        verb: str = "insert",
-        timeout: float = OPERATION_TIMEOUT,
-    ) -> None:
-        """``client``'s ``verb`` on ``request``, waited for at the configured endpoint (not
-        the library's ``.result()``, which polls compute.googleapis.com) through Compute's
-        retry policy (:func:`worker.backends.gcp.retry.run_operation`)."""
-
-        def wait(operation: Any) -> Any:
-            ops, where = self._global_ops, {}
-            if operation.zone:
-                ops, where = self._group_ops, {"zone": operation.zone.rsplit("/", 1)[-1]}
-            elif operation.region:
-                ops, where = self._group_ops, {"region": operation.region.rsplit("/", 1)[-1]}
-            return ops.wait(request={"project": self.project, **where, "operation": operation.name})
-
-        self._retry.run_operation(
-            lambda: getattr(client, f"{verb}_unary")(request=request),
-            wait,
-            what=what,
-            clock=self.clock,
-            timeout=timeout,
-        )
-
-
-def _said(exc: BaseException) -> str:
-    return str(getattr(exc, "message", None) or exc)
+        self.resources.delete_group(name, timeout=timeout)
