@@ -62,9 +62,10 @@ lint: install
 	$(VENV)/bin/lychee --offline --include-fragments --no-progress README.md docs/*.md bench/README.md
 
 # Most tests wait on processes and emulators, not the CPU: three at a time (tests/conftest.py).
+# Each run lists its slowest tests, the first place to look when the suite grows slower.
 TEST_PROCESSES ?= 3
 test: lint
-	$(VENV)/bin/pytest -q -n $(TEST_PROCESSES)
+	$(VENV)/bin/pytest -q -n $(TEST_PROCESSES) --durations=25
 
 bench: $(STAMP)
 	# the peers: GNU parallel from Debian when we may install it (huey comes with the dev extra)

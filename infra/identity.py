@@ -17,17 +17,7 @@ from cdktf_cdktf_provider_google.storage_bucket import StorageBucket
 from cdktf_cdktf_provider_google.storage_bucket_iam_member import StorageBucketIamMember
 from constructs import Construct
 
-# What a worker needs to remove its own VM from the group when it has been idle too long
-# (``instanceGroupManagers.deleteInstances``, which also lowers the target size). The API asks
-# only ``compute.instanceGroupManagers.update`` of the caller ("Authorization requires the
-# following IAM permission on the specified resource instanceGroupManager:
-# compute.instanceGroupManagers.update",
-# https://cloud.google.com/compute/docs/reference/rest/v1/regionInstanceGroupManagers/deleteInstances);
-# the group then deletes the VM with its own service agent, so no instance right is needed.
-LEAVE_GROUP_PERMISSIONS = [
-    "compute.instanceGroupManagers.get",
-    "compute.instanceGroupManagers.update",
-]
+from infra.contract import LEAVE_GROUP_PERMISSIONS
 
 
 class Identity(Construct):

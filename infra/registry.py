@@ -21,9 +21,7 @@ from cdktf_cdktf_provider_google.artifact_registry_repository_iam_member import 
 from cdktf_cdktf_provider_google.project_service import ProjectService
 from constructs import Construct
 
-from infra.contract import STACK_ENABLED_APIS
-
-READER_ROLE = "roles/artifactregistry.reader"
+from infra.contract import READER_ROLE, STACK_ENABLED_APIS
 
 
 class Registry(Construct):

@@ -4,7 +4,8 @@
 tests wait on real processes and emulators, not on the CPU. Tests that share costly
 session-wide set-up stay in one process each: the container tests (their images are built once
 per machine, and two builds of the same image at once would each do all the work) and the CDKTF
-synthesis (several seconds per process). Every process starts emulators of its own.
+synthesis (several seconds per process). Every process starts emulators of its own. The
+longest tests start first (whole runs on the emulators), the unit tests fill in at the end.
 
 A test skipped because this machine lacks something it needs (``tests.prerequisites.missing``)
 is listed with the reason at the end of the run, under "missing prerequisites".
@@ -36,6 +37,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             if rel.startswith(prefix):
                 item.add_marker(pytest.mark.xdist_group(group))
                 break
+    # The longest tests first, so that none starts at the end of the run with the other
+    # processes idle: whole runs on the emulators, then other runs and emulator tests, and the
+    # unit tests (a second or less each) last, to fill the gaps. xdist hands the groups out
+    # first (the most tests first), then the rest in this order.
+    items.sort(key=_weight)
+
+
+def _weight(item: pytest.Item) -> int:
+    """0 for a whole run on the emulators, 1 for a run or an emulator test, 2 for the rest."""
+    marks = {mark.name for mark in item.iter_markers()}
+    return 2 - ("e2e" in marks) - ("emulator" in marks)
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
@@ -57,6 +69,21 @@ def _sigint_state() -> tuple[object, bool]:
     return signal.getsignal(signal.SIGINT), signal.SIGINT in signal.pthread_sigmask(
         signal.SIG_BLOCK, set()
     )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Take Ctrl-C as a terminal's foreground job does, whatever started the tests.
+
+    A shell without job control starts a background job (``make test &``, a CI step) with
+    SIGINT ignored, and an ignored signal survives exec: every process a test starts would then
+    ignore it too (Python leaves an inherited SIG_IGN as it is), and each test that interrupts
+    a run would watch it go on as if no Ctrl-C had come. Runs in every xdist process.
+    """
+    import signal
+
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 @pytest.fixture(autouse=True)

@@ -25,14 +25,17 @@ pytestmark = [pytest.mark.e2e, pytest.mark.emulator]
 
 LEASE, HEARTBEAT = "10", "2"  # seconds, for the workers and the runner alike
 
-SLOW = """
+# Each attempt says where it runs, then waits while the hold file exists: the test freezes a
+# worker in the middle of a shard, then lets the others through at once.
+HELD_WHILE = """
 import os, time
 from pathlib import Path
 
 def run(shard):
     marks = Path(os.environ["MARK_DIR"])
     (marks / f"{os.environ['CFLOW_WORKER_NAME']}.{shard.index}.{shard.attempt}").touch()
-    time.sleep(6)
+    while Path(os.environ["HOLD_FILE"]).exists():
+        time.sleep(0.05)
     (Path(shard.output_dir) / "index.txt").write_text(f"{shard.index}\\n")
 """
 
@@ -40,17 +43,18 @@ def run(shard):
 def test_a_frozen_vm_does_not_stall_the_run(
     deployment: Deployment, fake_compute: MakeCompute, tmp_path: Path
 ) -> None:
-    marks = tmp_path / "marks"
+    marks, hold = tmp_path / "marks", tmp_path / "hold"
     marks.mkdir()
+    hold.touch()
     cloud = _cloud(
         deployment,
         fake_compute,
         tmp_path,
-        env={"MARK_DIR": str(marks)},
+        env={"MARK_DIR": str(marks), "HOLD_FILE": str(hold)},
         extra_args=("--lease-seconds", LEASE, "--heartbeat", HEARTBEAT),
     )
     cloud.env.update(CFLOW_LEASE_SECONDS=LEASE, CFLOW_HEARTBEAT_SECONDS=HEARTBEAT)
-    task = make_task(tmp_path / "task", SLOW)
+    task = make_task(tmp_path / "task", HELD_WHILE)
     submit = cloud.start("submit", str(task), "--shards", "2", "--workers", "1")
     frozen = None
     ended = threading.Event()
@@ -58,6 +62,8 @@ def test_a_frozen_vm_does_not_stall_the_run(
         name = _busy(marks, set())
         frozen = cloud.fake.live()[name].pid
         os.kill(frozen, signal.SIGSTOP)  # its leases lapse; its heartbeats stop
+        wait_for(lambda: _stopped(frozen), 10, "the worker stopped")
+        hold.unlink()  # its attempt ends with nobody to commit it; the next VM's run through
         stopper = threading.Thread(target=_stop_when_deleted, args=(cloud, name, frozen, ended))
         stopper.start()
         stdout, stderr = submit.communicate(timeout=300)
@@ -75,6 +81,12 @@ def test_a_frozen_vm_does_not_stall_the_run(
     assert len(started_on) >= 2  # another VM took the frozen one's shard
     assert name in cloud.fake.deleted  # the runner let the frozen VM go
     assert "some workers are still stopping" not in stderr
+
+
+def _stopped(pid: int) -> bool:
+    """Whether the process is stopped by a signal (state T in /proc/PID/stat)."""
+    with open(f"/proc/{pid}/stat") as fh:
+        return fh.read().rsplit(")", 1)[1].split()[0] == "T"
 
 
 def _stop_when_deleted(cloud: Cloud, name: str, pid: int, ended: threading.Event) -> None:

@@ -242,14 +242,31 @@ def test_submit_refuses_a_bad_shape_in_one_line_and_publishes_nothing(
     deployment: Deployment,
     fake: FakeCompute,
     tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
     args: tuple[str, ...],
     says: str,
 ) -> None:
-    result = _submit(deployment, fake, tmp_path, *args)
-    assert result.returncode == 2, result.stderr
-    last = result.stderr.strip().splitlines()[-1]
-    assert says in last, result.stderr
-    assert result.stdout == ""  # no run id: no run was made
+    # The CLI's entry in this process, which has loaded the Compute client already: a runner
+    # process of its own would spend seconds loading it to refuse in one line. The fixtures
+    # point this process at the emulators and the fake (CFLOW_COMPUTE_ENDPOINT).
+    from runner.cli.main import _main
+
+    for name in ("CFLOW_STORE", "CFLOW_DEPLOYMENT", "CFLOW_BACKEND"):
+        monkeypatch.delenv(name, raising=False)
+    task = tmp_path / "task"
+    task.mkdir()
+    (task / "task.py").write_text("def run(shard):\n    return None\n")
+    outputs = tmp_path / "cflow-outputs.json"
+    outputs.write_text(json.dumps(deployment.outputs(zone=ZONE, group=GROUP)))
+    argv = ["submit", str(task), "--shards", "3", "--no-check", "--detach"]
+    with pytest.raises(SystemExit) as exited:
+        _main([*argv, "--deployment", str(outputs), *args])
+    stdout, stderr = capsys.readouterr()
+    assert exited.value.code == 2, stderr
+    last = stderr.strip().splitlines()[-1]
+    assert says in last, stderr
+    assert stdout == ""  # no run id: no run was made
     store = GcsStore(deployment.bucket, client=make_client(deployment.project))
     assert list(store.list("runs/")) == []
     assert fake.templates == {} and fake.made_groups == {} and fake.resizes == []

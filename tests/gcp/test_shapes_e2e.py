@@ -39,7 +39,8 @@ def run(shard):
     if shard.index == 0 and os.environ.get("MARK_DIR"):
         marks = Path(os.environ["MARK_DIR"])
         (marks / f"{os.environ['CFLOW_WORKER_NAME']}.{shard.attempt}").touch()
-        time.sleep(4)
+        while Path(os.environ["HOLD_FILE"]).exists():  # busy until the test has preempted it
+            time.sleep(0.05)
     else:
         time.sleep(0.3)
     (Path(shard.output_dir) / "index.txt").write_text(f"{shard.index}\\n")
@@ -150,9 +151,11 @@ def test_concurrent_runs_of_two_shapes_each_run_only_on_their_own_vms(
 def test_a_regional_fallback_run_pins_a_preempted_shard_to_standard_vms(
     deployment: Deployment, fake_compute: MakeCompute, tmp_path: Path
 ) -> None:
-    marks = tmp_path / "marks"
+    marks, hold = tmp_path / "marks", tmp_path / "hold"
     marks.mkdir()
-    cloud = _cloud(deployment, fake_compute, tmp_path, region=True, env={"MARK_DIR": str(marks)})
+    hold.touch()
+    env = {"MARK_DIR": str(marks), "HOLD_FILE": str(hold)}
+    cloud = _cloud(deployment, fake_compute, tmp_path, region=True, env=env)
     task = make_task(tmp_path / "task", TASK)
     submit = cloud.start(
         "submit", str(task), "--shards", "4", "--workers", "2",
@@ -162,6 +165,9 @@ def test_a_regional_fallback_run_pins_a_preempted_shard_to_standard_vms(
         mark = wait_for(lambda: next(iter(marks.iterdir()), None), 60, "shard 0 started")
         spot_vm = mark.name.split(".")[0]  # its attempt is running: the SIGTERM preempts it
         cloud.fake.live()[spot_vm].send_signal(signal.SIGTERM)
+        # Once it was given back and started again elsewhere, the next attempt runs through.
+        wait_for(lambda: len(list(marks.iterdir())) > 1, 90, "shard 0 started again")
+        hold.unlink()
         stdout, stderr = submit.communicate(timeout=180)
     finally:
         if submit.poll() is None:

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from infra.registry import READER_ROLE
+from infra.contract import READER_ROLE  # plain: collecting this module loads no CDKTF
 
 if TYPE_CHECKING:
     from conftest import Synth

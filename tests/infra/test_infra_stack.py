@@ -14,8 +14,13 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from infra.contract import DEFAULT_ACTION_ON_FAILURE, REQUIRED_APIS, STACK_ENABLED_APIS
-from infra.identity import LEAVE_GROUP_PERMISSIONS
+# Plain values only: every test process collects this module, none should load CDKTF for it.
+from infra.contract import (
+    DEFAULT_ACTION_ON_FAILURE,
+    LEAVE_GROUP_PERMISSIONS,
+    REQUIRED_APIS,
+    STACK_ENABLED_APIS,
+)
 
 if TYPE_CHECKING:
     from conftest import Synth

@@ -14,7 +14,6 @@ import google.cloud.pubsub_v1 as pubsub_v1
 
 from runner.backends.gcp.combine import BucketCombiner
 from runner.backends.gcp.events import RunSubscriptions
-from runner.backends.gcp.fleet import GceFleet
 from runner.backends.gcp.staging import BucketStager, GcsLister, prepare_task
 from runner.config import Config
 from runner.engine.deployment import Deployment
@@ -68,6 +67,10 @@ def open_gcp_deployment(config: Config, *, clock: Clock = SYSTEM_CLOCK) -> Deplo
 
     def make_fleet(slots: int, idle_timeout: float | None) -> Fleet:
         # Slots and the idle timeout of VMs are set at deploy time, in the instance template.
+        # The Compute client takes seconds to load: only the commands that look at the group
+        # (submit, watch, cancel; status when it must tell a lost shard) pay for it.
+        from runner.backends.gcp.fleet import GceFleet
+
         return GceFleet(
             project=project,
             group=group,

@@ -16,7 +16,6 @@ cache and needs no network.
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import io
 import json
 import os
@@ -67,6 +66,10 @@ def cache_dir() -> Path:
 
 def installed_pins(skip: set[str] | None = None) -> list[str]:
     """``name==version`` for every distribution in this environment (a constraints list)."""
+    # Here, not at the top: the shape groups import this module on every command, local ones
+    # included, and importlib.metadata (with email, zipfile, csv) costs a runner's start-up.
+    import importlib.metadata
+
     skip = {_norm(s) for s in (skip or set())}
     pins = {}
     for dist in importlib.metadata.distributions():
