@@ -34,12 +34,13 @@ from dataclasses import dataclass, field
 from runner.engine import runs
 from runner.engine.fleet import Fleet, Instance
 from runner.engine.lost import LostShards
-from runner.engine.policy import LeaseRecords, Release, Stragglers, decide_scale
+from runner.engine.policy import LeaseRecords, Release, decide_scale
 from runner.engine.run_view import IDLE_SETTLE, RunView
+from runner.engine.speculation import Speculation
 from worker import defaults
 from worker.clock import SYSTEM_CLOCK, Clock
 from worker.errors import DiskFull
-from worker.protocol import Event, EventKind, Manifest, RunState, WorkMessage
+from worker.protocol import Event, EventKind, Manifest, RunState
 from worker.queue import EventBus, WorkQueue
 from worker.store import Store
 
@@ -92,6 +93,23 @@ class Snapshot:
 
 
 @dataclass
+class FullDisk:
+    """A disk that stays full stops the watch with its one line: the workers wait for space
+    and nothing is lost, but watching a run that cannot move helps no one."""
+
+    since: float | None = None  # since when the store's disk is full
+
+    def check(self, fleet: Fleet | None, now: float, run_id: str) -> None:
+        full = fleet.disk_full() if fleet is not None else None
+        if full is None:
+            self.since = None
+        elif self.since is None:
+            self.since = now
+        elif now - self.since >= DISK_FULL_SECONDS:
+            raise DiskFull(f"{full}; watch it again with `runner watch {run_id}`")
+
+
+@dataclass
 class Watcher:
     """Watches one run to its end: its view kept from events and reconciles, lost shards put
     back on the queue, and the fleet scaled to the outstanding work at every poll."""
@@ -106,7 +124,7 @@ class Watcher:
     clock: Clock = SYSTEM_CLOCK
     reconcile_seconds: float = defaults.RECONCILE_SECONDS
     on_event: Callable[[Event], None] | None = None
-    speculate: bool = False  # back up stragglers once nothing is queued (policy.Stragglers)
+    speculate: bool = False  # back up stragglers once nothing is queued (engine.speculation)
     # A worker silent this long lost its lease; the workers' own settings where given.
     lease_seconds: float = field(default_factory=lambda: _env_seconds("LEASE_SECONDS"))
     heartbeat_seconds: float = field(default_factory=lambda: _env_seconds("HEARTBEAT_SECONDS"))
@@ -132,13 +150,13 @@ class Watcher:
         self._reconcile_every = self.reconcile_seconds
         self._done_times: deque[tuple[float, int]] = deque(maxlen=64)
         self.view = RunView(self.run_id)  # the shard sets and counts, shared with self.lost
-        self.stragglers = Stragglers()
+        self.speculation = Speculation(self.run_id, self.store, self.queue)
         silence = self.lease_seconds + self.heartbeat_seconds  # an attempt's lease has lapsed
         self.lost = LostShards(self.view, self.queue, self.store, self.clock, silence=silence)
         self._cursors: dict[str, str | None] = {"/result.json": None, "/failed.json": None}
         self._reconciled = False  # the first reconcile is a full pass (a true first frame)
         self.heard = False  # the last poll brought events
-        self._full_since: float | None = None  # since when the store's disk is full
+        self.disk = FullDisk()
         self.reconciles = 0  # how many, and what the last one cost (bench/reconcile.py)
         self.last_reconcile_seconds = 0.0
         self._pace = defaults.WATCH_POLL_SECONDS  # the watch loop's, for the drain
@@ -167,23 +185,11 @@ class Watcher:
         # One look at the fleet per poll: in the cloud each look is an API call.
         instances = self.fleet.instances() if self.fleet is not None else []
         self.view.listed(instances, self.clock.monotonic())
-        self._check_disk()
+        self.disk.check(self.fleet, self.clock.monotonic(), self.run_id)
         snapshot = self.snapshot(instances)
         if self.fleet is not None:
             self.scale(snapshot, instances)
         return snapshot
-
-    def _check_disk(self) -> None:
-        """A disk that stays full stops the watch with its one line: the workers wait for
-        space and nothing is lost, but watching a run that cannot move helps no one."""
-        full = self.fleet.disk_full() if self.fleet is not None else None
-        now = self.clock.monotonic()
-        if full is None:
-            self._full_since = None
-        elif self._full_since is None:
-            self._full_since = now
-        elif now - self._full_since >= DISK_FULL_SECONDS:
-            raise DiskFull(f"{full}; watch it again with `runner watch {self.run_id}`")
 
     def reconcile(self, *, full: bool = False) -> None:
         """Bring the event-built view up to the store's truth (and collect dead letters).
@@ -245,7 +251,7 @@ class Watcher:
             self.on_event(event)
         shard = self.view.apply(event, self.clock.monotonic())
         if shard is not None and self.speculate:
-            self.stragglers.saw(EventKind(event.kind), shard, event.worker, self.clock.monotonic())
+            self.speculation.saw(EventKind(event.kind), shard, event.worker, self.clock.monotonic())
 
     def snapshot(self, instances: list[Instance] | None = None) -> Snapshot:
         now = self.clock.monotonic()
@@ -277,7 +283,9 @@ class Watcher:
             instances = self.fleet.instances()
         outstanding = snapshot.total - snapshot.succeeded - snapshot.failed
         if self.speculate:
-            outstanding += self._speculate(snapshot)
+            outstanding += self.speculation.step(
+                self.view, self.release, self.fleet, self.clock.monotonic(), snapshot.queued
+            )
         over = outstanding <= 0  # then every worker known to work for no other run may go
         held, idle = self.release.known(self.fleet, instances, over=over)
         decision = decide_scale(
@@ -304,23 +312,6 @@ class Watcher:
         ):
             return set()
         return self.view.quiet(self.clock.monotonic(), self.release.silence)
-
-    def _speculate(self, snapshot: Snapshot) -> int:
-        """Once nothing is queued, publish backup attempts of stragglers (first commit wins)
-        and release workers whose attempt lost; returns how many backups wait for a worker."""
-        losers = self.stragglers.take_losers() - self.view.busy_workers()
-        if losers and self.fleet is not None:
-            log.info("speculation: releasing %s (their attempts lost)", ", ".join(sorted(losers)))
-            self.release.delete(self.fleet, sorted(losers), mine=True)
-        if snapshot.queued == 0:
-            picked = set(self.stragglers.pick(self.clock.monotonic(), self.view.running))
-            if picked:
-                log.info("speculating: backup attempts of %s", ", ".join(sorted(picked)))
-                backups = [s for s in runs.iter_shards(self.store, self.run_id) if s.id in picked]
-                self.queue.publish(
-                    WorkMessage(self.run_id, s.to_dict(), backup=True) for s in backups
-                )
-        return len(self.stragglers.waiting)
 
     def watch(
         self,
