@@ -16,6 +16,11 @@ machine is noisy; medians are printed with every run's figure.
 2. A no-op ``task.sh``: ``runner submit`` against GNU parallel -j2 and ``xargs -P2`` running
    the same script. Target: at most 1.0x GNU parallel in every run.
 
+Beside each ``runner submit``'s wall time, the CPU seconds (user and system) of every process
+it started: the runner, its workers and their task hosts (this benchmark is their subreaper, so
+workers that outlive the runner are counted too). On a loaded machine the wall times follow the
+load; the CPU seconds move far less, so two checkouts measured in one sitting compare by them.
+
 The store lives under ``--work`` (default ``bench/out/`` in the checkout, where a user's
 ``./.cflow`` would be). Prints tables and one JSON line; nothing is asserted.
 """
@@ -23,9 +28,11 @@ The store lives under ``--work`` (default ``bench/out/`` in the checkout, where 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import multiprocessing
 import os
+import resource
 import shutil
 import sqlite3
 import statistics
@@ -39,10 +46,12 @@ from pathlib import Path
 
 from _common import REPO, compile_project, parse_args
 
+# The same busy timeout as CFlow's queue.db (worker.backends.local.db.BUSY_TIMEOUT): huey's
+# default of 5 s ends the whole benchmark with "database is locked" on a loaded machine.
 HUEY_TASKS = """
 from huey import SqliteHuey
 
-huey = SqliteHuey(filename={db!r})
+huey = SqliteHuey(filename={db!r}, timeout=30)
 
 @huey.task()
 def noop(i):
@@ -50,12 +59,45 @@ def noop(i):
 """
 
 
+PR_SET_CHILD_SUBREAPER = 36  # prctl(2)
+
+
+def _become_subreaper() -> bool:
+    """Make the processes a run leaves behind (its workers, once the runner exits) children of
+    this one, so their CPU time is counted when they are reaped. Linux only."""
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _children_cpu() -> float:
+    """CPU seconds (user and system) of every child process reaped so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _reap(*, wait: bool) -> None:
+    """Reap the children that have ended; with ``wait``, wait for every one left (a run's
+    workers stop on their own once it has ended)."""
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, 0 if wait else os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
 def _cflow(task: Path, shards: int, work: Path) -> dict[str, float]:
-    """One ``runner submit``: its wall time and, from the run's events, its fixed cost."""
+    """One ``runner submit``: its wall time, the CPU time of every process it started, and,
+    from the run's events, its fixed cost."""
     store = work / "store"
     shutil.rmtree(store, ignore_errors=True)
     env = {**os.environ, "CFLOW_STORE": str(store), "PYTHONPATH": str(REPO)}
     argv = [sys.executable, "-m", "runner", "submit", str(task), "--shards", str(shards)]
+    _reap(wait=False)  # what an earlier contender left is not this run's
+    cpu_before = _children_cpu()
     start_epoch = time.time()
     start = time.perf_counter()
     proc = subprocess.run(
@@ -65,6 +107,8 @@ def _cflow(task: Path, shards: int, work: Path) -> dict[str, float]:
     end_epoch = start_epoch + wall
     if proc.returncode != 0:
         raise SystemExit(f"runner submit failed:\n{proc.stderr[-2000:]}")
+    _reap(wait=True)
+    cpu = _children_cpu() - cpu_before
     run_id = proc.stdout.strip().splitlines()[0]
     conn = sqlite3.connect(store / "queue.db")
     try:
@@ -80,7 +124,7 @@ def _cflow(task: Path, shards: int, work: Path) -> dict[str, float]:
         conn.close()
     if committed != shards:
         raise SystemExit(f"only {committed} of {shards} shards committed")
-    return {"wall": wall, "fixed": (first - start_epoch) + (end_epoch - last)}
+    return {"wall": wall, "cpu": cpu, "fixed": (first - start_epoch) + (end_epoch - last)}
 
 
 def _noop(i: int) -> int:
@@ -184,7 +228,11 @@ def _contenders(work: Path, args: argparse.Namespace) -> dict[str, Contender]:
 
     def cflow() -> dict[str, float]:
         big = _cflow(py_task, n, work)
-        return {"py/cflow": big["wall"], "py/cflow fixed": big["fixed"]}
+        return {"py/cflow": big["wall"], "py/cflow fixed": big["fixed"], "py/cflow cpu": big["cpu"]}
+
+    def cflow_small() -> dict[str, float]:
+        figures = _cflow(py_task, small, work)
+        return {"py/cflow small": figures["wall"], "py/cflow small cpu": figures["cpu"]}
 
     def run(argv: list[str], stdin: str | None = None) -> float:
         return _timed(
@@ -193,7 +241,7 @@ def _contenders(work: Path, args: argparse.Namespace) -> dict[str, Contender]:
 
     out: dict[str, Contender] = {
         "py/cflow": cflow,
-        "py/cflow small": lambda: {"py/cflow small": _cflow(py_task, small, work)["wall"]},
+        "py/cflow small": cflow_small,
         "py/Pool": lambda: {"py/Pool": _timed(lambda: _pool(n))},
     }
     if have_huey:
@@ -215,10 +263,16 @@ def _figures(times: dict[str, list[float]], n: int, small: int) -> dict[str, obj
     slope = [
         (b - s) / (n - small) * 1000 for b, s in zip(cflow, times["py/cflow small"], strict=True)
     ]
+    cpu = times["py/cflow cpu"]
+    cpu_slope = [
+        (b - s) / (n - small) * 1000 for b, s in zip(cpu, times["py/cflow small cpu"], strict=True)
+    ]
     figures: dict[str, object] = {
         f"python: {n:,} shards, s (target <= 1.0 at 2,000)": round(_median(cflow), 3),
         "python: ms per extra shard (target <= 0.5)": round(_median(slope), 3),
         "python: fixed cost, s (target <= 0.5)": round(_median(times["py/cflow fixed"]), 3),
+        f"python: CPU s of every process, {n:,} shards": round(_median(cpu), 3),
+        "python: CPU ms per extra shard": round(_median(cpu_slope), 3),
         "python: cflow / Pool": round(_median(cflow) / _median(times["py/Pool"]), 2),
     }
     if "py/huey" in times:
@@ -239,6 +293,8 @@ def _figures(times: dict[str, list[float]], n: int, small: int) -> dict[str, obj
 
 def main(argv: list[str] | None = None) -> None:
     args = _args(argv)
+    if not _become_subreaper():
+        print("not Linux: CPU figures leave out workers that outlive the runner", file=sys.stderr)
     compile_project()
     args.work.mkdir(parents=True, exist_ok=True)
     times: dict[str, list[float]] = {}
