@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
@@ -40,10 +40,11 @@ from runner.request import SubmitRequest
 from runner.results.parts import OutTarget, Say, check_out
 from worker.errors import ConfigError
 from worker.executors.container.runtime import check_image
-from worker.protocol import Layout, Manifest, RunOptions, new_run_id
+from worker.protocol import Layout, Manifest, RunOptions, Shard, new_run_id
 
 if TYPE_CHECKING:
     from runner.backends.gcp.shapes.model import ShapedGroup
+    from runner.engine.watch import Snapshot, Watcher
 
 Opener = Callable[[Config], Deployment]  # opens the deployment a Config describes
 
@@ -120,11 +121,14 @@ def submit(
             options = request.run_options(dep.default_workers)
             try:
                 manifest = flow.create(options, store_was_there, on_created, on_published)
+                return flow.follow(manifest, options, target, display, on_outcome)
             except KeyboardInterrupt:
-                if flow.created is None:  # no run yet: nothing to let go of
+                # Ctrl-C between the run's creation and its watch (which takes it itself) lets
+                # go of the run as the watch would; with no run yet, or after the watch, it ends
+                # the submit.
+                if flow.created is None or flow.watched:
                     raise
                 return flow.interrupted(flow.created, on_outcome)
-            return flow.follow(manifest, options, target, display, on_outcome)
         finally:
             if flow is not None and flow.publisher is not None:
                 flow.publisher.join()  # a stream's publisher stops with its run
@@ -148,6 +152,7 @@ class _Submission:
     publisher: Publisher | None = None  # a stream's, publishing while the run is watched
     cache: ShardCache | None = None  # --cache: the shards it reused
     created: Manifest | None = None  # the run, once it exists (before it is all published)
+    watched: bool = False  # the watch has begun: from then on it takes Ctrl-C itself
 
     def create(
         self,
@@ -200,32 +205,7 @@ class _Submission:
             bundled = request.task_dir
             if dep.prepare_task is not None:  # Google Cloud: requirements as wheels the VMs take
                 bundled = dep.prepare_task(request.task_dir, Path(staging.name))
-            if request.feed is not None:
-                manifest, self.publisher = start_stream(
-                    store=dep.backends.store,
-                    queue=dep.backends.queue,
-                    task_dir=bundled,
-                    feed=request.feed,
-                    options=options,
-                    on_created=made,
-                    on_published=count,
-                    run_id=run_id,
-                    keyed=cache.keyed if cache is not None else None,
-                    reuse=cache.reuse if cache is not None else None,
-                )
-                return manifest
-            return runs.create_run(
-                store=dep.backends.store,
-                queue=dep.backends.queue,
-                task_dir=bundled,
-                shards=source,
-                options=options,
-                stage_input=dep.stage_input,
-                on_published=count,
-                on_created=made,  # before publishing: an interrupted submit resumes
-                run_id=run_id,
-                reuse=cache.reuse if cache is not None else None,
-            )
+            return self._make_run(bundled, source, options, run_id, made, count)
         except BaseException as exc:
             # Ctrl-C once the run exists lets go of it, like Ctrl-C while it is watched: its
             # workers go on and `runner watch` publishes the rest (submit decides what to say).
@@ -235,12 +215,55 @@ class _Submission:
         finally:
             staging.cleanup()
 
+    def _make_run(
+        self,
+        bundled: Path,
+        source: Iterator[Shard],
+        options: RunOptions,
+        run_id: str,
+        made: Callable[[Manifest], None],
+        count: Callable[[int], None],
+    ) -> Manifest:
+        """Make the run from the bundled task folder and publish its shards: a stream's as
+        they are read (its publisher goes on while the run is watched), else all of them."""
+        dep, cache, feed = self.dep, self.cache, self.request.feed
+        reuse = cache.reuse if cache is not None else None
+        if feed is not None:
+            manifest, self.publisher = start_stream(
+                store=dep.backends.store,
+                queue=dep.backends.queue,
+                task_dir=bundled,
+                feed=feed,
+                options=options,
+                on_created=made,
+                on_published=count,
+                run_id=run_id,
+                keyed=cache.keyed if cache is not None else None,
+                reuse=reuse,
+            )
+            return manifest
+        return runs.create_run(
+            store=dep.backends.store,
+            queue=dep.backends.queue,
+            task_dir=bundled,
+            shards=source,
+            options=options,
+            stage_input=dep.stage_input,
+            on_published=count,
+            on_created=made,  # before publishing: an interrupted submit resumes
+            run_id=run_id,
+            reuse=reuse,
+        )
+
     def interrupted(
         self, manifest: Manifest, on_outcome: Callable[[Outcome], None] | None
     ) -> Submitted:
         """Ctrl-C while the run was being made: let go of it (`runner watch` resumes it) or
         cancel it, as Ctrl-C while it is watched would."""
         outcome = let_go(self.dep, manifest.run_id, cancel=self.request.cancel_on_interrupt)
+        if self.request.cancel_on_interrupt:  # its workers go, as after a cancelled watch
+            shards = manifest.shard_count
+            make_watcher(self.dep, manifest, workers=None, slots=None, shards=shards).drain_fleet()
         if on_outcome is not None:
             on_outcome(outcome)
         return Submitted(manifest.run_id, outcome)
@@ -302,13 +325,18 @@ class _Submission:
             watcher.poll()  # starts the workers
             self.say(f"detached; follow with `runner watch {run_id}`")
             return Submitted(run_id)
+
+        def watch(watching: Watcher, poll_seconds: float) -> Snapshot:
+            self.watched = True  # inside the watch's own Ctrl-C handling
+            return display(watching, poll_seconds)
+
         outcome = watch_and_finish(
             watcher,
             dep,
             rule=request.rule,
             cancel_on_interrupt=request.cancel_on_interrupt,
             out=target,
-            display=display,
+            display=watch,
             on_outcome=on_outcome,
             say=self.say,
         )

@@ -12,9 +12,10 @@ import pytest
 
 from cflow.driver import let_go
 from runner.config import REQUIRED_FOR_GCP
+from tests.e2e.conftest import cli
 from tests.gcp.conftest import MakeCompute, fake_compute, worker_spawner
 
-__all__ = ["fake_compute"]  # the Google Cloud tests' fixture, used here by name
+__all__ = ["cli", "fake_compute"]  # the end-to-end and Google Cloud tests' fixtures, by name
 
 ZONE = "us-central1-a"
 GROUP = "cflow-workers"

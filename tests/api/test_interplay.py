@@ -34,10 +34,10 @@ def _gated(marks: Path) -> Any:
     return gated
 
 
-def _interrupt(tmp_path: Path, mode: str) -> tuple[subprocess.CompletedProcess[str], Cli]:
+def _interrupt(cli: Cli, mode: str) -> subprocess.CompletedProcess[str]:
+    tmp_path = cli.workdir
     marks = tmp_path / "marks"
     marks.mkdir()
-    cli = Cli(tmp_path)
     proc = subprocess.Popen(
         [sys.executable, str(SCRIPT), str(cli.store), str(marks), mode],
         cwd=tmp_path,
@@ -46,10 +46,23 @@ def _interrupt(tmp_path: Path, mode: str) -> tuple[subprocess.CompletedProcess[s
         stderr=subprocess.PIPE,
         text=True,
     )
-    wait_for(lambda: any(marks.glob("started-*")), 60, "a first item to start")
-    os.kill(proc.pid, signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err), cli
+    try:
+        wait_for(lambda: any(marks.glob("started-*")), 60, "a first item to start")
+        os.kill(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    except (AssertionError, subprocess.TimeoutExpired):
+        proc.kill()  # its workers, in sessions of their own, are stopped by the fixture
+        _, err = proc.communicate()
+        raise AssertionError(f"the script did not end on Ctrl-C; it wrote:\n{err}") from None
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def test_a_process_started_here_takes_ctrl_c_as_a_terminal_job_does() -> None:
+    """Whatever started the tests (a shell's background job ignores SIGINT), the scripts they
+    interrupt start with Python's own Ctrl-C handler, as in a terminal (tests/conftest.py)."""
+    probe = "import signal; print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)"
+    shown = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert shown.stdout.strip() == "True", shown.stderr
 
 
 def _only_run(cli: Cli) -> str:
@@ -58,16 +71,16 @@ def _only_run(cli: Cli) -> str:
     return runs[0].name
 
 
-def test_ctrl_c_cancels_the_run(tmp_path: Path) -> None:
-    done, cli = _interrupt(tmp_path, "cancel")
+def test_ctrl_c_cancels_the_run(cli: Cli) -> None:
+    done = _interrupt(cli, "cancel")
     assert done.returncode == 130, done.stderr
     run_id = _only_run(cli)
     assert f"run {run_id} cancelled" in done.stderr
     assert cli.status(run_id)["state"] == "cancelled"
 
 
-def test_ctrl_c_with_detach_leaves_the_run_to_attach_to(tmp_path: Path) -> None:
-    done, cli = _interrupt(tmp_path, "detach")
+def test_ctrl_c_with_detach_leaves_the_run_to_attach_to(cli: Cli, tmp_path: Path) -> None:
+    done = _interrupt(cli, "detach")
     assert done.returncode == 130, done.stderr
     run_id = _only_run(cli)
     assert f"cflow.attach({run_id!r})" in done.stderr and f"runner watch {run_id}" in done.stderr
