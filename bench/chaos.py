@@ -29,7 +29,6 @@ sys.path.insert(0, str(REPO))  # the harness, the emulators and the fake Compute
 
 from tests import emulators
 from tests.gcp.chaos import IDLE_BOUND, SeedResult, run_seed
-from tests.gcp.faults import COMPUTE_CREATE_KINDS, COMPUTE_KINDS
 
 HEADER = (
     f"{'seed':>5} {'s':>6} {'VMs':>4} {'VM-s':>6} {'busy':>6} {'idle':>6} {'idle%':>6} "
@@ -85,9 +84,7 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="only these faults, comma-separated (tests/gcp/faults.py names them); default: all",
     )
-    # The quick form fails only the Compute API's calls, as the test suite's soak does.
-    compute_only = ",".join((*COMPUTE_KINDS, *COMPUTE_CREATE_KINDS))
-    args = parse_args(parser, argv, seeds=1, shards=4, kinds=compute_only)
+    args = parse_args(parser, argv, seeds=1, shards=4)
     seeds = (
         [args.seed] if args.seed is not None else list(range(args.first, args.first + args.seeds))
     )

@@ -71,7 +71,7 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
@@ -79,7 +79,13 @@ from tests.gcp.fake_groups import GroupApi, region_quotas
 from tests.gcp.fake_images import FakeImages, Image, default_images
 from tests.gcp.fake_scripted import RESET, Scripted
 from tests.gcp.fake_vms import Group, Spawn, Vm, paper, sleeper
-from tests.gcp.fault_compute import BASE, ComputeFaults, break_connection, quota_bucket
+from tests.gcp.fault_compute import (
+    BASE,
+    ComputeFaults,
+    FakeServer,
+    break_connection,
+    quota_bucket,
+)
 from tests.gcp.fault_compute import api_error as _error
 from tests.gcp.faults import FaultPlan
 
@@ -191,8 +197,7 @@ class FakeCompute(GroupApi):
         self._lock = threading.RLock()
         self._ops: dict[str, dict[str, Any]] = {}
         self._ids = itertools.count(1_000_000)
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
-        self._server.daemon_threads = True
+        self._server = FakeServer(("127.0.0.1", 0), _handler(self))
         self._stop = threading.Event()
 
     @property

@@ -40,11 +40,12 @@ import re
 import secrets
 import socket
 import struct
+import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from tests.gcp.faults import COMPUTE_CREATE_KINDS, COMPUTE_KINDS, SLOW_CREATE, FaultPlan
@@ -382,6 +383,18 @@ def failure_action(record: dict[str, Any], default: str) -> str:
     """A group's ``instanceLifecyclePolicy.defaultActionOnFailure`` (REPAIR when unset)."""
     policy = record.get("instanceLifecyclePolicy") or {}
     return str(policy.get("defaultActionOnFailure") or default or "REPAIR")
+
+
+class FakeServer(ThreadingHTTPServer):
+    """The HTTP server of a fake or a proxy: a thread per connection, none kept at exit, and a
+    connection the client reset (a VM or a runner killed mid-call, as the soaks do) ended
+    quietly rather than with a traceback on stderr."""
+
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
 
 
 def break_connection(

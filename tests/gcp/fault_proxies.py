@@ -30,12 +30,13 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlparse
 
 import grpc
 
+from tests.gcp.fault_compute import FakeServer
 from tests.gcp.faults import GCS_KINDS, PUBSUB_KINDS, FaultPlan
 
 NO_DEADLINE = 86400.0 * 365  # seconds: a gRPC call's time left beyond this means none was set
@@ -107,8 +108,7 @@ class GcsFaultProxy:
         self.refused_writes = 0  # writes refused for the one-per-second limit
         self._written: dict[tuple[str, str], float] = {}  # object -> when last written
         self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self._server.daemon_threads = True
+        self._server = FakeServer(("127.0.0.1", 0), self._handler())
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
     @property

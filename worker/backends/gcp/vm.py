@@ -41,7 +41,9 @@ PROBLEMS_PREFIX = "fleet/_problems/"  # <vm>.json: a VM that failed to boot or c
 AGENT_LOG_SECONDS = 30.0  # the agent's log is uploaded this often, and at exit
 # seconds a write on the way out (the agent's log, a problem report) waits out a Cloud Storage
 # outage: the store's other calls wait for ever, but these must not keep an idle VM billing
-EXIT_WRITE_SECONDS = 60.0
+# (a few jittered tries, 1 s doubling; what is lost is a log's tail, the runner still lists
+# a VM that cannot leave)
+EXIT_WRITE_SECONDS = 15.0
 
 
 def agent_log_key(vm: str) -> str:
