@@ -5,8 +5,10 @@
 Every contender maps the same no-op function over ``--calls`` integers with ``--workers``
 processes and gets the values back in input order, inside this process:
 
-- ``cflow.map`` on the local backend: a fresh store, the function shipped by value, every
-  result committed durably before its shard is acked, and read back from the store;
+- ``cflow.map`` on the local backend: a fresh store, the function shipped by value, the
+  calls in chunk shards of up to 100 (the size it chooses), every chunk's values committed
+  durably before it is acked, and read back from the store; and the same with
+  ``chunk_size=1``, a shard per call;
 - ``multiprocessing.Pool.map`` and ``concurrent.futures.ProcessPoolExecutor.map`` (nothing
   durable);
 - Dask on a ``LocalCluster`` of as many single-threaded worker processes, and Ray with as many
@@ -45,6 +47,7 @@ from _common import REPO, compile_project, parse_args
 
 import cflow
 from cflow.driver import let_go
+from runner.backends.local.launcher import can_fork
 from runner.submit import SubmitRequest
 
 MapFn = Callable[[Callable[[int], int], range], list[Any]]
@@ -55,11 +58,24 @@ def noop(i: int) -> int:
     return i
 
 
+FORKED: list[bool] = []  # per cflow.map: whether its workers could be forked from this process
+
+
 @contextmanager
 def _cflow(workers: int, work: Path) -> Iterator[MapFn]:
     store = Path(tempfile.mkdtemp(prefix="store-", dir=work))
+    FORKED.append(can_fork())  # a peer left threads running: its workers are spawned then
     yield lambda fn, items: list(cflow.map(fn, items, workers=workers, store=store, progress=False))
     let_go()  # its workers stop after the values are back: not counted, not in the next one
+
+
+@contextmanager
+def _cflow_plain(workers: int, work: Path) -> Iterator[MapFn]:
+    store = Path(tempfile.mkdtemp(prefix="store-", dir=work))
+    yield lambda fn, items: list(
+        cflow.map(fn, items, workers=workers, store=store, progress=False, chunk_size=1)
+    )
+    let_go()
 
 
 @contextmanager
@@ -119,6 +135,7 @@ def _contenders() -> dict[str, Starter]:
     """Every contender installed here; each missing one is said and left out."""
     found: dict[str, Starter] = {
         "cflow.map": _cflow,
+        "cflow.map, chunk_size=1": _cflow_plain,
         "multiprocessing.Pool": _pool,
         "ProcessPoolExecutor": _executor,
     }
@@ -204,6 +221,11 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--runs", type=int, default=3, help="rounds of every contender")
     parser.add_argument(
+        "--only",
+        help="comma-separated contenders to run (say 'cflow.map,multiprocessing.Pool': Dask and"
+        " Ray leave threads running, after which cflow.map cannot fork its workers)",
+    )
+    parser.add_argument(
         "--work", type=Path, default=REPO / "bench" / "out", help="where the stores go"
     )
     return parse_args(parser, argv, calls=20, runs=1)
@@ -215,6 +237,10 @@ def main(argv: list[str] | None = None) -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     times: dict[str, Timing] = {}
     contenders = _contenders()
+    if args.only:
+        wanted = {name.strip() for name in args.only.split(",")}
+        wanted |= {"cflow.map", "multiprocessing.Pool"}  # the figures are against these
+        contenders = {name: c for name, c in contenders.items() if name in wanted}
     with tempfile.TemporaryDirectory(prefix="cflow-bench-api-", dir=args.work) as tmp:
         args.work_dir = Path(tmp)
         for _ in range(args.runs):
@@ -226,22 +252,27 @@ def main(argv: list[str] | None = None) -> None:
         " (medians; seconds)\n"
     )
     print(
-        f"{'what':22} {'start':>6} {'map':>6} {'total':>6} {'calls/s':>8} {'x Pool':>7}"
+        f"{'what':24} {'start':>6} {'map':>6} {'total':>6} {'calls/s':>8} {'x Pool':>7}"
         f" {'x Pool map':>10}   totals"
     )
     for r in rows:
         print(
-            f"{r['what']:22} {r['start']:6.2f} {r['map']:6.2f} {r['total']:6.2f}"
+            f"{r['what']:24} {r['start']:6.2f} {r['map']:6.2f} {r['total']:6.2f}"
             f" {r['calls_per_s']:8.0f} {r['x_pool']:7.1f} {r['x_pool_map']:10.1f}   "
             + " ".join(f"{v:.2f}" for v in r["rounds"])
         )
     if cached["seconds"] is not None:
         print(
-            f"{'cflow.map, cached':22} {'':6} {cached['seconds']:6.2f} {cached['seconds']:6.2f}"
+            f"{'cflow.map, cached':24} {'':6} {cached['seconds']:6.2f} {cached['seconds']:6.2f}"
             f" {args.calls / cached['seconds']:8.0f}   ({cached['cached']} of {args.calls}"
             " calls reused; goal: under 0.5 s at 2,000) "
             + " ".join(f"{v:.2f}" for v in cached["rounds"])
         )
+    forked = sum(FORKED)
+    print(
+        f"\ncflow.map's workers forked from this process in {forked} of {len(FORKED)} rounds"
+        " (spawned where a peer left threads running, or with CFLOW_FORK_WORKERS=0)"
+    )
     by_name = {r["what"]: r for r in rows}
     ours = by_name["cflow.map"]
     print(f"\ncflow.map: {ours['x_pool']:.1f}x Pool in total (goal: under 5x)")

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from cflow.chunks import Chunking
 from cflow.driver import Driver
 from cflow.progress import ProgressChoice
 from cflow.progress import check as check_progress
@@ -18,6 +19,7 @@ from cflow.run import Run
 from cflow.shipping import ItemFeed, make_task, task_dir
 from runner import config as config_mod
 from runner.backends.gcp.wheels import VM_PYTHON
+from runner.backends.local.launcher import Launcher, used_by_this_thread
 from runner.config import Config, load_outputs
 from runner.finish import Outcome, quiet
 from runner.submit import SubmitRequest
@@ -35,6 +37,22 @@ def _config(deployment: PathLike | None, store: PathLike | None) -> Config:
     if deployment is None:
         return config_mod.resolve(local=True, store_dir=Path(store) if store else None)
     return config_mod.resolve(deployment_file=Path(deployment))
+
+
+def _default_workers(config: Config) -> int:
+    """How many workers a run gets when ``workers`` is not given (the backend's default)."""
+    if config.is_local:
+        return max(os.cpu_count() or 1, 1)
+    from runner.backends.gcp.deployment import DEFAULT_WORKERS
+
+    return DEFAULT_WORKERS
+
+
+def _slots(given: Any) -> int:
+    """Slots per worker for sizing chunks (a bad value is refused later, with the request's)."""
+    if isinstance(given, int) and not isinstance(given, bool) and given > 0:
+        return given
+    return defaults.SLOTS
 
 
 def check_python(config: Config, image: str | None) -> None:
@@ -79,7 +97,7 @@ def check_options(options: dict[str, Any]) -> None:
     if unknown:
         raise ConfigError(
             f"cflow.submit takes no option {', '.join(unknown)}; its options: deployment, store,"
-            " workers, machine_type, image, retries, timeout, detach, progress, say, "
+            " workers, machine_type, image, retries, timeout, detach, chunk_size, progress, say, "
             + ", ".join(sorted(valid))
         )
 
@@ -96,6 +114,7 @@ def submit(
     retries: int = defaults.MAX_ATTEMPTS - 1,
     timeout: float = defaults.ATTEMPT_TIMEOUT,
     detach: bool = False,
+    chunk_size: int | None = None,
     progress: ProgressChoice = None,
     say: Callable[[str], None] = quiet,
     **options: Any,
@@ -120,10 +139,15 @@ def submit(
         machine_type, image: as ``runner submit --machine-type`` and ``--image`` (an image
             runs the function with its own Python, which needs cloudpickle and this Python's
             minor version; it is not checked here).
-        retries: failed attempts an item may have before it fails.
-        timeout: seconds one attempt may run.
+        retries: failed attempts an item may have before it fails (in a chunk: an item that
+            raised is run again at once in its chunk; a chunk whose attempt crashed, timed out
+            or was preempted is run again whole).
+        timeout: seconds one item may run (a chunk's attempt: this times its items).
         detach: Ctrl-C while waiting leaves the run going (and says how to attach) instead
             of cancelling it.
+        chunk_size: items per shard; 1: a shard per item. None: chosen from the item count
+            and the workers (``cflow.chunks``): many small items then share shards, each
+            chunk committed once with every item's value or failure.
         progress: how waiting on the run shows its progress: None picks an HTML bar in a
             notebook, a line on a terminal, plain lines elsewhere (``cflow.progress``);
             False shows none; ``"notebook"``, ``"terminal"`` or ``"plain"`` force one.
@@ -138,35 +162,49 @@ def submit(
     check_options(options)
     config = _config(deployment, store)
     check_python(config, image)
+    chunking = Chunking.pick(
+        items,
+        chunk_size,
+        slots=(workers or _default_workers(config)) * _slots(options.get("slots")),
+        tries=retries + 1,
+    )
     folder = make_task(fn)
-    feed = ItemFeed(items)
+    feed = ItemFeed(items, chunking)
     request = SubmitRequest(
         task_dir(folder),
         feed=feed,
         workers=workers,
         machine_type=machine_type,
         image=image,
+        # An item that raises is run again inside its chunk; the chunk's own attempts are
+        # for what ends a whole attempt (a crash, a timeout, a preemption).
         max_attempts=retries + 1,
-        timeout=timeout,
+        timeout=timeout * (chunking.largest if feed.chunked else 1),
         check=False,  # the task is ours; the function was pickled above
         cancel_on_interrupt=True,  # the run's thread is interrupted only to cancel
         local=config.is_local,
         **options,
     )
     driver = Driver()
+    # Local workers forked from this process, which has their code loaded, rather than new
+    # interpreters; decided here, before the run's thread exists (None where not safe).
+    launcher = Launcher.start() if config.is_local else None
 
     def body(d: Driver) -> Outcome | None:
         try:
-            return engine_submit(
-                request,
-                config,
-                say,
-                on_created=d.on_created,
-                display=d.display,
-                on_outcome=d.on_outcome,
-            ).outcome
+            with used_by_this_thread(launcher):
+                return engine_submit(
+                    request,
+                    config,
+                    say,
+                    on_created=d.on_created,
+                    display=d.display,
+                    on_outcome=d.on_outcome,
+                ).outcome
         finally:
             folder.cleanup()
+            if launcher is not None:
+                launcher.close()
 
     driver.start(body)
     try:

@@ -8,7 +8,9 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, overload
 
+from cflow.chunks import committed_items, failed_items, span
 from cflow.errors import ShardFailed, read_failure
+from cflow.shipping import item_of
 from worker.errors import NotFound
 from worker.protocol import Layout, Shard, ShardFailure, ShardResult
 from worker.pyfunc import VALUE_FILE
@@ -82,14 +84,34 @@ def collect(
     values: list[Any] = []
     for shard in shards:
         record = records.get(Layout.result(run_id, shard.id))
-        if record is not None:
-            values.append(_value(store, run_id, shard.id, record))
-            continue
-        failure = read_failed(store, run_id, shard.id, shard.index)
-        if not return_exceptions:
-            raise failure
-        values.append(failure)
+        if span(shard) is not None:
+            got = shard_values(store, run_id, shard, record)
+        elif record is not None:
+            got = [_value(store, run_id, shard.id, record)]
+        else:
+            got = [read_failed(store, run_id, shard.id, shard.index)]
+        failed = next((v for v in got if isinstance(v, ShardFailed)), None)
+        if failed is not None and not return_exceptions:
+            raise failed
+        values.extend(got)
     return Results(values, return_exceptions)
+
+
+def shard_values(store: Store, run_id: str, shard: Shard, record: bytes | None) -> list[Any]:
+    """A chunk shard's items in order: each a value (a :class:`Stored` when over 1 MB) or a
+    :class:`ShardFailed`; ``record``: its commit record (None: the chunk failed)."""
+    if record is None:
+        return list(failed_items(store, run_id, shard))
+    out: list[Any] = []
+    for kept in committed_items(store, run_id, shard, ShardResult.from_json(record)):
+        if isinstance(kept, ShardFailed):
+            out.append(kept)
+        elif kept[0] == "pickle":
+            out.append(pickle.loads(kept[1]))
+        else:
+            stored = Stored(store, kept[1])
+            out.append(stored if kept[2] > LAZY_BYTES else stored.load())
+    return out
 
 
 def read_failed(store: Store, run_id: str, shard_id: str, index: int) -> ShardFailed:
@@ -162,3 +184,20 @@ class Results(Sequence[Any]):
 
     def __repr__(self) -> str:
         return f"Results({len(self)} values)"
+
+
+def completed(store: Store, run_id: str, shard: Shard) -> Iterator[tuple[Any, Any]]:
+    """A settled shard's ``(item, value)`` pairs, values over 1 MB read now; a failed item
+    raises its :class:`ShardFailed`."""
+    key = Layout.result(run_id, shard.id)
+    record = store.get(key) if store.exists(key) else None
+    if span(shard) is not None:
+        got = shard_values(store, run_id, shard, record)
+    elif record is not None:
+        got = [_value(store, run_id, shard.id, record)]
+    else:
+        raise read_failed(store, run_id, shard.id, shard.index)
+    for j, value in enumerate(got):
+        if isinstance(value, ShardFailed):
+            raise value
+        yield item_of(shard, store, run_id, j), value.load() if isinstance(value, Stored) else value

@@ -10,15 +10,23 @@ from typing import Any
 
 from cflow.driver import Driver, attach_driver
 from cflow.progress import ProgressChoice, Ticker, pick
-from cflow.results import Progress, Results, Stored, collect, read_failed, read_value
-from cflow.shipping import ItemFeed, item_of
+from cflow.results import (
+    Progress,
+    Results,
+    Stored,
+    collect,
+    completed,
+)
+from cflow.shipping import ItemFeed
+from cflow.tally import ItemTally, item_tally
+from cflow.tally import progress as item_progress
 from runner.backends.factory import open_deployment
 from runner.config import Config
 from runner.engine import runs
 from runner.engine.cache import cached_count
 from runner.engine.deployment import Deployment
 from worker.errors import RunStateError
-from worker.protocol import Layout, Manifest, RunState, Shard
+from worker.protocol import Manifest, RunState, Shard
 
 PACE = 0.2  # seconds between looks while waiting in the caller's thread (Ctrl-C is seen then)
 STOP_SECONDS = 10.0  # how long a cancel waits for the items' publisher to record its count
@@ -51,6 +59,8 @@ class Run:
         self._detach = detach
         self._dep: Deployment | None = None
         self._shards: dict[str, Shard] | None = None
+        self._chunked: bool | None = None  # whether its shards are chunks of items
+        self._items: ItemTally | None = None
 
     def __repr__(self) -> str:
         return f"Run({self.id!r})"
@@ -66,27 +76,35 @@ class Run:
         """How many items are done, failed, running and queued, as plain counts."""
         manifest = self._manifest()
         snap = self._driver.snapshot if self._driver is not None else None
-        if snap is not None and not self._driver_done():
+        live = snap if snap is not None and not self._driver_done() else None
+        store, tally = self._store, self._tally()
+        if tally is not None:
+            settled = set(self._driver.settled) if live is not None and self._driver else None
+            return item_progress(tally, manifest, settled, live.running if live else 0)
+        total = manifest.shard_count - (1 if manifest.publishing else 0)
+        cancelled = manifest.state == RunState.CANCELLED.value
+        if live is not None:
             return Progress(
-                total=manifest.shard_count - (1 if manifest.publishing else 0),
-                succeeded=snap.succeeded,
-                failed=snap.failed,
-                running=snap.running,
-                publishing=manifest.publishing,
-                cancelled=manifest.state == RunState.CANCELLED.value,
-                cached=snap.cached,
-            )
-        done = runs.committed(self._store, self.id)
-        failed = runs.failed(self._store, self.id) - done
+                total, live.succeeded, live.failed, live.running, manifest.publishing, cancelled,
+                live.cached,
+            )  # fmt: skip
+        done = runs.committed(store, self.id)
+        failed = runs.failed(store, self.id) - done
         return Progress(
-            total=manifest.shard_count - (1 if manifest.publishing else 0),
-            succeeded=len(done),
-            failed=len(failed),
-            running=0,
-            publishing=manifest.publishing,
-            cancelled=manifest.state == RunState.CANCELLED.value,
-            cached=cached_count(self._store, self.id),
-        )
+            total, len(done), len(failed), 0, manifest.publishing, cancelled,
+            cached_count(store, self.id),
+        )  # fmt: skip
+
+    def _tally(self) -> ItemTally | None:
+        """The item counts of a chunked run (None: one shard per item; the shards count)."""
+        if self._items is None and self._chunked is not False:
+            feed = self._feed
+            if feed is not None and not feed.chunked:
+                self._chunked = False
+                return None
+            self._items = item_tally(self._store, self.id, feed.spans if feed else None)
+            self._chunked = self._items is not None
+        return self._items
 
     def _ticker(self) -> Ticker:
         return Ticker(None if self._end_shown else pick(self._show, self.id), self.progress)
@@ -197,8 +215,9 @@ class Run:
         if manifest.state == RunState.CANCELLED.value and len(done) + len(failed) < (
             manifest.shard_count
         ):
+            what = "chunks of items" if self._tally() is not None else "items"
             raise RunStateError(
-                f"run {self.id} was cancelled with {len(done)} of {manifest.shard_count} items"
+                f"run {self.id} was cancelled with {len(done)} of {manifest.shard_count} {what}"
                 f" done; `runner retry {self.id}` runs the rest",
                 run_id=self.id,
             )
@@ -222,12 +241,7 @@ class Run:
                 )
                 for sid in sorted(settled - seen):
                     seen.add(sid)
-                    shard = self._shard(sid)
-                    if store.exists(Layout.result(self.id, sid)):
-                        value = read_value(store, self.id, sid)
-                        yield item_of(shard, store, self.id), _loaded(value)
-                    else:
-                        raise read_failed(store, self.id, sid, shard.index)
+                    yield from completed(store, self.id, self._shard(sid))
                 if finished:
                     self._end_shown = True
                     if driver is not None and driver.error is not None:

@@ -2,14 +2,17 @@
 
 The function is pickled by value with cloudpickle, and so are the caller's own modules that the
 workers cannot import: those under the working folder or the folder of ``__main__``'s script
-that are not installed (not under this interpreter's prefix). Each item becomes one shard: its
-pickle rides in the shard's params when small (:data:`ITEM_INLINE_LIMIT`), else it is put in the
-store under the run and is the shard's input file.
+that are not installed (not under this interpreter's prefix). Each item becomes one shard, or
+many small items one chunk shard (``cflow.chunks``): its pickle rides in the shard's params when
+small (:data:`ITEM_INLINE_LIMIT`), else it is put in the store under the run and is the shard's
+input file.
 """
 
 from __future__ import annotations
 
 import base64
+import functools
+import os
 import pickle
 import sys
 import tempfile
@@ -22,6 +25,7 @@ from typing import Any
 
 import cloudpickle
 
+from cflow.chunks import Chunking, chunk_item, span
 from worker.errors import ConfigError
 from worker.protocol import Layout, Shard
 from worker.pyfunc import FUNCTION_FILE, ITEM_PARAM
@@ -50,15 +54,29 @@ def shard_id(index: int) -> str:
     return f"{index:07d}"
 
 
-def _roots() -> list[Path]:
-    roots = [Path.cwd().resolve()]
+def _roots() -> list[str]:
+    roots = [os.path.realpath(os.getcwd())]
     main_file = getattr(sys.modules.get("__main__"), "__file__", None)
     if main_file:
-        roots.append(Path(main_file).resolve().parent)
+        roots.append(os.path.dirname(os.path.realpath(main_file)))
     return roots
 
 
-def _not_installed(module: ModuleType, roots: list[Path]) -> bool:
+# A module's file -> its real path: a module's file does not move while a process runs, and a
+# notebook maps many times (a realpath per module of sys.modules on every map took 0.2 s).
+_real: dict[str, str] = {}
+
+
+def _under(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+@functools.cache
+def _prefixes() -> tuple[str, ...]:
+    return tuple({os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)})
+
+
+def _not_installed(module: ModuleType, roots: list[str]) -> bool:
     """A module of the caller's own: under ``roots`` and not under this interpreter's prefix."""
     name = module.__name__
     if name == "__main__" or name.split(".")[0] in INSTALLED:
@@ -66,11 +84,12 @@ def _not_installed(module: ModuleType, roots: list[Path]) -> bool:
     file = getattr(module, "__file__", None)
     if not file:
         return False
-    path = Path(file).resolve()
-    prefixes = {Path(p).resolve() for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)}
-    if any(path.is_relative_to(p) for p in prefixes):
+    path = _real.get(file)
+    if path is None:
+        path = _real[file] = os.path.realpath(file)
+    if any(_under(path, p) for p in _prefixes()):
         return False
-    return any(path.is_relative_to(r) for r in roots)
+    return any(_under(path, r) for r in roots)
 
 
 _register_lock = threading.Lock()
@@ -129,8 +148,11 @@ def task_dir(folder: tempfile.TemporaryDirectory[str]) -> Path:
 class ItemFeed:
     """The items as shards, read lazily (``runner.engine.stream.ShardFeed``)."""
 
-    def __init__(self, items: Iterable[Any]):
+    def __init__(self, items: Iterable[Any], chunking: Chunking | None = None):
         self._items = items
+        self._chunking = chunking if chunking is not None and chunking.chunked else None
+        self._spans: dict[str, tuple[int, int]] = {}  # chunk id -> (first item, count)
+        self._lock = threading.Lock()  # the spans grow in the reading thread
         self._stop = threading.Event()
         self._cancel = False
         self.error: BaseException | None = None  # what the iterable raised, if it did
@@ -140,6 +162,16 @@ class ItemFeed:
         cancelled with them, with ``cancel``)."""
         self._cancel = self._cancel or cancel
         self._stop.set()
+
+    def spans(self) -> dict[str, tuple[int, int]]:
+        """Each chunk made so far: its first item and item count, by id."""
+        with self._lock:
+            return dict(self._spans)
+
+    @property
+    def chunked(self) -> bool:
+        """Whether the items go in chunks (``cflow.chunks``), else one shard each."""
+        return self._chunking is not None
 
     def stopped(self) -> bool:
         return self._stop.is_set()
@@ -155,6 +187,14 @@ class ItemFeed:
             raise
 
     def _shards(self, store: Store, run_id: str) -> Iterator[Shard]:
+        if self._chunking is not None:
+            for shard in self._chunking.shards(self._pickled(), store, run_id):
+                found = span(shard)
+                if found is not None:
+                    with self._lock:
+                        self._spans[shard.id] = found
+                yield shard
+            return
         for index, item in enumerate(self._items):
             if self._stop.is_set():
                 return
@@ -169,6 +209,12 @@ class ItemFeed:
             local = store.local_path(key)
             yield Shard(id=sid, index=index, input=str(local) if local else store.url(key))
 
+    def _pickled(self) -> Iterator[tuple[int, bytes]]:
+        for index, item in enumerate(self._items):
+            if self._stop.is_set():
+                return
+            yield index, _dumps(item)
+
 
 def _dumps(item: Any) -> bytes:
     """An item's pickle: the standard pickler's where it can (faster), else cloudpickle's (a
@@ -179,8 +225,10 @@ def _dumps(item: Any) -> bytes:
         return cloudpickle.dumps(item)
 
 
-def item_of(shard: Shard, store: Store, run_id: str) -> Any:
-    """A shard's item, read back (from its params, or from the store)."""
+def item_of(shard: Shard, store: Store, run_id: str, j: int = 0) -> Any:
+    """A shard's item (``j``: which of a chunk's), read back (from its params, or the store)."""
+    if span(shard) is not None:
+        return chunk_item(shard, j, store, run_id)
     if shard.params and ITEM_PARAM in shard.params:
         return pickle.loads(base64.b64decode(shard.params[ITEM_PARAM]))
     return pickle.loads(store.get(f"{Layout.uploads(run_id)}{shard.id}.pkl"))

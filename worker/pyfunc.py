@@ -9,12 +9,24 @@ the shard's output :data:`VALUE_FILE`. A failure leaves one :data:`ERROR_MARK` l
 attempt's log (the exception's type, message, full traceback and, where it pickles, the exception
 itself) before it is raised again, so the attempt fails as any task's does.
 
+A **chunk** shard carries several items (:data:`CHUNK_PARAM`: the first item's index, how many,
+how many tries each): the list of their pickles, pickled, rides in its params
+(:data:`ITEMS_PARAM`) when small, else it is its input file. :func:`call` runs them one after
+another in the one process and returns every item's outcome in one record, so the chunk commits
+once: a value inline while the record has room (:data:`CHUNK_INLINE_BUDGET`), else the output
+``value-<j>.pkl``; an item that raised is tried again at once, up to its tries (each retry said
+in the log), and then kept as failed, its :data:`ERROR_MARK` line naming it (``item``) and where
+its part of the log starts (``log_from``, bytes), while the other items go on. What is not an
+``Exception`` (``SystemExit``, ``KeyboardInterrupt``) fails the whole chunk's attempt, as a crash
+or a timeout does; the chunk is then run again whole, its values having died with the attempt.
+
 Never imports the runner or cflow: it runs on every worker.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import pickle
@@ -33,6 +45,9 @@ INLINE_LIMIT = 32 * 1024  # bytes of pickle kept in result.json (base64 fits its
 ERROR_MARK = "CFLOW-PYFUNC-ERROR "  # starts the log line that describes a failure, JSON after it
 DYNAMIC_CODE = "<dynamic-code>"  # the file name cloudpickle gives the code it ships by value
 ERROR_PICKLE_LIMIT = 256 * 1024  # bytes of a pickled exception put in the log; larger: none
+CHUNK_PARAM = "chunk"  # params key of a chunk shard: {"first", "count", "tries"}
+ITEMS_PARAM = "items"  # params key of a small chunk's items: a pickled list of their pickles
+CHUNK_INLINE_BUDGET = 48 * 1024  # bytes of base64 a chunk's values take in its result.json
 
 _loaded: dict[str, Any] = {}  # function file -> the function, once per warm process
 
@@ -97,7 +112,12 @@ def describe_error(exc: BaseException) -> dict[str, Any]:
 def _user_frames(exc: BaseException) -> TracebackType | None:
     """The traceback from the function's own frame on (this module's call frame dropped)."""
     tb = exc.__traceback__
-    return tb.tb_next if tb is not None and tb.tb_frame.f_code is call.__code__ else tb
+    ours = (call.__code__, call_chunk.__code__)
+    return tb.tb_next if tb is not None and tb.tb_frame.f_code in ours else tb
+
+
+def _log(line: str) -> None:
+    os.write(2, line.encode("utf-8", "backslashreplace"))  # fd 2: the attempt's log
 
 
 def call(shard: TaskShard, function_file: Path) -> dict[str, Any]:
@@ -107,12 +127,101 @@ def call(shard: TaskShard, function_file: Path) -> dict[str, Any]:
         BaseException: whatever the function raised, after its :data:`ERROR_MARK` line.
     """
     fn = load_function(function_file)
+    if CHUNK_PARAM in shard.params:
+        return call_chunk(shard, fn)
     item = load_item(shard)
     try:
         value = fn(item)
     except BaseException as exc:
-        line = ERROR_MARK + json.dumps(describe_error(exc)) + "\n"
-        os.write(2, line.encode("utf-8", "backslashreplace"))  # fd 2: the attempt's log
+        _log(ERROR_MARK + json.dumps(describe_error(exc)) + "\n")
         sys.stderr.flush()
         raise
     return keep_value(shard, value)
+
+
+def partly_failed(value: Any) -> bool:
+    """Whether a commit record's value is a chunk's holding an item that failed: the cross-run
+    cache does not reuse it, so that item runs again."""
+    chunk = value.get("chunk") if isinstance(value, dict) else None
+    values = chunk.get("values") if isinstance(chunk, dict) else None
+    return isinstance(values, list) and any("failed" in v for v in values if isinstance(v, dict))
+
+
+def load_items(shard: TaskShard) -> list[Any]:
+    """A chunk shard's items: from its params (small) or its input file."""
+    if ITEMS_PARAM in shard.params:
+        data = base64.b64decode(shard.params[ITEMS_PARAM])
+    elif shard.input is not None:
+        data = Path(shard.input).read_bytes()
+    else:
+        raise ValueError(f"chunk {shard.id} carries no items (no params items, no input)")
+    pickles = pickle.loads(data)  # each item's own pickle: one item is read without the rest
+    if not isinstance(pickles, list):
+        raise ValueError(f"chunk {shard.id} carries a {type(pickles).__name__}, not a list")
+    return [pickle.loads(one) for one in pickles]
+
+
+def _log_size() -> int:
+    """Bytes in the attempt's log so far (0 where fd 2 is no file): where an item's part of
+    the log starts."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    try:
+        return os.fstat(2).st_size
+    except OSError:
+        return 0
+
+
+def call_chunk(shard: TaskShard, fn: Any) -> dict[str, Any]:
+    """Run the function on each item of a chunk shard; every item's outcome in one record.
+
+    Raises:
+        BaseException: what is not an ``Exception`` (the chunk's attempt fails whole).
+    """
+    spec = shard.params[CHUNK_PARAM]
+    first, tries = int(spec["first"]), max(int(spec.get("tries", 1)), 1)
+    kept: list[dict[str, Any]] = []
+    budget = CHUNK_INLINE_BUDGET
+    for j, item in enumerate(load_items(shard)):
+        index, start = first + j, _log_size()
+        for attempt in range(1, tries + 1):
+            try:
+                value = fn(item)
+                entry = _chunk_value(shard, j, value, budget)  # a value that will not pickle
+            except Exception as exc:  # fails its item like a raise
+                if attempt < tries:
+                    _log(
+                        f"cflow: item {index} raised {type(exc).__name__}: {exc}; try"
+                        f" {attempt} of {tries}, running it again\n"
+                    )
+                    continue
+                record = describe_error(exc) | {"item": index, "log_from": start}
+                _log(ERROR_MARK + json.dumps(record) + "\n")
+                kept.append({"failed": tries})
+            except BaseException as exc:
+                record = describe_error(exc) | {"item": index, "log_from": start}
+                _log(ERROR_MARK + json.dumps(record) + "\n")
+                raise
+            else:
+                budget -= len(entry.get("pickle", ""))
+                kept.append(entry)
+            break
+    return {"chunk": {"first": first, "values": kept}}
+
+
+def _chunk_value(shard: TaskShard, j: int, value: Any, budget: int) -> dict[str, Any]:
+    """Item ``j``'s value as its chunk's record keeps it: inline while the record has room,
+    else the output ``value-<j>.pkl``."""
+    try:  # the standard pickler where it can (several times faster on small values)
+        data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    except (pickle.PicklingError, TypeError, AttributeError):
+        import cloudpickle  # a lambda, a class shipped by value
+
+        data = cloudpickle.dumps(value)
+    text = base64.b64encode(data).decode("ascii")
+    if len(data) <= INLINE_LIMIT and len(text) <= budget:
+        return {"pickle": text}
+    name = f"value-{j}.pkl"
+    Path(shard.output_dir, name).write_bytes(data)
+    return {"file": name, "size": len(data)}

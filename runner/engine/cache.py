@@ -22,9 +22,10 @@ The store keeps, per run submitted with the cache:
 At submit, for each batch of shards about to be published, the index is read for every key at
 once and the earlier shards are tried newest run first: the first whose commit record exists
 and whose outputs all copy (a hard link locally, a server-side copy in a bucket) is reused. An
-index entry is never trusted without its commit. The new shard's commit record is written with
-``cached_from`` and its outputs under attempt 0 (workers number attempts from 1), so the watch,
-``status`` and combine count it as done; it is never published.
+index entry is never trusted without its commit, nor a commit of a chunk of ``cflow`` items of
+which one failed (``worker.pyfunc.partly_failed``: it runs again). The new shard's commit record
+is written with ``cached_from`` and its outputs under attempt 0 (workers number attempts from
+1), so the watch, ``status`` and combine count it as done; it is never published.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from worker.bundle import bundle_files
 from worker.clock import SYSTEM_CLOCK, Clock
 from worker.errors import NotFound
 from worker.protocol import Layout, Shard, ShardResult
+from worker.pyfunc import partly_failed
 from worker.store import Store
 
 INDEX = "cache/"
@@ -235,7 +237,7 @@ class ShardCache:
                 result = ShardResult.from_json(raw) if raw is not None else None
             except (ValueError, TypeError):
                 result = None
-            if result is not None:
+            if result is not None and not partly_failed(result.value):
                 results[shard_id] = result
         copies: dict[str, list[tuple[str, str]]] = {}
         for shard_id, result in results.items():

@@ -34,6 +34,18 @@ from worker.store import Store
 log = logging.getLogger(__name__)
 
 BATCH_SECONDS = 0.25  # a batch goes out once this old, full or not: a slow stream still starts
+# Bytes of shards (their params and input, about) read ahead of publishing, and in one batch:
+# a shard of many items (a cflow chunk) weighs far more than one of a single item, and the
+# stream's memory stays flat by bytes, not by count.
+QUEUE_BYTES = 1024 * 1024
+BATCH_BYTES = 1024 * 1024
+SHARD_BYTES = 256  # what a shard weighs besides its params' strings and its input
+
+
+def _weight(shard: Shard) -> int:
+    params = shard.params or {}
+    strings = sum(len(v) for v in params.values() if isinstance(v, str))
+    return SHARD_BYTES + strings + len(shard.input or "")
 
 
 class ShardFeed(Protocol):
@@ -175,6 +187,8 @@ class _Reader:
 
     def __init__(self, source: Iterator[Shard]):
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=2 * defaults.PUBLISH_BATCH)
+        self._held = 0  # bytes of the shards in the queue (_weight)
+        self._room = threading.Condition()
         self._ended = False
         self._failed: BaseException | None = None  # what the stream raised, not yet raised
         self._thread = threading.Thread(
@@ -190,7 +204,12 @@ class _Reader:
     def _read(self, source: Iterator[Shard]) -> None:
         try:
             for shard in source:
-                self._queue.put(shard)
+                weight = _weight(shard)
+                with self._room:  # one shard always fits, however heavy
+                    while self._held and self._held + weight > QUEUE_BYTES:
+                        self._room.wait()
+                    self._held += weight
+                self._queue.put((shard, weight))
         except BaseException as exc:  # raised where the batch is taken
             self._queue.put(_Failed(exc))
             return
@@ -208,7 +227,8 @@ class _Reader:
             batch.ended = True
             return batch
         started: float | None = None
-        while len(batch) < defaults.PUBLISH_BATCH:
+        weight = 0
+        while len(batch) < defaults.PUBLISH_BATCH and weight < BATCH_BYTES:
             wait = BATCH_SECONDS if started is None else started + BATCH_SECONDS - clock.monotonic()
             if started is not None and wait <= 0:
                 break
@@ -224,7 +244,12 @@ class _Reader:
             if isinstance(got, _Failed):  # raised once what came before it went out
                 self._failed = got.error
                 break
-            batch.append(got)
+            shard, heavy = got
+            with self._room:
+                self._held -= heavy
+                self._room.notify()
+            weight += heavy
+            batch.append(shard)
             if started is None:
                 started = clock.monotonic()
         return batch

@@ -15,7 +15,10 @@ import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Protocol
 
+from runner.backends.local import launcher as launching
+from runner.backends.local.launcher import process_start
 from runner.engine.fleet import Fleet, Instance
 from worker import defaults
 from worker.backends.local.queue import LocalQueue
@@ -23,6 +26,19 @@ from worker.backends.local.store import QUEUE_FILE
 from worker.errors import CFlowError, DiskFull
 
 log = logging.getLogger("cflow.runner")
+
+
+class _Process(Protocol):
+    """A worker this runner started: spawned (a ``Popen``) or forked by its launcher."""
+
+    pid: int
+
+    def poll(self) -> int | None: ...
+
+    def kill(self) -> None: ...
+
+    def wait(self, timeout: float | None = None) -> int: ...
+
 
 CLAIM_SECONDS = 60.0  # a worker name claimed this long without a pid is free again
 DISK_FULL_BYTES = 1 << 20  # less free space than this on the store's disk: it is full
@@ -43,6 +59,10 @@ class LocalFleet(Fleet):
     workers in one store at once never give two workers one name. When a worker process is
     seen gone, the leases it held are released at once (:meth:`WorkQueue.release`), so its
     shards run again without waiting for the leases to lapse.
+
+    A worker is known by its pid and its command line (``--store``, ``--name``); one forked
+    from the caller by a :class:`~runner.backends.local.launcher.Launcher` has the caller's
+    command line, so its entry also records the pid's start time, which then names it.
     """
 
     def __init__(
@@ -61,8 +81,9 @@ class LocalFleet(Fleet):
         self.slots = slots
         self.idle_timeout = idle_timeout
         self.extra_args = extra_args or []
-        self._procs: dict[str, subprocess.Popen[bytes]] = {}
+        self._procs: dict[str, _Process] = {}
         self._stopping: set[str] = set()
+        self._next = 0  # names are never given twice by one fleet (see _grow)
         self._queue: LocalQueue | None = None
         self.released = 0  # leases released for workers seen gone (bench/recovery.py)
 
@@ -83,15 +104,17 @@ class LocalFleet(Fleet):
             " run goes on where it stopped"
         )
 
-    def _entries(self) -> dict[str, int]:
-        """This fleet's registered workers (a run's own, or every one): name -> pid."""
+    def _entries(self) -> dict[str, tuple[int, int | None]]:
+        """This fleet's registered workers (a run's own, or every one): name -> pid and, for a
+        forked one, its start time."""
         out = {}
         for path in self.registry.glob("*.json"):
             try:
                 entry = json.loads(path.read_text())
                 pid = int(entry["pid"])
+                start = entry.get("start")
                 if self.run_id is None or entry.get("run") == self.run_id:
-                    out[path.stem] = pid
+                    out[path.stem] = (pid, None if start is None else int(start))
             except (OSError, ValueError, KeyError, TypeError, AttributeError):
                 # A name claimed by a runner still starting its process; a claim that never
                 # got a pid (its runner died in between) is given back after a while.
@@ -103,9 +126,9 @@ class LocalFleet(Fleet):
 
     def instances(self) -> list[Instance]:
         live = []
-        for name, pid in sorted(self._entries().items()):
+        for name, (pid, start) in sorted(self._entries().items()):
             proc = self._procs.get(name)
-            alive = proc.poll() is None if proc is not None else self._alive(name, pid)
+            alive = proc.poll() is None if proc is not None else self._alive(name, pid, start)
             if alive:
                 live.append(Instance(name, "stopping" if name in self._stopping else "running"))
             else:
@@ -168,41 +191,25 @@ class LocalFleet(Fleet):
             raise
 
     def _grow(self, count: int) -> list[str]:
+        # A name this fleet gave before is not given again, even once its worker is gone: the
+        # runner keeps what it did to a worker by name (deleted, say), which a new worker
+        # under the old name would inherit (one forked at once takes the name while the
+        # runner still remembers the old one).
         names = []
-        n = 0
         for _ in range(count):
-            name, n = self._claim(n)
+            name, n = self._claim(self._next)
+            self._next = n + 1
             logs = self.root / "fleet" / "logs"
             logs.mkdir(parents=True, exist_ok=True)
-            with (logs / f"{name}.log").open("ab") as log:
-                proc = subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        "worker",
-                        "--backend",
-                        "local",
-                        "--store",
-                        str(self.root),
-                        "--name",
-                        name,
-                        "--slots",
-                        str(self.slots),
-                        "--idle-timeout",
-                        str(self.idle_timeout),
-                        *(["--run", self.run_id] if self.run_id else []),
-                        *self.extra_args,
-                    ],
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
+            proc = self._start(name, logs / f"{name}.log")
             self._procs[name] = proc
             entry = self.registry / f"{name}.json"
             tmp = entry.with_name(f".{name}.json.tmp")
+            record = {"pid": proc.pid, "run": self.run_id}
+            if isinstance(proc, launching.ForkedWorker):
+                record["start"] = proc.start
             try:
-                tmp.write_text(json.dumps({"pid": proc.pid, "run": self.run_id}))
+                tmp.write_text(json.dumps(record))
                 os.replace(tmp, entry)  # readers see the claim or the pid, never half a file
             except OSError:  # an unregistered worker would be invisible: stop it
                 proc.kill()
@@ -212,13 +219,45 @@ class LocalFleet(Fleet):
             names.append(name)
         return names
 
+    def _start(self, name: str, log_path: Path) -> _Process:
+        """Worker ``name``: forked by this thread's launcher if it has one (a run made from
+        Python), else a new interpreter."""
+        args = [
+            "--backend",
+            "local",
+            "--store",
+            str(self.root),
+            "--name",
+            name,
+            "--slots",
+            str(self.slots),
+            "--idle-timeout",
+            str(self.idle_timeout),
+            *(["--run", self.run_id] if self.run_id else []),
+            *self.extra_args,
+        ]
+        launcher = launching.current()
+        if launcher is not None:
+            try:
+                return launcher.fork_worker(args, log_path)
+            except OSError as exc:  # the launcher is gone: a new interpreter does the same
+                log.debug("spawning worker %s: %s", name, exc)
+        with log_path.open("ab") as out:
+            return subprocess.Popen(
+                [sys.executable, "-m", "worker", *args],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
     def delete(self, names: Iterable[str]) -> None:
         entries = self._entries()
         for name in names:
-            pid = entries.get(name)
+            pid, start = entries.get(name, (None, None))
             if pid is None:
                 continue
-            if name not in self._procs and not self._alive(name, pid):
+            if name not in self._procs and not self._alive(name, pid, start):
                 continue  # a reused pid: not ours to signal
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
@@ -255,13 +294,15 @@ class LocalFleet(Fleet):
             self._queue.close()
             self._queue = None
 
-    def _alive(self, name: str, pid: int) -> bool:
+    def _alive(self, name: str, pid: int, start: int | None) -> bool:
+        if start is not None:  # forked: the caller's command line, its start time recorded
+            return process_start(pid) == start
         return _is_worker(pid, self.root, name)
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         """Send a signal to one worker (tests and demos of preemption)."""
-        pid = self._entries().get(name)
-        if pid is not None and (name in self._procs or self._alive(name, pid)):
+        pid, start = self._entries().get(name, (None, None))
+        if pid is not None and (name in self._procs or self._alive(name, pid, start)):
             os.kill(pid, sig)
 
 

@@ -1,0 +1,235 @@
+"""Chunks: many small items in fewer shards, so a map of thousands of calls pays the engine's
+per-shard path (a claim, a commit, an ack, a record) once per chunk instead of once per item.
+
+A chunk is one shard holding consecutive items (``worker.pyfunc`` runs them one after another
+and commits every item's outcome in one record). How many items go in one: ``chunk_size=`` when
+given (1: one shard per item, the plain form); else enough chunks that every worker slot gets
+:data:`CHUNKS_PER_SLOT` of them, at most :data:`MAX_CHUNK` items, from the item count where the
+iterable has a length, and from the count read so far where it has none (a generator's first
+chunks are single items, and they grow as it goes on). A chunk also closes once its items'
+pickles reach :data:`CHUNK_BYTES`, so one never grows large.
+
+What the caller reads back is per item, whatever the chunking: a value, or a
+:class:`~cflow.ShardFailed` with the item's own index, exception, traceback and its part of the
+chunk's log.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import pickle
+from collections.abc import Iterable, Iterator, Sized
+from dataclasses import dataclass
+from typing import Any
+
+from cflow.errors import ShardFailed, read_failure
+from worker.errors import ConfigError, NotFound
+from worker.protocol import Layout, Shard, ShardFailure, ShardResult
+from worker.pyfunc import CHUNK_PARAM, ERROR_MARK, ITEMS_PARAM
+from worker.store import Store
+
+CHUNKS_PER_SLOT = 4  # chunks each worker slot gets, when the size is chosen
+MAX_CHUNK = 100  # items in a chosen chunk at most: a failure, a rerun or a cache miss stays small
+CHUNK_BYTES = 1024 * 1024  # a chunk closes once its items' pickles hold this many bytes
+CHUNK_INLINE_LIMIT = 64 * 1024  # bytes of a chunk's items carried in its params; more: the store
+
+
+@dataclass(frozen=True)
+class Chunking:
+    """How many items go in each shard of a run.
+
+    Attributes:
+        fixed: ``chunk_size=``, or None: chosen from ``total`` and ``slots``.
+        total: how many items, where the iterable says (None: a generator's, unknown).
+        slots: workers times their slots.
+        tries: tries an item that raises gets in its chunk (the run's retries plus one).
+    """
+
+    fixed: int | None
+    total: int | None
+    slots: int
+    tries: int
+
+    @classmethod
+    def pick(cls, items: Iterable[Any], chunk_size: int | None, slots: int, tries: int) -> Chunking:
+        """The chunking of a run over ``items``.
+
+        Raises:
+            ConfigError: ``chunk_size`` is not a whole number of at least 1.
+        """
+        if chunk_size is not None and (
+            isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+        ):
+            raise ConfigError(
+                f"chunk_size={chunk_size!r}: give a whole number of items per shard, at least 1"
+                " (1: one shard per item), or leave it out to have it chosen"
+            )
+        total = len(items) if isinstance(items, Sized) else None
+        return cls(chunk_size, total, max(slots, 1), max(tries, 1))
+
+    @property
+    def chunked(self) -> bool:
+        """Whether items go in chunks at all (else one shard per item, the plain form)."""
+        if self.fixed is not None:
+            return self.fixed > 1
+        return self.total is None or self.size(0) > 1
+
+    @property
+    def largest(self) -> int:
+        """The most items one chunk may hold (an attempt's timeout is this many items')."""
+        return self.fixed or (self.size(0) if self.total is not None else MAX_CHUNK)
+
+    def size(self, seen: int) -> int:
+        """Items in the next chunk, ``seen`` items having been read."""
+        if self.fixed is not None:
+            return self.fixed
+        count = self.total if self.total is not None else seen
+        return max(1, min(MAX_CHUNK, math.ceil(count / (self.slots * CHUNKS_PER_SLOT))))
+
+    def shards(
+        self, pickled: Iterator[tuple[int, bytes]], store: Store, run_id: str
+    ) -> Iterator[Shard]:
+        """Chunk shards of the items' pickles (``(index, pickle)`` in input order); the
+        shard's index is the chunk's, its id the zero-padded index."""
+        chunk: list[bytes] = []
+        first, held, number = 0, 0, 0
+        for index, data in pickled:
+            if not chunk:
+                first = index
+            chunk.append(data)
+            held += len(data)
+            if len(chunk) >= self.size(first) or held >= CHUNK_BYTES:
+                yield self._shard(number, first, chunk, store, run_id)
+                chunk, held, number = [], 0, number + 1
+        if chunk:
+            yield self._shard(number, first, chunk, store, run_id)
+
+    def _shard(
+        self, number: int, first: int, chunk: list[bytes], store: Store, run_id: str
+    ) -> Shard:
+        sid = f"{number:07d}"
+        data = pickle.dumps(chunk, protocol=pickle.HIGHEST_PROTOCOL)
+        params: dict[str, Any] = {
+            CHUNK_PARAM: {"first": first, "count": len(chunk), "tries": self.tries}
+        }
+        if len(data) <= CHUNK_INLINE_LIMIT:
+            params[ITEMS_PARAM] = base64.b64encode(data).decode("ascii")
+            return Shard(id=sid, index=number, params=params)
+        key = f"{Layout.uploads(run_id)}{sid}.pkl"
+        store.put(key, data)
+        local = store.local_path(key)
+        where = str(local) if local else store.url(key)
+        return Shard(id=sid, index=number, input=where, params=params)
+
+
+def span(shard: Shard) -> tuple[int, int] | None:
+    """A chunk shard's first item index and item count (None: a shard of one plain item)."""
+    spec = (shard.params or {}).get(CHUNK_PARAM)
+    if not isinstance(spec, dict):
+        return None
+    return int(spec["first"]), int(spec["count"])
+
+
+def chunk_item(shard: Shard, j: int, store: Store, run_id: str) -> Any:
+    """Item ``j`` of a chunk shard, read back."""
+    if shard.params and ITEMS_PARAM in shard.params:
+        data = base64.b64decode(shard.params[ITEMS_PARAM])
+    else:
+        data = store.get(f"{Layout.uploads(run_id)}{shard.id}.pkl")
+    return pickle.loads(pickle.loads(data)[j])
+
+
+def _marks(log: bytes) -> dict[int, tuple[dict[str, Any], int]]:
+    """The error records of a chunk's log by item index, each with where its line ends."""
+    found: dict[int, tuple[dict[str, Any], int]] = {}
+    mark = ERROR_MARK.encode()
+    at = 0
+    for line in log.splitlines(keepends=True):
+        at += len(line)
+        if line.startswith(mark):
+            try:
+                record = json.loads(line[len(mark) :])
+            except ValueError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("item"), int):
+                found[record["item"]] = (record, at)
+    return found
+
+
+def _read_log(store: Store, run_id: str, shard_id: str, attempt: int | None) -> bytes:
+    if attempt is None:
+        return b""
+    try:
+        return store.get(Layout.log(run_id, shard_id, attempt))
+    except NotFound:
+        return b""
+
+
+def _failed(
+    log: bytes, marks: dict[int, tuple[dict[str, Any], int]], index: int, reason: str, **ids: Any
+) -> ShardFailed:
+    """Item ``index``'s failure: its own error record and its part of the log where it has
+    one, else the chunk's ``reason`` and the log's tail."""
+    found = marks.get(index)
+    if found is None:  # the other items' error lines are theirs, not this item's
+        mark = ERROR_MARK.encode()
+        text = b"".join(
+            line for line in log.splitlines(keepends=True) if not line.startswith(mark)
+        ).decode("utf-8", "replace")
+    else:
+        record, end = found
+        start = int(record.get("log_from") or 0)
+        text = log[start if 0 <= start <= end else 0 : end].decode("utf-8", "replace")
+    described, tail = read_failure(text, reason)
+    return ShardFailed(
+        index=index,
+        type_name=described.type_name,
+        message=described.message,
+        traceback=described.traceback,
+        log_tail=tail,
+        exception=described.exception,
+        **ids,
+    )
+
+
+def committed_items(store: Store, run_id: str, shard: Shard, result: ShardResult) -> list[Any]:
+    """A committed chunk's items: each one's value (a ``("pickle", bytes)`` or
+    ``("file", key, size)`` tuple, read by the caller) or its :class:`ShardFailed`."""
+    kept = result.value.get("chunk", {}) if isinstance(result.value, dict) else {}
+    first = int(kept.get("first", 0))
+    entries = kept.get("values") or []
+    out: list[Any] = []
+    log: bytes | None = None
+    marks: dict[int, tuple[dict[str, Any], int]] = {}
+    for j, entry in enumerate(entries):
+        if "pickle" in entry:
+            out.append(("pickle", base64.b64decode(entry["pickle"])))
+        elif "file" in entry:
+            key = Layout.outputs(run_id, shard.id, result.attempt) + str(entry["file"])
+            out.append(("file", key, int(entry.get("size", 0))))
+        else:
+            if log is None:
+                log = _read_log(store, run_id, shard.id, result.attempt)
+                marks = _marks(log)
+            reason = f"ItemFailed: item {first + j} failed its {entry.get('failed')} tries"
+            out.append(_failed(log, marks, first + j, reason, run_id=run_id, shard_id=shard.id))
+    return out
+
+
+def failed_items(store: Store, run_id: str, shard: Shard) -> list[ShardFailed]:
+    """A failed chunk's items, each a :class:`ShardFailed`: the item's own error where it
+    raised what ended the chunk's attempt, else the chunk's reason (a timeout, a crash)."""
+    first, count = span(shard) or (shard.index, 1)
+    failure = ShardFailure.from_json(store.get(Layout.failure(run_id, shard.id)))
+    log = _read_log(store, run_id, shard.id, failure.attempt)
+    marks = _marks(log)
+    name, _, text = failure.reason.partition(": ")
+    if not text:
+        name, text = "ShardError", failure.reason
+    reason = f"{name}: {text} (items {first} to {first + count - 1} ran as one chunk)"
+    return [
+        _failed(log, marks, first + j, reason, run_id=run_id, shard_id=shard.id)
+        for j in range(count)
+    ]

@@ -1,0 +1,281 @@
+"""Local workers forked from the calling process rather than started as new interpreters.
+
+A run made from Python (``cflow``) is watched by a process that has imported most of what a
+worker runs; starting each worker as ``python -m worker`` spends a fresh interpreter's start and
+imports on it, most of a short run's time. A :class:`Launcher` is forked from the caller once,
+before the run's thread starts and only while the caller has one thread (a fork copies every
+lock another thread may hold at that moment, held for ever in the child); it never starts a
+thread itself, so each worker it forks on request starts from a one-thread process.
+
+The launcher drops every descriptor it inherited (each pointed at ``/dev/null``, so a stale file
+object of the caller's that is collected later closes a ``/dev/null``, never a descriptor the
+worker has opened since). A worker it forks becomes one as ``python -m worker ARGS`` would: its
+own session (Ctrl-C in the caller's terminal does not reach it), stdin from ``/dev/null``, stdout
+and stderr to its log, the signal handlers and mask of a new interpreter, none of the caller's
+logging handlers, and it ends with ``os._exit`` (the caller's ``atexit`` handlers and finalizers
+never run in it). Its command line is still the caller's, so the fleet's registry records its
+start time (``/proc/PID/stat``) to recognise it, pid and start time naming one process.
+
+Where forking is not safe (other threads, a Jupyter kernel, a system without ``fork``), or with
+``CFLOW_FORK_WORKERS=0``, :meth:`Launcher.start` returns None and workers are spawned as before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import select
+import signal
+import subprocess
+import sys
+import threading
+import traceback
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import worker
+
+FORK_ENV = "CFLOW_FORK_WORKERS"  # "0": always start local workers as new interpreters
+_STAT_STARTTIME = 19  # field 22 of /proc/PID/stat, counted from the state (field 3)
+_PYTHON_IGNORES = (signal.SIGPIPE, signal.SIGXFSZ)  # what a new interpreter ignores
+
+_current = threading.local()
+
+
+def process_start(pid: int) -> int | None:
+    """When ``pid`` started (clock ticks since boot), or None when it is gone or a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            fields = fh.read().rsplit(b")", 1)[-1].split()
+    except OSError:
+        return None
+    if fields[0] == b"Z":
+        return None
+    return int(fields[_STAT_STARTTIME])
+
+
+def can_fork() -> bool:
+    """Whether this process may fork a launcher now: the main thread of a process that has
+    one thread (``/proc/self/task`` counts those a C library started too), outside a
+    Jupyter kernel, and not turned off with ``CFLOW_FORK_WORKERS=0``."""
+    if os.environ.get(FORK_ENV, "1") == "0" or not hasattr(os, "fork"):
+        return False
+    if threading.current_thread() is not threading.main_thread() or "ipykernel" in sys.modules:
+        return False
+    try:
+        return len(os.listdir("/proc/self/task")) == 1
+    except OSError:
+        return False
+
+
+class ForkedWorker:
+    """A worker forked by a launcher: not this process's child, known by pid and start time."""
+
+    def __init__(self, pid: int, start: int):
+        self.pid = pid
+        self.start = start
+
+    def poll(self) -> int | None:
+        """None while it runs; its exit status is its parent's to know, so -1 once gone."""
+        return None if process_start(self.pid) == self.start else -1
+
+    def kill(self) -> None:
+        if self.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Until it has exited (a pidfd: it is not our child to wait for).
+
+        Raises:
+            subprocess.TimeoutExpired: it still runs after ``timeout`` seconds.
+        """
+        with contextlib.suppress(OSError):  # gone already
+            fd = os.pidfd_open(self.pid)
+            try:
+                if self.poll() is None:
+                    select.select([fd], [], [], timeout)
+            finally:
+                os.close(fd)
+        if self.poll() is None:
+            raise subprocess.TimeoutExpired(f"worker {self.pid}", timeout or 0.0)
+        return -1
+
+
+class Launcher:
+    """A one-thread process forked from the caller that forks its local workers."""
+
+    def __init__(self, pid: int, requests: int, replies: int):
+        self.pid = pid
+        self._requests = requests
+        self._replies = os.fdopen(replies, "rb")
+        self._lock = threading.Lock()
+        self._closed = False
+
+    @classmethod
+    def start(cls) -> Launcher | None:
+        """A launcher forked from this process, or None where that is not safe."""
+        if not can_fork():
+            return None
+        for stream in (sys.stdout, sys.stderr):  # nothing buffered is written twice
+            with contextlib.suppress(Exception):
+                stream.flush()
+        req_r, req_w = os.pipe()
+        rep_r, rep_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the launcher's own process
+            code = 0
+            try:
+                os.close(req_w)
+                os.close(rep_r)
+                _serve(req_r, rep_w)
+            except BaseException:
+                code = 1
+            finally:
+                os._exit(code)
+        os.close(req_r)
+        os.close(rep_w)
+        return cls(pid, req_w, rep_r)
+
+    def fork_worker(self, args: list[str], log: Path) -> ForkedWorker:
+        """A worker running ``python -m worker ARGS`` with its output appended to ``log``.
+
+        Raises:
+            OSError: the launcher is gone (the caller then spawns the worker).
+        """
+        with self._lock:
+            if self._closed:
+                raise OSError("the launcher was closed")
+            os.write(self._requests, json.dumps({"args": args, "log": str(log)}).encode() + b"\n")
+            line = self._replies.readline()
+        if not line:
+            raise OSError("the launcher exited")
+        reply = json.loads(line)
+        if "error" in reply:
+            raise OSError(reply["error"])
+        return ForkedWorker(int(reply["pid"]), int(reply["start"]))
+
+    def close(self) -> None:
+        """The launcher exits (its workers go on); waits for it."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            os.close(self._requests)
+            self._replies.close()
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(self.pid, 0)
+
+
+@contextlib.contextmanager
+def used_by_this_thread(launcher: Launcher | None) -> Iterator[None]:
+    """Local workers started by this thread inside the block are forked by ``launcher``."""
+    before = getattr(_current, "launcher", None)
+    _current.launcher = launcher
+    try:
+        yield
+    finally:
+        _current.launcher = before
+
+
+def current() -> Launcher | None:
+    """The launcher of this thread's run, if it has one."""
+    launcher: Launcher | None = getattr(_current, "launcher", None)
+    return launcher
+
+
+def _to_devnull(fds: list[int]) -> None:
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in fds:
+        if fd != null:
+            with contextlib.suppress(OSError):
+                os.dup2(null, fd, inheritable=fd <= 2)
+    os.close(null)
+
+
+def _serve(requests: int, replies: int) -> None:  # pragma: no cover - the launcher's process
+    """The launcher's loop: a worker forked per request line, its pid and start time replied,
+    until the caller closes its end."""
+    os.setsid()
+    inherited = [int(fd) for fd in os.listdir("/proc/self/fd")]
+    _to_devnull([fd for fd in inherited if fd not in (requests, replies)])
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the caller's Ctrl-C is the caller's
+    signal.signal(signal.SIGCHLD, _reap)
+    from worker import cli  # imported once here, not in every worker
+
+    with os.fdopen(requests, "rb") as lines:
+        for line in lines:
+            request = json.loads(line)
+            # SIGCHLD held: a worker that exits at once is still there to read its start time.
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+            try:
+                pid = os.fork()
+                if pid == 0:
+                    _worker(cli.main, request["args"], Path(request["log"]), [requests, replies])
+                start = process_start(pid)
+                reply: dict[str, Any] = {"pid": pid, "start": start}
+                if start is None:
+                    reply = {"error": f"the forked worker {pid} exited at once"}
+            except OSError as exc:
+                reply = {"error": f"could not fork a worker: {exc}"}
+            finally:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
+            os.write(replies, json.dumps(reply).encode() + b"\n")
+
+
+def _reap(signum: int, frame: object) -> None:  # pragma: no cover - the launcher's process
+    with contextlib.suppress(ChildProcessError):
+        while os.waitpid(-1, os.WNOHANG)[0]:
+            pass
+
+
+def _worker(main: Any, args: list[str], log: Path, launcher_fds: list[int]) -> None:
+    """In the forked child: become ``python -m worker ARGS``; never returns."""
+    code = 1
+    try:
+        os.setsid()
+        _to_devnull(launcher_fds)
+        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
+        _fresh_interpreter_state(args)
+        main(args)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            traceback.print_exc()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(code)
+
+
+def _fresh_interpreter_state(args: list[str]) -> None:
+    """What a new ``python -m worker`` would start with, where the fork left the caller's."""
+    for sig in signal.valid_signals():
+        if sig in (signal.SIGKILL, signal.SIGSTOP):
+            continue
+        with contextlib.suppress(OSError, ValueError):
+            signal.signal(sig, signal.SIG_IGN if sig in _PYTHON_IGNORES else signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
+    sys.stdin = open(os.devnull, encoding="utf-8")  # noqa: SIM115 - the process's own stdin
+    sys.stdout = _stream(1)
+    sys.stderr = _stream(2)
+    root = logging.getLogger()
+    root.handlers.clear()  # the caller's: not closed, they are the caller's files
+    root.setLevel(logging.WARNING)
+    sys.argv = [str(Path(worker.__file__).with_name("__main__.py")), *args]
+
+
+def _stream(fd: int) -> io.TextIOWrapper:
+    raw = io.FileIO(fd, "w", closefd=False)
+    return io.TextIOWrapper(raw, encoding="utf-8", errors="backslashreplace", line_buffering=True)

@@ -1,0 +1,108 @@
+"""Run by test_fork_start.py in a process of its own (one thread, as a script's is): local
+workers forked from it, and what it prints about them as one JSON line.
+
+    python fork_script.py hold STORE FLAG      two items that wait for FLAG, watched to the end
+    python fork_script.py idle STORE           a run's worker with nothing to do, left alone
+    python fork_script.py map STORE            values and a failure through forked workers
+    python fork_script.py threaded STORE       the same while another thread runs
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import cflow
+from runner.backends.local.fleet import LocalFleet
+from runner.backends.local.launcher import Launcher, used_by_this_thread
+
+WAIT_SECONDS = 60.0  # how long the script waits for its workers to take the items
+
+
+def wait_for(flag: str) -> str:
+    while not Path(flag).exists():
+        time.sleep(0.02)
+    return flag
+
+
+def entries(store: Path) -> dict[str, Any]:
+    """The registry's entries, each with its process's command line."""
+    out = {}
+    for path in sorted((store / "fleet").glob("*.json")):
+        entry = json.loads(path.read_text())
+        entry["cmdline"] = Path(f"/proc/{entry['pid']}/cmdline").read_bytes().decode()
+        out[path.stem] = entry
+    return out
+
+
+def say(**fields: Any) -> None:
+    print(json.dumps(fields), flush=True)
+
+
+def hold(store: Path, flag: str) -> None:
+    held = (store.parent / "held.txt").open("w")  # no worker may keep this open
+    run = cflow.submit(wait_for, [flag, flag], store=store, workers=2, chunk_size=1, progress=False)
+    deadline = time.monotonic() + WAIT_SECONDS
+    while run.progress().running < 2:
+        if time.monotonic() > deadline:
+            raise RuntimeError("the two items were not taken")
+        time.sleep(0.02)
+    say(run=run.id, pid=os.getpid(), workers=entries(store), held=held.name)
+    say(cancelled=run.wait().cancelled)
+
+
+def idle(store: Path) -> None:
+    launcher = Launcher.start()
+    assert launcher is not None, "a one-thread script forks its workers"
+    fleet = LocalFleet(store, run_id="r-idle", idle_timeout=0.5)
+    with used_by_this_thread(launcher):
+        fleet.grow(1)
+    say(workers=entries(store))
+    launcher.close()
+
+
+def with_worker(x: int) -> tuple[int, str]:
+    """The value, and the command line of the worker that ran it (the task host's parent)."""
+    return abs(x), Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode()
+
+
+def inverse(x: int) -> float:
+    return 1 / x
+
+
+def mapped(store: Path) -> None:
+    values = list(cflow.map(with_worker, [-1, -2, -3], store=store / "a", progress=False))
+    try:
+        cflow.map(inverse, [1, 0], store=store / "b", workers=1, progress=False)
+        failed: dict[str, Any] = {}
+    except cflow.ShardFailed as exc:
+        failed = {"index": exc.index, "type": exc.type_name, "traceback": exc.traceback}
+    say(values=values, failed=failed)
+
+
+def threaded(store: Path) -> None:
+    release = threading.Event()
+    other = threading.Thread(target=release.wait)
+    other.start()
+    try:
+        mapped(store)
+    finally:
+        release.set()
+        other.join()
+
+
+if __name__ == "__main__":
+    mode, where = sys.argv[1], Path(sys.argv[2])
+    if mode == "hold":
+        hold(where, sys.argv[3])
+    elif mode == "idle":
+        idle(where)
+    elif mode == "map":
+        mapped(where)
+    else:
+        threaded(where)

@@ -1,0 +1,186 @@
+"""Local workers of a run made from Python are forked from the caller when it has one thread:
+they are workers as ``python -m worker`` would be (own session, stdin from /dev/null, output
+to their log, none of the caller's files), the fleet recognises them by pid and start time
+(``runner status``, ``runner cancel``, scale-down), they stop when idle, and a caller with
+other threads spawns its workers as before. Each case runs the caller as a script of its own
+(``fork_script.py``): a test process has threads of its own."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from runner.backends.local.fleet import LocalFleet
+from runner.backends.local.launcher import process_start
+
+SCRIPT = Path(__file__).with_name("fork_script.py")
+REPO = Path(__file__).parents[2]
+EXIT_SECONDS = 30.0  # how long a worker told to stop, or idle, may take to exit
+
+
+def _script(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, str(SCRIPT), *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={k: v for k, v in os.environ.items() if not k.startswith("CFLOW_")},
+    )
+
+
+def _line(proc: subprocess.Popen[str]) -> dict[str, Any]:
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert line, f"the script ended early ({proc.wait()})"
+    reply: dict[str, Any] = json.loads(line)
+    return reply
+
+
+def _exited(pid: int, start: int) -> bool:
+    """Wait for a process that is not our child to exit (a pidfd); whether it did."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        if process_start(pid) == start:
+            select.select([fd], [], [], EXIT_SECONDS)
+    finally:
+        os.close(fd)
+    return process_start(pid) != start
+
+
+@pytest.fixture
+def procs() -> Iterator[list[subprocess.Popen[str]]]:
+    """Scripts a test starts; killed if the test ends before them."""
+    started: list[subprocess.Popen[str]] = []
+    yield started
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+def _fds(pid: int) -> dict[int, str]:
+    """A process's open descriptors: number -> what it points at."""
+    return {int(fd): os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+
+
+def _runner(*args: str) -> str:
+    """``runner ARGS`` in a process of its own, as a user would run it; its stdout."""
+    done = subprocess.run(
+        [sys.executable, "-m", "runner", *args], cwd=REPO, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def _kill_workers(workers: dict[str, Any]) -> None:
+    for entry in workers.values():
+        if process_start(entry["pid"]) == entry.get("start"):
+            os.kill(entry["pid"], signal.SIGKILL)
+
+
+def test_forked_workers_are_listed_and_cancelled(
+    tmp_path: Path, procs: list[subprocess.Popen[str]]
+) -> None:
+    store, flag = tmp_path / "store", tmp_path / "flag"
+    proc = _script("hold", str(store), str(flag))
+    procs.append(proc)
+    shown = _line(proc)
+    workers = shown["workers"]
+    try:
+        assert sorted(workers) == ["local-0", "local-1"]  # the later grow forked too
+        for name, entry in workers.items():
+            pid = entry["pid"]
+            assert "-m\0worker" not in entry["cmdline"], "spawned, not forked"
+            assert entry["start"] == process_start(pid)
+            assert os.getsid(pid) == pid != os.getsid(shown["pid"])  # Ctrl-C does not reach it
+            fds = {
+                int(fd): os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")
+            }
+            assert fds[0] == os.devnull
+            assert fds[1] == fds[2] == str(store / "fleet" / "logs" / f"{name}.log")
+            assert shown["held"] not in fds.values()  # the caller's open files are not kept
+        # Another process's fleet, as `runner status` opens it, recognises them.
+        fleet = LocalFleet(store)
+        try:
+            assert sorted(i.name for i in fleet.instances()) == ["local-0", "local-1"]
+        finally:
+            fleet.close()
+        status = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "runner",
+                "status",
+                shown["run"],
+                "--store",
+                str(store),
+                "--json",
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        states = [s["state"] for s in json.loads(status.stdout)["shards"]]
+        assert states == ["running", "running"]
+        subprocess.run(
+            [sys.executable, "-m", "runner", "cancel", shown["run"], "--store", str(store)],
+            cwd=REPO,
+            capture_output=True,
+            check=True,
+        )
+        for entry in workers.values():
+            assert _exited(entry["pid"], entry["start"]), "a cancelled run's worker went on"
+        assert _line(proc) == {"cancelled": True}
+        assert proc.wait(EXIT_SECONDS) == 0
+    finally:
+        _kill_workers(workers)
+
+
+def test_a_forked_worker_stops_when_idle(
+    tmp_path: Path, procs: list[subprocess.Popen[str]]
+) -> None:
+    store = tmp_path / "store"
+    proc = _script("idle", str(store))
+    procs.append(proc)
+    (entry,) = _line(proc)["workers"].values()
+    try:
+        assert "-m\0worker" not in entry["cmdline"]
+        assert _exited(entry["pid"], entry["start"]), "an idle worker went on"
+        log = (store / "fleet" / "logs" / "local-0.log").read_text()
+        assert "worker local-0 exiting: idle" in log, log
+        assert proc.wait(EXIT_SECONDS) == 0
+    finally:
+        _kill_workers({"local-0": entry})
+
+
+@pytest.mark.parametrize("mode", ["map", "threaded"])
+def test_values_and_failures_come_back_from_forked_or_spawned_workers(
+    tmp_path: Path, procs: list[subprocess.Popen[str]], mode: str
+) -> None:
+    """A one-thread caller's items run in forked workers; a caller with another thread
+    running spawns them (``python -m worker``), and says nothing of it."""
+    proc = _script(mode, str(tmp_path))
+    procs.append(proc)
+    shown = _line(proc)
+    assert [value for value, _ in shown["values"]] == [1, 2, 3]
+    spawned = "\0-m\0worker\0--backend\0local\0"
+    for _, worker in shown["values"]:
+        assert (spawned in worker) == (mode == "threaded"), worker
+        assert (str(SCRIPT) in worker) == (mode == "map"), worker
+    failed = shown["failed"]
+    assert failed["index"] == 1 and failed["type"] == "builtins.ZeroDivisionError"
+    assert "return 1 / x" in failed["traceback"]
+    assert proc.wait(EXIT_SECONDS) == 0

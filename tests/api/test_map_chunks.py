@@ -1,0 +1,209 @@
+"""Many small items in chunk shards: values in input order, a failing item among good ones,
+``as_completed`` per item, the cache per chunk, and the run as the CLI sees it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import cflow
+from cflow.chunks import MAX_CHUNK, Chunking
+from runner.engine import runs
+from tests.api.helpers import Rejected, check
+from tests.e2e.conftest import Cli
+from worker.errors import ConfigError
+
+pytestmark = pytest.mark.e2e
+
+
+def _chunks(run: cflow.Run) -> list[Any]:
+    return list(runs.iter_shards(run._store, run.id))
+
+
+def test_values_come_back_in_input_order_from_chunks(local_backend: dict[str, Any]) -> None:
+    run = cflow.submit(lambda x: x * x, range(23), chunk_size=5, **local_backend)
+    assert list(run.results()) == [x * x for x in range(23)]
+    shards = _chunks(run)
+    assert [s.params["chunk"]["count"] for s in shards] == [5, 5, 5, 5, 3]
+    progress = run.progress()
+    assert (progress.total, progress.succeeded, progress.failed) == (23, 23, 0)
+
+
+def test_a_failing_item_fails_only_itself_in_its_chunk(backend: dict[str, Any]) -> None:
+    run = cflow.submit(check, range(8), chunk_size=4, retries=1, **backend)
+    seen: dict[int, int] = {}
+    with pytest.raises(cflow.ShardFailed) as completed:
+        for item, value in run.as_completed():
+            seen[item] = value
+    assert completed.value.index == 2 and seen == {0: 0, 1: 1}  # per item, in chunk order
+    with pytest.raises(cflow.ShardFailed) as first:
+        run.results()
+    assert first.value.index == 2  # the first failure in input order
+    values = run.results(return_exceptions=True)
+    assert [values[i] for i in (0, 1, 4, 5, 6, 7)] == [0, 1, 4, 5, 6, 7]
+    rejected, unloadable = values[2], values[3]
+    assert isinstance(rejected, cflow.ShardFailed) and rejected.index == 2
+    assert isinstance(rejected.exception, Rejected) and rejected.exception.why == (
+        "two is not welcome"
+    )
+    assert "raise Rejected" in rejected.traceback
+    # Its own part of the chunk's log: its two tries, the retry said, nothing of item 3.
+    assert rejected.log_tail.count("about to reject 2") == 2
+    assert "item 2 raised" in rejected.log_tail and "running it again" in rejected.log_tail
+    assert isinstance(unloadable, cflow.ShardFailed) and unloadable.index == 3
+    assert isinstance(unloadable.exception, cflow.RemoteError)
+    assert "about to reject" not in unloadable.log_tail
+    assert unloadable.shard_id == rejected.shard_id  # both in the first chunk, committed
+    progress = run.progress()
+    assert (progress.total, progress.succeeded, progress.failed) == (8, 6, 2)
+
+
+def test_as_completed_yields_each_item_of_each_chunk(local_backend: dict[str, Any]) -> None:
+    run = cflow.submit(lambda s: s.upper(), list("abcdefghij"), chunk_size=3, **local_backend)
+    assert dict(run.as_completed()) == {c: c.upper() for c in "abcdefghij"}
+    assert len(_chunks(run)) == 4
+
+
+def test_an_item_that_raises_once_is_run_again_in_its_chunk(
+    local_backend: dict[str, Any], tmp_path: Path
+) -> None:
+    marks = tmp_path / "marks"
+    marks.mkdir()
+
+    def flaky(x: int) -> int:
+        if x == 4 and not (marks / "tried").exists():
+            (marks / "tried").touch()
+            raise OSError("the first try of 4 fails")
+        (marks / f"ran-{x}").touch()
+        return x
+
+    run = cflow.submit(flaky, range(10), chunk_size=5, retries=2, **local_backend)
+    assert list(run.results()) == list(range(10))
+    assert len(list(marks.glob("ran-*"))) == 10  # the chunk was not run again whole
+
+
+def test_a_chunk_whose_attempt_dies_fails_its_items_with_the_reason(
+    local_backend: dict[str, Any],
+) -> None:
+    def dies(x: int) -> int:
+        if x == 6:
+            os._exit(3)  # the task process ends: the whole attempt of its chunk with it
+        return x
+
+    run = cflow.submit(dies, range(10), chunk_size=5, retries=0, **local_backend)
+    values = run.results(return_exceptions=True)
+    assert list(values[:5]) == [0, 1, 2, 3, 4]
+    for index in range(5, 10):
+        failed = values[index]
+        assert isinstance(failed, cflow.ShardFailed) and failed.index == index
+        assert "items 5 to 9 ran as one chunk" in failed.message
+    progress = run.progress()
+    assert (progress.total, progress.succeeded, progress.failed) == (10, 5, 5)
+
+
+def test_the_cache_reruns_only_the_chunk_of_a_changed_item(
+    local_backend: dict[str, Any], tmp_path: Path
+) -> None:
+    marks = tmp_path / "calls"
+    marks.mkdir()
+
+    def counted(x: int) -> int:
+        (marks / f"{x}-{len(list(marks.iterdir()))}").touch()
+        return x + 1
+
+    items = list(range(20))
+    assert list(cflow.map(counted, items, chunk_size=5, cache=True, **local_backend)) == [
+        x + 1 for x in items
+    ]
+    assert len(list(marks.iterdir())) == 20
+    for mark in marks.iterdir():
+        mark.unlink()
+    items[7] = 107
+    run = cflow.submit(counted, items, chunk_size=5, cache=True, **local_backend)
+    assert list(run.results()) == [x + 1 for x in items]
+    assert sorted(int(p.name.split("-")[0]) for p in marks.iterdir()) == [5, 6, 8, 9, 107]
+    assert run.progress().cached == 15
+
+
+def test_a_chunked_run_is_seen_by_runner_status(
+    local_backend: dict[str, Any], tmp_path: Path
+) -> None:
+    run = cflow.submit(lambda x: -x, range(12), chunk_size=4, **local_backend)
+    assert list(run.results()) == [-x for x in range(12)]
+    status = Cli(tmp_path).status(run.id)
+    assert status["state"] == "finished"
+    assert len(status["shards"]) == 3
+    attached = cflow.attach(run.id, store=local_backend["store"])
+    assert list(attached.results()) == [-x for x in range(12)]  # per item, from the store
+    assert attached.progress().total == 12
+
+
+def test_the_chunk_size_is_chosen_from_the_items_and_the_workers() -> None:
+    assert Chunking.pick(range(2000), None, slots=2, tries=1).size(0) == MAX_CHUNK
+    assert Chunking.pick(range(80), None, slots=2, tries=1).size(0) == 10  # 4 per slot
+    small = Chunking.pick(range(5), None, slots=2, tries=1)
+    assert not small.chunked  # one shard per item: today's form
+    assert not Chunking.pick(range(2000), 1, slots=2, tries=1).chunked
+    stream = Chunking.pick(iter(range(10**6)), None, slots=2, tries=1)
+    assert stream.chunked and stream.size(0) == 1  # a generator's first chunks are small
+    assert stream.size(800) == MAX_CHUNK and stream.largest == MAX_CHUNK
+    with pytest.raises(ConfigError, match="chunk_size=0: give a whole number"):
+        Chunking.pick(range(3), 0, slots=2, tries=1)
+
+
+def test_a_value_only_cloudpickle_can_pickle_comes_back_from_a_chunk(
+    local_backend: dict[str, Any],
+) -> None:
+    makers = cflow.map(lambda x: lambda: x + 1, range(6), chunk_size=3, **local_backend)
+    assert [make() for make in makers] == [1, 2, 3, 4, 5, 6]
+
+
+def test_the_cache_runs_again_a_chunk_whose_item_failed(
+    local_backend: dict[str, Any], tmp_path: Path
+) -> None:
+    fixed = tmp_path / "fixed"
+
+    def fragile(x: int) -> int:
+        if x == 1 and not fixed.exists():
+            raise ValueError("not yet")
+        return x
+
+    first = cflow.map(
+        fragile,
+        range(6),
+        chunk_size=3,
+        retries=0,
+        cache=True,
+        return_exceptions=True,
+        **local_backend,
+    )
+    assert isinstance(first[1], cflow.ShardFailed)
+    fixed.touch()
+    run = cflow.submit(fragile, range(6), chunk_size=3, retries=0, cache=True, **local_backend)
+    assert list(run.results()) == list(range(6))
+    assert run.progress().cached == 3  # the chunk without a failure only
+
+
+def test_big_items_and_values_of_a_chunk_go_by_the_store(local_backend: dict[str, Any]) -> None:
+    items = [bytes([i]) * 30_000 for i in range(4)]  # 120 KB of items: over a chunk's params
+    run = cflow.submit(lambda b: b * 2, items, chunk_size=4, **local_backend)
+    assert list(run.results()) == [b * 2 for b in items]  # 240 KB of values: output files
+    (chunk,) = _chunks(run)
+    assert chunk.input is not None and "items" not in chunk.params
+    assert dict(run.as_completed()) == {b: b * 2 for b in items}
+
+
+def test_a_value_that_will_not_pickle_fails_only_its_item(local_backend: dict[str, Any]) -> None:
+    import threading
+
+    def odd(x: int) -> Any:
+        return threading.Lock() if x == 1 else x  # a lock pickles with neither pickler
+
+    values = cflow.map(
+        odd, range(4), chunk_size=4, retries=0, return_exceptions=True, **local_backend
+    )
+    assert [values[i] for i in (0, 2, 3)] == [0, 2, 3]
+    assert isinstance(values[1], cflow.ShardFailed) and "lock" in values[1].message
