@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -185,6 +186,36 @@ def submit(
         local=config.is_local,
         **options,
     )
+    driver = _drive(request, config, folder, say)
+    interrupted = False
+    try:
+        while not driver.created.wait(0.2):
+            pass
+    except KeyboardInterrupt:
+        if driver.run_id is None:  # before the run was made: nothing is left running
+            feed.stop(cancel=True)
+            driver.stop.set()
+            raise
+        interrupted = True
+    run_id = driver.run_id
+    if run_id is None:
+        assert driver.error is not None
+        raise driver.error
+    run = Run(run_id, config, driver=driver, feed=feed, detach=detach, progress=progress)
+    if interrupted:  # the run was made as Ctrl-C came: cancelled, or left going, as in a wait
+        run._interrupted()
+        raise KeyboardInterrupt
+    return run
+
+
+def _drive(
+    request: SubmitRequest,
+    config: Config,
+    folder: tempfile.TemporaryDirectory[str],
+    say: Callable[[str], None],
+) -> Driver:
+    """A thread of this process that submits ``request`` and watches its run to the end, as
+    ``runner submit`` does; the generated task folder goes when it ends."""
     driver = Driver()
     # Local workers forked from this process, which has their code loaded, rather than new
     # interpreters; decided here, before the run's thread exists (None where not safe).
@@ -207,17 +238,7 @@ def submit(
                 launcher.close()
 
     driver.start(body)
-    try:
-        while not driver.created.wait(0.2):
-            pass
-    except KeyboardInterrupt:  # before the run was made: nothing is left running
-        feed.stop(cancel=True)
-        driver.stop.set()
-        raise
-    if driver.run_id is None:
-        assert driver.error is not None
-        raise driver.error
-    return Run(driver.run_id, config, driver=driver, feed=feed, detach=detach, progress=progress)
+    return driver
 
 
 def map(

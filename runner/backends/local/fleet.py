@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import itertools
-import json
 import logging
 import os
 import select
@@ -18,7 +16,7 @@ from pathlib import Path
 from typing import Protocol
 
 from runner.backends.local import launcher as launching
-from runner.backends.local.launcher import process_start
+from runner.backends.local.registry import Registry
 from runner.engine.fleet import Fleet, Instance
 from worker import defaults
 from worker.backends.local.queue import LocalQueue
@@ -40,7 +38,6 @@ class _Process(Protocol):
     def wait(self, timeout: float | None = None) -> int: ...
 
 
-CLAIM_SECONDS = 60.0  # a worker name claimed this long without a pid is free again
 DISK_FULL_BYTES = 1 << 20  # less free space than this on the store's disk: it is full
 
 
@@ -75,8 +72,7 @@ class LocalFleet(Fleet):
         extra_args: list[str] | None = None,
     ):
         self.root = root.resolve()
-        self.registry = self.root / "fleet"
-        self.registry.mkdir(parents=True, exist_ok=True)
+        self.registry = Registry(self.root, run_id)
         self.run_id = run_id
         self.slots = slots
         self.idle_timeout = idle_timeout
@@ -104,32 +100,13 @@ class LocalFleet(Fleet):
             " run goes on where it stopped"
         )
 
-    def _entries(self) -> dict[str, tuple[int, int | None]]:
-        """This fleet's registered workers (a run's own, or every one): name -> pid and, for a
-        forked one, its start time."""
-        out = {}
-        for path in self.registry.glob("*.json"):
-            try:
-                entry = json.loads(path.read_text())
-                pid = int(entry["pid"])
-                start = entry.get("start")
-                if self.run_id is None or entry.get("run") == self.run_id:
-                    out[path.stem] = (pid, None if start is None else int(start))
-            except (OSError, ValueError, KeyError, TypeError, AttributeError):
-                # A name claimed by a runner still starting its process; a claim that never
-                # got a pid (its runner died in between) is given back after a while.
-                with contextlib.suppress(OSError):
-                    if time.time() - path.stat().st_mtime > CLAIM_SECONDS:
-                        path.unlink()
-                continue
-        return out
-
     def instances(self) -> list[Instance]:
         live = []
-        for name, (pid, start) in sorted(self._entries().items()):
+        for name, (pid, start) in sorted(self.registry.entries().items()):
             proc = self._procs.get(name)
-            alive = proc.poll() is None if proc is not None else self._alive(name, pid, start)
-            if alive:
+            if (proc is not None and proc.poll() is None) or (
+                proc is None and self.registry.alive(name, pid, start)
+            ):
                 live.append(Instance(name, "stopping" if name in self._stopping else "running"))
             else:
                 self._gone(name)
@@ -162,22 +139,9 @@ class LocalFleet(Fleet):
             self.released += self._open_queue().release(name)
         except CFlowError as exc:  # the leases lapse by themselves; say why they were kept
             log.warning("could not release the leases of worker %s: %s", name, exc)
-        (self.registry / f"{name}.json").unlink(missing_ok=True)
+        self.registry.forget(name)
         self._procs.pop(name, None)
         self._stopping.discard(name)
-
-    def _claim(self, start: int) -> tuple[str, int]:
-        """The first free ``local-<n>`` from ``start``, claimed create-only."""
-        n = start
-        while True:
-            name = f"local-{n}"
-            try:
-                fd = os.open(self.registry / f"{name}.json", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                n += 1
-                continue
-            os.close(fd)
-            return name, n
 
     def grow(self, count: int) -> list[str]:
         try:
@@ -197,20 +161,15 @@ class LocalFleet(Fleet):
         # runner still remembers the old one).
         names = []
         for _ in range(count):
-            name, n = self._claim(self._next)
+            name, n = self.registry.claim(self._next)
             self._next = n + 1
             logs = self.root / "fleet" / "logs"
             logs.mkdir(parents=True, exist_ok=True)
             proc = self._start(name, logs / f"{name}.log")
             self._procs[name] = proc
-            entry = self.registry / f"{name}.json"
-            tmp = entry.with_name(f".{name}.json.tmp")
-            record = {"pid": proc.pid, "run": self.run_id}
-            if isinstance(proc, launching.ForkedWorker):
-                record["start"] = proc.start
+            start = proc.start if isinstance(proc, launching.ForkedWorker) else None
             try:
-                tmp.write_text(json.dumps(record))
-                os.replace(tmp, entry)  # readers see the claim or the pid, never half a file
+                self.registry.record(name, proc.pid, start)
             except OSError:  # an unregistered worker would be invisible: stop it
                 proc.kill()
                 proc.wait()
@@ -252,12 +211,12 @@ class LocalFleet(Fleet):
             )
 
     def delete(self, names: Iterable[str]) -> None:
-        entries = self._entries()
+        entries = self.registry.entries()
         for name in names:
             pid, start = entries.get(name, (None, None))
             if pid is None:
                 continue
-            if name not in self._procs and not self._alive(name, pid, start):
+            if name not in self._procs and not self.registry.alive(name, pid, start):
                 continue  # a reused pid: not ours to signal
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
@@ -294,28 +253,8 @@ class LocalFleet(Fleet):
             self._queue.close()
             self._queue = None
 
-    def _alive(self, name: str, pid: int, start: int | None) -> bool:
-        if start is not None:  # forked: the caller's command line, its start time recorded
-            return process_start(pid) == start
-        return _is_worker(pid, self.root, name)
-
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         """Send a signal to one worker (tests and demos of preemption)."""
-        pid, start = self._entries().get(name, (None, None))
-        if pid is not None and (name in self._procs or self._alive(name, pid, start)):
+        pid, start = self.registry.entries().get(name, (None, None))
+        if pid is not None and (name in self._procs or self.registry.alive(name, pid, start)):
             os.kill(pid, sig)
-
-
-def _is_worker(pid: int, store: Path, name: str) -> bool:
-    """Whether ``pid`` is still this store's worker ``name`` (and not a reused pid)."""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as fh:
-            argv = fh.read().split(b"\0")
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            zombie = fh.read().rsplit(b")", 1)[-1].split()[0] == b"Z"
-    except OSError:
-        return False
-    if zombie:
-        return False
-    flags = dict(itertools.pairwise(argv))  # "--store" -> its value, ...
-    return flags.get(b"--store") == str(store).encode() and flags.get(b"--name") == name.encode()

@@ -1,0 +1,94 @@
+"""The local fleet's registry: a file per worker under ``<store>/fleet/``, so any runner (a
+later ``runner watch``, ``runner status``) finds the workers of a store and tells them from
+other processes that reused their pids."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import time
+from pathlib import Path
+
+from runner.backends.local.launcher import process_start
+
+CLAIM_SECONDS = 60.0  # a worker name claimed this long without a pid is free again
+
+
+class Registry:
+    """``<store>/fleet/<name>.json``: ``{"pid", "run"}`` and, for a worker forked from its
+    caller (whose command line is the caller's), ``"start"``, the pid's start time.
+
+    A name is claimed by creating its file create-only, so two runners starting workers in one
+    store at once never give two workers one name; the pid is written once the process runs.
+    """
+
+    def __init__(self, root: Path, run_id: str | None):
+        self.root = root
+        self.folder = root / "fleet"
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.run_id = run_id
+
+    def entries(self) -> dict[str, tuple[int, int | None]]:
+        """The registered workers (a run's own, or every one): name -> pid and, for a forked
+        one, its start time."""
+        out = {}
+        for path in self.folder.glob("*.json"):
+            try:
+                entry = json.loads(path.read_text())
+                pid = int(entry["pid"])
+                start = entry.get("start")
+                if self.run_id is None or entry.get("run") == self.run_id:
+                    out[path.stem] = (pid, None if start is None else int(start))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                # A name claimed by a runner still starting its process; a claim that never
+                # got a pid (its runner died in between) is given back after a while.
+                with contextlib.suppress(OSError):
+                    if time.time() - path.stat().st_mtime > CLAIM_SECONDS:
+                        path.unlink()
+                continue
+        return out
+
+    def claim(self, start: int) -> tuple[str, int]:
+        """The first free ``local-<n>`` from ``start``, claimed create-only."""
+        n = start
+        while True:
+            name = f"local-{n}"
+            try:
+                fd = os.open(self.folder / f"{name}.json", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                n += 1
+                continue
+            os.close(fd)
+            return name, n
+
+    def record(self, name: str, pid: int, start: int | None) -> None:
+        """Worker ``name`` runs as ``pid``: readers see the claim or the pid, never half."""
+        entry = self.folder / f"{name}.json"
+        tmp = entry.with_name(f".{name}.json.tmp")
+        data: dict[str, object] = {"pid": pid, "run": self.run_id}
+        if start is not None:
+            data["start"] = start
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, entry)
+
+    def forget(self, name: str) -> None:
+        (self.folder / f"{name}.json").unlink(missing_ok=True)
+
+    def alive(self, name: str, pid: int, start: int | None) -> bool:
+        """Whether ``pid`` is still this store's worker ``name`` (and not a reused pid)."""
+        if start is not None:  # forked: the caller's command line, its start time recorded
+            return process_start(pid) == start
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                argv = fh.read().split(b"\0")
+            with open(f"/proc/{pid}/stat", "rb") as fh:
+                zombie = fh.read().rsplit(b")", 1)[-1].split()[0] == b"Z"
+        except OSError:
+            return False
+        if zombie:
+            return False
+        flags = dict(itertools.pairwise(argv))  # "--store" -> its value, ...
+        store = str(self.root).encode()
+        return flags.get(b"--store") == store and flags.get(b"--name") == name.encode()
