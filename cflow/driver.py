@@ -4,6 +4,7 @@ and ``runner watch`` do in theirs, and what the caller's thread reads from it.""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 
 from runner.backends.factory import open_deployment
@@ -23,7 +24,8 @@ def let_go(timeout: float = 60.0) -> bool:
     before its last workers have stopped); True when none is left."""
     with _live_lock:
         drivers = list(_live)
-    return all(d.done.wait(timeout) for d in drivers)
+    deadline = time.monotonic() + timeout
+    return all(d.join(max(0.0, deadline - time.monotonic())) for d in drivers)
 
 
 class Driver:
@@ -58,6 +60,16 @@ class Driver:
 
         self._thread = threading.Thread(target=target, name="cflow-run", daemon=True)
         self._thread.start()
+
+    def join(self, timeout: float) -> bool:
+        """Wait until the thread has ended, not only said so (``done``): a run made right
+        after sees this process with one thread again, so its workers can be forked."""
+        if not self.done.wait(timeout):
+            return False
+        if self._thread is not None:
+            self._thread.join(timeout)
+            return not self._thread.is_alive()
+        return True
 
     def on_outcome(self, outcome: Outcome) -> None:
         self.outcome = outcome
