@@ -51,6 +51,10 @@ class RunView:
         self._heard: dict[str, float] = {}  # worker -> when it was last heard from
         self._listed: dict[str, float] = {}  # instance -> since when the fleet lists it running
         self._found: set[str] | None = None  # running at the first look (None: none made yet)
+        # When this runner first heard any worker: its events reach it from then on (a resumed
+        # runner's new subscription may take seconds to deliver). A worker never heard from is
+        # judged silent only counting from then, never for the delay of the runner's own ears.
+        self._hearing_since: float | None = None
 
     @property
     def settled(self) -> int:
@@ -137,19 +141,31 @@ class RunView:
         return {
             name
             for name, since in self._listed.items()
-            if now - max(since, self._heard.get(name, since)) > limit
+            if now - self._last_word(name, since, limit) > limit
         }
+
+    def _last_word(self, name: str, listed: float, limit: float) -> float:
+        """Since when ``name`` has been silent as far as this runner can tell: its last word;
+        for one never heard, since it was listed running or this runner began hearing (its
+        events reach it from then), whichever is later; while this runner has heard no one at
+        all, a bound later than its listing (its own ears may be what is slow)."""
+        if name in self._heard:
+            return max(listed, self._heard[name])
+        if self._hearing_since is None:
+            return listed + limit
+        return max(listed, self._hearing_since)
 
     def unheard(self, now: float, limit: float) -> dict[str, float]:
         """Running instances never heard from while this run was watched and not yet
         :meth:`silent`, each with the seconds left before it is. A worker that works says so
         within a heartbeat, whatever its run, and one just booted says it is idle; one that
         froze before this runner started (a runner resumed with ``runner watch``) never will."""
-        return {
-            name: since + limit - now
+        left = {
+            name: self._last_word(name, since, limit) + limit - now
             for name, since in self._listed.items()
-            if name not in self._heard and now - since <= limit
+            if name not in self._heard
         }
+        return {name: t for name, t in left.items() if t >= 0}
 
     def quiet(self, now: float, limit: float) -> set[str]:
         """:meth:`silent` instances whose last word was not that they are idle, or never heard
@@ -181,6 +197,8 @@ class RunView:
         kind = EventKind(event.kind)
         self.stale.discard(event.worker)  # heard from: not frozen
         self._heard[event.worker] = now
+        if self._hearing_since is None:
+            self._hearing_since = now
         if kind is EventKind.HEARTBEAT:
             self.heartbeats = True
         if kind in (EventKind.STARTED, EventKind.HEARTBEAT):

@@ -118,6 +118,7 @@ def test_a_shard_preempted_twelve_times_still_succeeds(cli: Cli, tmp_path: Path)
 
         def run(shard):
             print("attempt", shard.attempt, "waits", flush=True)
+            (Path({str(tmp_path)!r}) / f"began-{{shard.attempt}}").touch()
             while not Path({str(flag)!r}).exists():
                 time.sleep(0.05)
             (Path(shard.output_dir) / "done.txt").write_text("done")
@@ -132,6 +133,10 @@ def test_a_shard_preempted_twelve_times_still_succeeds(cli: Cli, tmp_path: Path)
             "a new running attempt",
         )[0]
         seen.add(attempt["attempt"])
+        # Stopped once its task runs: a worker stopped while it still prepares the attempt
+        # records "worker stopped before it started", also a preemption, but not this case.
+        began = tmp_path / f"began-{attempt['attempt']}"
+        wait_for(began.exists, 30, f"attempt {attempt['attempt']}'s task to begin")
         pid = cli.workers()[attempt["worker"]]
         os.kill(pid, signal.SIGTERM)
         wait_for(lambda p=pid: not alive(p), 20, "the preempted worker to exit")
