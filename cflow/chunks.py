@@ -24,7 +24,7 @@ from collections.abc import Iterable, Iterator, Sized
 from dataclasses import dataclass
 from typing import Any
 
-from cflow.errors import ShardFailed, read_failure
+from cflow.errors import ShardFailed, shard_failed
 from worker.errors import ConfigError, NotFound
 from worker.protocol import Layout, Shard, ShardFailure, ShardResult
 from worker.pyfunc import CHUNK_PARAM, ERROR_MARK, ITEMS_PARAM
@@ -158,7 +158,7 @@ def _marks(log: bytes) -> dict[int, tuple[dict[str, Any], int]]:
     return found
 
 
-def _read_log(store: Store, run_id: str, shard_id: str, attempt: int | None) -> bytes:
+def read_log(store: Store, run_id: str, shard_id: str, attempt: int | None) -> bytes:
     if attempt is None:
         return b""
     try:
@@ -182,16 +182,7 @@ def _failed(
         record, end = found
         start = int(record.get("log_from") or 0)
         text = log[start if 0 <= start <= end else 0 : end].decode("utf-8", "replace")
-    described, tail = read_failure(text, reason)
-    return ShardFailed(
-        index=index,
-        type_name=described.type_name,
-        message=described.message,
-        traceback=described.traceback,
-        log_tail=tail,
-        exception=described.exception,
-        **ids,
-    )
+    return shard_failed(text, reason, index=index, **ids)
 
 
 def committed_items(store: Store, run_id: str, shard: Shard, result: ShardResult) -> list[Any]:
@@ -211,7 +202,7 @@ def committed_items(store: Store, run_id: str, shard: Shard, result: ShardResult
             out.append(("file", key, int(entry.get("size", 0))))
         else:
             if log is None:
-                log = _read_log(store, run_id, shard.id, result.attempt)
+                log = read_log(store, run_id, shard.id, result.attempt)
                 marks = _marks(log)
             reason = f"ItemFailed: item {first + j} failed its {entry.get('failed')} tries"
             out.append(_failed(log, marks, first + j, reason, run_id=run_id, shard_id=shard.id))
@@ -223,7 +214,7 @@ def failed_items(store: Store, run_id: str, shard: Shard) -> list[ShardFailed]:
     raised what ended the chunk's attempt, else the chunk's reason (a timeout, a crash)."""
     first, count = span(shard) or (shard.index, 1)
     failure = ShardFailure.from_json(store.get(Layout.failure(run_id, shard.id)))
-    log = _read_log(store, run_id, shard.id, failure.attempt)
+    log = read_log(store, run_id, shard.id, failure.attempt)
     marks = _marks(log)
     name, _, text = failure.reason.partition(": ")
     if not text:

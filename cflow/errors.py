@@ -125,3 +125,18 @@ def read_failure(log: str, reason: str) -> tuple[_Described, str]:
         with contextlib.suppress(Exception):
             exc = pickle.loads(base64.b64decode(record["pickle"]))
     return _Described(name, text, trace, exc), tail
+
+
+def shard_failed(log: str, reason: str, *, index: int, run_id: str, shard_id: str) -> ShardFailed:
+    """Item ``index``'s :class:`ShardFailed`, from its attempt's log (:func:`read_failure`)."""
+    described, tail = read_failure(log, reason)
+    return ShardFailed(
+        index=index,
+        run_id=run_id,
+        shard_id=shard_id,
+        type_name=described.type_name,
+        message=described.message,
+        traceback=described.traceback,
+        log_tail=tail,
+        exception=described.exception,
+    )

@@ -8,10 +8,9 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, overload
 
-from cflow.chunks import committed_items, failed_items, span
-from cflow.errors import ShardFailed, read_failure
+from cflow.chunks import committed_items, failed_items, read_log, span
+from cflow.errors import ShardFailed, shard_failed
 from cflow.shipping import item_of
-from worker.errors import NotFound
 from worker.protocol import Layout, Shard, ShardFailure, ShardResult
 from worker.pyfunc import VALUE_FILE
 from worker.store import Store
@@ -117,25 +116,8 @@ def shard_values(store: Store, run_id: str, shard: Shard, record: bytes | None) 
 def read_failed(store: Store, run_id: str, shard_id: str, index: int) -> ShardFailed:
     """The shard's failure, with what its last attempt's log says."""
     failure = ShardFailure.from_json(store.get(Layout.failure(run_id, shard_id)))
-    log = ""
-    if failure.attempt is not None:
-        try:
-            log = store.get(Layout.log(run_id, shard_id, failure.attempt)).decode(
-                "utf-8", "replace"
-            )
-        except NotFound:
-            log = ""
-    described, tail = read_failure(log, failure.reason)
-    return ShardFailed(
-        index=index,
-        run_id=run_id,
-        shard_id=shard_id,
-        type_name=described.type_name,
-        message=described.message,
-        traceback=described.traceback,
-        log_tail=tail,
-        exception=described.exception,
-    )
+    log = read_log(store, run_id, shard_id, failure.attempt).decode("utf-8", "replace")
+    return shard_failed(log, failure.reason, index=index, run_id=run_id, shard_id=shard_id)
 
 
 class Results(Sequence[Any]):
