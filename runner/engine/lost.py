@@ -22,7 +22,15 @@ from dataclasses import dataclass
 from runner.engine import runs
 from runner.engine.run_view import RunView
 from worker.clock import Clock
-from worker.protocol import Layout, Manifest, RunState, WorkMessage
+from worker.protocol import (
+    AttemptState,
+    AttemptStatus,
+    Layout,
+    Manifest,
+    RunState,
+    ShardResult,
+    WorkMessage,
+)
 from worker.queue import WorkQueue
 from worker.store import Store
 
@@ -144,3 +152,46 @@ class LostShards:
         )
         self.queue.publish(WorkMessage(run_id=self.run_id, shard=s.to_dict()) for s in shards)
         self.requeued += len(shards)
+
+
+def attempt_holders(store: Store, run_id: str) -> set[str]:
+    """Workers the run's own records name as running one of its attempts that never ended:
+    its ``status.json`` still says running and it is not the attempt that committed (the
+    winner's record is the shard's ``result.json``). Once the run is over, such a worker froze
+    or died holding this run's work: this run's runner may delete it even if it never heard
+    from it (a runner resumed with ``runner watch``). A worker named by no attempt of the run
+    may be busy with another run whose events this runner missed: it is not this run's to judge.
+
+    One listing of the run's records; the statuses read are those of shards not committed or
+    committed after more than one attempt (a GET each on Cloud Storage).
+    """
+    statuses: dict[str, list[str]] = {}  # shard -> its attempts' status keys
+    committed: set[str] = set()
+    for key in store.list(Layout.shards_prefix(run_id), suffix=".json"):
+        parts = Layout.parse_shard_key(key)
+        if parts is None:
+            continue
+        _, shard_id, rest = parts
+        if rest == "result.json":
+            committed.add(shard_id)
+        elif rest.startswith("attempts/") and rest.endswith("/status.json"):
+            statuses.setdefault(shard_id, []).append(key)
+    retried = [s for s in committed if len(statuses.get(s, ())) > 1]
+    winners = {}
+    for raw in store.get_many([Layout.result(run_id, s) for s in retried]).values():
+        won = ShardResult.from_json(raw)
+        winners[won.shard_id] = won.attempt
+    wanted = [
+        key
+        for shard_id, keys in statuses.items()
+        if shard_id not in committed or shard_id in winners
+        for key in keys
+    ]
+    holders = set()
+    for raw in store.get_many(wanted).values():
+        status = AttemptStatus.from_json(raw)
+        if status.state == AttemptState.RUNNING.value and winners.get(status.shard_id) != (
+            status.attempt
+        ):
+            holders.add(status.worker)
+    return holders

@@ -220,6 +220,12 @@ class Release:
     # Instances never heard from, at the last drain: the seconds before each is taken for silent.
     unheard: dict[str, float] = field(default_factory=dict)
     say: Callable[[str], None] | None = None  # what the drain waits for (None: the log)
+    # Reads the run's own records: the workers holding an attempt of it that never ended
+    # (:func:`runner.engine.lost.attempt_holders`); None: no records (none is such a holder).
+    records: Callable[[], set[str]] | None = None
+
+    def __post_init__(self) -> None:
+        self._holders: set[str] | None = None
 
     def lease_runs(self, fleet: Fleet) -> dict[str, set[str]] | None:
         """Who holds leases of which runs, where the fleet knows (None: it does not)."""
@@ -244,7 +250,17 @@ class Release:
         run (by the lease records where the fleet keeps them, else by what they said)."""
         if held is not None:
             return {i.name for i in instances if held.get(i.name, set()) <= {self.run_id}}
-        return self.view.free(self.clock.monotonic(), self.silence, self.settle)
+        now = self.clock.monotonic()
+        unheard = {n for n in self.view.silent(now, self.silence) if not self.view.heard(n)}
+        holders = self.holders() if unheard else set()
+        return self.view.free(now, self.silence, self.settle, holders)
+
+    def holders(self) -> set[str]:
+        """The workers the run's own records name as holding an attempt of it that never
+        ended, read once: asked only once the run is over, when no attempt of it starts."""
+        if self._holders is None:
+            self._holders = self.records() if self.records is not None else set()
+        return self._holders
 
     def elsewhere(self, held: dict[str, set[str]] | None) -> set[str]:
         """Workers known busy with another run."""
@@ -318,9 +334,10 @@ class Release:
         """One look at the fleet after the run: delete the workers now known free (and any
         that will never work); the instances still waited for: those deleted, until they are
         gone; those that worked for this run and have not said what they do now (not known
-        busy with another run); and those running and never heard from, until they speak or
-        are silent past the bound (:meth:`RunView.unheard`: frozen before this runner
-        started, say, when it resumed). One still booting is deleted: it works for no run yet.
+        busy with another run); and those running and never heard from that the run's own
+        records name holding one of its attempts, until they speak or are silent past the
+        bound (:meth:`RunView.unheard`: frozen before this runner started, say, when it
+        resumed). One still booting is deleted: it works for no run yet.
         """
         now = self.clock.monotonic()
         instances = fleet.instances()
@@ -342,8 +359,15 @@ class Release:
         )
         elsewhere = self.elsewhere(held)
         # Where lease records say who works, a worker that holds none is known free already.
+        # A never-heard one is waited for only if the run's records name it holding an
+        # attempt of this run (:meth:`holders`); any other may be busy with another run.
         unheard = self.view.unheard(now, self.silence) if held is None else {}
-        self.unheard = {n: left for n, left in unheard.items() if n not in self.deleted | elsewhere}
+        holders = self.holders() if unheard else set()
+        self.unheard = {
+            n: left
+            for n, left in unheard.items()
+            if n in holders and n not in self.deleted | elsewhere
+        }
         return [
             i.name
             for i in instances

@@ -176,21 +176,34 @@ class RunView:
         found = self._found or set()
         return {n for n in self.silent(now, limit) - self.idle if n in self._heard or n in found}
 
-    def free(self, now: float, limit: float, settle: float = IDLE_SETTLE) -> set[str]:
+    def free(
+        self,
+        now: float,
+        limit: float,
+        settle: float = IDLE_SETTLE,
+        holders: set[str] | frozenset[str] = frozenset(),
+    ) -> set[str]:
         """Workers this run's runner may delete once its run is over (settled or cancelled):
         nothing says they work for another run, and something says they work for none or only
-        for this one (they said they are idle; their lease lapsed; they are silent past
-        ``limit``; or the shard they run is this run's). Once another run was heard of, an idle
-        word must have stood ``settle`` seconds (:meth:`idle_for`): that run's work may follow
-        it at once. With none, an idle worker is taken at its word.
+        for this one: they said they are idle; their lease of this run lapsed; the shard they
+        run is this run's; or they are silent past ``limit``, heard from before (a heartbeat
+        comes at least every period from a worker that works, whatever its run) or named by
+        the run's own records as ``holders`` of an attempt of it that never ended
+        (:func:`runner.engine.lost.attempt_holders`: frozen, say, before a resumed runner
+        began to watch). Once another run was heard of, an idle word must have stood
+        ``settle`` seconds (:meth:`idle_for`): that run's work may follow it at once. With
+        none, an idle worker is taken at its word.
 
-        A worker busy with another run is left to that run's runner, or to its own idle
-        timeout; one still unknown (it just finished a shard of this run and has not said it is
-        idle yet) is neither, and is waited for.
+        A worker never heard from and named by no record of this run is left to its own run's
+        runner, its idle timeout and the VM's hard bound: a resumed runner's events may come
+        late, and deleting a busy VM of another run loses its work. One still unknown (it
+        just finished a shard of this run and has not said it is idle yet) is neither, and is
+        waited for.
         """
         idle = self.idle_for(now, settle if self.others else 0.0)
         mine = set(self.running.values())
-        return (idle | self.stale | self.silent(now, limit) | mine) - self.busy_elsewhere()
+        frozen = {n for n in self.silent(now, limit) if n in self._heard or n in holders}
+        return (idle | self.stale | frozen | mine) - self.busy_elsewhere()
 
     def apply(self, event: Event, now: float) -> str | None:
         """Record what one event says; the shard of this run it is about, if any."""

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 from runner.engine import runs
 from runner.engine.fleet import Fleet, Instance
-from runner.engine.lost import LostShards
+from runner.engine.lost import LostShards, attempt_holders
 from runner.engine.policy import LeaseRecords, Release, decide_scale
 from runner.engine.run_view import IDLE_SETTLE, RunView
 from runner.engine.speculation import Speculation
@@ -160,7 +160,14 @@ class Watcher:
         self.reconciles = 0  # how many, and what the last one cost (bench/reconcile.py)
         self.last_reconcile_seconds = 0.0
         self._pace = defaults.WATCH_POLL_SECONDS  # the watch loop's, for the drain
-        self.release = Release(self.view, self.run_id, self.clock, silence, self.idle_settle)
+        self.release = Release(
+            self.view,
+            self.run_id,
+            self.clock,
+            silence,
+            self.idle_settle,
+            records=lambda: attempt_holders(self.store, self.run_id),
+        )
 
     @property
     def run_id(self) -> str:
@@ -295,7 +302,8 @@ class Watcher:
             instances=instances,
             idle=idle,
             busy=self.view.busy_workers(),
-            stale=self.view.stale | self._quiet(),
+            # Once the run is over, ``idle`` names every worker it may delete (Release.free).
+            stale=self.view.stale if over else self.view.stale | self._quiet(),
         )
         if decision.add:
             self.fleet.grow(decision.add)
