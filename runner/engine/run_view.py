@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from runner.engine.fleet import Instance
+from runner.engine.hearing import Hearing
 from worker.protocol import Event, EventKind
 
 log = logging.getLogger("cflow.runner")
@@ -48,13 +49,7 @@ class RunView:
         self._beats: dict[str, float] = {}  # shard -> its latest start or heartbeat
         self._elsewhere_beats: dict[tuple[str, str], float] = {}
         self._working_at: dict[str, float] = {}  # worker -> its latest start (by its clock)
-        self._heard: dict[str, float] = {}  # worker -> when it was last heard from
-        self._listed: dict[str, float] = {}  # instance -> since when the fleet lists it running
-        self._found: set[str] | None = None  # running at the first look (None: none made yet)
-        # When this runner first heard any worker: its events reach it from then on (a resumed
-        # runner's new subscription may take seconds to deliver). A worker never heard from is
-        # judged silent only counting from then, never for the delay of the runner's own ears.
-        self._hearing_since: float | None = None
+        self.hearing = Hearing()  # when each worker was last heard, and listed running
 
     @property
     def settled(self) -> int:
@@ -106,66 +101,31 @@ class RunView:
         return set(self.elsewhere.values())
 
     def listed(self, instances: Iterable[Instance], now: float) -> None:
-        """What the fleet lists now: since when each instance has been running."""
-        running = {i.name for i in instances if i.status == "running"}
-        self._listed = {n: self._listed.get(n, now) for n in running}
-        if self._found is None:
-            self._found = running
+        """What the fleet lists now (:meth:`Hearing.listed`)."""
+        self.hearing.listed(instances, now)
 
     def heard(self, worker: str) -> bool:
         """Whether the worker said anything while this run was watched."""
-        return worker in self._heard
+        return worker in self.hearing
 
     def idle_for(self, now: float, settle: float = IDLE_SETTLE) -> set[str]:
         """Workers whose latest word is that they are idle, and nothing else came from them
         for ``settle`` seconds since."""
-        return {w for w in self.idle if now - self._heard.get(w, now) >= settle}
+        return {w for w in self.idle if now - self.hearing.last(w, now) >= settle}
 
     def settles_in(self, now: float, settle: float = IDLE_SETTLE) -> float:
         """Seconds until the next idle word that has not stood ``settle`` seconds does (inf:
         none waits)."""
-        waits = [
-            self._heard[w] + settle - now
-            for w in self.idle
-            if w in self._heard and now - self._heard[w] < settle
-        ]
-        return min(waits, default=float("inf"))
+        waits = [self.hearing.last(w, float("-inf")) + settle - now for w in self.idle]
+        return min((t for t in waits if t > 0), default=float("inf"))
 
     def silent(self, now: float, limit: float) -> set[str]:
-        """Running instances not heard from for ``limit`` seconds (nor since they were first
-        listed running): a worker that works says so at least every heartbeat, so these work
-        for no run (their worker never started, or froze). One never heard from counts from
-        when this runner first listed it running, not from its creation: a VM the group still
-        creates or boots is ``starting``, and the clock of one listed running when a runner
-        resumes starts then."""
-        return {
-            name
-            for name, since in self._listed.items()
-            if now - self._last_word(name, since, limit) > limit
-        }
-
-    def _last_word(self, name: str, listed: float, limit: float) -> float:
-        """Since when ``name`` has been silent as far as this runner can tell: its last word;
-        for one never heard, since it was listed running or this runner began hearing (its
-        events reach it from then), whichever is later; while this runner has heard no one at
-        all, a bound later than its listing (its own ears may be what is slow)."""
-        if name in self._heard:
-            return max(listed, self._heard[name])
-        if self._hearing_since is None:
-            return listed + limit
-        return max(listed, self._hearing_since)
+        """Running instances not heard from for ``limit`` seconds (:meth:`Hearing.silent`)."""
+        return self.hearing.silent(now, limit)
 
     def unheard(self, now: float, limit: float) -> dict[str, float]:
-        """Running instances never heard from while this run was watched and not yet
-        :meth:`silent`, each with the seconds left before it is. A worker that works says so
-        within a heartbeat, whatever its run, and one just booted says it is idle; one that
-        froze before this runner started (a runner resumed with ``runner watch``) never will."""
-        left = {
-            name: self._last_word(name, since, limit) + limit - now
-            for name, since in self._listed.items()
-            if name not in self._heard
-        }
-        return {name: t for name, t in left.items() if t >= 0}
+        """Running instances never heard from and not yet silent (:meth:`Hearing.unheard`)."""
+        return self.hearing.unheard(now, limit)
 
     def quiet(self, now: float, limit: float) -> set[str]:
         """:meth:`silent` instances whose last word was not that they are idle, or never heard
@@ -173,8 +133,8 @@ class RunView:
         like :attr:`stale` workers, no capacity while work remains. One never heard from that
         came up under this runner's eyes is not: its worker may still be starting (a GPU VM
         waits minutes for its driver), and taking it for none would start VM after VM."""
-        found = self._found or set()
-        return {n for n in self.silent(now, limit) - self.idle if n in self._heard or n in found}
+        found = self.hearing.found
+        return {n for n in self.silent(now, limit) - self.idle if n in self.hearing or n in found}
 
     def free(
         self,
@@ -202,16 +162,14 @@ class RunView:
         """
         idle = self.idle_for(now, settle if self.others else 0.0)
         mine = set(self.running.values())
-        frozen = {n for n in self.silent(now, limit) if n in self._heard or n in holders}
+        frozen = {n for n in self.silent(now, limit) if n in self.hearing or n in holders}
         return (idle | self.stale | frozen | mine) - self.busy_elsewhere()
 
     def apply(self, event: Event, now: float) -> str | None:
         """Record what one event says; the shard of this run it is about, if any."""
         kind = EventKind(event.kind)
         self.stale.discard(event.worker)  # heard from: not frozen
-        self._heard[event.worker] = now
-        if self._hearing_since is None:
-            self._hearing_since = now
+        self.hearing.word(event.worker, now)
         if kind is EventKind.HEARTBEAT:
             self.heartbeats = True
         if kind in (EventKind.STARTED, EventKind.HEARTBEAT):
