@@ -6,7 +6,7 @@ Every contender maps the same no-op function over ``--calls`` integers with ``--
 processes and gets the values back in input order, inside this process:
 
 - ``cflow.map`` on the local backend: a fresh store, the function shipped by value, the
-  calls in chunk shards of up to 100 (the size it chooses), every chunk's values committed
+  calls in chunk shards of up to 250 (the size it chooses), every chunk's values committed
   durably before it is acked, and read back from the store; and the same with
   ``chunk_size=1``, a shard per call;
 - ``multiprocessing.Pool.map`` and ``concurrent.futures.ProcessPoolExecutor.map`` (nothing

@@ -8,7 +8,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, overload
 
-from cflow.chunks import committed_items, failed_items, read_log, span
+from cflow.chunks import ValueFile, committed_items, failed_items, read_log, span
 from cflow.errors import ShardFailed, shard_failed
 from cflow.shipping import item_of
 from worker.protocol import Layout, Shard, ShardFailure, ShardResult
@@ -101,15 +101,18 @@ def shard_values(store: Store, run_id: str, shard: Shard, record: bytes | None) 
     :class:`ShardFailed`; ``record``: its commit record (None: the chunk failed)."""
     if record is None:
         return list(failed_items(store, run_id, shard))
-    out: list[Any] = []
-    for kept in committed_items(store, run_id, shard, ShardResult.from_json(record)):
-        if isinstance(kept, ShardFailed):
-            out.append(kept)
-        elif kept[0] == "pickle":
-            out.append(pickle.loads(kept[1]))
-        else:
-            stored = Stored(store, kept[1])
-            out.append(stored if kept[2] > LAZY_BYTES else stored.load())
+    out = committed_items(store, run_id, shard, ShardResult.from_json(record))
+    files: dict[str, memoryview] = {}  # a chunk's file of values is read once
+    for j, kept in enumerate(out):
+        if not isinstance(kept, ValueFile):
+            continue
+        if kept.at is None:
+            stored = Stored(store, kept.key)
+            out[j] = stored if kept.size > LAZY_BYTES else stored.load()
+            continue
+        if kept.key not in files:
+            files[kept.key] = memoryview(store.get(kept.key))
+        out[j] = pickle.loads(files[kept.key][kept.at : kept.at + kept.size])
     return out
 
 

@@ -149,6 +149,12 @@ class Run:
             Exception: what the items' iterable raised part way (the items read before it
                 ran; the run counts those).
         """
+        self._wait()
+        return self.progress()
+
+    def _wait(self) -> None:
+        """:meth:`wait` without counting the items at the end (:meth:`results` reads every
+        chunk's record itself)."""
         driver = self._watched()
         ticker = self._ticker()
         try:
@@ -164,7 +170,6 @@ class Run:
             raise driver.error
         if self._feed is not None and self._feed.error is not None:
             raise self._feed.error  # the items read before it were run; results() says so too
-        return self.progress()
 
     def _watched(self) -> Driver | None:
         """The thread watching the run here; one is started for a run nothing here watches
@@ -207,7 +212,7 @@ class Run:
                 ``return_exceptions``, which puts each failure in its item's place.
             RunStateError: the run was cancelled before every item was done.
         """
-        self.wait()
+        self._wait()
         manifest = self._manifest()
         store = self._store
         done = runs.committed(store, self.id)

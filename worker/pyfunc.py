@@ -13,12 +13,14 @@ A **chunk** shard carries several items (:data:`CHUNK_PARAM`: the first item's i
 how many tries each): the list of their pickles, pickled, rides in its params
 (:data:`ITEMS_PARAM`) when small, else it is its input file. :func:`call` runs them one after
 another in the one process and returns every item's outcome in one record, so the chunk commits
-once: a value inline while the record has room (:data:`CHUNK_INLINE_BUDGET`), else the output
-``value-<j>.pkl``; an item that raised is tried again at once, up to its tries (each retry said
-in the log), and then kept as failed, its :data:`ERROR_MARK` line naming it (``item``) and where
-its part of the log starts (``log_from``, bytes), while the other items go on. What is not an
-``Exception`` (``SystemExit``, ``KeyboardInterrupt``) fails the whole chunk's attempt, as a crash
-or a timeout does; the chunk is then run again whole, its values having died with the attempt.
+once: a value inline while the record has room (:data:`CHUNK_INLINE_BUDGET`), else at an offset
+in the chunk's one output :data:`OVERFLOW_FILE`, and a value over :data:`INLINE_LIMIT` in an
+output of its own, ``value-<index>.pkl``; an item that raised is tried again at once, up to its
+tries (each retry said in the log), and then kept as failed, its :data:`ERROR_MARK` line naming
+it (``item``) and where its part of the log starts (``log_from``, bytes), while the other items
+go on. What is not an ``Exception`` (``SystemExit``, ``KeyboardInterrupt``) fails the whole
+chunk's attempt, as a crash or a timeout does; the chunk is then run again whole, its values
+having died with the attempt.
 
 Never imports the runner or cflow: it runs on every worker.
 """
@@ -26,7 +28,6 @@ Never imports the runner or cflow: it runs on every worker.
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 import os
 import pickle
@@ -48,6 +49,7 @@ ERROR_PICKLE_LIMIT = 256 * 1024  # bytes of a pickled exception put in the log; 
 CHUNK_PARAM = "chunk"  # params key of a chunk shard: {"first", "count", "tries"}
 ITEMS_PARAM = "items"  # params key of a small chunk's items: a pickled list of their pickles
 CHUNK_INLINE_BUDGET = 48 * 1024  # bytes of base64 a chunk's values take in its result.json
+OVERFLOW_FILE = "values.pkl"  # a chunk's values its result.json has no room for, in one file
 
 _loaded: dict[str, Any] = {}  # function file -> the function, once per warm process
 
@@ -112,7 +114,7 @@ def describe_error(exc: BaseException) -> dict[str, Any]:
 def _user_frames(exc: BaseException) -> TracebackType | None:
     """The traceback from the function's own frame on (this module's call frame dropped)."""
     tb = exc.__traceback__
-    ours = (call.__code__, call_chunk.__code__)
+    ours = (call.__code__, _run_item.__code__)
     return tb.tb_next if tb is not None and tb.tb_frame.f_code in ours else tb
 
 
@@ -163,10 +165,12 @@ def load_items(shard: TaskShard) -> list[Any]:
 
 def _log_size() -> int:
     """Bytes in the attempt's log so far (0 where fd 2 is no file): where an item's part of
-    the log starts."""
+    the log starts. Called before every item of a chunk, so it is kept to a plain loop."""
     for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
+        try:  # noqa: SIM105 - contextlib.suppress costs a microsecond an item here
             stream.flush()
+        except Exception:  # closed or replaced by the function: its own business
+            pass
     try:
         return os.fstat(2).st_size
     except OSError:
@@ -183,36 +187,80 @@ def call_chunk(shard: TaskShard, fn: Any) -> dict[str, Any]:
     first, tries = int(spec["first"]), max(int(spec.get("tries", 1)), 1)
     kept: list[dict[str, Any]] = []
     budget = CHUNK_INLINE_BUDGET
-    for j, item in enumerate(load_items(shard)):
-        index, start = first + j, _log_size()
-        for attempt in range(1, tries + 1):
-            try:
-                value = fn(item)
-                entry = _chunk_value(shard, j, value, budget)  # a value that will not pickle
-            except Exception as exc:  # fails its item like a raise
-                if attempt < tries:
-                    _log(
-                        f"cflow: item {index} raised {type(exc).__name__}: {exc}; try"
-                        f" {attempt} of {tries}, running it again\n"
-                    )
-                    continue
-                record = describe_error(exc) | {"item": index, "log_from": start}
-                _log(ERROR_MARK + json.dumps(record) + "\n")
-                kept.append({"failed": tries})
-            except BaseException as exc:
-                record = describe_error(exc) | {"item": index, "log_from": start}
-                _log(ERROR_MARK + json.dumps(record) + "\n")
-                raise
-            else:
-                budget -= len(entry.get("pickle", ""))
-                kept.append(entry)
-            break
+    overflow = _Overflow(Path(shard.output_dir))
+    try:
+        for j, item in enumerate(load_items(shard)):
+            budget -= _run_item(fn, item, first + j, tries, kept, budget, overflow, shard)
+    finally:
+        overflow.close()
     return {"chunk": {"first": first, "values": kept}}
 
 
-def _chunk_value(shard: TaskShard, j: int, value: Any, budget: int) -> dict[str, Any]:
-    """Item ``j``'s value as its chunk's record keeps it: inline while the record has room,
-    else the output ``value-<j>.pkl``."""
+def _run_item(
+    fn: Any,
+    item: Any,
+    index: int,
+    tries: int,
+    kept: list[dict[str, Any]],
+    budget: int,
+    overflow: _Overflow,
+    shard: TaskShard,
+) -> int:
+    """Run one item of a chunk, up to ``tries`` times, and keep its entry; the bytes of the
+    record's room it took."""
+    start = _log_size()
+    for attempt in range(1, tries + 1):
+        try:
+            value = fn(item)
+            entry = _chunk_value(shard, index, value, budget, overflow)  # may not pickle
+        except Exception as exc:  # fails its item like a raise
+            if attempt < tries:
+                _log(
+                    f"cflow: item {index} raised {type(exc).__name__}: {exc}; try"
+                    f" {attempt} of {tries}, running it again\n"
+                )
+                continue
+            record = describe_error(exc) | {"item": index, "log_from": start}
+            _log(ERROR_MARK + json.dumps(record) + "\n")
+            kept.append({"failed": tries})
+            return 0
+        except BaseException as exc:
+            record = describe_error(exc) | {"item": index, "log_from": start}
+            _log(ERROR_MARK + json.dumps(record) + "\n")
+            raise
+        kept.append(entry)
+        return len(entry.get("pickle", ""))
+    return 0  # tries is at least 1: not reached
+
+
+class _Overflow:
+    """The values of a chunk its record has no room for (each up to :data:`INLINE_LIMIT`),
+    one pickle after another in its output :data:`OVERFLOW_FILE`: one file a chunk, which
+    the caller reads once, instead of a file an item."""
+
+    def __init__(self, folder: Path):
+        self.path = folder / OVERFLOW_FILE
+        self.size = 0
+        self._file: Any = None
+
+    def add(self, data: bytes) -> dict[str, Any]:
+        if self._file is None:
+            self._file = self.path.open("ab")
+        self._file.write(data)
+        self.size += len(data)
+        return {"file": OVERFLOW_FILE, "at": self.size - len(data), "size": len(data)}
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
+def _chunk_value(
+    shard: TaskShard, index: int, value: Any, budget: int, overflow: _Overflow
+) -> dict[str, Any]:
+    """Item ``index``'s value as its chunk's record keeps it: inline while the record has
+    room, else in the chunk's :data:`OVERFLOW_FILE`, and one over :data:`INLINE_LIMIT` in an
+    output of its own, ``value-<index>.pkl`` (read when it is asked for, when over 1 MB)."""
     try:  # the standard pickler where it can (several times faster on small values)
         data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
     except (pickle.PicklingError, TypeError, AttributeError):
@@ -220,8 +268,10 @@ def _chunk_value(shard: TaskShard, j: int, value: Any, budget: int) -> dict[str,
 
         data = cloudpickle.dumps(value)
     text = base64.b64encode(data).decode("ascii")
-    if len(data) <= INLINE_LIMIT and len(text) <= budget:
+    if len(data) > INLINE_LIMIT:
+        name = f"value-{index}.pkl"
+        Path(shard.output_dir, name).write_bytes(data)
+        return {"file": name, "size": len(data)}
+    if len(text) <= budget:
         return {"pickle": text}
-    name = f"value-{j}.pkl"
-    Path(shard.output_dir, name).write_bytes(data)
-    return {"file": name, "size": len(data)}
+    return overflow.add(data)

@@ -3,7 +3,9 @@ workers forked from it, and what it prints about them as one JSON line.
 
     python fork_script.py hold STORE FLAG      two items that wait for FLAG, watched to the end
     python fork_script.py idle STORE           a run's worker with nothing to do, left alone
-    python fork_script.py map STORE            values and a failure through forked workers
+    python fork_script.py map STORE            values and a failure through forked workers (and
+                                               their forked task hosts)
+    python fork_script.py random STORE         two forked task hosts draw random numbers
     python fork_script.py threaded STORE       the same while another thread runs
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import sys
 import threading
 import time
@@ -66,9 +69,11 @@ def idle(store: Path) -> None:
     launcher.close()
 
 
-def with_worker(x: int) -> tuple[int, str]:
-    """The value, and the command line of the worker that ran it (the task host's parent)."""
-    return abs(x), Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode()
+def with_worker(x: int) -> tuple[int, str, str]:
+    """The value, the command line of the worker that ran it (the task host's parent), and
+    the task host's own."""
+    own = Path("/proc/self/cmdline").read_bytes().decode()
+    return abs(x), Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode(), own
 
 
 def inverse(x: int) -> float:
@@ -76,13 +81,44 @@ def inverse(x: int) -> float:
 
 
 def mapped(store: Path) -> None:
-    values = list(cflow.map(with_worker, [-1, -2, -3], store=store / "a", progress=False))
+    # One chunk of the three: its items run one after another in one task host.
+    values = list(
+        cflow.map(with_worker, [-1, -2, -3], store=store / "a", chunk_size=3, progress=False)
+    )
     try:
         cflow.map(inverse, [1, 0], store=store / "b", workers=1, progress=False)
         failed: dict[str, Any] = {}
     except cflow.ShardFailed as exc:
         failed = {"index": exc.index, "type": exc.type_name, "traceback": exc.traceback}
     say(values=values, failed=failed)
+
+
+def draw_together(folder: str) -> tuple[int, str, float, float]:
+    """Once two task hosts hold an item each (each leaves its pid in ``folder``): this host's
+    pid and command line, and a number from ``random`` and from NumPy's global generator."""
+    import numpy
+
+    Path(folder, str(os.getpid())).touch()
+    deadline = time.monotonic() + WAIT_SECONDS
+    while len(list(Path(folder).iterdir())) < 2:
+        if time.monotonic() > deadline:
+            raise RuntimeError("the other item was not taken")
+        time.sleep(0.02)
+    own = Path("/proc/self/cmdline").read_bytes().decode()
+    return os.getpid(), own, random.random(), float(numpy.random.rand())
+
+
+def drawn(store: Path) -> None:
+    for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[name] = "1"  # a BLAS thread pool would make this process spawn its workers
+    import numpy  # imported before the run: the hosts are forked with its generator's state
+
+    numpy.random.rand()
+    folder = store / "pids"
+    folder.mkdir()
+    items = [str(folder)] * 2
+    draws = cflow.map(draw_together, items, store=store / "a", workers=2, progress=False)
+    say(draws=list(draws))
 
 
 def threaded(store: Path) -> None:
@@ -104,5 +140,7 @@ if __name__ == "__main__":
         idle(where)
     elif mode == "map":
         mapped(where)
+    elif mode == "random":
+        drawn(where)
     else:
         threaded(where)

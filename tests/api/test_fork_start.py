@@ -21,6 +21,8 @@ import pytest
 
 from runner.backends.local.fleet import LocalFleet
 from runner.backends.local.launcher import process_start
+from worker.backends.local.records import QUEUE_FILE
+from worker.executors import reaper
 
 SCRIPT = Path(__file__).with_name("fork_script.py")
 REPO = Path(__file__).parents[2]
@@ -149,6 +151,65 @@ def test_forked_workers_are_listed_and_cancelled(
         _kill_workers(workers)
 
 
+def test_a_forked_workers_task_host_is_forked_and_dies_with_it(
+    tmp_path: Path, procs: list[subprocess.Popen[str]]
+) -> None:
+    """A forked worker forks its task host as well: the host is the worker's child in a
+    session of its own, holding none of the caller's or the worker's files but its pipes and
+    logs, and it ends when its worker is killed; the run's cancel ends the other worker and
+    its host."""
+    store, flag = tmp_path / "store", tmp_path / "flag"
+    proc = _script("hold", str(store), str(flag))
+    procs.append(proc)
+    shown = _line(proc)
+    workers = shown["workers"]
+    hosts: dict[str, tuple[int, int]] = {}
+    try:
+        for name, entry in workers.items():
+            (host,) = reaper.children(entry["pid"])  # the host running its item, nothing else
+            start = process_start(host)
+            assert start is not None
+            hosts[name] = (host, start)
+            cmdline = Path(f"/proc/{host}/cmdline").read_bytes().decode()
+            assert str(SCRIPT) in cmdline and "worker.executors.host" not in cmdline, cmdline
+            assert os.getsid(host) == host != os.getsid(entry["pid"])
+            fds = _fds(host)
+            assert fds[0] == os.devnull
+            assert fds[1] == fds[2] and fds[1].endswith("log-0.txt")  # the attempt's log
+            for target in fds.values():
+                assert target != shown["held"] and QUEUE_FILE not in target, fds
+                assert target.startswith(("pipe:", os.devnull, str(store))), fds
+        (first, first_host), (second, second_host) = sorted(hosts.items())
+        os.kill(workers[first]["pid"], signal.SIGKILL)
+        assert _exited(*first_host), "a task host outlived its killed worker"
+        assert process_start(second_host[0]) == second_host[1], "the other host went too"
+        _runner("cancel", shown["run"], "--store", str(store))
+        assert _exited(*second_host), "a cancelled run's task host went on"
+        assert _exited(workers[second]["pid"], workers[second]["start"])
+        assert _line(proc) == {"cancelled": True}
+        assert proc.wait(EXIT_SECONDS) == 0
+    finally:
+        _kill_workers(workers)
+        for host, start in hosts.values():
+            if process_start(host) == start:
+                os.kill(host, signal.SIGKILL)
+
+
+def test_forked_task_hosts_draw_their_own_random_numbers(
+    tmp_path: Path, procs: list[subprocess.Popen[str]]
+) -> None:
+    """Two task hosts forked from one caller draw different numbers from ``random`` and from
+    NumPy's global generator, as two new interpreters would."""
+    pytest.importorskip("numpy")
+    proc = _script("random", str(tmp_path))
+    procs.append(proc)
+    first, second = _line(proc)["draws"]
+    assert first[0] != second[0]  # two hosts, both forked
+    assert str(SCRIPT) in first[1] and str(SCRIPT) in second[1], (first, second)
+    assert first[2] != second[2] and first[3] != second[3]
+    assert proc.wait(EXIT_SECONDS) == 0
+
+
 def test_a_forked_worker_stops_when_idle(
     tmp_path: Path, procs: list[subprocess.Popen[str]]
 ) -> None:
@@ -175,11 +236,15 @@ def test_values_and_failures_come_back_from_forked_or_spawned_workers(
     proc = _script(mode, str(tmp_path))
     procs.append(proc)
     shown = _line(proc)
-    assert [value for value, _ in shown["values"]] == [1, 2, 3]
+    assert [value for value, _, _ in shown["values"]] == [1, 2, 3]
     spawned = "\0-m\0worker\0--backend\0local\0"
-    for _, worker in shown["values"]:
+    spawned_host = "\0-m\0worker.executors.host\0--spare\0"
+    for _, worker, host in shown["values"]:
         assert (spawned in worker) == (mode == "threaded"), worker
         assert (str(SCRIPT) in worker) == (mode == "map"), worker
+        # A forked worker forks its task host too; a spawned one starts an interpreter.
+        assert (spawned_host in host) == (mode == "threaded"), host
+        assert (str(SCRIPT) in host) == (mode == "map"), host
     failed = shown["failed"]
     assert failed["index"] == 1 and failed["type"] == "builtins.ZeroDivisionError"
     assert "return 1 / x" in failed["traceback"]

@@ -149,7 +149,8 @@ def test_the_chunk_size_is_chosen_from_the_items_and_the_workers() -> None:
     assert not Chunking.pick(range(2000), 1, slots=2, tries=1).chunked
     stream = Chunking.pick(iter(range(10**6)), None, slots=2, tries=1)
     assert stream.chunked and stream.size(0) == 1  # a generator's first chunks are small
-    assert stream.size(800) == MAX_CHUNK and stream.largest == MAX_CHUNK
+    assert stream.size(800) == 100 and stream.size(10**5) == MAX_CHUNK  # grows to the cap
+    assert stream.largest == MAX_CHUNK
     with pytest.raises(ConfigError, match="chunk_size=0: give a whole number"):
         Chunking.pick(range(3), 0, slots=2, tries=1)
 
@@ -194,6 +195,19 @@ def test_big_items_and_values_of_a_chunk_go_by_the_store(local_backend: dict[str
     (chunk,) = _chunks(run)
     assert chunk.input is not None and "items" not in chunk.params
     assert dict(run.as_completed()) == {b: b * 2 for b in items}
+
+
+def test_values_a_chunks_record_has_no_room_for_share_one_file(
+    local_backend: dict[str, Any],
+) -> None:
+    """60 values of 1.5 KB: the chunk's record holds the first ones, the rest go in one file
+    of the chunk (not a file each), and every one comes back in its place."""
+    run = cflow.submit(lambda i: str(i) * 1500, range(60), chunk_size=60, **local_backend)
+    assert list(run.results()) == [str(i) * 1500 for i in range(60)]
+    kept = Path(local_backend["store"]) / "runs" / run.id / "shards"
+    assert len(list(kept.rglob("values.pkl"))) == 1
+    assert not list(kept.rglob("value-*.pkl"))
+    assert dict(run.as_completed()) == {i: str(i) * 1500 for i in range(60)}
 
 
 def test_a_value_that_will_not_pickle_fails_only_its_item(local_backend: dict[str, Any]) -> None:

@@ -19,6 +19,10 @@ process and fails only its own attempt; the worker starts a fresh host for the n
 ``python -m worker.executors.host --spare`` starts a host before the worker knows its task (while
 the worker waits for its first shard); its first line then names the task to import.
 
+A worker forked from a Python caller (:mod:`runner.backends.local.launcher`) forks its hosts
+instead (:func:`run_forked`): the caller has loaded what a host imports, so a host is ready in
+a few milliseconds where a new interpreter takes a tenth of a second.
+
 ``python -m worker.executors.host --hangup TASK_DIR`` (a warm container's host,
 :mod:`worker.executors.container.warm`) also ends, with everything below it, the moment the worker's
 end of its requests closes, even in the middle of a shard: a container engine keeps a container
@@ -36,16 +40,19 @@ import io
 import json
 import os
 import select
+import signal
 import sys
 import threading
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from worker.executors import reaper
 from worker.executors.tracebacks import task_traceback
 from worker.executors.zygote import load_task
 from worker.taskapi import TaskShard, keep_return
+
+_PYTHON_IGNORES = (signal.SIGPIPE, signal.SIGXFSZ)  # what a new interpreter ignores
 
 
 def _fresh_streams() -> tuple[io.TextIOWrapper, io.TextIOWrapper]:
@@ -169,8 +176,93 @@ def serve(task_dir: Path | None, *, hangup: bool = False) -> None:
         reply(run_one(run, json.loads(line), saved))
 
 
-if __name__ == "__main__":
-    args = sys.argv[1:]
-    watch_hangup = args[:1] == ["--hangup"]
+def main(args: list[str]) -> None:
+    """``python -m worker.executors.host ARGS``: ``[--hangup] TASK_DIR`` or ``--spare``."""
     target = args[-1]
-    serve(None if target == "--spare" else Path(target), hangup=watch_hangup)
+    serve(None if target == "--spare" else Path(target), hangup=args[:1] == ["--hangup"])
+
+
+def run_forked(
+    args: list[str], env: dict[str, str], cwd: Path | None, requests: int, replies: int
+) -> NoReturn:
+    """In a child just forked from a one-thread worker: become ``python -m
+    worker.executors.host ARGS`` started with ``env`` in ``cwd``, reading its requests from
+    the pipe ``requests`` and writing its replies to ``replies``, and end with ``os._exit``
+    (the worker's ``atexit`` handlers and finalizers never run here).
+
+    It gets its own session, every other descriptor it inherited pointed at ``/dev/null``
+    (fd 2, the worker's log, stays, as a spawned host's does), the signal handlers and
+    streams of a new interpreter, ``env`` as its environment with its ``PYTHONPATH`` on
+    ``sys.path``, and fresh random seeds.
+    """
+    code = 1
+    try:
+        os.setsid()
+        os.dup2(requests, 0)
+        os.dup2(replies, 1)
+        to_devnull([int(fd) for fd in os.listdir("/proc/self/fd") if int(fd) > 2])
+        os.environ.clear()
+        os.environ.update(env)
+        if cwd is not None:
+            os.chdir(cwd)
+        paths = env.get("PYTHONPATH", "").split(os.pathsep)
+        sys.path[0:0] = [p for p in paths if p and p not in sys.path]
+        fresh_interpreter([__file__, *args])
+        _reseed()
+        main(args)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            traceback.print_exc()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            _flush(stream)
+        os._exit(code)
+
+
+def to_devnull(fds: list[int]) -> None:
+    """Point ``fds`` at ``/dev/null`` rather than closing them: a stale file object of the
+    process this one was forked from, collected later, then closes a ``/dev/null``, never a
+    descriptor opened since under the same number."""
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in fds:
+        if fd != null:
+            with contextlib.suppress(OSError):
+                os.dup2(null, fd, inheritable=fd <= 2)
+    os.close(null)
+
+
+def fresh_interpreter(argv: list[str]) -> None:
+    """What a new ``python`` process started with ``argv`` would have, where a fork left its
+    parent's: default signal handlers and an empty signal mask, fresh standard streams on fds
+    0 to 2, no logging handlers (the parent's files are not closed: they are the parent's)."""
+    for sig in signal.valid_signals():
+        if sig in (signal.SIGKILL, signal.SIGSTOP):
+            continue
+        with contextlib.suppress(OSError, ValueError):
+            signal.signal(sig, signal.SIG_IGN if sig in _PYTHON_IGNORES else signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
+    sys.stdin = io.TextIOWrapper(io.FileIO(0, "r", closefd=False), encoding="utf-8")
+    sys.stdout, sys.stderr = _fresh_streams()
+    import logging  # here: a host started as a new interpreter never loads it
+
+    root = logging.getLogger()
+    root.handlers.clear()
+    root.setLevel(logging.WARNING)
+    sys.argv = list(argv)
+
+
+def _reseed() -> None:
+    """New random states where a fork copied the parent's: ``random`` reseeds itself in a
+    forked child, NumPy's global generator does not (two hosts would draw the same numbers)."""
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        with contextlib.suppress(Exception):
+            numpy.random.seed()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

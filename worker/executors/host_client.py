@@ -5,6 +5,12 @@ A host is started per worker slot and runs shard after shard of one bundle; :cla
 to it on its pipes (one JSON line a request, one a reply), and :class:`HostTask` is one shard
 sent to it. ``SPARE_HOSTS`` starts interpreters while the worker waits for work, so the first
 shard of a slot does not pay for Python's start: a spare is told its task on its first line.
+
+A worker forked from a Python caller (:mod:`runner.backends.local.launcher` calls
+:func:`fork_hosts`) forks its hosts from itself instead, while it has one thread: it has what a
+host imports loaded already. A forked host is this worker's child as a spawned one is (it dies
+with the worker, its exit status is the worker's to read), behind the same face
+(:class:`HostProcess`).
 """
 
 from __future__ import annotations
@@ -13,14 +19,16 @@ import contextlib
 import json
 import os
 import select
+import signal
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 from worker.bundle import UnpackedBundle
+from worker.executors import host as host_process
 from worker.executors import reaper
 from worker.executors.base import (
     PROCESSES,
@@ -29,12 +37,100 @@ from worker.executors.base import (
 )
 
 
+class HostProcess(Protocol):
+    """A task host's process as its :class:`Host` sees it: a ``subprocess.Popen`` (spawned)
+    or a :class:`ForkedHost`."""
+
+    pid: int
+    returncode: int | Any
+    stdin: IO[bytes] | None
+    stdout: IO[bytes] | None
+
+    def poll(self) -> int | None: ...
+
+    def wait(self, timeout: float | None = None) -> int: ...
+
+    def kill(self) -> None: ...
+
+
+class ForkedHost:
+    """A task host forked from this worker (:func:`worker.executors.host.run_forked`): its
+    pipes and exit status as a ``subprocess.Popen`` gives them."""
+
+    def __init__(self, pid: int, stdin: IO[bytes], stdout: IO[bytes]):
+        self.pid = pid
+        self.stdin: IO[bytes] | None = stdin
+        self.stdout: IO[bytes] | None = stdout
+        self.returncode: int | None = None
+        self._lock = threading.Lock()  # one waitpid at a time, as Popen's
+
+    def poll(self) -> int | None:
+        with self._lock:
+            if self.returncode is None:
+                try:
+                    pid, status = os.waitpid(self.pid, os.WNOHANG)
+                except ChildProcessError:  # reaped elsewhere: its status is lost, as Popen says
+                    pid, status = self.pid, 0
+                if pid:
+                    self.returncode = os.waitstatus_to_exitcode(status)
+            return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Its exit status once it ended (negative: the signal that ended it).
+
+        Raises:
+            subprocess.TimeoutExpired: it still runs after ``timeout`` seconds.
+        """
+        if timeout is not None and self.poll() is None:
+            with contextlib.suppress(OSError):  # gone already
+                fd = os.pidfd_open(self.pid)
+                try:
+                    select.select([fd], [], [], timeout)
+                finally:
+                    os.close(fd)
+        code = self.poll()
+        if code is not None:
+            return code
+        if timeout is not None:
+            raise subprocess.TimeoutExpired(f"task host {self.pid}", timeout)
+        with self._lock:
+            if self.returncode is None:
+                try:
+                    self.returncode = os.waitstatus_to_exitcode(os.waitpid(self.pid, 0)[1])
+                except ChildProcessError:
+                    self.returncode = 0
+            return self.returncode
+
+    def kill(self) -> None:
+        if self.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+
+
+_forking = False  # this worker forks its hosts (see fork_hosts)
+
+
+def fork_hosts() -> None:
+    """From now on fork this process's task hosts from it while it has one thread, instead of
+    starting new interpreters: for a worker forked from a Python caller, which has loaded what
+    a host imports (never for one that holds cloud clients' threads and state)."""
+    global _forking
+    _forking = True
+
+
+def _one_thread() -> bool:
+    try:
+        return len(os.listdir("/proc/self/task")) == 1
+    except OSError:
+        return False
+
+
 class _Spares:
     """Task hosts started before the worker knows its task: a Python interpreter's start is
     most of the wait for a run's first shard, and it can happen while the worker waits."""
 
     def __init__(self) -> None:
-        self._procs: list[subprocess.Popen[bytes]] = []
+        self._procs: list[HostProcess] = []
         self._lock = threading.Lock()
 
     def start(self, count: int) -> None:
@@ -45,7 +141,7 @@ class _Spares:
             while len(self._procs) < count:
                 self._procs.append(_spawn_host(["--spare"], env, None))
 
-    def take(self) -> subprocess.Popen[bytes] | None:
+    def take(self) -> HostProcess | None:
         with self._lock:
             while self._procs:
                 proc = self._procs.pop()
@@ -75,7 +171,11 @@ class _Spares:
             PROCESSES.forget(proc.pid)
 
 
-def _spawn_host(args: list[str], env: dict[str, str], cwd: Path | None) -> subprocess.Popen[bytes]:
+def _spawn_host(args: list[str], env: dict[str, str], cwd: Path | None) -> HostProcess:
+    """``python -m worker.executors.host ARGS``: forked from this worker where it may
+    (:func:`fork_hosts`), else a new interpreter."""
+    if _forking and _one_thread():
+        return _fork_host(args, env, cwd)
     return PROCESSES.spawn(
         [sys.executable, "-m", "worker.executors.host", *args],
         None,
@@ -87,10 +187,31 @@ def _spawn_host(args: list[str], env: dict[str, str], cwd: Path | None) -> subpr
     )
 
 
+def _fork_host(args: list[str], env: dict[str, str], cwd: Path | None) -> ForkedHost:
+    requests, to_host = os.pipe()
+    from_host, replies = os.pipe()
+    for stream in (sys.stdout, sys.stderr):  # nothing buffered is written twice
+        with contextlib.suppress(Exception):
+            stream.flush()
+    with PROCESSES.lock:  # registered before any orphan sweep can see it
+        try:
+            pid = os.fork()
+        except OSError:  # no process to be had: said as a failed spawn would say it
+            for fd in (requests, to_host, from_host, replies):
+                os.close(fd)
+            raise
+        if pid == 0:  # pragma: no cover - the host's own process
+            host_process.run_forked(args, env, cwd, requests, replies)
+        PROCESSES.known.add(pid)
+    os.close(requests)
+    os.close(replies)
+    return ForkedHost(pid, os.fdopen(to_host, "wb"), os.fdopen(from_host, "rb"))
+
+
 SPARE_HOSTS = _Spares()
 
 
-def start_host(bundle: UnpackedBundle, env: dict[str, str]) -> subprocess.Popen[bytes]:
+def start_host(bundle: UnpackedBundle, env: dict[str, str]) -> HostProcess:
     """A host process for ``bundle``: a spare told its task, else a new one."""
     spare = SPARE_HOSTS.take()
     if spare is not None:
@@ -113,7 +234,7 @@ class Host:
     """A warm task host process (see :mod:`worker.executors.host`) owned by one slot, talking on the
     pipes of ``proc`` (the host itself, or the engine client of a warm container)."""
 
-    def __init__(self, proc: subprocess.Popen[bytes]):
+    def __init__(self, proc: HostProcess):
         self.proc = proc
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self._stdin: IO[bytes] = self.proc.stdin

@@ -23,9 +23,7 @@ Where forking is not safe (other threads, a Jupyter kernel, a system without ``f
 from __future__ import annotations
 
 import contextlib
-import io
 import json
-import logging
 import os
 import select
 import signal
@@ -38,10 +36,11 @@ from pathlib import Path
 from typing import Any
 
 import worker
+from worker.executors.host import fresh_interpreter, to_devnull
+from worker.executors.host_client import fork_hosts
 
 FORK_ENV = "CFLOW_FORK_WORKERS"  # "0": always start local workers as new interpreters
 _STAT_STARTTIME = 19  # field 22 of /proc/PID/stat, counted from the state (field 3)
-_PYTHON_IGNORES = (signal.SIGPIPE, signal.SIGXFSZ)  # what a new interpreter ignores
 
 _current = threading.local()
 
@@ -188,24 +187,17 @@ def current() -> Launcher | None:
     return launcher
 
 
-def _to_devnull(fds: list[int]) -> None:
-    null = os.open(os.devnull, os.O_RDWR)
-    for fd in fds:
-        if fd != null:
-            with contextlib.suppress(OSError):
-                os.dup2(null, fd, inheritable=fd <= 2)
-    os.close(null)
-
-
 def _serve(requests: int, replies: int) -> None:  # pragma: no cover - the launcher's process
     """The launcher's loop: a worker forked per request line, its pid and start time replied,
     until the caller closes its end."""
     os.setsid()
     inherited = [int(fd) for fd in os.listdir("/proc/self/fd")]
-    _to_devnull([fd for fd in inherited if fd not in (requests, replies)])
+    to_devnull([fd for fd in inherited if fd not in (requests, replies)])
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the caller's Ctrl-C is the caller's
     signal.signal(signal.SIGCHLD, _reap)
     from worker import cli  # imported once here, not in every worker
+
+    cli.parse_args([])  # its parser's first use too (the regular expressions argparse compiles)
 
     with os.fdopen(requests, "rb") as lines:
         for line in lines:
@@ -238,12 +230,13 @@ def _worker(main: Any, args: list[str], log: Path, launcher_fds: list[int]) -> N
     code = 1
     try:
         os.setsid()
-        _to_devnull(launcher_fds)
+        to_devnull(launcher_fds)
         fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         os.dup2(fd, 1)
         os.dup2(fd, 2)
         os.close(fd)
-        _fresh_interpreter_state(args)
+        fresh_interpreter([str(Path(worker.__file__).with_name("__main__.py")), *args])
+        fork_hosts()  # its task hosts are forked from it too, not new interpreters
         main(args)
         code = 0
     except SystemExit as exc:
@@ -256,26 +249,3 @@ def _worker(main: Any, args: list[str], log: Path, launcher_fds: list[int]) -> N
             with contextlib.suppress(Exception):
                 stream.flush()
         os._exit(code)
-
-
-def _fresh_interpreter_state(args: list[str]) -> None:
-    """What a new ``python -m worker`` would start with, where the fork left the caller's."""
-    for sig in signal.valid_signals():
-        if sig in (signal.SIGKILL, signal.SIGSTOP):
-            continue
-        with contextlib.suppress(OSError, ValueError):
-            signal.signal(sig, signal.SIG_IGN if sig in _PYTHON_IGNORES else signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.pthread_sigmask(signal.SIG_SETMASK, set())
-    sys.stdin = open(os.devnull, encoding="utf-8")  # noqa: SIM115 - the process's own stdin
-    sys.stdout = _stream(1)
-    sys.stderr = _stream(2)
-    root = logging.getLogger()
-    root.handlers.clear()  # the caller's: not closed, they are the caller's files
-    root.setLevel(logging.WARNING)
-    sys.argv = [str(Path(worker.__file__).with_name("__main__.py")), *args]
-
-
-def _stream(fd: int) -> io.TextIOWrapper:
-    raw = io.FileIO(fd, "w", closefd=False)
-    return io.TextIOWrapper(raw, encoding="utf-8", errors="backslashreplace", line_buffering=True)
