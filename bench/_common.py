@@ -13,10 +13,15 @@ from __future__ import annotations
 
 import argparse
 import compileall
+import os
+import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
+
+if TYPE_CHECKING:
+    from tests.emulators import Emulators
 
 REPO = Path(__file__).resolve().parents[1]
 CANNOT_RUN = 77
@@ -27,7 +32,7 @@ def parse_args(
 ) -> argparse.Namespace:
     """Parse ``argv`` with ``--quick`` added: it makes ``quick`` the defaults (keyword names are
     the options' ``dest``), so an option given on the command line still wins."""
-    sizes = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in quick.items() if v is not None)
+    sizes = " ".join(_option(k, v) for k, v in quick.items() if v is not None)
     parser.add_argument(
         "--quick",
         action="store_true",
@@ -39,10 +44,56 @@ def parse_args(
     return parser.parse_args(argv)
 
 
+def _option(dest: str, value: Any) -> str:
+    """How ``value`` for ``dest`` is written on the command line."""
+    flag = "--" + dest.replace("_", "-")
+    if value is True:
+        return flag
+    if isinstance(value, list):
+        return " ".join([flag, *map(str, value)])
+    return f"{flag} {value}"
+
+
 def cannot_run(reason: str) -> NoReturn:
     """Stop with :data:`CANNOT_RUN`: this machine lacks what the benchmark needs."""
     print(f"cannot run here: {reason}", file=sys.stderr)
     sys.exit(CANNOT_RUN)
+
+
+def start_emulators(*, reuse: bool = False) -> Emulators:
+    """The Google Cloud emulators (``tests/emulators.py``), adopted as this process's own;
+    :func:`cannot_run` without them.
+
+    With ``reuse`` (a quick form), the emulators named by ``PUBSUB_EMULATOR_HOST`` and
+    ``STORAGE_EMULATOR_HOST``, when both answer, are used instead of a pair started here: a test
+    running the quick form passes its own, which saves a JVM start on a busy machine, and
+    ``stop()`` leaves them running (it stops only what was started here). A full form always
+    starts its own, so its figures never share an emulator with anything else.
+    """
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from tests import emulators
+
+    pubsub, gcs = os.environ.get("PUBSUB_EMULATOR_HOST"), os.environ.get("STORAGE_EMULATOR_HOST")
+    if reuse and pubsub and gcs and _answers(pubsub) and _answers(gcs.removeprefix("http://")):
+        started = emulators.Emulators(pubsub, gcs, procs=[], logdir=Path(os.devnull))
+    else:
+        try:
+            started = emulators.start_emulators()
+        except (RuntimeError, OSError) as exc:
+            cannot_run(f"the emulators: {exc}")
+    emulators.adopt(started)
+    return started
+
+
+def _answers(address: str) -> bool:
+    """Something listens at ``host:port``."""
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=1.0):
+            return True
+    except (OSError, ValueError):
+        return False
 
 
 def compile_project() -> None:

@@ -37,7 +37,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from _common import REPO, cannot_run, parse_args
+from _common import REPO, cannot_run, parse_args, start_emulators
 
 sys.path.insert(0, str(REPO))  # the emulator helpers live with the tests
 
@@ -408,20 +408,16 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3, help="VMs booted one after another")
     parser.add_argument("--vms", type=int, default=1000, help="the modelled fleet's size")
-    args = parse_args(parser, argv, rounds=1, vms=100)
+    args = parse_args(parser, argv, rounds=1, vms=10)
     for tool in ("podman", "mmdebstrap", str(SDK / "bin" / "gcloud")):
         if not shutil.which(tool):
             cannot_run(f"{tool} is not installed")
     rt = detect_runtime("podman")
     tag = image(rt)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a timeout still cleans up
-    try:
-        emus = emulators.start_emulators()
-    except (RuntimeError, OSError) as exc:
-        cannot_run(f"the emulators: {exc}")
+    emus = start_emulators(reuse=args.quick)
     work = Path(tempfile.mkdtemp(prefix="cflow-bench-cold-"))
     try:
-        emulators.adopt(emus)
         attributes: dict[str, str] = {}
         rounds = []
         with metadata_server(attributes) as url:

@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import REPO, cannot_run, parse_args
+from _common import REPO, parse_args, start_emulators
 
 sys.path.insert(0, str(REPO))  # the emulator helpers and the fake Compute API live with the tests
 
@@ -63,12 +63,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shards", type=int, default=125)
     parser.add_argument("--part-kb", type=int, default=256)
     args = parse_args(parser, argv, shards=4, part_kb=4)
+    emus = start_emulators(reuse=args.quick)
     try:
-        emus = emulators.start_emulators()
-    except (RuntimeError, OSError) as exc:
-        cannot_run(f"the emulators: {exc}")
-    try:
-        emulators.adopt(emus)
         _cases(emulators.new_deployment(), args)
     finally:
         emus.stop()

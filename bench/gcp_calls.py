@@ -29,7 +29,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from _common import REPO, cannot_run, parse_args
+from _common import REPO, parse_args, start_emulators
 
 sys.path.insert(0, str(REPO))  # the emulator helpers and the fake Compute API live with the tests
 
@@ -259,12 +259,8 @@ def main(argv: list[str] | None = None) -> None:
     counts.mkdir()
     (hooks / "sitecustomize.py").write_text(textwrap.dedent(SITECUSTOMIZE))
     env = {"CFLOW_BENCH_COUNTS": str(counts), "PYTHONPATH": f"{hooks}:{REPO}"}
+    emus = start_emulators(reuse=args.quick)
     try:
-        emus = emulators.start_emulators()
-    except (RuntimeError, OSError) as exc:
-        cannot_run(f"the emulators: {exc}")
-    try:
-        emulators.adopt(emus)
         wall, results = _submit(emulators.new_deployment(), work, env, args)
     finally:
         emus.stop()

@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--out", type=Path, default=OUT, help="where the tables and plots go")
     parser.add_argument("--publish", action="store_true", help="copy the plots to bench/plots/")
-    args = parse_args(parser, argv, vms=25, scale=50, seeds=1, out=None)
+    args = parse_args(parser, argv, vms=10, scale=100, seeds=1, out=None)
     if args.out is not None:
         return _main(args)
     with tempfile.TemporaryDirectory(prefix="cflow-sim-") as tmp:  # --quick keeps bench/out

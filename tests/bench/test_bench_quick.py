@@ -2,30 +2,29 @@
 
 A benchmark is any ``bench/*.py`` whose name does not start with ``_`` (shared code), found
 when the tests are collected, so a new one is run from the day it lands. It fails here when it
-crashes, rejects ``--quick`` or prints nothing. Exit status 77 says the machine lacks what the
-benchmark needs (the emulators, a container engine): a skip, and under ``CI=true`` a failure, as
-for the tests that need the same. A quick form runs the same code at a tiny size, so its figures
+crashes, rejects ``--quick`` or prints nothing; :mod:`tests.bench.quick` says how a machine that
+cannot run it is told apart. A quick form runs the same code at a tiny size, so its figures
 mean nothing and are not checked; ``make bench`` runs the full forms, whose figures
 ``bench/README.md`` keeps.
+
+A quick form that is a test's whole work is left to that test (:data:`RUN_BY_A_TEST`), which
+runs it the same way and also checks what it prints: ``bench/chaos.py --quick`` is the chaos
+soak's short form in ``tests/gcp/test_chaos.py``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-BENCHMARKS = sorted(p for p in (ROOT / "bench").glob("*.py") if not p.name.startswith("_"))
-CANNOT_RUN = 77  # bench/_common.py
-# A guard against a form that is not quick, or hangs; each quick form takes seconds here.
-QUICK_LIMIT = 240  # seconds; with the grace below, within the suite's 300 s a test
-STOP_GRACE = 30  # seconds a benchmark stopped for running over has to clean up
+from tests import emulators
+from tests.bench.quick import BENCH, run_quick
+
+RUN_BY_A_TEST = {"chaos": "tests/gcp/test_chaos.py"}
+BENCHMARKS = sorted(
+    p for p in BENCH.glob("*.py") if not p.name.startswith("_") and p.stem not in RUN_BY_A_TEST
+)
 
 
 def _marks(path: Path) -> list[pytest.MarkDecorator]:
@@ -38,46 +37,20 @@ def _marks(path: Path) -> list[pytest.MarkDecorator]:
     return marks
 
 
-def _stop(proc: subprocess.Popen[str]) -> None:
-    """Interrupt the benchmark, as Ctrl-C would, so that it removes what it started (emulators,
-    containers); then kill whatever of its process group is left."""
-    proc.send_signal(signal.SIGINT)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.communicate(timeout=STOP_GRACE)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.communicate()
-
-
 def test_benchmarks_are_found() -> None:
     names = {p.stem for p in BENCHMARKS}
     assert {"local_overhead", "simulate", "gcp_calls", "container_overhead"} <= names
 
 
+def test_the_quick_forms_left_to_a_test_are_run_there() -> None:
+    root = BENCH.parent
+    for name, test in RUN_BY_A_TEST.items():
+        assert (BENCH / f"{name}.py").exists(), name
+        assert f"bench/{name}.py" in (root / test).read_text(encoding="utf-8"), test
+
+
 @pytest.mark.parametrize("bench", [pytest.param(p, id=p.stem, marks=_marks(p)) for p in BENCHMARKS])
-def test_quick_form_runs(bench: Path, tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CFLOW_")}
-    proc = subprocess.Popen(
-        [sys.executable, str(bench), "--quick"],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,  # so whatever it started goes with it if it must be stopped
-    )
-    try:
-        stdout, stderr = proc.communicate(timeout=QUICK_LIMIT)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"{bench.name} --quick ran over {QUICK_LIMIT} s: its quick form is not quick")
-    finally:
-        if proc.poll() is None:  # over time, or the test was interrupted
-            _stop(proc)
-    said = f"stdout:\n{stdout[-3000:]}\nstderr:\n{stderr[-3000:]}"
-    if proc.returncode == CANNOT_RUN:
-        reason = f"{bench.name}: {stderr.strip()[-500:]}"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(reason, pytrace=False)
-        pytest.skip(reason)
-    assert proc.returncode == 0, f"{bench.name} --quick exited with {proc.returncode}\n{said}"
-    assert stdout.strip(), f"{bench.name} --quick printed no figures\n{said}"
+def test_quick_form_runs(bench: Path, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    if request.node.get_closest_marker("emulator"):
+        emulators.emulators()  # this process's, which the quick form uses rather than start two
+    run_quick(bench, tmp_path)

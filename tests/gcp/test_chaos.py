@@ -1,61 +1,53 @@
-"""The chaos soak's short form: a few seeds of :mod:`tests.gcp.chaos`, at once.
+"""The chaos soak's short form: ``bench/chaos.py --quick``, a few seeds of :mod:`tests.gcp.chaos`
+at once, in a process of its own (this test is also that benchmark's quick-form test).
 
 Each seed runs two whole runs on the emulators and the fake Compute API (one of them shaped,
 with the standard-VM fallback) under faults on every kind of call (Compute, Cloud Storage and
-Pub/Sub), a Spot preemption, a runner killed and resumed with ``runner watch``, and a VM frozen;
-then checks that every shard committed exactly once, both runs finished, no VM was left, and no
-VM idled past the bound. ``bench/chaos.py`` runs the long form (50 seeds); ``bench/chaos.py
---seed N`` reruns a seed that failed here.
+Pub/Sub, with the proxies that hold Cloud Storage to one write a second to an object), a Spot
+preemption, a runner killed and resumed with ``runner watch``, and a VM frozen; the benchmark
+checks that every shard committed exactly once, both runs finished, no VM was left, and no VM
+idled past the bound, and exits 1 when a seed fails. ``bench/chaos.py`` runs the long form (50
+seeds); ``bench/chaos.py --seed N`` reruns a seed that failed here.
 """
 
 from __future__ import annotations
 
+import re
 import subprocess
-import threading
 from pathlib import Path
 
 import pytest
 
 from tests import emulators
-from tests.gcp.chaos import IDLE_BOUND, Plan, run_seed
+from tests.bench.quick import BENCH, run_quick
+from tests.gcp.chaos import IDLE_BOUND, Plan
 from tests.gcp.chaos_checks import Lifetimes, SeedResult, tally
 
-pytestmark = [pytest.mark.e2e, pytest.mark.emulator]
-
-# Seeds run at once. Together they preempt with notice (the fallback), kill and resume each
-# run's runner, freeze a VM for good and thaw one, and fail a shard on purpose. Left out: a VM
-# frozen for good while its own run's runner is down. The resumed `runner watch` never hears
-# from it, so it never takes it for frozen, and the VM stays (`bench/chaos.py --seed 3`).
+# The quick form's seeds (bench/chaos.py's QUICK_SEEDS) and shards per run. Together they
+# preempt with notice (the fallback), kill and resume each run's runner, freeze a VM for good
+# and thaw one, and fail a shard on purpose.
 SEEDS = (10, 13)
-RATE = 0.02  # each call's fault probability
-# Every kind of fault (None): the Compute API's, Cloud Storage's and Pub/Sub's, with the proxies
-# that hold Cloud Storage to one write a second to an object, as bench/chaos.py's default plan.
-KINDS = None
-SHARDS = 4  # per run
+SHARDS = 4
+# One line a seed: seed, s, VMs, VM-s, busy, idle, idle%, max idle, faults, tries, verdict.
+SEED_LINE = re.compile(
+    r"^ *(?P<seed>\d+) +[\d.]+ +\d+ +\d+ +\d+ +\d+ +[\d.]+ +[\d.]+ +(?P<faults>\d+) +\d+  "
+    r"(?P<verdict>ok|FAIL: .*?)  \[",
+    re.MULTILINE,
+)
 
 
+@pytest.mark.e2e
+@pytest.mark.emulator
 def test_a_few_seeds_of_chaos_keep_every_promise(tmp_path: Path) -> None:
-    emulators.emulators()  # started here, before the threads need them
-    results: dict[int, SeedResult] = {}
-
-    def one(seed: int) -> None:
-        results[seed] = run_seed(seed, tmp_path / str(seed), shards=SHARDS, rate=RATE, kinds=KINDS)
-
-    threads = [threading.Thread(target=one, args=(seed,)) for seed in SEEDS]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
     assert {Plan.draw(s, SHARDS).thaw_after is None for s in SEEDS} == {True, False}
-    for seed in SEEDS:
-        result = results[seed]
-        print(
-            f"seed {seed}: {result.seconds:.0f} s, {result.vms} VMs, "
-            f"{result.idle_seconds:.0f} of {result.vm_seconds:.0f} VM-seconds idle, "
-            f"{result.faults} faults"
-        )
-        assert result.ok, f"seed {seed} ({result.plan.describe()}): {result.problems}"
-        assert result.faults > 0, f"seed {seed}: no call failed, the plan proved nothing"
+    emulators.emulators()  # this process's, which the quick form uses rather than start two
+    stdout = run_quick(BENCH / "chaos.py", tmp_path)  # exit status 0: every seed kept them
+    print(stdout)
+    seeds = {int(m["seed"]): m for m in SEED_LINE.finditer(stdout)}
+    assert set(seeds) == set(SEEDS), stdout
+    for seed, line in seeds.items():
+        assert line["verdict"] == "ok", f"seed {seed}: {line.group(0)}"
+        assert int(line["faults"]) > 0, f"seed {seed}: no call failed, the plan proved nothing"
 
 
 def test_plans_are_drawn_from_the_seed_alone() -> None:
