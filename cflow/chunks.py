@@ -86,13 +86,6 @@ class Chunking:
         """The most items one chunk may hold (an attempt's timeout is this many items')."""
         return self.fixed or (self.size(0) if self.total is not None else MAX_CHUNK)
 
-    def count(self) -> int | None:
-        """How many chunks the items make, where their count is known (a chunk closed early
-        by :data:`CHUNK_BYTES` adds more; None: a generator's, known only at its end)."""
-        if self.total is None:
-            return None
-        return math.ceil(self.total / self.size(0))
-
     def size(self, seen: int) -> int:
         """Items in the next chunk, ``seen`` items having been read."""
         if self.fixed is not None:

@@ -18,7 +18,7 @@ import sys
 import tempfile
 import textwrap
 import threading
-from collections.abc import Iterable, Iterator, Sized
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -178,11 +178,6 @@ class ItemFeed:
 
     def cancels(self) -> bool:
         return self._cancel
-
-    def expected(self) -> int | None:
-        if self._chunking is not None:
-            return self._chunking.count()
-        return len(self._items) if isinstance(self._items, Sized) else None
 
     def shards(self, store: Store, run_id: str) -> Iterator[Shard]:
         try:

@@ -58,9 +58,7 @@ def undo_early(fleet: Fleet, early: list[str], cfg: Config, store_was_there: boo
 
 
 def start_early(fleet: Fleet, dep: Deployment, workers: int, shards: int | None) -> list[str]:
-    """On the local backend, start the workers a run is sure to need before it is made: as
-    many as it will use where its shard count is known (``--shards N``, a sized stream), else
-    one (the rest start at the watch's first poll, once the count is read)."""
+    """On the local backend, start the workers a run is sure to need before it is made."""
     if not dep.config.is_local:
         return []
     wanted = min(workers, shards if shards is not None else 1) - len(fleet.instances())

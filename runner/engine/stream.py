@@ -63,12 +63,6 @@ class ShardFeed(Protocol):
         one write (a run whose published shards all ran never looks finished)."""
         ...
 
-    def expected(self) -> int | None:
-        """How many shards the stream will hold, where that is known before it is read (a
-        sized iterable's); None: known only at its end. A local submit starts as many early
-        workers as the run will use from it."""
-        ...
-
 
 class StreamError(CFlowError):
     """Reading the stream failed part way; the run holds what was published before."""

@@ -52,13 +52,6 @@ RECONCILE_PAGE = 1000  # markers of each kind read per reconcile (one list call 
 # at least the first and at most the second (the drain is short, and a quick look at a worker
 # that just said it is idle ends the run sooner).
 DRAIN_PACE = (0.05, 0.5)
-# Where the watch has a quiet pace (locally, where a poll costs a few SQLite reads): its pace
-# once nothing is queued and the last shards run, while one was settled within that quiet pace
-# (the shards are short, the run's end is near), so a short run's last commit is seen within
-# this; no shard settled as long sends it back to slowing down (no busy loop while long shards
-# run), and while shards are queued the usual pace holds (the runner's polls would take CPU from
-# the workers).
-BUSY_POLL_SECONDS = 0.005
 
 
 def _env_seconds(name: str) -> float:
@@ -337,7 +330,6 @@ class Watcher:
         """Poll until every shard is committed or failed (a final reconcile confirms it), or
         the run is cancelled."""
         pace = self._pace = poll_seconds
-        settled, settled_at = 0, float("-inf")  # shards settled, and when that count last grew
         while True:
             snapshot = self.poll()
             if snapshot.cancelled:
@@ -352,14 +344,7 @@ class Watcher:
             if on_update is not None:
                 on_update(snapshot)
             if self.quiet_poll_seconds is not None:  # back to the quick pace when a worker speaks
-                now = self.clock.monotonic()
-                if snapshot.succeeded + snapshot.failed > settled:
-                    settled, settled_at = snapshot.succeeded + snapshot.failed, now
-                ending = snapshot.running and not snapshot.queued
-                if ending and now - settled_at < self.quiet_poll_seconds:
-                    pace = min(poll_seconds, BUSY_POLL_SECONDS)
-                else:
-                    pace = poll_seconds if self.heard else min(pace * 1.5, self.quiet_poll_seconds)
+                pace = poll_seconds if self.heard else min(pace * 1.5, self.quiet_poll_seconds)
             self.clock.sleep(pace)
 
     def drain_fleet(self, timeout: float = 30.0, *, wait: bool = True) -> bool:

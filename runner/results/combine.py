@@ -26,7 +26,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from runner.results.custom import bundle_combines, custom_combine, open_task
+from runner.results.custom import custom_combine, open_task
 from runner.results.formats import (
     MANIFEST,
     Method,
@@ -98,38 +98,33 @@ def combine_run(
     if combiner is None:
         combiner = LocalCombiner()
     groups, shards, missing, late = committed_parts(store, manifest)
-    if not groups and task is None and not bundle_combines(store, manifest):
-        # No output to combine and no combine() of the task's own to call (a cflow run: its
-        # values sit in the commit records): the bundle stays packed.
-        combined = Combined(files=[], shards=0, missing=0)
-    else:
-        with tempfile.TemporaryDirectory(prefix="cflow-combine-") as tmp:
-            work = Path(tmp)
-            folder = open_task(store, manifest, work, task)
-            if headers is None:
-                headers = folder.headers
-            if folder.custom:
-                combined = custom_combine(store, manifest, folder, groups, work, tell)
-            else:
-                combined = combiner.concatenate(
-                    store, manifest, groups, headers=headers, warn=warn, work=work, workers=workers
-                )
-    combined.shards, combined.missing, combined.late = shards, missing, late
-    if late:
-        tell(
-            f"{late} shards committed by attempts that ended after the run was cancelled"
-            " are left out of its result"
-        )
-    combined.files.sort()
-    combined.objects.sort()
-    fresh = set(combined.objects)
-    for key in list(store.list(Layout.combined(manifest.run_id))):
-        if key not in fresh:  # left by an earlier combine: not part of this result
-            store.delete(key)
-    for rel in sorted(combined.how):
-        tell(f"{rel}: {combined.how[rel]}")
-    if out is not None:
-        _copy_out(store, manifest.run_id, combined, out, combiner)
+    with tempfile.TemporaryDirectory(prefix="cflow-combine-") as tmp:
+        work = Path(tmp)
+        folder = open_task(store, manifest, work, task)
+        if headers is None:
+            headers = folder.headers
+        if folder.custom:
+            combined = custom_combine(store, manifest, folder, groups, work, tell)
+        else:
+            combined = combiner.concatenate(
+                store, manifest, groups, headers=headers, warn=warn, work=work, workers=workers
+            )
+        combined.shards, combined.missing, combined.late = shards, missing, late
+        if late:
+            tell(
+                f"{late} shards committed by attempts that ended after the run was cancelled"
+                " are left out of its result"
+            )
+        combined.files.sort()
+        combined.objects.sort()
+        fresh = set(combined.objects)
+        for key in list(store.list(Layout.combined(manifest.run_id))):
+            if key not in fresh:  # left by an earlier combine: not part of this result
+                store.delete(key)
+        for rel in sorted(combined.how):
+            tell(f"{rel}: {combined.how[rel]}")
+        if out is not None:
+            _copy_out(store, manifest.run_id, combined, out, combiner)
     return combined
 
 

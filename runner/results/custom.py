@@ -13,27 +13,16 @@ trimmed to the task's own frames and naming the task folder's files as the user 
 
 from __future__ import annotations
 
-import ast
-import hashlib
-import io
 import os
 import re
 import signal
 import subprocess
 import sys
-import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from runner.results.parts import Combined, Part, Say, local_parts
-from worker.bundle import (
-    PYTHON_ENTRY,
-    inspect_task,
-    install_requirements,
-    pack,
-    read_settings,
-    unpack,
-)
+from worker.bundle import inspect_task, install_requirements, pack, read_settings, unpack
 from worker.errors import ConfigError, NotFound, TaskError
 from worker.executors.base import WORKER_PATH
 from worker.protocol import Entry, Layout, Manifest
@@ -68,39 +57,6 @@ class TaskFolder:
     shown: str  # how the user names it: the --task folder as given, or the submitted name
     headers: bool | None  # its ``[combine] headers`` setting
     custom: bool  # its task.py defines combine(paths, out)
-
-
-def bundle_combines(store: Store, manifest: Manifest) -> bool:
-    """Whether the run's submitted task defines ``combine(paths, out)``, read from its bundle
-    in memory: a run with no outputs to combine is finished without unpacking it."""
-    try:
-        data = store.get(Layout.bundle(manifest.bundle))
-    except NotFound:
-        raise TaskError(
-            f"task bundle {manifest.bundle[:12]} is missing", run_id=manifest.run_id
-        ) from None
-    actual = hashlib.sha256(data).hexdigest()
-    if actual != manifest.bundle:
-        raise TaskError(
-            f"task bundle {manifest.bundle[:12]} is corrupt (its sha256 is {actual[:12]})",
-            run_id=manifest.run_id,
-        )
-    with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
-        try:
-            member = tar.extractfile(PYTHON_ENTRY)
-        except KeyError:  # a task.sh task: no combine() of its own
-            return False
-        if member is None:
-            return False
-        source = member.read()
-    try:
-        tree = ast.parse(source, filename=PYTHON_ENTRY)
-    except SyntaxError:
-        return True  # as good as unknown: the full path unpacks it and says what is wrong
-    return any(
-        isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.name == "combine"
-        for node in tree.body
-    )
 
 
 def open_task(store: Store, manifest: Manifest, work: Path, task: Path | None) -> TaskFolder:
