@@ -54,7 +54,7 @@ RECONCILE_PAGE = 1000  # markers of each kind read per reconcile (one list call 
 DRAIN_PACE = (0.05, 0.5)
 
 
-def _env_seconds(name: str) -> float:
+def env_seconds(name: str) -> float:
     """``CFLOW_<name>`` (the same setting the workers read), else the default."""
     raw = os.environ.get(f"CFLOW_{name}")
     try:
@@ -126,8 +126,8 @@ class Watcher:
     on_event: Callable[[Event], None] | None = None
     speculate: bool = False  # back up stragglers once nothing is queued (engine.speculation)
     # A worker silent this long lost its lease; the workers' own settings where given.
-    lease_seconds: float = field(default_factory=lambda: _env_seconds("LEASE_SECONDS"))
-    heartbeat_seconds: float = field(default_factory=lambda: _env_seconds("HEARTBEAT_SECONDS"))
+    lease_seconds: float = field(default_factory=lambda: env_seconds("LEASE_SECONDS"))
+    heartbeat_seconds: float = field(default_factory=lambda: env_seconds("HEARTBEAT_SECONDS"))
     # Whether every worker sends heartbeats during long attempts (this version's agent does).
     # False: trust a silence only once some heartbeat was seen (workers that never send them
     # would otherwise look frozen in every long attempt).

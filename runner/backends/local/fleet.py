@@ -18,6 +18,7 @@ from typing import Protocol
 from runner.backends.local import launcher as launching
 from runner.backends.local.registry import Registry
 from runner.engine.fleet import Fleet, Instance
+from runner.engine.watch import env_seconds
 from worker import defaults
 from worker.backends.local.queue import LocalQueue
 from worker.backends.local.store import QUEUE_FILE
@@ -39,6 +40,23 @@ class _Process(Protocol):
 
 
 DISK_FULL_BYTES = 1 << 20  # less free space than this on the store's disk: it is full
+STOPPED_GRACE = 10.0  # seconds a worker may stay stopped (SIGSTOP) before it is taken for frozen
+
+
+def stopped_grace() -> float:
+    """Seconds a stopped worker is given: :data:`STOPPED_GRACE`, or less where its lease and a
+    heartbeat are shorter (its shards have gone elsewhere by then)."""
+    silence = env_seconds("LEASE_SECONDS") + env_seconds("HEARTBEAT_SECONDS")
+    return min(STOPPED_GRACE, silence)
+
+
+def _stopped(pid: int) -> bool:
+    """Whether ``pid`` is stopped by a signal (state ``T``; a debugger's stop, ``t``, is not)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return fh.read().rsplit(b")", 1)[-1].split()[0] == b"T"
+    except (OSError, IndexError):
+        return False
 
 
 class LocalFleet(Fleet):
@@ -82,6 +100,7 @@ class LocalFleet(Fleet):
         self._next = 0  # names are never given twice by one fleet (see _grow)
         self._queue: LocalQueue | None = None
         self.released = 0  # leases released for workers seen gone (bench/recovery.py)
+        self._stopped_since: dict[str, float] = {}  # worker -> when first seen stopped
 
     def problems(self) -> list[str]:
         full = self.disk_full()
@@ -102,15 +121,31 @@ class LocalFleet(Fleet):
 
     def instances(self) -> list[Instance]:
         live = []
+        now = time.monotonic()
         for name, (pid, start) in sorted(self.registry.entries().items()):
             proc = self._procs.get(name)
             if (proc is not None and proc.poll() is None) or (
                 proc is None and self.registry.alive(name, pid, start)
             ):
-                live.append(Instance(name, "stopping" if name in self._stopping else "running"))
+                status = "stopping" if name in self._stopping else "running"
+                live.append(Instance(name, status, *self._frozen(name, pid, now)))
             else:
                 self._gone(name)
         return live
+
+    def _frozen(self, name: str, pid: int, now: float) -> tuple[str | None, bool]:
+        """Why the worker is no capacity and to be deleted, if it is: stopped by a signal
+        (SIGSTOP) for :func:`stopped_grace` seconds or more. A stopped process may hold the
+        store's write lock (SQLite's), and every other worker of the store waits on it: the
+        run would stall until the lock wait gives up. Deleting it sends SIGCONT with SIGTERM,
+        so it ends its transaction and exits; its shards run elsewhere (first commit wins)."""
+        if not _stopped(pid):
+            self._stopped_since.pop(name, None)
+            return None, False
+        since = self._stopped_since.setdefault(name, now)
+        if now - since < stopped_grace():
+            return None, False
+        return f"stopped by a signal for {now - since:.0f}s: frozen", True
 
     def lease_runs(self) -> dict[str, set[str]]:
         """Worker -> the runs whose shards it holds live leases of, from the queue's lease
