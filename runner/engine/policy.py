@@ -317,10 +317,11 @@ class Release:
         """Say which never-heard instances the drain waits for, each once: when it has been
         unheard for half the bound (a working worker has spoken several times by then, even
         through a slow event stream), or once the drain is past its usual time; those said."""
+        holders = self.holders()  # only those are deleted at the bound: the others, not said
         new = sorted(
             n
             for n, left in self.unheard.items()
-            if n not in told and (overdue or left <= self.silence / 2)
+            if n in holders and n not in told and (overdue or left <= self.silence / 2)
         )
         if new:
             most = max(self.unheard[n] for n in new)
@@ -334,10 +335,10 @@ class Release:
         """One look at the fleet after the run: delete the workers now known free (and any
         that will never work); the instances still waited for: those deleted, until they are
         gone; those that worked for this run and have not said what they do now (not known
-        busy with another run); and those running and never heard from that the run's own
-        records name holding one of its attempts, until they speak or are silent past the
-        bound (:meth:`RunView.unheard`: frozen before this runner started, say, when it
-        resumed). One still booting is deleted: it works for no run yet.
+        busy with another run); and those running and never heard from, until they speak or
+        are silent past the bound (:meth:`RunView.unheard`: frozen before this runner started,
+        say, when it resumed), then deleted only if the run's own records name them holding
+        one of its attempts (:meth:`free`). One still booting is deleted: it works for no run.
         """
         now = self.clock.monotonic()
         instances = fleet.instances()
@@ -359,15 +360,10 @@ class Release:
         )
         elsewhere = self.elsewhere(held)
         # Where lease records say who works, a worker that holds none is known free already.
-        # A never-heard one is waited for only if the run's records name it holding an
-        # attempt of this run (:meth:`holders`); any other may be busy with another run.
+        # A never-heard one is waited for until it speaks (then its word tells) or is silent
+        # past the bound: deleted then only if the run's records name it (:meth:`free`).
         unheard = self.view.unheard(now, self.silence) if held is None else {}
-        holders = self.holders() if unheard else set()
-        self.unheard = {
-            n: left
-            for n, left in unheard.items()
-            if n in holders and n not in self.deleted | elsewhere
-        }
+        self.unheard = {n: left for n, left in unheard.items() if n not in self.deleted | elsewhere}
         return [
             i.name
             for i in instances

@@ -36,8 +36,9 @@ def _stop(proc: subprocess.Popen[str]) -> None:
 
 def run_quick(bench: Path, cwd: Path) -> str:
     """Run ``bench --quick`` in ``cwd`` (without the caller's ``CFLOW_*`` settings, with its
-    emulators' addresses, which a quick form uses when they answer); return its stdout. Fails the test when it runs over :data:`QUICK_LIMIT`, exits non-zero or prints
-    nothing; skips it (fails it under ``CI=true``) when the machine cannot run it."""
+    emulators' addresses, which a quick form uses when they answer); return its stdout. Fails
+    the test when it runs over :data:`QUICK_LIMIT`, exits non-zero or prints nothing; skips it
+    (fails it under ``CI=true``) when the machine cannot run it."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CFLOW_")}
     proc = subprocess.Popen(
         [sys.executable, str(bench), "--quick"],

@@ -106,8 +106,8 @@ def test_a_vm_that_speaks_within_the_bound_is_not_deleted() -> None:
 
 def test_a_vm_never_heard_and_named_by_no_record_of_the_run_is_left_alone() -> None:
     """A resumed runner may miss another run's events (its subscription delivers late): a VM it
-    never heard from is deleted only if the run's own records show it holding one of the run's
-    attempts; any other is neither deleted nor waited for."""
+    never heard from is waited for (it may yet say it is idle), and once silent past the bound
+    deleted only if the run's own records show it holding one of the run's attempts."""
     clock = FakeClock()
     view = RunView("r1")
     said: list[str] = []
@@ -129,12 +129,31 @@ def test_a_vm_never_heard_and_named_by_no_record_of_the_run_is_left_alone() -> N
     assert group.deleted == ["frozen"] and "theirs" in group.live
     assert len(said) == 1 and "theirs" not in said[0], said
     assert reads == [1]  # the records are read once
-    # And with no record naming it, the frozen one is left too, without a wait.
+    # And with no record naming it, the frozen one is left too, once the bound is out, and
+    # nothing said of it (it is not deleted).
     view, clock = RunView("r1"), FakeClock()
-    release = Release(view, "r1", clock, silence=SILENCE, records=set)
+    said.clear()
+    release = Release(view, "r1", clock, silence=SILENCE, say=said.append, records=set)
     group = ListedGroup("frozen", "theirs")
     assert release.wait(group, lambda: None, timeout=30.0, pace=0.5)
-    assert group.deleted == [] and clock.monotonic() - 1_700_000_000.0 < 1.0
+    assert group.deleted == [] and said == []
+
+
+def test_a_vm_never_heard_is_waited_for_and_deleted_once_it_says_it_is_idle() -> None:
+    """A VM of the group this runner never heard (it came up for an earlier run) may speak
+    within the bound: its idle word then frees it, records or not."""
+    clock = FakeClock()
+    view = RunView("r1")
+    release = Release(view, "r1", clock, silence=SILENCE, records=set)
+    group = ListedGroup("quiet")
+    started = clock.monotonic()
+
+    def listen() -> None:  # it says it is idle 5 s into the drain
+        if clock.monotonic() - started >= 5.0 and not view.heard("quiet"):
+            view.apply(Event("idle", "quiet", at=clock.time()), clock.monotonic())
+
+    assert release.wait(group, listen, timeout=30.0, pace=0.5)
+    assert group.deleted == ["quiet"] and clock.monotonic() - started < 7.0
 
 
 def test_the_run_records_name_the_workers_holding_its_attempts_that_never_ended(
