@@ -7,6 +7,7 @@ other threads spawns its workers as before. Each case runs the caller as a scrip
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import select
@@ -21,6 +22,7 @@ import pytest
 
 from runner.backends.local.fleet import LocalFleet
 from runner.backends.local.launcher import process_start
+from tests.e2e.conftest import wait_for
 from worker.backends.local.records import QUEUE_FILE
 from worker.executors import reaper
 
@@ -75,6 +77,12 @@ def procs() -> Iterator[list[subprocess.Popen[str]]]:
 def _fds(pid: int) -> dict[int, str]:
     """A process's open descriptors: number -> what it points at."""
     return {int(fd): os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+
+
+def _running_item(pid: int) -> bool:
+    """Whether a task host runs its item: input from /dev/null, output to the attempt's log."""
+    fds = _fds(pid)
+    return fds[0] == os.devnull and fds[1] == fds[2] and fds[1].endswith("log-0.txt")
 
 
 def _runner(*args: str) -> str:
@@ -173,9 +181,11 @@ def test_a_forked_workers_task_host_is_forked_and_dies_with_it(
             cmdline = Path(f"/proc/{host}/cmdline").read_bytes().decode()
             assert str(SCRIPT) in cmdline and "worker.executors.host" not in cmdline, cmdline
             assert os.getsid(host) == host != os.getsid(entry["pid"])
+            # The worker says its item started as it hands the host the task; the host then
+            # points its input at /dev/null and its output at the attempt's log, and the item
+            # waits for the flag: that state stays until the test ends it.
+            wait_for(functools.partial(_running_item, host), 30, "the host to take its task")
             fds = _fds(host)
-            assert fds[0] == os.devnull
-            assert fds[1] == fds[2] and fds[1].endswith("log-0.txt")  # the attempt's log
             for target in fds.values():
                 assert target != shown["held"] and QUEUE_FILE not in target, fds
                 assert target.startswith(("pipe:", os.devnull, str(store))), fds
