@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from runner.backends.local.fleet import LocalFleet, stopped_grace
+from runner.backends.local.fleet import LocalFleet, _stopped, stopped_grace
 from tests.e2e.conftest import wait_for
 from worker.backends.local.db import Db
 
@@ -31,6 +31,7 @@ def test_a_worker_stopped_past_its_grace_is_frozen_and_deleted(
         pid = fleet._procs[name].pid
         wait_for(lambda: (tmp_path / "store" / "queue.db").exists(), what="the worker's store")
         os.kill(pid, signal.SIGSTOP)
+        wait_for(lambda: _stopped(pid), what="the worker to stop")  # the signal lands later
         (first,) = fleet.instances()
         assert first.error is None and not first.removable  # just stopped: within its grace
         time.sleep(stopped_grace())
