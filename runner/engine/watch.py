@@ -24,6 +24,7 @@ timeout.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -160,14 +161,8 @@ class Watcher:
         self.reconciles = 0  # how many, and what the last one cost (bench/reconcile.py)
         self.last_reconcile_seconds = 0.0
         self._pace = defaults.WATCH_POLL_SECONDS  # the watch loop's, for the drain
-        self.release = Release(
-            self.view,
-            self.run_id,
-            self.clock,
-            silence,
-            self.idle_settle,
-            records=lambda: attempt_holders(self.store, self.run_id),
-        )
+        self.release = Release(self.view, self.run_id, self.clock, silence, self.idle_settle)
+        self.release.records = functools.partial(attempt_holders, self.store, self.run_id)
 
     @property
     def run_id(self) -> str:
