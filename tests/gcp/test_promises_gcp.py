@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
 import threading
 from pathlib import Path
 
@@ -66,7 +67,12 @@ def test_a_frozen_vm_does_not_stall_the_run(
         hold.unlink()  # its attempt ends with nobody to commit it; the next VM's run through
         stopper = threading.Thread(target=_stop_when_deleted, args=(cloud, name, frozen, ended))
         stopper.start()
-        stdout, stderr = submit.communicate(timeout=300)
+        try:
+            stdout, stderr = submit.communicate(timeout=240)
+        except subprocess.TimeoutExpired:
+            submit.kill()
+            stdout, stderr = submit.communicate()
+            pytest.fail(f"the run did not end within 240 s; the runner said:\n{stderr}")
     finally:
         ended.set()
         if frozen is not None:
