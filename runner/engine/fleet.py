@@ -54,6 +54,9 @@ class Fleet(ABC):
         return None
 
     max_size: int | None = None  # the most instances the fleet can hold, where it has a limit
+    # An instance listed "stopping" once deleted goes by itself, whatever its guest does (a
+    # managed group's VM): the drain after a run does not wait for it to vanish.
+    deletes_by_itself: bool = False
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release clients."""

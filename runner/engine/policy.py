@@ -334,11 +334,12 @@ class Release:
     def drain(self, fleet: Fleet) -> list[str]:
         """One look at the fleet after the run: delete the workers now known free (and any
         that will never work); the instances still waited for: those deleted, until they are
-        gone; those that worked for this run and have not said what they do now (not known
-        busy with another run); and those running and never heard from, until they speak or
-        are silent past the bound (:meth:`RunView.unheard`: frozen before this runner started,
-        say, when it resumed), then deleted only if the run's own records name them holding
-        one of its attempts (:meth:`free`). One still booting is deleted: it works for no run.
+        gone (or, in a fleet whose deleted instances go by themselves, listed stopping); those
+        that worked for this run and have not said what they do now (not known busy with
+        another run); and those running and never heard from, until they speak or are silent
+        past the bound (:meth:`RunView.unheard`: frozen before this runner started, say, when
+        it resumed), then deleted only if the run's own records name them holding one of its
+        attempts (:meth:`free`). One still booting is deleted: it works for no run.
         """
         now = self.clock.monotonic()
         instances = fleet.instances()
@@ -367,7 +368,19 @@ class Release:
         return [
             i.name
             for i in instances
-            if i.name in self.deleted
-            or i.name in self.unheard
-            or (self.view.heard(i.name) and i.name not in elsewhere)
+            if not self._going(fleet, i)
+            and (
+                i.name in self.deleted
+                or i.name in self.unheard
+                or (self.view.heard(i.name) and i.name not in elsewhere)
+            )
         ]
+
+    def _going(self, fleet: Fleet, instance: Instance) -> bool:
+        """Deleted by this runner and listed stopping in a fleet whose instances then go by
+        themselves (a managed group's VMs): nothing more to wait for."""
+        return (
+            fleet.deletes_by_itself
+            and instance.status == "stopping"
+            and instance.name in self.deleted
+        )

@@ -49,6 +49,7 @@ class RunView:
         self._beats: dict[str, float] = {}  # shard -> its latest start or heartbeat
         self._elsewhere_beats: dict[tuple[str, str], float] = {}
         self._working_at: dict[str, float] = {}  # worker -> its latest start (by its clock)
+        self._idle_since: dict[str, float] = {}  # worker -> its first idle word since it worked
         self.hearing = Hearing()  # when each worker was last heard, and listed running
 
     @property
@@ -109,14 +110,15 @@ class RunView:
         return worker in self.hearing
 
     def idle_for(self, now: float, settle: float = IDLE_SETTLE) -> set[str]:
-        """Workers whose latest word is that they are idle, and nothing else came from them
-        for ``settle`` seconds since."""
-        return {w for w in self.idle if now - self.hearing.last(w, now) >= settle}
+        """Workers whose latest word is that they are idle, and who have said nothing else for
+        ``settle`` seconds since their first idle word (an idle worker says so again every
+        heartbeat: that does not start the wait over)."""
+        return {w for w in self.idle if now - self._idle_since.get(w, now) >= settle}
 
     def settles_in(self, now: float, settle: float = IDLE_SETTLE) -> float:
         """Seconds until the next idle word that has not stood ``settle`` seconds does (inf:
         none waits)."""
-        waits = [self.hearing.last(w, float("-inf")) + settle - now for w in self.idle]
+        waits = [self._idle_since.get(w, float("-inf")) + settle - now for w in self.idle]
         return min((t for t in waits if t > 0), default=float("inf"))
 
     def silent(self, now: float, limit: float) -> set[str]:
@@ -178,6 +180,8 @@ class RunView:
         if kind is EventKind.IDLE:
             # Events may come out of order: an idle older than a start says nothing now.
             if event.at >= self._working_at.get(event.worker, event.at):
+                if event.worker not in self.idle:  # said again while idle: the wait goes on
+                    self._idle_since[event.worker] = now
                 self.idle.add(event.worker)
             return None
         if kind is EventKind.STOPPED:

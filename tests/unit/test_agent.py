@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import textwrap
 import time
 from pathlib import Path
@@ -14,6 +15,7 @@ from worker.bundle import pack
 from worker.ledger import Ledger
 from worker.protocol import (
     AttemptStatus,
+    EventKind,
     Layout,
     Manifest,
     RunOptions,
@@ -330,3 +332,33 @@ def test_a_crash_in_a_batch_sent_ahead_fails_only_its_own_shard(tmp_path: Path) 
         assert out is not None
         pids.add(out.read_text())
     assert len(pids) == 2  # the first host before the crash, a fresh one after it
+
+
+def test_an_idle_worker_says_so_again_every_heartbeat(tmp_path: Path) -> None:
+    """A runner that began listening after the first idle word (a retry, a resumed watch)
+    hears within a heartbeat that the worker is free."""
+    from worker.clock import FakeClock
+
+    _setup(tmp_path, [Shard(id="a", index=0)])
+    clock = FakeClock(start=time.time())
+    b = open_local(tmp_path / "store", clock=clock)
+    config = AgentConfig(
+        name="w", scratch=tmp_path / "s", idle_timeout=35, heartbeat=10, poll_seconds=1.0
+    )
+    agent = Agent(
+        queue=b.queue, store=b.store, events=b.events, clock=clock, ledger=b.ledger, config=config
+    )
+    said: list[float] = []  # when (on its clock) it said it is idle
+    emit = agent.books.emit
+
+    def noted(kind: EventKind, *args: Any, **kwargs: Any) -> None:
+        if kind is EventKind.IDLE:
+            said.append(clock.monotonic())
+        emit(kind, *args, **kwargs)
+
+    agent.books.emit = noted  # type: ignore[method-assign]
+    assert agent.run().startswith("idle")
+    assert len([e for e in b.events.pull(1000) if e.kind == "idle"]) == len(said) == 4
+    # Its first idle word once the shard was done, then one at 10, 20 and 30 s of idleness.
+    gaps = [later - earlier for earlier, later in itertools.pairwise(said)]
+    assert all(10 <= gap < 11 for gap in gaps), gaps

@@ -242,3 +242,52 @@ def test_a_cancelled_runs_runner_stops_only_its_own_local_workers(
         fleet.delete(i.name for i in fleet.instances())
         fleet.wait_empty(30)
         fleet.close()
+
+
+def test_an_idle_word_said_again_does_not_start_the_settle_over() -> None:
+    view = RunView("r-a")
+    view.apply(Event(kind="started", worker="w9", run_id="r-b", shard_id="s", at=1.0), 1.0)
+    view.apply(Event(kind="idle", worker="w1", at=10.0), now=100.0)
+    view.apply(Event(kind="idle", worker="w1", at=12.0), now=102.0)  # said again (a heartbeat)
+    assert view.idle_for(103.0, settle=3) == {"w1"}  # settled 3 s after its first idle word
+    view.apply(Event(kind="started", worker="w1", run_id="r-b", shard_id="t", at=14.0), 104.0)
+    view.apply(Event(kind="idle", worker="w1", at=15.0), now=105.0)  # worked since: anew
+    assert view.idle_for(107.0, settle=3) == set()
+    assert view.idle_for(108.0, settle=3) == {"w1"}
+
+
+class _Group:
+    """A group whose deleted instances are listed stopping until they go (``gone``)."""
+
+    def __init__(self, names: list[str], *, by_itself: bool) -> None:
+        from runner.engine.fleet import Fleet
+
+        self.live = {n: Instance(n) for n in names}
+        self.fleet = type(
+            "G",
+            (Fleet,),
+            {
+                "deletes_by_itself": by_itself,
+                "instances": lambda _: list(self.live.values()),
+                "grow": lambda _, count: [],
+                "delete": lambda _, names: self.live.update(
+                    (n, Instance(n, status="stopping")) for n in names
+                ),
+            },
+        )()
+
+
+@pytest.mark.parametrize("by_itself", [True, False])
+def test_the_drain_after_a_run_waits_for_a_deleted_vm_only_where_it_would_not_go_by_itself(
+    by_itself: bool,
+) -> None:
+    clock = FakeClock()
+    view = RunView("r1")
+    view.apply(Event(kind="idle", worker="w1"), now=clock.monotonic())
+    group = _Group(["w1"], by_itself=by_itself)
+    release = Release(view, "r1", clock, silence=70.0)
+    assert release.drain(group.fleet) == ["w1"]  # as listed before the delete
+    assert group.live["w1"].status == "stopping"  # deleted: the idle worker was free
+    # Listed stopping since: a managed group's VM stops whatever its guest does, nothing more
+    # to wait for; a local worker process is waited for until it has exited.
+    assert release.drain(group.fleet) == ([] if by_itself else ["w1"])

@@ -99,6 +99,7 @@ class Agent:
         self._lock = threading.Lock()
         self._slots: list[Slot] = []
         self._announced_idle = False
+        self._idle_said = 0.0  # when it last said it is idle (monotonic)
         self._exit_reason: str | None = None
         root = store.local_path("")
         # Outputs are sealed by a rename into the store: keep scratch on the store's disk.
@@ -236,15 +237,22 @@ class Agent:
             slot.idle = True
             if not all(s.idle for s in self._slots):
                 return self._exit_reason is not None
+            now = self.clock.monotonic()
             announce = not self._announced_idle
+            # Said again every heartbeat: a runner that began listening since (a resumed watch,
+            # a retry, another run's) hears within a heartbeat that this worker is free.
+            again = not announce and now - self._idle_said >= cfg.heartbeat
+            if announce or again:
+                self._idle_said = now
             self._announced_idle = True
-            idle_for = self.clock.monotonic() - self.books.last_finished
+            idle_for = now - self.books.last_finished
             if cfg.burst:
                 self._exit_reason = self._exit_reason or "queue empty"
             elif cfg.idle_timeout is not None and idle_for >= cfg.idle_timeout:
                 self._exit_reason = self._exit_reason or f"idle for {idle_for:.0f}s"
-        if announce:
+        if announce or again:
             self.books.emit(EventKind.IDLE)
+        if announce:
             self.pool.trim()
             self.lifetime.record(stopped=False)
         return self._exit_reason is not None

@@ -105,6 +105,7 @@ class GceFleet(Fleet):
         self.store = store  # the bucket, where VMs report failed boots (None: not read)
         self.say = say or log.warning  # what a retried call waits for
         self.max_size = size_limit(zonal=bool(zone))
+        self.deletes_by_itself = True  # a deleted VM stops whatever its guest does
         self._problems: list[str] = []
         self._reports = ProblemReports(store, clock)
         self._announced: set[str] = set()

@@ -181,7 +181,8 @@ class PubSubQueue(WorkQueue):
             remaining = deadline - self.clock.monotonic()
             if remaining <= 0:
                 return []
-            # The emulator (and the service, under some loads) answers an empty pull at once.
+            # An empty pull may be answered at once (the service, under some loads) or held
+            # (the emulator holds one about 4 s): pause before the next.
             self.clock.sleep(min(pause, remaining))
             pause = min(pause * 2, _PULL_BACKOFF[1])
 
