@@ -61,9 +61,9 @@ lint: install
 	set -o pipefail; $(VENV)/bin/lint-imports --no-cache | sed -n '/^Contracts: /,$$p'
 	$(VENV)/bin/lychee --offline --include-fragments --no-progress README.md docs/*.md bench/README.md
 
-# Most tests wait on processes and emulators, not the CPU: three at a time (tests/conftest.py).
+# Most tests wait on processes and emulators, not the CPU: four at a time (tests/conftest.py).
 # Each run lists its slowest tests, the first place to look when the suite grows slower.
-TEST_PROCESSES ?= 3
+TEST_PROCESSES ?= 4
 test: lint
 	$(VENV)/bin/pytest -q -n $(TEST_PROCESSES) --durations=25
 
