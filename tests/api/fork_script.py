@@ -7,6 +7,8 @@ workers forked from it, and what it prints about them as one JSON line.
                                                their forked task hosts)
     python fork_script.py random STORE         two forked task hosts draw random numbers
     python fork_script.py threaded STORE       the same while another thread runs
+    python fork_script.py again STORE          maps one after another into one store, each
+                                               with forked workers
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import cflow
+from cflow.driver import let_go
 from runner.backends.local.fleet import LocalFleet
-from runner.backends.local.launcher import Launcher, used_by_this_thread
+from runner.backends.local.launcher import Launcher, can_fork, used_by_this_thread
 
 WAIT_SECONDS = 60.0  # how long the script waits for its workers to take the items
 
@@ -121,6 +124,17 @@ def drawn(store: Path) -> None:
     say(draws=list(draws))
 
 
+def again(store: Path) -> None:
+    """Each map forks its workers while this process has the store open from the maps before
+    (its records read, its runs' threads ended): they must not share its SQLite state."""
+    values, forked = [], []
+    for _ in range(4):
+        values.append(list(cflow.map(abs, range(-2000, 0), store=store, workers=2, progress=False)))
+        let_go()  # its threads end: the next map may fork
+        forked.append(can_fork())
+    say(values=values, forked=forked)
+
+
 def threaded(store: Path) -> None:
     release = threading.Event()
     other = threading.Thread(target=release.wait)
@@ -142,5 +156,7 @@ if __name__ == "__main__":
         mapped(where)
     elif mode == "random":
         drawn(where)
+    elif mode == "again":
+        again(where)
     else:
         threaded(where)

@@ -259,3 +259,16 @@ def test_values_and_failures_come_back_from_forked_or_spawned_workers(
     assert failed["index"] == 1 and failed["type"] == "builtins.ZeroDivisionError"
     assert "return 1 / x" in failed["traceback"]
     assert proc.wait(EXIT_SECONDS) == 0
+
+
+def test_maps_one_after_another_into_one_store_each_fork_their_workers(
+    tmp_path: Path, procs: list[subprocess.Popen[str]]
+) -> None:
+    """The caller has the store open from the maps before each fork (SQLite keeps one record
+    per file and process, which a forked child would share): every map's values come back."""
+    proc = _script("again", str(tmp_path / "store"))
+    procs.append(proc)
+    shown = _line(proc)
+    assert shown["values"] == [list(range(2000, 0, -1))] * 4
+    assert shown["forked"] == [True] * 4  # each map after the first forked its workers too
+    assert proc.wait(EXIT_SECONDS) == 0

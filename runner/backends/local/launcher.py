@@ -7,7 +7,11 @@ before the run's thread starts and only while the caller has one thread (a fork 
 lock another thread may hold at that moment, held for ever in the child); it never starts a
 thread itself, so each worker it forks on request starts from a one-thread process.
 
-The launcher drops every descriptor it inherited (each pointed at ``/dev/null``, so a stale file
+Before the fork the caller closes its connections to any store's SQLite file (they open again
+when next used): a worker's own connection to a file the caller had open would otherwise share
+the SQLite state the fork copied, locks the child does not hold included, and corrupt the
+write-ahead log (``worker.backends.local.db.close_before_fork``). The launcher drops every
+descriptor it inherited (each pointed at ``/dev/null``, so a stale file
 object of the caller's that is collected later closes a ``/dev/null``, never a descriptor the
 worker has opened since). A worker it forks becomes one as ``python -m worker ARGS`` would: its
 own session (Ctrl-C in the caller's terminal does not reach it), stdin from ``/dev/null``, stdout
@@ -30,15 +34,18 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import worker
+from worker.backends.local.db import close_before_fork
 from worker.executors.host import fresh_interpreter, to_devnull
 from worker.executors.host_client import fork_hosts
 
+THREAD_EXIT_SECONDS = 0.05  # how long an ended thread may take to leave /proc/self/task
 FORK_ENV = "CFLOW_FORK_WORKERS"  # "0": always start local workers as new interpreters
 _STAT_STARTTIME = 19  # field 22 of /proc/PID/stat, counted from the state (field 3)
 
@@ -59,16 +66,25 @@ def process_start(pid: int) -> int | None:
 
 def can_fork() -> bool:
     """Whether this process may fork a launcher now: the main thread of a process that has
-    one thread (``/proc/self/task`` counts those a C library started too), outside a
-    Jupyter kernel, and not turned off with ``CFLOW_FORK_WORKERS=0``."""
+    one thread (``/proc/self/task`` counts those a C library started too; one Python has
+    joined is given up to 50 ms to leave it), outside a Jupyter kernel, and not turned off with
+    ``CFLOW_FORK_WORKERS=0``."""
     if os.environ.get(FORK_ENV, "1") == "0" or not hasattr(os, "fork"):
         return False
     if threading.current_thread() is not threading.main_thread() or "ipykernel" in sys.modules:
         return False
-    try:
-        return len(os.listdir("/proc/self/task")) == 1
-    except OSError:
-        return False
+    # A thread Python has joined may still be ending in the system for a moment (a run's
+    # thread, just let go): wait that moment out, not for a library's threads that stay.
+    deadline = time.monotonic() + THREAD_EXIT_SECONDS
+    while True:
+        try:
+            if len(os.listdir("/proc/self/task")) == 1:
+                return True
+        except OSError:
+            return False
+        if threading.active_count() > 1 or time.monotonic() >= deadline:
+            return False
+        time.sleep(0.002)
 
 
 class ForkedWorker:
@@ -123,6 +139,7 @@ class Launcher:
         for stream in (sys.stdout, sys.stderr):  # nothing buffered is written twice
             with contextlib.suppress(Exception):
                 stream.flush()
+        close_before_fork()  # a worker it forks opens the store the caller may have open
         req_r, req_w = os.pipe()
         rep_r, rep_w = os.pipe()
         pid = os.fork()

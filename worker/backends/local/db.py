@@ -10,6 +10,7 @@ from __future__ import annotations
 import shutil
 import sqlite3
 import threading
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -41,6 +42,19 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE INDEX IF NOT EXISTS events_run ON events (run_id, id);
 CREATE TABLE IF NOT EXISTS records (key TEXT PRIMARY KEY, data BLOB NOT NULL) WITHOUT ROWID;
 """
+
+
+class _Connection(sqlite3.Connection):
+    """A connection this process can find again (weakly) to close it before it forks."""
+
+    closed = False
+
+    def close(self) -> None:
+        self.closed = True
+        super().close()
+
+
+_OPEN: weakref.WeakSet[_Connection] = weakref.WeakSet()  # this process's, to any store file
 
 DISK_FULL_BYTES = 1 << 20  # free space below which an I/O error is taken for a full disk
 BUSY_TIMEOUT = 30.0  # seconds a writer waits for another's transaction (SQLite's own handler)
@@ -83,10 +97,18 @@ class Db:
             raise _backend_error(path, exc) from None
 
     def conn(self) -> sqlite3.Connection:
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is None:
+        conn: _Connection | None = getattr(self._local, "conn", None)
+        if conn is None or conn.closed:  # closed before a fork: open again
             try:
-                conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, isolation_level=None)
+                # Used by this thread alone; another may close it once this one is gone.
+                conn = sqlite3.connect(
+                    self.path,
+                    timeout=BUSY_TIMEOUT,
+                    isolation_level=None,
+                    check_same_thread=False,
+                    factory=_Connection,
+                )
+                _OPEN.add(conn)
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute(f"PRAGMA synchronous={'FULL' if self.durable else 'NORMAL'}")
             except sqlite3.Error as exc:
@@ -121,6 +143,22 @@ class Db:
         if conn is not None:
             conn.close()
             self._local.conn = None
+
+
+def close_before_fork() -> None:
+    """Close every connection this process has open to a store file, also those of threads
+    that have ended and not yet been collected (each opens again on its next use); for a
+    process with one thread, before it forks.
+
+    SQLite keeps one record per open file and process (its locks, its descriptors, the
+    write-ahead log's shared-memory map) that every connection to the file shares. A forked
+    child inherits that record but none of the locks: a connection the child then opens to the
+    same file joins it, skips the locking it believes done and works through descriptors that
+    are not its own (SQLite's "How To Corrupt An SQLite Database File", section 2.6). With
+    nothing open at the fork, the child starts clean.
+    """
+    for conn in list(_OPEN):
+        conn.close()
 
 
 _ADDED_COLUMNS = {  # columns newer than a store's first version: table -> (column, declaration)
