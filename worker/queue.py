@@ -39,6 +39,10 @@ class QueueStats:
 class WorkQueue(ABC):
     """At-least-once delivery of shard messages to workers."""
 
+    # A receive that finds nothing may be held by the server for seconds (Pub/Sub's pull),
+    # while one that finds a message is answered at once.
+    holds_empty_receives: bool = False
+
     @abstractmethod
     def publish(self, messages: Iterable[WorkMessage], *, delay: float = 0.0) -> int:
         """Enqueue messages (batched by the backend); returns how many. ``delay`` is a hint."""

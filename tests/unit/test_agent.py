@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import textwrap
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -362,3 +363,44 @@ def test_an_idle_worker_says_so_again_every_heartbeat(tmp_path: Path) -> None:
     # Its first idle word once the shard was done, then one at 10, 20 and 30 s of idleness.
     gaps = [later - earlier for earlier, later in itertools.pairwise(said)]
     assert all(10 <= gap < 11 for gap in gaps), gaps
+
+
+def test_a_worker_whose_empty_receive_is_held_says_it_is_idle_while_it_waits(
+    tmp_path: Path,
+) -> None:
+    """Pub/Sub holds an empty pull for seconds: the worker says it is idle while its receive
+    is held, so the run's runner can let it go without waiting for the pull to come back."""
+    from worker.backends.local.queue import LocalQueue
+
+    b, _ = _setup(tmp_path, [])
+    order: list[str] = []
+    said = threading.Event()
+
+    class HeldQueue(LocalQueue):
+        holds_empty_receives = True
+
+        def receive(self, max_messages: int, timeout: float, *, worker: str | None = None) -> Any:
+            got = super().receive(max_messages, 0.0, worker=worker)
+            if not got:  # held until the worker speaks (10 s at most), as a server holds it
+                order.append("held")
+                order.append("answered" if said.wait(10) else "held to the end")
+            return got
+
+    queue = HeldQueue(tmp_path / "store" / "queue.db", db=b.queue.db)  # type: ignore[attr-defined]
+    agent = Agent(
+        queue=queue,
+        store=b.store,
+        events=b.events,
+        config=AgentConfig(name="w", scratch=tmp_path / "s", idle_timeout=0.1, poll_seconds=5),
+    )
+    emit = agent.books.emit
+
+    def noted(kind: EventKind, *args: Any, **kwargs: Any) -> None:
+        if kind is EventKind.IDLE:
+            order.append("idle")
+            said.set()
+        emit(kind, *args, **kwargs)
+
+    agent.books.emit = noted  # type: ignore[method-assign]
+    assert agent.run().startswith("idle")
+    assert order == ["held", "idle", "answered"]  # said once, while the receive was held

@@ -50,6 +50,9 @@ from worker.store import Store
 log = logging.getLogger("cflow.worker")
 
 LOCAL_POLL = 0.02  # seconds a local receive waits before the loop looks at stop requests
+# Seconds a held receive waits with nothing before the worker says it is idle (a server that
+# has a message answers in milliseconds; Pub/Sub holds an empty pull for seconds).
+IDLE_WORD_AFTER = 0.5
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,7 @@ class Agent:
         self._lock = threading.Lock()
         self._slots: list[Slot] = []
         self._announced_idle = False
+        self._settled_idle = False  # its first empty receive since it worked is done with
         self._idle_said = 0.0  # when it last said it is idle (monotonic)
         self._exit_reason: str | None = None
         root = store.local_path("")
@@ -162,7 +166,7 @@ class Agent:
         was_reaper = reaper.is_subreaper()
         reaper.become_subreaper()  # orphans of a task come back to us, to be killed
         self._exit_reason = None
-        self._announced_idle = False
+        self._announced_idle = self._settled_idle = False
         self.lifetime.record(stopped=False)
         self.books.last_finished = self.clock.monotonic()
         SPARE_HOSTS.start(self.config.slots)  # interpreters start while we wait for work
@@ -198,12 +202,16 @@ class Agent:
         # A local receive is a cheap query: wait in short pieces, so a stop is seen at once.
         poll = min(cfg.poll_seconds, LOCAL_POLL) if self.ledger.batches else cfg.poll_seconds
         while not self.stopping:
+            waiting = self._say_idle_while_held(slot)
             try:
                 deliveries = self.queue.receive(slot.prefetch, poll, worker=cfg.name)
             except DiskFull as exc:
                 log.error("%s", exc)
                 self.clock.sleep(DISK_FULL_PAUSE)
                 continue
+            finally:
+                if waiting is not None:
+                    waiting.cancel()
             if not deliveries:
                 if self._idle(slot):
                     return
@@ -228,31 +236,48 @@ class Agent:
     def _active(self, slot: Slot) -> None:
         with self._lock:
             slot.idle = False
-            self._announced_idle = False
+            self._announced_idle = self._settled_idle = False
+
+    def _say_idle_while_held(self, slot: Slot) -> threading.Timer | None:
+        """On a queue that holds an empty receive (Pub/Sub), say this worker is idle once the
+        receive has waited ``IDLE_WORD_AFTER`` with nothing, not only once it comes back
+        empty seconds later: the run's runner lets it go that much sooner. A message that
+        comes after all is started and said, as one that comes right after an idle word."""
+        if not self.queue.holds_empty_receives:
+            return None
+        timer = threading.Timer(IDLE_WORD_AFTER, self._word, (slot,))
+        timer.daemon = True
+        timer.start()
+        return timer
+
+    def _word(self, slot: Slot) -> None:
+        """Say idle once every slot is, and again every heartbeat while all stay so."""
+        with self._lock:
+            slot.idle = True
+            if not all(s.idle for s in self._slots):
+                return
+            now = self.clock.monotonic()
+            # Said again every heartbeat: a runner that began listening since (a resumed watch,
+            # a retry, another run's) hears within a heartbeat that this worker is free.
+            if self._announced_idle and now - self._idle_said < self.config.heartbeat:
+                return
+            self._announced_idle, self._idle_said = True, now
+        self.books.emit(EventKind.IDLE)
 
     def _idle(self, slot: Slot) -> bool:
         """Nothing received: announce idleness once all slots are idle; True to end this slot."""
         cfg = self.config
+        self._word(slot)
         with self._lock:
-            slot.idle = True
             if not all(s.idle for s in self._slots):
                 return self._exit_reason is not None
-            now = self.clock.monotonic()
-            announce = not self._announced_idle
-            # Said again every heartbeat: a runner that began listening since (a resumed watch,
-            # a retry, another run's) hears within a heartbeat that this worker is free.
-            again = not announce and now - self._idle_said >= cfg.heartbeat
-            if announce or again:
-                self._idle_said = now
-            self._announced_idle = True
-            idle_for = now - self.books.last_finished
+            settle, self._settled_idle = not self._settled_idle, True
+            idle_for = self.clock.monotonic() - self.books.last_finished
             if cfg.burst:
                 self._exit_reason = self._exit_reason or "queue empty"
             elif cfg.idle_timeout is not None and idle_for >= cfg.idle_timeout:
                 self._exit_reason = self._exit_reason or f"idle for {idle_for:.0f}s"
-        if announce or again:
-            self.books.emit(EventKind.IDLE)
-        if announce:
+        if settle:  # the first empty receive since it worked: what it kept for work goes
             self.pool.trim()
             self.lifetime.record(stopped=False)
         return self._exit_reason is not None

@@ -75,6 +75,8 @@ class PubSubQueue(WorkQueue):
         max_lease_seconds: how long the leaser renews a held message by itself.
     """
 
+    holds_empty_receives = True
+
     def __init__(
         self,
         *,
