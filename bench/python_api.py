@@ -7,7 +7,8 @@ processes and gets the values back in input order, inside this process:
 
 - ``cflow.map`` on the local backend: a fresh store, the function shipped by value, the
   calls in chunk shards of up to 250 (the size it chooses), every chunk's values committed
-  durably before it is acked, and read back from the store; and the same with
+  durably before it is acked, and read back from the store; the same into one store that
+  every round maps into again (as a script's maps go into ``./.cflow``); and the same with
   ``chunk_size=1``, a shard per call;
 - ``multiprocessing.Pool.map`` and ``concurrent.futures.ProcessPoolExecutor.map`` (nothing
   durable);
@@ -67,6 +68,13 @@ def _cflow(workers: int, work: Path) -> Iterator[MapFn]:
     FORKED.append(can_fork())  # a peer left threads running: its workers are spawned then
     yield lambda fn, items: list(cflow.map(fn, items, workers=workers, store=store, progress=False))
     let_go()  # its workers stop after the values are back: not counted, not in the next one
+
+
+@contextmanager
+def _cflow_one_store(workers: int, work: Path) -> Iterator[MapFn]:
+    store = work / "one-store"  # the same every round, as ./.cflow is for a script's maps
+    yield lambda fn, items: list(cflow.map(fn, items, workers=workers, store=store, progress=False))
+    let_go()
 
 
 @contextmanager
@@ -135,6 +143,7 @@ def _contenders() -> dict[str, Starter]:
     """Every contender installed here; each missing one is said and left out."""
     found: dict[str, Starter] = {
         "cflow.map": _cflow,
+        "cflow.map, one store": _cflow_one_store,
         "cflow.map, chunk_size=1": _cflow_plain,
         "multiprocessing.Pool": _pool,
         "ProcessPoolExecutor": _executor,
