@@ -7,10 +7,12 @@ a shard that keeps killing its workers is dead-lettered by Pub/Sub and reported 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -56,11 +58,15 @@ def test_a_frozen_vm_does_not_stall_the_run(
     )
     cloud.env.update(CFLOW_LEASE_SECONDS=LEASE, CFLOW_HEARTBEAT_SECONDS=HEARTBEAT)
     task = make_task(tmp_path / "task", HELD_WHILE)
+    heard = _listen_to_events(deployment)
     submit = cloud.start("submit", str(task), "--shards", "2", "--workers", "1")
     frozen = None
     ended = threading.Event()
     try:
         name = _busy(marks, set())
+        # Frozen once its word of work is out (a VM frozen before anything of it reached its
+        # runner is another case: one that came up under the runner's eyes may be booting).
+        wait_for(lambda: name in heard(), 30, "the busy worker's word of work published")
         frozen = cloud.fake.live()[name].pid
         os.kill(frozen, signal.SIGSTOP)  # its leases lapse; its heartbeats stop
         wait_for(lambda: _stopped(frozen), 10, "the worker stopped")
@@ -87,6 +93,38 @@ def test_a_frozen_vm_does_not_stall_the_run(
     assert len(started_on) >= 2  # another VM took the frozen one's shard
     assert name in cloud.fake.deleted  # the runner let the frozen VM go
     assert "some workers are still stopping" not in stderr
+
+
+def _listen_to_events(d: Deployment) -> Callable[[], set[str]]:
+    """A subscription of the test's own to the events topic: the workers heard working."""
+    import google.cloud.pubsub_v1 as pubsub_v1
+
+    subscriber = pubsub_v1.SubscriberClient()
+    name = f"projects/{d.project}/subscriptions/{d.events_subscription}-test"
+    subscriber.create_subscription(
+        request={"name": name, "topic": f"projects/{d.project}/topics/{d.events_topic}"}
+    )
+    working: set[str] = set()
+
+    def heard() -> set[str]:
+        response = subscriber.pull(
+            request={"subscription": name, "max_messages": 100, "return_immediately": True},
+            timeout=10,
+        )
+        for m in response.received_messages:
+            event = json.loads(m.message.data)
+            if event.get("kind") in ("started", "heartbeat"):
+                working.add(str(event.get("worker")))
+        if response.received_messages:
+            subscriber.acknowledge(
+                request={
+                    "subscription": name,
+                    "ack_ids": [m.ack_id for m in response.received_messages],
+                }
+            )
+        return working
+
+    return heard
 
 
 def _stopped(pid: int) -> bool:
