@@ -279,6 +279,5 @@ def test_on_google_cloud_a_detached_halted_run_is_retried_with_the_fixed_task(
     assert "preempted" not in {a["state"] for a in attempts(run_id)}
 
 
-
 def _ids(n: int) -> list[str]:
     return [f"{i:05d}" for i in range(n)]
