@@ -12,6 +12,9 @@ MAX_DELIVERIES = 10  # deliveries before a message is dead-lettered (messages th
 IDLE_TIMEOUT = 300.0  # seconds a worker may sit idle before it removes itself
 POLL_SECONDS = 0.5  # how long an idle worker waits for work per receive call
 MANIFEST_TTL = 30.0  # seconds a worker trusts a cached run manifest (cancellation latency)
+BOOT_SECONDS = (
+    900.0  # a VM listed running whose worker has not spoken this long is taken for frozen
+)
 PREEMPT_GRACE = 5.0  # seconds a task gets between SIGTERM and SIGKILL when preempted
 
 STORE_DIR = ".cflow"  # local backend root, relative to the working directory

@@ -6,6 +6,9 @@ it is idle: one silent past a lease and a heartbeat works for no run. The clock 
 never heard from starts when the fleet first lists it running (a VM still created or booting is
 ``starting``) or when this runner began hearing anyone, whichever is later: a resumed runner's
 events may take seconds to reach it, and its own slow ears must not make a busy VM look frozen.
+One never heard from at all is given a boot allowance besides (:meth:`mute`): its worker may
+still be installing (a GPU VM waits minutes for its driver), but one frozen before its first
+word must not count as a worker for ever.
 """
 
 from __future__ import annotations
@@ -71,6 +74,17 @@ class Hearing:
             if name not in self._heard
         }
         return {name: t for name, t in left.items() if t >= 0}
+
+    def mute(self, now: float, limit: float, boot: float) -> set[str]:
+        """Running instances never heard from, silent (as :meth:`silent` counts) longer than
+        the ``boot`` allowance and the ``limit``: a worker that starts says it is idle, so
+        one this late never started, or froze before its first word."""
+        bound = max(limit, boot)
+        return {
+            name
+            for name, since in self._listed.items()
+            if name not in self._heard and now - self._last_word(name, since, limit) > bound
+        }
 
     def _last_word(self, name: str, listed: float, limit: float) -> float:
         """Since when ``name`` has been silent as far as this runner can tell: its last word;

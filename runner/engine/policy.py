@@ -216,6 +216,7 @@ class Release:
     clock: Clock
     silence: float  # a worker unheard this long works for no run
     settle: float = IDLE_SETTLE
+    boot: float = float("inf")  # one never heard this long never started (Hearing.mute)
     deleted: set[str] = field(default_factory=set)  # instances deleted here, still listed
     # Instances never heard from, at the last drain: the seconds before each is taken for silent.
     unheard: dict[str, float] = field(default_factory=dict)
@@ -253,7 +254,7 @@ class Release:
         now = self.clock.monotonic()
         unheard = {n for n in self.view.silent(now, self.silence) if not self.view.heard(n)}
         holders = self.holders() if unheard else set()
-        return self.view.free(now, self.silence, self.settle, holders)
+        return self.view.free(now, self.silence, self.settle, holders, self.boot)
 
     def holders(self) -> set[str]:
         """The workers the run's own records name as holding an attempt of it that never

@@ -129,14 +129,16 @@ class RunView:
         """Running instances never heard from and not yet silent (:meth:`Hearing.unheard`)."""
         return self.hearing.unheard(now, limit)
 
-    def quiet(self, now: float, limit: float) -> set[str]:
+    def quiet(self, now: float, limit: float, boot: float) -> set[str]:
         """:meth:`silent` instances whose last word was not that they are idle, or never heard
         from though running before this runner's first look (frozen while no runner watched):
         like :attr:`stale` workers, no capacity while work remains. One never heard from that
-        came up under this runner's eyes is not: its worker may still be starting (a GPU VM
-        waits minutes for its driver), and taking it for none would start VM after VM."""
+        came up under this runner's eyes is given the ``boot`` allowance first
+        (:meth:`Hearing.mute`): its worker may still be starting (a GPU VM waits minutes for
+        its driver), and taking it for none at once would start VM after VM."""
         found = self.hearing.found
-        return {n for n in self.silent(now, limit) - self.idle if n in self.hearing or n in found}
+        spoke = {n for n in self.silent(now, limit) - self.idle if n in self.hearing or n in found}
+        return spoke | self.hearing.mute(now, limit, boot)
 
     def free(
         self,
@@ -144,6 +146,7 @@ class RunView:
         limit: float,
         settle: float = IDLE_SETTLE,
         holders: set[str] | frozenset[str] = frozenset(),
+        boot: float = float("inf"),
     ) -> set[str]:
         """Workers this run's runner may delete once its run is over (settled or cancelled):
         nothing says they work for another run, and something says they work for none or only
@@ -152,12 +155,14 @@ class RunView:
         comes at least every period from a worker that works, whatever its run) or named by
         the run's own records as ``holders`` of an attempt of it that never ended
         (:func:`runner.engine.lost.attempt_holders`: frozen, say, before a resumed runner
-        began to watch). Once another run was heard of, an idle word must have stood
-        ``settle`` seconds (:meth:`idle_for`): that run's work may follow it at once. With
-        none, an idle worker is taken at its word.
+        began to watch), or never heard from past the ``boot`` allowance (:meth:`Hearing.mute`:
+        its worker never started, or froze before its first word). Once another run was
+        heard of, an idle word must have stood ``settle`` seconds (:meth:`idle_for`): that
+        run's work may follow it at once. With none, an idle worker is taken at its word.
 
-        A worker never heard from and named by no record of this run is left to its own run's
-        runner, its idle timeout and the VM's hard bound: a resumed runner's events may come
+        A worker never heard from, named by no record of this run and within its boot
+        allowance is left to its own run's runner, its idle timeout and the VM's hard bound: a
+        resumed runner's events may come
         late, and deleting a busy VM of another run loses its work. One still unknown (it
         just finished a shard of this run and has not said it is idle yet) is neither, and is
         waited for.
@@ -165,6 +170,7 @@ class RunView:
         idle = self.idle_for(now, settle if self.others else 0.0)
         mine = set(self.running.values())
         frozen = {n for n in self.silent(now, limit) if n in self.hearing or n in holders}
+        frozen |= self.hearing.mute(now, limit, boot)
         return (idle | self.stale | frozen | mine) - self.busy_elsewhere()
 
     def apply(self, event: Event, now: float) -> str | None:

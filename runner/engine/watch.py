@@ -129,6 +129,8 @@ class Watcher:
     # A worker silent this long lost its lease; the workers' own settings where given.
     lease_seconds: float = field(default_factory=lambda: env_seconds("LEASE_SECONDS"))
     heartbeat_seconds: float = field(default_factory=lambda: env_seconds("HEARTBEAT_SECONDS"))
+    # A VM listed running whose worker never spoke this long is taken for frozen.
+    boot_seconds: float = field(default_factory=lambda: env_seconds("BOOT_SECONDS"))
     # Whether every worker sends heartbeats during long attempts (this version's agent does).
     # False: trust a silence only once some heartbeat was seen (workers that never send them
     # would otherwise look frozen in every long attempt).
@@ -161,7 +163,9 @@ class Watcher:
         self.reconciles = 0  # how many, and what the last one cost (bench/reconcile.py)
         self.last_reconcile_seconds = 0.0
         self._pace = defaults.WATCH_POLL_SECONDS  # the watch loop's, for the drain
-        self.release = Release(self.view, self.run_id, self.clock, silence, self.idle_settle)
+        self.release = Release(
+            self.view, self.run_id, self.clock, silence, self.idle_settle, self.boot_seconds
+        )
         self.release.records = functools.partial(attempt_holders, self.store, self.run_id)
 
     @property
@@ -314,7 +318,7 @@ class Watcher:
             self.expect_heartbeats or self.view.heartbeats
         ):
             return set()
-        return self.view.quiet(self.clock.monotonic(), self.release.silence)
+        return self.view.quiet(self.clock.monotonic(), self.release.silence, self.release.boot)
 
     def watch(
         self,

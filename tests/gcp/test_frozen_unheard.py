@@ -15,9 +15,11 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
 import threading
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -29,9 +31,9 @@ from runner.engine.run_view import RunView
 from runner.engine.watch import Watcher
 from tests.e2e.conftest import make_task, wait_for
 from tests.emulators import Deployment
-from tests.gcp.conftest import MakeCompute
+from tests.gcp.conftest import MakeCompute, worker_spawner
 from tests.gcp.test_concurrent_runs import _holding, _only_first_attempts, _started
-from tests.gcp.test_gcp_e2e import _cloud
+from tests.gcp.test_gcp_e2e import GROUP, ZONE, Cloud, _cloud
 from tests.gcp.test_promises_gcp import _stop_when_deleted
 from worker import defaults
 from worker.backends.local.backend import open_local
@@ -240,9 +242,35 @@ def test_a_vm_never_heard_is_no_capacity_once_silent(tmp_path: Path) -> None:
         clock.advance(SILENCE + 1.0)
         w.poll()
     # The replacement came up under this runner's eyes: unheard, it may still be booting (a GPU
-    # VM waits minutes for its driver), and is not replaced in turn.
+    # VM waits minutes for its driver), and is not replaced in turn while its boot allowance
+    # lasts; once that is out it is taken for frozen before its first word, and replaced.
     assert group.grown == 1
+    # (It was listed a look ago; while this runner has heard no one the bound is a silence
+    # later again: its own ears may be what is slow.)
+    clock.advance(defaults.BOOT_SECONDS - 10.0)
+    w.poll()
+    assert group.grown == 1
+    clock.advance(20.0)
+    w.poll()
+    assert group.grown == 2 and group.deleted == []  # replaced, not deleted while work remains
     b.close()
+
+
+def test_a_vm_never_heard_past_its_boot_allowance_is_free_once_the_run_is_over() -> None:
+    """At the end of a run a VM never heard from is left to its own run's runner while it may
+    still be booting; past the boot allowance it never started (or froze before its first
+    word), works for no run, and is deleted."""
+    clock = FakeClock()
+    view = RunView("r1")
+    view.apply(Event("idle", "other", at=clock.time()), clock.monotonic())  # the stream works
+    view.listed([Instance("mute")], clock.monotonic())
+    release = Release(view, "r1", clock, silence=SILENCE, records=set, boot=300.0)
+    group = ListedGroup("mute")
+    clock.advance(SILENCE + 1.0)
+    assert release.drain(group) == [] and group.deleted == []  # silent, yet within its boot
+    clock.advance(300.0 - SILENCE)
+    release.drain(group)
+    assert group.deleted == ["mute"]
 
 
 # Seconds, for the workers and the runners alike: a worker unheard for LEASE + HEARTBEAT is
@@ -336,3 +364,60 @@ def test_a_vm_frozen_while_its_runner_was_down_is_deleted_by_the_resumed_watch(
     _only_first_attempts(cloud, b_id, 2)  # no attempt of B preempted: no busy VM deleted
     wait_for(cloud.fake.is_empty, 60, "the group at zero")
     assert not cloud.fake.resized_down()
+
+
+@pytest.mark.e2e
+@pytest.mark.emulator
+def test_a_vm_frozen_before_its_first_word_is_replaced_and_deleted(
+    deployment: Deployment, fake_compute: MakeCompute, tmp_path: Path
+) -> None:
+    """The group's first VM freezes as it boots, before its worker says anything (SIGSTOP at
+    its birth): the runner, which saw it come up, gives it the boot allowance, then takes it
+    for frozen: a replacement runs the shards, and the frozen VM is deleted at the end."""
+    holder: dict[str, str] = {}
+    worker = worker_spawner(
+        deployment,
+        logs=tmp_path / "vms",
+        group=GROUP,
+        zone=ZONE,
+        endpoint=lambda: holder["endpoint"],
+        extra_args=("--lease-seconds", "6", "--heartbeat", "1"),
+    )
+    born_frozen: list[subprocess.Popen[Any]] = []
+
+    def spawn(name: str) -> subprocess.Popen[Any]:
+        proc = worker(name)
+        if not born_frozen:  # stopped before its interpreter has even started
+            os.kill(proc.pid, signal.SIGSTOP)
+            born_frozen.append(proc)
+        return proc
+
+    fake = fake_compute(spawn=spawn, group=GROUP, zone=ZONE)
+    holder["endpoint"] = fake.endpoint
+    cloud = Cloud(deployment, fake, tmp_path)
+    cloud.env.update(CFLOW_LEASE_SECONDS="6", CFLOW_HEARTBEAT_SECONDS="1", CFLOW_BOOT_SECONDS="3")
+    task = make_task(tmp_path / "task", "def run(shard):\n    pass\n")
+    submit = cloud.start("submit", str(task), "--shards", "2", "--workers", "1")
+    ended = threading.Event()
+    try:
+        wait_for(lambda: born_frozen, 60, "the group's first VM")
+        frozen = born_frozen[0]
+        name = next(n for n, p in fake.live().items() if p.pid == frozen.pid)
+        threading.Thread(
+            target=_stop_when_deleted, args=(cloud, name, frozen.pid, ended), daemon=True
+        ).start()
+        try:
+            _, stderr = submit.communicate(timeout=180)
+        except subprocess.TimeoutExpired:
+            submit.kill()
+            pytest.fail(f"the run did not end: the frozen VM was waited for\n{submit.stderr}")
+    finally:
+        ended.set()
+        for proc in born_frozen:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGCONT)
+        if submit.poll() is None:
+            submit.kill()
+    assert submit.returncode == 0, stderr
+    assert name in fake.deleted, stderr
+    assert "some workers are still stopping" not in stderr
