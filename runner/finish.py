@@ -8,6 +8,7 @@ progress display is the caller's :data:`Display`, and the end of a run comes bac
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -95,6 +96,14 @@ def run_events(dep: Deployment, manifest: Manifest) -> EventBus:
     return dep.run_events(manifest.run_id, since=since)
 
 
+def listen_first(dep: Deployment, run_id: str) -> EventBus:
+    """The event stream of a run (or a round of it) about to be published, from now: opened
+    before anything of it goes out, as Pub/Sub delivers to a subscription only what is
+    published once it exists, and a worker already up takes a shard (and says so) the moment
+    it is published."""
+    return dep.run_events(run_id, since=time.time())
+
+
 def make_watcher(
     dep: Deployment,
     manifest: Manifest,
@@ -103,15 +112,17 @@ def make_watcher(
     slots: int | None,
     shards: int,
     idle_timeout: float | None = None,
+    events: EventBus | None = None,
 ) -> Watcher:
-    """A watcher sized as the run was submitted, unless told otherwise."""
+    """A watcher sized as the run was submitted, unless told otherwise. ``events``: the run's
+    event stream, opened before its shards were published (:func:`listen_first`)."""
     options = manifest.run_options
     slots = slots or options.slots
     return Watcher(
         manifest=manifest,
         store=dep.backends.store,
         queue=dep.backends.queue,
-        events=run_events(dep, manifest),
+        events=events if events is not None else run_events(dep, manifest),
         fleet=dep.fleet(slots=slots, idle_timeout=idle_timeout, run_id=manifest.run_id),
         max_workers=min(workers or options.workers or dep.default_workers, shards),
         slots=slots,
@@ -336,8 +347,9 @@ def combine_where_data_is(
 
     workers = OnWorkers(
         queue=dep.backends.queue,
-        make_watcher=lambda helper, n: make_watcher(
-            dep, helper, workers=None, slots=None, shards=n
+        listen=lambda helper_id: listen_first(dep, helper_id),
+        make_watcher=lambda helper, n, events: make_watcher(
+            dep, helper, workers=None, slots=None, shards=n, events=events
         ),
         poll_seconds=dep.poll_seconds,
         say=say,

@@ -30,6 +30,7 @@ from runner.finish import (
     Display,
     Outcome,
     let_go,
+    listen_first,
     make_watcher,
     plain_watch,
     quiet,
@@ -45,6 +46,7 @@ from worker.protocol import Layout, Manifest, RunOptions, Shard, new_run_id
 if TYPE_CHECKING:
     from runner.backends.gcp.shapes.model import ShapedGroup
     from runner.engine.watch import Snapshot, Watcher
+    from worker.queue import EventBus
 
 Opener = Callable[[Config], Deployment]  # opens the deployment a Config describes
 
@@ -152,6 +154,7 @@ class _Submission:
     publisher: Publisher | None = None  # a stream's, publishing while the run is watched
     cache: ShardCache | None = None  # --cache: the shards it reused
     created: Manifest | None = None  # the run, once it exists (before it is all published)
+    events: EventBus | None = None  # the run's events, opened before it is published
     watched: bool = False  # the watch has begun: from then on it takes Ctrl-C itself
 
     def create(
@@ -189,6 +192,7 @@ class _Submission:
         # before a shard is known to need running: starting interpreters would compete with
         # the reuse for this machine's cores, and a rerun that reuses every shard needs none.
         run_id = new_run_id()
+        self.events = listen_first(dep, run_id)  # before a shard goes out
         fleet = dep.fleet(slots=request.slots, idle_timeout=request.idle_timeout, run_id=run_id)
         early = []
         if not (request.detach or request.cache):
@@ -315,6 +319,7 @@ class _Submission:
             slots=request.slots,
             shards=manifest.shard_count,
             idle_timeout=request.idle_timeout,
+            events=self.events,
         )
         watcher.max_workers = max_workers
         if self.cache is not None:

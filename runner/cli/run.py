@@ -37,7 +37,13 @@ from runner.engine import rounds, runs
 from runner.engine.checks import check_task
 from runner.engine.deployment import Deployment
 from runner.engine.halt import round_rule
-from runner.finish import live_workers, make_watcher, resume_publishing
+from runner.finish import (
+    listen_first,
+    live_workers,
+    make_watcher,
+    resume_publishing,
+    run_events,
+)
 from runner.submit import SubmitRequest, submit
 from worker import defaults
 from worker.agent.halt_rule import DEFAULT_HALT, HaltRule
@@ -267,9 +273,10 @@ def watch(
         if needs_groups(manifest.run_options) and not dep.config.is_local:
             # The run's own groups and queue, as submitted: what is left to publish goes there.
             apply_run_shape(dep, manifest.run_options)
+        events = run_events(dep, manifest)  # before the rest is published
         manifest = resume_publishing(dep, manifest, say)
         watcher = make_watcher(
-            dep, manifest, workers=workers, slots=slots, shards=manifest.shard_count
+            dep, manifest, workers=workers, slots=slots, shards=manifest.shard_count, events=events
         )
         code = follow_to_end(watcher, dep, rule=rule, cancel_on_interrupt=False, out=None)
     raise typer.Exit(code)
@@ -327,9 +334,15 @@ def retry(
             # Nothing failed yet: the submit was cut off. Finish it, as `runner watch` would.
             if given is not None:
                 interrupted = rounds.record_halt(st, run_id, given)
+            events = run_events(dep, interrupted)
             interrupted = resume_publishing(dep, interrupted, say)
             watcher = make_watcher(
-                dep, interrupted, workers=workers, slots=slots, shards=interrupted.shard_count
+                dep,
+                interrupted,
+                workers=workers,
+                slots=slots,
+                shards=interrupted.shard_count,
+                events=events,
             )
             if detach:
                 watcher.poll()
@@ -340,12 +353,16 @@ def retry(
         changes = {
             k: v for k, v in (("timeout", timeout), ("max_attempts", max_attempts)) if v is not None
         }
+        # The run's subscription went with its end: a new one, before the round is published.
+        events = listen_first(dep, run_id)
         started = _new_round(dep, interrupted, task_dir, given, rule, changes)
         if started is None:
             say(f"run {run_id} has no failed shards; nothing to retry")
             return
         manifest, retried = started
-        watcher = make_watcher(dep, manifest, workers=workers, slots=slots, shards=retried)
+        watcher = make_watcher(
+            dep, manifest, workers=workers, slots=slots, shards=retried, events=events
+        )
         if detach:
             watcher.poll()
             return

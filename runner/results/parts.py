@@ -25,11 +25,12 @@ from worker.store import Store
 
 if TYPE_CHECKING:
     from runner.engine.watch import Watcher
-    from worker.queue import WorkQueue
+    from worker.queue import EventBus, WorkQueue
 
 Warn = Callable[[str], None]  # a warning, one line
 Say = Callable[[str], None]  # narration, one line
-MakeWatcher = Callable[[Manifest, int], "Watcher"]  # (helper manifest, shards) -> its watcher
+# (helper manifest, shards, its events opened before publishing) -> its watcher
+MakeWatcher = Callable[[Manifest, int, "EventBus"], "Watcher"]
 # In a local --out folder: which run's result it holds, and the files that result wrote there.
 RESULT_MARK = ".cflow-result.json"
 
@@ -212,6 +213,7 @@ class OnWorkers:
     combiner may use to move work next to the data instead of through this machine."""
 
     queue: WorkQueue
+    listen: Callable[[str], EventBus]  # a helper run's events, opened before it is published
     make_watcher: MakeWatcher  # a watcher that starts workers for the helper run
     poll_seconds: float  # the watch loop's pace
     say: Say  # narration of what is done there

@@ -106,6 +106,7 @@ def _strip_on(workers: OnWorkers, store: Store, run_id: str) -> StripRunner:
         strip_on_workers(
             store,
             workers.queue,
+            workers.listen,
             workers.make_watcher,
             run_id=run_id,
             bucket=_gcs(store).bucket_name,

@@ -14,10 +14,12 @@ out would bring back the very bug this prevents: one run's scale-down deleting a
 workers.
 
 Pub/Sub delivers to a subscription only what is published after it exists, so the subscription
-is created when the run is submitted, before any worker starts for it, and reused by a later
-``runner watch``. It is deleted when its bus is closed after the run ended (manifest no longer
-``active``); one left behind by a killed runner is deleted by the next :meth:`RunSubscriptions.open`
-once its run is over, and Pub/Sub itself expires any subscription unused for ``EXPIRY`` (two
+is created before any shard of the run is published (a worker already up takes one at once and
+says so; :func:`runner.finish.listen_first`), made again before a retry publishes its round
+(the run's subscription went when it ended), and reused by a later ``runner watch``. It is
+deleted when its bus is closed after the run ended (manifest no longer ``active``); one left
+behind by a killed runner is deleted by the next :meth:`RunSubscriptions.open` once its run is
+over, and Pub/Sub itself expires any subscription unused for ``EXPIRY`` (two
 days: longer than the events it keeps, ``RETENTION``).
 """
 

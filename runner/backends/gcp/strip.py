@@ -14,14 +14,15 @@ from __future__ import annotations
 import os
 import tempfile
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 from runner.engine import runs
 from runner.engine.reports import iter_shard_reports
 from runner.results.parts import MakeWatcher, StripJob
 from worker.errors import BackendError
-from worker.protocol import RunOptions, Shard, ShardState, shard_id_for_index
-from worker.queue import WorkQueue
+from worker.protocol import RunOptions, Shard, ShardState, new_run_id, shard_id_for_index
+from worker.queue import EventBus, WorkQueue
 from worker.store import Store
 
 ON_WORKERS_BYTES = 256 * 1024 * 1024  # header-less copies bigger than this are made by workers
@@ -59,6 +60,7 @@ def threshold() -> int:
 def strip_on_workers(
     store: Store,
     queue: WorkQueue,
+    listen: Callable[[str], EventBus],
     make_watcher: MakeWatcher,
     *,
     run_id: str,
@@ -80,14 +82,17 @@ def strip_on_workers(
         task = Path(tmp) / f"combine-headers-{run_id}"
         task.mkdir()
         (task / "task.py").write_text(STRIP_TASK)
+        helper_id = new_run_id()
+        events = listen(helper_id)  # before its shards go out: idle workers take them at once
         helper = runs.create_run(
             store=store,
             queue=queue,
             task_dir=task,
             shards=shards,
             options=RunOptions(max_attempts=3),
+            run_id=helper_id,
         )
-    watcher = make_watcher(helper, len(shards))
+    watcher = make_watcher(helper, len(shards), events)
     snapshot = watcher.watch(poll_seconds=poll_seconds)
     watcher.drain_fleet()
     if snapshot.cancelled or snapshot.failed:
