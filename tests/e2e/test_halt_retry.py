@@ -270,6 +270,9 @@ def test_on_google_cloud_a_detached_halted_run_is_retried_with_the_fixed_task(
     again = cloud("retry", run_id, "--failed", "--task", str(fixed), timeout=240)
     assert again.code == 0, again.stderr
     assert "8/8 shards succeeded, 0 failed" in again.stderr and " halted: " not in again.stderr
+    # The VMs left idle by the halted round ran the new one: the runner let every one go.
+    assert set(cloud.fake.live()) <= set(cloud.fake.deleted), again.stderr
+    assert "still stopping" not in again.stderr
     after = manifest(run_id)
     combined = store.get(f"runs/{run_id}/combined/v.txt").decode().splitlines()
     assert combined == [f"fixed {i}" for i in range(8)]
