@@ -146,11 +146,21 @@ def test_work_topic_is_found_from_the_subscription(worker_queues: list[PubSubQue
 
 
 def test_closing_the_runner_hands_buffered_events_back(deployment: Deployment) -> None:
+    # A subscription of its own with a long ack deadline; the client library leases what its
+    # stream buffers for at least 10 s more at a time. Events seen again within GIVEN_BACK of
+    # the close were given back by it, not redelivered once a lease ran out.
+    subscriber = pubsub_v1.SubscriberClient()
+    sub_id = f"{deployment.events_subscription}-given-back"
+    path = f"projects/{deployment.project}/subscriptions/{sub_id}"
+    topic = f"projects/{deployment.project}/topics/{deployment.events_topic}"
+    subscriber.create_subscription(
+        request={"name": path, "topic": topic, "ack_deadline_seconds": LONG_ACK_DEADLINE}
+    )
     worker = PubSubEvents(project=deployment.project, topic=deployment.events_topic)
     for i in range(3):
         worker.publish(Event(kind="started", worker="w", run_id="r", shard_id=f"s{i}"))
     worker.close()  # flushes
-    runner = PubSubEvents(project=deployment.project, subscription=deployment.events_subscription)
+    runner = PubSubEvents(project=deployment.project, subscription=sub_id)
     (first,) = runner.pull(1, timeout=5.0)
     inbox = runner._inbox
     assert inbox is not None
@@ -158,20 +168,22 @@ def test_closing_the_runner_hands_buffered_events_back(deployment: Deployment) -
     while len(inbox._buffer) < 2 and time.monotonic() < deadline:  # loaded machine)
         time.sleep(0.05)
     assert len(inbox._buffer) == 2, "the stream never buffered the other two events"
+    closed = time.monotonic()
     runner.close()
-    # Given back at once, not after a lease: plain pulls see them well within the subscription's
-    # 10 s ack deadline. (A pull may answer with fewer messages than are there, so pull until
-    # both came; a new streaming pull on the emulator only sees nacked messages once something
-    # else wakes the subscription.)
-    subscriber = pubsub_v1.SubscriberClient()
-    path = f"projects/{deployment.project}/subscriptions/{deployment.events_subscription}"
+    # Plain pulls see them again long before the deadline. (A pull may answer with fewer
+    # messages than are there, so pull until both came; a new streaming pull on the emulator
+    # only sees nacked messages once something else wakes the subscription.)
     got: list[Any] = []
-    given_back = time.monotonic() + 5
-    while len(got) < 2 and time.monotonic() < given_back:
-        got += subscriber.pull(subscription=path, max_messages=10, timeout=5).received_messages
+    while len(got) < 2 and time.monotonic() - closed < GIVEN_BACK:
+        got += subscriber.pull(subscription=path, max_messages=10, timeout=2).received_messages
+    subscriber.delete_subscription(subscription=path)
     subscriber.close()
     left = sorted(Event.from_json(r.message.data).shard_id or "" for r in got)
     assert sorted([first.shard_id or "", *left]) == ["s0", "s1", "s2"]
+
+
+LONG_ACK_DEADLINE = 120  # seconds
+GIVEN_BACK = 9.0  # seconds: under the shortest lease the client library takes
 
 
 def test_worker_settings_are_checked() -> None:
