@@ -11,13 +11,7 @@ from runner.backends.factory import open_deployment
 from runner.config import Config
 from runner.engine import runs
 from runner.engine.watch import Snapshot, Watcher
-from runner.finish import (
-    Outcome,
-    make_watcher,
-    resume_publishing,
-    run_events,
-    watch_and_finish,
-)
+from runner.finish import Outcome, resume_watching, watch_and_finish
 from worker.agent.halt_rule import DEFAULT_HALT, HaltRule
 from worker.protocol import Manifest, RunState
 
@@ -111,11 +105,7 @@ def attach_driver(run_id: str, config: Config) -> Driver:
             if manifest.state != RunState.ACTIVE.value:
                 return None
             rule = HaltRule.parse(manifest.options.get("halt") or DEFAULT_HALT)
-            events = run_events(dep, manifest)  # before the rest is published
-            manifest = resume_publishing(dep, manifest)
-            watcher = make_watcher(
-                dep, manifest, workers=None, slots=None, shards=manifest.shard_count, events=events
-            )
+            watcher = resume_watching(dep, manifest)
             return watch_and_finish(
                 watcher,
                 dep,

@@ -225,6 +225,23 @@ def cancel_run(dep: Deployment, run_id: str, *, wait: float = CANCEL_WAIT) -> Ca
     return Cancelled(run_id, dropped, running, still)
 
 
+def resume_watching(
+    dep: Deployment,
+    manifest: Manifest,
+    say: Say = quiet,
+    *,
+    workers: int | None = None,
+    slots: int | None = None,
+) -> Watcher:
+    """A watcher of a run made earlier (``runner watch``, ``cflow.attach``): its events opened
+    first, then what an interrupted submit left unpublished published."""
+    events = run_events(dep, manifest)
+    manifest = resume_publishing(dep, manifest, say)
+    return make_watcher(
+        dep, manifest, workers=workers, slots=slots, shards=manifest.shard_count, events=events
+    )
+
+
 def resume_publishing(dep: Deployment, manifest: Manifest, say: Say = quiet) -> Manifest:
     """Finish publishing a run whose submit was interrupted (re-sending the last unconfirmed
     batch is harmless: the first commit wins)."""

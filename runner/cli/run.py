@@ -37,13 +37,7 @@ from runner.engine import rounds, runs
 from runner.engine.checks import check_task
 from runner.engine.deployment import Deployment
 from runner.engine.halt import round_rule
-from runner.finish import (
-    listen_first,
-    live_workers,
-    make_watcher,
-    resume_publishing,
-    run_events,
-)
+from runner.finish import listen_first, live_workers, make_watcher, resume_watching
 from runner.submit import SubmitRequest, submit
 from worker import defaults
 from worker.agent.halt_rule import DEFAULT_HALT, HaltRule
@@ -273,11 +267,7 @@ def watch(
         if needs_groups(manifest.run_options) and not dep.config.is_local:
             # The run's own groups and queue, as submitted: what is left to publish goes there.
             apply_run_shape(dep, manifest.run_options)
-        events = run_events(dep, manifest)  # before the rest is published
-        manifest = resume_publishing(dep, manifest, say)
-        watcher = make_watcher(
-            dep, manifest, workers=workers, slots=slots, shards=manifest.shard_count, events=events
-        )
+        watcher = resume_watching(dep, manifest, say, workers=workers, slots=slots)
         code = follow_to_end(watcher, dep, rule=rule, cancel_on_interrupt=False, out=None)
     raise typer.Exit(code)
 
@@ -334,16 +324,7 @@ def retry(
             # Nothing failed yet: the submit was cut off. Finish it, as `runner watch` would.
             if given is not None:
                 interrupted = rounds.record_halt(st, run_id, given)
-            events = run_events(dep, interrupted)
-            interrupted = resume_publishing(dep, interrupted, say)
-            watcher = make_watcher(
-                dep,
-                interrupted,
-                workers=workers,
-                slots=slots,
-                shards=interrupted.shard_count,
-                events=events,
-            )
+            watcher = resume_watching(dep, interrupted, say, workers=workers, slots=slots)
             if detach:
                 watcher.poll()
                 return
