@@ -149,29 +149,33 @@ class RunView:
         boot: float = float("inf"),
     ) -> set[str]:
         """Workers this run's runner may delete once its run is over (settled or cancelled):
-        nothing says they work for another run, and something says they work for none or only
-        for this one: they said they are idle; their lease of this run lapsed; the shard they
-        run is this run's; or they are silent past ``limit``, heard from before (a heartbeat
-        comes at least every period from a worker that works, whatever its run) or named by
-        the run's own records as ``holders`` of an attempt of it that never ended
+        nothing says they work for another run, and something says they work for none: they
+        said they are idle; their lease of this run lapsed; or they are silent past ``limit``,
+        heard from before (a heartbeat comes at least every period from a worker that works,
+        whatever its run) or named by the run's own records as ``holders`` of an attempt of it
+        that never ended
         (:func:`runner.engine.lost.attempt_holders`: frozen, say, before a resumed runner
         began to watch), or never heard from past the ``boot`` allowance (:meth:`Hearing.mute`:
         its worker never started, or froze before its first word). Once another run was
         heard of, an idle word must have stood ``settle`` seconds (:meth:`idle_for`): that
         run's work may follow it at once. With none, an idle worker is taken at its word.
 
+        One last heard running a shard of this (cancelled) run is not free by that word: it
+        stops the attempt itself at its next look at the run and may at once take another
+        run's shard, before its words of both reach this runner. It is waited for until it
+        says what it does now.
+
         A worker never heard from, named by no record of this run and within its boot
         allowance is left to its own run's runner, its idle timeout and the VM's hard bound: a
-        resumed runner's events may come
-        late, and deleting a busy VM of another run loses its work. One still unknown (it
+        resumed runner's events may come late, and deleting a busy VM of another run loses its
+        work. One still unknown (it
         just finished a shard of this run and has not said it is idle yet) is neither, and is
         waited for.
         """
         idle = self.idle_for(now, settle if self.others else 0.0)
-        mine = set(self.running.values())
         frozen = {n for n in self.silent(now, limit) if n in self.hearing or n in holders}
         frozen |= self.hearing.mute(now, limit, boot)
-        return (idle | self.stale | frozen | mine) - self.busy_elsewhere()
+        return (idle | self.stale | frozen) - self.busy_elsewhere()
 
     def apply(self, event: Event, now: float) -> str | None:
         """Record what one event says; the shard of this run it is about, if any."""

@@ -145,16 +145,47 @@ def test_once_a_run_is_over_only_workers_known_to_work_for_no_other_run_are_free
     view.apply(Event(kind="started", worker="mine", run_id="r-a", shard_id="s1"), now=1.0)
     view.apply(Event(kind="started", worker="theirs", run_id="r-b", shard_id="s2"), now=1.0)
     view.apply(Event(kind="heartbeat", worker="theirs", run_id="r-b", shard_id="s2"), now=69.0)
+    view.apply(Event(kind="heartbeat", worker="mine", run_id="r-a", shard_id="s1"), now=69.0)
     view.listed([Instance(n) for n in ("idle", "mine", "theirs", "new", "quiet")], now=50.0)
     view.listed([Instance(n) for n in ("idle", "mine", "theirs", "new", "quiet", "newer")], 60.0)
-    # "mine" runs this (cancelled) run's shard; "quiet" was never heard from in 75 s, more than
-    # a lease and a heartbeat, and the run's records name it holding an attempt of the run;
-    # "new", as silent, is named by none (it may work for a run whose events came late);
-    # "newer" is listed since 60 s and may just have taken work.
+    # "mine" runs this (cancelled) run's shard: it may have stopped it and taken another run's
+    # by now; "quiet" was never heard from in 75 s, more than a lease and a heartbeat, and the
+    # run's records name it holding an attempt of the run; "new", as silent, is named by none
+    # (it may work for a run whose events came late); "newer" is listed since 60 s and may
+    # just have taken work.
     free = view.free(now=75.0, limit=70.0, settle=3.0, holders={"quiet", "newer"})
-    assert free == {"idle", "mine", "quiet"}
-    assert view.free(now=75.0, limit=70.0, settle=3.0) == {"idle", "mine"}
-    assert view.free(now=75.0, limit=80.0, settle=3.0, holders={"quiet"}) == {"idle", "mine"}
+    assert free == {"idle", "quiet"}
+    assert view.free(now=75.0, limit=70.0, settle=3.0) == {"idle"}
+    assert view.free(now=75.0, limit=80.0, settle=3.0, holders={"quiet"}) == {"idle"}
+
+
+@pytest.mark.parametrize("then", ["started", "idle"])
+def test_a_worker_last_heard_on_the_cancelled_run_is_waited_for_not_deleted(then: str) -> None:
+    """Cancelled, A's runner drains while A's worker has already stopped A's shard and taken
+    one of run B, its words of both still on their way: deleting it would kill B's attempt."""
+    clock = FakeClock()
+    view = RunView("r-a")
+    view.apply(Event(kind="started", worker="w1", run_id="r-a", shard_id="s1"), clock.monotonic())
+    group = _Group(["w1"], by_itself=True)
+    release = Release(view, "r-a", clock, silence=70.0)
+    clock.advance(2.0)
+    assert release.drain(group.fleet) == ["w1"]  # waited for: it has not said what it does now
+    assert group.live["w1"].status == "running"
+    # Its words arrive: the cancelled attempt ended, then either B's shard or nothing to do.
+    view.apply(
+        Event(kind="failed", worker="w1", run_id="r-a", shard_id="s1", detail="run cancelled"),
+        clock.monotonic(),
+    )
+    if then == "started":
+        view.apply(
+            Event(kind="started", worker="w1", run_id="r-b", shard_id="s7"), clock.monotonic()
+        )
+        assert release.drain(group.fleet) == []  # busy with B: left alone, not waited for
+        assert group.live["w1"].status == "running"
+    else:
+        view.apply(Event(kind="idle", worker="w1"), clock.monotonic())
+        assert release.drain(group.fleet) == ["w1"]  # free now: deleted
+        assert group.live["w1"].status == "stopping"
 
 
 def test_local_lease_records_tell_which_runs_each_worker_works_for(tmp_path: Path) -> None:
