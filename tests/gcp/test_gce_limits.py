@@ -7,7 +7,6 @@ VMs that report a failed boot: each path has a test named after it.
 from __future__ import annotations
 
 import subprocess
-import time
 from typing import Any
 
 import pytest
@@ -112,9 +111,19 @@ def test_quota_exceeded_instances_are_reported_and_not_counted_as_capacity(
 def test_rate_limited_calls_are_retried_not_reported_as_permission_errors(
     fake_compute: MakeCompute,
 ) -> None:
-    fake = fake_compute(spawn=sleeper, zone=ZONE, rate_limit=2, rate_window=0.5)
+    fake = fake_compute(spawn=sleeper, zone=ZONE, rate_limit=2)  # a minute's window
     clock = ShortClock()  # the runner's waits into the next window, on the fake's clock too
-    fake.clock = clock.time
+    # The fake's now is a window's start whenever a quota is used up below, so a refusal
+    # never lapses by itself, however slow the machine, only by a wait into the next window
+    # (a half-second window did lapse, on a loaded machine, before the first try).
+    window = fake.rate_window
+    align = [0.0]
+
+    def at_window_start() -> None:
+        align[0] = window - clock.time() % window + 0.001  # just inside it
+
+    fake.clock = lambda: clock.time() + align[0]
+    at_window_start()
     fleet = GceFleet(project=PROJECT, group=GROUP, zone=ZONE, clock=clock)
     group_path = f"/compute/v1/projects/{PROJECT}/zones/{ZONE}/instanceGroupManagers/{GROUP}"
     # This window's read quota used up: the group's get is refused until the next window.
@@ -127,10 +136,11 @@ def test_rate_limited_calls_are_retried_not_reported_as_permission_errors(
 
     def nap(seconds: float) -> None:
         slept.append(seconds)
-        time.sleep(0.6)  # past the fake's window, whatever the backoff asked for
+        clock.sleep(window)  # into the fake's next window, whatever the backoff asked for
 
     # This window's write quota used up, so the worker's first try is refused.
     write = quota_bucket("POST", f"{group_path}/deleteInstances")
+    at_window_start()
     fake.faults.quota.exhaust(write, fake.rate_window, fake.clock())
     assert leave_group(project=PROJECT, group=GROUP, zone=ZONE, region=None, instance=a, sleep=nap)
     assert fake.rate_limited > before and slept
