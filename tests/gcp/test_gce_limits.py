@@ -215,11 +215,16 @@ def test_failed_boot_is_shown_and_the_vm_removed(
 def test_a_rate_limited_page_does_not_shorten_the_list(fake_compute: MakeCompute) -> None:
     fake = fake_compute(spawn=paper, zone=None, region="us-east1")
     clock = ShortClock()  # the runner's waits into the next window, on the fake's clock too
-    fake.clock = clock.time
+    align = [0.0]
+    fake.clock = lambda: clock.time() + align[0]
     fleet = GceFleet(project=PROJECT, group=GROUP, region="us-east1", clock=clock)
     fleet.grow(1200)
     wait_for(lambda: len(fake.live()) == 1200, 20, "1,200 VMs")
-    fake.rate_limit, fake.rate_window = 1, 0.3  # every page after the first is refused once
+    # One call a minute, from the start of a window on the fake's clock: the second page is
+    # refused however slowly the first came (a 0.3 s window could lapse in between), and each
+    # refused page waits into the next window.
+    align[0] = fake.rate_window - clock.time() % fake.rate_window + 0.001
+    fake.rate_limit = 1
     assert len(fleet.instances()) == 1200
     assert fake.rate_limited > 0
     fake.rate_limit = None
