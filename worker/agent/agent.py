@@ -37,6 +37,7 @@ from worker.agent.files import list_files
 from worker.agent.lifetime import Lifetime, safe_name
 from worker.agent.pool import ExecutorPool
 from worker.agent.runbook import RunBook
+from worker.agent.scratch import ScratchInUse, ScratchLock
 from worker.agent.slot import Claim, Slot, StopFlag
 from worker.clock import SYSTEM_CLOCK, Clock
 from worker.errors import DiskFull
@@ -162,7 +163,14 @@ class Agent:
         return self._stopping.is_set() or self._exit_reason is not None
 
     def run(self) -> str:
-        """Work until stopped, idle past the timeout, or (burst) out of work; says which."""
+        """Work until stopped, idle past the timeout, or (burst) out of work; says which.
+        Not at all while another live worker holds its scratch folder (its name, locally)."""
+        lock = ScratchLock(self._scratch)
+        try:
+            lock.take()
+        except ScratchInUse as exc:
+            log.error("%s", exc)
+            return "its name is in use"
         was_reaper = reaper.is_subreaper()
         reaper.become_subreaper()  # orphans of a task come back to us, to be killed
         self._exit_reason = None
@@ -191,6 +199,7 @@ class Agent:
             self.pool.close()
             SPARE_HOSTS.close()
             shutil.rmtree(self._scratch, ignore_errors=True)
+            lock.release()
         reason = self._exit_reason or "stopped"
         self.books.emit(EventKind.STOPPED, detail=reason)
         self.lifetime.record(stopped=True)
