@@ -62,3 +62,21 @@ def test_a_second_worker_under_a_live_ones_name_does_not_start(tmp_path: Path) -
         first.send_signal(signal.SIGTERM)
         first.communicate(timeout=60)
     assert not _held(folder)  # given back at its end: the name may be used again
+
+
+@pytest.mark.e2e
+def test_a_killed_workers_name_may_be_used_again_at_once(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    folder = store / "scratch" / "local-7"
+    first = _worker(store, "local-7")
+    wait_for(lambda: _held(folder), 30, "the first worker holding its scratch folder")
+    first.kill()  # SIGKILL: no cleanup of its own; the system lets the lock go
+    first.communicate(timeout=60)
+    second = _worker(store, "local-7")
+    try:
+        wait_for(lambda: _held(folder), 30, "the second worker holding the folder")
+        assert second.poll() is None
+    finally:
+        second.send_signal(signal.SIGTERM)
+        out, _ = second.communicate(timeout=60)
+    assert "in use" not in out
