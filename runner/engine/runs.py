@@ -318,6 +318,34 @@ def marker_page(
     return ids, (last if limit is not None and seen >= limit else None)
 
 
+@dataclasses.dataclass
+class MarkerPages:
+    """A run's commit and failure markers read a bounded page at a time, each kind continuing
+    where its last page stopped and wrapping around at the end (the watcher's reconcile)."""
+
+    store: Store
+    run_id: str
+    limit: int
+    cursors: dict[str, str | None] = dataclasses.field(
+        default_factory=lambda: {"/result.json": None, "/failed.json": None}
+    )
+
+    def all(self) -> tuple[set[str], set[str]]:
+        """Every committed and every failed shard (one full listing); the pages start over."""
+        self.cursors = dict.fromkeys(self.cursors)
+        return committed(self.store, self.run_id), failed(self.store, self.run_id)
+
+    def next(self) -> tuple[list[str], list[str]]:
+        """The next page of committed and of failed shards."""
+        pages = []
+        for suffix, after in self.cursors.items():
+            ids, self.cursors[suffix] = marker_page(
+                self.store, self.run_id, suffix, start_after=after, limit=self.limit
+            )
+            pages.append(ids)
+        return pages[0], pages[1]
+
+
 def cancel(
     store: Store,
     queue: WorkQueue,

@@ -156,7 +156,7 @@ class Watcher:
         self.speculation = Speculation(self.run_id, self.store, self.queue)
         silence = self.lease_seconds + self.heartbeat_seconds  # an attempt's lease has lapsed
         self.lost = LostShards(self.view, self.queue, self.store, self.clock, silence=silence)
-        self._cursors: dict[str, str | None] = {"/result.json": None, "/failed.json": None}
+        self._markers = runs.MarkerPages(self.store, self.run_id, self.page)
         self._reconciled = False  # the first reconcile is a full pass (a true first frame)
         self.heard = False  # the last poll brought events
         self.disk = FullDisk()
@@ -217,24 +217,12 @@ class Watcher:
         full = full or not self._reconciled
         view = self.view
         if full:
-            view.settle_all(
-                runs.committed(self.store, self.run_id), runs.failed(self.store, self.run_id)
-            )
-            self._cursors = dict.fromkeys(self._cursors)
+            view.settle_all(*self._markers.all())
             self._reconciled = True
         else:
-            for suffix in self._cursors:
-                ids, self._cursors[suffix] = runs.marker_page(
-                    self.store,
-                    self.run_id,
-                    suffix,
-                    start_after=self._cursors[suffix],
-                    limit=self.page,
-                )
-                if suffix == "/result.json":
-                    view.succeed_all(ids)
-                else:
-                    view.fail_all(ids)
+            succeeded, failed = self._markers.next()
+            view.succeed_all(succeeded)
+            view.fail_all(failed)
         if leases is not None:
             view.running_from_leases(leases, now)
         view.drop_settled()
