@@ -38,7 +38,11 @@ def test_a_failing_item_fails_only_itself_in_its_chunk(backend: dict[str, Any]) 
     with pytest.raises(cflow.ShardFailed) as completed:
         for item, value in run.as_completed():
             seen[item] = value
-    assert completed.value.index == 2 and seen == {0: 0, 1: 1}  # per item, in chunk order
+    # Per item, in chunk order, up to the failing one. The other chunk runs on the other worker
+    # and may commit first: then all of it, in order, before the failure.
+    assert completed.value.index == 2 and all(seen[item] == item for item in seen)
+    assert [item for item in seen if item < 4] == [0, 1]
+    assert [item for item in seen if item >= 4] in ([], [4, 5, 6, 7])
     with pytest.raises(cflow.ShardFailed) as first:
         run.results()
     assert first.value.index == 2  # the first failure in input order

@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING, Any
 from google.api_core import exceptions as gexc
 from google.api_core.client_options import ClientOptions
 from google.auth.credentials import AnonymousCredentials, Credentials
-from google.cloud import compute_v1
 
+from runner.backends.gcp.compute import compute_v1
 from runner.backends.gcp.instances import classify_instances, instance_name
 from runner.backends.gcp.problems import ProblemReports
 from runner.engine.fleet import Fleet, Instance

@@ -122,8 +122,7 @@ def fit(quotas: dict[str, Quota], template: Template, sizes: tuple[int, ...] = S
 
 def read_region(project: str, region: str) -> tuple[dict[str, Quota], list[str]]:
     """The region's quotas by metric, and its zones (``regions.get``)."""
-    from google.cloud import compute_v1  # loads in a second: only when asked
-
+    from runner.backends.gcp.compute import compute_v1  # only when asked
     from runner.backends.gcp.fleet import compute_client_options
     from worker.backends.gcp.retry import COMPUTE
     from worker.backends.gcp.retry_compute import Retried
@@ -142,8 +141,7 @@ def read_region(project: str, region: str) -> tuple[dict[str, Quota], list[str]]
 
 def read_template(project: str, template_url: str, zone: str) -> Template:
     """The machine type, vCPUs and boot disk of the group's instance template."""
-    from google.cloud import compute_v1  # loads in a second: only when asked
-
+    from runner.backends.gcp.compute import compute_v1  # only when asked
     from runner.backends.gcp.fleet import compute_client_options
     from worker.backends.gcp.retry import COMPUTE
     from worker.backends.gcp.retry_compute import Retried

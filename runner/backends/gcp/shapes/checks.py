@@ -31,8 +31,8 @@ class ShapeChecks:
     def __init__(self, *, project: str, region: str) -> None:
         self.project, self.region = project, region
         from google.api_core import exceptions as gexc
-        from google.cloud import compute_v1  # loads in a second: only for cloud commands
 
+        from runner.backends.gcp.compute import compute_v1  # only for cloud commands
         from runner.backends.gcp.fleet import compute_client_options
         from worker.backends.gcp.retry import COMPUTE
         from worker.backends.gcp.retry_compute import Retried

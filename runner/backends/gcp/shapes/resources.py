@@ -40,8 +40,8 @@ class ShapeResources:
         self.project, self.group, self.zone, self.region = project, group, zone, region
         self.clock = clock
         from google.api_core import exceptions as gexc
-        from google.cloud import compute_v1  # loads in a second: only for cloud commands
 
+        from runner.backends.gcp.compute import compute_v1  # only for cloud commands
         from runner.backends.gcp.fleet import compute_client_options
         from worker.backends.gcp import retry, retry_compute  # they load google.api_core
         from worker.backends.gcp.retry import COMPUTE
