@@ -337,13 +337,13 @@ class MarkerPages:
 
     def next(self) -> tuple[list[str], list[str]]:
         """The next page of committed and of failed shards."""
-        pages = []
-        for suffix, after in self.cursors.items():
-            ids, self.cursors[suffix] = marker_page(
-                self.store, self.run_id, suffix, start_after=after, limit=self.limit
-            )
-            pages.append(ids)
-        return pages[0], pages[1]
+        return self._page("/result.json"), self._page("/failed.json")
+
+    def _page(self, suffix: str) -> list[str]:
+        ids, self.cursors[suffix] = marker_page(
+            self.store, self.run_id, suffix, start_after=self.cursors[suffix], limit=self.limit
+        )
+        return ids
 
 
 def cancel(
