@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
 from runner.backends.factory import open_deployment
-from runner.backends.gcp.shapes.apply import apply_run_shape, fallback_line
 from runner.backends.gcp.shapes.model import check_shape_options, needs_groups
 from runner.config import Config
 from runner.engine import runs
@@ -283,6 +282,8 @@ class _Submission:
                 f"machine shape and --fallback apply to Google Cloud VMs; ignored here{gpus_note}"
             )
         if needs_groups(options) and cloud:  # checked in the zone, made, then publish
+            from runner.backends.gcp.shapes.apply import apply_run_shape  # cloud runs only
+
             self.shaped = apply_run_shape(self.dep, options)
             for shaped in self.shaped:
                 self.say(f"VMs from group {shaped.group} ({shaped.describe})")
@@ -346,6 +347,8 @@ class _Submission:
             say=self.say,
         )
         if self.shaped and watcher.fleet is not None:
+            from runner.backends.gcp.shapes.apply import fallback_line
+
             line = fallback_line(watcher.fleet, store, run_id, self.shaped[0].machine_type)
             if line:
                 self.say(line)

@@ -9,7 +9,6 @@ from typing import Annotated
 import typer
 
 from runner import config as config_mod
-from runner.backends.gcp.shapes.apply import apply_run_shape
 from runner.backends.gcp.shapes.model import needs_groups
 from runner.cli.common import (
     DeploymentOpt,
@@ -264,9 +263,7 @@ def watch(
         if given is not None:  # the workers judge by it too
             manifest = rounds.record_halt(dep.backends.store, run_id, given)
         rule = round_rule(manifest, given)
-        if needs_groups(manifest.run_options) and not dep.config.is_local:
-            # The run's own groups and queue, as submitted: what is left to publish goes there.
-            apply_run_shape(dep, manifest.run_options)
+        _to_run_shape(dep, manifest)  # what is left to publish goes to the run's own queue
         watcher = resume_watching(dep, manifest, say, workers=workers, slots=slots)
         code = follow_to_end(watcher, dep, rule=rule, cancel_on_interrupt=False, out=None)
     raise typer.Exit(code)
@@ -318,8 +315,7 @@ def retry(
         st = dep.backends.store
         interrupted = runs.load_manifest(st, run_id)
         rule = round_rule(interrupted, given)
-        if needs_groups(interrupted.run_options) and not dep.config.is_local:
-            apply_run_shape(dep, interrupted.run_options)  # retried shards go to its shape
+        _to_run_shape(dep, interrupted)  # retried shards go to its shape
         if interrupted.state == RunState.ACTIVE.value and interrupted.publishing:
             # Nothing failed yet: the submit was cut off. Finish it, as `runner watch` would.
             if given is not None:
@@ -391,6 +387,15 @@ def _new_round(
             " judges the retried attempts afresh (a fixed task: --task DIR)"
         )
     return manifest, len(retried)
+
+
+def _to_run_shape(dep: Deployment, manifest: Manifest) -> None:
+    """Point ``dep`` at the groups and queue a shaped cloud run was submitted with."""
+    if needs_groups(manifest.run_options) and not dep.config.is_local:
+        # The shapes' machinery (Compute's groups, templates, quota): cloud runs only.
+        from runner.backends.gcp.shapes.apply import apply_run_shape
+
+        apply_run_shape(dep, manifest.run_options)
 
 
 def _stopped(manifest: Manifest) -> str:

@@ -6,9 +6,7 @@
 ``books`` (claims, settling and the ledger), ``attempt`` (one attempt from prepare to finish),
 ``files`` (staging inputs, sealing outputs, the attempt's log), ``pool`` (warm executors per
 bundle) and ``lifetime`` (what the worker records when it stops).
+
+Import each from its module: the runner reads ``halt_rule`` alone, and a package that loaded
+the whole agent to give it would cost every ``runner`` command the agent's imports.
 """
-
-from worker.agent.agent import Agent, AgentConfig
-from worker.agent.slot import Claim
-
-__all__ = ["Agent", "AgentConfig", "Claim"]
