@@ -25,22 +25,26 @@ system-packages:
 	fi
 
 # uv installs what pip does in a twentieth of the time (seconds, not minutes, on a fresh machine);
-# pip only fetches uv itself into the venv. --compile-bytecode: uv, unlike pip, leaves what it
-# installs uncompiled, and where PYTHONDONTWRITEBYTECODE is set every process would compile its
-# imports again (google.cloud.compute_v1: 6 s of CPU instead of 2; Pub/Sub's client 1 s, not 0.4).
+# pip only fetches uv itself into the venv. Bytecode: uv, unlike pip, leaves what it installs
+# uncompiled. Compiling the whole dev venv up front (--compile-bytecode) took 30 s of a fresh
+# `make test` (47 s of CPU), mostly for modules nothing loads; instead `make test` and `make bench`
+# let their processes write the bytecode of what they import, once, even where the environment
+# sets PYTHONDONTWRITEBYTECODE (where every process would compile its imports again:
+# google.cloud.compute_v1 6 s of CPU instead of 2). The demo's small venv is compiled up front.
+WRITE_BYTECODE := env -u PYTHONDONTWRITEBYTECODE
 UV := $(PY) -m uv
 $(VENV)/bin/uv:
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check uv
 
 $(STAMP): pyproject.toml | $(VENV)/bin/uv
-	$(UV) pip install -q --compile-bytecode --python $(PY) -e '.[dev]'
+	$(UV) pip install -q --python $(PY) -e '.[dev]'
 	# An editable install leaves the project uncompiled too (the tests' helpers run as
 	# processes of their own: fake servers, VMs).
 	$(PY) -m compileall -q cflow runner worker infra tests >/dev/null
 	# checkov pins packaging<24, which pytest cannot live with: it gets a venv of its own.
 	$(UV) venv -q --allow-existing .venv-checkov
-	$(UV) pip install -q --compile-bytecode --python .venv-checkov/bin/python checkov==3.3.30
+	$(UV) pip install -q --python .venv-checkov/bin/python checkov==3.3.30
 	touch $@
 
 # The demo installs what a local run needs and nothing else (no dev tools, no cloud clients, no
@@ -71,7 +75,7 @@ lint: install
 # Each run lists its slowest tests, the first place to look when the suite grows slower.
 TEST_PROCESSES ?= 4
 test: lint
-	$(VENV)/bin/pytest -q -n $(TEST_PROCESSES) --durations=25
+	$(WRITE_BYTECODE) $(VENV)/bin/pytest -q -n $(TEST_PROCESSES) --durations=25
 
 bench: $(STAMP)
 	# the peers: GNU parallel from Debian when we may install it (huey comes with the dev extra)
@@ -80,6 +84,6 @@ bench: $(STAMP)
 	# bench/python_api.py's peers, too big for the dev extra (its quick form skips them there)
 	$(UV) pip install -q --compile-bytecode --python $(PY) 'dask[distributed]>=2024.1' 'ray>=2.9'
 	# every benchmark's full form (bench/_*.py is shared code); status 77: it cannot run here
-	@for b in bench/[!_]*.py; do echo "== $(PY) $$b" >&2; $(PY) $$b; rc=$$?; \
+	@for b in bench/[!_]*.py; do echo "== $(PY) $$b" >&2; $(WRITE_BYTECODE) $(PY) $$b; rc=$$?; \
 		if [ $$rc = 77 ]; then echo "== $$b skipped" >&2; elif [ $$rc != 0 ]; then exit $$rc; fi; \
 	done

@@ -97,7 +97,11 @@ def _answers(address: str) -> bool:
 
 
 def compile_project() -> None:
-    """Compile the project's bytecode, as an installed package has it: where
-    ``PYTHONDONTWRITEBYTECODE`` is set, every process would otherwise compile it again."""
+    """Compile the project's bytecode, as an installed package has it, and let the processes the
+    benchmark starts write the bytecode of what they import (the dev venv is installed
+    uncompiled): where ``PYTHONDONTWRITEBYTECODE`` is set, every process would otherwise compile
+    its imports again, and the figures would be of the compiler."""
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+    sys.dont_write_bytecode = False  # and this process
     compileall.compile_dir(REPO / "runner", quiet=1)
     compileall.compile_dir(REPO / "worker", quiet=1)
