@@ -18,6 +18,7 @@ from worker.agent.agent import Agent, AgentConfig
 from worker.backends.base import Backends
 from worker.backends.local.backend import open_local
 from worker.errors import CFlowError, ConfigError, Unusable
+from worker.executors.host_client import fork_hosts
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -135,6 +136,8 @@ def main(argv: list[str] | None = None) -> None:
 def _main(argv: list[str] | None) -> None:
     logging.basicConfig(level=os.environ.get("CFLOW_LOG_LEVEL", "INFO"), format=LOG_FORMAT)
     args = parse_args(argv)
+    if args.backend == "local":  # no cloud clients' threads: its spare hosts can be forked
+        fork_hosts()
     uploader = None
     if args.backend == "gcp":
         _log_to_file(args.scratch / "agent.log")

@@ -6,11 +6,12 @@ to it on its pipes (one JSON line a request, one a reply), and :class:`HostTask`
 sent to it. ``SPARE_HOSTS`` starts interpreters while the worker waits for work, so the first
 shard of a slot does not pay for Python's start: a spare is told its task on its first line.
 
-A worker forked from a Python caller (:mod:`runner.backends.local.launcher` calls
-:func:`fork_hosts`) forks its hosts from itself instead, while it has one thread: it has what a
-host imports loaded already. A forked host is this worker's child as a spawned one is (it dies
-with the worker, its exit status is the worker's to read), behind the same face
-(:class:`HostProcess`).
+A local worker (``worker.cli`` calls :func:`fork_hosts`) forks its hosts from itself instead,
+while it has one thread: it has what a host imports loaded already, and a fork is ready in a few
+milliseconds where a new interpreter takes a tenth of a second of CPU. A forked host is this
+worker's child as a spawned one is (it dies with the worker, its exit status is the worker's to
+read), behind the same face (:class:`HostProcess`). A worker on a VM starts interpreters: its
+cloud clients' threads are running by then.
 """
 
 from __future__ import annotations
@@ -112,8 +113,8 @@ _forking = False  # this worker forks its hosts (see fork_hosts)
 
 def fork_hosts() -> None:
     """From now on fork this process's task hosts from it while it has one thread, instead of
-    starting new interpreters: for a worker forked from a Python caller, which has loaded what
-    a host imports (never for one that holds cloud clients' threads and state)."""
+    starting new interpreters: for a local worker, which has loaded what a host imports (never
+    for one that holds cloud clients' threads and state)."""
     global _forking
     _forking = True
 

@@ -43,7 +43,6 @@ from typing import Any
 import worker
 from worker.backends.local.db import close_before_fork
 from worker.executors.host import fresh_interpreter, to_devnull
-from worker.executors.host_client import fork_hosts
 
 THREAD_EXIT_SECONDS = 0.05  # how long an ended thread may take to leave /proc/self/task
 FORK_ENV = "CFLOW_FORK_WORKERS"  # "0": always start local workers as new interpreters
@@ -253,7 +252,6 @@ def _worker(main: Any, args: list[str], log: Path, launcher_fds: list[int]) -> N
         os.dup2(fd, 2)
         os.close(fd)
         fresh_interpreter([str(Path(worker.__file__).with_name("__main__.py")), *args])
-        fork_hosts()  # its task hosts are forked from it too, not new interpreters
         main(args)
         code = 0
     except SystemExit as exc:
