@@ -23,6 +23,7 @@ from runner.backends.gcp.wheels import VM_PYTHON
 from runner.backends.local.launcher import Launcher, used_by_this_thread
 from runner.config import Config, load_outputs
 from runner.finish import Outcome, quiet
+from runner.preflight import sure_to_need
 from runner.submit import SubmitRequest
 from runner.submit import submit as engine_submit
 from worker import defaults
@@ -218,8 +219,14 @@ def _drive(
     ``runner submit`` does; the generated task folder goes when it ends."""
     driver = Driver()
     # Local workers forked from this process, which has their code loaded, rather than new
-    # interpreters; decided here, before the run's thread exists (None where not safe).
-    launcher = Launcher.start() if config.is_local else None
+    # interpreters; decided here, before the run's thread exists (None where not safe). The
+    # workers the run starts early (runner.preflight) wait forked ahead in the launcher.
+    launcher = None
+    if config.is_local:
+        workers = request.workers or _default_workers(config)
+        shards = request.known_shards()
+        early = 0 if request.cache or request.detach else sure_to_need(workers, shards)
+        launcher = Launcher.start(standby=early)
 
     def body(d: Driver) -> Outcome | None:
         try:

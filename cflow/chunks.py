@@ -86,6 +86,13 @@ class Chunking:
         """The most items one chunk may hold (an attempt's timeout is this many items')."""
         return self.fixed or (self.size(0) if self.total is not None else MAX_CHUNK)
 
+    def at_least(self) -> int | None:
+        """How many chunks the items make at least, where their count is known (a chunk that
+        reaches :data:`CHUNK_BYTES` closes early: there may be more, never fewer)."""
+        if self.total is None:
+            return None
+        return math.ceil(self.total / self.size(0)) if self.total else 0
+
     def size(self, seen: int) -> int:
         """Items in the next chunk, ``seen`` items having been read."""
         if self.fixed is not None:

@@ -18,7 +18,7 @@ import sys
 import tempfile
 import textwrap
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sized
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -151,6 +151,7 @@ class ItemFeed:
     def __init__(self, items: Iterable[Any], chunking: Chunking | None = None):
         self._items = items
         self._chunking = chunking if chunking is not None and chunking.chunked else None
+        self._total = len(items) if isinstance(items, Sized) else None
         self._spans: dict[str, tuple[int, int]] = {}  # chunk id -> (first item, count)
         self._lock = threading.Lock()  # the spans grow in the reading thread
         self._stop = threading.Event()
@@ -175,6 +176,11 @@ class ItemFeed:
 
     def stopped(self) -> bool:
         return self._stop.is_set()
+
+    def at_least(self) -> int | None:
+        if self._chunking is None:  # one shard per item
+            return self._total
+        return self._chunking.at_least()
 
     def cancels(self) -> bool:
         return self._cancel

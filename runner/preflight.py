@@ -57,11 +57,16 @@ def undo_early(fleet: Fleet, early: list[str], cfg: Config, store_was_there: boo
         shutil.rmtree(cfg.store_dir, ignore_errors=True)
 
 
+def sure_to_need(workers: int, shards: int | None) -> int:
+    """How many workers a run of at least ``shards`` shards (None: not known) is sure to need."""
+    return min(workers, shards if shards is not None else 1)
+
+
 def start_early(fleet: Fleet, dep: Deployment, workers: int, shards: int | None) -> list[str]:
     """On the local backend, start the workers a run is sure to need before it is made."""
     if not dep.config.is_local:
         return []
-    wanted = min(workers, shards if shards is not None else 1) - len(fleet.instances())
+    wanted = sure_to_need(workers, shards) - len(fleet.instances())
     return fleet.grow(wanted) if wanted > 0 else []
 
 

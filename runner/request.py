@@ -93,6 +93,13 @@ class SubmitRequest:
             self._gathered = shard_sources.Inputs.gather(self.inputs, stdin=stream)
         return self._gathered
 
+    def known_shards(self) -> int | None:
+        """How many shards the run has at least, where that is known before they are read
+        (``--shards N``, or a feed of items with a length); None: not known yet."""
+        if self.feed is not None:
+            return self.feed.at_least()
+        return self.shards
+
     def shard_source(self, lister: RemoteLister | None = None, say: Say = quiet) -> Iterator[Shard]:
         """The shards, read lazily (``lister`` lists remote inputs, e.g. gs://; ``say`` hears
         of inputs that repeat a file, which run once)."""

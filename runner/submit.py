@@ -195,7 +195,7 @@ class _Submission:
         fleet = dep.fleet(slots=request.slots, idle_timeout=request.idle_timeout, run_id=run_id)
         early = []
         if not (request.detach or request.cache):
-            early = start_early(fleet, dep, options.workers, request.shards)
+            early = start_early(fleet, dep, options.workers, request.known_shards())
         try:
             narrate(self.checked, self.say)
         except BaseException:  # the task cannot start: take back what was started

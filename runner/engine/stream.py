@@ -18,6 +18,7 @@ import logging
 import queue
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
@@ -61,6 +62,11 @@ class ShardFeed(Protocol):
     def cancels(self) -> bool:
         """Whether the stop is a cancel: the run's last count and its cancel are recorded in
         one write (a run whose published shards all ran never looks finished)."""
+        ...
+
+    def at_least(self) -> int | None:
+        """How many shards the feed will give at least, where it knows before reading (its
+        items have a length); None: it does not know. The run's first workers are sized by it."""
         ...
 
 
@@ -202,7 +208,11 @@ class _Reader:
         return self._failed
 
     def _read(self, source: Iterator[Shard]) -> None:
+        # Let the thread that started this one return from start() first (it waits for the
+        # first shard next): a thread that goes on reading keeps the GIL from it for up to a
+        # switch interval (5 ms), a run's start delayed by that much for nothing.
         try:
+            time.sleep(0)
             for shard in source:
                 weight = _weight(shard)
                 with self._room:  # one shard always fits, however heavy

@@ -3,6 +3,8 @@ workers forked from it, and what it prints about them as one JSON line.
 
     python fork_script.py hold STORE FLAG      two items that wait for FLAG, watched to the end
     python fork_script.py idle STORE           a run's worker with nothing to do, left alone
+    python fork_script.py standby STORE        a launcher's two workers forked ahead: one is
+                                               asked for, the other goes as the launcher closes
     python fork_script.py map STORE            values and a failure through forked workers (and
                                                their forked task hosts)
     python fork_script.py random STORE         two forked task hosts draw random numbers
@@ -25,7 +27,13 @@ from typing import Any
 import cflow
 from cflow.driver import let_go
 from runner.backends.local.fleet import LocalFleet
-from runner.backends.local.launcher import Launcher, can_fork, used_by_this_thread
+from runner.backends.local.launcher import (
+    Launcher,
+    can_fork,
+    process_start,
+    used_by_this_thread,
+)
+from worker.executors import reaper
 
 WAIT_SECONDS = 60.0  # how long the script waits for its workers to take the items
 
@@ -70,6 +78,22 @@ def idle(store: Path) -> None:
         fleet.grow(1)
     say(workers=entries(store))
     launcher.close()
+
+
+def standby(store: Path) -> None:
+    launcher = Launcher.start(standby=2)
+    assert launcher is not None, "a one-thread script forks its workers"
+    deadline = time.monotonic() + WAIT_SECONDS
+    while len(ahead := reaper.children(launcher.pid)) < 2:  # forked before anything asks
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the launcher forked {ahead} ahead")
+        time.sleep(0.01)
+    started = {pid: process_start(pid) for pid in ahead}
+    fleet = LocalFleet(store, run_id="r-standby", idle_timeout=0.5)
+    with used_by_this_thread(launcher):
+        fleet.grow(1)
+    launcher.close()
+    say(ahead=started, workers=entries(store))
 
 
 def with_worker(x: int) -> tuple[int, str, str]:
@@ -152,6 +176,8 @@ if __name__ == "__main__":
         hold(where, sys.argv[3])
     elif mode == "idle":
         idle(where)
+    elif mode == "standby":
+        standby(where)
     elif mode == "map":
         mapped(where)
     elif mode == "random":

@@ -237,6 +237,30 @@ def test_a_forked_worker_stops_when_idle(
         _kill_workers({"local-0": entry})
 
 
+def test_the_first_workers_asked_for_were_forked_ahead_and_the_unused_ones_go(
+    tmp_path: Path, procs: list[subprocess.Popen[str]]
+) -> None:
+    """A launcher told to keep two workers ahead has forked them before any is asked for;
+    the one asked for is one of them (told its arguments, not forked then), registered and
+    running as a worker; the other exits once the launcher closes."""
+    store = tmp_path / "store"
+    proc = _script("standby", str(store))
+    procs.append(proc)
+    shown = _line(proc)
+    (entry,) = shown["workers"].values()
+    try:
+        ahead = {int(pid): start for pid, start in shown["ahead"].items()}
+        assert ahead.get(entry["pid"]) == entry["start"], shown  # that very process
+        ((unused, start),) = [(p, s) for p, s in ahead.items() if p != entry["pid"]]
+        assert _exited(unused, start), "a standby nobody asked for outlived its launcher"
+        assert _exited(entry["pid"], entry["start"]), "the worker did not stop when idle"
+        log = (store / "fleet" / "logs" / "local-0.log").read_text()
+        assert "worker local-0 exiting: idle" in log, log
+        assert proc.wait(EXIT_SECONDS) == 0
+    finally:
+        _kill_workers(shown["workers"])
+
+
 @pytest.mark.parametrize("mode", ["map", "threaded"])
 def test_values_and_failures_come_back_from_forked_or_spawned_workers(
     tmp_path: Path, procs: list[subprocess.Popen[str]], mode: str

@@ -11,6 +11,7 @@ import pytest
 
 import cflow
 from cflow.chunks import MAX_CHUNK, Chunking
+from cflow.shipping import ItemFeed
 from runner.engine import runs
 from tests.api.helpers import Rejected, check
 from tests.e2e.conftest import Cli
@@ -157,6 +158,27 @@ def test_the_chunk_size_is_chosen_from_the_items_and_the_workers() -> None:
     assert stream.largest == MAX_CHUNK
     with pytest.raises(ConfigError, match="chunk_size=0: give a whole number"):
         Chunking.pick(range(3), 0, slots=2, tries=1)
+
+
+def test_how_many_chunks_at_least_is_known_from_the_items_count() -> None:
+    assert Chunking.pick(range(2000), None, slots=2, tries=1).at_least() == 8  # 250 each
+    assert Chunking.pick(range(23), 5, slots=2, tries=1).at_least() == 5
+    assert Chunking.pick(range(0), None, slots=2, tries=1).at_least() == 0
+    assert Chunking.pick(iter(range(10)), None, slots=2, tries=1).at_least() is None
+    assert ItemFeed(range(7), Chunking.pick(range(7), 1, slots=2, tries=1)).at_least() == 7
+    assert ItemFeed(iter(range(7))).at_least() is None
+
+
+def test_a_run_of_known_length_has_all_its_first_workers_as_it_is_made(
+    local_backend: dict[str, Any],
+) -> None:
+    """2,000 items on two workers are 8 chunks: both workers start before the run is made,
+    neither waiting for the watch's first look (a generator's run starts one then: its length
+    is not known)."""
+    store = Path(local_backend["store"])
+    run = cflow.submit(abs, range(2000), **local_backend)
+    assert len(list((store / "fleet").glob("*.json"))) == 2
+    assert list(run.results()) == list(range(2000))
 
 
 def test_a_value_only_cloudpickle_can_pickle_comes_back_from_a_chunk(

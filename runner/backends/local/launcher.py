@@ -20,6 +20,13 @@ logging handlers, and it ends with ``os._exit`` (the caller's ``atexit`` handler
 never run in it). Its command line is still the caller's, so the fleet's registry records its
 start time (``/proc/PID/stat``) to recognise it, pid and start time naming one process.
 
+The run says how many workers it is sure to need (``runner.preflight.sure_to_need``: the items'
+chunks, at most its workers) and the launcher forks that many ahead, as it starts, while the
+caller bundles and makes the run; each waits on a pipe of its own to be told its arguments, so
+the run's first workers are there the moment it asks (a fork of the launcher takes several
+milliseconds), and one never asked for exits when the launcher closes. The launcher loads the
+worker's code in the caller's process (this module imports it), not after the fork.
+
 Where forking is not safe (other threads, a Jupyter kernel, a system without ``fork``), or with
 ``CFLOW_FORK_WORKERS=0``, :meth:`Launcher.start` returns None and workers are spawned as before.
 """
@@ -41,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import worker
+from worker import cli  # loaded in the caller, so neither the launcher nor a worker loads it
 from worker.backends.local.db import close_before_fork
 from worker.executors.host import fresh_interpreter, to_devnull
 
@@ -131,8 +139,11 @@ class Launcher:
         self._closed = False
 
     @classmethod
-    def start(cls) -> Launcher | None:
-        """A launcher forked from this process, or None where that is not safe."""
+    def start(cls, standby: int = 0) -> Launcher | None:
+        """A launcher forked from this process, or None where that is not safe. It forks
+        ``standby`` workers ahead, each waiting to be told its arguments, so the first workers
+        a run asks for start without waiting for a fork (the run says how many it is sure to
+        need); a standby never told is gone when the launcher closes."""
         if not can_fork():
             return None
         for stream in (sys.stdout, sys.stderr):  # nothing buffered is written twice
@@ -147,7 +158,7 @@ class Launcher:
             try:
                 os.close(req_w)
                 os.close(rep_r)
-                _serve(req_r, rep_w)
+                _serve(req_r, rep_w, standby)
             except BaseException:
                 code = 1
             finally:
@@ -203,36 +214,79 @@ def current() -> Launcher | None:
     return launcher
 
 
-def _serve(requests: int, replies: int) -> None:  # pragma: no cover - the launcher's process
-    """The launcher's loop: a worker forked per request line, its pid and start time replied,
-    until the caller closes its end."""
+def _serve(requests: int, replies: int, standby: int) -> None:  # pragma: no cover - launcher
+    """The launcher's loop: a worker per request line (a standby told its arguments, else one
+    forked then), its pid and start time replied, until the caller closes its end."""
     os.setsid()
     inherited = [int(fd) for fd in os.listdir("/proc/self/fd")]
     to_devnull([fd for fd in inherited if fd not in (requests, replies)])
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the caller's Ctrl-C is the caller's
     signal.signal(signal.SIGCHLD, _reap)
-    from worker import cli  # imported once here, not in every worker
-
     cli.parse_args([])  # its parser's first use too (the regular expressions argparse compiles)
 
+    own = [requests, replies]
+    standbys: list[tuple[int, int]] = []  # (pid, the write end it reads its request from)
+    for _ in range(standby):
+        with contextlib.suppress(OSError):  # one fewer ahead: it is forked when asked
+            standbys.append(_standby(cli.main, own + [fd for _, fd in standbys]))
     with os.fdopen(requests, "rb") as lines:
         for line in lines:
-            request = json.loads(line)
-            # SIGCHLD held: a worker that exits at once is still there to read its start time.
-            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
-            try:
-                pid = os.fork()
-                if pid == 0:
-                    _worker(cli.main, request["args"], Path(request["log"]), [requests, replies])
-                start = process_start(pid)
-                reply: dict[str, Any] = {"pid": pid, "start": start}
-                if start is None:
-                    reply = {"error": f"the forked worker {pid} exited at once"}
-            except OSError as exc:
-                reply = {"error": f"could not fork a worker: {exc}"}
-            finally:
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
+            reply: dict[str, Any] = {}
+            while standbys and not reply:
+                pid, told = standbys.pop(0)
+                with contextlib.suppress(OSError):  # gone (killed): the next, or a fork
+                    os.write(told, line)
+                    reply = _started(pid)
+                os.close(told)
+            if not reply:
+                reply = _fork(cli.main, json.loads(line), own + [fd for _, fd in standbys])
             os.write(replies, json.dumps(reply).encode() + b"\n")
+
+
+def _fork(main: Any, request: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+    """A worker forked now for ``request``: the reply (its pid and start time, or an error)."""
+    # SIGCHLD held: a worker that exits at once is still there to read its start time.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+    try:
+        pid = os.fork()
+        if pid == 0:
+            _worker(main, request["args"], Path(request["log"]), fds)
+        return _started(pid)
+    except OSError as exc:
+        return {"error": f"could not fork a worker: {exc}"}
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
+
+
+def _standby(main: Any, fds: list[int]) -> tuple[int, int]:
+    """A worker forked ahead: it waits for its request on a pipe of its own, then runs it, or
+    exits when the pipe closes unused (the launcher closed, or was killed)."""
+    told, tell = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            os.close(tell)
+            to_devnull(fds)  # the launcher's pipes and the other standbys' (see to_devnull)
+            with os.fdopen(told, "rb") as waiting:
+                line = waiting.readline()
+            if line:
+                request = json.loads(line)
+                _worker(main, request["args"], Path(request["log"]), [])
+        except BaseException:
+            code = 1
+        finally:
+            os._exit(code)
+    os.close(told)
+    return pid, tell
+
+
+def _started(pid: int) -> dict[str, Any]:
+    """The reply for worker ``pid``: its pid and start time, or an error if it is gone."""
+    start = process_start(pid)
+    if start is None:
+        return {"error": f"the forked worker {pid} exited at once"}
+    return {"pid": pid, "start": start}
 
 
 def _reap(signum: int, frame: object) -> None:  # pragma: no cover - the launcher's process
