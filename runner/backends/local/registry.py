@@ -51,16 +51,29 @@ class Registry:
         return out
 
     def claim(self, start: int) -> tuple[str, int]:
-        """The first free ``local-<n>`` from ``start``, claimed create-only."""
+        """The first ``local-<n>`` from ``start`` never given in this store, claimed create-only.
+
+        A name is given once: its worker's log (``fleet/logs/<name>.log``, made here with the
+        claim) stays when the worker is gone, and a runner keeps what it did to a worker by
+        name (deleted, heard stopping). Two fleets of one run count from 0 each (the submit's,
+        which starts the first workers, and its watch's): a name whose worker had exited would
+        otherwise be given again, to a worker the watch then took for the one that left.
+        """
+        logs = self.folder / "logs"
+        logs.mkdir(exist_ok=True)
         n = start
         while True:
             name = f"local-{n}"
+            if (logs / f"{name}.log").exists():
+                n += 1
+                continue
             try:
                 fd = os.open(self.folder / f"{name}.json", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             except FileExistsError:
                 n += 1
                 continue
             os.close(fd)
+            (logs / f"{name}.log").touch()
             return name, n
 
     def record(self, name: str, pid: int, start: int | None) -> None:
