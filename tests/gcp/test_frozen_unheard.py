@@ -333,11 +333,20 @@ def test_a_vm_frozen_while_its_runner_was_down_is_deleted_by_the_resumed_watch(
         ).start()
         # A's runner heard the frozen VM (its start) and took it for stale once its lease
         # lapsed: it started a replacement, which runs a third shard of A.
-        wait_for(
-            lambda: len({m.split(".")[1] for m in _started(marks, "a")}) >= 3,
-            90,
-            "a replacement of the frozen VM running a shard of A",
-        )
+        try:
+            wait_for(
+                lambda: len({m.split(".")[1] for m in _started(marks, "a")}) >= 3,
+                90,
+                "a replacement of the frozen VM running a shard of A",
+            )
+        except AssertionError as exc:  # what A's runner said and did, for whoever reads this
+            a.kill()
+            _, said = a.communicate(timeout=30)
+            raise AssertionError(
+                f"{exc}; frozen {frozen}; A's marks {sorted(_started(marks, 'a'))}; VMs"
+                f" {sorted(cloud.fake.live())}, deleted {cloud.fake.deleted}; A's runner said:\n"
+                + "\n".join(said.splitlines()[-40:])
+            ) from None
         a.kill()  # the runner of A goes down; the VM it knew frozen stays
         a.communicate(timeout=30)
         assert frozen not in cloud.fake.deleted
