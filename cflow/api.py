@@ -23,7 +23,7 @@ from runner.backends.gcp.wheels import VM_PYTHON
 from runner.backends.local.launcher import Launcher, used_by_this_thread
 from runner.config import Config, load_outputs
 from runner.finish import Outcome, quiet
-from runner.preflight import sure_to_need
+from runner.preflight import early_workers
 from runner.submit import SubmitRequest
 from runner.submit import submit as engine_submit
 from worker import defaults
@@ -223,9 +223,7 @@ def _drive(
     # workers the run starts early (runner.preflight) wait forked ahead in the launcher.
     launcher = None
     if config.is_local:
-        workers = request.workers or _default_workers(config)
-        shards = request.known_shards()
-        early = 0 if request.cache or request.detach else sure_to_need(workers, shards)
+        early = early_workers(request, request.workers or _default_workers(config))
         launcher = Launcher.start(standby=early)
 
     def body(d: Driver) -> Outcome | None:

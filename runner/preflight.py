@@ -57,16 +57,22 @@ def undo_early(fleet: Fleet, early: list[str], cfg: Config, store_was_there: boo
         shutil.rmtree(cfg.store_dir, ignore_errors=True)
 
 
-def sure_to_need(workers: int, shards: int | None) -> int:
-    """How many workers a run of at least ``shards`` shards (None: not known) is sure to need."""
+def early_workers(request: SubmitRequest, workers: int) -> int:
+    """How many of its ``workers`` a run starts before it is made: those it is sure to need
+    (its shards, where known before they are read, else one). None when detached, or with the
+    cache: a rerun that reuses every shard needs none, and the reuse wants the cores."""
+    if request.detach or request.cache:
+        return 0
+    shards = request.known_shards()
     return min(workers, shards if shards is not None else 1)
 
 
-def start_early(fleet: Fleet, dep: Deployment, workers: int, shards: int | None) -> list[str]:
-    """On the local backend, start the workers a run is sure to need before it is made."""
+def start_early(fleet: Fleet, dep: Deployment, count: int) -> list[str]:
+    """On the local backend, start the ``count`` workers a run is sure to need (less those
+    there already) before it is made."""
     if not dep.config.is_local:
         return []
-    wanted = sure_to_need(workers, shards) - len(fleet.instances())
+    wanted = count - len(fleet.instances())
     return fleet.grow(wanted) if wanted > 0 else []
 
 

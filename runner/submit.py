@@ -35,7 +35,14 @@ from runner.finish import (
     quiet,
     watch_and_finish,
 )
-from runner.preflight import check_writable, dry_run_plan, narrate, start_early, undo_early
+from runner.preflight import (
+    check_writable,
+    dry_run_plan,
+    early_workers,
+    narrate,
+    start_early,
+    undo_early,
+)
 from runner.request import SubmitRequest
 from runner.results.parts import OutTarget, Say, check_out
 from worker.errors import ConfigError
@@ -193,9 +200,7 @@ class _Submission:
         run_id = new_run_id()
         self.events = listen_first(dep, run_id)  # before a shard goes out
         fleet = dep.fleet(slots=request.slots, idle_timeout=request.idle_timeout, run_id=run_id)
-        early = []
-        if not (request.detach or request.cache):
-            early = start_early(fleet, dep, options.workers, request.known_shards())
+        early = start_early(fleet, dep, early_workers(request, options.workers))
         try:
             narrate(self.checked, self.say)
         except BaseException:  # the task cannot start: take back what was started

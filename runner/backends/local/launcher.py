@@ -20,7 +20,7 @@ logging handlers, and it ends with ``os._exit`` (the caller's ``atexit`` handler
 never run in it). Its command line is still the caller's, so the fleet's registry records its
 start time (``/proc/PID/stat``) to recognise it, pid and start time naming one process.
 
-The run says how many workers it is sure to need (``runner.preflight.sure_to_need``: the items'
+The run says how many workers it is sure to need (``runner.preflight.early_workers``: the items'
 chunks, at most its workers) and the launcher forks that many ahead, as it starts, while the
 caller bundles and makes the run; each waits on a pipe of its own to be told its arguments, so
 the run's first workers are there the moment it asks (a fork of the launcher takes several
