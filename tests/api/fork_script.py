@@ -5,6 +5,8 @@ workers forked from it, and what it prints about them as one JSON line.
     python fork_script.py idle STORE           a run's worker with nothing to do, left alone
     python fork_script.py standby STORE        a launcher's two workers forked ahead: one is
                                                asked for, the other goes as the launcher closes
+    python fork_script.py killed STORE         its one worker forked ahead is killed before it
+                                               is asked for: the worker asked for is forked then
     python fork_script.py map STORE            values and a failure through forked workers (and
                                                their forked task hosts)
     python fork_script.py random STORE         two forked task hosts draw random numbers
@@ -18,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import sys
 import threading
 import time
@@ -94,6 +97,25 @@ def standby(store: Path) -> None:
         fleet.grow(1)
     launcher.close()
     say(ahead=started, workers=entries(store))
+
+
+def killed(store: Path) -> None:
+    launcher = Launcher.start(standby=1)
+    assert launcher is not None, "a one-thread script forks its workers"
+    deadline = time.monotonic() + WAIT_SECONDS
+    while not (ahead := reaper.children(launcher.pid)):
+        if time.monotonic() > deadline:
+            raise RuntimeError("the launcher forked none ahead")
+        time.sleep(0.01)
+    (standby,) = ahead
+    os.kill(standby, signal.SIGKILL)
+    while process_start(standby) is not None:  # dead (a zombie, or reaped) before the ask
+        time.sleep(0.01)
+    fleet = LocalFleet(store, run_id="r-killed", idle_timeout=0.5)
+    with used_by_this_thread(launcher):
+        fleet.grow(1)
+    launcher.close()
+    say(killed=standby, workers=entries(store))
 
 
 def with_worker(x: int) -> tuple[int, str, str]:
@@ -178,6 +200,8 @@ if __name__ == "__main__":
         idle(where)
     elif mode == "standby":
         standby(where)
+    elif mode == "killed":
+        killed(where)
     elif mode == "map":
         mapped(where)
     elif mode == "random":

@@ -261,6 +261,26 @@ def test_the_first_workers_asked_for_were_forked_ahead_and_the_unused_ones_go(
         _kill_workers(shown["workers"])
 
 
+def test_a_standby_killed_before_it_is_asked_for_is_passed_over(
+    tmp_path: Path, procs: list[subprocess.Popen[str]]
+) -> None:
+    """The worker asked for is forked then, not the dead standby: it is registered and runs."""
+    store = tmp_path / "store"
+    proc = _script("killed", str(store))
+    procs.append(proc)
+    shown = _line(proc)
+    (entry,) = shown["workers"].values()
+    try:
+        assert entry["pid"] != shown["killed"]
+        assert entry["start"] == process_start(entry["pid"])  # alive, the one registered
+        assert _exited(entry["pid"], entry["start"]), "the worker did not stop when idle"
+        log = (store / "fleet" / "logs" / "local-0.log").read_text()
+        assert "worker local-0 exiting: idle" in log, log
+        assert proc.wait(EXIT_SECONDS) == 0
+    finally:
+        _kill_workers(shown["workers"])
+
+
 @pytest.mark.parametrize("mode", ["map", "threaded"])
 def test_values_and_failures_come_back_from_forked_or_spawned_workers(
     tmp_path: Path, procs: list[subprocess.Popen[str]], mode: str
