@@ -57,6 +57,10 @@ class Fleet(ABC):
     # An instance listed "stopping" once deleted goes by itself, whatever its guest does (a
     # managed group's VM): the drain after a run does not wait for it to vanish.
     deletes_by_itself: bool = False
+    # Its instances are listed starting for a while after they are asked for (a VM boots),
+    # when another run's runner could take one for spare: who asked is written down
+    # (runner.engine.asks).
+    lists_starting: bool = False
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release clients."""

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 
 from runner.engine import runs
 from runner.engine.fleet import Fleet
-from runner.engine.policy import Release, Stragglers
+from runner.engine.policy import Stragglers
+from runner.engine.release import Release
 from runner.engine.run_view import RunView
 from worker.protocol import EventKind, WorkMessage
 from worker.queue import WorkQueue

@@ -17,7 +17,7 @@ the queue drains, and end at zero.
 
 Workers are shared by every run of a deployment. When its run is over (settled, cancelled or
 halted) a runner deletes only the workers it knows work for no other run
-(:class:`runner.engine.policy.Release`), and keeps listening for a while to the ones it does not
+(:class:`runner.engine.release.Release`), and keeps listening for a while to the ones it does not
 know about yet. A worker busy with another run is left to that run's runner, or to its own idle
 timeout.
 """
@@ -33,9 +33,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from runner.engine import runs
+from runner.engine.asks import Asks
 from runner.engine.fleet import Fleet, Instance
 from runner.engine.lost import LostShards, attempt_holders
-from runner.engine.policy import LeaseRecords, Release, decide_scale
+from runner.engine.policy import decide_scale
+from runner.engine.release import LeaseRecords, Release
 from runner.engine.run_view import IDLE_SETTLE, RunView
 from runner.engine.speculation import Speculation
 from worker import defaults
@@ -167,6 +169,8 @@ class Watcher:
             self.view, self.run_id, self.clock, silence, self.idle_settle, self.boot_seconds
         )
         self.release.records = functools.partial(attempt_holders, self.store, self.run_id)
+        if self.fleet is not None and self.fleet.lists_starting:
+            self.release.asks = Asks(self.store, self.run_id, self.clock)
 
     @property
     def run_id(self) -> str:
@@ -282,7 +286,8 @@ class Watcher:
             )
         over = outstanding <= 0  # then every worker known to work for no other run may go
         held, idle = self.release.known(self.fleet, instances, over=over)
-        decision = decide_scale(
+        decide = functools.partial(
+            decide_scale,
             outstanding=outstanding,
             max_workers=self.max_workers,
             slots=self.slots,
@@ -292,8 +297,14 @@ class Watcher:
             # Once the run is over, ``idle`` names every worker it may delete (Release.free).
             stale=self.view.stale if over else self.view.stale | self._quiet(),
         )
+        decision = decide()
+        # A starting VM the policy would delete may be one another run just asked for.
+        if theirs := self.release.spoken_for(instances, decision.delete):
+            decision = decide(spoken_for=theirs)
         if decision.add:
-            self.fleet.grow(decision.add)
+            names = self.fleet.grow(decision.add)
+            if self.release.asks is not None:
+                self.release.asks.record(names)
         if decision.delete:
             self.release.delete(self.fleet, decision.delete, mine=over, held=held)
 
@@ -345,9 +356,14 @@ class Watcher:
 
     def wait_drained(self, timeout: float = 30.0) -> bool:
         """Keep listening and deleting until every instance is gone or known busy with another
-        run (:meth:`Release.wait <runner.engine.policy.Release.wait>`)."""
+        run (:meth:`Release.wait <runner.engine.release.Release.wait>`)."""
+        if self.fleet is None:
+            return True
         pace = min(max(self._pace, DRAIN_PACE[0]), DRAIN_PACE[1])
-        return self.fleet is None or self.release.wait(self.fleet, self._listen, timeout, pace)
+        drained = self.release.wait(self.fleet, self._listen, timeout, pace)
+        if self.release.asks is not None:
+            self.release.asks.forget()
+        return drained
 
     def _listen(self) -> None:
         for event in self.events.pull(max_events=10_000):

@@ -26,12 +26,13 @@ import pytest
 from runner.engine import runs
 from runner.engine.fleet import Fleet, Instance
 from runner.engine.lost import attempt_holders
-from runner.engine.policy import Release
+from runner.engine.release import Release
 from runner.engine.run_view import RunView
 from runner.engine.watch import Watcher
 from tests.e2e.conftest import make_task, wait_for
 from tests.emulators import Deployment
 from tests.gcp.conftest import MakeCompute, worker_spawner
+from tests.gcp.faults import SLOW_CREATE, FaultPlan
 from tests.gcp.test_concurrent_runs import _holding, _only_first_attempts, _started
 from tests.gcp.test_gcp_e2e import GROUP, ZONE, Cloud, _cloud
 from tests.gcp.test_promises_gcp import _stop_when_deleted
@@ -299,10 +300,17 @@ def test_a_vm_frozen_while_its_runner_was_down_is_deleted_by_the_resumed_watch(
 ) -> None:
     marks = tmp_path / "marks"
     marks.mkdir()
+    # The VMs come up at once, but the replacement of the frozen one takes 5 s to be created
+    # (seed 3: the first slow creation takes 0.85 of ``delay``): listed starting across two of
+    # B's looks, when B has two VMs more than its two shards need.
+    slow = FaultPlan(1.0, seed=3, kinds={SLOW_CREATE}, delay=6.0)
+    quick = contextlib.ExitStack()
+    quick.enter_context(slow.suspended())
     cloud = _cloud(
         deployment,
         fake_compute,
         tmp_path,
+        slow,
         env={"MARK_DIR": str(marks)},
         idle_timeout=120.0,  # only the runners delete VMs here
         extra_args=("--lease-seconds", LEASE, "--heartbeat", HEARTBEAT),
@@ -327,6 +335,7 @@ def test_a_vm_frozen_while_its_runner_was_down_is_deleted_by_the_resumed_watch(
         first = wait_for(lambda: _started(marks, "a"), 90, "a shard of run A running")[0]
         frozen = first.split(".")[1]
         frozen_pid = cloud.fake.live()[frozen].pid
+        quick.close()
         os.kill(frozen_pid, signal.SIGSTOP)  # for good: no heartbeats, its lease lapses
         threading.Thread(
             target=_stop_when_deleted, args=(cloud, frozen, frozen_pid, ended), daemon=True
@@ -347,6 +356,9 @@ def test_a_vm_frozen_while_its_runner_was_down_is_deleted_by_the_resumed_watch(
                 f" {sorted(cloud.fake.live())}, deleted {cloud.fake.deleted}; A's runner said:\n"
                 + "\n".join(said.splitlines()[-40:])
             ) from None
+        # Nothing was deleted while both runs worked: B had more VMs than its two shards
+        # needed, but the replacement booting was A's (its runner wrote down the ask).
+        assert cloud.fake.deleted == [], cloud.fake.deleted
         a.kill()  # the runner of A goes down; the VM it knew frozen stays
         a.communicate(timeout=30)
         assert frozen not in cloud.fake.deleted

@@ -19,6 +19,7 @@ from tests.e2e.conftest import Cli, make_inputs, make_task, wait_for
 from tests.emulators import Deployment
 from tests.gcp.conftest import MakeCompute, worker_env, worker_spawner
 from tests.gcp.fake_compute import FakeCompute, sleeper
+from tests.gcp.faults import FaultPlan
 from worker.backends.gcp.gcs import GcsStore
 from worker.backends.gcp.vm import report_problem
 
@@ -80,7 +81,13 @@ class Cloud(Cli):
         )
 
 
-def _cloud(d: Deployment, fake_compute: MakeCompute, tmp_path: Path, **spawn_args: Any) -> Cloud:
+def _cloud(
+    d: Deployment,
+    fake_compute: MakeCompute,
+    tmp_path: Path,
+    faults: FaultPlan | None = None,
+    **spawn_args: Any,
+) -> Cloud:
     holder: dict[str, str] = {}
     spawn = worker_spawner(
         d,
@@ -90,7 +97,7 @@ def _cloud(d: Deployment, fake_compute: MakeCompute, tmp_path: Path, **spawn_arg
         endpoint=lambda: holder["endpoint"],
         **spawn_args,
     )
-    fake = fake_compute(spawn=spawn, group=GROUP, zone=ZONE)
+    fake = fake_compute(spawn=spawn, group=GROUP, zone=ZONE, faults=faults)
     holder["endpoint"] = fake.endpoint
     return Cloud(d, fake, tmp_path)
 

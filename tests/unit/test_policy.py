@@ -11,7 +11,8 @@ import pytest
 from runner.backends.local.fleet import LocalFleet
 from runner.engine import runs
 from runner.engine.fleet import Instance
-from runner.engine.policy import LeaseRecords, Release, decide_scale
+from runner.engine.policy import decide_scale
+from runner.engine.release import LeaseRecords, Release
 from runner.engine.reports import shard_reports
 from runner.engine.run_view import RunView
 from runner.engine.watch import Watcher

@@ -106,6 +106,7 @@ class GceFleet(Fleet):
         self.say = say or log.warning  # what a retried call waits for
         self.max_size = size_limit(zonal=bool(zone))
         self.deletes_by_itself = True  # a deleted VM stops whatever its guest does
+        self.lists_starting = True  # a new VM is CREATING, then boots, for a minute or more
         self._problems: list[str] = []
         self._reports = ProblemReports(store, clock)
         self._announced: set[str] = set()

@@ -150,7 +150,7 @@ class LocalFleet(Fleet):
     def lease_runs(self) -> dict[str, set[str]]:
         """Worker -> the runs whose shards it holds live leases of, from the queue's lease
         records: the truth about which worker works for which run
-        (:class:`runner.engine.policy.LeaseRecords`)."""
+        (:class:`runner.engine.release.LeaseRecords`)."""
         held: dict[str, set[str]] = {}
         try:
             run_ids = [e.name for e in os.scandir(self.root / "runs") if e.is_dir()]

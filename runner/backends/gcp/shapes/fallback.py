@@ -190,6 +190,7 @@ class FallbackFleet(Fleet):
     ):
         self.spot, self.standard, self.preemptions = spot, standard, preemptions
         self.deletes_by_itself = spot.deletes_by_itself and standard.deletes_by_itself
+        self.lists_starting = spot.lists_starting or standard.lists_starting
         self.move = move  # moves the run's queued shards to the standard VMs' queue
         # Workers that said they are idle (a PreemptionTap's set): once the fallback is on, an
         # idle Spot VM will get none of the run's shards (they are queued for standard VMs).

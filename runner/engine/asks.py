@@ -1,0 +1,96 @@
+"""Who asked for the VMs still booting.
+
+The runs of a deployment share its group of VMs, and growing the group names no run: while a
+new VM boots, nothing says which runner asked for it. A runner with more VMs than its work
+needs deletes the ones still starting first (:func:`runner.engine.policy.decide_scale`), and
+at its run's end every one still starting: without a word from the others it would delete the
+replacement another run's runner just asked for, which then asks again, and so on for as long
+as the two runs last.
+
+So each runner writes down the names its growth gave (``fleet/_asks/<run>.json`` in the store,
+name -> when), and leaves a starting VM another run asked for in the last ``stands`` seconds
+to that run: the others' asks are read only when a starting VM is about to be deleted. A VM
+still starting past ``stands`` is not waited for by anyone (it never started), and the asks of
+a runner that died lapse with it. A runner forgets its own asks once its run's fleet is
+drained.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from worker.clock import Clock
+from worker.store import Store
+
+ASKS_PREFIX = "fleet/_asks/"
+ASK_STANDS = 600.0  # seconds an ask protects its VM while it is listed starting
+
+
+def asks_key(run_id: str) -> str:
+    return f"{ASKS_PREFIX}{run_id}.json"
+
+
+def _standing(data: bytes, now: float, stands: float) -> dict[str, float]:
+    """The asks of one record made within ``stands`` of ``now`` (a malformed record: none)."""
+    try:
+        asked = json.loads(data)
+    except ValueError:
+        return {}
+    if not isinstance(asked, dict):
+        return {}
+    return {
+        name: float(at)
+        for name, at in asked.items()
+        if isinstance(at, (int, float)) and math.isfinite(at) and now - at < stands
+    }
+
+
+@dataclass
+class Asks:
+    """One run's asks for VMs, and what the other runs' say."""
+
+    store: Store
+    run_id: str
+    clock: Clock
+    stands: float = ASK_STANDS
+
+    @property
+    def key(self) -> str:
+        return asks_key(self.run_id)
+
+    def record(self, names: Iterable[str]) -> None:
+        """Write down that this run asked for these VMs now (kept with the run's earlier asks
+        still standing, also those of an earlier runner of the same run)."""
+        new = sorted(names)
+        if not new:
+            return
+        now = self.clock.time()
+
+        def merge(old: bytes) -> bytes:
+            kept = _standing(old, now, self.stands)
+            kept.update(dict.fromkeys(new, now))
+            return json.dumps(kept, sort_keys=True).encode()
+
+        if not self.store.create(self.key, merge(b"{}")):
+            self.store.update(self.key, merge)
+
+    def elsewhere(self, names: Iterable[str]) -> set[str]:
+        """Of these VMs (still starting), those another run asked for within ``stands``."""
+        wanted = set(names)
+        if not wanted:
+            return set()
+        keys = [k for k in self.store.list(ASKS_PREFIX, suffix=".json") if k != self.key]
+        if not keys:
+            return set()
+        now = self.clock.time()
+        theirs: set[str] = set()
+        for data in self.store.get_many(keys).values():
+            theirs |= wanted & _standing(data, now, self.stands).keys()
+        return theirs
+
+    def forget(self) -> None:
+        """The run's fleet is drained: its asks protect nothing any more."""
+        self.store.delete(self.key)
