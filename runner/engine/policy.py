@@ -43,6 +43,7 @@ def decide_scale(
     busy: set[str],
     stale: set[str] | frozenset[str] = frozenset(),
     spoken_for: set[str] | frozenset[str] = frozenset(),
+    elsewhere: set[str] | frozenset[str] = frozenset(),
 ) -> ScaleDecision:
     """How to resize: enough instances for the outstanding shards, removing only idle ones.
 
@@ -60,6 +61,9 @@ def decide_scale(
 
     ``spoken_for`` names instances still starting that another run's runner asked for
     (:mod:`runner.engine.asks`): they are that runner's to wait for, never deleted here.
+    ``elsewhere`` names workers busy with another run's shards (``busy`` names them too):
+    while work remains they are no capacity of this run and no count against its
+    ``max_workers``, so a run is not left waiting for another's long shards to end.
 
     Otherwise the surplus goes in this order: instances still ``starting`` (they cannot be
     busy, are the furthest from doing work, and deleting a preempted one stops the group
@@ -86,7 +90,8 @@ def decide_scale(
         )
         return ScaleDecision(delete=broken + doomed + free)
     # A stale worker is no capacity and no count against max_workers: it gets a replacement.
-    able = [i for i in live if i.name not in stale or i.name in busy]
+    # Nor is one busy with another run.
+    able = [i for i in live if (i.name not in stale or i.name in busy) and i.name not in elsewhere]
     target = min(max_workers, math.ceil(outstanding / slots))
     if len(able) < target:
         room = max(max_workers - len(able) - len(errored), 0)
@@ -99,7 +104,8 @@ def decide_scale(
         i.name for i in free_now if i.status == "starting" and i.name not in spoken_for
     )
     ready_idle = sorted(i.name for i in free_now if i.status != "starting" and i.name in idle)
-    queued = max(outstanding - len(busy) * slots, 0)  # at least this many wait for a worker
+    # At least this many wait for a worker.
+    queued = max(outstanding - len(busy - elsewhere) * slots, 0)
     keep = math.ceil(queued / slots)
     spare = doomed + starting + ready_idle[: max(len(ready_idle) - keep, 0)]
     return ScaleDecision(delete=broken + spare[:surplus])

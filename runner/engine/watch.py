@@ -296,6 +296,7 @@ class Watcher:
             busy=self.view.busy_workers(),
             # Once the run is over, ``idle`` names every worker it may delete (Release.free).
             stale=self.view.stale if over else self.view.stale | self._quiet(),
+            elsewhere=self.view.busy_elsewhere(),
         )
         decision = decide()
         # A starting VM the policy would delete may be one another run just asked for.

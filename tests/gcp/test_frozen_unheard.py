@@ -326,7 +326,7 @@ def test_a_vm_frozen_while_its_runner_was_down_is_deleted_by_the_resumed_watch(
         b_id = b.stdout.readline().strip()
         wait_for(lambda: len(_started(marks, "b")) == 2, 90, "run B's shards on two VMs")
         b_vms = {m.split(".")[1] for m in _started(marks, "b")}
-        # A counts B's two busy VMs as capacity: four shards get it two VMs of its own.
+        # B's two VMs are busy with B's shards, no capacity of A's: four shards get A four VMs.
         a = cloud.start(
             "submit", str(make_task(tmp_path / "a", HOLD_A)), "--shards", "4", "--workers", "4"
         )
@@ -341,10 +341,10 @@ def test_a_vm_frozen_while_its_runner_was_down_is_deleted_by_the_resumed_watch(
             target=_stop_when_deleted, args=(cloud, frozen, frozen_pid, ended), daemon=True
         ).start()
         # A's runner heard the frozen VM (its start) and took it for stale once its lease
-        # lapsed: it started a replacement, which runs a third shard of A.
+        # lapsed: it started a replacement, which runs the frozen VM's shard (a fifth VM).
         try:
             wait_for(
-                lambda: len({m.split(".")[1] for m in _started(marks, "a")}) >= 3,
+                lambda: len({m.split(".")[1] for m in _started(marks, "a")}) >= 5,
                 90,
                 "a replacement of the frozen VM running a shard of A",
             )

@@ -123,6 +123,17 @@ def test_a_stale_worker_is_not_capacity_and_not_deleted_while_work_remains() -> 
     assert d.delete == ["w0", "w1"]  # every worker known free goes
 
 
+def test_a_worker_busy_with_another_run_is_no_capacity_of_this_one_and_never_deleted() -> None:
+    # Run A has four shards, one running on w0; w1 and w2 are busy with run B's long shards.
+    kwargs = {"max_workers": 4, "slots": 1, "instances": _fleet(3), "idle": set()}
+    d = decide_scale(outstanding=4, busy={"w0", "w1", "w2"}, elsewhere={"w1", "w2"}, **kwargs)
+    assert d.add == 3 and d.delete == []  # three more of its own, up to its four
+    assert decide_scale(outstanding=4, busy={"w0", "w1", "w2"}, **kwargs).add == 1  # unknown
+    # A's work is down to its one running shard: nothing of B's is its surplus.
+    d = decide_scale(outstanding=1, busy={"w0", "w1", "w2"}, elsewhere={"w1", "w2"}, **kwargs)
+    assert d.add == 0 and d.delete == []
+
+
 def test_an_idle_word_stands_only_once_settled_and_never_behind_a_later_start() -> None:
     view = RunView("r-a")
     view.apply(Event(kind="idle", worker="w1", at=10.0), now=100.0)
