@@ -53,14 +53,17 @@ def baseline_decide_scale(
     idle: set[str],
     busy: set[str],
     stale: set[str] | frozenset[str] = frozenset(),
+    spoken_for: set[str] | frozenset[str] = frozenset(),
+    elsewhere: set[str] | frozenset[str] = frozenset(),
 ) -> ScaleDecision:
     """The scale policy before the simulation (runner/engine/policy.py at 7339b91), for "before"
     runs.
 
-    It predates stale workers (``stale``, taken so the watcher can call either policy): a frozen
-    worker counts as live capacity here, as it did then.
+    It predates stale workers, the VMs other runs asked for and the workers busy with other
+    runs (``stale``, ``spoken_for`` and ``elsewhere``, taken so the watcher can call either
+    policy): a frozen worker counts as live capacity here, as it did then.
     """
-    del stale
+    del stale, spoken_for, elsewhere
     live = [i for i in instances if i.status != "stopping"]
     target = min(max_workers, math.ceil(max(outstanding, 0) / max(slots, 1)))
     if len(live) < target:
