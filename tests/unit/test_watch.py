@@ -286,21 +286,24 @@ def test_without_a_message_list_shards_are_lost_only_after_a_long_idle_quiet(
 
 def test_a_quiet_watch_slows_down_and_is_quick_again_when_a_worker_speaks(tmp_path: Path) -> None:
     b = open_local(tmp_path / "store")
-    m = _run(b, tmp_path, 1)
+    m = _run(b, tmp_path, 2)
     naps: list[float] = []
+
+    def said(kind: str, shard: str) -> None:
+        if kind == "succeeded":
+            _commit(b, m.run_id, shard)
+        b.events.publish(Event(kind=kind, worker="w", run_id=m.run_id, shard_id=shard))
 
     class Recording(FakeClock):
         def sleep(self, seconds: float) -> None:
             naps.append(round(seconds, 4))
-            if len(naps) == 8:  # a worker starts the shard
-                b.events.publish(
-                    Event(kind="started", worker="w", run_id=m.run_id, shard_id="s000")
-                )
-            if len(naps) == 12:  # and finishes it
-                _commit(b, m.run_id, "s000")
-                b.events.publish(
-                    Event(kind="succeeded", worker="w", run_id=m.run_id, shard_id="s000")
-                )
+            if len(naps) == 8:  # a worker starts a shard
+                said("started", "s000")
+            if len(naps) == 12:  # and finishes it, and starts the last one: nothing queued
+                said("succeeded", "s000")
+                said("started", "s001")
+            if len(naps) == 16:  # which is the run's end
+                said("succeeded", "s001")
             super().sleep(seconds)
 
     w = Watcher(
@@ -315,6 +318,9 @@ def test_a_quiet_watch_slows_down_and_is_quick_again_when_a_worker_speaks(tmp_pa
     assert naps[:8] == [0.03, 0.045, 0.0675, 0.1013, 0.1519, 0.2278, 0.25, 0.25]
     assert naps[8] == 0.02  # heard from: the quick pace again
     assert naps[9:12] == [0.03, 0.045, 0.0675]
+    # Every shard left is running: each commit may be the last, looked for four times as often.
+    assert naps[12:16] == [0.005, 0.0075, 0.0112, 0.0169]
+    assert len(naps) == 16
 
 
 def test_a_disk_that_stays_full_stops_the_watch_with_one_line(tmp_path: Path) -> None:
