@@ -1,18 +1,19 @@
-"""Who asked for the VMs still booting.
+"""Who asked for the VMs a run is waiting for.
 
 The runs of a deployment share its group of VMs, and growing the group names no run: while a
-new VM boots, nothing says which runner asked for it. A runner with more VMs than its work
-needs deletes the ones still starting first (:func:`runner.engine.policy.decide_scale`), and
-at its run's end every one still starting: without a word from the others it would delete the
-replacement another run's runner just asked for, which then asks again, and so on for as long
-as the two runs last.
+new VM boots, and until it takes its first shard, nothing says which runner asked for it. A
+runner with more VMs than its work needs deletes the ones still starting first, then idle ones
+(:func:`runner.engine.policy.decide_scale`), and at its run's end every one it knows free:
+without a word from the others it would delete the replacement another run's runner just asked
+for (booting, or up and idle while the shard it is for is still held by the frozen VM's lapsing
+lease), which then asks again, and so on for as long as the two runs last.
 
 So each runner writes down the names its growth gave (``fleet/_asks/<run>.json`` in the store,
-name -> when), and leaves a starting VM another run asked for in the last ``stands`` seconds
-to that run: the others' asks are read only when a starting VM is about to be deleted. A VM
-still starting past ``stands`` is not waited for by anyone (it never started), and the asks of
-a runner that died lapse with it. A runner forgets its own asks once its run's fleet is
-drained.
+name -> when), and leaves a VM another run asked for in the last ``stands`` seconds to that
+run's runner, which deletes it if it needs it no more; the others' asks are read only when
+such a VM is about to be deleted. A VM that will never work (one the group cannot create, or
+that failed to boot) is not protected. The asks of a runner that died lapse with ``stands``,
+and a runner forgets its own once its run's fleet is drained.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from worker.clock import Clock
 from worker.store import Store
 
 ASKS_PREFIX = "fleet/_asks/"
-ASK_STANDS = 600.0  # seconds an ask protects its VM while it is listed starting
+ASK_STANDS = 600.0  # seconds an ask keeps its VM from other runs' runners
 
 
 def asks_key(run_id: str) -> str:
@@ -78,7 +79,7 @@ class Asks:
             self.store.update(self.key, merge)
 
     def elsewhere(self, names: Iterable[str]) -> set[str]:
-        """Of these VMs (still starting), those another run asked for within ``stands``."""
+        """Of these VMs, those another run asked for within ``stands``."""
         wanted = set(names)
         if not wanted:
             return set()

@@ -59,8 +59,9 @@ def decide_scale(
     another run of the deployment: they are left to their own runner, or to their idle timeout
     (a worker with nothing to do removes itself).
 
-    ``spoken_for`` names instances still starting that another run's runner asked for
-    (:mod:`runner.engine.asks`): they are that runner's to wait for, never deleted here.
+    ``spoken_for`` names instances another run's runner asked for, still booting or not yet
+    at work (:mod:`runner.engine.asks`): they are that runner's to wait for, never deleted
+    here.
     ``elsewhere`` names workers busy with another run's shards (``busy`` names them too):
     while work remains they are no capacity of this run and no count against its
     ``max_workers``, so a run is not left waiting for another's long shards to end.
@@ -103,7 +104,11 @@ def decide_scale(
     starting = sorted(
         i.name for i in free_now if i.status == "starting" and i.name not in spoken_for
     )
-    ready_idle = sorted(i.name for i in free_now if i.status != "starting" and i.name in idle)
+    ready_idle = sorted(
+        i.name
+        for i in free_now
+        if i.status != "starting" and i.name in idle and i.name not in spoken_for
+    )
     # At least this many wait for a worker.
     queued = max(outstanding - len(busy - elsewhere) * slots, 0)
     keep = math.ceil(queued / slots)

@@ -99,13 +99,14 @@ class Release:
         return self._holders
 
     def spoken_for(self, instances: list[Instance], names: Iterable[str]) -> set[str]:
-        """Of these names, the instances still starting that another run asked for: that run's
-        runner waits for them (:mod:`runner.engine.asks`)."""
+        """Of these names, the instances another run's runner asked for, booting or not yet at
+        work: that runner waits for them, and deletes them if it needs them no more
+        (:mod:`runner.engine.asks`). One that will never work is not spoken for."""
         if self.asks is None:
             return set()
         wanted = set(names)
         return self.asks.elsewhere(
-            i.name for i in instances if i.status == "starting" and i.name in wanted
+            i.name for i in instances if i.name in wanted and not (i.error or i.removable)
         )
 
     def elsewhere(self, held: dict[str, set[str]] | None) -> set[str]:
@@ -185,8 +186,8 @@ class Release:
         another run); and those running and never heard from, until they speak or are silent
         past the bound (:meth:`RunView.unheard`: frozen before this runner started, say, when
         it resumed), then deleted only if the run's own records name them holding one of its
-        attempts (:meth:`free`). One still booting is deleted (it works for no run),
-        unless another run asked for it (:meth:`spoken_for`).
+        attempts (:meth:`free`). One still booting is deleted (it works for no run). Neither
+        goes if another run asked for it (:meth:`spoken_for`).
         """
         now = self.clock.monotonic()
         instances = fleet.instances()
@@ -203,7 +204,7 @@ class Release:
         ]
         theirs = self.spoken_for(instances, going)
         self.delete(fleet, [n for n in going if n not in theirs], mine=True, held=held)
-        elsewhere = self.elsewhere(held)
+        elsewhere = self.elsewhere(held) | theirs  # another run's runner answers for these
         # Where lease records say who works, a worker that holds none is known free already.
         # A never-heard one is waited for until it speaks (then its word tells) or is silent
         # past the bound: deleted then only if the run's records name it (:meth:`free`).

@@ -358,7 +358,11 @@ def test_a_vm_frozen_while_its_runner_was_down_is_deleted_by_the_resumed_watch(
             ) from None
         # Nothing was deleted while both runs worked: B had more VMs than its two shards
         # needed, but the replacement booting was A's (its runner wrote down the ask).
-        assert cloud.fake.deleted == [], cloud.fake.deleted
+        assert cloud.fake.deleted == [], (
+            f"deleted {cloud.fake.deleted} while both runs worked; frozen {frozen}; A's marks"
+            f" {sorted(_started(marks, 'a'))}; B's VMs {sorted(b_vms)};"
+            f" VMs {sorted(cloud.fake.live())}"
+        )
         a.kill()  # the runner of A goes down; the VM it knew frozen stays
         a.communicate(timeout=30)
         assert frozen not in cloud.fake.deleted

@@ -114,6 +114,38 @@ def test_a_vm_another_run_asked_for_is_not_taken_for_spare_while_it_boots(
     b.close()
 
 
+def test_a_vm_another_run_asked_for_is_left_to_it_once_up_and_idle(tmp_path: Path) -> None:
+    """A replacement is up before the shard it is for comes back (the frozen VM's lease has
+    not lapsed yet): it says it is idle, and the other run's runner, with more VMs than its
+    work needs, leaves it be; its drain neither deletes it nor waits for it."""
+    clock = FakeClock()
+    b = open_local(tmp_path / "store", clock=clock)
+    group = Group("a0", "b0", "b1")
+    run_a = _watcher(b, _run(b, tmp_path, "a", 4), group, clock)
+    run_b = _watcher(b, _run(b, tmp_path, "b", 2), group, clock)
+    _said(run_a, "started", "a0", "a0", clock)
+    run_a.scale(run_a.snapshot())
+    assert group.made == 1  # new0, A's
+    group.boot("new0")
+    group.boot("b2")  # and a VM left by an earlier run
+    for worker, shard in (("b0", "b0"), ("b1", "b1")):
+        _said(run_b, "started", worker, shard, clock)
+    _said(run_b, "started", "a0", "a0", clock, run=run_a.run_id)
+    for worker in ("b2", "new0"):
+        _said(run_b, "idle", worker, "", clock)
+    clock.advance(10.0)  # their idle words stand
+    run_b.scale(run_b.snapshot())
+    assert group.deleted == ["b2"]  # B's spare goes; A's is A's
+    for worker, shard in (("b0", "b0"), ("b1", "b1")):
+        _said(run_b, "succeeded", worker, shard, clock)
+        _said(run_b, "idle", worker, "", clock)
+    clock.advance(10.0)
+    assert run_b.release.drain(group) == ["b0", "b1"]  # deleted, listed till they go
+    assert run_b.release.drain(group) == []  # and new0 is not waited for
+    assert sorted(group.deleted) == ["b0", "b1", "b2"] and "new0" in group.live
+    b.close()
+
+
 def test_a_run_deletes_the_starting_vms_it_asked_for_and_those_whose_ask_lapsed(
     tmp_path: Path,
 ) -> None:
