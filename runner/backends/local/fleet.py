@@ -40,6 +40,11 @@ class _Process(Protocol):
 
 
 DISK_FULL_BYTES = 1 << 20  # less free space than this on the store's disk: it is full
+# A worker gone this soon after it started, not told to go and not saying it left idle (exit 0),
+# failed as it started; so many in a row, none living longer, and asking for more stops the
+# watch with what the last one said.
+QUICK_EXIT = 5.0
+CRASH_LOOP = 3
 STOPPED_GRACE = 10.0  # seconds a worker may stay stopped (SIGSTOP) before it is taken for frozen
 
 
@@ -57,6 +62,24 @@ def _stopped(pid: int) -> bool:
             return fh.read().rsplit(b")", 1)[-1].split()[0] == b"T"
     except (OSError, IndexError):
         return False
+
+
+class WorkersFailToStart(CFlowError):
+    """Local workers end as they start, one after another: the watch stops saying why."""
+
+    def __init__(self, names: list[str], root: Path, run_id: str | None):
+        log_path = root / "fleet" / "logs" / f"{names[-1]}.log"
+        try:
+            lines = log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            lines = []
+        last = next((line.strip() for line in reversed(lines) if line.strip()), "nothing")
+        again = f"`runner watch {run_id}`" if run_id else "`runner watch RUN`"
+        super().__init__(
+            f"local workers end as they start ({len(names)} in a row); the last said: {last}"
+            f" (its log: {log_path}); the run waits: fix that, then {again}",
+            run_id=run_id,
+        )
 
 
 class LocalFleet(Fleet):
@@ -101,6 +124,8 @@ class LocalFleet(Fleet):
         self._queue: LocalQueue | None = None
         self.released = 0  # leases released for workers seen gone (bench/recovery.py)
         self._stopped_since: dict[str, float] = {}  # worker -> when first seen stopped
+        self._born: dict[str, float] = {}  # worker started here -> when
+        self._failed_at_start: list[str] = []  # the latest workers, each gone as it started
 
     def problems(self) -> list[str]:
         full = self.disk_full()
@@ -170,6 +195,14 @@ class LocalFleet(Fleet):
 
     def _gone(self, name: str) -> None:
         """A worker process ended: free its leases first, then its name."""
+        born = self._born.pop(name, None)
+        if born is not None and name not in self._stopping:
+            proc = self._procs.get(name)
+            code = proc.poll() if proc is not None else None
+            if time.monotonic() - born < QUICK_EXIT and code != 0:
+                self._failed_at_start.append(name)
+            else:
+                self._failed_at_start.clear()
         try:
             self.released += self._open_queue().release(name)
         except CFlowError as exc:  # the leases lapse by themselves; say why they were kept
@@ -179,6 +212,8 @@ class LocalFleet(Fleet):
         self._stopping.discard(name)
 
     def grow(self, count: int) -> list[str]:
+        if len(self._failed_at_start) >= CRASH_LOOP:
+            raise WorkersFailToStart(self._failed_at_start, self.root, self.run_id)
         try:
             return self._grow(count)
         except OSError as exc:
@@ -210,6 +245,7 @@ class LocalFleet(Fleet):
                 proc.wait()
                 self._procs.pop(name, None)
                 raise
+            self._born[name] = time.monotonic()
             names.append(name)
         return names
 
