@@ -115,7 +115,7 @@ def open_backends(args: argparse.Namespace) -> Backends:
     )
 
 
-LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
+LOG_FORMAT = defaults.LOG_FORMAT
 
 
 def _log_to_file(path: Path) -> None:
@@ -134,7 +134,15 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _main(argv: list[str] | None) -> None:
-    logging.basicConfig(level=os.environ.get("CFLOW_LOG_LEVEL", "INFO"), format=LOG_FORMAT)
+    level = os.environ.get("CFLOW_LOG_LEVEL") or "INFO"
+    number = logging.getLevelName(level.upper())
+    if not isinstance(number, int):
+        print(
+            f"error: CFLOW_LOG_LEVEL={level} is no log level (say DEBUG, INFO or WARNING)",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+    logging.basicConfig(level=number, format=LOG_FORMAT)
     args = parse_args(argv)
     if args.backend == "local":  # no cloud clients' threads: its spare hosts can be forked
         fork_hosts()

@@ -15,6 +15,7 @@ MANIFEST_TTL = 30.0  # seconds a worker trusts a cached run manifest (cancellati
 BOOT_SECONDS = (
     900.0  # a VM listed running whose worker has not spoken this long is taken for frozen
 )
+LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"  # the workers' and runner's
 PREEMPT_GRACE = 5.0  # seconds a task gets between SIGTERM and SIGKILL when preempted
 
 STORE_DIR = ".cflow"  # local backend root, relative to the working directory

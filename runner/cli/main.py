@@ -8,6 +8,8 @@ is the console-script entry.
 from __future__ import annotations
 
 import gc
+import logging
+import os
 import sys
 
 import typer
@@ -17,6 +19,7 @@ from typer._click import exceptions as click_exc
 
 from runner.cli import manage, remove, run  # noqa: F401 - importing them registers the commands
 from runner.cli.common import EXIT_ERROR, EXIT_OK, app, err
+from worker.defaults import LOG_FORMAT
 from worker.errors import CFlowError
 
 __all__ = ["app", "main"]
@@ -33,6 +36,17 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _main(argv: list[str] | None) -> None:
+    level = os.environ.get("CFLOW_LOG_LEVEL")
+    if level:  # the runner's own log on stderr (its scaling, say), as the workers read it
+        number = logging.getLevelName(level.upper())
+        if not isinstance(number, int):
+            err.print(
+                f"error: CFLOW_LOG_LEVEL={level} is no log level (say DEBUG, INFO or WARNING)",
+                markup=False,
+            )
+            sys.exit(EXIT_ERROR)
+        logging.basicConfig(format=LOG_FORMAT)  # other libraries' warnings and worse
+        logging.getLogger("cflow").setLevel(number)
     try:
         code = app(args=argv, prog_name="runner", standalone_mode=False)
     except click_exc.NoArgsIsHelpError as exc:  # plain `runner`: the help, not an error

@@ -104,6 +104,21 @@ def test_submit_ends_with_no_worker_running(cli: Cli, tmp_path: Path) -> None:
     assert combined[0] == ["id", "value"] and len(combined) == 1 + 8 * 3
 
 
+def test_the_runner_says_what_it_does_at_the_log_level_asked_for(cli: Cli, tmp_path: Path) -> None:
+    task = make_task(tmp_path / "t", "def run(shard):\n    pass\n")
+    cli.env["CFLOW_LOG_LEVEL"] = "info"
+    result = cli("submit", str(task), "--shards", "2", "--workers", "2")
+    assert result.code == 0, result.stderr
+    said = [line for line in result.stderr.splitlines() if " cflow.runner INFO " in line]
+    assert any("scaling down: deleting idle" in line for line in said), result.stderr
+    cli.env["CFLOW_LOG_LEVEL"] = "loud"
+    result = cli("runs")
+    assert result.code == 2
+    assert result.stderr.strip() == (
+        "error: CFLOW_LOG_LEVEL=loud is no log level (say DEBUG, INFO or WARNING)"
+    )
+
+
 def test_shell_task_and_slots(cli: Cli, tmp_path: Path) -> None:
     inputs = make_inputs(tmp_path / "in", [f"f{i}.csv" for i in range(5)])
     shell_task = REPO / "examples" / "shell-task"

@@ -315,7 +315,9 @@ def test_a_vm_frozen_while_its_runner_was_down_is_deleted_by_the_resumed_watch(
         idle_timeout=120.0,  # only the runners delete VMs here
         extra_args=("--lease-seconds", LEASE, "--heartbeat", HEARTBEAT),
     )
-    cloud.env.update(CFLOW_LEASE_SECONDS=LEASE, CFLOW_HEARTBEAT_SECONDS=HEARTBEAT)
+    cloud.env.update(
+        CFLOW_LEASE_SECONDS=LEASE, CFLOW_HEARTBEAT_SECONDS=HEARTBEAT, CFLOW_LOG_LEVEL="INFO"
+    )
     # B holds two VMs until the end of the test ("go" is the flag of its task).
     b = cloud.start("submit", str(_holding(tmp_path / "b", "b")), "--shards", "2", "--workers", "2")
     a = watch = None
@@ -358,11 +360,21 @@ def test_a_vm_frozen_while_its_runner_was_down_is_deleted_by_the_resumed_watch(
             ) from None
         # Nothing was deleted while both runs worked: B had more VMs than its two shards
         # needed, but the replacement booting was A's (its runner wrote down the ask).
-        assert cloud.fake.deleted == [], (
-            f"deleted {cloud.fake.deleted} while both runs worked; frozen {frozen}; A's marks"
-            f" {sorted(_started(marks, 'a'))}; B's VMs {sorted(b_vms)};"
-            f" VMs {sorted(cloud.fake.live())}"
-        )
+        if cloud.fake.deleted:  # who deleted what, for whoever reads this
+            for proc in (a, b):
+                proc.kill()
+            said = {name: p.communicate(timeout=30)[1] for name, p in (("A", a), ("B", b))}
+            raise AssertionError(
+                f"deleted {cloud.fake.deleted} while both runs worked; frozen {frozen}; A's marks"
+                f" {sorted(_started(marks, 'a'))}; B's VMs {sorted(b_vms)};"
+                f" VMs {sorted(cloud.fake.live())}\n"
+                + "\n".join(
+                    f"{name}: {line}"
+                    for name, text in said.items()
+                    for line in text.splitlines()
+                    if "cflow.runner" in line
+                )
+            )
         a.kill()  # the runner of A goes down; the VM it knew frozen stays
         a.communicate(timeout=30)
         assert frozen not in cloud.fake.deleted
