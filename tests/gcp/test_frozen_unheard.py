@@ -277,6 +277,7 @@ def test_a_vm_never_heard_past_its_boot_allowance_is_free_once_the_run_is_over()
 # Seconds, for the workers and the runners alike: a worker unheard for LEASE + HEARTBEAT is
 # silent to the runner (long enough that a loaded machine's event stream keeps up).
 LEASE, HEARTBEAT = "11", "1"
+BOOT = "20"  # and one never heard this long after it was listed running is taken for frozen
 
 # Shards of run A mark their start (<worker>.<index>.<attempt>) and hold their worker until the
 # `go-a` flag exists.
@@ -315,8 +316,15 @@ def test_a_vm_frozen_while_its_runner_was_down_is_deleted_by_the_resumed_watch(
         idle_timeout=120.0,  # only the runners delete VMs here
         extra_args=("--lease-seconds", LEASE, "--heartbeat", HEARTBEAT),
     )
+    # The VM is frozen as its task starts, which may be before its worker's start event has
+    # left it (events are published in the background): A's runner then never heard it, and
+    # gives it the boot allowance before taking it for frozen (as in the test below): BOOT,
+    # not the 15 minutes a GPU VM may need.
     cloud.env.update(
-        CFLOW_LEASE_SECONDS=LEASE, CFLOW_HEARTBEAT_SECONDS=HEARTBEAT, CFLOW_LOG_LEVEL="INFO"
+        CFLOW_LEASE_SECONDS=LEASE,
+        CFLOW_HEARTBEAT_SECONDS=HEARTBEAT,
+        CFLOW_BOOT_SECONDS=BOOT,
+        CFLOW_LOG_LEVEL="INFO",
     )
     # B holds two VMs until the end of the test ("go" is the flag of its task).
     b = cloud.start("submit", str(_holding(tmp_path / "b", "b")), "--shards", "2", "--workers", "2")
@@ -342,8 +350,9 @@ def test_a_vm_frozen_while_its_runner_was_down_is_deleted_by_the_resumed_watch(
         threading.Thread(
             target=_stop_when_deleted, args=(cloud, frozen, frozen_pid, ended), daemon=True
         ).start()
-        # A's runner heard the frozen VM (its start) and took it for stale once its lease
-        # lapsed: it started a replacement, which runs the frozen VM's shard (a fifth VM).
+        # A's runner took the frozen VM for stale once its lease lapsed (or, never heard from,
+        # once its boot allowance was out): it started a replacement, which runs the frozen
+        # VM's shard (a fifth VM).
         try:
             wait_for(
                 lambda: len({m.split(".")[1] for m in _started(marks, "a")}) >= 5,

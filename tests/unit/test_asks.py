@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from runner.engine import runs
-from runner.engine.asks import ASK_STANDS, Asks, asks_key
+from runner.engine.asks import ASK_STANDS, GROWING_STANDS, Asks, asks_key
 from runner.engine.fleet import Fleet, Instance
 from runner.engine.policy import decide_scale
 from runner.engine.watch import Watcher
@@ -197,6 +197,25 @@ def test_the_asks_are_kept_in_the_store_merged_across_runners_and_forgotten(
     assert other.elsewhere({"vm2"}) == set()
     assert not b.store.exists(asks_key("r-a"))
     resumed.forget()  # nothing left to forget: no error
+    b.close()
+
+
+def test_while_another_run_grows_the_group_no_vm_but_this_runs_own_is_deleted(
+    tmp_path: Path,
+) -> None:
+    """The group lists a new VM before the growth's answer names it: meanwhile the runner
+    that grows has said so, and the others delete only VMs they asked for themselves."""
+    clock = FakeClock()
+    b = open_local(tmp_path / "store", clock=clock)
+    a, other = Asks(b.store, "r-a", clock), Asks(b.store, "r-b", clock)
+    other.record(["mine"])
+    a.growing()
+    assert other.elsewhere({"new", "mine"}) == {"new"}
+    a.record(["new"])  # the growth's answer: from now on only what A named is A's
+    assert other.elsewhere({"new", "later"}) == {"new"}
+    a.growing()
+    clock.advance(GROWING_STANDS)  # a growth that never answered (its runner died) lapses
+    assert other.elsewhere({"later"}) == set()
     b.close()
 
 
