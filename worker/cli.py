@@ -135,12 +135,9 @@ def main(argv: list[str] | None = None) -> None:
 
 def _main(argv: list[str] | None) -> None:
     level = os.environ.get("CFLOW_LOG_LEVEL") or "INFO"
-    number = logging.getLevelName(level.upper())
-    if not isinstance(number, int):
-        print(
-            f"error: CFLOW_LOG_LEVEL={level} is no log level (say DEBUG, INFO or WARNING)",
-            file=sys.stderr,
-        )
+    number = defaults.log_level(level)
+    if number is None:
+        print(defaults.no_log_level(level), file=sys.stderr)
         sys.exit(2)
     logging.basicConfig(level=number, format=LOG_FORMAT)
     args = parse_args(argv)

@@ -25,3 +25,16 @@ PUBLISH_BATCH = 1000  # shards per publish batch
 COMPUTE_OPERATION_SECONDS = (
     120.0  # a Compute mutation's operation may take this long, then it is said
 )
+
+
+def log_level(value: str) -> int | None:
+    """``CFLOW_LOG_LEVEL``'s value as a logging level, in any case (None: no level)."""
+    import logging
+
+    number = logging.getLevelName(value.upper())
+    return number if isinstance(number, int) else None
+
+
+def no_log_level(value: str) -> str:
+    """The one line for a ``CFLOW_LOG_LEVEL`` that is no level."""
+    return f"error: CFLOW_LOG_LEVEL={value} is no log level (say DEBUG, INFO or WARNING)"

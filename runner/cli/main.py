@@ -19,7 +19,7 @@ from typer._click import exceptions as click_exc
 
 from runner.cli import manage, remove, run  # noqa: F401 - importing them registers the commands
 from runner.cli.common import EXIT_ERROR, EXIT_OK, app, err
-from worker.defaults import LOG_FORMAT
+from worker.defaults import LOG_FORMAT, log_level, no_log_level
 from worker.errors import CFlowError
 
 __all__ = ["app", "main"]
@@ -38,12 +38,9 @@ def main(argv: list[str] | None = None) -> None:
 def _main(argv: list[str] | None) -> None:
     level = os.environ.get("CFLOW_LOG_LEVEL")
     if level:  # the runner's own log on stderr (its scaling, say), as the workers read it
-        number = logging.getLevelName(level.upper())
-        if not isinstance(number, int):
-            err.print(
-                f"error: CFLOW_LOG_LEVEL={level} is no log level (say DEBUG, INFO or WARNING)",
-                markup=False,
-            )
+        number = log_level(level)
+        if number is None:
+            err.print(no_log_level(level), markup=False)
             sys.exit(EXIT_ERROR)
         logging.basicConfig(format=LOG_FORMAT)  # other libraries' warnings and worse
         logging.getLogger("cflow").setLevel(number)

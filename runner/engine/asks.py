@@ -25,6 +25,7 @@ import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from runner.engine.fleet import Fleet
 from worker.clock import Clock
 from worker.store import Store
 
@@ -74,6 +75,16 @@ class Asks:
         gave, every VM another runner sees is this run's to wait for (a VM the group creates
         is listed before the growth's answer names it)."""
         self._write(lambda kept, now: kept.update({GROWING: now}))
+
+    def grow(self, fleet: Fleet, count: int) -> list[str]:
+        """Grow ``fleet`` by ``count``, saying so first and naming what it gave after."""
+        self.growing()
+        names: list[str] = []
+        try:
+            names = fleet.grow(count)
+        finally:
+            self.record(names)
+        return names
 
     def record(self, names: Iterable[str]) -> None:
         """Write down that this run asked for these VMs now (kept with the run's earlier asks

@@ -306,25 +306,13 @@ class Watcher:
         # A starting VM the policy would delete may be one another run just asked for.
         if theirs := self.release.spoken_for(instances, decision.delete):
             decision = decide(spoken_for=theirs)
-        if decision.add:
-            self._grow(decision.add)
+        if decision.add:  # where others may see the new VMs unnamed, said first (engine.asks)
+            if self.release.asks is not None:
+                self.release.asks.grow(self.fleet, decision.add)
+            else:
+                self.fleet.grow(decision.add)
         if decision.delete:
             self.release.delete(self.fleet, decision.delete, mine=over, held=held)
-
-    def _grow(self, count: int) -> None:
-        """Grow the fleet, saying so first where other runs' runners may see the new VMs
-        before their names are known here (:mod:`runner.engine.asks`)."""
-        assert self.fleet is not None
-        asks = self.release.asks
-        if asks is None:
-            self.fleet.grow(count)
-            return
-        asks.growing()
-        names: list[str] = []
-        try:
-            names = self.fleet.grow(count)
-        finally:
-            asks.record(names)
 
     def _quiet(self) -> set[str]:
         """Workers silent past a lease and a heartbeat, their last word not idle, or running
