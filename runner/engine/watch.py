@@ -36,6 +36,7 @@ from runner.engine import runs
 from runner.engine.asks import Asks
 from runner.engine.fleet import Fleet, Instance
 from runner.engine.lost import LostShards, attempt_holders
+from runner.engine.pace import Pace
 from runner.engine.policy import decide_scale
 from runner.engine.release import LeaseRecords, Release
 from runner.engine.run_view import IDLE_SETTLE, RunView
@@ -51,14 +52,6 @@ log = logging.getLogger("cflow.runner")
 
 DISK_FULL_SECONDS = 10.0  # a store's disk full this long stops the watch (the run waits)
 RECONCILE_PAGE = 1000  # markers of each kind read per reconcile (one list call on GCS)
-# Seconds between looks at the fleet while it drains after a run: the watch loop's pace, but
-# at least the first and at most the second (the drain is short, and a quick look at a worker
-# that just said it is idle ends the run sooner).
-DRAIN_PACE = (0.05, 0.5)
-# Where the watch loop slows down while nothing is heard (locally), the share of its pace it
-# looks at once every shard left is running: a short run's end is seen a few ms after its last
-# commit, not up to a whole pace later (bench/python_api.py).
-NEAR_END_PACE = 0.25
 
 
 def env_seconds(name: str) -> float:
@@ -168,7 +161,7 @@ class Watcher:
         self.disk = FullDisk()
         self.reconciles = 0  # how many, and what the last one cost (bench/reconcile.py)
         self.last_reconcile_seconds = 0.0
-        self._pace = defaults.WATCH_POLL_SECONDS  # the watch loop's, for the drain
+        self.pace = Pace(defaults.WATCH_POLL_SECONDS, self.quiet_poll_seconds)
         self.release = Release(
             self.view, self.run_id, self.clock, silence, self.idle_settle, self.boot_seconds
         )
@@ -244,9 +237,13 @@ class Watcher:
     def _lapse(self, now: float) -> None:
         """Where the queue keeps no lease records (Pub/Sub): an attempt with no start or
         heartbeat within the lease period has lost its lease; its worker is stale."""
-        if not (self.expect_heartbeats or self.view.heartbeats):
-            return
-        self.view.lapse(now, self.lease_seconds + self.heartbeat_seconds)
+        if self.silence_told:
+            self.view.lapse(now, self.release.silence)
+
+    @property
+    def silence_told(self) -> bool:
+        """Whether a worker's silence tells: its heartbeats are expected, or some were heard."""
+        return self.expect_heartbeats or self.view.heartbeats
 
     def _apply(self, event: Event) -> None:
         if self.on_event is not None:
@@ -319,9 +316,7 @@ class Watcher:
         before this runner started and never heard from (one frozen while the runner was down):
         no capacity, like the stale ones (:meth:`RunView.quiet`). Trusted only where workers
         send heartbeats; where the fleet keeps lease records those tell who is stale."""
-        if isinstance(self.fleet, LeaseRecords) or not (
-            self.expect_heartbeats or self.view.heartbeats
-        ):
+        if isinstance(self.fleet, LeaseRecords) or not self.silence_told:
             return set()
         return self.view.quiet(self.clock.monotonic(), self.release.silence, self.release.boot)
 
@@ -333,8 +328,7 @@ class Watcher:
     ) -> Snapshot:
         """Poll until every shard is committed or failed (a final reconcile confirms it), or
         the run is cancelled."""
-        pace = self._pace = poll_seconds
-        near = False  # every shard left is running
+        pace = self.pace = Pace(poll_seconds, self.quiet_poll_seconds)
         while True:
             snapshot = self.poll()
             if snapshot.cancelled:
@@ -348,16 +342,7 @@ class Watcher:
                     return snapshot
             if on_update is not None:
                 on_update(snapshot)
-            if self.quiet_poll_seconds is not None:  # back to the quick pace when a worker speaks
-                # Once nothing waits for a worker, each commit may be the run's last: looked
-                # for sooner, from then on (the pace still slows down while nothing is heard).
-                near, was_near = snapshot.queued == 0, near
-                quick = poll_seconds * (NEAR_END_PACE if near else 1.0)
-                if self.heard or (near and not was_near):
-                    pace = quick
-                else:
-                    pace = min(pace * 1.5, self.quiet_poll_seconds)
-            self.clock.sleep(pace)
+            self.clock.sleep(pace.next(heard=self.heard, near=snapshot.queued == 0))
 
     def drain_fleet(self, timeout: float = 30.0, *, wait: bool = True) -> bool:
         """After the run (settled, or cancelled: its tasks are stopped with their workers):
@@ -373,8 +358,7 @@ class Watcher:
         run (:meth:`Release.wait <runner.engine.release.Release.wait>`)."""
         if self.fleet is None:
             return True
-        pace = min(max(self._pace, DRAIN_PACE[0]), DRAIN_PACE[1])
-        drained = self.release.wait(self.fleet, self._listen, timeout, pace)
+        drained = self.release.wait(self.fleet, self._listen, timeout, self.pace.drain)
         if self.release.asks is not None:
             self.release.asks.forget()
         return drained
