@@ -333,7 +333,10 @@ class _Submission:
             watcher.cached = lambda: cache.cached
             watcher.reused = cache.take_reused
         if request.detach:
-            watcher.poll()  # starts the workers
+            # Starts the workers. Not listening: the run's events wait in its subscription for
+            # `runner watch` (taken here, they would be gone; and a stream opened by a process
+            # that ends at once is one the Pub/Sub emulator keeps handing events to).
+            watcher.poll(listen=False)
             self.say(f"detached; follow with `runner watch {run_id}`")
             return Submitted(run_id)
 

@@ -322,7 +322,7 @@ def retry(
                 interrupted = rounds.record_halt(st, run_id, given)
             watcher = resume_watching(dep, interrupted, say, workers=workers, slots=slots)
             if detach:
-                watcher.poll()
+                watcher.poll(listen=False)  # the events wait for `runner watch` (submit's detach)
                 return
             raise typer.Exit(
                 follow_to_end(watcher, dep, rule=rule, cancel_on_interrupt=False, out=None)
@@ -341,7 +341,7 @@ def retry(
             dep, manifest, workers=workers, slots=slots, shards=retried, events=events
         )
         if detach:
-            watcher.poll()
+            watcher.poll(listen=False)
             return
         code = follow_to_end(watcher, dep, rule=rule, cancel_on_interrupt=False, out=None)
     raise typer.Exit(code)

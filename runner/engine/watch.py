@@ -173,9 +173,11 @@ class Watcher:
     def run_id(self) -> str:
         return self.manifest.run_id
 
-    def poll(self) -> Snapshot:
+    def poll(self, *, listen: bool = True) -> Snapshot:
+        """One look: the events (unless not ``listen``), the store now and then, the fleet
+        and its scaling."""
         self.heard = False
-        for event in self.events.pull(max_events=10_000):
+        for event in self.events.pull(max_events=10_000) if listen else ():
             self._apply(event)
             self.heard = True
         ids = self.reused() if self.reused is not None else []
