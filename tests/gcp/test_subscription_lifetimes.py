@@ -23,15 +23,19 @@ from worker.protocol import Event, EventKind
 pytestmark = pytest.mark.emulator
 
 
-def test_a_runs_events_subscription_outlives_the_events_it_keeps(deployment: Deployment) -> None:
-    subscriber = pubsub_v1.SubscriberClient()
-    per_run = RunSubscriptions(
+def _per_run(deployment: Deployment, subscriber: pubsub_v1.SubscriberClient) -> RunSubscriptions:
+    return RunSubscriptions(
         project=deployment.project,
         events_topic=deployment.events_topic,
         events_subscription=deployment.events_subscription,
         store=GcsStore(deployment.bucket),
         subscriber=subscriber,
     )
+
+
+def test_a_runs_events_subscription_outlives_the_events_it_keeps(deployment: Deployment) -> None:
+    subscriber = pubsub_v1.SubscriberClient()
+    per_run = _per_run(deployment, subscriber)
     try:
         bus = per_run.open("r-lifetimes")
         sub = subscriber.get_subscription(subscription=bus.path)
@@ -57,13 +61,7 @@ def test_a_detached_submit_leaves_every_event_of_its_run_to_the_watch(
     assert r.code == 0, r.stderr
     subscriber = pubsub_v1.SubscriberClient()
     publisher = pubsub_v1.PublisherClient()
-    per_run = RunSubscriptions(
-        project=deployment.project,
-        events_topic=deployment.events_topic,
-        events_subscription=deployment.events_subscription,
-        store=GcsStore(deployment.bucket),
-        subscriber=subscriber,
-    )
+    per_run = _per_run(deployment, subscriber)
     topic = publisher.topic_path(deployment.project, deployment.events_topic)
     probes = {f"probe-{i}" for i in range(10)}
     for worker in sorted(probes):
