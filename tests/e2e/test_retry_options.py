@@ -61,7 +61,8 @@ def test_retry_with_more_attempts_finishes_a_flaky_task(tmp_path: Path, cli: Cli
     assert again.code == 0, again.stderr  # attempts 2 fail, 3 succeed: two failures allowed
     assert _combined(cli, first.run_id) == ["0", "1"]
     shards = cli.status(first.run_id)["shards"]
-    assert {len(s["attempts"]) for s in shards} == {3}
+    # Each attempt's state and reason when not: once beside a CPU-bound loop a shard had four.
+    assert {len(s["attempts"]) for s in shards} == {3}, [s["attempts"] for s in shards]
 
 
 def test_a_bad_retry_option_is_one_line(tmp_path: Path, cli: Cli) -> None:
