@@ -31,6 +31,12 @@ class LeaseRecords(Protocol):
         """Worker -> the runs whose shards it holds live leases of."""
         ...
 
+    def fence(self, names: Iterable[str], allowed: set[str]) -> list[str]:
+        """Of these workers, those holding leases of ``allowed`` runs only, now fenced: they
+        take no more work, in the same step as the look, so none is stopped with a shard it
+        took after the look."""
+        ...
+
 
 @dataclass
 class Release:
@@ -38,7 +44,7 @@ class Release:
 
     While work remains only idle workers go (:func:`decide_scale`); once the run is over, every
     worker known to work for no other run (:meth:`free`). Where the fleet keeps lease records
-    (:class:`LeaseRecords`) they are the truth, read again right before each delete; elsewhere
+    (:class:`LeaseRecords`) they are the truth, checked as each delete fences its workers; elsewhere
     the workers' own words across runs tell (:meth:`RunView.free`), an idle word standing only
     once ``settle`` seconds passed with nothing else from its worker.
     """
@@ -67,19 +73,15 @@ class Release:
         """Who holds leases of which runs, where the fleet knows (None: it does not)."""
         return fleet.lease_runs() if isinstance(fleet, LeaseRecords) else None
 
-    def known(
-        self, fleet: Fleet, instances: list[Instance], *, over: bool
-    ) -> tuple[dict[str, set[str]] | None, set[str]]:
-        """The lease records (read once the run is ``over``) and the workers the scale policy
-        may take for idle: while work remains, those whose idle word stands (where lease
-        records are kept, deleting checks them: :meth:`delete`); once the run is over, every
-        one :meth:`free`."""
+    def known(self, fleet: Fleet, instances: list[Instance], *, over: bool) -> set[str]:
+        """The workers the scale policy may take for idle: while work remains, those whose
+        idle word stands (where lease records are kept, deleting checks them: :meth:`delete`);
+        once the run is over, every one :meth:`free`."""
         if over:
-            held = self.lease_runs(fleet)
-            return held, self.free(instances, held)
+            return self.free(instances, self.lease_runs(fleet))
         if isinstance(fleet, LeaseRecords):
-            return None, self.view.idle
-        return None, self.view.idle_for(self.clock.monotonic(), self.settle)
+            return self.view.idle
+        return self.view.idle_for(self.clock.monotonic(), self.settle)
 
     def free(self, instances: list[Instance], held: dict[str, set[str]] | None) -> set[str]:
         """Workers this runner may delete now that its run is over: known to work for no other
@@ -116,20 +118,13 @@ class Release:
             others |= {w for w, held_runs in held.items() if held_runs - {self.run_id}}
         return others
 
-    def delete(
-        self,
-        fleet: Fleet,
-        names: list[str],
-        *,
-        mine: bool = False,
-        held: dict[str, set[str]] | None = None,
-    ) -> None:
+    def delete(self, fleet: Fleet, names: list[str], *, mine: bool = False) -> None:
         """Delete these workers, except where the lease records say one holds work of another
-        run (or, unless ``mine``, of this one): the records are the truth, events are late."""
-        held = held if held is not None else self.lease_runs(fleet)
-        if held is not None:
-            allowed = {self.run_id} if mine else set()
-            names = [n for n in names if held.get(n, set()) <= allowed]
+        run (or, unless ``mine``, of this one): the records are the truth, events are late.
+        Those deleted are fenced as they are looked at (:meth:`LeaseRecords.fence`): one that
+        just took a shard is kept, and none takes one between the look and its stop."""
+        if isinstance(fleet, LeaseRecords):
+            names = fleet.fence(names, {self.run_id} if mine else set())
         if not names:
             return
         log.info("scaling down: deleting idle %s", ", ".join(names))
@@ -203,7 +198,7 @@ class Release:
             and (i.name in free or i.status == "starting" or i.error or i.removable)
         ]
         theirs = self.spoken_for(instances, going)
-        self.delete(fleet, [n for n in going if n not in theirs], mine=True, held=held)
+        self.delete(fleet, [n for n in going if n not in theirs], mine=True)
         elsewhere = self.elsewhere(held) | theirs  # another run's runner answers for these
         # Where lease records say who works, a worker that holds none is known free already.
         # A never-heard one is waited for until it speaks (then its word tells) or is silent

@@ -288,7 +288,7 @@ class Watcher:
                 self.view, self.release, self.fleet, self.clock.monotonic(), snapshot.queued
             )
         over = outstanding <= 0  # then every worker known to work for no other run may go
-        held, idle = self.release.known(self.fleet, instances, over=over)
+        idle = self.release.known(self.fleet, instances, over=over)
         decide = functools.partial(
             decide_scale,
             outstanding=outstanding,
@@ -311,7 +311,7 @@ class Watcher:
             else:
                 self.fleet.grow(decision.add)
         if decision.delete:
-            self.release.delete(self.fleet, decision.delete, mine=over, held=held)
+            self.release.delete(self.fleet, decision.delete, mine=over)
 
     def _quiet(self) -> set[str]:
         """Workers silent past a lease and a heartbeat, their last word not idle, or running

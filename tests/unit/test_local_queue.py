@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from worker.backends.local.queue import LocalQueue
+from worker.backends.local.queue import FENCE_SECONDS, LocalQueue
 from worker.clock import FakeClock
 from worker.protocol import Shard, WorkMessage
 from worker.queue import QueueStats
@@ -145,3 +145,30 @@ def test_a_full_database_refuses_a_whole_settlement_and_takes_it_later(tmp_path:
     assert committed == {Layout.result("r-q", f"s{i}") for i in range(50)}
     assert b.queue.stats() == QueueStats(queued=0, leased=0, dead=0)
     b.close()
+
+
+def test_a_fenced_worker_leases_nothing_and_one_that_just_took_work_is_not_fenced(
+    tmp_path: Path,
+) -> None:
+    """The look at a worker's leases and the fence are one step: a worker seen holding nothing
+    takes nothing after it, and one that took a shard before it is kept (the runner's scale-down
+    once stopped a worker that received a shard between the look and the stop)."""
+    clock = FakeClock()
+    runner, worker = _queue(tmp_path, clock), _queue(tmp_path, clock)  # two connections
+    worker.publish([_msg(0), _msg(1, run="r-other")])
+    (held,) = worker.receive(1, 0, worker="w-busy")
+    assert held.message.run_id == "r-q"
+    assert runner.fence(["w-busy", "w-idle"], set()) == ["w-idle"]
+    assert runner.fence(["w-busy"], {"r-q"}) == ["w-busy"]  # its own run's, once it is over
+    assert worker.receive(5, 0, worker="w-idle") == []
+    assert worker.receive(5, 0, worker="w-busy") == []
+    (other,) = worker.receive(5, 0, worker="w-free")  # an unfenced worker still gets work
+    assert other.message.run_id == "r-other"
+    worker.nack(other)
+    assert runner.release("w-idle") == 0  # gone: its name, if given again, is not fenced
+    (again,) = worker.receive(5, 0, worker="w-idle")
+    assert again.message.run_id == "r-other"
+    worker.nack(again)
+    clock.advance(FENCE_SECONDS + 1)  # never stopped (its runner died): it works again
+    (late,) = worker.receive(5, 0, worker="w-busy")
+    assert late.message.run_id == "r-other"

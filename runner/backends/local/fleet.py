@@ -188,6 +188,12 @@ class LocalFleet(Fleet):
                     held.setdefault(worker, set()).add(run_id)
         return held
 
+    def fence(self, names: Iterable[str], allowed: set[str]) -> list[str]:
+        """Fence the workers holding leases of ``allowed`` runs only (:meth:`LocalQueue.fence`):
+        they lease nothing more, so deleting them never stops one that just took a shard. The
+        fence goes with the worker's name once it is gone (:meth:`_gone`)."""
+        return self._open_queue().fence(names, allowed)
+
     def _open_queue(self) -> LocalQueue:
         if self._queue is None:
             self._queue = LocalQueue(self.root / QUEUE_FILE)

@@ -6,6 +6,11 @@ process die (:meth:`LocalQueue.release`). A message delivered more than ``max_de
 moves to the dead-letter state instead of being delivered again; a preemption is not a delivery
 (:meth:`LocalQueue.requeue` starts the count over and puts the shard at the front).
 
+A worker about to be stopped is fenced first (:meth:`LocalQueue.fence`): in one transaction the
+fence is set where the worker holds no lease it must keep, and a fenced worker's receive leases
+nothing; so a worker seen holding nothing cannot take a shard between that look and its stop. A
+fence whose stop never came (its runner died in between) lapses after :data:`FENCE_SECONDS`.
+
 A queue opened for one run (``run_id``) receives only that run's messages: a local worker is
 started for one run, with that run's environment, slots and options, and never serves another.
 
@@ -29,6 +34,7 @@ from worker.queue import Delivery, EventBus, QueueStats, WorkQueue
 
 EVENT_RETENTION = 3600.0  # seconds events are kept for runners that attach late
 _PRUNE_EVERY = 1000  # event inserts between prunes
+FENCE_SECONDS = 30.0  # a fenced worker not stopped by then takes work again
 
 
 def _backoff(clock: Clock, deadline: float, waited: int) -> bool:
@@ -50,6 +56,12 @@ INSERT_MESSAGE = "INSERT INTO messages (run_id, shard_id, body, available_at) VA
 _READY = (
     "SELECT id, body, deliveries FROM messages WHERE {run}dead = 0 AND available_at <= ?"
     " ORDER BY available_at, id LIMIT ?"
+)
+
+_FENCED = "SELECT 1 FROM fences WHERE worker = ? AND at > ?"
+_HELD_RUNS = (
+    "SELECT DISTINCT run_id FROM messages WHERE worker = ? AND lease IS NOT NULL AND dead = 0"
+    " AND available_at > ?"
 )
 
 
@@ -116,6 +128,9 @@ class LocalQueue(WorkQueue):
             query = _READY.format(run="run_id = ? AND ")
             args = (self.run_id, now, max_messages)
         with self._db.transaction() as conn:
+            fenced = (worker, now - FENCE_SECONDS)
+            if worker is not None and conn.execute(_FENCED, fenced).fetchone():
+                return out  # about to be stopped: it takes nothing more
             rows = conn.execute(query, args).fetchall()
             for row_id, body, deliveries in rows:
                 if deliveries >= self.max_deliveries:
@@ -178,8 +193,23 @@ class LocalQueue(WorkQueue):
                     "UPDATE messages SET available_at = ? WHERE id = ? AND lease = ?", rows
                 )
 
+    def fence(self, workers: Iterable[str], allowed: set[str]) -> list[str]:
+        """Of these workers, fence those whose live leases are all of ``allowed`` runs, and
+        return them: from now on they lease nothing, so one may be stopped without taking a
+        shard with it. A worker that received work since it was last looked at is not fenced."""
+        now = self._clock.time()
+        fenced = []
+        with self._db.transaction() as conn:
+            for worker in workers:
+                held = {run for (run,) in conn.execute(_HELD_RUNS, (worker, now))}
+                if held <= allowed:
+                    conn.execute("INSERT OR REPLACE INTO fences VALUES (?, ?)", (worker, now))
+                    fenced.append(worker)
+        return fenced
+
     def release(self, worker: str) -> int:
         with self._db.transaction() as conn:
+            conn.execute("DELETE FROM fences WHERE worker = ?", (worker,))
             cur = conn.execute(
                 "UPDATE messages SET available_at = 0, lease = NULL, worker = NULL"
                 " WHERE worker = ? AND lease IS NOT NULL AND dead = 0",
