@@ -55,13 +55,18 @@ class TaskSettings:
 
 def read_settings(folder: Path) -> TaskSettings:
     """The task's ``cflow.toml`` (defaults when absent); raises TaskError on a bad file."""
-    import tomllib
-
     path = folder / SETTINGS
     if not path.is_file():
         return TaskSettings()
+    return _settings(path.read_bytes(), path)
+
+
+def _settings(raw: bytes, path: Path) -> TaskSettings:
+    """The settings in a ``cflow.toml``'s bytes (``path``: how errors name it)."""
+    import tomllib
+
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(raw.decode())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
         raise TaskError(f"{path} is not valid TOML: {err}") from None
     unknown = set(data) - {"combine"}
@@ -85,20 +90,43 @@ def inspect_task(folder: Path) -> TaskInfo:
         )
     py, sh = folder / PYTHON_ENTRY, folder / SHELL_ENTRY
     if py.is_file():
-        try:
-            tree = ast.parse(py.read_text(), filename=str(py))
-        except SyntaxError as err:
-            raise TaskError(f"{py} has a syntax error at line {err.lineno}: {err.msg}") from None
-        names = {
-            node.name
-            for node in tree.body
-            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
-        }
-        # Whether run is bound, and how, is for the runner's checks to say (--no-check skips them).
-        return TaskInfo(Entry.PYTHON, has_combine="combine" in names)
+        return _python_task(py.read_text(), py)
     if sh.is_file():
         return TaskInfo(Entry.SHELL, has_combine=False)
     raise TaskError(f"task folder {folder} has neither task.py with run(shard) nor task.sh")
+
+
+def _python_task(source: str, path: Path) -> TaskInfo:
+    try:
+        tree = ast.parse(source, filename=str(path))
+    except SyntaxError as err:
+        raise TaskError(f"{path} has a syntax error at line {err.lineno}: {err.msg}") from None
+    names = {
+        node.name for node in tree.body if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+    }
+    # Whether run is bound, and how, is for the runner's checks to say (--no-check skips them).
+    return TaskInfo(Entry.PYTHON, has_combine="combine" in names)
+
+
+def inspect_bundle(data: bytes, name: str) -> tuple[TaskInfo, TaskSettings]:
+    """:func:`inspect_task` and :func:`read_settings` of a packed bundle, read in memory
+    without unpacking it (``name``: how errors name the folder)."""
+    members: dict[str, bytes] = {}
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
+        for member in tar:
+            if member.isfile() and member.name in (PYTHON_ENTRY, SHELL_ENTRY, SETTINGS):
+                fh = tar.extractfile(member)
+                members[member.name] = fh.read() if fh is not None else b""
+    folder = Path(name)
+    if PYTHON_ENTRY in members:
+        info = _python_task(members[PYTHON_ENTRY].decode(errors="replace"), folder / PYTHON_ENTRY)
+    elif SHELL_ENTRY in members:
+        info = TaskInfo(Entry.SHELL, has_combine=False)
+    else:
+        raise TaskError(f"task folder {name} has neither task.py with run(shard) nor task.sh")
+    raw = members.get(SETTINGS)
+    settings = _settings(raw, folder / SETTINGS) if raw is not None else TaskSettings()
+    return info, settings
 
 
 def _ignore_spec(folder: Path) -> Callable[[str], bool]:

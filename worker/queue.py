@@ -13,7 +13,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from worker.protocol import Event, WorkMessage
 
@@ -109,6 +109,12 @@ class WorkQueue(ABC):
         """Release connections and background threads."""
 
 
+class Doorbell(Protocol):
+    def wait(self, seconds: float) -> bool:
+        """Until it rings or ``seconds`` pass; True when it rang."""
+        ...
+
+
 class EventBus(ABC):
     """Worker-to-runner progress events. Lossy by contract: the store stays the truth.
 
@@ -123,6 +129,11 @@ class EventBus(ABC):
     @abstractmethod
     def pull(self, max_events: int = 1000, timeout: float = 0.0) -> list[Event]:
         """Take events, waiting up to ``timeout`` for the first."""
+
+    def doorbell(self) -> Doorbell | None:
+        """What a runner may wait on between looks, rung when this bus's run may be over
+        (locally: :mod:`worker.backends.local.bell`); None where there is none."""
+        return None
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections and background threads."""

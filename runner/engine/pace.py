@@ -1,10 +1,14 @@
 """How often the watch loop looks: at its pace while workers speak, slower while none does
 (locally, where a look is cheap and a short run's end should be seen at once), quicker once
-every shard left is running, and the drain's own pace after the run."""
+every shard left is running, and the drain's own pace after the run. A pause ends early where
+the workers ring a doorbell when the run may be over (locally)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from worker.clock import Clock
+from worker.queue import Doorbell
 
 # Where the loop slows down while nothing is heard, the share of its pace it looks at once
 # every shard left is running: a short run's end is seen a few ms after its last commit, not
@@ -22,6 +26,7 @@ class Pace:
     poll_seconds: float  # the loop's pace
     quiet_poll_seconds: float | None = None  # the slowest while nothing is heard (None: fixed)
     near: bool = False  # every shard left is running, as of the last look
+    bell: Doorbell | None = None  # rung when the run may be over (None: none)
     _now: float = field(init=False)
 
     def __post_init__(self) -> None:
@@ -38,6 +43,14 @@ class Pace:
         else:
             self._now = min(self._now * SLOWER, self.quiet_poll_seconds)
         return self._now
+
+    def pause(self, clock: Clock, *, heard: bool, near: bool) -> None:
+        """Wait until the next look (:meth:`next`), or until the bell rings."""
+        seconds = self.next(heard=heard, near=near)
+        if self.bell is not None:
+            self.bell.wait(seconds)
+        else:
+            clock.sleep(seconds)
 
     @property
     def drain(self) -> float:

@@ -42,7 +42,7 @@ from runner.engine.release import LeaseRecords, Release
 from runner.engine.run_view import IDLE_SETTLE, RunView
 from runner.engine.speculation import Speculation
 from worker import defaults
-from worker.clock import SYSTEM_CLOCK, Clock
+from worker.clock import SYSTEM_CLOCK, Clock, SystemClock
 from worker.errors import DiskFull
 from worker.protocol import Event, EventKind, Manifest, RunState
 from worker.queue import EventBus, WorkQueue
@@ -330,7 +330,8 @@ class Watcher:
     ) -> Snapshot:
         """Poll until every shard is committed or failed (a final reconcile confirms it), or
         the run is cancelled."""
-        pace = self.pace = Pace(poll_seconds, self.quiet_poll_seconds)
+        bell = self.events.doorbell() if isinstance(self.clock, SystemClock) else None
+        pace = self.pace = Pace(poll_seconds, self.quiet_poll_seconds, bell=bell)
         while True:
             snapshot = self.poll()
             if snapshot.cancelled:
@@ -344,7 +345,7 @@ class Watcher:
                     return snapshot
             if on_update is not None:
                 on_update(snapshot)
-            self.clock.sleep(pace.next(heard=self.heard, near=snapshot.queued == 0))
+            pace.pause(self.clock, heard=self.heard, near=snapshot.queued == 0)
 
     def drain_fleet(self, timeout: float = 30.0, *, wait: bool = True) -> bool:
         """After the run (settled, or cancelled: its tasks are stopped with their workers):

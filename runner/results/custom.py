@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from runner.results.parts import Combined, Part, Say, local_parts
-from worker.bundle import inspect_task, install_requirements, pack, read_settings, unpack
+from worker.bundle import inspect_bundle, inspect_task, install_requirements, pack, unpack
 from worker.errors import ConfigError, NotFound, TaskError
 from worker.executors.base import WORKER_PATH
 from worker.protocol import Entry, Layout, Manifest
@@ -53,14 +53,15 @@ class CombineFailed(TaskError):
 class TaskFolder:
     """The task folder a combine follows, unpacked in a scratch folder."""
 
-    root: Path
+    root: Path | None  # where it is unpacked: only where it is ``custom``
     shown: str  # how the user names it: the --task folder as given, or the submitted name
     headers: bool | None  # its ``[combine] headers`` setting
     custom: bool  # its task.py defines combine(paths, out)
 
 
 def open_task(store: Store, manifest: Manifest, work: Path, task: Path | None) -> TaskFolder:
-    """The run's submitted task folder, or ``task`` when given, unpacked under ``work``."""
+    """The run's submitted task folder, or ``task`` when given; unpacked under ``work`` only
+    where it has a ``combine()`` to run (the settings are read from the bundle itself)."""
     if task is None:
         try:
             data = store.get(Layout.bundle(manifest.bundle))
@@ -75,10 +76,10 @@ def open_task(store: Store, manifest: Manifest, work: Path, task: Path | None) -
         inspect_task(task)  # neither task.py nor task.sh: one line naming the folder
         data, sha = pack(task)
         shown = str(task).rstrip("/") or "/"
-    root = unpack(data, sha, work / "bundle", install=False).root
-    info = inspect_task(root)
+    info, settings = inspect_bundle(data, shown)
     custom = info.entry is Entry.PYTHON and info.has_combine
-    return TaskFolder(root, shown, read_settings(root).headers, custom)
+    root = unpack(data, sha, work / "bundle", install=False).root if custom else None
+    return TaskFolder(root, shown, settings.headers, custom)
 
 
 def custom_combine(
@@ -111,6 +112,7 @@ def custom_combine(
 def _call_combine(
     store: Store, manifest: Manifest, folder: TaskFolder, inputs: list[Path], out: Path, say: Say
 ) -> None:
+    assert folder.root is not None  # unpacked: it is custom
     work = out.parent
     listing, error, log = work / "combine-inputs.txt", work / "combine-error.txt", work / "log"
     listing.write_text("".join(f"{p}\n" for p in inputs))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from worker.bundle import inspect_task, pack, unpack
+from worker.bundle import inspect_bundle, inspect_task, pack, read_settings, unpack
 from worker.errors import TaskError
 from worker.protocol import Entry
 
@@ -118,3 +118,42 @@ def test_settings_are_read_and_checked(tmp_path: Path) -> None:
     (task / "cflow.toml").write_text("[speed]\nfast = true\n")
     with pytest.raises(TaskError, match="unknown setting speed"):
         read_settings(task)
+
+
+@pytest.mark.parametrize(
+    ("files", "entry", "has_combine", "headers"),
+    [
+        ({"task.py": "def run(s): pass\ndef combine(p, o): pass\n"}, Entry.PYTHON, True, None),
+        (
+            {"task.py": "def run(s): pass\n", "cflow.toml": "[combine]\nheaders = true\n"},
+            Entry.PYTHON,
+            False,
+            True,
+        ),
+        (
+            {"task.sh": "echo hi\n", "sub/task.py": "def combine(p, o): pass\n"},
+            Entry.SHELL,
+            False,
+            None,
+        ),
+    ],
+)
+def test_a_bundle_is_described_in_memory_as_its_unpacked_folder_is(
+    tmp_path: Path, files: dict[str, str], entry: Entry, has_combine: bool, headers: bool | None
+) -> None:
+    task = tmp_path / "task"
+    for rel, text in files.items():
+        (task / rel).parent.mkdir(parents=True, exist_ok=True)
+        (task / rel).write_text(text)
+    info, settings = inspect_bundle(pack(task)[0], "task")
+    assert (info.entry, info.has_combine, settings.headers) == (entry, has_combine, headers)
+    assert (info, settings) == (inspect_task(task), read_settings(task))
+
+
+def test_a_bundle_with_bad_settings_is_refused_in_memory_as_on_disk(tmp_path: Path) -> None:
+    task = tmp_path / "task"
+    task.mkdir()
+    (task / "task.py").write_text("def run(s): pass\n")
+    (task / "cflow.toml").write_text("[combine]\nheaders = 'yes'\n")
+    with pytest.raises(TaskError, match="headers must be true or false"):
+        inspect_bundle(pack(task)[0], "task")

@@ -3,18 +3,24 @@
 The queue's messages, the events and the store's records live in one file (``queue.db``), so a
 batch of finished attempts is committed, recorded, re-queued, acked and announced in a single
 transaction, made durable with one fsync (``synchronous=FULL``) before it returns. A crash
-before it returns loses none of it: the messages are still leased and run again.
+before it returns loses none of it: the messages are still leased and run again. A batch that
+leaves a run with no message rings the run's bell (:mod:`worker.backends.local.bell`): its
+runner sees the end at once.
 """
 
 from __future__ import annotations
 
 import sqlite3
 
+from worker.backends.local.bell import ring
 from worker.backends.local.queue import INSERT_EVENT, INSERT_MESSAGE, event_row, message_row
 from worker.backends.local.store import LocalStore
 from worker.ledger import Finished, Ledger, Ops, running_record, settle_one, started_event
 from worker.protocol import Event, Layout, WorkMessage
 from worker.queue import Delivery
+
+# Whether a run has a message left (queued, leased or in backoff; acked ones are gone).
+_ANY_LEFT = "SELECT 1 FROM messages WHERE run_id = ? AND dead = 0 LIMIT 1"
 
 
 class _SqlOps(Ops):
@@ -92,6 +98,9 @@ class LocalLedger(Ledger):
             ops = _SqlOps(conn, self.clock.time())
             for f in batch:
                 settle_one(ops, f)
+            run_ids = {f.delivery.message.run_id for f in batch}
+            drained = [r for r in run_ids if not conn.execute(_ANY_LEFT, (r,)).fetchone()]
+        ring(store.root, drained)  # nothing of theirs left queued or running: may be over
 
     def extend(self, deliveries: list[Delivery], seconds: float) -> None:
         self.queue.extend_many(deliveries, seconds)  # type: ignore[attr-defined]

@@ -27,6 +27,7 @@ from itertools import islice
 from pathlib import Path
 
 from worker import defaults
+from worker.backends.local.bell import Bell
 from worker.backends.local.db import Db
 from worker.clock import SYSTEM_CLOCK, Clock
 from worker.protocol import Event, WorkMessage
@@ -240,6 +241,10 @@ class LocalQueue(WorkQueue):
         return {shard for (shard,) in rows}
 
     def dead_letters(self, max_messages: int = 100) -> list[WorkMessage]:
+        # A read first: the runner asks every reconcile, and the write lock it would take
+        # otherwise waits on the workers' commits.
+        if not self._db.conn().execute("SELECT 1 FROM messages WHERE dead = 1 LIMIT 1").fetchone():
+            return []
         with self._db.transaction() as conn:
             rows = conn.execute(
                 "SELECT id, body FROM messages WHERE dead = 1 ORDER BY id LIMIT ?",
@@ -304,6 +309,7 @@ class LocalEvents(EventBus):
         self.run_id = run_id
         self._cursor = 0
         self._inserts = 0
+        self._bell: Bell | None = None
         if since is not None:  # from the first event at or after it; none yet: from the end
             row = (
                 self._db.conn()
@@ -342,7 +348,17 @@ class LocalEvents(EventBus):
                 return [Event.from_json(body) for _, body in rows]
             waited += 1
 
+    def doorbell(self) -> Bell | None:
+        """The run's bell (:mod:`worker.backends.local.bell`), made on first use; None for a
+        bus of no run's or where named pipes cannot be made."""
+        if self._bell is None and self.run_id is not None:
+            self._bell = Bell.open(self._db.path.parent, self.run_id)
+        return self._bell
+
     def close(self) -> None:
+        if self._bell is not None:
+            self._bell.close()
+            self._bell = None
         self._db.close()
 
 

@@ -1,0 +1,98 @@
+"""A run's doorbell: a named pipe its runner waits on between looks, rung by the worker whose
+settlement left the run with no message (every shard committed or finally failed: the run may
+be over).
+
+A runner watching a short run locally would otherwise see its end only at its next look (a few
+ms to a quarter of a second later); with the bell it looks at once. The bell is an optimisation
+only: a worker rings without waiting (nobody listening, a full pipe, no named pipes on this
+system: nothing happens), and a runner that has no bell looks at its own pace, as before.
+
+The pipes live in ``queue.db-bells/`` beside the queue's file (never listed as store objects),
+one per run, made and removed by the runner that waits on it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import select
+from collections.abc import Iterable
+from pathlib import Path
+
+from worker.backends.local.records import QUEUE_FILE
+
+BELLS = QUEUE_FILE + "-bells"
+
+
+def bell_path(root: Path, run_id: str) -> Path:
+    return root / BELLS / run_id
+
+
+def ring(root: Path, run_ids: Iterable[str]) -> None:
+    """Ring these runs' bells, where a runner waits on one; never blocks, never raises."""
+    for run_id in run_ids:
+        try:
+            fd = os.open(bell_path(root, run_id), os.O_WRONLY | os.O_NONBLOCK)
+        except OSError:  # no bell (ENOENT), nobody waiting on it (ENXIO)
+            continue
+        try:
+            os.write(fd, b"!")
+        except OSError:  # full (EAGAIN): it is rung already
+            pass
+        finally:
+            os.close(fd)
+
+
+class Bell:
+    """The bell of one run, as its runner waits on it; :meth:`open` gives None where this
+    system or folder has no named pipes."""
+
+    def __init__(self, path: Path, read_fd: int, keep_fd: int):
+        self.path = path
+        self._read = read_fd
+        # A writer of its own: without one the pipe reads as ended once a worker has rung and
+        # closed it, and select() would return at once for ever.
+        self._keep = keep_fd
+
+    @classmethod
+    def open(cls, root: Path, run_id: str) -> Bell | None:
+        path = bell_path(root, run_id)
+        if not hasattr(os, "mkfifo"):
+            return None
+        try:
+            path.parent.mkdir(exist_ok=True)
+            with contextlib.suppress(FileExistsError):
+                os.mkfifo(path, 0o600)
+            read_fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        except OSError:
+            return None
+        try:
+            keep_fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError:
+            os.close(read_fd)
+            return None
+        return cls(path, read_fd, keep_fd)
+
+    def wait(self, seconds: float) -> bool:
+        """Until the bell rings or ``seconds`` pass; True when it rang (every ring so far is
+        taken)."""
+        ready, _, _ = select.select([self._read], [], [], max(seconds, 0.0))
+        if not ready:
+            return False
+        while True:
+            try:
+                if not os.read(self._read, 4096):
+                    return True
+            except OSError as exc:
+                if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
+                    return True
+                raise
+
+    def close(self) -> None:
+        """Stop waiting on it; the pipe goes (a worker ringing later finds no bell)."""
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+        for fd in (self._read, self._keep):
+            with contextlib.suppress(OSError):
+                os.close(fd)
