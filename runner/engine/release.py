@@ -83,6 +83,16 @@ class Release:
             return self.view.idle
         return self.view.idle_for(self.clock.monotonic(), self.settle)
 
+    def quiet(self, fleet: Fleet, *, told: bool) -> set[str]:
+        """Workers silent past a lease and a heartbeat, their last word not idle, or running
+        before this runner started and never heard from (one frozen while the runner was down):
+        no capacity, like the stale ones (:meth:`RunView.quiet`). Trusted only where a worker's
+        silence is ``told`` (heartbeats are sent); where the fleet keeps lease records those
+        tell who is stale."""
+        if isinstance(fleet, LeaseRecords) or not told:
+            return set()
+        return self.view.quiet(self.clock.monotonic(), self.silence, self.boot)
+
     def free(self, instances: list[Instance], held: dict[str, set[str]] | None) -> set[str]:
         """Workers this runner may delete now that its run is over: known to work for no other
         run (by the lease records where the fleet keeps them, else by what they said)."""

@@ -38,7 +38,7 @@ from runner.engine.fleet import Fleet, Instance
 from runner.engine.lost import LostShards, attempt_holders
 from runner.engine.pace import Pace
 from runner.engine.policy import decide_scale
-from runner.engine.release import LeaseRecords, Release
+from runner.engine.release import Release
 from runner.engine.run_view import IDLE_SETTLE, RunView
 from runner.engine.speculation import Speculation
 from worker import defaults
@@ -289,6 +289,7 @@ class Watcher:
             )
         over = outstanding <= 0  # then every worker known to work for no other run may go
         idle = self.release.known(self.fleet, instances, over=over)
+        quiet = set() if over else self.release.quiet(self.fleet, told=self.silence_told)
         decide = functools.partial(
             decide_scale,
             outstanding=outstanding,
@@ -298,7 +299,7 @@ class Watcher:
             idle=idle,
             busy=self.view.busy_workers(),
             # Once the run is over, ``idle`` names every worker it may delete (Release.free).
-            stale=self.view.stale if over else self.view.stale | self._quiet(),
+            stale=self.view.stale if over else self.view.stale | quiet,
             elsewhere=self.view.busy_elsewhere(),
         )
         decision = decide()
@@ -312,15 +313,6 @@ class Watcher:
                 self.fleet.grow(decision.add)
         if decision.delete:
             self.release.delete(self.fleet, decision.delete, mine=over)
-
-    def _quiet(self) -> set[str]:
-        """Workers silent past a lease and a heartbeat, their last word not idle, or running
-        before this runner started and never heard from (one frozen while the runner was down):
-        no capacity, like the stale ones (:meth:`RunView.quiet`). Trusted only where workers
-        send heartbeats; where the fleet keeps lease records those tell who is stale."""
-        if isinstance(self.fleet, LeaseRecords) or not self.silence_told:
-            return set()
-        return self.view.quiet(self.clock.monotonic(), self.release.silence, self.release.boot)
 
     def watch(
         self,

@@ -176,17 +176,7 @@ class LocalFleet(Fleet):
         """Worker -> the runs whose shards it holds live leases of, from the queue's lease
         records: the truth about which worker works for which run
         (:class:`runner.engine.release.LeaseRecords`)."""
-        held: dict[str, set[str]] = {}
-        try:
-            run_ids = [e.name for e in os.scandir(self.root / "runs") if e.is_dir()]
-        except FileNotFoundError:
-            return held
-        queue = self._open_queue()
-        for run_id in run_ids:
-            for worker in (queue.leases(run_id) or {}).values():
-                if worker:
-                    held.setdefault(worker, set()).add(run_id)
-        return held
+        return self._open_queue().lease_runs()
 
     def fence(self, names: Iterable[str], allowed: set[str]) -> list[str]:
         """Fence the workers holding leases of ``allowed`` runs only (:meth:`LocalQueue.fence`):

@@ -230,6 +230,22 @@ class LocalQueue(WorkQueue):
         )
         return {shard: worker or "" for shard, worker in rows}
 
+    def lease_runs(self) -> dict[str, set[str]]:
+        """Worker -> the runs whose messages it holds live leases of, every run's."""
+        held: dict[str, set[str]] = {}
+        rows = (
+            self._db.conn()
+            .execute(
+                "SELECT DISTINCT worker, run_id FROM messages WHERE dead = 0"
+                " AND lease IS NOT NULL AND available_at > ? AND worker <> ''",
+                (self._clock.time(),),
+            )
+            .fetchall()
+        )
+        for worker, run_id in rows:
+            held.setdefault(worker, set()).add(run_id)
+        return held
+
     def pending(self, run_id: str) -> set[str] | None:
         rows = (
             self._db.conn()
