@@ -114,6 +114,10 @@ class Doorbell(Protocol):
         """Until it rings or ``seconds`` pass; True when it rang."""
         ...
 
+    def close(self) -> None:
+        """Stop listening: it is rung no more."""
+        ...
+
 
 class EventBus(ABC):
     """Worker-to-runner progress events. Lossy by contract: the store stays the truth.
@@ -132,7 +136,8 @@ class EventBus(ABC):
 
     def doorbell(self) -> Doorbell | None:
         """What a runner may wait on between looks, rung when this bus's run may be over
-        (locally: :mod:`worker.backends.local.bell`); None where there is none."""
+        (locally: :mod:`worker.backends.local.bell`), for it to close when it stops watching;
+        None where there is none."""
         return None
 
     def close(self) -> None:  # noqa: B027 - optional hook

@@ -52,6 +52,12 @@ class Pace:
         else:
             clock.sleep(seconds)
 
+    def close(self) -> None:
+        """The watch is over: its bell goes."""
+        if self.bell is not None:
+            self.bell.close()
+            self.bell = None
+
     @property
     def drain(self) -> float:
         return min(max(self.poll_seconds, DRAIN_PACE[0]), DRAIN_PACE[1])

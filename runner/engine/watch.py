@@ -324,20 +324,23 @@ class Watcher:
         the run is cancelled."""
         bell = self.events.doorbell() if isinstance(self.clock, SystemClock) else None
         pace = self.pace = Pace(poll_seconds, self.quiet_poll_seconds, bell=bell)
-        while True:
-            snapshot = self.poll()
-            if snapshot.cancelled:
-                return snapshot
-            if snapshot.finished:
-                self.reconcile(full=True)
-                snapshot = self.snapshot()
-                if snapshot.finished:
-                    if on_update is not None:
-                        on_update(snapshot)
+        try:
+            while True:
+                snapshot = self.poll()
+                if snapshot.cancelled:
                     return snapshot
-            if on_update is not None:
-                on_update(snapshot)
-            pace.pause(self.clock, heard=self.heard, near=snapshot.queued == 0)
+                if snapshot.finished:
+                    self.reconcile(full=True)
+                    snapshot = self.snapshot()
+                    if snapshot.finished:
+                        if on_update is not None:
+                            on_update(snapshot)
+                        return snapshot
+                if on_update is not None:
+                    on_update(snapshot)
+                pace.pause(self.clock, heard=self.heard, near=snapshot.queued == 0)
+        finally:
+            pace.close()  # its bell goes with the watch
 
     def drain_fleet(self, timeout: float = 30.0, *, wait: bool = True) -> bool:
         """After the run (settled, or cancelled: its tasks are stopped with their workers):

@@ -84,6 +84,7 @@ def test_the_watch_sees_the_end_when_the_last_shard_settles_not_at_its_next_look
         watching.start()
         watching.join(30)
         assert seen and seen[0].finished, "the watch did not see the run's end"
+        assert not bell_path(root, manifest.run_id).exists()  # gone with the watch
         assert runs.committed(b.store, manifest.run_id) == {"s0", "s1", "s2"}
     finally:
         watcher.drain_fleet(timeout=30)

@@ -325,7 +325,6 @@ class LocalEvents(EventBus):
         self.run_id = run_id
         self._cursor = 0
         self._inserts = 0
-        self._bell: Bell | None = None
         if since is not None:  # from the first event at or after it; none yet: from the end
             row = (
                 self._db.conn()
@@ -365,16 +364,13 @@ class LocalEvents(EventBus):
             waited += 1
 
     def doorbell(self) -> Bell | None:
-        """The run's bell (:mod:`worker.backends.local.bell`), made on first use; None for a
-        bus of no run's or where named pipes cannot be made."""
-        if self._bell is None and self.run_id is not None:
-            self._bell = Bell.open(self._db.path.parent, self.run_id)
-        return self._bell
+        """The run's bell (:mod:`worker.backends.local.bell`), for the caller to close; None
+        for a bus of no run's or where named pipes cannot be made."""
+        if self.run_id is None:
+            return None
+        return Bell.open(self._db.path.parent, self.run_id)
 
     def close(self) -> None:
-        if self._bell is not None:
-            self._bell.close()
-            self._bell = None
         self._db.close()
 
 
