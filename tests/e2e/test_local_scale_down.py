@@ -77,7 +77,8 @@ def test_a_shard_requeued_as_an_idle_worker_is_deleted_runs_on_another_worker(
         release = Release(RunView(run_id), run_id, SYSTEM_CLOCK, silence=70.0)
         release.delete(fleet, [first])  # idle and holding nothing as it is looked at
         assert (b.queue.leases(run_id) or {}) == {"s2": second}  # not the worker going
-        go.touch()
+        wait_for(lambda: first not in {i.name for i in fleet.instances()}, 30, "the delete")
+        go.touch()  # once the deleted worker is gone: a shard it took would be preempted
         wait_for(lambda: "s2" in runs.committed(b.store, run_id), 60, "shard 2's commit")
         assert _attempts(b, run_id) == {s: ["succeeded"] for s in ("s0", "s1", "s2")}
     finally:
