@@ -129,8 +129,10 @@ class LocalQueue(WorkQueue):
             query = _READY.format(run="run_id = ? AND ")
             args = (self.run_id, now, max_messages)
         with self._db.transaction() as conn:
-            fenced = (worker, now - FENCE_SECONDS)
-            if worker is not None and conn.execute(_FENCED, fenced).fetchone():
+            if (
+                worker is not None
+                and conn.execute(_FENCED, (worker, now - FENCE_SECONDS)).fetchone()
+            ):
                 return out  # about to be stopped: it takes nothing more
             rows = conn.execute(query, args).fetchall()
             for row_id, body, deliveries in rows:
