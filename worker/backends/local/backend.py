@@ -28,7 +28,9 @@ def open_local(
         run_id=run_id,
         **queue_options,  # type: ignore[arg-type]
     )
-    events = LocalEvents(root / QUEUE_FILE, clock=clock)
+    # The events share the queue's connections (one per thread): neither opens a transaction
+    # inside the other's, and a connection less is a file open and two pragmas less.
+    events = LocalEvents(root / QUEUE_FILE, clock=clock, db=queue.db)
     ledger = LocalLedger(queue=queue, store=store, events=events, clock=clock)
     return Backends(queue=queue, store=store, events=events, ledger=ledger)
 
