@@ -208,10 +208,11 @@ class _Submission:
             raise
         fell_back = config.is_local and not request.local
         self.say(config.describe() + (" (no deployment found)" if fell_back else ""))
-        staging = tempfile.TemporaryDirectory(prefix="cflow-task-")
+        staging: tempfile.TemporaryDirectory[str] | None = None
         try:
             bundled = request.task_dir
             if dep.prepare_task is not None:  # Google Cloud: requirements as wheels the VMs take
+                staging = tempfile.TemporaryDirectory(prefix="cflow-task-")
                 bundled = dep.prepare_task(request.task_dir, Path(staging.name))
             return self._make_run(bundled, source, options, run_id, made, count)
         except BaseException as exc:
@@ -221,7 +222,8 @@ class _Submission:
                 fleet.delete(early)
             raise
         finally:
-            staging.cleanup()
+            if staging is not None:
+                staging.cleanup()
 
     def _make_run(
         self,

@@ -18,7 +18,6 @@ import logging
 import queue
 import tempfile
 import threading
-import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
@@ -197,6 +196,7 @@ class _Reader:
         self._room = threading.Condition()
         self._ended = False
         self._failed: BaseException | None = None  # what the stream raised, not yet raised
+        self._asked = threading.Event()  # the first batch was asked for: reading may start
         self._thread = threading.Thread(
             target=self._read, args=(source,), name="cflow-stream-read", daemon=True
         )
@@ -208,11 +208,12 @@ class _Reader:
         return self._failed
 
     def _read(self, source: Iterator[Shard]) -> None:
-        # Let the thread that started this one return from start() first (it waits for the
-        # first shard next): a thread that goes on reading keeps the GIL from it for up to a
-        # switch interval (5 ms), a run's start delayed by that much for nothing.
+        # Read once the first batch is asked for, not from start(): a thread that reads while
+        # the one that started it has yet to return from start() keeps the GIL from it for up
+        # to a switch interval (5 ms), a run's start delayed by that much for nothing (giving
+        # the GIL up once at the start does not hand it over: the reader takes it back first).
+        self._asked.wait()
         try:
-            time.sleep(0)
             for shard in source:
                 weight = _weight(shard)
                 with self._room:  # one shard always fits, however heavy
@@ -230,6 +231,7 @@ class _Reader:
         first, or until the stream ended. The first is waited for until ``stop()`` (asked
         every :data:`BATCH_SECONDS`) says to give up: an empty batch."""
         batch = _Batch()
+        self._asked.set()
         if self._failed is not None:
             self._ended = True
             raise self._failed
