@@ -150,7 +150,10 @@ class Run:
                 ran; the run counts those).
         """
         self._wait()
-        return self.progress()
+        try:
+            return self.progress()
+        finally:
+            self._close_here()
 
     def _wait(self) -> None:
         """:meth:`wait` without counting the items at the end (:meth:`results` reads every
@@ -226,7 +229,19 @@ class Run:
                 f" done; `runner retry {self.id}` runs the rest",
                 run_id=self.id,
             )
-        return collect(store, self.id, runs.iter_shards(store, self.id), done, return_exceptions)
+        try:
+            shards = runs.iter_shards(store, self.id)
+            return collect(store, self.id, shards, done, return_exceptions)
+        finally:
+            self._close_here()
+
+    def _close_here(self) -> None:
+        """Close this thread's connections to the store once the values are read (a later
+        look opens them again). Closed now, while the run's workers still have the file open,
+        a close is cheap; left to the collector, a script's next map closes them before it
+        forks, the last to the file folding its log in (milliseconds on that map's start)."""
+        if self._dep is not None:
+            self._dep.close()
 
     def as_completed(self) -> Iterator[tuple[Any, Any]]:
         """``(item, value)`` as each item's shard commits; a failed item raises its

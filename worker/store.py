@@ -138,3 +138,6 @@ class Store(ABC):
         """A content fingerprint (a checksum the store keeps) of each input URI it can read
         without downloading it; the ones it cannot are left out."""
         return {}
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release this thread's connections (a later call opens them again)."""

@@ -170,15 +170,33 @@ def drawn(store: Path) -> None:
     say(draws=list(draws))
 
 
+def opened_in(store: Path) -> list[str]:
+    """The files of ``store`` this process has open."""
+    fds = Path("/proc/self/fd")
+    found = []
+    for fd in os.listdir(fds):
+        try:
+            target = os.readlink(fds / fd)
+        except OSError:  # the listing's own descriptor, gone
+            continue
+        if target.startswith(str(store)):
+            found.append(target)
+    return sorted(found)
+
+
 def again(store: Path) -> None:
     """Each map forks its workers while this process has the store open from the maps before
-    (its records read, its runs' threads ended): they must not share its SQLite state."""
-    values, forked = [], []
+    (its records read, its runs' threads ended): they must not share its SQLite state. Once a
+    map's values are read and its thread has ended, nothing of the store is left open here."""
+    values, forked, left_open = [], [], []
     for _ in range(4):
-        values.append(list(cflow.map(abs, range(-2000, 0), store=store, workers=2, progress=False)))
+        run = cflow.submit(abs, range(-2000, 0), store=store, workers=2, progress=False)
+        values.append(list(run.results()))
         let_go()  # its threads end: the next map may fork
+        left_open.append(opened_in(store))
+        run.progress()  # the store open again here as the next map forks
         forked.append(can_fork())
-    say(values=values, forked=forked)
+    say(values=values, forked=forked, left_open=left_open)
 
 
 def threaded(store: Path) -> None:

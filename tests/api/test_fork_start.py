@@ -307,10 +307,13 @@ def test_maps_one_after_another_into_one_store_each_fork_their_workers(
     tmp_path: Path, procs: list[subprocess.Popen[str]]
 ) -> None:
     """The caller has the store open from the maps before each fork (SQLite keeps one record
-    per file and process, which a forked child would share): every map's values come back."""
+    per file and process, which a forked child would share): every map's values come back.
+    And a map leaves nothing of the store open in the caller once its values are read and
+    its thread has ended (its connections were left to the collector before)."""
     proc = _script("again", str(tmp_path / "store"))
     procs.append(proc)
     shown = _line(proc)
     assert shown["values"] == [list(range(2000, 0, -1))] * 4
     assert shown["forked"] == [True] * 4  # each map after the first forked its workers too
+    assert shown["left_open"] == [[]] * 4
     assert proc.wait(EXIT_SECONDS) == 0

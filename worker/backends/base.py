@@ -26,6 +26,7 @@ class Backends:
         )
 
     def close(self) -> None:
-        """Close the queue's and the event bus's connections."""
+        """Close the queue's, the event bus's and the store's connections."""
         self.queue.close()
         self.events.close()
+        self.store.close()

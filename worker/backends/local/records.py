@@ -46,6 +46,11 @@ class Records:
             self._db = Db(self.root / QUEUE_FILE, durable=True)
         return self._db
 
+    def close(self) -> None:
+        """Close this thread's connection, if one is open (the next use opens one again)."""
+        if self._db is not None:
+            self._db.close()
+
     def opened(self) -> bool:
         """Whether the database exists (nothing to read otherwise)."""
         return self._db is not None or (self.root / QUEUE_FILE).exists()

@@ -56,6 +56,9 @@ class LocalStore(Store):
         creates nothing)."""
         return self.records.db
 
+    def close(self) -> None:
+        self.records.close()
+
     def _path(self, key: str) -> Path:
         if key.startswith("/") or ".." in key.split("/"):
             raise ValueError(f"bad store key {key!r}")
