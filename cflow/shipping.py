@@ -185,6 +185,11 @@ class ItemFeed:
     def cancels(self) -> bool:
         return self._cancel
 
+    def in_memory(self) -> bool:
+        # A list's, a tuple's or a range's items are there to be read; any other iterable
+        # (a generator, a dataset reading files) may wait, and is read in a thread of its own.
+        return type(self._items) in (list, tuple, range)
+
     def shards(self, store: Store, run_id: str) -> Iterator[Shard]:
         try:
             yield from self._shards(store, run_id)

@@ -68,6 +68,11 @@ class ShardFeed(Protocol):
         items have a length); None: it does not know. The run's first workers are sized by it."""
         ...
 
+    def in_memory(self) -> bool:
+        """Whether reading its first batch never waits (its items are all in memory already):
+        that batch is read in the caller's thread, with no reading thread to start."""
+        ...
+
 
 class StreamError(CFlowError):
     """Reading the stream failed part way; the run holds what was published before."""
@@ -135,7 +140,7 @@ def start_stream(
     source = iter(feed.shards(store, run_id))
     if keyed is not None:
         source = keyed(source)
-    reader = _Reader(source)
+    reader = _Reader(source, first_inline=feed.in_memory())
     first = reader.batch(clock, feed.stopped)
     if reader.failed is not None:  # before the first batch went out: no run is made
         raise reader.failed
@@ -186,19 +191,32 @@ class _Batch(list[Shard]):
 
 class _Reader:
     """Reads the stream in a thread of its own into a bounded queue, so a batch goes out when
-    the stream stalls (a slow generator never holds back the items it already gave)."""
+    the stream stalls (a slow generator never holds back the items it already gave).
+
+    ``first_inline``: the first batch is read in the caller's thread, the thread started only
+    for a later one (a stream whose reading never waits: a list's items). A map of a few
+    thousand items is then one batch, read with no thread at all: starting one, and handing
+    the GIL to it and back, cost a short run's start a few milliseconds on a busy machine.
+    """
 
     _END = object()
 
-    def __init__(self, source: Iterator[Shard]):
+    def __init__(self, source: Iterator[Shard], *, first_inline: bool = False):
+        self._source = source
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=2 * defaults.PUBLISH_BATCH)
         self._held = 0  # bytes of the shards in the queue (_weight)
         self._room = threading.Condition()
         self._ended = False
         self._failed: BaseException | None = None  # what the stream raised, not yet raised
         self._asked = threading.Event()  # the first batch was asked for: reading may start
+        self._inline = first_inline
+        self._thread: threading.Thread | None = None
+        if not first_inline:
+            self._start()
+
+    def _start(self) -> None:
         self._thread = threading.Thread(
-            target=self._read, args=(source,), name="cflow-stream-read", daemon=True
+            target=self._read, args=(self._source,), name="cflow-stream-read", daemon=True
         )
         self._thread.start()
 
@@ -238,6 +256,11 @@ class _Reader:
         if self._ended:
             batch.ended = True
             return batch
+        if self._inline:
+            self._inline = False
+            return self._read_inline(batch)
+        if self._thread is None:
+            self._start()
         started: float | None = None
         weight = 0
         while len(batch) < defaults.PUBLISH_BATCH and weight < BATCH_BYTES:
@@ -264,6 +287,24 @@ class _Reader:
             batch.append(shard)
             if started is None:
                 started = clock.monotonic()
+        return batch
+
+
+    def _read_inline(self, batch: _Batch) -> _Batch:
+        """The first batch, read here: up to a publish batch, or until the stream ends or
+        raises (raised at the next batch, as the thread's reading would)."""
+        weight = 0
+        while len(batch) < defaults.PUBLISH_BATCH and weight < BATCH_BYTES:
+            try:
+                shard = next(self._source)
+            except StopIteration:
+                self._ended = batch.ended = True
+                break
+            except BaseException as exc:
+                self._failed = exc
+                break
+            weight += _weight(shard)
+            batch.append(shard)
         return batch
 
 

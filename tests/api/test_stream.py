@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 
 from runner.engine.runs import iter_shards, load_manifest
-from runner.engine.stream import start_stream
+from runner.engine.stream import _Reader, start_stream
 from tests.e2e.conftest import Cli, wait_for
 from worker.backends.local.backend import open_local
+from worker.clock import SYSTEM_CLOCK
 from worker.protocol import RunOptions, Shard
 from worker.store import Store
 
@@ -57,6 +58,9 @@ class _GatedFeed:
 
     def stopped(self) -> bool:
         return False
+
+    def in_memory(self) -> bool:
+        return False  # it waits
 
     def shards(self, store: Store, run_id: str) -> Iterator[Shard]:
         for i in range(self.n):
@@ -117,3 +121,39 @@ def test_cancel_stops_a_stream_that_stalled(
     progress = run.progress()
     assert progress.cancelled and progress.total == 1 and not progress.publishing
     never.set()
+
+
+def _numbered(n: int) -> Iterator[Shard]:
+    for i in range(n):
+        yield Shard(id=f"{i:05d}", index=i, params={"index": i})
+
+
+def test_a_stream_in_memory_is_read_in_the_callers_thread_until_a_second_batch() -> None:
+    """A list's shards: the first batch read where it is asked for (no thread, so none to
+    start and hand the GIL to); a second batch from a reading thread, in order."""
+    small = _Reader(_numbered(8), first_inline=True)
+    first = small.batch(SYSTEM_CLOCK, lambda: False)
+    assert [s.index for s in first] == list(range(8)) and first.ended
+    assert small._thread is None
+    assert small.batch(SYSTEM_CLOCK, lambda: False).ended
+
+    large = _Reader(_numbered(2500), first_inline=True)
+    got = large.batch(SYSTEM_CLOCK, lambda: False)
+    assert len(got) == 1000 and not got.ended and large._thread is None
+    while not (more := large.batch(SYSTEM_CLOCK, lambda: False)).ended or more:
+        got.extend(more)
+    assert large._thread is not None
+    assert [s.index for s in got] == list(range(2500))
+
+
+def test_what_a_stream_in_memory_raises_is_raised_once_what_came_before_went_out() -> None:
+    def failing() -> Iterator[Shard]:
+        yield from _numbered(3)
+        raise ValueError("item 3 will not pickle")
+
+    reader = _Reader(failing(), first_inline=True)
+    first = reader.batch(SYSTEM_CLOCK, lambda: False)
+    assert [s.index for s in first] == [0, 1, 2]
+    assert isinstance(reader.failed, ValueError)
+    with pytest.raises(ValueError, match="item 3"):
+        reader.batch(SYSTEM_CLOCK, lambda: False)
