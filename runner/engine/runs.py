@@ -195,9 +195,13 @@ def publish_all(
 
 def _read_shards(path: Path) -> Iterator[Shard]:
     with path.open(encoding="utf-8") as fh:
-        for line in fh:
-            if line.strip():
-                yield Shard.from_json(line)
+        yield from _shards_in(fh)
+
+
+def _shards_in(lines: Iterable[str]) -> Iterator[Shard]:
+    for line in lines:
+        if line.strip():
+            yield Shard.from_json(line)
 
 
 def load_manifest(store: Store, run_id: str) -> Manifest:
@@ -269,9 +273,22 @@ def update_manifest(
 
 
 def iter_shards(store: Store, run_id: str) -> Iterator[Shard]:
+    """The run's shards, from its shard list: read where the store keeps it on this machine
+    (it is replaced whole, never written in place, so an open copy stays whole), else from a
+    download."""
+    key = Layout.shard_list(run_id)
+    local = store.local_path(key)
+    if local is not None:
+        try:
+            fh = local.open(encoding="utf-8")
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise NotFound(f"no object {key}") from None
+        with fh:
+            yield from _shards_in(fh)
+        return
     with tempfile.TemporaryDirectory(prefix="cflow-shards-") as tmp:
         path = Path(tmp) / "shards.jsonl"
-        store.get_file(Layout.shard_list(run_id), path)
+        store.get_file(key, path)
         yield from _read_shards(path)
 
 

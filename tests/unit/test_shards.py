@@ -1,11 +1,16 @@
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
+from runner.engine import runs
+from runner.engine.runs import iter_shards
 from runner.engine.shards import from_count, from_glob, from_params
-from worker.errors import InputError
+from worker.backends.local.store import LocalStore
+from worker.errors import InputError, NotFound
+from worker.protocol import Layout, Shard
 
 
 def test_glob_gives_sorted_stable_shards(tmp_path: Path) -> None:
@@ -37,3 +42,27 @@ def test_count() -> None:
     assert [s.id for s in from_count(3)] == ["00000", "00001", "00002"]
     with pytest.raises(InputError):
         list(from_count(0))
+
+
+def _listing(shards: list[Shard]) -> bytes:
+    return "".join(json.dumps(s.to_dict()) + "\n" for s in shards).encode()
+
+
+def test_a_local_shard_list_is_read_where_it_lies_and_a_replaced_one_stays_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_copy(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a local shard list was copied to be read")
+
+    monkeypatch.setattr(runs.tempfile, "TemporaryDirectory", no_copy)
+    store = LocalStore(tmp_path / "store")
+    run_id = "r20261204-000000-abcdef"
+    with pytest.raises(NotFound, match=r"shards\.jsonl"):
+        list(iter_shards(store, run_id))
+    old = [Shard(id=f"{i:05d}", index=i) for i in range(3)]
+    store.put(Layout.shard_list(run_id), _listing(old))
+    reading = iter_shards(store, run_id)
+    first = next(reading)
+    store.put(Layout.shard_list(run_id), _listing([Shard(id="new", index=0)]))  # replaced
+    assert [first, *reading] == old  # the list as it was when the reading began
+    assert [s.id for s in iter_shards(store, run_id)] == ["new"]
