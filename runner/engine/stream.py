@@ -159,6 +159,7 @@ def start_stream(
     stream = _Stream(store, queue, manifest, listing, clock, on_published, reuse)
     records = stream.append(first)
     store.put_file(Layout.shard_list(run_id), listing)
+    stream.uploaded = stream.listed
     store.put(Layout.manifest(run_id), manifest.to_json())
     if on_created is not None:
         on_created(manifest)
@@ -289,7 +290,6 @@ class _Reader:
                 started = clock.monotonic()
         return batch
 
-
     def _read_inline(self, batch: _Batch) -> _Batch:
         """The first batch, read here: up to a publish batch, or until the stream ends or
         raises (raised at the next batch, as the thread's reading would)."""
@@ -351,7 +351,8 @@ class _Stream:
         if messages:
             self.queue.publish(messages)
         done = (self.manifest.published or 0) + len(batch)
-        if final or self.listed >= 2 * max(self.uploaded, defaults.PUBLISH_BATCH // 2):
+        doubled = self.listed >= 2 * max(self.uploaded, defaults.PUBLISH_BATCH // 2)
+        if doubled or (final and self.uploaded < self.listed):  # not twice the same list
             self.store.put_file(Layout.shard_list(run_id), self.listing)
             self.uploaded = self.listed
         at = self.clock.time()
