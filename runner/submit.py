@@ -238,6 +238,7 @@ class _Submission:
         they are read (its publisher goes on while the run is watched), else all of them."""
         dep, cache, feed = self.dep, self.cache, self.request.feed
         reuse = cache.reuse if cache is not None else None
+        packed = self.bundle.packed if bundled == self.request.task_dir else None
         if feed is not None:
             manifest, self.publisher = start_stream(
                 store=dep.backends.store,
@@ -250,6 +251,7 @@ class _Submission:
                 run_id=run_id,
                 keyed=cache.keyed if cache is not None else None,
                 reuse=reuse,
+                packed=packed,
             )
             return manifest
         return runs.create_run(
@@ -263,6 +265,7 @@ class _Submission:
             on_created=made,  # before publishing: an interrupted submit resumes
             run_id=run_id,
             reuse=reuse,
+            packed=packed,
         )
 
     def interrupted(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
@@ -20,6 +20,9 @@ class BundleNote:
     size: int  # packed bytes
     files: int
     warning: str | None  # set when the bundle is over BUNDLE_WARN_BYTES
+    # The bundle itself, (data, sha): the run stores this one rather than packing the folder
+    # again (a large folder's gzip takes seconds).
+    packed: tuple[bytes, str] | None = field(default=None, repr=False)
 
     @property
     def size_text(self) -> str:
@@ -36,7 +39,7 @@ def human_bytes(n: float) -> str:
 
 def describe_bundle(task_dir: Path) -> BundleNote:
     """Pack the task folder as submit would, and name its largest files when it is big."""
-    data, _ = pack(task_dir)
+    data, sha = pack(task_dir)
     files = bundle_files(task_dir)
     warning = None
     if len(data) > BUNDLE_WARN_BYTES:
@@ -50,7 +53,7 @@ def describe_bundle(task_dir: Path) -> BundleNote:
             f" largest files: {named}. Keep data out of the task folder or list it in"
             " .cflowignore"
         )
-    return BundleNote(size=len(data), files=len(files), warning=warning)
+    return BundleNote(size=len(data), files=len(files), warning=warning, packed=(data, sha))
 
 
 def dry_run(

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from worker import defaults
 from worker.backends.local.store import LocalStore
-from worker.bundle import inspect_task, pack
+from worker.bundle import TaskInfo, inspect_task, pack
 from worker.clock import SYSTEM_CLOCK, Clock
 from worker.errors import BackendError, CFlowError, NotFound, RunNotFound
 from worker.protocol import (
@@ -58,6 +58,7 @@ def create_run(
     on_created: Callable[[Manifest], None] | None = None,
     run_id: str | None = None,
     reuse: Reuse | None = None,
+    packed: tuple[bytes, str] | None = None,
 ) -> Manifest:
     """Bundle the task, write the manifest and shard list, and enqueue every shard.
 
@@ -66,13 +67,12 @@ def create_run(
     run id there). Publishing records its progress in the manifest, so a runner killed or cut
     off half way leaves a run that :func:`publish_rest` (``runner watch``) finishes.
 
+    ``packed``: the folder's bundle, packed already (``(data, sha)``).
+
     Raises:
         BackendError: publishing failed part way; the run stays active and resumable.
     """
-    info = inspect_task(task_dir)
-    data, sha = pack(task_dir)
-    if not store.exists(Layout.bundle(sha)):
-        store.put(Layout.bundle(sha), data)
+    info, sha = store_bundle(store, task_dir, packed)
     run_id = run_id or new_run_id(clock.time())  # given: its workers started before it
     with tempfile.TemporaryDirectory(prefix="cflow-submit-") as tmp:
         listing = Path(tmp) / "shards.jsonl"
@@ -191,6 +191,22 @@ def publish_all(
         if progress is not None:
             progress(len(batch))
     return total
+
+
+def store_bundle(
+    store: Store, task_dir: Path, packed: tuple[bytes, str] | None = None
+) -> tuple[TaskInfo, str]:
+    """The task folder's entry and its bundle's sha, the bundle stored under it (once: the
+    same folder is the same bundle). ``packed``: the folder packed already (``(data, sha)``).
+
+    Raises:
+        TaskError: the folder has no task.py with run(shard), nor task.sh.
+    """
+    info = inspect_task(task_dir)
+    data, sha = packed if packed is not None else pack(task_dir)
+    if not store.exists(Layout.bundle(sha)):
+        store.put(Layout.bundle(sha), data)
+    return info, sha
 
 
 def _read_shards(path: Path) -> Iterator[Shard]:

@@ -24,7 +24,6 @@ from typing import Any, Protocol
 
 from runner.engine import runs
 from worker import defaults
-from worker.bundle import inspect_task, pack
 from worker.clock import SYSTEM_CLOCK, Clock
 from worker.errors import CFlowError
 from worker.protocol import Layout, Manifest, RunOptions, RunState, Shard, WorkMessage, new_run_id
@@ -119,21 +118,20 @@ def start_stream(
     run_id: str | None = None,
     keyed: Callable[[Iterable[Shard]], Iterator[Shard]] | None = None,
     reuse: runs.Reuse | None = None,
+    packed: tuple[bytes, str] | None = None,
 ) -> tuple[Manifest, Publisher]:
     """Bundle the task, make the run, publish the first batch; the rest in a thread.
 
     ``run_id``: the run's id when chosen already; ``keyed`` and ``reuse``: the cross-run
     cache's (``runner.engine.cache``), which sees each shard as it is read and each batch
-    before it is published (the shards it reused are not published).
+    before it is published (the shards it reused are not published); ``packed``: the task
+    folder's bundle, packed already (``(data, sha)``).
 
     Raises:
         Exception: what the stream raised while its first batch was read (no run was made).
         BackendError: the first batch could not be published.
     """
-    info = inspect_task(task_dir)
-    data, sha = pack(task_dir)
-    if not store.exists(Layout.bundle(sha)):
-        store.put(Layout.bundle(sha), data)
+    info, sha = runs.store_bundle(store, task_dir, packed)
     run_id = run_id or new_run_id(clock.time())
     tmp = tempfile.TemporaryDirectory(prefix="cflow-stream-")
     listing = Path(tmp.name) / "shards.jsonl"

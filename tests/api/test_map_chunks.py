@@ -15,7 +15,9 @@ from cflow.shipping import ItemFeed
 from runner.engine import runs
 from tests.api.helpers import Rejected, check
 from tests.e2e.conftest import Cli
+from worker.bundle import pack
 from worker.errors import ConfigError
+from worker.protocol import Layout
 
 pytestmark = pytest.mark.e2e
 
@@ -247,3 +249,28 @@ def test_a_value_that_will_not_pickle_fails_only_its_item(local_backend: dict[st
     )
     assert [values[i] for i in (0, 2, 3)] == [0, 2, 3]
     assert isinstance(values[1], cflow.ShardFailed) and "lock" in values[1].message
+
+
+def test_the_task_is_packed_once_a_map(
+    local_backend: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The bundle described before the run is the one stored (packing again cost a large task
+    folder its gzip twice)."""
+    import runner.engine.plan as plan
+
+    packed: list[bytes] = []
+
+    def counted(folder: Path) -> tuple[bytes, str]:
+        data, sha = pack(folder)
+        packed.append(data)
+        return data, sha
+
+    import runner.engine.stream as stream
+
+    for module in (plan, runs, stream):  # wherever a folder was packed on the way
+        monkeypatch.setattr(module, "pack", counted, raising=False)
+    run = cflow.submit(lambda x: -x, range(5), **local_backend)
+    assert list(run.results()) == [0, -1, -2, -3, -4]
+    assert len(packed) == 1
+    bundle = runs.load_manifest(run._store, run.id).bundle
+    assert run._store.get(Layout.bundle(bundle)) == packed[0]
