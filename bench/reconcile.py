@@ -42,7 +42,8 @@ sys.path.insert(0, str(REPO))  # the project, and the emulator helpers that live
 
 from runner.engine.watch import Watcher
 from tests import emulators
-from worker.backends.local.queue import LocalEvents, LocalQueue
+from worker.backends.local.events import LocalEvents
+from worker.backends.local.queue import LocalQueue
 from worker.backends.local.store import LocalStore
 from worker.protocol import (
     AttemptStatus,

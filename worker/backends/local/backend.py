@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from worker.backends.base import Backends
+from worker.backends.local.events import LocalEvents
 from worker.backends.local.ledger import LocalLedger
-from worker.backends.local.queue import LocalEvents, LocalQueue
+from worker.backends.local.queue import LocalQueue
 from worker.backends.local.store import QUEUE_FILE, LocalStore
 from worker.clock import SYSTEM_CLOCK, Clock
 from worker.queue import EventBus

@@ -13,7 +13,8 @@ from __future__ import annotations
 import sqlite3
 
 from worker.backends.local.bell import ring
-from worker.backends.local.queue import INSERT_EVENT, INSERT_MESSAGE, event_row, message_row
+from worker.backends.local.events import INSERT_EVENT, event_row
+from worker.backends.local.queue import INSERT_MESSAGE, message_row
 from worker.backends.local.store import LocalStore
 from worker.ledger import Finished, Ledger, Ops, running_record, settle_one, started_event
 from worker.protocol import Event, Layout, WorkMessage
