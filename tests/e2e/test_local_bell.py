@@ -1,8 +1,10 @@
-"""The run's doorbell: a local worker whose settlement leaves its run with no message rings it,
-and the watch waiting on it looks at once instead of at its next pace."""
+"""The doorbells: a local worker whose settlement leaves its run with no message rings the run's,
+and the watch waiting on it looks at once instead of at its next pace; a publish rings its run's
+workers' work bells, and a worker waiting for work takes it at once instead of at its next poll."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -13,11 +15,14 @@ import pytest
 from runner.backends.local.fleet import LocalFleet
 from runner.engine import runs
 from runner.engine.watch import Snapshot, Watcher
-from tests.e2e.conftest import make_task
+from tests.e2e.conftest import make_task, wait_for
+from worker.backends.local import queue as local_queue
 from worker.backends.local.backend import local_run_events, open_local
-from worker.backends.local.bell import Bell, bell_path, ring
+from worker.backends.local.bell import Bell, bell_path, ring, ring_workers, work_bell
+from worker.backends.local.queue import LocalQueue
 from worker.ledger import Finished
 from worker.protocol import AttemptState, RunOptions, Shard, WorkMessage
+from worker.queue import Delivery
 
 pytestmark = pytest.mark.e2e
 
@@ -91,3 +96,43 @@ def test_the_watch_sees_the_end_when_the_last_shard_settles_not_at_its_next_look
         watching.join(60)
         events.close()
         fleet.close()
+
+
+def test_a_work_bell_rings_for_its_runs_workers_only_and_a_stale_one_is_passed_over(
+    tmp_path: Path,
+) -> None:
+    mine = Bell.open(tmp_path, work_bell("r-1", "local-0"))
+    other = Bell.open(tmp_path, work_bell("r-10", "local-0"))  # a run whose id starts alike
+    os.mkfifo(bell_path(tmp_path, work_bell("r-1", "local-9")))  # its worker was killed
+    assert mine is not None and other is not None
+    try:
+        ring_workers(tmp_path, ["r-1"])  # the stale one has no reader: passed over at once
+        assert mine.wait(30)
+        assert not other.wait(0)
+    finally:
+        mine.close()
+        other.close()
+
+
+def test_a_worker_waiting_for_work_takes_a_published_shard_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its polls a minute apart: only the ring can wake it before the test gives up."""
+    monkeypatch.setattr(local_queue, "POLL_FIRST", 60.0)
+    monkeypatch.setattr(local_queue, "POLL_MOST", 60.0)
+    path = tmp_path / "queue.db"
+    worker = LocalQueue(path, run_id="r-1")
+    got: list[Delivery] = []
+    waiting = threading.Thread(target=lambda: got.extend(worker.receive(1, 120, worker="w-0")))
+    waiting.start()
+    bell = bell_path(tmp_path, work_bell("r-1", "w-0"))
+    wait_for(bell.exists, 30, "the worker's work bell")
+    runner = LocalQueue(path)
+    message = WorkMessage(run_id="r-1", shard=Shard(id="s0", index=0).to_dict())
+    runner.publish([message])
+    waiting.join(30)
+    assert not waiting.is_alive(), "the published shard did not wake the waiting worker"
+    assert [d.message for d in got] == [message]
+    worker.close()
+    assert not bell.exists()  # its bell goes with the worker's queue
+    runner.close()

@@ -1,14 +1,19 @@
-"""A run's doorbell: a named pipe its runner waits on between looks, rung by the worker whose
-settlement left the run with no message (every shard committed or finally failed: the run may
-be over).
+"""Doorbells: named pipes a process waits on between looks, rung when the look is worth it.
 
-A runner watching a short run locally would otherwise see its end only at its next look (a few
-ms to a quarter of a second later); with the bell it looks at once. The bell is an optimisation
-only: a worker rings without waiting (nobody listening, a full pipe, no named pipes on this
-system: nothing happens), and a runner that has no bell looks at its own pace, as before.
+A run's bell is its runner's, rung by the worker whose settlement left the run with no message
+(every shard committed or finally failed: the run may be over). A runner watching a short run
+locally would otherwise see its end only at its next look (a few ms to a quarter of a second
+later); with the bell it looks at once.
 
+A worker's work bell (:func:`work_bell`) is its own, rung when its run's messages are published
+or put back: a worker waiting for work takes it at once instead of at its next poll (its first
+shards, published while it started, among them).
+
+A bell is an optimisation only: a ring never waits (nobody listening, a full pipe, no named
+pipes on this system: nothing happens), and a process that has no bell looks at its own pace.
 The pipes live in ``queue.db-bells/`` beside the queue's file (never listed as store objects),
-one per run, made and removed by the runner that waits on it.
+each made and removed by the process that waits on it (one killed leaves an empty pipe that
+nobody rings).
 """
 
 from __future__ import annotations
@@ -29,6 +34,23 @@ def bell_path(root: Path, run_id: str) -> Path:
     return root / BELLS / run_id
 
 
+def work_bell(run_id: str, worker: str) -> str:
+    """The name of ``worker``'s work bell, as one of ``run_id``'s workers."""
+    return f"{run_id}.{worker}"
+
+
+def ring_workers(root: Path, run_ids: Iterable[str]) -> None:
+    """Ring the work bells of these runs' workers; never blocks, never raises."""
+    prefixes = tuple({f"{run_id}." for run_id in run_ids})
+    if not prefixes:
+        return
+    try:
+        names = os.listdir(root / BELLS)
+    except OSError:  # no bells here
+        return
+    ring(root, [name for name in names if name.startswith(prefixes)])
+
+
 def ring(root: Path, run_ids: Iterable[str]) -> None:
     """Ring these runs' bells, where a runner waits on one; never blocks, never raises."""
     for run_id in run_ids:
@@ -45,8 +67,8 @@ def ring(root: Path, run_ids: Iterable[str]) -> None:
 
 
 class Bell:
-    """The bell of one run, as its runner waits on it; :meth:`open` gives None where this
-    system or folder has no named pipes."""
+    """A bell as its one listener waits on it (a run's, or a worker's work bell);
+    :meth:`open` gives None where this system or folder has no named pipes."""
 
     def __init__(self, path: Path, read_fd: int, keep_fd: int):
         self.path = path
@@ -56,8 +78,8 @@ class Bell:
         self._keep = keep_fd
 
     @classmethod
-    def open(cls, root: Path, run_id: str) -> Bell | None:
-        path = bell_path(root, run_id)
+    def open(cls, root: Path, name: str) -> Bell | None:
+        path = bell_path(root, name)
         if not hasattr(os, "mkfifo"):
             return None
         try:

@@ -20,28 +20,37 @@ The event bus beside it is :mod:`worker.backends.local.events`.
 from __future__ import annotations
 
 import secrets
+import threading
 from collections.abc import Iterable
 from itertools import islice
 from pathlib import Path
 
 from worker import defaults
+from worker.backends.local.bell import Bell, ring_workers, work_bell
 from worker.backends.local.db import Db
-from worker.clock import SYSTEM_CLOCK, Clock
+from worker.clock import SYSTEM_CLOCK, Clock, SystemClock
 from worker.protocol import WorkMessage
 from worker.queue import Delivery, QueueStats, WorkQueue
 
 FENCE_SECONDS = 30.0  # a fenced worker not stopped by then takes work again
 
 
-def backoff(clock: Clock, deadline: float, waited: int) -> bool:
-    """Sleep a little (1 ms, growing by half each time to 50 ms) unless the deadline passed;
-    False when it has. The first sleeps are short (a worker started just before its run's
-    first shards are published sees them a millisecond or two after); an empty look costs a
-    read, no lock (:meth:`LocalQueue._receive_now`)."""
+POLL_FIRST = 0.001  # seconds of the first pause between two empty looks
+POLL_MOST = 0.05  # and of the longest, each half again the one before
+
+
+def backoff(clock: Clock, deadline: float, waited: int, bell: Bell | None = None) -> bool:
+    """Pause a little (:data:`POLL_FIRST`, growing by half each time to :data:`POLL_MOST`)
+    unless the deadline passed; False when it has. ``bell``: the pause ends when it rings.
+    An empty look costs a read, no lock (:meth:`LocalQueue._receive_now`)."""
     remaining = deadline - clock.monotonic()
     if remaining <= 0:
         return False
-    clock.sleep(min(0.001 * 1.5**waited, 0.05, remaining))
+    pause = min(POLL_FIRST * 1.5**waited, POLL_MOST, remaining)
+    if bell is None:
+        clock.sleep(pause)
+    else:
+        bell.wait(pause)
     return True
 
 
@@ -83,6 +92,9 @@ class LocalQueue(WorkQueue):
         self.lease_seconds = lease_seconds
         self.max_deliveries = max_deliveries
         self.run_id = run_id
+        self._bell: Bell | None = None  # the work bell a worker of one run waits on
+        self._bell_lock = threading.Lock()
+        self._bell_tried = False
 
     @property
     def db(self) -> Db:
@@ -103,7 +115,13 @@ class LocalQueue(WorkQueue):
             with self._db.transaction() as conn:
                 conn.executemany(INSERT_MESSAGE, rows)
             count += len(rows)
+            if delay <= 0:
+                ring_workers(self._root, {m.run_id for m in batch})
         return count
+
+    @property
+    def _root(self) -> Path:
+        return self._db.path.parent
 
     def receive(
         self, max_messages: int, timeout: float, *, worker: str | None = None
@@ -112,9 +130,22 @@ class LocalQueue(WorkQueue):
         waited = 0
         while True:
             got = self._receive_now(max_messages, worker)
-            if got or not backoff(self._clock, deadline, waited):
+            if got or not backoff(self._clock, deadline, waited, self._work_bell(worker)):
                 return got
             waited += 1
+
+    def _work_bell(self, worker: str | None) -> Bell | None:
+        """The work bell of a worker of this queue's run, opened on its first wait (only
+        where time is the system's: a test's clock never waits on a pipe)."""
+        if self._bell_tried or self.run_id is None or worker is None:
+            return self._bell
+        if not isinstance(self._clock, SystemClock):
+            return None
+        with self._bell_lock:  # a worker's slots share its queue
+            if not self._bell_tried:
+                self._bell = Bell.open(self._root, work_bell(self.run_id, worker))
+                self._bell_tried = True
+        return self._bell
 
     def _receive_now(self, max_messages: int, worker: str | None) -> list[Delivery]:
         if max_messages < 1:
@@ -166,6 +197,8 @@ class LocalQueue(WorkQueue):
                 " WHERE id = ? AND lease = ?",
                 (self._clock.time() + delay, row_id, lease),
             )
+        if delay <= 0:
+            ring_workers(self._root, [delivery.message.run_id])
 
     def requeue(self, delivery: Delivery, message: WorkMessage, *, front: bool = False) -> None:
         # One update: the new body, a fresh delivery count, and (front) ahead of everything.
@@ -177,6 +210,7 @@ class LocalQueue(WorkQueue):
                 " worker = NULL WHERE id = ? AND lease = ?",
                 (message.to_json().decode(), at, row_id, lease),
             )
+        ring_workers(self._root, [message.run_id])
 
     def extend(self, delivery: Delivery, seconds: float) -> None:
         row_id, lease = delivery.handle
@@ -297,3 +331,7 @@ class LocalQueue(WorkQueue):
 
     def close(self) -> None:
         self._db.close()
+        with self._bell_lock:
+            if self._bell is not None:
+                self._bell.close()
+            self._bell, self._bell_tried = None, False
