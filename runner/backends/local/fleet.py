@@ -8,8 +8,6 @@ import logging
 import os
 import select
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -229,26 +227,24 @@ class LocalFleet(Fleet):
         for _ in range(count):
             name, n = self.registry.claim(self._next)
             self._next = n + 1
-            logs = self.root / "fleet" / "logs"
-            logs.mkdir(parents=True, exist_ok=True)
-            proc = self._start(name, logs / f"{name}.log")
-            self._procs[name] = proc
+            names.append(name)
+        logs = self.root / "fleet" / "logs"
+        procs = launching.start_workers([(self._args(n), logs / f"{n}.log") for n in names])
+        for i, (name, proc) in enumerate(zip(names, procs, strict=True)):
             start = proc.start if isinstance(proc, launching.ForkedWorker) else None
             try:
                 self.registry.record(name, proc.pid, start)
-            except OSError:  # an unregistered worker would be invisible: stop it
-                proc.kill()
-                proc.wait()
-                self._procs.pop(name, None)
+            except OSError:  # an unregistered worker would be invisible: stop it and the rest
+                for unrecorded in procs[i:]:
+                    unrecorded.kill()
+                    unrecorded.wait()
                 raise
+            self._procs[name] = proc
             self._born[name] = time.monotonic()
-            names.append(name)
         return names
 
-    def _start(self, name: str, log_path: Path) -> _Process:
-        """Worker ``name``: forked by this thread's launcher if it has one (a run made from
-        Python), else a new interpreter."""
-        args = [
+    def _args(self, name: str) -> list[str]:
+        return [
             "--backend",
             "local",
             "--store",
@@ -262,20 +258,6 @@ class LocalFleet(Fleet):
             *(["--run", self.run_id] if self.run_id else []),
             *self.extra_args,
         ]
-        launcher = launching.current()
-        if launcher is not None:
-            try:
-                return launcher.fork_worker(args, log_path)
-            except OSError as exc:  # the launcher is gone: a new interpreter does the same
-                log.debug("spawning worker %s: %s", name, exc)
-        with log_path.open("ab") as out:
-            return subprocess.Popen(
-                [sys.executable, "-m", "worker", *args],
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
 
     def delete(self, names: Iterable[str]) -> None:
         entries = self.registry.entries()

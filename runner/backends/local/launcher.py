@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import select
 import signal
@@ -51,6 +52,8 @@ import worker
 from worker import cli  # loaded in the caller, so neither the launcher nor a worker loads it
 from worker.backends.local.db import close_before_fork
 from worker.executors.host import fresh_interpreter, to_devnull
+
+logger = logging.getLogger("cflow.runner")
 
 THREAD_EXIT_SECONDS = 0.05  # how long an ended thread may take to leave /proc/self/task
 FORK_ENV = "CFLOW_FORK_WORKERS"  # "0": always start local workers as new interpreters
@@ -167,23 +170,32 @@ class Launcher:
         os.close(rep_w)
         return cls(pid, req_w, rep_r)
 
-    def fork_worker(self, args: list[str], log: Path) -> ForkedWorker:
-        """A worker running ``python -m worker ARGS`` with its output appended to ``log``.
+    def fork_workers(self, workers: list[tuple[list[str], Path]]) -> list[ForkedWorker | OSError]:
+        """Workers running ``python -m worker ARGS``, each with its output appended to its
+        log, asked for at once (one trip to the launcher, not one each); each the worker, or
+        why the launcher could not start it (the caller then spawns that one).
 
         Raises:
-            OSError: the launcher is gone (the caller then spawns the worker).
+            OSError: the launcher is gone (the caller then spawns them all).
         """
+        requests = b"".join(
+            json.dumps({"args": args, "log": str(log)}).encode() + b"\n" for args, log in workers
+        )
         with self._lock:
             if self._closed:
                 raise OSError("the launcher was closed")
-            os.write(self._requests, json.dumps({"args": args, "log": str(log)}).encode() + b"\n")
-            line = self._replies.readline()
-        if not line:
-            raise OSError("the launcher exited")
-        reply = json.loads(line)
-        if "error" in reply:
-            raise OSError(reply["error"])
-        return ForkedWorker(int(reply["pid"]), int(reply["start"]))
+            os.write(self._requests, requests)
+            lines = [self._replies.readline() for _ in workers]
+        out: list[ForkedWorker | OSError] = []
+        for line in lines:
+            if not line:
+                raise OSError("the launcher exited")
+            reply = json.loads(line)
+            if "error" in reply:
+                out.append(OSError(reply["error"]))
+            else:
+                out.append(ForkedWorker(int(reply["pid"]), int(reply["start"])))
+        return out
 
     def close(self) -> None:
         """The launcher exits (its workers go on); waits for it."""
@@ -195,6 +207,39 @@ class Launcher:
             self._replies.close()
         with contextlib.suppress(ChildProcessError):
             os.waitpid(self.pid, 0)
+
+
+def start_workers(
+    workers: list[tuple[list[str], Path]],
+) -> list[ForkedWorker | subprocess.Popen[bytes]]:
+    """Workers running ``python -m worker ARGS``, each with its output appended to its log:
+    forked by this thread's launcher if it has one (a run made from Python), all asked for at
+    once; else, or where it could not, new interpreters."""
+    forked: list[ForkedWorker | OSError] = [OSError("no launcher")] * len(workers)
+    launcher = current()
+    if launcher is not None:
+        try:
+            forked = launcher.fork_workers(workers)
+        except OSError as exc:  # the launcher is gone: new interpreters do the same
+            forked = [exc] * len(workers)
+    procs: list[ForkedWorker | subprocess.Popen[bytes]] = []
+    for (args, log), got in zip(workers, forked, strict=True):
+        if isinstance(got, ForkedWorker):
+            procs.append(got)
+            continue
+        if launcher is not None:
+            logger.debug("spawning a worker: %s", got)
+        with log.open("ab") as out:
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "worker", *args],
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
+    return procs
 
 
 @contextlib.contextmanager
