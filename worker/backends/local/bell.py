@@ -22,6 +22,7 @@ import contextlib
 import errno
 import os
 import select
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -118,3 +119,30 @@ class Bell:
         for fd in (self._read, self._keep):
             with contextlib.suppress(OSError):
                 os.close(fd)
+
+
+class WorkBell:
+    """The work bell of a worker of one run, as its queue waits on it: opened on the first
+    wait (the worker's name is known then), shared by the worker's slots, gone on close."""
+
+    def __init__(self, root: Path, run_id: str):
+        self._root = root
+        self._run_id = run_id
+        self._bell: Bell | None = None
+        self._tried = False
+        self._lock = threading.Lock()
+
+    def of(self, worker: str) -> Bell | None:
+        """The bell ``worker`` waits on (None where there are no named pipes)."""
+        if not self._tried:
+            with self._lock:
+                if not self._tried:
+                    self._bell = Bell.open(self._root, work_bell(self._run_id, worker))
+                    self._tried = True
+        return self._bell
+
+    def close(self) -> None:
+        with self._lock:
+            if self._bell is not None:
+                self._bell.close()
+            self._bell, self._tried = None, False

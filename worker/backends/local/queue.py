@@ -20,13 +20,12 @@ The event bus beside it is :mod:`worker.backends.local.events`.
 from __future__ import annotations
 
 import secrets
-import threading
 from collections.abc import Iterable
 from itertools import islice
 from pathlib import Path
 
 from worker import defaults
-from worker.backends.local.bell import Bell, ring_workers, work_bell
+from worker.backends.local.bell import Bell, WorkBell, ring_workers
 from worker.backends.local.db import Db
 from worker.clock import SYSTEM_CLOCK, Clock, SystemClock
 from worker.protocol import WorkMessage
@@ -92,9 +91,13 @@ class LocalQueue(WorkQueue):
         self.lease_seconds = lease_seconds
         self.max_deliveries = max_deliveries
         self.run_id = run_id
-        self._bell: Bell | None = None  # the work bell a worker of one run waits on
-        self._bell_lock = threading.Lock()
-        self._bell_tried = False
+        # A worker of one run waits for work on its bell (only where time is the system's:
+        # a test's clock never waits on a pipe).
+        self._bell = (
+            WorkBell(self._root, run_id)
+            if run_id is not None and isinstance(clock, SystemClock)
+            else None
+        )
 
     @property
     def db(self) -> Db:
@@ -130,22 +133,10 @@ class LocalQueue(WorkQueue):
         waited = 0
         while True:
             got = self._receive_now(max_messages, worker)
-            if got or not backoff(self._clock, deadline, waited, self._work_bell(worker)):
+            bell = self._bell.of(worker) if self._bell is not None and worker else None
+            if got or not backoff(self._clock, deadline, waited, bell):
                 return got
             waited += 1
-
-    def _work_bell(self, worker: str | None) -> Bell | None:
-        """The work bell of a worker of this queue's run, opened on its first wait (only
-        where time is the system's: a test's clock never waits on a pipe)."""
-        if self._bell_tried or self.run_id is None or worker is None:
-            return self._bell
-        if not isinstance(self._clock, SystemClock):
-            return None
-        with self._bell_lock:  # a worker's slots share its queue
-            if not self._bell_tried:
-                self._bell = Bell.open(self._root, work_bell(self.run_id, worker))
-                self._bell_tried = True
-        return self._bell
 
     def _receive_now(self, max_messages: int, worker: str | None) -> list[Delivery]:
         if max_messages < 1:
@@ -331,7 +322,5 @@ class LocalQueue(WorkQueue):
 
     def close(self) -> None:
         self._db.close()
-        with self._bell_lock:
-            if self._bell is not None:
-                self._bell.close()
-            self._bell, self._bell_tried = None, False
+        if self._bell is not None:
+            self._bell.close()
