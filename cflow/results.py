@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import base64
 import pickle
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, overload
 
 from cflow.chunks import ValueFile, committed_items, failed_items, read_log, span
 from cflow.errors import ShardFailed, shard_failed
 from cflow.shipping import item_of
-from worker.protocol import Layout, Shard, ShardFailure, ShardResult
+from runner.engine import runs
+from worker.errors import RunStateError
+from worker.protocol import Layout, Manifest, RunState, Shard, ShardFailure, ShardResult
 from worker.pyfunc import VALUE_FILE
 from worker.store import Store
 
@@ -68,6 +70,30 @@ def _value(store: Store, run_id: str, shard_id: str, record: bytes) -> Any:
     key = Layout.outputs(run_id, shard_id, result.attempt) + str(kept.get("file", VALUE_FILE))
     stored = Stored(store, key)
     return stored if int(kept.get("size", 0)) > LAZY_BYTES else stored.load()
+
+
+def run_values(
+    store: Store, manifest: Manifest, return_exceptions: bool, unit: Callable[[], str]
+) -> Results:
+    """A finished run's values in input order (:func:`collect`).
+
+    Raises:
+        ShardFailed: as :func:`collect`.
+        RunStateError: the run was cancelled before every ``unit`` (its shards: "items" or
+            "chunks of items") was done.
+    """
+    run_id = manifest.run_id
+    done = runs.committed(store, run_id)
+    failed = runs.failed(store, run_id) - done
+    if manifest.state == RunState.CANCELLED.value and len(done) + len(failed) < (
+        manifest.shard_count
+    ):
+        raise RunStateError(
+            f"run {run_id} was cancelled with {len(done)} of {manifest.shard_count} {unit()}"
+            f" done; `runner retry {run_id}` runs the rest",
+            run_id=run_id,
+        )
+    return collect(store, run_id, runs.iter_shards(store, run_id), done, return_exceptions)
 
 
 def collect(

@@ -14,8 +14,8 @@ from cflow.results import (
     Progress,
     Results,
     Stored,
-    collect,
     completed,
+    run_values,
 )
 from cflow.shipping import ItemFeed
 from cflow.tally import ItemTally, item_tally
@@ -25,7 +25,6 @@ from runner.config import Config
 from runner.engine import runs
 from runner.engine.cache import cached_count
 from runner.engine.deployment import Deployment
-from worker.errors import RunStateError
 from worker.protocol import Manifest, RunState, Shard
 
 PACE = 0.2  # seconds between looks while waiting in the caller's thread (Ctrl-C is seen then)
@@ -216,22 +215,13 @@ class Run:
             RunStateError: the run was cancelled before every item was done.
         """
         self._wait()
-        manifest = self._manifest()
-        store = self._store
-        done = runs.committed(store, self.id)
-        failed = runs.failed(store, self.id) - done
-        if manifest.state == RunState.CANCELLED.value and len(done) + len(failed) < (
-            manifest.shard_count
-        ):
-            what = "chunks of items" if self._tally() is not None else "items"
-            raise RunStateError(
-                f"run {self.id} was cancelled with {len(done)} of {manifest.shard_count} {what}"
-                f" done; `runner retry {self.id}` runs the rest",
-                run_id=self.id,
-            )
         try:
-            shards = runs.iter_shards(store, self.id)
-            return collect(store, self.id, shards, done, return_exceptions)
+            return run_values(
+                self._store,
+                self._manifest(),
+                return_exceptions,
+                lambda: "chunks of items" if self._tally() is not None else "items",
+            )
         finally:
             self._close_here()
 
