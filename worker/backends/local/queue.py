@@ -34,18 +34,19 @@ from worker.queue import Delivery, QueueStats, WorkQueue
 FENCE_SECONDS = 30.0  # a fenced worker not stopped by then takes work again
 
 
-POLL_FIRST = 0.001  # seconds of the first pause between two empty looks
-POLL_MOST = 0.05  # and of the longest, each half again the one before
+POLL_FIRST = 0.002  # seconds of the first pause between two empty looks
+POLL_MOST = 0.05  # and of the longest, each twice the one before
 
 
 def backoff(clock: Clock, deadline: float, waited: int, bell: Bell | None = None) -> bool:
-    """Pause a little (:data:`POLL_FIRST`, growing by half each time to :data:`POLL_MOST`)
-    unless the deadline passed; False when it has. ``bell``: the pause ends when it rings.
-    An empty look costs a read, no lock (:meth:`LocalQueue._receive_now`)."""
+    """Pause a little (:data:`POLL_FIRST`, doubling each time to :data:`POLL_MOST`) unless
+    the deadline passed; False when it has. ``bell``: the pause ends when it rings (a worker
+    waiting for work: its run's shards are taken as they are published, not at the next
+    look). An empty look costs a read, no lock (:meth:`LocalQueue._receive_now`)."""
     remaining = deadline - clock.monotonic()
     if remaining <= 0:
         return False
-    pause = min(POLL_FIRST * 1.5**waited, POLL_MOST, remaining)
+    pause = min(POLL_FIRST * 2**waited, POLL_MOST, remaining)
     if bell is None:
         clock.sleep(pause)
     else:
