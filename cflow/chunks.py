@@ -106,13 +106,13 @@ class Chunking:
         """Chunk shards of the items' pickles (``(index, pickle)`` in input order); the
         shard's index is the chunk's, its id the zero-padded index."""
         chunk: list[bytes] = []
-        first, held, number = 0, 0, 0
+        first, held, number, size = 0, 0, 0, 0
         for index, data in pickled:
             if not chunk:
-                first = index
+                first, size = index, self.size(index)  # once a chunk, not once an item
             chunk.append(data)
             held += len(data)
-            if len(chunk) >= self.size(first) or held >= CHUNK_BYTES:
+            if len(chunk) >= size or held >= CHUNK_BYTES:
                 yield self._shard(number, first, chunk, store, run_id)
                 chunk, held, number = [], 0, number + 1
         if chunk:
