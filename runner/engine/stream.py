@@ -257,7 +257,7 @@ class _Reader:
             return batch
         if self._inline:
             self._inline = False
-            return self._read_inline(batch)
+            return self._read_inline(batch, clock)
         if self._thread is None:
             self._start()
         started: float | None = None
@@ -288,11 +288,15 @@ class _Reader:
                 started = clock.monotonic()
         return batch
 
-    def _read_inline(self, batch: _Batch) -> _Batch:
-        """The first batch, read here: up to a publish batch, or until the stream ends or
-        raises (raised at the next batch, as the thread's reading would)."""
+    def _read_inline(self, batch: _Batch, clock: Clock) -> _Batch:
+        """The first batch, read here: up to a publish batch, what is read within
+        :data:`BATCH_SECONDS` (large items, each stored as it is read, take time), or until
+        the stream ends or raises (raised at the next batch, as the thread's reading would)."""
         weight = 0
+        until = clock.monotonic() + BATCH_SECONDS
         while len(batch) < defaults.PUBLISH_BATCH and weight < BATCH_BYTES:
+            if batch and clock.monotonic() >= until:
+                break
             try:
                 shard = next(self._source)
             except StopIteration:

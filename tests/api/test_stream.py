@@ -16,7 +16,7 @@ from runner.engine.runs import iter_shards, load_manifest
 from runner.engine.stream import _Reader, start_stream
 from tests.e2e.conftest import Cli, wait_for
 from worker.backends.local.backend import open_local
-from worker.clock import SYSTEM_CLOCK
+from worker.clock import SYSTEM_CLOCK, FakeClock
 from worker.protocol import RunOptions, Shard
 from worker.store import Store
 
@@ -157,3 +157,19 @@ def test_what_a_stream_in_memory_raises_is_raised_once_what_came_before_went_out
     assert isinstance(reader.failed, ValueError)
     with pytest.raises(ValueError, match="item 3"):
         reader.batch(SYSTEM_CLOCK, lambda: False)
+
+
+def test_a_slow_stream_in_memory_sends_its_first_batch_once_it_is_a_batch_time_old() -> None:
+    """Large items are stored as they are read: the first batch goes out what was read within
+    a batch's time, as the reading thread's would."""
+    clock = FakeClock()
+
+    def slow() -> Iterator[Shard]:
+        for shard in _numbered(2500):
+            clock.advance(0.1)  # each shard a tenth of a second to read
+            yield shard
+
+    reader = _Reader(slow(), first_inline=True)
+    first = reader.batch(clock, lambda: False)
+    assert len(first) == 3 and not first.ended  # 0.1, 0.2, then 0.3 s: past BATCH_SECONDS
+    assert [s.index for s in first] == [0, 1, 2]
