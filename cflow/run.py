@@ -230,8 +230,9 @@ class Run:
         look opens them again). Closed now, while the run's workers still have the file open,
         a close is cheap; left to the collector, a script's next map closes them before it
         forks, the last to the file folding its log in (milliseconds on that map's start)."""
-        if self._dep is not None:
-            self._dep.close()
+        if self._dep is not None:  # the next look opens one afresh (closed clients stay so)
+            dep, self._dep = self._dep, None
+            dep.close()
 
     def as_completed(self) -> Iterator[tuple[Any, Any]]:
         """``(item, value)`` as each item's shard commits; a failed item raises its

@@ -37,6 +37,9 @@ def test_as_completed_yields_every_item_with_its_value(backend: dict[str, Any]) 
     assert (progress.total, progress.succeeded, progress.failed) == (4, 4, 0)
     assert not progress.publishing
     assert list(run.results()) == ["A", "B", "C", "D"]
+    # Reading the values let go of this process's connections; a later look opens its own.
+    assert run.progress().succeeded == 4
+    assert list(run.results()) == ["A", "B", "C", "D"]
 
 
 def test_a_helper_module_that_is_not_installed_goes_by_value(

@@ -169,7 +169,8 @@ def _begin(conn: sqlite3.Connection) -> None:
                 conn.execute("BEGIN IMMEDIATE")
                 return
             except sqlite3.OperationalError as exc:
-                if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY or time.monotonic() >= deadline:
+                busy = exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_BUSY  # or an extended one
+                if not busy or time.monotonic() >= deadline:
                     break
             time.sleep(pause)
             pause = min(pause * 2, 0.001)
