@@ -189,6 +189,7 @@ class LocalFleet(Fleet):
 
     def _gone(self, name: str) -> None:
         """A worker process ended: free its leases first, then its name."""
+        log.debug("worker %s is gone: its leases and its name are let go", name)
         born = self._born.pop(name, None)
         if born is not None and name not in self._stopping:
             proc = self._procs.get(name)
@@ -264,8 +265,10 @@ class LocalFleet(Fleet):
         for name in names:
             pid, start = entries.get(name, (None, None))
             if pid is None:
+                log.info("not stopping worker %s: it is not registered (any more)", name)
                 continue
             if name not in self._procs and not self.registry.alive(name, pid, start):
+                log.info("not stopping worker %s: pid %d is not that worker (any more)", name, pid)
                 continue  # a reused pid: not ours to signal
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
