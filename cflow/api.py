@@ -20,7 +20,7 @@ from cflow.run import Run
 from cflow.shipping import ItemFeed, make_task, task_dir
 from runner import config as config_mod
 from runner.backends.gcp.wheels import VM_PYTHON
-from runner.backends.local.launcher import Launcher, used_by_this_thread
+from runner.backends.local import launcher as launching
 from runner.config import Config, load_outputs
 from runner.finish import Outcome, quiet
 from runner.preflight import early_workers
@@ -221,14 +221,14 @@ def _drive(
     # Local workers forked from this process, which has their code loaded, rather than new
     # interpreters; decided here, before the run's thread exists (None where not safe). The
     # workers the run starts early (runner.preflight) wait forked ahead in the launcher.
-    launcher = None
+    launcher, early = None, 0
     if config.is_local:
         early = early_workers(request, request.workers or _default_workers(config))
-        launcher = Launcher.start(standby=early)
+        launcher = launching.for_run(ahead=early)
 
     def body(d: Driver) -> Outcome | None:
         try:
-            with used_by_this_thread(launcher):
+            with launching.used_by_this_thread(launcher):
                 return engine_submit(
                     request,
                     config,
@@ -240,7 +240,7 @@ def _drive(
         finally:
             folder.cleanup()
             if launcher is not None:
-                launcher.close()
+                launching.after_run(launcher, early)
 
     driver.start(body)
     return driver

@@ -13,10 +13,16 @@ workers forked from it, and what it prints about them as one JSON line.
     python fork_script.py threaded STORE       the same while another thread runs
     python fork_script.py again STORE          maps one after another into one store, each
                                                with forked workers
+    python fork_script.py kept STORE           three maps through one kept launcher, the
+                                               caller's environment, folder and import path
+                                               changed before each
+    python fork_script.py replaced STORE       a kept launcher killed between maps, a forked
+                                               child's maps, a caller too large to keep one
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -29,6 +35,7 @@ from typing import Any
 
 import cflow
 from cflow.driver import let_go
+from runner.backends.local import launcher as launching
 from runner.backends.local.fleet import LocalFleet
 from runner.backends.local.launcher import (
     Launcher,
@@ -199,6 +206,107 @@ def again(store: Path) -> None:
     say(values=values, forked=forked, left_open=left_open)
 
 
+def look(_: int) -> dict[str, Any]:
+    """What a worker was started with, as its task host sees it: an environment variable, a
+    module found on the import path alone, and the worker's working folder."""
+    import importlib
+
+    try:
+        module: Any = importlib.import_module("cflow_kept_mark").VALUE
+    except ImportError:
+        module = None
+    fds = Path("/proc/self/fd")
+    logs = []  # where the host writes between tasks: its worker's log
+    for fd in os.listdir(fds):
+        with contextlib.suppress(OSError):
+            if "/fleet/logs/" in (target := os.readlink(fds / fd)):
+                logs.append(target)
+    return {
+        "env": os.environ.get("CFLOW_KEPT_MARK"),
+        "module": module,
+        "worker_cwd": os.readlink(f"/proc/{os.getppid()}/cwd"),
+        "worker": os.getppid(),
+        "host_logs": sorted(set(logs)),
+        "worker_log": os.readlink(f"/proc/{os.getppid()}/fd/2"),
+    }
+
+
+def waiting_ahead(launcher: launching.Launcher) -> dict[int, list[int]]:
+    """The launcher's workers forked ahead, each with its spare task hosts."""
+    return {pid: reaper.children(pid) for pid in reaper.children(launcher.pid)}
+
+
+def kept(store: Path) -> None:
+    """Each map changes the caller first: its workers must see the caller as it is then, not
+    as it was when the launcher was forked (before the first map)."""
+    rounds = []
+    for k in range(3):
+        folder = store / f"folder-{k}"
+        folder.mkdir(parents=True)
+        (folder / "cflow_kept_mark.py").write_text(f"VALUE = {k}\n")
+        sys.path.insert(0, str(folder))
+        os.environ["CFLOW_KEPT_MARK"] = str(k)
+        os.chdir(folder)
+        values = list(cflow.map(look, [0, 1], store=store / "s", workers=2, progress=False))
+        let_go()
+        launcher = launching._kept
+        assert launcher is not None, "a small caller keeps its launcher"
+        ahead = waiting_ahead(launcher)
+        rounds.append({"values": values, "launcher": launcher.pid, "ahead": ahead})
+        sys.path.remove(str(folder))
+    say(rounds=rounds, folders=[str(store / f"folder-{k}") for k in range(3)])
+
+
+def replaced(store: Path) -> None:
+    values = list(cflow.map(abs, [-1, -2], store=store, workers=2, progress=False))
+    let_go()
+    first = launching._kept
+    assert first is not None
+    first_ahead = waiting_ahead(first)
+    os.kill(first.pid, signal.SIGKILL)
+    while process_start(first.pid) is not None:
+        time.sleep(0.01)
+    values += cflow.map(abs, [-3, -4], store=store, workers=2, progress=False)
+    let_go()
+    second = launching._kept
+    assert second is not None
+    # A child forked from this process maps with a launcher of its own, never its parent's.
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            got = list(cflow.map(abs, [-5, -6], store=store, workers=2, progress=False))
+            let_go()
+            own = launching._kept
+            os.write(write, json.dumps({"values": got, "launcher": own and own.pid}).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write)
+    with os.fdopen(read) as fh:
+        in_child = json.loads(fh.read() or "{}")
+    os.waitpid(child, 0)
+    values += cflow.map(abs, [-7, -8], store=store, workers=2, progress=False)
+    let_go()
+    after_child = launching._kept.pid if launching._kept is not None else None
+    # A caller larger than the limit: its launcher exits after the run, none is kept.
+    launching.close_kept()
+    launching.KEEP_RSS = 0
+    values += cflow.map(abs, [-9, -10], store=store, workers=2, progress=False)
+    let_go()
+    say(
+        values=values,
+        first=first.pid,
+        first_ahead=first_ahead,
+        second=second.pid,
+        after_child=after_child,
+        child=in_child,
+        kept_when_large=launching._kept is not None,
+        children_when_large=reaper.children(os.getpid()),
+    )
+
+
 def threaded(store: Path) -> None:
     release = threading.Event()
     other = threading.Thread(target=release.wait)
@@ -226,5 +334,9 @@ if __name__ == "__main__":
         drawn(where)
     elif mode == "again":
         again(where)
+    elif mode == "kept":
+        kept(where)
+    elif mode == "replaced":
+        replaced(where)
     else:
         threaded(where)

@@ -8,6 +8,7 @@ other threads spawns its workers as before. Each case runs the caller as a scrip
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import os
 import select
@@ -316,4 +317,54 @@ def test_maps_one_after_another_into_one_store_each_fork_their_workers(
     assert shown["values"] == [list(range(2000, 0, -1))] * 4
     assert shown["forked"] == [True] * 4  # each map after the first forked its workers too
     assert shown["left_open"] == [[]] * 4
+    assert proc.wait(EXIT_SECONDS) == 0
+
+
+def test_a_kept_launcher_starts_each_runs_workers_as_the_caller_is_then(
+    tmp_path: Path, procs: list[subprocess.Popen[str]]
+) -> None:
+    """One launcher serves a script's maps one after another, with as many workers forked
+    ahead again after each (each with its spare task host); yet every map's workers have the
+    environment, working folder and import path the caller has at that map, not those it had
+    when the launcher was forked; and a task host forked ahead writes its own output to its
+    worker's log, as one forked later does."""
+    proc = _script("kept", str(tmp_path))
+    procs.append(proc)
+    shown = _line(proc)
+    rounds, folders = shown["rounds"], shown["folders"]
+    assert len({r["launcher"] for r in rounds}) == 1, rounds  # the same launcher throughout
+    used: set[int] = set()
+    for k, r in enumerate(rounds):
+        for value in r["values"]:
+            assert value["env"] == str(k) and value["module"] == k, (k, r)
+            assert value["worker_cwd"] == folders[k], (k, r)
+            # A host forked ahead, before its worker had a log, writes its own there too.
+            assert value["host_logs"] == [value["worker_log"]], value
+            used.add(value["worker"])
+        assert len(r["ahead"]) == 2, r  # forked ahead again once the run let its workers go
+        assert all(len(hosts) == 1 for hosts in r["ahead"].values()), r  # a spare host each
+    # The workers of each map were those waiting ahead after the map before.
+    for before, after in itertools.pairwise(rounds):
+        assert {v["worker"] for v in after["values"]} <= {int(p) for p in before["ahead"]}
+    assert proc.wait(EXIT_SECONDS) == 0
+
+
+def test_a_launcher_gone_or_not_ours_is_replaced_and_a_large_callers_is_not_kept(
+    tmp_path: Path, procs: list[subprocess.Popen[str]]
+) -> None:
+    """A kept launcher that was killed is replaced at the next map (its workers waiting ahead
+    go with it); a child forked from the caller maps with a launcher of its own and leaves the
+    parent's to the parent; a caller using more memory than the limit keeps none (its
+    launcher exits after its run, as launchers did before they were kept)."""
+    proc = _script("replaced", str(tmp_path / "store"))
+    procs.append(proc)
+    shown = _line(proc)
+    assert shown["values"] == [1, 2, 3, 4, 7, 8, 9, 10]
+    assert shown["second"] != shown["first"]
+    for pid in shown["first_ahead"]:
+        assert process_start(int(pid)) is None, "a worker ahead outlived its killed launcher"
+    child = shown["child"]
+    assert child["values"] == [5, 6] and child["launcher"] not in (None, shown["second"])
+    assert shown["after_child"] == shown["second"]
+    assert not shown["kept_when_large"] and shown["children_when_large"] == []
     assert proc.wait(EXIT_SECONDS) == 0

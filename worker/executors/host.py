@@ -134,7 +134,10 @@ def _end_on_hangup(fd: int) -> None:
 
 def serve(task_dir: Path | None, *, hangup: bool = False) -> None:
     """Serve shards of ``task_dir``; with None (a spare host, started before any shard was
-    received) the first line names the task: {"task": DIR, "path": [...], "env": {...}}.
+    received) the first line names the task: {"task": DIR, "path": [...], "env": {...}}, and
+    for one forked from its worker, the worker's import path ("sys_path"), which may have
+    changed since the fork, and, for one forked before its worker had a log, the log
+    ("stderr").
     With ``hangup``, end at once when the requests' writer is gone (see the module's notes)."""
     reaper.die_with_parent()
     reaper.become_subreaper()
@@ -150,8 +153,17 @@ def serve(task_dir: Path | None, *, hangup: bool = False) -> None:
         if not first:
             return
         load = json.loads(first)
+        os.environ.clear()  # the task's environment as it is now, not the one we started in
         os.environ.update(load["env"])
+        if "sys_path" in load:  # forked ahead: the import path of the worker as it is now
+            sys.path[:] = load["sys_path"]
+            extra = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+            sys.path[0:0] = [p for p in extra if p and p not in sys.path]
         sys.path[0:0] = load["path"]
+        if "stderr" in load:  # started before its worker had a log: its own errors go there
+            fd = os.open(load["stderr"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            os.dup2(fd, 2)
+            os.close(fd)
         os.chdir(load["task"])
         task_dir = Path(load["task"])
     # Keep the task's own prints (at import and later) out of the reply channel.

@@ -133,6 +133,9 @@ class _Spares:
     def __init__(self) -> None:
         self._procs: list[HostProcess] = []
         self._lock = threading.Lock()
+        # The worker's log, where spares forked before the worker had one (a launcher's worker
+        # forked ahead) write their own errors once told their task.
+        self.log: str | None = None
 
     def start(self, count: int) -> None:
         env = dict(os.environ)
@@ -216,11 +219,15 @@ def start_host(bundle: UnpackedBundle, env: dict[str, str]) -> HostProcess:
     """A host process for ``bundle``: a spare told its task, else a new one."""
     spare = SPARE_HOSTS.take()
     if spare is not None:
-        load = {
+        load: dict[str, Any] = {
             "task": str(bundle.root),
             "path": bundle.python_path().split(os.pathsep),
             "env": env,
         }
+        if isinstance(spare, ForkedHost):  # as a host forked now would have it
+            load["sys_path"] = list(sys.path)
+            if SPARE_HOSTS.log is not None:
+                load["stderr"] = SPARE_HOSTS.log
         assert spare.stdin is not None
         try:
             spare.stdin.write(json.dumps(load).encode() + b"\n")

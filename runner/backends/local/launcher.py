@@ -2,10 +2,11 @@
 
 A run made from Python (``cflow``) is watched by a process that has imported most of what a
 worker runs; starting each worker as ``python -m worker`` spends a fresh interpreter's start and
-imports on it, most of a short run's time. A :class:`Launcher` is forked from the caller once,
-before the run's thread starts and only while the caller has one thread (a fork copies every
-lock another thread may hold at that moment, held for ever in the child); it never starts a
-thread itself, so each worker it forks on request starts from a one-thread process.
+imports on it, most of a short run's time. A :class:`Launcher` is forked from the caller before
+the run's thread starts and only while the caller has one thread (a fork copies every lock
+another thread may hold at that moment, held for ever in the child); it never starts a thread
+itself, so each worker it forks on request starts from a one-thread process (its own loop:
+:mod:`runner.backends.local.launcher_process`).
 
 Before the fork the caller closes its connections to any store's SQLite file (they open again
 when next used): a worker's own connection to a file the caller had open would otherwise share
@@ -13,26 +14,39 @@ the SQLite state the fork copied, locks the child does not hold included, and co
 write-ahead log (``worker.backends.local.db.close_before_fork``). The launcher drops every
 descriptor it inherited (each pointed at ``/dev/null``, so a stale file
 object of the caller's that is collected later closes a ``/dev/null``, never a descriptor the
-worker has opened since). A worker it forks becomes one as ``python -m worker ARGS`` would: its
-own session (Ctrl-C in the caller's terminal does not reach it), stdin from ``/dev/null``, stdout
-and stderr to its log, the signal handlers and mask of a new interpreter, none of the caller's
-logging handlers, and it ends with ``os._exit`` (the caller's ``atexit`` handlers and finalizers
-never run in it). Its command line is still the caller's, so the fleet's registry records its
-start time (``/proc/PID/stat``) to recognise it, pid and start time naming one process.
+worker has opened since). A worker it forks becomes one as ``python -m worker ARGS`` would,
+started by the caller as it is at that moment: the caller's environment, working folder and
+import path (sent with each request), its own session (Ctrl-C in the caller's terminal does not
+reach it), stdin from ``/dev/null``, stdout and stderr to its log, the signal handlers and mask
+of a new interpreter, none of the caller's logging handlers, and it ends with ``os._exit`` (the
+caller's ``atexit`` handlers and finalizers never run in it). Its command line is still the
+caller's, so the fleet's registry records its start time (``/proc/PID/stat``) to recognise it,
+pid and start time naming one process.
 
 The run says how many workers it is sure to need (``runner.preflight.early_workers``: the items'
-chunks, at most its workers) and the launcher forks that many ahead, as it starts, while the
-caller bundles and makes the run; each waits on a pipe of its own to be told its arguments, so
-the run's first workers are there the moment it asks (a fork of the launcher takes several
-milliseconds), and one never asked for exits when the launcher closes. The launcher loads the
-worker's code in the caller's process (this module imports it), not after the fork.
+chunks, at most its workers) and the launcher forks that many ahead, each with a spare task host
+of its own, while the caller bundles and makes the run; each waits on a pipe of its own to be
+told its arguments, so the run's first workers are there the moment it asks, and one never asked
+for exits when the launcher does. The launcher loads the worker's code in the caller's process
+(this module imports it), not after the fork.
+
+A launcher is kept from one run to the next (:func:`for_run`, :func:`after_run`), forking as
+many ahead again once a run has let its workers go: a script's or a loop's later maps then find
+their workers waiting, and no fork of the caller is made for them. What a kept launcher holds
+is the caller's memory as it was when forked, shared until the caller changes or frees it; so
+only a launcher forked from a caller using at most :data:`KEEP_RSS` bytes is kept (a larger one
+exits after its run, as every launcher did before), and a kept one exits after
+:data:`~runner.backends.local.launcher_process.IDLE_SECONDS` without a run.
 
 Where forking is not safe (other threads, a Jupyter kernel, a system without ``fork``), or with
-``CFLOW_FORK_WORKERS=0``, :meth:`Launcher.start` returns None and workers are spawned as before.
+``CFLOW_FORK_WORKERS=0``, no launcher is started and workers are spawned as before; a launcher
+kept from earlier goes on serving a caller that has threads since (it has one, and forks from
+itself).
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import logging
@@ -43,35 +57,20 @@ import subprocess
 import sys
 import threading
 import time
-import traceback
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import worker
-from worker import cli  # loaded in the caller, so neither the launcher nor a worker loads it
+from runner.backends.local.launcher_process import process_start, serve
 from worker.backends.local.db import close_before_fork
-from worker.executors.host import fresh_interpreter, to_devnull
 
 logger = logging.getLogger("cflow.runner")
 
 THREAD_EXIT_SECONDS = 0.05  # how long an ended thread may take to leave /proc/self/task
 FORK_ENV = "CFLOW_FORK_WORKERS"  # "0": always start local workers as new interpreters
-_STAT_STARTTIME = 19  # field 22 of /proc/PID/stat, counted from the state (field 3)
+KEEP_RSS = 256 << 20  # a launcher forked from a caller using more memory is not kept
 
 _current = threading.local()
-
-
-def process_start(pid: int) -> int | None:
-    """When ``pid`` started (clock ticks since boot), or None when it is gone or a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            fields = fh.read().rsplit(b")", 1)[-1].split()
-    except OSError:
-        return None
-    if fields[0] == b"Z":
-        return None
-    return int(fields[_STAT_STARTTIME])
 
 
 def can_fork() -> bool:
@@ -134,12 +133,15 @@ class ForkedWorker:
 class Launcher:
     """A one-thread process forked from the caller that forks its local workers."""
 
-    def __init__(self, pid: int, requests: int, replies: int):
+    def __init__(self, pid: int, requests: int, replies: int, *, kept: bool = False):
         self.pid = pid
+        self.kept = kept  # kept from run to run (see the module's notes)
         self._requests = requests
         self._replies = os.fdopen(replies, "rb")
         self._lock = threading.Lock()
         self._closed = False
+        self._owner = os.getpid()
+        self.ahead = 0  # workers waiting forked ahead, as the launcher last said
 
     @classmethod
     def start(cls, standby: int = 0) -> Launcher | None:
@@ -153,6 +155,7 @@ class Launcher:
             with contextlib.suppress(Exception):
                 stream.flush()
         close_before_fork()  # a worker it forks opens the store the caller may have open
+        kept = _resident() <= KEEP_RSS
         req_r, req_w = os.pipe()
         rep_r, rep_w = os.pipe()
         pid = os.fork()
@@ -161,14 +164,16 @@ class Launcher:
             try:
                 os.close(req_w)
                 os.close(rep_r)
-                _serve(req_r, rep_w, standby)
+                serve(req_r, rep_w, standby)
             except BaseException:
                 code = 1
             finally:
                 os._exit(code)
         os.close(req_r)
         os.close(rep_w)
-        return cls(pid, req_w, rep_r)
+        launcher = cls(pid, req_w, rep_r, kept=kept)
+        launcher.ahead = standby
+        return launcher
 
     def fork_workers(self, workers: list[tuple[list[str], Path]]) -> list[ForkedWorker | OSError]:
         """Workers running ``python -m worker ARGS``, each with its output appended to its
@@ -178,24 +183,52 @@ class Launcher:
         Raises:
             OSError: the launcher is gone (the caller then spawns them all).
         """
+        where = {"env": dict(os.environ), "cwd": os.getcwd(), "path": list(sys.path)}
         requests = b"".join(
-            json.dumps({"args": args, "log": str(log)}).encode() + b"\n" for args, log in workers
+            json.dumps({"args": args, "log": str(log), **where}).encode() + b"\n"
+            for args, log in workers
         )
-        with self._lock:
-            if self._closed:
-                raise OSError("the launcher was closed")
-            os.write(self._requests, requests)
-            lines = [self._replies.readline() for _ in workers]
         out: list[ForkedWorker | OSError] = []
-        for line in lines:
-            if not line:
-                raise OSError("the launcher exited")
-            reply = json.loads(line)
+        for reply in self._ask(requests, len(workers)):
             if "error" in reply:
                 out.append(OSError(reply["error"]))
             else:
                 out.append(ForkedWorker(int(reply["pid"]), int(reply["start"])))
         return out
+
+    def keep_ahead(self, count: int) -> None:
+        """Have ``count`` workers forked ahead, waiting to be told their arguments (more are
+        forked now where fewer wait; none go).
+
+        Raises:
+            OSError: the launcher is gone.
+        """
+        if count > self.ahead:
+            self._ask(json.dumps({"ahead": count}).encode() + b"\n", 1)
+
+    def _ask(self, requests: bytes, count: int) -> list[dict[str, Any]]:
+        """Send request lines, read their ``count`` replies; each says how many wait ahead."""
+        with self._lock:
+            if self._closed:
+                raise OSError("the launcher was closed")
+            if os.getpid() != self._owner:
+                raise OSError("the launcher is another process's (this one was forked since)")
+            os.write(self._requests, requests)
+            lines = [self._replies.readline() for _ in range(count)]
+            replies = []
+            for line in lines:
+                if not line:
+                    raise OSError("the launcher exited")
+                replies.append(json.loads(line))
+            self.ahead = int(replies[-1].get("ahead", 0))
+        return replies
+
+    @property
+    def alive(self) -> bool:
+        """Whether it can be asked: not closed, this process's own, and running."""
+        if self._closed or os.getpid() != self._owner:
+            return False
+        return process_start(self.pid) is not None
 
     def close(self) -> None:
         """The launcher exits (its workers go on); waits for it."""
@@ -203,10 +236,77 @@ class Launcher:
             if self._closed:
                 return
             self._closed = True
+            if os.getpid() != self._owner:  # a forked copy: the launcher is the parent's
+                return
             os.close(self._requests)
             self._replies.close()
         with contextlib.suppress(ChildProcessError):
             os.waitpid(self.pid, 0)
+
+
+_kept: Launcher | None = None  # this process's, kept from one run to the next
+_kept_lock = threading.Lock()
+
+
+def for_run(ahead: int) -> Launcher | None:
+    """The launcher for a run about to be made, with ``ahead`` workers forked ahead: the one
+    kept from an earlier run, else one forked now where that is safe (None where it is not,
+    see :func:`can_fork`; or with ``CFLOW_FORK_WORKERS=0``). A kept one that exited (idle, or
+    killed) or is a parent's (this process was forked since) is replaced. Hand it to
+    :func:`after_run` when the run has let its workers go."""
+    global _kept
+    if os.environ.get(FORK_ENV, "1") == "0":
+        return None
+    with _kept_lock:
+        launcher = _kept
+        if launcher is not None and not launcher.alive:
+            launcher.close()
+            launcher = _kept = None
+        if launcher is None:
+            launcher = Launcher.start(standby=ahead)
+            if launcher is not None and launcher.kept:
+                _kept = launcher
+            return launcher
+    try:
+        launcher.keep_ahead(ahead)
+    except OSError as exc:  # it exited just now: the run's workers are spawned
+        logger.debug("the kept launcher is gone: %s", exc)
+    return launcher
+
+
+def after_run(launcher: Launcher, ahead: int) -> None:
+    """A run that used ``launcher`` has let its workers go: a kept launcher forks ``ahead``
+    workers ahead again for the next run (returning once they are ready, so the next run and
+    whatever this process does meanwhile never share the machine with those forks); another
+    exits."""
+    if not launcher.kept:
+        launcher.close()
+        return
+    try:
+        launcher.keep_ahead(ahead)
+    except OSError as exc:
+        logger.debug("the kept launcher is gone: %s", exc)
+
+
+def close_kept() -> None:
+    """The kept launcher exits (its workers go on), as it does at this process's exit."""
+    global _kept
+    with _kept_lock:
+        launcher, _kept = _kept, None
+    if launcher is not None:
+        launcher.close()
+
+
+atexit.register(close_kept)
+
+
+def _resident() -> int:
+    """Bytes of memory this process has resident."""
+    try:
+        with open("/proc/self/statm", "rb") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return KEEP_RSS + 1  # unknown: not kept
 
 
 def start_workers(
@@ -257,109 +357,3 @@ def current() -> Launcher | None:
     """The launcher of this thread's run, if it has one."""
     launcher: Launcher | None = getattr(_current, "launcher", None)
     return launcher
-
-
-def _serve(requests: int, replies: int, standby: int) -> None:  # pragma: no cover - launcher
-    """The launcher's loop: a worker per request line (a standby told its arguments, else one
-    forked then), its pid and start time replied, until the caller closes its end."""
-    os.setsid()
-    inherited = [int(fd) for fd in os.listdir("/proc/self/fd")]
-    to_devnull([fd for fd in inherited if fd not in (requests, replies)])
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the caller's Ctrl-C is the caller's
-    signal.signal(signal.SIGCHLD, _reap)
-    cli.parse_args([])  # its parser's first use too (the regular expressions argparse compiles)
-
-    own = [requests, replies]
-    standbys: list[tuple[int, int]] = []  # (pid, the write end it reads its request from)
-    for _ in range(standby):
-        with contextlib.suppress(OSError):  # one fewer ahead: it is forked when asked
-            standbys.append(_standby(cli.main, own + [fd for _, fd in standbys]))
-    with os.fdopen(requests, "rb") as lines:
-        for line in lines:
-            reply: dict[str, Any] = {}
-            while standbys and not reply:
-                pid, told = standbys.pop(0)
-                with contextlib.suppress(OSError):  # gone (killed): the next, or a fork
-                    os.write(told, line)
-                    reply = _started(pid)
-                os.close(told)
-            if not reply:
-                reply = _fork(cli.main, json.loads(line), own + [fd for _, fd in standbys])
-            os.write(replies, json.dumps(reply).encode() + b"\n")
-
-
-def _fork(main: Any, request: dict[str, Any], fds: list[int]) -> dict[str, Any]:
-    """A worker forked now for ``request``: the reply (its pid and start time, or an error)."""
-    # SIGCHLD held: a worker that exits at once is still there to read its start time.
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
-    try:
-        pid = os.fork()
-        if pid == 0:
-            _worker(main, request["args"], Path(request["log"]), fds)
-        return _started(pid)
-    except OSError as exc:
-        return {"error": f"could not fork a worker: {exc}"}
-    finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
-
-
-def _standby(main: Any, fds: list[int]) -> tuple[int, int]:
-    """A worker forked ahead: it waits for its request on a pipe of its own, then runs it, or
-    exits when the pipe closes unused (the launcher closed, or was killed)."""
-    told, tell = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        code = 0
-        try:
-            os.close(tell)
-            to_devnull(fds)  # the launcher's pipes and the other standbys' (see to_devnull)
-            with os.fdopen(told, "rb") as waiting:
-                line = waiting.readline()
-            if line:
-                request = json.loads(line)
-                _worker(main, request["args"], Path(request["log"]), [])
-        except BaseException:
-            code = 1
-        finally:
-            os._exit(code)
-    os.close(told)
-    return pid, tell
-
-
-def _started(pid: int) -> dict[str, Any]:
-    """The reply for worker ``pid``: its pid and start time, or an error if it is gone."""
-    start = process_start(pid)
-    if start is None:
-        return {"error": f"the forked worker {pid} exited at once"}
-    return {"pid": pid, "start": start}
-
-
-def _reap(signum: int, frame: object) -> None:  # pragma: no cover - the launcher's process
-    with contextlib.suppress(ChildProcessError):
-        while os.waitpid(-1, os.WNOHANG)[0]:
-            pass
-
-
-def _worker(main: Any, args: list[str], log: Path, launcher_fds: list[int]) -> None:
-    """In the forked child: become ``python -m worker ARGS``; never returns."""
-    code = 1
-    try:
-        os.setsid()
-        to_devnull(launcher_fds)
-        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        os.dup2(fd, 1)
-        os.dup2(fd, 2)
-        os.close(fd)
-        fresh_interpreter([str(Path(worker.__file__).with_name("__main__.py")), *args])
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    except BaseException:
-        with contextlib.suppress(Exception):
-            traceback.print_exc()
-    finally:
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):
-                stream.flush()
-        os._exit(code)

@@ -1,0 +1,225 @@
+"""The launcher's own process: forked from the caller, it forks the caller's local workers on
+request, some ahead (see :mod:`runner.backends.local.launcher`, the caller's side).
+
+It reads request lines on one pipe and replies a line each on another:
+
+- ``{"args": [...], "log": PATH, "env": {...}, "cwd": DIR, "path": [...]}``: a worker running
+  ``python -m worker ARGS`` with its output appended to ``log``, in the caller's environment,
+  folder and import path as they are now (not as they were when the launcher was forked); the
+  reply is its pid and start time, or an error;
+- ``{"ahead": N}``: workers forked ahead up to ``N``, each with a spare task host of its own;
+  the reply once they have it.
+
+Every reply also says how many wait ahead (``"ahead"``). It exits when the caller closes its
+end, or after :data:`IDLE_SECONDS` with no request (a kept launcher the caller has not used for
+that long: what it holds of the caller's memory goes with it; the next run forks another).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import worker
+from worker import cli  # loaded in the caller, so neither the launcher nor a worker loads it
+from worker.executors.host import fresh_interpreter, to_devnull
+from worker.executors.host_client import SPARE_HOSTS, fork_hosts
+
+IDLE_SECONDS = 300.0  # a launcher asked nothing for this long exits
+READY_SECONDS = 5.0  # how long a call for workers ahead waits for them to have their hosts
+
+
+def process_start(pid: int) -> int | None:
+    """When ``pid`` started (clock ticks since boot), or None when it is gone or a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            fields = fh.read().rsplit(b")", 1)[-1].split()
+    except OSError:
+        return None
+    if fields[0] == b"Z":
+        return None
+    return int(fields[_STAT_STARTTIME])
+
+
+_STAT_STARTTIME = 19  # field 22 of /proc/PID/stat, counted from the state (field 3)
+
+
+def _lines(fd: int, idle: float) -> Any:
+    """Request lines read from ``fd`` until it ends or nothing comes for ``idle`` seconds."""
+    buffered = b""
+    while True:
+        while b"\n" not in buffered:
+            ready, _, _ = select.select([fd], [], [], idle)
+            if not ready:
+                return
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                return
+            buffered += chunk
+        line, _, buffered = buffered.partition(b"\n")
+        yield line
+
+
+def serve(requests: int, replies: int, standby: int) -> None:  # pragma: no cover - launcher
+    """The launcher's loop (see the module's notes): ``standby`` workers forked ahead, then a
+    reply for each request line, until the caller closes its end or asks nothing for
+    :data:`IDLE_SECONDS`."""
+    os.setsid()
+    inherited = [int(fd) for fd in os.listdir("/proc/self/fd")]
+    to_devnull([fd for fd in inherited if fd not in (requests, replies)])
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the caller's Ctrl-C is the caller's
+    signal.signal(signal.SIGCHLD, _reap)
+    cli.parse_args([])  # its parser's first use too (the regular expressions argparse compiles)
+
+    own = [requests, replies]
+    standbys: list[tuple[int, int]] = []  # (pid, the write end it reads its request from)
+
+    def fork_ahead(count: int) -> list[int]:
+        """Standbys forked up to ``count``; the pipes they say they are ready on."""
+        readies = []
+        while len(standbys) < count:
+            try:
+                pid, tell, ready = _standby(cli.main, own + [fd for _, fd in standbys])
+            except OSError:  # one fewer ahead: it is forked when asked
+                break
+            standbys.append((pid, tell))
+            readies.append(ready)
+        return readies
+
+    for fd in fork_ahead(standby):  # the first run asks for them at once: not waited for
+        os.close(fd)
+    try:
+        for line in _lines(requests, IDLE_SECONDS):
+            request = json.loads(line)
+            reply: dict[str, Any] = {}
+            if "ahead" in request:  # between runs: the reply once they are ready
+                _ready(fork_ahead(int(request["ahead"])))
+            while "args" in request and standbys and not reply:
+                pid, told = standbys.pop(0)
+                with contextlib.suppress(OSError):  # gone (killed): the next, or a fork
+                    os.write(told, line + b"\n")
+                    reply = _started(pid)
+                os.close(told)
+            if "args" in request and not reply:
+                reply = _fork(cli.main, request, own + [fd for _, fd in standbys])
+            reply["ahead"] = len(standbys)
+            os.write(replies, json.dumps(reply).encode() + b"\n")
+    finally:
+        os.close(requests)
+
+
+def _fork(main: Any, request: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+    """A worker forked now for ``request``: the reply (its pid and start time, or an error)."""
+    # SIGCHLD held: a worker that exits at once is still there to read its start time.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+    try:
+        pid = os.fork()
+        if pid == 0:
+            _worker(main, request, fds)
+        return _started(pid)
+    except OSError as exc:
+        return {"error": f"could not fork a worker: {exc}"}
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
+
+
+def _standby(main: Any, fds: list[int]) -> tuple[int, int, int]:
+    """A worker forked ahead: it forks a spare task host ahead too (as a local worker does as
+    it starts; the host learns its task, environment and import path when given it), says so
+    on a pipe, waits for its request on a pipe of its own, then runs it, or exits when that
+    pipe closes unused (the launcher closed, or was killed). Its pid, the pipe it is told on,
+    and the one it says it is ready on (closed by it then, or as it exits)."""
+    told, tell = os.pipe()
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            os.close(tell)
+            os.close(ready_r)
+            to_devnull(fds)  # the launcher's pipes and the other standbys' (see to_devnull)
+            fork_hosts()
+            with contextlib.suppress(OSError):  # none ahead: the worker starts one as it runs
+                SPARE_HOSTS.start(1)
+            os.close(ready_w)
+            with os.fdopen(told, "rb") as waiting:
+                line = waiting.readline()
+            if line:
+                _worker(main, json.loads(line), [])
+        except BaseException:
+            code = 1
+        finally:
+            os._exit(code)
+    os.close(told)
+    os.close(ready_w)
+    return pid, tell, ready_r
+
+
+def _ready(fds: list[int], timeout: float = READY_SECONDS) -> None:
+    """Wait until standbys just forked have their spare hosts (each closes its end), at most
+    ``timeout`` seconds; closes the pipes."""
+    deadline = time.monotonic() + timeout
+    waiting = list(fds)
+    while waiting and (left := deadline - time.monotonic()) > 0:
+        ready, _, _ = select.select(waiting, [], [], left)
+        for fd in ready:
+            with contextlib.suppress(OSError):
+                if not os.read(fd, 1):
+                    waiting.remove(fd)
+    for fd in fds:
+        os.close(fd)
+
+
+def _started(pid: int) -> dict[str, Any]:
+    """The reply for worker ``pid``: its pid and start time, or an error if it is gone."""
+    start = process_start(pid)
+    if start is None:
+        return {"error": f"the forked worker {pid} exited at once"}
+    return {"pid": pid, "start": start}
+
+
+def _reap(signum: int, frame: object) -> None:  # pragma: no cover - the launcher's process
+    with contextlib.suppress(ChildProcessError):
+        while os.waitpid(-1, os.WNOHANG)[0]:
+            pass
+
+
+def _worker(main: Any, request: dict[str, Any], launcher_fds: list[int]) -> None:
+    """In the forked child: become ``python -m worker ARGS`` started by the caller as it is
+    now (its environment, folder and import path, not the launcher's from when it was forked);
+    never returns."""
+    code = 1
+    args = request["args"]
+    try:
+        os.setsid()
+        to_devnull(launcher_fds)
+        os.environ.clear()
+        os.environ.update(request["env"])
+        os.chdir(request["cwd"])
+        sys.path[:] = request["path"]
+        fd = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        SPARE_HOSTS.log = request["log"]  # a spare it forked ahead writes there too
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
+        fresh_interpreter([str(Path(worker.__file__).with_name("__main__.py")), *args])
+        main(args)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            traceback.print_exc()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(code)
