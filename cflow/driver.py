@@ -35,6 +35,9 @@ class Driver:
         self.created = threading.Event()
         self.done = threading.Event()  # the thread ended (its workers let go)
         self.over = threading.Event()  # the run's end is known (its last workers may be going)
+        # Every shard committed, none failed, as the watcher saw them: the values can be read
+        # while the run is being finished (set at the end too, so a wait on it never hangs).
+        self.all_done = threading.Event()
         self.run_id: str | None = None
         self.error: BaseException | None = None
         self.outcome: Outcome | None = None
@@ -53,6 +56,7 @@ class Driver:
                 self.error = exc
             finally:
                 self.created.set()
+                self.all_done.set()
                 self.over.set()
                 with _live_lock:
                     _live.discard(self)
@@ -86,6 +90,8 @@ class Driver:
             self.snapshot = snapshot
             view = watcher.view
             self.settled = view.succeeded | view.failed
+            if snapshot.finished and not snapshot.failed and not snapshot.cancelled:
+                self.all_done.set()
             if self.stop.is_set():
                 raise KeyboardInterrupt
 

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from cflow.driver import Driver, attach_driver
+from cflow.errors import ShardFailed
 from cflow.progress import ProgressChoice, Ticker, pick
 from cflow.results import (
     Progress,
     Results,
     Stored,
+    collect,
     completed,
     run_values,
 )
@@ -154,13 +156,20 @@ class Run:
         finally:
             self._close_here()
 
-    def _wait(self) -> None:
+    def _wait(self, once_done: Callable[[], None] | None = None) -> None:
         """:meth:`wait` without counting the items at the end (:meth:`results` reads every
-        chunk's record itself)."""
+        chunk's record itself). ``once_done`` is called here as soon as every shard is seen
+        committed, while the run's thread finishes the run (at most once; not at all where
+        some failed, or the run was over already)."""
         driver = self._watched()
         ticker = self._ticker()
         try:
-            while driver is not None and not driver.over.wait(PACE):
+            while driver is not None and not driver.over.is_set():
+                if once_done is not None and driver.all_done.is_set():
+                    once_done()
+                    once_done = None
+                    continue
+                (driver.all_done if once_done is not None else driver.over).wait(PACE)
                 ticker.tick()
         except KeyboardInterrupt:
             self._interrupted()
@@ -214,8 +223,25 @@ class Run:
                 ``return_exceptions``, which puts each failure in its item's place.
             RunStateError: the run was cancelled before every item was done.
         """
-        self._wait()
+        early: list[Results | ShardFailed] = []
+
+        def read_early() -> None:  # every shard committed: read while the run is finished
+            store, manifest = self._store, self._manifest()
+            done = runs.committed(store, self.id)
+            if manifest.publishing or len(done) < manifest.shard_count:
+                return
+            try:
+                early.append(collect(store, self.id, runs.iter_shards(store, self.id), done,
+                                     return_exceptions))  # fmt: skip
+            except ShardFailed as exc:  # raised once the run is over, as it would be then
+                early.append(exc)
+
+        self._wait(read_early)
         try:
+            if early:
+                if isinstance(early[0], ShardFailed):
+                    raise early[0]
+                return early[0]
             return run_values(
                 self._store,
                 self._manifest(),

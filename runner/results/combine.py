@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from runner.results.custom import custom_combine, open_task
@@ -98,17 +98,18 @@ def combine_run(
     if combiner is None:
         combiner = LocalCombiner()
     groups, shards, missing, late = committed_parts(store, manifest)
-    with tempfile.TemporaryDirectory(prefix="cflow-combine-") as tmp:
-        work = Path(tmp)
+    with _Scratch() as work:
         folder = open_task(store, manifest, work, task)
         if headers is None:
             headers = folder.headers
         if folder.custom:
-            combined = custom_combine(store, manifest, folder, groups, work, tell)
-        else:
+            combined = custom_combine(store, manifest, folder, groups, work(), tell)
+        elif groups:
             combined = combiner.concatenate(
-                store, manifest, groups, headers=headers, warn=warn, work=work, workers=workers
+                store, manifest, groups, headers=headers, warn=warn, work=work(), workers=workers
             )
+        else:  # no shard wrote an output: nothing to join (no scratch folder is made)
+            combined = Combined(files=[], shards=0, missing=0)
         combined.shards, combined.missing, combined.late = shards, missing, late
         if late:
             tell(
@@ -126,6 +127,25 @@ def combine_run(
         if out is not None:
             _copy_out(store, manifest.run_id, combined, out, combiner)
     return combined
+
+
+class _Scratch:
+    """A scratch folder made on first use (``work()``), gone when the block ends."""
+
+    def __init__(self) -> None:
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+
+    def __enter__(self) -> Callable[[], Path]:
+        return self.path
+
+    def path(self) -> Path:
+        if self._tmp is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="cflow-combine-")
+        return Path(self._tmp.name)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._tmp is not None:
+            self._tmp.cleanup()
 
 
 def _copy_out(

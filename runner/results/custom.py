@@ -18,6 +18,7 @@ import re
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,10 +60,20 @@ class TaskFolder:
     custom: bool  # its task.py defines combine(paths, out)
 
 
-def open_task(store: Store, manifest: Manifest, work: Path, task: Path | None) -> TaskFolder:
-    """The run's submitted task folder, or ``task`` when given; unpacked under ``work`` only
-    where it has a ``combine()`` to run (the settings are read from the bundle itself)."""
+_FACTS: dict[str, tuple[bool, bool | None]] = {}  # bundle sha -> (custom, headers) read from it
+_FACTS_KEPT = 256  # bundles remembered so (a process's maps often share one)
+
+
+def open_task(
+    store: Store, manifest: Manifest, work: Callable[[], Path], task: Path | None
+) -> TaskFolder:
+    """The run's submitted task folder, or ``task`` when given; unpacked under ``work()`` only
+    where it has a ``combine()`` to run (the settings are read from the bundle itself, once
+    per bundle: it is named by its content)."""
     if task is None:
+        known = _FACTS.get(manifest.bundle)
+        if known is not None and not known[0]:  # no combine() of its own: nothing to unpack
+            return TaskFolder(None, manifest.task_name, known[1], False)
         try:
             data = store.get(Layout.bundle(manifest.bundle))
         except NotFound:
@@ -78,7 +89,11 @@ def open_task(store: Store, manifest: Manifest, work: Path, task: Path | None) -
         shown = str(task).rstrip("/") or "/"
     info, settings = inspect_bundle(data, shown)
     custom = info.entry is Entry.PYTHON and info.has_combine
-    root = unpack(data, sha, work / "bundle", install=False).root if custom else None
+    if task is None:
+        if len(_FACTS) >= _FACTS_KEPT:
+            _FACTS.pop(next(iter(_FACTS)))
+        _FACTS[sha] = (custom, settings.headers)
+    root = unpack(data, sha, work() / "bundle", install=False).root if custom else None
     return TaskFolder(root, shown, settings.headers, custom)
 
 

@@ -142,6 +142,7 @@ class Launcher:
         self._closed = False
         self._owner = os.getpid()
         self.ahead = 0  # workers waiting forked ahead, as the launcher last said
+        self.ahead_seconds = 0.0  # time spent waiting for workers to be forked ahead
 
     @classmethod
     def start(cls, standby: int = 0) -> Launcher | None:
@@ -204,7 +205,11 @@ class Launcher:
             OSError: the launcher is gone.
         """
         if count > self.ahead:
-            self._ask(json.dumps({"ahead": count}).encode() + b"\n", 1)
+            began = time.perf_counter()
+            try:
+                self._ask(json.dumps({"ahead": count}).encode() + b"\n", 1)
+            finally:
+                self.ahead_seconds += time.perf_counter() - began
 
     def _ask(self, requests: bytes, count: int) -> list[dict[str, Any]]:
         """Send request lines, read their ``count`` replies; each says how many wait ahead."""
@@ -286,6 +291,13 @@ def after_run(launcher: Launcher, ahead: int) -> None:
         launcher.keep_ahead(ahead)
     except OSError as exc:
         logger.debug("the kept launcher is gone: %s", exc)
+
+
+def kept() -> Launcher | None:
+    """This process's kept launcher, if it is running (its next run's workers are forked by
+    it, whatever threads this process has since)."""
+    launcher = _kept
+    return launcher if launcher is not None and launcher.alive else None
 
 
 def close_kept() -> None:
