@@ -20,8 +20,9 @@ shutting down is not counted. ``cflow.map`` starts its workers inside the call t
 it keeps the launcher that forks them from one map to the next, and once a map has let its
 workers go, the launcher forks the next map's workers ahead: that time is counted in the
 ``start`` of the round whose map let them go, so every round's total is a map plus one
-readying of workers (the last round's readies workers no map uses: counted all the same). Rounds run every
-contender once, round-robin (this machine is noisy); medians are printed with every round's.
+readying of workers (the last round's readies workers no map uses: counted all the same).
+Rounds run every contender once, round-robin (this machine is noisy); medians are printed with
+every round's.
 
 Then the cached rerun, once per round: the same map with ``cache=True`` into a store where an
 earlier run committed every call, timed from the call to its values (goal: under 0.5 s for
