@@ -36,6 +36,7 @@ running, which would otherwise outlive its attempt inside this process.
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
 import json
 import os
@@ -149,6 +150,7 @@ def serve(task_dir: Path | None, *, hangup: bool = False) -> None:
         )
         watch.start()
     if task_dir is None:
+        gc.freeze()  # forked ahead: what it holds stays shared with its worker (never collected)
         first = requests.readline()
         if not first:
             return

@@ -18,6 +18,7 @@ that long: what it holds of the caller's memory goes with it; the next run forks
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import select
@@ -34,6 +35,7 @@ from worker.executors.host import fresh_interpreter, to_devnull
 from worker.executors.host_client import SPARE_HOSTS, fork_hosts
 
 IDLE_SECONDS = 300.0  # a launcher asked nothing for this long exits
+WORKER_MAIN = str(Path(worker.__file__).with_name("__main__.py"))  # a worker's sys.argv[0]
 READY_SECONDS = 5.0  # how long a call for workers ahead waits for them to have their hosts
 
 
@@ -78,6 +80,9 @@ def serve(requests: int, replies: int, standby: int) -> None:  # pragma: no cove
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the caller's Ctrl-C is the caller's
     signal.signal(signal.SIGCHLD, _reap)
     cli.parse_args([])  # its parser's first use too (the regular expressions argparse compiles)
+    # Every object so far out of the collector's reach: a collection in a worker forked from
+    # here would write to each one it looks at, copying the memory the fork shared.
+    gc.freeze()
 
     own = [requests, replies]
     standbys: list[tuple[int, int]] = []  # (pid, the write end it reads its request from)
@@ -149,11 +154,17 @@ def _standby(main: Any, fds: list[int]) -> tuple[int, int, int]:
             fork_hosts()
             with contextlib.suppress(OSError):  # none ahead: the worker starts one as it runs
                 SPARE_HOSTS.start(1)
+            # What becoming a worker costs that no request changes, done while nobody waits:
+            # a new interpreter's signals, streams and logging, and the first use of the
+            # worker's parser (memory a fork shared is copied as it is first written).
+            fresh_interpreter([WORKER_MAIN])
+            cli.parse_args([])
+            gc.freeze()  # what it holds now is never collected: its memory stays shared
             os.close(ready_w)
             with os.fdopen(told, "rb") as waiting:
                 line = waiting.readline()
             if line:
-                _worker(main, json.loads(line), [])
+                _worker(main, json.loads(line), [], fresh=False)
         except BaseException:
             code = 1
         finally:
@@ -192,10 +203,12 @@ def _reap(signum: int, frame: object) -> None:  # pragma: no cover - the launche
             pass
 
 
-def _worker(main: Any, request: dict[str, Any], launcher_fds: list[int]) -> None:
+def _worker(
+    main: Any, request: dict[str, Any], launcher_fds: list[int], *, fresh: bool = True
+) -> None:
     """In the forked child: become ``python -m worker ARGS`` started by the caller as it is
     now (its environment, folder and import path, not the launcher's from when it was forked);
-    never returns."""
+    never returns. ``fresh=False``: the new interpreter's state was made ahead (a standby)."""
     code = 1
     args = request["args"]
     try:
@@ -210,7 +223,10 @@ def _worker(main: Any, request: dict[str, Any], launcher_fds: list[int]) -> None
         os.dup2(fd, 1)
         os.dup2(fd, 2)
         os.close(fd)
-        fresh_interpreter([str(Path(worker.__file__).with_name("__main__.py")), *args])
+        if fresh:
+            fresh_interpreter([WORKER_MAIN, *args])
+        else:
+            sys.argv = [WORKER_MAIN, *args]
         main(args)
         code = 0
     except SystemExit as exc:
