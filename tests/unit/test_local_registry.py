@@ -1,9 +1,15 @@
-"""The local fleet's registry gives a worker name once per store, whichever fleet asks."""
+"""The local fleet's registry gives a worker name once per store, whichever fleet asks, and
+tells a worker from a later process given its pid."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
+from runner.backends.local.fleet import LocalFleet
+from runner.backends.local.launcher import process_start
 from runner.backends.local.registry import Registry
 
 
@@ -27,3 +33,35 @@ def test_a_name_whose_worker_is_gone_is_not_given_again(tmp_path: Path) -> None:
 def test_two_claims_at_once_get_two_names(tmp_path: Path) -> None:
     a, b = Registry(tmp_path, "r-1"), Registry(tmp_path, "r-1")
     assert {a.claim(0)[0], b.claim(0)[0]} == {"local-0", "local-1"}
+
+
+def test_a_worker_is_told_by_its_pid_and_start_time(tmp_path: Path) -> None:
+    """A live process under its recorded start time is the worker; the same pid under another
+    start time is a later process that was given the pid; an ended one is no worker."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        registry = Registry(tmp_path, "r-1")
+        start = process_start(proc.pid)
+        assert start is not None
+        assert registry.alive("local-0", proc.pid, start)
+        assert not registry.alive("local-0", proc.pid, start - 1)  # the pid, reused
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not registry.alive("local-0", proc.pid, start)
+
+
+def test_a_spawned_worker_is_registered_with_its_start_time(tmp_path: Path) -> None:
+    """Another fleet (the run's watch, `runner status`) knows a spawned worker by its pid and
+    start time, never by reading its command line."""
+    store = tmp_path / "store"
+    fleet = LocalFleet(store, run_id="r-1", idle_timeout=30)
+    (name,) = fleet.grow(1)  # no launcher on this thread: a new interpreter
+    try:
+        entry = json.loads((store / "fleet" / f"{name}.json").read_text())
+        assert entry["start"] == process_start(entry["pid"]), entry
+        other = LocalFleet(store, run_id="r-1")
+        assert [i.name for i in other.instances()] == [name]
+    finally:
+        fleet.delete([name])
+        assert fleet.wait_empty(30)

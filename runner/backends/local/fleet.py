@@ -96,9 +96,9 @@ class LocalFleet(Fleet):
     seen gone, the leases it held are released at once (:meth:`WorkQueue.release`), so its
     shards run again without waiting for the leases to lapse.
 
-    A worker is known by its pid and its command line (``--store``, ``--name``); one forked
-    from the caller by a :class:`~runner.backends.local.launcher.Launcher` has the caller's
-    command line, so its entry also records the pid's start time, which then names it.
+    A worker is known by its pid and the pid's start time, both in its registry entry (a pid
+    reused by another process has another start time); an entry without a start time (written
+    by an earlier version) is told by its command line (``--store``, ``--name``).
     """
 
     def __init__(
@@ -232,7 +232,13 @@ class LocalFleet(Fleet):
         logs = self.root / "fleet" / "logs"
         procs = launching.start_workers([(self._args(n), logs / f"{n}.log") for n in names])
         for i, (name, proc) in enumerate(zip(names, procs, strict=True)):
-            start = proc.start if isinstance(proc, launching.ForkedWorker) else None
+            # Its pid and start time name the process, whoever looks (another runner's
+            # fleet, `runner status`), with no reading of its command line.
+            start = (
+                proc.start
+                if isinstance(proc, launching.ForkedWorker)
+                else launching.process_start(proc.pid)
+            )
             try:
                 self.registry.record(name, proc.pid, start)
             except OSError:  # an unregistered worker would be invisible: stop it and the rest

@@ -17,8 +17,9 @@ CLAIM_SECONDS = 60.0  # a worker name claimed this long without a pid is free ag
 
 
 class Registry:
-    """``<store>/fleet/<name>.json``: ``{"pid", "run"}`` and, for a worker forked from its
-    caller (whose command line is the caller's), ``"start"``, the pid's start time.
+    """``<store>/fleet/<name>.json``: ``{"pid", "run", "start"}``, ``start`` the pid's start
+    time (clock ticks since boot), which tells the worker from a later process given its pid.
+    An entry without one (an earlier version's) is told by the command line instead.
 
     A name is claimed by creating its file create-only, so two runners starting workers in one
     store at once never give two workers one name; the pid is written once the process runs.
@@ -91,7 +92,7 @@ class Registry:
 
     def alive(self, name: str, pid: int, start: int | None) -> bool:
         """Whether ``pid`` is still this store's worker ``name`` (and not a reused pid)."""
-        if start is not None:  # forked: the caller's command line, its start time recorded
+        if start is not None:
             return process_start(pid) == start
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as fh:
