@@ -17,7 +17,8 @@ workers forked from it, and what it prints about them as one JSON line.
                                                caller's environment, folder and import path
                                                changed before each
     python fork_script.py replaced STORE       a kept launcher killed between maps, a forked
-                                               child's maps, a caller too large to keep one
+                                               child's maps, one left idle past its time, a
+                                               caller too large to keep one
 """
 
 from __future__ import annotations
@@ -290,6 +291,27 @@ def replaced(store: Path) -> None:
     values += cflow.map(abs, [-7, -8], store=store, workers=2, progress=False)
     let_go()
     after_child = launching._kept.pid if launching._kept is not None else None
+    # One left idle past its time exits (its workers ahead with it); the next map forks another.
+    launching.close_kept()
+    os.environ["CFLOW_LAUNCHER_IDLE_SECONDS"] = "0.5"
+    values += cflow.map(abs, [-11, -12], store=store, workers=2, progress=False)
+    let_go()
+    idle = launching._kept
+    assert idle is not None
+    idle_ahead = waiting_ahead(idle)
+    deadline = time.monotonic() + WAIT_SECONDS
+    while process_start(idle.pid) is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    idle_exited = process_start(idle.pid) is None
+    while any(process_start(int(p)) is not None for p in idle_ahead):
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
+    idle_ahead_gone = not any(process_start(int(p)) is not None for p in idle_ahead)
+    del os.environ["CFLOW_LAUNCHER_IDLE_SECONDS"]
+    values += cflow.map(abs, [-13, -14], store=store, workers=2, progress=False)
+    let_go()
+    after_idle = launching._kept.pid if launching._kept is not None else None
     # A caller larger than the limit: its launcher exits after the run, none is kept.
     launching.close_kept()
     launching.KEEP_RSS = 0
@@ -304,6 +326,11 @@ def replaced(store: Path) -> None:
         child=in_child,
         kept_when_large=launching._kept is not None,
         children_when_large=reaper.children(os.getpid()),
+        idle=idle.pid,
+        idle_ahead=idle_ahead,
+        idle_exited=idle_exited,
+        idle_ahead_gone=idle_ahead_gone,
+        after_idle=after_idle,
     )
 
 

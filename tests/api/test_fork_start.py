@@ -354,12 +354,13 @@ def test_a_launcher_gone_or_not_ours_is_replaced_and_a_large_callers_is_not_kept
 ) -> None:
     """A kept launcher that was killed is replaced at the next map (its workers waiting ahead
     go with it); a child forked from the caller maps with a launcher of its own and leaves the
-    parent's to the parent; a caller using more memory than the limit keeps none (its
+    parent's to the parent; one left idle past its time exits, its workers ahead with it, and
+    the next map forks another; a caller using more memory than the limit keeps none (its
     launcher exits after its run, as launchers did before they were kept)."""
     proc = _script("replaced", str(tmp_path / "store"))
     procs.append(proc)
     shown = _line(proc)
-    assert shown["values"] == [1, 2, 3, 4, 7, 8, 9, 10]
+    assert shown["values"] == [1, 2, 3, 4, 7, 8, 11, 12, 13, 14, 9, 10]
     assert shown["second"] != shown["first"]
     for pid in shown["first_ahead"]:
         assert process_start(int(pid)) is None, "a worker ahead outlived its killed launcher"
@@ -367,4 +368,7 @@ def test_a_launcher_gone_or_not_ours_is_replaced_and_a_large_callers_is_not_kept
     assert child["values"] == [5, 6] and child["launcher"] not in (None, shown["second"])
     assert shown["after_child"] == shown["second"]
     assert not shown["kept_when_large"] and shown["children_when_large"] == []
+    # Left idle past its time, it exited with its workers ahead; the next map forked another.
+    assert shown["idle_exited"] and shown["after_idle"] not in (None, shown["idle"])
+    assert len(shown["idle_ahead"]) == 2 and shown["idle_ahead_gone"], shown
     assert proc.wait(EXIT_SECONDS) == 0

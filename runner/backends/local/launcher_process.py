@@ -11,8 +11,9 @@ It reads request lines on one pipe and replies a line each on another:
   the reply once they have it.
 
 Every reply also says how many wait ahead (``"ahead"``). It exits when the caller closes its
-end, or after :data:`IDLE_SECONDS` with no request (a kept launcher the caller has not used for
-that long: what it holds of the caller's memory goes with it; the next run forks another).
+end, or after :data:`IDLE_SECONDS` with no request (``CFLOW_LAUNCHER_IDLE_SECONDS`` sets
+another; a kept launcher the caller has not used for that long: what it holds of the caller's
+memory goes with it; the next run forks another).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from worker.executors.host import fresh_interpreter, to_devnull
 from worker.executors.host_client import SPARE_HOSTS, fork_hosts
 
 IDLE_SECONDS = 300.0  # a launcher asked nothing for this long exits
+IDLE_ENV = "CFLOW_LAUNCHER_IDLE_SECONDS"  # another such time, read as the launcher starts
 WORKER_MAIN = str(Path(worker.__file__).with_name("__main__.py"))  # a worker's sys.argv[0]
 READY_SECONDS = 5.0  # how long a call for workers ahead waits for them to have their hosts
 
@@ -70,6 +72,16 @@ def _lines(fd: int, idle: float) -> Any:
         yield line
 
 
+def idle_seconds() -> float:
+    """How long a launcher asked nothing waits before it exits: :data:`IDLE_SECONDS`, or
+    ``CFLOW_LAUNCHER_IDLE_SECONDS`` where set to a positive number."""
+    try:
+        seconds = float(os.environ.get(IDLE_ENV, ""))
+    except ValueError:
+        return IDLE_SECONDS
+    return seconds if seconds > 0 else IDLE_SECONDS
+
+
 def serve(requests: int, replies: int, standby: int) -> None:  # pragma: no cover - launcher
     """The launcher's loop (see the module's notes): ``standby`` workers forked ahead, then a
     reply for each request line, until the caller closes its end or asks nothing for
@@ -102,7 +114,7 @@ def serve(requests: int, replies: int, standby: int) -> None:  # pragma: no cove
     for fd in fork_ahead(standby):  # the first run asks for them at once: not waited for
         os.close(fd)
     try:
-        for line in _lines(requests, IDLE_SECONDS):
+        for line in _lines(requests, idle_seconds()):
             request = json.loads(line)
             reply: dict[str, Any] = {}
             if "ahead" in request:  # between runs: the reply once they are ready
