@@ -40,6 +40,7 @@ import dataclasses
 import importlib.util
 import json
 import multiprocessing
+import os
 import re
 import statistics
 import sys
@@ -54,7 +55,7 @@ from _common import REPO, compile_project, parse_args
 
 import cflow
 from cflow.driver import let_go
-from runner.backends.local.launcher import can_fork, kept
+from runner.backends.local.launcher import FORK_ENV, can_fork, kept
 from runner.submit import SubmitRequest
 
 MapFn = Callable[[Callable[[int], int], range], list[Any]]
@@ -71,9 +72,10 @@ FORKED: list[bool] = []  # per cflow.map: whether its workers could be forked fr
 @contextmanager
 def _cflow(workers: int, work: Path) -> Iterator[MapFn]:
     store = Path(tempfile.mkdtemp(prefix="store-", dir=work))
-    # Forked by a launcher kept from an earlier map, or by one forked now; spawned where
-    # neither is (a peer left threads running before any cflow.map kept a launcher).
-    FORKED.append(kept() is not None or can_fork())
+    # Forked by a launcher kept from an earlier map, or by one started now (forked from this
+    # process, or a new interpreter where a peer left threads running); spawned only where
+    # there is no launcher at all.
+    FORKED.append(kept() is not None or can_fork() or os.environ.get(FORK_ENV, "1") != "0")
     yield lambda fn, items: list(cflow.map(fn, items, workers=workers, store=store, progress=False))
     let_go()  # its workers stop after the values are back: not counted, not in the next one
 
@@ -298,8 +300,8 @@ def main(argv: list[str] | None = None) -> None:
     forked = sum(FORKED)
     print(
         f"\ncflow.map's workers forked in {forked} of {len(FORKED)} rounds (by the launcher kept"
-        " from the first map, forked while this process had one thread; spawned where there is"
-        " none, or with CFLOW_FORK_WORKERS=0)"
+        " from the first map: forked from this process while it had one thread, else started"
+        " as a new interpreter; workers are spawned only with CFLOW_FORK_WORKERS=0)"
     )
     by_name = {r["what"]: r for r in rows}
     ours = by_name["cflow.map"]

@@ -283,17 +283,20 @@ def test_a_standby_killed_before_it_is_asked_for_is_passed_over(
 
 
 @pytest.mark.parametrize("mode", ["map", "threaded"])
-def test_values_and_failures_come_back_from_forked_or_spawned_workers(
+def test_values_and_failures_come_back_from_workers_forked_by_a_forked_or_spawned_launcher(
     tmp_path: Path, procs: list[subprocess.Popen[str]], mode: str
 ) -> None:
-    """A one-thread caller's items run in forked workers; a caller with another thread
-    running spawns them (``python -m worker``), and says nothing of it."""
+    """A one-thread caller's items run in workers forked by a launcher forked from it; a
+    caller with another thread running starts its launcher as a new interpreter instead
+    (``python -m runner.backends.local.launcher_process``), whose forks are its workers; it
+    says nothing of it."""
     proc = _script(mode, str(tmp_path))
     procs.append(proc)
     shown = _line(proc)
     assert [value for value, _, _ in shown["values"]] == [1, 2, 3]
-    spawned = "\0-m\0worker\0--backend\0local\0"
+    spawned = "\0-m\0runner.backends.local.launcher_process\0"
     for _, worker, host in shown["values"]:
+        assert "\0-m\0worker\0" not in worker, worker  # never a worker's own interpreter
         assert (spawned in worker) == (mode == "threaded"), worker
         assert (str(SCRIPT) in worker) == (mode == "map"), worker
         # Either worker forks its task host: no new interpreter, the worker's command line.

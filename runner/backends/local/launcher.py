@@ -38,10 +38,12 @@ only a launcher forked from a caller using at most :data:`KEEP_RSS` bytes is kep
 exits after its run, as every launcher did before), and a kept one exits after
 :data:`~runner.backends.local.launcher_process.IDLE_SECONDS` without a run.
 
-Where forking is not safe (other threads, a Jupyter kernel, a system without ``fork``), or with
-``CFLOW_FORK_WORKERS=0``, no launcher is started and workers are spawned as before; a launcher
-kept from earlier goes on serving a caller that has threads since (it has one, and forks from
-itself).
+Where forking the caller is not safe (other threads, a Jupyter kernel), the launcher is started
+as a new interpreter instead (:meth:`Launcher.spawn`): it loads the worker's code itself, holds
+none of the caller's memory, and is kept and serves the same way. A launcher kept from earlier
+goes on serving a caller that has threads since (it has one, and forks from itself). With
+``CFLOW_FORK_WORKERS=0``, or on a system without ``fork``, there is no launcher: workers are
+started as new interpreters, as ``runner submit`` starts them.
 """
 
 from __future__ import annotations
@@ -143,6 +145,7 @@ class Launcher:
         self._owner = os.getpid()
         self.ahead = 0  # workers waiting forked ahead, as the launcher last said
         self.ahead_seconds = 0.0  # time spent waiting for workers to be forked ahead
+        self._proc: subprocess.Popen[bytes] | None = None  # one started as a new interpreter
 
     @classmethod
     def start(cls, standby: int = 0) -> Launcher | None:
@@ -174,6 +177,39 @@ class Launcher:
         os.close(rep_w)
         launcher = cls(pid, req_w, rep_r, kept=kept)
         launcher.ahead = standby
+        return launcher
+
+    @classmethod
+    def spawn(cls, standby: int = 0) -> Launcher | None:
+        """A launcher started as a new interpreter (``python -m
+        runner.backends.local.launcher_process STANDBY``), for a caller that may not fork
+        (other threads, a Jupyter kernel): it loads the worker's code itself, then serves as a
+        forked one does, holding none of the caller's memory (so it is always kept). None
+        where it cannot be started."""
+        if not hasattr(os, "fork"):
+            return None
+        env = dict(os.environ)  # its workers take the caller's from each request
+        here = str(Path(__file__).resolve().parents[3])  # where `runner` is imported from
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "runner.backends.local.launcher_process", str(standby)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                env=env,
+                start_new_session=True,  # Ctrl-C in the caller's terminal is the caller's
+            )
+        except OSError as exc:
+            logger.debug("could not start a launcher: %s", exc)
+            return None
+        assert proc.stdin is not None and proc.stdout is not None
+        requests, replies = os.dup(proc.stdin.fileno()), os.dup(proc.stdout.fileno())
+        proc.stdin.close()
+        proc.stdout.close()
+        launcher = cls(proc.pid, requests, replies, kept=True)
+        launcher.ahead = standby
+        launcher._proc = proc
         return launcher
 
     def fork_workers(self, workers: list[tuple[list[str], Path]]) -> list[ForkedWorker | OSError]:
@@ -245,6 +281,9 @@ class Launcher:
                 return
             os.close(self._requests)
             self._replies.close()
+        if self._proc is not None:
+            self._proc.wait()
+            return
         with contextlib.suppress(ChildProcessError):
             os.waitpid(self.pid, 0)
 
@@ -255,8 +294,9 @@ _kept_lock = threading.Lock()
 
 def for_run(ahead: int) -> Launcher | None:
     """The launcher for a run about to be made, with ``ahead`` workers forked ahead: the one
-    kept from an earlier run, else one forked now where that is safe (None where it is not,
-    see :func:`can_fork`; or with ``CFLOW_FORK_WORKERS=0``). A kept one that exited (idle, or
+    kept from an earlier run, else one forked now where that is safe (see :func:`can_fork`),
+    else one started as a new interpreter (:meth:`Launcher.spawn`); None with
+    ``CFLOW_FORK_WORKERS=0``, or where none can be had. A kept one that exited (idle, or
     killed) or is a parent's (this process was forked since) is replaced. Hand it to
     :func:`after_run` when the run has let its workers go."""
     global _kept
@@ -268,7 +308,7 @@ def for_run(ahead: int) -> Launcher | None:
             launcher.close()
             launcher = _kept = None
         if launcher is None:
-            launcher = Launcher.start(standby=ahead)
+            launcher = Launcher.start(standby=ahead) or Launcher.spawn(standby=ahead)
             if launcher is not None and launcher.kept:
                 _kept = launcher
             return launcher

@@ -86,7 +86,8 @@ def serve(requests: int, replies: int, standby: int) -> None:  # pragma: no cove
     """The launcher's loop (see the module's notes): ``standby`` workers forked ahead, then a
     reply for each request line, until the caller closes its end or asks nothing for
     :data:`IDLE_SECONDS`."""
-    os.setsid()
+    with contextlib.suppress(PermissionError):  # started in a session of its own already
+        os.setsid()
     inherited = [int(fd) for fd in os.listdir("/proc/self/fd")]
     to_devnull([fd for fd in inherited if fd not in (requests, replies)])
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the caller's Ctrl-C is the caller's
@@ -251,3 +252,14 @@ def _worker(
             with contextlib.suppress(Exception):
                 stream.flush()
         os._exit(code)
+
+
+if __name__ == "__main__":  # pragma: no cover - a launcher started as a new interpreter
+    # (Launcher.spawn): its requests on stdin, its replies on stdout.
+    _code = 0
+    try:
+        serve(0, 1, int(sys.argv[1]))
+    except BaseException:
+        _code = 1
+    finally:
+        os._exit(_code)
