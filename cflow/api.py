@@ -239,7 +239,7 @@ def _drive(
                 ).outcome
         finally:
             folder.cleanup()
-            if launcher is not None:
+            if config.is_local:
                 launching.after_run(launcher, early)
 
     driver.start(body)

@@ -8,7 +8,7 @@ workers forked from it, and what it prints about them as one JSON line.
     python fork_script.py killed STORE         its one worker forked ahead is killed before it
                                                is asked for: the worker asked for is forked then
     python fork_script.py map STORE            values and a failure through forked workers (and
-                                               their forked task hosts)
+                                               their forked task hosts), then a map more
     python fork_script.py random STORE         two forked task hosts draw random numbers
     python fork_script.py threaded STORE       the same while another thread runs
     python fork_script.py again STORE          maps one after another into one store, each
@@ -147,7 +147,11 @@ def mapped(store: Path) -> None:
         failed: dict[str, Any] = {}
     except cflow.ShardFailed as exc:
         failed = {"index": exc.index, "type": exc.type_name, "traceback": exc.traceback}
-    say(values=values, failed=failed)
+    let_go()  # the launcher for the maps after these is ready
+    again = list(
+        cflow.map(with_worker, [-4, -5, -6], store=store / "c", chunk_size=3, progress=False)
+    )
+    say(values=values, failed=failed, again=again)
 
 
 def draw_together(folder: str) -> tuple[int, str, float, float]:

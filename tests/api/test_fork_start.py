@@ -283,24 +283,31 @@ def test_a_standby_killed_before_it_is_asked_for_is_passed_over(
 
 
 @pytest.mark.parametrize("mode", ["map", "threaded"])
-def test_values_and_failures_come_back_from_workers_forked_by_a_forked_or_spawned_launcher(
+def test_values_and_failures_come_back_from_forked_or_spawned_workers(
     tmp_path: Path, procs: list[subprocess.Popen[str]], mode: str
 ) -> None:
-    """A one-thread caller's items run in workers forked by a launcher forked from it; a
-    caller with another thread running starts its launcher as a new interpreter instead
-    (``python -m runner.backends.local.launcher_process``), whose forks are its workers; it
-    says nothing of it."""
+    """A one-thread caller's items run in workers forked by a launcher forked from it. A
+    caller with another thread running spawns its first run's workers (``python -m worker``),
+    then starts a launcher as a new interpreter (``python -m
+    runner.backends.local.launcher_process``) whose forks are the next runs' workers. Nothing
+    is said of either."""
     proc = _script(mode, str(tmp_path))
     procs.append(proc)
     shown = _line(proc)
     assert [value for value, _, _ in shown["values"]] == [1, 2, 3]
-    spawned = "\0-m\0runner.backends.local.launcher_process\0"
+    assert [value for value, _, _ in shown["again"]] == [4, 5, 6]
+    spawned = "\0-m\0worker\0--backend\0local\0"
+    by_launcher = "\0-m\0runner.backends.local.launcher_process\0"
     for _, worker, host in shown["values"]:
-        assert "\0-m\0worker\0" not in worker, worker  # never a worker's own interpreter
         assert (spawned in worker) == (mode == "threaded"), worker
         assert (str(SCRIPT) in worker) == (mode == "map"), worker
         # Either worker forks its task host: no new interpreter, the worker's command line.
         assert host == worker and "worker.executors.host" not in host, host
+    for _, worker, host in shown["again"]:
+        assert spawned not in worker, worker
+        assert (by_launcher in worker) == (mode == "threaded"), worker
+        assert (str(SCRIPT) in worker) == (mode == "map"), worker
+        assert host == worker, host
     failed = shown["failed"]
     assert failed["index"] == 1 and failed["type"] == "builtins.ZeroDivisionError"
     assert "return 1 / x" in failed["traceback"]

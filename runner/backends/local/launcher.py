@@ -38,9 +38,11 @@ only a launcher forked from a caller using at most :data:`KEEP_RSS` bytes is kep
 exits after its run, as every launcher did before), and a kept one exits after
 :data:`~runner.backends.local.launcher_process.IDLE_SECONDS` without a run.
 
-Where forking the caller is not safe (other threads, a Jupyter kernel), the launcher is started
-as a new interpreter instead (:meth:`Launcher.spawn`): it loads the worker's code itself, holds
-none of the caller's memory, and is kept and serves the same way. A launcher kept from earlier
+Where forking the caller is not safe (other threads, a Jupyter kernel), the run's workers are
+new interpreters, and once it has let them go a launcher is started as a new interpreter for
+the next runs (:meth:`Launcher.spawn`; started before the run, its loading would hold the run's
+first workers back): it loads the worker's code itself, holds none of the caller's memory, and
+is kept and serves the same way. A launcher kept from earlier
 goes on serving a caller that has threads since (it has one, and forks from itself). With
 ``CFLOW_FORK_WORKERS=0``, or on a system without ``fork``, there is no launcher: workers are
 started as new interpreters, as ``runner submit`` starts them.
@@ -184,8 +186,9 @@ class Launcher:
         """A launcher started as a new interpreter (``python -m
         runner.backends.local.launcher_process STANDBY``), for a caller that may not fork
         (other threads, a Jupyter kernel): it loads the worker's code itself, then serves as a
-        forked one does, holding none of the caller's memory (so it is always kept). None
-        where it cannot be started."""
+        forked one does, holding none of the caller's memory (so it is always kept). Returns
+        once it has said it is ready, its ``standby`` workers with it; None where it could not
+        be started or ended first."""
         if not hasattr(os, "fork"):
             return None
         env = dict(os.environ)  # its workers take the caller's from each request
@@ -208,8 +211,14 @@ class Launcher:
         proc.stdin.close()
         proc.stdout.close()
         launcher = cls(proc.pid, requests, replies, kept=True)
-        launcher.ahead = standby
         launcher._proc = proc
+        try:
+            (hello,) = launcher._ask(b"", 1)  # its first line: ready, with its workers ahead
+        except (OSError, ValueError) as exc:
+            logger.debug("the launcher started as a new interpreter ended: %s", exc)
+            launcher.close()
+            return None
+        launcher.ahead = int(hello.get("ahead", 0))
         return launcher
 
     def fork_workers(self, workers: list[tuple[list[str], Path]]) -> list[ForkedWorker | OSError]:
@@ -254,7 +263,8 @@ class Launcher:
                 raise OSError("the launcher was closed")
             if os.getpid() != self._owner:
                 raise OSError("the launcher is another process's (this one was forked since)")
-            os.write(self._requests, requests)
+            if requests:
+                os.write(self._requests, requests)
             lines = [self._replies.readline() for _ in range(count)]
             replies = []
             for line in lines:
@@ -294,11 +304,12 @@ _kept_lock = threading.Lock()
 
 def for_run(ahead: int) -> Launcher | None:
     """The launcher for a run about to be made, with ``ahead`` workers forked ahead: the one
-    kept from an earlier run, else one forked now where that is safe (see :func:`can_fork`),
-    else one started as a new interpreter (:meth:`Launcher.spawn`); None with
-    ``CFLOW_FORK_WORKERS=0``, or where none can be had. A kept one that exited (idle, or
-    killed) or is a parent's (this process was forked since) is replaced. Hand it to
-    :func:`after_run` when the run has let its workers go."""
+    kept from an earlier run, else one forked now where that is safe (see :func:`can_fork`).
+    None with ``CFLOW_FORK_WORKERS=0``, or where none is kept and the caller may not fork:
+    the run's workers are then new interpreters, and :func:`after_run` starts a launcher as
+    one for the next run (started now, its loading would hold the run's first workers back).
+    A kept one that exited (idle, or killed) or is a parent's (this process was forked since)
+    is replaced. Hand what it gives to :func:`after_run` once the run has let its workers go."""
     global _kept
     if os.environ.get(FORK_ENV, "1") == "0":
         return None
@@ -308,7 +319,7 @@ def for_run(ahead: int) -> Launcher | None:
             launcher.close()
             launcher = _kept = None
         if launcher is None:
-            launcher = Launcher.start(standby=ahead) or Launcher.spawn(standby=ahead)
+            launcher = Launcher.start(standby=ahead)
             if launcher is not None and launcher.kept:
                 _kept = launcher
             return launcher
@@ -319,11 +330,20 @@ def for_run(ahead: int) -> Launcher | None:
     return launcher
 
 
-def after_run(launcher: Launcher, ahead: int) -> None:
-    """A run that used ``launcher`` has let its workers go: a kept launcher forks ``ahead``
-    workers ahead again for the next run (returning once they are ready, so the next run and
-    whatever this process does meanwhile never share the machine with those forks); another
-    exits."""
+def after_run(launcher: Launcher | None, ahead: int) -> None:
+    """A run has let its workers go: a kept launcher forks ``ahead`` workers ahead again for
+    the next run (returning once they are ready, so the next run and whatever this process
+    does meanwhile never share the machine with those forks), another exits. A run that had
+    none (the caller may not fork: other threads, a Jupyter kernel) starts one as a new
+    interpreter, kept, with ``ahead`` workers ready, unless one is kept already."""
+    global _kept
+    if launcher is None:
+        if os.environ.get(FORK_ENV, "1") == "0" or ahead < 1:
+            return
+        with _kept_lock:
+            if _kept is None or not _kept.alive:
+                _kept = Launcher.spawn(standby=ahead)
+        return
     if not launcher.kept:
         launcher.close()
         return

@@ -82,9 +82,12 @@ def idle_seconds() -> float:
     return seconds if seconds > 0 else IDLE_SECONDS
 
 
-def serve(requests: int, replies: int, standby: int) -> None:  # pragma: no cover - launcher
-    """The launcher's loop (see the module's notes): ``standby`` workers forked ahead, then a
-    reply for each request line, until the caller closes its end or asks nothing for
+def serve(  # pragma: no cover - the launcher's own process
+    requests: int, replies: int, standby: int, *, hello: bool = False
+) -> None:
+    """The launcher's loop (see the module's notes): ``standby`` workers forked ahead (with
+    ``hello``, a line saying so once they are ready: a launcher started as a new interpreter),
+    then a reply for each request line, until the caller closes its end or asks nothing for
     :data:`IDLE_SECONDS`."""
     with contextlib.suppress(PermissionError):  # started in a session of its own already
         os.setsid()
@@ -112,8 +115,12 @@ def serve(requests: int, replies: int, standby: int) -> None:  # pragma: no cove
             readies.append(ready)
         return readies
 
-    for fd in fork_ahead(standby):  # the first run asks for them at once: not waited for
-        os.close(fd)
+    if hello:  # started as a new interpreter: said ready once its workers ahead are
+        _ready(fork_ahead(standby))
+        os.write(replies, json.dumps({"ready": True, "ahead": len(standbys)}).encode() + b"\n")
+    else:
+        for fd in fork_ahead(standby):  # the first run asks for them at once: not waited for
+            os.close(fd)
     try:
         for line in _lines(requests, idle_seconds()):
             request = json.loads(line)
@@ -258,7 +265,7 @@ if __name__ == "__main__":  # pragma: no cover - a launcher started as a new int
     # (Launcher.spawn): its requests on stdin, its replies on stdout.
     _code = 0
     try:
-        serve(0, 1, int(sys.argv[1]))
+        serve(0, 1, int(sys.argv[1]), hello=True)
     except BaseException:
         _code = 1
     finally:
