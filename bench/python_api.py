@@ -24,6 +24,11 @@ readying of workers (the last round's readies workers no map uses: counted all t
 Rounds run every contender once, round-robin (this machine is noisy); medians are printed with
 every round's.
 
+Then, in an interpreter of its own with another thread running (as a notebook's kernel has),
+``--runs`` + 1 maps one after another: the first spawns its workers, the next are forked by
+the launcher the first started once it let its workers go; the later maps' median is printed
+with every map's time.
+
 Then the cached rerun, once per round: the same map with ``cache=True`` into a store where an
 earlier run committed every call, timed from the call to its values (goal: under 0.5 s for
 2,000); the median and every round's.
@@ -43,6 +48,7 @@ import multiprocessing
 import os
 import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -192,6 +198,44 @@ def _round(contenders: dict[str, Starter], times: dict[str, Timing], args: Any) 
         times[name].map.append(t2 - t1)
 
 
+# A caller with another thread running, as a notebook's kernel has, in an interpreter of its
+# own (a launcher is kept per process): its maps' seconds, one a line of JSON at the end.
+_THREADED = """
+import json, sys, tempfile, threading, time
+from pathlib import Path
+import cflow
+from cflow.driver import let_go
+calls, workers, maps, work = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+release = threading.Event()
+other = threading.Thread(target=release.wait)
+other.start()
+took = []
+for k in range(maps):
+    store = Path(tempfile.mkdtemp(prefix="threaded-", dir=work))
+    start = time.perf_counter()
+    values = cflow.map(abs, range(calls), workers=workers, store=store, progress=False)
+    took.append(time.perf_counter() - start)
+    assert list(values) == list(range(calls))
+    let_go()
+release.set()
+other.join()
+print(json.dumps(took))
+"""
+
+
+def _threaded_caller(args: Any) -> list[float]:
+    """Seconds of each of ``--runs`` + 1 maps from a fresh interpreter with another thread
+    running: the first spawns its workers, the next are forked by the launcher it started
+    as a new interpreter once the first let its workers go."""
+    done = subprocess.run(
+        [sys.executable, "-c", _THREADED, str(args.calls), str(args.workers),
+         str(args.runs + 1), str(args.work_dir)],
+        capture_output=True, text=True, check=True, cwd=REPO,
+    )  # fmt: skip
+    took: list[float] = json.loads(done.stdout.splitlines()[-1])
+    return took
+
+
 def _cached_rerun(args: Any) -> dict[str, Any]:
     """Seconds of a ``cache=True`` rerun whose every call an earlier run committed (None: the
     cache is not in this version)."""
@@ -275,6 +319,7 @@ def main(argv: list[str] | None = None) -> None:
         for _ in range(args.runs):
             _round(contenders, times, args)
         cached = _cached_rerun(args)
+        threaded = _threaded_caller(args)
     rows = _table(times, args.calls)
     print(
         f"{args.calls} no-op calls, {args.workers} worker processes, {args.runs} rounds"
@@ -297,6 +342,13 @@ def main(argv: list[str] | None = None) -> None:
             " calls reused; goal: under 0.5 s at 2,000) "
             + " ".join(f"{v:.2f}" for v in cached["rounds"])
         )
+    later = statistics.median(threaded[1:]) if len(threaded) > 1 else float("nan")
+    print(
+        f"{'cflow.map, threaded':24} {'':6} {later:6.2f} {later:6.2f}   (a caller with another"
+        f" thread, as a notebook's kernel: its first map {threaded[0]:.2f} s with spawned workers,"
+        " the next forked by the launcher it then started) "
+        + " ".join(f"{v:.2f}" for v in threaded)
+    )
     forked = sum(FORKED)
     print(
         f"\ncflow.map's workers forked in {forked} of {len(FORKED)} rounds (by the launcher kept"
@@ -315,7 +367,15 @@ def main(argv: list[str] | None = None) -> None:
                 " its map alone on a started cluster"
             )
     print(
-        json.dumps({"calls": args.calls, "workers": args.workers, "rows": rows, "cached": cached})
+        json.dumps(
+            {
+                "calls": args.calls,
+                "workers": args.workers,
+                "rows": rows,
+                "cached": cached,
+                "threaded": threaded,
+            }
+        )
     )
 
 

@@ -45,6 +45,7 @@ import signal
 import sys
 import threading
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -209,8 +210,8 @@ def run_forked(
     streams of a new interpreter, ``env`` as its environment with its ``PYTHONPATH`` on
     ``sys.path``, and fresh random seeds.
     """
-    code = 1
-    try:
+
+    def become() -> None:
         os.setsid()
         os.dup2(requests, 0)
         os.dup2(replies, 1)
@@ -224,6 +225,17 @@ def run_forked(
         fresh_interpreter([__file__, *args])
         _reseed()
         main(args)
+
+    exit_after(become)
+
+
+def exit_after(body: Callable[[], None]) -> NoReturn:
+    """End a forked child as ``python -m`` ends a program once ``body()`` returns or raises:
+    status 0, a ``SystemExit``'s code, or 1 with the traceback printed; the standard streams
+    flushed, then ``os._exit`` (its parent's ``atexit`` handlers and finalizers never run)."""
+    code = 1
+    try:
+        body()
         code = 0
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)

@@ -26,13 +26,12 @@ import select
 import signal
 import sys
 import time
-import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import worker
 from worker import cli  # loaded in the caller, so neither the launcher nor a worker loads it
-from worker.executors.host import fresh_interpreter, to_devnull
+from worker.executors.host import exit_after, fresh_interpreter, to_devnull
 from worker.executors.host_client import SPARE_HOSTS, fork_hosts
 
 IDLE_SECONDS = 300.0  # a launcher asked nothing for this long exits
@@ -225,13 +224,13 @@ def _reap(signum: int, frame: object) -> None:  # pragma: no cover - the launche
 
 def _worker(
     main: Any, request: dict[str, Any], launcher_fds: list[int], *, fresh: bool = True
-) -> None:
+) -> NoReturn:
     """In the forked child: become ``python -m worker ARGS`` started by the caller as it is
     now (its environment, folder and import path, not the launcher's from when it was forked);
     never returns. ``fresh=False``: the new interpreter's state was made ahead (a standby)."""
-    code = 1
     args = request["args"]
-    try:
+
+    def become() -> None:
         os.setsid()
         to_devnull(launcher_fds)
         os.environ.clear()
@@ -248,17 +247,8 @@ def _worker(
         else:
             sys.argv = [WORKER_MAIN, *args]
         main(args)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    except BaseException:
-        with contextlib.suppress(Exception):
-            traceback.print_exc()
-    finally:
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):
-                stream.flush()
-        os._exit(code)
+
+    exit_after(become)
 
 
 if __name__ == "__main__":  # pragma: no cover - a launcher started as a new interpreter
