@@ -135,7 +135,8 @@ class ForkedWorker:
 
 
 class Launcher:
-    """A one-thread process forked from the caller that forks its local workers."""
+    """A one-thread process that forks the caller's local workers: forked from the caller
+    (:meth:`start`), or started as a new interpreter (:meth:`spawn`)."""
 
     def __init__(self, pid: int, requests: int, replies: int, *, kept: bool = False):
         self.pid = pid
