@@ -61,7 +61,8 @@ from _common import REPO, compile_project, parse_args
 
 import cflow
 from cflow.driver import let_go
-from runner.backends.local.launcher import FORK_ENV, can_fork, kept
+from runner.backends.local.kept import kept
+from runner.backends.local.launcher import FORK_ENV, can_fork
 from runner.submit import SubmitRequest
 
 MapFn = Callable[[Callable[[int], int], range], list[Any]]

@@ -20,7 +20,8 @@ from cflow.run import Run
 from cflow.shipping import ItemFeed, make_task, task_dir
 from runner import config as config_mod
 from runner.backends.gcp.wheels import VM_PYTHON
-from runner.backends.local import launcher as launching
+from runner.backends.local import kept as keeping
+from runner.backends.local.launcher import used_by_this_thread
 from runner.config import Config, load_outputs
 from runner.finish import Outcome, quiet
 from runner.preflight import early_workers
@@ -224,11 +225,11 @@ def _drive(
     launcher, early = None, 0
     if config.is_local:
         early = early_workers(request, request.workers or _default_workers(config))
-        launcher = launching.for_run(ahead=early)
+        launcher = keeping.for_run(ahead=early)
 
     def body(d: Driver) -> Outcome | None:
         try:
-            with launching.used_by_this_thread(launcher):
+            with used_by_this_thread(launcher):
                 return engine_submit(
                     request,
                     config,
@@ -240,7 +241,7 @@ def _drive(
         finally:
             folder.cleanup()
             if config.is_local:
-                launching.after_run(launcher, early)
+                keeping.after_run(launcher, early)
 
     driver.start(body)
     return driver

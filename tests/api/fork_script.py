@@ -36,7 +36,7 @@ from typing import Any
 
 import cflow
 from cflow.driver import let_go
-from runner.backends.local import launcher as launching
+from runner.backends.local import kept as keeping
 from runner.backends.local.fleet import LocalFleet
 from runner.backends.local.launcher import (
     Launcher,
@@ -236,7 +236,7 @@ def look(_: int) -> dict[str, Any]:
     }
 
 
-def waiting_ahead(launcher: launching.Launcher) -> dict[int, list[int]]:
+def waiting_ahead(launcher: Launcher) -> dict[int, list[int]]:
     """The launcher's workers forked ahead, each with its spare task hosts."""
     return {pid: reaper.children(pid) for pid in reaper.children(launcher.pid)}
 
@@ -254,7 +254,7 @@ def kept(store: Path) -> None:
         os.chdir(folder)
         values = list(cflow.map(look, [0, 1], store=store / "s", workers=2, progress=False))
         let_go()
-        launcher = launching._kept
+        launcher = keeping.kept()
         assert launcher is not None, "a small caller keeps its launcher"
         ahead = waiting_ahead(launcher)
         rounds.append({"values": values, "launcher": launcher.pid, "ahead": ahead})
@@ -265,7 +265,7 @@ def kept(store: Path) -> None:
 def replaced(store: Path) -> None:
     values = list(cflow.map(abs, [-1, -2], store=store, workers=2, progress=False))
     let_go()
-    first = launching._kept
+    first = keeping.kept()
     assert first is not None
     first_ahead = waiting_ahead(first)
     os.kill(first.pid, signal.SIGKILL)
@@ -273,7 +273,7 @@ def replaced(store: Path) -> None:
         time.sleep(0.01)
     values += cflow.map(abs, [-3, -4], store=store, workers=2, progress=False)
     let_go()
-    second = launching._kept
+    second = keeping.kept()
     assert second is not None
     # A child forked from this process maps with a launcher of its own, never its parent's.
     read, write = os.pipe()
@@ -283,7 +283,7 @@ def replaced(store: Path) -> None:
         try:
             got = list(cflow.map(abs, [-5, -6], store=store, workers=2, progress=False))
             let_go()
-            own = launching._kept
+            own = keeping.kept()
             os.write(write, json.dumps({"values": got, "launcher": own and own.pid}).encode())
             code = 0
         finally:
@@ -294,13 +294,14 @@ def replaced(store: Path) -> None:
     os.waitpid(child, 0)
     values += cflow.map(abs, [-7, -8], store=store, workers=2, progress=False)
     let_go()
-    after_child = launching._kept.pid if launching._kept is not None else None
+    launcher = keeping.kept()
+    after_child = launcher.pid if launcher is not None else None
     # One left idle past its time exits (its workers ahead with it); the next map forks another.
-    launching.close_kept()
+    keeping.close_kept()
     os.environ["CFLOW_LAUNCHER_IDLE_SECONDS"] = "0.5"
     values += cflow.map(abs, [-11, -12], store=store, workers=2, progress=False)
     let_go()
-    idle = launching._kept
+    idle = keeping.kept()
     assert idle is not None
     idle_ahead = waiting_ahead(idle)
     deadline = time.monotonic() + WAIT_SECONDS
@@ -315,10 +316,11 @@ def replaced(store: Path) -> None:
     del os.environ["CFLOW_LAUNCHER_IDLE_SECONDS"]
     values += cflow.map(abs, [-13, -14], store=store, workers=2, progress=False)
     let_go()
-    after_idle = launching._kept.pid if launching._kept is not None else None
+    launcher = keeping.kept()
+    after_idle = launcher.pid if launcher is not None else None
     # A caller larger than the limit: its launcher exits after the run, none is kept.
-    launching.close_kept()
-    launching.KEEP_RSS = 0
+    keeping.close_kept()
+    keeping.KEEP_RSS = 0
     values += cflow.map(abs, [-9, -10], store=store, workers=2, progress=False)
     let_go()
     say(
@@ -328,7 +330,7 @@ def replaced(store: Path) -> None:
         second=second.pid,
         after_child=after_child,
         child=in_child,
-        kept_when_large=launching._kept is not None,
+        kept_when_large=keeping.kept() is not None,
         children_when_large=reaper.children(os.getpid()),
         idle=idle.pid,
         idle_ahead=idle_ahead,

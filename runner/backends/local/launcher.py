@@ -30,27 +30,17 @@ told its arguments, so the run's first workers are there the moment it asks, and
 for exits when the launcher does. The launcher loads the worker's code in the caller's process
 (this module imports it), not after the fork.
 
-A launcher is kept from one run to the next (:func:`for_run`, :func:`after_run`), forking as
-many ahead again once a run has let its workers go: a script's or a loop's later maps then find
-their workers waiting, and no fork of the caller is made for them. What a kept launcher holds
-is the caller's memory as it was when forked, shared until the caller changes or frees it; so
-only a launcher forked from a caller using at most :data:`KEEP_RSS` bytes is kept (a larger one
-exits after its run, as every launcher did before), and a kept one exits after
-:data:`~runner.backends.local.launcher_process.IDLE_SECONDS` without a run.
-
-Where forking the caller is not safe (other threads, a Jupyter kernel), the run's workers are
-new interpreters, and once it has let them go a launcher is started as a new interpreter for
-the next runs (:meth:`Launcher.spawn`; started before the run, its loading would hold the run's
-first workers back): it loads the worker's code itself, holds none of the caller's memory, and
-is kept and serves the same way. A launcher kept from earlier
-goes on serving a caller that has threads since (it has one, and forks from itself). With
-``CFLOW_FORK_WORKERS=0``, or on a system without ``fork``, there is no launcher: workers are
-started as new interpreters, as ``runner submit`` starts them.
+A launcher is kept from one run to the next, forking as many ahead again once a run has let its
+workers go (:mod:`runner.backends.local.kept`); one kept from earlier goes on serving a caller
+that has threads since (it has one, and forks from itself). Where forking the caller is not
+safe (other threads, a Jupyter kernel), a launcher can be started as a new interpreter instead
+(:meth:`Launcher.spawn`). With ``CFLOW_FORK_WORKERS=0``, or on a system without ``fork``,
+there is no launcher: workers are started as new interpreters, as ``runner submit`` starts
+them.
 """
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import json
 import logging
@@ -72,7 +62,6 @@ logger = logging.getLogger("cflow.runner")
 
 THREAD_EXIT_SECONDS = 0.05  # how long an ended thread may take to leave /proc/self/task
 FORK_ENV = "CFLOW_FORK_WORKERS"  # "0": always start local workers as new interpreters
-KEEP_RSS = 256 << 20  # a launcher forked from a caller using more memory is not kept
 
 _current = threading.local()
 
@@ -138,9 +127,9 @@ class Launcher:
     """A one-thread process that forks the caller's local workers: forked from the caller
     (:meth:`start`), or started as a new interpreter (:meth:`spawn`)."""
 
-    def __init__(self, pid: int, requests: int, replies: int, *, kept: bool = False):
+    def __init__(self, pid: int, requests: int, replies: int):
         self.pid = pid
-        self.kept = kept  # kept from run to run (see the module's notes)
+        self.kept = False  # kept from run to run (runner.backends.local.kept)
         self._requests = requests
         self._replies = os.fdopen(replies, "rb")
         self._lock = threading.Lock()
@@ -162,7 +151,6 @@ class Launcher:
             with contextlib.suppress(Exception):
                 stream.flush()
         close_before_fork()  # a worker it forks opens the store the caller may have open
-        kept = _resident() <= KEEP_RSS
         req_r, req_w = os.pipe()
         rep_r, rep_w = os.pipe()
         pid = os.fork()
@@ -178,7 +166,7 @@ class Launcher:
                 os._exit(code)
         os.close(req_r)
         os.close(rep_w)
-        launcher = cls(pid, req_w, rep_r, kept=kept)
+        launcher = cls(pid, req_w, rep_r)
         launcher.ahead = standby
         return launcher
 
@@ -187,7 +175,7 @@ class Launcher:
         """A launcher started as a new interpreter (``python -m
         runner.backends.local.launcher_process STANDBY``), for a caller that may not fork
         (other threads, a Jupyter kernel): it loads the worker's code itself, then serves as a
-        forked one does, holding none of the caller's memory (so it is always kept). Returns
+        forked one does, holding none of the caller's memory. Returns
         once it has said it is ready, its ``standby`` workers with it; None where it could not
         be started or ended first."""
         if not hasattr(os, "fork"):
@@ -211,7 +199,7 @@ class Launcher:
         requests, replies = os.dup(proc.stdin.fileno()), os.dup(proc.stdout.fileno())
         proc.stdin.close()
         proc.stdout.close()
-        launcher = cls(proc.pid, requests, replies, kept=True)
+        launcher = cls(proc.pid, requests, replies)
         launcher._proc = proc
         try:
             (hello,) = launcher._ask(b"", 1)  # its first line: ready, with its workers ahead
@@ -297,89 +285,6 @@ class Launcher:
             return
         with contextlib.suppress(ChildProcessError):
             os.waitpid(self.pid, 0)
-
-
-_kept: Launcher | None = None  # this process's, kept from one run to the next
-_kept_lock = threading.Lock()
-
-
-def for_run(ahead: int) -> Launcher | None:
-    """The launcher for a run about to be made, with ``ahead`` workers forked ahead: the one
-    kept from an earlier run, else one forked now where that is safe (see :func:`can_fork`).
-    None with ``CFLOW_FORK_WORKERS=0``, or where none is kept and the caller may not fork:
-    the run's workers are then new interpreters, and :func:`after_run` starts a launcher as
-    one for the next run (started now, its loading would hold the run's first workers back).
-    A kept one that exited (idle, or killed) or is a parent's (this process was forked since)
-    is replaced. Hand what it gives to :func:`after_run` once the run has let its workers go."""
-    global _kept
-    if os.environ.get(FORK_ENV, "1") == "0":
-        return None
-    with _kept_lock:
-        launcher = _kept
-        if launcher is not None and not launcher.alive:
-            launcher.close()
-            launcher = _kept = None
-        if launcher is None:
-            launcher = Launcher.start(standby=ahead)
-            if launcher is not None and launcher.kept:
-                _kept = launcher
-            return launcher
-    try:
-        launcher.keep_ahead(ahead)
-    except OSError as exc:  # it exited just now: the run's workers are spawned
-        logger.debug("the kept launcher is gone: %s", exc)
-    return launcher
-
-
-def after_run(launcher: Launcher | None, ahead: int) -> None:
-    """A run has let its workers go: a kept launcher forks ``ahead`` workers ahead again for
-    the next run (returning once they are ready, so the next run and whatever this process
-    does meanwhile never share the machine with those forks), another exits. A run that had
-    none (the caller may not fork: other threads, a Jupyter kernel) starts one as a new
-    interpreter, kept, with ``ahead`` workers ready, unless one is kept already."""
-    global _kept
-    if launcher is None:
-        if os.environ.get(FORK_ENV, "1") == "0" or ahead < 1:
-            return
-        with _kept_lock:
-            if _kept is None or not _kept.alive:
-                _kept = Launcher.spawn(standby=ahead)
-        return
-    if not launcher.kept:
-        launcher.close()
-        return
-    try:
-        launcher.keep_ahead(ahead)
-    except OSError as exc:
-        logger.debug("the kept launcher is gone: %s", exc)
-
-
-def kept() -> Launcher | None:
-    """This process's kept launcher, if it is running (its next run's workers are forked by
-    it, whatever threads this process has since)."""
-    launcher = _kept
-    return launcher if launcher is not None and launcher.alive else None
-
-
-def close_kept() -> None:
-    """The kept launcher exits (its workers go on), as it does at this process's exit."""
-    global _kept
-    with _kept_lock:
-        launcher, _kept = _kept, None
-    if launcher is not None:
-        launcher.close()
-
-
-atexit.register(close_kept)
-
-
-def _resident() -> int:
-    """Bytes of memory this process has resident."""
-    try:
-        with open("/proc/self/statm", "rb") as fh:
-            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return KEEP_RSS + 1  # unknown: not kept
 
 
 def start_workers(
