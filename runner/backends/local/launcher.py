@@ -20,8 +20,8 @@ import path (sent with each request), its own session (Ctrl-C in the caller's te
 reach it), stdin from ``/dev/null``, stdout and stderr to its log, the signal handlers and mask
 of a new interpreter, none of the caller's logging handlers, and it ends with ``os._exit`` (the
 caller's ``atexit`` handlers and finalizers never run in it). Its command line is still the
-caller's, so the fleet's registry records its start time (``/proc/PID/stat``) to recognise it,
-pid and start time naming one process.
+caller's: the fleet's registry knows it, as every worker, by pid and start time
+(``/proc/PID/stat``).
 
 The run says how many workers it is sure to need (``runner.preflight.early_workers``: the items'
 chunks, at most its workers) and the launcher forks that many ahead, each with a spare task host

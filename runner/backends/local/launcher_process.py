@@ -26,6 +26,7 @@ import select
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -38,6 +39,7 @@ IDLE_SECONDS = 300.0  # a launcher asked nothing for this long exits
 IDLE_ENV = "CFLOW_LAUNCHER_IDLE_SECONDS"  # another such time, read as the launcher starts
 WORKER_MAIN = str(Path(worker.__file__).with_name("__main__.py"))  # a worker's sys.argv[0]
 READY_SECONDS = 5.0  # how long a call for workers ahead waits for them to have their hosts
+_STAT_STARTTIME = 19  # field 22 of /proc/PID/stat, counted from the state (field 3)
 
 
 def process_start(pid: int) -> int | None:
@@ -52,10 +54,7 @@ def process_start(pid: int) -> int | None:
     return int(fields[_STAT_STARTTIME])
 
 
-_STAT_STARTTIME = 19  # field 22 of /proc/PID/stat, counted from the state (field 3)
-
-
-def _lines(fd: int, idle: float) -> Any:
+def _lines(fd: int, idle: float) -> Iterator[bytes]:
     """Request lines read from ``fd`` until it ends or nothing comes for ``idle`` seconds."""
     buffered = b""
     while True:
@@ -107,7 +106,7 @@ def serve(  # pragma: no cover - the launcher's own process
         readies = []
         while len(standbys) < count:
             try:
-                pid, tell, ready = _standby(cli.main, own + [fd for _, fd in standbys])
+                pid, tell, ready = _standby(own + [fd for _, fd in standbys])
             except OSError:  # one fewer ahead: it is forked when asked
                 break
             standbys.append((pid, tell))
@@ -133,21 +132,21 @@ def serve(  # pragma: no cover - the launcher's own process
                     reply = _started(pid)
                 os.close(told)
             if "args" in request and not reply:
-                reply = _fork(cli.main, request, own + [fd for _, fd in standbys])
+                reply = _fork(request, own + [fd for _, fd in standbys])
             reply["ahead"] = len(standbys)
             os.write(replies, json.dumps(reply).encode() + b"\n")
     finally:
         os.close(requests)
 
 
-def _fork(main: Any, request: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+def _fork(request: dict[str, Any], fds: list[int]) -> dict[str, Any]:
     """A worker forked now for ``request``: the reply (its pid and start time, or an error)."""
     # SIGCHLD held: a worker that exits at once is still there to read its start time.
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
     try:
         pid = os.fork()
         if pid == 0:
-            _worker(main, request, fds)
+            _worker(request, fds)
         return _started(pid)
     except OSError as exc:
         return {"error": f"could not fork a worker: {exc}"}
@@ -155,7 +154,7 @@ def _fork(main: Any, request: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
 
 
-def _standby(main: Any, fds: list[int]) -> tuple[int, int, int]:
+def _standby(fds: list[int]) -> tuple[int, int, int]:
     """A worker forked ahead: it forks a spare task host ahead too (as a local worker does as
     it starts; the host learns its task, environment and import path when given it), says so
     on a pipe, waits for its request on a pipe of its own, then runs it, or exits when that
@@ -183,7 +182,7 @@ def _standby(main: Any, fds: list[int]) -> tuple[int, int, int]:
             with os.fdopen(told, "rb") as waiting:
                 line = waiting.readline()
             if line:
-                _worker(main, json.loads(line), [], fresh=False)
+                _worker(json.loads(line), [], fresh=False)
         except BaseException:
             code = 1
         finally:
@@ -222,9 +221,7 @@ def _reap(signum: int, frame: object) -> None:  # pragma: no cover - the launche
             pass
 
 
-def _worker(
-    main: Any, request: dict[str, Any], launcher_fds: list[int], *, fresh: bool = True
-) -> NoReturn:
+def _worker(request: dict[str, Any], launcher_fds: list[int], *, fresh: bool = True) -> NoReturn:
     """In the forked child: become ``python -m worker ARGS`` started by the caller as it is
     now (its environment, folder and import path, not the launcher's from when it was forked);
     never returns. ``fresh=False``: the new interpreter's state was made ahead (a standby)."""
@@ -246,7 +243,7 @@ def _worker(
             fresh_interpreter([WORKER_MAIN, *args])
         else:
             sys.argv = [WORKER_MAIN, *args]
-        main(args)
+        cli.main(args)
 
     exit_after(become)
 
