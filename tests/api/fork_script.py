@@ -16,6 +16,7 @@ workers forked from it, and what it prints about them as one JSON line.
     python fork_script.py kept STORE           three maps through one kept launcher, the
                                                caller's environment, folder and import path
                                                changed before each
+    python fork_script.py frozen STORE         a kept launcher stopped (SIGSTOP) between maps
     python fork_script.py replaced STORE       a kept launcher killed between maps, a forked
                                                child's maps, one left idle past its time, a
                                                caller too large to keep one
@@ -37,6 +38,7 @@ from typing import Any
 import cflow
 from cflow.driver import let_go
 from runner.backends.local import kept as keeping
+from runner.backends.local import launcher as launching
 from runner.backends.local.fleet import LocalFleet
 from runner.backends.local.launcher import (
     Launcher,
@@ -340,6 +342,32 @@ def replaced(store: Path) -> None:
     )
 
 
+def frozen(store: Path) -> None:
+    """A kept launcher stopped between maps answers nothing: the next map gives up on it after
+    the wait for an answer, kills it and spawns its workers; the map after forks another."""
+    values = list(cflow.map(abs, [-1, -2], store=store, workers=2, progress=False))
+    let_go()
+    first = keeping.kept()
+    assert first is not None
+    launching.ASK_SECONDS = 1.0
+    os.kill(first.pid, signal.SIGSTOP)
+    began = time.monotonic()
+    values += cflow.map(abs, [-3, -4], store=store, workers=2, progress=False)
+    took = time.monotonic() - began
+    let_go()
+    first_gone = process_start(first.pid) is None  # killed, and reaped
+    values += cflow.map(abs, [-5, -6], store=store, workers=2, progress=False)
+    let_go()
+    second = keeping.kept()
+    say(
+        values=values,
+        took=took,
+        first_gone=first_gone,
+        first=first.pid,
+        second=second.pid if second is not None else None,
+    )
+
+
 def threaded(store: Path) -> None:
     release = threading.Event()
     other = threading.Thread(target=release.wait)
@@ -371,5 +399,7 @@ if __name__ == "__main__":
         kept(where)
     elif mode == "replaced":
         replaced(where)
+    elif mode == "frozen":
+        frozen(where)
     else:
         threaded(where)

@@ -382,3 +382,22 @@ def test_a_launcher_gone_or_not_ours_is_replaced_and_a_large_callers_is_not_kept
     assert shown["idle_exited"] and shown["after_idle"] not in (None, shown["idle"])
     assert len(shown["idle_ahead"]) == 2 and shown["idle_ahead_gone"], shown
     assert proc.wait(EXIT_SECONDS) == 0
+
+
+def test_a_kept_launcher_that_stopped_answering_is_killed_and_replaced(
+    tmp_path: Path, procs: list[subprocess.Popen[str]]
+) -> None:
+    """A kept launcher frozen (SIGSTOP) between maps never answers: the next map waits for it
+    only so long (here 1 s), kills it, and runs on workers of its own; the map after forks a
+    new launcher. The map never hangs."""
+    proc = _script("frozen", str(tmp_path / "store"))
+    procs.append(proc)
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], 120)
+    assert ready, "the map with a frozen launcher hung"
+    shown = _line(proc)
+    assert shown["values"] == [1, 2, 3, 4, 5, 6]
+    assert 1.0 <= shown["took"] < 60, shown
+    assert shown["first_gone"], "the frozen launcher was left"
+    assert shown["second"] not in (None, shown["first"])
+    assert proc.wait(EXIT_SECONDS) == 0

@@ -62,6 +62,9 @@ logger = logging.getLogger("cflow.runner")
 
 THREAD_EXIT_SECONDS = 0.05  # how long an ended thread may take to leave /proc/self/task
 FORK_ENV = "CFLOW_FORK_WORKERS"  # "0": always start local workers as new interpreters
+# A launcher answers in milliseconds (one asked for workers ahead waits up to 5 s for them, one
+# started as a new interpreter loads first): one silent this long is taken for frozen.
+ASK_SECONDS = 15.0
 
 _current = threading.local()
 
@@ -131,7 +134,8 @@ class Launcher:
         self.pid = pid
         self.kept = False  # kept from run to run (runner.backends.local.kept)
         self._requests = requests
-        self._replies = os.fdopen(replies, "rb")
+        self._replies = replies
+        self._buffered = b""  # what was read of the replies past the last whole line
         self._lock = threading.Lock()
         self._closed = False
         self._owner = os.getpid()
@@ -246,7 +250,12 @@ class Launcher:
                 self.ahead_seconds += time.perf_counter() - began
 
     def _ask(self, requests: bytes, count: int) -> list[dict[str, Any]]:
-        """Send request lines, read their ``count`` replies; each says how many wait ahead."""
+        """Send request lines, read their ``count`` replies; each says how many wait ahead.
+
+        Raises:
+            OSError: the launcher is closed, another process's, exited, or did not answer
+                within :data:`ASK_SECONDS` (taken for frozen: it is killed).
+        """
         with self._lock:
             if self._closed:
                 raise OSError("the launcher was closed")
@@ -254,14 +263,39 @@ class Launcher:
                 raise OSError("the launcher is another process's (this one was forked since)")
             if requests:
                 os.write(self._requests, requests)
-            lines = [self._replies.readline() for _ in range(count)]
+            deadline = time.monotonic() + ASK_SECONDS
             replies = []
-            for line in lines:
+            for _ in range(count):
+                line = self._line(deadline)
                 if not line:
                     raise OSError("the launcher exited")
                 replies.append(json.loads(line))
             self.ahead = int(replies[-1].get("ahead", 0))
         return replies
+
+    def _line(self, deadline: float) -> bytes:
+        """The next reply line (empty: the launcher exited); one that has not come by
+        ``deadline`` means a frozen launcher (stopped, say): it is killed and closed."""
+        while b"\n" not in self._buffered:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self._replies], [], [], left)[0]:
+                self._abandon()
+                raise OSError(f"the launcher did not answer in {ASK_SECONDS:g} s: stopped")
+            chunk = os.read(self._replies, 1 << 16)
+            if not chunk:
+                return b""
+            self._buffered += chunk
+        line, _, self._buffered = self._buffered.partition(b"\n")
+        return line
+
+    def _abandon(self) -> None:
+        """Kill a launcher that stopped answering and close it (the lock is held)."""
+        self._closed = True
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGKILL)
+        os.close(self._requests)
+        os.close(self._replies)
+        self._wait()
 
     @property
     def alive(self) -> bool:
@@ -279,7 +313,11 @@ class Launcher:
             if os.getpid() != self._owner:  # a forked copy: the launcher is the parent's
                 return
             os.close(self._requests)
-            self._replies.close()
+            os.close(self._replies)
+        self._wait()
+
+    def _wait(self) -> None:
+        """Until the launcher process has exited (it is this process's child)."""
         if self._proc is not None:
             self._proc.wait()
             return
