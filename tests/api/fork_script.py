@@ -379,27 +379,22 @@ def threaded(store: Path) -> None:
         other.join()
 
 
+MODES = {
+    "idle": idle,
+    "standby": standby,
+    "killed": killed,
+    "map": mapped,
+    "random": drawn,
+    "again": again,
+    "kept": kept,
+    "replaced": replaced,
+    "frozen": frozen,
+    "threaded": threaded,
+}
+
 if __name__ == "__main__":
     mode, where = sys.argv[1], Path(sys.argv[2])
     if mode == "hold":
         hold(where, sys.argv[3])
-    elif mode == "idle":
-        idle(where)
-    elif mode == "standby":
-        standby(where)
-    elif mode == "killed":
-        killed(where)
-    elif mode == "map":
-        mapped(where)
-    elif mode == "random":
-        drawn(where)
-    elif mode == "again":
-        again(where)
-    elif mode == "kept":
-        kept(where)
-    elif mode == "replaced":
-        replaced(where)
-    elif mode == "frozen":
-        frozen(where)
     else:
-        threaded(where)
+        MODES[mode](where)
