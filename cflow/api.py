@@ -235,6 +235,7 @@ def _drive(
                     config,
                     say,
                     on_created=d.on_created,
+                    on_published=d.on_published,
                     display=d.display,
                     on_outcome=d.on_outcome,
                 ).outcome

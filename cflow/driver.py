@@ -32,6 +32,8 @@ class Driver:
     """The thread that publishes and watches the run to its end, as ``runner submit`` does."""
 
     def __init__(self) -> None:
+        # The run exists and its first shards are out (or the thread ended): the caller's
+        # thread, waiting on it, wakes once the run's first publish no longer needs the GIL.
         self.created = threading.Event()
         self.done = threading.Event()  # the thread ended (its workers let go)
         self.over = threading.Event()  # the run's end is known (its last workers may be going)
@@ -80,7 +82,9 @@ class Driver:
         self.over.set()
 
     def on_created(self, manifest: Manifest) -> None:
-        self.run_id = manifest.run_id
+        self.run_id = manifest.run_id  # a Ctrl-C from now on cancels the run
+
+    def on_published(self, count: int) -> None:
         self.created.set()
 
     def display(self, watcher: Watcher, poll_seconds: float) -> Snapshot:

@@ -7,7 +7,8 @@ Until the stream ends the manifest counts one shard more than it published (``pu
 holds: the run cannot look settled, and ``runner runs`` shows it ``publishing``); at the end it
 records the real count. The shard list (``shards.jsonl``, read by ``runner status`` and retry)
 is rewritten whenever the count has doubled and at the end, so its writes add up to at most
-twice its size. Memory stays flat: a batch at a time, the list in a temporary file.
+twice its size. Memory stays flat: a batch at a time, the list in a temporary file (a stream
+of one batch, a list's few thousand items, puts its list from memory).
 """
 
 from __future__ import annotations
@@ -133,8 +134,6 @@ def start_stream(
     """
     info, sha = runs.store_bundle(store, task_dir, packed)
     run_id = run_id or new_run_id(clock.time())
-    tmp = tempfile.TemporaryDirectory(prefix="cflow-stream-")
-    listing = Path(tmp.name) / "shards.jsonl"
     source = iter(feed.shards(store, run_id))
     if keyed is not None:
         source = keyed(source)
@@ -154,10 +153,8 @@ def start_stream(
         published=0,
         published_at=clock.time(),
     )
-    stream = _Stream(store, queue, manifest, listing, clock, on_published, reuse)
-    records = stream.append(first)
-    store.put_file(Layout.shard_list(run_id), listing)
-    stream.uploaded = stream.listed
+    stream = _Stream(store, queue, manifest, clock, on_published, reuse)
+    records = stream.list_first(first)
     store.put(Layout.manifest(run_id), manifest.to_json())
     if on_created is not None:
         on_created(manifest)
@@ -165,11 +162,10 @@ def start_stream(
     try:
         stream.publish(first, records, final=ended)
     except BaseException:
-        tmp.cleanup()
+        stream.close()
         raise
     publisher.manifest = stream.manifest
     if ended:
-        tmp.cleanup()
         publisher.done.set()
         return stream.manifest, publisher
 
@@ -178,7 +174,7 @@ def start_stream(
             stream.run(reader, feed)
         finally:
             publisher.manifest = stream.manifest
-            tmp.cleanup()
+            stream.close()
 
     publisher.start(rest)
     return stream.manifest, publisher
@@ -310,6 +306,10 @@ class _Reader:
         return batch
 
 
+def _lines(records: list[dict[str, Any]]) -> bytes:
+    return "".join(json.dumps(r, sort_keys=True) + "\n" for r in records).encode("utf-8")
+
+
 @dataclasses.dataclass(frozen=True)
 class _Failed:
     error: BaseException
@@ -322,20 +322,42 @@ class _Stream:
     store: Store
     queue: WorkQueue
     manifest: Manifest
-    listing: Path
     clock: Clock
     on_published: runs.Progress | None
     reuse: runs.Reuse | None = None
-    listed: int = 0  # shards in the local list
+    listed: int = 0  # shards in the list so far
     uploaded: int = 0  # shards in the list last put in the store
+    # The list so far, a temporary file from the second batch on (a stream that is one batch,
+    # a list's few thousand items, has its list put in the store straight from memory).
+    listing: Path | None = None
+    _first: bytes = b""  # the first batch's lines, until the list has a file
+    _folder: tempfile.TemporaryDirectory[str] | None = None
+
+    def list_first(self, batch: list[Shard]) -> list[dict[str, Any]]:
+        """List the first batch and put the list in the store; its shards as the messages
+        carry them."""
+        records = [shard.to_dict() for shard in batch]
+        self._first = _lines(records)
+        self.store.put(Layout.shard_list(self.manifest.run_id), self._first)
+        self.listed = self.uploaded = len(batch)
+        return records
 
     def append(self, batch: list[Shard]) -> list[dict[str, Any]]:
-        """List a batch; its shards as the messages carry them."""
+        """List a later batch; its shards as the messages carry them."""
         records = [shard.to_dict() for shard in batch]
-        with self.listing.open("a", encoding="utf-8") as fh:
-            fh.writelines(json.dumps(record, sort_keys=True) + "\n" for record in records)
+        if self.listing is None:
+            self._folder = tempfile.TemporaryDirectory(prefix="cflow-stream-")
+            self.listing = Path(self._folder.name) / "shards.jsonl"
+            self.listing.write_bytes(self._first)
+            self._first = b""
+        with self.listing.open("ab") as fh:
+            fh.write(_lines(records))
         self.listed += len(batch)
         return records
+
+    def close(self) -> None:
+        if self._folder is not None:
+            self._folder.cleanup()
 
     def publish(
         self,
@@ -354,8 +376,8 @@ class _Stream:
             self.queue.publish(messages)
         done = (self.manifest.published or 0) + len(batch)
         doubled = self.listed >= 2 * max(self.uploaded, defaults.PUBLISH_BATCH // 2)
-        if doubled or (final and self.uploaded < self.listed):  # not twice the same list
-            self.store.put_file(Layout.shard_list(run_id), self.listing)
+        if self.listing is not None and (doubled or (final and self.uploaded < self.listed)):
+            self.store.put_file(Layout.shard_list(run_id), self.listing)  # not twice the same
             self.uploaded = self.listed
         at = self.clock.time()
 
