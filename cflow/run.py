@@ -164,6 +164,8 @@ class Run:
         driver = self._watched()
         ticker = self._ticker()
         try:
+            if once_done is not None:  # the store opened while the run goes on, not after
+                self._dep_open()
             while driver is not None and not driver.over.is_set():
                 if once_done is not None and driver.all_done.is_set():
                     once_done()

@@ -221,10 +221,16 @@ class ItemFeed:
             yield Shard(id=sid, index=index, input=str(local) if local else store.url(key))
 
     def _pickled(self) -> Iterator[tuple[int, bytes]]:
+        # _dumps inlined, its names bound once: a few thousand items a map go through here.
+        dumps, protocol, stopped = pickle.dumps, pickle.HIGHEST_PROTOCOL, self._stop.is_set
         for index, item in enumerate(self._items):
-            if self._stop.is_set():
+            if stopped():
                 return
-            yield index, _dumps(item)
+            try:
+                data = dumps(item, protocol=protocol)
+            except (pickle.PicklingError, TypeError, AttributeError):
+                data = cloudpickle.dumps(item)  # a lambda, a class of __main__
+            yield index, data
 
 
 def _dumps(item: Any) -> bytes:

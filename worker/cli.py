@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import logging
 import os
@@ -25,62 +26,76 @@ def _env(name: str, default: str | None = None) -> str | None:
     return os.environ.get(f"CFLOW_{name}", default)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+@functools.cache
+def _parser() -> argparse.ArgumentParser:
+    """The worker's flags, built once a process (a local worker forked from a Python caller
+    finds it built); their defaults, from the environment, are set at each parse."""
     p = argparse.ArgumentParser(prog="python -m worker", description=__doc__)
-    p.add_argument("--backend", choices=["local", "gcp"], default=_env("BACKEND", "local"))
-    p.add_argument(
-        "--store",
-        type=Path,
-        default=_env("STORE", defaults.STORE_DIR),
-        help="local backend: the store directory",
-    )
-    p.add_argument("--project", default=_env("PROJECT"))
-    p.add_argument("--bucket", default=_env("BUCKET"))
-    p.add_argument("--subscription", default=_env("SUBSCRIPTION"), help="work subscription")
-    p.add_argument("--events-topic", default=_env("EVENTS_TOPIC"))
+    p.add_argument("--backend", choices=["local", "gcp"])
+    p.add_argument("--store", type=Path, help="local backend: the store directory")
+    p.add_argument("--project")
+    p.add_argument("--bucket")
+    p.add_argument("--subscription", help="work subscription")
+    p.add_argument("--events-topic")
     p.add_argument(
         "--work-topic",
-        default=_env("WORK_TOPIC"),
         help="gcp: topic a failed shard is re-queued on [default: the subscription's topic]",
     )
+    p.add_argument("--group", help="managed instance group to leave when idle")
+    p.add_argument("--zone")
+    p.add_argument("--region")
     p.add_argument(
-        "--group", default=_env("GROUP"), help="managed instance group to leave when idle"
+        "--instance-zone", help="gcp: this VM's zone, to leave a regional group [default: --zone]"
     )
-    p.add_argument("--zone", default=_env("ZONE"))
-    p.add_argument("--region", default=_env("REGION"))
-    p.add_argument(
-        "--instance-zone",
-        default=_env("INSTANCE_ZONE"),
-        help="gcp: this VM's zone, to leave a regional group [default: --zone]",
-    )
-    p.add_argument("--name", default=_env("WORKER_NAME") or f"{socket.gethostname()}-{os.getpid()}")
-    p.add_argument("--slots", type=int, default=int(_env("SLOTS", str(defaults.SLOTS)) or 1))
+    p.add_argument("--name")
+    p.add_argument("--slots", type=int)
     p.add_argument(
         "--idle-timeout",
         type=float,
-        default=float(_env("IDLE_TIMEOUT", "0") or 0) or None,
         help="seconds with no work before the worker exits (and leaves its group)",
     )
     p.add_argument("--burst", action="store_true", help="exit as soon as no work is left")
     p.add_argument(
         "--run",
-        default=_env("RUN"),
         help="local backend: serve this run's shards only (the runner starts a run's workers so)",
     )
-    p.add_argument(
-        "--scratch", type=Path, default=Path(_env("SCRATCH") or tempfile.gettempdir()) / "cflow"
-    )
+    p.add_argument("--scratch", type=Path)
     p.add_argument(
         "--lease-seconds",
         type=float,
-        default=float(_env("LEASE_SECONDS") or defaults.LEASE_SECONDS),
         help="seconds a received shard stays leased without a heartbeat (gcp: its ack deadline)",
     )
-    p.add_argument(
-        "--heartbeat",
-        type=float,
-        default=float(_env("HEARTBEAT_SECONDS") or defaults.HEARTBEAT_SECONDS),
-    )
+    p.add_argument("--heartbeat", type=float)
+    return p
+
+
+def _env_defaults() -> dict[str, object]:
+    """Every flag's default, from its ``CFLOW_*`` variable as the environment is now."""
+    return {
+        "backend": _env("BACKEND", "local"),
+        "store": Path(_env("STORE", defaults.STORE_DIR) or defaults.STORE_DIR),
+        "project": _env("PROJECT"),
+        "bucket": _env("BUCKET"),
+        "subscription": _env("SUBSCRIPTION"),
+        "events_topic": _env("EVENTS_TOPIC"),
+        "work_topic": _env("WORK_TOPIC"),
+        "group": _env("GROUP"),
+        "zone": _env("ZONE"),
+        "region": _env("REGION"),
+        "instance_zone": _env("INSTANCE_ZONE"),
+        "name": _env("WORKER_NAME") or f"{socket.gethostname()}-{os.getpid()}",
+        "slots": int(_env("SLOTS", str(defaults.SLOTS)) or 1),
+        "idle_timeout": float(_env("IDLE_TIMEOUT", "0") or 0) or None,
+        "run": _env("RUN"),
+        "scratch": Path(_env("SCRATCH") or tempfile.gettempdir()) / "cflow",
+        "lease_seconds": float(_env("LEASE_SECONDS") or defaults.LEASE_SECONDS),
+        "heartbeat": float(_env("HEARTBEAT_SECONDS") or defaults.HEARTBEAT_SECONDS),
+    }
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = _parser()
+    p.set_defaults(**_env_defaults())
     args = p.parse_args(argv)
     if args.slots < 1:
         p.error("--slots must be at least 1")

@@ -28,9 +28,11 @@ Never imports the runner or cflow: it runs on every worker.
 from __future__ import annotations
 
 import base64
+import fcntl
 import json
 import os
 import pickle
+import stat
 import sys
 import traceback
 from pathlib import Path
@@ -163,18 +165,30 @@ def load_items(shard: TaskShard) -> list[Any]:
     return [pickle.loads(one) for one in pickles]
 
 
-def _log_size() -> int:
+def _log_size(appends: bool) -> int:
     """Bytes in the attempt's log so far (0 where fd 2 is no file): where an item's part of
-    the log starts. Called before every item of a chunk, so it is kept to a plain loop."""
+    the log starts. Called before every item of a chunk, so it is kept to a plain loop.
+    ``appends``: fd 2 is a file opened to append (:func:`_appends`), whose size a seek to its
+    end gives without a stat (its offset moves there at each write anyway)."""
     for stream in (sys.stdout, sys.stderr):
         try:  # noqa: SIM105 - contextlib.suppress costs a microsecond an item here
             stream.flush()
         except Exception:  # closed or replaced by the function: its own business
             pass
     try:
-        return os.fstat(2).st_size
+        return os.lseek(2, 0, os.SEEK_END) if appends else os.fstat(2).st_size
     except OSError:
         return 0
+
+
+def _appends() -> bool:
+    """Whether fd 2 is a regular file opened to append (the attempt's log, as hosts open it)."""
+    try:
+        return bool(fcntl.fcntl(2, fcntl.F_GETFL) & os.O_APPEND) and stat.S_ISREG(
+            os.fstat(2).st_mode
+        )
+    except OSError:
+        return False
 
 
 def call_chunk(shard: TaskShard, fn: Any) -> dict[str, Any]:
@@ -188,9 +202,10 @@ def call_chunk(shard: TaskShard, fn: Any) -> dict[str, Any]:
     kept: list[dict[str, Any]] = []
     budget = CHUNK_INLINE_BUDGET
     overflow = _Overflow(Path(shard.output_dir))
+    appends = _appends()
     try:
         for j, item in enumerate(load_items(shard)):
-            budget -= _run_item(fn, item, first + j, tries, kept, budget, overflow, shard)
+            budget -= _run_item(fn, item, first + j, tries, kept, budget, overflow, shard, appends)
     finally:
         overflow.close()
     return {"chunk": {"first": first, "values": kept}}
@@ -205,10 +220,11 @@ def _run_item(
     budget: int,
     overflow: _Overflow,
     shard: TaskShard,
+    appends: bool,
 ) -> int:
     """Run one item of a chunk, up to ``tries`` times, and keep its entry; the bytes of the
     record's room it took."""
-    start = _log_size()
+    start = _log_size(appends)
     for attempt in range(1, tries + 1):
         try:
             value = fn(item)
