@@ -60,7 +60,7 @@ def wait_for(flag: str) -> str:
 def entries(store: Path) -> dict[str, Any]:
     """The registry's entries, each with its process's command line."""
     out = {}
-    for path in sorted((store / "fleet").glob("*.json")):
+    for path in sorted((store / "fleet" / "live").glob("*.json")):
         entry = json.loads(path.read_text())
         entry["cmdline"] = Path(f"/proc/{entry['pid']}/cmdline").read_bytes().decode()
         out[path.stem] = entry

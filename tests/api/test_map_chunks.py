@@ -179,7 +179,7 @@ def test_a_run_of_known_length_has_all_its_first_workers_as_it_is_made(
     is not known)."""
     store = Path(local_backend["store"])
     run = cflow.submit(abs, range(2000), **local_backend)
-    assert len(list((store / "fleet").glob("*.json"))) == 2
+    assert len(list((store / "fleet" / "live").glob("*.json"))) == 2
     assert list(run.results()) == list(range(2000))
 
 

@@ -30,6 +30,25 @@ def test_a_name_whose_worker_is_gone_is_not_given_again(tmp_path: Path) -> None:
     assert other_run.claim(0)[0] == "local-3"  # names are the store's, not a run's
 
 
+def test_a_store_that_ran_many_workers_lists_only_its_live_ones(tmp_path: Path) -> None:
+    """What past workers left (a log and a lifetime record each, kept) is not looked through:
+    a claim starts past the highest name given, and the entries are the live workers' alone."""
+    logs = tmp_path / "fleet" / "logs"
+    logs.mkdir(parents=True)
+    for n in range(500):
+        (logs / f"local-{n}.log").touch()
+        (tmp_path / "fleet" / f"local-{n}").mkdir()
+        (tmp_path / "fleet" / f"local-{n}" / "lifetime.json").write_text("{}")
+    (logs / "notes.txt").touch()  # not a worker's: ignored
+    registry = Registry(tmp_path, "r-1")
+    name, n = registry.claim(0)
+    assert (name, n) == ("local-500", 500)
+    registry.record(name, 101, None)
+    assert registry.entries() == {"local-500": (101, None)}
+    assert sorted(p.name for p in registry.folder.iterdir()) == ["local-500.json"]
+    assert Registry(tmp_path, "r-1").claim(3) == ("local-501", 501)
+
+
 def test_two_claims_at_once_get_two_names(tmp_path: Path) -> None:
     a, b = Registry(tmp_path, "r-1"), Registry(tmp_path, "r-1")
     assert {a.claim(0)[0], b.claim(0)[0]} == {"local-0", "local-1"}
@@ -58,7 +77,7 @@ def test_a_spawned_worker_is_registered_with_its_start_time(tmp_path: Path) -> N
     fleet = LocalFleet(store, run_id="r-1", idle_timeout=30)
     (name,) = fleet.grow(1)  # no launcher on this thread: a new interpreter
     try:
-        entry = json.loads((store / "fleet" / f"{name}.json").read_text())
+        entry = json.loads((store / "fleet" / "live" / f"{name}.json").read_text())
         assert entry["start"] == process_start(entry["pid"]), entry
         other = LocalFleet(store, run_id="r-1")
         assert [i.name for i in other.instances()] == [name]

@@ -1,6 +1,6 @@
-"""The local fleet's registry: a file per worker under ``<store>/fleet/``, so any runner (a
-later ``runner watch``, ``runner status``) finds the workers of a store and tells them from
-other processes that reused their pids."""
+"""The local fleet's registry: a file per live worker under ``<store>/fleet/live/``, so any
+runner (a later ``runner watch``, ``runner status``) finds the workers of a store and tells
+them from other processes that reused their pids."""
 
 from __future__ import annotations
 
@@ -17,17 +17,21 @@ CLAIM_SECONDS = 60.0  # a worker name claimed this long without a pid is free ag
 
 
 class Registry:
-    """``<store>/fleet/<name>.json``: ``{"pid", "run", "start"}``, ``start`` the pid's start
-    time (clock ticks since boot), which tells the worker from a later process given its pid.
-    An entry without one (an earlier version's) is told by the command line instead.
+    """``<store>/fleet/live/<name>.json``: ``{"pid", "run", "start"}``, ``start`` the pid's
+    start time (clock ticks since boot), which tells the worker from a later process given its
+    pid. An entry without one (an earlier version's) is told by the command line instead.
 
     A name is claimed by creating its file create-only, so two runners starting workers in one
     store at once never give two workers one name; the pid is written once the process runs.
+    The entries have a folder of their own: ``fleet/`` keeps what every worker ever left (its
+    log, its lifetime record), and a store that ran a thousand maps would make every look at
+    the live workers a listing of thousands.
     """
 
     def __init__(self, root: Path, run_id: str | None):
         self.root = root
-        self.folder = root / "fleet"
+        self.folder = root / "fleet" / "live"
+        self.logs = root / "fleet" / "logs"
         self.folder.mkdir(parents=True, exist_ok=True)
         self.run_id = run_id
 
@@ -60,9 +64,11 @@ class Registry:
         which starts the first workers, and its watch's): a name whose worker had exited would
         otherwise be given again, to a worker the watch then took for the one that left.
         """
-        logs = self.folder / "logs"
+        logs = self.logs
         logs.mkdir(exist_ok=True)
-        n = start
+        # From past the highest name given: one listing, not a look per name ever given (a
+        # store that ran a thousand maps has given two thousand).
+        n = max(start, _highest(os.listdir(logs)) + 1)
         while True:
             name = f"local-{n}"
             if (logs / f"{name}.log").exists():
@@ -106,3 +112,13 @@ class Registry:
         flags = dict(itertools.pairwise(argv))  # "--store" -> its value, ...
         store = str(self.root).encode()
         return flags.get(b"--store") == store and flags.get(b"--name") == name.encode()
+
+
+def _highest(logs: list[str]) -> int:
+    """The highest ``n`` of the ``local-<n>.log`` files listed (-1: none)."""
+    highest = -1
+    for log in logs:
+        number = log.removeprefix("local-").removesuffix(".log")
+        if number.isdigit() and log != number:
+            highest = max(highest, int(number))
+    return highest

@@ -49,10 +49,12 @@ class LocalEvents(EventBus):
         self._cursor = 0
         self._inserts = 0
         if since is not None:  # from the first event at or after it; none yet: from the end
+            # MIN(id + 0), not MIN(id): the events of the last hour are many (EVENT_RETENTION),
+            # and MIN(id) would walk them all from the oldest instead of the index on `at`.
             row = (
                 self._db.conn()
                 .execute(
-                    "SELECT COALESCE(MIN(id) - 1, (SELECT MAX(id) FROM events), 0)"
+                    "SELECT COALESCE(MIN(id + 0) - 1, (SELECT MAX(id) FROM events), 0)"
                     " FROM events WHERE at >= ?",
                     (since,),
                 )
