@@ -47,6 +47,11 @@ def test_a_store_that_ran_many_workers_lists_only_its_live_ones(tmp_path: Path) 
     assert registry.entries() == {"local-500": (101, None)}
     assert sorted(p.name for p in registry.folder.iterdir()) == ["local-500.json"]
     assert Registry(tmp_path, "r-1").claim(3) == ("local-501", 501)
+    # The next name's hint, behind (two claims raced) or unreadable: names given are skipped.
+    (logs / ".next").write_text("499")
+    assert Registry(tmp_path, "r-1").claim(0) == ("local-502", 502)
+    (logs / ".next").write_text("not a number")
+    assert Registry(tmp_path, "r-1").claim(0) == ("local-503", 503)
 
 
 def test_two_claims_at_once_get_two_names(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 from runner.backends.local.launcher import process_start
 
 CLAIM_SECONDS = 60.0  # a worker name claimed this long without a pid is free again
+NEXT_HINT = ".next"  # in fleet/logs/: the number the next name is looked for from
 
 
 class Registry:
@@ -66,9 +67,10 @@ class Registry:
         """
         logs = self.logs
         logs.mkdir(exist_ok=True)
-        # From past the highest name given: one listing, not a look per name ever given (a
-        # store that ran a thousand maps has given two thousand).
-        n = max(start, _highest(os.listdir(logs)) + 1)
+        # From past the names given (a store that ran a thousand maps has given two thousand),
+        # as the hint says, else as the logs' listing says. The hint need not be exact: a name
+        # it says is free whose log is there is passed over below, as a claim racing this one.
+        n = max(start, _hint(logs) or _highest(os.listdir(logs)) + 1)
         while True:
             name = f"local-{n}"
             if (logs / f"{name}.log").exists():
@@ -81,6 +83,8 @@ class Registry:
                 continue
             os.close(fd)
             (logs / f"{name}.log").touch()
+            with contextlib.suppress(OSError):  # only a hint: a claim without it lists the logs
+                (logs / NEXT_HINT).write_text(str(n + 1))
             return name, n
 
     def record(self, name: str, pid: int, start: int | None) -> None:
@@ -112,6 +116,15 @@ class Registry:
         flags = dict(itertools.pairwise(argv))  # "--store" -> its value, ...
         store = str(self.root).encode()
         return flags.get(b"--store") == store and flags.get(b"--name") == name.encode()
+
+
+def _hint(logs: Path) -> int | None:
+    """The next name's number, as the last claim in this store wrote it (None: none read)."""
+    try:
+        text = (logs / NEXT_HINT).read_text()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
 
 
 def _highest(logs: list[str]) -> int:
