@@ -81,7 +81,7 @@ def once(sig: signal.Signals) -> float:
         try:
             running = _wait(lambda: len(_attempts(store)) == 2 and _attempts(store), 60)
             victim = running[0]
-            entry = store / "fleet" / f"{victim['worker']}.json"
+            entry = store / "fleet" / "live" / f"{victim['worker']}.json"
             pid = json.loads(entry.read_text())["pid"]
             killed = time.time()
             os.kill(pid, sig)

@@ -87,7 +87,7 @@ class Cli:
     def workers(self) -> dict[str, int]:
         """Live worker processes of the local fleet: name -> pid."""
         out = {}
-        for path in (self.store / "fleet").glob("*.json"):
+        for path in (self.store / "fleet" / "live").glob("*.json"):
             try:
                 text = path.read_text()
             except FileNotFoundError:  # the worker went since the folder was listed
@@ -131,7 +131,7 @@ def _stop_workers(store: Path) -> None:
     """SIGTERM the store's workers still running, then SIGKILL what is left after 10 s."""
     mine = str(store).encode()
     pids = []
-    for path in (store / "fleet").glob("*.json"):
+    for path in (store / "fleet" / "live").glob("*.json"):
         with contextlib.suppress(OSError, ValueError, KeyError):
             pid = int(json.loads(path.read_text())["pid"])
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
