@@ -1,0 +1,170 @@
+"""What one ``cflow.map`` costs: its wall time and the CPU of every process it used, per map.
+
+    python bench/map_cpu.py [--maps 20] [--calls 2000] [--workers 2] [--one-store]
+    python bench/map_cpu.py --other DIR [--rounds 6]      # this tree against another, alternated
+
+Maps a no-op function over ``--calls`` integers ``--maps`` times, each into a fresh store (or
+all into one with ``--one-store``), letting each map's workers go before the next, and prints
+the median wall time of a map and the CPU per map of this process (user, system) and of every
+process it started (the kept launcher, its workers, their task hosts: this process is made
+their subreaper, so each is counted when it ends, the launcher's forking of the next map's
+workers included).
+
+``--other DIR``: a checkout of another version (``git worktree add DIR COMMIT``); the two are
+measured in turn, ``--rounds`` times each, in processes of their own (this file run in each
+tree), so a machine's slow spell falls on both. Nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from _common import REPO, compile_project, parse_args
+
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def noop(i: int) -> int:
+    return i
+
+
+def _args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--maps", type=int, default=20)
+    parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--one-store", action="store_true", help="every map into one store")
+    parser.add_argument("--other", type=Path, help="another version's checkout, to alternate")
+    parser.add_argument("--rounds", type=int, default=6, help="with --other: rounds of each")
+    parser.add_argument("--json", action="store_true", help="one line of JSON only")
+    parser.add_argument(
+        "--work", type=Path, default=REPO / "bench" / "out", help="where the stores go"
+    )
+    return parse_args(parser, argv, maps=2, calls=20, rounds=1)
+
+
+def _reap() -> None:
+    """Wait for every ended process left to this one (the subreaper): its CPU is counted."""
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def _cpu() -> list[float]:
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    them = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return [me.ru_utime, me.ru_stime, them.ru_utime, them.ru_stime]
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    """Wall time and CPU per map, in this process, of this tree's ``cflow``."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)  # orphans (the launcher's) come to us
+    import cflow
+    from cflow.driver import let_go
+    from runner.backends.local import kept
+
+    work = Path(tempfile.mkdtemp(prefix="cflow-bench-cpu-", dir=args.work))
+    items = range(args.calls)
+
+    def one(store: Path) -> float:
+        start = time.perf_counter()
+        values = list(cflow.map(noop, items, workers=args.workers, store=store, progress=False))
+        took = time.perf_counter() - start
+        let_go()
+        _reap()
+        if values != list(items):
+            raise SystemExit("cflow.map returned wrong values")
+        return took
+
+    one(work / "warm")  # this process's first map: what it loads is loaded once
+    kept.close_kept()  # the measured maps start their own launcher, counted among them
+    time.sleep(0.1)
+    _reap()
+    before, walls = _cpu(), []
+    for k in range(args.maps):
+        walls.append(one(work / ("one" if args.one_store else f"s{k}")))
+    kept.close_kept()  # it ends, so its own CPU is counted too
+    time.sleep(0.1)
+    _reap()
+    per_map = [(b - a) * 1000 / args.maps for a, b in zip(before, _cpu(), strict=True)]
+    return {
+        "wall_ms": statistics.median(walls) * 1000,
+        "caller_user_ms": per_map[0],
+        "caller_sys_ms": per_map[1],
+        "others_user_ms": per_map[2],
+        "others_sys_ms": per_map[3],
+        "cpu_ms": sum(per_map),
+    }
+
+
+def _line(tag: str, r: dict[str, Any]) -> str:
+    return (
+        f"{tag:8} map {r['wall_ms']:6.1f} ms   CPU per map {r['cpu_ms']:6.1f} ms (this process"
+        f" {r['caller_user_ms']:.1f} user {r['caller_sys_ms']:.1f} sys; the processes it started"
+        f" {r['others_user_ms']:.1f} user {r['others_sys_ms']:.1f} sys)"
+    )
+
+
+def _child(tree: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """This file run in ``tree`` (its ``cflow``), one round; what it measured."""
+    argv = [sys.executable, str(Path(__file__).resolve()), "--json", "--maps", str(args.maps)]
+    argv += ["--calls", str(args.calls), "--workers", str(args.workers), "--work", str(args.work)]
+    if args.one_store:
+        argv.append("--one-store")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), str(REPO / "bench")])}
+    done = subprocess.run(argv, cwd=tree, env=env, capture_output=True, text=True, check=True)
+    measured: dict[str, Any] = json.loads(done.stdout.splitlines()[-1])
+    return measured
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _args(argv)
+    args.work.mkdir(parents=True, exist_ok=True)
+    if args.json:
+        print(json.dumps(measure(args)))
+        return
+    compile_project()
+    if args.other is None:
+        print(f"{args.maps} maps of {args.calls} no-op calls, {args.workers} workers\n")
+        print(_line("this", measure(args)))
+        return
+    other = args.other.resolve()
+    if not (other / "cflow").is_dir():
+        raise SystemExit(f"--other {other}: no cflow there; give a checkout of this project")
+    print(
+        f"{args.rounds} rounds of {args.maps} maps of {args.calls} no-op calls, {args.workers}"
+        f" workers: {other} (other) and {REPO} (this), in turn\n"
+    )
+    rows: dict[str, list[dict[str, Any]]] = {"other": [], "this": []}
+    for _ in range(args.rounds):
+        for tag, tree in (("other", other), ("this", REPO)):
+            rows[tag].append(_child(tree, args))
+            print(_line(tag, rows[tag][-1]), flush=True)
+    print()
+    for tag, got in rows.items():
+        wall = statistics.median(r["wall_ms"] for r in got)
+        cpu = statistics.median(r["cpu_ms"] for r in got)
+        print(f"{tag:8} median of the rounds: map {wall:6.1f} ms, CPU per map {cpu:6.1f} ms")
+    print(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    main()
