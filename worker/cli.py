@@ -183,6 +183,7 @@ def _main(argv: list[str] | None) -> None:
             idle_timeout=args.idle_timeout,
             lease_seconds=args.lease_seconds,
             heartbeat=min(args.heartbeat, args.lease_seconds / 3),
+            run=args.run,
         ),
     )
 

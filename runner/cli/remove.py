@@ -125,6 +125,7 @@ def _removed_note(removed: Removed) -> None:
     err.print(
         f"cflow: deleted {len(removed.runs)} runs ({removed.objects} objects,"
         f" {removed.messages} queued messages, {len(removed.bundles)} unused bundles);"
-        f" freed {removed.bytes:,} bytes and {removed.cache_entries} cache entries",
+        f" freed {removed.bytes:,} bytes and {removed.cache_entries} cache entries"
+        + (f"; {removed.workers} workers' logs went with their runs" if removed.workers else ""),
         markup=False,
     )

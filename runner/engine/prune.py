@@ -7,6 +7,8 @@ one; workers drop them when they find no manifest for their run.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import re
 import shutil
 from collections.abc import Callable, Iterable
@@ -15,7 +17,7 @@ from dataclasses import dataclass
 from runner.engine import cache, listing, reports, runs
 from worker import defaults
 from worker.clock import SYSTEM_CLOCK, Clock
-from worker.errors import ConfigError, RunStateError
+from worker.errors import ConfigError, NotFound, RunStateError
 from worker.protocol import Layout, Manifest, RunState, ShardState
 from worker.queue import WorkQueue
 from worker.store import Store
@@ -25,6 +27,7 @@ from worker.store import Store
 STOP_WAIT = 2 * defaults.HEARTBEAT_SECONDS + defaults.PREEMPT_GRACE + 5
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
+LIFETIME = "/lifetime.json"  # fleet/<worker>/lifetime.json (worker.agent.lifetime)
 
 
 def parse_age(text: str) -> float:
@@ -43,6 +46,7 @@ class Removed:
     bundles: list[str]  # bundle hashes deleted
     bytes: int = 0  # what the deleted objects held
     cache_entries: int = 0  # the runs' entries in the cross-run cache's index (runner.engine.cache)
+    workers: int = 0  # local workers of runs no longer kept whose log and lifetime record went
 
 
 def bundles_of(manifest: Manifest) -> set[str]:
@@ -96,8 +100,10 @@ def remove_runs(
         if on_run is not None:
             on_run(m.run_id)
     in_use: set[str] = set()
-    for m in listing.list_runs(store):
+    kept = listing.list_runs(store)
+    for m in kept:
         in_use |= bundles_of(m)
+    drop_workers(store, {m.run_id for m in kept}, removed)
     for key in list(store.list("tasks/", suffix=".tar.gz")):
         sha = key[len("tasks/") : -len(".tar.gz")]
         if sha not in in_use and sha in set().union(*(bundles_of(m) for m in doomed)):
@@ -106,6 +112,35 @@ def remove_runs(
             removed.objects += 1
             removed.bundles.append(sha)
     return removed
+
+
+def drop_workers(store: Store, kept: set[str], removed: Removed) -> None:
+    """Delete what the workers of runs no longer kept left in ``fleet/``: each one's log and
+    lifetime record. A local worker serves one run and its lifetime record names it (a VM's
+    serves every run and names none: kept); one still registered live is kept (it writes its
+    record again as it stops, and a run being made has live workers before it is listed)."""
+    live = store.local_path("fleet/live")
+    for key in list(store.list("fleet/", suffix=LIFETIME)):
+        name = key[len("fleet/") : -len(LIFETIME)]
+        if "/" in name or (live is not None and (live / f"{name}.json").exists()):
+            continue
+        try:
+            run = json.loads(store.get(key)).get("run")
+        except (NotFound, ValueError, AttributeError):
+            continue
+        if not isinstance(run, str) or run in kept:
+            continue
+        for gone in (key, f"fleet/logs/{name}.log"):
+            count, size = store.usage(gone)
+            if count:
+                store.delete(gone)
+                removed.objects += 1
+                removed.bytes += size
+        folder = store.local_path(f"fleet/{name}")
+        if folder is not None:
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # the local store's empty folder
+        removed.workers += 1
 
 
 def _wait_stopped(store: Store, queue: WorkQueue, run_id: str, clock: Clock) -> None:

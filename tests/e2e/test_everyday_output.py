@@ -185,3 +185,45 @@ def test_rm_and_prune_delete_runs_queue_entries_and_unused_bundles(
     assert len(list((cli.store / "tasks").iterdir())) == 1
     bad = cli("prune", "--older-than", "soon")
     assert bad.code == 2 and "is not an age" in bad.stderr
+
+
+def _lifetimes(store: Path) -> dict[str, str | None]:
+    """Worker name -> the run its lifetime record names."""
+    return {
+        p.parent.name: json.loads(p.read_text()).get("run")
+        for p in (store / "fleet").glob("*/lifetime.json")
+    }
+
+
+def test_rm_takes_the_logs_and_lifetime_records_of_its_runs_workers(
+    cli: Cli, tmp_path: Path
+) -> None:
+    """A local worker serves one run, and its lifetime record names it: when the run goes, its
+    workers' log and record go too (a store a notebook maps into for months would otherwise keep
+    two files a map for good). A worker registered live, and a record naming no run (a VM's,
+    which serves every run), stay; a live one's go with a later removal once it is not."""
+    ok = make_task(tmp_path / "ok", OK_TASK)
+    a, b, c = (cli("submit", str(ok), "--shards", "2", "--workers", "1").run_id for _ in "abc")
+    before = _lifetimes(cli.store)
+    workers = {run: {name for name, r in before.items() if r == run} for run in (a, b, c)}
+    assert all(workers.values()) and set(before.values()) == {a, b, c}, before
+    logs = cli.store / "fleet" / "logs"
+    assert all((logs / f"{name}.log").exists() for name in before)
+    # b's worker still registered live (as a run being made has its workers), and a record
+    # that names no run: both kept.
+    (live,) = sorted(workers[b])
+    (cli.store / "fleet" / "live" / f"{live}.json").write_text(json.dumps({"pid": 1, "run": b}))
+    (cli.store / "fleet" / "vm-7").mkdir()
+    (cli.store / "fleet" / "vm-7" / "lifetime.json").write_text(json.dumps({"worker": "vm-7"}))
+    gone = cli("rm", a, b)
+    assert gone.code == 0, gone.stderr
+    assert f"{len(workers[a])} workers' logs went with their runs" in gone.stderr
+    assert set(_lifetimes(cli.store)) == workers[c] | {live, "vm-7"}
+    assert not any((logs / f"{name}.log").exists() for name in workers[a])
+    assert not any((cli.store / "fleet" / name).exists() for name in workers[a])
+    assert all((logs / f"{name}.log").exists() for name in workers[c] | {live})
+    # No longer live: the next removal takes it, with its own run's.
+    (cli.store / "fleet" / "live" / f"{live}.json").unlink()
+    last = cli("rm", c)
+    assert f"{len(workers[c]) + 1} workers' logs went with their runs" in last.stderr
+    assert set(_lifetimes(cli.store)) == {"vm-7"}

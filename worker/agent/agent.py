@@ -72,6 +72,7 @@ class AgentConfig:
     preempt_grace: float = defaults.PREEMPT_GRACE
     poll_seconds: float = defaults.POLL_SECONDS
     first_prefetch: int = 1  # messages a slot receives at once before it has timed a shard
+    run: str | None = None  # the one run it serves (a local worker), named in its lifetime record
 
 
 class Agent:
@@ -135,7 +136,7 @@ class Agent:
             heartbeat=config.heartbeat,
             log_upload_seconds=config.log_upload_seconds,
         )
-        self.lifetime = Lifetime(store, clock, config.name)
+        self.lifetime = Lifetime(store, clock, config.name, run=config.run)
 
     @property
     def ledger(self) -> Ledger:

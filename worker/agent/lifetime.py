@@ -16,10 +16,11 @@ log = logging.getLogger("cflow.worker")
 class Lifetime:
     """This worker's lifetime record, which the run report bills by."""
 
-    def __init__(self, store: Store, clock: Clock, worker: str):
+    def __init__(self, store: Store, clock: Clock, worker: str, *, run: str | None = None):
         self.store = store
         self.clock = clock
         self.worker = worker
+        self.run = run  # the one run a local worker serves: its leftovers go with that run
         self.started_at: float | None = None  # wall time of the first record
 
     def record(self, *, stopped: bool, reason: str | None = None) -> None:
@@ -35,6 +36,8 @@ class Lifetime:
             "stopped_at": now if stopped else None,
             "machine_type": os.environ.get("CFLOW_MACHINE_TYPE") or None,
         }
+        if self.run is not None:
+            record["run"] = self.run
         if reason is not None:
             record["stop_reason"] = reason
         try:
