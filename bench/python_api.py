@@ -21,8 +21,8 @@ it keeps the launcher that forks them from one map to the next, and once a map h
 workers go, the launcher forks the next map's workers ahead: that time is counted in the
 ``start`` of the round whose map let them go, so every round's total is a map plus one
 readying of workers (the last round's readies workers no map uses: counted all the same).
-Rounds run every contender once, round-robin (this machine is noisy); medians are printed with
-every round's.
+Rounds run every contender once (this machine is noisy), each round's order turned by one place
+so that no contender always follows the same one; medians are printed with every round's.
 
 Then, in an interpreter of its own with another thread running (as a notebook's kernel has),
 ``--runs`` + 1 maps one after another: the first spawns its workers, the next are forked by
@@ -181,9 +181,16 @@ def _ahead_seconds() -> float:
     return launcher.ahead_seconds if launcher is not None else 0.0
 
 
-def _round(contenders: dict[str, Starter], times: dict[str, Timing], args: Any) -> None:
+def _round(
+    contenders: dict[str, Starter], times: dict[str, Timing], args: Any, turn: int
+) -> None:
+    """Every contender once, in an order turned by ``turn`` places each round: none always
+    comes right after the same one (Ray's and Dask's processes are still exiting for a while
+    after their shutdown, and whoever follows them shares the machine with that)."""
     items = range(args.calls)
-    for name, starter in contenders.items():
+    order = list(contenders.items())
+    order = order[turn % len(order) :] + order[: turn % len(order)]
+    for name, starter in order:
         ahead = _ahead_seconds()
         t0 = time.perf_counter()
         with starter(args.workers, args.work_dir) as mapped:
@@ -317,8 +324,8 @@ def main(argv: list[str] | None = None) -> None:
         contenders = {name: c for name, c in contenders.items() if name in wanted}
     with tempfile.TemporaryDirectory(prefix="cflow-bench-api-", dir=args.work) as tmp:
         args.work_dir = Path(tmp)
-        for _ in range(args.runs):
-            _round(contenders, times, args)
+        for turn in range(args.runs):
+            _round(contenders, times, args, turn)
         cached = _cached_rerun(args)
         threaded = _threaded_caller(args)
     rows = _table(times, args.calls)
