@@ -181,9 +181,7 @@ def _ahead_seconds() -> float:
     return launcher.ahead_seconds if launcher is not None else 0.0
 
 
-def _round(
-    contenders: dict[str, Starter], times: dict[str, Timing], args: Any, turn: int
-) -> None:
+def _round(contenders: dict[str, Starter], times: dict[str, Timing], args: Any, turn: int) -> None:
     """Every contender once, in an order turned by ``turn`` places each round: none always
     comes right after the same one (Ray's and Dask's processes are still exiting for a while
     after their shutdown, and whoever follows them shares the machine with that)."""
