@@ -54,7 +54,7 @@ def _holds(store: Path) -> dict[str, int]:
         conn.close()
     return {
         "runs": sum(1 for _ in (store / "runs").iterdir()),
-        "worker_logs": sum(1 for _ in (store / "fleet" / "logs").iterdir()),
+        "worker_logs": sum(1 for _ in (store / "fleet" / "logs").glob("*.log")),
         "events": events,
         "records": records,
     }
