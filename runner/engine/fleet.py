@@ -45,6 +45,11 @@ class Fleet(ABC):
         """Wait for deleted instances to be gone; True when none is left."""
         return not self.instances()
 
+    def wait_for_an_exit(self, seconds: float) -> bool:
+        """Wait up to ``seconds``, ending as soon as one of its instances ends, where the fleet
+        can tell (True); False: it cannot, and waited not at all (the caller sleeps)."""
+        return False
+
     def problems(self) -> list[str]:
         """One line per thing the user should know about the fleet (quota, failed boots)."""
         return []

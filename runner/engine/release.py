@@ -163,7 +163,11 @@ class Release:
             if now >= deadline:
                 return False
             settles = self.view.settles_in(now, self.settle)
-            self.clock.sleep(min(pace, max(settles, 0.0), deadline - now))
+            pause = min(pace, max(settles, 0.0), deadline - now)
+            # Locally the look after a worker exits comes at once, not a pace later: a short
+            # run's runner returned a pace after its workers were gone.
+            if not fleet.wait_for_an_exit(pause):
+                self.clock.sleep(pause)
 
     def _tell_unheard(self, told: set[str], *, overdue: bool) -> set[str]:
         """Say which never-heard instances the drain waits for, each once: when it has been

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from runner.backends.local.fleet import LocalFleet
@@ -89,3 +90,20 @@ def test_a_spawned_worker_is_registered_with_its_start_time(tmp_path: Path) -> N
     finally:
         fleet.delete([name])
         assert fleet.wait_empty(30)
+
+
+def test_another_fleet_of_the_run_wakes_when_one_of_its_workers_exits(tmp_path: Path) -> None:
+    """The run's watch did not start the workers the submit did, yet its drain after the run
+    looks again as soon as one exits (a pidfd on each registered worker), not a pace later."""
+    store = tmp_path / "store"
+    starter = LocalFleet(store, run_id="r-1", idle_timeout=30)
+    (name,) = starter.grow(1)
+    watch = LocalFleet(store, run_id="r-1")
+    assert [i.name for i in watch.instances()] == [name]
+    starter.delete([name])  # SIGTERM: it stops and exits
+    began = time.monotonic()
+    while watch.instances():
+        assert watch.wait_for_an_exit(20.0)
+        assert time.monotonic() - began < 20.0  # woken by the exit, not by the 20 s
+    assert watch.instances() == []
+    assert starter.wait_empty(30)

@@ -290,14 +290,20 @@ class LocalFleet(Fleet):
             self._wait_any(min(0.05, remaining))
         return True
 
+    def wait_for_an_exit(self, seconds: float) -> bool:
+        self._wait_any(seconds)
+        return True
+
     def _wait_any(self, timeout: float) -> None:
-        """Until one of the workers this runner started exits (a pidfd each), or ``timeout``;
-        others' workers are looked at again after it."""
+        """Until one of the run's workers exits (a pidfd each: those this fleet started and
+        those the registry lists, as another fleet of the run started them), or ``timeout``."""
         fds = []
+        pids = {proc.pid for proc in self._procs.values()}
+        pids |= {pid for pid, _ in self.registry.entries().values()}
         try:
-            for proc in self._procs.values():
+            for pid in pids:
                 with contextlib.suppress(OSError):  # gone already, or no pidfd on this system
-                    fds.append(os.pidfd_open(proc.pid))
+                    fds.append(os.pidfd_open(pid))
             if fds:
                 select.select(fds, [], [], timeout)
             else:
