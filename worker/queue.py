@@ -55,6 +55,11 @@ class WorkQueue(ABC):
 
         ``worker`` names the lease holder where the backend records it (:meth:`leases`)."""
 
+    def interrupt(self) -> None:  # noqa: B027 - optional hook
+        """The receiver is stopping: a receive waiting for messages returns with what it has at
+        its next look, and every later one at once (a no-op where receives wait no longer than
+        the caller's own pace anyway). Safe in a signal handler: it takes no lock."""
+
     @abstractmethod
     def ack(self, delivery: Delivery) -> None:
         """The message is done with: never deliver it again."""

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -172,3 +174,27 @@ def test_a_fenced_worker_leases_nothing_and_one_that_just_took_work_is_not_fence
     clock.advance(FENCE_SECONDS + 1)  # never stopped (its runner died): it works again
     (late,) = worker.receive(5, 0, worker="w-busy")
     assert late.message.run_id == "r-other"
+
+
+def test_an_interrupted_receive_returns_at_its_next_look_and_every_later_one_at_once(
+    tmp_path: Path,
+) -> None:
+    """A worker told to stop (SIGTERM: Agent.stop) no longer waits out its wait for work: its
+    bell ends the pause under way, and no receive waits after it. On the system's clock, as a
+    worker of one run waits on its bell."""
+    q = LocalQueue(tmp_path / "q.db", run_id="r-q")
+    got: list[object] = []
+    waiting = threading.Thread(target=lambda: got.append(q.receive(1, 30.0, worker="local-0")))
+    began = time.monotonic()
+    waiting.start()
+    time.sleep(0.2)  # well into its wait, its bell opened
+    q.interrupt()
+    waiting.join(20.0)
+    assert not waiting.is_alive() and got == [[]]
+    assert time.monotonic() - began < 20.0  # ended by the interrupt, not by the 30 s
+    again = time.monotonic()
+    assert q.receive(1, 30.0, worker="local-0") == []
+    assert time.monotonic() - again < 20.0
+    q.publish([_msg(0)])
+    assert len(q.receive(1, 30.0, worker="local-0")) == 1  # what is there is still taken
+    q.close()

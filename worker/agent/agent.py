@@ -154,9 +154,11 @@ class Agent:
         """Begin a graceful stop: no new work; running attempts are preempted.
 
         Safe in a signal handler, even one that interrupts itself (two SIGTERMs in a row): it
-        only sets a flag, taking no lock.
+        sets a flag and interrupts the queue's receives (:meth:`WorkQueue.interrupt`), taking
+        no lock.
         """
         self._stopping.set()
+        self.queue.interrupt()
 
     @property
     def stopping(self) -> bool:

@@ -141,6 +141,13 @@ class WorkBell:
                     self._tried = True
         return self._bell
 
+    def ring(self) -> None:
+        """Ring it, as its worker waits on it: never blocks, never raises, takes no lock (safe
+        in a signal handler)."""
+        bell = self._bell
+        if bell is not None:
+            ring(self._root, [bell.path.name])
+
     def close(self) -> None:
         with self._lock:
             if self._bell is not None:

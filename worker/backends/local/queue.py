@@ -99,6 +99,7 @@ class LocalQueue(WorkQueue):
             if run_id is not None and isinstance(clock, SystemClock)
             else None
         )
+        self._interrupted = False  # the worker is stopping: receives return at once
 
     @property
     def db(self) -> Db:
@@ -135,9 +136,16 @@ class LocalQueue(WorkQueue):
         while True:
             got = self._receive_now(max_messages, worker)
             bell = self._bell.of(worker) if self._bell is not None and worker else None
-            if got or not backoff(self._clock, deadline, waited, bell):
+            if got or self._interrupted or not backoff(self._clock, deadline, waited, bell):
                 return got
             waited += 1
+
+    def interrupt(self) -> None:
+        # A stopped worker saw its stop only once its wait for work ran out (20 ms): a run's
+        # drain waited that long for each of its workers. Its bell ends the pause under way.
+        self._interrupted = True
+        if self._bell is not None:
+            self._bell.ring()
 
     def _receive_now(self, max_messages: int, worker: str | None) -> list[Delivery]:
         if max_messages < 1:
