@@ -4,6 +4,7 @@ tells a worker from a later process given its pid."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -107,3 +108,16 @@ def test_another_fleet_of_the_run_wakes_when_one_of_its_workers_exits(tmp_path: 
         assert time.monotonic() - began < 20.0  # woken by the exit, not by the 20 s
     assert watch.instances() == []
     assert starter.wait_empty(30)
+
+
+def test_the_entries_an_earlier_version_kept_in_fleet_are_adopted_once(tmp_path: Path) -> None:
+    """Workers started before an upgrade (their entries in ``fleet/`` itself) are still this
+    store's workers: the first registry of this version moves their entries into ``live/``."""
+    fleet = tmp_path / "fleet"
+    fleet.mkdir()
+    me = {"pid": os.getpid(), "run": "r-1", "start": process_start(os.getpid())}
+    (fleet / "local-3.json").write_text(json.dumps(me))
+    registry = Registry(tmp_path, "r-1")
+    assert registry.entries() == {"local-3": (me["pid"], me["start"])}
+    assert not (fleet / "local-3.json").exists()
+    assert registry.alive("local-3", me["pid"], me["start"])

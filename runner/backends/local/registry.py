@@ -33,7 +33,9 @@ class Registry:
         self.root = root
         self.folder = root / "fleet" / "live"
         self.logs = root / "fleet" / "logs"
-        self.folder.mkdir(parents=True, exist_ok=True)
+        if not self.folder.is_dir():  # this version's first look at the store
+            self.folder.mkdir(parents=True, exist_ok=True)
+            _adopt(root / "fleet", self.folder)
         self.run_id = run_id
 
     def entries(self) -> dict[str, tuple[int, int | None]]:
@@ -116,6 +118,14 @@ class Registry:
         flags = dict(itertools.pairwise(argv))  # "--store" -> its value, ...
         store = str(self.root).encode()
         return flags.get(b"--store") == store and flags.get(b"--name") == name.encode()
+
+
+def _adopt(fleet: Path, live: Path) -> None:
+    """The entries an earlier version kept in ``fleet/`` itself, moved into ``live/`` once, so
+    the workers its runners started (still running through an upgrade) are known."""
+    for path in fleet.glob("*.json"):
+        with contextlib.suppress(OSError):  # another runner moved it first
+            os.replace(path, live / path.name)
 
 
 def _hint(logs: Path) -> int | None:
