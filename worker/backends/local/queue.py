@@ -2,14 +2,15 @@
 
 Leases are visibility timeouts: a received message is hidden until ``available_at`` and comes back
 by itself when a worker dies without acking (SIGKILL), or at once when the local fleet sees the
-process die (:meth:`LocalQueue.release`). A message delivered more than ``max_deliveries`` times
-moves to the dead-letter state instead of being delivered again; a preemption is not a delivery
-(:meth:`LocalQueue.requeue` starts the count over and puts the shard at the front).
+process die (:meth:`FleetLeases.release`). A message delivered more than ``max_deliveries``
+times moves to the dead-letter state instead of being delivered again; a preemption is not a
+delivery (:meth:`LocalQueue.requeue` starts the count over and puts the shard at the front).
 
-A worker about to be stopped is fenced first (:meth:`LocalQueue.fence`): in one transaction the
-fence is set where the worker holds no lease it must keep, and a fenced worker's receive leases
-nothing; so a worker seen holding nothing cannot take a shard between that look and its stop. A
-fence whose stop never came (its runner died in between) lapses after :data:`FENCE_SECONDS`.
+A worker about to be stopped is fenced first (:meth:`FleetLeases.fence`, in
+:mod:`worker.backends.local.fleet_leases`): in one transaction the fence is set where the
+worker holds no lease it must keep, and a fenced worker's receive leases nothing; so a worker
+seen holding nothing cannot take a shard between that look and its stop. A fence whose stop
+never came (its runner died in between) lapses after :data:`FENCE_SECONDS`.
 
 A queue opened for one run (``run_id``) receives only that run's messages: a local worker is
 started for one run, with that run's environment, slots and options, and never serves another.
@@ -27,6 +28,7 @@ from pathlib import Path
 from worker import defaults
 from worker.backends.local.bell import Bell, WorkBell, ring_workers
 from worker.backends.local.db import Db
+from worker.backends.local.fleet_leases import FleetLeases
 from worker.clock import SYSTEM_CLOCK, Clock, SystemClock
 from worker.protocol import WorkMessage
 from worker.queue import Delivery, QueueStats, WorkQueue
@@ -68,13 +70,9 @@ _READY = (
 
 _ANY_READY = "SELECT 1 FROM messages WHERE {run}dead = 0 AND available_at <= ? LIMIT 1"
 _FENCED = "SELECT 1 FROM fences WHERE worker = ? AND at > ?"
-_HELD_RUNS = (
-    "SELECT DISTINCT run_id FROM messages WHERE worker = ? AND lease IS NOT NULL AND dead = 0"
-    " AND available_at > ?"
-)
 
 
-class LocalQueue(WorkQueue):
+class LocalQueue(FleetLeases, WorkQueue):
     """The work queue in ``queue.db``; ``run_id``: receive that run's messages only."""
 
     def __init__(
@@ -230,30 +228,6 @@ class LocalQueue(WorkQueue):
                     "UPDATE messages SET available_at = ? WHERE id = ? AND lease = ?", rows
                 )
 
-    def fence(self, workers: Iterable[str], allowed: set[str]) -> list[str]:
-        """Of these workers, fence those whose live leases are all of ``allowed`` runs, and
-        return them: from now on they lease nothing, so one may be stopped without taking a
-        shard with it. A worker that received work since it was last looked at is not fenced."""
-        now = self._clock.time()
-        fenced = []
-        with self._db.transaction() as conn:
-            for worker in workers:
-                held = {run for (run,) in conn.execute(_HELD_RUNS, (worker, now))}
-                if held <= allowed:
-                    conn.execute("INSERT OR REPLACE INTO fences VALUES (?, ?)", (worker, now))
-                    fenced.append(worker)
-        return fenced
-
-    def release(self, worker: str) -> int:
-        with self._db.transaction() as conn:
-            conn.execute("DELETE FROM fences WHERE worker = ?", (worker,))
-            cur = conn.execute(
-                "UPDATE messages SET available_at = 0, lease = NULL, worker = NULL"
-                " WHERE worker = ? AND lease IS NOT NULL AND dead = 0",
-                (worker,),
-            )
-            return cur.rowcount
-
     def leases(self, run_id: str) -> dict[str, str] | None:
         rows = (
             self._db.conn()
@@ -265,22 +239,6 @@ class LocalQueue(WorkQueue):
             .fetchall()
         )
         return {shard: worker or "" for shard, worker in rows}
-
-    def lease_runs(self) -> dict[str, set[str]]:
-        """Worker -> the runs whose messages it holds live leases of, every run's."""
-        held: dict[str, set[str]] = {}
-        rows = (
-            self._db.conn()
-            .execute(
-                "SELECT DISTINCT worker, run_id FROM messages WHERE dead = 0"
-                " AND lease IS NOT NULL AND available_at > ? AND worker <> ''",
-                (self._clock.time(),),
-            )
-            .fetchall()
-        )
-        for worker, run_id in rows:
-            held.setdefault(worker, set()).add(run_id)
-        return held
 
     def pending(self, run_id: str) -> set[str] | None:
         rows = (
