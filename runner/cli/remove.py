@@ -126,6 +126,11 @@ def _removed_note(removed: Removed) -> None:
         f"cflow: deleted {len(removed.runs)} runs ({removed.objects} objects,"
         f" {removed.messages} queued messages, {len(removed.bundles)} unused bundles);"
         f" freed {removed.bytes:,} bytes and {removed.cache_entries} cache entries"
-        + (f"; {removed.workers} workers' logs went with their runs" if removed.workers else ""),
+        + (f"; {removed.workers} workers' logs went with their runs" if removed.workers else "")
+        + (
+            f"; {removed.empty_logs} empty logs of workers stopped before they began went too"
+            if removed.empty_logs
+            else ""
+        ),
         markup=False,
     )

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import shutil
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -28,6 +30,9 @@ STOP_WAIT = 2 * defaults.HEARTBEAT_SECONDS + defaults.PREEMPT_GRACE + 5
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
 LIFETIME = "/lifetime.json"  # fleet/<worker>/lifetime.json (worker.agent.lifetime)
+# An empty worker log this old with no lifetime record and no live entry is a worker that
+# stopped before it began (its name's claim is given back after as long: the local registry).
+EMPTY_LOG_SECONDS = 60.0
 
 
 def parse_age(text: str) -> float:
@@ -47,6 +52,7 @@ class Removed:
     bytes: int = 0  # what the deleted objects held
     cache_entries: int = 0  # the runs' entries in the cross-run cache's index (runner.engine.cache)
     workers: int = 0  # local workers of runs no longer kept whose log and lifetime record went
+    empty_logs: int = 0  # empty logs of local workers stopped before they began (none of a run)
 
 
 def bundles_of(manifest: Manifest) -> set[str]:
@@ -120,8 +126,10 @@ def drop_workers(store: Store, kept: set[str], removed: Removed) -> None:
     serves every run and names none: kept); one still registered live is kept (it writes its
     record again as it stops, and a run being made has live workers before it is listed)."""
     live = store.local_path("fleet/live")
+    recorded: set[str] = set()
     for key in list(store.list("fleet/", suffix=LIFETIME)):
         name = key[len("fleet/") : -len(LIFETIME)]
+        recorded.add(name)
         if "/" in name or (live is not None and (live / f"{name}.json").exists()):
             continue
         try:
@@ -141,6 +149,29 @@ def drop_workers(store: Store, kept: set[str], removed: Removed) -> None:
             with contextlib.suppress(OSError):
                 folder.rmdir()  # the local store's empty folder
         removed.workers += 1
+    _drop_empty_logs(store, recorded, removed)
+
+
+def _drop_empty_logs(store: Store, recorded: set[str], removed: Removed) -> None:
+    """Delete the empty logs of local workers stopped before their agent began (a submit whose
+    task cannot start stops the workers it started early): no lifetime record names their run,
+    so none would go with one. A log with something in it stays (a worker that crashed as it
+    started: it says why); so does one not yet :data:`EMPTY_LOG_SECONDS` old (a worker being
+    started now) and one whose worker is registered live."""
+    logs, live = store.local_path("fleet/logs"), store.local_path("fleet/live")
+    if logs is None or live is None or not logs.is_dir():
+        return  # only the local backend's workers leave logs there
+    now = time.time()
+    for entry in os.scandir(logs):
+        name = entry.name.removesuffix(".log")
+        if name == entry.name or name in recorded or (live / f"{name}.json").exists():
+            continue
+        with contextlib.suppress(OSError):
+            info = entry.stat()
+            if info.st_size == 0 and now - info.st_mtime >= EMPTY_LOG_SECONDS:
+                os.unlink(entry.path)
+                removed.empty_logs += 1
+                removed.objects += 1
 
 
 def _wait_stopped(store: Store, queue: WorkQueue, run_id: str, clock: Clock) -> None:
