@@ -15,6 +15,7 @@ from runner.finish import Outcome, resume_watching, watch_and_finish
 from worker.agent.halt_rule import DEFAULT_HALT, HaltRule
 from worker.protocol import Manifest, RunState
 
+HOLD_SECONDS = 1.0  # how long a run's end waits for the caller's thread to read its values
 _live: set[Driver] = set()  # the threads of this process still watching a run
 _live_lock = threading.Lock()
 
@@ -40,6 +41,11 @@ class Driver:
         # Every shard committed, none failed, as the watcher saw them: the values can be read
         # while the run is being finished (set at the end too, so a wait on it never hangs).
         self.all_done = threading.Event()
+        # The caller's thread reads the values as soon as every shard is committed (``reading``):
+        # the run is then finished and its workers let go only once it has them (``taken``), or
+        # after HOLD_SECONDS, so that its read has the process and the cores to itself.
+        self.reading = threading.Event()
+        self.taken = threading.Event()
         self.run_id: str | None = None
         self.error: BaseException | None = None
         self.outcome: Outcome | None = None
@@ -99,7 +105,10 @@ class Driver:
             if self.stop.is_set():
                 raise KeyboardInterrupt
 
-        return watcher.watch(on_update=update, poll_seconds=poll_seconds)
+        snapshot = watcher.watch(on_update=update, poll_seconds=poll_seconds)
+        if self.all_done.is_set() and self.reading.is_set():
+            self.taken.wait(HOLD_SECONDS)
+        return snapshot
 
 
 def attach_driver(run_id: str, config: Config) -> Driver:

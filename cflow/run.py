@@ -121,6 +121,7 @@ class Run:
             self._feed.stop(cancel=True)
         driver = self._driver
         if driver is not None and not driver.done.is_set():
+            driver.taken.set()  # the values are not wanted now: the run's end waits for none
             # The publisher records its last count (within a batch's time of the stop) before
             # the run is recorded cancelled: the two never write the manifest at once.
             deadline = time.monotonic() + STOP_SECONDS
@@ -164,12 +165,14 @@ class Run:
         driver = self._watched()
         ticker = self._ticker()
         try:
-            if once_done is not None:  # the store opened while the run goes on, not after
-                self._dep_open()
+            if once_done is not None and driver is not None:
+                self._dep_open()  # the store opened while the run goes on, not after
+                driver.reading.set()  # its end waits for the values to be read (Driver)
             while driver is not None and not driver.over.is_set():
                 if once_done is not None and driver.all_done.is_set():
                     once_done()
                     once_done = None
+                    driver.taken.set()
                     continue
                 (driver.all_done if once_done is not None else driver.over).wait(PACE)
                 ticker.tick()
@@ -177,6 +180,8 @@ class Run:
             self._interrupted()
             raise
         finally:
+            if driver is not None:
+                driver.taken.set()  # read, failed or interrupted: the run's end waits no more
             ticker.close()
         self._end_shown = True
         if driver is not None and driver.error is not None:

@@ -196,7 +196,9 @@ class Watcher:
         self.view.listed(instances, self.clock.monotonic())
         self.disk.check(self.fleet, self.clock.monotonic(), self.run_id)
         snapshot = self.snapshot(instances)
-        if self.fleet is not None:
+        # Every shard settled: the watch confirms it and the run's end lets its workers go
+        # (drain_fleet); meanwhile none is stopped (a stop costs the machine the worker's exit).
+        if self.fleet is not None and not snapshot.finished:
             self.scale(snapshot, instances)
         return snapshot
 

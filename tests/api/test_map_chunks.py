@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,30 @@ def test_values_come_back_in_input_order_from_chunks(local_backend: dict[str, An
     assert [s.params["chunk"]["count"] for s in shards] == [5, 5, 5, 5, 3]
     progress = run.progress()
     assert (progress.total, progress.succeeded, progress.failed) == (23, 23, 0)
+
+
+def test_the_values_are_read_before_the_run_is_finished_and_its_workers_go(
+    local_backend: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once every chunk is committed the caller's thread reads the values while the run's end
+    (its record finished, its workers stopped) waits for it: on a machine of few cores the two
+    would otherwise share it. The read here takes a while; the run stays active meanwhile, and
+    is finished once the values are back."""
+    import cflow.run
+
+    seen: list[str] = []
+
+    def slow_collect(store: Any, run_id: str, *args: Any) -> Any:
+        time.sleep(0.3)  # the run's end, not held, is over well within this
+        seen.append(runs.load_manifest(store, run_id).state)
+        return collect(store, run_id, *args)
+
+    collect = cflow.run.collect
+    monkeypatch.setattr(cflow.run, "collect", slow_collect)
+    run = cflow.submit(lambda x: x + 1, range(20), chunk_size=5, **local_backend)
+    assert list(run.results()) == list(range(1, 21))
+    assert seen == ["active"]
+    assert runs.load_manifest(run._store, run.id).state == "finished"
 
 
 def test_a_failing_item_fails_only_itself_in_its_chunk(backend: dict[str, Any]) -> None:

@@ -358,3 +358,24 @@ def test_a_disk_that_stays_full_stops_the_watch_with_one_line(tmp_path: Path) ->
     clock.advance(1.5)
     with pytest.raises(DiskFull, match=f"the disk holding X is full.*runner watch {m.run_id}"):
         w.poll()
+
+
+def test_the_poll_that_sees_the_end_stops_no_worker_the_drain_does(tmp_path: Path) -> None:
+    """Once every shard is settled the watch confirms it and returns; its workers go at the
+    run's end (drain_fleet), after the caller had its values, not from inside that poll."""
+    from tests.unit.test_asks import Group
+
+    b = open_local(tmp_path / "store")
+    m = _run(b, tmp_path, 2)
+    fleet = Group("w1", "w2")
+    w = Watcher(manifest=m, store=b.store, queue=b.queue, events=b.events, fleet=fleet)
+    w.poll()
+    assert fleet.deleted == []  # two shards queued: both workers wanted
+    for worker, shard in (("w1", "s000"), ("w2", "s001")):
+        _commit(b, m.run_id, shard)
+        b.events.publish(Event(kind="succeeded", worker=worker, run_id=m.run_id, shard_id=shard))
+        b.events.publish(Event(kind="idle", worker=worker, run_id=m.run_id))
+    assert w.poll().finished
+    assert fleet.deleted == []
+    w.drain_fleet(wait=False)
+    assert sorted(fleet.deleted) == ["w1", "w2"]
