@@ -1,6 +1,6 @@
 """What one ``cflow.map`` costs: its wall time and the CPU of every process it used, per map.
 
-    python bench/map_cpu.py [--maps 20] [--calls 2000] [--workers 2] [--one-store]
+    python bench/map_cpu.py [--maps 20] [--calls 2000] [--workers 2] [--one-store] [--hold GB]
     python bench/map_cpu.py --other DIR [--rounds 6]      # this tree against another, alternated
 
 Maps a no-op function over ``--calls`` integers ``--maps`` times, each into a fresh store (or
@@ -9,6 +9,9 @@ the median wall time of a map and the CPU per map of this process (user, system)
 process it started (the kept launcher, its workers, their task hosts: this process is made
 their subreaper, so each is counted when it ends, the launcher's forking of the next map's
 workers included).
+
+``--hold GB``: the caller holds that much memory first (half bytes, half small Python
+objects, all of it touched), as a notebook holding its data does.
 
 ``--other DIR``: a checkout of another version (``git worktree add DIR COMMIT``); the two are
 measured in turn, ``--rounds`` times each, in processes of their own (this file run in each
@@ -47,13 +50,14 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--one-store", action="store_true", help="every map into one store")
+    parser.add_argument("--hold", type=float, default=0.0, help="GB the caller holds first")
     parser.add_argument("--other", type=Path, help="another version's checkout, to alternate")
     parser.add_argument("--rounds", type=int, default=6, help="with --other: rounds of each")
     parser.add_argument("--json", action="store_true", help="one line of JSON only")
     parser.add_argument(
         "--work", type=Path, default=REPO / "bench" / "out", help="where the stores go"
     )
-    return parse_args(parser, argv, maps=2, calls=20, rounds=1)
+    return parse_args(parser, argv, maps=2, calls=20, rounds=1, hold=0.3)
 
 
 def _reap() -> None:
@@ -73,6 +77,16 @@ def _cpu() -> list[float]:
     return [me.ru_utime, me.ru_stime, them.ru_utime, them.ru_stime]
 
 
+def _hold(gb: float) -> tuple[bytearray, list[str]]:
+    """``gb`` GB held, all of it touched: half in one buffer, half in small strings (about
+    100 bytes each, with their list)."""
+    size = int(gb * (1 << 30) / 2)
+    buffer = bytearray(size)
+    for at in range(0, size, 4096):
+        buffer[at] = 1
+    return buffer, [str(i) for i in range(size // 100)]
+
+
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     """Wall time and CPU per map, in this process, of this tree's ``cflow``."""
     libc = ctypes.CDLL(None, use_errno=True)
@@ -81,6 +95,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     from cflow.driver import let_go
     from runner.backends.local import kept
 
+    held = _hold(args.hold)
     work = Path(tempfile.mkdtemp(prefix="cflow-bench-cpu-", dir=args.work))
     items = range(args.calls)
 
@@ -105,6 +120,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     time.sleep(0.1)
     _reap()
     per_map = [(b - a) * 1000 / args.maps for a, b in zip(before, _cpu(), strict=True)]
+    del held
     return {
         "wall_ms": statistics.median(walls) * 1000,
         "caller_user_ms": per_map[0],
@@ -129,6 +145,7 @@ def _child(tree: Path, args: argparse.Namespace) -> dict[str, Any]:
     argv += ["--calls", str(args.calls), "--workers", str(args.workers), "--work", str(args.work)]
     if args.one_store:
         argv.append("--one-store")
+    argv += ["--hold", str(args.hold)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), str(REPO / "bench")])}
     done = subprocess.run(argv, cwd=tree, env=env, capture_output=True, text=True, check=True)
     measured: dict[str, Any] = json.loads(done.stdout.splitlines()[-1])
@@ -143,7 +160,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     compile_project()
     if args.other is None:
-        print(f"{args.maps} maps of {args.calls} no-op calls, {args.workers} workers\n")
+        held = f", the caller holding {args.hold:g} GB" if args.hold else ""
+        print(f"{args.maps} maps of {args.calls} no-op calls, {args.workers} workers{held}\n")
         print(_line("this", measure(args)))
         return
     other = args.other.resolve()
@@ -151,7 +169,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"--other {other}: no cflow there; give a checkout of this project")
     print(
         f"{args.rounds} rounds of {args.maps} maps of {args.calls} no-op calls, {args.workers}"
-        f" workers: {other} (other) and {REPO} (this), in turn\n"
+        f" workers, the caller holding {args.hold:g} GB: {other} (other) and {REPO} (this),"
+        " in turn\n"
     )
     rows: dict[str, list[dict[str, Any]]] = {"other": [], "this": []}
     for _ in range(args.rounds):

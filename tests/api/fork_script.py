@@ -320,20 +320,27 @@ def replaced(store: Path) -> None:
     let_go()
     launcher = keeping.kept()
     after_idle = launcher.pid if launcher is not None else None
-    # A caller larger than the limit: its launcher exits after the run, none is kept.
+    # A caller larger than the limit forks none: its run's workers are new interpreters, then
+    # one started as a new interpreter is kept, and forks the next map's workers.
     keeping.close_kept()
     keeping.KEEP_RSS = 0
     values += cflow.map(abs, [-9, -10], store=store, workers=2, progress=False)
     let_go()
+    large = keeping.kept()
+    spawned = Path(f"/proc/{large.pid}/cmdline").read_bytes().decode() if large else ""
+    then = cflow.map(with_worker, [-15], store=store, workers=1, progress=False)
+    let_go()
     say(
-        values=values,
+        large_launcher=spawned,
+        large_then=[then[0][0], then[0][1]],
         first=first.pid,
         first_ahead=first_ahead,
         second=second.pid,
         after_child=after_child,
         child=in_child,
-        kept_when_large=keeping.kept() is not None,
+        kept_when_large=large and large.pid,
         children_when_large=reaper.children(os.getpid()),
+        values=values,
         idle=idle.pid,
         idle_ahead=idle_ahead,
         idle_exited=idle_exited,

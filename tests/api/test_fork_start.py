@@ -359,14 +359,15 @@ def test_a_kept_launcher_starts_each_runs_workers_as_the_caller_is_then(
     assert proc.wait(EXIT_SECONDS) == 0
 
 
-def test_a_launcher_gone_or_not_ours_is_replaced_and_a_large_callers_is_not_kept(
+def test_a_launcher_gone_or_not_ours_is_replaced_and_a_large_caller_forks_none(
     tmp_path: Path, procs: list[subprocess.Popen[str]]
 ) -> None:
     """A kept launcher that was killed is replaced at the next map (its workers waiting ahead
     go with it); a child forked from the caller maps with a launcher of its own and leaves the
     parent's to the parent; one left idle past its time exits, its workers ahead with it, and
-    the next map forks another; a caller using more memory than the limit keeps none (its
-    launcher exits after its run, as launchers did before they were kept)."""
+    the next map forks another; a caller using more memory than the limit forks none (every
+    worker forked from it would map all of it): its run's workers are new interpreters, then a
+    launcher started as one is kept and forks the next map's workers."""
     proc = _script("replaced", str(tmp_path / "store"))
     procs.append(proc)
     shown = _line(proc)
@@ -377,7 +378,10 @@ def test_a_launcher_gone_or_not_ours_is_replaced_and_a_large_callers_is_not_kept
     child = shown["child"]
     assert child["values"] == [5, 6] and child["launcher"] not in (None, shown["second"])
     assert shown["after_child"] == shown["second"]
-    assert not shown["kept_when_large"] and shown["children_when_large"] == []
+    assert shown["children_when_large"] == [shown["kept_when_large"]], shown
+    assert "runner.backends.local.launcher_process" in shown["large_launcher"]
+    assert shown["large_then"][0] == 15  # its worker forked by that launcher, no fork of ours
+    assert "runner.backends.local.launcher_process" in shown["large_then"][1]
     # Left idle past its time, it exited with its workers ahead; the next map forked another.
     assert shown["idle_exited"] and shown["after_idle"] not in (None, shown["idle"])
     assert len(shown["idle_ahead"]) == 2 and shown["idle_ahead_gone"], shown

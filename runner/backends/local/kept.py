@@ -7,12 +7,15 @@ for them. Each worker is still started as the caller is at its run (the request 
 caller's environment, folder and import path).
 
 What a launcher forked from the caller holds is the caller's memory as it was then, shared
-until the caller changes or frees it; so only one forked from a caller using at most
-:data:`KEEP_RSS` bytes is kept (a larger one exits after its run), and a kept one exits after
-:data:`~runner.backends.local.launcher_process.IDLE_SECONDS` without a run. A caller that may
-not fork (other threads, a Jupyter kernel) spawns its first run's workers; once it has let
-them go, a launcher is started as a new interpreter, kept, for the next runs (started before
-the run, its loading would hold the run's first workers back). A kept launcher that exited
+until the caller changes or frees it, and every worker it forks maps all of it: each fork
+copies the page tables of that memory and each exit takes them down again (a caller holding
+4 GiB spent 0.3 s a map on that, against 0.05 s). So a launcher is forked only from a caller
+using at most :data:`KEEP_RSS` bytes; a larger caller is treated as one that may not fork.
+A caller that may not fork (more memory than that, other threads, a Jupyter kernel) spawns its
+first run's workers; once it has let them go, a launcher is started as a new interpreter,
+holding none of the caller's memory, kept for the next runs (started before the run, its
+loading would hold the run's first workers back). A kept launcher exits after
+:data:`~runner.backends.local.launcher_process.IDLE_SECONDS` without a run; one that exited
 (idle, killed) or is a parent's (this process was forked since) is replaced.
 """
 
@@ -27,7 +30,7 @@ from runner.backends.local.launcher import FORK_ENV, Launcher
 
 logger = logging.getLogger("cflow.runner")
 
-KEEP_RSS = 256 << 20  # a launcher forked from a caller using more memory is not kept
+KEEP_RSS = 256 << 20  # a caller using more memory forks no launcher (a new interpreter is one)
 
 _kept: Launcher | None = None  # this process's, kept from one run to the next
 _kept_lock = threading.Lock()
@@ -36,7 +39,8 @@ _kept_lock = threading.Lock()
 def for_run(ahead: int) -> Launcher | None:
     """The launcher for a run about to be made, with ``ahead`` workers forked ahead: the one
     kept from an earlier run, else one forked now where that is safe
-    (:func:`~runner.backends.local.launcher.can_fork`).
+    (:func:`~runner.backends.local.launcher.can_fork`) and this process uses at most
+    :data:`KEEP_RSS` bytes.
     None with ``CFLOW_FORK_WORKERS=0``, or where none is kept and the caller may not fork:
     the run's workers are then new interpreters, and :func:`after_run` starts a launcher as
     one for the next run (started now, its loading would hold the run's first workers back).
@@ -51,11 +55,9 @@ def for_run(ahead: int) -> Launcher | None:
             launcher.close()
             launcher = _kept = None
         if launcher is None:
-            small = _resident() <= KEEP_RSS  # what it would hold of this process
-            launcher = Launcher.start(standby=ahead)
-            if launcher is not None and small:
-                launcher.kept = True
-                _kept = launcher
+            if _resident() > KEEP_RSS:  # every worker it forked would map all of this process
+                return None
+            launcher = _kept = Launcher.start(standby=ahead)
             return launcher
     try:
         launcher.keep_ahead(ahead)
@@ -65,11 +67,12 @@ def for_run(ahead: int) -> Launcher | None:
 
 
 def after_run(launcher: Launcher | None, ahead: int) -> None:
-    """A run has let its workers go: a kept launcher forks ``ahead`` workers ahead again for
-    the next run (returning once they are ready, so the next run and whatever this process
-    does meanwhile never share the machine with those forks), another exits. A run that had
-    none (the caller may not fork: other threads, a Jupyter kernel) starts one as a new
-    interpreter, kept, with ``ahead`` workers ready, unless one is kept already."""
+    """A run has let its workers go: its launcher (the kept one) forks ``ahead`` workers
+    ahead again for the next run (returning once they are ready, so the next run and whatever
+    this process does meanwhile never share the machine with those forks). A run that had
+    none (the caller may not fork: more memory than :data:`KEEP_RSS`, other threads, a Jupyter
+    kernel) starts one as a new interpreter, kept, with ``ahead`` workers ready, unless one is
+    kept already."""
     global _kept
     if launcher is None:
         if os.environ.get(FORK_ENV, "1") == "0" or ahead < 1:
@@ -77,11 +80,6 @@ def after_run(launcher: Launcher | None, ahead: int) -> None:
         with _kept_lock:
             if _kept is None or not _kept.alive:
                 _kept = Launcher.spawn(standby=ahead)  # holds none of this process's memory
-                if _kept is not None:
-                    _kept.kept = True
-        return
-    if not launcher.kept:
-        launcher.close()
         return
     try:
         launcher.keep_ahead(ahead)
@@ -114,4 +112,4 @@ def _resident() -> int:
         with open("/proc/self/statm", "rb") as fh:
             return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
-        return KEEP_RSS + 1  # unknown: not kept
+        return KEEP_RSS + 1  # unknown: taken for large (no launcher forked)

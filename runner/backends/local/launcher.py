@@ -132,7 +132,6 @@ class Launcher:
 
     def __init__(self, pid: int, requests: int, replies: int):
         self.pid = pid
-        self.kept = False  # kept from run to run (runner.backends.local.kept)
         self._requests = requests
         self._replies = replies
         self._buffered = b""  # what was read of the replies past the last whole line
