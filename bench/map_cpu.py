@@ -1,6 +1,7 @@
 """What one ``cflow.map`` costs: its wall time and the CPU of every process it used, per map.
 
     python bench/map_cpu.py [--maps 20] [--calls 2000] [--workers 2] [--one-store] [--hold GB]
+                            [--captures MB]
     python bench/map_cpu.py --other DIR [--rounds 6]      # this tree against another, alternated
 
 Maps a no-op function over ``--calls`` integers ``--maps`` times, each into a fresh store (or
@@ -12,6 +13,9 @@ workers included).
 
 ``--hold GB``: the caller holds that much memory first (half bytes, half small Python
 objects, all of it touched), as a notebook holding its data does.
+
+``--captures MB``: the function mapped holds that many MB of random bytes (a model's weights,
+say), shipped with it by value.
 
 ``--other DIR``: a checkout of another version (``git worktree add DIR COMMIT``); the two are
 measured in turn, ``--rounds`` times each, in processes of their own (this file run in each
@@ -51,13 +55,14 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--one-store", action="store_true", help="every map into one store")
     parser.add_argument("--hold", type=float, default=0.0, help="GB the caller holds first")
+    parser.add_argument("--captures", type=float, default=0.0, help="MB the function holds")
     parser.add_argument("--other", type=Path, help="another version's checkout, to alternate")
     parser.add_argument("--rounds", type=int, default=6, help="with --other: rounds of each")
     parser.add_argument("--json", action="store_true", help="one line of JSON only")
     parser.add_argument(
         "--work", type=Path, default=REPO / "bench" / "out", help="where the stores go"
     )
-    return parse_args(parser, argv, maps=2, calls=20, rounds=1, hold=0.3)
+    return parse_args(parser, argv, maps=2, calls=20, rounds=1, hold=0.3, captures=2)
 
 
 def _reap() -> None:
@@ -99,9 +104,16 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="cflow-bench-cpu-", dir=args.work))
     items = range(args.calls)
 
+    weights = os.urandom(int(args.captures * (1 << 20)))
+
+    def holding(i: int) -> int:
+        return i + 0 * len(weights)  # a closure over the weights: pickled with them
+
+    fn = holding if weights else noop
+
     def one(store: Path) -> float:
         start = time.perf_counter()
-        values = list(cflow.map(noop, items, workers=args.workers, store=store, progress=False))
+        values = list(cflow.map(fn, items, workers=args.workers, store=store, progress=False))
         took = time.perf_counter() - start
         let_go()
         _reap()
@@ -145,7 +157,7 @@ def _child(tree: Path, args: argparse.Namespace) -> dict[str, Any]:
     argv += ["--calls", str(args.calls), "--workers", str(args.workers), "--work", str(args.work)]
     if args.one_store:
         argv.append("--one-store")
-    argv += ["--hold", str(args.hold)]
+    argv += ["--hold", str(args.hold), "--captures", str(args.captures)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), str(REPO / "bench")])}
     done = subprocess.run(argv, cwd=tree, env=env, capture_output=True, text=True, check=True)
     measured: dict[str, Any] = json.loads(done.stdout.splitlines()[-1])
@@ -161,6 +173,7 @@ def main(argv: list[str] | None = None) -> None:
     compile_project()
     if args.other is None:
         held = f", the caller holding {args.hold:g} GB" if args.hold else ""
+        held += f", the function {args.captures:g} MB" if args.captures else ""
         print(f"{args.maps} maps of {args.calls} no-op calls, {args.workers} workers{held}\n")
         print(_line("this", measure(args)))
         return
@@ -169,7 +182,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"--other {other}: no cflow there; give a checkout of this project")
     print(
         f"{args.rounds} rounds of {args.maps} maps of {args.calls} no-op calls, {args.workers}"
-        f" workers, the caller holding {args.hold:g} GB: {other} (other) and {REPO} (this),"
+        f" workers, the caller holding {args.hold:g} GB, the function {args.captures:g} MB:"
+        f" {other} (other) and {REPO} (this),"
         " in turn\n"
     )
     rows: dict[str, list[dict[str, Any]]] = {"other": [], "this": []}

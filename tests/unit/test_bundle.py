@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -35,6 +36,30 @@ def test_unpack_verifies_the_hash(tmp_path: Path) -> None:
     assert unpack(data, sha, tmp_path / "cache").root == bundle.root  # cached
     with pytest.raises(TaskError, match="corrupt"):
         unpack(data + b"x", sha, tmp_path / "cache2")
+
+
+def test_a_bundle_of_bytes_deflate_cannot_shrink_is_stored_and_unpacks_alike(
+    tmp_path: Path,
+) -> None:
+    """A large file deflate gains nothing on (a pickled model's weights) makes the bundle be
+    stored, not deflated: made at copying speed (deflate tries hard and finds nothing, at
+    20 ms a MB), the gzip header says level 0 (its extra flags 0; 2 at level 9). The same folder
+    still gives the same bytes; a large file that deflates is deflated at level 9 as ever; both
+    unpack to the files."""
+    weights, zeros = os.urandom(3 << 20), bytes(3 << 20)
+    for name, blob in (("weights", weights), ("zeros", zeros)):
+        task = tmp_path / name
+        task.mkdir()
+        (task / "task.py").write_text("def run(shard): pass\n")
+        (task / "blob.bin").write_bytes(blob)
+        data, sha = pack(task)
+        assert (data, sha) == pack(task)
+        if blob is weights:
+            assert data[8] == 0 and len(blob) < len(data) < len(blob) + 64 * 1024  # stored
+        else:
+            assert data[8] == 2 and len(data) < len(blob) // 100  # deflated, level 9
+        root = unpack(data, sha, tmp_path / f"cache-{name}", install=False).root
+        assert (root / "blob.bin").read_bytes() == blob
 
 
 def test_inspect_task_errors_say_what_to_fix(tmp_path: Path) -> None:
