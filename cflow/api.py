@@ -171,7 +171,7 @@ def submit(
         slots=(workers or _default_workers(config)) * _slots(options.get("slots")),
         tries=retries + 1,
     )
-    folder = make_task(fn)
+    folder, needs = make_task(fn)
     feed = ItemFeed(items, chunking)
     request = SubmitRequest(
         task_dir(folder),
@@ -188,7 +188,7 @@ def submit(
         local=config.is_local,
         **options,
     )
-    driver = _drive(request, config, folder, say)
+    driver = _drive(request, config, folder, say, needs)
     interrupted = False
     try:
         while not driver.created.wait(0.2):
@@ -215,9 +215,12 @@ def _drive(
     config: Config,
     folder: tempfile.TemporaryDirectory[str],
     say: Callable[[str], None],
+    needs: tuple[str, ...] = (),
 ) -> Driver:
     """A thread of this process that submits ``request`` and watches its run to the end, as
-    ``runner submit`` does; the generated task folder goes when it ends."""
+    ``runner submit`` does; the generated task folder goes when it ends. ``needs``: the
+    installed modules the function's pickle names, which the task hosts of workers forked
+    ahead import while they wait (:mod:`runner.backends.local.kept`)."""
     driver = Driver()
     # Local workers forked from this process, which has their code loaded, rather than new
     # interpreters; decided here, before the run's thread exists (None where not safe). The
@@ -225,7 +228,7 @@ def _drive(
     launcher, early = None, 0
     if config.is_local:
         early = early_workers(request, request.workers or _default_workers(config))
-        launcher = keeping.for_run(ahead=early)
+        launcher = keeping.for_run(ahead=early, preload=needs)
 
     def body(d: Driver) -> Outcome | None:
         try:
@@ -242,7 +245,7 @@ def _drive(
         finally:
             folder.cleanup()
             if config.is_local:
-                keeping.after_run(launcher, early)
+                keeping.after_run(launcher, early, preload=needs)
 
     driver.start(body)
     return driver

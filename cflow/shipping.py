@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import base64
 import functools
+import itertools
 import os
 import pickle
+import pickletools
 import sys
 import tempfile
 import textwrap
@@ -32,6 +34,7 @@ from worker.pyfunc import FUNCTION_FILE, ITEM_PARAM
 from worker.store import Store
 
 ITEM_INLINE_LIMIT = 8 * 1024  # bytes of an item's pickle carried in its shard's params
+NAMED_OPS = 10_000  # opcodes of a function's pickle read for the modules it names (~3 ms)
 INSTALLED = ("cflow", "runner", "worker", "infra")  # on every worker: never shipped by value
 
 TASK_PY = textwrap.dedent(
@@ -79,6 +82,15 @@ def _prefixes() -> tuple[str, ...]:
     return tuple({os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)})
 
 
+def _is_installed(file: str) -> bool:
+    """Whether a module's ``file`` is under this interpreter's prefix (kept per file)."""
+    installed = _installed.get(file)
+    if installed is None:
+        path = _real[file] = os.path.realpath(file)
+        installed = _installed[file] = any(_under(path, p) for p in _prefixes())
+    return installed
+
+
 def _not_installed(module: ModuleType, roots: list[str]) -> bool:
     """A module of the caller's own: under ``roots`` and not under this interpreter's prefix."""
     name = module.__name__
@@ -87,11 +99,7 @@ def _not_installed(module: ModuleType, roots: list[str]) -> bool:
     file = getattr(module, "__file__", None)
     if not file:
         return False
-    installed = _installed.get(file)
-    if installed is None:
-        path = _real[file] = os.path.realpath(file)
-        installed = _installed[file] = any(_under(path, p) for p in _prefixes())
-    if installed:
+    if _is_installed(file):
         return False
     return any(_under(_real[file], r) for r in roots)
 
@@ -135,8 +143,31 @@ def pickle_function(fn: Any) -> bytes:
                 cloudpickle.unregister_pickle_by_value(sys.modules[name])
 
 
-def make_task(fn: Any) -> tempfile.TemporaryDirectory[str]:
-    """A task folder that runs ``fn`` on each shard's item (removed with the object)."""
+def modules_named(data: bytes) -> tuple[str, ...]:
+    """The installed modules (not this project's) that ``data``, a pickled function, names in
+    its first :data:`NAMED_OPS` opcodes: those a task host unpickling it imports (``numpy``
+    for a function using ``np``, a model's class's module for a model it holds), so that a
+    host forked ahead can import them before its task comes."""
+    found: set[str] = set()
+    try:
+        for _, arg, _ in itertools.islice(pickletools.genops(data), NAMED_OPS):
+            if not isinstance(arg, str):
+                continue
+            name = arg.partition(" ")[0]  # GLOBAL's argument is "module name"
+            module = sys.modules.get(name)
+            if module is None or name == "__main__" or name.partition(".")[0] in INSTALLED:
+                continue
+            file = getattr(module, "__file__", None)
+            if file and _is_installed(file):
+                found.add(name)
+    except ValueError:  # not a pickle this Python reads: nothing to name
+        return ()
+    return tuple(sorted(found))
+
+
+def make_task(fn: Any) -> tuple[tempfile.TemporaryDirectory[str], tuple[str, ...]]:
+    """A task folder that runs ``fn`` on each shard's item (removed with the object), and the
+    installed modules its pickle names (:func:`modules_named`)."""
     data = pickle_function(fn)
     folder = tempfile.TemporaryDirectory(prefix="cflow-fn-")
     name = str(getattr(fn, "__name__", "fn"))  # the run's task name (`runner runs`)
@@ -145,7 +176,7 @@ def make_task(fn: Any) -> tempfile.TemporaryDirectory[str]:
     task.mkdir()
     (task / "task.py").write_text(TASK_PY, encoding="utf-8")
     (task / FUNCTION_FILE).write_bytes(data)
-    return folder
+    return folder, modules_named(data)
 
 
 def task_dir(folder: tempfile.TemporaryDirectory[str]) -> Path:

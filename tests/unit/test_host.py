@@ -83,3 +83,41 @@ def test_a_hangup_host_ends_mid_shard_with_what_it_started(tmp_path: Path) -> No
     assert host.wait(60) == 1  # ended by the hangup, not by the shard's end
     with pytest.raises(ProcessLookupError):
         os.kill(child, 0)  # killed (and, as the host's own child, reaped)
+
+
+def test_a_spare_imports_its_preload_before_its_task_and_keeps_its_replies_clean(
+    tmp_path: Path,
+) -> None:
+    """``--preload`` modules are imported while the spare waits for its task: one that prints
+    as it is imported writes to fd 2, not into the replies' pipe, and one that cannot be
+    imported is left to the task (the host still serves it)."""
+    lib, task = tmp_path / "lib", tmp_path / "task"
+    lib.mkdir()
+    task.mkdir()
+    (lib / "noisy.py").write_text(
+        "import os, sys\nprint('loud at import')\nsys.stdout.flush()\n"
+        f"open({str(tmp_path / 'imported')!r}, 'w').write(str(os.getpid()))\n"
+    )
+    (task / "task.py").write_text(
+        "import sys\n\ndef run(shard):\n    assert 'noisy' in sys.modules\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(lib)])}
+    host = subprocess.Popen(
+        [sys.executable, "-m", "worker.executors.host", "--preload=nowhere,noisy", "--spare"],
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert host.stdin is not None and host.stdout is not None and host.stderr is not None
+    deadline = time.monotonic() + 30
+    while not (tmp_path / "imported").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert (tmp_path / "imported").read_text() == str(host.pid)  # before any task was given
+    load = {"task": str(task), "path": [str(task)], "env": env}
+    host.stdin.write(json.dumps(load).encode() + b"\n" + _request(tmp_path, 0))
+    host.stdin.close()
+    replies = [json.loads(line) for line in host.stdout.read().splitlines()]
+    assert host.wait(30) == 0
+    assert replies == [{"ready": True}, {"id": 0, "exit": 0, "reason": None, "recycle": False}]
+    assert b"loud at import" in host.stderr.read()

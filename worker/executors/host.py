@@ -16,8 +16,11 @@ process the shard started: the host is a child subreaper, so even a daemon in a 
 still below it. A crash (``os._exit``, a segfault, SIGKILL on a timeout) takes down only this
 process and fails only its own attempt; the worker starts a fresh host for the next shard.
 
-``python -m worker.executors.host --spare`` starts a host before the worker knows its task (while
-the worker waits for its first shard); its first line then names the task to import.
+``python -m worker.executors.host [--preload=MODULE,...] --spare`` starts a host before the worker
+knows its task (while the worker waits for its first shard); its first line then names the task
+to import. Meanwhile it imports the modules ``--preload`` names (installed modules the caller's
+function needs, say numpy: a launcher started as a new interpreter has none of the caller's), so
+that its task does not wait for them; one that cannot be imported is left to the task.
 
 A worker forked from a Python caller (:mod:`runner.backends.local.launcher`) forks its hosts
 instead (:func:`run_forked`): the caller has loaded what a host imports, so a host is ready in
@@ -37,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import importlib
 import io
 import json
 import os
@@ -45,7 +49,7 @@ import signal
 import sys
 import threading
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -134,13 +138,14 @@ def _end_on_hangup(fd: int) -> None:
     os._exit(1)
 
 
-def serve(task_dir: Path | None, *, hangup: bool = False) -> None:
+def serve(task_dir: Path | None, *, hangup: bool = False, preload: Sequence[str] = ()) -> None:
     """Serve shards of ``task_dir``; with None (a spare host, started before any shard was
     received) the first line names the task: {"task": DIR, "path": [...], "env": {...}}, and
     for one forked from its worker, the worker's import path ("sys_path"), which may have
     changed since the fork, and, for one forked before its worker had a log, the log
     ("stderr").
-    With ``hangup``, end at once when the requests' writer is gone (see the module's notes)."""
+    With ``hangup``, end at once when the requests' writer is gone (see the module's notes);
+    a spare imports the modules ``preload`` names first (:func:`preload_modules`)."""
     reaper.die_with_parent()
     reaper.become_subreaper()
     replies = os.fdopen(os.dup(1), "w", encoding="utf-8")
@@ -151,6 +156,7 @@ def serve(task_dir: Path | None, *, hangup: bool = False) -> None:
         )
         watch.start()
     if task_dir is None:
+        preload_modules(preload)
         gc.freeze()  # forked ahead: what it holds stays shared with its worker (never collected)
         first = requests.readline()
         if not first:
@@ -191,10 +197,35 @@ def serve(task_dir: Path | None, *, hangup: bool = False) -> None:
         reply(run_one(run, json.loads(line), saved))
 
 
+def preload_modules(names: Sequence[str]) -> None:
+    """Import these modules, as a spare host waits for its task; what they print goes to
+    fd 2 (fd 1 is the replies' pipe until the task comes), and a module that cannot be
+    imported here (another environment, an error at import) is left to the task."""
+    if not names:
+        return
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        for name in names:
+            with contextlib.suppress(Exception, SystemExit):
+                importlib.import_module(name)
+    finally:
+        _flush(sys.stdout)
+        _flush(sys.stderr)
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def main(args: list[str]) -> None:
-    """``python -m worker.executors.host ARGS``: ``[--hangup] TASK_DIR`` or ``--spare``."""
+    """``python -m worker.executors.host ARGS``: ``[--hangup] TASK_DIR`` or
+    ``[--preload=MODULE,...] --spare``."""
     target = args[-1]
-    serve(None if target == "--spare" else Path(target), hangup=args[:1] == ["--hangup"])
+    preload = [a.partition("=")[2] for a in args if a.startswith("--preload=")]
+    serve(
+        None if target == "--spare" else Path(target),
+        hangup=args[:1] == ["--hangup"],
+        preload=[name for names in preload for name in names.split(",") if name],
+    )
 
 
 def run_forked(

@@ -136,14 +136,18 @@ class _Spares:
         # The worker's log, where spares forked before the worker had one (a launcher's worker
         # forked ahead) write their own errors once told their task.
         self.log: str | None = None
+        # Installed modules a spare imports while it waits (a launcher's, for the function its
+        # caller last mapped: worker.executors.host.preload).
+        self.preload: list[str] = []
 
     def start(self, count: int) -> None:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (WORKER_PATH, env.get("PYTHONPATH")) if p)
         env["PYTHONUNBUFFERED"] = "1"
         with self._lock:
+            args = [f"--preload={','.join(self.preload)}"] if self.preload else []
             while len(self._procs) < count:
-                self._procs.append(_spawn_host(["--spare"], env, None))
+                self._procs.append(_spawn_host([*args, "--spare"], env, None))
 
     def take(self) -> HostProcess | None:
         with self._lock:

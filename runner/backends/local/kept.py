@@ -25,6 +25,7 @@ import atexit
 import logging
 import os
 import threading
+from collections.abc import Sequence
 
 from runner.backends.local.launcher import FORK_ENV, Launcher
 
@@ -36,7 +37,7 @@ _kept: Launcher | None = None  # this process's, kept from one run to the next
 _kept_lock = threading.Lock()
 
 
-def for_run(ahead: int) -> Launcher | None:
+def for_run(ahead: int, preload: Sequence[str] = ()) -> Launcher | None:
     """The launcher for a run about to be made, with ``ahead`` workers forked ahead: the one
     kept from an earlier run, else one forked now where that is safe
     (:func:`~runner.backends.local.launcher.can_fork`) and this process uses at most
@@ -45,7 +46,9 @@ def for_run(ahead: int) -> Launcher | None:
     the run's workers are then new interpreters, and :func:`after_run` starts a launcher as
     one for the next run (started now, its loading would hold the run's first workers back).
     A kept one that exited (idle, or killed) or is a parent's (this process was forked since)
-    is replaced. Hand what it gives to :func:`after_run` once the run has let its workers go."""
+    is replaced. Hand what it gives to :func:`after_run` once the run has let its workers go.
+    ``preload``: the installed modules the run's function names, which the spare task host
+    of each worker forked ahead imports while it waits (:meth:`Launcher.keep_ahead`)."""
     global _kept
     if os.environ.get(FORK_ENV, "1") == "0":
         return None
@@ -57,32 +60,35 @@ def for_run(ahead: int) -> Launcher | None:
         if launcher is None:
             if _resident() > KEEP_RSS:  # every worker it forked would map all of this process
                 return None
-            launcher = _kept = Launcher.start(standby=ahead)
+            launcher = _kept = Launcher.start(standby=ahead, preload=preload)
             return launcher
     try:
-        launcher.keep_ahead(ahead)
+        launcher.keep_ahead(ahead, preload)
     except OSError as exc:  # it exited just now: the run's workers are spawned
         logger.debug("the kept launcher is gone: %s", exc)
     return launcher
 
 
-def after_run(launcher: Launcher | None, ahead: int) -> None:
+def after_run(launcher: Launcher | None, ahead: int, preload: Sequence[str] = ()) -> None:
     """A run has let its workers go: its launcher (the kept one) forks ``ahead`` workers
     ahead again for the next run (returning once they are ready, so the next run and whatever
     this process does meanwhile never share the machine with those forks). A run that had
     none (the caller may not fork: more memory than :data:`KEEP_RSS`, other threads, a Jupyter
     kernel) starts one as a new interpreter, kept, with ``ahead`` workers ready, unless one is
-    kept already."""
+    kept already. ``preload``: as for :func:`for_run` (the next run's function is most often
+    this one's, or one of the same modules)."""
     global _kept
     if launcher is None:
         if os.environ.get(FORK_ENV, "1") == "0" or ahead < 1:
             return
         with _kept_lock:
             if _kept is None or not _kept.alive:
-                _kept = Launcher.spawn(standby=ahead)  # holds none of this process's memory
+                # It holds none of this process's memory, nor its modules: its hosts import
+                # those the function named.
+                _kept = Launcher.spawn(standby=ahead, preload=preload)
         return
     try:
-        launcher.keep_ahead(ahead)
+        launcher.keep_ahead(ahead, preload)
     except OSError as exc:
         logger.debug("the kept launcher is gone: %s", exc)
 

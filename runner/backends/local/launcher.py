@@ -51,7 +51,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -143,11 +143,12 @@ class Launcher:
         self._proc: subprocess.Popen[bytes] | None = None  # one started as a new interpreter
 
     @classmethod
-    def start(cls, standby: int = 0) -> Launcher | None:
+    def start(cls, standby: int = 0, preload: Sequence[str] = ()) -> Launcher | None:
         """A launcher forked from this process, or None where that is not safe. It forks
         ``standby`` workers ahead, each waiting to be told its arguments, so the first workers
         a run asks for start without waiting for a fork (the run says how many it is sure to
-        need); a standby never told is gone when the launcher closes."""
+        need); a standby never told is gone when the launcher closes. The spare task host of
+        each imports the modules ``preload`` names while it waits (see :meth:`keep_ahead`)."""
         if not can_fork():
             return None
         for stream in (sys.stdout, sys.stderr):  # nothing buffered is written twice
@@ -162,7 +163,7 @@ class Launcher:
             try:
                 os.close(req_w)
                 os.close(rep_r)
-                serve(req_r, rep_w, standby)
+                serve(req_r, rep_w, standby, preload=preload)
             except BaseException:
                 code = 1
             finally:
@@ -174,21 +175,22 @@ class Launcher:
         return launcher
 
     @classmethod
-    def spawn(cls, standby: int = 0) -> Launcher | None:
+    def spawn(cls, standby: int = 0, preload: Sequence[str] = ()) -> Launcher | None:
         """A launcher started as a new interpreter (``python -m
         runner.backends.local.launcher_process STANDBY``), for a caller that may not fork
         (other threads, a Jupyter kernel): it loads the worker's code itself, then serves as a
         forked one does, holding none of the caller's memory. Returns
         once it has said it is ready, its ``standby`` workers with it; None where it could not
-        be started or ended first."""
+        be started or ended first. ``preload``: as for :meth:`start`."""
         if not hasattr(os, "fork"):
             return None
         env = dict(os.environ)  # its workers take the caller's from each request
         here = str(Path(__file__).resolve().parents[3])  # where `runner` is imported from
         env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
         try:
+            module = "runner.backends.local.launcher_process"
             proc = subprocess.Popen(
-                [sys.executable, "-m", "runner.backends.local.launcher_process", str(standby)],
+                [sys.executable, "-m", module, str(standby), json.dumps(list(preload))],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.DEVNULL,
@@ -234,9 +236,12 @@ class Launcher:
                 out.append(ForkedWorker(int(reply["pid"]), int(reply["start"])))
         return out
 
-    def keep_ahead(self, count: int) -> None:
+    def keep_ahead(self, count: int, preload: Sequence[str] = ()) -> None:
         """Have ``count`` workers forked ahead, waiting to be told their arguments (more are
-        forked now where fewer wait; none go).
+        forked now where fewer wait; none go). The spare task host each forks imports the
+        modules ``preload`` names while it waits (the modules the run's function named: a
+        launcher started as a new interpreter has none of the caller's, and one forked holds
+        those loaded before it was); what cannot be imported is left to the task.
 
         Raises:
             OSError: the launcher is gone.
@@ -244,7 +249,8 @@ class Launcher:
         if count > self.ahead:
             began = time.perf_counter()
             try:
-                self._ask(json.dumps({"ahead": count}).encode() + b"\n", 1)
+                request = {"ahead": count, "preload": list(preload)}
+                self._ask(json.dumps(request).encode() + b"\n", 1)
             finally:
                 self.ahead_seconds += time.perf_counter() - began
 

@@ -7,8 +7,10 @@ It reads request lines on one pipe and replies a line each on another:
   ``python -m worker ARGS`` with its output appended to ``log``, in the caller's environment,
   folder and import path as they are now (not as they were when the launcher was forked); the
   reply is its pid and start time, or an error;
-- ``{"ahead": N}``: workers forked ahead up to ``N``, each with a spare task host of its own;
-  the reply once they have it.
+- ``{"ahead": N, "preload": [MODULE, ...]}``: workers forked ahead up to ``N``, each with a
+  spare task host of its own, which imports the modules named while it waits (those forked
+  ahead later import the same, until another request names others); the reply once they have
+  their host.
 
 Every reply also says how many wait ahead (``"ahead"``). It exits when the caller closes its
 end, or after :data:`IDLE_SECONDS` with no request (``CFLOW_LAUNCHER_IDLE_SECONDS`` sets
@@ -26,7 +28,7 @@ import select
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -81,12 +83,17 @@ def idle_seconds() -> float:
 
 
 def serve(  # pragma: no cover - the launcher's own process
-    requests: int, replies: int, standby: int, *, hello: bool = False
+    requests: int,
+    replies: int,
+    standby: int,
+    *,
+    hello: bool = False,
+    preload: Sequence[str] = (),
 ) -> None:
     """The launcher's loop (see the module's notes): ``standby`` workers forked ahead (with
     ``hello``, a line saying so once they are ready: a launcher started as a new interpreter),
-    then a reply for each request line, until the caller closes its end or asks nothing for
-    :data:`IDLE_SECONDS`."""
+    their hosts importing ``preload``, then a reply for each request line, until the caller
+    closes its end or asks nothing for :data:`IDLE_SECONDS`."""
     with contextlib.suppress(PermissionError):  # started in a session of its own already
         os.setsid()
     inherited = [int(fd) for fd in os.listdir("/proc/self/fd")]
@@ -97,6 +104,7 @@ def serve(  # pragma: no cover - the launcher's own process
     # Every object so far out of the collector's reach: a collection in a worker forked from
     # here would write to each one it looks at, copying the memory the fork shared.
     gc.freeze()
+    SPARE_HOSTS.preload = list(preload)  # what each standby's spare host imports as it waits
 
     own = [requests, replies]
     standbys: list[tuple[int, int]] = []  # (pid, the write end it reads its request from)
@@ -124,6 +132,7 @@ def serve(  # pragma: no cover - the launcher's own process
             request = json.loads(line)
             reply: dict[str, Any] = {}
             if "ahead" in request:  # between runs: the reply once they are ready
+                SPARE_HOSTS.preload = [str(name) for name in request.get("preload", [])]
                 _ready(fork_ahead(int(request["ahead"])))
             while "args" in request and standbys and not reply:
                 pid, told = standbys.pop(0)
@@ -252,7 +261,7 @@ if __name__ == "__main__":  # pragma: no cover - a launcher started as a new int
     # (Launcher.spawn): its requests on stdin, its replies on stdout.
     _code = 0
     try:
-        serve(0, 1, int(sys.argv[1]), hello=True)
+        serve(0, 1, int(sys.argv[1]), hello=True, preload=json.loads(sys.argv[2]))
     except BaseException:
         _code = 1
     finally:
