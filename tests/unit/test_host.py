@@ -121,3 +121,34 @@ def test_a_spare_imports_its_preload_before_its_task_and_keeps_its_replies_clean
     assert host.wait(30) == 0
     assert replies == [{"ready": True}, {"id": 0, "exit": 0, "reason": None, "recycle": False}]
     assert b"loud at import" in host.stderr.read()
+
+
+def test_a_spare_given_its_task_begins_no_further_preload(tmp_path: Path) -> None:
+    """The preload is the last map's function's: once the task has come, the modules not yet
+    begun are left to it (this map's function may need none of them)."""
+    lib, task = tmp_path / "lib", tmp_path / "task"
+    lib.mkdir()
+    task.mkdir()
+    started = tmp_path / "started"
+    (lib / "slow.py").write_text(f"import time\nopen({str(started)!r}, 'w')\ntime.sleep(0.5)\n")
+    (lib / "later.py").write_text("")
+    (task / "task.py").write_text(
+        "import sys\n\ndef run(shard):\n    assert 'later' not in sys.modules\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(lib)])}
+    host = subprocess.Popen(
+        [sys.executable, "-m", "worker.executors.host", "--preload=slow,later", "--spare"],
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    assert host.stdin is not None and host.stdout is not None
+    deadline = time.monotonic() + 30
+    while not started.exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    load = {"task": str(task), "path": [str(task)], "env": env}
+    host.stdin.write(json.dumps(load).encode() + b"\n" + _request(tmp_path, 0))
+    host.stdin.close()
+    replies = [json.loads(line) for line in host.stdout.read().splitlines()]
+    assert host.wait(30) == 0
+    assert replies[1]["exit"] == 0, (tmp_path / "log-0.txt").read_text()

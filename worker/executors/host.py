@@ -200,13 +200,17 @@ def serve(task_dir: Path | None, *, hangup: bool = False, preload: Sequence[str]
 def preload_modules(names: Sequence[str]) -> None:
     """Import these modules, as a spare host waits for its task; what they print goes to
     fd 2 (fd 1 is the replies' pipe until the task comes), and a module that cannot be
-    imported here (another environment, an error at import) is left to the task."""
+    imported here (another environment, an error at import) is left to the task. Once the
+    task has come (on fd 0) no further one is begun: the modules were the last map's
+    function's, and this map's may need none of them."""
     if not names:
         return
     saved = os.dup(1)
     os.dup2(2, 1)
     try:
         for name in names:
+            if select.select([0], [], [], 0)[0]:
+                break
             with contextlib.suppress(Exception, SystemExit):
                 importlib.import_module(name)
     finally:
