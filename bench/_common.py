@@ -13,18 +13,21 @@ from __future__ import annotations
 
 import argparse
 import compileall
+import json
 import os
 import socket
+import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 if TYPE_CHECKING:
     from tests.emulators import Emulators
 
 REPO = Path(__file__).resolve().parents[1]
 CANNOT_RUN = 77
+T = TypeVar("T")
 
 
 def parse_args(
@@ -105,3 +108,37 @@ def compile_project() -> None:
     sys.dont_write_bytecode = False  # and this process
     compileall.compile_dir(REPO / "runner", quiet=1)
     compileall.compile_dir(REPO / "worker", quiet=1)
+
+
+def checkout(path: Path) -> Path:
+    """``--other DIR``, a checkout of another version of this project (``git worktree add DIR
+    COMMIT``), resolved; a clear stop where it is not one."""
+    other = path.resolve()
+    if not (other / "cflow").is_dir():
+        raise SystemExit(f"--other {other}: no cflow there; give a checkout of this project")
+    return other
+
+
+def in_tree(tree: Path, script: str, argv: list[str]) -> Any:
+    """``script``, a benchmark of this checkout, run with ``argv`` on the code of the checkout
+    ``tree`` (first on its import path); its last line of output, read as JSON."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), str(REPO / "bench")])}
+    done = subprocess.run(
+        [sys.executable, script, *argv], cwd=tree, env=env, capture_output=True, text=True,
+        check=True,
+    )  # fmt: skip
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def alternate(
+    other: Path, rounds: int, measure: Callable[[Path], T], line: Callable[[str, T], str]
+) -> dict[str, list[T]]:
+    """``measure`` of the checkout ``other`` and of this one in turn, ``rounds`` times each (a
+    slow spell of the machine falls on both); each result's ``line`` printed as it comes."""
+    rows: dict[str, list[T]] = {"other": [], "this": []}
+    for _ in range(rounds):
+        for tag, tree in (("other", other), ("this", REPO)):
+            rows[tag].append(measure(tree))
+            print(line(tag, rows[tag][-1]), flush=True)
+    print()
+    return rows

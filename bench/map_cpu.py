@@ -30,14 +30,12 @@ import json
 import os
 import resource
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from _common import REPO, compile_project, parse_args
+from _common import REPO, alternate, checkout, compile_project, in_tree, parse_args
 
 PR_SET_CHILD_SUBREAPER = 36
 
@@ -153,14 +151,12 @@ def _line(tag: str, r: dict[str, Any]) -> str:
 
 def _child(tree: Path, args: argparse.Namespace) -> dict[str, Any]:
     """This file run in ``tree`` (its ``cflow``), one round; what it measured."""
-    argv = [sys.executable, str(Path(__file__).resolve()), "--json", "--maps", str(args.maps)]
-    argv += ["--calls", str(args.calls), "--workers", str(args.workers), "--work", str(args.work)]
+    argv = ["--json", "--maps", str(args.maps), "--calls", str(args.calls)]
+    argv += ["--workers", str(args.workers), "--work", str(args.work)]
     if args.one_store:
         argv.append("--one-store")
     argv += ["--hold", str(args.hold), "--captures", str(args.captures)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), str(REPO / "bench")])}
-    done = subprocess.run(argv, cwd=tree, env=env, capture_output=True, text=True, check=True)
-    measured: dict[str, Any] = json.loads(done.stdout.splitlines()[-1])
+    measured: dict[str, Any] = in_tree(tree, str(Path(__file__).resolve()), argv)
     return measured
 
 
@@ -177,21 +173,13 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{args.maps} maps of {args.calls} no-op calls, {args.workers} workers{held}\n")
         print(_line("this", measure(args)))
         return
-    other = args.other.resolve()
-    if not (other / "cflow").is_dir():
-        raise SystemExit(f"--other {other}: no cflow there; give a checkout of this project")
+    other = checkout(args.other)
     print(
         f"{args.rounds} rounds of {args.maps} maps of {args.calls} no-op calls, {args.workers}"
         f" workers, the caller holding {args.hold:g} GB, the function {args.captures:g} MB:"
-        f" {other} (other) and {REPO} (this),"
-        " in turn\n"
+        f" {other} (other) and {REPO} (this), in turn\n"
     )
-    rows: dict[str, list[dict[str, Any]]] = {"other": [], "this": []}
-    for _ in range(args.rounds):
-        for tag, tree in (("other", other), ("this", REPO)):
-            rows[tag].append(_child(tree, args))
-            print(_line(tag, rows[tag][-1]), flush=True)
-    print()
+    rows = alternate(other, args.rounds, lambda tree: _child(tree, args), _line)
     for tag, got in rows.items():
         wall = statistics.median(r["wall_ms"] for r in got)
         cpu = statistics.median(r["cpu_ms"] for r in got)

@@ -16,17 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from _common import REPO, cannot_run, compile_project, parse_args
+from _common import REPO, alternate, cannot_run, checkout, compile_project, in_tree, parse_args
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
@@ -81,12 +78,9 @@ def measure(args: argparse.Namespace) -> list[float]:
 
 def _child(tree: Path, args: argparse.Namespace) -> list[float]:
     """This file run in ``tree`` (its ``cflow``), one round; each map's seconds."""
-    argv = [sys.executable, str(Path(__file__).resolve()), "--json", "--maps", str(args.maps)]
-    argv += ["--calls", str(args.calls), "--pause", str(args.pause), "--workers", str(args.workers)]
-    argv += ["--work", str(args.work)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), str(REPO / "bench")])}
-    done = subprocess.run(argv, cwd=tree, env=env, capture_output=True, text=True, check=True)
-    took: list[float] = json.loads(done.stdout.splitlines()[-1])
+    argv = ["--json", "--maps", str(args.maps), "--calls", str(args.calls)]
+    argv += ["--pause", str(args.pause), "--workers", str(args.workers), "--work", str(args.work)]
+    took: list[float] = in_tree(tree, str(Path(__file__).resolve()), argv)
     return took
 
 
@@ -110,15 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.other is None:
         print(_line("this", measure(args)))
         return
-    other = args.other.resolve()
-    if not (other / "cflow").is_dir():
-        raise SystemExit(f"--other {other}: no cflow there; give a checkout of this project")
-    rows: dict[str, list[list[float]]] = {"other": [], "this": []}
-    for _ in range(args.rounds):
-        for tag, tree in (("other", other), ("this", REPO)):
-            rows[tag].append(_child(tree, args))
-            print(_line(tag, rows[tag][-1]), flush=True)
-    print()
+    rows = alternate(checkout(args.other), args.rounds, lambda tree: _child(tree, args), _line)
     for tag, got in rows.items():
         later = statistics.median(t for took in got for t in took[1:])
         print(f"{tag:6} median of the later maps of every round: {later * 1000:6.1f} ms")

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -85,70 +86,72 @@ def test_a_hangup_host_ends_mid_shard_with_what_it_started(tmp_path: Path) -> No
         os.kill(child, 0)  # killed (and, as the host's own child, reaped)
 
 
+def _spare(tmp_path: Path, modules: dict[str, str], preload: str, run: str) -> Any:
+    """A spare host (``--preload=PRELOAD --spare``) with ``modules`` (name: source) on its
+    import path and a task whose ``run`` body is ``run``; the host, its task's first line, and
+    a function that sends it with one shard and returns the replies and what it wrote to fd 2."""
+    lib, task = tmp_path / "lib", tmp_path / "task"
+    lib.mkdir()
+    task.mkdir()
+    for name, source in modules.items():
+        (lib / f"{name}.py").write_text(source)
+    (task / "task.py").write_text(f"import sys\n\ndef run(shard):\n    {run}\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(lib)])}
+    host = subprocess.Popen(
+        [sys.executable, "-m", "worker.executors.host", f"--preload={preload}", "--spare"],
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+    def give() -> tuple[list[dict[str, Any]], bytes]:
+        assert host.stdin is not None and host.stdout is not None and host.stderr is not None
+        load = {"task": str(task), "path": [str(task)], "env": env}
+        host.stdin.write(json.dumps(load).encode() + b"\n" + _request(tmp_path, 0))
+        host.stdin.close()
+        replies = [json.loads(line) for line in host.stdout.read().splitlines()]
+        assert host.wait(30) == 0
+        return replies, host.stderr.read()
+
+    return host, give
+
+
+def _wait_for(path: Path) -> None:
+    deadline = time.monotonic() + 30
+    while not path.exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 def test_a_spare_imports_its_preload_before_its_task_and_keeps_its_replies_clean(
     tmp_path: Path,
 ) -> None:
     """``--preload`` modules are imported while the spare waits for its task: one that prints
     as it is imported writes to fd 2, not into the replies' pipe, and one that cannot be
     imported is left to the task (the host still serves it)."""
-    lib, task = tmp_path / "lib", tmp_path / "task"
-    lib.mkdir()
-    task.mkdir()
-    (lib / "noisy.py").write_text(
+    imported = tmp_path / "imported"
+    noisy = (
         "import os, sys\nprint('loud at import')\nsys.stdout.flush()\n"
-        f"open({str(tmp_path / 'imported')!r}, 'w').write(str(os.getpid()))\n"
+        f"open({str(imported)!r}, 'w').write(str(os.getpid()))\n"
     )
-    (task / "task.py").write_text(
-        "import sys\n\ndef run(shard):\n    assert 'noisy' in sys.modules\n"
+    host, give = _spare(
+        tmp_path, {"noisy": noisy}, "nowhere,noisy", "assert 'noisy' in sys.modules"
     )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(lib)])}
-    host = subprocess.Popen(
-        [sys.executable, "-m", "worker.executors.host", "--preload=nowhere,noisy", "--spare"],
-        env=env,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    assert host.stdin is not None and host.stdout is not None and host.stderr is not None
-    deadline = time.monotonic() + 30
-    while not (tmp_path / "imported").exists() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert (tmp_path / "imported").read_text() == str(host.pid)  # before any task was given
-    load = {"task": str(task), "path": [str(task)], "env": env}
-    host.stdin.write(json.dumps(load).encode() + b"\n" + _request(tmp_path, 0))
-    host.stdin.close()
-    replies = [json.loads(line) for line in host.stdout.read().splitlines()]
-    assert host.wait(30) == 0
+    _wait_for(imported)
+    assert imported.read_text() == str(host.pid)  # before any task was given
+    replies, stderr = give()
     assert replies == [{"ready": True}, {"id": 0, "exit": 0, "reason": None, "recycle": False}]
-    assert b"loud at import" in host.stderr.read()
+    assert b"loud at import" in stderr
 
 
 def test_a_spare_given_its_task_begins_no_further_preload(tmp_path: Path) -> None:
     """The preload is the last map's function's: once the task has come, the modules not yet
     begun are left to it (this map's function may need none of them)."""
-    lib, task = tmp_path / "lib", tmp_path / "task"
-    lib.mkdir()
-    task.mkdir()
     started = tmp_path / "started"
-    (lib / "slow.py").write_text(f"import time\nopen({str(started)!r}, 'w')\ntime.sleep(0.5)\n")
-    (lib / "later.py").write_text("")
-    (task / "task.py").write_text(
-        "import sys\n\ndef run(shard):\n    assert 'later' not in sys.modules\n"
+    slow = f"import time\nopen({str(started)!r}, 'w')\ntime.sleep(0.5)\n"
+    _, give = _spare(
+        tmp_path, {"slow": slow, "later": ""}, "slow,later", "assert 'later' not in sys.modules"
     )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(lib)])}
-    host = subprocess.Popen(
-        [sys.executable, "-m", "worker.executors.host", "--preload=slow,later", "--spare"],
-        env=env,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-    )
-    assert host.stdin is not None and host.stdout is not None
-    deadline = time.monotonic() + 30
-    while not started.exists() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    load = {"task": str(task), "path": [str(task)], "env": env}
-    host.stdin.write(json.dumps(load).encode() + b"\n" + _request(tmp_path, 0))
-    host.stdin.close()
-    replies = [json.loads(line) for line in host.stdout.read().splitlines()]
-    assert host.wait(30) == 0
+    _wait_for(started)
+    replies, _ = give()
     assert replies[1]["exit"] == 0, (tmp_path / "log-0.txt").read_text()
