@@ -44,6 +44,7 @@ def decide_scale(
     stale: set[str] | frozenset[str] = frozenset(),
     spoken_for: set[str] | frozenset[str] = frozenset(),
     elsewhere: set[str] | frozenset[str] = frozenset(),
+    publishing: bool = False,
 ) -> ScaleDecision:
     """How to resize: enough instances for the outstanding shards, removing only idle ones.
 
@@ -65,6 +66,11 @@ def decide_scale(
     ``elsewhere`` names workers busy with another run's shards (``busy`` names them too):
     while work remains they are no capacity of this run and no count against its
     ``max_workers``, so a run is not left waiting for another's long shards to end.
+
+    While the run is still ``publishing`` (its items are still being read: a stream) no ready
+    or starting instance is surplus: the queue running dry between two batches is no end of
+    the work, and a worker deleted then is started again at the next batch (on Google Cloud a
+    VM booted again). A stream that stalls for good leaves its workers to their idle timeout.
 
     Otherwise the surplus goes in this order: instances still ``starting`` (they cannot be
     busy, are the furthest from doing work, and deleting a preempted one stops the group
@@ -100,6 +106,8 @@ def decide_scale(
     surplus = len(able) + len(errored) - target
     if surplus <= 0:
         return ScaleDecision(delete=broken)
+    if publishing:
+        return ScaleDecision(delete=broken + doomed[:surplus])
     free_now = [i for i in able if i.name not in busy]
     starting = sorted(
         i.name for i in free_now if i.status == "starting" and i.name not in spoken_for

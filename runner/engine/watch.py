@@ -303,6 +303,7 @@ class Watcher:
             # Once the run is over, ``idle`` names every worker it may delete (Release.free).
             stale=self.view.stale if over else self.view.stale | quiet,
             elsewhere=self.view.busy_elsewhere(),
+            publishing=self.manifest.publishing,
         )
         decision = decide()
         # A starting VM the policy would delete may be one another run just asked for.

@@ -173,3 +173,24 @@ def test_a_slow_stream_in_memory_sends_its_first_batch_once_it_is_a_batch_time_o
     first = reader.batch(clock, lambda: False)
     assert len(first) == 3 and not first.ended  # 0.1, 0.2, then 0.3 s: past BATCH_SECONDS
     assert [s.index for s in first] == [0, 1, 2]
+
+
+def test_a_stream_whose_queue_runs_dry_between_batches_keeps_its_workers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The queue running dry while the items are still being read is no end of the run: its
+    idle workers stay for the next batch, rather than being stopped and others started for
+    it (on Google Cloud, VMs deleted and booted again). Items of 10 KB, each chunk's stored as
+    it is read, are read slower than two workers take them: the queue runs dry often."""
+    import os
+
+    import cflow
+
+    for name in ("CFLOW_DEPLOYMENT", "CFLOW_BACKEND", "CFLOW_STORE"):
+        monkeypatch.delenv(name, raising=False)
+    store = tmp_path / ".cflow"
+    items = (os.urandom(10_000) for _ in range(10_000))
+    values = cflow.map(len, items, store=store, workers=2, progress=False)
+    assert set(values) == {10_000} and len(values) == 10_000
+    started = sorted(p.name for p in (store / "fleet" / "logs").glob("*.log"))
+    assert len(started) == 2, started

@@ -51,6 +51,28 @@ def test_shrinks_only_idle_instances() -> None:
     assert d.delete == []  # nobody said it is idle: never kill a possibly busy VM
 
 
+def test_while_a_stream_is_still_published_no_idle_or_starting_worker_is_surplus() -> None:
+    """A stream's queue running dry between two batches is no end of its work: its idle and
+    starting workers stay (the next batch needs them); a broken instance still goes."""
+    fleet = [*_fleet(3), Instance("w3", "starting"), Instance("gone", removable=True)]
+
+    def decide(publishing: bool) -> list[str]:
+        d = decide_scale(
+            outstanding=1,
+            max_workers=4,
+            slots=1,
+            instances=fleet,
+            idle={"w1", "w2"},
+            busy={"w0"},
+            publishing=publishing,
+        )
+        assert d.add == 0
+        return sorted(d.delete)
+
+    assert decide(publishing=False) == ["gone", "w1", "w2", "w3"]
+    assert decide(publishing=True) == ["gone"]
+
+
 def test_ends_at_zero_when_nothing_is_outstanding_but_spares_busy() -> None:
     d = decide_scale(
         outstanding=0,
