@@ -20,7 +20,10 @@ tries (each retry said in the log), and then kept as failed, its :data:`ERROR_MA
 it (``item``) and where its part of the log starts (``log_from``, bytes), while the other items
 go on. What is not an ``Exception`` (``SystemExit``, ``KeyboardInterrupt``) fails the whole
 chunk's attempt, as a crash or a timeout does; the chunk is then run again whole, its values
-having died with the attempt.
+having died with the attempt, and from its second attempt on each item runs in a process of its
+own forked from the host (:func:`_run_isolated`): an item that crashes it (``os._exit``, a
+segfault, the OOM killer) then fails alone, after its tries, and the chunk's other items keep
+their values, where before one such item failed every item of its chunk.
 
 Never imports the runner or cflow: it runs on every worker.
 """
@@ -32,6 +35,7 @@ import fcntl
 import json
 import os
 import pickle
+import signal
 import stat
 import sys
 import traceback
@@ -116,7 +120,7 @@ def describe_error(exc: BaseException) -> dict[str, Any]:
 def _user_frames(exc: BaseException) -> TracebackType | None:
     """The traceback from the function's own frame on (this module's call frame dropped)."""
     tb = exc.__traceback__
-    ours = (call.__code__, _run_item.__code__)
+    ours = (call.__code__, _run_item.__code__, _in_child.__code__)
     return tb.tb_next if tb is not None and tb.tb_frame.f_code in ours else tb
 
 
@@ -203,9 +207,12 @@ def call_chunk(shard: TaskShard, fn: Any) -> dict[str, Any]:
     budget = CHUNK_INLINE_BUDGET
     overflow = _Overflow(Path(shard.output_dir))
     appends = _appends()
+    # The chunk's first attempt died whole (a crash, a timeout, a preemption): each item in a
+    # process of its own now, so that one which crashes its process fails alone.
+    run = _run_isolated if shard.attempt > 1 and hasattr(os, "fork") else _run_item
     try:
         for j, item in enumerate(load_items(shard)):
-            budget -= _run_item(fn, item, first + j, tries, kept, budget, overflow, shard, appends)
+            budget -= run(fn, item, first + j, tries, kept, budget, overflow, shard, appends)
     finally:
         overflow.close()
     return {"chunk": {"first": first, "values": kept}}
@@ -249,6 +256,78 @@ def _run_item(
     return 0  # tries is at least 1: not reached
 
 
+def _run_isolated(
+    fn: Any,
+    item: Any,
+    index: int,
+    tries: int,
+    kept: list[dict[str, Any]],
+    budget: int,
+    overflow: _Overflow,
+    shard: TaskShard,
+    appends: bool,
+) -> int:
+    """:func:`_run_item`, each try in a child process forked for it: one that ends without
+    its outcome (``os._exit``, a signal: a segfault, the OOM killer) fails this item's try,
+    and what the item raises, ``SystemExit`` included, fails this item only."""
+    start = _log_size(appends)
+    for attempt in range(1, tries + 1):
+        kind, outcome = _in_child(fn, item)
+        if kind == "value":
+            entry = _kept(shard, index, outcome, budget, overflow)
+            kept.append(entry)
+            return len(entry.get("pickle", ""))
+        said = outcome["message"] if kind == "crashed" else f"raised {outcome['type']}"
+        if attempt < tries:
+            _log(f"cflow: item {index} {said}; try {attempt} of {tries}, running it again\n")
+            continue
+        _log(ERROR_MARK + json.dumps(outcome | {"item": index, "log_from": start}) + "\n")
+        kept.append({"failed": tries})
+        return 0
+    return 0  # tries is at least 1: not reached
+
+
+def _in_child(fn: Any, item: Any) -> tuple[str, Any]:
+    """``fn(item)`` in a child process forked now: ``("value", its pickle)``, ``("raised",
+    the error record)``, or ``("crashed", a record saying how the child ended)``."""
+    for stream in (sys.stdout, sys.stderr):
+        try:  # noqa: SIM105 - as in _log_size
+            stream.flush()  # nothing buffered is written twice
+        except Exception:
+            pass
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the item's own process
+        os.close(read)
+        try:
+            try:
+                data = b"V" + _pickled(fn(item))
+            except BaseException as exc:  # this item's failure, whatever it is
+                data = b"E" + json.dumps(describe_error(exc)).encode()
+            with os.fdopen(write, "wb") as out:
+                out.write(data)
+            for stream in (sys.stdout, sys.stderr):
+                stream.flush()
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as got:
+        data = got.read()
+    _, status = os.waitpid(pid, 0)
+    if data[:1] == b"V":
+        return "value", data[1:]
+    if data[:1] == b"E":
+        return "raised", json.loads(data[1:])
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        name = signal.Signals(sig).name if sig in signal.valid_signals() else str(sig)
+        how = f"was killed by {name}" + (" (the OOM killer, say)" if sig == signal.SIGKILL else "")
+    else:
+        how = f"exited with code {os.WEXITSTATUS(status)}"
+    message = f"the process running it {how} before it returned"
+    return "crashed", {"type": "ItemCrashed", "message": message, "traceback": "", "pickle": None}
+
+
 class _Overflow:
     """The values of a chunk its record has no room for (each up to :data:`INLINE_LIMIT`),
     one pickle after another in its output :data:`OVERFLOW_FILE`: one file a chunk, which
@@ -277,12 +356,22 @@ def _chunk_value(
     """Item ``index``'s value as its chunk's record keeps it: inline while the record has
     room, else in the chunk's :data:`OVERFLOW_FILE`, and one over :data:`INLINE_LIMIT` in an
     output of its own, ``value-<index>.pkl`` (read when it is asked for, when over 1 MB)."""
+    return _kept(shard, index, _pickled(value), budget, overflow)
+
+
+def _pickled(value: Any) -> bytes:
     try:  # the standard pickler where it can (several times faster on small values)
-        data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+        return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
     except (pickle.PicklingError, TypeError, AttributeError):
         import cloudpickle  # a lambda, a class shipped by value
 
-        data = cloudpickle.dumps(value)
+        return cloudpickle.dumps(value)
+
+
+def _kept(
+    shard: TaskShard, index: int, data: bytes, budget: int, overflow: _Overflow
+) -> dict[str, Any]:
+    """:func:`_chunk_value` of a value pickled already (``data``)."""
     text = base64.b64encode(data).decode("ascii")
     if len(data) > INLINE_LIMIT:
         name = f"value-{index}.pkl"

@@ -28,3 +28,20 @@ def check(x: int) -> int:
     if x == 3:
         raise Unloadable(3, 4)
     return x
+
+
+def crashes(x: int) -> int:
+    """Items 5 and 9 end the process running them (``os._exit``, a segfault); item 10 calls
+    ``sys.exit``; the others return ten times themselves."""
+    import os
+    import signal
+    import sys
+
+    print(f"item {x} starting", flush=True)
+    if x == 5:
+        os._exit(3)
+    if x == 9:
+        os.kill(os.getpid(), signal.SIGSEGV)
+    if x == 10:
+        sys.exit(4)
+    return x * 10

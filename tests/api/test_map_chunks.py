@@ -14,7 +14,7 @@ import cflow
 from cflow.chunks import MAX_CHUNK, Chunking
 from cflow.shipping import ItemFeed
 from runner.engine import runs
-from tests.api.helpers import Rejected, check
+from tests.api.helpers import Rejected, check, crashes
 from tests.e2e.conftest import Cli
 from worker.bundle import pack
 from worker.errors import ConfigError
@@ -34,6 +34,25 @@ def test_values_come_back_in_input_order_from_chunks(local_backend: dict[str, An
     assert [s.params["chunk"]["count"] for s in shards] == [5, 5, 5, 5, 3]
     progress = run.progress()
     assert (progress.total, progress.succeeded, progress.failed) == (23, 23, 0)
+
+
+def test_an_item_that_crashes_its_process_fails_alone_in_its_chunk(
+    backend: dict[str, Any],
+) -> None:
+    """An item that ends the process running it (``os._exit``, a segfault) or calls
+    ``sys.exit`` kills its chunk's first attempt whole; from the second on each item runs in
+    a process of its own, so that item fails alone, saying how its process ended, and its
+    chunk's other items keep their values (before, every item of the chunk failed)."""
+    values = cflow.map(crashes, range(12), chunk_size=4, return_exceptions=True, **backend)
+    failed = {i: v for i, v in enumerate(values) if isinstance(v, cflow.ShardFailed)}
+    assert sorted(failed) == [5, 9, 10]
+    assert [v for i, v in enumerate(values) if i not in failed] == [
+        x * 10 for x in range(12) if x not in failed
+    ]
+    assert failed[5].type_name == "ItemCrashed" and "exited with code 3" in failed[5].message
+    assert failed[9].type_name == "ItemCrashed" and "killed by SIGSEGV" in failed[9].message
+    assert isinstance(failed[10].exception, SystemExit) and failed[10].exception.code == 4
+    assert failed[5].log_tail.strip().splitlines()[-1] == "item 5 starting"  # its own part
 
 
 def test_the_values_are_read_before_the_run_is_finished_and_its_workers_go(
