@@ -18,8 +18,10 @@ from cflow.api import attach, map, submit
 from cflow.errors import RemoteError, ShardFailed
 from cflow.results import Progress, Results
 from cflow.run import Run
+from worker.pyfunc import ItemTimedOut  # raised in an item past its timeout, on the worker
 
 __all__ = [
+    "ItemTimedOut",
     "Progress",
     "RemoteError",
     "Results",

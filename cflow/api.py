@@ -170,6 +170,7 @@ def submit(
         chunk_size,
         slots=(workers or _default_workers(config)) * _slots(options.get("slots")),
         tries=retries + 1,
+        timeout=timeout,
     )
     folder, needs = make_task(fn)
     feed = ItemFeed(items, chunking)

@@ -50,15 +50,24 @@ class Chunking:
         total: how many items, where the iterable says (None: a generator's, unknown).
         slots: workers times their slots.
         tries: tries an item that raises gets in its chunk (the run's retries plus one).
+        timeout: seconds one item may run (None: only its chunk's attempt is timed).
     """
 
     fixed: int | None
     total: int | None
     slots: int
     tries: int
+    timeout: float | None = None
 
     @classmethod
-    def pick(cls, items: Iterable[Any], chunk_size: int | None, slots: int, tries: int) -> Chunking:
+    def pick(
+        cls,
+        items: Iterable[Any],
+        chunk_size: int | None,
+        slots: int,
+        tries: int,
+        timeout: float | None = None,
+    ) -> Chunking:
         """The chunking of a run over ``items``.
 
         Raises:
@@ -72,7 +81,7 @@ class Chunking:
                 " (1: one shard per item), or leave it out to have it chosen"
             )
         total = len(items) if isinstance(items, Sized) else None
-        return cls(chunk_size, total, max(slots, 1), max(tries, 1))
+        return cls(chunk_size, total, max(slots, 1), max(tries, 1), timeout)
 
     @property
     def chunked(self) -> bool:
@@ -123,9 +132,10 @@ class Chunking:
     ) -> Shard:
         sid = f"{number:07d}"
         data = pickle.dumps(chunk, protocol=pickle.HIGHEST_PROTOCOL)
-        params: dict[str, Any] = {
-            CHUNK_PARAM: {"first": first, "count": len(chunk), "tries": self.tries}
-        }
+        spec: dict[str, Any] = {"first": first, "count": len(chunk), "tries": self.tries}
+        if self.timeout is not None:
+            spec["timeout"] = self.timeout
+        params: dict[str, Any] = {CHUNK_PARAM: spec}
         if len(data) <= CHUNK_INLINE_LIMIT:
             params[ITEMS_PARAM] = base64.b64encode(data).decode("ascii")
             return Shard(id=sid, index=number, params=params)

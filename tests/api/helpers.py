@@ -45,3 +45,16 @@ def crashes(x: int) -> int:
     if x == 10:
         sys.exit(4)
     return x * 10
+
+
+def hangs(x: int) -> int:
+    """Item 2 sleeps far past any timeout; item 6 does too, having ignored SIGALRM first (as
+    code that blocks in C would ignore it); the others return themselves."""
+    import signal
+    import time
+
+    if x == 6:
+        signal.signal(signal.SIGALRM, signal.SIG_IGN)
+    if x in (2, 6):
+        time.sleep(600)
+    return x

@@ -14,7 +14,7 @@ import cflow
 from cflow.chunks import MAX_CHUNK, Chunking
 from cflow.shipping import ItemFeed
 from runner.engine import runs
-from tests.api.helpers import Rejected, check, crashes
+from tests.api.helpers import Rejected, check, crashes, hangs
 from tests.e2e.conftest import Cli
 from worker.bundle import pack
 from worker.errors import ConfigError
@@ -53,6 +53,31 @@ def test_an_item_that_crashes_its_process_fails_alone_in_its_chunk(
     assert failed[9].type_name == "ItemCrashed" and "killed by SIGSEGV" in failed[9].message
     assert isinstance(failed[10].exception, SystemExit) and failed[10].exception.code == 4
     assert failed[5].log_tail.strip().splitlines()[-1] == "item 5 starting"  # its own part
+
+
+def test_an_item_past_its_timeout_fails_alone_in_its_chunk(
+    local_backend: dict[str, Any],
+) -> None:
+    """``timeout`` is each item's: one that runs past it fails alone (``ItemTimedOut``) and its
+    chunk's other items keep their values, where the chunk's attempt, timed as that many
+    times its items, used to run on until all of it had passed (a chunk of 250 items with an
+    hour each: ten days). Item 2 is interrupted where it sleeps; item 6 ignores the alarm, so
+    its chunk's attempt runs out and the next runs each item in a process of its own, which is
+    killed at the timeout."""
+    start = time.monotonic()
+    values = cflow.map(
+        hangs, range(8), chunk_size=4, timeout=1, retries=1, return_exceptions=True,
+        **local_backend,
+    )  # fmt: skip
+    took = time.monotonic() - start
+    failed = {i: v for i, v in enumerate(values) if isinstance(v, cflow.ShardFailed)}
+    assert sorted(failed) == [2, 6], values
+    assert [values[i] for i in (0, 1, 3, 4, 5, 7)] == [0, 1, 3, 4, 5, 7]
+    # Interrupted where it hung: its traceback says where.
+    assert isinstance(failed[2].exception, cflow.ItemTimedOut), failed[2].type_name
+    assert "timeout of 1 s" in failed[2].message and "time.sleep(600)" in failed[2].traceback
+    assert failed[6].type_name == "ItemTimedOut" and "was killed" in failed[6].message
+    assert took < 60  # not the sleeps' 600 s
 
 
 def test_the_values_are_read_before_the_run_is_finished_and_its_workers_go(

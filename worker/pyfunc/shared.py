@@ -1,0 +1,136 @@
+"""What the Python-function runtime's parts share (:mod:`worker.pyfunc`): where a function,
+its items and its values go, and how a failure is told to the caller (an :data:`ERROR_MARK`
+line in the attempt's log).
+
+Never imports the runner or cflow: it runs on every worker.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import pickle
+import traceback
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from worker.taskapi import TaskShard
+
+FUNCTION_FILE = "function.pkl"
+VALUE_FILE = "value.pkl"  # a return value too large for result.json, in the shard's outputs
+ITEM_PARAM = "item"  # params key of a small item: its pickle, base64
+INLINE_LIMIT = 32 * 1024  # bytes of pickle kept in result.json (base64 fits its 64 KiB)
+ERROR_MARK = "CFLOW-PYFUNC-ERROR "  # starts the log line that describes a failure, JSON after it
+DYNAMIC_CODE = "<dynamic-code>"  # the file name cloudpickle gives the code it ships by value
+ERROR_PICKLE_LIMIT = 256 * 1024  # bytes of a pickled exception put in the log; larger: none
+CHUNK_PARAM = "chunk"  # params key of a chunk shard: {"first", "count", "tries"}
+ITEMS_PARAM = "items"  # params key of a small chunk's items: a pickled list of their pickles
+CHUNK_INLINE_BUDGET = 48 * 1024  # bytes of base64 a chunk's values take in its result.json
+OVERFLOW_FILE = "values.pkl"  # a chunk's values its result.json has no room for, in one file
+
+_HERE = os.path.dirname(__file__)  # this package: its frames are not the function's
+_loaded: dict[str, Any] = {}  # function file -> the function, once per warm process
+
+
+def load_function(path: Path) -> Any:
+    """The function pickled at ``path``, unpickled once per process."""
+    key = str(path)
+    if key not in _loaded:
+        import cloudpickle  # the task's interpreter has it (the runner and gcp-worker extras)
+
+        _loaded[key] = cloudpickle.loads(path.read_bytes())
+    return _loaded[key]
+
+
+def load_item(shard: TaskShard) -> Any:
+    """The shard's item: from its params (small) or its input file (large)."""
+    if ITEM_PARAM in shard.params:
+        return pickle.loads(base64.b64decode(shard.params[ITEM_PARAM]))
+    if shard.input is None:
+        raise ValueError(f"shard {shard.id} carries no item (no params item, no input)")
+    return pickle.loads(Path(shard.input).read_bytes())
+
+
+def keep_value(shard: TaskShard, value: Any) -> dict[str, Any]:
+    """The return value as ``result.json`` keeps it: inline when small, else a file output."""
+    import cloudpickle
+
+    data = cloudpickle.dumps(value)
+    if len(data) <= INLINE_LIMIT:
+        return {"pickle": base64.b64encode(data).decode("ascii")}
+    Path(shard.output_dir, VALUE_FILE).write_bytes(data)
+    return {"file": VALUE_FILE, "size": len(data)}
+
+
+def describe_error(exc: BaseException) -> dict[str, Any]:
+    """What the caller's ``ShardFailed`` is made of: type, message, traceback, the pickle."""
+    kind = type(exc)
+    record: dict[str, Any] = {
+        "type": f"{kind.__module__}.{kind.__qualname__}",
+        "message": str(exc),
+        "traceback": "".join(traceback.format_exception(kind, exc, _user_frames(exc))),
+        # cloudpickle names the code it ships "<dynamic-code>": each frame's module lets the
+        # caller, which has the source, name the file and show the line.
+        "frames": [
+            [frame.f_globals.get("__name__"), frame.f_code.co_name, lineno]
+            for frame, lineno in traceback.walk_tb(_user_frames(exc))
+            if frame.f_code.co_filename == DYNAMIC_CODE
+        ],
+        "pickle": None,
+    }
+    try:
+        import cloudpickle
+
+        data = cloudpickle.dumps(exc)
+    except Exception:  # an exception that will not pickle still fails with its text
+        return record
+    if len(data) <= ERROR_PICKLE_LIMIT:
+        record["pickle"] = base64.b64encode(data).decode("ascii")
+    return record
+
+
+def _user_frames(exc: BaseException) -> TracebackType | None:
+    """The traceback from the function's own frame on (the frames of this package that called
+    it dropped)."""
+    tb = exc.__traceback__
+    while tb is not None and os.path.dirname(tb.tb_frame.f_code.co_filename) == _HERE:
+        tb = tb.tb_next
+    return tb
+
+
+def log(line: str) -> None:
+    os.write(2, line.encode("utf-8", "backslashreplace"))  # fd 2: the attempt's log
+
+
+def partly_failed(value: Any) -> bool:
+    """Whether a commit record's value is a chunk's holding an item that failed: the cross-run
+    cache does not reuse it, so that item runs again."""
+    chunk = value.get("chunk") if isinstance(value, dict) else None
+    values = chunk.get("values") if isinstance(chunk, dict) else None
+    return isinstance(values, list) and any("failed" in v for v in values if isinstance(v, dict))
+
+
+def load_items(shard: TaskShard) -> list[Any]:
+    """A chunk shard's items: from its params (small) or its input file."""
+    if ITEMS_PARAM in shard.params:
+        data = base64.b64decode(shard.params[ITEMS_PARAM])
+    elif shard.input is not None:
+        data = Path(shard.input).read_bytes()
+    else:
+        raise ValueError(f"chunk {shard.id} carries no items (no params items, no input)")
+    pickles = pickle.loads(data)  # each item's own pickle: one item is read without the rest
+    if not isinstance(pickles, list):
+        raise ValueError(f"chunk {shard.id} carries a {type(pickles).__name__}, not a list")
+    return [pickle.loads(one) for one in pickles]
+
+
+def pickled(value: Any) -> bytes:
+    """A value's pickle: the standard pickler where it can (several times faster on small
+    values), else cloudpickle (a lambda, a class shipped by value)."""
+    try:
+        return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    except (pickle.PicklingError, TypeError, AttributeError):
+        import cloudpickle
+
+        return cloudpickle.dumps(value)
