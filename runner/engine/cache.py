@@ -38,13 +38,14 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
+from typing import Any
 
 from runner.engine.runs import Reuse
 from worker.bundle import bundle_files
 from worker.clock import SYSTEM_CLOCK, Clock
 from worker.errors import NotFound
 from worker.protocol import Layout, Shard, ShardResult
-from worker.pyfunc import partly_failed
+from worker.pyfunc import CHUNK_PARAM, partly_failed
 from worker.store import Store
 
 INDEX = "cache/"
@@ -164,7 +165,7 @@ class ShardCache:
             "code": self.code,
             "shard": shard.id,
             "input": data,
-            "params": shard.params,
+            "params": _keyed_params(shard.params),
             "image": self.image,
             "stage": self.stage,
             "env": dict(sorted(self.env.items())),
@@ -270,6 +271,16 @@ class ShardCache:
             for shard_id, result in results.items()
             if shard_id not in broken
         }
+
+
+def _keyed_params(params: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A shard's params as its key covers them: a chunk's per-item timeout left out (a value
+    committed within one timeout is as good under another; and a key made before chunks
+    carried one still matches)."""
+    spec = (params or {}).get(CHUNK_PARAM)
+    if params is None or not isinstance(spec, dict) or "timeout" not in spec:
+        return params
+    return {**params, CHUNK_PARAM: {k: v for k, v in spec.items() if k != "timeout"}}
 
 
 def run_keys(store: Store, run_id: str) -> list[dict[str, str | None]]:
