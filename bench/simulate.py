@@ -55,6 +55,7 @@ def baseline_decide_scale(
     stale: set[str] | frozenset[str] = frozenset(),
     spoken_for: set[str] | frozenset[str] = frozenset(),
     elsewhere: set[str] | frozenset[str] = frozenset(),
+    publishing: bool = False,  # the policy then had no streams: not read
 ) -> ScaleDecision:
     """The scale policy before the simulation (runner/engine/policy.py at 7339b91), for "before"
     runs.

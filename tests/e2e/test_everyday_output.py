@@ -233,31 +233,38 @@ def test_rm_takes_the_logs_and_lifetime_records_of_its_runs_workers(
 def test_rm_takes_the_empty_logs_of_workers_stopped_before_they_began(
     cli: Cli, tmp_path: Path
 ) -> None:
-    """A submit whose task cannot start stops the workers it started early, before their agent
-    began: each leaves an empty log and no lifetime record, so none goes with a run. A later
-    removal takes those a minute old; a log that says something (a worker that crashed as it
+    """A submit whose task cannot start stops the workers it started early: one stopped
+    before its agent began leaves an empty log and no lifetime record, so none goes with a run.
+    A later removal takes those a minute old (and one whose agent had begun, naming the run
+    that was never made, goes with it); a log that says something (a worker that crashed as it
     started) stays, as does an empty one just made (a worker starting now)."""
     ok = make_task(tmp_path / "ok", OK_TASK)
     kept = cli("submit", str(ok), "--shards", "2", "--workers", "1").run_id
     gone = cli("submit", str(ok), "--shards", "2", "--workers", "1").run_id
     logs = cli.store / "fleet" / "logs"
-    began = set(_lifetimes(cli.store))
+    before = {p.stem for p in logs.glob("*.log")}
     broken = make_task(tmp_path / "broken", "import no_such_module\n\ndef run(shard):\n    pass\n")
     assert cli("submit", str(broken), "--shards", "4").code == 2
-    stopped = {p.stem for p in logs.glob("*.log")} - began
-    assert stopped, "the refused submit started no worker early"
-    assert all((logs / f"{name}.log").stat().st_size == 0 for name in stopped)
-    assert not stopped & set(_lifetimes(cli.store))
-    crashed, starting = logs / "local-900.log", logs / "local-901.log"
+    refused = {p.stem for p in logs.glob("*.log")} - before
+    assert refused, "the refused submit started no worker early"
+    assert not any((cli.store / "fleet" / "live" / f"{n}.json").exists() for n in refused)
+    stopped, crashed, starting = (
+        logs / "local-900.log",
+        logs / "local-901.log",
+        logs / "local-902.log",
+    )
+    stopped.touch()  # as a worker stopped before it began leaves it
     crashed.write_text("Traceback (most recent call last):\n  ...\nMemoryError\n")
     starting.touch()
     hour_ago = time.time() - 3600
-    for log in [crashed, *(logs / f"{name}.log" for name in stopped)]:
+    for log in [stopped, crashed, *(logs / f"{name}.log" for name in refused)]:
         os.utime(log, (hour_ago, hour_ago))
+    empty = 1 + sum(1 for name in refused if not (logs / f"{name}.log").stat().st_size)
     removed = cli("rm", gone)
     assert removed.code == 0, removed.stderr
-    assert f"{len(stopped)} empty logs of workers stopped before they began" in removed.stderr
-    assert not any((logs / f"{name}.log").exists() for name in stopped)
+    assert f"{empty} empty logs of workers stopped before they began" in removed.stderr
+    assert not stopped.exists()
+    assert not any((logs / f"{name}.log").exists() for name in refused)
     assert crashed.exists() and starting.exists()
     assert all((logs / f"{name}.log").exists() for name, run in _lifetimes(cli.store).items()
                if run == kept)  # fmt: skip
