@@ -99,7 +99,7 @@ class _Watch:
 
     def __init__(self, limit: float | None):
         self.limit = limit
-        self.began = time.monotonic()
+        self.began: float | None = None  # when the item running now began (None: none runs)
         self.on = limit is not None and threading.current_thread() is threading.main_thread()
         if limit is not None and self.on:
             self.before = signal.signal(signal.SIGALRM, self._ring)
@@ -108,13 +108,18 @@ class _Watch:
     def start(self) -> None:
         self.began = time.monotonic()
 
+    def stop(self) -> None:
+        self.began = None
+
     def _ring(self, signum: int, frame: Any) -> None:
         assert self.limit is not None
-        ran = time.monotonic() - self.began
+        # Rung between two items (in this chunk's own work): nothing is raised, it rings again.
+        ran = 0.0 if self.began is None else time.monotonic() - self.began
         if ran >= self.limit:
             signal.setitimer(signal.ITIMER_REAL, self.limit)  # for the items after this one
             raise ItemTimedOut(f"it ran past its timeout of {self.limit:g} s")
-        signal.setitimer(signal.ITIMER_REAL, self.limit - ran)
+        # Never 0, which would disarm it (the timer counts whole microseconds).
+        signal.setitimer(signal.ITIMER_REAL, max(self.limit - ran, 0.001))
 
     def close(self) -> None:
         if self.on:
@@ -151,7 +156,11 @@ def _run_item(fn: Any, item: Any, index: int, chunk: _Chunk) -> None:
     for attempt in range(1, chunk.tries + 1):
         try:
             chunk.watch.start()
-            data = pickled(fn(item))  # may not pickle: fails its item like a raise
+            try:
+                value = fn(item)
+            finally:
+                chunk.watch.stop()
+            data = pickled(value)  # may not pickle: fails its item like a raise
         except (Exception, ItemTimedOut) as exc:
             if attempt < chunk.tries:
                 log(
