@@ -247,7 +247,7 @@ class ItemFeed:
         for index, item in enumerate(self._items):
             if self._stop.is_set():
                 return
-            data = _dumps(item)
+            data = _dumps(index, item)
             sid = shard_id(index)
             if len(data) <= ITEM_INLINE_LIMIT:
                 params = {ITEM_PARAM: base64.b64encode(data).decode("ascii")}
@@ -267,17 +267,29 @@ class ItemFeed:
             try:
                 data = dumps(item, protocol=protocol)
             except (pickle.PicklingError, TypeError, AttributeError):
-                data = cloudpickle.dumps(item)  # a lambda, a class of __main__
+                data = _dumps(index, item)  # a lambda, a class of __main__
             yield index, data
 
 
-def _dumps(item: Any) -> bytes:
-    """An item's pickle: the standard pickler's where it can (faster), else cloudpickle's (a
-    lambda, a class of ``__main__``)."""
+def _dumps(index: int, item: Any) -> bytes:
+    """Item ``index``'s pickle: the standard pickler's where it can (faster), else
+    cloudpickle's (a lambda, a class of ``__main__``).
+
+    Raises:
+        ConfigError: neither pickles it (says which item, what it is and what to map over).
+    """
     try:
         return pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL)
     except (pickle.PicklingError, TypeError, AttributeError):
+        pass
+    try:
         return cloudpickle.dumps(item)
+    except Exception as exc:
+        raise ConfigError(
+            f"item {index} (a {type(item).__name__}) cannot be shipped to the workers:"
+            f" {type(exc).__name__}: {exc}; map over picklable items (no open files, locks or"
+            " connections), or over what makes them (a path, say) and make them in the function"
+        ) from None
 
 
 def item_of(shard: Shard, store: Store, run_id: str, j: int = 0) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -9,7 +10,7 @@ import pytest
 import cflow
 from tests.api import helpers
 from tests.api.helpers import Rejected, check
-from worker.errors import RunStateError
+from worker.errors import ConfigError, RunStateError
 
 pytestmark = pytest.mark.e2e
 
@@ -88,3 +89,21 @@ def test_an_iterable_that_raises_is_the_callers_error(local_backend: dict[str, A
         run.results()
     assert run.progress().total == 2  # the run holds the items read before it
     assert run.progress().succeeded == 2
+
+
+@pytest.mark.parametrize("chunk_size", [None, 1], ids=["chunks", "a-shard-each"])
+def test_an_item_that_cannot_be_pickled_is_refused_in_one_line_naming_it(
+    local_backend: dict[str, Any], chunk_size: int | None
+) -> None:
+    """Not a bare ``TypeError: cannot pickle '_thread.lock' object``: which item, what it is,
+    what to map over instead; and no run was made."""
+    import threading
+
+    items = [1, 2, threading.Lock(), 4]
+    with pytest.raises(ConfigError) as refused:
+        cflow.map(str, items, chunk_size=chunk_size, **local_backend)
+    said = str(refused.value)
+    assert said.startswith("item 2 (a lock) cannot be shipped to the workers: TypeError:"), said
+    assert "map over picklable items" in said and "\n" not in said
+    runs = Path(local_backend["store"]) / "runs"
+    assert not runs.exists() or not any(runs.iterdir())
