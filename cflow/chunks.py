@@ -116,14 +116,19 @@ class Chunking:
         shard's index is the chunk's, its id the zero-padded index."""
         chunk: list[bytes] = []
         first, held, number, size = 0, 0, 0, 0
-        for index, data in pickled:
-            if not chunk:
-                first, size = index, self.size(index)  # once a chunk, not once an item
-            chunk.append(data)
-            held += len(data)
-            if len(chunk) >= size or held >= CHUNK_BYTES:
+        try:
+            for index, data in pickled:
+                if not chunk:
+                    first, size = index, self.size(index)  # once a chunk, not once an item
+                chunk.append(data)
+                held += len(data)
+                if len(chunk) >= size or held >= CHUNK_BYTES:
+                    yield self._shard(number, first, chunk, store, run_id)
+                    chunk, held, number = [], 0, number + 1
+        except Exception:
+            if chunk:  # the items read before what the iterable raised still run
                 yield self._shard(number, first, chunk, store, run_id)
-                chunk, held, number = [], 0, number + 1
+            raise
         if chunk:
             yield self._shard(number, first, chunk, store, run_id)
 

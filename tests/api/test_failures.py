@@ -90,6 +90,20 @@ def test_an_iterable_that_raises_is_the_callers_error(local_backend: dict[str, A
     assert run.progress().total == 2  # the run holds the items read before it
     assert run.progress().succeeded == 2
 
+    def fails_inside_a_chunk() -> Any:
+        import time
+
+        yield from range(10)
+        time.sleep(0.3)  # the first chunk goes out
+        yield from range(10, 15)
+        raise ValueError("gone after fifteen")
+
+    run = cflow.submit(str, fails_inside_a_chunk(), chunk_size=10, **local_backend)
+    with pytest.raises(ValueError, match="gone after fifteen"):
+        run.results()
+    # The five read into the next chunk before it raised run too.
+    assert (run.progress().total, run.progress().succeeded) == (15, 15)
+
 
 @pytest.mark.parametrize("chunk_size", [None, 1], ids=["chunks", "a-shard-each"])
 def test_an_item_that_cannot_be_pickled_is_refused_in_one_line_naming_it(
