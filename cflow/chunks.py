@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import json
 import math
 import pickle
@@ -27,7 +28,7 @@ from typing import Any
 
 from cflow.errors import ShardFailed, shard_failed
 from worker.errors import ConfigError, NotFound
-from worker.protocol import Layout, Shard, ShardFailure, ShardResult
+from worker.protocol import AttemptStatus, Layout, Shard, ShardFailure, ShardResult
 from worker.pyfunc import CHUNK_PARAM, ERROR_MARK, ITEMS_PARAM
 from worker.store import Store
 
@@ -253,15 +254,40 @@ def committed_items(store: Store, run_id: str, shard: Shard, result: ShardResult
 def failed_items(store: Store, run_id: str, shard: Shard) -> list[ShardFailed]:
     """A failed chunk's items, each a :class:`ShardFailed`: the item's own error where it
     raised what ended the chunk's attempt, else the chunk's reason (a timeout, a crash)."""
-    first, count = span(shard) or (shard.index, 1)
     failure = ShardFailure.from_json(store.get(Layout.failure(run_id, shard.id)))
-    log = read_log(store, run_id, shard.id, failure.attempt)
+    return attempt_failures(store, run_id, shard, failure.attempt, failure.reason)
+
+
+def attempt_failures(
+    store: Store, run_id: str, shard: Shard, attempt: int | None, why: str
+) -> list[ShardFailed]:
+    """The items of a shard whose attempt ``attempt`` failed for ``why``, each a
+    :class:`ShardFailed`: its own error where its part of the log has one, else ``why`` (with,
+    for a chunk, the note that its items ran as one)."""
+    log = read_log(store, run_id, shard.id, attempt)
+    found = span(shard)
+    if found is None:  # one item: the whole log is its own
+        text = log.decode("utf-8", "replace")
+        return [shard_failed(text, why, index=shard.index, run_id=run_id, shard_id=shard.id)]
+    first, count = found
     marks = _marks(log)
-    name, _, text = failure.reason.partition(": ")
+    name, _, text = why.partition(": ")
     if not text:
-        name, text = "ShardError", failure.reason
+        name, text = "ShardError", why
     reason = f"{name}: {text} (items {first} to {first + count - 1} ran as one chunk)"
     return [
         _failed(log, marks, first + j, reason, run_id=run_id, shard_id=shard.id)
         for j in range(count)
     ]
+
+
+def last_failed_attempt(store: Store, run_id: str, shard_id: str) -> AttemptStatus | None:
+    """The latest attempt of a shard that ended failed (None: none did)."""
+    prefix = f"{Layout.shard_prefix(run_id, shard_id)}attempts/"
+    found: list[AttemptStatus] = []
+    for key in store.list(prefix, suffix="/status.json"):
+        with contextlib.suppress(NotFound, ValueError):
+            status = AttemptStatus.from_json(store.get(key))
+            if status.state == "failed":
+                found.append(status)
+    return max(found, key=lambda s: s.attempt, default=None)

@@ -8,7 +8,15 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, overload
 
-from cflow.chunks import ValueFile, committed_items, failed_items, read_log, span
+from cflow.chunks import (
+    ValueFile,
+    attempt_failures,
+    committed_items,
+    failed_items,
+    last_failed_attempt,
+    read_log,
+    span,
+)
 from cflow.errors import ShardFailed, shard_failed
 from cflow.shipping import item_of
 from runner.engine import runs
@@ -18,6 +26,7 @@ from worker.pyfunc import VALUE_FILE
 from worker.store import Store
 
 LAZY_BYTES = 1024 * 1024  # values larger than this are read from the store when asked for
+NOT_RUN = "NotRun"  # the type_name of an item a halted run never ran
 
 
 @dataclass(frozen=True)
@@ -85,22 +94,46 @@ def run_values(
     run_id = manifest.run_id
     done = runs.committed(store, run_id)
     failed = runs.failed(store, run_id) - done
-    if manifest.state == RunState.CANCELLED.value and len(done) + len(failed) < (
-        manifest.shard_count
-    ):
+    stopped = manifest.state == RunState.CANCELLED.value
+    if not stopped or len(done) + len(failed) >= manifest.shard_count:
+        return collect(store, run_id, runs.iter_shards(store, run_id), done, return_exceptions)
+    if not manifest.halted:  # cancelled by someone: the values are not what was asked for
         raise RunStateError(
             f"run {run_id} was cancelled with {len(done)} of {manifest.shard_count} {unit()}"
-            f" done; `runner retry {run_id}` runs the rest",
+            f" done; `runner retry {run_id} --failed` runs the rest",
             run_id=run_id,
         )
-    return collect(store, run_id, runs.iter_shards(store, run_id), done, return_exceptions)
+    # Halted (--halt: its first attempts all failed alike): the failures are the news, and
+    # the items it never ran say why they have no value.
+    why = f"the run halted before it ran: {manifest.halted}"
+    shards = runs.iter_shards(store, run_id)
+    values = collect(store, run_id, shards, done, True, not_run=(done | failed, why))
+    if return_exceptions:
+        return values
+    first = next(v for v in values._values if isinstance(v, ShardFailed) and v.type_name != NOT_RUN)
+    skipped = sum(isinstance(v, ShardFailed) and v.type_name == NOT_RUN for v in values._values)
+    first.add_note(
+        f"run {run_id} halted ({manifest.halted}); {skipped} items were not run. Fix the"
+        " function and map again (with cache=True the items done are reused), or, where the"
+        f" cause was outside it, `runner retry {run_id} --failed` runs again what failed and"
+        " what was not run"
+    )
+    raise first
 
 
 def collect(
-    store: Store, run_id: str, shards: Iterable[Shard], done: set[str], return_exceptions: bool
+    store: Store,
+    run_id: str,
+    shards: Iterable[Shard],
+    done: set[str],
+    return_exceptions: bool,
+    *,
+    not_run: tuple[set[str], str] | None = None,
 ) -> Results:
     """Every shard's value (``done``: the committed ones) or failure, in input order; the
-    commit records read together (one query per 500 on this machine's store).
+    commit records read together (one query per 500 on this machine's store). ``not_run``:
+    the shards settled (committed or failed) and why the others never ran: each of their
+    items a :class:`ShardFailed` of type :data:`NOT_RUN` saying so.
 
     Raises:
         ShardFailed: the first failed shard's, unless ``return_exceptions``.
@@ -109,7 +142,9 @@ def collect(
     values: list[Any] = []
     for shard in shards:
         record = records.get(Layout.result(run_id, shard.id))
-        if span(shard) is not None:
+        if not_run is not None and shard.id not in not_run[0]:
+            got = _unsettled(store, run_id, shard, not_run[1])
+        elif span(shard) is not None:
             got = shard_values(store, run_id, shard, record)
         elif record is not None:
             got = [_value(store, run_id, shard.id, record)]
@@ -120,6 +155,20 @@ def collect(
             raise failed
         values.extend(got)
     return Results(values, return_exceptions)
+
+
+def _unsettled(store: Store, run_id: str, shard: Shard, why: str) -> list[ShardFailed]:
+    """The items of a shard a stopped run left unsettled: what its last failed attempt says
+    (a retry it never got), else a :data:`NOT_RUN` failure saying ``why``."""
+    last = last_failed_attempt(store, run_id, shard.id)
+    if last is not None:
+        return attempt_failures(store, run_id, shard, last.attempt, last.reason or "failed")
+    first, count = span(shard) or (shard.index, 1)
+    reason = f"{NOT_RUN}: {why}"
+    return [
+        shard_failed("", reason, index=first + j, run_id=run_id, shard_id=shard.id)
+        for j in range(count)
+    ]
 
 
 def shard_values(store: Store, run_id: str, shard: Shard, record: bytes | None) -> list[Any]:

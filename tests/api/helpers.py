@@ -58,3 +58,8 @@ def hangs(x: int) -> int:
     if x in (2, 6):
         time.sleep(600)
     return x
+
+
+def divides(x: int) -> float:
+    """Every item raises ZeroDivisionError."""
+    return x / 0

@@ -121,3 +121,27 @@ def test_an_item_that_cannot_be_pickled_is_refused_in_one_line_naming_it(
     assert "map over picklable items" in said and "\n" not in said
     runs = Path(local_backend["store"]) / "runs"
     assert not runs.exists() or not any(runs.iterdir())
+
+
+def test_a_halted_runs_items_say_what_failed_and_what_never_ran(
+    local_backend: dict[str, Any],
+) -> None:
+    """A function that fails every item halts its run (its first attempts all failed alike):
+    the items that ran say their own error, those it never ran say so and why, and without
+    ``return_exceptions`` the first failure is raised, noting the halt and what to do. Before,
+    ``RunStateError: run R was cancelled with 0 of 12 items done``, the error itself unsaid."""
+    values = cflow.map(helpers.divides, range(12), chunk_size=1, return_exceptions=True,
+                       **local_backend)  # fmt: skip
+    assert all(isinstance(v, cflow.ShardFailed) for v in values)
+    ran = [v for v in values if v.type_name != "NotRun"]
+    never = [v for v in values if v.type_name == "NotRun"]
+    assert ran and never, [v.type_name for v in values]
+    assert all(isinstance(v.exception, ZeroDivisionError) for v in ran)
+    assert all("the run halted before it ran" in v.message for v in never)
+    assert all("ZeroDivisionError" in v.message for v in never)  # the halt says why
+    with pytest.raises(cflow.ShardFailed) as raised:
+        cflow.map(helpers.divides, range(12), chunk_size=1, **local_backend)
+    assert isinstance(raised.value.exception, ZeroDivisionError)
+    (note,) = raised.value.__notes__
+    assert "halted" in note and "items were not run" in note and "map again" in note
+    assert f"runner retry {raised.value.run_id} --failed" in note
