@@ -42,6 +42,8 @@ def describe(p: Progress) -> str:
         f"{p.done}/{total} done{cached} · {p.failed} failed · {p.running} running"
         f" · {p.queued} queued"
     )
+    if p.halted:
+        return f"{line} · halted: {p.halted}"
     return line + (" · cancelled" if p.cancelled else "")
 
 

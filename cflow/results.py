@@ -41,8 +41,9 @@ class Progress:
     failed: int
     running: int
     publishing: bool = False
-    cancelled: bool = False
+    cancelled: bool = False  # stopped before it was done: cancelled, or halted (``halted``)
     cached: int = 0  # of the succeeded, reused from earlier runs (``cache=True``)
+    halted: str | None = None  # why its halt rule stopped it, where it did
 
     @property
     def done(self) -> int:

@@ -87,13 +87,13 @@ class Run:
         if live is not None:
             return Progress(
                 total, live.succeeded, live.failed, live.running, manifest.publishing, cancelled,
-                live.cached,
+                live.cached, manifest.halted,
             )  # fmt: skip
         done = runs.committed(store, self.id)
         failed = runs.failed(store, self.id) - done
         return Progress(
             total, len(done), len(failed), 0, manifest.publishing, cancelled,
-            cached_count(store, self.id),
+            cached_count(store, self.id), manifest.halted,
         )  # fmt: skip
 
     def _tally(self) -> ItemTally | None:

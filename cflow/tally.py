@@ -121,4 +121,5 @@ def progress(
         publishing=manifest.publishing,
         cancelled=manifest.state == RunState.CANCELLED.value,
         cached=tally.cached(),
+        halted=manifest.halted,
     )

@@ -130,8 +130,11 @@ def test_a_halted_runs_items_say_what_failed_and_what_never_ran(
     the items that ran say their own error, those it never ran say so and why, and without
     ``return_exceptions`` the first failure is raised, noting the halt and what to do. Before,
     ``RunStateError: run R was cancelled with 0 of 12 items done``, the error itself unsaid."""
-    values = cflow.map(helpers.divides, range(12), chunk_size=1, return_exceptions=True,
-                       **local_backend)  # fmt: skip
+    run = cflow.submit(helpers.divides, range(12), chunk_size=1, **local_backend)
+    values = run.results(return_exceptions=True)
+    progress = run.progress()
+    assert progress.cancelled and progress.halted is not None
+    assert "ZeroDivisionError" in progress.halted
     assert all(isinstance(v, cflow.ShardFailed) for v in values)
     ran = [v for v in values if v.type_name != "NotRun"]
     never = [v for v in values if v.type_name == "NotRun"]
