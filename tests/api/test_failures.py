@@ -123,14 +123,12 @@ def test_an_item_that_cannot_be_pickled_is_refused_in_one_line_naming_it(
     assert not runs.exists() or not any(runs.iterdir())
 
 
-def test_a_halted_runs_items_say_what_failed_and_what_never_ran(
-    local_backend: dict[str, Any],
-) -> None:
+def test_a_halted_runs_items_say_what_failed_and_what_never_ran(backend: dict[str, Any]) -> None:
     """A function that fails every item halts its run (its first attempts all failed alike):
     the items that ran say their own error, those it never ran say so and why, and without
     ``return_exceptions`` the first failure is raised, noting the halt and what to do. Before,
     ``RunStateError: run R was cancelled with 0 of 12 items done``, the error itself unsaid."""
-    run = cflow.submit(helpers.divides, range(12), chunk_size=1, **local_backend)
+    run = cflow.submit(helpers.divides, range(12), chunk_size=1, **backend)
     values = run.results(return_exceptions=True)
     progress = run.progress()
     assert progress.cancelled and progress.halted is not None
@@ -143,7 +141,7 @@ def test_a_halted_runs_items_say_what_failed_and_what_never_ran(
     assert all("the run halted before it ran" in v.message for v in never)
     assert all("ZeroDivisionError" in v.message for v in never)  # the halt says why
     with pytest.raises(cflow.ShardFailed) as raised:
-        cflow.map(helpers.divides, range(12), chunk_size=1, **local_backend)
+        cflow.map(helpers.divides, range(12), chunk_size=1, **backend)
     assert isinstance(raised.value.exception, ZeroDivisionError)
     (note,) = raised.value.__notes__
     assert "halted" in note and "items were not run" in note and "map again" in note

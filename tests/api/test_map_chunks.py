@@ -55,9 +55,7 @@ def test_an_item_that_crashes_its_process_fails_alone_in_its_chunk(
     assert failed[5].log_tail.strip().splitlines()[-1] == "item 5 starting"  # its own part
 
 
-def test_an_item_past_its_timeout_fails_alone_in_its_chunk(
-    local_backend: dict[str, Any],
-) -> None:
+def test_an_item_past_its_timeout_fails_alone_in_its_chunk(backend: dict[str, Any]) -> None:
     """``timeout`` is each item's: one that runs past it fails alone (``ItemTimedOut``) and its
     chunk's other items keep their values, where the chunk's attempt, timed as that many
     times its items, used to run on until all of it had passed (a chunk of 250 items with an
@@ -66,8 +64,7 @@ def test_an_item_past_its_timeout_fails_alone_in_its_chunk(
     killed at the timeout."""
     start = time.monotonic()
     values = cflow.map(
-        hangs, range(8), chunk_size=4, timeout=1, retries=1, return_exceptions=True,
-        **local_backend,
+        hangs, range(8), chunk_size=4, timeout=1, retries=1, return_exceptions=True, **backend
     )  # fmt: skip
     took = time.monotonic() - start
     failed = {i: v for i, v in enumerate(values) if isinstance(v, cflow.ShardFailed)}
