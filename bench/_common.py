@@ -142,3 +142,15 @@ def alternate(
             print(line(tag, rows[tag][-1]), flush=True)
     print()
     return rows
+
+
+def child_or_ready(args: argparse.Namespace, measure: Callable[[argparse.Namespace], Any]) -> bool:
+    """A benchmark that runs itself in another checkout (:func:`in_tree`), as it starts:
+    ``args.work`` made; with ``--json`` (the run in the other tree), what ``measure`` gives
+    printed as one line and True; else the project compiled (:func:`compile_project`)."""
+    args.work.mkdir(parents=True, exist_ok=True)
+    if args.json:
+        print(json.dumps(measure(args)))
+        return True
+    compile_project()
+    return False

@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import REPO, alternate, checkout, compile_project, in_tree, parse_args
+from _common import REPO, alternate, checkout, child_or_ready, in_tree, parse_args
 
 PR_SET_CHILD_SUBREAPER = 36
 
@@ -162,11 +162,8 @@ def _child(tree: Path, args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> None:
     args = _args(argv)
-    args.work.mkdir(parents=True, exist_ok=True)
-    if args.json:
-        print(json.dumps(measure(args)))
+    if child_or_ready(args, measure):
         return
-    compile_project()
     if args.other is None:
         held = f", the caller holding {args.hold:g} GB" if args.hold else ""
         held += f", the function {args.captures:g} MB" if args.captures else ""

@@ -23,7 +23,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import REPO, alternate, cannot_run, checkout, compile_project, in_tree, parse_args
+from _common import (
+    REPO,
+    alternate,
+    cannot_run,
+    checkout,
+    child_or_ready,
+    in_tree,
+    parse_args,
+)
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
@@ -92,11 +100,8 @@ def _line(tag: str, took: list[float]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = _args(argv)
-    args.work.mkdir(parents=True, exist_ok=True)
-    if args.json:
-        print(json.dumps(measure(args)))
+    if child_or_ready(args, measure):
         return
-    compile_project()
     print(
         f"{args.maps} maps of {args.calls} calls of a function using numpy, {args.workers}"
         f" workers, {args.pause:g} s between maps, from a caller with another thread\n"
