@@ -41,15 +41,21 @@ def _log_size(appends: bool) -> int:
     the log starts. Called before every item of a chunk, so it is kept to a plain loop.
     ``appends``: fd 2 is a file opened to append (:func:`_appends`), whose size a seek to its
     end gives without a stat (its offset moves there at each write anyway)."""
+    _flush_streams()
+    try:
+        return os.lseek(2, 0, os.SEEK_END) if appends else os.fstat(2).st_size
+    except OSError:
+        return 0
+
+
+def _flush_streams() -> None:
+    """What the function printed and Python still buffers, written out (before an item's log
+    size is read, before a fork: nothing is written twice)."""
     for stream in (sys.stdout, sys.stderr):
         try:  # noqa: SIM105 - contextlib.suppress costs a microsecond an item here
             stream.flush()
         except Exception:  # closed or replaced by the function: its own business
             pass
-    try:
-        return os.lseek(2, 0, os.SEEK_END) if appends else os.fstat(2).st_size
-    except OSError:
-        return 0
 
 
 def _appends() -> bool:
@@ -73,8 +79,10 @@ def call_chunk(shard: TaskShard, fn: Any) -> dict[str, Any]:
     # From the chunk's second attempt (its first died whole: a crash, a timeout, a
     # preemption) each item runs in a process of its own, so one that crashes it fails alone.
     isolated = shard.attempt > 1 and hasattr(os, "fork")
-    chunk = _Chunk(shard, max(int(spec.get("tries", 1)), 1), limit, _Overflow(shard.output_dir))
-    chunk.watch = _Watch(None if isolated else limit)  # an isolated item's process is killed
+    tries = max(int(spec.get("tries", 1)), 1)
+    # An isolated item's process is killed at its timeout instead of being interrupted.
+    watch = _Watch(None if isolated else limit)
+    chunk = _Chunk(shard, tries, limit, _Overflow(shard.output_dir), watch)
     run = _run_isolated if isolated else _run_item
     first = int(spec["first"])
     try:
@@ -135,8 +143,8 @@ class _Chunk:
     tries: int
     limit: float | None
     overflow: _Overflow
+    watch: _Watch
     appends: bool = field(default_factory=_appends)
-    watch: _Watch = field(default_factory=lambda: _Watch(None))
     kept: list[dict[str, Any]] = field(default_factory=list)
     budget: int = CHUNK_INLINE_BUDGET
 
@@ -201,11 +209,7 @@ def _in_child(fn: Any, item: Any, limit: float | None) -> tuple[str, Any]:
     """``fn(item)`` in a child process forked now: ``("value", its pickle)``, ``("raised",
     the error record)``, or ``("crashed", a record saying how the child ended)``; a child
     still running after ``limit`` seconds is killed."""
-    for stream in (sys.stdout, sys.stderr):
-        try:  # noqa: SIM105 - as in _log_size
-            stream.flush()  # nothing buffered is written twice
-        except Exception:
-            pass
+    _flush_streams()
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the item's own process
@@ -217,8 +221,7 @@ def _in_child(fn: Any, item: Any, limit: float | None) -> tuple[str, Any]:
                 data = b"E" + json.dumps(describe_error(exc)).encode()
             with os.fdopen(write, "wb") as out:
                 out.write(data)
-            for stream in (sys.stdout, sys.stderr):
-                stream.flush()
+            _flush_streams()
         finally:
             os._exit(0)
     os.close(write)
