@@ -111,8 +111,16 @@ def run_values(
     values = collect(store, run_id, shards, done, True, not_run=(done | failed, why))
     if return_exceptions:
         return values
-    first = next(v for v in values._values if isinstance(v, ShardFailed) and v.type_name != NOT_RUN)
-    skipped = sum(isinstance(v, ShardFailed) and v.type_name == NOT_RUN for v in values._values)
+    failures = [v for v in values._values if isinstance(v, ShardFailed)]
+    first = next((v for v in failures if v.type_name != NOT_RUN), None)
+    skipped = len(failures) - sum(v.type_name != NOT_RUN for v in failures)
+    if first is None:  # no failed attempt left its record: the halt itself is what is known
+        raise RunStateError(
+            f"run {run_id} halted ({manifest.halted}) with {len(done)} of"
+            f" {manifest.shard_count} {unit()} done; `runner retry {run_id} --failed` runs the"
+            " rest",
+            run_id=run_id,
+        )
     first.add_note(
         f"run {run_id} halted ({manifest.halted}); {skipped} items were not run. Fix the"
         " function and map again (with cache=True the items done are reused), or, where the"
