@@ -13,6 +13,7 @@ from typing import Any
 
 from cflow.chunks import Chunking
 from cflow.driver import Driver
+from cflow.pickling import ItemPickler, own_modules
 from cflow.progress import ProgressChoice
 from cflow.progress import check as check_progress
 from cflow.results import Results
@@ -172,8 +173,11 @@ def submit(
         tries=retries + 1,
         timeout=timeout,
     )
-    folder, needs = make_task(fn)
-    feed = ItemFeed(items, chunking)
+    # With the cache, the function and the items in the same bytes from any process: the
+    # shards' keys are made of them (cflow.pickling).
+    own, canonical = own_modules(), bool(options.get("cache"))
+    folder, needs = make_task(fn, own, canonical=canonical)
+    feed = ItemFeed(items, chunking, ItemPickler(own, canonical=canonical))
     request = SubmitRequest(
         task_dir(folder),
         feed=feed,

@@ -22,14 +22,14 @@ import contextlib
 import json
 import math
 import pickle
-from collections.abc import Iterable, Iterator, Sized
+from collections.abc import Callable, Iterable, Iterator, Sized
 from dataclasses import dataclass
 from typing import Any
 
 from cflow.errors import ShardFailed, shard_failed
 from worker.errors import ConfigError, NotFound
 from worker.protocol import AttemptStatus, Layout, Shard, ShardFailure, ShardResult
-from worker.pyfunc import CHUNK_PARAM, ERROR_MARK, ITEMS_PARAM
+from worker.pyfunc import CHUNK_PARAM, CLASSES_PARAM, ERROR_MARK, ITEMS_PARAM
 from worker.store import Store
 
 CHUNKS_PER_SLOT = 4  # chunks each worker slot gets, when the size is chosen
@@ -111,10 +111,16 @@ class Chunking:
         return max(1, min(MAX_CHUNK, math.ceil(count / (self.slots * CHUNKS_PER_SLOT))))
 
     def shards(
-        self, pickled: Iterator[tuple[int, bytes]], store: Store, run_id: str
+        self,
+        pickled: Iterator[tuple[int, bytes]],
+        store: Store,
+        run_id: str,
+        classes: Callable[[], str | None] = lambda: None,
     ) -> Iterator[Shard]:
         """Chunk shards of the items' pickles (``(index, pickle)`` in input order); the
-        shard's index is the chunk's, its id the zero-padded index."""
+        shard's index is the chunk's, its id the zero-padded index. ``classes``: what the
+        items pickled since it was last called name by value (``cflow.pickling``), asked as
+        each chunk closes."""
         chunk: list[bytes] = []
         first, held, number, size = 0, 0, 0, 0
         try:
@@ -124,17 +130,23 @@ class Chunking:
                 chunk.append(data)
                 held += len(data)
                 if len(chunk) >= size or held >= CHUNK_BYTES:
-                    yield self._shard(number, first, chunk, store, run_id)
+                    yield self._shard(number, first, chunk, store, run_id, classes())
                     chunk, held, number = [], 0, number + 1
         except Exception:
             if chunk:  # the items read before what the iterable raised still run
-                yield self._shard(number, first, chunk, store, run_id)
+                yield self._shard(number, first, chunk, store, run_id, classes())
             raise
         if chunk:
-            yield self._shard(number, first, chunk, store, run_id)
+            yield self._shard(number, first, chunk, store, run_id, classes())
 
     def _shard(
-        self, number: int, first: int, chunk: list[bytes], store: Store, run_id: str
+        self,
+        number: int,
+        first: int,
+        chunk: list[bytes],
+        store: Store,
+        run_id: str,
+        classes: str | None,
     ) -> Shard:
         sid = f"{number:07d}"
         data = pickle.dumps(chunk, protocol=pickle.HIGHEST_PROTOCOL)
@@ -142,6 +154,8 @@ class Chunking:
         if self.timeout is not None:
             spec["timeout"] = self.timeout
         params: dict[str, Any] = {CHUNK_PARAM: spec}
+        if classes is not None:
+            params[CLASSES_PARAM] = classes
         if len(data) <= CHUNK_INLINE_LIMIT:
             params[ITEMS_PARAM] = base64.b64encode(data).decode("ascii")
             return Shard(id=sid, index=number, params=params)

@@ -60,14 +60,16 @@ KEY_BATCH = 1000  # shards fingerprinted at once (one listing per folder of gs:/
 # the server JPY_SESSION_NAME, JupyterHub JPY_API_TOKEN, a kernel gateway KERNEL_ID); the
 # connection itself comes in a file named on the kernel's command line, not the environment.
 # PYTHONUNBUFFERED (set by IDEs and containers) changes when a process's stdout is flushed,
-# never what it holds. MPLBACKEND, which ipykernel also sets, stays in: it picks how
+# never what it holds. PYTHONHASHSEED orders a set's strings: a result that depends on it
+# differs between two runs without it too (each process draws its own seed), so the key does
+# not hold it either way. MPLBACKEND, which ipykernel also sets, stays in: it picks how
 # matplotlib draws.
 IGNORED_ENV = frozenset(
     {"_", "PWD", "OLDPWD", "SHLVL", "TERM", "COLORTERM", "COLUMNS", "LINES", "DISPLAY"}
     | {"WINDOWID", "STY", "WINDOW", "LS_COLORS", "MAIL", "GPG_TTY", "PROMPT_COMMAND"}
     | {"PS1", "PS2", "PS3", "PS4", "HISTFILE", "HISTSIZE", "HISTFILESIZE", "HISTCONTROL"}
     | {"LESS", "LESSOPEN", "LESSCLOSE", "SECURITYSESSIONID", "TMUX", "TMUX_PANE"}
-    | {"PYTHONUNBUFFERED", "KERNEL_ID"}
+    | {"PYTHONUNBUFFERED", "PYTHONHASHSEED", "KERNEL_ID"}
 )
 IGNORED_ENV_PREFIXES = (
     "CFLOW_", "SSH_", "XDG_", "TERM_", "VSCODE_", "DBUS_", "PYTEST_", "WAYLAND_", "KONSOLE_",

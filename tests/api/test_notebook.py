@@ -135,3 +135,46 @@ def test_a_report_is_written_where_asked_outside_a_notebook(
     assert "<img" in page.read_text() and (tmp_path / "out" / "run.png").stat().st_size > 0
     with pytest.raises(ConfigError, match=r"name a \.html"):
         run.report(tmp_path / "run.txt")
+
+
+NOTEBOOK_CLASSES = """\
+import dataclasses
+import cflow
+
+STOP = {"the", "a", "of"}
+
+@dataclasses.dataclass(frozen=True)
+class Doc:
+    words: tuple
+
+@dataclasses.dataclass
+class Counted:
+    n: int
+
+def count(doc):
+    return Counted(sum(w not in STOP for w in doc.words))
+
+run = cflow.submit(count, [Doc(("the", "cat")), Doc(("a", "tale", "of", "two"))], cache=True,
+                   progress=False)
+values = run.results()
+print([v.n for v in values], all(type(v) is Counted for v in values), run.progress().cached)
+"""
+
+
+@pytest.mark.e2e
+def test_a_notebooks_classes_map_and_are_reused_after_its_kernel_restarts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A kernel's workers are never its forks: its classes reach them by value. A restarted
+    # kernel pickles the same cell's function and items in the same bytes: the cache reuses.
+    for name in ("CFLOW_DEPLOYMENT", "CFLOW_BACKEND", "CFLOW_STORE"):
+        monkeypatch.delenv(name, raising=False)
+    printed = []
+    for _ in range(2):  # a kernel each time, as after a restart
+        nb = nbformat.v4.new_notebook()
+        nb.cells = [nbformat.v4.new_code_cell(NOTEBOOK_CLASSES)]
+        NotebookClient(
+            nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+        ).execute()
+        printed.append("".join(o.text for o in _outputs(nb.cells[0], "stream")).strip())
+    assert printed == ["[1, 2] True 0", "[1, 2] True 2"]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from cflow.shipping import modules_named, pickle_function
+from cflow.pickling import modules_named, pickle_function
 
 pytestmark = pytest.mark.e2e
 

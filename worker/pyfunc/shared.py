@@ -8,9 +8,11 @@ Never imports the runner or cflow: it runs on every worker.
 from __future__ import annotations
 
 import base64
+import io
 import os
 import pickle
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -26,6 +28,9 @@ DYNAMIC_CODE = "<dynamic-code>"  # the file name cloudpickle gives the code it s
 ERROR_PICKLE_LIMIT = 256 * 1024  # bytes of a pickled exception put in the log; larger: none
 CHUNK_PARAM = "chunk"  # params key of a chunk shard: {"first", "count", "tries"}
 ITEMS_PARAM = "items"  # params key of a small chunk's items: a pickled list of their pickles
+# params key of the caller's own classes and functions its items name (base64 of a pickle by
+# value of {"module\0qualname": object}): what a worker that is not the caller's fork lacks
+CLASSES_PARAM = "classes"
 CHUNK_INLINE_BUDGET = 48 * 1024  # bytes of base64 a chunk's values take in its result.json
 OVERFLOW_FILE = "values.pkl"  # a chunk's values its result.json has no room for, in one file
 
@@ -45,11 +50,36 @@ def load_function(path: Path) -> Any:
 
 def load_item(shard: TaskShard) -> Any:
     """The shard's item: from its params (small) or its input file (large)."""
+    loads = _loader(shard)
     if ITEM_PARAM in shard.params:
-        return pickle.loads(base64.b64decode(shard.params[ITEM_PARAM]))
+        return loads(base64.b64decode(shard.params[ITEM_PARAM]))
     if shard.input is None:
         raise ValueError(f"shard {shard.id} carries no item (no params item, no input)")
-    return pickle.loads(Path(shard.input).read_bytes())
+    return loads(Path(shard.input).read_bytes())
+
+
+class _Unpickler(pickle.Unpickler):
+    """Finds the caller's own classes and functions an item names among those that came with
+    it, by value (:data:`CLASSES_PARAM`)."""
+
+    def __init__(self, data: bytes, classes: dict[str, Any]):
+        super().__init__(io.BytesIO(data))
+        self._classes = classes
+
+    def find_class(self, module: str, name: str) -> Any:
+        found = self._classes.get(f"{module}\0{name}")
+        return found if found is not None else super().find_class(module, name)
+
+
+def _loader(shard: TaskShard) -> Callable[[bytes], Any]:
+    """How the shard's items are unpickled: with the classes that came with them, if any."""
+    shipped = shard.params.get(CLASSES_PARAM)
+    if shipped is None:
+        return pickle.loads
+    import cloudpickle
+
+    classes = cloudpickle.loads(base64.b64decode(shipped))
+    return lambda data: _Unpickler(data, classes).load()
 
 
 def keep_value(shard: TaskShard, value: Any) -> dict[str, Any]:
@@ -122,7 +152,8 @@ def load_items(shard: TaskShard) -> list[Any]:
     pickles = pickle.loads(data)  # each item's own pickle: one item is read without the rest
     if not isinstance(pickles, list):
         raise ValueError(f"chunk {shard.id} carries a {type(pickles).__name__}, not a list")
-    return [pickle.loads(one) for one in pickles]
+    loads = _loader(shard)
+    return [loads(one) for one in pickles]
 
 
 def pickled(value: Any) -> bytes:

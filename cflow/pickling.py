@@ -1,0 +1,269 @@
+"""How the function and its items are pickled for the workers.
+
+The function goes by value with cloudpickle, and so do the caller's own modules that the workers
+cannot import: those under the working folder or the folder of ``__main__``'s script that are
+not installed (not under this interpreter's prefix).
+
+An item goes with the standard pickler (the fastest), classes by reference. A worker that is not
+a fork of this process (a notebook's, Google Cloud's) has no class of ``__main__`` or of those
+modules to find by its name: those an item names go by value beside it, once a chunk
+(:meth:`ItemPickler.take`), and are the same classes to the worker as the function's.
+
+With ``cache=True``, the function and the items are pickled in the same bytes from any process
+(:mod:`cflow.canonical`): the cross-run cache keys shards on them.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import io
+import itertools
+import os
+import pickle
+import pickletools
+import sys
+import threading
+import types
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import ModuleType
+from typing import Any
+
+import cloudpickle
+
+from cflow.canonical import PROTOCOL, Canonical, canonical_dumps, may_hold_a_set
+from worker.errors import ConfigError
+
+NAMED_OPS = 10_000  # opcodes of a function's pickle read for the modules it names (~3 ms)
+INSTALLED = ("cflow", "runner", "worker", "infra")  # on every worker: never shipped by value
+
+
+def _roots() -> list[str]:
+    roots = [os.path.realpath(os.getcwd())]
+    main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+    if main_file:
+        roots.append(os.path.dirname(os.path.realpath(main_file)))
+    return roots
+
+
+# A module's file -> its real path, and whether that is under this interpreter's prefix (an
+# installed module, never shipped): a module's file does not move while a process runs, and a
+# notebook maps many times over a thousand modules or more (a realpath per module of
+# sys.modules on every map took 0.2 s; the prefix test alone a millisecond).
+_real: dict[str, str] = {}
+_installed: dict[str, bool] = {}
+
+
+def _under(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+@functools.cache
+def _prefixes() -> tuple[str, ...]:
+    return tuple({os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)})
+
+
+def is_installed(file: str) -> bool:
+    """Whether a module's ``file`` is under this interpreter's prefix (kept per file)."""
+    installed = _installed.get(file)
+    if installed is None:
+        path = _real[file] = os.path.realpath(file)
+        installed = _installed[file] = any(_under(path, p) for p in _prefixes())
+    return installed
+
+
+def _not_installed(module: ModuleType, roots: list[str]) -> bool:
+    """A module of the caller's own: under ``roots`` and not under this interpreter's prefix."""
+    name = module.__name__
+    if name == "__main__" or name.partition(".")[0] in INSTALLED:
+        return False
+    file = getattr(module, "__file__", None)
+    if not file:
+        return False
+    if is_installed(file):
+        return False
+    return any(_under(_real[file], r) for r in roots)
+
+
+def own_modules() -> tuple[str, ...]:
+    """The top-level names of the caller's own modules that are loaded: shipped by value."""
+    roots = _roots()
+    return tuple(
+        sorted(
+            {
+                name.partition(".")[0]
+                for name, module in list(sys.modules.items())
+                # An installed module known as such is passed over without a call.
+                if not _installed.get(getattr(module, "__file__", None) or "", False)
+                and module is not None
+                and _not_installed(module, roots)
+            }
+        )
+    )
+
+
+_register_lock = threading.Lock()  # cloudpickle's registry is global: one pickling at a time
+
+
+@contextmanager
+def _by_value(own: tuple[str, ...]) -> Iterator[None]:
+    """cloudpickle ships the modules ``own`` names by value for as long as this lasts."""
+    with _register_lock:
+        registered = []
+        try:
+            for name in own:
+                if name in sys.modules:
+                    cloudpickle.register_pickle_by_value(sys.modules[name])
+                    registered.append(name)
+            yield
+        finally:
+            for name in registered:
+                cloudpickle.unregister_pickle_by_value(sys.modules[name])
+
+
+def pickle_function(
+    fn: Any, own: tuple[str, ...] | None = None, *, canonical: bool = False
+) -> bytes:
+    """``fn`` pickled by value with the caller's modules that are not installed (``own``
+    [default: :func:`own_modules`]); with ``canonical``, the same bytes from any process
+    (:class:`Canonical`).
+
+    Raises:
+        ConfigError: ``fn`` is not callable or cannot be pickled (says what holds it back).
+    """
+    if not callable(fn):
+        raise ConfigError(f"the function to map is a {type(fn).__name__}, not a callable")
+    with _by_value(own_modules() if own is None else own):
+        try:
+            return canonical_dumps(fn) if canonical else cloudpickle.dumps(fn, protocol=PROTOCOL)
+        except Exception as exc:
+            raise ConfigError(
+                f"{getattr(fn, '__qualname__', fn)!s} cannot be shipped to the workers: "
+                f"{type(exc).__name__}: {exc}; keep what it uses picklable (no open files,"
+                " locks or connections), or make those inside the function"
+            ) from None
+
+
+class ItemPickler:
+    """Each item's pickle (see the module's doc).
+
+    An item the standard pickler takes is pickled by it, classes and functions by reference;
+    those of ``__main__`` and of the caller's own modules (``own``) that it names are kept
+    aside, and :meth:`take` ships them by value, once for the items pickled since it was last
+    called (a chunk's), for the worker to find them by (``worker.pyfunc.shared.load_items``).
+    An item it does not take (a lambda, a class made in a function) goes by value whole. With
+    ``canonical``, every pickle is the same bytes from any process (sets in a fixed order).
+    One reading thread at a time.
+    """
+
+    def __init__(self, own: tuple[str, ...] = (), *, canonical: bool = False):
+        self._own = own
+        self._modules = frozenset(("__main__", *own))
+        # What a pickle naming such a class holds: its module's name as the pickle spells it
+        # (a string may hold one too: the item is then pickled again, to the same bytes).
+        self._names = tuple(n.encode() for n in self._modules)
+        self._canonical = canonical
+        self._named: dict[str, Any] = {}  # "module\0qualname" -> the class or function
+        self._out = io.BytesIO()
+        self._naming = _Naming(self._out, self._modules, self._named)
+
+    def dumps(self, index: int, item: Any) -> bytes:
+        """Item ``index``'s pickle.
+
+        Raises:
+            ConfigError: it does not pickle (says which item, what it is and what to map over).
+        """
+        try:
+            data = pickle.dumps(item, protocol=PROTOCOL)
+        except (pickle.PicklingError, TypeError, AttributeError):
+            return self._whole(index, item)
+        names = any(name in data for name in self._names)
+        if self._canonical and (names or may_hold_a_set(data)):
+            out = io.BytesIO()
+            _CanonicalNaming(out, self._modules, self._named).dump(item)
+            return out.getvalue()
+        if names:  # one pickler for every such item, its memo cleared (a third faster)
+            self._out.seek(0)
+            self._out.truncate()
+            self._naming.clear_memo()
+            self._naming.dump(item)
+            return self._out.getvalue()
+        return data
+
+    def take(self) -> str | None:
+        """The classes and functions of the caller's own that the items pickled since the
+        last call name, pickled by value (base64); None: they name none."""
+        if not self._named:
+            return None
+        named = dict(sorted(self._named.items()))
+        self._named.clear()  # the dict the picklers fill
+        with _by_value(self._own):
+            data = canonical_dumps(named) if self._canonical else cloudpickle.dumps(named)
+        return base64.b64encode(data).decode("ascii")
+
+    def _whole(self, index: int, item: Any) -> bytes:
+        try:
+            with _by_value(self._own):
+                return canonical_dumps(item) if self._canonical else cloudpickle.dumps(item)
+        except Exception as exc:
+            raise ConfigError(
+                f"item {index} (a {type(item).__name__}) cannot be shipped to the workers:"
+                f" {type(exc).__name__}: {exc}; map over picklable items (no open files, locks"
+                " or connections), or over what makes them (a path, say) and make them in the"
+                " function"
+            ) from None
+
+
+def _name(obj: Any, modules: frozenset[str], named: dict[str, Any]) -> None:
+    """Keep ``obj`` aside in ``named`` if it is a class or function of ``modules``."""
+    if isinstance(obj, (type, types.FunctionType)):
+        module = getattr(obj, "__module__", None) or ""
+        if module.partition(".")[0] in modules or module in modules:
+            named[f"{module}\0{obj.__qualname__}"] = obj
+
+
+class _Naming(pickle.Pickler):
+    """The standard pickler, keeping aside the classes and functions of ``modules`` it names."""
+
+    def __init__(self, file: io.BytesIO, modules: frozenset[str], named: dict[str, Any]):
+        super().__init__(file, protocol=PROTOCOL)
+        self._modules, self._named = modules, named
+
+    def reducer_override(self, obj: Any) -> Any:
+        _name(obj, self._modules, self._named)
+        return NotImplemented
+
+
+class _CanonicalNaming(Canonical):
+    """:class:`_Naming` in the same bytes from any process."""
+
+    def __init__(self, file: io.BytesIO, modules: frozenset[str], named: dict[str, Any]):
+        super().__init__(file)
+        self._modules, self._named = modules, named
+
+    def reducer_override(self, obj: Any) -> Any:
+        _name(obj, self._modules, self._named)
+        return NotImplemented  # by reference, as the standard pickler took it
+
+
+def modules_named(data: bytes) -> tuple[str, ...]:
+    """The installed modules (not this project's) that ``data``, a pickled function, names in
+    its first :data:`NAMED_OPS` opcodes: those a task host unpickling it imports (``numpy``
+    for a function using ``np``, a model's class's module for a model it holds), so that a
+    host forked ahead can import them before its task comes."""
+    found: set[str] = set()
+    try:
+        for _, arg, _ in itertools.islice(pickletools.genops(data), NAMED_OPS):
+            if not isinstance(arg, str):
+                continue
+            name = arg.partition(" ")[0]  # GLOBAL's argument is "module name"
+            module = sys.modules.get(name)
+            if module is None or name == "__main__" or name.partition(".")[0] in INSTALLED:
+                continue
+            file = getattr(module, "__file__", None)
+            if file and is_installed(file):
+                found.add(name)
+    except ValueError:  # not a pickle this Python reads: nothing to name
+        return ()
+    return tuple(sorted(found))

@@ -1,0 +1,140 @@
+"""What a map pickles: the same bytes from every process where the cache keys shards on them,
+and items of the caller's own classes by value, so that a worker that is not a fork of the
+caller (a notebook's, Google Cloud's) can read them (``cflow.pickling``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import cloudpickle
+import pytest
+
+import cflow
+from cflow.pickling import ItemPickler, canonical_dumps, pickle_function
+
+REPO = Path(__file__).parents[2]
+SCRIPT = Path(__file__).with_name("pickling_script.py")
+
+
+def _script(*args: str, seed: str, env: dict[str, str] | None = None) -> Any:
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), *args],
+        cwd=SCRIPT.parent,
+        env={**os.environ, "PYTHONPATH": str(REPO), "PYTHONHASHSEED": seed, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def test_a_cached_maps_pickles_are_the_same_bytes_whatever_the_process() -> None:
+    # A class of __main__ (cloudpickle tags it with a random id), sets of strings (in the
+    # order of the process's string hashes), an enum, a closure, a frozenset in an item.
+    first, second = (_script("digests", seed=seed) for seed in ("1", "2"))
+    assert first == second
+    assert len(set(first.values())) == len(first)
+
+
+def test_a_canonical_pickle_reads_back_as_cloudpickle_s_would() -> None:
+    @dataclasses.dataclass
+    class Local:  # not importable: shipped by value
+        words: set[str]
+
+    marks = {"x", "y", "z", ("t", 1)}
+
+    def fn(item: Local) -> Local:
+        return Local(item.words | {w for w in marks if isinstance(w, str)})
+
+    shipped = cloudpickle.loads(pickle_function(fn, canonical=True))
+    out = shipped(Local({"a"}))
+    assert out.words == {"a", "x", "y", "z"}
+    # A value of a class shipped by value comes back as the caller's own class (cloudpickle
+    # finds it under the tag the canonical pickle gave it).
+    back = pickle.loads(canonical_dumps(out))
+    assert type(back) is Local and back == out
+    nested = frozenset({frozenset({1, "a"}), frozenset({2.5, b"b"})})
+    assert pickle.loads(canonical_dumps(nested)) == nested
+    loop: list[Any] = []
+    loop.append(loop)
+    again = pickle.loads(canonical_dumps(loop))
+    assert again[0] is again
+
+
+def test_an_item_goes_by_value_only_where_a_worker_could_not_read_it() -> None:
+    plain = ItemPickler(("mylib",))
+    assert plain.dumps(0, {"n": 1, "s": {"a"}}) == pickle.dumps(
+        {"n": 1, "s": {"a"}}, protocol=pickle.HIGHEST_PROTOCOL
+    )
+    cached = ItemPickler((), canonical=True)
+    assert cached.dumps(1, [1, 2, 3]) == pickle.dumps([1, 2, 3], protocol=pickle.HIGHEST_PROTOCOL)
+    with pytest.raises(Exception, match=r"item 2 \(a generator\) cannot be shipped"):
+        plain.dumps(2, (x for x in ()))
+
+
+VALUES = [[2, ["cat", "sat"]], [2, ["cat", "dog"]], [3, ["be", "not", "or"]]]
+# Workers started as new interpreters, as a notebook's are: none has the script's classes unless
+# they come by value.
+SPAWNED = {"CFLOW_FORK_WORKERS": "0"}
+
+
+@pytest.mark.e2e
+def test_items_of_a_main_class_reach_workers_that_are_not_its_forks(tmp_path: Path) -> None:
+    done = _script("map", str(tmp_path / ".cflow"), seed="1", env=SPAWNED)
+    assert done == {"values": VALUES, "own class": True, "cached": 0}
+
+
+@pytest.mark.e2e
+def test_a_rerun_in_another_process_reuses_a_map_over_a_main_class(tmp_path: Path) -> None:
+    store = str(tmp_path / ".cflow")
+    first = _script("map", store, "--cache", seed="1", env=SPAWNED)
+    assert first == {"values": VALUES, "own class": True, "cached": 0}
+    second = _script("map", store, "--cache", seed="2", env=SPAWNED)
+    assert second == {**first, "cached": 3}
+
+
+MODULE = """\
+import dataclasses
+
+@dataclasses.dataclass(frozen=True)
+class Point:
+    x: int
+    y: int
+
+def norm1(p):
+    return abs(p.x) + abs(p.y)
+"""
+
+
+def test_items_of_a_module_the_workers_cannot_import_reach_them(
+    backend: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A module of the caller's own (under its working folder, not installed) that no worker
+    # has on its path: Google Cloud's workers, and local ones started as new interpreters.
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib" / "geometry_own.py").write_text(MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path / "lib"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CFLOW_FORK_WORKERS", "0")
+    import geometry_own  # type: ignore[import-not-found]
+
+    try:
+        Point = geometry_own.Point
+
+        def moved(p: Any) -> Any:
+            assert isinstance(p, Point)  # the function's class and the item's are one class
+            return Point(p.x + 1, geometry_own.norm1(p))
+
+        values = cflow.map(moved, [Point(1, -2), Point(3, 4)], **backend)
+        assert list(values) == [Point(2, 3), Point(4, 7)]
+        assert all(type(v) is Point for v in values)  # the caller's own class, come back
+    finally:
+        del sys.modules["geometry_own"]  # imported afresh by the next test
