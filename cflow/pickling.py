@@ -22,6 +22,7 @@ import itertools
 import os
 import pickle
 import pickletools
+import re
 import sys
 import threading
 import types
@@ -162,7 +163,8 @@ class ItemPickler:
         self._modules = frozenset(("__main__", *own))
         # What a pickle naming such a class holds: its module's name as the pickle spells it
         # (a string may hold one too: the item is then pickled again, to the same bytes).
-        self._names = tuple(n.encode() for n in self._modules)
+        names = sorted(re.escape(n.encode()) for n in self._modules)
+        self._names_any = re.compile(b"|".join(names)).search
         self._canonical = canonical
         self._named: dict[str, Any] = {}  # "module\0qualname" -> the class or function
         self._out = io.BytesIO()
@@ -178,7 +180,9 @@ class ItemPickler:
             data = pickle.dumps(item, protocol=PROTOCOL)
         except (pickle.PicklingError, TypeError, AttributeError):
             return self._whole(index, item)
-        names = any(name in data for name in self._names)
+        names = self._names_any(data) is not None
+        if not names and not self._canonical:
+            return data  # most items: nothing of the caller's own named
         if self._canonical and (names or may_hold_a_set(data)):
             out = io.BytesIO()
             _CanonicalNaming(out, self._modules, self._named).dump(item)
