@@ -26,6 +26,7 @@ from runner.backends.local.launcher import used_by_this_thread
 from runner.config import Config, load_outputs
 from runner.finish import Outcome, quiet
 from runner.preflight import early_workers
+from runner.request import check_seconds, check_whole
 from runner.submit import SubmitRequest
 from runner.submit import submit as engine_submit
 from worker import defaults
@@ -164,6 +165,9 @@ def submit(
     """
     check_progress(progress)
     check_options(options)
+    check_whole("workers", workers, 1, None, "the most workers at once")
+    check_whole("retries", retries, 0, 99, "failed attempts an item may have")
+    check_seconds("timeout", timeout, "how long one item may run")
     config = _config(deployment, store)
     check_python(config, image)
     chunking = Chunking.pick(

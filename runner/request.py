@@ -6,6 +6,7 @@ it out.
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -25,6 +26,49 @@ if TYPE_CHECKING:
     from runner.engine.stream import ShardFeed
 
 
+# The bounds the command line puts on its options, for every caller (cflow passes them through):
+# field -> (least, most, what it counts); None where it may be left out.
+_WHOLE = {
+    "workers": (1, None, "the most workers at once"),
+    "slots": (1, 256, "shards per worker"),
+    "max_attempts": (1, 100, "attempts a shard may have"),
+    "fallback_after": (1, None, "preemptions of a shard before it falls back"),
+    "disk_gb": (1, None, "GB of each VM's boot disk"),
+}
+_SECONDS = {
+    "timeout": "how long one attempt may run",
+    "idle_timeout": "how long an idle worker waits",
+}
+
+
+def check_whole(name: str, value: object, least: int, most: int | None, what: str) -> None:
+    """Refuse ``value`` unless a whole number within bounds (None passes: left out).
+
+    Raises:
+        ConfigError: one line naming the option, what it counts and its bounds.
+    """
+    if value is None:
+        return
+    whole = isinstance(value, int) and not isinstance(value, bool)
+    if whole and value >= least and (most is None or value <= most):  # type: ignore[operator]
+        return
+    bounds = f"from {least} to {most}" if most is not None else f"of at least {least}"
+    raise ConfigError(f"{name}={value!r}: give a whole number {bounds} ({what})")
+
+
+def check_seconds(name: str, value: object, what: str) -> None:
+    """Refuse ``value`` unless a number of seconds above 0 (None passes: left out).
+
+    Raises:
+        ConfigError: one line naming the option and what it means.
+    """
+    if value is None:
+        return
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not number or not 0 < value < math.inf:  # type: ignore[operator]
+        raise ConfigError(f"{name}={value!r}: give a number of seconds above 0 ({what})")
+
+
 @dataclass
 class SubmitRequest:
     """What to run, over which shards, and how: ``runner submit``'s options as data.
@@ -34,7 +78,8 @@ class SubmitRequest:
     shard per line) or ``shards`` (N shards with params ``{"index": i}``) says the shards.
 
     Raises:
-        ConfigError: not exactly one shard source, or ``halt`` is not a rule.
+        ConfigError: not exactly one shard source, a number out of the command line's bounds
+            (``workers=0``, ``slots=300``), or ``halt`` is not a rule.
     """
 
     task_dir: Path  # folder with task.py (run(shard)) or task.sh
@@ -79,6 +124,10 @@ class SubmitRequest:
             raise ConfigError(
                 "give exactly one of --inputs GLOB, --params FILE.jsonl or --shards N"
             )
+        for name, (least, most, what) in _WHOLE.items():
+            check_whole(name, getattr(self, name), least, most, what)
+        for name, what in _SECONDS.items():
+            check_seconds(name, getattr(self, name), what)
         self.rule = HaltRule.parse(self.halt)
 
     def gather_inputs(self) -> shard_sources.Inputs | None:

@@ -117,6 +117,34 @@ def test_cache_reuses_the_items_an_earlier_run_committed(
     assert sorted(p.name.split("-")[0] for p in marks.iterdir()) == ["1", "2", "3", "4"]
 
 
+@pytest.mark.parametrize(
+    ("option", "said"),
+    [
+        ({"workers": -1}, "workers=-1: give a whole number of at least 1"),
+        ({"workers": "2"}, "workers='2': give a whole number of at least 1"),
+        ({"workers": 0}, "workers=0: give a whole number of at least 1"),
+        ({"retries": -1}, "retries=-1: give a whole number from 0 to 99"),
+        ({"timeout": 0}, "timeout=0: give a number of seconds above 0"),
+        ({"timeout": float("nan")}, "timeout=nan: give a number of seconds above 0"),
+        ({"slots": 0}, "slots=0: give a whole number from 1 to 256"),
+        ({"fallback_after": 0}, "fallback_after=0: give a whole number of at least 1"),
+        ({"idle_timeout": -1}, "idle_timeout=-1: give a number of seconds above 0"),
+    ],
+)
+def test_a_number_out_of_bounds_is_refused_in_one_line_before_anything_starts(
+    local_backend: dict[str, Any], option: dict[str, Any], said: str
+) -> None:
+    # workers=-1 used to leave the run waiting for ever; slots=0 made a run whose workers
+    # could not start; retries=-1 and timeout=0 were taken.
+    from worker.errors import ConfigError
+
+    backend = {k: v for k, v in local_backend.items() if k not in option}
+    with pytest.raises(ConfigError) as refused:
+        cflow.submit(abs, [1], **backend, **option)
+    assert str(refused.value).startswith(said) and "\n" not in str(refused.value)
+    assert not Path(local_backend["store"]).exists()  # nothing was started
+
+
 def test_an_unknown_option_is_refused_in_one_line_naming_the_valid_ones(
     local_backend: dict[str, Any],
 ) -> None:
