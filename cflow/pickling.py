@@ -33,7 +33,7 @@ from typing import Any
 
 import cloudpickle
 
-from cflow.canonical import PROTOCOL, Canonical, canonical_dumps, may_hold_a_set
+from cflow.canonical import PROTOCOL, Canonical, canonical_dumps, holds_a_set
 from worker.errors import ConfigError
 
 NAMED_OPS = 10_000  # opcodes of a function's pickle read for the modules it names (~3 ms)
@@ -183,7 +183,7 @@ class ItemPickler:
         names = self._names_any(data) is not None
         if not names and not self._canonical:
             return data  # most items: nothing of the caller's own named
-        if self._canonical and (names or may_hold_a_set(data)):
+        if self._canonical and (names or holds_a_set(item, data)):
             out = io.BytesIO()
             _CanonicalNaming(out, self._modules, self._named).dump(item)
             return out.getvalue()

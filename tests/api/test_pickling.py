@@ -17,7 +17,8 @@ import cloudpickle
 import pytest
 
 import cflow
-from cflow.pickling import ItemPickler, canonical_dumps, pickle_function
+from cflow.canonical import canonical_dumps, holds_a_set
+from cflow.pickling import ItemPickler, pickle_function
 
 REPO = Path(__file__).parents[2]
 SCRIPT = Path(__file__).with_name("pickling_script.py")
@@ -78,6 +79,11 @@ def test_an_item_goes_by_value_only_where_a_worker_could_not_read_it() -> None:
     assert cached.dumps(1, [1, 2, 3]) == pickle.dumps([1, 2, 3], protocol=pickle.HIGHEST_PROTOCOL)
     with pytest.raises(Exception, match=r"item 2 \(a generator\) cannot be shipped"):
         plain.dumps(2, (x for x in ()))
+    floats = [i / 7 for i in range(10_000)]  # a set's opcodes among its bytes, and no set
+    data = pickle.dumps(floats, protocol=pickle.HIGHEST_PROTOCOL)
+    assert pickle.EMPTY_SET in data and not holds_a_set(floats, data)
+    nested = [1, ("a", {2})]
+    assert holds_a_set(nested, pickle.dumps(nested, protocol=pickle.HIGHEST_PROTOCOL))
 
 
 VALUES = [[2, ["cat", "sat"]], [2, ["cat", "dog"]], [3, ["be", "not", "or"]]]
