@@ -255,9 +255,11 @@ class Results(Sequence[Any]):
         return f"Results({len(self)} values)"
 
 
-def completed(store: Store, run_id: str, shard: Shard) -> Iterator[tuple[Any, Any]]:
+def completed(
+    store: Store, run_id: str, shard: Shard, return_exceptions: bool = False
+) -> Iterator[tuple[Any, Any]]:
     """A settled shard's ``(item, value)`` pairs, values over 1 MB read now; a failed item
-    raises its :class:`ShardFailed`."""
+    raises its :class:`ShardFailed`, or with ``return_exceptions`` is its value."""
     key = Layout.result(run_id, shard.id)
     record = store.get(key) if store.exists(key) else None
     if span(shard) is not None:
@@ -265,8 +267,8 @@ def completed(store: Store, run_id: str, shard: Shard) -> Iterator[tuple[Any, An
     elif record is not None:
         got = [_value(store, run_id, shard.id, record)]
     else:
-        raise read_failed(store, run_id, shard.id, shard.index)
+        got = [read_failed(store, run_id, shard.id, shard.index)]
     for j, value in enumerate(got):
-        if isinstance(value, ShardFailed):
+        if isinstance(value, ShardFailed) and not return_exceptions:
             raise value
         yield item_of(shard, store, run_id, j), value.load() if isinstance(value, Stored) else value

@@ -267,9 +267,11 @@ class Run:
             dep, self._dep = self._dep, None
             dep.close()
 
-    def as_completed(self) -> Iterator[tuple[Any, Any]]:
+    def as_completed(self, return_exceptions: bool = False) -> Iterator[tuple[Any, Any]]:
         """``(item, value)`` as each item's shard commits; a failed item raises its
-        :class:`cflow.ShardFailed`. Ctrl-C while waiting is handled as in :meth:`wait`."""
+        :class:`cflow.ShardFailed` (which ends the loop), or with ``return_exceptions`` comes
+        as ``(item, ShardFailed)`` and the loop goes on. Ctrl-C while waiting is handled as in
+        :meth:`wait`."""
         store = self._store
         seen: set[str] = set()
         ticker = self._ticker()
@@ -285,7 +287,7 @@ class Run:
                 )
                 for sid in sorted(settled - seen):
                     seen.add(sid)
-                    yield from completed(store, self.id, self._shard(sid))
+                    yield from completed(store, self.id, self._shard(sid), return_exceptions)
                 if finished:
                     self._end_shown = True
                     if driver is not None and driver.error is not None:

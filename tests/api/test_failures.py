@@ -51,6 +51,21 @@ def test_as_completed_raises_the_failed_item(local_backend: dict[str, Any]) -> N
         list(run.as_completed())
 
 
+def test_as_completed_with_return_exceptions_goes_on_past_a_failed_item(
+    backend: dict[str, Any],
+) -> None:
+    # Chunks and single-item shards alike: the loop sees every item, each failure in its place.
+    for chunk_size in (None, 1):
+        run = cflow.submit(
+            check, [1, 2, 3, 4, 5], retries=0, halt="never", chunk_size=chunk_size, **backend
+        )
+        got = dict(run.as_completed(return_exceptions=True))
+        assert sorted(got) == [1, 2, 3, 4, 5]
+        failed = {item for item, value in got.items() if isinstance(value, cflow.ShardFailed)}
+        assert failed == {2, 3}
+        assert [got[1], got[4], got[5]] == [1, 4, 5]
+
+
 def test_a_cancelled_runs_results_say_so(local_backend: dict[str, Any], tmp_path: Any) -> None:
     gate = tmp_path / "go"
 
