@@ -13,12 +13,12 @@ from typing import Any
 
 from cflow.chunks import Chunking
 from cflow.driver import Driver
-from cflow.pickling import ItemPickler, own_modules
+from cflow.pickling import ItemPickler, function_key, own_modules
 from cflow.progress import ProgressChoice
 from cflow.progress import check as check_progress
 from cflow.results import Results
 from cflow.run import Run
-from cflow.shipping import ItemFeed, make_task, task_dir
+from cflow.shipping import TASK_PY, ItemFeed, make_task, task_dir
 from runner import config as config_mod
 from runner.backends.gcp.wheels import VM_PYTHON
 from runner.backends.local import kept as keeping
@@ -87,7 +87,7 @@ def check_python(config: Config, image: str | None) -> None:
 _NOT_OPTIONS = frozenset(
     {"task_dir", "inputs", "params", "shards", "feed", "input_list", "check", "dry_run"}
     | {"cancel_on_interrupt", "local", "workers", "machine_type", "image", "max_attempts"}
-    | {"timeout", "detach"}
+    | {"timeout", "detach", "code_key"}
 )
 
 
@@ -181,6 +181,8 @@ def submit(
     # shards' keys are made of them (cflow.pickling).
     own, canonical = own_modules(), bool(options.get("cache"))
     folder, needs = make_task(fn, own, canonical=canonical)
+    if canonical:
+        options = {**options, "code_key": function_key(fn, own, TASK_PY)}
     feed = ItemFeed(items, chunking, ItemPickler(own, canonical=canonical))
     request = SubmitRequest(
         task_dir(folder),

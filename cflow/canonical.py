@@ -20,6 +20,7 @@ import hashlib
 import io
 import pickle
 import types
+from collections import ChainMap
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -68,6 +69,19 @@ class _SetFinder(pickle.Pickler):
             self.found = True
 
 
+def code_key(fn: Any) -> str:
+    """What the cache keys a function's code on: the digest of its canonical pickle with the
+    classes it ships named, not tagged, and no line numbers (a line added above the function,
+    in its script or its cell, changes none of what it computes)."""
+    out = io.BytesIO()
+    Canonical(out, labels=True, positions=False).dump(fn)
+    return hashlib.sha256(out.getvalue()).hexdigest()
+
+
+def _code_without_lines(code: types.CodeType) -> Any:
+    return _cloudpickle._code_reduce(code.replace(co_firstlineno=1, co_linetable=b""))
+
+
 def canonical_dumps(obj: Any) -> bytes:
     """``obj`` pickled as cloudpickle would, in bytes that do not depend on the process."""
     out = io.BytesIO()
@@ -83,7 +97,8 @@ class Canonical(_PythonPickler):
     """cloudpickle's pickling in the standard library's Python pickler, whose every save can be
     steered: a set's items in a fixed order, a class shipped by value tagged with the digest
     of its content. ``labels``: tagged with its name instead (the pickle taken for a class's
-    digest, which holds the content of every class it names)."""
+    digest, which holds the content of every class it names). ``positions=False``: the code
+    without its line numbers (:func:`code_key`)."""
 
     dispatch = _PythonPickler.dispatch.copy()
     dispatch_table = cloudpickle.Pickler.dispatch_table
@@ -91,10 +106,14 @@ class Canonical(_PythonPickler):
     _dynamic_function_reduce = cloudpickle.Pickler._dynamic_function_reduce
     _function_getnewargs = cloudpickle.Pickler._function_getnewargs
 
-    def __init__(self, file: io.BytesIO, *, labels: bool = False):
+    def __init__(self, file: io.BytesIO, *, labels: bool = False, positions: bool = True):
         super().__init__(file, protocol=PROTOCOL)
         self.globals_ref: dict[int, dict[str, Any]] = {}  # as cloudpickle's Pickler keeps
         self._labels = labels
+        if not positions:
+            self.dispatch_table = ChainMap(
+                {types.CodeType: _code_without_lines}, Canonical.dispatch_table
+            )
 
     def reducer_override(self, obj: Any) -> Any:
         if isinstance(obj, type):

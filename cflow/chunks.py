@@ -29,7 +29,7 @@ from typing import Any
 from cflow.errors import ShardFailed, shard_failed
 from worker.errors import ConfigError, NotFound
 from worker.protocol import AttemptStatus, Layout, Shard, ShardFailure, ShardResult
-from worker.pyfunc import CHUNK_PARAM, CLASSES_PARAM, ERROR_MARK, ITEMS_PARAM
+from worker.pyfunc import CHUNK_PARAM, ERROR_MARK, ITEMS_PARAM
 from worker.store import Store
 
 CHUNKS_PER_SLOT = 4  # chunks each worker slot gets, when the size is chosen
@@ -115,7 +115,7 @@ class Chunking:
         pickled: Iterator[tuple[int, bytes]],
         store: Store,
         run_id: str,
-        classes: Callable[[], str | None] = lambda: None,
+        classes: Callable[[], dict[str, str]] = dict,
     ) -> Iterator[Shard]:
         """Chunk shards of the items' pickles (``(index, pickle)`` in input order); the
         shard's index is the chunk's, its id the zero-padded index. ``classes``: what the
@@ -146,16 +146,14 @@ class Chunking:
         chunk: list[bytes],
         store: Store,
         run_id: str,
-        classes: str | None,
+        classes: dict[str, str],
     ) -> Shard:
         sid = f"{number:07d}"
         data = pickle.dumps(chunk, protocol=pickle.HIGHEST_PROTOCOL)
         spec: dict[str, Any] = {"first": first, "count": len(chunk), "tries": self.tries}
         if self.timeout is not None:
             spec["timeout"] = self.timeout
-        params: dict[str, Any] = {CHUNK_PARAM: spec}
-        if classes is not None:
-            params[CLASSES_PARAM] = classes
+        params: dict[str, Any] = {CHUNK_PARAM: spec, **classes}
         if len(data) <= CHUNK_INLINE_LIMIT:
             params[ITEMS_PARAM] = base64.b64encode(data).decode("ascii")
             return Shard(id=sid, index=number, params=params)

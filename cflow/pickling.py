@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import hashlib
 import io
 import itertools
 import os
@@ -33,8 +34,9 @@ from typing import Any
 
 import cloudpickle
 
-from cflow.canonical import PROTOCOL, Canonical, canonical_dumps, holds_a_set
+from cflow.canonical import PROTOCOL, Canonical, canonical_dumps, code_key, holds_a_set
 from worker.errors import ConfigError
+from worker.pyfunc import CLASSES_KEY_PARAM, CLASSES_PARAM
 
 NAMED_OPS = 10_000  # opcodes of a function's pickle read for the modules it names (~3 ms)
 INSTALLED = ("cflow", "runner", "worker", "infra")  # on every worker: never shipped by value
@@ -146,6 +148,15 @@ def pickle_function(
             ) from None
 
 
+def function_key(fn: Any, own: tuple[str, ...], runner: str) -> str:
+    """What the cross-run cache keys ``fn`` on, run by the task file ``runner``: its pickle,
+    canonical and without line numbers (:func:`cflow.canonical.code_key`), with the caller's
+    modules by value as it is shipped."""
+    with _by_value(own):
+        code = code_key(fn)
+    return hashlib.sha256(f"{runner}\0{code}".encode()).hexdigest()
+
+
 class ItemPickler:
     """Each item's pickle (see the module's doc).
 
@@ -195,16 +206,21 @@ class ItemPickler:
             return self._out.getvalue()
         return data
 
-    def take(self) -> str | None:
-        """The classes and functions of the caller's own that the items pickled since the
-        last call name, pickled by value (base64); None: they name none."""
+    def take(self) -> dict[str, str]:
+        """The params that carry the classes and functions of the caller's own that the
+        items pickled since the last call name: pickled by value (base64), and with
+        ``canonical`` what the cache keys them on (their digest without line numbers, as
+        the function's); none where they name none."""
         if not self._named:
-            return None
+            return {}
         named = dict(sorted(self._named.items()))
         self._named.clear()  # the dict the picklers fill
         with _by_value(self._own):
             data = canonical_dumps(named) if self._canonical else cloudpickle.dumps(named)
-        return base64.b64encode(data).decode("ascii")
+            params = {CLASSES_PARAM: base64.b64encode(data).decode("ascii")}
+            if self._canonical:
+                params[CLASSES_KEY_PARAM] = code_key(named)
+        return params
 
     def _whole(self, index: int, item: Any) -> bytes:
         try:

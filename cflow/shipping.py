@@ -20,7 +20,7 @@ from typing import Any
 from cflow.chunks import Chunking, chunk_item, span
 from cflow.pickling import ItemPickler, modules_named, pickle_function
 from worker.protocol import Layout, Shard
-from worker.pyfunc import CLASSES_PARAM, FUNCTION_FILE, ITEM_PARAM
+from worker.pyfunc import FUNCTION_FILE, ITEM_PARAM
 from worker.store import Store
 
 ITEM_INLINE_LIMIT = 8 * 1024  # bytes of an item's pickle carried in its shard's params
@@ -139,8 +139,7 @@ class ItemFeed:
                 return
             data = self._pickler.dumps(index, item)
             sid = shard_id(index)
-            classes = self._pickler.take()
-            params = {CLASSES_PARAM: classes} if classes is not None else None
+            params = self._pickler.take() or None
             if len(data) <= ITEM_INLINE_LIMIT:
                 params = {**(params or {}), ITEM_PARAM: base64.b64encode(data).decode("ascii")}
                 yield Shard(id=sid, index=index, params=params)

@@ -110,6 +110,9 @@ class SubmitRequest:
     local: bool = False  # the local backend was asked for (else a local config found no other)
     input_list: IO[str] | None = None  # what `--inputs -` reads [default: stdin]
     cache: bool = False  # reuse earlier runs' commits of unchanged shards (runner.engine.cache)
+    # What the cache keys the task's code on, where the caller fingerprints it itself (cflow:
+    # its function without line numbers) [default: the task folder's files]
+    code_key: str | None = None
     # Shards from a Python caller, published as read (runner.engine.stream; cflow.submit)
     feed: ShardFeed | None = None
     rule: HaltRule = field(init=False, repr=False)

@@ -374,7 +374,7 @@ def _cache_for(
     """The cross-run cache of this submit: what reaches the task, fingerprinted."""
     return ShardCache(
         dep.backends.store,
-        code=code_digest(request.task_dir),
+        code=request.code_key or code_digest(request.task_dir),
         image=options.image,
         stage=options.stage,
         # Local workers inherit this process's environment; a VM's is its own, the same for

@@ -2,7 +2,8 @@
 run already committed is not run again; that commit's outputs and result are copied instead.
 
 A shard's **key** is a sha256 over what decides its result: the task's code (the content of the
-files that go into its bundle, ``requirements.txt`` included), the shard's id, its input's
+files that go into its bundle, ``requirements.txt`` included; from ``cflow``, its function's
+pickle without line numbers, ``SubmitRequest.code_key``), the shard's id, its input's
 content (a local file's sha256; a ``gs://`` object's CRC32C and MD5 from its metadata) or its
 params, the container image, whether inputs are staged (``--no-stage`` hands the task a URI),
 and the environment that reaches the task (on this machine the runner's environment, less the
@@ -45,7 +46,7 @@ from worker.bundle import bundle_files
 from worker.clock import SYSTEM_CLOCK, Clock
 from worker.errors import NotFound
 from worker.protocol import Layout, Shard, ShardResult
-from worker.pyfunc import CHUNK_PARAM, partly_failed
+from worker.pyfunc import CHUNK_PARAM, CLASSES_KEY_PARAM, CLASSES_PARAM, partly_failed
 from worker.store import Store
 
 INDEX = "cache/"
@@ -278,11 +279,16 @@ class ShardCache:
 def _keyed_params(params: dict[str, Any] | None) -> dict[str, Any] | None:
     """A shard's params as its key covers them: a chunk's per-item timeout left out (a value
     committed within one timeout is as good under another; and a key made before chunks
-    carried one still matches)."""
-    spec = (params or {}).get(CHUNK_PARAM)
-    if params is None or not isinstance(spec, dict) or "timeout" not in spec:
-        return params
-    return {**params, CHUNK_PARAM: {k: v for k, v in spec.items() if k != "timeout"}}
+    carried one still matches); classes shipped with the items (``cflow``) as the digest that
+    comes with them, which leaves out their line numbers."""
+    if params is None:
+        return None
+    spec = params.get(CHUNK_PARAM)
+    if isinstance(spec, dict) and "timeout" in spec:
+        params = {**params, CHUNK_PARAM: {k: v for k, v in spec.items() if k != "timeout"}}
+    if CLASSES_KEY_PARAM in params:
+        params = {k: v for k, v in params.items() if k != CLASSES_PARAM}
+    return params
 
 
 def run_keys(store: Store, run_id: str) -> list[dict[str, str | None]]:

@@ -28,6 +28,9 @@ class Doc:
     words: tuple[str, ...]
     tags: tuple[str, ...] = ()
 
+    def content(self) -> set[str]:  # a method: code of the script's, with its line numbers
+        return {w for w in self.words if w not in STOP_WORDS}
+
 
 @dataclasses.dataclass
 class Counted:
@@ -36,7 +39,7 @@ class Counted:
 
 
 def count(doc: Doc, mode: Mode = Mode.COUNT) -> Counted:
-    kept = {w for w in doc.words if w not in STOP_WORDS}
+    kept = doc.content()
     return Counted(len(kept) if mode is Mode.COUNT else 0, kept)
 
 

@@ -24,10 +24,10 @@ REPO = Path(__file__).parents[2]
 SCRIPT = Path(__file__).with_name("pickling_script.py")
 
 
-def _script(*args: str, seed: str, env: dict[str, str] | None = None) -> Any:
+def _script(*args: str, seed: str, env: dict[str, str] | None = None, script: Path = SCRIPT) -> Any:
     done = subprocess.run(
-        [sys.executable, str(SCRIPT), *args],
-        cwd=SCRIPT.parent,
+        [sys.executable, str(script), *args],
+        cwd=script.parent,
         env={**os.environ, "PYTHONPATH": str(REPO), "PYTHONHASHSEED": seed, **(env or {})},
         capture_output=True,
         text=True,
@@ -105,6 +105,23 @@ def test_a_rerun_in_another_process_reuses_a_map_over_a_main_class(tmp_path: Pat
     assert first == {"values": VALUES, "own class": True, "cached": 0}
     second = _script("map", store, "--cache", seed="2", env=SPAWNED)
     assert second == {**first, "cached": 3}
+
+
+@pytest.mark.e2e
+def test_lines_added_above_the_function_and_its_classes_keep_the_cache(tmp_path: Path) -> None:
+    # The script edited in place: lines added near its top move every function and class it
+    # ships down, and what they compute is the same. Its map reuses every item.
+    store, script = str(tmp_path / ".cflow"), tmp_path / "job.py"
+    original = SCRIPT.read_text()
+    script.write_text(original)
+    first = _script("map", store, "--cache", seed="1", script=script)
+    future = "from __future__ import annotations\n"
+    script.write_text(original.replace(future, future + "\n# a note\nimport os\n"))
+    second = _script("map", store, "--cache", seed="2", script=script)
+    assert second == {**first, "cached": 3}
+    script.write_text(original.replace('"the", "a",', '"the", "a", "cat",'))  # all run again
+    third = _script("map", store, "--cache", seed="3", script=script)
+    assert third["cached"] == 0 and third["values"][0] == [1, ["sat"]]
 
 
 MODULE = """\

@@ -40,6 +40,7 @@ from worker.pyfunc.chunk import ItemTimedOut, call_chunk
 from worker.pyfunc.shared import (
     CHUNK_INLINE_BUDGET,
     CHUNK_PARAM,
+    CLASSES_KEY_PARAM,
     CLASSES_PARAM,
     DYNAMIC_CODE,
     ERROR_MARK,
@@ -63,6 +64,7 @@ from worker.taskapi import TaskShard
 __all__ = [
     "CHUNK_INLINE_BUDGET",
     "CHUNK_PARAM",
+    "CLASSES_KEY_PARAM",
     "CLASSES_PARAM",
     "DYNAMIC_CODE",
     "ERROR_MARK",

@@ -31,6 +31,7 @@ ITEMS_PARAM = "items"  # params key of a small chunk's items: a pickled list of 
 # params key of the caller's own classes and functions its items name (base64 of a pickle by
 # value of {"module\0qualname": object}): what a worker that is not the caller's fork lacks
 CLASSES_PARAM = "classes"
+CLASSES_KEY_PARAM = "classes_key"  # what the cache keys them on (without their line numbers)
 CHUNK_INLINE_BUDGET = 48 * 1024  # bytes of base64 a chunk's values take in its result.json
 OVERFLOW_FILE = "values.pkl"  # a chunk's values its result.json has no room for, in one file
 
