@@ -1,7 +1,7 @@
 """What one ``cflow.map`` costs: its wall time and the CPU of every process it used, per map.
 
     python bench/map_cpu.py [--maps 20] [--calls 2000] [--workers 2] [--one-store] [--hold GB]
-                            [--captures MB]
+                            [--captures MB] [--records]
     python bench/map_cpu.py --other DIR [--rounds 6]      # this tree against another, alternated
 
 Maps a no-op function over ``--calls`` integers ``--maps`` times, each into a fresh store (or
@@ -17,6 +17,10 @@ objects, all of it touched), as a notebook holding its data does.
 ``--captures MB``: the function mapped holds that many MB of random bytes (a model's weights,
 say), shipped with it by value.
 
+``--records``: the items are instances of a dataclass of this script's ``__main__`` (a script's
+or a notebook's records), which a worker that is not a fork of the caller has no class for:
+their classes go by value beside them, once a chunk.
+
 ``--other DIR``: a checkout of another version (``git worktree add DIR COMMIT``); the two are
 measured in turn, ``--rounds`` times each, in processes of their own (this file run in each
 tree), so a machine's slow spell falls on both. Nothing is asserted.
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import dataclasses
 import json
 import os
 import resource
@@ -44,6 +49,16 @@ def noop(i: int) -> int:
     return i
 
 
+@dataclasses.dataclass(frozen=True)
+class Record:  # --records: an item of a class of __main__
+    n: int
+    name: str = "record"
+
+
+def field_n(record: Record) -> int:
+    return record.n
+
+
 def _args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -54,13 +69,14 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--one-store", action="store_true", help="every map into one store")
     parser.add_argument("--hold", type=float, default=0.0, help="GB the caller holds first")
     parser.add_argument("--captures", type=float, default=0.0, help="MB the function holds")
+    parser.add_argument("--records", action="store_true", help="items of a class of __main__")
     parser.add_argument("--other", type=Path, help="another version's checkout, to alternate")
     parser.add_argument("--rounds", type=int, default=6, help="with --other: rounds of each")
     parser.add_argument("--json", action="store_true", help="one line of JSON only")
     parser.add_argument(
         "--work", type=Path, default=REPO / "bench" / "out", help="where the stores go"
     )
-    return parse_args(parser, argv, maps=2, calls=20, rounds=1, hold=0.3, captures=2)
+    return parse_args(parser, argv, maps=2, calls=20, rounds=1, hold=0.3, captures=2, records=True)
 
 
 def _reap() -> None:
@@ -100,14 +116,19 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
     held = _hold(args.hold)
     work = Path(tempfile.mkdtemp(prefix="cflow-bench-cpu-", dir=args.work))
-    items = range(args.calls)
+    items: Any = range(args.calls)
+    if args.records:
+        items = [Record(i) for i in items]
 
     weights = os.urandom(int(args.captures * (1 << 20)))
 
-    def holding(i: int) -> int:
-        return i + 0 * len(weights)  # a closure over the weights: pickled with them
+    take: Any = field_n if args.records else noop
 
-    fn = holding if weights else noop
+    def holding(item: Any) -> int:
+        return int(take(item)) + 0 * len(weights)  # a closure over the weights: pickled with them
+
+    fn = holding if weights else take
+    expected = list(range(args.calls))
 
     def one(store: Path) -> float:
         start = time.perf_counter()
@@ -115,7 +136,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         took = time.perf_counter() - start
         let_go()
         _reap()
-        if values != list(items):
+        if values != expected:
             raise SystemExit("cflow.map returned wrong values")
         return took
 
@@ -156,6 +177,8 @@ def _child(tree: Path, args: argparse.Namespace) -> dict[str, Any]:
     if args.one_store:
         argv.append("--one-store")
     argv += ["--hold", str(args.hold), "--captures", str(args.captures)]
+    if args.records:
+        argv.append("--records")
     measured: dict[str, Any] = in_tree(tree, str(Path(__file__).resolve()), argv)
     return measured
 
@@ -167,6 +190,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.other is None:
         held = f", the caller holding {args.hold:g} GB" if args.hold else ""
         held += f", the function {args.captures:g} MB" if args.captures else ""
+        held += ", items of a class of __main__" if args.records else ""
         print(f"{args.maps} maps of {args.calls} no-op calls, {args.workers} workers{held}\n")
         print(_line("this", measure(args)))
         return

@@ -180,6 +180,9 @@ class ItemPickler:
         self._named: dict[str, Any] = {}  # "module\0qualname" -> the class or function
         self._out = io.BytesIO()
         self._naming = _Naming(self._out, self._modules, self._named)
+        # The last item named a class of the caller's own: the next (of a map over records)
+        # likely does too, and is pickled once, keeping its classes aside, not twice.
+        self._naming_last = False
 
     def dumps(self, index: int, item: Any) -> bytes:
         """Item ``index``'s pickle.
@@ -188,6 +191,8 @@ class ItemPickler:
             ConfigError: it does not pickle (says which item, what it is and what to map over).
         """
         try:
+            if self._naming_last and not self._canonical:  # the last named some: as will this
+                return self._named_pickle(item)
             data = pickle.dumps(item, protocol=PROTOCOL)
         except (pickle.PicklingError, TypeError, AttributeError):
             return self._whole(index, item)
@@ -198,13 +203,19 @@ class ItemPickler:
             out = io.BytesIO()
             _CanonicalNaming(out, self._modules, self._named).dump(item)
             return out.getvalue()
-        if names:  # one pickler for every such item, its memo cleared (a third faster)
-            self._out.seek(0)
-            self._out.truncate()
-            self._naming.clear_memo()
-            self._naming.dump(item)
-            return self._out.getvalue()
+        if names:
+            self._naming_last = True
+            return self._named_pickle(item)
         return data
+
+    def _named_pickle(self, item: Any) -> bytes:
+        """The standard pickle, the caller's own classes it names kept aside: one pickler
+        for every such item, its memo cleared (a third faster than a pickler each)."""
+        self._out.seek(0)
+        self._out.truncate()
+        self._naming.clear_memo()
+        self._naming.dump(item)
+        return self._out.getvalue()
 
     def take(self) -> dict[str, str]:
         """The params that carry the classes and functions of the caller's own that the
