@@ -177,12 +177,12 @@ def submit(
         tries=retries + 1,
         timeout=timeout,
     )
-    # With the cache, the function and the items in the same bytes from any process: the
-    # shards' keys are made of them (cflow.pickling).
+    # With the cache, what the shards' keys are made of is the same from any process: the
+    # function's key, taken before it is shipped, and the items' pickles (cflow.pickling).
     own, canonical = own_modules(), bool(options.get("cache"))
-    folder, needs = make_task(fn, own, canonical=canonical)
     if canonical:
         options = {**options, "code_key": function_key(fn, own, TASK_PY)}
+    folder, needs = make_task(fn, own)
     feed = ItemFeed(items, chunking, ItemPickler(own, canonical=canonical))
     request = SubmitRequest(
         task_dir(folder),

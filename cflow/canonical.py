@@ -1,7 +1,8 @@
 """Pickles that are the same bytes from every process, for the cross-run cache.
 
-The cache keys a shard on the bytes of the function's pickle and of its items'
-(``runner.engine.cache``). cloudpickle's are not the same from one process to the next: a class
+The cache keys a shard on the function's pickle without line numbers (:func:`code_key`) and on
+its items' pickles (``runner.engine.cache``). cloudpickle's are not the same from one process to
+the next: a class
 it ships by value is tagged with a random id, and a set of strings comes out in the order of
 that process's string hashes. :class:`Canonical` pickles as cloudpickle does, with a set's items
 in a fixed order and each class shipped by value tagged with the digest of its own content: two
@@ -9,7 +10,8 @@ classes of the same content are then one class to the workers, as one class is t
 within a process, and a value coming back is an instance of the caller's class.
 
 It is the standard library's pickler written in Python, with cloudpickle's reducers: several
-times slower than cloudpickle's, so only maps with ``cache=True`` use it (``cflow.pickling``).
+times slower than cloudpickle's, so only maps with ``cache=True`` use it (``cflow.pickling``),
+and only where cloudpickle's bytes would differ (:func:`code_key`, :func:`holds_a_set`).
 What it cannot order is what a value made of a set's order holds: a string made from a set (a
 dataclass's generated docstring shows a default's ``repr``) differs from process to process.
 """
@@ -69,17 +71,66 @@ class _SetFinder(pickle.Pickler):
             self.found = True
 
 
-def code_key(fn: Any) -> str:
-    """What the cache keys a function's code on: the digest of its canonical pickle with the
-    classes it ships named, not tagged, and no line numbers (a line added above the function,
-    in its script or its cell, changes none of what it computes)."""
+def _code_without_lines(code: types.CodeType) -> Any:
+    return _cloudpickle._code_reduce(code.replace(co_firstlineno=1, co_linetable=b""))
+
+
+def content_tag(cls: type) -> str:
+    """The tag of a class shipped by value: the digest of its content. cloudpickle tags the
+    class so from now on in this process (its own tag is random), and a value of it coming
+    back from a worker is unpickled as this class; the latest class of this content wins."""
     out = io.BytesIO()
-    Canonical(out, labels=True, positions=False).dump(fn)
+    Canonical(out, labels=True).dump(cls)
+    tag = hashlib.sha256(out.getvalue()).hexdigest()[:32]
+    with _cloudpickle._DYNAMIC_CLASS_TRACKER_LOCK:
+        _cloudpickle._DYNAMIC_CLASS_TRACKER_BY_ID[tag] = cls
+        _cloudpickle._DYNAMIC_CLASS_TRACKER_BY_CLASS[cls] = tag
+    return tag
+
+
+def code_key(obj: Any) -> str:
+    """What the cache keys a function (or the classes shipped with items) on: the digest of
+    its pickle without line numbers (a line added above the function, in its script or its
+    cell, changes none of what it computes), the same from any process.
+
+    cloudpickle's own pickle is taken first (fast): where it ships no class by value and
+    holds no set, its bytes are the same from any process. Else the canonical pickle is, each
+    class named (its content is in the pickle). Every class shipped by value is tagged with
+    its content (:func:`content_tag`), so that the function as shipped and the items' classes
+    (:meth:`cflow.pickling.ItemPickler.take`) are one class to the workers."""
+    out = io.BytesIO()
+    fast = _KeyPickler(out)
+    fast.dump(obj)
+    for cls in fast.classes:
+        content_tag(cls)
+    if fast.classes or fast.sets:
+        out = io.BytesIO()
+        Canonical(out, labels=True, positions=False).dump(obj)
     return hashlib.sha256(out.getvalue()).hexdigest()
 
 
-def _code_without_lines(code: types.CodeType) -> Any:
-    return _cloudpickle._code_reduce(code.replace(co_firstlineno=1, co_linetable=b""))
+class _KeyPickler(cloudpickle.Pickler):
+    """cloudpickle's pickler, code without its line numbers, noting the classes it ships by
+    value and whether it met a set (what makes its bytes differ between processes)."""
+
+    dispatch_table = ChainMap(
+        {types.CodeType: _code_without_lines}, cloudpickle.Pickler.dispatch_table
+    )
+
+    def __init__(self, file: io.BytesIO):
+        super().__init__(file, protocol=PROTOCOL)
+        self.classes: list[type] = []
+        self.sets = False
+
+    def reducer_override(self, obj: Any) -> Any:
+        reduced = super().reducer_override(obj)
+        if isinstance(obj, type) and reduced is not NotImplemented and reduced[0] in _SKELETONS:
+            self.classes.append(obj)
+        return reduced
+
+    def persistent_id(self, obj: Any) -> None:  # asked of every object pickled
+        if type(obj) in (set, frozenset):
+            self.sets = True
 
 
 def canonical_dumps(obj: Any) -> bytes:
@@ -90,6 +141,7 @@ def canonical_dumps(obj: Any) -> bytes:
 
 
 _SKELETONS = (_cloudpickle._make_skeleton_class, _cloudpickle._make_skeleton_enum)
+_CACHED = frozenset({"__slotnames__"})  # what copyreg adds to a class when it pickles one
 _ORDERED = (str, bytes, int, float)  # a set of one of these sorts by value; others by pickle
 
 
@@ -129,20 +181,17 @@ class Canonical(_PythonPickler):
         random_id = _cloudpickle._get_or_create_tracker_id(cls)
         tag = self._tag(cls)
         args = tuple(tag if a is random_id else a for a in reduced[1])
-        return (reduced[0], args, *reduced[2:])
+        state = reduced[2]
+        if isinstance(state, tuple) and isinstance(state[0], dict):
+            # What copyreg caches in a class once one of its instances is pickled: there or
+            # not depending on what this process did before, never part of the class's code.
+            state = ({k: v for k, v in state[0].items() if k not in _CACHED}, *state[1:])
+        return (reduced[0], args, state, *reduced[3:])
 
     def _tag(self, cls: type) -> str:
         if self._labels:
             return f"{cls.__module__}.{cls.__qualname__}"
-        out = io.BytesIO()
-        Canonical(out, labels=True).dump(cls)
-        tag = hashlib.sha256(out.getvalue()).hexdigest()[:32]
-        # A value of this class coming back from a worker is unpickled as this class (the
-        # class cloudpickle finds under the tag); the latest class of this content wins.
-        with _cloudpickle._DYNAMIC_CLASS_TRACKER_LOCK:
-            _cloudpickle._DYNAMIC_CLASS_TRACKER_BY_ID[tag] = cls
-            _cloudpickle._DYNAMIC_CLASS_TRACKER_BY_CLASS[cls] = tag
-        return tag
+        return content_tag(cls)
 
     def dump(self, obj: Any) -> None:
         try:

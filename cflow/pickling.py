@@ -9,8 +9,9 @@ a fork of this process (a notebook's, Google Cloud's) has no class of ``__main__
 modules to find by its name: those an item names go by value beside it, once a chunk
 (:meth:`ItemPickler.take`), and are the same classes to the worker as the function's.
 
-With ``cache=True``, the function and the items are pickled in the same bytes from any process
-(:mod:`cflow.canonical`): the cross-run cache keys shards on them.
+With ``cache=True``, what the cross-run cache keys shards on is the same from any process
+(:mod:`cflow.canonical`): the function's pickle without line numbers, and the items pickled in
+the same bytes (sets in a fixed order).
 """
 
 from __future__ import annotations
@@ -125,12 +126,9 @@ def _by_value(own: tuple[str, ...]) -> Iterator[None]:
                 cloudpickle.unregister_pickle_by_value(sys.modules[name])
 
 
-def pickle_function(
-    fn: Any, own: tuple[str, ...] | None = None, *, canonical: bool = False
-) -> bytes:
+def pickle_function(fn: Any, own: tuple[str, ...] | None = None) -> bytes:
     """``fn`` pickled by value with the caller's modules that are not installed (``own``
-    [default: :func:`own_modules`]); with ``canonical``, the same bytes from any process
-    (:class:`Canonical`).
+    [default: :func:`own_modules`]).
 
     Raises:
         ConfigError: ``fn`` is not callable or cannot be pickled (says what holds it back).
@@ -139,7 +137,7 @@ def pickle_function(
         raise ConfigError(f"the function to map is a {type(fn).__name__}, not a callable")
     with _by_value(own_modules() if own is None else own):
         try:
-            return canonical_dumps(fn) if canonical else cloudpickle.dumps(fn, protocol=PROTOCOL)
+            return cloudpickle.dumps(fn, protocol=PROTOCOL)
         except Exception as exc:
             raise ConfigError(
                 f"{getattr(fn, '__qualname__', fn)!s} cannot be shipped to the workers: "
@@ -149,12 +147,28 @@ def pickle_function(
 
 
 def function_key(fn: Any, own: tuple[str, ...], runner: str) -> str:
-    """What the cross-run cache keys ``fn`` on, run by the task file ``runner``: its pickle,
-    canonical and without line numbers (:func:`cflow.canonical.code_key`), with the caller's
-    modules by value as it is shipped."""
+    """What the cross-run cache keys ``fn`` on, run by the task file ``runner``: its pickle
+    without line numbers, the same from any process (:func:`cflow.canonical.code_key`), with
+    the caller's modules by value as it is shipped. Taken before ``fn`` is pickled to be
+    shipped: the classes it ships are then tagged as the items' are.
+
+    Raises:
+        ConfigError: ``fn`` is not callable or cannot be pickled.
+    """
+    if not callable(fn):
+        raise ConfigError(f"the function to map is a {type(fn).__name__}, not a callable")
     with _by_value(own):
-        code = code_key(fn)
-    return hashlib.sha256(f"{runner}\0{code}".encode()).hexdigest()
+        try:
+            code = code_key(fn)
+        except Exception as exc:
+            failed = exc
+        else:
+            return hashlib.sha256(f"{runner}\0{code}".encode()).hexdigest()
+    pickle_function(fn, own)  # what cannot be shipped is said as shipping says it
+    raise ConfigError(
+        f"{getattr(fn, '__qualname__', fn)!s} cannot be keyed for the cache:"
+        f" {type(failed).__name__}: {failed}; map it without cache=True"
+    )
 
 
 class ItemPickler:

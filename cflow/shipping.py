@@ -46,12 +46,12 @@ def shard_id(index: int) -> str:
 
 
 def make_task(
-    fn: Any, own: tuple[str, ...] | None = None, *, canonical: bool = False
+    fn: Any, own: tuple[str, ...] | None = None
 ) -> tuple[tempfile.TemporaryDirectory[str], tuple[str, ...]]:
     """A task folder that runs ``fn`` on each shard's item (removed with the object), and the
-    installed modules its pickle names (:func:`cflow.pickling.modules_named`); ``own`` and
-    ``canonical`` as :func:`cflow.pickling.pickle_function` takes them."""
-    data = pickle_function(fn, own, canonical=canonical)
+    installed modules its pickle names (:func:`cflow.pickling.modules_named`); ``own`` as
+    :func:`cflow.pickling.pickle_function` takes it."""
+    data = pickle_function(fn, own)
     folder = tempfile.TemporaryDirectory(prefix="cflow-fn-")
     name = str(getattr(fn, "__name__", "fn"))  # the run's task name (`runner runs`)
     readable = "".join(c if c.isalnum() or c == "_" else "-" for c in name).strip("-")

@@ -1,5 +1,5 @@
 """Run by tests/api/test_pickling.py, in processes of their own (each with its own string hash
-seed): ``digests`` prints the sha256 of a cached map's pickles of a function and of items; ``map
+seed): ``digests`` prints a cached map's keys of functions and sha256 of its items' pickles; ``map
 STORE [--cache]`` maps a function over instances of a class of this ``__main__`` (on workers
 that are not forks of it, where the test says so) and prints the values and how many were
 reused."""
@@ -13,7 +13,7 @@ import json
 import sys
 
 import cflow
-from cflow.pickling import ItemPickler, own_modules, pickle_function
+from cflow.pickling import ItemPickler, function_key, own_modules
 
 STOP_WORDS = {"the", "a", "an", "of", "and", "to", "in"}  # a set of strings: ordered by hash
 
@@ -39,8 +39,17 @@ class Counted:
 
 
 def count(doc: Doc, mode: Mode = Mode.COUNT) -> Counted:
+    if not isinstance(doc, Doc):  # the function's class and the items' are one to a worker
+        raise TypeError(f"{type(doc)} is not {Doc}")
     kept = doc.content()
     return Counted(len(kept) if mode is Mode.COUNT else 0, kept)
+
+
+OFFSET = 7
+
+
+def plain(x: int) -> int:  # no set, no class of its own: cloudpickle's bytes are the same
+    return x * 2 + OFFSET
 
 
 def scaled(by: int):  # a closure: shipped by value with what it holds
@@ -58,8 +67,9 @@ def digests() -> dict[str, str]:
     own = own_modules()
     items = ItemPickler(own, canonical=True)
     pickles = {
-        "function": pickle_function(count, own, canonical=True),
-        "closure": pickle_function(scaled(3), own, canonical=True),
+        "function": function_key(count, own, "task.py").encode(),
+        "closure": function_key(scaled(3), own, "task.py").encode(),
+        "plain": function_key(plain, own, "task.py").encode(),
         **{f"item{i}": items.dumps(i, doc) for i, doc in enumerate(DOCS)},
         "set item": items.dumps(9, {"words": set(STOP_WORDS), "tags": frozenset(STOP_WORDS)}),
     }

@@ -18,7 +18,7 @@ import pytest
 
 import cflow
 from cflow.canonical import canonical_dumps, holds_a_set
-from cflow.pickling import ItemPickler, pickle_function
+from cflow.pickling import ItemPickler
 
 REPO = Path(__file__).parents[2]
 SCRIPT = Path(__file__).with_name("pickling_script.py")
@@ -55,7 +55,7 @@ def test_a_canonical_pickle_reads_back_as_cloudpickle_s_would() -> None:
     def fn(item: Local) -> Local:
         return Local(item.words | {w for w in marks if isinstance(w, str)})
 
-    shipped = cloudpickle.loads(pickle_function(fn, canonical=True))
+    shipped = cloudpickle.loads(canonical_dumps(fn))
     out = shipped(Local({"a"}))
     assert out.words == {"a", "x", "y", "z"}
     # A value of a class shipped by value comes back as the caller's own class (cloudpickle
