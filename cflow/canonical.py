@@ -2,12 +2,12 @@
 
 The cache keys a shard on the function's pickle without line numbers (:func:`code_key`) and on
 its items' pickles (``runner.engine.cache``). cloudpickle's are not the same from one process to
-the next: a class
-it ships by value is tagged with a random id, and a set of strings comes out in the order of
-that process's string hashes. :class:`Canonical` pickles as cloudpickle does, with a set's items
-in a fixed order and each class shipped by value tagged with the digest of its own content: two
-classes of the same content are then one class to the workers, as one class is to cloudpickle
-within a process, and a value coming back is an instance of the caller's class.
+the next: a class it ships by value is tagged with a random id, and a set of strings comes out
+in the order of that process's string hashes. :class:`Canonical` pickles as cloudpickle does,
+with a set's items in a fixed order and each class shipped by value tagged with the digest of
+its own content: two classes of the same content are then one class to the workers, as one
+class is to cloudpickle within a process, and a value coming back is an instance of the
+caller's class.
 
 It is the standard library's pickler written in Python, with cloudpickle's reducers: several
 times slower than cloudpickle's, so only maps with ``cache=True`` use it (``cflow.pickling``),
