@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cflow.errors import ShardFailed, shard_failed
+from cflow.pickling import loads as load_value
 from worker.errors import ConfigError, NotFound
 from worker.protocol import AttemptStatus, Layout, Shard, ShardFailure, ShardResult
 from worker.pyfunc import CHUNK_PARAM, ERROR_MARK, ITEMS_PARAM
@@ -178,7 +179,7 @@ def chunk_item(shard: Shard, j: int, store: Store, run_id: str) -> Any:
         data = base64.b64decode(shard.params[ITEMS_PARAM])
     else:
         data = store.get(f"{Layout.uploads(run_id)}{shard.id}.pkl")
-    return pickle.loads(pickle.loads(data)[j])
+    return load_value(pickle.loads(data)[j])
 
 
 def _marks(log: bytes) -> dict[int, tuple[dict[str, Any], int]]:
@@ -245,7 +246,7 @@ def committed_items(store: Store, run_id: str, shard: Shard, result: ShardResult
     out: list[Any] = []
     log: bytes | None = None
     marks: dict[int, tuple[dict[str, Any], int]] = {}
-    loads, decode = pickle.loads, binascii.a2b_base64  # per item: thousands in a map
+    loads, decode = load_value, binascii.a2b_base64  # per item: thousands in a map
     for j, entry in enumerate(entries):
         data = entry.get("pickle")
         if data is not None:

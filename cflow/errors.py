@@ -6,12 +6,12 @@ import base64
 import contextlib
 import json
 import linecache
-import pickle
 import re
 import sys
 from dataclasses import dataclass
 from typing import Any
 
+from cflow.pickling import loads as load_value
 from worker.pyfunc import DYNAMIC_CODE, ERROR_MARK
 
 _DYNAMIC_FRAME = re.compile(
@@ -123,7 +123,7 @@ def read_failure(log: str, reason: str) -> tuple[_Described, str]:
     if record.get("pickle"):
         # Where its class is not importable here, or will not unpickle, the stand-in stays.
         with contextlib.suppress(Exception):
-            exc = pickle.loads(base64.b64decode(record["pickle"]))
+            exc = load_value(base64.b64decode(record["pickle"]))
     return _Described(name, text, trace, exc), tail
 
 

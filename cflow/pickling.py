@@ -28,12 +28,13 @@ import re
 import sys
 import threading
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import ModuleType
 from typing import Any
 
 import cloudpickle
+from cloudpickle import cloudpickle as _cloudpickle
 
 from cflow.canonical import PROTOCOL, Canonical, canonical_dumps, code_key, holds_a_set
 from worker.errors import ConfigError
@@ -312,3 +313,49 @@ def modules_named(data: bytes) -> tuple[str, ...]:
     except ValueError:  # not a pickle this Python reads: nothing to name
         return ()
     return tuple(sorted(found))
+
+
+def loads(data: bytes | memoryview) -> Any:
+    """A value, item or exception come back from the workers, unpickled without touching the
+    caller's own classes.
+
+    cloudpickle unpickles a class it shipped by value as the class of this process with its
+    tag, and then sets every attribute the pickle holds on it: the caller's class would have
+    its methods replaced by copies whose globals were taken on the worker (a global changed
+    here afterwards would not be seen by them), and its cache key would change."""
+    if _SETSTATE not in data:  # no class by value in it: the standard unpickler
+        return pickle.loads(data)
+    return _Values(data).load()
+
+
+_SETSTATE = b"_class_setstate"
+_SKELETON_TAG = {"_make_skeleton_class": 4, "_make_skeleton_enum": 5}  # where the tag is
+
+
+class _Values(pickle.Unpickler):
+    """Leaves a class found here under its tag as it is (see :func:`loads`)."""
+
+    def __init__(self, data: bytes | memoryview):
+        super().__init__(io.BytesIO(data))
+        self._found: set[int] = set()  # ids of the classes that were here already
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "cloudpickle.cloudpickle":
+            if name in _SKELETON_TAG:
+                return functools.partial(self._skeleton, getattr(_cloudpickle, name), name)
+            if name == "_class_setstate":
+                return self._setstate
+        return super().find_class(module, name)
+
+    def _skeleton(self, make: Callable[..., type], name: str, *args: Any) -> type:
+        tag = args[_SKELETON_TAG[name]]
+        here = tag is not None and tag in _cloudpickle._DYNAMIC_CLASS_TRACKER_BY_ID
+        cls = make(*args)
+        if here:
+            self._found.add(id(cls))
+        return cls
+
+    def _setstate(self, cls: type, state: Any) -> type:
+        if id(cls) in self._found:
+            return cls
+        return _cloudpickle._class_setstate(cls, state)

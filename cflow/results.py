@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import pickle
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, overload
@@ -18,6 +17,7 @@ from cflow.chunks import (
     span,
 )
 from cflow.errors import ShardFailed, shard_failed
+from cflow.pickling import loads as load_value
 from cflow.shipping import item_of
 from runner.engine import runs
 from worker.errors import RunStateError
@@ -62,7 +62,7 @@ class Stored:
     key: str
 
     def load(self) -> Any:
-        return pickle.loads(self.store.get(self.key))
+        return load_value(self.store.get(self.key))
 
 
 def read_value(store: Store, run_id: str, shard_id: str) -> Any:
@@ -76,7 +76,7 @@ def _value(store: Store, run_id: str, shard_id: str, record: bytes) -> Any:
     if not isinstance(kept, dict):
         return None
     if "pickle" in kept:
-        return pickle.loads(base64.b64decode(kept["pickle"]))
+        return load_value(base64.b64decode(kept["pickle"]))
     key = Layout.outputs(run_id, shard_id, result.attempt) + str(kept.get("file", VALUE_FILE))
     stored = Stored(store, key)
     return stored if int(kept.get("size", 0)) > LAZY_BYTES else stored.load()
@@ -196,7 +196,7 @@ def shard_values(store: Store, run_id: str, shard: Shard, record: bytes | None) 
             continue
         if kept.key not in files:
             files[kept.key] = memoryview(store.get(kept.key))
-        out[j] = pickle.loads(files[kept.key][kept.at : kept.at + kept.size])
+        out[j] = load_value(files[kept.key][kept.at : kept.at + kept.size])
     return out
 
 

@@ -9,7 +9,6 @@ the shard's input file.
 from __future__ import annotations
 
 import base64
-import pickle
 import tempfile
 import textwrap
 import threading
@@ -19,6 +18,7 @@ from typing import Any
 
 from cflow.chunks import Chunking, chunk_item, span
 from cflow.pickling import ItemPickler, modules_named, pickle_function
+from cflow.pickling import loads as load_value
 from worker.protocol import Layout, Shard
 from worker.pyfunc import FUNCTION_FILE, ITEM_PARAM
 from worker.store import Store
@@ -163,5 +163,5 @@ def item_of(shard: Shard, store: Store, run_id: str, j: int = 0) -> Any:
     if span(shard) is not None:
         return chunk_item(shard, j, store, run_id)
     if shard.params and ITEM_PARAM in shard.params:
-        return pickle.loads(base64.b64decode(shard.params[ITEM_PARAM]))
-    return pickle.loads(store.get(f"{Layout.uploads(run_id)}{shard.id}.pkl"))
+        return load_value(base64.b64decode(shard.params[ITEM_PARAM]))
+    return load_value(store.get(f"{Layout.uploads(run_id)}{shard.id}.pkl"))

@@ -102,7 +102,7 @@ def test_a_big_item_goes_by_the_store_and_a_big_value_is_read_when_asked_for(
 
 
 def test_cache_reuses_the_items_an_earlier_run_committed(
-    local_backend: dict[str, Any], tmp_path: Path
+    backend: dict[str, Any], tmp_path: Path
 ) -> None:
     marks = tmp_path / "calls"
     marks.mkdir()
@@ -111,9 +111,9 @@ def test_cache_reuses_the_items_an_earlier_run_committed(
         (marks / f"{x}-{len(list(marks.iterdir()))}").touch()
         return x + 1
 
-    assert list(cflow.map(counted, [1, 2, 3], cache=True, **local_backend)) == [2, 3, 4]
+    assert list(cflow.map(counted, [1, 2, 3], cache=True, **backend)) == [2, 3, 4]
     assert len(list(marks.iterdir())) == 3
-    assert list(cflow.map(counted, [1, 2, 3, 4], cache=True, **local_backend)) == [2, 3, 4, 5]
+    assert list(cflow.map(counted, [1, 2, 3, 4], cache=True, **backend)) == [2, 3, 4, 5]
     assert sorted(p.name.split("-")[0] for p in marks.iterdir()) == ["1", "2", "3", "4"]
 
 

@@ -132,6 +132,11 @@ class Point:
     x: int
     y: int
 
+    def scaled(self):
+        return Point(self.x * SCALE, self.y * SCALE)
+
+SCALE = 1
+
 def norm1(p):
     return abs(p.x) + abs(p.y)
 """
@@ -156,8 +161,16 @@ def test_items_of_a_module_the_workers_cannot_import_reach_them(
             assert isinstance(p, Point)  # the function's class and the item's are one class
             return Point(p.x + 1, geometry_own.norm1(p))
 
-        values = cflow.map(moved, [Point(1, -2), Point(3, 4)], **backend)
-        assert list(values) == [Point(2, 3), Point(4, 7)]
-        assert all(type(v) is Point for v in values)  # the caller's own class, come back
+        for cached in (0, 2):  # the second map, with the cache, reuses both items
+            run = cflow.submit(moved, [Point(1, -2), Point(3, 4)], cache=True, **backend)
+            values = run.results()
+            assert list(values) == [Point(2, 3), Point(4, 7)]
+            assert all(type(v) is Point for v in values)  # the caller's own class, come back
+            assert run.progress().cached == cached
+        # The values came back as the caller's class, left as it was: its methods still read
+        # the module's globals (cloudpickle set on it the methods it unpickled, with the
+        # globals they had on the worker).
+        geometry_own.SCALE = 10
+        assert Point(1, 2).scaled() == Point(10, 20)
     finally:
         del sys.modules["geometry_own"]  # imported afresh by the next test
