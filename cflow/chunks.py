@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cflow.errors import ShardFailed, shard_failed
+from cflow.pickling import BY_VALUE
 from cflow.pickling import loads as load_value
 from worker.errors import ConfigError, NotFound
 from worker.protocol import AttemptStatus, Layout, Shard, ShardFailure, ShardResult
@@ -246,11 +247,13 @@ def committed_items(store: Store, run_id: str, shard: Shard, result: ShardResult
     out: list[Any] = []
     log: bytes | None = None
     marks: dict[int, tuple[dict[str, Any], int]] = {}
-    loads, decode = load_value, binascii.a2b_base64  # per item: thousands in a map
+    # Per item, thousands in a map: the standard unpickler where no class came by value.
+    loads, decode, by_value = pickle.loads, binascii.a2b_base64, BY_VALUE
     for j, entry in enumerate(entries):
         data = entry.get("pickle")
         if data is not None:
-            out.append(loads(decode(data)))
+            raw = decode(data)
+            out.append(loads(raw) if by_value not in raw else load_value(raw))
         elif "file" in entry:
             key = Layout.outputs(run_id, shard.id, result.attempt) + str(entry["file"])
             at = entry.get("at")

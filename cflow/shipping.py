@@ -151,11 +151,7 @@ class ItemFeed:
             yield Shard(id=sid, index=index, input=where, params=params)
 
     def _pickled(self) -> Iterator[tuple[int, bytes]]:
-        dumps, stopped = self._pickler.dumps, self._stop.is_set
-        for index, item in enumerate(self._items):
-            if stopped():
-                return
-            yield index, dumps(index, item)
+        return self._pickler.pickles(self._items, self._stop.is_set)
 
 
 def item_of(shard: Shard, store: Store, run_id: str, j: int = 0) -> Any:
