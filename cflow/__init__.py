@@ -18,7 +18,10 @@ from cflow.api import attach, map, submit
 from cflow.errors import RemoteError, ShardFailed
 from cflow.results import Progress, Results
 from cflow.run import Run
-from worker.pyfunc import ItemTimedOut  # raised in an item past its timeout, on the worker
+from worker.pyfunc import (
+    ItemTimedOut,  # raised in an item past its timeout, on the worker
+    UnpicklableValue,  # an item's value will not pickle to come back
+)
 
 __all__ = [
     "ItemTimedOut",
@@ -27,6 +30,7 @@ __all__ = [
     "Results",
     "Run",
     "ShardFailed",
+    "UnpicklableValue",
     "attach",
     "map",
     "submit",

@@ -63,3 +63,9 @@ def hangs(x: int) -> int:
 def divides(x: int) -> float:
     """Every item raises ZeroDivisionError."""
     return x / 0
+
+
+def lazily(x: int) -> object:
+    """Item 1 returns a generator, which cannot go back to the caller; the others a list."""
+    numbers = (i for i in range(x))
+    return numbers if x == 1 else list(numbers)

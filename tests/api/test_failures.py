@@ -9,7 +9,7 @@ import pytest
 
 import cflow
 from tests.api import helpers
-from tests.api.helpers import Rejected, check
+from tests.api.helpers import Rejected, check, lazily
 from worker.errors import ConfigError, RunStateError
 
 pytestmark = pytest.mark.e2e
@@ -64,6 +64,19 @@ def test_as_completed_with_return_exceptions_goes_on_past_a_failed_item(
         failed = {item for item, value in got.items() if isinstance(value, cflow.ShardFailed)}
         assert failed == {2, 3}
         assert [got[1], got[4], got[5]] == [1, 4, 5]
+
+
+def test_a_value_that_will_not_pickle_fails_its_item_saying_so(backend: dict[str, Any]) -> None:
+    for chunk_size in (None, 1):  # chunks, and a shard per item
+        values = cflow.map(
+            lazily, [0, 1, 3], retries=0, halt="never", chunk_size=chunk_size,
+            return_exceptions=True, **backend,
+        )  # fmt: skip
+        assert values[0] == [] and values[2] == [0, 1, 2]
+        failed = values[1]
+        assert isinstance(failed, cflow.ShardFailed)
+        assert isinstance(failed.exception, cflow.UnpicklableValue)
+        assert "the function returned a generator, which cannot be pickled" in str(failed)
 
 
 def test_a_cancelled_runs_results_say_so(local_backend: dict[str, Any], tmp_path: Any) -> None:

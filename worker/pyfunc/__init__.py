@@ -51,6 +51,7 @@ from worker.pyfunc.shared import (
     ITEMS_PARAM,
     OVERFLOW_FILE,
     VALUE_FILE,
+    UnpicklableValue,
     describe_error,
     keep_value,
     load_function,
@@ -76,6 +77,7 @@ __all__ = [
     "OVERFLOW_FILE",
     "VALUE_FILE",
     "ItemTimedOut",
+    "UnpicklableValue",
     "call",
     "call_chunk",
     "describe_error",
@@ -98,9 +100,8 @@ def call(shard: TaskShard, function_file: Path) -> dict[str, Any]:
         return call_chunk(shard, fn)
     item = load_item(shard)
     try:
-        value = fn(item)
-    except BaseException as exc:
+        return keep_value(shard, fn(item))
+    except BaseException as exc:  # what it raised, or a value that will not pickle
         log(ERROR_MARK + json.dumps(describe_error(exc)) + "\n")
         sys.stderr.flush()
         raise
-    return keep_value(shard, value)

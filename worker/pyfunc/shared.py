@@ -84,10 +84,12 @@ def _loader(shard: TaskShard) -> Callable[[bytes], Any]:
 
 
 def keep_value(shard: TaskShard, value: Any) -> dict[str, Any]:
-    """The return value as ``result.json`` keeps it: inline when small, else a file output."""
-    import cloudpickle
+    """The return value as ``result.json`` keeps it: inline when small, else a file output.
 
-    data = cloudpickle.dumps(value)
+    Raises:
+        UnpicklableValue: it cannot be pickled.
+    """
+    data = pickled(value)
     if len(data) <= INLINE_LIMIT:
         return {"pickle": base64.b64encode(data).decode("ascii")}
     Path(shard.output_dir, VALUE_FILE).write_bytes(data)
@@ -157,12 +159,28 @@ def load_items(shard: TaskShard) -> list[Any]:
     return [loads(one) for one in pickles]
 
 
+class UnpicklableValue(TypeError):
+    """The function returned a value that cannot be pickled to go back to the caller."""
+
+
 def pickled(value: Any) -> bytes:
     """A value's pickle: the standard pickler where it can (several times faster on small
-    values), else cloudpickle (a lambda, a class shipped by value)."""
+    values), else cloudpickle (a lambda, a class shipped by value).
+
+    Raises:
+        UnpicklableValue: neither pickles it (says what it is and what to return instead).
+    """
     try:
         return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
     except (pickle.PicklingError, TypeError, AttributeError):
-        import cloudpickle
+        pass
+    import cloudpickle
 
+    try:
         return cloudpickle.dumps(value)
+    except Exception as exc:
+        raise UnpicklableValue(
+            f"the function returned a {type(value).__name__}, which cannot be pickled to go"
+            f" back: {type(exc).__name__}: {exc}; return picklable values (no open files,"
+            " locks or connections; a list, not a generator)"
+        ) from None
