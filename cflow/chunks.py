@@ -31,7 +31,7 @@ from cflow.pickling import BY_VALUE
 from cflow.pickling import loads as load_value
 from worker.errors import ConfigError, NotFound
 from worker.protocol import AttemptStatus, Layout, Shard, ShardFailure, ShardResult
-from worker.pyfunc import CHUNK_PARAM, ERROR_MARK, ITEMS_PARAM
+from worker.pyfunc import CHUNK_PARAM, ENTRIES_FILE, ERROR_MARK, ITEMS_PARAM
 from worker.store import Store
 
 CHUNKS_PER_SLOT = 4  # chunks each worker slot gets, when the size is chosen
@@ -238,12 +238,25 @@ class ValueFile:
     at: int | None = None
 
 
+def chunk_entries(store: Store, run_id: str, shard_id: str, result: ShardResult) -> list[Any]:
+    """A committed chunk's entries, one an item: from its record, or the file its record
+    names when they were too many for it (``worker.pyfunc.shared.ENTRIES_FILE``)."""
+    kept = result.value.get("chunk", {}) if isinstance(result.value, dict) else {}
+    if not isinstance(kept, dict):
+        return []
+    if kept.get("entries") == ENTRIES_FILE:
+        key = Layout.outputs(run_id, shard_id, result.attempt) + ENTRIES_FILE
+        entries = json.loads(store.get(key))
+        return entries if isinstance(entries, list) else []
+    return kept.get("values") or []
+
+
 def committed_items(store: Store, run_id: str, shard: Shard, result: ShardResult) -> list[Any]:
     """A committed chunk's items in order: each one's value (unpickled from the record, or a
     :class:`ValueFile`) or its :class:`ShardFailed`."""
     kept = result.value.get("chunk", {}) if isinstance(result.value, dict) else {}
     first = int(kept.get("first", 0))
-    entries = kept.get("values") or []
+    entries = chunk_entries(store, run_id, shard.id, result)
     out: list[Any] = []
     log: bytes | None = None
     marks: dict[int, tuple[dict[str, Any], int]] = {}

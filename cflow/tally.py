@@ -11,6 +11,7 @@ from cflow.results import Progress
 from runner.engine import runs
 from runner.engine.cache import run_keys
 from worker.protocol import Layout, Manifest, RunState, Shard, ShardResult
+from worker.pyfunc import ENTRIES_FILE
 from worker.store import Store
 
 
@@ -57,6 +58,10 @@ class ItemTally:
                 continue
             value = ShardResult.from_json(raw).value
             kept = value.get("chunk") if isinstance(value, dict) else None
+            if isinstance(kept, dict) and kept.get("entries") == ENTRIES_FILE:  # counted there
+                count, bad = int(kept.get("count", 0)), int(kept.get("failed", 0))
+                self._counted[sid] = (count - bad, bad)
+                continue
             entries = kept.get("values", []) if isinstance(kept, dict) else []
             bad = sum(1 for e in entries if "failed" in e)
             self._counted[sid] = (len(entries) - bad, bad)

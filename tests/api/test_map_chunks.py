@@ -341,3 +341,32 @@ def test_the_task_is_packed_once_a_map(
     assert len(packed) == 1
     bundle = runs.load_manifest(run._store, run.id).bundle
     assert run._store.get(Layout.bundle(bundle)) == packed[0]
+
+
+def test_a_chunk_of_thousands_of_items_keeps_their_entries_in_a_file(
+    backend: dict[str, Any], tmp_path: Path
+) -> None:
+    # 3,000 items' entries are more than a chunk's record holds (64 KiB of JSON): every item
+    # failed with "run(shard) returned ... bytes of JSON" before.
+    fixed = tmp_path / "fixed"
+
+    def fragile(x: int) -> int:
+        if x == 1234 and not fixed.exists():
+            raise ValueError("not yet")
+        return x * 3
+
+    run = cflow.submit(
+        fragile, range(6000), chunk_size=3000, retries=0, cache=True, halt="never", **backend
+    )
+    values = run.results(return_exceptions=True)
+    assert isinstance(values[1234], cflow.ShardFailed) and "not yet" in str(values[1234])
+    assert [v for i, v in enumerate(values) if i != 1234] == [
+        x * 3 for x in range(6000) if x != 1234
+    ]
+    progress = run.progress()
+    assert (progress.succeeded, progress.failed) == (5999, 1)
+    assert dict(run.as_completed(return_exceptions=True))[5999] == 17997
+    fixed.touch()  # the chunk holding the failure runs again; the other is reused
+    again = cflow.submit(fragile, range(6000), chunk_size=3000, retries=0, cache=True, **backend)
+    assert list(again.results()) == [x * 3 for x in range(6000)]
+    assert again.progress().cached == 3000

@@ -15,10 +15,11 @@ how many tries each): the list of their pickles, pickled, rides in its params
 another in the one process and returns every item's outcome in one record, so the chunk commits
 once: a value inline while the record has room (:data:`CHUNK_INLINE_BUDGET`), else at an offset
 in the chunk's one output :data:`OVERFLOW_FILE`, and a value over :data:`INLINE_LIMIT` in an
-output of its own, ``value-<index>.pkl``; an item that raised is tried again at once, up to its
-tries (each retry said in the log), and then kept as failed, its :data:`ERROR_MARK` line naming
-it (``item``) and where its part of the log starts (``log_from``, bytes), while the other items
-go on. What is not an ``Exception`` (``SystemExit``, ``KeyboardInterrupt``) fails the whole
+output of its own, ``value-<index>.pkl`` (the entries themselves in :data:`ENTRIES_FILE` when
+too many for the record: a chunk of thousands of items); an item that raised is tried again at
+once, up to its tries (each retry said in the log), and then kept as failed, its
+:data:`ERROR_MARK` line naming it (``item``) and where its part of the log starts (``log_from``,
+bytes), while the other items go on. What is not an ``Exception`` (``SystemExit``, ``KeyboardInterrupt``) fails the whole
 chunk's attempt, as a crash or a timeout does; the chunk is then run again whole, its values
 having died with the attempt, and from its second attempt on each item runs in a process of its
 own forked from the host (:mod:`worker.pyfunc.chunk`): an item that crashes it (``os._exit``, a
@@ -43,6 +44,7 @@ from worker.pyfunc.shared import (
     CLASSES_KEY_PARAM,
     CLASSES_PARAM,
     DYNAMIC_CODE,
+    ENTRIES_FILE,
     ERROR_MARK,
     ERROR_PICKLE_LIMIT,
     FUNCTION_FILE,
@@ -68,6 +70,7 @@ __all__ = [
     "CLASSES_KEY_PARAM",
     "CLASSES_PARAM",
     "DYNAMIC_CODE",
+    "ENTRIES_FILE",
     "ERROR_MARK",
     "ERROR_PICKLE_LIMIT",
     "FUNCTION_FILE",

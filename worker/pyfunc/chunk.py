@@ -25,6 +25,8 @@ from typing import Any
 from worker.pyfunc.shared import (
     CHUNK_INLINE_BUDGET,
     CHUNK_PARAM,
+    CHUNK_RECORD_LIMIT,
+    ENTRIES_FILE,
     ERROR_MARK,
     INLINE_LIMIT,
     OVERFLOW_FILE,
@@ -91,7 +93,20 @@ def call_chunk(shard: TaskShard, fn: Any) -> dict[str, Any]:
     finally:
         chunk.watch.close()
         chunk.overflow.close()
-    return {"chunk": {"first": first, "values": chunk.kept}}
+    record = {"chunk": {"first": first, "values": chunk.kept}}
+    if len(json.dumps(record)) <= CHUNK_RECORD_LIMIT:
+        return record
+    # Too many items for the record (each entry takes some 40 bytes): they go to a file.
+    Path(shard.output_dir, ENTRIES_FILE).write_text(json.dumps(chunk.kept), encoding="utf-8")
+    failed = sum(1 for entry in chunk.kept if "failed" in entry)
+    return {
+        "chunk": {
+            "first": first,
+            "count": len(chunk.kept),
+            "failed": failed,
+            "entries": ENTRIES_FILE,
+        }
+    }
 
 
 class ItemTimedOut(BaseException):

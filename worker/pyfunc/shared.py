@@ -34,6 +34,10 @@ CLASSES_PARAM = "classes"
 CLASSES_KEY_PARAM = "classes_key"  # what the cache keys them on (without their line numbers)
 CHUNK_INLINE_BUDGET = 48 * 1024  # bytes of base64 a chunk's values take in its result.json
 OVERFLOW_FILE = "values.pkl"  # a chunk's values its result.json has no room for, in one file
+# A chunk's entries (one an item) when they are too many for its result.json: the record then
+# says where they are, how many and how many failed (a chunk of thousands of items)
+ENTRIES_FILE = "entries.json"
+CHUNK_RECORD_LIMIT = 60 * 1024  # bytes of JSON a chunk's record keeps (under RETURN_LIMIT)
 
 _HERE = os.path.dirname(__file__)  # this package: its frames are not the function's
 _loaded: dict[str, Any] = {}  # function file -> the function, once per warm process
@@ -140,7 +144,11 @@ def partly_failed(value: Any) -> bool:
     """Whether a commit record's value is a chunk's holding an item that failed: the cross-run
     cache does not reuse it, so that item runs again."""
     chunk = value.get("chunk") if isinstance(value, dict) else None
-    values = chunk.get("values") if isinstance(chunk, dict) else None
+    if not isinstance(chunk, dict):
+        return False
+    if chunk.get("entries") == ENTRIES_FILE:  # its entries in a file: the record counts them
+        return bool(chunk.get("failed"))
+    values = chunk.get("values")
     return isinstance(values, list) and any("failed" in v for v in values if isinstance(v, dict))
 
 
