@@ -1,7 +1,7 @@
 """What one ``cflow.map`` costs: its wall time and the CPU of every process it used, per map.
 
     python bench/map_cpu.py [--maps 20] [--calls 2000] [--workers 2] [--one-store] [--hold GB]
-                            [--captures MB] [--records]
+                            [--captures MB] [--records] [--cache]
     python bench/map_cpu.py --other DIR [--rounds 6]      # this tree against another, alternated
 
 Maps a no-op function over ``--calls`` integers ``--maps`` times, each into a fresh store (or
@@ -20,6 +20,10 @@ say), shipped with it by value.
 ``--records``: the items are instances of a dataclass of this script's ``__main__`` (a script's
 or a notebook's records), which a worker that is not a fork of the caller has no class for:
 their classes go by value beside them, once a chunk.
+
+``--cache``: every map with ``cache=True``: each into a fresh store, every map keys its function
+and items and finds nothing to reuse (what the cache costs a map that misses); with
+``--one-store``, every map after the first reuses every call.
 
 ``--other DIR``: a checkout of another version (``git worktree add DIR COMMIT``); the two are
 measured in turn, ``--rounds`` times each, in processes of their own (this file run in each
@@ -70,13 +74,16 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--hold", type=float, default=0.0, help="GB the caller holds first")
     parser.add_argument("--captures", type=float, default=0.0, help="MB the function holds")
     parser.add_argument("--records", action="store_true", help="items of a class of __main__")
+    parser.add_argument("--cache", action="store_true", help="maps with cache=True (all miss)")
     parser.add_argument("--other", type=Path, help="another version's checkout, to alternate")
     parser.add_argument("--rounds", type=int, default=6, help="with --other: rounds of each")
     parser.add_argument("--json", action="store_true", help="one line of JSON only")
     parser.add_argument(
         "--work", type=Path, default=REPO / "bench" / "out", help="where the stores go"
     )
-    return parse_args(parser, argv, maps=2, calls=20, rounds=1, hold=0.3, captures=2, records=True)
+    return parse_args(
+        parser, argv, maps=2, calls=20, rounds=1, hold=0.3, captures=2, records=True, cache=True
+    )
 
 
 def _reap() -> None:
@@ -132,7 +139,11 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
     def one(store: Path) -> float:
         start = time.perf_counter()
-        values = list(cflow.map(fn, items, workers=args.workers, store=store, progress=False))
+        values = list(
+            cflow.map(
+                fn, items, workers=args.workers, store=store, progress=False, cache=args.cache
+            )
+        )
         took = time.perf_counter() - start
         let_go()
         _reap()
@@ -179,6 +190,8 @@ def _child(tree: Path, args: argparse.Namespace) -> dict[str, Any]:
     argv += ["--hold", str(args.hold), "--captures", str(args.captures)]
     if args.records:
         argv.append("--records")
+    if args.cache:
+        argv.append("--cache")
     measured: dict[str, Any] = in_tree(tree, str(Path(__file__).resolve()), argv)
     return measured
 
@@ -191,6 +204,7 @@ def main(argv: list[str] | None = None) -> None:
         held = f", the caller holding {args.hold:g} GB" if args.hold else ""
         held += f", the function {args.captures:g} MB" if args.captures else ""
         held += ", items of a class of __main__" if args.records else ""
+        held += ", with the cache (missing)" if args.cache else ""
         print(f"{args.maps} maps of {args.calls} no-op calls, {args.workers} workers{held}\n")
         print(_line("this", measure(args)))
         return
