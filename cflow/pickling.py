@@ -229,16 +229,22 @@ class ItemPickler:
         """``(index, pickle)`` of each item, as :meth:`dumps` makes them, until ``stopped``;
         the standard pickler's, where it does, with its names bound once (a map's thousands
         of small items go through here)."""
-        dumps, protocol, search, fast = pickle.dumps, PROTOCOL, self._names_any, not self._canonical
+        dumps, protocol, search = pickle.dumps, PROTOCOL, self._names_any
+        canonical, empty_set, frozen = self._canonical, pickle.EMPTY_SET, pickle.FROZENSET
         for index, item in enumerate(items):
             if stopped():
                 return
-            if fast and not self._naming_last:
+            if canonical or not self._naming_last:
                 try:
                     data = dumps(item, protocol=protocol)
                 except (pickle.PicklingError, TypeError, AttributeError):
                     data = None
-                if data is not None and search(data) is None:
+                # With the cache, a pickle without a set's opcode among its bytes holds none.
+                if (
+                    data is not None
+                    and search(data) is None
+                    and (not canonical or (empty_set not in data and frozen not in data))
+                ):
                     yield index, data
                     continue
             yield index, self.dumps(index, item)

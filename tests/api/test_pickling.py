@@ -77,6 +77,10 @@ def test_an_item_goes_by_value_only_where_a_worker_could_not_read_it() -> None:
     )
     cached = ItemPickler((), canonical=True)
     assert cached.dumps(1, [1, 2, 3]) == pickle.dumps([1, 2, 3], protocol=pickle.HIGHEST_PROTOCOL)
+    got = list(cached.pickles([7, {"b", "a"}, lambda: 8], lambda: False))  # a map's items
+    assert [i for i, _ in got] == [0, 1, 2]
+    assert pickle.loads(got[0][1]) == 7 and pickle.loads(got[1][1]) == {"a", "b"}
+    assert pickle.loads(got[2][1])() == 8  # a lambda: by value, whole
     with pytest.raises(Exception, match=r"item 2 \(a generator\) cannot be shipped"):
         plain.dumps(2, (x for x in ()))
     floats = [i / 7 for i in range(10_000)]  # a set's opcodes among its bytes, and no set

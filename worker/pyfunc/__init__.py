@@ -19,12 +19,13 @@ output of its own, ``value-<index>.pkl`` (the entries themselves in :data:`ENTRI
 too many for the record: a chunk of thousands of items); an item that raised is tried again at
 once, up to its tries (each retry said in the log), and then kept as failed, its
 :data:`ERROR_MARK` line naming it (``item``) and where its part of the log starts (``log_from``,
-bytes), while the other items go on. What is not an ``Exception`` (``SystemExit``, ``KeyboardInterrupt``) fails the whole
-chunk's attempt, as a crash or a timeout does; the chunk is then run again whole, its values
-having died with the attempt, and from its second attempt on each item runs in a process of its
-own forked from the host (:mod:`worker.pyfunc.chunk`): an item that crashes it (``os._exit``, a
-segfault, the OOM killer) then fails alone, after its tries, and the chunk's other items keep
-their values, where before one such item failed every item of its chunk.
+bytes), while the other items go on. What is not an ``Exception`` (``SystemExit``,
+``KeyboardInterrupt``) fails the whole chunk's attempt, as a crash or a timeout does; the chunk
+is then run again whole, its values having died with the attempt, and from its second attempt on
+each item runs in a process of its own forked from the host (:mod:`worker.pyfunc.chunk`): an
+item that crashes it (``os._exit``, a segfault, the OOM killer) then fails alone, after its
+tries, and the chunk's other items keep their values, where before one such item failed every
+item of its chunk.
 
 What the parts share is in :mod:`worker.pyfunc.shared`; a chunk's items run in
 :mod:`worker.pyfunc.chunk`. Never imports the runner or cflow: it runs on every worker.
