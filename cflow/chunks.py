@@ -4,10 +4,11 @@ per-shard path (a claim, a commit, an ack, a record) once per chunk instead of o
 A chunk is one shard holding consecutive items (``worker.pyfunc`` runs them one after another
 and commits every item's outcome in one record). How many items go in one: ``chunk_size=`` when
 given (1: one shard per item, the plain form); else enough chunks that every worker slot gets
-:data:`CHUNKS_PER_SLOT` of them, at most :data:`MAX_CHUNK` items, from the item count where the
-iterable has a length, and from the count read so far where it has none (a generator's first
-chunks are single items, and they grow as it goes on). A chunk also closes once its items'
-pickles reach :data:`CHUNK_BYTES`, so one never grows large.
+:data:`CHUNKS_PER_SLOT` of them, at most :data:`MAX_CHUNK` items (more where a known count
+would make over :data:`MAX_CHUNKS` chunks), from the item count where the iterable has a length,
+and from the count read so far where it has none (a generator's first chunks are single items,
+and they grow as it goes on). A chunk also closes once its items' pickles reach
+:data:`CHUNK_BYTES`, so one never grows large.
 
 What the caller reads back is per item, whatever the chunking: a value, or a
 :class:`~cflow.ShardFailed` with the item's own index, exception, traceback and its part of the
@@ -40,6 +41,10 @@ CHUNKS_PER_SLOT = 4  # chunks each worker slot gets, when the size is chosen
 # do, so a full chunk of quick calls spends no longer being a shard than running its calls;
 # it is also multiprocessing.Pool.map's chunk for 2,000 items on 2 processes.
 MAX_CHUNK = 250
+# Chunks of a map whose item count is known, at most: each costs about a millisecond to claim,
+# commit and read back (or to reuse from the cache), so a million quick calls in chunks of 250
+# spent 4 s on that alone. Past 250,000 items a chunk holds more than MAX_CHUNK.
+MAX_CHUNKS = 1000
 CHUNK_BYTES = 1024 * 1024  # a chunk closes once its items' pickles hold this many bytes
 CHUNK_INLINE_LIMIT = 64 * 1024  # bytes of a chunk's items carried in its params; more: the store
 
@@ -110,7 +115,10 @@ class Chunking:
         if self.fixed is not None:
             return self.fixed
         count = self.total if self.total is not None else seen
-        return max(1, min(MAX_CHUNK, math.ceil(count / (self.slots * CHUNKS_PER_SLOT))))
+        size = max(1, min(MAX_CHUNK, math.ceil(count / (self.slots * CHUNKS_PER_SLOT))))
+        if self.total is not None:  # past MAX_CHUNKS chunks, they grow (a known count only)
+            size = max(size, math.ceil(self.total / MAX_CHUNKS))
+        return size
 
     def shards(
         self,

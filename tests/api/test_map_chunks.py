@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 import cflow
-from cflow.chunks import MAX_CHUNK, Chunking
+from cflow.chunks import MAX_CHUNK, MAX_CHUNKS, Chunking
 from cflow.shipping import ItemFeed
 from runner.engine import runs
 from tests.api.helpers import Rejected, check, crashes, hangs
@@ -217,6 +217,9 @@ def test_a_chunked_run_is_seen_by_runner_status(
 
 def test_the_chunk_size_is_chosen_from_the_items_and_the_workers() -> None:
     assert Chunking.pick(range(2000), None, slots=2, tries=1).size(0) == MAX_CHUNK
+    million = Chunking.pick(range(10**6), None, slots=2, tries=1)  # at most MAX_CHUNKS chunks
+    assert million.size(0) == million.largest == 10**6 // MAX_CHUNKS
+    assert million.at_least() == MAX_CHUNKS
     assert Chunking.pick(range(80), None, slots=2, tries=1).size(0) == 10  # 4 per slot
     small = Chunking.pick(range(5), None, slots=2, tries=1)
     assert not small.chunked  # one shard per item: today's form
