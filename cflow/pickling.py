@@ -172,6 +172,9 @@ def function_key(fn: Any, own: tuple[str, ...], runner: str) -> str:
     )
 
 
+_SCALARS = frozenset({int, float, str, bytes, bool, type(None)})
+
+
 class ItemPickler:
     """Each item's pickle (see the module's doc).
 
@@ -234,6 +237,9 @@ class ItemPickler:
         for index, item in enumerate(items):
             if stopped():
                 return
+            if type(item) in _SCALARS:  # names no class, holds no set: nothing to look for
+                yield index, dumps(item, protocol=protocol)
+                continue
             if canonical or not self._naming_last:
                 try:
                     data = dumps(item, protocol=protocol)
