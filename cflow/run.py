@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,7 @@ class Run:
         self._feed = feed
         self._detach = detach
         self._dep: Deployment | None = None
+        self._closing: weakref.finalize[Any, Any] | None = None
         self._shards: dict[str, Shard] | None = None
         self._chunked: bool | None = None  # whether its shards are chunks of items
         self._items: ItemTally | None = None
@@ -138,6 +140,10 @@ class Run:
     def _dep_open(self) -> Deployment:
         if self._dep is None:
             self._dep = open_deployment(self._config)
+            # Closed as soon as this Run goes, not when the collector next runs: an SQLite
+            # connection is in a reference cycle (its statement cache), so a dropped Run's
+            # left the store open until then (a forked worker then shares that state).
+            self._closing = weakref.finalize(self, self._dep.close)
         return self._dep
 
     def wait(self) -> Progress:
@@ -265,6 +271,8 @@ class Run:
         forks, the last to the file folding its log in (milliseconds on that map's start)."""
         if self._dep is not None:  # the next look opens one afresh (closed clients stay so)
             dep, self._dep = self._dep, None
+            if self._closing is not None:
+                self._closing.detach()
             dep.close()
 
     def as_completed(self, return_exceptions: bool = False) -> Iterator[tuple[Any, Any]]:
