@@ -32,7 +32,7 @@ from cflow.pickling import BY_VALUE
 from cflow.pickling import loads as load_value
 from worker.errors import ConfigError, NotFound
 from worker.protocol import AttemptStatus, Layout, Shard, ShardFailure, ShardResult
-from worker.pyfunc import CHUNK_PARAM, ENTRIES_FILE, ERROR_MARK, ITEMS_PARAM
+from worker.pyfunc import CHUNK_PARAM, CHUNK_PICKLES, ENTRIES_FILE, ERROR_MARK, ITEMS_PARAM
 from worker.store import Store
 
 CHUNKS_PER_SLOT = 4  # chunks each worker slot gets, when the size is chosen
@@ -264,6 +264,9 @@ def committed_items(store: Store, run_id: str, shard: Shard, result: ShardResult
     :class:`ValueFile`) or its :class:`ShardFailed`."""
     kept = result.value.get("chunk", {}) if isinstance(result.value, dict) else {}
     first = int(kept.get("first", 0))
+    if isinstance(kept, dict) and CHUNK_PICKLES in kept:  # every item's value, in one list
+        raws = pickle.loads(binascii.a2b_base64(kept[CHUNK_PICKLES]))
+        return [pickle.loads(r) if BY_VALUE not in r else load_value(r) for r in raws]
     entries = chunk_entries(store, run_id, shard.id, result)
     out: list[Any] = []
     log: bytes | None = None

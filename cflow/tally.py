@@ -11,7 +11,7 @@ from cflow.results import Progress
 from runner.engine import runs
 from runner.engine.cache import run_keys
 from worker.protocol import Layout, Manifest, RunState, Shard, ShardResult
-from worker.pyfunc import ENTRIES_FILE
+from worker.pyfunc import CHUNK_PICKLES, ENTRIES_FILE
 from worker.store import Store
 
 
@@ -58,6 +58,9 @@ class ItemTally:
                 continue
             value = ShardResult.from_json(raw).value
             kept = value.get("chunk") if isinstance(value, dict) else None
+            if isinstance(kept, dict) and CHUNK_PICKLES in kept:  # every item succeeded
+                self._counted[sid] = (int(kept.get("count", 0)), 0)
+                continue
             if isinstance(kept, dict) and kept.get("entries") == ENTRIES_FILE:  # counted there
                 count, bad = int(kept.get("count", 0)), int(kept.get("failed", 0))
                 self._counted[sid] = (count - bad, bad)

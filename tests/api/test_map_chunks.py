@@ -18,7 +18,8 @@ from tests.api.helpers import Rejected, check, crashes, hangs
 from tests.e2e.conftest import Cli
 from worker.bundle import pack
 from worker.errors import ConfigError
-from worker.protocol import Layout
+from worker.protocol import Layout, ShardResult
+from worker.pyfunc import CHUNK_PICKLES
 
 pytestmark = pytest.mark.e2e
 
@@ -284,6 +285,25 @@ def test_the_cache_runs_again_a_chunk_whose_item_failed(
     run = cflow.submit(fragile, range(6), chunk_size=3, retries=0, cache=True, **local_backend)
     assert list(run.results()) == list(range(6))
     assert run.progress().cached == 3  # the chunk without a failure only
+
+
+def test_a_chunk_whose_items_all_succeeded_keeps_their_values_in_one_list(
+    local_backend: dict[str, Any],
+) -> None:
+    run = cflow.submit(
+        check, [1, 4, 5, 3, 6, 7], chunk_size=3, retries=0, halt="never", **local_backend
+    )
+    values = run.results(return_exceptions=True)
+    assert [values[i] for i in (0, 1, 2, 4, 5)] == [1, 4, 5, 6, 7]
+    assert isinstance(values[3], cflow.ShardFailed)
+    records = [
+        ShardResult.from_json(run._store.get(Layout.result(run.id, s.id))).value["chunk"]
+        for s in _chunks(run)
+    ]
+    assert CHUNK_PICKLES in records[0] and "values" not in records[0]  # 1, 4, 5: all values
+    assert "values" in records[1] and CHUNK_PICKLES not in records[1]  # 3 failed: an entry each
+    progress = run.progress()
+    assert (progress.succeeded, progress.failed) == (5, 1)
 
 
 def test_big_items_and_values_of_a_chunk_go_by_the_store(local_backend: dict[str, Any]) -> None:

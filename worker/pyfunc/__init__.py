@@ -42,6 +42,7 @@ from worker.pyfunc.chunk import ItemTimedOut, call_chunk
 from worker.pyfunc.shared import (
     CHUNK_INLINE_BUDGET,
     CHUNK_PARAM,
+    CHUNK_PICKLES,
     CLASSES_KEY_PARAM,
     CLASSES_PARAM,
     DYNAMIC_CODE,
@@ -68,6 +69,7 @@ from worker.taskapi import TaskShard
 __all__ = [
     "CHUNK_INLINE_BUDGET",
     "CHUNK_PARAM",
+    "CHUNK_PICKLES",
     "CLASSES_KEY_PARAM",
     "CLASSES_PARAM",
     "DYNAMIC_CODE",

@@ -12,6 +12,7 @@ import contextlib
 import fcntl
 import json
 import os
+import pickle
 import select
 import signal
 import stat
@@ -25,11 +26,14 @@ from typing import Any
 from worker.pyfunc.shared import (
     CHUNK_INLINE_BUDGET,
     CHUNK_PARAM,
+    CHUNK_PICKLES,
     CHUNK_RECORD_LIMIT,
+    COMPACT_BYTES,
     ENTRIES_FILE,
     ERROR_MARK,
     INLINE_LIMIT,
     OVERFLOW_FILE,
+    PICKLED_ITEM_COST,
     describe_error,
     load_items,
     log,
@@ -93,7 +97,7 @@ def call_chunk(shard: TaskShard, fn: Any) -> dict[str, Any]:
     finally:
         chunk.watch.close()
         chunk.overflow.close()
-    record = {"chunk": {"first": first, "values": chunk.kept}}
+    record = chunk.record(first)
     if len(json.dumps(record)) <= CHUNK_RECORD_LIMIT:
         return record
     # Too many items for the record (each entry takes some 40 bytes): they go to a file.
@@ -152,7 +156,13 @@ class _Watch:
 
 @dataclass
 class _Chunk:
-    """What running a chunk's items keeps: their entries and the record's room left."""
+    """What running a chunk's items keeps: their entries and the record's room left.
+
+    While every item so far succeeded with a small value, their pickles are only held
+    (``pending``): a chunk whose items all did, and whose values fit the record, keeps them as
+    one pickled list (:data:`CHUNK_PICKLES`), a fraction of the time an entry an item takes
+    (base64 and a dict each, written and read back as JSON). The first failure, large value or
+    value past the room turns what is held into entries, and the chunk goes on with entries."""
 
     shard: TaskShard
     tries: int
@@ -162,15 +172,39 @@ class _Chunk:
     appends: bool = field(default_factory=_appends)
     kept: list[dict[str, Any]] = field(default_factory=list)
     budget: int = CHUNK_INLINE_BUDGET
+    pending: list[tuple[int, bytes]] | None = field(default_factory=list)
+    held: int = 0  # bytes the pending pickles take in the one list
 
     def value(self, index: int, data: bytes) -> None:
+        if self.pending is not None:
+            size = len(data) + PICKLED_ITEM_COST
+            if len(data) <= INLINE_LIMIT and self.held + size <= COMPACT_BYTES:
+                self.pending.append((index, data))
+                self.held += size
+                return
+            self._entries()
         entry = _kept(self.shard, index, data, self.budget, self.overflow)
         self.kept.append(entry)
         self.budget -= len(entry.get("pickle", ""))
 
     def failed(self, record: dict[str, Any], index: int, start: int) -> None:
         log(ERROR_MARK + json.dumps(record | {"item": index, "log_from": start}) + "\n")
+        self._entries()
         self.kept.append({"failed": self.tries})
+
+    def _entries(self) -> None:
+        """What is held, as entries from now on."""
+        pending, self.pending = self.pending or [], None
+        for index, data in pending:
+            self.value(index, data)
+
+    def record(self, first: int) -> dict[str, Any]:
+        """The chunk's record: its values in one pickled list, or an entry an item."""
+        if self.pending is None:
+            return {"chunk": {"first": first, "values": self.kept}}
+        pickles = pickle.dumps([data for _, data in self.pending], protocol=pickle.HIGHEST_PROTOCOL)
+        text = base64.b64encode(pickles).decode("ascii")
+        return {"chunk": {"first": first, "count": len(self.pending), CHUNK_PICKLES: text}}
 
 
 def _run_item(fn: Any, item: Any, index: int, chunk: _Chunk) -> None:

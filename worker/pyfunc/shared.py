@@ -38,6 +38,13 @@ OVERFLOW_FILE = "values.pkl"  # a chunk's values its result.json has no room for
 # says where they are, how many and how many failed (a chunk of thousands of items)
 ENTRIES_FILE = "entries.json"
 CHUNK_RECORD_LIMIT = 60 * 1024  # bytes of JSON a chunk's record keeps (under RETURN_LIMIT)
+# A chunk whose every item succeeded with a small value keeps their pickles as one pickled list,
+# base64, under this key of its record (with "count"), while they take at most COMPACT_BYTES
+# (each counted PICKLED_ITEM_COST more: its length in the list's pickle), as much as the
+# entries' inline budget holds once base64
+CHUNK_PICKLES = "pickles"
+COMPACT_BYTES = CHUNK_INLINE_BUDGET * 3 // 4
+PICKLED_ITEM_COST = 5
 
 _HERE = os.path.dirname(__file__)  # this package: its frames are not the function's
 _loaded: dict[str, Any] = {}  # function file -> the function, once per warm process
