@@ -60,15 +60,21 @@ def holds_a_set(item: Any, data: bytes) -> bool:
         return False
     finder = _SetFinder(io.BytesIO(), PROTOCOL)
     finder.dump(item)
-    return finder.found
+    return finder.sets
 
 
-class _SetFinder(pickle.Pickler):
-    found = False
+class _NotingSets:
+    """A pickler's mixin: ``sets`` says whether it met a set (asked of every object)."""
 
-    def persistent_id(self, obj: Any) -> None:  # asked of every object pickled
+    sets = False
+
+    def persistent_id(self, obj: Any) -> None:
         if type(obj) in (set, frozenset):
-            self.found = True
+            self.sets = True
+
+
+class _SetFinder(_NotingSets, pickle.Pickler):
+    pass
 
 
 def _code_without_lines(code: types.CodeType) -> Any:
@@ -109,7 +115,7 @@ def code_key(obj: Any) -> str:
     return hashlib.sha256(out.getvalue()).hexdigest()
 
 
-class _KeyPickler(cloudpickle.Pickler):
+class _KeyPickler(_NotingSets, cloudpickle.Pickler):
     """cloudpickle's pickler, code without its line numbers, noting the classes it ships by
     value and whether it met a set (what makes its bytes differ between processes)."""
 
@@ -120,17 +126,12 @@ class _KeyPickler(cloudpickle.Pickler):
     def __init__(self, file: io.BytesIO):
         super().__init__(file, protocol=PROTOCOL)
         self.classes: list[type] = []
-        self.sets = False
 
     def reducer_override(self, obj: Any) -> Any:
         reduced = super().reducer_override(obj)
         if isinstance(obj, type) and reduced is not NotImplemented and reduced[0] in _SKELETONS:
             self.classes.append(obj)
         return reduced
-
-    def persistent_id(self, obj: Any) -> None:  # asked of every object pickled
-        if type(obj) in (set, frozenset):
-            self.sets = True
 
 
 def canonical_dumps(obj: Any) -> bytes:

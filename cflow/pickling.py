@@ -214,6 +214,11 @@ class ItemPickler:
             data = pickle.dumps(item, protocol=PROTOCOL)
         except (pickle.PicklingError, TypeError, AttributeError):
             return self._whole(index, item)
+        return self._checked(index, item, data)
+
+    def _checked(self, index: int, item: Any, data: bytes) -> bytes:
+        """Item ``index``'s pickle, ``data`` the standard pickler's: it, or made again where
+        it names the caller's own classes or (with the cache) holds a set."""
         names = self._names_any(data) is not None
         if not names and not self._canonical:
             return data  # most items: nothing of the caller's own named
@@ -244,15 +249,16 @@ class ItemPickler:
                 try:
                     data = dumps(item, protocol=protocol)
                 except (pickle.PicklingError, TypeError, AttributeError):
-                    data = None
+                    yield index, self._whole(index, item)
+                    continue
                 # With the cache, a pickle without a set's opcode among its bytes holds none.
-                if (
-                    data is not None
-                    and search(data) is None
-                    and (not canonical or (empty_set not in data and frozen not in data))
+                if search(data) is None and (
+                    not canonical or (empty_set not in data and frozen not in data)
                 ):
                     yield index, data
                     continue
+                yield index, self._checked(index, item, data)  # not pickled a second time
+                continue
             yield index, self.dumps(index, item)
 
     def _named_pickle(self, item: Any) -> bytes:

@@ -11,7 +11,7 @@ from cflow.results import Progress
 from runner.engine import runs
 from runner.engine.cache import run_keys
 from worker.protocol import Layout, Manifest, RunState, Shard, ShardResult
-from worker.pyfunc import CHUNK_PICKLES, ENTRIES_FILE
+from worker.pyfunc import chunk_counts
 from worker.store import Store
 
 
@@ -56,18 +56,8 @@ class ItemTally:
             if raw is None:  # settled without a commit: the chunk failed, every item with it
                 self._counted[sid] = (0, self.count(sid))
                 continue
-            value = ShardResult.from_json(raw).value
-            kept = value.get("chunk") if isinstance(value, dict) else None
-            if isinstance(kept, dict) and CHUNK_PICKLES in kept:  # every item succeeded
-                self._counted[sid] = (int(kept.get("count", 0)), 0)
-                continue
-            if isinstance(kept, dict) and kept.get("entries") == ENTRIES_FILE:  # counted there
-                count, bad = int(kept.get("count", 0)), int(kept.get("failed", 0))
-                self._counted[sid] = (count - bad, bad)
-                continue
-            entries = kept.get("values", []) if isinstance(kept, dict) else []
-            bad = sum(1 for e in entries if "failed" in e)
-            self._counted[sid] = (len(entries) - bad, bad)
+            count, bad = chunk_counts(ShardResult.from_json(raw).value) or (0, 0)
+            self._counted[sid] = (count - bad, bad)
         return (
             sum(ok for ok, _ in self._counted.values()),
             sum(bad for _, bad in self._counted.values()),

@@ -98,8 +98,8 @@ def call_chunk(shard: TaskShard, fn: Any) -> dict[str, Any]:
         chunk.watch.close()
         chunk.overflow.close()
     record = chunk.record(first)
-    if len(json.dumps(record)) <= CHUNK_RECORD_LIMIT:
-        return record
+    if chunk.pending is not None or chunk.entries_size() <= CHUNK_RECORD_LIMIT:
+        return record  # one list (its room was kept), or entries that fit, without a dump
     # Too many items for the record (each entry takes some 40 bytes): they go to a file.
     Path(shard.output_dir, ENTRIES_FILE).write_text(json.dumps(chunk.kept), encoding="utf-8")
     failed = sum(1 for entry in chunk.kept if "failed" in entry)
@@ -197,6 +197,14 @@ class _Chunk:
         pending, self.pending = self.pending or [], None
         for index, data in pending:
             self.value(index, data)
+
+    def entries_size(self) -> int:
+        """Bytes of JSON the entries' record takes: 0 where a bound says it fits for sure
+        (each entry the base64 it holds inline and at most 64 more: a file entry,
+        ``{"file": "values.pkl", "at": ..., "size": ...}``, is under), else counted."""
+        if len(self.kept) * 64 + (CHUNK_INLINE_BUDGET - self.budget) <= CHUNK_RECORD_LIMIT:
+            return 0
+        return len(json.dumps({"chunk": {"first": 0, "values": self.kept}}))
 
     def record(self, first: int) -> dict[str, Any]:
         """The chunk's record: its values in one pickled list, or an entry an item."""

@@ -147,16 +147,27 @@ def log(line: str) -> None:
     os.write(2, line.encode("utf-8", "backslashreplace"))  # fd 2: the attempt's log
 
 
+def chunk_counts(value: Any) -> tuple[int, int] | None:
+    """A chunk's commit record's value, counted: its items and how many of them failed, in
+    whichever form the record keeps them (one list, an entry an item, or entries in a file
+    the record counts); None: not a chunk's."""
+    chunk = value.get("chunk") if isinstance(value, dict) else None
+    if not isinstance(chunk, dict):
+        return None
+    if CHUNK_PICKLES in chunk:  # every item succeeded
+        return int(chunk.get("count", 0)), 0
+    if chunk.get("entries") == ENTRIES_FILE:
+        return int(chunk.get("count", 0)), int(chunk.get("failed", 0))
+    values = chunk.get("values")
+    entries = values if isinstance(values, list) else []
+    return len(entries), sum(1 for e in entries if isinstance(e, dict) and "failed" in e)
+
+
 def partly_failed(value: Any) -> bool:
     """Whether a commit record's value is a chunk's holding an item that failed: the cross-run
     cache does not reuse it, so that item runs again."""
-    chunk = value.get("chunk") if isinstance(value, dict) else None
-    if not isinstance(chunk, dict):
-        return False
-    if chunk.get("entries") == ENTRIES_FILE:  # its entries in a file: the record counts them
-        return bool(chunk.get("failed"))
-    values = chunk.get("values")
-    return isinstance(values, list) and any("failed" in v for v in values if isinstance(v, dict))
+    counts = chunk_counts(value)
+    return counts is not None and counts[1] > 0
 
 
 def load_items(shard: TaskShard) -> list[Any]:
