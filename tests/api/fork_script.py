@@ -9,6 +9,7 @@ workers forked from it, and what it prints about them as one JSON line.
                                                is asked for: the worker asked for is forked then
     python fork_script.py map STORE            values and a failure through forked workers (and
                                                their forked task hosts), then a map more
+    python fork_script.py nested STORE         a function that maps with cflow.map itself
     python fork_script.py random STORE         two forked task hosts draw random numbers
     python fork_script.py threaded STORE       the same while another thread runs
     python fork_script.py again STORE          maps one after another into one store, each
@@ -154,6 +155,19 @@ def mapped(store: Path) -> None:
         cflow.map(with_worker, [-4, -5, -6], store=store / "c", chunk_size=3, progress=False)
     )
     say(values=values, failed=failed, again=again)
+
+
+def map_within(x: int) -> list[tuple[int, str]]:
+    """Maps from its own task host: each value with the command line of the worker that ran
+    it. The launcher, the worker and the task host this runs in were each forked while their
+    parent held a lock of its own (a launcher's, a worker's children's, its spare hosts')."""
+    inner = cflow.map(with_worker, [x, -x], workers=1, progress=False)
+    return [(value, worker) for value, worker, _ in inner]
+
+
+def nested(store: Path) -> None:
+    outer = cflow.map(map_within, [1, 2], store=store, timeout=60, retries=0, progress=False)
+    say(values=list(outer))
 
 
 def draw_together(folder: str) -> tuple[int, str, float, float]:
@@ -392,6 +406,7 @@ MODES = {
     "killed": killed,
     "map": mapped,
     "random": drawn,
+    "nested": nested,
     "again": again,
     "kept": kept,
     "replaced": replaced,

@@ -314,6 +314,23 @@ def test_values_and_failures_come_back_from_forked_or_spawned_workers(
     assert proc.wait(EXIT_SECONDS) == 0
 
 
+def test_a_function_that_maps_with_cflow_itself_gets_its_values(
+    tmp_path: Path, procs: list[subprocess.Popen[str]]
+) -> None:
+    """Each task host was forked while its worker held the lock on its children and spares,
+    and the launcher while the caller held the kept launcher's: a ``cflow.map`` in the
+    function waited on one of them until its timeout. A fork's child now starts with none of
+    them held, and the inner map's workers are forked too."""
+    proc = _script("nested", str(tmp_path / "store"))
+    procs.append(proc)
+    shown = _line(proc)
+    assert [[value for value, _ in inner] for inner in shown["values"]] == [[1, 1], [2, 2]]
+    for inner in shown["values"]:
+        for _, worker in inner:
+            assert str(SCRIPT) in worker, worker  # forked, down from this script's process
+    assert proc.wait(EXIT_SECONDS) == 0
+
+
 def test_maps_one_after_another_into_one_store_each_fork_their_workers(
     tmp_path: Path, procs: list[subprocess.Popen[str]]
 ) -> None:

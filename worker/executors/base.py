@@ -73,8 +73,16 @@ class _Processes:
         with self.lock:
             self.live.discard(token)
 
+    def forget_all(self) -> None:
+        """In a child just forked: its parent's children are not its own, and the lock may have
+        been held by the fork (a task host is forked inside it)."""
+        self.lock = threading.Lock()
+        self.known = set()
+        self.live = set()
+
 
 PROCESSES = _Processes()
+os.register_at_fork(after_in_child=PROCESSES.forget_all)
 
 
 class RunningTask(ABC):

@@ -140,6 +140,12 @@ class _Spares:
         # caller last mapped: worker.executors.host.preload).
         self.preload: list[str] = []
 
+    def forget_all(self) -> None:
+        """In a child just forked: the spares are its parent's (a task host is forked inside
+        the lock). What to preload and where to log stay."""
+        self._procs = []
+        self._lock = threading.Lock()
+
     def start(self, count: int) -> None:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (WORKER_PATH, env.get("PYTHONPATH")) if p)
@@ -217,6 +223,7 @@ def _fork_host(args: list[str], env: dict[str, str], cwd: Path | None) -> Forked
 
 
 SPARE_HOSTS = _Spares()
+os.register_at_fork(after_in_child=SPARE_HOSTS.forget_all)
 
 
 def start_host(bundle: UnpackedBundle, env: dict[str, str]) -> HostProcess:
