@@ -42,6 +42,37 @@ def test_as_completed_yields_every_item_with_its_value(backend: dict[str, Any]) 
     assert list(run.results()) == ["A", "B", "C", "D"]
 
 
+def test_an_async_function_is_awaited_item_by_item(backend: dict[str, Any]) -> None:
+    import asyncio
+    import functools
+
+    async def scaled(x: float, k: int = 2) -> float:
+        await asyncio.sleep(x)
+        if x == 0.02:
+            raise ValueError(f"no {x}")
+        return x * k
+
+    class Shifted:
+        async def __call__(self, x: int) -> int:
+            return x + 1
+
+    values = cflow.map(
+        scaled, [0, 0.01, 0.02, 5, 0.03], timeout=1, retries=0, halt="never", chunk_size=5,
+        return_exceptions=True, **backend,
+    )  # fmt: skip
+    assert values[:2] == [0, 0.02] and values[4] == 0.06
+    raised, late = values[2], values[3]
+    assert isinstance(raised, cflow.ShardFailed) and isinstance(raised.exception, ValueError)
+    # Its traceback starts at the function, not in the event loop that ran it.
+    assert raised.traceback.splitlines()[1].endswith("in scaled"), raised.traceback
+    assert isinstance(late, cflow.ShardFailed) and "timeout of 1 s" in late.message
+    # The item after the one that timed out ran on a new event loop.
+    assert list(cflow.map(functools.partial(scaled, k=3), [0.01], **backend)) == [0.03]
+    assert list(cflow.map(Shifted(), [1, 2], **backend)) == [2, 3]
+    returned = cflow.map(lambda x: scaled(x), [0], return_exceptions=True, **backend)[0]
+    assert "map the `async def` function itself" in str(returned), returned
+
+
 def test_a_helper_module_that_is_not_installed_goes_by_value(
     local_backend: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

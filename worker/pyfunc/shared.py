@@ -47,6 +47,8 @@ COMPACT_BYTES = CHUNK_INLINE_BUDGET * 3 // 4
 PICKLED_ITEM_COST = 5
 
 _HERE = os.path.dirname(__file__)  # this package: its frames are not the function's
+# Nor are the event loop's that runs an async function's coroutine (Awaited), before its own
+_CALLERS = (_HERE, os.path.join(os.path.dirname(os.__file__), "asyncio"))
 _loaded: dict[str, Any] = {}  # function file -> the function, once per warm process
 
 
@@ -56,8 +58,46 @@ def load_function(path: Path) -> Any:
     if key not in _loaded:
         import cloudpickle  # the task's interpreter has it (the runner and gcp-worker extras)
 
-        _loaded[key] = cloudpickle.loads(path.read_bytes())
+        fn = cloudpickle.loads(path.read_bytes())
+        _loaded[key] = Awaited(fn) if _is_async(fn) else fn
     return _loaded[key]
+
+
+def _is_async(fn: Any) -> bool:
+    """Whether calling ``fn`` makes a coroutine: an ``async def`` function, method or partial
+    of one, or an object whose ``__call__`` is one."""
+    import inspect
+
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+        getattr(fn, "__call__", None)  # noqa: B004 - the method itself, not whether it exists
+    )
+
+
+class Awaited:
+    """An ``async def`` function called as a plain one: each call's coroutine is run to its end
+    on this process's event loop, one call after another. A call that ends other than by its
+    coroutine's return or raise (its item's timeout, say) leaves a task behind: the loop is
+    closed and the next call gets a new one, as does a process forked since."""
+
+    def __init__(self, fn: Any):
+        self.fn = fn
+        self._runner: Any = None
+        self._pid = 0
+
+    def __call__(self, item: Any) -> Any:
+        import asyncio
+
+        runner, self._runner = self._runner, None
+        if runner is None or self._pid != os.getpid():
+            runner, self._pid = asyncio.Runner(), os.getpid()
+        try:
+            value = runner.run(self.fn(item))
+        except BaseException:
+            if not runner.get_loop().is_running():
+                runner.close()
+            raise
+        self._runner = runner
+        return value
 
 
 def load_item(shard: TaskShard) -> Any:
@@ -138,7 +178,7 @@ def _user_frames(exc: BaseException) -> TracebackType | None:
     """The traceback from the function's own frame on (the frames of this package that called
     it dropped)."""
     tb = exc.__traceback__
-    while tb is not None and os.path.dirname(tb.tb_frame.f_code.co_filename) == _HERE:
+    while tb is not None and os.path.dirname(tb.tb_frame.f_code.co_filename) in _CALLERS:
         tb = tb.tb_next
     return tb
 
@@ -209,4 +249,13 @@ def pickled(value: Any) -> bytes:
             f"the function returned a {type(value).__name__}, which cannot be pickled to go"
             f" back: {type(exc).__name__}: {exc}; return picklable values (no open files,"
             " locks or connections; a list, not a generator)"
+            + _AWAIT_HINT.get(type(value).__name__, "")
         ) from None
+
+
+_AWAIT_HINT = {  # what to do where the value is one an async function makes
+    "coroutine": "; map the `async def` function itself (it is awaited), not one returning"
+    " its coroutine",
+    "async_generator": "; an `async def` with `yield` makes its values one at a time: return"
+    " a list",
+}
