@@ -182,7 +182,9 @@ def submit(
     own, canonical = own_modules(), bool(options.get("cache"))
     if canonical:
         options = {**options, "code_key": function_key(fn, own, TASK_PY)}
-    folder, needs = make_task(fn, own)
+    # Locally (no image) the items run where this process does: relative paths hold there.
+    here = _working_folder() if config.is_local and image is None else None
+    folder, needs = make_task(fn, own, here)
     feed = ItemFeed(items, chunking, ItemPickler(own, canonical=canonical))
     request = SubmitRequest(
         task_dir(folder),
@@ -219,6 +221,14 @@ def submit(
         run._interrupted()
         raise KeyboardInterrupt
     return run
+
+
+def _working_folder() -> Path | None:
+    """This process's working folder; None where it was removed since."""
+    try:
+        return Path.cwd()
+    except OSError:
+        return None
 
 
 def _drive(

@@ -20,7 +20,7 @@ from cflow.chunks import Chunking, chunk_item, span
 from cflow.pickling import ItemPickler, modules_named, pickle_function
 from cflow.pickling import loads as load_value
 from worker.protocol import Layout, Shard
-from worker.pyfunc import FUNCTION_FILE, ITEM_PARAM
+from worker.pyfunc import FOLDER_FILE, FUNCTION_FILE, ITEM_PARAM
 from worker.store import Store
 
 ITEM_INLINE_LIMIT = 8 * 1024  # bytes of an item's pickle carried in its shard's params
@@ -46,20 +46,23 @@ def shard_id(index: int) -> str:
 
 
 def make_task(
-    fn: Any, own: tuple[str, ...] | None = None
+    fn: Any, own: tuple[str, ...] | None = None, folder: Path | None = None
 ) -> tuple[tempfile.TemporaryDirectory[str], tuple[str, ...]]:
     """A task folder that runs ``fn`` on each shard's item (removed with the object), and the
     installed modules its pickle names (:func:`cflow.pickling.modules_named`); ``own`` as
-    :func:`cflow.pickling.pickle_function` takes it."""
+    :func:`cflow.pickling.pickle_function` takes it. ``folder``: where the items run (the
+    caller's working folder, for a run on this machine), else in each attempt's own."""
     data = pickle_function(fn, own)
-    folder = tempfile.TemporaryDirectory(prefix="cflow-fn-")
+    made = tempfile.TemporaryDirectory(prefix="cflow-fn-")
     name = str(getattr(fn, "__name__", "fn"))  # the run's task name (`runner runs`)
     readable = "".join(c if c.isalnum() or c == "_" else "-" for c in name).strip("-")
-    task = Path(folder.name) / (readable or "fn")
+    task = Path(made.name) / (readable or "fn")
     task.mkdir()
     (task / "task.py").write_text(TASK_PY, encoding="utf-8")
     (task / FUNCTION_FILE).write_bytes(data)
-    return folder, modules_named(data)
+    if folder is not None:
+        (task / FOLDER_FILE).write_text(str(folder), encoding="utf-8")
+    return made, modules_named(data)
 
 
 def task_dir(folder: tempfile.TemporaryDirectory[str]) -> Path:

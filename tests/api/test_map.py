@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -71,6 +72,31 @@ def test_an_async_function_is_awaited_item_by_item(backend: dict[str, Any]) -> N
     assert list(cflow.map(Shifted(), [1, 2], **backend)) == [2, 3]
     returned = cflow.map(lambda x: scaled(x), [0], return_exceptions=True, **backend)[0]
     assert "map the `async def` function itself" in str(returned), returned
+
+
+def test_a_local_runs_items_run_in_the_callers_folder_a_clouds_in_their_own(
+    backend: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A relative path means to a local run's function what it meant where the map was
+    called (``glob("data/*.csv")`` in a notebook); on Google Cloud there is no such folder
+    and each attempt runs in an empty one of its own."""
+    here = tmp_path / "here"
+    (here / "data").mkdir(parents=True)
+    (here / "data" / "a.txt").write_text("alpha")
+    monkeypatch.chdir(here)
+
+    def where(_: int) -> tuple[str, list[str]]:
+        return os.getcwd(), sorted(os.listdir("."))
+
+    def read(path: str | Path) -> str:
+        return Path(path).read_text()
+
+    (folder, names), *_ = cflow.map(where, [0, 1], **backend)
+    if "deployment" in backend:
+        assert folder != str(here) and names == [], (folder, names)
+        return
+    assert (folder, names) == (str(here), ["data"])
+    assert list(cflow.map(read, ["data/a.txt", Path("data/a.txt")], **backend)) == ["alpha"] * 2
 
 
 def test_a_helper_module_that_is_not_installed_goes_by_value(

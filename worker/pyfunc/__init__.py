@@ -49,6 +49,7 @@ from worker.pyfunc.shared import (
     ENTRIES_FILE,
     ERROR_MARK,
     ERROR_PICKLE_LIMIT,
+    FOLDER_FILE,
     FUNCTION_FILE,
     INLINE_LIMIT,
     ITEM_PARAM,
@@ -58,6 +59,7 @@ from worker.pyfunc.shared import (
     UnpicklableValue,
     chunk_counts,
     describe_error,
+    enter_folder,
     keep_value,
     load_function,
     load_item,
@@ -77,6 +79,7 @@ __all__ = [
     "ENTRIES_FILE",
     "ERROR_MARK",
     "ERROR_PICKLE_LIMIT",
+    "FOLDER_FILE",
     "FUNCTION_FILE",
     "INLINE_LIMIT",
     "ITEMS_PARAM",
@@ -104,6 +107,7 @@ def call(shard: TaskShard, function_file: Path) -> dict[str, Any]:
         BaseException: whatever the function raised, after its :data:`ERROR_MARK` line.
     """
     fn = load_function(function_file)
+    enter_folder(function_file)
     if CHUNK_PARAM in shard.params:
         return call_chunk(shard, fn)
     item = load_item(shard)

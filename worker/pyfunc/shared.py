@@ -8,6 +8,7 @@ Never imports the runner or cflow: it runs on every worker.
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import os
 import pickle
@@ -20,6 +21,9 @@ from typing import Any
 from worker.taskapi import TaskShard
 
 FUNCTION_FILE = "function.pkl"
+# Beside the function in a local run's task folder (no image): the caller's working folder,
+# where the function's items run (enter_folder)
+FOLDER_FILE = "folder.txt"
 VALUE_FILE = "value.pkl"  # a return value too large for result.json, in the shard's outputs
 ITEM_PARAM = "item"  # params key of a small item: its pickle, base64
 INLINE_LIMIT = 32 * 1024  # bytes of pickle kept in result.json (base64 fits its 64 KiB)
@@ -61,6 +65,16 @@ def load_function(path: Path) -> Any:
         fn = cloudpickle.loads(path.read_bytes())
         _loaded[key] = Awaited(fn) if _is_async(fn) else fn
     return _loaded[key]
+
+
+def enter_folder(function_file: Path) -> None:
+    """Make the caller's working folder this process's current one where the task folder
+    names one (:data:`FOLDER_FILE`) and it is a folder here: a relative path the function is
+    given, or opens itself, means what it meant where the map was called (as in a
+    ``multiprocessing`` pool). Elsewhere the attempt stays in its own empty folder."""
+    named = function_file.with_name(FOLDER_FILE)
+    with contextlib.suppress(OSError, ValueError):  # none named, or no such folder here
+        os.chdir(named.read_text(encoding="utf-8"))
 
 
 def _is_async(fn: Any) -> bool:
