@@ -3,6 +3,7 @@ and ``runner watch`` do in theirs, and what the caller's thread reads from it.""
 
 from __future__ import annotations
 
+import atexit
 import threading
 import time
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from worker.protocol import Manifest, RunState
 HOLD_SECONDS = 1.0  # how long a run's end waits for the caller's thread to read its values
 _live: set[Driver] = set()  # the threads of this process still watching a run
 _live_lock = threading.Lock()
+_exit_registered = False
 
 
 def let_go(timeout: float = 60.0) -> bool:
@@ -27,6 +29,15 @@ def let_go(timeout: float = 60.0) -> bool:
         drivers = list(_live)
     deadline = time.monotonic() + timeout
     return all(d.join(max(0.0, deadline - time.monotonic())) for d in drivers)
+
+
+def _at_exit() -> None:
+    """This process exits: each run it still watches is left to its ``at_exit``."""
+    with _live_lock:
+        drivers = list(_live)
+    for driver in drivers:
+        if driver.at_exit is not None and not driver.over.is_set():
+            driver.at_exit()
 
 
 class Driver:
@@ -52,6 +63,9 @@ class Driver:
         self.snapshot: Snapshot | None = None
         self.settled: set[str] = set()  # shard ids committed or failed, as the watcher saw them
         self.stop = threading.Event()  # cancel: the watch is interrupted, the run cancelled
+        # What this process's exit does while the run goes on (a cflow.Run's at_exit): the
+        # thread is a daemon, and would end with the process mid-watch
+        self.at_exit: Callable[[], None] | None = None
         self._thread: threading.Thread | None = None
 
     def start(self, body: Callable[[Driver], Outcome | None]) -> None:
@@ -68,8 +82,13 @@ class Driver:
                 self.over.set()
                 with _live_lock:
                     _live.discard(self)
+                self.at_exit = None  # its Run, no longer kept by it: closed once dropped
                 self.done.set()
 
+        global _exit_registered
+        if not _exit_registered:  # after the kept launcher's (atexit runs the last one first)
+            atexit.register(_at_exit)
+            _exit_registered = True
         self._thread = threading.Thread(target=target, name="cflow-run", daemon=True)
         self._thread.start()
 

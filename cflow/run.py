@@ -31,6 +31,7 @@ from runner.engine.deployment import Deployment
 from worker.protocol import Manifest, RunState, Shard
 
 PACE = 0.2  # seconds between looks while waiting in the caller's thread (Ctrl-C is seen then)
+EXIT_SECONDS = 30.0  # how long this process's exit waits for a run it waited for to let go
 STOP_SECONDS = 10.0  # how long a cancel waits for the items' publisher to record its count
 
 
@@ -56,7 +57,7 @@ class Run:
         self._show = progress  # how waiting shows progress (cflow.progress.pick)
         self._end_shown = False  # a wait showed the run's end: later ones show nothing
         self._config = config
-        self._driver = driver
+        self._driver = self._owned(driver)
         self._feed = feed
         self._detach = detach
         self._dep: Deployment | None = None
@@ -202,8 +203,31 @@ class Run:
         if driver is not None and driver.done.is_set() and driver.error is not None:
             raise driver.error
         if (driver is None or driver.over.is_set()) and not self._settled():
-            self._driver = attach_driver(self.id, self._config)
+            self._driver = self._owned(attach_driver(self.id, self._config))
         return self._driver
+
+    def _owned(self, driver: Driver | None) -> Driver | None:
+        if driver is not None:
+            driver.at_exit = self._at_exit  # the driver, live, keeps this Run until its end
+        return driver
+
+    def _at_exit(self) -> None:
+        """This process exits while the run goes on here, never waited for (a script that
+        submitted and ended): it is waited for, as ``concurrent.futures`` waits for its work,
+        and Ctrl-C then cancels it. With ``detach=True``, or in a Jupyter kernel (restarted
+        or shut down, it is killed if it takes long), it is left going, saying how to attach."""
+        if self._detach or "ipykernel" in sys.modules:
+            self._leave_going()
+            return
+        print(f"cflow: waiting for run {self.id} to end (Ctrl-C cancels it)", file=sys.stderr)
+        try:
+            self.wait()
+        except KeyboardInterrupt:
+            return  # cancelled, and said so
+        except Exception as exc:  # the items' iterable raised part way: said as results would
+            print(f"cflow: run {self.id}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        if self._driver is not None:
+            self._driver.join(EXIT_SECONDS)  # its workers let go before this process ends
 
     def _settled(self) -> bool:
         manifest = self._manifest()
@@ -214,6 +238,9 @@ class Run:
             self.cancel()
             print(f"cflow: run {self.id} cancelled", file=sys.stderr)
             return
+        self._leave_going()
+
+    def _leave_going(self) -> None:
         if self._feed is not None:
             self._feed.stop()
         print(

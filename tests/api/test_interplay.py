@@ -34,7 +34,9 @@ def _gated(marks: Path) -> Any:
     return gated
 
 
-def _interrupt(cli: Cli, mode: str) -> subprocess.CompletedProcess[str]:
+def _interrupt(cli: Cli, mode: str, go: bool = False) -> subprocess.CompletedProcess[str]:
+    """The script in ``mode``, sent Ctrl-C once a first item started (``go``: the items are
+    let through instead)."""
     tmp_path = cli.workdir
     marks = tmp_path / "marks"
     marks.mkdir()
@@ -48,7 +50,10 @@ def _interrupt(cli: Cli, mode: str) -> subprocess.CompletedProcess[str]:
     )
     try:
         wait_for(lambda: any(marks.glob("started-*")), 60, "a first item to start")
-        os.kill(proc.pid, signal.SIGINT)
+        if go:
+            (marks / "go").touch()
+        else:
+            os.kill(proc.pid, signal.SIGINT)
         out, err = proc.communicate(timeout=60)
     except (AssertionError, subprocess.TimeoutExpired):
         proc.kill()  # its workers, in sessions of their own, are stopped by the fixture
@@ -89,6 +94,45 @@ def test_ctrl_c_with_detach_leaves_the_run_to_attach_to(cli: Cli, tmp_path: Path
     run = cflow.attach(run_id, store=cli.store)
     assert list(run.results()) == [0, 10, 20]
     assert cli.status(run_id)["state"] == "finished"
+
+
+def test_a_script_that_ends_without_waiting_waits_for_its_run_at_exit(cli: Cli) -> None:
+    """As ``concurrent.futures`` waits for its work: the run's thread would otherwise end with
+    the process, leaving the run unwatched (active for ever) and its unread items unread."""
+    done = _interrupt(cli, "exit", go=True)
+    assert done.returncode == 0, done.stderr
+    run_id = _only_run(cli)
+    assert f"waiting for run {run_id} to end" in done.stderr
+    assert cli.status(run_id)["state"] == "finished"
+    assert list(cflow.attach(run_id, store=cli.store).results()) == [0, 10, 20]
+
+
+def test_ctrl_c_while_a_script_waits_for_its_run_at_exit_cancels_it(cli: Cli) -> None:
+    done = _interrupt(cli, "exit")
+    run_id = _only_run(cli)
+    assert f"run {run_id} cancelled" in done.stderr, done.stderr
+    assert cli.status(run_id)["state"] == "cancelled"
+
+
+def test_a_detached_run_is_left_going_at_exit_saying_how_to_attach(
+    cli: Cli, tmp_path: Path
+) -> None:
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), str(cli.store), str(marks), "exit-detach"],
+        cwd=tmp_path,
+        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    run_id = _only_run(cli)
+    assert f"cflow.attach({run_id!r})" in proc.stderr
+    assert cli.status(run_id)["state"] == "active"
+    (marks / "go").touch()
+    assert list(cflow.attach(run_id, store=cli.store).results()) == [0, 10, 20]
 
 
 def test_the_cli_sees_an_api_run_and_its_cancel_reaches_wait(
