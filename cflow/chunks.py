@@ -125,7 +125,7 @@ class Chunking:
         pickled: Iterator[tuple[int, bytes]],
         store: Store,
         run_id: str,
-        classes: Callable[[], dict[str, str]] = dict,
+        classes: Callable[[], dict[str, Any]] = dict,
     ) -> Iterator[Shard]:
         """Chunk shards of the items' pickles (``(index, pickle)`` in input order); the
         shard's index is the chunk's, its id the zero-padded index. ``classes``: what the
@@ -156,7 +156,7 @@ class Chunking:
         chunk: list[bytes],
         store: Store,
         run_id: str,
-        classes: dict[str, str],
+        classes: dict[str, Any],
     ) -> Shard:
         sid = f"{number:07d}"
         data = pickle.dumps(chunk, protocol=pickle.HIGHEST_PROTOCOL)

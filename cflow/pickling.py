@@ -37,8 +37,9 @@ import cloudpickle
 from cloudpickle import cloudpickle as _cloudpickle
 
 from cflow.canonical import PROTOCOL, Canonical, canonical_dumps, code_key, holds_a_set
+from cflow.inputs import files_named
 from worker.errors import ConfigError
-from worker.pyfunc import CLASSES_KEY_PARAM, CLASSES_PARAM
+from worker.pyfunc import CLASSES_KEY_PARAM, CLASSES_PARAM, FILES_PARAM
 
 NAMED_OPS = 10_000  # opcodes of a function's pickle read for the modules it names (~3 ms)
 INSTALLED = ("cflow", "runner", "worker", "infra")  # on every worker: never shipped by value
@@ -195,6 +196,7 @@ class ItemPickler:
         names = sorted(re.escape(n.encode()) for n in self._modules)
         self._names_any = re.compile(b"|".join(names)).search
         self._canonical = canonical
+        self._files: set[str] = set()  # with the cache: the files the items name (take)
         self._named: dict[str, Any] = {}  # "module\0qualname" -> the class or function
         self._out = io.BytesIO()
         self._naming = _Naming(self._out, self._modules, self._named)
@@ -208,6 +210,8 @@ class ItemPickler:
         Raises:
             ConfigError: it does not pickle (says which item, what it is and what to map over).
         """
+        if self._canonical:
+            self._files.update(files_named(item))
         try:
             if self._naming_last and not self._canonical:  # the last named some: as will this
                 return self._named_pickle(item)
@@ -239,9 +243,12 @@ class ItemPickler:
         of small items go through here)."""
         dumps, protocol, search = pickle.dumps, PROTOCOL, self._names_any
         canonical, empty_set, frozen = self._canonical, pickle.EMPTY_SET, pickle.FROZENSET
+        files = self._files
         for index, item in enumerate(items):
             if stopped():
                 return
+            if canonical:
+                files.update(files_named(item))
             if type(item) in _SCALARS:  # names no class, holds no set: nothing to look for
                 yield index, dumps(item, protocol=protocol)
                 continue
@@ -270,18 +277,23 @@ class ItemPickler:
         self._naming.dump(item)
         return self._out.getvalue()
 
-    def take(self) -> dict[str, str]:
+    def take(self) -> dict[str, Any]:
         """The params that carry the classes and functions of the caller's own that the
         items pickled since the last call name: pickled by value (base64), and with
         ``canonical`` what the cache keys them on (their digest without line numbers, as
-        the function's); none where they name none."""
+        the function's), and the files the items name (:mod:`cflow.inputs`); none where
+        they name none."""
+        params: dict[str, Any] = {}
+        if self._files:
+            params[FILES_PARAM] = sorted(self._files)
+            self._files.clear()
         if not self._named:
-            return {}
+            return params
         named = dict(sorted(self._named.items()))
         self._named.clear()  # the dict the picklers fill
         with _by_value(self._own):
             data = canonical_dumps(named) if self._canonical else cloudpickle.dumps(named)
-            params = {CLASSES_PARAM: base64.b64encode(data).decode("ascii")}
+            params[CLASSES_PARAM] = base64.b64encode(data).decode("ascii")
             if self._canonical:
                 params[CLASSES_KEY_PARAM] = code_key(named)
         return params

@@ -5,8 +5,9 @@ A shard's **key** is a sha256 over what decides its result: the task's code (the
 files that go into its bundle, ``requirements.txt`` included; from ``cflow``, its function's
 pickle without line numbers, ``SubmitRequest.code_key``), the shard's id, its input's
 content (a local file's sha256; a ``gs://`` object's CRC32C and MD5 from its metadata) or its
-params, the container image, whether inputs are staged (``--no-stage`` hands the task a URI),
-and the environment that reaches the task (on this machine the runner's environment, less the
+params, the files a ``cflow`` item names (``cflow.inputs``: a local file's size and
+modification time, an object's checksums), the container image, whether inputs are staged
+(``--no-stage`` hands the task a URI), and the environment that reaches the task (on this machine the runner's environment, less the
 shell's own bookkeeping such as ``PWD`` or ``TERM``; variables given to the run, where a caller
 gives them). A shard whose input cannot be fingerprinted has no key and runs.
 
@@ -46,7 +47,13 @@ from worker.bundle import bundle_files
 from worker.clock import SYSTEM_CLOCK, Clock
 from worker.errors import NotFound
 from worker.protocol import Layout, Shard, ShardResult
-from worker.pyfunc import CHUNK_PARAM, CLASSES_KEY_PARAM, CLASSES_PARAM, partly_failed
+from worker.pyfunc import (
+    CHUNK_PARAM,
+    CLASSES_KEY_PARAM,
+    CLASSES_PARAM,
+    FILES_PARAM,
+    partly_failed,
+)
 from worker.store import Store
 
 INDEX = "cache/"
@@ -150,6 +157,7 @@ class ShardCache:
         it = iter(shards)
         while batch := list(islice(it, KEY_BATCH)):
             remote = [s.input for s in batch if s.input and "://" in s.input]
+            remote += [n for s in batch for n in _files(s) if "://" in n]
             prints = self.store.fingerprints(remote) if remote else {}
             for shard in batch:
                 key = self._key(shard, prints)
@@ -173,6 +181,8 @@ class ShardCache:
             "stage": self.stage,
             "env": dict(sorted(self.env.items())),
         }
+        if names := _files(shard):  # what a cflow item names: a file changed reruns it
+            fields["files"] = {n: prints.get(n) if "://" in n else _stat_print(n) for n in names}
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
     def reuse(self, run_id: str, batch: list[Shard]) -> set[str]:
@@ -274,6 +284,22 @@ class ShardCache:
             for shard_id, result in results.items()
             if shard_id not in broken
         }
+
+
+def _files(shard: Shard) -> list[str]:
+    """The files a shard's ``cflow`` items name (``cflow.inputs``), with the cache."""
+    names = (shard.params or {}).get(FILES_PARAM)
+    return [n for n in names if isinstance(n, str)] if isinstance(names, list) else []
+
+
+def _stat_print(path: str) -> str | None:
+    """A local file's size and modification time (None: gone): what ``make`` and Nextflow's
+    ``-resume`` compare, with no file read (an item's file may be gigabytes)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return f"{st.st_size}:{st.st_mtime_ns}"
 
 
 def _keyed_params(params: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 import cflow
+from cflow.driver import let_go
 
 pytestmark = pytest.mark.e2e
 
@@ -172,6 +173,65 @@ def test_cache_reuses_the_items_an_earlier_run_committed(
     assert len(list(marks.iterdir())) == 3
     assert list(cflow.map(counted, [1, 2, 3, 4], cache=True, **backend)) == [2, 3, 4, 5]
     assert sorted(p.name.split("-")[0] for p in marks.iterdir()) == ["1", "2", "3", "4"]
+
+
+def test_cache_reruns_an_item_whose_file_changed_under_the_same_path(
+    local_backend: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An item naming a file (a ``Path``, or a string naming one) is keyed with the file's
+    size and modification time: the same path with new data reruns that item only."""
+    monkeypatch.chdir(tmp_path)
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("a", "b", "c"):
+        (data / f"{name}.txt").write_text(name)
+    items = [Path("data/a.txt"), "data/b.txt", ("data/c.txt", 3)]
+
+    def read(item: Any) -> str:
+        return Path(item[0] if isinstance(item, tuple) else item).read_text()
+
+    def mapped() -> tuple[list[str], int]:
+        run = cflow.submit(read, items, cache=True, chunk_size=1, **local_backend)
+        return list(run.results()), run.progress().cached
+
+    assert mapped() == (["a", "b", "c"], 0)
+    assert mapped() == (["a", "b", "c"], 3)
+    (data / "a.txt").write_text("A")
+    (data / "c.txt").write_text("C")
+    os.utime(data / "c.txt", ns=(0, 0))  # a time of its own, whatever the clock's grain
+    assert mapped() == (["A", "b", "C"], 1)
+    assert mapped() == (["A", "b", "C"], 3)
+
+
+@pytest.mark.emulator
+def test_cache_reruns_an_item_whose_bucket_object_changed(
+    tmp_path: Path, fake_compute: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On Google Cloud a ``gs://`` item is keyed with its object's checksums."""
+    from tests.api.conftest import _cloud
+    from worker.backends.gcp.gcs import GcsStore
+
+    for name in ("CFLOW_DEPLOYMENT", "CFLOW_BACKEND", "CFLOW_STORE"):
+        monkeypatch.delenv(name, raising=False)
+    cloud = _cloud(tmp_path, fake_compute)
+    bucket = json.loads(Path(cloud["deployment"]).read_text())["bucket"]
+    store = GcsStore(bucket)
+    for name in ("a", "b"):
+        store.put(f"data/{name}.txt", name.encode())
+    items = [f"gs://{bucket}/data/a.txt", f"gs://{bucket}/data/b.txt"]
+
+    def cached() -> int:
+        run = cflow.submit(len, items, cache=True, chunk_size=1, **cloud)
+        assert list(run.results()) == [len(items[0])] * 2
+        return run.progress().cached
+
+    try:
+        assert cached() == 0
+        assert cached() == 2
+        store.put("data/b.txt", b"B, changed")
+        assert cached() == 1
+    finally:
+        assert let_go()
 
 
 @pytest.mark.parametrize(

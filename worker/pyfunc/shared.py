@@ -36,6 +36,9 @@ ITEMS_PARAM = "items"  # params key of a small chunk's items: a pickled list of 
 # value of {"module\0qualname": object}): what a worker that is not the caller's fork lacks
 CLASSES_PARAM = "classes"
 CLASSES_KEY_PARAM = "classes_key"  # what the cache keys them on (without their line numbers)
+# params key, with the cache, of the files the items name (cflow.inputs): the cache keys on
+# their fingerprints as well (runner.engine.cache); the worker has no use for it
+FILES_PARAM = "files"
 CHUNK_INLINE_BUDGET = 48 * 1024  # bytes of base64 a chunk's values take in its result.json
 OVERFLOW_FILE = "values.pkl"  # a chunk's values its result.json has no room for, in one file
 # A chunk's entries (one an item) when they are too many for its result.json: the record then
