@@ -7,9 +7,10 @@ pickle without line numbers, ``SubmitRequest.code_key``), the shard's id, its in
 content (a local file's sha256; a ``gs://`` object's CRC32C and MD5 from its metadata) or its
 params, the files a ``cflow`` item names (``cflow.inputs``: a local file's size and
 modification time, an object's checksums), the container image, whether inputs are staged
-(``--no-stage`` hands the task a URI), and the environment that reaches the task (on this machine the runner's environment, less the
-shell's own bookkeeping such as ``PWD`` or ``TERM``; variables given to the run, where a caller
-gives them). A shard whose input cannot be fingerprinted has no key and runs.
+(``--no-stage`` hands the task a URI), and the environment that reaches the task (on this
+machine the runner's environment, less the shell's own bookkeeping such as ``PWD`` or
+``TERM``; variables given to the run, where a caller gives them). A shard whose input cannot
+be fingerprinted has no key and runs.
 
 The store keeps, per run submitted with the cache:
 
