@@ -25,6 +25,7 @@ import os
 import pickle
 import pickletools
 import re
+import site
 import sys
 import threading
 import types
@@ -45,19 +46,10 @@ NAMED_OPS = 10_000  # opcodes of a function's pickle read for the modules it nam
 INSTALLED = ("cflow", "runner", "worker", "infra")  # on every worker: never shipped by value
 
 
-def _roots() -> list[str]:
-    roots = [os.path.realpath(os.getcwd())]
-    main_file = getattr(sys.modules.get("__main__"), "__file__", None)
-    if main_file:
-        roots.append(os.path.dirname(os.path.realpath(main_file)))
-    return roots
-
-
-# A module's file -> its real path, and whether that is under this interpreter's prefix (an
-# installed module, never shipped): a module's file does not move while a process runs, and a
-# notebook maps many times over a thousand modules or more (a realpath per module of
-# sys.modules on every map took 0.2 s; the prefix test alone a millisecond).
-_real: dict[str, str] = {}
+# A module's file -> whether it is installed (under this interpreter's
+# prefix or a site-packages folder: never shipped): a module's file does not move while a
+# process runs, and a notebook maps many times over a thousand modules or more (a realpath per
+# module of sys.modules on every map took 0.2 s; the prefix test alone a millisecond).
 _installed: dict[str, bool] = {}
 
 
@@ -67,34 +59,39 @@ def _under(path: str, folder: str) -> bool:
 
 @functools.cache
 def _prefixes() -> tuple[str, ...]:
-    return tuple({os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)})
+    """Where installed modules are: this interpreter's prefixes, and every site-packages
+    folder (the user's, a system one on the path)."""
+    folders = [sys.prefix, sys.base_prefix, sys.exec_prefix, site.getusersitepackages()]
+    folders += site.getsitepackages()
+    folders += [p for p in sys.path if os.path.basename(p) in ("site-packages", "dist-packages")]
+    return tuple({os.path.realpath(p) for p in folders})
 
 
 def is_installed(file: str) -> bool:
-    """Whether a module's ``file`` is under this interpreter's prefix (kept per file)."""
+    """Whether a module's ``file`` is installed: under this interpreter's prefix or a
+    site-packages folder (kept per file). One elsewhere is the caller's own, shipped by
+    value: under the working folder or the script's, a package installed in editable mode
+    (its source tree), a folder on ``PYTHONPATH``."""
     installed = _installed.get(file)
     if installed is None:
-        path = _real[file] = os.path.realpath(file)
+        path = os.path.realpath(file)
         installed = _installed[file] = any(_under(path, p) for p in _prefixes())
     return installed
 
 
-def _not_installed(module: ModuleType, roots: list[str]) -> bool:
-    """A module of the caller's own: under ``roots`` and not under this interpreter's prefix."""
+def _not_installed(module: ModuleType) -> bool:
+    """A module of the caller's own: one whose file is not installed (:func:`is_installed`)."""
     name = module.__name__
     if name == "__main__" or name.partition(".")[0] in INSTALLED:
         return False
     file = getattr(module, "__file__", None)
-    if not file:
-        return False
-    if is_installed(file):
-        return False
-    return any(_under(_real[file], r) for r in roots)
+    return bool(file) and not is_installed(file)
 
 
 def own_modules() -> tuple[str, ...]:
-    """The top-level names of the caller's own modules that are loaded: shipped by value."""
-    roots = _roots()
+    """The top-level names of the caller's own modules that are loaded: shipped by value, so
+    the workers run them as this process has them (an edited and reloaded module's new code;
+    on Google Cloud, modules no VM has)."""
     return tuple(
         sorted(
             {
@@ -103,7 +100,7 @@ def own_modules() -> tuple[str, ...]:
                 # An installed module known as such is passed over without a call.
                 if not _installed.get(getattr(module, "__file__", None) or "", False)
                 and module is not None
-                and _not_installed(module, roots)
+                and _not_installed(module)
             }
         )
     )

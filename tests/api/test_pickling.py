@@ -178,3 +178,56 @@ def test_items_of_a_module_the_workers_cannot_import_reach_them(
         assert Point(1, 2).scaled() == Point(10, 20)
     finally:
         del sys.modules["geometry_own"]  # imported afresh by the next test
+
+
+EDITED = """\
+import json
+import importlib
+import sys
+
+import cflow
+import devpkg
+
+def mapped(**options):
+    return list(cflow.map(devpkg.shifted, [1, 2], progress=False, **options))
+
+seen = [mapped()]
+for shift in (100, 1000):  # edited, then reloaded, as autoreload does in a notebook
+    with open(devpkg.__file__, "w") as fh:
+        fh.write(f"def shifted(x):\\n    return x + {shift}\\n")
+    importlib.reload(devpkg)
+    seen += [mapped(), mapped(cache=True)]
+print(json.dumps(seen))
+"""
+
+
+def test_a_package_installed_for_development_runs_as_the_caller_has_it(tmp_path: Path) -> None:
+    """A package outside the working folder and every site-packages folder (``pip install
+    -e``, a folder on ``PYTHONPATH``) goes by value: edited and reloaded, its new code runs.
+    By reference, the workers forked from the launcher kept since the first map ran the code
+    it had then, and the cache, keyed by the function's name, gave the first values back."""
+    (tmp_path / "src" / "devpkg").mkdir(parents=True)
+    (tmp_path / "src" / "devpkg" / "__init__.py").write_text("def shifted(x):\n    return x + 1\n")
+    (tmp_path / "nb").mkdir()
+    script = tmp_path / "nb" / "edited.py"
+    script.write_text(EDITED)
+    path = os.pathsep.join([str(tmp_path / "src"), str(REPO)])
+    seen = _script(seed="0", env={"PYTHONPATH": path}, script=script)
+    assert seen == [[2, 3], [101, 102], [101, 102], [1001, 1002], [1001, 1002]]
+
+
+def test_a_package_outside_the_working_folder_reaches_workers_that_cannot_import_it(
+    backend: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "src" / "devpkg_far").mkdir(parents=True)
+    (tmp_path / "src" / "devpkg_far" / "__init__.py").write_text("def f(x):\n    return -x\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "src"))
+    (tmp_path / "nb").mkdir()
+    monkeypatch.chdir(tmp_path / "nb")  # the package is outside the working folder
+    monkeypatch.setenv("CFLOW_FORK_WORKERS", "0")  # local workers import what is on the path
+    import devpkg_far  # type: ignore[import-not-found]
+
+    try:
+        assert list(cflow.map(devpkg_far.f, [1, 2], **backend)) == [-1, -2]
+    finally:
+        del sys.modules["devpkg_far"]
