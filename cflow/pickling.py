@@ -85,7 +85,7 @@ def _not_installed(module: ModuleType) -> bool:
     if name == "__main__" or name.partition(".")[0] in INSTALLED:
         return False
     file = getattr(module, "__file__", None)
-    return bool(file) and not is_installed(file)
+    return isinstance(file, str) and bool(file) and not is_installed(file)
 
 
 def own_modules() -> tuple[str, ...]:
