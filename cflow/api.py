@@ -31,6 +31,7 @@ from runner.submit import SubmitRequest
 from runner.submit import submit as engine_submit
 from worker import defaults
 from worker.errors import ConfigError
+from worker.pyfunc.calling import Starred
 
 WORKER_PYTHON_OUTPUT = "worker_python"  # the deployment output naming the VMs' Python (3.11)
 DEFAULT_WORKER_PYTHON = VM_PYTHON  # a deployment from before the output: the image's python3
@@ -108,9 +109,9 @@ def check_options(options: dict[str, Any]) -> None:
 
 
 def submit(
-    fn: Callable[[Any], Any],
+    fn: Callable[..., Any],
     items: Iterable[Any],
-    *,
+    *more: Iterable[Any],
     deployment: PathLike | None = None,
     store: PathLike | None = None,
     workers: int | None = None,
@@ -127,17 +128,19 @@ def submit(
     """Start ``fn(item)`` for every item as a run, and return it at once.
 
     A thread of this process reads the items, publishes them and watches the run (scaling its
-    workers, combining at the end). Wait for the run (:meth:`Run.wait`, :meth:`Run.results`)
-    before this process ends: items not yet read then are never published, and the run stays
-    ``publishing`` until cancelled (``runner cancel``).
+    workers, combining at the end). A process that ends before the run does waits for it at
+    its exit (Ctrl-C cancels it; ``detach=True``, or a Jupyter kernel, leaves it going).
 
     Args:
         fn: any callable of one argument: a function, a lambda, a closure, one defined in
-            ``__main__`` or a notebook. It is pickled by value (cloudpickle) with the modules
-            of your own it uses that are not installed (under the working folder or the
-            script's).
+            ``__main__`` or a notebook, an ``async def`` function (awaited). It is pickled by
+            value (cloudpickle) with the modules of your own it uses: those not installed
+            under this interpreter's prefix or a site-packages folder.
         items: any iterable of picklable values; read and published as it goes (a generator
             of 100,000 items never sits in memory), and the run starts before it ends.
+        more: further iterables, as the built-in ``map`` takes them: ``fn(a, b)`` for each
+            ``(a, b)`` of ``zip(items, *more)``, the shortest ending it; each item is then
+            such a tuple (``as_completed`` yields it).
         deployment: a ``cflow-outputs.json`` to run on Google Cloud; None: this machine.
         store: the local store folder [default: ``CFLOW_STORE`` or ``./.cflow``].
         workers: most workers at once [default: the backend's].
@@ -163,6 +166,10 @@ def submit(
         ConfigError: an option, the function, or this Python against the workers' (nothing
             was published).
     """
+    if more:
+        if not callable(fn):
+            raise ConfigError(f"the function to map is a {type(fn).__name__}, not a callable")
+        fn, items = Starred(fn), _zipped(items, more)
     check_progress(progress)
     check_options(options)
     check_whole("workers", workers, 1, None, "the most workers at once")
@@ -223,6 +230,15 @@ def submit(
     return run
 
 
+def _zipped(items: Iterable[Any], more: tuple[Iterable[Any], ...]) -> Iterable[Any]:
+    """``zip(items, *more)``: a list where each is a list, tuple or range (so its length is
+    known, as the chunking wants it), else read as it goes."""
+    every = (items, *more)
+    if all(type(it) in (list, tuple, range) for it in every):
+        return list(zip(*every, strict=False))  # the shortest ends it, as map says
+    return zip(*every, strict=False)
+
+
 def _working_folder() -> Path | None:
     """This process's working folder; None where it was removed since."""
     try:
@@ -273,22 +289,23 @@ def _drive(
 
 
 def map(
-    fn: Callable[[Any], Any],
+    fn: Callable[..., Any],
     items: Iterable[Any],
-    *,
+    *more: Iterable[Any],
     workers: int | None = None,
     return_exceptions: bool = False,
     **options: Any,
 ) -> Results:
     """``fn(item)`` for every item, on this machine's workers unless ``deployment=`` says
-    otherwise; blocks, and returns the values in input order (:class:`cflow.Results`).
+    otherwise; blocks, and returns the values in input order (:class:`cflow.Results`). With
+    ``more`` iterables, ``fn(a, b, ...)`` as the built-in ``map`` calls it.
 
     Takes :func:`submit`'s options. Ctrl-C cancels the run (``detach=True``: leaves it going).
 
     Raises:
         ShardFailed: an item failed (unless ``return_exceptions``).
     """
-    run = submit(fn, items, workers=workers, **options)
+    run = submit(fn, items, *more, workers=workers, **options)
     return run.results(return_exceptions=return_exceptions)
 
 

@@ -75,6 +75,29 @@ def test_an_async_function_is_awaited_item_by_item(backend: dict[str, Any]) -> N
     assert "map the `async def` function itself" in str(returned), returned
 
 
+def test_several_iterables_are_mapped_as_the_builtin_map_maps_them(
+    backend: dict[str, Any],
+) -> None:
+    import asyncio
+
+    async def later(a: int, b: int) -> int:
+        await asyncio.sleep(0)
+        return a - b
+
+    assert list(cflow.map(pow, [2, 3, 4], [5, 6], **backend)) == [32, 729]  # the shortest
+    assert list(cflow.map(later, (x for x in [5, 7]), range(2), **backend)) == [5, 6]
+    run = cflow.submit(divmod, [7, 9], [2, 0], retries=0, **backend)
+    (first, value), (second, failed) = run.as_completed(return_exceptions=True)
+    assert (first, value, second) == ((7, 2), (3, 1), (9, 0))
+    assert isinstance(failed.exception, ZeroDivisionError)
+    if "store" in backend:  # each run is named by its function (`runner runs`)
+        shown = subprocess.run(
+            [sys.executable, "-m", "runner", "runs", "--json", "--store", backend["store"]],
+            capture_output=True, text=True, cwd=REPO, check=True,
+        )  # fmt: skip
+        assert {r["task"] for r in json.loads(shown.stdout)} == {"pow", "later", "divmod"}
+
+
 def test_a_local_runs_items_run_in_the_callers_folder_a_clouds_in_their_own(
     backend: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

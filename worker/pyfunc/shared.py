@@ -18,6 +18,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from worker.pyfunc.calling import callable_as_shipped
 from worker.taskapi import TaskShard
 
 FUNCTION_FILE = "function.pkl"
@@ -65,8 +66,7 @@ def load_function(path: Path) -> Any:
     if key not in _loaded:
         import cloudpickle  # the task's interpreter has it (the runner and gcp-worker extras)
 
-        fn = cloudpickle.loads(path.read_bytes())
-        _loaded[key] = Awaited(fn) if _is_async(fn) else fn
+        _loaded[key] = callable_as_shipped(cloudpickle.loads(path.read_bytes()))
     return _loaded[key]
 
 
@@ -78,43 +78,6 @@ def enter_folder(function_file: Path) -> None:
     named = function_file.with_name(FOLDER_FILE)
     with contextlib.suppress(OSError, ValueError):  # none named, or no such folder here
         os.chdir(named.read_text(encoding="utf-8"))
-
-
-def _is_async(fn: Any) -> bool:
-    """Whether calling ``fn`` makes a coroutine: an ``async def`` function, method or partial
-    of one, or an object whose ``__call__`` is one."""
-    import inspect
-
-    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
-        getattr(fn, "__call__", None)  # noqa: B004 - the method itself, not whether it exists
-    )
-
-
-class Awaited:
-    """An ``async def`` function called as a plain one: each call's coroutine is run to its end
-    on this process's event loop, one call after another. A call that ends other than by its
-    coroutine's return or raise (its item's timeout, say) leaves a task behind: the loop is
-    closed and the next call gets a new one, as does a process forked since."""
-
-    def __init__(self, fn: Any):
-        self.fn = fn
-        self._runner: Any = None
-        self._pid = 0
-
-    def __call__(self, item: Any) -> Any:
-        import asyncio
-
-        runner, self._runner = self._runner, None
-        if runner is None or self._pid != os.getpid():
-            runner, self._pid = asyncio.Runner(), os.getpid()
-        try:
-            value = runner.run(self.fn(item))
-        except BaseException:
-            if not runner.get_loop().is_running():
-                runner.close()
-            raise
-        self._runner = runner
-        return value
 
 
 def load_item(shard: TaskShard) -> Any:
