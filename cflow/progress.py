@@ -128,9 +128,14 @@ class PlainLines:
     def __init__(self, run_id: str, stream: IO[str]):
         self.run_id = run_id
         self.stream = stream
+        self._said = ""
 
     def show(self, p: Progress, final: bool) -> None:
-        self.stream.write(f"cflow: run {self.run_id}: {describe(p)}\n")
+        line = f"cflow: run {self.run_id}: {describe(p)}\n"
+        if line == self._said:  # nothing new (a quick run's end, seen by its last look)
+            return
+        self._said = line
+        self.stream.write(line)
         self.stream.flush()
 
 

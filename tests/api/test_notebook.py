@@ -86,7 +86,7 @@ def test_plain_lines_come_at_their_pace_and_once_at_the_end() -> None:
     now = [0.0]
     counts = iter(
         Progress(total=10, succeeded=n, failed=0, running=min(2, 10 - n), cached=1)
-        for n in (0, 4, 9, 10)
+        for n in (0, 4, 4, 9, 9)
     )
     out = io.StringIO()
     ticker = Ticker(PlainLines("r1", out), lambda: next(counts), clock=lambda: now[0])
@@ -95,7 +95,11 @@ def test_plain_lines_come_at_their_pace_and_once_at_the_end() -> None:
     ticker.tick()  # not due
     now[0] = 5.0
     ticker.tick()  # due
-    ticker.close()
+    now[0] = 10.0
+    ticker.tick()  # due, and the same: not said again
+    now[0] = 15.0
+    ticker.tick()  # due
+    ticker.close()  # the same as the last line: not said again
     ticker.close()  # once
     assert out.getvalue().splitlines() == [
         "cflow: run r1: 0/10 done (1 cached) · 0 failed · 2 running · 8 queued",
