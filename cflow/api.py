@@ -204,6 +204,7 @@ def submit(
         max_attempts=retries + 1,
         timeout=timeout * (chunking.largest if feed.chunked else 1),
         check=False,  # the task is ours; the function was pickled above
+        function=True,  # its values are pickles: a task's JSON values are read as they are
         cancel_on_interrupt=True,  # the run's thread is interrupted only to cancel
         local=config.is_local,
         **options,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, overload
@@ -73,6 +74,8 @@ def read_value(store: Store, run_id: str, shard_id: str) -> Any:
 def _value(store: Store, run_id: str, shard_id: str, record: bytes) -> Any:
     result = ShardResult.from_json(record)
     kept = result.value
+    if not pickles(store, run_id):  # a task's run(shard) returned JSON: that is its value
+        return kept
     if not isinstance(kept, dict):
         return None
     if "pickle" in kept:
@@ -80,6 +83,24 @@ def _value(store: Store, run_id: str, shard_id: str, record: bytes) -> Any:
     key = Layout.outputs(run_id, shard_id, result.attempt) + str(kept.get("file", VALUE_FILE))
     stored = Stored(store, key)
     return stored if int(kept.get("size", 0)) > LAZY_BYTES else stored.load()
+
+
+def pickles(store: Store, run_id: str) -> bool:
+    """Whether the run's values are pickles of a ``cflow`` function's values: a run
+    ``runner submit`` made returns JSON, which is never unpickled (a task's dict holding a
+    ``"pickle"`` would otherwise run code of the task's choosing here). A run made before its
+    manifest said so is told by its records' shape. Read once a store and run."""
+    known = _pickles.setdefault(store, {})
+    if run_id not in known:
+        try:
+            options = runs.load_manifest(store, run_id).options
+        except Exception:  # gone, or unreadable: as before the manifest said
+            return True
+        known[run_id] = bool(options.get("function", True))
+    return known[run_id]
+
+
+_pickles: weakref.WeakKeyDictionary[Store, dict[str, bool]] = weakref.WeakKeyDictionary()
 
 
 def run_values(
@@ -268,7 +289,17 @@ def completed(
         got = [_value(store, run_id, shard.id, record)]
     else:
         got = [read_failed(store, run_id, shard.id, shard.index)]
+    function = pickles(store, run_id)
     for j, value in enumerate(got):
         if isinstance(value, ShardFailed) and not return_exceptions:
             raise value
-        yield item_of(shard, store, run_id, j), value.load() if isinstance(value, Stored) else value
+        item = item_of(shard, store, run_id, j) if function else task_item(shard)
+        yield item, value.load() if isinstance(value, Stored) else value
+
+
+def task_item(shard: Shard) -> Any:
+    """What a shard of a run ``runner submit`` made is about: its input, its params, or (a
+    shard of ``--shards N``) its index."""
+    if shard.input is not None:
+        return shard.input
+    return shard.params if shard.params is not None else shard.index

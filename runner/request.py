@@ -113,6 +113,7 @@ class SubmitRequest:
     # What the cache keys the task's code on, where the caller fingerprints it itself (cflow:
     # its function without line numbers) [default: the task folder's files]
     code_key: str | None = None
+    function: bool = False  # a cflow function's run: its values are pickles (RunOptions)
     # Shards from a Python caller, published as read (runner.engine.stream; cflow.submit)
     feed: ShardFeed | None = None
     rule: HaltRule = field(init=False, repr=False)
@@ -183,4 +184,5 @@ class SubmitRequest:
             fallback=self.fallback,
             fallback_after=self.fallback_after,
             halt=str(self.rule),
+            function=self.function,
         )

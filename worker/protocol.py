@@ -149,6 +149,10 @@ class RunOptions(_Record):
     # The --halt rule, judged by the watching runner and by each worker on its own attempts
     # (worker.agent.runbook), so it holds with no runner attached; None: the runner's alone.
     halt: str | None = None
+    # A run of a Python function from ``cflow``: each shard's value is a pickle of what the
+    # function returned (read by ``cflow.results``); a task's ``run(shard)`` returns JSON,
+    # read as it is. A manifest from before this field has none (told apart by its shape).
+    function: bool = False
 
 
 @dataclass(frozen=True)

@@ -58,6 +58,13 @@ def retry(
     if not todo:
         return []
     bundle, entry = manifest.bundle, manifest.entry
+    if task_dir is not None and manifest.options.get("function"):
+        raise RunStateError(
+            f"run {run_id} maps a Python function (cflow), whose values a task folder cannot"
+            f" give; retry it without --task (`runner retry {run_id} --failed`), or map the"
+            " fixed function again (with cache=True the items done are reused)",
+            run_id=run_id,
+        )
     if task_dir is not None:
         entry = inspect_task(task_dir).entry.value
         data, bundle = pack(task_dir)

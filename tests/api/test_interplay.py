@@ -15,7 +15,7 @@ import pytest
 import cflow
 from cflow.api import DEFAULT_WORKER_PYTHON, check_python
 from runner import config as config_mod
-from tests.e2e.conftest import Cli, wait_for
+from tests.e2e.conftest import Cli, make_task, wait_for
 from worker.errors import ConfigError
 
 pytestmark = pytest.mark.e2e
@@ -133,6 +133,52 @@ def test_a_detached_run_is_left_going_at_exit_saying_how_to_attach(
     assert cli.status(run_id)["state"] == "active"
     (marks / "go").touch()
     assert list(cflow.attach(run_id, store=cli.store).results()) == [0, 10, 20]
+
+
+FORGED = """
+import base64
+import os
+import pickle
+
+class Forged:
+    def __reduce__(self):
+        return (os.mkdir, (MARK,))
+
+def run(shard):
+    return {"pickle": base64.b64encode(pickle.dumps(Forged())).decode(), "n": shard.index}
+"""
+
+
+def test_attach_to_a_cli_run_gives_its_json_values_and_never_unpickles_them(
+    cli: Cli, tmp_path: Path
+) -> None:
+    """A task's ``run(shard)`` returns JSON: that is its value from Python too. Before, every
+    value was read as a cflow function's pickle record: an int came back None, a dict raised
+    ``NotFound``, and a dict holding ``"pickle"`` ran code of the task's choosing here."""
+    numbers = make_task(tmp_path / "numbers", "def run(shard):\n    return shard.index + 10\n")
+    mark = tmp_path / "unpickled"
+    forged = make_task(tmp_path / "forged", FORGED.replace("MARK", repr(str(mark))))
+    for task, values in ((numbers, [10, 11]), (forged, None)):
+        done = cli("submit", str(task), "--shards", "2")
+        assert done.code == 0, done.err
+        run = cflow.attach(done.run_id, store=cli.store, progress=False)
+        got = list(run.results())
+        if values is not None:
+            assert got == values
+        else:
+            assert [v["n"] for v in got] == [0, 1] and "pickle" in got[0]
+        assert [value for _, value in run.as_completed()] == got
+        assert [item for item, _ in run.as_completed()] == [{"index": 0}, {"index": 1}]
+    assert not mark.exists()
+
+
+def test_a_function_run_is_not_retried_with_a_task_folder(cli: Cli, tmp_path: Path) -> None:
+    run = cflow.submit(lambda x: 1 / x, [1, 0], store=cli.store, retries=0, progress=False)
+    assert run.wait().failed == 1
+    task = make_task(tmp_path / "task", "def run(shard):\n    return 1\n")
+    refused = cli("retry", run.id, "--failed", "--task", str(task))
+    assert refused.code != 0 and "maps a Python function" in refused.stderr, refused.stderr
+    assert cli.status(run.id)["state"] == "finished"
 
 
 def test_the_cli_sees_an_api_run_and_its_cancel_reaches_wait(
