@@ -44,7 +44,11 @@ IMPORT_TIMEOUT = 20.0  # seconds the import check may take before it is given up
 
 _PROBE = """
 import inspect, sys
-import task
+try:
+    import task
+except SystemExit as exc:
+    from worker.executors.zygote import exited_on_import
+    sys.exit(exited_on_import(exc.code))
 run = getattr(task, "run", None)
 if run is None:
     sys.exit("task.py has no top-level run after import; define `def run(shard):`")

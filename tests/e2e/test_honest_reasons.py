@@ -146,6 +146,43 @@ def test_no_check_lets_the_task_fail_on_the_workers_instead(cli: Cli, tmp_path: 
     assert "has no attribute 'run'" in reason
 
 
+SCRIPT_EXITS = """
+import sys
+from pathlib import Path
+
+def run(shard):
+    (Path(shard.output_dir) / "o.txt").write_text("ran")
+
+def main():
+    print("script mode")
+
+sys.exit(main())
+"""
+
+
+def test_a_task_that_exits_as_it_is_imported_is_refused_and_fails_on_the_workers(
+    cli: Cli, tmp_path: Path
+) -> None:
+    """``sys.exit(main())`` at a script's end, no ``__main__`` guard: every shard
+    "succeeded" with no output, run() never called (the exit was taken for the process's)."""
+    task = make_task(tmp_path / "t", SCRIPT_EXITS)
+    refused = cli("submit", str(task), "--shards", "2")
+    assert refused.code == 2 and "sys.exit(None) as it was imported" in refused.stderr
+    for isolate in ([], ["--isolate"]):
+        r = cli("submit", str(task), "--shards", "2", "--no-check", "--halt", "never", *isolate)
+        assert r.code == 1, r.stderr
+        reasons = set(_reasons(cli, r.run_id).values())
+        assert len(reasons) == 1 and "run(shard) never ran" in reasons.pop(), reasons
+
+
+def test_a_task_process_that_exits_0_mid_shard_says_so(cli: Cli, tmp_path: Path) -> None:
+    body = "import os\n\ndef run(shard):\n    os._exit(0)\n"
+    r = cli("submit", str(make_task(tmp_path / "t", body)), "--shards", "1", "--halt", "never")
+    assert r.code == 1
+    (reason,) = _reasons(cli, r.run_id).values()
+    assert reason.startswith("the task's process exited with code 0 mid-shard"), reason
+
+
 RETURNS = """
 def run(shard):
     i = shard.params["index"]

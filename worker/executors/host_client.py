@@ -262,7 +262,8 @@ class Host:
         self.recycle = False
         self.outstanding: list[int] = []  # request ids sent and not yet answered, in order
         self.replies: dict[int, dict[str, Any]] = {}
-        self.dead_code: int | None = None  # the host's exit status once it died
+        self.dead_code: int | None = None  # what a shard it died under reports (never 0)
+        self.exit_status: int | None = None  # the host's own exit status, once it died
         self.died_under: int | None = None  # the request it was running then
         self._fd = self._stdout.fileno()
         self._buffer = b""  # replies are read unbuffered: select() must see what is pending
@@ -326,6 +327,7 @@ class Host:
             code = self.proc.wait()
         reaper.kill_group(self.proc.pid)
         PROCESSES.forget(self.proc.pid)
+        self.exit_status = code
         self.dead_code = self.exit_code(code)
         self.died_under = self.outstanding[0] if self.outstanding else None  # what it ran
         self.recycle = True
@@ -355,7 +357,8 @@ class Host:
             if self.dead_code is not None or not self.read(0.1):
                 break
         if self.dead_code is None:  # something else holds the pipe open: dead all the same
-            self.dead_code = self.exit_code(self.proc.returncode or 0)
+            self.exit_status = self.proc.returncode or 0
+            self.dead_code = self.exit_code(self.exit_status)
             self.died_under = self.outstanding[0] if self.outstanding else None
             self.recycle = True
         with contextlib.suppress(OSError):
@@ -398,6 +401,11 @@ class HostTask(RunningTask):
         PROCESSES.ended(self.token, host.proc.pid)
         self._code = host.dead_code
         if not self.not_started and self._code >= 0:
+            status = self._code if host.exit_status is None else host.exit_status
+            said = f"cflow: the task's process exited with code {status} mid-shard"
+            if status == 0:  # os._exit(0): as good as a crash, since run(shard) never returned
+                said += ", before run(shard) returned (os._exit, say)"
+                self.reason = said.removeprefix("cflow: ")
             with contextlib.suppress(OSError), self._log_path.open("a") as log:
-                log.write(f"cflow: the task's process exited with code {self._code} mid-shard\n")
+                log.write(said + "\n")
         return self._code

@@ -48,8 +48,19 @@ def load_task(task_dir: Path) -> ModuleType:
         raise ImportError(f"cannot load {task_dir / 'task.py'}")
     module = importlib.util.module_from_spec(spec)
     sys.modules["task"] = module
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except SystemExit as exc:  # a script's last line, sys.exit(main()): no run() ever ran
+        raise ImportError(exited_on_import(exc.code)) from None
     return module
+
+
+def exited_on_import(code: object) -> str:
+    """What a task.py that called ``sys.exit`` as it was imported is told."""
+    return (
+        f"task.py called sys.exit({code!r}) as it was imported, so run(shard) never ran; keep"
+        ' a script\'s own code under `if __name__ == "__main__":`'
+    )
 
 
 def _call(run: Callable[[TaskShard], Any]) -> int:
