@@ -79,6 +79,35 @@ def test_a_value_that_will_not_pickle_fails_its_item_saying_so(backend: dict[str
         assert "the function returned a generator, which cannot be pickled" in str(failed)
 
 
+class _BrokenStr(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("str broke")
+
+
+def _breaks_on_3(x: int) -> int:
+    if x == 3:
+        raise _BrokenStr("item 3 is bad")
+    return x
+
+
+def test_an_exception_whose_str_raises_fails_its_item_only(
+    local_backend: dict[str, Any],
+) -> None:
+    """Its text is what Python prints for it; before, the chunk's other items failed with
+    the error of its ``__str__`` (or, retried, as a crash)."""
+    for retries in (0, 2):
+        values = cflow.map(
+            _breaks_on_3, range(10), chunk_size=5, retries=retries, return_exceptions=True,
+            **local_backend,
+        )  # fmt: skip
+        assert [v for i, v in enumerate(values) if i != 3] == [0, 1, 2, 4, 5, 6, 7, 8, 9]
+        failed = values[3]
+        assert isinstance(failed, cflow.ShardFailed)
+        assert failed.type_name.endswith("_BrokenStr")
+        assert failed.message == "<exception str() failed>"
+        assert "raise _BrokenStr" in failed.traceback
+
+
 def test_a_cancelled_runs_results_say_so(local_backend: dict[str, Any], tmp_path: Any) -> None:
     gate = tmp_path / "go"
 

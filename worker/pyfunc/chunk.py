@@ -38,6 +38,7 @@ from worker.pyfunc.shared import (
     load_items,
     log,
     pickled,
+    said,
 )
 from worker.taskapi import TaskShard
 
@@ -229,7 +230,7 @@ def _run_item(fn: Any, item: Any, index: int, chunk: _Chunk) -> None:
         except (Exception, ItemTimedOut) as exc:
             if attempt < chunk.tries:
                 log(
-                    f"cflow: item {index} raised {type(exc).__name__}: {exc}; try"
+                    f"cflow: item {index} raised {type(exc).__name__}: {said(exc)}; try"
                     f" {attempt} of {chunk.tries}, running it again\n"
                 )
                 continue

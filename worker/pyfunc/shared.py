@@ -132,7 +132,7 @@ def describe_error(exc: BaseException) -> dict[str, Any]:
     kind = type(exc)
     record: dict[str, Any] = {
         "type": f"{kind.__module__}.{kind.__qualname__}",
-        "message": str(exc),
+        "message": said(exc),
         "traceback": "".join(traceback.format_exception(kind, exc, _user_frames(exc))),
         # cloudpickle names the code it ships "<dynamic-code>": each frame's module lets the
         # caller, which has the source, name the file and show the line.
@@ -152,6 +152,15 @@ def describe_error(exc: BaseException) -> dict[str, Any]:
     if len(data) <= ERROR_PICKLE_LIMIT:
         record["pickle"] = base64.b64encode(data).decode("ascii")
     return record
+
+
+def said(exc: BaseException) -> str:
+    """``str(exc)``, or what Python prints where that raises (an exception whose ``__str__``
+    is broken fails its item with this, not with the error of its ``__str__``)."""
+    try:
+        return str(exc)
+    except Exception:
+        return "<exception str() failed>"
 
 
 def _user_frames(exc: BaseException) -> TracebackType | None:
@@ -227,7 +236,7 @@ def pickled(value: Any) -> bytes:
     except Exception as exc:
         raise UnpicklableValue(
             f"the function returned a {type(value).__name__}, which cannot be pickled to go"
-            f" back: {type(exc).__name__}: {exc}; return picklable values (no open files,"
+            f" back: {type(exc).__name__}: {said(exc)}; return picklable values (no open files,"
             " locks or connections; a list, not a generator)"
             + _AWAIT_HINT.get(type(value).__name__, "")
         ) from None
