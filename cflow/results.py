@@ -297,6 +297,38 @@ def completed(
         yield item, value.load() if isinstance(value, Stored) else value
 
 
+def left_unsettled(
+    store: Store, manifest: Manifest, settled: set[str], return_exceptions: bool, unit: str
+) -> Iterator[tuple[Any, Any]]:
+    """The end of ``as_completed`` over a run stopped with shards left unsettled (none left:
+    nothing): a halted run's items that were not run (or whose retry never came), each as a
+    failure, as ``results`` gives them; a run cancelled by someone raises, as ``results``
+    does.
+
+    Raises:
+        RunStateError: the run was cancelled before every ``unit`` was done.
+        ShardFailed: a halted run's unsettled item (unless ``return_exceptions``).
+    """
+    run_id = manifest.run_id
+    left = [s for s in runs.iter_shards(store, run_id) if s.id not in settled]
+    if manifest.state != RunState.CANCELLED.value or not left:
+        return
+    if not manifest.halted:
+        done = len(runs.committed(store, run_id))
+        raise RunStateError(
+            f"run {run_id} was cancelled with {done} of {manifest.shard_count} {unit}"
+            f" done; `runner retry {run_id} --failed` runs the rest",
+            run_id=run_id,
+        )
+    why = f"the run halted before it ran: {manifest.halted}"
+    function = pickles(store, run_id)
+    for shard in left:
+        for j, failed in enumerate(_unsettled(store, run_id, shard, why)):
+            if not return_exceptions:
+                raise failed
+            yield (item_of(shard, store, run_id, j) if function else task_item(shard)), failed
+
+
 def task_item(shard: Shard) -> Any:
     """What a shard of a run ``runner submit`` made is about: its input, its params, or (a
     shard of ``--shards N``) its index."""

@@ -18,6 +18,7 @@ from cflow.results import (
     Stored,
     collect,
     completed,
+    left_unsettled,
     run_values,
 )
 from cflow.shipping import ItemFeed
@@ -327,6 +328,11 @@ class Run:
                     self._end_shown = True
                     if driver is not None and driver.error is not None:
                         raise driver.error
+                    # Halted or cancelled: what never settled says so, as results() says it.
+                    unit = "chunks of items" if self._tally() is not None else "items"
+                    yield from left_unsettled(
+                        store, self._manifest(), seen, return_exceptions, unit
+                    )
                     return
                 assert driver is not None
                 driver.over.wait(PACE)

@@ -123,6 +123,9 @@ def test_a_cancelled_runs_results_say_so(local_backend: dict[str, Any], tmp_path
     assert run.progress().cancelled
     with pytest.raises(RunStateError, match=f"run {run.id} was cancelled"):
         run.results()
+    # as_completed ends as results does (it ended quietly, the items not done unsaid)
+    with pytest.raises(RunStateError, match=f"run {run.id} was cancelled"):
+        list(run.as_completed(return_exceptions=True))
 
 
 def test_an_iterable_that_raises_is_the_callers_error(local_backend: dict[str, Any]) -> None:
@@ -197,6 +200,10 @@ def test_a_halted_runs_items_say_what_failed_and_what_never_ran(backend: dict[st
     assert all(isinstance(v.exception, ZeroDivisionError) for v in ran)
     assert all("the run halted before it ran" in v.message for v in never)
     assert all("ZeroDivisionError" in v.message for v in never)  # the halt says why
+    # as_completed gives every item too, those never run last (it stopped at the failed ones)
+    pairs = list(run.as_completed(return_exceptions=True))
+    assert sorted(item for item, _ in pairs) == list(range(12))
+    assert sum(v.type_name == "NotRun" for _, v in pairs) == len(never)
     with pytest.raises(cflow.ShardFailed) as raised:
         cflow.map(helpers.divides, range(12), chunk_size=1, **backend)
     assert isinstance(raised.value.exception, ZeroDivisionError)
