@@ -1,11 +1,11 @@
 """Where shards come from: input files, a JSON-lines params file, or a count.
 
 Input files are named by ``--inputs``, repeatable, each one of: a glob (``data/*.csv``, ``**``
-recurses), ``@FILE`` (a list of paths, one a line) or ``-`` (the same list on stdin), or a
-``gs://bucket/glob`` on Google Cloud. Local files are found and checked at once
-(:meth:`Inputs.gather`): each is taken as matched, a symlink under its own name, and anything
-that is not a readable file is refused by name before a run is made. Cloud Storage globs are
-listed when the shards are read.
+recurses), ``@FILE`` (a list of paths, one a line, UTF-8 with or without the BOM a Windows
+editor starts it with) or ``-`` (the same list on stdin), or a ``gs://bucket/glob`` on Google
+Cloud. Local files are found and checked at once (:meth:`Inputs.gather`): each is taken as
+matched, a symlink under its own name, and anything that is not a readable file is refused by
+name before a run is made. Cloud Storage globs are listed when the shards are read.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from worker.protocol import Shard, shard_id_for_index
 REMOTE_SCHEMES = ("gs://",)
 STDIN = "-"  # --inputs -: a list of paths on stdin
 LIST_MARK = "@"  # --inputs @FILE: a list of paths in FILE
+BOM = "\ufeff"  # a byte-order mark before a list's first line (Windows editors): not a path
 ID_STEM_LIMIT = 40  # characters of a file's name kept in its shard's id
 REFUSED_SHOWN = 50  # inputs that are not files named one a line; the rest counted
 REPEATS_SHOWN = 3  # inputs that repeat a file named in the note; the rest counted
@@ -204,11 +205,12 @@ def _part(spec: str, stdin: IO[str] | None) -> _Part:
         stream = stdin
         if stream is None:
             raise InputError("--inputs - reads a list of paths from stdin, and there is none")
-        return _listed(spec, stream.read().splitlines(), Path.cwd(), "stdin")
+        text = stream.read().removeprefix(BOM)
+        return _listed(spec, text.splitlines(), Path.cwd(), "stdin")
     if spec.startswith(LIST_MARK):
         list_file = Path(os.path.expanduser(spec[1:]))
         try:
-            text = list_file.read_text(encoding="utf-8")
+            text = list_file.read_text(encoding="utf-8-sig")  # a leading BOM dropped
         except (OSError, UnicodeDecodeError) as exc:
             why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
             raise InputError(f"--inputs {spec}: cannot read the list {list_file} ({why})") from None

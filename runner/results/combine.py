@@ -6,9 +6,11 @@ attempt's ``out/`` (``sub/a.csv`` and ``a.csv`` are two names) are combined by t
 in a newline, declared headers kept once; the same formats gzip-compressed concatenated as gzip
 members; anything else kept per shard, unchanged, under ``combined/<name>/`` with a
 ``manifest.json``. No byte of a part is changed but the newline after a line format's part and a
-declared header that is the header. A task whose ``task.py`` defines ``combine(paths, out)`` gets
-the committed output paths instead and writes into ``out`` itself (:mod:`runner.results.custom`;
-``runner combine RUN --task DIR`` takes a fixed one).
+declared header that is the header. A name that is a file in some shards and a folder in others
+(``report.txt`` and ``report.txt/part.txt``) is refused before anything is written:
+``combined/report.txt`` cannot be both. A task whose ``task.py`` defines ``combine(paths, out)``
+gets the committed output paths instead and writes into ``out`` itself
+(:mod:`runner.results.custom`; ``runner combine RUN --task DIR`` takes a fixed one).
 
 A local ``--out DIR`` holds one run's result: ``DIR/.cflow-result.json`` names the run and the
 files it wrote there. Combining the same run again replaces those files (and only those); another
@@ -24,7 +26,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from runner.results.custom import custom_combine, open_task
 from runner.results.formats import (
@@ -45,6 +47,7 @@ from runner.results.formats import (
     per_shard_note,
     plan_for,
     same_line,
+    shards_text,
 )
 from runner.results.parts import (
     Combined,
@@ -105,6 +108,7 @@ def combine_run(
         if folder.custom:
             combined = custom_combine(store, manifest, folder, groups, work(), tell)
         elif groups:
+            _refuse_clash(manifest.run_id, groups)
             combined = combiner.concatenate(
                 store, manifest, groups, headers=headers, warn=warn, work=work(), workers=workers
             )
@@ -127,6 +131,38 @@ def combine_run(
         if out is not None:
             _copy_out(store, manifest.run_id, combined, out, combiner)
     return combined
+
+
+def _refuse_clash(run_id: str, groups: dict[str, list[Part]]) -> None:
+    """Refuse a name that is a file in some shards and a folder in others (``report.txt`` and
+    ``report.txt/part.txt``), in one line naming the shards and what to change.
+
+    A name's result is ``combined/<name>``, its joined file or its folder of per-shard copies,
+    and it cannot be both: keeping one would drop the other's outputs or move them where no
+    reader looks. Raised before anything is written, so the run's committed outputs and an
+    earlier combine's result stay as they are (a task's own ``combine(paths, out)`` gets the
+    paths and is not asked this).
+    """
+    nested: dict[str, list[str]] = {}  # a name that is a file -> the names under it
+    for rel in sorted(groups):
+        for parent in PurePosixPath(rel).parents:
+            if str(parent) in groups:
+                nested.setdefault(str(parent), []).append(rel)
+    if not nested:
+        return
+    name = min(nested)
+    under = nested[name]
+    files = [p.shard for p in groups[name]]  # in shard order
+    index = {p.shard: p.index for rel in under for p in groups[rel]}
+    folders = sorted(index, key=index.__getitem__)
+    more = f" and {len(under) - 1} more" if len(under) > 1 else ""
+    others = f" (and {len(nested) - 1} more names like it)" if len(nested) > 1 else ""
+    raise ConfigError(
+        f"{name} is a file in {shards_text(files)} but a folder in {shards_text(folders)}"
+        f" ({under[0]}{more}), and combined/{name} cannot be both{others}: have the task write"
+        " one or the other under that name in every shard, or combine these outputs with a"
+        f" combine(paths, out) in task.py (`runner combine {run_id} --task DIR`)"
+    )
 
 
 class _Scratch:
