@@ -39,6 +39,11 @@ def cancel(
     """Stop a run: queued shards are dropped; waits for the running ones to stop (locally)."""
     need_run(run_id, local, store, deployment)
     with open_dep(local, store, deployment) as dep:
+        manifest = runs.load_manifest(dep.backends.store, run_id)
+        if manifest.state != RunState.ACTIVE.value:
+            over = "halted" if manifest.halted else manifest.state
+            err.print(f"cflow: run {run_id} is {over} already: nothing to cancel", markup=False)
+            return
         cancelled = cancel_run(dep, run_id)
     err.print(f"cflow: {cancelled.describe()}", markup=False)
 

@@ -389,15 +389,19 @@ def cancel(
 ) -> int:
     """Mark the run cancelled (workers drop its messages and stop its tasks); purge its queue.
 
-    ``halted`` records why the runner stopped the run itself (the ``--halt`` rule).
+    ``halted`` records why the runner stopped the run itself (the ``--halt`` rule). A run that
+    is over already (finished, cancelled, halted) is left as it is: a finished run would
+    otherwise read as cancelled, and a halted one lose why it halted.
     """
-    update_manifest(
-        store,
-        run_id,
-        lambda m: dataclasses.replace(
+
+    def cancelled(m: Manifest) -> Manifest:
+        if m.state != RunState.ACTIVE.value:
+            return m
+        return dataclasses.replace(
             m, state=RunState.CANCELLED.value, halted=halted, cancelled_at=clock.time()
-        ),
-    )
+        )
+
+    update_manifest(store, run_id, cancelled)
     return queue.purge(run_id)
 
 

@@ -65,13 +65,24 @@ def test_cancel_returns_once_the_running_tasks_have_stopped(cli: Cli, tmp_path: 
     assert {s["reason"] for s in cli.status(run_id)["shards"]} == {"run cancelled"}
 
 
-def test_cancel_of_a_run_with_nothing_running_says_so(cli: Cli, tmp_path: Path) -> None:
+def test_cancel_of_a_run_that_is_over_leaves_it_as_it_is(cli: Cli, tmp_path: Path) -> None:
+    """A finished run stays finished (it read as cancelled, and `watch` then said to retry
+    it), a halted one keeps why it halted (its reason was erased)."""
     task = make_task(tmp_path / "quick", "def run(shard):\n    pass\n")
     done = cli("submit", str(task), "--shards", "1", "--workers", "1")
     assert done.code == 0, done.stderr
     r = cli("cancel", done.run_id)
     assert r.code == 0, r.stderr
-    assert "(no shard queued; no attempt was running)" in r.stderr
+    assert f"run {done.run_id} is finished already: nothing to cancel" in r.stderr
+    assert cli.status(done.run_id)["state"] == "finished"
+    assert cli("watch", done.run_id).code == 0
+    bad = make_task(tmp_path / "bad", "def run(shard):\n    raise ValueError('nope')\n")
+    halted = cli("submit", str(bad), "--shards", "3")
+    before = cli.status(halted.run_id)
+    assert before["state"] == "cancelled" and "ValueError: nope" in before["halted"]
+    r = cli("cancel", halted.run_id)
+    assert r.code == 0 and "is halted already: nothing to cancel" in r.stderr, r.stderr
+    assert cli.status(halted.run_id)["halted"] == before["halted"]
 
 
 @pytest.mark.parametrize("busy", [0.0, 2.5], ids=["short", "long"])
