@@ -143,6 +143,12 @@ def _ignore_spec(folder: Path) -> Callable[[str], bool]:
     return spec.match_file
 
 
+def is_ignored(folder: Path, rel: str) -> bool:
+    """Whether ``.cflowignore`` keeps the file ``rel`` (a POSIX path under ``folder``) out of
+    the bundle."""
+    return _ignore_spec(folder)(rel)
+
+
 def bundle_files(folder: Path) -> list[Path]:
     """The files that go into the bundle, in a stable order.
 

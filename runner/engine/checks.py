@@ -29,13 +29,23 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeGuard
 
-from worker.bundle import PYTHON_ENTRY, REQUIREMENTS, SHELL_ENTRY, inspect_task, read_settings
+from worker.bundle import (
+    IGNORE,
+    PYTHON_ENTRY,
+    REQUIREMENTS,
+    SHELL_ENTRY,
+    bundle_files,
+    inspect_task,
+    is_ignored,
+    read_settings,
+)
 from worker.errors import TaskError
 from worker.executors.base import WORKER_PATH
 from worker.protocol import Entry
@@ -90,15 +100,19 @@ class ImportProbe:
 
     def __init__(self, folder: Path):
         self.folder = folder
+        # With a .cflowignore, the task is imported as the workers get it: what it leaves out
+        # (a helper module) is missing here too, not only on every worker.
+        self._view = _bundled_view(folder) if (folder / IGNORE).is_file() else None
+        where = Path(self._view.name) if self._view is not None else folder.resolve()
         env = {
             **os.environ,
-            "PYTHONPATH": os.pathsep.join([str(folder.resolve()), WORKER_PATH]),
+            "PYTHONPATH": os.pathsep.join([str(where), WORKER_PATH]),
             "PYTHONDONTWRITEBYTECODE": "1",
         }
         self._deadline = time.monotonic() + IMPORT_TIMEOUT
         self._proc = subprocess.Popen(
             [sys.executable, "-c", _PROBE],
-            cwd=folder,
+            cwd=where,
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
@@ -114,6 +128,9 @@ class ImportProbe:
         except subprocess.TimeoutExpired:
             self.cancel()
             return f"import check given up: importing task.py took over {IMPORT_TIMEOUT:g}s"
+        finally:
+            if self._view is not None:
+                self._view.cleanup()
         if self._proc.returncode != 0:
             code = self._proc.returncode
             last = ((stderr or "").strip().splitlines() or [f"exit code {code}"])[-1]
@@ -124,6 +141,18 @@ class ImportProbe:
         if self._proc.poll() is None:
             self._proc.kill()
         self._proc.communicate()
+        if self._view is not None:
+            self._view.cleanup()
+
+
+def _bundled_view(folder: Path) -> tempfile.TemporaryDirectory[str]:
+    """A folder of links to the files of ``folder`` that go into its bundle."""
+    view = tempfile.TemporaryDirectory(prefix="cflow-check-")
+    for path in bundle_files(folder):
+        link = Path(view.name, path.relative_to(folder))
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(path.resolve())
+    return view
 
 
 def check_task(folder: Path, *, code_checks: bool = True, wait: bool = True) -> CheckReport:
@@ -135,6 +164,12 @@ def check_task(folder: Path, *, code_checks: bool = True, wait: bool = True) -> 
             f"task folder {folder} has both {PYTHON_ENTRY} and {SHELL_ENTRY}; a task is one of"
             " them: remove (or rename) the one that should not run"
         )
+    for entry in (PYTHON_ENTRY, SHELL_ENTRY):
+        if (folder / entry).is_file() and is_ignored(folder, entry):
+            raise TaskError(
+                f"{folder / IGNORE} leaves {entry} out of the bundle, so no worker would have"
+                f" a task to run: take {entry} out of {IGNORE}"
+            )
     info = inspect_task(folder)
     read_settings(folder)
     report = CheckReport(info.entry, [])

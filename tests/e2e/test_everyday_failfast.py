@@ -59,6 +59,29 @@ def _cmdline(pid: str) -> bytes:
         return b""
 
 
+@pytest.mark.parametrize(
+    ("ignored", "expected"),
+    [
+        ("*.py\n", ".cflowignore leaves task.py out of the bundle"),
+        ("helper.py\n", "No module named 'helper'"),
+    ],
+    ids=["entry", "helper"],
+)
+def test_a_task_its_cflowignore_breaks_is_refused_before_publishing(
+    cli: Cli, tmp_path: Path, ignored: str, expected: str
+) -> None:
+    """What .cflowignore leaves out is checked as the workers get it: the task itself, or a
+    module it imports (the import check read the folder, so every attempt failed instead)."""
+    task = make_task(tmp_path / "t", "from helper import h\n\ndef run(shard):\n    h()\n")
+    (task / "helper.py").write_text("def h():\n    pass\n")
+    (task / ".cflowignore").write_text(ignored)
+    r = cli("submit", str(task), "--shards", "2")
+    assert r.code == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], lines
+    assert not cli.store.exists()
+
+
 def test_the_first_attempts_failing_alike_halt_the_run(cli: Cli, tmp_path: Path) -> None:
     task = make_task(
         tmp_path / "t",
