@@ -105,9 +105,17 @@ class AttemptRunner:
             except TaskError as exc:  # the attempt's own doing: it fails, with the reason
                 outcome = Outcome(AttemptState.FAILED, outcome.exit_code, str(exc))
                 returned = None
+            try:
+                outputs = seal_outputs(
+                    self.store, run_id, shard_id, claim.attempt, prepared.out_dir
+                )
+            except TaskError as exc:  # outputs it cannot commit: dropped, and a success fails
+                prepared.log.note(str(exc))
+                outputs = []
+                if outcome.state is AttemptState.SUCCEEDED:
+                    outcome = Outcome(AttemptState.FAILED, outcome.exit_code, str(exc))
             if outcome.state is AttemptState.SUCCEEDED:
                 value = returned
-            outputs = seal_outputs(self.store, run_id, shard_id, claim.attempt, prepared.out_dir)
             prepared.log.store()
         except Exception as exc:
             # The attempt is claimed: record it and count it, so a shard whose outputs cannot be

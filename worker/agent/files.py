@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from worker.errors import TaskError
+from worker.executors.base import remove_tree
 from worker.protocol import Layout, Shard
 from worker.store import Store
 from worker.taskapi import RETURN_FILE
@@ -116,6 +117,12 @@ def seal_outputs(
     Every process of the attempt is gone by now (the executor saw to it); what a process
     we could not see might still hold open is the scratch copy, never the stored one. An
     output folder left empty is kept for the next attempt (no folder churn per shard).
+    Its caller seals before it removes the attempt's working folder, so an output linked to a
+    file in there is still whole to copy (:func:`_ready_to_commit`).
+
+    Raises:
+        TaskError: an output cannot be committed as it is (see :func:`_ready_to_commit`); the
+            outputs are dropped, so nothing of the attempt reaches a commit or the next one.
     """
     try:
         with os.scandir(out_dir) as entries:
@@ -123,6 +130,11 @@ def seal_outputs(
                 return []
     except FileNotFoundError:
         return []
+    try:
+        _ready_to_commit(out_dir)
+    except TaskError:
+        remove_tree(out_dir)
+        raise
     outputs = list_files(out_dir)
     if not outputs:
         shutil.rmtree(out_dir, ignore_errors=True)
@@ -171,6 +183,83 @@ def list_files(folder: Path) -> list[str]:
     if not folder.is_dir():
         return []
     return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+
+
+_LINK_FIX = "write the file itself into the output folder, not a link to it"
+
+
+def _ready_to_commit(out_dir: Path) -> None:
+    """Make the outputs fit to commit, before any is moved: every name UTF-8 and no symbolic
+    link left.
+
+    The store's keys, its records and ``runner combine`` hold names as text: a name that is not
+    UTF-8 would be committed and then break every combine of the run. A link would be committed
+    as a link, so what it points at (outside the store, or in the attempt's working folder,
+    removed next) could change or vanish after the commit. A link to a regular file becomes a
+    copy of that file as the attempt left it, as ``cp -L`` would: the task made it to be read.
+
+    Raises:
+        TaskError: a file or folder name is not UTF-8, or a link leads to no regular file.
+    """
+    folders = [out_dir]
+    while folders:
+        with os.scandir(folders.pop()) as scan:
+            entries = sorted(scan, key=lambda entry: entry.name)
+        for entry in entries:
+            rel = os.path.relpath(entry.path, out_dir)
+            try:
+                rel.encode("utf-8")
+            except UnicodeEncodeError:
+                raise TaskError(
+                    f"output {os.fsencode(rel)!r} has a name that is not UTF-8:"
+                    " output names must be UTF-8"
+                ) from None
+            if entry.is_symlink():
+                _copy_link(Path(entry.path), rel)
+            elif entry.is_dir(follow_symlinks=False):
+                folders.append(Path(entry.path))
+
+
+def _copy_link(link: Path, rel: str) -> None:
+    """Replace the output ``link`` (``rel`` in the output folder) by a copy of the regular file
+    it leads to. What is copied is the file that was checked, opened before the link goes; a
+    fifo or a device is never opened, so it cannot block the worker or act on a read.
+
+    Raises:
+        TaskError: the link leads nowhere, or to a folder, fifo, device or socket.
+    """
+    said = f"output {rel!r} is a link to {os.readlink(link)!r}"
+    try:
+        kind = _kind(os.stat(link).st_mode)
+        fd = None if kind else os.open(link, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise TaskError(f"{said}, which does not exist: {_LINK_FIX}") from None
+    except OSError as exc:
+        raise TaskError(f"{said}, which cannot be read ({exc.strerror}): {_LINK_FIX}") from None
+    if fd is not None:
+        with os.fdopen(fd, "rb") as src:
+            kind = _kind(os.fstat(fd).st_mode)
+            if kind is None:
+                link.unlink()
+                with link.open("xb") as dst:
+                    shutil.copyfileobj(src, dst, 1 << 20)
+                return
+    raise TaskError(f"{said}, which is {kind}, not a regular file: {_LINK_FIX}")
+
+
+def _kind(mode: int) -> str | None:
+    """None for a regular file; else what it is, as a user would name it."""
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISFIFO(mode):
+        return "a fifo"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "a special file"
 
 
 def _read_only(folder: Path) -> None:
