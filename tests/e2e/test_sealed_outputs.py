@@ -242,3 +242,37 @@ def test_the_retry_of_an_attempt_whose_outputs_were_refused_starts_empty_and_com
     )
     assert second is None
     assert _committed(cli, r.run_id) == {"00000/attempts/2/out/seen.txt": b"[]\n"}
+
+
+HARD_LINKED = """
+import os
+from pathlib import Path
+
+def run(shard):
+    Path(OUTSIDE).write_text("original\\n")
+    os.link(OUTSIDE, Path(shard.output_dir) / "res.txt")
+"""
+
+
+def test_a_file_hard_linked_from_elsewhere_is_committed_as_a_copy(cli: Cli, tmp_path: Path) -> None:
+    """Sealing it read-only changed the task's other file too, and that name could still
+    rewrite the committed bytes."""
+    outside = tmp_path / "outside.txt"
+    task = make_task(tmp_path / "t", HARD_LINKED.replace("OUTSIDE", repr(str(outside))))
+    r = cli("submit", str(task), "--shards", "1")
+    assert r.code == 0, r.stderr
+    (sealed,) = (cli.store / "runs" / r.run_id / "shards").glob("*/attempts/*/out/res.txt")
+    assert sealed.stat().st_nlink == 1 and sealed.read_text() == "original\n"
+    assert stat.S_IMODE(outside.stat().st_mode) & stat.S_IWUSR  # left as the task made it
+    outside.write_text("changed\n")
+    assert sealed.read_text() == "original\n"
+
+
+def test_a_fifo_among_the_outputs_fails_the_attempt_naming_it(cli: Cli, tmp_path: Path) -> None:
+    body = "import os\n\ndef run(shard):\n    os.mkfifo(os.path.join(shard.output_dir, 'p'))\n"
+    r = cli("submit", str(make_task(tmp_path / "t", body)), "--shards", "1", "--max-attempts", "1")
+    assert r.code == 1, r.stderr
+    assert _reasons(cli, r.run_id) == [
+        "output 'p' is a fifo, not a regular file: write a regular file"
+    ]
+    assert _committed(cli, r.run_id) == {}

@@ -189,8 +189,8 @@ _LINK_FIX = "write the file itself into the output folder, not a link to it"
 
 
 def _ready_to_commit(out_dir: Path) -> None:
-    """Make the outputs fit to commit, before any is moved: every name UTF-8 and no symbolic
-    link left.
+    """Make the outputs fit to commit, before any is moved: every name UTF-8, no symbolic
+    link left, every file a regular file of their own (none hard-linked from elsewhere).
 
     The store's keys, its records and ``runner combine`` hold names as text: a name that is not
     UTF-8 would be committed and then break every combine of the run. A link would be committed
@@ -199,7 +199,8 @@ def _ready_to_commit(out_dir: Path) -> None:
     copy of that file as the attempt left it, as ``cp -L`` would: the task made it to be read.
 
     Raises:
-        TaskError: a file or folder name is not UTF-8, or a link leads to no regular file.
+        TaskError: a file or folder name is not UTF-8, a link leads to no regular file, or
+            an output is a fifo, a socket or a device.
     """
     folders = [out_dir]
     while folders:
@@ -218,6 +219,8 @@ def _ready_to_commit(out_dir: Path) -> None:
                 _copy_link(Path(entry.path), rel)
             elif entry.is_dir(follow_symlinks=False):
                 folders.append(Path(entry.path))
+            else:
+                _own_file(Path(entry.path), rel, entry.stat(follow_symlinks=False))
 
 
 def _copy_link(link: Path, rel: str) -> None:
@@ -245,6 +248,23 @@ def _copy_link(link: Path, rel: str) -> None:
                     shutil.copyfileobj(src, dst, 1 << 20)
                 return
     raise TaskError(f"{said}, which is {kind}, not a regular file: {_LINK_FIX}")
+
+
+def _own_file(path: Path, rel: str, st: os.stat_result) -> None:
+    """Make the output ``path`` a regular file of the outputs' own: one hard-linked from
+    elsewhere (``os.link``) becomes a copy, as sealing it 0444 would change the file the task
+    linked, and whoever holds its other name could still rewrite what was committed.
+
+    Raises:
+        TaskError: it is a fifo, a socket or a device, not a regular file.
+    """
+    kind = _kind(st.st_mode)
+    if kind is not None:
+        raise TaskError(f"output {rel!r} is {kind}, not a regular file: write a regular file")
+    if st.st_nlink > 1:
+        copy = path.with_name(f".{path.name}.cflow-copy")
+        shutil.copy2(path, copy)
+        os.replace(copy, path)
 
 
 def _kind(mode: int) -> str | None:
