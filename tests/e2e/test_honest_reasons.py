@@ -175,9 +175,15 @@ def test_a_task_that_exits_as_it_is_imported_is_refused_and_fails_on_the_workers
         assert len(reasons) == 1 and "run(shard) never ran" in reasons.pop(), reasons
 
 
-def test_a_task_process_that_exits_0_mid_shard_says_so(cli: Cli, tmp_path: Path) -> None:
+@pytest.mark.parametrize("isolate", [[], ["--isolate"]], ids=["warm", "isolate"])
+def test_a_task_process_that_exits_0_mid_shard_fails_saying_so(
+    cli: Cli, tmp_path: Path, isolate: list[str]
+) -> None:
+    """run(shard) never returned: a failure in either mode (a warm host's said "code 1", an
+    isolated shard's child counted as a success)."""
     body = "import os\n\ndef run(shard):\n    os._exit(0)\n"
-    r = cli("submit", str(make_task(tmp_path / "t", body)), "--shards", "1", "--halt", "never")
+    task = str(make_task(tmp_path / "t", body))
+    r = cli("submit", task, "--shards", "1", "--halt", "never", *isolate)
     assert r.code == 1
     (reason,) = _reasons(cli, r.run_id).values()
     assert reason.startswith("the task's process exited with code 0 mid-shard"), reason

@@ -36,6 +36,7 @@ from worker.executors.base import (
     WORKER_PATH,
     RunningTask,
 )
+from worker.executors.zygote import EXITED_0
 
 
 class HostProcess(Protocol):
@@ -402,10 +403,9 @@ class HostTask(RunningTask):
         self._code = host.dead_code
         if not self.not_started and self._code >= 0:
             status = self._code if host.exit_status is None else host.exit_status
-            said = f"cflow: the task's process exited with code {status} mid-shard"
+            said = f"the task's process exited with code {status} mid-shard"
             if status == 0:  # os._exit(0): as good as a crash, since run(shard) never returned
-                said += ", before run(shard) returned (os._exit, say)"
-                self.reason = said.removeprefix("cflow: ")
+                said = self.reason = EXITED_0
             with contextlib.suppress(OSError), self._log_path.open("a") as log:
-                log.write(said + "\n")
+                log.write(f"cflow: {said}\n")
         return self._code

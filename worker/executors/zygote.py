@@ -55,6 +55,11 @@ def load_task(task_dir: Path) -> ModuleType:
     return module
 
 
+EXITED_0 = (
+    "the task's process exited with code 0 mid-shard, before run(shard) returned (os._exit, say)"
+)
+
+
 def exited_on_import(code: object) -> str:
     """What a task.py that called ``sys.exit`` as it was imported is told."""
     return (
@@ -82,7 +87,7 @@ def _call(run: Callable[[TaskShard], Any]) -> int:
                 stream.flush()
 
 
-def _child(request: dict[str, Any], run: Callable[[TaskShard], Any]) -> None:
+def _child(request: dict[str, Any], run: Callable[[TaskShard], Any], returned: int) -> None:
     os.setsid()
     reaper.die_with_parent()
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -97,11 +102,22 @@ def _child(request: dict[str, Any], run: Callable[[TaskShard], Any]) -> None:
     os.environ.update(request["env"])
     os.chdir(request["cwd"])
     code = _call(run)
+    os.write(returned, b"r")  # run(shard) returned (or raised): not an os._exit inside it
     os._exit(code)
 
 
 def _exit_code(status: int) -> int:
     return os.waitstatus_to_exitcode(status)
+
+
+def _said(fd: int) -> bool:
+    """Whether the shard's child wrote that run(shard) returned (the pipe ``fd`` closed)."""
+    try:
+        return bool(os.read(fd, 1))
+    except BlockingIOError:  # nothing written, the other end still held by a child's child
+        return False
+    finally:
+        os.close(fd)
 
 
 def serve(task_dir: Path) -> None:
@@ -127,7 +143,8 @@ def serve(task_dir: Path) -> None:
     sel = selectors.DefaultSelector()
     stdin = sys.stdin.buffer
     sel.register(stdin.fileno(), selectors.EVENT_READ, None)
-    children: dict[int, tuple[int, int, str]] = {}  # pidfd -> (pid, request id, token)
+    # pidfd -> (pid, request id, token, the pipe its child says run(shard) returned on)
+    children: dict[int, tuple[int, int, str, int]] = {}
     pending = b""
     open_input = True
     while open_input or children:
@@ -137,7 +154,7 @@ def serve(task_dir: Path) -> None:
                 if not chunk:
                     open_input = False
                     sel.unregister(stdin.fileno())
-                    for pid, _, _ in children.values():
+                    for pid, _, _, _ in children.values():
                         _killpg(pid)
                     continue
                 pending += chunk
@@ -145,27 +162,35 @@ def serve(task_dir: Path) -> None:
                     line, pending = pending.split(b"\n", 1)
                     request = json.loads(line)
                     sys.stderr.flush()
+                    said, returned = os.pipe()
                     pid = os.fork()
                     if pid == 0:
-                        _child(request, run)
+                        os.close(said)
+                        _child(request, run, returned)
+                    os.close(returned)
+                    os.set_blocking(said, False)  # a child's child may hold its other end
                     pidfd = os.pidfd_open(pid)
                     token = request["env"].get(reaper.TOKEN_VAR, "")
-                    children[pidfd] = (pid, request["id"], token)
+                    children[pidfd] = (pid, request["id"], token, said)
                     sel.register(pidfd, selectors.EVENT_READ, pidfd)
                     reply({"id": request["id"], "pid": pid})
             else:
                 pidfd = key.data
-                pid, request_id, _ = children.pop(pidfd)
+                pid, request_id, _, said = children.pop(pidfd)
                 sel.unregister(pidfd)
                 os.close(pidfd)
                 _, status = os.waitpid(pid, 0)
                 _killpg(pid)  # what the shard left in its group, then what escaped it
                 reaper.sweep_orphans(
                     os.getpid(),
-                    live_tokens={token for _, _, token in children.values()},
-                    known={p for p, _, _ in children.values()},
+                    live_tokens={token for _, _, token, _ in children.values()},
+                    known={p for p, _, _, _ in children.values()},
                 )
-                reply({"id": request_id, "exit": _exit_code(status)})
+                code = _exit_code(status)
+                if code == 0 and not _said(said):  # os._exit(0) in run: as a warm host says
+                    reply({"id": request_id, "exit": 1, "reason": EXITED_0})
+                else:
+                    reply({"id": request_id, "exit": code})
 
 
 def _killpg(pid: int) -> None:
