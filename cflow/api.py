@@ -187,10 +187,12 @@ def submit(
     # With the cache, what the shards' keys are made of is the same from any process: the
     # function's key, taken before it is shipped, and the items' pickles (cflow.pickling).
     own, canonical = own_modules(), bool(options.get("cache"))
-    if canonical:
-        options = {**options, "code_key": function_key(fn, own, TASK_PY)}
-    # Locally (no image) the items run where this process does: relative paths hold there.
+    # Locally (no image) the items run where this process does: relative paths hold there,
+    # so that folder is part of what the function computes (and of its cache key).
     here = _working_folder() if config.is_local and image is None else None
+    if canonical:
+        runner = TASK_PY if here is None else f"{TASK_PY}\0in {here}"
+        options = {**options, "code_key": function_key(fn, own, runner)}
     folder, needs = make_task(fn, own, here)
     feed = ItemFeed(items, chunking, ItemPickler(own, canonical=canonical))
     request = SubmitRequest(

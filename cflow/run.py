@@ -11,7 +11,7 @@ from typing import Any
 
 from cflow.driver import Driver, attach_driver
 from cflow.errors import ShardFailed
-from cflow.progress import ProgressChoice, Ticker, pick
+from cflow.progress import ProgressChoice, Ticker, in_notebook, pick
 from cflow.results import (
     Progress,
     Results,
@@ -29,6 +29,7 @@ from runner.config import Config
 from runner.engine import runs
 from runner.engine.cache import cached_count
 from runner.engine.deployment import Deployment
+from worker.errors import NotFound
 from worker.protocol import Manifest, RunState, Shard
 
 PACE = 0.2  # seconds between looks while waiting in the caller's thread (Ctrl-C is seen then)
@@ -217,7 +218,7 @@ class Run:
         submitted and ended): it is waited for, as ``concurrent.futures`` waits for its work,
         and Ctrl-C then cancels it. With ``detach=True``, or in a Jupyter kernel (restarted
         or shut down, it is killed if it takes long), it is left going, saying how to attach."""
-        if self._detach or "ipykernel" in sys.modules:
+        if self._detach or in_notebook():
             self._leave_going()
             return
         print(f"cflow: waiting for run {self.id} to end (Ctrl-C cancels it)", file=sys.stderr)
@@ -322,8 +323,15 @@ class Run:
                     else set(driver.settled)
                 )
                 for sid in sorted(settled - seen):
+                    try:
+                        pairs = list(completed(store, self.id, self._shard(sid), True))
+                    except NotFound:  # stopped by a cancel, with no record: the end says so
+                        continue
                     seen.add(sid)
-                    yield from completed(store, self.id, self._shard(sid), return_exceptions)
+                    for item, value in pairs:
+                        if isinstance(value, ShardFailed) and not return_exceptions:
+                            raise value
+                        yield item, value
                 if finished:
                     self._end_shown = True
                     if driver is not None and driver.error is not None:

@@ -16,7 +16,7 @@ import cflow
 from cflow.api import DEFAULT_WORKER_PYTHON, check_python
 from runner import config as config_mod
 from tests.e2e.conftest import Cli, make_task, wait_for
-from worker.errors import ConfigError
+from worker.errors import ConfigError, RunStateError
 
 pytestmark = pytest.mark.e2e
 
@@ -170,6 +170,45 @@ def test_attach_to_a_cli_run_gives_its_json_values_and_never_unpickles_them(
         assert [value for _, value in run.as_completed()] == got
         assert [item for item, _ in run.as_completed()] == [{"index": 0}, {"index": 1}]
     assert not mark.exists()
+
+
+def test_runner_cancel_while_as_completed_iterates_ends_it_as_results_would(
+    cli: Cli, tmp_path: Path
+) -> None:
+    """The running items a cancel stopped have no failure record: reading one raised an
+    internal NotFound traceback."""
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    run = cflow.submit(_gated(marks), range(6), store=cli.store, workers=2, chunk_size=1)
+    wait_for(lambda: len(list(marks.glob("started-*"))) == 2, 60, "two items to start")
+    assert cli("cancel", run.id).code == 0
+    with pytest.raises(RunStateError, match=f"run {run.id} was cancelled"):
+        list(run.as_completed(return_exceptions=True))
+
+
+def test_a_script_that_imported_ipykernel_is_no_kernel_and_waits_at_exit(
+    cli: Cli, tmp_path: Path
+) -> None:
+    """Only a running kernel leaves its runs going at exit (a library may import ipykernel)."""
+    script = tmp_path / "imports_ipykernel.py"
+    script.write_text(
+        SCRIPT.read_text().replace("import cflow\n", "import cflow\nimport ipykernel\n")
+    )
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    (marks / "go").touch()
+    done = subprocess.run(
+        [sys.executable, str(script), str(cli.store), str(marks), "exit"],
+        cwd=tmp_path,
+        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    run_id = _only_run(cli)
+    assert f"waiting for run {run_id} to end" in done.stderr
+    assert cli.status(run_id)["state"] == "finished"
 
 
 def test_a_function_run_is_not_retried_with_a_task_folder(cli: Cli, tmp_path: Path) -> None:

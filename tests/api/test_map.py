@@ -121,6 +121,17 @@ def test_a_local_runs_items_run_in_the_callers_folder_a_clouds_in_their_own(
         return
     assert (folder, names) == (str(here), ["data"])
     assert list(cflow.map(read, ["data/a.txt", Path("data/a.txt")], **backend)) == ["alpha"] * 2
+    # The folder is part of the cache's key: another one's values are not this one's.
+    there = tmp_path / "there"
+    (there / "data").mkdir(parents=True)
+    (there / "data" / "a.txt").write_text("beta")
+
+    def config(x: int) -> str:
+        return Path("data/a.txt").read_text()  # read from the folder, named by no item
+
+    for folder_, value in ((here, "alpha"), (there, "beta"), (here, "alpha")):
+        monkeypatch.chdir(folder_)
+        assert list(cflow.map(config, [1], cache=True, **backend)) == [value]
 
 
 def test_a_helper_module_that_is_not_installed_goes_by_value(
