@@ -134,6 +134,26 @@ def test_a_local_runs_items_run_in_the_callers_folder_a_clouds_in_their_own(
         assert list(cflow.map(config, [1], cache=True, **backend)) == [value]
 
 
+def test_each_item_of_a_chunk_starts_in_the_same_folder(
+    local_backend: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An item that changes folder (a library's os.chdir) does not move the ones after it in
+    its chunk: the values do not depend on how the items were chunked."""
+    for i in range(4):
+        (tmp_path / f"f{i}.txt").write_text(f"row{i}")
+    monkeypatch.chdir(tmp_path)
+
+    def wanders(name: str) -> str:
+        text = Path(name).read_text()
+        os.chdir("/")
+        return text
+
+    names = [f"f{i}.txt" for i in range(4)]
+    for size in (1, 4):
+        values = cflow.map(wanders, names, chunk_size=size, retries=0, **local_backend)
+        assert list(values) == ["row0", "row1", "row2", "row3"], size
+
+
 def test_a_helper_module_that_is_not_installed_goes_by_value(
     local_backend: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -92,10 +92,16 @@ def call_chunk(shard: TaskShard, fn: Any) -> dict[str, Any]:
     chunk = _Chunk(shard, tries, limit, _Overflow(shard.output_dir), watch)
     run = _run_isolated if isolated else _run_item
     first = int(spec["first"])
+    # Each item starts in the folder the chunk started in (the caller's, locally): one that
+    # changes folder (a library's os.chdir) does not move the items after it.
+    here = os.open(".", os.O_RDONLY | os.O_DIRECTORY)
     try:
         for j, item in enumerate(load_items(shard)):
+            if j:
+                os.fchdir(here)
             run(fn, item, first + j, chunk)
     finally:
+        os.close(here)
         chunk.watch.close()
         chunk.overflow.close()
     record = chunk.record(first)
