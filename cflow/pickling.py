@@ -41,9 +41,9 @@ from cflow.canonical import PROTOCOL, Canonical, canonical_dumps, code_key, hold
 from cflow.inputs import files_named
 from worker.errors import ConfigError
 from worker.pyfunc import CLASSES_KEY_PARAM, CLASSES_PARAM, FILES_PARAM
+from worker.pyfunc.modules import INSTALLED  # on every worker: never shipped by value
 
 NAMED_OPS = 10_000  # opcodes of a function's pickle read for the modules it names (~3 ms)
-INSTALLED = ("cflow", "runner", "worker", "infra")  # on every worker: never shipped by value
 
 
 # A module's file -> whether it is installed (under this interpreter's

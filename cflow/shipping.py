@@ -21,6 +21,7 @@ from cflow.pickling import ItemPickler, modules_named, pickle_function
 from cflow.pickling import loads as load_value
 from worker.protocol import Layout, Shard
 from worker.pyfunc import FOLDER_FILE, FUNCTION_FILE, ITEM_PARAM
+from worker.pyfunc.modules import OWN_FILE
 from worker.store import Store
 
 ITEM_INLINE_LIMIT = 8 * 1024  # bytes of an item's pickle carried in its shard's params
@@ -62,6 +63,8 @@ def make_task(
     (task / FUNCTION_FILE).write_bytes(data)
     if folder is not None:
         (task / FOLDER_FILE).write_text(str(folder), encoding="utf-8")
+    if own:
+        (task / OWN_FILE).write_text("\n".join(own) + "\n", encoding="utf-8")
     return made, modules_named(data)
 
 

@@ -231,3 +231,74 @@ def test_a_package_outside_the_working_folder_reaches_workers_that_cannot_import
         assert list(cflow.map(devpkg_far.f, [1, 2], **backend)) == [-1, -2]
     finally:
         del sys.modules["devpkg_far"]
+
+
+OWN_CLASSES = """\
+import importlib
+import json
+import multiprocessing
+import pickle
+import sys
+import threading
+
+import cflow
+import shapes
+
+if sys.argv[1:] == ["threaded"]:  # a caller with another thread: its workers are spawned
+    threading.Thread(target=threading.Event().wait, daemon=True).start()
+
+
+def saved(x):
+    with open(f"model{x}.pkl", "wb") as fh:
+        pickle.dump(shapes.Box(x), fh)  # by reference: the class must be its module's
+    return shapes.Box(x)
+
+
+def pooled(x):
+    with multiprocessing.Pool(2) as pool:
+        return sum(pool.map(shapes.square, range(x + 3)))
+
+
+def imported(x):
+    import helper  # in the body: the file as it is now, not a fork's old copy
+
+    return helper.g(x)
+
+
+with open("helper.py", "w") as fh:
+    fh.write("def g(x):\\n    return ['v1', x]\\n")
+import helper  # noqa: E402
+
+seen = [[b.n for b in cflow.map(saved, [1, 2], progress=False)]]
+seen.append(list(cflow.map(pooled, [0, 1], progress=False, timeout=60)))
+seen.append(list(cflow.map(imported, [1], progress=False)))
+with open("helper.py", "w") as fh:
+    fh.write("def g(x):\\n    return ['v2', x]\\n")
+importlib.reload(helper)
+seen.append(list(cflow.map(imported, [1], progress=False)))
+print(json.dumps(seen))
+"""
+
+
+@pytest.mark.parametrize("mode", ["forked", "threaded"])
+def test_the_callers_own_classes_are_their_modules_on_the_workers(
+    tmp_path: Path, mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A class of the caller's own module comes by value, not as its module's own object:
+    ``pickle.dump`` of one in the function, or a pool given one of its functions, failed
+    ("it's not the same object as shapes.Box"). And a module imported in the function's body
+    was the old copy a forked worker held, not the file as edited and reloaded."""
+    (tmp_path / "shapes.py").write_text(
+        "import dataclasses\n\n\n@dataclasses.dataclass\nclass Box:\n    n: int\n\n\n"
+        "def square(v):\n    return v * v\n"
+    )
+    script = tmp_path / "own_classes.py"
+    script.write_text(OWN_CLASSES)
+    args = ["threaded"] if mode == "threaded" else []
+    seen = _script(*args, seed="0", script=script)
+    assert seen == [[1, 2], [5, 14], [["v1", 1]], [["v2", 1]]]
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:  # what the function pickled reads back here, its class this one's
+        assert pickle.loads((tmp_path / "model2.pkl").read_bytes()).n == 2
+    finally:
+        sys.modules.pop("shapes", None)

@@ -19,6 +19,7 @@ from types import TracebackType
 from typing import Any
 
 from worker.pyfunc.calling import callable_as_shipped
+from worker.pyfunc.modules import adopt, forget, own_names
 from worker.taskapi import TaskShard
 
 FUNCTION_FILE = "function.pkl"
@@ -66,7 +67,11 @@ def load_function(path: Path) -> Any:
     if key not in _loaded:
         import cloudpickle  # the task's interpreter has it (the runner and gcp-worker extras)
 
-        _loaded[key] = callable_as_shipped(cloudpickle.loads(path.read_bytes()))
+        own = own_names(path)
+        forget(own)  # a fork's copies of the caller's modules: an import in fn reads the file
+        fn = cloudpickle.loads(path.read_bytes())
+        adopt(fn, own)  # its classes are their modules' here: pickling one inside fn works
+        _loaded[key] = callable_as_shipped(fn)
     return _loaded[key]
 
 
