@@ -117,14 +117,11 @@ def run_values(
     done = runs.committed(store, run_id)
     failed = runs.failed(store, run_id) - done
     stopped = manifest.state == RunState.CANCELLED.value
-    if not stopped or len(done) + len(failed) >= manifest.shard_count:
+    settled = len(done) + len(failed) >= manifest.shard_count
+    if not stopped or (manifest.halted and settled):
         return collect(store, run_id, runs.iter_shards(store, run_id), done, return_exceptions)
     if not manifest.halted:  # cancelled by someone: the values are not what was asked for
-        raise RunStateError(
-            f"run {run_id} was cancelled with {len(done)} of {manifest.shard_count} {unit()}"
-            f" done; `runner retry {run_id} --failed` runs the rest",
-            run_id=run_id,
-        )
+        raise cancelled_error(run_id, len(done), manifest.shard_count, unit())
     # Halted (--halt: its first attempts all failed alike): the failures are the news, and
     # the items it never ran say why they have no value.
     why = f"the run halted before it ran: {manifest.halted}"
@@ -310,16 +307,12 @@ def left_unsettled(
         ShardFailed: a halted run's unsettled item (unless ``return_exceptions``).
     """
     run_id = manifest.run_id
-    left = [s for s in runs.iter_shards(store, run_id) if s.id not in settled]
-    if manifest.state != RunState.CANCELLED.value or not left:
+    if manifest.state != RunState.CANCELLED.value:
         return
     if not manifest.halted:
         done = len(runs.committed(store, run_id))
-        raise RunStateError(
-            f"run {run_id} was cancelled with {done} of {manifest.shard_count} {unit}"
-            f" done; `runner retry {run_id} --failed` runs the rest",
-            run_id=run_id,
-        )
+        raise cancelled_error(run_id, done, manifest.shard_count, unit)
+    left = [s for s in runs.iter_shards(store, run_id) if s.id not in settled]
     why = f"the run halted before it ran: {manifest.halted}"
     function = pickles(store, run_id)
     for shard in left:
@@ -327,6 +320,17 @@ def left_unsettled(
             if not return_exceptions:
                 raise failed
             yield (item_of(shard, store, run_id, j) if function else task_item(shard)), failed
+
+
+def cancelled_error(run_id: str, done: int, count: int, unit: str) -> RunStateError:
+    """A cancelled run's values are not what was asked for: one line saying so (a run fed by
+    an iterable that a cancel cut short has all it read done, and no more)."""
+    cut = " (the items after those were never read)" if done >= count else ""
+    return RunStateError(
+        f"run {run_id} was cancelled with {done} of {count} {unit} done{cut}; `runner retry"
+        f" {run_id} --failed` runs the rest",
+        run_id=run_id,
+    )
 
 
 def task_item(shard: Shard) -> Any:

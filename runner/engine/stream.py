@@ -409,7 +409,10 @@ class _Stream:
                 batch = reader.batch(self.clock, lambda: self._stopped(feed))
                 if not batch and not batch.ended:
                     continue  # stopped while the stream stalled: said above
-                self.publish(batch, self.append(batch), final=batch.ended)
+                # A feed that ends its items because it was stopped ends as a stop does: a
+                # cancel's stop is recorded (the run read as finished with what was read).
+                cut = batch.ended and feed.stopped() and feed.cancels()
+                self.publish(batch, self.append(batch), final=batch.ended, cancel=cut)
                 if batch.ended:
                     return
         except BaseException as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +127,31 @@ def test_a_cancelled_runs_results_say_so(local_backend: dict[str, Any], tmp_path
     # as_completed ends as results does (it ended quietly, the items not done unsaid)
     with pytest.raises(RunStateError, match=f"run {run.id} was cancelled"):
         list(run.as_completed(return_exceptions=True))
+
+
+def test_a_cancel_that_cuts_an_iterable_short_is_a_cancel(
+    local_backend: dict[str, Any], tmp_path: Any
+) -> None:
+    """The feed ended its items as it stopped: the run was recorded finished with what it had
+    read, and its values came back as if they were all."""
+
+    def slowly() -> Any:
+        for i in range(40):
+            if i == 12:
+                (tmp_path / "six").touch()
+            time.sleep(0.1)
+            yield i
+
+    run = cflow.submit(abs, slowly(), **local_backend)
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "six").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    run.cancel()
+    assert run.progress().cancelled
+    with pytest.raises(RunStateError, match=f"run {run.id} was cancelled"):
+        run.results()
+    with pytest.raises(RunStateError, match=f"run {run.id} was cancelled"):
+        list(run.as_completed())
 
 
 def test_an_iterable_that_raises_is_the_callers_error(local_backend: dict[str, Any]) -> None:
