@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cflow.pickling import loads as load_value
-from worker.pyfunc import DYNAMIC_CODE, ERROR_MARK
+from worker.pyfunc import DYNAMIC_CODE, ERROR_MARK, ItemTimedOut
 
 _DYNAMIC_FRAME = re.compile(
     rf'^  File "{re.escape(DYNAMIC_CODE)}", line (?P<line>\d+), in (?P<name>\S+)$'
@@ -98,6 +98,10 @@ def _named(trace: str, frames: list[list[Any]]) -> str:
     return "".join(out)
 
 
+_ATTEMPT_TIMEOUT = re.compile(r"timed out after (\S+)s")  # the worker's reason (attempt.py)
+TIMED_OUT = f"{ItemTimedOut.__module__}.{ItemTimedOut.__qualname__}"
+
+
 def read_failure(log: str, reason: str) -> tuple[_Described, str]:
     """The failure described in an attempt's log (the function's own record when it raised;
     else the worker's ``reason``: a timeout, a crash), and the log's tail without it."""
@@ -113,6 +117,10 @@ def read_failure(log: str, reason: str) -> tuple[_Described, str]:
             kept.append(line)
     tail = "\n".join(kept[-LOG_TAIL_LINES:])
     if not isinstance(record, dict):
+        late = _ATTEMPT_TIMEOUT.fullmatch(reason)
+        if late:  # a shard of one item: its timeout is the item's, as in a chunk
+            text = f"it ran past its timeout of {late[1]} s"
+            return _Described(TIMED_OUT, text, "", ItemTimedOut(text)), tail
         name, _, text = reason.partition(": ")
         if not text:
             name, text = "ShardError", reason

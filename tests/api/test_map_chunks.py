@@ -78,6 +78,19 @@ def test_an_item_past_its_timeout_fails_alone_in_its_chunk(backend: dict[str, An
     assert took < 60  # not the sleeps' 600 s
 
 
+def test_an_item_alone_in_its_shard_past_its_timeout_fails_as_one_in_a_chunk(
+    local_backend: dict[str, Any],
+) -> None:
+    """The same ``ItemTimedOut`` however the items are chunked (alone in its shard, its
+    attempt's timeout was a ``ShardError: timed out after 1s``)."""
+    (failed,) = cflow.map(
+        hangs, [2], chunk_size=1, timeout=1, retries=0, return_exceptions=True, **local_backend
+    )  # fmt: skip
+    assert isinstance(failed.exception, cflow.ItemTimedOut), failed.type_name
+    assert failed.type_name == "worker.pyfunc.chunk.ItemTimedOut"
+    assert failed.message == "it ran past its timeout of 1 s"
+
+
 def test_the_values_are_read_before_the_run_is_finished_and_its_workers_go(
     local_backend: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
