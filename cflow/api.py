@@ -13,7 +13,7 @@ from typing import Any
 
 from cflow.chunks import Chunking
 from cflow.driver import Driver
-from cflow.pickling import ItemPickler, function_key, own_modules
+from cflow.pickling import ItemPickler, function_key, not_callable, own_modules
 from cflow.progress import ProgressChoice
 from cflow.progress import check as check_progress
 from cflow.results import Results
@@ -98,7 +98,8 @@ def check_options(options: dict[str, Any]) -> None:
     Raises:
         ConfigError: names the unknown options and the valid ones.
     """
-    valid = {f.name for f in dataclasses.fields(SubmitRequest) if f.init} - _NOT_OPTIONS
+    fields = [f for f in dataclasses.fields(SubmitRequest) if f.init]
+    valid = {f.name for f in fields} - _NOT_OPTIONS
     unknown = sorted(set(options) - valid)
     if unknown:
         raise ConfigError(
@@ -106,6 +107,10 @@ def check_options(options: dict[str, Any]) -> None:
             " workers, machine_type, image, retries, timeout, detach, chunk_size, progress, say, "
             + ", ".join(sorted(valid))
         )
+    for field in fields:  # a flag given "yes" or 1 would be taken for True, unsaid
+        given = options.get(field.name)
+        if isinstance(field.default, bool) and field.name in options and type(given) is not bool:
+            raise ConfigError(f"{field.name}={given!r}: give True or False")
 
 
 def submit(
@@ -168,7 +173,7 @@ def submit(
     """
     if more:
         if not callable(fn):
-            raise ConfigError(f"the function to map is a {type(fn).__name__}, not a callable")
+            raise ConfigError(not_callable(fn))
         fn, items = Starred(fn), _zipped(items, more)
     check_progress(progress)
     check_options(options)

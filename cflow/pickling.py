@@ -125,6 +125,13 @@ def _by_value(own: tuple[str, ...]) -> Iterator[None]:
                 cloudpickle.unregister_pickle_by_value(sys.modules[name])
 
 
+def not_callable(fn: Any) -> str:
+    """The line for a function to map that is not callable."""
+    shown = repr(fn)
+    shown = shown if len(shown) <= 60 else shown[:57] + "..."
+    return f"the function to map is not callable: {shown} ({type(fn).__name__}); pass a function"
+
+
 def pickle_function(fn: Any, own: tuple[str, ...] | None = None) -> bytes:
     """``fn`` pickled by value with the caller's modules that are not installed (``own``
     [default: :func:`own_modules`]).
@@ -133,7 +140,7 @@ def pickle_function(fn: Any, own: tuple[str, ...] | None = None) -> bytes:
         ConfigError: ``fn`` is not callable or cannot be pickled (says what holds it back).
     """
     if not callable(fn):
-        raise ConfigError(f"the function to map is a {type(fn).__name__}, not a callable")
+        raise ConfigError(not_callable(fn))
     with _by_value(own_modules() if own is None else own):
         try:
             return cloudpickle.dumps(fn, protocol=PROTOCOL)
@@ -155,7 +162,7 @@ def function_key(fn: Any, own: tuple[str, ...], runner: str) -> str:
         ConfigError: ``fn`` is not callable or cannot be pickled.
     """
     if not callable(fn):
-        raise ConfigError(f"the function to map is a {type(fn).__name__}, not a callable")
+        raise ConfigError(not_callable(fn))
     with _by_value(own):
         try:
             code = code_key(fn)

@@ -326,4 +326,8 @@ def test_an_unknown_option_is_refused_in_one_line_naming_the_valid_ones(
     said = str(refused.value)
     assert "\n" not in said and "no option slotz" in said
     assert "slots" in said and "cache" in said and "retries" in said
+    with pytest.raises(ConfigError, match=r"^cache='yes': give True or False$"):
+        cflow.submit(str, [1], cache="yes", **local_backend)
+    with pytest.raises(ConfigError, match=r"^the function to map is not callable: 3 \(int\)"):
+        cflow.submit(3, [1], **local_backend)  # type: ignore[arg-type]
     assert not Path(local_backend["store"]).exists()  # nothing was started
