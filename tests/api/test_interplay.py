@@ -62,6 +62,20 @@ def _interrupt(cli: Cli, mode: str, go: bool = False) -> subprocess.CompletedPro
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
+def _ended(cli: Cli, script: Path, marks: Path, mode: str) -> subprocess.CompletedProcess[str]:
+    """The script in ``mode``, run to its end (it exited 0)."""
+    done = subprocess.run(
+        [sys.executable, str(script), str(cli.store), str(marks), mode],
+        cwd=cli.workdir,
+        env={"PATH": "/usr/bin:/bin", "HOME": str(cli.workdir), "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    return done
+
+
 def test_a_process_started_here_takes_ctrl_c_as_a_terminal_job_does() -> None:
     """Whatever started the tests (a shell's background job ignores SIGINT), the scripts they
     interrupt start with Python's own Ctrl-C handler, as in a terminal (tests/conftest.py)."""
@@ -119,15 +133,7 @@ def test_a_detached_run_is_left_going_at_exit_saying_how_to_attach(
 ) -> None:
     marks = tmp_path / "marks"
     marks.mkdir()
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), str(cli.store), str(marks), "exit-detach"],
-        cwd=tmp_path,
-        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHONPATH": str(REPO)},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert proc.returncode == 0, proc.stderr
+    proc = _ended(cli, SCRIPT, marks, "exit-detach")
     run_id = _only_run(cli)
     assert f"cflow.attach({run_id!r})" in proc.stderr
     assert cli.status(run_id)["state"] == "active"
@@ -197,15 +203,7 @@ def test_a_script_that_imported_ipykernel_is_no_kernel_and_waits_at_exit(
     marks = tmp_path / "marks"
     marks.mkdir()
     (marks / "go").touch()
-    done = subprocess.run(
-        [sys.executable, str(script), str(cli.store), str(marks), "exit"],
-        cwd=tmp_path,
-        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHONPATH": str(REPO)},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 0, done.stderr
+    done = _ended(cli, script, marks, "exit")
     run_id = _only_run(cli)
     assert f"waiting for run {run_id} to end" in done.stderr
     assert cli.status(run_id)["state"] == "finished"

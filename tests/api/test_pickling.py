@@ -273,7 +273,8 @@ seen = [[b.n for b in cflow.map(saved, [1, 2], progress=False)]]
 seen.append(list(cflow.map(pooled, [0, 1], progress=False, timeout=60)))
 seen.append(list(cflow.map(imported, [1], progress=False)))
 with open("helper.py", "w") as fh:
-    fh.write("def g(x):\\n    return ['v2', x]\\n")
+    # a size of its own: Python takes a .pyc of the same size and second for current
+    fh.write("def g(x):\\n    return ['version 2', x]\\n")
 importlib.reload(helper)
 seen.append(list(cflow.map(imported, [1], progress=False)))
 print(json.dumps(seen))
@@ -296,9 +297,26 @@ def test_the_callers_own_classes_are_their_modules_on_the_workers(
     script.write_text(OWN_CLASSES)
     args = ["threaded"] if mode == "threaded" else []
     seen = _script(*args, seed="0", script=script)
-    assert seen == [[1, 2], [5, 14], [["v1", 1]], [["v2", 1]]]
+    assert seen == [[1, 2], [5, 14], [["v1", 1]], [["version 2", 1]]]
     monkeypatch.syspath_prepend(str(tmp_path))
     try:  # what the function pickled reads back here, its class this one's
         assert pickle.loads((tmp_path / "model2.pkl").read_bytes()).n == 2
     finally:
         sys.modules.pop("shapes", None)
+
+
+def test_a_caller_that_imported_a_module_named_task_maps(
+    local_backend: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A caller of its own ``task`` module (a task folder's task.py it imported) is not the
+    task host's: the host dropped its own task module with the caller's."""
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "task.py").write_text("def run(shard):\n    return 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "mine"))
+    monkeypatch.delitem(sys.modules, "task", raising=False)
+    import task  # type: ignore[import-not-found]  # noqa: F401
+
+    try:
+        assert list(cflow.map(abs, [-1, -2], retries=0, **local_backend)) == [1, 2]
+    finally:
+        sys.modules.pop("task", None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import threading
@@ -25,8 +26,11 @@ def read_only(root: Path) -> None:
     for folder, dirs, files in os.walk(root, topdown=False):
         for name in [*files, *dirs]:
             path = os.path.join(folder, name)
-            if not os.path.islink(path):
-                os.chmod(path, stat.S_IMODE(os.lstat(path).st_mode) & ~_WRITE)
+            # Gone meanwhile: another worker's Python writing its bytecode there renames a
+            # temporary file away (a bundle is shared; every worker takes its bits off).
+            with contextlib.suppress(FileNotFoundError):
+                if not os.path.islink(path):
+                    os.chmod(path, stat.S_IMODE(os.lstat(path).st_mode) & ~_WRITE)
     os.chmod(root, stat.S_IMODE(os.stat(root).st_mode) & ~_WRITE)
 
 

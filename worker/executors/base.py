@@ -82,7 +82,6 @@ class _Processes:
 
 
 PROCESSES = _Processes()
-os.register_at_fork(after_in_child=PROCESSES.forget_all)
 
 
 class RunningTask(ABC):

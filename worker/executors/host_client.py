@@ -216,6 +216,9 @@ def _fork_host(args: list[str], env: dict[str, str], cwd: Path | None) -> Forked
                 os.close(fd)
             raise
         if pid == 0:  # pragma: no cover - the host's own process
+            # Forked inside both locks: a function that maps (cflow.map) forks from here.
+            PROCESSES.forget_all()
+            SPARE_HOSTS.forget_all()
             host_process.run_forked(args, env, cwd, requests, replies)
         PROCESSES.known.add(pid)
     os.close(requests)
@@ -224,7 +227,6 @@ def _fork_host(args: list[str], env: dict[str, str], cwd: Path | None) -> Forked
 
 
 SPARE_HOSTS = _Spares()
-os.register_at_fork(after_in_child=SPARE_HOSTS.forget_all)
 
 
 def start_host(bundle: UnpackedBundle, env: dict[str, str]) -> HostProcess:

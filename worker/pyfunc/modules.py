@@ -28,6 +28,7 @@ from typing import Any
 
 OWN_FILE = "own.txt"  # beside the function: the top-level names of the caller's own modules
 INSTALLED = ("cflow", "runner", "worker", "infra")  # this project's: never the caller's own
+TASK_MODULE = "task"  # the host's own task.py (worker.executors.zygote.load_task): never dropped
 _DEPTH = 3  # how far from the function its globals and closures are followed
 
 
@@ -37,7 +38,8 @@ def own_names(function_file: Path) -> frozenset[str]:
         text = function_file.with_name(OWN_FILE).read_text(encoding="utf-8")
     except OSError:
         return frozenset()
-    return frozenset(n for n in text.split() if n.partition(".")[0] not in INSTALLED)
+    names = (n for n in text.split() if n.partition(".")[0] not in INSTALLED)
+    return frozenset(n for n in names if n != TASK_MODULE)
 
 
 def forget(own: frozenset[str]) -> None:

@@ -112,17 +112,14 @@ def close_kept() -> None:
 atexit.register(close_kept)
 
 
-def _forget_in_child() -> None:
-    """A fork of this process keeps none of its launcher: the launcher is the parent's, and
-    :data:`_kept_lock`, held while :func:`for_run` forks one, would be held for ever in the
-    launcher and every worker and task host it forks (a function mapping with ``cflow.map``
-    itself waited there until its timeout)."""
+def forget_in_child() -> None:
+    """In a launcher just forked (:meth:`Launcher.start`): it keeps none of its caller's
+    launcher, which is the caller's, and :data:`_kept_lock`, held while :func:`for_run` forks
+    it, would be held for ever in it and in every worker and task host it forks (a function
+    mapping with ``cflow.map`` itself waited there until its timeout)."""
     global _kept, _kept_lock
     _kept = None
     _kept_lock = threading.Lock()
-
-
-os.register_at_fork(after_in_child=_forget_in_child)
 
 
 def _resident() -> int:

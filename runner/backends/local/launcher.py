@@ -161,6 +161,9 @@ class Launcher:
         if pid == 0:  # pragma: no cover - the launcher's own process
             code = 0
             try:
+                from runner.backends.local import kept  # it imports this module
+
+                kept.forget_in_child()
                 os.close(req_w)
                 os.close(rep_r)
                 serve(req_r, rep_w, standby, preload=preload)
