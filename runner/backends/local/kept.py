@@ -60,7 +60,9 @@ def for_run(ahead: int, preload: Sequence[str] = ()) -> Launcher | None:
         if launcher is None:
             if _resident() > KEEP_RSS:  # every worker it forked would map all of this process
                 return None
-            launcher = _kept = Launcher.start(standby=ahead, preload=preload)
+            launcher = _kept = Launcher.start(
+                standby=ahead, preload=preload, in_child=forget_in_child
+            )
             return launcher
     try:
         launcher.keep_ahead(ahead, preload)

@@ -51,7 +51,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -143,12 +143,19 @@ class Launcher:
         self._proc: subprocess.Popen[bytes] | None = None  # one started as a new interpreter
 
     @classmethod
-    def start(cls, standby: int = 0, preload: Sequence[str] = ()) -> Launcher | None:
+    def start(
+        cls,
+        standby: int = 0,
+        preload: Sequence[str] = (),
+        in_child: Callable[[], None] | None = None,
+    ) -> Launcher | None:
         """A launcher forked from this process, or None where that is not safe. It forks
         ``standby`` workers ahead, each waiting to be told its arguments, so the first workers
         a run asks for start without waiting for a fork (the run says how many it is sure to
         need); a standby never told is gone when the launcher closes. The spare task host of
-        each imports the modules ``preload`` names while it waits (see :meth:`keep_ahead`)."""
+        each imports the modules ``preload`` names while it waits (see :meth:`keep_ahead`).
+        ``in_child`` runs first in the launcher: what the fork copied of the caller's that is
+        not the launcher's (a lock held as it forked) is let go there."""
         if not can_fork():
             return None
         for stream in (sys.stdout, sys.stderr):  # nothing buffered is written twice
@@ -161,9 +168,8 @@ class Launcher:
         if pid == 0:  # pragma: no cover - the launcher's own process
             code = 0
             try:
-                from runner.backends.local import kept  # it imports this module
-
-                kept.forget_in_child()
+                if in_child is not None:
+                    in_child()
                 os.close(req_w)
                 os.close(rep_r)
                 serve(req_r, rep_w, standby, preload=preload)
