@@ -124,9 +124,8 @@ def run_values(
         raise cancelled_error(run_id, len(done), manifest.shard_count, unit())
     # Halted (--halt: its first attempts all failed alike): the failures are the news, and
     # the items it never ran say why they have no value.
-    why = f"the run halted before it ran: {manifest.halted}"
     shards = runs.iter_shards(store, run_id)
-    values = collect(store, run_id, shards, done, True, not_run=(done | failed, why))
+    values = collect(store, run_id, shards, done, True, not_run=(done | failed, _halted(manifest)))
     if return_exceptions:
         return values
     failures = [v for v in values._values if isinstance(v, ShardFailed)]
@@ -273,11 +272,13 @@ class Results(Sequence[Any]):
         return f"Results({len(self)} values)"
 
 
-def completed(
-    store: Store, run_id: str, shard: Shard, return_exceptions: bool = False
-) -> Iterator[tuple[Any, Any]]:
-    """A settled shard's ``(item, value)`` pairs, values over 1 MB read now; a failed item
-    raises its :class:`ShardFailed`, or with ``return_exceptions`` is its value."""
+def completed(store: Store, run_id: str, shard: Shard) -> list[tuple[Any, Any]]:
+    """A settled shard's ``(item, value)`` pairs, values over 1 MB read now, a failed item's
+    value its :class:`ShardFailed`.
+
+    Raises:
+        NotFound: the shard has neither a commit nor a failure record (a cancel stopped it).
+    """
     key = Layout.result(run_id, shard.id)
     record = store.get(key) if store.exists(key) else None
     if span(shard) is not None:
@@ -286,12 +287,10 @@ def completed(
         got = [_value(store, run_id, shard.id, record)]
     else:
         got = [read_failed(store, run_id, shard.id, shard.index)]
-    function = pickles(store, run_id)
-    for j, value in enumerate(got):
-        if isinstance(value, ShardFailed) and not return_exceptions:
-            raise value
-        item = item_of(shard, store, run_id, j) if function else task_item(shard)
-        yield item, value.load() if isinstance(value, Stored) else value
+    return [
+        (shard_item(store, run_id, shard, j), value.load() if isinstance(value, Stored) else value)
+        for j, value in enumerate(got)
+    ]
 
 
 def left_unsettled(
@@ -313,13 +312,11 @@ def left_unsettled(
         done = len(runs.committed(store, run_id))
         raise cancelled_error(run_id, done, manifest.shard_count, unit)
     left = [s for s in runs.iter_shards(store, run_id) if s.id not in settled]
-    why = f"the run halted before it ran: {manifest.halted}"
-    function = pickles(store, run_id)
     for shard in left:
-        for j, failed in enumerate(_unsettled(store, run_id, shard, why)):
+        for j, failed in enumerate(_unsettled(store, run_id, shard, _halted(manifest))):
             if not return_exceptions:
                 raise failed
-            yield (item_of(shard, store, run_id, j) if function else task_item(shard)), failed
+            yield shard_item(store, run_id, shard, j), failed
 
 
 def cancelled_error(run_id: str, done: int, count: int, unit: str) -> RunStateError:
@@ -331,6 +328,17 @@ def cancelled_error(run_id: str, done: int, count: int, unit: str) -> RunStateEr
         f" {run_id} --failed` runs the rest",
         run_id=run_id,
     )
+
+
+def _halted(manifest: Manifest) -> str:
+    """Why a halted run's items that never ran have no value."""
+    return f"the run halted before it ran: {manifest.halted}"
+
+
+def shard_item(store: Store, run_id: str, shard: Shard, j: int = 0) -> Any:
+    """Item ``j`` of a shard: a function's item read back, else what a task's shard is about
+    (:func:`task_item`)."""
+    return item_of(shard, store, run_id, j) if pickles(store, run_id) else task_item(shard)
 
 
 def task_item(shard: Shard) -> Any:

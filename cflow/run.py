@@ -231,6 +231,10 @@ class Run:
         if self._driver is not None:
             self._driver.join(EXIT_SECONDS)  # its workers let go before this process ends
 
+    def _unit(self) -> str:
+        """What its shards are, for a line saying how many were done."""
+        return "chunks of items" if self._tally() is not None else "items"
+
     def _settled(self) -> bool:
         manifest = self._manifest()
         return manifest.state != RunState.ACTIVE.value
@@ -288,7 +292,7 @@ class Run:
                 self._store,
                 self._manifest(),
                 return_exceptions,
-                lambda: "chunks of items" if self._tally() is not None else "items",
+                self._unit,
             )
         finally:
             self._close_here()
@@ -324,7 +328,7 @@ class Run:
                 )
                 for sid in sorted(settled - seen):
                     try:
-                        pairs = list(completed(store, self.id, self._shard(sid), True))
+                        pairs = completed(store, self.id, self._shard(sid))
                     except NotFound:  # stopped by a cancel, with no record: the end says so
                         continue
                     seen.add(sid)
@@ -337,9 +341,8 @@ class Run:
                     if driver is not None and driver.error is not None:
                         raise driver.error
                     # Halted or cancelled: what never settled says so, as results() says it.
-                    unit = "chunks of items" if self._tally() is not None else "items"
                     yield from left_unsettled(
-                        store, self._manifest(), seen, return_exceptions, unit
+                        store, self._manifest(), seen, return_exceptions, self._unit()
                     )
                     return
                 assert driver is not None
