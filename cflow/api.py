@@ -14,7 +14,7 @@ from typing import Any
 from cflow.chunks import Chunking
 from cflow.driver import Driver
 from cflow.pickling import ItemPickler, function_key, not_callable, own_modules
-from cflow.progress import ProgressChoice
+from cflow.progress import ProgressChoice, in_notebook
 from cflow.progress import check as check_progress
 from cflow.results import Results
 from cflow.run import Run
@@ -30,6 +30,7 @@ from runner.request import check_seconds, check_whole
 from runner.submit import SubmitRequest
 from runner.submit import submit as engine_submit
 from worker import defaults
+from worker.agent.caller import stamp as caller_stamp
 from worker.errors import ConfigError
 from worker.pyfunc.calling import Starred
 
@@ -88,7 +89,7 @@ def check_python(config: Config, image: str | None) -> None:
 _NOT_OPTIONS = frozenset(
     {"task_dir", "inputs", "params", "shards", "feed", "input_list", "check", "dry_run"}
     | {"cancel_on_interrupt", "local", "workers", "machine_type", "image", "max_attempts"}
-    | {"timeout", "detach", "code_key"}
+    | {"timeout", "detach", "code_key", "function", "caller"}
 )
 
 
@@ -212,6 +213,9 @@ def submit(
         timeout=timeout * (chunking.largest if feed.chunked else 1),
         check=False,  # the task is ours; the function was pickled above
         function=True,  # its values are pickles: a task's JSON values are read as they are
+        # Waited for here: a caller that dies without a word takes the run with it, as its
+        # Ctrl-C would (detached, or in a kernel, it goes on: said at exit how to attach).
+        caller=None if detach or in_notebook() else caller_stamp(),
         cancel_on_interrupt=True,  # the run's thread is interrupted only to cancel
         local=config.is_local,
         **options,

@@ -114,6 +114,7 @@ class SubmitRequest:
     # its function without line numbers) [default: the task folder's files]
     code_key: str | None = None
     function: bool = False  # a cflow function's run: its values are pickles (RunOptions)
+    caller: str | None = None  # the process the run is bound to (worker.agent.caller)
     # Shards from a Python caller, published as read (runner.engine.stream; cflow.submit)
     feed: ShardFeed | None = None
     rule: HaltRule = field(init=False, repr=False)
@@ -185,4 +186,5 @@ class SubmitRequest:
             fallback_after=self.fallback_after,
             halt=str(self.rule),
             function=self.function,
+            caller=self.caller,
         )

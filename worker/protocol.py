@@ -153,6 +153,10 @@ class RunOptions(_Record):
     # function returned (read by ``cflow.results``); a task's ``run(shard)`` returns JSON,
     # read as it is. A manifest from before this field has none (told apart by its shape).
     function: bool = False
+    # ``BOOT:PID:START`` of the process that made the run and waits for it (a ``cflow`` map or
+    # submit, not detached): workers on its machine halt the run once it is gone, as its Ctrl-C
+    # would have cancelled it (worker.agent.caller). None: the run goes on without its maker.
+    caller: str | None = None
 
 
 @dataclass(frozen=True)

@@ -401,6 +401,12 @@ def _to_run_shape(dep: Deployment, manifest: Manifest) -> None:
 def _stopped(manifest: Manifest) -> str:
     """Why a cancelled run cannot be watched, and how to start it again."""
     run_id = manifest.run_id
+    if manifest.halted and manifest.options.get("function"):  # no task folder to give
+        return (
+            f"run {run_id} was halted: {manifest.halted}; `runner retry {run_id} --failed`"
+            " runs what is left, or map the function again (fixed, if it was at fault; with"
+            " cache=True the items done are reused)"
+        )
     if manifest.halted:
         return (
             f"run {run_id} was halted: {manifest.halted}; fix the task, then"

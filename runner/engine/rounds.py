@@ -75,6 +75,7 @@ def retry(
     ]
     history.append({"sha256": bundle, "at": clock.time(), "shards": len(todo)})
     options = {**manifest.options, **(changes or {})}
+    options.pop("caller", None)  # its maker is gone, or let it go: the retry is nobody's
     if halt is not None:
         options["halt"] = halt
     queue.purge(run_id)  # messages of an earlier round, where the backend can drop them

@@ -16,6 +16,7 @@ import cflow
 from cflow.api import DEFAULT_WORKER_PYTHON, check_python
 from runner import config as config_mod
 from tests.e2e.conftest import Cli, make_task, wait_for
+from worker.agent.caller import process_start
 from worker.errors import ConfigError, RunStateError
 
 pytestmark = pytest.mark.e2e
@@ -34,9 +35,11 @@ def _gated(marks: Path) -> Any:
     return gated
 
 
-def _interrupt(cli: Cli, mode: str, go: bool = False) -> subprocess.CompletedProcess[str]:
-    """The script in ``mode``, sent Ctrl-C once a first item started (``go``: the items are
-    let through instead)."""
+def _interrupt(
+    cli: Cli, mode: str, go: bool = False, sig: int = signal.SIGINT
+) -> subprocess.CompletedProcess[str]:
+    """The script in ``mode``, sent Ctrl-C (or ``sig``) once a first item started (``go``: the
+    items are let through instead)."""
     tmp_path = cli.workdir
     marks = tmp_path / "marks"
     marks.mkdir()
@@ -53,7 +56,7 @@ def _interrupt(cli: Cli, mode: str, go: bool = False) -> subprocess.CompletedPro
         if go:
             (marks / "go").touch()
         else:
-            os.kill(proc.pid, signal.SIGINT)
+            os.kill(proc.pid, sig)
         out, err = proc.communicate(timeout=60)
     except (AssertionError, subprocess.TimeoutExpired):
         proc.kill()  # its workers, in sessions of their own, are stopped by the fixture
@@ -108,6 +111,62 @@ def test_ctrl_c_with_detach_leaves_the_run_to_attach_to(cli: Cli, tmp_path: Path
     run = cflow.attach(run_id, store=cli.store)
     assert list(run.results()) == [0, 10, 20]
     assert cli.status(run_id)["state"] == "finished"
+
+
+def test_a_killed_script_takes_its_run_with_it_and_a_retry_runs_what_is_left(
+    cli: Cli, tmp_path: Path
+) -> None:
+    """``kill -9`` (the OOM killer, an outer item's timeout) leaves no Ctrl-C to cancel with:
+    its run went on, unwatched and active for ever, its workers making what nobody reads.
+    The workers now see their caller gone and halt the run, saying why; the retry its line
+    recommends is bound to nobody, and runs to its end."""
+    done = _interrupt(cli, "cancel", sig=signal.SIGKILL)
+    assert done.returncode == -signal.SIGKILL
+    run_id = _only_run(cli)
+    wait_for(lambda: cli.status(run_id)["state"] == "cancelled", 30, "the workers to halt it")
+    assert "ended without waiting for it" in cli.status(run_id)["halted"]
+    watched = cli("watch", run_id)
+    assert watched.code != 0 and f"`runner retry {run_id} --failed` runs" in watched.stderr
+    pids = cli.workers().values()  # as its fleet last recorded them: nobody forgets them now
+    wait_for(lambda: all(process_start(p) is None for p in pids), 60, "its workers to go")
+    (tmp_path / "marks" / "go").touch()
+    retried = cli("retry", run_id, "--failed")
+    assert retried.code == 0, retried.stderr
+    assert cli.status(run_id)["state"] == "finished"
+    assert list(cflow.attach(run_id, store=cli.store).results()) == [0, 10, 20]
+
+
+def test_an_item_that_times_out_takes_the_runs_its_function_made_with_it(
+    cli: Cli, tmp_path: Path
+) -> None:
+    """The timeout kills the host the item ran in, the inner map's caller: its run went on,
+    active for ever, its workers making what nobody reads (with retries, once per try)."""
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    inner_cli = Cli(tmp_path / "inner")
+    inner_cli.workdir.mkdir()
+    gated, inner = _gated(marks), str(inner_cli.store)
+
+    def outer(n: int) -> list[int]:
+        return cflow.map(gated, range(n), store=inner, workers=1, progress=False)
+
+    with pytest.raises(cflow.ShardFailed) as failed:
+        cflow.map(outer, [2], store=cli.store, timeout=8, retries=0, progress=False)
+    assert isinstance(failed.value.exception, cflow.ItemTimedOut)
+    assert any(marks.glob("started-*"))
+    (made,) = (inner_cli.store / "runs").iterdir()
+    wait_for(lambda: inner_cli.status(made.name)["state"] == "cancelled", 30, "the inner halt")
+    assert "ended without waiting for it" in inner_cli.status(made.name)["halted"]
+
+
+def test_a_killed_script_leaves_a_detached_run_going(cli: Cli, tmp_path: Path) -> None:
+    done = _interrupt(cli, "detach", sig=signal.SIGKILL)
+    assert done.returncode == -signal.SIGKILL
+    run_id = _only_run(cli)
+    time.sleep(3)  # more than a running attempt takes to look at its run again
+    assert cli.status(run_id)["state"] == "active"
+    (tmp_path / "marks" / "go").touch()
+    assert list(cflow.attach(run_id, store=cli.store).results()) == [0, 10, 20]
 
 
 def test_a_script_that_ends_without_waiting_waits_for_its_run_at_exit(cli: Cli) -> None:

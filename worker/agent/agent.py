@@ -278,7 +278,7 @@ class Agent:
 
     def _idle(self, slot: Slot) -> bool:
         """Nothing received: announce idleness once all slots are idle; True to end this slot."""
-        cfg = self.config
+        cfg, leaving = self.config, False
         self._word(slot)
         with self._lock:
             if not all(s.idle for s in self._slots):
@@ -289,6 +289,9 @@ class Agent:
                 self._exit_reason = self._exit_reason or "queue empty"
             elif cfg.idle_timeout is not None and idle_for >= cfg.idle_timeout:
                 self._exit_reason = self._exit_reason or f"idle for {idle_for:.0f}s"
+                leaving = True
+        if leaving and cfg.run is not None:  # halted if its caller went while no work came
+            self.runs.look_after(cfg.run)
         if settle:  # the first empty receive since it worked: what it kept for work goes
             self.pool.trim()
             self.lifetime.record(stopped=False)

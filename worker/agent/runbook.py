@@ -15,12 +15,14 @@ own attempts too, so it holds with no runner watching (``--detach``, Ctrl-C).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import threading
 from dataclasses import dataclass
 from itertools import islice
 
+from worker.agent.caller import gone
 from worker.agent.halt_rule import HaltTally, run_rule
 from worker.agent.slot import StopFlag
 from worker.clock import Clock
@@ -120,8 +122,31 @@ class RunBook:
                     delay=delay,
                 ) from None
         self._broken.pop(run_id, None)
+        if manifest is not None and manifest.state == RunState.ACTIVE.value:
+            manifest = self._unless_orphaned(manifest)
         self._manifests[run_id] = (manifest, now)
         return manifest
+
+    def _unless_orphaned(self, manifest: Manifest) -> Manifest:
+        """The run, halted if the process it is bound to is gone (:mod:`worker.agent.caller`):
+        its Ctrl-C would have cancelled it, and nobody reads what it goes on to make. One
+        whose every shard committed is left for whoever attaches to finish."""
+        run_id = manifest.run_id
+        pid = gone(manifest.options.get("caller"))
+        if pid is None:
+            return manifest
+        if not manifest.publishing:
+            results = self.store.list(Layout.shards_prefix(run_id), suffix="/result.json")
+            if len(list(islice(results, manifest.shard_count))) >= manifest.shard_count:
+                return manifest
+        self.halt(run_id, f"the process that made it (pid {pid}) ended without waiting for it")
+        return self._manifests.get(run_id, (manifest, 0.0))[0] or manifest
+
+    def look_after(self, run_id: str) -> None:
+        """Read the run's manifest afresh (a worker leaving it idle): halted if its caller is
+        gone, rather than left active with no worker and nobody watching."""
+        with contextlib.suppress(CFlowError):
+            self.manifest(run_id, fresh=True)
 
     def vet(self, delivery: Delivery) -> Vetted | None:
         """What to run for a message; None when it is to be dropped (acked): its run is unknown

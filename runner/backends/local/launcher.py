@@ -55,7 +55,8 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from runner.backends.local.launcher_process import process_start, serve
+from runner.backends.local.launcher_process import serve
+from worker.agent.caller import process_start
 from worker.backends.local.db import close_before_fork
 
 logger = logging.getLogger("cflow.runner")

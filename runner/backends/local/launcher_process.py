@@ -34,6 +34,7 @@ from typing import Any, NoReturn
 
 import worker
 from worker import cli  # loaded in the caller, so neither the launcher nor a worker loads it
+from worker.agent.caller import process_start
 from worker.executors.host import exit_after, fresh_interpreter, to_devnull
 from worker.executors.host_client import SPARE_HOSTS, fork_hosts
 
@@ -41,19 +42,6 @@ IDLE_SECONDS = 300.0  # a launcher asked nothing for this long exits
 IDLE_ENV = "CFLOW_LAUNCHER_IDLE_SECONDS"  # another such time, read as the launcher starts
 WORKER_MAIN = str(Path(worker.__file__).with_name("__main__.py"))  # a worker's sys.argv[0]
 READY_SECONDS = 5.0  # how long a call for workers ahead waits for them to have their hosts
-_STAT_STARTTIME = 19  # field 22 of /proc/PID/stat, counted from the state (field 3)
-
-
-def process_start(pid: int) -> int | None:
-    """When ``pid`` started (clock ticks since boot), or None when it is gone or a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            fields = fh.read().rsplit(b")", 1)[-1].split()
-    except OSError:
-        return None
-    if fields[0] == b"Z":
-        return None
-    return int(fields[_STAT_STARTTIME])
 
 
 def _lines(fd: int, idle: float) -> Iterator[bytes]:
