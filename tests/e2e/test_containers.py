@@ -311,3 +311,34 @@ def test_a_timed_out_warm_container_fails_only_its_shard(
     assert sorted(done) == ["1", "2"]
     assert _host_processes("sleep 316[12]") == []
     assert _containers(container_runtime, result.run_id) == []
+
+
+CONTAINER_LINKS = """
+import os
+from pathlib import Path
+
+def run(shard):
+    out = Path(shard.output_dir)
+    (out / "real.txt").write_text("made in the container\\n")
+    os.symlink("real.txt", out / "sibling.txt")
+    if shard.index == 1:
+        os.symlink("/etc/hostname", out / "host.txt")
+"""
+
+
+def test_a_link_made_in_a_container_is_never_followed_out_of_its_outputs(
+    cli: Cli, tmp_path: Path, python_image: str
+) -> None:
+    """Followed on this machine, a container's ``/etc/hostname`` was this machine's: its file
+    was copied into the committed outputs. A link within the outputs is still kept as a copy."""
+    task = make_task(tmp_path / "links", CONTAINER_LINKS)
+    done = cli("submit", str(task), "--shards", "2", "--image", python_image, "--max-attempts", "1")
+    assert done.code == 1, done.stderr
+    shards = {s["index"]: s for s in cli.status(done.run_id)["shards"]}
+    reason = shards[1]["attempts"][-1]["reason"]
+    assert "output 'host.txt' is a link to '/etc/hostname', made in the container" in reason
+    sealed = cli.store / "runs" / done.run_id / "shards" / shards[0]["id"] / "attempts"
+    (out,) = sealed.glob("*/out")
+    assert (out / "sibling.txt").read_text() == "made in the container\n"
+    assert not (out / "sibling.txt").is_symlink()
+    assert not list((cli.store / "runs" / done.run_id / "shards").glob("*/attempts/*/out/host.txt"))

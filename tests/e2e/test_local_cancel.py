@@ -133,7 +133,7 @@ def test_combine_of_a_cancelled_run_leaves_out_attempts_that_ended_after_it(
         out = tmp_path / f"out-{n}"
         out.mkdir()
         (out / "rows.csv").write_text(f"shard {n}\n")
-        outputs = seal_outputs(store, run_id, shard_id, attempt, out)
+        outputs = seal_outputs(store, run_id, shard_id, attempt, out, contained=False)
         finished = Finished(
             delivery=deliveries[n],
             attempt=attempt,

@@ -107,7 +107,12 @@ class AttemptRunner:
                 returned = None
             try:
                 outputs = seal_outputs(
-                    self.store, run_id, shard_id, claim.attempt, prepared.out_dir
+                    self.store,
+                    run_id,
+                    shard_id,
+                    claim.attempt,
+                    prepared.out_dir,
+                    contained=claim.manifest.run_options.image is not None,
                 )
             except TaskError as exc:  # outputs it cannot commit: dropped, and a success fails
                 prepared.log.note(str(exc))

@@ -109,10 +109,11 @@ def stage_input(store: Store, shard: Shard, stage: bool, work: Path, worker: str
 
 
 def seal_outputs(
-    store: Store, run_id: str, shard_id: str, attempt: int, out_dir: Path
+    store: Store, run_id: str, shard_id: str, attempt: int, out_dir: Path, *, contained: bool
 ) -> list[str]:
     """Move the attempt's outputs out of the task's reach, into its prefix, read-only; their
-    paths relative to ``out_dir``.
+    paths relative to ``out_dir``. ``contained``: the attempt ran in a container, whose links
+    mean its paths, not this machine's (:func:`_ready_to_commit`).
 
     Every process of the attempt is gone by now (the executor saw to it); what a process
     we could not see might still hold open is the scratch copy, never the stored one. An
@@ -131,7 +132,7 @@ def seal_outputs(
     except FileNotFoundError:
         return []
     try:
-        _ready_to_commit(out_dir)
+        _ready_to_commit(out_dir, contained)
     except TaskError:
         remove_tree(out_dir)
         raise
@@ -188,7 +189,7 @@ def list_files(folder: Path) -> list[str]:
 _LINK_FIX = "write the file itself into the output folder, not a link to it"
 
 
-def _ready_to_commit(out_dir: Path) -> None:
+def _ready_to_commit(out_dir: Path, contained: bool) -> None:
     """Make the outputs fit to commit, before any is moved: every name UTF-8, no symbolic
     link left, every file a regular file of their own (none hard-linked from elsewhere).
 
@@ -197,11 +198,15 @@ def _ready_to_commit(out_dir: Path) -> None:
     as a link, so what it points at (outside the store, or in the attempt's working folder,
     removed next) could change or vanish after the commit. A link to a regular file becomes a
     copy of that file as the attempt left it, as ``cp -L`` would: the task made it to be read.
+    A link made in a container (``contained``) named a path there: followed here it would copy
+    this machine's file of that name (``/etc/hostname``, a secret) into the outputs. Only one
+    that leads to a file of the outputs themselves is copied; any other is refused.
 
     Raises:
-        TaskError: a file or folder name is not UTF-8, a link leads to no regular file, or
-            an output is a fifo, a socket or a device.
+        TaskError: a file or folder name is not UTF-8, a link leads to no regular file (or,
+            ``contained``, out of the outputs), or an output is a fifo, a socket or a device.
     """
+    inside = os.path.realpath(out_dir) if contained else None
     folders = [out_dir]
     while folders:
         with os.scandir(folders.pop()) as scan:
@@ -216,22 +221,29 @@ def _ready_to_commit(out_dir: Path) -> None:
                     " output names must be UTF-8"
                 ) from None
             if entry.is_symlink():
-                _copy_link(Path(entry.path), rel)
+                _copy_link(Path(entry.path), rel, inside)
             elif entry.is_dir(follow_symlinks=False):
                 folders.append(Path(entry.path))
             else:
                 _own_file(Path(entry.path), rel, entry.stat(follow_symlinks=False))
 
 
-def _copy_link(link: Path, rel: str) -> None:
+def _copy_link(link: Path, rel: str, inside: str | None) -> None:
     """Replace the output ``link`` (``rel`` in the output folder) by a copy of the regular file
-    it leads to. What is copied is the file that was checked, opened before the link goes; a
-    fifo or a device is never opened, so it cannot block the worker or act on a read.
+    it leads to (``inside``: only one in that folder). What is copied is the file that was
+    checked, opened before the link goes; a fifo or a device is never opened, so it cannot
+    block the worker or act on a read.
 
     Raises:
-        TaskError: the link leads nowhere, or to a folder, fifo, device or socket.
+        TaskError: the link leads nowhere, or out of ``inside``, or to a folder, fifo, device
+            or socket.
     """
     said = f"output {rel!r} is a link to {os.readlink(link)!r}"
+    if inside is not None and not os.path.realpath(link).startswith(inside + os.sep):
+        raise TaskError(
+            f"{said}, made in the container: what it names there is not the file of that"
+            f" name here; {_LINK_FIX} (a link within the output folder is kept as a copy)"
+        )
     try:
         kind = _kind(os.stat(link).st_mode)
         fd = None if kind else os.open(link, os.O_RDONLY | os.O_NONBLOCK)
