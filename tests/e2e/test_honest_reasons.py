@@ -14,8 +14,9 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.conftest import Cli, make_task
+from tests.e2e.conftest import Cli, make_task, wait_for
 from tests.prerequisites import missing
+from worker.agent.caller import process_start
 
 pytestmark = pytest.mark.e2e
 
@@ -173,6 +174,37 @@ def test_a_task_that_exits_as_it_is_imported_is_refused_and_fails_on_the_workers
         assert r.code == 1, r.stderr
         reasons = set(_reasons(cli, r.run_id).values())
         assert len(reasons) == 1 and "run(shard) never ran" in reasons.pop(), reasons
+
+
+@pytest.mark.parametrize("isolate", [[], ["--isolate"]], ids=["warm", "isolate"])
+def test_a_task_whose_import_hangs_is_timed_out_and_cancelled_as_its_shard_is(
+    cli: Cli, tmp_path: Path, isolate: list[str]
+) -> None:
+    """The worker waited for its task host to say the task loaded with no time limit: an
+    import that hung held the shard running for ever, past --timeout, through a cancel, and
+    the worker with it."""
+    task = str(
+        make_task(tmp_path / "t", "import time\ntime.sleep(600)\n\ndef run(shard):\n    pass\n")
+    )
+    flags = ["--shards", "2", "--workers", "1", "--no-check", "--halt", "never", *isolate]
+    r = cli("submit", task, "--timeout", "2", "--max-attempts", "1", *flags)
+    assert r.code == 1, r.stderr
+    assert set(_reasons(cli, r.run_id).values()) == {"timed out after 2s importing task.py"}
+    watch = cli.start("submit", task, *flags)
+    try:
+        run_id = wait_for(lambda: next(iter(_running(cli)), None), 60, "a shard to start")
+        assert cli("cancel", run_id).code == 0
+        assert watch.wait(60) == 1
+    finally:
+        watch.kill()
+    pids = cli.workers().values()
+    wait_for(lambda: all(process_start(p) is None for p in pids), 30, "its worker to go")
+
+
+def _running(cli: Cli) -> list[str]:
+    """Runs with an attempt running."""
+    runs = (cli.store / "runs").iterdir() if (cli.store / "runs").exists() else []
+    return [r.name for r in runs if cli.status(r.name)["counts"].get("running")]
 
 
 @pytest.mark.parametrize("isolate", [[], ["--isolate"]], ids=["warm", "isolate"])

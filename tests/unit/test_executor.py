@@ -153,6 +153,10 @@ def test_a_task_that_fails_to_import_fails_each_attempt_with_its_traceback(tmp_p
         _bundle(tmp_path, "task.py", "import no_such_module\ndef run(s): pass\n"), Entry.PYTHON
     )
     task = executor.start(_shard(tmp_path), tmp_path / "log.txt")
+    # Its warm host said the task would not load: the shard never started there (the agent
+    # starts it again), and from then on each attempt is a process of its own that says why.
+    assert task.wait(30) != 0 and getattr(task, "not_started", False)
+    task = executor.start(_shard(tmp_path), tmp_path / "log.txt")
     assert task.wait(30) == 1
     assert "No module named 'no_such_module'" in (tmp_path / "log.txt").read_text()
 

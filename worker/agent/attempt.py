@@ -258,8 +258,10 @@ class AttemptRunner:
                 code = task.stop(grace)
                 return Outcome(AttemptState.PREEMPTED, code, _PREEMPTED)
             if now - start >= timeout:
+                loading = getattr(task, "loading", False)  # its host still imports task.py
                 code = task.stop(grace)
-                return Outcome(AttemptState.FAILED, code, f"timed out after {timeout:g}s")
+                late = f"timed out after {timeout:g}s" + (" importing task.py" if loading else "")
+                return Outcome(AttemptState.FAILED, code, late)
             if now - last_beat >= self.heartbeat:
                 last_beat = now
                 self._beat(slot, claim, manifest.run_id)

@@ -254,7 +254,14 @@ def start_host(bundle: UnpackedBundle, env: dict[str, str]) -> HostProcess:
 
 class Host:
     """A warm task host process (see :mod:`worker.executors.host`) owned by one slot, talking on the
-    pipes of ``proc`` (the host itself, or the engine client of a warm container)."""
+    pipes of ``proc`` (the host itself, or the engine client of a warm container).
+
+    Its first line says whether the task loaded (``ready``: None until it came). It is not
+    waited for here: the first shard is sent at once and waited for as an attempt is, so a
+    ``task.py`` whose import hangs is timed out, cancelled or preempted with that shard. A
+    host whose task would not load (or that ended before saying) leaves the shards sent to it
+    not started (:attr:`HostTask.not_started`): they are run again, in a process of their own
+    that shows why (the executor's cold path)."""
 
     def __init__(self, proc: HostProcess):
         self.proc = proc
@@ -268,15 +275,11 @@ class Host:
         self.dead_code: int | None = None  # what a shard it died under reports (never 0)
         self.exit_status: int | None = None  # the host's own exit status, once it died
         self.died_under: int | None = None  # the request it was running then
+        self.ready: bool | None = None  # whether its task loaded (None: not said yet)
+        self.error: str | None = None  # why it did not, as it said
+        self.stopped = False  # we ended it (a timeout, a preemption, a cancel)
         self._fd = self._stdout.fileno()
         self._buffer = b""  # replies are read unbuffered: select() must see what is pending
-        first = self._line(None)
-        try:
-            hello = json.loads(first) if first else {}
-        except ValueError:
-            hello = {}
-        self.ready = bool(hello.get("ready"))
-        self.error = hello.get("error")
 
     @property
     def alive(self) -> bool:
@@ -313,6 +316,9 @@ class Host:
         line = self._line(timeout)
         if line is None:
             return False
+        if self.ready is None and (line or not self.stopped):
+            self._hello(line)
+            return True
         if not line:
             self._died()
             return True
@@ -321,6 +327,19 @@ class Host:
         with contextlib.suppress(ValueError):
             self.outstanding.remove(reply["id"])
         return True
+
+    def _hello(self, line: bytes) -> None:
+        """Its first line: whether the task loaded. One that did not (or a host that ended
+        first, not by our hand) is dead, and none of the shards sent to it started."""
+        try:
+            hello = json.loads(line) if line else {}
+        except ValueError:
+            hello = {}
+        self.ready = bool(hello.get("ready"))
+        self.error = hello.get("error") or (None if line else "its host ended as it started")
+        if not self.ready:
+            self._died()
+            self.died_under = None
 
     def _died(self) -> None:
         try:
@@ -379,6 +398,15 @@ class HostTask(RunningTask):
         self._log_path = log_path
         self._code: int | None = None
         self.not_started = False  # the host died before it reached this shard
+
+    @property
+    def loading(self) -> bool:
+        """Whether its host has not yet said its task loaded (``task.py`` is being imported)."""
+        return self._host.ready is None
+
+    def stop(self, grace: float) -> int | None:
+        self._host.stopped = True
+        return super().stop(grace)
 
     def wait(self, timeout: float | None) -> int | None:
         if self._code is not None:

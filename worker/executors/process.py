@@ -122,13 +122,11 @@ class Executor(TaskExecutor):
             return host
         if host is not None:
             host.close()
-        host = Host(start_host(self.bundle, self._base_env()))
-        if not host.ready:
-            host.close()
-            self._hosts.pop(slot, None)
-            self._cold = True
-            return None
-        self._hosts[slot] = host
+            del self._hosts[slot]
+            if host.ready is False:  # its task would not load: a process per attempt says why
+                self._cold = True
+                return None
+        host = self._hosts[slot] = Host(start_host(self.bundle, self._base_env()))
         return host
 
     def _start_shell(
@@ -169,17 +167,18 @@ class Executor(TaskExecutor):
     def _start_isolated(
         self, env: dict[str, str], log_path: Path, token: str, cwd: Path
     ) -> RunningTask:
+        if self._cold:
+            return self._start_cold(env, log_path, token, cwd)
         with self._lock:
             if self._zygote is not None and not self._zygote.alive:
                 self._zygote.close()
+                if self._zygote.ready is False:  # its task would not load: a process per
+                    self._cold = True  # attempt says why
+                    self._zygote = None
+                    return self._start_cold(env, log_path, token, cwd)
                 self._zygote = None
             if self._zygote is None:
-                zygote = Zygote(self.bundle, self._base_env())
-                if not zygote.ready:
-                    zygote.close()
-                    self._cold = True
-                    return self._start_cold(env, log_path, token, cwd)
-                self._zygote = zygote
+                self._zygote = Zygote(self.bundle, self._base_env())
             zygote = self._zygote
         PROCESSES.begin(token)
         task: RunningTask = zygote.start(env, log_path, cwd, token)

@@ -124,7 +124,6 @@ class ContainerHost(Host):
         self.runtime = runtime
         self.name = name
         self.mounts = mounts
-        self.stopped = False  # we ended it (a timeout, a preemption, a cancel)
         self.removed = False  # the container was removed (when its client ended)
         super().__init__(proc)
 
@@ -219,21 +218,19 @@ class WarmContainers:
             mounts = wanted
             if host is not None:
                 host.close()
+                del self._hosts[slot]
+                if host.ready is False:  # the task would not load in it (Host says when)
+                    log.warning(
+                        "no warm container of %s (%s): a container per attempt shows why",
+                        self._spec.image,
+                        host.error or "its host did not start",
+                    )
+                    self.cold = True
+                    return None
                 mounts = merge(host.mounts, wanted)
                 if len(mounts) > MAX_MOUNTS:
                     mounts = wanted
-            host = self._spawn(slot, mounts, shard)
-            if not host.ready:
-                log.warning(
-                    "no warm container of %s (%s): a container per attempt shows why",
-                    self._spec.image,
-                    host.error or "its host did not start",
-                )
-                host.close()
-                self._hosts.pop(slot, None)
-                self.cold = True
-                return None
-            self._hosts[slot] = host
+            host = self._hosts[slot] = self._spawn(slot, mounts, shard)
             return host
 
     def _spawn(self, slot: int, mounts: list[Mount], shard: TaskShard) -> ContainerHost:
