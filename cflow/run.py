@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 import weakref
@@ -217,9 +218,10 @@ class Run:
         """This process exits while the run goes on here, never waited for (a script that
         submitted and ended): it is waited for, as ``concurrent.futures`` waits for its work,
         and Ctrl-C then cancels it. With ``detach=True``, or in a Jupyter kernel (restarted
-        or shut down, it is killed if it takes long), it is left going, saying how to attach."""
+        or shut down, it is killed if it takes long), it is left going, saying how to attach:
+        with every item, read first (Ctrl-C stops reading them)."""
         if self._detach or in_notebook():
-            self._leave_going()
+            self._leave_going(read_all=True)
             return
         print(f"cflow: waiting for run {self.id} to end (Ctrl-C cancels it)", file=sys.stderr)
         try:
@@ -246,11 +248,32 @@ class Run:
             return
         self._leave_going()
 
-    def _leave_going(self) -> None:
-        if self._feed is not None:
-            self._feed.stop()
+    def _leave_going(self, *, read_all: bool = False) -> None:
+        """Leave the run going with no one here watching it. Its items not read yet are read
+        first with ``read_all`` (this process exits: a run left with part of a list it was
+        given would be silently short), else no more are (Ctrl-C); either way the count of
+        those it holds is recorded before this returns (a run left ``publishing`` could never
+        be watched to its end), and said when reading was cut short."""
+        feed, cut = self._feed, ""
+        if feed is not None and read_all and self._manifest().publishing:
+            print(
+                f"cflow: reading the rest of run {self.id}'s items before leaving it going"
+                " (Ctrl-C stops reading them)",
+                file=sys.stderr,
+            )
+            with contextlib.suppress(KeyboardInterrupt):
+                while self._manifest().publishing and not feed.stopped():
+                    time.sleep(PACE)
+        if feed is not None:
+            feed.stop()
+            deadline = time.monotonic() + STOP_SECONDS
+            while (manifest := self._manifest()).publishing and time.monotonic() < deadline:
+                time.sleep(PACE / 4)
+            if feed.error is None and not feed.exhausted():
+                held = feed.held(manifest.published or 0)
+                cut = f" with its first {held} items (reading them stopped here)"
         print(
-            f"cflow: run {self.id} goes on; attach with cflow.attach({self.id!r}) or"
+            f"cflow: run {self.id} goes on{cut}; attach with cflow.attach({self.id!r}) or"
             f" `runner watch {self.id}`",
             file=sys.stderr,
         )

@@ -89,6 +89,7 @@ class ItemFeed:
         self._lock = threading.Lock()  # the spans grow in the reading thread
         self._stop = threading.Event()
         self._cancel = False
+        self._exhausted = False  # every item was read (the iterable ended, not the reading)
         self.error: BaseException | None = None  # what the iterable raised, if it did
 
     def stop(self, *, cancel: bool = False) -> None:
@@ -110,6 +111,17 @@ class ItemFeed:
     def stopped(self) -> bool:
         return self._stop.is_set()
 
+    def exhausted(self) -> bool:
+        """Whether every item was read: the iterable ended, not the reading."""
+        return self._exhausted
+
+    def held(self, shards: int) -> int:
+        """How many items the run's first ``shards`` shards hold."""
+        if self._chunking is None or shards <= 0:
+            return max(shards, 0)
+        first, count = self.spans().get(shard_id(shards - 1), (0, 0))
+        return first + count
+
     def at_least(self) -> int | None:
         if self._chunking is None:  # one shard per item
             return self._total
@@ -126,6 +138,7 @@ class ItemFeed:
     def shards(self, store: Store, run_id: str) -> Iterator[Shard]:
         try:
             yield from self._shards(store, run_id)
+            self._exhausted = not self._stop.is_set()
         except BaseException as exc:  # kept for the caller: the run ends with what was read
             self.error = exc
             raise

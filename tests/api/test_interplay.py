@@ -169,6 +169,34 @@ def test_a_killed_script_leaves_a_detached_run_going(cli: Cli, tmp_path: Path) -
     assert list(cflow.attach(run_id, store=cli.store).results()) == [0, 10, 20]
 
 
+def test_a_detached_run_left_at_exit_holds_every_item_it_was_given(
+    cli: Cli, tmp_path: Path
+) -> None:
+    """The items not yet published were dropped at exit: the run held 1,000 of the 2,500 it
+    was given, and its results were silently short."""
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    proc = _ended(cli, SCRIPT, marks, "exit-detach-many")
+    run_id = _only_run(cli)
+    assert "reading the rest of run" in proc.stderr and "goes on;" in proc.stderr
+    assert list(cflow.attach(run_id, store=cli.store).results()) == [x * 10 for x in range(2500)]
+
+
+def test_ctrl_c_with_detach_cuts_a_stream_short_saying_so_and_the_run_ends(
+    cli: Cli, tmp_path: Path
+) -> None:
+    """The count of what was read was recorded by a thread that died with the process: the
+    run stayed ``publishing`` and attaching to it waited for ever."""
+    done = _interrupt(cli, "detach-stream")
+    assert done.returncode == 130, done.stderr
+    run_id = _only_run(cli)
+    held = cli.status(run_id)["shards"]
+    assert f"goes on with its first {len(held)} items (reading them stopped here)" in done.stderr
+    (tmp_path / "marks" / "go").touch()
+    got = cflow.attach(run_id, store=cli.store, progress=False).results()
+    assert list(got) == [x * 10 for x in range(len(held))]
+
+
 def test_a_script_that_ends_without_waiting_waits_for_its_run_at_exit(cli: Cli) -> None:
     """As ``concurrent.futures`` waits for its work: the run's thread would otherwise end with
     the process, leaving the run unwatched (active for ever) and its unread items unread."""
