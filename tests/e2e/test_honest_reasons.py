@@ -176,6 +176,37 @@ def test_a_task_that_exits_as_it_is_imported_is_refused_and_fails_on_the_workers
         assert len(reasons) == 1 and "run(shard) never ran" in reasons.pop(), reasons
 
 
+MESSAGES = """
+class Multi(Exception):
+    pass
+
+def run(shard):
+    if shard.index == 0:
+        raise Multi("line one\\nline two\\nline three")
+    if shard.index == 1:
+        raise ValueError("bad thing \\r carriage")
+    noted = KeyError("k")
+    noted.add_note("a note")
+    raise noted
+"""
+
+
+@pytest.mark.parametrize("isolate", [[], ["--isolate"]], ids=["warm", "isolate"])
+def test_a_failure_of_several_lines_is_said_by_its_first(
+    cli: Cli, tmp_path: Path, isolate: list[str]
+) -> None:
+    """The reason was the message's last line (``line three``, a note, what followed a
+    carriage return): the exception's type and what it said were lost."""
+    task = str(make_task(tmp_path / "t", MESSAGES))
+    r = cli("submit", task, "--shards", "3", "--max-attempts", "1", "--halt", "never", *isolate)
+    assert r.code == 1, r.stderr
+    assert sorted(_reasons(cli, r.run_id).values()) == [
+        "KeyError: 'k' (+1 more line in the log)",
+        "ValueError: bad thing \\r carriage",
+        "task.Multi: line one (+2 more lines in the log)",
+    ]
+
+
 @pytest.mark.parametrize("isolate", [[], ["--isolate"]], ids=["warm", "isolate"])
 def test_a_task_whose_import_hangs_is_timed_out_and_cancelled_as_its_shard_is(
     cli: Cli, tmp_path: Path, isolate: list[str]

@@ -12,6 +12,7 @@ from typing import Any
 
 from worker.errors import TaskError
 from worker.executors.base import remove_tree
+from worker.executors.tracebacks import traceback_line
 from worker.protocol import Layout, Shard
 from worker.store import Store
 from worker.taskapi import RETURN_FILE
@@ -65,11 +66,11 @@ class AttemptLog:
         with self.path.open("a") as fh:
             fh.write(f"cflow: {text}\n")
 
-    def last_line(self, limit: int = 4096) -> str | None:
-        """The log's last non-empty line that is not the worker's own note: the error a user
-        sees. Only a newline ends a line: a carriage return inside one (a script with Windows
-        line endings) is shown as a backslash and ``r``, not taken as a line break that hides
-        what came before it."""
+    def last_line(self, limit: int = 16384) -> str | None:
+        """The error of the Python traceback that ends the log, else the log's last non-empty
+        line that is not the worker's own note: the error a user sees. Only a newline ends a
+        line: a carriage return inside one (a script with Windows line endings) is shown as a
+        backslash and ``r``, not taken as a line break that hides what came before it."""
         try:
             with self.path.open("rb") as fh:
                 fh.seek(0, os.SEEK_END)
@@ -78,7 +79,11 @@ class AttemptLog:
                 tail = fh.read().decode("utf-8", "replace")
         except OSError:
             return None
-        for line in reversed(tail.split("\n")):
+        lines = tail.split("\n")
+        said = traceback_line(lines)  # a Python traceback's error, not its message's last line
+        if said is not None:
+            return said[:500]
+        for line in reversed(lines):
             line = line.strip().replace("\r", "\\r")
             if line and not line.startswith("cflow: the task's process"):
                 return line[:500]

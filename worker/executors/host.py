@@ -54,7 +54,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from worker.executors import reaper
-from worker.executors.tracebacks import task_traceback
+from worker.executors.tracebacks import exception_line, task_traceback
 from worker.executors.zygote import load_task
 from worker.taskapi import TaskShard, keep_return
 
@@ -105,9 +105,7 @@ def run_one(run: Any, request: dict[str, Any], saved: tuple[int, int]) -> dict[s
         code = 1
         with contextlib.suppress(Exception):  # to fd 2: the task may have closed sys.stderr
             _StderrFd().write(task_traceback(exc))
-        # The two-argument form: Python 3.9 (an image's interpreter) has no other.
-        lines = traceback.format_exception_only(type(exc), exc)
-        reason = "".join(lines).strip().splitlines()[-1]
+        reason = exception_line(exc)
     _flush(sys.stdout)
     _flush(sys.stderr)
     reaper.kill_descendants(os.getpid())

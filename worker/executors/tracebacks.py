@@ -55,3 +55,40 @@ def _trim(shown: traceback.TracebackException, prefixes: list[str], seen: set[in
     for linked in (shown.__cause__, shown.__context__, *(getattr(shown, "exceptions", None) or [])):
         if linked is not None:
             _trim(linked, prefixes, seen)
+
+
+TRACEBACK_HEAD = "Traceback (most recent call last):"
+
+
+def exception_line(exc: BaseException) -> str:
+    """``Type: message`` for a failure's reason, from the message's first line: the lines
+    after it (a message of several, its notes) are in the log, and counted here. The last line
+    alone said ``line three`` for ``Multi("line one\\nline two\\nline three")``, a note for
+    an exception with one, and what followed a carriage return."""
+    # The two-argument form: Python 3.9 (an image's interpreter) has no other.
+    text = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+    return first_of(text.split("\n"))
+
+
+def first_of(lines: list[str]) -> str:
+    """The first of an exception's lines as printed, the others counted."""
+    kept = [line for line in lines if line.strip()]
+    if not kept:
+        return ""
+    more = len(kept) - 1
+    first = kept[0].rstrip().replace("\r", "\\r")
+    return first + (f" (+{more} more line{'s' * (more > 1)} in the log)" if more else "")
+
+
+def traceback_line(lines: list[str]) -> str | None:
+    """The exception line of the last Python traceback in ``lines`` (a log's tail), as
+    :func:`exception_line` gives it; None when no traceback ends the log."""
+    heads = [n for n, line in enumerate(lines) if line.rstrip("\r") == TRACEBACK_HEAD]
+    if not heads:
+        return None
+    body = lines[heads[-1] + 1 :]
+    frames = 0
+    while frames < len(body) and (body[frames].startswith(" ") or not body[frames].strip()):
+        frames += 1
+    rest = [line for line in body[frames:] if not line.startswith("cflow: ")]
+    return first_of(rest) or None
