@@ -4,12 +4,16 @@
   shard order, each ending in a newline (one is added after a part that lacks it). With declared
   headers (``[combine] headers = true``) a ``.csv``/``.tsv`` part's first line is left out when it
   is the header, the first part's first line; a part whose first line differs keeps it, and a
-  warning names its shard.
+  warning names its shard. A part that is not text (:func:`text_problem`: a NUL byte, or bytes
+  that are not UTF-8, in its first :data:`TEXT_PROBE` bytes) is not cut into lines: the name is
+  kept per shard.
 - **Gzip members** (the same formats gzip-compressed, ``.csv.gz`` ...): the parts are concatenated
   byte for byte. A gzip file may hold several members and decompresses to their contents in
-  order, so the result is the parts' lines in shard order. Nothing is decompressed: declared
-  headers cannot be cut out of a member, so a ``.csv.gz``/``.tsv.gz`` with declared headers is
-  kept per shard, and so is a name one of whose parts is not gzip data.
+  order, so the result is the parts' lines in shard order; a part whose content does not end in a
+  newline is followed by :data:`NEWLINE_MEMBER`, as a line format's part by a newline. That is
+  seen by decompressing each part as a stream (:func:`scan_gzip`); nothing is recompressed, so
+  declared headers cannot be cut out of a member: a ``.csv.gz``/``.tsv.gz`` with declared headers
+  is kept per shard, and so is a name one of whose parts is not whole gzip data or not text.
 - **Per shard** (anything else: binary, a JSON document, an unknown suffix): never changed. Each
   shard's part is copied to ``combined/<name>/<shard id><suffix>`` and listed in
   ``combined/<name>/manifest.json`` (shard, index, file, size and a checksum).
@@ -17,12 +21,14 @@
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
+import zlib
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, BinaryIO
 
 LINE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".ndjson", ".txt")  # text, one record a line
 HEADER_SUFFIXES = (".csv", ".tsv")  # line formats whose first line may be a header
@@ -30,6 +36,14 @@ GZIP_MAGIC = b"\x1f\x8b"  # the first two bytes of every gzip member
 COMPRESSED = (".gz", ".bz2", ".xz", ".zst", ".zip")  # kept with the suffix before them
 MANIFEST = "manifest.json"  # the listing of a name kept per shard
 NAMED = 3  # shards a warning names before "and N more"
+# Bytes of a line format's part (of a gzip part's content) looked at to tell text from binary:
+# as git's and grep's test, a NUL byte there says binary; bytes that are not UTF-8 say not text.
+TEXT_PROBE = 8192
+# A gzip member holding "\n" (gzip.compress(b"\n", mtime=0)): what ends a gzip part's last line.
+# 21 bytes: a 10-byte header, the deflated "\n", its CRC-32 and its length.
+NEWLINE_MEMBER = bytes.fromhex("1f8b0800000000000203e302009306d73201000000")
+_GZIP_WBITS = 16 + zlib.MAX_WBITS  # a gzip wrapper: zlib checks each member's CRC and length
+_INFLATE_OUT = 1 << 20  # bytes: the most a gzip scan holds decompressed at once
 
 
 class Method(StrEnum):
@@ -70,14 +84,113 @@ def plan_for(rel: str, headers: bool | None) -> Plan:
     return Plan(Method.PER_SHARD, why=what)
 
 
-def not_gzip(shard: str) -> Plan:
-    """The rule for a gzip name one of whose parts is not gzip data."""
-    return Plan(Method.PER_SHARD, why=f"the part of shard {shard} is not gzip data")
+def not_gzip(shard: str, detail: str = "") -> Plan:
+    """The rule for a gzip name one of whose parts is not (whole) gzip data."""
+    more = f" ({detail})" if detail else ""
+    return Plan(Method.PER_SHARD, why=f"the part of shard {shard} is not gzip data{more}")
+
+
+def not_text(shard: str, problem: str) -> Plan:
+    """The rule for a line format one of whose parts is not text (:func:`text_problem`)."""
+    return Plan(Method.PER_SHARD, why=f"the part of shard {shard} is not text: {problem}")
+
+
+def text_problem(head: bytes, *, whole: bool) -> str | None:
+    """Why a part whose first bytes are ``head`` is not text (None: it is): a NUL byte, or
+    bytes that are not UTF-8. ``whole``: ``head`` is all of it (else a character cut at its
+    end is not held against it). Joining such a part as lines, a newline added, would change
+    binary data; only the first :data:`TEXT_PROBE` bytes are asked for, so the check stays
+    cheap whatever the part's size."""
+    if (at := head.find(b"\0")) >= 0:
+        return f"a NUL byte at offset {at}"
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=whole)
+    except UnicodeDecodeError as exc:
+        return f"byte 0x{head[exc.start]:02x} at offset {exc.start} is not UTF-8"
+    return None
+
+
+@dataclass(frozen=True)
+class GzipScan:
+    """What a gzip part decompresses to, as far as combining asks: its first and last bytes."""
+
+    head: bytes  # the first TEXT_PROBE bytes of its content (all of it when shorter)
+    last: bytes  # its content's last byte (b"": empty)
+    whole: bool  # head is the whole content
+    problem: str | None = None  # why it is not whole gzip data (its members then are not read)
+
+    def text_problem(self) -> str | None:
+        """Why its content is not text (:func:`text_problem`), None when it is."""
+        return text_problem(self.head, whole=self.whole)
+
+
+def scan_gzip(src: BinaryIO, chunk: int = 1 << 20) -> GzipScan:
+    """Decompress a gzip part as a stream, keeping only its first and last bytes.
+
+    Every member must be whole (its CRC and length checked) and follow the one before with
+    nothing between or after: ``gzip -d`` stops at trailing bytes, so a part joined after them
+    would be lost to it. Memory stays flat (``chunk`` bytes read, at most 1 MiB out, at a time).
+    """
+    head = b""
+    last = b""
+    size = 0
+    members = 0
+    inflater = zlib.decompressobj(_GZIP_WBITS)
+    fed = False  # the current member has been given bytes
+    data = b""
+    more = False  # the last call was cut at _INFLATE_OUT: call again, even with no new bytes
+    while True:
+        if not data and not more:
+            data = src.read(chunk)
+            if not data:
+                break
+        try:
+            out = inflater.decompress(data, _INFLATE_OUT)
+        except zlib.error as exc:
+            where = "bytes after its last member" if members and not fed else "corrupt"
+            return GzipScan(head, last, False, f"{where}: {exc}")
+        fed = True
+        more = len(out) == _INFLATE_OUT
+        if out:
+            if size < TEXT_PROBE:
+                head += out[: TEXT_PROBE - size]
+            size += len(out)
+            last = out[-1:]
+        if inflater.eof:
+            members += 1
+            data = inflater.unused_data
+            inflater = zlib.decompressobj(_GZIP_WBITS)
+            fed = more = False
+        else:
+            data = inflater.unconsumed_tail
+    if fed:
+        return GzipScan(head, last, False, "truncated: its last member is not complete")
+    return GzipScan(head, last, size <= TEXT_PROBE)
 
 
 def is_gzip(head: bytes) -> bool:
     """Whether a part's first bytes start a gzip member."""
     return head.startswith(GZIP_MAGIC)
+
+
+def file_text_problem(path: Path) -> str | None:
+    """:func:`text_problem` of a local part, its first :data:`TEXT_PROBE` bytes read."""
+    with path.open("rb") as fh:
+        head = fh.read(TEXT_PROBE + 1)  # one more: is the probe the whole part?
+    return text_problem(head[:TEXT_PROBE], whole=len(head) <= TEXT_PROBE)
+
+
+def scan_gzip_file(path: Path) -> GzipScan | None:
+    """:func:`scan_gzip` of a local part (None: it is not gzip data; an empty part, which adds
+    no member, is empty content)."""
+    with path.open("rb") as fh:
+        head = fh.read(2)
+        if not head:
+            return GzipScan(b"", b"", whole=True)
+        if not is_gzip(head):
+            return None
+        fh.seek(0)
+        return scan_gzip(fh)
 
 
 def kept_suffix(rel: str) -> str:
@@ -148,9 +261,15 @@ def lines_note(parts: int, stripped: bool) -> str:
     return f"lines of {parts} parts concatenated{header}"
 
 
-def gzip_note(parts: int) -> str:
-    """What was done with a compressed line format's parts."""
-    return f"{parts} gzip members concatenated into one gzip file (not decompressed)"
+def gzip_note(parts: int, newlines: int | None = None) -> str:
+    """What was done with a compressed line format's parts; ``newlines``: after how many a
+    :data:`NEWLINE_MEMBER` was added (None: their content was not looked at)."""
+    if newlines is None:
+        return f"{parts} gzip members concatenated into one gzip file (not decompressed)"
+    note = f"{parts} gzip members concatenated into one gzip file (not recompressed)"
+    if newlines:
+        note += f", a newline member added after the {newlines} whose content lacked one"
+    return note
 
 
 def per_shard_note(rel: str, parts: int, why: str) -> str:

@@ -15,7 +15,7 @@ import json
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Protocol
 
 from runner.engine import runs
@@ -126,6 +126,50 @@ def mark_result(folder: Path, run_id: str, files: list[str]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     text = json.dumps({"run_id": run_id, "files": sorted(files)}, indent=1) + "\n"
     (folder / RESULT_MARK).write_text(text, encoding="utf-8")
+
+
+def refuse_others(folder: Path, run_id: str, rels: list[str]) -> None:
+    """Raise ConfigError, in one line naming the first, when writing the files ``rels`` into a
+    local ``--out`` folder would replace something no combine of this run wrote there.
+
+    What the folder's :data:`RESULT_MARK` lists is a combine's own, replaced freely (the caller
+    has refused another run's result already, unless ``--force``); anything else in the way of
+    a file of the result (a file of that name, a file where its folder goes, a folder holding
+    other files where it goes, a link) is the user's and is never written over. Asked before
+    the folder is touched.
+    """
+    owned = set(result_files(folder))
+    clashes: list[Path] = []
+    for rel in sorted(rels):
+        clash = _in_the_way(folder, PurePosixPath(rel), owned)
+        if clash is not None and clash not in clashes:  # a file where a folder goes: once
+            clashes.append(clash)
+    if not clashes:
+        return
+    more = f" (and {len(clashes) - 1} more)" if len(clashes) > 1 else ""
+    raise ConfigError(
+        f"--out {folder}: {clashes[0]}{more} is in the way of the combined result and no combine"
+        f" of run {run_id} wrote it; it is left as it is: give another folder (`runner combine"
+        f" {run_id} --out DIR`), or move it away and combine again"
+    )
+
+
+def _in_the_way(folder: Path, rel: PurePosixPath, owned: set[str]) -> Path | None:
+    """What of the user's stands where ``folder/rel`` is written (None: nothing)."""
+    for ancestor in [*reversed(rel.parents[:-1]), rel]:  # "a", "a/b", ..., rel itself
+        path = folder / ancestor
+        if path.is_symlink():  # a combine writes none, and a copy would go where it points
+            return path
+        if path.exists() and not path.is_dir():
+            return None if str(ancestor) in owned else path  # owned: removed before the copy
+        if not path.exists():
+            return None
+    for inside in path.rglob("*"):  # a folder where the file goes: only the result's files?
+        if inside.is_symlink() or (
+            not inside.is_dir() and inside.relative_to(folder).as_posix() not in owned
+        ):
+            return path
+    return None
 
 
 def clear_result(folder: Path) -> None:

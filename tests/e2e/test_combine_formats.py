@@ -143,3 +143,38 @@ def test_without_declared_headers_gzip_parts_join_as_members(cli: Cli, tmp_path:
     assert str(combined / "emb.npy" / "manifest.json") in raw.stdout.splitlines()
     assert "cflow: g.csv.gz: 3 gzip members concatenated" in raw.stderr
     assert (combined / "t.csv").read_text() == "a,b\n0,0\n0,1\n1,1\n1,2\na,b\n2,2\n2,3\n"
+
+
+LAST_LINES = """
+import gzip
+from pathlib import Path
+
+PNG = b"\\x89PNG\\r\\n\\x1a\\n\\x00\\x00\\x00\\rIHDR"
+
+
+def run(shard):
+    out = Path(shard.output_dir)
+    i = shard.index
+    (out / "z.jsonl.gz").write_bytes(gzip.compress(b'{"k":%d}' % i))  # no final newline
+    (out / "img.csv").write_bytes(PNG + bytes([i]) if i == 2 else f"{i},x\\n".encode())
+"""
+
+
+def test_gzip_lines_end_in_newlines_and_binary_in_a_line_format_is_kept_per_shard(
+    cli: Cli, tmp_path: Path
+) -> None:
+    task = make_task(tmp_path / "t", LAST_LINES)
+    r = cli("submit", str(task), "--shards", "4", "--workers", "2")
+    assert r.code == 0, r.stderr
+    combined = cli.store / "runs" / r.run_id / "combined"
+    joined = gzip.decompress((combined / "z.jsonl.gz").read_bytes())
+    assert joined == b'{"k":0}\n{"k":1}\n{"k":2}\n{"k":3}\n'  # not {"k":0}{"k":1}...
+    assert "cflow: z.jsonl.gz: 4 gzip members concatenated into one gzip file (not" in r.stderr
+    png = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x02"
+    for i in range(4):
+        part = (combined / "img.csv" / f"{i:05d}.csv").read_bytes()
+        assert part == (png if i == 2 else f"{i},x\n".encode())  # byte for byte
+    assert (
+        "cflow: img.csv: kept per shard (the part of shard 00002 is not text: a NUL byte at"
+        " offset 8): 4 files listed in img.csv/manifest.json"
+    ) in r.stderr

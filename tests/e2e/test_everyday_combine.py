@@ -75,6 +75,73 @@ def test_out_is_checked_before_the_run_starts(cli: Cli, tmp_path: Path) -> None:
     assert taken.read_text() == "mine\n"
 
 
+def test_out_never_writes_over_a_file_of_the_users(cli: Cli, tmp_path: Path) -> None:
+    task = make_task(
+        tmp_path / "t",
+        """
+        from pathlib import Path
+
+        def run(shard):
+            (Path(shard.output_dir) / "o.txt").write_text(f"{shard.index}\\n")
+        """,
+    )
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "o.txt").write_text("my own notes\n")
+    r = cli("submit", str(task), "--shards", "2", "--out", str(mine))
+    refusal = (
+        f"--out {mine}: {mine / 'o.txt'} is in the way of the combined result and no combine of"
+        f" run {r.run_id} wrote it; it is left as it is: give another folder (`runner combine"
+        f" {r.run_id} --out DIR`), or move it away and combine again"
+    )
+    assert r.code == 1 and "2/2 shards succeeded" in r.stderr
+    assert (
+        r.stderr.strip()
+        .splitlines()[-1]
+        .startswith(f"error: combining run {r.run_id} failed: {refusal};")
+    )
+    assert sorted(p.name for p in mine.iterdir()) == ["o.txt"]
+    assert (mine / "o.txt").read_text() == "my own notes\n"
+    again = cli("combine", r.run_id, "--out", str(mine), "--force")
+    assert again.code == 2 and again.stdout == ""
+    assert again.stderr.strip().splitlines() == [  # combined in the store, not copied out
+        "cflow: o.txt: lines of 2 parts concatenated",
+        f"error: {refusal}",
+    ]
+    assert (mine / "o.txt").read_text() == "my own notes\n"
+    (mine / "o.txt").unlink()  # what the line says to do
+    done = cli("combine", r.run_id, "--out", str(mine))
+    assert done.code == 0, done.stderr
+    assert (mine / "o.txt").read_text() == "0\n1\n"
+    assert cli("combine", r.run_id, "--out", str(mine)).code == 0  # its own: replaced freely
+
+
+def test_out_in_the_store_is_the_runs_own_result_or_refused(cli: Cli, tmp_path: Path) -> None:
+    """``--out`` naming the run's own combined folder ended in shutil.SameFileError: it is the
+    place the result goes anyway. Elsewhere in the store the copy would land among the store's
+    own files (another run's result): refused in one line."""
+    task = make_task(tmp_path / "t", HEADERLESS)
+    run_id = cli("submit", str(task), "--shards", "2").run_id
+    own = cli.store / "runs" / run_id / "combined"
+    for out in (str(own), f"{own}/", str(own.relative_to(tmp_path))):
+        again = cli("combine", run_id, "--out", out)
+        assert again.code == 0, again.stderr
+        assert again.stdout.splitlines() == [str(own / "a.csv"), str(own / "sub" / "a.csv")]
+    assert (own / "a.csv").read_text() == "".join(f"0,0\n{i},x\n" for i in range(2))
+    assert sorted(p.name for p in own.iterdir()) == ["a.csv", "sub"]  # no result mark
+    other = cli("submit", str(task), "--shards", "1").run_id
+    theirs = cli.store / "runs" / other / "combined"
+    before = (theirs / "a.csv").read_text()
+    for out, where in ((theirs, f"inside the store {cli.store}"), (cli.store, "the store")):
+        refused = cli("combine", run_id, "--out", str(out))
+        assert refused.code == 2 and refused.stdout == ""
+        assert refused.stderr.splitlines() == [
+            f"error: --out {out} is {where}; give a folder outside it (the result is in {own}"
+            " anyway)"
+        ]
+    assert (theirs / "a.csv").read_text() == before and not (cli.store / "a.csv").exists()
+
+
 def test_a_run_without_outputs_says_so(cli: Cli, tmp_path: Path) -> None:
     task = make_task(tmp_path / "t", "def run(shard):\n    pass\n")
     out = tmp_path / "nothing"

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import shutil
 import textwrap
 from pathlib import Path
 
@@ -133,6 +134,46 @@ def test_a_run_without_outputs_combines_to_nothing(tmp_path: Path) -> None:
     combined = combine_run(b.store, m, out=OutTarget(path=tmp_path / "out"))
     assert combined.files == [] and combined.written == [] and combined.shards == 2
     assert not (tmp_path / "out").exists()
+
+
+def test_out_never_writes_over_a_file_of_the_users(tmp_path: Path) -> None:
+    b, m = _run(tmp_path, [{"o.txt": b"0\n", "emb.bin": b"\x00"}, {"o.txt": b"1\n"}])
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "o.txt").write_text("my notes\n")
+    with pytest.raises(ConfigError) as refused:
+        combine_run(b.store, m, out=OutTarget(path=out))
+    assert str(refused.value) == (
+        f"--out {out}: {out / 'o.txt'} is in the way of the combined result and no combine of"
+        f" run {m.run_id} wrote it; it is left as it is: give another folder (`runner combine"
+        f" {m.run_id} --out DIR`), or move it away and combine again"
+    )
+    assert sorted(p.name for p in out.iterdir()) == ["o.txt"]  # nothing written, nothing lost
+    assert (out / "o.txt").read_text() == "my notes\n"
+    # A file where a name kept per shard puts its folder is the user's too, --force or not.
+    (out / "o.txt").unlink()
+    (out / "emb.bin").write_bytes(b"mine")
+    with pytest.raises(ConfigError, match=f"{out / 'emb.bin'} is in the way"):
+        combine_run(b.store, m, out=OutTarget(path=out, force=True))
+    assert (out / "emb.bin").read_bytes() == b"mine"
+    (out / "emb.bin").unlink()
+    (out / "o.txt").mkdir()  # a folder of the user's where the combined file goes
+    (out / "o.txt" / "keep.md").write_text("mine\n")
+    with pytest.raises(ConfigError, match=f"{out / 'o.txt'} is in the way"):
+        combine_run(b.store, m, out=OutTarget(path=out))
+    assert (out / "o.txt" / "keep.md").read_text() == "mine\n"
+    shutil.rmtree(out / "o.txt")
+    first = combine_run(b.store, m, out=OutTarget(path=out))
+    assert (out / "o.txt").read_text() == "0\n1\n" and len(first.written) == 2
+    again = combine_run(b.store, m, out=OutTarget(path=out))  # this run's own: replaced
+    assert again.written == first.written and (out / "o.txt").read_text() == "0\n1\n"
+    elsewhere = tmp_path / "elsewhere.txt"  # a link put where the result was: never followed
+    elsewhere.write_text("precious\n")
+    (out / "o.txt").unlink()
+    (out / "o.txt").symlink_to(elsewhere)
+    with pytest.raises(ConfigError, match=f"{out / 'o.txt'} is in the way"):
+        combine_run(b.store, m, out=OutTarget(path=out))
+    assert elsewhere.read_text() == "precious\n"
 
 
 def test_check_out_refuses_what_cannot_be_written(tmp_path: Path) -> None:

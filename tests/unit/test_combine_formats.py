@@ -4,14 +4,24 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import json
 import pickle
 from pathlib import Path
 
 import pytest
 
+from runner.results import formats
 from runner.results.combine import combine_run
-from runner.results.formats import Method, kept_suffix, plan_for
+from runner.results.formats import (
+    NEWLINE_MEMBER,
+    TEXT_PROBE,
+    GzipScan,
+    Method,
+    kept_suffix,
+    plan_for,
+    scan_gzip,
+)
 from runner.results.parts import OutTarget
 from worker.backends.local.backend import open_local
 from worker.bundle import pack
@@ -131,7 +141,121 @@ def test_gzip_parts_join_as_members_and_decompress_to_every_line(tmp_path: Path)
     assert combined.files == [Layout.combined(m.run_id) + "g.csv.gz"]
     assert data == b"".join(parts)  # not a byte added
     assert gzip.decompress(data) == b"".join(f"a,b\n{i},{i * i}\n".encode() for i in range(3))
-    assert said == ["g.csv.gz: 3 gzip members concatenated into one gzip file (not decompressed)"]
+    assert said == ["g.csv.gz: 3 gzip members concatenated into one gzip file (not recompressed)"]
+
+
+def test_gzip_parts_without_a_final_newline_get_a_newline_member(tmp_path: Path) -> None:
+    parts = [
+        gzip.compress(b'{"k":0}'),
+        gzip.compress(b'{"k":1}\n'),  # ends in a newline already: nothing added
+        b"",  # adds no member
+        gzip.compress(b'{"k":2}\n') + gzip.compress(b'{"k":3}') + gzip.compress(b""),
+        gzip.compress(b'{"k":4}'),  # the last part too, as a line format's
+    ]
+    store, m = _run(tmp_path, [{"z.jsonl.gz": p} for p in parts])
+    said: list[str] = []
+    combined = combine_run(store, m, say=said.append)
+    data = store.get(combined.files[0])
+    assert gzip.decompress(data) == b"".join(b'{"k":%d}\n' % i for i in range(5))
+    nl = NEWLINE_MEMBER
+    assert data == parts[0] + nl + parts[1] + parts[3] + nl + parts[4] + nl  # parts unchanged
+    assert said == [
+        "z.jsonl.gz: 4 gzip members concatenated into one gzip file (not recompressed), a newline"
+        " member added after the 3 whose content lacked one"
+    ]
+
+
+def test_undeclared_gzip_headers_stay_on_lines_of_their_own(tmp_path: Path) -> None:
+    parts = [gzip.compress(f"a,b\n{i},{i}".encode()) for i in range(2)]
+    store, m = _run(tmp_path, [{"g.csv.gz": p} for p in parts])
+    combined = combine_run(store, m)
+    assert gzip.decompress(store.get(combined.files[0])) == b"a,b\n0,0\na,b\n1,1\n"
+
+
+def test_a_gzip_scan_keeps_only_the_first_and_last_bytes() -> None:
+    content = b"a" * (3 << 20) + b"z"  # inflates past the 1 MiB a call gives out
+    scan = scan_gzip(io.BytesIO(gzip.compress(content)), chunk=4096)
+    assert scan == GzipScan(b"a" * TEXT_PROBE, b"z", whole=False)
+    assert scan_gzip(io.BytesIO(gzip.compress(b"x\n"))) == GzipScan(b"x\n", b"\n", True)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 4096])
+def test_a_gzip_scan_reads_members_in_any_slices(
+    monkeypatch: pytest.MonkeyPatch, chunk: int
+) -> None:
+    monkeypatch.setattr(formats, "_INFLATE_OUT", 100)  # output cut often, input left over
+    content = b"".join(b"%d,%s\n" % (i, b"x" * (i % 50)) for i in range(2000)) + b"end"
+    members = b"".join(gzip.compress(content[i : i + 9000]) for i in range(0, len(content), 9000))
+    scan = scan_gzip(io.BytesIO(members), chunk=chunk)
+    assert scan == GzipScan(content[:TEXT_PROBE], b"d", whole=False)
+
+
+ONE = gzip.compress(b"1\n2\n", mtime=0)
+
+
+@pytest.mark.parametrize(
+    ("part", "why"),
+    [
+        (ONE[:-5], "truncated: its last member is not complete"),
+        (ONE + b"\0\0", "bytes after its last member: Error -3"),  # gzip -d stops there
+        (ONE + b"junk", "bytes after its last member: Error -3"),
+        (ONE[:-8] + b"\0" * 8, "corrupt: Error -3"),  # a wrong CRC and length
+    ],
+    ids=["truncated", "zero-padded", "trailing-junk", "bad-crc"],
+)
+def test_a_gzip_part_that_is_not_whole_is_kept_per_shard(
+    tmp_path: Path, part: bytes, why: str
+) -> None:
+    store, m = _run(tmp_path, [{"g.txt.gz": gzip.compress(b"x")}, {"g.txt.gz": part}])
+    combined = combine_run(store, m)
+    base = Layout.combined(m.run_id)
+    assert combined.files == [f"{base}g.txt.gz/manifest.json"]
+    assert store.get(f"{base}g.txt.gz/s1.txt.gz") == part
+    assert combined.how["g.txt.gz"].startswith(
+        f"kept per shard (the part of shard s1 is not gzip data ({why}"
+    )
+
+
+PNG = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x01"  # no final newline
+
+
+@pytest.mark.parametrize(
+    ("name", "odd", "why"),
+    [
+        ("x.csv", PNG, "a NUL byte at offset 8"),
+        ("x.txt", b"caf\xe9\n", "byte 0xe9 at offset 3 is not UTF-8"),  # Latin-1
+        ("x.jsonl.gz", gzip.compress(PNG, mtime=0), "a NUL byte at offset 8"),
+    ],
+    ids=["png-in-csv", "latin-1-txt", "png-in-jsonl-gz"],
+)
+def test_a_line_format_part_that_is_not_text_keeps_the_name_per_shard(
+    tmp_path: Path, name: str, odd: bytes, why: str
+) -> None:
+    text = gzip.compress if name.endswith(".gz") else bytes
+    parts = [text(b"a\n"), odd, text(b"b\n"), text(b"c")]
+    store, m = _run(tmp_path, [{name: p} for p in parts], "[combine]\nheaders = true\n")
+    said: list[str] = []
+    combined = combine_run(store, m, say=said.append, out=OutTarget(path=tmp_path / "out"))
+    base = Layout.combined(m.run_id)
+    suffix = kept_suffix(name)
+    assert combined.files == [f"{base}{name}/manifest.json"]
+    for i, part in enumerate(parts):  # byte for byte, no newline added
+        assert store.get(f"{base}{name}/s{i}{suffix}") == part
+        assert (tmp_path / "out" / name / f"s{i}{suffix}").read_bytes() == part
+    assert said == [
+        f"{name}: kept per shard (the part of shard s1 is not text: {why}): 4 files listed in"
+        f" {name}/manifest.json"
+    ]
+
+
+def test_text_is_judged_on_its_first_bytes_and_a_cut_character_is_no_fault(
+    tmp_path: Path,
+) -> None:
+    cut = b"a" * (TEXT_PROBE - 1) + "é".encode() + b"\n"  # the probe ends inside the é
+    late = b"a\n" * TEXT_PROBE + b"\0"  # past the probe: not looked at
+    store, m = _run(tmp_path, [{"t.txt": cut}, {"t.txt": late}])
+    combined = combine_run(store, m)
+    assert store.get(combined.files[0]) == cut + late + b"\n"
 
 
 def test_a_gzip_name_with_a_part_that_is_not_gzip_is_kept_per_shard(tmp_path: Path) -> None:
@@ -206,14 +330,16 @@ def test_a_recombine_that_changes_a_names_shape_replaces_it(tmp_path: Path) -> N
     parts = [gzip.compress(f"a,b\n{i},{i}\n".encode()) for i in range(2)]
     store, m = _run(tmp_path, [{"g.csv.gz": p} for p in parts])
     base = Layout.combined(m.run_id)
-    joined = combine_run(store, m, headers=False)
+    out = OutTarget(path=tmp_path / "out")  # its copies there too: this run's own, replaced
+    joined = combine_run(store, m, headers=False, out=out)
     assert joined.files == [f"{base}g.csv.gz"]
-    kept = combine_run(store, m, headers=True)  # now a folder where the file was
+    kept = combine_run(store, m, headers=True, out=out)  # now a folder where the file was
     assert kept.files == [f"{base}g.csv.gz/manifest.json"]
     assert sorted(store.list(base)) == [
         f"{base}g.csv.gz/{n}" for n in ("manifest.json", "s0.csv.gz", "s1.csv.gz")
     ]
-    again = combine_run(store, m, headers=False)  # and a file where the folder was
+    again = combine_run(store, m, headers=False, out=out)  # and a file where the folder was
     assert again.files == [f"{base}g.csv.gz"]
     assert list(store.list(base)) == [f"{base}g.csv.gz"]
     assert store.get(f"{base}g.csv.gz") == b"".join(parts)
+    assert (tmp_path / "out" / "g.csv.gz").read_bytes() == b"".join(parts)
