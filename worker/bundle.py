@@ -8,12 +8,14 @@ one unpacked copy per hash, with the task's ``requirements.txt`` installed besid
 from __future__ import annotations
 
 import ast
+import errno
 import fcntl
 import gzip
 import hashlib
 import io
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import tarfile
@@ -88,9 +90,11 @@ def _settings(raw: bytes, path: Path) -> TaskSettings:
 def inspect_task(folder: Path) -> TaskInfo:
     """Decide how a task folder runs, without importing it; raises TaskError with the fix."""
     if not folder.is_dir():
-        raise TaskError(
-            f"task folder {folder} does not exist; pass the folder holding task.py or task.sh"
-        )
+        if not folder.exists():
+            said = f"task folder {folder} does not exist"
+        else:  # a path that exists (task.py itself, say) but is no folder
+            said = f"{folder} is a {'file' if folder.is_file() else 'special file'}, not a folder"
+        raise TaskError(f"{said}; pass the folder holding task.py or task.sh")
     py, sh = folder / PYTHON_ENTRY, folder / SHELL_ENTRY
     if py.is_file():
         return _python_task(py.read_text(), py)
@@ -154,6 +158,10 @@ def bundle_files(folder: Path) -> list[Path]:
 
     Caches and virtual environments are always left out, and so is whatever ``.cflowignore``
     matches (a directory pattern such as ``data/`` leaves out everything below it).
+
+    Raises:
+        TaskError: an entry left in is not a readable file (a broken or looping link, a fifo,
+            a socket, a device), named with the fix.
     """
     ignored = _ignore_spec(folder)
     out: list[Path] = []
@@ -162,12 +170,46 @@ def bundle_files(folder: Path) -> list[Path]:
         dirs[:] = sorted(
             d for d in dirs if d not in _SKIP_DIRS and not ignored((base / d).as_posix() + "/")
         )
-        out.extend(
-            Path(root, f)
-            for f in sorted(files)
-            if not f.endswith(_SKIP_SUFFIXES) and not ignored((base / f).as_posix())
-        )
+        for name in sorted(files):
+            if not name.endswith(_SKIP_SUFFIXES) and not ignored((base / name).as_posix()):
+                path = Path(root, name)
+                _refuse_odd(folder, path)
+                out.append(path)
     return out
+
+
+def _refuse_odd(folder: Path, path: Path) -> None:
+    """Raise TaskError unless ``path`` is (or links to) a readable regular file: a dangling or
+    looping link, a fifo (opening one would wait forever), a socket or a device cannot go into
+    a bundle of plain files, and leaving it out unasked would make the bundle other than the
+    folder."""
+    fix = f"remove it or list it in {folder / IGNORE}"
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        if not path.is_symlink():  # removed since the folder was listed
+            raise TaskError(f"{path} went away while the task was packed; submit again") from None
+        raise TaskError(
+            f"{path} is a link to {os.readlink(path)}, which does not exist: {fix}"
+        ) from None
+    except OSError as exc:
+        what = "a link that loops" if exc.errno == errno.ELOOP else f"unreadable ({exc.strerror})"
+        raise TaskError(f"{path} is {what}, not a file for the task bundle: {fix}") from None
+    if stat.S_ISREG(mode):
+        if not os.access(path, os.R_OK):
+            raise TaskError(
+                f"{path} cannot be read (permission denied): {fix}, or make it readable"
+            )
+        return
+    kinds = {
+        stat.S_ISFIFO: "fifo",
+        stat.S_ISSOCK: "socket",
+        stat.S_ISCHR: "character device",
+        stat.S_ISBLK: "block device",
+    }
+    kind = next((name for test, name in kinds.items() if test(mode)), "special file")
+    link = "a link to " if path.is_symlink() else ""
+    raise TaskError(f"{path} is {link}a {kind}, not a file for the task bundle: {fix}")
 
 
 def pack(folder: Path) -> tuple[bytes, str]:

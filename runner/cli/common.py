@@ -173,6 +173,7 @@ def _root(
 def open_dep(local: bool, store: Path | None, deployment: Path | None) -> Iterator[Deployment]:
     """The deployment the shared options name, open for the command and closed after it."""
     cfg = config_mod.resolve(local=local, store_dir=store, deployment_file=deployment)
+    _refuse_no_folder(cfg)
     dep = open_deployment(cfg)
     try:
         yield dep
@@ -183,7 +184,16 @@ def open_dep(local: bool, store: Path | None, deployment: Path | None) -> Iterat
 def store_exists(local: bool, store: Path | None, deployment: Path | None) -> bool:
     """False for a local store folder that does not exist: reading it must not create it."""
     cfg = config_mod.resolve(local=local, store_dir=store, deployment_file=deployment)
+    _refuse_no_folder(cfg)
     return not cfg.is_local or cfg.store_dir.is_dir()
+
+
+def _refuse_no_folder(cfg: config_mod.Config) -> None:
+    """A local store that is a file (``CFLOW_STORE`` set to one) is a mistake to name, not a
+    store with no runs yet."""
+    path = cfg.store_dir
+    if cfg.is_local and path.exists() and not path.is_dir():
+        raise fail(f"the store {path} is not a folder; pass --store DIR or set CFLOW_STORE")
 
 
 def need_run(run_id: str, local: bool, store: Path | None, deployment: Path | None) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +14,7 @@ from worker.protocol import Shard
 
 BUNDLE_WARN_BYTES = 20 * 1024 * 1024  # a packed bundle above this is named with its largest files
 LARGEST_SHOWN = 5
+_LINE_BREAKING = {"Cc", "Zl", "Zp"}  # control characters, line and paragraph separators
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,16 @@ def describe_bundle(task_dir: Path) -> BundleNote:
     return BundleNote(size=len(data), files=len(files), warning=warning, packed=(data, sha))
 
 
+def shown_input(name: str) -> str:
+    """An input as a dry run prints it: as it is, or as a Python string literal (its ``repr``)
+    when it holds a character that would break the ``id<TAB>input`` line (a newline, a tab, any
+    other control character, a Unicode line separator), so each shard stays one line. An input
+    is an absolute path or a URI, so one shown starting with a quote is always such a literal."""
+    if any(unicodedata.category(char) in _LINE_BREAKING for char in name):
+        return repr(name)
+    return name
+
+
 def dry_run(
     cfg: Config,
     task_dir: Path,
@@ -64,12 +76,15 @@ def dry_run(
     slots: int,
     out: IO[str],
 ) -> str:
-    """Print each shard (``id<TAB>input or params``) on ``out``; return what would start."""
+    """Print each shard (``id<TAB>input or params``, the input as :func:`shown_input` shows
+    it) on ``out``; return what would start."""
     import json
 
     count = 0
     for shard in shards:
-        what = shard.input if shard.input is not None else json.dumps(shard.params or {})
+        what = (
+            shown_input(shard.input) if shard.input is not None else json.dumps(shard.params or {})
+        )
         out.write(f"{shard.id}\t{what}\n")
         count += 1
     note = describe_bundle(task_dir)

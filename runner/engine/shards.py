@@ -29,6 +29,7 @@ REMOTE_SCHEMES = ("gs://",)
 STDIN = "-"  # --inputs -: a list of paths on stdin
 LIST_MARK = "@"  # --inputs @FILE: a list of paths in FILE
 BOM = "\ufeff"  # a byte-order mark before a list's first line (Windows editors): not a path
+BOM_BYTES = BOM.encode()  # the same before a params file's first line
 ID_STEM_LIMIT = 40  # characters of a file's name kept in its shard's id
 REFUSED_SHOWN = 50  # inputs that are not files named one a line; the rest counted
 REPEATS_SHOWN = 3  # inputs that repeat a file named in the note; the rest counted
@@ -283,27 +284,53 @@ def from_glob(pattern: str, *, lister: RemoteLister | None = None) -> Iterator[S
 
 
 def from_params(path: Path) -> Iterator[Shard]:
-    """One shard per non-blank line of a JSON-lines file; each line must be a JSON object."""
-    if not path.is_file():
-        raise InputError(f"--params file {path} does not exist")
+    """One shard per non-blank line of a JSON-lines file (UTF-8, with or without a leading BOM);
+    each line must be a JSON object. A file that cannot be read, or a line that is not UTF-8 or
+    nests deeper than Python's JSON reader goes, is refused naming the file and line."""
+    try:
+        odd = _not_a_file(str(path), path.stat())
+    except FileNotFoundError:
+        if not path.is_symlink():
+            raise InputError(f"--params file {path} does not exist") from None
+        odd = f"a broken link (to {os.readlink(path)})"
+    except OSError as exc:
+        odd = f"not readable ({exc.strerror})"
+    if odd is not None:
+        raise InputError(f"--params {path} is {odd}; give a JSON-lines file, one object a line")
     lines: list[tuple[int, dict[str, object]]] = []
-    with path.open(encoding="utf-8") as fh:
-        for number, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise InputError(f"{path} line {number} is not valid JSON: {err.msg}") from None
-            if not isinstance(value, dict):
-                raise InputError(
-                    f"{path} line {number} must be a JSON object, not {type(value).__name__}"
-                )
-            lines.append((number, value))
+    with path.open("rb") as fh:
+        for number, raw in enumerate(fh, start=1):
+            params = _params_line(path, number, raw.removeprefix(BOM_BYTES) if number == 1 else raw)
+            if params is not None:
+                lines.append((number, params))
     if not lines:
         raise InputError(f"--params file {path} has no lines; add one JSON object per shard")
     for index, (_, params) in enumerate(lines):
         yield Shard(id=shard_id_for_index(index, len(lines)), index=index, params=params)
+
+
+def _params_line(path: Path, number: int, raw: bytes) -> dict[str, object] | None:
+    """Line ``number`` of a params file as its shard's params (None for a blank line)."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise InputError(
+            f"{path} line {number} is not UTF-8 text (byte {err.object[err.start]:#04x} at"
+            f" column {err.start + 1}); save the file as UTF-8"
+        ) from None
+    if not line.strip():
+        return None
+    try:
+        value = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise InputError(f"{path} line {number} is not valid JSON: {err.msg}") from None
+    except RecursionError:
+        raise InputError(
+            f"{path} line {number} nests arrays or objects too deeply to read; flatten it"
+        ) from None
+    if not isinstance(value, dict):
+        raise InputError(f"{path} line {number} must be a JSON object, not {type(value).__name__}")
+    return value
 
 
 def from_count(count: int) -> Iterator[Shard]:

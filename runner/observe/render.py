@@ -7,8 +7,10 @@ content without reading pixels.
 from __future__ import annotations
 
 import base64
+import errno
 import html
 import json
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,26 +45,47 @@ class Rendered:
 
 
 def check_report_out(out: Path) -> Path:
-    """``out`` if its suffix names a format :func:`render` writes; else ConfigError, one line."""
+    """``out`` if its suffix names a format :func:`render` writes and the files it makes can be
+    written there; else ConfigError, one line."""
     if out.suffix.lower() not in PAGES + PICTURES:
         raise ConfigError(
             f"report --out {out}: name a .html (a page with the picture), .png, .pdf or .svg file"
         )
+    picture = out if out.suffix.lower() in PICTURES else out.with_suffix(".png")
+    for path in dict.fromkeys((out, picture, out.with_suffix(".json"))):  # what render writes
+        if path.is_dir():
+            raise ConfigError(f"report --out {out}: {path} is a folder; name another file")
+    parent = next((p for p in out.parents if p.exists()), Path("/"))
+    try:
+        if not parent.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, "not a folder")
+        with tempfile.NamedTemporaryFile(prefix=".cflow-probe-", dir=parent):
+            pass
+    except OSError as exc:
+        raise ConfigError(
+            f"report --out {out}: cannot write in {parent} ({exc.strerror}); name a file in a"
+            " folder you can write"
+        ) from None
     return out
 
 
 def render(timeline: Timeline, out: Path) -> Rendered:
     """Write the report next to ``out``: ``out`` itself (``.html``, ``.png``, ``.pdf`` or
-    ``.svg``; a page's picture is a PNG beside it) and the ``.json`` sidecar with the same stem."""
+    ``.svg``; a page's picture is a PNG beside it) and the ``.json`` sidecar with the same stem.
+    Raises ConfigError, one line, when they cannot be written."""
     suffix = check_report_out(out).suffix.lower()
     picture = out if suffix in PICTURES else out.with_suffix(".png")
     sidecar = out.with_suffix(".json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    drawn = draw_png(timeline, picture)
-    sidecar.write_text(json.dumps({"timeline": timeline.to_dict(), "drawn": drawn}, indent=1))
-    if suffix in PAGES:
-        out.write_text(html_page(timeline, picture.read_bytes()))
-        return Rendered(picture, sidecar, out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        drawn = draw_png(timeline, picture)
+        sidecar.write_text(json.dumps({"timeline": timeline.to_dict(), "drawn": drawn}, indent=1))
+        if suffix in PAGES:
+            out.write_text(html_page(timeline, picture.read_bytes()))
+            return Rendered(picture, sidecar, out)
+    except OSError as exc:  # checked above, but the disk may fill or a folder appear since
+        where = exc.filename or out
+        raise ConfigError(f"report --out {out}: cannot write {where} ({exc.strerror})") from None
     return Rendered(picture, sidecar)
 
 

@@ -101,6 +101,28 @@ def test_option_errors_are_one_line_with_code_2(cli: Cli, tmp_path: Path) -> Non
         assert "╭" not in r.stderr and r.stdout == ""
 
 
+def test_a_file_where_a_folder_belongs_is_named_as_a_file(cli: Cli, tmp_path: Path) -> None:
+    """A task folder that is a file was said not to exist; a store that is a file (CFLOW_STORE
+    set to one) listed "no runs yet" with exit 0, and `report` ended in a traceback."""
+    task = make_task(tmp_path / "t", OK_TASK)
+    r = cli("submit", str(task / "task.py"), "--shards", "1", "--dry-run")
+    assert r.code == 2 and r.stderr == (
+        f"error: {task / 'task.py'} is a file, not a folder; pass the folder holding task.py"
+        " or task.sh\n"
+    )
+    cli.store.write_text("")
+    for args in (
+        ("runs",),
+        ("status", "r20200101-000000-abcdef"),
+        ("report", "r20200101-000000-abcdef"),
+    ):
+        r = cli(*args)
+        assert r.code == 2, (args, r.stderr)
+        assert r.stderr == (
+            f"error: the store {cli.store} is not a folder; pass --store DIR or set CFLOW_STORE\n"
+        ), args
+
+
 def test_ctrl_c_detaches_with_code_0_and_watch_finishes(cli: Cli, tmp_path: Path) -> None:
     gate = tmp_path / "gate"
     task = make_task(tmp_path / "t", GATED_TASK.replace("GATE", repr(str(gate))))

@@ -4,6 +4,7 @@ starts, readable ids for non-ASCII names; and the same on Google Cloud (the emul
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
@@ -73,6 +74,28 @@ def test_inputs_from_a_list_file_and_from_stdin(cli: Cli, tmp_path: Path) -> Non
     assert _listed(piped.stdout) == [str(data / "c.csv"), str(data / "b.csv")]
     helped = cli("submit", "--help").stdout
     assert "@FILE" in helped and "stdin" in helped and "Repeat" in helped
+
+
+def test_a_dry_run_shows_each_input_on_one_line_whatever_its_name(cli: Cli, tmp_path: Path) -> None:
+    """A name with a newline split its shard over two lines of ``id<TAB>input``: an input with a
+    character that breaks the line is shown as a Python literal (an input shown as it is starts
+    with ``/``, so a quote first always means a literal)."""
+    names = ["new\nline.csv", "tab\tx.csv", "'quoted'.csv", "plain.csv"]
+    data = make_inputs(tmp_path / "data", names)
+    task = make_task(tmp_path / "task", NAME_TASK)
+    r = cli("submit", str(task), "--inputs", "data/*", "--dry-run")
+    assert r.code == 0, r.stderr
+    shown = _listed(r.stdout)
+    assert len(shown) == len(names)
+    assert shown == [
+        str(data / "'quoted'.csv"),
+        repr(str(data / "new\nline.csv")),
+        str(data / "plain.csv"),
+        repr(str(data / "tab\tx.csv")),
+    ]
+    assert sorted(ast.literal_eval(s) if s[0] in "'\"" else s for s in shown) == sorted(
+        str(data / name) for name in names
+    )
 
 
 def test_links_keep_their_names_and_a_file_reached_twice_runs_once(

@@ -127,3 +127,27 @@ def test_report_prices_a_local_run_as_a_machine_type(cli: Cli, tmp_path: Path) -
     assert summary["estimated_cost"] == pytest.approx(0.134012 * 0.30 / 60, rel=1e-3)
     missing = cli("report", "r20200101-000000-abcdef")
     assert missing.code == 2 and "no run" in missing.stderr
+
+
+def test_an_out_that_cannot_be_written_is_refused_in_one_line(cli: Cli, tmp_path: Path) -> None:
+    """A folder named like a page, or a path under /proc, ended in a traceback
+    (IsADirectoryError, FileNotFoundError) after the timeline was built."""
+    task = make_task(tmp_path / "t", TASK)
+    params = tmp_path / "p.jsonl"
+    params.write_text('{"kind": "ok"}\n')
+    run_id = cli("submit", str(task), "--params", str(params)).run_id
+    (tmp_path / "isdir.html").mkdir()
+    (tmp_path / "page.json").mkdir()  # the sidecar's name
+    (tmp_path / "afile").write_text("")
+    for target, said in (
+        ("isdir.html", "isdir.html is a folder; name another file"),
+        ("page.html", "page.json is a folder; name another file"),
+        ("/proc/x.html", "cannot write in /proc (No such file or directory)"),
+        ("afile/r.html", "cannot write in afile (not a folder)"),
+    ):
+        result = cli("report", run_id, "--out", target)
+        assert result.code == 2, (target, result.stderr)
+        assert result.stderr.startswith(f"error: report --out {target}: "), result.stderr
+        assert said in result.stderr and len(result.stderr.splitlines()) == 1, result.stderr
+        assert result.stdout == ""
+    assert not (tmp_path / "page.html").exists() and not list(Path("/proc").glob("x.*"))

@@ -1,9 +1,12 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import os
+import socket
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -65,6 +68,9 @@ def test_a_bundle_of_bytes_deflate_cannot_shrink_is_stored_and_unpacks_alike(
 def test_inspect_task_errors_say_what_to_fix(tmp_path: Path) -> None:
     with pytest.raises(TaskError, match="does not exist"):
         inspect_task(tmp_path / "nope")
+    (tmp_path / "task.py").write_text("def run(shard): pass\n")
+    with pytest.raises(TaskError, match=r"task.py is a file, not a folder; pass the folder"):
+        inspect_task(tmp_path / "task.py")  # it exists: not "does not exist"
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "task.py").write_text("def helper(): pass\n")
     assert inspect_task(tmp_path / "a").entry is Entry.PYTHON  # run is checks.py's to judge
@@ -124,6 +130,60 @@ def test_cflowignore_keeps_files_out_of_the_bundle(tmp_path: Path) -> None:
     data, _ = pack(task)
     with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
         assert sorted(tar.getnames()) == names
+
+
+def _odd_file(task: Path, kind: str) -> Path:
+    """Make an entry of ``kind`` in the task folder that is not a plain file; return it."""
+    if kind == "dangling link":  # an Emacs lock file is one
+        path = task / ".#task.py"
+        path.symlink_to("root@host.123:1700000000")
+    elif kind == "link loop":
+        path = task / "loop"
+        path.symlink_to("loop")
+    elif kind == "fifo":
+        path = task / "pipe"
+        os.mkfifo(path)
+    else:  # a socket in a sub-folder, bound by a relative name (a socket's path is short)
+        (task / "sub").mkdir()
+        path = task / "sub" / "sock"
+        cwd = os.getcwd()
+        os.chdir(task / "sub")
+        try:
+            with socket.socket(socket.AF_UNIX) as sock:
+                sock.bind("sock")  # the file stays when the socket is closed
+        finally:
+            os.chdir(cwd)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("kind", "said"),
+    [
+        ("dangling link", "is a link to root@host.123:1700000000, which does not exist"),
+        ("link loop", "is a link that loops"),
+        ("fifo", "is a fifo"),
+        ("socket", "is a socket"),
+    ],
+)
+def test_a_task_folder_entry_that_is_no_plain_file_is_refused_in_one_line_unless_ignored(
+    tmp_path: Path, kind: str, said: str
+) -> None:
+    """Packing such a folder failed with a traceback (FileNotFoundError, ELOOP, ENXIO) or, for a
+    fifo, waited forever to read it. Leaving it out unasked would make the bundle other than
+    the folder: it is named with the fix, and .cflowignore leaves it out without a word."""
+    task = tmp_path / "task"
+    task.mkdir()
+    (task / "task.py").write_text("def run(shard): pass\n")
+    odd = _odd_file(task, kind)
+    with pytest.raises(TaskError) as caught:
+        pack(task)
+    message = str(caught.value)
+    assert message.startswith(f"{odd} {said}")
+    assert message.endswith(f"remove it or list it in {task / '.cflowignore'}")
+    assert "\n" not in message
+    (task / ".cflowignore").write_text(odd.relative_to(task).as_posix() + "\n")
+    with tarfile.open(fileobj=io.BytesIO(pack(task)[0]), mode="r:gz") as tar:
+        assert sorted(tar.getnames()) == [".cflowignore", "task.py"]
 
 
 def test_settings_are_read_and_checked(tmp_path: Path) -> None:

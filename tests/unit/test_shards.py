@@ -38,6 +38,34 @@ def test_params_errors_name_the_line(tmp_path: Path) -> None:
     assert [s.params for s in from_params(path)] == [{"a": 1}, {"a": 2}]
 
 
+def test_a_params_file_that_cannot_be_read_is_refused_naming_its_line(tmp_path: Path) -> None:
+    """Not UTF-8 ended in a UnicodeDecodeError traceback, nesting past Python's JSON reader in a
+    RecursionError one, and a folder was said not to exist; a BOM a Windows editor starts the
+    file with was refused, while ``--inputs @FILE`` drops it."""
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(b"\xff\xfe{}\n")
+    with pytest.raises(InputError) as caught:
+        list(from_params(path))
+    assert str(caught.value) == (
+        f"{path} line 1 is not UTF-8 text (byte 0xff at column 1); save the file as UTF-8"
+    )
+    path.write_bytes(b'{"a": 1}\n{"b": "caf\xe9"}\n')
+    with pytest.raises(InputError, match=r"line 2 is not UTF-8 text \(byte 0xe9 at column 11\)"):
+        list(from_params(path))
+    path.write_text('{"a": 1}\n{"a":' + "[" * 100_000 + "]" * 100_000 + "}\n")
+    with pytest.raises(InputError, match="line 2 nests arrays or objects too deeply to read"):
+        list(from_params(path))
+    with pytest.raises(InputError) as caught:
+        list(from_params(tmp_path))
+    assert str(caught.value) == (
+        f"--params {tmp_path} is a folder; give a JSON-lines file, one object a line"
+    )
+    with pytest.raises(InputError, match="does not exist"):
+        list(from_params(tmp_path / "nope.jsonl"))
+    path.write_bytes(b'\xef\xbb\xbf{"a": 1}\r\n{"a": 2}\r\n')
+    assert [s.params for s in from_params(path)] == [{"a": 1}, {"a": 2}]
+
+
 def test_count() -> None:
     assert [s.id for s in from_count(3)] == ["00000", "00001", "00002"]
     with pytest.raises(InputError):

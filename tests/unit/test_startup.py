@@ -49,3 +49,44 @@ def test_a_local_submit_loads_no_cloud_code_while_it_runs(tmp_path: Path) -> Non
     assert proc.returncode == 0, proc.stderr
     loaded = proc.stdout.split()[1:]  # after the run id
     assert not loaded, f"runner submit loaded {loaded[:5]}; load them where they are used"
+
+
+# Ctrl-C landing where the tester's did, made certain: in the import of a command's module, or
+# in typer's reading of a command's signature as the CLI starts.
+_INTERRUPTED = {
+    "import": (
+        "class Interrupt:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'runner.cli.manage':\n"
+        "            raise KeyboardInterrupt\n"
+        "sys.meta_path.insert(0, Interrupt())\n"
+    ),
+    "signature": (
+        "import typer.utils\n"
+        "def interrupted(*args, **kwargs):\n"
+        "    raise KeyboardInterrupt\n"
+        "typer.utils.get_type_hints = interrupted\n"
+    ),
+}
+
+
+@pytest.mark.parametrize("where", sorted(_INTERRUPTED))
+def test_ctrl_c_while_the_cli_starts_exits_130_without_a_traceback(
+    tmp_path: Path, where: str
+) -> None:
+    """Ctrl-C in a submit's first 0.2 s printed a KeyboardInterrupt traceback."""
+    (tmp_path / "task").mkdir()
+    (tmp_path / "task" / "task.py").write_text("def run(shard):\n    pass\n")
+    code = (
+        "import runpy, sys\n"
+        + _INTERRUPTED[where]
+        + "sys.argv = ['runner', 'submit', 'task', '--shards', '20000']\n"
+        "runpy.run_module('runner', run_name='__main__')\n"
+    )
+    env = {**os.environ, "CFLOW_STORE": str(tmp_path / "store"), "PYTHONPATH": str(REPO)}
+    env.pop("CFLOW_DEPLOYMENT", None)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert (proc.returncode, proc.stderr, proc.stdout) == (130, "", "")
+    assert not (tmp_path / "store").exists()
