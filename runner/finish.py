@@ -35,6 +35,7 @@ from worker.protocol import (
     RunState,
     ShardState,
 )
+from worker.store import Store
 
 if TYPE_CHECKING:
     from worker.queue import EventBus
@@ -75,6 +76,9 @@ class Outcome:
     written: list[str] = field(default_factory=list)
     failed: list[ShardReport] = field(default_factory=list)
     combine_error: CFlowError | None = None
+    # DETACHED while its shards were being published: (published, of how many); the rest
+    # are published by the next `runner watch` (nothing else does)
+    unpublished: tuple[int, int] | None = None
 
     @property
     def ok(self) -> bool:
@@ -290,7 +294,7 @@ def watch_and_finish(
         snapshot = display(watcher, dep.poll_seconds)
     except KeyboardInterrupt:
         if not cancel_on_interrupt:
-            return _tell(Outcome(run_id, Ending.DETACHED, interrupted=True), on_outcome)
+            return _tell(_detached(store, run_id), on_outcome)
         runs.cancel(store, dep.backends.queue, run_id)
         watcher.drain_fleet()
         return _tell(Outcome(run_id, Ending.CANCELLED, interrupted=True), on_outcome)
@@ -312,9 +316,18 @@ def let_go(dep: Deployment, run_id: str, *, cancel: bool) -> Outcome:
     """Ctrl-C before the run is watched: the run goes on without this runner (its workers keep
     working and `runner watch` publishes what is left), or is cancelled with ``cancel``."""
     if not cancel:
-        return Outcome(run_id, Ending.DETACHED, interrupted=True)
+        return _detached(dep.backends.store, run_id)
     runs.cancel(dep.backends.store, dep.backends.queue, run_id)
     return Outcome(run_id, Ending.CANCELLED, interrupted=True)
+
+
+def _detached(store: Store, run_id: str) -> Outcome:
+    """Ctrl-C let the run go: with how much of it was published, where that was cut short."""
+    manifest = runs.load_manifest(store, run_id)
+    cut = None
+    if manifest.publishing:
+        cut = (manifest.published or 0, manifest.shard_count)
+    return Outcome(run_id, Ending.DETACHED, interrupted=True, unpublished=cut)
 
 
 def _tell(outcome: Outcome, on_outcome: Callable[[Outcome], None] | None) -> Outcome:

@@ -250,7 +250,15 @@ def exit_code(outcome: Outcome) -> int:
 def show_outcome(outcome: Outcome) -> None:
     """The closing lines of a watched run on stderr."""
     run_id = outcome.run_id
-    if outcome.ending is Ending.DETACHED:
+    if outcome.ending is Ending.DETACHED and outcome.unpublished is not None:
+        done, total = outcome.unpublished
+        err.print(
+            f"\ncflow: detached while publishing: run {run_id} goes on with {done} of its"
+            f" {total} shards published; `runner watch {run_id}` publishes the rest and"
+            f" watches it; stop it: `runner cancel {run_id}`",
+            markup=False,
+        )
+    elif outcome.ending is Ending.DETACHED:
         err.print(
             f"\ncflow: detached; run {run_id} goes on. Re-attach: `runner watch {run_id}`;"
             f" stop it: `runner cancel {run_id}`",

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import signal
 import sqlite3
 import time
@@ -137,6 +139,31 @@ def test_ctrl_c_detaches_with_code_0_and_watch_finishes(cli: Cli, tmp_path: Path
     watched = cli("watch", run_id)  # the workers kept going without the runner
     assert watched.code == 0, watched.stderr
     assert "2/2 shards succeeded" in watched.stderr
+
+
+def _publishing(cli: Cli) -> bool:
+    """Whether the store's one run is being published (some of its shards, not all, out)."""
+    for path in cli.store.glob("runs/*/run.json"):
+        with contextlib.suppress(ValueError, OSError):
+            manifest = json.loads(path.read_text())
+            return 0 < (manifest.get("published") or 0) < manifest["shard_count"]
+    return False
+
+
+def test_ctrl_c_while_publishing_says_what_publishes_the_rest(cli: Cli, tmp_path: Path) -> None:
+    """It said "goes on", and the run stalled with most of its shards never published:
+    nothing but a `runner watch` publishes them."""
+    task = make_task(tmp_path / "t", OK_TASK)
+    proc = cli.start("submit", str(task), "--shards", "200000", "--workers", "1")
+    wait_for(lambda: _publishing(cli), 60, "publishing to begin")
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    run_id = out.strip()
+    said = re.search(rf"run {run_id} goes on with (\d+) of its 200000 shards published", err)
+    assert said is not None and int(said[1]) < 200000, err
+    assert f"`runner watch {run_id}` publishes the rest" in err
+    assert cli("cancel", run_id).code == 0
 
 
 def test_dry_run_lists_shards_and_starts_nothing(cli: Cli, tmp_path: Path) -> None:
