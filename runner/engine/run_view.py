@@ -41,7 +41,8 @@ class RunView:
     idle: set[str] = field(default_factory=set)
     stale: set[str] = field(default_factory=set)  # workers whose leases lapsed, not heard since
     preempted: int = 0
-    retried: int = 0
+    restarts: int = 0  # attempts started after a shard's first, by their numbers
+    backups: int = 0  # of those, backups of stragglers (runner.engine.speculation)
     heartbeats: bool = False  # workers of this deployment send heartbeats
     others: bool = False  # a worker was heard working for another run
 
@@ -49,8 +50,16 @@ class RunView:
         self._beats: dict[str, float] = {}  # shard -> its latest start or heartbeat
         self._elsewhere_beats: dict[tuple[str, str], float] = {}
         self._working_at: dict[str, float] = {}  # worker -> its latest start (by its clock)
+        self._attempt: dict[str, int] = {}  # shard -> the highest attempt heard starting
         self._idle_since: dict[str, float] = {}  # worker -> its first idle word since it worked
         self.hearing = Hearing()  # when each worker was last heard, and listed running
+
+    @property
+    def retried(self) -> int:
+        """Attempts started again after one that failed, or was lost with its worker (killed,
+        frozen): the restarts less the preemptions and the backups. Counted from the attempt
+        numbers, whatever order the events came in: a lost attempt says nothing itself."""
+        return max(self.restarts - self.preempted - self.backups, 0)
 
     @property
     def settled(self) -> int:
@@ -208,6 +217,9 @@ class RunView:
                 self.running[shard] = event.worker
                 self._beats[shard] = now
             self.idle.discard(event.worker)
+            if event.attempt is not None and event.attempt > (seen := self._attempt.get(shard, 1)):
+                self.restarts += event.attempt - seen
+                self._attempt[shard] = event.attempt
             return shard
         self.running.pop(shard, None)
         self._beats.pop(shard, None)
@@ -217,8 +229,6 @@ class RunView:
             self.fail(shard)
         elif kind is EventKind.PREEMPTED:
             self.preempted += 1
-        elif kind is EventKind.RETRYING:
-            self.retried += 1
         return shard
 
     def _apply_elsewhere(self, event: Event, kind: EventKind, now: float) -> None:

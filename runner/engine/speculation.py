@@ -48,6 +48,7 @@ class Speculation:
             if picked:
                 log.info("speculating: backup attempts of %s", ", ".join(sorted(picked)))
                 backups = [s for s in runs.iter_shards(self.store, self.run_id) if s.id in picked]
+                view.backups += len(backups)  # their attempts are no retries
                 self.queue.publish(
                     WorkMessage(self.run_id, s.to_dict(), backup=True) for s in backups
                 )

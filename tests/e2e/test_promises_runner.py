@@ -347,5 +347,30 @@ def test_a_sigkilled_workers_shard_runs_again_without_waiting_out_its_lease(
     assert [s["state"] for s in shards] == ["succeeded"] * 3  # a kill is not a failure
     killed = next(s for s in shards if s["id"] == victim["shard_id"])
     assert len(killed["attempts"]) == 2  # the killed attempt, then one on another worker
+    assert "(0 preempted, 1 retried)" in stderr  # it said 0 retried: a lost attempt is unsaid
     combined = (cli.store / "runs" / run_id / "combined" / "done.txt").read_text().split()
     assert sorted(combined) == ["0", "1", "2"]  # exactly once each
+
+
+STRAGGLER = """
+import time
+
+def run(shard):
+    if shard.index == 0 and shard.attempt == 1:
+        time.sleep(120)  # a slow machine: its backup, attempt 2, is quick
+    time.sleep(0.05)
+"""
+
+
+def test_a_backups_loser_is_let_go_as_discarded_not_preempted(cli: Cli, tmp_path: Path) -> None:
+    """The straggler's first attempt, stopped once its backup committed, was recorded
+    ``preempted`` ("worker stopped (preemption)"), though nothing was preempted."""
+    task = make_task(tmp_path / "t", STRAGGLER)
+    done = cli("submit", str(task), "--shards", "30", "--workers", "2", "--speculate")
+    assert done.code == 0, done.stderr
+    assert "(0 preempted, 0 retried)" in done.stderr
+    straggler = next(s for s in cli.status(done.run_id)["shards"] if s["index"] == 0)
+    first, backup = sorted(straggler["attempts"], key=lambda a: a["attempt"])
+    assert backup["state"] == "succeeded"
+    assert first["state"] == "discarded", first
+    assert first["reason"] == "stopped: another attempt of the shard committed first"

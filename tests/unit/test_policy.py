@@ -172,6 +172,27 @@ def test_an_idle_word_stands_only_once_settled_and_never_behind_a_later_start() 
     assert view.free(113.0, limit=70, settle=3) == {"w1", "w3"}
 
 
+def test_retries_are_counted_from_attempt_numbers_lost_attempts_too_in_any_order() -> None:
+    """Only a "retrying" event counted: a shard whose worker was killed ran again unsaid
+    (``0 retried``), and a backup's loser let go counted as a preemption."""
+    view = RunView("r-a")
+
+    def saw(kind: str, shard: str, attempt: int) -> None:
+        event = Event(kind=kind, worker="w", run_id="r-a", shard_id=shard, attempt=attempt)
+        view.apply(event, now=1.0)
+
+    saw("started", "lost", 1)
+    saw("started", "lost", 2)  # its first attempt died with its worker: nothing said
+    saw("started", "failing", 3)  # heard late: its attempts 1 and 2 failed
+    saw("retrying", "failing", 2)  # out of order: counted once all the same
+    saw("started", "failing", 2)
+    saw("started", "preempted", 2)
+    saw("preempted", "preempted", 1)
+    saw("started", "straggler", 2)
+    view.backups += 1  # that one was a backup (runner.engine.speculation)
+    assert (view.restarts, view.preempted, view.retried) == (5, 1, 3)
+
+
 def test_once_a_run_is_over_only_workers_known_to_work_for_no_other_run_are_free() -> None:
     view = RunView("r-a")
     view.listed([Instance(n) for n in ("idle", "mine", "theirs", "new", "quiet")], now=0.0)

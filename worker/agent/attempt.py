@@ -38,6 +38,7 @@ _SHOW_LOG = 1.0  # seconds an attempt runs before its log is moved where users r
 _CANCEL_CHECK = defaults.CANCEL_CHECK_SECONDS
 _FIRST_WAIT = 0.01  # seconds before a still-running task lets pending settlements through
 _PREEMPTED = "worker stopped (preemption)"
+_LOST_TO_ANOTHER = "stopped: another attempt of the shard committed first"
 
 
 @dataclass
@@ -100,6 +101,10 @@ class AttemptRunner:
         value = None
         try:
             outcome = self.run(slot, prepared)
+            if outcome.state is AttemptState.PREEMPTED and self.store.exists(
+                Layout.result(run_id, shard_id)
+            ):  # a backup's loser let go: no preemption, and nothing to run again
+                outcome = Outcome(AttemptState.DISCARDED, outcome.exit_code, _LOST_TO_ANOTHER)
             try:
                 returned = take_return(prepared.out_dir)
             except TaskError as exc:  # the attempt's own doing: it fails, with the reason
