@@ -37,6 +37,12 @@ class Store(ABC):
     def get(self, key: str) -> bytes:
         """Read an object; raises :class:`worker.errors.NotFound`."""
 
+    def get_range(self, key: str, start: int, size: int) -> bytes:
+        """Up to ``size`` bytes of an object from byte ``start`` (b"" at or past its end): a
+        log read as it grows, never all of it in memory. Raises NotFound. (This default
+        reads the whole object; the backends read only the range.)"""
+        return self.get(key)[start : start + size]
+
     def get_many(self, keys: list[str]) -> dict[str, bytes]:
         """Read several objects; the ones that do not exist are left out of the answer."""
         found = {}

@@ -18,6 +18,7 @@ from worker.store import Store
 
 FOLLOW_POLL = 1.0  # seconds between reads of a followed log
 GONE_EVERY = 5  # polls between looks at whether a followed attempt's worker is gone
+LOG_PIECE = 1 << 20  # bytes of a log read and handed on at a time
 
 
 class LogEnd(StrEnum):
@@ -105,19 +106,24 @@ def read_log(
         if not over and gone is not None and polls % GONE_EVERY == 0:
             lost = gone(report.id, number)
         polls += 1
-        try:
-            data = store.get(key)
-        except CFlowError:
-            data = b""
-        if len(data) > written:
-            write(data[written:])
-            written = len(data)
+        while chunk := _read_at(store, key, written):  # what it added, a piece at a time
+            write(chunk)
+            written += len(chunk)
         if over:  # read once more after the end was seen, so the log's tail is never lost
             return LogEnd.READ
         if lost is not None:
             say(f"worker {lost} is gone; attempt {number} was lost")
             return LogEnd.WORKER_GONE
         time.sleep(FOLLOW_POLL)
+
+
+def _read_at(store: Store, key: str, offset: int) -> bytes:
+    """The log from ``offset``, up to :data:`LOG_PIECE` bytes (b"": nothing more yet): a log
+    of gigabytes is shown with flat memory, as it was not (all of it read at every poll)."""
+    try:
+        return store.get_range(key, offset, LOG_PIECE)
+    except CFlowError:
+        return b""
 
 
 def _wait_for_start(store: Store, run_id: str, shard_id: str, attempt: int) -> int | None:

@@ -48,6 +48,21 @@ def test_get_many_reads_records_and_objects_and_leaves_out_the_missing(backends:
     assert store.get_many([]) == {}
 
 
+def test_get_range_reads_a_piece_and_nothing_past_the_end(backends: Backends) -> None:
+    """A log is read a piece at a time as it grows (``runner logs``): never all of it."""
+    store = backends.store
+    key = "runs/r8/shards/a/attempts/1/log.txt"
+    store.put(key, b"0123456789")
+    assert store.get_range(key, 0, 4) == b"0123"
+    assert store.get_range(key, 8, 4) == b"89"
+    assert store.get_range(key, 10, 4) == b""  # at the end: nothing yet (Cloud Storage: 416)
+    assert store.get_range(key, 25, 4) == b""
+    store.create("runs/r8/shards/a/result.json", b"result")  # a record (locally a row)
+    assert store.get_range("runs/r8/shards/a/result.json", 2, 3) == b"sul"
+    with pytest.raises(NotFound):
+        store.get_range("runs/r8/shards/nope/attempts/1/log.txt", 0, 4)
+
+
 def test_create_is_create_only(backends: Backends) -> None:
     store = backends.store
     assert store.create("runs/r2/shards/a/result.json", b"first")

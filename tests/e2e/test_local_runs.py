@@ -248,6 +248,25 @@ def test_runs_and_logs_list_what_happened(cli: Cli, tmp_path: Path) -> None:
     assert "processing" in shard_log.stdout
 
 
+LOUD_TASK = """
+import sys
+
+def run(shard):
+    for n in range(3000):
+        sys.stdout.write(f"{n:07d} " + "x" * 992 + "\\n")
+"""
+
+
+def test_logs_hands_on_a_log_of_several_pieces_whole(cli: Cli, tmp_path: Path) -> None:
+    """The log was read whole into memory (2 GB of it for a 2 GB log), and again at every
+    poll of --follow: it is read a piece (LOG_PIECE) at a time now, every byte still shown."""
+    task = make_task(tmp_path / "t", LOUD_TASK)
+    run_id = cli("submit", str(task), "--shards", "1").run_id
+    shown = cli("logs", run_id, "--shard", "00000").stdout.splitlines()
+    lines = [line for line in shown if line.endswith("x" * 992)]
+    assert [line[:7] for line in lines] == [f"{n:07d}" for n in range(3000)]  # 3 MB, in order
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -191,6 +191,21 @@ class GcsStore(GcsBatch):
             )
             return data
 
+    def get_range(self, key: str, start: int, size: int) -> bytes:
+        with self._errors("read", key):
+            blob = self.bucket.blob(key)
+
+            def ranged() -> bytes:
+                try:
+                    data: bytes = blob.download_as_bytes(
+                        start=start, end=start + size - 1, retry=None
+                    )
+                except gexc.RequestRangeNotSatisfiable:  # 416: at or past its end
+                    return b""
+                return data
+
+            return self._call(f"read {self.url(key)}", ranged)
+
     def get_many(self, keys: list[str]) -> dict[str, bytes]:
         """A bucket answers each read in tens of milliseconds: 16 in flight at once."""
         if len(keys) < 2:

@@ -138,6 +138,16 @@ class LocalStore(Store):
             fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
             return super().update(key, change)
 
+    def get_range(self, key: str, start: int, size: int) -> bytes:
+        if is_record(key):
+            return super().get_range(key, start, size)
+        try:
+            with self._path(key).open("rb") as fh:
+                fh.seek(start)
+                return fh.read(size)
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise NotFound(f"no object {key}") from None
+
     def get(self, key: str) -> bytes:
         if is_record(key):
             data = self.records.get(key)
