@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from worker import defaults
 from worker.errors import TaskError
 from worker.protocol import Entry
 
@@ -156,8 +157,9 @@ def is_ignored(folder: Path, rel: str) -> bool:
 def bundle_files(folder: Path) -> list[Path]:
     """The files that go into the bundle, in a stable order.
 
-    Caches and virtual environments are always left out, and so is whatever ``.cflowignore``
-    matches (a directory pattern such as ``data/`` leaves out everything below it).
+    Caches, virtual environments and CFlow's own folders (a store, a combined result) are
+    always left out, and so is whatever ``.cflowignore`` matches (a directory pattern such as
+    ``data/`` leaves out everything below it).
 
     Raises:
         TaskError: an entry left in is not a readable file (a broken or looping link, a fifo,
@@ -168,7 +170,11 @@ def bundle_files(folder: Path) -> list[Path]:
     for root, dirs, files in os.walk(folder):
         base = Path(root).relative_to(folder)
         dirs[:] = sorted(
-            d for d in dirs if d not in _SKIP_DIRS and not ignored((base / d).as_posix() + "/")
+            d
+            for d in dirs
+            if d not in _SKIP_DIRS
+            and not ignored((base / d).as_posix() + "/")
+            and not _ours(Path(root, d))
         )
         for name in sorted(files):
             if not name.endswith(_SKIP_SUFFIXES) and not ignored((base / name).as_posix()):
@@ -176,6 +182,16 @@ def bundle_files(folder: Path) -> list[Path]:
                 _refuse_odd(folder, path)
                 out.append(path)
     return out
+
+
+def _ours(path: Path) -> bool:
+    """Whether the folder ``path`` is a CFlow store or a combined result folder (``--store``
+    or ``--out`` inside the task folder). Bundled, each run's bundle held the last run's store
+    or result: it grew with every run, and the cache never found the same task twice. A store
+    made before it was marked is known by its queue and runs."""
+    if (path / defaults.STORE_MARK).is_file() or (path / defaults.RESULT_MARK).is_file():
+        return True
+    return (path / "queue.db").is_file() and (path / "runs").is_dir()
 
 
 def _refuse_odd(folder: Path, path: Path) -> None:

@@ -19,6 +19,9 @@ LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"  # the workers' an
 PREEMPT_GRACE = 5.0  # seconds a task gets between SIGTERM and SIGKILL when preempted
 
 STORE_DIR = ".cflow"  # local backend root, relative to the working directory
+# Files that mark CFlow's own folders, which a task folder's bundle leaves out (worker.bundle):
+STORE_MARK = ".cflow-store"  # in a local store's root, made before its queue.db
+RESULT_MARK = ".cflow-result.json"  # in a local --out folder: which run's result it holds
 WATCH_POLL_SECONDS = 0.25  # runner's event poll interval
 RECONCILE_SECONDS = 5.0  # runner's store reconciliation interval
 PUBLISH_BATCH = 1000  # shards per publish batch

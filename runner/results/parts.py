@@ -19,6 +19,7 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Protocol
 
 from runner.engine import runs
+from worker import defaults
 from worker.errors import ConfigError, NotFound
 from worker.protocol import Layout, Manifest, ShardResult
 from worker.store import Store
@@ -31,8 +32,9 @@ Warn = Callable[[str], None]  # a warning, one line
 Say = Callable[[str], None]  # narration, one line
 # (helper manifest, shards, its events opened before publishing) -> its watcher
 MakeWatcher = Callable[[Manifest, int, "EventBus"], "Watcher"]
-# In a local --out folder: which run's result it holds, and the files that result wrote there.
-RESULT_MARK = ".cflow-result.json"
+# In a local --out folder, RESULT_MARK: which run's result it holds, and the files that
+# result wrote there (worker.bundle leaves such a folder out of a task's bundle).
+RESULT_MARK = defaults.RESULT_MARK
 
 
 @dataclass(frozen=True)

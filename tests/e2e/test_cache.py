@@ -244,3 +244,19 @@ def test_a_cut_off_cache_submit_still_reuses_when_publishing_resumes(
         assert [r.value for r in reused] == [0, 1, 2, 3, 4]
     finally:
         dep.close()
+
+
+def test_a_store_or_result_folder_inside_the_task_folder_stays_out_of_its_bundle(
+    cli: Cli, tmp_path: Path
+) -> None:
+    """Bundled, each run's bundle held the last run's store or combined result: it doubled
+    with every run, and the cache never found the same task twice."""
+    body = "from pathlib import Path\n\ndef run(shard):\n    (Path(shard.output_dir) / 'o.csv')"
+    task = make_task(tmp_path / "t", body + ".write_text('1\\n')\n")
+    cli.env["CFLOW_STORE"] = str(task / "mystore")
+    done = []
+    for n in range(3):
+        r = cli("submit", str(task), "--shards", "2", "--cache", "--out", str(task / f"out{n}"))
+        assert r.code == 0, r.stderr
+        done.append(r.stderr)
+    assert "cache: 2 of 2 shards reused" in done[1] and "cache: 2 of 2 shards reused" in done[2]

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from worker import defaults
 from worker.errors import BackendError, DiskFull
 
 SCHEMA = """
@@ -97,6 +98,8 @@ class Db:
         self.path = path
         self.durable = durable
         path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.exists():  # a new store says it is one before anything else is in it
+            (path.parent / defaults.STORE_MARK).touch()
         self._local = threading.local()
         conn = self.conn()
         try:
