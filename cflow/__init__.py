@@ -18,17 +18,23 @@ from cflow.api import attach, map, submit
 from cflow.errors import RemoteError, ShardFailed
 from cflow.results import Progress, Results
 from cflow.run import Run
+from worker.errors import (
+    ConfigError,  # a mistake found before anything is published
+    RunStateError,  # a run cancelled before its items were done, whose values are asked for
+)
 from worker.pyfunc import (
     ItemTimedOut,  # raised in an item past its timeout, on the worker
     UnpicklableValue,  # an item's value will not pickle to come back
 )
 
 __all__ = [
+    "ConfigError",
     "ItemTimedOut",
     "Progress",
     "RemoteError",
     "Results",
     "Run",
+    "RunStateError",
     "ShardFailed",
     "UnpicklableValue",
     "attach",

@@ -9,7 +9,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from cflow.chunks import Chunking
 from cflow.driver import Driver
@@ -114,6 +114,25 @@ def check_options(options: dict[str, Any]) -> None:
             raise ConfigError(f"{field.name}={given!r}: give True or False")
 
 
+def check_say(say: Any) -> Callable[[str], None]:
+    """The narration's listener: ``say`` itself, or one that hears nothing for None.
+
+    Raises:
+        ConfigError: ``say`` is not callable (else it failed in the run's thread, as a bare
+            ``TypeError``, once the run was being made).
+    """
+    if say is None:
+        return quiet
+    if not callable(say):
+        shown = repr(say)
+        shown = shown if len(shown) <= 60 and "\n" not in shown else type(say).__name__
+        raise ConfigError(
+            f"say={shown}: give a callable that takes each line of narration (print, say, a"
+            " logger's info), or None for none"
+        )
+    return cast(Callable[[str], None], say)
+
+
 def submit(
     fn: Callable[..., Any],
     items: Iterable[Any],
@@ -128,7 +147,7 @@ def submit(
     detach: bool = False,
     chunk_size: int | None = None,
     progress: ProgressChoice = None,
-    say: Callable[[str], None] = quiet,
+    say: Callable[[str], None] | None = quiet,
     **options: Any,
 ) -> Run:
     """Start ``fn(item)`` for every item as a run, and return it at once.
@@ -165,7 +184,8 @@ def submit(
         progress: how waiting on the run shows its progress: None picks an HTML bar in a
             notebook, a line on a terminal, plain lines elsewhere (``cflow.progress``);
             False shows none; ``"notebook"``, ``"terminal"`` or ``"plain"`` force one.
-        say: narration, one line at a time [default: none].
+        say: a callable that hears the narration, one line at a time; None: none [default:
+            none].
         options: other :class:`runner.submit.SubmitRequest` fields (``slots``, ``cache``...).
 
     Raises:
@@ -177,6 +197,7 @@ def submit(
             raise ConfigError(not_callable(fn))
         fn, items = Starred(fn), _zipped(items, more)
     check_progress(progress)
+    say = check_say(say)
     check_options(options)
     check_whole("workers", workers, 1, None, "the most workers at once")
     check_whole("retries", retries, 0, 99, "failed attempts an item may have")

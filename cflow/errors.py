@@ -6,17 +6,19 @@ import base64
 import contextlib
 import json
 import linecache
+import os
 import re
 import sys
+import traceback
 from dataclasses import dataclass
 from typing import Any
 
+from cflow.pickling import is_installed
 from cflow.pickling import loads as load_value
 from worker.pyfunc import DYNAMIC_CODE, ERROR_MARK, ItemTimedOut
+from worker.pyfunc.shared import said
 
-_DYNAMIC_FRAME = re.compile(
-    rf'^  File "{re.escape(DYNAMIC_CODE)}", line (?P<line>\d+), in (?P<name>\S+)$'
-)
+_FRAME = re.compile(r'^  File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<name>\S+)$')
 LOG_TAIL_LINES = 20  # lines of the attempt's log a ShardFailed carries
 
 
@@ -77,25 +79,55 @@ class _Described:
 
 
 def _named(trace: str, frames: list[list[Any]]) -> str:
-    """The worker's traceback with each ``<dynamic-code>`` frame named by the file of its
-    module here and followed by its source line, where this process has that module."""
+    """The worker's traceback with each frame named by the file it was defined in, in the
+    process that pickled the function, and followed by its source line where the worker had
+    none to show and this process has the file.
+
+    The function's code keeps its file's name (:mod:`cflow.pickling`). A ``<dynamic-code>``
+    frame (code pickled as cloudpickle pickles it: a class shipped with items for the cache,
+    a run made before) is named by what the worker recorded of it (``frames``: its module,
+    name, line, and the module's file where it says), else by the file of its module here,
+    except ``__main__``, which here is another script than the one that submitted the run
+    where this process only attached to it: such a frame stays ``<dynamic-code>``. A frame of
+    a chained exception (``raise ... from``) whose line was not recorded is named by a
+    recorded frame of the same function."""
     where: dict[tuple[str, int], str] = {}
-    for module, name, lineno in frames:
-        file = getattr(sys.modules.get(str(module)), "__file__", None)
-        if file:
+    by_name: dict[str, set[str]] = {}
+    for module, name, lineno, *known in frames:
+        file = known[0] if known and known[0] else None
+        if file is None and str(module) != "__main__":
+            file = getattr(sys.modules.get(str(module)), "__file__", None)
+        if isinstance(file, str) and file:
             where[(str(name), int(lineno))] = file
+            by_name.setdefault(str(name), set()).add(file)
+    lines = trace.splitlines(keepends=True)
     out: list[str] = []
-    for line in trace.splitlines(keepends=True):
-        found = _DYNAMIC_FRAME.match(line)
-        file = where.get((found["name"], int(found["line"]))) if found else None
-        if found is None or file is None:
+    for at, line in enumerate(lines):
+        found = _FRAME.match(line)
+        if found is None:
             out.append(line)
             continue
-        out.append(f'  File "{file}", line {found["line"]}, in {found["name"]}\n')
-        source = linecache.getline(file, int(found["line"])).strip()
-        if source:
-            out.append(f"    {source}\n")
+        file, lineno, name = found["file"], int(found["line"]), found["name"]
+        if file == DYNAMIC_CODE:
+            files = by_name.get(name, set())
+            file = where.get((name, lineno)) or (next(iter(files)) if len(files) == 1 else file)
+        named = f'  File "{file}", line {lineno}, in {name}\n'
+        out.append(line if file == found["file"] else named)
+        shown = at + 1 < len(lines) and lines[at + 1].startswith("    ")
+        if not shown and _own_file(file):
+            source = linecache.getline(file, lineno).strip()
+            if source:
+                out.append(f"    {source}\n")
     return "".join(out)
+
+
+def _own_file(file: str) -> bool:
+    """Whether this process may show ``file``'s lines in a worker's traceback: the caller's
+    own (a script, a module not installed, a notebook cell IPython keeps in ``linecache``),
+    not ``<dynamic-code>`` nor an installed module (the worker's version of it may differ)."""
+    if os.path.isfile(file):
+        return not is_installed(file)
+    return file in linecache.cache
 
 
 _ATTEMPT_TIMEOUT = re.compile(r"timed out after (\S+)s")  # the worker's reason (attempt.py)
@@ -147,4 +179,29 @@ def shard_failed(log: str, reason: str, *, index: int, run_id: str, shard_id: st
         traceback=described.traceback,
         log_tail=tail,
         exception=described.exception,
+    )
+
+
+def unloadable(error: Exception, *, index: int, run_id: str, shard_id: str) -> ShardFailed:
+    """Item ``index``'s :class:`ShardFailed` where its value came back but will not unpickle
+    here (``error``: what unpickling raised): the function returned an instance of a module
+    only the worker had, or a class whose ``__setstate__`` raises in this process. Only that
+    item fails; the others' values still come back."""
+    kind = type(error)
+    why = ""
+    if isinstance(error, ImportError) and error.name:
+        why = (
+            "; the worker had that module and this process cannot import it: make it"
+            " importable here, or return plain values (dicts, lists, numbers)"
+        )
+    return ShardFailed(
+        index=index,
+        run_id=run_id,
+        shard_id=shard_id,
+        type_name=f"{kind.__module__}.{kind.__qualname__}",
+        message="its value was returned but cannot be loaded in this process: unpickling it"
+        f" raised {kind.__name__}: {said(error)}{why}",
+        traceback="".join(traceback.format_exception(error)),
+        log_tail="",
+        exception=error,
     )

@@ -2,7 +2,9 @@
 
 The function goes by value with cloudpickle, and so do the caller's own modules that the workers
 cannot import: those under the working folder or the folder of ``__main__``'s script that are
-not installed (not under this interpreter's prefix).
+not installed (not under this interpreter's prefix). Its code keeps the name of the file it was
+defined in (cloudpickle's own writes ``<dynamic-code>``), so that a worker's traceback names the
+submitting script, whichever process reads it.
 
 An item goes with the standard pickler (the fastest), classes by reference. A worker that is not
 a fork of this process (a notebook's, Google Cloud's) has no class of ``__main__`` or of those
@@ -29,6 +31,7 @@ import site
 import sys
 import threading
 import types
+from collections import ChainMap
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from types import ModuleType
@@ -40,7 +43,7 @@ from cloudpickle import cloudpickle as _cloudpickle
 from cflow.canonical import PROTOCOL, Canonical, canonical_dumps, code_key, holds_a_set
 from cflow.inputs import files_named
 from worker.errors import ConfigError
-from worker.pyfunc import CLASSES_KEY_PARAM, CLASSES_PARAM, FILES_PARAM
+from worker.pyfunc import CLASSES_KEY_PARAM, CLASSES_PARAM, DYNAMIC_CODE, FILES_PARAM
 from worker.pyfunc.modules import INSTALLED  # on every worker: never shipped by value
 
 NAMED_OPS = 10_000  # opcodes of a function's pickle read for the modules it names (~3 ms)
@@ -125,6 +128,34 @@ def _by_value(own: tuple[str, ...]) -> Iterator[None]:
                 cloudpickle.unregister_pickle_by_value(sys.modules[name])
 
 
+def _code_with_its_file(code: types.CodeType) -> Any:
+    """cloudpickle's reduction of a code object, keeping the name of the file it was defined
+    in where cloudpickle writes ``<dynamic-code>``."""
+    make, args = _cloudpickle._code_reduce(code)
+    at = next(i for i, arg in enumerate(args) if isinstance(arg, str) and arg == DYNAMIC_CODE)
+    return make, (*args[:at], code.co_filename, *args[at + 1 :])
+
+
+class _Shipping(cloudpickle.Pickler):
+    """cloudpickle's pickler, each function's code keeping its file's name: a worker's
+    traceback names the file of the process that pickled it (the submitting script, a module
+    of its own; its source line added where the worker has no such file), not
+    ``<dynamic-code>``, whichever process reads it (:mod:`cflow.errors`). The cache keys the
+    function without it (:func:`cflow.canonical.code_key`)."""
+
+    dispatch_table = ChainMap(
+        {types.CodeType: _code_with_its_file}, cloudpickle.Pickler.dispatch_table
+    )
+
+
+def _shipped(obj: Any) -> bytes:
+    """``obj`` pickled by value as cloudpickle does, its code naming its files
+    (:class:`_Shipping`); within :func:`_by_value` for the caller's modules to go by value."""
+    out = io.BytesIO()
+    _Shipping(out, protocol=PROTOCOL).dump(obj)
+    return out.getvalue()
+
+
 def not_callable(fn: Any) -> str:
     """The line for a function to map that is not callable."""
     shown = repr(fn)
@@ -143,7 +174,7 @@ def pickle_function(fn: Any, own: tuple[str, ...] | None = None) -> bytes:
         raise ConfigError(not_callable(fn))
     with _by_value(own_modules() if own is None else own):
         try:
-            return cloudpickle.dumps(fn, protocol=PROTOCOL)
+            return _shipped(fn)
         except Exception as exc:
             raise ConfigError(
                 f"{getattr(fn, '__qualname__', fn)!s} cannot be shipped to the workers: "
@@ -296,7 +327,7 @@ class ItemPickler:
         named = dict(sorted(self._named.items()))
         self._named.clear()  # the dict the picklers fill
         with _by_value(self._own):
-            data = canonical_dumps(named) if self._canonical else cloudpickle.dumps(named)
+            data = canonical_dumps(named) if self._canonical else _shipped(named)
             params[CLASSES_PARAM] = base64.b64encode(data).decode("ascii")
             if self._canonical:
                 params[CLASSES_KEY_PARAM] = code_key(named)
@@ -305,7 +336,7 @@ class ItemPickler:
     def _whole(self, index: int, item: Any) -> bytes:
         try:
             with _by_value(self._own):
-                return canonical_dumps(item) if self._canonical else cloudpickle.dumps(item)
+                return canonical_dumps(item) if self._canonical else _shipped(item)
         except Exception as exc:
             raise ConfigError(
                 f"item {index} (a {type(item).__name__}) cannot be shipped to the workers:"

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import base64
+import binascii
+import dataclasses
+import functools
+import pickle
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -11,19 +15,20 @@ from typing import Any, overload
 from cflow.chunks import (
     ValueFile,
     attempt_failures,
+    chunk_entries,
     committed_items,
     failed_items,
     last_failed_attempt,
     read_log,
     span,
 )
-from cflow.errors import ShardFailed, shard_failed
+from cflow.errors import ShardFailed, shard_failed, unloadable
 from cflow.pickling import loads as load_value
 from cflow.shipping import item_of
 from runner.engine import runs
 from worker.errors import RunStateError
 from worker.protocol import Layout, Manifest, RunState, Shard, ShardFailure, ShardResult
-from worker.pyfunc import VALUE_FILE
+from worker.pyfunc import CHUNK_PICKLES, VALUE_FILE
 from worker.store import Store
 
 LAZY_BYTES = 1024 * 1024  # values larger than this are read from the store when asked for
@@ -57,21 +62,39 @@ class Progress:
 
 @dataclass(frozen=True)
 class Stored:
-    """A value kept in the store, read each time it is asked for."""
+    """A value kept in the store, read each time it is asked for; item ``index`` of the run
+    ``run_id``, in its shard ``shard_id``."""
 
     store: Store
     key: str
+    index: int = 0
+    run_id: str = ""
+    shard_id: str = ""
 
     def load(self) -> Any:
-        return load_value(self.store.get(self.key))
+        """The value, or where it will not unpickle here its item's :class:`ShardFailed`
+        (:func:`cflow.errors.unloadable`), as a value."""
+        load = functools.partial(load_value, self.store.get(self.key))
+        return _loaded(load, index=self.index, run_id=self.run_id, shard_id=self.shard_id)
 
 
-def read_value(store: Store, run_id: str, shard_id: str) -> Any:
-    """The shard's value: unpickled now when small, a :class:`Stored` when over 1 MB."""
-    return _value(store, run_id, shard_id, store.get(Layout.result(run_id, shard_id)))
+def _loaded(load: Callable[[], Any], *, index: int, run_id: str, shard_id: str) -> Any:
+    """What ``load`` unpickles (its bytes read already), or where that raises, item
+    ``index``'s :class:`ShardFailed` saying its value cannot be loaded here: one value that
+    will not unpickle in this process fails its item, not the reading of every other."""
+    try:
+        return load()
+    except Exception as exc:
+        return unloadable(exc, index=index, run_id=run_id, shard_id=shard_id)
 
 
-def _value(store: Store, run_id: str, shard_id: str, record: bytes) -> Any:
+def read_value(store: Store, run_id: str, shard_id: str, index: int = 0) -> Any:
+    """The shard's value: unpickled now when small, a :class:`Stored` when over 1 MB (a
+    :class:`ShardFailed` where it will not unpickle here)."""
+    return _value(store, run_id, shard_id, store.get(Layout.result(run_id, shard_id)), index)
+
+
+def _value(store: Store, run_id: str, shard_id: str, record: bytes, index: int) -> Any:
     result = ShardResult.from_json(record)
     kept = result.value
     if not pickles(store, run_id):  # a task's run(shard) returned JSON: that is its value
@@ -79,9 +102,11 @@ def _value(store: Store, run_id: str, shard_id: str, record: bytes) -> Any:
     if not isinstance(kept, dict):
         return None
     if "pickle" in kept:
-        return load_value(base64.b64decode(kept["pickle"]))
+        data = base64.b64decode(kept["pickle"])
+        load = functools.partial(load_value, data)
+        return _loaded(load, index=index, run_id=run_id, shard_id=shard_id)
     key = Layout.outputs(run_id, shard_id, result.attempt) + str(kept.get("file", VALUE_FILE))
-    stored = Stored(store, key)
+    stored = Stored(store, key, index, run_id, shard_id)
     return stored if int(kept.get("size", 0)) > LAZY_BYTES else stored.load()
 
 
@@ -173,7 +198,7 @@ def collect(
         elif span(shard) is not None:
             got = shard_values(store, run_id, shard, record)
         elif record is not None:
-            got = [_value(store, run_id, shard.id, record)]
+            got = [_value(store, run_id, shard.id, record, shard.index)]
         else:
             got = [read_failed(store, run_id, shard.id, shard.index)]
         failed = next((v for v in got if isinstance(v, ShardFailed)), None)
@@ -202,19 +227,80 @@ def shard_values(store: Store, run_id: str, shard: Shard, record: bytes | None) 
     :class:`ShardFailed`; ``record``: its commit record (None: the chunk failed)."""
     if record is None:
         return list(failed_items(store, run_id, shard))
-    out = committed_items(store, run_id, shard, ShardResult.from_json(record))
+    found = span(shard)
+    first = found[0] if found is not None else shard.index
+    out = _committed(store, run_id, shard, ShardResult.from_json(record), first)
     files: dict[str, memoryview] = {}  # a chunk's file of values is read once
     for j, kept in enumerate(out):
         if not isinstance(kept, ValueFile):
             continue
         if kept.at is None:
-            stored = Stored(store, kept.key)
+            stored = Stored(store, kept.key, first + j, run_id, shard.id)
             out[j] = stored if kept.size > LAZY_BYTES else stored.load()
             continue
         if kept.key not in files:
             files[kept.key] = memoryview(store.get(kept.key))
-        out[j] = load_value(files[kept.key][kept.at : kept.at + kept.size])
+        load = functools.partial(load_value, files[kept.key][kept.at : kept.at + kept.size])
+        out[j] = _loaded(load, index=first + j, run_id=run_id, shard_id=shard.id)
     return out
+
+
+_PLACEHOLDER = pickle.dumps(None)  # stands in for a value that will not unpickle here
+
+
+def _committed(
+    store: Store, run_id: str, shard: Shard, result: ShardResult, first: int
+) -> list[Any]:
+    """A committed chunk's items (:func:`cflow.chunks.committed_items`), each value that will
+    not unpickle here its item's :class:`ShardFailed`. Those are looked for only once reading
+    the chunk raised: the values are then unpickled one by one, those that raise set aside,
+    and the chunk read again without them."""
+    try:
+        return committed_items(store, run_id, shard, result)
+    except Exception:
+        unloaded, patched = _set_aside(store, run_id, shard, result)
+        if not unloaded:
+            raise  # not a value's: the chunk's record, its log, the store
+    out = committed_items(store, run_id, shard, patched)
+    for j, error in unloaded.items():
+        out[j] = unloadable(error, index=first + j, run_id=run_id, shard_id=shard.id)
+    return out
+
+
+def _set_aside(
+    store: Store, run_id: str, shard: Shard, result: ShardResult
+) -> tuple[dict[int, Exception], ShardResult]:
+    """What unpickling each of a committed chunk's values raises here, by its place in the
+    chunk, and its record with each of those values replaced by :data:`_PLACEHOLDER`, in
+    whichever form the record keeps them (one pickled list, or an entry an item)."""
+    value = result.value if isinstance(result.value, dict) else {}
+    kept = value.get("chunk")
+    if not isinstance(kept, dict):
+        return {}, result
+    unloaded: dict[int, Exception] = {}
+    if CHUNK_PICKLES in kept:  # every item's value, in one list
+        raws = pickle.loads(binascii.a2b_base64(kept[CHUNK_PICKLES]))
+        for j, raw in enumerate(raws):
+            try:
+                load_value(raw)
+            except Exception as exc:
+                unloaded[j], raws[j] = exc, _PLACEHOLDER
+        data = pickle.dumps(raws, protocol=pickle.HIGHEST_PROTOCOL)
+        chunk = {**kept, CHUNK_PICKLES: base64.b64encode(data).decode("ascii")}
+    else:
+        entries = list(chunk_entries(store, run_id, shard.id, result))
+        for j, entry in enumerate(entries):
+            encoded = entry.get("pickle") if isinstance(entry, dict) else None
+            if encoded is None:
+                continue
+            try:
+                load_value(binascii.a2b_base64(encoded))
+            except Exception as exc:
+                unloaded[j] = exc
+                entries[j] = {**entry, "pickle": base64.b64encode(_PLACEHOLDER).decode("ascii")}
+        # The entries in the record itself, where they were in a file it names.
+        chunk = {k: v for k, v in kept.items() if k != "entries"} | {"values": entries}
+    return unloaded, dataclasses.replace(result, value={**value, "chunk": chunk})
 
 
 def read_failed(store: Store, run_id: str, shard_id: str, index: int) -> ShardFailed:
@@ -256,7 +342,7 @@ class Results(Sequence[Any]):
 
     def _load(self, value: Any) -> Any:
         if isinstance(value, Stored):
-            return value.load()
+            value = value.load()
         if isinstance(value, ShardFailed) and not self._return_exceptions:
             raise value
         return value
@@ -284,7 +370,7 @@ def completed(store: Store, run_id: str, shard: Shard) -> list[tuple[Any, Any]]:
     if span(shard) is not None:
         got = shard_values(store, run_id, shard, record)
     elif record is not None:
-        got = [_value(store, run_id, shard.id, record)]
+        got = [_value(store, run_id, shard.id, record, shard.index)]
     else:
         got = [read_failed(store, run_id, shard.id, shard.index)]
     return [

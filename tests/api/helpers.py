@@ -69,3 +69,13 @@ def lazily(x: int) -> object:
     """Item 1 returns a generator, which cannot go back to the caller; the others a list."""
     numbers = (i for i in range(x))
     return numbers if x == 1 else list(numbers)
+
+
+class Spoiled:
+    """Pickles on the worker, but will not unpickle anywhere: its ``__setstate__`` raises."""
+
+    def __init__(self, size: int = 0):
+        self.payload = b"s" * size
+
+    def __setstate__(self, state: object) -> None:
+        raise ValueError("spoiled in transit")

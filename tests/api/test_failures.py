@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -14,6 +18,8 @@ from tests.api.helpers import Rejected, check, lazily
 from worker.errors import ConfigError, RunStateError
 
 pytestmark = pytest.mark.e2e
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_a_failed_item_raises_shard_failed_with_its_story(backend: dict[str, Any]) -> None:
@@ -236,3 +242,221 @@ def test_a_halted_runs_items_say_what_failed_and_what_never_ran(backend: dict[st
     (note,) = raised.value.__notes__
     assert "halted" in note and "items were not run" in note and "map again" in note
     assert f"runner retry {raised.value.run_id} --failed" in note
+
+
+def test_a_value_that_will_not_load_here_fails_its_item_only(
+    local_backend: dict[str, Any], tmp_path: Path
+) -> None:
+    """Item 2 returns an instance of a module only its worker has, items 4 and 5 one whose
+    ``__setstate__`` raises (5's over 1 MB, read from the store when asked for): each fails
+    alone, saying its value came back and why it will not load here; the others come back,
+    from ``results``, ``as_completed``, ``attach`` and the cache alike. Before, the first
+    such value's unpickling error ended the reading of every other, even with
+    ``return_exceptions``."""
+    hidden = tmp_path / "the-workers-only"
+
+    def returns(x: int) -> object:
+        if x == 2:
+            import sys
+
+            hidden.mkdir(exist_ok=True)
+            (hidden / "cflow_workers_only.py").write_text("class Thing:\n    pass\n")
+            sys.path.insert(0, str(hidden))
+            import cflow_workers_only  # type: ignore[import-not-found]
+
+            return cflow_workers_only.Thing()
+        if x in (4, 5):
+            return helpers.Spoiled(2_000_000 if x == 5 else 0)
+        return x
+
+    def lost_alone(values: Any, run_id: str) -> None:
+        assert [values[i] for i in (0, 1, 3, 6)] == [0, 1, 3, 6]
+        missing, spoiled, big = values[2], values[4], values[5]
+        for index, failed in ((2, missing), (4, spoiled), (5, big)):
+            assert isinstance(failed, cflow.ShardFailed), failed
+            assert (failed.index, failed.run_id) == (index, run_id) and failed.shard_id
+            assert "its value was returned but cannot be loaded in this process" in failed.message
+        assert missing.type_name == "builtins.ModuleNotFoundError"
+        assert "No module named 'cflow_workers_only'" in missing.message
+        assert "the worker had that module" in missing.message
+        assert isinstance(missing.exception, ModuleNotFoundError)
+        assert spoiled.type_name == big.type_name == "builtins.ValueError"
+        assert "spoiled in transit" in spoiled.message and "__setstate__" in spoiled.traceback
+
+    # Chunks (all small values in one list, and an entry each beside a value in a file of
+    # its own), and a shard per item; each mapped again to be read back from the cache.
+    for chunk_size in (3, 1):
+        for cached in (0, 7):
+            run = cflow.submit(
+                returns, range(7), chunk_size=chunk_size, cache=True, **local_backend
+            )
+            lost_alone(run.results(return_exceptions=True), run.id)
+            assert run.progress().cached == cached
+            with pytest.raises(cflow.ShardFailed) as raised:
+                run.results()
+            assert raised.value.index == 2
+            got = dict(run.as_completed(return_exceptions=True))
+            lost_alone([got[i] for i in range(7)], run.id)
+            with pytest.raises(cflow.ShardFailed):
+                dict(run.as_completed())
+            attached = cflow.attach(run.id, store=local_backend["store"])
+            lost_alone(attached.results(return_exceptions=True), run.id)
+
+
+def test_a_script_whose_value_will_not_load_here_exits_without_waiting(tmp_path: Path) -> None:
+    """Its ``cflow.map`` raises the item's ``ShardFailed`` once the run is over; the exit
+    then says nothing of waiting for the run. Before, the unpickling error escaped while the
+    run was being finished, and the exit said ``cflow: waiting for run RUN to end``."""
+    script = tmp_path / "script.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import os
+            import sys
+            import cflow
+
+            HIDDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "workers-only")
+
+            def returns(x):
+                if x == 1:
+                    sys.path.insert(0, HIDDEN)
+                    import cflow_workers_only
+                    return cflow_workers_only.Thing()
+                return x
+
+            if __name__ == "__main__":
+                cflow.map(returns, range(3), progress=False, store=sys.argv[1])
+            """
+        )
+    )
+    hidden = tmp_path / "workers-only"
+    hidden.mkdir()
+    (hidden / "cflow_workers_only.py").write_text("class Thing:\n    pass\n")
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / ".cflow")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHONPATH": str(REPO)},
+    )
+    assert done.returncode == 1
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("cflow.errors.ShardFailed: item 1 failed: builtins.Module"), last
+    assert "its value was returned but cannot be loaded in this process" in last
+    assert "waiting for run" not in done.stderr, done.stderr
+
+
+def test_a_traceback_read_by_another_process_names_the_submitting_script(
+    tmp_path: Path,
+) -> None:
+    """A run submitted by one script and read by ``cflow.attach`` in another: every frame of
+    the function, those of the exception it chained from too, names the submitting script
+    and shows its line. Before, each named the reading script, quoting its lines, and the
+    chained exception's frames stayed ``<dynamic-code>``."""
+    submitting, reading = tmp_path / "submits.py", tmp_path / "attaches.py"
+    submitting.write_text(
+        textwrap.dedent(
+            """\
+            import sys
+            import cflow
+
+            def inner(x):
+                raise ValueError(f"inner {x}")
+
+            def outer(x):
+                try:
+                    inner(x)
+                except ValueError as exc:
+                    raise KeyError(x) from exc
+
+            if __name__ == "__main__":
+                run = cflow.submit(outer, [1], retries=0, progress=False, store=sys.argv[1])
+                run.wait()
+                print(run.id)
+            """
+        )
+    )
+    reading.write_text(
+        textwrap.dedent(
+            """\
+            import json
+            import sys
+            import cflow
+            # these lines are not the function's
+            # nor this one
+            run = cflow.attach(sys.argv[2], store=sys.argv[1])
+            failed = run.results(return_exceptions=True)[0]
+            print(json.dumps(failed.traceback))
+            """
+        )
+    )
+
+    def python(script: Path, *args: str) -> str:
+        done = subprocess.run(
+            [sys.executable, str(script), str(tmp_path / ".cflow"), *args],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHONPATH": str(REPO)},
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip().splitlines()[-1]
+
+    trace = json.loads(python(reading, python(submitting)))
+    assert str(reading) not in trace and "<dynamic-code>" not in trace, trace
+    for line, name, source in [
+        (9, "outer", "inner(x)"),
+        (5, "inner", 'raise ValueError(f"inner {x}")'),
+        (11, "outer", "raise KeyError(x) from exc"),
+    ]:
+        assert f'  File "{submitting}", line {line}, in {name}\n    {source}\n' in trace, trace
+
+
+def test_a_worker_traceback_is_named_from_what_was_recorded_not_from_this_main(
+    tmp_path: Path,
+) -> None:
+    """How a worker's traceback is read, whatever the worker recorded: a frame naming a file
+    the worker did not have gets its line from the file here; a ``<dynamic-code>`` frame is
+    named by the file the worker recorded for it, or by its module here, never by this
+    process's ``__main__`` (another script where this process only attached to the run); a
+    chained exception's frame is named as a recorded frame of the same function."""
+    from cflow.errors import read_failure
+    from worker.pyfunc import ERROR_MARK
+
+    script = tmp_path / "script.py"
+    script.write_text("def f(x):\n    y = x + 1\n    return y / 0\n")
+    trace = (
+        "Traceback (most recent call last):\n"
+        f'  File "{script}", line 3, in f\n'
+        '  File "<dynamic-code>", line 7, in helper\n'
+        "ValueError: inner\n\nThe above exception was the direct cause of the following"
+        " exception:\n\nTraceback (most recent call last):\n"
+        '  File "<dynamic-code>", line 9, in helper\n'
+        '  File "<dynamic-code>", line 2, in g\n'
+        '  File "<dynamic-code>", line 2, in h\n'
+        "KeyError: 1\n"
+    )
+    frames = [
+        ["__main__", "g", 2],  # this process's __main__ is not the script that made it
+        ["tests.api.helpers", "helper", 9, str(script)],  # the file the worker recorded
+        ["tests.api.helpers", "h", 2],  # the module as this process has it
+    ]
+    record = {"type": "builtins.KeyError", "message": "1", "traceback": trace, "frames": frames}
+    described, _ = read_failure(ERROR_MARK + json.dumps(record) + "\n", "failed")
+    named = described.traceback
+    assert f'  File "{script}", line 3, in f\n    return y / 0\n' in named, named
+    assert f'  File "{script}", line 7, in helper\n' in named  # chained: named as its function
+    assert f'  File "{script}", line 9, in helper\n' in named
+    assert '  File "<dynamic-code>", line 2, in g\n' in named
+    assert f'  File "{helpers.__file__}", line 2, in h\n' in named
+
+
+def test_the_errors_cflow_raises_are_cflows_own_names(local_backend: dict[str, Any]) -> None:
+    """What the API documents it raises, under ``cflow``: the very classes raised, so that
+    ``except cflow.RunStateError`` catches what a cancelled run's ``results`` raises."""
+    assert cflow.ConfigError is ConfigError and cflow.RunStateError is RunStateError
+    assert {"ConfigError", "RunStateError"} <= set(cflow.__all__)
+    with pytest.raises(cflow.ConfigError, match="no option slotz"):
+        cflow.submit(str, [1], slotz=2, **local_backend)

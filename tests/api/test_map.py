@@ -331,3 +331,16 @@ def test_an_unknown_option_is_refused_in_one_line_naming_the_valid_ones(
     with pytest.raises(ConfigError, match=r"^the function to map is not callable: 3 \(int\)"):
         cflow.submit(3, [1], **local_backend)  # type: ignore[arg-type]
     assert not Path(local_backend["store"]).exists()  # nothing was started
+
+
+def test_a_say_that_is_not_callable_is_refused_in_one_line_before_anything_starts(
+    local_backend: dict[str, Any],
+) -> None:
+    """Before, ``say=42`` failed in the run's thread, once the run was being made, as a bare
+    ``TypeError: 'int' object is not callable``. None says nothing, as leaving it out does."""
+    with pytest.raises(cflow.ConfigError) as refused:
+        cflow.submit(abs, [1], say=42, **local_backend)  # type: ignore[arg-type]
+    said = str(refused.value)
+    assert said.startswith("say=42: give a callable that takes each line") and "\n" not in said
+    assert not Path(local_backend["store"]).exists()  # nothing was started
+    assert list(cflow.map(abs, [-1, 2], say=None, **local_backend)) == [1, 2]
