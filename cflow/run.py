@@ -277,6 +277,8 @@ class Run:
             f" `runner watch {self.id}`",
             file=sys.stderr,
         )
+        if self._driver is not None:
+            self._driver.at_exit = None  # left going: this process's exit has nothing to add
 
     def _index(self) -> dict[str, Shard]:
         if self._shards is None:
@@ -292,7 +294,7 @@ class Run:
                 ``return_exceptions``, which puts each failure in its item's place.
             RunStateError: the run was cancelled before every item was done.
         """
-        early: list[Results | ShardFailed] = []
+        early: list[Results | Exception] = []
 
         def read_early() -> None:  # every shard committed: read while the run is finished
             store, manifest = self._store, self._manifest()
@@ -302,13 +304,13 @@ class Run:
             try:
                 early.append(collect(store, self.id, runs.iter_shards(store, self.id), done,
                                      return_exceptions))  # fmt: skip
-            except ShardFailed as exc:  # raised once the run is over, as it would be then
-                early.append(exc)
+            except Exception as exc:  # raised once the run is over, as it would be then (the
+                early.append(exc)  # run's thread still finishing it, its exit hook still set)
 
         self._wait(read_early)
         try:
             if early:
-                if isinstance(early[0], ShardFailed):
+                if isinstance(early[0], Exception):
                     raise early[0]
                 return early[0]
             return run_values(
