@@ -13,7 +13,8 @@ from typing import Any, cast
 
 from cflow.chunks import Chunking
 from cflow.driver import Driver
-from cflow.pickling import ItemPickler, function_key, not_callable, own_modules
+from cflow.own import own_modules
+from cflow.pickling import ItemPickler, function_key, not_callable
 from cflow.progress import ProgressChoice, in_notebook
 from cflow.progress import check as check_progress
 from cflow.results import Results

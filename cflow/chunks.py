@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Iterator, Sized
 from dataclasses import dataclass
 from typing import Any
 
-from cflow.errors import ShardFailed, shard_failed
+from cflow.errors import ShardFailed, shard_failed, unloadable
 from cflow.pickling import BY_VALUE
 from cflow.pickling import loads as load_value
 from worker.errors import ConfigError, NotFound
@@ -264,20 +264,28 @@ def committed_items(store: Store, run_id: str, shard: Shard, result: ShardResult
     :class:`ValueFile`) or its :class:`ShardFailed`."""
     kept = result.value.get("chunk", {}) if isinstance(result.value, dict) else {}
     first = int(kept.get("first", 0))
+
+    def value(j: int, raw: bytes) -> Any:
+        """Item ``j``'s value; where it will not unpickle here, its own ShardFailed (one
+        such value took every other down with it). Per item, thousands in a map: the
+        standard unpickler where no class came by value."""
+        try:
+            return pickle.loads(raw) if BY_VALUE not in raw else load_value(raw)
+        except Exception as exc:
+            return unloadable(exc, index=first + j, run_id=run_id, shard_id=shard.id)
+
     if isinstance(kept, dict) and CHUNK_PICKLES in kept:  # every item's value, in one list
         raws = pickle.loads(binascii.a2b_base64(kept[CHUNK_PICKLES]))
-        return [pickle.loads(r) if BY_VALUE not in r else load_value(r) for r in raws]
+        return [value(j, raw) for j, raw in enumerate(raws)]
     entries = chunk_entries(store, run_id, shard.id, result)
     out: list[Any] = []
     log: bytes | None = None
     marks: dict[int, tuple[dict[str, Any], int]] = {}
-    # Per item, thousands in a map: the standard unpickler where no class came by value.
-    loads, decode, by_value = pickle.loads, binascii.a2b_base64, BY_VALUE
+    decode = binascii.a2b_base64
     for j, entry in enumerate(entries):
         data = entry.get("pickle")
         if data is not None:
-            raw = decode(data)
-            out.append(loads(raw) if by_value not in raw else load_value(raw))
+            out.append(value(j, decode(data)))
         elif "file" in entry:
             key = Layout.outputs(run_id, shard.id, result.attempt) + str(entry["file"])
             at = entry.get("at")

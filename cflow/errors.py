@@ -13,7 +13,7 @@ import traceback
 from dataclasses import dataclass
 from typing import Any
 
-from cflow.pickling import is_installed
+from cflow.own import is_installed
 from cflow.pickling import loads as load_value
 from worker.pyfunc import DYNAMIC_CODE, ERROR_MARK, ItemTimedOut
 from worker.pyfunc.shared import said

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import base64
-import binascii
-import dataclasses
 import functools
-import pickle
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -15,7 +12,6 @@ from typing import Any, overload
 from cflow.chunks import (
     ValueFile,
     attempt_failures,
-    chunk_entries,
     committed_items,
     failed_items,
     last_failed_attempt,
@@ -28,7 +24,7 @@ from cflow.shipping import item_of
 from runner.engine import runs
 from worker.errors import RunStateError
 from worker.protocol import Layout, Manifest, RunState, Shard, ShardFailure, ShardResult
-from worker.pyfunc import CHUNK_PICKLES, VALUE_FILE
+from worker.pyfunc import VALUE_FILE
 from worker.store import Store
 
 LAZY_BYTES = 1024 * 1024  # values larger than this are read from the store when asked for
@@ -229,7 +225,7 @@ def shard_values(store: Store, run_id: str, shard: Shard, record: bytes | None) 
         return list(failed_items(store, run_id, shard))
     found = span(shard)
     first = found[0] if found is not None else shard.index
-    out = _committed(store, run_id, shard, ShardResult.from_json(record), first)
+    out = committed_items(store, run_id, shard, ShardResult.from_json(record))
     files: dict[str, memoryview] = {}  # a chunk's file of values is read once
     for j, kept in enumerate(out):
         if not isinstance(kept, ValueFile):
@@ -243,64 +239,6 @@ def shard_values(store: Store, run_id: str, shard: Shard, record: bytes | None) 
         load = functools.partial(load_value, files[kept.key][kept.at : kept.at + kept.size])
         out[j] = _loaded(load, index=first + j, run_id=run_id, shard_id=shard.id)
     return out
-
-
-_PLACEHOLDER = pickle.dumps(None)  # stands in for a value that will not unpickle here
-
-
-def _committed(
-    store: Store, run_id: str, shard: Shard, result: ShardResult, first: int
-) -> list[Any]:
-    """A committed chunk's items (:func:`cflow.chunks.committed_items`), each value that will
-    not unpickle here its item's :class:`ShardFailed`. Those are looked for only once reading
-    the chunk raised: the values are then unpickled one by one, those that raise set aside,
-    and the chunk read again without them."""
-    try:
-        return committed_items(store, run_id, shard, result)
-    except Exception:
-        unloaded, patched = _set_aside(store, run_id, shard, result)
-        if not unloaded:
-            raise  # not a value's: the chunk's record, its log, the store
-    out = committed_items(store, run_id, shard, patched)
-    for j, error in unloaded.items():
-        out[j] = unloadable(error, index=first + j, run_id=run_id, shard_id=shard.id)
-    return out
-
-
-def _set_aside(
-    store: Store, run_id: str, shard: Shard, result: ShardResult
-) -> tuple[dict[int, Exception], ShardResult]:
-    """What unpickling each of a committed chunk's values raises here, by its place in the
-    chunk, and its record with each of those values replaced by :data:`_PLACEHOLDER`, in
-    whichever form the record keeps them (one pickled list, or an entry an item)."""
-    value = result.value if isinstance(result.value, dict) else {}
-    kept = value.get("chunk")
-    if not isinstance(kept, dict):
-        return {}, result
-    unloaded: dict[int, Exception] = {}
-    if CHUNK_PICKLES in kept:  # every item's value, in one list
-        raws = pickle.loads(binascii.a2b_base64(kept[CHUNK_PICKLES]))
-        for j, raw in enumerate(raws):
-            try:
-                load_value(raw)
-            except Exception as exc:
-                unloaded[j], raws[j] = exc, _PLACEHOLDER
-        data = pickle.dumps(raws, protocol=pickle.HIGHEST_PROTOCOL)
-        chunk = {**kept, CHUNK_PICKLES: base64.b64encode(data).decode("ascii")}
-    else:
-        entries = list(chunk_entries(store, run_id, shard.id, result))
-        for j, entry in enumerate(entries):
-            encoded = entry.get("pickle") if isinstance(entry, dict) else None
-            if encoded is None:
-                continue
-            try:
-                load_value(binascii.a2b_base64(encoded))
-            except Exception as exc:
-                unloaded[j] = exc
-                entries[j] = {**entry, "pickle": base64.b64encode(_PLACEHOLDER).decode("ascii")}
-        # The entries in the record itself, where they were in a file it names.
-        chunk = {k: v for k, v in kept.items() if k != "entries"} | {"values": entries}
-    return unloaded, dataclasses.replace(result, value={**value, "chunk": chunk})
 
 
 def read_failed(store: Store, run_id: str, shard_id: str, index: int) -> ShardFailed:

@@ -13,7 +13,8 @@ import json
 import sys
 
 import cflow
-from cflow.pickling import ItemPickler, function_key, own_modules
+from cflow.own import own_modules
+from cflow.pickling import ItemPickler, function_key
 
 STOP_WORDS = {"the", "a", "an", "of", "and", "to", "in"}  # a set of strings: ordered by hash
 
