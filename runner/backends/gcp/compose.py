@@ -3,12 +3,14 @@
 A compose request takes 1 to 32 source objects of one bucket and creates their concatenation;
 a composite may itself be a source. So N parts become one object in ``ceil(log32 N)`` levels of
 calls, with no byte passing through the runner. What compose cannot do is cut: a part whose first
-line is a header to drop has to be re-uploaded without it, which is the one case where bytes
-travel (see :func:`strip_first_line`).
+line is a header to drop has to be re-uploaded without it, the one case where bytes travel both
+ways (see :func:`strip_first_line`). Reading is ranged: a part's first bytes, its last byte, or
+the whole of it as a stream (:class:`ObjectReader`, what a gzip part is decompressed from).
 """
 
 from __future__ import annotations
 
+import io
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,6 +33,7 @@ MAX_COMPOSE_SOURCES = 32  # Cloud Storage's limit per compose request
 NEWLINE_KEY = "newline"  # a one-byte object composed in after a part that lacks a final newline
 HEAD_FIRST = 512  # bytes first read to find a part's first line; doubled while it is longer
 HEAD_PROBE = 64 * 1024  # most bytes read to find it
+READ_CHUNK = 4 * 1024 * 1024  # bytes one ranged read of a streamed object asks for
 
 
 def compose_tree(
@@ -74,6 +77,41 @@ def first_bytes(store: GcsStore, key: str, count: int, traffic: Traffic) -> byte
         head = store.bucket.blob(key).download_as_bytes(start=0, end=count - 1, retry=_retry())
     traffic.downloaded += len(head)
     return bytes(head)
+
+
+class ObjectReader(io.RawIOBase):
+    """An object's bytes as a stream, in ranged reads (wrap it in ``io.BufferedReader``): a part
+    read through the runner whatever its size, memory flat. ``size`` is its size in the
+    listing (parts are never rewritten); ``downloaded`` counts the bytes read."""
+
+    def __init__(self, store: GcsStore, key: str, size: int) -> None:
+        super().__init__()
+        self.store = store
+        self.key = key
+        self.size = size
+        self.pos = 0
+        self.downloaded = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        want = min(len(buffer), self.size - self.pos)
+        if want <= 0:
+            return 0
+        with self.store._errors("read", self.key):
+            data = self.store.bucket.blob(self.key).download_as_bytes(
+                start=self.pos,
+                end=self.pos + want - 1,
+                raw_download=True,  # the bytes as stored, which compose joins
+                checksum=None,  # a range: the object's checksum does not apply
+                retry=_retry(),
+            )
+        got = min(len(data), want)
+        buffer[:got] = data[:got]
+        self.pos += got
+        self.downloaded += got
+        return got
 
 
 def ends_with_newline(store: GcsStore, key: str, size: int, traffic: Traffic) -> bool:
