@@ -31,6 +31,7 @@ from cflow.errors import ShardFailed, shard_failed, unloadable
 from cflow.pickling import BY_VALUE
 from cflow.pickling import loads as load_value
 from worker.errors import ConfigError, NotFound
+from worker.ledger import CANCELLED
 from worker.protocol import AttemptStatus, Layout, Shard, ShardFailure, ShardResult
 from worker.pyfunc import CHUNK_PARAM, CHUNK_PICKLES, ENTRIES_FILE, ERROR_MARK, ITEMS_PARAM
 from worker.store import Store
@@ -330,12 +331,13 @@ def attempt_failures(
 
 
 def last_failed_attempt(store: Store, run_id: str, shard_id: str) -> AttemptStatus | None:
-    """The latest attempt of a shard that ended failed (None: none did)."""
+    """The latest attempt of a shard that ended failed by itself (None: none did); one the
+    run's cancel or halt stopped says nothing of its items (they were not run to their end)."""
     prefix = f"{Layout.shard_prefix(run_id, shard_id)}attempts/"
     found: list[AttemptStatus] = []
     for key in store.list(prefix, suffix="/status.json"):
         with contextlib.suppress(NotFound, ValueError):
             status = AttemptStatus.from_json(store.get(key))
-            if status.state == "failed":
+            if status.state == "failed" and status.reason != CANCELLED:
                 found.append(status)
     return max(found, key=lambda s: s.attempt, default=None)

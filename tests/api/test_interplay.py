@@ -126,6 +126,10 @@ def test_a_killed_script_takes_its_run_with_it_and_a_retry_runs_what_is_left(
     run_id = _only_run(cli)
     wait_for(lambda: cli.status(run_id)["state"] == "cancelled", 30, "the workers to halt it")
     assert "ended without waiting for it" in cli.status(run_id)["halted"]
+    # The items its halt stopped were not run to their end: no item's failure ("ShardError:
+    # run cancelled", before), the halt and its reason.
+    with pytest.raises(RunStateError, match=f"run {run_id} halted \\(the process that made"):
+        cflow.attach(run_id, store=cli.store, progress=False).results()
     watched = cli("watch", run_id)
     assert watched.code != 0 and f"`runner retry {run_id} --failed` runs" in watched.stderr
     pids = cli.workers().values()  # as its fleet last recorded them: nobody forgets them now

@@ -224,6 +224,11 @@ def test_a_task_that_does_not_import_gets_a_container_per_attempt_that_shows_why
         UnpackedBundle("0" * 64, root, None), Entry.PYTHON, python_image, runtime=container_runtime
     )
     try:
+        # Its warm container's host said the task would not load: the shard never started
+        # there (the agent starts it again), and from then on each attempt has a container of
+        # its own that says why.
+        refused = _start(executor, tmp_path, _shard(tmp_path, 0))
+        assert refused.wait(60) != 0 and getattr(refused, "not_started", False)
         for n in range(2):
             task = _start(executor, tmp_path, _shard(tmp_path, n))
             assert task.wait(60) == 1
