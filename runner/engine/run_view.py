@@ -41,7 +41,9 @@ class RunView:
     idle: set[str] = field(default_factory=set)
     stale: set[str] = field(default_factory=set)  # workers whose leases lapsed, not heard since
     preempted: int = 0
-    restarts: int = 0  # attempts started after a shard's first, by their numbers
+    # Attempts started after the first heard of a shard, by their numbers (the events are read
+    # from the run's start, or from its last retry: that round's first attempts)
+    restarts: int = 0
     backups: int = 0  # of those, backups of stragglers (runner.engine.speculation)
     heartbeats: bool = False  # workers of this deployment send heartbeats
     others: bool = False  # a worker was heard working for another run
@@ -217,9 +219,11 @@ class RunView:
                 self.running[shard] = event.worker
                 self._beats[shard] = now
             self.idle.discard(event.worker)
-            if event.attempt is not None and event.attempt > (seen := self._attempt.get(shard, 1)):
-                self.restarts += event.attempt - seen
-                self._attempt[shard] = event.attempt
+            if event.attempt is not None:
+                seen = self._attempt.setdefault(shard, event.attempt)  # its first in this round
+                if event.attempt > seen:
+                    self.restarts += event.attempt - seen
+                    self._attempt[shard] = event.attempt
             return shard
         self.running.pop(shard, None)
         self._beats.pop(shard, None)

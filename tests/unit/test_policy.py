@@ -183,13 +183,17 @@ def test_retries_are_counted_from_attempt_numbers_lost_attempts_too_in_any_order
 
     saw("started", "lost", 1)
     saw("started", "lost", 2)  # its first attempt died with its worker: nothing said
-    saw("started", "failing", 3)  # heard late: its attempts 1 and 2 failed
-    saw("retrying", "failing", 2)  # out of order: counted once all the same
+    saw("started", "failing", 1)
+    saw("started", "failing", 3)  # its second's start heard after its third's
+    saw("retrying", "failing", 1)
     saw("started", "failing", 2)
+    saw("started", "preempted", 1)
     saw("started", "preempted", 2)
     saw("preempted", "preempted", 1)
+    saw("started", "straggler", 1)
     saw("started", "straggler", 2)
     view.backups += 1  # that one was a backup (runner.engine.speculation)
+    saw("started", "retried round", 4)  # `runner retry`: its round starts at attempt 4
     assert (view.restarts, view.preempted, view.retried) == (5, 1, 3)
 
 
