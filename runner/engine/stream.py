@@ -40,6 +40,7 @@ BATCH_SECONDS = 0.25  # a batch goes out once this old, full or not: a slow stre
 QUEUE_BYTES = 1024 * 1024
 BATCH_BYTES = 1024 * 1024
 SHARD_BYTES = 256  # what a shard weighs besides its params' strings and its input
+AHEAD = 4 * defaults.PUBLISH_BATCH  # shards queued at most before reading waits (locally)
 
 
 def _weight(shard: Shard) -> int:
@@ -398,12 +399,22 @@ class _Stream:
         state = runs.load_manifest(self.store, self.manifest.run_id).state
         return state != RunState.ACTIVE.value
 
+    def _room(self, feed: ShardFeed) -> bool:
+        """Wait while :data:`AHEAD` of the run's shards wait on the queue (where it can tell:
+        the local backend), so an endless or fast iterable is read only so far ahead of the
+        workers (it filled the disk with items by the million); False once the run stops."""
+        while (self.queue.stats(self.manifest.run_id).queued or 0) >= AHEAD:
+            if self._stopped(feed):
+                return False
+            self.clock.sleep(BATCH_SECONDS)
+        return True
+
     def run(self, reader: _Reader, feed: ShardFeed) -> None:
         """Read and publish batches to the stream's end, or until the run stops or the caller
         wants no more; the run then counts what was published."""
         try:
             while True:
-                if self._stopped(feed):
+                if self._stopped(feed) or not self._room(feed):
                     self.publish([], [], final=True, cancel=feed.stopped() and feed.cancels())
                     return
                 batch = reader.batch(self.clock, lambda: self._stopped(feed))

@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -194,3 +195,31 @@ def test_a_stream_whose_queue_runs_dry_between_batches_keeps_its_workers(
     assert set(values) == {10_000} and len(values) == 10_000
     started = sorted(p.name for p in (store / "fleet" / "logs").glob("*.log"))
     assert len(started) == 2, started
+
+
+def _slow(x: int) -> int:
+    time.sleep(0.01)
+    return x
+
+
+def test_an_endless_stream_is_read_only_so_far_ahead_of_its_workers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An endless iterable was read as fast as it gave: 19 million items in 20 s, for the
+    3,600 one worker had run, and the store filled the disk with them."""
+    import itertools
+
+    import cflow
+    from runner.engine.stream import AHEAD
+
+    for name in ("CFLOW_DEPLOYMENT", "CFLOW_BACKEND", "CFLOW_STORE"):
+        monkeypatch.delenv(name, raising=False)
+    store = tmp_path / ".cflow"
+    run = cflow.submit(_slow, itertools.count(), store=store, workers=1, chunk_size=1)
+    backends = open_local(store)
+    wait_for(lambda: load_manifest(backends.store, run.id).published >= AHEAD, 60, "AHEAD out")
+    time.sleep(2.0)  # unbound, a generator this fast gives millions in that time
+    published = load_manifest(backends.store, run.id).published
+    assert published < AHEAD + 1000 + 200, published  # a batch past it, and what ran
+    run.cancel()
+    backends.close()
