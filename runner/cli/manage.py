@@ -43,7 +43,7 @@ from runner.cli.run import DiskGbOpt, FallbackOpt, GpuOpt, MachineTypeOpt, Provi
 from runner.engine import runs
 from runner.engine.cache import cached_count
 from runner.engine.deployment import Check, Deployment
-from runner.engine.listing import scan_runs, shown_state
+from runner.engine.listing import UNFINISHED, scan_runs, shown_state, unfinished
 from runner.engine.reports import flag_lost, iter_shard_reports
 from runner.finish import combine_where_data_is, live_workers, worker_gone
 from runner.results.custom import CombineFailed
@@ -243,8 +243,11 @@ def list_runs(
         return
     # A run cut off while publishing shows as such (`runner watch` finishes it).
     now = time.time()
-    shown = [dataclasses.replace(m, state=shown_state(m, now)) for m in manifests]
+    shown = [dataclasses.replace(m, state=shown_state(m, now, done[m.run_id])) for m in manifests]
     out.print(progress.runs_table(shown, done, cached), crop=False)
+    for m in shown:
+        if m.state == UNFINISHED:
+            err.print(f"cflow: {unfinished(m.run_id)}", markup=False)
 
 
 @app.command()

@@ -20,7 +20,7 @@ from runner.cli.common import (
     store_exists,
 )
 from runner.engine import runs
-from runner.engine.listing import scan_runs
+from runner.engine.listing import UNFINISHED, scan_runs, shown_state, unfinished
 from runner.finish import cancel_run
 from worker.protocol import RunState
 
@@ -96,7 +96,10 @@ def prune(
         going = [m for m in old if m.state == RunState.ACTIVE.value]
         doomed = [m for m in old if m.state != RunState.ACTIVE.value]
         for m in going:
-            err.print(f"cflow: keeping {m.run_id}: it is still active (`runner rm --force`)")
+            if shown_state(m, time.time(), len(runs.committed(st, m.run_id))) == UNFINISHED:
+                err.print(f"cflow: keeping {m.run_id}: {unfinished(m.run_id)}", markup=False)
+            else:
+                err.print(f"cflow: keeping {m.run_id}: it is still active (`runner rm --force`)")
         if dry:
             for m in doomed:
                 out.print(m.run_id, markup=False)

@@ -135,7 +135,12 @@ CheckOpt = Annotated[
 ]
 DryRunOpt = Annotated[
     bool,
-    typer.Option("--dry-run", help="List the shards and what would start; start nothing."),
+    typer.Option(
+        "--dry-run",
+        help="List the shards (id<TAB>input or params, one a line; an input whose name holds a"
+        " newline or another control character shown as a Python string literal) and what"
+        " would start; start nothing.",
+    ),
 ]
 CacheOpt = Annotated[
     bool,

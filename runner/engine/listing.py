@@ -40,12 +40,28 @@ def list_runs(store: Store) -> list[Manifest]:
     return scan_runs(store).manifests
 
 
-def shown_state(manifest: Manifest, now: float) -> str:
+UNFINISHED = "active, all done"  # every shard committed, nobody watched it to its end
+
+
+def shown_state(manifest: Manifest, now: float, committed: int | None = None) -> str:
     """A run's state as `runner runs` shows it: ``publishing`` while shards still go out,
-    ``publishing (interrupted)`` once its publisher has been silent too long."""
-    if manifest.state == RunState.ACTIVE.value and manifest.publishing:
+    ``publishing (interrupted)`` once its publisher has been silent too long, and
+    :data:`UNFINISHED` once its ``committed`` shards are all of them but no runner finished it
+    (submitted ``--detach``, or its runner killed: `runner watch` combines and finishes it)."""
+    active = manifest.state == RunState.ACTIVE.value
+    if active and not manifest.publishing and (committed or 0) >= manifest.shard_count:
+        return UNFINISHED
+    if active and manifest.publishing:
         last = manifest.published_at or manifest.created_at
         if now - last > PUBLISH_STALE_SECONDS:
             return f"publishing (interrupted at {manifest.published}/{manifest.shard_count})"
         return f"publishing ({manifest.published}/{manifest.shard_count})"
     return manifest.state
+
+
+def unfinished(run_id: str) -> str:
+    """What to do about a run every shard of which committed while no runner watched it."""
+    return (
+        f"run {run_id} has every shard done but was never finished (nobody watched it to its"
+        f" end): `runner watch {run_id}` combines its outputs and finishes it"
+    )

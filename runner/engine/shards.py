@@ -232,7 +232,12 @@ def _listed(spec: str, lines: list[str], base: Path, where: str) -> _Part:
         if not entry or entry.startswith("#"):
             continue
         remote = entry.startswith(REMOTE_SCHEMES)
-        items.append(entry if remote else os.path.abspath(base / os.path.expanduser(entry)))
+        path = entry if remote else os.path.abspath(base / os.path.expanduser(entry))
+        if not remote and entry != line and not os.path.lexists(path):
+            # A name with spaces at its ends (``trail.csv ``) is its own where only it is there.
+            kept = os.path.abspath(base / os.path.expanduser(line.rstrip("\r")))
+            path = kept if os.path.lexists(kept) else path
+        items.append(path)
     if not items:
         raise InputError(f"--inputs {spec}: {where} lists no paths (one path a line)")
     return _Part(spec, items=items)

@@ -317,6 +317,22 @@ def test_detach_then_watch_reattaches_and_finishes(cli: Cli, tmp_path: Path) -> 
     assert cli.status(submitted.run_id)["state"] == "finished"
 
 
+def test_a_detached_run_all_done_but_unwatched_says_what_finishes_it(
+    cli: Cli, tmp_path: Path
+) -> None:
+    """It showed as ``active 3/3`` for ever, and prune kept it as "still active"."""
+    task = make_task(tmp_path / "t", SLEEPY_TASK)
+    run_id = cli("submit", str(task), "--shards", "3", "--detach").run_id
+    wait_for(lambda: len(cli.records(f"runs/{run_id}/shards/*/result.json")) == 3, 60, "3 commits")
+    listed = cli("runs")
+    assert "active, all done" in listed.stdout
+    hint = f"`runner watch {run_id}` combines its outputs and finishes it"
+    assert hint in listed.stderr
+    assert hint in cli("prune", "--older-than", "0s").stderr
+    assert cli("watch", run_id).code == 0
+    assert cli.status(run_id)["state"] == "finished"
+
+
 def test_ctrl_c_with_cancel_on_interrupt_cancels(cli: Cli, tmp_path: Path) -> None:
     task = make_task(tmp_path / "t", SLEEPY_TASK)
     params = _params(tmp_path / "p.jsonl", [{"gate": str(tmp_path / "never")}] * 3)

@@ -77,6 +77,17 @@ def test_a_list_file_is_read_relative_to_its_own_folder(
     ]
 
 
+def test_a_listed_name_with_spaces_at_its_ends_is_its_own_where_only_it_is_there(
+    tmp_path: Path,
+) -> None:
+    """Every line was stripped: ``trail.csv `` could not be listed, and the error named
+    another file (``trail.csv: no such file``)."""
+    data = _files(tmp_path / "data", "trail.csv ", "both.csv", "both.csv ")
+    (data / "list.txt").write_text("trail.csv \r\n  both.csv \n")
+    shards = _shards([f"@{data / 'list.txt'}"])
+    assert [s.input for s in shards] == [str(data / "trail.csv "), str(data / "both.csv")]
+
+
 def test_a_list_on_stdin_is_read_relative_to_the_working_folder(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
