@@ -20,9 +20,10 @@ from runner.backends.factory import open_deployment
 from runner.backends.gcp.shapes.model import check_shape_options, needs_groups
 from runner.config import Config
 from runner.engine import runs
-from runner.engine.cache import ShardCache, code_digest, task_env
+from runner.engine.cache import ShardCache
 from runner.engine.checks import CheckReport, check_task
 from runner.engine.deployment import Deployment
+from runner.engine.fingerprint import code_digest, task_env
 from runner.engine.plan import BundleNote, describe_bundle
 from runner.engine.stream import Publisher, start_stream
 from runner.finish import (

@@ -54,6 +54,8 @@ class Finished:
     outputs: list[str] = field(default_factory=list)
     bundle: str | None = None
     value: Any = None  # what run(shard) returned (JSON), kept in a success's result.json
+    # the shard's local files at the attempt's start and end (ShardResult.input_seen)
+    input_seen: list[str | None] | None = None
     settled_as: EventKind | None = None  # set by settling: what the runner was told
 
 
@@ -140,6 +142,7 @@ def settle_one(ops: Ops, f: Finished) -> EventKind:
             outputs=f.outputs,
             bundle=f.bundle,
             value=f.value,
+            input_seen=f.input_seen,
         )
         if not ops.create(Layout.result(run_id, shard_id), result.to_json()):
             state, reason = AttemptState.DISCARDED, "another attempt committed first"

@@ -290,6 +290,11 @@ class ShardResult(_Record):
     # "<run>/<shard>" when the shard was not run but reused from that earlier commit (the
     # runner's cross-run cache, runner.engine.cache); its outputs are copies under attempt 0.
     cached_from: str | None = None
+    # The local files it read (its input, the files its cflow items name) as its attempt found
+    # them at its start and at its end (worker.agent.files.local_seen); None: it read none, or
+    # it predates the field. The cache reuses the commit only where both match what the key
+    # was made from. A reused shard's record carries the print its own key was made from.
+    input_seen: list[str | None] | None = None
 
     @property
     def duration(self) -> float:

@@ -29,32 +29,38 @@ index entry is never trusted without its commit, nor a commit of a chunk of ``cf
 which one failed (``worker.pyfunc.partly_failed``: it runs again). The new shard's commit record
 is written with ``cached_from`` and its outputs under attempt 0 (workers number attempts from
 1), so the watch, ``status`` and combine count it as done; it is never published.
+
+A task reads its files after the key is made: one changed in between or while it ran would
+leave other content's result under the key. Where workers read this machine's files in place
+(the local store), the index entry holds ``seen``, a stat of the shard's local files (input and
+named files, :func:`worker.agent.files.local_seen`) as keyed (an input changing while hashed
+gets no key); each attempt records them at its start and end (``ShardResult.input_seen``), and
+a commit is reused only if both match its entry's (none recorded: never). A reused shard's
+record and entry carry its own key's ``seen``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import threading
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from itertools import islice
-from pathlib import Path
 from typing import Any
 
+from runner.engine.fingerprint import (
+    file_digest,
+    keyed_params,
+    reads_here,
+    stat_key,
+)
 from runner.engine.runs import Reuse
-from worker.bundle import bundle_files
+from worker.agent.files import named_files, seen_print
 from worker.clock import SYSTEM_CLOCK, Clock
 from worker.errors import NotFound
 from worker.protocol import Layout, Shard, ShardResult
-from worker.pyfunc import (
-    CHUNK_PARAM,
-    CLASSES_KEY_PARAM,
-    CLASSES_PARAM,
-    FILES_PARAM,
-    partly_failed,
-)
+from worker.pyfunc import partly_failed
 from worker.store import Store
 
 INDEX = "cache/"
@@ -62,62 +68,6 @@ KEY_VERSION = 1  # raised when what goes into a key changes: old entries then ne
 CACHED_ATTEMPT = 0  # where a reused shard's outputs go: workers number attempts from 1
 ALL_KEYS = "keys.jsonl"  # beside the batches' records: every key the submit knew at its start
 KEY_BATCH = 1000  # shards fingerprinted at once (one listing per folder of gs:// inputs)
-# Variables a shell, terminal or session sets that no task result should depend on, and the
-# runner's own (CFLOW_*: where the store is, how often to poll). From a notebook: the Jupyter
-# kernel's process bookkeeping, which changes whenever the server or kernel restarts
-# (jupyter_client's launcher sets JPY_PARENT_PID, JPY_INTERRUPT_EVENT and IPY_INTERRUPT_EVENT,
-# the server JPY_SESSION_NAME, JupyterHub JPY_API_TOKEN, a kernel gateway KERNEL_ID); the
-# connection itself comes in a file named on the kernel's command line, not the environment.
-# PYTHONUNBUFFERED (set by IDEs and containers) changes when a process's stdout is flushed,
-# never what it holds. PYTHONHASHSEED orders a set's strings: a result that depends on it
-# differs between two runs without it too (each process draws its own seed), so the key does
-# not hold it either way. MPLBACKEND, which ipykernel also sets, stays in: it picks how
-# matplotlib draws.
-IGNORED_ENV = frozenset(
-    {"_", "PWD", "OLDPWD", "SHLVL", "TERM", "COLORTERM", "COLUMNS", "LINES", "DISPLAY"}
-    | {"WINDOWID", "STY", "WINDOW", "LS_COLORS", "MAIL", "GPG_TTY", "PROMPT_COMMAND"}
-    | {"PS1", "PS2", "PS3", "PS4", "HISTFILE", "HISTSIZE", "HISTFILESIZE", "HISTCONTROL"}
-    | {"LESS", "LESSOPEN", "LESSCLOSE", "SECURITYSESSIONID", "TMUX", "TMUX_PANE"}
-    | {"PYTHONUNBUFFERED", "PYTHONHASHSEED", "KERNEL_ID"}
-)
-IGNORED_ENV_PREFIXES = (
-    "CFLOW_", "SSH_", "XDG_", "TERM_", "VSCODE_", "DBUS_", "PYTEST_", "WAYLAND_", "KONSOLE_",
-    "ITERM_", "GNOME_TERMINAL_", "JPY_", "IPY_",
-)  # fmt: skip
-
-
-def task_env(
-    environ: Mapping[str, str], *, inherited: bool, given: Mapping[str, str] | None = None
-) -> dict[str, str]:
-    """The environment a key covers: ``given`` variables, and with ``inherited`` (the local
-    backend, whose workers inherit the runner's environment) the rest of ``environ`` less
-    :data:`IGNORED_ENV`."""
-    env = {}
-    if inherited:
-        env = {
-            k: v
-            for k, v in environ.items()
-            if k not in IGNORED_ENV and not k.startswith(IGNORED_ENV_PREFIXES)
-        }
-    env.update(given or {})
-    return env
-
-
-def code_digest(task_dir: Path) -> str:
-    """The sha256 of the files that go into the task's bundle: names, modes and contents."""
-    digest = hashlib.sha256()
-    for path in bundle_files(task_dir):
-        rel = path.relative_to(task_dir).as_posix()
-        executable = os.access(path, os.X_OK)
-        digest.update(f"{rel}\0{int(executable)}\0{path.stat().st_size}\0".encode())
-        with path.open("rb") as fh:
-            digest.update(hashlib.file_digest(fh, "sha256").digest())
-    return digest.hexdigest()
-
-
-def file_digest(path: str) -> str:
-    with open(path, "rb") as fh:
-        return "sha256:" + hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def entry_key(key: str, run_id: str, shard_id: str) -> str:
@@ -146,6 +96,7 @@ class ShardCache:
     stage: bool = True
     clock: Clock = SYSTEM_CLOCK
     keys: dict[str, str | None] = field(default_factory=dict)  # shard id -> key (None: none)
+    seen: dict[str, str] = field(default_factory=dict)  # shard id -> its local files, keyed
     cached: int = 0  # shards reused so far
     _recorded: bool = field(default=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -158,42 +109,57 @@ class ShardCache:
         it = iter(shards)
         while batch := list(islice(it, KEY_BATCH)):
             remote = [s.input for s in batch if s.input and "://" in s.input]
-            remote += [n for s in batch for n in _files(s) if "://" in n]
+            remote += [n for s in batch for n in named_files(s) if "://" in n]
             prints = self.store.fingerprints(remote) if remote else {}
             for shard in batch:
-                key = self._key(shard, prints)
+                key, seen = self._key(shard, prints)
                 with self._lock:
                     self.keys[shard.id] = key
+                    if seen is not None:
+                        self.seen[shard.id] = seen
                 yield shard
 
-    def _key(self, shard: Shard, prints: Mapping[str, str]) -> str | None:
-        data = None
-        if shard.input:
-            data = prints.get(shard.input) if "://" in shard.input else file_digest(shard.input)
-            if data is None:
-                return None  # an input no checksum vouches for: always run
+    def _key(self, shard: Shard, prints: Mapping[str, str]) -> tuple[str | None, str | None]:
+        """The shard's key (None: none) and its local files' print as they were keyed."""
+        data = input_print = None
+        if shard.input and "://" in shard.input:
+            data = prints.get(shard.input)
+        elif shard.input and (hashed := file_digest(shard.input)) is not None:
+            data, input_print = hashed
+        if shard.input and data is None:
+            return None, None  # an input no checksum vouches for: always run
         fields = {
             "v": KEY_VERSION,
             "code": self.code,
             "shard": shard.id,
             "input": data,
-            "params": _keyed_params(shard.params),
+            "params": keyed_params(shard.params),
             "image": self.image,
             "stage": self.stage,
             "env": dict(sorted(self.env.items())),
         }
-        if names := _files(shard):  # what a cflow item names: a file changed reruns it
-            fields["files"] = {n: prints.get(n) if "://" in n else _stat_print(n) for n in names}
-        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+        files: dict[str, str] = {}
+        if names := named_files(shard):  # what a cflow item names: a file changed reruns it
+            local = {n: stat_key(n) for n in names if "://" not in n}
+            files = {n: st[1] for n, st in local.items()}
+            fields["files"] = {n: local[n][0] if n in local else prints.get(n) for n in names}
+        key = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+        return key, seen_print(input_print, files)
 
     def reuse(self, run_id: str, batch: list[Shard]) -> set[str]:
         """Reuse earlier commits for the shards of ``batch``; the ids now committed, which are
         not to be published. Every shard's index entry and key are recorded."""
+        in_place = self.store.local_path(INDEX) is not None  # workers read this machine's files
         with self._lock:  # the reading thread may be keying more shards meanwhile
             known = dict(self.keys) if not self._recorded else {}
+            seen = dict(self.seen) if not self._recorded and in_place else {}
             wanted = {s.id: k for s in batch if (k := self.keys.get(s.id))}
+            # The shards whose commits must vouch for the local files they read (_vouched).
+            here = {s.id: self.seen.get(s.id) for s in batch if in_place and reads_here(s)}
         if not self._recorded:  # every key known so far, for a resumed publish (resumed())
-            rows = [json.dumps({"shard": s, "key": k}) for s, k in known.items()]
+            rows = [
+                json.dumps(_seen({"shard": s, "key": k}, seen.get(s))) for s, k in known.items()
+            ]
             self.store.put(keys_prefix(run_id) + ALL_KEYS, ("\n".join(rows) + "\n").encode())
             self._recorded = True
         listed = self.store.list_many(sorted({INDEX + k + "/" for k in wanted.values()}))
@@ -208,7 +174,7 @@ class ShardCache:
             choices[shard_id] = sorted(found, reverse=True)
         hits: dict[str, str] = {}
         while pending := {s: c.pop(0) for s, c in choices.items() if c and s not in hits}:
-            hits.update(self._try(run_id, pending))
+            hits.update(self._try(run_id, pending, wanted, here))
         lines = [
             json.dumps({"shard": s.id, "key": wanted.get(s.id), "from": hits.get(s.id)})
             for s in batch
@@ -218,7 +184,9 @@ class ShardCache:
             self.store.put(key, ("\n".join(lines) + "\n").encode())
         self.store.create_many(
             {
-                entry_key(k, run_id, s): json.dumps({"run": run_id, "shard": s}).encode()
+                entry_key(k, run_id, s): json.dumps(
+                    _seen({"run": run_id, "shard": s}, here.get(s))
+                ).encode()
                 for s, k in wanted.items()
             }
         )
@@ -241,10 +209,18 @@ class ShardCache:
             taken, self._reused = self._reused, []
         return taken
 
-    def _try(self, run_id: str, pending: dict[str, tuple[str, str]]) -> dict[str, str]:
-        """One candidate per shard: its commit read, its outputs copied, the new commit
-        written. The shards reused, with where from."""
-        records = self.store.get_many([Layout.result(r, s) for r, s in pending.values()])
+    def _try(
+        self,
+        run_id: str,
+        pending: dict[str, tuple[str, str]],
+        keys: Mapping[str, str],
+        here: Mapping[str, str | None],
+    ) -> dict[str, str]:
+        """One candidate per shard: its commit (and index entry, for those ``here``) read, its
+        outputs copied, the new commit written. The shards reused, with where from."""
+        entries = {s: entry_key(keys[s], r, c) for s, (r, c) in pending.items() if s in here}
+        wanted = [Layout.result(r, s) for r, s in pending.values()] + list(entries.values())
+        records = self.store.get_many(wanted)
         results: dict[str, ShardResult] = {}
         for shard_id, (run, shard) in pending.items():
             raw = records.get(Layout.result(run, shard))
@@ -252,8 +228,11 @@ class ShardCache:
                 result = ShardResult.from_json(raw) if raw is not None else None
             except (ValueError, TypeError):
                 result = None
-            if result is not None and not partly_failed(result.value):
-                results[shard_id] = result
+            if result is None or partly_failed(result.value):
+                continue
+            if shard_id in entries and not _vouched(result, records.get(entries[shard_id])):
+                continue  # it may have read other content than its key covers
+            results[shard_id] = result
         copies: dict[str, list[tuple[str, str]]] = {}
         for shard_id, result in results.items():
             source = Layout.outputs(result.run_id, result.shard_id, result.attempt)
@@ -275,6 +254,7 @@ class ShardCache:
                 bundle=result.bundle,
                 value=result.value,
                 cached_from=f"{result.run_id}/{result.shard_id}",
+                input_seen=[seen, seen] if (seen := here.get(shard_id)) else None,
             ).to_json()
             for shard_id, result in results.items()
             if shard_id not in broken
@@ -287,35 +267,18 @@ class ShardCache:
         }
 
 
-def _files(shard: Shard) -> list[str]:
-    """The files a shard's ``cflow`` items name (``cflow.inputs``), with the cache."""
-    names = (shard.params or {}).get(FILES_PARAM)
-    return [n for n in names if isinstance(n, str)] if isinstance(names, list) else []
+def _seen(row: dict[str, Any], seen: str | None) -> dict[str, Any]:
+    return {**row, "seen": seen} if seen else row
 
 
-def _stat_print(path: str) -> str | None:
-    """A local file's size and modification time (None: gone): what ``make`` and Nextflow's
-    ``-resume`` compare, with no file read (an item's file may be gigabytes)."""
+def _vouched(result: ShardResult, entry: bytes | None) -> bool:
+    """Whether the local files a commit's attempt read were, at its start and at its end, as
+    its key's submit found them (its index ``entry``): then it read what the key covers."""
     try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return f"{st.st_size}:{st.st_mtime_ns}"
-
-
-def _keyed_params(params: dict[str, Any] | None) -> dict[str, Any] | None:
-    """A shard's params as its key covers them: a chunk's per-item timeout left out (a value
-    committed within one timeout is as good under another; and a key made before chunks
-    carried one still matches); classes shipped with the items (``cflow``) as the digest that
-    comes with them, which leaves out their line numbers."""
-    if params is None:
-        return None
-    spec = params.get(CHUNK_PARAM)
-    if isinstance(spec, dict) and "timeout" in spec:
-        params = {**params, CHUNK_PARAM: {k: v for k, v in spec.items() if k != "timeout"}}
-    if CLASSES_KEY_PARAM in params:
-        params = {k: v for k, v in params.items() if k != CLASSES_PARAM}
-    return params
+        seen = json.loads(entry).get("seen") if entry is not None else None
+    except (ValueError, AttributeError):
+        return False
+    return seen is not None and result.input_seen == [seen, seen]
 
 
 def run_keys(store: Store, run_id: str) -> list[dict[str, str | None]]:
@@ -341,6 +304,8 @@ def resumed(store: Store, run_id: str) -> Reuse | None:
         if line.strip():
             row = json.loads(line)
             cache.keys[row["shard"]] = row["key"]
+            if row.get("seen"):
+                cache.seen[row["shard"]] = row["seen"]
     return cache.reuse
 
 

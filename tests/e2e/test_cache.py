@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,8 @@ import pytest
 from runner import config as config_mod
 from runner.backends.factory import open_deployment
 from runner.engine import runs
-from runner.engine.cache import ShardCache, code_digest
+from runner.engine.cache import ShardCache
+from runner.engine.fingerprint import code_digest
 from runner.engine.shards import from_count
 from runner.finish import resume_publishing
 from runner.observe.timeline import build_timeline
@@ -30,6 +32,20 @@ def run(shard):
     rows = Path(shard.input).read_text().splitlines()[1:]
     (Path(shard.output_dir) / "counts.csv").write_text(f"{Path(shard.input).name},{len(rows)}\\n")
     return {"rows": len(rows)}
+"""
+
+
+# The task rewrites its input once, while it runs, as another writer could between the submit
+# (which hashed the input) and the attempt: it then reads other content than its key covers.
+REWRITES = """
+from pathlib import Path
+
+def run(shard):
+    gate = Path(shard.input).with_name("rewrite")
+    if gate.exists():
+        gate.unlink()
+        Path(shard.input).write_text("B\\n")
+    (Path(shard.output_dir) / "o.txt").write_text(Path(shard.input).read_text())
 """
 
 
@@ -260,3 +276,64 @@ def test_a_store_or_result_folder_inside_the_task_folder_stays_out_of_its_bundle
         assert r.code == 0, r.stderr
         done.append(r.stderr)
     assert "cache: 2 of 2 shards reused" in done[1] and "cache: 2 of 2 shards reused" in done[2]
+
+
+def test_a_commit_of_an_input_that_changed_after_it_was_keyed_is_not_reused(
+    cli: Cli, tmp_path: Path
+) -> None:
+    """The first run keys its input's content (A), but its task reads B: its commit is never
+    reused for A, as its attempt found the input changed. The rerun's own commit is."""
+    task = make_task(tmp_path / "task", REWRITES)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "x.txt").write_text("A\n")
+    (data / "rewrite").touch()
+
+    def submit() -> tuple[str, str]:
+        r = cli("submit", str(task), "--inputs", str(data / "x.txt"), "--cache")
+        assert r.code == 0, r.stderr
+        return (cli.store / "runs" / r.run_id / "combined" / "o.txt").read_text(), r.stderr
+
+    assert submit()[0] == "B\n"  # what the task read, under the key of A
+    (data / "x.txt").write_text("A\n")  # A again: the first run's key
+    text, said = submit()
+    assert text == "A\n" and "cache: 0 of 1 shards reused" in said, said
+    os.utime(data / "x.txt")  # touched, the same content: reused
+    text, said = submit()
+    assert text == "A\n" and "cache: 1 of 1 shards reused" in said, said
+
+
+def test_a_commit_of_a_named_file_that_changed_while_it_ran_is_not_reused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same for a file a ``cflow`` item names (keyed by its size and modification time):
+    put back with the time it had when keyed, it has the first run's key, but the commit of
+    the attempt that saw it change is not reused."""
+    import cflow
+    from cflow.driver import let_go
+
+    for name in ("CFLOW_DEPLOYMENT", "CFLOW_BACKEND", "CFLOW_STORE"):
+        monkeypatch.delenv(name, raising=False)
+    data, gate = tmp_path / "x.txt", tmp_path / "rewrite"
+    data.write_text("A")
+    keyed = data.stat()
+    gate.touch()
+
+    def read(path: Path) -> str:
+        if gate.exists():
+            gate.unlink()
+            path.write_text("B")
+        return path.read_text()
+
+    def mapped() -> tuple[list[str], int]:
+        run = cflow.submit(read, [data], cache=True, store=str(tmp_path / ".cflow"), workers=1)
+        return list(run.results()), run.progress().cached
+
+    try:
+        assert mapped() == (["B"], 0)
+        data.write_text("A")
+        os.utime(data, ns=(keyed.st_atime_ns, keyed.st_mtime_ns))  # as `cp -p` would
+        assert mapped() == (["A"], 0)
+        assert mapped() == (["A"], 1)
+    finally:
+        assert let_go(), "a run's workers were not let go"

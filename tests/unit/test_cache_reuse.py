@@ -10,8 +10,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from runner.engine import runs
-from runner.engine.cache import ALL_KEYS, ShardCache, keys_prefix, task_env
+from runner.engine.cache import ALL_KEYS, ShardCache, keys_prefix
+from runner.engine.fingerprint import task_env
 from runner.engine.watch import Watcher
+from worker.agent.files import local_seen
 from worker.backends.local.backend import open_local
 from worker.backends.local.store import LocalStore
 from worker.clock import FakeClock
@@ -164,7 +166,7 @@ def test_a_kernel_restart_keeps_the_keys() -> None:
 
     def key(environ: dict[str, str]) -> str | None:
         cache = ShardCache(None, code="c", env=task_env(environ, inherited=True))  # type: ignore[arg-type]
-        return cache._key(shard, {})
+        return cache._key(shard, {})[0]
 
     assert key(before) == key(after)
     assert key(before) != key({**after, "MPLBACKEND": "agg"})
@@ -235,4 +237,48 @@ def test_a_watcher_sees_a_streams_end_at_its_next_poll(tmp_path: Path) -> None:
     )
     reconciles = watcher.reconciles
     assert watcher.poll().finished and watcher.reconciles == reconciles
+    b.close()
+
+
+def test_a_commit_is_reused_only_where_its_attempt_found_the_input_as_it_was_keyed(
+    tmp_path: Path,
+) -> None:
+    """The key covers the input's content when the submit hashed it; an attempt records the
+    input's stat at its start and end. A commit whose attempt found another stat (the input
+    changed between the submit and the attempt), or that recorded none (made before the
+    record), is passed over; one that found it as keyed is reused, and so is its copy."""
+    b = open_local(tmp_path / "store")
+    clock = FakeClock()
+    data = tmp_path / "x.txt"
+    data.write_text("A\n")
+    shard = Shard(id="x", index=0, input=str(data))
+
+    def submit() -> tuple[str, set[str]]:
+        clock.advance(2)  # each run a second younger: its id sorts after
+        run_id = new_run_id(clock.time())
+        cache = ShardCache(b.store, code="c")
+        return run_id, cache.reuse(run_id, list(cache.keyed([shard])))
+
+    def commit(run_id: str, seen: list[str | None] | None) -> None:  # a worker's winner
+        record = ShardResult(run_id, "x", 1, "w", 0.0, 1.0, input_seen=seen)
+        b.store.create(Layout.result(run_id, "x"), record.to_json())
+
+    def source(run_id: str) -> str | None:
+        return ShardResult.from_json(b.store.get(Layout.result(run_id, "x"))).cached_from
+
+    old, reused = submit()
+    commit(old, None)  # its attempt recorded nothing
+    late, reused = submit()
+    assert reused == set()
+    data.write_text("B\n")  # after the submit hashed A, before the attempt read it
+    os.utime(data, ns=(1, 1))  # a stat of its own, whatever the clock's grain
+    commit(late, [local_seen(shard)] * 2)
+    data.write_text("A\n")  # A again: the key of both runs
+    third, reused = submit()
+    assert reused == set()  # neither commit vouches for A
+    commit(third, [local_seen(shard)] * 2)
+    fourth, reused = submit()
+    assert reused == {"x"} and source(fourth) == f"{third}/x"
+    fifth, reused = submit()  # the copy carries the stat its own key was made with
+    assert reused == {"x"} and source(fifth) == f"{fourth}/x"
     b.close()

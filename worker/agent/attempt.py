@@ -17,7 +17,7 @@ from pathlib import Path
 
 from worker import defaults
 from worker.agent.books import Bookkeeper, Outcome
-from worker.agent.files import AttemptLog, seal_outputs, stage_input, take_return
+from worker.agent.files import AttemptLog, local_seen, seal_outputs, stage_input, take_return
 from worker.agent.pool import ExecutorPool
 from worker.agent.runbook import RunBook
 from worker.agent.slot import Claim, Slot, StopFlag
@@ -52,6 +52,7 @@ class Prepared:
     shard: TaskShard | None = None
     task: RunningTask | None = None
     early: Outcome | None = None
+    seen: str | None = None  # the shard's local files before it started (files.local_seen)
 
 
 class AttemptRunner:
@@ -99,6 +100,7 @@ class AttemptRunner:
             prepared = self.prepare(slot, claim, 0)
         run_id, shard_id = claim.manifest.run_id, claim.delivery.message.shard_id
         value = None
+        seen: list[str | None] | None = None
         try:
             outcome = self.run(slot, prepared)
             if outcome.state is AttemptState.PREEMPTED and self.store.exists(
@@ -126,6 +128,8 @@ class AttemptRunner:
                     outcome = Outcome(AttemptState.FAILED, outcome.exit_code, str(exc))
             if outcome.state is AttemptState.SUCCEEDED:
                 value = returned
+                if prepared.seen is not None:  # what it read may have changed while it ran
+                    seen = [prepared.seen, local_seen(claim.delivery.message.shard_record)]
             prepared.log.store()
         except Exception as exc:
             # The attempt is claimed: record it and count it, so a shard whose outputs cannot be
@@ -136,7 +140,8 @@ class AttemptRunner:
             shutil.rmtree(prepared.out_dir, ignore_errors=True)
         if prepared.shard is not None:  # the attempt's working folder goes with it
             remove_tree(task_cwd(prepared.shard))
-        self.books.settle(slot, self.books.finished(claim, outcome, outputs, value=value))
+        finished = self.books.finished(claim, outcome, outputs, value=value, seen=seen)
+        self.books.settle(slot, finished)
 
     def start_ahead(self, slot: Slot) -> dict[int, Prepared]:
         """Short shards of one warm host: send them all at once, so the host never waits for
@@ -188,6 +193,7 @@ class AttemptRunner:
             prepared.executor = self.pool.get(claim.bundle, Entry(manifest.entry), options)
             work = slot.scratch / f"input-{position}"
             staged = stage_input(self.store, shard, options.stage, work, self.worker)
+            prepared.seen = local_seen(shard)
         except (ImagePullError, ContainerRuntimeMissing, GpuSupportMissing) as exc:
             # Not this shard's fault: no shard of the run can start here. Stop the whole run
             # with the reason, instead of failing every shard's every attempt with it.

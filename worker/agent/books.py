@@ -139,9 +139,15 @@ class Bookkeeper:
     # -- settling --------------------------------------------------------------------------
 
     def finished(
-        self, claim: Claim, outcome: Outcome, outputs: list[str] | None = None, value: Any = None
+        self,
+        claim: Claim,
+        outcome: Outcome,
+        outputs: list[str] | None = None,
+        value: Any = None,
+        seen: list[str | None] | None = None,
     ) -> Finished:
-        """The settlement record of a claimed attempt that ended now."""
+        """The settlement record of a claimed attempt that ended now (``seen``: its shard's
+        local files at its start and end, kept in its commit)."""
         return Finished(
             delivery=claim.delivery,
             attempt=claim.attempt,
@@ -155,6 +161,7 @@ class Bookkeeper:
             outputs=outputs or [],
             bundle=claim.bundle,
             value=value,
+            input_seen=seen,
         )
 
     def settle(self, slot: Slot, finished: Finished) -> None:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
 import stat
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,7 @@ from worker.errors import TaskError
 from worker.executors.base import remove_tree
 from worker.executors.tracebacks import traceback_line
 from worker.protocol import Layout, Shard
+from worker.pyfunc.shared import FILES_PARAM
 from worker.store import Store
 from worker.taskapi import RETURN_FILE
 
@@ -111,6 +114,50 @@ def stage_input(store: Store, shard: Shard, stage: bool, work: Path, worker: str
     target.parent.mkdir(parents=True, exist_ok=True)
     store.fetch(shard.input, target)
     return str(target)
+
+
+GONE = "-"  # the print of a file that is not there
+
+
+def stat_print(st: os.stat_result) -> str:
+    """A local file as the cross-run cache compares it, with no byte read: its size, its
+    modification time and its inode (which tells a file renamed into place from the one it
+    replaced, even with the same time). Not the change time: a task that hard-links its input
+    into its outputs changes it, and would never be reused."""
+    return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
+
+
+def path_print(path: str) -> str:
+    """:func:`stat_print` of the file at ``path`` as it is now (:data:`GONE`: none)."""
+    try:
+        return stat_print(os.stat(path))
+    except OSError:
+        return GONE
+
+
+def named_files(shard: Shard) -> list[str]:
+    """The files a shard's ``cflow`` items name (``cflow.inputs``; with the cache only)."""
+    names = (shard.params or {}).get(FILES_PARAM)
+    return [n for n in names if isinstance(n, str)] if isinstance(names, list) else []
+
+
+def seen_print(input_print: str | None, files: Mapping[str, str]) -> str | None:
+    """One print of the local files a shard reads: its input's (None: no local input), or, with
+    files its items name, a digest of them all; None when it reads none."""
+    if not files:
+        return input_print
+    blob = json.dumps([input_print, sorted(files.items())]).encode()
+    return "sha256:" + hashlib.sha256(blob).hexdigest()
+
+
+def local_seen(shard: Shard) -> str | None:
+    """:func:`seen_print` of the shard's local input and named local files as they are now.
+    Taken at an attempt's start and end and kept in its commit, so the cache reuses the commit
+    only where what the attempt read is what the shard's key covers (``runner.engine.cache``):
+    a stat per file each time."""
+    local = shard.input if shard.input and "://" not in shard.input else None
+    files = {n: path_print(n) for n in named_files(shard) if "://" not in n}
+    return seen_print(path_print(local) if local else None, files)
 
 
 def seal_outputs(
