@@ -217,9 +217,11 @@ def test_an_endless_stream_is_read_only_so_far_ahead_of_its_workers(
     store = tmp_path / ".cflow"
     run = cflow.submit(_slow, itertools.count(), store=store, workers=1, chunk_size=1)
     backends = open_local(store)
-    wait_for(lambda: load_manifest(backends.store, run.id).published >= AHEAD, 60, "AHEAD out")
-    time.sleep(2.0)  # unbound, a generator this fast gives millions in that time
-    published = load_manifest(backends.store, run.id).published
-    assert published < AHEAD + 1000 + 200, published  # a batch past it, and what ran
-    run.cancel()
-    backends.close()
+    try:
+        wait_for(lambda: load_manifest(backends.store, run.id).published >= AHEAD, 60, "AHEAD")
+        time.sleep(2.0)  # unbound, a generator this fast gives millions in that time
+        published = load_manifest(backends.store, run.id).published
+        assert published < AHEAD + 1000 + 200, published  # a batch past it, and what ran
+    finally:
+        run.cancel()  # an endless run: this process's exit would wait for it for ever
+        backends.close()
