@@ -277,7 +277,10 @@ def committed_items(store: Store, run_id: str, shard: Shard, result: ShardResult
 
     if isinstance(kept, dict) and CHUNK_PICKLES in kept:  # every item's value, in one list
         raws = pickle.loads(binascii.a2b_base64(kept[CHUNK_PICKLES]))
-        return [value(j, raw) for j, raw in enumerate(raws)]
+        try:  # all at once, with no call per item; one by one where one will not load
+            return [pickle.loads(r) if BY_VALUE not in r else load_value(r) for r in raws]
+        except Exception:
+            return [value(j, raw) for j, raw in enumerate(raws)]
     entries = chunk_entries(store, run_id, shard.id, result)
     out: list[Any] = []
     log: bytes | None = None
