@@ -191,8 +191,10 @@ class Manifest(_Record):
         """Whether some shards of the run were never put on the queue."""
         return self.published is not None and self.published < self.shard_count
 
-    @property
+    @functools.cached_property
     def run_options(self) -> RunOptions:
+        """Its options, read once per manifest (a worker asks for them several times an
+        attempt; a changed manifest is another object)."""
         return RunOptions.from_dict(self.options)
 
     def with_state(self, state: RunState) -> Manifest:
