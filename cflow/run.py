@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import sys
 import time
 import weakref
@@ -196,8 +195,13 @@ class Run:
         self._end_shown = True
         if driver is not None and driver.error is not None:
             raise driver.error
-        if self._feed is not None and self._feed.error is not None:
-            raise self._feed.error  # the items read before it were run; results() says so too
+        feed = self._feed
+        if feed is not None and feed.error is not None:  # the items read before it were run
+            error, held = feed.error, feed.held(self._manifest().published or 0)
+            note = f"cflow: run {self.id} holds the {held} items read before it"
+            if note not in getattr(error, "__notes__", ()):
+                error.add_note(note)
+            raise error
 
     def _watched(self) -> Driver | None:
         """The thread watching the run here; one is started for a run nothing here watches
@@ -254,24 +258,9 @@ class Run:
         given would be silently short), else no more are (Ctrl-C); either way the count of
         those it holds is recorded before this returns (a run left ``publishing`` could never
         be watched to its end), and said when reading was cut short."""
-        feed, cut = self._feed, ""
-        if feed is not None and read_all and self._manifest().publishing:
-            print(
-                f"cflow: reading the rest of run {self.id}'s items before leaving it going"
-                " (Ctrl-C stops reading them)",
-                file=sys.stderr,
-            )
-            with contextlib.suppress(KeyboardInterrupt):
-                while self._manifest().publishing and not feed.stopped():
-                    time.sleep(PACE)
-        if feed is not None:
-            feed.stop()
-            deadline = time.monotonic() + STOP_SECONDS
-            while (manifest := self._manifest()).publishing and time.monotonic() < deadline:
-                time.sleep(PACE / 4)
-            if feed.error is None and not feed.exhausted():
-                held = feed.held(manifest.published or 0)
-                cut = f" with its first {held} items (reading them stopped here)"
+        cut = ""
+        if self._feed is not None:
+            cut = self._feed.leave(self.id, self._manifest, PACE, STOP_SECONDS, read_all=read_all)
         print(
             f"cflow: run {self.id} goes on{cut}; attach with cflow.attach({self.id!r}) or"
             f" `runner watch {self.id}`",

@@ -9,17 +9,20 @@ the shard's input file.
 from __future__ import annotations
 
 import base64
+import contextlib
+import sys
 import tempfile
 import textwrap
 import threading
-from collections.abc import Iterable, Iterator, Sized
+import time
+from collections.abc import Callable, Iterable, Iterator, Sized
 from pathlib import Path
 from typing import Any
 
 from cflow.chunks import Chunking, chunk_item, span
 from cflow.pickling import ItemPickler, modules_named, pickle_function
 from cflow.pickling import loads as load_value
-from worker.protocol import Layout, Shard
+from worker.protocol import Layout, Manifest, Shard
 from worker.pyfunc import FOLDER_FILE, FUNCTION_FILE, ITEM_PARAM
 from worker.pyfunc.modules import OWN_FILE
 from worker.store import Store
@@ -110,6 +113,37 @@ class ItemFeed:
 
     def stopped(self) -> bool:
         return self._stop.is_set()
+
+    def leave(
+        self,
+        run_id: str,
+        manifest: Callable[[], Manifest],
+        pace: float,
+        stop_seconds: float,
+        *,
+        read_all: bool,
+    ) -> str:
+        """Stop reading items for a run left going (``Run._leave_going``): with ``read_all``
+        the rest are read first (Ctrl-C stops that), and the count of those read is recorded
+        (``manifest()`` no longer publishing) within ``stop_seconds``. What the line leaving it
+        adds: how many items it holds, where reading was cut short."""
+        if read_all and manifest().publishing:
+            print(
+                f"cflow: reading the rest of run {run_id}'s items before leaving it going"
+                " (Ctrl-C stops reading them)",
+                file=sys.stderr,
+            )
+            with contextlib.suppress(KeyboardInterrupt):
+                while manifest().publishing and not self.stopped():
+                    time.sleep(pace)
+        self.stop()
+        deadline = time.monotonic() + stop_seconds
+        while (current := manifest()).publishing and time.monotonic() < deadline:
+            time.sleep(pace / 4)
+        if self.error is not None or self.exhausted():
+            return ""
+        held = self.held(current.published or 0)
+        return f" with its first {held} items (reading them stopped here)"
 
     def exhausted(self) -> bool:
         """Whether every item was read: the iterable ended, not the reading."""

@@ -432,6 +432,7 @@ class _Stream:
                 raise
             raise StreamError(
                 f"reading the items of run {self.manifest.run_id} failed after"
-                f" {self.manifest.published} ({type(exc).__name__}: {exc}); the run holds those",
+                f" {self.manifest.published} shards were published ({type(exc).__name__}:"
+                f" {exc}); the run holds those",
                 run_id=self.manifest.run_id,
             ) from exc

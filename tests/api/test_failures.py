@@ -191,10 +191,12 @@ def test_an_iterable_that_raises_is_the_callers_error(local_backend: dict[str, A
         raise ValueError("gone after fifteen")
 
     run = cflow.submit(str, fails_inside_a_chunk(), chunk_size=10, **local_backend)
-    with pytest.raises(ValueError, match="gone after fifteen"):
+    with pytest.raises(ValueError, match="gone after fifteen") as raised:
         run.results()
-    # The five read into the next chunk before it raised run too.
+    # The five read into the next chunk before it raised run too, and it says so in items
+    # (the only count was the publisher's, in chunks: "failed after 2").
     assert (run.progress().total, run.progress().succeeded) == (15, 15)
+    assert raised.value.__notes__ == [f"cflow: run {run.id} holds the 15 items read before it"]
 
 
 @pytest.mark.parametrize("chunk_size", [None, 1], ids=["chunks", "a-shard-each"])
