@@ -45,7 +45,7 @@ from runner.preflight import (
     undo_early,
 )
 from runner.request import SubmitRequest
-from runner.results.parts import OutTarget, Say, check_out
+from runner.results.parts import OutTarget, Say, check_out, outside_store
 from worker.errors import ConfigError
 from worker.executors.container.runtime import check_image
 from worker.protocol import Layout, Manifest, RunOptions, Shard, new_run_id
@@ -105,6 +105,8 @@ def submit(
             " backend"
         )
     target = check_out(request.out, cloud=not config.is_local)
+    if config.is_local:
+        target = outside_store(config.store_dir, None, target)
     if target is not None and target.path is not None:
         check_writable(target.path, "--out")
     if config.is_local:

@@ -31,7 +31,6 @@ from runner.cli.common import (
     StoreOpt,
     app,
     err,
-    fail,
     need_run,
     open_dep,
     out,
@@ -47,9 +46,9 @@ from runner.engine.listing import UNFINISHED, scan_runs, shown_state, unfinished
 from runner.engine.reports import flag_lost, iter_shard_reports
 from runner.finish import combine_where_data_is, live_workers, worker_gone
 from runner.results.custom import CombineFailed
-from runner.results.parts import OutTarget, check_out
+from runner.results.parts import check_out, outside_store
 from worker.errors import CFlowError, NotFound
-from worker.protocol import Layout, Manifest, RunOptions, ShardState
+from worker.protocol import Manifest, RunOptions, ShardState
 
 
 @app.command()
@@ -159,9 +158,9 @@ def combine(
     """Combine the committed outputs of a run (again). Prints where each file went."""
     need_run(run_id, local, store, deployment)
     cfg = config_mod.resolve(local=local, store_dir=store, deployment_file=deployment)
-    target = _outside_store(
-        cfg, run_id, check_out(out_dir, cloud=not cfg.is_local, run_id=run_id, force=force)
-    )
+    target = check_out(out_dir, cloud=not cfg.is_local, run_id=run_id, force=force)
+    if cfg.is_local:
+        target = outside_store(cfg.store_dir, run_id, target)
     with open_dep(local, store, deployment) as dep:
         st = dep.backends.store
         manifest = runs.load_manifest(st, run_id)
@@ -189,26 +188,6 @@ def combine(
         )
         if unfinished > 0:  # the run is still going (or was cancelled): this is not its result
             raise typer.Exit(EXIT_FAILED)
-
-
-def _outside_store(
-    cfg: config_mod.Config, run_id: str, target: OutTarget | None
-) -> OutTarget | None:
-    """``target``, or None when it is the run's own combined folder in the local store (where
-    the result goes anyway: copying it onto itself failed). Any other folder in the store is
-    refused: the copy would write among the store's own files (another run's result, say)."""
-    if target is None or target.path is None or not cfg.is_local:
-        return target
-    root = cfg.store_dir.resolve()
-    if target.path == root / Layout.combined(run_id).rstrip("/"):
-        return None
-    if target.path == root or root in target.path.parents:
-        where = "the store" if target.path == root else f"inside the store {root}"
-        raise fail(
-            f"--out {target.path} is {where}; give a folder outside it (the result is in"
-            f" {root / Layout.combined(run_id)} anyway)"
-        )
-    return target
 
 
 @app.command("runs")

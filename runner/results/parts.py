@@ -56,6 +56,23 @@ class OutTarget:
         return f"gs://{self.bucket}/{self.prefix}{rel}"
 
 
+def outside_store(store: Path, run_id: str | None, target: OutTarget | None) -> OutTarget | None:
+    """``target``, or None when it is the run's own combined folder in the local ``store``
+    (where the result goes anyway: copying it onto itself failed). Any other folder in the
+    store is refused: the copy would write among the store's own files (another run's result,
+    its queue), and the next bundle of a task folder holding it would leave it out."""
+    if target is None or target.path is None:
+        return target
+    root = store.resolve()
+    if run_id is not None and target.path == root / Layout.combined(run_id).rstrip("/"):
+        return None
+    if target.path == root or root in target.path.parents:
+        where = "the store" if target.path == root else f"inside the store {root}"
+        mine = f" (the result is in {root / Layout.combined(run_id)} anyway)" if run_id else ""
+        raise ConfigError(f"--out {target.path} is {where}; give a folder outside it{mine}")
+    return target
+
+
 def check_out(
     out: str | Path | None, *, cloud: bool, run_id: str | None = None, force: bool = False
 ) -> OutTarget | None:

@@ -140,6 +140,13 @@ def test_out_in_the_store_is_the_runs_own_result_or_refused(cli: Cli, tmp_path: 
             " anyway)"
         ]
     assert (theirs / "a.csv").read_text() == before and not (cli.store / "a.csv").exists()
+    # A submit's --out inside the store wrote among its files too (its queue, a run's result).
+    refused = cli("submit", str(task), "--shards", "1", "--out", str(cli.store / "mine"))
+    assert refused.code == 2 and refused.stderr.splitlines()[-1] == (
+        f"error: --out {cli.store / 'mine'} is inside the store {cli.store}; give a folder"
+        " outside it"
+    )
+    assert not (cli.store / "mine").exists()
 
 
 def test_a_run_without_outputs_says_so(cli: Cli, tmp_path: Path) -> None:
