@@ -6,8 +6,9 @@ its manifest, and goes on reading and publishing in a thread of its own while th
 Until the stream ends the manifest counts one shard more than it published (``publishing``
 holds: the run cannot look settled, and ``runner runs`` shows it ``publishing``); at the end it
 records the real count. The shard list (``shards.jsonl``, read by ``runner status`` and retry)
-is rewritten whenever the count has doubled and at the end, so its writes add up to at most
-twice its size. Memory stays flat: a batch at a time, the list in a temporary file (a stream
+goes to the store before the shards it lists are published: with every batch while it is
+short (up to :data:`LIST_EVERY_BATCH`), and once longer whenever its count has doubled and at
+the end, so its writes add up to at most twice its size then. Memory stays flat: a batch at a time, the list in a temporary file (a stream
 of one batch, a list's few thousand items, puts its list from memory).
 """
 
@@ -41,6 +42,7 @@ QUEUE_BYTES = 1024 * 1024
 BATCH_BYTES = 1024 * 1024
 SHARD_BYTES = 256  # what a shard weighs besides its params' strings and its input
 AHEAD = 4 * defaults.PUBLISH_BATCH  # shards queued at most before reading waits (locally)
+LIST_EVERY_BATCH = 1 << 20  # a shard list this long or shorter is put again with every batch
 
 
 def _weight(shard: Shard) -> int:
@@ -373,13 +375,19 @@ class _Stream:
         run_id = self.manifest.run_id
         reused = self.reuse(run_id, batch) if self.reuse is not None and batch else set()
         messages = [WorkMessage(run_id=run_id, shard=r) for r in records if r["id"] not in reused]
+        # The list goes first: a shard on the queue is listed, whatever becomes of this process
+        # (its caller killed, a run then halted: what it committed read back from the list).
+        # A long list goes only when it has doubled, so that its writes stay within twice its
+        # size: those past the last one are listed once the stream ends.
+        doubled = self.listed >= 2 * max(self.uploaded, defaults.PUBLISH_BATCH // 2)
+        short = self.listing is not None and self.listing.stat().st_size <= LIST_EVERY_BATCH
+        due = doubled or short or final
+        if self.listing is not None and due and self.uploaded < self.listed:
+            self.store.put_file(Layout.shard_list(run_id), self.listing)  # not twice the same
+            self.uploaded = self.listed
         if messages:
             self.queue.publish(messages)
         done = (self.manifest.published or 0) + len(batch)
-        doubled = self.listed >= 2 * max(self.uploaded, defaults.PUBLISH_BATCH // 2)
-        if self.listing is not None and (doubled or (final and self.uploaded < self.listed)):
-            self.store.put_file(Layout.shard_list(run_id), self.listing)  # not twice the same
-            self.uploaded = self.listed
         at = self.clock.time()
 
         def counted(current: Manifest) -> Manifest:  # over a `runner cancel` meanwhile

@@ -30,6 +30,21 @@ def main() -> None:
             time.sleep(0.05)
             yield x
 
+    if mode == "stalls":  # two batches of items, then a stream that waits for ever
+
+        def stalling() -> Iterator[int]:
+            for x in range(20):
+                if x % 10 == 0:
+                    time.sleep(0.5)  # each ten a publish batch of its own
+                yield x
+            (marks / "read").touch()
+            time.sleep(600)
+            yield 20
+
+        run = cflow.submit(lambda x: x * 10, stalling(), store=store, chunk_size=1, idle_timeout=2)
+        print(run.id, flush=True)
+        run.results()
+        return
     if mode == "exit-detach-many":  # more items than one publish batch, left at once
         cflow.submit(lambda x: x * 10, range(2500), store=store, detach=True, chunk_size=1)
         return

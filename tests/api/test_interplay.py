@@ -141,6 +141,40 @@ def test_a_killed_script_takes_its_run_with_it_and_a_retry_runs_what_is_left(
     assert list(cflow.attach(run_id, store=cli.store).results()) == [0, 10, 20]
 
 
+def test_a_script_killed_while_reading_its_items_leaves_a_run_of_those_it_read(
+    cli: Cli, tmp_path: Path
+) -> None:
+    """The shard list went to the store only as it doubled: the halted run listed the first
+    batch's 10 shards of the 20 that ran, its count said 20 of 21, its values were 10, and
+    `runner retry --failed` found nothing to retry."""
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    proc = subprocess.Popen(
+        [sys.executable, str(SCRIPT), str(cli.store), str(marks), "stalls"],
+        cwd=tmp_path,
+        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHONPATH": str(REPO)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        run_id = _only_run_when(cli)
+        wait_for(lambda: (marks / "read").exists(), 60, "the items to be read")
+        wait_for(lambda: len(cli.records(f"runs/{run_id}/shards/*/result.json")) == 20, 60, "20")
+    finally:
+        proc.kill()
+        proc.communicate()
+    wait_for(lambda: cli.status(run_id)["state"] == "cancelled", 60, "the workers to halt it")
+    assert len(cli.status(run_id)["shards"]) == 20
+    got = cflow.attach(run_id, store=cli.store, progress=False).results()
+    assert list(got) == [x * 10 for x in range(20)]
+
+
+def _only_run_when(cli: Cli) -> str:
+    wait_for(lambda: (cli.store / "runs").exists() and any((cli.store / "runs").iterdir()), 60)
+    return _only_run(cli)
+
+
 def test_an_item_that_times_out_takes_the_runs_its_function_made_with_it(
     cli: Cli, tmp_path: Path
 ) -> None:

@@ -139,7 +139,8 @@ class RunBook:
             results = self.store.list(Layout.shards_prefix(run_id), suffix="/result.json")
             if len(list(islice(results, manifest.shard_count))) >= manifest.shard_count:
                 return manifest
-        self.halt(run_id, f"the process that made it (pid {pid}) ended without waiting for it")
+        reason = f"the process that made it (pid {pid}) ended without waiting for it"
+        self.halt(run_id, reason, cut=True)  # the items it was reading died with it
         return self._manifests.get(run_id, (manifest, 0.0))[0] or manifest
 
     def look_after(self, run_id: str) -> None:
@@ -200,11 +201,15 @@ class RunBook:
             if health is None or health.round != current:
                 self._health[manifest.run_id] = _Health(current, HaltTally(run_rule(manifest)))
 
-    def halt(self, run_id: str, reason: str, *, in_round: Round | None = None) -> bool:
+    def halt(
+        self, run_id: str, reason: str, *, in_round: Round | None = None, cut: bool = False
+    ) -> bool:
         """Cancel a run that cannot run, saying why (the runner's watch ends at once and prints
         the reason, as for ``--halt``): its image cannot be pulled, its GPUs cannot be passed
         into a container, or its halt rule is met here. ``in_round``: only if the run is still
-        in that round (a retry since starts afresh). True if this call stopped the run."""
+        in that round (a retry since starts afresh); ``cut``: a run still being published holds
+        the shards out so far (its caller, reading its items, is gone). True if this call
+        stopped the run."""
         seen: list[Manifest] = []
 
         def stop(raw: bytes) -> bytes | None:  # asked again if another writer came between
@@ -214,7 +219,10 @@ class RunBook:
             ):
                 return None
             off, now = RunState.CANCELLED.value, self.clock.time()
-            seen[:] = [dataclasses.replace(current, state=off, halted=reason, cancelled_at=now)]
+            halted = dataclasses.replace(current, state=off, halted=reason, cancelled_at=now)
+            if cut and current.publishing:  # its items will never be read on: it holds those out
+                halted = dataclasses.replace(halted, shard_count=current.published or 0)
+            seen[:] = [halted]
             return seen[0].to_json()
 
         try:
