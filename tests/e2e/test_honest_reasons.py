@@ -185,6 +185,12 @@ def run(shard):
         raise Multi("line one\\nline two\\nline three")
     if shard.index == 1:
         raise ValueError("bad thing \\r carriage")
+    if shard.index == 3:
+        compile("def (:\\n  pass", "<gen>", "exec")
+    if shard.index == 4:
+        raise ValueError("\\x1b[31mred\\x1b[0m")
+    if shard.index == 5:
+        raise ValueError("\\n\\nafter blanks")
     noted = KeyError("k")
     noted.add_note("a note")
     raise noted
@@ -198,10 +204,13 @@ def test_a_failure_of_several_lines_is_said_by_its_first(
     """The reason was the message's last line (``line three``, a note, what followed a
     carriage return): the exception's type and what it said were lost."""
     task = str(make_task(tmp_path / "t", MESSAGES))
-    r = cli("submit", task, "--shards", "3", "--max-attempts", "1", "--halt", "never", *isolate)
+    r = cli("submit", task, "--shards", "6", "--max-attempts", "1", "--halt", "never", *isolate)
     assert r.code == 1, r.stderr
     assert sorted(_reasons(cli, r.run_id).values()) == [
         "KeyError: 'k' (+1 more line in the log)",
+        "SyntaxError: invalid syntax",  # not the line before it: where it was
+        "ValueError: \\x1b[31mred\\x1b[0m",  # a colour code in a reason is shown, not obeyed
+        "ValueError: after blanks",
         "ValueError: bad thing \\r carriage",
         "task.Multi: line one (+2 more lines in the log)",
     ]

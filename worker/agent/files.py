@@ -14,7 +14,7 @@ from typing import Any
 
 from worker.errors import TaskError
 from worker.executors.base import remove_tree
-from worker.executors.tracebacks import traceback_line
+from worker.executors.tracebacks import printable, traceback_line
 from worker.protocol import Layout, Shard
 from worker.pyfunc.shared import FILES_PARAM
 from worker.store import Store
@@ -87,7 +87,7 @@ class AttemptLog:
         if said is not None:
             return said[:500]
         for line in reversed(lines):
-            line = line.strip().replace("\r", "\\r")
+            line = printable(line.strip())
             if line and not line.startswith("cflow: the task's process"):
                 return line[:500]
         return None

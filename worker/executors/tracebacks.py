@@ -66,18 +66,33 @@ def exception_line(exc: BaseException) -> str:
     alone said ``line three`` for ``Multi("line one\\nline two\\nline three")``, a note for
     an exception with one, and what followed a carriage return."""
     # The two-argument form: Python 3.9 (an image's interpreter) has no other.
-    text = "".join(traceback.format_exception_only(type(exc), exc)).strip()
-    return first_of(text.split("\n"))
+    lines = "".join(traceback.format_exception_only(type(exc), exc)).split("\n")
+    while lines and lines[0].startswith(" "):  # a SyntaxError's place comes before its line
+        lines.pop(0)
+    return first_of(lines)
 
 
 def first_of(lines: list[str]) -> str:
-    """The first of an exception's lines as printed, the others counted."""
-    kept = [line for line in lines if line.strip()]
+    """The first of an exception's lines as printed, the others counted: a message that
+    starts on a later line (``ValueError("\\nafter a blank")``) joined to its type. Control
+    characters are escaped (a terminal's colour codes in a message would reach the terminal
+    that shows the reason: ``runner status``)."""
+    kept = [line.rstrip() for line in lines if line.strip()]
     if not kept:
         return ""
-    more = len(kept) - 1
-    first = kept[0].rstrip().replace("\r", "\\r")
-    return first + (f" (+{more} more line{'s' * (more > 1)} in the log)" if more else "")
+    first = kept.pop(0)
+    if first.endswith(":") and kept:  # ``Type:`` alone: its message came on the next line
+        first = f"{first} {kept.pop(0).strip()}"
+    more = len(kept)
+    return printable(first) + (f" (+{more} more line{'s' * (more > 1)} in the log)" if more else "")
+
+
+def printable(text: str) -> str:
+    """``text`` with its control characters escaped (``\\r``, ``\\x1b``), tabs kept."""
+    return "".join(
+        ch if (ch >= " " and ch != "\x7f") or ch == "\t" else ch.encode("unicode_escape").decode()
+        for ch in text
+    )
 
 
 def traceback_line(lines: list[str]) -> str | None:
