@@ -8,8 +8,9 @@ holds: the run cannot look settled, and ``runner runs`` shows it ``publishing``)
 records the real count. The shard list (``shards.jsonl``, read by ``runner status`` and retry)
 goes to the store before the shards it lists are published: with every batch while it is
 short (up to :data:`LIST_EVERY_BATCH`), and once longer whenever its count has doubled and at
-the end, so its writes add up to at most twice its size then. Memory stays flat: a batch at a time, the list in a temporary file (a stream
-of one batch, a list's few thousand items, puts its list from memory).
+the end, so its writes add up to at most twice its size then. Memory stays flat: a batch at a
+time, the list in a temporary file (a stream of one batch, a list's few thousand items, puts its
+list from memory).
 """
 
 from __future__ import annotations
