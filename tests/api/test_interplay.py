@@ -41,17 +41,9 @@ def _interrupt(
 ) -> subprocess.CompletedProcess[str]:
     """The script in ``mode``, sent Ctrl-C (or ``sig``) once a first item started (``go``: the
     items are let through instead)."""
-    tmp_path = cli.workdir
-    marks = tmp_path / "marks"
+    marks = cli.workdir / "marks"
     marks.mkdir()
-    proc = subprocess.Popen(
-        [sys.executable, str(SCRIPT), str(cli.store), str(marks), mode],
-        cwd=tmp_path,
-        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHONPATH": str(REPO)},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = _started(cli, marks, mode)
     try:
         wait_for(lambda: any(marks.glob("started-*")), 60, "a first item to start")
         if go:
@@ -64,6 +56,18 @@ def _interrupt(
         _, err = proc.communicate()
         raise AssertionError(f"the script did not end on Ctrl-C; it wrote:\n{err}") from None
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def _started(cli: Cli, marks: Path, mode: str) -> subprocess.Popen[str]:
+    """The script in ``mode``, started in the test's folder."""
+    return subprocess.Popen(
+        [sys.executable, str(SCRIPT), str(cli.store), str(marks), mode],
+        cwd=cli.workdir,
+        env={"PATH": "/usr/bin:/bin", "HOME": str(cli.workdir), "PYTHONPATH": str(REPO)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _ended(cli: Cli, script: Path, marks: Path, mode: str) -> subprocess.CompletedProcess[str]:
@@ -149,14 +153,7 @@ def test_a_script_killed_while_reading_its_items_leaves_a_run_of_those_it_read(
     `runner retry --failed` found nothing to retry."""
     marks = tmp_path / "marks"
     marks.mkdir()
-    proc = subprocess.Popen(
-        [sys.executable, str(SCRIPT), str(cli.store), str(marks), "stalls"],
-        cwd=tmp_path,
-        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHONPATH": str(REPO)},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = _started(cli, marks, "stalls")
     try:
         run_id = _only_run_when(cli)
         wait_for(lambda: (marks / "read").exists(), 60, "the items to be read")
@@ -186,7 +183,7 @@ def test_an_item_that_times_out_takes_the_runs_its_function_made_with_it(
     inner_cli.workdir.mkdir()
     gated, inner = _gated(marks), str(inner_cli.store)
 
-    def outer(n: int) -> list[int]:
+    def outer(n: int) -> Any:
         return cflow.map(gated, range(n), store=inner, workers=1, progress=False)
 
     with pytest.raises(cflow.ShardFailed) as failed:
@@ -294,7 +291,7 @@ def test_attach_to_a_cli_run_gives_its_json_values_and_never_unpickles_them(
     forged = make_task(tmp_path / "forged", FORGED.replace("MARK", repr(str(mark))))
     for task, values in ((numbers, [10, 11]), (forged, None)):
         done = cli("submit", str(task), "--shards", "2")
-        assert done.code == 0, done.err
+        assert done.code == 0, done.stderr
         run = cflow.attach(done.run_id, store=cli.store, progress=False)
         got = list(run.results())
         if values is not None:
