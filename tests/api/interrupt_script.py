@@ -41,7 +41,7 @@ def main() -> None:
             time.sleep(600)
             yield 20
 
-        run = cflow.submit(lambda x: x * 10, stalling(), store=store, chunk_size=1, idle_timeout=2)
+        run = cflow.submit(lambda x: x * 10, stalling(), store=store, chunk_size=1)
         print(run.id, flush=True)
         run.results()
         return

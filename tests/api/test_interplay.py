@@ -161,7 +161,9 @@ def test_a_script_killed_while_reading_its_items_leaves_a_run_of_those_it_read(
     finally:
         proc.kill()
         proc.communicate()
-    wait_for(lambda: cli.status(run_id)["state"] == "cancelled", 60, "the workers to halt it")
+    # Its workers, idle (every shard out had run), look at their run every 2 s: not only as
+    # they leave (30 s idle, locally).
+    wait_for(lambda: cli.status(run_id)["state"] == "cancelled", 10, "the workers to halt it")
     assert len(cli.status(run_id)["shards"]) == 20
     got = cflow.attach(run_id, store=cli.store, progress=False).results()
     assert list(got) == [x * 10 for x in range(20)]

@@ -106,6 +106,7 @@ class Agent:
         self._announced_idle = False
         self._settled_idle = False  # its first empty receive since it worked is done with
         self._idle_said = 0.0  # when it last said it is idle (monotonic)
+        self._looked = 0.0  # when it last looked at its one run's caller while idle
         self._exit_reason: str | None = None
         root = store.local_path("")
         # Outputs are sealed by a rename into the store: keep scratch on the store's disk.
@@ -179,7 +180,7 @@ class Agent:
         self._exit_reason = None
         self._announced_idle = self._settled_idle = False
         self.lifetime.record(stopped=False)
-        self.books.last_finished = self.clock.monotonic()
+        self.books.last_finished = self._looked = self.clock.monotonic()
         SPARE_HOSTS.start(self.config.slots)  # interpreters start while we wait for work
         slots = self._slots = [Slot(i, self._scratch) for i in range(self.config.slots)]
         for slot in slots:
@@ -290,7 +291,9 @@ class Agent:
             elif cfg.idle_timeout is not None and idle_for >= cfg.idle_timeout:
                 self._exit_reason = self._exit_reason or f"idle for {idle_for:.0f}s"
                 leaving = True
-        if leaving and cfg.run is not None:  # halted if its caller went while no work came
+        now = self.clock.monotonic()
+        if cfg.run is not None and (leaving or now - self._looked >= defaults.CANCEL_CHECK_SECONDS):
+            self._looked = now  # its one run, halted if its caller went while no work came
             self.runs.look_after(cfg.run)
         if settle:  # the first empty receive since it worked: what it kept for work goes
             self.pool.trim()
