@@ -184,27 +184,24 @@ class GcsStore(GcsBatch):
                 return False
 
     def get(self, key: str) -> bytes:
-        with self._errors("read", key):
-            blob = self.bucket.blob(key)
-            data: bytes = self._call(
-                f"read {self.url(key)}", lambda: blob.download_as_bytes(retry=None)
-            )
-            return data
+        return self._read(key)
 
     def get_range(self, key: str, start: int, size: int) -> bytes:
+        return self._read(key, start, start + size - 1)
+
+    def _read(self, key: str, start: int | None = None, end: int | None = None) -> bytes:
+        """The object, or bytes ``start`` to ``end`` of it (b"": a range at or past its end)."""
         with self._errors("read", key):
             blob = self.bucket.blob(key)
 
-            def ranged() -> bytes:
+            def read() -> bytes:
                 try:
-                    data: bytes = blob.download_as_bytes(
-                        start=start, end=start + size - 1, retry=None
-                    )
-                except gexc.RequestRangeNotSatisfiable:  # 416: at or past its end
+                    data: bytes = blob.download_as_bytes(start=start, end=end, retry=None)
+                except gexc.RequestRangeNotSatisfiable:  # 416: only a range can be
                     return b""
                 return data
 
-            return self._call(f"read {self.url(key)}", ranged)
+            return self._call(f"read {self.url(key)}", read)
 
     def get_many(self, keys: list[str]) -> dict[str, bytes]:
         """A bucket answers each read in tens of milliseconds: 16 in flight at once."""
