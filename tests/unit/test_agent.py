@@ -404,3 +404,38 @@ def test_a_worker_whose_empty_receive_is_held_says_it_is_idle_while_it_waits(
     agent.books.emit = noted  # type: ignore[method-assign]
     assert agent.run().startswith("idle")
     assert order == ["held", "idle", "answered"]  # said once, while the receive was held
+
+
+def test_a_batch_is_settled_while_the_next_one_runs_and_all_before_the_worker_ends(
+    tmp_path: Path,
+) -> None:
+    """A batch's settlements (one durable commit locally) are made once the next batch is
+    claimed and sent to its task host, so the commit and the host's work overlap; the last
+    batch is settled when a look finds nothing more, before the worker idles or ends."""
+    shards = [Shard(id=f"s{i}", index=i) for i in range(7)]
+    b, m = _setup(tmp_path, shards)
+    agent = _agent(b, tmp_path, slots=1)
+    ledger = agent.ledger
+    seen: list[tuple[str, list[str]]] = []
+    claim_many, settle = ledger.claim_many, ledger.settle
+
+    def claiming(wanted: list, **kwargs: Any) -> Any:  # type: ignore[type-arg]
+        seen.append(("claim", [shard for _, shard, _, _ in wanted]))
+        return claim_many(wanted, **kwargs)
+
+    def settling(batch: list) -> None:  # type: ignore[type-arg]
+        seen.append(("settle", [f.delivery.message.shard_id for f in batch]))
+        settle(batch)
+
+    ledger.claim_many = claiming  # type: ignore[method-assign]
+    ledger.settle = settling  # type: ignore[method-assign]
+    assert agent.run() == "queue empty"
+    claims = [i for i, (what, _) in enumerate(seen) if what == "claim"]
+    first_settle = next(i for i, (what, _) in enumerate(seen) if what == "settle")
+    # The first batch is settled only once the second is claimed (and sent to the host).
+    assert len(claims) >= 2 and claims[1] < first_settle, seen
+    assert seen[-1][0] == "settle"  # nothing claimed is left unsettled
+    settled = [sid for what, ids in seen if what == "settle" for sid in ids]
+    assert sorted(settled) == sorted(s.id for s in shards)  # each once
+    for s in shards:
+        assert ShardResult.from_json(b.store.get(Layout.result(m.run_id, s.id))).attempt == 1

@@ -214,37 +214,60 @@ class Agent:
         cfg, books, attempts = self.config, self.books, self.attempts
         # A local receive is a cheap query: wait in short pieces, so a stop is seen at once.
         poll = min(cfg.poll_seconds, LOCAL_POLL) if self.ledger.batches else cfg.poll_seconds
-        while not self.stopping:
-            waiting = self._say_idle_while_held(slot)
-            try:
-                deliveries = self.queue.receive(slot.prefetch, poll, worker=cfg.name)
-            except DiskFull as exc:
-                log.error("%s", exc)
-                self.clock.sleep(DISK_FULL_PAUSE)
-                continue
-            finally:
-                if waiting is not None:
-                    waiting.cancel()
-            if not deliveries:
-                if self._idle(slot):
+        try:
+            while not self.stopping:
+                deliveries = self._next_batch(slot, poll)
+                if deliveries is None:
                     return
-                continue
-            self._active(slot)
-            slot.held = list(deliveries)
-            slot.unstarted = books.claim_all(slot, deliveries)
-            durations: list[float] = []
-            ahead = attempts.start_ahead(slot) if len(slot.unstarted) > 1 else {}
-            while slot.unstarted and not self.stopping:
-                claim = slot.unstarted.pop(0)
-                self.runs.pace(claim.manifest.run_id)
-                began = time.perf_counter()
-                attempts.attempt_safely(slot, claim, ahead.pop(id(claim), None))
-                durations.append(time.perf_counter() - began)
-                books.maybe_flush(slot)
-            attempts.stop_ahead(ahead)  # stopping: what is queued in the host goes too
-            books.give_back(slot)
-            books.flush(slot)
-            slot.adapt(durations, len(deliveries))
+                if not deliveries:
+                    continue
+                self._active(slot)
+                slot.held = list(deliveries)
+                slot.unstarted = books.claim_all(slot, deliveries)
+                durations: list[float] = []
+                # The last batch's settlements (a durable commit) are made once this batch is
+                # in its task host: the commit and the host's work overlap.
+                early = len(slot.unstarted) > 1 or bool(slot.pending)
+                ahead = attempts.start_ahead(slot) if early and slot.unstarted else {}
+                books.flush(slot)
+                while slot.unstarted and not self.stopping:
+                    claim = slot.unstarted.pop(0)
+                    self.runs.pace(claim.manifest.run_id)
+                    began = time.perf_counter()
+                    attempts.attempt_safely(slot, claim, ahead.pop(id(claim), None))
+                    durations.append(time.perf_counter() - began)
+                    books.maybe_flush(slot)
+                attempts.stop_ahead(ahead)  # stopping: what is queued in the host goes too
+                books.give_back(slot)
+                slot.adapt(durations, len(deliveries))
+        finally:
+            books.flush(slot)  # what ended is settled before the slot does
+
+    def _next_batch(self, slot: Slot, poll: float) -> list[Delivery] | None:
+        """The next messages for ``slot`` (empty: none yet; None: the slot ends). With the
+        last batch's settlements still pending, only a look that does not wait: where it finds
+        nothing they are settled at once, before any wait (or idleness) begins."""
+        if slot.pending:
+            try:
+                deliveries = self.queue.receive(slot.prefetch, 0.0, worker=self.config.name)
+            except DiskFull:
+                deliveries = []
+            if not deliveries:
+                self.books.flush(slot)
+            return deliveries
+        waiting = self._say_idle_while_held(slot)
+        try:
+            deliveries = self.queue.receive(slot.prefetch, poll, worker=self.config.name)
+        except DiskFull as exc:
+            log.error("%s", exc)
+            self.clock.sleep(DISK_FULL_PAUSE)
+            return []
+        finally:
+            if waiting is not None:
+                waiting.cancel()
+        if not deliveries and self._idle(slot):
+            return None
+        return deliveries
 
     def _active(self, slot: Slot) -> None:
         with self._lock:
