@@ -50,6 +50,29 @@ def test_a_file_at_this_schema_is_not_made_again_and_one_at_another_is(tmp_path:
     conn.close()
 
 
+def test_processes_making_one_new_file_at_once_each_find_the_whole_schema(
+    tmp_path: Path,
+) -> None:
+    """The schema goes in as one transaction: a process opening a file another is making
+    waits for all of it (never a table without its indexes, never a second maker half-way)."""
+    import multiprocessing
+
+    path = tmp_path / "queue.db"
+    context = multiprocessing.get_context("fork")
+    with context.Pool(4) as pool:
+        versions = pool.map(_open_and_read_version, [path] * 8)
+    assert versions == [SCHEMA_VERSION] * 8
+    assert {"messages_ready", "messages_run", "messages_worker", "events_at"} <= _indexes(path)
+
+
+def _open_and_read_version(path: Path) -> int:
+    db = Db(path)
+    try:
+        return int(db.conn().execute("PRAGMA user_version").fetchone()[0])
+    finally:
+        db.close()
+
+
 def test_a_store_of_the_first_version_gets_its_added_columns(tmp_path: Path) -> None:
     path = tmp_path / "queue.db"
     conn = _raw(path)
