@@ -166,11 +166,13 @@ class Run:
         finally:
             self._close_here()
 
-    def _wait(self, once_done: Callable[[], None] | None = None) -> None:
+    def _wait(self, once_done: Callable[[], bool] | None = None) -> None:
         """:meth:`wait` without counting the items at the end (:meth:`results` reads every
         chunk's record itself). ``once_done`` is called here as soon as every shard is seen
         committed, while the run's thread finishes the run (at most once; not at all where
-        some failed, or the run was over already)."""
+        some failed, or the run was over already); where it says it read every value, this
+        returns at once: the run's thread finishes the run (its state, its workers) on its
+        own, and this process's exit waits for that quietly (:meth:`_at_exit`)."""
         driver = self._watched()
         ticker = self._ticker()
         try:
@@ -179,9 +181,11 @@ class Run:
                 driver.reading.set()  # its end waits for the values to be read (Driver)
             while driver is not None and not driver.over.is_set():
                 if once_done is not None and driver.all_done.is_set():
-                    once_done()
+                    driver.handed = once_done()
                     once_done = None
                     driver.taken.set()
+                    if driver.handed:
+                        break
                     continue
                 (driver.all_done if once_done is not None else driver.over).wait(PACE)
                 ticker.tick()
@@ -224,6 +228,10 @@ class Run:
         and Ctrl-C then cancels it. With ``detach=True``, or in a Jupyter kernel (restarted
         or shut down, it is killed if it takes long), it is left going, saying how to attach:
         with every item, read first (Ctrl-C stops reading them)."""
+        driver = self._driver
+        if driver is not None and driver.handed:  # its values were read: it is being finished
+            driver.over.wait(EXIT_SECONDS)
+            return
         if self._detach or in_notebook():
             self._leave_going(read_all=True)
             return
@@ -285,16 +293,18 @@ class Run:
         """
         early: list[Results | Exception] = []
 
-        def read_early() -> None:  # every shard committed: read while the run is finished
+        def read_early() -> bool:  # every shard committed: read while the run is finished
             store, manifest = self._store, self._manifest()
             done = runs.committed(store, self.id)
             if manifest.publishing or len(done) < manifest.shard_count:
-                return
+                return False
             try:
                 early.append(collect(store, self.id, runs.iter_shards(store, self.id), done,
                                      return_exceptions))  # fmt: skip
             except Exception as exc:  # raised once the run is over, as it would be then (the
                 early.append(exc)  # run's thread still finishing it, its exit hook still set)
+                return False
+            return True
 
         self._wait(read_early)
         try:

@@ -344,3 +344,48 @@ def test_a_say_that_is_not_callable_is_refused_in_one_line_before_anything_start
     assert said.startswith("say=42: give a callable that takes each line") and "\n" not in said
     assert not Path(local_backend["store"]).exists()  # nothing was started
     assert list(cflow.map(abs, [-1, 2], say=None, **local_backend)) == [1, 2]
+
+
+def test_values_come_back_before_the_run_is_recorded_finished_and_exit_waits_for_it(
+    tmp_path: Path,
+) -> None:
+    """``results()`` returns once it has read every value, not once the run's thread has
+    recorded the run finished (its finishing is slowed to a second here): the script has its
+    values while the run is still ``active``, and its exit waits for the finish without a word
+    (no "waiting for run" line, which is for runs whose values nobody read)."""
+    script = tmp_path / "script.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import json, pathlib, sys, time
+            import cflow
+            import runner.finish
+
+            finish = runner.finish._finish
+
+            def slow_finish(*args, **kwargs):
+                time.sleep(1.0)
+                return finish(*args, **kwargs)
+
+            runner.finish._finish = slow_finish
+            store = pathlib.Path(sys.argv[1])
+            values = list(cflow.map(abs, range(-3, 3), store=store, progress=False))
+            (manifest,) = store.glob("runs/*/run.json")
+            print(json.dumps([values, json.loads(manifest.read_text())["state"]]))
+            """
+        )
+    )
+    store = tmp_path / ".cflow"
+    done = subprocess.run(
+        [sys.executable, str(script), str(store)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHONPATH": str(REPO)},
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == [[3, 2, 1, 0, 1, 2], "active"]
+    assert "waiting for run" not in done.stderr, done.stderr
+    (manifest,) = store.glob("runs/*/run.json")
+    assert json.loads(manifest.read_text())["state"] == "finished"
