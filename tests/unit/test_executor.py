@@ -362,3 +362,39 @@ def test_shards_queued_on_a_host_that_died_unseen_are_settled_when_a_new_host_st
         assert later.wait(10) == 0
     finally:
         executor.close()
+
+
+def test_an_attempts_working_folder_is_kept_only_while_empty_and_ours(tmp_path: Path) -> None:
+    """A short shard's attempt makes and removes no folder: an empty working folder is kept
+    for the next attempt in the same place. Anything left in it, a mode the task took away,
+    or a link put in its place, and the next attempt gets a new empty folder (a link's
+    target untouched)."""
+    from worker.executors.base import clear_cwd, fresh_cwd
+
+    shard = TaskShard(
+        run_id="r", id="s", index=0, attempt=1, input=None, output_dir=tmp_path / "out-0"
+    )
+    cwd = fresh_cwd(shard)
+    assert cwd.is_dir() and not any(cwd.iterdir())
+    made = cwd.stat().st_ino
+    clear_cwd(shard)
+    assert fresh_cwd(shard).stat().st_ino == made  # kept, and used again
+
+    (cwd / "model.bin").write_bytes(b"left by a task")
+    clear_cwd(shard)
+    assert not cwd.exists()  # anything left: the folder goes whole
+    assert not any(fresh_cwd(shard).iterdir())
+
+    cwd.chmod(0o500)  # empty, but the next task could not write in it
+    again = fresh_cwd(shard)
+    assert again.stat().st_mode & 0o700 == 0o700 and not any(again.iterdir())
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep.txt").write_text("not the worker's")
+    cwd.rmdir()
+    cwd.symlink_to(elsewhere)  # a task that put a link in its folder's place
+    clear_cwd(shard)
+    fresh = fresh_cwd(shard)
+    assert not fresh.is_symlink() and fresh.is_dir() and not any(fresh.iterdir())
+    assert (elsewhere / "keep.txt").read_text() == "not the worker's"

@@ -23,7 +23,7 @@ from worker.agent.runbook import RunBook
 from worker.agent.slot import Claim, Slot, StopFlag
 from worker.clock import Clock
 from worker.errors import CFlowError, DiskFull, TaskError
-from worker.executors.base import RunningTask, TaskExecutor, remove_tree, task_cwd
+from worker.executors.base import RunningTask, TaskExecutor, clear_cwd
 from worker.executors.container.gpus import GpuSupportMissing
 from worker.executors.container.runtime import ContainerRuntimeMissing, ImagePullError
 from worker.ledger import CANCELLED
@@ -138,8 +138,8 @@ class AttemptRunner:
             outcome = Outcome(AttemptState.FAILED, None, f"worker error: {exc}")
             outputs, value = [], None
             shutil.rmtree(prepared.out_dir, ignore_errors=True)
-        if prepared.shard is not None:  # the attempt's working folder goes with it
-            remove_tree(task_cwd(prepared.shard))
+        if prepared.shard is not None:  # what the attempt left in its working folder goes
+            clear_cwd(prepared.shard)
         finished = self.books.finished(claim, outcome, outputs, value=value, seen=seen)
         self.books.settle(slot, finished)
 

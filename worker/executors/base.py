@@ -16,6 +16,7 @@ import os
 import select
 import shutil
 import signal
+import stat
 import subprocess
 import threading
 from abc import ABC, abstractmethod
@@ -146,23 +147,52 @@ def task_cwd(shard: TaskShard) -> Path:
 
 
 def fresh_cwd(shard: TaskShard) -> Path:
-    """:func:`task_cwd`, made empty (whatever an earlier attempt in the same place left)."""
+    """:func:`task_cwd`, empty: the one an earlier attempt in the same place left, where that
+    is still an empty folder its owner may write in (:func:`clear_cwd` leaves it so), else
+    made afresh (whatever was there goes)."""
     cwd = task_cwd(shard)
-    remove_tree(cwd)
-    cwd.mkdir(parents=True)
+    if not _empty_folder(cwd):
+        remove_tree(cwd)
+        cwd.mkdir(parents=True)
     return cwd
 
 
+def clear_cwd(shard: TaskShard) -> None:
+    """After an attempt: its working folder emptied. An empty one is kept for the next
+    attempt in the same place (a short shard's attempt then makes and removes no folder);
+    one with anything in it goes whole, and the next attempt makes it again."""
+    cwd = task_cwd(shard)
+    if not _empty_folder(cwd):
+        remove_tree(cwd)
+
+
+def _empty_folder(path: Path) -> bool:
+    """Whether ``path`` is a folder (not a link to one) with nothing in it, that its owner may
+    read, write and enter."""
+    try:
+        info = os.lstat(path)
+        if not stat.S_ISDIR(info.st_mode) or info.st_mode & 0o700 != 0o700:
+            return False
+        with os.scandir(path) as entries:
+            return next(entries, None) is None
+    except OSError:
+        return False
+
+
 def remove_tree(folder: Path) -> None:
-    """Remove ``folder`` and everything in it, also what a task made read-only."""
+    """Remove ``folder`` and everything in it, also what a task made read-only; a link put in
+    its place goes itself (what it points at is never touched, nor its mode changed)."""
 
     def writable(func: Any, path: str, _exc: Any) -> None:
         with contextlib.suppress(OSError):
             os.chmod(os.path.dirname(path), 0o700)
-            os.chmod(path, 0o700)
+            if not os.path.islink(path):  # chmod would change what a link points at
+                os.chmod(path, 0o700)
             func(path)
 
-    if folder.exists() or folder.is_symlink():
+    if folder.is_symlink():
+        folder.unlink(missing_ok=True)
+    elif folder.exists():
         shutil.rmtree(folder, onerror=writable)
 
 
