@@ -72,14 +72,28 @@ class TaskShard:
 
 
 def keep_return(shard: TaskShard, value: Any) -> None:
-    """Leave what ``run(shard)`` returned for the worker to keep (nothing for None).
+    """Leave what ``run(shard)`` returned for the worker to keep (nothing for None), in the
+    output folder (:data:`RETURN_FILE`).
+
+    Raises:
+        TypeError: the value is not JSON.
+        ValueError: it is larger than :data:`RETURN_LIMIT`, or holds NaN or infinity.
+    """
+    text = return_text(value)
+    if text is not None:
+        Path(shard.output_dir, RETURN_FILE).write_text(text, encoding="utf-8")
+
+
+def return_text(value: Any) -> str | None:
+    """What ``run(shard)`` returned, as the JSON the worker keeps (None for None); a warm
+    host sends it in its reply instead of a file.
 
     Raises:
         TypeError: the value is not JSON.
         ValueError: it is larger than :data:`RETURN_LIMIT`, or holds NaN or infinity.
     """
     if value is None:
-        return
+        return None
     try:
         text = json.dumps(value, allow_nan=False, separators=(",", ":"))
     except TypeError as exc:
@@ -89,10 +103,10 @@ def keep_return(shard: TaskShard, value: Any) -> None:
         ) from None
     except ValueError as exc:
         raise ValueError(f"run(shard) returned a value JSON cannot hold: {exc}") from None
-    data = text.encode("utf-8")
-    if len(data) > RETURN_LIMIT:
+    size = len(text)  # json.dumps escapes every character past ASCII: a character a byte
+    if size > RETURN_LIMIT:
         raise ValueError(
-            f"run(shard) returned {len(data)} bytes of JSON, over the {RETURN_LIMIT} kept in"
+            f"run(shard) returned {size} bytes of JSON, over the {RETURN_LIMIT} kept in"
             " result.json; write it to a file in shard.output_dir instead"
         )
-    Path(shard.output_dir, RETURN_FILE).write_bytes(data)
+    return text

@@ -398,3 +398,40 @@ def test_an_attempts_working_folder_is_kept_only_while_empty_and_ours(tmp_path: 
     fresh = fresh_cwd(shard)
     assert not fresh.is_symlink() and fresh.is_dir() and not any(fresh.iterdir())
     assert (elsewhere / "keep.txt").read_text() == "not the worker's"
+
+
+RETURNING_TASK = """
+from pathlib import Path
+
+def run(shard):
+    if shard.params.get("also_file"):  # a task's own file of that name is no output
+        (Path(shard.output_dir) / ".cflow-return.json").write_text("not json")
+    return {"id": shard.id, "n": [1, 2.5, "x"]}
+"""
+
+
+@pytest.mark.parametrize("isolate", [False, True], ids=["warm", "isolate"])
+def test_a_return_value_comes_back_whole_and_never_as_an_output(
+    tmp_path: Path, isolate: bool
+) -> None:
+    """A warm host sends what run(shard) returned in its reply (no file made and removed a
+    shard); an isolated attempt's process leaves it in the output folder. Either way the
+    worker takes the same value, and no file of that name is left to be sealed."""
+    from worker.agent.files import list_files, take_return
+
+    bundle = _bundle(tmp_path, "task.py", RETURNING_TASK)
+    executor = Executor(bundle, Entry.PYTHON, isolate=isolate)
+    try:
+        for i, also_file in enumerate([False, True]):
+            shard = _shard(tmp_path, i, also_file=also_file)
+            task = executor.start(shard, tmp_path / f"log{i}.txt")
+            assert task.wait(30) == 0, (tmp_path / f"log{i}.txt").read_text()
+            if not isolate:
+                assert task.returned is not None  # by the reply
+                if not also_file:
+                    assert not list_files(shard.output_dir)  # and no file at all
+            returned = take_return(shard.output_dir, task.returned)
+            assert returned == {"id": f"s{i}", "n": [1, 2.5, "x"]}
+            assert list_files(shard.output_dir) == []
+    finally:
+        executor.close()

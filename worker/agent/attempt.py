@@ -108,7 +108,8 @@ class AttemptRunner:
             ):  # a backup's loser let go: no preemption, and nothing to run again
                 outcome = Outcome(AttemptState.DISCARDED, outcome.exit_code, _LOST_TO_ANOTHER)
             try:
-                returned = take_return(prepared.out_dir)
+                task = prepared.task
+                returned = take_return(prepared.out_dir, task.returned if task else None)
             except TaskError as exc:  # the attempt's own doing: it fails, with the reason
                 outcome = Outcome(AttemptState.FAILED, outcome.exit_code, str(exc))
                 returned = None

@@ -209,14 +209,22 @@ def seal_outputs(
     return outputs
 
 
-def take_return(out_dir: Path) -> Any:
-    """What ``run(shard)`` returned (None when nothing): read from the output folder, where the
-    task's process left it as JSON, and taken out of it so it is never sealed as an output.
+def take_return(out_dir: Path, returned: str | None = None) -> Any:
+    """What ``run(shard)`` returned (None when nothing): ``returned`` where the attempt's end
+    brought it (a warm host's reply), else read from the output folder, where the task's
+    process left it as JSON; a file of that name is taken out of the folder either way, so it
+    is never sealed as an output.
 
     Raises:
         TaskError: the file there is not JSON (the task wrote it itself).
     """
     path = out_dir / RETURN_FILE
+    if returned is not None:
+        path.unlink(missing_ok=True)
+        try:
+            return json.loads(returned)
+        except ValueError as exc:  # the host made it with json.dumps: not seen
+            raise TaskError(f"run()'s return value is not JSON: {exc}") from None
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:

@@ -91,6 +91,9 @@ class RunningTask(ABC):
     pid: int | None = None
     token: str = ""
     reason: str | None = None  # the task's own account of a failure (a Python exception's line)
+    # What run(shard) returned, as JSON, where it came with the attempt's end (a warm host's
+    # reply) rather than in the output folder (worker.taskapi.RETURN_FILE).
+    returned: str | None = None
 
     @abstractmethod
     def wait(self, timeout: float | None) -> int | None:

@@ -56,7 +56,7 @@ from typing import Any, NoReturn
 from worker.executors import reaper
 from worker.executors.tracebacks import exception_line, task_traceback
 from worker.executors.zygote import load_task
-from worker.taskapi import TaskShard, keep_return
+from worker.taskapi import TaskShard, return_text
 
 _PYTHON_IGNORES = (signal.SIGPIPE, signal.SIGXFSZ)  # what a new interpreter ignores
 
@@ -92,10 +92,10 @@ def run_one(run: Any, request: dict[str, Any], saved: tuple[int, int]) -> dict[s
     os.environ.update(request["env"])
     os.chdir(request["cwd"])  # the attempt's own folder (the last one's is gone)
     threads_before = threading.active_count()
-    code, reason = 0, None
+    code, reason, returned = 0, None, None
     try:
         shard = TaskShard.from_env()
-        keep_return(shard, run(shard))
+        returned = return_text(run(shard))  # in the reply: no file made and removed a shard
     except SystemExit as exc:
         value = exc.code
         code = value if isinstance(value, int) else (0 if value is None else 1)
@@ -113,7 +113,10 @@ def run_one(run: Any, request: dict[str, Any], saved: tuple[int, int]) -> dict[s
     os.dup2(saved[1], 2)
     sys.stdout, sys.stderr = _fresh_streams()
     recycle = threading.active_count() > threads_before
-    return {"id": request["id"], "exit": code, "reason": reason, "recycle": recycle}
+    reply = {"id": request["id"], "exit": code, "reason": reason, "recycle": recycle}
+    if returned is not None:
+        reply["return"] = returned
+    return reply
 
 
 class _StderrFd(io.TextIOBase):

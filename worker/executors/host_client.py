@@ -421,6 +421,7 @@ class HostTask(RunningTask):
         if reply is not None:
             self._code = int(reply["exit"])
             self.reason = reply.get("reason")
+            self.returned = reply.get("return")
             host.recycle = host.recycle or bool(reply.get("recycle"))
             PROCESSES.discard(self.token)  # the host killed its own leftovers
             return self._code
