@@ -97,7 +97,8 @@ def test_the_values_are_read_before_the_run_is_finished_and_its_workers_go(
     """Once every chunk is committed the caller's thread reads the values while the run's end
     (its record finished, its workers stopped) waits for it: on a machine of few cores the two
     would otherwise share it. The read here takes a while; the run stays active meanwhile, and
-    is finished once the values are back."""
+    is recorded finished once the values are back (``results()`` does not wait for that:
+    ``wait()`` does)."""
     import cflow.run
 
     seen: list[str] = []
@@ -112,6 +113,7 @@ def test_the_values_are_read_before_the_run_is_finished_and_its_workers_go(
     run = cflow.submit(lambda x: x + 1, range(20), chunk_size=5, **local_backend)
     assert list(run.results()) == list(range(1, 21))
     assert seen == ["active"]
+    assert run.wait().succeeded == 20
     assert runs.load_manifest(run._store, run.id).state == "finished"
 
 
@@ -221,6 +223,7 @@ def test_a_chunked_run_is_seen_by_runner_status(
 ) -> None:
     run = cflow.submit(lambda x: -x, range(12), chunk_size=4, **local_backend)
     assert list(run.results()) == [-x for x in range(12)]
+    run.wait()  # results() has the values; the run is recorded finished just after
     status = Cli(tmp_path).status(run.id)
     assert status["state"] == "finished"
     assert len(status["shards"]) == 3
