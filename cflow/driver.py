@@ -66,6 +66,10 @@ class Driver:
         self.outcome: Outcome | None = None
         self.snapshot: Snapshot | None = None
         self.settled: set[str] = set()  # shard ids committed or failed, as the watcher saw them
+        self.committed: frozenset[str] = frozenset()  # of those, the ones committed
+        # Set whenever the watcher saw more shards settle, and at the run's end: the caller's
+        # thread reads each committed chunk's values while the others run (Run.results).
+        self.changed = threading.Event()
         self.stop = threading.Event()  # cancel: the watch is interrupted, the run cancelled
         # What this process's exit does while the run goes on (a cflow.Run's at_exit): the
         # thread is a daemon, and would end with the process mid-watch
@@ -90,6 +94,7 @@ class Driver:
                 self.created.set()
                 self.all_done.set()
                 self.over.set()
+                self.changed.set()
                 with _live_lock:
                     _live.discard(self)
                 self.at_exit = None  # its Run, no longer kept by it: closed once dropped
@@ -115,6 +120,7 @@ class Driver:
     def on_outcome(self, outcome: Outcome) -> None:
         self.outcome = outcome
         self.over.set()
+        self.changed.set()
 
     def on_created(self, manifest: Manifest) -> None:
         self.run_id = manifest.run_id  # a Ctrl-C from now on cancels the run
@@ -129,8 +135,12 @@ class Driver:
             self.snapshot = snapshot
             view = watcher.view
             self.settled = view.succeeded | view.failed
+            if len(view.succeeded) != len(self.committed):
+                self.committed = frozenset(view.succeeded)
+                self.changed.set()
             if snapshot.finished and not snapshot.failed and not snapshot.cancelled:
                 self.all_done.set()
+                self.changed.set()
             if self.stop.is_set():
                 raise KeyboardInterrupt
 

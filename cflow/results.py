@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import functools
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, overload
 
@@ -176,25 +176,28 @@ def collect(
     return_exceptions: bool,
     *,
     not_run: tuple[set[str], str] | None = None,
+    read: Mapping[str, list[Any]] | None = None,
 ) -> Results:
     """Every shard's value (``done``: the committed ones) or failure, in input order; the
     commit records read together (one query per 500 on this machine's store). ``not_run``:
     the shards settled (committed or failed) and why the others never ran: each of their
-    items a :class:`ShardFailed` of type :data:`NOT_RUN` saying so.
+    items a :class:`ShardFailed` of type :data:`NOT_RUN` saying so. ``read``: committed
+    shards' values read already (:func:`committed_values`), by shard id.
 
     Raises:
         ShardFailed: the first failed shard's, unless ``return_exceptions``.
     """
-    records = store.get_many([Layout.result(run_id, sid) for sid in sorted(done)])
+    read = read or {}
+    records = store.get_many([Layout.result(run_id, sid) for sid in sorted(done - read.keys())])
     values: list[Any] = []
     for shard in shards:
         record = records.get(Layout.result(run_id, shard.id))
         if not_run is not None and shard.id not in not_run[0]:
             got = _unsettled(store, run_id, shard, not_run[1])
-        elif span(shard) is not None:
-            got = shard_values(store, run_id, shard, record)
-        elif record is not None:
-            got = [_value(store, run_id, shard.id, record, shard.index)]
+        elif shard.id in read:
+            got = read[shard.id]
+        elif record is not None or span(shard) is not None:
+            got = committed_values(store, run_id, shard, record)
         else:
             got = [read_failed(store, run_id, shard.id, shard.index)]
         failed = next((v for v in got if isinstance(v, ShardFailed)), None)
@@ -202,6 +205,15 @@ def collect(
             raise failed
         values.extend(got)
     return Results(values, return_exceptions)
+
+
+def committed_values(store: Store, run_id: str, shard: Shard, record: bytes | None) -> list[Any]:
+    """A shard's values in input order from its commit ``record`` (a chunk's items each a
+    value or a :class:`ShardFailed`; a chunk without a record: its items' failures)."""
+    if span(shard) is not None:
+        return shard_values(store, run_id, shard, record)
+    assert record is not None
+    return [_value(store, run_id, shard.id, record, shard.index)]
 
 
 def _unsettled(store: Store, run_id: str, shard: Shard, why: str) -> list[ShardFailed]:

@@ -12,11 +12,11 @@ from typing import Any
 from cflow.driver import Driver, attach_driver
 from cflow.errors import ShardFailed
 from cflow.progress import ProgressChoice, Ticker, in_notebook, pick
+from cflow.reading import ValueReader
 from cflow.results import (
     Progress,
     Results,
     Stored,
-    collect,
     completed,
     left_unsettled,
     run_values,
@@ -166,13 +166,18 @@ class Run:
         finally:
             self._close_here()
 
-    def _wait(self, once_done: Callable[[], bool] | None = None) -> None:
+    def _wait(
+        self,
+        once_done: Callable[[], bool] | None = None,
+        meanwhile: Callable[[frozenset[str]], None] | None = None,
+    ) -> None:
         """:meth:`wait` without counting the items at the end (:meth:`results` reads every
         chunk's record itself). ``once_done`` is called here as soon as every shard is seen
         committed, while the run's thread finishes the run (at most once; not at all where
         some failed, or the run was over already); where it says it read every value, this
         returns at once: the run's thread finishes the run (its state, its workers) on its
-        own, and this process's exit waits for that quietly (:meth:`_at_exit`)."""
+        own, and this process's exit waits for that quietly (:meth:`_at_exit`). ``meanwhile``
+        is called with the shards seen committed each time more are, until then."""
         driver = self._watched()
         ticker = self._ticker()
         try:
@@ -187,7 +192,12 @@ class Run:
                     if driver.handed:
                         break
                     continue
-                (driver.all_done if once_done is not None else driver.over).wait(PACE)
+                if meanwhile is not None and once_done is not None:
+                    driver.changed.clear()  # a commit seen from now on wakes the wait below
+                    meanwhile(driver.committed)
+                    driver.changed.wait(PACE)
+                else:
+                    (driver.all_done if once_done is not None else driver.over).wait(PACE)
                 ticker.tick()
         except KeyboardInterrupt:
             self._interrupted()
@@ -291,27 +301,15 @@ class Run:
                 ``return_exceptions``, which puts each failure in its item's place.
             RunStateError: the run was cancelled before every item was done.
         """
-        early: list[Results | Exception] = []
-
-        def read_early() -> bool:  # every shard committed: read while the run is finished
-            store, manifest = self._store, self._manifest()
-            done = runs.committed(store, self.id)
-            if manifest.publishing or len(done) < manifest.shard_count:
-                return False
-            try:
-                early.append(collect(store, self.id, runs.iter_shards(store, self.id), done,
-                                     return_exceptions))  # fmt: skip
-            except Exception as exc:  # raised once the run is over, as it would be then (the
-                early.append(exc)  # run's thread still finishing it, its exit hook still set)
-                return False
-            return True
-
-        self._wait(read_early)
+        reader = ValueReader(
+            self.id, lambda: self._store, self._shard, self._manifest, return_exceptions
+        )
+        self._wait(reader.at_end, reader.meanwhile)
         try:
-            if early:
-                if isinstance(early[0], Exception):
-                    raise early[0]
-                return early[0]
+            if isinstance(reader.values, Exception):
+                raise reader.values
+            if reader.values is not None:
+                return reader.values
             return run_values(
                 self._store,
                 self._manifest(),

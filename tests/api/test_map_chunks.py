@@ -91,32 +91,6 @@ def test_an_item_alone_in_its_shard_past_its_timeout_fails_as_one_in_a_chunk(
     assert failed.message == "it ran past its timeout of 1 s"
 
 
-def test_the_values_are_read_before_the_run_is_finished_and_its_workers_go(
-    local_backend: dict[str, Any], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Once every chunk is committed the caller's thread reads the values while the run's end
-    (its record finished, its workers stopped) waits for it: on a machine of few cores the two
-    would otherwise share it. The read here takes a while; the run stays active meanwhile, and
-    is recorded finished once the values are back (``results()`` does not wait for that:
-    ``wait()`` does)."""
-    import cflow.run
-
-    seen: list[str] = []
-
-    def slow_collect(store: Any, run_id: str, *args: Any) -> Any:
-        time.sleep(0.3)  # the run's end, not held, is over well within this
-        seen.append(runs.load_manifest(store, run_id).state)
-        return collect(store, run_id, *args)
-
-    collect = cflow.run.collect
-    monkeypatch.setattr(cflow.run, "collect", slow_collect)
-    run = cflow.submit(lambda x: x + 1, range(20), chunk_size=5, **local_backend)
-    assert list(run.results()) == list(range(1, 21))
-    assert seen == ["active"]
-    assert run.wait().succeeded == 20
-    assert runs.load_manifest(run._store, run.id).state == "finished"
-
-
 def test_a_failing_item_fails_only_itself_in_its_chunk(backend: dict[str, Any]) -> None:
     run = cflow.submit(check, range(8), chunk_size=4, retries=1, **backend)
     seen: dict[int, int] = {}
