@@ -58,8 +58,10 @@ class Driver:
         # after HOLD_SECONDS, so that its read has the process and the cores to itself.
         self.reading = threading.Event()
         self.taken = threading.Event()
-        # The caller's thread has every value (``taken`` after a read that succeeded): it
-        # returned them without waiting for the run's end, which this thread then records.
+        # The caller's thread has every value: it returns them without waiting for the run's
+        # end, which this thread then records. It sets ``taken`` only as it returns: this
+        # thread, let go, would run in the caller's turns (each of its blocking calls) for up
+        # to the interpreter's switch interval each (5 ms), delaying the values that much.
         self.handed = False
         self.run_id: str | None = None
         self.error: BaseException | None = None

@@ -188,9 +188,9 @@ class Run:
                 if once_done is not None and driver.all_done.is_set():
                     driver.handed = once_done()
                     once_done = None
+                    if driver.handed:  # the caller lets the run's thread go once it is
+                        break  # done here itself (:meth:`results`): see Driver.handed
                     driver.taken.set()
-                    if driver.handed:
-                        break
                     continue
                 if meanwhile is not None and once_done is not None:
                     driver.changed.clear()  # a commit seen from now on wakes the wait below
@@ -203,9 +203,9 @@ class Run:
             self._interrupted()
             raise
         finally:
-            if driver is not None:
-                driver.taken.set()  # read, failed or interrupted: the run's end waits no more
             ticker.close()
+            if driver is not None and not driver.handed:
+                driver.taken.set()  # failed or interrupted: the run's end waits no more
         self._end_shown = True
         if driver is not None and driver.error is not None:
             raise driver.error
@@ -304,8 +304,8 @@ class Run:
         reader = ValueReader(
             self.id, lambda: self._store, self._shard, self._manifest, return_exceptions
         )
-        self._wait(reader.at_end, reader.meanwhile)
         try:
+            self._wait(reader.at_end, reader.meanwhile)
             if isinstance(reader.values, Exception):
                 raise reader.values
             if reader.values is not None:
@@ -318,6 +318,8 @@ class Run:
             )
         finally:
             self._close_here()
+            if self._driver is not None:  # the values are back: the run's thread finishes it
+                self._driver.taken.set()  # (let go last: it would take this thread's turn)
 
     def _close_here(self) -> None:
         """Close this thread's connections to the store once the values are read (a later

@@ -124,3 +124,32 @@ def test_values_come_back_before_the_run_is_recorded_finished_and_exit_waits_for
     assert "waiting for run" not in done.stderr, done.stderr
     (manifest,) = store.glob("runs/*/run.json")
     assert json.loads(manifest.read_text())["state"] == "finished"
+
+
+def test_the_runs_thread_finishes_the_run_only_once_the_values_are_handed_back(
+    local_backend: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The run's thread, let go while ``results()`` still had work of its own, ran in each of
+    that thread's blocking calls for up to the interpreter's switch interval (5 ms): the
+    values came back that much later. It is let go as ``results()`` returns (its last step,
+    closing its store connections, is slowed here: the run is not finished meanwhile)."""
+    import runner.finish
+
+    order: list[str] = []
+    finish, close = runner.finish._finish, cflow.Run._close_here
+
+    def finishing(*args: Any, **kwargs: Any) -> Any:
+        order.append("finish")
+        return finish(*args, **kwargs)
+
+    def closing(self: cflow.Run) -> None:
+        time.sleep(0.2)  # a blocking call: the run's thread would run now if it were let go
+        order.append("closed")
+        close(self)
+
+    monkeypatch.setattr(runner.finish, "_finish", finishing)
+    monkeypatch.setattr(cflow.Run, "_close_here", closing)
+    run = cflow.submit(lambda x: x, range(6), chunk_size=2, **local_backend)
+    assert list(run.results()) == list(range(6))
+    assert run.wait().succeeded == 6
+    assert order[:2] == ["closed", "finish"], order
