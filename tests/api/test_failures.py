@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
@@ -14,12 +12,11 @@ import pytest
 
 import cflow
 from tests.api import helpers
+from tests.api.clean import run_script
 from tests.api.helpers import Rejected, check, lazily
 from worker.errors import ConfigError, RunStateError
 
 pytestmark = pytest.mark.e2e
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def test_a_failed_item_raises_shard_failed_with_its_story(backend: dict[str, Any]) -> None:
@@ -334,14 +331,7 @@ def test_a_script_whose_value_will_not_load_here_exits_without_waiting(tmp_path:
     hidden = tmp_path / "workers-only"
     hidden.mkdir()
     (hidden / "cflow_workers_only.py").write_text("class Thing:\n    pass\n")
-    done = subprocess.run(
-        [sys.executable, str(script), str(tmp_path / ".cflow")],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHONPATH": str(REPO)},
-    )
+    done = run_script(script, str(tmp_path / ".cflow"), cwd=tmp_path)
     assert done.returncode == 1
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("cflow.errors.ShardFailed: item 1 failed: builtins.Module"), last
@@ -395,14 +385,7 @@ def test_a_traceback_read_by_another_process_names_the_submitting_script(
     )
 
     def python(script: Path, *args: str) -> str:
-        done = subprocess.run(
-            [sys.executable, str(script), str(tmp_path / ".cflow"), *args],
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHONPATH": str(REPO)},
-        )
+        done = run_script(script, str(tmp_path / ".cflow"), *args, cwd=tmp_path)
         assert done.returncode == 0, done.stderr
         return done.stdout.strip().splitlines()[-1]
 

@@ -14,6 +14,7 @@ import pytest
 
 import cflow
 from cflow.driver import let_go
+from tests.api.clean import run_script
 
 pytestmark = pytest.mark.e2e
 
@@ -188,14 +189,7 @@ def test_a_function_of_a_scripts_main_runs(tmp_path: Path) -> None:
             """
         )
     )
-    done = subprocess.run(
-        [sys.executable, str(script), str(tmp_path / ".cflow")],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHONPATH": str(REPO)},
-    )
+    done = run_script(script, str(tmp_path / ".cflow"), cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == [0, 2, 4, 6, 8]
 

@@ -5,8 +5,6 @@ recorded finished (which ``wait()`` and the script's exit wait for)."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import textwrap
 import threading
 import time
@@ -18,10 +16,9 @@ import pytest
 import cflow
 import cflow.reading
 from runner.engine import runs
+from tests.api.clean import run_script
 
 pytestmark = pytest.mark.e2e
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def test_each_chunk_is_read_as_it_commits_while_the_others_run(
@@ -111,14 +108,7 @@ def test_values_come_back_before_the_run_is_recorded_finished_and_exit_waits_for
         )
     )
     store = tmp_path / ".cflow"
-    done = subprocess.run(
-        [sys.executable, str(script), str(store)],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHONPATH": str(REPO)},
-    )
+    done = run_script(script, str(store), cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == [[3, 2, 1, 0, 1, 2], "active"]
     assert "waiting for run" not in done.stderr, done.stderr
