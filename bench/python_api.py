@@ -16,9 +16,9 @@ processes and gets the values back in input order, inside this process:
   CPUs (nothing durable); each is skipped, with a line saying so, where it is not installed.
 
 Each is timed as its start-up (a pool's or cluster's) and its map; the total is the two,
-shutting down is not counted (for ``cflow.map``: its run recorded finished and its workers let
-go, after the values are back, as ``map`` returns them; ``bench/map_cpu.py`` counts the CPU of
-all of it). ``cflow.map`` starts its workers inside the call the first time;
+shutting down is not counted (for ``cflow.map``: its workers let go, once its run is recorded
+finished and the values are back; ``bench/map_cpu.py`` counts the CPU of all of it).
+``cflow.map`` starts its workers inside the call the first time;
 it keeps the launcher that forks them from one map to the next, and once a map has let its
 workers go, the launcher forks the next map's workers ahead: that time is counted in the
 ``start`` of the round whose map let them go, so every round's total is a map plus one
@@ -86,7 +86,7 @@ def _cflow(workers: int, work: Path) -> Iterator[MapFn]:
     # there is no launcher at all.
     FORKED.append(kept() is not None or can_fork() or os.environ.get(FORK_ENV, "1") != "0")
     yield lambda fn, items: list(cflow.map(fn, items, workers=workers, store=store, progress=False))
-    let_go()  # its run's end, after the values are back: not counted, not in the next one
+    let_go()  # its workers stop after the values are back: not counted, not in the next one
 
 
 @contextmanager

@@ -4,7 +4,6 @@ and ``runner watch`` do in theirs, and what the caller's thread reads from it.""
 from __future__ import annotations
 
 import atexit
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -58,11 +57,6 @@ class Driver:
         # after HOLD_SECONDS, so that its read has the process and the cores to itself.
         self.reading = threading.Event()
         self.taken = threading.Event()
-        # The caller's thread has every value: it returns them without waiting for the run's
-        # end, which this thread then records. It sets ``taken`` only as it returns: this
-        # thread, let go, would run in the caller's turns (each of its blocking calls) for up
-        # to the interpreter's switch interval each (5 ms), delaying the values that much.
-        self.handed = False
         self.run_id: str | None = None
         self.error: BaseException | None = None
         self.outcome: Outcome | None = None
@@ -86,12 +80,6 @@ class Driver:
                 self.outcome = body(self)
             except BaseException as exc:  # handed to the caller's thread
                 self.error = exc
-                if self.handed and isinstance(exc, Exception):  # which no longer waits here
-                    name = type(exc).__name__
-                    print(
-                        f"cflow: run {self.run_id}: its values were read; then {name}: {exc}",
-                        file=sys.stderr,
-                    )
             finally:
                 self.created.set()
                 self.all_done.set()

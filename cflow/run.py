@@ -168,16 +168,15 @@ class Run:
 
     def _wait(
         self,
-        once_done: Callable[[], bool] | None = None,
+        once_done: Callable[[], None] | None = None,
         meanwhile: Callable[[frozenset[str]], None] | None = None,
     ) -> None:
         """:meth:`wait` without counting the items at the end (:meth:`results` reads every
         chunk's record itself). ``once_done`` is called here as soon as every shard is seen
-        committed, while the run's thread finishes the run (at most once; not at all where
-        some failed, or the run was over already); where it says it read every value, this
-        returns at once: the run's thread finishes the run (its state, its workers) on its
-        own, and this process's exit waits for that quietly (:meth:`_at_exit`). ``meanwhile``
-        is called with the shards seen committed each time more are, until then."""
+        committed, before the run's thread finishes the run (at most once; not at all where
+        some failed, or the run was over already), and this thread then waits for that end;
+        ``meanwhile`` is called with the shards seen committed each time more are, until
+        then."""
         driver = self._watched()
         ticker = self._ticker()
         try:
@@ -186,10 +185,8 @@ class Run:
                 driver.reading.set()  # its end waits for the values to be read (Driver)
             while driver is not None and not driver.over.is_set():
                 if once_done is not None and driver.all_done.is_set():
-                    driver.handed = once_done()
+                    once_done()
                     once_done = None
-                    if driver.handed:  # the caller lets the run's thread go once it is
-                        break  # done here itself (:meth:`results`): see Driver.handed
                     driver.taken.set()
                     continue
                 if meanwhile is not None and once_done is not None:
@@ -203,9 +200,9 @@ class Run:
             self._interrupted()
             raise
         finally:
+            if driver is not None:
+                driver.taken.set()  # read, failed or interrupted: the run's end waits no more
             ticker.close()
-            if driver is not None and not driver.handed:
-                driver.taken.set()  # failed or interrupted: the run's end waits no more
         self._end_shown = True
         if driver is not None and driver.error is not None:
             raise driver.error
@@ -238,10 +235,6 @@ class Run:
         and Ctrl-C then cancels it. With ``detach=True``, or in a Jupyter kernel (restarted
         or shut down, it is killed if it takes long), it is left going, saying how to attach:
         with every item, read first (Ctrl-C stops reading them)."""
-        driver = self._driver
-        if driver is not None and driver.handed:  # its values were read: it is being finished
-            driver.over.wait(EXIT_SECONDS)
-            return
         if self._detach or in_notebook():
             self._leave_going(read_all=True)
             return
@@ -304,8 +297,17 @@ class Run:
         reader = ValueReader(
             self.id, lambda: self._store, self._shard, self._manifest, return_exceptions
         )
+
+        def read_all() -> None:
+            # Every shard committed: the values read, then this thread's store connections
+            # closed, before the run's thread is let go to finish the run; closed after, each
+            # blocking call of the close would hand that thread the turn, for up to the
+            # interpreter's switch interval (5 ms) each.
+            if reader.at_end():
+                self._close_here()
+
+        self._wait(read_all, reader.meanwhile)
         try:
-            self._wait(reader.at_end, reader.meanwhile)
             if isinstance(reader.values, Exception):
                 raise reader.values
             if reader.values is not None:
@@ -318,8 +320,6 @@ class Run:
             )
         finally:
             self._close_here()
-            if self._driver is not None:  # the values are back: the run's thread finishes it
-                self._driver.taken.set()  # (let go last: it would take this thread's turn)
 
     def _close_here(self) -> None:
         """Close this thread's connections to the store once the values are read (a later

@@ -1,6 +1,5 @@
 """How ``results()`` reads a run's values back: each chunk's as it commits while the others
-run, the rest once every chunk is committed, returned without waiting for the run to be
-recorded finished (which ``wait()`` and the script's exit wait for)."""
+run, the rest once every chunk is committed, returned once the run is recorded finished."""
 
 from __future__ import annotations
 
@@ -60,8 +59,7 @@ def test_the_values_are_read_before_the_run_is_finished_and_its_workers_go(
     """Once every chunk is committed the caller's thread reads the values while the run's end
     (its record finished, its workers stopped) waits for it: on a machine of few cores the two
     would otherwise share it. The read here takes a while; the run stays active meanwhile, and
-    is recorded finished once the values are back (``results()`` does not wait for that:
-    ``wait()`` does)."""
+    is finished once the values are back."""
     seen: list[str] = []
 
     def slow_collect(store: Any, run_id: str, *args: Any, **kwargs: Any) -> Any:
@@ -74,55 +72,46 @@ def test_the_values_are_read_before_the_run_is_finished_and_its_workers_go(
     run = cflow.submit(lambda x: x + 1, range(20), chunk_size=5, **local_backend)
     assert list(run.results()) == list(range(1, 21))
     assert seen == ["active"]
-    assert run.wait().succeeded == 20
     assert runs.load_manifest(run._store, run.id).state == "finished"
 
 
-def test_values_come_back_before_the_run_is_recorded_finished_and_exit_waits_for_it(
+def test_a_script_that_ends_at_once_after_its_values_leaves_its_run_finished(
     tmp_path: Path,
 ) -> None:
-    """``results()`` returns once it has read every value, not once the run's thread has
-    recorded the run finished (its finishing is slowed to a second here): the script has its
-    values while the run is still ``active``, and its exit waits for the finish without a word
-    (no "waiting for run" line, which is for runs whose values nobody read)."""
+    """``results()`` returns once the run is recorded finished: a script that ends the moment
+    it has its values (``os._exit``, as a forked child ends, or a SIGTERM: no exit handler
+    runs) leaves a finished run, not one active for ever with every shard done."""
     script = tmp_path / "script.py"
     script.write_text(
         textwrap.dedent(
             """
-            import json, pathlib, sys, time
+            import json, os, signal, sys
             import cflow
-            import runner.finish
 
-            finish = runner.finish._finish
-
-            def slow_finish(*args, **kwargs):
-                time.sleep(1.0)
-                return finish(*args, **kwargs)
-
-            runner.finish._finish = slow_finish
-            store = pathlib.Path(sys.argv[1])
-            values = list(cflow.map(abs, range(-3, 3), store=store, progress=False))
-            (manifest,) = store.glob("runs/*/run.json")
-            print(json.dumps([values, json.loads(manifest.read_text())["state"]]))
+            values = list(cflow.map(abs, range(-50, 50), store=sys.argv[1], progress=False))
+            print(json.dumps(values), flush=True)
+            if sys.argv[2] == "exit":
+                os._exit(0)
+            os.kill(os.getpid(), signal.SIGTERM)
             """
         )
     )
-    store = tmp_path / ".cflow"
-    done = run_script(script, str(store), cwd=tmp_path)
-    assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout) == [[3, 2, 1, 0, 1, 2], "active"]
-    assert "waiting for run" not in done.stderr, done.stderr
-    (manifest,) = store.glob("runs/*/run.json")
-    assert json.loads(manifest.read_text())["state"] == "finished"
+    for how, code in (("exit", 0), ("term", -15)):
+        store = tmp_path / how
+        done = run_script(script, str(store), how, cwd=tmp_path)
+        assert done.returncode == code, done.stderr
+        assert json.loads(done.stdout) == [abs(x) for x in range(-50, 50)]
+        (manifest,) = store.glob("runs/*/run.json")
+        assert json.loads(manifest.read_text())["state"] == "finished", how
 
 
-def test_the_runs_thread_finishes_the_run_only_once_the_values_are_handed_back(
+def test_the_caller_closes_its_store_before_the_runs_thread_finishes_the_run(
     local_backend: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The run's thread, let go while ``results()`` still had work of its own, ran in each of
-    that thread's blocking calls for up to the interpreter's switch interval (5 ms): the
-    values came back that much later. It is let go as ``results()`` returns (its last step,
-    closing its store connections, is slowed here: the run is not finished meanwhile)."""
+    """The caller's thread reads the values and closes its store connections before it lets
+    the run's thread finish the run: closed after, each blocking call of the close handed the
+    run's thread the turn for up to the interpreter's switch interval (5 ms). The close is
+    slowed here: the run is not finished meanwhile, and is by the time the values are back."""
     import runner.finish
 
     order: list[str] = []
@@ -141,5 +130,5 @@ def test_the_runs_thread_finishes_the_run_only_once_the_values_are_handed_back(
     monkeypatch.setattr(cflow.Run, "_close_here", closing)
     run = cflow.submit(lambda x: x, range(6), chunk_size=2, **local_backend)
     assert list(run.results()) == list(range(6))
-    assert run.wait().succeeded == 6
+    assert runs.load_manifest(run._store, run.id).state == "finished"
     assert order[:2] == ["closed", "finish"], order
