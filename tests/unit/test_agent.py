@@ -439,3 +439,51 @@ def test_a_batch_is_settled_while_the_next_one_runs_and_all_before_the_worker_en
     assert sorted(settled) == sorted(s.id for s in shards)  # each once
     for s in shards:
         assert ShardResult.from_json(b.store.get(Layout.result(m.run_id, s.id))).attempt == 1
+
+
+POISON_TASK = """
+import os
+from pathlib import Path
+
+def run(shard):
+    if shard.params.get("poison"):  # its working folder replaced by a file
+        here = os.getcwd()
+        os.chdir("/")
+        os.rmdir(here)
+        Path(here).write_text("not a folder")
+    (Path(shard.output_dir) / "out.txt").write_text(shard.id)
+"""
+
+
+def test_what_a_task_leaves_in_its_folders_place_never_stops_the_next_shards(
+    tmp_path: Path,
+) -> None:
+    """A shard that leaves a file where its working folder was: the next attempts there get a
+    new folder (the file goes), and a shard whose start ahead fails anyway is started on its
+    own instead of taking the worker down with its batch."""
+    from worker.agent.attempt import AttemptRunner
+
+    shards = [Shard(id=f"s{i}", index=i, params={"poison": i == 1}) for i in range(6)]
+    b, m = _setup(tmp_path, shards)
+    task = tmp_path / "task" / "task.py"
+    task.write_text(textwrap.dedent(POISON_TASK))
+    data, sha = pack(task.parent)
+    b.store.put(Layout.bundle(sha), data)
+    manifest = Manifest.from_json(b.store.get(Layout.manifest(m.run_id)))
+    manifest = Manifest(**{**manifest.__dict__, "bundle": sha})
+    b.store.put(Layout.manifest(m.run_id), manifest.to_json())
+    agent = _agent(b, tmp_path, slots=1)
+    launch, failed = AttemptRunner.launch, []
+
+    def launch_once_failing(self: AttemptRunner, slot: Any, prepared: Any) -> None:
+        if prepared.claim.delivery.message.shard_id == "s4" and not failed:
+            failed.append("s4")
+            raise OSError("no room to start it ahead")
+        launch(self, slot, prepared)
+
+    agent.attempts.launch = launch_once_failing.__get__(agent.attempts)  # type: ignore[method-assign]
+    assert agent.run() == "queue empty"
+    assert failed == ["s4"]
+    for s in shards:
+        result = ShardResult.from_json(b.store.get(Layout.result(m.run_id, s.id)))
+        assert result.attempt == 1 and result.outputs == ["out.txt"], s.id

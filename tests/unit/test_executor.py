@@ -364,11 +364,12 @@ def test_shards_queued_on_a_host_that_died_unseen_are_settled_when_a_new_host_st
         executor.close()
 
 
-def test_an_attempts_working_folder_is_kept_only_while_empty_and_ours(tmp_path: Path) -> None:
-    """A short shard's attempt makes and removes no folder: an empty working folder is kept
-    for the next attempt in the same place. Anything left in it, a mode the task took away,
-    or a link put in its place, and the next attempt gets a new empty folder (a link's
-    target untouched)."""
+def test_an_attempts_working_folder_is_kept_only_while_as_it_was_made(tmp_path: Path) -> None:
+    """A short shard's attempt makes and removes no folder: an empty working folder, as the
+    worker made it, is kept for the next attempt in the same place. Anything left in it, any
+    mode the task set (taken away, or given to all: never passed on to the next task), or a
+    link, file or fifo put in its place, and the next attempt gets a new empty folder (a
+    link's target untouched)."""
     from worker.executors.base import clear_cwd, fresh_cwd
 
     shard = TaskShard(
@@ -388,6 +389,19 @@ def test_an_attempts_working_folder_is_kept_only_while_empty_and_ours(tmp_path: 
     cwd.chmod(0o500)  # empty, but the next task could not write in it
     again = fresh_cwd(shard)
     assert again.stat().st_mode & 0o700 == 0o700 and not any(again.iterdir())
+    mode = again.stat().st_mode
+    for taken in (0o777, 0o2700):  # world-writable, set-group-id: never passed on
+        again.chmod(taken)
+        clear_cwd(shard)
+        again = fresh_cwd(shard)
+        assert again.stat().st_mode == mode and not any(again.iterdir())
+
+    for put in (lambda p: p.write_text("a file"), os.mkfifo):  # in the folder's place
+        again.rmdir()
+        put(again)
+        clear_cwd(shard)
+        again = fresh_cwd(shard)
+        assert again.is_dir() and not any(again.iterdir())
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()

@@ -160,11 +160,16 @@ class AttemptRunner:
             return {}
         ahead: dict[int, Prepared] = {}
         for position, claim in enumerate(claims):
-            prepared = self.prepare(slot, claim, position)
-            if prepared.executor is not None and not prepared.executor.queues:
-                return ahead  # the task does not import: one at a time shows why
-            if prepared.early is None:
-                self.launch(slot, prepared)
+            try:
+                prepared = self.prepare(slot, claim, position)
+                if prepared.executor is not None and not prepared.executor.queues:
+                    return ahead  # the task does not import: one at a time shows why
+                if prepared.early is None:
+                    self.launch(slot, prepared)
+            except Exception:  # this one and the rest start one at a time, failing as they do
+                log.warning("shard %s could not be started ahead", claim.delivery.message.shard_id,
+                            exc_info=True)  # fmt: skip
+                return ahead
             ahead[id(claim)] = prepared
         return ahead
 

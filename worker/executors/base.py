@@ -150,31 +150,45 @@ def task_cwd(shard: TaskShard) -> Path:
 
 
 def fresh_cwd(shard: TaskShard) -> Path:
-    """:func:`task_cwd`, empty: the one an earlier attempt in the same place left, where that
-    is still an empty folder its owner may write in (:func:`clear_cwd` leaves it so), else
+    """:func:`task_cwd`, empty: the one this worker made for an earlier attempt in the same
+    place, where that is still exactly as it was made (:func:`clear_cwd` leaves it so), else
     made afresh (whatever was there goes)."""
     cwd = task_cwd(shard)
-    if not _empty_folder(cwd):
+    if not _as_made(cwd):
         remove_tree(cwd)
         cwd.mkdir(parents=True)
+        _MADE[str(cwd)] = _identity(os.lstat(cwd))
     return cwd
 
 
 def clear_cwd(shard: TaskShard) -> None:
-    """After an attempt: its working folder emptied. An empty one is kept for the next
-    attempt in the same place (a short shard's attempt then makes and removes no folder);
-    one with anything in it goes whole, and the next attempt makes it again."""
+    """After an attempt: its working folder emptied. One still exactly as this worker made it
+    is kept for the next attempt in the same place (a short shard's attempt then makes and
+    removes no folder); any other goes whole, and the next attempt makes it again."""
     cwd = task_cwd(shard)
-    if not _empty_folder(cwd):
+    if not _as_made(cwd):
+        _MADE.pop(str(cwd), None)
         remove_tree(cwd)
 
 
-def _empty_folder(path: Path) -> bool:
-    """Whether ``path`` is a folder (not a link to one) with nothing in it, that its owner may
-    read, write and enter."""
+# The working folders this process made: path -> what they were as made (inode, mode with its
+# set-id and sticky bits, owner, group, and the change time that any chmod, chown, ACL or entry
+# made or removed since moves on).
+_MADE: dict[str, tuple[int, int, int, int, int]] = {}
+
+
+def _identity(info: os.stat_result) -> tuple[int, int, int, int, int]:
+    return (info.st_ino, info.st_mode, info.st_uid, info.st_gid, info.st_ctime_ns)
+
+
+def _as_made(path: Path) -> bool:
+    """Whether ``path`` is a folder this process made, as it made it and with nothing in it."""
+    made = _MADE.get(str(path))
+    if made is None:
+        return False
     try:
         info = os.lstat(path)
-        if not stat.S_ISDIR(info.st_mode) or info.st_mode & 0o700 != 0o700:
+        if not stat.S_ISDIR(info.st_mode) or _identity(info) != made:
             return False
         with os.scandir(path) as entries:
             return next(entries, None) is None
@@ -183,8 +197,9 @@ def _empty_folder(path: Path) -> bool:
 
 
 def remove_tree(folder: Path) -> None:
-    """Remove ``folder`` and everything in it, also what a task made read-only; a link put in
-    its place goes itself (what it points at is never touched, nor its mode changed)."""
+    """Remove ``folder`` and everything in it, also what a task made read-only; anything else
+    put in its place (a link, a file, a fifo) goes itself (what a link points at is never
+    touched, nor its mode changed)."""
 
     def writable(func: Any, path: str, _exc: Any) -> None:
         with contextlib.suppress(OSError):
@@ -193,10 +208,14 @@ def remove_tree(folder: Path) -> None:
                 os.chmod(path, 0o700)
             func(path)
 
-    if folder.is_symlink():
-        folder.unlink(missing_ok=True)
-    elif folder.exists():
+    try:
+        info = os.lstat(folder)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(info.st_mode):
         shutil.rmtree(folder, onerror=writable)
+    else:
+        folder.unlink(missing_ok=True)
 
 
 def wait_process(proc: subprocess.Popen[bytes], timeout: float | None) -> int | None:
