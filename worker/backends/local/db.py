@@ -181,39 +181,39 @@ def _write_ahead(conn: sqlite3.Connection) -> None:
     answers "database is locked" at once (SQLite does not wait for that lock), so it is asked
     again in short steps, growing from 1 ms to 50 ms, for up to :data:`BUSY_TIMEOUT`: six
     processes opening one new store at once failed about one open in thirty without."""
-    deadline = time.monotonic() + BUSY_TIMEOUT
-    pause = 0.001
-    while True:
-        try:
-            conn.execute("PRAGMA journal_mode=WAL")
-            return
-        except sqlite3.OperationalError as exc:
-            busy = exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_BUSY
-            if not busy or time.monotonic() >= deadline:
-                raise
-        time.sleep(pause)
-        pause = min(pause * 2, 0.05)
+    if not _while_busy(conn, "PRAGMA journal_mode=WAL", BUSY_TIMEOUT, 0.001, 0.05):
+        conn.execute("PRAGMA journal_mode=WAL")  # still busy: raised here
 
 
 def _begin(conn: sqlite3.Connection) -> None:
     """``BEGIN IMMEDIATE``: the write lock, waited for in short steps first (:data:`QUICK_BUSY`)."""
     conn.execute("PRAGMA busy_timeout = 0")
     try:
-        deadline = time.monotonic() + QUICK_BUSY
-        pause = 0.0001
-        while True:
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-                return
-            except sqlite3.OperationalError as exc:
-                busy = exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_BUSY  # or an extended one
-                if not busy or time.monotonic() >= deadline:
-                    break
-            time.sleep(pause)
-            pause = min(pause * 2, 0.001)
+        if _while_busy(conn, "BEGIN IMMEDIATE", QUICK_BUSY, 0.0001, 0.001):
+            return
     finally:
         conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT * 1000)}")
     conn.execute("BEGIN IMMEDIATE")  # still busy (or another error, raised again here)
+
+
+def _while_busy(
+    conn: sqlite3.Connection, statement: str, seconds: float, first: float, most: float
+) -> bool:
+    """Run ``statement`` again while SQLite answers busy, pausing ``first`` seconds, doubling
+    to ``most``, for up to ``seconds``; True once it ran, False when still busy then (an error
+    that is not busy: False at once, for the caller's own try to raise)."""
+    deadline = time.monotonic() + seconds
+    pause = first
+    while True:
+        try:
+            conn.execute(statement)
+            return True
+        except sqlite3.OperationalError as exc:
+            busy = exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_BUSY  # or an extended one
+            if not busy or time.monotonic() >= deadline:
+                return False
+        time.sleep(pause)
+        pause = min(pause * 2, most)
 
 
 def close_before_fork() -> None:
