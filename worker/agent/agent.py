@@ -34,6 +34,7 @@ from worker import defaults
 from worker.agent.attempt import AttemptRunner
 from worker.agent.books import DISK_FULL_PAUSE, Bookkeeper, Outcome
 from worker.agent.files import list_files
+from worker.agent.idleness import IdleWords
 from worker.agent.lifetime import Lifetime, safe_name
 from worker.agent.pool import ExecutorPool
 from worker.agent.runbook import RunBook
@@ -51,9 +52,6 @@ from worker.store import Store
 log = logging.getLogger("cflow.worker")
 
 LOCAL_POLL = 0.02  # seconds a local receive waits before the loop looks at stop requests
-# Seconds a held receive waits with nothing before the worker says it is idle (a server that
-# has a message answers in milliseconds; Pub/Sub holds an empty pull for seconds).
-IDLE_WORD_AFTER = 0.5
 
 
 @dataclass(frozen=True)
@@ -101,11 +99,6 @@ class Agent:
         if ledger is None:
             ledger = Ledger(queue=queue, store=store, events=events, clock=clock)
         self._stopping = StopFlag()
-        self._lock = threading.Lock()
-        self._slots: list[Slot] = []
-        self._announced_idle = False
-        self._settled_idle = False  # its first empty receive since it worked is done with
-        self._idle_said = 0.0  # when it last said it is idle (monotonic)
         self._looked = 0.0  # when it last looked at its one run's caller while idle
         self._exit_reason: str | None = None
         root = store.local_path("")
@@ -138,6 +131,12 @@ class Agent:
             log_upload_seconds=config.log_upload_seconds,
         )
         self.lifetime = Lifetime(store, clock, config.name, run=config.run)
+        self.words = IdleWords(
+            clock,
+            config.heartbeat,
+            lambda: self.books.emit(EventKind.IDLE),
+            holds_empty=queue.holds_empty_receives,
+        )
 
     @property
     def ledger(self) -> Ledger:
@@ -178,11 +177,10 @@ class Agent:
         was_reaper = reaper.is_subreaper()
         reaper.become_subreaper()  # orphans of a task come back to us, to be killed
         self._exit_reason = None
-        self._announced_idle = self._settled_idle = False
         self.lifetime.record(stopped=False)
         self.books.last_finished = self._looked = self.clock.monotonic()
         SPARE_HOSTS.start(self.config.slots)  # interpreters start while we wait for work
-        slots = self._slots = [Slot(i, self._scratch) for i in range(self.config.slots)]
+        slots = self.words.slots = [Slot(i, self._scratch) for i in range(self.config.slots)]
         for slot in slots:
             slot.prefetch = max(self.config.first_prefetch, 1)
         threads = [
@@ -221,7 +219,7 @@ class Agent:
                     return
                 if not deliveries:
                     continue
-                self._active(slot)
+                self.words.active(slot)
                 slot.held = list(deliveries)
                 slot.unstarted = books.claim_all(slot, deliveries)
                 durations: list[float] = []
@@ -255,7 +253,7 @@ class Agent:
             if not deliveries:
                 self.books.flush(slot)
             return deliveries
-        waiting = self._say_idle_while_held(slot)
+        waiting = self.words.while_held(slot)
         try:
             deliveries = self.queue.receive(slot.prefetch, poll, worker=self.config.name)
         except DiskFull as exc:
@@ -269,45 +267,14 @@ class Agent:
             return None
         return deliveries
 
-    def _active(self, slot: Slot) -> None:
-        with self._lock:
-            slot.idle = False
-            self._announced_idle = self._settled_idle = False
-
-    def _say_idle_while_held(self, slot: Slot) -> threading.Timer | None:
-        """On a queue that holds an empty receive (Pub/Sub), say this worker is idle once the
-        receive has waited ``IDLE_WORD_AFTER`` with nothing, not only once it comes back
-        empty seconds later: the run's runner lets it go that much sooner. A message that
-        comes after all is started and said, as one that comes right after an idle word."""
-        if not self.queue.holds_empty_receives:
-            return None
-        timer = threading.Timer(IDLE_WORD_AFTER, self._word, (slot,))
-        timer.daemon = True
-        timer.start()
-        return timer
-
-    def _word(self, slot: Slot) -> None:
-        """Say idle once every slot is, and again every heartbeat while all stay so."""
-        with self._lock:
-            slot.idle = True
-            if not all(s.idle for s in self._slots):
-                return
-            now = self.clock.monotonic()
-            # Said again every heartbeat: a runner that began listening since (a resumed watch,
-            # a retry, another run's) hears within a heartbeat that this worker is free.
-            if self._announced_idle and now - self._idle_said < self.config.heartbeat:
-                return
-            self._announced_idle, self._idle_said = True, now
-        self.books.emit(EventKind.IDLE)
-
     def _idle(self, slot: Slot) -> bool:
         """Nothing received: announce idleness once all slots are idle; True to end this slot."""
         cfg, leaving = self.config, False
-        self._word(slot)
-        with self._lock:
-            if not all(s.idle for s in self._slots):
+        self.words.say(slot)
+        with self.words.lock:
+            settle = self.words.settled_now()
+            if settle is None:  # another slot works
                 return self._exit_reason is not None
-            settle, self._settled_idle = not self._settled_idle, True
             idle_for = self.clock.monotonic() - self.books.last_finished
             if cfg.burst:
                 self._exit_reason = self._exit_reason or "queue empty"
