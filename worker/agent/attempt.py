@@ -167,8 +167,8 @@ class AttemptRunner:
                 if prepared.early is None:
                     self.launch(slot, prepared)
             except Exception:  # this one and the rest start one at a time, failing as they do
-                log.warning("shard %s could not be started ahead", claim.delivery.message.shard_id,
-                            exc_info=True)  # fmt: skip
+                sid = claim.delivery.message.shard_id
+                log.warning("shard %s could not be started ahead", sid, exc_info=True)
                 return ahead
             ahead[id(claim)] = prepared
         return ahead

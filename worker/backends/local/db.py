@@ -107,25 +107,20 @@ class Db:
             # where creating every table and index "if not exists" again is a dozen writes'
             # parsing); a file of another version, or a new one, is brought up to it.
             if conn.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
-                self._bring_up(conn)
+                self._bring_up()
         except sqlite3.Error as exc:
             raise _backend_error(path, exc) from None
 
-    def _bring_up(self, conn: sqlite3.Connection) -> None:
+    def _bring_up(self) -> None:
         """Apply the schema in one transaction: half the time of a commit per statement on a
         new file, and a process opening the file at the same moment waits for it whole."""
-        _begin(conn)
-        try:
+        with self.transaction() as conn:
             if conn.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
                 _migrate(conn)
                 for statement in SCHEMA.split(";"):
                     if statement.strip():
                         conn.execute(statement)
                 conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
 
     def conn(self) -> sqlite3.Connection:
         conn: _Connection | None = getattr(self._local, "conn", None)
