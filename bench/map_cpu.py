@@ -38,6 +38,7 @@ import dataclasses
 import json
 import os
 import resource
+import shutil
 import statistics
 import tempfile
 import time
@@ -151,16 +152,19 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             raise SystemExit("cflow.map returned wrong values")
         return took
 
-    one(work / "warm")  # this process's first map: what it loads is loaded once
-    kept.close_kept()  # the measured maps start their own launcher, counted among them
-    time.sleep(0.1)
-    _reap()
-    before, walls = _cpu(), []
-    for k in range(args.maps):
-        walls.append(one(work / ("one" if args.one_store else f"s{k}")))
-    kept.close_kept()  # it ends, so its own CPU is counted too
-    time.sleep(0.1)
-    _reap()
+    try:  # every store goes with its folder at the end (a run leaves about 1 MB a map)
+        one(work / "warm")  # this process's first map: what it loads is loaded once
+        kept.close_kept()  # the measured maps start their own launcher, counted among them
+        time.sleep(0.1)
+        _reap()
+        before, walls = _cpu(), []
+        for k in range(args.maps):
+            walls.append(one(work / ("one" if args.one_store else f"s{k}")))
+        kept.close_kept()  # it ends, so its own CPU is counted too
+        time.sleep(0.1)
+        _reap()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     per_map = [(b - a) * 1000 / args.maps for a, b in zip(before, _cpu(), strict=True)]
     del held
     return {

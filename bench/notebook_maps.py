@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import tempfile
 import threading
@@ -81,6 +82,7 @@ def measure(args: argparse.Namespace) -> list[float]:
     finally:
         release.set()
         other.join()
+        shutil.rmtree(store, ignore_errors=True)
     return took
 
 

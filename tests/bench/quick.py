@@ -34,14 +34,14 @@ def _stop(proc: subprocess.Popen[str]) -> None:
     proc.communicate()
 
 
-def run_quick(bench: Path, cwd: Path) -> str:
-    """Run ``bench --quick`` in ``cwd`` (without the caller's ``CFLOW_*`` settings, with its
+def run_quick(bench: Path, cwd: Path, *args: str) -> str:
+    """Run ``bench --quick ARGS`` in ``cwd`` (without the caller's ``CFLOW_*`` settings, with its
     emulators' addresses, which a quick form uses when they answer); return its stdout. Fails
     the test when it runs over :data:`QUICK_LIMIT`, exits non-zero or prints nothing; skips it
     (fails it under ``CI=true``) when the machine cannot run it."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CFLOW_")}
     proc = subprocess.Popen(
-        [sys.executable, str(bench), "--quick"],
+        [sys.executable, str(bench), "--quick", *args],
         cwd=cwd,
         env=env,
         stdout=subprocess.PIPE,
