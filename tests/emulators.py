@@ -84,6 +84,10 @@ class Emulators:
         return {"PUBSUB_EMULATOR_HOST": self.pubsub_host, "STORAGE_EMULATOR_HOST": self.gcs_url}
 
     def stop(self) -> None:
+        """Stop the emulators started here, and remove their logs' folder with them (one left
+        per start filled ``/tmp``); emulators used from elsewhere (no processes here) and
+        their logs are left to whoever started them."""
+        started_here = bool(self.procs)
         for proc in self.procs:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -94,6 +98,8 @@ class Emulators:
                 proc.kill()
                 proc.wait()
         self.procs.clear()
+        if started_here:
+            shutil.rmtree(self.logdir, ignore_errors=True)
 
 
 _lock = threading.Lock()
@@ -148,6 +154,7 @@ def start_emulators() -> Emulators:
         _wait_port(ps_port, procs[0], STARTUP_TIMEOUT, "the Pub/Sub emulator")
     except BaseException:
         Emulators("", "", procs, logdir).stop()
+        shutil.rmtree(logdir, ignore_errors=True)  # none of them started
         raise
     return Emulators(f"127.0.0.1:{ps_port}", f"http://127.0.0.1:{gcs_port}", procs, logdir)
 
@@ -221,7 +228,8 @@ def _shared(folder: Path) -> Emulators:
 def stop_shared(folder: Path) -> None:
     """Stop the session's emulators, if a process started them (SIGTERM, then SIGKILL)."""
     state = folder / "emulators.json"
-    pids = json.loads(state.read_text()).get("pids", []) if state.exists() else []
+    known = json.loads(state.read_text()) if state.exists() else {}
+    pids = known.get("pids", [])
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
@@ -231,6 +239,8 @@ def stop_shared(folder: Path) -> None:
             time.sleep(0.05)
         if _alive(pid):
             os.kill(pid, signal.SIGKILL)
+    if pids and known.get("logs"):  # their logs' folder, made by the process that started them
+        shutil.rmtree(known["logs"], ignore_errors=True)
     shutil.rmtree(folder, ignore_errors=True)
 
 
