@@ -2,26 +2,22 @@
 
 The runner packs ``task/`` reproducibly (sorted entries, zeroed times and owners) so the same code
 always has the same sha256 and is uploaded once. Workers verify the hash before unpacking and keep
-one unpacked copy per hash, with the task's ``requirements.txt`` installed beside it.
+one unpacked copy per hash, with the task's ``requirements.txt`` installed beside it, for as long
+as it is used (:mod:`worker.unpacked`).
 """
 
 from __future__ import annotations
 
 import ast
 import errno
-import fcntl
 import gzip
 import hashlib
 import io
 import os
-import shutil
 import stat
-import subprocess
-import sys
 import tarfile
 import zlib
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -263,17 +259,6 @@ def _level(files: list[Path]) -> int:
     return 0 if len(zlib.compress(sample, 1)) > STORED_RATIO * len(sample) else 9
 
 
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 @dataclass(frozen=True)
 class UnpackedBundle:
     sha256: str
@@ -302,64 +287,3 @@ def extract_safely(tar: tarfile.TarFile, dest: Path) -> None:
         if not (member.isfile() or member.isdir()):
             raise TaskError(f"refusing to unpack {member.name!r}: not a file or a folder")
     tar.extractall(dest)  # every member checked above
-
-
-def unpack(data: bytes, sha256: str, cache: Path, *, install: bool = True) -> UnpackedBundle:
-    """Verify and unpack a bundle into ``cache/<sha256>`` once, safe across processes, and
-    (with ``install``) install its requirements."""
-    actual = hashlib.sha256(data).hexdigest()
-    if actual != sha256:
-        raise TaskError(f"task bundle {sha256[:12]} is corrupt (its sha256 is {actual[:12]})")
-    target = cache / sha256
-    with _locked(cache / f"{sha256}.lock"):
-        if not (target / ".complete").exists():
-            tmp = cache / f"{sha256}.partial"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
-                extract_safely(tar, tmp)
-            (tmp / ".complete").touch()
-            shutil.rmtree(target, ignore_errors=True)
-            tmp.rename(target)
-    deps = install_requirements(target, cache) if install else None
-    return UnpackedBundle(sha256, target, deps)
-
-
-def install_requirements(task_root: Path, cache: Path) -> Path | None:
-    """pip-install the task's requirements.txt once per distinct file content."""
-    req = task_root / REQUIREMENTS
-    if not req.is_file() or not _has_requirements(req.read_text()):
-        return None
-    digest = hashlib.sha256(req.read_bytes()).hexdigest()[:16]
-    deps = cache / f"deps-{digest}"
-    with _locked(cache / f"deps-{digest}.lock"):
-        if (deps / ".complete").exists():
-            return deps
-        shutil.rmtree(deps, ignore_errors=True)
-        proc = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-                "--no-input",
-                "--target",
-                str(deps),
-                "-r",
-                str(req),
-            ],
-            cwd=task_root,
-            capture_output=True,
-            text=True,
-        )
-        if proc.returncode != 0:
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-            raise TaskError(f"installing the task's requirements.txt failed: {tail[0]}")
-        (deps / ".complete").touch()
-    return deps
-
-
-def _has_requirements(text: str) -> bool:
-    return any(line.strip() and not line.lstrip().startswith("#") for line in text.splitlines())

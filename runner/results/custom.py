@@ -23,11 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from runner.results.parts import Combined, Part, Say, local_parts
-from worker.bundle import inspect_bundle, inspect_task, install_requirements, pack, unpack
+from worker.bundle import inspect_bundle, inspect_task, pack
 from worker.errors import ConfigError, NotFound, TaskError
 from worker.executors.base import WORKER_PATH
 from worker.protocol import Entry, Layout, Manifest
 from worker.store import Store
+from worker.unpacked import install_requirements, unpack
 
 BY_TASK = "written by the task's combine(paths, out)"
 _FILE_LINE = re.compile(r'^(\s*File ")(?![/<])')  # a traceback's frame in a file of the task

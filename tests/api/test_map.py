@@ -194,6 +194,31 @@ def test_a_function_of_a_scripts_main_runs(tmp_path: Path) -> None:
     assert json.loads(done.stdout) == [0, 2, 4, 6, 8]
 
 
+def test_a_maps_workers_sweep_away_the_bundles_nobody_used_for_an_hour(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each function mapped is a bundle its workers unpack: those of earlier maps go once
+    unused for an hour, so a notebook's day of maps does not fill the machine's ``/tmp``."""
+    cache = tmp_path / "scratch" / "cflow" / "bundles"
+    old = cache / ("0" * 64)
+    (old / "data").mkdir(parents=True)
+    (old / "data" / "weights.bin").write_bytes(bytes(1 << 20))
+    (old / ".complete").touch()
+    lock = cache / f"{'0' * 64}.lock"
+    lock.touch()
+    os.utime(lock, (1.0, 1.0))
+    monkeypatch.setenv("CFLOW_SCRATCH", str(tmp_path / "scratch"))
+    marker = os.urandom(8).hex()  # a function no earlier map shipped: a new bundle
+
+    assert list(cflow.map(lambda x: f"{marker}{x}", range(3), store=tmp_path / "s")) == [
+        f"{marker}{x}" for x in range(3)
+    ]
+    assert let_go()
+    assert not old.exists() and not lock.exists()
+    left = [p for p in cache.iterdir() if p.is_dir()]
+    assert len(left) == 1 and (left[0] / ".complete").exists()  # the map's own, kept an hour
+
+
 def test_a_big_item_goes_by_the_store_and_a_big_value_is_read_when_asked_for(
     backend: dict[str, Any],
 ) -> None:

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from worker.bundle import inspect_bundle, inspect_task, pack, read_settings, unpack
+from worker.bundle import inspect_bundle, inspect_task, pack, read_settings
 from worker.errors import TaskError
 from worker.protocol import Entry
+from worker.unpacked import unpack
 
 
 def test_pack_is_reproducible_and_skips_caches(tmp_path: Path) -> None:

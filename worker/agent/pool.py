@@ -8,13 +8,14 @@ import stat
 import threading
 from pathlib import Path
 
-from worker.bundle import UnpackedBundle, unpack
+from worker.bundle import UnpackedBundle
 from worker.errors import NotFound, TaskError
 from worker.executors.base import TaskExecutor
 from worker.executors.container.executor import ContainerExecutor
 from worker.executors.process import Executor
 from worker.protocol import Entry, Layout, RunOptions
 from worker.store import Store
+from worker.unpacked import BundleCache
 
 _WRITE = stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH
 
@@ -36,11 +37,12 @@ def read_only(root: Path) -> None:
 
 class ExecutorPool:
     """One executor per bundle and way of running it (isolated or not, container image, its
-    timeout and GPUs), shared by the slots; bundles are fetched and unpacked once."""
+    timeout and GPUs), shared by the slots; bundles are fetched and unpacked once, and held
+    (kept from the cache's sweep) until :meth:`close`."""
 
     def __init__(self, store: Store, bundles: Path):
         self.store = store
-        self.bundles = bundles  # where bundles are unpacked
+        self.bundles = BundleCache(bundles)  # where bundles are unpacked
         self._bundles: dict[str, UnpackedBundle] = {}
         self._executors: dict[str, TaskExecutor] = {}
         self._last: str | None = None  # the executor asked for last
@@ -81,7 +83,7 @@ class ExecutorPool:
                 data = self.store.get(Layout.bundle(sha))
             except NotFound:
                 raise TaskError(f"task bundle {sha[:12]} is missing") from None
-            bundle = unpack(data, sha, self.bundles)
+            bundle = self.bundles.unpack(data, sha)
             read_only(bundle.root)
             self._bundles[sha] = bundle
         return bundle
@@ -104,6 +106,8 @@ class ExecutorPool:
             executor.begin_close()
 
     def close(self) -> None:
-        """Wait for every executor to end (after :meth:`begin_close`)."""
+        """Wait for every executor to end (after :meth:`begin_close`), then let go of the
+        bundles they ran."""
         for executor in self._executors.values():
             executor.close()
+        self.bundles.release()

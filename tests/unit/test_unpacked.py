@@ -1,0 +1,192 @@
+"""The worker's cache of unpacked bundles is swept: what nobody has used for an hour goes,
+what a live worker holds stays, and a sweep racing workers never leaves one a folder half there.
+
+Holders are real processes (a worker's pool holds each bundle it unpacked for its lifetime);
+times are set on the lock files, as an hour's wait would leave them.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from worker.agent.pool import read_only
+from worker.bundle import pack
+from worker.unpacked import KEEP_SECONDS, BundleCache, sweep, unpack
+
+ROOT = Path(__file__).resolve().parents[2]
+HOUR_AGO = time.time() - KEEP_SECONDS - 60
+
+
+def _bundle(tmp_path: Path, text: str) -> tuple[bytes, str]:
+    task = tmp_path / f"task-{abs(hash(text))}"
+    task.mkdir()
+    (task / "task.py").write_text(f"def run(shard):\n    return {text!r}\n")
+    (task / "data").mkdir()
+    (task / "data" / "big.bin").write_bytes(os.urandom(4096))
+    return pack(task)
+
+
+def _unused_since(cache: Path, sha: str, when: float) -> None:
+    os.utime(cache / f"{sha}.lock", (when, when))
+
+
+def _holder(cache: Path, data: bytes, sha: str, tmp_path: Path) -> subprocess.Popen[str]:
+    """Another process that unpacked the bundle and holds it (as a worker's pool does)."""
+    (tmp_path / "bundle.bin").write_bytes(data)
+    code = textwrap.dedent(
+        f"""
+        import sys, time
+        from pathlib import Path
+        from worker.unpacked import BundleCache
+        cache = BundleCache(Path({str(cache)!r}))
+        cache.unpack(Path({str(tmp_path / "bundle.bin")!r}).read_bytes(), {sha!r})
+        print("held", flush=True)
+        time.sleep(60)
+        """
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert proc.stdout is not None and proc.stdout.readline() == "held\n"
+    return proc
+
+
+def test_a_new_bundle_sweeps_away_what_nobody_used_for_an_hour(tmp_path: Path) -> None:
+    cache = tmp_path / "bundles"
+    old_data, old = _bundle(tmp_path, "old")
+    recent_data, recent = _bundle(tmp_path, "recent")
+    read_only(unpack(old_data, old, cache).root)  # as a worker leaves it: no write bits
+    unpack(recent_data, recent, cache)
+    (cache / f"{old}.partial").mkdir()  # an unpack killed halfway, long ago
+    _unused_since(cache, old, HOUR_AGO)
+
+    new_data, new = _bundle(tmp_path, "new")
+    got = BundleCache(cache)
+    bundle = got.unpack(new_data, new)
+
+    assert (bundle.root / "task.py").exists()
+    assert sorted(os.listdir(cache)) == sorted([recent, f"{recent}.lock", new, f"{new}.lock"]), (
+        "the old bundle, its lock and its partial unpack go; the recent one stays"
+    )
+    got.release()
+
+
+def test_a_bundle_a_live_worker_holds_is_never_swept_and_goes_once_it_has_died(
+    tmp_path: Path,
+) -> None:
+    cache = tmp_path / "bundles"
+    data, sha = _bundle(tmp_path, "held")
+    holder = _holder(cache, data, sha, tmp_path)
+    try:
+        _unused_since(cache, sha, HOUR_AGO)  # even with a time an hour old: it is held
+        assert sweep(cache) == []
+        assert (cache / sha / "task.py").exists()
+    finally:
+        holder.send_signal(signal.SIGKILL)  # a worker killed: its hold goes with it
+        holder.wait()
+    _unused_since(cache, sha, HOUR_AGO)
+    assert sweep(cache) == [sha]
+    assert os.listdir(cache) == []
+
+
+def test_a_bundle_used_again_counts_its_hour_from_then(tmp_path: Path) -> None:
+    cache = tmp_path / "bundles"
+    data, sha = _bundle(tmp_path, "again")
+    unpack(data, sha, cache)
+    _unused_since(cache, sha, HOUR_AGO)
+    unpack(data, sha, cache)  # used again now: found whole, not made again
+    assert sweep(cache) == []
+    assert sweep(cache, keep=0) == [sha]
+
+
+def test_the_time_kept_is_a_setting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = tmp_path / "bundles"
+    data, sha = _bundle(tmp_path, "setting")
+    unpack(data, sha, cache)
+    past = time.time() - 120
+    _unused_since(cache, sha, past)
+    assert sweep(cache) == []  # two minutes: within the hour
+    monkeypatch.setenv("CFLOW_BUNDLE_KEEP_SECONDS", "60")
+    assert sweep(cache) == [sha]
+
+
+def test_a_sweep_stops_after_its_time_and_the_next_goes_on(tmp_path: Path) -> None:
+    cache = tmp_path / "bundles"
+    shas = []
+    for text in ("a", "b", "c"):
+        data, sha = _bundle(tmp_path, text)
+        unpack(data, sha, cache)
+        shas.append(sha)
+    for sha in shas:
+        _unused_since(cache, sha, HOUR_AGO)
+    first = sweep(cache, budget=0.0)
+    assert len(first) < 3
+    assert sorted(first + sweep(cache)) == sorted(shas)
+    assert os.listdir(cache) == []
+
+
+def test_a_sweep_cut_short_leaves_a_bundle_unpacked_again_not_one_half_there(
+    tmp_path: Path,
+) -> None:
+    cache = tmp_path / "bundles"
+    data, sha = _bundle(tmp_path, "cut")
+    unpack(data, sha, cache)
+    # A sweep killed after its first step: the mark of a whole entry is gone, files remain.
+    (cache / sha / ".complete").unlink()
+    (cache / sha / "task.py").unlink()
+    bundle = unpack(data, sha, cache)
+    assert "return 'cut'" in (bundle.root / "task.py").read_text()
+
+
+SWEEPER = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    from worker.unpacked import BundleCache, sweep
+    cache, source, rounds = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+    data = source.read_bytes()
+    sha = source.stem
+    for _ in range(rounds):
+        held = BundleCache(cache)
+        bundle = held.unpack(data, sha, install=False)
+        # Whole while held, whatever the others sweep meanwhile.
+        assert (bundle.root / ".complete").exists(), "not whole"
+        assert "return 'raced'" in (bundle.root / "task.py").read_text()
+        assert len((bundle.root / "data" / "big.bin").read_bytes()) == 4096
+        held.release()
+        sweep(cache, keep=0)
+    """
+)
+
+
+def test_workers_unpacking_and_sweeping_at_once_each_find_their_bundle_whole(
+    tmp_path: Path,
+) -> None:
+    cache = tmp_path / "bundles"
+    data, sha = _bundle(tmp_path, "raced")
+    source = tmp_path / f"{sha}.bin"
+    source.write_bytes(data)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", SWEEPER, str(cache), str(source), "40"],
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
+    errors = [proc.communicate(timeout=120)[1] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0] * 4, errors
