@@ -4,6 +4,9 @@ the emulators with real ``python -m worker --backend gcp`` processes in a fake g
 from __future__ import annotations
 
 import json
+import sys
+import threading
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -49,11 +52,22 @@ def backend(
         monkeypatch.delenv(name, raising=False)
     if request.param == "local":
         yield {"store": str(tmp_path / ".cflow"), "workers": 2}
-        assert let_go(), "a run's workers were not let go"
+        assert let_go(), _still_running()
         return
     fake_compute: MakeCompute = request.getfixturevalue("fake_compute")
     yield _cloud(tmp_path, fake_compute)
-    assert let_go(), "a run's workers were not let go"  # before the fake group stops
+    assert let_go(), _still_running()  # before the fake group stops
+
+
+def _still_running() -> str:
+    """Where each run's thread of this process still is, for a run not let go in time."""
+    frames = sys._current_frames()
+    stacks = [
+        f"thread {t.name}:\n" + "".join(traceback.format_stack(frames[t.ident]))
+        for t in threading.enumerate()
+        if t.name == "cflow-run" and t.ident in frames
+    ]
+    return "a run's workers were not let go within 60 s\n" + "\n".join(stacks)
 
 
 @pytest.fixture
