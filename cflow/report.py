@@ -4,7 +4,6 @@ shown inline (the PNG through ``IPython.display``)."""
 from __future__ import annotations
 
 import importlib.util
-import tempfile
 from pathlib import Path
 
 from cflow.progress import in_notebook
@@ -12,6 +11,7 @@ from runner.observe.render import check_report_out, render
 from runner.observe.timeline import build_timeline
 from worker.errors import ConfigError
 from worker.store import Store
+from worker.tempdirs import temp_folder
 
 
 def report(store: Store, run_id: str, path: str | Path | None) -> Path | None:
@@ -28,7 +28,7 @@ def report(store: Store, run_id: str, path: str | Path | None) -> Path | None:
         raise ConfigError("run.report() draws with matplotlib: pip install 'cflow[report]'")
     shown = in_notebook()
     if path is None and shown:
-        with tempfile.TemporaryDirectory(prefix="cflow-report-") as tmp:
+        with temp_folder("report") as tmp:
             rendered = render(build_timeline(store, run_id), Path(tmp) / f"{run_id}.png")
             _show(rendered.picture)
         return None

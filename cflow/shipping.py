@@ -26,6 +26,7 @@ from worker.protocol import Layout, Manifest, Shard
 from worker.pyfunc import FOLDER_FILE, FUNCTION_FILE, ITEM_PARAM
 from worker.pyfunc.modules import OWN_FILE
 from worker.store import Store
+from worker.tempdirs import temp_folder
 
 ITEM_INLINE_LIMIT = 8 * 1024  # bytes of an item's pickle carried in its shard's params
 
@@ -57,7 +58,7 @@ def make_task(
     :func:`cflow.pickling.pickle_function` takes it. ``folder``: where the items run (the
     caller's working folder, for a run on this machine), else in each attempt's own."""
     data = pickle_function(fn, own)
-    made = tempfile.TemporaryDirectory(prefix="cflow-fn-")
+    made = temp_folder("fn")
     name = str(getattr(fn, "__name__", "fn"))  # the run's task name (`runner runs`)
     readable = "".join(c if c.isalnum() or c == "_" else "-" for c in name).strip("-")
     task = Path(made.name) / (readable or "fn")

@@ -49,6 +49,7 @@ from runner.results.parts import OutTarget, Say, check_out, outside_store
 from worker.errors import ConfigError
 from worker.executors.container.runtime import check_image
 from worker.protocol import Layout, Manifest, RunOptions, Shard, new_run_id
+from worker.tempdirs import temp_folder
 
 if TYPE_CHECKING:
     from runner.backends.gcp.shapes.model import ShapedGroup
@@ -215,7 +216,7 @@ class _Submission:
         try:
             bundled = request.task_dir
             if dep.prepare_task is not None:  # Google Cloud: requirements as wheels the VMs take
-                staging = tempfile.TemporaryDirectory(prefix="cflow-task-")
+                staging = temp_folder("task")
                 bundled = dep.prepare_task(request.task_dir, Path(staging.name))
             return self._make_run(bundled, source, options, run_id, made, count)
         except BaseException as exc:

@@ -49,6 +49,7 @@ from worker.bundle import (
 from worker.errors import TaskError
 from worker.executors.base import WORKER_PATH
 from worker.protocol import Entry
+from worker.tempdirs import temp_folder
 
 IMPORT_TIMEOUT = 20.0  # seconds the import check may take before it is given up
 
@@ -147,7 +148,7 @@ class ImportProbe:
 
 def _bundled_view(folder: Path) -> tempfile.TemporaryDirectory[str]:
     """A folder of links to the files of ``folder`` that go into its bundle."""
-    view = tempfile.TemporaryDirectory(prefix="cflow-check-")
+    view = temp_folder("check")
     for path in bundle_files(folder):
         link = Path(view.name, path.relative_to(folder))
         link.parent.mkdir(parents=True, exist_ok=True)

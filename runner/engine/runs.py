@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from itertools import islice
 from pathlib import Path
@@ -34,6 +33,7 @@ from worker.protocol import (
 )
 from worker.queue import WorkQueue
 from worker.store import Store
+from worker.tempdirs import temp_folder
 
 InputStager = Callable[[str, Shard], Shard]  # (run_id, shard) -> shard with a worker-readable input
 Progress = Callable[[int], None]
@@ -74,7 +74,7 @@ def create_run(
     """
     info, sha = store_bundle(store, task_dir, packed)
     run_id = run_id or new_run_id(clock.time())  # given: its workers started before it
-    with tempfile.TemporaryDirectory(prefix="cflow-submit-") as tmp:
+    with temp_folder("submit") as tmp:
         listing = Path(tmp) / "shards.jsonl"
         count = 0
         with listing.open("w", encoding="utf-8") as fh:
@@ -302,7 +302,7 @@ def iter_shards(store: Store, run_id: str) -> Iterator[Shard]:
         with fh:
             yield from _shards_in(fh)
         return
-    with tempfile.TemporaryDirectory(prefix="cflow-shards-") as tmp:
+    with temp_folder("shards") as tmp:
         path = Path(tmp) / "shards.jsonl"
         store.get_file(key, path)
         yield from _read_shards(path)

@@ -32,6 +32,7 @@ from worker.errors import CFlowError
 from worker.protocol import Layout, Manifest, RunOptions, RunState, Shard, WorkMessage, new_run_id
 from worker.queue import WorkQueue
 from worker.store import Store
+from worker.tempdirs import temp_folder
 
 log = logging.getLogger(__name__)
 
@@ -350,7 +351,7 @@ class _Stream:
         """List a later batch; its shards as the messages carry them."""
         records = [shard.to_dict() for shard in batch]
         if self.listing is None:
-            self._folder = tempfile.TemporaryDirectory(prefix="cflow-stream-")
+            self._folder = temp_folder("stream")
             self.listing = Path(self._folder.name) / "shards.jsonl"
             self.listing.write_bytes(self._first)
             self._first = b""

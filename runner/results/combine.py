@@ -55,6 +55,7 @@ from runner.results.parts import (
 from worker.errors import ConfigError
 from worker.protocol import Layout, Manifest
 from worker.store import Store
+from worker.tempdirs import temp_folder
 
 
 def _quiet(_message: str) -> None:
@@ -164,7 +165,7 @@ class _Scratch:
 
     def path(self) -> Path:
         if self._tmp is None:
-            self._tmp = tempfile.TemporaryDirectory(prefix="cflow-combine-")
+            self._tmp = temp_folder("combine")
         return Path(self._tmp.name)
 
     def __exit__(self, *exc: object) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import random
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from worker import defaults
 from worker.agent.agent import AgentConfig
 from worker.protocol import Manifest, RunOptions
 from worker.queue import EventBus, WorkQueue
+from worker.tempdirs import temp_folder
 
 QueueFactory = Callable[[SimClock], WorkQueue]
 TASK_PY = "def run(shard):\n    pass\n"  # bundled for the manifest; the simulator runs nothing
@@ -190,7 +190,7 @@ def _rig(sc: Scenario, queue_factory: QueueFactory | None) -> _Rig:
 
 def _submit(sc: Scenario, rig: _Rig) -> Manifest:
     """Submit the run as ``runner submit`` does, with a task that is bundled but never runs."""
-    with tempfile.TemporaryDirectory(prefix="cflow-sim-") as tmp:
+    with temp_folder("sim") as tmp:
         task = Path(tmp) / "task"
         task.mkdir()
         (task / "task.py").write_text(TASK_PY)

@@ -82,7 +82,7 @@ def test_a_local_shard_list_is_read_where_it_lies_and_a_replaced_one_stays_whole
     def no_copy(*args: object, **kwargs: object) -> None:
         raise AssertionError("a local shard list was copied to be read")
 
-    monkeypatch.setattr(runs.tempfile, "TemporaryDirectory", no_copy)
+    monkeypatch.setattr(runs, "temp_folder", no_copy)
     store = LocalStore(tmp_path / "store")
     run_id = "r20261204-000000-abcdef"
     with pytest.raises(NotFound, match=r"shards\.jsonl"):

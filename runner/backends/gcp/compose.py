@@ -11,13 +11,13 @@ the whole of it as a stream (:class:`ObjectReader`, what a gzip part is decompre
 from __future__ import annotations
 
 import io
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from runner.results.parts import Traffic
 from worker.errors import BackendError
+from worker.tempdirs import temp_folder
 
 if TYPE_CHECKING:  # the cloud client loads only when a bucket is combined
     from worker.backends.gcp.gcs import GcsStore
@@ -151,7 +151,7 @@ def strip_first_line(store: GcsStore, key: str, skip: int, target: str, traffic:
 
     Compose cannot cut an object, so this is where a header costs the runner the part's bytes.
     """
-    with tempfile.TemporaryDirectory(prefix="cflow-strip-") as tmp:
+    with temp_folder("strip") as tmp:
         path = Path(tmp) / "part"
         with store._errors("download", key):
             store.bucket.blob(key).download_to_filename(str(path), start=skip, retry=_retry())

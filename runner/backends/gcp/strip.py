@@ -12,7 +12,6 @@ parts are untouched.
 from __future__ import annotations
 
 import os
-import tempfile
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +23,7 @@ from worker.errors import BackendError
 from worker.protocol import RunOptions, Shard, ShardState, new_run_id, shard_id_for_index
 from worker.queue import EventBus, WorkQueue
 from worker.store import Store
+from worker.tempdirs import temp_folder
 
 ON_WORKERS_BYTES = 256 * 1024 * 1024  # header-less copies bigger than this are made by workers
 ON_WORKERS_ENV = "CFLOW_COMBINE_ON_WORKERS_BYTES"  # overrides it (tests, or to force either way)
@@ -42,7 +42,7 @@ STRIP_TASK = textwrap.dedent(
     def run(shard):
         bucket = make_client(None).bucket(shard.params["bucket"])
         for source, skip, target in shard.params["jobs"]:
-            with tempfile.TemporaryDirectory() as tmp:
+            with temp_folder("strip-part") as tmp:
                 part = Path(tmp) / "part"
                 bucket.blob(source).download_to_filename(str(part), start=skip, retry=DEFAULT_RETRY)
                 bucket.blob(target).upload_from_filename(str(part), retry=DEFAULT_RETRY)
@@ -78,7 +78,7 @@ def strip_on_workers(
         )
         for n, chunk in enumerate(chunks)
     ]
-    with tempfile.TemporaryDirectory(prefix="cflow-strip-task-") as tmp:
+    with temp_folder("strip-task") as tmp:
         task = Path(tmp) / f"combine-headers-{run_id}"
         task.mkdir()
         (task / "task.py").write_text(STRIP_TASK)

@@ -24,13 +24,13 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from worker.bundle import extract_safely
 from worker.errors import ConfigError
+from worker.tempdirs import temp_folder
 
 # The image family's Python (debian-12: python3.11) and the platforms its glibc (2.36) runs.
 VM_PYTHON = "3.11"
@@ -110,7 +110,7 @@ def resolve(
     shutil.rmtree(home, ignore_errors=True)
     wheels_dir = home / "wheels"
     wheels_dir.mkdir(parents=True)
-    with tempfile.TemporaryDirectory(prefix="cflow-resolve-") as tmp:
+    with temp_folder("resolve") as tmp:
         req_file = Path(tmp) / "requirements.txt"
         req_file.write_text("\n".join(requirements) + "\n")
         argv = [

@@ -16,7 +16,6 @@ import contextlib
 import hashlib
 import os
 import socket
-import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ import worker
 from worker.bundle import UnpackedBundle
 from worker.executors.container.runtime import Runtime
 from worker.protocol import slug
+from worker.tempdirs import kept_temp_folder
 
 TASK_DIR = "/task"
 WORK_DIR = "/cflow/work"  # an attempt's own working folder, mounted read-write
@@ -127,7 +127,7 @@ def mount_source(path: Path) -> str:
     global _links_dir
     with _links_lock:
         if _links_dir is None:
-            _links_dir = Path(tempfile.mkdtemp(prefix="cflow-mounts-"))
+            _links_dir = kept_temp_folder("mounts")  # swept once this worker has ended
     digest = hashlib.sha256(text.encode()).hexdigest()[:16]  # one link per input, reused
     link = _links_dir / f"{digest}-{safe_name(path.name)}"
     with contextlib.suppress(FileExistsError):
