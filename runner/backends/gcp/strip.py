@@ -42,7 +42,7 @@ STRIP_TASK = textwrap.dedent(
     def run(shard):
         bucket = make_client(None).bucket(shard.params["bucket"])
         for source, skip, target in shard.params["jobs"]:
-            with temp_folder("strip-part") as tmp:
+            with tempfile.TemporaryDirectory() as tmp:
                 part = Path(tmp) / "part"
                 bucket.blob(source).download_to_filename(str(part), start=skip, retry=DEFAULT_RETRY)
                 bucket.blob(target).upload_from_filename(str(part), retry=DEFAULT_RETRY)
