@@ -5,9 +5,11 @@ Each entry of the cache folder (``/tmp/cflow/bundles`` unless ``CFLOW_SCRATCH`` 
 is a task folder unpacked (``<sha256>/``) or a task's ``requirements.txt`` installed
 (``deps-<digest>/``), with a lock file beside it (``<name>.lock``):
 
-- a worker unpacking or installing takes the lock exclusively; one using an entry holds it
-  shared for as long as it may run the task (its lifetime: the lock goes with its last
-  descriptor, also when it is killed), and sets the lock file's time to now;
+- a worker using an entry holds its lock shared for as long as it may run the task (its
+  lifetime: the lock goes with its last descriptor, also when it is killed), and sets the lock
+  file's time to now; one that finds the entry not whole (new, or removed by hand) makes it
+  while holding it, under a second lock (``<name>.make``) taken exclusively by makers alone,
+  so that no maker ever waits for the workers holding an entry;
 - whoever makes a new entry then sweeps (for at most :data:`SWEEP_SECONDS`): every entry
   whose lock file is older than :data:`KEEP_SECONDS` and that it can lock exclusively without
   waiting (nobody holds it) is removed, its ``.complete`` mark first (a sweep cut short
@@ -175,23 +177,23 @@ def _has_requirements(text: str) -> bool:
 
 
 def _held(lock: Path, entry: Path, make: Callable[[], None]) -> tuple[bool, int]:
-    """Entry ``entry`` made where it is not whole (``make``, under the lock held exclusively),
-    then its ``lock`` held shared and its time set to now: whether it was made, and the lock's
-    descriptor (the caller's to close)."""
-    fd = _lock(lock, fcntl.LOCK_SH)
+    """Entry ``entry`` held (``lock`` shared, its time set to now), made first where it is not
+    whole (``make``, by one process at a time: the ``.make`` lock beside it, which never waits
+    for those holding the entry): whether it was made, and the lock's descriptor (the
+    caller's to close)."""
+    fd = _lock(lock, fcntl.LOCK_SH)  # from now on no sweep removes it
     made = False
     try:
-        while not (entry / COMPLETE).exists():
-            # Exclusive to make it (a sweep may take the moment between the two locks: the
-            # lock file is looked at again). Only one maker; the others find it whole after.
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            if not _still(fd, lock):
-                os.close(fd)
-                fd = _lock(lock, fcntl.LOCK_EX)
-            if not (entry / COMPLETE).exists():
-                make()
-                made = True
-            fcntl.flock(fd, fcntl.LOCK_SH)
+        if not (entry / COMPLETE).exists():
+            making = lock.with_suffix(".make")
+            maker = _lock(making, fcntl.LOCK_EX)
+            try:
+                if not (entry / COMPLETE).exists():  # another maker's meanwhile
+                    make()
+                    made = True
+            finally:
+                making.unlink(missing_ok=True)  # one waiting for it takes a new one (_lock)
+                os.close(maker)
         os.utime(fd)  # used now: no sweep removes it for KEEP_SECONDS after its last holder
     except BaseException:
         os.close(fd)
@@ -266,6 +268,7 @@ def _remove(cache: Path, entry: str, lock: Path, before: float) -> bool:
             (folder / COMPLETE).unlink()  # no longer whole, before anything else goes
         remove_tree(folder)
         remove_tree(cache / f"{entry}.partial")
+        (cache / f"{entry}.make").unlink(missing_ok=True)  # no maker: each holds the lock
         lock.unlink()
         return True
     finally:

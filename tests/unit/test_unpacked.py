@@ -8,10 +8,12 @@ times are set on the lock files, as an hour's wait would leave them.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -99,6 +101,25 @@ def test_a_bundle_a_live_worker_holds_is_never_swept_and_goes_once_it_has_died(
     _unused_since(cache, sha, HOUR_AGO)
     assert sweep(cache) == [sha]
     assert os.listdir(cache) == []
+
+
+def test_a_bundle_removed_by_hand_while_held_is_made_again_without_waiting_for_its_holder(
+    tmp_path: Path,
+) -> None:
+    cache = tmp_path / "bundles"
+    data, sha = _bundle(tmp_path, "by hand")
+    holder = _holder(cache, data, sha, tmp_path)
+    try:
+        shutil.rmtree(cache / sha)  # a clean of /tmp, say, while a worker runs the task
+        made: list[Path] = []
+        again = threading.Thread(target=lambda: made.append(unpack(data, sha, cache).root))
+        again.start()
+        again.join(10)
+        assert made, "making it again waited for the worker holding it"
+        assert "return 'by hand'" in (made[0] / "task.py").read_text()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
 
 
 def test_a_bundle_used_again_counts_its_hour_from_then(tmp_path: Path) -> None:
