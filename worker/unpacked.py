@@ -24,7 +24,6 @@ entries, 1.6 GB, in ``/tmp`` here, which on many machines is memory).
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import hashlib
 import io
@@ -241,13 +240,14 @@ def sweep(cache: Path, keep: float | None = None, budget: float = SWEEP_SECONDS)
             continue
         if time.monotonic() > deadline:
             break
-        lock = cache / name
-        with contextlib.suppress(FileNotFoundError):
-            if now - os.stat(lock).st_mtime < keep:
-                continue
-            entry = name.removesuffix(".lock")
-            if _remove(cache, entry, lock, now - keep):
+        lock, entry = cache / name, name.removesuffix(".lock")
+        try:
+            if now - os.stat(lock).st_mtime >= keep and _remove(cache, entry, lock, now - keep):
                 removed.append(entry)
+        except FileNotFoundError:
+            continue  # another sweep's meanwhile
+        except OSError as exc:  # another user's, say: never the run's failure
+            logger.warning("could not remove the unpacked bundle %s: %s", entry, exc)
     if removed:
         logger.info("removed %d unpacked task bundles unused for %gs", len(removed), keep)
     return removed
@@ -264,8 +264,10 @@ def _remove(cache: Path, entry: str, lock: Path, before: float) -> bool:
         if not _still(fd, lock) or os.fstat(fd).st_mtime >= before:
             return False  # removed and made again, or used, meanwhile
         folder = cache / entry
-        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
-            (folder / COMPLETE).unlink()  # no longer whole, before anything else goes
+        if os.path.isdir(folder) and not os.path.islink(folder):
+            os.chmod(folder, 0o700)  # a worker took its write bits off (pool.read_only)
+            # No longer whole, before anything else of it goes.
+            (folder / COMPLETE).unlink(missing_ok=True)
         remove_tree(folder)
         remove_tree(cache / f"{entry}.partial")
         (cache / f"{entry}.make").unlink(missing_ok=True)  # no maker: each holds the lock

@@ -12,10 +12,12 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -211,3 +213,77 @@ def test_workers_unpacking_and_sweeping_at_once_each_find_their_bundle_whole(
     ]
     errors = [proc.communicate(timeout=120)[1] for proc in procs]
     assert [proc.returncode for proc in procs] == [0] * 4, errors
+
+
+AS_A_USER = textwrap.dedent(
+    """
+    import os, sys, time
+    from pathlib import Path
+    sys.path.insert(0, sys.argv[1])
+    from worker.agent.pool import read_only
+    from worker.unpacked import BundleCache, KEEP_SECONDS
+    cache, old, new = Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4])
+    held = BundleCache(cache)
+    read_only(held.unpack(old.read_bytes(), old.stem, install=False).root)  # as a worker does
+    held.release()
+    past = time.time() - KEEP_SECONDS - 60
+    os.utime(cache / f"{old.stem}.lock", (past, past))
+    BundleCache(cache).unpack(new.read_bytes(), new.stem, install=False)  # sweeps
+    print(sorted(os.listdir(cache)))
+    """
+)
+
+
+def _as_nobody() -> dict[str, Any]:
+    """How to run a Python process as an unprivileged user (this one, unless it is root)."""
+    if os.getuid() != 0:
+        return {"executable": sys.executable}
+
+    def demote() -> None:
+        os.setgid(65534)
+        os.setuid(65534)
+
+    for python in (sys.executable, "/usr/bin/python3"):
+        try:
+            probe = subprocess.run([python, "-c", "pass"], preexec_fn=demote, capture_output=True)
+        except OSError:  # not theirs to run (under /root, say)
+            continue
+        if probe.returncode == 0:
+            return {"executable": python, "preexec_fn": demote}
+    pytest.skip("no Python this machine's unprivileged user may run")
+
+
+def test_a_user_who_is_not_root_sweeps_the_read_only_bundles_their_workers_left(
+    tmp_path: Path,
+) -> None:
+    """A worker takes the write bits off what it unpacked: root removes such a folder
+    regardless, anyone else only once the sweep gives the bits back."""
+    how = _as_nobody()
+    theirs = Path(tempfile.mkdtemp(prefix="cflow-test-user-"))  # a folder they may reach
+    try:
+        _sweep_as(how, tmp_path, theirs)
+    finally:
+        shutil.rmtree(theirs)
+
+
+def _sweep_as(how: dict[str, Any], tmp_path: Path, theirs: Path) -> None:
+    cache = theirs / "bundles"
+    cache.mkdir()
+    files = []
+    for text in ("old", "new"):
+        data, sha = _bundle(tmp_path, text)
+        (theirs / f"{sha}.bin").write_bytes(data)
+        files.append(theirs / f"{sha}.bin")
+    if os.getuid() == 0:
+        os.chown(cache, 65534, 65534)
+        os.chmod(theirs, 0o755)
+    python = how.pop("executable")
+    done = subprocess.run(
+        [python, "-c", AS_A_USER, str(ROOT), str(cache), *map(str, files)],
+        capture_output=True,
+        text=True,
+        **how,
+    )
+    assert done.returncode == 0, done.stderr
+    new = files[1].stem
+    assert done.stdout.strip() == str(sorted([new, f"{new}.lock"]))
