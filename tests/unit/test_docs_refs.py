@@ -51,7 +51,7 @@ def test_paths_and_modules_exist(doc: Path) -> None:
     missing = []
     for code in _code(doc):
         for word in (w.strip("'\"(),;:") for w in code.split()):
-            made = word.startswith(MADE_BY_COMMANDS)
+            made = (word.rstrip("/") + "/").startswith(MADE_BY_COMMANDS)  # the folder too
             if _PATH.fullmatch(word) and not made and not (ROOT / word).exists():
                 missing.append(word)
         for module in _MODULE.findall(code):
