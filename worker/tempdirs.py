@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 ORPHAN_SECONDS = 600.0  # a gone process's folder unchanged this long is removed
-_NAME = re.compile(r"^cflow-[a-z]+(?:-[a-z]+)*-(\d+)-[a-z0-9_]{8}$")
+_NAME = re.compile(r"^cflow-[a-z]+(?:-[a-z]+)*-(\d{1,10})-[a-z0-9_]{8}$")
 _swept = False
 _swept_lock = threading.Lock()
 
@@ -80,10 +80,12 @@ def sweep_orphans(parent: Path | None = None, *, older: float = ORPHAN_SECONDS) 
 
 
 def _alive(pid: int) -> bool:
+    """Whether process ``pid`` may be running (one no process can have counts as running:
+    its folder is not this sweep's to judge)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # another user's
+    except (PermissionError, OverflowError, ValueError):  # another user's; no such number
         return True
     return True

@@ -17,19 +17,27 @@ is a task folder unpacked (``<sha256>/``) or a task's ``requirements.txt`` insta
   its lock file.
 
 A lock file removed while a process was opening it is one nobody else will lock: so each lock
-taken is checked to be the file still at its path, and taken again where not. Without a sweep,
-every version of a task and every function a notebook mapped stayed unpacked for ever (14,000
-entries, 1.6 GB, in ``/tmp`` here, which on many machines is memory).
+taken is checked to be the file still at its path, and taken again where not. A sweep looks
+only at the lock files of entries (a ``..lock`` is not one, and the folder above is never
+touched); one that cannot remove an entry logs it and goes on. An entry that does not fit on a
+full disk is tried once more after a sweep. The cache folder and the folder it is in must be
+this user's (:func:`own_folder`): code another user unpacked there would run as one's own.
+
+Without a sweep, every version of a task and every function a notebook mapped stayed unpacked
+for ever (14,000 entries, 1.6 GB, in ``/tmp`` here, which on many machines is memory).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import fcntl
 import hashlib
 import io
 import logging
 import os
-import shutil
+import re
+import stat
 import subprocess
 import sys
 import tarfile
@@ -49,6 +57,7 @@ KEEP_ENV = "CFLOW_BUNDLE_KEEP_SECONDS"  # another such time
 # (one never swept) holds back no run by more (removing 6,400 entries took 4.6 s here).
 SWEEP_SECONDS = 0.25
 COMPLETE = ".complete"  # in an entry made whole
+_ENTRY_LOCK = re.compile(r"^(?:[0-9a-f]{64}|deps-[0-9a-f]{16})\.lock$")  # what a sweep looks at
 
 
 def keep_seconds() -> float:
@@ -67,14 +76,19 @@ class BundleCache:
     def __init__(self, folder: Path):
         self.folder = folder
         self._held: list[int] = []  # descriptors of the lock files held shared
+        self._owned = False  # the folder checked to be this user's
 
     def unpack(self, data: bytes, sha256: str, *, install: bool = True) -> UnpackedBundle:
         """Bundle ``sha256`` (``data``, verified) unpacked once into ``folder/<sha256>``, with
         its requirements installed (``install``); held until :meth:`release`.
 
         Raises:
-            TaskError: the bundle is corrupt, unsafe to unpack, or its requirements fail.
+            TaskError: the bundle is corrupt, unsafe to unpack, or its requirements fail; the
+                folder is another user's (:func:`own_folder`).
         """
+        if not self._owned:
+            own_folder(self.folder)
+            self._owned = True
         made, fd = _unpacked(data, sha256, self.folder)
         self._held.append(fd)
         deps = None
@@ -91,6 +105,8 @@ class BundleCache:
         """Stop holding every entry: the next sweep may remove what nobody else holds."""
         held, self._held = self._held, []
         for fd in held:
+            with contextlib.suppress(OSError):
+                os.utime(fd)  # its hour runs from its last holder's end, not its first use
             os.close(fd)
 
 
@@ -122,11 +138,15 @@ def _unpacked(data: bytes, sha256: str, cache: Path) -> tuple[bool, int]:
 
     def make() -> None:
         tmp = cache / f"{sha256}.partial"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
-            extract_safely(tar, tmp)
-        (tmp / COMPLETE).touch()
+        remove_tree(tmp)
+        try:
+            tmp.mkdir()
+            with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
+                extract_safely(tar, tmp)
+            (tmp / COMPLETE).touch()
+        except BaseException:
+            remove_tree(tmp)  # a full disk is not left fuller
+            raise
         remove_tree(target)
         tmp.rename(target)
 
@@ -188,7 +208,7 @@ def _held(lock: Path, entry: Path, make: Callable[[], None]) -> tuple[bool, int]
             maker = _lock(making, fcntl.LOCK_EX)
             try:
                 if not (entry / COMPLETE).exists():  # another maker's meanwhile
-                    make()
+                    _make(make, lock.parent)
                     made = True
             finally:
                 making.unlink(missing_ok=True)  # one waiting for it takes a new one (_lock)
@@ -198,6 +218,40 @@ def _held(lock: Path, entry: Path, make: Callable[[], None]) -> tuple[bool, int]
         os.close(fd)
         raise
     return made, fd
+
+
+def _make(make: Callable[[], None], cache: Path) -> None:
+    """``make()``; where the disk is full, once more after a sweep that freed something (the
+    sweep otherwise runs only after an entry is made, which a full disk never lets happen)."""
+    try:
+        make()
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC or not sweep(cache):
+            raise
+        make()
+
+
+def own_folder(folder: Path) -> None:
+    """Make ``folder`` where missing, and check that it and the folder it is in are this
+    user's, taking off any group or other write bit: the default, ``/tmp/cflow/bundles``, is
+    in a folder every user may write to, and code unpacked there by someone else would be run
+    as one's own.
+
+    Raises:
+        TaskError: one of them, or a link to it, belongs to another user.
+    """
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    uid = os.getuid()
+    for path in (folder.parent, folder):
+        link, info = os.lstat(path), os.stat(path)
+        owner = link.st_uid if stat.S_ISLNK(link.st_mode) and link.st_uid != uid else info.st_uid
+        if owner != uid:
+            raise TaskError(
+                f"{path} belongs to another user (uid {owner}), who could put code in it that"
+                " would run as yours: set CFLOW_SCRATCH to a folder of your own"
+            )
+        if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            os.chmod(path, stat.S_IMODE(info.st_mode) & ~(stat.S_IWGRP | stat.S_IWOTH))
 
 
 def _lock(path: Path, how: int) -> int:
@@ -236,13 +290,13 @@ def sweep(cache: Path, keep: float | None = None, budget: float = SWEEP_SECONDS)
         return removed
     deadline = time.monotonic() + budget
     for name in names:
-        if not name.endswith(".lock"):
+        if not _ENTRY_LOCK.match(name):  # never ".lock" itself, nor "..lock": the folder above
             continue
         if time.monotonic() > deadline:
             break
         lock, entry = cache / name, name.removesuffix(".lock")
         try:
-            if now - os.stat(lock).st_mtime >= keep and _remove(cache, entry, lock, now - keep):
+            if _unused(now - os.stat(lock).st_mtime, keep) and _remove(cache, entry, lock, keep):
                 removed.append(entry)
         except FileNotFoundError:
             continue  # another sweep's meanwhile
@@ -253,15 +307,21 @@ def sweep(cache: Path, keep: float | None = None, budget: float = SWEEP_SECONDS)
     return removed
 
 
-def _remove(cache: Path, entry: str, lock: Path, before: float) -> bool:
-    """Entry ``entry`` removed if nobody holds it and it was last used before ``before``."""
+def _unused(age: float, keep: float) -> bool:
+    """Unused for ``keep`` seconds: ``age`` seconds since its last use; one that far in the
+    future (a clock set back since) counts as old too, or it would stay for as long."""
+    return age >= keep or age < -keep
+
+
+def _remove(cache: Path, entry: str, lock: Path, keep: float) -> bool:
+    """Entry ``entry`` removed if nobody holds it and it is unused for ``keep`` seconds."""
     fd = os.open(lock, os.O_RDWR | os.O_CLOEXEC)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             return False  # held: in use
-        if not _still(fd, lock) or os.fstat(fd).st_mtime >= before:
+        if not _still(fd, lock) or not _unused(time.time() - os.fstat(fd).st_mtime, keep):
             return False  # removed and made again, or used, meanwhile
         folder = cache / entry
         if os.path.isdir(folder) and not os.path.islink(folder):

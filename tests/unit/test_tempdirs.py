@@ -81,3 +81,14 @@ def test_a_process_sweeps_once_as_it_makes_its_first_folder(
         assert not left.exists()
     kept = kept_temp_folder("mounts")  # a worker's, kept to its end
     assert kept.name.startswith(f"cflow-mounts-{os.getpid()}-") and kept.is_dir()
+
+
+def test_a_name_with_a_number_no_process_can_have_is_left_and_breaks_nothing(
+    tmp_path: Path,
+) -> None:
+    for pid in ("9999999999", "2147483648", "99999999999999999999"):
+        odd = tmp_path / f"cflow-x-{pid}-abcdefgh"
+        odd.mkdir()
+        os.utime(odd, (LONG_AGO, LONG_AGO))
+    assert sweep_orphans(tmp_path) == []
+    assert len(os.listdir(tmp_path)) == 3

@@ -7,9 +7,11 @@ times are set on the lock files, as an hour's wait would leave them.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -21,8 +23,10 @@ from typing import Any
 
 import pytest
 
+from worker import unpacked
 from worker.agent.pool import read_only
 from worker.bundle import pack
+from worker.errors import TaskError
 from worker.unpacked import KEEP_SECONDS, BundleCache, sweep, unpack
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -267,14 +271,15 @@ def test_a_user_who_is_not_root_sweeps_the_read_only_bundles_their_workers_left(
 
 
 def _sweep_as(how: dict[str, Any], tmp_path: Path, theirs: Path) -> None:
-    cache = theirs / "bundles"
-    cache.mkdir()
+    cache = theirs / "scratch" / "bundles"
+    cache.mkdir(parents=True)
     files = []
     for text in ("old", "new"):
         data, sha = _bundle(tmp_path, text)
         (theirs / f"{sha}.bin").write_bytes(data)
         files.append(theirs / f"{sha}.bin")
-    if os.getuid() == 0:
+    if os.getuid() == 0:  # the cache and the folder it is in are theirs (own_folder)
+        os.chown(cache.parent, 65534, 65534)
         os.chown(cache, 65534, 65534)
         os.chmod(theirs, 0o755)
     python = how.pop("executable")
@@ -287,3 +292,94 @@ def _sweep_as(how: dict[str, Any], tmp_path: Path, theirs: Path) -> None:
     assert done.returncode == 0, done.stderr
     new = files[1].stem
     assert done.stdout.strip() == str(sorted([new, f"{new}.lock"]))
+
+
+@pytest.mark.parametrize("name", [".lock", "..lock", "...lock", "x.lock", "deps-.lock"])
+def test_a_sweep_looks_only_at_the_lock_files_of_entries(tmp_path: Path, name: str) -> None:
+    """A ``..lock`` is not the lock of an entry named ``.``: the folder above stays."""
+    cache = tmp_path / "scratch" / "bundles"
+    data, sha = _bundle(tmp_path, "kept")
+    held = BundleCache(cache)
+    held.unpack(data, sha)
+    (tmp_path / "scratch" / "agent.log").write_text("a worker's\n")
+    (cache / name).touch()
+    os.utime(cache / name, (HOUR_AGO, HOUR_AGO))
+    assert sweep(cache) == []
+    assert (cache / sha / "task.py").exists() and (tmp_path / "scratch" / "agent.log").exists()
+    held.release()
+
+
+def test_a_full_disk_sweeps_to_make_room_and_leaves_no_partial_unpack(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = tmp_path / "bundles"
+    old_data, old = _bundle(tmp_path, "old")
+    unpack(old_data, old, cache)
+    _unused_since(cache, old, HOUR_AGO)
+    real = unpacked.extract_safely
+    full = [True]
+
+    def extract(tar: Any, dest: Path) -> None:
+        real(tar, dest)
+        if full and (cache / old).exists():  # the disk is full until the old one goes
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(unpacked, "extract_safely", extract)
+    data, sha = _bundle(tmp_path, "new")
+    bundle = unpack(data, sha, cache)
+    assert (bundle.root / "task.py").exists() and not (cache / old).exists()
+
+    other_data, other = _bundle(tmp_path, "other")
+    unpack(data, sha, cache)  # used now: nothing to sweep
+    monkeypatch.setattr(unpacked, "sweep", lambda cache: [])
+    monkeypatch.setattr(unpacked, "extract_safely", _full)
+    with pytest.raises(OSError, match="No space"):
+        unpack(other_data, other, cache)
+    assert not (cache / f"{other}.partial").exists()
+
+
+def _full(tar: Any, dest: Path) -> None:
+    (dest / "half").write_bytes(b"x")
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_bundle_cache_of_another_user_is_refused_in_one_line(tmp_path: Path) -> None:
+    """Code another user put in it would run as this user's."""
+    if os.getuid() != 0:
+        pytest.skip("needs root, to make a folder another user's")
+    cache = tmp_path / "scratch" / "bundles"
+    cache.mkdir(parents=True)
+    os.chown(cache.parent, 65534, 65534)
+    data, sha = _bundle(tmp_path, "planted")
+    with pytest.raises(TaskError, match=r"belongs to another user \(uid 65534\).*CFLOW_SCRATCH"):
+        BundleCache(cache).unpack(data, sha)
+    assert not (cache / sha).exists()
+
+
+def test_a_cache_of_this_users_open_to_others_is_closed_to_them(tmp_path: Path) -> None:
+    cache = tmp_path / "scratch" / "bundles"
+    cache.mkdir(parents=True)
+    os.chmod(cache.parent, 0o777)
+    data, sha = _bundle(tmp_path, "closed")
+    unpack(data, sha, cache)
+    assert stat.S_IMODE(os.stat(cache.parent).st_mode) == 0o755
+
+
+def test_a_bundle_held_for_hours_is_kept_an_hour_from_its_release(tmp_path: Path) -> None:
+    cache = tmp_path / "bundles"
+    data, sha = _bundle(tmp_path, "long")
+    held = BundleCache(cache)
+    held.unpack(data, sha)
+    _unused_since(cache, sha, HOUR_AGO - 3600)  # first used two hours ago, held since
+    assert sweep(cache) == []
+    held.release()
+    assert sweep(cache) == []
+
+
+def test_a_last_use_in_the_future_does_not_keep_a_bundle_for_ever(tmp_path: Path) -> None:
+    cache = tmp_path / "bundles"
+    data, sha = _bundle(tmp_path, "future")
+    unpack(data, sha, cache)
+    ahead = time.time() + 365 * 86400  # a clock set back since
+    os.utime(cache / f"{sha}.lock", (ahead, ahead))
+    assert sweep(cache) == [sha]
