@@ -75,7 +75,7 @@ class BundleCache:
 
     def __init__(self, folder: Path):
         self.folder = folder
-        self._held: list[int] = []  # descriptors of the lock files held shared
+        self._held: dict[str, list[int]] = {}  # bundle -> descriptors of its locks held
         self._owned = False  # the folder checked to be this user's
 
     def unpack(self, data: bytes, sha256: str, *, install: bool = True) -> UnpackedBundle:
@@ -90,24 +90,27 @@ class BundleCache:
             own_folder(self.folder)
             self._owned = True
         made, fd = _unpacked(data, sha256, self.folder)
-        self._held.append(fd)
+        held = self._held.setdefault(sha256, [])
+        held.append(fd)
         deps = None
         if install:
-            deps, held, installed = _installed(self.folder / sha256, self.folder)
-            if held is not None:
-                self._held.append(held)
+            deps, deps_fd, installed = _installed(self.folder / sha256, self.folder)
+            if deps_fd is not None:
+                held.append(deps_fd)
             made = made or installed
         if made:
             sweep(self.folder)
         return UnpackedBundle(sha256, self.folder / sha256, deps)
 
-    def release(self) -> None:
-        """Stop holding every entry: the next sweep may remove what nobody else holds."""
-        held, self._held = self._held, []
-        for fd in held:
-            with contextlib.suppress(OSError):
-                os.utime(fd)  # its hour runs from its last holder's end, not its first use
-            os.close(fd)
+    def release(self, sha256: str | None = None) -> None:
+        """Stop holding bundle ``sha256`` (and its requirements), or every one: the next
+        sweep may remove what nobody else holds."""
+        shas = list(self._held) if sha256 is None else [sha256]
+        for sha in shas:
+            for fd in self._held.pop(sha, []):
+                with contextlib.suppress(OSError):
+                    os.utime(fd)  # its hour runs from its last holder's end, not its first use
+                os.close(fd)
 
 
 def unpack(data: bytes, sha256: str, cache: Path, *, install: bool = True) -> UnpackedBundle:

@@ -24,9 +24,11 @@ from typing import Any
 import pytest
 
 from worker import unpacked
-from worker.agent.pool import read_only
+from worker.agent.pool import ExecutorPool, read_only
+from worker.backends.local.store import LocalStore
 from worker.bundle import pack
 from worker.errors import TaskError
+from worker.protocol import Entry, Layout, RunOptions
 from worker.unpacked import KEEP_SECONDS, BundleCache, sweep, unpack
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -383,3 +385,31 @@ def test_a_last_use_in_the_future_does_not_keep_a_bundle_for_ever(tmp_path: Path
     ahead = time.time() + 365 * 86400  # a clock set back since
     os.utime(cache / f"{sha}.lock", (ahead, ahead))
     assert sweep(cache) == [sha]
+
+
+def test_a_worker_trimming_its_idle_executors_lets_their_bundles_be_swept(
+    tmp_path: Path,
+) -> None:
+    """A long-lived VM serving many versions of a task keeps only the last one's."""
+    store = LocalStore(tmp_path / "store")
+    cache = tmp_path / "scratch" / "bundles"
+    shas = []
+    for text in ("v1", "v2"):
+        data, sha = _bundle(tmp_path, text)
+        store.put(Layout.bundle(sha), data)
+        shas.append(sha)
+    pool = ExecutorPool(store, cache)
+    try:
+        for sha in shas:
+            pool.get(sha, Entry.PYTHON, RunOptions())
+        pool.trim()  # the worker idle: v2 was the last one used
+        for sha in shas:
+            _unused_since(cache, sha, HOUR_AGO)
+        assert sweep(cache) == [shas[0]]
+        assert (cache / shas[1] / "task.py").exists()
+        pool.get(shas[0], Entry.PYTHON, RunOptions())  # asked for again: unpacked, held again
+        _unused_since(cache, shas[0], HOUR_AGO)
+        assert sweep(cache) == []
+    finally:
+        pool.begin_close()
+        pool.close()

@@ -94,11 +94,17 @@ class ExecutorPool:
             return list(self._executors)
 
     def trim(self) -> None:
-        """With nothing running, close the task hosts of every bundle but the last one used:
-        a long-lived VM serving many versions of a task keeps one imported copy, not all."""
+        """With nothing running, close the task hosts of every bundle but the last one used,
+        and let go of the bundles no executor is left for: a long-lived VM serving many
+        versions of a task keeps one imported copy, not all, and the others' unpacked folders
+        go with the cache's next sweep an hour on (one asked for again is held again)."""
         with self._lock:
             for key in [key for key in self._executors if key != self._last]:
                 self._executors.pop(key).close()
+            used = {key.split(":", 1)[0] for key in self._executors}
+            for sha in [sha for sha in self._bundles if sha not in used]:
+                del self._bundles[sha]
+                self.bundles.release(sha)
 
     def begin_close(self) -> None:
         """Tell every executor to wind down, so their task processes end at once."""
