@@ -110,6 +110,9 @@ class BundleCache:
             for fd in self._held.pop(sha, []):
                 with contextlib.suppress(OSError):
                     os.utime(fd)  # its hour runs from its last holder's end, not its first use
+                # Unlocked, not only closed: a task host forked since shares the descriptor,
+                # and would hold the lock for as long as it lives.
+                fcntl.flock(fd, fcntl.LOCK_UN)
                 os.close(fd)
 
 

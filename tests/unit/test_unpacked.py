@@ -130,6 +130,28 @@ def test_a_bundle_removed_by_hand_while_held_is_made_again_without_waiting_for_i
         holder.wait()
 
 
+def test_a_bundle_let_go_is_free_even_where_a_process_forked_since_shares_its_lock(
+    tmp_path: Path,
+) -> None:
+    """A worker's task hosts are forked from it after it took its bundles: letting a bundle
+    go (a trim) must not leave the lock held by them."""
+    cache = tmp_path / "bundles"
+    data, sha = _bundle(tmp_path, "shared")
+    held = BundleCache(cache)
+    held.unpack(data, sha)
+    child = os.fork()
+    if child == 0:  # a task host: its copy of the descriptor, for as long as it lives
+        time.sleep(30)
+        os._exit(0)
+    try:
+        held.release(sha)
+        _unused_since(cache, sha, HOUR_AGO)
+        assert sweep(cache) == [sha]
+    finally:
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
+
+
 def test_a_bundle_used_again_counts_its_hour_from_then(tmp_path: Path) -> None:
     cache = tmp_path / "bundles"
     data, sha = _bundle(tmp_path, "again")
