@@ -77,6 +77,10 @@ class Snapshot:
     retried: int
     cancelled: bool = False
     cached: int = 0  # of the succeeded, reused from earlier runs (runner.engine.cache)
+    # Its shards are still being published: ``total`` counts one more than went out, as the
+    # manifest did when last read, and what workers commit may already count shards of a
+    # batch that went out since (a batch's messages go before its count is written).
+    publishing: bool = False
 
     @property
     def queued(self) -> int:
@@ -84,7 +88,10 @@ class Snapshot:
 
     @property
     def finished(self) -> bool:
-        return self.succeeded + self.failed >= self.total
+        """Every shard settled: never while the run is still being published (its shards
+        seen committed could outnumber the count last read, and the run would be recorded
+        finished with the rest of its items never read)."""
+        return not self.publishing and self.succeeded + self.failed >= self.total
 
     @property
     def eta(self) -> float | None:
@@ -278,6 +285,7 @@ class Watcher:
             retried=view.retried,
             cancelled=self.manifest.state == RunState.CANCELLED.value,
             cached=self.cached() if callable(self.cached) else self.cached,
+            publishing=self.manifest.publishing,
         )
 
     def scale(self, snapshot: Snapshot, instances: list[Instance] | None = None) -> None:
@@ -289,7 +297,9 @@ class Watcher:
             outstanding += self.speculation.step(
                 self.view, self.release, self.fleet, self.clock.monotonic(), snapshot.queued
             )
-        over = outstanding <= 0  # then every worker known to work for no other run may go
+        # Then every worker known to work for no other run may go (not while more shards may
+        # come: the count last read can be behind the shards seen committed).
+        over = outstanding <= 0 and not snapshot.publishing
         idle = self.release.known(self.fleet, instances, over=over)
         quiet = set() if over else self.release.quiet(self.fleet, told=self.silence_told)
         decide = functools.partial(
