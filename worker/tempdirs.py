@@ -67,7 +67,7 @@ def sweep_orphans(parent: Path | None = None, *, older: float = ORPHAN_SECONDS) 
     removed, now, uid = [], time.time(), os.getuid()
     for name in names:
         match = _NAME.match(name)
-        if match is None or _alive(int(match.group(1))):
+        if match is None or pid_alive(int(match.group(1))):
             continue
         path = parent / name
         with contextlib.suppress(OSError):
@@ -79,9 +79,9 @@ def sweep_orphans(parent: Path | None = None, *, older: float = ORPHAN_SECONDS) 
     return removed
 
 
-def _alive(pid: int) -> bool:
-    """Whether process ``pid`` may be running (one no process can have counts as running:
-    its folder is not this sweep's to judge)."""
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` may be running on this machine (another user's does; a number
+    no process can have counts as running: what it names is not ours to judge)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

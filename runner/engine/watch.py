@@ -99,6 +99,18 @@ class Snapshot:
         return remaining / self.rate if self.rate > 0 else None
 
 
+class Rate:
+    """Shards settled per second over the last 64 looks."""
+
+    def __init__(self) -> None:
+        self._seen: deque[tuple[float, int]] = deque(maxlen=64)
+
+    def at(self, now: float, settled: int) -> float:
+        self._seen.append((now, settled))
+        first_t, first_done = self._seen[0]
+        return (settled - first_done) / (now - first_t) if now > first_t else 0.0
+
+
 @dataclass
 class FullDisk:
     """A disk that stays full stops the watch with its one line: the workers wait for space
@@ -157,7 +169,7 @@ class Watcher:
         self._started = self.clock.monotonic()
         self._last_reconcile = float("-inf")
         self._reconcile_every = self.reconcile_seconds
-        self._done_times: deque[tuple[float, int]] = deque(maxlen=64)
+        self._rate = Rate()
         self.view = RunView(self.run_id)  # the shard sets and counts, shared with self.lost
         self.speculation = Speculation(self.run_id, self.store, self.queue)
         silence = self.lease_seconds + self.heartbeat_seconds  # an attempt's lease has lapsed
@@ -266,10 +278,6 @@ class Watcher:
     def snapshot(self, instances: list[Instance] | None = None) -> Snapshot:
         now = self.clock.monotonic()
         view = self.view
-        done = view.settled
-        self._done_times.append((now, done))
-        first_t, first_done = self._done_times[0]
-        rate = (done - first_done) / (now - first_t) if now > first_t else 0.0
         if instances is None:
             instances = self.fleet.instances() if self.fleet is not None else []
         return Snapshot(
@@ -279,7 +287,7 @@ class Watcher:
             failed=len(view.failed),
             running=len(view.running),
             workers=len(instances),
-            rate=rate,
+            rate=self._rate.at(now, view.settled),
             elapsed=now - self._started,
             preempted=view.preempted,
             retried=view.retried,
@@ -297,9 +305,7 @@ class Watcher:
             outstanding += self.speculation.step(
                 self.view, self.release, self.fleet, self.clock.monotonic(), snapshot.queued
             )
-        # Then every worker known to work for no other run may go (not while more shards may
-        # come: the count last read can be behind the shards seen committed).
-        over = outstanding <= 0 and not snapshot.publishing
+        over = outstanding <= 0 and not snapshot.publishing  # every worker of this run may go
         idle = self.release.known(self.fleet, instances, over=over)
         quiet = set() if over else self.release.quiet(self.fleet, told=self.silence_told)
         decide = functools.partial(
@@ -313,7 +319,7 @@ class Watcher:
             # Once the run is over, ``idle`` names every worker it may delete (Release.free).
             stale=self.view.stale if over else self.view.stale | quiet,
             elsewhere=self.view.busy_elsewhere(),
-            publishing=self.manifest.publishing,
+            publishing=snapshot.publishing,
         )
         decision = decide()
         # A starting VM the policy would delete may be one another run just asked for.

@@ -51,6 +51,7 @@ from worker.executors.container.spec import (
 from worker.executors.container.warm import WarmContainers
 from worker.protocol import Entry, slug
 from worker.taskapi import TaskShard
+from worker.tempdirs import pid_alive
 
 __all__ = ["ContainerExecutor", "ContainerRuntimeMissing", "GpuSupportMissing", "ImagePullError"]
 
@@ -260,18 +261,8 @@ def reap_orphans(runtime: Runtime) -> list[str]:
     for line in inspected.stdout.splitlines():
         name, _, owner = line.strip().lstrip("/").partition(" ")
         owner_host, _, pid = owner.rpartition(":")
-        if owner_host != host or not pid.isdigit() or _alive(int(pid)):
+        if owner_host != host or not pid.isdigit() or pid_alive(int(pid)):
             continue
         runtime.remove(name)
         removed.append(name)
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
